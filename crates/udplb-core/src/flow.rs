@@ -1,0 +1,574 @@
+//! The per-worker flow table: which client talks to which backend, until when.
+//!
+//! Owns: [`FlowTable`], a slab of [`Flow`]s indexed by [`FlowKey`], the per-listener flow caps,
+//! idle expiry and the created/closed accounting. Each flow carries an opaque `io` value that
+//! the data plane chooses (its upstream socket); the table never looks inside it.
+//!
+//! Lifecycle: a flow is created by [`FlowTable::insert`] once [`FlowTable::has_room`] said yes
+//! and a backend was picked; every datagram in either direction refreshes `last_seen`; it
+//! leaves through [`FlowTable::close`] (one path, one reason) or [`FlowTable::expire`].
+//!
+//! Timers: one heap entry per flow holding (deadline, slot, generation). A datagram only
+//! writes `last_seen`; when the entry comes due, the flow is closed if it really was idle, or
+//! the entry is re-armed at `last_seen + idle_timeout`. An entry whose generation no longer
+//! matches its slot belongs to a closed flow and is discarded, so a stale timer can never close
+//! the flow that reused a slot. Stale entries are compacted away when they outnumber live ones.
+//!
+//! Must not: do I/O, read clocks (time is a [`Time`] argument) or hash with a fixed seed (the
+//! index is keyed by network input, so it uses std's randomly keyed SipHash).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::snapshot::BackendId;
+use crate::time::Time;
+use crate::verdict::CloseReason;
+
+/// What identifies a flow: the listener, the client's address and the local address it
+/// targeted (a wildcard listener serves several).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Index of the listener in the snapshot.
+    pub listener: u16,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The address the client sent to, when the listener is a wildcard.
+    pub local: Option<IpAddr>,
+}
+
+/// A reference to a live flow that stays valid only as long as that flow lives: the slot plus
+/// the slot's generation. Fits in a `u64` for use as an event-loop token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowHandle {
+    slot: u32,
+    generation: u32,
+}
+
+impl FlowHandle {
+    /// Packs the handle into a `u64` (e.g. an epoll token).
+    pub fn to_u64(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.slot)
+    }
+
+    /// Unpacks a handle made by [`FlowHandle::to_u64`].
+    pub fn from_u64(v: u64) -> FlowHandle {
+        FlowHandle {
+            slot: v as u32,
+            generation: (v >> 32) as u32,
+        }
+    }
+
+    /// The slot index (dense, < the table's high-water mark).
+    pub fn slot(self) -> usize {
+        self.slot as usize
+    }
+}
+
+/// One flow.
+#[derive(Debug)]
+pub struct Flow<T> {
+    /// Who and where.
+    pub key: FlowKey,
+    /// The backend the flow is bound to (in datagram mode: the last one used).
+    pub backend: BackendId,
+    /// That backend's address.
+    pub backend_addr: SocketAddr,
+    /// Snapshot generation at which `backend` was last validated.
+    pub checked_generation: u64,
+    /// When the flow was created.
+    pub created: Time,
+    /// Last datagram in either direction.
+    pub last_seen: Time,
+    /// Idle timeout of the flow's listener.
+    pub idle_timeout: Duration,
+    /// Replies still expected (request-response mode).
+    pub pending_replies: u32,
+    /// The data plane's handle (upstream socket).
+    pub io: T,
+}
+
+/// What a reply means for its flow (request-response accounting).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyOutcome {
+    /// Forward it; the flow stays.
+    Forward,
+    /// Forward it; the flow has every reply it expected and should be closed.
+    ForwardAndComplete,
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    generation: u32,
+    flow: Option<Flow<T>>,
+}
+
+/// The flow table of one worker.
+#[derive(Debug)]
+pub struct FlowTable<T> {
+    slots: Vec<Slot<T>>,
+    free: Vec<u32>,
+    index: HashMap<FlowKey, u32>,
+    timers: BinaryHeap<Reverse<(Time, u32, u32)>>,
+    live_per_listener: Vec<u32>,
+    cap_per_listener: Vec<u32>,
+    live_per_backend: Vec<u32>,
+    created: u64,
+    closed: [u64; CloseReason::COUNT],
+}
+
+impl<T> Default for FlowTable<T> {
+    fn default() -> Self {
+        FlowTable {
+            slots: Vec::new(),
+            free: Vec::new(),
+            index: HashMap::new(),
+            timers: BinaryHeap::new(),
+            live_per_listener: Vec::new(),
+            cap_per_listener: Vec::new(),
+            live_per_backend: Vec::new(),
+            created: 0,
+            closed: [0; CloseReason::COUNT],
+        }
+    }
+}
+
+impl<T> FlowTable<T> {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the cap of each listener (index = listener). Lowering a cap below the live count
+    /// sheds no existing flow; new flows wait until the count drops.
+    pub fn set_caps(&mut self, caps: &[u32]) {
+        self.cap_per_listener = caps.to_vec();
+        if self.live_per_listener.len() < caps.len() {
+            self.live_per_listener.resize(caps.len(), 0);
+        }
+    }
+
+    /// The live flow with key `key`.
+    #[inline]
+    pub fn find(&self, key: &FlowKey) -> Option<FlowHandle> {
+        let slot = *self.index.get(key)?;
+        Some(FlowHandle {
+            slot,
+            generation: self.slots[slot as usize].generation,
+        })
+    }
+
+    /// The flow behind `h`, if it is still live.
+    #[inline]
+    pub fn get(&self, h: FlowHandle) -> Option<&Flow<T>> {
+        let slot = self.slots.get(h.slot as usize)?;
+        if slot.generation != h.generation {
+            return None;
+        }
+        slot.flow.as_ref()
+    }
+
+    /// The flow behind `h`, mutably, if it is still live.
+    #[inline]
+    pub fn get_mut(&mut self, h: FlowHandle) -> Option<&mut Flow<T>> {
+        let slot = self.slots.get_mut(h.slot as usize)?;
+        if slot.generation != h.generation {
+            return None;
+        }
+        slot.flow.as_mut()
+    }
+
+    /// Whether listener `listener` may admit one more flow.
+    #[inline]
+    pub fn has_room(&self, listener: u16) -> bool {
+        let l = listener as usize;
+        let live = self.live_per_listener.get(l).copied().unwrap_or(0);
+        let cap = self.cap_per_listener.get(l).copied().unwrap_or(0);
+        live < cap
+    }
+
+    /// Creates a flow. The caller checked [`FlowTable::has_room`] and that `key` is absent.
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        backend: (BackendId, SocketAddr),
+        generation: u64,
+        now: Time,
+        idle_timeout: Duration,
+        io: T,
+    ) -> FlowHandle {
+        debug_assert!(self.has_room(key.listener), "insert beyond the cap");
+        debug_assert!(!self.index.contains_key(&key), "insert of a live key");
+        let flow = Flow {
+            key,
+            backend: backend.0,
+            backend_addr: backend.1,
+            checked_generation: generation,
+            created: now,
+            last_seen: now,
+            idle_timeout,
+            pending_replies: 0,
+            io,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    flow: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let entry = &mut self.slots[slot as usize];
+        entry.flow = Some(flow);
+        let handle = FlowHandle {
+            slot,
+            generation: entry.generation,
+        };
+        self.index.insert(key, slot);
+        self.timers
+            .push(Reverse((now.after(idle_timeout), slot, entry.generation)));
+        let l = key.listener as usize;
+        if self.live_per_listener.len() <= l {
+            self.live_per_listener.resize(l + 1, 0);
+        }
+        self.live_per_listener[l] += 1;
+        self.add_backend_load(backend.0, 1);
+        self.created += 1;
+        handle
+    }
+
+    /// Moves a live flow to another backend (reschedule, or datagram mode's per-datagram pick).
+    #[inline]
+    pub fn rebind(&mut self, h: FlowHandle, backend: (BackendId, SocketAddr), generation: u64) {
+        let Some(flow) = self.get_mut(h) else { return };
+        let old = flow.backend;
+        flow.backend = backend.0;
+        flow.backend_addr = backend.1;
+        flow.checked_generation = generation;
+        if old != backend.0 {
+            self.add_backend_load(old, -1);
+            self.add_backend_load(backend.0, 1);
+        }
+    }
+
+    /// Records a request datagram on a flow: refreshes it and, in request-response mode,
+    /// expects `responses` more replies.
+    #[inline]
+    pub fn on_request(&mut self, h: FlowHandle, now: Time, responses: u32) {
+        if let Some(flow) = self.get_mut(h) {
+            flow.last_seen = now;
+            flow.pending_replies = flow.pending_replies.saturating_add(responses);
+        }
+    }
+
+    /// Records a reply datagram on a flow. In request-response mode (`counted`), one expected
+    /// reply is consumed and the flow completes when none is left.
+    #[inline]
+    pub fn on_reply(&mut self, h: FlowHandle, now: Time, counted: bool) -> ReplyOutcome {
+        let Some(flow) = self.get_mut(h) else {
+            return ReplyOutcome::Forward;
+        };
+        flow.last_seen = now;
+        if counted {
+            flow.pending_replies = flow.pending_replies.saturating_sub(1);
+            if flow.pending_replies == 0 {
+                return ReplyOutcome::ForwardAndComplete;
+            }
+        }
+        ReplyOutcome::Forward
+    }
+
+    /// Closes a live flow and returns it (so the caller can release its `io`). Closing a
+    /// handle that is no longer live returns `None` and changes nothing.
+    pub fn close(&mut self, h: FlowHandle, reason: CloseReason) -> Option<Flow<T>> {
+        let slot = self.slots.get_mut(h.slot as usize)?;
+        if slot.generation != h.generation {
+            return None;
+        }
+        let flow = slot.flow.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(h.slot);
+        self.index.remove(&flow.key);
+        self.live_per_listener[flow.key.listener as usize] -= 1;
+        self.add_backend_load(flow.backend, -1);
+        self.closed[reason.index()] += 1;
+        Some(flow)
+    }
+
+    /// Closes every flow that has been idle for its timeout at `now`, handing each to `on_close`.
+    /// Re-arms the timers of flows that saw traffic since their timer was set.
+    pub fn expire(&mut self, now: Time, mut on_close: impl FnMut(FlowHandle, Flow<T>)) {
+        while let Some(&Reverse((deadline, slot, generation))) = self.timers.peek() {
+            if deadline > now {
+                break;
+            }
+            self.timers.pop();
+            let entry = &self.slots[slot as usize];
+            if entry.generation != generation {
+                continue; // the flow this timer was for is gone
+            }
+            let Some(flow) = entry.flow.as_ref() else {
+                continue;
+            };
+            let due = flow.last_seen.after(flow.idle_timeout);
+            if due > now {
+                self.timers.push(Reverse((due, slot, generation)));
+                continue;
+            }
+            let h = FlowHandle { slot, generation };
+            if let Some(flow) = self.close(h, CloseReason::Idle) {
+                on_close(h, flow);
+            }
+        }
+        self.compact_timers();
+    }
+
+    /// When the next timer is due (the event loop sleeps at most until then).
+    pub fn next_deadline(&self) -> Option<Time> {
+        self.timers.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    /// Closes every flow (shutdown), handing each to `on_close`.
+    pub fn drain_all(
+        &mut self,
+        reason: CloseReason,
+        mut on_close: impl FnMut(FlowHandle, Flow<T>),
+    ) {
+        for slot in 0..self.slots.len() {
+            let h = FlowHandle {
+                slot: slot as u32,
+                generation: self.slots[slot].generation,
+            };
+            if let Some(flow) = self.close(h, reason) {
+                on_close(h, flow);
+            }
+        }
+    }
+
+    /// Handles of every live flow (for revalidation after a snapshot change).
+    pub fn handles(&self) -> impl Iterator<Item = FlowHandle> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.flow.is_some())
+            .map(|(i, s)| FlowHandle {
+                slot: i as u32,
+                generation: s.generation,
+            })
+    }
+
+    /// Live flows in the table.
+    pub fn live(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Live flows of listener `listener`.
+    pub fn live_of(&self, listener: u16) -> u32 {
+        self.live_per_listener
+            .get(listener as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Live flows per backend, indexed by [`BackendId`] (input to least-loaded schedulers).
+    pub fn load(&self) -> &[u32] {
+        &self.live_per_backend
+    }
+
+    /// Flows created since the table was made.
+    pub fn created(&self) -> u64 {
+        self.created
+    }
+
+    /// Flows closed since the table was made, per [`CloseReason`].
+    pub fn closed(&self) -> &[u64; CloseReason::COUNT] {
+        &self.closed
+    }
+
+    /// Verifies the table's invariants; panics with a description when one is broken.
+    /// Cheap enough for tests and debug builds, too slow for the hot path.
+    pub fn check_invariants(&self) {
+        let live = self.slots.iter().filter(|s| s.flow.is_some()).count();
+        assert_eq!(live, self.index.len(), "index and slots disagree");
+        let closed: u64 = self.closed.iter().sum();
+        assert_eq!(
+            self.created - closed,
+            live as u64,
+            "created - closed != live"
+        );
+        let per_listener: u32 = self.live_per_listener.iter().sum();
+        assert_eq!(per_listener as usize, live, "per-listener counts");
+        let per_backend: u32 = self.live_per_backend.iter().sum();
+        assert_eq!(per_backend as usize, live, "per-backend counts");
+        for (l, &n) in self.live_per_listener.iter().enumerate() {
+            let cap = self.cap_per_listener.get(l).copied().unwrap_or(0);
+            assert!(n <= cap, "listener {l}: {n} flows above cap {cap}");
+        }
+        for (&key, &slot) in &self.index {
+            let flow = self.slots[slot as usize]
+                .flow
+                .as_ref()
+                .expect("index points at a free slot");
+            assert_eq!(flow.key, key, "index points at another flow");
+        }
+        assert_eq!(self.free.len() + live, self.slots.len(), "free list");
+        // Every live flow has a timer entry for its current generation.
+        let armed: std::collections::HashSet<(u32, u32)> = self
+            .timers
+            .iter()
+            .map(|Reverse((_, slot, g))| (*slot, *g))
+            .collect();
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.flow.is_some() {
+                assert!(
+                    armed.contains(&(i as u32, s.generation)),
+                    "flow in slot {i} has no timer"
+                );
+            }
+        }
+    }
+
+    fn add_backend_load(&mut self, id: BackendId, delta: i32) {
+        let i = id.index();
+        if self.live_per_backend.len() <= i {
+            self.live_per_backend.resize(i + 1, 0);
+        }
+        let v = &mut self.live_per_backend[i];
+        *v = v
+            .checked_add_signed(delta)
+            .expect("per-backend flow count underflow");
+    }
+
+    /// Drops timer entries of closed flows once they outnumber live flows, so a table with
+    /// fast churn (request-response) keeps its heap proportional to its live flows.
+    fn compact_timers(&mut self) {
+        if self.timers.len() <= 2 * self.index.len() + 1024 {
+            return;
+        }
+        let slots = &self.slots;
+        self.timers.retain(|Reverse((_, slot, generation))| {
+            let s = &slots[*slot as usize];
+            s.generation == *generation && s.flow.is_some()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            listener: 0,
+            client: SocketAddr::from(([192, 0, 2, 1], port)),
+            local: None,
+        }
+    }
+
+    fn backend() -> (BackendId, SocketAddr) {
+        (BackendId(0), SocketAddr::from(([127, 0, 0, 1], 53)))
+    }
+
+    fn table(cap: u32) -> FlowTable<()> {
+        let mut t = FlowTable::new();
+        t.set_caps(&[cap]);
+        t
+    }
+
+    #[test]
+    fn cap_sheds_new_flows_only() {
+        let mut t = table(2);
+        let idle = Duration::from_secs(10);
+        let a = t.insert(key(1), backend(), 1, Time(0), idle, ());
+        t.insert(key(2), backend(), 1, Time(0), idle, ());
+        assert!(!t.has_room(0));
+        assert_eq!(t.find(&key(1)), Some(a));
+        t.close(a, CloseReason::Completed);
+        assert!(t.has_room(0));
+        t.check_invariants();
+    }
+
+    #[test]
+    fn idle_expiry_respects_activity() {
+        let mut t = table(10);
+        let idle = Duration::from_secs(10);
+        let a = t.insert(key(1), backend(), 1, Time(0), idle, ());
+        let b = t.insert(key(2), backend(), 1, Time(0), idle, ());
+        t.on_request(a, Time(9_000), 0);
+        let mut closed = vec![];
+        t.expire(Time(10_000), |h, _| closed.push(h));
+        assert_eq!(closed, [b]);
+        assert_eq!(t.next_deadline(), Some(Time(19_000)));
+        t.expire(Time(19_000), |h, _| closed.push(h));
+        assert_eq!(closed, [b, a]);
+        assert_eq!(t.live(), 0);
+        t.check_invariants();
+    }
+
+    #[test]
+    fn stale_timer_never_closes_a_reused_slot() {
+        let mut t = table(10);
+        let a = t.insert(key(1), backend(), 1, Time(0), Duration::from_secs(1), ());
+        t.close(a, CloseReason::Completed);
+        let b = t.insert(key(2), backend(), 1, Time(500), Duration::from_secs(10), ());
+        assert_eq!(a.slot(), b.slot(), "slot reused");
+        let mut closed = 0;
+        t.expire(Time(1_000), |_, _| closed += 1);
+        assert_eq!(closed, 0);
+        assert!(t.get(b).is_some());
+        assert!(t.get(a).is_none());
+        assert!(
+            t.close(a, CloseReason::Idle).is_none(),
+            "a stale handle closes nothing"
+        );
+        t.check_invariants();
+    }
+
+    #[test]
+    fn request_response_completes_after_every_reply() {
+        let mut t = table(10);
+        let a = t.insert(key(1), backend(), 1, Time(0), Duration::from_secs(10), ());
+        t.on_request(a, Time(1), 1);
+        t.on_request(a, Time(2), 1);
+        assert_eq!(t.on_reply(a, Time(3), true), ReplyOutcome::Forward);
+        assert_eq!(
+            t.on_reply(a, Time(4), true),
+            ReplyOutcome::ForwardAndComplete
+        );
+    }
+
+    #[test]
+    fn handle_round_trips_through_u64() {
+        let h = FlowHandle {
+            slot: 7,
+            generation: 0xdead_beef,
+        };
+        assert_eq!(FlowHandle::from_u64(h.to_u64()), h);
+    }
+
+    #[test]
+    fn timer_heap_stays_proportional_to_live_flows() {
+        let mut t = table(100_000);
+        let idle = Duration::from_secs(30);
+        for i in 0..50_000u32 {
+            let h = t.insert(
+                key((i % 60_000) as u16),
+                backend(),
+                1,
+                Time(u64::from(i)),
+                idle,
+                (),
+            );
+            t.close(h, CloseReason::Completed);
+            t.expire(Time(u64::from(i)), |_, _| {});
+        }
+        assert!(
+            t.timers.len() <= 2 * t.live() + 1025,
+            "{} timers",
+            t.timers.len()
+        );
+    }
+}

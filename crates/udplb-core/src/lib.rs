@@ -1,0 +1,26 @@
+//! udplb's decision core: everything udplb decides about a datagram, with no I/O.
+//!
+//! Owns: the vocabulary of the balancer ([`model`]), scheduling ([`sched`], [`maglev`]),
+//! the immutable configuration [`snapshot`] the workers read, the per-worker [`flow`] table
+//! with idle expiry and its cap, IP affinity ([`affinity`]) and the reasons a datagram can be
+//! dropped ([`verdict`]).
+//!
+//! Must not: open sockets, read clocks, draw random numbers or spawn threads. Time is a
+//! [`Time`] the caller passes in; randomness is a `u64` the caller passes in; hashing for
+//! placement uses a fixed seed so every udplb instance agrees ([`hash`]). This keeps the core
+//! unit-, property- and simulation-testable.
+#![forbid(unsafe_code)]
+
+pub mod affinity;
+pub mod flow;
+pub mod hash;
+pub mod maglev;
+pub mod model;
+pub mod sched;
+pub mod snapshot;
+pub mod time;
+pub mod verdict;
+
+pub use model::{Affinity, BackendSpec, SchedulerKind, SessionMode};
+pub use time::Time;
+pub use verdict::DropReason;

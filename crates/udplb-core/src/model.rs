@@ -1,0 +1,184 @@
+//! The balancer's vocabulary: session modes, schedulers, backends.
+//!
+//! Owns: the small value types shared by the config, the core and the data plane.
+//! Must not: hold state; every type here is a plain value.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+
+/// How datagrams of one client are tied to a backend (per listener).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionMode {
+    /// Sticky on the client's address until the flow is idle for the idle timeout.
+    Flow,
+    /// Every datagram is scheduled on its own (LVS `--ops`); replies still reach the client.
+    Datagram,
+    /// Like `Flow`, but the flow closes once every request got `responses` replies
+    /// (nginx's `proxy_responses`; DNS is 1).
+    RequestResponse {
+        /// Replies expected per request datagram.
+        responses: u32,
+    },
+}
+
+impl SessionMode {
+    /// The name used in the config file and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            SessionMode::Flow => "flow",
+            SessionMode::Datagram => "datagram",
+            SessionMode::RequestResponse { .. } => "request-response",
+        }
+    }
+}
+
+/// What identifies a client for stickiness (per listener).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Affinity {
+    /// The client's ip:port (default).
+    #[default]
+    IpPort,
+    /// The client's ip alone: all of a client's ports go to the same backend.
+    Ip,
+}
+
+impl FromStr for Affinity {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        match s {
+            "ip-port" | "ip:port" => Ok(Affinity::IpPort),
+            "ip" => Ok(Affinity::Ip),
+            _ => Err(UnknownName {
+                expected: "ip-port, ip",
+            }),
+        }
+    }
+}
+
+/// The scheduling algorithm of a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SchedulerKind {
+    /// Each available backend in turn, weights ignored.
+    #[default]
+    RoundRobin,
+    /// Smooth weighted round robin (nginx's algorithm): exact proportions, interleaved.
+    WeightedRoundRobin,
+    /// Uniformly random.
+    Random,
+    /// Random in proportion to weight.
+    WeightedRandom,
+    /// The backend with the fewest live flows on this worker (weighted: flows / weight).
+    LeastFlows,
+    /// Power of two choices: the less loaded of two random backends (flows / weight).
+    PowerOfTwo,
+    /// Weighted Maglev consistent hashing on the client key.
+    Maglev,
+    /// Weighted rendezvous (highest random weight) hashing on the client key.
+    Rendezvous,
+}
+
+impl SchedulerKind {
+    /// Every scheduler, in documentation order.
+    pub const ALL: [SchedulerKind; 8] = [
+        SchedulerKind::RoundRobin,
+        SchedulerKind::WeightedRoundRobin,
+        SchedulerKind::Random,
+        SchedulerKind::WeightedRandom,
+        SchedulerKind::LeastFlows,
+        SchedulerKind::PowerOfTwo,
+        SchedulerKind::Maglev,
+        SchedulerKind::Rendezvous,
+    ];
+
+    /// The canonical name used in the config file and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::RoundRobin => "round-robin",
+            SchedulerKind::WeightedRoundRobin => "weighted-round-robin",
+            SchedulerKind::Random => "random",
+            SchedulerKind::WeightedRandom => "weighted-random",
+            SchedulerKind::LeastFlows => "least-flows",
+            SchedulerKind::PowerOfTwo => "power-of-two",
+            SchedulerKind::Maglev => "maglev",
+            SchedulerKind::Rendezvous => "rendezvous",
+        }
+    }
+
+    /// Whether the choice depends only on the client key (same client, same backend, on every
+    /// worker and every udplb instance with the same backends).
+    pub fn is_consistent_hash(self) -> bool {
+        matches!(self, SchedulerKind::Maglev | SchedulerKind::Rendezvous)
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SchedulerKind {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        let kind = match s {
+            "round-robin" | "rr" => SchedulerKind::RoundRobin,
+            "weighted-round-robin" | "wrr" => SchedulerKind::WeightedRoundRobin,
+            "random" => SchedulerKind::Random,
+            "weighted-random" | "wrandom" => SchedulerKind::WeightedRandom,
+            "least-flows" | "lf" => SchedulerKind::LeastFlows,
+            "power-of-two" | "p2c" => SchedulerKind::PowerOfTwo,
+            "maglev" => SchedulerKind::Maglev,
+            "rendezvous" | "hrw" => SchedulerKind::Rendezvous,
+            _ => {
+                return Err(UnknownName {
+                    expected: "round-robin (rr), weighted-round-robin (wrr), random, \
+                               weighted-random, least-flows, power-of-two (p2c), maglev, \
+                               rendezvous (hrw)",
+                });
+            }
+        };
+        Ok(kind)
+    }
+}
+
+/// A name that is not one of the accepted spellings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownName {
+    /// The accepted spellings, for the error message.
+    pub expected: &'static str,
+}
+
+impl fmt::Display for UnknownName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "expected one of: {}", self.expected)
+    }
+}
+
+impl std::error::Error for UnknownName {}
+
+/// A backend as configured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Where datagrams are sent.
+    pub addr: SocketAddr,
+    /// Relative share for weighted schedulers, 1..=10000. Weight 0 is not accepted: drain or
+    /// disable a backend instead.
+    pub weight: u32,
+    /// A backup receives traffic only while no primary backend of its pool is available.
+    pub backup: bool,
+}
+
+impl BackendSpec {
+    /// The largest accepted weight (keeps weighted tables and sums small).
+    pub const MAX_WEIGHT: u32 = 10_000;
+
+    /// A primary backend of weight 1.
+    pub fn new(addr: SocketAddr) -> Self {
+        BackendSpec {
+            addr,
+            weight: 1,
+            backup: false,
+        }
+    }
+}

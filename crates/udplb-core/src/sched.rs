@@ -1,0 +1,499 @@
+//! Scheduling: which backend a new flow (or, in datagram mode, a datagram) goes to.
+//!
+//! Owns: [`Tier`], the prebuilt scheduling state of a pool (built with the snapshot: member
+//! list, cumulative weights, the Maglev table, rendezvous hashes), [`Cursor`], the small
+//! per-worker mutable state some schedulers need (round-robin position, smooth-WRR current
+//! weights), and [`pick`], the per-decision function.
+//! Must not: allocate or build tables in [`pick`] (it runs per new flow, and per datagram in
+//! datagram mode), draw randomness (the caller passes a random `u64`), or share mutable state
+//! between workers.
+
+use crate::hash::{ClientKey, backend_hash_input, stable_hash};
+use crate::maglev::MaglevTable;
+use crate::model::SchedulerKind;
+use crate::snapshot::{Backend, Pool};
+
+/// The backends eligible for new flows in a pool, with the tables of its scheduler.
+///
+/// Eligible means: primaries that take new flows; if there are none, backups that do.
+#[derive(Clone, Debug, Default)]
+pub struct Tier {
+    /// Indices into [`Pool::backends`].
+    members: Vec<u32>,
+    /// Weight of each member.
+    weights: Vec<u32>,
+    /// Running sum of weights (weighted random).
+    cumulative: Vec<u64>,
+    /// Sum of weights.
+    total_weight: u64,
+    /// Stable hash of each member's address (rendezvous).
+    member_hashes: Vec<u64>,
+    /// Prebuilt Maglev table (maglev only).
+    maglev: Option<MaglevTable>,
+    /// Whether the members are backups (no primary is available).
+    backup: bool,
+}
+
+impl Tier {
+    /// Builds the tier of `backends` for scheduler `kind`.
+    pub fn build(kind: SchedulerKind, backends: &[Backend]) -> Tier {
+        let eligible = |backup: bool| -> Vec<u32> {
+            backends
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.spec.backup == backup && b.takes_new_flows())
+                .map(|(i, _)| i as u32)
+                .collect()
+        };
+        let mut members = eligible(false);
+        let mut backup = false;
+        if members.is_empty() {
+            members = eligible(true);
+            backup = !members.is_empty();
+        }
+        let weights: Vec<u32> = members
+            .iter()
+            .map(|&i| backends[i as usize].spec.weight.max(1))
+            .collect();
+        let cumulative: Vec<u64> = weights
+            .iter()
+            .scan(0u64, |sum, &w| {
+                *sum += u64::from(w);
+                Some(*sum)
+            })
+            .collect();
+        let total_weight = cumulative.last().copied().unwrap_or(0);
+        let member_hashes = members
+            .iter()
+            .map(|&i| {
+                let mut buf = [0u8; 18];
+                let len = backend_hash_input(&backends[i as usize].spec.addr, &mut buf);
+                stable_hash(&buf[..len])
+            })
+            .collect();
+        let maglev = if kind == SchedulerKind::Maglev {
+            let m: Vec<_> = members
+                .iter()
+                .zip(&weights)
+                .map(|(&i, &w)| (backends[i as usize].spec.addr, w))
+                .collect();
+            MaglevTable::build(&m)
+        } else {
+            None
+        };
+        Tier {
+            members,
+            weights,
+            cumulative,
+            total_weight,
+            member_hashes,
+            maglev,
+            backup,
+        }
+    }
+
+    /// Whether no backend is eligible.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Number of eligible backends.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether the eligible backends are backups.
+    pub fn is_backup(&self) -> bool {
+        self.backup
+    }
+
+    /// Indices into [`Pool::backends`] of the eligible backends.
+    pub fn members(&self) -> impl Iterator<Item = usize> + '_ {
+        self.members.iter().map(|&i| i as usize)
+    }
+}
+
+/// Per-worker, per-pool scheduler state. Reset when the snapshot changes.
+#[derive(Clone, Debug, Default)]
+pub struct Cursor {
+    generation: u64,
+    next: usize,
+    current: Vec<i64>,
+}
+
+/// What a decision may depend on besides the pool.
+#[derive(Clone, Copy, Debug)]
+pub struct PickInput<'a> {
+    /// Stable hash of the client (consistent-hash schedulers).
+    pub key: ClientKey,
+    /// A fresh random number (random schedulers).
+    pub random: u64,
+    /// Live flows per backend on this worker, indexed by [`crate::snapshot::BackendId`]
+    /// (least-flows, power-of-two); missing entries count as zero.
+    pub load: &'a [u32],
+}
+
+/// Picks a backend of `pool` for a new flow (or a datagram). Returns its index in
+/// [`Pool::backends`], or `None` when no backend is eligible.
+///
+/// `generation` is the snapshot's generation: the cursor resets when it changes.
+#[inline]
+pub fn pick(
+    pool: &Pool,
+    generation: u64,
+    cursor: &mut Cursor,
+    input: PickInput<'_>,
+) -> Option<usize> {
+    let tier = &pool.tier;
+    let n = tier.members.len();
+    if n == 0 {
+        return None;
+    }
+    if cursor.generation != generation {
+        *cursor = Cursor {
+            generation,
+            next: 0,
+            current: Vec::new(),
+        };
+    }
+    let member = match pool.scheduler {
+        SchedulerKind::RoundRobin => {
+            let m = cursor.next % n;
+            cursor.next = cursor.next.wrapping_add(1);
+            m
+        }
+        SchedulerKind::WeightedRoundRobin => smooth_weighted(tier, cursor),
+        SchedulerKind::Random => scale(input.random, n as u64) as usize,
+        SchedulerKind::WeightedRandom => {
+            let r = scale(input.random, tier.total_weight);
+            tier.cumulative.partition_point(|&c| c <= r)
+        }
+        SchedulerKind::LeastFlows => least_loaded(pool, cursor, input.load),
+        SchedulerKind::PowerOfTwo => power_of_two(pool, input),
+        SchedulerKind::Maglev => match &tier.maglev {
+            Some(table) => table.lookup(input.key.0),
+            None => return None,
+        },
+        SchedulerKind::Rendezvous => rendezvous(tier, input.key),
+    };
+    Some(tier.members[member] as usize)
+}
+
+/// Maps a uniform 64-bit number onto `0..n` without a division.
+#[inline]
+fn scale(random: u64, n: u64) -> u64 {
+    ((u128::from(random) * u128::from(n)) >> 64) as u64
+}
+
+/// nginx's smooth weighted round robin: every member gains its weight, the richest is picked
+/// and pays the total. Exact proportions over every `total_weight` picks, interleaved.
+fn smooth_weighted(tier: &Tier, cursor: &mut Cursor) -> usize {
+    if cursor.current.len() != tier.members.len() {
+        cursor.current = vec![0; tier.members.len()];
+    }
+    let mut best = 0;
+    for (i, &w) in tier.weights.iter().enumerate() {
+        cursor.current[i] += i64::from(w);
+        if cursor.current[i] > cursor.current[best] {
+            best = i;
+        }
+    }
+    cursor.current[best] -= tier.total_weight as i64;
+    best
+}
+
+/// Live flows of member `m` on this worker.
+#[inline]
+fn load_of(pool: &Pool, m: usize, load: &[u32]) -> u64 {
+    let backend = &pool.backends[pool.tier.members[m] as usize];
+    u64::from(load.get(backend.id.index()).copied().unwrap_or(0))
+}
+
+/// Whether member `a` is less loaded than `b` relative to their weights.
+#[inline]
+fn lighter(pool: &Pool, a: usize, b: usize, load: &[u32]) -> bool {
+    let w = &pool.tier.weights;
+    load_of(pool, a, load) * u64::from(w[b]) < load_of(pool, b, load) * u64::from(w[a])
+}
+
+/// The member with the fewest flows per weight; ties go round robin.
+fn least_loaded(pool: &Pool, cursor: &mut Cursor, load: &[u32]) -> usize {
+    let n = pool.tier.members.len();
+    let start = cursor.next % n;
+    cursor.next = cursor.next.wrapping_add(1);
+    let mut best = start;
+    for step in 1..n {
+        let m = (start + step) % n;
+        if lighter(pool, m, best, load) {
+            best = m;
+        }
+    }
+    best
+}
+
+/// The lighter of two distinct random members.
+fn power_of_two(pool: &Pool, input: PickInput<'_>) -> usize {
+    let n = pool.tier.members.len() as u64;
+    if n == 1 {
+        return 0;
+    }
+    let a = scale(input.random, n);
+    let b = (a + 1 + scale(input.random.rotate_left(32), n - 1)) % n;
+    let (a, b) = (a as usize, b as usize);
+    if lighter(pool, b, a, input.load) {
+        b
+    } else {
+        a
+    }
+}
+
+/// Weighted rendezvous: the member with the highest `weight / -ln(u)`, where `u` is a uniform
+/// number drawn from the hash of (client, member).
+fn rendezvous(tier: &Tier, key: ClientKey) -> usize {
+    let mut best = 0;
+    let mut best_score = f64::NEG_INFINITY;
+    for (i, (&h, &w)) in tier.member_hashes.iter().zip(&tier.weights).enumerate() {
+        let mixed = splitmix64(key.0 ^ h);
+        // (mixed + 0.5) / 2^64 lies strictly inside (0, 1).
+        let u = ((mixed >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = f64::from(w) / -u.ln();
+        if score > best_score {
+            best_score = score;
+            best = i;
+        }
+    }
+    best
+}
+
+/// A fast, well-mixing bijection on 64-bit numbers.
+#[inline]
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::model::BackendSpec;
+    use crate::snapshot::{AdminState, BackendInput, PoolInput, Snapshot};
+
+    fn snapshot(kind: SchedulerKind, backends: &[(u16, u32, bool)]) -> Snapshot {
+        let backends = backends
+            .iter()
+            .map(|&(port, weight, backup)| BackendInput {
+                spec: BackendSpec {
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    weight,
+                    backup,
+                },
+                admin: AdminState::Enabled,
+                healthy: true,
+            })
+            .collect();
+        Snapshot::build(
+            1,
+            vec![],
+            vec![PoolInput {
+                name: "p".into(),
+                scheduler: kind,
+                backends,
+            }],
+            None,
+        )
+    }
+
+    fn counts(kind: SchedulerKind, backends: &[(u16, u32, bool)], picks: usize) -> Vec<usize> {
+        let s = snapshot(kind, backends);
+        let mut cursor = Cursor::default();
+        let mut out = vec![0; backends.len()];
+        let mut rng = 1u64;
+        for i in 0..picks {
+            rng = splitmix64(rng);
+            let input = PickInput {
+                key: ClientKey(splitmix64(i as u64)),
+                random: rng,
+                load: &[],
+            };
+            out[pick(&s.pools[0], 1, &mut cursor, input).unwrap()] += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn round_robin_is_exact() {
+        assert_eq!(
+            counts(
+                SchedulerKind::RoundRobin,
+                &[(1, 1, false), (2, 5, false)],
+                10
+            ),
+            [5, 5]
+        );
+    }
+
+    #[test]
+    fn smooth_weighted_is_exact_and_interleaved() {
+        assert_eq!(
+            counts(
+                SchedulerKind::WeightedRoundRobin,
+                &[(1, 1, false), (2, 2, false)],
+                9
+            ),
+            [3, 6]
+        );
+        let s = snapshot(
+            SchedulerKind::WeightedRoundRobin,
+            &[(1, 5, false), (2, 1, false), (3, 1, false)],
+        );
+        let mut c = Cursor::default();
+        let seq: Vec<usize> = (0..7)
+            .map(|_| {
+                let input = PickInput {
+                    key: ClientKey(0),
+                    random: 0,
+                    load: &[],
+                };
+                pick(&s.pools[0], 1, &mut c, input).unwrap()
+            })
+            .collect();
+        // nginx's documented sequence for weights 5,1,1.
+        assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn weighted_random_follows_weights() {
+        let c = counts(
+            SchedulerKind::WeightedRandom,
+            &[(1, 1, false), (2, 3, false)],
+            40_000,
+        );
+        let share = c[1] as f64 / 40_000.0;
+        assert!((share - 0.75).abs() < 0.02, "{c:?}");
+    }
+
+    #[test]
+    fn random_and_rendezvous_spread() {
+        for kind in [
+            SchedulerKind::Random,
+            SchedulerKind::Rendezvous,
+            SchedulerKind::Maglev,
+        ] {
+            let c = counts(kind, &[(1, 1, false), (2, 1, false), (3, 1, false)], 30_000);
+            for x in &c {
+                assert!((*x as f64 - 10_000.0).abs() < 800.0, "{kind}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_rendezvous_follows_weights() {
+        let c = counts(
+            SchedulerKind::Rendezvous,
+            &[(1, 1, false), (2, 3, false)],
+            40_000,
+        );
+        let share = c[1] as f64 / 40_000.0;
+        assert!((share - 0.75).abs() < 0.02, "{c:?}");
+    }
+
+    #[test]
+    fn least_flows_prefers_the_least_loaded_per_weight() {
+        let s = snapshot(
+            SchedulerKind::LeastFlows,
+            &[(1, 1, false), (2, 2, false), (3, 1, false)],
+        );
+        let mut c = Cursor::default();
+        let load = [4, 6, 5];
+        let input = PickInput {
+            key: ClientKey(0),
+            random: 0,
+            load: &load,
+        };
+        // flows/weight: 4, 3, 5
+        assert_eq!(pick(&s.pools[0], 1, &mut c, input), Some(1));
+    }
+
+    #[test]
+    fn power_of_two_never_picks_the_heavier_of_two() {
+        let s = snapshot(SchedulerKind::PowerOfTwo, &[(1, 1, false), (2, 1, false)]);
+        let mut c = Cursor::default();
+        let load = [100, 0];
+        for r in 0..100u64 {
+            let input = PickInput {
+                key: ClientKey(0),
+                random: splitmix64(r),
+                load: &load,
+            };
+            assert_eq!(pick(&s.pools[0], 1, &mut c, input), Some(1));
+        }
+    }
+
+    #[test]
+    fn backups_only_when_no_primary() {
+        let c = counts(
+            SchedulerKind::RoundRobin,
+            &[(1, 1, false), (2, 1, true)],
+            10,
+        );
+        assert_eq!(c, [10, 0]);
+        let mut s = snapshot(SchedulerKind::RoundRobin, &[(1, 1, false), (2, 1, true)]);
+        s.pools[0].backends[0].healthy = false;
+        s.pools[0].tier = Tier::build(SchedulerKind::RoundRobin, &s.pools[0].backends);
+        assert!(s.pools[0].tier.is_backup());
+        let input = PickInput {
+            key: ClientKey(0),
+            random: 0,
+            load: &[],
+        };
+        assert_eq!(pick(&s.pools[0], 1, &mut Cursor::default(), input), Some(1));
+    }
+
+    #[test]
+    fn nothing_eligible_picks_nothing() {
+        for kind in SchedulerKind::ALL {
+            let mut s = snapshot(kind, &[(1, 1, false)]);
+            s.pools[0].backends[0].admin = AdminState::Draining;
+            s.pools[0].tier = Tier::build(kind, &s.pools[0].backends);
+            let input = PickInput {
+                key: ClientKey(0),
+                random: 0,
+                load: &[],
+            };
+            assert_eq!(
+                pick(&s.pools[0], 1, &mut Cursor::default(), input),
+                None,
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
+    fn consistent_schedulers_agree_across_cursors() {
+        for kind in [SchedulerKind::Maglev, SchedulerKind::Rendezvous] {
+            let s = snapshot(kind, &[(1, 1, false), (2, 1, false), (3, 1, false)]);
+            for k in 0..1000 {
+                let input = PickInput {
+                    key: ClientKey(splitmix64(k)),
+                    random: k,
+                    load: &[],
+                };
+                let a = pick(&s.pools[0], 1, &mut Cursor::default(), input);
+                let b = pick(
+                    &s.pools[0],
+                    1,
+                    &mut Cursor::default(),
+                    PickInput {
+                        random: !k,
+                        ..input
+                    },
+                );
+                assert_eq!(a, b);
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The immutable view of the configuration that workers read.
+//!
+//! Owns: [`Snapshot`] (listeners, pools, backends with their admin and health state) and the
+//! scheduling tables prebuilt for each pool's active tier. A snapshot is built once by the
+//! control plane, published atomically, and never changed: a change is a new snapshot.
+//! Must not: contain anything that changes per datagram (that lives in the worker: cursors,
+//! flow counts), or anything that needs I/O to build.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::model::{Affinity, BackendSpec, SchedulerKind, SessionMode};
+use crate::sched::Tier;
+
+/// A backend's identity across snapshots: the same (pool, address) keeps the same id when a
+/// new snapshot is built from a previous one, so flows and per-backend counters survive reloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendId(pub u32);
+
+impl BackendId {
+    /// The id as an index into per-backend arrays.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// What the operator asked of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AdminState {
+    /// Takes new flows.
+    #[default]
+    Enabled,
+    /// Takes no new flows; existing flows continue until idle.
+    Draining,
+    /// Takes nothing; existing flows move at their next datagram.
+    Disabled,
+}
+
+/// A backend as the workers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Stable identity (see [`BackendId`]).
+    pub id: BackendId,
+    /// Address, weight, backup flag.
+    pub spec: BackendSpec,
+    /// Operator state.
+    pub admin: AdminState,
+    /// Health as last reported by the health checker (true when unchecked).
+    pub healthy: bool,
+}
+
+impl Backend {
+    /// Whether the backend may receive new flows.
+    pub fn takes_new_flows(&self) -> bool {
+        self.admin == AdminState::Enabled && self.healthy
+    }
+
+    /// Whether an established flow may keep using this backend.
+    pub fn keeps_flows(&self) -> bool {
+        self.admin != AdminState::Disabled && self.healthy
+    }
+}
+
+/// A pool: its backends and the scheduling tables for whichever tier is active.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    /// Name from the config.
+    pub name: String,
+    /// Scheduling algorithm.
+    pub scheduler: SchedulerKind,
+    /// All backends, primaries and backups, in config order.
+    pub backends: Vec<Backend>,
+    /// The backends new flows go to: available primaries, or available backups when no
+    /// primary is available, with the prebuilt tables of the pool's scheduler.
+    pub tier: Tier,
+}
+
+impl Pool {
+    /// Position in `backends` of the backend with address `addr`.
+    #[inline]
+    pub fn position(&self, addr: &SocketAddr) -> Option<usize> {
+        self.backends.iter().position(|b| b.spec.addr == *addr)
+    }
+
+    /// Position in `backends` of the backend with id `id`.
+    #[inline]
+    pub fn position_of_id(&self, id: BackendId) -> Option<usize> {
+        self.backends.iter().position(|b| b.id == id)
+    }
+}
+
+/// A listener (virtual service).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerSpec {
+    /// Name from the config.
+    pub name: String,
+    /// Address the listener binds (may be a wildcard).
+    pub address: SocketAddr,
+    /// Index into [`Snapshot::pools`].
+    pub pool: usize,
+    /// Session mode.
+    pub mode: SessionMode,
+    /// What makes a client sticky.
+    pub affinity: Affinity,
+    /// A flow closes after this long without a datagram in either direction.
+    pub idle_timeout: Duration,
+    /// Flow cap for the whole listener (each of W workers holds at most ceil(max_flows / W)).
+    pub max_flows: u32,
+    /// Largest datagram forwarded in either direction; larger ones are dropped and counted.
+    pub max_datagram_size: usize,
+}
+
+/// A pool as given to [`Snapshot::build`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolInput {
+    /// Name.
+    pub name: String,
+    /// Scheduling algorithm.
+    pub scheduler: SchedulerKind,
+    /// Backends with their states.
+    pub backends: Vec<BackendInput>,
+}
+
+/// A backend as given to [`Snapshot::build`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendInput {
+    /// Address, weight, backup flag.
+    pub spec: BackendSpec,
+    /// Operator state.
+    pub admin: AdminState,
+    /// Health.
+    pub healthy: bool,
+}
+
+impl From<BackendSpec> for BackendInput {
+    fn from(spec: BackendSpec) -> Self {
+        BackendInput {
+            spec,
+            admin: AdminState::Enabled,
+            healthy: true,
+        }
+    }
+}
+
+/// Everything the workers need, immutable. Published as a whole; never mutated.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// Increases with every published snapshot; workers notice changes by comparing it.
+    pub generation: u64,
+    /// Listeners in config order.
+    pub listeners: Vec<ListenerSpec>,
+    /// Pools in config order.
+    pub pools: Vec<Pool>,
+    /// One more than the largest [`BackendId`] in use (size for per-backend arrays).
+    pub backend_id_limit: u32,
+}
+
+impl Snapshot {
+    /// Builds a snapshot, prebuilding every pool's scheduling tables. Backend ids are reused
+    /// from `previous` for the same (pool name, address); new backends get fresh ids.
+    pub fn build(
+        generation: u64,
+        listeners: Vec<ListenerSpec>,
+        pools: Vec<PoolInput>,
+        previous: Option<&Snapshot>,
+    ) -> Snapshot {
+        let mut next_id = previous.map_or(0, |p| p.backend_id_limit);
+        let pools = pools
+            .into_iter()
+            .map(|input| {
+                let old = previous.and_then(|p| p.pools.iter().find(|op| op.name == input.name));
+                let backends: Vec<Backend> = input
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let reused = old.and_then(|op| {
+                            op.backends.iter().find(|ob| ob.spec.addr == b.spec.addr)
+                        });
+                        let id = reused.map(|ob| ob.id).unwrap_or_else(|| {
+                            next_id += 1;
+                            BackendId(next_id - 1)
+                        });
+                        Backend {
+                            id,
+                            spec: b.spec,
+                            admin: b.admin,
+                            healthy: b.healthy,
+                        }
+                    })
+                    .collect();
+                let tier = Tier::build(input.scheduler, &backends);
+                Pool {
+                    name: input.name,
+                    scheduler: input.scheduler,
+                    backends,
+                    tier,
+                }
+            })
+            .collect();
+        Snapshot {
+            generation,
+            listeners,
+            pools,
+            backend_id_limit: next_id,
+        }
+    }
+
+    /// The pool of listener `listener`.
+    #[inline]
+    pub fn pool_of(&self, listener: usize) -> &Pool {
+        &self.pools[self.listeners[listener].pool]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(port: u16) -> BackendSpec {
+        BackendSpec::new(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn pool(name: &str, ports: &[u16]) -> PoolInput {
+        PoolInput {
+            name: name.into(),
+            scheduler: SchedulerKind::RoundRobin,
+            backends: ports.iter().map(|p| spec(*p).into()).collect(),
+        }
+    }
+
+    #[test]
+    fn ids_survive_rebuilds() {
+        let a = Snapshot::build(1, vec![], vec![pool("p", &[1, 2, 3])], None);
+        let b = Snapshot::build(2, vec![], vec![pool("p", &[3, 4, 1])], Some(&a));
+        let id = |s: &Snapshot, port| {
+            s.pools[0]
+                .backends
+                .iter()
+                .find(|b| b.spec.addr.port() == port)
+                .unwrap()
+                .id
+        };
+        assert_eq!(id(&a, 1), id(&b, 1));
+        assert_eq!(id(&a, 3), id(&b, 3));
+        assert_eq!(id(&b, 4), BackendId(3));
+        assert_eq!(b.backend_id_limit, 4);
+    }
+}

@@ -1,0 +1,128 @@
+//! Why a datagram was not forwarded, and why a flow ended.
+//!
+//! Owns: [`DropReason`] and [`CloseReason`], the closed sets of outcomes that the data plane
+//! counts (one counter per variant) and that metrics export by name.
+//! Must not: count anything itself; counters live with their single writer (a worker).
+
+/// Why a datagram was dropped. Every drop has exactly one reason and is counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// A zero-length datagram from a client (nothing to forward).
+    Empty = 0,
+    /// A datagram larger than the listener's `max_datagram_size` (never truncated).
+    Oversize,
+    /// A new flow was refused because the flow table is at its cap.
+    FlowCap,
+    /// The pool has no available backend.
+    NoBackend,
+    /// No upstream socket could be opened for a new flow (e.g. out of file descriptors).
+    UpstreamSocket,
+    /// The send towards a backend failed.
+    SendError,
+    /// A reply could not be sent back to the client.
+    ReplySendError,
+    /// A reply larger than the listener's `max_datagram_size`.
+    ReplyOversize,
+    /// A datagram on an upstream socket whose source is not a backend of the pool.
+    UnknownSource,
+}
+
+impl DropReason {
+    /// Number of variants (size of per-reason counter arrays).
+    pub const COUNT: usize = 9;
+
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::Empty,
+        DropReason::Oversize,
+        DropReason::FlowCap,
+        DropReason::NoBackend,
+        DropReason::UpstreamSocket,
+        DropReason::SendError,
+        DropReason::ReplySendError,
+        DropReason::ReplyOversize,
+        DropReason::UnknownSource,
+    ];
+
+    /// The label used in metrics and status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Empty => "empty",
+            DropReason::Oversize => "oversize",
+            DropReason::FlowCap => "flow_cap",
+            DropReason::NoBackend => "no_backend",
+            DropReason::UpstreamSocket => "upstream_socket",
+            DropReason::SendError => "send_error",
+            DropReason::ReplySendError => "reply_send_error",
+            DropReason::ReplyOversize => "reply_oversize",
+            DropReason::UnknownSource => "unknown_source",
+        }
+    }
+
+    /// Index into a per-reason counter array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a flow left the flow table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// No datagram in either direction for the idle timeout.
+    Idle = 0,
+    /// Request-response mode: every request got its replies.
+    Completed,
+    /// Its backend is no longer in the pool or no longer accepts traffic.
+    BackendGone,
+    /// Its upstream socket failed.
+    Error,
+    /// The worker is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Number of variants.
+    pub const COUNT: usize = 5;
+
+    /// Every reason, in counter order.
+    pub const ALL: [CloseReason; Self::COUNT] = [
+        CloseReason::Idle,
+        CloseReason::Completed,
+        CloseReason::BackendGone,
+        CloseReason::Error,
+        CloseReason::Shutdown,
+    ];
+
+    /// The label used in metrics and status output.
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::Completed => "completed",
+            CloseReason::BackendGone => "backend_gone",
+            CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Index into a per-reason counter array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_match_counter_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+}
