@@ -1,14 +1,14 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! udplb's system interface: batched UDP syscalls, control messages and socket options.
+//!
+//! Owns: the only `unsafe` code of udplb. [`batch`] wraps `recvmmsg`/`sendmmsg` with the
+//! `IP_PKTINFO`/`IPV6_PKTINFO` control messages that let replies leave from exactly the address
+//! a client sent to; [`socket`] creates listener and upstream sockets with the options udplb
+//! relies on, and raises the open-file limit.
+//!
+//! Must not: make decisions. Everything here is a thin, allocation-free (after construction)
+//! translation between Rust types and the kernel's; policy lives in `udplb-core`, the event
+//! loop in `udplb-dataplane`. Every `unsafe` block carries a `// SAFETY:` comment.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod batch;
+mod sockaddr;
+pub mod socket;

@@ -1,0 +1,574 @@
+//! Batched datagram I/O: `recvmmsg` into a [`RecvBatch`], `sendmmsg` out of a [`SendBatch`],
+//! plus single-datagram helpers for upstream sockets.
+//!
+//! Owns: the message headers, buffers and control-message space of each batch, allocated once
+//! when the batch is made; receiving and sending never allocate.
+//!
+//! Must not: interpret datagrams or decide anything about them.
+//!
+//! Local addresses: a listener bound to a wildcard address learns the address each datagram was
+//! sent to from `IP_PKTINFO`/`IPV6_PKTINFO` ([`RecvMeta::local`]); a reply committed with that
+//! address as `source` carries the same control message back, so the kernel sends it from
+//! exactly that address.
+
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr;
+
+use crate::sockaddr;
+
+/// Control-message space per datagram: room for a v6 packet-info and the overflow counter,
+/// with headroom. Aligned like `cmsghdr`.
+const CONTROL_LEN: usize = 128;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; CONTROL_LEN]);
+
+/// One received datagram, borrowed from a [`RecvBatch`].
+#[derive(Clone, Copy, Debug)]
+pub struct RecvMeta<'a> {
+    /// The payload (at most the batch's buffer size).
+    pub data: &'a [u8],
+    /// The datagram was larger than the buffer; `data` holds only its start.
+    pub truncated: bool,
+    /// The sender.
+    pub source: SocketAddr,
+    /// The address the datagram was sent to, when the socket reports packet info.
+    pub local: Option<IpAddr>,
+}
+
+#[derive(Clone, Copy)]
+struct Received {
+    len: usize,
+    truncated: bool,
+    source: SocketAddr,
+    local: Option<IpAddr>,
+}
+
+const UNKNOWN_SOURCE: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+
+/// Buffers and headers for receiving up to `capacity` datagrams with one `recvmmsg`.
+pub struct RecvBatch {
+    buf_size: usize,
+    bufs: Box<[u8]>,
+    names: Box<[libc::sockaddr_storage]>,
+    controls: Box<[Control]>,
+    iovecs: Box<[libc::iovec]>,
+    headers: Box<[libc::mmsghdr]>,
+    received: Box<[Received]>,
+    count: usize,
+    rxq_overflow: Option<u32>,
+}
+
+// SAFETY: the raw pointers inside `iovecs` and `headers` point only into this batch's own heap
+// allocations (`bufs`, `names`, `controls`, `iovecs`), which move with it and are never shared.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    /// A batch of `capacity` buffers of `buf_size` bytes each. A datagram longer than
+    /// `buf_size` is reported as truncated, so size buffers one byte above the largest
+    /// datagram you accept to tell "exactly the limit" from "too long".
+    pub fn new(capacity: usize, buf_size: usize) -> Self {
+        let capacity = capacity.max(1);
+        let buf_size = buf_size.max(1);
+        let mut batch = RecvBatch {
+            buf_size,
+            bufs: vec![0u8; capacity * buf_size].into_boxed_slice(),
+            names: vec![sockaddr::zeroed(); capacity].into_boxed_slice(),
+            controls: vec![Control([0; CONTROL_LEN]); capacity].into_boxed_slice(),
+            iovecs: vec![
+                libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0
+                };
+                capacity
+            ]
+            .into_boxed_slice(),
+            headers: (0..capacity).map(|_| empty_mmsghdr()).collect(),
+            received: vec![
+                Received {
+                    len: 0,
+                    truncated: false,
+                    source: UNKNOWN_SOURCE,
+                    local: None
+                };
+                capacity
+            ]
+            .into_boxed_slice(),
+            count: 0,
+            rxq_overflow: None,
+        };
+        batch.link();
+        batch
+    }
+
+    /// Points every header at its buffer, name and control space.
+    fn link(&mut self) {
+        for i in 0..self.headers.len() {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.bufs[i * self.buf_size..].as_mut_ptr().cast(),
+                iov_len: self.buf_size,
+            };
+            let h = &mut self.headers[i].msg_hdr;
+            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut self.iovecs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.controls[i].0.as_mut_ptr().cast();
+        }
+    }
+
+    /// How many datagrams one call can receive.
+    pub fn capacity(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// Receives as many datagrams as are queued, up to the capacity, without blocking.
+    /// Returns how many; `WouldBlock` when none was queued. `EINTR` is retried.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
+        self.count = 0;
+        for h in self.headers.iter_mut() {
+            h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_hdr.msg_controllen = CONTROL_LEN as _;
+            h.msg_hdr.msg_flags = 0;
+            h.msg_len = 0;
+        }
+        let n = loop {
+            // SAFETY: `headers` holds `capacity` initialised mmsghdrs whose pointers (set by
+            // `link`) reference live buffers of the lengths they declare; the kernel writes at
+            // most those lengths. A null timeout is allowed.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd.as_raw_fd(),
+                    self.headers.as_mut_ptr(),
+                    self.headers.len() as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    ptr::null_mut(),
+                )
+            };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        for i in 0..n {
+            self.received[i] = self.parse(i);
+        }
+        self.count = n;
+        Ok(n)
+    }
+
+    fn parse(&mut self, i: usize) -> Received {
+        let h = &self.headers[i];
+        let source =
+            sockaddr::read(&self.names[i], h.msg_hdr.msg_namelen).unwrap_or(UNKNOWN_SOURCE);
+        let mut local = None;
+        for_each_cmsg(&h.msg_hdr, |level, kind, data| match (level, kind) {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                if let Some(info) = read_payload::<libc::in_pktinfo>(data) {
+                    local = Some(IpAddr::V4(Ipv4Addr::from(
+                        info.ipi_addr.s_addr.to_ne_bytes(),
+                    )));
+                }
+            }
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                if let Some(info) = read_payload::<libc::in6_pktinfo>(data) {
+                    local = Some(IpAddr::from(info.ipi6_addr.s6_addr));
+                }
+            }
+            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
+                if let Some(dropped) = read_payload::<u32>(data) {
+                    self.rxq_overflow = Some(dropped);
+                }
+            }
+            _ => {}
+        });
+        Received {
+            len: (h.msg_len as usize).min(self.buf_size),
+            truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+            source,
+            local,
+        }
+    }
+
+    /// How many datagrams the last [`recv`](Self::recv) returned.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the last receive returned nothing.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Datagram `i` of the last receive. Panics if `i >= len()`.
+    #[inline]
+    pub fn get(&self, i: usize) -> RecvMeta<'_> {
+        assert!(i < self.count, "datagram {i} of a batch of {}", self.count);
+        let r = &self.received[i];
+        let start = i * self.buf_size;
+        RecvMeta {
+            data: &self.bufs[start..start + r.len],
+            truncated: r.truncated,
+            source: r.source,
+            local: r.local,
+        }
+    }
+
+    /// The socket's running count of datagrams dropped for lack of receive-buffer space
+    /// (`SO_RXQ_OVFL`), as last reported by the kernel.
+    pub fn rxq_overflow(&self) -> Option<u32> {
+        self.rxq_overflow
+    }
+}
+
+/// What one [`SendBatch::flush`] did.
+#[derive(Debug, Default)]
+pub struct FlushOutcome {
+    /// Datagrams the kernel accepted.
+    pub sent: usize,
+    /// Datagrams the kernel refused (dropped from the batch).
+    pub failed: usize,
+    /// The socket's send buffer was full; the unsent datagrams are still queued.
+    pub blocked: bool,
+    /// The last error other than "would block", for logging.
+    pub last_error: Option<io::Error>,
+}
+
+/// Outgoing datagrams, each with its destination and optional source address, sent with one
+/// `sendmmsg` per flush.
+pub struct SendBatch {
+    buf_size: usize,
+    bufs: Box<[u8]>,
+    dests: Box<[libc::sockaddr_storage]>,
+    controls: Box<[Control]>,
+    iovecs: Box<[libc::iovec]>,
+    headers: Box<[libc::mmsghdr]>,
+    /// First queued datagram not yet sent.
+    first: usize,
+    /// One past the last queued datagram.
+    end: usize,
+}
+
+// SAFETY: as for `RecvBatch`: the raw pointers reference only this batch's own heap
+// allocations, which move with it.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    /// Room for `capacity` datagrams of up to `buf_size` bytes.
+    pub fn new(capacity: usize, buf_size: usize) -> Self {
+        let capacity = capacity.max(1);
+        let buf_size = buf_size.max(1);
+        let mut batch = SendBatch {
+            buf_size,
+            bufs: vec![0u8; capacity * buf_size].into_boxed_slice(),
+            dests: vec![sockaddr::zeroed(); capacity].into_boxed_slice(),
+            controls: vec![Control([0; CONTROL_LEN]); capacity].into_boxed_slice(),
+            iovecs: vec![
+                libc::iovec {
+                    iov_base: ptr::null_mut(),
+                    iov_len: 0
+                };
+                capacity
+            ]
+            .into_boxed_slice(),
+            headers: (0..capacity).map(|_| empty_mmsghdr()).collect(),
+            first: 0,
+            end: 0,
+        };
+        for i in 0..capacity {
+            batch.iovecs[i].iov_base = batch.bufs[i * buf_size..].as_mut_ptr().cast();
+            let h = &mut batch.headers[i].msg_hdr;
+            h.msg_name = (&mut batch.dests[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut batch.iovecs[i];
+            h.msg_iovlen = 1;
+        }
+        batch
+    }
+
+    /// Datagrams queued and not yet sent.
+    pub fn len(&self) -> usize {
+        self.end - self.first
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.first
+    }
+
+    /// Whether no more datagram can be queued before a flush.
+    pub fn is_full(&self) -> bool {
+        self.end == self.headers.len()
+    }
+
+    /// Forgets every queued datagram.
+    pub fn clear(&mut self) {
+        self.first = 0;
+        self.end = 0;
+    }
+
+    /// The buffer of the next datagram, to fill in place and then [`commit`](Self::commit).
+    /// `None` when full.
+    #[inline]
+    pub fn next_slot(&mut self) -> Option<&mut [u8]> {
+        if self.is_full() {
+            return None;
+        }
+        let start = self.end * self.buf_size;
+        Some(&mut self.bufs[start..start + self.buf_size])
+    }
+
+    /// Queues the first `len` bytes of the slot from [`next_slot`](Self::next_slot) for `dest`,
+    /// sent from local address `source` when given (else the kernel chooses).
+    /// Panics when full or when `len` exceeds the buffer size.
+    #[inline]
+    pub fn commit(&mut self, len: usize, dest: SocketAddr, source: Option<IpAddr>) {
+        assert!(
+            !self.is_full() && len <= self.buf_size,
+            "commit beyond the batch"
+        );
+        let i = self.end;
+        let namelen = sockaddr::write(&dest, &mut self.dests[i]);
+        self.iovecs[i].iov_len = len;
+        let control_len = match source {
+            Some(ip) => write_pktinfo(&mut self.controls[i], ip),
+            None => 0,
+        };
+        let h = &mut self.headers[i].msg_hdr;
+        h.msg_namelen = namelen;
+        h.msg_control = if control_len == 0 {
+            ptr::null_mut()
+        } else {
+            self.controls[i].0.as_mut_ptr().cast()
+        };
+        h.msg_controllen = control_len as _;
+        h.msg_flags = 0;
+        self.end += 1;
+    }
+
+    /// Copies `data` into the batch (see [`commit`](Self::commit)). Returns false, queuing
+    /// nothing, when full or when `data` is larger than the buffer size.
+    pub fn push(&mut self, data: &[u8], dest: SocketAddr, source: Option<IpAddr>) -> bool {
+        match self.next_slot() {
+            Some(slot) if data.len() <= slot.len() => {
+                slot[..data.len()].copy_from_slice(data);
+                self.commit(data.len(), dest, source);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends every queued datagram without blocking. Refused datagrams are counted and
+    /// skipped; on a full send buffer the rest stay queued (`blocked`). Empties the batch
+    /// unless blocked.
+    pub fn flush(&mut self, fd: BorrowedFd<'_>) -> FlushOutcome {
+        let mut outcome = FlushOutcome::default();
+        while self.first < self.end {
+            // SAFETY: headers[first..end] were filled by `commit`: each points at a live
+            // buffer, destination and (optional) control message of the declared lengths.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd.as_raw_fd(),
+                    self.headers[self.first..].as_mut_ptr(),
+                    (self.end - self.first) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                outcome.sent += n as usize;
+                self.first += n as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => {
+                    outcome.blocked = true;
+                    return outcome;
+                }
+                _ => {
+                    outcome.failed += 1;
+                    self.first += 1;
+                    outcome.last_error = Some(e);
+                }
+            }
+        }
+        self.clear();
+        outcome
+    }
+}
+
+/// Writes an `IP_PKTINFO`/`IPV6_PKTINFO` control message asking the kernel to send from `ip`;
+/// returns its length.
+fn write_pktinfo(control: &mut Control, ip: IpAddr) -> usize {
+    match ip {
+        IpAddr::V4(v4) => {
+            let info = libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            };
+            write_cmsg(control, libc::IPPROTO_IP, libc::IP_PKTINFO, info)
+        }
+        IpAddr::V6(v6) => {
+            let info = libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: v6.octets(),
+                },
+                ipi6_ifindex: 0,
+            };
+            write_cmsg(control, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info)
+        }
+    }
+}
+
+/// Writes one control message with payload `value` at the start of `control`; returns the
+/// space it takes (`CMSG_SPACE`).
+fn write_cmsg<T: Copy>(
+    control: &mut Control,
+    level: libc::c_int,
+    kind: libc::c_int,
+    value: T,
+) -> usize {
+    let payload = mem::size_of::<T>() as libc::c_uint;
+    // SAFETY: CMSG_SPACE is arithmetic on its argument only.
+    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+    assert!(
+        space <= CONTROL_LEN,
+        "control message larger than its space"
+    );
+    control.0[..space].fill(0);
+    let mut h = empty_mmsghdr().msg_hdr;
+    h.msg_control = control.0.as_mut_ptr().cast();
+    h.msg_controllen = space as _;
+    // SAFETY: `h` describes `control`, which is aligned for cmsghdr and at least `space`
+    // bytes long, so CMSG_FIRSTHDR returns a non-null pointer to a whole cmsghdr followed by
+    // room for `payload` bytes; the payload is written unaligned.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&h);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+        ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<T>(), value);
+    }
+    space
+}
+
+/// Calls `f(level, type, payload)` for each control message the kernel wrote into `h`.
+fn for_each_cmsg(h: &libc::msghdr, mut f: impl FnMut(libc::c_int, libc::c_int, &[u8])) {
+    if h.msg_control.is_null() || h.msg_controllen < mem::size_of::<libc::cmsghdr>() {
+        return;
+    }
+    // SAFETY: `h` points at a control buffer of `msg_controllen` bytes that the kernel filled;
+    // CMSG_FIRSTHDR/CMSG_NXTHDR stay within it and return null at its end. Each payload slice
+    // is bounded by the message's own cmsg_len, itself checked against the buffer's end.
+    unsafe {
+        let end = (h.msg_control as *const u8).add(h.msg_controllen);
+        let mut cmsg = libc::CMSG_FIRSTHDR(h);
+        while !cmsg.is_null() {
+            let data = libc::CMSG_DATA(cmsg);
+            let header_len = data.offset_from(cmsg as *const u8) as usize;
+            let total = (*cmsg).cmsg_len as usize;
+            if total < header_len || (cmsg as *const u8).add(total) > end {
+                break;
+            }
+            f(
+                (*cmsg).cmsg_level,
+                (*cmsg).cmsg_type,
+                std::slice::from_raw_parts(data, total - header_len),
+            );
+            cmsg = libc::CMSG_NXTHDR(h, cmsg);
+        }
+    }
+}
+
+/// Reads a `T` from a control-message payload if it is long enough.
+fn read_payload<T: Copy>(data: &[u8]) -> Option<T> {
+    // SAFETY: the slice holds at least size_of::<T>() bytes and T is a plain C struct or
+    // integer for which any bit pattern is valid; the read is unaligned-safe.
+    (data.len() >= mem::size_of::<T>())
+        .then(|| unsafe { ptr::read_unaligned(data.as_ptr().cast::<T>()) })
+}
+
+fn empty_mmsghdr() -> libc::mmsghdr {
+    // SAFETY: mmsghdr is plain old data; all-zero (null pointers, zero lengths) is valid.
+    unsafe { mem::zeroed() }
+}
+
+/// Sends `data` on a connected socket without blocking. `EINTR` is retried.
+pub fn send(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    retry(|| {
+        // SAFETY: `data` is a live slice of `data.len()` bytes.
+        unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT,
+            )
+        }
+    })
+}
+
+/// Sends `data` to `dest` without blocking. `EINTR` is retried.
+pub fn send_to(fd: BorrowedFd<'_>, data: &[u8], dest: SocketAddr) -> io::Result<usize> {
+    let mut storage = sockaddr::zeroed();
+    let len = sockaddr::write(&dest, &mut storage);
+    retry(|| {
+        // SAFETY: `data` is a live slice; `storage` holds a valid address of `len` bytes.
+        unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                libc::MSG_DONTWAIT,
+                (&storage as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        }
+    })
+}
+
+/// Receives one datagram into `buf` without blocking. Returns the datagram's **real** length
+/// (`MSG_TRUNC`), which exceeds `buf.len()` when it did not fit, and its sender.
+pub fn recv_from(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+    let mut storage = sockaddr::zeroed();
+    let mut len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    let n = retry(|| {
+        len = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes; `storage`/`len`
+        // describe a writable sockaddr_storage.
+        unsafe {
+            libc::recvfrom(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                (&mut storage as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        }
+    })?;
+    Ok((n, sockaddr::read(&storage, len).unwrap_or(UNKNOWN_SOURCE)))
+}
+
+fn retry(mut call: impl FnMut() -> isize) -> io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

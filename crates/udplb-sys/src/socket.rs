@@ -1,0 +1,285 @@
+//! Sockets as udplb needs them: listeners that report the local address of every datagram,
+//! upstream sockets towards backends, and the open-file limit.
+//!
+//! Owns: which socket options are set and why. Must not: do datagram I/O (see [`crate::batch`]).
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::socket::{setsockopt, sockopt};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Options of a listener socket.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ListenerOptions {
+    /// `SO_REUSEPORT`: several sockets (one per worker) share the address; the kernel spreads
+    /// clients over them by hashing the 4-tuple.
+    pub reuse_port: bool,
+    /// `SO_RCVBUF` in bytes (`SO_RCVBUFFORCE` first, which works above `rmem_max` as root).
+    pub recv_buffer: Option<usize>,
+    /// `SO_SNDBUF` in bytes (`SO_SNDBUFFORCE` first).
+    pub send_buffer: Option<usize>,
+}
+
+/// Binds a non-blocking UDP listener on `addr`.
+///
+/// Sets `IP_PKTINFO` (or `IPV6_RECVPKTINFO`) so every datagram reports the address it was sent
+/// to, `SO_RXQ_OVFL` so kernel drops are visible, `IPV6_V6ONLY` so `[::]` and `0.0.0.0` are
+/// separate listeners, and `IP_FREEBIND` so a virtual address that is not (yet) configured, as
+/// with a VRRP address on a backup balancer, can be bound.
+pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    match addr {
+        SocketAddr::V4(_) => {
+            setsockopt(&socket, sockopt::Ipv4PacketInfo, &true)?;
+            socket.set_freebind_v4(true)?;
+        }
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            setsockopt(&socket, sockopt::Ipv6RecvPacketInfo, &true)?;
+            socket.set_freebind_v6(true)?;
+        }
+    }
+    setsockopt(&socket, sockopt::RxqOvfl, &1)?;
+    set_buffers(&socket, opts.recv_buffer, opts.send_buffer);
+    socket.bind(&SockAddr::from(addr))?;
+    Ok(socket.into())
+}
+
+/// A non-blocking UDP socket towards `backend`: bound to `local` (default: any address of the
+/// backend's family, ephemeral port) and, with `connect`, connected to it so that only the
+/// backend's datagrams arrive and ICMP errors are reported (`ECONNREFUSED`).
+pub fn upstream_socket(
+    backend: SocketAddr,
+    connect: bool,
+    local: Option<SocketAddr>,
+    buffers: Option<usize>,
+) -> io::Result<UdpSocket> {
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    set_buffers(&socket, buffers, buffers);
+    let local = local.unwrap_or_else(|| unspecified_like(backend));
+    socket.bind(&SockAddr::from(local))?;
+    if connect {
+        socket.connect(&SockAddr::from(backend))?;
+    }
+    Ok(socket.into())
+}
+
+fn unspecified_like(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    SocketAddr::new(ip, 0)
+}
+
+/// Sets buffer sizes, forcing past the system maximum when privileged. Best effort: a buffer
+/// the kernel will not grow is not a reason to refuse to run.
+fn set_buffers(socket: &Socket, recv: Option<usize>, send: Option<usize>) {
+    if let Some(size) = recv {
+        let forced = setsockopt(socket, sockopt::RcvBufForce, &size).is_ok();
+        if !forced {
+            let _ = socket.set_recv_buffer_size(size);
+        }
+    }
+    if let Some(size) = send {
+        let forced = setsockopt(socket, sockopt::SndBufForce, &size).is_ok();
+        if !forced {
+            let _ = socket.set_send_buffer_size(size);
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard limit (each flow holds one descriptor).
+/// Returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::batch::{RecvBatch, SendBatch, recv_from, send};
+
+    fn recv_some(batch: &mut RecvBatch, socket: &UdpSocket) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match batch.recv(socket.as_fd()) {
+                Ok(n) => return n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("receive: {e}"),
+            }
+        }
+    }
+
+    /// A wildcard listener learns the address each datagram was sent to and replies from it.
+    #[test]
+    fn wildcard_listener_replies_from_the_address_the_client_sent_to() {
+        let listener =
+            bind_listener("0.0.0.0:0".parse().unwrap(), &ListenerOptions::default()).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let target: SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
+        client.send_to(b"ping", target).unwrap();
+
+        let mut batch = RecvBatch::new(8, 16);
+        assert_eq!(recv_some(&mut batch, &listener), 1);
+        let d = batch.get(0);
+        assert_eq!(d.data, b"ping");
+        assert!(!d.truncated);
+        assert_eq!(d.source, client.local_addr().unwrap());
+        assert_eq!(d.local, Some("127.0.0.3".parse().unwrap()));
+
+        let mut replies = SendBatch::new(8, 16);
+        assert!(replies.push(b"pong", d.source, d.local));
+        let outcome = replies.flush(listener.as_fd());
+        assert_eq!(
+            (outcome.sent, outcome.failed, outcome.blocked),
+            (1, 0, false)
+        );
+        let mut buf = [0u8; 16];
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"pong"[..], target));
+    }
+
+    #[test]
+    fn ipv6_wildcard_listener_reports_the_local_address() {
+        let Ok(listener) = bind_listener("[::]:0".parse().unwrap(), &ListenerOptions::default())
+        else {
+            eprintln!("skipped: no IPv6 on this host");
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        let client = UdpSocket::bind("[::1]:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let target: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+        client.send_to(b"ping6", target).unwrap();
+        let mut batch = RecvBatch::new(4, 16);
+        assert_eq!(recv_some(&mut batch, &listener), 1);
+        let d = batch.get(0);
+        assert_eq!(d.local, Some("::1".parse().unwrap()));
+        let mut replies = SendBatch::new(4, 16);
+        assert!(replies.push(b"pong6", d.source, d.local));
+        assert_eq!(replies.flush(listener.as_fd()).sent, 1);
+        let mut buf = [0u8; 16];
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"pong6"[..], target));
+    }
+
+    /// Datagrams larger than the buffer are flagged, never silently cut.
+    #[test]
+    fn oversize_datagrams_are_flagged_truncated() {
+        let listener =
+            bind_listener("127.0.0.1:0".parse().unwrap(), &ListenerOptions::default()).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = listener.local_addr().unwrap();
+        client.send_to(&[7u8; 9], to).unwrap();
+        client.send_to(&[7u8; 8], to).unwrap();
+        let mut batch = RecvBatch::new(4, 8);
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let n = recv_some(&mut batch, &listener);
+            got.extend((0..n).map(|i| (batch.get(i).data.len(), batch.get(i).truncated)));
+        }
+        assert_eq!(got, vec![(8, true), (8, false)]);
+    }
+
+    /// A connected upstream socket reports the real length of a reply and ECONNREFUSED when
+    /// nothing listens.
+    #[test]
+    fn upstream_socket_reports_real_length_and_refusal() {
+        let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let up = upstream_socket(backend.local_addr().unwrap(), true, None, None).unwrap();
+        send(up.as_fd(), b"hello").unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = backend.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        backend.send_to(&[1u8; 12], from).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut small = [0u8; 4];
+        let (len, source) = loop {
+            match recv_from(up.as_fd(), &mut small) {
+                Ok(r) => break r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!((len, source), (12, backend.local_addr().unwrap()));
+
+        let gone = backend.local_addr().unwrap();
+        drop(backend);
+        let up = upstream_socket(gone, true, None, None).unwrap();
+        send(up.as_fd(), b"anyone?").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match recv_from(up.as_fd(), &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                other => panic!("expected ECONNREFUSED, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn batch_flush_sends_in_order_and_reports_refusals() {
+        let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let sender =
+            bind_listener("127.0.0.1:0".parse().unwrap(), &ListenerOptions::default()).unwrap();
+        let mut batch = SendBatch::new(4, 8);
+        for i in 0..4u8 {
+            assert!(batch.push(&[i; 3], sink.local_addr().unwrap(), None));
+        }
+        assert!(batch.is_full() && batch.next_slot().is_none());
+        assert!(!batch.push(b"x", sink.local_addr().unwrap(), None));
+        assert_eq!(batch.flush(sender.as_fd()).sent, 4);
+        assert!(batch.is_empty());
+        let mut buf = [0u8; 8];
+        for i in 0..4u8 {
+            let n = sink.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], &[i; 3]);
+        }
+        // A v6 destination on a v4 socket is refused by the kernel: counted, not fatal.
+        assert!(batch.push(b"bad", "[::1]:9".parse().unwrap(), None));
+        assert!(batch.push(b"ok", sink.local_addr().unwrap(), None));
+        let outcome = batch.flush(sender.as_fd());
+        assert_eq!((outcome.sent, outcome.failed), (1, 1));
+        assert!(outcome.last_error.is_some());
+    }
+
+    #[test]
+    fn nofile_limit_is_at_least_the_old_soft_limit() {
+        let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert!(raise_nofile_limit().unwrap() >= soft);
+    }
+}
