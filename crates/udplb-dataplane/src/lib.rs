@@ -1,14 +1,147 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! udplb's data plane: worker threads that move datagrams between clients and backends.
+//!
+//! Owns: the worker threads ([`Dataplane`]), their sockets (one `SO_REUSEPORT` listener socket
+//! per listener per worker, one upstream socket per flow), their flow tables, and the per-worker
+//! counters ([`stats`]). Each worker is an independent event loop (mio/epoll) that reads the
+//! current [`Snapshot`] once per turn and shares nothing mutable with the others on the
+//! per-datagram path: the kernel spreads clients over workers by `SO_REUSEPORT` hashing, and
+//! replies come back on the flow's own upstream socket, owned by the same worker.
+//! Must not: parse configuration, run health checks, serve the admin API or block on locks per
+//! datagram (the only lock is the client-IP affinity table, taken when a flow opens or closes
+//! on a listener with `affinity = "ip"`).
+#![forbid(unsafe_code)]
+
+pub mod stats;
+mod worker;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+use udplb_core::Affinity;
+use udplb_core::affinity::StickyTable;
+use udplb_core::snapshot::Snapshot;
+use udplb_sys::socket::{ListenerOptions, bind_listener};
+
+pub use stats::{ListenerTotals, WorkerStats};
+
+/// Socket buffer size asked for listener sockets (the kernel may grant less; as root udplb
+/// forces it). Large enough to absorb bursts while a worker is busy.
+pub const LISTENER_SOCKET_BUFFER: usize = 4 << 20;
+
+/// How the data plane is run.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// Number of worker threads (at least 1).
+    pub workers: usize,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The running worker threads.
+pub struct Dataplane {
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    wakers: Vec<Arc<mio::Waker>>,
+    stats: Vec<Arc<WorkerStats>>,
+    listener_addrs: Vec<SocketAddr>,
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl Dataplane {
+    /// Binds every listener of the current snapshot once per worker and starts the workers.
+    /// Binding errors are returned before any worker starts.
+    pub fn start(shared: Arc<ArcSwap<Snapshot>>, opts: &DataplaneOptions) -> io::Result<Dataplane> {
+        let snapshot = shared.load_full();
+        let workers = opts.workers.max(1);
+        let sticky: Vec<Option<Arc<Mutex<StickyTable>>>> = snapshot
+            .listeners
+            .iter()
+            .map(|l| {
+                (l.affinity == Affinity::Ip).then(|| {
+                    Arc::new(Mutex::new(StickyTable::new(
+                        l.max_flows as usize,
+                        l.idle_timeout,
+                    )))
+                })
+            })
+            .collect();
+        let listener_opts = ListenerOptions {
+            reuse_port: true,
+            recv_buffer: Some(LISTENER_SOCKET_BUFFER),
+            send_buffer: Some(LISTENER_SOCKET_BUFFER),
+        };
+        // Worker 0 binds first; the others bind the address it got (so port 0 works).
+        let mut listener_addrs: Vec<SocketAddr> =
+            snapshot.listeners.iter().map(|l| l.address).collect();
+        let mut sockets_per_worker = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let mut sockets = Vec::with_capacity(listener_addrs.len());
+            for addr in listener_addrs.iter_mut() {
+                let socket = bind_listener(*addr, &listener_opts).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot bind listener {addr}: {e}"))
+                })?;
+                *addr = socket.local_addr()?;
+                sockets.push(socket);
+            }
+            sockets_per_worker.push(sockets);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(workers);
+        let mut wakers = Vec::with_capacity(workers);
+        let mut stats = Vec::with_capacity(workers);
+        for (id, sockets) in sockets_per_worker.into_iter().enumerate() {
+            let worker_stats = Arc::new(WorkerStats::new(sockets.len()));
+            let worker = worker::Worker::new(worker::WorkerSetup {
+                id,
+                workers,
+                listeners: sockets,
+                shared: Arc::clone(&shared),
+                stats: Arc::clone(&worker_stats),
+                stop: Arc::clone(&stop),
+                sticky: sticky.clone(),
+            })?;
+            wakers.push(worker.waker());
+            stats.push(worker_stats);
+            let thread = std::thread::Builder::new()
+                .name(format!("udplb-worker-{id}"))
+                .spawn(move || worker.run())?;
+            threads.push(thread);
+        }
+        Ok(Dataplane {
+            threads,
+            stop,
+            wakers,
+            stats,
+            listener_addrs,
+        })
+    }
+
+    /// The addresses the listeners are bound to, in snapshot order.
+    pub fn listener_addrs(&self) -> &[SocketAddr] {
+        &self.listener_addrs
+    }
+
+    /// Every worker's counters.
+    pub fn stats(&self) -> &[Arc<WorkerStats>] {
+        &self.stats
+    }
+
+    /// Wakes every worker so it notices a new snapshot at once rather than at its next turn.
+    pub fn notify_snapshot(&self) {
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+    }
+
+    /// Stops the workers (their flows are closed) and waits for them.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        for w in &self.wakers {
+            let _ = w.wake();
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
     }
 }

@@ -1,0 +1,157 @@
+//! Counters written by one worker and read by anyone.
+//!
+//! Owns: [`WorkerStats`], one per worker, with per-listener datagram, byte and drop counters
+//! and flow-table figures. Each counter has exactly one writer (its worker), which updates it
+//! with a relaxed load and store, a plain `mov` on x86: no locked instruction and no shared
+//! cache line per datagram. Readers (metrics, status, tests) sum the workers at scrape time.
+//! Must not: be written by two threads (the single-writer rule is what makes the cheap update
+//! correct).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use udplb_core::DropReason;
+use udplb_core::verdict::CloseReason;
+
+/// A counter with a single writer.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning worker may call this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(
+            self.0.load(Ordering::Relaxed).wrapping_add(n),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Sets the value (gauges). Only the owning worker may call this.
+    #[inline]
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of one listener on one worker.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Datagrams received from clients.
+    pub datagrams_in: Counter,
+    /// Bytes received from clients.
+    pub bytes_in: Counter,
+    /// Datagrams sent to backends.
+    pub forwarded: Counter,
+    /// Bytes sent to backends.
+    pub bytes_forwarded: Counter,
+    /// Replies received from backends.
+    pub replies_in: Counter,
+    /// Replies sent to clients.
+    pub replies_out: Counter,
+    /// Bytes of replies sent to clients.
+    pub bytes_out: Counter,
+    /// Dropped datagrams, by [`DropReason`].
+    pub drops: [Counter; DropReason::COUNT],
+    /// Flows created.
+    pub flows_created: Counter,
+    /// Flows closed, by [`CloseReason`].
+    pub flows_closed: [Counter; CloseReason::COUNT],
+    /// Live flows (gauge).
+    pub flows_live: Counter,
+    /// Datagrams refused by a backend (ICMP port unreachable seen as ECONNREFUSED).
+    pub backend_refused: Counter,
+}
+
+impl ListenerStats {
+    /// Counts a dropped datagram.
+    #[inline]
+    pub fn drop(&self, reason: DropReason) {
+        self.drops[reason.index()].add(1);
+    }
+}
+
+/// Counters of one worker.
+#[derive(Debug)]
+pub struct WorkerStats {
+    /// Per listener, indexed like the snapshot's listeners.
+    pub listeners: Vec<ListenerStats>,
+    /// Datagrams the kernel dropped on this worker's listener sockets (SO_RXQ_OVFL).
+    pub rxq_overflow: Counter,
+    /// Event-loop turns.
+    pub turns: Counter,
+}
+
+impl WorkerStats {
+    /// Zeroed counters for `listeners` listeners.
+    pub fn new(listeners: usize) -> Self {
+        WorkerStats {
+            listeners: (0..listeners).map(|_| ListenerStats::default()).collect(),
+            rxq_overflow: Counter::default(),
+            turns: Counter::default(),
+        }
+    }
+}
+
+/// A plain sum of the counters of one listener over every worker.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenerTotals {
+    /// See [`ListenerStats::datagrams_in`].
+    pub datagrams_in: u64,
+    /// See [`ListenerStats::bytes_in`].
+    pub bytes_in: u64,
+    /// See [`ListenerStats::forwarded`].
+    pub forwarded: u64,
+    /// See [`ListenerStats::bytes_forwarded`].
+    pub bytes_forwarded: u64,
+    /// See [`ListenerStats::replies_in`].
+    pub replies_in: u64,
+    /// See [`ListenerStats::replies_out`].
+    pub replies_out: u64,
+    /// See [`ListenerStats::bytes_out`].
+    pub bytes_out: u64,
+    /// See [`ListenerStats::drops`].
+    pub drops: [u64; DropReason::COUNT],
+    /// See [`ListenerStats::flows_created`].
+    pub flows_created: u64,
+    /// See [`ListenerStats::flows_closed`].
+    pub flows_closed: [u64; CloseReason::COUNT],
+    /// See [`ListenerStats::flows_live`].
+    pub flows_live: u64,
+    /// See [`ListenerStats::backend_refused`].
+    pub backend_refused: u64,
+}
+
+impl ListenerTotals {
+    /// Sums listener `listener` over `workers`.
+    pub fn sum(workers: &[std::sync::Arc<WorkerStats>], listener: usize) -> Self {
+        let mut t = ListenerTotals::default();
+        for w in workers {
+            let Some(l) = w.listeners.get(listener) else {
+                continue;
+            };
+            t.datagrams_in += l.datagrams_in.get();
+            t.bytes_in += l.bytes_in.get();
+            t.forwarded += l.forwarded.get();
+            t.bytes_forwarded += l.bytes_forwarded.get();
+            t.replies_in += l.replies_in.get();
+            t.replies_out += l.replies_out.get();
+            t.bytes_out += l.bytes_out.get();
+            for (sum, c) in t.drops.iter_mut().zip(&l.drops) {
+                *sum += c.get();
+            }
+            t.flows_created += l.flows_created.get();
+            for (sum, c) in t.flows_closed.iter_mut().zip(&l.flows_closed) {
+                *sum += c.get();
+            }
+            t.flows_live += l.flows_live.get();
+            t.backend_refused += l.backend_refused.get();
+        }
+        t
+    }
+}

@@ -1,0 +1,682 @@
+//! One worker: an event loop over its listener sockets and its flows' upstream sockets.
+//!
+//! Owns: a flow table, the upstream socket of each of its flows, per-pool scheduler cursors,
+//! a receive batch and one reply batch per listener.
+//!
+//! A turn: wait for readiness (at most until the next flow deadline); load the snapshot if it
+//! changed; forward client datagrams from each readable listener (`recvmmsg`, at most
+//! [`LISTENER_BATCHES_PER_TURN`] batches so one busy listener cannot starve replies or timers);
+//! relay replies from each readable upstream socket into the listener's reply batch (at most
+//! [`REPLIES_PER_FLOW_PER_TURN`] per flow); send the reply batches (`sendmmsg`); expire idle
+//! flows. Work left over by a budget is resumed next turn without sleeping.
+//!
+//! Must not: allocate, lock or log per datagram. Errors on the data path are counted as
+//! [`DropReason`]s; logs are rate-limited.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use udplb_core::affinity::StickyTable;
+use udplb_core::flow::{FlowHandle, FlowKey, FlowTable, ReplyOutcome};
+use udplb_core::hash::ClientKey;
+use udplb_core::sched::{Cursor, PickInput, pick};
+use udplb_core::snapshot::{ListenerSpec, Pool, Snapshot};
+use udplb_core::verdict::CloseReason;
+use udplb_core::{DropReason, SessionMode, Time};
+use udplb_sys::batch::{RecvBatch, RecvMeta, SendBatch};
+
+use crate::stats::WorkerStats;
+
+/// Datagrams per `recvmmsg`/`sendmmsg`.
+const BATCH: usize = 64;
+/// Receive batches per listener per turn.
+const LISTENER_BATCHES_PER_TURN: usize = 8;
+/// Replies read from one upstream socket per turn.
+const REPLIES_PER_FLOW_PER_TURN: usize = 32;
+/// Longest sleep when no timer is due (bounds how late a stop or snapshot is noticed).
+const MAX_SLEEP: Duration = Duration::from_millis(250);
+/// Minimum interval between two log lines about the same kind of I/O trouble.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Token of the waker. Listener tokens count down from just below it; flow tokens are
+/// [`FlowHandle::to_u64`], whose slot half never comes near these values.
+const WAKER: Token = Token(usize::MAX);
+
+fn listener_token(i: usize) -> Token {
+    Token(usize::MAX - 1 - i)
+}
+
+fn listener_of_token(t: Token, listeners: usize) -> Option<usize> {
+    let i = usize::MAX.checked_sub(t.0)?.checked_sub(1)?;
+    (i < listeners).then_some(i)
+}
+
+/// What a worker is built from.
+pub(crate) struct WorkerSetup {
+    pub id: usize,
+    pub workers: usize,
+    pub listeners: Vec<UdpSocket>,
+    pub shared: Arc<ArcSwap<Snapshot>>,
+    pub stats: Arc<WorkerStats>,
+    pub stop: Arc<AtomicBool>,
+    pub sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
+}
+
+/// A listener socket of this worker and its queue of replies.
+struct ListenerIo {
+    socket: UdpSocket,
+    replies: SendBatch,
+    /// Bound to 0.0.0.0 or [::]: replies need an explicit source address.
+    wildcard: bool,
+    /// Not yet drained since the last readiness event.
+    readable: bool,
+}
+
+/// The I/O half of a flow: its upstream socket (connected to the backend, except in datagram
+/// mode where each datagram may go to another backend).
+#[derive(Debug)]
+pub(crate) struct Upstream {
+    socket: UdpSocket,
+}
+
+/// A worker thread's state.
+pub(crate) struct Worker {
+    id: usize,
+    workers: usize,
+    poll: Poll,
+    waker: Arc<Waker>,
+    listeners: Vec<ListenerIo>,
+    table: FlowTable<Upstream>,
+    cursors: Vec<Cursor>,
+    shared: Arc<ArcSwap<Snapshot>>,
+    snap: Arc<Snapshot>,
+    stats: Arc<WorkerStats>,
+    stop: Arc<AtomicBool>,
+    sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
+    epoch: Instant,
+    rng: u64,
+    log: RateLimitedLog,
+}
+
+impl Worker {
+    pub(crate) fn new(setup: WorkerSetup) -> io::Result<Worker> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let snap = setup.shared.load_full();
+        let mut listeners = Vec::with_capacity(setup.listeners.len());
+        for (i, socket) in setup.listeners.into_iter().enumerate() {
+            let fd = socket.as_raw_fd();
+            poll.registry()
+                .register(&mut SourceFd(&fd), listener_token(i), Interest::READABLE)?;
+            let spec = &snap.listeners[i];
+            listeners.push(ListenerIo {
+                socket,
+                replies: SendBatch::new(BATCH, spec.max_datagram_size + 1),
+                wildcard: spec.address.ip().is_unspecified(),
+                readable: true,
+            });
+        }
+        let mut worker = Worker {
+            id: setup.id,
+            workers: setup.workers,
+            poll,
+            waker,
+            listeners,
+            table: FlowTable::new(),
+            cursors: Vec::new(),
+            shared: setup.shared,
+            snap,
+            stats: setup.stats,
+            stop: setup.stop,
+            sticky: setup.sticky,
+            epoch: Instant::now(),
+            rng: seed(setup.id),
+            log: RateLimitedLog::default(),
+        };
+        worker.apply_snapshot();
+        Ok(worker)
+    }
+
+    pub(crate) fn waker(&self) -> Arc<Waker> {
+        Arc::clone(&self.waker)
+    }
+
+    pub(crate) fn run(mut self) {
+        let max_datagram = self
+            .snap
+            .listeners
+            .iter()
+            .map(|l| l.max_datagram_size)
+            .max()
+            .unwrap_or(0);
+        let mut recv = RecvBatch::new(BATCH, max_datagram + 1);
+        let mut events = Events::with_capacity(1024);
+        let mut ready: Vec<FlowHandle> = Vec::with_capacity(1024);
+        let mut again: Vec<FlowHandle> = Vec::with_capacity(1024);
+        while !self.stop.load(Ordering::Acquire) {
+            let busy = !ready.is_empty() || self.listeners.iter().any(|l| l.readable);
+            let timeout = if busy {
+                Duration::ZERO
+            } else {
+                self.sleep_budget()
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    self.log.warn("poll", &e);
+                }
+                continue;
+            }
+            self.stats.turns.add(1);
+            self.refresh_snapshot();
+            for ev in events.iter() {
+                let t = ev.token();
+                if t == WAKER {
+                    continue;
+                }
+                match listener_of_token(t, self.listeners.len()) {
+                    Some(i) => self.listeners[i].readable = true,
+                    None => ready.push(FlowHandle::from_u64(t.0 as u64)),
+                }
+            }
+            let now = self.now();
+            // One reference count per turn, not per datagram: the count is shared by all
+            // workers, and touching it per datagram would bounce its cache line between cores.
+            let snap = Arc::clone(&self.snap);
+            for li in 0..self.listeners.len() {
+                if self.listeners[li].readable {
+                    self.forward_from_listener(li, &snap, &mut recv, now);
+                }
+            }
+            again.clear();
+            for &h in &ready {
+                if !self.relay_replies(&snap, h, now) {
+                    again.push(h);
+                }
+            }
+            std::mem::swap(&mut ready, &mut again);
+            self.flush_all_replies();
+            self.expire_idle(now);
+            self.publish_gauges();
+        }
+        self.shutdown();
+    }
+
+    /// Milliseconds since this worker started: the core's clock.
+    #[inline]
+    fn now(&self) -> Time {
+        Time(self.epoch.elapsed().as_millis() as u64)
+    }
+
+    /// How long the loop may sleep: until the next flow deadline, at most [`MAX_SLEEP`].
+    fn sleep_budget(&self) -> Duration {
+        match self.table.next_deadline() {
+            Some(deadline) => deadline
+                .since(self.now())
+                .clamp(Duration::from_millis(1), MAX_SLEEP),
+            None => MAX_SLEEP,
+        }
+    }
+
+    /// Picks up a newly published snapshot (one atomic load per turn).
+    fn refresh_snapshot(&mut self) {
+        if self.shared.load().generation != self.snap.generation {
+            self.snap = self.shared.load_full();
+            self.apply_snapshot();
+        }
+    }
+
+    fn apply_snapshot(&mut self) {
+        // Listeners are bound when the data plane starts; a snapshot with another listener set
+        // is applied only to the listeners this worker has.
+        let workers = self.workers as u32;
+        let caps: Vec<u32> = self
+            .snap
+            .listeners
+            .iter()
+            .take(self.listeners.len())
+            .map(|l| l.max_flows.div_ceil(workers))
+            .collect();
+        self.table.set_caps(&caps);
+        self.cursors
+            .resize_with(self.snap.pools.len(), Cursor::default);
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Reads up to [`LISTENER_BATCHES_PER_TURN`] batches from listener `li` and forwards them.
+    fn forward_from_listener(
+        &mut self,
+        li: usize,
+        snap: &Snapshot,
+        recv: &mut RecvBatch,
+        now: Time,
+    ) {
+        for _ in 0..LISTENER_BATCHES_PER_TURN {
+            match recv.recv(self.listeners[li].socket.as_fd()) {
+                Ok(n) => {
+                    for i in 0..n {
+                        self.forward_one(li, snap, recv.get(i), now);
+                    }
+                }
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        self.log.warn("listener receive", &e);
+                    }
+                    self.listeners[li].readable = false;
+                    break;
+                }
+            }
+        }
+        if let Some(overflow) = recv.rxq_overflow() {
+            // SO_RXQ_OVFL reports the socket's running total; keep the largest seen.
+            if u64::from(overflow) > self.stats.rxq_overflow.get() {
+                self.stats.rxq_overflow.set(u64::from(overflow));
+            }
+        }
+    }
+
+    /// Forwards datagram `i` of `recv`, received on listener `li`, or counts why not.
+    #[inline]
+    fn forward_one(&mut self, li: usize, snap: &Snapshot, d: RecvMeta<'_>, now: Time) {
+        let spec = &snap.listeners[li];
+        let stats = &self.stats.listeners[li];
+        stats.datagrams_in.add(1);
+        stats.bytes_in.add(d.data.len() as u64);
+        if d.data.is_empty() {
+            return stats.drop(DropReason::Empty);
+        }
+        if d.truncated || d.data.len() > spec.max_datagram_size {
+            return stats.drop(DropReason::Oversize);
+        }
+        let local = if self.listeners[li].wildcard {
+            d.local
+        } else {
+            None
+        };
+        let key = FlowKey {
+            listener: li as u16,
+            client: d.source,
+            local,
+        };
+        let h = match self.table.find(&key) {
+            Some(h) => h,
+            None => match self.admit(key, spec, snap, now) {
+                Ok(h) => h,
+                Err(reason) => return self.stats.listeners[li].drop(reason),
+            },
+        };
+        let sent = match spec.mode {
+            SessionMode::Datagram => self.send_scheduled(h, spec, snap, d.data),
+            SessionMode::Flow | SessionMode::RequestResponse { .. } => {
+                self.send_on_flow(h, li, snap, d.data)
+            }
+        };
+        let stats = &self.stats.listeners[li];
+        match sent {
+            Ok(()) => {
+                stats.forwarded.add(1);
+                stats.bytes_forwarded.add(d.data.len() as u64);
+                let responses = match spec.mode {
+                    SessionMode::RequestResponse { responses } => responses,
+                    _ => 0,
+                };
+                self.table.on_request(h, now, responses);
+            }
+            Err(reason) => stats.drop(reason),
+        }
+    }
+
+    /// Creates a flow for `key`: cap, backend choice, upstream socket, registration.
+    fn admit(
+        &mut self,
+        key: FlowKey,
+        spec: &ListenerSpec,
+        snap: &Snapshot,
+        now: Time,
+    ) -> Result<FlowHandle, DropReason> {
+        if !self.table.has_room(key.listener) {
+            return Err(DropReason::FlowCap);
+        }
+        let li = key.listener as usize;
+        let pool = &snap.pools[spec.pool];
+        let idx = self
+            .choose_backend(li, spec, pool, &key.client, snap.generation)
+            .ok_or(DropReason::NoBackend)?;
+        let backend = &pool.backends[idx];
+        let connect = spec.mode != SessionMode::Datagram;
+        let socket =
+            match udplb_sys::socket::upstream_socket(backend.spec.addr, connect, None, None) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.log
+                        .warn("opening an upstream socket (new flows are shed)", &e);
+                    return Err(DropReason::UpstreamSocket);
+                }
+            };
+        let fd = socket.as_raw_fd();
+        let h = self.table.insert(
+            key,
+            (backend.id, backend.spec.addr),
+            snap.generation,
+            now,
+            spec.idle_timeout,
+            Upstream { socket },
+        );
+        let token = Token(h.to_u64() as usize);
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)
+        {
+            self.log
+                .warn("registering an upstream socket (new flows are shed)", &e);
+            self.close_flow(h, CloseReason::Error, now);
+            return Err(DropReason::UpstreamSocket);
+        }
+        self.stats.listeners[li].flows_created.add(1);
+        if let Some(sticky) = &self.sticky[li] {
+            let mut table = sticky.lock().unwrap_or_else(|p| p.into_inner());
+            table.acquire(key.client.ip(), backend.id, now);
+        }
+        Ok(h)
+    }
+
+    /// The backend index in `pool` for a new flow of `client` on listener `li`.
+    fn choose_backend(
+        &mut self,
+        li: usize,
+        spec: &ListenerSpec,
+        pool: &Pool,
+        client: &SocketAddr,
+        generation: u64,
+    ) -> Option<usize> {
+        if let Some(sticky) = &self.sticky[li] {
+            let stuck = sticky
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .backend_of(client.ip());
+            if let Some(i) = stuck.and_then(|id| pool.position_of_id(id))
+                && pool.backends[i].takes_new_flows()
+            {
+                return Some(i);
+            }
+        }
+        let key = if pool.scheduler.is_consistent_hash() {
+            ClientKey::of(client, spec.affinity)
+        } else {
+            ClientKey(0)
+        };
+        let random = self.next_random();
+        let input = PickInput {
+            key,
+            random,
+            load: self.table.load(),
+        };
+        pick(pool, generation, &mut self.cursors[spec.pool], input)
+    }
+
+    /// Flow and request-response modes: sends on the flow's connected socket, moving the flow
+    /// first if its backend no longer keeps flows.
+    #[inline]
+    fn send_on_flow(
+        &mut self,
+        h: FlowHandle,
+        li: usize,
+        snap: &Snapshot,
+        data: &[u8],
+    ) -> Result<(), DropReason> {
+        let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        if flow.checked_generation != snap.generation {
+            self.revalidate(h, li, snap)?;
+        }
+        let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        match udplb_sys::batch::send(flow.io.socket.as_fd(), data) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.on_send_error(h, li, &e)),
+        }
+    }
+
+    /// Datagram mode: schedules this datagram on its own and sends it from the client's
+    /// (unconnected) upstream socket.
+    #[inline]
+    fn send_scheduled(
+        &mut self,
+        h: FlowHandle,
+        spec: &ListenerSpec,
+        snap: &Snapshot,
+        data: &[u8],
+    ) -> Result<(), DropReason> {
+        let li = self.table.get(h).ok_or(DropReason::SendError)?.key.listener as usize;
+        let client = self.table.get(h).ok_or(DropReason::SendError)?.key.client;
+        let pool = &snap.pools[spec.pool];
+        let idx = self
+            .choose_backend(li, spec, pool, &client, snap.generation)
+            .ok_or(DropReason::NoBackend)?;
+        let dest = pool.backends[idx].spec.addr;
+        let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        match udplb_sys::batch::send_to(flow.io.socket.as_fd(), data, dest) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.on_send_error(h, li, &e)),
+        }
+    }
+
+    /// After a snapshot change: keeps the flow on its backend if that backend still keeps
+    /// flows, else moves it to a new pick (its socket is re-connected).
+    fn revalidate(&mut self, h: FlowHandle, li: usize, snap: &Snapshot) -> Result<(), DropReason> {
+        let spec = &snap.listeners[li];
+        let pool = &snap.pools[spec.pool];
+        let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        let (backend, client) = (flow.backend, flow.key.client);
+        if pool
+            .position_of_id(backend)
+            .is_some_and(|i| pool.backends[i].keeps_flows())
+        {
+            if let Some(f) = self.table.get_mut(h) {
+                f.checked_generation = snap.generation;
+            }
+            return Ok(());
+        }
+        let idx = self
+            .choose_backend(li, spec, pool, &client, snap.generation)
+            .ok_or(DropReason::NoBackend)?;
+        let b = &pool.backends[idx];
+        let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        if let Err(e) = flow.io.socket.connect(b.spec.addr) {
+            self.log.warn("re-connecting a moved flow", &e);
+            return Err(DropReason::SendError);
+        }
+        self.table.rebind(h, (b.id, b.spec.addr), snap.generation);
+        Ok(())
+    }
+
+    /// Counts a failed send; a refused one (ICMP port unreachable) closes the flow so its next
+    /// datagram is scheduled afresh.
+    fn on_send_error(&mut self, h: FlowHandle, li: usize, e: &io::Error) -> DropReason {
+        if e.kind() == io::ErrorKind::ConnectionRefused {
+            self.stats.listeners[li].backend_refused.add(1);
+            let now = self.now();
+            self.close_flow(h, CloseReason::Error, now);
+        }
+        DropReason::SendError
+    }
+
+    /// Reads replies from flow `h`'s upstream socket into its listener's reply batch. Returns
+    /// whether the socket was drained (false: budget or reply queue ran out; resume next turn).
+    fn relay_replies(&mut self, snap: &Snapshot, h: FlowHandle, now: Time) -> bool {
+        let Some(flow) = self.table.get(h) else {
+            return true;
+        };
+        let key = flow.key;
+        let li = key.listener as usize;
+        let spec = &snap.listeners[li];
+        let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
+        let check_source = spec.mode == SessionMode::Datagram;
+        for _ in 0..REPLIES_PER_FLOW_PER_TURN {
+            let lio = &mut self.listeners[li];
+            if lio.replies.is_full() {
+                flush_replies(lio, &self.stats, li, &mut self.log);
+                if lio.replies.is_full() {
+                    return false;
+                }
+            }
+            let Some(flow) = self.table.get(h) else {
+                return true;
+            };
+            let slot = lio.replies.next_slot().expect("checked not full");
+            let received = udplb_sys::batch::recv_from(flow.io.socket.as_fd(), slot);
+            let stats = &self.stats.listeners[li];
+            match received {
+                Ok((len, source)) => {
+                    stats.replies_in.add(1);
+                    if check_source && snap.pools[spec.pool].position(&source).is_none() {
+                        stats.drop(DropReason::UnknownSource);
+                        continue;
+                    }
+                    if len > spec.max_datagram_size {
+                        stats.drop(DropReason::ReplyOversize);
+                        continue;
+                    }
+                    lio.replies.commit(len, key.client, key.local);
+                    stats.bytes_out.add(len as u64);
+                    if self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete {
+                        self.close_flow(h, CloseReason::Completed, now);
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::ConnectionRefused {
+                        stats.backend_refused.add(1);
+                    } else {
+                        self.log.warn("upstream receive", &e);
+                    }
+                    self.close_flow(h, CloseReason::Error, now);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    fn flush_all_replies(&mut self) {
+        for (li, lio) in self.listeners.iter_mut().enumerate() {
+            if !lio.replies.is_empty() {
+                flush_replies(lio, &self.stats, li, &mut self.log);
+            }
+        }
+    }
+
+    /// The one path by which a flow ends: counters, affinity, and its socket closed (closing
+    /// the descriptor also removes it from epoll).
+    fn close_flow(&mut self, h: FlowHandle, reason: CloseReason, now: Time) {
+        if let Some(flow) = self.table.close(h, reason) {
+            self.on_closed(&flow.key, reason, now);
+        }
+    }
+
+    fn on_closed(&self, key: &FlowKey, reason: CloseReason, now: Time) {
+        let li = key.listener as usize;
+        self.stats.listeners[li].flows_closed[reason.index()].add(1);
+        if let Some(sticky) = &self.sticky[li] {
+            sticky
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release(key.client.ip(), now);
+        }
+    }
+
+    fn expire_idle(&mut self, now: Time) {
+        let mut closed: Vec<FlowKey> = Vec::new();
+        self.table.expire(now, |_, flow| closed.push(flow.key));
+        for key in &closed {
+            self.on_closed(key, CloseReason::Idle, now);
+        }
+        if !closed.is_empty() {
+            for sticky in self.sticky.iter().flatten() {
+                sticky.lock().unwrap_or_else(|p| p.into_inner()).expire(now);
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        for (li, stats) in self.stats.listeners.iter().enumerate() {
+            stats
+                .flows_live
+                .set(u64::from(self.table.live_of(li as u16)));
+        }
+    }
+
+    fn shutdown(mut self) {
+        self.flush_all_replies();
+        let now = self.now();
+        let mut closed = Vec::new();
+        self.table
+            .drain_all(CloseReason::Shutdown, |_, flow| closed.push(flow.key));
+        for key in &closed {
+            self.on_closed(key, CloseReason::Shutdown, now);
+        }
+        self.publish_gauges();
+        tracing::debug!(worker = self.id, "worker stopped");
+    }
+}
+
+/// Sends a listener's queued replies and counts the outcome.
+fn flush_replies(lio: &mut ListenerIo, stats: &WorkerStats, li: usize, log: &mut RateLimitedLog) {
+    let outcome = lio.replies.flush(lio.socket.as_fd());
+    let s = &stats.listeners[li];
+    s.replies_out.add(outcome.sent as u64);
+    if outcome.failed > 0 {
+        s.drops[DropReason::ReplySendError.index()].add(outcome.failed as u64);
+    }
+    if outcome.blocked {
+        // The socket's send buffer is full: drop what is queued rather than stall the loop.
+        s.drops[DropReason::ReplySendError.index()].add(lio.replies.len() as u64);
+        lio.replies.clear();
+    }
+    if let Some(e) = outcome.last_error {
+        log.warn("sending replies", &e);
+    }
+}
+
+/// A per-worker seed for the scheduler's random numbers (not security-relevant).
+fn seed(id: usize) -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(id) | 1
+}
+
+/// Logs a warning at most once per [`LOG_INTERVAL`] per kind, with the count of suppressed ones.
+#[derive(Default)]
+struct RateLimitedLog {
+    last: Vec<(&'static str, Instant, u64)>,
+}
+
+impl RateLimitedLog {
+    fn warn(&mut self, what: &'static str, e: &io::Error) {
+        let now = Instant::now();
+        match self.last.iter_mut().find(|(w, _, _)| *w == what) {
+            Some((_, at, suppressed)) if now.duration_since(*at) < LOG_INTERVAL => *suppressed += 1,
+            Some((_, at, suppressed)) => {
+                tracing::warn!(error = %e, suppressed = *suppressed, "{what}");
+                *at = now;
+                *suppressed = 0;
+            }
+            None => {
+                tracing::warn!(error = %e, "{what}");
+                self.last.push((what, now, 0));
+            }
+        }
+    }
+}
