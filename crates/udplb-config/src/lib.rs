@@ -1,14 +1,21 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! udplb's configuration: a TOML file (or the one-liner's arguments) turned into a validated
+//! [`Config`].
+//!
+//! Owns: the file format ([`parse`], [`load`]), the model ([`model`]), the defaults
+//! ([`defaults`]) and every rule a configuration must follow ([`Config::validate`]). Errors
+//! carry the file, line, column and dotted key path (`listeners.dns.address`), and all of them
+//! are reported at once.
+//!
+//! Must not: open sockets or touch anything beyond reading the file in [`load`]. Whether an
+//! address can really be bound is the data plane's business when it starts.
+#![forbid(unsafe_code)]
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod defaults;
+mod error;
+pub mod model;
+mod parse;
+mod rules;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use error::{ConfigError, ConfigErrors};
+pub use model::{Admin, BackendConfig, Config, ListenerConfig, PoolConfig, Runtime};
+pub use parse::{load, parse};

@@ -1,0 +1,24 @@
+//! Default values and accepted ranges of every tunable (documented in docs/config.md).
+
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+/// A flow closes after this long without a datagram in either direction.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Accepted idle timeouts.
+pub const IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(86_400);
+/// Flow cap of a listener (over all workers).
+pub const MAX_FLOWS: u32 = 65_536;
+/// Accepted flow caps.
+pub const MAX_FLOWS_RANGE: RangeInclusive<u32> = 1..=16_777_216;
+/// Largest datagram forwarded: the largest UDP payload over IPv4.
+pub const MAX_DATAGRAM_SIZE: usize = 65_507;
+/// Accepted datagram size limits.
+pub const MAX_DATAGRAM_SIZE_RANGE: RangeInclusive<usize> = 1..=65_507;
+/// Replies per request in request-response mode (DNS: 1).
+pub const RESPONSES: u32 = 1;
+/// Accepted replies per request.
+pub const RESPONSES_RANGE: RangeInclusive<u32> = 1..=1000;
+/// Accepted worker counts.
+pub const WORKERS_RANGE: RangeInclusive<usize> = 1..=1024;

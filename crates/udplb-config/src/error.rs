@@ -1,0 +1,83 @@
+//! Configuration errors: where (file, line, column, key path) and what.
+
+use std::fmt;
+
+/// One problem in a configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, as given to [`crate::load`] or [`crate::parse`].
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// Dotted key path, e.g. `listeners.dns.address`.
+    pub key: String,
+    /// What is wrong, and what would be right.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.column, self.key, self.message
+        )
+    }
+}
+
+/// Every problem found in a configuration, in file order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors {
+    /// The problems.
+    pub errors: Vec<ConfigError>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for e in &self.errors {
+            writeln!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Maps byte offsets of a source text to 1-based line and column.
+pub(crate) struct Lines<'a> {
+    src: &'a str,
+}
+
+impl<'a> Lines<'a> {
+    pub(crate) fn new(src: &'a str) -> Self {
+        Lines { src }
+    }
+
+    pub(crate) fn position(&self, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(self.src.len());
+        while !self.src.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let before = &self.src[..offset];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        (line, before[line_start..].chars().count() + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_one_based() {
+        let lines = Lines::new("ab\ncd\n\nxé");
+        assert_eq!(lines.position(0), (1, 1));
+        assert_eq!(lines.position(4), (2, 2));
+        assert_eq!(lines.position(7), (4, 1));
+        assert_eq!(lines.position(9), (4, 2)); // inside "é": rounded down
+        assert_eq!(lines.position(999), (4, 3));
+    }
+}

@@ -1,0 +1,561 @@
+//! The TOML reader: walks the parsed document with its spans, builds the [`Config`] and records
+//! where each key is, so that every error (of syntax, type or rule) names file, line and key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+use udplb_core::snapshot::AdminState;
+use udplb_core::{Affinity, BackendSpec, SchedulerKind, SessionMode};
+
+use crate::error::{ConfigError, ConfigErrors, Lines};
+use crate::model::{Admin, BackendConfig, Config, ListenerConfig, PoolConfig, Runtime};
+use crate::{defaults, rules};
+
+type Item<'i> = Spanned<DeValue<'i>>;
+
+const TOP_KEYS: &[&str] = &["runtime", "admin", "listeners", "pools"];
+const RUNTIME_KEYS: &[&str] = &["workers"];
+const ADMIN_KEYS: &[&str] = &["listen"];
+const LISTENER_KEYS: &[&str] = &[
+    "address",
+    "pool",
+    "mode",
+    "responses",
+    "affinity",
+    "idle_timeout",
+    "max_flows",
+    "max_datagram_size",
+];
+const POOL_KEYS: &[&str] = &["scheduler", "backends"];
+const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state"];
+
+/// Reads and parses the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(src) => parse(&src, &file),
+        Err(e) => Err(ConfigErrors {
+            errors: vec![ConfigError {
+                file,
+                line: 1,
+                column: 1,
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }],
+        }),
+    }
+}
+
+/// Parses configuration text; `file` names it in errors.
+pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let mut reader = Reader {
+        file,
+        lines: Lines::new(src),
+        errors: Vec::new(),
+        spans: HashMap::new(),
+        failed: Vec::new(),
+        suggested: Vec::new(),
+    };
+    let root = match DeTable::parse(src) {
+        Ok(root) => root,
+        Err(e) => {
+            reader.error_at(
+                e.span().unwrap_or(0..0),
+                "(syntax)",
+                e.message().trim_end().to_string(),
+            );
+            return Err(reader.into_errors());
+        }
+    };
+    let cfg = reader.config(root.get_ref());
+    for p in rules::check(&cfg) {
+        if !reader.is_consequence(&p) {
+            reader.error_key(&p.key, p.message);
+        }
+    }
+    if reader.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(reader.into_errors())
+    }
+}
+
+struct Reader<'a> {
+    file: &'a str,
+    lines: Lines<'a>,
+    errors: Vec<ConfigError>,
+    /// Where each key path read so far is, for errors found after reading.
+    spans: HashMap<String, Range<usize>>,
+    /// Tables (`listeners.NAME`, `pools.NAME`) that could not be read: rules about them would
+    /// only repeat the error already reported.
+    failed: Vec<String>,
+    /// Keys an unknown key looked like a misspelling of ("did you mean"); not reported missing.
+    suggested: Vec<String>,
+}
+
+impl Reader<'_> {
+    /// Whether a broken rule follows from an error already reported.
+    fn is_consequence(&self, p: &rules::Problem) -> bool {
+        let failed = |prefix: &str| self.failed.iter().any(|f| f.starts_with(prefix));
+        (p.key == "listeners" && failed("listeners."))
+            || p.refers_to
+                .as_ref()
+                .is_some_and(|t| self.failed.contains(t))
+    }
+
+    fn into_errors(mut self) -> ConfigErrors {
+        self.errors.sort_by_key(|e| (e.line, e.column));
+        ConfigErrors {
+            errors: self.errors,
+        }
+    }
+
+    fn error_at(&mut self, span: Range<usize>, key: &str, message: String) {
+        let (line, column) = self.lines.position(span.start);
+        self.errors.push(ConfigError {
+            file: self.file.into(),
+            line,
+            column,
+            key: key.into(),
+            message,
+        });
+    }
+
+    /// An error at the key path `key`, or at the closest enclosing key that was seen.
+    fn error_key(&mut self, key: &str, message: String) {
+        let mut probe = key;
+        let span = loop {
+            if let Some(span) = self.spans.get(probe) {
+                break span.clone();
+            }
+            match probe.rfind(['.', '[']) {
+                Some(i) => probe = &probe[..i],
+                None => break 0..0,
+            }
+        };
+        self.error_at(span, key, message);
+    }
+
+    fn config(&mut self, root: &DeTable<'_>) -> Config {
+        self.check_keys("", root, TOP_KEYS);
+        let runtime = self
+            .section(root, "runtime")
+            .map(|t| self.runtime(t))
+            .unwrap_or_default();
+        let admin = self.section(root, "admin").and_then(|t| self.admin(t));
+        let listeners = self.named_tables(root, "listeners", |r, key, name, t| {
+            r.listener(key, name, t)
+        });
+        let pools = self.named_tables(root, "pools", |r, key, name, t| r.pool(key, name, t));
+        Config {
+            runtime,
+            admin,
+            listeners,
+            pools,
+        }
+    }
+
+    fn runtime(&mut self, t: &DeTable<'_>) -> Runtime {
+        self.check_keys("runtime", t, RUNTIME_KEYS);
+        Runtime {
+            workers: self
+                .integer(t, "runtime", "workers")
+                .and_then(|w| self.convert("runtime.workers", t, "workers", w)),
+        }
+    }
+
+    fn admin(&mut self, t: &DeTable<'_>) -> Option<Admin> {
+        self.check_keys("admin", t, ADMIN_KEYS);
+        let listen = self.required(t, "admin", "listen", |r, key, v| r.address(key, v))?;
+        Some(Admin { listen })
+    }
+
+    fn listener(&mut self, key: &str, name: &str, t: &DeTable<'_>) -> Option<ListenerConfig> {
+        self.check_keys(key, t, LISTENER_KEYS);
+        let address = self.required(t, key, "address", |r, k, v| r.address(k, v));
+        let pool = self.required(t, key, "pool", |r, k, v| r.string(k, v).map(str::to_string));
+        let mode = self.optional(t, key, "mode", |r, k, v| r.named(k, v, parse_mode));
+        let responses = self
+            .integer(t, key, "responses")
+            .and_then(|n| self.convert(key, t, "responses", n));
+        let mut l = ListenerConfig::new(name.into(), address?, pool?);
+        l.mode = match (mode, responses) {
+            (Some(Mode::RequestResponse), r) => SessionMode::RequestResponse {
+                responses: r.unwrap_or(defaults::RESPONSES),
+            },
+            (Some(Mode::Datagram), r) => {
+                self.responses_only_with_request_response(key, r);
+                SessionMode::Datagram
+            }
+            (Some(Mode::Flow) | None, r) => {
+                self.responses_only_with_request_response(key, r);
+                SessionMode::Flow
+            }
+        };
+        if let Some(a) = self.optional(t, key, "affinity", |r, k, v| {
+            r.named(k, v, Affinity::from_str)
+        }) {
+            l.affinity = a;
+        }
+        if let Some(d) = self.optional(t, key, "idle_timeout", |r, k, v| r.duration(k, v)) {
+            l.idle_timeout = d;
+        }
+        if let Some(n) = self
+            .integer(t, key, "max_flows")
+            .and_then(|n| self.convert(key, t, "max_flows", n))
+        {
+            l.max_flows = n;
+        }
+        if let Some(n) = self
+            .integer(t, key, "max_datagram_size")
+            .and_then(|n| self.convert(key, t, "max_datagram_size", n))
+        {
+            l.max_datagram_size = n;
+        }
+        Some(l)
+    }
+
+    fn responses_only_with_request_response(&mut self, key: &str, responses: Option<u32>) {
+        if responses.is_some() {
+            self.error_key(
+                &format!("{key}.responses"),
+                "only applies to mode = \"request-response\"".into(),
+            );
+        }
+    }
+
+    fn pool(&mut self, key: &str, name: &str, t: &DeTable<'_>) -> Option<PoolConfig> {
+        self.check_keys(key, t, POOL_KEYS);
+        let scheduler = self
+            .optional(t, key, "scheduler", |r, k, v| {
+                r.named(k, v, SchedulerKind::from_str)
+            })
+            .unwrap_or_default();
+        let backends = self.required(t, key, "backends", |r, k, v| r.backends(k, v))?;
+        Some(PoolConfig {
+            name: name.into(),
+            scheduler,
+            backends,
+        })
+    }
+
+    fn backends(&mut self, key: &str, v: &Item<'_>) -> Option<Vec<BackendConfig>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            return self.wrong_type(key, v, "an array of backends");
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let bkey = format!("{key}[{i}]");
+            self.spans.insert(bkey.clone(), item.span());
+            if let Some(b) = self.backend(&bkey, item) {
+                out.push(b);
+            }
+        }
+        Some(out)
+    }
+
+    fn backend(&mut self, key: &str, v: &Item<'_>) -> Option<BackendConfig> {
+        match v.get_ref() {
+            DeValue::String(_) => {
+                self.spans.insert(format!("{key}.address"), v.span());
+                self.address(&format!("{key}.address"), v).map(|a| BackendSpec::new(a).into())
+            }
+            DeValue::Table(t) => self.backend_table(key, t),
+            _ => self.wrong_type(key, v, "\"ip:port\" or { address = \"ip:port\", weight = N, backup = BOOL, state = STATE }"),
+        }
+    }
+
+    fn backend_table(&mut self, key: &str, t: &DeTable<'_>) -> Option<BackendConfig> {
+        self.check_keys(key, t, BACKEND_KEYS);
+        let addr = self.required(t, key, "address", |r, k, v| r.address(k, v))?;
+        let mut spec = BackendSpec::new(addr);
+        if let Some(w) = self
+            .integer(t, key, "weight")
+            .and_then(|w| self.convert(key, t, "weight", w))
+        {
+            spec.weight = w;
+        }
+        if let Some(b) = self.optional(t, key, "backup", |r, k, v| r.boolean(k, v)) {
+            spec.backup = b;
+        }
+        let state = self
+            .optional(t, key, "state", |r, k, v| r.named(k, v, parse_state))
+            .unwrap_or_default();
+        Some(BackendConfig { spec, state })
+    }
+
+    // ---- tables and keys ----
+
+    /// Records the spans of `t`'s keys under `path` and reports keys not in `allowed`.
+    fn check_keys(&mut self, path: &str, t: &DeTable<'_>, allowed: &[&str]) {
+        for (k, _) in t.iter() {
+            let full = join(path, k.get_ref());
+            self.spans.insert(full.clone(), k.span());
+            if !allowed.contains(&k.get_ref().as_ref()) {
+                let mut msg = format!("unknown key {:?}", k.get_ref());
+                match closest(k.get_ref(), allowed).filter(|s| t.get(*s).is_none()) {
+                    Some(s) => {
+                        msg += &format!(" (did you mean {s:?}?)");
+                        self.suggested.push(join(path, s));
+                    }
+                    None => msg += &format!(" (expected one of: {})", allowed.join(", ")),
+                }
+                self.error_at(k.span(), &full, msg);
+            }
+        }
+    }
+
+    /// The table at top-level key `name`, if present and a table.
+    fn section<'t, 'i>(&mut self, root: &'t DeTable<'i>, name: &str) -> Option<&'t DeTable<'i>> {
+        let v = root.get(name)?;
+        match v.get_ref() {
+            DeValue::Table(t) => Some(t),
+            _ => self.wrong_type(name, v, "a table"),
+        }
+    }
+
+    /// `[section.NAME]` tables in file order, each read with `read`.
+    fn named_tables<T>(
+        &mut self,
+        root: &DeTable<'_>,
+        section: &str,
+        mut read: impl FnMut(&mut Self, &str, &str, &DeTable<'_>) -> Option<T>,
+    ) -> Vec<T> {
+        let Some(tables) = self.section(root, section) else {
+            return Vec::new();
+        };
+        let mut entries: Vec<_> = tables.iter().collect();
+        entries.sort_by_key(|(k, _)| k.span().start);
+        let mut out = Vec::with_capacity(entries.len());
+        for (name, v) in entries {
+            let key = join(section, name.get_ref());
+            self.spans.insert(key.clone(), name.span());
+            match v.get_ref() {
+                DeValue::Table(t) => match read(self, &key, name.get_ref(), t) {
+                    Some(x) => out.push(x),
+                    None => self.failed.push(key),
+                },
+                _ => {
+                    self.wrong_type::<()>(&key, v, "a table");
+                }
+            }
+        }
+        out
+    }
+
+    fn required<T>(
+        &mut self,
+        t: &DeTable<'_>,
+        path: &str,
+        name: &str,
+        read: impl FnOnce(&mut Self, &str, &Item<'_>) -> Option<T>,
+    ) -> Option<T> {
+        match t.get(name) {
+            Some(v) => read(self, &join(path, name), v),
+            None => {
+                let key = join(path, name);
+                if !self.suggested.contains(&key) {
+                    self.error_key(&key, format!("missing: {path} needs a {name:?} key"));
+                }
+                None
+            }
+        }
+    }
+
+    fn optional<T>(
+        &mut self,
+        t: &DeTable<'_>,
+        path: &str,
+        name: &str,
+        read: impl FnOnce(&mut Self, &str, &Item<'_>) -> Option<T>,
+    ) -> Option<T> {
+        let v = t.get(name)?;
+        read(self, &join(path, name), v)
+    }
+
+    // ---- values ----
+
+    fn wrong_type<T>(&mut self, key: &str, v: &Item<'_>, expected: &str) -> Option<T> {
+        self.error_at(
+            v.span(),
+            key,
+            format!("expected {expected}, found {}", v.get_ref().type_str()),
+        );
+        None
+    }
+
+    fn string<'v>(&mut self, key: &str, v: &'v Item<'_>) -> Option<&'v str> {
+        match v.get_ref() {
+            DeValue::String(s) => Some(s.as_ref()),
+            _ => self.wrong_type(key, v, "a string"),
+        }
+    }
+
+    fn boolean(&mut self, key: &str, v: &Item<'_>) -> Option<bool> {
+        match v.get_ref() {
+            DeValue::Boolean(b) => Some(*b),
+            _ => self.wrong_type(key, v, "true or false"),
+        }
+    }
+
+    fn integer(&mut self, t: &DeTable<'_>, path: &str, name: &str) -> Option<i64> {
+        let v = t.get(name)?;
+        let key = join(path, name);
+        match v.get_ref() {
+            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    self.error_at(
+                        v.span(),
+                        &key,
+                        format!("{} does not fit in 64 bits", i.as_str()),
+                    );
+                    None
+                }
+            },
+            _ => self.wrong_type(&key, v, "an integer"),
+        }
+    }
+
+    /// Narrows an integer to the field's type, reporting negatives and overflow.
+    fn convert<T: TryFrom<i64>>(
+        &mut self,
+        path: &str,
+        t: &DeTable<'_>,
+        name: &str,
+        n: i64,
+    ) -> Option<T> {
+        match T::try_from(n) {
+            Ok(v) => Some(v),
+            Err(_) => {
+                let span = t.get(name).map_or(0..0, |v| v.span());
+                let what = if n < 0 {
+                    "must not be negative"
+                } else {
+                    "is too large"
+                };
+                self.error_at(span, &join(path, name), format!("{n} {what}"));
+                None
+            }
+        }
+    }
+
+    fn address(&mut self, key: &str, v: &Item<'_>) -> Option<SocketAddr> {
+        let s = self.string(key, v)?;
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let hint = if s.contains(':')
+                    && s.rsplit_once(':')
+                        .is_some_and(|(h, _)| h.parse::<std::net::IpAddr>().is_err())
+                {
+                    " (hostnames are not resolved; use a numeric IPv4 or [IPv6] address)"
+                } else {
+                    ""
+                };
+                self.error_at(
+                    v.span(),
+                    key,
+                    format!("{s:?} is not an ip:port address{hint}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, v: &Item<'_>) -> Option<Duration> {
+        let s = self.string(key, v)?;
+        match humantime::parse_duration(s) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error_at(
+                    v.span(),
+                    key,
+                    format!("{s:?} is not a duration like \"30s\" or \"500ms\" ({e})"),
+                );
+                None
+            }
+        }
+    }
+
+    fn named<T, E: std::fmt::Display>(
+        &mut self,
+        key: &str,
+        v: &Item<'_>,
+        parse: impl Fn(&str) -> Result<T, E>,
+    ) -> Option<T> {
+        let s = self.string(key, v)?;
+        match parse(s) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                self.error_at(v.span(), key, format!("{s:?}: {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// The allowed key within edit distance 2 of `key`, if any.
+fn closest<'k>(key: &str, allowed: &[&'k str]) -> Option<&'k str> {
+    allowed
+        .iter()
+        .map(|a| (edit_distance(key, a), *a))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, a)| a)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// The `mode` key alone (its `responses` is a separate key).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Flow,
+    Datagram,
+    RequestResponse,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, &'static str> {
+    match s {
+        "flow" => Ok(Mode::Flow),
+        "datagram" => Ok(Mode::Datagram),
+        "request-response" => Ok(Mode::RequestResponse),
+        _ => Err("expected one of: flow, datagram, request-response"),
+    }
+}
+
+fn parse_state(s: &str) -> Result<AdminState, &'static str> {
+    match s {
+        "enabled" => Ok(AdminState::Enabled),
+        "draining" => Ok(AdminState::Draining),
+        "disabled" => Ok(AdminState::Disabled),
+        _ => Err("expected one of: enabled, draining, disabled"),
+    }
+}

@@ -1,0 +1,290 @@
+//! The rules a configuration must follow beyond its syntax: ranges, references between
+//! sections, and conflicts. Shared by the file parser and the one-liner.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use udplb_core::{BackendSpec, SessionMode};
+
+use crate::defaults;
+use crate::model::{Config, ListenerConfig, PoolConfig};
+
+/// A broken rule, located by key path.
+#[derive(Debug)]
+pub(crate) struct Problem {
+    pub key: String,
+    pub message: String,
+    /// The table (`pools.NAME`) the rule is about when it is not the key's own.
+    pub refers_to: Option<String>,
+}
+
+fn problem(key: String, message: impl Into<String>) -> Problem {
+    Problem {
+        key,
+        message: message.into(),
+        refers_to: None,
+    }
+}
+
+/// Every broken rule of `cfg`.
+pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if let Some(w) = cfg.runtime.workers {
+        check_range(
+            &mut out,
+            "runtime.workers".into(),
+            w,
+            defaults::WORKERS_RANGE,
+        );
+    }
+    if let Some(admin) = &cfg.admin {
+        check_port(&mut out, "admin.listen".into(), admin.listen);
+    }
+    if cfg.listeners.is_empty() {
+        out.push(problem(
+            "listeners".into(),
+            "no listener configured: add a [listeners.NAME] table",
+        ));
+    }
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        check_listener(&mut out, cfg, l, &cfg.listeners[..i]);
+    }
+    for p in &cfg.pools {
+        check_pool(&mut out, p);
+    }
+    out
+}
+
+fn check_listener(
+    out: &mut Vec<Problem>,
+    cfg: &Config,
+    l: &ListenerConfig,
+    earlier: &[ListenerConfig],
+) {
+    let key = |k: &str| format!("listeners.{}.{k}", l.name);
+    check_port(out, key("address"), l.address);
+    if let Some(other) = earlier
+        .iter()
+        .find(|o| addresses_conflict(o.address, l.address))
+    {
+        out.push(problem(
+            key("address"),
+            format!(
+                "{} conflicts with listener {:?} on {}",
+                l.address, other.name, other.address
+            ),
+        ));
+    }
+    if !cfg.pools.iter().any(|p| p.name == l.pool) {
+        let known: Vec<&str> = cfg.pools.iter().map(|p| p.name.as_str()).collect();
+        let mut p = problem(
+            key("pool"),
+            format!("no pool named {:?} (pools: {})", l.pool, list(&known)),
+        );
+        p.refers_to = Some(format!("pools.{}", l.pool));
+        out.push(p);
+    }
+    if let SessionMode::RequestResponse { responses } = l.mode {
+        check_range(out, key("responses"), responses, defaults::RESPONSES_RANGE);
+    }
+    check_duration(
+        out,
+        key("idle_timeout"),
+        l.idle_timeout,
+        defaults::IDLE_TIMEOUT_RANGE,
+    );
+    check_range(
+        out,
+        key("max_flows"),
+        l.max_flows,
+        defaults::MAX_FLOWS_RANGE,
+    );
+    check_range(
+        out,
+        key("max_datagram_size"),
+        l.max_datagram_size,
+        defaults::MAX_DATAGRAM_SIZE_RANGE,
+    );
+}
+
+/// Two listeners conflict on the same port when their addresses are equal or one is the
+/// wildcard of the other's family.
+fn addresses_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig) {
+    let key = format!("pools.{}.backends", p.name);
+    if p.backends.is_empty() {
+        out.push(problem(key, "a pool needs at least one backend"));
+        return;
+    }
+    if p.backends.iter().all(|b| b.spec.backup) {
+        out.push(problem(
+            key.clone(),
+            "every backend is a backup: at least one must be a primary",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, b) in p.backends.iter().enumerate() {
+        let bkey = format!("{key}[{i}]");
+        check_port(out, format!("{bkey}.address"), b.spec.addr);
+        if b.spec.addr.ip().is_unspecified() {
+            out.push(problem(
+                format!("{bkey}.address"),
+                "a backend needs a concrete address, not a wildcard",
+            ));
+        }
+        if !seen.insert(b.spec.addr) {
+            out.push(problem(
+                format!("{bkey}.address"),
+                format!("{} is listed twice in this pool", b.spec.addr),
+            ));
+        }
+        check_range(
+            out,
+            format!("{bkey}.weight"),
+            b.spec.weight,
+            1..=BackendSpec::MAX_WEIGHT,
+        );
+    }
+}
+
+fn check_port(out: &mut Vec<Problem>, key: String, addr: SocketAddr) {
+    if addr.port() == 0 {
+        out.push(problem(key, format!("{addr}: port 0 is not allowed")));
+    }
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    out: &mut Vec<Problem>,
+    key: String,
+    v: T,
+    r: RangeInclusive<T>,
+) {
+    if !r.contains(&v) {
+        out.push(problem(
+            key,
+            format!("{v} is out of range {}..={}", r.start(), r.end()),
+        ));
+    }
+}
+
+fn check_duration(out: &mut Vec<Problem>, key: String, v: Duration, r: RangeInclusive<Duration>) {
+    if !r.contains(&v) {
+        let show = |d: &Duration| humantime::format_duration(*d).to_string();
+        out.push(problem(
+            key,
+            format!(
+                "{} is out of range {}..={}",
+                show(&v),
+                show(r.start()),
+                show(r.end())
+            ),
+        ));
+    }
+}
+
+pub(crate) fn list(names: &[&str]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::BackendConfig;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn config() -> Config {
+        Config {
+            listeners: vec![ListenerConfig::new(
+                "l".into(),
+                addr("127.0.0.1:53"),
+                "p".into(),
+            )],
+            pools: vec![PoolConfig {
+                name: "p".into(),
+                scheduler: Default::default(),
+                backends: vec![BackendSpec::new(addr("127.0.0.1:5301")).into()],
+            }],
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn a_minimal_config_is_valid() {
+        assert!(config().validate().is_ok());
+    }
+
+    #[test]
+    fn every_broken_rule_is_reported_with_its_key() {
+        let mut cfg = config();
+        cfg.runtime.workers = Some(0);
+        cfg.listeners.push(ListenerConfig::new(
+            "m".into(),
+            addr("0.0.0.0:53"),
+            "nope".into(),
+        ));
+        cfg.listeners[0].max_flows = 0;
+        cfg.pools[0]
+            .backends
+            .push(BackendConfig::from(BackendSpec::new(addr(
+                "127.0.0.1:5301",
+            ))));
+        cfg.pools.push(PoolConfig {
+            name: "empty".into(),
+            scheduler: Default::default(),
+            backends: vec![],
+        });
+        let errors = cfg.validate().unwrap_err();
+        let keys: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "runtime.workers",
+                "listeners.l.max_flows",
+                "listeners.m.address",
+                "listeners.m.pool",
+                "pools.p.backends[1].address",
+                "pools.empty.backends"
+            ],
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn wildcards_conflict_within_a_family_only() {
+        assert!(addresses_conflict(addr("0.0.0.0:53"), addr("127.0.0.1:53")));
+        assert!(addresses_conflict(addr("[::]:53"), addr("[::1]:53")));
+        assert!(!addresses_conflict(addr("0.0.0.0:53"), addr("[::]:53")));
+        assert!(!addresses_conflict(
+            addr("127.0.0.1:53"),
+            addr("127.0.0.2:53")
+        ));
+        assert!(!addresses_conflict(
+            addr("127.0.0.1:53"),
+            addr("127.0.0.1:54")
+        ));
+    }
+
+    #[test]
+    fn an_all_backup_pool_is_rejected() {
+        let mut cfg = config();
+        cfg.pools[0].backends[0].spec.backup = true;
+        assert!(cfg.validate().unwrap_err()[0].contains("backup"));
+    }
+}

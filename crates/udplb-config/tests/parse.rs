@@ -1,0 +1,228 @@
+//! The file format: a full configuration's model, and each kind of error with its location.
+
+use std::time::Duration;
+
+use udplb_config::{ConfigErrors, parse};
+use udplb_core::snapshot::AdminState;
+use udplb_core::{Affinity, SchedulerKind, SessionMode};
+
+fn errors(src: &str) -> ConfigErrors {
+    parse(src, "t.toml").expect_err("config should be rejected")
+}
+
+/// (line, key) of every error.
+fn located(src: &str) -> Vec<(usize, String)> {
+    errors(src)
+        .errors
+        .into_iter()
+        .map(|e| (e.line, e.key))
+        .collect()
+}
+
+const POOL: &str = "[pools.p]\nbackends = [\"127.0.0.1:5301\"]\n";
+
+#[test]
+fn a_full_config_becomes_the_right_model() {
+    let src = r#"
+[runtime]
+workers = 3
+[admin]
+listen = "127.0.0.1:9190"
+[listeners.zeta]
+address = "[::]:53"
+pool = "dns"
+mode = "request-response"
+responses = 2
+affinity = "ip"
+idle_timeout = "1m 30s"
+max_flows = 1000
+max_datagram_size = 1232
+[listeners.alpha]
+address = "0.0.0.0:514"
+pool = "dns"
+mode = "datagram"
+[pools.dns]
+scheduler = "maglev"
+backends = [
+  "10.0.0.1:53",
+  { address = "10.0.0.2:53", weight = 3 },
+  { address = "10.0.0.3:53", backup = true, state = "draining" },
+]
+"#;
+    let cfg = parse(src, "t.toml").unwrap();
+    assert_eq!(cfg.runtime.workers, Some(3));
+    assert_eq!(cfg.admin.unwrap().listen.port(), 9190);
+    // File order, not alphabetical.
+    let names: Vec<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["zeta", "alpha"]);
+    let z = &cfg.listeners[0];
+    assert_eq!(z.mode, SessionMode::RequestResponse { responses: 2 });
+    assert_eq!(z.affinity, Affinity::Ip);
+    assert_eq!(z.idle_timeout, Duration::from_secs(90));
+    assert_eq!((z.max_flows, z.max_datagram_size), (1000, 1232));
+    assert_eq!(cfg.listeners[1].mode, SessionMode::Datagram);
+    assert_eq!(
+        cfg.listeners[1].idle_timeout,
+        udplb_config::defaults::IDLE_TIMEOUT
+    );
+    let p = &cfg.pools[0];
+    assert_eq!(p.scheduler, SchedulerKind::Maglev);
+    let b: Vec<(u32, bool, AdminState)> = p
+        .backends
+        .iter()
+        .map(|b| (b.spec.weight, b.spec.backup, b.state))
+        .collect();
+    assert_eq!(
+        b,
+        [
+            (1, false, AdminState::Enabled),
+            (3, false, AdminState::Enabled),
+            (1, true, AdminState::Draining)
+        ]
+    );
+}
+
+#[test]
+fn request_response_defaults_to_one_reply() {
+    let cfg = parse(&format!("[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\nmode = \"request-response\"\n{POOL}"), "t")
+        .unwrap();
+    assert_eq!(
+        cfg.listeners[0].mode,
+        SessionMode::RequestResponse { responses: 1 }
+    );
+}
+
+#[test]
+fn all_errors_are_reported_at_once_in_file_order() {
+    let src = r#"
+bogus = 1
+[runtime]
+workers = "two"
+[listeners.l]
+address = "127.0.0.1:0"
+pool = "missing"
+mode = "stream"
+idle_timeout = "soon"
+max_flows = -1
+colour = "red"
+[pools.p]
+scheduler = "fastest"
+backends = ["127.0.0.1:5301", { address = "127.0.0.1:5301", weight = 0, primary = true }, 7]
+"#;
+    let got = located(src);
+    let want: Vec<(usize, String)> = [
+        (2, "bogus"),
+        (4, "runtime.workers"),
+        (6, "listeners.l.address"),
+        (7, "listeners.l.pool"),
+        (8, "listeners.l.mode"),
+        (9, "listeners.l.idle_timeout"),
+        (10, "listeners.l.max_flows"),
+        (11, "listeners.l.colour"),
+        (13, "pools.p.scheduler"),
+        (14, "pools.p.backends[1].primary"),
+        (14, "pools.p.backends[2]"),
+        (14, "pools.p.backends[1].address"),
+        (14, "pools.p.backends[1].weight"),
+    ]
+    .into_iter()
+    .map(|(l, k)| (l, k.to_string()))
+    .collect();
+    let mut got_sorted = got.clone();
+    got_sorted.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got_sorted, want_sorted, "{}", errors(src));
+    // Reported in file order.
+    assert!(got.windows(2).all(|w| w[0].0 <= w[1].0), "{got:?}");
+}
+
+#[test]
+fn messages_say_what_would_be_right() {
+    let text = errors(
+        "[listeners.l]\naddress = \"localhost:53\"\npool = \"p\"\nmode = \"stream\"\n[pools.p]\nbackends = [\"10.0.0.1:53\"]\n",
+    )
+    .to_string();
+    assert!(text.contains("t.toml:2:11: listeners.l.address: \"localhost:53\" is not an ip:port address (hostnames"), "{text}");
+    assert!(text.contains("flow, datagram, request-response"), "{text}");
+}
+
+#[test]
+fn a_misspelled_required_key_is_one_error_with_a_suggestion() {
+    let got = errors(&format!(
+        "[listeners.l]\nadress = \"127.0.0.1:53\"\npool = \"p\"\n{POOL}"
+    ));
+    assert_eq!(got.errors.len(), 1, "{got}");
+    assert!(
+        got.errors[0].message.contains("did you mean \"address\""),
+        "{got}"
+    );
+}
+
+#[test]
+fn a_missing_required_key_points_at_its_table() {
+    assert_eq!(
+        located(&format!("[listeners.l]\npool = \"p\"\n{POOL}")),
+        [(1, "listeners.l.address".to_string())]
+    );
+    assert_eq!(
+        located(
+            "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\nscheduler = \"rr\"\n"
+        ),
+        [(4, "pools.p.backends".to_string())]
+    );
+}
+
+#[test]
+fn responses_need_request_response_mode() {
+    let got = located(&format!(
+        "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\nresponses = 2\n{POOL}"
+    ));
+    assert_eq!(got, [(4, "listeners.l.responses".to_string())]);
+}
+
+#[test]
+fn wrong_types_are_named() {
+    let text = errors(&format!("listeners = 3\n{POOL}")).to_string();
+    assert!(
+        text.contains("t.toml:1:13: listeners: expected a table, found integer"),
+        "{text}"
+    );
+    let text = errors(&format!(
+        "[listeners.l]\naddress = 53\npool = \"p\"\n{POOL}"
+    ))
+    .to_string();
+    assert!(
+        text.contains("listeners.l.address: expected a string, found integer"),
+        "{text}"
+    );
+}
+
+#[test]
+fn syntax_errors_have_a_position() {
+    let e = errors("[listeners.l\naddress = 1\n");
+    assert_eq!(e.errors.len(), 1);
+    assert_eq!(
+        (e.errors[0].line, e.errors[0].key.as_str()),
+        (1, "(syntax)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn no_listener_is_an_error() {
+    assert_eq!(located(POOL), [(1, "listeners".to_string())]);
+}
+
+#[test]
+fn conflicting_listener_addresses_name_the_first_listener() {
+    let text = errors(&format!(
+        "[listeners.a]\naddress = \"0.0.0.0:53\"\npool = \"p\"\n[listeners.b]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n{POOL}"
+    ))
+    .to_string();
+    assert!(text.starts_with("t.toml:5:"), "{text}");
+    assert!(
+        text.contains("listeners.b.address") && text.contains("\"a\""),
+        "{text}"
+    );
+}
