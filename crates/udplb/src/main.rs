@@ -1,3 +1,27 @@
-fn main() {
-    println!("Hello, world!");
+//! udplb: a UDP load balancer.
+//!
+//! The binary: command line, logging, and the control plane (configuration loading, snapshot
+//! publication, the admin endpoint, signals). The data path lives in `udplb-dataplane`, the
+//! decisions in `udplb-core`, the configuration model in `udplb-config`.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod cli;
+mod daemon;
+mod plan;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_logging(&cli.log);
+    match cli::dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("udplb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,265 @@
+//! The command line: `udplb run`, `udplb check`, and the pen-style one-liner.
+//!
+//! Owns: argument definitions, their translation into a [`udplb_config::Config`], logging setup
+//! and exit codes (78, `EX_CONFIG`, for an invalid configuration).
+//! Must not: run anything itself beyond dispatching to [`crate::daemon`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use udplb_config::{Admin, Config, ListenerConfig, PoolConfig, Runtime};
+use udplb_core::{Affinity, BackendSpec, SchedulerKind, SessionMode};
+
+/// Exit code for an invalid configuration (sysexits' EX_CONFIG).
+pub const EX_CONFIG: u8 = 78;
+
+const EXAMPLES: &str = "\
+Examples:
+  udplb 127.0.0.1:5300 127.0.0.1:5301 127.0.0.1:5302
+      flows of each client ip:port stick to one backend, round robin
+  udplb --mode datagram 0.0.0.0:514 10.0.0.1:514 10.0.0.2:514,weight=2
+      every syslog datagram scheduled on its own, 1:2
+  udplb --mode request-response --scheduler maglev [::]:53 [2001:db8::1]:53 [2001:db8::2]:53
+      DNS: each query's flow closes once answered
+  udplb run -c /etc/udplb/udplb.toml
+  udplb check -c /etc/udplb/udplb.toml";
+
+/// A UDP load balancer.
+#[derive(Parser, Debug)]
+#[command(
+    name = "udplb",
+    version,
+    about = "A UDP load balancer: one listener, a pool of backends, replies from the address the client sent to.",
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    oneliner: OneLiner,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run udplb with a configuration file.
+    Run {
+        /// The configuration file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Worker threads (overrides `runtime.workers`).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Validate a configuration file without binding anything; exit 0 if valid, 78 if not.
+    Check {
+        /// The configuration file (TOML).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// `udplb [OPTIONS] LISTEN BACKEND [BACKEND...]`
+#[derive(Args, Debug)]
+struct OneLiner {
+    /// Address to listen on, e.g. 0.0.0.0:53 or [::]:53.
+    #[arg(value_name = "LISTEN", required = true)]
+    listen: Option<SocketAddr>,
+    /// Backends: ADDR[,weight=N][,backup], e.g. 10.0.0.2:53,weight=2.
+    #[arg(value_name = "BACKEND", required = true)]
+    backends: Vec<BackendArg>,
+    /// Session mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::Flow)]
+    mode: ModeArg,
+    /// Replies expected per request in request-response mode.
+    #[arg(long, default_value_t = udplb_config::defaults::RESPONSES)]
+    responses: u32,
+    /// Scheduler: round-robin, weighted-round-robin, random, weighted-random, least-flows,
+    /// power-of-two, maglev, rendezvous.
+    #[arg(long, default_value = "round-robin", value_parser = parse_scheduler)]
+    scheduler: SchedulerKind,
+    /// What makes a client sticky: ip-port or ip.
+    #[arg(long, default_value = "ip-port", value_parser = parse_affinity)]
+    affinity: Affinity,
+    /// Close a flow after this long without traffic (e.g. 30s, 500ms).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Flow cap of the listener; new flows beyond it are dropped and counted.
+    #[arg(long, default_value_t = udplb_config::defaults::MAX_FLOWS)]
+    max_flows: u32,
+    /// Largest datagram forwarded; larger ones are dropped and counted.
+    #[arg(long, default_value_t = udplb_config::defaults::MAX_DATAGRAM_SIZE)]
+    max_datagram_size: usize,
+    /// Worker threads (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Serve the admin endpoint (status and counters) on this address.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+}
+
+/// Logging options (shared by every command).
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    pub log_format: LogFormat,
+    /// Log level or filter (e.g. info, debug, udplb=debug).
+    #[arg(long, default_value = "info", global = true)]
+    pub log_level: String,
+}
+
+/// Log output formats.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Human,
+    /// One JSON object per event.
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ModeArg {
+    Flow,
+    Datagram,
+    RequestResponse,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct BackendArg(BackendSpec);
+
+impl FromStr for BackendArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let addr = parts.next().unwrap_or_default();
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not a numeric ip:port address"))?;
+        let mut spec = BackendSpec::new(addr);
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("weight", w)) => {
+                    spec.weight = w
+                        .parse()
+                        .ok()
+                        .filter(|w| (1..=BackendSpec::MAX_WEIGHT).contains(w))
+                        .ok_or_else(|| format!("weight must be 1..={}", BackendSpec::MAX_WEIGHT))?;
+                }
+                None if opt == "backup" => spec.backup = true,
+                _ => return Err(format!("unknown backend option {opt:?} (weight=N, backup)")),
+            }
+        }
+        Ok(BackendArg(spec))
+    }
+}
+
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+fn parse_affinity(s: &str) -> Result<Affinity, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+impl OneLiner {
+    fn into_config(self) -> Config {
+        let listen = self.listen.expect("clap requires LISTEN");
+        let mode = match self.mode {
+            ModeArg::Flow => SessionMode::Flow,
+            ModeArg::Datagram => SessionMode::Datagram,
+            ModeArg::RequestResponse => SessionMode::RequestResponse {
+                responses: self.responses,
+            },
+        };
+        let mut listener = ListenerConfig::new("default".into(), listen, "default".into());
+        listener.mode = mode;
+        listener.affinity = self.affinity;
+        listener.idle_timeout = self.idle_timeout;
+        listener.max_flows = self.max_flows;
+        listener.max_datagram_size = self.max_datagram_size;
+        Config {
+            runtime: Runtime {
+                workers: self.workers,
+            },
+            admin: self.admin.map(|listen| Admin { listen }),
+            listeners: vec![listener],
+            pools: vec![PoolConfig {
+                name: "default".into(),
+                scheduler: self.scheduler,
+                backends: self.backends.into_iter().map(|b| b.0.into()).collect(),
+            }],
+        }
+    }
+}
+
+/// Runs the command the user asked for.
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Some(Command::Check { config }) => Ok(check(&config)),
+        Some(Command::Run { config, workers }) => {
+            let mut cfg = match udplb_config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(errors) => {
+                    eprint!("{errors}");
+                    return Ok(ExitCode::from(EX_CONFIG));
+                }
+            };
+            if workers.is_some() {
+                cfg.runtime.workers = workers;
+            }
+            crate::daemon::run(cfg).context("udplb stopped")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let cfg = cli.oneliner.into_config();
+            if let Err(errors) = cfg.validate() {
+                for e in errors {
+                    eprintln!("udplb: {e}");
+                }
+                return Ok(ExitCode::from(EX_CONFIG));
+            }
+            crate::daemon::run(cfg).context("udplb stopped")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match udplb_config::load(path) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok ({} listener(s), {} pool(s))",
+                path.display(),
+                cfg.listeners.len(),
+                cfg.pools.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprint!("{errors}");
+            ExitCode::from(EX_CONFIG)
+        }
+    }
+}
+
+/// Sets up `tracing` on stderr in the chosen format.
+pub fn init_logging(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

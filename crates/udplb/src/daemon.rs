@@ -1,0 +1,82 @@
+//! Running udplb: publish the first snapshot, start the workers, serve the admin endpoint,
+//! wait for a signal, stop.
+//!
+//! Owns: the process lifecycle and the tokio runtime of the control plane (one thread; the
+//! data plane runs on its own plain threads and never waits for it).
+//! Must not: touch datagrams.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use udplb_config::Config;
+use udplb_dataplane::{Dataplane, DataplaneOptions};
+
+use crate::admin;
+use crate::plan::snapshot_of;
+
+/// Runs until SIGINT or SIGTERM.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    let workers = cfg
+        .runtime
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    match udplb_sys::socket::raise_nofile_limit() {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
+    let snapshot = snapshot_of(&cfg, 1, None);
+    let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+    let dataplane = Dataplane::start(Arc::clone(&shared), &DataplaneOptions { workers })?;
+    for (l, addr) in cfg.listeners.iter().zip(dataplane.listener_addrs()) {
+        let pool = cfg
+            .pools
+            .iter()
+            .find(|p| p.name == l.pool)
+            .expect("validated");
+        tracing::info!(
+            listener = %l.name,
+            address = %addr,
+            pool = %pool.name,
+            mode = l.mode.name(),
+            scheduler = %pool.scheduler,
+            backends = pool.backends.len(),
+            workers,
+            "listening"
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("udplb-control")
+        .build()
+        .context("starting the control plane")?;
+    let state = Arc::new(admin::State {
+        shared,
+        stats: dataplane.stats().to_vec(),
+        workers,
+    });
+    let result = runtime.block_on(async {
+        if let Some(a) = &cfg.admin {
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("cannot bind the admin endpoint {}", a.listen))?;
+            tracing::info!(address = %listener.local_addr()?, "admin endpoint");
+            tokio::spawn(admin::serve(listener, Arc::clone(&state)));
+        }
+        wait_for_stop_signal().await
+    });
+    tracing::info!("stopping");
+    dataplane.stop();
+    result
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

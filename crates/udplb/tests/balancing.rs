@@ -1,0 +1,215 @@
+//! Black-box tests of scheduling and session modes: the real binary, real sockets on loopback.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use common::*;
+
+fn listen_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap()
+}
+
+/// Sends `n` datagrams from one client and waits for every reply; returns the replies' tags.
+fn exchange(c: &std::net::UdpSocket, to: SocketAddr, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            c.send_to(format!("m{i}").as_bytes(), to).unwrap();
+            let (reply, _) = recv(c);
+            let s = String::from_utf8(reply).unwrap();
+            assert!(s.ends_with(&format!(":m{i}")), "reply {s} to m{i}");
+            s.split(':').next().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn datagram_mode_round_robin_is_exact() {
+    let (a, b) = (
+        Backend::start("127.0.0.1", "a"),
+        Backend::start("127.0.0.1", "b"),
+    );
+    let listen = listen_addr();
+    let lb = Udplb::start(&[
+        "--mode",
+        "datagram",
+        &listen.to_string(),
+        &a.addr.to_string(),
+        &b.addr.to_string(),
+    ]);
+    let c = client("127.0.0.1:0");
+    let tags = exchange(&c, listen, 10);
+    assert_eq!(a.count(), 5, "{tags:?}");
+    assert_eq!(b.count(), 5, "{tags:?}");
+    // One client, both backends: replies still all came back to it.
+    // Counted once sendmmsg returns, which may be just after the client got the reply.
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/replies_out") == 10),
+        "{}",
+        lb.stats()
+    );
+}
+
+#[test]
+fn datagram_mode_weights_one_to_two_are_exact() {
+    let (a, b) = (
+        Backend::start("127.0.0.1", "a"),
+        Backend::start("127.0.0.1", "b"),
+    );
+    let listen = listen_addr();
+    let _lb = Udplb::start(&[
+        "--mode",
+        "datagram",
+        "--scheduler",
+        "weighted-round-robin",
+        &listen.to_string(),
+        &a.addr.to_string(),
+        &format!("{},weight=2", b.addr),
+    ]);
+    let c = client("127.0.0.1:0");
+    exchange(&c, listen, 9);
+    assert_eq!((a.count(), b.count()), (3, 6));
+}
+
+#[test]
+fn flow_mode_keeps_each_client_on_one_backend() {
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start("127.0.0.1", t))
+        .collect();
+    let listen = listen_addr();
+    let mut args = vec!["--workers".to_string(), "2".into(), listen.to_string()];
+    args.extend(backends.iter().map(|b| b.addr.to_string()));
+    let _lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut used = HashSet::new();
+    for _ in 0..12 {
+        let c = client("127.0.0.1:0");
+        let tags = exchange(&c, listen, 5);
+        assert!(
+            tags.iter().all(|t| *t == tags[0]),
+            "a client moved between backends: {tags:?}"
+        );
+        used.insert(tags[0].clone());
+    }
+    assert_eq!(
+        used.len(),
+        3,
+        "12 clients should reach all 3 backends, got {used:?}"
+    );
+}
+
+#[test]
+fn ip_affinity_keeps_every_port_of_a_client_on_one_backend() {
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start("127.0.0.1", t))
+        .collect();
+    let listen = listen_addr();
+    let mut args = vec![
+        "--workers".to_string(),
+        "2".into(),
+        "--affinity".into(),
+        "ip".into(),
+        listen.to_string(),
+    ];
+    args.extend(backends.iter().map(|b| b.addr.to_string()));
+    let _lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let tags: HashSet<String> = (0..8)
+        .flat_map(|_| exchange(&client("127.0.0.1:0"), listen, 2))
+        .collect();
+    assert_eq!(tags.len(), 1, "ports of one client IP spread over {tags:?}");
+}
+
+#[test]
+fn request_response_closes_the_flow_after_the_reply() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen = listen_addr();
+    let lb = Udplb::start(&[
+        "--mode",
+        "request-response",
+        "--responses",
+        "1",
+        &listen.to_string(),
+        &a.addr.to_string(),
+    ]);
+    let c = client("127.0.0.1:0");
+    exchange(&c, listen, 3);
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/flows/live") == 0),
+        "flows stay open: {}",
+        lb.stats()
+    );
+    assert_eq!(lb.counter("/flows/created"), 3);
+    assert_eq!(lb.counter("/flows/closed/completed"), 3);
+}
+
+#[test]
+fn backup_takes_traffic_only_when_no_primary_can() {
+    let (primary, backup) = (
+        Backend::start("127.0.0.1", "p"),
+        Backend::start("127.0.0.1", "b"),
+    );
+    let listen = listen_addr();
+    let _lb = Udplb::start(&[
+        "--mode",
+        "datagram",
+        &listen.to_string(),
+        &primary.addr.to_string(),
+        &format!("{},backup", backup.addr),
+    ]);
+    let c = client("127.0.0.1:0");
+    exchange(&c, listen, 6);
+    assert_eq!((primary.count(), backup.count()), (6, 0));
+
+    // The same pool with its only primary disabled in the configuration.
+    let listen = listen_addr();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let dir = tempdir();
+    let path = dir.join("backup.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\nmode = \"datagram\"\n\
+             [pools.p]\nbackends = [{{ address = \"{}\", state = \"disabled\" }}, {{ address = \"{}\", backup = true }}]\n",
+            primary.addr, backup.addr
+        ),
+    )
+    .unwrap();
+    let _lb2 = Udplb::run_config(&path, admin);
+    exchange(&c, listen, 4);
+    assert_eq!((primary.count(), backup.count()), (6, 4));
+}
+
+/// A fresh directory under the target dir's tmp (removed by the OS, not by the test).
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "udplb-test-{}-{}",
+        std::process::id(),
+        free_tcp_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn refused_backend_is_counted_and_the_flow_rescheduled() {
+    let dead = listen_addr(); // nothing listens there: the kernel answers port unreachable
+    let alive = Backend::start("127.0.0.1", "a");
+    let listen = listen_addr();
+    let lb = Udplb::start(&[
+        "--workers",
+        "1",
+        &listen.to_string(),
+        &dead.to_string(),
+        &alive.addr.to_string(),
+    ]);
+    let c = client("127.0.0.1:0");
+    // The first flow goes to the dead backend (round robin starts there): its datagrams are
+    // refused; once refused, the flow closes and the next datagram is scheduled afresh.
+    let (reply, _) = request(&c, listen, b"hello");
+    assert_eq!(reply, b"a:hello");
+    assert!(lb.counter("/backend_refused") >= 1, "{}", lb.stats());
+}

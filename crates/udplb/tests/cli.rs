@@ -1,0 +1,99 @@
+//! Black-box tests of the command line: `udplb check` and `--help`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn udplb() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_udplb"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../udplb-config/tests/fixtures/bad")
+        .join(name)
+}
+
+fn example() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/udplb.toml")
+}
+
+#[test]
+fn check_accepts_the_example() {
+    let out = udplb()
+        .args(["check", "-c"])
+        .arg(example())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Each broken file exits 78 and names the file, the line and the key.
+#[test]
+fn check_rejects_broken_configs_with_file_line_and_key() {
+    let cases = [
+        ("unknown_key.toml", "adress"),
+        ("bad_address.toml", "address"),
+        ("empty_pool.toml", "backends"),
+        ("duplicate_listener.toml", "address"),
+    ];
+    for (file, key) in cases {
+        let path = fixture(file);
+        let out = udplb().args(["check", "-c"]).arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{file}: {stderr}");
+        let line = stderr.lines().next().unwrap_or_default();
+        let prefix = format!("{}:", path.display());
+        assert!(
+            line.starts_with(&prefix),
+            "{file}: error does not start with the file name: {stderr}"
+        );
+        let line_no: String = line[prefix.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        assert!(!line_no.is_empty(), "{file}: no line number: {stderr}");
+        assert!(line.contains(key), "{file}: key {key} not named: {stderr}");
+    }
+}
+
+#[test]
+fn run_with_a_broken_config_exits_78_without_binding() {
+    let out = udplb()
+        .args(["run", "-c"])
+        .arg(fixture("unknown_key.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn help_shows_examples() {
+    let out = udplb().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in [
+        "--mode",
+        "--scheduler",
+        "--idle-timeout",
+        "--workers",
+        "--responses",
+        "Examples:",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle}");
+    }
+}
+
+#[test]
+fn one_liner_rejects_a_bad_backend() {
+    let out = udplb()
+        .args(["127.0.0.1:5300", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-address"));
+}

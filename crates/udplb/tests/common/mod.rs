@@ -1,0 +1,277 @@
+//! Shared harness of the black-box tests: start the real udplb binary, real backends on
+//! loopback, wait on conditions with deadlines, read the admin endpoint.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long any condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A free UDP port on `ip` (bound then released; the tests bind it again at once).
+pub fn free_udp_port(ip: &str) -> u16 {
+    let s = UdpSocket::bind((ip, 0)).expect("bind an ephemeral port");
+    s.local_addr().unwrap().port()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A running udplb process, killed when dropped.
+pub struct Udplb {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Udplb {
+    /// Starts `udplb ARGS... --admin 127.0.0.1:<free>` and waits until its admin endpoint answers.
+    pub fn start(args: &[&str]) -> Udplb {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let mut full: Vec<String> = vec!["--admin".into(), admin.to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        Self::spawn(full, admin)
+    }
+
+    /// Starts `udplb run -c FILE` where the file's admin endpoint is `admin`.
+    pub fn run_config(path: &std::path::Path, admin: SocketAddr) -> Udplb {
+        Self::spawn(
+            vec!["run".into(), "-c".into(), path.display().to_string()],
+            admin,
+        )
+    }
+
+    fn spawn(args: Vec<String>, admin: SocketAddr) -> Udplb {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_udplb"))
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start udplb");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut lb = Udplb {
+            child,
+            admin,
+            stderr,
+        };
+        let up = wait_for(DEADLINE, || {
+            if let Ok(Some(status)) = lb.child.try_wait() {
+                panic!(
+                    "udplb exited early ({status}): {}",
+                    lb.stderr.lock().unwrap()
+                );
+            }
+            lb.try_stats().is_some()
+        });
+        assert!(
+            up,
+            "udplb admin endpoint never answered: {}",
+            lb.stderr.lock().unwrap()
+        );
+        lb
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn try_stats(&self) -> Option<serde_json::Value> {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET /stats HTTP/1.0\r\nHost: udplb\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        let json = body.split("\r\n\r\n").nth(1)?;
+        serde_json::from_str(json).ok()
+    }
+
+    /// The admin endpoint's `/stats`.
+    pub fn stats(&self) -> serde_json::Value {
+        self.try_stats().expect("GET /stats")
+    }
+
+    /// A counter of listener 0, by JSON pointer below the listener (e.g. "/drops/oversize").
+    pub fn counter(&self, pointer: &str) -> u64 {
+        let stats = self.stats();
+        stats["listeners"][0]
+            .pointer(pointer)
+            .and_then(|v| v.as_u64())
+            .unwrap_or_else(|| panic!("no counter {pointer} in {stats}"))
+    }
+
+    /// Number of UDP sockets the process holds open (listeners plus one upstream socket per
+    /// flow). Counted from its descriptors against /proc/net/udp{,6}, so the admin endpoint's
+    /// short-lived TCP connections do not disturb the count.
+    pub fn open_udp_sockets(&self) -> usize {
+        let udp_inodes: HashSet<String> = ["/proc/net/udp", "/proc/net/udp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(table).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .skip(1)
+                    .filter_map(|line| line.split_whitespace().nth(9).map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{}/fd", self.pid())) else {
+            return 0;
+        };
+        fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter_map(|link| {
+                let link = link.to_string_lossy().into_owned();
+                Some(
+                    link.strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .to_string(),
+                )
+            })
+            .filter(|inode| udp_inodes.contains(inode))
+            .count()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Udplb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An echo backend on loopback that counts what it receives and from whom.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub received: Arc<AtomicU64>,
+    pub sources: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    /// Starts an echo backend on `ip`:0. Each reply is the payload prefixed with `tag` and ':'.
+    pub fn start(ip: &str, tag: &str) -> Backend {
+        let socket = UdpSocket::bind((ip, 0)).expect("bind backend");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let received = Arc::new(AtomicU64::new(0));
+        let sources = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, s, st) = (
+            Arc::clone(&received),
+            Arc::clone(&sources),
+            Arc::clone(&stop),
+        );
+        let prefix = format!("{tag}:").into_bytes();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            let mut out = Vec::with_capacity(65_600);
+            while !st.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                r.fetch_add(1, Ordering::Relaxed);
+                s.lock().unwrap().push(from);
+                out.clear();
+                out.extend_from_slice(&prefix);
+                out.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&out, from);
+            }
+        });
+        Backend {
+            addr,
+            received,
+            sources,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A client socket bound to `bind` ("127.0.0.1:0"), with a short read timeout.
+pub fn client(bind: &str) -> UdpSocket {
+    let s = UdpSocket::bind(bind).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    s
+}
+
+/// Sends `payload` to `to` until a reply arrives (udplb may still be starting); returns the
+/// reply and its source.
+pub fn request(c: &UdpSocket, to: SocketAddr, payload: &[u8]) -> (Vec<u8>, SocketAddr) {
+    let mut buf = [0u8; 65_536];
+    let start = Instant::now();
+    loop {
+        c.send_to(payload, to).unwrap();
+        if let Ok((n, from)) = c.recv_from(&mut buf) {
+            return (buf[..n].to_vec(), from);
+        }
+        assert!(start.elapsed() < DEADLINE, "no reply from {to}");
+    }
+}
+
+/// Receives one datagram within the deadline.
+pub fn recv(c: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+    let mut buf = [0u8; 65_536];
+    let start = Instant::now();
+    loop {
+        if let Ok((n, from)) = c.recv_from(&mut buf) {
+            return (buf[..n].to_vec(), from);
+        }
+        assert!(start.elapsed() < DEADLINE, "no datagram");
+    }
+}

@@ -1,0 +1,150 @@
+//! Black-box tests of the data path's guarantees: reply source address, drops by reason,
+//! flow cap and idle expiry.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn replies_leave_from_the_address_the_client_sent_to_v4_wildcard() {
+    let a = Backend::start("127.0.0.1", "a");
+    let port = free_udp_port("0.0.0.0");
+    let _lb = Udplb::start(&[&format!("0.0.0.0:{port}"), &a.addr.to_string()]);
+    for target in ["127.0.0.3", "127.0.0.1", "127.0.0.77"] {
+        let c = client("127.0.0.1:0");
+        let to: SocketAddr = format!("{target}:{port}").parse().unwrap();
+        let (reply, from) = request(&c, to, b"x");
+        assert_eq!(reply, b"a:x");
+        assert_eq!(
+            from, to,
+            "reply to a datagram sent to {to} came from {from}"
+        );
+    }
+}
+
+#[test]
+fn replies_leave_from_the_address_the_client_sent_to_v6() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback on this machine");
+        return;
+    }
+    let a = Backend::start("::1", "a");
+    let port = free_udp_port("::");
+    let _lb = Udplb::start(&[&format!("[::]:{port}"), &a.addr.to_string()]);
+    let c = client("[::1]:0");
+    let to: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let (reply, from) = request(&c, to, b"six");
+    assert_eq!(reply, b"a:six");
+    assert_eq!(from, to);
+}
+
+#[test]
+fn oversize_and_empty_datagrams_are_dropped_and_counted() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let mut lb = Udplb::start(&[
+        "--max-datagram-size",
+        "512",
+        &listen.to_string(),
+        &a.addr.to_string(),
+    ]);
+    let c = client("127.0.0.1:0");
+    c.send_to(&[], listen).unwrap();
+    c.send_to(&[7u8; 513], listen).unwrap();
+    c.send_to(&[7u8; 60_000], listen).unwrap();
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/drops/empty") == 1
+            && lb.counter("/drops/oversize") == 2),
+        "{}",
+        lb.stats()
+    );
+    // Exactly at the limit is forwarded; the backend's reply ("a:" + 512 bytes) is then over
+    // the limit on the way back, and is dropped and counted too.
+    c.send_to(&[1u8; 512], listen).unwrap();
+    assert!(
+        wait_for(DEADLINE, || a.count() == 1
+            && lb.counter("/drops/reply_oversize") == 1),
+        "{}",
+        lb.stats()
+    );
+    // A reply of exactly the limit reaches the client, and the process is unharmed.
+    let (reply, _) = request(&c, listen, &[1u8; 510]);
+    assert_eq!(reply.len(), 512);
+    assert_eq!(
+        a.count(),
+        2,
+        "nothing oversize or empty reached the backend"
+    );
+    assert!(lb.alive());
+}
+
+#[test]
+fn flow_cap_sheds_new_flows_and_idle_expiry_frees_everything() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = Udplb::start(&[
+        "--workers",
+        "1",
+        "--max-flows",
+        "3",
+        "--idle-timeout",
+        "1s",
+        &listen.to_string(),
+        &a.addr.to_string(),
+    ]);
+    let baseline = lb.open_udp_sockets();
+    let clients: Vec<_> = (0..3).map(|_| client("127.0.0.1:0")).collect();
+    for c in &clients {
+        request(c, listen, b"hi");
+    }
+    // The gauge is published at the end of the worker's turn, just after the replies left.
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/flows/live") == 3),
+        "{}",
+        lb.stats()
+    );
+    // A fourth client is shed and counted...
+    let extra = client("127.0.0.1:0");
+    extra.send_to(b"let me in", listen).unwrap();
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/drops/flow_cap") == 1),
+        "{}",
+        lb.stats()
+    );
+    let mut buf = [0u8; 64];
+    assert!(
+        extra.recv_from(&mut buf).is_err(),
+        "a shed client got a reply"
+    );
+    // ...while the established ones keep working.
+    for c in &clients {
+        let (reply, _) = request(c, listen, b"still here");
+        assert_eq!(reply, b"a:still here");
+    }
+    assert_eq!(
+        lb.open_udp_sockets(),
+        baseline + 3,
+        "one upstream socket per flow"
+    );
+    // Idle expiry returns flows and descriptors to the baseline.
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/flows/live") == 0),
+        "flows never expired: {}",
+        lb.stats()
+    );
+    assert_eq!(lb.counter("/flows/closed/idle"), 3);
+    assert!(
+        wait_for(Duration::from_secs(2), || lb.open_udp_sockets() == baseline),
+        "upstream sockets leaked"
+    );
+    // And the freed room admits a new flow.
+    let (reply, _) = request(&extra, listen, b"now?");
+    assert_eq!(reply, b"a:now?");
+}

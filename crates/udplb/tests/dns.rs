@@ -1,0 +1,235 @@
+//! udplb in front of real DNS servers: Debian's knot and unbound as backends, `dig` and
+//! `dnsperf` as clients. Needs the packages knot, unbound, dnsutils and dnsperf
+//! (`scripts/test.sh` installs them as root); the test fails with that message otherwise.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const ZONE: &str = "example.test.";
+
+/// A DNS server process, killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn need(bin: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let p = Path::new(dir).join(bin);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "{bin} not found: install Debian's knot, unbound, dnsutils and dnsperf (scripts/test.sh does as root)"
+    );
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("udplb-dns-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn dig(server: SocketAddr, name: &str, rtype: &str) -> Output {
+    Command::new(need("dig"))
+        .args([
+            format!("@{}", server.ip()),
+            "-p".into(),
+            server.port().to_string(),
+            name.into(),
+            rtype.into(),
+            "+short".into(),
+            "+time=1".into(),
+            "+tries=1".into(),
+        ])
+        .output()
+        .expect("run dig")
+}
+
+fn answers(server: SocketAddr, name: &str, rtype: &str) -> Option<String> {
+    let out = dig(server, name, rtype);
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !text.is_empty()).then_some(text)
+}
+
+fn wait_answering(s: &mut Server, what: &str) {
+    let addr = s.addr;
+    let ok = wait_for(DEADLINE, || {
+        if let Ok(Some(status)) = s.child.try_wait() {
+            panic!("{what} exited: {status}");
+        }
+        answers(addr, &format!("www.{ZONE}"), "A").is_some()
+    });
+    assert!(ok, "{what} never answered on {addr}");
+}
+
+fn start_knot() -> Server {
+    let dir = scratch("knot");
+    let port = free_udp_port("127.0.0.1");
+    std::fs::write(
+        dir.join("example.test.zone"),
+        format!(
+            "$ORIGIN {ZONE}\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n@ NS ns\n\
+             ns A 192.0.2.1\nwww A 192.0.2.10\nwho TXT \"knot\"\n"
+        ),
+    )
+    .unwrap();
+    let conf = dir.join("knot.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  listen: 127.0.0.1@{port}\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
+             database:\n  storage: {d}\ncontrol:\n  listen: {d}/knot.sock\n\
+             log:\n  - target: stderr\n    any: warning\n\
+             template:\n  - id: default\n    storage: {d}\n\
+             zone:\n  - domain: {ZONE}\n    file: example.test.zone\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(need("knotd"))
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start knotd");
+    let mut s = Server {
+        child,
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+    };
+    wait_answering(&mut s, "knotd");
+    s
+}
+
+fn start_unbound() -> Server {
+    let dir = scratch("unbound");
+    let port = free_udp_port("127.0.0.1");
+    let conf = dir.join("unbound.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  interface: 127.0.0.1\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n\
+             directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 0\n\
+             do-ip6: no\n  num-threads: 1\n  access-control: 127.0.0.0/8 allow\n\
+             local-zone: \"{ZONE}\" static\n\
+             local-data: \"{ZONE} 300 IN SOA ns.{ZONE} hostmaster.{ZONE} 1 3600 600 86400 300\"\n\
+             local-data: \"www.{ZONE} 300 IN A 192.0.2.10\"\n\
+             local-data: 'who.{ZONE} 300 IN TXT \"unbound\"'\n\
+             remote-control:\n  control-enable: no\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(need("unbound"))
+        .arg("-d")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start unbound");
+    let mut s = Server {
+        child,
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+    };
+    wait_answering(&mut s, "unbound");
+    s
+}
+
+#[test]
+fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
+    let knot = start_knot();
+    let unbound = start_unbound();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = Udplb::start(&[
+        "--mode",
+        "request-response",
+        &listen.to_string(),
+        &knot.addr.to_string(),
+        &unbound.addr.to_string(),
+    ]);
+
+    // dig gets correct answers, and both servers answer (each dig is a new flow, and a worker's
+    // round robin alternates; with 4 or more queries over 2 workers one worker sees two).
+    let mut who = std::collections::HashSet::new();
+    for _ in 0..6 {
+        who.insert(answers(listen, &format!("who.{ZONE}"), "TXT").expect("a TXT answer"));
+    }
+    for _ in 0..3 {
+        let a = answers(listen, &format!("www.{ZONE}"), "A").expect("an answer through udplb");
+        assert_eq!(a, "192.0.2.10");
+    }
+    let expected: std::collections::HashSet<String> = ["\"knot\"", "\"unbound\""]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(
+        who, expected,
+        "both DNS servers should answer through udplb"
+    );
+    let nx = dig(listen, &format!("nope.{ZONE}"), "A");
+    assert!(nx.status.success());
+
+    // dnsperf: a fixed number of queries at a moderate rate, none lost.
+    let dir = scratch("dnsperf");
+    let queries = dir.join("queries.txt");
+    let lines: String = (0..100)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("www.{ZONE} A\n")
+            } else {
+                format!("who.{ZONE} TXT\n")
+            }
+        })
+        .collect();
+    std::fs::write(&queries, lines).unwrap();
+    let out = Command::new(need("dnsperf"))
+        .args([
+            "-s",
+            "127.0.0.1",
+            "-p",
+            &listen.port().to_string(),
+            "-c",
+            "4",
+            "-n",
+            "100",
+            "-Q",
+            "4000",
+            "-t",
+            "3",
+            "-d",
+        ])
+        .arg(&queries)
+        .output()
+        .expect("run dnsperf");
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    assert!(out.status.success(), "dnsperf failed: {report}");
+    assert!(report.contains("Queries sent:         10000"), "{report}");
+    assert!(report.contains("Queries completed:    10000"), "{report}");
+    assert!(report.contains("Queries lost:         0 "), "{report}");
+    // Request-response: every flow closed after its answer.
+    assert!(
+        wait_for(Duration::from_secs(5), || lb.counter("/flows/live") == 0),
+        "{}",
+        lb.stats()
+    );
+}
