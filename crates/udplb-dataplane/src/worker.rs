@@ -7,7 +7,7 @@
 //! changed; forward client datagrams from each readable listener (`recvmmsg`, at most
 //! [`LISTENER_BATCHES_PER_TURN`] batches so one busy listener cannot starve replies or timers);
 //! relay replies from each readable upstream socket into the listener's reply batch (at most
-//! [`REPLIES_PER_FLOW_PER_TURN`] per flow); send the reply batches (`sendmmsg`); expire idle
+//! [`REPLY_BATCHES_PER_FLOW_PER_TURN`] `recvmmsg` batches per flow); send the reply batches (`sendmmsg`); expire idle
 //! flows. Work left over by a budget is resumed next turn without sleeping.
 //!
 //! Must not: allocate, lock or log per datagram. Errors on the data path are counted as
@@ -38,8 +38,10 @@ use crate::stats::WorkerStats;
 const BATCH: usize = 64;
 /// Receive batches per listener per turn.
 const LISTENER_BATCHES_PER_TURN: usize = 8;
-/// Replies read from one upstream socket per turn.
-const REPLIES_PER_FLOW_PER_TURN: usize = 32;
+/// Replies read from an upstream socket with one `recvmmsg`.
+const REPLY_BATCH: usize = 16;
+/// Reply batches read from one upstream socket per turn.
+const REPLY_BATCHES_PER_FLOW_PER_TURN: usize = 2;
 /// Longest sleep when no timer is due (bounds how late a stop or snapshot is noticed).
 const MAX_SLEEP: Duration = Duration::from_millis(250);
 /// Minimum interval between two log lines about the same kind of I/O trouble.
@@ -67,6 +69,14 @@ pub(crate) struct WorkerSetup {
     pub stats: Arc<WorkerStats>,
     pub stop: Arc<AtomicBool>,
     pub sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
+}
+
+/// What [`Worker::queue_replies`] did with a batch of replies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Relayed {
+    Queued,
+    /// The flow got its last expected reply and is closed.
+    FlowCompleted,
 }
 
 /// A listener socket of this worker and its queue of replies.
@@ -157,6 +167,7 @@ impl Worker {
             .max()
             .unwrap_or(0);
         let mut recv = RecvBatch::new(BATCH, max_datagram + 1);
+        let mut inbox = RecvBatch::new(REPLY_BATCH, max_datagram + 1);
         let mut events = Events::with_capacity(1024);
         let mut ready: Vec<FlowHandle> = Vec::with_capacity(1024);
         let mut again: Vec<FlowHandle> = Vec::with_capacity(1024);
@@ -196,7 +207,7 @@ impl Worker {
             }
             again.clear();
             for &h in &ready {
-                if !self.relay_replies(&snap, h, now) {
+                if !self.relay_replies(&snap, h, &mut inbox, now) {
                     again.push(h);
                 }
             }
@@ -269,6 +280,12 @@ impl Worker {
                 Ok(n) => {
                     for i in 0..n {
                         self.forward_one(li, snap, recv.get(i), now);
+                    }
+                    // A short batch means the socket is empty; a later datagram raises a new
+                    // edge, so no extra call just to see EAGAIN.
+                    if n < recv.capacity() {
+                        self.listeners[li].readable = false;
+                        break;
                     }
                 }
                 Err(e) => {
@@ -513,53 +530,46 @@ impl Worker {
         DropReason::SendError
     }
 
-    /// Reads replies from flow `h`'s upstream socket into its listener's reply batch. Returns
-    /// whether the socket was drained (false: budget or reply queue ran out; resume next turn).
-    fn relay_replies(&mut self, snap: &Snapshot, h: FlowHandle, now: Time) -> bool {
+    /// Reads replies from flow `h`'s upstream socket (`recvmmsg`) and queues them on its
+    /// listener's reply batch. Returns whether the socket was drained (false: the budget or the
+    /// reply queue ran out; resume next turn).
+    fn relay_replies(
+        &mut self,
+        snap: &Snapshot,
+        h: FlowHandle,
+        inbox: &mut RecvBatch,
+        now: Time,
+    ) -> bool {
         let Some(flow) = self.table.get(h) else {
             return true;
         };
-        let key = flow.key;
-        let li = key.listener as usize;
-        let spec = &snap.listeners[li];
-        let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
-        let check_source = spec.mode == SessionMode::Datagram;
-        for _ in 0..REPLIES_PER_FLOW_PER_TURN {
+        let li = flow.key.listener as usize;
+        for _ in 0..REPLY_BATCHES_PER_FLOW_PER_TURN {
             let lio = &mut self.listeners[li];
-            if lio.replies.is_full() {
+            if lio.replies.room() < inbox.capacity() {
                 flush_replies(lio, &self.stats, li, &mut self.log);
-                if lio.replies.is_full() {
+                if lio.replies.room() < inbox.capacity() {
                     return false;
                 }
             }
             let Some(flow) = self.table.get(h) else {
                 return true;
             };
-            let slot = lio.replies.next_slot().expect("checked not full");
-            let received = udplb_sys::batch::recv_from(flow.io.socket.as_fd(), slot);
-            let stats = &self.stats.listeners[li];
-            match received {
-                Ok((len, source)) => {
-                    stats.replies_in.add(1);
-                    if check_source && snap.pools[spec.pool].position(&source).is_none() {
-                        stats.drop(DropReason::UnknownSource);
-                        continue;
+            match inbox.recv(flow.io.socket.as_fd()) {
+                Ok(n) => {
+                    if self.queue_replies(snap, h, inbox, now) == Relayed::FlowCompleted {
+                        return true;
                     }
-                    if len > spec.max_datagram_size {
-                        stats.drop(DropReason::ReplyOversize);
-                        continue;
-                    }
-                    lio.replies.commit(len, key.client, key.local);
-                    stats.bytes_out.add(len as u64);
-                    if self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete {
-                        self.close_flow(h, CloseReason::Completed, now);
+                    // Fewer than asked for: the socket is empty (a later datagram raises a new
+                    // edge), so no extra call just to see EAGAIN.
+                    if n < inbox.capacity() {
                         return true;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) => {
                     if e.kind() == io::ErrorKind::ConnectionRefused {
-                        stats.backend_refused.add(1);
+                        self.stats.listeners[li].backend_refused.add(1);
                     } else {
                         self.log.warn("upstream receive", &e);
                     }
@@ -569,6 +579,49 @@ impl Worker {
             }
         }
         false
+    }
+
+    /// Checks the replies in `inbox` (size; in datagram mode, that a backend of the pool sent
+    /// them) and queues them for the client of flow `h`, from the address it sent to.
+    fn queue_replies(
+        &mut self,
+        snap: &Snapshot,
+        h: FlowHandle,
+        inbox: &RecvBatch,
+        now: Time,
+    ) -> Relayed {
+        let Some(flow) = self.table.get(h) else {
+            return Relayed::FlowCompleted;
+        };
+        let key = flow.key;
+        let li = key.listener as usize;
+        let spec = &snap.listeners[li];
+        let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
+        let check_source = spec.mode == SessionMode::Datagram;
+        for i in 0..inbox.len() {
+            let reply = inbox.get(i);
+            let stats = &self.stats.listeners[li];
+            stats.replies_in.add(1);
+            if check_source && snap.pools[spec.pool].position(&reply.source).is_none() {
+                stats.drop(DropReason::UnknownSource);
+                continue;
+            }
+            if reply.truncated || reply.data.len() > spec.max_datagram_size {
+                stats.drop(DropReason::ReplyOversize);
+                continue;
+            }
+            self.listeners[li]
+                .replies
+                .push(reply.data, key.client, key.local);
+            stats.bytes_out.add(reply.data.len() as u64);
+            if self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete {
+                // Anything after the last expected reply would have been discarded with the
+                // socket anyway.
+                self.close_flow(h, CloseReason::Completed, now);
+                return Relayed::FlowCompleted;
+            }
+        }
+        Relayed::Queued
     }
 
     fn flush_all_replies(&mut self) {

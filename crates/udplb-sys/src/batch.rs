@@ -301,6 +301,11 @@ impl SendBatch {
         self.end == self.first
     }
 
+    /// How many more datagrams can be queued before a flush.
+    pub fn room(&self) -> usize {
+        self.headers.len() - self.end
+    }
+
     /// Whether no more datagram can be queued before a flush.
     pub fn is_full(&self) -> bool {
         self.end == self.headers.len()
