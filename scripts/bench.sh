@@ -21,7 +21,7 @@ WORKERS=${WORKERS:-2}
 THREADS=${THREADS:-1}
 
 cargo build --release --quiet -p udplb -p udplb-bench
-UDPLB=target/release/udplb
+UDPLB=${UDPLB:-target/release/udplb}  # set UDPLB to measure another build
 BENCH=target/release/udplb-bench
 
 work=$(mktemp -d)

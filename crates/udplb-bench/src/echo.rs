@@ -10,16 +10,23 @@ use anyhow::Context;
 use mio::net::UdpSocket as MioUdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use udplb_sys::batch::{RecvBatch, SendBatch};
+use udplb_sys::socket::{ListenerOptions, bind_listener};
 
 const BATCH: usize = 64;
 const MAX_DATAGRAM: usize = 65_535;
+const BUFFER: usize = 4 << 20;
 
 /// Binds every address, reports them on stdout, and echoes until killed.
 pub fn run(addrs: &[SocketAddr]) -> anyhow::Result<()> {
     let mut threads = Vec::new();
     for addr in addrs {
-        let socket = UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
-        socket.set_nonblocking(true)?;
+        // Large buffers: the backends must not be where a benchmark loses datagrams.
+        let opts = ListenerOptions {
+            reuse_port: false,
+            recv_buffer: Some(BUFFER),
+            send_buffer: Some(BUFFER),
+        };
+        let socket = bind_listener(*addr, &opts).with_context(|| format!("binding {addr}"))?;
         println!("listening {}", socket.local_addr()?);
         threads.push(std::thread::spawn(move || serve(socket)));
     }

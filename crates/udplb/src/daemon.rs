@@ -22,7 +22,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     match udplb_sys::socket::raise_nofile_limit() {
-        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Ok(limit) => warn_if_flows_exceed(&cfg, limit),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
     let snapshot = snapshot_of(&cfg, 1, None);
@@ -68,6 +68,24 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!("stopping");
     dataplane.stop();
     result
+}
+
+/// Every flow holds one descriptor (its upstream socket): say so when the flow caps cannot all
+/// be reached, since new flows are then shed as `upstream_socket` before the cap.
+fn warn_if_flows_exceed(cfg: &Config, limit: u64) {
+    /// Descriptors for listeners, epoll, the admin endpoint and the like.
+    const RESERVE: u64 = 64;
+    let flows: u64 = cfg.listeners.iter().map(|l| u64::from(l.max_flows)).sum();
+    if flows + RESERVE > limit {
+        tracing::warn!(
+            open_file_limit = limit,
+            max_flows = flows,
+            "the open file limit is below the flow caps: once descriptors run out, new flows are \
+             dropped and counted as upstream_socket (raise LimitNOFILE or lower max_flows)"
+        );
+    } else {
+        tracing::debug!(open_file_limit = limit, "open file limit");
+    }
 }
 
 async fn wait_for_stop_signal() -> anyhow::Result<()> {

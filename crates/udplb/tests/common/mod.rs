@@ -56,6 +56,16 @@ impl Udplb {
         Self::spawn(full, admin)
     }
 
+    /// Like [`Udplb::start`], with the open-file limit (soft and hard) set to `limit`.
+    pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Udplb {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let mut full: Vec<String> = vec![format!("--nofile={limit}:{limit}"), "--".into()];
+        full.push(env!("CARGO_BIN_EXE_udplb").into());
+        full.extend(["--admin".to_string(), admin.to_string()]);
+        full.extend(args.iter().map(|s| s.to_string()));
+        Self::spawn_program("prlimit", full, admin)
+    }
+
     /// Starts `udplb run -c FILE` where the file's admin endpoint is `admin`.
     pub fn run_config(path: &std::path::Path, admin: SocketAddr) -> Udplb {
         Self::spawn(
@@ -65,7 +75,11 @@ impl Udplb {
     }
 
     fn spawn(args: Vec<String>, admin: SocketAddr) -> Udplb {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_udplb"))
+        Self::spawn_program(env!("CARGO_BIN_EXE_udplb"), args, admin)
+    }
+
+    fn spawn_program(program: &str, args: Vec<String>, admin: SocketAddr) -> Udplb {
+        let mut child = Command::new(program)
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -124,6 +138,11 @@ impl Udplb {
     /// The admin endpoint's `/stats`.
     pub fn stats(&self) -> serde_json::Value {
         self.try_stats().expect("GET /stats")
+    }
+
+    /// Like [`Udplb::counter`], but `None` while the admin endpoint does not answer.
+    pub fn try_counter(&self, pointer: &str) -> Option<u64> {
+        self.try_stats()?["listeners"][0].pointer(pointer)?.as_u64()
     }
 
     /// A counter of listener 0, by JSON pointer below the listener (e.g. "/drops/oversize").
