@@ -64,7 +64,7 @@ wait_forwarding() {
 measure_udplb() { # measure_udplb MODE -> JSON line with udplb_cpu_s added
     local port lb before after
     port=$(free_port)
-    "$UDPLB" --log-level warn --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}" &
+    "$UDPLB" --log-level error --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}" &
     lb=$!
     pids+=("$lb")
     wait_forwarding "127.0.0.1:$port"
@@ -97,12 +97,15 @@ def med(mode, key):
     vals = [r[key] for r in runs[mode] if key in r]
     return statistics.median(vals) if vals else None
 direct = med("direct", "replies_per_sec")
-print(f"{'mode':<10} {'replies/s':>10} {'ratio':>6} {'p99_us':>7} {'lost':>5} {'udplb_cpu_s':>11}   per-round replies/s")
+# ratio: median over modes' medians; round ratio: median of each round's ratio to the direct
+# run just before it (robust to drift between rounds).
+print(f"{'mode':<10} {'replies/s':>10} {'ratio':>6} {'round_ratio':>11} {'p99_us':>7} {'lost':>5} {'udplb_cpu_s':>11}   per-round replies/s")
 for mode in ("direct", "flow", "datagram"):
     rps = med(mode, "replies_per_sec")
     cpu = med(mode, "udplb_cpu_s")
     lost = sum(r["lost"] for r in runs[mode])
+    round_ratio = statistics.median(r["replies_per_sec"] / d["replies_per_sec"] for r, d in zip(runs[mode], runs["direct"]))
     rounds = " ".join(f"{r['replies_per_sec']:.0f}" for r in runs[mode])
-    print(f"{mode:<10} {rps:>10.0f} {rps / direct:>6.2f} {med(mode, 'p99_us'):>7.0f} {lost:>5} "
+    print(f"{mode:<10} {rps:>10.0f} {rps / direct:>6.2f} {round_ratio:>11.2f} {med(mode, 'p99_us'):>7.0f} {lost:>5} "
           f"{'-' if cpu is None else f'{cpu:.1f}':>11}   {rounds}")
 PY
