@@ -2,8 +2,9 @@
 //! where each key is, so that every error (of syntax, type or rule) names file, line and key.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::ops::Range;
+use std::fmt::Display;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -62,17 +63,14 @@ pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
         failed: Vec::new(),
         suggested: Vec::new(),
     };
-    let root = match DeTable::parse(src) {
-        Ok(root) => root,
-        Err(e) => {
-            reader.error_at(
-                e.span().unwrap_or(0..0),
-                "(syntax)",
-                e.message().trim_end().to_string(),
-            );
-            return Err(reader.into_errors());
+    let (root, syntax_errors) = DeTable::parse_recoverable(src);
+    if !syntax_errors.is_empty() {
+        // A partly read document would give misleading "missing key" errors: syntax only.
+        for e in &syntax_errors {
+            reader.syntax_error(src, e);
         }
-    };
+        return Err(reader.into_errors());
+    }
     let cfg = reader.config(root.get_ref());
     for p in rules::check(&cfg) {
         if !reader.is_consequence(&p) {
@@ -114,6 +112,16 @@ impl Reader<'_> {
         ConfigErrors {
             errors: self.errors,
         }
+    }
+
+    fn syntax_error(&mut self, src: &str, e: &toml::de::Error) {
+        let span = e.span().unwrap_or(0..0);
+        let mut message = e.message().trim_end().to_string();
+        let key_text = src.get(span.clone()).filter(|t| !t.trim().is_empty());
+        if let (true, Some(text)) = (message == "duplicate key", key_text) {
+            message = format!("duplicate key {:?}", text.trim());
+        }
+        self.error_at(span, "(syntax)", message);
     }
 
     fn error_at(&mut self, span: Range<usize>, key: &str, message: String) {
@@ -164,9 +172,7 @@ impl Reader<'_> {
     fn runtime(&mut self, t: &DeTable<'_>) -> Runtime {
         self.check_keys("runtime", t, RUNTIME_KEYS);
         Runtime {
-            workers: self
-                .integer(t, "runtime", "workers")
-                .and_then(|w| self.convert("runtime.workers", t, "workers", w)),
+            workers: self.ranged(t, "runtime", "workers", defaults::WORKERS_RANGE),
         }
     }
 
@@ -180,24 +186,9 @@ impl Reader<'_> {
         self.check_keys(key, t, LISTENER_KEYS);
         let address = self.required(t, key, "address", |r, k, v| r.address(k, v));
         let pool = self.required(t, key, "pool", |r, k, v| r.string(k, v).map(str::to_string));
-        let mode = self.optional(t, key, "mode", |r, k, v| r.named(k, v, parse_mode));
-        let responses = self
-            .integer(t, key, "responses")
-            .and_then(|n| self.convert(key, t, "responses", n));
+        let mode = self.mode(t, key);
         let mut l = ListenerConfig::new(name.into(), address?, pool?);
-        l.mode = match (mode, responses) {
-            (Some(Mode::RequestResponse), r) => SessionMode::RequestResponse {
-                responses: r.unwrap_or(defaults::RESPONSES),
-            },
-            (Some(Mode::Datagram), r) => {
-                self.responses_only_with_request_response(key, r);
-                SessionMode::Datagram
-            }
-            (Some(Mode::Flow) | None, r) => {
-                self.responses_only_with_request_response(key, r);
-                SessionMode::Flow
-            }
-        };
+        l.mode = mode;
         if let Some(a) = self.optional(t, key, "affinity", |r, k, v| {
             r.named(k, v, Affinity::from_str)
         }) {
@@ -206,27 +197,45 @@ impl Reader<'_> {
         if let Some(d) = self.optional(t, key, "idle_timeout", |r, k, v| r.duration(k, v)) {
             l.idle_timeout = d;
         }
-        if let Some(n) = self
-            .integer(t, key, "max_flows")
-            .and_then(|n| self.convert(key, t, "max_flows", n))
-        {
+        if let Some(n) = self.ranged(t, key, "max_flows", defaults::MAX_FLOWS_RANGE) {
             l.max_flows = n;
         }
-        if let Some(n) = self
-            .integer(t, key, "max_datagram_size")
-            .and_then(|n| self.convert(key, t, "max_datagram_size", n))
-        {
+        let size_range = defaults::MAX_DATAGRAM_SIZE_RANGE;
+        if let Some(n) = self.ranged(t, key, "max_datagram_size", size_range) {
             l.max_datagram_size = n;
         }
         Some(l)
     }
 
-    fn responses_only_with_request_response(&mut self, key: &str, responses: Option<u32>) {
-        if responses.is_some() {
-            self.error_key(
-                &format!("{key}.responses"),
-                "only applies to mode = \"request-response\"".into(),
-            );
+    /// `mode` and `responses` together. On an error (already reported) the listener keeps a
+    /// default so that its other rules are still checked.
+    fn mode(&mut self, t: &DeTable<'_>, key: &str) -> SessionMode {
+        let mode = match t.get("mode") {
+            Some(v) => self.named(&join(key, "mode"), v, parse_mode),
+            None => Some(Mode::Flow),
+        };
+        let responses = self.ranged(t, key, "responses", defaults::RESPONSES_RANGE);
+        match mode {
+            Some(Mode::RequestResponse) => SessionMode::RequestResponse {
+                responses: responses.unwrap_or(defaults::RESPONSES),
+            },
+            Some(Mode::Datagram) => {
+                self.responses_only_with_request_response(t, key, "datagram");
+                SessionMode::Datagram
+            }
+            Some(Mode::Flow) => {
+                self.responses_only_with_request_response(t, key, "flow");
+                SessionMode::Flow
+            }
+            None => SessionMode::Flow,
+        }
+    }
+
+    fn responses_only_with_request_response(&mut self, t: &DeTable<'_>, key: &str, mode: &str) {
+        if t.get("responses").is_some() {
+            let message =
+                format!("only applies to mode = \"request-response\" (mode is \"{mode}\")");
+            self.error_key(&join(key, "responses"), message);
         }
     }
 
@@ -275,10 +284,7 @@ impl Reader<'_> {
         self.check_keys(key, t, BACKEND_KEYS);
         let addr = self.required(t, key, "address", |r, k, v| r.address(k, v))?;
         let mut spec = BackendSpec::new(addr);
-        if let Some(w) = self
-            .integer(t, key, "weight")
-            .and_then(|w| self.convert(key, t, "weight", w))
-        {
+        if let Some(w) = self.ranged(t, key, "weight", 1..=BackendSpec::MAX_WEIGHT) {
             spec.weight = w;
         }
         if let Some(b) = self.optional(t, key, "backup", |r, k, v| r.boolean(k, v)) {
@@ -299,13 +305,11 @@ impl Reader<'_> {
             self.spans.insert(full.clone(), k.span());
             if !allowed.contains(&k.get_ref().as_ref()) {
                 let mut msg = format!("unknown key {:?}", k.get_ref());
-                match closest(k.get_ref(), allowed).filter(|s| t.get(*s).is_none()) {
-                    Some(s) => {
-                        msg += &format!(" (did you mean {s:?}?)");
-                        self.suggested.push(join(path, s));
-                    }
-                    None => msg += &format!(" (expected one of: {})", allowed.join(", ")),
+                if let Some(s) = closest(k.get_ref(), allowed).filter(|s| t.get(*s).is_none()) {
+                    msg += &format!(", did you mean {s:?}?");
+                    self.suggested.push(join(path, s));
                 }
+                msg += &format!(" (expected one of: {})", allowed.join(", "));
                 self.error_at(k.span(), &full, msg);
             }
         }
@@ -404,43 +408,29 @@ impl Reader<'_> {
         }
     }
 
-    fn integer(&mut self, t: &DeTable<'_>, path: &str, name: &str) -> Option<i64> {
+    /// An optional integer key, narrowed to `T` and within `range`.
+    fn ranged<T>(
+        &mut self,
+        t: &DeTable<'_>,
+        path: &str,
+        name: &str,
+        range: RangeInclusive<T>,
+    ) -> Option<T>
+    where
+        T: TryFrom<i64> + PartialOrd + Display,
+    {
         let v = t.get(name)?;
         let key = join(path, name);
-        match v.get_ref() {
-            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
-                Ok(n) => Some(n),
-                Err(_) => {
-                    self.error_at(
-                        v.span(),
-                        &key,
-                        format!("{} does not fit in 64 bits", i.as_str()),
-                    );
-                    None
-                }
-            },
-            _ => self.wrong_type(&key, v, "an integer"),
-        }
-    }
-
-    /// Narrows an integer to the field's type, reporting negatives and overflow.
-    fn convert<T: TryFrom<i64>>(
-        &mut self,
-        path: &str,
-        t: &DeTable<'_>,
-        name: &str,
-        n: i64,
-    ) -> Option<T> {
-        match T::try_from(n) {
-            Ok(v) => Some(v),
-            Err(_) => {
-                let span = t.get(name).map_or(0..0, |v| v.span());
-                let what = if n < 0 {
-                    "must not be negative"
-                } else {
-                    "is too large"
-                };
-                self.error_at(span, &join(path, name), format!("{n} {what}"));
+        let DeValue::Integer(i) = v.get_ref() else {
+            return self.wrong_type(&key, v, "an integer");
+        };
+        let n = i64::from_str_radix(i.as_str(), i.radix()).ok();
+        match n.and_then(|n| T::try_from(n).ok()) {
+            Some(n) if range.contains(&n) => Some(n),
+            _ => {
+                let (lo, hi) = (range.start(), range.end());
+                let message = format!("{} is out of range {lo}..={hi}", i.as_str());
+                self.error_at(v.span(), &key, message);
                 None
             }
         }
@@ -451,26 +441,17 @@ impl Reader<'_> {
         match s.parse::<SocketAddr>() {
             Ok(a) => Some(a),
             Err(_) => {
-                let hint = if s.contains(':')
-                    && s.rsplit_once(':')
-                        .is_some_and(|(h, _)| h.parse::<std::net::IpAddr>().is_err())
-                {
-                    " (hostnames are not resolved; use a numeric IPv4 or [IPv6] address)"
-                } else {
-                    ""
-                };
-                self.error_at(
-                    v.span(),
-                    key,
-                    format!("{s:?} is not an ip:port address{hint}"),
-                );
+                let message = format!("{s:?} is not an ip:port address: {}", address_problem(s));
+                self.error_at(v.span(), key, message);
                 None
             }
         }
     }
 
     fn duration(&mut self, key: &str, v: &Item<'_>) -> Option<Duration> {
-        let s = self.string(key, v)?;
+        let DeValue::String(s) = v.get_ref() else {
+            return self.wrong_type(key, v, "a duration string like \"30s\"");
+        };
         match humantime::parse_duration(s) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -498,6 +479,33 @@ impl Reader<'_> {
                 None
             }
         }
+    }
+}
+
+/// Why `s` is not a numeric `ip:port`, and how to write it.
+fn address_problem(s: &str) -> String {
+    const FORMS: &str = "write 192.0.2.1:53 or [2001:db8::1]:53";
+    let (host, port) = match (s.strip_prefix('['), s.rsplit_once(':')) {
+        (Some(rest), _) => match rest.split_once(']') {
+            Some((host, after)) => (host, after.strip_prefix(':')),
+            None => return format!("missing ']' ({FORMS})"),
+        },
+        (None, Some((host, _))) if host.contains(':') => {
+            return format!("an IPv6 address needs brackets ({FORMS})");
+        }
+        (None, Some((host, port))) => (host, Some(port)),
+        (None, None) => (s, None),
+    };
+    if host.parse::<IpAddr>().is_err() {
+        return if !host.contains(':') && host.contains(|c: char| c.is_ascii_alphabetic()) {
+            format!("{host:?} is a host name; names are not resolved ({FORMS})")
+        } else {
+            format!("{host:?} is not a valid IP address ({FORMS})")
+        };
+    }
+    match port {
+        None => format!("the port is missing ({FORMS})"),
+        Some(p) => format!("the port {p:?} is not a number in 1..=65535"),
     }
 }
 

@@ -10,19 +10,35 @@ fn manifest() -> PathBuf {
 fn the_example_loads() {
     let cfg = udplb_config::load(&manifest().join("../../examples/udplb.toml")).unwrap();
     assert_eq!(cfg.listeners.len(), 1);
-    assert_eq!(cfg.pools[0].backends.len(), 3);
-    assert!(cfg.admin.is_some());
+    let l = &cfg.listeners[0];
+    assert_eq!((l.name.as_str(), l.pool.as_str()), ("dns", "echo"));
+    assert_eq!(l.address, "127.0.0.1:5300".parse().unwrap());
+    assert_eq!(l.mode, udplb_core::SessionMode::Flow);
+    let p = &cfg.pools[0];
+    assert_eq!(p.scheduler, udplb_core::SchedulerKind::RoundRobin);
+    let ports: Vec<(u16, u32)> = p
+        .backends
+        .iter()
+        .map(|b| (b.spec.addr.port(), b.spec.weight))
+        .collect();
+    assert_eq!(ports, [(5301, 1), (5302, 2), (5303, 1)]);
+    assert_eq!(cfg.admin.unwrap().listen, "127.0.0.1:9190".parse().unwrap());
 }
 
 #[test]
 fn broken_fixtures_name_file_line_and_key() {
     let cases = [
-        ("unknown_key.toml", 2, "listeners.dns.adress"),
-        ("bad_address.toml", 2, "listeners.dns.address"),
-        ("empty_pool.toml", 7, "pools.dns.backends"),
-        ("duplicate_listener.toml", 6, "listeners.second.address"),
+        ("unknown_key.toml", 2, "listeners.dns.adress", "adress"),
+        ("bad_address.toml", 2, "listeners.dns.address", "address"),
+        ("empty_pool.toml", 7, "pools.dns.backends", "backends"),
+        (
+            "duplicate_listener.toml",
+            6,
+            "listeners.second.address",
+            "\"first\"",
+        ),
     ];
-    for (name, line, key) in cases {
+    for (name, line, key, text) in cases {
         let path = manifest().join("tests/fixtures/bad").join(name);
         let errors = udplb_config::load(&path).unwrap_err();
         let first = &errors.errors[0];
@@ -31,10 +47,15 @@ fn broken_fixtures_name_file_line_and_key() {
             (line, key),
             "{name}: {errors}"
         );
-        let text = errors.to_string();
+        let all = errors.to_string();
+        let first_line = all.lines().next().unwrap();
         assert!(
-            text.starts_with(&format!("{}:{line}:", path.display())),
-            "{name}: {text}"
+            first_line.starts_with(&format!("{}:{line}:", path.display())),
+            "{name}: {all}"
+        );
+        assert!(
+            first_line.contains(key) && first_line.contains(text),
+            "{name}: {all}"
         );
     }
 }

@@ -143,7 +143,10 @@ fn messages_say_what_would_be_right() {
         "[listeners.l]\naddress = \"localhost:53\"\npool = \"p\"\nmode = \"stream\"\n[pools.p]\nbackends = [\"10.0.0.1:53\"]\n",
     )
     .to_string();
-    assert!(text.contains("t.toml:2:11: listeners.l.address: \"localhost:53\" is not an ip:port address (hostnames"), "{text}");
+    assert!(
+        text.contains("t.toml:2:11: listeners.l.address: \"localhost:53\" is not an ip:port address: \"localhost\" is a host name"),
+        "{text}"
+    );
     assert!(text.contains("flow, datagram, request-response"), "{text}");
 }
 
@@ -224,5 +227,179 @@ fn conflicting_listener_addresses_name_the_first_listener() {
     assert!(
         text.contains("listeners.b.address") && text.contains("\"a\""),
         "{text}"
+    );
+}
+
+/// The message of the only error of `src`.
+fn only_message(src: &str) -> String {
+    let e = errors(src);
+    assert_eq!(e.errors.len(), 1, "{e}");
+    e.errors[0].message.clone()
+}
+
+fn listener_with(extra: &str) -> String {
+    format!("[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n{extra}\n{POOL}")
+}
+
+#[test]
+fn unknown_keys_are_rejected_in_every_section() {
+    let src = r#"
+[runtime]
+threads = 2
+[admin]
+listen = "127.0.0.1:9190"
+bind = "x"
+[listeners.l]
+address = "127.0.0.1:53"
+pool = "p"
+[pools.p]
+algorithm = "rr"
+backends = [{ address = "127.0.0.1:1", wieght = 2 }]
+"#;
+    let keys: Vec<String> = errors(src).errors.into_iter().map(|e| e.key).collect();
+    assert_eq!(
+        keys,
+        [
+            "runtime.threads",
+            "admin.bind",
+            "pools.p.algorithm",
+            "pools.p.backends[0].wieght"
+        ]
+    );
+    let text = errors(src).to_string();
+    assert!(
+        text.contains("expected one of: scheduler, backends"),
+        "{text}"
+    );
+    assert!(text.contains("did you mean \"weight\"?"), "{text}");
+}
+
+#[test]
+fn unknown_names_list_the_accepted_ones() {
+    assert!(only_message(&listener_with("affinity = \"port\"")).contains("ip-port, ip"));
+    let src = "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\nscheduler = \"fastest\"\nbackends = [{ address = \"127.0.0.1:1\", state = \"off\" }]\n";
+    let text = errors(src).to_string();
+    assert!(
+        text.contains("pools.p.scheduler: \"fastest\": expected one of: round-robin"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "pools.p.backends[0].state: \"off\": expected one of: enabled, draining, disabled"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_addresses_say_what_is_wrong() {
+    let cases = [
+        ("300.1.1.1:53", "\"300.1.1.1\" is not a valid IP address"),
+        ("127.0.0.1", "the port is missing"),
+        ("[::1]", "the port is missing"),
+        ("::1:53", "IPv6 address needs brackets"),
+        ("127.0.0.1:99999", "not a number in 1..=65535"),
+        ("dns.example:53", "host name"),
+        ("127.0.0.1:0", "port 0 is not allowed"),
+    ];
+    for (addr, want) in cases {
+        let src = format!("[listeners.l]\naddress = \"{addr}\"\npool = \"p\"\n{POOL}");
+        let message = only_message(&src);
+        assert!(message.contains(want), "{addr}: {message}");
+    }
+    assert!(
+        parse(
+            &format!("[listeners.l]\naddress = \"[::1]:53\"\npool = \"p\"\n{POOL}"),
+            "t"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn out_of_range_numbers_give_the_range() {
+    for (extra, want) in [
+        (
+            "max_flows = 99999999999",
+            "99999999999 is out of range 1..=16777216",
+        ),
+        ("max_flows = -1", "-1 is out of range 1..=16777216"),
+        (
+            "max_datagram_size = 65508",
+            "65508 is out of range 1..=65507",
+        ),
+        ("idle_timeout = \"50ms\"", "out of range 100ms..="),
+        ("idle_timeout = \"2days\"", "out of range 100ms..="),
+        (
+            "mode = \"request-response\"\nresponses = 1001",
+            "1001 is out of range 1..=1000",
+        ),
+    ] {
+        let message = only_message(&listener_with(extra));
+        assert!(message.contains(want), "{extra}: {message}");
+    }
+    let message = only_message(&format!("[runtime]\nworkers = 1025\n{}", listener_with("")));
+    assert!(message.contains("1..=1024"), "{message}");
+    let message = only_message(
+        "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\nbackends = [{ address = \"127.0.0.1:1\", weight = 10001 }]\n",
+    );
+    assert!(message.contains("1..=10000"), "{message}");
+}
+
+#[test]
+fn every_syntax_error_is_reported() {
+    let e = errors("a = \nb = ]\n[x\n");
+    let lines: Vec<usize> = e.errors.iter().map(|e| e.line).collect();
+    assert_eq!(lines, [1, 2, 3], "{e}");
+    let e = errors(&listener_with("address = \"127.0.0.1:54\""));
+    assert!(
+        e.to_string()
+            .contains("t.toml:4:1: (syntax): duplicate key \"address\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn pool_rules_point_at_backends() {
+    let head = "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\n";
+    let e = errors(&format!("{head}backends = []\n"));
+    assert_eq!(
+        (e.errors[0].line, e.errors[0].key.as_str()),
+        (5, "pools.p.backends"),
+        "{e}"
+    );
+    let e = errors(&format!(
+        "{head}backends = [{{ address = \"127.0.0.1:1\", backup = true }}]\n"
+    ));
+    assert!(
+        e.to_string()
+            .contains("t.toml:5:1: pools.p.backends: every backend is a backup"),
+        "{e}"
+    );
+    let e = errors(&format!(
+        "{head}backends = [\"127.0.0.1:1\", \"127.0.0.1:1\"]\n"
+    ));
+    assert!(
+        e.to_string()
+            .contains("t.toml:5:28: pools.p.backends[1].address: 127.0.0.1:1 is listed twice"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unused_pool_is_fine() {
+    let src = format!(
+        "{}[pools.spare]\nbackends = [\"127.0.0.1:9\"]\n",
+        listener_with("")
+    );
+    assert_eq!(parse(&src, "t").unwrap().pools.len(), 2);
+}
+
+#[test]
+fn a_listener_on_an_unknown_pool_lists_the_pools() {
+    let src = "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"dsn\"\n[pools.dns]\nbackends = [\"127.0.0.1:1\"]\n";
+    assert_eq!(
+        errors(src).to_string(),
+        "t.toml:3:1: listeners.l.pool: no pool named \"dsn\" (pools: dns)\n"
     );
 }
