@@ -50,86 +50,105 @@ struct Received {
 
 const UNKNOWN_SOURCE: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
 
-/// Buffers and headers for receiving up to `capacity` datagrams with one `recvmmsg`.
-pub struct RecvBatch {
+/// The kernel-facing arrays of a batch: `capacity` buffers of `buf_size` bytes, their socket
+/// addresses and control-message space, and the `mmsghdr`s pointing at them. Allocated once;
+/// the pointers stay valid because boxed slices never move their contents.
+struct Messages {
     buf_size: usize,
     bufs: Box<[u8]>,
     names: Box<[libc::sockaddr_storage]>,
     controls: Box<[Control]>,
     iovecs: Box<[libc::iovec]>,
     headers: Box<[libc::mmsghdr]>,
+}
+
+// SAFETY: the raw pointers inside `iovecs` and `headers` point only into this value's own heap
+// allocations (`bufs`, `names`, `controls`, `iovecs`), which move with it and are never shared.
+unsafe impl Send for Messages {}
+
+impl Messages {
+    fn new(capacity: usize, buf_size: usize) -> Self {
+        let capacity = capacity.max(1);
+        let buf_size = buf_size.max(1);
+        let null_iovec = libc::iovec {
+            iov_base: ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut m = Messages {
+            buf_size,
+            bufs: vec![0u8; capacity * buf_size].into_boxed_slice(),
+            names: vec![sockaddr::zeroed(); capacity].into_boxed_slice(),
+            controls: vec![Control([0; CONTROL_LEN]); capacity].into_boxed_slice(),
+            iovecs: vec![null_iovec; capacity].into_boxed_slice(),
+            headers: (0..capacity).map(|_| empty_mmsghdr()).collect(),
+        };
+        for i in 0..capacity {
+            m.iovecs[i] = libc::iovec {
+                iov_base: m.bufs[i * buf_size..].as_mut_ptr().cast(),
+                iov_len: buf_size,
+            };
+            let h = &mut m.headers[i].msg_hdr;
+            h.msg_name = (&mut m.names[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut m.iovecs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = m.controls[i].0.as_mut_ptr().cast();
+        }
+        m
+    }
+
+    fn capacity(&self) -> usize {
+        self.headers.len()
+    }
+
+    fn buf(&self, i: usize, len: usize) -> &[u8] {
+        let start = i * self.buf_size;
+        &self.bufs[start..start + len]
+    }
+
+    fn buf_mut(&mut self, i: usize) -> &mut [u8] {
+        let start = i * self.buf_size;
+        &mut self.bufs[start..start + self.buf_size]
+    }
+}
+
+/// Buffers and headers for receiving up to `capacity` datagrams with one `recvmmsg`.
+pub struct RecvBatch {
+    m: Messages,
     received: Box<[Received]>,
     count: usize,
     rxq_overflow: Option<u32>,
 }
-
-// SAFETY: the raw pointers inside `iovecs` and `headers` point only into this batch's own heap
-// allocations (`bufs`, `names`, `controls`, `iovecs`), which move with it and are never shared.
-unsafe impl Send for RecvBatch {}
 
 impl RecvBatch {
     /// A batch of `capacity` buffers of `buf_size` bytes each. A datagram longer than
     /// `buf_size` is reported as truncated, so size buffers one byte above the largest
     /// datagram you accept to tell "exactly the limit" from "too long".
     pub fn new(capacity: usize, buf_size: usize) -> Self {
-        let capacity = capacity.max(1);
-        let buf_size = buf_size.max(1);
-        let mut batch = RecvBatch {
-            buf_size,
-            bufs: vec![0u8; capacity * buf_size].into_boxed_slice(),
-            names: vec![sockaddr::zeroed(); capacity].into_boxed_slice(),
-            controls: vec![Control([0; CONTROL_LEN]); capacity].into_boxed_slice(),
-            iovecs: vec![
-                libc::iovec {
-                    iov_base: ptr::null_mut(),
-                    iov_len: 0
-                };
-                capacity
-            ]
-            .into_boxed_slice(),
-            headers: (0..capacity).map(|_| empty_mmsghdr()).collect(),
-            received: vec![
-                Received {
-                    len: 0,
-                    truncated: false,
-                    source: UNKNOWN_SOURCE,
-                    local: None
-                };
-                capacity
-            ]
-            .into_boxed_slice(),
+        let m = Messages::new(capacity, buf_size);
+        let nothing = Received {
+            len: 0,
+            truncated: false,
+            source: UNKNOWN_SOURCE,
+            local: None,
+        };
+        RecvBatch {
+            received: vec![nothing; m.capacity()].into_boxed_slice(),
+            m,
             count: 0,
             rxq_overflow: None,
-        };
-        batch.link();
-        batch
-    }
-
-    /// Points every header at its buffer, name and control space.
-    fn link(&mut self) {
-        for i in 0..self.headers.len() {
-            self.iovecs[i] = libc::iovec {
-                iov_base: self.bufs[i * self.buf_size..].as_mut_ptr().cast(),
-                iov_len: self.buf_size,
-            };
-            let h = &mut self.headers[i].msg_hdr;
-            h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_iov = &mut self.iovecs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = self.controls[i].0.as_mut_ptr().cast();
         }
     }
 
     /// How many datagrams one call can receive.
     pub fn capacity(&self) -> usize {
-        self.headers.len()
+        self.m.capacity()
     }
 
     /// Receives as many datagrams as are queued, up to the capacity, without blocking.
     /// Returns how many; `WouldBlock` when none was queued. `EINTR` is retried.
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         self.count = 0;
-        for h in self.headers.iter_mut() {
+        for h in self.m.headers.iter_mut() {
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_controllen = CONTROL_LEN as _;
             h.msg_hdr.msg_flags = 0;
@@ -142,8 +161,8 @@ impl RecvBatch {
             let n = unsafe {
                 libc::recvmmsg(
                     fd.as_raw_fd(),
-                    self.headers.as_mut_ptr(),
-                    self.headers.len() as libc::c_uint,
+                    self.m.headers.as_mut_ptr(),
+                    self.m.headers.len() as libc::c_uint,
                     libc::MSG_DONTWAIT,
                     ptr::null_mut(),
                 )
@@ -164,9 +183,9 @@ impl RecvBatch {
     }
 
     fn parse(&mut self, i: usize) -> Received {
-        let h = &self.headers[i];
+        let h = &self.m.headers[i];
         let source =
-            sockaddr::read(&self.names[i], h.msg_hdr.msg_namelen).unwrap_or(UNKNOWN_SOURCE);
+            sockaddr::read(&self.m.names[i], h.msg_hdr.msg_namelen).unwrap_or(UNKNOWN_SOURCE);
         let mut local = None;
         for_each_cmsg(&h.msg_hdr, |level, kind, data| match (level, kind) {
             (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
@@ -189,7 +208,7 @@ impl RecvBatch {
             _ => {}
         });
         Received {
-            len: (h.msg_len as usize).min(self.buf_size),
+            len: (h.msg_len as usize).min(self.m.buf_size),
             truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             source,
             local,
@@ -211,9 +230,8 @@ impl RecvBatch {
     pub fn get(&self, i: usize) -> RecvMeta<'_> {
         assert!(i < self.count, "datagram {i} of a batch of {}", self.count);
         let r = &self.received[i];
-        let start = i * self.buf_size;
         RecvMeta {
-            data: &self.bufs[start..start + r.len],
+            data: self.m.buf(i, r.len),
             truncated: r.truncated,
             source: r.source,
             local: r.local,
@@ -243,52 +261,21 @@ pub struct FlushOutcome {
 /// Outgoing datagrams, each with its destination and optional source address, sent with one
 /// `sendmmsg` per flush.
 pub struct SendBatch {
-    buf_size: usize,
-    bufs: Box<[u8]>,
-    dests: Box<[libc::sockaddr_storage]>,
-    controls: Box<[Control]>,
-    iovecs: Box<[libc::iovec]>,
-    headers: Box<[libc::mmsghdr]>,
+    m: Messages,
     /// First queued datagram not yet sent.
     first: usize,
     /// One past the last queued datagram.
     end: usize,
 }
 
-// SAFETY: as for `RecvBatch`: the raw pointers reference only this batch's own heap
-// allocations, which move with it.
-unsafe impl Send for SendBatch {}
-
 impl SendBatch {
     /// Room for `capacity` datagrams of up to `buf_size` bytes.
     pub fn new(capacity: usize, buf_size: usize) -> Self {
-        let capacity = capacity.max(1);
-        let buf_size = buf_size.max(1);
-        let mut batch = SendBatch {
-            buf_size,
-            bufs: vec![0u8; capacity * buf_size].into_boxed_slice(),
-            dests: vec![sockaddr::zeroed(); capacity].into_boxed_slice(),
-            controls: vec![Control([0; CONTROL_LEN]); capacity].into_boxed_slice(),
-            iovecs: vec![
-                libc::iovec {
-                    iov_base: ptr::null_mut(),
-                    iov_len: 0
-                };
-                capacity
-            ]
-            .into_boxed_slice(),
-            headers: (0..capacity).map(|_| empty_mmsghdr()).collect(),
+        SendBatch {
+            m: Messages::new(capacity, buf_size),
             first: 0,
             end: 0,
-        };
-        for i in 0..capacity {
-            batch.iovecs[i].iov_base = batch.bufs[i * buf_size..].as_mut_ptr().cast();
-            let h = &mut batch.headers[i].msg_hdr;
-            h.msg_name = (&mut batch.dests[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_iov = &mut batch.iovecs[i];
-            h.msg_iovlen = 1;
         }
-        batch
     }
 
     /// Datagrams queued and not yet sent.
@@ -303,12 +290,12 @@ impl SendBatch {
 
     /// How many more datagrams can be queued before a flush.
     pub fn room(&self) -> usize {
-        self.headers.len() - self.end
+        self.m.headers.len() - self.end
     }
 
     /// Whether no more datagram can be queued before a flush.
     pub fn is_full(&self) -> bool {
-        self.end == self.headers.len()
+        self.end == self.m.headers.len()
     }
 
     /// Forgets every queued datagram.
@@ -324,8 +311,7 @@ impl SendBatch {
         if self.is_full() {
             return None;
         }
-        let start = self.end * self.buf_size;
-        Some(&mut self.bufs[start..start + self.buf_size])
+        Some(self.m.buf_mut(self.end))
     }
 
     /// Queues the first `len` bytes of the slot from [`next_slot`](Self::next_slot) for `dest`,
@@ -334,22 +320,22 @@ impl SendBatch {
     #[inline]
     pub fn commit(&mut self, len: usize, dest: SocketAddr, source: Option<IpAddr>) {
         assert!(
-            !self.is_full() && len <= self.buf_size,
+            !self.is_full() && len <= self.m.buf_size,
             "commit beyond the batch"
         );
         let i = self.end;
-        let namelen = sockaddr::write(&dest, &mut self.dests[i]);
-        self.iovecs[i].iov_len = len;
+        let namelen = sockaddr::write(&dest, &mut self.m.names[i]);
+        self.m.iovecs[i].iov_len = len;
         let control_len = match source {
-            Some(ip) => write_pktinfo(&mut self.controls[i], ip),
+            Some(ip) => write_pktinfo(&mut self.m.controls[i], ip),
             None => 0,
         };
-        let h = &mut self.headers[i].msg_hdr;
+        let h = &mut self.m.headers[i].msg_hdr;
         h.msg_namelen = namelen;
         h.msg_control = if control_len == 0 {
             ptr::null_mut()
         } else {
-            self.controls[i].0.as_mut_ptr().cast()
+            self.m.controls[i].0.as_mut_ptr().cast()
         };
         h.msg_controllen = control_len as _;
         h.msg_flags = 0;
@@ -380,7 +366,7 @@ impl SendBatch {
             let n = unsafe {
                 libc::sendmmsg(
                     fd.as_raw_fd(),
-                    self.headers[self.first..].as_mut_ptr(),
+                    self.m.headers[self.first..].as_mut_ptr(),
                     (self.end - self.first) as libc::c_uint,
                     libc::MSG_DONTWAIT,
                 )

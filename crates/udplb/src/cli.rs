@@ -70,11 +70,17 @@ enum Command {
 /// `udplb [OPTIONS] LISTEN BACKEND [BACKEND...]`
 #[derive(Args, Debug)]
 struct OneLiner {
-    /// Address to listen on, e.g. 0.0.0.0:53 or [::]:53.
-    #[arg(value_name = "LISTEN", required = true)]
+    #[arg(
+        value_name = "LISTEN",
+        required = true,
+        help = "Address to listen on, e.g. 0.0.0.0:53 or [::]:53."
+    )]
     listen: Option<SocketAddr>,
-    /// Backends: ADDR[,weight=N][,backup], e.g. 10.0.0.2:53,weight=2.
-    #[arg(value_name = "BACKEND", required = true)]
+    #[arg(
+        value_name = "BACKEND",
+        required = true,
+        help = "Backends: ADDR[,weight=N][,backup], e.g. 10.0.0.2:53,weight=2."
+    )]
     backends: Vec<BackendArg>,
     /// Session mode.
     #[arg(long, value_enum, default_value_t = ModeArg::Flow)]
