@@ -22,3 +22,18 @@ pub const RESPONSES: u32 = 1;
 pub const RESPONSES_RANGE: RangeInclusive<u32> = 1..=1000;
 /// Accepted worker counts.
 pub const WORKERS_RANGE: RangeInclusive<usize> = 1..=1024;
+/// Time between two health checks of a backend.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// How long one health check may take.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Accepted check intervals.
+pub const CHECK_INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(50)..=Duration::from_secs(3600);
+/// Consecutive successes that bring a backend up.
+pub const RISE: u32 = 2;
+/// Consecutive failures that take a backend down.
+pub const FALL: u32 = 3;
+/// Consecutive passive failures (ICMP unreachable) that take a backend down between checks.
+pub const PASSIVE_FALL: u32 = 3;
+/// Accepted rise and fall.
+pub const RISE_FALL_RANGE: RangeInclusive<u32> = 1..=100;

@@ -17,5 +17,7 @@ mod parse;
 mod rules;
 
 pub use error::{ConfigError, ConfigErrors};
-pub use model::{Admin, BackendConfig, Config, ListenerConfig, PoolConfig, Runtime};
+pub use model::{
+    Admin, BackendConfig, Config, Expect, HealthCheck, ListenerConfig, PoolConfig, Probe, Runtime,
+};
 pub use parse::{load, parse};

@@ -3,8 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use udplb_core::health::{Initial, Quorum, Thresholds};
 use udplb_core::snapshot::AdminState;
-use udplb_core::{Affinity, BackendSpec, SchedulerKind, SessionMode};
+use udplb_core::{Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode};
 
 use crate::defaults;
 
@@ -81,6 +82,106 @@ pub struct PoolConfig {
     pub scheduler: SchedulerKind,
     /// Backends in file order.
     pub backends: Vec<BackendConfig>,
+    /// What happens to flows whose backend goes down (`on_backend_down`).
+    pub on_down: FailurePolicy,
+    /// Where new flows go when no primary is up (`all_down`).
+    pub all_down: AllDownPolicy,
+    /// Quorum rule (`quorum`, `quorum_hysteresis`); `min_up` 0 disables it.
+    pub quorum: Quorum,
+    /// Command run on every state change (`notify`), without a shell.
+    pub notify: Option<Vec<String>>,
+    /// Active health check (`[pools.NAME.health]`); without one every backend counts as up.
+    pub health: Option<HealthCheck>,
+}
+
+impl PoolConfig {
+    /// A pool with default policies and no health check.
+    pub fn new(name: String, scheduler: SchedulerKind, backends: Vec<BackendConfig>) -> Self {
+        PoolConfig {
+            name,
+            scheduler,
+            backends,
+            on_down: FailurePolicy::default(),
+            all_down: AllDownPolicy::default(),
+            quorum: Quorum {
+                min_up: 0,
+                hysteresis: 0,
+            },
+            notify: None,
+            health: None,
+        }
+    }
+}
+
+/// `[pools.NAME.health]`: how a pool's backends are checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What one check does.
+    pub probe: Probe,
+    /// Time between two checks of a backend.
+    pub interval: Duration,
+    /// How long one check may take before it counts as failed.
+    pub timeout: Duration,
+    /// Each interval is lengthened by a random amount up to this, so checks spread out.
+    pub jitter: Duration,
+    /// rise, fall and passive_fall.
+    pub thresholds: Thresholds,
+    /// State before the first check.
+    pub initial: Initial,
+    /// Check this port on the backend's address instead of the backend's own port.
+    pub port: Option<u16>,
+}
+
+/// The kinds of active check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Send a datagram; expect a reply (matching `expect`).
+    Udp {
+        /// Payload sent.
+        send: Vec<u8>,
+        /// What the reply must look like.
+        expect: Expect,
+    },
+    /// A DNS query.
+    Dns {
+        /// Name asked for.
+        name: String,
+        /// Record type, e.g. "A".
+        qtype: String,
+        /// Expected response code, e.g. "NOERROR".
+        rcode: String,
+        /// An answer that must be present (its text form, e.g. "192.0.2.1").
+        answer: Option<String>,
+    },
+    /// A TCP connect.
+    Tcp,
+    /// An HTTP GET.
+    Http {
+        /// Path requested.
+        path: String,
+        /// Host header (default: the backend's address).
+        host: Option<String>,
+        /// Accepted status codes, inclusive.
+        status: (u16, u16),
+        /// A string the body must contain.
+        body_contains: Option<String>,
+    },
+    /// A command; exit status 0 is healthy.
+    Exec {
+        /// Program and arguments (no shell).
+        command: Vec<String>,
+    },
+}
+
+/// What a UDP check's reply must look like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Any reply.
+    Anything,
+    /// A reply starting with these bytes.
+    Prefix(Vec<u8>),
+    /// A reply matching this regular expression (on its bytes).
+    Regex(String),
 }
 
 /// One entry of a pool's `backends`.

@@ -12,11 +12,13 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 use udplb_core::snapshot::AdminState;
-use udplb_core::{Affinity, BackendSpec, SchedulerKind, SessionMode};
+use udplb_core::{Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode};
 
 use crate::error::{ConfigError, ConfigErrors, Lines};
 use crate::model::{Admin, BackendConfig, Config, ListenerConfig, PoolConfig, Runtime};
 use crate::{defaults, rules};
+
+mod health;
 
 type Item<'i> = Spanned<DeValue<'i>>;
 
@@ -33,7 +35,16 @@ const LISTENER_KEYS: &[&str] = &[
     "max_flows",
     "max_datagram_size",
 ];
-const POOL_KEYS: &[&str] = &["scheduler", "backends"];
+const POOL_KEYS: &[&str] = &[
+    "scheduler",
+    "backends",
+    "on_backend_down",
+    "all_down",
+    "quorum",
+    "quorum_hysteresis",
+    "notify",
+    "health",
+];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state"];
 
 /// Reads and parses the configuration file at `path`.
@@ -247,11 +258,30 @@ impl Reader<'_> {
             })
             .unwrap_or_default();
         let backends = self.required(t, key, "backends", |r, k, v| r.backends(k, v))?;
-        Some(PoolConfig {
-            name: name.into(),
-            scheduler,
-            backends,
-        })
+        let mut pool = PoolConfig::new(name.into(), scheduler, backends);
+        if let Some(p) = self.optional(t, key, "on_backend_down", |r, k, v| {
+            r.named(k, v, FailurePolicy::from_str)
+        }) {
+            pool.on_down = p;
+        }
+        if let Some(p) = self.optional(t, key, "all_down", |r, k, v| {
+            r.named(k, v, AllDownPolicy::from_str)
+        }) {
+            pool.all_down = p;
+        }
+        pool.quorum.min_up = self.ranged(t, key, "quorum", 0..=10_000).unwrap_or(0);
+        pool.quorum.hysteresis = self
+            .ranged(t, key, "quorum_hysteresis", 0..=10_000)
+            .unwrap_or(0);
+        pool.notify = self.optional(t, key, "notify", |r, k, v| r.command(k, v));
+        if let Some(v) = t.get("health") {
+            let hkey = join(key, "health");
+            pool.health = match v.get_ref() {
+                DeValue::Table(h) => self.health(&hkey, h),
+                _ => self.wrong_type(&hkey, v, "a table"),
+            };
+        }
+        Some(pool)
     }
 
     fn backends(&mut self, key: &str, v: &Item<'_>) -> Option<Vec<BackendConfig>> {

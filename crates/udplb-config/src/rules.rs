@@ -9,7 +9,7 @@ use std::time::Duration;
 use udplb_core::{BackendSpec, SessionMode};
 
 use crate::defaults;
-use crate::model::{Config, ListenerConfig, PoolConfig};
+use crate::model::{Config, HealthCheck, ListenerConfig, PoolConfig};
 
 /// A broken rule, located by key path.
 #[derive(Debug)]
@@ -118,6 +118,9 @@ fn addresses_conflict(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig) {
+    if let Some(h) = &p.health {
+        check_health(out, &format!("pools.{}.health", p.name), h);
+    }
     let key = format!("pools.{}.backends", p.name);
     if p.backends.is_empty() {
         out.push(problem(key, "a pool needs at least one backend"));
@@ -151,6 +154,31 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig) {
             b.spec.weight,
             1..=BackendSpec::MAX_WEIGHT,
         );
+    }
+}
+
+fn check_health(out: &mut Vec<Problem>, key: &str, h: &HealthCheck) {
+    check_duration(
+        out,
+        format!("{key}.interval"),
+        h.interval,
+        defaults::CHECK_INTERVAL_RANGE,
+    );
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        out.push(problem(
+            format!("{key}.timeout"),
+            format!(
+                "{} must be above 0 and at most the interval ({})",
+                humantime::format_duration(h.timeout),
+                humantime::format_duration(h.interval)
+            ),
+        ));
+    }
+    if h.jitter >= h.interval {
+        out.push(problem(
+            format!("{key}.jitter"),
+            "must be below the interval",
+        ));
     }
 }
 
@@ -213,11 +241,11 @@ mod tests {
                 addr("127.0.0.1:53"),
                 "p".into(),
             )],
-            pools: vec![PoolConfig {
-                name: "p".into(),
-                scheduler: Default::default(),
-                backends: vec![BackendSpec::new(addr("127.0.0.1:5301")).into()],
-            }],
+            pools: vec![PoolConfig::new(
+                "p".into(),
+                Default::default(),
+                vec![BackendSpec::new(addr("127.0.0.1:5301")).into()],
+            )],
             ..Config::default()
         }
     }
@@ -242,11 +270,8 @@ mod tests {
             .push(BackendConfig::from(BackendSpec::new(addr(
                 "127.0.0.1:5301",
             ))));
-        cfg.pools.push(PoolConfig {
-            name: "empty".into(),
-            scheduler: Default::default(),
-            backends: vec![],
-        });
+        cfg.pools
+            .push(PoolConfig::new("empty".into(), Default::default(), vec![]));
         let errors = cfg.validate().unwrap_err();
         let keys: Vec<&str> = errors
             .iter()

@@ -403,3 +403,110 @@ fn a_listener_on_an_unknown_pool_lists_the_pools() {
         "t.toml:3:1: listeners.l.pool: no pool named \"dsn\" (pools: dns)\n"
     );
 }
+
+#[test]
+fn a_health_table_and_pool_policies_become_the_model() {
+    use udplb_config::{Expect, Probe};
+    use udplb_core::health::Initial;
+    use udplb_core::{AllDownPolicy, FailurePolicy};
+    let src = r#"
+[listeners.l]
+address = "127.0.0.1:53"
+pool = "p"
+[pools.p]
+backends = ["127.0.0.1:5301", "127.0.0.1:5302"]
+on_backend_down = "keep"
+all_down = "fail-open"
+quorum = 1
+quorum_hysteresis = 1
+notify = ["/bin/echo", "x"]
+[pools.p.health]
+check = "udp"
+send_hex = "00ff"
+expect = "ok"
+interval = "500ms"
+timeout = "200ms"
+rise = 1
+fall = 4
+passive_fall = 0
+initial = "up"
+port = 9000
+"#;
+    let cfg = parse(src, "t.toml").unwrap();
+    let p = &cfg.pools[0];
+    assert_eq!(
+        (p.on_down, p.all_down),
+        (FailurePolicy::Keep, AllDownPolicy::FailOpen)
+    );
+    assert_eq!((p.quorum.min_up, p.quorum.hysteresis), (1, 1));
+    assert_eq!(
+        p.notify.as_deref(),
+        Some(&["/bin/echo".to_string(), "x".to_string()][..])
+    );
+    let h = p.health.as_ref().unwrap();
+    assert_eq!(
+        h.probe,
+        Probe::Udp {
+            send: vec![0, 0xff],
+            expect: Expect::Prefix(b"ok".to_vec())
+        }
+    );
+    assert_eq!(
+        (h.interval, h.timeout, h.jitter),
+        (
+            Duration::from_millis(500),
+            Duration::from_millis(200),
+            Duration::from_millis(50)
+        )
+    );
+    assert_eq!(
+        (
+            h.thresholds.rise,
+            h.thresholds.fall,
+            h.thresholds.passive_fall
+        ),
+        (1, 4, 0)
+    );
+    assert_eq!((h.initial, h.port), (Initial::Up, Some(9000)));
+}
+
+#[test]
+fn health_table_errors_name_their_keys() {
+    let src = r#"
+[listeners.l]
+address = "127.0.0.1:53"
+pool = "p"
+[pools.p]
+backends = ["127.0.0.1:5301"]
+all_down = "panic"
+[pools.p.health]
+check = "tcp"
+expect = "pong"
+interval = "1s"
+timeout = "2s"
+rise = 0
+"#;
+    let got = located(src);
+    let keys: Vec<&str> = got.iter().map(|(_, k)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "pools.p.all_down",
+            "pools.p.health.expect",
+            "pools.p.health.timeout",
+            "pools.p.health.rise"
+        ],
+        "{}",
+        errors(src)
+    );
+    let text = errors("[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n[pools.p.health]\ncheck = \"udp\"\n").to_string();
+    assert!(
+        text.contains("pools.p.health.send: a udp check needs a non-empty send or send_hex"),
+        "{text}"
+    );
+    let text = errors("[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n[pools.p.health]\ncheck = \"exec\"\ncommand = []\n").to_string();
+    assert!(
+        text.contains("pools.p.health.command: the command needs at least a program"),
+        "{text}"
+    );
+}

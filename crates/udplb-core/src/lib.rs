@@ -2,8 +2,8 @@
 //!
 //! Owns: the vocabulary of the balancer ([`model`]), scheduling ([`sched`], [`maglev`]),
 //! the immutable configuration [`snapshot`] the workers read, the per-worker [`flow`] table
-//! with idle expiry and its cap, IP affinity ([`affinity`]) and the reasons a datagram can be
-//! dropped ([`verdict`]).
+//! with idle expiry and its cap, IP affinity ([`affinity`]), backend health and pool quorum as
+//! state machines ([`health`]) and the reasons a datagram can be dropped ([`verdict`]).
 //!
 //! Must not: open sockets, read clocks, draw random numbers or spawn threads. Time is a
 //! [`Time`] the caller passes in; randomness is a `u64` the caller passes in; hashing for
@@ -14,6 +14,7 @@
 pub mod affinity;
 pub mod flow;
 pub mod hash;
+pub mod health;
 pub mod maglev;
 pub mod model;
 pub mod sched;
@@ -21,6 +22,6 @@ pub mod snapshot;
 pub mod time;
 pub mod verdict;
 
-pub use model::{Affinity, BackendSpec, SchedulerKind, SessionMode};
+pub use model::{Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode};
 pub use time::Time;
 pub use verdict::DropReason;

@@ -182,3 +182,53 @@ impl BackendSpec {
         }
     }
 }
+
+/// What happens to established flows whose backend goes down (per pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Move them to another backend at their next datagram (default).
+    #[default]
+    Reschedule,
+    /// Keep them on their backend until they are idle (a disabled backend still loses them).
+    Keep,
+}
+
+impl FromStr for FailurePolicy {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        match s {
+            "reschedule" => Ok(FailurePolicy::Reschedule),
+            "keep" => Ok(FailurePolicy::Keep),
+            _ => Err(UnknownName {
+                expected: "reschedule, keep",
+            }),
+        }
+    }
+}
+
+/// Where new flows go when no primary backend of a pool is up (per pool).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AllDownPolicy {
+    /// To the pool's backup backends that are up; dropped (`no_backend`) when there are none.
+    #[default]
+    Backup,
+    /// To backups that are up, else to every enabled primary regardless of health: a pool
+    /// whose checks all fail (or are wrong) keeps serving.
+    FailOpen,
+    /// Nowhere: dropped and counted as `no_backend`, even when backups are up.
+    Drop,
+}
+
+impl FromStr for AllDownPolicy {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        match s {
+            "backup" => Ok(AllDownPolicy::Backup),
+            "fail-open" => Ok(AllDownPolicy::FailOpen),
+            "drop" => Ok(AllDownPolicy::Drop),
+            _ => Err(UnknownName {
+                expected: "backup, fail-open, drop",
+            }),
+        }
+    }
+}

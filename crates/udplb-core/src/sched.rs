@@ -10,8 +10,8 @@
 
 use crate::hash::{ClientKey, backend_hash_input, stable_hash};
 use crate::maglev::MaglevTable;
-use crate::model::SchedulerKind;
-use crate::snapshot::{Backend, Pool};
+use crate::model::{AllDownPolicy, SchedulerKind};
+use crate::snapshot::{AdminState, Backend, Pool};
 
 /// The backends eligible for new flows in a pool, with the tables of its scheduler.
 ///
@@ -32,24 +32,32 @@ pub struct Tier {
     maglev: Option<MaglevTable>,
     /// Whether the members are backups (no primary is available).
     backup: bool,
+    /// Whether the members are primaries taken regardless of health (`fail-open`).
+    fail_open: bool,
 }
 
 impl Tier {
-    /// Builds the tier of `backends` for scheduler `kind`.
-    pub fn build(kind: SchedulerKind, backends: &[Backend]) -> Tier {
-        let eligible = |backup: bool| -> Vec<u32> {
+    /// Builds the tier of `backends` for scheduler `kind`: the primaries that take new flows;
+    /// when there are none, what `all_down` says.
+    pub fn build(kind: SchedulerKind, backends: &[Backend], all_down: AllDownPolicy) -> Tier {
+        let eligible = |keep: &dyn Fn(&Backend) -> bool| -> Vec<u32> {
             backends
                 .iter()
                 .enumerate()
-                .filter(|(_, b)| b.spec.backup == backup && b.takes_new_flows())
+                .filter(|(_, b)| keep(b))
                 .map(|(i, _)| i as u32)
                 .collect()
         };
-        let mut members = eligible(false);
+        let mut members = eligible(&|b| !b.spec.backup && b.takes_new_flows());
         let mut backup = false;
-        if members.is_empty() {
-            members = eligible(true);
+        let mut fail_open = false;
+        if members.is_empty() && all_down != AllDownPolicy::Drop {
+            members = eligible(&|b| b.spec.backup && b.takes_new_flows());
             backup = !members.is_empty();
+        }
+        if members.is_empty() && all_down == AllDownPolicy::FailOpen {
+            members = eligible(&|b| !b.spec.backup && b.admin == AdminState::Enabled);
+            fail_open = !members.is_empty();
         }
         let weights: Vec<u32> = members
             .iter()
@@ -89,6 +97,7 @@ impl Tier {
             member_hashes,
             maglev,
             backup,
+            fail_open,
         }
     }
 
@@ -105,6 +114,17 @@ impl Tier {
     /// Whether the eligible backends are backups.
     pub fn is_backup(&self) -> bool {
         self.backup
+    }
+
+    /// Whether no backend was up and `fail-open` put every enabled primary in the tier.
+    pub fn is_fail_open(&self) -> bool {
+        self.fail_open
+    }
+
+    /// Whether backend `index` of the pool is a member (may receive new flows).
+    #[inline]
+    pub fn contains(&self, index: usize) -> bool {
+        self.members.contains(&(index as u32))
     }
 
     /// Indices into [`Pool::backends`] of the eligible backends.
@@ -298,11 +318,7 @@ mod tests {
         Snapshot::build(
             1,
             vec![],
-            vec![PoolInput {
-                name: "p".into(),
-                scheduler: kind,
-                backends,
-            }],
+            vec![PoolInput::new("p".into(), kind, backends)],
             None,
         )
     }
@@ -443,7 +459,11 @@ mod tests {
         assert_eq!(c, [10, 0]);
         let mut s = snapshot(SchedulerKind::RoundRobin, &[(1, 1, false), (2, 1, true)]);
         s.pools[0].backends[0].healthy = false;
-        s.pools[0].tier = Tier::build(SchedulerKind::RoundRobin, &s.pools[0].backends);
+        s.pools[0].tier = Tier::build(
+            SchedulerKind::RoundRobin,
+            &s.pools[0].backends,
+            AllDownPolicy::Backup,
+        );
         assert!(s.pools[0].tier.is_backup());
         let input = PickInput {
             key: ClientKey(0),
@@ -454,11 +474,42 @@ mod tests {
     }
 
     #[test]
+    fn all_down_policy_decides_where_new_flows_go() {
+        let backends = [(1, 1, false), (2, 1, false), (3, 1, true)];
+        let members = |policy, backup_up: bool| {
+            let mut s = snapshot(SchedulerKind::RoundRobin, &backends);
+            s.pools[0].backends[0].healthy = false;
+            s.pools[0].backends[1].healthy = false;
+            s.pools[0].backends[2].healthy = backup_up;
+            let tier = Tier::build(SchedulerKind::RoundRobin, &s.pools[0].backends, policy);
+            (
+                (0..3).filter(|&i| tier.contains(i)).collect::<Vec<_>>(),
+                tier.is_backup(),
+                tier.is_fail_open(),
+            )
+        };
+        assert_eq!(members(AllDownPolicy::Backup, true), (vec![2], true, false));
+        assert_eq!(
+            members(AllDownPolicy::Backup, false),
+            (vec![], false, false)
+        );
+        assert_eq!(
+            members(AllDownPolicy::FailOpen, true),
+            (vec![2], true, false)
+        );
+        assert_eq!(
+            members(AllDownPolicy::FailOpen, false),
+            (vec![0, 1], false, true)
+        );
+        assert_eq!(members(AllDownPolicy::Drop, true), (vec![], false, false));
+    }
+
+    #[test]
     fn nothing_eligible_picks_nothing() {
         for kind in SchedulerKind::ALL {
             let mut s = snapshot(kind, &[(1, 1, false)]);
             s.pools[0].backends[0].admin = AdminState::Draining;
-            s.pools[0].tier = Tier::build(kind, &s.pools[0].backends);
+            s.pools[0].tier = Tier::build(kind, &s.pools[0].backends, AllDownPolicy::Backup);
             let input = PickInput {
                 key: ClientKey(0),
                 random: 0,

@@ -9,7 +9,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::model::{Affinity, BackendSpec, SchedulerKind, SessionMode};
+use crate::model::{
+    Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode,
+};
 use crate::sched::Tier;
 
 /// A backend's identity across snapshots: the same (pool, address) keeps the same id when a
@@ -54,11 +56,6 @@ impl Backend {
     pub fn takes_new_flows(&self) -> bool {
         self.admin == AdminState::Enabled && self.healthy
     }
-
-    /// Whether an established flow may keep using this backend.
-    pub fn keeps_flows(&self) -> bool {
-        self.admin != AdminState::Disabled && self.healthy
-    }
 }
 
 /// A pool: its backends and the scheduling tables for whichever tier is active.
@@ -68,6 +65,10 @@ pub struct Pool {
     pub name: String,
     /// Scheduling algorithm.
     pub scheduler: SchedulerKind,
+    /// What happens to flows whose backend goes down.
+    pub on_down: FailurePolicy,
+    /// Where new flows go when no primary is up.
+    pub all_down: AllDownPolicy,
     /// All backends, primaries and backups, in config order.
     pub backends: Vec<Backend>,
     /// The backends new flows go to: available primaries, or available backups when no
@@ -80,6 +81,16 @@ impl Pool {
     #[inline]
     pub fn position(&self, addr: &SocketAddr) -> Option<usize> {
         self.backends.iter().position(|b| b.spec.addr == *addr)
+    }
+
+    /// Whether an established flow on backend `index` stays there: not while the backend is
+    /// disabled; while it is down only under [`FailurePolicy::Keep`] or when `fail-open` made it a
+    /// member again.
+    #[inline]
+    pub fn keeps_flows(&self, index: usize) -> bool {
+        let b = &self.backends[index];
+        b.admin != AdminState::Disabled
+            && (b.healthy || self.on_down == FailurePolicy::Keep || self.tier.contains(index))
     }
 
     /// Position in `backends` of the backend with id `id`.
@@ -119,6 +130,23 @@ pub struct PoolInput {
     pub scheduler: SchedulerKind,
     /// Backends with their states.
     pub backends: Vec<BackendInput>,
+    /// What happens to flows whose backend goes down.
+    pub on_down: FailurePolicy,
+    /// Where new flows go when no primary is up.
+    pub all_down: AllDownPolicy,
+}
+
+impl PoolInput {
+    /// A pool with the default policies.
+    pub fn new(name: String, scheduler: SchedulerKind, backends: Vec<BackendInput>) -> Self {
+        PoolInput {
+            name,
+            scheduler,
+            backends,
+            on_down: FailurePolicy::default(),
+            all_down: AllDownPolicy::default(),
+        }
+    }
 }
 
 /// A backend as given to [`Snapshot::build`].
@@ -188,10 +216,12 @@ impl Snapshot {
                         }
                     })
                     .collect();
-                let tier = Tier::build(input.scheduler, &backends);
+                let tier = Tier::build(input.scheduler, &backends, input.all_down);
                 Pool {
                     name: input.name,
                     scheduler: input.scheduler,
+                    on_down: input.on_down,
+                    all_down: input.all_down,
                     backends,
                     tier,
                 }
@@ -221,11 +251,11 @@ mod tests {
     }
 
     fn pool(name: &str, ports: &[u16]) -> PoolInput {
-        PoolInput {
-            name: name.into(),
-            scheduler: SchedulerKind::RoundRobin,
-            backends: ports.iter().map(|p| spec(*p).into()).collect(),
-        }
+        PoolInput::new(
+            name.into(),
+            SchedulerKind::RoundRobin,
+            ports.iter().map(|p| spec(*p).into()).collect(),
+        )
     }
 
     #[test]
@@ -244,5 +274,36 @@ mod tests {
         assert_eq!(id(&a, 3), id(&b, 3));
         assert_eq!(id(&b, 4), BackendId(3));
         assert_eq!(b.backend_id_limit, 4);
+    }
+
+    #[test]
+    fn flows_stay_on_a_down_backend_only_when_the_policy_says_so() {
+        let build = |on_down, all_down| {
+            let mut input = pool("p", &[1, 2]);
+            input.on_down = on_down;
+            input.all_down = all_down;
+            input.backends[0].healthy = false;
+            Snapshot::build(1, vec![], vec![input], None)
+        };
+        let s = build(FailurePolicy::Reschedule, AllDownPolicy::Backup);
+        assert!(!s.pools[0].keeps_flows(0) && s.pools[0].keeps_flows(1));
+        let s = build(FailurePolicy::Keep, AllDownPolicy::Backup);
+        assert!(s.pools[0].keeps_flows(0));
+        let mut input = pool("p", &[1]);
+        input.backends[0].admin = AdminState::Disabled;
+        input.on_down = FailurePolicy::Keep;
+        let s = Snapshot::build(1, vec![], vec![input], None);
+        assert!(
+            !s.pools[0].keeps_flows(0),
+            "disabled always moves its flows"
+        );
+        let mut input = pool("p", &[1]);
+        input.backends[0].healthy = false;
+        input.all_down = AllDownPolicy::FailOpen;
+        let s = Snapshot::build(1, vec![], vec![input], None);
+        assert!(
+            s.pools[0].keeps_flows(0),
+            "fail-open keeps serving from the down primary"
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! Must not: be written by two threads (the single-writer rule is what makes the cheap update
 //! correct).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use udplb_core::DropReason;
@@ -85,6 +86,23 @@ pub struct WorkerStats {
     pub rxq_overflow: Counter,
     /// Event-loop turns.
     pub turns: Counter,
+    /// Refused datagrams (ICMP port unreachable) per backend id, for the first
+    /// [`TRACKED_BACKENDS`] ids.
+    pub backend_refused: Box<[Counter]>,
+}
+
+/// Backend ids with their own refused counter (passive health signals).
+pub const TRACKED_BACKENDS: usize = 4096;
+
+/// Refused datagrams per backend id, summed over `workers`.
+pub fn refused_by_backend(workers: &[Arc<WorkerStats>]) -> Vec<u64> {
+    let mut sum = vec![0u64; TRACKED_BACKENDS];
+    for w in workers {
+        for (s, c) in sum.iter_mut().zip(w.backend_refused.iter()) {
+            *s += c.get();
+        }
+    }
+    sum
 }
 
 impl WorkerStats {
@@ -94,6 +112,7 @@ impl WorkerStats {
             listeners: (0..listeners).map(|_| ListenerStats::default()).collect(),
             rxq_overflow: Counter::default(),
             turns: Counter::default(),
+            backend_refused: (0..TRACKED_BACKENDS).map(|_| Counter::default()).collect(),
         }
     }
 }

@@ -426,7 +426,7 @@ impl Worker {
                 .unwrap_or_else(|p| p.into_inner())
                 .backend_of(client.ip());
             if let Some(i) = stuck.and_then(|id| pool.position_of_id(id))
-                && pool.backends[i].takes_new_flows()
+                && pool.tier.contains(i)
             {
                 return Some(i);
             }
@@ -499,7 +499,7 @@ impl Worker {
         let (backend, client) = (flow.backend, flow.key.client);
         if pool
             .position_of_id(backend)
-            .is_some_and(|i| pool.backends[i].keeps_flows())
+            .is_some_and(|i| pool.keeps_flows(i))
         {
             if let Some(f) = self.table.get_mut(h) {
                 f.checked_generation = snap.generation;
@@ -519,11 +519,24 @@ impl Worker {
         Ok(())
     }
 
+    /// Counts an ICMP port unreachable on flow `h`'s upstream socket, per listener and per
+    /// backend (the health monitor reads the latter as a passive failure signal).
+    fn count_refused(&self, h: FlowHandle, li: usize) {
+        self.stats.listeners[li].backend_refused.add(1);
+        if let Some(c) = self
+            .table
+            .get(h)
+            .and_then(|f| self.stats.backend_refused.get(f.backend.index()))
+        {
+            c.add(1);
+        }
+    }
+
     /// Counts a failed send; a refused one (ICMP port unreachable) closes the flow so its next
     /// datagram is scheduled afresh.
     fn on_send_error(&mut self, h: FlowHandle, li: usize, e: &io::Error) -> DropReason {
         if e.kind() == io::ErrorKind::ConnectionRefused {
-            self.stats.listeners[li].backend_refused.add(1);
+            self.count_refused(h, li);
             let now = self.now();
             self.close_flow(h, CloseReason::Error, now);
         }
@@ -569,7 +582,7 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) => {
                     if e.kind() == io::ErrorKind::ConnectionRefused {
-                        self.stats.listeners[li].backend_refused.add(1);
+                        self.count_refused(h, li);
                     } else {
                         self.log.warn("upstream receive", &e);
                     }

@@ -25,6 +25,8 @@ pub struct State {
     pub stats: Vec<Arc<WorkerStats>>,
     /// Number of workers.
     pub workers: usize,
+    /// Backend health and check counters, by pool and backend.
+    pub health: crate::health::Status,
 }
 
 /// Serves the admin endpoint on `listener` until the runtime stops.
@@ -74,10 +76,51 @@ fn stats_json(state: &State) -> Value {
         })
         .collect();
     let rxq_overflow: u64 = state.stats.iter().map(|w| w.rxq_overflow.get()).sum();
+    let pools = pools_json(state, &snap);
     json!({
         "generation": snap.generation,
         "workers": state.workers,
         "rxq_overflow": rxq_overflow,
         "listeners": listeners,
+        "pools": pools,
     })
+}
+
+/// Each pool's backends: health, check counters, and whether new flows may go there.
+fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
+    let health = state.health.lock().unwrap_or_else(|p| p.into_inner());
+    snap.pools
+        .iter()
+        .enumerate()
+        .map(|(pi, pool)| {
+            let backends: Vec<Value> = pool
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(bi, b)| {
+                    let mut v = health
+                        .get(pi)
+                        .and_then(|p| p.get(bi))
+                        .map_or(Value::Null, |s| json!(s));
+                    if let Value::Object(m) = &mut v {
+                        m.insert("weight".into(), json!(b.spec.weight));
+                        m.insert("backup".into(), json!(b.spec.backup));
+                        m.insert(
+                            "admin".into(),
+                            json!(format!("{:?}", b.admin).to_lowercase()),
+                        );
+                        m.insert("in_rotation".into(), json!(pool.tier.contains(bi)));
+                    }
+                    v
+                })
+                .collect();
+            json!({
+                "name": pool.name,
+                "scheduler": pool.scheduler.name(),
+                "backup_active": pool.tier.is_backup(),
+                "fail_open": pool.tier.is_fail_open(),
+                "backends": backends,
+            })
+        })
+        .collect()
 }

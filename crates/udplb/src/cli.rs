@@ -198,11 +198,11 @@ impl OneLiner {
             },
             admin: self.admin.map(|listen| Admin { listen }),
             listeners: vec![listener],
-            pools: vec![PoolConfig {
-                name: "default".into(),
-                scheduler: self.scheduler,
-                backends: self.backends.into_iter().map(|b| b.0.into()).collect(),
-            }],
+            pools: vec![PoolConfig::new(
+                "default".into(),
+                self.scheduler,
+                self.backends.into_iter().map(|b| b.0.into()).collect(),
+            )],
         }
     }
 }

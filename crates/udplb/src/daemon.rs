@@ -12,8 +12,8 @@ use arc_swap::ArcSwap;
 use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
-use crate::admin;
 use crate::plan::snapshot_of;
+use crate::{admin, health};
 
 /// Runs until SIGINT or SIGTERM.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
@@ -25,7 +25,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         Ok(limit) => warn_if_flows_exceed(&cfg, limit),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
-    let snapshot = snapshot_of(&cfg, 1, None);
+    // Checked backends start in their configured state (down until the first check passes, by
+    // default), so no datagram goes to a backend never seen healthy.
+    let trackers = health::Trackers::initial(&cfg);
+    let snapshot = snapshot_of(&cfg, 1, None, &trackers);
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     let dataplane = Dataplane::start(Arc::clone(&shared), &DataplaneOptions { workers })?;
     for (l, addr) in cfg.listeners.iter().zip(dataplane.listener_addrs()) {
@@ -50,12 +53,23 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         .thread_name("udplb-control")
         .build()
         .context("starting the control plane")?;
+    let cfg = Arc::new(cfg);
+    let monitor = health::Monitor::new(
+        Arc::clone(&cfg),
+        trackers,
+        Arc::clone(&shared),
+        dataplane.stats().to_vec(),
+    );
     let state = Arc::new(admin::State {
         shared,
         stats: dataplane.stats().to_vec(),
         workers,
+        health: monitor.status(),
     });
     let result = runtime.block_on(async {
+        if cfg.pools.iter().any(|p| p.health.is_some()) {
+            tokio::spawn(monitor.run());
+        }
         if let Some(a) = &cfg.admin {
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await

@@ -8,6 +8,7 @@
 mod admin;
 mod cli;
 mod daemon;
+mod health;
 mod plan;
 
 use std::process::ExitCode;

@@ -7,8 +7,20 @@
 use udplb_config::Config;
 use udplb_core::snapshot::{BackendInput, ListenerSpec, PoolInput, Snapshot};
 
-/// Builds generation `generation` of the snapshot for `cfg`, keeping backend ids of `previous`.
-pub fn snapshot_of(cfg: &Config, generation: u64, previous: Option<&Snapshot>) -> Snapshot {
+/// Health of every backend, by pool and backend index in the config.
+pub trait HealthView {
+    /// Whether backend `backend` of pool `pool` is up.
+    fn is_up(&self, pool: usize, backend: usize) -> bool;
+}
+
+/// Builds generation `generation` of the snapshot for `cfg` with backend health from `health`,
+/// keeping backend ids of `previous`.
+pub fn snapshot_of(
+    cfg: &Config,
+    generation: u64,
+    previous: Option<&Snapshot>,
+    health: &dyn HealthView,
+) -> Snapshot {
     let listeners = cfg
         .listeners
         .iter()
@@ -30,18 +42,22 @@ pub fn snapshot_of(cfg: &Config, generation: u64, previous: Option<&Snapshot>) -
     let pools = cfg
         .pools
         .iter()
-        .map(|p| PoolInput {
+        .enumerate()
+        .map(|(pi, p)| PoolInput {
             name: p.name.clone(),
             scheduler: p.scheduler,
             backends: p
                 .backends
                 .iter()
-                .map(|b| BackendInput {
+                .enumerate()
+                .map(|(bi, b)| BackendInput {
                     spec: b.spec,
                     admin: b.state,
-                    healthy: true,
+                    healthy: health.is_up(pi, bi),
                 })
                 .collect(),
+            on_down: p.on_down,
+            all_down: p.all_down,
         })
         .collect();
     Snapshot::build(generation, listeners, pools, previous)

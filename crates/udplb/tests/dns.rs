@@ -78,8 +78,8 @@ fn wait_answering(s: &mut Server, what: &str) {
     assert!(ok, "{what} never answered on {addr}");
 }
 
-fn start_knot() -> Server {
-    let dir = scratch("knot");
+fn start_knot(name: &str) -> (Server, PathBuf) {
+    let dir = scratch(name);
     let port = free_udp_port("127.0.0.1");
     std::fs::write(
         dir.join("example.test.zone"),
@@ -114,7 +114,7 @@ fn start_knot() -> Server {
         addr: format!("127.0.0.1:{port}").parse().unwrap(),
     };
     wait_answering(&mut s, "knotd");
-    s
+    (s, dir)
 }
 
 fn start_unbound() -> Server {
@@ -154,7 +154,7 @@ fn start_unbound() -> Server {
 
 #[test]
 fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
-    let knot = start_knot();
+    let (knot, _) = start_knot("knot");
     let unbound = start_unbound();
     let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
         .parse()
@@ -232,4 +232,66 @@ fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
         "{}",
         lb.stats()
     );
+}
+
+/// The DNS health check against a real server: healthy while knot serves the zone, down once
+/// knot stops serving it (and answers REFUSED).
+#[test]
+fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
+    let (knot, dir) = start_knot("knot-health");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let cfg = dir.join("udplb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"dns\"\n\
+             mode = \"request-response\"\n[pools.dns]\nbackends = [\"{}\"]\n[pools.dns.health]\ncheck = \"dns\"\n\
+             name = \"www.{ZONE}\"\ntype = \"A\"\nanswer = \"192.0.2.10\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+             rise = 1\nfall = 1\n",
+            knot.addr
+        ),
+    )
+    .unwrap();
+    let lb = Udplb::run_config(&cfg, admin);
+    let healthy = || lb.stats()["pools"][0]["backends"][0]["healthy"].as_bool();
+    assert!(
+        wait_for(DEADLINE, || healthy() == Some(true)),
+        "{}",
+        lb.stats()
+    );
+    assert_eq!(
+        answers(listen, &format!("www.{ZONE}"), "A").as_deref(),
+        Some("192.0.2.10")
+    );
+
+    // knot stops serving the zone: it now answers REFUSED, and the check takes it out.
+    let knotc = |args: &[&str]| {
+        let out = Command::new(need("knotc"))
+            .arg("-s")
+            .arg(dir.join("knot.sock"))
+            .args(args)
+            .output()
+            .expect("run knotc");
+        assert!(
+            out.status.success(),
+            "knotc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    knotc(&["conf-begin"]);
+    knotc(&["conf-unset", &format!("zone[{ZONE}]")]);
+    knotc(&["conf-commit"]);
+    assert!(
+        wait_for(DEADLINE, || healthy() == Some(false)),
+        "{}",
+        lb.stats()
+    );
+    let error = lb.stats()["pools"][0]["backends"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(error.contains("refused"), "{error}");
 }

@@ -209,7 +209,12 @@ pub struct Backend {
 impl Backend {
     /// Starts an echo backend on `ip`:0. Each reply is the payload prefixed with `tag` and ':'.
     pub fn start(ip: &str, tag: &str) -> Backend {
-        let socket = UdpSocket::bind((ip, 0)).expect("bind backend");
+        Self::start_at(SocketAddr::new(ip.parse().unwrap(), 0), tag)
+    }
+
+    /// Like [`Backend::start`] on a given address (e.g. to bring a stopped backend back).
+    pub fn start_at(addr: SocketAddr, tag: &str) -> Backend {
+        let socket = UdpSocket::bind(addr).expect("bind backend");
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();

@@ -1,0 +1,344 @@
+//! Health checking: active checks per backend, passive signals from the data plane, and the
+//! resulting up/down state published to the workers through the same snapshot swap as config.
+//!
+//! Owns: one checker task per checked backend ([`probe`]), the [`Monitor`] that turns results
+//! into state with [`udplb_core::health::Tracker`] and pool quorum, the notify hooks
+//! ([`notify`]) and the per-backend check counters the admin endpoint shows.
+//! Must not: touch datagrams or block the data plane; logs only on state flips.
+
+mod dns;
+mod http;
+mod notify;
+mod probe;
+
+use std::hash::{BuildHasher, RandomState};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc;
+use udplb_config::{Config, HealthCheck};
+use udplb_core::health::{Health, QuorumState, Tracker};
+use udplb_core::snapshot::Snapshot;
+use udplb_dataplane::WorkerStats;
+
+use crate::plan::{HealthView, snapshot_of};
+use notify::Event;
+
+/// How often passive signals (refused datagrams) are collected from the workers.
+const PASSIVE_POLL: Duration = Duration::from_millis(100);
+
+/// What the admin endpoint shows of one backend's health.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub healthy: bool,
+    pub checks_ok: u64,
+    pub checks_failed: u64,
+    pub passive_failures: u64,
+    pub last_check_us: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// Health of every pool's backends, for the admin endpoint.
+pub type Status = Arc<Mutex<Vec<Vec<BackendStatus>>>>;
+
+/// Backend state by pool and backend index; pools without checks have no trackers (all up).
+pub struct Trackers(Vec<Vec<Tracker>>);
+
+impl Trackers {
+    /// Every checked backend in its configured initial state.
+    pub fn initial(cfg: &Config) -> Trackers {
+        Trackers(
+            cfg.pools
+                .iter()
+                .map(|p| match &p.health {
+                    Some(h) => vec![Tracker::new(h.initial); p.backends.len()],
+                    None => Vec::new(),
+                })
+                .collect(),
+        )
+    }
+
+    fn up_count(&self, pool: usize, total: usize) -> usize {
+        (0..total).filter(|&b| self.is_up(pool, b)).count()
+    }
+}
+
+impl HealthView for Trackers {
+    fn is_up(&self, pool: usize, backend: usize) -> bool {
+        self.0[pool]
+            .get(backend)
+            .is_none_or(|t| t.state() == Health::Up)
+    }
+}
+
+/// One check's outcome.
+struct CheckResult {
+    pool: usize,
+    backend: usize,
+    latency: Duration,
+    outcome: Result<(), String>,
+}
+
+/// Turns check results and passive signals into published state.
+pub struct Monitor {
+    cfg: Arc<Config>,
+    trackers: Trackers,
+    quorum: Vec<QuorumState>,
+    shared: Arc<ArcSwap<Snapshot>>,
+    status: Status,
+    workers: Vec<Arc<WorkerStats>>,
+    /// Refused datagrams per backend id already accounted for.
+    refused_seen: Vec<u64>,
+    /// Backends with at least one check result, per pool; a pool's quorum is known (and its
+    /// changes notified) only once all of them reported, so startup fires no quorum event.
+    reported: Vec<Vec<bool>>,
+    quorum_known: Vec<bool>,
+}
+
+impl Monitor {
+    /// A monitor for `cfg`, whose initial state `trackers` the first snapshot was built with.
+    pub fn new(
+        cfg: Arc<Config>,
+        trackers: Trackers,
+        shared: Arc<ArcSwap<Snapshot>>,
+        workers: Vec<Arc<WorkerStats>>,
+    ) -> Monitor {
+        let status = cfg
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(pi, p)| {
+                p.backends
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, b)| BackendStatus {
+                        address: b.spec.addr.to_string(),
+                        healthy: trackers.is_up(pi, bi),
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+            .collect();
+        let quorum = vec![QuorumState::default(); cfg.pools.len()];
+        let reported = cfg
+            .pools
+            .iter()
+            .map(|p| vec![false; p.backends.len()])
+            .collect();
+        Monitor {
+            quorum_known: vec![false; cfg.pools.len()],
+            cfg,
+            trackers,
+            quorum,
+            shared,
+            status: Arc::new(Mutex::new(status)),
+            workers,
+            refused_seen: Vec::new(),
+            reported,
+        }
+    }
+
+    /// The status the admin endpoint reads.
+    pub fn status(&self) -> Status {
+        Arc::clone(&self.status)
+    }
+
+    /// Starts a checker per checked backend and processes results until the runtime stops.
+    pub async fn run(mut self) {
+        let (tx, mut rx) = mpsc::channel(1024);
+        for (pi, pool) in self.cfg.pools.iter().enumerate() {
+            let Some(check) = &pool.health else { continue };
+            let ready = match probe::Ready::new(&check.probe) {
+                Ok(r) => Arc::new(r),
+                Err(e) => {
+                    tracing::error!(pool = %pool.name, error = %e, "health check not started");
+                    continue;
+                }
+            };
+            for (bi, b) in pool.backends.iter().enumerate() {
+                let target =
+                    SocketAddr::new(b.spec.addr.ip(), check.port.unwrap_or(b.spec.addr.port()));
+                let checker = Checker {
+                    pool: pi,
+                    backend: bi,
+                    addr: b.spec.addr,
+                    target,
+                    check: check.clone(),
+                };
+                tokio::spawn(checker.run(Arc::clone(&ready), tx.clone()));
+            }
+        }
+        drop(tx);
+        let mut passive = tokio::time::interval(PASSIVE_POLL);
+        loop {
+            tokio::select! {
+                Some(result) = rx.recv() => self.apply(result),
+                _ = passive.tick() => self.collect_passive(),
+            }
+        }
+    }
+
+    fn apply(&mut self, r: CheckResult) {
+        let pool = &self.cfg.pools[r.pool];
+        let Some(check) = &pool.health else { return };
+        self.update_status(r.pool, r.backend, |s| {
+            match &r.outcome {
+                Ok(()) => s.checks_ok += 1,
+                Err(e) => {
+                    s.checks_failed += 1;
+                    s.last_error = Some(e.clone());
+                }
+            }
+            s.last_check_us = Some(r.latency.as_micros() as u64);
+        });
+        let flip = self.trackers.0[r.pool][r.backend].record(r.outcome.is_ok(), check.thresholds);
+        if let Some(state) = flip {
+            self.on_flip(r.pool, r.backend, state, r.outcome.err().as_deref());
+        }
+        self.reported[r.pool][r.backend] = true;
+        if !self.quorum_known[r.pool] && self.reported[r.pool].iter().all(|&r| r) {
+            self.settle_quorum(r.pool);
+        }
+    }
+
+    /// Every backend of pool `pi` has reported: its quorum state is now known.
+    fn settle_quorum(&mut self, pi: usize) {
+        let pool = &self.cfg.pools[pi];
+        let up = self.trackers.up_count(pi, pool.backends.len());
+        self.quorum[pi] = QuorumState::settle(up as u32, pool.quorum);
+        self.quorum_known[pi] = true;
+        if pool.quorum.min_up > 0 {
+            tracing::info!(pool = %pool.name, up, min_up = pool.quorum.min_up, held = self.quorum[pi].held(), "quorum");
+        }
+    }
+
+    /// Feeds refused datagrams (ICMP port unreachable) counted by the workers as passive
+    /// failures of their backends.
+    fn collect_passive(&mut self) {
+        let snap = self.shared.load_full();
+        let refused = udplb_dataplane::refused_by_backend(&self.workers);
+        self.refused_seen.resize(refused.len(), 0);
+        for (pi, pool) in snap.pools.iter().enumerate() {
+            let Some(thresholds) = self.cfg.pools[pi].health.as_ref().map(|h| h.thresholds) else {
+                continue;
+            };
+            for (bi, b) in pool.backends.iter().enumerate() {
+                let id = b.id.index();
+                let Some(&now) = refused.get(id) else {
+                    continue;
+                };
+                let new = now.saturating_sub(std::mem::replace(&mut self.refused_seen[id], now));
+                if new == 0 {
+                    continue;
+                }
+                self.update_status(pi, bi, |s| s.passive_failures += new);
+                for _ in 0..new {
+                    if let Some(state) = self.trackers.0[pi][bi].record_passive_failure(thresholds)
+                    {
+                        self.on_flip(pi, bi, state, Some("refused (ICMP port unreachable)"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_flip(&mut self, pi: usize, bi: usize, state: Health, reason: Option<&str>) {
+        let pool = &self.cfg.pools[pi];
+        let addr = pool.backends[bi].spec.addr;
+        let up = self.trackers.up_count(pi, pool.backends.len());
+        let total = pool.backends.len();
+        match state {
+            Health::Up => {
+                tracing::info!(pool = %pool.name, backend = %addr, up, total, "backend up")
+            }
+            Health::Down => {
+                tracing::warn!(pool = %pool.name, backend = %addr, reason = reason.unwrap_or(""), up, total, "backend down")
+            }
+        }
+        self.update_status(pi, bi, |s| s.healthy = state == Health::Up);
+        self.publish();
+        let event = if state == Health::Up {
+            Event::BackendUp(addr)
+        } else {
+            Event::BackendDown(addr)
+        };
+        self.notify(pi, event, up, total);
+        if !self.quorum_known[pi] {
+            return;
+        }
+        if let Some(held) = self.quorum[pi].update(up as u32, pool.quorum) {
+            let event = if held {
+                Event::QuorumRegained
+            } else {
+                Event::QuorumLost
+            };
+            tracing::warn!(pool = %pool.name, up, total, min_up = pool.quorum.min_up, "{}", event.name());
+            self.notify(pi, event, up, total);
+        }
+    }
+
+    fn notify(&self, pi: usize, event: Event, up: usize, total: usize) {
+        let pool = &self.cfg.pools[pi];
+        if let Some(command) = &pool.notify {
+            notify::fire(command, event, &pool.name, up, total);
+        }
+    }
+
+    /// Publishes a snapshot with the current health (backend ids kept).
+    fn publish(&self) {
+        let previous = self.shared.load_full();
+        let next = snapshot_of(
+            &self.cfg,
+            previous.generation + 1,
+            Some(&previous),
+            &self.trackers,
+        );
+        self.shared.store(Arc::new(next));
+    }
+
+    fn update_status(&self, pi: usize, bi: usize, f: impl FnOnce(&mut BackendStatus)) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = status.get_mut(pi).and_then(|p| p.get_mut(bi)) {
+            f(s);
+        }
+    }
+}
+
+/// Checks one backend forever: now, then every interval plus jitter.
+struct Checker {
+    pool: usize,
+    backend: usize,
+    addr: SocketAddr,
+    target: SocketAddr,
+    check: HealthCheck,
+}
+
+impl Checker {
+    async fn run(self, probe: Arc<probe::Ready>, results: mpsc::Sender<CheckResult>) {
+        let random = RandomState::new();
+        for round in 0u64.. {
+            let started = Instant::now();
+            let outcome = probe.run(self.target, self.addr, self.check.timeout).await;
+            let result = CheckResult {
+                pool: self.pool,
+                backend: self.backend,
+                latency: started.elapsed(),
+                outcome,
+            };
+            if results.send(result).await.is_err() {
+                return;
+            }
+            let jitter_ms = self.check.jitter.as_millis() as u64;
+            let jitter = if jitter_ms == 0 {
+                0
+            } else {
+                random.hash_one(round) % (jitter_ms + 1)
+            };
+            tokio::time::sleep(self.check.interval + Duration::from_millis(jitter)).await;
+        }
+    }
+}
