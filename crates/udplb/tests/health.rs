@@ -49,12 +49,81 @@ fn healthy(lb: &Udplb, backend: usize) -> Option<bool> {
 
 const FAST_UDP: &str = "check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\njitter = \"0s\"\nrise = 2\nfall = 2";
 
-/// A backend killed under load: new flows stop going to it within 1 s, its flows move at their
-/// next datagram, the other flows lose nothing; and after `rise` good checks it is back.
+/// Steady load: every flow sends a numbered datagram every 10 ms and counts the replies, and
+/// which backend answered each.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<FlowLog>>>,
+}
+
+#[derive(Default, Clone)]
+struct FlowLog {
+    sent: u64,
+    received: u64,
+    /// Backend tag of each reply, in order.
+    tags: Vec<String>,
+}
+
+impl Load {
+    fn start(listen: SocketAddr, flows: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let sockets: Vec<_> = (0..flows).map(|_| client("127.0.0.1:0")).collect();
+            for s in &sockets {
+                s.set_nonblocking(true).unwrap();
+            }
+            let mut logs = vec![FlowLog::default(); flows];
+            let mut buf = [0u8; 256];
+            let drain = |logs: &mut Vec<FlowLog>, buf: &mut [u8]| {
+                for (s, log) in sockets.iter().zip(logs.iter_mut()) {
+                    while let Ok(n) = s.recv(buf) {
+                        log.received += 1;
+                        let tag = String::from_utf8_lossy(&buf[..n])
+                            .split(':')
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
+                        log.tags.push(tag);
+                    }
+                }
+            };
+            while !flag.load(Ordering::Relaxed) {
+                for (s, log) in sockets.iter().zip(logs.iter_mut()) {
+                    if s.send_to(format!("{}", log.sent).as_bytes(), listen)
+                        .is_ok()
+                    {
+                        log.sent += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                drain(&mut logs, &mut buf);
+            }
+            // Let the last round's replies arrive.
+            std::thread::sleep(Duration::from_millis(100));
+            drain(&mut logs, &mut buf);
+            logs
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<FlowLog> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// A backend killed under steady load: it is out of rotation within 1 s, its flows move to the
+/// other backends at their next datagram, the other flows lose nothing; after `rise` good checks
+/// it takes new flows again. Prints the failover time and the datagrams lost.
 #[test]
 fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     let dir = scratch("kill");
-    let backends: Vec<Backend> = ["a", "b", "c"]
+    let mut backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
@@ -66,20 +135,8 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
         lb.stats()
     );
 
-    // 30 flows spread over the three backends.
-    let clients: Vec<_> = (0..30).map(|_| client("127.0.0.1:0")).collect();
-    let tag_of = |c: &std::net::UdpSocket, payload: &[u8]| -> String {
-        let (reply, _) = request(c, listen, payload);
-        String::from_utf8_lossy(&reply)
-            .split(':')
-            .next()
-            .unwrap()
-            .to_string()
-    };
-    let before: Vec<String> = clients.iter().map(|c| tag_of(c, b"x")).collect();
-    assert!(before.iter().any(|t| t == "b"), "no flow on b: {before:?}");
-
-    let mut backends = backends;
+    let load = Load::start(listen, 30);
+    std::thread::sleep(Duration::from_millis(300));
     let b_addr = backends[1].addr;
     let killed_at = Instant::now();
     drop(backends.remove(1)); // b stops answering; its port is closed
@@ -89,31 +146,43 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
         lb.stats()
     );
     let detected = killed_at.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let logs = load.finish();
+
+    let on_b: Vec<&FlowLog> = logs
+        .iter()
+        .filter(|l| l.tags.first().is_some_and(|t| t == "b"))
+        .collect();
+    let others: Vec<&FlowLog> = logs
+        .iter()
+        .filter(|l| l.tags.first().is_some_and(|t| t != "b"))
+        .collect();
+    let lost_b: u64 = on_b.iter().map(|l| l.sent - l.received).sum();
+    let lost_others: u64 = others.iter().map(|l| l.sent - l.received).sum();
+    let sent: u64 = logs.iter().map(|l| l.sent).sum();
     eprintln!(
-        "udp check (interval 100ms, timeout 100ms, fall 2): killed backend marked down after {detected:?}"
+        "udp check (interval 100ms, timeout 100ms, fall 2), 30 flows x 100 datagrams/s: killed backend out of \
+         rotation after {detected:?}; {} flows were on it and lost {lost_b} datagrams; the other {} flows lost \
+         {lost_others}; {sent} sent in all",
+        on_b.len(),
+        others.len()
     );
     assert!(detected < Duration::from_secs(1), "took {detected:?}");
-
-    // Every flow is answered again: b's flows were moved, the others stayed where they were.
-    let mut lost = 0;
-    for (c, was) in clients.iter().zip(&before) {
-        let start = Instant::now();
-        let now = tag_of(c, b"y");
-        if start.elapsed() > Duration::from_millis(150) {
-            lost += 1; // needed a retry
-        }
-        assert_ne!(now, "b");
-        if was != "b" {
-            assert_eq!(&now, was, "a flow on a healthy backend moved");
-        }
+    assert!(!on_b.is_empty(), "no flow was on b");
+    assert_eq!(lost_others, 0, "flows on healthy backends lost datagrams");
+    for l in &on_b {
+        let last = l.tags.last().unwrap();
+        assert_ne!(last, "b", "a flow of the dead backend was not moved");
     }
-    eprintln!(
-        "flows needing a retry after failover: {lost} of {}",
-        clients.len()
-    );
-    assert_eq!(lost, 0, "flows of healthy backends lost datagrams");
+    for l in &others {
+        assert!(
+            l.tags.iter().all(|t| t == &l.tags[0]),
+            "a flow on a healthy backend moved: {:?}",
+            l.tags
+        );
+    }
 
-    // b comes back on the same port and is in rotation again after rise (2) good checks.
+    // b comes back on the same port and takes new flows after rise (2) good checks.
     let back = Backend::start_at(b_addr, "b");
     assert!(
         wait_for(DEADLINE, || healthy(&lb, 1) == Some(true)),
@@ -121,7 +190,16 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
         lb.stats()
     );
     let fresh: Vec<_> = (0..12).map(|_| client("127.0.0.1:0")).collect();
-    let tags: Vec<String> = fresh.iter().map(|c| tag_of(c, b"z")).collect();
+    let tags: Vec<String> = fresh
+        .iter()
+        .map(|c| {
+            String::from_utf8_lossy(&request(c, listen, b"z").0)
+                .split(':')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     assert!(
         tags.iter().any(|t| t == "b"),
         "recovered backend gets no new flows: {tags:?}"
@@ -367,4 +445,174 @@ fn http_check_wants_the_status_and_the_string() {
         "{}",
         lb.stats()
     );
+}
+
+/// Not a test on its own: when `UDPLB_TEST_ECHO` names an address, this runs an echo backend
+/// there until killed. The black-hole test starts it inside a network namespace by running
+/// this test binary again.
+#[test]
+fn echo_backend_for_namespaces() {
+    let Ok(addr) = std::env::var("UDPLB_TEST_ECHO") else {
+        return;
+    };
+    let socket = std::net::UdpSocket::bind(addr.as_str()).expect("bind the namespaced echo");
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let mut out = b"ns:".to_vec();
+            out.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&out, from);
+        }
+    }
+}
+
+/// A network namespace with a veth link to it, removed on drop.
+struct Namespace {
+    name: String,
+    host_if: String,
+    ns_if: String,
+    backend: Option<std::process::Child>,
+}
+
+impl Namespace {
+    fn ip(args: &[&str]) -> bool {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn create(tag: u32, host_ip: &str, ns_ip: &str) -> Namespace {
+        let ns = Namespace {
+            name: format!("udplb-test-{tag}"),
+            host_if: format!("ulb{tag}h"),
+            ns_if: format!("ulb{tag}n"),
+            backend: None,
+        };
+        let _ = Self::ip(&["netns", "del", &ns.name]);
+        let _ = Self::ip(&["link", "del", &ns.host_if]);
+        for args in [
+            vec!["netns", "add", &ns.name],
+            vec![
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &ns.ns_if,
+            ],
+            vec!["link", "set", &ns.ns_if, "netns", &ns.name],
+            vec!["addr", "add", host_ip, "dev", &ns.host_if],
+            vec!["link", "set", &ns.host_if, "up"],
+            vec!["-n", &ns.name, "addr", "add", ns_ip, "dev", &ns.ns_if],
+            vec!["-n", &ns.name, "link", "set", &ns.ns_if, "up"],
+            vec!["-n", &ns.name, "link", "set", "lo", "up"],
+        ] {
+            assert!(Self::ip(&args), "ip {args:?} failed");
+        }
+        ns
+    }
+
+    /// Runs this test binary's namespaced echo backend on `addr` inside the namespace.
+    fn start_echo(&mut self, addr: SocketAddr) {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(std::env::current_exe().unwrap())
+            .args(["echo_backend_for_namespaces", "--exact", "--nocapture"])
+            .env("UDPLB_TEST_ECHO", addr.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the namespaced echo");
+        self.backend = Some(child);
+    }
+
+    /// Cuts the link from inside: the host side keeps its route and neighbour entry, so
+    /// datagrams leave and vanish, with no ICMP coming back.
+    fn black_hole(&self) {
+        assert!(Self::ip(&[
+            "-n",
+            &self.name,
+            "link",
+            "set",
+            &self.ns_if,
+            "down"
+        ]));
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.backend.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Self::ip(&["link", "del", &self.host_if]);
+        let _ = Self::ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A black-holed backend (its link cut, no ICMP) is marked down within
+/// interval × fall + timeout. Needs root for the namespace; skipped otherwise.
+#[test]
+fn black_holed_backend_is_marked_down_within_the_formula() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: creating a network namespace needs root");
+        return;
+    }
+    let tag = std::process::id() % 10_000;
+    let octet = 16 + (tag % 200);
+    let (host_ip, ns_ip) = (format!("10.213.{octet}.1/30"), format!("10.213.{octet}.2"));
+    let mut ns = Namespace::create(tag, &host_ip, &format!("{ns_ip}/30"));
+    let backend: SocketAddr = format!("{ns_ip}:5353").parse().unwrap();
+    ns.start_echo(backend);
+    let local = Backend::start("127.0.0.1", "local");
+    let dir = scratch("blackhole");
+    let (interval, timeout, fall) = (200u64, 100u64, 2u64);
+    let health = format!(
+        "check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
+         timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}"
+    );
+    let (lb, listen) = start(
+        &dir,
+        "flow",
+        &[format!("\"{backend}\""), quoted(&local)],
+        "",
+        &health,
+    );
+    assert!(
+        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
+            && healthy(&lb, 1) == Some(true)),
+        "{}",
+        lb.stats()
+    );
+
+    let cut_at = Instant::now();
+    ns.black_hole();
+    assert!(
+        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        "{}",
+        lb.stats()
+    );
+    let detected = cut_at.elapsed();
+    let bound = Duration::from_millis(interval * fall + timeout);
+    eprintln!(
+        "black hole (udp check, interval {interval}ms, timeout {timeout}ms, fall {fall}): marked down after \
+         {detected:?} (interval x fall + timeout = {bound:?})"
+    );
+    // Slack for the poll of /stats (10 ms) and a loaded machine.
+    assert!(
+        detected <= bound + Duration::from_millis(150),
+        "took {detected:?}, bound {bound:?}"
+    );
+    let error = lb.stats()["pools"][0]["backends"][0]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("timeout"), "a black hole times out: {error}");
+    // Clients are served by the remaining backend.
+    let c = client("127.0.0.1:0");
+    assert_eq!(request(&c, listen, b"hi").0, b"local:hi");
 }

@@ -318,8 +318,12 @@ struct Checker {
 }
 
 impl Checker {
+    /// Checks start at a fixed rate (every interval plus jitter, whatever the checks take;
+    /// `timeout` ≤ `interval`), so a backend that stops answering is down within
+    /// interval × fall + timeout.
     async fn run(self, probe: Arc<probe::Ready>, results: mpsc::Sender<CheckResult>) {
         let random = RandomState::new();
+        let mut next = tokio::time::Instant::now();
         for round in 0u64.. {
             let started = Instant::now();
             let outcome = probe.run(self.target, self.addr, self.check.timeout).await;
@@ -338,7 +342,9 @@ impl Checker {
             } else {
                 random.hash_one(round) % (jitter_ms + 1)
             };
-            tokio::time::sleep(self.check.interval + Duration::from_millis(jitter)).await;
+            next = (next + self.check.interval + Duration::from_millis(jitter))
+                .max(tokio::time::Instant::now());
+            tokio::time::sleep_until(next).await;
         }
     }
 }
