@@ -67,6 +67,8 @@ pub struct ListenerStats {
     pub flows_live: Counter,
     /// Datagrams refused by a backend (ICMP port unreachable seen as ECONNREFUSED).
     pub backend_refused: Counter,
+    /// Request-response flows that idled out with replies still owed.
+    pub reply_timeouts: Counter,
 }
 
 impl ListenerStats {
@@ -86,19 +88,20 @@ pub struct WorkerStats {
     pub rxq_overflow: Counter,
     /// Event-loop turns.
     pub turns: Counter,
-    /// Refused datagrams (ICMP port unreachable) per backend id, for the first
+    /// Passive failure signals per backend id (ICMP port unreachable on an upstream socket; a
+    /// request-response flow that idled out with replies still owed), for the first
     /// [`TRACKED_BACKENDS`] ids.
-    pub backend_refused: Box<[Counter]>,
+    pub passive_failures: Box<[Counter]>,
 }
 
 /// Backend ids with their own refused counter (passive health signals).
 pub const TRACKED_BACKENDS: usize = 4096;
 
-/// Refused datagrams per backend id, summed over `workers`.
-pub fn refused_by_backend(workers: &[Arc<WorkerStats>]) -> Vec<u64> {
+/// Passive failure signals per backend id, summed over `workers`.
+pub fn passive_failures_by_backend(workers: &[Arc<WorkerStats>]) -> Vec<u64> {
     let mut sum = vec![0u64; TRACKED_BACKENDS];
     for w in workers {
-        for (s, c) in sum.iter_mut().zip(w.backend_refused.iter()) {
+        for (s, c) in sum.iter_mut().zip(w.passive_failures.iter()) {
             *s += c.get();
         }
     }
@@ -112,7 +115,7 @@ impl WorkerStats {
             listeners: (0..listeners).map(|_| ListenerStats::default()).collect(),
             rxq_overflow: Counter::default(),
             turns: Counter::default(),
-            backend_refused: (0..TRACKED_BACKENDS).map(|_| Counter::default()).collect(),
+            passive_failures: (0..TRACKED_BACKENDS).map(|_| Counter::default()).collect(),
         }
     }
 }
@@ -144,6 +147,8 @@ pub struct ListenerTotals {
     pub flows_live: u64,
     /// See [`ListenerStats::backend_refused`].
     pub backend_refused: u64,
+    /// See [`ListenerStats::reply_timeouts`].
+    pub reply_timeouts: u64,
 }
 
 impl ListenerTotals {
@@ -170,6 +175,7 @@ impl ListenerTotals {
             }
             t.flows_live += l.flows_live.get();
             t.backend_refused += l.backend_refused.get();
+            t.reply_timeouts += l.reply_timeouts.get();
         }
         t
     }

@@ -27,7 +27,7 @@ use udplb_core::affinity::StickyTable;
 use udplb_core::flow::{FlowHandle, FlowKey, FlowTable, ReplyOutcome};
 use udplb_core::hash::ClientKey;
 use udplb_core::sched::{Cursor, PickInput, pick};
-use udplb_core::snapshot::{ListenerSpec, Pool, Snapshot};
+use udplb_core::snapshot::{BackendId, ListenerSpec, Pool, Snapshot};
 use udplb_core::verdict::CloseReason;
 use udplb_core::{DropReason, SessionMode, Time};
 use udplb_sys::batch::{RecvBatch, RecvMeta, SendBatch};
@@ -523,11 +523,13 @@ impl Worker {
     /// backend (the health monitor reads the latter as a passive failure signal).
     fn count_refused(&self, h: FlowHandle, li: usize) {
         self.stats.listeners[li].backend_refused.add(1);
-        if let Some(c) = self
-            .table
-            .get(h)
-            .and_then(|f| self.stats.backend_refused.get(f.backend.index()))
-        {
+        if let Some(f) = self.table.get(h) {
+            self.count_passive_failure(f.backend);
+        }
+    }
+
+    fn count_passive_failure(&self, backend: BackendId) {
+        if let Some(c) = self.stats.passive_failures.get(backend.index()) {
             c.add(1);
         }
     }
@@ -665,9 +667,21 @@ impl Worker {
     }
 
     fn expire_idle(&mut self, now: Time) {
-        let mut closed: Vec<FlowKey> = Vec::new();
-        self.table.expire(now, |_, flow| closed.push(flow.key));
-        for key in &closed {
+        let mut closed: Vec<(FlowKey, BackendId, u32)> = Vec::new();
+        self.table.expire(now, |_, flow| {
+            closed.push((flow.key, flow.backend, flow.pending_replies))
+        });
+        for (key, backend, pending) in &closed {
+            let li = key.listener as usize;
+            let request_response = matches!(
+                self.snap.listeners[li].mode,
+                SessionMode::RequestResponse { .. }
+            );
+            if request_response && *pending > 0 {
+                // The backend never answered: a passive failure signal for health checking.
+                self.stats.listeners[li].reply_timeouts.add(1);
+                self.count_passive_failure(*backend);
+            }
             self.on_closed(key, CloseReason::Idle, now);
         }
         if !closed.is_empty() {

@@ -70,6 +70,7 @@ fn stats_json(state: &State) -> Value {
                 "replies_out": t.replies_out,
                 "bytes_out": t.bytes_out,
                 "backend_refused": t.backend_refused,
+                "reply_timeouts": t.reply_timeouts,
                 "drops": drops,
                 "flows": { "live": t.flows_live, "created": t.flows_created, "closed": closed },
             })

@@ -616,3 +616,48 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
     let c = client("127.0.0.1:0");
     assert_eq!(request(&c, listen, b"hi").0, b"local:hi");
 }
+
+/// In request-response mode, requests a backend never answers are passive failures: a backend
+/// whose TCP check still passes is ejected after `passive_fall` unanswered requests.
+#[test]
+fn unanswered_requests_eject_a_backend_between_checks() {
+    let dir = scratch("silent");
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap(); // receives, never answers
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let health = format!(
+        "check = \"tcp\"\nport = {}\ninterval = \"1s\"\ntimeout = \"500ms\"\nrise = 100\nfall = 100\npassive_fall = 2",
+        tcp.local_addr().unwrap().port()
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+         mode = \"request-response\"\nidle_timeout = \"200ms\"\n[pools.p]\nbackends = [\"{}\"]\n\
+         [pools.p.health]\n{health}\n",
+        silent.local_addr().unwrap()
+    );
+    let path = dir.join("udplb.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let lb = Udplb::run_config(&path, admin);
+    assert!(
+        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        "{}",
+        lb.stats()
+    );
+    for _ in 0..2 {
+        client("127.0.0.1:0").send_to(b"anyone?", listen).unwrap();
+    }
+    assert!(
+        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        "{}",
+        lb.stats()
+    );
+    assert_eq!(lb.counter("/reply_timeouts"), 2);
+    assert_eq!(
+        lb.stats()["pools"][0]["backends"][0]["passive_failures"].as_u64(),
+        Some(2)
+    );
+    drop(tcp);
+}

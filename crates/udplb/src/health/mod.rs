@@ -215,11 +215,11 @@ impl Monitor {
         }
     }
 
-    /// Feeds refused datagrams (ICMP port unreachable) counted by the workers as passive
-    /// failures of their backends.
+    /// Feeds the passive failure signals counted by the workers (refused datagrams, and
+    /// request-response flows that idled out unanswered) to the trackers.
     fn collect_passive(&mut self) {
         let snap = self.shared.load_full();
-        let refused = udplb_dataplane::refused_by_backend(&self.workers);
+        let refused = udplb_dataplane::passive_failures_by_backend(&self.workers);
         self.refused_seen.resize(refused.len(), 0);
         for (pi, pool) in snap.pools.iter().enumerate() {
             let Some(thresholds) = self.cfg.pools[pi].health.as_ref().map(|h| h.thresholds) else {
@@ -238,7 +238,12 @@ impl Monitor {
                 for _ in 0..new {
                     if let Some(state) = self.trackers.0[pi][bi].record_passive_failure(thresholds)
                     {
-                        self.on_flip(pi, bi, state, Some("refused (ICMP port unreachable)"));
+                        self.on_flip(
+                            pi,
+                            bi,
+                            state,
+                            Some("passive: refused datagrams or unanswered requests"),
+                        );
                         break;
                     }
                 }
