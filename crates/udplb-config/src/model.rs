@@ -185,12 +185,22 @@ pub enum Expect {
 }
 
 /// One entry of a pool's `backends`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackendConfig {
     /// Address, weight, backup flag.
     pub spec: BackendSpec,
     /// Operator state at startup.
     pub state: AdminState,
+    /// This backend's own check (`health = { ... }` in its table: the pool's check with these
+    /// keys overridden); `None`: the pool's check, if any.
+    pub health: Option<HealthCheck>,
+}
+
+impl BackendConfig {
+    /// The check that applies to this backend in `pool`.
+    pub fn check<'a>(&'a self, pool: &'a PoolConfig) -> Option<&'a HealthCheck> {
+        self.health.as_ref().or(pool.health.as_ref())
+    }
 }
 
 impl From<BackendSpec> for BackendConfig {
@@ -198,6 +208,7 @@ impl From<BackendSpec> for BackendConfig {
         BackendConfig {
             spec,
             state: AdminState::Enabled,
+            health: None,
         }
     }
 }

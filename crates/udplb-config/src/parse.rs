@@ -15,7 +15,9 @@ use udplb_core::snapshot::AdminState;
 use udplb_core::{Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode};
 
 use crate::error::{ConfigError, ConfigErrors, Lines};
-use crate::model::{Admin, BackendConfig, Config, ListenerConfig, PoolConfig, Runtime};
+use crate::model::{
+    Admin, BackendConfig, Config, HealthCheck, ListenerConfig, PoolConfig, Runtime,
+};
 use crate::{defaults, rules};
 
 mod health;
@@ -45,7 +47,7 @@ const POOL_KEYS: &[&str] = &[
     "notify",
     "health",
 ];
-const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state"];
+const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state", "health"];
 
 /// Reads and parses the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -257,8 +259,11 @@ impl Reader<'_> {
                 r.named(k, v, SchedulerKind::from_str)
             })
             .unwrap_or_default();
-        let backends = self.required(t, key, "backends", |r, k, v| r.backends(k, v))?;
+        let (health, health_table) = self.pool_health(key, t);
+        let backends =
+            self.required(t, key, "backends", |r, k, v| r.backends(k, v, health_table))?;
         let mut pool = PoolConfig::new(name.into(), scheduler, backends);
+        pool.health = health;
         if let Some(p) = self.optional(t, key, "on_backend_down", |r, k, v| {
             r.named(k, v, FailurePolicy::from_str)
         }) {
@@ -274,17 +279,33 @@ impl Reader<'_> {
             .ranged(t, key, "quorum_hysteresis", 0..=10_000)
             .unwrap_or(0);
         pool.notify = self.optional(t, key, "notify", |r, k, v| r.command(k, v));
-        if let Some(v) = t.get("health") {
-            let hkey = join(key, "health");
-            pool.health = match v.get_ref() {
-                DeValue::Table(h) => self.health(&hkey, h),
-                _ => self.wrong_type(&hkey, v, "a table"),
-            };
-        }
         Some(pool)
     }
 
-    fn backends(&mut self, key: &str, v: &Item<'_>) -> Option<Vec<BackendConfig>> {
+    /// The pool's check, and its table when it is valid (backends override its keys).
+    fn pool_health<'t, 'i>(
+        &mut self,
+        key: &str,
+        t: &'t DeTable<'i>,
+    ) -> (Option<HealthCheck>, Option<&'t DeTable<'i>>) {
+        let Some(v) = t.get("health") else {
+            return (None, None);
+        };
+        let hkey = join(key, "health");
+        let DeValue::Table(h) = v.get_ref() else {
+            return (self.wrong_type(&hkey, v, "a table"), None);
+        };
+        let check = self.health(&hkey, h);
+        let table = check.is_some().then_some(h);
+        (check, table)
+    }
+
+    fn backends(
+        &mut self,
+        key: &str,
+        v: &Item<'_>,
+        pool_health: Option<&DeTable<'_>>,
+    ) -> Option<Vec<BackendConfig>> {
         let DeValue::Array(items) = v.get_ref() else {
             return self.wrong_type(key, v, "an array of backends");
         };
@@ -292,25 +313,35 @@ impl Reader<'_> {
         for (i, item) in items.iter().enumerate() {
             let bkey = format!("{key}[{i}]");
             self.spans.insert(bkey.clone(), item.span());
-            if let Some(b) = self.backend(&bkey, item) {
+            if let Some(b) = self.backend(&bkey, item, pool_health) {
                 out.push(b);
             }
         }
         Some(out)
     }
 
-    fn backend(&mut self, key: &str, v: &Item<'_>) -> Option<BackendConfig> {
+    fn backend(
+        &mut self,
+        key: &str,
+        v: &Item<'_>,
+        pool_health: Option<&DeTable<'_>>,
+    ) -> Option<BackendConfig> {
         match v.get_ref() {
             DeValue::String(_) => {
                 self.spans.insert(format!("{key}.address"), v.span());
                 self.address(&format!("{key}.address"), v).map(|a| BackendSpec::new(a).into())
             }
-            DeValue::Table(t) => self.backend_table(key, t),
+            DeValue::Table(t) => self.backend_table(key, t, pool_health),
             _ => self.wrong_type(key, v, "\"ip:port\" or { address = \"ip:port\", weight = N, backup = BOOL, state = STATE }"),
         }
     }
 
-    fn backend_table(&mut self, key: &str, t: &DeTable<'_>) -> Option<BackendConfig> {
+    fn backend_table(
+        &mut self,
+        key: &str,
+        t: &DeTable<'_>,
+        pool_health: Option<&DeTable<'_>>,
+    ) -> Option<BackendConfig> {
         self.check_keys(key, t, BACKEND_KEYS);
         let addr = self.required(t, key, "address", |r, k, v| r.address(k, v))?;
         let mut spec = BackendSpec::new(addr);
@@ -323,7 +354,45 @@ impl Reader<'_> {
         let state = self
             .optional(t, key, "state", |r, k, v| r.named(k, v, parse_state))
             .unwrap_or_default();
-        Some(BackendConfig { spec, state })
+        let health = match t.get("health") {
+            Some(v) => self.backend_health(key, v, pool_health),
+            None => None,
+        };
+        Some(BackendConfig {
+            spec,
+            state,
+            health,
+        })
+    }
+
+    /// A backend's `health = { ... }`: the pool's check table with these keys replaced (or a
+    /// check of its own when the pool has none).
+    fn backend_health(
+        &mut self,
+        key: &str,
+        v: &Item<'_>,
+        pool_health: Option<&DeTable<'_>>,
+    ) -> Option<HealthCheck> {
+        let hkey = join(key, "health");
+        let DeValue::Table(own) = v.get_ref() else {
+            return self.wrong_type(&hkey, v, "a table of check keys to override");
+        };
+        let mut merged = pool_health.cloned().unwrap_or_default();
+        if own.get("check").is_some() {
+            // Another kind of check: the pool's kind-specific keys do not apply.
+            let kind_keys: Vec<String> = merged
+                .keys()
+                .map(|k| k.get_ref().to_string())
+                .filter(|k| health::is_kind_key(k))
+                .collect();
+            for k in &kind_keys {
+                merged.remove(k.as_str());
+            }
+        }
+        for (k, v) in own.iter() {
+            merged.insert(k.clone(), v.clone());
+        }
+        self.health(&hkey, &merged)
     }
 
     // ---- tables and keys ----

@@ -510,3 +510,44 @@ rise = 0
         "{text}"
     );
 }
+
+#[test]
+fn a_backend_overrides_keys_of_the_pool_check() {
+    use udplb_config::Probe;
+    let src = r#"
+[listeners.l]
+address = "127.0.0.1:53"
+pool = "p"
+[pools.p]
+backends = [
+  "127.0.0.1:5301",
+  { address = "127.0.0.1:5302", health = { port = 8080, fall = 5 } },
+  { address = "127.0.0.1:5303", health = { check = "tcp", port = 22 } },
+]
+[pools.p.health]
+check = "udp"
+send = "ping"
+interval = "1s"
+"#;
+    let cfg = parse(src, "t.toml").unwrap();
+    let p = &cfg.pools[0];
+    let checks: Vec<_> = p.backends.iter().map(|b| b.check(p).unwrap()).collect();
+    assert_eq!((checks[0].port, checks[0].thresholds.fall), (None, 3));
+    assert_eq!((checks[1].port, checks[1].thresholds.fall), (Some(8080), 5));
+    assert!(matches!(checks[1].probe, Probe::Udp { .. }));
+    assert_eq!(
+        checks[1].interval,
+        Duration::from_secs(1),
+        "inherited from the pool"
+    );
+    assert_eq!((&checks[2].probe, checks[2].port), (&Probe::Tcp, Some(22)));
+
+    let bad = src.replace("fall = 5", "fall = 0");
+    let got = located(&bad);
+    assert_eq!(
+        got,
+        [(8, "pools.p.backends[1].health.fall".to_string())],
+        "{}",
+        errors(&bad)
+    );
+}

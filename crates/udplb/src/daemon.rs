@@ -67,7 +67,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         health: monitor.status(),
     });
     let result = runtime.block_on(async {
-        if cfg.pools.iter().any(|p| p.health.is_some()) {
+        if cfg
+            .pools
+            .iter()
+            .any(|p| p.backends.iter().any(|b| b.check(p).is_some()))
+        {
             tokio::spawn(monitor.run());
         }
         if let Some(a) = &cfg.admin {

@@ -661,3 +661,37 @@ fn unanswered_requests_eject_a_backend_between_checks() {
     );
     drop(tcp);
 }
+
+/// A backend's own check overrides the pool's: here one backend is governed by a TCP port
+/// while the other keeps the pool's UDP check.
+#[test]
+fn a_backend_can_override_the_pool_check() {
+    let dir = scratch("override");
+    let a = Backend::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b_entry = format!(
+        "{{ address = \"{}\", health = {{ check = \"tcp\", port = {} }} }}",
+        b.addr,
+        tcp.local_addr().unwrap().port()
+    );
+    let (lb, _) = start(&dir, "flow", &[quoted(&a), b_entry], "", FAST_UDP);
+    assert!(
+        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
+            && healthy(&lb, 1) == Some(true)),
+        "{}",
+        lb.stats()
+    );
+    drop(tcp);
+    assert!(
+        wait_for(DEADLINE, || healthy(&lb, 1) == Some(false)),
+        "{}",
+        lb.stats()
+    );
+    assert_eq!(
+        healthy(&lb, 0),
+        Some(true),
+        "the pool's UDP check still passes for a"
+    );
+    drop(b);
+}

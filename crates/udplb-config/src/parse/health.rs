@@ -51,6 +51,11 @@ const KIND_KEYS: &[(&str, &[&str])] = &[
     ("exec", &["command"]),
 ];
 
+/// Whether `key` belongs to one kind of check only (`send`, `name`, `path`, `command`, …).
+pub(super) fn is_kind_key(key: &str) -> bool {
+    KIND_KEYS.iter().any(|(_, keys)| keys.contains(&key))
+}
+
 /// DNS record types a check may ask for.
 const DNS_TYPES: &[&str] = &[
     "A", "AAAA", "CNAME", "MX", "NS", "PTR", "SOA", "SRV", "TXT", "CAA", "ANY",

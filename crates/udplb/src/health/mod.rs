@@ -44,8 +44,8 @@ pub struct BackendStatus {
 /// Health of every pool's backends, for the admin endpoint.
 pub type Status = Arc<Mutex<Vec<Vec<BackendStatus>>>>;
 
-/// Backend state by pool and backend index; pools without checks have no trackers (all up).
-pub struct Trackers(Vec<Vec<Tracker>>);
+/// Backend state by pool and backend index; a backend without a check has no tracker (up).
+pub struct Trackers(Vec<Vec<Option<Tracker>>>);
 
 impl Trackers {
     /// Every checked backend in its configured initial state.
@@ -53,9 +53,11 @@ impl Trackers {
         Trackers(
             cfg.pools
                 .iter()
-                .map(|p| match &p.health {
-                    Some(h) => vec![Tracker::new(h.initial); p.backends.len()],
-                    None => Vec::new(),
+                .map(|p| {
+                    p.backends
+                        .iter()
+                        .map(|b| b.check(p).map(|h| Tracker::new(h.initial)))
+                        .collect()
                 })
                 .collect(),
         )
@@ -64,12 +66,18 @@ impl Trackers {
     fn up_count(&self, pool: usize, total: usize) -> usize {
         (0..total).filter(|&b| self.is_up(pool, b)).count()
     }
+
+    fn get_mut(&mut self, pool: usize, backend: usize) -> Option<&mut Tracker> {
+        self.0.get_mut(pool)?.get_mut(backend)?.as_mut()
+    }
 }
 
 impl HealthView for Trackers {
     fn is_up(&self, pool: usize, backend: usize) -> bool {
         self.0[pool]
             .get(backend)
+            .copied()
+            .flatten()
             .is_none_or(|t| t.state() == Health::Up)
     }
 }
@@ -150,15 +158,15 @@ impl Monitor {
     pub async fn run(mut self) {
         let (tx, mut rx) = mpsc::channel(1024);
         for (pi, pool) in self.cfg.pools.iter().enumerate() {
-            let Some(check) = &pool.health else { continue };
-            let ready = match probe::Ready::new(&check.probe) {
-                Ok(r) => Arc::new(r),
-                Err(e) => {
-                    tracing::error!(pool = %pool.name, error = %e, "health check not started");
-                    continue;
-                }
-            };
             for (bi, b) in pool.backends.iter().enumerate() {
+                let Some(check) = b.check(pool) else { continue };
+                let ready = match probe::Ready::new(&check.probe) {
+                    Ok(r) => Arc::new(r),
+                    Err(e) => {
+                        tracing::error!(pool = %pool.name, backend = %b.spec.addr, error = %e, "health check not started");
+                        continue;
+                    }
+                };
                 let target =
                     SocketAddr::new(b.spec.addr.ip(), check.port.unwrap_or(b.spec.addr.port()));
                 let checker = Checker {
@@ -168,7 +176,7 @@ impl Monitor {
                     target,
                     check: check.clone(),
                 };
-                tokio::spawn(checker.run(Arc::clone(&ready), tx.clone()));
+                tokio::spawn(checker.run(ready, tx.clone()));
             }
         }
         drop(tx);
@@ -183,7 +191,10 @@ impl Monitor {
 
     fn apply(&mut self, r: CheckResult) {
         let pool = &self.cfg.pools[r.pool];
-        let Some(check) = &pool.health else { return };
+        let Some(check) = pool.backends[r.backend].check(pool) else {
+            return;
+        };
+        let thresholds = check.thresholds;
         self.update_status(r.pool, r.backend, |s| {
             match &r.outcome {
                 Ok(()) => s.checks_ok += 1,
@@ -194,7 +205,10 @@ impl Monitor {
             }
             s.last_check_us = Some(r.latency.as_micros() as u64);
         });
-        let flip = self.trackers.0[r.pool][r.backend].record(r.outcome.is_ok(), check.thresholds);
+        let flip = self
+            .trackers
+            .get_mut(r.pool, r.backend)
+            .and_then(|t| t.record(r.outcome.is_ok(), thresholds));
         if let Some(state) = flip {
             self.on_flip(r.pool, r.backend, state, r.outcome.err().as_deref());
         }
@@ -222,10 +236,16 @@ impl Monitor {
         let refused = udplb_dataplane::passive_failures_by_backend(&self.workers);
         self.refused_seen.resize(refused.len(), 0);
         for (pi, pool) in snap.pools.iter().enumerate() {
-            let Some(thresholds) = self.cfg.pools[pi].health.as_ref().map(|h| h.thresholds) else {
-                continue;
-            };
             for (bi, b) in pool.backends.iter().enumerate() {
+                let cfg_pool = &self.cfg.pools[pi];
+                let Some(thresholds) = cfg_pool
+                    .backends
+                    .get(bi)
+                    .and_then(|cb| cb.check(cfg_pool))
+                    .map(|h| h.thresholds)
+                else {
+                    continue;
+                };
                 let id = b.id.index();
                 let Some(&now) = refused.get(id) else {
                     continue;
@@ -236,8 +256,11 @@ impl Monitor {
                 }
                 self.update_status(pi, bi, |s| s.passive_failures += new);
                 for _ in 0..new {
-                    if let Some(state) = self.trackers.0[pi][bi].record_passive_failure(thresholds)
-                    {
+                    let flip = self
+                        .trackers
+                        .get_mut(pi, bi)
+                        .and_then(|t| t.record_passive_failure(thresholds));
+                    if let Some(state) = flip {
                         self.on_flip(
                             pi,
                             bi,
