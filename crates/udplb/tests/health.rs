@@ -383,7 +383,7 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     drop((a, b));
 }
 
-/// A small HTTP server for the check: serves `body` with 200 while `up`, else 503.
+/// A small HTTP server for the check: serves `body` while `up`, else a page without it.
 fn http_server(up: std::sync::Arc<std::sync::atomic::AtomicBool>, body: &'static str) -> u16 {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -393,21 +393,20 @@ fn http_server(up: std::sync::Arc<std::sync::atomic::AtomicBool>, body: &'static
             let Ok(mut s) = stream else { continue };
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf);
-            let response = if up.load(std::sync::atomic::Ordering::Relaxed) {
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_string()
-            };
+            // Down: still 200, but the page no longer holds the expected string.
+            let up = up.load(std::sync::atomic::Ordering::Relaxed);
+            let page = if up { body } else { "maintenance" };
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{page}",
+                page.len()
+            );
             let _ = s.write_all(response.as_bytes());
         }
     });
     port
 }
 
-/// An HTTP check (ldirectord style): healthy while the page holds the string, down on 503.
+/// An HTTP check (ldirectord style): healthy while the page holds the string, down when not.
 #[test]
 fn http_check_wants_the_status_and_the_string() {
     use std::sync::Arc;
@@ -438,7 +437,7 @@ fn http_check_wants_the_status_and_the_string() {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    assert!(err.contains("503"), "{err}");
+    assert!(err.contains("body lacks \"webserverisworking\""), "{err}");
     up.store(true, Ordering::Relaxed);
     assert!(
         wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
@@ -694,4 +693,33 @@ fn a_backend_can_override_the_pool_check() {
         "the pool's UDP check still passes for a"
     );
     drop(b);
+}
+
+/// At startup, checked backends are down until their first check passes: a dead backend
+/// never receives a datagram, and traffic flows as soon as the live one is seen healthy.
+#[test]
+fn startup_sends_nothing_to_a_backend_never_seen_healthy() {
+    let dir = scratch("startup");
+    let live = Backend::start("127.0.0.1", "live");
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let (lb, listen) = start(
+        &dir,
+        "flow",
+        &[format!("\"{dead}\""), quoted(&live)],
+        "",
+        FAST_UDP,
+    );
+    // Straight away, many new flows: each is answered by the live backend once it is up.
+    for _ in 0..20 {
+        let (reply, _) = request(&client("127.0.0.1:0"), listen, b"early");
+        assert_eq!(reply, b"live:early");
+    }
+    assert_eq!(
+        lb.counter("/backend_refused"),
+        0,
+        "a datagram went to the dead backend"
+    );
+    assert_eq!(healthy(&lb, 0), Some(false));
 }
