@@ -264,14 +264,14 @@ fn exec_check_follows_the_commands_exit_status() {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\necho \"$UDPLB_BACKEND\" > {}\ntest -e {}\n",
+            "#!/bin/sh\necho \"$UDPLB_BACKEND $1\" > {}\ntest -e {}\n",
             seen.display(),
             flag.display()
         ),
     )
     .unwrap();
     let health = format!(
-        "check = \"exec\"\ncommand = [\"/bin/sh\", \"{}\"]\ninterval = \"200ms\"\ntimeout = \"200ms\"\njitter = \"0s\"\nrise = 1\nfall = 1",
+        "check = \"exec\"\ncommand = [\"/bin/sh\", \"{}\", \"{{port}}\"]\ninterval = \"200ms\"\ntimeout = \"200ms\"\njitter = \"0s\"\nrise = 1\nfall = 1",
         script.display()
     );
     let (lb, _) = start(&dir, "flow", &[quoted(&a)], "", &health);
@@ -282,7 +282,8 @@ fn exec_check_follows_the_commands_exit_status() {
     );
     assert_eq!(
         std::fs::read_to_string(&seen).unwrap().trim(),
-        a.addr.to_string()
+        format!("{} {}", a.addr, a.addr.port()),
+        "the backend in the environment and in the arguments"
     );
     std::fs::remove_file(&flag).unwrap();
     assert!(

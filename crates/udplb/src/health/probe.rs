@@ -149,7 +149,8 @@ async fn tcp(target: SocketAddr) -> Result<(), String> {
         .map_err(|e| format!("connect: {}", describe(&e)))
 }
 
-/// Runs `command` (no shell) with the backend in its environment; exit 0 is healthy. On
+/// Runs `command` (no shell) with the backend in its environment and arguments; exit 0 is
+/// healthy. On
 /// timeout the whole process group is killed, so a hung script cannot pile up.
 async fn exec(
     command: &[String],
@@ -157,8 +158,9 @@ async fn exec(
     target: SocketAddr,
     timeout: Duration,
 ) -> Result<(), String> {
+    let args = command[1..].iter().map(|a| expand(a, backend, target));
     let mut child = tokio::process::Command::new(&command[0])
-        .args(&command[1..])
+        .args(args)
         .env("UDPLB_BACKEND", backend.to_string())
         .env("UDPLB_BACKEND_IP", backend.ip().to_string())
         .env("UDPLB_BACKEND_PORT", backend.port().to_string())
@@ -186,6 +188,17 @@ async fn exec(
             ))
         }
     }
+}
+
+/// Replaces `{address}`, `{ip}`, `{port}` and `{check_port}` in a command argument.
+fn expand(arg: &str, backend: SocketAddr, target: SocketAddr) -> String {
+    if !arg.contains('{') {
+        return arg.to_string();
+    }
+    arg.replace("{address}", &backend.to_string())
+        .replace("{ip}", &backend.ip().to_string())
+        .replace("{port}", &backend.port().to_string())
+        .replace("{check_port}", &target.port().to_string())
 }
 
 fn describe(e: &std::io::Error) -> String {
