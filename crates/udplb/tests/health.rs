@@ -43,6 +43,13 @@ fn quoted(b: &Backend) -> String {
     format!("\"{}\"", b.addr)
 }
 
+fn last_error(lb: &Udplb, backend: usize) -> String {
+    lb.stats()["pools"][0]["backends"][backend]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn healthy(lb: &Udplb, backend: usize) -> Option<bool> {
     lb.stats()["pools"][0]["backends"][backend]["healthy"].as_bool()
 }
@@ -291,10 +298,7 @@ fn exec_check_follows_the_commands_exit_status() {
         "{}",
         lb.stats()
     );
-    let err = lb.stats()["pools"][0]["backends"][0]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let err = last_error(&lb, 0);
     assert!(err.contains("exited"), "{err}");
 }
 
@@ -434,10 +438,7 @@ fn http_check_wants_the_status_and_the_string() {
         "{}",
         lb.stats()
     );
-    let err = lb.stats()["pools"][0]["backends"][0]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let err = last_error(&lb, 0);
     assert!(err.contains("body lacks \"webserverisworking\""), "{err}");
     up.store(true, Ordering::Relaxed);
     assert!(
@@ -607,10 +608,7 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
         detected <= bound + Duration::from_millis(150),
         "took {detected:?}, bound {bound:?}"
     );
-    let error = lb.stats()["pools"][0]["backends"][0]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let error = last_error(&lb, 0);
     assert!(error.contains("timeout"), "a black hole times out: {error}");
     // Clients are served by the remaining backend.
     let c = client("127.0.0.1:0");

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RecordType};
-use tokio::net::UdpSocket;
 
 /// What a DNS check asks and expects.
 pub struct DnsCheck {
@@ -55,18 +54,7 @@ pub async fn probe(target: SocketAddr, check: &DnsCheck, timeout: Duration) -> R
     let wire = query
         .to_vec()
         .map_err(|e| format!("encoding the query: {e}"))?;
-    let local: SocketAddr = if target.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let socket = UdpSocket::bind(local)
-        .await
-        .map_err(|e| format!("socket: {e}"))?;
-    socket
-        .connect(target)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let socket = super::probe::connected_udp(target).await?;
     socket.send(&wire).await.map_err(|e| format!("send: {e}"))?;
     let mut buf = vec![0u8; 65_536];
     loop {

@@ -117,6 +117,23 @@ async fn within(
 /// Sends `payload` and waits for a matching reply; non-matching replies are ignored until the
 /// timeout (a stale reply of an earlier check must not count).
 async fn udp(target: SocketAddr, payload: &[u8], expect: &Matcher) -> Result<(), String> {
+    let socket = connected_udp(target).await?;
+    socket
+        .send(payload)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = socket.recv(&mut buf).await.map_err(|e| describe(&e))?;
+        if expect.matches(&buf[..n]) {
+            return Ok(());
+        }
+    }
+}
+
+/// A UDP socket on an ephemeral port of `target`'s family, connected to it (so only its
+/// replies arrive, and ICMP port unreachable is reported).
+pub(super) async fn connected_udp(target: SocketAddr) -> Result<UdpSocket, String> {
     let local: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -129,17 +146,7 @@ async fn udp(target: SocketAddr, payload: &[u8], expect: &Matcher) -> Result<(),
         .connect(target)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    socket
-        .send(payload)
-        .await
-        .map_err(|e| format!("send: {e}"))?;
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        let n = socket.recv(&mut buf).await.map_err(|e| describe(&e))?;
-        if expect.matches(&buf[..n]) {
-            return Ok(());
-        }
-    }
+    Ok(socket)
 }
 
 async fn tcp(target: SocketAddr) -> Result<(), String> {
