@@ -1,5 +1,5 @@
 //! The admin endpoint (read-only for now): `GET /stats` returns every listener's counters as
-//! JSON, summed over the workers at request time.
+//! JSON, summed over the workers at request time; `GET /metrics` the same in Prometheus form.
 //!
 //! Owns: the HTTP surface of the control plane.
 //! Must not: hold a lock the data plane takes, or be reachable beyond the address the operator
@@ -31,9 +31,28 @@ pub struct State {
 
 /// Serves the admin endpoint on `listener` until the runtime stops.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
-    let app = Router::new().route("/stats", get(stats)).with_state(state);
+    let app = Router::new()
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin endpoint failed");
+    }
+}
+
+async fn metrics(AxumState(state): AxumState<Arc<State>>) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    match crate::metrics::render(&state) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 

@@ -9,6 +9,7 @@ mod admin;
 mod cli;
 mod daemon;
 mod health;
+mod metrics;
 mod plan;
 
 use std::process::ExitCode;

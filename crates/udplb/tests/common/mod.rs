@@ -125,6 +125,26 @@ impl Udplb {
         self.child.id()
     }
 
+    /// The body of `GET path` on the admin endpoint, with its content type.
+    pub fn get(&self, path: &str) -> (String, String) {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))
+            .expect("connect to admin");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: udplb\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+        let content_type = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            })
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default();
+        (content_type, body.to_string())
+    }
+
     fn try_stats(&self) -> Option<serde_json::Value> {
         let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
