@@ -27,6 +27,8 @@ pub struct State {
     pub workers: usize,
     /// Backend health and check counters, by pool and backend.
     pub health: crate::health::Status,
+    /// Outcome of configuration reloads.
+    pub reload: crate::reload::Status,
 }
 
 /// Serves the admin endpoint on `listener` until the runtime stops.
@@ -103,6 +105,7 @@ fn stats_json(state: &State) -> Value {
         "rxq_overflow": rxq_overflow,
         "listeners": listeners,
         "pools": pools,
+        "reload": json!(*state.reload.lock().unwrap_or_else(|p| p.into_inner())),
     })
 }
 

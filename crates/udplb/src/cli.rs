@@ -222,7 +222,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if workers.is_some() {
                 cfg.runtime.workers = workers;
             }
-            crate::daemon::run(cfg).context("udplb stopped")?;
+            crate::daemon::run(cfg, Some(config)).context("udplb stopped")?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -233,7 +233,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::from(EX_CONFIG));
             }
-            crate::daemon::run(cfg).context("udplb stopped")?;
+            crate::daemon::run(cfg, None).context("udplb stopped")?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -5,6 +5,7 @@
 //! data plane runs on its own plain threads and never waits for it).
 //! Must not: touch datagrams.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -13,10 +14,10 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, health};
+use crate::{admin, health, reload};
 
-/// Runs until SIGINT or SIGTERM.
-pub fn run(cfg: Config) -> anyhow::Result<()> {
+/// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file.
+pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     let workers = cfg
         .runtime
         .workers
@@ -60,20 +61,23 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         Arc::clone(&shared),
         dataplane.stats().to_vec(),
     );
+    let reload_status = reload::started();
     let state = Arc::new(admin::State {
         shared,
         stats: dataplane.stats().to_vec(),
         workers,
         health: monitor.status(),
+        reload: Arc::clone(&reload_status),
     });
     let result = runtime.block_on(async {
-        if cfg
-            .pools
-            .iter()
-            .any(|p| p.backends.iter().any(|b| b.check(p).is_some()))
-        {
-            tokio::spawn(monitor.run());
-        }
+        let (publisher, reloads) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(monitor.run(reloads));
+        let mut reloader = reload::Reloader {
+            source,
+            running: Arc::clone(&cfg),
+            publisher,
+            status: reload_status,
+        };
         if let Some(a) = &cfg.admin {
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
@@ -81,7 +85,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             tracing::info!(address = %listener.local_addr()?, "admin endpoint");
             tokio::spawn(admin::serve(listener, Arc::clone(&state)));
         }
-        wait_for_stop_signal().await
+        serve_signals(&mut reloader).await
     });
     tracing::info!("stopping");
     dataplane.stop();
@@ -106,13 +110,17 @@ fn warn_if_flows_exceed(cfg: &Config, limit: u64) {
     }
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
+async fn serve_signals(reloader: &mut reload::Reloader) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => reloader.reload().await,
+        }
     }
-    Ok(())
 }

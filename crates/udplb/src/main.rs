@@ -11,6 +11,7 @@ mod daemon;
 mod health;
 mod metrics;
 mod plan;
+mod reload;
 
 use std::process::ExitCode;
 

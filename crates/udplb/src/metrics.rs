@@ -109,6 +109,7 @@ impl Collector for Udplb {
         let families = listener_families(&self.0)
             .into_iter()
             .chain(backend_families(&self.0))
+            .chain(reload_families(&self.0))
             .chain(process_families());
         for f in families {
             f.encode(&mut encoder)?;
@@ -262,6 +263,27 @@ fn backend_families(state: &State) -> Vec<Family<'static>> {
         }
     }
     vec![up, rotation, admin, weight, checks, passive, last]
+}
+
+fn reload_families(state: &State) -> Vec<Family<'static>> {
+    let r = state
+        .reload
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut reloads = Family::counter("reloads", "Configuration reloads (SIGHUP), by result");
+    reloads.add(
+        vec![("result", Cow::Borrowed("success"))],
+        r.succeeded as f64,
+    );
+    reloads.add(vec![("result", Cow::Borrowed("failure"))], r.failed as f64);
+    let mut last = Family::gauge(
+        "reload_last_success_timestamp",
+        "Unix time of the last successful (re)load",
+    )
+    .seconds();
+    last.add(Vec::new(), r.last_success_unix);
+    vec![reloads, last]
 }
 
 /// CPU, memory and descriptors of the process, from /proc/self.

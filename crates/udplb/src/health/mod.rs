@@ -82,16 +82,51 @@ impl HealthView for Trackers {
     }
 }
 
+/// What the admin endpoint shows before any check ran.
+fn fresh_status(cfg: &Config, trackers: &Trackers) -> Vec<Vec<BackendStatus>> {
+    cfg.pools
+        .iter()
+        .enumerate()
+        .map(|(pi, p)| {
+            p.backends
+                .iter()
+                .enumerate()
+                .map(|(bi, b)| BackendStatus {
+                    address: b.spec.addr.to_string(),
+                    healthy: trackers.is_up(pi, bi),
+                    ..Default::default()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Backends without a check never report; they count as reported for quorum.
+fn unchecked_as_reported(cfg: &Config) -> Vec<Vec<bool>> {
+    cfg.pools
+        .iter()
+        .map(|p| p.backends.iter().map(|b| b.check(p).is_none()).collect())
+        .collect()
+}
+
 /// One check's outcome.
 struct CheckResult {
+    /// The configuration epoch the checker was started for; results of an older one are
+    /// dropped (their indices may mean other backends now).
+    epoch: u64,
     pool: usize,
     backend: usize,
     latency: Duration,
     outcome: Result<(), String>,
 }
 
-/// Turns check results and passive signals into published state.
+/// The control plane's publisher: owns the running configuration and every backend's health,
+/// turns check results, passive signals and reloads into published snapshots.
 pub struct Monitor {
+    /// Bumped on every reload; see [`CheckResult::epoch`].
+    epoch: u64,
+    checkers: tokio::task::JoinSet<()>,
+    results: (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
     cfg: Arc<Config>,
     trackers: Trackers,
     quorum: Vec<QuorumState>,
@@ -114,29 +149,13 @@ impl Monitor {
         shared: Arc<ArcSwap<Snapshot>>,
         workers: Vec<Arc<WorkerStats>>,
     ) -> Monitor {
-        let status = cfg
-            .pools
-            .iter()
-            .enumerate()
-            .map(|(pi, p)| {
-                p.backends
-                    .iter()
-                    .enumerate()
-                    .map(|(bi, b)| BackendStatus {
-                        address: b.spec.addr.to_string(),
-                        healthy: trackers.is_up(pi, bi),
-                        ..Default::default()
-                    })
-                    .collect()
-            })
-            .collect();
+        let status = fresh_status(&cfg, &trackers);
         let quorum = vec![QuorumState::default(); cfg.pools.len()];
-        let reported = cfg
-            .pools
-            .iter()
-            .map(|p| vec![false; p.backends.len()])
-            .collect();
+        let reported = unchecked_as_reported(&cfg);
         Monitor {
+            epoch: 0,
+            checkers: tokio::task::JoinSet::new(),
+            results: mpsc::channel(1024),
             quorum_known: vec![false; cfg.pools.len()],
             cfg,
             trackers,
@@ -154,9 +173,25 @@ impl Monitor {
         Arc::clone(&self.status)
     }
 
-    /// Starts a checker per checked backend and processes results until the runtime stops.
-    pub async fn run(mut self) {
-        let (tx, mut rx) = mpsc::channel(1024);
+    /// Starts a checker per checked backend and processes results, passive signals and
+    /// reloaded configurations until the runtime stops.
+    pub async fn run(mut self, mut reloads: mpsc::Receiver<Arc<Config>>) {
+        self.start_checkers();
+        let mut passive = tokio::time::interval(PASSIVE_POLL);
+        loop {
+            tokio::select! {
+                Some(result) = self.results.1.recv() => {
+                    if result.epoch == self.epoch {
+                        self.apply(result);
+                    }
+                }
+                _ = passive.tick() => self.collect_passive(),
+                Some(cfg) = reloads.recv() => self.reload(cfg),
+            }
+        }
+    }
+
+    fn start_checkers(&mut self) {
         for (pi, pool) in self.cfg.pools.iter().enumerate() {
             for (bi, b) in pool.backends.iter().enumerate() {
                 let Some(check) = b.check(pool) else { continue };
@@ -170,23 +205,64 @@ impl Monitor {
                 let target =
                     SocketAddr::new(b.spec.addr.ip(), check.port.unwrap_or(b.spec.addr.port()));
                 let checker = Checker {
+                    epoch: self.epoch,
                     pool: pi,
                     backend: bi,
                     addr: b.spec.addr,
                     target,
                     check: check.clone(),
                 };
-                tokio::spawn(checker.run(ready, tx.clone()));
+                self.checkers
+                    .spawn(checker.run(ready, self.results.0.clone()));
             }
         }
-        drop(tx);
-        let mut passive = tokio::time::interval(PASSIVE_POLL);
-        loop {
-            tokio::select! {
-                Some(result) = rx.recv() => self.apply(result),
-                _ = passive.tick() => self.collect_passive(),
+    }
+
+    /// Switches to `cfg`: backends whose pool, address and check are unchanged keep their
+    /// health, counters and flows; the others start fresh; one snapshot is published.
+    fn reload(&mut self, cfg: Arc<Config>) {
+        let old_cfg = std::mem::replace(&mut self.cfg, cfg);
+        let old_trackers = std::mem::replace(&mut self.trackers, Trackers::initial(&self.cfg));
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        let old_status = std::mem::take(&mut *status);
+        let mut new_status = fresh_status(&self.cfg, &self.trackers);
+        let mut reported = unchecked_as_reported(&self.cfg);
+        let mut quorum = vec![QuorumState::default(); self.cfg.pools.len()];
+        let mut quorum_known = vec![false; self.cfg.pools.len()];
+        for (pi, pool) in self.cfg.pools.iter().enumerate() {
+            let Some(opi) = old_cfg.pools.iter().position(|p| p.name == pool.name) else {
+                continue;
+            };
+            let old_pool = &old_cfg.pools[opi];
+            quorum[pi] = self.quorum[opi];
+            quorum_known[pi] = self.quorum_known[opi];
+            for (bi, b) in pool.backends.iter().enumerate() {
+                let Some(obi) = old_pool
+                    .backends
+                    .iter()
+                    .position(|ob| ob.spec.addr == b.spec.addr)
+                else {
+                    continue;
+                };
+                if b.check(pool) != old_pool.backends[obi].check(old_pool) {
+                    continue;
+                }
+                self.trackers.0[pi][bi] = old_trackers.0[opi][obi];
+                new_status[pi][bi] = old_status[opi][obi].clone();
+                reported[pi][bi] = self.reported[opi][obi];
             }
         }
+        *status = new_status;
+        drop(status);
+        (self.reported, self.quorum, self.quorum_known) = (reported, quorum, quorum_known);
+        self.epoch += 1;
+        self.checkers.abort_all();
+        self.start_checkers();
+        self.publish();
+        tracing::info!(
+            generation = self.shared.load().generation,
+            "configuration reloaded"
+        );
     }
 
     fn apply(&mut self, r: CheckResult) {
@@ -338,6 +414,7 @@ impl Monitor {
 
 /// Checks one backend forever: now, then every interval plus jitter.
 struct Checker {
+    epoch: u64,
     pool: usize,
     backend: usize,
     addr: SocketAddr,
@@ -356,6 +433,7 @@ impl Checker {
             let started = Instant::now();
             let outcome = probe.run(self.target, self.addr, self.check.timeout).await;
             let result = CheckResult {
+                epoch: self.epoch,
                 pool: self.pool,
                 backend: self.backend,
                 latency: started.elapsed(),

@@ -319,3 +319,81 @@ pub fn recv(c: &UdpSocket) -> (Vec<u8>, SocketAddr) {
         assert!(start.elapsed() < DEADLINE, "no datagram");
     }
 }
+
+/// Steady load: every flow sends a numbered datagram every 10 ms and counts the replies, and
+/// which backend answered each.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<FlowLog>>>,
+}
+
+#[derive(Default, Clone)]
+pub struct FlowLog {
+    pub sent: u64,
+    pub received: u64,
+    /// Backend tag of each reply, in order.
+    pub tags: Vec<String>,
+}
+
+impl Load {
+    pub fn start(listen: SocketAddr, flows: usize) -> Load {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let sockets: Vec<_> = (0..flows).map(|_| client("127.0.0.1:0")).collect();
+            for s in &sockets {
+                s.set_nonblocking(true).unwrap();
+            }
+            let mut logs = vec![FlowLog::default(); flows];
+            let mut buf = [0u8; 256];
+            let drain = |logs: &mut Vec<FlowLog>, buf: &mut [u8]| {
+                for (s, log) in sockets.iter().zip(logs.iter_mut()) {
+                    while let Ok(n) = s.recv(buf) {
+                        log.received += 1;
+                        let tag = String::from_utf8_lossy(&buf[..n])
+                            .split(':')
+                            .next()
+                            .unwrap_or("")
+                            .to_string();
+                        log.tags.push(tag);
+                    }
+                }
+            };
+            while !flag.load(Ordering::Relaxed) {
+                for (s, log) in sockets.iter().zip(logs.iter_mut()) {
+                    if s.send_to(format!("{}", log.sent).as_bytes(), listen)
+                        .is_ok()
+                    {
+                        log.sent += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                drain(&mut logs, &mut buf);
+            }
+            // Let the last replies arrive: drain until 200 ms pass without one (at most 2 s).
+            let total = |logs: &Vec<FlowLog>| logs.iter().map(|l| l.received).sum::<u64>();
+            let (mut quiet, mut last) = (0, total(&logs));
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(50));
+                drain(&mut logs, &mut buf);
+                let now = total(&logs);
+                quiet = if now == last { quiet + 1 } else { 0 };
+                last = now;
+                if quiet >= 4 {
+                    break;
+                }
+            }
+            logs
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<FlowLog> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}

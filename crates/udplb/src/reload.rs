@@ -1,0 +1,115 @@
+//! Reloading the configuration file (SIGHUP): read, validate, check it can be applied to the
+//! running process, and hand it to the publisher ([`crate::health::Monitor`]), which swaps the
+//! snapshot. A file that fails keeps the running configuration and is reported.
+//!
+//! Owns: the reload outcome counters shown in `/stats` and `/metrics`. Must not: publish
+//! snapshots itself (one publisher, so reloads and health flips cannot race).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use udplb_config::Config;
+
+/// What the last reloads did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Unix time of the last successful (re)load, the start counting as one.
+    pub last_success_unix: f64,
+    /// Errors of the last failed reload, one per line (`file:line:col: key: message`).
+    pub last_error: Option<String>,
+}
+
+/// Shared with the admin endpoint.
+pub type Status = Arc<Mutex<ReloadStatus>>;
+
+/// A status that counts the start as the first success.
+pub fn started() -> Status {
+    Arc::new(Mutex::new(ReloadStatus {
+        last_success_unix: now_unix(),
+        ..Default::default()
+    }))
+}
+
+/// Re-reads configurations for the publisher.
+pub struct Reloader {
+    /// The file the daemon runs from; `None` for the one-liner (nothing to reload).
+    pub source: Option<PathBuf>,
+    pub running: Arc<Config>,
+    pub publisher: mpsc::Sender<Arc<Config>>,
+    pub status: Status,
+}
+
+impl Reloader {
+    /// Reloads the file; on success the publisher applies it.
+    pub async fn reload(&mut self) {
+        let Some(path) = self.source.clone() else {
+            tracing::warn!(
+                "SIGHUP ignored: udplb runs from the command line, there is no file to reload"
+            );
+            return;
+        };
+        match load_compatible(&path, &self.running) {
+            Ok(cfg) => {
+                let cfg = Arc::new(cfg);
+                if self.publisher.send(Arc::clone(&cfg)).await.is_err() {
+                    return self.failed("the publisher has stopped".into());
+                }
+                self.running = cfg;
+                let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+                s.succeeded += 1;
+                s.last_success_unix = now_unix();
+                s.last_error = None;
+            }
+            Err(errors) => self.failed(errors),
+        }
+    }
+
+    fn failed(&self, errors: String) {
+        for line in errors.lines() {
+            tracing::error!("reload failed, the running configuration stays: {line}");
+        }
+        let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        s.failed += 1;
+        s.last_error = Some(errors);
+    }
+}
+
+/// Loads `path` and checks it only changes what a running process can change: pools,
+/// backends, policies, checks and listener settings, but not the set of listener addresses
+/// (their sockets are bound at start).
+fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
+    let mut cfg = udplb_config::load(path).map_err(|e| e.to_string())?;
+    let addresses = |c: &Config| {
+        c.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.address))
+            .collect::<Vec<_>>()
+    };
+    if addresses(&cfg) != addresses(running) {
+        return Err(format!(
+            "{}: listeners: adding, removing, renaming or re-addressing listeners needs a restart \
+             (running: {:?})",
+            path.display(),
+            addresses(running)
+        ));
+    }
+    if cfg.admin != running.admin {
+        return Err(format!(
+            "{}: admin: changing the admin endpoint needs a restart",
+            path.display()
+        ));
+    }
+    // Threads are started once: the running count stays.
+    cfg.runtime = running.runtime.clone();
+    Ok(cfg)
+}
+
+fn now_unix() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
