@@ -37,3 +37,8 @@ pub const FALL: u32 = 3;
 pub const PASSIVE_FALL: u32 = 3;
 /// Accepted rise and fall.
 pub const RISE_FALL_RANGE: RangeInclusive<u32> = 1..=100;
+/// How long established flows are served after SIGTERM before udplb exits.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Accepted grace periods.
+pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(3600);

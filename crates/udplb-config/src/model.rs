@@ -27,6 +27,9 @@ pub struct Config {
 pub struct Runtime {
     /// Worker threads; `None`: one per CPU.
     pub workers: Option<usize>,
+    /// On SIGTERM/SIGINT, how long established flows are still served (no new ones) before
+    /// udplb exits; `None`: [`crate::defaults::SHUTDOWN_GRACE`].
+    pub shutdown_grace: Option<Duration>,
 }
 
 /// `[admin]`

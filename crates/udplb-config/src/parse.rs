@@ -25,7 +25,7 @@ mod health;
 type Item<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["runtime", "admin", "listeners", "pools"];
-const RUNTIME_KEYS: &[&str] = &["workers"];
+const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace"];
 const ADMIN_KEYS: &[&str] = &["listen"];
 const LISTENER_KEYS: &[&str] = &[
     "address",
@@ -186,6 +186,8 @@ impl Reader<'_> {
         self.check_keys("runtime", t, RUNTIME_KEYS);
         Runtime {
             workers: self.ranged(t, "runtime", "workers", defaults::WORKERS_RANGE),
+            shutdown_grace: self
+                .optional(t, "runtime", "shutdown_grace", |r, k, v| r.duration(k, v)),
         }
     }
 

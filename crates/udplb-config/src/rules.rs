@@ -31,6 +31,14 @@ fn problem(key: String, message: impl Into<String>) -> Problem {
 /// Every broken rule of `cfg`.
 pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
     let mut out = Vec::new();
+    if let Some(g) = cfg.runtime.shutdown_grace {
+        check_duration(
+            &mut out,
+            "runtime.shutdown_grace".into(),
+            g,
+            defaults::SHUTDOWN_GRACE_RANGE,
+        );
+    }
     if let Some(w) = cfg.runtime.workers {
         check_range(
             &mut out,

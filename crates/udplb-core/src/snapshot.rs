@@ -181,6 +181,9 @@ pub struct Snapshot {
     pub pools: Vec<Pool>,
     /// One more than the largest [`BackendId`] in use (size for per-backend arrays).
     pub backend_id_limit: u32,
+    /// Whether new flows are admitted (false while shutting down: established flows are served
+    /// until they end or the grace period is over).
+    pub admitting: bool,
 }
 
 impl Snapshot {
@@ -232,6 +235,7 @@ impl Snapshot {
             listeners,
             pools,
             backend_id_limit: next_id,
+            admitting: true,
         }
     }
 

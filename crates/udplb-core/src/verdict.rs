@@ -26,11 +26,13 @@ pub enum DropReason {
     ReplyOversize,
     /// A datagram on an upstream socket whose source is not a backend of the pool.
     UnknownSource,
+    /// A new flow while udplb is shutting down (established flows are still served).
+    ShuttingDown,
 }
 
 impl DropReason {
     /// Number of variants (size of per-reason counter arrays).
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -43,6 +45,7 @@ impl DropReason {
         DropReason::ReplySendError,
         DropReason::ReplyOversize,
         DropReason::UnknownSource,
+        DropReason::ShuttingDown,
     ];
 
     /// The label used in metrics and status output.
@@ -57,6 +60,7 @@ impl DropReason {
             DropReason::ReplySendError => "reply_send_error",
             DropReason::ReplyOversize => "reply_oversize",
             DropReason::UnknownSource => "unknown_source",
+            DropReason::ShuttingDown => "shutting_down",
         }
     }
 

@@ -364,6 +364,9 @@ impl Worker {
         snap: &Snapshot,
         now: Time,
     ) -> Result<FlowHandle, DropReason> {
+        if !snap.admitting {
+            return Err(DropReason::ShuttingDown);
+        }
         if !self.table.has_room(key.listener) {
             return Err(DropReason::FlowCap);
         }

@@ -107,6 +107,9 @@ struct OneLiner {
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
+    /// On SIGTERM/SIGINT, serve established flows (no new ones) this long before exiting.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
     /// Serve the admin endpoint (status and counters) on this address.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
@@ -195,6 +198,7 @@ impl OneLiner {
         Config {
             runtime: Runtime {
                 workers: self.workers,
+                shutdown_grace: Some(self.shutdown_grace),
             },
             admin: self.admin.map(|listen| Admin { listen }),
             listeners: vec![listener],

@@ -70,12 +70,12 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         reload: Arc::clone(&reload_status),
     });
     let result = runtime.block_on(async {
-        let (publisher, reloads) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(monitor.run(reloads));
+        let (publisher, commands) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(monitor.run(commands));
         let mut reloader = reload::Reloader {
             source,
             running: Arc::clone(&cfg),
-            publisher,
+            publisher: publisher.clone(),
             status: reload_status,
         };
         if let Some(a) = &cfg.admin {
@@ -85,7 +85,17 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             tracing::info!(address = %listener.local_addr()?, "admin endpoint");
             tokio::spawn(admin::serve(listener, Arc::clone(&state)));
         }
-        serve_signals(&mut reloader).await
+        let mut signals = Signals::install()?;
+        signals.reload_until_stop(&mut reloader).await;
+        // Graceful stop: no new flows, established ones served until they end or the grace
+        // period is over (a second signal stops at once).
+        let _ = publisher.send(health::Command::StopAdmitting).await;
+        let grace = cfg
+            .runtime
+            .shutdown_grace
+            .unwrap_or(udplb_config::defaults::SHUTDOWN_GRACE);
+        drain(&state.stats, grace, &mut signals).await;
+        Ok(())
     });
     tracing::info!("stopping");
     dataplane.stop();
@@ -110,17 +120,73 @@ fn warn_if_flows_exceed(cfg: &Config, limit: u64) {
     }
 }
 
-/// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
-async fn serve_signals(reloader: &mut reload::Reloader) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+/// The signals the daemon reacts to.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    /// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
+    async fn reload_until_stop(&mut self, reloader: &mut reload::Reloader) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                _ = self.hup.recv() => reloader.reload().await,
+            }
+        }
+    }
+
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Waits until no flow is live, `grace` has passed, or a second stop signal comes.
+async fn drain(
+    stats: &[Arc<udplb_dataplane::WorkerStats>],
+    grace: std::time::Duration,
+    signals: &mut Signals,
+) {
+    let live = || -> u64 {
+        let listeners = stats.first().map_or(0, |w| w.listeners.len());
+        (0..listeners)
+            .map(|i| udplb_dataplane::ListenerTotals::sum(stats, i).flows_live)
+            .sum()
+    };
+    tracing::info!(live = live(), grace = %humantime::format_duration(grace), "stopping: no new flows, serving established ones");
+    let deadline = tokio::time::Instant::now() + grace;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
     loop {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
-            _ = hup.recv() => reloader.reload().await,
+            _ = tick.tick() => {
+                let live = live();
+                if live == 0 {
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::info!(live, "grace period over");
+                    return;
+                }
+            }
+            _ = signals.stop() => {
+                tracing::info!("second stop signal: stopping now");
+                return;
+            }
         }
     }
 }

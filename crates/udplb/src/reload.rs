@@ -12,6 +12,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use udplb_config::Config;
 
+use crate::health::Command;
+
 /// What the last reloads did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ReloadStatus {
@@ -39,7 +41,7 @@ pub struct Reloader {
     /// The file the daemon runs from; `None` for the one-liner (nothing to reload).
     pub source: Option<PathBuf>,
     pub running: Arc<Config>,
-    pub publisher: mpsc::Sender<Arc<Config>>,
+    pub publisher: mpsc::Sender<Command>,
     pub status: Status,
 }
 
@@ -55,7 +57,12 @@ impl Reloader {
         match load_compatible(&path, &self.running) {
             Ok(cfg) => {
                 let cfg = Arc::new(cfg);
-                if self.publisher.send(Arc::clone(&cfg)).await.is_err() {
+                if self
+                    .publisher
+                    .send(Command::Reload(Arc::clone(&cfg)))
+                    .await
+                    .is_err()
+                {
                     return self.failed("the publisher has stopped".into());
                 }
                 self.running = cfg;

@@ -120,11 +120,21 @@ struct CheckResult {
     outcome: Result<(), String>,
 }
 
+/// What the rest of the control plane asks of the publisher.
+pub enum Command {
+    /// Switch to this (validated, compatible) configuration.
+    Reload(Arc<Config>),
+    /// Shutting down: publish a snapshot that admits no new flow.
+    StopAdmitting,
+}
+
 /// The control plane's publisher: owns the running configuration and every backend's health,
 /// turns check results, passive signals and reloads into published snapshots.
 pub struct Monitor {
     /// Bumped on every reload; see [`CheckResult::epoch`].
     epoch: u64,
+    /// False once shutting down.
+    admitting: bool,
     checkers: tokio::task::JoinSet<()>,
     results: (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
     cfg: Arc<Config>,
@@ -154,6 +164,7 @@ impl Monitor {
         let reported = unchecked_as_reported(&cfg);
         Monitor {
             epoch: 0,
+            admitting: true,
             checkers: tokio::task::JoinSet::new(),
             results: mpsc::channel(1024),
             quorum_known: vec![false; cfg.pools.len()],
@@ -174,8 +185,8 @@ impl Monitor {
     }
 
     /// Starts a checker per checked backend and processes results, passive signals and
-    /// reloaded configurations until the runtime stops.
-    pub async fn run(mut self, mut reloads: mpsc::Receiver<Arc<Config>>) {
+    /// commands until the runtime stops.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         self.start_checkers();
         let mut passive = tokio::time::interval(PASSIVE_POLL);
         loop {
@@ -186,7 +197,13 @@ impl Monitor {
                     }
                 }
                 _ = passive.tick() => self.collect_passive(),
-                Some(cfg) = reloads.recv() => self.reload(cfg),
+                Some(command) = commands.recv() => match command {
+                    Command::Reload(cfg) => self.reload(cfg),
+                    Command::StopAdmitting => {
+                        self.admitting = false;
+                        self.publish();
+                    }
+                },
             }
         }
     }
@@ -392,15 +409,16 @@ impl Monitor {
         }
     }
 
-    /// Publishes a snapshot with the current health (backend ids kept).
+    /// Publishes a snapshot with the current configuration and health (backend ids kept).
     fn publish(&self) {
         let previous = self.shared.load_full();
-        let next = snapshot_of(
+        let mut next = snapshot_of(
             &self.cfg,
             previous.generation + 1,
             Some(&previous),
             &self.trackers,
         );
+        next.admitting = self.admitting;
         self.shared.store(Arc::new(next));
     }
 
