@@ -35,8 +35,11 @@ pub struct Runtime {
 /// `[admin]`
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Admin {
-    /// Address of the HTTP admin endpoint (status and counters).
+    /// Address of the HTTP admin endpoint (status, counters, metrics, API).
     pub listen: SocketAddr,
+    /// Whether the API may change anything (backends, weights, states, reload); read-only
+    /// otherwise.
+    pub allow_changes: bool,
 }
 
 /// `[listeners.NAME]`

@@ -26,7 +26,7 @@ type Item<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["runtime", "admin", "listeners", "pools"];
 const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace"];
-const ADMIN_KEYS: &[&str] = &["listen"];
+const ADMIN_KEYS: &[&str] = &["listen", "allow_changes"];
 const LISTENER_KEYS: &[&str] = &[
     "address",
     "pool",
@@ -194,7 +194,13 @@ impl Reader<'_> {
     fn admin(&mut self, t: &DeTable<'_>) -> Option<Admin> {
         self.check_keys("admin", t, ADMIN_KEYS);
         let listen = self.required(t, "admin", "listen", |r, key, v| r.address(key, v))?;
-        Some(Admin { listen })
+        let allow_changes = self
+            .optional(t, "admin", "allow_changes", |r, k, v| r.boolean(k, v))
+            .unwrap_or(false);
+        Some(Admin {
+            listen,
+            allow_changes,
+        })
     }
 
     fn listener(&mut self, key: &str, name: &str, t: &DeTable<'_>) -> Option<ListenerConfig> {

@@ -43,6 +43,16 @@ pub enum Affinity {
     Ip,
 }
 
+impl Affinity {
+    /// The name used in the config file and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Affinity::IpPort => "ip-port",
+            Affinity::Ip => "ip",
+        }
+    }
+}
+
 impl FromStr for Affinity {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {

@@ -29,6 +29,12 @@ pub struct State {
     pub health: crate::health::Status,
     /// Outcome of configuration reloads.
     pub reload: crate::reload::Status,
+    /// Where API changes go.
+    pub publisher: tokio::sync::mpsc::Sender<crate::health::Command>,
+    /// Whether the API may change anything.
+    pub allow_changes: bool,
+    /// Reloads asked for by the API (the same one SIGHUP uses).
+    pub reloader: Arc<tokio::sync::Mutex<crate::reload::Reloader>>,
 }
 
 /// Serves the admin endpoint on `listener` until the runtime stops.
@@ -36,6 +42,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
     let app = Router::new()
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
+        .merge(crate::api::routes())
         .with_state(state);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin endpoint failed");
@@ -62,7 +69,7 @@ async fn stats(AxumState(state): AxumState<Arc<State>>) -> axum::Json<Value> {
     axum::Json(stats_json(&state))
 }
 
-fn stats_json(state: &State) -> Value {
+pub(crate) fn stats_json(state: &State) -> Value {
     let snap = state.shared.load();
     let listeners: Vec<Value> = snap
         .listeners
@@ -110,7 +117,7 @@ fn stats_json(state: &State) -> Value {
 }
 
 /// Each pool's backends: health, check counters, and whether new flows may go there.
-fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
+pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
     let health = state.health.lock().unwrap_or_else(|p| p.into_inner());
     snap.pools
         .iter()
@@ -146,4 +153,69 @@ fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+/// Where a new flow of `client` on listener `li` would go, and why. Flows already established
+/// keep their backend; this answers for a new one.
+pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketAddr) -> Value {
+    use udplb_core::hash::ClientKey;
+    use udplb_core::sched::{Cursor, PickInput, pick};
+    let l = &snap.listeners[li];
+    let pool = &snap.pools[l.pool];
+    let candidates: Vec<String> = pool
+        .tier
+        .members()
+        .map(|i| pool.backends[i].spec.addr.to_string())
+        .collect();
+    let tier = if pool.tier.is_fail_open() {
+        "fail-open: no backend is up, every enabled primary"
+    } else if pool.tier.is_backup() {
+        "backups: no primary is up"
+    } else {
+        "primaries that are up and enabled"
+    };
+    let key = ClientKey::of(&client, l.affinity);
+    let (backend, reason) = if candidates.is_empty() {
+        (
+            None,
+            "no backend can take new flows: the datagram is dropped as no_backend".to_string(),
+        )
+    } else if pool.scheduler.is_consistent_hash() {
+        let input = PickInput {
+            key,
+            random: 0,
+            load: &[],
+        };
+        let b = pick(pool, snap.generation, &mut Cursor::default(), input)
+            .map(|i| pool.backends[i].spec.addr.to_string());
+        (
+            b,
+            format!(
+                "{} on the hash of the client's {}: the same on every worker and every udplb instance with these backends",
+                pool.scheduler,
+                l.affinity.name()
+            ),
+        )
+    } else {
+        (
+            None,
+            format!(
+                "{} depends on each worker's turn or load: any of the candidates",
+                pool.scheduler
+            ),
+        )
+    };
+    json!({
+        "listener": l.name,
+        "client": client.to_string(),
+        "pool": pool.name,
+        "scheduler": pool.scheduler.name(),
+        "affinity": l.affinity.name(),
+        "mode": l.mode.name(),
+        "admitting": snap.admitting,
+        "tier": tier,
+        "candidates": candidates,
+        "backend": backend,
+        "reason": reason,
+    })
 }

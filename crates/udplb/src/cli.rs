@@ -110,6 +110,9 @@ struct OneLiner {
     /// On SIGTERM/SIGINT, serve established flows (no new ones) this long before exiting.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Let the admin API change backends, weights and states (read-only otherwise).
+    #[arg(long, requires = "admin")]
+    admin_allow_changes: bool,
     /// Serve the admin endpoint (status and counters) on this address.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
@@ -200,7 +203,10 @@ impl OneLiner {
                 workers: self.workers,
                 shutdown_grace: Some(self.shutdown_grace),
             },
-            admin: self.admin.map(|listen| Admin { listen }),
+            admin: self.admin.map(|listen| Admin {
+                listen,
+                allow_changes: self.admin_allow_changes,
+            }),
             listeners: vec![listener],
             pools: vec![PoolConfig::new(
                 "default".into(),

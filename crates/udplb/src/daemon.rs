@@ -62,22 +62,25 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         dataplane.stats().to_vec(),
     );
     let reload_status = reload::started();
+    let (publisher, commands) = tokio::sync::mpsc::channel(4);
+    let reloader = Arc::new(tokio::sync::Mutex::new(reload::Reloader {
+        source,
+        running: Arc::clone(&cfg),
+        publisher: publisher.clone(),
+        status: Arc::clone(&reload_status),
+    }));
     let state = Arc::new(admin::State {
         shared,
         stats: dataplane.stats().to_vec(),
         workers,
         health: monitor.status(),
-        reload: Arc::clone(&reload_status),
+        reload: reload_status,
+        publisher: publisher.clone(),
+        allow_changes: cfg.admin.as_ref().is_some_and(|a| a.allow_changes),
+        reloader: Arc::clone(&reloader),
     });
     let result = runtime.block_on(async {
-        let (publisher, commands) = tokio::sync::mpsc::channel(4);
         tokio::spawn(monitor.run(commands));
-        let mut reloader = reload::Reloader {
-            source,
-            running: Arc::clone(&cfg),
-            publisher: publisher.clone(),
-            status: reload_status,
-        };
         if let Some(a) = &cfg.admin {
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
@@ -86,7 +89,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             tokio::spawn(admin::serve(listener, Arc::clone(&state)));
         }
         let mut signals = Signals::install()?;
-        signals.reload_until_stop(&mut reloader).await;
+        signals.reload_until_stop(&reloader).await;
         // Graceful stop: no new flows, established ones served until they end or the grace
         // period is over (a second signal stops at once).
         let _ = publisher.send(health::Command::StopAdmitting).await;
@@ -138,12 +141,12 @@ impl Signals {
     }
 
     /// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
-    async fn reload_until_stop(&mut self, reloader: &mut reload::Reloader) {
+    async fn reload_until_stop(&mut self, reloader: &tokio::sync::Mutex<reload::Reloader>) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
-                _ = self.hup.recv() => reloader.reload().await,
+                _ = self.hup.recv() => reloader.lock().await.reload().await,
             }
         }
     }

@@ -126,7 +126,13 @@ pub enum Command {
     Reload(Arc<Config>),
     /// Shutting down: publish a snapshot that admits no new flow.
     StopAdmitting,
+    /// A change from the admin API: applied to the running configuration, validated like a
+    /// file, published; the reply says whether anything changed, or why not.
+    Change(Change, tokio::sync::oneshot::Sender<Result<bool, String>>),
 }
+
+/// Edits a configuration; `Ok(false)` when there is nothing to change.
+pub type Change = Box<dyn FnOnce(&mut Config) -> Result<bool, String> + Send>;
 
 /// The control plane's publisher: owns the running configuration and every backend's health,
 /// turns check results, passive signals and reloads into published snapshots.
@@ -203,6 +209,9 @@ impl Monitor {
                         self.admitting = false;
                         self.publish();
                     }
+                    Command::Change(change, reply) => {
+                        let _ = reply.send(self.change(change));
+                    }
                 },
             }
         }
@@ -233,6 +242,16 @@ impl Monitor {
                     .spawn(checker.run(ready, self.results.0.clone()));
             }
         }
+    }
+
+    fn change(&mut self, change: Change) -> Result<bool, String> {
+        let mut cfg = (*self.cfg).clone();
+        if !change(&mut cfg)? {
+            return Ok(false);
+        }
+        cfg.validate().map_err(|errors| errors.join("; "))?;
+        self.reload(Arc::new(cfg));
+        Ok(true)
     }
 
     /// Switches to `cfg`: backends whose pool, address and check are unchanged keep their

@@ -125,6 +125,32 @@ impl Udplb {
         self.child.id()
     }
 
+    /// `METHOD path` with a JSON `body` on the admin endpoint: status code and parsed body.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))
+            .expect("connect to admin");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let body = body.unwrap_or("");
+        write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: udplb\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let (head, payload) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (
+            code,
+            serde_json::from_str(payload).unwrap_or(serde_json::Value::String(payload.to_string())),
+        )
+    }
+
     /// The body of `GET path` on the admin endpoint, with its content type.
     pub fn get(&self, path: &str) -> (String, String) {
         let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))

@@ -1,0 +1,317 @@
+//! The admin API under `/api/v1`: reads (status, pools, explain) always; changes (add, remove,
+//! weight, drain/enable/disable, reload) only by POST/PUT/DELETE and only when the config says
+//! `[admin] allow_changes = true`. Documented in docs/api.md.
+//!
+//! Owns: the HTTP shape of each call and its errors. Must not: change state itself; every
+//! change goes to the publisher ([`crate::health::Monitor`]) as an edit of the running
+//! configuration, validated like a file.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, Path, Query, State as AxumState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use udplb_config::{BackendConfig, Config};
+use udplb_core::BackendSpec;
+use udplb_core::snapshot::AdminState;
+
+use crate::admin::State;
+use crate::health::{Change, Command};
+
+/// Largest request body accepted.
+const BODY_LIMIT: usize = 16 * 1024;
+/// How long a change may take to be applied.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `/api/v1` routes.
+pub fn routes() -> axum::Router<Arc<State>> {
+    axum::Router::new()
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/pools", get(pools))
+        .route("/api/v1/explain", get(explain))
+        .route("/api/v1/reload", post(reload))
+        .route("/api/v1/pools/{pool}/backends", post(add_backend))
+        .route(
+            "/api/v1/pools/{pool}/backends/{address}",
+            delete(remove_backend),
+        )
+        .route(
+            "/api/v1/pools/{pool}/backends/{address}/weight",
+            put(set_weight),
+        )
+        .route("/api/v1/pools/{pool}/backends/{address}/drain", post(drain))
+        .route(
+            "/api/v1/pools/{pool}/backends/{address}/enable",
+            post(enable),
+        )
+        .route(
+            "/api/v1/pools/{pool}/backends/{address}/disable",
+            post(disable),
+        )
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+}
+
+/// An error answer: `{"error": "..."}` with a status.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+
+async fn status(AxumState(state): AxumState<Arc<State>>) -> Json<Value> {
+    Json(crate::admin::stats_json(&state))
+}
+
+async fn pools(AxumState(state): AxumState<Arc<State>>) -> Json<Value> {
+    Json(json!(crate::admin::pools_json(
+        &state,
+        &state.shared.load()
+    )))
+}
+
+#[derive(Deserialize)]
+struct ExplainQuery {
+    listener: Option<String>,
+    client: SocketAddr,
+}
+
+async fn explain(
+    AxumState(state): AxumState<Arc<State>>,
+    Query(q): Query<ExplainQuery>,
+) -> ApiResult {
+    let snap = state.shared.load();
+    let li = match &q.listener {
+        Some(name) => snap.listeners.iter().position(|l| &l.name == name),
+        None => (snap.listeners.len() == 1).then_some(0),
+    }
+    .ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "no such listener (name it with ?listener=)".into(),
+        )
+    })?;
+    Ok(Json(crate::admin::explain_json(&snap, li, q.client)))
+}
+
+async fn reload(AxumState(state): AxumState<Arc<State>>) -> ApiResult {
+    writable(&state)?;
+    let mut reloader = state.reloader.lock().await;
+    let before = reloader
+        .status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .failed;
+    reloader.reload().await;
+    let s = reloader
+        .status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if s.failed > before {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            s.last_error.unwrap_or_default(),
+        ));
+    }
+    Ok(Json(
+        json!({ "reloaded": true, "generation": state.shared.load().generation }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBackend {
+    address: SocketAddr,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    backup: bool,
+    #[serde(default)]
+    state: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn add_backend(
+    AxumState(state): AxumState<Arc<State>>,
+    Path(pool): Path<String>,
+    Json(b): Json<NewBackend>,
+) -> ApiResult {
+    let admin = match b.state.as_deref() {
+        None | Some("enabled") => AdminState::Enabled,
+        Some("draining") => AdminState::Draining,
+        Some("disabled") => AdminState::Disabled,
+        Some(other) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("state {other:?}: enabled, draining or disabled"),
+            ));
+        }
+    };
+    let spec = BackendSpec {
+        addr: b.address,
+        weight: b.weight,
+        backup: b.backup,
+    };
+    change(
+        &state,
+        Box::new(move |cfg: &mut Config| {
+            let pool = pool_mut(cfg, &pool)?;
+            if pool.backends.iter().any(|x| x.spec.addr == spec.addr) {
+                return Err(format!("{} is already in pool {}", spec.addr, pool.name));
+            }
+            pool.backends.push(BackendConfig {
+                spec,
+                state: admin,
+                health: None,
+            });
+            Ok(true)
+        }),
+    )
+    .await
+}
+
+async fn remove_backend(
+    AxumState(state): AxumState<Arc<State>>,
+    Path((pool, address)): Path<(String, String)>,
+) -> ApiResult {
+    let addr = parse_addr(&address)?;
+    change(
+        &state,
+        Box::new(move |cfg: &mut Config| {
+            let pool = pool_mut(cfg, &pool)?;
+            let before = pool.backends.len();
+            pool.backends.retain(|b| b.spec.addr != addr);
+            Ok(pool.backends.len() != before) // absent: a no-op success
+        }),
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Weight {
+    weight: u32,
+}
+
+async fn set_weight(
+    AxumState(state): AxumState<Arc<State>>,
+    Path((pool, address)): Path<(String, String)>,
+    Json(w): Json<Weight>,
+) -> ApiResult {
+    let addr = parse_addr(&address)?;
+    edit_backend(&state, pool, addr, move |b| {
+        std::mem::replace(&mut b.spec.weight, w.weight) != w.weight
+    })
+    .await
+}
+
+async fn drain(s: AxumState<Arc<State>>, p: Path<(String, String)>) -> ApiResult {
+    set_state(s, p, AdminState::Draining).await
+}
+
+async fn enable(s: AxumState<Arc<State>>, p: Path<(String, String)>) -> ApiResult {
+    set_state(s, p, AdminState::Enabled).await
+}
+
+async fn disable(s: AxumState<Arc<State>>, p: Path<(String, String)>) -> ApiResult {
+    set_state(s, p, AdminState::Disabled).await
+}
+
+async fn set_state(
+    AxumState(state): AxumState<Arc<State>>,
+    Path((pool, address)): Path<(String, String)>,
+    to: AdminState,
+) -> ApiResult {
+    let addr = parse_addr(&address)?;
+    edit_backend(&state, pool, addr, move |b| {
+        std::mem::replace(&mut b.state, to) != to
+    })
+    .await
+}
+
+/// Applies `edit` to backend `addr` of `pool`; `edit` says whether it changed anything.
+async fn edit_backend(
+    state: &State,
+    pool: String,
+    addr: SocketAddr,
+    edit: impl FnOnce(&mut BackendConfig) -> bool + Send + 'static,
+) -> ApiResult {
+    change(
+        state,
+        Box::new(move |cfg: &mut Config| {
+            let pool = pool_mut(cfg, &pool)?;
+            let name = pool.name.clone();
+            let b = pool
+                .backends
+                .iter_mut()
+                .find(|b| b.spec.addr == addr)
+                .ok_or_else(|| format!("no backend {addr} in pool {name}"))?;
+            Ok(edit(b))
+        }),
+    )
+    .await
+}
+
+/// Sends a change to the publisher and waits (bounded) for its outcome.
+async fn change(state: &State, change: Change) -> ApiResult {
+    writable(state)?;
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    state
+        .publisher
+        .send(Command::Change(change, reply))
+        .await
+        .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "udplb is stopping".into()))?;
+    match tokio::time::timeout(CHANGE_TIMEOUT, outcome).await {
+        Ok(Ok(Ok(changed))) => Ok(Json(
+            json!({ "changed": changed, "generation": state.shared.load().generation }),
+        )),
+        Ok(Ok(Err(e))) => Err(ApiError(StatusCode::CONFLICT, e)),
+        _ => Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the change was not applied in time".into(),
+        )),
+    }
+}
+
+fn writable(state: &State) -> Result<(), ApiError> {
+    if state.allow_changes {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "the admin API is read-only: set allow_changes = true in [admin] (or --admin-allow-changes)".into(),
+        ))
+    }
+}
+
+fn pool_mut<'a>(
+    cfg: &'a mut Config,
+    name: &str,
+) -> Result<&'a mut udplb_config::PoolConfig, String> {
+    cfg.pools
+        .iter_mut()
+        .find(|p| p.name == name)
+        .ok_or_else(|| format!("no pool named {name:?}"))
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, ApiError> {
+    s.parse().map_err(|_| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{s:?} is not an ip:port address"),
+        )
+    })
+}

@@ -1,0 +1,256 @@
+//! The admin API: reads always, changes only when allowed and only by POST/PUT/DELETE, body
+//! limit; add, weight, drain, enable, disable, remove (absent: no-op success), reload, explain.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use common::*;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("udplb-api-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn tag_of(c: &std::net::UdpSocket, listen: SocketAddr) -> String {
+    let (reply, _) = request(c, listen, b"x");
+    String::from_utf8_lossy(&reply)
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn read_only_by_default_and_changes_only_by_the_right_method() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
+    let (code, body) = lb.call("GET", "/api/v1/status", None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["listeners"][0]["name"], "default");
+    let (code, body) = lb.call("GET", "/api/v1/pools", None);
+    assert_eq!((code, body[0]["name"].as_str()), (200, Some("default")));
+    let drain = format!("/api/v1/pools/default/backends/{}/drain", a.addr);
+    let (code, body) = lb.call("POST", &drain, None);
+    assert_eq!(code, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("read-only"));
+    let (code, _) = lb.call("GET", &drain, None);
+    assert_eq!(code, 405, "a change needs POST");
+    let (code, _) = lb.call("POST", "/api/v1/reload", None);
+    assert_eq!(code, 403);
+}
+
+#[test]
+fn changes_drain_enable_disable_weight_add_remove() {
+    let (a, b, c) = (
+        Backend::start("127.0.0.1", "a"),
+        Backend::start("127.0.0.1", "b"),
+        Backend::start("127.0.0.1", "c"),
+    );
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = Udplb::start(&[
+        "--admin-allow-changes",
+        "--workers",
+        "1",
+        &listen.to_string(),
+        &a.addr.to_string(),
+        &b.addr.to_string(),
+    ]);
+    let path =
+        |addr: SocketAddr, what: &str| format!("/api/v1/pools/default/backends/{addr}{what}");
+
+    // Drain b: established flows on b continue, new flows avoid it.
+    let clients: Vec<_> = (0..6).map(|_| client("127.0.0.1:0")).collect();
+    let before: Vec<String> = clients.iter().map(|c| tag_of(c, listen)).collect();
+    assert!(before.iter().any(|t| t == "b"));
+    let (code, body) = lb.call("POST", &path(b.addr, "/drain"), None);
+    assert_eq!(
+        (code, body["changed"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    let (code, body) = lb.call("POST", &path(b.addr, "/drain"), None);
+    assert_eq!(
+        (code, body["changed"].as_bool()),
+        (200, Some(false)),
+        "draining twice changes nothing"
+    );
+    for (c, was) in clients.iter().zip(&before) {
+        assert_eq!(
+            &tag_of(c, listen),
+            was,
+            "an established flow moved on drain"
+        );
+    }
+    for _ in 0..6 {
+        assert_eq!(
+            tag_of(&client("127.0.0.1:0"), listen),
+            "a",
+            "a new flow went to the drained backend"
+        );
+    }
+
+    // Enable it again: new flows reach it.
+    assert_eq!(lb.call("POST", &path(b.addr, "/enable"), None).0, 200);
+    let tags: Vec<String> = (0..6)
+        .map(|_| tag_of(&client("127.0.0.1:0"), listen))
+        .collect();
+    assert!(tags.iter().any(|t| t == "b"), "{tags:?}");
+
+    // Disable b: its flows move at their next datagram.
+    assert_eq!(lb.call("POST", &path(b.addr, "/disable"), None).0, 200);
+    for c in &clients {
+        assert_eq!(tag_of(c, listen), "a");
+    }
+    assert_eq!(lb.call("POST", &path(b.addr, "/enable"), None).0, 200);
+
+    // Weight: validated like the file.
+    let (code, body) = lb.call("PUT", &path(a.addr, "/weight"), Some(r#"{"weight": 0}"#));
+    assert_eq!(code, 409, "{body}");
+    let (code, body) = lb.call("PUT", &path(a.addr, "/weight"), Some(r#"{"weight": 7}"#));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 7);
+
+    // Add c, then remove a: new flows reach c, a's flows move.
+    let add = format!(r#"{{"address": "{}", "weight": 2}}"#, c.addr);
+    let (code, body) = lb.call("POST", "/api/v1/pools/default/backends", Some(&add));
+    assert_eq!(
+        (code, body["changed"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    assert_eq!(
+        lb.call("POST", "/api/v1/pools/default/backends", Some(&add))
+            .0,
+        409,
+        "added twice"
+    );
+    assert_eq!(lb.call("DELETE", &path(a.addr, ""), None).0, 200);
+    let tags: Vec<String> = (0..9)
+        .map(|_| tag_of(&client("127.0.0.1:0"), listen))
+        .collect();
+    assert!(
+        tags.iter().all(|t| t != "a") && tags.iter().any(|t| t == "c"),
+        "{tags:?}"
+    );
+    // Removing an absent backend is a no-op success.
+    let (code, body) = lb.call("DELETE", &path(a.addr, ""), None);
+    assert_eq!(
+        (code, body["changed"].as_bool()),
+        (200, Some(false)),
+        "{body}"
+    );
+    // Unknown pool, bad address, oversized body.
+    assert_eq!(
+        lb.call(
+            "POST",
+            "/api/v1/pools/nope/backends/127.0.0.1:1/drain",
+            None
+        )
+        .0,
+        409
+    );
+    assert_eq!(
+        lb.call(
+            "POST",
+            "/api/v1/pools/default/backends/not-an-address/drain",
+            None
+        )
+        .0,
+        400
+    );
+    let huge = format!(
+        r#"{{"address": "127.0.0.1:9", "pad": "{}"}}"#,
+        "x".repeat(20_000)
+    );
+    assert_eq!(
+        lb.call("POST", "/api/v1/pools/default/backends", Some(&huge))
+            .0,
+        413
+    );
+}
+
+#[test]
+fn explain_names_the_backend_a_new_flow_gets_and_why() {
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start("127.0.0.1", t))
+        .collect();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let mut args = vec![
+        "--scheduler".to_string(),
+        "maglev".to_string(),
+        listen.to_string(),
+    ];
+    args.extend(backends.iter().map(|b| b.addr.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lb = Udplb::start(&args);
+    for _ in 0..5 {
+        let c = client("127.0.0.1:0");
+        let me = c.local_addr().unwrap();
+        let (code, body) = lb.call("GET", &format!("/api/v1/explain?client={me}"), None);
+        assert_eq!(code, 200, "{body}");
+        let predicted = body["backend"].as_str().unwrap().to_string();
+        let (reply, _) = request(&c, listen, b"x");
+        let tag = String::from_utf8_lossy(&reply)
+            .split(':')
+            .next()
+            .unwrap()
+            .to_string();
+        let got = backends
+            .iter()
+            .position(|b| b.addr.to_string() == predicted)
+            .map(|i| ["a", "b", "c"][i]);
+        assert_eq!(
+            got,
+            Some(tag.as_str()),
+            "explain said {predicted}, the flow went to {tag}: {body}"
+        );
+        assert!(
+            body["reason"].as_str().unwrap().contains("maglev"),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn reload_through_the_api() {
+    let dir = scratch("reload");
+    let a = Backend::start("127.0.0.1", "a");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let cfg = |weight: u32| {
+        format!(
+            "[admin]\nlisten = \"{admin}\"\nallow_changes = true\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             [pools.p]\nbackends = [{{ address = \"{}\", weight = {weight} }}]\n",
+            a.addr
+        )
+    };
+    let path = dir.join("udplb.toml");
+    std::fs::write(&path, cfg(1)).unwrap();
+    let lb = Udplb::run_config(&path, admin);
+    std::fs::write(&path, cfg(5)).unwrap();
+    let (code, body) = lb.call("POST", "/api/v1/reload", None);
+    assert_eq!(
+        (code, body["reloaded"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 5);
+    std::fs::write(&path, "[listeners.l]\nadress = 1\n").unwrap();
+    let (code, body) = lb.call("POST", "/api/v1/reload", None);
+    assert_eq!(code, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("adress"), "{body}");
+}
