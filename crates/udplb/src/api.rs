@@ -106,22 +106,8 @@ async fn explain(
 async fn reload(AxumState(state): AxumState<Arc<State>>) -> ApiResult {
     writable(&state)?;
     let mut reloader = state.reloader.lock().await;
-    let before = reloader
-        .status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .failed;
-    reloader.reload().await;
-    let s = reloader
-        .status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    if s.failed > before {
-        return Err(ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            s.last_error.unwrap_or_default(),
-        ));
+    if let Err(why) = reloader.reload().await {
+        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, why));
     }
     Ok(Json(
         json!({ "reloaded": true, "generation": state.shared.load().generation }),

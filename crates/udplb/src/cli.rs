@@ -27,7 +27,9 @@ Examples:
   udplb --mode request-response --scheduler maglev [::]:53 [2001:db8::1]:53 [2001:db8::2]:53
       DNS: each query's flow closes once answered
   udplb run -c /etc/udplb/udplb.toml
-  udplb check -c /etc/udplb/udplb.toml";
+  udplb check -c /etc/udplb/udplb.toml
+  udplb ctl backends
+  udplb ctl drain dns 10.0.0.12:53";
 
 /// A UDP load balancer.
 #[derive(Parser, Debug)]
@@ -59,6 +61,8 @@ enum Command {
         #[arg(long)]
         workers: Option<usize>,
     },
+    /// Query or change a running udplb through its admin API.
+    Ctl(crate::ctl::CtlArgs),
     /// Validate a configuration file without binding anything; exit 0 if valid, 78 if not.
     Check {
         /// The configuration file (TOML).
@@ -221,6 +225,7 @@ impl OneLiner {
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Check { config }) => Ok(check(&config)),
+        Some(Command::Ctl(args)) => Ok(crate::ctl::run(args)),
         Some(Command::Run { config, workers }) => {
             let mut cfg = match udplb_config::load(&config) {
                 Ok(cfg) => cfg,

@@ -146,7 +146,10 @@ impl Signals {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
-                _ = self.hup.recv() => reloader.lock().await.reload().await,
+                _ = self.hup.recv() => {
+                    // Failures are logged and counted by the reloader.
+                    let _ = reloader.lock().await.reload().await;
+                }
             }
         }
     }

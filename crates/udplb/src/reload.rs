@@ -46,13 +46,12 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Reloads the file; on success the publisher applies it.
-    pub async fn reload(&mut self) {
+    /// Reloads the file; on success the publisher applies it. `Err` says why not.
+    pub async fn reload(&mut self) -> Result<(), String> {
         let Some(path) = self.source.clone() else {
-            tracing::warn!(
-                "SIGHUP ignored: udplb runs from the command line, there is no file to reload"
-            );
-            return;
+            let why = "udplb runs from the command line: there is no file to reload".to_string();
+            tracing::warn!("reload ignored: {why}");
+            return Err(why);
         };
         match load_compatible(&path, &self.running) {
             Ok(cfg) => {
@@ -63,25 +62,27 @@ impl Reloader {
                     .await
                     .is_err()
                 {
-                    return self.failed("the publisher has stopped".into());
+                    return Err(self.failed("the publisher has stopped".into()));
                 }
                 self.running = cfg;
                 let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 s.succeeded += 1;
                 s.last_success_unix = now_unix();
                 s.last_error = None;
+                Ok(())
             }
-            Err(errors) => self.failed(errors),
+            Err(errors) => Err(self.failed(errors)),
         }
     }
 
-    fn failed(&self, errors: String) {
+    fn failed(&self, errors: String) -> String {
         for line in errors.lines() {
             tracing::error!("reload failed, the running configuration stays: {line}");
         }
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         s.failed += 1;
-        s.last_error = Some(errors);
+        s.last_error = Some(errors.clone());
+        errors
     }
 }
 

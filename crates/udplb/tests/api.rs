@@ -254,3 +254,68 @@ fn reload_through_the_api() {
     assert_eq!(code, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("adress"), "{body}");
 }
+
+fn ctl(lb: &Udplb, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
+        .args(["ctl", "--admin", &lb.admin.to_string()])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `udplb ctl` against a running instance: tables, --json, changes and their errors.
+#[test]
+fn ctl_drives_a_running_instance() {
+    let (a, b) = (
+        Backend::start("127.0.0.1", "a"),
+        Backend::start("127.0.0.1", "b"),
+    );
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = Udplb::start(&[
+        "--admin-allow-changes",
+        &listen.to_string(),
+        &a.addr.to_string(),
+        &b.addr.to_string(),
+    ]);
+    request(&client("127.0.0.1:0"), listen, b"hi");
+
+    let (ok, out, err) = ctl(&lb, &["status"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("LISTENER") && out.contains("default") && out.contains(&listen.to_string()),
+        "{out}"
+    );
+    let (ok, out, _) = ctl(&lb, &["backends"]);
+    assert!(
+        ok && out.contains(&a.addr.to_string()) && out.contains("enabled"),
+        "{out}"
+    );
+
+    let b_addr = b.addr.to_string();
+    let (ok, out, err) = ctl(&lb, &["drain", "default", &b_addr]);
+    assert!(ok && out.starts_with("ok"), "{out} {err}");
+    let (_, json, _) = ctl(&lb, &["--json", "backends"]);
+    let pools: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(pools[0]["backends"][1]["admin"], "draining", "{json}");
+    let (ok, out, _) = ctl(&lb, &["weight", "default", &b_addr, "4"]);
+    assert!(ok, "{out}");
+    assert_eq!(lb.stats()["pools"][0]["backends"][1]["weight"], 4);
+    let (ok, out, _) = ctl(&lb, &["remove", "default", "127.0.0.1:1"]);
+    assert!(ok && out.contains("nothing to change"), "{out}");
+    let (ok, _, err) = ctl(&lb, &["weight", "default", &b_addr, "0"]);
+    assert!(
+        !ok && err.contains("409") && err.contains("weight"),
+        "{err}"
+    );
+    let (ok, out, _) = ctl(&lb, &["explain", "192.0.2.7:4000"]);
+    assert!(ok && out.contains("candidates"), "{out}");
+    let (ok, _, err) = ctl(&lb, &["reload"]);
+    assert!(!ok && err.contains("no file to reload"), "{err}");
+}

@@ -1,0 +1,329 @@
+//! `udplb ctl`: talks to a running udplb through its admin API ([docs/api.md]): tables for
+//! people by default, the API's JSON with `--json`.
+//!
+//! Owns: the command-line shape of each API call and its table. Must not: know anything the
+//! API does not say (it runs as another process, often on another host).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+/// `udplb ctl [--admin ADDR] [--json] COMMAND`
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// Admin endpoint of the udplb to talk to.
+    #[arg(long, default_value = "127.0.0.1:9190", value_name = "ADDR")]
+    admin: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Listeners with their traffic and flows.
+    Status,
+    /// Backends of every pool (or of one) with health, state and weight.
+    Backends {
+        /// Only this pool.
+        pool: Option<String>,
+    },
+    /// No new flows for a backend; its flows continue until idle.
+    Drain { pool: String, backend: String },
+    /// Put a backend back in rotation.
+    Enable { pool: String, backend: String },
+    /// Take a backend out; its flows move at their next datagram.
+    Disable { pool: String, backend: String },
+    /// Set a backend's weight.
+    Weight {
+        pool: String,
+        backend: String,
+        weight: u32,
+    },
+    /// Add a backend to a pool.
+    Add {
+        pool: String,
+        backend: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        #[arg(long)]
+        backup: bool,
+    },
+    /// Remove a backend (absent: nothing to do).
+    Remove { pool: String, backend: String },
+    /// Re-read the configuration file.
+    Reload,
+    /// Where a new flow of CLIENT (ip:port) would go, and why.
+    Explain {
+        client: String,
+        #[arg(long)]
+        listener: Option<String>,
+    },
+}
+
+/// Runs one ctl command; API errors exit 1 with the API's message.
+pub fn run(args: CtlArgs) -> ExitCode {
+    let ctl = Ctl::new(&args.admin);
+    let result = match &args.command {
+        CtlCommand::Status => ctl.get("/api/v1/status").map(|v| (status_table(&v), v)),
+        CtlCommand::Backends { pool } => ctl
+            .get("/api/v1/pools")
+            .map(|v| (backends_table(&v, pool.as_deref()), v)),
+        CtlCommand::Drain { pool, backend } => {
+            ctl.change("POST", &backend_path(pool, backend, "/drain"), None)
+        }
+        CtlCommand::Enable { pool, backend } => {
+            ctl.change("POST", &backend_path(pool, backend, "/enable"), None)
+        }
+        CtlCommand::Disable { pool, backend } => {
+            ctl.change("POST", &backend_path(pool, backend, "/disable"), None)
+        }
+        CtlCommand::Weight {
+            pool,
+            backend,
+            weight,
+        } => ctl.change(
+            "PUT",
+            &backend_path(pool, backend, "/weight"),
+            Some(json!({ "weight": weight })),
+        ),
+        CtlCommand::Add {
+            pool,
+            backend,
+            weight,
+            backup,
+        } => ctl.change(
+            "POST",
+            &format!("/api/v1/pools/{pool}/backends"),
+            Some(json!({ "address": backend, "weight": weight, "backup": backup })),
+        ),
+        CtlCommand::Remove { pool, backend } => {
+            ctl.change("DELETE", &backend_path(pool, backend, ""), None)
+        }
+        CtlCommand::Reload => ctl.change("POST", "/api/v1/reload", None),
+        CtlCommand::Explain { client, listener } => {
+            let mut path = format!("/api/v1/explain?client={client}");
+            if let Some(l) = listener {
+                path += &format!("&listener={l}");
+            }
+            ctl.get(&path).map(|v| (explain_text(&v), v))
+        }
+    };
+    match result {
+        Ok((text, value)) => {
+            if args.json {
+                println!("{value}");
+            } else {
+                print!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("udplb ctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Ctl {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Ctl {
+    fn new(admin: &str) -> Ctl {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .new_agent();
+        Ctl {
+            agent,
+            base: format!("http://{admin}"),
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<Value, String> {
+        self.call("GET", path, None)
+    }
+
+    /// A change: the text says whether anything changed.
+    fn change(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(String, Value), String> {
+        let v = self.call(method, path, body)?;
+        let text = match v.get("changed").and_then(Value::as_bool) {
+            Some(true) | None => format!("ok (generation {})\n", v["generation"]),
+            Some(false) => "ok, nothing to change\n".to_string(),
+        };
+        Ok((text, v))
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
+        let url = format!("{}{path}", self.base);
+        let sent = match (method, body) {
+            ("GET", _) => self.agent.get(&url).call(),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            ("PUT", Some(b)) => self.agent.put(&url).send_json(b),
+            ("PUT", None) => self.agent.put(&url).send_empty(),
+            (_, Some(b)) => self.agent.post(&url).send_json(b),
+            (_, None) => self.agent.post(&url).send_empty(),
+        };
+        let response = sent.map_err(|e| format!("{url}: {e}"))?;
+        let status = response.status();
+        let text = response
+            .into_body()
+            .read_to_string()
+            .map_err(|e| format!("{url}: {e}"))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if status.is_success() {
+            Ok(value)
+        } else {
+            let why = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map_or_else(|| value.to_string(), str::to_string);
+            Err(format!("{status}: {why}"))
+        }
+    }
+}
+
+fn backend_path(pool: &str, backend: &str, what: &str) -> String {
+    format!("/api/v1/pools/{pool}/backends/{backend}{what}")
+}
+
+fn status_table(v: &Value) -> String {
+    let mut rows = vec![row(&[
+        "LISTENER",
+        "ADDRESS",
+        "MODE",
+        "POOL",
+        "IN",
+        "FORWARDED",
+        "REPLIES",
+        "DROPS",
+        "FLOWS",
+    ])];
+    for l in v["listeners"].as_array().into_iter().flatten() {
+        let drops: u64 = l["drops"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(_, n)| n.as_u64())
+            .sum();
+        rows.push(row(&[
+            &text(&l["name"]),
+            &text(&l["address"]),
+            &text(&l["mode"]),
+            &text(&l["pool"]),
+            &text(&l["datagrams_in"]),
+            &text(&l["forwarded"]),
+            &text(&l["replies_out"]),
+            &drops.to_string(),
+            &text(&l["flows"]["live"]),
+        ]));
+    }
+    layout(&rows)
+}
+
+fn backends_table(pools: &Value, only: Option<&str>) -> String {
+    let mut rows = vec![row(&[
+        "POOL",
+        "BACKEND",
+        "UP",
+        "ROTATION",
+        "STATE",
+        "WEIGHT",
+        "CHECKS OK/FAILED",
+        "LAST ERROR",
+    ])];
+    for p in pools
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| only.is_none_or(|o| p["name"] == o))
+    {
+        for b in p["backends"].as_array().into_iter().flatten() {
+            let yes_no = |v: &Value| {
+                if v.as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .to_string()
+            };
+            rows.push(row(&[
+                &text(&p["name"]),
+                &text(&b["address"]),
+                &yes_no(&b["healthy"]),
+                &yes_no(&b["in_rotation"]),
+                &text(&b["admin"]),
+                &text(&b["weight"]),
+                &format!("{}/{}", text(&b["checks_ok"]), text(&b["checks_failed"])),
+                &text(&b["last_error"]),
+            ]));
+        }
+    }
+    layout(&rows)
+}
+
+fn explain_text(v: &Value) -> String {
+    let candidates: Vec<String> = v["candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
+    format!(
+        "client {} on listener {} (pool {}, {}):\n  backend: {}\n  candidates: {}\n  tier: {}\n  why: {}\n",
+        text(&v["client"]),
+        text(&v["listener"]),
+        text(&v["pool"]),
+        text(&v["scheduler"]),
+        if v["backend"].is_null() {
+            "any candidate".to_string()
+        } else {
+            text(&v["backend"])
+        },
+        candidates.join(", "),
+        text(&v["tier"]),
+        text(&v["reason"]),
+    )
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+/// Aligns columns with two spaces between them.
+fn layout(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
