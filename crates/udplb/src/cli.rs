@@ -63,6 +63,13 @@ enum Command {
     },
     /// Query or change a running udplb through its admin API.
     Ctl(crate::ctl::CtlArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `udplb man > udplb.1`.
+    Man,
     /// Validate a configuration file without binding anything; exit 0 if valid, 78 if not.
     Check {
         /// The configuration file (TOML).
@@ -226,6 +233,24 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Some(Command::Check { config }) => Ok(check(&config)),
         Some(Command::Ctl(args)) => Ok(crate::ctl::run(args)),
+        Some(Command::Completions { shell }) => {
+            // Rendered into memory first: the generator panics on a closed pipe.
+            let mut out = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "udplb",
+                &mut out,
+            );
+            write_stdout(&out)
+        }
+        Some(Command::Man) => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut out)
+                .context("rendering the man page")?;
+            write_stdout(&out)
+        }
         Some(Command::Run { config, workers }) => {
             let mut cfg = match udplb_config::load(&config) {
                 Ok(cfg) => cfg,
@@ -251,6 +276,15 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::daemon::run(cfg, None).context("udplb stopped")?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Writes generated output; a closed pipe (`| head`) is not an error worth a message.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
     }
 }
 

@@ -14,7 +14,7 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, health, reload};
+use crate::{admin, health, reload, systemd};
 
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file.
 pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
@@ -89,9 +89,15 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             tokio::spawn(admin::serve(listener, Arc::clone(&state)));
         }
         let mut signals = Signals::install()?;
+        systemd::ready(&format!(
+            "serving {} listener(s) with {workers} worker(s)",
+            cfg.listeners.len()
+        ));
+        systemd::spawn_watchdog(state.stats.clone());
         signals.reload_until_stop(&reloader).await;
         // Graceful stop: no new flows, established ones served until they end or the grace
         // period is over (a second signal stops at once).
+        systemd::stopping();
         let _ = publisher.send(health::Command::StopAdmitting).await;
         let grace = cfg
             .runtime
@@ -147,8 +153,14 @@ impl Signals {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
                 _ = self.hup.recv() => {
-                    // Failures are logged and counted by the reloader.
-                    let _ = reloader.lock().await.reload().await;
+                    systemd::reloading();
+                    // Failures are logged and counted by the reloader; the old configuration
+                    // keeps serving either way.
+                    let status = match reloader.lock().await.reload().await {
+                        Ok(()) => "serving: configuration reloaded".to_string(),
+                        Err(e) => format!("serving the previous configuration: reload failed: {}", e.lines().next().unwrap_or("")),
+                    };
+                    systemd::ready(&status);
                 }
             }
         }

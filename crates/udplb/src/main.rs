@@ -14,6 +14,7 @@ mod health;
 mod metrics;
 mod plan;
 mod reload;
+mod systemd;
 
 use std::process::ExitCode;
 

@@ -97,3 +97,46 @@ fn one_liner_rejects_a_bad_backend() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-address"));
 }
+
+/// The man page and completions are generated from the CLI definition, so they list every
+/// subcommand and option without being maintained by hand.
+#[test]
+fn man_page_and_completions_come_from_the_cli() {
+    let man = udplb().arg("man").output().unwrap();
+    assert!(man.status.success());
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(man.contains(".TH udplb 1"), "not roff");
+    for needle in ["run", "check", "ctl", "\\-\\-mode", "\\-\\-scheduler"] {
+        assert!(man.contains(needle), "man page lacks {needle}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = udplb().args(["completions", shell]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("udplb") && text.contains("ctl"),
+            "{shell}: {text}"
+        );
+    }
+}
+
+/// The shipped systemd unit is a notify service that validates before starting and reloading.
+#[test]
+fn the_systemd_unit_checks_before_reloading() {
+    let unit = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../contrib/udplb.service"),
+    )
+    .unwrap();
+    for line in [
+        "Type=notify",
+        "ExecReload=/usr/bin/udplb check -c /etc/udplb/udplb.toml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "WatchdogSec=",
+        "LimitNOFILE=",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(
+            unit.lines().any(|l| l.starts_with(line)),
+            "unit lacks {line}"
+        );
+    }
+}

@@ -79,8 +79,28 @@ impl Udplb {
     }
 
     fn spawn_program(program: &str, args: Vec<String>, admin: SocketAddr) -> Udplb {
+        Self::spawn_with_env(program, args, admin, &[])
+    }
+
+    /// Starts `udplb run -c FILE` with extra environment variables.
+    pub fn run_config_with_env(
+        path: &std::path::Path,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Udplb {
+        let args = vec!["run".into(), "-c".into(), path.display().to_string()];
+        Self::spawn_with_env(env!("CARGO_BIN_EXE_udplb"), args, admin, env)
+    }
+
+    fn spawn_with_env(
+        program: &str,
+        args: Vec<String>,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Udplb {
         let mut child = Command::new(program)
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
