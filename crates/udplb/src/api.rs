@@ -36,6 +36,7 @@ pub fn routes() -> axum::Router<Arc<State>> {
         .route("/api/v1/pools", get(pools))
         .route("/api/v1/explain", get(explain))
         .route("/api/v1/reload", post(reload))
+        .route("/api/v1/log-level", get(log_level).put(set_log_level))
         .route("/api/v1/pools/{pool}/backends", post(add_backend))
         .route(
             "/api/v1/pools/{pool}/backends/{address}",
@@ -112,6 +113,25 @@ async fn reload(AxumState(state): AxumState<Arc<State>>) -> ApiResult {
     Ok(Json(
         json!({ "reloaded": true, "generation": state.shared.load().generation }),
     ))
+}
+
+async fn log_level() -> Json<Value> {
+    Json(json!({ "level": crate::logging::level() }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogLevel {
+    level: String,
+}
+
+async fn set_log_level(
+    AxumState(state): AxumState<Arc<State>>,
+    Json(l): Json<LogLevel>,
+) -> ApiResult {
+    writable(&state)?;
+    crate::logging::set_level(&l.level).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    Ok(Json(json!({ "level": crate::logging::level() })))
 }
 
 #[derive(Deserialize)]

@@ -11,6 +11,7 @@ mod cli;
 mod ctl;
 mod daemon;
 mod health;
+mod logging;
 mod metrics;
 mod plan;
 mod reload;
@@ -22,7 +23,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_logging(&cli.log);
+    logging::init(&cli.log);
     match cli::dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

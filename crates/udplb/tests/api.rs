@@ -319,3 +319,43 @@ fn ctl_drives_a_running_instance() {
     let (ok, _, err) = ctl(&lb, &["reload"]);
     assert!(!ok && err.contains("no file to reload"), "{err}");
 }
+
+/// The log level changes at runtime: `debug` lines appear only after the change.
+#[test]
+fn log_level_changes_at_runtime() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let mut lb = Udplb::start(&[
+        "--admin-allow-changes",
+        "--log-level",
+        "info",
+        &listen.to_string(),
+        &a.addr.to_string(),
+    ]);
+    assert_eq!(lb.call("GET", "/api/v1/log-level", None).1["level"], "info");
+    let (code, body) = lb.call(
+        "PUT",
+        "/api/v1/log-level",
+        Some(r#"{"level": "not a filter=="}"#),
+    );
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = lb.call("PUT", "/api/v1/log-level", Some(r#"{"level": "debug"}"#));
+    assert_eq!(
+        (code, body["level"].as_str()),
+        (200, Some("debug")),
+        "{body}"
+    );
+    // Workers log at debug when they stop; with the old level this line would not appear.
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &lb.pid().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(wait_for(DEADLINE, || !lb.alive()));
+    let stderr = lb.stderr.lock().unwrap().clone();
+    assert!(stderr.contains("worker stopped"), "{stderr}");
+}
