@@ -122,3 +122,34 @@ fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
     }
     assert!(counters >= 10, "{text}");
 }
+
+/// Every metric the shipped alert rules and Grafana dashboard use exists, so they cannot drift
+/// from what udplb exports.
+#[test]
+fn alerts_and_dashboard_use_only_exported_metrics() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
+    let (_, scrape) = scrape(&lb);
+    let exported: std::collections::HashSet<&str> =
+        scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../contrib");
+    let alerts = std::fs::read_to_string(root.join("prometheus/alerts.yml")).unwrap();
+    let dashboard = std::fs::read_to_string(root.join("grafana/udplb.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    for (file, text) in [("alerts.yml", &alerts), ("udplb.json", &dashboard)] {
+        let used: Vec<&str> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("udplb_"))
+            .collect();
+        assert!(!used.is_empty(), "{file} uses no metric");
+        for name in used {
+            assert!(
+                exported.contains(name),
+                "{file} uses {name}, which udplb does not export"
+            );
+        }
+    }
+}
