@@ -40,6 +40,7 @@ pub struct State {
 /// Serves the admin endpoint on `listener` until the runtime stops.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
     let app = Router::new()
+        .route("/", get(status_page))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .merge(crate::api::routes())
@@ -63,6 +64,11 @@ async fn metrics(AxumState(state): AxumState<Arc<State>>) -> axum::response::Res
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
+}
+
+/// The status page: static HTML that polls `/api/v1/status` every 2 s (no external resources).
+async fn status_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("status.html"))
 }
 
 async fn stats(AxumState(state): AxumState<Arc<State>>) -> axum::Json<Value> {

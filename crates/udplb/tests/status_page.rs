@@ -1,0 +1,95 @@
+//! The status page at `/` on the admin port, loaded in a real headless browser (Debian's
+//! chromium): listeners, pools and backends with their health and state appear.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+fn chromium() -> PathBuf {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("chromium not found: install Debian's chromium (scripts/test.sh does as root)")
+}
+
+/// The page's DOM after its scripts ran (virtual time lets the first fetch complete).
+fn rendered(url: &str) -> String {
+    let out = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            url,
+        ])
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn status_page_shows_backends_and_their_states_in_a_browser() {
+    let dir = std::env::temp_dir().join(format!("udplb-status-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let live = Backend::start("127.0.0.1", "live");
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let cfg = dir.join("udplb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"servers\"\n\
+             [pools.servers]\nbackends = [\"{}\", {{ address = \"{dead}\", state = \"draining\" }}]\n\
+             [pools.servers.health]\ncheck = \"udp\"\nsend = \"ping\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+             rise = 1\nfall = 1\n",
+            live.addr
+        ),
+    )
+    .unwrap();
+    let lb = Udplb::run_config(&cfg, admin);
+    assert!(wait_for(DEADLINE, || {
+        let b = &lb.stats()["pools"][0]["backends"];
+        b[0]["healthy"] == true && b[1]["checks_failed"].as_u64().unwrap_or(0) > 0
+    }));
+
+    let dom = rendered(&format!("http://{admin}/"));
+    assert!(
+        dom.contains(r#"data-listener="dns""#),
+        "listener missing: {dom}"
+    );
+    assert!(dom.contains("Pool servers"), "pool missing: {dom}");
+    let row = |addr: SocketAddr| {
+        let start = dom
+            .find(&format!(r#"data-backend="{addr}""#))
+            .unwrap_or_else(|| panic!("{addr} missing: {dom}"));
+        dom[start..start + dom[start..].find("</tr>").unwrap()].to_string()
+    };
+    let live_row = row(live.addr);
+    assert!(
+        live_row.contains(r#"<td class="up">up</td>"#) && live_row.contains("<td>enabled</td>"),
+        "{live_row}"
+    );
+    let dead_row = row(dead);
+    assert!(
+        dead_row.contains(r#"<td class="down">down</td>"#)
+            && dead_row.contains("<td>draining</td>"),
+        "{dead_row}"
+    );
+}
