@@ -26,7 +26,9 @@ use udplb_core::affinity::StickyTable;
 use udplb_core::snapshot::Snapshot;
 use udplb_sys::socket::{ListenerOptions, bind_listener};
 
-pub use stats::{ListenerTotals, WorkerStats, passive_failures_by_backend};
+pub use stats::{
+    BackendStats, ListenerTotals, WorkerStats, backend_traffic, passive_failures_by_backend,
+};
 
 /// Socket buffer size asked for listener sockets (the kernel may grant less; as root udplb
 /// forces it). Large enough to absorb bursts while a worker is busy.

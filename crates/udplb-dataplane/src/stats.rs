@@ -92,6 +92,36 @@ pub struct WorkerStats {
     /// request-response flow that idled out with replies still owed), for the first
     /// [`TRACKED_BACKENDS`] ids.
     pub passive_failures: Box<[Counter]>,
+    /// Traffic per backend id, for the first [`TRACKED_BACKENDS`] ids.
+    pub backends: Box<[BackendStats]>,
+}
+
+/// One backend's traffic on one worker (single writer: the worker).
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Datagrams sent to the backend.
+    pub forwarded: Counter,
+    /// Their payload bytes.
+    pub bytes_forwarded: Counter,
+    /// Datagrams received from the backend (before size checks).
+    pub replies: Counter,
+    /// Their payload bytes.
+    pub bytes_replied: Counter,
+}
+
+/// One backend's traffic summed over workers: (forwarded, bytes forwarded, replies, bytes replied).
+pub fn backend_traffic(workers: &[Arc<WorkerStats>], id: usize) -> (u64, u64, u64, u64) {
+    workers
+        .iter()
+        .filter_map(|w| w.backends.get(id))
+        .fold((0, 0, 0, 0), |t, b| {
+            (
+                t.0 + b.forwarded.get(),
+                t.1 + b.bytes_forwarded.get(),
+                t.2 + b.replies.get(),
+                t.3 + b.bytes_replied.get(),
+            )
+        })
 }
 
 /// Backend ids with their own refused counter (passive health signals).
@@ -116,6 +146,9 @@ impl WorkerStats {
             rxq_overflow: Counter::default(),
             turns: Counter::default(),
             passive_failures: (0..TRACKED_BACKENDS).map(|_| Counter::default()).collect(),
+            backends: (0..TRACKED_BACKENDS)
+                .map(|_| BackendStats::default())
+                .collect(),
         }
     }
 }

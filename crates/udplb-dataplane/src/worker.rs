@@ -343,9 +343,13 @@ impl Worker {
         };
         let stats = &self.stats.listeners[li];
         match sent {
-            Ok(()) => {
+            Ok(backend) => {
                 stats.forwarded.add(1);
                 stats.bytes_forwarded.add(d.data.len() as u64);
+                if let Some(b) = self.stats.backends.get(backend.index()) {
+                    b.forwarded.add(1);
+                    b.bytes_forwarded.add(d.data.len() as u64);
+                }
                 let responses = match spec.mode {
                     SessionMode::RequestResponse { responses } => responses,
                     _ => 0,
@@ -457,14 +461,14 @@ impl Worker {
         li: usize,
         snap: &Snapshot,
         data: &[u8],
-    ) -> Result<(), DropReason> {
+    ) -> Result<BackendId, DropReason> {
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         if flow.checked_generation != snap.generation {
             self.revalidate(h, li, snap)?;
         }
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         match udplb_sys::batch::send(flow.io.socket.as_fd(), data) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(flow.backend),
             Err(e) => Err(self.on_send_error(h, li, &e)),
         }
     }
@@ -478,17 +482,17 @@ impl Worker {
         spec: &ListenerSpec,
         snap: &Snapshot,
         data: &[u8],
-    ) -> Result<(), DropReason> {
+    ) -> Result<BackendId, DropReason> {
         let li = self.table.get(h).ok_or(DropReason::SendError)?.key.listener as usize;
         let client = self.table.get(h).ok_or(DropReason::SendError)?.key.client;
         let pool = &snap.pools[spec.pool];
         let idx = self
             .choose_backend(li, spec, pool, &client, snap.generation)
             .ok_or(DropReason::NoBackend)?;
-        let dest = pool.backends[idx].spec.addr;
+        let (dest, backend) = (pool.backends[idx].spec.addr, pool.backends[idx].id);
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         match udplb_sys::batch::send_to(flow.io.socket.as_fd(), data, dest) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(backend),
             Err(e) => Err(self.on_send_error(h, li, &e)),
         }
     }
@@ -611,18 +615,31 @@ impl Worker {
         let Some(flow) = self.table.get(h) else {
             return Relayed::FlowCompleted;
         };
-        let key = flow.key;
+        let (key, flow_backend) = (flow.key, flow.backend);
         let li = key.listener as usize;
         let spec = &snap.listeners[li];
+        let pool = &snap.pools[spec.pool];
         let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
         let check_source = spec.mode == SessionMode::Datagram;
         for i in 0..inbox.len() {
             let reply = inbox.get(i);
             let stats = &self.stats.listeners[li];
             stats.replies_in.add(1);
-            if check_source && snap.pools[spec.pool].position(&reply.source).is_none() {
-                stats.drop(DropReason::UnknownSource);
-                continue;
+            // Datagram mode: the reply's source says which backend answered (and must be one).
+            let backend = if check_source {
+                match pool.position(&reply.source) {
+                    Some(i) => pool.backends[i].id,
+                    None => {
+                        stats.drop(DropReason::UnknownSource);
+                        continue;
+                    }
+                }
+            } else {
+                flow_backend
+            };
+            if let Some(b) = self.stats.backends.get(backend.index()) {
+                b.replies.add(1);
+                b.bytes_replied.add(reply.data.len() as u64);
             }
             if reply.truncated || reply.data.len() > spec.max_datagram_size {
                 stats.drop(DropReason::ReplyOversize);

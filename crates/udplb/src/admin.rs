@@ -146,6 +146,12 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
                             json!(format!("{:?}", b.admin).to_lowercase()),
                         );
                         m.insert("in_rotation".into(), json!(pool.tier.contains(bi)));
+                        let (f, fb, r, rb) =
+                            udplb_dataplane::backend_traffic(&state.stats, b.id.index());
+                        m.insert("forwarded".into(), json!(f));
+                        m.insert("bytes_forwarded".into(), json!(fb));
+                        m.insert("replies".into(), json!(r));
+                        m.insert("bytes_replied".into(), json!(rb));
                     }
                     v
                 })

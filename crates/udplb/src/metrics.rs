@@ -228,6 +228,18 @@ fn backend_families(state: &State) -> Vec<Family<'static>> {
         "Duration of the last active check",
     )
     .seconds();
+    let mut fwd = Family::counter(
+        "backend_datagrams_forwarded",
+        "Datagrams sent to the backend",
+    );
+    let mut fwd_bytes =
+        Family::counter("backend_forwarded", "Payload bytes sent to the backend").bytes();
+    let mut rep = Family::counter(
+        "backend_replies_received",
+        "Datagrams received from the backend",
+    );
+    let mut rep_bytes =
+        Family::counter("backend_replied", "Payload bytes received from the backend").bytes();
     for (pi, pool) in snap.pools.iter().enumerate() {
         for (bi, b) in pool.backends.iter().enumerate() {
             let labels = || {
@@ -249,6 +261,11 @@ fn backend_families(state: &State) -> Vec<Family<'static>> {
                 admin.add(l, u8::from(b.admin == st));
             }
             weight.add(labels(), b.spec.weight);
+            let (f, fb, r, rb) = udplb_dataplane::backend_traffic(&state.stats, b.id.index());
+            fwd.add(labels(), f as f64);
+            fwd_bytes.add(labels(), fb as f64);
+            rep.add(labels(), r as f64);
+            rep_bytes.add(labels(), rb as f64);
             if let Some(s) = status {
                 for (result, n) in [("ok", s.checks_ok), ("failed", s.checks_failed)] {
                     let mut l = labels();
@@ -262,7 +279,9 @@ fn backend_families(state: &State) -> Vec<Family<'static>> {
             }
         }
     }
-    vec![up, rotation, admin, weight, checks, passive, last]
+    vec![
+        up, rotation, admin, weight, checks, passive, last, fwd, fwd_bytes, rep, rep_bytes,
+    ]
 }
 
 fn reload_families(state: &State) -> Vec<Family<'static>> {

@@ -97,6 +97,22 @@ fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
         Some(1.0)
     );
     assert!(value(&after, "udplb_process_open_fds", &[]).unwrap() > 0.0);
+    let b = [("pool", "default"), ("backend", backend.as_str())];
+    assert_eq!(
+        value(&after, "udplb_backend_datagrams_forwarded_total", &b),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&after, "udplb_backend_replies_received_total", &b),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(&after, "udplb_backend_forwarded_bytes_total", &b),
+        Some(15.0),
+        "{text}"
+    );
     assert!(text.contains("udplb_build_info{version=\""), "{text}");
 
     // Conventions: every sample has the udplb_ prefix; every counter sample ends in _total;
