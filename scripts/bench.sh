@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Measures udplb against a direct client -> backend baseline in the same run.
 #
-# Three echo backends; the closed-loop generator runs FLOWS flows x OUTSTANDING requests in
-# flight x SIZE-byte payloads for DURATION, first straight at the backends (direct), then
-# through udplb in flow mode and in datagram mode. Rounds are interleaved (direct, flow,
-# datagram, direct, ...) so drift on a shared machine hits every mode alike; the table shows
-# each mode's median replies/s, its ratio to the direct median, its p99, and the CPU seconds
-# udplb used during the measurement.
+# Three echo backends (`udplb-bench echo`); the closed-loop generator (`udplb-bench load`) runs
+# FLOWS flows x OUTSTANDING requests in flight x SIZE-byte payloads for DURATION, straight at
+# the backends (direct), and through udplb in flow mode and in datagram mode. Rounds are
+# interleaved (direct, flow, datagram, direct, ...) so drift on a shared machine hits every
+# mode alike. The table shows each mode's median replies/s, its ratio to the direct median,
+# the median over rounds of the ratio to that round's direct run, the median p99, the CPU
+# seconds udplb used during the measured window (utime+stime from /proc/PID/stat), and the
+# loss summed over rounds.
 #
-# Usage: scripts/bench.sh            (env: FLOWS OUTSTANDING SIZE DURATION ROUNDS WORKERS THREADS)
+# Usage: scripts/bench.sh
+# Env:   FLOWS (64) OUTSTANDING (8) SIZE (64) DURATION (10s) WARMUP (1s) ROUNDS (3)
+#        WORKERS (2, udplb --workers) THREADS (1, generator threads)
+#        MODES ("direct flow datagram": which to measure, in round order)
+#        UDPLB (target/release/udplb: set it to measure another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,96 +22,180 @@ FLOWS=${FLOWS:-64}
 OUTSTANDING=${OUTSTANDING:-8}
 SIZE=${SIZE:-64}
 DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-1s}
 ROUNDS=${ROUNDS:-3}
 WORKERS=${WORKERS:-2}
 THREADS=${THREADS:-1}
-
-cargo build --release --quiet -p udplb -p udplb-bench
-UDPLB=${UDPLB:-target/release/udplb}  # set UDPLB to measure another build
+MODES=${MODES:-direct flow datagram}
+UDPLB=${UDPLB:-target/release/udplb}
 BENCH=target/release/udplb-bench
 
+die() { echo "bench: $*" >&2; exit 1; }
+
+needs_udplb=false
+for mode in $MODES; do
+    case $mode in
+        direct) ;;
+        flow | datagram) needs_udplb=true ;;
+        *) die "unknown mode '$mode' in MODES (direct, flow, datagram)" ;;
+    esac
+done
+
+cargo build --release --quiet -p udplb-bench || die "udplb-bench does not build"
+if $needs_udplb; then
+    if [[ $UDPLB == target/release/udplb ]]; then
+        cargo build --release --quiet -p udplb || die "udplb does not build (MODES=direct measures the baseline alone)"
+    fi
+    [[ -x $UDPLB ]] || die "no udplb binary at $UDPLB"
+fi
+
 work=$(mktemp -d)
-pids=()
+echo_pid=
+lb_pid=
 cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [[ -z $lb_pid ]] || kill -KILL "$lb_pid" 2>/dev/null || true
+    [[ -z $echo_pid ]] || kill "$echo_pid" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-"$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo" &
-pids+=($!)
-for _ in $(seq 100); do [[ $(wc -l <"$work/echo") -ge 3 ]] && break; sleep 0.05; done
-mapfile -t backends < <(awk '/^listening/ {print $2}' "$work/echo")
-[[ ${#backends[@]} -eq 3 ]] || { echo "echo backends did not start" >&2; exit 1; }
+# seconds DURATION -> a number of seconds (accepts 10s, 500ms, 2m, 1.5s, 3).
+seconds() {
+    python3 -c '
+import re, sys
+m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m|min)?\s*", sys.argv[1])
+if not m: sys.exit("bench: cannot read duration " + repr(sys.argv[1]))
+print(float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "min": 60, None: 1}[m.group(2)])' "$1"
+}
+sleep_before_measuring=$(python3 -c "print($(seconds "$WARMUP") + 0.03)")
 
-free_port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+start_backends() {
+    "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo" &
+    echo_pid=$!
+    for _ in $(seq 100); do
+        [[ $(grep -c '^listening' "$work/echo") -ge 3 ]] && break
+        kill -0 "$echo_pid" 2>/dev/null || die "echo backends exited"
+        sleep 0.05
+    done
+    mapfile -t backends < <(awk '/^listening/ {print $2}' "$work/echo")
+    [[ ${#backends[@]} -eq 3 ]] || die "echo backends did not report three addresses"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# cpu_ticks PID -> utime+stime (fields 14 and 15; the text after the ")" of comm starts at 3).
+cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 
 load() { # load TARGET... -> one JSON line
-    local args=()
+    local args=() t
     for t in "$@"; do args+=(--target "$t"); done
     "$BENCH" load "${args[@]}" --flows "$FLOWS" --outstanding "$OUTSTANDING" --size "$SIZE" \
-        --duration "$DURATION" --threads "$THREADS" --json
+        --duration "$DURATION" --warmup "$WARMUP" --threads "$THREADS" --json
 }
 
-# Waits until udplb forwards: short probes until one completes, with a deadline.
+completed() { python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["completed"] > 0 else 1)'; }
+
+# wait_forwarding ADDR: short probes until one gets a reply through udplb; 10 s deadline.
 wait_forwarding() {
-    for _ in $(seq 50); do
-        if "$BENCH" load --target "$1" --flows 1 --outstanding 1 --duration 100ms --warmup 0s --timeout 50ms --json \
-            | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["completed"] > 0 else 1)'; then
-            return 0
+    local deadline=$((SECONDS + 10))
+    while ((SECONDS < deadline)); do
+        if ! kill -0 "$lb_pid" 2>/dev/null; then
+            echo "bench: udplb exited at startup; its output:" >&2
+            sed 's/^/    /' "$work/udplb.log" >&2
+            exit 1
         fi
+        "$BENCH" load --target "$1" --flows 1 --outstanding 1 --duration 100ms --warmup 0s \
+            --timeout 50ms --json | completed && return 0
     done
-    echo "udplb does not forward on $1" >&2
-    return 1
+    echo "bench: udplb does not forward on $1 within 10 s; its output:" >&2
+    sed 's/^/    /' "$work/udplb.log" >&2
+    exit 1
 }
 
-measure_udplb() { # measure_udplb MODE -> JSON line with udplb_cpu_s added
-    local port lb before after
+# Each measurement leaves its JSON line in $work/run.json (no subshell: udplb's pid must stay
+# visible to the cleanup trap).
+measure_direct() { load "${backends[@]}" >"$work/run.json"; }
+
+measure_udplb() { # measure_udplb MODE: the JSON line gets udplb_cpu_s added
+    local port before after
     port=$(free_port)
-    "$UDPLB" --log-level error --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}" &
-    lb=$!
-    pids+=("$lb")
+    "$UDPLB" --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}" >"$work/udplb.log" 2>&1 &
+    lb_pid=$!
     wait_forwarding "127.0.0.1:$port"
-    before=$(cpu_ticks "$lb")
-    local out
-    out=$(load "127.0.0.1:$port")
-    after=$(cpu_ticks "$lb")
-    kill "$lb"
-    wait "$lb" 2>/dev/null || true
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["udplb_cpu_s"]=(int(sys.argv[3])-int(sys.argv[2]))/int(sys.argv[4]); print(json.dumps(r))' \
-        "$out" "$before" "$after" "$(getconf CLK_TCK)"
+    load "127.0.0.1:$port" >"$work/run.json" &
+    local load_pid=$!
+    sleep "$sleep_before_measuring" # CPU counts from the end of the warmup
+    before=$(cpu_ticks "$lb_pid")
+    wait "$load_pid" || die "load through udplb ($1 mode) failed"
+    after=$(cpu_ticks "$lb_pid")
+    kill -KILL "$lb_pid" # measured already: skip udplb's shutdown grace (5 s of draining)
+    wait "$lb_pid" 2>/dev/null || true
+    lb_pid=
+    python3 -c '
+import json, sys
+r = json.load(open(sys.argv[1]))
+r["udplb_cpu_s"] = (int(sys.argv[3]) - int(sys.argv[2])) / int(sys.argv[4])
+open(sys.argv[1], "w").write(json.dumps(r) + "\n")' "$work/run.json" "$before" "$after" "$(getconf CLK_TCK)"
 }
 
-echo "udplb bench: $FLOWS flows x $OUTSTANDING outstanding x $SIZE bytes, $DURATION per run, $ROUNDS rounds, $WORKERS workers, $(nproc) CPUs" >&2
+summary() { # summary MODE JSON -> one progress line
+    python3 -c '
+import json, sys
+r = json.loads(sys.argv[2])
+rps, p99, lost = r["replies_per_sec"], r["p99_us"], r["lost"]
+cpu = "  udplb cpu %.1fs" % r["udplb_cpu_s"] if "udplb_cpu_s" in r else ""
+print(f"  {sys.argv[1]:<9} {rps:>9.0f}/s  p99 {p99}us  lost {lost}{cpu}")' "$1" "$2"
+}
+
+start_backends
+echo "udplb bench: $FLOWS flows x $OUTSTANDING outstanding x $SIZE bytes, $DURATION per run" \
+    "(+$WARMUP warmup), $ROUNDS rounds, $WORKERS udplb workers, $THREADS generator threads," \
+    "$(nproc) CPUs; backends ${backends[*]}" >&2
 : >"$work/results"
 for round in $(seq "$ROUNDS"); do
     echo "round $round/$ROUNDS" >&2
-    echo "direct $(load "${backends[@]}")" >>"$work/results"
-    echo "flow $(measure_udplb flow)" >>"$work/results"
-    echo "datagram $(measure_udplb datagram)" >>"$work/results"
+    for mode in $MODES; do
+        if [[ $mode == direct ]]; then measure_direct; else measure_udplb "$mode"; fi
+        out=$(cat "$work/run.json")
+        summary "$mode" "$out" >&2
+        echo "$mode $out" >>"$work/results"
+    done
 done
 
-python3 - "$work/results" <<'PY'
+python3 - "$work/results" $MODES <<'PY'
 import json, statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
     mode, js = line.split(" ", 1)
     runs.setdefault(mode, []).append(json.loads(js))
+modes = sys.argv[2:]
+
 def med(mode, key):
     vals = [r[key] for r in runs[mode] if key in r]
     return statistics.median(vals) if vals else None
-direct = med("direct", "replies_per_sec")
-# ratio: median over modes' medians; round ratio: median of each round's ratio to the direct
-# run just before it (robust to drift between rounds).
-print(f"{'mode':<10} {'replies/s':>10} {'ratio':>6} {'round_ratio':>11} {'p99_us':>7} {'lost':>5} {'udplb_cpu_s':>11}   per-round replies/s")
-for mode in ("direct", "flow", "datagram"):
+
+direct = med("direct", "replies_per_sec") if "direct" in runs else None
+
+def ratio(x):
+    return f"{x / direct:.2f}" if direct else "-"
+
+def round_ratio(mode):
+    if "direct" not in runs:
+        return "-"
+    pairs = [(r["replies_per_sec"], d["replies_per_sec"]) for r, d in zip(runs[mode], runs["direct"])]
+    return f"{statistics.median(r / d for r, d in pairs if d):.2f}"
+
+print(f"{'mode':<10} {'replies/s':>10} {'ratio':>6} {'p99_us':>7} {'udplb_cpu_s':>11} "
+      f"{'round_ratio':>11} {'lost':>6}   per-round replies/s")
+for mode in modes:
     rps = med(mode, "replies_per_sec")
     cpu = med(mode, "udplb_cpu_s")
     lost = sum(r["lost"] for r in runs[mode])
-    round_ratio = statistics.median(r["replies_per_sec"] / d["replies_per_sec"] for r, d in zip(runs[mode], runs["direct"]))
     rounds = " ".join(f"{r['replies_per_sec']:.0f}" for r in runs[mode])
-    print(f"{mode:<10} {rps:>10.0f} {rps / direct:>6.2f} {round_ratio:>11.2f} {med(mode, 'p99_us'):>7.0f} {lost:>5} "
-          f"{'-' if cpu is None else f'{cpu:.1f}':>11}   {rounds}")
+    print(f"{mode:<10} {rps:>10.0f} {ratio(rps):>6} {med(mode, 'p99_us'):>7.0f} "
+          f"{'-' if cpu is None else f'{cpu:.1f}':>11} {round_ratio(mode):>11} {lost:>6}   {rounds}")
 PY

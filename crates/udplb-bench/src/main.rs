@@ -1,15 +1,19 @@
 //! udplb-bench: the tools behind `scripts/bench.sh`.
 //!
-//! - `udplb-bench echo ADDR...`: UDP echo backends (batched, one thread per address).
+//! - `udplb-bench echo ADDR...`: UDP echo backends (one thread per address, batched syscalls).
 //! - `udplb-bench load --target ADDR ...`: a closed-loop load generator: F flows (each its own
-//!   connected socket, so its own source port) keep W requests outstanding each; replies/s,
-//!   loss and latency percentiles over a fixed duration after a warmup.
+//!   connected socket, so its own source port) keep W requests outstanding each; it reports
+//!   replies/s, loss and latency percentiles over a fixed duration after a warmup.
 //!
-//! Not linked into udplb; it exists to measure udplb against a direct baseline in one run.
+//! This module owns the command line and dispatch. The tool is not linked into udplb; it exists
+//! to measure udplb against a direct baseline in the same run.
 #![forbid(unsafe_code)]
 
 mod echo;
+mod generator;
 mod load;
+mod report;
+mod wire;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -53,7 +57,25 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Parses durations like `10s` or `500ms`.
+/// Parses durations like `10s`, `500ms` or `1m 30s`.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("ten").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }
