@@ -255,13 +255,17 @@ impl<T> FlowTable<T> {
     }
 
     /// Records a request datagram on a flow: refreshes it and, in request-response mode,
-    /// expects `responses` more replies.
+    /// expects `responses` more replies. Returns whether the flow owed no reply before (a
+    /// request-response exchange starts here).
     #[inline]
-    pub fn on_request(&mut self, h: FlowHandle, now: Time, responses: u32) {
-        if let Some(flow) = self.get_mut(h) {
-            flow.last_seen = now;
-            flow.pending_replies = flow.pending_replies.saturating_add(responses);
-        }
+    pub fn on_request(&mut self, h: FlowHandle, now: Time, responses: u32) -> bool {
+        let Some(flow) = self.get_mut(h) else {
+            return false;
+        };
+        flow.last_seen = now;
+        let idle = flow.pending_replies == 0;
+        flow.pending_replies = flow.pending_replies.saturating_add(responses);
+        idle
     }
 
     /// Records a reply datagram on a flow. In request-response mode (`counted`), one expected

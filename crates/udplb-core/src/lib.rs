@@ -3,7 +3,8 @@
 //! Owns: the vocabulary of the balancer ([`model`]), scheduling ([`sched`], [`maglev`]),
 //! the immutable configuration [`snapshot`] the workers read, the per-worker [`flow`] table
 //! with idle expiry and its cap, IP affinity ([`affinity`]), backend health and pool quorum as
-//! state machines ([`health`]) and the reasons a datagram can be dropped ([`verdict`]).
+//! state machines ([`health`]), latency histograms ([`latency`]) and the reasons a datagram
+//! can be dropped ([`verdict`]).
 //!
 //! Must not: open sockets, read clocks, draw random numbers or spawn threads. Time is a
 //! [`Time`] the caller passes in; randomness is a `u64` the caller passes in; hashing for
@@ -15,6 +16,7 @@ pub mod affinity;
 pub mod flow;
 pub mod hash;
 pub mod health;
+pub mod latency;
 pub mod maglev;
 pub mod model;
 pub mod sched;

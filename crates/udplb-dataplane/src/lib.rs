@@ -27,7 +27,8 @@ use udplb_core::snapshot::Snapshot;
 use udplb_sys::socket::{ListenerOptions, bind_listener};
 
 pub use stats::{
-    BackendStats, ListenerTotals, WorkerStats, backend_traffic, passive_failures_by_backend,
+    BackendStats, ListenerTotals, WorkerStats, backend_reply_latency, backend_traffic,
+    passive_failures_by_backend,
 };
 
 /// Socket buffer size asked for listener sockets (the kernel may grant less; as root udplb

@@ -7,10 +7,11 @@
 //! Must not: be written by two threads (the single-writer rule is what makes the cheap update
 //! correct).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use udplb_core::DropReason;
+use udplb_core::latency::{self, Histogram};
 use udplb_core::verdict::CloseReason;
 
 /// A counter with a single writer.
@@ -107,6 +108,53 @@ pub struct BackendStats {
     pub replies: Counter,
     /// Their payload bytes.
     pub bytes_replied: Counter,
+    /// Request-response mode: time from a flow's first request to its first reply. Allocated
+    /// at the first sample, so backends of other modes cost nothing.
+    pub reply_latency: OnceLock<Box<LatencyCells>>,
+}
+
+impl BackendStats {
+    /// Records a reply-latency sample of `us` microseconds.
+    #[inline]
+    pub fn record_reply_latency(&self, us: u64) {
+        self.reply_latency.get_or_init(Box::default).record(us);
+    }
+}
+
+/// A latency histogram with a single writer (see [`Counter`]).
+#[derive(Debug, Default)]
+pub struct LatencyCells {
+    cells: [Counter; latency::CELLS],
+    sum_us: Counter,
+}
+
+impl LatencyCells {
+    /// Records a sample of `us` microseconds. Only the owning worker may call this.
+    #[inline]
+    pub fn record(&self, us: u64) {
+        self.cells[latency::cell_of(us)].add(1);
+        self.sum_us.add(us);
+    }
+
+    /// Adds the current values to `h`.
+    pub fn add_to(&self, h: &mut Histogram) {
+        for (sum, c) in h.cells.iter_mut().zip(&self.cells) {
+            *sum += c.get();
+        }
+        h.sum_us = h.sum_us.wrapping_add(self.sum_us.get());
+    }
+}
+
+/// One backend's reply latency summed over workers (`None`: no sample yet).
+pub fn backend_reply_latency(workers: &[Arc<WorkerStats>], id: usize) -> Option<Histogram> {
+    let mut sum = None;
+    for cells in workers
+        .iter()
+        .filter_map(|w| w.backends.get(id)?.reply_latency.get())
+    {
+        cells.add_to(sum.get_or_insert_with(Histogram::default));
+    }
+    sum
 }
 
 /// One backend's traffic summed over workers: (forwarded, bytes forwarded, replies, bytes replied).

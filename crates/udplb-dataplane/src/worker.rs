@@ -94,6 +94,9 @@ struct ListenerIo {
 #[derive(Debug)]
 pub(crate) struct Upstream {
     socket: UdpSocket,
+    /// Request-response mode: when the flow's first request was sent (µs since the worker's
+    /// epoch), until its first reply turns it into a latency sample.
+    request_sent_us: Option<u64>,
 }
 
 /// A worker thread's state.
@@ -225,6 +228,13 @@ impl Worker {
         Time(self.epoch.elapsed().as_millis() as u64)
     }
 
+    /// Microseconds since this worker started, for latency samples (one clock read; taken
+    /// per request-response exchange, not per datagram).
+    #[inline]
+    fn micros(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
     /// How long the loop may sleep: until the next flow deadline, at most [`MAX_SLEEP`].
     fn sleep_budget(&self) -> Duration {
         match self.table.next_deadline() {
@@ -354,7 +364,12 @@ impl Worker {
                     SessionMode::RequestResponse { responses } => responses,
                     _ => 0,
                 };
-                self.table.on_request(h, now, responses);
+                if self.table.on_request(h, now, responses) && responses > 0 {
+                    let sent = self.micros();
+                    if let Some(flow) = self.table.get_mut(h) {
+                        flow.io.request_sent_us = Some(sent);
+                    }
+                }
             }
             Err(reason) => stats.drop(reason),
         }
@@ -397,7 +412,10 @@ impl Worker {
             snap.generation,
             now,
             spec.idle_timeout,
-            Upstream { socket },
+            Upstream {
+                socket,
+                request_sent_us: None,
+            },
         );
         let token = Token(h.to_u64() as usize);
         if let Err(e) = self
@@ -620,6 +638,9 @@ impl Worker {
         let spec = &snap.listeners[li];
         let pool = &snap.pools[spec.pool];
         let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
+        if counted && !inbox.is_empty() {
+            self.sample_reply_latency(h, flow_backend);
+        }
         let check_source = spec.mode == SessionMode::Datagram;
         for i in 0..inbox.len() {
             let reply = inbox.get(i);
@@ -657,6 +678,21 @@ impl Worker {
             }
         }
         Relayed::Queued
+    }
+
+    /// The first reply of a request-response exchange: records the time since its request.
+    fn sample_reply_latency(&mut self, h: FlowHandle, backend: BackendId) {
+        let Some(sent) = self
+            .table
+            .get_mut(h)
+            .and_then(|f| f.io.request_sent_us.take())
+        else {
+            return;
+        };
+        let elapsed = self.micros().saturating_sub(sent);
+        if let Some(b) = self.stats.backends.get(backend.index()) {
+            b.record_reply_latency(elapsed);
+        }
     }
 
     fn flush_all_replies(&mut self) {

@@ -15,6 +15,7 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use udplb_core::DropReason;
+use udplb_core::latency::Histogram;
 use udplb_core::verdict::CloseReason;
 use udplb_dataplane::ListenerTotals;
 
@@ -104,6 +105,43 @@ fn encode_value(m: &mut MetricEncoder, kind: MetricType, value: f64) -> fmt::Res
     }
 }
 
+/// One histogram family (seconds): name, help, and its labelled histograms.
+struct HistogramFamily<'a> {
+    name: &'static str,
+    help: &'static str,
+    values: Vec<(Labels<'a>, Histogram)>,
+}
+
+impl<'a> HistogramFamily<'a> {
+    fn new(name: &'static str, help: &'static str) -> Self {
+        HistogramFamily {
+            name,
+            help,
+            values: Vec::new(),
+        }
+    }
+
+    fn encode(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let mut metric = encoder.encode_descriptor(
+            self.name,
+            self.help,
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (labels, h) in &self.values {
+            // prometheus-client writes `le="+Inf"` for f64::MAX and accumulates the cells.
+            let cells: Vec<(f64, u64)> = h
+                .cells_seconds()
+                .map(|(le, n)| (if le.is_finite() { le } else { f64::MAX }, n))
+                .collect();
+            metric
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(h.sum_us as f64 / 1e6, h.count(), &cells, None)?;
+        }
+        Ok(())
+    }
+}
+
 impl Collector for Udplb {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let families = listener_families(&self.0)
@@ -113,6 +151,9 @@ impl Collector for Udplb {
             .chain(process_families());
         for f in families {
             f.encode(&mut encoder)?;
+        }
+        for h in latency_families(&self.0) {
+            h.encode(&mut encoder)?;
         }
         let mut info =
             encoder.encode_descriptor("build", "udplb's version", None, MetricType::Info)?;
@@ -282,6 +323,39 @@ fn backend_families(state: &State) -> Vec<Family<'static>> {
     vec![
         up, rotation, admin, weight, checks, passive, last, fwd, fwd_bytes, rep, rep_bytes,
     ]
+}
+
+/// Reply latency (request-response listeners) and health-check duration per backend.
+fn latency_families(state: &State) -> [HistogramFamily<'static>; 2] {
+    let snap = state.shared.load();
+    let health = state
+        .health
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut reply = HistogramFamily::new(
+        "backend_reply_latency",
+        "Request-response mode: time from a flow's first request to its first reply",
+    );
+    let mut check = HistogramFamily::new("health_check_duration", "Duration of active checks");
+    for (pi, pool) in snap.pools.iter().enumerate() {
+        for (bi, b) in pool.backends.iter().enumerate() {
+            let labels = || {
+                vec![
+                    ("pool", Cow::Owned(pool.name.clone())),
+                    ("backend", Cow::Owned(b.spec.addr.to_string())),
+                ]
+            };
+            if let Some(h) = udplb_dataplane::backend_reply_latency(&state.stats, b.id.index()) {
+                reply.values.push((labels(), h));
+            }
+            let status = health.get(pi).and_then(|p| p.get(bi));
+            if let Some(s) = status.filter(|s| s.check_latency.count() > 0) {
+                check.values.push((labels(), s.check_latency.clone()));
+            }
+        }
+    }
+    [reply, check]
 }
 
 fn reload_families(state: &State) -> Vec<Family<'static>> {

@@ -148,9 +148,21 @@ fn alerts_and_dashboard_use_only_exported_metrics() {
         .parse()
         .unwrap();
     let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
-    let (_, scrape) = scrape(&lb);
-    let exported: std::collections::HashSet<&str> =
-        scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+    let (text, scrape) = scrape(&lb);
+    let mut exported: std::collections::HashSet<String> =
+        scrape.samples.iter().map(|s| s.metric.clone()).collect();
+    // Families without samples yet (histograms fill with traffic) are declared all the same;
+    // a histogram's series are its name with _bucket, _sum and _count.
+    for line in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+        let mut parts = line.split_whitespace();
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        exported.insert(name.to_string());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                exported.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../contrib");
     let alerts = std::fs::read_to_string(root.join("prometheus/alerts.yml")).unwrap();
     let dashboard = std::fs::read_to_string(root.join("grafana/udplb.json")).unwrap();
@@ -168,4 +180,100 @@ fn alerts_and_dashboard_use_only_exported_metrics() {
             );
         }
     }
+}
+
+/// The histograms of one family in a scrape, by their `backend` label: (count, sum, buckets).
+fn histogram(
+    scrape: &prometheus_parse::Scrape,
+    metric: &str,
+    backend: &str,
+) -> Option<(u64, f64, Vec<prometheus_parse::HistogramCount>)> {
+    scrape.samples.iter().find_map(|s| {
+        if s.metric != metric || s.labels.get("backend") != Some(backend) {
+            return None;
+        }
+        match &s.value {
+            prometheus_parse::Value::Histogram(b) => {
+                let count = b.last().map_or(0, |c| c.count as u64);
+                let sum = scrape
+                    .samples
+                    .iter()
+                    .find(|x| {
+                        x.metric == format!("{metric}_sum")
+                            && x.labels.get("backend") == Some(backend)
+                    })
+                    .map_or(f64::NAN, |x| match x.value {
+                        prometheus_parse::Value::Untyped(v) | prometheus_parse::Value::Gauge(v) => {
+                            v
+                        }
+                        _ => f64::NAN,
+                    });
+                Some((count, sum, b.clone()))
+            }
+            _ => None,
+        }
+    })
+}
+
+#[test]
+fn reply_latency_and_check_duration_histograms_fill() {
+    let a = Backend::start("127.0.0.1", "a");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("udplb-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("udplb.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"p\"\n\
+             mode = \"request-response\"\n[pools.p]\nbackends = [\"{}\"]\n[pools.p.health]\n\
+             check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"100ms\"\n\
+             timeout = \"100ms\"\nrise = 1\nfall = 1\n",
+            a.addr
+        ),
+    )
+    .unwrap();
+    let lb = Udplb::run_config(&path, admin);
+    let backend = a.addr.to_string();
+    let checks = |lb: &Udplb| {
+        histogram(
+            &scrape(lb).1,
+            "udplb_health_check_duration_seconds",
+            &backend,
+        )
+        .map_or(0, |h| h.0)
+    };
+    assert!(
+        wait_for(DEADLINE, || checks(&lb) >= 2),
+        "no check durations"
+    );
+
+    // Each request from a fresh port is one request-response exchange: one sample each.
+    for _ in 0..5 {
+        let c = client("127.0.0.1:0");
+        request(&c, listen, b"query");
+    }
+    assert!(wait_for(DEADLINE, || lb.counter("/replies_out") >= 5));
+    let (text, after) = scrape(&lb);
+    let (count, sum, buckets) =
+        histogram(&after, "udplb_backend_reply_latency_seconds", &backend).expect(&text);
+    assert_eq!(count, 5, "{text}");
+    assert!(sum > 0.0 && sum < 5.0, "sum {sum}: {text}");
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].count <= w[1].count && w[0].less_than < w[1].less_than),
+        "buckets are cumulative: {text}"
+    );
+    assert!(buckets.last().unwrap().less_than.is_infinite(), "{text}");
+    // A loopback echo answers well within a second.
+    let within_1s = buckets.iter().find(|b| b.less_than == 1.0).unwrap().count;
+    assert_eq!(within_1s as u64, 5, "{text}");
+    let (n, check_sum, _) =
+        histogram(&after, "udplb_health_check_duration_seconds", &backend).unwrap();
+    assert!(n >= 2 && check_sum > 0.0, "{text}");
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -39,6 +39,9 @@ pub struct BackendStatus {
     pub passive_failures: u64,
     pub last_check_us: Option<u64>,
     pub last_error: Option<String>,
+    /// Durations of every active check (exported in /metrics, not in the JSON status).
+    #[serde(skip)]
+    pub check_latency: udplb_core::latency::Histogram,
 }
 
 /// Health of every pool's backends, for the admin endpoint.
@@ -315,7 +318,9 @@ impl Monitor {
                     s.last_error = Some(e.clone());
                 }
             }
-            s.last_check_us = Some(r.latency.as_micros() as u64);
+            let us = r.latency.as_micros() as u64;
+            s.last_check_us = Some(us);
+            s.check_latency.record(us);
         });
         let flip = self
             .trackers
