@@ -123,7 +123,7 @@ measure_direct() { load "${backends[@]}" >"$work/run.json"; }
 measure_udplb() { # measure_udplb MODE: the JSON line gets udplb_cpu_s added
     local port before after
     port=$(free_port)
-    "$UDPLB" --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}" >"$work/udplb.log" 2>&1 &
+    UDPLB_ALLOW_ROOT=1 "$UDPLB" --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}" >"$work/udplb.log" 2>&1 &
     lb_pid=$!
     wait_forwarding "127.0.0.1:$port"
     load "127.0.0.1:$port" >"$work/run.json" &

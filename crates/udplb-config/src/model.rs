@@ -30,6 +30,12 @@ pub struct Runtime {
     /// On SIGTERM/SIGINT, how long established flows are still served (no new ones) before
     /// udplb exits; `None`: [`crate::defaults::SHUTDOWN_GRACE`].
     pub shutdown_grace: Option<Duration>,
+    /// Started as root: the user to switch to once every socket is bound.
+    pub user: Option<String>,
+    /// Started as root: the group to switch to (default: the user's primary group).
+    pub group: Option<String>,
+    /// Started as root without `user`: keep running as root instead of refusing to start.
+    pub allow_root: bool,
 }
 
 /// `[admin]`

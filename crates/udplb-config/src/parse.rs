@@ -25,7 +25,7 @@ mod health;
 type Item<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["runtime", "admin", "listeners", "pools"];
-const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace"];
+const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace", "user", "group", "allow_root"];
 const ADMIN_KEYS: &[&str] = &["listen", "allow_changes"];
 const LISTENER_KEYS: &[&str] = &[
     "address",
@@ -188,6 +188,11 @@ impl Reader<'_> {
             workers: self.ranged(t, "runtime", "workers", defaults::WORKERS_RANGE),
             shutdown_grace: self
                 .optional(t, "runtime", "shutdown_grace", |r, k, v| r.duration(k, v)),
+            user: self.optional(t, "runtime", "user", |r, k, v| r.name(k, v)),
+            group: self.optional(t, "runtime", "group", |r, k, v| r.name(k, v)),
+            allow_root: self
+                .optional(t, "runtime", "allow_root", |r, k, v| r.boolean(k, v))
+                .unwrap_or(false),
         }
     }
 
@@ -506,6 +511,16 @@ impl Reader<'_> {
             DeValue::String(s) => Some(s.as_ref()),
             _ => self.wrong_type(key, v, "a string"),
         }
+    }
+
+    /// A user or group name (as in /etc/passwd): non-empty, no ':', '/' or whitespace.
+    fn name(&mut self, key: &str, v: &Item<'_>) -> Option<String> {
+        let s = self.string(key, v)?;
+        if s.is_empty() || s.chars().any(|c| c == ':' || c == '/' || c.is_whitespace()) {
+            self.error_at(v.span(), key, format!("{s:?} is not a user or group name"));
+            return None;
+        }
+        Some(s.to_string())
     }
 
     fn boolean(&mut self, key: &str, v: &Item<'_>) -> Option<bool> {

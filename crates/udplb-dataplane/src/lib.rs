@@ -51,10 +51,72 @@ pub struct Dataplane {
     listener_addrs: Vec<SocketAddr>,
 }
 
+/// Listener sockets bound for every worker, before any worker runs (privileges can be dropped
+/// in between).
+pub struct Bound {
+    shared: Arc<ArcSwap<Snapshot>>,
+    sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
+    sockets_per_worker: Vec<Vec<std::net::UdpSocket>>,
+    listener_addrs: Vec<SocketAddr>,
+}
+
+impl Bound {
+    /// The addresses the listeners are bound to, in snapshot order.
+    pub fn listener_addrs(&self) -> &[SocketAddr] {
+        &self.listener_addrs
+    }
+
+    /// Starts one worker thread per set of sockets.
+    pub fn start(self) -> io::Result<Dataplane> {
+        let Bound {
+            shared,
+            sticky,
+            sockets_per_worker,
+            listener_addrs,
+        } = self;
+        let workers = sockets_per_worker.len();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(workers);
+        let mut wakers = Vec::with_capacity(workers);
+        let mut stats = Vec::with_capacity(workers);
+        for (id, sockets) in sockets_per_worker.into_iter().enumerate() {
+            let worker_stats = Arc::new(WorkerStats::new(sockets.len()));
+            let worker = worker::Worker::new(worker::WorkerSetup {
+                id,
+                workers,
+                listeners: sockets,
+                shared: Arc::clone(&shared),
+                stats: Arc::clone(&worker_stats),
+                stop: Arc::clone(&stop),
+                sticky: sticky.clone(),
+            })?;
+            wakers.push(worker.waker());
+            stats.push(worker_stats);
+            let thread = std::thread::Builder::new()
+                .name(format!("udplb-worker-{id}"))
+                .spawn(move || worker.run())?;
+            threads.push(thread);
+        }
+        Ok(Dataplane {
+            threads,
+            stop,
+            wakers,
+            stats,
+            listener_addrs,
+        })
+    }
+}
+
 impl Dataplane {
     /// Binds every listener of the current snapshot once per worker and starts the workers.
     /// Binding errors are returned before any worker starts.
     pub fn start(shared: Arc<ArcSwap<Snapshot>>, opts: &DataplaneOptions) -> io::Result<Dataplane> {
+        Self::bind(shared, opts)?.start()
+    }
+
+    /// Binds every listener of the current snapshot once per worker; [`Bound::start`] starts
+    /// the workers.
+    pub fn bind(shared: Arc<ArcSwap<Snapshot>>, opts: &DataplaneOptions) -> io::Result<Bound> {
         let snapshot = shared.load_full();
         let workers = opts.workers.max(1);
         let sticky: Vec<Option<Arc<Mutex<StickyTable>>>> = snapshot
@@ -89,33 +151,10 @@ impl Dataplane {
             }
             sockets_per_worker.push(sockets);
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::with_capacity(workers);
-        let mut wakers = Vec::with_capacity(workers);
-        let mut stats = Vec::with_capacity(workers);
-        for (id, sockets) in sockets_per_worker.into_iter().enumerate() {
-            let worker_stats = Arc::new(WorkerStats::new(sockets.len()));
-            let worker = worker::Worker::new(worker::WorkerSetup {
-                id,
-                workers,
-                listeners: sockets,
-                shared: Arc::clone(&shared),
-                stats: Arc::clone(&worker_stats),
-                stop: Arc::clone(&stop),
-                sticky: sticky.clone(),
-            })?;
-            wakers.push(worker.waker());
-            stats.push(worker_stats);
-            let thread = std::thread::Builder::new()
-                .name(format!("udplb-worker-{id}"))
-                .spawn(move || worker.run())?;
-            threads.push(thread);
-        }
-        Ok(Dataplane {
-            threads,
-            stop,
-            wakers,
-            stats,
+        Ok(Bound {
+            shared,
+            sticky,
+            sockets_per_worker,
             listener_addrs,
         })
     }

@@ -60,6 +60,8 @@ enum Command {
         /// Worker threads (overrides `runtime.workers`).
         #[arg(long)]
         workers: Option<usize>,
+        #[command(flatten)]
+        privileges: PrivilegeArgs,
     },
     /// Query or change a running udplb through its admin API.
     Ctl(crate::ctl::CtlArgs),
@@ -127,6 +129,32 @@ struct OneLiner {
     /// Serve the admin endpoint (status and counters) on this address.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
+    #[command(flatten)]
+    privileges: PrivilegeArgs,
+}
+
+/// Who udplb runs as once its sockets are bound (override `[runtime]`).
+#[derive(Args, Debug)]
+struct PrivilegeArgs {
+    /// Started as root: switch to this user after binding (overrides `runtime.user`).
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Started as root: switch to this group (default: the user's primary group).
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    group: Option<String>,
+    /// Started as root without a user: run as root anyway instead of refusing.
+    #[arg(long, env = "UDPLB_ALLOW_ROOT", value_parser = clap::builder::BoolishValueParser::new())]
+    allow_root: bool,
+}
+
+impl PrivilegeArgs {
+    fn apply(self, runtime: &mut Runtime) {
+        if self.user.is_some() {
+            runtime.user = self.user;
+            runtime.group = self.group;
+        }
+        runtime.allow_root |= self.allow_root;
+    }
 }
 
 /// Logging options (shared by every command).
@@ -209,11 +237,14 @@ impl OneLiner {
         listener.idle_timeout = self.idle_timeout;
         listener.max_flows = self.max_flows;
         listener.max_datagram_size = self.max_datagram_size;
+        let mut runtime = Runtime {
+            workers: self.workers,
+            shutdown_grace: Some(self.shutdown_grace),
+            ..Runtime::default()
+        };
+        self.privileges.apply(&mut runtime);
         Config {
-            runtime: Runtime {
-                workers: self.workers,
-                shutdown_grace: Some(self.shutdown_grace),
-            },
+            runtime,
             admin: self.admin.map(|listen| Admin {
                 listen,
                 allow_changes: self.admin_allow_changes,
@@ -251,7 +282,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("rendering the man page")?;
             write_stdout(&out)
         }
-        Some(Command::Run { config, workers }) => {
+        Some(Command::Run {
+            config,
+            workers,
+            privileges,
+        }) => {
             let mut cfg = match udplb_config::load(&config) {
                 Ok(cfg) => cfg,
                 Err(errors) => {
@@ -262,6 +297,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if workers.is_some() {
                 cfg.runtime.workers = workers;
             }
+            privileges.apply(&mut cfg.runtime);
             crate::daemon::run(cfg, Some(config)).context("udplb stopped")?;
             Ok(ExitCode::SUCCESS)
         }

@@ -14,7 +14,7 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, health, reload, systemd};
+use crate::{admin, health, privileges, reload, systemd};
 
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file.
 pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
@@ -31,7 +31,24 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     let trackers = health::Trackers::initial(&cfg);
     let snapshot = snapshot_of(&cfg, 1, None, &trackers);
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-    let dataplane = Dataplane::start(Arc::clone(&shared), &DataplaneOptions { workers })?;
+    // Everything privileged first (sockets), then drop privileges, then start threads.
+    let bound = Dataplane::bind(Arc::clone(&shared), &DataplaneOptions { workers })?;
+    let admin_listener = match &cfg.admin {
+        Some(a) => Some(bind_admin(a.listen)?),
+        None => None,
+    };
+    let keep = privileges::needed_capabilities(&cfg);
+    match privileges::drop_privileges(&cfg.runtime, &keep)? {
+        privileges::Outcome::Switched { user, uid, gid } => tracing::info!(
+            user,
+            uid,
+            gid,
+            capabilities = privileges::names(&keep),
+            "switched user after binding"
+        ),
+        privileges::Outcome::StayedRoot | privileges::Outcome::NotRoot => {}
+    }
+    let dataplane = bound.start()?;
     for (l, addr) in cfg.listeners.iter().zip(dataplane.listener_addrs()) {
         let pool = cfg
             .pools
@@ -81,10 +98,9 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     });
     let result = runtime.block_on(async {
         tokio::spawn(monitor.run(commands));
-        if let Some(a) = &cfg.admin {
-            let listener = tokio::net::TcpListener::bind(a.listen)
-                .await
-                .with_context(|| format!("cannot bind the admin endpoint {}", a.listen))?;
+        if let Some(listener) = admin_listener {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .context("serving the admin endpoint")?;
             tracing::info!(address = %listener.local_addr()?, "admin endpoint");
             tokio::spawn(admin::serve(listener, Arc::clone(&state)));
         }
@@ -109,6 +125,14 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!("stopping");
     dataplane.stop();
     result
+}
+
+/// Binds the admin endpoint's TCP socket (before privileges are dropped).
+fn bind_admin(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot bind the admin endpoint {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// Every flow holds one descriptor (its upstream socket): say so when the flow caps cannot all

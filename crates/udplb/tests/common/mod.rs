@@ -100,6 +100,8 @@ impl Udplb {
     ) -> Udplb {
         let mut child = Command::new(program)
             .args(&args)
+            // Tests run as root in CI; privilege dropping has its own test.
+            .env("UDPLB_ALLOW_ROOT", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -1,0 +1,143 @@
+//! Who udplb runs as once its sockets are bound.
+//!
+//! Owns: the switch from root to the configured user and group, and trimming the capability
+//! sets to what the configuration needs after binding (today nothing: every privileged step,
+//! binding low ports and forcing socket buffer sizes, happens before). Started as root without
+//! a user, udplb refuses to run unless `runtime.allow_root` (or `--allow-root`) says so.
+//! Must not: run once a second thread exists. Capabilities are per thread on Linux, so the
+//! daemon calls [`drop_privileges`] after binding and before it starts any worker, the control
+//! plane or a health check.
+
+use anyhow::{Context, bail};
+use caps::{CapSet, Capability, CapsHashSet};
+use nix::unistd::{Gid, Group, Uid, User};
+use udplb_config::{Config, Runtime};
+
+/// What [`drop_privileges`] did, for the startup log and tests.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Switched from root to this user and group.
+    Switched { user: String, uid: u32, gid: u32 },
+    /// Still root, because `allow_root` said so.
+    StayedRoot,
+    /// Not started as root: only the capability sets were trimmed.
+    NotRoot,
+}
+
+/// The capabilities `cfg` needs after its sockets are bound.
+pub fn needed_capabilities(_cfg: &Config) -> CapsHashSet {
+    CapsHashSet::new()
+}
+
+/// Switches to `runtime.user` when started as root (refusing to stay root unless allowed),
+/// and keeps only the capabilities in `keep`.
+pub fn drop_privileges(runtime: &Runtime, keep: &CapsHashSet) -> anyhow::Result<Outcome> {
+    ensure_single_threaded()?;
+    if !Uid::effective().is_root() {
+        if let Some(user) = &runtime.user {
+            tracing::warn!(
+                user,
+                "runtime.user is ignored: udplb was not started as root"
+            );
+        }
+        trim_capabilities(keep)?;
+        return Ok(Outcome::NotRoot);
+    }
+    let Some(name) = &runtime.user else {
+        if runtime.allow_root {
+            tracing::warn!("running as root (allow_root is set)");
+            return Ok(Outcome::StayedRoot);
+        }
+        bail!(
+            "refusing to run as root: set runtime.user (or --user), e.g. \"nobody\", to switch \
+             to after binding, or runtime.allow_root = true (or --allow-root) to stay root"
+        );
+    };
+    let (uid, gid) = resolve(name, runtime.group.as_deref())?;
+    switch_user(uid, gid, keep).with_context(|| format!("switching to user {name}"))?;
+    trim_capabilities(keep)?;
+    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
+        bail!("switched to user {name} but could regain root");
+    }
+    Ok(Outcome::Switched {
+        user: name.clone(),
+        uid: uid.as_raw(),
+        gid: gid.as_raw(),
+    })
+}
+
+/// The uid of `user` and the gid of `group` (default: the user's primary group).
+fn resolve(user: &str, group: Option<&str>) -> anyhow::Result<(Uid, Gid)> {
+    let u = User::from_name(user)
+        .with_context(|| format!("looking up user {user}"))?
+        .with_context(|| format!("runtime.user: there is no user named {user:?}"))?;
+    let gid = match group {
+        None => u.gid,
+        Some(g) => {
+            Group::from_name(g)
+                .with_context(|| format!("looking up group {g}"))?
+                .with_context(|| format!("runtime.group: there is no group named {g:?}"))?
+                .gid
+        }
+    };
+    Ok((u.uid, gid))
+}
+
+/// Drops every capability but `keep` from the bounding set, then setgroups, setresgid,
+/// setresuid, in that order (each later step needs the privilege the one before it still
+/// had). With a non-empty `keep` the permitted set survives the uid change so
+/// [`trim_capabilities`] can keep that part of it.
+fn switch_user(uid: Uid, gid: Gid, keep: &CapsHashSet) -> anyhow::Result<()> {
+    let keep_caps = !keep.is_empty();
+    if keep_caps {
+        nix::sys::prctl::set_keepcaps(true).context("PR_SET_KEEPCAPS")?;
+    }
+    // While still root (CAP_SETPCAP): nothing udplb runs later can ever regain the rest.
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .with_context(|| format!("dropping {cap} from the bounding set"))?;
+        }
+    }
+    nix::unistd::setgroups(&[gid]).context("setgroups")?;
+    nix::unistd::setresgid(gid, gid, gid).context("setresgid")?;
+    nix::unistd::setresuid(uid, uid, uid).context("setresuid")?;
+    if keep_caps {
+        nix::sys::prctl::set_keepcaps(false).context("PR_SET_KEEPCAPS")?;
+    }
+    Ok(())
+}
+
+/// Leaves exactly `keep` in the permitted and effective sets and nothing inheritable or
+/// ambient, so neither udplb nor the commands it runs (exec checks) hold more.
+fn trim_capabilities(keep: &CapsHashSet) -> anyhow::Result<()> {
+    let permitted = caps::read(None, CapSet::Permitted).context("reading capabilities")?;
+    if let Some(missing) = keep.iter().find(|c| !permitted.contains(c)) {
+        bail!("the configuration needs {missing}, which udplb was not given");
+    }
+    caps::clear(None, CapSet::Ambient).context("clearing ambient capabilities")?;
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new())
+        .context("clearing inheritable capabilities")?;
+    caps::set(None, CapSet::Effective, keep).context("setting effective capabilities")?;
+    caps::set(None, CapSet::Permitted, keep).context("setting permitted capabilities")?;
+    Ok(())
+}
+
+fn ensure_single_threaded() -> anyhow::Result<()> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(1);
+    if threads > 1 {
+        bail!(
+            "internal error: privileges must be dropped before any thread starts ({threads} running)"
+        );
+    }
+    Ok(())
+}
+
+/// The name of a capability as `capsh` prints it, for logs.
+pub fn names(set: &CapsHashSet) -> String {
+    let mut v: Vec<String> = set.iter().map(Capability::to_string).collect();
+    v.sort();
+    v.join(",")
+}

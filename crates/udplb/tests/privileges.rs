@@ -1,0 +1,121 @@
+//! Privileges: started as root, udplb binds, switches to the configured user and keeps no
+//! capability; as root without a user it refuses to start unless allowed. Needs root (skipped
+//! with a message otherwise).
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// The values of a `/proc/PID/status` line, e.g. `Uid` -> ["65534", "65534", ...].
+fn status_field(pid: u32, field: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+fn nobody() -> (u32, u32) {
+    let u = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a user named nobody");
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+#[test]
+fn switches_to_the_configured_user_with_no_capabilities_and_keeps_serving() {
+    if !is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let (uid, gid) = nobody();
+    let a = Backend::start("127.0.0.1", "a");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = Udplb::start(&["--user", "nobody", &listen.to_string(), &a.addr.to_string()]);
+    let pid = lb.pid();
+    for field in ["Uid", "Gid"] {
+        let want = if field == "Uid" { uid } else { gid };
+        assert!(
+            status_field(pid, field)
+                .iter()
+                .all(|v| v == &want.to_string()),
+            "{field}: {:?}",
+            status_field(pid, field)
+        );
+    }
+    assert_eq!(status_field(pid, "Groups"), vec![gid.to_string()]);
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(pid, caps),
+            vec!["0000000000000000".to_string()],
+            "{caps}"
+        );
+    }
+    // Every thread, not just the main one (capabilities are per thread).
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = task.unwrap().file_name().into_string().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+        assert!(status.contains("CapEff:\t0000000000000000"), "thread {tid}");
+        assert!(
+            status.contains(&format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}")),
+            "thread {tid}"
+        );
+    }
+    let c = client("127.0.0.1:0");
+    let (reply, from) = request(&c, listen, b"hello");
+    assert_eq!(from, listen);
+    assert!(reply.ends_with(b"hello"), "{reply:?}");
+}
+
+#[test]
+fn refuses_to_run_as_root_without_a_user_unless_allowed() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let listen = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
+        .env_remove("UDPLB_ALLOW_ROOT")
+        .args([listen.as_str(), "127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("refusing to run as root"), "{stderr}");
+    assert!(stderr.contains("runtime.user"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_user_is_a_clear_error() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let listen = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
+        .args([
+            "--user",
+            "no-such-user-udplb",
+            listen.as_str(),
+            "127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("no user named \"no-such-user-udplb\""),
+        "{stderr}"
+    );
+}
