@@ -28,11 +28,14 @@ pub enum DropReason {
     UnknownSource,
     /// A new flow while udplb is shutting down (established flows are still served).
     ShuttingDown,
+    /// A new flow shed because the listener is overloaded (a backlog for several turns in a
+    /// row): new flows are rationed so that established ones keep being served.
+    Overload,
 }
 
 impl DropReason {
     /// Number of variants (size of per-reason counter arrays).
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -46,6 +49,7 @@ impl DropReason {
         DropReason::ReplyOversize,
         DropReason::UnknownSource,
         DropReason::ShuttingDown,
+        DropReason::Overload,
     ];
 
     /// The label used in metrics and status output.
@@ -61,6 +65,7 @@ impl DropReason {
             DropReason::ReplyOversize => "reply_oversize",
             DropReason::UnknownSource => "unknown_source",
             DropReason::ShuttingDown => "shutting_down",
+            DropReason::Overload => "overload",
         }
     }
 

@@ -75,6 +75,7 @@ impl Bound {
             listener_addrs,
         } = self;
         let workers = sockets_per_worker.len();
+        let epoch = std::time::Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(workers);
         let mut wakers = Vec::with_capacity(workers);
@@ -89,6 +90,7 @@ impl Bound {
                 stats: Arc::clone(&worker_stats),
                 stop: Arc::clone(&stop),
                 sticky: sticky.clone(),
+                epoch,
             })?;
             wakers.push(worker.waker());
             stats.push(worker_stats);

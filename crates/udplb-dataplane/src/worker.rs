@@ -38,6 +38,13 @@ use crate::stats::WorkerStats;
 const BATCH: usize = 64;
 /// Receive batches per listener per turn.
 const LISTENER_BATCHES_PER_TURN: usize = 8;
+/// Turns in a row ending with a listener backlog (at least `BATCH *
+/// LISTENER_BATCHES_PER_TURN` datagrams each) after which new flows are rationed.
+const BACKLOG_TURNS: u32 = 4;
+/// While rationed, new flows admitted per received batch; the rest are dropped as `overload`.
+/// Opening a flow (socket, connect, epoll registration) costs tens of times more than
+/// forwarding on one, so a flood of new sources would otherwise starve established flows.
+const NEW_FLOWS_PER_BATCH_UNDER_BACKLOG: u32 = 8;
 /// Replies read from an upstream socket with one `recvmmsg`.
 const REPLY_BATCH: usize = 16;
 /// Reply batches read from one upstream socket per turn.
@@ -69,6 +76,9 @@ pub(crate) struct WorkerSetup {
     pub stats: Arc<WorkerStats>,
     pub stop: Arc<AtomicBool>,
     pub sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
+    /// The data plane's clock origin, shared by every worker so that state they share (rate
+    /// limiters) sees one time.
+    pub epoch: Instant,
 }
 
 /// What [`Worker::queue_replies`] did with a batch of replies.
@@ -87,6 +97,10 @@ struct ListenerIo {
     wildcard: bool,
     /// Not yet drained since the last readiness event.
     readable: bool,
+    /// Consecutive turns that ended with the socket still holding a backlog (every batch of
+    /// the turn was full). At [`BACKLOG_TURNS`] the listener is overloaded: new flows are
+    /// admitted at a bounded rate so that the datagrams of established flows keep being read.
+    backlog_turns: u32,
 }
 
 /// The I/O half of a flow: its upstream socket (connected to the backend, except in datagram
@@ -114,6 +128,11 @@ pub(crate) struct Worker {
     stop: Arc<AtomicBool>,
     sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
     epoch: Instant,
+    /// Upstream sockets with a descriptor number at or above this are closed at once and the
+    /// flow shed: the spare descriptors belong to the control plane.
+    fd_ceiling: i64,
+    /// New flows the current listener batch may still open (see [`BACKLOG_TURNS`]).
+    new_flow_allowance: u32,
     rng: u64,
     log: RateLimitedLog,
 }
@@ -134,6 +153,7 @@ impl Worker {
                 replies: SendBatch::new(BATCH, spec.max_datagram_size + 1),
                 wildcard: spec.address.ip().is_unspecified(),
                 readable: true,
+                backlog_turns: 0,
             });
         }
         let mut worker = Worker {
@@ -149,7 +169,9 @@ impl Worker {
             stats: setup.stats,
             stop: setup.stop,
             sticky: setup.sticky,
-            epoch: Instant::now(),
+            epoch: setup.epoch,
+            fd_ceiling: fd_ceiling(),
+            new_flow_allowance: u32::MAX,
             rng: seed(setup.id),
             log: RateLimitedLog::default(),
         };
@@ -285,9 +307,15 @@ impl Worker {
         recv: &mut RecvBatch,
         now: Time,
     ) {
+        let overloaded = self.listeners[li].backlog_turns >= BACKLOG_TURNS;
         for _ in 0..LISTENER_BATCHES_PER_TURN {
             match recv.recv(self.listeners[li].socket.as_fd()) {
                 Ok(n) => {
+                    self.new_flow_allowance = if overloaded {
+                        NEW_FLOWS_PER_BATCH_UNDER_BACKLOG
+                    } else {
+                        u32::MAX
+                    };
                     for i in 0..n {
                         self.forward_one(li, snap, recv.get(i), now);
                     }
@@ -307,6 +335,12 @@ impl Worker {
                 }
             }
         }
+        let lio = &mut self.listeners[li];
+        lio.backlog_turns = if lio.readable {
+            lio.backlog_turns.saturating_add(1)
+        } else {
+            0
+        };
         if let Some(overflow) = recv.rxq_overflow() {
             // SO_RXQ_OVFL reports the socket's running total; keep the largest seen.
             if u64::from(overflow) > self.stats.rxq_overflow.get() {
@@ -389,6 +423,10 @@ impl Worker {
         if !self.table.has_room(key.listener) {
             return Err(DropReason::FlowCap);
         }
+        if self.new_flow_allowance == 0 {
+            return Err(DropReason::Overload);
+        }
+        self.new_flow_allowance -= 1;
         let li = key.listener as usize;
         let pool = &snap.pools[spec.pool];
         let idx = self
@@ -406,6 +444,16 @@ impl Worker {
                 }
             };
         let fd = socket.as_raw_fd();
+        if i64::from(fd) >= self.fd_ceiling {
+            // Descriptors are allocated lowest first, so a number this high means the spare
+            // ones are nearly gone: keep them for the admin endpoint and health checks.
+            drop(socket);
+            self.log.warn(
+                "opening an upstream socket (new flows are shed)",
+                &io::Error::other("descriptors are nearly exhausted (RLIMIT_NOFILE)"),
+            );
+            return Err(DropReason::UpstreamSocket);
+        }
         let h = self.table.insert(
             key,
             (backend.id, backend.spec.addr),
@@ -785,6 +833,14 @@ fn flush_replies(lio: &mut ListenerIo, stats: &WorkerStats, li: usize, log: &mut
     if let Some(e) = outcome.last_error {
         log.warn("sending replies", &e);
     }
+}
+
+/// The descriptor number above which flows are shed: the soft `RLIMIT_NOFILE` less a reserve
+/// of 1/16 of it (at least 8, at most 128) for the admin endpoint and health checks.
+fn fd_ceiling() -> i64 {
+    let limit =
+        udplb_sys::socket::nofile_limit().map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64);
+    limit - (limit / 16).clamp(8, 128)
 }
 
 /// A per-worker seed for the scheduler's random numbers (not security-relevant).

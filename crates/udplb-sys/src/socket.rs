@@ -112,6 +112,11 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(hard.max(soft))
 }
 
+/// The soft `RLIMIT_NOFILE`: the highest descriptor number the process can open, plus one.
+pub fn nofile_limit() -> io::Result<u64> {
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;

@@ -2,6 +2,8 @@
 //! loopback, wait on conditions with deadlines, read the admin endpoint.
 #![allow(dead_code)]
 
+pub mod spoof;
+
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -283,6 +285,8 @@ impl Backend {
     /// Like [`Backend::start`] on a given address (e.g. to bring a stopped backend back).
     pub fn start_at(addr: SocketAddr, tag: &str) -> Backend {
         let socket = UdpSocket::bind(addr).expect("bind backend");
+        // Room for bursts (a flood of new flows reaches the backend as a burst).
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
