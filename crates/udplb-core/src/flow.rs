@@ -407,10 +407,8 @@ impl<T> FlowTable<T> {
         assert_eq!(per_listener as usize, live, "per-listener counts");
         let per_backend: u32 = self.live_per_backend.iter().sum();
         assert_eq!(per_backend as usize, live, "per-backend counts");
-        for (l, &n) in self.live_per_listener.iter().enumerate() {
-            let cap = self.cap_per_listener.get(l).copied().unwrap_or(0);
-            assert!(n <= cap, "listener {l}: {n} flows above cap {cap}");
-        }
+        // No "live <= cap" here: a reload may lower a cap below the live count (no flow is
+        // shed; new ones wait). The cap is enforced where flows are created (`has_room`).
         for (&key, &slot) in &self.index {
             let flow = self.slots[slot as usize]
                 .flow

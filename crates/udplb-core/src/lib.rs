@@ -14,6 +14,8 @@
 
 pub mod affinity;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod health;
 pub mod latency;

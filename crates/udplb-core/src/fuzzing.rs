@@ -1,0 +1,86 @@
+//! Entry points for the fuzz targets in `fuzz/` and for the tests that replay their corpora.
+//!
+//! Owns: turning arbitrary bytes into a sequence of operations on the core's state machines
+//! and checking the invariants after each. Must not: be used by udplb itself (it exists so
+//! that `cargo fuzz` and the ordinary test suite run exactly the same code).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::flow::{FlowKey, FlowTable};
+use crate::snapshot::BackendId;
+use crate::time::Time;
+use crate::verdict::CloseReason;
+
+/// Interprets `data` as operations on a [`FlowTable`] with two listeners (caps 8 and 3):
+/// each step takes two bytes, an opcode and an argument, and the table's invariants are
+/// checked after every step. Panics (the fuzzer's finding) if an invariant breaks.
+pub fn flow_table(data: &[u8]) {
+    let mut table: FlowTable<u8> = FlowTable::new();
+    table.set_caps(&[8, 3]);
+    let mut now = Time(0);
+    let mut handles = Vec::new();
+    for step in data.chunks_exact(2) {
+        let (op, arg) = (step[0], step[1]);
+        let key = key_of(arg);
+        match op % 8 {
+            0 | 1 => {
+                if table.find(&key).is_none() && table.has_room(key.listener) {
+                    let backend = BackendId(u32::from(arg % 5));
+                    let timeout = Duration::from_millis(u64::from(op / 8) * 10 + 1);
+                    handles.push(table.insert(key, (backend, addr(1)), 0, now, timeout, arg));
+                }
+            }
+            2 => {
+                if let Some(h) = table.find(&key) {
+                    table.on_request(h, now, u32::from(arg % 3));
+                }
+            }
+            3 => {
+                if let Some(h) = table.find(&key) {
+                    table.on_reply(h, now, arg % 2 == 0);
+                }
+            }
+            4 => {
+                if let Some(&h) = handles.get(usize::from(arg) % handles.len().max(1)) {
+                    table.close(h, CloseReason::Error);
+                }
+            }
+            5 => {
+                if let Some(h) = table.find(&key) {
+                    table.rebind(h, (BackendId(u32::from(op / 8)), addr(2)), 1);
+                }
+            }
+            6 => {
+                now = Time(now.0 + u64::from(arg));
+                table.expire(now, |_, _| {});
+            }
+            _ => table.set_caps(&[u32::from(arg % 9), u32::from(op / 8 % 4)]),
+        }
+        table.check_invariants();
+    }
+}
+
+/// One of 64 keys on two listeners.
+fn key_of(arg: u8) -> FlowKey {
+    FlowKey {
+        listener: u16::from(arg & 1),
+        client: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, arg >> 2)), 1000),
+        local: None,
+    }
+}
+
+fn addr(n: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)), 53)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn interprets_any_bytes() {
+        super::flow_table(&[]);
+        super::flow_table(&[0, 1, 0, 2, 2, 1, 3, 1, 6, 200, 4, 0, 7, 0, 0, 3]);
+        let all: Vec<u8> = (0..=255u8).flat_map(|a| [a, a.wrapping_mul(7)]).collect();
+        super::flow_table(&all);
+    }
+}
