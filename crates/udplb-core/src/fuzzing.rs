@@ -61,6 +61,36 @@ pub fn flow_table(data: &[u8]) {
     }
 }
 
+/// Parses `data` as a PROXY v2 header; a parsed header must fit in `data`, and re-encoding
+/// its addresses must parse back to the same addresses.
+pub fn proxy(data: &[u8]) {
+    let Ok(h) = crate::proxy::parse(data) else {
+        return;
+    };
+    assert!(
+        h.len <= data.len(),
+        "header length {} beyond {}",
+        h.len,
+        data.len()
+    );
+    if let Some((source, destination)) = h.addresses {
+        let mut out = [0u8; crate::proxy::MAX_HEADER_V6];
+        let n = crate::proxy::encode(&mut out, source, destination).expect("fits");
+        let again = crate::proxy::parse(&out[..n]).expect("re-encoded header parses");
+        let canonical = |a: SocketAddr| match a.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map_or(a, |v4| SocketAddr::new(IpAddr::V4(v4), a.port())),
+            IpAddr::V4(_) => a,
+        };
+        let (s, d) = again.addresses.expect("addresses");
+        assert_eq!(
+            (canonical(s), canonical(d)),
+            (canonical(source), canonical(destination))
+        );
+    }
+}
+
 /// One of 64 keys on two listeners.
 fn key_of(arg: u8) -> FlowKey {
     FlowKey {

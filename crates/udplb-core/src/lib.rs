@@ -21,11 +21,14 @@ pub mod health;
 pub mod latency;
 pub mod maglev;
 pub mod model;
+pub mod proxy;
 pub mod sched;
 pub mod snapshot;
 pub mod time;
 pub mod verdict;
 
-pub use model::{Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode};
+pub use model::{
+    Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
+};
 pub use time::Time;
 pub use verdict::DropReason;

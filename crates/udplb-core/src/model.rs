@@ -242,3 +242,31 @@ impl FromStr for AllDownPolicy {
         }
     }
 }
+
+/// Whether and when a pool's backends get a PROXY protocol v2 header in front of the client's
+/// datagram (per pool, `proxy_protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ProxyHeader {
+    /// No header (default).
+    #[default]
+    Off,
+    /// On the first datagram of each flow (in datagram mode, where every datagram is
+    /// scheduled on its own, on every datagram).
+    First,
+    /// On every datagram.
+    Every,
+}
+
+impl FromStr for ProxyHeader {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        match s {
+            "off" => Ok(ProxyHeader::Off),
+            "first" => Ok(ProxyHeader::First),
+            "every" => Ok(ProxyHeader::Every),
+            _ => Err(UnknownName {
+                expected: "off, first, every",
+            }),
+        }
+    }
+}

@@ -29,3 +29,11 @@ fn flow_table_corpus() {
         udplb_core::fuzzing::flow_table(&data);
     }
 }
+
+#[test]
+fn proxy_corpus() {
+    for (path, data) in corpus("proxy") {
+        eprintln!("{}", path.display());
+        udplb_core::fuzzing::proxy(&data);
+    }
+}

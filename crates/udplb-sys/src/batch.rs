@@ -528,6 +528,43 @@ pub fn send_to(fd: BorrowedFd<'_>, data: &[u8], dest: SocketAddr) -> io::Result<
     })
 }
 
+/// Sends `head` followed by `body` as **one** datagram (a PROXY protocol header in front of a
+/// client's payload, without copying either), to `dest` or, with `None`, to the connected
+/// peer. `EINTR` is retried.
+pub fn send_two(
+    fd: BorrowedFd<'_>,
+    head: &[u8],
+    body: &[u8],
+    dest: Option<SocketAddr>,
+) -> io::Result<usize> {
+    let mut storage = sockaddr::zeroed();
+    let name_len = dest.map_or(0, |d| sockaddr::write(&d, &mut storage));
+    let mut iov = [
+        libc::iovec {
+            iov_base: head.as_ptr() as *mut libc::c_void,
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: body.as_ptr() as *mut libc::c_void,
+            iov_len: body.len(),
+        },
+    ];
+    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control data).
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    if name_len > 0 {
+        msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = name_len;
+    }
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len() as _;
+    retry(|| {
+        // SAFETY: `msg` points at `iov` (two live, read-only slices the kernel only reads) and,
+        // when set, at `storage` holding a valid address of `name_len` bytes; all outlive the
+        // call.
+        unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) }
+    })
+}
+
 /// Receives one datagram into `buf` without blocking. Returns the datagram's **real** length
 /// (`MSG_TRUNC`), which exceeds `buf.len()` when it did not fit, and its sender.
 pub fn recv_from(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {

@@ -171,6 +171,24 @@ mod tests {
         assert_eq!((&buf[..n], from), (&b"pong"[..], target));
     }
 
+    /// Two slices leave as one datagram, on a connected socket and to an explicit address.
+    #[test]
+    fn send_two_joins_head_and_body_into_one_datagram() {
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let to = peer.local_addr().unwrap();
+        let connected = upstream_socket(to, true, None, None).unwrap();
+        let unconnected = upstream_socket(to, false, None, None).unwrap();
+        let mut buf = [0u8; 64];
+        crate::batch::send_two(connected.as_fd(), b"head:", b"body", None).unwrap();
+        let n = peer.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"head:body");
+        crate::batch::send_two(unconnected.as_fd(), b"", b"only", Some(to)).unwrap();
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"only");
+        assert_eq!(from.port(), unconnected.local_addr().unwrap().port());
+    }
+
     #[test]
     fn ipv6_wildcard_listener_reports_the_local_address() {
         let Ok(listener) = bind_listener("[::]:0".parse().unwrap(), &ListenerOptions::default())
