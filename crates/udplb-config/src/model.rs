@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use udplb_core::health::{Initial, Quorum, Thresholds};
 use udplb_core::snapshot::AdminState;
-use udplb_core::{Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode};
+use udplb_core::{
+    Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
+};
 
 use crate::defaults;
 
@@ -104,6 +106,10 @@ pub struct PoolConfig {
     pub notify: Option<Vec<String>>,
     /// Active health check (`[pools.NAME.health]`); without one every backend counts as up.
     pub health: Option<HealthCheck>,
+    /// PROXY protocol v2 header towards the backends (`proxy_protocol`).
+    pub proxy_protocol: ProxyHeader,
+    /// Remove a PROXY v2 header from the start of backend replies (`strip_reply_proxy`).
+    pub strip_reply_proxy: bool,
 }
 
 impl PoolConfig {
@@ -121,6 +127,8 @@ impl PoolConfig {
             },
             notify: None,
             health: None,
+            proxy_protocol: ProxyHeader::Off,
+            strip_reply_proxy: false,
         }
     }
 }

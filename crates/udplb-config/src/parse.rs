@@ -12,7 +12,9 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 use udplb_core::snapshot::AdminState;
-use udplb_core::{Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode};
+use udplb_core::{
+    Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
+};
 
 use crate::error::{ConfigError, ConfigErrors, Lines};
 use crate::model::{
@@ -46,6 +48,8 @@ const POOL_KEYS: &[&str] = &[
     "quorum_hysteresis",
     "notify",
     "health",
+    "proxy_protocol",
+    "strip_reply_proxy",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state", "health"];
 
@@ -292,6 +296,14 @@ impl Reader<'_> {
             .ranged(t, key, "quorum_hysteresis", 0..=10_000)
             .unwrap_or(0);
         pool.notify = self.optional(t, key, "notify", |r, k, v| r.command(k, v));
+        if let Some(p) = self.optional(t, key, "proxy_protocol", |r, k, v| {
+            r.named(k, v, ProxyHeader::from_str)
+        }) {
+            pool.proxy_protocol = p;
+        }
+        pool.strip_reply_proxy = self
+            .optional(t, key, "strip_reply_proxy", |r, k, v| r.boolean(k, v))
+            .unwrap_or(false);
         Some(pool)
     }
 

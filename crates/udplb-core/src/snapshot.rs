@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::model::{
-    Affinity, AllDownPolicy, BackendSpec, FailurePolicy, SchedulerKind, SessionMode,
+    Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
 };
 use crate::sched::Tier;
 
@@ -74,6 +74,10 @@ pub struct Pool {
     /// The backends new flows go to: available primaries, or available backups when no
     /// primary is available, with the prebuilt tables of the pool's scheduler.
     pub tier: Tier,
+    /// PROXY protocol v2 header towards the backends.
+    pub proxy_header: ProxyHeader,
+    /// Remove a PROXY v2 header from the start of backend replies.
+    pub strip_reply_proxy: bool,
 }
 
 impl Pool {
@@ -134,6 +138,10 @@ pub struct PoolInput {
     pub on_down: FailurePolicy,
     /// Where new flows go when no primary is up.
     pub all_down: AllDownPolicy,
+    /// PROXY protocol v2 header towards the backends.
+    pub proxy_header: ProxyHeader,
+    /// Remove a PROXY v2 header from the start of backend replies.
+    pub strip_reply_proxy: bool,
 }
 
 impl PoolInput {
@@ -145,6 +153,8 @@ impl PoolInput {
             backends,
             on_down: FailurePolicy::default(),
             all_down: AllDownPolicy::default(),
+            proxy_header: ProxyHeader::Off,
+            strip_reply_proxy: false,
         }
     }
 }
@@ -227,6 +237,8 @@ impl Snapshot {
                     all_down: input.all_down,
                     backends,
                     tier,
+                    proxy_header: input.proxy_header,
+                    strip_reply_proxy: input.strip_reply_proxy,
                 }
             })
             .collect();

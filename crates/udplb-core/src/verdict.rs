@@ -28,6 +28,9 @@ pub enum DropReason {
     UnknownSource,
     /// A new flow while udplb is shutting down (established flows are still served).
     ShuttingDown,
+    /// A malformed PROXY v2 header: on a reply from a pool that strips them, or on a client
+    /// datagram of a listener that expects them (or one from a sender it does not trust).
+    ProxyHeader,
     /// A new flow shed because the listener is overloaded (a backlog for several turns in a
     /// row): new flows are rationed so that established ones keep being served.
     Overload,
@@ -35,7 +38,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of variants (size of per-reason counter arrays).
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -49,6 +52,7 @@ impl DropReason {
         DropReason::ReplyOversize,
         DropReason::UnknownSource,
         DropReason::ShuttingDown,
+        DropReason::ProxyHeader,
         DropReason::Overload,
     ];
 
@@ -65,6 +69,7 @@ impl DropReason {
             DropReason::ReplyOversize => "reply_oversize",
             DropReason::UnknownSource => "unknown_source",
             DropReason::ShuttingDown => "shutting_down",
+            DropReason::ProxyHeader => "proxy_header",
             DropReason::Overload => "overload",
         }
     }

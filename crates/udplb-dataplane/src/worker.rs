@@ -29,7 +29,7 @@ use udplb_core::hash::ClientKey;
 use udplb_core::sched::{Cursor, PickInput, pick};
 use udplb_core::snapshot::{BackendId, ListenerSpec, Pool, Snapshot};
 use udplb_core::verdict::CloseReason;
-use udplb_core::{DropReason, SessionMode, Time};
+use udplb_core::{DropReason, ProxyHeader, SessionMode, Time};
 use udplb_sys::batch::{RecvBatch, RecvMeta, SendBatch};
 
 use crate::stats::WorkerStats;
@@ -92,6 +92,8 @@ enum Relayed {
 /// A listener socket of this worker and its queue of replies.
 struct ListenerIo {
     socket: UdpSocket,
+    /// The address the socket is bound to (port resolved), for PROXY headers.
+    bound: SocketAddr,
     replies: SendBatch,
     /// Bound to 0.0.0.0 or [::]: replies need an explicit source address.
     wildcard: bool,
@@ -111,6 +113,8 @@ pub(crate) struct Upstream {
     /// Request-response mode: when the flow's first request was sent (µs since the worker's
     /// epoch), until its first reply turns it into a latency sample.
     request_sent_us: Option<u64>,
+    /// The current backend got the flow's PROXY header (`proxy_protocol = "first"`).
+    header_sent: bool,
 }
 
 /// A worker thread's state.
@@ -133,6 +137,8 @@ pub(crate) struct Worker {
     fd_ceiling: i64,
     /// New flows the current listener batch may still open (see [`BACKLOG_TURNS`]).
     new_flow_allowance: u32,
+    /// Scratch space for the PROXY v2 header of the datagram being sent.
+    header: [u8; udplb_core::proxy::MAX_HEADER_V6],
     rng: u64,
     log: RateLimitedLog,
 }
@@ -149,6 +155,7 @@ impl Worker {
                 .register(&mut SourceFd(&fd), listener_token(i), Interest::READABLE)?;
             let spec = &snap.listeners[i];
             listeners.push(ListenerIo {
+                bound: socket.local_addr()?,
                 socket,
                 replies: SendBatch::new(BATCH, spec.max_datagram_size + 1),
                 wildcard: spec.address.ip().is_unspecified(),
@@ -172,6 +179,7 @@ impl Worker {
             epoch: setup.epoch,
             fd_ceiling: fd_ceiling(),
             new_flow_allowance: u32::MAX,
+            header: [0; udplb_core::proxy::MAX_HEADER_V6],
             rng: seed(setup.id),
             log: RateLimitedLog::default(),
         };
@@ -463,6 +471,7 @@ impl Worker {
             Upstream {
                 socket,
                 request_sent_us: None,
+                header_sent: false,
             },
         );
         let token = Token(h.to_u64() as usize);
@@ -533,8 +542,23 @@ impl Worker {
             self.revalidate(h, li, snap)?;
         }
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
-        match udplb_sys::batch::send(flow.io.socket.as_fd(), data) {
-            Ok(_) => Ok(flow.backend),
+        let with_header = match snap.pool_of(li).proxy_header {
+            ProxyHeader::Off => false,
+            ProxyHeader::First => !flow.io.header_sent,
+            ProxyHeader::Every => true,
+        };
+        let sent = if with_header {
+            let n = write_proxy_header(&mut self.header, self.listeners[li].bound, &flow.key);
+            udplb_sys::batch::send_two(flow.io.socket.as_fd(), &self.header[..n], data, None)
+        } else {
+            udplb_sys::batch::send(flow.io.socket.as_fd(), data)
+        };
+        match sent {
+            Ok(_) => {
+                let flow = self.table.get_mut(h).ok_or(DropReason::SendError)?;
+                flow.io.header_sent |= with_header;
+                Ok(flow.backend)
+            }
             Err(e) => Err(self.on_send_error(h, li, &e)),
         }
     }
@@ -557,7 +581,14 @@ impl Worker {
             .ok_or(DropReason::NoBackend)?;
         let (dest, backend) = (pool.backends[idx].spec.addr, pool.backends[idx].id);
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
-        match udplb_sys::batch::send_to(flow.io.socket.as_fd(), data, dest) {
+        // Every datagram is scheduled on its own, so `first` means every datagram here.
+        let sent = if pool.proxy_header == ProxyHeader::Off {
+            udplb_sys::batch::send_to(flow.io.socket.as_fd(), data, dest)
+        } else {
+            let n = write_proxy_header(&mut self.header, self.listeners[li].bound, &flow.key);
+            udplb_sys::batch::send_two(flow.io.socket.as_fd(), &self.header[..n], data, Some(dest))
+        };
+        match sent {
             Ok(_) => Ok(backend),
             Err(e) => Err(self.on_send_error(h, li, &e)),
         }
@@ -589,6 +620,9 @@ impl Worker {
             return Err(DropReason::SendError);
         }
         self.table.rebind(h, (b.id, b.spec.addr), snap.generation);
+        if let Some(f) = self.table.get_mut(h) {
+            f.io.header_sent = false; // the new backend has not seen it
+        }
         Ok(())
     }
 
@@ -714,10 +748,14 @@ impl Worker {
                 stats.drop(DropReason::ReplyOversize);
                 continue;
             }
+            let Some(payload) = strip_proxy_header(pool, reply.data) else {
+                stats.drop(DropReason::ProxyHeader);
+                continue;
+            };
             self.listeners[li]
                 .replies
-                .push(reply.data, key.client, key.local);
-            stats.bytes_out.add(reply.data.len() as u64);
+                .push(payload, key.client, key.local);
+            stats.bytes_out.add(payload.len() as u64);
             if self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete {
                 // Anything after the last expected reply would have been discarded with the
                 // socket anyway.
@@ -833,6 +871,28 @@ fn flush_replies(lio: &mut ListenerIo, stats: &WorkerStats, li: usize, log: &mut
     if let Some(e) = outcome.last_error {
         log.warn("sending replies", &e);
     }
+}
+
+/// Writes the PROXY v2 header for a flow of `key` on a listener bound to `bound` into `out`:
+/// the client's address and the address it sent to. Returns its length.
+fn write_proxy_header(
+    out: &mut [u8; udplb_core::proxy::MAX_HEADER_V6],
+    bound: SocketAddr,
+    key: &FlowKey,
+) -> usize {
+    let target = SocketAddr::new(key.local.unwrap_or(bound.ip()), bound.port());
+    udplb_core::proxy::encode(out, key.client, target).expect("the buffer holds the largest header")
+}
+
+/// A backend reply without its PROXY v2 header when the pool strips them (`None`: the header
+/// is malformed). Replies without a header pass unchanged.
+#[inline]
+fn strip_proxy_header<'a>(pool: &Pool, reply: &'a [u8]) -> Option<&'a [u8]> {
+    if !pool.strip_reply_proxy || !udplb_core::proxy::has_signature(reply) {
+        return Some(reply);
+    }
+    let header = udplb_core::proxy::parse(reply).ok()?;
+    Some(&reply[header.len..])
 }
 
 /// The descriptor number above which flows are shed: the soft `RLIMIT_NOFILE` less a reserve

@@ -58,6 +58,8 @@ pub fn snapshot_of(
                 .collect(),
             on_down: p.on_down,
             all_down: p.all_down,
+            proxy_header: p.proxy_protocol,
+            strip_reply_proxy: p.strip_reply_proxy,
         })
         .collect();
     Snapshot::build(generation, listeners, pools, previous)

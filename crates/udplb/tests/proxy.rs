@@ -1,0 +1,192 @@
+//! PROXY protocol v2 towards backends: a backend that reads the header sees the real client
+//! address and port and the address the client sent to, on the first datagram of a flow or on
+//! every one, over IPv4 and IPv6; replies can carry a header that udplb strips.
+
+mod common;
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+/// A backend that records every datagram and answers "ok:" + its payload after the header,
+/// optionally behind `reply_prefix`.
+struct Recorder {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl Recorder {
+    fn start(ip: &str, reply_prefix: Vec<u8>) -> Recorder {
+        let socket = UdpSocket::bind((ip, 0)).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let d = buf[..n].to_vec();
+                let payload = header_len(&d).map_or(&d[..], |len| &d[len..]).to_vec();
+                log.lock().unwrap().push(d);
+                let mut reply = reply_prefix.clone();
+                reply.extend_from_slice(b"ok:");
+                reply.extend_from_slice(&payload);
+                let _ = socket.send_to(&reply, from);
+            }
+        });
+        Recorder { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<Vec<u8>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+const SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+
+/// The length of the v2 header `d` starts with, read by offsets as the specification lays
+/// it out (independently of udplb's own parser).
+fn header_len(d: &[u8]) -> Option<usize> {
+    d.starts_with(&SIGNATURE)
+        .then(|| 16 + usize::from(u16::from_be_bytes([d[14], d[15]])))
+}
+
+/// (source, destination) of a PROXY DGRAM header.
+fn header_addresses(d: &[u8]) -> (SocketAddr, SocketAddr) {
+    assert_eq!(d[12], 0x21, "version 2, PROXY");
+    let port = |at: usize| u16::from_be_bytes([d[at], d[at + 1]]);
+    match d[13] {
+        0x12 => {
+            assert_eq!(&d[14..16], &[0, 12]);
+            let ip = |at: usize| IpAddr::from([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+            (
+                SocketAddr::new(ip(16), port(24)),
+                SocketAddr::new(ip(20), port(26)),
+            )
+        }
+        0x22 => {
+            assert_eq!(&d[14..16], &[0, 36]);
+            let ip = |at: usize| {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(&d[at..at + 16]);
+                IpAddr::V6(Ipv6Addr::from(o))
+            };
+            (
+                SocketAddr::new(ip(16), port(48)),
+                SocketAddr::new(ip(32), port(50)),
+            )
+        }
+        other => panic!("family/transport {other:#x}"),
+    }
+}
+
+fn start(ip: &str, mode: &str, backend: SocketAddr, pool_extra: &str) -> (Udplb, SocketAddr) {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen = SocketAddr::new(ip.parse().unwrap(), free_udp_port(ip));
+    let dir = std::env::temp_dir().join(format!(
+        "udplb-proxy-{}-{}",
+        std::process::id(),
+        listen.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("udplb.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             mode = \"{mode}\"\n[pools.p]\nbackends = [\"{backend}\"]\n{pool_extra}\n"
+        ),
+    )
+    .unwrap();
+    (Udplb::run_config(&path, admin), listen)
+}
+
+fn exchange(c: &UdpSocket, listen: SocketAddr, payloads: &[&str]) {
+    for p in payloads {
+        let (reply, from) = request(c, listen, p.as_bytes());
+        assert_eq!(from, listen);
+        assert_eq!(reply, format!("ok:{p}").into_bytes());
+    }
+}
+
+#[test]
+fn first_datagram_of_each_flow_carries_the_client_address_ipv4() {
+    let b = Recorder::start("127.0.0.1", Vec::new());
+    let (_lb, listen) = start("127.0.0.1", "flow", b.addr, "proxy_protocol = \"first\"");
+    let c = client("127.0.0.1:0");
+    exchange(&c, listen, &["one", "two", "three"]);
+    let seen = b.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let len = header_len(&seen[0]).expect("first datagram has a header");
+    assert_eq!(len, 28);
+    assert_eq!(
+        header_addresses(&seen[0]),
+        (c.local_addr().unwrap(), listen)
+    );
+    assert_eq!(&seen[0][len..], b"one");
+    assert_eq!(seen[1], b"two", "later datagrams are bare");
+    assert_eq!(seen[2], b"three");
+}
+
+#[test]
+fn every_datagram_carries_it_ipv6() {
+    let b = Recorder::start("::1", Vec::new());
+    let (_lb, listen) = start("::1", "flow", b.addr, "proxy_protocol = \"every\"");
+    let c = client("[::1]:0");
+    exchange(&c, listen, &["a", "b"]);
+    let seen = b.seen();
+    assert_eq!(seen.len(), 2);
+    for (d, p) in seen.iter().zip([b"a", b"b"]) {
+        let len = header_len(d).expect("header");
+        assert_eq!(len, 52);
+        assert_eq!(header_addresses(d), (c.local_addr().unwrap(), listen));
+        assert_eq!(&d[len..], p);
+    }
+}
+
+#[test]
+fn datagram_mode_and_wildcard_listeners_name_the_address_the_client_targeted() {
+    let b = Recorder::start("127.0.0.1", Vec::new());
+    let (_lb, listen) = start("0.0.0.0", "datagram", b.addr, "proxy_protocol = \"first\"");
+    let target = SocketAddr::new("127.0.0.7".parse().unwrap(), listen.port());
+    let c = client("127.0.0.1:0");
+    for p in ["x", "y"] {
+        let (reply, from) = request(&c, target, p.as_bytes());
+        assert_eq!((reply, from), (format!("ok:{p}").into_bytes(), target));
+    }
+    let seen = b.seen();
+    assert_eq!(seen.len(), 2);
+    for d in &seen {
+        assert_eq!(header_addresses(d), (c.local_addr().unwrap(), target));
+    }
+}
+
+#[test]
+fn reply_headers_are_stripped_and_malformed_ones_dropped() {
+    // The backend answers behind a PROXY header of its own (as a proxy in front of it would).
+    let mut prefix = SIGNATURE.to_vec();
+    prefix.extend_from_slice(&[0x21, 0x12, 0, 12, 10, 0, 0, 1, 10, 0, 0, 2, 0, 1, 0, 2]);
+    let b = Recorder::start("127.0.0.1", prefix);
+    let (lb, listen) = start("127.0.0.1", "flow", b.addr, "strip_reply_proxy = true");
+    let c = client("127.0.0.1:0");
+    exchange(&c, listen, &["q"]);
+    assert_eq!(b.seen(), vec![b"q".to_vec()], "no header towards this pool");
+
+    // A header whose length runs past the reply: dropped and counted, never forwarded.
+    let mut truncated = SIGNATURE.to_vec();
+    truncated.extend_from_slice(&[0x21, 0x12, 0, 200]);
+    let bad = Recorder::start("127.0.0.1", truncated);
+    let (lb2, listen2) = start("127.0.0.1", "flow", bad.addr, "strip_reply_proxy = true");
+    c.send_to(b"q", listen2).unwrap();
+    assert!(wait_for(DEADLINE, || lb2.counter("/drops/proxy_header") == 1));
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    assert!(
+        c.recv(&mut [0u8; 64]).is_err(),
+        "a malformed reply got through"
+    );
+    assert_eq!(lb.counter("/drops/proxy_header"), 0);
+}
