@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use udplb_core::acl::Cidr;
 use udplb_core::health::{Initial, Quorum, Thresholds};
 use udplb_core::snapshot::AdminState;
 use udplb_core::{
@@ -69,6 +70,10 @@ pub struct ListenerConfig {
     pub max_flows: u32,
     /// Largest datagram forwarded in either direction.
     pub max_datagram_size: usize,
+    /// Clients served (`allow`); empty: every client not denied.
+    pub allow: Vec<Cidr>,
+    /// Clients refused (`deny`); wins over `allow`.
+    pub deny: Vec<Cidr>,
 }
 
 impl ListenerConfig {
@@ -83,6 +88,8 @@ impl ListenerConfig {
             idle_timeout: defaults::IDLE_TIMEOUT,
             max_flows: defaults::MAX_FLOWS,
             max_datagram_size: defaults::MAX_DATAGRAM_SIZE,
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
     }
 }

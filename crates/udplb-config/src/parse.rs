@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
+use udplb_core::acl::Cidr;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
@@ -38,6 +39,8 @@ const LISTENER_KEYS: &[&str] = &[
     "idle_timeout",
     "max_flows",
     "max_datagram_size",
+    "allow",
+    "deny",
 ];
 const POOL_KEYS: &[&str] = &[
     "scheduler",
@@ -234,6 +237,12 @@ impl Reader<'_> {
         if let Some(n) = self.ranged(t, key, "max_datagram_size", size_range) {
             l.max_datagram_size = n;
         }
+        l.allow = self
+            .optional(t, key, "allow", |r, k, v| r.networks(k, v))
+            .unwrap_or_default();
+        l.deny = self
+            .optional(t, key, "deny", |r, k, v| r.networks(k, v))
+            .unwrap_or_default();
         Some(l)
     }
 
@@ -523,6 +532,24 @@ impl Reader<'_> {
             DeValue::String(s) => Some(s.as_ref()),
             _ => self.wrong_type(key, v, "a string"),
         }
+    }
+
+    /// An array of networks (`"10.0.0.0/8"`, `"2001:db8::/32"`, bare addresses); each bad
+    /// entry is reported at its own position.
+    fn networks(&mut self, key: &str, v: &Item<'_>) -> Option<Vec<Cidr>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            return self.wrong_type(key, v, "an array of networks such as [\"10.0.0.0/8\"]");
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let ikey = format!("{key}[{i}]");
+            match self.named(&ikey, item, Cidr::from_str) {
+                Some(c) => out.push(c),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
     }
 
     /// A user or group name (as in /etc/passwd): non-empty, no ':', '/' or whitespace.

@@ -12,6 +12,7 @@
 //! unit-, property- and simulation-testable.
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod affinity;
 pub mod flow;
 #[doc(hidden)]

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::acl::Acl;
 use crate::model::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
 };
@@ -123,6 +124,8 @@ pub struct ListenerSpec {
     pub max_flows: u32,
     /// Largest datagram forwarded in either direction; larger ones are dropped and counted.
     pub max_datagram_size: usize,
+    /// Which clients are served (checked on every datagram, before any flow state).
+    pub acl: Acl,
 }
 
 /// A pool as given to [`Snapshot::build`].

@@ -28,6 +28,8 @@ pub enum DropReason {
     UnknownSource,
     /// A new flow while udplb is shutting down (established flows are still served).
     ShuttingDown,
+    /// The client is not served by the listener (`allow` / `deny`).
+    Denied,
     /// A malformed PROXY v2 header: on a reply from a pool that strips them, or on a client
     /// datagram of a listener that expects them (or one from a sender it does not trust).
     ProxyHeader,
@@ -38,7 +40,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of variants (size of per-reason counter arrays).
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -52,6 +54,7 @@ impl DropReason {
         DropReason::ReplyOversize,
         DropReason::UnknownSource,
         DropReason::ShuttingDown,
+        DropReason::Denied,
         DropReason::ProxyHeader,
         DropReason::Overload,
     ];
@@ -69,6 +72,7 @@ impl DropReason {
             DropReason::ReplyOversize => "reply_oversize",
             DropReason::UnknownSource => "unknown_source",
             DropReason::ShuttingDown => "shutting_down",
+            DropReason::Denied => "denied",
             DropReason::ProxyHeader => "proxy_header",
             DropReason::Overload => "overload",
         }

@@ -370,6 +370,9 @@ impl Worker {
         if d.truncated || d.data.len() > spec.max_datagram_size {
             return stats.drop(DropReason::Oversize);
         }
+        if !spec.acl.is_open() && !spec.acl.permits(d.source.ip()) {
+            return stats.drop(DropReason::Denied);
+        }
         let local = if self.listeners[li].wildcard {
             d.local
         } else {

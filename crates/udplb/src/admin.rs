@@ -187,7 +187,12 @@ pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketA
         "primaries that are up and enabled"
     };
     let key = ClientKey::of(&client, l.affinity);
-    let (backend, reason) = if candidates.is_empty() {
+    let (backend, reason) = if !l.acl.permits(client.ip()) {
+        (
+            None,
+            "the listener's allow/deny lists refuse this client: dropped as denied".to_string(),
+        )
+    } else if candidates.is_empty() {
         (
             None,
             "no backend can take new flows: the datagram is dropped as no_backend".to_string(),

@@ -5,6 +5,7 @@
 //! Must not: touch sockets or threads.
 
 use udplb_config::Config;
+use udplb_core::acl::Acl;
 use udplb_core::snapshot::{BackendInput, ListenerSpec, PoolInput, Snapshot};
 
 /// Health of every backend, by pool and backend index in the config.
@@ -37,6 +38,7 @@ pub fn snapshot_of(
             idle_timeout: l.idle_timeout,
             max_flows: l.max_flows,
             max_datagram_size: l.max_datagram_size,
+            acl: Acl::new(&l.allow, &l.deny),
         })
         .collect();
     let pools = cfg
