@@ -42,3 +42,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Accepted grace periods.
 pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(3600);
+
+/// `[listeners.NAME.limits]`: rates per second (datagrams or new flows).
+pub const RATE_RANGE: RangeInclusive<u32> = 1..=100_000_000;
+/// `ipv4_prefix`.
+pub const IPV4_PREFIX_RANGE: RangeInclusive<u8> = 1..=32;
+/// `ipv6_prefix`.
+pub const IPV6_PREFIX_RANGE: RangeInclusive<u8> = 1..=128;
+/// `table_size`: counters per row of each limiter (memory: 16 bytes each).
+pub const LIMIT_CELLS_RANGE: RangeInclusive<usize> = 64..=16_777_216;

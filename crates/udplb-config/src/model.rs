@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use udplb_core::acl::Cidr;
 use udplb_core::health::{Initial, Quorum, Thresholds};
+use udplb_core::ratelimit::LimitSettings;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
@@ -74,6 +75,8 @@ pub struct ListenerConfig {
     pub allow: Vec<Cidr>,
     /// Clients refused (`deny`); wins over `allow`.
     pub deny: Vec<Cidr>,
+    /// Rate limits (`[listeners.NAME.limits]`); `None`: no limits.
+    pub limits: Option<LimitSettings>,
 }
 
 impl ListenerConfig {
@@ -90,6 +93,7 @@ impl ListenerConfig {
             max_datagram_size: defaults::MAX_DATAGRAM_SIZE,
             allow: Vec::new(),
             deny: Vec::new(),
+            limits: None,
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 use udplb_core::acl::Cidr;
+use udplb_core::ratelimit::LimitSettings;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
@@ -41,6 +42,16 @@ const LISTENER_KEYS: &[&str] = &[
     "max_datagram_size",
     "allow",
     "deny",
+    "limits",
+];
+const LIMIT_KEYS: &[&str] = &[
+    "datagrams_per_source",
+    "datagrams_per_prefix",
+    "new_flows_per_source",
+    "new_flows_per_prefix",
+    "ipv4_prefix",
+    "ipv6_prefix",
+    "table_size",
 ];
 const POOL_KEYS: &[&str] = &[
     "scheduler",
@@ -243,7 +254,35 @@ impl Reader<'_> {
         l.deny = self
             .optional(t, key, "deny", |r, k, v| r.networks(k, v))
             .unwrap_or_default();
+        l.limits = self.limits(key, t);
         Some(l)
+    }
+
+    /// `[listeners.NAME.limits]`.
+    fn limits(&mut self, key: &str, t: &DeTable<'_>) -> Option<LimitSettings> {
+        let v = t.get("limits")?;
+        let lkey = join(key, "limits");
+        let DeValue::Table(lt) = v.get_ref() else {
+            return self.wrong_type(&lkey, v, "a table");
+        };
+        self.check_keys(&lkey, lt, LIMIT_KEYS);
+        let d = LimitSettings::default();
+        let rate = |r: &mut Self, name: &str| r.ranged(lt, &lkey, name, defaults::RATE_RANGE);
+        Some(LimitSettings {
+            datagrams_per_source: rate(self, "datagrams_per_source"),
+            datagrams_per_prefix: rate(self, "datagrams_per_prefix"),
+            new_flows_per_source: rate(self, "new_flows_per_source"),
+            new_flows_per_prefix: rate(self, "new_flows_per_prefix"),
+            ipv4_prefix: self
+                .ranged(lt, &lkey, "ipv4_prefix", defaults::IPV4_PREFIX_RANGE)
+                .unwrap_or(d.ipv4_prefix),
+            ipv6_prefix: self
+                .ranged(lt, &lkey, "ipv6_prefix", defaults::IPV6_PREFIX_RANGE)
+                .unwrap_or(d.ipv6_prefix),
+            cells: self
+                .ranged(lt, &lkey, "table_size", defaults::LIMIT_CELLS_RANGE)
+                .unwrap_or(d.cells),
+        })
     }
 
     /// `mode` and `responses` together. On an error (already reported) the listener keeps a

@@ -23,6 +23,7 @@ pub mod latency;
 pub mod maglev;
 pub mod model;
 pub mod proxy;
+pub mod ratelimit;
 pub mod sched;
 pub mod snapshot;
 pub mod time;

@@ -7,12 +7,14 @@
 //! flow counts), or anything that needs I/O to build.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::acl::Acl;
 use crate::model::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
 };
+use crate::ratelimit::Limits;
 use crate::sched::Tier;
 
 /// A backend's identity across snapshots: the same (pool, address) keeps the same id when a
@@ -126,6 +128,8 @@ pub struct ListenerSpec {
     pub max_datagram_size: usize,
     /// Which clients are served (checked on every datagram, before any flow state).
     pub acl: Acl,
+    /// Rate limiters shared by the workers (carried over by reloads that keep the settings).
+    pub limits: Option<Arc<Limits>>,
 }
 
 /// A pool as given to [`Snapshot::build`].

@@ -30,6 +30,10 @@ pub enum DropReason {
     ShuttingDown,
     /// The client is not served by the listener (`allow` / `deny`).
     Denied,
+    /// The client (or its prefix) is over the listener's datagram rate limit.
+    RateLimited,
+    /// A new flow over the listener's new-flow rate limit for the client (or its prefix).
+    FlowRateLimited,
     /// A malformed PROXY v2 header: on a reply from a pool that strips them, or on a client
     /// datagram of a listener that expects them (or one from a sender it does not trust).
     ProxyHeader,
@@ -40,7 +44,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of variants (size of per-reason counter arrays).
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 15;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -55,6 +59,8 @@ impl DropReason {
         DropReason::UnknownSource,
         DropReason::ShuttingDown,
         DropReason::Denied,
+        DropReason::RateLimited,
+        DropReason::FlowRateLimited,
         DropReason::ProxyHeader,
         DropReason::Overload,
     ];
@@ -73,6 +79,8 @@ impl DropReason {
             DropReason::UnknownSource => "unknown_source",
             DropReason::ShuttingDown => "shutting_down",
             DropReason::Denied => "denied",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::FlowRateLimited => "flow_rate_limited",
             DropReason::ProxyHeader => "proxy_header",
             DropReason::Overload => "overload",
         }

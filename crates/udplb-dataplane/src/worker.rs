@@ -373,6 +373,11 @@ impl Worker {
         if !spec.acl.is_open() && !spec.acl.permits(d.source.ip()) {
             return stats.drop(DropReason::Denied);
         }
+        if let Some(limits) = &spec.limits
+            && !limits.datagram(d.source.ip(), now.0)
+        {
+            return stats.drop(DropReason::RateLimited);
+        }
         let local = if self.listeners[li].wildcard {
             d.local
         } else {
@@ -433,6 +438,11 @@ impl Worker {
         }
         if !self.table.has_room(key.listener) {
             return Err(DropReason::FlowCap);
+        }
+        if let Some(limits) = &spec.limits
+            && !limits.new_flow(key.client.ip(), now.0)
+        {
+            return Err(DropReason::FlowRateLimited);
         }
         if self.new_flow_allowance == 0 {
             return Err(DropReason::Overload);

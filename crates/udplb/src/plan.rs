@@ -4,8 +4,11 @@
 //! startup, and by every later change, so they cannot disagree).
 //! Must not: touch sockets or threads.
 
+use std::sync::Arc;
+
 use udplb_config::Config;
 use udplb_core::acl::Acl;
+use udplb_core::ratelimit::{LimitSettings, Limits};
 use udplb_core::snapshot::{BackendInput, ListenerSpec, PoolInput, Snapshot};
 
 /// Health of every backend, by pool and backend index in the config.
@@ -39,6 +42,9 @@ pub fn snapshot_of(
             max_flows: l.max_flows,
             max_datagram_size: l.max_datagram_size,
             acl: Acl::new(&l.allow, &l.deny),
+            limits: l
+                .limits
+                .map(|settings| limits_for(&l.name, settings, previous)),
         })
         .collect();
     let pools = cfg
@@ -65,4 +71,14 @@ pub fn snapshot_of(
         })
         .collect();
     Snapshot::build(generation, listeners, pools, previous)
+}
+
+/// The limiters of listener `name`: the running ones when a reload keeps their settings (so
+/// a reload does not hand abusers fresh budgets), else new ones.
+fn limits_for(name: &str, settings: LimitSettings, previous: Option<&Snapshot>) -> Arc<Limits> {
+    previous
+        .and_then(|p| p.listeners.iter().find(|l| l.name == name))
+        .and_then(|l| l.limits.as_ref())
+        .filter(|l| l.settings() == settings)
+        .map_or_else(|| Arc::new(Limits::new(settings)), Arc::clone)
 }

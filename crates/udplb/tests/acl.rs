@@ -121,5 +121,8 @@ fn explain_says_when_a_client_is_refused() {
     );
     let (_, body) = lb.call("GET", "/api/v1/explain?client=198.51.100.9:5000", None);
     assert_eq!(body["candidates"][0], a.addr.to_string(), "{body}");
-    assert!(!body["reason"].as_str().unwrap().contains("denied"), "{body}");
+    assert!(
+        !body["reason"].as_str().unwrap().contains("denied"),
+        "{body}"
+    );
 }
