@@ -77,6 +77,10 @@ pub struct ListenerConfig {
     pub deny: Vec<Cidr>,
     /// Rate limits (`[listeners.NAME.limits]`); `None`: no limits.
     pub limits: Option<LimitSettings>,
+    /// Expect PROXY v2 headers from another balancer in front (`proxy_protocol`).
+    pub proxy_protocol: bool,
+    /// Senders trusted to send them (`proxy_from`); empty: any.
+    pub proxy_from: Vec<Cidr>,
 }
 
 impl ListenerConfig {
@@ -94,6 +98,8 @@ impl ListenerConfig {
             allow: Vec::new(),
             deny: Vec::new(),
             limits: None,
+            proxy_protocol: false,
+            proxy_from: Vec::new(),
         }
     }
 }

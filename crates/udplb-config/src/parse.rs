@@ -43,6 +43,8 @@ const LISTENER_KEYS: &[&str] = &[
     "allow",
     "deny",
     "limits",
+    "proxy_protocol",
+    "proxy_from",
 ];
 const LIMIT_KEYS: &[&str] = &[
     "datagrams_per_source",
@@ -255,6 +257,12 @@ impl Reader<'_> {
             .optional(t, key, "deny", |r, k, v| r.networks(k, v))
             .unwrap_or_default();
         l.limits = self.limits(key, t);
+        l.proxy_protocol = self
+            .optional(t, key, "proxy_protocol", |r, k, v| r.boolean(k, v))
+            .unwrap_or(false);
+        l.proxy_from = self
+            .optional(t, key, "proxy_from", |r, k, v| r.networks(k, v))
+            .unwrap_or_default();
         Some(l)
     }
 

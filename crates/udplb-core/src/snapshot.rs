@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::acl::Acl;
+use crate::acl::{Acl, CidrSet};
 use crate::model::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
 };
@@ -130,6 +130,10 @@ pub struct ListenerSpec {
     pub acl: Acl,
     /// Rate limiters shared by the workers (carried over by reloads that keep the settings).
     pub limits: Option<Arc<Limits>>,
+    /// Datagrams arrive through another balancer with PROXY v2 headers naming the client.
+    pub proxy_ingress: bool,
+    /// With `proxy_ingress`: the only senders trusted to send them (empty: any sender).
+    pub proxy_from: CidrSet,
 }
 
 /// A pool as given to [`Snapshot::build`].

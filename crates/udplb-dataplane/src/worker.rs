@@ -115,6 +115,26 @@ pub(crate) struct Upstream {
     request_sent_us: Option<u64>,
     /// The current backend got the flow's PROXY header (`proxy_protocol = "first"`).
     header_sent: bool,
+    /// Behind another balancer (a listener with `proxy_protocol`): the client and target
+    /// its PROXY header named. `None`: the sender is the client.
+    origin: Option<Box<Origin>>,
+}
+
+/// Who a flow really serves when its datagrams arrive through another balancer.
+#[derive(Clone, Copy, Debug)]
+struct Origin {
+    /// The client's address (for policy, hashing and the header udplb forwards).
+    client: SocketAddr,
+    /// The address the client sent to.
+    target: SocketAddr,
+}
+
+impl Upstream {
+    /// The address the flow acts for: the PROXY header's client, else `key.client`.
+    #[inline]
+    fn client(&self, key: &FlowKey) -> SocketAddr {
+        self.origin.as_ref().map_or(key.client, |o| o.client)
+    }
 }
 
 /// A worker thread's state.
@@ -370,14 +390,6 @@ impl Worker {
         if d.truncated || d.data.len() > spec.max_datagram_size {
             return stats.drop(DropReason::Oversize);
         }
-        if !spec.acl.is_open() && !spec.acl.permits(d.source.ip()) {
-            return stats.drop(DropReason::Denied);
-        }
-        if let Some(limits) = &spec.limits
-            && !limits.datagram(d.source.ip(), now.0)
-        {
-            return stats.drop(DropReason::RateLimited);
-        }
         let local = if self.listeners[li].wildcard {
             d.local
         } else {
@@ -388,27 +400,46 @@ impl Worker {
             client: d.source,
             local,
         };
-        let h = match self.table.find(&key) {
+        let (data, origin) = match self.ingress(spec, &key, d.data) {
+            Ok(x) => x,
+            Err(reason) => return stats.drop(reason),
+        };
+        let found = self.table.find(&key);
+        // Policy applies to the client a flow serves: the PROXY header's, when there is one.
+        let client = match (origin, found.and_then(|h| self.table.get(h))) {
+            (Some(o), _) => o.client,
+            (None, Some(flow)) => flow.io.client(&flow.key),
+            (None, None) => d.source,
+        };
+        if !spec.acl.is_open() && !spec.acl.permits(client.ip()) {
+            return stats.drop(DropReason::Denied);
+        }
+        if let Some(limits) = &spec.limits
+            && !limits.datagram(client.ip(), now.0)
+        {
+            return stats.drop(DropReason::RateLimited);
+        }
+        let h = match found {
             Some(h) => h,
-            None => match self.admit(key, spec, snap, now) {
+            None => match self.admit(key, origin, spec, snap, now) {
                 Ok(h) => h,
                 Err(reason) => return self.stats.listeners[li].drop(reason),
             },
         };
         let sent = match spec.mode {
-            SessionMode::Datagram => self.send_scheduled(h, spec, snap, d.data),
+            SessionMode::Datagram => self.send_scheduled(h, spec, snap, data),
             SessionMode::Flow | SessionMode::RequestResponse { .. } => {
-                self.send_on_flow(h, li, snap, d.data)
+                self.send_on_flow(h, li, snap, data)
             }
         };
         let stats = &self.stats.listeners[li];
         match sent {
             Ok(backend) => {
                 stats.forwarded.add(1);
-                stats.bytes_forwarded.add(d.data.len() as u64);
+                stats.bytes_forwarded.add(data.len() as u64);
                 if let Some(b) = self.stats.backends.get(backend.index()) {
                     b.forwarded.add(1);
-                    b.bytes_forwarded.add(d.data.len() as u64);
+                    b.bytes_forwarded.add(data.len() as u64);
                 }
                 let responses = match spec.mode {
                     SessionMode::RequestResponse { responses } => responses,
@@ -425,10 +456,45 @@ impl Worker {
         }
     }
 
+    /// A listener behind another balancer (`proxy_protocol`): checks the sender, strips the
+    /// PROXY v2 header and returns the payload with the client the header names. A new flow
+    /// needs a header (a LOCAL one means the sender itself is the client); later datagrams of
+    /// a flow may come without one. Other listeners: the datagram as it is.
+    #[inline]
+    fn ingress<'d>(
+        &self,
+        spec: &ListenerSpec,
+        key: &FlowKey,
+        data: &'d [u8],
+    ) -> Result<(&'d [u8], Option<Origin>), DropReason> {
+        if !spec.proxy_ingress {
+            return Ok((data, None));
+        }
+        if !spec.proxy_from.is_empty() && !spec.proxy_from.contains(key.client.ip()) {
+            return Err(DropReason::ProxyHeader);
+        }
+        if !udplb_core::proxy::has_signature(data) {
+            return match self.table.find(key) {
+                Some(_) => Ok((data, None)),
+                None => Err(DropReason::ProxyHeader),
+            };
+        }
+        let header = udplb_core::proxy::parse(data).map_err(|_| DropReason::ProxyHeader)?;
+        let payload = &data[header.len..];
+        if payload.is_empty() {
+            return Err(DropReason::Empty);
+        }
+        let origin = header
+            .addresses
+            .map(|(client, target)| Origin { client, target });
+        Ok((payload, origin))
+    }
+
     /// Creates a flow for `key`: cap, backend choice, upstream socket, registration.
     fn admit(
         &mut self,
         key: FlowKey,
+        origin: Option<Origin>,
         spec: &ListenerSpec,
         snap: &Snapshot,
         now: Time,
@@ -439,8 +505,9 @@ impl Worker {
         if !self.table.has_room(key.listener) {
             return Err(DropReason::FlowCap);
         }
+        let client = origin.map_or(key.client, |o| o.client);
         if let Some(limits) = &spec.limits
-            && !limits.new_flow(key.client.ip(), now.0)
+            && !limits.new_flow(client.ip(), now.0)
         {
             return Err(DropReason::FlowRateLimited);
         }
@@ -451,7 +518,7 @@ impl Worker {
         let li = key.listener as usize;
         let pool = &snap.pools[spec.pool];
         let idx = self
-            .choose_backend(li, spec, pool, &key.client, snap.generation)
+            .choose_backend(li, spec, pool, &client, snap.generation)
             .ok_or(DropReason::NoBackend)?;
         let backend = &pool.backends[idx];
         let connect = spec.mode != SessionMode::Datagram;
@@ -485,6 +552,7 @@ impl Worker {
                 socket,
                 request_sent_us: None,
                 header_sent: false,
+                origin: origin.map(Box::new),
             },
         );
         let token = Token(h.to_u64() as usize);
@@ -501,7 +569,7 @@ impl Worker {
         self.stats.listeners[li].flows_created.add(1);
         if let Some(sticky) = &self.sticky[li] {
             let mut table = sticky.lock().unwrap_or_else(|p| p.into_inner());
-            table.acquire(key.client.ip(), backend.id, now);
+            table.acquire(client.ip(), backend.id, now);
         }
         Ok(h)
     }
@@ -561,7 +629,7 @@ impl Worker {
             ProxyHeader::Every => true,
         };
         let sent = if with_header {
-            let n = write_proxy_header(&mut self.header, self.listeners[li].bound, &flow.key);
+            let n = write_proxy_header(&mut self.header, self.listeners[li].bound, flow);
             udplb_sys::batch::send_two(flow.io.socket.as_fd(), &self.header[..n], data, None)
         } else {
             udplb_sys::batch::send(flow.io.socket.as_fd(), data)
@@ -587,7 +655,8 @@ impl Worker {
         data: &[u8],
     ) -> Result<BackendId, DropReason> {
         let li = self.table.get(h).ok_or(DropReason::SendError)?.key.listener as usize;
-        let client = self.table.get(h).ok_or(DropReason::SendError)?.key.client;
+        let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        let client = flow.io.client(&flow.key);
         let pool = &snap.pools[spec.pool];
         let idx = self
             .choose_backend(li, spec, pool, &client, snap.generation)
@@ -598,7 +667,7 @@ impl Worker {
         let sent = if pool.proxy_header == ProxyHeader::Off {
             udplb_sys::batch::send_to(flow.io.socket.as_fd(), data, dest)
         } else {
-            let n = write_proxy_header(&mut self.header, self.listeners[li].bound, &flow.key);
+            let n = write_proxy_header(&mut self.header, self.listeners[li].bound, flow);
             udplb_sys::batch::send_two(flow.io.socket.as_fd(), &self.header[..n], data, Some(dest))
         };
         match sent {
@@ -613,7 +682,7 @@ impl Worker {
         let spec = &snap.listeners[li];
         let pool = &snap.pools[spec.pool];
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
-        let (backend, client) = (flow.backend, flow.key.client);
+        let (backend, client) = (flow.backend, flow.io.client(&flow.key));
         if pool
             .position_of_id(backend)
             .is_some_and(|i| pool.keeps_flows(i))
@@ -806,27 +875,28 @@ impl Worker {
     /// the descriptor also removes it from epoll).
     fn close_flow(&mut self, h: FlowHandle, reason: CloseReason, now: Time) {
         if let Some(flow) = self.table.close(h, reason) {
-            self.on_closed(&flow.key, reason, now);
+            self.on_closed(&flow.key, flow.io.client(&flow.key), reason, now);
         }
     }
 
-    fn on_closed(&self, key: &FlowKey, reason: CloseReason, now: Time) {
+    fn on_closed(&self, key: &FlowKey, client: SocketAddr, reason: CloseReason, now: Time) {
         let li = key.listener as usize;
         self.stats.listeners[li].flows_closed[reason.index()].add(1);
         if let Some(sticky) = &self.sticky[li] {
             sticky
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .release(key.client.ip(), now);
+                .release(client.ip(), now);
         }
     }
 
     fn expire_idle(&mut self, now: Time) {
-        let mut closed: Vec<(FlowKey, BackendId, u32)> = Vec::new();
+        let mut closed: Vec<(FlowKey, SocketAddr, BackendId, u32)> = Vec::new();
         self.table.expire(now, |_, flow| {
-            closed.push((flow.key, flow.backend, flow.pending_replies))
+            let client = flow.io.client(&flow.key);
+            closed.push((flow.key, client, flow.backend, flow.pending_replies))
         });
-        for (key, backend, pending) in &closed {
+        for (key, client, backend, pending) in &closed {
             let li = key.listener as usize;
             let request_response = matches!(
                 self.snap.listeners[li].mode,
@@ -837,7 +907,7 @@ impl Worker {
                 self.stats.listeners[li].reply_timeouts.add(1);
                 self.count_passive_failure(*backend);
             }
-            self.on_closed(key, CloseReason::Idle, now);
+            self.on_closed(key, *client, CloseReason::Idle, now);
         }
         if !closed.is_empty() {
             for sticky in self.sticky.iter().flatten() {
@@ -858,10 +928,11 @@ impl Worker {
         self.flush_all_replies();
         let now = self.now();
         let mut closed = Vec::new();
-        self.table
-            .drain_all(CloseReason::Shutdown, |_, flow| closed.push(flow.key));
-        for key in &closed {
-            self.on_closed(key, CloseReason::Shutdown, now);
+        self.table.drain_all(CloseReason::Shutdown, |_, flow| {
+            closed.push((flow.key, flow.io.client(&flow.key)))
+        });
+        for (key, client) in &closed {
+            self.on_closed(key, *client, CloseReason::Shutdown, now);
         }
         self.publish_gauges();
         tracing::debug!(worker = self.id, "worker stopped");
@@ -886,15 +957,22 @@ fn flush_replies(lio: &mut ListenerIo, stats: &WorkerStats, li: usize, log: &mut
     }
 }
 
-/// Writes the PROXY v2 header for a flow of `key` on a listener bound to `bound` into `out`:
-/// the client's address and the address it sent to. Returns its length.
+/// Writes the PROXY v2 header for `flow` on a listener bound to `bound` into `out`: the
+/// client's address and the address it sent to (those of the header the flow arrived with,
+/// behind another balancer). Returns its length.
 fn write_proxy_header(
     out: &mut [u8; udplb_core::proxy::MAX_HEADER_V6],
     bound: SocketAddr,
-    key: &FlowKey,
+    flow: &udplb_core::flow::Flow<Upstream>,
 ) -> usize {
-    let target = SocketAddr::new(key.local.unwrap_or(bound.ip()), bound.port());
-    udplb_core::proxy::encode(out, key.client, target).expect("the buffer holds the largest header")
+    let (client, target) = match &flow.io.origin {
+        Some(o) => (o.client, o.target),
+        None => (
+            flow.key.client,
+            SocketAddr::new(flow.key.local.unwrap_or(bound.ip()), bound.port()),
+        ),
+    };
+    udplb_core::proxy::encode(out, client, target).expect("the buffer holds the largest header")
 }
 
 /// A backend reply without its PROXY v2 header when the pool strips them (`None`: the header

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use udplb_config::Config;
-use udplb_core::acl::Acl;
+use udplb_core::acl::{Acl, CidrSet};
 use udplb_core::ratelimit::{LimitSettings, Limits};
 use udplb_core::snapshot::{BackendInput, ListenerSpec, PoolInput, Snapshot};
 
@@ -45,6 +45,8 @@ pub fn snapshot_of(
             limits: l
                 .limits
                 .map(|settings| limits_for(&l.name, settings, previous)),
+            proxy_ingress: l.proxy_protocol,
+            proxy_from: CidrSet::new(&l.proxy_from),
         })
         .collect();
     let pools = cfg

@@ -190,3 +190,156 @@ fn reply_headers_are_stripped_and_malformed_ones_dropped() {
     );
     assert_eq!(lb.counter("/drops/proxy_header"), 0);
 }
+
+/// udplb behind udplb: the front one adds headers, the back one (`proxy_protocol = true` on
+/// its listener) takes the client from them for policy and for the header it forwards.
+#[test]
+fn a_balancer_behind_a_balancer_sees_and_forwards_the_real_client() {
+    let b = Recorder::start("127.0.0.1", Vec::new());
+    let back_listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    // The back listener trusts headers from loopback only and denies 127.0.0.9.
+    let back = back_config(
+        back_listen,
+        b.addr,
+        "proxy_from = [\"127.0.0.0/8\"]\ndeny = [\"127.0.0.9\"]",
+    );
+    let (_front, front_listen) = start(
+        "127.0.0.1",
+        "flow",
+        back_listen,
+        "proxy_protocol = \"every\"",
+    );
+    let c = client("127.0.0.1:0");
+    exchange(&c, front_listen, &["hello", "again"]);
+    let seen = b.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        header_addresses(&seen[0]),
+        (c.local_addr().unwrap(), front_listen),
+        "the back balancer forwards the front one's client and target"
+    );
+    assert_eq!(&seen[0][28..], b"hello");
+    assert_eq!(seen[1], b"again", "first mode: later datagrams bare");
+    // A client the back listener denies, though it reaches it through the front one.
+    let denied = client("127.0.0.9:0");
+    denied.send_to(b"no", front_listen).unwrap();
+    assert!(wait_for(DEADLINE, || back.counter("/drops/denied") == 1));
+    assert_eq!(b.seen().len(), 2);
+}
+
+/// Starts a second udplb whose listener expects PROXY headers, on `listen`'s address.
+fn back_config(listen: SocketAddr, backend: SocketAddr, extra: &str) -> Udplb {
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "udplb-proxy-back-{}-{}",
+        std::process::id(),
+        listen.port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("udplb.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             proxy_protocol = true\n{extra}\n[pools.p]\nbackends = [\"{backend}\"]\n\
+             proxy_protocol = \"first\"\n"
+        ),
+    )
+    .unwrap();
+    let lb = Udplb::run_config(&path, admin);
+    // The port was just freed by the previous instance; wait until this one serves.
+    assert!(wait_for(DEADLINE, || lb
+        .try_counter("/datagrams_in")
+        .is_some()));
+    lb
+}
+
+/// A hand-made header with IPv4-mapped IPv6 addresses: the ACL sees an IPv4 client, and the
+/// header forwarded to the backend is an IPv4 one.
+#[test]
+fn ingress_headers_are_checked_and_mapped_addresses_normalised() {
+    let b = Recorder::start("127.0.0.1", Vec::new());
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = back_config(listen, b.addr, "allow = [\"192.0.2.0/24\"]");
+    let c = client("127.0.0.1:0");
+    let header = |client: &str, target: &str| {
+        let (c, t): (SocketAddr, SocketAddr) = (client.parse().unwrap(), target.parse().unwrap());
+        let mut h = vec![0u8; 64];
+        let n = udplb_core::proxy::encode(&mut h, c, t).unwrap();
+        h.truncate(n);
+        h
+    };
+    // INET6 with mapped addresses, written by hand (encode would normalise them to INET).
+    let mut mapped = SIGNATURE.to_vec();
+    mapped.extend_from_slice(&[0x21, 0x22, 0, 36]);
+    mapped.extend_from_slice(&"::ffff:192.0.2.44".parse::<Ipv6Addr>().unwrap().octets());
+    mapped.extend_from_slice(&"::ffff:198.51.100.1".parse::<Ipv6Addr>().unwrap().octets());
+    mapped.extend_from_slice(&[0x30, 0x39, 0, 53]);
+    mapped.extend_from_slice(b"q1");
+    let (reply, from) = request(&c, listen, &mapped);
+    assert_eq!((reply.as_slice(), from), (&b"ok:q1"[..], listen));
+    let seen = b.seen();
+    assert_eq!(seen[0][13], 0x12, "forwarded as INET");
+    assert_eq!(
+        header_addresses(&seen[0]),
+        (
+            "192.0.2.44:12345".parse().unwrap(),
+            "198.51.100.1:53".parse().unwrap()
+        )
+    );
+
+    // Refused: a client outside allow; no header on a new flow; a malformed header.
+    let other = client("127.0.0.1:0");
+    let mut outside = header("203.0.113.5:1000", "198.51.100.1:53");
+    outside.extend_from_slice(b"x");
+    other.send_to(&outside, listen).unwrap();
+    assert!(wait_for(DEADLINE, || lb.counter("/drops/denied") == 1));
+    let bare = client("127.0.0.1:0");
+    bare.send_to(b"no header", listen).unwrap();
+    let mut broken = header("192.0.2.1:1", "198.51.100.1:53");
+    broken[15] = 200;
+    bare.send_to(&broken, listen).unwrap();
+    assert!(wait_for(DEADLINE, || lb.counter("/drops/proxy_header") == 2));
+    assert_eq!(b.seen().len(), 1);
+}
+
+#[test]
+fn listeners_without_proxy_protocol_forward_headers_as_payload() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let _lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
+    let c = client("127.0.0.1:0");
+    let mut d = vec![0u8; 64];
+    let n = udplb_core::proxy::encode(&mut d, "192.0.2.1:1".parse().unwrap(), listen).unwrap();
+    d.truncate(n);
+    d.extend_from_slice(b"data");
+    let (reply, _) = request(&c, listen, &d);
+    assert_eq!(&reply[..2], b"a:");
+    assert_eq!(
+        &reply[2..],
+        &d[..],
+        "the header was not honoured: it is payload"
+    );
+}
+
+#[test]
+fn headers_from_untrusted_senders_are_refused() {
+    let b = Recorder::start("127.0.0.1", Vec::new());
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let lb = back_config(listen, b.addr, "proxy_from = [\"10.0.0.0/8\"]");
+    let mut d = vec![0u8; 64];
+    let n = udplb_core::proxy::encode(&mut d, "192.0.2.1:1".parse().unwrap(), listen).unwrap();
+    d.truncate(n);
+    d.extend_from_slice(b"x");
+    client("127.0.0.1:0").send_to(&d, listen).unwrap();
+    assert!(wait_for(DEADLINE, || lb.counter("/drops/proxy_header") == 1));
+    assert!(b.seen().is_empty());
+}
