@@ -51,3 +51,5 @@ pub const IPV4_PREFIX_RANGE: RangeInclusive<u8> = 1..=32;
 pub const IPV6_PREFIX_RANGE: RangeInclusive<u8> = 1..=128;
 /// `table_size`: counters per row of each limiter (memory: 16 bytes each).
 pub const LIMIT_CELLS_RANGE: RangeInclusive<usize> = 64..=16_777_216;
+/// `reply_ratio`: reply bytes per request byte a flow may send back.
+pub const REPLY_RATIO_RANGE: RangeInclusive<u32> = 1..=1000;

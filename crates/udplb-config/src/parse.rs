@@ -54,6 +54,7 @@ const LIMIT_KEYS: &[&str] = &[
     "ipv4_prefix",
     "ipv6_prefix",
     "table_size",
+    "reply_ratio",
 ];
 const POOL_KEYS: &[&str] = &[
     "scheduler",
@@ -290,6 +291,7 @@ impl Reader<'_> {
             cells: self
                 .ranged(lt, &lkey, "table_size", defaults::LIMIT_CELLS_RANGE)
                 .unwrap_or(d.cells),
+            reply_ratio: self.ranged(lt, &lkey, "reply_ratio", defaults::REPLY_RATIO_RANGE),
         })
     }
 

@@ -206,6 +206,15 @@ mod tests {
     }
 
     #[test]
+    fn replies_fit_the_ratio_of_what_was_requested() {
+        assert!(reply_fits(10, 0, 30, 3));
+        assert!(!reply_fits(10, 0, 31, 3));
+        assert!(!reply_fits(10, 25, 10, 3));
+        assert!(reply_fits(60, 0, 153, 3));
+        assert!(!reply_fits(0, 0, 1, 100));
+    }
+
+    #[test]
     fn prefix_keys_mask_the_host_part() {
         let k = |s: &str, v4: u8, v6: u8| prefix_key(ip(s), v4, v6);
         assert_eq!(k("192.0.2.1", 24, 56), k("192.0.2.200", 24, 56));
@@ -245,6 +254,9 @@ pub struct LimitSettings {
     pub ipv6_prefix: u8,
     /// Counters per row of each limiter.
     pub cells: usize,
+    /// Anti-amplification: a flow's reply bytes may not exceed this many times its request
+    /// bytes.
+    pub reply_ratio: Option<u32>,
 }
 
 impl Default for LimitSettings {
@@ -257,6 +269,7 @@ impl Default for LimitSettings {
             ipv4_prefix: 24,
             ipv6_prefix: 56,
             cells: 65_536,
+            reply_ratio: None,
         }
     }
 }
@@ -282,6 +295,12 @@ impl Limits {
             new_flows_per_source: make(settings.new_flows_per_source),
             new_flows_per_prefix: make(settings.new_flows_per_prefix),
         }
+    }
+
+    /// The anti-amplification ratio, if any.
+    #[inline]
+    pub fn reply_ratio(&self) -> Option<u32> {
+        self.settings.reply_ratio
     }
 
     /// What these limiters were built from.
@@ -351,3 +370,11 @@ impl PartialEq for Limits {
 }
 
 impl Eq for Limits {}
+
+/// Whether a reply of `len` bytes fits a flow's anti-amplification budget: the flow has sent
+/// `replied` bytes back for `requested` bytes from the client, and may send at most `ratio`
+/// times as much.
+#[inline]
+pub fn reply_fits(requested: u64, replied: u64, len: usize, ratio: u32) -> bool {
+    replied.saturating_add(len as u64) <= requested.saturating_mul(u64::from(ratio))
+}

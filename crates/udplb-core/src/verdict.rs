@@ -34,6 +34,8 @@ pub enum DropReason {
     RateLimited,
     /// A new flow over the listener's new-flow rate limit for the client (or its prefix).
     FlowRateLimited,
+    /// A reply beyond the flow's anti-amplification budget (`reply_ratio`).
+    Amplification,
     /// A malformed PROXY v2 header: on a reply from a pool that strips them, or on a client
     /// datagram of a listener that expects them (or one from a sender it does not trust).
     ProxyHeader,
@@ -44,7 +46,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Number of variants (size of per-reason counter arrays).
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -61,6 +63,7 @@ impl DropReason {
         DropReason::Denied,
         DropReason::RateLimited,
         DropReason::FlowRateLimited,
+        DropReason::Amplification,
         DropReason::ProxyHeader,
         DropReason::Overload,
     ];
@@ -81,6 +84,7 @@ impl DropReason {
             DropReason::Denied => "denied",
             DropReason::RateLimited => "rate_limited",
             DropReason::FlowRateLimited => "flow_rate_limited",
+            DropReason::Amplification => "amplification",
             DropReason::ProxyHeader => "proxy_header",
             DropReason::Overload => "overload",
         }

@@ -118,6 +118,9 @@ pub(crate) struct Upstream {
     /// Behind another balancer (a listener with `proxy_protocol`): the client and target
     /// its PROXY header named. `None`: the sender is the client.
     origin: Option<Box<Origin>>,
+    /// Anti-amplification (`reply_ratio`): payload bytes from the client and back to it.
+    requested: u32,
+    replied: u32,
 }
 
 /// Who a flow really serves when its datagrams arrive through another balancer.
@@ -445,6 +448,12 @@ impl Worker {
                     SessionMode::RequestResponse { responses } => responses,
                     _ => 0,
                 };
+                if spec.limits.as_ref().is_some_and(|l| l.reply_ratio().is_some())
+                    && let Some(flow) = self.table.get_mut(h)
+                {
+                    let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                    flow.io.requested = flow.io.requested.saturating_add(n);
+                }
                 if self.table.on_request(h, now, responses) && responses > 0 {
                     let sent = self.micros();
                     if let Some(flow) = self.table.get_mut(h) {
@@ -553,6 +562,8 @@ impl Worker {
                 request_sent_us: None,
                 header_sent: false,
                 origin: origin.map(Box::new),
+                requested: 0,
+                replied: 0,
             },
         );
         let token = Token(h.to_u64() as usize);
@@ -834,6 +845,13 @@ impl Worker {
                 stats.drop(DropReason::ProxyHeader);
                 continue;
             };
+            if let Some(ratio) = spec.limits.as_ref().and_then(|l| l.reply_ratio())
+                && !self.within_reply_budget(h, payload.len(), ratio)
+            {
+                self.stats.listeners[li].drop(DropReason::Amplification);
+                continue;
+            }
+            let stats = &self.stats.listeners[li];
             self.listeners[li]
                 .replies
                 .push(payload, key.client, key.local);
@@ -846,6 +864,25 @@ impl Worker {
             }
         }
         Relayed::Queued
+    }
+
+    /// Anti-amplification: whether flow `h` may send `len` more reply bytes, and if so counts
+    /// them.
+    fn within_reply_budget(&mut self, h: FlowHandle, len: usize, ratio: u32) -> bool {
+        let Some(flow) = self.table.get_mut(h) else {
+            return false;
+        };
+        let io = &mut flow.io;
+        if !udplb_core::ratelimit::reply_fits(
+            u64::from(io.requested),
+            u64::from(io.replied),
+            len,
+            ratio,
+        ) {
+            return false;
+        }
+        io.replied = io.replied.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
+        true
     }
 
     /// The first reply of a request-response exchange: records the time since its request.

@@ -175,3 +175,35 @@ fn new_flows_per_source_are_limited_but_established_ones_continue() {
     assert_eq!(created - 1 + limited, 400);
     assert_eq!(request(&established, listen, b"still").0, b"a:still");
 }
+
+/// A backend that answers every datagram with 100 bytes (an amplifier).
+fn amplifier() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = s.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&[b'A'; 100], from);
+        }
+    });
+    addr
+}
+
+#[test]
+fn replies_beyond_the_amplification_ratio_are_dropped() {
+    let (lb, listen) = start(amplifier(), "reply_ratio = 3");
+    let c = client("127.0.0.1:0");
+    c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 256];
+    // 10 bytes in: 30 bytes of replies allowed, 100 refused.
+    c.send_to(&[b'q'; 10], listen).unwrap();
+    assert!(c.recv(&mut buf).is_err(), "an amplified reply got through");
+    assert!(wait_for(DEADLINE, || lb.counter("/drops/amplification") == 1));
+    // 30 more bytes in: 120 allowed in all, so the next 100-byte reply fits.
+    c.send_to(&[b'q'; 30], listen).unwrap();
+    assert_eq!(c.recv(&mut buf).unwrap(), 100);
+    // 1 more byte: 123 allowed, 200 would have been sent.
+    c.send_to(b"q", listen).unwrap();
+    assert!(c.recv(&mut buf).is_err());
+    assert!(wait_for(DEADLINE, || lb.counter("/drops/amplification") == 2));
+}
