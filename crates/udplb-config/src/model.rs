@@ -127,6 +127,8 @@ pub struct PoolConfig {
     pub proxy_protocol: ProxyHeader,
     /// Remove a PROXY v2 header from the start of backend replies (`strip_reply_proxy`).
     pub strip_reply_proxy: bool,
+    /// Send to backends from the client's own address (`transparent`).
+    pub transparent: bool,
 }
 
 impl PoolConfig {
@@ -146,6 +148,7 @@ impl PoolConfig {
             health: None,
             proxy_protocol: ProxyHeader::Off,
             strip_reply_proxy: false,
+            transparent: false,
         }
     }
 }

@@ -67,6 +67,7 @@ const POOL_KEYS: &[&str] = &[
     "health",
     "proxy_protocol",
     "strip_reply_proxy",
+    "transparent",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state", "health"];
 
@@ -361,6 +362,9 @@ impl Reader<'_> {
         }
         pool.strip_reply_proxy = self
             .optional(t, key, "strip_reply_proxy", |r, k, v| r.boolean(k, v))
+            .unwrap_or(false);
+        pool.transparent = self
+            .optional(t, key, "transparent", |r, k, v| r.boolean(k, v))
             .unwrap_or(false);
         Some(pool)
     }

@@ -81,6 +81,8 @@ pub struct Pool {
     pub proxy_header: ProxyHeader,
     /// Remove a PROXY v2 header from the start of backend replies.
     pub strip_reply_proxy: bool,
+    /// Send to backends from the client's own address.
+    pub transparent: bool,
 }
 
 impl Pool {
@@ -153,6 +155,8 @@ pub struct PoolInput {
     pub proxy_header: ProxyHeader,
     /// Remove a PROXY v2 header from the start of backend replies.
     pub strip_reply_proxy: bool,
+    /// Send to backends from the client's own address.
+    pub transparent: bool,
 }
 
 impl PoolInput {
@@ -166,6 +170,7 @@ impl PoolInput {
             all_down: AllDownPolicy::default(),
             proxy_header: ProxyHeader::Off,
             strip_reply_proxy: false,
+            transparent: false,
         }
     }
 }
@@ -250,6 +255,7 @@ impl Snapshot {
                     tier,
                     proxy_header: input.proxy_header,
                     strip_reply_proxy: input.strip_reply_proxy,
+                    transparent: input.transparent,
                 }
             })
             .collect();

@@ -448,7 +448,10 @@ impl Worker {
                     SessionMode::RequestResponse { responses } => responses,
                     _ => 0,
                 };
-                if spec.limits.as_ref().is_some_and(|l| l.reply_ratio().is_some())
+                if spec
+                    .limits
+                    .as_ref()
+                    .is_some_and(|l| l.reply_ratio().is_some())
                     && let Some(flow) = self.table.get_mut(h)
                 {
                     let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
@@ -531,15 +534,19 @@ impl Worker {
             .ok_or(DropReason::NoBackend)?;
         let backend = &pool.backends[idx];
         let connect = spec.mode != SessionMode::Datagram;
-        let socket =
-            match udplb_sys::socket::upstream_socket(backend.spec.addr, connect, None, None) {
-                Ok(s) => s,
-                Err(e) => {
-                    self.log
-                        .warn("opening an upstream socket (new flows are shed)", &e);
-                    return Err(DropReason::UpstreamSocket);
-                }
-            };
+        let opened = if pool.transparent {
+            udplb_sys::socket::transparent_upstream_socket(backend.spec.addr, client, connect)
+        } else {
+            udplb_sys::socket::upstream_socket(backend.spec.addr, connect, None, None)
+        };
+        let socket = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                self.log
+                    .warn("opening an upstream socket (new flows are shed)", &e);
+                return Err(DropReason::UpstreamSocket);
+            }
+        };
         let fd = socket.as_raw_fd();
         if i64::from(fd) >= self.fd_ceiling {
             // Descriptors are allocated lowest first, so a number this high means the spare
@@ -881,7 +888,9 @@ impl Worker {
         ) {
             return false;
         }
-        io.replied = io.replied.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
+        io.replied = io
+            .replied
+            .saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
         true
     }
 

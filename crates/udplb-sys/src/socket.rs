@@ -77,6 +77,42 @@ pub fn upstream_socket(
     Ok(socket.into())
 }
 
+/// Like [`upstream_socket`], but sending from the client's own address (transparent
+/// proxying): `IP_TRANSPARENT` / `IPV6_TRANSPARENT` (needs `CAP_NET_ADMIN`), bound to `client`
+/// (not a local address) and, with `connect`, connected to `backend`. The backend's replies
+/// reach this socket only if the routing delivers them locally (docs/transparent.md).
+pub fn transparent_upstream_socket(
+    backend: SocketAddr,
+    client: SocketAddr,
+    connect: bool,
+) -> io::Result<UdpSocket> {
+    if backend.is_ipv4() != client.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("client {client} and backend {backend} are of different families"),
+        ));
+    }
+    let socket = Socket::new(
+        Domain::for_address(backend),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    if backend.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    // Several flows may reuse a client's address towards different backends.
+    socket.set_reuse_address(true)?;
+    socket.bind(&SockAddr::from(client))?;
+    if connect {
+        socket.connect(&SockAddr::from(backend))?;
+    }
+    Ok(socket.into())
+}
+
 fn unspecified_like(addr: SocketAddr) -> SocketAddr {
     let ip = match addr {
         SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),

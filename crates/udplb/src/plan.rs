@@ -70,6 +70,7 @@ pub fn snapshot_of(
             all_down: p.all_down,
             proxy_header: p.proxy_protocol,
             strip_reply_proxy: p.strip_reply_proxy,
+            transparent: p.transparent,
         })
         .collect();
     Snapshot::build(generation, listeners, pools, previous)

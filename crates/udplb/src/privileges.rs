@@ -1,8 +1,8 @@
 //! Who udplb runs as once its sockets are bound.
 //!
 //! Owns: the switch from root to the configured user and group, and trimming the capability
-//! sets to what the configuration needs after binding (today nothing: every privileged step,
-//! binding low ports and forcing socket buffer sizes, happens before). Started as root without
+//! sets to what the configuration needs after binding: nothing, or `CAP_NET_ADMIN` for
+//! transparent pools (binding low ports and forcing socket buffer sizes happen before). Started as root without
 //! a user, udplb refuses to run unless `runtime.allow_root` (or `--allow-root`) says so.
 //! Must not: run once a second thread exists. Capabilities are per thread on Linux, so the
 //! daemon calls [`drop_privileges`] after binding and before it starts any worker, the control
@@ -24,9 +24,14 @@ pub enum Outcome {
     NotRoot,
 }
 
-/// The capabilities `cfg` needs after its sockets are bound.
-pub fn needed_capabilities(_cfg: &Config) -> CapsHashSet {
-    CapsHashSet::new()
+/// The capabilities `cfg` needs after its sockets are bound: `CAP_NET_ADMIN` when a pool is
+/// transparent (every flow's socket is opened with `IP_TRANSPARENT`), else none.
+pub fn needed_capabilities(cfg: &Config) -> CapsHashSet {
+    let mut set = CapsHashSet::new();
+    if cfg.pools.iter().any(|p| p.transparent) {
+        set.insert(Capability::CAP_NET_ADMIN);
+    }
+    set
 }
 
 /// Switches to `runtime.user` when started as root (refusing to stay root unless allowed),

@@ -193,7 +193,8 @@ fn amplifier() -> SocketAddr {
 fn replies_beyond_the_amplification_ratio_are_dropped() {
     let (lb, listen) = start(amplifier(), "reply_ratio = 3");
     let c = client("127.0.0.1:0");
-    c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let mut buf = [0u8; 256];
     // 10 bytes in: 30 bytes of replies allowed, 100 refused.
     c.send_to(&[b'q'; 10], listen).unwrap();
