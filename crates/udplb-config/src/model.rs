@@ -81,6 +81,8 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
     /// Senders trusted to send them (`proxy_from`); empty: any.
     pub proxy_from: Vec<Cidr>,
+    /// Pool for clients refused by `allow`/`deny` or over a rate limit (`abuse_pool`).
+    pub abuse_pool: Option<String>,
 }
 
 impl ListenerConfig {
@@ -100,6 +102,7 @@ impl ListenerConfig {
             limits: None,
             proxy_protocol: false,
             proxy_from: Vec::new(),
+            abuse_pool: None,
         }
     }
 }

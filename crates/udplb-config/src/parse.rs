@@ -45,6 +45,7 @@ const LISTENER_KEYS: &[&str] = &[
     "limits",
     "proxy_protocol",
     "proxy_from",
+    "abuse_pool",
 ];
 const LIMIT_KEYS: &[&str] = &[
     "datagrams_per_source",
@@ -265,6 +266,9 @@ impl Reader<'_> {
         l.proxy_from = self
             .optional(t, key, "proxy_from", |r, k, v| r.networks(k, v))
             .unwrap_or_default();
+        l.abuse_pool = self.optional(t, key, "abuse_pool", |r, k, v| {
+            r.string(k, v).map(str::to_string)
+        });
         Some(l)
     }
 

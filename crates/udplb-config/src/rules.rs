@@ -94,6 +94,20 @@ fn check_listener(
         p.refers_to = Some(format!("pools.{}", l.pool));
         out.push(p);
     }
+    if let Some(abuse) = &l.abuse_pool {
+        if !cfg.pools.iter().any(|p| &p.name == abuse) {
+            let known: Vec<&str> = cfg.pools.iter().map(|p| p.name.as_str()).collect();
+            out.push(problem(
+                key("abuse_pool"),
+                format!("no pool named {abuse:?} (pools: {})", list(&known)),
+            ));
+        } else if abuse == &l.pool {
+            out.push(problem(
+                key("abuse_pool"),
+                "must differ from the listener's own pool".to_string(),
+            ));
+        }
+    }
     if let SessionMode::RequestResponse { responses } = l.mode {
         check_range(out, key("responses"), responses, defaults::RESPONSES_RANGE);
     }

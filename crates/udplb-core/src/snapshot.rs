@@ -136,6 +136,9 @@ pub struct ListenerSpec {
     pub proxy_ingress: bool,
     /// With `proxy_ingress`: the only senders trusted to send them (empty: any sender).
     pub proxy_from: CidrSet,
+    /// Index into [`Snapshot::pools`] of the pool that serves refused clients instead of
+    /// dropping their datagrams.
+    pub abuse_pool: Option<usize>,
 }
 
 /// A pool as given to [`Snapshot::build`].

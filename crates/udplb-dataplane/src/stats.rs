@@ -70,6 +70,8 @@ pub struct ListenerStats {
     pub backend_refused: Counter,
     /// Request-response flows that idled out with replies still owed.
     pub reply_timeouts: Counter,
+    /// Datagrams sent to the listener's abuse pool instead of being dropped.
+    pub abuse_diverted: Counter,
 }
 
 impl ListenerStats {
@@ -230,6 +232,8 @@ pub struct ListenerTotals {
     pub backend_refused: u64,
     /// See [`ListenerStats::reply_timeouts`].
     pub reply_timeouts: u64,
+    /// See [`ListenerStats::abuse_diverted`].
+    pub abuse_diverted: u64,
 }
 
 impl ListenerTotals {
@@ -257,6 +261,7 @@ impl ListenerTotals {
             t.flows_live += l.flows_live.get();
             t.backend_refused += l.backend_refused.get();
             t.reply_timeouts += l.reply_timeouts.get();
+            t.abuse_diverted += l.abuse_diverted.get();
         }
         t
     }

@@ -121,6 +121,9 @@ pub(crate) struct Upstream {
     /// Anti-amplification (`reply_ratio`): payload bytes from the client and back to it.
     requested: u32,
     replied: u32,
+    /// The client was refused (access list or rate limit) and this flow goes to the
+    /// listener's abuse pool.
+    abuse: bool,
 }
 
 /// Who a flow really serves when its datagrams arrive through another balancer.
@@ -133,6 +136,17 @@ struct Origin {
 }
 
 impl Upstream {
+    /// The pool serving the flow: the listener's, or its abuse pool for refused clients
+    /// (`None` once a reload removed that pool).
+    #[inline]
+    fn pool(&self, spec: &ListenerSpec) -> Option<usize> {
+        if self.abuse {
+            spec.abuse_pool
+        } else {
+            Some(spec.pool)
+        }
+    }
+
     /// The address the flow acts for: the PROXY header's client, else `key.client`.
     #[inline]
     fn client(&self, key: &FlowKey) -> SocketAddr {
@@ -414,17 +428,20 @@ impl Worker {
             (None, Some(flow)) => flow.io.client(&flow.key),
             (None, None) => d.source,
         };
-        if !spec.acl.is_open() && !spec.acl.permits(client.ip()) {
-            return stats.drop(DropReason::Denied);
-        }
-        if let Some(limits) = &spec.limits
-            && !limits.datagram(client.ip(), now.0)
-        {
-            return stats.drop(DropReason::RateLimited);
+        let abuse_flow = found
+            .and_then(|h| self.table.get(h))
+            .is_some_and(|f| f.io.abuse);
+        let mut divert = false;
+        if !abuse_flow && let Err(reason) = admission(spec, client, now) {
+            // A refused client without a flow goes to the abuse pool, if there is one.
+            if spec.abuse_pool.is_none() || found.is_some() {
+                return stats.drop(reason);
+            }
+            divert = true;
         }
         let h = match found {
             Some(h) => h,
-            None => match self.admit(key, origin, spec, snap, now) {
+            None => match self.admit(key, origin, divert, spec, snap, now) {
                 Ok(h) => h,
                 Err(reason) => return self.stats.listeners[li].drop(reason),
             },
@@ -438,6 +455,9 @@ impl Worker {
         let stats = &self.stats.listeners[li];
         match sent {
             Ok(backend) => {
+                if self.table.get(h).is_some_and(|f| f.io.abuse) {
+                    stats.abuse_diverted.add(1);
+                }
                 stats.forwarded.add(1);
                 stats.bytes_forwarded.add(data.len() as u64);
                 if let Some(b) = self.stats.backends.get(backend.index()) {
@@ -507,6 +527,7 @@ impl Worker {
         &mut self,
         key: FlowKey,
         origin: Option<Origin>,
+        mut abuse: bool,
         spec: &ListenerSpec,
         snap: &Snapshot,
         now: Time,
@@ -518,19 +539,28 @@ impl Worker {
             return Err(DropReason::FlowCap);
         }
         let client = origin.map_or(key.client, |o| o.client);
-        if let Some(limits) = &spec.limits
+        if !abuse
+            && let Some(limits) = &spec.limits
             && !limits.new_flow(client.ip(), now.0)
         {
-            return Err(DropReason::FlowRateLimited);
+            if spec.abuse_pool.is_none() {
+                return Err(DropReason::FlowRateLimited);
+            }
+            abuse = true;
         }
         if self.new_flow_allowance == 0 {
             return Err(DropReason::Overload);
         }
         self.new_flow_allowance -= 1;
         let li = key.listener as usize;
-        let pool = &snap.pools[spec.pool];
+        let pi = if abuse {
+            spec.abuse_pool.ok_or(DropReason::Denied)?
+        } else {
+            spec.pool
+        };
+        let pool = &snap.pools[pi];
         let idx = self
-            .choose_backend(li, spec, pool, &client, snap.generation)
+            .choose_backend(li, spec, pi, pool, &client, snap.generation)
             .ok_or(DropReason::NoBackend)?;
         let backend = &pool.backends[idx];
         let connect = spec.mode != SessionMode::Datagram;
@@ -571,6 +601,7 @@ impl Worker {
                 origin: origin.map(Box::new),
                 requested: 0,
                 replied: 0,
+                abuse,
             },
         );
         let token = Token(h.to_u64() as usize);
@@ -585,7 +616,7 @@ impl Worker {
             return Err(DropReason::UpstreamSocket);
         }
         self.stats.listeners[li].flows_created.add(1);
-        if let Some(sticky) = &self.sticky[li] {
+        if let Some(sticky) = self.sticky[li].as_ref().filter(|_| !abuse) {
             let mut table = sticky.lock().unwrap_or_else(|p| p.into_inner());
             table.acquire(client.ip(), backend.id, now);
         }
@@ -597,11 +628,13 @@ impl Worker {
         &mut self,
         li: usize,
         spec: &ListenerSpec,
+        pi: usize,
         pool: &Pool,
         client: &SocketAddr,
         generation: u64,
     ) -> Option<usize> {
-        if let Some(sticky) = &self.sticky[li] {
+        // IP affinity is the listener's pool's; the abuse pool only schedules.
+        if let Some(sticky) = self.sticky[li].as_ref().filter(|_| pi == spec.pool) {
             let stuck = sticky
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -623,7 +656,7 @@ impl Worker {
             random,
             load: self.table.load(),
         };
-        pick(pool, generation, &mut self.cursors[spec.pool], input)
+        pick(pool, generation, &mut self.cursors[pi], input)
     }
 
     /// Flow and request-response modes: sends on the flow's connected socket, moving the flow
@@ -641,7 +674,11 @@ impl Worker {
             self.revalidate(h, li, snap)?;
         }
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
-        let with_header = match snap.pool_of(li).proxy_header {
+        let pi = flow
+            .io
+            .pool(&snap.listeners[li])
+            .ok_or(DropReason::NoBackend)?;
+        let with_header = match snap.pools[pi].proxy_header {
             ProxyHeader::Off => false,
             ProxyHeader::First => !flow.io.header_sent,
             ProxyHeader::Every => true,
@@ -675,9 +712,10 @@ impl Worker {
         let li = self.table.get(h).ok_or(DropReason::SendError)?.key.listener as usize;
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         let client = flow.io.client(&flow.key);
-        let pool = &snap.pools[spec.pool];
+        let pi = flow.io.pool(spec).ok_or(DropReason::NoBackend)?;
+        let pool = &snap.pools[pi];
         let idx = self
-            .choose_backend(li, spec, pool, &client, snap.generation)
+            .choose_backend(li, spec, pi, pool, &client, snap.generation)
             .ok_or(DropReason::NoBackend)?;
         let (dest, backend) = (pool.backends[idx].spec.addr, pool.backends[idx].id);
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
@@ -698,8 +736,9 @@ impl Worker {
     /// flows, else moves it to a new pick (its socket is re-connected).
     fn revalidate(&mut self, h: FlowHandle, li: usize, snap: &Snapshot) -> Result<(), DropReason> {
         let spec = &snap.listeners[li];
-        let pool = &snap.pools[spec.pool];
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        let pi = flow.io.pool(spec).ok_or(DropReason::NoBackend)?;
+        let pool = &snap.pools[pi];
         let (backend, client) = (flow.backend, flow.io.client(&flow.key));
         if pool
             .position_of_id(backend)
@@ -711,7 +750,7 @@ impl Worker {
             return Ok(());
         }
         let idx = self
-            .choose_backend(li, spec, pool, &client, snap.generation)
+            .choose_backend(li, spec, pi, pool, &client, snap.generation)
             .ok_or(DropReason::NoBackend)?;
         let b = &pool.backends[idx];
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
@@ -818,7 +857,10 @@ impl Worker {
         let (key, flow_backend) = (flow.key, flow.backend);
         let li = key.listener as usize;
         let spec = &snap.listeners[li];
-        let pool = &snap.pools[spec.pool];
+        let Some(pi) = flow.io.pool(spec) else {
+            return Relayed::Queued;
+        };
+        let pool = &snap.pools[pi];
         let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
         if counted && !inbox.is_empty() {
             self.sample_reply_latency(h, flow_backend);
@@ -1001,6 +1043,21 @@ fn flush_replies(lio: &mut ListenerIo, stats: &WorkerStats, li: usize, log: &mut
     if let Some(e) = outcome.last_error {
         log.warn("sending replies", &e);
     }
+}
+
+/// Whether the listener serves `client` now: its access lists, then its datagram rate
+/// limits (which count the datagram).
+#[inline]
+fn admission(spec: &ListenerSpec, client: SocketAddr, now: Time) -> Result<(), DropReason> {
+    if !spec.acl.is_open() && !spec.acl.permits(client.ip()) {
+        return Err(DropReason::Denied);
+    }
+    if let Some(limits) = &spec.limits
+        && !limits.datagram(client.ip(), now.0)
+    {
+        return Err(DropReason::RateLimited);
+    }
+    Ok(())
 }
 
 /// Writes the PROXY v2 header for `flow` on a listener bound to `bound` into `out`: the

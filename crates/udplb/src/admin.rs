@@ -105,6 +105,7 @@ pub(crate) fn stats_json(state: &State) -> Value {
                 "bytes_out": t.bytes_out,
                 "backend_refused": t.backend_refused,
                 "reply_timeouts": t.reply_timeouts,
+                "abuse_diverted": t.abuse_diverted,
                 "drops": drops,
                 "flows": { "live": t.flows_live, "created": t.flows_created, "closed": closed },
             })

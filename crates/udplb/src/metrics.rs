@@ -182,6 +182,10 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         "reply_timeouts",
         "Request-response flows that idled out with replies owed",
     );
+    let mut f_abuse = Family::counter(
+        "abuse_diverted",
+        "Datagrams of refused clients sent to the listener's abuse pool",
+    );
     for (i, l) in snap.listeners.iter().enumerate() {
         let t = ListenerTotals::sum(&state.stats, i);
         let name = || vec![("listener", Cow::Owned(l.name.clone()))];
@@ -207,6 +211,7 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         }
         f_refused.add(name(), t.backend_refused as f64);
         f_timeouts.add(name(), t.reply_timeouts as f64);
+        f_abuse.add(name(), t.abuse_diverted as f64);
     }
     let mut rxq = Family::counter(
         "kernel_receive_queue_drops",
@@ -235,6 +240,7 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_closed,
         f_refused,
         f_timeouts,
+        f_abuse,
         rxq,
     ]
 }

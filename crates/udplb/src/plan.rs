@@ -47,6 +47,10 @@ pub fn snapshot_of(
                 .map(|settings| limits_for(&l.name, settings, previous)),
             proxy_ingress: l.proxy_protocol,
             proxy_from: CidrSet::new(&l.proxy_from),
+            abuse_pool: l
+                .abuse_pool
+                .as_ref()
+                .and_then(|name| cfg.pools.iter().position(|p| &p.name == name)),
         })
         .collect();
     let pools = cfg

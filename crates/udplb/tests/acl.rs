@@ -126,3 +126,70 @@ fn explain_says_when_a_client_is_refused() {
         "{body}"
     );
 }
+
+#[test]
+fn refused_clients_go_to_the_abuse_pool_when_there_is_one() {
+    let a = Backend::start("127.0.0.1", "a");
+    let tarpit = Backend::start("127.0.0.1", "tarpit");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("udplb-abuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("udplb.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             deny = [\"127.0.0.5\"]\nabuse_pool = \"tarpit\"\n[listeners.l.limits]\n\
+             new_flows_per_source = 2\n[pools.p]\nbackends = [\"{}\"]\n\
+             [pools.tarpit]\nbackends = [\"{}\"]\n",
+            a.addr, tarpit.addr
+        ),
+    )
+    .unwrap();
+    let lb = Udplb::run_config(&path, admin);
+    let served = client("127.0.0.1:0");
+    assert_eq!(request(&served, listen, b"x").0, b"a:x");
+    // Denied: served by the abuse pool instead of dropped, for all its datagrams.
+    let denied = client("127.0.0.5:0");
+    assert_eq!(request(&denied, listen, b"y").0, b"tarpit:y");
+    assert_eq!(request(&denied, listen, b"z").0, b"tarpit:z");
+    // Over the new-flow limit (2 per second for 127.0.0.1): the third new port is diverted.
+    let second = client("127.0.0.1:0");
+    assert_eq!(request(&second, listen, b"2").0, b"a:2");
+    let third = client("127.0.0.1:0");
+    assert_eq!(request(&third, listen, b"3").0, b"tarpit:3");
+    assert_eq!(lb.counter("/drops/denied"), 0);
+    assert_eq!(lb.counter("/drops/flow_rate_limited"), 0);
+    assert!(lb.counter("/abuse_diverted") >= 3);
+}
+
+#[test]
+fn an_abuse_pool_must_exist_and_differ_from_the_listener_pool() {
+    let dir = std::env::temp_dir().join(format!("udplb-abuse-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("udplb.toml");
+    std::fs::write(
+        &path,
+        "[listeners.l]\naddress = \"127.0.0.1:5353\"\npool = \"p\"\nabuse_pool = \"nope\"\n\
+         [listeners.m]\naddress = \"127.0.0.1:5354\"\npool = \"p\"\nabuse_pool = \"p\"\n\
+         [pools.p]\nbackends = [\"127.0.0.1:53\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
+        .args(["check", "-c", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("listeners.l.abuse_pool: no pool named \"nope\""),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("listeners.m.abuse_pool: must differ"),
+        "{stderr}"
+    );
+}
