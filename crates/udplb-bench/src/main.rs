@@ -1,6 +1,7 @@
 //! udplb-bench: the tools behind `scripts/bench.sh`.
 //!
 //! - `udplb-bench echo ADDR...`: UDP echo backends (one thread per address, batched syscalls).
+//! - `udplb-bench relay --listen ADDR BACKEND...`: the minimal reference relay (no policy).
 //! - `udplb-bench load --target ADDR ...`: a closed-loop load generator: F flows (each its own
 //!   connected socket, so its own source port) keep W requests outstanding each; it reports
 //!   replies/s, loss and latency percentiles over a fixed duration after a warmup.
@@ -12,6 +13,7 @@
 mod echo;
 mod generator;
 mod load;
+mod relay;
 mod report;
 mod wire;
 
@@ -40,11 +42,21 @@ enum Command {
     },
     /// Closed-loop load: every reply immediately triggers the next request of its flow.
     Load(load::LoadArgs),
+    /// The reference relay: udplb's socket primitives and no policy; prints `listening ADDR`.
+    Relay {
+        /// Address to receive clients on (port 0 picks a free port).
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Backends, one per new client in turn.
+        #[arg(required = true)]
+        backends: Vec<SocketAddr>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Echo { addrs } => echo::run(&addrs),
+        Command::Relay { listen, backends } => relay::run(listen, &backends),
         Command::Load(args) => {
             let report = load::run(&args)?;
             if args.json {

@@ -61,13 +61,7 @@ pub fn upstream_socket(
     local: Option<SocketAddr>,
     buffers: Option<usize>,
 ) -> io::Result<UdpSocket> {
-    let socket = Socket::new(
-        Domain::for_address(backend),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
+    let socket = nonblocking_udp(backend)?;
     set_buffers(&socket, buffers, buffers);
     let local = local.unwrap_or_else(|| unspecified_like(backend));
     socket.bind(&SockAddr::from(local))?;
@@ -92,13 +86,7 @@ pub fn transparent_upstream_socket(
             format!("client {client} and backend {backend} are of different families"),
         ));
     }
-    let socket = Socket::new(
-        Domain::for_address(backend),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
+    let socket = nonblocking_udp(backend)?;
     if backend.is_ipv4() {
         socket.set_ip_transparent_v4(true)?;
     } else {
@@ -111,6 +99,14 @@ pub fn transparent_upstream_socket(
         socket.connect(&SockAddr::from(backend))?;
     }
     Ok(socket.into())
+}
+
+/// A non-blocking, close-on-exec UDP socket of `addr`'s family.
+fn nonblocking_udp(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_cloexec(true)?;
+    Ok(socket)
 }
 
 fn unspecified_like(addr: SocketAddr) -> SocketAddr {

@@ -144,15 +144,16 @@ impl<'a> HistogramFamily<'a> {
 
 impl Collector for Udplb {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let (per_backend, histograms) = backend_families(&self.0);
         let families = listener_families(&self.0)
             .into_iter()
-            .chain(backend_families(&self.0))
+            .chain(per_backend)
             .chain(reload_families(&self.0))
             .chain(process_families());
         for f in families {
             f.encode(&mut encoder)?;
         }
-        for h in latency_families(&self.0) {
+        for h in histograms {
             h.encode(&mut encoder)?;
         }
         let mut info =
@@ -245,7 +246,9 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
     ]
 }
 
-fn backend_families(state: &State) -> Vec<Family<'static>> {
+/// Per-backend families: gauges and counters, and the histograms of reply latency
+/// (request-response listeners) and health-check duration.
+fn backend_families(state: &State) -> (Vec<Family<'static>>, [HistogramFamily<'static>; 2]) {
     let snap = state.shared.load();
     let health = state
         .health
@@ -287,6 +290,12 @@ fn backend_families(state: &State) -> Vec<Family<'static>> {
     );
     let mut rep_bytes =
         Family::counter("backend_replied", "Payload bytes received from the backend").bytes();
+    let mut reply_latency = HistogramFamily::new(
+        "backend_reply_latency",
+        "Request-response mode: time from a flow's first request to its first reply",
+    );
+    let mut check_duration =
+        HistogramFamily::new("health_check_duration", "Duration of active checks");
     for (pi, pool) in snap.pools.iter().enumerate() {
         for (bi, b) in pool.backends.iter().enumerate() {
             let labels = || {
@@ -313,6 +322,14 @@ fn backend_families(state: &State) -> Vec<Family<'static>> {
             fwd_bytes.add(labels(), fb as f64);
             rep.add(labels(), r as f64);
             rep_bytes.add(labels(), rb as f64);
+            if let Some(h) = udplb_dataplane::backend_reply_latency(&state.stats, b.id.index()) {
+                reply_latency.values.push((labels(), h));
+            }
+            if let Some(s) = status.filter(|s| s.check_latency.count() > 0) {
+                check_duration
+                    .values
+                    .push((labels(), s.check_latency.clone()));
+            }
             if let Some(s) = status {
                 for (result, n) in [("ok", s.checks_ok), ("failed", s.checks_failed)] {
                     let mut l = labels();
@@ -326,42 +343,12 @@ fn backend_families(state: &State) -> Vec<Family<'static>> {
             }
         }
     }
-    vec![
-        up, rotation, admin, weight, checks, passive, last, fwd, fwd_bytes, rep, rep_bytes,
-    ]
-}
-
-/// Reply latency (request-response listeners) and health-check duration per backend.
-fn latency_families(state: &State) -> [HistogramFamily<'static>; 2] {
-    let snap = state.shared.load();
-    let health = state
-        .health
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
-    let mut reply = HistogramFamily::new(
-        "backend_reply_latency",
-        "Request-response mode: time from a flow's first request to its first reply",
-    );
-    let mut check = HistogramFamily::new("health_check_duration", "Duration of active checks");
-    for (pi, pool) in snap.pools.iter().enumerate() {
-        for (bi, b) in pool.backends.iter().enumerate() {
-            let labels = || {
-                vec![
-                    ("pool", Cow::Owned(pool.name.clone())),
-                    ("backend", Cow::Owned(b.spec.addr.to_string())),
-                ]
-            };
-            if let Some(h) = udplb_dataplane::backend_reply_latency(&state.stats, b.id.index()) {
-                reply.values.push((labels(), h));
-            }
-            let status = health.get(pi).and_then(|p| p.get(bi));
-            if let Some(s) = status.filter(|s| s.check_latency.count() > 0) {
-                check.values.push((labels(), s.check_latency.clone()));
-            }
-        }
-    }
-    [reply, check]
+    (
+        vec![
+            up, rotation, admin, weight, checks, passive, last, fwd, fwd_bytes, rep, rep_bytes,
+        ],
+        [reply_latency, check_duration],
+    )
 }
 
 fn reload_families(state: &State) -> Vec<Family<'static>> {

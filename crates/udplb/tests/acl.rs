@@ -9,24 +9,15 @@ use std::time::Duration;
 use common::*;
 
 fn start(listen_ip: &str, backend: SocketAddr, rules: &str) -> (Udplb, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen = SocketAddr::new(listen_ip.parse().unwrap(), free_udp_port(listen_ip));
-    let dir = std::env::temp_dir().join(format!(
-        "udplb-acl-{}-{}",
-        std::process::id(),
-        listen.port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let (admin, listen) = (admin_addr(), listen_addr(listen_ip));
+    let lb = run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
              {rules}\n[pools.p]\nbackends = [\"{backend}\"]\n"
         ),
-    )
-    .unwrap();
-    (Udplb::run_config(&path, admin), listen)
+    );
+    (lb, listen)
 }
 
 /// Sends `n` datagrams from `c` and says whether any reply came back.
@@ -85,21 +76,11 @@ fn ipv6_rules_apply_to_ipv6_clients() {
 
 #[test]
 fn a_bad_network_is_a_config_error_with_its_position() {
-    let dir = std::env::temp_dir().join(format!("udplb-acl-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
+    let (code, stderr) = check_toml(
         "[listeners.l]\naddress = \"127.0.0.1:5353\"\npool = \"p\"\n\
          allow = [\"10.0.0.0/8\", \"10.1.2.3/8\"]\n[pools.p]\nbackends = [\"127.0.0.1:53\"]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .args(["check", "-c", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    );
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(
         stderr.contains("udplb.toml:4:")
             && stderr.contains("listeners.l.allow[1]")
@@ -131,25 +112,17 @@ fn explain_says_when_a_client_is_refused() {
 fn refused_clients_go_to_the_abuse_pool_when_there_is_one() {
     let a = Backend::start("127.0.0.1", "a");
     let tarpit = Backend::start("127.0.0.1", "tarpit");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("udplb-abuse-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
+    let lb = run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
              deny = [\"127.0.0.5\"]\nabuse_pool = \"tarpit\"\n[listeners.l.limits]\n\
              new_flows_per_source = 2\n[pools.p]\nbackends = [\"{}\"]\n\
              [pools.tarpit]\nbackends = [\"{}\"]\n",
             a.addr, tarpit.addr
         ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&path, admin);
+    );
     let served = client("127.0.0.1:0");
     assert_eq!(request(&served, listen, b"x").0, b"a:x");
     // Denied: served by the abuse pool instead of dropped, for all its datagrams.
@@ -168,22 +141,12 @@ fn refused_clients_go_to_the_abuse_pool_when_there_is_one() {
 
 #[test]
 fn an_abuse_pool_must_exist_and_differ_from_the_listener_pool() {
-    let dir = std::env::temp_dir().join(format!("udplb-abuse-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
+    let (code, stderr) = check_toml(
         "[listeners.l]\naddress = \"127.0.0.1:5353\"\npool = \"p\"\nabuse_pool = \"nope\"\n\
          [listeners.m]\naddress = \"127.0.0.1:5354\"\npool = \"p\"\nabuse_pool = \"p\"\n\
          [pools.p]\nbackends = [\"127.0.0.1:53\"]\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .args(["check", "-c", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    );
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(
         stderr.contains("listeners.l.abuse_pool: no pool named \"nope\""),
         "{stderr}"

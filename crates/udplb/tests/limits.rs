@@ -10,26 +10,15 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn start(backend: SocketAddr, limits: &str) -> (Udplb, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "udplb-limits-{}-{}",
-        std::process::id(),
-        listen.port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
+    let lb = run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
              [listeners.l.limits]\n{limits}\n[pools.p]\nbackends = [\"{backend}\"]\n"
         ),
-    )
-    .unwrap();
-    (Udplb::run_config(&path, admin), listen)
+    );
+    (lb, listen)
 }
 
 /// Sends `per_tick` datagrams every 10 ms for `duration` from each socket, counting replies.

@@ -218,25 +218,17 @@ fn histogram(
 #[test]
 fn reply_latency_and_check_duration_histograms_fill() {
     let a = Backend::start("127.0.0.1", "a");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("udplb-metrics-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
+    let lb = run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"p\"\n\
              mode = \"request-response\"\n[pools.p]\nbackends = [\"{}\"]\n[pools.p.health]\n\
              check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"100ms\"\n\
              timeout = \"100ms\"\nrise = 1\nfall = 1\n",
             a.addr
         ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&path, admin);
+    );
     let backend = a.addr.to_string();
     let checks = |lb: &Udplb| {
         histogram(
@@ -275,5 +267,4 @@ fn reply_latency_and_check_duration_histograms_fill() {
     let (n, check_sum, _) =
         histogram(&after, "udplb_health_check_duration_seconds", &backend).unwrap();
     assert!(n >= 2 && check_sum > 0.0, "{text}");
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -84,24 +84,15 @@ fn header_addresses(d: &[u8]) -> (SocketAddr, SocketAddr) {
 }
 
 fn start(ip: &str, mode: &str, backend: SocketAddr, pool_extra: &str) -> (Udplb, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen = SocketAddr::new(ip.parse().unwrap(), free_udp_port(ip));
-    let dir = std::env::temp_dir().join(format!(
-        "udplb-proxy-{}-{}",
-        std::process::id(),
-        listen.port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let (admin, listen) = (admin_addr(), listen_addr(ip));
+    let lb = run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
              mode = \"{mode}\"\n[pools.p]\nbackends = [\"{backend}\"]\n{pool_extra}\n"
         ),
-    )
-    .unwrap();
-    (Udplb::run_config(&path, admin), listen)
+    );
+    (lb, listen)
 }
 
 fn exchange(c: &UdpSocket, listen: SocketAddr, payloads: &[&str]) {
@@ -231,29 +222,15 @@ fn a_balancer_behind_a_balancer_sees_and_forwards_the_real_client() {
 
 /// Starts a second udplb whose listener expects PROXY headers, on `listen`'s address.
 fn back_config(listen: SocketAddr, backend: SocketAddr, extra: &str) -> Udplb {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "udplb-proxy-back-{}-{}",
-        std::process::id(),
-        listen.port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let admin = admin_addr();
+    run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
              proxy_protocol = true\n{extra}\n[pools.p]\nbackends = [\"{backend}\"]\n\
              proxy_protocol = \"first\"\n"
         ),
     )
-    .unwrap();
-    let lb = Udplb::run_config(&path, admin);
-    // The port was just freed by the previous instance; wait until this one serves.
-    assert!(wait_for(DEADLINE, || lb
-        .try_counter("/datagrams_in")
-        .is_some()));
-    lb
 }
 
 /// A hand-made header with IPv4-mapped IPv6 addresses: the ACL sees an IPv4 client, and the

@@ -42,6 +42,49 @@ pub fn free_tcp_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// A free address for an admin endpoint on loopback.
+pub fn admin_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_tcp_port()))
+}
+
+/// A free UDP address on `ip` for a listener.
+pub fn listen_addr(ip: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap(), free_udp_port(ip))
+}
+
+/// Writes `toml` to a fresh file of its own and returns the path.
+pub fn write_config(toml: &str) -> std::path::PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "udplb-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("udplb.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Starts `udplb run -c` on `toml`, a whole configuration whose admin endpoint is `admin`.
+pub fn run_toml(admin: SocketAddr, toml: &str) -> Udplb {
+    Udplb::run_config(&write_config(toml), admin)
+}
+
+/// `udplb check -c` on `toml`: its exit code and standard error.
+pub fn check_toml(toml: &str) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_udplb"))
+        .arg("check")
+        .arg("-c")
+        .arg(write_config(toml))
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running udplb process, killed when dropped.
 pub struct Udplb {
     pub child: Child,

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Side by side on this machine, in one run: direct (no balancer), the reference relay
+# (`udplb-bench relay`: udplb's socket primitives, no policy), udplb in flow and datagram mode,
+# nginx's stream proxy and pen, on the same echo backends and the same closed-loop load.
+#
+# Every balancer gets one CPU: it is pinned to CPU 1 (udplb with one worker, nginx with one
+# worker process, pen and the relay are single-threaded) while the load generator and the
+# backends are pinned to CPU 0. CPU per forwarded datagram is CPU 1's busy time over the
+# measured window (from /proc/stat, so softirq work the balancer causes is counted, which
+# per-process accounting misses) divided by the datagrams it forwarded (requests + replies).
+# Rounds are interleaved (every balancer once per round); the table shows medians.
+#
+# Usage: scripts/compare.sh
+# Env:   SCENARIOS ("a b e"): a = 64 flows x 8 outstanding x 64 B, b = 1024 flows x 1 x 512 B,
+#                              e = 1 flow x 1 outstanding (latency)
+#        PEERS ("direct relay udplb-flow udplb-datagram nginx pen")
+#        DURATION (5s) WARMUP (1s) ROUNDS (3)
+# nginx (with its stream module) and pen are installed from Debian when missing (as root);
+# a peer that is still missing is skipped with a message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SCENARIOS=${SCENARIOS:-a b e}
+PEERS=${PEERS:-direct relay udplb-flow udplb-datagram nginx pen}
+DURATION=${DURATION:-5s}
+WARMUP=${WARMUP:-1s}
+ROUNDS=${ROUNDS:-3}
+BENCH=target/release/udplb-bench
+UDPLB=target/release/udplb
+
+die() { echo "compare: $*" >&2; exit 1; }
+(($(nproc) >= 2)) || die "needs 2 CPUs (balancer on CPU 1, load and backends on CPU 0)"
+
+install_missing() {
+    local want=()
+    command -v nginx >/dev/null || want+=(nginx)
+    [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || want+=(libnginx-mod-stream)
+    command -v pen >/dev/null || want+=(pen)
+    ((${#want[@]})) || return 0
+    if [[ $(id -u) -eq 0 ]]; then
+        echo "installing: ${want[*]}" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null || true
+    fi
+}
+case " $PEERS " in *" nginx "* | *" pen "*) install_missing ;; esac
+cargo build --release --quiet -p udplb -p udplb-bench || die "does not build"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# cpu1_busy -> busy jiffies of CPU 1 (everything but idle and iowait).
+cpu1_busy() { awk '$1 == "cpu1" {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+
+taskset -c 0 "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo" &
+pids+=($!)
+for _ in $(seq 100); do
+    [[ $(grep -c '^listening' "$work/echo" || true) -ge 3 ]] && break
+    sleep 0.05
+done
+mapfile -t backends < <(awk '/^listening/ {print $2}' "$work/echo")
+((${#backends[@]} == 3)) || die "echo backends did not start"
+
+scenario_args() {
+    case $1 in
+        a) echo "--flows 64 --outstanding 8 --size 64" ;;
+        b) echo "--flows 1024 --outstanding 1 --size 512" ;;
+        e) echo "--flows 1 --outstanding 1 --size 64" ;;
+        *) die "unknown scenario $1" ;;
+    esac
+}
+
+load() { # load SCENARIO TARGET...
+    local s=$1 args=() t
+    shift
+    for t in "$@"; do args+=(--target "$t"); done
+    # shellcheck disable=SC2046
+    taskset -c 0 "$BENCH" load "${args[@]}" $(scenario_args "$s") --duration "$DURATION" \
+        --warmup "$WARMUP" --json
+}
+
+# wait_forwarding ADDR: probes until a reply comes back (10 s).
+wait_forwarding() {
+    local deadline=$((SECONDS + 10))
+    while ((SECONDS < deadline)); do
+        if taskset -c 0 "$BENCH" load --target "$1" --flows 1 --outstanding 1 --duration 100ms \
+            --warmup 0s --timeout 50ms --json |
+            python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["completed"] else 1)'; then
+            return 0
+        fi
+    done
+    return 1
+}
+
+# start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable.
+start_peer() {
+    local peer=$1 port=$2
+    case $peer in
+        relay)
+            taskset -c 1 "$BENCH" relay --listen "127.0.0.1:$port" "${backends[@]}" \
+                >"$work/peer.log" 2>&1 &
+            ;;
+        udplb-flow | udplb-datagram)
+            UDPLB_ALLOW_ROOT=1 taskset -c 1 "$UDPLB" --workers 1 --mode "${peer#udplb-}" \
+                --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}" >"$work/peer.log" 2>&1 &
+            ;;
+        nginx)
+            command -v nginx >/dev/null || return 0
+            {
+                [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] &&
+                    echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+                echo "worker_processes 1; daemon off; pid $work/nginx.pid;"
+                echo "error_log $work/nginx.err warn;"
+                echo "events { worker_connections 65536; }"
+                echo "stream { upstream b {"
+                for b in "${backends[@]}"; do echo "server $b;"; done
+                echo "} server { listen 127.0.0.1:$port udp reuseport; proxy_pass b;"
+                echo "proxy_timeout 30s; } }"
+            } >"$work/nginx.conf"
+            taskset -c 1 nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
+            ;;
+        pen)
+            command -v pen >/dev/null || return 0
+            taskset -c 1 pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "${backends[@]}" \
+                >"$work/peer.log" 2>&1 &
+            ;;
+    esac
+    echo $!
+}
+
+: >"$work/results"
+for scenario in $SCENARIOS; do
+    for round in $(seq "$ROUNDS"); do
+        for peer in $PEERS; do
+            if [[ $peer == direct ]]; then
+                out=$(load "$scenario" "${backends[@]}")
+                echo "$scenario $peer {\"cpu1_s\": null, \"r\": $out}" >>"$work/results"
+                echo "  [$scenario $round] $peer" >&2
+                continue
+            fi
+            port=$(free_port)
+            pid=$(start_peer "$peer" "$port")
+            if [[ -z $pid ]]; then
+                echo "  [$scenario $round] $peer: not installed, skipped" >&2
+                continue
+            fi
+            pids+=("$pid")
+            if ! wait_forwarding "127.0.0.1:$port"; then
+                echo "  [$scenario $round] $peer: does not forward, skipped; its output:" >&2
+                sed 's/^/      /' "$work/peer.log" >&2 || true
+                kill -KILL "$pid" 2>/dev/null || true
+                continue
+            fi
+            load "$scenario" "127.0.0.1:$port" >"$work/run.json" &
+            lp=$!
+            sleep "$(python3 -c "import re;m=re.fullmatch(r'([0-9.]+)(ms|s)?','$WARMUP');print(float(m[1])*(0.001 if m[2]=='ms' else 1)+0.03)")"
+            before=$(cpu1_busy)
+            wait "$lp"
+            after=$(cpu1_busy)
+            kill -KILL "$pid" 2>/dev/null || true
+            wait "$pid" 2>/dev/null || true
+            cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK))")
+            echo "$scenario $peer {\"cpu1_s\": $cpu, \"r\": $(cat "$work/run.json")}" >>"$work/results"
+            echo "  [$scenario $round] $peer" >&2
+        done
+    done
+done
+
+python3 - "$work/results" "$DURATION" $PEERS <<'PY'
+import json, re, statistics, sys
+path, duration, peers = sys.argv[1], sys.argv[2], sys.argv[3:]
+m = re.fullmatch(r"([0-9.]+)(ms|s)?", duration)
+secs = float(m[1]) * (0.001 if m[2] == "ms" else 1)
+runs = {}
+for line in open(path):
+    scen, peer, js = line.split(" ", 2)
+    runs.setdefault(scen, {}).setdefault(peer, []).append(json.loads(js))
+names = {"a": "(a) 64 flows x 8 outstanding x 64 B", "b": "(b) 1024 flows x 1 x 512 B",
+         "e": "(e) 1 flow x 1 outstanding x 64 B (latency)"}
+for scen, by_peer in runs.items():
+    print(f"\n{names.get(scen, scen)}; balancer pinned to CPU 1, load and backends to CPU 0")
+    med = lambda peer, f: statistics.median(f(x) for x in by_peer[peer]) if peer in by_peer else None
+    rps = {p: med(p, lambda x: x["r"]["replies_per_sec"]) for p in by_peer}
+    print(f"{'peer':<15} {'replies/s':>10} {'lost':>6} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/dgram':>12}"
+          f" {'x direct':>8} {'x relay':>8} {'x nginx':>8} {'x pen':>8}")
+    for p in peers:
+        if p not in by_peer:
+            continue
+        lost = sum(x["r"]["lost"] for x in by_peer[p])
+        cpu = [x["cpu1_s"] / (2 * x["r"]["replies_per_sec"] * secs) * 1e9
+               for x in by_peer[p] if x["cpu1_s"] is not None and x["r"]["replies_per_sec"]]
+        cpu_s = f"{statistics.median(cpu):.0f}" if cpu else "-"
+        ratio = lambda q: f"{rps[p] / rps[q]:.2f}" if rps.get(q) else "-"
+        print(f"{p:<15} {rps[p]:>10.0f} {lost:>6} {med(p, lambda x: x['r']['p50_us']):>7.0f} "
+              f"{med(p, lambda x: x['r']['p99_us']):>7.0f} {cpu_s:>12} {ratio('direct'):>8} "
+              f"{ratio('relay'):>8} {ratio('nginx'):>8} {ratio('pen'):>8}")
+PY
