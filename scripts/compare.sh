@@ -3,18 +3,21 @@
 # (`udplb-bench relay`: udplb's socket primitives, no policy), udplb in flow and datagram mode,
 # nginx's stream proxy and pen, on the same echo backends and the same closed-loop load.
 #
-# Every balancer gets one CPU: it is pinned to CPU 1 (udplb with one worker, nginx with one
-# worker process, pen and the relay are single-threaded) while the load generator and the
-# backends are pinned to CPU 0. CPU per forwarded datagram is CPU 1's busy time over the
-# measured window (from /proc/stat, so softirq work the balancer causes is counted, which
-# per-process accounting misses) divided by the datagrams it forwarded (requests + replies).
+# Every balancer runs one thread (udplb with one worker, nginx with one worker process; pen and
+# the relay are single-threaded). With PIN=1 (default) it is pinned to CPU 1 while the load
+# generator and the backends are pinned to CPU 0: CPU per forwarded datagram is CPU 1's busy
+# time over the measured window (from /proc/stat, so softirq work the balancer causes is
+# counted, which per-process accounting misses) divided by the datagrams it forwarded
+# (requests + replies); replies/s are then bounded by what CPU 0 can generate and echo. With
+# PIN=0 nothing is pinned: client, backends and balancer share both CPUs, which shows the
+# throughput each balancer leaves (no CPU column).
 # Rounds are interleaved (every balancer once per round); the table shows medians.
 #
 # Usage: scripts/compare.sh
 # Env:   SCENARIOS ("a b e"): a = 64 flows x 8 outstanding x 64 B, b = 1024 flows x 1 x 512 B,
 #                              e = 1 flow x 1 outstanding (latency)
 #        PEERS ("direct relay udplb-flow udplb-datagram nginx pen")
-#        DURATION (5s) WARMUP (1s) ROUNDS (3)
+#        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
 # nginx (with its stream module) and pen are installed from Debian when missing (as root);
 # a peer that is still missing is skipped with a message.
 set -euo pipefail
@@ -25,6 +28,14 @@ PEERS=${PEERS:-direct relay udplb-flow udplb-datagram nginx pen}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 ROUNDS=${ROUNDS:-3}
+PIN=${PIN:-1}
+if [[ $PIN == 1 ]]; then
+    on0=(taskset -c 0)
+    on1=(taskset -c 1)
+else
+    on0=()
+    on1=()
+fi
 BENCH=target/release/udplb-bench
 UDPLB=target/release/udplb
 
@@ -63,7 +74,7 @@ free_port() {
 # cpu1_busy -> busy jiffies of CPU 1 (everything but idle and iowait).
 cpu1_busy() { awk '$1 == "cpu1" {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 
-taskset -c 0 "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo" &
+"${on0[@]}" "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo" &
 pids+=($!)
 for _ in $(seq 100); do
     [[ $(grep -c '^listening' "$work/echo" || true) -ge 3 ]] && break
@@ -86,7 +97,7 @@ load() { # load SCENARIO TARGET...
     shift
     for t in "$@"; do args+=(--target "$t"); done
     # shellcheck disable=SC2046
-    taskset -c 0 "$BENCH" load "${args[@]}" $(scenario_args "$s") --duration "$DURATION" \
+    "${on0[@]}" "$BENCH" load "${args[@]}" $(scenario_args "$s") --duration "$DURATION" \
         --warmup "$WARMUP" --json
 }
 
@@ -94,7 +105,7 @@ load() { # load SCENARIO TARGET...
 wait_forwarding() {
     local deadline=$((SECONDS + 10))
     while ((SECONDS < deadline)); do
-        if taskset -c 0 "$BENCH" load --target "$1" --flows 1 --outstanding 1 --duration 100ms \
+        if "${on0[@]}" "$BENCH" load --target "$1" --flows 1 --outstanding 1 --duration 100ms \
             --warmup 0s --timeout 50ms --json |
             python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["completed"] else 1)'; then
             return 0
@@ -108,11 +119,11 @@ start_peer() {
     local peer=$1 port=$2
     case $peer in
         relay)
-            taskset -c 1 "$BENCH" relay --listen "127.0.0.1:$port" "${backends[@]}" \
+            "${on1[@]}" "$BENCH" relay --listen "127.0.0.1:$port" "${backends[@]}" \
                 >"$work/peer.log" 2>&1 &
             ;;
         udplb-flow | udplb-datagram)
-            UDPLB_ALLOW_ROOT=1 taskset -c 1 "$UDPLB" --workers 1 --mode "${peer#udplb-}" \
+            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$UDPLB" --workers 1 --mode "${peer#udplb-}" \
                 --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}" >"$work/peer.log" 2>&1 &
             ;;
         nginx)
@@ -128,11 +139,11 @@ start_peer() {
                 echo "} server { listen 127.0.0.1:$port udp reuseport; proxy_pass b;"
                 echo "proxy_timeout 30s; } }"
             } >"$work/nginx.conf"
-            taskset -c 1 nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
+            "${on1[@]}" nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
             ;;
         pen)
             command -v pen >/dev/null || return 0
-            taskset -c 1 pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "${backends[@]}" \
+            "${on1[@]}" pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "${backends[@]}" \
                 >"$work/peer.log" 2>&1 &
             ;;
     esac
@@ -170,16 +181,16 @@ for scenario in $SCENARIOS; do
             after=$(cpu1_busy)
             kill -KILL "$pid" 2>/dev/null || true
             wait "$pid" 2>/dev/null || true
-            cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK))")
+            cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK) if $PIN == 1 else 'null')")
             echo "$scenario $peer {\"cpu1_s\": $cpu, \"r\": $(cat "$work/run.json")}" >>"$work/results"
             echo "  [$scenario $round] $peer" >&2
         done
     done
 done
 
-python3 - "$work/results" "$DURATION" $PEERS <<'PY'
+python3 - "$work/results" "$DURATION" "$PIN" $PEERS <<'PY'
 import json, re, statistics, sys
-path, duration, peers = sys.argv[1], sys.argv[2], sys.argv[3:]
+path, duration, pin, peers = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4:]
 m = re.fullmatch(r"([0-9.]+)(ms|s)?", duration)
 secs = float(m[1]) * (0.001 if m[2] == "ms" else 1)
 runs = {}
@@ -189,7 +200,9 @@ for line in open(path):
 names = {"a": "(a) 64 flows x 8 outstanding x 64 B", "b": "(b) 1024 flows x 1 x 512 B",
          "e": "(e) 1 flow x 1 outstanding x 64 B (latency)"}
 for scen, by_peer in runs.items():
-    print(f"\n{names.get(scen, scen)}; balancer pinned to CPU 1, load and backends to CPU 0")
+    where = ("balancer pinned to CPU 1, load and backends to CPU 0" if pin
+             else "nothing pinned: load, backends and balancer share the CPUs")
+    print(f"\n{names.get(scen, scen)}; {where}")
     med = lambda peer, f: statistics.median(f(x) for x in by_peer[peer]) if peer in by_peer else None
     rps = {p: med(p, lambda x: x["r"]["replies_per_sec"]) for p in by_peer}
     print(f"{'peer':<15} {'replies/s':>10} {'lost':>6} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/dgram':>12}"
