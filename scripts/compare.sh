@@ -14,8 +14,10 @@
 # Rounds are interleaved (every balancer once per round); the table shows medians.
 #
 # Usage: scripts/compare.sh
-# Env:   SCENARIOS ("a b e"): a = 64 flows x 8 outstanding x 64 B, b = 1024 flows x 1 x 512 B,
-#                              e = 1 flow x 1 outstanding (latency)
+# Env:   SCENARIOS ("a b e d"): a = 64 flows x 8 outstanding x 64 B, b = 1024 flows x 1 x 512 B,
+#                              e = 1 flow x 1 outstanding (latency),
+#                              d = DNS: dnsperf through each balancer to 3 knot servers, with
+#                                  dnsdist as a peer (udplb in request-response and flow mode)
 #        PEERS ("direct relay udplb-flow udplb-datagram nginx pen")
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
 # nginx (with its stream module) and pen are installed from Debian when missing (as root);
@@ -23,7 +25,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SCENARIOS=${SCENARIOS:-a b e}
+SCENARIOS=${SCENARIOS:-a b e d}
+DNS_PEERS=${DNS_PEERS:-udplb udplb-flow dnsdist nginx pen}
 PEERS=${PEERS:-direct relay udplb-flow udplb-datagram nginx pen}
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
@@ -47,6 +50,11 @@ install_missing() {
     command -v nginx >/dev/null || want+=(nginx)
     [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || want+=(libnginx-mod-stream)
     command -v pen >/dev/null || want+=(pen)
+    case " $SCENARIOS " in *" d "*)
+        command -v dnsdist >/dev/null || want+=(dnsdist)
+        command -v dnsperf >/dev/null || want+=(dnsperf)
+        command -v knotd >/dev/null || want+=(knot) ;;
+    esac
     ((${#want[@]})) || return 0
     if [[ $(id -u) -eq 0 ]]; then
         echo "installing: ${want[*]}" >&2
@@ -54,7 +62,7 @@ install_missing() {
             apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null || true
     fi
 }
-case " $PEERS " in *" nginx "* | *" pen "*) install_missing ;; esac
+install_missing
 cargo build --release --quiet -p udplb -p udplb-bench || die "does not build"
 
 work=$(mktemp -d)
@@ -152,6 +160,7 @@ start_peer() {
 
 : >"$work/results"
 for scenario in $SCENARIOS; do
+    [[ $scenario == d ]] && continue # DNS runs below, with its own load and backends
     for round in $(seq "$ROUNDS"); do
         for peer in $PEERS; do
             if [[ $peer == direct ]]; then
@@ -188,7 +197,152 @@ for scenario in $SCENARIOS; do
     done
 done
 
-python3 - "$work/results" "$DURATION" "$PIN" $PEERS <<'PY'
+# ---- (d) DNS: dnsperf -> balancer -> 3 knot servers --------------------------------------
+secs() { python3 -c "import re;m=re.fullmatch(r'([0-9.]+)(ms|s)?','$1');print(max(1, round(float(m[1])*(0.001 if m[2]=='ms' else 1))))"; }
+
+start_knots() {
+    knots=()
+    local i port d
+    for i in 1 2 3; do
+        port=$(free_port)
+        d="$work/knot$i"
+        mkdir -p "$d"
+        printf '$ORIGIN example.test.\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n@ NS ns\nns A 192.0.2.1\nwww A 192.0.2.10\nwho TXT "knot%s"\n' "$i" >"$d/example.test.zone"
+        cat >"$d/knot.conf" <<KNOT
+server:
+  listen: 127.0.0.1@$port
+  rundir: $d
+  udp-workers: 1
+  tcp-workers: 1
+  background-workers: 1
+database:
+  storage: $d
+log:
+  - target: stderr
+    any: error
+template:
+  - id: default
+    storage: $d
+zone:
+  - domain: example.test.
+    file: example.test.zone
+KNOT
+        "${on0[@]}" knotd -c "$d/knot.conf" >"$d/log" 2>&1 &
+        pids+=($!)
+        knots+=("127.0.0.1:$port")
+    done
+    printf 'www.example.test A\nwho.example.test TXT\nns.example.test A\nexample.test SOA\n' >"$work/queries"
+    for _ in $(seq 100); do
+        dnsperf -s 127.0.0.1 -p "${knots[2]##*:}" -d "$work/queries" -n 1 -t 1 2>/dev/null |
+            grep -q 'Queries completed:.*(100.00%)' && return 0
+        sleep 0.1
+    done
+    die "knot did not answer"
+}
+
+start_dns_peer() { # start_dns_peer PEER PORT -> pid
+    local peer=$1 port=$2 k
+    case $peer in
+        udplb | udplb-flow)
+            # udplb: request-response (each query's flow ends with its answer); udplb-flow:
+            # flows of client ip:port kept until idle, like the other peers do.
+            local mode=request-response
+            [[ $peer == udplb-flow ]] && mode=flow
+            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$UDPLB" --workers 1 --mode "$mode" \
+                --shutdown-grace 0s "127.0.0.1:$port" "${knots[@]}" >"$work/peer.log" 2>&1 &
+            ;;
+        dnsdist)
+            command -v dnsdist >/dev/null || return 0
+            {
+                echo "setLocal('127.0.0.1:$port')"
+                echo "setACL({'127.0.0.0/8'})"
+                echo "setSecurityPollSuffix('')"
+                for k in "${knots[@]}"; do
+                    echo "newServer({address='$k', checkName='example.test.', checkType='SOA'})"
+                done
+                echo "setServerPolicy(roundrobin)"
+            } >"$work/dnsdist.conf"
+            "${on1[@]}" dnsdist --supervised --disable-syslog -C "$work/dnsdist.conf" \
+                >"$work/peer.log" 2>&1 &
+            ;;
+        nginx)
+            command -v nginx >/dev/null || return 0
+            {
+                [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] &&
+                    echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+                echo "worker_processes 1; daemon off; pid $work/nginx.pid;"
+                echo "error_log $work/nginx.err warn;"
+                echo "events { worker_connections 65536; }"
+                echo "stream { upstream b {"
+                for k in "${knots[@]}"; do echo "server $k;"; done
+                echo "} server { listen 127.0.0.1:$port udp reuseport; proxy_pass b;"
+                echo "proxy_responses 1; proxy_timeout 2s; } }"
+            } >"$work/nginx.conf"
+            "${on1[@]}" nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
+            ;;
+        pen)
+            command -v pen >/dev/null || return 0
+            "${on1[@]}" pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "${knots[@]}" \
+                >"$work/peer.log" 2>&1 &
+            ;;
+    esac
+    echo $!
+}
+
+dnsperf_json() { # dnsperf_json PORT -> JSON line
+    "${on0[@]}" dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -c 16 -q 128 \
+        -l "$(secs "$DURATION")" 2>&1 | python3 -c '
+import json, re, sys
+t = sys.stdin.read()
+num = lambda k: float(re.search(k + r":\s+([0-9.]+)", t).group(1))
+print(json.dumps({"replies_per_sec": num("Queries per second"), "lost": int(num("Queries lost")),
+                  "completed": int(num("Queries completed")), "avg_us": num("Average Latency \\(s\\)") * 1e6}))'
+}
+
+dns_ready() { # dns_ready PORT: a query answered within 10 s
+    local deadline=$((SECONDS + 10))
+    while ((SECONDS < deadline)); do
+        dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -n 1 -t 1 2>/dev/null |
+            grep -q 'Queries completed:.*(100.00%)' && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+if [[ " $SCENARIOS " == *" d "* ]]; then
+    if command -v knotd >/dev/null && command -v dnsperf >/dev/null; then
+        start_knots
+        for round in $(seq "$ROUNDS"); do
+            for peer in $DNS_PEERS; do
+                port=$(free_port)
+                pid=$(start_dns_peer "$peer" "$port")
+                if [[ -z $pid ]]; then
+                    echo "  [d $round] $peer: not installed, skipped" >&2
+                    continue
+                fi
+                pids+=("$pid")
+                if ! dns_ready "$port"; then
+                    echo "  [d $round] $peer: does not answer, skipped; its output:" >&2
+                    sed 's/^/      /' "$work/peer.log" >&2 || true
+                    kill -KILL "$pid" 2>/dev/null || true
+                    continue
+                fi
+                before=$(cpu1_busy)
+                out=$(dnsperf_json "$port")
+                after=$(cpu1_busy)
+                kill -KILL "$pid" 2>/dev/null || true
+                wait "$pid" 2>/dev/null || true
+                cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK) if $PIN == 1 else 'null')")
+                echo "d $peer {\"cpu1_s\": $cpu, \"r\": $out}" >>"$work/results"
+                echo "  [d $round] $peer" >&2
+            done
+        done
+    else
+        echo "  (d) skipped: needs knotd and dnsperf (Debian: knot, dnsperf)" >&2
+    fi
+fi
+
+python3 - "$work/results" "$DURATION" "$PIN" $PEERS $DNS_PEERS <<'PY'
 import json, re, statistics, sys
 path, duration, pin, peers = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4:]
 m = re.fullmatch(r"([0-9.]+)(ms|s)?", duration)
@@ -198,13 +352,30 @@ for line in open(path):
     scen, peer, js = line.split(" ", 2)
     runs.setdefault(scen, {}).setdefault(peer, []).append(json.loads(js))
 names = {"a": "(a) 64 flows x 8 outstanding x 64 B", "b": "(b) 1024 flows x 1 x 512 B",
-         "e": "(e) 1 flow x 1 outstanding x 64 B (latency)"}
+         "e": "(e) 1 flow x 1 outstanding x 64 B (latency)",
+         "d": "(d) DNS: dnsperf (16 clients, 128 outstanding) -> 3 knot servers; replies/s = queries/s"}
+peers = list(dict.fromkeys(peers))
 for scen, by_peer in runs.items():
     where = ("balancer pinned to CPU 1, load and backends to CPU 0" if pin
              else "nothing pinned: load, backends and balancer share the CPUs")
     print(f"\n{names.get(scen, scen)}; {where}")
     med = lambda peer, f: statistics.median(f(x) for x in by_peer[peer]) if peer in by_peer else None
     rps = {p: med(p, lambda x: x["r"]["replies_per_sec"]) for p in by_peer}
+    cpu_ns = lambda p: [x["cpu1_s"] / (2 * x["r"]["replies_per_sec"] * secs) * 1e9
+                        for x in by_peer[p] if x["cpu1_s"] is not None and x["r"]["replies_per_sec"]]
+    if scen == "d":
+        print(f"{'peer':<15} {'queries/s':>10} {'lost':>6} {'avg_us':>7} {'cpu_ns/dgram':>12}"
+              f" {'x dnsdist':>9} {'x nginx':>8} {'x pen':>8}")
+        for p in peers:
+            if p not in by_peer:
+                continue
+            lost = sum(x["r"]["lost"] for x in by_peer[p])
+            cpu = cpu_ns(p)
+            ratio = lambda q: f"{rps[p] / rps[q]:.2f}" if rps.get(q) else "-"
+            print(f"{p:<15} {rps[p]:>10.0f} {lost:>6} {med(p, lambda x: x['r']['avg_us']):>7.0f} "
+                  f"{(f'{statistics.median(cpu):.0f}' if cpu else '-'):>12} {ratio('dnsdist'):>9} "
+                  f"{ratio('nginx'):>8} {ratio('pen'):>8}")
+        continue
     print(f"{'peer':<15} {'replies/s':>10} {'lost':>6} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/dgram':>12}"
           f" {'x direct':>8} {'x relay':>8} {'x nginx':>8} {'x pen':>8}")
     for p in peers:
