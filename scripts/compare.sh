@@ -122,6 +122,30 @@ wait_forwarding() {
     return 1
 }
 
+# start_nginx PORT DIRECTIVES BACKEND...: nginx's stream proxy, one worker, in the background.
+start_nginx() {
+    local port=$1 directives=$2 b
+    shift 2
+    {
+        [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] &&
+            echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+        echo "worker_processes 1; daemon off; pid $work/nginx.pid;"
+        echo "error_log $work/nginx.err warn;"
+        echo "events { worker_connections 16384; }"
+        echo "stream { upstream b {"
+        for b in "$@"; do echo "server $b;"; done
+        echo "} server { listen 127.0.0.1:$port udp reuseport; proxy_pass b; $directives } }"
+    } >"$work/nginx.conf"
+    "${on1[@]}" nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
+}
+
+# start_pen PORT BACKEND...: pen in UDP mode, round robin, in the background.
+start_pen() {
+    local port=$1
+    shift
+    "${on1[@]}" pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "$@" >"$work/peer.log" 2>&1 &
+}
+
 # start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable.
 start_peer() {
     local peer=$1 port=$2
@@ -136,23 +160,11 @@ start_peer() {
             ;;
         nginx)
             command -v nginx >/dev/null || return 0
-            {
-                [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] &&
-                    echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-                echo "worker_processes 1; daemon off; pid $work/nginx.pid;"
-                echo "error_log $work/nginx.err warn;"
-                echo "events { worker_connections 65536; }"
-                echo "stream { upstream b {"
-                for b in "${backends[@]}"; do echo "server $b;"; done
-                echo "} server { listen 127.0.0.1:$port udp reuseport; proxy_pass b;"
-                echo "proxy_timeout 30s; } }"
-            } >"$work/nginx.conf"
-            "${on1[@]}" nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
+            start_nginx "$port" "proxy_timeout 30s;" "${backends[@]}"
             ;;
         pen)
             command -v pen >/dev/null || return 0
-            "${on1[@]}" pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "${backends[@]}" \
-                >"$work/peer.log" 2>&1 &
+            start_pen "$port" "${backends[@]}"
             ;;
     esac
     echo $!
@@ -267,23 +279,11 @@ start_dns_peer() { # start_dns_peer PEER PORT -> pid
             ;;
         nginx)
             command -v nginx >/dev/null || return 0
-            {
-                [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] &&
-                    echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
-                echo "worker_processes 1; daemon off; pid $work/nginx.pid;"
-                echo "error_log $work/nginx.err warn;"
-                echo "events { worker_connections 65536; }"
-                echo "stream { upstream b {"
-                for k in "${knots[@]}"; do echo "server $k;"; done
-                echo "} server { listen 127.0.0.1:$port udp reuseport; proxy_pass b;"
-                echo "proxy_responses 1; proxy_timeout 2s; } }"
-            } >"$work/nginx.conf"
-            "${on1[@]}" nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
+            start_nginx "$port" "proxy_responses 1; proxy_timeout 2s;" "${knots[@]}"
             ;;
         pen)
             command -v pen >/dev/null || return 0
-            "${on1[@]}" pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "${knots[@]}" \
-                >"$work/peer.log" 2>&1 &
+            start_pen "$port" "${knots[@]}"
             ;;
     esac
     echo $!
