@@ -39,8 +39,8 @@ pub enum DropReason {
     /// A malformed PROXY v2 header: on a reply from a pool that strips them, or on a client
     /// datagram of a listener that expects them (or one from a sender it does not trust).
     ProxyHeader,
-    /// A new flow shed because the listener is overloaded (a backlog for several turns in a
-    /// row): new flows are rationed so that established ones keep being served.
+    /// A new flow shed because the listener is overloaded (a turn ended with its receive
+    /// queue filling up): new flows are rationed so that established ones keep being served.
     Overload,
 }
 

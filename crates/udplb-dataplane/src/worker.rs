@@ -38,9 +38,9 @@ use crate::stats::WorkerStats;
 const BATCH: usize = 64;
 /// Receive batches per listener per turn.
 const LISTENER_BATCHES_PER_TURN: usize = 8;
-/// Turns in a row ending with a listener backlog (at least `BATCH *
-/// LISTENER_BATCHES_PER_TURN` datagrams each) after which new flows are rationed.
-const BACKLOG_TURNS: u32 = 4;
+/// A listener is overloaded when a turn ends with its receive queue more than this fraction
+/// (1 / N) of its buffer: new flows are then rationed.
+const OVERLOAD_FILL: u32 = 8;
 /// While rationed, new flows admitted per received batch; the rest are dropped as `overload`.
 /// Opening a flow (socket, connect, epoll registration) costs tens of times more than
 /// forwarding on one, so a flood of new sources would otherwise starve established flows.
@@ -99,10 +99,10 @@ struct ListenerIo {
     wildcard: bool,
     /// Not yet drained since the last readiness event.
     readable: bool,
-    /// Consecutive turns that ended with the socket still holding a backlog (every batch of
-    /// the turn was full). At [`BACKLOG_TURNS`] the listener is overloaded: new flows are
-    /// admitted at a bounded rate so that the datagrams of established flows keep being read.
-    backlog_turns: u32,
+    /// The last turn ended with the socket's receive queue more than [`OVERLOAD_FILL`] full:
+    /// new flows are admitted at a bounded rate so that the datagrams of established flows
+    /// keep being read before the kernel has to drop them.
+    overloaded: bool,
 }
 
 /// The I/O half of a flow: its upstream socket (connected to the backend, except in datagram
@@ -172,7 +172,7 @@ pub(crate) struct Worker {
     /// Upstream sockets with a descriptor number at or above this are closed at once and the
     /// flow shed: the spare descriptors belong to the control plane.
     fd_ceiling: i64,
-    /// New flows the current listener batch may still open (see [`BACKLOG_TURNS`]).
+    /// New flows the current listener batch may still open (see [`OVERLOAD_FILL`]).
     new_flow_allowance: u32,
     /// Scratch space for the PROXY v2 header of the datagram being sent.
     header: [u8; udplb_core::proxy::MAX_HEADER_V6],
@@ -197,7 +197,7 @@ impl Worker {
                 replies: SendBatch::new(BATCH, spec.max_datagram_size + 1),
                 wildcard: spec.address.ip().is_unspecified(),
                 readable: true,
-                backlog_turns: 0,
+                overloaded: false,
             });
         }
         let mut worker = Worker {
@@ -352,7 +352,7 @@ impl Worker {
         recv: &mut RecvBatch,
         now: Time,
     ) {
-        let overloaded = self.listeners[li].backlog_turns >= BACKLOG_TURNS;
+        let overloaded = self.listeners[li].overloaded;
         for _ in 0..LISTENER_BATCHES_PER_TURN {
             match recv.recv(self.listeners[li].socket.as_fd()) {
                 Ok(n) => {
@@ -380,12 +380,12 @@ impl Worker {
                 }
             }
         }
+        // A turn that used its whole budget left datagrams queued: how many (one syscall per
+        // such turn, never per datagram).
         let lio = &mut self.listeners[li];
-        lio.backlog_turns = if lio.readable {
-            lio.backlog_turns.saturating_add(1)
-        } else {
-            0
-        };
+        lio.overloaded = lio.readable
+            && udplb_sys::socket::receive_queue(&lio.socket)
+                .is_ok_and(|(queued, buffer)| queued > buffer / OVERLOAD_FILL);
         if let Some(overflow) = recv.rxq_overflow() {
             // SO_RXQ_OVFL reports the socket's running total; keep the largest seen.
             if u64::from(overflow) > self.stats.rxq_overflow.get() {

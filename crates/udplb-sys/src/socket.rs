@@ -144,6 +144,31 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(hard.max(soft))
 }
 
+/// How full a socket's receive queue is: `(bytes queued, receive buffer size)`, from
+/// `SO_MEMINFO` (both in the kernel's accounting, which counts each datagram's whole buffer).
+pub fn receive_queue(socket: &UdpSocket) -> io::Result<(u32, u32)> {
+    let mut info = [0u32; 16];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is a live, writable buffer of `len` bytes; the kernel writes at most `len`
+    // bytes and stores the length it wrote in `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        info[libc::SK_MEMINFO_RMEM_ALLOC as usize],
+        info[libc::SK_MEMINFO_RCVBUF as usize],
+    ))
+}
+
 /// The soft `RLIMIT_NOFILE`: the highest descriptor number the process can open, plus one.
 pub fn nofile_limit() -> io::Result<u64> {
     Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
@@ -201,6 +226,24 @@ mod tests {
         let mut buf = [0u8; 16];
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"pong"[..], target));
+    }
+
+    /// The receive queue's fill follows what is queued.
+    #[test]
+    fn receive_queue_reports_queued_bytes() {
+        let listener =
+            bind_listener("127.0.0.1:0".parse().unwrap(), &ListenerOptions::default()).unwrap();
+        let (empty, buffer) = receive_queue(&listener).unwrap();
+        assert_eq!(empty, 0);
+        assert!(buffer > 0);
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..10 {
+            client
+                .send_to(&[0u8; 100], listener.local_addr().unwrap())
+                .unwrap();
+        }
+        let (queued, _) = receive_queue(&listener).unwrap();
+        assert!(queued >= 10 * 100, "{queued}");
     }
 
     /// Two slices leave as one datagram, on a connected socket and to an explicit address.
