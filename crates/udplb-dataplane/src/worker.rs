@@ -439,15 +439,15 @@ impl Worker {
             }
             divert = true;
         }
-        let h = match found {
-            Some(h) => h,
+        let (h, fresh) = match found {
+            Some(h) => (h, false),
             None => match self.admit(key, origin, divert, spec, snap, now) {
-                Ok(h) => h,
+                Ok(h) => (h, true),
                 Err(reason) => return self.stats.listeners[li].drop(reason),
             },
         };
         let sent = match spec.mode {
-            SessionMode::Datagram => self.send_scheduled(h, spec, snap, data),
+            SessionMode::Datagram => self.send_scheduled(h, spec, snap, data, fresh),
             SessionMode::Flow | SessionMode::RequestResponse { .. } => {
                 self.send_on_flow(h, li, snap, data)
             }
@@ -700,7 +700,12 @@ impl Worker {
     }
 
     /// Datagram mode: schedules this datagram on its own and sends it from the client's
-    /// (unconnected) upstream socket.
+    /// (unconnected) upstream socket. The datagram that opened the flow (`fresh`) goes where
+    /// admission scheduled it: one pick per datagram, so round robin stays exact across
+    /// clients that send a single datagram each.
+    ///
+    /// (A connected socket per backend would save the kernel's route lookup of each `sendto`,
+    /// about 300 ns, but costs one `recvmmsg` per backend for the replies: measured slower.)
     #[inline]
     fn send_scheduled(
         &mut self,
@@ -708,16 +713,21 @@ impl Worker {
         spec: &ListenerSpec,
         snap: &Snapshot,
         data: &[u8],
+        fresh: bool,
     ) -> Result<BackendId, DropReason> {
-        let li = self.table.get(h).ok_or(DropReason::SendError)?.key.listener as usize;
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        let li = flow.key.listener as usize;
         let client = flow.io.client(&flow.key);
         let pi = flow.io.pool(spec).ok_or(DropReason::NoBackend)?;
         let pool = &snap.pools[pi];
-        let idx = self
-            .choose_backend(li, spec, pi, pool, &client, snap.generation)
-            .ok_or(DropReason::NoBackend)?;
-        let (dest, backend) = (pool.backends[idx].spec.addr, pool.backends[idx].id);
+        let (dest, backend) = if fresh {
+            (flow.backend_addr, flow.backend)
+        } else {
+            let idx = self
+                .choose_backend(li, spec, pi, pool, &client, snap.generation)
+                .ok_or(DropReason::NoBackend)?;
+            (pool.backends[idx].spec.addr, pool.backends[idx].id)
+        };
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         // Every datagram is scheduled on its own, so `first` means every datagram here.
         let sent = if pool.proxy_header == ProxyHeader::Off {

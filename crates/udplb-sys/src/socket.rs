@@ -29,9 +29,7 @@ pub struct ListenerOptions {
 /// separate listeners, and `IP_FREEBIND` so a virtual address that is not (yet) configured, as
 /// with a VRRP address on a backup balancer, can be bound.
 pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<UdpSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
+    let socket = nonblocking_udp(addr)?;
     if opts.reuse_port {
         socket.set_reuse_port(true)?;
     }
@@ -63,8 +61,10 @@ pub fn upstream_socket(
 ) -> io::Result<UdpSocket> {
     let socket = nonblocking_udp(backend)?;
     set_buffers(&socket, buffers, buffers);
-    let local = local.unwrap_or_else(|| unspecified_like(backend));
-    socket.bind(&SockAddr::from(local))?;
+    // `connect` picks an ephemeral port itself: an explicit bind only when it matters.
+    if let Some(local) = local.or((!connect).then(|| unspecified_like(backend))) {
+        socket.bind(&SockAddr::from(local))?;
+    }
     if connect {
         socket.connect(&SockAddr::from(backend))?;
     }
@@ -101,12 +101,11 @@ pub fn transparent_upstream_socket(
     Ok(socket.into())
 }
 
-/// A non-blocking, close-on-exec UDP socket of `addr`'s family.
+/// A non-blocking, close-on-exec UDP socket of `addr`'s family, made so by `socket(2)` itself
+/// (one syscall: a new flow opens one of these).
 fn nonblocking_udp(addr: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
-    Ok(socket)
+    let ty = Type::DGRAM.nonblocking().cloexec();
+    Socket::new_raw(Domain::for_address(addr), ty, Some(Protocol::UDP))
 }
 
 fn unspecified_like(addr: SocketAddr) -> SocketAddr {

@@ -53,6 +53,35 @@ fn datagram_mode_round_robin_is_exact() {
     );
 }
 
+/// Clients that send a single datagram each (DNS resolvers with random ports): the datagram
+/// that opens a client's flow is scheduled once, so round robin stays exact across clients.
+#[test]
+fn datagram_mode_round_robin_is_exact_across_new_clients() {
+    let (a, b) = (
+        Backend::start("127.0.0.1", "a"),
+        Backend::start("127.0.0.1", "b"),
+    );
+    let listen = listen_addr();
+    let lb = Udplb::start(&[
+        "--workers",
+        "1",
+        "--mode",
+        "datagram",
+        &listen.to_string(),
+        &a.addr.to_string(),
+        &b.addr.to_string(),
+    ]);
+    let tags: Vec<String> = (0..10)
+        .flat_map(|_| exchange(&client("127.0.0.1:0"), listen, 1))
+        .collect();
+    assert_eq!((a.count(), b.count()), (5, 5), "{tags:?}");
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/flows/created") == 10),
+        "{}",
+        lb.stats()
+    );
+}
+
 #[test]
 fn datagram_mode_weights_one_to_two_are_exact() {
     let (a, b) = (
