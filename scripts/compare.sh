@@ -20,6 +20,8 @@
 #                                  dnsdist as a peer (udplb in request-response and flow mode)
 #        PEERS ("direct relay udplb-flow udplb-datagram nginx pen")
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
+#        BASELINE (unset): another udplb binary; adds the peers base-flow and base-datagram, so
+#                  a change is measured before and after in the same interleaved run
 # nginx (with its stream module) and pen are installed from Debian when missing (as root);
 # a peer that is still missing is skipped with a message.
 set -euo pipefail
@@ -28,6 +30,10 @@ cd "$(dirname "$0")/.."
 SCENARIOS=${SCENARIOS:-a b e d}
 DNS_PEERS=${DNS_PEERS:-udplb udplb-flow dnsdist nginx pen}
 PEERS=${PEERS:-direct relay udplb-flow udplb-datagram nginx pen}
+if [[ -n ${BASELINE:-} ]]; then
+    [[ -x $BASELINE ]] || { echo "compare: BASELINE=$BASELINE is not an executable" >&2; exit 1; }
+    PEERS="$PEERS base-flow base-datagram"
+fi
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 ROUNDS=${ROUNDS:-3}
@@ -154,8 +160,10 @@ start_peer() {
             "${on1[@]}" "$BENCH" relay --listen "127.0.0.1:$port" "${backends[@]}" \
                 >"$work/peer.log" 2>&1 &
             ;;
-        udplb-flow | udplb-datagram)
-            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$UDPLB" --workers 1 --mode "${peer#udplb-}" \
+        udplb-flow | udplb-datagram | base-flow | base-datagram)
+            local binary=$UDPLB
+            [[ $peer == base-* ]] && binary=$BASELINE
+            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "${peer#*-}" \
                 --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}" >"$work/peer.log" 2>&1 &
             ;;
         nginx)

@@ -5,12 +5,15 @@
 //! - `udplb-bench load --target ADDR ...`: a closed-loop load generator: F flows (each its own
 //!   connected socket, so its own source port) keep W requests outstanding each; it reports
 //!   replies/s, loss and latency percentiles over a fixed duration after a warmup.
+//! - `udplb-bench flows --target ADDR ...`: opens N flows from N loopback addresses through one
+//!   socket: new flows/s, memory per flow, replies/s with N flows live (`scripts/scale.sh`).
 //!
 //! This module owns the command line and dispatch. The tool is not linked into udplb; it exists
 //! to measure udplb against a direct baseline in the same run.
 #![forbid(unsafe_code)]
 
 mod echo;
+mod flows;
 mod generator;
 mod load;
 mod relay;
@@ -42,6 +45,8 @@ enum Command {
     },
     /// Closed-loop load: every reply immediately triggers the next request of its flow.
     Load(load::LoadArgs),
+    /// Scaling with concurrent flows: new flows/s, memory per flow, replies/s.
+    Flows(flows::FlowsArgs),
     /// The reference relay: udplb's socket primitives and no policy; prints `listening ADDR`.
     Relay {
         /// Address to receive clients on (port 0 picks a free port).
@@ -57,6 +62,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Echo { addrs } => echo::run(&addrs),
         Command::Relay { listen, backends } => relay::run(listen, &backends),
+        Command::Flows(args) => flows::run(&args),
         Command::Load(args) => {
             let report = load::run(&args)?;
             if args.json {
