@@ -284,6 +284,7 @@ fn traffic(io: &mut Io, args: &FlowsArgs) -> io::Result<(u64, u64)> {
     let until = Instant::now() + args.duration;
     let (mut next, mut in_flight, mut replies) = (0u32, 0usize, 0u64);
     let mut sent = 0u64;
+    let mut last_reply = Instant::now();
     while Instant::now() < until {
         while in_flight < args.window {
             io.queue(next)?;
@@ -295,9 +296,12 @@ fn traffic(io: &mut Io, args: &FlowsArgs) -> io::Result<(u64, u64)> {
         let before = replies;
         io.receive(Duration::from_millis(5), |_| replies += 1)?;
         in_flight -= (replies - before) as usize;
-        if replies == before && in_flight == args.window {
-            // Nothing came back for a while: treat the window as lost and start over.
+        if replies > before {
+            last_reply = Instant::now();
+        } else if last_reply.elapsed() >= args.timeout {
+            // Nothing came back for a whole timeout: the window is lost; start over.
             in_flight = 0;
+            last_reply = Instant::now();
         }
     }
     // The last window was still in flight when the run ended: not lost.
