@@ -90,6 +90,7 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
         reuse_port: false,
         recv_buffer: Some(8 << 20),
         send_buffer: Some(8 << 20),
+        gro: false,
     };
     let socket = bind_listener(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), &opts)?;
     let poll = Poll::new()?;

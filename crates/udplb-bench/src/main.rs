@@ -1,17 +1,21 @@
 //! udplb-bench: the tools behind `scripts/bench.sh`.
 //!
 //! - `udplb-bench echo ADDR...`: UDP echo backends (one thread per address, batched syscalls).
-//! - `udplb-bench relay --listen ADDR BACKEND...`: the minimal reference relay (no policy).
+//! - `udplb-bench relay --listen ADDR [--per-datagram] BACKEND...`: the minimal reference relay
+//!   (no policy), per flow or per datagram.
 //! - `udplb-bench load --target ADDR ...`: a closed-loop load generator: F flows (each its own
 //!   connected socket, so its own source port) keep W requests outstanding each; it reports
 //!   replies/s, loss and latency percentiles over a fixed duration after a warmup.
 //! - `udplb-bench flows --target ADDR ...`: opens N flows from N loopback addresses through one
 //!   socket: new flows/s, memory per flow, replies/s with N flows live (`scripts/scale.sh`).
+//! - `udplb-bench bulk --target ADDR --sink ADDR ...`: one bulk flow sent as GSO trains to a
+//!   sink that reads with GRO: datagrams/s delivered (`scripts/gso.sh`).
 //!
 //! This module owns the command line and dispatch. The tool is not linked into udplb; it exists
 //! to measure udplb against a direct baseline in the same run.
 #![forbid(unsafe_code)]
 
+mod bulk;
 mod echo;
 mod flows;
 mod generator;
@@ -47,6 +51,8 @@ enum Command {
     Load(load::LoadArgs),
     /// Scaling with concurrent flows: new flows/s, memory per flow, replies/s.
     Flows(flows::FlowsArgs),
+    /// One bulk flow, sent as GSO trains, to a sink that reads with GRO.
+    Bulk(bulk::BulkArgs),
     /// The reference relay: udplb's socket primitives and no policy; prints `listening ADDR`.
     Relay {
         /// Address to receive clients on (port 0 picks a free port).
@@ -55,14 +61,23 @@ enum Command {
         /// Backends, one per new client in turn.
         #[arg(required = true)]
         backends: Vec<SocketAddr>,
+        /// Per-datagram scheduling: backends in turn per datagram, sent with `sendto` on the
+        /// client's unconnected socket (the socket path of udplb's datagram mode).
+        #[arg(long)]
+        per_datagram: bool,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Echo { addrs } => echo::run(&addrs),
-        Command::Relay { listen, backends } => relay::run(listen, &backends),
+        Command::Relay {
+            listen,
+            backends,
+            per_datagram,
+        } => relay::run(listen, &backends, per_datagram),
         Command::Flows(args) => flows::run(&args),
+        Command::Bulk(args) => bulk::run(&args),
         Command::Load(args) => {
             let report = load::run(&args)?;
             if args.json {

@@ -3,6 +3,9 @@
 //! the listener, one connected socket per client, replies gathered into `sendmmsg` on the
 //! listener, mio/epoll) and no policy at all: no scheduler (backends in turn per new client),
 //! no health, no idle expiry, no caps, no counters, one thread.
+//!
+//! With `--per-datagram` each client's socket is left unconnected and every datagram goes to
+//! the next backend with `sendto`: the socket path of udplb's datagram mode, as its ceiling.
 
 use std::collections::HashMap;
 use std::io;
@@ -12,7 +15,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use anyhow::Context;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use udplb_sys::batch::{RecvBatch, SendBatch, send};
+use udplb_sys::batch::{RecvBatch, SendBatch, send, send_to};
 use udplb_sys::socket::{ListenerOptions, bind_listener, upstream_socket};
 
 const LISTENER: Token = Token(usize::MAX);
@@ -20,11 +23,12 @@ const BATCH: usize = 64;
 const MAX_DATAGRAM: usize = 65_536;
 
 /// Relays between clients on `listen` and `backends` until killed.
-pub fn run(listen: SocketAddr, backends: &[SocketAddr]) -> anyhow::Result<()> {
+pub fn run(listen: SocketAddr, backends: &[SocketAddr], per_datagram: bool) -> anyhow::Result<()> {
     let opts = ListenerOptions {
         reuse_port: false,
         recv_buffer: Some(4 << 20),
         send_buffer: Some(4 << 20),
+        gro: false,
     };
     let listener = bind_listener(listen, &opts).with_context(|| format!("binding {listen}"))?;
     println!("listening {}", listener.local_addr()?);
@@ -37,6 +41,8 @@ pub fn run(listen: SocketAddr, backends: &[SocketAddr]) -> anyhow::Result<()> {
     let mut relay = Relay {
         listener,
         backends: backends.to_vec(),
+        per_datagram,
+        next: 0,
         flows: HashMap::new(),
         upstreams: Vec::new(),
         inbox: RecvBatch::new(BATCH, MAX_DATAGRAM),
@@ -64,6 +70,10 @@ pub fn run(listen: SocketAddr, backends: &[SocketAddr]) -> anyhow::Result<()> {
 struct Relay {
     listener: UdpSocket,
     backends: Vec<SocketAddr>,
+    /// Schedule every datagram (else every new client).
+    per_datagram: bool,
+    /// The backend of the next datagram, per datagram.
+    next: usize,
     flows: HashMap<SocketAddr, usize>,
     upstreams: Vec<(UdpSocket, SocketAddr)>,
     inbox: RecvBatch,
@@ -79,7 +89,7 @@ impl Relay {
                     Some(&i) => i,
                     None => {
                         let backend = self.backends[self.upstreams.len() % self.backends.len()];
-                        let socket = upstream_socket(backend, true, None, None)?;
+                        let socket = upstream_socket(backend, !self.per_datagram, None, None)?;
                         let index = self.upstreams.len();
                         poll.registry().register(
                             &mut SourceFd(&socket.as_raw_fd()),
@@ -91,7 +101,14 @@ impl Relay {
                         index
                     }
                 };
-                let _ = send(self.upstreams[index].0.as_fd(), d.data);
+                let socket = self.upstreams[index].0.as_fd();
+                if self.per_datagram {
+                    let backend = self.backends[self.next];
+                    self.next = (self.next + 1) % self.backends.len();
+                    let _ = send_to(socket, d.data, backend);
+                } else {
+                    let _ = send(socket, d.data);
+                }
             }
             if n < BATCH {
                 break;

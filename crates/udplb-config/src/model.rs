@@ -83,6 +83,9 @@ pub struct ListenerConfig {
     pub proxy_from: Vec<Cidr>,
     /// Pool for clients refused by `allow`/`deny` or over a rate limit (`abuse_pool`).
     pub abuse_pool: Option<String>,
+    /// Receive trains of same-sized datagrams as one (`UDP_GRO`) and forward them as one
+    /// (`UDP_SEGMENT`) (`gro`); flow mode only.
+    pub gro: bool,
 }
 
 impl ListenerConfig {
@@ -103,6 +106,7 @@ impl ListenerConfig {
             proxy_protocol: false,
             proxy_from: Vec::new(),
             abuse_pool: None,
+            gro: false,
         }
     }
 }

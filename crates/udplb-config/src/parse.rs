@@ -46,6 +46,7 @@ const LISTENER_KEYS: &[&str] = &[
     "proxy_protocol",
     "proxy_from",
     "abuse_pool",
+    "gro",
 ];
 const LIMIT_KEYS: &[&str] = &[
     "datagrams_per_source",
@@ -269,6 +270,9 @@ impl Reader<'_> {
         l.abuse_pool = self.optional(t, key, "abuse_pool", |r, k, v| {
             r.string(k, v).map(str::to_string)
         });
+        l.gro = self
+            .optional(t, key, "gro", |r, k, v| r.boolean(k, v))
+            .unwrap_or(false);
         Some(l)
     }
 

@@ -111,6 +111,16 @@ fn check_listener(
     if let SessionMode::RequestResponse { responses } = l.mode {
         check_range(out, key("responses"), responses, defaults::RESPONSES_RANGE);
     }
+    if l.gro && l.mode != SessionMode::Flow {
+        out.push(problem(
+            key("gro"),
+            format!(
+                "only with mode = \"flow\" (this listener's mode is {:?}): a train of datagrams \
+                 goes to one backend",
+                l.mode.name()
+            ),
+        ));
+    }
     check_duration(
         out,
         key("idle_timeout"),

@@ -139,6 +139,9 @@ pub struct ListenerSpec {
     /// Index into [`Snapshot::pools`] of the pool that serves refused clients instead of
     /// dropping their datagrams.
     pub abuse_pool: Option<usize>,
+    /// The listener's sockets receive GRO trains (`UDP_GRO`), passed on whole (`UDP_SEGMENT`)
+    /// where no per-datagram policy applies.
+    pub gro: bool,
 }
 
 /// A pool as given to [`Snapshot::build`].

@@ -11,6 +11,7 @@
 //! on a listener with `affinity = "ip"`).
 #![forbid(unsafe_code)]
 
+mod spare;
 pub mod stats;
 mod worker;
 
@@ -133,10 +134,11 @@ impl Dataplane {
                 })
             })
             .collect();
-        let listener_opts = ListenerOptions {
+        let listener_opts = |gro| ListenerOptions {
             reuse_port: true,
             recv_buffer: Some(LISTENER_SOCKET_BUFFER),
             send_buffer: Some(LISTENER_SOCKET_BUFFER),
+            gro,
         };
         // Worker 0 binds first; the others bind the address it got (so port 0 works).
         let mut listener_addrs: Vec<SocketAddr> =
@@ -144,8 +146,8 @@ impl Dataplane {
         let mut sockets_per_worker = Vec::with_capacity(workers);
         for _ in 0..workers {
             let mut sockets = Vec::with_capacity(listener_addrs.len());
-            for addr in listener_addrs.iter_mut() {
-                let socket = bind_listener(*addr, &listener_opts).map_err(|e| {
+            for (addr, spec) in listener_addrs.iter_mut().zip(&snapshot.listeners) {
+                let socket = bind_listener(*addr, &listener_opts(spec.gro)).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot bind listener {addr}: {e}"))
                 })?;
                 *addr = socket.local_addr()?;

@@ -72,6 +72,13 @@ pub struct ListenerStats {
     pub reply_timeouts: Counter,
     /// Datagrams sent to the listener's abuse pool instead of being dropped.
     pub abuse_diverted: Counter,
+    /// Request-response flows opened on a spare socket of a completed flow (no new socket).
+    pub sockets_reused: Counter,
+    /// Replies a spare socket received after its flow had all the replies it expected;
+    /// discarded before the socket served another client.
+    pub late_replies: Counter,
+    /// GRO trains received (each counted as its datagrams in `datagrams_in`).
+    pub gro_trains: Counter,
 }
 
 impl ListenerStats {
@@ -79,6 +86,12 @@ impl ListenerStats {
     #[inline]
     pub fn drop(&self, reason: DropReason) {
         self.drops[reason.index()].add(1);
+    }
+
+    /// Counts `n` dropped datagrams (a GRO train).
+    #[inline]
+    pub fn drop_n(&self, reason: DropReason, n: u64) {
+        self.drops[reason.index()].add(n);
     }
 }
 
@@ -234,6 +247,12 @@ pub struct ListenerTotals {
     pub reply_timeouts: u64,
     /// See [`ListenerStats::abuse_diverted`].
     pub abuse_diverted: u64,
+    /// See [`ListenerStats::sockets_reused`].
+    pub sockets_reused: u64,
+    /// See [`ListenerStats::late_replies`].
+    pub late_replies: u64,
+    /// See [`ListenerStats::gro_trains`].
+    pub gro_trains: u64,
 }
 
 impl ListenerTotals {
@@ -262,6 +281,9 @@ impl ListenerTotals {
             t.backend_refused += l.backend_refused.get();
             t.reply_timeouts += l.reply_timeouts.get();
             t.abuse_diverted += l.abuse_diverted.get();
+            t.sockets_reused += l.sockets_reused.get();
+            t.late_replies += l.late_replies.get();
+            t.gro_trains += l.gro_trains.get();
         }
         t
     }

@@ -32,6 +32,7 @@ use udplb_core::verdict::CloseReason;
 use udplb_core::{DropReason, ProxyHeader, SessionMode, Time};
 use udplb_sys::batch::{RecvBatch, RecvMeta, SendBatch};
 
+use crate::spare::Spares;
 use crate::stats::WorkerStats;
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
@@ -49,6 +50,11 @@ const NEW_FLOWS_PER_BATCH_UNDER_BACKLOG: u32 = 8;
 const REPLY_BATCH: usize = 16;
 /// Reply batches read from one upstream socket per turn.
 const REPLY_BATCHES_PER_FLOW_PER_TURN: usize = 2;
+/// Datagrams a spare socket may hold when it is taken: more means a backend keeps answering
+/// a finished exchange, and the socket is closed rather than emptied.
+const SPARE_DISCARD_LIMIT: usize = 16;
+/// Receive buffer size on listeners with `gro`: a GRO train is at most 64 KiB.
+const GRO_BUFFER: usize = 65_536;
 /// Longest sleep when no timer is due (bounds how late a stop or snapshot is noticed).
 const MAX_SLEEP: Duration = Duration::from_millis(250);
 /// Minimum interval between two log lines about the same kind of I/O trouble.
@@ -124,6 +130,9 @@ pub(crate) struct Upstream {
     /// The client was refused (access list or rate limit) and this flow goes to the
     /// listener's abuse pool.
     abuse: bool,
+    /// The socket may serve another client once the flow completes: it is connected to the
+    /// backend and bound to no client's address (not a transparent pool).
+    reusable: bool,
 }
 
 /// Who a flow really serves when its datagrams arrive through another balancer.
@@ -162,6 +171,8 @@ pub(crate) struct Worker {
     waker: Arc<Waker>,
     listeners: Vec<ListenerIo>,
     table: FlowTable<Upstream>,
+    /// Sockets of completed request-response flows, for the next flows to their backends.
+    spares: Spares<UdpSocket>,
     cursors: Vec<Cursor>,
     shared: Arc<ArcSwap<Snapshot>>,
     snap: Arc<Snapshot>,
@@ -207,6 +218,7 @@ impl Worker {
             waker,
             listeners,
             table: FlowTable::new(),
+            spares: Spares::new(),
             cursors: Vec::new(),
             shared: setup.shared,
             snap,
@@ -233,7 +245,13 @@ impl Worker {
             .snap
             .listeners
             .iter()
-            .map(|l| l.max_datagram_size)
+            .map(|l| {
+                if l.gro {
+                    GRO_BUFFER - 1
+                } else {
+                    l.max_datagram_size
+                }
+            })
             .max()
             .unwrap_or(0);
         let mut recv = RecvBatch::new(BATCH, max_datagram + 1);
@@ -362,7 +380,23 @@ impl Worker {
                         u32::MAX
                     };
                     for i in 0..n {
-                        self.forward_one(li, snap, recv.get(i), now);
+                        let d = recv.get(i);
+                        if d.segment_size.is_some() {
+                            self.stats.listeners[li].gro_trains.add(1);
+                        }
+                        if d.segment_size.is_some() && !passes_trains(&snap.listeners[li], snap) {
+                            // A per-datagram policy applies: take the train apart.
+                            for data in d.datagrams() {
+                                let single = RecvMeta {
+                                    data,
+                                    segment_size: None,
+                                    ..d
+                                };
+                                self.forward_one(li, snap, single, now);
+                            }
+                        } else {
+                            self.forward_one(li, snap, d, now);
+                        }
                     }
                     // A short batch means the socket is empty; a later datagram raises a new
                     // edge, so no extra call just to see EAGAIN.
@@ -394,18 +428,22 @@ impl Worker {
         }
     }
 
-    /// Forwards datagram `i` of `recv`, received on listener `li`, or counts why not.
+    /// Forwards `d`, received on listener `li`, or counts why not. `d` is one datagram, or a
+    /// GRO train of a flow-mode listener that passes trains whole ([`passes_trains`]): the
+    /// same decisions hold for all its datagrams, which are counted one by one.
     #[inline]
     fn forward_one(&mut self, li: usize, snap: &Snapshot, d: RecvMeta<'_>, now: Time) {
         let spec = &snap.listeners[li];
         let stats = &self.stats.listeners[li];
-        stats.datagrams_in.add(1);
+        let count = d.datagram_count() as u64;
+        stats.datagrams_in.add(count);
         stats.bytes_in.add(d.data.len() as u64);
         if d.data.is_empty() {
             return stats.drop(DropReason::Empty);
         }
-        if d.truncated || d.data.len() > spec.max_datagram_size {
-            return stats.drop(DropReason::Oversize);
+        let largest = d.segment_size.map_or(d.data.len(), usize::from);
+        if d.truncated || largest > spec.max_datagram_size {
+            return stats.drop_n(DropReason::Oversize, count);
         }
         let local = if self.listeners[li].wildcard {
             d.local
@@ -419,7 +457,7 @@ impl Worker {
         };
         let (data, origin) = match self.ingress(spec, &key, d.data) {
             Ok(x) => x,
-            Err(reason) => return stats.drop(reason),
+            Err(reason) => return stats.drop_n(reason, count),
         };
         let found = self.table.find(&key);
         // Policy applies to the client a flow serves: the PROXY header's, when there is one.
@@ -435,7 +473,7 @@ impl Worker {
         if !abuse_flow && let Err(reason) = admission(spec, client, now) {
             // A refused client without a flow goes to the abuse pool, if there is one.
             if spec.abuse_pool.is_none() || found.is_some() {
-                return stats.drop(reason);
+                return stats.drop_n(reason, count);
             }
             divert = true;
         }
@@ -443,25 +481,25 @@ impl Worker {
             Some(h) => (h, false),
             None => match self.admit(key, origin, divert, spec, snap, now) {
                 Ok(h) => (h, true),
-                Err(reason) => return self.stats.listeners[li].drop(reason),
+                Err(reason) => return self.stats.listeners[li].drop_n(reason, count),
             },
         };
         let sent = match spec.mode {
             SessionMode::Datagram => self.send_scheduled(h, spec, snap, data, fresh),
             SessionMode::Flow | SessionMode::RequestResponse { .. } => {
-                self.send_on_flow(h, li, snap, data)
+                self.send_on_flow(h, li, snap, data, d.segment_size)
             }
         };
         let stats = &self.stats.listeners[li];
         match sent {
             Ok(backend) => {
                 if self.table.get(h).is_some_and(|f| f.io.abuse) {
-                    stats.abuse_diverted.add(1);
+                    stats.abuse_diverted.add(count);
                 }
-                stats.forwarded.add(1);
+                stats.forwarded.add(count);
                 stats.bytes_forwarded.add(data.len() as u64);
                 if let Some(b) = self.stats.backends.get(backend.index()) {
-                    b.forwarded.add(1);
+                    b.forwarded.add(count);
                     b.bytes_forwarded.add(data.len() as u64);
                 }
                 let responses = match spec.mode {
@@ -484,7 +522,7 @@ impl Worker {
                     }
                 }
             }
-            Err(reason) => stats.drop(reason),
+            Err(reason) => stats.drop_n(reason, count),
         }
     }
 
@@ -564,30 +602,18 @@ impl Worker {
             .ok_or(DropReason::NoBackend)?;
         let backend = &pool.backends[idx];
         let connect = spec.mode != SessionMode::Datagram;
-        let opened = if pool.transparent {
-            udplb_sys::socket::transparent_upstream_socket(backend.spec.addr, client, connect)
+        let reusable = connect && !pool.transparent;
+        let spare = if reusable {
+            self.take_spare(li, backend.spec.addr)
         } else {
-            udplb_sys::socket::upstream_socket(backend.spec.addr, connect, None, None)
+            None
         };
-        let socket = match opened {
-            Ok(s) => s,
-            Err(e) => {
-                self.log
-                    .warn("opening an upstream socket (new flows are shed)", &e);
-                return Err(DropReason::UpstreamSocket);
-            }
+        let reused = spare.is_some();
+        let socket = match spare {
+            Some(s) => s,
+            None => self.open_upstream(pool.transparent, backend.spec.addr, client, connect)?,
         };
         let fd = socket.as_raw_fd();
-        if i64::from(fd) >= self.fd_ceiling {
-            // Descriptors are allocated lowest first, so a number this high means the spare
-            // ones are nearly gone: keep them for the admin endpoint and health checks.
-            drop(socket);
-            self.log.warn(
-                "opening an upstream socket (new flows are shed)",
-                &io::Error::other("descriptors are nearly exhausted (RLIMIT_NOFILE)"),
-            );
-            return Err(DropReason::UpstreamSocket);
-        }
         let h = self.table.insert(
             key,
             (backend.id, backend.spec.addr),
@@ -602,18 +628,25 @@ impl Worker {
                 requested: 0,
                 replied: 0,
                 abuse,
+                reusable,
             },
         );
         let token = Token(h.to_u64() as usize);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut SourceFd(&fd), token, Interest::READABLE)
-        {
+        let registry = self.poll.registry();
+        let registered = if reused {
+            // Still registered under its previous flow's token.
+            registry.reregister(&mut SourceFd(&fd), token, Interest::READABLE)
+        } else {
+            registry.register(&mut SourceFd(&fd), token, Interest::READABLE)
+        };
+        if let Err(e) = registered {
             self.log
                 .warn("registering an upstream socket (new flows are shed)", &e);
             self.close_flow(h, CloseReason::Error, now);
             return Err(DropReason::UpstreamSocket);
+        }
+        if reused {
+            self.stats.listeners[li].sockets_reused.add(1);
         }
         self.stats.listeners[li].flows_created.add(1);
         if let Some(sticky) = self.sticky[li].as_ref().filter(|_| !abuse) {
@@ -621,6 +654,61 @@ impl Worker {
             table.acquire(client.ip(), backend.id, now);
         }
         Ok(h)
+    }
+
+    /// A new upstream socket for a flow of `client` to `backend` (connected unless in datagram
+    /// mode), refused when descriptors run short.
+    fn open_upstream(
+        &mut self,
+        transparent: bool,
+        backend: SocketAddr,
+        client: SocketAddr,
+        connect: bool,
+    ) -> Result<UdpSocket, DropReason> {
+        let opened = if transparent {
+            udplb_sys::socket::transparent_upstream_socket(backend, client, connect)
+        } else {
+            udplb_sys::socket::upstream_socket(backend, connect, None, None)
+        };
+        let socket = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                self.log
+                    .warn("opening an upstream socket (new flows are shed)", &e);
+                return Err(DropReason::UpstreamSocket);
+            }
+        };
+        if i64::from(socket.as_raw_fd()) >= self.fd_ceiling {
+            // Descriptors are allocated lowest first, so a number this high means the spare
+            // ones are nearly gone: keep them for the admin endpoint and health checks.
+            drop(socket);
+            self.log.warn(
+                "opening an upstream socket (new flows are shed)",
+                &io::Error::other("descriptors are nearly exhausted (RLIMIT_NOFILE)"),
+            );
+            return Err(DropReason::UpstreamSocket);
+        }
+        Ok(socket)
+    }
+
+    /// The oldest spare socket connected to `backend`, emptied of what it received while
+    /// parked (counted as late replies on listener `li`). A spare that cannot be emptied is
+    /// closed and the next one tried.
+    fn take_spare(&mut self, li: usize, backend: SocketAddr) -> Option<UdpSocket> {
+        while let Some(socket) = self.spares.take(backend) {
+            match udplb_sys::socket::discard_queued(&socket, SPARE_DISCARD_LIMIT) {
+                Ok(Some(late)) => {
+                    self.stats.listeners[li].late_replies.add(late as u64);
+                    return Some(socket);
+                }
+                Ok(None) => {
+                    let late = SPARE_DISCARD_LIMIT as u64;
+                    self.stats.listeners[li].late_replies.add(late);
+                }
+                Err(e) => self.log.warn("emptying a spare upstream socket", &e),
+            }
+        }
+        None
     }
 
     /// The backend index in `pool` for a new flow of `client` on listener `li`.
@@ -660,7 +748,8 @@ impl Worker {
     }
 
     /// Flow and request-response modes: sends on the flow's connected socket, moving the flow
-    /// first if its backend no longer keeps flows.
+    /// first if its backend no longer keeps flows. `segment_size`: `data` is a GRO train, sent
+    /// on as one (UDP GSO).
     #[inline]
     fn send_on_flow(
         &mut self,
@@ -668,6 +757,7 @@ impl Worker {
         li: usize,
         snap: &Snapshot,
         data: &[u8],
+        segment_size: Option<u16>,
     ) -> Result<BackendId, DropReason> {
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         if flow.checked_generation != snap.generation {
@@ -683,11 +773,14 @@ impl Worker {
             ProxyHeader::First => !flow.io.header_sent,
             ProxyHeader::Every => true,
         };
+        let fd = flow.io.socket.as_fd();
         let sent = if with_header {
             let n = write_proxy_header(&mut self.header, self.listeners[li].bound, flow);
-            udplb_sys::batch::send_two(flow.io.socket.as_fd(), &self.header[..n], data, None)
+            udplb_sys::batch::send_two(fd, &self.header[..n], data, None)
+        } else if let Some(size) = segment_size {
+            send_train(fd, data, size)
         } else {
-            udplb_sys::batch::send(flow.io.socket.as_fd(), data)
+            udplb_sys::batch::send(fd, data)
         };
         match sent {
             Ok(_) => {
@@ -916,8 +1009,9 @@ impl Worker {
                 .push(payload, key.client, key.local);
             stats.bytes_out.add(payload.len() as u64);
             if self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete {
-                // Anything after the last expected reply would have been discarded with the
-                // socket anyway.
+                // Replies after the last expected one are discarded, as late replies.
+                let late = inbox.len() - i - 1;
+                self.stats.listeners[li].late_replies.add(late as u64);
                 self.close_flow(h, CloseReason::Completed, now);
                 return Relayed::FlowCompleted;
             }
@@ -970,10 +1064,14 @@ impl Worker {
     }
 
     /// The one path by which a flow ends: counters, affinity, and its socket closed (closing
-    /// the descriptor also removes it from epoll).
+    /// the descriptor also removes it from epoll), or kept as a spare when the flow completed.
     fn close_flow(&mut self, h: FlowHandle, reason: CloseReason, now: Time) {
         if let Some(flow) = self.table.close(h, reason) {
             self.on_closed(&flow.key, flow.io.client(&flow.key), reason, now);
+            if reason == CloseReason::Completed && flow.io.reusable {
+                // The epoll registration stays, under a token no live flow has.
+                drop(self.spares.park(flow.backend_addr, flow.io.socket, now));
+            }
         }
     }
 
@@ -989,6 +1087,7 @@ impl Worker {
     }
 
     fn expire_idle(&mut self, now: Time) {
+        self.spares.expire(now);
         let mut closed: Vec<(FlowKey, SocketAddr, BackendId, u32)> = Vec::new();
         self.table.expire(now, |_, flow| {
             let client = flow.io.client(&flow.key);
@@ -1052,6 +1151,41 @@ fn flush_replies(lio: &mut ListenerIo, stats: &WorkerStats, li: usize, log: &mut
     }
     if let Some(e) = outcome.last_error {
         log.warn("sending replies", &e);
+    }
+}
+
+/// Whether GRO trains received on listener `spec` are forwarded whole: in flow mode, where a
+/// train's datagrams share one flow and one backend, and when nothing is decided or written
+/// per datagram (rate limits, PROXY headers in either direction). Otherwise they are taken
+/// apart and forwarded one by one.
+#[inline]
+fn passes_trains(spec: &ListenerSpec, snap: &Snapshot) -> bool {
+    let plain = |pool: usize| snap.pools[pool].proxy_header == ProxyHeader::Off;
+    spec.mode == SessionMode::Flow
+        && spec.limits.is_none()
+        && !spec.proxy_ingress
+        && plain(spec.pool)
+        && spec.abuse_pool.is_none_or(plain)
+}
+
+/// Sends a GRO train on a connected socket as one GSO train, or datagram by datagram when
+/// the path refuses segmentation offload (`EINVAL`, `EIO`, `EMSGSIZE`: e.g. a segment larger
+/// than the route's MTU allows). Returns the bytes sent.
+fn send_train(fd: std::os::fd::BorrowedFd<'_>, data: &[u8], size: u16) -> io::Result<usize> {
+    match udplb_sys::batch::send_segments(fd, data, size) {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::EIO | libc::EMSGSIZE)
+            ) =>
+        {
+            let mut sent = 0;
+            for datagram in data.chunks(usize::from(size)) {
+                sent += udplb_sys::batch::send(fd, datagram)?;
+            }
+            Ok(sent)
+        }
+        other => other,
     }
 }
 

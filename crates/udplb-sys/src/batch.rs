@@ -19,8 +19,8 @@ use std::ptr;
 
 use crate::sockaddr;
 
-/// Control-message space per datagram: room for a v6 packet-info and the overflow counter,
-/// with headroom. Aligned like `cmsghdr`.
+/// Control-message space per datagram: room for a v6 packet-info, the overflow counter and a
+/// GRO segment size, with headroom. Aligned like `cmsghdr`.
 const CONTROL_LEN: usize = 128;
 
 #[derive(Clone, Copy)]
@@ -38,6 +38,25 @@ pub struct RecvMeta<'a> {
     pub source: SocketAddr,
     /// The address the datagram was sent to, when the socket reports packet info.
     pub local: Option<IpAddr>,
+    /// On a socket with `UDP_GRO`: `data` is a train of datagrams of this size (the last one
+    /// may be shorter) that the kernel coalesced; `None` for a single datagram.
+    pub segment_size: Option<u16>,
+}
+
+impl<'a> RecvMeta<'a> {
+    /// The datagrams in `data`: one, or each segment of a GRO train.
+    pub fn datagrams(&self) -> std::slice::Chunks<'a, u8> {
+        let size = self.segment_size.map_or(self.data.len(), usize::from);
+        self.data.chunks(size.max(1))
+    }
+
+    /// How many datagrams `data` holds.
+    pub fn datagram_count(&self) -> usize {
+        match self.segment_size {
+            Some(size) => self.data.len().div_ceil(usize::from(size).max(1)),
+            None => 1,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -46,6 +65,7 @@ struct Received {
     truncated: bool,
     source: SocketAddr,
     local: Option<IpAddr>,
+    segment_size: Option<u16>,
 }
 
 const UNKNOWN_SOURCE: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
@@ -130,6 +150,7 @@ impl RecvBatch {
             truncated: false,
             source: UNKNOWN_SOURCE,
             local: None,
+            segment_size: None,
         };
         RecvBatch {
             received: vec![nothing; m.capacity()].into_boxed_slice(),
@@ -187,7 +208,13 @@ impl RecvBatch {
         let source =
             sockaddr::read(&self.m.names[i], h.msg_hdr.msg_namelen).unwrap_or(UNKNOWN_SOURCE);
         let mut local = None;
+        let mut segment_size = None;
         for_each_cmsg(&h.msg_hdr, |level, kind, data| match (level, kind) {
+            (libc::SOL_UDP, libc::UDP_GRO) => {
+                segment_size = read_payload::<libc::c_int>(data)
+                    .and_then(|size| u16::try_from(size).ok())
+                    .filter(|&size| size > 0);
+            }
             (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
                 if let Some(info) = read_payload::<libc::in_pktinfo>(data) {
                     local = Some(IpAddr::V4(Ipv4Addr::from(
@@ -207,11 +234,14 @@ impl RecvBatch {
             }
             _ => {}
         });
+        let len = (h.msg_len as usize).min(self.m.buf_size);
         Received {
-            len: (h.msg_len as usize).min(self.m.buf_size),
+            len,
             truncated: h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
             source,
             local,
+            // A "train" of one datagram is just a datagram.
+            segment_size: segment_size.filter(|&size| len > usize::from(size)),
         }
     }
 
@@ -235,6 +265,7 @@ impl RecvBatch {
             truncated: r.truncated,
             source: r.source,
             local: r.local,
+            segment_size: r.segment_size,
         }
     }
 
@@ -561,6 +592,42 @@ pub fn send_two(
         // SAFETY: `msg` points at `iov` (two live, read-only slices the kernel only reads) and,
         // when set, at `storage` holding a valid address of `name_len` bytes; all outlive the
         // call.
+        unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) }
+    })
+}
+
+/// Sends `data` on a connected socket as a train of datagrams of `segment_size` bytes (the
+/// last may be shorter) with one call: UDP GSO (`UDP_SEGMENT`), the kernel splits it. `EINTR`
+/// is retried.
+pub fn send_segments(fd: BorrowedFd<'_>, data: &[u8], segment_size: u16) -> io::Result<usize> {
+    const SPACE: usize = 32;
+    #[repr(C, align(8))]
+    struct Space([u8; SPACE]);
+    let mut control = Space([0; SPACE]);
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control data).
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as _;
+    debug_assert!(msg.msg_controllen as usize <= SPACE);
+    // SAFETY: `msg` points at `control`, aligned and large enough for one cmsg carrying a u16
+    // (checked above), so CMSG_FIRSTHDR is non-null and CMSG_DATA points inside `control`.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+        ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment_size);
+    }
+    retry(|| {
+        // SAFETY: `msg` points at `iov` (one live, read-only slice) and at `control`, both
+        // outliving the call.
         unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) }
     })
 }

@@ -20,6 +20,10 @@ pub struct ListenerOptions {
     pub recv_buffer: Option<usize>,
     /// `SO_SNDBUF` in bytes (`SO_SNDBUFFORCE` first).
     pub send_buffer: Option<usize>,
+    /// `UDP_GRO`: the kernel may hand over a train of same-sized datagrams from one sender as
+    /// one buffer ([`crate::batch::RecvMeta::segment_size`]); receive buffers must then hold
+    /// 64 KiB.
+    pub gro: bool,
 }
 
 /// Binds a non-blocking UDP listener on `addr`.
@@ -45,6 +49,9 @@ pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<Udp
         }
     }
     setsockopt(&socket, sockopt::RxqOvfl, &1)?;
+    if opts.gro {
+        setsockopt(&socket, sockopt::UdpGroSegment, &true)?;
+    }
     set_buffers(&socket, opts.recv_buffer, opts.send_buffer);
     socket.bind(&SockAddr::from(addr))?;
     Ok(socket.into())
@@ -168,6 +175,24 @@ pub fn receive_queue(socket: &UdpSocket) -> io::Result<(u32, u32)> {
     ))
 }
 
+/// Empties the receive queue of a non-blocking UDP socket, reading at most `limit` datagrams
+/// or errors (a pending ICMP error is consumed too). Returns how many datagrams it discarded,
+/// or `None` when `limit` reads did not empty it.
+pub fn discard_queued(socket: &UdpSocket, limit: usize) -> io::Result<Option<usize>> {
+    let mut byte = [0u8; 1];
+    let mut discarded = 0;
+    for _ in 0..limit {
+        // One byte is enough: the rest of a UDP datagram is dropped with it.
+        match socket.recv(&mut byte) {
+            Ok(_) => discarded += 1,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(discarded)),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
 /// The soft `RLIMIT_NOFILE`: the highest descriptor number the process can open, plus one.
 pub fn nofile_limit() -> io::Result<u64> {
     Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
@@ -225,6 +250,44 @@ mod tests {
         let mut buf = [0u8; 16];
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"pong"[..], target));
+    }
+
+    /// A GSO train (`send_segments`) reaches a `gro` listener as one buffer with its segment
+    /// size, and `datagrams()` gives back the datagrams as sent.
+    #[test]
+    fn gso_train_arrives_as_one_gro_buffer_and_splits_back() {
+        let opts = ListenerOptions {
+            gro: true,
+            ..ListenerOptions::default()
+        };
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.connect(listener.local_addr().unwrap()).unwrap();
+        // Three datagrams of 10 bytes and a last one of 4.
+        let train: Vec<u8> = (0..34u8).collect();
+        assert_eq!(
+            crate::batch::send_segments(sender.as_fd(), &train, 10).unwrap(),
+            34
+        );
+
+        let mut batch = RecvBatch::new(8, 65_536);
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        let mut trains = 0;
+        while got.len() < 4 {
+            let n = recv_some(&mut batch, &listener);
+            for i in 0..n {
+                let d = batch.get(i);
+                trains += usize::from(d.segment_size.is_some());
+                assert_eq!(d.datagram_count(), d.datagrams().count());
+                got.extend(d.datagrams().map(<[u8]>::to_vec));
+            }
+        }
+        assert_eq!(
+            trains, 1,
+            "loopback delivers a GSO train whole to a GRO socket"
+        );
+        let want: Vec<Vec<u8>> = train.chunks(10).map(<[u8]>::to_vec).collect();
+        assert_eq!(got, want);
     }
 
     /// The receive queue's fill follows what is queued.

@@ -107,7 +107,14 @@ pub(crate) fn stats_json(state: &State) -> Value {
                 "reply_timeouts": t.reply_timeouts,
                 "abuse_diverted": t.abuse_diverted,
                 "drops": drops,
-                "flows": { "live": t.flows_live, "created": t.flows_created, "closed": closed },
+                "late_replies": t.late_replies,
+                "gro_trains": t.gro_trains,
+                "flows": {
+                    "live": t.flows_live,
+                    "created": t.flows_created,
+                    "closed": closed,
+                    "sockets_reused": t.sockets_reused,
+                },
             })
         })
         .collect();

@@ -117,6 +117,10 @@ struct OneLiner {
     /// Largest datagram forwarded; larger ones are dropped and counted.
     #[arg(long, default_value_t = udplb_config::defaults::MAX_DATAGRAM_SIZE)]
     max_datagram_size: usize,
+    /// Receive trains of datagrams as one (UDP GRO) and forward them as one (UDP GSO); flow
+    /// mode only.
+    #[arg(long)]
+    gro: bool,
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -237,6 +241,7 @@ impl OneLiner {
         listener.idle_timeout = self.idle_timeout;
         listener.max_flows = self.max_flows;
         listener.max_datagram_size = self.max_datagram_size;
+        listener.gro = self.gro;
         let mut runtime = Runtime {
             workers: self.workers,
             shutdown_grace: Some(self.shutdown_grace),

@@ -187,6 +187,18 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         "abuse_diverted",
         "Datagrams of refused clients sent to the listener's abuse pool",
     );
+    let mut f_reused = Family::counter(
+        "upstream_sockets_reused",
+        "Request-response flows opened on the spare socket of a completed flow",
+    );
+    let mut f_late = Family::counter(
+        "late_replies",
+        "Replies that came after a request-response flow had all it expected, discarded",
+    );
+    let mut f_trains = Family::counter(
+        "gro_trains",
+        "Trains of datagrams received as one (listeners with gro)",
+    );
     for (i, l) in snap.listeners.iter().enumerate() {
         let t = ListenerTotals::sum(&state.stats, i);
         let name = || vec![("listener", Cow::Owned(l.name.clone()))];
@@ -213,6 +225,9 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_refused.add(name(), t.backend_refused as f64);
         f_timeouts.add(name(), t.reply_timeouts as f64);
         f_abuse.add(name(), t.abuse_diverted as f64);
+        f_reused.add(name(), t.sockets_reused as f64);
+        f_late.add(name(), t.late_replies as f64);
+        f_trains.add(name(), t.gro_trains as f64);
     }
     let mut rxq = Family::counter(
         "kernel_receive_queue_drops",
@@ -242,6 +257,9 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_refused,
         f_timeouts,
         f_abuse,
+        f_reused,
+        f_late,
+        f_trains,
         rxq,
     ]
 }

@@ -51,6 +51,7 @@ pub fn snapshot_of(
                 .abuse_pool
                 .as_ref()
                 .and_then(|name| cfg.pools.iter().position(|p| &p.name == name)),
+            gro: l.gro,
         })
         .collect();
     let pools = cfg

@@ -88,19 +88,19 @@ impl Reloader {
 
 /// Loads `path` and checks it only changes what a running process can change: pools,
 /// backends, policies, checks and listener settings, but not the set of listener addresses
-/// (their sockets are bound at start).
+/// nor their `gro` (their sockets are bound, with their options, at start).
 fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
     let mut cfg = udplb_config::load(path).map_err(|e| e.to_string())?;
     let addresses = |c: &Config| {
         c.listeners
             .iter()
-            .map(|l| (l.name.clone(), l.address))
+            .map(|l| (l.name.clone(), l.address, l.gro))
             .collect::<Vec<_>>()
     };
     if addresses(&cfg) != addresses(running) {
         return Err(format!(
-            "{}: listeners: adding, removing, renaming or re-addressing listeners needs a restart \
-             (running: {:?})",
+            "{}: listeners: adding, removing, renaming, re-addressing listeners or changing their \
+             gro needs a restart (running: {:?})",
             path.display(),
             addresses(running)
         ));

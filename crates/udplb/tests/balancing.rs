@@ -175,6 +175,98 @@ fn request_response_closes_the_flow_after_the_reply() {
     assert_eq!(lb.counter("/flows/closed/completed"), 3);
 }
 
+/// A backend that answers every request twice: `r:<payload>` at once, then `late:<payload>`
+/// when told to (so that it arrives after the flow completed), reporting when it is sent.
+struct DoubleAnswering {
+    addr: SocketAddr,
+    go: std::sync::mpsc::Sender<()>,
+    late_sent: std::sync::mpsc::Receiver<()>,
+}
+
+impl DoubleAnswering {
+    fn start() -> DoubleAnswering {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (sent, late_sent) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let payload = String::from_utf8_lossy(&buf[..n]).into_owned();
+                socket
+                    .send_to(format!("r:{payload}").as_bytes(), from)
+                    .unwrap();
+                if go_rx.recv().is_err() {
+                    return;
+                }
+                socket
+                    .send_to(format!("late:{payload}").as_bytes(), from)
+                    .unwrap();
+                if sent.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        DoubleAnswering {
+            addr,
+            go,
+            late_sent,
+        }
+    }
+
+    /// Sends the late answer to the last request and waits until it is sent.
+    fn answer_late(&self) {
+        self.go.send(()).unwrap();
+        self.late_sent.recv_timeout(DEADLINE).unwrap();
+    }
+}
+
+/// A completed request-response flow leaves its socket for the next flow to the same backend;
+/// what the backend sends after the expected reply is discarded, never relayed to the client
+/// that gets the socket next.
+#[test]
+fn request_response_reuses_sockets_and_never_relays_late_replies() {
+    let backend = DoubleAnswering::start();
+    let listen = listen_addr();
+    // One worker: spares are per worker, and the kernel spreads client ports over workers.
+    let lb = Udplb::start(&[
+        "--workers",
+        "1",
+        "--mode",
+        "request-response",
+        "--responses",
+        "1",
+        &listen.to_string(),
+        &backend.addr.to_string(),
+    ]);
+    let clients = [
+        client("127.0.0.1:0"),
+        client("127.0.0.1:0"),
+        client("127.0.0.1:0"),
+    ];
+    for (i, c) in clients.iter().enumerate() {
+        let payload = format!("c{i}");
+        c.send_to(payload.as_bytes(), listen).unwrap();
+        let (reply, _) = recv(c);
+        assert_eq!(String::from_utf8_lossy(&reply), format!("r:{payload}"));
+        // The flow completed before its client got the reply: this reaches the parked socket.
+        backend.answer_late();
+    }
+    assert_eq!(lb.counter("/flows/created"), 3);
+    assert_eq!(lb.counter("/flows/sockets_reused"), 2, "{}", lb.stats());
+    // Discarded when the socket was taken: the last one waits in the spare.
+    assert_eq!(lb.counter("/late_replies"), 2, "{}", lb.stats());
+    for c in &clients {
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(
+            c.recv_from(&mut buf).is_err(),
+            "a late reply reached a client: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}
+
 #[test]
 fn backup_takes_traffic_only_when_no_primary_can() {
     let (primary, backup) = (
