@@ -30,7 +30,9 @@ MODES=${MODES:-direct flow datagram}
 UDPLB=${UDPLB:-target/release/udplb}
 BENCH=target/release/udplb-bench
 
-die() { echo "bench: $*" >&2; exit 1; }
+NAME=bench
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 needs_udplb=false
 for mode in $MODES; do
@@ -49,17 +51,7 @@ if $needs_udplb; then
     [[ -x $UDPLB ]] || die "no udplb binary at $UDPLB"
 fi
 
-work=$(mktemp -d)
-echo_pid=
 lb_pid=
-cleanup() {
-    [[ -z $lb_pid ]] || kill -KILL "$lb_pid" 2>/dev/null || true
-    [[ -z $echo_pid ]] || kill "$echo_pid" 2>/dev/null || true
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # seconds DURATION -> a number of seconds (accepts 10s, 500ms, 2m, 1.5s, 3).
 seconds() {
@@ -70,22 +62,6 @@ if not m: sys.exit("bench: cannot read duration " + repr(sys.argv[1]))
 print(float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "min": 60, None: 1}[m.group(2)])' "$1"
 }
 sleep_before_measuring=$(python3 -c "print($(seconds "$WARMUP") + 0.03)")
-
-start_backends() {
-    "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo" &
-    echo_pid=$!
-    for _ in $(seq 100); do
-        [[ $(grep -c '^listening' "$work/echo") -ge 3 ]] && break
-        kill -0 "$echo_pid" 2>/dev/null || die "echo backends exited"
-        sleep 0.05
-    done
-    mapfile -t backends < <(awk '/^listening/ {print $2}' "$work/echo")
-    [[ ${#backends[@]} -eq 3 ]] || die "echo backends did not report three addresses"
-}
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 
 # cpu_ticks PID -> utime+stime (fields 14 and 15; the text after the ")" of comm starts at 3).
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
@@ -125,6 +101,7 @@ measure_udplb() { # measure_udplb MODE: the JSON line gets udplb_cpu_s added
     port=$(free_port)
     UDPLB_ALLOW_ROOT=1 "$UDPLB" --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}" >"$work/udplb.log" 2>&1 &
     lb_pid=$!
+    pids+=("$lb_pid")
     wait_forwarding "127.0.0.1:$port"
     load "127.0.0.1:$port" >"$work/run.json" &
     local load_pid=$!
@@ -151,7 +128,7 @@ cpu = "  udplb cpu %.1fs" % r["udplb_cpu_s"] if "udplb_cpu_s" in r else ""
 print(f"  {sys.argv[1]:<9} {rps:>9.0f}/s  p99 {p99}us  lost {lost}{cpu}")' "$1" "$2"
 }
 
-start_backends
+start_echo
 echo "udplb bench: $FLOWS flows x $OUTSTANDING outstanding x $SIZE bytes, $DURATION per run" \
     "(+$WARMUP warmup), $ROUNDS rounds, $WORKERS udplb workers, $THREADS generator threads," \
     "$(nproc) CPUs; backends ${backends[*]}" >&2

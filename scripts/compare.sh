@@ -18,10 +18,12 @@
 #                              e = 1 flow x 1 outstanding (latency),
 #                              d = DNS: dnsperf through each balancer to 3 knot servers, with
 #                                  dnsdist as a peer (udplb in request-response and flow mode)
-#        PEERS ("direct relay udplb-flow udplb-datagram nginx pen")
+#        PEERS ("direct relay relay-datagram udplb-flow udplb-datagram nginx pen"; relay-datagram
+#               is the reference relay scheduling per datagram, the ceiling of datagram mode)
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
-#        BASELINE (unset): another udplb binary; adds the peers base-flow and base-datagram, so
-#                  a change is measured before and after in the same interleaved run
+#        BASELINE (unset): another udplb binary; adds the peers base-flow and base-datagram
+#                  (and base, base-flow to DNS_PEERS), so a change is measured before and after
+#                  in the same interleaved run
 # nginx (with its stream module) and pen are installed from Debian when missing (as root);
 # a peer that is still missing is skipped with a message.
 set -euo pipefail
@@ -29,10 +31,11 @@ cd "$(dirname "$0")/.."
 
 SCENARIOS=${SCENARIOS:-a b e d}
 DNS_PEERS=${DNS_PEERS:-udplb udplb-flow dnsdist nginx pen}
-PEERS=${PEERS:-direct relay udplb-flow udplb-datagram nginx pen}
+PEERS=${PEERS:-direct relay relay-datagram udplb-flow udplb-datagram nginx pen}
 if [[ -n ${BASELINE:-} ]]; then
     [[ -x $BASELINE ]] || { echo "compare: BASELINE=$BASELINE is not an executable" >&2; exit 1; }
     PEERS="$PEERS base-flow base-datagram"
+    DNS_PEERS="$DNS_PEERS base base-flow"
 fi
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
@@ -48,7 +51,9 @@ fi
 BENCH=target/release/udplb-bench
 UDPLB=target/release/udplb
 
-die() { echo "compare: $*" >&2; exit 1; }
+NAME=compare
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 (($(nproc) >= 2)) || die "needs 2 CPUs (balancer on CPU 1, load and backends on CPU 0)"
 
 install_missing() {
@@ -71,31 +76,7 @@ install_missing() {
 install_missing
 cargo build --release --quiet -p udplb -p udplb-bench || die "does not build"
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# cpu1_busy -> busy jiffies of CPU 1 (everything but idle and iowait).
-cpu1_busy() { awk '$1 == "cpu1" {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
-
-"${on0[@]}" "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo" &
-pids+=($!)
-for _ in $(seq 100); do
-    [[ $(grep -c '^listening' "$work/echo" || true) -ge 3 ]] && break
-    sleep 0.05
-done
-mapfile -t backends < <(awk '/^listening/ {print $2}' "$work/echo")
-((${#backends[@]} == 3)) || die "echo backends did not start"
+start_echo "${on0[@]}"
 
 scenario_args() {
     case $1 in
@@ -156,8 +137,10 @@ start_pen() {
 start_peer() {
     local peer=$1 port=$2
     case $peer in
-        relay)
-            "${on1[@]}" "$BENCH" relay --listen "127.0.0.1:$port" "${backends[@]}" \
+        relay | relay-datagram)
+            local per=()
+            [[ $peer == relay-datagram ]] && per=(--per-datagram)
+            "${on1[@]}" "$BENCH" relay --listen "127.0.0.1:$port" "${per[@]}" "${backends[@]}" \
                 >"$work/peer.log" 2>&1 &
             ;;
         udplb-flow | udplb-datagram | base-flow | base-datagram)
@@ -263,12 +246,13 @@ KNOT
 start_dns_peer() { # start_dns_peer PEER PORT -> pid
     local peer=$1 port=$2 k
     case $peer in
-        udplb | udplb-flow)
+        udplb | udplb-flow | base | base-flow)
             # udplb: request-response (each query's flow ends with its answer); udplb-flow:
             # flows of client ip:port kept until idle, like the other peers do.
-            local mode=request-response
-            [[ $peer == udplb-flow ]] && mode=flow
-            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$UDPLB" --workers 1 --mode "$mode" \
+            local mode=request-response binary=$UDPLB
+            [[ $peer == *-flow ]] && mode=flow
+            [[ $peer == base* ]] && binary=$BASELINE
+            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "$mode" \
                 --shutdown-grace 0s "127.0.0.1:$port" "${knots[@]}" >"$work/peer.log" 2>&1 &
             ;;
         dnsdist)
@@ -397,4 +381,11 @@ for scen, by_peer in runs.items():
         print(f"{p:<15} {rps[p]:>10.0f} {lost:>6} {med(p, lambda x: x['r']['p50_us']):>7.0f} "
               f"{med(p, lambda x: x['r']['p99_us']):>7.0f} {cpu_s:>12} {ratio('direct'):>8} "
               f"{ratio('relay'):>8} {ratio('nginx'):>8} {ratio('pen'):>8}")
+    # (c) per-datagram scheduling against per-flow, for udplb and for the bare socket path.
+    for dg, fl in (("udplb-datagram", "udplb-flow"), ("relay-datagram", "relay")):
+        if rps.get(dg) and rps.get(fl):
+            c_dg, c_fl = cpu_ns(dg), cpu_ns(fl)
+            cpu_ratio = (f", CPU per datagram {statistics.median(c_dg) / statistics.median(c_fl):.2f}x"
+                         if c_dg and c_fl else "")
+            print(f"(c) {dg} vs {fl}: replies/s {rps[dg] / rps[fl]:.2f}x{cpu_ratio}")
 PY

@@ -26,7 +26,9 @@ WINDOW=${WINDOW:-256}
 UDPLB=${UDPLB:-target/release/udplb}
 BENCH=target/release/udplb-bench
 
-die() { echo "scale: $*" >&2; exit 1; }
+NAME=scale
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 (($(nproc) >= 2)) || die "needs 2 CPUs (udplb on CPU 1, load and backends on CPU 0)"
 
 cargo build --release --quiet -p udplb-bench || die "udplb-bench does not build"
@@ -34,32 +36,12 @@ if [[ $UDPLB == target/release/udplb ]]; then
     cargo build --release --quiet -p udplb || die "udplb does not build"
 fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
 ulimit -n "$(ulimit -Hn)"
 nofile=$(ulimit -n)
 read -r port_low port_high </proc/sys/net/ipv4/ip_local_port_range
 ports=$((port_high - port_low + 1))
 
-taskset -c 0 "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo.out" &
-pids+=($!)
-for _ in $(seq 100); do
-    (($(grep -c '^listening' "$work/echo.out" || true) == 3)) && break
-    sleep 0.05
-done
-mapfile -t backends < <(awk '/^listening/ {print $2}' "$work/echo.out")
-((${#backends[@]} == 3)) || die "echo backends did not start"
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+start_echo taskset -c 0
 
 # The descriptors one udplb process needs besides its flows (listener, epoll, admin, logs).
 spare=64

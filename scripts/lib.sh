@@ -1,0 +1,45 @@
+# Shared by the benchmark scripts (bench.sh, compare.sh, scale.sh, gso.sh): sourced, not run.
+#
+# Sourcing it sets up, for the script that sources it (which sets NAME first):
+#   die MESSAGE        print "NAME: MESSAGE" on standard error and exit 1
+#   $work              a fresh directory, removed on exit
+#   pids               processes to kill on exit (append with pids+=("$!"))
+#   free_port          a free UDP port on 127.0.0.1
+#   cpu1_busy          busy jiffies of CPU 1 so far (everything but idle and iowait)
+#   start_echo PREFIX...  three echo backends (`udplb-bench echo`), started under the command
+#                      prefix PREFIX (e.g. taskset -c 0; may be empty); sets backends=(ADDR ...)
+# shellcheck shell=bash
+
+die() { echo "${NAME:-bench}: $*" >&2; exit 1; }
+
+BENCH=${BENCH:-target/release/udplb-bench}
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    local p
+    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+cpu1_busy() { awk '$1 == "cpu1" {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+
+start_echo() {
+    "$@" "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo.out" &
+    local pid=$!
+    pids+=("$pid")
+    for _ in $(seq 100); do
+        (($(grep -c '^listening' "$work/echo.out" || true) >= 3)) && break
+        kill -0 "$pid" 2>/dev/null || die "echo backends exited"
+        sleep 0.05
+    done
+    mapfile -t backends < <(awk '/^listening/ {print $2}' "$work/echo.out")
+    ((${#backends[@]} == 3)) || die "echo backends did not report three addresses"
+}
