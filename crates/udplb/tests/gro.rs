@@ -90,19 +90,27 @@ fn exchange_trains(c: &UdpSocket, backend: &UdpSocket) {
     expect_datagrams(backend, 100, TRAIN);
 }
 
+/// udplb with one worker and `--gro` (plus `extra` options) in front of `backend`, and a
+/// client connected to it.
+fn start_gro(backend: &UdpSocket, extra: &[&str]) -> (Udplb, UdpSocket) {
+    let listen = listen_addr("127.0.0.1");
+    let (listen_s, backend_s) = (
+        listen.to_string(),
+        backend.local_addr().unwrap().to_string(),
+    );
+    let mut args = vec!["--workers", "1", "--gro"];
+    args.extend_from_slice(extra);
+    args.extend([listen_s.as_str(), backend_s.as_str()]);
+    let lb = Udplb::start(&args);
+    let c = client("127.0.0.1:0");
+    c.connect(listen).unwrap();
+    (lb, c)
+}
+
 #[test]
 fn a_gso_train_is_forwarded_whole_and_counted_by_datagram() {
     let backend = sink();
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--workers",
-        "1",
-        "--gro",
-        &listen.to_string(),
-        &backend.local_addr().unwrap().to_string(),
-    ]);
-    let c = client("127.0.0.1:0");
-    c.connect(listen).unwrap();
+    let (lb, c) = start_gro(&backend, &[]);
     exchange_trains(&c, &backend);
     let stats = lb.stats();
     let l = &stats["listeners"][0];
@@ -151,18 +159,8 @@ fn trains_are_taken_apart_where_a_policy_applies_per_datagram() {
 #[test]
 fn an_oversized_train_is_dropped_datagram_by_datagram() {
     let backend = sink();
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--workers",
-        "1",
-        "--gro",
-        "--max-datagram-size",
-        &(SEGMENT - 1).to_string(),
-        &listen.to_string(),
-        &backend.local_addr().unwrap().to_string(),
-    ]);
-    let c = client("127.0.0.1:0");
-    c.connect(listen).unwrap();
+    let limit = (SEGMENT - 1).to_string();
+    let (lb, c) = start_gro(&backend, &["--max-datagram-size", &limit]);
     // udplb may still be starting: send until one train was counted.
     assert!(
         wait_for(DEADLINE, || {
