@@ -381,21 +381,23 @@ impl Worker {
                     };
                     for i in 0..n {
                         let d = recv.get(i);
-                        if d.segment_size.is_some() {
-                            self.stats.listeners[li].gro_trains.add(1);
-                        }
-                        if d.segment_size.is_some() && !passes_trains(&snap.listeners[li], snap) {
-                            // A per-datagram policy applies: take the train apart.
-                            for data in d.datagrams() {
-                                let single = RecvMeta {
-                                    data,
-                                    segment_size: None,
-                                    ..d
-                                };
-                                self.forward_one(li, snap, single, now);
-                            }
-                        } else {
+                        if d.segment_size.is_none() {
                             self.forward_one(li, snap, d, now);
+                            continue;
+                        }
+                        self.stats.listeners[li].gro_trains.add(1);
+                        if passes_trains(&snap.listeners[li], snap) {
+                            self.forward_one(li, snap, d, now);
+                            continue;
+                        }
+                        // A per-datagram policy applies: take the train apart.
+                        for data in d.datagrams() {
+                            let single = RecvMeta {
+                                data,
+                                segment_size: None,
+                                ..d
+                            };
+                            self.forward_one(li, snap, single, now);
                         }
                     }
                     // A short batch means the socket is empty; a later datagram raises a new
