@@ -86,6 +86,9 @@ pub struct ListenerConfig {
     /// Receive trains of same-sized datagrams as one (`UDP_GRO`) and forward them as one
     /// (`UDP_SEGMENT`) (`gro`); flow mode only.
     pub gro: bool,
+    /// Flows share upstream sockets by local port, one flow per backend on each
+    /// (`shared_upstream`), instead of a socket each.
+    pub shared_upstream: bool,
 }
 
 impl ListenerConfig {
@@ -107,6 +110,7 @@ impl ListenerConfig {
             proxy_from: Vec::new(),
             abuse_pool: None,
             gro: false,
+            shared_upstream: false,
         }
     }
 }

@@ -47,6 +47,7 @@ const LISTENER_KEYS: &[&str] = &[
     "proxy_from",
     "abuse_pool",
     "gro",
+    "shared_upstream",
 ];
 const LIMIT_KEYS: &[&str] = &[
     "datagrams_per_source",
@@ -272,6 +273,9 @@ impl Reader<'_> {
         });
         l.gro = self
             .optional(t, key, "gro", |r, k, v| r.boolean(k, v))
+            .unwrap_or(false);
+        l.shared_upstream = self
+            .optional(t, key, "shared_upstream", |r, k, v| r.boolean(k, v))
             .unwrap_or(false);
         Some(l)
     }

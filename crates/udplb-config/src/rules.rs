@@ -65,6 +65,35 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
     out
 }
 
+/// `shared_upstream`: a socket shared by flows sends from udplb's own address to whichever
+/// backend a flow has, and carries no train.
+fn check_shared_upstream(out: &mut Vec<Problem>, cfg: &Config, l: &ListenerConfig, key: String) {
+    let why = if l.mode == SessionMode::Datagram {
+        Some("not with mode = \"datagram\" (each client needs a socket for all backends)")
+    } else if l.gro {
+        Some("not with gro = true")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        out.push(problem(key.clone(), why.to_string()));
+    }
+    let transparent = cfg
+        .pools
+        .iter()
+        .filter(|p| p.transparent)
+        .find(|p| p.name == l.pool || l.abuse_pool.as_ref() == Some(&p.name));
+    if let Some(p) = transparent {
+        out.push(problem(
+            key,
+            format!(
+                "not with the transparent pool {:?} (its sockets are bound to the client's address)",
+                p.name
+            ),
+        ));
+    }
+}
+
 fn check_listener(
     out: &mut Vec<Problem>,
     cfg: &Config,
@@ -120,6 +149,9 @@ fn check_listener(
                 l.mode.name()
             ),
         ));
+    }
+    if l.shared_upstream {
+        check_shared_upstream(out, cfg, l, key("shared_upstream"));
     }
     check_duration(
         out,

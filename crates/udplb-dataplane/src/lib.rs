@@ -1,16 +1,18 @@
 //! udplb's data plane: worker threads that move datagrams between clients and backends.
 //!
 //! Owns: the worker threads ([`Dataplane`]), their sockets (one `SO_REUSEPORT` listener socket
-//! per listener per worker, one upstream socket per flow), their flow tables, and the per-worker
+//! per listener per worker, one upstream socket per flow or, with `shared_upstream`, sockets shared
+//! by port), their flow tables, and the per-worker
 //! counters ([`stats`]). Each worker is an independent event loop (mio/epoll) that reads the
 //! current [`Snapshot`] once per turn and shares nothing mutable with the others on the
 //! per-datagram path: the kernel spreads clients over workers by `SO_REUSEPORT` hashing, and
-//! replies come back on the flow's own upstream socket, owned by the same worker.
+//! replies come back on the flow's upstream socket, owned by the same worker.
 //! Must not: parse configuration, run health checks, serve the admin API or block on locks per
 //! datagram (the only lock is the client-IP affinity table, taken when a flow opens or closes
 //! on a listener with `affinity = "ip"`).
 #![forbid(unsafe_code)]
 
+mod ports;
 mod spare;
 pub mod stats;
 mod worker;

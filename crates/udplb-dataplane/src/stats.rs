@@ -74,9 +74,11 @@ pub struct ListenerStats {
     pub abuse_diverted: Counter,
     /// Request-response flows opened on a spare socket of a completed flow (no new socket).
     pub sockets_reused: Counter,
-    /// Replies a spare socket received after its flow had all the replies it expected;
-    /// discarded before the socket served another client.
+    /// Replies that arrived for a flow no longer there (after a request-response flow had all
+    /// the replies it expected, or on a shared socket after its flow closed); discarded.
     pub late_replies: Counter,
+    /// Shared upstream sockets open (gauge; `shared_upstream`).
+    pub shared_sockets: Counter,
     /// GRO trains received (each counted as its datagrams in `datagrams_in`).
     pub gro_trains: Counter,
 }
@@ -251,6 +253,8 @@ pub struct ListenerTotals {
     pub sockets_reused: u64,
     /// See [`ListenerStats::late_replies`].
     pub late_replies: u64,
+    /// See [`ListenerStats::shared_sockets`].
+    pub shared_sockets: u64,
     /// See [`ListenerStats::gro_trains`].
     pub gro_trains: u64,
 }
@@ -283,6 +287,7 @@ impl ListenerTotals {
             t.abuse_diverted += l.abuse_diverted.get();
             t.sockets_reused += l.sockets_reused.get();
             t.late_replies += l.late_replies.get();
+            t.shared_sockets += l.shared_sockets.get();
             t.gro_trains += l.gro_trains.get();
         }
         t

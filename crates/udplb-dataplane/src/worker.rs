@@ -1,7 +1,8 @@
 //! One worker: an event loop over its listener sockets and its flows' upstream sockets.
 //!
-//! Owns: a flow table, the upstream socket of each of its flows, per-pool scheduler cursors,
-//! a receive batch and one reply batch per listener.
+//! Owns: a flow table, the upstream socket of each of its flows (or, with `shared_upstream`,
+//! each listener's shared upstream sockets: [`crate::ports`]), per-pool scheduler cursors, a
+//! receive batch and one reply batch per listener.
 //!
 //! A turn: wait for readiness (at most until the next flow deadline); load the snapshot if it
 //! changed; forward client datagrams from each readable listener (`recvmmsg`, at most
@@ -32,6 +33,7 @@ use udplb_core::verdict::CloseReason;
 use udplb_core::{DropReason, ProxyHeader, SessionMode, Time};
 use udplb_sys::batch::{RecvBatch, RecvMeta, SendBatch};
 
+use crate::ports::{Port, PortPool};
 use crate::spare::Spares;
 use crate::stats::WorkerStats;
 
@@ -48,6 +50,14 @@ const OVERLOAD_FILL: u32 = 8;
 const NEW_FLOWS_PER_BATCH_UNDER_BACKLOG: u32 = 8;
 /// Replies read from an upstream socket with one `recvmmsg`.
 const REPLY_BATCH: usize = 16;
+/// Reply batches ([`BATCH`] each) read from one shared upstream socket per turn.
+const REPLY_BATCHES_PER_PORT_PER_TURN: usize = 8;
+/// Buffer size asked for shared upstream sockets (each carries the replies of one flow per
+/// backend).
+const SHARED_SOCKET_BUFFER: usize = 1 << 20;
+/// Listeners (by index) whose flows may use shared upstream sockets: the epoll tokens of those
+/// sockets encode the listener index in 10 bits. Flows of later listeners get a socket each.
+const SHARED_LISTENERS: usize = 1 << 10;
 /// Reply batches read from one upstream socket per turn.
 const REPLY_BATCHES_PER_FLOW_PER_TURN: usize = 2;
 /// Datagrams a spare socket may hold when it is taken: more means a backend keeps answering
@@ -71,6 +81,29 @@ fn listener_token(i: usize) -> Token {
 fn listener_of_token(t: Token, listeners: usize) -> Option<usize> {
     let i = usize::MAX.checked_sub(t.0)?.checked_sub(1)?;
     (i < listeners).then_some(i)
+}
+
+/// Below the listener tokens: one token per shared upstream socket, (listener, family, port)
+/// packed into 31 bits. The slot half of these tokens is above 2^31, which no flow slot
+/// reaches (flows are capped at 2^24).
+const PORT_TOKENS: usize = usize::MAX - (1 << 17);
+const PORT_BITS: u32 = 20;
+const _: () = assert!(crate::ports::MAX_SOCKETS == 1 << PORT_BITS);
+
+/// A shared upstream socket: listener index, IPv6 or not, port index.
+type PortRef = (usize, bool, Port);
+
+fn port_token((li, v6, port): PortRef) -> Token {
+    Token(PORT_TOKENS - ((li << (PORT_BITS + 1)) | (usize::from(v6) << PORT_BITS) | port as usize))
+}
+
+fn port_of_token(t: Token) -> Option<PortRef> {
+    let x = PORT_TOKENS.checked_sub(t.0)?;
+    if x >= SHARED_LISTENERS << (PORT_BITS + 1) {
+        return None;
+    }
+    let port = (x & ((1 << PORT_BITS) - 1)) as Port;
+    Some((x >> (PORT_BITS + 1), (x >> PORT_BITS) & 1 == 1, port))
 }
 
 /// What a worker is built from.
@@ -109,13 +142,48 @@ struct ListenerIo {
     /// new flows are admitted at a bounded rate so that the datagrams of established flows
     /// keep being read before the kernel has to drop them.
     overloaded: bool,
+    /// Upstream sockets its flows share (`shared_upstream`), per address family.
+    shared: SharedPorts,
+}
+
+/// A listener's shared upstream sockets: one pool per address family (a socket sends to
+/// backends of its own family).
+struct SharedPorts {
+    v4: PortPool<UdpSocket>,
+    v6: PortPool<UdpSocket>,
+}
+
+impl SharedPorts {
+    #[inline]
+    fn family(&self, v6: bool) -> &PortPool<UdpSocket> {
+        if v6 { &self.v6 } else { &self.v4 }
+    }
+
+    #[inline]
+    fn family_mut(&mut self, v6: bool) -> &mut PortPool<UdpSocket> {
+        if v6 { &mut self.v6 } else { &mut self.v4 }
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+}
+
+/// Where a flow's datagrams to its backend go out.
+#[derive(Debug)]
+enum UpstreamSocket {
+    /// A socket of its own (connected to the backend, except in datagram mode).
+    Own(UdpSocket),
+    /// The listener's shared socket with this port index (of the backend's address family),
+    /// which carries no other flow to this backend.
+    Shared(Port),
 }
 
 /// The I/O half of a flow: its upstream socket (connected to the backend, except in datagram
-/// mode where each datagram may go to another backend).
+/// mode where each datagram may go to another backend), or its share of a shared one.
 #[derive(Debug)]
 pub(crate) struct Upstream {
-    socket: UdpSocket,
+    socket: UpstreamSocket,
     /// Request-response mode: when the flow's first request was sent (µs since the worker's
     /// epoch), until its first reply turns it into a latency sample.
     request_sent_us: Option<u64>,
@@ -209,6 +277,10 @@ impl Worker {
                 wildcard: spec.address.ip().is_unspecified(),
                 readable: true,
                 overloaded: false,
+                shared: SharedPorts {
+                    v4: PortPool::new(),
+                    v6: PortPool::new(),
+                },
             });
         }
         let mut worker = Worker {
@@ -259,8 +331,12 @@ impl Worker {
         let mut events = Events::with_capacity(1024);
         let mut ready: Vec<FlowHandle> = Vec::with_capacity(1024);
         let mut again: Vec<FlowHandle> = Vec::with_capacity(1024);
+        let mut ready_ports: Vec<PortRef> = Vec::with_capacity(64);
+        let mut again_ports: Vec<PortRef> = Vec::with_capacity(64);
         while !self.stop.load(Ordering::Acquire) {
-            let busy = !ready.is_empty() || self.listeners.iter().any(|l| l.readable);
+            let busy = !ready.is_empty()
+                || !ready_ports.is_empty()
+                || self.listeners.iter().any(|l| l.readable);
             let timeout = if busy {
                 Duration::ZERO
             } else {
@@ -279,9 +355,12 @@ impl Worker {
                 if t == WAKER {
                     continue;
                 }
-                match listener_of_token(t, self.listeners.len()) {
-                    Some(i) => self.listeners[i].readable = true,
-                    None => ready.push(FlowHandle::from_u64(t.0 as u64)),
+                if let Some(i) = listener_of_token(t, self.listeners.len()) {
+                    self.listeners[i].readable = true;
+                } else if let Some(port) = port_of_token(t) {
+                    ready_ports.push(port);
+                } else {
+                    ready.push(FlowHandle::from_u64(t.0 as u64));
                 }
             }
             let now = self.now();
@@ -300,6 +379,13 @@ impl Worker {
                 }
             }
             std::mem::swap(&mut ready, &mut again);
+            again_ports.clear();
+            for &port in &ready_ports {
+                if !self.relay_port_replies(&snap, port, &mut recv, now) {
+                    again_ports.push(port);
+                }
+            }
+            std::mem::swap(&mut ready_ports, &mut again_ports);
             self.flush_all_replies();
             self.expire_idle(now);
             self.publish_gauges();
@@ -604,7 +690,8 @@ impl Worker {
             .ok_or(DropReason::NoBackend)?;
         let backend = &pool.backends[idx];
         let connect = spec.mode != SessionMode::Datagram;
-        let reusable = connect && !pool.transparent;
+        let shared = spec.shared_upstream && connect && !pool.transparent && li < SHARED_LISTENERS;
+        let reusable = connect && !pool.transparent && !shared;
         let spare = if reusable {
             self.take_spare(li, backend.spec.addr)
         } else {
@@ -612,10 +699,22 @@ impl Worker {
         };
         let reused = spare.is_some();
         let socket = match spare {
-            Some(s) => s,
-            None => self.open_upstream(pool.transparent, backend.spec.addr, client, connect)?,
+            Some(s) => UpstreamSocket::Own(s),
+            None if shared => {
+                UpstreamSocket::Shared(self.reserve_port(li, backend.spec.addr, now)?)
+            }
+            None => UpstreamSocket::Own(self.open_upstream(
+                pool.transparent,
+                backend.spec.addr,
+                client,
+                connect,
+            )?),
         };
-        let fd = socket.as_raw_fd();
+        let own_fd = match &socket {
+            UpstreamSocket::Own(s) => Some(s.as_raw_fd()),
+            UpstreamSocket::Shared(_) => None,
+        };
+        let backend_addr = backend.spec.addr;
         let h = self.table.insert(
             key,
             (backend.id, backend.spec.addr),
@@ -633,19 +732,18 @@ impl Worker {
                 reusable,
             },
         );
-        let token = Token(h.to_u64() as usize);
-        let registry = self.poll.registry();
-        let registered = if reused {
-            // Still registered under its previous flow's token.
-            registry.reregister(&mut SourceFd(&fd), token, Interest::READABLE)
-        } else {
-            registry.register(&mut SourceFd(&fd), token, Interest::READABLE)
-        };
-        if let Err(e) = registered {
-            self.log
-                .warn("registering an upstream socket (new flows are shed)", &e);
-            self.close_flow(h, CloseReason::Error, now);
-            return Err(DropReason::UpstreamSocket);
+        match own_fd {
+            Some(fd) => self.register_own(h, fd, reused, now)?,
+            None => {
+                if let Some(UpstreamSocket::Shared(port)) = self.table.get(h).map(|f| &f.io.socket)
+                {
+                    let port = *port;
+                    self.listeners[li]
+                        .shared
+                        .family_mut(backend_addr.is_ipv6())
+                        .assign(port, backend_addr, h);
+                }
+            }
         }
         if reused {
             self.stats.listeners[li].sockets_reused.add(1);
@@ -656,6 +754,82 @@ impl Worker {
             table.acquire(client.ip(), backend.id, now);
         }
         Ok(h)
+    }
+
+    /// Registers flow `h`'s own socket `fd` for readiness under the flow's token (`reused`: a
+    /// spare, still registered under its previous flow's token). On failure the flow is closed.
+    fn register_own(
+        &mut self,
+        h: FlowHandle,
+        fd: std::os::fd::RawFd,
+        reused: bool,
+        now: Time,
+    ) -> Result<(), DropReason> {
+        let token = Token(h.to_u64() as usize);
+        let registry = self.poll.registry();
+        let registered = if reused {
+            registry.reregister(&mut SourceFd(&fd), token, Interest::READABLE)
+        } else {
+            registry.register(&mut SourceFd(&fd), token, Interest::READABLE)
+        };
+        if let Err(e) = registered {
+            self.log
+                .warn("registering an upstream socket (new flows are shed)", &e);
+            self.close_flow(h, CloseReason::Error, now);
+            return Err(DropReason::UpstreamSocket);
+        }
+        Ok(())
+    }
+
+    /// A (shared socket, `backend`) pair of listener `li` for a new flow: a free one, else on a
+    /// newly opened socket, else (no socket could be opened) a pair still in quarantine.
+    fn reserve_port(
+        &mut self,
+        li: usize,
+        backend: SocketAddr,
+        now: Time,
+    ) -> Result<Port, DropReason> {
+        let v6 = backend.is_ipv6();
+        if let Some(port) = self.listeners[li]
+            .shared
+            .family_mut(v6)
+            .reserve(backend, now)
+        {
+            return Ok(port);
+        }
+        let opened = self.open_shared(li, backend);
+        let pool = self.listeners[li].shared.family_mut(v6);
+        match opened {
+            Ok(()) => pool.reserve(backend, now).ok_or(DropReason::UpstreamSocket),
+            Err(reason) => pool.reserve_early(backend).ok_or(reason),
+        }
+    }
+
+    /// Opens one more shared upstream socket for listener `li`, of `backend`'s family, and
+    /// registers it for readiness.
+    fn open_shared(&mut self, li: usize, backend: SocketAddr) -> Result<(), DropReason> {
+        let v6 = backend.is_ipv6();
+        let pool = self.listeners[li].shared.family(v6);
+        if pool.len() >= crate::ports::MAX_SOCKETS {
+            return Err(DropReason::UpstreamSocket);
+        }
+        let token = port_token((li, v6, pool.next_port()));
+        let opened =
+            udplb_sys::socket::upstream_socket(backend, false, None, Some(SHARED_SOCKET_BUFFER));
+        let socket = self.below_fd_ceiling(opened)?;
+        let fd = socket.as_raw_fd();
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)
+        {
+            self.log
+                .warn("registering an upstream socket (new flows are shed)", &e);
+            return Err(DropReason::UpstreamSocket);
+        }
+        // Cannot be full: checked above.
+        let _ = self.listeners[li].shared.family_mut(v6).add(socket);
+        Ok(())
     }
 
     /// A new upstream socket for a flow of `client` to `backend` (connected unless in datagram
@@ -672,6 +846,12 @@ impl Worker {
         } else {
             udplb_sys::socket::upstream_socket(backend, connect, None, None)
         };
+        self.below_fd_ceiling(opened)
+    }
+
+    /// The socket just opened (or why not), refused when its descriptor number says the
+    /// descriptors are nearly exhausted.
+    fn below_fd_ceiling(&mut self, opened: io::Result<UdpSocket>) -> Result<UdpSocket, DropReason> {
         let socket = match opened {
             Ok(s) => s,
             Err(e) => {
@@ -775,12 +955,24 @@ impl Worker {
             ProxyHeader::First => !flow.io.header_sent,
             ProxyHeader::Every => true,
         };
-        let fd = flow.io.socket.as_fd();
+        // A shared socket is not connected: it names the backend on every send.
+        let (fd, dest) = match &flow.io.socket {
+            UpstreamSocket::Own(s) => (s.as_fd(), None),
+            UpstreamSocket::Shared(port) => {
+                let pool = self.listeners[li]
+                    .shared
+                    .family(flow.backend_addr.is_ipv6());
+                let s = pool.socket(*port).ok_or(DropReason::SendError)?;
+                (s.as_fd(), Some(flow.backend_addr))
+            }
+        };
         let sent = if with_header {
             let n = write_proxy_header(&mut self.header, self.listeners[li].bound, flow);
-            udplb_sys::batch::send_two(fd, &self.header[..n], data, None)
+            udplb_sys::batch::send_two(fd, &self.header[..n], data, dest)
         } else if let Some(size) = segment_size {
-            send_train(fd, data, size)
+            send_train(fd, data, size, dest)
+        } else if let Some(dest) = dest {
+            udplb_sys::batch::send_to(fd, data, dest)
         } else {
             udplb_sys::batch::send(fd, data)
         };
@@ -824,12 +1016,16 @@ impl Worker {
             (pool.backends[idx].spec.addr, pool.backends[idx].id)
         };
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        // Datagram mode never shares sockets (a client's socket serves every backend).
+        let UpstreamSocket::Own(socket) = &flow.io.socket else {
+            return Err(DropReason::SendError);
+        };
         // Every datagram is scheduled on its own, so `first` means every datagram here.
         let sent = if pool.proxy_header == ProxyHeader::Off {
-            udplb_sys::batch::send_to(flow.io.socket.as_fd(), data, dest)
+            udplb_sys::batch::send_to(socket.as_fd(), data, dest)
         } else {
             let n = write_proxy_header(&mut self.header, self.listeners[li].bound, flow);
-            udplb_sys::batch::send_two(flow.io.socket.as_fd(), &self.header[..n], data, Some(dest))
+            udplb_sys::batch::send_two(socket.as_fd(), &self.header[..n], data, Some(dest))
         };
         match sent {
             Ok(_) => Ok(backend),
@@ -859,9 +1055,27 @@ impl Worker {
             .ok_or(DropReason::NoBackend)?;
         let b = &pool.backends[idx];
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
-        if let Err(e) = flow.io.socket.connect(b.spec.addr) {
-            self.log.warn("re-connecting a moved flow", &e);
-            return Err(DropReason::SendError);
+        let old = flow.backend_addr;
+        match &flow.io.socket {
+            UpstreamSocket::Own(s) => {
+                if let Err(e) = s.connect(b.spec.addr) {
+                    self.log.warn("re-connecting a moved flow", &e);
+                    return Err(DropReason::SendError);
+                }
+            }
+            &UpstreamSocket::Shared(port) => {
+                // A pair with the new backend, then the old pair back.
+                let now = self.now();
+                let new = self.reserve_port(li, b.spec.addr, now)?;
+                let shared = &mut self.listeners[li].shared;
+                shared.family_mut(old.is_ipv6()).release(port, old, now);
+                shared
+                    .family_mut(b.spec.addr.is_ipv6())
+                    .assign(new, b.spec.addr, h);
+                if let Some(f) = self.table.get_mut(h) {
+                    f.io.socket = UpstreamSocket::Shared(new);
+                }
+            }
         }
         self.table.rebind(h, (b.id, b.spec.addr), snap.generation);
         if let Some(f) = self.table.get_mut(h) {
@@ -921,7 +1135,11 @@ impl Worker {
             let Some(flow) = self.table.get(h) else {
                 return true;
             };
-            match inbox.recv(flow.io.socket.as_fd()) {
+            // Only a flow's own socket raises readiness under the flow's token.
+            let UpstreamSocket::Own(socket) = &flow.io.socket else {
+                return true;
+            };
+            match inbox.recv(socket.as_fd()) {
                 Ok(n) => {
                     if self.queue_replies(snap, h, inbox, now) == Relayed::FlowCompleted {
                         return true;
@@ -947,13 +1165,106 @@ impl Worker {
         false
     }
 
-    /// Checks the replies in `inbox` (size; in datagram mode, that a backend of the pool sent
-    /// them) and queues them for the client of flow `h`, from the address it sent to.
+    /// Queues the replies in `inbox`, all from flow `h`'s own socket ([`Worker::queue_reply`]).
     fn queue_replies(
         &mut self,
         snap: &Snapshot,
         h: FlowHandle,
         inbox: &RecvBatch,
+        now: Time,
+    ) -> Relayed {
+        for i in 0..inbox.len() {
+            if self.queue_reply(snap, h, &inbox.get(i), now) == Relayed::FlowCompleted {
+                // Replies after the last expected one are discarded, as late replies.
+                let late = (inbox.len() - i - 1) as u64;
+                if late > 0
+                    && let Some(li) = self.table.get(h).map(|f| f.key.listener as usize)
+                {
+                    self.stats.listeners[li].late_replies.add(late);
+                }
+                return Relayed::FlowCompleted;
+            }
+        }
+        Relayed::Queued
+    }
+
+    /// Reads replies from shared upstream socket `port` (`recvmmsg`) and queues each for the
+    /// flow that owns (socket, its source). Returns whether the socket was drained (false: the
+    /// budget or the reply queue ran out; resume next turn).
+    fn relay_port_replies(
+        &mut self,
+        snap: &Snapshot,
+        (li, v6, port): PortRef,
+        inbox: &mut RecvBatch,
+        now: Time,
+    ) -> bool {
+        if li >= self.listeners.len() {
+            return true;
+        }
+        for _ in 0..REPLY_BATCHES_PER_PORT_PER_TURN {
+            let lio = &mut self.listeners[li];
+            if lio.replies.room() < inbox.capacity() {
+                flush_replies(lio, &self.stats, li, &mut self.log);
+                if lio.replies.room() < inbox.capacity() {
+                    return false;
+                }
+            }
+            let Some(socket) = self.listeners[li].shared.family(v6).socket(port) else {
+                return true;
+            };
+            match inbox.recv(socket.as_fd()) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let reply = inbox.get(i);
+                        let owner = self.listeners[li]
+                            .shared
+                            .family(v6)
+                            .owner(port, reply.source);
+                        match owner {
+                            Some(h) => {
+                                self.queue_reply(snap, h, &reply, now);
+                            }
+                            None => self.count_ownerless_reply(snap, li, reply.source),
+                        }
+                    }
+                    if n < inbox.capacity() {
+                        return true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    self.log.warn("shared upstream receive", &e);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// A datagram on a shared socket of listener `li` that no flow owns: a backend's late
+    /// answer to a closed flow (counted as a late reply), or a stranger's (dropped as from an
+    /// unknown source). Either way it is not relayed.
+    fn count_ownerless_reply(&self, snap: &Snapshot, li: usize, source: SocketAddr) {
+        let spec = &snap.listeners[li];
+        let from_backend = [Some(spec.pool), spec.abuse_pool]
+            .into_iter()
+            .flatten()
+            .any(|pi| snap.pools[pi].position(&source).is_some());
+        let stats = &self.stats.listeners[li];
+        if from_backend {
+            stats.late_replies.add(1);
+        } else {
+            stats.drop(DropReason::UnknownSource);
+        }
+    }
+
+    /// Checks `reply`, received for flow `h` (size; in datagram mode, that a backend of the pool
+    /// sent it) and queues it for the flow's client, from the address the client sent to.
+    fn queue_reply(
+        &mut self,
+        snap: &Snapshot,
+        h: FlowHandle,
+        reply: &RecvMeta<'_>,
         now: Time,
     ) -> Relayed {
         let Some(flow) = self.table.get(h) else {
@@ -967,56 +1278,48 @@ impl Worker {
         };
         let pool = &snap.pools[pi];
         let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
-        if counted && !inbox.is_empty() {
+        if counted {
             self.sample_reply_latency(h, flow_backend);
         }
-        let check_source = spec.mode == SessionMode::Datagram;
-        for i in 0..inbox.len() {
-            let reply = inbox.get(i);
-            let stats = &self.stats.listeners[li];
-            stats.replies_in.add(1);
-            // Datagram mode: the reply's source says which backend answered (and must be one).
-            let backend = if check_source {
-                match pool.position(&reply.source) {
-                    Some(i) => pool.backends[i].id,
-                    None => {
-                        stats.drop(DropReason::UnknownSource);
-                        continue;
-                    }
+        let stats = &self.stats.listeners[li];
+        stats.replies_in.add(1);
+        // Datagram mode: the reply's source says which backend answered (and must be one).
+        let backend = if spec.mode == SessionMode::Datagram {
+            match pool.position(&reply.source) {
+                Some(i) => pool.backends[i].id,
+                None => {
+                    stats.drop(DropReason::UnknownSource);
+                    return Relayed::Queued;
                 }
-            } else {
-                flow_backend
-            };
-            if let Some(b) = self.stats.backends.get(backend.index()) {
-                b.replies.add(1);
-                b.bytes_replied.add(reply.data.len() as u64);
             }
-            if reply.truncated || reply.data.len() > spec.max_datagram_size {
-                stats.drop(DropReason::ReplyOversize);
-                continue;
-            }
-            let Some(payload) = strip_proxy_header(pool, reply.data) else {
-                stats.drop(DropReason::ProxyHeader);
-                continue;
-            };
-            if let Some(ratio) = spec.limits.as_ref().and_then(|l| l.reply_ratio())
-                && !self.within_reply_budget(h, payload.len(), ratio)
-            {
-                self.stats.listeners[li].drop(DropReason::Amplification);
-                continue;
-            }
-            let stats = &self.stats.listeners[li];
-            self.listeners[li]
-                .replies
-                .push(payload, key.client, key.local);
-            stats.bytes_out.add(payload.len() as u64);
-            if self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete {
-                // Replies after the last expected one are discarded, as late replies.
-                let late = inbox.len() - i - 1;
-                self.stats.listeners[li].late_replies.add(late as u64);
-                self.close_flow(h, CloseReason::Completed, now);
-                return Relayed::FlowCompleted;
-            }
+        } else {
+            flow_backend
+        };
+        if let Some(b) = self.stats.backends.get(backend.index()) {
+            b.replies.add(1);
+            b.bytes_replied.add(reply.data.len() as u64);
+        }
+        if reply.truncated || reply.data.len() > spec.max_datagram_size {
+            stats.drop(DropReason::ReplyOversize);
+            return Relayed::Queued;
+        }
+        let Some(payload) = strip_proxy_header(pool, reply.data) else {
+            stats.drop(DropReason::ProxyHeader);
+            return Relayed::Queued;
+        };
+        if let Some(ratio) = spec.limits.as_ref().and_then(|l| l.reply_ratio())
+            && !self.within_reply_budget(h, payload.len(), ratio)
+        {
+            self.stats.listeners[li].drop(DropReason::Amplification);
+            return Relayed::Queued;
+        }
+        self.listeners[li]
+            .replies
+            .push(payload, key.client, key.local);
+        self.stats.listeners[li].bytes_out.add(payload.len() as u64);
+        if self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete {
+            self.close_flow(h, CloseReason::Completed, now);
+            return Relayed::FlowCompleted;
         }
         Relayed::Queued
     }
@@ -1070,10 +1373,26 @@ impl Worker {
     fn close_flow(&mut self, h: FlowHandle, reason: CloseReason, now: Time) {
         if let Some(flow) = self.table.close(h, reason) {
             self.on_closed(&flow.key, flow.io.client(&flow.key), reason, now);
-            if reason == CloseReason::Completed && flow.io.reusable {
-                // The epoll registration stays, under a token no live flow has.
-                drop(self.spares.park(flow.backend_addr, flow.io.socket, now));
+            match flow.io.socket {
+                UpstreamSocket::Own(socket) => {
+                    if reason == CloseReason::Completed && flow.io.reusable {
+                        // The epoll registration stays, under a token no live flow has.
+                        drop(self.spares.park(flow.backend_addr, socket, now));
+                    }
+                }
+                UpstreamSocket::Shared(port) => {
+                    self.release_port(flow.key.listener, port, flow.backend_addr, now);
+                }
             }
+        }
+    }
+
+    /// Gives back a closed flow's (shared socket, backend) pair.
+    fn release_port(&mut self, listener: u16, port: Port, backend: SocketAddr, now: Time) {
+        if let Some(lio) = self.listeners.get_mut(listener as usize) {
+            lio.shared
+                .family_mut(backend.is_ipv6())
+                .release(port, backend, now);
         }
     }
 
@@ -1091,10 +1410,17 @@ impl Worker {
     fn expire_idle(&mut self, now: Time) {
         self.spares.expire(now);
         let mut closed: Vec<(FlowKey, SocketAddr, BackendId, u32)> = Vec::new();
+        let mut ports: Vec<(u16, Port, SocketAddr)> = Vec::new();
         self.table.expire(now, |_, flow| {
             let client = flow.io.client(&flow.key);
+            if let UpstreamSocket::Shared(port) = flow.io.socket {
+                ports.push((flow.key.listener, port, flow.backend_addr));
+            }
             closed.push((flow.key, client, flow.backend, flow.pending_replies))
         });
+        for (listener, port, backend) in ports {
+            self.release_port(listener, port, backend, now);
+        }
         for (key, client, backend, pending) in &closed {
             let li = key.listener as usize;
             let request_response = matches!(
@@ -1120,6 +1446,9 @@ impl Worker {
             stats
                 .flows_live
                 .set(u64::from(self.table.live_of(li as u16)));
+            stats
+                .shared_sockets
+                .set(self.listeners[li].shared.len() as u64);
         }
     }
 
@@ -1173,7 +1502,21 @@ fn passes_trains(spec: &ListenerSpec, snap: &Snapshot) -> bool {
 /// Sends a GRO train on a connected socket as one GSO train, or datagram by datagram when
 /// the path refuses segmentation offload (`EINVAL`, `EIO`, `EMSGSIZE`: e.g. a segment larger
 /// than the route's MTU allows). Returns the bytes sent.
-fn send_train(fd: std::os::fd::BorrowedFd<'_>, data: &[u8], size: u16) -> io::Result<usize> {
+fn send_train(
+    fd: std::os::fd::BorrowedFd<'_>,
+    data: &[u8],
+    size: u16,
+    dest: Option<SocketAddr>,
+) -> io::Result<usize> {
+    if let Some(dest) = dest {
+        // An unconnected (shared) socket: `gro` and `shared_upstream` do not go together, so
+        // this is not the fast path; datagram by datagram.
+        let mut sent = 0;
+        for datagram in data.chunks(usize::from(size)) {
+            sent += udplb_sys::batch::send_to(fd, datagram, dest)?;
+        }
+        return Ok(sent);
+    }
     match udplb_sys::batch::send_segments(fd, data, size) {
         Err(e)
             if matches!(

@@ -114,6 +114,7 @@ pub(crate) fn stats_json(state: &State) -> Value {
                     "created": t.flows_created,
                     "closed": closed,
                     "sockets_reused": t.sockets_reused,
+                    "shared_sockets": t.shared_sockets,
                 },
             })
         })

@@ -121,6 +121,10 @@ struct OneLiner {
     /// mode only.
     #[arg(long)]
     gro: bool,
+    /// Flows share upstream sockets, one flow per backend on each, instead of a socket each
+    /// (for many flows or many new flows per second); flow and request-response modes.
+    #[arg(long)]
+    shared_upstream: bool,
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -242,6 +246,7 @@ impl OneLiner {
         listener.max_flows = self.max_flows;
         listener.max_datagram_size = self.max_datagram_size;
         listener.gro = self.gro;
+        listener.shared_upstream = self.shared_upstream;
         let mut runtime = Runtime {
             workers: self.workers,
             shutdown_grace: Some(self.shutdown_grace),

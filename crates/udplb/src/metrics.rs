@@ -193,7 +193,11 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
     );
     let mut f_late = Family::counter(
         "late_replies",
-        "Replies that came after a request-response flow had all it expected, discarded",
+        "Replies that came for a flow no longer there (completed or closed), discarded",
+    );
+    let mut f_shared = Family::gauge(
+        "upstream_shared_sockets",
+        "Upstream sockets shared by flows (listeners with shared_upstream)",
     );
     let mut f_trains = Family::counter(
         "gro_trains",
@@ -227,6 +231,7 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_abuse.add(name(), t.abuse_diverted as f64);
         f_reused.add(name(), t.sockets_reused as f64);
         f_late.add(name(), t.late_replies as f64);
+        f_shared.add(name(), t.shared_sockets as f64);
         f_trains.add(name(), t.gro_trains as f64);
     }
     let mut rxq = Family::counter(
@@ -260,6 +265,7 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_reused,
         f_late,
         f_trains,
+        f_shared,
         rxq,
     ]
 }

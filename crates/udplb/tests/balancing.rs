@@ -267,6 +267,55 @@ fn request_response_reuses_sockets_and_never_relays_late_replies() {
     }
 }
 
+/// With shared upstream sockets a completed flow gives its (socket, backend) share back; the
+/// backend's late answer arrives while no flow owns it and is discarded, never relayed to a
+/// client that takes the share later.
+#[test]
+fn request_response_on_shared_sockets_never_relays_late_replies() {
+    let backend = DoubleAnswering::start();
+    let listen = listen_addr();
+    let lb = Udplb::start(&[
+        "--workers",
+        "1",
+        "--shared-upstream",
+        "--mode",
+        "request-response",
+        "--responses",
+        "1",
+        &listen.to_string(),
+        &backend.addr.to_string(),
+    ]);
+    let clients = [
+        client("127.0.0.1:0"),
+        client("127.0.0.1:0"),
+        client("127.0.0.1:0"),
+    ];
+    for (i, c) in clients.iter().enumerate() {
+        let payload = format!("c{i}");
+        c.send_to(payload.as_bytes(), listen).unwrap();
+        let (reply, _) = recv(c);
+        assert_eq!(String::from_utf8_lossy(&reply), format!("r:{payload}"));
+        backend.answer_late();
+        assert!(
+            wait_for(DEADLINE, || lb.counter("/late_replies") == i as u64 + 1),
+            "{}",
+            lb.stats()
+        );
+    }
+    assert_eq!(lb.counter("/flows/created"), 3);
+    assert_eq!(lb.counter("/flows/closed/completed"), 3);
+    assert!(lb.counter("/flows/shared_sockets") <= 3, "{}", lb.stats());
+    for c in &clients {
+        c.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(
+            c.recv_from(&mut buf).is_err(),
+            "a late reply reached a client: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}
+
 #[test]
 fn backup_takes_traffic_only_when_no_primary_can() {
     let (primary, backup) = (
