@@ -19,7 +19,10 @@
 #                              d = DNS: dnsperf through each balancer to 3 knot servers, with
 #                                  dnsdist as a peer (udplb in request-response and flow mode)
 #        PEERS ("direct relay relay-datagram udplb-flow udplb-datagram nginx pen"; relay-datagram
-#               is the reference relay scheduling per datagram, the ceiling of datagram mode)
+#               is the reference relay scheduling per datagram, the ceiling of datagram mode;
+#               udplb-shared is flow mode with shared upstream sockets, --shared-upstream)
+#        DNS_PEERS ("udplb udplb-flow dnsdist nginx pen"; also udplb-shared: request-response
+#               with --shared-upstream)
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
 #        BASELINE (unset): another udplb binary; adds the peers base-flow and base-datagram
 #                  (and base, base-flow to DNS_PEERS), so a change is measured before and after
@@ -143,10 +146,11 @@ start_peer() {
             "${on1[@]}" "$BENCH" relay --listen "127.0.0.1:$port" "${per[@]}" "${backends[@]}" \
                 >"$work/peer.log" 2>&1 &
             ;;
-        udplb-flow | udplb-datagram | base-flow | base-datagram)
-            local binary=$UDPLB
+        udplb-flow | udplb-datagram | udplb-shared | base-flow | base-datagram)
+            local binary=$UDPLB mode=${peer#*-} shared=()
             [[ $peer == base-* ]] && binary=$BASELINE
-            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "${peer#*-}" \
+            [[ $peer == udplb-shared ]] && mode=flow shared=(--shared-upstream)
+            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "$mode" "${shared[@]}" \
                 --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}" >"$work/peer.log" 2>&1 &
             ;;
         nginx)
@@ -246,13 +250,15 @@ KNOT
 start_dns_peer() { # start_dns_peer PEER PORT -> pid
     local peer=$1 port=$2 k
     case $peer in
-        udplb | udplb-flow | base | base-flow)
+        udplb | udplb-flow | udplb-shared | base | base-flow)
             # udplb: request-response (each query's flow ends with its answer); udplb-flow:
-            # flows of client ip:port kept until idle, like the other peers do.
-            local mode=request-response binary=$UDPLB
+            # flows of client ip:port kept until idle, like the other peers do; udplb-shared:
+            # request-response on shared upstream sockets.
+            local mode=request-response binary=$UDPLB shared=()
             [[ $peer == *-flow ]] && mode=flow
             [[ $peer == base* ]] && binary=$BASELINE
-            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "$mode" \
+            [[ $peer == udplb-shared ]] && shared=(--shared-upstream)
+            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "$mode" "${shared[@]}" \
                 --shutdown-grace 0s "127.0.0.1:$port" "${knots[@]}" >"$work/peer.log" 2>&1 &
             ;;
         dnsdist)

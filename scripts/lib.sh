@@ -6,8 +6,9 @@
 #   pids               processes to kill on exit (append with pids+=("$!"))
 #   free_port          a free UDP port on 127.0.0.1
 #   cpu1_busy          busy jiffies of CPU 1 so far (everything but idle and iowait)
-#   start_echo PREFIX...  three echo backends (`udplb-bench echo`), started under the command
-#                      prefix PREFIX (e.g. taskset -c 0; may be empty); sets backends=(ADDR ...)
+#   start_echo PREFIX...  $ECHO_BACKENDS (default 3) echo backends (`udplb-bench echo`, one
+#                      process), started under the command prefix PREFIX (e.g. taskset -c 0;
+#                      may be empty); sets backends=(ADDR ...)
 # shellcheck shell=bash
 
 die() { echo "${NAME:-bench}: $*" >&2; exit 1; }
@@ -32,14 +33,16 @@ free_port() {
 cpu1_busy() { awk '$1 == "cpu1" {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
 
 start_echo() {
-    "$@" "$BENCH" echo 127.0.0.1:0 127.0.0.1:0 127.0.0.1:0 >"$work/echo.out" &
-    local pid=$!
+    local n=${ECHO_BACKENDS:-3} addrs=() pid
+    for _ in $(seq "$n"); do addrs+=(127.0.0.1:0); done
+    "$@" "$BENCH" echo "${addrs[@]}" >"$work/echo.out" &
+    pid=$!
     pids+=("$pid")
     for _ in $(seq 100); do
-        (($(grep -c '^listening' "$work/echo.out" || true) >= 3)) && break
+        (($(grep -c '^listening' "$work/echo.out" || true) >= n)) && break
         kill -0 "$pid" 2>/dev/null || die "echo backends exited"
         sleep 0.05
     done
     mapfile -t backends < <(awk '/^listening/ {print $2}' "$work/echo.out")
-    ((${#backends[@]} == 3)) || die "echo backends did not report three addresses"
+    ((${#backends[@]} == n)) || die "echo backends did not report $n addresses"
 }

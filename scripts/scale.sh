@@ -8,14 +8,21 @@
 # "new flows/s" is what one core opens. Every size runs ROUNDS times on a fresh udplb; the
 # table shows medians.
 #
-# Each flow holds one connected UDP socket, so a size needs RLIMIT_NOFILE above it (raised
-# here up to the hard limit) and as many free local ports (net.ipv4.ip_local_port_range): a
-# size beyond either is reported as not reachable, with the limit that stops it
-# (docs/performance.md, "Scaling with flows").
+# Every size runs twice on each udplb: "first", its first N flows (udplb starts with no
+# upstream socket), then, once those idled out, "again": N new flows (another generator socket,
+# so other client ports). Memory per flow is from "first"; replies/s with N flows live from
+# "again", with the CPU of CPU 1 per exchange (request and reply) on those established flows,
+# the bar a new flow's cost is set against.
+#
+# With one connected UDP socket per flow (the default), a size needs RLIMIT_NOFILE above it
+# (raised here up to the hard limit) and as many free local ports
+# (net.ipv4.ip_local_port_range). With SHARED=1 (`--shared-upstream`) one socket carries one
+# flow per backend, so both limits apply to N / ECHO_BACKENDS. A size beyond either is reported
+# as not reachable, with the limit that stops it (docs/performance.md, "Scaling with flows").
 #
 # Usage: scripts/scale.sh
 # Env:   SIZES ("1000 10000 19000") ROUNDS (3) DURATION (3s: the traffic phase) WINDOW (256)
-#        UDPLB (target/release/udplb)
+#        SHARED (0) ECHO_BACKENDS (3) UDPLB (target/release/udplb)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +30,7 @@ SIZES=${SIZES:-1000 10000 19000}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-3s}
 WINDOW=${WINDOW:-256}
+SHARED=${SHARED:-0}
 UDPLB=${UDPLB:-target/release/udplb}
 BENCH=target/release/udplb-bench
 
@@ -42,26 +50,46 @@ read -r port_low port_high </proc/sys/net/ipv4/ip_local_port_range
 ports=$((port_high - port_low + 1))
 
 start_echo taskset -c 0
+nb=${#backends[@]}
+lbflags=()
+((SHARED)) && lbflags=(--shared-upstream)
 
 # The descriptors one udplb process needs besides its flows (listener, epoll, admin, logs).
 spare=64
 
-echo "RLIMIT_NOFILE $nofile, local ports $port_low-$port_high ($ports); udplb on CPU 1, load on CPU 0" >&2
+# Live flows of the udplb whose admin endpoint is on port $1.
+live_flows() {
+    python3 - "$1" <<'EOF'
+import json, sys, urllib.request
+s = json.load(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/stats", timeout=2))
+print(sum(l["flows"]["live"] for l in s["listeners"]))
+EOF
+}
+
+echo "RLIMIT_NOFILE $nofile, local ports $port_low-$port_high ($ports), $nb backends, shared upstream sockets: $SHARED; udplb on CPU 1, load on CPU 0" >&2
 : >"$work/results"
 for size in $SIZES; do
-    if ((size + spare > nofile)); then
-        echo "$size flows: not reachable here: one descriptor per flow needs RLIMIT_NOFILE >= $((size + spare)), hard limit is $nofile" >&2
+    sockets=$size what="one descriptor and one local port per flow"
+    if ((SHARED)); then
+        sockets=$(((size + nb - 1) / nb)) what="a socket per $nb flows (one per backend)"
+    fi
+    if ((sockets + spare > nofile)); then
+        echo "$size flows: not reachable here: $what needs RLIMIT_NOFILE >= $((sockets + spare)), hard limit is $nofile" >&2
         continue
     fi
-    if ((size > ports)); then
-        echo "$size flows: not reachable here: one local port per flow needs ip_local_port_range wider than $ports" >&2
+    if ((sockets > ports)); then
+        echo "$size flows: not reachable here: $what needs ip_local_port_range wider than $ports" >&2
         continue
     fi
+    # Flows idle out after this long (between "first" and "again"): longer than opening them
+    # all takes (at 20k new flows/s or more), so the first are still live when the last open.
+    IDLE=$((3 + size / 20000))
     for round in $(seq "$ROUNDS"); do
         port=$(free_port)
-        UDPLB_ALLOW_ROOT=1 taskset -c 1 "$UDPLB" --workers 1 --idle-timeout 300s \
-            --max-flows $((size + 1000)) --shutdown-grace 0s \
-            "127.0.0.1:$port" "${backends[@]}" >"$work/udplb.log" 2>&1 &
+        admin=$(free_port)
+        UDPLB_ALLOW_ROOT=1 taskset -c 1 "$UDPLB" --workers 1 --idle-timeout "${IDLE}s" \
+            --max-flows $((size + 1000)) --shutdown-grace 0s --admin "127.0.0.1:$admin" \
+            "${lbflags[@]}" "127.0.0.1:$port" "${backends[@]}" >"$work/udplb.log" 2>&1 &
         lb=$!
         pids+=("$lb")
         # Ready when it forwards: one exchange through it (that flow is not counted below).
@@ -76,9 +104,21 @@ EOF
         done
         $ok || { cat "$work/udplb.log" >&2; die "udplb did not forward"; }
         out=$(taskset -c 0 "$BENCH" flows --target "127.0.0.1:$port" --flows "$size" \
+            --window "$WINDOW" --duration 0s --pid "$lb" --cpu 1)
+        echo "$size first $out" >>"$work/results"
+        echo "  [$size $round first] $out" >&2
+        # Until the first flows idled out, and past the 100 ms for which a released shared
+        # socket waits before serving another flow to the same backend.
+        for _ in $(seq $((IDLE * 20 + 100))); do
+            (($(live_flows "$admin") == 0)) && break
+            sleep 0.1
+        done
+        (($(live_flows "$admin") == 0)) || die "flows did not idle out"
+        sleep 0.3
+        out=$(taskset -c 0 "$BENCH" flows --target "127.0.0.1:$port" --flows "$size" \
             --window "$WINDOW" --duration "$DURATION" --pid "$lb" --cpu 1)
-        echo "$size $out" >>"$work/results"
-        echo "  [$size $round] $out" >&2
+        echo "$size again $out" >>"$work/results"
+        echo "  [$size $round again] $out" >&2
         kill -KILL "$lb" 2>/dev/null || true
         wait "$lb" 2>/dev/null || true
     done
@@ -88,15 +128,19 @@ python3 - "$work/results" <<'EOF'
 import json, statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    size, js = line.split(" ", 1)
-    rows.setdefault(int(size), []).append(json.loads(js))
+    size, phase, js = line.split(" ", 2)
+    rows.setdefault((int(size), phase), []).append(json.loads(js))
 def med(rs, k):
     return statistics.median(r[k] for r in rs)
-print(f"{'flows':>8} {'new_flows/s':>12} {'cpu1_busy':>9} {'ns/new_flow':>11} {'user_KiB/flow':>14} {'kernel_KiB/flow':>16} {'KiB/flow':>9} {'replies/s':>10} {'lost':>6}")
-for size in sorted(rows):
-    rs = rows[size]
-    print(f"{size:>8} {med(rs,'new_flows_per_s'):>12.0f} {med(rs,'cpu_busy'):>9.2f} "
-          f"{med(rs,'cpu_ns_per_new_flow'):>11.0f} {med(rs,'rss_kib_per_flow'):>14.2f} "
-          f"{med(rs,'slab_kib_per_flow'):>16.2f} {med(rs,'kib_per_flow'):>9.2f} "
-          f"{med(rs,'replies_per_s'):>10.0f} {sum(r['traffic_lost'] for r in rs):>6}")
+print(f"{'flows':>8} {'phase':>6} {'new_flows/s':>12} {'cpu1_busy':>9} {'ns/new_flow':>11} {'user_KiB/flow':>14} {'kernel_KiB/flow':>16} {'KiB/flow':>9} {'replies/s':>10} {'ns/exchange':>11} {'lost':>6}")
+for (size, phase) in sorted(rows, key=lambda k: (k[0], k[1] != "first")):
+    rs = rows[(size, phase)]
+    first = phase == "first"
+    mem = lambda k: f"{med(rs, k):.2f}" if first else "-"
+    traffic = "-" if first else f"{med(rs, 'replies_per_s'):.0f}"
+    exchange = "-" if first or rs[0].get("cpu_ns_per_reply") is None else f"{med(rs, 'cpu_ns_per_reply'):.0f}"
+    print(f"{size:>8} {phase:>6} {med(rs,'new_flows_per_s'):>12.0f} {med(rs,'cpu_busy'):>9.2f} "
+          f"{med(rs,'cpu_ns_per_new_flow'):>11.0f} {mem('rss_kib_per_flow'):>14} "
+          f"{mem('slab_kib_per_flow'):>16} {mem('kib_per_flow'):>9} "
+          f"{traffic:>10} {exchange:>11} {sum(r['traffic_lost'] for r in rs):>6}")
 EOF

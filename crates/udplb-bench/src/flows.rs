@@ -11,7 +11,8 @@
 //!    (`VmRSS`) and of the kernel's slab (`Slab` in /proc/meminfo: sockets, files, epoll
 //!    items) since before the open phase, per flow.
 //! 3. **traffic**: a closed loop over all flows in turn, `--window` datagrams in flight, for
-//!    `--duration`: replies per second with N flows live.
+//!    `--duration`: replies per second with N flows live, and (with `--cpu`) the CPU time per
+//!    exchange on established flows.
 //!
 //! Prints one JSON object. Only loopback is used: every source is in 127.0.0.0/8.
 
@@ -127,7 +128,17 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
     // Let the balancer finish its turn (gauges, batches) before reading memory.
     std::thread::sleep(Duration::from_millis(200));
     let after = Memory::sample(&args.pids)?;
+    let traffic_busy_before = args.cpu.map(cpu_busy_seconds).transpose()?;
     let (replies, lost) = traffic(&mut io, args)?;
+    // CPU time per exchange (request and reply) on established flows, to set against the cost
+    // of a new flow.
+    let cpu_ns_per_reply = match (args.cpu, traffic_busy_before) {
+        (Some(cpu), Some(before)) if replies > 0 => Some(round(
+            (cpu_busy_seconds(cpu)? - before) * 1e9 / replies as f64,
+            0,
+        )),
+        _ => None,
+    };
 
     let n = f64::from(flows.opened.max(1));
     let rss = after.rss_kib as f64 - before.rss_kib as f64;
@@ -150,6 +161,7 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
             "slab_growth_kib": slab,
             "replies_per_s": round(replies as f64 / args.duration.as_secs_f64().max(1e-9), 0),
             "traffic_lost": lost,
+            "cpu_ns_per_reply": cpu_ns_per_reply,
         })
     );
     Ok(())
