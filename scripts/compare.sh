@@ -16,6 +16,9 @@
 # Usage: scripts/compare.sh
 # Env:   SCENARIOS ("a b e d"): a = 64 flows x 8 outstanding x 64 B, b = 1024 flows x 1 x 512 B,
 #                              e = 1 flow x 1 outstanding (latency),
+#                              f = latency at equal offered load: an open loop (64 flows, up to
+#                                  64 in flight each, 64 B) at each rate of RATES, the same for
+#                                  every peer, so tails compare at the same load
 #                              d = DNS: dnsperf through each balancer to 3 knot servers, with
 #                                  dnsdist as a peer (udplb in request-response and flow mode)
 #        PEERS ("direct relay relay-datagram udplb-flow udplb-datagram nginx pen"; relay-datagram
@@ -23,6 +26,7 @@
 #               udplb-shared is flow mode with shared upstream sockets, --shared-upstream)
 #        DNS_PEERS ("udplb udplb-flow dnsdist nginx pen"; also udplb-shared: request-response
 #               with --shared-upstream)
+#        RATES ("60000 90000 120000"): requests/s offered in scenario f
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
 #        BASELINE (unset): another udplb binary; adds the peers base-flow and base-datagram
 #                  (and base, base-flow to DNS_PEERS), so a change is measured before and after
@@ -32,7 +36,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SCENARIOS=${SCENARIOS:-a b e d}
+SCENARIOS=${SCENARIOS:-a b e f d}
+RATES=${RATES:-60000 90000 120000}
+# Scenario f runs once per rate, as f@RATE.
+expanded=()
+for s in $SCENARIOS; do
+    if [[ $s == f ]]; then
+        for r in $RATES; do expanded+=("f@$r"); done
+    else
+        expanded+=("$s")
+    fi
+done
+SCENARIOS="${expanded[*]}"
 DNS_PEERS=${DNS_PEERS:-udplb udplb-flow dnsdist nginx pen}
 PEERS=${PEERS:-direct relay relay-datagram udplb-flow udplb-datagram nginx pen}
 if [[ -n ${BASELINE:-} ]]; then
@@ -86,6 +101,7 @@ scenario_args() {
         a) echo "--flows 64 --outstanding 8 --size 64" ;;
         b) echo "--flows 1024 --outstanding 1 --size 512" ;;
         e) echo "--flows 1 --outstanding 1 --size 64" ;;
+        f@*) echo "--flows 64 --outstanding 64 --size 64 --rate ${1#f@}" ;;
         *) die "unknown scenario $1" ;;
     esac
 }
@@ -351,6 +367,8 @@ for line in open(path):
     runs.setdefault(scen, {}).setdefault(peer, []).append(json.loads(js))
 names = {"a": "(a) 64 flows x 8 outstanding x 64 B", "b": "(b) 1024 flows x 1 x 512 B",
          "e": "(e) 1 flow x 1 outstanding x 64 B (latency)",
+         **{s: f"(f) open loop: {s[2:]} requests/s offered, 64 flows x 64 B (latency at equal load)"
+            for s in runs if s.startswith("f@")},
          "d": "(d) DNS: dnsperf (16 clients, 128 outstanding) -> 3 knot servers; replies/s = queries/s"}
 peers = list(dict.fromkeys(peers))
 for scen, by_peer in runs.items():
@@ -374,19 +392,30 @@ for scen, by_peer in runs.items():
                   f"{(f'{statistics.median(cpu):.0f}' if cpu else '-'):>12} {ratio('dnsdist'):>9} "
                   f"{ratio('nginx'):>8} {ratio('pen'):>8}")
         continue
-    print(f"{'peer':<15} {'replies/s':>10} {'lost':>6} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/dgram':>12}"
-          f" {'x direct':>8} {'x relay':>8} {'x nginx':>8} {'x pen':>8}")
+    # p99+lost: the tail over every request, a lost one (or, open loop, one not sent for a
+    # full window) counted as the whole timeout.
+    print(f"{'peer':<15} {'replies/s':>10} {'lost':>6} {'p50_us':>7} {'p99_us':>7} {'p99+lost':>8}"
+          f" {'cpu_ns/dgram':>12} {'x direct':>8} {'x relay':>8} {'x nginx':>8} {'x pen':>8}")
     for p in peers:
         if p not in by_peer:
             continue
-        lost = sum(x["r"]["lost"] for x in by_peer[p])
+        lost = sum(x["r"]["lost"] + x["r"].get("window_full", 0) for x in by_peer[p])
         cpu = [x["cpu1_s"] / (2 * x["r"]["replies_per_sec"] * secs) * 1e9
                for x in by_peer[p] if x["cpu1_s"] is not None and x["r"]["replies_per_sec"]]
         cpu_s = f"{statistics.median(cpu):.0f}" if cpu else "-"
         ratio = lambda q: f"{rps[p] / rps[q]:.2f}" if rps.get(q) else "-"
+        tail = med(p, lambda x: x['r'].get('p99_with_lost_us', x['r']['p99_us']))
         print(f"{p:<15} {rps[p]:>10.0f} {lost:>6} {med(p, lambda x: x['r']['p50_us']):>7.0f} "
-              f"{med(p, lambda x: x['r']['p99_us']):>7.0f} {cpu_s:>12} {ratio('direct'):>8} "
-              f"{ratio('relay'):>8} {ratio('nginx'):>8} {ratio('pen'):>8}")
+              f"{med(p, lambda x: x['r']['p99_us']):>7.0f} {tail:>8.0f} {cpu_s:>12} "
+              f"{ratio('direct'):>8} {ratio('relay'):>8} {ratio('nginx'):>8} {ratio('pen'):>8}")
+    # Tail latency against nginx's, where nginx ran.
+    if "nginx" in by_peer:
+        p99 = lambda p: med(p, lambda x: x['r']['p99_us'])
+        p99l = lambda p: med(p, lambda x: x['r'].get('p99_with_lost_us', x['r']['p99_us']))
+        for p in ("udplb-flow", "udplb-datagram", "udplb-shared"):
+            if p in by_peer and p99("nginx") and p99l("nginx"):
+                print(f"p99 {p} vs nginx: {p99(p) / p99('nginx'):.2f}x answered, "
+                      f"{p99l(p) / p99l('nginx'):.2f}x with lost requests")
     # (c) per-datagram scheduling against per-flow, for udplb and for the bare socket path.
     for dg, fl in (("udplb-datagram", "udplb-flow"), ("relay-datagram", "relay")):
         if rps.get(dg) and rps.get(fl):

@@ -1,11 +1,14 @@
 //! One generator thread: its flows (connected nonblocking sockets polled with mio/epoll), the
 //! requests each flow keeps in flight, and the event loop that completes, times out and
-//! replaces them — a closed loop, so every flow always has its full window outstanding.
+//! replaces them — a closed loop, so every flow always has its full window outstanding — or,
+//! with a rate ([`Pace`]), an open loop: requests leave on a fixed schedule whatever the replies
+//! do, and a flow's window only bounds how many may be in flight.
 //!
 //! A flow's window is a set of slots. A request carries its slot, the slot's generation and its
 //! send time (see [`crate::wire`]). A reply completes the slot only if the generation still
 //! matches; one that arrives after its request timed out (and the slot moved on) is late.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -59,11 +62,27 @@ impl Window {
     }
 }
 
-/// One request in flight.
+/// One request slot of a flow's window.
 #[derive(Clone, Copy)]
 struct Slot {
     generation: u32,
     sent_at: Instant,
+    /// A request is in flight on it (always, in a closed loop).
+    busy: bool,
+}
+
+/// An open loop's schedule: one request every `interval`, on the next free slot.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub interval: Duration,
+}
+
+/// Open-loop state: when the next request is due and the slots free to carry it (oldest
+/// freed first, so requests rotate over the flows).
+struct Schedule {
+    interval: Duration,
+    next_due: Instant,
+    free: VecDeque<(usize, usize)>,
 }
 
 struct Flow {
@@ -84,6 +103,7 @@ impl Flow {
         let idle = Slot {
             generation: 0,
             sent_at: Instant::now(),
+            busy: false,
         };
         Ok(Flow {
             socket,
@@ -100,11 +120,17 @@ pub struct Generator {
     timeout: Duration,
     buf: Vec<u8>,
     tally: Tally,
+    schedule: Option<Schedule>,
 }
 
 impl Generator {
-    /// Opens the flows; nothing is sent before [`Generator::run`].
-    pub fn new(specs: &[FlowSpec], size: usize, timeout: Duration) -> io::Result<Generator> {
+    /// Opens the flows; nothing is sent before [`Generator::run`]. With `pace`, an open loop.
+    pub fn new(
+        specs: &[FlowSpec],
+        size: usize,
+        timeout: Duration,
+        pace: Option<Pace>,
+    ) -> io::Result<Generator> {
         let poll = Poll::new()?;
         let flows = specs
             .iter()
@@ -118,6 +144,11 @@ impl Generator {
             timeout,
             buf: vec![0; 65_536],
             tally: Tally::default(),
+            schedule: pace.map(|p| Schedule {
+                interval: p.interval,
+                next_due: Instant::now(),
+                free: VecDeque::new(),
+            }),
         })
     }
 
@@ -129,7 +160,14 @@ impl Generator {
         let mut next_scan = Instant::now() + scan_every;
         let mut events = Events::with_capacity(1024);
         while let Some(left) = window.until.checked_duration_since(Instant::now()) {
-            match self.poll.poll(&mut events, Some(left.min(MAX_WAIT))) {
+            let wait = match &self.schedule {
+                Some(s) => s.next_due.saturating_duration_since(Instant::now()),
+                None => MAX_WAIT,
+            };
+            match self
+                .poll
+                .poll(&mut events, Some(left.min(wait).min(MAX_WAIT)))
+            {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => r?,
             }
@@ -141,16 +179,55 @@ impl Generator {
                 self.expire(now, window);
                 next_scan = now + scan_every;
             }
+            self.send_due(window);
         }
         Ok(self.tally)
     }
 
-    /// Sends the first request of every slot.
+    /// Closed loop: sends the first request of every slot. Open loop: frees them all, and the
+    /// schedule starts now.
     fn fill(&mut self, window: Window) {
         for f in 0..self.flows.len() {
             for s in 0..self.flows[f].slots.len() {
-                self.send(f, s, window);
+                match &mut self.schedule {
+                    Some(schedule) => schedule.free.push_back((f, s)),
+                    None => self.send(f, s, window),
+                }
             }
+        }
+        if let Some(schedule) = &mut self.schedule {
+            schedule.next_due = Instant::now();
+        }
+    }
+
+    /// Open loop: sends every request due by now, each on the oldest free slot. A request
+    /// due while every slot is busy is not sent and counted as `window_full`.
+    fn send_due(&mut self, window: Window) {
+        let now = Instant::now();
+        loop {
+            let Some(schedule) = &mut self.schedule else {
+                return;
+            };
+            if schedule.next_due > now {
+                return;
+            }
+            schedule.next_due += schedule.interval;
+            match schedule.free.pop_front() {
+                Some((f, s)) => self.send(f, s, window),
+                None => self.tally.window_full += u64::from(window.measuring(now)),
+            }
+        }
+    }
+
+    /// A slot whose request completed or timed out: refilled at once in a closed loop, given
+    /// back to the schedule in an open one.
+    fn next_request(&mut self, f: usize, s: usize, window: Window) {
+        match &mut self.schedule {
+            Some(schedule) => {
+                self.flows[f].slots[s].busy = false;
+                schedule.free.push_back((f, s));
+            }
+            None => self.send(f, s, window),
         }
     }
 
@@ -161,6 +238,7 @@ impl Generator {
         let now = Instant::now();
         slot.generation = slot.generation.wrapping_add(1);
         slot.sent_at = now;
+        slot.busy = true;
         let stamp = Stamp {
             slot: s as u32, // fits: outstanding was checked against u32
             generation: slot.generation,
@@ -198,7 +276,7 @@ impl Generator {
         };
         let now = Instant::now();
         let measuring = window.measuring(now);
-        if slot.generation != stamp.generation {
+        if !slot.busy || slot.generation != stamp.generation {
             self.tally.late += u64::from(measuring);
             return;
         }
@@ -206,7 +284,7 @@ impl Generator {
             let ns = window.ns(now).saturating_sub(stamp.sent_ns);
             self.tally.complete(ns / 1_000);
         }
-        self.send(f, s, window);
+        self.next_request(f, s, window);
     }
 
     /// Replaces requests that have waited longer than the timeout, counting them lost.
@@ -214,9 +292,10 @@ impl Generator {
         let measuring = window.measuring(now);
         for f in 0..self.flows.len() {
             for s in 0..self.flows[f].slots.len() {
-                if now.duration_since(self.flows[f].slots[s].sent_at) >= self.timeout {
+                let slot = &self.flows[f].slots[s];
+                if slot.busy && now.duration_since(slot.sent_at) >= self.timeout {
                     self.tally.lost += u64::from(measuring);
-                    self.send(f, s, window);
+                    self.next_request(f, s, window);
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::generator::{FlowSpec, Generator, Window};
+use crate::generator::{FlowSpec, Generator, Pace, Window};
 use crate::parse_duration;
 use crate::report::{Report, Shape, Tally};
 use crate::wire;
@@ -35,6 +35,12 @@ pub struct LoadArgs {
     /// A request without a reply after this long is lost (and replaced).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Open loop: offer this many requests per second in all, on a fixed schedule whatever
+    /// the replies do (`--outstanding` then bounds the requests in flight per flow; one due
+    /// while every slot is busy is not sent and counted as `window_full`). Without it, a
+    /// closed loop: each reply sends the flow's next request at once.
+    #[arg(long, value_name = "PER_SECOND")]
+    pub rate: Option<f64>,
     /// Generator threads (flows are split over them).
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -61,6 +67,12 @@ impl LoadArgs {
         );
         anyhow::ensure!(!self.duration.is_zero(), "--duration must be positive");
         anyhow::ensure!(!self.timeout.is_zero(), "--timeout must be positive");
+        if let Some(rate) = self.rate {
+            anyhow::ensure!(
+                rate.is_finite() && (1.0..=100e6).contains(&rate),
+                "--rate must be between 1 and 100000000 requests per second"
+            );
+        }
         Ok(())
     }
 
@@ -70,7 +82,16 @@ impl LoadArgs {
             outstanding: self.outstanding,
             size: self.size,
             duration: self.duration,
+            timeout: self.timeout,
+            rate: self.rate,
         }
+    }
+
+    /// Open loop: the schedule of each of `threads` generator threads (the rate split evenly).
+    fn pace(&self, threads: usize) -> Option<Pace> {
+        self.rate.map(|rate| Pace {
+            interval: Duration::from_secs_f64(threads as f64 / rate),
+        })
     }
 
     /// The flows of generator thread `t` of `threads`: every `threads`-th flow from `t`.
@@ -91,7 +112,14 @@ pub fn run(args: &LoadArgs) -> anyhow::Result<Report> {
     let threads = args.threads.min(args.flows);
     // Sockets are opened before the clock starts, so setup does not eat into the warmup.
     let generators = (0..threads)
-        .map(|t| Generator::new(&args.flows_of(t, threads), args.size, args.timeout))
+        .map(|t| {
+            Generator::new(
+                &args.flows_of(t, threads),
+                args.size,
+                args.timeout,
+                args.pace(threads),
+            )
+        })
         .collect::<std::io::Result<Vec<_>>>()?;
     let window = Window::starting(Instant::now(), args.warmup, args.duration);
     let handles: Vec<_> = generators
@@ -133,6 +161,84 @@ mod tests {
         assert_eq!(a.warmup, Duration::from_secs(1));
         assert_eq!(a.timeout, Duration::from_secs(1));
         a.check().unwrap();
+    }
+
+    fn load_on(target: SocketAddr, extra: &[&str]) -> LoadArgs {
+        let target = target.to_string();
+        let mut argv = vec!["x", "--target", &target, "--warmup", "0s"];
+        argv.extend_from_slice(extra);
+        Wrap::parse_from(argv).load
+    }
+
+    /// A loopback socket that echoes every datagram (its thread ends after 2 s of silence).
+    fn echo() -> SocketAddr {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let addr = s.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(&buf[..n], from);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn an_open_loop_sends_on_its_schedule_and_gets_answers() {
+        let args = load_on(
+            echo(),
+            &["--flows", "4", "--rate", "2000", "--duration", "500ms"],
+        );
+        let r = run(&args).unwrap();
+        // 2000/s for 0.5 s: 1000 requests due. A closed loop on loopback would send far more.
+        assert!((700..=1100).contains(&r.tally.sent), "{}", r);
+        assert_eq!(r.tally.window_full, 0, "{}", r);
+        assert!(r.tally.completed + 8 >= r.tally.sent, "{}", r);
+        assert_eq!(r.to_json()["rate"], 2000.0);
+    }
+
+    #[test]
+    fn an_open_loop_does_not_wait_for_a_silent_target() {
+        // Nobody answers: every slot's request is lost, and what falls due while all slots
+        // are busy is counted, not sent.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let args = load_on(
+            silent.local_addr().unwrap(),
+            &[
+                "--flows",
+                "2",
+                "--outstanding",
+                "2",
+                "--rate",
+                "2000",
+                "--duration",
+                "500ms",
+                "--timeout",
+                "100ms",
+            ],
+        );
+        let r = run(&args).unwrap();
+        assert_eq!(r.tally.completed, 0);
+        assert!(r.tally.lost > 0, "{}", r);
+        assert!(r.tally.window_full > r.tally.sent, "{}", r);
+        assert!(
+            (700..=1100).contains(&(r.tally.sent + r.tally.window_full)),
+            "{}",
+            r
+        );
+        // Every request it counted took the whole timeout (3 significant digits kept).
+        let p99 = r.quantile_with_lost_us(0.99);
+        assert!((99_900..=100_100).contains(&p99), "{}", r);
+    }
+
+    #[test]
+    fn a_rate_is_split_over_the_threads() {
+        let a = parse(&["--rate", "1000", "--threads", "2"]);
+        a.check().unwrap();
+        assert_eq!(a.pace(2).unwrap().interval, Duration::from_millis(2));
+        assert!(parse(&[]).pace(1).is_none());
+        assert!(parse(&["--rate", "0"]).check().is_err());
     }
 
     #[test]

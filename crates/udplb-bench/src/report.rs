@@ -21,6 +21,8 @@ pub struct Tally {
     pub late: u64,
     /// Sends the kernel refused (e.g. a refused connection while a target is down).
     pub send_errors: u64,
+    /// Open loop: requests due while every slot of the window was busy, so not sent.
+    pub window_full: u64,
     /// Round-trip latency of completed requests, µs.
     pub latency: Histogram<u64>,
 }
@@ -33,6 +35,7 @@ impl Default for Tally {
             lost: 0,
             late: 0,
             send_errors: 0,
+            window_full: 0,
             latency: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid bounds"),
         }
     }
@@ -52,6 +55,7 @@ impl Tally {
         self.lost += other.lost;
         self.late += other.late;
         self.send_errors += other.send_errors;
+        self.window_full += other.window_full;
         self.latency
             .add(&other.latency)
             .expect("histograms share bounds");
@@ -65,6 +69,10 @@ pub struct Shape {
     pub outstanding: usize,
     pub size: usize,
     pub duration: Duration,
+    /// A request unanswered this long is lost.
+    pub timeout: Duration,
+    /// Open loop: requests per second offered (closed loop: `None`).
+    pub rate: Option<f64>,
 }
 
 /// What a run measured.
@@ -87,6 +95,21 @@ impl Report {
         self.tally.latency.value_at_quantile(q)
     }
 
+    /// The latency at quantile `q` in µs over every request that was due, a lost one counted
+    /// as taking the whole timeout (and, in an open loop, one not sent for a full window too):
+    /// what a client sees, where [`Report::quantile_us`] shows only the answered requests.
+    pub fn quantile_with_lost_us(&self, q: f64) -> u64 {
+        let t = &self.tally;
+        let unanswered = t.lost + t.window_full;
+        if unanswered == 0 {
+            return self.quantile_us(q);
+        }
+        let mut all = t.latency.clone();
+        let timeout_us = u64::try_from(self.shape.timeout.as_micros()).unwrap_or(u64::MAX);
+        all.saturating_record_n(timeout_us.clamp(1, MAX_LATENCY_US), unanswered);
+        all.value_at_quantile(q)
+    }
+
     /// The report as one JSON object.
     pub fn to_json(&self) -> serde_json::Value {
         let t = &self.tally;
@@ -97,9 +120,12 @@ impl Report {
             "lost": t.lost,
             "late": t.late,
             "send_errors": t.send_errors,
+            "window_full": t.window_full,
             "p50_us": self.quantile_us(0.5),
             "p99_us": self.quantile_us(0.99),
             "p999_us": self.quantile_us(0.999),
+            "p99_with_lost_us": self.quantile_with_lost_us(0.99),
+            "rate": self.shape.rate,
             "duration_s": self.shape.duration.as_secs_f64(),
             "flows": self.shape.flows,
             "outstanding": self.shape.outstanding,
@@ -116,6 +142,13 @@ impl fmt::Display for Report {
             "{} flows x {} outstanding x {} bytes for {:?}",
             s.flows, s.outstanding, s.size, s.duration
         )?;
+        if let Some(rate) = s.rate {
+            writeln!(
+                f,
+                "open loop at {rate:.0} requests/s ({} not sent: window full)",
+                t.window_full
+            )?;
+        }
         writeln!(f, "replies/s   {:.0}", self.replies_per_sec())?;
         writeln!(
             f,
@@ -124,10 +157,11 @@ impl fmt::Display for Report {
         )?;
         write!(
             f,
-            "latency µs  p50 {}  p99 {}  p99.9 {}",
+            "latency µs  p50 {}  p99 {}  p99.9 {}  p99 with lost requests {}",
             self.quantile_us(0.5),
             self.quantile_us(0.99),
-            self.quantile_us(0.999)
+            self.quantile_us(0.999),
+            self.quantile_with_lost_us(0.99)
         )
     }
 }
@@ -143,6 +177,8 @@ mod tests {
                 outstanding: 3,
                 size: 64,
                 duration: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                rate: None,
             },
             tally,
         }
@@ -180,6 +216,32 @@ mod tests {
         ] {
             assert!(json.get(key).is_some(), "{key} missing");
         }
+    }
+
+    #[test]
+    fn lost_requests_count_as_the_timeout_in_the_tail() {
+        let mut t = Tally {
+            lost: 2,
+            ..Tally::default()
+        };
+        for _ in 0..98 {
+            t.complete(100);
+        }
+        let r = report(t);
+        assert_eq!(r.quantile_us(0.99), 100, "answered requests only");
+        // 2 of 100 requests took the whole timeout (1 s): the p99 is one of them.
+        let p99 = r.quantile_with_lost_us(0.99);
+        assert!((999_000..=1_001_000).contains(&p99), "{p99}");
+        assert_eq!(r.to_json()["p99_with_lost_us"], p99);
+    }
+
+    #[test]
+    fn without_losses_the_tail_is_the_answered_one() {
+        let mut t = Tally::default();
+        t.complete(100);
+        t.complete(300);
+        let r = report(t);
+        assert_eq!(r.quantile_with_lost_us(0.99), r.quantile_us(0.99));
     }
 
     #[test]
