@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# User-space instructions per forwarded datagram, counted by callgrind: udplb in each mode and
+# the reference relay (`udplb-bench relay`), on the same echo backends and the same load.
+#
+# Kernel work (the UDP stack) is not counted, only what the balancer's own code and libc
+# execute: the part of a datagram's cost that udplb controls, and a deterministic figure where
+# timings on a shared machine are not. Collection covers the event loop only (the worker's
+# `Worker::run`, the relay's `relay::run`), so startup and the control plane are left out.
+# The count is divided by the datagrams relayed in both directions (2 per completed request);
+# a run that lost requests under the interpreter is reported as such.
+#
+# Usage: scripts/instructions.sh
+# Env:   PEERS ("relay udplb-flow udplb-datagram udplb-rr udplb-shared") FLOWS (64)
+#        OUTSTANDING (2) DURATION (4s) UDPLB (target/release/udplb)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PEERS=${PEERS:-relay udplb-flow udplb-datagram udplb-rr udplb-shared}
+FLOWS=${FLOWS:-64}
+OUTSTANDING=${OUTSTANDING:-2}
+DURATION=${DURATION:-4s}
+UDPLB=${UDPLB:-target/release/udplb}
+
+NAME=instructions
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+command -v valgrind >/dev/null || {
+    [[ $(id -u) -eq 0 ]] && apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
+}
+command -v valgrind >/dev/null || die "needs valgrind (Debian: valgrind)"
+cargo build --release --quiet -p udplb -p udplb-bench || die "does not build"
+start_echo
+
+printf '%-15s %12s %10s %6s %14s\n' peer instructions datagrams lost 'instr/dgram'
+for peer in $PEERS; do
+    port=$(free_port)
+    out="${KEEP:-$work}/$peer.callgrind"
+    case $peer in
+        relay)
+            cmd=("$BENCH" relay --listen "127.0.0.1:$port" "${backends[@]}")
+            toggle='udplb_bench::relay::run*'
+            ;;
+        udplb-*)
+            mode=${peer#udplb-} extra=()
+            [[ $mode == rr ]] && mode=request-response
+            [[ $mode == shared ]] && mode=flow extra=(--shared-upstream)
+            cmd=("$UDPLB" --workers 1 --mode "$mode" "${extra[@]}"
+                --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}")
+            toggle='udplb_dataplane::worker::Worker::run*'
+            ;;
+        *) die "unknown peer $peer" ;;
+    esac
+    UDPLB_ALLOW_ROOT=1 valgrind --tool=callgrind --callgrind-out-file="$out" "--toggle-collect=$toggle" \
+        "${cmd[@]}" >"$work/peer.log" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    ok=false
+    for _ in $(seq 300); do
+        if "$BENCH" load --target "127.0.0.1:$port" --flows 1 --outstanding 1 --duration 100ms \
+            --warmup 0s --timeout 200ms --json |
+            python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["completed"] else 1)'; then
+            ok=true
+            break
+        fi
+    done
+    $ok || { cat "$work/peer.log" >&2; die "$peer does not forward under valgrind"; }
+    "$BENCH" load --target "127.0.0.1:$port" --flows "$FLOWS" --outstanding "$OUTSTANDING" \
+        --duration "$DURATION" --warmup 0s --timeout 2s --json >"$work/load.json"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    python3 - "$peer" "$out" "$work/load.json" <<'PY'
+import json, sys
+peer, out, load = sys.argv[1:]
+instr = 0
+for line in open(out):
+    if line.startswith("summary:") or line.startswith("totals:"):
+        instr = max(instr, int(line.split()[1]))
+r = json.load(open(load))
+# Every completed request is two forwarded datagrams; the probes before the load are few
+# (a handful of datagrams) and counted in the instructions only.
+dgrams = 2 * r["completed"]
+print(f"{peer:<15} {instr:>12} {dgrams:>10} {r['lost']:>6} {instr / max(dgrams, 1):>14.0f}")
+PY
+done
