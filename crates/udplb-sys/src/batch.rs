@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr;
 
-use crate::sockaddr;
+use crate::{raw, sockaddr};
 
 /// Control-message space per datagram: room for a v6 packet-info, the overflow counter and a
 /// GRO segment size, with headroom. Aligned like `cmsghdr`.
@@ -136,6 +136,10 @@ pub struct RecvBatch {
     m: Messages,
     received: Box<[Received]>,
     count: usize,
+    /// Headers the kernel may have written since they were last reset: those of the datagrams
+    /// the last call received, and the one after (a call that stops on an error leaves the
+    /// header it failed on as it was, but this does not rely on it).
+    dirty: usize,
     rxq_overflow: Option<u32>,
 }
 
@@ -154,6 +158,7 @@ impl RecvBatch {
         };
         RecvBatch {
             received: vec![nothing; m.capacity()].into_boxed_slice(),
+            dirty: m.capacity(),
             m,
             count: 0,
             rxq_overflow: None,
@@ -169,7 +174,9 @@ impl RecvBatch {
     /// Returns how many; `WouldBlock` when none was queued. `EINTR` is retried.
     pub fn recv(&mut self, fd: BorrowedFd<'_>) -> io::Result<usize> {
         self.count = 0;
-        for h in self.m.headers.iter_mut() {
+        // Only the headers of the last call's datagrams changed: short batches (most replies
+        // arrive a few at a time) reset a few headers, not the whole batch.
+        for h in self.m.headers[..self.dirty].iter_mut() {
             h.msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_hdr.msg_controllen = CONTROL_LEN as _;
             h.msg_hdr.msg_flags = 0;
@@ -180,12 +187,11 @@ impl RecvBatch {
             // `link`) reference live buffers of the lengths they declare; the kernel writes at
             // most those lengths. A null timeout is allowed.
             let n = unsafe {
-                libc::recvmmsg(
+                raw::recvmmsg(
                     fd.as_raw_fd(),
                     self.m.headers.as_mut_ptr(),
                     self.m.headers.len() as libc::c_uint,
                     libc::MSG_DONTWAIT,
-                    ptr::null_mut(),
                 )
             };
             if n >= 0 {
@@ -193,9 +199,11 @@ impl RecvBatch {
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
+                self.dirty = 1;
                 return Err(e);
             }
         };
+        self.dirty = (n + 1).min(self.m.capacity());
         for i in 0..n {
             self.received[i] = self.parse(i);
         }
@@ -395,7 +403,7 @@ impl SendBatch {
             // SAFETY: headers[first..end] were filled by `commit`: each points at a live
             // buffer, destination and (optional) control message of the declared lengths.
             let n = unsafe {
-                libc::sendmmsg(
+                raw::sendmmsg(
                     fd.as_raw_fd(),
                     self.m.headers[self.first..].as_mut_ptr(),
                     (self.end - self.first) as libc::c_uint,
@@ -530,11 +538,13 @@ pub fn send(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     retry(|| {
         // SAFETY: `data` is a live slice of `data.len()` bytes.
         unsafe {
-            libc::send(
+            raw::sendto(
                 fd.as_raw_fd(),
                 data.as_ptr().cast(),
                 data.len(),
                 libc::MSG_DONTWAIT,
+                ptr::null(),
+                0,
             )
         }
     })
@@ -547,7 +557,7 @@ pub fn send_to(fd: BorrowedFd<'_>, data: &[u8], dest: SocketAddr) -> io::Result<
     retry(|| {
         // SAFETY: `data` is a live slice; `storage` holds a valid address of `len` bytes.
         unsafe {
-            libc::sendto(
+            raw::sendto(
                 fd.as_raw_fd(),
                 data.as_ptr().cast(),
                 data.len(),
@@ -592,7 +602,7 @@ pub fn send_two(
         // SAFETY: `msg` points at `iov` (two live, read-only slices the kernel only reads) and,
         // when set, at `storage` holding a valid address of `name_len` bytes; all outlive the
         // call.
-        unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) }
+        unsafe { raw::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) }
     })
 }
 
@@ -628,7 +638,7 @@ pub fn send_segments(fd: BorrowedFd<'_>, data: &[u8], segment_size: u16) -> io::
     retry(|| {
         // SAFETY: `msg` points at `iov` (one live, read-only slice) and at `control`, both
         // outliving the call.
-        unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) }
+        unsafe { raw::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT) }
     })
 }
 
