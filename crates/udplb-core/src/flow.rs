@@ -19,6 +19,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use crate::verdict::CloseReason;
 
 /// What identifies a flow: the listener, the client's address and the local address it
 /// targeted (a wildcard listener serves several).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowKey {
     /// Index of the listener in the snapshot.
     pub listener: u16,
@@ -36,6 +37,51 @@ pub struct FlowKey {
     pub client: SocketAddr,
     /// The address the client sent to, when the listener is a wildcard.
     pub local: Option<IpAddr>,
+}
+
+/// Feeds the hasher one word for the common key (an IPv4 client of a listener with one
+/// address) and one byte string otherwise. SipHash's cost is as much per `write` call as per
+/// byte, and the derived `Hash` made a dozen calls per key (enum tags, each address field,
+/// the `Option`): this is the one hash a client datagram pays. Every field `Eq` compares is
+/// fed, so equal keys hash alike.
+impl Hash for FlowKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        if let (SocketAddr::V4(client), None) = (self.client, self.local) {
+            let word = (u64::from(client.ip().to_bits()) << 32)
+                | (u64::from(client.port()) << 16)
+                | u64::from(self.listener);
+            return state.write_u64(word);
+        }
+        // Tag, listener, client (address, port, flow info, scope), local (tag, address).
+        let mut bytes = [0u8; 1 + 2 + 16 + 2 + 4 + 4 + 1 + 16];
+        bytes[1..3].copy_from_slice(&self.listener.to_le_bytes());
+        match self.client {
+            SocketAddr::V4(c) => {
+                bytes[0] = 4;
+                bytes[3..7].copy_from_slice(&c.ip().octets());
+                bytes[19..21].copy_from_slice(&c.port().to_le_bytes());
+            }
+            SocketAddr::V6(c) => {
+                bytes[0] = 6;
+                bytes[3..19].copy_from_slice(&c.ip().octets());
+                bytes[19..21].copy_from_slice(&c.port().to_le_bytes());
+                bytes[21..25].copy_from_slice(&c.flowinfo().to_le_bytes());
+                bytes[25..29].copy_from_slice(&c.scope_id().to_le_bytes());
+            }
+        }
+        match self.local {
+            None => {}
+            Some(IpAddr::V4(ip)) => {
+                bytes[29] = 4;
+                bytes[30..34].copy_from_slice(&ip.octets());
+            }
+            Some(IpAddr::V6(ip)) => {
+                bytes[29] = 6;
+                bytes[30..46].copy_from_slice(&ip.octets());
+            }
+        }
+        state.write(&bytes);
+    }
 }
 
 /// A reference to a live flow that stays valid only as long as that flow lives: the slot plus
@@ -478,6 +524,56 @@ mod tests {
         let mut t = FlowTable::new();
         t.set_caps(&[cap]);
         t
+    }
+
+    #[test]
+    fn every_field_of_a_key_changes_its_hash_and_equal_keys_hash_alike() {
+        use std::collections::HashSet;
+        use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
+        fn hash(k: &FlowKey) -> u64 {
+            let mut h = std::hash::DefaultHasher::new();
+            k.hash(&mut h);
+            h.finish()
+        }
+        let v6 = |port, flowinfo, scope| {
+            SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+                port,
+                flowinfo,
+                scope,
+            ))
+        };
+        let v4 = |a: u8, port| SocketAddr::from(([192, 0, 2, a], port));
+        let local4 = Some(IpAddr::from([192, 0, 2, 100]));
+        let local6 = Some(IpAddr::from(Ipv6Addr::LOCALHOST));
+        let mut keys = Vec::new();
+        for listener in [0, 1] {
+            for client in [v4(1, 53), v4(2, 53), v4(1, 54), v6(53, 0, 0), v6(54, 0, 0)]
+                .into_iter()
+                .chain([v6(53, 1, 0), v6(53, 0, 1)])
+            {
+                for local in [None, local4, local6] {
+                    keys.push(FlowKey {
+                        listener,
+                        client,
+                        local,
+                    });
+                }
+            }
+        }
+        let hashes: HashSet<u64> = keys.iter().map(hash).collect();
+        assert_eq!(hashes.len(), keys.len(), "two different keys hashed alike");
+        for k in &keys {
+            let copy = *k;
+            assert_eq!(hash(k), hash(&copy));
+        }
+        // An IPv4-mapped IPv6 client is another key than the IPv4 one, and hashes apart.
+        let mapped = FlowKey {
+            listener: 0,
+            client: SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped(), 53)),
+            local: None,
+        };
+        assert_ne!(hash(&mapped), hash(&keys[0]));
     }
 
     #[test]

@@ -252,6 +252,52 @@ mod tests {
         assert_eq!((&buf[..n], from), (&b"pong"[..], target));
     }
 
+    /// A batch reused across calls of different sizes and address families reports every
+    /// datagram's own sender and length: the headers a call used are reset before the next
+    /// one (an IPv6 sender after IPv4 ones needs the full name length back).
+    #[test]
+    fn a_reused_batch_reads_each_call_afresh() {
+        let dual = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None).unwrap();
+        dual.set_only_v6(false).unwrap();
+        dual.set_nonblocking(true).unwrap();
+        dual.bind(&"[::]:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let listener: UdpSocket = dual.into();
+        let port = listener.local_addr().unwrap().port();
+        let mut batch = RecvBatch::new(8, 64);
+        let rounds = [("127.0.0.1", 3), ("::1", 5), ("127.0.0.1", 1), ("::1", 8)];
+        for (round, (ip, count)) in rounds.into_iter().enumerate() {
+            let client = UdpSocket::bind(SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
+            for i in 0..count {
+                client
+                    .send_to(
+                        &vec![round as u8; i + 1],
+                        (client.local_addr().unwrap().ip(), port),
+                    )
+                    .unwrap();
+            }
+            let want = client.local_addr().unwrap();
+            let mut seen = 0;
+            while seen < count {
+                let n = recv_some(&mut batch, &listener);
+                for j in 0..n {
+                    let d = batch.get(j);
+                    let source = match d.source {
+                        SocketAddr::V6(v6) => v6
+                            .ip()
+                            .to_ipv4_mapped()
+                            .map_or(d.source, |v4| SocketAddr::from((v4, v6.port()))),
+                        v4 => v4,
+                    };
+                    assert_eq!(source, want, "round {round}");
+                    assert_eq!(d.data, vec![round as u8; seen + j + 1], "round {round}");
+                }
+                seen += n;
+            }
+            assert_eq!(seen, count);
+        }
+    }
+
     /// A GSO train (`send_segments`) reaches a `gro` listener as one buffer with its segment
     /// size, and `datagrams()` gives back the datagrams as sent.
     #[test]
