@@ -43,7 +43,7 @@ const BATCH: usize = 64;
 const LISTENER_BATCHES_PER_TURN: usize = 8;
 /// A listener is overloaded when a turn ends with its receive queue more than this fraction
 /// (1 / N) of its buffer: new flows are then rationed.
-const OVERLOAD_FILL: u32 = 8;
+const OVERLOAD_FILL: u32 = 2;
 /// While rationed, new flows admitted per received batch; the rest are dropped as `overload`.
 /// Opening a flow (socket, connect, epoll registration) costs tens of times more than
 /// forwarding on one, so a flood of new sources would otherwise starve established flows.
