@@ -221,42 +221,46 @@ impl DoubleAnswering {
     }
 }
 
-/// A completed request-response flow leaves its socket for the next flow to the same backend;
-/// what the backend sends after the expected reply is discarded, never relayed to the client
-/// that gets the socket next.
-#[test]
-fn request_response_reuses_sockets_and_never_relays_late_replies() {
-    let backend = DoubleAnswering::start();
+/// udplb with one worker (spares and shared sockets are per worker, and the kernel spreads
+/// client ports over workers) in request-response mode with one reply per request, in front
+/// of `backend`, and three clients.
+fn request_response_with(
+    backend: &DoubleAnswering,
+    extra: &[&str],
+) -> (Udplb, SocketAddr, [std::net::UdpSocket; 3]) {
     let listen = listen_addr();
-    // One worker: spares are per worker, and the kernel spreads client ports over workers.
-    let lb = Udplb::start(&[
+    let listen_s = listen.to_string();
+    let backend_s = backend.addr.to_string();
+    let mut args = vec![
         "--workers",
         "1",
         "--mode",
         "request-response",
         "--responses",
         "1",
-        &listen.to_string(),
-        &backend.addr.to_string(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    args.extend([listen_s.as_str(), backend_s.as_str()]);
+    let lb = Udplb::start(&args);
     let clients = [
         client("127.0.0.1:0"),
         client("127.0.0.1:0"),
         client("127.0.0.1:0"),
     ];
-    for (i, c) in clients.iter().enumerate() {
-        let payload = format!("c{i}");
-        c.send_to(payload.as_bytes(), listen).unwrap();
-        let (reply, _) = recv(c);
-        assert_eq!(String::from_utf8_lossy(&reply), format!("r:{payload}"));
-        // The flow completed before its client got the reply: this reaches the parked socket.
-        backend.answer_late();
-    }
-    assert_eq!(lb.counter("/flows/created"), 3);
-    assert_eq!(lb.counter("/flows/sockets_reused"), 2, "{}", lb.stats());
-    // Discarded when the socket was taken: the last one waits in the spare.
-    assert_eq!(lb.counter("/late_replies"), 2, "{}", lb.stats());
-    for c in &clients {
+    (lb, listen, clients)
+}
+
+/// Sends client `i`'s request and checks its one answer.
+fn request_once(c: &std::net::UdpSocket, listen: SocketAddr, i: usize) {
+    let payload = format!("c{i}");
+    c.send_to(payload.as_bytes(), listen).unwrap();
+    let (reply, _) = recv(c);
+    assert_eq!(String::from_utf8_lossy(&reply), format!("r:{payload}"));
+}
+
+/// Fails if any client has a datagram waiting: a late reply relayed to it.
+fn assert_no_late_reply_reached(clients: &[std::net::UdpSocket]) {
+    for c in clients {
         c.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 64];
         assert!(
@@ -267,34 +271,34 @@ fn request_response_reuses_sockets_and_never_relays_late_replies() {
     }
 }
 
+/// A completed request-response flow leaves its socket for the next flow to the same backend;
+/// what the backend sends after the expected reply is discarded, never relayed to the client
+/// that gets the socket next.
+#[test]
+fn request_response_reuses_sockets_and_never_relays_late_replies() {
+    let backend = DoubleAnswering::start();
+    let (lb, listen, clients) = request_response_with(&backend, &[]);
+    for (i, c) in clients.iter().enumerate() {
+        request_once(c, listen, i);
+        // The flow completed before its client got the reply: this reaches the parked socket.
+        backend.answer_late();
+    }
+    assert_eq!(lb.counter("/flows/created"), 3);
+    assert_eq!(lb.counter("/flows/sockets_reused"), 2, "{}", lb.stats());
+    // Discarded when the socket was taken: the last one waits in the spare.
+    assert_eq!(lb.counter("/late_replies"), 2, "{}", lb.stats());
+    assert_no_late_reply_reached(&clients);
+}
+
 /// With shared upstream sockets a completed flow gives its (socket, backend) share back; the
 /// backend's late answer arrives while no flow owns it and is discarded, never relayed to a
 /// client that takes the share later.
 #[test]
 fn request_response_on_shared_sockets_never_relays_late_replies() {
     let backend = DoubleAnswering::start();
-    let listen = listen_addr();
-    let lb = Udplb::start(&[
-        "--workers",
-        "1",
-        "--shared-upstream",
-        "--mode",
-        "request-response",
-        "--responses",
-        "1",
-        &listen.to_string(),
-        &backend.addr.to_string(),
-    ]);
-    let clients = [
-        client("127.0.0.1:0"),
-        client("127.0.0.1:0"),
-        client("127.0.0.1:0"),
-    ];
+    let (lb, listen, clients) = request_response_with(&backend, &["--shared-upstream"]);
     for (i, c) in clients.iter().enumerate() {
-        let payload = format!("c{i}");
-        c.send_to(payload.as_bytes(), listen).unwrap();
-        let (reply, _) = recv(c);
-        assert_eq!(String::from_utf8_lossy(&reply), format!("r:{payload}"));
+        request_once(c, listen, i);
         backend.answer_late();
         assert!(
             wait_for(DEADLINE, || lb.counter("/late_replies") == i as u64 + 1),
@@ -305,15 +309,7 @@ fn request_response_on_shared_sockets_never_relays_late_replies() {
     assert_eq!(lb.counter("/flows/created"), 3);
     assert_eq!(lb.counter("/flows/closed/completed"), 3);
     assert!(lb.counter("/flows/shared_sockets") <= 3, "{}", lb.stats());
-    for c in &clients {
-        c.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 64];
-        assert!(
-            c.recv_from(&mut buf).is_err(),
-            "a late reply reached a client: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-    }
+    assert_no_late_reply_reached(&clients);
 }
 
 #[test]
