@@ -188,7 +188,7 @@ for scenario in $SCENARIOS; do
         for peer in $PEERS; do
             if [[ $peer == direct ]]; then
                 out=$(load "$scenario" "${backends[@]}")
-                echo "$scenario $peer {\"cpu1_s\": null, \"r\": $out}" >>"$work/results"
+                echo "$scenario $peer {\"round\": $round, \"cpu1_s\": null, \"r\": $out}" >>"$work/results"
                 echo "  [$scenario $round] $peer" >&2
                 continue
             fi
@@ -214,7 +214,7 @@ for scenario in $SCENARIOS; do
             kill -KILL "$pid" 2>/dev/null || true
             wait "$pid" 2>/dev/null || true
             cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK) if $PIN == 1 else 'null')")
-            echo "$scenario $peer {\"cpu1_s\": $cpu, \"r\": $(cat "$work/run.json")}" >>"$work/results"
+            echo "$scenario $peer {\"round\": $round, \"cpu1_s\": $cpu, \"r\": $(cat "$work/run.json")}" >>"$work/results"
             echo "  [$scenario $round] $peer" >&2
         done
     done
@@ -347,7 +347,7 @@ if [[ " $SCENARIOS " == *" d "* ]]; then
                 kill -KILL "$pid" 2>/dev/null || true
                 wait "$pid" 2>/dev/null || true
                 cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK) if $PIN == 1 else 'null')")
-                echo "d $peer {\"cpu1_s\": $cpu, \"r\": $out}" >>"$work/results"
+                echo "d $peer {\"round\": $round, \"cpu1_s\": $cpu, \"r\": $out}" >>"$work/results"
                 echo "  [d $round] $peer" >&2
             done
         done
@@ -371,12 +371,35 @@ names = {"a": "(a) 64 flows x 8 outstanding x 64 B", "b": "(b) 1024 flows x 1 x 
             for s in runs if s.startswith("f@")},
          "d": "(d) DNS: dnsperf (16 clients, 128 outstanding) -> 3 knot servers; replies/s = queries/s"}
 peers = list(dict.fromkeys(peers))
+
+def cpu_of(x):
+    r = x["r"]["replies_per_sec"]
+    return x["cpu1_s"] / (2 * r * secs) * 1e9 if x["cpu1_s"] is not None and r else None
+
+def same_round_ratio(by_peer, p, q, f=lambda x: x["r"]["replies_per_sec"]):
+    """Median over rounds of p / q within the same round: rounds interleave the peers, so
+    drift between rounds cancels."""
+    ref = {x["round"]: f(x) for x in by_peer.get(q, []) if f(x)}
+    rs = [f(x) / ref[x["round"]] for x in by_peer.get(p, []) if x["round"] in ref and f(x)]
+    return statistics.median(rs) if rs else None
+
+def same_round(by_peer, ref):
+    if ref not in by_peer:
+        return
+    for p in peers:
+        r = same_round_ratio(by_peer, p, ref)
+        if p in by_peer and p != ref and r:
+            c = same_round_ratio(by_peer, p, ref, cpu_of)
+            cpu_s = f", CPU per datagram {c:.2f}x" if c else ""
+            print(f"same-round median vs {ref}: {p} {r:.2f}x{cpu_s}")
+
 for scen, by_peer in runs.items():
     where = ("balancer pinned to CPU 1, load and backends to CPU 0" if pin
              else "nothing pinned: load, backends and balancer share the CPUs")
     print(f"\n{names.get(scen, scen)}; {where}")
     med = lambda peer, f: statistics.median(f(x) for x in by_peer[peer]) if peer in by_peer else None
     rps = {p: med(p, lambda x: x["r"]["replies_per_sec"]) for p in by_peer}
+    per_round = lambda p, q: same_round_ratio(by_peer, p, q)
     cpu_ns = lambda p: [x["cpu1_s"] / (2 * x["r"]["replies_per_sec"] * secs) * 1e9
                         for x in by_peer[p] if x["cpu1_s"] is not None and x["r"]["replies_per_sec"]]
     if scen == "d":
@@ -391,6 +414,7 @@ for scen, by_peer in runs.items():
             print(f"{p:<15} {rps[p]:>10.0f} {lost:>6} {med(p, lambda x: x['r']['avg_us']):>7.0f} "
                   f"{(f'{statistics.median(cpu):.0f}' if cpu else '-'):>12} {ratio('dnsdist'):>9} "
                   f"{ratio('nginx'):>8} {ratio('pen'):>8}")
+        same_round(by_peer, "dnsdist")
         continue
     # p99+lost: the tail over every request, a lost one (or, open loop, one not sent for a
     # full window) counted as the whole timeout.
@@ -416,11 +440,14 @@ for scen, by_peer in runs.items():
             if p in by_peer and p99("nginx") and p99l("nginx"):
                 print(f"p99 {p} vs nginx: {p99(p) / p99('nginx'):.2f}x answered, "
                       f"{p99l(p) / p99l('nginx'):.2f}x with lost requests")
+    same_round(by_peer, "relay")
     # (c) per-datagram scheduling against per-flow, for udplb and for the bare socket path.
     for dg, fl in (("udplb-datagram", "udplb-flow"), ("relay-datagram", "relay")):
         if rps.get(dg) and rps.get(fl):
             c_dg, c_fl = cpu_ns(dg), cpu_ns(fl)
             cpu_ratio = (f", CPU per datagram {statistics.median(c_dg) / statistics.median(c_fl):.2f}x"
                          if c_dg and c_fl else "")
-            print(f"(c) {dg} vs {fl}: replies/s {rps[dg] / rps[fl]:.2f}x{cpu_ratio}")
+            same = per_round(dg, fl)
+            print(f"(c) {dg} vs {fl}: replies/s {rps[dg] / rps[fl]:.2f}x{cpu_ratio}"
+                  f" (same-round median {same:.2f}x)")
 PY
