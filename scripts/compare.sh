@@ -152,6 +152,21 @@ start_pen() {
     "${on1[@]}" pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "$@" >"$work/peer.log" 2>&1 &
 }
 
+# stop_peer PID: stops a balancer and whatever it forked (nginx's master takes its worker
+# down on SIGTERM; SIGKILL alone would leave the worker running, holding its port).
+stop_peer() {
+    local pid=$1 children
+    children=$(pgrep -P "$pid" || true)
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 40); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    # shellcheck disable=SC2086
+    kill -KILL "$pid" $children 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
 # start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable.
 start_peer() {
     local peer=$1 port=$2
@@ -202,7 +217,7 @@ for scenario in $SCENARIOS; do
             if ! wait_forwarding "127.0.0.1:$port"; then
                 echo "  [$scenario $round] $peer: does not forward, skipped; its output:" >&2
                 sed 's/^/      /' "$work/peer.log" >&2 || true
-                kill -KILL "$pid" 2>/dev/null || true
+                stop_peer "$pid"
                 continue
             fi
             load "$scenario" "127.0.0.1:$port" >"$work/run.json" &
@@ -211,8 +226,7 @@ for scenario in $SCENARIOS; do
             before=$(cpu1_busy)
             wait "$lp"
             after=$(cpu1_busy)
-            kill -KILL "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
+            stop_peer "$pid"
             cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK) if $PIN == 1 else 'null')")
             echo "$scenario $peer {\"round\": $round, \"cpu1_s\": $cpu, \"r\": $(cat "$work/run.json")}" >>"$work/results"
             echo "  [$scenario $round] $peer" >&2
@@ -338,14 +352,13 @@ if [[ " $SCENARIOS " == *" d "* ]]; then
                 if ! dns_ready "$port"; then
                     echo "  [d $round] $peer: does not answer, skipped; its output:" >&2
                     sed 's/^/      /' "$work/peer.log" >&2 || true
-                    kill -KILL "$pid" 2>/dev/null || true
+                    stop_peer "$pid"
                     continue
                 fi
                 before=$(cpu1_busy)
                 out=$(dnsperf_json "$port")
                 after=$(cpu1_busy)
-                kill -KILL "$pid" 2>/dev/null || true
-                wait "$pid" 2>/dev/null || true
+                stop_peer "$pid"
                 cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK) if $PIN == 1 else 'null')")
                 echo "d $peer {\"round\": $round, \"cpu1_s\": $cpu, \"r\": $out}" >>"$work/results"
                 echo "  [d $round] $peer" >&2
