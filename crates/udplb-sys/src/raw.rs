@@ -6,11 +6,17 @@
 //! system call (`__pthread_enable_asynccancel`, `__pthread_disable_asynccancel`). udplb never
 //! cancels a thread, so the bare system call does the same work without that.
 //!
+//! Integer arguments are widened to `long` here: `syscall(2)` reads every argument as a
+//! `long` through C varargs, where a narrower integer leaves the register's upper half
+//! unspecified.
+//!
 //! Owns: nothing but the calls. Must not: retry, interpret errors or allocate. Each returns
 //! what the kernel returned, `-1` with `errno` set on failure, exactly as the wrappers do.
 //! Callers uphold the same pointer contracts as for the libc functions of the same names.
 
 use std::os::fd::RawFd;
+
+use libc::c_long;
 
 /// `sendto(2)`: `addr` may be null (then `addr_len` is 0) for a connected socket.
 ///
@@ -27,7 +33,17 @@ pub(crate) unsafe fn sendto(
     addr_len: libc::socklen_t,
 ) -> isize {
     // SAFETY: the caller guarantees the buffers; the arguments are those of sendto(2).
-    unsafe { libc::syscall(libc::SYS_sendto, fd, buf, len, flags, addr, addr_len) as isize }
+    unsafe {
+        libc::syscall(
+            libc::SYS_sendto,
+            c_long::from(fd),
+            buf,
+            len,
+            c_long::from(flags),
+            addr,
+            c_long::from(addr_len),
+        ) as isize
+    }
 }
 
 /// `sendmsg(2)`.
@@ -37,7 +53,14 @@ pub(crate) unsafe fn sendto(
 #[inline]
 pub(crate) unsafe fn sendmsg(fd: RawFd, msg: *const libc::msghdr, flags: libc::c_int) -> isize {
     // SAFETY: the caller guarantees `msg`; the arguments are those of sendmsg(2).
-    unsafe { libc::syscall(libc::SYS_sendmsg, fd, msg, flags) as isize }
+    unsafe {
+        libc::syscall(
+            libc::SYS_sendmsg,
+            c_long::from(fd),
+            msg,
+            c_long::from(flags),
+        ) as isize
+    }
 }
 
 /// `recvmmsg(2)` without a timeout.
@@ -54,7 +77,16 @@ pub(crate) unsafe fn recvmmsg(
 ) -> libc::c_int {
     let no_timeout: *mut libc::timespec = std::ptr::null_mut();
     // SAFETY: the caller guarantees `msgs`; a null timeout is allowed.
-    unsafe { libc::syscall(libc::SYS_recvmmsg, fd, msgs, len, flags, no_timeout) as libc::c_int }
+    unsafe {
+        libc::syscall(
+            libc::SYS_recvmmsg,
+            c_long::from(fd),
+            msgs,
+            c_long::from(len),
+            c_long::from(flags),
+            no_timeout,
+        ) as libc::c_int
+    }
 }
 
 /// `sendmmsg(2)`.
@@ -70,5 +102,13 @@ pub(crate) unsafe fn sendmmsg(
     flags: libc::c_int,
 ) -> libc::c_int {
     // SAFETY: the caller guarantees `msgs`; the arguments are those of sendmmsg(2).
-    unsafe { libc::syscall(libc::SYS_sendmmsg, fd, msgs, len, flags) as libc::c_int }
+    unsafe {
+        libc::syscall(
+            libc::SYS_sendmmsg,
+            c_long::from(fd),
+            msgs,
+            c_long::from(len),
+            c_long::from(flags),
+        ) as libc::c_int
+    }
 }
