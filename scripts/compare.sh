@@ -451,8 +451,13 @@ for scen, by_peer in runs.items():
         p99l = lambda p: med(p, lambda x: x['r'].get('p99_with_lost_us', x['r']['p99_us']))
         for p in ("udplb-flow", "udplb-datagram", "udplb-shared"):
             if p in by_peer and p99("nginx") and p99l("nginx"):
+                same = same_round_ratio(by_peer, p, "nginx", lambda x: x["r"]["p99_us"])
+                same_l = same_round_ratio(
+                    by_peer, p, "nginx",
+                    lambda x: x["r"].get("p99_with_lost_us", x["r"]["p99_us"]))
                 print(f"p99 {p} vs nginx: {p99(p) / p99('nginx'):.2f}x answered, "
-                      f"{p99l(p) / p99l('nginx'):.2f}x with lost requests")
+                      f"{p99l(p) / p99l('nginx'):.2f}x with lost requests (same-round medians "
+                      f"{same:.2f}x, {same_l:.2f}x)")
     same_round(by_peer, "relay")
     # (c) per-datagram scheduling against per-flow, for udplb and for the bare socket path.
     for dg, fl in (("udplb-datagram", "udplb-flow"), ("relay-datagram", "relay")):
