@@ -271,8 +271,12 @@ impl Udplb {
     /// flow). Counted from its descriptors against /proc/net/udp{,6}, so the admin endpoint's
     /// short-lived TCP connections do not disturb the count.
     pub fn open_udp_sockets(&self) -> usize {
+        // Each table is read twice and the inodes joined: a read of a long table is several
+        // passes of the kernel over its hash, which can miss a socket while other processes
+        // open and close theirs.
         let udp_inodes: HashSet<String> = ["/proc/net/udp", "/proc/net/udp6"]
             .iter()
+            .flat_map(|table| [table, table])
             .filter_map(|table| std::fs::read_to_string(table).ok())
             .flat_map(|text| {
                 text.lines()
