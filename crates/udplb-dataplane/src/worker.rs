@@ -1125,12 +1125,8 @@ impl Worker {
         };
         let li = flow.key.listener as usize;
         for _ in 0..REPLY_BATCHES_PER_FLOW_PER_TURN {
-            let lio = &mut self.listeners[li];
-            if lio.replies.room() < inbox.capacity() {
-                flush_replies(lio, &self.stats, li, &mut self.log);
-                if lio.replies.room() < inbox.capacity() {
-                    return false;
-                }
+            if !self.reply_room(li, inbox.capacity()) {
+                return false;
             }
             let Some(flow) = self.table.get(h) else {
                 return true;
@@ -1163,6 +1159,16 @@ impl Worker {
             }
         }
         false
+    }
+
+    /// Whether listener `li`'s reply batch has room for `n` more replies, flushing it first
+    /// if not (false: the send buffer is full; resume next turn).
+    fn reply_room(&mut self, li: usize, n: usize) -> bool {
+        let lio = &mut self.listeners[li];
+        if lio.replies.room() < n {
+            flush_replies(lio, &self.stats, li, &mut self.log);
+        }
+        lio.replies.room() >= n
     }
 
     /// Queues the replies in `inbox`, all from flow `h`'s own socket ([`Worker::queue_reply`]).
@@ -1202,12 +1208,8 @@ impl Worker {
             return true;
         }
         for _ in 0..REPLY_BATCHES_PER_PORT_PER_TURN {
-            let lio = &mut self.listeners[li];
-            if lio.replies.room() < inbox.capacity() {
-                flush_replies(lio, &self.stats, li, &mut self.log);
-                if lio.replies.room() < inbox.capacity() {
-                    return false;
-                }
+            if !self.reply_room(li, inbox.capacity()) {
+                return false;
             }
             let Some(socket) = self.listeners[li].shared.family(v6).socket(port) else {
                 return true;
