@@ -186,9 +186,20 @@ mod tests {
 
     #[test]
     fn an_open_loop_sends_on_its_schedule_and_gets_answers() {
+        // 256 slots: the window fills only if the echo thread stalls for 128 ms (tests run in
+        // parallel on a busy machine; 32 slots, 16 ms, were seen to fill).
         let args = load_on(
             echo(),
-            &["--flows", "4", "--rate", "2000", "--duration", "500ms"],
+            &[
+                "--flows",
+                "4",
+                "--outstanding",
+                "64",
+                "--rate",
+                "2000",
+                "--duration",
+                "500ms",
+            ],
         );
         let r = run(&args).unwrap();
         // 2000/s for 0.5 s: 1000 requests due. A closed loop on loopback would send far more.
