@@ -21,13 +21,18 @@
 #                                  every peer, so tails compare at the same load
 #                              d = DNS: dnsperf through each balancer to 3 knot servers, with
 #                                  dnsdist as a peer (udplb in request-response and flow mode)
-#        PEERS ("direct relay relay-datagram udplb-flow udplb-datagram nginx pen"; relay-datagram
-#               is the reference relay scheduling per datagram, the ceiling of datagram mode;
+#        PEERS ("direct relay relay-datagram udplb-flow udplb-datagram nginx nginx-4m pen";
+#               relay-datagram is the reference relay scheduling per datagram, the ceiling of
+#               datagram mode; nginx-4m is nginx with the 4 MiB listener buffers udplb uses
+#               (`rcvbuf=4m sndbuf=4m`), so that it queues a burst instead of dropping it;
 #               udplb-shared is flow mode with shared upstream sockets, --shared-upstream)
 #        DNS_PEERS ("udplb udplb-flow dnsdist nginx pen"; also udplb-shared: request-response
 #               with --shared-upstream)
 #        RATES ("60000 90000 120000"): requests/s offered in scenario f
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
+#        MAX_STEAL (unset): leave out of the tables every run in which either CPU lost more
+#                  than this % of the run to steal (a shared virtual machine's host running
+#                  something else; the steal% column shows it per peer either way)
 #        BASELINE (unset): another udplb binary; adds the peers base-flow and base-datagram
 #                  (and base, base-flow to DNS_PEERS), so a change is measured before and after
 #                  in the same interleaved run
@@ -49,7 +54,7 @@ for s in $SCENARIOS; do
 done
 SCENARIOS="${expanded[*]}"
 DNS_PEERS=${DNS_PEERS:-udplb udplb-flow dnsdist nginx pen}
-PEERS=${PEERS:-direct relay relay-datagram udplb-flow udplb-datagram nginx pen}
+PEERS=${PEERS:-direct relay relay-datagram udplb-flow udplb-datagram nginx nginx-4m pen}
 if [[ -n ${BASELINE:-} ]]; then
     [[ -x $BASELINE ]] || { echo "compare: BASELINE=$BASELINE is not an executable" >&2; exit 1; }
     PEERS="$PEERS base-flow base-datagram"
@@ -115,6 +120,16 @@ load() { # load SCENARIO TARGET...
         --warmup "$WARMUP" --json
 }
 
+# cpu_json BEFORE AFTER (two cpu_times readings around a measured run): the JSON fields
+# "cpu1_s" (CPU 1's busy seconds, pinned only) and "steal_s" ([CPU 0, CPU 1] steal seconds).
+cpu_json() {
+    python3 -c "
+b, a, hz = [int(x) for x in '$1'.split()], [int(x) for x in '$2'.split()], $(getconf CLK_TCK)
+cpu = (a[0] - b[0]) / hz if $PIN == 1 else None
+print('\"cpu1_s\": %s, \"steal_s\": [%s, %s]' % ('null' if cpu is None else cpu,
+      (a[1] - b[1]) / hz, (a[2] - b[2]) / hz))"
+}
+
 # wait_forwarding ADDR: probes until a reply comes back (10 s).
 wait_forwarding() {
     local deadline=$((SECONDS + 10))
@@ -128,10 +143,11 @@ wait_forwarding() {
     return 1
 }
 
-# start_nginx PORT DIRECTIVES BACKEND...: nginx's stream proxy, one worker, in the background.
+# start_nginx PORT DIRECTIVES LISTEN_OPTIONS BACKEND...: nginx's stream proxy, one worker, in
+# the background.
 start_nginx() {
-    local port=$1 directives=$2 b
-    shift 2
+    local port=$1 directives=$2 listen_opts=$3 b
+    shift 3
     {
         [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] &&
             echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
@@ -140,7 +156,7 @@ start_nginx() {
         echo "events { worker_connections 16384; }"
         echo "stream { upstream b {"
         for b in "$@"; do echo "server $b;"; done
-        echo "} server { listen 127.0.0.1:$port udp reuseport; proxy_pass b; $directives } }"
+        echo "} server { listen 127.0.0.1:$port udp reuseport $listen_opts; proxy_pass b; $directives } }"
     } >"$work/nginx.conf"
     "${on1[@]}" nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
 }
@@ -184,9 +200,11 @@ start_peer() {
             UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "$mode" "${shared[@]}" \
                 --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}" >"$work/peer.log" 2>&1 &
             ;;
-        nginx)
+        nginx | nginx-4m)
             command -v nginx >/dev/null || return 0
-            start_nginx "$port" "proxy_timeout 30s;" "${backends[@]}"
+            local opts=""
+            [[ $peer == nginx-4m ]] && opts="rcvbuf=4m sndbuf=4m"
+            start_nginx "$port" "proxy_timeout 30s;" "$opts" "${backends[@]}"
             ;;
         pen)
             command -v pen >/dev/null || return 0
@@ -203,7 +221,7 @@ for scenario in $SCENARIOS; do
         for peer in $PEERS; do
             if [[ $peer == direct ]]; then
                 out=$(load "$scenario" "${backends[@]}")
-                echo "$scenario $peer {\"round\": $round, \"cpu1_s\": null, \"r\": $out}" >>"$work/results"
+                echo "$scenario $peer {\"round\": $round, \"cpu1_s\": null, \"steal_s\": null, \"r\": $out}" >>"$work/results"
                 echo "  [$scenario $round] $peer" >&2
                 continue
             fi
@@ -223,12 +241,11 @@ for scenario in $SCENARIOS; do
             load "$scenario" "127.0.0.1:$port" >"$work/run.json" &
             lp=$!
             sleep "$(python3 -c "import re;m=re.fullmatch(r'([0-9.]+)(ms|s)?','$WARMUP');print(float(m[1])*(0.001 if m[2]=='ms' else 1)+0.03)")"
-            before=$(cpu1_busy)
+            before=$(cpu_times)
             wait "$lp"
-            after=$(cpu1_busy)
+            after=$(cpu_times)
             stop_peer "$pid"
-            cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK) if $PIN == 1 else 'null')")
-            echo "$scenario $peer {\"round\": $round, \"cpu1_s\": $cpu, \"r\": $(cat "$work/run.json")}" >>"$work/results"
+            echo "$scenario $peer {\"round\": $round, $(cpu_json "$before" "$after"), \"r\": $(cat "$work/run.json")}" >>"$work/results"
             echo "  [$scenario $round] $peer" >&2
         done
     done
@@ -307,7 +324,7 @@ start_dns_peer() { # start_dns_peer PEER PORT -> pid
             ;;
         nginx)
             command -v nginx >/dev/null || return 0
-            start_nginx "$port" "proxy_responses 1; proxy_timeout 2s;" "${knots[@]}"
+            start_nginx "$port" "proxy_responses 1; proxy_timeout 2s;" "" "${knots[@]}"
             ;;
         pen)
             command -v pen >/dev/null || return 0
@@ -355,12 +372,11 @@ if [[ " $SCENARIOS " == *" d "* ]]; then
                     stop_peer "$pid"
                     continue
                 fi
-                before=$(cpu1_busy)
+                before=$(cpu_times)
                 out=$(dnsperf_json "$port")
-                after=$(cpu1_busy)
+                after=$(cpu_times)
                 stop_peer "$pid"
-                cpu=$(python3 -c "print(($after - $before) / $(getconf CLK_TCK) if $PIN == 1 else 'null')")
-                echo "d $peer {\"round\": $round, \"cpu1_s\": $cpu, \"r\": $out}" >>"$work/results"
+                echo "d $peer {\"round\": $round, $(cpu_json "$before" "$after"), \"r\": $out}" >>"$work/results"
                 echo "  [d $round] $peer" >&2
             done
         done
@@ -369,15 +385,27 @@ if [[ " $SCENARIOS " == *" d "* ]]; then
     fi
 fi
 
-python3 - "$work/results" "$DURATION" "$PIN" $PEERS $DNS_PEERS <<'PY'
-import json, re, statistics, sys
+MAX_STEAL=${MAX_STEAL:-} python3 - "$work/results" "$DURATION" "$PIN" $PEERS $DNS_PEERS <<'PY'
+import json, os, re, statistics, sys
 path, duration, pin, peers = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4:]
 m = re.fullmatch(r"([0-9.]+)(ms|s)?", duration)
 secs = float(m[1]) * (0.001 if m[2] == "ms" else 1)
-runs = {}
+max_steal = float(os.environ["MAX_STEAL"]) if os.environ.get("MAX_STEAL") else None
+
+def steal_pct(x, cpu):
+    """Steal on `cpu` during the run, in % of the run (None where it was not read)."""
+    s = x.get("steal_s")
+    return s[cpu] / secs * 100 if s else None
+
+runs, left_out = {}, {}
 for line in open(path):
     scen, peer, js = line.split(" ", 2)
-    runs.setdefault(scen, {}).setdefault(peer, []).append(json.loads(js))
+    x = json.loads(js)
+    worst = max((v for v in (steal_pct(x, 0), steal_pct(x, 1)) if v is not None), default=None)
+    if max_steal is not None and worst is not None and worst > max_steal:
+        left_out.setdefault(scen, []).append(f"{peer} round {x['round']} ({worst:.1f}%)")
+        continue
+    runs.setdefault(scen, {}).setdefault(peer, []).append(x)
 names = {"a": "(a) 64 flows x 8 outstanding x 64 B", "b": "(b) 1024 flows x 1 x 512 B",
          "e": "(e) 1 flow x 1 outstanding x 64 B (latency)",
          **{s: f"(f) open loop: {s[2:]} requests/s offered, 64 flows x 64 B (latency at equal load)"
@@ -388,6 +416,14 @@ peers = list(dict.fromkeys(peers))
 def cpu_of(x):
     r = x["r"]["replies_per_sec"]
     return x["cpu1_s"] / (2 * r * secs) * 1e9 if x["cpu1_s"] is not None and r else None
+
+def steal_col(rs):
+    """Median steal on CPU 0 (load) / CPU 1 (balancer) in % of the run."""
+    cols = []
+    for cpu in (0, 1):
+        v = [steal_pct(x, cpu) for x in rs if steal_pct(x, cpu) is not None]
+        cols.append(f"{statistics.median(v):.1f}" if v else "-")
+    return "/".join(cols)
 
 def same_round_ratio(by_peer, p, q, f=lambda x: x["r"]["replies_per_sec"]):
     """Median over rounds of p / q within the same round: rounds interleave the peers, so
@@ -410,6 +446,8 @@ for scen, by_peer in runs.items():
     where = ("balancer pinned to CPU 1, load and backends to CPU 0" if pin
              else "nothing pinned: load, backends and balancer share the CPUs")
     print(f"\n{names.get(scen, scen)}; {where}")
+    if scen in left_out:
+        print(f"left out (steal above MAX_STEAL={max_steal:g}%): {', '.join(left_out[scen])}")
     med = lambda peer, f: statistics.median(f(x) for x in by_peer[peer]) if peer in by_peer else None
     rps = {p: med(p, lambda x: x["r"]["replies_per_sec"]) for p in by_peer}
     per_round = lambda p, q: same_round_ratio(by_peer, p, q)
@@ -417,7 +455,7 @@ for scen, by_peer in runs.items():
                         for x in by_peer[p] if x["cpu1_s"] is not None and x["r"]["replies_per_sec"]]
     if scen == "d":
         print(f"{'peer':<15} {'queries/s':>10} {'lost':>6} {'avg_us':>7} {'cpu_ns/dgram':>12}"
-              f" {'x dnsdist':>9} {'x nginx':>8} {'x pen':>8}")
+              f" {'steal%':>9} {'x dnsdist':>9} {'x nginx':>8} {'x pen':>8}")
         for p in peers:
             if p not in by_peer:
                 continue
@@ -425,14 +463,16 @@ for scen, by_peer in runs.items():
             cpu = cpu_ns(p)
             ratio = lambda q: f"{rps[p] / rps[q]:.2f}" if rps.get(q) else "-"
             print(f"{p:<15} {rps[p]:>10.0f} {lost:>6} {med(p, lambda x: x['r']['avg_us']):>7.0f} "
-                  f"{(f'{statistics.median(cpu):.0f}' if cpu else '-'):>12} {ratio('dnsdist'):>9} "
+                  f"{(f'{statistics.median(cpu):.0f}' if cpu else '-'):>12} "
+                  f"{steal_col(by_peer[p]):>9} {ratio('dnsdist'):>9} "
                   f"{ratio('nginx'):>8} {ratio('pen'):>8}")
         same_round(by_peer, "dnsdist")
         continue
     # p99+lost: the tail over every request, a lost one (or, open loop, one not sent for a
     # full window) counted as the whole timeout.
     print(f"{'peer':<15} {'replies/s':>10} {'lost':>6} {'p50_us':>7} {'p99_us':>7} {'p99+lost':>8}"
-          f" {'cpu_ns/dgram':>12} {'x direct':>8} {'x relay':>8} {'x nginx':>8} {'x pen':>8}")
+          f" {'cpu_ns/dgram':>12} {'steal%':>9} {'x direct':>8} {'x relay':>8} {'x nginx':>8}"
+          f" {'x pen':>8}")
     for p in peers:
         if p not in by_peer:
             continue
@@ -444,20 +484,25 @@ for scen, by_peer in runs.items():
         tail = med(p, lambda x: x['r'].get('p99_with_lost_us', x['r']['p99_us']))
         print(f"{p:<15} {rps[p]:>10.0f} {lost:>6} {med(p, lambda x: x['r']['p50_us']):>7.0f} "
               f"{med(p, lambda x: x['r']['p99_us']):>7.0f} {tail:>8.0f} {cpu_s:>12} "
+              f"{steal_col(by_peer[p]):>9} "
               f"{ratio('direct'):>8} {ratio('relay'):>8} {ratio('nginx'):>8} {ratio('pen'):>8}")
-    # Tail latency against nginx's, where nginx ran.
-    if "nginx" in by_peer:
-        p99 = lambda p: med(p, lambda x: x['r']['p99_us'])
-        p99l = lambda p: med(p, lambda x: x['r'].get('p99_with_lost_us', x['r']['p99_us']))
+    # Tail latency against nginx's (as Debian ships it, and with udplb's socket buffers).
+    p99 = lambda p: med(p, lambda x: x['r']['p99_us'])
+    p99l = lambda p: med(p, lambda x: x['r'].get('p99_with_lost_us', x['r']['p99_us']))
+    for ng in ("nginx", "nginx-4m"):
+        if ng not in by_peer or not p99(ng) or not p99l(ng):
+            continue
         for p in ("udplb-flow", "udplb-datagram", "udplb-shared"):
-            if p in by_peer and p99("nginx") and p99l("nginx"):
-                same = same_round_ratio(by_peer, p, "nginx", lambda x: x["r"]["p99_us"])
-                same_l = same_round_ratio(
-                    by_peer, p, "nginx",
-                    lambda x: x["r"].get("p99_with_lost_us", x["r"]["p99_us"]))
-                print(f"p99 {p} vs nginx: {p99(p) / p99('nginx'):.2f}x answered, "
-                      f"{p99l(p) / p99l('nginx'):.2f}x with lost requests (same-round medians "
-                      f"{same:.2f}x, {same_l:.2f}x)")
+            if p not in by_peer:
+                continue
+            same = same_round_ratio(by_peer, p, ng, lambda x: x["r"]["p99_us"])
+            same_l = same_round_ratio(
+                by_peer, p, ng, lambda x: x["r"].get("p99_with_lost_us", x["r"]["p99_us"]))
+            if same is None or same_l is None:
+                continue
+            print(f"p99 {p} vs {ng}: {p99(p) / p99(ng):.2f}x answered, "
+                  f"{p99l(p) / p99l(ng):.2f}x with lost requests (same-round medians "
+                  f"{same:.2f}x, {same_l:.2f}x)")
     same_round(by_peer, "relay")
     # (c) per-datagram scheduling against per-flow, for udplb and for the bare socket path.
     for dg, fl in (("udplb-datagram", "udplb-flow"), ("relay-datagram", "relay")):

@@ -5,7 +5,10 @@
 #   $work              a fresh directory, removed on exit
 #   pids               processes to kill on exit (append with pids+=("$!"))
 #   free_port          a free UDP port on 127.0.0.1
-#   cpu1_busy          busy jiffies of CPU 1 so far (everything but idle and iowait)
+#   cpu_times          "BUSY1 STEAL0 STEAL1" in ticks since boot: CPU 1's busy time (user, nice,
+#                      system, irq, softirq: not idle, iowait or steal) and each CPU's steal
+#                      (time the hypervisor ran something else while the CPU had work)
+#   cpu1_busy          the first of those
 #   start_echo PREFIX...  $ECHO_BACKENDS (default 3) echo backends (`udplb-bench echo`, one
 #                      process), started under the command prefix PREFIX (e.g. taskset -c 0;
 #                      may be empty); sets backends=(ADDR ...)
@@ -30,7 +33,11 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-cpu1_busy() { awk '$1 == "cpu1" {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+cpu_times() {
+    awk '$1 == "cpu0" {s0 = $9} $1 == "cpu1" {b = $2 + $3 + $4 + $7 + $8; s1 = $9}
+         END {print b, s0, s1}' /proc/stat
+}
+cpu1_busy() { cpu_times | cut -d' ' -f1; }
 
 start_echo() {
     local n=${ECHO_BACKENDS:-3} addrs=() pid

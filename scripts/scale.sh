@@ -132,14 +132,15 @@ for line in open(sys.argv[1]):
     rows.setdefault((int(size), phase), []).append(json.loads(js))
 def med(rs, k):
     return statistics.median(r[k] for r in rs)
-print(f"{'flows':>8} {'phase':>6} {'new_flows/s':>12} {'cpu1_busy':>9} {'ns/new_flow':>11} {'user_KiB/flow':>14} {'kernel_KiB/flow':>16} {'KiB/flow':>9} {'replies/s':>10} {'ns/exchange':>11} {'lost':>6}")
+print(f"{'flows':>8} {'phase':>6} {'new_flows/s':>12} {'cpu1_busy':>9} {'steal':>6} {'ns/new_flow':>11} {'user_KiB/flow':>14} {'kernel_KiB/flow':>16} {'KiB/flow':>9} {'replies/s':>10} {'ns/exchange':>11} {'lost':>6}")
 for (size, phase) in sorted(rows, key=lambda k: (k[0], k[1] != "first")):
     rs = rows[(size, phase)]
     first = phase == "first"
     mem = lambda k: f"{med(rs, k):.2f}" if first else "-"
     traffic = "-" if first else f"{med(rs, 'replies_per_s'):.0f}"
     exchange = "-" if first or rs[0].get("cpu_ns_per_reply") is None else f"{med(rs, 'cpu_ns_per_reply'):.0f}"
-    print(f"{size:>8} {phase:>6} {med(rs,'new_flows_per_s'):>12.0f} {med(rs,'cpu_busy'):>9.2f} "
+    steal = f"{med(rs, 'cpu_steal'):.2f}" if all(r.get("cpu_steal") is not None for r in rs) else "-"
+    print(f"{size:>8} {phase:>6} {med(rs,'new_flows_per_s'):>12.0f} {med(rs,'cpu_busy'):>9.2f} {steal:>6} "
           f"{med(rs,'cpu_ns_per_new_flow'):>11.0f} {mem('rss_kib_per_flow'):>14} "
           f"{mem('slab_kib_per_flow'):>16} {mem('kib_per_flow'):>9} "
           f"{traffic:>10} {exchange:>11} {sum(r['traffic_lost'] for r in rs):>6}")

@@ -28,6 +28,7 @@ use mio::{Events, Interest, Poll, Token};
 use udplb_sys::batch::{RecvBatch, SendBatch};
 use udplb_sys::socket::{ListenerOptions, bind_listener};
 
+use crate::cpustat::CpuTimes;
 use crate::parse_duration;
 
 /// Datagrams per `sendmmsg` / `recvmmsg`.
@@ -62,7 +63,7 @@ pub struct FlowsArgs {
     #[arg(long = "pid")]
     pub pids: Vec<u32>,
     /// The CPU the balancer is pinned to: its busy time during the open phase (from
-    /// /proc/stat, so softirq work counts) gives the CPU cost of a new flow.
+    /// /proc/stat, so softirq work counts; steal does not) gives the CPU cost of a new flow.
     #[arg(long)]
     pub cpu: Option<usize>,
 }
@@ -115,26 +116,27 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
         in_flight: 0,
         resent: 0,
     };
-    let busy_before = args.cpu.map(cpu_busy_seconds).transpose()?;
+    let open_before = args.cpu.map(CpuTimes::read).transpose()?;
     let started = Instant::now();
     open_all(&mut io, &mut flows, args)?;
     let open_secs = started.elapsed().as_secs_f64();
-    let busy = match (args.cpu, busy_before) {
-        (Some(cpu), Some(before)) => Some(cpu_busy_seconds(cpu)? - before),
+    let open_cpu = match (args.cpu, open_before) {
+        (Some(cpu), Some(before)) => Some(CpuTimes::read(cpu)?.since(before)),
         _ => None,
     };
+    let busy = open_cpu.map(|t| t.busy);
     // CPU time per new flow, and what one core fully busy would open per second.
     let cpu_ns_per_flow = busy.map(|b| round(b * 1e9 / f64::from(flows.opened.max(1)), 0));
     // Let the balancer finish its turn (gauges, batches) before reading memory.
     std::thread::sleep(Duration::from_millis(200));
     let after = Memory::sample(&args.pids)?;
-    let traffic_busy_before = args.cpu.map(cpu_busy_seconds).transpose()?;
+    let traffic_before = args.cpu.map(CpuTimes::read).transpose()?;
     let (replies, lost) = traffic(&mut io, args)?;
     // CPU time per exchange (request and reply) on established flows, to set against the cost
     // of a new flow.
-    let cpu_ns_per_reply = match (args.cpu, traffic_busy_before) {
+    let cpu_ns_per_reply = match (args.cpu, traffic_before) {
         (Some(cpu), Some(before)) if replies > 0 => Some(round(
-            (cpu_busy_seconds(cpu)? - before) * 1e9 / replies as f64,
+            CpuTimes::read(cpu)?.since(before).busy * 1e9 / replies as f64,
             0,
         )),
         _ => None,
@@ -152,6 +154,7 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
             "new_flows_per_s": round(f64::from(flows.opened) / open_secs, 0),
             "resent": flows.resent,
             "cpu_busy": busy.map(|b| round(b / open_secs, 3)),
+            "cpu_steal": open_cpu.map(|t| round(t.steal / open_secs, 3)),
             "cpu_ns_per_new_flow": cpu_ns_per_flow,
             "new_flows_per_cpu_s": cpu_ns_per_flow.map(|ns| round(1e9 / ns.max(1.0), 0)),
             "rss_kib_per_flow": round(rss / n, 3),
@@ -340,24 +343,6 @@ impl Memory {
             field_kib(&meminfo, "Slab:").ok_or_else(|| anyhow::anyhow!("no Slab in meminfo"))?;
         Ok(Memory { rss_kib, slab_kib })
     }
-}
-
-/// Busy time of CPU `cpu` since boot in seconds: every /proc/stat field but idle and iowait.
-fn cpu_busy_seconds(cpu: usize) -> anyhow::Result<f64> {
-    let stat = fs::read_to_string("/proc/stat")?;
-    let name = format!("cpu{cpu}");
-    let fields: Vec<u64> = stat
-        .lines()
-        .find_map(|l| l.strip_prefix(&name).filter(|r| r.starts_with(' ')))
-        .ok_or_else(|| anyhow::anyhow!("no {name} in /proc/stat"))?
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    anyhow::ensure!(fields.len() >= 8, "short {name} line in /proc/stat");
-    // user nice system idle iowait irq softirq steal
-    let busy: u64 = fields[..3].iter().sum::<u64>() + fields[5..8].iter().sum::<u64>();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok(busy as f64 / hz)
 }
 
 /// The value of a `Name:   1234 kB` line.

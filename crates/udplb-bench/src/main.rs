@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod bulk;
+mod cpustat;
 mod echo;
 mod flows;
 mod generator;
