@@ -71,6 +71,8 @@ pub struct ListenerConfig {
     pub max_flows: u32,
     /// Largest datagram forwarded in either direction.
     pub max_datagram_size: usize,
+    /// `SO_RCVBUF` and `SO_SNDBUF` of the listener's sockets, in bytes (`socket_buffer`).
+    pub socket_buffer: usize,
     /// Clients served (`allow`); empty: every client not denied.
     pub allow: Vec<Cidr>,
     /// Clients refused (`deny`); wins over `allow`.
@@ -103,6 +105,7 @@ impl ListenerConfig {
             idle_timeout: defaults::IDLE_TIMEOUT,
             max_flows: defaults::MAX_FLOWS,
             max_datagram_size: defaults::MAX_DATAGRAM_SIZE,
+            socket_buffer: defaults::SOCKET_BUFFER,
             allow: Vec::new(),
             deny: Vec::new(),
             limits: None,

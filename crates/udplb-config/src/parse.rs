@@ -40,6 +40,7 @@ const LISTENER_KEYS: &[&str] = &[
     "idle_timeout",
     "max_flows",
     "max_datagram_size",
+    "socket_buffer",
     "allow",
     "deny",
     "limits",
@@ -254,6 +255,10 @@ impl Reader<'_> {
         let size_range = defaults::MAX_DATAGRAM_SIZE_RANGE;
         if let Some(n) = self.ranged(t, key, "max_datagram_size", size_range) {
             l.max_datagram_size = n;
+        }
+        let buffer_range = defaults::SOCKET_BUFFER_RANGE;
+        if let Some(n) = self.ranged(t, key, "socket_buffer", buffer_range) {
+            l.socket_buffer = n;
         }
         l.allow = self
             .optional(t, key, "allow", |r, k, v| r.networks(k, v))

@@ -171,6 +171,12 @@ fn check_listener(
         l.max_datagram_size,
         defaults::MAX_DATAGRAM_SIZE_RANGE,
     );
+    check_range(
+        out,
+        key("socket_buffer"),
+        l.socket_buffer,
+        defaults::SOCKET_BUFFER_RANGE,
+    );
 }
 
 /// Two listeners conflict on the same port when their addresses are equal or one is the

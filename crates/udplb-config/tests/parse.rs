@@ -37,6 +37,7 @@ affinity = "ip"
 idle_timeout = "1m 30s"
 max_flows = 1000
 max_datagram_size = 1232
+socket_buffer = 262144
 [listeners.alpha]
 address = "0.0.0.0:514"
 pool = "dns"
@@ -60,6 +61,11 @@ backends = [
     assert_eq!(z.affinity, Affinity::Ip);
     assert_eq!(z.idle_timeout, Duration::from_secs(90));
     assert_eq!((z.max_flows, z.max_datagram_size), (1000, 1232));
+    assert_eq!(z.socket_buffer, 262_144);
+    assert_eq!(
+        cfg.listeners[1].socket_buffer,
+        udplb_config::defaults::SOCKET_BUFFER
+    );
     assert_eq!(cfg.listeners[1].mode, SessionMode::Datagram);
     assert_eq!(
         cfg.listeners[1].idle_timeout,
@@ -327,6 +333,14 @@ fn out_of_range_numbers_give_the_range() {
         (
             "max_datagram_size = 65508",
             "65508 is out of range 1..=65507",
+        ),
+        (
+            "socket_buffer = 1024",
+            "1024 is out of range 4096..=1073741824",
+        ),
+        (
+            "socket_buffer = 2147483648",
+            "2147483648 is out of range 4096..=1073741824",
         ),
         ("idle_timeout = \"50ms\"", "out of range 100ms..="),
         ("idle_timeout = \"2days\"", "out of range 100ms..="),

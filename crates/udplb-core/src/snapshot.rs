@@ -142,6 +142,9 @@ pub struct ListenerSpec {
     /// The listener's sockets receive GRO trains (`UDP_GRO`), passed on whole (`UDP_SEGMENT`)
     /// where no per-datagram policy applies.
     pub gro: bool,
+    /// Receive and send buffer of each of the listener's sockets, in bytes (applied when the
+    /// sockets are bound).
+    pub socket_buffer: usize,
     /// New flows take a (socket, backend) pair from the worker's shared upstream sockets
     /// instead of a socket of their own.
     pub shared_upstream: bool,

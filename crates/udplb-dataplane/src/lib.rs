@@ -26,17 +26,13 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 use udplb_core::Affinity;
 use udplb_core::affinity::StickyTable;
-use udplb_core::snapshot::Snapshot;
+use udplb_core::snapshot::{ListenerSpec, Snapshot};
 use udplb_sys::socket::{ListenerOptions, bind_listener};
 
 pub use stats::{
     BackendStats, ListenerTotals, WorkerStats, backend_reply_latency, backend_traffic,
     passive_failures_by_backend,
 };
-
-/// Socket buffer size asked for listener sockets (the kernel may grant less; as root udplb
-/// forces it). Large enough to absorb bursts while a worker is busy.
-pub const LISTENER_SOCKET_BUFFER: usize = 4 << 20;
 
 /// How the data plane is run.
 #[derive(Clone, Debug)]
@@ -112,6 +108,24 @@ impl Bound {
     }
 }
 
+/// Logs a listener whose socket got smaller buffers than `socket_buffer` asked for (not root,
+/// and the system maximum below it): bursts it cannot queue are dropped sooner.
+fn warn_if_buffers_short(spec: &ListenerSpec, socket: &std::net::UdpSocket) {
+    let Ok((receive, send)) = udplb_sys::socket::buffer_sizes(socket) else {
+        return;
+    };
+    if receive < spec.socket_buffer || send < spec.socket_buffer {
+        tracing::warn!(
+            listener = %spec.name,
+            asked = spec.socket_buffer,
+            receive,
+            send,
+            "listener socket buffers are smaller than socket_buffer asks (raise \
+             net.core.rmem_max and net.core.wmem_max, or start udplb as root)"
+        );
+    }
+}
+
 impl Dataplane {
     /// Binds every listener of the current snapshot once per worker and starts the workers.
     /// Binding errors are returned before any worker starts.
@@ -136,23 +150,28 @@ impl Dataplane {
                 })
             })
             .collect();
-        let listener_opts = |gro| ListenerOptions {
+        // The buffers are asked for (forced past the system maximum when privileged); a
+        // smaller grant is reported once per listener, not refused.
+        let listener_opts = |spec: &ListenerSpec| ListenerOptions {
             reuse_port: true,
-            recv_buffer: Some(LISTENER_SOCKET_BUFFER),
-            send_buffer: Some(LISTENER_SOCKET_BUFFER),
-            gro,
+            recv_buffer: Some(spec.socket_buffer),
+            send_buffer: Some(spec.socket_buffer),
+            gro: spec.gro,
         };
         // Worker 0 binds first; the others bind the address it got (so port 0 works).
         let mut listener_addrs: Vec<SocketAddr> =
             snapshot.listeners.iter().map(|l| l.address).collect();
         let mut sockets_per_worker = Vec::with_capacity(workers);
-        for _ in 0..workers {
+        for worker in 0..workers {
             let mut sockets = Vec::with_capacity(listener_addrs.len());
             for (addr, spec) in listener_addrs.iter_mut().zip(&snapshot.listeners) {
-                let socket = bind_listener(*addr, &listener_opts(spec.gro)).map_err(|e| {
+                let socket = bind_listener(*addr, &listener_opts(spec)).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot bind listener {addr}: {e}"))
                 })?;
                 *addr = socket.local_addr()?;
+                if worker == 0 {
+                    warn_if_buffers_short(spec, &socket);
+                }
                 sockets.push(socket);
             }
             sockets_per_worker.push(sockets);

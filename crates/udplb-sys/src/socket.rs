@@ -123,6 +123,14 @@ fn unspecified_like(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, 0)
 }
 
+/// The receive and send buffer sizes a socket has, in the unit `SO_RCVBUF`/`SO_SNDBUF` are set
+/// in: Linux doubles the value it is given (the other half pays for its bookkeeping) and
+/// reports the doubled one, so this halves it back.
+pub fn buffer_sizes(socket: &UdpSocket) -> io::Result<(usize, usize)> {
+    let s = socket2::SockRef::from(socket);
+    Ok((s.recv_buffer_size()? / 2, s.send_buffer_size()? / 2))
+}
+
 /// Sets buffer sizes, forcing past the system maximum when privileged. Best effort: a buffer
 /// the kernel will not grow is not a reason to refuse to run.
 fn set_buffers(socket: &Socket, recv: Option<usize>, send: Option<usize>) {
@@ -337,6 +345,18 @@ mod tests {
     }
 
     /// The receive queue's fill follows what is queued.
+    #[test]
+    fn buffer_sizes_read_back_what_was_asked_for() {
+        // Below the kernel's default maximum, so no privilege is needed.
+        let opts = ListenerOptions {
+            recv_buffer: Some(65_536),
+            send_buffer: Some(49_152),
+            ..ListenerOptions::default()
+        };
+        let listener = bind_listener("127.0.0.1:0".parse().unwrap(), &opts).unwrap();
+        assert_eq!(buffer_sizes(&listener).unwrap(), (65_536, 49_152));
+    }
+
     #[test]
     fn receive_queue_reports_queued_bytes() {
         let listener =

@@ -117,6 +117,10 @@ struct OneLiner {
     /// Largest datagram forwarded; larger ones are dropped and counted.
     #[arg(long, default_value_t = udplb_config::defaults::MAX_DATAGRAM_SIZE)]
     max_datagram_size: usize,
+    /// Receive and send buffer of each listener socket, in bytes: what a burst can queue
+    /// before datagrams are dropped.
+    #[arg(long, default_value_t = udplb_config::defaults::SOCKET_BUFFER)]
+    socket_buffer: usize,
     /// Receive trains of datagrams as one (UDP GRO) and forward them as one (UDP GSO); flow
     /// mode only.
     #[arg(long)]
@@ -245,6 +249,7 @@ impl OneLiner {
         listener.idle_timeout = self.idle_timeout;
         listener.max_flows = self.max_flows;
         listener.max_datagram_size = self.max_datagram_size;
+        listener.socket_buffer = self.socket_buffer;
         listener.gro = self.gro;
         listener.shared_upstream = self.shared_upstream;
         let mut runtime = Runtime {

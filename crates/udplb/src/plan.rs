@@ -52,6 +52,7 @@ pub fn snapshot_of(
                 .as_ref()
                 .and_then(|name| cfg.pools.iter().position(|p| &p.name == name)),
             gro: l.gro,
+            socket_buffer: l.socket_buffer,
             shared_upstream: l.shared_upstream,
         })
         .collect();

@@ -88,19 +88,20 @@ impl Reloader {
 
 /// Loads `path` and checks it only changes what a running process can change: pools,
 /// backends, policies, checks and listener settings, but not the set of listener addresses
-/// nor their `gro` (their sockets are bound, with their options, at start).
+/// nor their `gro` or `socket_buffer` (their sockets are bound, with their options, at start).
 fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
     let mut cfg = udplb_config::load(path).map_err(|e| e.to_string())?;
     let addresses = |c: &Config| {
         c.listeners
             .iter()
-            .map(|l| (l.name.clone(), l.address, l.gro))
+            .map(|l| (l.name.clone(), l.address, l.gro, l.socket_buffer))
             .collect::<Vec<_>>()
     };
     if addresses(&cfg) != addresses(running) {
         return Err(format!(
             "{}: listeners: adding, removing, renaming, re-addressing listeners or changing their \
-             gro needs a restart (running: {:?})",
+             gro or socket_buffer needs a restart (running (name, address, gro, socket_buffer): \
+             {:?})",
             path.display(),
             addresses(running)
         ));
@@ -120,4 +121,35 @@ fn now_unix() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_file(name: &str, listener_extra: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("udplb-reload-{}-{name}.toml", std::process::id()));
+        let toml = format!(
+            "[listeners.dns]\naddress = \"127.0.0.1:5353\"\npool = \"p\"\n{listener_extra}\n\
+             [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n"
+        );
+        std::fs::write(&path, toml).unwrap();
+        path
+    }
+
+    #[test]
+    fn listener_socket_options_need_a_restart() {
+        let running = udplb_config::load(&config_file("running", "")).unwrap();
+        // Listener settings that apply to new flows are taken live.
+        assert!(load_compatible(&config_file("flows", "max_flows = 10"), &running).is_ok());
+        // What the bound sockets were made with is not.
+        for (name, extra) in [("buffer", "socket_buffer = 65536"), ("gro", "gro = true")] {
+            let path = config_file(name, extra);
+            let error = load_compatible(&path, &running).unwrap_err();
+            assert!(error.contains("needs a restart"), "{name}: {error}");
+            assert!(error.contains(&path.display().to_string()), "{error}");
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

@@ -220,3 +220,48 @@ fn running_out_of_descriptors_sheds_new_flows_and_never_crashes() {
     let (reply, _) = request(&client("127.0.0.1:0"), listen, b"again");
     assert_eq!(reply, b"a:again");
 }
+
+/// `rb` and `tb` (the kernel's receive and send buffer sizes) of every UDP socket bound to
+/// `port`, from `ss -m`; `None` when `ss` (iproute2) is missing.
+fn socket_buffers(port: u16) -> Option<Vec<(u64, u64)>> {
+    let out = std::process::Command::new("ss")
+        .args(["-ulmnH", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |mem: &str, name: &str| -> u64 {
+        mem.split([',', '(', ')'])
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {mem}"))
+    };
+    Some(
+        text.lines()
+            .filter(|l| l.contains("skmem:"))
+            .map(|l| (field(l, "rb"), field(l, "tb")))
+            .collect(),
+    )
+}
+
+#[test]
+fn listener_sockets_get_the_buffers_socket_buffer_asks_for() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen = listen_addr("127.0.0.1");
+    // Below the kernel's default maximum, so it holds for any user on any machine.
+    let _lb = Udplb::start(&[
+        "--workers",
+        "2",
+        "--socket-buffer",
+        "65536",
+        &listen.to_string(),
+        &a.addr.to_string(),
+    ]);
+    let Some(buffers) = socket_buffers(listen.port()) else {
+        eprintln!("skipped: needs ss (Debian: iproute2)");
+        return;
+    };
+    // One socket per worker; Linux doubles what it is given (half pays for bookkeeping).
+    assert_eq!(buffers, vec![(131_072, 131_072); 2], "{buffers:?}");
+    let c = client("127.0.0.1:0");
+    assert_eq!(request(&c, listen, b"x").0, b"a:x");
+}
