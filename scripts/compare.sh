@@ -30,6 +30,7 @@
 #               with --shared-upstream)
 #        RATES ("60000 90000 120000"): requests/s offered in scenario f
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
+#        RESULTS (unset): also keep the raw results (one JSON line per run) in this file
 #        MAX_STEAL (unset): leave out of the tables every run in which either CPU lost more
 #                  than this % of the run to steal (a shared virtual machine's host running
 #                  something else; the steal% column shows it per peer either way)
@@ -385,6 +386,7 @@ if [[ " $SCENARIOS " == *" d "* ]]; then
     fi
 fi
 
+[[ -n ${RESULTS:-} ]] && cp "$work/results" "$RESULTS"
 MAX_STEAL=${MAX_STEAL:-} python3 - "$work/results" "$DURATION" "$PIN" $PEERS $DNS_PEERS <<'PY'
 import json, os, re, statistics, sys
 path, duration, pin, peers = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4:]
