@@ -17,7 +17,7 @@ pub const MAX_DATAGRAM_SIZE: usize = 65_507;
 /// Accepted datagram size limits.
 pub const MAX_DATAGRAM_SIZE_RANGE: RangeInclusive<usize> = 1..=65_507;
 /// Receive and send buffer of each listener socket, in bytes: a burst or a stall of the
-/// worker this large is queued rather than dropped (about 5,000 datagrams of 64 bytes).
+/// worker this large is queued rather than dropped (about 10,000 datagrams of 64 bytes).
 pub const SOCKET_BUFFER: usize = 4 << 20;
 /// Accepted listener buffer sizes (the kernel doubles the value it is given, into an `int`).
 pub const SOCKET_BUFFER_RANGE: RangeInclusive<usize> = 4096..=(1 << 30);
