@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Cache};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use udplb_core::affinity::StickyTable;
@@ -242,7 +242,9 @@ pub(crate) struct Worker {
     /// Sockets of completed request-response flows, for the next flows to their backends.
     spares: Spares<UdpSocket>,
     cursors: Vec<Cursor>,
-    shared: Arc<ArcSwap<Snapshot>>,
+    /// The published snapshot, checked once per turn (a relaxed load and a pointer compare).
+    published: Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>,
+    /// The snapshot this worker applied.
     snap: Arc<Snapshot>,
     stats: Arc<WorkerStats>,
     stop: Arc<AtomicBool>,
@@ -292,7 +294,7 @@ impl Worker {
             table: FlowTable::new(),
             spares: Spares::new(),
             cursors: Vec::new(),
-            shared: setup.shared,
+            published: Cache::new(setup.shared),
             snap,
             stats: setup.stats,
             stop: setup.stop,
@@ -333,6 +335,8 @@ impl Worker {
         let mut again: Vec<FlowHandle> = Vec::with_capacity(1024);
         let mut ready_ports: Vec<PortRef> = Vec::with_capacity(64);
         let mut again_ports: Vec<PortRef> = Vec::with_capacity(64);
+        // One clock read per turn: the turn's work and the next sleep both use it.
+        let mut now = self.now();
         while !self.stop.load(Ordering::Acquire) {
             let busy = !ready.is_empty()
                 || !ready_ports.is_empty()
@@ -340,7 +344,7 @@ impl Worker {
             let timeout = if busy {
                 Duration::ZERO
             } else {
-                self.sleep_budget()
+                self.sleep_budget(now)
             };
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -363,7 +367,7 @@ impl Worker {
                     ready.push(FlowHandle::from_u64(t.0 as u64));
                 }
             }
-            let now = self.now();
+            now = self.now();
             // One reference count per turn, not per datagram: the count is shared by all
             // workers, and touching it per datagram would bounce its cache line between cores.
             let snap = Arc::clone(&self.snap);
@@ -406,20 +410,22 @@ impl Worker {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    /// How long the loop may sleep: until the next flow deadline, at most [`MAX_SLEEP`].
-    fn sleep_budget(&self) -> Duration {
+    /// How long the loop may sleep: until the next flow deadline, at most [`MAX_SLEEP`]. `now`
+    /// is the last turn's time (a deadline is then met up to one turn late, never early).
+    fn sleep_budget(&self, now: Time) -> Duration {
         match self.table.next_deadline() {
             Some(deadline) => deadline
-                .since(self.now())
+                .since(now)
                 .clamp(Duration::from_millis(1), MAX_SLEEP),
             None => MAX_SLEEP,
         }
     }
 
-    /// Picks up a newly published snapshot (one atomic load per turn).
+    /// Picks up a newly published snapshot (one relaxed atomic load per turn).
     fn refresh_snapshot(&mut self) {
-        if self.shared.load().generation != self.snap.generation {
-            self.snap = self.shared.load_full();
+        let published = self.published.load();
+        if published.generation != self.snap.generation {
+            self.snap = Arc::clone(published);
             self.apply_snapshot();
         }
     }
