@@ -31,6 +31,10 @@
 #        RATES ("60000 90000 120000"): requests/s offered in scenario f
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
 #        RESULTS (unset): also keep the raw results (one JSON line per run) in this file
+#        HALT_POLL_NS (unset): on a KVM guest whose idle driver is cpuidle-haltpoll, let an idle
+#                  vCPU poll this long before it halts (guest_halt_poll_ns; restored on exit):
+#                  a halted vCPU is woken through the host, which here adds 100-400 us to a
+#                  request's latency at every peer alike; polling time counts as idle
 #        MAX_STEAL (unset): leave out of the tables every run in which either CPU lost more
 #                  than this % of the run to steal (a shared virtual machine's host running
 #                  something else; the steal% column shows it per peer either way)
@@ -79,6 +83,13 @@ NAME=compare
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 (($(nproc) >= 2)) || die "needs 2 CPUs (balancer on CPU 1, load and backends on CPU 0)"
+halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+if [[ -n ${HALT_POLL_NS:-} ]]; then
+    [[ -w $halt_poll ]] || die "HALT_POLL_NS needs the cpuidle-haltpoll driver and root ($halt_poll)"
+    saved_halt_poll=$(<"$halt_poll")
+    echo "$HALT_POLL_NS" >"$halt_poll"
+    trap 'echo "$saved_halt_poll" >"$halt_poll"; cleanup' EXIT
+fi
 
 install_missing() {
     local want=()
@@ -387,6 +398,7 @@ if [[ " $SCENARIOS " == *" d "* ]]; then
 fi
 
 [[ -n ${RESULTS:-} ]] && cp "$work/results" "$RESULTS"
+[[ -n ${HALT_POLL_NS:-} ]] && echo "idle vCPUs polled ${HALT_POLL_NS} ns before halting (HALT_POLL_NS)"
 MAX_STEAL=${MAX_STEAL:-} python3 - "$work/results" "$DURATION" "$PIN" $PEERS $DNS_PEERS <<'PY'
 import json, os, re, statistics, sys
 path, duration, pin, peers = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4:]
