@@ -140,16 +140,20 @@ mod tests {
 
     #[test]
     fn listener_socket_options_need_a_restart() {
-        let running = udplb_config::load(&config_file("running", "")).unwrap();
+        let running_path = config_file("running", "");
+        let running = udplb_config::load(&running_path).unwrap();
+        let _ = std::fs::remove_file(running_path);
         // Listener settings that apply to new flows are taken live.
-        assert!(load_compatible(&config_file("flows", "max_flows = 10"), &running).is_ok());
+        let flows = config_file("flows", "max_flows = 10");
+        assert!(load_compatible(&flows, &running).is_ok());
+        let _ = std::fs::remove_file(flows);
         // What the bound sockets were made with is not.
         for (name, extra) in [("buffer", "socket_buffer = 65536"), ("gro", "gro = true")] {
             let path = config_file(name, extra);
             let error = load_compatible(&path, &running).unwrap_err();
+            let _ = std::fs::remove_file(&path);
             assert!(error.contains("needs a restart"), "{name}: {error}");
             assert!(error.contains(&path.display().to_string()), "{error}");
-            let _ = std::fs::remove_file(path);
         }
     }
 }
