@@ -66,19 +66,18 @@ impl FromStr for Affinity {
     }
 }
 
-/// The scheduling algorithm of a pool.
+/// The scheduling algorithm of a pool. Every scheduler honours backend weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SchedulerKind {
-    /// Each available backend in turn, weights ignored.
+    /// Smooth weighted round robin (nginx's algorithm): exact proportions, interleaved, over
+    /// one sequence per pool shared by every worker (so a few clients spread over every
+    /// backend whatever the worker count). Equal weights: plain round robin.
     #[default]
     RoundRobin,
-    /// Smooth weighted round robin (nginx's algorithm): exact proportions, interleaved.
-    WeightedRoundRobin,
-    /// Uniformly random.
-    Random,
     /// Random in proportion to weight.
-    WeightedRandom,
-    /// The backend with the fewest live flows on this worker (weighted: flows / weight).
+    Random,
+    /// The backend with the fewest live flows on this worker (weighted: flows / weight); ties
+    /// go round robin.
     LeastFlows,
     /// Power of two choices: the less loaded of two random backends (flows / weight).
     PowerOfTwo,
@@ -90,11 +89,9 @@ pub enum SchedulerKind {
 
 impl SchedulerKind {
     /// Every scheduler, in documentation order.
-    pub const ALL: [SchedulerKind; 8] = [
+    pub const ALL: [SchedulerKind; 6] = [
         SchedulerKind::RoundRobin,
-        SchedulerKind::WeightedRoundRobin,
         SchedulerKind::Random,
-        SchedulerKind::WeightedRandom,
         SchedulerKind::LeastFlows,
         SchedulerKind::PowerOfTwo,
         SchedulerKind::Maglev,
@@ -105,9 +102,7 @@ impl SchedulerKind {
     pub fn name(self) -> &'static str {
         match self {
             SchedulerKind::RoundRobin => "round-robin",
-            SchedulerKind::WeightedRoundRobin => "weighted-round-robin",
             SchedulerKind::Random => "random",
-            SchedulerKind::WeightedRandom => "weighted-random",
             SchedulerKind::LeastFlows => "least-flows",
             SchedulerKind::PowerOfTwo => "power-of-two",
             SchedulerKind::Maglev => "maglev",
@@ -132,19 +127,17 @@ impl FromStr for SchedulerKind {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {
         let kind = match s {
-            "round-robin" | "rr" => SchedulerKind::RoundRobin,
-            "weighted-round-robin" | "wrr" => SchedulerKind::WeightedRoundRobin,
-            "random" => SchedulerKind::Random,
-            "weighted-random" | "wrandom" => SchedulerKind::WeightedRandom,
+            // Round robin and random honour weights: the weighted names are the same.
+            "round-robin" | "rr" | "weighted-round-robin" | "wrr" => SchedulerKind::RoundRobin,
+            "random" | "weighted-random" | "wrandom" => SchedulerKind::Random,
             "least-flows" | "lf" => SchedulerKind::LeastFlows,
             "power-of-two" | "p2c" => SchedulerKind::PowerOfTwo,
             "maglev" => SchedulerKind::Maglev,
             "rendezvous" | "hrw" => SchedulerKind::Rendezvous,
             _ => {
                 return Err(UnknownName {
-                    expected: "round-robin (rr), weighted-round-robin (wrr), random, \
-                               weighted-random, least-flows, power-of-two (p2c), maglev, \
-                               rendezvous (hrw)",
+                    expected: "round-robin (rr, wrr), random, least-flows (lf), \
+                               power-of-two (p2c), maglev, rendezvous (hrw)",
                 });
             }
         };

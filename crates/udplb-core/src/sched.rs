@@ -1,12 +1,15 @@
 //! Scheduling: which backend a new flow (or, in datagram mode, a datagram) goes to.
 //!
 //! Owns: [`Tier`], the prebuilt scheduling state of a pool (built with the snapshot: member
-//! list, cumulative weights, the Maglev table, rendezvous hashes), [`Cursor`], the small
-//! per-worker mutable state some schedulers need (round-robin position, smooth-WRR current
-//! weights), and [`pick`], the per-decision function.
+//! list, cumulative weights, the round-robin schedule, the Maglev table, rendezvous hashes),
+//! [`Sequence`], the one counter of a pool's round robin that every worker advances, and
+//! [`pick`], the per-decision function.
 //! Must not: allocate or build tables in [`pick`] (it runs per new flow, and per datagram in
-//! datagram mode), draw randomness (the caller passes a random `u64`), or share mutable state
-//! between workers.
+//! datagram mode), or draw randomness (the caller passes a random `u64`). The only state
+//! workers share is a pool's [`Sequence`], one relaxed atomic add per round-robin decision: a
+//! cursor per worker would hand a few clients to the same backends on every worker.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::hash::{ClientKey, backend_hash_input, stable_hash};
 use crate::maglev::MaglevTable;
@@ -24,6 +27,9 @@ pub struct Tier {
     weights: Vec<u32>,
     /// Running sum of weights (weighted random).
     cumulative: Vec<u64>,
+    /// The round-robin schedule: member indices in smooth weighted order, one period
+    /// (round robin only).
+    schedule: Vec<u32>,
     /// Sum of weights.
     total_weight: u64,
     /// Stable hash of each member's address (rendezvous).
@@ -79,6 +85,11 @@ impl Tier {
                 stable_hash(&buf[..len])
             })
             .collect();
+        let schedule = if kind == SchedulerKind::RoundRobin {
+            smooth_schedule(&weights)
+        } else {
+            Vec::new()
+        };
         let maglev = if kind == SchedulerKind::Maglev {
             let m: Vec<_> = members
                 .iter()
@@ -93,6 +104,7 @@ impl Tier {
             members,
             weights,
             cumulative,
+            schedule,
             total_weight,
             member_hashes,
             maglev,
@@ -133,12 +145,18 @@ impl Tier {
     }
 }
 
-/// Per-worker, per-pool scheduler state. Reset when the snapshot changes.
-#[derive(Clone, Debug, Default)]
-pub struct Cursor {
-    generation: u64,
-    next: usize,
-    current: Vec<i64>,
+/// A pool's round-robin position, shared by every worker and carried from snapshot to
+/// snapshot (so a health flip or reload does not send the next clients to the first backend
+/// again).
+#[derive(Debug, Default)]
+pub struct Sequence(AtomicU64);
+
+impl Sequence {
+    /// The next position (relaxed: only the spread matters, not an order between workers).
+    #[inline]
+    pub fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// What a decision may depend on besides the pool.
@@ -155,40 +173,23 @@ pub struct PickInput<'a> {
 
 /// Picks a backend of `pool` for a new flow (or a datagram). Returns its index in
 /// [`Pool::backends`], or `None` when no backend is eligible.
-///
-/// `generation` is the snapshot's generation: the cursor resets when it changes.
 #[inline]
-pub fn pick(
-    pool: &Pool,
-    generation: u64,
-    cursor: &mut Cursor,
-    input: PickInput<'_>,
-) -> Option<usize> {
+pub fn pick(pool: &Pool, input: PickInput<'_>) -> Option<usize> {
     let tier = &pool.tier;
     let n = tier.members.len();
     if n == 0 {
         return None;
     }
-    if cursor.generation != generation {
-        *cursor = Cursor {
-            generation,
-            next: 0,
-            current: Vec::new(),
-        };
-    }
     let member = match pool.scheduler {
         SchedulerKind::RoundRobin => {
-            let m = cursor.next % n;
-            cursor.next = cursor.next.wrapping_add(1);
-            m
+            let at = pool.sequence.next() % tier.schedule.len() as u64;
+            tier.schedule[at as usize] as usize
         }
-        SchedulerKind::WeightedRoundRobin => smooth_weighted(tier, cursor),
-        SchedulerKind::Random => scale(input.random, n as u64) as usize,
-        SchedulerKind::WeightedRandom => {
+        SchedulerKind::Random => {
             let r = scale(input.random, tier.total_weight);
             tier.cumulative.partition_point(|&c| c <= r)
         }
-        SchedulerKind::LeastFlows => least_loaded(pool, cursor, input.load),
+        SchedulerKind::LeastFlows => least_loaded(pool, input.load),
         SchedulerKind::PowerOfTwo => power_of_two(pool, input),
         SchedulerKind::Maglev => match &tier.maglev {
             Some(table) => table.lookup(input.key.0),
@@ -199,27 +200,48 @@ pub fn pick(
     Some(tier.members[member] as usize)
 }
 
+/// The longest round-robin schedule: weights whose sum (divided by their greatest common
+/// divisor) is larger are scaled down to it, which keeps the proportions to within 1 / this.
+const SCHEDULE_MAX: u64 = 1 << 14;
+
+/// One period of nginx's smooth weighted round robin over members of `weights`: every member
+/// gains its weight, the richest is picked and pays the total. Exact proportions over the
+/// period, interleaved. Built with the snapshot, never per decision.
+fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
+    let divisor = weights.iter().copied().fold(0, gcd).max(1);
+    let mut weights: Vec<u64> = weights.iter().map(|&w| u64::from(w / divisor)).collect();
+    let total: u64 = weights.iter().sum();
+    if total > SCHEDULE_MAX.max(weights.len() as u64) {
+        let cap = SCHEDULE_MAX.max(weights.len() as u64);
+        for w in &mut weights {
+            *w = (*w * cap / total).max(1);
+        }
+    }
+    let total: u64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut schedule = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            current[i] += w as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total as i64;
+        schedule.push(best as u32);
+    }
+    schedule
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// Maps a uniform 64-bit number onto `0..n` without a division.
 #[inline]
 fn scale(random: u64, n: u64) -> u64 {
     ((u128::from(random) * u128::from(n)) >> 64) as u64
-}
-
-/// nginx's smooth weighted round robin: every member gains its weight, the richest is picked
-/// and pays the total. Exact proportions over every `total_weight` picks, interleaved.
-fn smooth_weighted(tier: &Tier, cursor: &mut Cursor) -> usize {
-    if cursor.current.len() != tier.members.len() {
-        cursor.current = vec![0; tier.members.len()];
-    }
-    let mut best = 0;
-    for (i, &w) in tier.weights.iter().enumerate() {
-        cursor.current[i] += i64::from(w);
-        if cursor.current[i] > cursor.current[best] {
-            best = i;
-        }
-    }
-    cursor.current[best] -= tier.total_weight as i64;
-    best
 }
 
 /// Live flows of member `m` on this worker.
@@ -236,11 +258,10 @@ fn lighter(pool: &Pool, a: usize, b: usize, load: &[u32]) -> bool {
     load_of(pool, a, load) * u64::from(w[b]) < load_of(pool, b, load) * u64::from(w[a])
 }
 
-/// The member with the fewest flows per weight; ties go round robin.
-fn least_loaded(pool: &Pool, cursor: &mut Cursor, load: &[u32]) -> usize {
+/// The member with the fewest flows per weight; ties go round robin (the pool's sequence).
+fn least_loaded(pool: &Pool, load: &[u32]) -> usize {
     let n = pool.tier.members.len();
-    let start = cursor.next % n;
-    cursor.next = cursor.next.wrapping_add(1);
+    let start = (pool.sequence.next() % n as u64) as usize;
     let mut best = start;
     for step in 1..n {
         let m = (start + step) % n;
@@ -325,7 +346,6 @@ mod tests {
 
     fn counts(kind: SchedulerKind, backends: &[(u16, u32, bool)], picks: usize) -> Vec<usize> {
         let s = snapshot(kind, backends);
-        let mut cursor = Cursor::default();
         let mut out = vec![0; backends.len()];
         let mut rng = 1u64;
         for i in 0..picks {
@@ -335,56 +355,102 @@ mod tests {
                 random: rng,
                 load: &[],
             };
-            out[pick(&s.pools[0], 1, &mut cursor, input).unwrap()] += 1;
+            out[pick(&s.pools[0], input).unwrap()] += 1;
         }
         out
     }
 
+    const ANY: PickInput<'static> = PickInput {
+        key: ClientKey(0),
+        random: 0,
+        load: &[],
+    };
+
     #[test]
-    fn round_robin_is_exact() {
+    fn round_robin_is_exact_and_honours_weights() {
         assert_eq!(
             counts(
                 SchedulerKind::RoundRobin,
-                &[(1, 1, false), (2, 5, false)],
-                10
+                &[(1, 1, false), (2, 1, false), (3, 1, false)],
+                12
             ),
-            [5, 5]
+            [4, 4, 4]
         );
-    }
-
-    #[test]
-    fn smooth_weighted_is_exact_and_interleaved() {
         assert_eq!(
             counts(
-                SchedulerKind::WeightedRoundRobin,
+                SchedulerKind::RoundRobin,
                 &[(1, 1, false), (2, 2, false)],
                 9
             ),
             [3, 6]
         );
         let s = snapshot(
-            SchedulerKind::WeightedRoundRobin,
+            SchedulerKind::RoundRobin,
             &[(1, 5, false), (2, 1, false), (3, 1, false)],
         );
-        let mut c = Cursor::default();
-        let seq: Vec<usize> = (0..7)
-            .map(|_| {
-                let input = PickInput {
-                    key: ClientKey(0),
-                    random: 0,
-                    load: &[],
-                };
-                pick(&s.pools[0], 1, &mut c, input).unwrap()
-            })
-            .collect();
+        let seq: Vec<usize> = (0..7).map(|_| pick(&s.pools[0], ANY).unwrap()).collect();
         // nginx's documented sequence for weights 5,1,1.
         assert_eq!(seq, [0, 0, 1, 0, 2, 0, 0]);
     }
 
+    /// Workers share one sequence per pool, and a new snapshot of the pool keeps it: a few
+    /// clients arriving on different workers, or across a health flip, still spread over
+    /// every backend.
     #[test]
-    fn weighted_random_follows_weights() {
+    fn round_robin_spreads_across_workers_and_snapshots() {
+        let s = snapshot(
+            SchedulerKind::RoundRobin,
+            &[(1, 1, false), (2, 1, false), (3, 1, false)],
+        );
+        let pool = &s.pools[0];
+        // Worker 0 takes two clients, worker 1 one: three backends.
+        let (w0, w1) = (pool.clone(), pool.clone());
+        let mut got = vec![
+            pick(&w0, ANY).unwrap(),
+            pick(&w1, ANY).unwrap(),
+            pick(&w0, ANY).unwrap(),
+        ];
+        got.sort_unstable();
+        assert_eq!(got, [0, 1, 2]);
+        let next = Snapshot::build(
+            2,
+            vec![],
+            vec![PoolInput::new(
+                "p".into(),
+                SchedulerKind::RoundRobin,
+                s.pools[0]
+                    .backends
+                    .iter()
+                    .map(|b| BackendInput::from(b.spec))
+                    .collect(),
+            )],
+            Some(&s),
+        );
+        assert_eq!(pick(&next.pools[0], ANY), Some(0), "the sequence went on");
+        assert_eq!(pick(&next.pools[0], ANY), Some(1));
+    }
+
+    #[test]
+    fn large_weights_keep_their_proportions_in_a_bounded_schedule() {
+        let weights = [10_000, 1, 9_999, 7];
+        let schedule = smooth_schedule(&weights);
+        assert!(schedule.len() as u64 <= SCHEDULE_MAX, "{}", schedule.len());
+        let total: u32 = weights.iter().sum();
+        for (i, &w) in weights.iter().enumerate() {
+            let share = schedule.iter().filter(|&&m| m as usize == i).count() as f64
+                / schedule.len() as f64;
+            let want = f64::from(w) / f64::from(total);
+            assert!((share - want).abs() < 1e-3, "member {i}: {share} vs {want}");
+            assert!(share > 0.0, "member {i} is never picked");
+        }
+        // A common divisor keeps the period short.
+        assert_eq!(smooth_schedule(&[300, 600]), [1, 0, 1]);
+    }
+
+    #[test]
+    fn random_follows_weights() {
         let c = counts(
-            SchedulerKind::WeightedRandom,
+            SchedulerKind::Random,
             &[(1, 1, false), (2, 3, false)],
             40_000,
         );
@@ -423,7 +489,6 @@ mod tests {
             SchedulerKind::LeastFlows,
             &[(1, 1, false), (2, 2, false), (3, 1, false)],
         );
-        let mut c = Cursor::default();
         let load = [4, 6, 5];
         let input = PickInput {
             key: ClientKey(0),
@@ -431,13 +496,12 @@ mod tests {
             load: &load,
         };
         // flows/weight: 4, 3, 5
-        assert_eq!(pick(&s.pools[0], 1, &mut c, input), Some(1));
+        assert_eq!(pick(&s.pools[0], input), Some(1));
     }
 
     #[test]
     fn power_of_two_never_picks_the_heavier_of_two() {
         let s = snapshot(SchedulerKind::PowerOfTwo, &[(1, 1, false), (2, 1, false)]);
-        let mut c = Cursor::default();
         let load = [100, 0];
         for r in 0..100u64 {
             let input = PickInput {
@@ -445,7 +509,7 @@ mod tests {
                 random: splitmix64(r),
                 load: &load,
             };
-            assert_eq!(pick(&s.pools[0], 1, &mut c, input), Some(1));
+            assert_eq!(pick(&s.pools[0], input), Some(1));
         }
     }
 
@@ -470,7 +534,7 @@ mod tests {
             random: 0,
             load: &[],
         };
-        assert_eq!(pick(&s.pools[0], 1, &mut Cursor::default(), input), Some(1));
+        assert_eq!(pick(&s.pools[0], input), Some(1));
     }
 
     #[test]
@@ -515,16 +579,12 @@ mod tests {
                 random: 0,
                 load: &[],
             };
-            assert_eq!(
-                pick(&s.pools[0], 1, &mut Cursor::default(), input),
-                None,
-                "{kind}"
-            );
+            assert_eq!(pick(&s.pools[0], input), None, "{kind}");
         }
     }
 
     #[test]
-    fn consistent_schedulers_agree_across_cursors() {
+    fn consistent_schedulers_agree_whatever_the_random_input() {
         for kind in [SchedulerKind::Maglev, SchedulerKind::Rendezvous] {
             let s = snapshot(kind, &[(1, 1, false), (2, 1, false), (3, 1, false)]);
             for k in 0..1000 {
@@ -533,11 +593,9 @@ mod tests {
                     random: k,
                     load: &[],
                 };
-                let a = pick(&s.pools[0], 1, &mut Cursor::default(), input);
+                let a = pick(&s.pools[0], input);
                 let b = pick(
                     &s.pools[0],
-                    1,
-                    &mut Cursor::default(),
                     PickInput {
                         random: !k,
                         ..input

@@ -15,7 +15,7 @@ use crate::model::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
 };
 use crate::ratelimit::Limits;
-use crate::sched::Tier;
+use crate::sched::{Sequence, Tier};
 
 /// A backend's identity across snapshots: the same (pool, address) keeps the same id when a
 /// new snapshot is built from a previous one, so flows and per-backend counters survive reloads.
@@ -77,6 +77,9 @@ pub struct Pool {
     /// The backends new flows go to: available primaries, or available backups when no
     /// primary is available, with the prebuilt tables of the pool's scheduler.
     pub tier: Tier,
+    /// The pool's round-robin position, shared by every worker and kept by later snapshots
+    /// of the pool.
+    pub sequence: Arc<Sequence>,
     /// PROXY protocol v2 header towards the backends.
     pub proxy_header: ProxyHeader,
     /// Remove a PROXY v2 header from the start of backend replies.
@@ -258,6 +261,7 @@ impl Snapshot {
                     })
                     .collect();
                 let tier = Tier::build(input.scheduler, &backends, input.all_down);
+                let sequence = old.map_or_else(Arc::default, |op| Arc::clone(&op.sequence));
                 Pool {
                     name: input.name,
                     scheduler: input.scheduler,
@@ -265,6 +269,7 @@ impl Snapshot {
                     all_down: input.all_down,
                     backends,
                     tier,
+                    sequence,
                     proxy_header: input.proxy_header,
                     strip_reply_proxy: input.strip_reply_proxy,
                     transparent: input.transparent,

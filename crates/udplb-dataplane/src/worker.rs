@@ -27,7 +27,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use udplb_core::affinity::StickyTable;
 use udplb_core::flow::{FlowHandle, FlowKey, FlowTable, ReplyOutcome};
 use udplb_core::hash::ClientKey;
-use udplb_core::sched::{Cursor, PickInput, pick};
+use udplb_core::sched::{PickInput, pick};
 use udplb_core::snapshot::{BackendId, ListenerSpec, Pool, Snapshot};
 use udplb_core::verdict::CloseReason;
 use udplb_core::{DropReason, ProxyHeader, SessionMode, Time};
@@ -241,7 +241,6 @@ pub(crate) struct Worker {
     table: FlowTable<Upstream>,
     /// Sockets of completed request-response flows, for the next flows to their backends.
     spares: Spares<UdpSocket>,
-    cursors: Vec<Cursor>,
     /// The published snapshot, checked once per turn (a relaxed load and a pointer compare).
     published: Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>,
     /// The snapshot this worker applied.
@@ -293,7 +292,6 @@ impl Worker {
             listeners,
             table: FlowTable::new(),
             spares: Spares::new(),
-            cursors: Vec::new(),
             published: Cache::new(setup.shared),
             snap,
             stats: setup.stats,
@@ -442,8 +440,6 @@ impl Worker {
             .map(|l| l.max_flows.div_ceil(workers))
             .collect();
         self.table.set_caps(&caps);
-        self.cursors
-            .resize_with(self.snap.pools.len(), Cursor::default);
     }
 
     fn next_random(&mut self) -> u64 {
@@ -692,7 +688,7 @@ impl Worker {
         };
         let pool = &snap.pools[pi];
         let idx = self
-            .choose_backend(li, spec, pi, pool, &client, snap.generation)
+            .choose_backend(li, spec, pi, pool, &client)
             .ok_or(DropReason::NoBackend)?;
         let backend = &pool.backends[idx];
         let connect = spec.mode != SessionMode::Datagram;
@@ -907,7 +903,6 @@ impl Worker {
         pi: usize,
         pool: &Pool,
         client: &SocketAddr,
-        generation: u64,
     ) -> Option<usize> {
         // IP affinity is the listener's pool's; the abuse pool only schedules.
         if let Some(sticky) = self.sticky[li].as_ref().filter(|_| pi == spec.pool) {
@@ -932,7 +927,7 @@ impl Worker {
             random,
             load: self.table.load(),
         };
-        pick(pool, generation, &mut self.cursors[pi], input)
+        pick(pool, input)
     }
 
     /// Flow and request-response modes: sends on the flow's connected socket, moving the flow
@@ -1017,7 +1012,7 @@ impl Worker {
             (flow.backend_addr, flow.backend)
         } else {
             let idx = self
-                .choose_backend(li, spec, pi, pool, &client, snap.generation)
+                .choose_backend(li, spec, pi, pool, &client)
                 .ok_or(DropReason::NoBackend)?;
             (pool.backends[idx].spec.addr, pool.backends[idx].id)
         };
@@ -1057,7 +1052,7 @@ impl Worker {
             return Ok(());
         }
         let idx = self
-            .choose_backend(li, spec, pi, pool, &client, snap.generation)
+            .choose_backend(li, spec, pi, pool, &client)
             .ok_or(DropReason::NoBackend)?;
         let b = &pool.backends[idx];
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;

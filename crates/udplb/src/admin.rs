@@ -180,7 +180,8 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
 /// keep their backend; this answers for a new one.
 pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketAddr) -> Value {
     use udplb_core::hash::ClientKey;
-    use udplb_core::sched::{Cursor, PickInput, pick};
+    use udplb_core::SchedulerKind;
+    use udplb_core::sched::{PickInput, pick};
     let l = &snap.listeners[li];
     let pool = &snap.pools[l.pool];
     let candidates: Vec<String> = pool
@@ -212,8 +213,7 @@ pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketA
             random: 0,
             load: &[],
         };
-        let b = pick(pool, snap.generation, &mut Cursor::default(), input)
-            .map(|i| pool.backends[i].spec.addr.to_string());
+        let b = pick(pool, input).map(|i| pool.backends[i].spec.addr.to_string());
         (
             b,
             format!(
@@ -225,10 +225,15 @@ pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketA
     } else {
         (
             None,
-            format!(
-                "{} depends on each worker's turn or load: any of the candidates",
-                pool.scheduler
-            ),
+            match pool.scheduler {
+                SchedulerKind::RoundRobin => "round-robin: the pool's next turn, in weighted \
+                     order over the candidates (one sequence shared by every worker)"
+                    .to_string(),
+                kind => format!(
+                    "{kind} depends on a random draw or on each worker's load: any of the \
+                     candidates"
+                ),
+            },
         )
     };
     json!({

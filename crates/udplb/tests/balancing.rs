@@ -103,6 +103,62 @@ fn datagram_mode_weights_one_to_two_are_exact() {
     assert_eq!((a.count(), b.count()), (3, 6));
 }
 
+/// The default scheduler honours weights, as the README's one-liner shows (`weight=2`: 1:2).
+#[test]
+fn default_round_robin_honours_weights() {
+    let (a, b) = (
+        Backend::start("127.0.0.1", "a"),
+        Backend::start("127.0.0.1", "b"),
+    );
+    let listen = listen_addr();
+    let _lb = Udplb::start(&[
+        "--mode",
+        "datagram",
+        &listen.to_string(),
+        &a.addr.to_string(),
+        &format!("{},weight=2", b.addr),
+    ]);
+    let c = client("127.0.0.1:0");
+    exchange(&c, listen, 9);
+    assert_eq!((a.count(), b.count()), (3, 6));
+}
+
+/// A few flows spread over every backend whatever worker the kernel hands each to: with two
+/// workers, 3 flows reach 3 backends and 6 flows 2 each (a round-robin cursor per worker sent
+/// 4 flows to 2 of 3 backends).
+#[test]
+fn few_flows_spread_exactly_over_several_workers() {
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start("127.0.0.1", t))
+        .collect();
+    let listen = listen_addr();
+    let mut args = vec!["--workers".to_string(), "2".into(), listen.to_string()];
+    args.extend(backends.iter().map(|b| b.addr.to_string()));
+    let _lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Let every worker's first flow be known: one exchange to warm up, then count.
+    let warm = client("127.0.0.1:0");
+    exchange(&warm, listen, 1);
+    let mut per_backend = std::collections::HashMap::new();
+    let mut flows = Vec::new();
+    for _ in 0..6 {
+        let c = client("127.0.0.1:0");
+        let tag = exchange(&c, listen, 1).remove(0);
+        *per_backend.entry(tag).or_insert(0) += 1;
+        flows.push(c);
+        if flows.len() == 3 {
+            assert_eq!(
+                per_backend.len(),
+                3,
+                "3 flows, not 3 backends: {per_backend:?}"
+            );
+        }
+    }
+    let mut counts: Vec<u32> = per_backend.values().copied().collect();
+    counts.sort_unstable();
+    assert_eq!(counts, [2, 2, 2], "{per_backend:?}");
+}
+
 #[test]
 fn flow_mode_keeps_each_client_on_one_backend() {
     let backends: Vec<Backend> = ["a", "b", "c"]
