@@ -81,7 +81,13 @@ pub struct ListenerStats {
     pub shared_sockets: Counter,
     /// GRO trains received (each counted as its datagrams in `datagrams_in`).
     pub gro_trains: Counter,
+    /// Datagrams the kernel dropped on this worker's socket of the listener (full receive
+    /// buffer): the socket's running total, read every [`KERNEL_DROPS_REFRESH`].
+    pub kernel_drops: Counter,
 }
+
+/// How often workers read their listener sockets' kernel drop counters.
+pub const KERNEL_DROPS_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ListenerStats {
     /// Counts a dropped datagram.
@@ -102,8 +108,6 @@ impl ListenerStats {
 pub struct WorkerStats {
     /// Per listener, indexed like the snapshot's listeners.
     pub listeners: Vec<ListenerStats>,
-    /// Datagrams the kernel dropped on this worker's listener sockets (SO_RXQ_OVFL).
-    pub rxq_overflow: Counter,
     /// Event-loop turns.
     pub turns: Counter,
     /// Passive failure signals per backend id (ICMP port unreachable on an upstream socket; a
@@ -208,7 +212,6 @@ impl WorkerStats {
     pub fn new(listeners: usize) -> Self {
         WorkerStats {
             listeners: (0..listeners).map(|_| ListenerStats::default()).collect(),
-            rxq_overflow: Counter::default(),
             turns: Counter::default(),
             passive_failures: (0..TRACKED_BACKENDS).map(|_| Counter::default()).collect(),
             backends: (0..TRACKED_BACKENDS)
@@ -257,6 +260,8 @@ pub struct ListenerTotals {
     pub shared_sockets: u64,
     /// See [`ListenerStats::gro_trains`].
     pub gro_trains: u64,
+    /// See [`ListenerStats::kernel_drops`].
+    pub kernel_drops: u64,
 }
 
 impl ListenerTotals {
@@ -289,6 +294,7 @@ impl ListenerTotals {
             t.late_replies += l.late_replies.get();
             t.shared_sockets += l.shared_sockets.get();
             t.gro_trains += l.gro_trains.get();
+            t.kernel_drops += l.kernel_drops.get();
         }
         t
     }

@@ -35,7 +35,7 @@ use udplb_sys::batch::{RecvBatch, RecvMeta, SendBatch};
 
 use crate::ports::{Port, PortPool};
 use crate::spare::Spares;
-use crate::stats::WorkerStats;
+use crate::stats::{KERNEL_DROPS_REFRESH, WorkerStats};
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
 const BATCH: usize = 64;
@@ -252,6 +252,8 @@ pub(crate) struct Worker {
     /// Upstream sockets with a descriptor number at or above this are closed at once and the
     /// flow shed: the spare descriptors belong to the control plane.
     fd_ceiling: i64,
+    /// When the listener sockets' kernel drop counters were last read.
+    drops_read: Time,
     /// New flows the current listener batch may still open (see [`OVERLOAD_FILL`]).
     new_flow_allowance: u32,
     /// Scratch space for the PROXY v2 header of the datagram being sent.
@@ -300,6 +302,7 @@ impl Worker {
             epoch: setup.epoch,
             fd_ceiling: fd_ceiling(),
             new_flow_allowance: u32::MAX,
+            drops_read: Time(0),
             header: [0; udplb_core::proxy::MAX_HEADER_V6],
             rng: seed(setup.id),
             log: RateLimitedLog::default(),
@@ -391,6 +394,7 @@ impl Worker {
             self.flush_all_replies();
             self.expire_idle(now);
             self.publish_gauges();
+            self.refresh_kernel_drops(now);
         }
         self.shutdown();
     }
@@ -510,12 +514,6 @@ impl Worker {
         lio.overloaded = lio.readable
             && udplb_sys::socket::receive_queue(&lio.socket)
                 .is_ok_and(|(queued, buffer)| queued > buffer / OVERLOAD_FILL);
-        if let Some(overflow) = recv.rxq_overflow() {
-            // SO_RXQ_OVFL reports the socket's running total; keep the largest seen.
-            if u64::from(overflow) > self.stats.rxq_overflow.get() {
-                self.stats.rxq_overflow.set(u64::from(overflow));
-            }
-        }
     }
 
     /// Forwards `d`, received on listener `li`, or counts why not. `d` is one datagram, or a
@@ -1440,6 +1438,20 @@ impl Worker {
         if !closed.is_empty() {
             for sticky in self.sticky.iter().flatten() {
                 sticky.lock().unwrap_or_else(|p| p.into_inner()).expire(now);
+            }
+        }
+    }
+
+    /// Copies each listener socket's kernel drop count into its counter, every
+    /// [`KERNEL_DROPS_REFRESH`] (one `getsockopt` per socket, whether datagrams arrive or not).
+    fn refresh_kernel_drops(&mut self, now: Time) {
+        if now.since(self.drops_read) < KERNEL_DROPS_REFRESH {
+            return;
+        }
+        self.drops_read = now;
+        for (lio, stats) in self.listeners.iter().zip(&self.stats.listeners) {
+            if let Ok(drops) = udplb_sys::socket::receive_drops(&lio.socket) {
+                stats.kernel_drops.set(u64::from(drops));
             }
         }
     }

@@ -19,7 +19,7 @@ use std::ptr;
 
 use crate::{raw, sockaddr};
 
-/// Control-message space per datagram: room for a v6 packet-info, the overflow counter and a
+/// Control-message space per datagram: room for a v6 packet-info and a
 /// GRO segment size, with headroom. Aligned like `cmsghdr`.
 const CONTROL_LEN: usize = 128;
 
@@ -140,7 +140,6 @@ pub struct RecvBatch {
     /// the last call received, and the one after (a call that stops on an error leaves the
     /// header it failed on as it was, but this does not rely on it).
     dirty: usize,
-    rxq_overflow: Option<u32>,
 }
 
 impl RecvBatch {
@@ -161,7 +160,6 @@ impl RecvBatch {
             dirty: m.capacity(),
             m,
             count: 0,
-            rxq_overflow: None,
         }
     }
 
@@ -235,11 +233,6 @@ impl RecvBatch {
                     local = Some(IpAddr::from(info.ipi6_addr.s6_addr));
                 }
             }
-            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
-                if let Some(dropped) = read_payload::<u32>(data) {
-                    self.rxq_overflow = Some(dropped);
-                }
-            }
             _ => {}
         });
         let len = (h.msg_len as usize).min(self.m.buf_size);
@@ -275,12 +268,6 @@ impl RecvBatch {
             local: r.local,
             segment_size: r.segment_size,
         }
-    }
-
-    /// The socket's running count of datagrams dropped for lack of receive-buffer space
-    /// (`SO_RXQ_OVFL`), as last reported by the kernel.
-    pub fn rxq_overflow(&self) -> Option<u32> {
-        self.rxq_overflow
     }
 }
 

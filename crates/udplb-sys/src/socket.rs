@@ -31,8 +31,7 @@ pub struct ListenerOptions {
 /// On a wildcard address (`0.0.0.0`, `[::]`) sets `IP_PKTINFO` (or `IPV6_RECVPKTINFO`) so every
 /// datagram reports the address it was sent to ([`crate::batch::RecvMeta::local`]); a listener
 /// bound to one address knows it, and skips the control message (about 50 ns of kernel work
-/// per datagram received). Sets `SO_RXQ_OVFL` so kernel drops are visible, `IPV6_V6ONLY` so
-/// `[::]` and `0.0.0.0` are separate listeners, and `IP_FREEBIND` so a virtual address that is
+/// per datagram received). Sets `IPV6_V6ONLY` so `[::]` and `0.0.0.0` are separate listeners, and `IP_FREEBIND` so a virtual address that is
 /// not (yet) configured, as with a VRRP address on a backup balancer, can be bound.
 pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<UdpSocket> {
     let socket = nonblocking_udp(addr)?;
@@ -55,7 +54,6 @@ pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<Udp
             socket.set_freebind_v6(true)?;
         }
     }
-    setsockopt(&socket, sockopt::RxqOvfl, &1)?;
     if opts.gro {
         setsockopt(&socket, sockopt::UdpGroSegment, &true)?;
     }
@@ -168,6 +166,22 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
 /// How full a socket's receive queue is: `(bytes queued, receive buffer size)`, from
 /// `SO_MEMINFO` (both in the kernel's accounting, which counts each datagram's whole buffer).
 pub fn receive_queue(socket: &UdpSocket) -> io::Result<(u32, u32)> {
+    let info = meminfo(socket)?;
+    Ok((
+        info[libc::SK_MEMINFO_RMEM_ALLOC as usize],
+        info[libc::SK_MEMINFO_RCVBUF as usize],
+    ))
+}
+
+/// Datagrams the kernel dropped on this socket since it was opened (its receive buffer was
+/// full, or the datagram was malformed): the socket's own running total, the `drops` column
+/// of `/proc/net/udp`. One system call, whatever arrived meanwhile.
+pub fn receive_drops(socket: &UdpSocket) -> io::Result<u32> {
+    Ok(meminfo(socket)?[libc::SK_MEMINFO_DROPS as usize])
+}
+
+/// The socket's memory counters (`SO_MEMINFO`), indexed by `SK_MEMINFO_*`.
+fn meminfo(socket: &UdpSocket) -> io::Result<[u32; 16]> {
     let mut info = [0u32; 16];
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
     // SAFETY: `info` is a live, writable buffer of `len` bytes; the kernel writes at most `len`
@@ -184,10 +198,7 @@ pub fn receive_queue(socket: &UdpSocket) -> io::Result<(u32, u32)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((
-        info[libc::SK_MEMINFO_RMEM_ALLOC as usize],
-        info[libc::SK_MEMINFO_RCVBUF as usize],
-    ))
+    Ok(info)
 }
 
 /// Empties the receive queue of a non-blocking UDP socket, reading at most `limit` datagrams

@@ -109,6 +109,7 @@ pub(crate) fn stats_json(state: &State) -> Value {
                 "drops": drops,
                 "late_replies": t.late_replies,
                 "gro_trains": t.gro_trains,
+                "kernel_drops": t.kernel_drops,
                 "flows": {
                     "live": t.flows_live,
                     "created": t.flows_created,
@@ -119,7 +120,9 @@ pub(crate) fn stats_json(state: &State) -> Value {
             })
         })
         .collect();
-    let rxq_overflow: u64 = state.stats.iter().map(|w| w.rxq_overflow.get()).sum();
+    let rxq_overflow: u64 = (0..snap.listeners.len())
+        .map(|i| ListenerTotals::sum(&state.stats, i).kernel_drops)
+        .sum();
     let pools = pools_json(state, &snap);
     json!({
         "generation": snap.generation,

@@ -203,6 +203,10 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         "gro_trains",
         "Trains of datagrams received as one (listeners with gro)",
     );
+    let mut f_kernel_drops = Family::counter(
+        "kernel_receive_queue_drops",
+        "Datagrams the kernel dropped on full listener sockets, summed over the workers' sockets",
+    );
     for (i, l) in snap.listeners.iter().enumerate() {
         let t = ListenerTotals::sum(&state.stats, i);
         let name = || vec![("listener", Cow::Owned(l.name.clone()))];
@@ -233,19 +237,8 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_late.add(name(), t.late_replies as f64);
         f_shared.add(name(), t.shared_sockets as f64);
         f_trains.add(name(), t.gro_trains as f64);
+        f_kernel_drops.add(name(), t.kernel_drops as f64);
     }
-    let mut rxq = Family::counter(
-        "kernel_receive_queue_drops",
-        "Datagrams the kernel dropped on full listener sockets (SO_RXQ_OVFL)",
-    );
-    rxq.add(
-        Vec::new(),
-        state
-            .stats
-            .iter()
-            .map(|w| w.rxq_overflow.get())
-            .sum::<u64>() as f64,
-    );
     vec![
         f_in,
         f_in_bytes,
@@ -266,7 +259,7 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_late,
         f_trains,
         f_shared,
-        rxq,
+        f_kernel_drops,
     ]
 }
 

@@ -268,3 +268,86 @@ fn reply_latency_and_check_duration_histograms_fill() {
         histogram(&after, "udplb_health_check_duration_seconds", &backend).unwrap();
     assert!(n >= 2 && check_sum > 0.0, "{text}");
 }
+
+/// The drops column of `/proc/net/udp{,6}` for the sockets bound to `port`: the kernel's own
+/// per-socket count of datagrams dropped on a full receive buffer.
+fn kernel_drops_on_port(port: u16) -> u64 {
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit(':').next()?;
+                    (u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| fields.last()?.parse::<u64>().ok())
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Kernel drops are summed over every listener socket (two listeners here, each dropping
+/// while udplb is stopped) and show without any further datagram arriving.
+#[test]
+fn kernel_drops_sum_every_listener_socket_and_refresh_on_their_own() {
+    let a = Backend::start("127.0.0.1", "a");
+    let (one, two) = (listen_addr("127.0.0.1"), listen_addr("127.0.0.1"));
+    let admin = admin_addr();
+    let lb = run_toml(
+        admin,
+        &format!(
+            "[admin]\nlisten = \"{admin}\"\n[runtime]\nworkers = 1\n\
+             [listeners.one]\naddress = \"{one}\"\npool = \"p\"\nsocket_buffer = 4096\n\
+             [listeners.two]\naddress = \"{two}\"\npool = \"p\"\nsocket_buffer = 4096\n\
+             [pools.p]\nbackends = [\"{}\"]\n",
+            a.addr
+        ),
+    );
+    let pid = lb.pid().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    // Stopped, udplb reads nothing: its sockets' small buffers fill and the kernel drops the
+    // rest, a different number on each listener.
+    signal("-STOP");
+    let c = client("127.0.0.1:0");
+    for (listener, count) in [(one, 300), (two, 500)] {
+        for i in 0..count {
+            c.send_to(format!("{i:0>200}").as_bytes(), listener)
+                .unwrap();
+        }
+    }
+    signal("-CONT");
+    let expected = kernel_drops_on_port(one.port()) + kernel_drops_on_port(two.port());
+    let (drops_one, drops_two) = (
+        kernel_drops_on_port(one.port()),
+        kernel_drops_on_port(two.port()),
+    );
+    assert!(drops_one > 0 && drops_two > 0, "{drops_one} {drops_two}");
+    let metric = |listener: &str| {
+        value(
+            &scrape(&lb).1,
+            "udplb_kernel_receive_queue_drops_total",
+            &[("listener", listener)],
+        )
+    };
+    // No datagram arrives any more: the counters refresh by themselves.
+    assert!(
+        wait_for(DEADLINE, || {
+            metric("one") == Some(drops_one as f64) && metric("two") == Some(drops_two as f64)
+        }),
+        "metric {:?} + {:?}, sockets {drops_one} + {drops_two}",
+        metric("one"),
+        metric("two")
+    );
+    assert_eq!(lb.stats()["rxq_overflow"].as_u64(), Some(expected));
+}
