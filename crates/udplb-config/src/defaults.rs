@@ -3,6 +3,8 @@
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use udplb_core::health::Thresholds;
+
 /// A flow closes after this long without a datagram in either direction.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Accepted idle timeouts.
@@ -21,6 +23,12 @@ pub const MAX_DATAGRAM_SIZE_RANGE: RangeInclusive<usize> = 1..=65_507;
 pub const SOCKET_BUFFER: usize = 4 << 20;
 /// Accepted listener buffer sizes (the kernel doubles the value it is given, into an `int`).
 pub const SOCKET_BUFFER_RANGE: RangeInclusive<usize> = 4096..=(1 << 30);
+/// Request-response mode: a request its backend leaves unanswered this long is a passive
+/// failure of that backend (dnsdist's `udpTimeout`).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Accepted reply timeouts.
+pub const REPLY_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(3600);
 /// Replies per request in request-response mode (DNS: 1).
 pub const RESPONSES: u32 = 1;
 /// Accepted replies per request.
@@ -38,8 +46,15 @@ pub const CHECK_INTERVAL_RANGE: RangeInclusive<Duration> =
 pub const RISE: u32 = 2;
 /// Consecutive failures that take a backend down.
 pub const FALL: u32 = 3;
-/// Consecutive passive failures (ICMP unreachable) that take a backend down between checks.
+/// Passive failures in a row (refused datagrams, unanswered requests) that take a backend down
+/// between checks.
 pub const PASSIVE_FALL: u32 = 3;
+/// Thresholds of backends without a `[pools.NAME.health]` table (watched passively only).
+pub const THRESHOLDS: Thresholds = Thresholds {
+    rise: RISE,
+    fall: FALL,
+    passive_fall: PASSIVE_FALL,
+};
 /// Accepted rise and fall.
 pub const RISE_FALL_RANGE: RangeInclusive<u32> = 1..=100;
 /// How long established flows are served after SIGTERM before udplb exits.

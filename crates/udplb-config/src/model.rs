@@ -67,6 +67,9 @@ pub struct ListenerConfig {
     pub affinity: Affinity,
     /// Idle time after which a flow closes.
     pub idle_timeout: Duration,
+    /// Request-response mode: how long a backend may leave a request unanswered before it
+    /// counts as a passive failure (`reply_timeout`).
+    pub reply_timeout: Duration,
     /// Flow cap over all workers.
     pub max_flows: u32,
     /// Largest datagram forwarded in either direction.
@@ -103,6 +106,7 @@ impl ListenerConfig {
             mode: SessionMode::Flow,
             affinity: Affinity::IpPort,
             idle_timeout: defaults::IDLE_TIMEOUT,
+            reply_timeout: defaults::REPLY_TIMEOUT,
             max_flows: defaults::MAX_FLOWS,
             max_datagram_size: defaults::MAX_DATAGRAM_SIZE,
             socket_buffer: defaults::SOCKET_BUFFER,
@@ -135,7 +139,8 @@ pub struct PoolConfig {
     pub quorum: Quorum,
     /// Command run on every state change (`notify`), without a shell.
     pub notify: Option<Vec<String>>,
-    /// Active health check (`[pools.NAME.health]`); without one every backend counts as up.
+    /// Health checking (`[pools.NAME.health]`); without one, backends are watched passively
+    /// only (as with `check = "none"` and the default thresholds).
     pub health: Option<HealthCheck>,
     /// PROXY protocol v2 header towards the backends (`proxy_protocol`).
     pub proxy_protocol: ProxyHeader,
@@ -186,9 +191,16 @@ pub struct HealthCheck {
     pub port: Option<u16>,
 }
 
-/// The kinds of active check.
+/// The kinds of check.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Probe {
+    /// No active check (`check = "none"`): the backend is watched passively only, and after a
+    /// passive ejection comes back through a [`Probe::Reachable`] probe.
+    None,
+    /// Send an empty datagram; healthy unless the backend refuses it (ICMP port unreachable)
+    /// within the timeout (`check = "udp"` without `send`): the port is open, whatever the
+    /// service answers.
+    Reachable,
     /// Send a datagram; expect a reply (matching `expect`).
     Udp {
         /// Payload sent.
@@ -251,9 +263,28 @@ pub struct BackendConfig {
 }
 
 impl BackendConfig {
-    /// The check that applies to this backend in `pool`.
+    /// The health settings that apply to this backend in `pool` (`None`: the defaults, passive
+    /// only).
     pub fn check<'a>(&'a self, pool: &'a PoolConfig) -> Option<&'a HealthCheck> {
         self.health.as_ref().or(pool.health.as_ref())
+    }
+
+    /// The active check that runs against this backend in `pool`, if any.
+    pub fn active_check<'a>(&'a self, pool: &'a PoolConfig) -> Option<&'a HealthCheck> {
+        self.check(pool).filter(|h| h.probe != Probe::None)
+    }
+
+    /// This backend's rise, fall and passive thresholds in `pool`.
+    pub fn thresholds(&self, pool: &PoolConfig) -> Thresholds {
+        self.check(pool)
+            .map_or(defaults::THRESHOLDS, |h| h.thresholds)
+    }
+
+    /// How long the recovery probe of a passively ejected backend without an active check
+    /// waits for a refusal.
+    pub fn recovery_timeout(&self, pool: &PoolConfig) -> Duration {
+        self.check(pool)
+            .map_or(defaults::CHECK_TIMEOUT, |h| h.timeout)
     }
 }
 

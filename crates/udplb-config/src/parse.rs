@@ -38,6 +38,7 @@ const LISTENER_KEYS: &[&str] = &[
     "responses",
     "affinity",
     "idle_timeout",
+    "reply_timeout",
     "max_flows",
     "max_datagram_size",
     "socket_buffer",
@@ -249,6 +250,9 @@ impl Reader<'_> {
         if let Some(d) = self.optional(t, key, "idle_timeout", |r, k, v| r.duration(k, v)) {
             l.idle_timeout = d;
         }
+        if let Some(d) = self.optional(t, key, "reply_timeout", |r, k, v| r.duration(k, v)) {
+            l.reply_timeout = d;
+        }
         if let Some(n) = self.ranged(t, key, "max_flows", defaults::MAX_FLOWS_RANGE) {
             l.max_flows = n;
         }
@@ -326,22 +330,25 @@ impl Reader<'_> {
                 responses: responses.unwrap_or(defaults::RESPONSES),
             },
             Some(Mode::Datagram) => {
-                self.responses_only_with_request_response(t, key, "datagram");
+                self.only_with_request_response(t, key, "datagram");
                 SessionMode::Datagram
             }
             Some(Mode::Flow) => {
-                self.responses_only_with_request_response(t, key, "flow");
+                self.only_with_request_response(t, key, "flow");
                 SessionMode::Flow
             }
             None => SessionMode::Flow,
         }
     }
 
-    fn responses_only_with_request_response(&mut self, t: &DeTable<'_>, key: &str, mode: &str) {
-        if t.get("responses").is_some() {
-            let message =
-                format!("only applies to mode = \"request-response\" (mode is \"{mode}\")");
-            self.error_key(&join(key, "responses"), message);
+    /// `responses` and `reply_timeout` mean something in request-response mode only.
+    fn only_with_request_response(&mut self, t: &DeTable<'_>, key: &str, mode: &str) {
+        for name in ["responses", "reply_timeout"] {
+            if t.get(name).is_some() {
+                let message =
+                    format!("only applies to mode = \"request-response\" (mode is \"{mode}\")");
+                self.error_key(&join(key, name), message);
+            }
         }
     }
 

@@ -139,6 +139,12 @@ fn check_listener(
     }
     if let SessionMode::RequestResponse { responses } = l.mode {
         check_range(out, key("responses"), responses, defaults::RESPONSES_RANGE);
+        check_duration(
+            out,
+            key("reply_timeout"),
+            l.reply_timeout,
+            defaults::REPLY_TIMEOUT_RANGE,
+        );
     }
     if l.gro && l.mode != SessionMode::Flow {
         out.push(problem(

@@ -513,11 +513,23 @@ rise = 0
         "{}",
         errors(src)
     );
-    let text = errors("[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n[pools.p.health]\ncheck = \"udp\"\n").to_string();
+    let pool = "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n[pools.p.health]\n";
+    let text = errors(&format!("{pool}check = \"udp\"\nsend = \"\"\n")).to_string();
     assert!(
-        text.contains("pools.p.health.send: a udp check needs a non-empty send or send_hex"),
+        text.contains("pools.p.health.send: must not be empty"),
         "{text}"
     );
+    let text = errors(&format!("{pool}check = \"udp\"\nexpect = \"pong\"\n")).to_string();
+    assert!(
+        text.contains("pools.p.health.expect: needs send or send_hex"),
+        "{text}"
+    );
+    // Without send, a udp check only wants the port open; "none" checks nothing actively.
+    use udplb_config::Probe;
+    for (check, probe) in [("udp", Probe::Reachable), ("none", Probe::None)] {
+        let cfg = parse(&format!("{pool}check = \"{check}\"\n"), "t.toml").unwrap();
+        assert_eq!(cfg.pools[0].health.as_ref().unwrap().probe, probe);
+    }
     let text = errors("[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:1\"]\n[pools.p.health]\ncheck = \"exec\"\ncommand = []\n").to_string();
     assert!(
         text.contains("pools.p.health.command: the command needs at least a program"),
@@ -564,4 +576,32 @@ interval = "1s"
         "{}",
         errors(&bad)
     );
+}
+
+#[test]
+fn reply_timeout_belongs_to_request_response_listeners() {
+    let listener = |extra: &str| {
+        format!(
+            "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n{extra}\n\
+             [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n"
+        )
+    };
+    let cfg = parse(
+        &listener("mode = \"request-response\"\nreply_timeout = \"750ms\""),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(cfg.listeners[0].reply_timeout, Duration::from_millis(750));
+    let defaulted = parse(&listener("mode = \"request-response\""), "t.toml").unwrap();
+    assert_eq!(defaulted.listeners[0].reply_timeout, Duration::from_secs(2));
+    let text = errors(&listener("mode = \"flow\"\nreply_timeout = \"1s\"")).to_string();
+    assert!(
+        text.contains("listeners.l.reply_timeout: only applies to mode = \"request-response\""),
+        "{text}"
+    );
+    let text = errors(&listener(
+        "mode = \"request-response\"\nreply_timeout = \"1ms\"",
+    ))
+    .to_string();
+    assert!(text.contains("listeners.l.reply_timeout"), "{text}");
 }

@@ -8,11 +8,14 @@
 //! and a backend was picked; every datagram in either direction refreshes `last_seen`; it
 //! leaves through [`FlowTable::close`] (one path, one reason) or [`FlowTable::expire`].
 //!
-//! Timers: one heap entry per flow holding (deadline, slot, generation). A datagram only
-//! writes `last_seen`; when the entry comes due, the flow is closed if it really was idle, or
-//! the entry is re-armed at `last_seen + idle_timeout`. An entry whose generation no longer
-//! matches its slot belongs to a closed flow and is discarded, so a stale timer can never close
-//! the flow that reused a slot. Stale entries are compacted away when they outnumber live ones.
+//! Timers: one live heap entry per flow holding (deadline, slot, generation) for the flow's
+//! next deadline: idle expiry, or in request-response mode the reply deadline of its oldest
+//! unanswered request. A datagram only writes `last_seen`; when the entry comes due, the flow
+//! is closed if it really was idle, reported unanswered if its reply deadline passed, and the
+//! entry is re-armed at the next deadline. An entry whose generation no longer matches its slot
+//! belongs to a closed flow, and one whose deadline is not the flow's armed one was superseded
+//! by an earlier deadline: both are discarded, so a stale timer can never close the flow that
+//! reused a slot. Stale entries are compacted away when they outnumber live ones.
 //!
 //! Must not: do I/O, read clocks (time is a [`Time`] argument) or hash with a fixed seed (the
 //! index is keyed by network input, so it uses std's randomly keyed SipHash).
@@ -131,8 +134,43 @@ pub struct Flow<T> {
     pub idle_timeout: Duration,
     /// Replies still expected (request-response mode).
     pub pending_replies: u32,
+    /// Request-response mode: how long the backend may stay silent while it owes replies.
+    pub reply_timeout: Duration,
+    /// Request-response mode: when the backend must have answered (armed by a request while
+    /// none is armed, moved on by each reply while more are owed, cleared when it passes).
+    pub reply_due: Option<Time>,
+    /// The deadline of the flow's live timer entry.
+    armed: Time,
     /// The data plane's handle (upstream socket).
     pub io: T,
+}
+
+/// The timeouts of a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Close after this long without a datagram in either direction.
+    pub idle: Duration,
+    /// Request-response mode: report the flow unanswered when its backend owes replies and
+    /// sends none for this long (see [`FlowTable::expire`]).
+    pub reply: Duration,
+}
+
+impl Timeouts {
+    /// Idle expiry only (no reply accounting).
+    pub fn idle(idle: Duration) -> Timeouts {
+        Timeouts { idle, reply: idle }
+    }
+}
+
+/// What [`FlowTable::expire`] found.
+#[derive(Debug)]
+pub enum Expired<'a, T> {
+    /// The flow's backend owed replies and sent none within the reply timeout (request-
+    /// response mode): one unanswered request. The flow stays, so a late reply still reaches
+    /// the client; another request arms the next deadline.
+    Unanswered(FlowHandle, &'a Flow<T>),
+    /// The flow was idle for its timeout and is closed.
+    Idle(FlowHandle, Flow<T>),
 }
 
 /// What a reply means for its flow (request-response accounting).
@@ -241,7 +279,7 @@ impl<T> FlowTable<T> {
         backend: (BackendId, SocketAddr),
         generation: u64,
         now: Time,
-        idle_timeout: Duration,
+        timeouts: Timeouts,
         io: T,
     ) -> FlowHandle {
         debug_assert!(self.has_room(key.listener), "insert beyond the cap");
@@ -253,8 +291,11 @@ impl<T> FlowTable<T> {
             checked_generation: generation,
             created: now,
             last_seen: now,
-            idle_timeout,
+            idle_timeout: timeouts.idle,
             pending_replies: 0,
+            reply_timeout: timeouts.reply,
+            reply_due: None,
+            armed: now.after(timeouts.idle),
             io,
         };
         let slot = match self.free.pop() {
@@ -275,7 +316,7 @@ impl<T> FlowTable<T> {
         };
         self.index.insert(key, slot);
         self.timers
-            .push(Reverse((now.after(idle_timeout), slot, entry.generation)));
+            .push(Reverse((now.after(timeouts.idle), slot, entry.generation)));
         let l = key.listener as usize;
         if self.live_per_listener.len() <= l {
             self.live_per_listener.resize(l + 1, 0);
@@ -301,8 +342,8 @@ impl<T> FlowTable<T> {
     }
 
     /// Records a request datagram on a flow: refreshes it and, in request-response mode,
-    /// expects `responses` more replies. Returns whether the flow owed no reply before (a
-    /// request-response exchange starts here).
+    /// expects `responses` more replies and arms the reply deadline if none is armed. Returns
+    /// whether the flow owed no reply before (a request-response exchange starts here).
     #[inline]
     pub fn on_request(&mut self, h: FlowHandle, now: Time, responses: u32) -> bool {
         let Some(flow) = self.get_mut(h) else {
@@ -311,11 +352,27 @@ impl<T> FlowTable<T> {
         flow.last_seen = now;
         let idle = flow.pending_replies == 0;
         flow.pending_replies = flow.pending_replies.saturating_add(responses);
+        if responses > 0 && flow.reply_due.is_none() {
+            self.arm_reply_deadline(h, now);
+        }
         idle
     }
 
+    /// Sets flow `h`'s reply deadline to `now` plus its reply timeout, re-arming its timer
+    /// when that comes before the armed deadline.
+    fn arm_reply_deadline(&mut self, h: FlowHandle, now: Time) {
+        let Some(flow) = self.get_mut(h) else { return };
+        let due = now.after(flow.reply_timeout);
+        flow.reply_due = Some(due);
+        if due < flow.armed {
+            flow.armed = due;
+            self.timers.push(Reverse((due, h.slot, h.generation)));
+        }
+    }
+
     /// Records a reply datagram on a flow. In request-response mode (`counted`), one expected
-    /// reply is consumed and the flow completes when none is left.
+    /// reply is consumed and the flow completes when none is left; while more are owed, the
+    /// reply deadline moves on (the backend is answering).
     #[inline]
     pub fn on_reply(&mut self, h: FlowHandle, now: Time, counted: bool) -> ReplyOutcome {
         let Some(flow) = self.get_mut(h) else {
@@ -325,8 +382,10 @@ impl<T> FlowTable<T> {
         if counted {
             flow.pending_replies = flow.pending_replies.saturating_sub(1);
             if flow.pending_replies == 0 {
+                flow.reply_due = None;
                 return ReplyOutcome::ForwardAndComplete;
             }
+            self.arm_reply_deadline(h, now);
         }
         ReplyOutcome::Forward
     }
@@ -348,29 +407,46 @@ impl<T> FlowTable<T> {
         Some(flow)
     }
 
-    /// Closes every flow that has been idle for its timeout at `now`, handing each to `on_close`.
-    /// Re-arms the timers of flows that saw traffic since their timer was set.
-    pub fn expire(&mut self, now: Time, mut on_close: impl FnMut(FlowHandle, Flow<T>)) {
+    /// Handles every deadline due at `now`: reports flows whose backend left a request
+    /// unanswered for the reply timeout ([`Expired::Unanswered`], once per armed deadline) and
+    /// closes flows idle for their timeout ([`Expired::Idle`]). Re-arms the timers of flows
+    /// that saw traffic since their timer was set.
+    pub fn expire(&mut self, now: Time, mut on_expired: impl FnMut(Expired<'_, T>)) {
         while let Some(&Reverse((deadline, slot, generation))) = self.timers.peek() {
             if deadline > now {
                 break;
             }
             self.timers.pop();
-            let entry = &self.slots[slot as usize];
+            let entry = &mut self.slots[slot as usize];
             if entry.generation != generation {
                 continue; // the flow this timer was for is gone
             }
-            let Some(flow) = entry.flow.as_ref() else {
+            let Some(flow) = entry.flow.as_mut() else {
                 continue;
             };
-            let due = flow.last_seen.after(flow.idle_timeout);
-            if due > now {
-                self.timers.push(Reverse((due, slot, generation)));
-                continue;
+            if flow.armed != deadline {
+                continue; // superseded by an earlier deadline, which was handled then
             }
             let h = FlowHandle { slot, generation };
+            if flow.reply_due.is_some_and(|due| due <= now) {
+                flow.reply_due = None;
+                if flow.pending_replies > 0 {
+                    on_expired(Expired::Unanswered(h, flow));
+                }
+            }
+            let entry = &mut self.slots[slot as usize];
+            let Some(flow) = entry.flow.as_mut() else {
+                continue;
+            };
+            let idle_due = flow.last_seen.after(flow.idle_timeout);
+            if idle_due > now {
+                let next = flow.reply_due.map_or(idle_due, |r| r.min(idle_due));
+                flow.armed = next;
+                self.timers.push(Reverse((next, slot, generation)));
+                continue;
+            }
             if let Some(flow) = self.close(h, CloseReason::Idle) {
-                on_close(h, flow);
+                on_expired(Expired::Idle(h, flow));
             }
         }
         self.compact_timers();
@@ -463,18 +539,22 @@ impl<T> FlowTable<T> {
             assert_eq!(flow.key, key, "index points at another flow");
         }
         assert_eq!(self.free.len() + live, self.slots.len(), "free list");
-        // Every live flow has a timer entry for its current generation.
-        let armed: std::collections::HashSet<(u32, u32)> = self
-            .timers
-            .iter()
-            .map(|Reverse((_, slot, g))| (*slot, *g))
-            .collect();
+        // Every live flow has a timer entry for its current generation, at its armed deadline
+        // (a reply deadline is never later than it: an earlier one re-arms the timer).
+        let armed: std::collections::HashSet<(Time, u32, u32)> =
+            self.timers.iter().map(|Reverse(entry)| *entry).collect();
         for (i, s) in self.slots.iter().enumerate() {
-            if s.flow.is_some() {
+            if let Some(flow) = &s.flow {
                 assert!(
-                    armed.contains(&(i as u32, s.generation)),
+                    armed.contains(&(flow.armed, i as u32, s.generation)),
                     "flow in slot {i} has no timer"
                 );
+                if let Some(due) = flow.reply_due {
+                    assert!(
+                        flow.armed <= due,
+                        "flow in slot {i}: reply deadline unarmed"
+                    );
+                }
             }
         }
     }
@@ -490,16 +570,17 @@ impl<T> FlowTable<T> {
             .expect("per-backend flow count underflow");
     }
 
-    /// Drops timer entries of closed flows once they outnumber live flows, so a table with
-    /// fast churn (request-response) keeps its heap proportional to its live flows.
+    /// Drops timer entries of closed flows (and superseded ones) once they outnumber live
+    /// flows, so a table with fast churn (request-response) keeps its heap proportional to its
+    /// live flows.
     fn compact_timers(&mut self) {
         if self.timers.len() <= 2 * self.index.len() + 1024 {
             return;
         }
         let slots = &self.slots;
-        self.timers.retain(|Reverse((_, slot, generation))| {
+        self.timers.retain(|Reverse((deadline, slot, generation))| {
             let s = &slots[*slot as usize];
-            s.generation == *generation && s.flow.is_some()
+            s.generation == *generation && s.flow.as_ref().is_some_and(|f| f.armed == *deadline)
         });
     }
 }
@@ -518,6 +599,13 @@ mod tests {
 
     fn backend() -> (BackendId, SocketAddr) {
         (BackendId(0), SocketAddr::from(([127, 0, 0, 1], 53)))
+    }
+
+    fn closed_handle<T>(e: Expired<'_, T>) -> FlowHandle {
+        match e {
+            Expired::Idle(h, _) => h,
+            Expired::Unanswered(h, _) => panic!("{h:?} reported unanswered"),
+        }
     }
 
     fn table(cap: u32) -> FlowTable<()> {
@@ -580,8 +668,8 @@ mod tests {
     fn cap_sheds_new_flows_only() {
         let mut t = table(2);
         let idle = Duration::from_secs(10);
-        let a = t.insert(key(1), backend(), 1, Time(0), idle, ());
-        t.insert(key(2), backend(), 1, Time(0), idle, ());
+        let a = t.insert(key(1), backend(), 1, Time(0), Timeouts::idle(idle), ());
+        t.insert(key(2), backend(), 1, Time(0), Timeouts::idle(idle), ());
         assert!(!t.has_room(0));
         assert_eq!(t.find(&key(1)), Some(a));
         t.close(a, CloseReason::Completed);
@@ -593,14 +681,14 @@ mod tests {
     fn idle_expiry_respects_activity() {
         let mut t = table(10);
         let idle = Duration::from_secs(10);
-        let a = t.insert(key(1), backend(), 1, Time(0), idle, ());
-        let b = t.insert(key(2), backend(), 1, Time(0), idle, ());
+        let a = t.insert(key(1), backend(), 1, Time(0), Timeouts::idle(idle), ());
+        let b = t.insert(key(2), backend(), 1, Time(0), Timeouts::idle(idle), ());
         t.on_request(a, Time(9_000), 0);
         let mut closed = vec![];
-        t.expire(Time(10_000), |h, _| closed.push(h));
+        t.expire(Time(10_000), |e| closed.push(closed_handle(e)));
         assert_eq!(closed, [b]);
         assert_eq!(t.next_deadline(), Some(Time(19_000)));
-        t.expire(Time(19_000), |h, _| closed.push(h));
+        t.expire(Time(19_000), |e| closed.push(closed_handle(e)));
         assert_eq!(closed, [b, a]);
         assert_eq!(t.live(), 0);
         t.check_invariants();
@@ -609,12 +697,26 @@ mod tests {
     #[test]
     fn stale_timer_never_closes_a_reused_slot() {
         let mut t = table(10);
-        let a = t.insert(key(1), backend(), 1, Time(0), Duration::from_secs(1), ());
+        let a = t.insert(
+            key(1),
+            backend(),
+            1,
+            Time(0),
+            Timeouts::idle(Duration::from_secs(1)),
+            (),
+        );
         t.close(a, CloseReason::Completed);
-        let b = t.insert(key(2), backend(), 1, Time(500), Duration::from_secs(10), ());
+        let b = t.insert(
+            key(2),
+            backend(),
+            1,
+            Time(500),
+            Timeouts::idle(Duration::from_secs(10)),
+            (),
+        );
         assert_eq!(a.slot(), b.slot(), "slot reused");
         let mut closed = 0;
-        t.expire(Time(1_000), |_, _| closed += 1);
+        t.expire(Time(1_000), |_| closed += 1);
         assert_eq!(closed, 0);
         assert!(t.get(b).is_some());
         assert!(t.get(a).is_none());
@@ -628,7 +730,14 @@ mod tests {
     #[test]
     fn request_response_completes_after_every_reply() {
         let mut t = table(10);
-        let a = t.insert(key(1), backend(), 1, Time(0), Duration::from_secs(10), ());
+        let a = t.insert(
+            key(1),
+            backend(),
+            1,
+            Time(0),
+            Timeouts::idle(Duration::from_secs(10)),
+            (),
+        );
         t.on_request(a, Time(1), 1);
         t.on_request(a, Time(2), 1);
         assert_eq!(t.on_reply(a, Time(3), true), ReplyOutcome::Forward);
@@ -636,6 +745,58 @@ mod tests {
             t.on_reply(a, Time(4), true),
             ReplyOutcome::ForwardAndComplete
         );
+    }
+
+    #[test]
+    fn an_unanswered_request_is_reported_once_per_deadline_and_the_flow_stays() {
+        let mut t = table(10);
+        let timeouts = Timeouts {
+            idle: Duration::from_secs(30),
+            reply: Duration::from_secs(2),
+        };
+        let a = t.insert(key(1), backend(), 1, Time(0), timeouts, ());
+        let mut events = Vec::new();
+        let mut record = |t: &mut FlowTable<()>, now| {
+            t.expire(Time(now), |e| {
+                events.push(match e {
+                    Expired::Unanswered(h, f) => (now, "unanswered", h, f.pending_replies),
+                    Expired::Idle(h, f) => (now, "idle", h, f.pending_replies),
+                })
+            });
+            t.check_invariants();
+        };
+        t.on_request(a, Time(1_000), 1);
+        // A second request while one is owed does not move the deadline.
+        t.on_request(a, Time(2_500), 1);
+        record(&mut t, 2_999);
+        record(&mut t, 3_000);
+        record(&mut t, 10_000);
+        // A retry arms the next deadline.
+        t.on_request(a, Time(10_000), 1);
+        // A reply while more are owed moves it on.
+        assert_eq!(t.on_reply(a, Time(11_000), true), ReplyOutcome::Forward);
+        record(&mut t, 12_999);
+        record(&mut t, 13_000);
+        record(&mut t, 43_000);
+        assert_eq!(
+            events,
+            [
+                (3_000, "unanswered", a, 2),
+                (13_000, "unanswered", a, 2),
+                (43_000, "idle", a, 2),
+            ]
+        );
+        // Answered in time: nothing is reported.
+        let b = t.insert(key(2), backend(), 1, Time(50_000), timeouts, ());
+        t.on_request(b, Time(50_000), 1);
+        assert_eq!(
+            t.on_reply(b, Time(51_000), true),
+            ReplyOutcome::ForwardAndComplete
+        );
+        let mut reported = 0;
+        t.expire(Time(79_000), |_| reported += 1);
+        assert_eq!(reported, 0);
+        t.check_invariants();
     }
 
     #[test]
@@ -657,11 +818,11 @@ mod tests {
                 backend(),
                 1,
                 Time(u64::from(i)),
-                idle,
+                Timeouts::idle(idle),
                 (),
             );
             t.close(h, CloseReason::Completed);
-            t.expire(Time(u64::from(i)), |_, _| {});
+            t.expire(Time(u64::from(i)), |_| {});
         }
         assert!(
             t.timers.len() <= 2 * t.live() + 1025,

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use crate::flow::{FlowKey, FlowTable};
+use crate::flow::{FlowKey, FlowTable, Timeouts};
 use crate::snapshot::BackendId;
 use crate::time::Time;
 use crate::verdict::CloseReason;
@@ -27,8 +27,12 @@ pub fn flow_table(data: &[u8]) {
             0 | 1 => {
                 if table.find(&key).is_none() && table.has_room(key.listener) {
                     let backend = BackendId(u32::from(arg % 5));
-                    let timeout = Duration::from_millis(u64::from(op / 8) * 10 + 1);
-                    handles.push(table.insert(key, (backend, addr(1)), 0, now, timeout, arg));
+                    let idle = Duration::from_millis(u64::from(op / 8) * 10 + 1);
+                    let timeouts = Timeouts {
+                        idle,
+                        reply: Duration::from_millis(u64::from(arg % 7) * 5 + 1),
+                    };
+                    handles.push(table.insert(key, (backend, addr(1)), 0, now, timeouts, arg));
                 }
             }
             2 => {
@@ -53,7 +57,7 @@ pub fn flow_table(data: &[u8]) {
             }
             6 => {
                 now = Time(now.0 + u64::from(arg));
-                table.expire(now, |_, _| {});
+                table.expire(now, |_| {});
             }
             _ => table.set_caps(&[u32::from(arg % 9), u32::from(op / 8 % 4)]),
         }

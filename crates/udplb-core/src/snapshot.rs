@@ -127,6 +127,9 @@ pub struct ListenerSpec {
     pub affinity: Affinity,
     /// A flow closes after this long without a datagram in either direction.
     pub idle_timeout: Duration,
+    /// Request-response mode: a request left unanswered this long is a passive failure of its
+    /// backend.
+    pub reply_timeout: Duration,
     /// Flow cap for the whole listener (each of W workers holds at most ceil(max_flows / W)).
     pub max_flows: u32,
     /// Largest datagram forwarded in either direction; larger ones are dropped and counted.

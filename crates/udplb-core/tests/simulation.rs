@@ -3,7 +3,8 @@
 //! Random admissions, requests, replies, closes and clock jumps against a table with a small
 //! cap; after every event the table's invariants are checked (created − closed == live, never
 //! above the cap, index and slots agree, every live flow has a timer) and a model of which
-//! flows must still be live is compared with the table. A failure prints its seed; replay it
+//! flows must still be live, and which must be reported unanswered (request-response reply
+//! deadlines), is compared with the table. A failure prints its seed; replay it
 //! with `UDPLB_SIM_SEED=<seed> cargo test -p udplb-core --test simulation`.
 
 use std::collections::HashMap;
@@ -11,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use udplb_core::Time;
-use udplb_core::flow::{FlowHandle, FlowKey, FlowTable, ReplyOutcome};
+use udplb_core::flow::{Expired, FlowHandle, FlowKey, FlowTable, ReplyOutcome, Timeouts};
 use udplb_core::snapshot::BackendId;
 use udplb_core::verdict::CloseReason;
 
@@ -30,8 +31,27 @@ impl Rng {
     }
 }
 
+/// A flow as the model sees it.
+#[derive(Clone, Copy)]
+struct Expected {
+    handle: FlowHandle,
+    last_seen: Time,
+    pending: u32,
+    reply_due: Option<Time>,
+}
+
 struct Model {
-    last_seen: HashMap<FlowKey, (FlowHandle, Time, u32)>,
+    last_seen: HashMap<FlowKey, Expected>,
+}
+
+impl Expected {
+    fn request(&mut self, now: Time, responses: u32, reply: Duration) {
+        self.last_seen = now;
+        self.pending += responses;
+        if responses > 0 && self.reply_due.is_none() {
+            self.reply_due = Some(now.after(reply));
+        }
+    }
 }
 
 fn run(seed: u64, steps: usize) {
@@ -39,6 +59,8 @@ fn run(seed: u64, steps: usize) {
     let cap = 1 + rng.below(64) as u32;
     let listeners = 2u16;
     let idle = Duration::from_millis(100 + rng.below(5_000));
+    let reply = Duration::from_millis(10 + rng.below(2 * idle.as_millis() as u64));
+    let timeouts = Timeouts { idle, reply };
     let mut table: FlowTable<u64> = FlowTable::new();
     table.set_caps(&vec![cap; listeners as usize]);
     let mut model = Model {
@@ -59,12 +81,11 @@ fn run(seed: u64, steps: usize) {
                 match table.find(&key) {
                     Some(h) => {
                         table.on_request(h, now, responses);
-                        let m = model
+                        model
                             .last_seen
                             .get_mut(&key)
-                            .expect("table has a flow the model lacks");
-                        m.1 = now;
-                        m.2 += responses;
+                            .expect("table has a flow the model lacks")
+                            .request(now, responses, reply);
                     }
                     None if table.has_room(key.listener) => {
                         assert!(
@@ -72,9 +93,17 @@ fn run(seed: u64, steps: usize) {
                             "seed {seed}: model has a flow the table lacks"
                         );
                         let backend = BackendId(rng.below(4) as u32);
-                        let h = table.insert(key, (backend, key.client), 1, now, idle, step as u64);
+                        let h =
+                            table.insert(key, (backend, key.client), 1, now, timeouts, step as u64);
                         table.on_request(h, now, responses);
-                        model.last_seen.insert(key, (h, now, responses));
+                        let mut expected = Expected {
+                            handle: h,
+                            last_seen: now,
+                            pending: 0,
+                            reply_due: None,
+                        };
+                        expected.request(now, responses, reply);
+                        model.last_seen.insert(key, expected);
                     }
                     None => {
                         assert_eq!(
@@ -88,17 +117,18 @@ fn run(seed: u64, steps: usize) {
             }
             5..=6 => {
                 // A reply on a random live flow.
-                if let Some((&k, &(h, _, _))) = model
+                if let Some((&k, &Expected { handle: h, .. })) = model
                     .last_seen
                     .iter()
                     .nth(rng.below(model.last_seen.len().max(1) as u64) as usize)
                 {
                     let outcome = table.on_reply(h, now, true);
                     let m = model.last_seen.get_mut(&k).unwrap();
-                    m.1 = now;
-                    m.2 = m.2.saturating_sub(1);
+                    m.last_seen = now;
+                    m.pending = m.pending.saturating_sub(1);
+                    m.reply_due = (m.pending > 0).then(|| now.after(reply));
                     if outcome == ReplyOutcome::ForwardAndComplete {
-                        assert_eq!(m.2, 0);
+                        assert_eq!(m.pending, 0);
                         let f = table
                             .close(h, CloseReason::Completed)
                             .expect("completing a live flow");
@@ -115,20 +145,40 @@ fn run(seed: u64, steps: usize) {
                 }
             }
             _ => {
-                // Time passes; idle flows expire, and only idle ones.
+                // Time passes; idle flows expire, and only idle ones; flows whose reply
+                // deadline passed with replies owed are reported, once, and only those.
                 now = Time(now.0 + rng.below(idle.as_millis() as u64));
                 let mut expired = vec![];
-                table.expire(now, |_, f| expired.push(f.key));
+                let mut unanswered = vec![];
+                table.expire(now, |e| match e {
+                    Expired::Idle(_, f) => expired.push(f.key),
+                    Expired::Unanswered(_, f) => unanswered.push(f.key),
+                });
+                let mut due: Vec<FlowKey> = model
+                    .last_seen
+                    .iter()
+                    .filter(|(_, m)| m.reply_due.is_some_and(|d| d <= now) && m.pending > 0)
+                    .map(|(k, _)| *k)
+                    .collect();
+                let order = |v: &mut Vec<FlowKey>| v.sort_by_key(|k| (k.listener, k.client));
+                order(&mut due);
+                order(&mut unanswered);
+                assert_eq!(unanswered, due, "seed {seed}: unanswered flows");
+                for m in model.last_seen.values_mut() {
+                    if m.reply_due.is_some_and(|d| d <= now) {
+                        m.reply_due = None;
+                    }
+                }
                 for k in &expired {
-                    let (_, seen, _) = model.last_seen.remove(k).expect("expired an unknown flow");
+                    let m = model.last_seen.remove(k).expect("expired an unknown flow");
                     assert!(
-                        seen.after(idle) <= now,
+                        m.last_seen.after(idle) <= now,
                         "seed {seed}: expired a flow that was not idle"
                     );
                 }
-                for (k, (_, seen, _)) in &model.last_seen {
+                for (k, m) in &model.last_seen {
                     assert!(
-                        seen.after(idle) > now,
+                        m.last_seen.after(idle) > now,
                         "seed {seed}: idle flow {k:?} survived expiry"
                     );
                 }

@@ -31,7 +31,7 @@ use udplb_sys::socket::{ListenerOptions, bind_listener};
 
 pub use stats::{
     BackendStats, ListenerTotals, WorkerStats, backend_reply_latency, backend_traffic,
-    passive_failures_by_backend,
+    passive_failures_by_backend, replies_by_backend,
 };
 
 /// How the data plane is run.

@@ -66,9 +66,9 @@ pub struct ListenerStats {
     pub flows_closed: [Counter; CloseReason::COUNT],
     /// Live flows (gauge).
     pub flows_live: Counter,
-    /// Datagrams refused by a backend (ICMP port unreachable seen as ECONNREFUSED).
+    /// Datagrams refused by a backend (ICMP port, host or network unreachable).
     pub backend_refused: Counter,
-    /// Request-response flows that idled out with replies still owed.
+    /// Request-response mode: requests a backend left unanswered for the reply timeout.
     pub reply_timeouts: Counter,
     /// Datagrams sent to the listener's abuse pool instead of being dropped.
     pub abuse_diverted: Counter,
@@ -110,8 +110,9 @@ pub struct WorkerStats {
     pub listeners: Vec<ListenerStats>,
     /// Event-loop turns.
     pub turns: Counter,
-    /// Passive failure signals per backend id (ICMP port unreachable on an upstream socket; a
-    /// request-response flow that idled out with replies still owed), for the first
+    /// Passive failure signals per backend id (ICMP port, host or network unreachable for a
+    /// datagram sent to it; in request-response mode a request it left unanswered for the
+    /// listener's `reply_timeout`), for the first
     /// [`TRACKED_BACKENDS`] ids.
     pub passive_failures: Box<[Counter]>,
     /// Traffic per backend id, for the first [`TRACKED_BACKENDS`] ids.
@@ -202,6 +203,17 @@ pub fn passive_failures_by_backend(workers: &[Arc<WorkerStats>]) -> Vec<u64> {
     for w in workers {
         for (s, c) in sum.iter_mut().zip(w.passive_failures.iter()) {
             *s += c.get();
+        }
+    }
+    sum
+}
+
+/// Datagrams received from each backend id, summed over `workers` (the passive success signal).
+pub fn replies_by_backend(workers: &[Arc<WorkerStats>]) -> Vec<u64> {
+    let mut sum = vec![0u64; TRACKED_BACKENDS];
+    for w in workers {
+        for (s, b) in sum.iter_mut().zip(w.backends.iter()) {
+            *s += b.replies.get();
         }
     }
     sum

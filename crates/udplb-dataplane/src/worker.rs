@@ -25,7 +25,7 @@ use arc_swap::{ArcSwap, Cache};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use udplb_core::affinity::StickyTable;
-use udplb_core::flow::{FlowHandle, FlowKey, FlowTable, ReplyOutcome};
+use udplb_core::flow::{Expired, FlowHandle, FlowKey, FlowTable, ReplyOutcome, Timeouts};
 use udplb_core::hash::ClientKey;
 use udplb_core::sched::{PickInput, pick};
 use udplb_core::snapshot::{BackendId, ListenerSpec, Pool, Snapshot};
@@ -201,6 +201,9 @@ pub(crate) struct Upstream {
     /// The socket may serve another client once the flow completes: it is connected to the
     /// backend and bound to no client's address (not a transparent pool).
     reusable: bool,
+    /// The own socket is connected to the backend (not in datagram mode): the kernel reports
+    /// its refusals directly, and sends name no destination.
+    connected: bool,
 }
 
 /// Who a flow really serves when its datagrams arrive through another balancer.
@@ -715,12 +718,16 @@ impl Worker {
             UpstreamSocket::Shared(_) => None,
         };
         let backend_addr = backend.spec.addr;
+        let timeouts = Timeouts {
+            idle: spec.idle_timeout,
+            reply: spec.reply_timeout,
+        };
         let h = self.table.insert(
             key,
             (backend.id, backend.spec.addr),
             snap.generation,
             now,
-            spec.idle_timeout,
+            timeouts,
             Upstream {
                 socket,
                 request_sent_us: None,
@@ -730,6 +737,7 @@ impl Worker {
                 replied: 0,
                 abuse,
                 reusable,
+                connected: connect,
             },
         );
         match own_fd {
@@ -815,7 +823,8 @@ impl Worker {
         }
         let token = port_token((li, v6, pool.next_port()));
         let opened =
-            udplb_sys::socket::upstream_socket(backend, false, None, Some(SHARED_SOCKET_BUFFER));
+            udplb_sys::socket::upstream_socket(backend, false, None, Some(SHARED_SOCKET_BUFFER))
+                .and_then(reporting_errors);
         let socket = self.below_fd_ceiling(opened)?;
         let fd = socket.as_raw_fd();
         if let Err(e) = self
@@ -845,6 +854,12 @@ impl Worker {
             udplb_sys::socket::transparent_upstream_socket(backend, client, connect)
         } else {
             udplb_sys::socket::upstream_socket(backend, connect, None, None)
+        };
+        // An unconnected socket hears of refusals only through its error queue.
+        let opened = if connect {
+            opened
+        } else {
+            opened.and_then(reporting_errors)
         };
         self.below_fd_ceiling(opened)
     }
@@ -954,9 +969,12 @@ impl Worker {
             ProxyHeader::First => !flow.io.header_sent,
             ProxyHeader::Every => true,
         };
-        // A shared socket is not connected: it names the backend on every send.
+        // A shared socket is not connected (nor is a datagram-mode flow's socket, after a
+        // reload changed the mode): it names the backend on every send.
         let (fd, dest) = match &flow.io.socket {
-            UpstreamSocket::Own(s) => (s.as_fd(), None),
+            UpstreamSocket::Own(s) => {
+                (s.as_fd(), (!flow.io.connected).then_some(flow.backend_addr))
+            }
             UpstreamSocket::Shared(port) => {
                 let pool = self.listeners[li]
                     .shared
@@ -965,16 +983,18 @@ impl Worker {
                 (s.as_fd(), Some(flow.backend_addr))
             }
         };
-        let sent = if with_header {
-            let n = write_proxy_header(&mut self.header, self.listeners[li].bound, flow);
-            udplb_sys::batch::send_two(fd, &self.header[..n], data, dest)
-        } else if let Some(size) = segment_size {
-            send_train(fd, data, size, dest)
-        } else if let Some(dest) = dest {
-            udplb_sys::batch::send_to(fd, data, dest)
+        let header = if with_header {
+            write_proxy_header(&mut self.header, self.listeners[li].bound, flow)
         } else {
-            udplb_sys::batch::send(fd, data)
+            0
         };
+        let mut sent = send_datagram(fd, &self.header[..header], data, segment_size, dest);
+        if dest.is_some() && sent.as_ref().is_err_and(refused) {
+            // An unconnected socket fails its next send once after any refusal it was told of,
+            // whichever backend refused: account for what is queued, and send again.
+            let _ = self.account_refusals(fd, li, snap);
+            sent = send_datagram(fd, &self.header[..header], data, segment_size, dest);
+        }
         match sent {
             Ok(_) => {
                 let flow = self.table.get_mut(h).ok_or(DropReason::SendError)?;
@@ -1020,12 +1040,19 @@ impl Worker {
             return Err(DropReason::SendError);
         };
         // Every datagram is scheduled on its own, so `first` means every datagram here.
-        let sent = if pool.proxy_header == ProxyHeader::Off {
-            udplb_sys::batch::send_to(socket.as_fd(), data, dest)
+        let header = if pool.proxy_header == ProxyHeader::Off {
+            0
         } else {
-            let n = write_proxy_header(&mut self.header, self.listeners[li].bound, flow);
-            udplb_sys::batch::send_two(socket.as_fd(), &self.header[..n], data, Some(dest))
+            write_proxy_header(&mut self.header, self.listeners[li].bound, flow)
         };
+        let fd = socket.as_fd();
+        let mut sent = send_datagram(fd, &self.header[..header], data, None, Some(dest));
+        if sent.as_ref().is_err_and(refused) {
+            // A refusal of an earlier datagram (to this or another backend) failed this send:
+            // account for it, and send again.
+            let _ = self.account_refusals(fd, li, snap);
+            sent = send_datagram(fd, &self.header[..header], data, None, Some(dest));
+        }
         match sent {
             Ok(_) => Ok(backend),
             Err(e) => Err(self.on_send_error(h, li, &e)),
@@ -1098,15 +1125,53 @@ impl Worker {
         }
     }
 
-    /// Counts a failed send; a refused one (ICMP port unreachable) closes the flow so its next
-    /// datagram is scheduled afresh.
+    /// Counts a failed send; one refused on a flow's connected socket (ICMP port or host
+    /// unreachable) closes the flow so its next datagram is scheduled afresh.
     fn on_send_error(&mut self, h: FlowHandle, li: usize, e: &io::Error) -> DropReason {
-        if e.kind() == io::ErrorKind::ConnectionRefused {
+        let connected = self
+            .table
+            .get(h)
+            .is_some_and(|f| matches!(f.io.socket, UpstreamSocket::Own(_)) && f.io.connected);
+        if connected && refused(e) {
             self.count_refused(h, li);
             let now = self.now();
             self.close_flow(h, CloseReason::Error, now);
         }
         DropReason::SendError
+    }
+
+    /// Reads the error queue of an unconnected upstream socket of listener `li` and counts
+    /// each refusal (ICMP port, host or network unreachable) as a passive failure of the
+    /// backend it was sent to. Returns the refused destinations.
+    fn account_refusals(
+        &self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        li: usize,
+        snap: &Snapshot,
+    ) -> Refusals {
+        let mut found = Refusals::default();
+        // Reading a socket's own error queue fails only with EAGAIN (handled: empty), so an
+        // error leaves nothing to account for.
+        let _ = udplb_sys::batch::read_errors(fd, Refusals::CAPACITY, |e| {
+            if is_refusal(e.errno) {
+                found.push(e.destination);
+            }
+        });
+        let spec = &snap.listeners[li];
+        for dest in found.iter() {
+            self.stats.listeners[li].backend_refused.add(1);
+            let backend = [Some(spec.pool), spec.abuse_pool]
+                .into_iter()
+                .flatten()
+                .find_map(|pi| {
+                    let pool = &snap.pools[pi];
+                    pool.position(&dest).map(|i| pool.backends[i].id)
+                });
+            if let Some(id) = backend {
+                self.count_passive_failure(id);
+            }
+        }
+        found
     }
 
     /// Reads replies from flow `h`'s upstream socket (`recvmmsg`) and queues them on its
@@ -1146,8 +1211,14 @@ impl Worker {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if refused(&e) && !flow.io.connected => {
+                    // Datagram mode: one of the backends refused a datagram; the flow serves
+                    // the others, and replies may still be queued behind the error.
+                    let fd = socket.as_fd();
+                    let _ = self.account_refusals(fd, li, snap);
+                }
                 Err(e) => {
-                    if e.kind() == io::ErrorKind::ConnectionRefused {
+                    if refused(&e) {
                         self.count_refused(h, li);
                     } else {
                         self.log.warn("upstream receive", &e);
@@ -1233,6 +1304,18 @@ impl Worker {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if refused(&e) => {
+                    // A backend refused a flow's datagram: that flow closes, so its next
+                    // datagram is scheduled afresh (as with a socket of its own).
+                    let refusals = self.account_refusals(socket.as_fd(), li, snap);
+                    let now = self.now();
+                    for dest in refusals.iter() {
+                        let owner = self.listeners[li].shared.family(v6).owner(port, dest);
+                        if let Some(h) = owner {
+                            self.close_flow(h, CloseReason::Error, now);
+                        }
+                    }
+                }
                 Err(e) => {
                     self.log.warn("shared upstream receive", &e);
                     return true;
@@ -1410,29 +1493,33 @@ impl Worker {
 
     fn expire_idle(&mut self, now: Time) {
         self.spares.expire(now);
-        let mut closed: Vec<(FlowKey, SocketAddr, BackendId, u32)> = Vec::new();
+        let mut closed: Vec<(FlowKey, SocketAddr)> = Vec::new();
         let mut ports: Vec<(u16, Port, SocketAddr)> = Vec::new();
-        self.table.expire(now, |_, flow| {
-            let client = flow.io.client(&flow.key);
-            if let UpstreamSocket::Shared(port) = flow.io.socket {
-                ports.push((flow.key.listener, port, flow.backend_addr));
+        let mut unanswered: Vec<(u16, BackendId)> = Vec::new();
+        self.table.expire(now, |expired| match expired {
+            Expired::Unanswered(_, flow) => unanswered.push((flow.key.listener, flow.backend)),
+            Expired::Idle(_, flow) => {
+                if flow.pending_replies > 0 && flow.reply_due.is_some() {
+                    // Closed before its reply deadline (reply_timeout above idle_timeout).
+                    unanswered.push((flow.key.listener, flow.backend));
+                }
+                if let UpstreamSocket::Shared(port) = flow.io.socket {
+                    ports.push((flow.key.listener, port, flow.backend_addr));
+                }
+                closed.push((flow.key, flow.io.client(&flow.key)));
             }
-            closed.push((flow.key, client, flow.backend, flow.pending_replies))
         });
         for (listener, port, backend) in ports {
             self.release_port(listener, port, backend, now);
         }
-        for (key, client, backend, pending) in &closed {
-            let li = key.listener as usize;
-            let request_response = matches!(
-                self.snap.listeners[li].mode,
-                SessionMode::RequestResponse { .. }
-            );
-            if request_response && *pending > 0 {
-                // The backend never answered: a passive failure signal for health checking.
-                self.stats.listeners[li].reply_timeouts.add(1);
-                self.count_passive_failure(*backend);
-            }
+        for (listener, backend) in unanswered {
+            // The backend left a request unanswered: a passive failure signal.
+            self.stats.listeners[listener as usize]
+                .reply_timeouts
+                .add(1);
+            self.count_passive_failure(backend);
+        }
+        for (key, client) in &closed {
             self.on_closed(key, *client, CloseReason::Idle, now);
         }
         if !closed.is_empty() {
@@ -1546,6 +1633,70 @@ fn send_train(
             Ok(sent)
         }
         other => other,
+    }
+}
+
+/// Sends `head` (a PROXY header, or empty) and `data` as one datagram, or `data` as a GRO train
+/// of `segment_size` segments, to `dest` (`None`: the connected peer).
+#[inline]
+fn send_datagram(
+    fd: std::os::fd::BorrowedFd<'_>,
+    head: &[u8],
+    data: &[u8],
+    segment_size: Option<u16>,
+    dest: Option<SocketAddr>,
+) -> io::Result<usize> {
+    if !head.is_empty() {
+        udplb_sys::batch::send_two(fd, head, data, dest)
+    } else if let Some(size) = segment_size {
+        send_train(fd, data, size, dest)
+    } else if let Some(dest) = dest {
+        udplb_sys::batch::send_to(fd, data, dest)
+    } else {
+        udplb_sys::batch::send(fd, data)
+    }
+}
+
+/// Turns on error reporting for an unconnected upstream socket.
+fn reporting_errors(socket: UdpSocket) -> io::Result<UdpSocket> {
+    udplb_sys::socket::report_errors(&socket)?;
+    Ok(socket)
+}
+
+/// Whether an `errno` says a backend (or the way to it) refused a datagram: ICMP port, host
+/// or network unreachable.
+fn is_refusal(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN
+    )
+}
+
+/// Whether a failed send or receive on an upstream socket is a refusal ([`is_refusal`]).
+fn refused(e: &io::Error) -> bool {
+    e.raw_os_error().is_some_and(is_refusal)
+}
+
+/// The destinations an upstream socket's error queue reported refused, read in one go.
+#[derive(Default)]
+struct Refusals {
+    addrs: [Option<SocketAddr>; Refusals::CAPACITY],
+    len: usize,
+}
+
+impl Refusals {
+    /// Errors read from one socket's queue per call (a later call reads the rest).
+    const CAPACITY: usize = 16;
+
+    fn push(&mut self, addr: SocketAddr) {
+        if let Some(slot) = self.addrs.get_mut(self.len) {
+            *slot = Some(addr);
+            self.len += 1;
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.addrs[..self.len].iter().flatten().copied()
     }
 }
 

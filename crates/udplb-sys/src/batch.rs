@@ -629,6 +629,104 @@ pub fn send_segments(fd: BorrowedFd<'_>, data: &[u8], segment_size: u16) -> io::
     })
 }
 
+/// An error the kernel queued on a socket with [`crate::socket::report_errors`] set: what went
+/// wrong with a datagram sent earlier, and where that datagram was going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueuedError {
+    /// The datagram's destination.
+    pub destination: SocketAddr,
+    /// The error, as an `errno` value (`ECONNREFUSED` for ICMP port unreachable,
+    /// `EHOSTUNREACH`, `ENETUNREACH`, `EMSGSIZE`, ...).
+    pub errno: i32,
+    /// Whether an ICMP message from the network reported it (rather than the local stack).
+    pub from_icmp: bool,
+}
+
+/// Reads up to `limit` errors from a socket's error queue (`MSG_ERRQUEUE`) without blocking
+/// and hands each to `on_error`. Returns how many were read (fewer than `limit`: the queue is
+/// empty). Only called when the kernel said a send failed, never per datagram.
+pub fn read_errors(
+    fd: BorrowedFd<'_>,
+    limit: usize,
+    mut on_error: impl FnMut(QueuedError),
+) -> io::Result<usize> {
+    const SPACE: usize = 256;
+    #[repr(C, align(8))]
+    struct Space([u8; SPACE]);
+    let mut read = 0;
+    while read < limit {
+        let mut control = Space([0; SPACE]);
+        let mut storage = sockaddr::zeroed();
+        let mut byte = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: byte.len(),
+        };
+        // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control data).
+        let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+        msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = SPACE as _;
+        let got = retry(|| {
+            // SAFETY: `msg` points at `storage`, `iov` (one writable byte) and `control`, all
+            // live and writable for the lengths given, outliving the call.
+            unsafe {
+                libc::recvmsg(
+                    fd.as_raw_fd(),
+                    &mut msg,
+                    libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT,
+                )
+            }
+        });
+        match got {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(read),
+            Err(e) => return Err(e),
+        }
+        read += 1;
+        let Some(destination) = sockaddr::read(&storage, msg.msg_namelen) else {
+            continue;
+        };
+        if let Some(err) = extended_error(&msg) {
+            on_error(QueuedError {
+                destination,
+                errno: err.ee_errno as i32,
+                from_icmp: matches!(
+                    err.ee_origin,
+                    libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
+                ),
+            });
+        }
+    }
+    Ok(read)
+}
+
+/// The `sock_extended_err` of an error-queue message.
+fn extended_error(msg: &libc::msghdr) -> Option<libc::sock_extended_err> {
+    // SAFETY: `msg` was filled by recvmsg: its control pointer and length describe the control
+    // messages the kernel wrote, which CMSG_FIRSTHDR/CMSG_NXTHDR walk within bounds; a
+    // matching message carries a sock_extended_err at CMSG_DATA, read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            let recverr = (c.cmsg_level == libc::SOL_IP && c.cmsg_type == libc::IP_RECVERR)
+                || (c.cmsg_level == libc::SOL_IPV6 && c.cmsg_type == libc::IPV6_RECVERR);
+            let len = libc::CMSG_LEN(mem::size_of::<libc::sock_extended_err>() as u32) as usize;
+            if recverr && c.cmsg_len as usize >= len {
+                return Some(ptr::read_unaligned(
+                    libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>(),
+                ));
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    None
+}
+
 /// Receives one datagram into `buf` without blocking. Returns the datagram's **real** length
 /// (`MSG_TRUNC`), which exceeds `buf.len()` when it did not fit, and its sender.
 pub fn recv_from(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {

@@ -31,8 +31,9 @@ pub struct ListenerOptions {
 /// On a wildcard address (`0.0.0.0`, `[::]`) sets `IP_PKTINFO` (or `IPV6_RECVPKTINFO`) so every
 /// datagram reports the address it was sent to ([`crate::batch::RecvMeta::local`]); a listener
 /// bound to one address knows it, and skips the control message (about 50 ns of kernel work
-/// per datagram received). Sets `IPV6_V6ONLY` so `[::]` and `0.0.0.0` are separate listeners, and `IP_FREEBIND` so a virtual address that is
-/// not (yet) configured, as with a VRRP address on a backup balancer, can be bound.
+/// per datagram received). Sets `IPV6_V6ONLY` so `[::]` and `0.0.0.0` are separate listeners,
+/// and `IP_FREEBIND` so a virtual address that is not (yet) configured, as with a VRRP address
+/// on a backup balancer, can be bound.
 pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<UdpSocket> {
     let socket = nonblocking_udp(addr)?;
     if opts.reuse_port {
@@ -126,6 +127,19 @@ fn unspecified_like(addr: SocketAddr) -> SocketAddr {
         SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
     SocketAddr::new(ip, 0)
+}
+
+/// Asks the kernel to report errors of datagrams sent on an unconnected socket (`IP_RECVERR`
+/// / `IPV6_RECVERR`): an ICMP port unreachable for any destination then fails the socket's next
+/// receive or send once (`ECONNREFUSED`) and queues the details, destination included, for
+/// [`crate::batch::read_errors`]. Without it an unconnected socket never hears of them.
+pub fn report_errors(socket: &UdpSocket) -> io::Result<()> {
+    if socket.local_addr()?.is_ipv4() {
+        setsockopt(socket, sockopt::Ipv4RecvErr, &true)?;
+    } else {
+        setsockopt(socket, sockopt::Ipv6RecvErr, &true)?;
+    }
+    Ok(())
 }
 
 /// The receive and send buffer sizes a socket has, in the unit `SO_RCVBUF`/`SO_SNDBUF` are set
@@ -514,6 +528,52 @@ mod tests {
                 }
                 other => panic!("expected ECONNREFUSED, got {other:?}"),
             }
+        }
+    }
+
+    /// An unconnected socket hears of a refusal only with `report_errors`: the next call fails
+    /// once, and the error queue names the refused destination, so a refusal is attributed to
+    /// the right backend; once the queue is read, sends to other destinations go out again.
+    #[test]
+    fn unconnected_socket_reports_which_destination_refused() {
+        for ip in ["127.0.0.1", "::1"] {
+            let Ok(open) = UdpSocket::bind((ip, 0)) else {
+                continue; // no IPv6 loopback here
+            };
+            open.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let closed = UdpSocket::bind((ip, 0)).unwrap().local_addr().unwrap();
+            let up = upstream_socket(closed, false, None, None).unwrap();
+            report_errors(&up).unwrap();
+            crate::batch::send_to(up.as_fd(), b"anyone?", closed).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut buf = [0u8; 16];
+            loop {
+                match recv_from(up.as_fd(), &mut buf) {
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    other => panic!("{ip}: expected ECONNREFUSED, got {other:?}"),
+                }
+            }
+            let mut seen = Vec::new();
+            let n = crate::batch::read_errors(up.as_fd(), 8, |e| seen.push(e)).unwrap();
+            assert_eq!(n, 1, "{ip}");
+            assert_eq!(
+                seen,
+                [crate::batch::QueuedError {
+                    destination: closed,
+                    errno: libc::ECONNREFUSED,
+                    from_icmp: true,
+                }]
+            );
+            // The queue is empty now, and a datagram to a live destination goes out.
+            assert_eq!(crate::batch::read_errors(up.as_fd(), 8, |_| {}).unwrap(), 0);
+            crate::batch::send_to(up.as_fd(), b"hello", open.local_addr().unwrap()).unwrap();
+            let (n, _) = open.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"hello");
         }
     }
 

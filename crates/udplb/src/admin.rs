@@ -182,8 +182,8 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
 /// Where a new flow of `client` on listener `li` would go, and why. Flows already established
 /// keep their backend; this answers for a new one.
 pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketAddr) -> Value {
-    use udplb_core::hash::ClientKey;
     use udplb_core::SchedulerKind;
+    use udplb_core::hash::ClientKey;
     use udplb_core::sched::{PickInput, pick};
     let l = &snap.listeners[li];
     let pool = &snap.pools[l.pool];

@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use udplb_config::{Admin, Config, ListenerConfig, PoolConfig, Runtime};
+use udplb_config::{
+    Admin, Config, Expect, HealthCheck, ListenerConfig, PoolConfig, Probe, Runtime,
+};
+use udplb_core::health::{Initial, Thresholds};
 use udplb_core::{Affinity, BackendSpec, SchedulerKind, SessionMode};
 
 /// Exit code for an invalid configuration (sysexits' EX_CONFIG).
@@ -101,8 +104,31 @@ struct OneLiner {
     /// Replies expected per request in request-response mode.
     #[arg(long, default_value_t = udplb_config::defaults::RESPONSES)]
     responses: u32,
-    /// Scheduler: round-robin, weighted-round-robin, random, weighted-random, least-flows,
-    /// power-of-two, maglev, rendezvous.
+    /// Request-response mode: a request left unanswered this long counts as a passive failure
+    /// of its backend (e.g. 2s, 500ms).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    reply_timeout: Option<Duration>,
+    // The help text is not a doc comment: its brackets are not links.
+    #[arg(
+        long,
+        value_name = "CHECK",
+        default_value = "none",
+        value_parser = parse_check,
+        help = "Active health check of every backend: udp (the port is not refused), udp:TEXT \
+                (TEXT gets a reply), dns:NAME (a DNS query for NAME answers NOERROR), \
+                tcp[:PORT] (a TCP connect), http:[//HOST][:PORT]/PATH (a GET answers 2xx/3xx), \
+                or none. Backends are watched passively in any case."
+    )]
+    check: CheckArg,
+    /// Time between two active checks of a backend.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    check_interval: Option<Duration>,
+    /// Refused datagrams or unanswered requests in a row that take a backend out of rotation
+    /// (0: never).
+    #[arg(long, value_name = "N", default_value_t = udplb_config::defaults::PASSIVE_FALL)]
+    passive_fall: u32,
+    /// Scheduler (every one honours weights): round-robin (smooth weighted), random,
+    /// least-flows, power-of-two, maglev, rendezvous.
     #[arg(long, default_value = "round-robin", value_parser = parse_scheduler)]
     scheduler: SchedulerKind,
     /// What makes a client sticky: ip-port or ip.
@@ -245,6 +271,9 @@ impl OneLiner {
         };
         let mut listener = ListenerConfig::new("default".into(), listen, "default".into());
         listener.mode = mode;
+        if let Some(t) = self.reply_timeout {
+            listener.reply_timeout = t;
+        }
         listener.affinity = self.affinity;
         listener.idle_timeout = self.idle_timeout;
         listener.max_flows = self.max_flows;
@@ -265,13 +294,123 @@ impl OneLiner {
                 allow_changes: self.admin_allow_changes,
             }),
             listeners: vec![listener],
-            pools: vec![PoolConfig::new(
-                "default".into(),
-                self.scheduler,
-                self.backends.into_iter().map(|b| b.0.into()).collect(),
-            )],
+            pools: vec![PoolConfig {
+                health: Some(
+                    self.check
+                        .into_health(self.check_interval, self.passive_fall),
+                ),
+                ..PoolConfig::new(
+                    "default".into(),
+                    self.scheduler,
+                    self.backends.into_iter().map(|b| b.0.into()).collect(),
+                )
+            }],
         }
     }
+
+    /// Options that mean nothing with the others given: an error, as in a file.
+    fn contradictions(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.reply_timeout.is_some() && !matches!(self.mode, ModeArg::RequestResponse) {
+            out.push("--reply-timeout: only applies to --mode request-response".to_string());
+        }
+        if self.check_interval.is_some() && self.check.probe == Probe::None {
+            out.push("--check-interval: needs an active check (--check)".to_string());
+        }
+        out
+    }
+}
+
+/// `--check`: the one-liner's active health check.
+#[derive(Clone, Debug)]
+struct CheckArg {
+    probe: Probe,
+    /// Check this port instead of the backend's.
+    port: Option<u16>,
+}
+
+impl CheckArg {
+    /// The pool's health table: this check (if any) and the passive thresholds.
+    fn into_health(self, interval: Option<Duration>, passive_fall: u32) -> HealthCheck {
+        let interval = interval.unwrap_or(udplb_config::defaults::CHECK_INTERVAL);
+        HealthCheck {
+            probe: self.probe,
+            interval,
+            timeout: udplb_config::defaults::CHECK_TIMEOUT.min(interval),
+            jitter: interval / 10,
+            thresholds: Thresholds {
+                passive_fall,
+                ..udplb_config::defaults::THRESHOLDS
+            },
+            initial: Initial::default(),
+            port: self.port,
+        }
+    }
+}
+
+fn parse_check(s: &str) -> Result<CheckArg, String> {
+    let (kind, arg) = match s.split_once(':') {
+        Some((kind, arg)) => (kind, Some(arg)),
+        None => (s, None),
+    };
+    let probe = |probe| CheckArg { probe, port: None };
+    match (kind, arg) {
+        ("none", None) => Ok(probe(Probe::None)),
+        ("udp", None) => Ok(probe(Probe::Reachable)),
+        ("udp", Some(text)) if !text.is_empty() => Ok(probe(Probe::Udp {
+            send: text.as_bytes().to_vec(),
+            expect: Expect::Anything,
+        })),
+        ("dns", Some(name)) if !name.is_empty() && name.is_ascii() => Ok(probe(Probe::Dns {
+            name: name.to_string(),
+            qtype: "A".into(),
+            rcode: "NOERROR".into(),
+            answer: None,
+        })),
+        ("tcp", None) => Ok(probe(Probe::Tcp)),
+        ("tcp", Some(port)) => Ok(CheckArg {
+            probe: Probe::Tcp,
+            port: Some(parse_port(port)?),
+        }),
+        ("http", Some(url)) => parse_http_check(url),
+        _ => Err(format!(
+            "{s:?}: expected udp, udp:TEXT, dns:NAME, tcp[:PORT], http:[//HOST][:PORT]/PATH or none"
+        )),
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    s.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?} is not a port (1-65535)"))
+}
+
+/// `http:[//HOST][:PORT]/PATH` (also `http:PORT/PATH`): a GET of PATH on PORT (80) of every
+/// backend's address, with HOST (default: the backend's address) as Host header.
+fn parse_http_check(url: &str) -> Result<CheckArg, String> {
+    let rest = url.strip_prefix("//").unwrap_or(url);
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (host, Some(parse_port(port)?)),
+        // `http:8080/health`: a port alone.
+        None if !authority.is_empty() && authority.bytes().all(|b| b.is_ascii_digit()) => {
+            ("", Some(parse_port(authority)?))
+        }
+        None => (authority, None),
+    };
+    Ok(CheckArg {
+        probe: Probe::Http {
+            path: path.to_string(),
+            host: (!host.is_empty()).then(|| host.to_string()),
+            status: (200, 399),
+            body_contains: None,
+        },
+        port: Some(port.unwrap_or(80)),
+    })
 }
 
 /// Runs the command the user asked for.
@@ -317,6 +456,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         None => {
+            let contradictions = cli.oneliner.contradictions();
+            if !contradictions.is_empty() {
+                for e in contradictions {
+                    eprintln!("udplb: {e}");
+                }
+                return Ok(ExitCode::from(EX_CONFIG));
+            }
             let cfg = cli.oneliner.into_config();
             if let Err(errors) = cfg.validate() {
                 for e in errors {
@@ -353,6 +499,61 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(errors) => {
             eprint!("{errors}");
             ExitCode::from(EX_CONFIG)
+        }
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    #[test]
+    fn every_check_form_parses_to_its_probe() {
+        let probe = |s: &str| parse_check(s).map(|c| (c.probe, c.port));
+        assert_eq!(probe("none"), Ok((Probe::None, None)));
+        assert_eq!(probe("udp"), Ok((Probe::Reachable, None)));
+        assert_eq!(
+            probe("udp:ping"),
+            Ok((
+                Probe::Udp {
+                    send: b"ping".to_vec(),
+                    expect: Expect::Anything
+                },
+                None
+            ))
+        );
+        assert!(
+            matches!(probe("dns:www.example.com"), Ok((Probe::Dns { name, .. }, None)) if name == "www.example.com")
+        );
+        assert_eq!(probe("tcp"), Ok((Probe::Tcp, None)));
+        assert_eq!(probe("tcp:8053"), Ok((Probe::Tcp, Some(8053))));
+        let http = |s: &str| match probe(s) {
+            Ok((Probe::Http { path, host, .. }, port)) => (path, host, port),
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(
+            http("http://:8080/health"),
+            ("/health".into(), None, Some(8080))
+        );
+        assert_eq!(
+            http("http:8080/health"),
+            ("/health".into(), None, Some(8080))
+        );
+        assert_eq!(
+            http("http://lb.example:81/"),
+            ("/".into(), Some("lb.example".into()), Some(81))
+        );
+        assert_eq!(http("http:/status"), ("/status".into(), None, Some(80)));
+        for bad in [
+            "dns",
+            "dns:",
+            "tcp:0",
+            "tcp:http",
+            "udp:",
+            "icmp",
+            "http:host:x/",
+        ] {
+            assert!(parse_check(bad).is_err(), "{bad}");
         }
     }
 }

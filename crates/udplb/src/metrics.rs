@@ -178,10 +178,13 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
     let mut f_cap = Family::gauge("flow_capacity", "Flow cap of the listener over all workers");
     let mut f_created = Family::counter("flows_created", "Flows created");
     let mut f_closed = Family::counter("flows_closed", "Flows closed, by reason");
-    let mut f_refused = Family::counter("backend_refused", "ICMP port unreachable from backends");
+    let mut f_refused = Family::counter(
+        "backend_refused",
+        "Datagrams refused by backends (ICMP port, host or network unreachable)",
+    );
     let mut f_timeouts = Family::counter(
         "reply_timeouts",
-        "Request-response flows that idled out with replies owed",
+        "Requests a backend left unanswered for the reply timeout (request-response mode)",
     );
     let mut f_abuse = Family::counter(
         "abuse_diverted",

@@ -39,6 +39,7 @@ pub fn snapshot_of(
             mode: l.mode,
             affinity: l.affinity,
             idle_timeout: l.idle_timeout,
+            reply_timeout: l.reply_timeout,
             max_flows: l.max_flows,
             max_datagram_size: l.max_datagram_size,
             acl: Acl::new(&l.allow, &l.deny),

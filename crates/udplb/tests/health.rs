@@ -565,11 +565,13 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
 }
 
 /// In request-response mode, requests a backend never answers are passive failures: a backend
-/// whose TCP check still passes is ejected after `passive_fall` unanswered requests.
+/// whose TCP check still passes is ejected after `passive_fall` unanswered requests, and its
+/// traffic goes to the backup (passive signals never take a pool's last up backend out).
 #[test]
 fn unanswered_requests_eject_a_backend_between_checks() {
     let dir = scratch("silent");
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap(); // receives, never answers
+    let backup = Backend::start("127.0.0.1", "backup");
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let health = format!(
         "check = \"tcp\"\nport = {}\ninterval = \"1s\"\ntimeout = \"500ms\"\nrise = 100\nfall = 100\npassive_fall = 2",
@@ -581,9 +583,11 @@ fn unanswered_requests_eject_a_backend_between_checks() {
         .unwrap();
     let cfg = format!(
         "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-         mode = \"request-response\"\nidle_timeout = \"200ms\"\n[pools.p]\nbackends = [\"{}\"]\n\
+         mode = \"request-response\"\nidle_timeout = \"200ms\"\n[pools.p]\n\
+         backends = [\"{}\", {{ address = \"{}\", backup = true }}]\n\
          [pools.p.health]\n{health}\n",
-        silent.local_addr().unwrap()
+        silent.local_addr().unwrap(),
+        backup.addr
     );
     let path = dir.join("udplb.toml");
     std::fs::write(&path, cfg).unwrap();
@@ -606,6 +610,8 @@ fn unanswered_requests_eject_a_backend_between_checks() {
         lb.stats()["pools"][0]["backends"][0]["passive_failures"].as_u64(),
         Some(2)
     );
+    let c = client("127.0.0.1:0");
+    assert_eq!(request(&c, listen, b"hi").0, b"backup:hi");
     drop(tcp);
 }
 

@@ -49,6 +49,7 @@ const KIND_KEYS: &[(&str, &[&str])] = &[
     ("tcp", &[]),
     ("http", &["path", "host", "status", "body_contains"]),
     ("exec", &["command"]),
+    ("none", &[]),
 ];
 
 /// Whether `key` belongs to one kind of check only (`send`, `name`, `path`, `command`, …).
@@ -71,6 +72,7 @@ impl Reader<'_> {
         let kind = self.required(t, key, "check", |r, k, v| r.named(k, v, check_kind))?;
         self.reject_other_kinds_keys(key, t, kind);
         let probe = match kind {
+            "none" => Probe::None,
             "udp" => self.udp_probe(key, t)?,
             "dns" => self.dns_probe(key, t)?,
             "tcp" => Probe::Tcp,
@@ -140,16 +142,34 @@ impl Reader<'_> {
                 );
                 return None;
             }
+            (None, None) => return self.reachability_probe(key, t),
             _ => {
                 self.error_key(
                     &join(key, "send"),
-                    "a udp check needs a non-empty send or send_hex".into(),
+                    "must not be empty (leave send out to check only that the port is open)".into(),
                 );
                 return None;
             }
         };
         let expect = self.udp_expect(key, t)?;
         Some(Probe::Udp { send, expect })
+    }
+
+    /// A udp check without `send`: the port is open (no refusal), whatever the service
+    /// answers; an `expect` key would never be used.
+    fn reachability_probe(&mut self, key: &str, t: &DeTable<'_>) -> Option<Probe> {
+        for k in ["expect", "expect_hex", "expect_regex"] {
+            if t.get(k).is_some() {
+                self.error_key(
+                    &join(key, k),
+                    "needs send or send_hex (without them the check only sends an empty \
+                     datagram and expects no reply)"
+                        .into(),
+                );
+                return None;
+            }
+        }
+        Some(Probe::Reachable)
     }
 
     fn udp_expect(&mut self, key: &str, t: &DeTable<'_>) -> Option<Expect> {
@@ -321,10 +341,10 @@ impl Reader<'_> {
 }
 
 fn check_kind(s: &str) -> Result<&'static str, &'static str> {
-    ["udp", "dns", "tcp", "http", "exec"]
+    ["udp", "dns", "tcp", "http", "exec", "none"]
         .into_iter()
         .find(|k| *k == s)
-        .ok_or("expected one of: udp, dns, tcp, http, exec")
+        .ok_or("expected one of: udp, dns, tcp, http, exec, none")
 }
 
 fn parse_initial(s: &str) -> Result<Initial, &'static str> {

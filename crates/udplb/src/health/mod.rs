@@ -1,9 +1,16 @@
 //! Health checking: active checks per backend, passive signals from the data plane, and the
 //! resulting up/down state published to the workers through the same snapshot swap as config.
 //!
-//! Owns: one checker task per checked backend ([`probe`]), the [`Monitor`] that turns results
-//! into state with [`udplb_core::health::Tracker`] and pool quorum, the notify hooks
-//! ([`notify`]) and the per-backend check counters the admin endpoint shows.
+//! Every backend is watched passively (refused datagrams, unanswered requests, replies), with
+//! or without an active check: a backend that fails real traffic `passive_fall` times in a row
+//! is taken out for a hold-down that doubles with each ejection in a row. An active check, if
+//! there is one, brings it back after the hold-down; without one, a recovery probe does (an
+//! empty datagram that must not be refused).
+//!
+//! Owns: one checker task per actively checked backend ([`probe`]), the recovery probes, the
+//! [`Monitor`] that turns results into state with [`udplb_core::health::Tracker`] and pool
+//! quorum, the notify hooks ([`notify`]) and the per-backend check counters the admin endpoint
+//! shows.
 //! Must not: touch datagrams or block the data plane; logs only on state flips.
 
 mod dns;
@@ -19,14 +26,16 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
 use udplb_config::{Config, HealthCheck};
-use udplb_core::health::{Health, QuorumState, Tracker};
+use udplb_core::Time;
+use udplb_core::health::{Health, Initial, Passive, QuorumState, Tracker};
 use udplb_core::snapshot::Snapshot;
 use udplb_dataplane::WorkerStats;
 
 use crate::plan::{HealthView, snapshot_of};
 use notify::Event;
 
-/// How often passive signals (refused datagrams) are collected from the workers.
+/// How often passive signals (refused datagrams, unanswered requests, replies) are collected
+/// from the workers, and recovery probes started.
 const PASSIVE_POLL: Duration = Duration::from_millis(100);
 
 /// What the admin endpoint shows of one backend's health.
@@ -37,6 +46,9 @@ pub struct BackendStatus {
     pub checks_ok: u64,
     pub checks_failed: u64,
     pub passive_failures: u64,
+    /// Passive ejections in a row; the backend is held down for 1 s, 2 s, 4 s, ... (at most
+    /// 60 s) after each.
+    pub passive_ejections: u64,
     pub last_check_us: Option<u64>,
     pub last_error: Option<String>,
     /// Durations of every active check (exported in /metrics, not in the JSON status).
@@ -47,11 +59,12 @@ pub struct BackendStatus {
 /// Health of every pool's backends, for the admin endpoint.
 pub type Status = Arc<Mutex<Vec<Vec<BackendStatus>>>>;
 
-/// Backend state by pool and backend index; a backend without a check has no tracker (up).
-pub struct Trackers(Vec<Vec<Option<Tracker>>>);
+/// Backend state by pool and backend index, for every backend (actively checked or not).
+pub struct Trackers(Vec<Vec<Tracker>>);
 
 impl Trackers {
-    /// Every checked backend in its configured initial state.
+    /// Every backend in its initial state: actively checked ones as configured (down until
+    /// the first check passes, by default), the others up.
     pub fn initial(cfg: &Config) -> Trackers {
         Trackers(
             cfg.pools
@@ -59,7 +72,7 @@ impl Trackers {
                 .map(|p| {
                     p.backends
                         .iter()
-                        .map(|b| b.check(p).map(|h| Tracker::new(h.initial)))
+                        .map(|b| Tracker::new(b.active_check(p).map_or(Initial::Up, |h| h.initial)))
                         .collect()
                 })
                 .collect(),
@@ -70,17 +83,18 @@ impl Trackers {
         (0..total).filter(|&b| self.is_up(pool, b)).count()
     }
 
+    fn get(&self, pool: usize, backend: usize) -> Option<&Tracker> {
+        self.0.get(pool)?.get(backend)
+    }
+
     fn get_mut(&mut self, pool: usize, backend: usize) -> Option<&mut Tracker> {
-        self.0.get_mut(pool)?.get_mut(backend)?.as_mut()
+        self.0.get_mut(pool)?.get_mut(backend)
     }
 }
 
 impl HealthView for Trackers {
     fn is_up(&self, pool: usize, backend: usize) -> bool {
-        self.0[pool]
-            .get(backend)
-            .copied()
-            .flatten()
+        self.get(pool, backend)
             .is_none_or(|t| t.state() == Health::Up)
     }
 }
@@ -104,11 +118,16 @@ fn fresh_status(cfg: &Config, trackers: &Trackers) -> Vec<Vec<BackendStatus>> {
         .collect()
 }
 
-/// Backends without a check never report; they count as reported for quorum.
+/// Backends without an active check never report; they count as reported for quorum.
 fn unchecked_as_reported(cfg: &Config) -> Vec<Vec<bool>> {
     cfg.pools
         .iter()
-        .map(|p| p.backends.iter().map(|b| b.check(p).is_none()).collect())
+        .map(|p| {
+            p.backends
+                .iter()
+                .map(|b| b.active_check(p).is_none())
+                .collect()
+        })
         .collect()
 }
 
@@ -119,6 +138,8 @@ struct CheckResult {
     epoch: u64,
     pool: usize,
     backend: usize,
+    /// A recovery probe of a backend without an active check (else an active check).
+    recovery: bool,
     latency: Duration,
     outcome: Result<(), String>,
 }
@@ -152,8 +173,12 @@ pub struct Monitor {
     shared: Arc<ArcSwap<Snapshot>>,
     status: Status,
     workers: Vec<Arc<WorkerStats>>,
-    /// Refused datagrams per backend id already accounted for.
-    refused_seen: Vec<u64>,
+    /// Passive failures and replies per backend id already accounted for.
+    passive_seen: Vec<(u64, u64)>,
+    /// Backends (pool, backend index) with a recovery probe under way.
+    probing: std::collections::HashSet<(usize, usize)>,
+    /// The origin of the monitor's [`Time`].
+    clock: Instant,
     /// Backends with at least one check result, per pool; a pool's quorum is known (and its
     /// changes notified) only once all of them reported, so startup fires no quorum event.
     reported: Vec<Vec<bool>>,
@@ -183,9 +208,16 @@ impl Monitor {
             shared,
             status: Arc::new(Mutex::new(status)),
             workers,
-            refused_seen: Vec::new(),
+            passive_seen: Vec::new(),
+            probing: std::collections::HashSet::new(),
+            clock: Instant::now(),
             reported,
         }
+    }
+
+    /// The monitor's clock, as the core's [`Time`].
+    fn now(&self) -> Time {
+        Time(self.clock.elapsed().as_millis() as u64)
     }
 
     /// The status the admin endpoint reads.
@@ -205,7 +237,10 @@ impl Monitor {
                         self.apply(result);
                     }
                 }
-                _ = passive.tick() => self.collect_passive(),
+                _ = passive.tick() => {
+                    self.collect_passive();
+                    self.start_recovery_probes();
+                }
                 Some(command) = commands.recv() => match command {
                     Command::Reload(cfg) => self.reload(cfg),
                     Command::StopAdmitting => {
@@ -223,7 +258,9 @@ impl Monitor {
     fn start_checkers(&mut self) {
         for (pi, pool) in self.cfg.pools.iter().enumerate() {
             for (bi, b) in pool.backends.iter().enumerate() {
-                let Some(check) = b.check(pool) else { continue };
+                let Some(check) = b.active_check(pool) else {
+                    continue;
+                };
                 let ready = match probe::Ready::new(&check.probe) {
                     Ok(r) => Arc::new(r),
                     Err(e) => {
@@ -296,6 +333,7 @@ impl Monitor {
         (self.reported, self.quorum, self.quorum_known) = (reported, quorum, quorum_known);
         self.epoch += 1;
         self.checkers.abort_all();
+        self.probing.clear();
         self.start_checkers();
         self.publish();
         tracing::info!(
@@ -305,11 +343,15 @@ impl Monitor {
     }
 
     fn apply(&mut self, r: CheckResult) {
+        if r.recovery {
+            return self.apply_recovery(r);
+        }
         let pool = &self.cfg.pools[r.pool];
-        let Some(check) = pool.backends[r.backend].check(pool) else {
+        let Some(check) = pool.backends[r.backend].active_check(pool) else {
             return;
         };
         let thresholds = check.thresholds;
+        let now = self.now();
         self.update_status(r.pool, r.backend, |s| {
             match &r.outcome {
                 Ok(()) => s.checks_ok += 1,
@@ -325,7 +367,7 @@ impl Monitor {
         let flip = self
             .trackers
             .get_mut(r.pool, r.backend)
-            .and_then(|t| t.record(r.outcome.is_ok(), thresholds));
+            .and_then(|t| t.record(r.outcome.is_ok(), now, thresholds));
         if let Some(state) = flip {
             self.on_flip(r.pool, r.backend, state, r.outcome.err().as_deref());
         }
@@ -346,46 +388,115 @@ impl Monitor {
         }
     }
 
-    /// Feeds the passive failure signals counted by the workers (refused datagrams, and
-    /// request-response flows that idled out unanswered) to the trackers.
+    /// A recovery probe's result: a backend without an active check, passively ejected, comes
+    /// back when its port is no longer refused.
+    fn apply_recovery(&mut self, r: CheckResult) {
+        self.probing.remove(&(r.pool, r.backend));
+        let now = self.now();
+        self.update_status(r.pool, r.backend, |s| {
+            let us = r.latency.as_micros() as u64;
+            s.last_check_us = Some(us);
+            if let Err(e) = &r.outcome {
+                s.last_error = Some(format!("recovery probe: {e}"));
+            }
+        });
+        let flip = self
+            .trackers
+            .get_mut(r.pool, r.backend)
+            .and_then(|t| t.record_recovery(r.outcome.is_ok(), now));
+        self.show_ejections(r.pool, r.backend);
+        if let Some(state) = flip {
+            self.on_flip(r.pool, r.backend, state, None);
+        }
+    }
+
+    /// Starts a recovery probe of every backend without an active check whose passive
+    /// hold-down is over.
+    fn start_recovery_probes(&mut self) {
+        let now = self.now();
+        for (pi, pool) in self.cfg.pools.iter().enumerate() {
+            for (bi, b) in pool.backends.iter().enumerate() {
+                let due = self
+                    .trackers
+                    .get(pi, bi)
+                    .is_some_and(|t| t.recovery_due(now));
+                if !due || b.active_check(pool).is_some() || !self.probing.insert((pi, bi)) {
+                    continue;
+                }
+                let result = CheckResult {
+                    epoch: self.epoch,
+                    pool: pi,
+                    backend: bi,
+                    recovery: true,
+                    latency: Duration::ZERO,
+                    outcome: Ok(()),
+                };
+                let timeout = b.recovery_timeout(pool);
+                let target = b.spec.addr;
+                let results = self.results.0.clone();
+                self.checkers.spawn(async move {
+                    let started = Instant::now();
+                    let outcome = probe::reachable(target, timeout).await;
+                    let latency = started.elapsed();
+                    let _ = results
+                        .send(CheckResult {
+                            latency,
+                            outcome,
+                            ..result
+                        })
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// Feeds what the workers saw of each backend since the last call (passive failures:
+    /// refused datagrams and unanswered requests; replies) to its tracker.
     fn collect_passive(&mut self) {
         let snap = self.shared.load_full();
-        let refused = udplb_dataplane::passive_failures_by_backend(&self.workers);
-        self.refused_seen.resize(refused.len(), 0);
+        let failures = udplb_dataplane::passive_failures_by_backend(&self.workers);
+        let replies = udplb_dataplane::replies_by_backend(&self.workers);
+        self.passive_seen.resize(failures.len(), (0, 0));
+        let now = self.now();
+        let cfg = Arc::clone(&self.cfg);
         for (pi, pool) in snap.pools.iter().enumerate() {
+            let Some(cfg_pool) = cfg.pools.get(pi) else {
+                continue;
+            };
             for (bi, b) in pool.backends.iter().enumerate() {
-                let cfg_pool = &self.cfg.pools[pi];
-                let Some(thresholds) = cfg_pool
-                    .backends
-                    .get(bi)
-                    .and_then(|cb| cb.check(cfg_pool))
-                    .map(|h| h.thresholds)
-                else {
+                let Some(cfg_backend) = cfg_pool.backends.get(bi) else {
                     continue;
                 };
                 let id = b.id.index();
-                let Some(&now) = refused.get(id) else {
+                let (Some(&failed), Some(&answered)) = (failures.get(id), replies.get(id)) else {
                     continue;
                 };
-                let new = now.saturating_sub(std::mem::replace(&mut self.refused_seen[id], now));
-                if new == 0 {
-                    continue;
+                let (failed_before, answered_before) =
+                    std::mem::replace(&mut self.passive_seen[id], (failed, answered));
+                let seen = Passive {
+                    failures: failed.saturating_sub(failed_before),
+                    answered: answered > answered_before,
+                };
+                if seen.failures > 0 {
+                    self.update_status(pi, bi, |s| s.passive_failures += seen.failures);
                 }
-                self.update_status(pi, bi, |s| s.passive_failures += new);
-                for _ in 0..new {
-                    let flip = self
-                        .trackers
-                        .get_mut(pi, bi)
-                        .and_then(|t| t.record_passive_failure(thresholds));
-                    if let Some(state) = flip {
-                        self.on_flip(
-                            pi,
-                            bi,
-                            state,
-                            Some("passive: refused datagrams or unanswered requests"),
-                        );
-                        break;
-                    }
+                let mut thresholds = cfg_backend.thresholds(cfg_pool);
+                if self.is_last_up(pi, bi) {
+                    // Its traffic would have nowhere else to go: passive signals never take the
+                    // last up backend of a pool out (an active check still can).
+                    thresholds.passive_fall = 0;
+                }
+                let flip = self
+                    .trackers
+                    .get_mut(pi, bi)
+                    .and_then(|t| t.record_passive(seen, now, thresholds));
+                self.show_ejections(pi, bi);
+                if let Some(state) = flip {
+                    let reason = format!(
+                        "passive: {} refused datagrams or unanswered requests in a row",
+                        thresholds.passive_fall
+                    );
+                    self.on_flip(pi, bi, state, Some(&reason));
                 }
             }
         }
@@ -446,6 +557,18 @@ impl Monitor {
         self.shared.store(Arc::new(next));
     }
 
+    /// Whether backend `bi` is the only one of pool `pi` that is up.
+    fn is_last_up(&self, pi: usize, bi: usize) -> bool {
+        let total = self.cfg.pools[pi].backends.len();
+        self.trackers.is_up(pi, bi) && self.trackers.up_count(pi, total) == 1
+    }
+
+    /// Copies a backend's run of passive ejections into its status.
+    fn show_ejections(&self, pi: usize, bi: usize) {
+        let ejections = self.trackers.get(pi, bi).map_or(0, Tracker::ejections);
+        self.update_status(pi, bi, |s| s.passive_ejections = u64::from(ejections));
+    }
+
     fn update_status(&self, pi: usize, bi: usize, f: impl FnOnce(&mut BackendStatus)) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = status.get_mut(pi).and_then(|p| p.get_mut(bi)) {
@@ -478,6 +601,7 @@ impl Checker {
                 epoch: self.epoch,
                 pool: self.pool,
                 backend: self.backend,
+                recovery: false,
                 latency: started.elapsed(),
                 outcome,
             };

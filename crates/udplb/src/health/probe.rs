@@ -15,11 +15,19 @@ use udplb_config::{Expect, Probe};
 
 /// A probe ready to run: the config's check with its parsed parts.
 pub enum Ready {
-    Udp { send: Vec<u8>, expect: Matcher },
+    /// `check = "udp"` without `send`, and the recovery probe of backends without an active
+    /// check ([`reachable`]).
+    Reachable,
+    Udp {
+        send: Vec<u8>,
+        expect: Matcher,
+    },
     Dns(super::dns::DnsCheck),
     Tcp,
     Http(super::http::HttpCheck),
-    Exec { command: Vec<String> },
+    Exec {
+        command: Vec<String>,
+    },
 }
 
 /// How a UDP reply is judged.
@@ -44,6 +52,7 @@ impl Ready {
     /// unless the two disagree; then the error says so).
     pub fn new(probe: &Probe) -> Result<Ready, String> {
         Ok(match probe {
+            Probe::None | Probe::Reachable => Ready::Reachable,
             Probe::Udp { send, expect } => Ready::Udp {
                 send: send.clone(),
                 expect: match expect {
@@ -91,6 +100,7 @@ impl Ready {
         timeout: Duration,
     ) -> Result<(), String> {
         match self {
+            Ready::Reachable => reachable(target, timeout).await,
             Ready::Udp { send, expect } => within(timeout, udp(target, send, expect)).await,
             Ready::Dns(check) => super::dns::probe(target, check, timeout).await,
             Ready::Tcp => within(timeout, tcp(target)).await,
@@ -128,6 +138,21 @@ async fn udp(target: SocketAddr, payload: &[u8], expect: &Matcher) -> Result<(),
         if expect.matches(&buf[..n]) {
             return Ok(());
         }
+    }
+}
+
+/// Sends an empty datagram to `target`: healthy unless it is refused (ICMP port, host or
+/// network unreachable) within `timeout`. Says the port is open, not that the service works:
+/// what keepalived's `UDP_CHECK` without `require_reply` does. An empty datagram is what
+/// services that cannot parse it ignore (DNS, RADIUS, SNMP, QUIC drop it unanswered).
+pub async fn reachable(target: SocketAddr, timeout: Duration) -> Result<(), String> {
+    let socket = connected_udp(target).await?;
+    socket.send(&[]).await.map_err(|e| describe(&e))?;
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(timeout, socket.recv(&mut buf)).await {
+        // No refusal in time, or an answer: the port is open.
+        Err(_) | Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(describe(&e)),
     }
 }
 
