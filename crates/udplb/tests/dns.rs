@@ -295,3 +295,64 @@ fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
         .to_lowercase();
     assert!(error.contains("refused"), "{error}");
 }
+
+/// A DNS check names its query as an operator writes it: without the trailing dot, in any
+/// case. Against a real knot, the backend is healthy and serves through udplb (a plain name
+/// used to be judged "the reply does not echo the question" and every backend marked down).
+#[test]
+fn dns_check_takes_plain_names_in_any_case() {
+    let (knot, dir) = start_knot("knot-plain-name");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let cfg = dir.join("udplb.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"dns\"\n\
+             mode = \"request-response\"\n[pools.dns]\nbackends = [\"{}\"]\n[pools.dns.health]\ncheck = \"dns\"\n\
+             name = \"www.example.test\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n",
+            knot.addr
+        ),
+    )
+    .unwrap();
+    let lb = Udplb::run_config(&cfg, admin);
+    let healthy = |lb: &Udplb| lb.stats()["pools"][0]["backends"][0]["healthy"].as_bool();
+    assert!(
+        wait_for(DEADLINE, || healthy(&lb) == Some(true)),
+        "{}",
+        lb.stats()
+    );
+    assert_eq!(
+        answers(listen, &format!("www.{ZONE}"), "A").as_deref(),
+        Some("192.0.2.10")
+    );
+    drop(lb);
+
+    // The one-liner's check, in another case.
+    let listen = listen_addr("127.0.0.1");
+    let lb = Udplb::start(&[
+        "--mode",
+        "request-response",
+        "--check",
+        "dns:WWW.Example.TEST",
+        "--check-interval",
+        "100ms",
+        &listen.to_string(),
+        &knot.addr.to_string(),
+    ]);
+    assert!(
+        wait_for(DEADLINE, || healthy(&lb) == Some(true)),
+        "{}",
+        lb.stats()
+    );
+    assert_eq!(
+        lb.stats()["pools"][0]["backends"][0]["checks_failed"].as_u64(),
+        Some(0)
+    );
+    assert_eq!(
+        answers(listen, &format!("www.{ZONE}"), "A").as_deref(),
+        Some("192.0.2.10")
+    );
+}

@@ -42,12 +42,12 @@ pub fn parse_rcode(s: &str) -> Result<ResponseCode, String> {
     })
 }
 
-/// Asks `target` and judges the reply: same id, QR set, the question echoed, the expected
+/// Asks `target` and judges the reply: same id, QR set, the question echoed (the same name, in
+/// any case), the expected
 /// rcode and (if given) the expected answer. Other datagrams are ignored until the deadline.
 pub async fn probe(target: SocketAddr, check: &DnsCheck, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
-    let name =
-        Name::from_ascii(&check.name).map_err(|e| format!("bad name {:?}: {e}", check.name))?;
+    let name = absolute(&check.name)?;
     let id = RandomState::new().hash_one(Instant::now()) as u16;
     let mut query = Message::new(id, MessageType::Query, OpCode::Query);
     query.add_query(Query::query(name.clone(), check.qtype));
@@ -82,6 +82,14 @@ pub async fn probe(target: SocketAddr, check: &DnsCheck, timeout: Duration) -> R
     }
 }
 
+/// The name a check asks for, absolute whether written with the trailing dot or not (a check
+/// cannot rely on a search list). Names compare case-insensitively.
+fn absolute(name: &str) -> Result<Name, String> {
+    let mut parsed = Name::from_ascii(name).map_err(|e| format!("bad name {name:?}: {e}"))?;
+    parsed.set_fqdn(true);
+    Ok(parsed)
+}
+
 fn judge(reply: &Message, name: &Name, check: &DnsCheck) -> Result<(), String> {
     let echoed = reply.queries.iter().any(|q| {
         q.name() == name && q.query_type() == check.qtype && q.query_class() == DNSClass::IN
@@ -102,5 +110,24 @@ fn judge(reply: &Message, name: &Name, check: &DnsCheck) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("no answer {expected} (got: {})", got.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_absolute_with_or_without_its_dot_and_compares_in_any_case() {
+        let plain = absolute("www.example.test").unwrap();
+        let dotted = absolute("www.example.test.").unwrap();
+        let shouting = absolute("WWW.Example.TEST").unwrap();
+        assert_eq!(plain, dotted);
+        assert_eq!(plain, shouting);
+        assert!(plain.is_fqdn());
+        // What a server echoes back is parsed from the wire: absolute, in its own case.
+        let echoed = Name::from_ascii("www.EXAMPLE.test.").unwrap();
+        assert_eq!(plain, echoed);
+        assert!(absolute("bad..name").is_err());
     }
 }
