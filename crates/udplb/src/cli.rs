@@ -313,7 +313,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.runtime.workers = workers;
             }
             privileges.apply(&mut cfg.runtime);
-            crate::daemon::run(cfg, Some(config)).context("udplb stopped")?;
+            crate::daemon::run(cfg, Some(config))?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
@@ -324,7 +324,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::from(EX_CONFIG));
             }
-            crate::daemon::run(cfg, None).context("udplb stopped")?;
+            crate::daemon::run(cfg, None)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -140,3 +140,28 @@ fn the_systemd_unit_checks_before_reloading() {
         );
     }
 }
+
+/// A failure at start is one line with one `udplb:` prefix, saying what failed.
+#[test]
+fn a_failure_at_start_has_one_prefix() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = busy.local_addr().unwrap().to_string();
+    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let out = udplb()
+        .env("UDPLB_ALLOW_ROOT", "1")
+        .args(["--admin", &admin, &listen, "127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!("udplb: cannot bind the admin endpoint {admin}: ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("udplb: udplb"), "{stderr}");
+}
