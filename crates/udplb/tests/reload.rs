@@ -176,4 +176,8 @@ fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
         .unwrap_or_default()
         .to_string();
     assert!(error.contains("needs a restart"), "{error}");
+    assert!(
+        error.contains(&format!("listener \"l\": address {listen} -> {moved}")),
+        "the change is not said in words: {error}"
+    );
 }
