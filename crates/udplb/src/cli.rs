@@ -29,7 +29,11 @@ Examples:
   udplb run -c /etc/udplb/udplb.toml
   udplb check -c /etc/udplb/udplb.toml
   udplb ctl backends
-  udplb ctl drain dns 10.0.0.12:53";
+  udplb ctl drain dns 10.0.0.12:53
+
+Exit status: 0 when stopped by SIGTERM/SIGINT (or for --help, --version); 78 (EX_CONFIG) for a
+command line or configuration file udplb cannot use; 1 for any other failure, such as an
+address that cannot be bound.";
 
 /// A UDP load balancer.
 #[derive(Parser, Debug)]
@@ -58,7 +62,7 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
         /// Worker threads (overrides `runtime.workers`).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_workers)]
         workers: Option<usize>,
         #[command(flatten)]
         privileges: PrivilegeArgs,
@@ -98,9 +102,9 @@ struct OneLiner {
     /// Session mode.
     #[arg(long, value_enum, default_value_t = ModeArg::Flow)]
     mode: ModeArg,
-    /// Replies expected per request in request-response mode.
-    #[arg(long, default_value_t = udplb_config::defaults::RESPONSES)]
-    responses: u32,
+    /// Replies expected per request (default 1); only with --mode request-response.
+    #[arg(long)]
+    responses: Option<u32>,
     /// Scheduler: round-robin, weighted-round-robin, random, weighted-random, least-flows,
     /// power-of-two, maglev, rendezvous.
     #[arg(long, default_value = "round-robin", value_parser = parse_scheduler)]
@@ -233,14 +237,37 @@ fn parse_affinity(s: &str) -> Result<Affinity, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
 
+fn parse_workers(s: &str) -> Result<usize, String> {
+    let range = udplb_config::defaults::WORKERS_RANGE;
+    s.parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| format!("expected a number in {}..={}", range.start(), range.end()))
+}
+
 impl OneLiner {
+    /// Options given for a mode they do not apply to (as `responses` in a file).
+    fn mode_errors(&self) -> Vec<String> {
+        let mode = match self.mode {
+            ModeArg::Flow => "flow",
+            ModeArg::Datagram => "datagram",
+            ModeArg::RequestResponse => return Vec::new(),
+        };
+        match self.responses {
+            Some(_) => vec![format!(
+                "--responses: only applies to --mode request-response (the mode is {mode})"
+            )],
+            None => Vec::new(),
+        }
+    }
+
     fn into_config(self) -> Config {
         let listen = self.listen.expect("clap requires LISTEN");
         let mode = match self.mode {
             ModeArg::Flow => SessionMode::Flow,
             ModeArg::Datagram => SessionMode::Datagram,
             ModeArg::RequestResponse => SessionMode::RequestResponse {
-                responses: self.responses,
+                responses: self.responses.unwrap_or(udplb_config::defaults::RESPONSES),
             },
         };
         let mut listener = ListenerConfig::new("default".into(), listen, "default".into());
@@ -317,8 +344,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         None => {
+            let mut errors = cli.oneliner.mode_errors();
             let cfg = cli.oneliner.into_config();
-            if let Err(errors) = cfg.validate() {
+            errors.extend(cfg.validate().err().unwrap_or_default());
+            if !errors.is_empty() {
                 for e in errors {
                     eprintln!("udplb: {e}");
                 }

@@ -23,7 +23,19 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // A command line udplb cannot use is a configuration error, like a bad file (78);
+        // --help and --version go to stdout and succeed.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(cli::EX_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     logging::init(&cli.log);
     match cli::dispatch(cli) {
         Ok(code) => code,

@@ -94,8 +94,95 @@ fn one_liner_rejects_a_bad_backend() {
         .args(["127.0.0.1:5300", "not-an-address"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-address"));
+}
+
+/// A command line udplb cannot use exits 78 (EX_CONFIG), as a bad file does, whether clap or
+/// the configuration rules find the problem, with a message naming it; `--help` and
+/// `--version` exit 0.
+#[test]
+fn a_bad_command_line_exits_78() {
+    let file = std::env::temp_dir().join(format!("udplb-cli-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"p\"\n\
+         [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n",
+    )
+    .unwrap();
+    let file_arg = file.display().to_string();
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &["--no-such-flag", "127.0.0.1:5300", "127.0.0.1:5301"],
+            "--no-such-flag",
+        ),
+        (&["127.0.0.1", "127.0.0.1:5301"], "127.0.0.1"),
+        (&["127.0.0.1:5300", "127.0.0.1:5301,weight=0"], "weight"),
+        (
+            &["--mode", "stream", "127.0.0.1:5300", "127.0.0.1:5301"],
+            "stream",
+        ),
+        (
+            &["--max-flows", "0", "127.0.0.1:5300", "127.0.0.1:5301"],
+            "max_flows",
+        ),
+        (
+            &["--responses", "2", "127.0.0.1:5300", "127.0.0.1:5301"],
+            "--responses: only applies to --mode request-response (the mode is flow)",
+        ),
+        (
+            &[
+                "--mode",
+                "datagram",
+                "--responses",
+                "1",
+                "127.0.0.1:5300",
+                "127.0.0.1:5301",
+            ],
+            "--responses: only applies to --mode request-response (the mode is datagram)",
+        ),
+        (&["run", "-c", &file_arg, "--workers", "0"], "--workers"),
+        (&["run"], "--config"),
+    ];
+    for (args, needle) in cases {
+        let mut child = udplb()
+            .env("UDPLB_ALLOW_ROOT", "1")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A command line wrongly accepted starts udplb: stop it rather than hang.
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if started.elapsed() > std::time::Duration::from_secs(5) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(78),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {needle:?} not in {stderr}"
+        );
+    }
+    let _ = std::fs::remove_file(file);
+    for args in [&["--help"][..], &["--version"], &["run", "--help"]] {
+        let out = udplb().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty(), "{args:?}");
+    }
 }
 
 /// The man page and completions are generated from the CLI definition, so they list every
