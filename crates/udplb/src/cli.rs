@@ -179,8 +179,9 @@ pub struct LogArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
-    /// Log level or filter (e.g. info, debug, udplb=debug).
-    #[arg(long, default_value = "info", global = true)]
+    /// Log level (trace, debug, info, warn, error, off) or comma-separated TARGET=LEVEL
+    /// directives with levels (e.g. udplb=debug,info).
+    #[arg(long, default_value = "info", global = true, value_parser = crate::logging::check_filter)]
     pub log_level: String,
 }
 

@@ -36,7 +36,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    logging::init(&cli.log);
+    if let Err(e) = logging::init(&cli.log) {
+        eprintln!("udplb: {e}");
+        return ExitCode::from(cli::EX_CONFIG);
+    }
     match cli::dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -359,3 +359,40 @@ fn log_level_changes_at_runtime() {
     let stderr = lb.stderr.lock().unwrap().clone();
     assert!(stderr.contains("worker stopped"), "{stderr}");
 }
+
+/// A log filter is either levels or TARGET=LEVEL directives; anything else (which tracing
+/// would read as a target name and so log nothing) is refused with the reason, and the filter
+/// in force stays.
+#[test]
+fn log_level_filters_are_checked_strictly() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen = listen_addr("127.0.0.1");
+    let lb = Udplb::start(&[
+        "--admin-allow-changes",
+        &listen.to_string(),
+        &a.addr.to_string(),
+    ]);
+    for (filter, why) in [
+        ("verbose", "neither a level"),
+        ("trace,,", "is empty"),
+        ("", "is empty"),
+        ("udplb=loud", "\"loud\" is not a level"),
+        ("udplb::=debug", "is not a target"),
+        ("udp lb=debug", "is not a target"),
+        ("udplb=debug,info=", "is not a level"),
+    ] {
+        let body = serde_json::json!({ "level": filter }).to_string();
+        let (code, body) = lb.call("PUT", "/api/v1/log-level", Some(&body));
+        assert_eq!(code, 400, "{filter:?}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{filter:?}: {body}");
+        assert_eq!(lb.call("GET", "/api/v1/log-level", None).1["level"], "info");
+    }
+    let body = r#"{"level": "udplb_dataplane::worker=debug, WARN"}"#;
+    let (code, body) = lb.call("PUT", "/api/v1/log-level", Some(body));
+    assert_eq!(
+        (code, body["level"].as_str()),
+        (200, Some("udplb_dataplane::worker=debug,warn")),
+        "{body}"
+    );
+}

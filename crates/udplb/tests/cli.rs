@@ -111,7 +111,7 @@ fn a_bad_command_line_exits_78() {
     )
     .unwrap();
     let file_arg = file.display().to_string();
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 11] = [
         (
             &["--no-such-flag", "127.0.0.1:5300", "127.0.0.1:5301"],
             "--no-such-flag",
@@ -143,6 +143,14 @@ fn a_bad_command_line_exits_78() {
         ),
         (&["run", "-c", &file_arg, "--workers", "0"], "--workers"),
         (&["run"], "--config"),
+        (
+            &["--log-level", "verbose", "127.0.0.1:5300", "127.0.0.1:5301"],
+            "--log-level",
+        ),
+        (
+            &["--log-level", "trace,,", "127.0.0.1:5300", "127.0.0.1:5301"],
+            "is empty",
+        ),
     ];
     for (args, needle) in cases {
         let mut child = udplb()
