@@ -194,13 +194,28 @@ impl Udplb {
 
     /// `METHOD path` with a JSON `body` on the admin endpoint: status code and parsed body.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        self.call_as(method, path, Some("application/json"), body)
+    }
+
+    /// Like [`Udplb::call`] with another `Content-Type` (`None`: no such header). A body that
+    /// is not JSON comes back as a JSON string.
+    pub fn call_as(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))
             .expect("connect to admin");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let body = body.unwrap_or("");
+        let content_type = content_type
+            .map(|t| format!("Content-Type: {t}\r\n"))
+            .unwrap_or_default();
         write!(
             s,
-            "{method} {path} HTTP/1.0\r\nHost: udplb\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.0\r\nHost: udplb\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
