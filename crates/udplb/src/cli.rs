@@ -188,7 +188,7 @@ pub struct LogArgs {
 /// Log output formats.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
-    /// One human-readable line per event.
+    /// One human-readable line per event, coloured only on a terminal and without NO_COLOR.
     Human,
     /// One JSON object per event.
     Json,

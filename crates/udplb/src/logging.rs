@@ -1,10 +1,11 @@
 //! Logging: `tracing` to stderr, human or JSON, with a filter that can be changed while udplb
 //! runs (`PUT /api/v1/log-level`). Filters are checked strictly ([`check_filter`]) at start and
-//! on every change.
+//! on every change. Colour only on a terminal, and not with `NO_COLOR`.
 //!
 //! Owns: the subscriber and the handle to its filter. Must not: be called per datagram (the
 //! data plane logs only rate-limited warnings).
 
+use std::io::IsTerminal;
 use std::sync::{Mutex, OnceLock};
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -20,7 +21,13 @@ pub fn init(args: &LogArgs) -> Result<(), String> {
     let filter = EnvFilter::try_new(&args.log_level)
         .map_err(|e| format!("--log-level {:?}: {e}", args.log_level))?;
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let ansi = colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     match args.log_format {
         LogFormat::Human => registry.with(fmt).init(),
@@ -28,6 +35,12 @@ pub fn init(args: &LogArgs) -> Result<(), String> {
     }
     let _ = FILTER.set((handle, Mutex::new(args.log_level.clone())));
     Ok(())
+}
+
+/// Whether human logs get colour escapes: only on a terminal, and never when `NO_COLOR` is set
+/// to anything but the empty string (no-color.org). Files, pipes and the journal get plain text.
+fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The levels a directive may name.
@@ -108,6 +121,16 @@ pub fn set_level(spec: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None));
+        assert!(!colour(false, Some(OsStr::new("1"))));
+    }
 
     #[test]
     fn filters_are_levels_or_target_level_directives() {

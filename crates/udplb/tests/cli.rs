@@ -1,5 +1,7 @@
 //! Black-box tests of the command line: `udplb check` and `--help`.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -259,4 +261,29 @@ fn a_failure_at_start_has_one_prefix() {
         "{stderr}"
     );
     assert!(!stderr.contains("udplb: udplb"), "{stderr}");
+}
+
+/// Logs written to a pipe (a file, the journal) carry no colour escapes, in either format.
+#[test]
+fn logs_to_a_pipe_have_no_colour() {
+    let a = common::Backend::start("127.0.0.1", "a");
+    for format in ["human", "json"] {
+        let listen = common::listen_addr("127.0.0.1").to_string();
+        let lb = common::Udplb::start(&["--log-format", format, &listen, &a.addr.to_string()]);
+        assert!(
+            common::wait_for(common::DEADLINE, || lb
+                .stderr
+                .lock()
+                .unwrap()
+                .contains("admin endpoint")),
+            "{format}: {}",
+            lb.stderr.lock().unwrap()
+        );
+        let stderr = lb.stderr.lock().unwrap().clone();
+        assert!(stderr.contains("listening"), "{format}: {stderr}");
+        assert!(
+            !stderr.contains('\x1b'),
+            "{format}: escape sequences in piped logs: {stderr:?}"
+        );
+    }
 }
