@@ -15,6 +15,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use udplb_config::{Admin, Config, ListenerConfig, PoolConfig, Runtime};
 use udplb_core::{Affinity, BackendSpec, SchedulerKind, SessionMode};
 
+use crate::preflight;
+
 /// Exit code for an invalid configuration (sysexits' EX_CONFIG).
 pub const EX_CONFIG: u8 = 78;
 
@@ -76,11 +78,14 @@ enum Command {
     },
     /// Print the man page (roff) to stdout: `udplb man > udplb.1`.
     Man,
-    /// Validate a configuration file without binding anything; exit 0 if valid, 78 if not.
+    /// Validate a configuration file as `run` would, without binding anything: its rules, and
+    /// that its user, group and programs (notify, exec checks) exist. Exit 0 if valid, 78 if not.
     Check {
         /// The configuration file (TOML).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        #[command(flatten)]
+        privileges: PrivilegeArgs,
     },
 }
 
@@ -164,6 +169,14 @@ struct PrivilegeArgs {
 }
 
 impl PrivilegeArgs {
+    /// The keys these flags set, with their flag, to name them in errors.
+    fn flags(&self) -> Vec<(&'static str, &'static str)> {
+        match self.user {
+            Some(_) => vec![("runtime.user", "--user"), ("runtime.group", "--group")],
+            None => Vec::new(),
+        }
+    }
+
     fn apply(self, runtime: &mut Runtime) {
         if self.user.is_some() {
             runtime.user = self.user;
@@ -305,7 +318,7 @@ impl OneLiner {
 /// Runs the command the user asked for.
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Some(Command::Check { config }) => Ok(check(&config)),
+        Some(Command::Check { config, privileges }) => Ok(check(&config, privileges)),
         Some(Command::Ctl(args)) => Ok(crate::ctl::run(args)),
         Some(Command::Completions { shell }) => {
             // Rendered into memory first: the generator panics on a closed pipe.
@@ -330,17 +343,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             workers,
             privileges,
         }) => {
-            let mut cfg = match udplb_config::load(&config) {
+            let cfg = match load_for_start(&config, workers, privileges) {
                 Ok(cfg) => cfg,
-                Err(errors) => {
-                    eprint!("{errors}");
-                    return Ok(ExitCode::from(EX_CONFIG));
-                }
+                Err(code) => return Ok(code),
             };
-            if workers.is_some() {
-                cfg.runtime.workers = workers;
-            }
-            privileges.apply(&mut cfg.runtime);
             crate::daemon::run(cfg, Some(config))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -351,6 +357,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if !errors.is_empty() {
                 for e in errors {
                     eprintln!("udplb: {e}");
+                }
+                return Ok(ExitCode::from(EX_CONFIG));
+            }
+            let problems = preflight::problems(&cfg, preflight::Stage::Start);
+            if !problems.is_empty() {
+                let flags = [("runtime.user", "--user"), ("runtime.group", "--group")];
+                for line in preflight::describe(&problems, None, &flags) {
+                    eprintln!("{line}");
                 }
                 return Ok(ExitCode::from(EX_CONFIG));
             }
@@ -369,8 +383,35 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match udplb_config::load(path) {
+/// Loads `path` with the command line's overrides and checks everything `run` needs but
+/// binding (rules, then the machine: [`preflight`]); the errors are printed and the exit
+/// code returned.
+fn load_for_start(
+    path: &std::path::Path,
+    workers: Option<usize>,
+    privileges: PrivilegeArgs,
+) -> Result<Config, ExitCode> {
+    let (mut cfg, positions) = udplb_config::load_with_positions(path).map_err(|errors| {
+        eprint!("{errors}");
+        ExitCode::from(EX_CONFIG)
+    })?;
+    if workers.is_some() {
+        cfg.runtime.workers = workers;
+    }
+    let flags = privileges.flags();
+    privileges.apply(&mut cfg.runtime);
+    let problems = preflight::problems(&cfg, preflight::Stage::Start);
+    if !problems.is_empty() {
+        for line in preflight::describe(&problems, Some(&positions), &flags) {
+            eprintln!("{line}");
+        }
+        return Err(ExitCode::from(EX_CONFIG));
+    }
+    Ok(cfg)
+}
+
+fn check(path: &std::path::Path, privileges: PrivilegeArgs) -> ExitCode {
+    match load_for_start(path, None, privileges) {
         Ok(cfg) => {
             println!(
                 "{}: ok ({} listener(s), {} pool(s))",
@@ -380,9 +421,6 @@ fn check(path: &std::path::Path) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(errors) => {
-            eprint!("{errors}");
-            ExitCode::from(EX_CONFIG)
-        }
+        Err(code) => code,
     }
 }

@@ -14,6 +14,7 @@ mod health;
 mod logging;
 mod metrics;
 mod plan;
+mod preflight;
 mod privileges;
 mod reload;
 mod systemd;

@@ -34,38 +34,69 @@ pub fn needed_capabilities(cfg: &Config) -> CapsHashSet {
     set
 }
 
+/// Who udplb runs as once its sockets are bound, decided from `[runtime]` and whether it was
+/// started as root. [`drop_privileges`] carries it out; [`crate::preflight`] checks it first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan<'a> {
+    /// Not started as root: no user to switch to (a configured one is ignored).
+    NotRoot,
+    /// Started as root, and `allow_root` says to stay root.
+    StayRoot,
+    /// Started as root: switch to this user and group (default: the user's primary group).
+    Switch {
+        user: &'a str,
+        group: Option<&'a str>,
+    },
+    /// Started as root with neither a user nor `allow_root`: refuse to start.
+    Refuse,
+}
+
+/// What `runtime` asks for when udplb was (`root`) or was not started as root.
+pub fn plan(runtime: &Runtime, root: bool) -> Plan<'_> {
+    match (&runtime.user, root) {
+        (_, false) => Plan::NotRoot,
+        (Some(user), true) => Plan::Switch {
+            user,
+            group: runtime.group.as_deref(),
+        },
+        (None, true) if runtime.allow_root => Plan::StayRoot,
+        (None, true) => Plan::Refuse,
+    }
+}
+
 /// Switches to `runtime.user` when started as root (refusing to stay root unless allowed),
 /// and keeps only the capabilities in `keep`.
 pub fn drop_privileges(runtime: &Runtime, keep: &CapsHashSet) -> anyhow::Result<Outcome> {
     ensure_single_threaded()?;
-    if !Uid::effective().is_root() {
-        if let Some(user) = &runtime.user {
-            tracing::warn!(
-                user,
-                "runtime.user is ignored: udplb was not started as root"
-            );
+    let (name, group) = match plan(runtime, Uid::effective().is_root()) {
+        Plan::NotRoot => {
+            if let Some(user) = &runtime.user {
+                tracing::warn!(
+                    user,
+                    "runtime.user is ignored: udplb was not started as root"
+                );
+            }
+            trim_capabilities(keep)?;
+            return Ok(Outcome::NotRoot);
         }
-        trim_capabilities(keep)?;
-        return Ok(Outcome::NotRoot);
-    }
-    let Some(name) = &runtime.user else {
-        if runtime.allow_root {
+        Plan::StayRoot => {
             tracing::warn!("running as root (allow_root is set)");
             return Ok(Outcome::StayedRoot);
         }
-        bail!(
+        Plan::Refuse => bail!(
             "refusing to run as root: set runtime.user (or --user), e.g. \"nobody\", to switch \
              to after binding, or runtime.allow_root = true (or --allow-root) to stay root"
-        );
+        ),
+        Plan::Switch { user, group } => (user, group),
     };
-    let (uid, gid) = resolve(name, runtime.group.as_deref())?;
+    let (uid, gid) = resolve(name, group)?;
     switch_user(uid, gid, keep).with_context(|| format!("switching to user {name}"))?;
     trim_capabilities(keep)?;
     if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
         bail!("switched to user {name} but could regain root");
     }
     Ok(Outcome::Switched {
-        user: name.clone(),
+        user: name.to_string(),
         uid: uid.as_raw(),
         gid: gid.as_raw(),
     })

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use udplb_config::{Admin, Config, ListenerConfig};
 
 use crate::health::Command;
+use crate::preflight;
 
 /// What the last reloads did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -91,7 +92,8 @@ impl Reloader {
 /// addresses, order) nor their `gro` or `socket_buffer` (their sockets are bound, with their
 /// options, at start), nor the admin endpoint.
 fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
-    let mut cfg = udplb_config::load(path).map_err(|e| e.to_string())?;
+    let (mut cfg, positions) =
+        udplb_config::load_with_positions(path).map_err(|e| e.to_string())?;
     let changes = listener_changes(&running.listeners, &cfg.listeners);
     if !changes.is_empty() {
         return Err(format!(
@@ -110,6 +112,10 @@ fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
     }
     // Threads are started once: the running count stays.
     cfg.runtime = running.runtime.clone();
+    let problems = preflight::problems(&cfg, preflight::Stage::Reload);
+    if !problems.is_empty() {
+        return Err(preflight::describe(&problems, Some(&positions), &[]).join("\n"));
+    }
     Ok(cfg)
 }
 

@@ -155,33 +155,8 @@ fn a_bad_command_line_exits_78() {
         ),
     ];
     for (args, needle) in cases {
-        let mut child = udplb()
-            .env("UDPLB_ALLOW_ROOT", "1")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A command line wrongly accepted starts udplb: stop it rather than hang.
-        let started = std::time::Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if started.elapsed() > std::time::Duration::from_secs(5) {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(78),
-            "{args:?}: {stderr}"
-        );
+        let (code, stderr) = common::exit_of(args, &[("UDPLB_ALLOW_ROOT", "1")]);
+        assert_eq!(code, Some(78), "{args:?}: {stderr}");
         assert!(
             stderr.contains(needle),
             "{args:?}: {needle:?} not in {stderr}"
@@ -286,4 +261,110 @@ fn logs_to_a_pipe_have_no_colour() {
             "{format}: escape sequences in piped logs: {stderr:?}"
         );
     }
+}
+
+/// What a file needs from the machine (its user and group exist, its notify and exec check
+/// programs can be run) is checked by `check` and by `run` alike, before anything is bound:
+/// exit 78 with file, line and key.
+#[test]
+fn check_and_run_refuse_what_the_machine_cannot_do() {
+    let dir = std::env::temp_dir().join(format!("udplb-cli-machine-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("check.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap(); // mode 0644: not executable
+    let script = script.display().to_string();
+    // Lines 1-5: a listener and a pool with `backends`; `extra` starts on line 6.
+    let file = |name: &str, backends: &str, extra: &str| {
+        let path = dir.join(format!("{name}.toml"));
+        let listen = common::listen_addr("127.0.0.1");
+        std::fs::write(
+            &path,
+            format!(
+                "[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n[pools.p]\n\
+                 backends = [{backends}]\n{extra}\n"
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let one = "\"127.0.0.1:5301\"";
+    // Lines 6-9: a notify program found in PATH and an exec check run by path.
+    let fine = "notify = [\"true\"]\n[pools.p.health]\ncheck = \"exec\"\n\
+                command = [\"/bin/sh\", \"-c\", \"exit 0\"]";
+    let user = format!("{fine}\n[runtime]\nuser = \"nosuchuser-udplb\"");
+    let group = format!("{fine}\n[runtime]\nuser = \"nobody\"\ngroup = \"nosuchgroup-udplb\"");
+    let programs = format!(
+        "notify = [\"no-such-program-udplb\", \"x\"]\n[pools.p.health]\ncheck = \"exec\"\n\
+         command = [\"{script}\"]"
+    );
+    let cases = [
+        (
+            file("user", one, &user),
+            vec![":11:1: runtime.user: there is no user named \"nosuchuser-udplb\"".to_string()],
+        ),
+        (
+            file("group", one, &group),
+            vec![":12:1: runtime.group: there is no group named \"nosuchgroup-udplb\"".to_string()],
+        ),
+        (
+            file("programs", one, &programs),
+            vec![
+                ":6:1: pools.p.notify: there is no program \"no-such-program-udplb\" in PATH"
+                    .to_string(),
+                format!(":9:1: pools.p.health.command: \"{script}\" is not executable"),
+            ],
+        ),
+    ];
+    for (path, errors) in &cases {
+        for command in ["check", "run"] {
+            let (code, stderr) =
+                common::exit_of(&[command, "-c", path], &[("UDPLB_ALLOW_ROOT", "1")]);
+            assert_eq!(code, Some(78), "{command} {path}: {stderr}");
+            for error in errors {
+                assert!(
+                    stderr.contains(&format!("{path}{error}")),
+                    "{command}: {path}{error} not in {stderr}"
+                );
+            }
+        }
+    }
+    // Programs found in PATH or by path pass.
+    let (code, stderr) = common::exit_of(
+        &["check", "-c", &file("fine", one, fine)],
+        &[("UDPLB_ALLOW_ROOT", "1")],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    // A backend's own check command is checked too.
+    let own = "\"127.0.0.1:5301\", { address = \"127.0.0.1:5302\", health = { command = \
+               [\"/nonexistent-udplb/own\"] } }";
+    let path = file("backend", own, fine);
+    let (code, stderr) = common::exit_of(&["check", "-c", &path], &[("UDPLB_ALLOW_ROOT", "1")]);
+    assert_eq!(code, Some(78), "{stderr}");
+    let error = "pools.p.backends[1].health.command: \"/nonexistent-udplb/own\" does not exist";
+    assert!(stderr.contains(&format!("{path}:5:")), "{stderr}");
+    assert!(stderr.contains(error), "{stderr}");
+    // A user given on the command line is named by its flag.
+    let (code, stderr) = common::exit_of(
+        &["run", "-c", &cases[0].0, "--user", "nosuchuser-udplb2"],
+        &[("UDPLB_ALLOW_ROOT", "1")],
+    );
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("udplb: --user: there is no user named \"nosuchuser-udplb2\""),
+        "{stderr}"
+    );
+    let one_liner = [
+        "--user",
+        "nosuchuser-udplb",
+        "127.0.0.1:5300",
+        "127.0.0.1:5301",
+    ];
+    let (code, stderr) = common::exit_of(&one_liner, &[]);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("udplb: --user: there is no user named \"nosuchuser-udplb\""),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

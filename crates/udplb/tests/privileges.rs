@@ -113,9 +113,55 @@ fn an_unknown_user_is_a_clear_error() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
-        stderr.contains("no user named \"no-such-user-udplb\""),
+        stderr.contains("udplb: --user: there is no user named \"no-such-user-udplb\""),
         "{stderr}"
     );
+}
+
+/// Programs are checked for the user udplb will run them as: started as root and switching
+/// to nobody, a check script only root may run is refused by `check` and `run` alike, naming
+/// the user; staying root, the same file passes.
+#[test]
+fn programs_are_checked_for_the_user_udplb_switches_to() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("udplb-privileges-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("check.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = |runtime: &str| {
+        format!(
+            "{runtime}\n[listeners.l]\naddress = \"{}\"\npool = \"p\"\n[pools.p]\n\
+             backends = [\"127.0.0.1:9\"]\n[pools.p.health]\ncheck = \"exec\"\ncommand = [\"{}\"]\n",
+            listen_addr("127.0.0.1"),
+            script.display()
+        )
+    };
+    let as_nobody = write_config(&config("[runtime]\nuser = \"nobody\""));
+    let as_nobody = as_nobody.display().to_string();
+    let error = format!(
+        "{as_nobody}:10:1: pools.p.health.command: \"{}\" is not executable by user \"nobody\"",
+        script.display()
+    );
+    for command in ["check", "run"] {
+        let (code, stderr) = exit_of(&[command, "-c", &as_nobody], &[]);
+        assert_eq!(code, Some(78), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&error),
+            "{command}: {error} not in {stderr}"
+        );
+    }
+    let as_root = write_config(&config(""));
+    let (code, stderr) = exit_of(
+        &["check", "-c", &as_root.display().to_string()],
+        &[("UDPLB_ALLOW_ROOT", "1")],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
 }

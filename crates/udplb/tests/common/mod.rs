@@ -85,6 +85,33 @@ pub fn check_toml(toml: &str) -> (Option<i32>, String) {
     )
 }
 
+/// Runs udplb with `args` and returns its exit code and standard error; a udplb that is still
+/// running after 5 s (it wrongly started) is killed, and the code is `None`.
+pub fn exit_of(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_udplb"))
+        .envs(env.iter().copied())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status.and_then(|s| s.code()), stderr)
+}
+
 /// A running udplb process, killed when dropped.
 pub struct Udplb {
     pub child: Child,
