@@ -157,13 +157,14 @@ struct OneLiner {
 /// Who udplb runs as once its sockets are bound (override `[runtime]`).
 #[derive(Args, Debug)]
 struct PrivilegeArgs {
-    /// Started as root: switch to this user after binding (overrides `runtime.user`).
+    /// Started as root: switch to this user after binding (overrides `runtime.user`; default:
+    /// nobody).
     #[arg(long, value_name = "USER")]
     user: Option<String>,
     /// Started as root: switch to this group (default: the user's primary group).
     #[arg(long, value_name = "GROUP", requires = "user")]
     group: Option<String>,
-    /// Started as root without a user: run as root anyway instead of refusing.
+    /// Started as root without a user: stay root instead of switching to nobody.
     #[arg(long, env = "UDPLB_ALLOW_ROOT", value_parser = clap::builder::BoolishValueParser::new())]
     allow_root: bool,
 }

@@ -160,10 +160,8 @@ fn runner_at_start(runtime: &Runtime, out: &mut Vec<Problem>) -> Runner {
     let user = user.and_then(|name| match User::from_name(name) {
         Ok(Some(u)) => Some(u),
         Ok(None) => {
-            out.push(problem(
-                "runtime.user",
-                format!("there is no user named {name:?}"),
-            ));
+            let default = matches!(plan, Plan::Switch { default: true, .. });
+            out.push(problem("runtime.user", no_such_user(name, default)));
             None
         }
         Err(e) => {
@@ -198,6 +196,18 @@ fn runner_at_start(runtime: &Runtime, out: &mut Vec<Problem>) -> Runner {
             gids: vec![group.map_or(u.gid, |g| g.gid).as_raw()],
         },
         _ => Runner::current(),
+    }
+}
+
+fn no_such_user(name: &str, default: bool) -> String {
+    if default {
+        format!(
+            "there is no user named {name:?}, the user udplb switches to when started as root \
+             without a user: set runtime.user (--user) to an existing user, or \
+             runtime.allow_root = true (--allow-root) to stay root"
+        )
+    } else {
+        format!("there is no user named {name:?}")
     }
 }
 
@@ -370,6 +380,15 @@ mod tests {
         let why = file_problem(&dir, &runner(0, 0)).err().map(|e| e.text());
         assert_eq!(why.as_deref(), Some("is a directory"));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_missing_default_user_says_how_to_choose_another() {
+        assert_eq!(no_such_user("x", false), "there is no user named \"x\"");
+        let default = no_such_user("nobody", true);
+        for needle in ["\"nobody\"", "runtime.user (--user)", "allow_root"] {
+            assert!(default.contains(needle), "{default}");
+        }
     }
 
     #[test]

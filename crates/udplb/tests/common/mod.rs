@@ -128,6 +128,15 @@ impl Udplb {
         Self::spawn(full, admin)
     }
 
+    /// Like [`Udplb::start`], with extra environment variables (they override the harness's
+    /// `UDPLB_ALLOW_ROOT=1`).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Udplb {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let mut full: Vec<String> = vec!["--admin".into(), admin.to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        Self::spawn_with_env(env!("CARGO_BIN_EXE_udplb"), full, admin, env)
+    }
+
     /// Like [`Udplb::start`], with the open-file limit (soft and hard) set to `limit`.
     pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Udplb {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
