@@ -1,5 +1,6 @@
 //! Configuration errors: where (file, line, column, key path) and what.
 
+use std::collections::HashMap;
 use std::fmt;
 
 /// One problem in a configuration.
@@ -44,6 +45,48 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl std::error::Error for ConfigErrors {}
+
+/// Where the keys of a parsed file are, to report problems found after parsing (a user that
+/// does not exist, a program that cannot be run) at their line like any other error.
+#[derive(Clone, Debug, Default)]
+pub struct Positions {
+    file: String,
+    /// Line and column of every key path read.
+    at: HashMap<String, (usize, usize)>,
+}
+
+impl Positions {
+    pub(crate) fn new(file: &str, at: HashMap<String, (usize, usize)>) -> Self {
+        Positions {
+            file: file.into(),
+            at,
+        }
+    }
+
+    /// An error at the key path `key` (`pools.dns.notify`), or at the closest enclosing key
+    /// the file has (the `[runtime]` header for a missing `runtime.user`; else line 1).
+    pub fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let (line, column) = enclosing(&self.at, key).copied().unwrap_or((1, 1));
+        ConfigError {
+            file: self.file.clone(),
+            line,
+            column,
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The value of `key` in `map`, or of the closest enclosing key path that has one.
+pub(crate) fn enclosing<'m, V>(map: &'m HashMap<String, V>, key: &str) -> Option<&'m V> {
+    let mut probe = key;
+    loop {
+        if let Some(v) = map.get(probe) {
+            return Some(v);
+        }
+        probe = &probe[..probe.rfind(['.', '['])?];
+    }
+}
 
 /// Maps byte offsets of a source text to 1-based line and column.
 pub(crate) struct Lines<'a> {

@@ -16,8 +16,8 @@ pub mod model;
 mod parse;
 mod rules;
 
-pub use error::{ConfigError, ConfigErrors};
+pub use error::{ConfigError, ConfigErrors, Positions};
 pub use model::{
     Admin, BackendConfig, Config, Expect, HealthCheck, ListenerConfig, PoolConfig, Probe, Runtime,
 };
-pub use parse::{load, parse};
+pub use parse::{load, load_with_positions, parse, parse_with_positions};

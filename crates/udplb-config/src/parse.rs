@@ -18,7 +18,7 @@ use udplb_core::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
 };
 
-use crate::error::{ConfigError, ConfigErrors, Lines};
+use crate::error::{ConfigError, ConfigErrors, Lines, Positions, enclosing};
 use crate::model::{
     Admin, BackendConfig, Config, HealthCheck, ListenerConfig, PoolConfig, Runtime,
 };
@@ -78,9 +78,14 @@ const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state", "health"
 
 /// Reads and parses the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with_positions(path).map(|(cfg, _)| cfg)
+}
+
+/// Like [`load`], with where each key is, to report later problems at their line.
+pub fn load_with_positions(path: &Path) -> Result<(Config, Positions), ConfigErrors> {
     let file = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(src) => parse(&src, &file),
+        Ok(src) => parse_with_positions(&src, &file),
         Err(e) => Err(ConfigErrors {
             errors: vec![ConfigError {
                 file,
@@ -95,6 +100,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses configuration text; `file` names it in errors.
 pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
+    parse_with_positions(src, file).map(|(cfg, _)| cfg)
+}
+
+/// Like [`parse`], with where each key is, to report later problems at their line.
+pub fn parse_with_positions(src: &str, file: &str) -> Result<(Config, Positions), ConfigErrors> {
     let mut reader = Reader {
         file,
         lines: Lines::new(src),
@@ -118,7 +128,12 @@ pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
         }
     }
     if reader.errors.is_empty() {
-        Ok(cfg)
+        let at = reader
+            .spans
+            .iter()
+            .map(|(key, span)| (key.clone(), reader.lines.position(span.start)))
+            .collect();
+        Ok((cfg, Positions::new(file, at)))
     } else {
         Err(reader.into_errors())
     }
@@ -177,16 +192,7 @@ impl Reader<'_> {
 
     /// An error at the key path `key`, or at the closest enclosing key that was seen.
     fn error_key(&mut self, key: &str, message: String) {
-        let mut probe = key;
-        let span = loop {
-            if let Some(span) = self.spans.get(probe) {
-                break span.clone();
-            }
-            match probe.rfind(['.', '[']) {
-                Some(i) => probe = &probe[..i],
-                None => break 0..0,
-            }
-        };
+        let span = enclosing(&self.spans, key).cloned().unwrap_or(0..0);
         self.error_at(span, key, message);
     }
 
@@ -501,6 +507,8 @@ impl Reader<'_> {
             }
         }
         for (k, v) in own.iter() {
+            // Removed first: inserting keeps an existing key, with the pool's position.
+            merged.remove(k.get_ref().as_ref());
             merged.insert(k.clone(), v.clone());
         }
         self.health(&hkey, &merged)

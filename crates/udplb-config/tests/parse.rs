@@ -605,3 +605,31 @@ fn reply_timeout_belongs_to_request_response_listeners() {
     .to_string();
     assert!(text.contains("listeners.l.reply_timeout"), "{text}");
 }
+
+/// Problems found after parsing (by udplb, about the machine) are reported at their key's
+/// line, or at the closest enclosing key the file has.
+#[test]
+fn positions_locate_keys_after_parsing() {
+    let src = "[runtime]\nuser = \"x\"\n\n[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n\n\
+               [pools.p]\nbackends = [\"127.0.0.1:5301\"]\nnotify = [\"/bin/true\"]\n";
+    let (_, positions) = udplb_config::parse_with_positions(src, "u.toml").unwrap();
+    let at = |key: &str| {
+        let e = positions.error(key, "m");
+        (e.line, e.column, e.to_string())
+    };
+    assert_eq!(
+        at("runtime.user"),
+        (2, 1, "u.toml:2:1: runtime.user: m".into())
+    );
+    assert_eq!(at("pools.p.notify").0, 10);
+    assert_eq!(at("runtime.group").0, 1, "absent: at [runtime]");
+    assert_eq!(at("pools.p.health.command").0, 8, "absent: at [pools.p]");
+    assert_eq!((at("nowhere").0, at("nowhere").1), (1, 1));
+    // A backend's own check key is at the backend, not at the pool's key it replaces.
+    let src = "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n[pools.p]\n\
+               backends = [\"127.0.0.1:5301\",\n  { address = \"127.0.0.1:5302\", health = { command = [\"/x\"] } }]\n\
+               [pools.p.health]\ncheck = \"exec\"\ncommand = [\"/y\"]\n";
+    let (_, positions) = udplb_config::parse_with_positions(src, "u.toml").unwrap();
+    let e = positions.error("pools.p.backends[1].health.command", "m");
+    assert_eq!((e.line, e.column), (6, 44));
+}

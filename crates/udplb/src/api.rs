@@ -11,11 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{DefaultBodyLimit, Path, Query, State as AxumState};
-use axum::http::StatusCode;
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State as AxumState,
+};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use udplb_config::{BackendConfig, Config};
 use udplb_core::BackendSpec;
@@ -56,6 +60,9 @@ pub fn routes() -> axum::Router<Arc<State>> {
             post(disable),
         )
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        // Set on the routes above: a known path with another method.
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
 }
 
 /// An error answer: `{"error": "..."}` with a status.
@@ -64,6 +71,65 @@ struct ApiError(StatusCode, String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such path: {} (see docs/api.md)", uri.path()),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{method} is not allowed on {} (see the Allow header)",
+            uri.path()
+        ),
+    )
+}
+
+/// [`Json`], rejecting with a JSON error (413, 415, 400, 422) instead of axum's text.
+struct ApiJson<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// [`Path`], rejecting with a JSON error.
+struct ApiPath<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// [`Query`], rejecting with a JSON error.
+struct ApiQuery<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
     }
 }
 
@@ -88,7 +154,7 @@ struct ExplainQuery {
 
 async fn explain(
     AxumState(state): AxumState<Arc<State>>,
-    Query(q): Query<ExplainQuery>,
+    ApiQuery(q): ApiQuery<ExplainQuery>,
 ) -> ApiResult {
     let snap = state.shared.load();
     let li = match &q.listener {
@@ -127,7 +193,7 @@ struct LogLevel {
 
 async fn set_log_level(
     AxumState(state): AxumState<Arc<State>>,
-    Json(l): Json<LogLevel>,
+    ApiJson(l): ApiJson<LogLevel>,
 ) -> ApiResult {
     writable(&state)?;
     crate::logging::set_level(&l.level).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
@@ -152,8 +218,8 @@ fn one() -> u32 {
 
 async fn add_backend(
     AxumState(state): AxumState<Arc<State>>,
-    Path(pool): Path<String>,
-    Json(b): Json<NewBackend>,
+    ApiPath(pool): ApiPath<String>,
+    ApiJson(b): ApiJson<NewBackend>,
 ) -> ApiResult {
     let admin = match b.state.as_deref() {
         None | Some("enabled") => AdminState::Enabled,
@@ -191,7 +257,7 @@ async fn add_backend(
 
 async fn remove_backend(
     AxumState(state): AxumState<Arc<State>>,
-    Path((pool, address)): Path<(String, String)>,
+    ApiPath((pool, address)): ApiPath<(String, String)>,
 ) -> ApiResult {
     let addr = parse_addr(&address)?;
     change(
@@ -214,8 +280,8 @@ struct Weight {
 
 async fn set_weight(
     AxumState(state): AxumState<Arc<State>>,
-    Path((pool, address)): Path<(String, String)>,
-    Json(w): Json<Weight>,
+    ApiPath((pool, address)): ApiPath<(String, String)>,
+    ApiJson(w): ApiJson<Weight>,
 ) -> ApiResult {
     let addr = parse_addr(&address)?;
     edit_backend(&state, pool, addr, move |b| {
@@ -224,21 +290,21 @@ async fn set_weight(
     .await
 }
 
-async fn drain(s: AxumState<Arc<State>>, p: Path<(String, String)>) -> ApiResult {
+async fn drain(s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
     set_state(s, p, AdminState::Draining).await
 }
 
-async fn enable(s: AxumState<Arc<State>>, p: Path<(String, String)>) -> ApiResult {
+async fn enable(s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
     set_state(s, p, AdminState::Enabled).await
 }
 
-async fn disable(s: AxumState<Arc<State>>, p: Path<(String, String)>) -> ApiResult {
+async fn disable(s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
     set_state(s, p, AdminState::Disabled).await
 }
 
 async fn set_state(
     AxumState(state): AxumState<Arc<State>>,
-    Path((pool, address)): Path<(String, String)>,
+    ApiPath((pool, address)): ApiPath<(String, String)>,
     to: AdminState,
 ) -> ApiResult {
     let addr = parse_addr(&address)?;

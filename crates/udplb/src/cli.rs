@@ -18,6 +18,8 @@ use udplb_config::{
 use udplb_core::health::{Initial, Thresholds};
 use udplb_core::{Affinity, BackendSpec, SchedulerKind, SessionMode};
 
+use crate::preflight;
+
 /// Exit code for an invalid configuration (sysexits' EX_CONFIG).
 pub const EX_CONFIG: u8 = 78;
 
@@ -32,7 +34,11 @@ Examples:
   udplb run -c /etc/udplb/udplb.toml
   udplb check -c /etc/udplb/udplb.toml
   udplb ctl backends
-  udplb ctl drain dns 10.0.0.12:53";
+  udplb ctl drain dns 10.0.0.12:53
+
+Exit status: 0 when stopped by SIGTERM/SIGINT (or for --help, --version); 78 (EX_CONFIG) for a
+command line or configuration file udplb cannot use; 1 for any other failure, such as an
+address that cannot be bound.";
 
 /// A UDP load balancer.
 #[derive(Parser, Debug)]
@@ -61,7 +67,7 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
         /// Worker threads (overrides `runtime.workers`).
-        #[arg(long)]
+        #[arg(long, value_parser = parse_workers)]
         workers: Option<usize>,
         #[command(flatten)]
         privileges: PrivilegeArgs,
@@ -75,11 +81,14 @@ enum Command {
     },
     /// Print the man page (roff) to stdout: `udplb man > udplb.1`.
     Man,
-    /// Validate a configuration file without binding anything; exit 0 if valid, 78 if not.
+    /// Validate a configuration file as `run` would, without binding anything: its rules, and
+    /// that its user, group and programs (notify, exec checks) exist. Exit 0 if valid, 78 if not.
     Check {
         /// The configuration file (TOML).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        #[command(flatten)]
+        privileges: PrivilegeArgs,
     },
 }
 
@@ -101,9 +110,9 @@ struct OneLiner {
     /// Session mode.
     #[arg(long, value_enum, default_value_t = ModeArg::Flow)]
     mode: ModeArg,
-    /// Replies expected per request in request-response mode.
-    #[arg(long, default_value_t = udplb_config::defaults::RESPONSES)]
-    responses: u32,
+    /// Replies expected per request (default 1); only with --mode request-response.
+    #[arg(long)]
+    responses: Option<u32>,
     /// Request-response mode: a request left unanswered this long counts as a passive failure
     /// of its backend (e.g. 2s, 500ms).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -174,18 +183,27 @@ struct OneLiner {
 /// Who udplb runs as once its sockets are bound (override `[runtime]`).
 #[derive(Args, Debug)]
 struct PrivilegeArgs {
-    /// Started as root: switch to this user after binding (overrides `runtime.user`).
+    /// Started as root: switch to this user after binding (overrides `runtime.user`; default:
+    /// nobody).
     #[arg(long, value_name = "USER")]
     user: Option<String>,
     /// Started as root: switch to this group (default: the user's primary group).
     #[arg(long, value_name = "GROUP", requires = "user")]
     group: Option<String>,
-    /// Started as root without a user: run as root anyway instead of refusing.
+    /// Started as root without a user: stay root instead of switching to nobody.
     #[arg(long, env = "UDPLB_ALLOW_ROOT", value_parser = clap::builder::BoolishValueParser::new())]
     allow_root: bool,
 }
 
 impl PrivilegeArgs {
+    /// The keys these flags set, with their flag, to name them in errors.
+    fn flags(&self) -> Vec<(&'static str, &'static str)> {
+        match self.user {
+            Some(_) => vec![("runtime.user", "--user"), ("runtime.group", "--group")],
+            None => Vec::new(),
+        }
+    }
+
     fn apply(self, runtime: &mut Runtime) {
         if self.user.is_some() {
             runtime.user = self.user;
@@ -201,15 +219,16 @@ pub struct LogArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
     pub log_format: LogFormat,
-    /// Log level or filter (e.g. info, debug, udplb=debug).
-    #[arg(long, default_value = "info", global = true)]
+    /// Log level (trace, debug, info, warn, error, off) or comma-separated TARGET=LEVEL
+    /// directives with levels (e.g. udplb=debug,info).
+    #[arg(long, default_value = "info", global = true, value_parser = crate::logging::check_filter)]
     pub log_level: String,
 }
 
 /// Log output formats.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LogFormat {
-    /// One human-readable line per event.
+    /// One human-readable line per event, coloured only on a terminal and without NO_COLOR.
     Human,
     /// One JSON object per event.
     Json,
@@ -259,14 +278,49 @@ fn parse_affinity(s: &str) -> Result<Affinity, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
 
+fn parse_workers(s: &str) -> Result<usize, String> {
+    let range = udplb_config::defaults::WORKERS_RANGE;
+    s.parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or_else(|| format!("expected a number in {}..={}", range.start(), range.end()))
+}
+
 impl OneLiner {
+    /// Options given for a mode they do not apply to (as `responses` in a file).
+    /// Options that mean nothing with the others given: errors, as in a file.
+    fn mode_errors(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mode = match self.mode {
+            ModeArg::Flow => Some("flow"),
+            ModeArg::Datagram => Some("datagram"),
+            ModeArg::RequestResponse => None,
+        };
+        if let Some(mode) = mode {
+            for (given, flag) in [
+                (self.responses.is_some(), "--responses"),
+                (self.reply_timeout.is_some(), "--reply-timeout"),
+            ] {
+                if given {
+                    out.push(format!(
+                        "{flag}: only applies to --mode request-response (the mode is {mode})"
+                    ));
+                }
+            }
+        }
+        if self.check_interval.is_some() && self.check.probe == Probe::None {
+            out.push("--check-interval: needs an active check (--check)".to_string());
+        }
+        out
+    }
+
     fn into_config(self) -> Config {
         let listen = self.listen.expect("clap requires LISTEN");
         let mode = match self.mode {
             ModeArg::Flow => SessionMode::Flow,
             ModeArg::Datagram => SessionMode::Datagram,
             ModeArg::RequestResponse => SessionMode::RequestResponse {
-                responses: self.responses,
+                responses: self.responses.unwrap_or(udplb_config::defaults::RESPONSES),
             },
         };
         let mut listener = ListenerConfig::new("default".into(), listen, "default".into());
@@ -306,18 +360,6 @@ impl OneLiner {
                 )
             }],
         }
-    }
-
-    /// Options that mean nothing with the others given: an error, as in a file.
-    fn contradictions(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.reply_timeout.is_some() && !matches!(self.mode, ModeArg::RequestResponse) {
-            out.push("--reply-timeout: only applies to --mode request-response".to_string());
-        }
-        if self.check_interval.is_some() && self.check.probe == Probe::None {
-            out.push("--check-interval: needs an active check (--check)".to_string());
-        }
-        out
     }
 }
 
@@ -416,7 +458,7 @@ fn parse_http_check(url: &str) -> Result<CheckArg, String> {
 /// Runs the command the user asked for.
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Some(Command::Check { config }) => Ok(check(&config)),
+        Some(Command::Check { config, privileges }) => Ok(check(&config, privileges)),
         Some(Command::Ctl(args)) => Ok(crate::ctl::run(args)),
         Some(Command::Completions { shell }) => {
             // Rendered into memory first: the generator panics on a closed pipe.
@@ -441,36 +483,32 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             workers,
             privileges,
         }) => {
-            let mut cfg = match udplb_config::load(&config) {
+            let cfg = match load_for_start(&config, workers, privileges) {
                 Ok(cfg) => cfg,
-                Err(errors) => {
-                    eprint!("{errors}");
-                    return Ok(ExitCode::from(EX_CONFIG));
-                }
+                Err(code) => return Ok(code),
             };
-            if workers.is_some() {
-                cfg.runtime.workers = workers;
-            }
-            privileges.apply(&mut cfg.runtime);
-            crate::daemon::run(cfg, Some(config)).context("udplb stopped")?;
+            crate::daemon::run(cfg, Some(config))?;
             Ok(ExitCode::SUCCESS)
         }
         None => {
-            let contradictions = cli.oneliner.contradictions();
-            if !contradictions.is_empty() {
-                for e in contradictions {
-                    eprintln!("udplb: {e}");
-                }
-                return Ok(ExitCode::from(EX_CONFIG));
-            }
+            let mut errors = cli.oneliner.mode_errors();
             let cfg = cli.oneliner.into_config();
-            if let Err(errors) = cfg.validate() {
+            errors.extend(cfg.validate().err().unwrap_or_default());
+            if !errors.is_empty() {
                 for e in errors {
                     eprintln!("udplb: {e}");
                 }
                 return Ok(ExitCode::from(EX_CONFIG));
             }
-            crate::daemon::run(cfg, None).context("udplb stopped")?;
+            let problems = preflight::problems(&cfg, preflight::Stage::Start);
+            if !problems.is_empty() {
+                let flags = [("runtime.user", "--user"), ("runtime.group", "--group")];
+                for line in preflight::describe(&problems, None, &flags) {
+                    eprintln!("{line}");
+                }
+                return Ok(ExitCode::from(EX_CONFIG));
+            }
+            crate::daemon::run(cfg, None)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -485,8 +523,35 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match udplb_config::load(path) {
+/// Loads `path` with the command line's overrides and checks everything `run` needs but
+/// binding (rules, then the machine: [`preflight`]); the errors are printed and the exit
+/// code returned.
+fn load_for_start(
+    path: &std::path::Path,
+    workers: Option<usize>,
+    privileges: PrivilegeArgs,
+) -> Result<Config, ExitCode> {
+    let (mut cfg, positions) = udplb_config::load_with_positions(path).map_err(|errors| {
+        eprint!("{errors}");
+        ExitCode::from(EX_CONFIG)
+    })?;
+    if workers.is_some() {
+        cfg.runtime.workers = workers;
+    }
+    let flags = privileges.flags();
+    privileges.apply(&mut cfg.runtime);
+    let problems = preflight::problems(&cfg, preflight::Stage::Start);
+    if !problems.is_empty() {
+        for line in preflight::describe(&problems, Some(&positions), &flags) {
+            eprintln!("{line}");
+        }
+        return Err(ExitCode::from(EX_CONFIG));
+    }
+    Ok(cfg)
+}
+
+fn check(path: &std::path::Path, privileges: PrivilegeArgs) -> ExitCode {
+    match load_for_start(path, None, privileges) {
         Ok(cfg) => {
             println!(
                 "{}: ok ({} listener(s), {} pool(s))",
@@ -496,10 +561,7 @@ fn check(path: &std::path::Path) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(errors) => {
-            eprint!("{errors}");
-            ExitCode::from(EX_CONFIG)
-        }
+        Err(code) => code,
     }
 }
 

@@ -39,10 +39,21 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     };
     let keep = privileges::needed_capabilities(&cfg);
     match privileges::drop_privileges(&cfg.runtime, &keep)? {
-        privileges::Outcome::Switched { user, uid, gid } => tracing::info!(
+        privileges::Outcome::Switched {
             user,
             uid,
             gid,
+            default,
+        } => tracing::info!(
+            user = %user,
+            uid,
+            gid,
+            reason = if default {
+                "the default when started as root without runtime.user (--user) or allow_root \
+                 (--allow-root)"
+            } else {
+                "runtime.user (--user)"
+            },
             capabilities = privileges::names(&keep),
             "switched user after binding"
         ),

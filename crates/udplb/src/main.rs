@@ -14,6 +14,7 @@ mod health;
 mod logging;
 mod metrics;
 mod plan;
+mod preflight;
 mod privileges;
 mod reload;
 mod systemd;
@@ -23,8 +24,23 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    logging::init(&cli.log);
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // A command line udplb cannot use is a configuration error, like a bad file (78);
+        // --help and --version go to stdout and succeed.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(cli::EX_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    if let Err(e) = logging::init(&cli.log) {
+        eprintln!("udplb: {e}");
+        return ExitCode::from(cli::EX_CONFIG);
+    }
     match cli::dispatch(cli) {
         Ok(code) => code,
         Err(e) => {

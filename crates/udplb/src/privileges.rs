@@ -2,8 +2,9 @@
 //!
 //! Owns: the switch from root to the configured user and group, and trimming the capability
 //! sets to what the configuration needs after binding: nothing, or `CAP_NET_ADMIN` for
-//! transparent pools (binding low ports and forcing socket buffer sizes happen before). Started as root without
-//! a user, udplb refuses to run unless `runtime.allow_root` (or `--allow-root`) says so.
+//! transparent pools (binding low ports and forcing socket buffer sizes happen before). Started
+//! as root without a user, udplb switches to [`DEFAULT_USER`], as most daemons do, unless
+//! `runtime.allow_root` (or `--allow-root`) says to stay root.
 //! Must not: run once a second thread exists. Capabilities are per thread on Linux, so the
 //! daemon calls [`drop_privileges`] after binding and before it starts any worker, the control
 //! plane or a health check.
@@ -13,11 +14,20 @@ use caps::{CapSet, Capability, CapsHashSet};
 use nix::unistd::{Gid, Group, Uid, User};
 use udplb_config::{Config, Runtime};
 
+/// The user udplb switches to when started as root without `runtime.user` (nor `allow_root`).
+pub const DEFAULT_USER: &str = "nobody";
+
 /// What [`drop_privileges`] did, for the startup log and tests.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Switched from root to this user and group.
-    Switched { user: String, uid: u32, gid: u32 },
+    /// Switched from root to this user and group; `default`: [`DEFAULT_USER`], no user was
+    /// configured.
+    Switched {
+        user: String,
+        uid: u32,
+        gid: u32,
+        default: bool,
+    },
     /// Still root, because `allow_root` said so.
     StayedRoot,
     /// Not started as root: only the capability sets were trimmed.
@@ -34,40 +44,78 @@ pub fn needed_capabilities(cfg: &Config) -> CapsHashSet {
     set
 }
 
-/// Switches to `runtime.user` when started as root (refusing to stay root unless allowed),
-/// and keeps only the capabilities in `keep`.
+/// Who udplb runs as once its sockets are bound, decided from `[runtime]` and whether it was
+/// started as root. [`drop_privileges`] carries it out; [`crate::preflight`] checks it first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plan<'a> {
+    /// Not started as root: no user to switch to (a configured one is ignored).
+    NotRoot,
+    /// Started as root, and `allow_root` says to stay root.
+    StayRoot,
+    /// Started as root: switch to this user and group (default: the user's primary group).
+    Switch {
+        user: &'a str,
+        group: Option<&'a str>,
+        /// The user is [`DEFAULT_USER`]: none was configured, nor `allow_root`.
+        default: bool,
+    },
+}
+
+/// What `runtime` asks for when udplb was (`root`) or was not started as root.
+pub fn plan(runtime: &Runtime, root: bool) -> Plan<'_> {
+    let group = runtime.group.as_deref();
+    match (&runtime.user, root) {
+        (_, false) => Plan::NotRoot,
+        (Some(user), true) => Plan::Switch {
+            user,
+            group,
+            default: false,
+        },
+        (None, true) if runtime.allow_root => Plan::StayRoot,
+        (None, true) => Plan::Switch {
+            user: DEFAULT_USER,
+            group,
+            default: true,
+        },
+    }
+}
+
+/// Switches to `runtime.user` (or [`DEFAULT_USER`]) when started as root, unless allowed to
+/// stay root, and keeps only the capabilities in `keep`.
 pub fn drop_privileges(runtime: &Runtime, keep: &CapsHashSet) -> anyhow::Result<Outcome> {
     ensure_single_threaded()?;
-    if !Uid::effective().is_root() {
-        if let Some(user) = &runtime.user {
-            tracing::warn!(
-                user,
-                "runtime.user is ignored: udplb was not started as root"
-            );
+    let (name, group, default) = match plan(runtime, Uid::effective().is_root()) {
+        Plan::NotRoot => {
+            if let Some(user) = &runtime.user {
+                tracing::warn!(
+                    user,
+                    "runtime.user is ignored: udplb was not started as root"
+                );
+            }
+            trim_capabilities(keep)?;
+            return Ok(Outcome::NotRoot);
         }
-        trim_capabilities(keep)?;
-        return Ok(Outcome::NotRoot);
-    }
-    let Some(name) = &runtime.user else {
-        if runtime.allow_root {
+        Plan::StayRoot => {
             tracing::warn!("running as root (allow_root is set)");
             return Ok(Outcome::StayedRoot);
         }
-        bail!(
-            "refusing to run as root: set runtime.user (or --user), e.g. \"nobody\", to switch \
-             to after binding, or runtime.allow_root = true (or --allow-root) to stay root"
-        );
+        Plan::Switch {
+            user,
+            group,
+            default,
+        } => (user, group, default),
     };
-    let (uid, gid) = resolve(name, runtime.group.as_deref())?;
+    let (uid, gid) = resolve(name, group)?;
     switch_user(uid, gid, keep).with_context(|| format!("switching to user {name}"))?;
     trim_capabilities(keep)?;
     if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
         bail!("switched to user {name} but could regain root");
     }
     Ok(Outcome::Switched {
-        user: name.clone(),
+        user: name.to_string(),
         uid: uid.as_raw(),
         gid: gid.as_raw(),
+        default,
     })
 }
 
@@ -145,4 +193,42 @@ pub fn names(set: &CapsHashSet) -> String {
     let mut v: Vec<String> = set.iter().map(Capability::to_string).collect();
     v.sort();
     v.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_switches_to_the_configured_user_or_nobody_unless_allowed_to_stay() {
+        let mut runtime = Runtime::default();
+        let nobody = Plan::Switch {
+            user: "nobody",
+            group: None,
+            default: true,
+        };
+        assert_eq!(plan(&runtime, true), nobody);
+        assert_eq!(plan(&runtime, false), Plan::NotRoot);
+        runtime.group = Some("daemon".into());
+        assert!(matches!(
+            plan(&runtime, true),
+            Plan::Switch {
+                user: "nobody",
+                group: Some("daemon"),
+                default: true
+            }
+        ));
+        runtime.allow_root = true;
+        assert_eq!(plan(&runtime, true), Plan::StayRoot);
+        runtime.user = Some("udplb".into());
+        assert!(matches!(
+            plan(&runtime, true),
+            Plan::Switch {
+                user: "udplb",
+                default: false,
+                ..
+            }
+        ));
+        assert_eq!(plan(&runtime, false), Plan::NotRoot);
+    }
 }

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
-use udplb_config::Config;
+use udplb_config::{Admin, Config, ListenerConfig};
 
 use crate::health::Command;
+use crate::preflight;
 
 /// What the last reloads did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -87,34 +88,106 @@ impl Reloader {
 }
 
 /// Loads `path` and checks it only changes what a running process can change: pools,
-/// backends, policies, checks and listener settings, but not the set of listener addresses
-/// nor their `gro` or `socket_buffer` (their sockets are bound, with their options, at start).
+/// backends, policies, checks and listener settings, but not the set of listeners (names,
+/// addresses, order) nor their `gro` or `socket_buffer` (their sockets are bound, with their
+/// options, at start), nor the admin endpoint.
 fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
-    let mut cfg = udplb_config::load(path).map_err(|e| e.to_string())?;
-    let addresses = |c: &Config| {
-        c.listeners
-            .iter()
-            .map(|l| (l.name.clone(), l.address, l.gro, l.socket_buffer))
-            .collect::<Vec<_>>()
-    };
-    if addresses(&cfg) != addresses(running) {
+    let (mut cfg, positions) =
+        udplb_config::load_with_positions(path).map_err(|e| e.to_string())?;
+    let changes = listener_changes(&running.listeners, &cfg.listeners);
+    if !changes.is_empty() {
         return Err(format!(
-            "{}: listeners: adding, removing, renaming, re-addressing listeners or changing their \
-             gro or socket_buffer needs a restart (running (name, address, gro, socket_buffer): \
-             {:?})",
+            "{}: listeners: needs a restart: {}",
             path.display(),
-            addresses(running)
+            changes.join("; ")
         ));
     }
-    if cfg.admin != running.admin {
+    let changes = admin_changes(&running.admin, &cfg.admin);
+    if !changes.is_empty() {
         return Err(format!(
-            "{}: admin: changing the admin endpoint needs a restart",
-            path.display()
+            "{}: admin: needs a restart: {}",
+            path.display(),
+            changes.join("; ")
         ));
     }
     // Threads are started once: the running count stays.
     cfg.runtime = running.runtime.clone();
+    let problems = preflight::problems(&cfg, preflight::Stage::Reload);
+    if !problems.is_empty() {
+        return Err(preflight::describe(&problems, Some(&positions), &[]).join("\n"));
+    }
     Ok(cfg)
+}
+
+/// What differs, in words, between the running listeners and `new` in what only a restart
+/// can change; empty when nothing does.
+fn listener_changes(running: &[ListenerConfig], new: &[ListenerConfig]) -> Vec<String> {
+    let mut out = Vec::new();
+    for old in running {
+        let Some(l) = new.iter().find(|l| l.name == old.name) else {
+            out.push(format!("listener {:?} removed ({})", old.name, old.address));
+            continue;
+        };
+        let name = &l.name;
+        if l.address != old.address {
+            out.push(format!(
+                "listener {name:?}: address {} -> {}",
+                old.address, l.address
+            ));
+        }
+        if l.gro != old.gro {
+            out.push(format!("listener {name:?}: gro {} -> {}", old.gro, l.gro));
+        }
+        if l.socket_buffer != old.socket_buffer {
+            out.push(format!(
+                "listener {name:?}: socket_buffer {} -> {}",
+                old.socket_buffer, l.socket_buffer
+            ));
+        }
+    }
+    for l in new
+        .iter()
+        .filter(|l| !running.iter().any(|o| o.name == l.name))
+    {
+        out.push(format!("listener {:?} added ({})", l.name, l.address));
+    }
+    // The same listeners in another order: the workers' sockets are bound in file order.
+    let names = |ls: &[ListenerConfig]| {
+        ls.iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if out.is_empty() && names(running) != names(new) {
+        out.push(format!(
+            "listeners reordered: {} -> {}",
+            names(running),
+            names(new)
+        ));
+    }
+    out
+}
+
+/// What differs, in words, between the running admin endpoint and `new`'s.
+fn admin_changes(running: &Option<Admin>, new: &Option<Admin>) -> Vec<String> {
+    match (running, new) {
+        (None, None) => Vec::new(),
+        (None, Some(a)) => vec![format!("[admin] added ({})", a.listen)],
+        (Some(_), None) => vec!["[admin] removed".to_string()],
+        (Some(old), Some(a)) => {
+            let mut out = Vec::new();
+            if a.listen != old.listen {
+                out.push(format!("listen {} -> {}", old.listen, a.listen));
+            }
+            if a.allow_changes != old.allow_changes {
+                out.push(format!(
+                    "allow_changes {} -> {}",
+                    old.allow_changes, a.allow_changes
+                ));
+            }
+            out
+        }
+    }
 }
 
 fn now_unix() -> f64 {
@@ -138,6 +211,67 @@ mod tests {
         path
     }
 
+    fn listener(name: &str, address: &str) -> ListenerConfig {
+        ListenerConfig::new(name.into(), address.parse().unwrap(), "p".into())
+    }
+
+    #[test]
+    fn listener_changes_are_said_in_words() {
+        let running = [listener("a", "127.0.0.1:53"), listener("b", "127.0.0.1:54")];
+        assert!(listener_changes(&running, &running).is_empty());
+        let mut moved = running.clone();
+        moved[0].address = "127.0.0.1:55".parse().unwrap();
+        moved[1].socket_buffer = 65536;
+        assert_eq!(
+            listener_changes(&running, &moved),
+            [
+                "listener \"a\": address 127.0.0.1:53 -> 127.0.0.1:55",
+                "listener \"b\": socket_buffer 4194304 -> 65536",
+            ]
+        );
+        let renamed = [listener("a", "127.0.0.1:53"), listener("c", "127.0.0.1:54")];
+        assert_eq!(
+            listener_changes(&running, &renamed),
+            [
+                "listener \"b\" removed (127.0.0.1:54)",
+                "listener \"c\" added (127.0.0.1:54)",
+            ]
+        );
+        let swapped = [running[1].clone(), running[0].clone()];
+        assert_eq!(
+            listener_changes(&running, &swapped),
+            ["listeners reordered: a, b -> b, a"]
+        );
+    }
+
+    #[test]
+    fn admin_changes_are_said_in_words() {
+        let admin = |listen: &str, allow_changes| {
+            Some(udplb_config::Admin {
+                listen: listen.parse().unwrap(),
+                allow_changes,
+            })
+        };
+        assert_eq!(
+            admin_changes(
+                &admin("127.0.0.1:9190", false),
+                &admin("127.0.0.1:9191", true)
+            ),
+            [
+                "listen 127.0.0.1:9190 -> 127.0.0.1:9191",
+                "allow_changes false -> true"
+            ]
+        );
+        assert_eq!(
+            admin_changes(&None, &admin("127.0.0.1:9190", false)),
+            ["[admin] added (127.0.0.1:9190)"]
+        );
+        assert_eq!(
+            admin_changes(&admin("127.0.0.1:9190", false), &None),
+            ["[admin] removed"]
+        );
+    }
+
     #[test]
     fn listener_socket_options_need_a_restart() {
         let running_path = config_file("running", "");
@@ -147,13 +281,27 @@ mod tests {
         let flows = config_file("flows", "max_flows = 10");
         assert!(load_compatible(&flows, &running).is_ok());
         let _ = std::fs::remove_file(flows);
-        // What the bound sockets were made with is not.
-        for (name, extra) in [("buffer", "socket_buffer = 65536"), ("gro", "gro = true")] {
+        // What the bound sockets were made with is not, and the refusal says what changed.
+        for (name, extra, change) in [
+            (
+                "buffer",
+                "socket_buffer = 65536",
+                "listener \"dns\": socket_buffer 4194304 -> 65536",
+            ),
+            ("gro", "gro = true", "listener \"dns\": gro false -> true"),
+            (
+                "address",
+                "[listeners.dns2]\naddress = \"127.0.0.1:5354\"\npool = \"p\"",
+                "listener \"dns2\" added (127.0.0.1:5354)",
+            ),
+        ] {
             let path = config_file(name, extra);
             let error = load_compatible(&path, &running).unwrap_err();
             let _ = std::fs::remove_file(&path);
             assert!(error.contains("needs a restart"), "{name}: {error}");
             assert!(error.contains(&path.display().to_string()), "{error}");
+            assert!(error.contains(change), "{name}: {error}");
+            assert!(!error.contains("(name,"), "{name}: {error}");
         }
     }
 }

@@ -359,3 +359,133 @@ fn log_level_changes_at_runtime() {
     let stderr = lb.stderr.lock().unwrap().clone();
     assert!(stderr.contains("worker stopped"), "{stderr}");
 }
+
+/// A log filter is either levels or TARGET=LEVEL directives; anything else (which tracing
+/// would read as a target name and so log nothing) is refused with the reason, and the filter
+/// in force stays.
+#[test]
+fn log_level_filters_are_checked_strictly() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen = listen_addr("127.0.0.1");
+    let lb = Udplb::start(&[
+        "--admin-allow-changes",
+        &listen.to_string(),
+        &a.addr.to_string(),
+    ]);
+    for (filter, why) in [
+        ("verbose", "neither a level"),
+        ("trace,,", "is empty"),
+        ("", "is empty"),
+        ("udplb=loud", "\"loud\" is not a level"),
+        ("udplb::=debug", "is not a target"),
+        ("udp lb=debug", "is not a target"),
+        ("udplb=debug,info=", "is not a level"),
+    ] {
+        let body = serde_json::json!({ "level": filter }).to_string();
+        let (code, body) = lb.call("PUT", "/api/v1/log-level", Some(&body));
+        assert_eq!(code, 400, "{filter:?}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{filter:?}: {body}");
+        assert_eq!(lb.call("GET", "/api/v1/log-level", None).1["level"], "info");
+    }
+    let body = r#"{"level": "udplb_dataplane::worker=debug, WARN"}"#;
+    let (code, body) = lb.call("PUT", "/api/v1/log-level", Some(body));
+    assert_eq!(
+        (code, body["level"].as_str()),
+        (200, Some("udplb_dataplane::worker=debug,warn")),
+        "{body}"
+    );
+}
+
+/// Every error of the API is `{"error": "..."}` with its status: bodies too large, of the
+/// wrong type or that do not deserialise, paths and queries that do not parse, unknown paths
+/// and methods.
+#[test]
+fn every_api_error_is_json() {
+    let a = Backend::start("127.0.0.1", "a");
+    let listen = listen_addr("127.0.0.1");
+    let lb = Udplb::start(&[
+        "--admin-allow-changes",
+        &listen.to_string(),
+        &a.addr.to_string(),
+    ]);
+    let json = Some("application/json");
+    let weight = format!("/api/v1/pools/default/backends/{}/weight", a.addr);
+    let drain = format!("/api/v1/pools/default/backends/{}/drain", a.addr);
+    let huge = format!(
+        r#"{{"address": "127.0.0.1:9", "pad": "{}"}}"#,
+        "x".repeat(20_000)
+    );
+    // (method, path, content type, body, status)
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>, u16);
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/api/v1/pools/default/backends",
+            json,
+            Some(&huge),
+            413,
+        ),
+        (
+            "PUT",
+            &weight,
+            Some("text/plain"),
+            Some(r#"{"weight": 2}"#),
+            415,
+        ),
+        ("PUT", &weight, None, Some(r#"{"weight": 2}"#), 415),
+        ("PUT", &weight, json, Some(r#"{"weight": "#), 400),
+        ("PUT", &weight, json, Some(r#"{"weight": "two"}"#), 422),
+        (
+            "PUT",
+            &weight,
+            json,
+            Some(r#"{"weight": 2, "extra": 1}"#),
+            422,
+        ),
+        (
+            "PUT",
+            "/api/v1/log-level",
+            json,
+            Some(r#"{"lvl": "info"}"#),
+            422,
+        ),
+        (
+            "POST",
+            "/api/v1/pools/default/backends",
+            json,
+            Some("{}"),
+            422,
+        ),
+        (
+            "POST",
+            "/api/v1/pools/%FF/backends/127.0.0.1:1/drain",
+            None,
+            None,
+            400,
+        ),
+        ("GET", "/api/v1/explain?client=nope", None, None, 400),
+        ("GET", "/api/v1/explain", None, None, 400),
+        ("GET", "/api/v1/nope", None, None, 404),
+        (
+            "POST",
+            "/api/v1/pools/default/backends/127.0.0.1:1/nope",
+            None,
+            None,
+            404,
+        ),
+        ("GET", &drain, None, None, 405),
+        ("DELETE", "/api/v1/status", None, None, 405),
+        ("POST", "/api/v1/log-level", None, None, 405),
+    ];
+    for (method, path, content_type, body, status) in cases {
+        let (code, answer) = lb.call_as(method, path, content_type, body);
+        assert_eq!(code, status, "{method} {path}: {answer}");
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{method} {path}: {code} without a JSON error: {answer}"
+        );
+    }
+    // Nothing was changed by the refused calls.
+    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 1);
+}

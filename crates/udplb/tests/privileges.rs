@@ -1,6 +1,6 @@
-//! Privileges: started as root, udplb binds, switches to the configured user and keeps no
-//! capability; as root without a user it refuses to start unless allowed. Needs root (skipped
-//! with a message otherwise).
+//! Privileges: started as root, udplb binds, switches to the configured user (`nobody` by
+//! default) and keeps no capability; it stays root only when allowed. Needs root (skipped with
+//! a message otherwise).
 
 mod common;
 
@@ -78,22 +78,88 @@ fn switches_to_the_configured_user_with_no_capabilities_and_keeps_serving() {
     assert!(reply.ends_with(b"hello"), "{reply:?}");
 }
 
+/// Started as root without a user, udplb switches to `nobody`, as nginx does, and says so
+/// and why in its startup line; the one-liner and `udplb run` alike.
 #[test]
-fn refuses_to_run_as_root_without_a_user_unless_allowed() {
+fn switches_to_nobody_by_default_when_started_as_root() {
+    if !is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let (uid, gid) = nobody();
+    let a = Backend::start("127.0.0.1", "a");
+    let not_allowed = [("UDPLB_ALLOW_ROOT", "0")];
+    let listen = listen_addr("127.0.0.1");
+    let one_liner =
+        Udplb::start_with_env(&[&listen.to_string(), &a.addr.to_string()], &not_allowed);
+    let admin = admin_addr();
+    let file = write_config(&format!(
+        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{}\"\npool = \"p\"\n\
+         [pools.p]\nbackends = [\"{}\"]\n",
+        listen_addr("127.0.0.1"),
+        a.addr
+    ));
+    let from_file = Udplb::run_config_with_env(&file, admin, &not_allowed);
+    for lb in [&one_liner, &from_file] {
+        let pid = lb.pid();
+        for (field, want) in [("Uid", uid), ("Gid", gid)] {
+            assert!(
+                status_field(pid, field)
+                    .iter()
+                    .all(|v| v == &want.to_string()),
+                "{field}: {:?}",
+                status_field(pid, field)
+            );
+        }
+        assert_eq!(
+            status_field(pid, "CapEff"),
+            vec!["0000000000000000".to_string()]
+        );
+        let stderr = lb.stderr.lock().unwrap().clone();
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("switched user after binding"))
+            .unwrap_or_else(|| panic!("no startup line about the user: {stderr}"));
+        assert!(line.contains("user=nobody"), "{line}");
+        assert!(line.contains("the default"), "{line}");
+    }
+    let c = client("127.0.0.1:0");
+    assert!(request(&c, listen, b"hi").0.ends_with(b"hi"));
+}
+
+/// Root stays root only when told to: `--allow-root`, `UDPLB_ALLOW_ROOT=1` or
+/// `runtime.allow_root`.
+#[test]
+fn stays_root_when_allowed() {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
     }
-    let listen = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .env_remove("UDPLB_ALLOW_ROOT")
-        .args([listen.as_str(), "127.0.0.1:9"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("refusing to run as root"), "{stderr}");
-    assert!(stderr.contains("runtime.user"), "{stderr}");
+    let a = Backend::start("127.0.0.1", "a");
+    let flag = Udplb::start_with_env(
+        &[
+            "--allow-root",
+            &listen_addr("127.0.0.1").to_string(),
+            &a.addr.to_string(),
+        ],
+        &[("UDPLB_ALLOW_ROOT", "0")],
+    );
+    let env = Udplb::start(&[&listen_addr("127.0.0.1").to_string(), &a.addr.to_string()]);
+    let admin = admin_addr();
+    let file = write_config(&format!(
+        "[runtime]\nallow_root = true\n[admin]\nlisten = \"{admin}\"\n[listeners.l]\n\
+         address = \"{}\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
+        listen_addr("127.0.0.1"),
+        a.addr
+    ));
+    let key = Udplb::run_config_with_env(&file, admin, &[("UDPLB_ALLOW_ROOT", "0")]);
+    for lb in [&flag, &env, &key] {
+        assert!(
+            status_field(lb.pid(), "Uid").iter().all(|v| v == "0"),
+            "{:?}",
+            status_field(lb.pid(), "Uid")
+        );
+    }
 }
 
 #[test]
@@ -113,9 +179,55 @@ fn an_unknown_user_is_a_clear_error() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
-        stderr.contains("no user named \"no-such-user-udplb\""),
+        stderr.contains("udplb: --user: there is no user named \"no-such-user-udplb\""),
         "{stderr}"
     );
+}
+
+/// Programs are checked for the user udplb will run them as: started as root and switching
+/// to nobody, a check script only root may run is refused by `check` and `run` alike, naming
+/// the user; staying root, the same file passes.
+#[test]
+fn programs_are_checked_for_the_user_udplb_switches_to() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("udplb-privileges-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("check.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let config = |runtime: &str| {
+        format!(
+            "{runtime}\n[listeners.l]\naddress = \"{}\"\npool = \"p\"\n[pools.p]\n\
+             backends = [\"127.0.0.1:9\"]\n[pools.p.health]\ncheck = \"exec\"\ncommand = [\"{}\"]\n",
+            listen_addr("127.0.0.1"),
+            script.display()
+        )
+    };
+    let as_nobody = write_config(&config("[runtime]\nuser = \"nobody\""));
+    let as_nobody = as_nobody.display().to_string();
+    let error = format!(
+        "{as_nobody}:10:1: pools.p.health.command: \"{}\" is not executable by user \"nobody\"",
+        script.display()
+    );
+    for command in ["check", "run"] {
+        let (code, stderr) = exit_of(&[command, "-c", &as_nobody], &[]);
+        assert_eq!(code, Some(78), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&error),
+            "{command}: {error} not in {stderr}"
+        );
+    }
+    let as_root = write_config(&config(""));
+    let (code, stderr) = exit_of(
+        &["check", "-c", &as_root.display().to_string()],
+        &[("UDPLB_ALLOW_ROOT", "1")],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -176,4 +176,46 @@ fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
         .unwrap_or_default()
         .to_string();
     assert!(error.contains("needs a restart"), "{error}");
+    assert!(
+        error.contains(&format!("listener \"l\": address {listen} -> {moved}")),
+        "the change is not said in words: {error}"
+    );
+}
+
+/// A reload is checked like a start: a notify program that does not exist is refused with
+/// its file, line and key, and the running configuration stays.
+#[test]
+fn a_reload_with_a_program_that_cannot_run_is_refused() {
+    let dir = scratch("program");
+    let a = Backend::start("127.0.0.1", "a");
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let listen = listen_addr("127.0.0.1");
+    let path = dir.join("udplb.toml");
+    write_config(&path, admin, listen, &[&a], &[1]);
+    let lb = Udplb::run_config(&path, admin);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str("notify = [\"no-such-program-udplb\"]\n");
+    std::fs::write(&path, &text).unwrap();
+    sighup(&lb);
+    assert!(
+        wait_for(DEADLINE, || lb.stats()["reload"]["failed"].as_u64()
+            == Some(1)),
+        "{}",
+        lb.stats()
+    );
+    let error = lb.stats()["reload"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let line = text.lines().count();
+    assert!(
+        error.contains(&format!(
+            "{}:{line}:1: pools.p.notify: there is no program \"no-such-program-udplb\" in PATH",
+            path.display()
+        )),
+        "{error}"
+    );
+    let c = client("127.0.0.1:0");
+    assert_eq!(request(&c, listen, b"still").0, b"a:still");
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -85,6 +85,33 @@ pub fn check_toml(toml: &str) -> (Option<i32>, String) {
     )
 }
 
+/// Runs udplb with `args` and returns its exit code and standard error; a udplb that is still
+/// running after 5 s (it wrongly started) is killed, and the code is `None`.
+pub fn exit_of(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_udplb"))
+        .envs(env.iter().copied())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (status.and_then(|s| s.code()), stderr)
+}
+
 /// A running udplb process, killed when dropped.
 pub struct Udplb {
     pub child: Child,
@@ -99,6 +126,15 @@ impl Udplb {
         let mut full: Vec<String> = vec!["--admin".into(), admin.to_string()];
         full.extend(args.iter().map(|s| s.to_string()));
         Self::spawn(full, admin)
+    }
+
+    /// Like [`Udplb::start`], with extra environment variables (they override the harness's
+    /// `UDPLB_ALLOW_ROOT=1`).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Udplb {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let mut full: Vec<String> = vec!["--admin".into(), admin.to_string()];
+        full.extend(args.iter().map(|s| s.to_string()));
+        Self::spawn_with_env(env!("CARGO_BIN_EXE_udplb"), full, admin, env)
     }
 
     /// Like [`Udplb::start`], with the open-file limit (soft and hard) set to `limit`.
@@ -194,13 +230,28 @@ impl Udplb {
 
     /// `METHOD path` with a JSON `body` on the admin endpoint: status code and parsed body.
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+        self.call_as(method, path, Some("application/json"), body)
+    }
+
+    /// Like [`Udplb::call`] with another `Content-Type` (`None`: no such header). A body that
+    /// is not JSON comes back as a JSON string.
+    pub fn call_as(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
         let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))
             .expect("connect to admin");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let body = body.unwrap_or("");
+        let content_type = content_type
+            .map(|t| format!("Content-Type: {t}\r\n"))
+            .unwrap_or_default();
         write!(
             s,
-            "{method} {path} HTTP/1.0\r\nHost: udplb\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.0\r\nHost: udplb\r\n{content_type}Content-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .unwrap();
