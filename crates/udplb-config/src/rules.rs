@@ -60,7 +60,7 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
         check_listener(&mut out, cfg, l, &cfg.listeners[..i]);
     }
     for p in &cfg.pools {
-        check_pool(&mut out, p);
+        check_pool(&mut out, p, &cfg.listeners);
     }
     out
 }
@@ -193,7 +193,7 @@ fn addresses_conflict(a: SocketAddr, b: SocketAddr) -> bool {
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
-fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig) {
+fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfig]) {
     if let Some(h) = &p.health {
         check_health(out, &format!("pools.{}.health", p.name), h);
     }
@@ -218,6 +218,9 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig) {
                 "a backend needs a concrete address, not a wildcard",
             ));
         }
+        if let Some(why) = unreachable_backend(b.spec.addr, listeners) {
+            out.push(problem(format!("{bkey}.address"), why));
+        }
         if !seen.insert(b.spec.addr) {
             out.push(problem(
                 format!("{bkey}.address"),
@@ -231,6 +234,30 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig) {
             1..=BackendSpec::MAX_WEIGHT,
         );
     }
+}
+
+/// Why udplb must never send to backend `addr`: it is one of its own listeners (every datagram
+/// would come back as a new client's, without end), or a multicast or broadcast address.
+/// (A local address of another interface on a wildcard listener's port is only known on the
+/// host: `udplb` refuses it there.)
+fn unreachable_backend(addr: SocketAddr, listeners: &[ListenerConfig]) -> Option<String> {
+    let ip = addr.ip();
+    if ip.is_multicast() || matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast()) {
+        return Some(format!(
+            "{addr} is a multicast or broadcast address: a backend is one host"
+        ));
+    }
+    let own = listeners.iter().find(|l| {
+        l.address == addr
+            || (l.address.ip().is_unspecified()
+                && l.address.is_ipv4() == addr.is_ipv4()
+                && l.address.port() == addr.port()
+                && ip.is_loopback())
+    })?;
+    Some(format!(
+        "{addr} is listener {:?} ({}): udplb would send its datagrams to itself",
+        own.name, own.address
+    ))
 }
 
 fn check_health(out: &mut Vec<Problem>, key: &str, h: &HealthCheck) {

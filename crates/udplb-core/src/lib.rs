@@ -3,8 +3,8 @@
 //! Owns: the vocabulary of the balancer ([`model`]), scheduling ([`sched`], [`maglev`]),
 //! the immutable configuration [`snapshot`] the workers read, the per-worker [`flow`] table
 //! with idle expiry and its cap, IP affinity ([`affinity`]), backend health and pool quorum as
-//! state machines ([`health`]), latency histograms ([`latency`]) and the reasons a datagram
-//! can be dropped ([`verdict`]).
+//! state machines ([`health`]), latency histograms ([`latency`]), the sources that can never
+//! be clients ([`source`]) and the reasons a datagram can be dropped ([`verdict`]).
 //!
 //! Must not: open sockets, read clocks, draw random numbers or spawn threads. Time is a
 //! [`Time`] the caller passes in; randomness is a `u64` the caller passes in; hashing for
@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod sched;
 pub mod snapshot;
+pub mod source;
 pub mod time;
 pub mod verdict;
 

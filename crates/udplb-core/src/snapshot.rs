@@ -16,6 +16,7 @@ use crate::model::{
 };
 use crate::ratelimit::Limits;
 use crate::sched::{Sequence, Tier};
+use crate::source::SourceGuard;
 
 /// A backend's identity across snapshots: the same (pool, address) keeps the same id when a
 /// new snapshot is built from a previous one, so flows and per-backend counters survive reloads.
@@ -228,6 +229,8 @@ pub struct Snapshot {
     /// Whether new flows are admitted (false while shutting down: established flows are served
     /// until they end or the grace period is over).
     pub admitting: bool,
+    /// Sources no new flow may have (udplb's own addresses, backends, port 0, ...).
+    pub guard: Arc<SourceGuard>,
 }
 
 impl Snapshot {
@@ -285,6 +288,7 @@ impl Snapshot {
             pools,
             backend_id_limit: next_id,
             admitting: true,
+            guard: Arc::default(),
         }
     }
 

@@ -42,11 +42,15 @@ pub enum DropReason {
     /// A new flow shed because the listener is overloaded (a turn ended with its receive
     /// queue filling up): new flows are rationed so that established ones keep being served.
     Overload,
+    /// A source that can never be a client: port 0, one of udplb's own listener addresses, a
+    /// backend's address, an IPv4-mapped address on an IPv6 listener, or an address no host
+    /// sends from (see [`crate::source::SourceGuard`]). Answering it would loop or be forged.
+    BadSource,
 }
 
 impl DropReason {
     /// Number of variants (size of per-reason counter arrays).
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; Self::COUNT] = [
@@ -66,6 +70,7 @@ impl DropReason {
         DropReason::Amplification,
         DropReason::ProxyHeader,
         DropReason::Overload,
+        DropReason::BadSource,
     ];
 
     /// The label used in metrics and status output.
@@ -87,6 +92,7 @@ impl DropReason {
             DropReason::Amplification => "amplification",
             DropReason::ProxyHeader => "proxy_header",
             DropReason::Overload => "overload",
+            DropReason::BadSource => "bad_source",
         }
     }
 

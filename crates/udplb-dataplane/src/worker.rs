@@ -661,6 +661,10 @@ impl Worker {
         snap: &Snapshot,
         now: Time,
     ) -> Result<FlowHandle, DropReason> {
+        // The network peer, whatever a PROXY header says: replies go back to it.
+        if snap.guard.refuses(key.client) {
+            return Err(DropReason::BadSource);
+        }
         if !snap.admitting {
             return Err(DropReason::ShuttingDown);
         }

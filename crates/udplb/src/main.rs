@@ -11,6 +11,7 @@ mod cli;
 mod ctl;
 mod daemon;
 mod health;
+mod host;
 mod logging;
 mod metrics;
 mod plan;

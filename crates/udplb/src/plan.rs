@@ -10,6 +10,9 @@ use udplb_config::Config;
 use udplb_core::acl::{Acl, CidrSet};
 use udplb_core::ratelimit::{LimitSettings, Limits};
 use udplb_core::snapshot::{BackendInput, ListenerSpec, PoolInput, Snapshot};
+use udplb_core::source::SourceGuard;
+
+use crate::host::Addresses;
 
 /// Health of every backend, by pool and backend index in the config.
 pub trait HealthView {
@@ -25,6 +28,14 @@ pub fn snapshot_of(
     previous: Option<&Snapshot>,
     health: &dyn HealthView,
 ) -> Snapshot {
+    let host = Addresses::read();
+    let guard = SourceGuard::new(
+        cfg.listeners.iter().map(|l| l.address),
+        cfg.pools
+            .iter()
+            .flat_map(|p| p.backends.iter().map(|b| b.spec.addr)),
+        host.local.iter().copied(),
+    );
     let listeners = cfg
         .listeners
         .iter()
@@ -71,7 +82,7 @@ pub fn snapshot_of(
                 .map(|(bi, b)| BackendInput {
                     spec: b.spec,
                     admin: b.state,
-                    healthy: health.is_up(pi, bi),
+                    healthy: health.is_up(pi, bi) && usable(&p.name, b.spec.addr, &guard, &host),
                 })
                 .collect(),
             on_down: p.on_down,
@@ -81,7 +92,26 @@ pub fn snapshot_of(
             transparent: p.transparent,
         })
         .collect();
-    Snapshot::build(generation, listeners, pools, previous)
+    let mut snapshot = Snapshot::build(generation, listeners, pools, previous);
+    snapshot.guard = Arc::new(guard);
+    snapshot
+}
+
+/// Whether udplb may send to backend `addr` of pool `pool`: not when it is udplb's own
+/// listener (each datagram would come back as a new client's, without end) or a broadcast
+/// address. The configuration rules refuse the cases they can see (a listener's address, a
+/// loopback address on a wildcard listener's port); this catches the ones only the host's
+/// interfaces tell.
+fn usable(pool: &str, addr: std::net::SocketAddr, guard: &SourceGuard, host: &Addresses) -> bool {
+    let why = if guard.is_listener(addr) {
+        "it is one of udplb's own listener addresses"
+    } else if host.is_broadcast(addr.ip()) {
+        "it is a broadcast address"
+    } else {
+        return true;
+    };
+    tracing::warn!(pool, backend = %addr, "backend never takes traffic: {why}");
+    false
 }
 
 /// The limiters of listener `name`: the running ones when a reload keeps their settings (so

@@ -1,12 +1,15 @@
 //! What a configuration needs from the machine it runs on, beyond its own rules: the user and
-//! group udplb switches to exist, and every program it may run (a pool's `notify` command,
+//! group udplb switches to exist, every program it may run (a pool's `notify` command,
 //! `exec` health checks) exists and can be executed by the user that will run it, found as
-//! spawning finds it (a bare name through `PATH`, a path with a `/` as it is).
+//! spawning finds it (a bare name through `PATH`, a path with a `/` as it is), and no backend
+//! is udplb itself on this host (an address of one of its interfaces on a wildcard listener's
+//! port) or a broadcast address of one of its networks.
 //!
 //! Owns: [`problems`], the one function `udplb check`, `udplb run`, the one-liner and reloads
 //! all call, so they cannot disagree (only binding sockets is left to `run`), and [`describe`],
 //! which names each problem by file line or command-line flag.
-//! Must not: change anything; it only reads the user database and the file system.
+//! Must not: change anything; it only reads the user database, the file system and the
+//! interfaces' addresses.
 
 use std::ffi::OsStr;
 use std::fs::Metadata;
@@ -44,6 +47,7 @@ pub fn problems(cfg: &Config, stage: Stage) -> Vec<Problem> {
         Stage::Start => runner_at_start(&cfg.runtime, &mut out),
         Stage::Reload => Runner::current(),
     };
+    backends_on_this_host(cfg, &mut out);
     for pool in &cfg.pools {
         let key = |k: &str| format!("pools.{}.{k}", pool.name);
         if let Some(command) = &pool.notify {
@@ -67,6 +71,34 @@ pub fn problems(cfg: &Config, stage: Stage) -> Vec<Problem> {
         }
     }
     out
+}
+
+/// Backends that are udplb's own listeners or broadcast addresses, as this host's interfaces
+/// tell (the configuration rules refuse what the file alone shows).
+fn backends_on_this_host(cfg: &Config, out: &mut Vec<Problem>) {
+    let host = crate::host::Addresses::read();
+    let guard = udplb_core::source::SourceGuard::new(
+        cfg.listeners.iter().map(|l| l.address),
+        [],
+        host.local.iter().copied(),
+    );
+    for pool in &cfg.pools {
+        for (i, b) in pool.backends.iter().enumerate() {
+            let addr = b.spec.addr;
+            let why = if guard.is_listener(addr) {
+                "is an address of this host on a wildcard listener's port: udplb would send its \
+                 datagrams to itself"
+            } else if host.is_broadcast(addr.ip()) {
+                "is the broadcast address of one of this host's networks: a backend is one host"
+            } else {
+                continue;
+            };
+            out.push(problem(
+                &format!("pools.{}.backends[{i}].address", pool.name),
+                format!("{addr} {why}"),
+            ));
+        }
+    }
 }
 
 /// Each problem as a line: `udplb: FLAG: MESSAGE` for a key the command line set (`flags`
