@@ -31,15 +31,19 @@ use crate::time::Time;
 use crate::verdict::CloseReason;
 
 /// What identifies a flow: the listener, the client's address and the local address it
-/// targeted (a wildcard listener serves several).
+/// targeted (a wildcard listener serves several), and behind another balancer the client its
+/// PROXY v2 header named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowKey {
     /// Index of the listener in the snapshot.
     pub listener: u16,
-    /// The client's address.
+    /// The client's address: the sender of the datagrams, where replies go.
     pub client: SocketAddr,
     /// The address the client sent to, when the listener is a wildcard.
     pub local: Option<IpAddr>,
+    /// On a listener behind another balancer (`proxy_protocol`): the client the PROXY header
+    /// named, so that the clients one sender forwards are flows of their own.
+    pub origin: Option<SocketAddr>,
 }
 
 /// Feeds the hasher one word for the common key (an IPv4 client of a listener with one
@@ -49,14 +53,15 @@ pub struct FlowKey {
 /// fed, so equal keys hash alike.
 impl Hash for FlowKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        if let (SocketAddr::V4(client), None) = (self.client, self.local) {
+        if let (SocketAddr::V4(client), None, None) = (self.client, self.local, self.origin) {
             let word = (u64::from(client.ip().to_bits()) << 32)
                 | (u64::from(client.port()) << 16)
                 | u64::from(self.listener);
             return state.write_u64(word);
         }
-        // Tag, listener, client (address, port, flow info, scope), local (tag, address).
-        let mut bytes = [0u8; 1 + 2 + 16 + 2 + 4 + 4 + 1 + 16];
+        // Tag, listener, client (address, port, flow info, scope), local (tag, address),
+        // origin (tag, address, port).
+        let mut bytes = [0u8; 1 + 2 + 16 + 2 + 4 + 4 + 1 + 16 + 1 + 16 + 2];
         bytes[1..3].copy_from_slice(&self.listener.to_le_bytes());
         match self.client {
             SocketAddr::V4(c) => {
@@ -81,6 +86,19 @@ impl Hash for FlowKey {
             Some(IpAddr::V6(ip)) => {
                 bytes[29] = 6;
                 bytes[30..46].copy_from_slice(&ip.octets());
+            }
+        }
+        match self.origin {
+            None => {}
+            Some(SocketAddr::V4(o)) => {
+                bytes[46] = 4;
+                bytes[47..51].copy_from_slice(&o.ip().octets());
+                bytes[63..65].copy_from_slice(&o.port().to_le_bytes());
+            }
+            Some(SocketAddr::V6(o)) => {
+                bytes[46] = 6;
+                bytes[47..63].copy_from_slice(&o.ip().octets());
+                bytes[63..65].copy_from_slice(&o.port().to_le_bytes());
             }
         }
         state.write(&bytes);
@@ -594,6 +612,7 @@ mod tests {
             listener: 0,
             client: SocketAddr::from(([192, 0, 2, 1], port)),
             local: None,
+            origin: None,
         }
     }
 
@@ -641,11 +660,14 @@ mod tests {
                 .chain([v6(53, 1, 0), v6(53, 0, 1)])
             {
                 for local in [None, local4, local6] {
-                    keys.push(FlowKey {
-                        listener,
-                        client,
-                        local,
-                    });
+                    for origin in [None, Some(v4(9, 9)), Some(v4(9, 8)), Some(v6(9, 0, 0))] {
+                        keys.push(FlowKey {
+                            listener,
+                            client,
+                            local,
+                            origin,
+                        });
+                    }
                 }
             }
         }
@@ -660,6 +682,7 @@ mod tests {
             listener: 0,
             client: SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped(), 53)),
             local: None,
+            origin: None,
         };
         assert_ne!(hash(&mapped), hash(&keys[0]));
     }

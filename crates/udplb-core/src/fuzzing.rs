@@ -101,6 +101,7 @@ fn key_of(arg: u8) -> FlowKey {
         listener: u16::from(arg & 1),
         client: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, arg >> 2)), 1000),
         local: None,
+        origin: None,
     }
 }
 

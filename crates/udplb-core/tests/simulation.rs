@@ -73,6 +73,7 @@ fn run(seed: u64, steps: usize) {
             listener: rng.below(u64::from(listeners)) as u16,
             client: SocketAddr::from(([10, 0, 0, rng.below(8) as u8], 1000 + rng.below(32) as u16)),
             local: None,
+            origin: None,
         };
         match rng.below(10) {
             0..=4 => {

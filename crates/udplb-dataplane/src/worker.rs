@@ -144,6 +144,9 @@ struct ListenerIo {
     overloaded: bool,
     /// Upstream sockets its flows share (`shared_upstream`), per address family.
     shared: SharedPorts,
+    /// Behind another balancer (`proxy_protocol`): per sender, the client its last PROXY
+    /// header named, for its datagrams without one. One entry per sender with a live flow.
+    senders: std::collections::HashMap<SocketAddr, SocketAddr>,
 }
 
 /// A listener's shared upstream sockets: one pool per address family (a socket sends to
@@ -187,8 +190,10 @@ pub(crate) struct Upstream {
     /// Request-response mode: when the flow's first request was sent (µs since the worker's
     /// epoch), until its first reply turns it into a latency sample.
     request_sent_us: Option<u64>,
-    /// The current backend got the flow's PROXY header (`proxy_protocol = "first"`).
-    header_sent: bool,
+    /// The current backend answered since it got the flow's PROXY header: with
+    /// `proxy_protocol = "first"` the header is sent again on every datagram until then, since
+    /// the first datagram (and its header) may have been lost.
+    header_acked: bool,
     /// Behind another balancer (a listener with `proxy_protocol`): the client and target
     /// its PROXY header named. `None`: the sender is the client.
     origin: Option<Box<Origin>>,
@@ -287,6 +292,7 @@ impl Worker {
                     v4: PortPool::new(),
                     v6: PortPool::new(),
                 },
+                senders: std::collections::HashMap::new(),
             });
         }
         let mut worker = Worker {
@@ -541,12 +547,13 @@ impl Worker {
         } else {
             None
         };
-        let key = FlowKey {
+        let mut key = FlowKey {
             listener: li as u16,
             client: d.source,
             local,
+            origin: None,
         };
-        let (data, origin) = match self.ingress(spec, &key, d.data) {
+        let (data, origin) = match self.ingress(li, spec, &mut key, d.data) {
             Ok(x) => x,
             Err(reason) => return stats.drop_n(reason, count),
         };
@@ -575,6 +582,10 @@ impl Worker {
                 Err(reason) => return self.stats.listeners[li].drop_n(reason, count),
             },
         };
+        if let Some(o) = origin {
+            // The sender's datagrams without a header belong to the client it named last.
+            self.listeners[li].senders.insert(key.client, o.client);
+        }
         let sent = match spec.mode {
             SessionMode::Datagram => self.send_scheduled(h, spec, snap, data, fresh),
             SessionMode::Flow | SessionMode::RequestResponse { .. } => {
@@ -618,14 +629,17 @@ impl Worker {
     }
 
     /// A listener behind another balancer (`proxy_protocol`): checks the sender, strips the
-    /// PROXY v2 header and returns the payload with the client the header names. A new flow
-    /// needs a header (a LOCAL one means the sender itself is the client); later datagrams of
-    /// a flow may come without one. Other listeners: the datagram as it is.
+    /// PROXY v2 header and returns the payload with the client the header names, which joins
+    /// `key` (each client a sender forwards is a flow of its own). A new flow needs a header (a
+    /// LOCAL one means the sender itself is the client); later datagrams may come without one,
+    /// and belong to the client the sender's last header named. Other listeners: the datagram
+    /// as it is.
     #[inline]
     fn ingress<'d>(
         &self,
+        li: usize,
         spec: &ListenerSpec,
-        key: &FlowKey,
+        key: &mut FlowKey,
         data: &'d [u8],
     ) -> Result<(&'d [u8], Option<Origin>), DropReason> {
         if !spec.proxy_ingress {
@@ -635,6 +649,7 @@ impl Worker {
             return Err(DropReason::ProxyHeader);
         }
         if !udplb_core::proxy::has_signature(data) {
+            key.origin = self.listeners[li].senders.get(&key.client).copied();
             return match self.table.find(key) {
                 Some(_) => Ok((data, None)),
                 None => Err(DropReason::ProxyHeader),
@@ -648,6 +663,7 @@ impl Worker {
         let origin = header
             .addresses
             .map(|(client, target)| Origin { client, target });
+        key.origin = origin.map(|o| o.client);
         Ok((payload, origin))
     }
 
@@ -735,7 +751,7 @@ impl Worker {
             Upstream {
                 socket,
                 request_sent_us: None,
-                header_sent: false,
+                header_acked: false,
                 origin: origin.map(Box::new),
                 requested: 0,
                 replied: 0,
@@ -970,7 +986,7 @@ impl Worker {
             .ok_or(DropReason::NoBackend)?;
         let with_header = match snap.pools[pi].proxy_header {
             ProxyHeader::Off => false,
-            ProxyHeader::First => !flow.io.header_sent,
+            ProxyHeader::First => !flow.io.header_acked,
             ProxyHeader::Every => true,
         };
         // A shared socket is not connected (nor is a datagram-mode flow's socket, after a
@@ -1000,11 +1016,7 @@ impl Worker {
             sent = send_datagram(fd, &self.header[..header], data, segment_size, dest);
         }
         match sent {
-            Ok(_) => {
-                let flow = self.table.get_mut(h).ok_or(DropReason::SendError)?;
-                flow.io.header_sent |= with_header;
-                Ok(flow.backend)
-            }
+            Ok(_) => Ok(flow.backend),
             Err(e) => Err(self.on_send_error(h, li, &e)),
         }
     }
@@ -1109,7 +1121,7 @@ impl Worker {
         }
         self.table.rebind(h, (b.id, b.spec.addr), snap.generation);
         if let Some(f) = self.table.get_mut(h) {
-            f.io.header_sent = false; // the new backend has not seen it
+            f.io.header_acked = false; // the new backend has not seen it
         }
         Ok(())
     }
@@ -1401,6 +1413,12 @@ impl Worker {
             self.stats.listeners[li].drop(DropReason::Amplification);
             return Relayed::Queued;
         }
+        if pool.proxy_header == ProxyHeader::First
+            && let Some(flow) = self.table.get_mut(h)
+        {
+            // The backend answered: it has the flow's header.
+            flow.io.header_acked = true;
+        }
         self.listeners[li]
             .replies
             .push(payload, key.client, key.local);
@@ -1484,9 +1502,14 @@ impl Worker {
         }
     }
 
-    fn on_closed(&self, key: &FlowKey, client: SocketAddr, reason: CloseReason, now: Time) {
+    fn on_closed(&mut self, key: &FlowKey, client: SocketAddr, reason: CloseReason, now: Time) {
         let li = key.listener as usize;
         self.stats.listeners[li].flows_closed[reason.index()].add(1);
+        if let (Some(origin), Some(lio)) = (key.origin, self.listeners.get_mut(li))
+            && lio.senders.get(&key.client) == Some(&origin)
+        {
+            lio.senders.remove(&key.client);
+        }
         if let Some(sticky) = &self.sticky[li] {
             sticky
                 .lock()

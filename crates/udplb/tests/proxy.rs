@@ -320,3 +320,88 @@ fn headers_from_untrusted_senders_are_refused() {
     assert!(wait_for(DEADLINE, || lb.counter("/drops/proxy_header") == 1));
     assert!(b.seen().is_empty());
 }
+
+/// A PROXY header in front of `payload`, naming `client` and `target`.
+fn with_header(client: &str, target: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut d = vec![0u8; 64];
+    let n = udplb_core::proxy::encode(&mut d, client.parse().unwrap(), target).unwrap();
+    d.truncate(n);
+    d.extend_from_slice(payload);
+    d
+}
+
+/// One sender forwarding several clients through one socket: each client the headers name is
+/// a flow of its own, forwarded with its own address; a datagram without a header belongs to
+/// the client the sender named last (as 200 clients through one sender used to become one
+/// flow, every header after the first naming client 1).
+#[test]
+fn clients_behind_one_sender_are_flows_of_their_own() {
+    let b = Recorder::start("127.0.0.1", Vec::new());
+    let listen = listen_addr("127.0.0.1");
+    let lb = back_config(listen, b.addr, "");
+    let sender = client("127.0.0.1:0");
+    let clients = ["192.0.2.1:1001", "192.0.2.2:1002", "192.0.2.3:1003"];
+    for (i, c) in clients.iter().enumerate() {
+        let payload = format!("from {i}");
+        let (reply, _) = request(&sender, listen, &with_header(c, listen, payload.as_bytes()));
+        assert_eq!(reply, format!("ok:{payload}").into_bytes());
+    }
+    // No header: the client named last.
+    let (reply, _) = request(&sender, listen, b"bare");
+    assert_eq!(reply, b"ok:bare");
+    assert_eq!(lb.counter("/flows/created"), 3, "{}", lb.stats());
+    let seen = b.seen();
+    let named: Vec<SocketAddr> = seen
+        .iter()
+        .filter(|d| header_len(d).is_some())
+        .map(|d| header_addresses(d).0)
+        .collect();
+    let expected: Vec<SocketAddr> = clients.iter().map(|c| c.parse().unwrap()).collect();
+    assert_eq!(
+        named, expected,
+        "each client's own header reached the backend"
+    );
+    assert_eq!(
+        seen.last().unwrap(),
+        b"bare",
+        "the last client's flow had its header"
+    );
+}
+
+/// With `proxy_protocol = "first"` the header goes again on every datagram until the backend
+/// answers: the first datagram, and its header, may have been lost.
+#[test]
+fn the_first_header_is_sent_again_until_the_backend_answers() {
+    // A backend that answers only from its third datagram on.
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let mut log = log.lock().unwrap();
+            log.push(buf[..n].to_vec());
+            if log.len() >= 3 {
+                let _ = socket.send_to(b"ok", from);
+            }
+        }
+    });
+    let (lb, listen) = start("127.0.0.1", "flow", addr, "proxy_protocol = \"first\"");
+    let c = client("127.0.0.1:0");
+    for p in ["one", "two", "three"] {
+        c.send_to(p.as_bytes(), listen).unwrap();
+        assert!(wait_for(DEADLINE, || seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|d| d.ends_with(p.as_bytes()))));
+    }
+    assert_eq!(recv(&c).0, b"ok");
+    assert!(wait_for(DEADLINE, || lb.counter("/replies_out") == 1));
+    c.send_to(b"four", listen).unwrap();
+    assert!(wait_for(DEADLINE, || seen.lock().unwrap().len() == 4));
+    let seen = seen.lock().unwrap().clone();
+    let headers: Vec<bool> = seen.iter().map(|d| header_len(d).is_some()).collect();
+    assert_eq!(headers, [true, true, true, false], "{seen:?}");
+}
