@@ -9,9 +9,11 @@
 //! two sockets, while flows to different backends can share one: replies are told apart by
 //! (socket, source address). A new flow takes a free pair, which costs no syscall once the
 //! sockets exist; a socket is opened only when every existing one already carries a flow to the
-//! chosen backend. Released pairs are handed out again oldest first and only after
-//! [`QUARANTINE_MS`], so that a backend's late answers to a closed flow arrive while no flow
-//! owns the pair (they are dropped and counted, never relayed to another client).
+//! chosen backend. Released pairs are handed out again oldest first and only once their
+//! quarantine is over (the listener's reply timeout), so that a backend's late or duplicate
+//! answers to a closed flow arrive while no flow owns the pair (they are dropped and counted,
+//! never relayed to another client). A quarantined pair is never handed out early: when no
+//! socket can be opened, the new flow is shed instead.
 //!
 //! Must not: do I/O. The worker opens, registers and reads the sockets; sockets stay open for
 //! the worker's life (their number is the high-water mark of flows per backend).
@@ -22,17 +24,15 @@ use std::net::SocketAddr;
 use udplb_core::Time;
 use udplb_core::flow::FlowHandle;
 
-/// How long a released (socket, backend) pair waits before another flow may take it, while
-/// another pair is available or a socket can be opened.
-pub(crate) const QUARANTINE_MS: u64 = 100;
 /// Sockets per pool at most (the worker's epoll tokens leave room for this many).
 pub(crate) const MAX_SOCKETS: usize = 1 << 20;
 
 /// Index of a socket in its pool.
 pub(crate) type Port = u32;
 
-/// Per backend: the pairs it released, oldest first, and how far into the socket list it has
-/// ever reached (sockets from `untouched` on never carried one of its flows).
+/// Per backend: the pairs it released, oldest first, with when each may serve again, and how
+/// far into the socket list it has ever reached (sockets from `untouched` on never carried one
+/// of its flows).
 #[derive(Default)]
 struct BackendPorts {
     released: VecDeque<(Time, Port)>,
@@ -57,12 +57,12 @@ impl<S> PortPool<S> {
 
     /// A pair with `backend` for a new flow at `now`, without opening a socket: a released
     /// pair past its quarantine, else a socket that never carried a flow to `backend`. `None`:
-    /// open a socket ([`PortPool::add`]) or, failing that, use [`PortPool::reserve_early`].
+    /// open a socket ([`PortPool::add`]).
     pub(crate) fn reserve(&mut self, backend: SocketAddr, now: Time) -> Option<Port> {
         let total = self.sockets.len() as Port;
         let b = self.backends.entry(backend).or_default();
-        if let Some(&(released, port)) = b.released.front()
-            && now.0.saturating_sub(released.0) >= QUARANTINE_MS
+        if let Some(&(ready, port)) = b.released.front()
+            && ready <= now
         {
             b.released.pop_front();
             return Some(port);
@@ -74,26 +74,20 @@ impl<S> PortPool<S> {
         None
     }
 
-    /// The oldest released pair with `backend`, quarantined or not: for when no socket can be
-    /// opened.
-    pub(crate) fn reserve_early(&mut self, backend: SocketAddr) -> Option<Port> {
-        let (_, port) = self.backends.get_mut(&backend)?.released.pop_front()?;
-        Some(port)
-    }
-
     /// Records that `flow` owns the reserved pair (`port`, `backend`).
     pub(crate) fn assign(&mut self, port: Port, backend: SocketAddr, flow: FlowHandle) {
         self.owners.insert((port, backend), flow);
     }
 
-    /// Gives back the pair (`port`, `backend`) at `now`.
-    pub(crate) fn release(&mut self, port: Port, backend: SocketAddr, now: Time) {
+    /// Gives back the pair (`port`, `backend`), to serve another flow from `ready` on (the
+    /// end of its quarantine).
+    pub(crate) fn release(&mut self, port: Port, backend: SocketAddr, ready: Time) {
         self.owners.remove(&(port, backend));
         self.backends
             .entry(backend)
             .or_default()
             .released
-            .push_back((now, port));
+            .push_back((ready, port));
     }
 
     /// The flow a datagram from `source` on socket `port` belongs to.
@@ -178,11 +172,12 @@ mod tests {
     fn released_pairs_wait_out_their_quarantine() {
         let mut p = PortPool::new();
         assert_eq!(take(&mut p, backend(1), 1, Time(0)), 0);
-        p.release(0, backend(1), Time(10));
+        // Released at 10 ms, quarantined for 2 s.
+        p.release(0, backend(1), Time(2_010));
         assert_eq!(p.owner(0, backend(1)), None, "a released pair has no owner");
         // Too early: another socket rather than the pair just released.
-        assert_eq!(take(&mut p, backend(1), 2, Time(10 + QUARANTINE_MS - 1)), 1);
-        assert_eq!(take(&mut p, backend(1), 3, Time(10 + QUARANTINE_MS)), 0);
+        assert_eq!(take(&mut p, backend(1), 2, Time(2_009)), 1);
+        assert_eq!(take(&mut p, backend(1), 3, Time(2_010)), 0);
         assert_eq!(p.len(), 2);
     }
 
@@ -198,16 +193,5 @@ mod tests {
         assert_eq!(p.reserve(backend(1), later), Some(2));
         assert_eq!(p.reserve(backend(1), later), Some(0));
         assert_eq!(p.reserve(backend(1), later), None);
-    }
-
-    #[test]
-    fn early_reservation_takes_a_quarantined_pair_when_no_socket_opens() {
-        let mut p = PortPool::new();
-        take(&mut p, backend(1), 1, Time(0));
-        p.release(0, backend(1), Time(0));
-        assert_eq!(p.reserve(backend(1), Time(1)), None);
-        assert_eq!(p.reserve_early(backend(1)), Some(0));
-        assert_eq!(p.reserve_early(backend(1)), None);
-        assert_eq!(p.reserve_early(backend(9)), None);
     }
 }

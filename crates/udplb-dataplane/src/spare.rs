@@ -5,12 +5,14 @@
 //! request-response mode a flow ends with its last expected reply, and a busy client opens the
 //! next one moments later: taking a spare connected to the chosen backend saves the socket,
 //! connect, epoll registration and close of a fresh one (and the kernel's socket allocation and
-//! ephemeral port search). Sockets are handed out oldest first, so that a backend's late extra
-//! answers have had the longest time to arrive and be discarded before the socket serves
-//! another client.
+//! ephemeral port search). A spare serves another flow only once its quarantine is over (the
+//! listener's reply timeout), oldest first: a backend's late or duplicate answer to the
+//! finished exchange arrives while the socket serves no client, and is discarded, never relayed
+//! to the next one.
 //!
 //! Must not: do I/O. The worker discards what a spare received while parked and re-registers
-//! it; spares that wait longer than [`SPARE_IDLE_MS`] are dropped (closing their descriptors).
+//! it; spares still unused [`SPARE_IDLE_MS`] after their quarantine are dropped (closing their
+//! descriptors).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -21,10 +23,10 @@ use udplb_core::Time;
 pub(crate) const SPARES_PER_BACKEND: usize = 64;
 /// Spares kept by one worker over all backends (each holds a descriptor and an ephemeral port).
 pub(crate) const SPARES_PER_WORKER: usize = 1024;
-/// How long a spare may wait for a new flow before it is closed.
+/// How long a spare may wait for a new flow, once its quarantine is over, before it is closed.
 pub(crate) const SPARE_IDLE_MS: u64 = 1000;
 
-/// Idle sockets connected to a backend, oldest first.
+/// Idle sockets connected to a backend, oldest first, with when each may serve again.
 pub(crate) struct Spares<S> {
     by_backend: HashMap<SocketAddr, VecDeque<(Time, S)>>,
     total: usize,
@@ -38,9 +40,10 @@ impl<S> Spares<S> {
         }
     }
 
-    /// Keeps `socket`, connected to `backend`, from `now`. Returns it back when the backend's
-    /// or the worker's share is full (the caller closes it).
-    pub(crate) fn park(&mut self, backend: SocketAddr, socket: S, now: Time) -> Option<S> {
+    /// Keeps `socket`, connected to `backend`, for a flow from `ready` on (the end of its
+    /// quarantine). Returns it back when the backend's or the worker's share is full (the
+    /// caller closes it).
+    pub(crate) fn park(&mut self, backend: SocketAddr, socket: S, ready: Time) -> Option<S> {
         if self.total >= SPARES_PER_WORKER {
             return Some(socket);
         }
@@ -48,19 +51,23 @@ impl<S> Spares<S> {
         if queue.len() >= SPARES_PER_BACKEND {
             return Some(socket);
         }
-        queue.push_back((now, socket));
+        queue.push_back((ready, socket));
         self.total += 1;
         None
     }
 
-    /// The oldest spare connected to `backend`, if any.
-    pub(crate) fn take(&mut self, backend: SocketAddr) -> Option<S> {
-        let (_, socket) = self.by_backend.get_mut(&backend)?.pop_front()?;
+    /// The oldest spare connected to `backend` whose quarantine is over at `now`, if any.
+    pub(crate) fn take(&mut self, backend: SocketAddr, now: Time) -> Option<S> {
+        let queue = self.by_backend.get_mut(&backend)?;
+        if queue.front().is_none_or(|(ready, _)| *ready > now) {
+            return None;
+        }
+        let (_, socket) = queue.pop_front()?;
         self.total -= 1;
         Some(socket)
     }
 
-    /// Drops the spares parked for longer than [`SPARE_IDLE_MS`] at `now`.
+    /// Drops the spares unused for [`SPARE_IDLE_MS`] after their quarantine, at `now`.
     pub(crate) fn expire(&mut self, now: Time) {
         if self.total == 0 {
             return;
@@ -69,7 +76,7 @@ impl<S> Spares<S> {
         self.by_backend.retain(|_, queue| {
             while queue
                 .front()
-                .is_some_and(|(parked, _)| now.0.saturating_sub(parked.0) >= SPARE_IDLE_MS)
+                .is_some_and(|(ready, _)| now.0.saturating_sub(ready.0) >= SPARE_IDLE_MS)
             {
                 queue.pop_front();
                 dropped += 1;
@@ -100,11 +107,19 @@ mod tests {
         assert!(s.park(addr(1), "a1", Time(0)).is_none());
         assert!(s.park(addr(2), "b1", Time(1)).is_none());
         assert!(s.park(addr(1), "a2", Time(2)).is_none());
-        assert_eq!(s.take(addr(1)), Some("a1"));
-        assert_eq!(s.take(addr(1)), Some("a2"));
-        assert_eq!(s.take(addr(1)), None);
-        assert_eq!(s.take(addr(3)), None);
+        assert_eq!(s.take(addr(1), Time(2)), Some("a1"));
+        assert_eq!(s.take(addr(1), Time(2)), Some("a2"));
+        assert_eq!(s.take(addr(1), Time(2)), None);
+        assert_eq!(s.take(addr(3), Time(2)), None);
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_spare_serves_no_flow_before_its_quarantine_is_over() {
+        let mut s = Spares::new();
+        assert!(s.park(addr(1), "a", Time(2_000)).is_none());
+        assert_eq!(s.take(addr(1), Time(1_999)), None);
+        assert_eq!(s.take(addr(1), Time(2_000)), Some("a"));
     }
 
     #[test]
@@ -139,9 +154,9 @@ mod tests {
         let _ = s.park(addr(2), "other", Time(10));
         s.expire(Time(SPARE_IDLE_MS));
         assert_eq!(s.len(), 2);
-        assert_eq!(s.take(addr(1)), Some("new"));
+        assert_eq!(s.take(addr(1), Time(SPARE_IDLE_MS)), Some("new"));
         s.expire(Time(SPARE_IDLE_MS + 10));
         assert_eq!(s.len(), 0);
-        assert_eq!(s.take(addr(2)), None);
+        assert_eq!(s.take(addr(2), Time(SPARE_IDLE_MS + 10)), None);
     }
 }

@@ -716,7 +716,7 @@ impl Worker {
         let shared = spec.shared_upstream && connect && !pool.transparent && li < SHARED_LISTENERS;
         let reusable = connect && !pool.transparent && !shared;
         let spare = if reusable {
-            self.take_spare(li, backend.spec.addr)
+            self.take_spare(li, backend.spec.addr, now)
         } else {
             None
         };
@@ -809,8 +809,8 @@ impl Worker {
         Ok(())
     }
 
-    /// A (shared socket, `backend`) pair of listener `li` for a new flow: a free one, else on a
-    /// newly opened socket, else (no socket could be opened) a pair still in quarantine.
+    /// A (shared socket, `backend`) pair of listener `li` for a new flow: a free one out of
+    /// quarantine, else on a newly opened socket.
     fn reserve_port(
         &mut self,
         li: usize,
@@ -827,10 +827,9 @@ impl Worker {
         }
         let opened = self.open_shared(li, backend);
         let pool = self.listeners[li].shared.family_mut(v6);
-        match opened {
-            Ok(()) => pool.reserve(backend, now).ok_or(DropReason::UpstreamSocket),
-            Err(reason) => pool.reserve_early(backend).ok_or(reason),
-        }
+        // No socket could be opened: the flow is shed rather than given a pair still in
+        // quarantine (a late answer to that pair's last flow would reach this client).
+        opened.and_then(|()| pool.reserve(backend, now).ok_or(DropReason::UpstreamSocket))
     }
 
     /// Opens one more shared upstream socket for listener `li`, of `backend`'s family, and
@@ -908,11 +907,11 @@ impl Worker {
         Ok(socket)
     }
 
-    /// The oldest spare socket connected to `backend`, emptied of what it received while
-    /// parked (counted as late replies on listener `li`). A spare that cannot be emptied is
-    /// closed and the next one tried.
-    fn take_spare(&mut self, li: usize, backend: SocketAddr) -> Option<UdpSocket> {
-        while let Some(socket) = self.spares.take(backend) {
+    /// The oldest spare socket connected to `backend` out of quarantine at `now`, emptied of
+    /// what it received while parked (counted as late replies on listener `li`). A spare that
+    /// cannot be emptied is closed and the next one tried.
+    fn take_spare(&mut self, li: usize, backend: SocketAddr, now: Time) -> Option<UdpSocket> {
+        while let Some(socket) = self.spares.take(backend, now) {
             match udplb_sys::socket::discard_queued(&socket, SPARE_DISCARD_LIMIT) {
                 Ok(Some(late)) => {
                     self.stats.listeners[li].late_replies.add(late as u64);
@@ -1097,7 +1096,7 @@ impl Worker {
             .ok_or(DropReason::NoBackend)?;
         let b = &pool.backends[idx];
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
-        let old = flow.backend_addr;
+        let (old, quarantine) = (flow.backend_addr, flow.reply_timeout);
         match &flow.io.socket {
             UpstreamSocket::Own(s) => {
                 if let Err(e) = s.connect(b.spec.addr) {
@@ -1110,7 +1109,9 @@ impl Worker {
                 let now = self.now();
                 let new = self.reserve_port(li, b.spec.addr, now)?;
                 let shared = &mut self.listeners[li].shared;
-                shared.family_mut(old.is_ipv6()).release(port, old, now);
+                shared
+                    .family_mut(old.is_ipv6())
+                    .release(port, old, now.after(quarantine));
                 shared
                     .family_mut(b.spec.addr.is_ipv6())
                     .assign(new, b.spec.addr, h);
@@ -1476,29 +1477,33 @@ impl Worker {
 
     /// The one path by which a flow ends: counters, affinity, and its socket closed (closing
     /// the descriptor also removes it from epoll), or kept as a spare when the flow completed.
+    /// A socket or shared pair serves another flow only after the flow's reply timeout
+    /// (quarantine): a backend's late answer to this flow then reaches no other client.
     fn close_flow(&mut self, h: FlowHandle, reason: CloseReason, now: Time) {
         if let Some(flow) = self.table.close(h, reason) {
             self.on_closed(&flow.key, flow.io.client(&flow.key), reason, now);
+            let ready = now.after(flow.reply_timeout);
             match flow.io.socket {
                 UpstreamSocket::Own(socket) => {
                     if reason == CloseReason::Completed && flow.io.reusable {
                         // The epoll registration stays, under a token no live flow has.
-                        drop(self.spares.park(flow.backend_addr, socket, now));
+                        drop(self.spares.park(flow.backend_addr, socket, ready));
                     }
                 }
                 UpstreamSocket::Shared(port) => {
-                    self.release_port(flow.key.listener, port, flow.backend_addr, now);
+                    self.release_port(flow.key.listener, port, flow.backend_addr, ready);
                 }
             }
         }
     }
 
-    /// Gives back a closed flow's (shared socket, backend) pair.
-    fn release_port(&mut self, listener: u16, port: Port, backend: SocketAddr, now: Time) {
+    /// Gives back a closed flow's (shared socket, backend) pair, to serve another flow from
+    /// `ready` on.
+    fn release_port(&mut self, listener: u16, port: Port, backend: SocketAddr, ready: Time) {
         if let Some(lio) = self.listeners.get_mut(listener as usize) {
             lio.shared
                 .family_mut(backend.is_ipv6())
-                .release(port, backend, now);
+                .release(port, backend, ready);
         }
     }
 
@@ -1521,7 +1526,7 @@ impl Worker {
     fn expire_idle(&mut self, now: Time) {
         self.spares.expire(now);
         let mut closed: Vec<(FlowKey, SocketAddr)> = Vec::new();
-        let mut ports: Vec<(u16, Port, SocketAddr)> = Vec::new();
+        let mut ports: Vec<(u16, Port, SocketAddr, Time)> = Vec::new();
         let mut unanswered: Vec<(u16, BackendId)> = Vec::new();
         self.table.expire(now, |expired| match expired {
             Expired::Unanswered(_, flow) => unanswered.push((flow.key.listener, flow.backend)),
@@ -1531,13 +1536,14 @@ impl Worker {
                     unanswered.push((flow.key.listener, flow.backend));
                 }
                 if let UpstreamSocket::Shared(port) = flow.io.socket {
-                    ports.push((flow.key.listener, port, flow.backend_addr));
+                    let ready = now.after(flow.reply_timeout);
+                    ports.push((flow.key.listener, port, flow.backend_addr, ready));
                 }
                 closed.push((flow.key, flow.io.client(&flow.key)));
             }
         });
-        for (listener, port, backend) in ports {
-            self.release_port(listener, port, backend, now);
+        for (listener, port, backend, ready) in ports {
+            self.release_port(listener, port, backend, ready);
         }
         for (listener, backend) in unanswered {
             // The backend left a request unanswered: a passive failure signal.

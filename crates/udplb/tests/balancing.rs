@@ -4,6 +4,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
 
@@ -327,17 +328,19 @@ fn assert_no_late_reply_reached(clients: &[std::net::UdpSocket]) {
     }
 }
 
-/// A completed request-response flow leaves its socket for the next flow to the same backend;
-/// what the backend sends after the expected reply is discarded, never relayed to the client
-/// that gets the socket next.
+/// A completed request-response flow leaves its socket for the next flow to the same backend
+/// once its quarantine (the reply timeout, 20 ms here) is over; what the backend sends after
+/// the expected reply is discarded, never relayed to the client that gets the socket next.
 #[test]
 fn request_response_reuses_sockets_and_never_relays_late_replies() {
     let backend = DoubleAnswering::start();
-    let (lb, listen, clients) = request_response_with(&backend, &[]);
+    let (lb, listen, clients) = request_response_with(&backend, &["--reply-timeout", "20ms"]);
     for (i, c) in clients.iter().enumerate() {
         request_once(c, listen, i);
         // The flow completed before its client got the reply: this reaches the parked socket.
         backend.answer_late();
+        // Wait out the spare's quarantine, so that the next flow takes it.
+        std::thread::sleep(Duration::from_millis(40));
     }
     assert_eq!(lb.counter("/flows/created"), 3);
     assert_eq!(lb.counter("/flows/sockets_reused"), 2, "{}", lb.stats());
@@ -366,6 +369,63 @@ fn request_response_on_shared_sockets_never_relays_late_replies() {
     assert_eq!(lb.counter("/flows/closed/completed"), 3);
     assert!(lb.counter("/flows/shared_sockets") <= 3, "{}", lb.stats());
     assert_no_late_reply_reached(&clients);
+}
+
+/// A backend that takes 60 ms to answer a request, and answers it three times: then, and again
+/// 50 and 100 ms later (a server answering a request twice more, as after a retransmission).
+fn triple_answering() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let payload = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let answer = socket.try_clone().unwrap();
+            std::thread::spawn(move || {
+                for (k, wait) in [(1, 60), (2, 50), (3, 50)] {
+                    std::thread::sleep(Duration::from_millis(wait));
+                    let _ = answer.send_to(format!("answer#{k} to {payload}").as_bytes(), from);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Client A is answered; client B asks right after and must get its own answer and nothing
+/// else, even though the backend answers A twice more while B's exchange is under way (a
+/// socket reused at once gave B "answer#2 to A" in 20 runs of 20, and dropped B's own answer
+/// as late). With and without shared upstream sockets.
+#[test]
+fn duplicate_answers_never_reach_the_next_client() {
+    let backend = triple_answering();
+    for extra in [&[][..], &["--shared-upstream"][..]] {
+        let listen = listen_addr();
+        let mut args = vec!["--workers", "1", "--mode", "request-response"];
+        args.extend_from_slice(extra);
+        let (listen_s, backend_s) = (listen.to_string(), backend.to_string());
+        args.extend([listen_s.as_str(), backend_s.as_str()]);
+        let lb = Udplb::start(&args);
+        let mut wrong = 0;
+        for run in 0..20 {
+            let (a, b) = (client("127.0.0.1:0"), client("127.0.0.1:0"));
+            let ask = |c: &std::net::UdpSocket, who: String| {
+                c.send_to(who.as_bytes(), listen).unwrap();
+                String::from_utf8(recv(c).0).unwrap()
+            };
+            assert_eq!(ask(&a, format!("A{run}")), format!("answer#1 to A{run}"));
+            let got = ask(&b, format!("B{run}"));
+            if got != format!("answer#1 to B{run}") {
+                wrong += 1;
+                eprintln!("{extra:?} run {run}: B got {got:?}");
+            }
+            // Until A's and B's duplicates are all sent: none may reach either client.
+            std::thread::sleep(Duration::from_millis(200));
+            assert_no_late_reply_reached(&[a, b]);
+        }
+        println!("{extra:?}: {wrong} of 20 second clients got another client's answer");
+        assert_eq!(wrong, 0, "{extra:?}: {}", lb.stats());
+    }
 }
 
 #[test]

@@ -93,8 +93,9 @@ fn idle_flows_give_their_share_back_to_new_flows() {
         "{}",
         lb.stats()
     );
-    // A released share waits out a quarantine (100 ms) before another flow takes it.
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // A released share waits out a quarantine (the reply timeout, 2 s by default) before
+    // another flow takes it.
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
     for (i, c) in (0..3).map(|_| client("127.0.0.1:0")).enumerate() {
         exchange(&c, listen, &format!("second{i}"), Some("a"));
     }
