@@ -57,6 +57,9 @@ pub const THRESHOLDS: Thresholds = Thresholds {
 };
 /// Accepted rise and fall.
 pub const RISE_FALL_RANGE: RangeInclusive<u32> = 1..=100;
+/// A flow displaced by a failure goes back into balance at its first datagram after a pause
+/// this long, once its pool is whole again (`rebalance`).
+pub const REBALANCE: Duration = Duration::from_secs(1);
 /// How long established flows are served after SIGTERM before udplb exits.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Accepted grace periods.

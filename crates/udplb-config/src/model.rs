@@ -148,6 +148,10 @@ pub struct PoolConfig {
     pub strip_reply_proxy: bool,
     /// Send to backends from the client's own address (`transparent`).
     pub transparent: bool,
+    /// Flows placed or moved while the pool was missing backends go back into balance at
+    /// their first datagram after a pause this long, once the pool is whole (`rebalance`);
+    /// `None`: never.
+    pub rebalance: Option<Duration>,
 }
 
 impl PoolConfig {
@@ -168,6 +172,7 @@ impl PoolConfig {
             proxy_protocol: ProxyHeader::Off,
             strip_reply_proxy: false,
             transparent: false,
+            rebalance: Some(defaults::REBALANCE),
         }
     }
 }

@@ -73,6 +73,7 @@ const POOL_KEYS: &[&str] = &[
     "proxy_protocol",
     "strip_reply_proxy",
     "transparent",
+    "rebalance",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state", "health"];
 
@@ -396,6 +397,12 @@ impl Reader<'_> {
         pool.transparent = self
             .optional(t, key, "transparent", |r, k, v| r.boolean(k, v))
             .unwrap_or(false);
+        if let Some(r) = self.optional(t, key, "rebalance", |r, k, v| match v.get_ref() {
+            DeValue::String(s) if s.as_ref() == "off" => Some(None),
+            _ => r.duration(k, v).map(Some),
+        }) {
+            pool.rebalance = r;
+        }
         Some(pool)
     }
 

@@ -87,6 +87,11 @@ pub struct Pool {
     pub strip_reply_proxy: bool,
     /// Send to backends from the client's own address.
     pub transparent: bool,
+    /// Flows placed or moved while the pool was missing backends go back into balance at
+    /// their first datagram after a pause this long, once the pool is whole; `None`: never.
+    pub rebalance: Option<Duration>,
+    /// Some enabled primary is down: flows placed now are displaced ones.
+    pub degraded: bool,
 }
 
 impl Pool {
@@ -110,6 +115,23 @@ impl Pool {
     #[inline]
     pub fn position_of_id(&self, id: BackendId) -> Option<usize> {
         self.backends.iter().position(|b| b.id == id)
+    }
+
+    /// Whether backend `index` holds more than its share of the flows on the pool's members
+    /// (`load`: live flows per backend id), by weight, with one flow of slack.
+    pub fn overloaded(&self, index: usize, load: &[u32]) -> bool {
+        let flows =
+            |i: usize| u64::from(load.get(self.backends[i].id.index()).copied().unwrap_or(0));
+        let weight = |i: usize| u64::from(self.backends[i].spec.weight.max(1));
+        let (total, weights) = self
+            .tier
+            .members()
+            .fold((0, 0), |(f, w), i| (f + flows(i), w + weight(i)));
+        if !self.tier.contains(index) || weights == 0 {
+            return false;
+        }
+        // flows(index) > total * weight(index) / weights + 1, without division.
+        flows(index) * weights > total * weight(index) + weights
     }
 }
 
@@ -176,6 +198,8 @@ pub struct PoolInput {
     pub strip_reply_proxy: bool,
     /// Send to backends from the client's own address.
     pub transparent: bool,
+    /// See [`Pool::rebalance`].
+    pub rebalance: Option<Duration>,
 }
 
 impl PoolInput {
@@ -190,6 +214,7 @@ impl PoolInput {
             proxy_header: ProxyHeader::Off,
             strip_reply_proxy: false,
             transparent: false,
+            rebalance: None,
         }
     }
 }
@@ -268,6 +293,9 @@ impl Snapshot {
                     .collect();
                 let tier = Tier::build(input.scheduler, &backends, input.all_down);
                 let sequence = old.map_or_else(Arc::default, |op| Arc::clone(&op.sequence));
+                let degraded = backends
+                    .iter()
+                    .any(|b| !b.spec.backup && b.admin == AdminState::Enabled && !b.healthy);
                 Pool {
                     name: input.name,
                     scheduler: input.scheduler,
@@ -279,6 +307,8 @@ impl Snapshot {
                     proxy_header: input.proxy_header,
                     strip_reply_proxy: input.strip_reply_proxy,
                     transparent: input.transparent,
+                    rebalance: input.rebalance,
+                    degraded,
                 }
             })
             .collect();

@@ -74,6 +74,8 @@ pub struct ListenerStats {
     pub abuse_diverted: Counter,
     /// Request-response flows opened on a spare socket of a completed flow (no new socket).
     pub sockets_reused: Counter,
+    /// Flows displaced by a failure moved back into balance once their pool was whole.
+    pub flows_rebalanced: Counter,
     /// Replies that arrived for a flow no longer there (after a request-response flow had all
     /// the replies it expected, or on a shared socket after its flow closed); discarded.
     pub late_replies: Counter,
@@ -266,6 +268,8 @@ pub struct ListenerTotals {
     pub abuse_diverted: u64,
     /// See [`ListenerStats::sockets_reused`].
     pub sockets_reused: u64,
+    /// See [`ListenerStats::flows_rebalanced`].
+    pub flows_rebalanced: u64,
     /// See [`ListenerStats::late_replies`].
     pub late_replies: u64,
     /// See [`ListenerStats::shared_sockets`].
@@ -303,6 +307,7 @@ impl ListenerTotals {
             t.reply_timeouts += l.reply_timeouts.get();
             t.abuse_diverted += l.abuse_diverted.get();
             t.sockets_reused += l.sockets_reused.get();
+            t.flows_rebalanced += l.flows_rebalanced.get();
             t.late_replies += l.late_replies.get();
             t.shared_sockets += l.shared_sockets.get();
             t.gro_trains += l.gro_trains.get();

@@ -209,6 +209,9 @@ pub(crate) struct Upstream {
     /// The own socket is connected to the backend (not in datagram mode): the kernel reports
     /// its refusals directly, and sends name no destination.
     connected: bool,
+    /// Placed or moved while its pool was missing backends: once the pool is whole, the flow
+    /// may go back into balance (the pool's `rebalance`).
+    displaced: bool,
 }
 
 /// Who a flow really serves when its datagrams arrive through another balancer.
@@ -589,7 +592,7 @@ impl Worker {
         let sent = match spec.mode {
             SessionMode::Datagram => self.send_scheduled(h, spec, snap, data, fresh),
             SessionMode::Flow | SessionMode::RequestResponse { .. } => {
-                self.send_on_flow(h, li, snap, data, d.segment_size)
+                self.send_on_flow(h, li, snap, data, d.segment_size, now)
             }
         };
         let stats = &self.stats.listeners[li];
@@ -758,6 +761,7 @@ impl Worker {
                 abuse,
                 reusable,
                 connected: connect,
+                displaced: pool.degraded,
             },
         );
         match own_fd {
@@ -973,10 +977,14 @@ impl Worker {
         snap: &Snapshot,
         data: &[u8],
         segment_size: Option<u16>,
+        now: Time,
     ) -> Result<BackendId, DropReason> {
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         if flow.checked_generation != snap.generation {
             self.revalidate(h, li, snap)?;
+        }
+        if self.table.get(h).is_some_and(|f| f.io.displaced) {
+            self.rebalance(h, li, snap, now)?;
         }
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         let pi = flow
@@ -1094,7 +1102,65 @@ impl Worker {
         let idx = self
             .choose_backend(li, spec, pi, pool, &client)
             .ok_or(DropReason::NoBackend)?;
-        let b = &pool.backends[idx];
+        self.move_flow(h, li, &pool.backends[idx], snap)?;
+        if let Some(f) = self.table.get_mut(h) {
+            f.io.displaced = true;
+        }
+        Ok(())
+    }
+
+    /// A flow displaced by a failure, once its pool is whole again: at its first datagram
+    /// after a pause of the pool's `rebalance`, if its backend holds more than its share of
+    /// the worker's flows, it moves to the scheduler's pick when that one holds fewer. Flows
+    /// placed while the pool was whole never move.
+    fn rebalance(
+        &mut self,
+        h: FlowHandle,
+        li: usize,
+        snap: &Snapshot,
+        now: Time,
+    ) -> Result<(), DropReason> {
+        let spec = &snap.listeners[li];
+        let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        let pi = flow.io.pool(spec).ok_or(DropReason::NoBackend)?;
+        let pool = &snap.pools[pi];
+        let Some(pause) = pool.rebalance else {
+            return Ok(());
+        };
+        if pool.degraded || now.since(flow.last_seen) < pause {
+            return Ok(());
+        }
+        let (backend, client) = (flow.backend, flow.io.client(&flow.key));
+        let current = pool.position_of_id(backend);
+        let load = self.table.load();
+        if current.is_some_and(|i| pool.overloaded(i, load)) {
+            let pick = self.choose_backend(li, spec, pi, pool, &client);
+            let flows = |i: usize| {
+                let load = self.table.load();
+                load.get(pool.backends[i].id.index()).copied().unwrap_or(0)
+            };
+            if let (Some(to), Some(from)) = (pick, current)
+                && flows(to) + 1 < flows(from)
+            {
+                self.move_flow(h, li, &pool.backends[to], snap)?;
+                self.stats.listeners[li].flows_rebalanced.add(1);
+            }
+        }
+        if let Some(f) = self.table.get_mut(h) {
+            f.io.displaced = false;
+        }
+        Ok(())
+    }
+
+    /// Moves flow `h` of listener `li` to backend `b`: its own socket re-connected, or a pair
+    /// with `b` taken and the old pair given back.
+    fn move_flow(
+        &mut self,
+        h: FlowHandle,
+        li: usize,
+        b: &udplb_core::snapshot::Backend,
+        snap: &Snapshot,
+    ) -> Result<(), DropReason> {
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
         let (old, quarantine) = (flow.backend_addr, flow.reply_timeout);
         match &flow.io.socket {

@@ -115,6 +115,7 @@ pub(crate) fn stats_json(state: &State) -> Value {
                     "created": t.flows_created,
                     "closed": closed,
                     "sockets_reused": t.sockets_reused,
+                    "rebalanced": t.flows_rebalanced,
                     "shared_sockets": t.shared_sockets,
                 },
             })

@@ -206,6 +206,10 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         "gro_trains",
         "Trains of datagrams received as one (listeners with gro)",
     );
+    let mut f_rebalanced = Family::counter(
+        "flows_rebalanced",
+        "Flows displaced by a failure moved back into balance once their pool was whole",
+    );
     let mut f_kernel_drops = Family::counter(
         "kernel_receive_queue_drops",
         "Datagrams the kernel dropped on full listener sockets, summed over the workers' sockets",
@@ -241,6 +245,7 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_shared.add(name(), t.shared_sockets as f64);
         f_trains.add(name(), t.gro_trains as f64);
         f_kernel_drops.add(name(), t.kernel_drops as f64);
+        f_rebalanced.add(name(), t.flows_rebalanced as f64);
     }
     vec![
         f_in,
@@ -263,6 +268,7 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         f_trains,
         f_shared,
         f_kernel_drops,
+        f_rebalanced,
     ]
 }
 

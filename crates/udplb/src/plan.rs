@@ -21,7 +21,9 @@ pub trait HealthView {
 }
 
 /// Builds generation `generation` of the snapshot for `cfg` with backend health from `health`,
-/// keeping backend ids of `previous`.
+/// keeping backend ids of `previous`. This host's addresses are read for the snapshot's
+/// [`SourceGuard`]; a backend that is one of udplb's own listeners (a local address on a
+/// wildcard listener's port) or a broadcast address never takes traffic.
 pub fn snapshot_of(
     cfg: &Config,
     generation: u64,
@@ -90,6 +92,7 @@ pub fn snapshot_of(
             proxy_header: p.proxy_protocol,
             strip_reply_proxy: p.strip_reply_proxy,
             transparent: p.transparent,
+            rebalance: p.rebalance,
         })
         .collect();
     let mut snapshot = Snapshot::build(generation, listeners, pools, previous);

@@ -677,3 +677,68 @@ fn startup_sends_nothing_to_a_backend_never_seen_healthy() {
     );
     assert_eq!(healthy(&lb, 0), Some(false));
 }
+
+/// After every backend was down, the flows that came back first all land on the first backend
+/// that is up again; once the others are back, those displaced flows go back into balance at
+/// their next pause (`rebalance`), where they used to stay on the first one for good.
+#[test]
+fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
+    let dir = scratch("herd");
+    let mut backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start("127.0.0.1", t))
+        .collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let names: Vec<String> = backends.iter().map(quoted).collect();
+    let fast = "check = \"udp\"\nsend = \"ping\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+                jitter = \"0s\"\nrise = 1\nfall = 1";
+    let (lb, listen) = start(&dir, "flow", &names, "rebalance = \"250ms\"", fast);
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))));
+    // Every backend goes away.
+    backends.clear();
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(false))));
+    // 30 clients keep asking, one datagram every 400 ms each; a comes back first.
+    let clients: Vec<std::net::UdpSocket> = (0..30).map(|_| client("127.0.0.1:0")).collect();
+    let ask_all = |clients: &[std::net::UdpSocket]| -> Vec<String> {
+        for c in clients {
+            c.send_to(b"q", listen).unwrap();
+        }
+        clients
+            .iter()
+            .map(|c| {
+                let mut buf = [0u8; 64];
+                match c.recv_from(&mut buf) {
+                    Ok((n, _)) => String::from_utf8_lossy(&buf[..n])
+                        .split(':')
+                        .next()
+                        .unwrap_or("")
+                        .to_string(),
+                    Err(_) => String::new(),
+                }
+            })
+            .collect()
+    };
+    let _a = Backend::start_at(addrs[0], "a");
+    assert!(wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)));
+    let first = ask_all(&clients);
+    assert!(first.iter().all(|t| t == "a"), "{first:?}");
+    let _b = Backend::start_at(addrs[1], "b");
+    let _c = Backend::start_at(addrs[2], "c");
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))));
+    let mut spread = std::collections::HashMap::new();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        spread.clear();
+        for tag in ask_all(&clients) {
+            *spread.entry(tag).or_insert(0) += 1;
+        }
+    }
+    println!(
+        "30 flows after the outage: {spread:?}; rebalanced {}",
+        lb.counter("/flows/rebalanced")
+    );
+    for tag in ["a", "b", "c"] {
+        let n = spread.get(tag).copied().unwrap_or(0);
+        assert!((6..=14).contains(&n), "{tag}: {n} flows in {spread:?}");
+    }
+}
