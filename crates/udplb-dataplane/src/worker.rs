@@ -980,10 +980,12 @@ impl Worker {
         now: Time,
     ) -> Result<BackendId, DropReason> {
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
+        // (A flow that revalidation moves is displaced, and not rebalanced at once.)
+        let displaced = flow.io.displaced;
         if flow.checked_generation != snap.generation {
             self.revalidate(h, li, snap)?;
         }
-        if self.table.get(h).is_some_and(|f| f.io.displaced) {
+        if displaced {
             self.rebalance(h, li, snap, now)?;
         }
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
