@@ -5,7 +5,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -217,5 +218,93 @@ fn a_reload_with_a_program_that_cannot_run_is_refused() {
     );
     let c = client("127.0.0.1:0");
     assert_eq!(request(&c, listen, b"still").0, b"a:still");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Whether the backend at `addr` is healthy, `None` while the admin endpoint does not answer.
+fn healthy_at(lb: &Udplb, addr: SocketAddr) -> Option<bool> {
+    backend_status(&lb.try_stats()?, addr)?["healthy"].as_bool()
+}
+
+/// A reload whose file was replaced by a FIFO nothing writes to is refused at once, with the
+/// reason; it stalls nothing meanwhile: the admin endpoint answers, a backend that stops
+/// answering its check is marked down on schedule, and SIGTERM stops udplb. Prints how long
+/// each took.
+#[test]
+fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
+    let dir = scratch("fifo");
+    let a = MutableEcho::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let (interval, timeout, fall) = (200u64, 100u64, 2u64);
+    let path = dir.join("udplb.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             [pools.p]\nbackends = [\"{}\", \"{}\"]\n[pools.p.health]\ncheck = \"udp\"\n\
+             send = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
+             timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}\n",
+            a.addr, b.addr
+        ),
+    )
+    .unwrap();
+    let mut lb = Udplb::run_config(&path, admin);
+    assert!(
+        wait_for(DEADLINE, || healthy_at(&lb, a.addr) == Some(true)
+            && healthy_at(&lb, b.addr) == Some(true)),
+        "{}",
+        lb.stats()
+    );
+
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success()
+    );
+    signal(lb.pid(), "HUP");
+    // The admin endpoint answers while the reload is under way (or refused).
+    let asked = Instant::now();
+    let answered = wait_for(Duration::from_secs(3), || lb.try_stats().is_some());
+    let admin_took = asked.elapsed();
+    // A backend that stops answering is marked down within interval x fall + timeout.
+    a.mute(true);
+    let muted = Instant::now();
+    let detected = wait_for(Duration::from_secs(5), || {
+        healthy_at(&lb, a.addr) == Some(false)
+    });
+    let detect_took = muted.elapsed();
+    let reload = lb.try_stats().map(|s| s["reload"].clone());
+    signal(lb.pid(), "TERM");
+    let exit = wait_exit(&mut lb, Duration::from_secs(5));
+    let bound = Duration::from_millis(interval * fall + timeout);
+    eprintln!(
+        "reload from a FIFO: admin answered: {answered} after {admin_took:?}; a backend that stopped \
+         answering marked down: {detected} after {detect_took:?} (interval x fall + timeout = {bound:?}); \
+         exit after SIGTERM: {exit:?}; reload status: {reload:?}"
+    );
+    assert!(
+        answered,
+        "the admin endpoint did not answer during the reload"
+    );
+    assert!(detected, "the muted backend was not marked down");
+    assert!(
+        detect_took <= bound + Duration::from_millis(150),
+        "took {detect_took:?}, bound {bound:?}"
+    );
+    let reload = reload.unwrap();
+    assert_eq!(reload["failed"].as_u64(), Some(1), "{reload}");
+    let error = reload["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&path.display().to_string()) && error.contains("FIFO"),
+        "{error}"
+    );
+    let (code, took) = exit.expect("udplb did not exit after SIGTERM");
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(3), "took {took:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
