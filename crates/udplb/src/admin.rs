@@ -38,7 +38,17 @@ pub struct State {
 }
 
 /// Serves the admin endpoint on `listener` until the runtime stops.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
+pub async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve the admin endpoint");
+            return;
+        }
+    };
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(%address, "admin endpoint");
+    }
     let app = Router::new()
         .route("/", get(status_page))
         .route("/stats", get(stats))

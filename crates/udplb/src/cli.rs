@@ -531,7 +531,7 @@ fn load_for_start(
     workers: Option<usize>,
     privileges: PrivilegeArgs,
 ) -> Result<Config, ExitCode> {
-    let (mut cfg, positions) = udplb_config::load_with_positions(path).map_err(|errors| {
+    let (mut cfg, positions) = crate::config_file::load(path).map_err(|errors| {
         eprint!("{errors}");
         ExitCode::from(EX_CONFIG)
     })?;

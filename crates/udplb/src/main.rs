@@ -8,6 +8,7 @@
 mod admin;
 mod api;
 mod cli;
+mod config_file;
 mod ctl;
 mod daemon;
 mod health;

@@ -177,9 +177,21 @@ fn trim_capabilities(keep: &CapsHashSet) -> anyhow::Result<()> {
 }
 
 fn ensure_single_threaded() -> anyhow::Result<()> {
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(1);
+    let count = || {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| d.count())
+            .unwrap_or(1)
+    };
+    // The thread that read the configuration file has been joined, but the kernel may list it
+    // for a moment longer.
+    let mut threads = count();
+    for _ in 0..100 {
+        if threads == 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        threads = count();
+    }
     if threads > 1 {
         bail!(
             "internal error: privileges must be dropped before any thread starts ({threads} running)"

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use udplb_config::{Admin, Config, ListenerConfig};
 
 use crate::health::Command;
-use crate::preflight;
+use crate::{config_file, preflight};
 
 /// What the last reloads did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -40,21 +40,46 @@ pub fn started() -> Status {
 /// Re-reads configurations for the publisher.
 pub struct Reloader {
     /// The file the daemon runs from; `None` for the one-liner (nothing to reload).
-    pub source: Option<PathBuf>,
-    pub running: Arc<Config>,
-    pub publisher: mpsc::Sender<Command>,
-    pub status: Status,
+    source: Option<PathBuf>,
+    running: Arc<Config>,
+    publisher: mpsc::Sender<Command>,
+    status: Status,
+    /// Reads of the file, off the async threads and bounded in time.
+    reads: config_file::Reads,
 }
 
 impl Reloader {
-    /// Reloads the file; on success the publisher applies it. `Err` says why not.
+    pub fn new(
+        source: Option<PathBuf>,
+        running: Arc<Config>,
+        publisher: mpsc::Sender<Command>,
+        status: Status,
+    ) -> Reloader {
+        Reloader {
+            source,
+            running,
+            publisher,
+            status,
+            reads: config_file::Reads::new(config_file::READ_TIMEOUT),
+        }
+    }
+
+    /// Reloads the file; on success the publisher applies it. `Err` says why not. The file is
+    /// read and checked (with the user database and the programs it names) on a blocking
+    /// thread, given up after [`config_file::READ_TIMEOUT`].
     pub async fn reload(&mut self) -> Result<(), String> {
         let Some(path) = self.source.clone() else {
             let why = "udplb runs from the command line: there is no file to reload".to_string();
             tracing::warn!("reload ignored: {why}");
             return Err(why);
         };
-        match load_compatible(&path, &self.running) {
+        let running = Arc::clone(&self.running);
+        let file = path.clone();
+        let loaded = self
+            .reads
+            .run(&path, move || load_compatible(&file, &running))
+            .await;
+        match loaded {
             Ok(cfg) => {
                 let cfg = Arc::new(cfg);
                 if self

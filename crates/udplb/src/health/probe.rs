@@ -190,9 +190,10 @@ async fn exec(
     target: SocketAddr,
     timeout: Duration,
 ) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let args = command[1..].iter().map(|a| expand(a, backend, target));
-    let mut child = tokio::process::Command::new(&command[0])
-        .args(args)
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(args)
         .env("UDPLB_BACKEND", backend.to_string())
         .env("UDPLB_BACKEND_IP", backend.ip().to_string())
         .env("UDPLB_BACKEND_PORT", backend.port().to_string())
@@ -201,10 +202,23 @@ async fn exec(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot run {:?}: {e}", command[0]))?;
-    match tokio::time::timeout(timeout, child.wait()).await {
+        .kill_on_drop(true);
+    // Starting a program waits until it is executed, which can wait on the file system (its
+    // binary, its interpreter): on a blocking thread, not on the checks' own.
+    let spawned = tokio::task::spawn_blocking(move || cmd.spawn());
+    let mut child = match tokio::time::timeout_at(deadline, spawned).await {
+        Ok(Ok(Ok(child))) => child,
+        Ok(Ok(Err(e))) => return Err(format!("cannot run {:?}: {e}", command[0])),
+        Ok(Err(e)) => return Err(format!("cannot run {:?}: {e}", command[0])),
+        Err(_) => {
+            return Err(format!(
+                "{:?} could not be started within {}",
+                command[0],
+                humantime::format_duration(timeout)
+            ));
+        }
+    };
+    match tokio::time::timeout_at(deadline, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
         Ok(Ok(status)) => Err(format!("{:?} exited with {status}", command[0])),
         Ok(Err(e)) => Err(format!("waiting for {:?}: {e}", command[0])),
