@@ -308,3 +308,201 @@ fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Checks made of the backend at `addr` so far (passed and failed).
+fn checks_of(stats: &serde_json::Value, addr: SocketAddr) -> u64 {
+    backend_status(stats, addr).map_or(0, |b| {
+        b["checks_ok"].as_u64().unwrap_or(0) + b["checks_failed"].as_u64().unwrap_or(0)
+    })
+}
+
+/// SIGHUP every 300 ms, each reload swapping the order of the backends and changing a weight
+/// (the checks stay the same): checks keep their schedule (one per interval, not one per
+/// reload), their counters, and a backend that stops answering is marked down within
+/// interval x fall + timeout, while the other stays up. Prints the checks made and the time
+/// to detect.
+#[test]
+fn a_reload_storm_keeps_checks_on_schedule() {
+    let dir = scratch("storm");
+    let a = MutableEcho::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let (interval, timeout, fall) = (1000u64, 500u64, 2u64);
+    let path = dir.join("udplb.toml");
+    let (a_addr, b_addr, file) = (a.addr, b.addr, path.clone());
+    let write = move |i: u32| {
+        let (first, second) = if i.is_multiple_of(2) {
+            (
+                format!("\"{a_addr}\""),
+                format!("{{ address = \"{b_addr}\", weight = 1 }}"),
+            )
+        } else {
+            (
+                format!("{{ address = \"{b_addr}\", weight = 2 }}"),
+                format!("\"{a_addr}\""),
+            )
+        };
+        let cfg = format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             [pools.p]\nbackends = [{first}, {second}]\n[pools.p.health]\ncheck = \"udp\"\n\
+             send = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
+             timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}\n"
+        );
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, cfg).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(0);
+    let lb = Udplb::run_config(&path, admin);
+    assert!(
+        wait_for(DEADLINE, || {
+            let s = lb.stats();
+            [a.addr, b.addr]
+                .iter()
+                .all(|&x| backend_status(&s, x).is_some_and(|b| b["healthy"] == true))
+        }),
+        "{}",
+        lb.stats()
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let stop = std::sync::Arc::clone(&stop);
+        let pid = lb.pid();
+        let write = write.clone();
+        std::thread::spawn(move || {
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                write(i);
+                signal(pid, "HUP");
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            i - 1
+        })
+    };
+    // Healthy phase: 3 s of storm.
+    let before = lb.stats();
+    let ok_before = backend_status(&before, a.addr).unwrap()["checks_ok"]
+        .as_u64()
+        .unwrap();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = lb.stats();
+    let made = checks_of(&after, a.addr) - checks_of(&before, a.addr);
+    let calm = started.elapsed();
+    let ok_after = backend_status(&after, a.addr).unwrap()["checks_ok"]
+        .as_u64()
+        .unwrap();
+    // Then a stops answering.
+    a.mute(true);
+    let muted = Instant::now();
+    let detected = wait_for(Duration::from_secs(8), || {
+        lb.try_stats()
+            .and_then(|s| backend_status(&s, a.addr))
+            .is_some_and(|b| b["healthy"] == false)
+    });
+    let took = muted.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reloads = storm.join().unwrap();
+    let stats = lb.stats();
+    let bound = Duration::from_millis(interval * fall + timeout);
+    eprintln!(
+        "reload storm (SIGHUP every 300 ms, {reloads} reloads; udp check interval {interval}ms, \
+         timeout {timeout}ms, fall {fall}): {made} checks of a healthy backend in {calm:?}; \
+         a backend that stopped answering marked down: {detected} after {took:?} \
+         (interval x fall + timeout = {bound:?}); reloads succeeded: {}",
+        stats["reload"]["succeeded"]
+    );
+    assert!(
+        made <= calm.as_secs() + 2,
+        "{made} checks in {calm:?} with an interval of {interval} ms: reloads restarted them"
+    );
+    assert!(ok_after >= ok_before, "counters were reset by a reload");
+    assert!(detected, "not marked down during the storm: {stats}");
+    assert!(
+        took <= bound + Duration::from_millis(300),
+        "took {took:?}, bound {bound:?}"
+    );
+    assert_eq!(
+        backend_status(&stats, b.addr).unwrap()["healthy"],
+        true,
+        "a's failures were charged to b: {stats}"
+    );
+}
+
+/// A backend without an active check, taken out passively (its datagrams refused), comes back
+/// through its recovery probe (an empty datagram not refused for 1 s, after a 1 s hold-down)
+/// while SIGHUP comes every 300 ms: reloads that keep the backend let its probe finish.
+/// Prints how long it took.
+#[test]
+fn a_reload_storm_lets_recovery_probes_finish() {
+    let dir = scratch("storm-recovery");
+    let a = Backend::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let b_addr = b.addr;
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let path = dir.join("udplb.toml");
+    let a_addr = a.addr;
+    let file = path.clone();
+    let write = move |i: u32| {
+        let cfg = format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             mode = \"datagram\"\n[pools.p]\nbackends = [{{ address = \"{a_addr}\", weight = {} }}, \
+             \"{b_addr}\"]\n",
+            1 + i % 2
+        );
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, cfg).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(0);
+    let lb = Udplb::run_config(&path, admin);
+    let healthy = |lb: &Udplb| {
+        lb.try_stats()
+            .and_then(|s| backend_status(&s, b_addr))
+            .and_then(|b| b["healthy"].as_bool())
+    };
+    drop(b);
+    let c = client("127.0.0.1:0");
+    assert!(
+        wait_for(DEADLINE, || {
+            let _ = c.send_to(b"x", listen);
+            healthy(&lb) == Some(false)
+        }),
+        "{}",
+        lb.stats()
+    );
+    // Back, as a service that ignores empty datagrams (a DNS server does): the probe passes
+    // only once its 1 s timeout is over without a refusal.
+    let _b = std::net::UdpSocket::bind(b_addr).unwrap();
+    let back_at = Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let stop = std::sync::Arc::clone(&stop);
+        let pid = lb.pid();
+        std::thread::spawn(move || {
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                write(i);
+                signal(pid, "HUP");
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            i - 1
+        })
+    };
+    let recovered = wait_for(Duration::from_secs(6), || healthy(&lb) == Some(true));
+    let took = back_at.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reloads = storm.join().unwrap();
+    eprintln!(
+        "reload storm (SIGHUP every 300 ms, {reloads} reloads): a passively ejected backend \
+         back in rotation: {recovered} after {took:?} (1 s hold-down + 1 s recovery probe)"
+    );
+    assert!(recovered, "{}", lb.stats());
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
