@@ -25,10 +25,16 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         .runtime
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    match udplb_sys::socket::raise_nofile_limit() {
-        Ok(limit) => warn_if_flows_exceed(&cfg, limit),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
-    }
+    let nofile = match udplb_sys::socket::raise_nofile_limit() {
+        Ok(limit) => {
+            warn_if_flows_exceed(&cfg, limit);
+            limit
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open file limit");
+            udplb_sys::socket::nofile_limit().unwrap_or(1024)
+        }
+    };
     // Checked backends start in their configured state (down until the first check passes, by
     // default), so no datagram goes to a backend never seen healthy.
     let trackers = health::Trackers::initial(&cfg);
@@ -81,11 +87,13 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         );
     }
     let cfg = Arc::new(cfg);
+    let (configs, running_config) = tokio::sync::watch::channel(Arc::clone(&cfg));
     let monitor = health::Monitor::new(
         Arc::clone(&cfg),
         trackers,
         Arc::clone(&shared),
         dataplane.stats().to_vec(),
+        configs,
     );
     let reload_status = reload::started();
     let (publisher, commands) = tokio::sync::mpsc::channel(4);
@@ -104,6 +112,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         publisher: publisher.clone(),
         allow_changes: cfg.admin.as_ref().is_some_and(|a| a.allow_changes),
         reloader: Arc::clone(&reloader),
+        connections: Arc::new(admin::Connections::new(admin::MIN_CONNECTIONS)),
     });
     // A control thread that ends (a panic) ends udplb, rather than leaving it serving without
     // health checks or without its admin endpoint.
@@ -111,7 +120,9 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     spawn_control_thread("udplb-health", ended.clone(), move || monitor.run(commands))?;
     if let Some(listener) = admin_listener {
         let state = Arc::clone(&state);
-        spawn_control_thread("udplb-admin", ended, move || admin::serve(listener, state))?;
+        spawn_control_thread("udplb-admin", ended, move || {
+            admin::serve(listener, state, nofile, running_config)
+        })?;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -238,6 +238,8 @@ pub struct Monitor {
     /// changes notified) only once all of them reported, so startup fires no quorum event.
     reported: Vec<Vec<bool>>,
     quorum_known: Vec<bool>,
+    /// Where every configuration put in force goes (the admin endpoint sizes itself by it).
+    configs: tokio::sync::watch::Sender<Arc<Config>>,
 }
 
 impl Monitor {
@@ -247,6 +249,7 @@ impl Monitor {
         trackers: Trackers,
         shared: Arc<ArcSwap<Snapshot>>,
         workers: Vec<Arc<WorkerStats>>,
+        configs: tokio::sync::watch::Sender<Arc<Config>>,
     ) -> Monitor {
         let status = fresh_status(&cfg, &trackers);
         let quorum = vec![QuorumState::default(); cfg.pools.len()];
@@ -267,6 +270,7 @@ impl Monitor {
             passive_seen: Vec::new(),
             clock: Instant::now(),
             reported,
+            configs,
         }
     }
 
@@ -455,6 +459,7 @@ impl Monitor {
         self.start_checkers();
         self.keep_recovery_probes();
         self.publish();
+        self.configs.send_replace(Arc::clone(&self.cfg));
         tracing::info!(
             generation = self.shared.load().generation,
             "configuration reloaded"
