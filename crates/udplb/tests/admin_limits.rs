@@ -1,9 +1,10 @@
 //! What the admin endpoint may cost: a flood of idle connections is capped and cannot take
-//! descriptors from the health checks or the traffic; slow or idle connections are closed.
+//! descriptors from the health checks or the traffic; slow or idle connections are closed;
+//! a check that fails for lack of descriptors is the balancer's trouble, not the backend's.
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -207,4 +208,123 @@ fn slow_and_idle_admin_connections_are_closed() {
     }
     // The endpoint still serves.
     assert!(lb.try_stats().is_some());
+}
+
+/// One HTTP/1.1 connection kept open, to read the admin endpoint when udplb cannot accept new
+/// ones.
+struct KeepAlive(BufReader<TcpStream>);
+
+impl KeepAlive {
+    fn open(admin: SocketAddr) -> KeepAlive {
+        let s = TcpStream::connect(admin).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        KeepAlive(BufReader::new(s))
+    }
+
+    fn stats(&mut self) -> serde_json::Value {
+        self.0
+            .get_mut()
+            .write_all(b"GET /stats HTTP/1.1\r\nHost: udplb\r\n\r\n")
+            .unwrap();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            assert!(
+                self.0.read_line(&mut line).unwrap() > 0,
+                "connection closed"
+            );
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.0.read_exact(&mut body).unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+}
+
+/// The lowest descriptor number `pid` does not use: with the open-file limit set to it, the
+/// process can open nothing more.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let used: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+fn set_soft_nofile(pid: u32, soft: u64) {
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// udplb out of descriptors (its open-file limit lowered below what it holds, with prlimit):
+/// checks cannot open their sockets, which is udplb's trouble, not the backends': they are
+/// counted as unknown, no backend is marked down, established flows keep their replies.
+#[test]
+fn a_check_that_cannot_open_a_socket_does_not_fail_the_backend() {
+    let a = Backend::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let listen = listen_addr("127.0.0.1");
+    let lb = Udplb::start(&[
+        "--check",
+        "udp:ping",
+        "--check-interval",
+        "100ms",
+        &listen.to_string(),
+        &a.addr.to_string(),
+        &b.addr.to_string(),
+    ]);
+    assert!(
+        wait_for(DEADLINE, || all_healthy(&lb.stats())),
+        "{}",
+        lb.stats()
+    );
+    let mut admin = KeepAlive::open(lb.admin);
+    let load = Load::start(listen, 4);
+    assert!(wait_for(DEADLINE, || lb.counter("/replies_out") >= 4));
+    let before = admin.stats();
+    let pid = lb.pid();
+    set_soft_nofile(pid, lowest_free_fd(pid));
+    let start = Instant::now();
+    let mut went_down = false;
+    while start.elapsed() < Duration::from_millis(1500) {
+        went_down |= !all_healthy(&admin.stats());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let during = admin.stats();
+    set_soft_nofile(pid, 4096);
+    let logs = load.finish();
+    let sent: u64 = logs.iter().map(|l| l.sent).sum();
+    let lost: u64 = logs.iter().map(|l| l.sent - l.received).sum();
+    let delta = |key: &str| sum(&during, key) - sum(&before, key);
+    let (unknown, failed, passed) = (
+        delta("checks_unknown"),
+        delta("checks_failed"),
+        delta("checks_ok"),
+    );
+    eprintln!(
+        "udplb out of descriptors for 1.5 s (udp check every 100 ms, 2 backends): checks unknown \
+         {unknown}, failed {failed}, passed {passed}; a backend marked down: {went_down}; \
+         datagrams lost {lost} of {sent}; last error: {}, last unknown: {}",
+        backends_of(&during)[0]["last_error"],
+        backends_of(&during)[0]["last_unknown"]
+    );
+    assert!(!went_down, "{during}");
+    assert_eq!(failed, 0, "{during}");
+    assert!(unknown >= 10, "{during}");
+    assert!(lost * 100 <= sent, "lost {lost} of {sent}");
+    assert!(
+        wait_for(DEADLINE, || sum(&lb.stats(), "checks_ok")
+            > sum(&during, "checks_ok")),
+        "checks did not resume"
+    );
 }

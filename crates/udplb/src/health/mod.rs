@@ -45,12 +45,17 @@ pub struct BackendStatus {
     pub healthy: bool,
     pub checks_ok: u64,
     pub checks_failed: u64,
+    /// Checks (and recovery probes) udplb could not make for lack of descriptors, buffers or
+    /// memory: neither passed nor failed, they change nothing.
+    pub checks_unknown: u64,
     pub passive_failures: u64,
     /// Passive ejections in a row; the backend is held down for 1 s, 2 s, 4 s, ... (at most
     /// 60 s) after each.
     pub passive_ejections: u64,
     pub last_check_us: Option<u64>,
     pub last_error: Option<String>,
+    /// Why the last check counted as unknown could not be made.
+    pub last_unknown: Option<String>,
     /// Durations of every active check (exported in /metrics, not in the JSON status).
     #[serde(skip)]
     pub check_latency: udplb_core::latency::Histogram,
@@ -139,6 +144,12 @@ struct CheckResult {
     id: u64,
     /// A recovery probe of a backend without an active check (else an active check).
     recovery: bool,
+    latency: Duration,
+    outcome: probe::Outcome,
+}
+
+/// A check's outcome that says something about the backend (passed, or failed and why).
+struct Judged {
     latency: Duration,
     outcome: Result<(), String>,
 }
@@ -240,6 +251,8 @@ pub struct Monitor {
     quorum_known: Vec<bool>,
     /// Where every configuration put in force goes (the admin endpoint sizes itself by it).
     configs: tokio::sync::watch::Sender<Arc<Config>>,
+    /// Checks udplb could not make, logged at most every 10 s.
+    unknown_log: crate::logging::RateLimited,
 }
 
 impl Monitor {
@@ -271,6 +284,7 @@ impl Monitor {
             clock: Instant::now(),
             reported,
             configs,
+            unknown_log: crate::logging::RateLimited::new(Duration::from_secs(10)),
         }
     }
 
@@ -473,8 +487,32 @@ impl Monitor {
             return;
         };
         let (pi, bi) = (running.pool, running.backend);
-        if r.recovery {
+        let recovery = r.recovery;
+        if recovery {
             self.running.remove(&r.id);
+        }
+        // udplb could not make the check (out of descriptors, say): the backend is neither
+        // better nor worse for it. A recovery probe is tried again at the next tick.
+        if let Err(probe::Failure::Local(why)) = &r.outcome {
+            let backend = self.cfg.pools[pi].backends[bi].spec.addr;
+            self.unknown_log.warn(
+                "a health check could not be made, udplb's own trouble: counted as unknown",
+                &format!("{backend}: {why}"),
+            );
+            let why = why.clone();
+            return self.update_status(pi, bi, |s| {
+                s.checks_unknown += 1;
+                s.last_unknown = Some(why);
+            });
+        }
+        let outcome = r.outcome.map_err(|f| match f {
+            probe::Failure::Backend(why) | probe::Failure::Local(why) => why,
+        });
+        let r = Judged {
+            latency: r.latency,
+            outcome,
+        };
+        if recovery {
             return self.apply_recovery(pi, bi, r);
         }
         let pool = &self.cfg.pools[pi];
@@ -521,7 +559,7 @@ impl Monitor {
 
     /// A recovery probe's result: a backend without an active check, passively ejected, comes
     /// back when its port is no longer refused.
-    fn apply_recovery(&mut self, pi: usize, bi: usize, r: CheckResult) {
+    fn apply_recovery(&mut self, pi: usize, bi: usize, r: Judged) {
         let now = self.now();
         self.update_status(pi, bi, |s| {
             let us = r.latency.as_micros() as u64;
