@@ -489,3 +489,49 @@ fn every_api_error_is_json() {
     // Nothing was changed by the refused calls.
     assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 1);
 }
+
+/// Read-only: every change answers 403, before its body is read (a malformed or oversized
+/// body of a change that is not allowed anyway says so, not what is wrong with the body).
+#[test]
+fn read_only_refuses_a_change_before_reading_its_body() {
+    let a = Backend::start("127.0.0.1", "a");
+    let lb = Udplb::start(&[&listen_addr("127.0.0.1").to_string(), &a.addr.to_string()]);
+    let json = Some("application/json");
+    let weight = format!("/api/v1/pools/default/backends/{}/weight", a.addr);
+    let huge = format!(r#"{{"pad": "{}"}}"#, "x".repeat(20_000));
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        ("PUT", &weight, json, Some(r#"{"weight": "two"}"#)),
+        ("PUT", &weight, json, Some(r#"{"weight": "#)),
+        ("PUT", &weight, Some("text/plain"), Some(r#"{"weight": 2}"#)),
+        ("POST", "/api/v1/pools/default/backends", json, Some("{}")),
+        ("POST", "/api/v1/pools/default/backends", json, Some(&huge)),
+        ("PUT", "/api/v1/log-level", json, Some(r#"{"lvl": "info"}"#)),
+        (
+            "POST",
+            "/api/v1/pools/default/backends/not-an-address/drain",
+            None,
+            None,
+        ),
+        (
+            "DELETE",
+            "/api/v1/pools/default/backends/not-an-address",
+            None,
+            None,
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (method, path, content_type, body) in cases {
+        let (code, answer) = lb.call_as(method, path, content_type, body);
+        answers.push(format!("{method} {path}: {code}"));
+        assert!(
+            answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("read-only"))
+                || code != 403,
+            "{method} {path}: {answer}"
+        );
+    }
+    eprintln!("read-only admin API, changes with bad bodies: {answers:?}");
+    assert!(answers.iter().all(|a| a.ends_with(": 403")), "{answers:?}");
+}
