@@ -30,7 +30,7 @@ type Item<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["runtime", "admin", "listeners", "pools"];
 const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace", "user", "group", "allow_root"];
-const ADMIN_KEYS: &[&str] = &["listen", "allow_changes"];
+const ADMIN_KEYS: &[&str] = &["listen", "allow_changes", "token_file"];
 const LISTENER_KEYS: &[&str] = &[
     "address",
     "pool",
@@ -301,9 +301,11 @@ impl Reader<'_> {
         let allow_changes = self
             .optional(t, "admin", "allow_changes", |r, k, v| r.boolean(k, v))
             .unwrap_or(false);
+        let token_file = self.optional(t, "admin", "token_file", |r, k, v| r.absolute_path(k, v));
         Some(Admin {
             listen,
             allow_changes,
+            token_file,
         })
     }
 
@@ -704,6 +706,15 @@ impl Reader<'_> {
     }
 
     /// A user or group name (as in /etc/passwd): non-empty, no ':', '/' or whitespace.
+    fn absolute_path(&mut self, key: &str, v: &Item<'_>) -> Option<std::path::PathBuf> {
+        let s = self.string(key, v)?;
+        if !s.starts_with('/') {
+            self.error_at(v.span(), key, format!("{s:?} is not an absolute path"));
+            return None;
+        }
+        Some(s.into())
+    }
+
     fn name(&mut self, key: &str, v: &Item<'_>) -> Option<String> {
         let s = self.string(key, v)?;
         if s.is_empty() || s.chars().any(|c| c == ':' || c == '/' || c.is_whitespace()) {

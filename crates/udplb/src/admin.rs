@@ -41,6 +41,8 @@ pub struct State {
     pub publisher: tokio::sync::mpsc::Sender<crate::health::Command>,
     /// Whether the API may change anything.
     pub allow_changes: bool,
+    /// The token changes must present, if any.
+    pub token: Option<crate::token::Token>,
     /// Reloads asked for by the API (the same one SIGHUP uses).
     pub reloader: Arc<tokio::sync::Mutex<crate::reload::Reloader>>,
     /// Admin connections open, and how many may be.

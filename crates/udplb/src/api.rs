@@ -70,7 +70,14 @@ struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut response = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -363,20 +370,37 @@ async fn change(state: &State, _allowed: Writable, change: Change) -> ApiResult 
 
 /// The permission to change: every change handler takes it as its first extractor, so it is
 /// checked before anything else of the request is looked at (its path, its body): a change that
-/// is not allowed answers 403 whatever its body.
+/// is not allowed answers 403 whatever its body, and one without the right token (when
+/// `[admin] token_file` is set) 401.
 struct Writable;
 
 impl FromRequestParts<Arc<State>> for Writable {
     type Rejection = ApiError;
 
-    async fn from_request_parts(_: &mut Parts, state: &Arc<State>) -> Result<Self, ApiError> {
-        if state.allow_changes {
-            Ok(Writable)
-        } else {
-            Err(ApiError(
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<State>) -> Result<Self, ApiError> {
+        if !state.allow_changes {
+            return Err(ApiError(
                 StatusCode::FORBIDDEN,
                 "the admin API is read-only: set allow_changes = true in [admin] (or --admin-allow-changes)".into(),
-            ))
+            ));
+        }
+        let Some(token) = &state.token else {
+            return Ok(Writable);
+        };
+        let given = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| crate::token::bearer(v.as_bytes()));
+        match given {
+            Some(given) if token.matches(given) => Ok(Writable),
+            Some(_) => Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "wrong token in the Authorization header".into(),
+            )),
+            None => Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "changes need the admin token: Authorization: Bearer TOKEN (udplb ctl --token-file)".into(),
+            )),
         }
     }
 }

@@ -46,6 +46,25 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         Some(a) => Some(bind_admin(a.listen)?),
         None => None,
     };
+    // Read while udplb may still read what only root can.
+    let token = match cfg.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+        Some(path) => {
+            Some(crate::token::read(path).map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?)
+        }
+        None => None,
+    };
+    if let Some(a) = cfg
+        .admin
+        .as_ref()
+        .filter(|a| a.allow_changes && token.is_none())
+    {
+        tracing::warn!(
+            address = %a.listen,
+            "the admin API allows changes without a token: any local user or process that \
+             can reach the address can drain, remove and add backends and reload; set \
+             admin.token_file (--admin-token-file)"
+        );
+    }
     let keep = privileges::needed_capabilities(&cfg);
     match privileges::drop_privileges(&cfg.runtime, &keep)? {
         privileges::Outcome::Switched {
@@ -111,6 +130,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         reload: reload_status,
         publisher: publisher.clone(),
         allow_changes: cfg.admin.as_ref().is_some_and(|a| a.allow_changes),
+        token,
         reloader: Arc::clone(&reloader),
         connections: Arc::new(admin::Connections::new(admin::MIN_CONNECTIONS)),
     });

@@ -19,6 +19,7 @@ mod preflight;
 mod privileges;
 mod reload;
 mod systemd;
+mod token;
 
 use std::process::ExitCode;
 

@@ -210,6 +210,17 @@ fn admin_changes(running: &Option<Admin>, new: &Option<Admin>) -> Vec<String> {
                     old.allow_changes, a.allow_changes
                 ));
             }
+            if a.token_file != old.token_file {
+                let path = |p: &Option<PathBuf>| {
+                    p.as_ref()
+                        .map_or("none".to_string(), |p| p.display().to_string())
+                };
+                out.push(format!(
+                    "token_file {} -> {}",
+                    path(&old.token_file),
+                    path(&a.token_file)
+                ));
+            }
             out
         }
     }
@@ -275,6 +286,7 @@ mod tests {
             Some(udplb_config::Admin {
                 listen: listen.parse().unwrap(),
                 allow_changes,
+                token_file: None,
             })
         };
         assert_eq!(
