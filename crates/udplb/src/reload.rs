@@ -15,6 +15,9 @@ use udplb_config::{Admin, Config, ListenerConfig};
 use crate::health::Command;
 use crate::{config_file, preflight};
 
+/// How long the publisher may take to put a reloaded configuration in force.
+const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the last reloads did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ReloadStatus {
@@ -64,9 +67,9 @@ impl Reloader {
         }
     }
 
-    /// Reloads the file; on success the publisher applies it. `Err` says why not. The file is
-    /// read and checked (with the user database and the programs it names) on a blocking
-    /// thread, given up after [`config_file::READ_TIMEOUT`].
+    /// Reloads the file; on success the publisher has applied it when this returns. `Err` says
+    /// why not. The file is read and checked (with the user database and the programs it
+    /// names) on a blocking thread, given up after [`config_file::READ_TIMEOUT`].
     pub async fn reload(&mut self) -> Result<(), String> {
         let Some(path) = self.source.clone() else {
             let why = "udplb runs from the command line: there is no file to reload".to_string();
@@ -82,15 +85,28 @@ impl Reloader {
         match loaded {
             Ok(cfg) => {
                 let cfg = Arc::new(cfg);
+                let (applied, done) = tokio::sync::oneshot::channel();
                 if self
                     .publisher
-                    .send(Command::Reload(Arc::clone(&cfg)))
+                    .send(Command::Reload(Arc::clone(&cfg), applied))
                     .await
                     .is_err()
                 {
                     return Err(self.failed("the publisher has stopped".into()));
                 }
                 self.running = cfg;
+                // Done once the publisher has put it in force (it runs on its own thread): a
+                // reload answered through the API is then visible in the next request.
+                match tokio::time::timeout(APPLY_TIMEOUT, done).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(self.failed("the publisher has stopped".into())),
+                    Err(_) => {
+                        return Err(self.failed(format!(
+                            "the new configuration was handed over but not put in force within {}",
+                            humantime::format_duration(APPLY_TIMEOUT)
+                        )));
+                    }
+                }
                 let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 s.succeeded += 1;
                 s.last_success_unix = now_unix();

@@ -212,7 +212,7 @@ fn plan_checkers(running: &std::collections::HashMap<u64, Running>, cfg: &Config
 /// What the rest of the control plane asks of the publisher.
 pub enum Command {
     /// Switch to this (validated, compatible) configuration.
-    Reload(Arc<Config>),
+    Reload(Arc<Config>, tokio::sync::oneshot::Sender<()>),
     /// Shutting down: publish a snapshot that admits no new flow.
     StopAdmitting,
     /// A change from the admin API: applied to the running configuration, validated like a
@@ -313,7 +313,10 @@ impl Monitor {
                     self.start_recovery_probes();
                 }
                 Some(command) = commands.recv() => match command {
-                    Command::Reload(cfg) => self.reload(cfg),
+                    Command::Reload(cfg, applied) => {
+                        self.reload(cfg);
+                        let _ = applied.send(());
+                    }
                     Command::StopAdmitting => {
                         self.admitting = false;
                         self.publish();
