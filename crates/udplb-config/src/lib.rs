@@ -20,4 +20,4 @@ pub use error::{ConfigError, ConfigErrors, Positions};
 pub use model::{
     Admin, BackendConfig, Config, Expect, HealthCheck, ListenerConfig, PoolConfig, Probe, Runtime,
 };
-pub use parse::{load, load_with_positions, parse, parse_with_positions};
+pub use parse::{MAX_FILE_SIZE, load, load_with_positions, parse, parse_with_positions};

@@ -50,6 +50,9 @@ pub struct Admin {
     /// Whether the API may change anything (backends, weights, states, reload); read-only
     /// otherwise.
     pub allow_changes: bool,
+    /// A file holding the token changes must present (`Authorization: Bearer TOKEN`); read
+    /// once at start. Required for changes on an address other than loopback.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// `[listeners.NAME]`

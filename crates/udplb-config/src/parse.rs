@@ -30,7 +30,7 @@ type Item<'i> = Spanned<DeValue<'i>>;
 
 const TOP_KEYS: &[&str] = &["runtime", "admin", "listeners", "pools"];
 const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace", "user", "group", "allow_root"];
-const ADMIN_KEYS: &[&str] = &["listen", "allow_changes"];
+const ADMIN_KEYS: &[&str] = &["listen", "allow_changes", "token_file"];
 const LISTENER_KEYS: &[&str] = &[
     "address",
     "pool",
@@ -85,18 +85,84 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Like [`load`], with where each key is, to report later problems at their line.
 pub fn load_with_positions(path: &Path) -> Result<(Config, Positions), ConfigErrors> {
     let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
+    match read_bounded(path) {
         Ok(src) => parse_with_positions(&src, &file),
-        Err(e) => Err(ConfigErrors {
+        Err(why) => Err(ConfigErrors {
             errors: vec![ConfigError {
                 file,
                 line: 1,
                 column: 1,
                 key: "(file)".into(),
-                message: format!("cannot read: {e}"),
+                message: format!("cannot read: {why}"),
             }],
         }),
     }
+}
+
+/// The largest configuration file read (a larger one is refused, not read).
+pub const MAX_FILE_SIZE: u64 = 16 << 20;
+
+/// Reads a configuration file: a regular file (a FIFO, device, socket or directory is refused
+/// before it is opened, as opening or reading it could block or never end) of at most
+/// [`MAX_FILE_SIZE`] bytes, in UTF-8. The file is opened without blocking and checked again
+/// once open, in case it was replaced in between. Reading can still wait on a stalled file
+/// system: callers that must not wait bound it with a timeout of their own.
+fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    regular_file(&meta)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    regular_file(&file.metadata().map_err(|e| e.to_string())?)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// `Ok` for a regular file of at most [`MAX_FILE_SIZE`] bytes; else what it is instead.
+fn regular_file(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        if meta.len() > MAX_FILE_SIZE {
+            return Err(too_large(meta.len()));
+        }
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "an unknown kind of file"
+    };
+    Err(format!("it is {kind}, not a regular file"))
+}
+
+fn too_large(bytes: u64) -> String {
+    format!(
+        "{bytes} bytes, larger than the {} MiB a configuration file may have",
+        MAX_FILE_SIZE >> 20
+    )
 }
 
 /// Parses configuration text; `file` names it in errors.
@@ -236,9 +302,11 @@ impl Reader<'_> {
         let allow_changes = self
             .optional(t, "admin", "allow_changes", |r, k, v| r.boolean(k, v))
             .unwrap_or(false);
+        let token_file = self.optional(t, "admin", "token_file", |r, k, v| r.absolute_path(k, v));
         Some(Admin {
             listen,
             allow_changes,
+            token_file,
         })
     }
 
@@ -645,6 +713,15 @@ impl Reader<'_> {
     }
 
     /// A user or group name (as in /etc/passwd): non-empty, no ':', '/' or whitespace.
+    fn absolute_path(&mut self, key: &str, v: &Item<'_>) -> Option<std::path::PathBuf> {
+        let s = self.string(key, v)?;
+        if !s.starts_with('/') {
+            self.error_at(v.span(), key, format!("{s:?} is not an absolute path"));
+            return None;
+        }
+        Some(s.into())
+    }
+
     fn name(&mut self, key: &str, v: &Item<'_>) -> Option<String> {
         let s = self.string(key, v)?;
         if s.is_empty() || s.chars().any(|c| c == ':' || c == '/' || c.is_whitespace()) {

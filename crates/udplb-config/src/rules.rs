@@ -49,6 +49,20 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
     }
     if let Some(admin) = &cfg.admin {
         check_port(&mut out, "admin.listen".into(), admin.listen);
+        if admin.allow_changes
+            && admin.token_file.is_none()
+            && !admin.listen.ip().to_canonical().is_loopback()
+        {
+            out.push(problem(
+                "admin.allow_changes".into(),
+                format!(
+                    "changes on an admin endpoint other than loopback ({}) need a token, or \
+                     anyone who reaches it could change the backends: set admin.token_file \
+                     (--admin-token-file) to a file only udplb's user can read",
+                    admin.listen
+                ),
+            ));
+        }
     }
     if cfg.listeners.is_empty() {
         out.push(problem(

@@ -70,3 +70,63 @@ fn a_missing_file_is_an_error_naming_it() {
         "{errors}"
     );
 }
+
+/// The `(file)` error of loading `path`, on another thread so that a load that blocks fails
+/// the test instead of hanging it.
+fn file_error(path: &std::path::Path) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(udplb_config::load(&path).map(|_| ()));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+        Ok(Err(errors)) => errors.to_string(),
+        Ok(Ok(())) => panic!("loaded"),
+        Err(_) => panic!("load blocked for 5 s"),
+    }
+}
+
+/// Only regular files are read: a FIFO (which would block the reader until someone writes to
+/// it), a device, a directory are refused before they are opened, saying what they are; a file
+/// over 16 MiB is refused without being read.
+#[test]
+fn only_regular_files_of_bounded_size_are_read() {
+    let dir = std::env::temp_dir().join(format!("udplb-config-kinds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo.toml");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let error = file_error(&fifo);
+    assert!(
+        error.contains("(file): cannot read: it is a FIFO (named pipe), not a regular file"),
+        "{error}"
+    );
+    let error = file_error(std::path::Path::new("/dev/null"));
+    assert!(error.contains("it is a character device"), "{error}");
+    let error = file_error(&dir);
+    assert!(error.contains("it is a directory"), "{error}");
+    let big = dir.join("big.toml");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(udplb_config::MAX_FILE_SIZE + 1).unwrap(); // sparse: nothing written
+    let error = file_error(&big);
+    assert!(
+        error.contains("16777217 bytes, larger than the 16 MiB"),
+        "{error}"
+    );
+    let latin1 = dir.join("latin1.toml");
+    std::fs::write(&latin1, b"# caf\xe9\n").unwrap();
+    let error = file_error(&latin1);
+    assert!(error.contains("not UTF-8 text"), "{error}");
+    // A symbolic link to a regular file is followed.
+    let real = manifest().join("../../examples/udplb.toml");
+    let link = dir.join("link.toml");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    assert!(udplb_config::load(&link).is_ok());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -633,3 +633,55 @@ fn positions_locate_keys_after_parsing() {
     let e = positions.error("pools.p.backends[1].health.command", "m");
     assert_eq!((e.line, e.column), (6, 44));
 }
+
+/// Changes on an admin endpoint other than loopback need a token file; on loopback they do
+/// not (udplb warns at start); the token file is an absolute path.
+#[test]
+fn changes_on_a_reachable_admin_endpoint_need_a_token() {
+    let admin = |listen: &str, extra: &str| {
+        format!(
+            "[admin]\nlisten = \"{listen}\"\nallow_changes = true\n{extra}\n\
+             [listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n{POOL}"
+        )
+    };
+    for listen in [
+        "0.0.0.0:9190",
+        "192.0.2.1:9190",
+        "[::]:9190",
+        "[2001:db8::1]:9190",
+    ] {
+        let e = errors(&admin(listen, ""));
+        assert_eq!(e.errors.len(), 1, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(
+                "t.toml:3:1: admin.allow_changes: changes on an admin endpoint other than loopback"
+            ) && text.contains("admin.token_file (--admin-token-file)"),
+            "{text}"
+        );
+    }
+    for listen in [
+        "127.0.0.1:9190",
+        "127.0.0.2:9190",
+        "[::1]:9190",
+        "[::ffff:127.0.0.1]:9190",
+    ] {
+        assert!(parse(&admin(listen, ""), "t.toml").is_ok(), "{listen}");
+    }
+    let with_token = parse(
+        &admin("0.0.0.0:9190", "token_file = \"/etc/udplb/admin.token\""),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        with_token.admin.unwrap().token_file.unwrap(),
+        std::path::Path::new("/etc/udplb/admin.token")
+    );
+    // Read-only: no token needed anywhere.
+    let read_only = "[admin]\nlisten = \"0.0.0.0:9190\"\n[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n";
+    assert!(parse(&format!("{read_only}{POOL}"), "t.toml").is_ok());
+    assert_eq!(
+        only_message(&admin("127.0.0.1:9190", "token_file = \"admin.token\"")),
+        "\"admin.token\" is not an absolute path"
+    );
+}

@@ -1,11 +1,19 @@
-//! The admin endpoint (read-only for now): `GET /stats` returns every listener's counters as
-//! JSON, summed over the workers at request time; `GET /metrics` the same in Prometheus form.
+//! The admin endpoint: `GET /stats` returns every listener's counters as JSON, summed over the
+//! workers at request time; `GET /metrics` the same in Prometheus form; the API under
+//! `/api/v1` ([`crate::api`]).
 //!
-//! Owns: the HTTP surface of the control plane.
+//! Owns: the HTTP surface of the control plane and what it may cost: at most
+//! [`Connections::cap`] connections at once (the others are closed as soon as accepted), fitted
+//! with the health checks into the descriptors the data plane leaves free
+//! ([`connection_cap`]); a request header must arrive within [`HEADER_TIMEOUT`] (which also
+//! closes a connection idle that long after its last response), a request is answered within
+//! [`REQUEST_TIMEOUT`], and no connection lives longer than [`CONNECTION_LIFETIME`].
 //! Must not: hold a lock the data plane takes, or be reachable beyond the address the operator
 //! configured.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -33,20 +41,222 @@ pub struct State {
     pub publisher: tokio::sync::mpsc::Sender<crate::health::Command>,
     /// Whether the API may change anything.
     pub allow_changes: bool,
+    /// The token changes must present, if any.
+    pub token: Option<crate::token::Token>,
     /// Reloads asked for by the API (the same one SIGHUP uses).
     pub reloader: Arc<tokio::sync::Mutex<crate::reload::Reloader>>,
+    /// Admin connections open, and how many may be.
+    pub connections: Arc<Connections>,
 }
 
-/// Serves the admin endpoint on `listener` until the runtime stops.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<State>) {
+/// Most admin connections open at once, whatever the descriptors allow.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Fewest admin connections allowed, even when the descriptor reserve is too small for them.
+pub const MIN_CONNECTIONS: usize = 4;
+/// How long a request's header may take to arrive, counted from the connection's start or the
+/// end of its previous response: slow headers and idle connections are closed after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request (its body included) may take to be answered; a reload through the API
+/// may wait for a reload under way (5 s at most) and then read the file (5 s at most).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a connection may stay open at all, however busy (a reader too slow for its
+/// responses).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// Descriptors the control plane may open besides health checks and admin connections: a
+/// configuration read, the connection accepted over the cap before it is closed, `/proc` reads
+/// for `/metrics`, and a margin.
+const CONTROL_DESCRIPTORS: u64 = 8;
+
+/// The descriptors the data plane leaves free: its workers open no flow socket whose number is
+/// in the top 1/16 of the open-file limit (8 to 128 descriptors; `fd_ceiling` in
+/// udplb-dataplane's worker), so these stay for the control plane however many flows there are.
+pub fn descriptor_reserve(limit: u64) -> u64 {
+    (limit / 16).clamp(8, 128)
+}
+
+/// Descriptors health checking may hold at once under `cfg`: each actively checked backend's
+/// check (a socket; an exec check, the pipes, `/dev/null` and process descriptor of starting a
+/// program), the recovery probe of each backend without an active check, and each pool's
+/// notify command being started.
+pub fn check_descriptors(cfg: &udplb_config::Config) -> u64 {
+    /// Descriptors of starting a program (stdio, the exec-error pipe, a pidfd).
+    const PROGRAM: u64 = 6;
+    cfg.pools
+        .iter()
+        .map(|pool| {
+            let backends: u64 = pool
+                .backends
+                .iter()
+                .map(|b| match b.active_check(pool).map(|c| &c.probe) {
+                    Some(udplb_config::Probe::Exec { .. }) => PROGRAM,
+                    _ => 1,
+                })
+                .sum();
+            backends + if pool.notify.is_some() { PROGRAM } else { 0 }
+        })
+        .sum()
+}
+
+/// How many admin connections fit, with `cfg`'s health checks, in the descriptor reserve the
+/// data plane leaves at open-file limit `limit`: between [`MIN_CONNECTIONS`] and
+/// [`MAX_CONNECTIONS`]. Below the minimum the reserve is too small, and the caller says so.
+pub fn connection_cap(limit: u64, cfg: &udplb_config::Config) -> (usize, bool) {
+    let room =
+        descriptor_reserve(limit).saturating_sub(check_descriptors(cfg) + CONTROL_DESCRIPTORS);
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    (
+        room.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS),
+        room >= MIN_CONNECTIONS,
+    )
+}
+
+/// Admin connections: how many are open, how many may be, how many were turned away.
+#[derive(Debug, Default)]
+pub struct Connections {
+    live: AtomicUsize,
+    cap: AtomicUsize,
+    refused: AtomicU64,
+}
+
+impl Connections {
+    pub fn new(cap: usize) -> Connections {
+        Connections {
+            cap: AtomicUsize::new(cap),
+            ..Default::default()
+        }
+    }
+
+    /// The cap in force.
+    pub fn cap(&self) -> usize {
+        self.cap.load(Ordering::Relaxed)
+    }
+
+    /// A place for one more connection, or `None` at the cap (counted as refused).
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let admitted = self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.cap()).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            Some(Slot(Arc::clone(self)))
+        } else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// One admitted connection; its place is freed when dropped.
+struct Slot(Arc<Connections>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves the admin endpoint on `listener` until the runtime stops. `limit` is the open-file
+/// limit and `configs` the running configuration, from which the connection cap is worked out
+/// (again after each reload).
+pub async fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<State>,
+    limit: u64,
+    mut configs: tokio::sync::watch::Receiver<Arc<udplb_config::Config>>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve the admin endpoint");
+            return;
+        }
+    };
+    let set_cap = |cfg: &udplb_config::Config, log: bool| {
+        let (cap, fits) = connection_cap(limit, cfg);
+        state.connections.cap.store(cap, Ordering::Relaxed);
+        if !fits {
+            tracing::warn!(
+                open_file_limit = limit,
+                reserve = descriptor_reserve(limit),
+                health_checks = check_descriptors(cfg),
+                admin_connections = cap,
+                "the descriptors kept from flows cannot hold the health checks and the admin \
+                 endpoint: once flows take the others, checks may find none (they are then \
+                 counted as unknown); raise the open file limit (LimitNOFILE)"
+            );
+        }
+        if log && let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, max_connections = cap, "admin endpoint");
+        }
+    };
+    set_cap(&configs.borrow_and_update(), true);
     let app = Router::new()
         .route("/", get(status_page))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .merge(crate::api::routes())
-        .with_state(state);
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "admin endpoint failed");
+        .layer(axum::middleware::from_fn(within_request_timeout))
+        .with_state(Arc::clone(&state));
+    let mut accept_errors = crate::logging::RateLimited::new(Duration::from_secs(10));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: the connection waits in the backlog meanwhile.
+                accept_errors.warn("admin endpoint: cannot accept a connection", &e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if configs.has_changed().unwrap_or(false) {
+            set_cap(&configs.borrow_and_update(), false);
+        }
+        let Some(slot) = state.connections.admit() else {
+            drop(stream); // over the cap: closed at once
+            continue;
+        };
+        tokio::spawn(serve_connection(stream, app.clone(), slot));
+    }
+}
+
+/// Serves one connection within the endpoint's bounds.
+async fn serve_connection(stream: tokio::net::TcpStream, app: Router, _slot: Slot) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let connection = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let deadline = Instant::now() + CONNECTION_LIFETIME;
+    if tokio::time::timeout_at(deadline.into(), connection.as_mut())
+        .await
+        .is_err()
+    {
+        // Past its lifetime: finish the request under way, if any, then close.
+        connection.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, connection).await;
+    }
+}
+
+/// Answers 408 when a request (reading its body included) takes over [`REQUEST_TIMEOUT`].
+async fn within_request_timeout(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => (
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            axum::Json(json!({ "error": format!(
+                "the request was not complete and answered within {}",
+                humantime::format_duration(REQUEST_TIMEOUT)
+            ) })),
+        )
+            .into_response(),
     }
 }
 
@@ -132,6 +342,11 @@ pub(crate) fn stats_json(state: &State) -> Value {
         "listeners": listeners,
         "pools": pools,
         "reload": json!(*state.reload.lock().unwrap_or_else(|p| p.into_inner())),
+        "admin": {
+            "connections": state.connections.live.load(Ordering::Relaxed),
+            "connection_cap": state.connections.cap(),
+            "connections_refused": state.connections.refused.load(Ordering::Relaxed),
+        },
     })
 }
 

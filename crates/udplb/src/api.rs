@@ -70,7 +70,14 @@ struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
+        let mut response = (self.0, Json(json!({ "error": self.1 }))).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }
 
@@ -170,8 +177,7 @@ async fn explain(
     Ok(Json(crate::admin::explain_json(&snap, li, q.client)))
 }
 
-async fn reload(AxumState(state): AxumState<Arc<State>>) -> ApiResult {
-    writable(&state)?;
+async fn reload(_: Writable, AxumState(state): AxumState<Arc<State>>) -> ApiResult {
     let mut reloader = state.reloader.lock().await;
     if let Err(why) = reloader.reload().await {
         return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, why));
@@ -191,11 +197,7 @@ struct LogLevel {
     level: String,
 }
 
-async fn set_log_level(
-    AxumState(state): AxumState<Arc<State>>,
-    ApiJson(l): ApiJson<LogLevel>,
-) -> ApiResult {
-    writable(&state)?;
+async fn set_log_level(_: Writable, ApiJson(l): ApiJson<LogLevel>) -> ApiResult {
     crate::logging::set_level(&l.level).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     Ok(Json(json!({ "level": crate::logging::level() })))
 }
@@ -217,6 +219,7 @@ fn one() -> u32 {
 }
 
 async fn add_backend(
+    allowed: Writable,
     AxumState(state): AxumState<Arc<State>>,
     ApiPath(pool): ApiPath<String>,
     ApiJson(b): ApiJson<NewBackend>,
@@ -239,6 +242,7 @@ async fn add_backend(
     };
     change(
         &state,
+        allowed,
         Box::new(move |cfg: &mut Config| {
             let pool = pool_mut(cfg, &pool)?;
             if pool.backends.iter().any(|x| x.spec.addr == spec.addr) {
@@ -256,12 +260,14 @@ async fn add_backend(
 }
 
 async fn remove_backend(
+    allowed: Writable,
     AxumState(state): AxumState<Arc<State>>,
     ApiPath((pool, address)): ApiPath<(String, String)>,
 ) -> ApiResult {
     let addr = parse_addr(&address)?;
     change(
         &state,
+        allowed,
         Box::new(move |cfg: &mut Config| {
             let pool = pool_mut(cfg, &pool)?;
             let before = pool.backends.len();
@@ -279,36 +285,38 @@ struct Weight {
 }
 
 async fn set_weight(
+    allowed: Writable,
     AxumState(state): AxumState<Arc<State>>,
     ApiPath((pool, address)): ApiPath<(String, String)>,
     ApiJson(w): ApiJson<Weight>,
 ) -> ApiResult {
     let addr = parse_addr(&address)?;
-    edit_backend(&state, pool, addr, move |b| {
+    edit_backend(&state, allowed, pool, addr, move |b| {
         std::mem::replace(&mut b.spec.weight, w.weight) != w.weight
     })
     .await
 }
 
-async fn drain(s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
-    set_state(s, p, AdminState::Draining).await
+async fn drain(w: Writable, s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
+    set_state(w, s, p, AdminState::Draining).await
 }
 
-async fn enable(s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
-    set_state(s, p, AdminState::Enabled).await
+async fn enable(w: Writable, s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
+    set_state(w, s, p, AdminState::Enabled).await
 }
 
-async fn disable(s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
-    set_state(s, p, AdminState::Disabled).await
+async fn disable(w: Writable, s: AxumState<Arc<State>>, p: ApiPath<(String, String)>) -> ApiResult {
+    set_state(w, s, p, AdminState::Disabled).await
 }
 
 async fn set_state(
+    allowed: Writable,
     AxumState(state): AxumState<Arc<State>>,
     ApiPath((pool, address)): ApiPath<(String, String)>,
     to: AdminState,
 ) -> ApiResult {
     let addr = parse_addr(&address)?;
-    edit_backend(&state, pool, addr, move |b| {
+    edit_backend(&state, allowed, pool, addr, move |b| {
         std::mem::replace(&mut b.state, to) != to
     })
     .await
@@ -317,12 +325,14 @@ async fn set_state(
 /// Applies `edit` to backend `addr` of `pool`; `edit` says whether it changed anything.
 async fn edit_backend(
     state: &State,
+    allowed: Writable,
     pool: String,
     addr: SocketAddr,
     edit: impl FnOnce(&mut BackendConfig) -> bool + Send + 'static,
 ) -> ApiResult {
     change(
         state,
+        allowed,
         Box::new(move |cfg: &mut Config| {
             let pool = pool_mut(cfg, &pool)?;
             let name = pool.name.clone();
@@ -337,9 +347,9 @@ async fn edit_backend(
     .await
 }
 
-/// Sends a change to the publisher and waits (bounded) for its outcome.
-async fn change(state: &State, change: Change) -> ApiResult {
-    writable(state)?;
+/// Sends a change to the publisher and waits (bounded) for its outcome; only with the
+/// permission to change ([`Writable`]).
+async fn change(state: &State, _allowed: Writable, change: Change) -> ApiResult {
     let (reply, outcome) = tokio::sync::oneshot::channel();
     state
         .publisher
@@ -358,14 +368,40 @@ async fn change(state: &State, change: Change) -> ApiResult {
     }
 }
 
-fn writable(state: &State) -> Result<(), ApiError> {
-    if state.allow_changes {
-        Ok(())
-    } else {
-        Err(ApiError(
-            StatusCode::FORBIDDEN,
-            "the admin API is read-only: set allow_changes = true in [admin] (or --admin-allow-changes)".into(),
-        ))
+/// The permission to change: every change handler takes it as its first extractor, so it is
+/// checked before anything else of the request is looked at (its path, its body): a change that
+/// is not allowed answers 403 whatever its body, and one without the right token (when
+/// `[admin] token_file` is set) 401.
+struct Writable;
+
+impl FromRequestParts<Arc<State>> for Writable {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<State>) -> Result<Self, ApiError> {
+        if !state.allow_changes {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "the admin API is read-only: set allow_changes = true in [admin] (or --admin-allow-changes)".into(),
+            ));
+        }
+        let Some(token) = &state.token else {
+            return Ok(Writable);
+        };
+        let given = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| crate::token::bearer(v.as_bytes()));
+        match given {
+            Some(given) if token.matches(given) => Ok(Writable),
+            Some(_) => Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "wrong token in the Authorization header".into(),
+            )),
+            None => Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "changes need the admin token: Authorization: Bearer TOKEN (udplb ctl --token-file)".into(),
+            )),
+        }
     }
 }
 

@@ -173,6 +173,10 @@ struct OneLiner {
     /// Let the admin API change backends, weights and states (read-only otherwise).
     #[arg(long, requires = "admin")]
     admin_allow_changes: bool,
+    /// A file holding the token admin API changes must present (`Authorization: Bearer
+    /// TOKEN`); required for changes on an address other than loopback.
+    #[arg(long, value_name = "FILE", requires = "admin")]
+    admin_token_file: Option<PathBuf>,
     /// Serve the admin endpoint (status and counters) on this address.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
@@ -346,6 +350,7 @@ impl OneLiner {
             admin: self.admin.map(|listen| Admin {
                 listen,
                 allow_changes: self.admin_allow_changes,
+                token_file: self.admin_token_file,
             }),
             listeners: vec![listener],
             pools: vec![PoolConfig {
@@ -502,7 +507,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let problems = preflight::problems(&cfg, preflight::Stage::Start);
             if !problems.is_empty() {
-                let flags = [("runtime.user", "--user"), ("runtime.group", "--group")];
+                let flags = [
+                    ("runtime.user", "--user"),
+                    ("runtime.group", "--group"),
+                    ("admin.token_file", "--admin-token-file"),
+                ];
                 for line in preflight::describe(&problems, None, &flags) {
                     eprintln!("{line}");
                 }
@@ -531,7 +540,7 @@ fn load_for_start(
     workers: Option<usize>,
     privileges: PrivilegeArgs,
 ) -> Result<Config, ExitCode> {
-    let (mut cfg, positions) = udplb_config::load_with_positions(path).map_err(|errors| {
+    let (mut cfg, positions) = crate::config_file::load(path).map_err(|errors| {
         eprint!("{errors}");
         ExitCode::from(EX_CONFIG)
     })?;

@@ -19,6 +19,9 @@ pub struct CtlArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// A file holding the admin token (`[admin] token_file`), sent with every call.
+    #[arg(long, value_name = "FILE", env = "UDPLB_ADMIN_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -67,7 +70,15 @@ enum CtlCommand {
 
 /// Runs one ctl command; API errors exit 1 with the API's message.
 pub fn run(args: CtlArgs) -> ExitCode {
-    let ctl = Ctl::new(&args.admin);
+    let token = match args.token_file.as_deref().map(crate::token::read) {
+        None => None,
+        Some(Ok(token)) => Some(token),
+        Some(Err(e)) => {
+            eprintln!("udplb ctl: --token-file: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ctl = Ctl::new(&args.admin, token);
     let result = match &args.command {
         CtlCommand::Status => ctl.get("/api/v1/status").map(|v| (status_table(&v), v)),
         CtlCommand::Backends { pool } => ctl
@@ -132,10 +143,11 @@ pub fn run(args: CtlArgs) -> ExitCode {
 struct Ctl {
     agent: ureq::Agent,
     base: String,
+    token: Option<crate::token::Token>,
 }
 
 impl Ctl {
-    fn new(admin: &str) -> Ctl {
+    fn new(admin: &str, token: Option<crate::token::Token>) -> Ctl {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(10)))
@@ -144,6 +156,15 @@ impl Ctl {
         Ctl {
             agent,
             base: format!("http://{admin}"),
+            token,
+        }
+    }
+
+    /// `request` with the token, if any.
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(token) => request.header("Authorization", token.header()),
+            None => request,
         }
     }
 
@@ -169,12 +190,12 @@ impl Ctl {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
         let url = format!("{}{path}", self.base);
         let sent = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            ("PUT", Some(b)) => self.agent.put(&url).send_json(b),
-            ("PUT", None) => self.agent.put(&url).send_empty(),
-            (_, Some(b)) => self.agent.post(&url).send_json(b),
-            (_, None) => self.agent.post(&url).send_empty(),
+            ("GET", _) => self.authorized(self.agent.get(&url)).call(),
+            ("DELETE", _) => self.authorized(self.agent.delete(&url)).call(),
+            ("PUT", Some(b)) => self.authorized(self.agent.put(&url)).send_json(b),
+            ("PUT", None) => self.authorized(self.agent.put(&url)).send_empty(),
+            (_, Some(b)) => self.authorized(self.agent.post(&url)).send_json(b),
+            (_, None) => self.authorized(self.agent.post(&url)).send_empty(),
         };
         let response = sent.map_err(|e| format!("{url}: {e}"))?;
         let status = response.status();

@@ -1,8 +1,11 @@
 //! Running udplb: publish the first snapshot, start the workers, serve the admin endpoint,
 //! wait for a signal, stop.
 //!
-//! Owns: the process lifecycle and the tokio runtime of the control plane (one thread; the
-//! data plane runs on its own plain threads and never waits for it).
+//! Owns: the process lifecycle and the threads of the control plane, each with its own tokio
+//! runtime so that none can stall another: `udplb-health` (the health monitor, its checkers and
+//! notify hooks: the only publisher of snapshots), `udplb-admin` (the admin endpoint) and the
+//! main thread (signals and reloads, whose file reads run on a blocking thread with a
+//! timeout). The data plane runs on its own plain threads and never waits for any of them.
 //! Must not: touch datagrams.
 
 use std::path::PathBuf;
@@ -22,10 +25,16 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         .runtime
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    match udplb_sys::socket::raise_nofile_limit() {
-        Ok(limit) => warn_if_flows_exceed(&cfg, limit),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
-    }
+    let nofile = match udplb_sys::socket::raise_nofile_limit() {
+        Ok(limit) => {
+            warn_if_flows_exceed(&cfg, limit);
+            limit
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open file limit");
+            udplb_sys::socket::nofile_limit().unwrap_or(1024)
+        }
+    };
     // Checked backends start in their configured state (down until the first check passes, by
     // default), so no datagram goes to a backend never seen healthy.
     let trackers = health::Trackers::initial(&cfg);
@@ -37,6 +46,25 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         Some(a) => Some(bind_admin(a.listen)?),
         None => None,
     };
+    // Read while udplb may still read what only root can.
+    let token = match cfg.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
+        Some(path) => {
+            Some(crate::token::read(path).map_err(|e| anyhow::anyhow!("admin.token_file: {e}"))?)
+        }
+        None => None,
+    };
+    if let Some(a) = cfg
+        .admin
+        .as_ref()
+        .filter(|a| a.allow_changes && token.is_none())
+    {
+        tracing::warn!(
+            address = %a.listen,
+            "the admin API allows changes without a token: any local user or process that \
+             can reach the address can drain, remove and add backends and reload; set \
+             admin.token_file (--admin-token-file)"
+        );
+    }
     let keep = privileges::needed_capabilities(&cfg);
     match privileges::drop_privileges(&cfg.runtime, &keep)? {
         privileges::Outcome::Switched {
@@ -77,26 +105,23 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             "listening"
         );
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .thread_name("udplb-control")
-        .build()
-        .context("starting the control plane")?;
     let cfg = Arc::new(cfg);
+    let (configs, running_config) = tokio::sync::watch::channel(Arc::clone(&cfg));
     let monitor = health::Monitor::new(
         Arc::clone(&cfg),
         trackers,
         Arc::clone(&shared),
         dataplane.stats().to_vec(),
+        configs,
     );
     let reload_status = reload::started();
     let (publisher, commands) = tokio::sync::mpsc::channel(4);
-    let reloader = Arc::new(tokio::sync::Mutex::new(reload::Reloader {
+    let reloader = Arc::new(tokio::sync::Mutex::new(reload::Reloader::new(
         source,
-        running: Arc::clone(&cfg),
-        publisher: publisher.clone(),
-        status: Arc::clone(&reload_status),
-    }));
+        Arc::clone(&cfg),
+        publisher.clone(),
+        Arc::clone(&reload_status),
+    )));
     let state = Arc::new(admin::State {
         shared,
         stats: dataplane.stats().to_vec(),
@@ -105,27 +130,43 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         reload: reload_status,
         publisher: publisher.clone(),
         allow_changes: cfg.admin.as_ref().is_some_and(|a| a.allow_changes),
+        token,
         reloader: Arc::clone(&reloader),
+        connections: Arc::new(admin::Connections::new(admin::MIN_CONNECTIONS)),
     });
+    // A control thread that ends (a panic) ends udplb, rather than leaving it serving without
+    // health checks or without its admin endpoint.
+    let (ended, mut thread_ended) = tokio::sync::mpsc::unbounded_channel();
+    spawn_control_thread("udplb-health", ended.clone(), move || monitor.run(commands))?;
+    if let Some(listener) = admin_listener {
+        let state = Arc::clone(&state);
+        spawn_control_thread("udplb-admin", ended, move || {
+            admin::serve(listener, state, nofile, running_config)
+        })?;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("udplb-control")
+        .build()
+        .context("starting the control plane")?;
     let result = runtime.block_on(async {
-        tokio::spawn(monitor.run(commands));
-        if let Some(listener) = admin_listener {
-            let listener = tokio::net::TcpListener::from_std(listener)
-                .context("serving the admin endpoint")?;
-            tracing::info!(address = %listener.local_addr()?, "admin endpoint");
-            tokio::spawn(admin::serve(listener, Arc::clone(&state)));
-        }
         let mut signals = Signals::install()?;
         systemd::ready(&format!(
             "serving {} listener(s) with {workers} worker(s)",
             cfg.listeners.len()
         ));
         systemd::spawn_watchdog(state.stats.clone());
-        signals.reload_until_stop(&reloader).await;
+        let failure = tokio::select! {
+            _ = signals.reload_until_stop(&reloader) => None,
+            Some(name) = thread_ended.recv() => Some(name),
+        };
         // Graceful stop: no new flows, established ones served until they end or the grace
         // period is over (a second signal stops at once).
         systemd::stopping();
         let _ = publisher.send(health::Command::StopAdmitting).await;
+        if let Some(name) = failure {
+            anyhow::bail!("the {name} thread stopped");
+        }
         let grace = cfg
             .runtime
             .shutdown_grace
@@ -136,6 +177,43 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     tracing::info!("stopping");
     dataplane.stop();
     result
+}
+
+/// Runs `task` on a thread of its own with its own single-threaded runtime; `ended` hears the
+/// thread's name if it ever stops (the tasks run for as long as udplb does).
+fn spawn_control_thread<F, T>(
+    name: &'static str,
+    ended: tokio::sync::mpsc::UnboundedSender<&'static str>,
+    task: F,
+) -> anyhow::Result<()>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: std::future::Future<Output = ()>,
+{
+    /// Says the thread ended, also when it unwinds.
+    struct Ended(
+        &'static str,
+        tokio::sync::mpsc::UnboundedSender<&'static str>,
+    );
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            tracing::error!(thread = self.0, "control thread stopped");
+            let _ = self.1.send(self.0);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name(name)
+        .build()
+        .with_context(|| format!("starting the {name} runtime"))?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ended = Ended(name, ended);
+            runtime.block_on(task());
+        })
+        .with_context(|| format!("starting the {name} thread"))?;
+    Ok(())
 }
 
 /// Binds the admin endpoint's TCP socket (before privileges are dropped).
@@ -181,21 +259,29 @@ impl Signals {
         })
     }
 
-    /// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
-    async fn reload_until_stop(&mut self, reloader: &tokio::sync::Mutex<reload::Reloader>) {
+    /// Reloads on SIGHUP; returns on SIGTERM or SIGINT, also while a reload is under way (each
+    /// reload is a task of its own, one at a time in signal order).
+    async fn reload_until_stop(&mut self, reloader: &Arc<tokio::sync::Mutex<reload::Reloader>>) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
                 _ = self.hup.recv() => {
-                    systemd::reloading();
-                    // Failures are logged and counted by the reloader; the old configuration
-                    // keeps serving either way.
-                    let status = match reloader.lock().await.reload().await {
-                        Ok(()) => "serving: configuration reloaded".to_string(),
-                        Err(e) => format!("serving the previous configuration: reload failed: {}", e.lines().next().unwrap_or("")),
-                    };
-                    systemd::ready(&status);
+                    let reloader = Arc::clone(reloader);
+                    tokio::spawn(async move {
+                        let mut reloader = reloader.lock().await;
+                        systemd::reloading();
+                        // Failures are logged and counted by the reloader; the old
+                        // configuration keeps serving either way.
+                        let status = match reloader.reload().await {
+                            Ok(()) => "serving: configuration reloaded".to_string(),
+                            Err(e) => format!(
+                                "serving the previous configuration: reload failed: {}",
+                                e.lines().next().unwrap_or("")
+                            ),
+                        };
+                        systemd::ready(&status);
+                    });
                 }
             }
         }

@@ -37,6 +37,40 @@ pub fn init(args: &LogArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// A warning logged at most once per interval, with the number of those left out since the
+/// last one (for errors that may repeat many times a second: accept failures, checks that
+/// cannot run).
+pub struct RateLimited {
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    pub fn new(every: std::time::Duration) -> RateLimited {
+        RateLimited {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Logs `what` with `error`, unless one was logged less than the interval ago.
+    pub fn warn(&mut self, what: &str, error: &dyn std::fmt::Display) {
+        let now = std::time::Instant::now();
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < self.every)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(error = %error, suppressed = self.suppressed, "{what}");
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
 /// Whether human logs get colour escapes: only on a terminal, and never when `NO_COLOR` is set
 /// to anything but the empty string (no-color.org). Files, pipes and the journal get plain text.
 fn colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {

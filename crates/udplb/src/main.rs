@@ -8,6 +8,7 @@
 mod admin;
 mod api;
 mod cli;
+mod config_file;
 mod ctl;
 mod daemon;
 mod health;
@@ -19,6 +20,7 @@ mod preflight;
 mod privileges;
 mod reload;
 mod systemd;
+mod token;
 
 use std::process::ExitCode;
 

@@ -48,6 +48,14 @@ pub fn problems(cfg: &Config, stage: Stage) -> Vec<Problem> {
         Stage::Reload => Runner::current(),
     };
     backends_on_this_host(cfg, &mut out);
+    // The token is read at start only (a reload cannot change [admin]).
+    if let (Stage::Start, Some(path)) = (
+        stage,
+        cfg.admin.as_ref().and_then(|a| a.token_file.as_ref()),
+    ) && let Err(why) = crate::token::read(path)
+    {
+        out.push(problem("admin.token_file", why));
+    }
     for pool in &cfg.pools {
         let key = |k: &str| format!("pools.{}.{k}", pool.name);
         if let Some(command) = &pool.notify {

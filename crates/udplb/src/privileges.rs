@@ -2,7 +2,9 @@
 //!
 //! Owns: the switch from root to the configured user and group, and trimming the capability
 //! sets to what the configuration needs after binding: nothing, or `CAP_NET_ADMIN` for
-//! transparent pools (binding low ports and forcing socket buffer sizes happen before). Started
+//! transparent pools (binding low ports and forcing socket buffer sizes happen before); then
+//! `no_new_privs`, so that no program udplb runs (exec checks, notify commands) can gain
+//! privileges through a setuid or file-capability binary. Started
 //! as root without a user, udplb switches to [`DEFAULT_USER`], as most daemons do, unless
 //! `runtime.allow_root` (or `--allow-root`) says to stay root.
 //! Must not: run once a second thread exists. Capabilities are per thread on Linux, so the
@@ -93,6 +95,7 @@ pub fn drop_privileges(runtime: &Runtime, keep: &CapsHashSet) -> anyhow::Result<
                 );
             }
             trim_capabilities(keep)?;
+            no_new_privileges()?;
             return Ok(Outcome::NotRoot);
         }
         Plan::StayRoot => {
@@ -111,6 +114,7 @@ pub fn drop_privileges(runtime: &Runtime, keep: &CapsHashSet) -> anyhow::Result<
     if nix::unistd::setuid(Uid::from_raw(0)).is_ok() {
         bail!("switched to user {name} but could regain root");
     }
+    no_new_privileges()?;
     Ok(Outcome::Switched {
         user: name.to_string(),
         uid: uid.as_raw(),
@@ -161,6 +165,18 @@ fn switch_user(uid: Uid, gid: Gid, keep: &CapsHashSet) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sets `no_new_privs` (inherited by every thread and process started afterwards): execve no
+/// longer grants the privileges of setuid or setgid binaries or file capabilities, so neither
+/// udplb nor a program it runs can gain what it gave up. Outside systemd (whose unit sets
+/// `NoNewPrivileges=yes`) nothing else sets it.
+fn no_new_privileges() -> anyhow::Result<()> {
+    nix::sys::prctl::set_no_new_privs().context("PR_SET_NO_NEW_PRIVS")?;
+    if !nix::sys::prctl::get_no_new_privs().context("PR_GET_NO_NEW_PRIVS")? {
+        bail!("no_new_privs did not stay set");
+    }
+    Ok(())
+}
+
 /// Leaves exactly `keep` in the permitted and effective sets and nothing inheritable or
 /// ambient, so neither udplb nor the commands it runs (exec checks) hold more.
 fn trim_capabilities(keep: &CapsHashSet) -> anyhow::Result<()> {
@@ -177,9 +193,21 @@ fn trim_capabilities(keep: &CapsHashSet) -> anyhow::Result<()> {
 }
 
 fn ensure_single_threaded() -> anyhow::Result<()> {
-    let threads = std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(1);
+    let count = || {
+        std::fs::read_dir("/proc/self/task")
+            .map(|d| d.count())
+            .unwrap_or(1)
+    };
+    // The thread that read the configuration file has been joined, but the kernel may list it
+    // for a moment longer.
+    let mut threads = count();
+    for _ in 0..100 {
+        if threads == 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        threads = count();
+    }
     if threads > 1 {
         bail!(
             "internal error: privileges must be dropped before any thread starts ({threads} running)"

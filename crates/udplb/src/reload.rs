@@ -13,7 +13,10 @@ use tokio::sync::mpsc;
 use udplb_config::{Admin, Config, ListenerConfig};
 
 use crate::health::Command;
-use crate::preflight;
+use crate::{config_file, preflight};
+
+/// How long the publisher may take to put a reloaded configuration in force.
+const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the last reloads did.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -40,32 +43,70 @@ pub fn started() -> Status {
 /// Re-reads configurations for the publisher.
 pub struct Reloader {
     /// The file the daemon runs from; `None` for the one-liner (nothing to reload).
-    pub source: Option<PathBuf>,
-    pub running: Arc<Config>,
-    pub publisher: mpsc::Sender<Command>,
-    pub status: Status,
+    source: Option<PathBuf>,
+    running: Arc<Config>,
+    publisher: mpsc::Sender<Command>,
+    status: Status,
+    /// Reads of the file, off the async threads and bounded in time.
+    reads: config_file::Reads,
 }
 
 impl Reloader {
-    /// Reloads the file; on success the publisher applies it. `Err` says why not.
+    pub fn new(
+        source: Option<PathBuf>,
+        running: Arc<Config>,
+        publisher: mpsc::Sender<Command>,
+        status: Status,
+    ) -> Reloader {
+        Reloader {
+            source,
+            running,
+            publisher,
+            status,
+            reads: config_file::Reads::new(config_file::READ_TIMEOUT),
+        }
+    }
+
+    /// Reloads the file; on success the publisher has applied it when this returns. `Err` says
+    /// why not. The file is read and checked (with the user database and the programs it
+    /// names) on a blocking thread, given up after [`config_file::READ_TIMEOUT`].
     pub async fn reload(&mut self) -> Result<(), String> {
         let Some(path) = self.source.clone() else {
             let why = "udplb runs from the command line: there is no file to reload".to_string();
             tracing::warn!("reload ignored: {why}");
             return Err(why);
         };
-        match load_compatible(&path, &self.running) {
+        let running = Arc::clone(&self.running);
+        let file = path.clone();
+        let loaded = self
+            .reads
+            .run(&path, move || load_compatible(&file, &running))
+            .await;
+        match loaded {
             Ok(cfg) => {
                 let cfg = Arc::new(cfg);
+                let (applied, done) = tokio::sync::oneshot::channel();
                 if self
                     .publisher
-                    .send(Command::Reload(Arc::clone(&cfg)))
+                    .send(Command::Reload(Arc::clone(&cfg), applied))
                     .await
                     .is_err()
                 {
                     return Err(self.failed("the publisher has stopped".into()));
                 }
                 self.running = cfg;
+                // Done once the publisher has put it in force (it runs on its own thread): a
+                // reload answered through the API is then visible in the next request.
+                match tokio::time::timeout(APPLY_TIMEOUT, done).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(self.failed("the publisher has stopped".into())),
+                    Err(_) => {
+                        return Err(self.failed(format!(
+                            "the new configuration was handed over but not put in force within {}",
+                            humantime::format_duration(APPLY_TIMEOUT)
+                        )));
+                    }
+                }
                 let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
                 s.succeeded += 1;
                 s.last_success_unix = now_unix();
@@ -185,6 +226,17 @@ fn admin_changes(running: &Option<Admin>, new: &Option<Admin>) -> Vec<String> {
                     old.allow_changes, a.allow_changes
                 ));
             }
+            if a.token_file != old.token_file {
+                let path = |p: &Option<PathBuf>| {
+                    p.as_ref()
+                        .map_or("none".to_string(), |p| p.display().to_string())
+                };
+                out.push(format!(
+                    "token_file {} -> {}",
+                    path(&old.token_file),
+                    path(&a.token_file)
+                ));
+            }
             out
         }
     }
@@ -250,6 +302,7 @@ mod tests {
             Some(udplb_config::Admin {
                 listen: listen.parse().unwrap(),
                 allow_changes,
+                token_file: None,
             })
         };
         assert_eq!(

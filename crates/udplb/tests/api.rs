@@ -489,3 +489,209 @@ fn every_api_error_is_json() {
     // Nothing was changed by the refused calls.
     assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 1);
 }
+
+/// Read-only: every change answers 403, before its body is read (a malformed or oversized
+/// body of a change that is not allowed anyway says so, not what is wrong with the body).
+#[test]
+fn read_only_refuses_a_change_before_reading_its_body() {
+    let a = Backend::start("127.0.0.1", "a");
+    let lb = Udplb::start(&[&listen_addr("127.0.0.1").to_string(), &a.addr.to_string()]);
+    let json = Some("application/json");
+    let weight = format!("/api/v1/pools/default/backends/{}/weight", a.addr);
+    let huge = format!(r#"{{"pad": "{}"}}"#, "x".repeat(20_000));
+    type Case<'a> = (&'a str, &'a str, Option<&'a str>, Option<&'a str>);
+    let cases: Vec<Case> = vec![
+        ("PUT", &weight, json, Some(r#"{"weight": "two"}"#)),
+        ("PUT", &weight, json, Some(r#"{"weight": "#)),
+        ("PUT", &weight, Some("text/plain"), Some(r#"{"weight": 2}"#)),
+        ("POST", "/api/v1/pools/default/backends", json, Some("{}")),
+        ("POST", "/api/v1/pools/default/backends", json, Some(&huge)),
+        ("PUT", "/api/v1/log-level", json, Some(r#"{"lvl": "info"}"#)),
+        (
+            "POST",
+            "/api/v1/pools/default/backends/not-an-address/drain",
+            None,
+            None,
+        ),
+        (
+            "DELETE",
+            "/api/v1/pools/default/backends/not-an-address",
+            None,
+            None,
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (method, path, content_type, body) in cases {
+        let (code, answer) = lb.call_as(method, path, content_type, body);
+        answers.push(format!("{method} {path}: {code}"));
+        assert!(
+            answer["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("read-only"))
+                || code != 403,
+            "{method} {path}: {answer}"
+        );
+    }
+    eprintln!("read-only admin API, changes with bad bodies: {answers:?}");
+    assert!(answers.iter().all(|a| a.ends_with(": 403")), "{answers:?}");
+}
+
+/// `METHOD path` on the admin endpoint with extra headers: the status code and the answer.
+fn call_with(lb: &Udplb, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(lb.admin).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: udplb\r\n{extra}Content-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+/// A token file of `mode` holding `token`.
+fn token_file(dir: &std::path::Path, token: &str, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("token-{mode:o}"));
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    path
+}
+
+/// With `[admin] token_file`, changes need `Authorization: Bearer TOKEN`: 401 without it or
+/// with another token, 200 with it; reads need none. `udplb ctl` sends it from `--token-file`
+/// or `UDPLB_ADMIN_TOKEN_FILE`.
+#[test]
+fn changes_need_the_token_when_one_is_configured() {
+    let dir = scratch("token");
+    let a = Backend::start("127.0.0.1", "a");
+    let token = "s3cret-token-of-the-admin-0123456789";
+    let file = token_file(&dir, token, 0o600);
+    let admin = admin_addr();
+    let cfg = format!(
+        "[admin]\nlisten = \"{admin}\"\nallow_changes = true\ntoken_file = \"{}\"\n\
+         [listeners.l]\naddress = \"{}\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
+        file.display(),
+        listen_addr("127.0.0.1"),
+        a.addr
+    );
+    let lb = run_toml(admin, &cfg);
+    let drain = format!("/api/v1/pools/p/backends/{}/drain", a.addr);
+    let bearer = format!("Bearer {token}");
+    let codes = [
+        call_with(&lb, "POST", &drain, &[]),
+        call_with(&lb, "POST", &drain, &[("Authorization", "Bearer wrong")]),
+        call_with(&lb, "POST", &drain, &[("Authorization", &token[..10])]),
+        call_with(&lb, "POST", &drain, &[("Authorization", &bearer)]),
+        call_with(&lb, "GET", "/api/v1/pools", &[]),
+    ]
+    .map(|(code, _)| code);
+    eprintln!(
+        "admin changes with a token file: without a token, with a wrong one, without Bearer, \
+         with the right one, a read without: {codes:?}"
+    );
+    assert_eq!(codes, [401, 401, 401, 200, 200]);
+    let (_, answer) = call_with(&lb, "POST", &drain, &[]);
+    assert!(answer.contains("\"error\""), "{answer}");
+    assert!(
+        answer.contains("WWW-Authenticate: Bearer") || answer.contains("www-authenticate: Bearer"),
+        "{answer}"
+    );
+
+    let ctl = |args: &[&str], env: &[(&str, &str)]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
+            .args(["ctl", "--admin", &admin.to_string()])
+            .args(args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let enable = ["enable", "p", &a.addr.to_string()];
+    let (ok, err) = ctl(&enable, &[]);
+    assert!(!ok && err.contains("401"), "{err}");
+    let file_arg = file.display().to_string();
+    let (ok, err) = ctl(&[&["--token-file", &file_arg][..], &enable].concat(), &[]);
+    assert!(ok, "{err}");
+    let (ok, err) = ctl(&enable, &[("UDPLB_ADMIN_TOKEN_FILE", &file_arg)]);
+    assert!(ok, "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Changes on an admin endpoint reachable from elsewhere need a token: `check` and `run`
+/// refuse `allow_changes` on a non-loopback address without `token_file`, or with a token
+/// file others may read; on loopback, changes without a token are logged loudly.
+#[test]
+fn a_non_loopback_admin_that_allows_changes_needs_a_token() {
+    let dir = scratch("token-rule");
+    let port = free_tcp_port();
+    let admin = |extra: &str| {
+        format!(
+            "[admin]\nlisten = \"0.0.0.0:{port}\"\nallow_changes = true\n{extra}\n\
+             [listeners.l]\naddress = \"{}\"\npool = \"p\"\n[pools.p]\nbackends = [\"127.0.0.1:9\"]\n",
+            listen_addr("127.0.0.1")
+        )
+    };
+    let (code, stderr) = check_toml(&admin(""));
+    eprintln!("check, non-loopback admin with changes and no token: {code:?} {stderr}");
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("admin.allow_changes") && stderr.contains("token_file"),
+        "{stderr}"
+    );
+    let path = write_config(&admin(""));
+    let (code, stderr) = exit_of(&["run", "-c", &path.display().to_string()], &[]);
+    assert_eq!(code, Some(78), "run: {stderr}");
+
+    let readable = token_file(&dir, "0123456789abcdef0123", 0o644);
+    let (code, stderr) = check_toml(&admin(&format!("token_file = \"{}\"", readable.display())));
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("admin.token_file") && stderr.contains("readable"),
+        "{stderr}"
+    );
+    let private = token_file(&dir, "0123456789abcdef0123", 0o600);
+    let (code, stderr) = check_toml(&admin(&format!("token_file = \"{}\"", private.display())));
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let (code, stderr) = exit_of(
+        &[
+            "--admin",
+            &format!("0.0.0.0:{port}"),
+            "--admin-allow-changes",
+            &listen_addr("127.0.0.1").to_string(),
+            "127.0.0.1:9",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(78), "one-liner: {stderr}");
+    assert!(stderr.contains("--admin-token-file"), "{stderr}");
+
+    let a = Backend::start("127.0.0.1", "a");
+    let lb = Udplb::start(&[
+        "--admin-allow-changes",
+        &listen_addr("127.0.0.1").to_string(),
+        &a.addr.to_string(),
+    ]);
+    let stderr = lb.stderr.lock().unwrap().clone();
+    assert!(
+        stderr.contains("WARN") && stderr.contains("without a token"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -231,3 +231,82 @@ fn programs_are_checked_for_the_user_udplb_switches_to() {
     assert_eq!(code, Some(0), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Started as root and switched to nobody, the commands udplb runs (here an exec check) cannot
+/// gain privileges: `NoNewPrivs` is set, and a setuid-root copy of `id` they run does not make
+/// them root.
+#[test]
+fn commands_udplb_runs_cannot_gain_privileges() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = std::env::temp_dir().join(format!("udplb-nnp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let suid_id = dir.join("suid-id");
+    std::fs::copy("/usr/bin/id", &suid_id).unwrap();
+    std::fs::set_permissions(&suid_id, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    // Whether setuid works here at all: run the copy as nobody without udplb.
+    let (uid, gid) = nobody();
+    let direct = std::process::Command::new(&suid_id)
+        .arg("-u")
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let script = dir.join("check.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ngrep NoNewPrivs /proc/self/status > {out}/nnp.tmp\n\
+             {id} -u > {out}/euid.tmp\nmv {out}/euid.tmp {out}/euid\nmv {out}/nnp.tmp {out}/nnp\n",
+            out = out.display(),
+            id = suid_id.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let a = Backend::start("127.0.0.1", "a");
+    let admin = admin_addr();
+    let file = write_config(&format!(
+        "[runtime]\nuser = \"nobody\"\n[admin]\nlisten = \"{admin}\"\n[listeners.l]\n\
+         address = \"{}\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n[pools.p.health]\n\
+         check = \"exec\"\ncommand = [\"/bin/sh\", \"{}\"]\ninterval = \"200ms\"\ntimeout = \"200ms\"\n",
+        listen_addr("127.0.0.1"),
+        a.addr,
+        script.display()
+    ));
+    let lb = Udplb::run_config_with_env(&file, admin, &[("UDPLB_ALLOW_ROOT", "0")]);
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    assert!(
+        wait_for(DEADLINE, || !read("nnp").is_empty()),
+        "the check never ran: {}",
+        lb.stderr.lock().unwrap()
+    );
+    let (nnp, euid) = (read("nnp"), read("euid"));
+    eprintln!(
+        "exec check run by udplb switched to nobody: {} ; a setuid-root id it runs says euid {} \
+         (run directly as nobody: {direct})",
+        nnp.trim(),
+        euid.trim()
+    );
+    assert_eq!(nnp.split_whitespace().nth(1), Some("1"), "{nnp}");
+    if direct == "0" {
+        assert_ne!(
+            euid.trim(),
+            "0",
+            "the check became root through a setuid binary"
+        );
+    } else {
+        eprintln!("setuid binaries do not work here ({direct:?}): only NoNewPrivs is checked");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -5,7 +5,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -217,5 +218,291 @@ fn a_reload_with_a_program_that_cannot_run_is_refused() {
     );
     let c = client("127.0.0.1:0");
     assert_eq!(request(&c, listen, b"still").0, b"a:still");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Whether the backend at `addr` is healthy, `None` while the admin endpoint does not answer.
+fn healthy_at(lb: &Udplb, addr: SocketAddr) -> Option<bool> {
+    backend_status(&lb.try_stats()?, addr)?["healthy"].as_bool()
+}
+
+/// A reload whose file was replaced by a FIFO nothing writes to is refused at once, with the
+/// reason; it stalls nothing meanwhile: the admin endpoint answers, a backend that stops
+/// answering its check is marked down on schedule, and SIGTERM stops udplb. Prints how long
+/// each took.
+#[test]
+fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
+    let dir = scratch("fifo");
+    let a = MutableEcho::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let (interval, timeout, fall) = (200u64, 100u64, 2u64);
+    let path = dir.join("udplb.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             [pools.p]\nbackends = [\"{}\", \"{}\"]\n[pools.p.health]\ncheck = \"udp\"\n\
+             send = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
+             timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}\n",
+            a.addr, b.addr
+        ),
+    )
+    .unwrap();
+    let mut lb = Udplb::run_config(&path, admin);
+    assert!(
+        wait_for(DEADLINE, || healthy_at(&lb, a.addr) == Some(true)
+            && healthy_at(&lb, b.addr) == Some(true)),
+        "{}",
+        lb.stats()
+    );
+
+    std::fs::remove_file(&path).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap()
+            .success()
+    );
+    signal(lb.pid(), "HUP");
+    // The admin endpoint answers while the reload is under way (or refused).
+    let asked = Instant::now();
+    let answered = wait_for(Duration::from_secs(3), || lb.try_stats().is_some());
+    let admin_took = asked.elapsed();
+    // A backend that stops answering is marked down within interval x fall + timeout.
+    a.mute(true);
+    let muted = Instant::now();
+    let detected = wait_for(Duration::from_secs(5), || {
+        healthy_at(&lb, a.addr) == Some(false)
+    });
+    let detect_took = muted.elapsed();
+    let reload = lb.try_stats().map(|s| s["reload"].clone());
+    signal(lb.pid(), "TERM");
+    let exit = wait_exit(&mut lb, Duration::from_secs(5));
+    let bound = Duration::from_millis(interval * fall + timeout);
+    eprintln!(
+        "reload from a FIFO: admin answered: {answered} after {admin_took:?}; a backend that stopped \
+         answering marked down: {detected} after {detect_took:?} (interval x fall + timeout = {bound:?}); \
+         exit after SIGTERM: {exit:?}; reload status: {reload:?}"
+    );
+    assert!(
+        answered,
+        "the admin endpoint did not answer during the reload"
+    );
+    assert!(detected, "the muted backend was not marked down");
+    assert!(
+        detect_took <= bound + Duration::from_millis(150),
+        "took {detect_took:?}, bound {bound:?}"
+    );
+    let reload = reload.unwrap();
+    assert_eq!(reload["failed"].as_u64(), Some(1), "{reload}");
+    let error = reload["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&path.display().to_string()) && error.contains("FIFO"),
+        "{error}"
+    );
+    let (code, took) = exit.expect("udplb did not exit after SIGTERM");
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Checks made of the backend at `addr` so far (passed and failed).
+fn checks_of(stats: &serde_json::Value, addr: SocketAddr) -> u64 {
+    backend_status(stats, addr).map_or(0, |b| {
+        b["checks_ok"].as_u64().unwrap_or(0) + b["checks_failed"].as_u64().unwrap_or(0)
+    })
+}
+
+/// SIGHUP every 300 ms, each reload swapping the order of the backends and changing a weight
+/// (the checks stay the same): checks keep their schedule (one per interval, not one per
+/// reload), their counters, and a backend that stops answering is marked down within
+/// interval x fall + timeout, while the other stays up. Prints the checks made and the time
+/// to detect.
+#[test]
+fn a_reload_storm_keeps_checks_on_schedule() {
+    let dir = scratch("storm");
+    let a = MutableEcho::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let (interval, timeout, fall) = (1000u64, 500u64, 2u64);
+    let path = dir.join("udplb.toml");
+    let (a_addr, b_addr, file) = (a.addr, b.addr, path.clone());
+    let write = move |i: u32| {
+        let (first, second) = if i.is_multiple_of(2) {
+            (
+                format!("\"{a_addr}\""),
+                format!("{{ address = \"{b_addr}\", weight = 1 }}"),
+            )
+        } else {
+            (
+                format!("{{ address = \"{b_addr}\", weight = 2 }}"),
+                format!("\"{a_addr}\""),
+            )
+        };
+        let cfg = format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             [pools.p]\nbackends = [{first}, {second}]\n[pools.p.health]\ncheck = \"udp\"\n\
+             send = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
+             timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}\n"
+        );
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, cfg).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(0);
+    let lb = Udplb::run_config(&path, admin);
+    assert!(
+        wait_for(DEADLINE, || {
+            let s = lb.stats();
+            [a.addr, b.addr]
+                .iter()
+                .all(|&x| backend_status(&s, x).is_some_and(|b| b["healthy"] == true))
+        }),
+        "{}",
+        lb.stats()
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let stop = std::sync::Arc::clone(&stop);
+        let pid = lb.pid();
+        let write = write.clone();
+        std::thread::spawn(move || {
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                write(i);
+                signal(pid, "HUP");
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            i - 1
+        })
+    };
+    // Healthy phase: 3 s of storm.
+    let before = lb.stats();
+    let ok_before = backend_status(&before, a.addr).unwrap()["checks_ok"]
+        .as_u64()
+        .unwrap();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let after = lb.stats();
+    let made = checks_of(&after, a.addr) - checks_of(&before, a.addr);
+    let calm = started.elapsed();
+    let ok_after = backend_status(&after, a.addr).unwrap()["checks_ok"]
+        .as_u64()
+        .unwrap();
+    // Then a stops answering.
+    a.mute(true);
+    let muted = Instant::now();
+    let detected = wait_for(Duration::from_secs(8), || {
+        lb.try_stats()
+            .and_then(|s| backend_status(&s, a.addr))
+            .is_some_and(|b| b["healthy"] == false)
+    });
+    let took = muted.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reloads = storm.join().unwrap();
+    let stats = lb.stats();
+    let bound = Duration::from_millis(interval * fall + timeout);
+    eprintln!(
+        "reload storm (SIGHUP every 300 ms, {reloads} reloads; udp check interval {interval}ms, \
+         timeout {timeout}ms, fall {fall}): {made} checks of a healthy backend in {calm:?}; \
+         a backend that stopped answering marked down: {detected} after {took:?} \
+         (interval x fall + timeout = {bound:?}); reloads succeeded: {}",
+        stats["reload"]["succeeded"]
+    );
+    assert!(
+        made <= calm.as_secs() + 2,
+        "{made} checks in {calm:?} with an interval of {interval} ms: reloads restarted them"
+    );
+    assert!(ok_after >= ok_before, "counters were reset by a reload");
+    assert!(detected, "not marked down during the storm: {stats}");
+    assert!(
+        took <= bound + Duration::from_millis(300),
+        "took {took:?}, bound {bound:?}"
+    );
+    assert_eq!(
+        backend_status(&stats, b.addr).unwrap()["healthy"],
+        true,
+        "a's failures were charged to b: {stats}"
+    );
+}
+
+/// A backend without an active check, taken out passively (its datagrams refused), comes back
+/// through its recovery probe (an empty datagram not refused for 1 s, after a 1 s hold-down)
+/// while SIGHUP comes every 300 ms: reloads that keep the backend let its probe finish.
+/// Prints how long it took.
+#[test]
+fn a_reload_storm_lets_recovery_probes_finish() {
+    let dir = scratch("storm-recovery");
+    let a = Backend::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let b_addr = b.addr;
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let path = dir.join("udplb.toml");
+    let a_addr = a.addr;
+    let file = path.clone();
+    let write = move |i: u32| {
+        let cfg = format!(
+            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
+             mode = \"datagram\"\n[pools.p]\nbackends = [{{ address = \"{a_addr}\", weight = {} }}, \
+             \"{b_addr}\"]\n",
+            1 + i % 2
+        );
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, cfg).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(0);
+    let lb = Udplb::run_config(&path, admin);
+    let healthy = |lb: &Udplb| {
+        lb.try_stats()
+            .and_then(|s| backend_status(&s, b_addr))
+            .and_then(|b| b["healthy"].as_bool())
+    };
+    drop(b);
+    let c = client("127.0.0.1:0");
+    assert!(
+        wait_for(DEADLINE, || {
+            let _ = c.send_to(b"x", listen);
+            healthy(&lb) == Some(false)
+        }),
+        "{}",
+        lb.stats()
+    );
+    // Back, as a service that ignores empty datagrams (a DNS server does): the probe passes
+    // only once its 1 s timeout is over without a refusal.
+    let _b = std::net::UdpSocket::bind(b_addr).unwrap();
+    let back_at = Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = {
+        let stop = std::sync::Arc::clone(&stop);
+        let pid = lb.pid();
+        std::thread::spawn(move || {
+            let mut i = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                write(i);
+                signal(pid, "HUP");
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            i - 1
+        })
+    };
+    let recovered = wait_for(Duration::from_secs(6), || healthy(&lb) == Some(true));
+    let took = back_at.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reloads = storm.join().unwrap();
+    eprintln!(
+        "reload storm (SIGHUP every 300 ms, {reloads} reloads): a passively ejected backend \
+         back in rotation: {recovered} after {took:?} (1 s hold-down + 1 s recovery probe)"
+    );
+    assert!(recovered, "{}", lb.stats());
+    assert!(took < Duration::from_secs(4), "took {took:?}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RecordType};
 
+use super::probe::{Failure, Outcome, io_failure, timed_out};
+
 /// What a DNS check asks and expects.
 pub struct DnsCheck {
     pub name: String,
@@ -45,7 +47,7 @@ pub fn parse_rcode(s: &str) -> Result<ResponseCode, String> {
 /// Asks `target` and judges the reply: same id, QR set, the question echoed (the same name, in
 /// any case), the expected
 /// rcode and (if given) the expected answer. Other datagrams are ignored until the deadline.
-pub async fn probe(target: SocketAddr, check: &DnsCheck, timeout: Duration) -> Result<(), String> {
+pub async fn probe(target: SocketAddr, check: &DnsCheck, timeout: Duration) -> Outcome {
     let deadline = Instant::now() + timeout;
     let name = absolute(&check.name)?;
     let id = RandomState::new().hash_one(Instant::now()) as u16;
@@ -55,21 +57,19 @@ pub async fn probe(target: SocketAddr, check: &DnsCheck, timeout: Duration) -> R
         .to_vec()
         .map_err(|e| format!("encoding the query: {e}"))?;
     let socket = super::probe::connected_udp(target).await?;
-    socket.send(&wire).await.map_err(|e| format!("send: {e}"))?;
+    socket
+        .send(&wire)
+        .await
+        .map_err(|e| io_failure("send", &e))?;
     let mut buf = vec![0u8; 65_536];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let n = match tokio::time::timeout(left, socket.recv(&mut buf)).await {
-            Err(_) => {
-                return Err(format!(
-                    "timeout after {}",
-                    humantime::format_duration(timeout)
-                ));
-            }
+            Err(_) => return Err(timed_out(timeout)),
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 return Err("refused (nothing listens)".into());
             }
-            Ok(Err(e)) => return Err(format!("receive: {e}")),
+            Ok(Err(e)) => return Err(io_failure("receive", &e)),
             Ok(Ok(n)) => n,
         };
         let Ok(reply) = Message::from_vec(&buf[..n]) else {
@@ -78,7 +78,7 @@ pub async fn probe(target: SocketAddr, check: &DnsCheck, timeout: Duration) -> R
         if reply.metadata.id != id || reply.metadata.message_type != MessageType::Response {
             continue;
         }
-        return judge(&reply, &name, check);
+        return judge(&reply, &name, check).map_err(Failure::Backend);
     }
 }
 

@@ -12,6 +12,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::probe::{Failure, Outcome, io_failure, timed_out};
+
 /// Largest response read; a larger one fails the check.
 const MAX_RESPONSE: u64 = 1 << 20;
 
@@ -24,27 +26,17 @@ pub struct HttpCheck {
 }
 
 /// GETs `check.path` from `target` within `timeout` and judges the response.
-pub async fn probe(target: SocketAddr, check: &HttpCheck, timeout: Duration) -> Result<(), String> {
+pub async fn probe(target: SocketAddr, check: &HttpCheck, timeout: Duration) -> Outcome {
     let response = tokio::time::timeout(timeout, fetch(target, check))
         .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "timeout after {}",
-                humantime::format_duration(timeout)
-            ))
-        })?;
-    judge(&response, check)
+        .unwrap_or_else(|_| Err(timed_out(timeout)))?;
+    judge(&response, check).map_err(Failure::Backend)
 }
 
-async fn fetch(target: SocketAddr, check: &HttpCheck) -> Result<Vec<u8>, String> {
+async fn fetch(target: SocketAddr, check: &HttpCheck) -> Result<Vec<u8>, Failure> {
     let mut stream = TcpStream::connect(target)
         .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => {
-                "connect: refused (nothing listens)".to_string()
-            }
-            _ => format!("connect: {e}"),
-        })?;
+        .map_err(|e| io_failure("connect", &e))?;
     let host = check.host.clone().unwrap_or_else(|| target.to_string());
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: udplb-health\r\nAccept: */*\r\n\r\n",
@@ -53,13 +45,13 @@ async fn fetch(target: SocketAddr, check: &HttpCheck) -> Result<Vec<u8>, String>
     stream
         .write_all(request.as_bytes())
         .await
-        .map_err(|e| format!("send: {e}"))?;
+        .map_err(|e| io_failure("send", &e))?;
     let mut response = Vec::new();
     stream
         .take(MAX_RESPONSE + 1)
         .read_to_end(&mut response)
         .await
-        .map_err(|e| format!("receive: {e}"))?;
+        .map_err(|e| io_failure("receive", &e))?;
     if response.len() as u64 > MAX_RESPONSE {
         return Err("response larger than 1 MiB".into());
     }

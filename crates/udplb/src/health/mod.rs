@@ -45,12 +45,17 @@ pub struct BackendStatus {
     pub healthy: bool,
     pub checks_ok: u64,
     pub checks_failed: u64,
+    /// Checks (and recovery probes) udplb could not make for lack of descriptors, buffers or
+    /// memory: neither passed nor failed, they change nothing.
+    pub checks_unknown: u64,
     pub passive_failures: u64,
     /// Passive ejections in a row; the backend is held down for 1 s, 2 s, 4 s, ... (at most
     /// 60 s) after each.
     pub passive_ejections: u64,
     pub last_check_us: Option<u64>,
     pub last_error: Option<String>,
+    /// Why the last check counted as unknown could not be made.
+    pub last_unknown: Option<String>,
     /// Durations of every active check (exported in /metrics, not in the JSON status).
     #[serde(skip)]
     pub check_latency: udplb_core::latency::Histogram,
@@ -133,21 +138,81 @@ fn unchecked_as_reported(cfg: &Config) -> Vec<Vec<bool>> {
 
 /// One check's outcome.
 struct CheckResult {
-    /// The configuration epoch the checker was started for; results of an older one are
-    /// dropped (their indices may mean other backends now).
-    epoch: u64,
-    pool: usize,
-    backend: usize,
+    /// The checker (or recovery probe) that made it. Indices of backends change with reloads,
+    /// ids do not: the monitor maps the id to the backend's current place, and drops results
+    /// of checkers it has stopped.
+    id: u64,
     /// A recovery probe of a backend without an active check (else an active check).
     recovery: bool,
     latency: Duration,
+    outcome: probe::Outcome,
+}
+
+/// A check's outcome that says something about the backend (passed, or failed and why).
+struct Judged {
+    latency: Duration,
     outcome: Result<(), String>,
+}
+
+/// A backend's checker or recovery probe while it runs: what it checks, where that backend is
+/// in the running configuration, and how to stop it.
+struct Running {
+    /// The backend's pool, by name: with its address, what identifies it across reloads.
+    pool_name: String,
+    addr: SocketAddr,
+    kind: Kind,
+    pool: usize,
+    backend: usize,
+    task: tokio::task::AbortHandle,
+}
+
+/// What a [`Running`] task is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    /// The checker of the backend's effective active check.
+    Check(HealthCheck),
+    /// A recovery probe of a passively ejected backend without an active check, started with
+    /// these health settings (its thresholds and timeout; `None`: the defaults).
+    Recovery(Option<HealthCheck>),
+}
+
+/// Which running checkers a configuration keeps: `keep` pairs the id of each checker whose
+/// backend (same pool name, same address) still has the same effective check with the
+/// backend's new place; `start` lists the backends (pool, backend index) that need a new one.
+/// The other running checkers are to be stopped.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct CheckerPlan {
+    keep: Vec<(u64, (usize, usize))>,
+    start: Vec<(usize, usize)>,
+}
+
+fn plan_checkers(running: &std::collections::HashMap<u64, Running>, cfg: &Config) -> CheckerPlan {
+    let by_backend: std::collections::HashMap<(&str, SocketAddr), (u64, &HealthCheck)> = running
+        .iter()
+        .filter_map(|(&id, r)| match &r.kind {
+            Kind::Check(check) => Some(((r.pool_name.as_str(), r.addr), (id, check))),
+            Kind::Recovery(_) => None,
+        })
+        .collect();
+    let mut plan = CheckerPlan::default();
+    for (pi, pool) in cfg.pools.iter().enumerate() {
+        for (bi, b) in pool.backends.iter().enumerate() {
+            let Some(check) = b.active_check(pool) else {
+                continue;
+            };
+            match by_backend.get(&(pool.name.as_str(), b.spec.addr)) {
+                Some(&(id, running)) if running == check => plan.keep.push((id, (pi, bi))),
+                _ => plan.start.push((pi, bi)),
+            }
+        }
+    }
+    plan
 }
 
 /// What the rest of the control plane asks of the publisher.
 pub enum Command {
     /// Switch to this (validated, compatible) configuration.
-    Reload(Arc<Config>),
+    Reload(Arc<Config>, tokio::sync::oneshot::Sender<()>),
     /// Shutting down: publish a snapshot that admits no new flow.
     StopAdmitting,
     /// A change from the admin API: applied to the running configuration, validated like a
@@ -161,11 +226,14 @@ pub type Change = Box<dyn FnOnce(&mut Config) -> Result<bool, String> + Send>;
 /// The control plane's publisher: owns the running configuration and every backend's health,
 /// turns check results, passive signals and reloads into published snapshots.
 pub struct Monitor {
-    /// Bumped on every reload; see [`CheckResult::epoch`].
-    epoch: u64,
+    /// The id of the next checker or recovery probe started.
+    next_id: u64,
     /// False once shutting down.
     admitting: bool,
-    checkers: tokio::task::JoinSet<()>,
+    /// Every checker and recovery probe task (aborted with the monitor).
+    tasks: tokio::task::JoinSet<()>,
+    /// Checkers and recovery probes running, by id.
+    running: std::collections::HashMap<u64, Running>,
     results: (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
     cfg: Arc<Config>,
     trackers: Trackers,
@@ -175,14 +243,16 @@ pub struct Monitor {
     workers: Vec<Arc<WorkerStats>>,
     /// Passive failures and replies per backend id already accounted for.
     passive_seen: Vec<(u64, u64)>,
-    /// Backends (pool, backend index) with a recovery probe under way.
-    probing: std::collections::HashSet<(usize, usize)>,
     /// The origin of the monitor's [`Time`].
     clock: Instant,
     /// Backends with at least one check result, per pool; a pool's quorum is known (and its
     /// changes notified) only once all of them reported, so startup fires no quorum event.
     reported: Vec<Vec<bool>>,
     quorum_known: Vec<bool>,
+    /// Where every configuration put in force goes (the admin endpoint sizes itself by it).
+    configs: tokio::sync::watch::Sender<Arc<Config>>,
+    /// Checks udplb could not make, logged at most every 10 s.
+    unknown_log: crate::logging::RateLimited,
 }
 
 impl Monitor {
@@ -192,14 +262,16 @@ impl Monitor {
         trackers: Trackers,
         shared: Arc<ArcSwap<Snapshot>>,
         workers: Vec<Arc<WorkerStats>>,
+        configs: tokio::sync::watch::Sender<Arc<Config>>,
     ) -> Monitor {
         let status = fresh_status(&cfg, &trackers);
         let quorum = vec![QuorumState::default(); cfg.pools.len()];
         let reported = unchecked_as_reported(&cfg);
         Monitor {
-            epoch: 0,
+            next_id: 0,
             admitting: true,
-            checkers: tokio::task::JoinSet::new(),
+            tasks: tokio::task::JoinSet::new(),
+            running: std::collections::HashMap::new(),
             results: mpsc::channel(1024),
             quorum_known: vec![false; cfg.pools.len()],
             cfg,
@@ -209,9 +281,10 @@ impl Monitor {
             status: Arc::new(Mutex::new(status)),
             workers,
             passive_seen: Vec::new(),
-            probing: std::collections::HashSet::new(),
             clock: Instant::now(),
             reported,
+            configs,
+            unknown_log: crate::logging::RateLimited::new(Duration::from_secs(10)),
         }
     }
 
@@ -232,17 +305,18 @@ impl Monitor {
         let mut passive = tokio::time::interval(PASSIVE_POLL);
         loop {
             tokio::select! {
-                Some(result) = self.results.1.recv() => {
-                    if result.epoch == self.epoch {
-                        self.apply(result);
-                    }
-                }
+                Some(result) = self.results.1.recv() => self.apply(result),
                 _ = passive.tick() => {
+                    // Finished recovery probes leave their output in the set until joined.
+                    while self.tasks.try_join_next().is_some() {}
                     self.collect_passive();
                     self.start_recovery_probes();
                 }
                 Some(command) = commands.recv() => match command {
-                    Command::Reload(cfg) => self.reload(cfg),
+                    Command::Reload(cfg, applied) => {
+                        self.reload(cfg);
+                        let _ = applied.send(());
+                    }
                     Command::StopAdmitting => {
                         self.admitting = false;
                         self.publish();
@@ -255,33 +329,101 @@ impl Monitor {
         }
     }
 
+    /// Starts a checker for every checked backend that has none running with its check, keeps
+    /// the others where they are (their schedule, their place in the results' queue), and
+    /// stops those of backends that are gone or whose check changed.
     fn start_checkers(&mut self) {
-        for (pi, pool) in self.cfg.pools.iter().enumerate() {
-            for (bi, b) in pool.backends.iter().enumerate() {
-                let Some(check) = b.active_check(pool) else {
-                    continue;
-                };
-                let ready = match probe::Ready::new(&check.probe) {
-                    Ok(r) => Arc::new(r),
-                    Err(e) => {
-                        tracing::error!(pool = %pool.name, backend = %b.spec.addr, error = %e, "health check not started");
-                        continue;
-                    }
-                };
-                let target =
-                    SocketAddr::new(b.spec.addr.ip(), check.port.unwrap_or(b.spec.addr.port()));
-                let checker = Checker {
-                    epoch: self.epoch,
-                    pool: pi,
-                    backend: bi,
-                    addr: b.spec.addr,
-                    target,
-                    check: check.clone(),
-                };
-                self.checkers
-                    .spawn(checker.run(ready, self.results.0.clone()));
+        let plan = plan_checkers(&self.running, &self.cfg);
+        let keep: std::collections::HashMap<u64, (usize, usize)> = plan.keep.into_iter().collect();
+        self.running.retain(|id, r| {
+            if matches!(r.kind, Kind::Recovery(_)) {
+                return true; // see keep_recovery_probes
             }
+            match keep.get(id) {
+                Some(&(pi, bi)) => {
+                    (r.pool, r.backend) = (pi, bi);
+                    true
+                }
+                None => {
+                    r.task.abort();
+                    false
+                }
+            }
+        });
+        for (pi, bi) in plan.start {
+            self.start_checker(pi, bi);
         }
+    }
+
+    fn start_checker(&mut self, pi: usize, bi: usize) {
+        let pool = &self.cfg.pools[pi];
+        let b = &pool.backends[bi];
+        let Some(check) = b.active_check(pool) else {
+            return;
+        };
+        let ready = match probe::Ready::new(&check.probe) {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                tracing::error!(pool = %pool.name, backend = %b.spec.addr, error = %e, "health check not started");
+                return;
+            }
+        };
+        let target = SocketAddr::new(b.spec.addr.ip(), check.port.unwrap_or(b.spec.addr.port()));
+        let id = self.next_id;
+        self.next_id += 1;
+        let checker = Checker {
+            id,
+            addr: b.spec.addr,
+            target,
+            check: check.clone(),
+        };
+        let task = self.tasks.spawn(checker.run(ready, self.results.0.clone()));
+        self.running.insert(
+            id,
+            Running {
+                pool_name: pool.name.clone(),
+                addr: b.spec.addr,
+                kind: Kind::Check(check.clone()),
+                pool: pi,
+                backend: bi,
+                task,
+            },
+        );
+    }
+
+    /// After a reload: recovery probes of backends that are still there with the same health
+    /// settings (so their tracker, in hold-down, was kept) and still without an active check go
+    /// on, at the backend's new place; the others are stopped.
+    fn keep_recovery_probes(&mut self) {
+        let cfg = Arc::clone(&self.cfg);
+        self.running.retain(|_, r| {
+            let Kind::Recovery(settings) = &r.kind else {
+                return true;
+            };
+            let place = cfg
+                .pools
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.name == r.pool_name)
+                .and_then(|(pi, p)| {
+                    let bi = p.backends.iter().position(|b| b.spec.addr == r.addr)?;
+                    Some((pi, bi))
+                });
+            let kept = |&(pi, bi): &(usize, usize)| {
+                let pool = &cfg.pools[pi];
+                pool.backends[bi].check(pool) == settings.as_ref()
+            };
+            match place.filter(kept) {
+                Some((pi, bi)) => {
+                    (r.pool, r.backend) = (pi, bi);
+                    true
+                }
+                _ => {
+                    r.task.abort();
+                    false
+                }
+            }
+        });
     }
 
     fn change(&mut self, change: Change) -> Result<bool, String> {
@@ -331,11 +473,10 @@ impl Monitor {
         *status = new_status;
         drop(status);
         (self.reported, self.quorum, self.quorum_known) = (reported, quorum, quorum_known);
-        self.epoch += 1;
-        self.checkers.abort_all();
-        self.probing.clear();
         self.start_checkers();
+        self.keep_recovery_probes();
         self.publish();
+        self.configs.send_replace(Arc::clone(&self.cfg));
         tracing::info!(
             generation = self.shared.load().generation,
             "configuration reloaded"
@@ -343,16 +484,47 @@ impl Monitor {
     }
 
     fn apply(&mut self, r: CheckResult) {
-        if r.recovery {
-            return self.apply_recovery(r);
+        // A result of a checker stopped since (its backend removed, or checked otherwise now)
+        // is dropped; the others go to their backend wherever a reload put it.
+        let Some(running) = self.running.get(&r.id) else {
+            return;
+        };
+        let (pi, bi) = (running.pool, running.backend);
+        let recovery = r.recovery;
+        if recovery {
+            self.running.remove(&r.id);
         }
-        let pool = &self.cfg.pools[r.pool];
-        let Some(check) = pool.backends[r.backend].active_check(pool) else {
+        // udplb could not make the check (out of descriptors, say): the backend is neither
+        // better nor worse for it. A recovery probe is tried again at the next tick.
+        if let Err(probe::Failure::Local(why)) = &r.outcome {
+            let backend = self.cfg.pools[pi].backends[bi].spec.addr;
+            self.unknown_log.warn(
+                "a health check could not be made, udplb's own trouble: counted as unknown",
+                &format!("{backend}: {why}"),
+            );
+            let why = why.clone();
+            return self.update_status(pi, bi, |s| {
+                s.checks_unknown += 1;
+                s.last_unknown = Some(why);
+            });
+        }
+        let outcome = r.outcome.map_err(|f| match f {
+            probe::Failure::Backend(why) | probe::Failure::Local(why) => why,
+        });
+        let r = Judged {
+            latency: r.latency,
+            outcome,
+        };
+        if recovery {
+            return self.apply_recovery(pi, bi, r);
+        }
+        let pool = &self.cfg.pools[pi];
+        let Some(check) = pool.backends[bi].active_check(pool) else {
             return;
         };
         let thresholds = check.thresholds;
         let now = self.now();
-        self.update_status(r.pool, r.backend, |s| {
+        self.update_status(pi, bi, |s| {
             match &r.outcome {
                 Ok(()) => s.checks_ok += 1,
                 Err(e) => {
@@ -366,14 +538,14 @@ impl Monitor {
         });
         let flip = self
             .trackers
-            .get_mut(r.pool, r.backend)
+            .get_mut(pi, bi)
             .and_then(|t| t.record(r.outcome.is_ok(), now, thresholds));
         if let Some(state) = flip {
-            self.on_flip(r.pool, r.backend, state, r.outcome.err().as_deref());
+            self.on_flip(pi, bi, state, r.outcome.err().as_deref());
         }
-        self.reported[r.pool][r.backend] = true;
-        if !self.quorum_known[r.pool] && self.reported[r.pool].iter().all(|&r| r) {
-            self.settle_quorum(r.pool);
+        self.reported[pi][bi] = true;
+        if !self.quorum_known[pi] && self.reported[pi].iter().all(|&r| r) {
+            self.settle_quorum(pi);
         }
     }
 
@@ -390,10 +562,9 @@ impl Monitor {
 
     /// A recovery probe's result: a backend without an active check, passively ejected, comes
     /// back when its port is no longer refused.
-    fn apply_recovery(&mut self, r: CheckResult) {
-        self.probing.remove(&(r.pool, r.backend));
+    fn apply_recovery(&mut self, pi: usize, bi: usize, r: Judged) {
         let now = self.now();
-        self.update_status(r.pool, r.backend, |s| {
+        self.update_status(pi, bi, |s| {
             let us = r.latency.as_micros() as u64;
             s.last_check_us = Some(us);
             if let Err(e) = &r.outcome {
@@ -402,11 +573,11 @@ impl Monitor {
         });
         let flip = self
             .trackers
-            .get_mut(r.pool, r.backend)
+            .get_mut(pi, bi)
             .and_then(|t| t.record_recovery(r.outcome.is_ok(), now));
-        self.show_ejections(r.pool, r.backend);
+        self.show_ejections(pi, bi);
         if let Some(state) = flip {
-            self.on_flip(r.pool, r.backend, state, None);
+            self.on_flip(pi, bi, state, None);
         }
     }
 
@@ -414,40 +585,54 @@ impl Monitor {
     /// hold-down is over.
     fn start_recovery_probes(&mut self) {
         let now = self.now();
-        for (pi, pool) in self.cfg.pools.iter().enumerate() {
+        let cfg = Arc::clone(&self.cfg);
+        for (pi, pool) in cfg.pools.iter().enumerate() {
             for (bi, b) in pool.backends.iter().enumerate() {
                 let due = self
                     .trackers
                     .get(pi, bi)
                     .is_some_and(|t| t.recovery_due(now));
-                if !due || b.active_check(pool).is_some() || !self.probing.insert((pi, bi)) {
+                if !due || b.active_check(pool).is_some() || self.probing(pi, bi) {
                     continue;
                 }
-                let result = CheckResult {
-                    epoch: self.epoch,
-                    pool: pi,
-                    backend: bi,
-                    recovery: true,
-                    latency: Duration::ZERO,
-                    outcome: Ok(()),
-                };
+                let id = self.next_id;
+                self.next_id += 1;
                 let timeout = b.recovery_timeout(pool);
                 let target = b.spec.addr;
                 let results = self.results.0.clone();
-                self.checkers.spawn(async move {
+                let task = self.tasks.spawn(async move {
                     let started = Instant::now();
                     let outcome = probe::reachable(target, timeout).await;
                     let latency = started.elapsed();
                     let _ = results
                         .send(CheckResult {
+                            id,
+                            recovery: true,
                             latency,
                             outcome,
-                            ..result
                         })
                         .await;
                 });
+                self.running.insert(
+                    id,
+                    Running {
+                        pool_name: pool.name.clone(),
+                        addr: b.spec.addr,
+                        kind: Kind::Recovery(b.check(pool).cloned()),
+                        pool: pi,
+                        backend: bi,
+                        task,
+                    },
+                );
             }
         }
+    }
+
+    /// Whether backend `bi` of pool `pi` has a recovery probe under way.
+    fn probing(&self, pi: usize, bi: usize) -> bool {
+        self.running
+            .values()
+            .any(|r| matches!(r.kind, Kind::Recovery(_)) && (r.pool, r.backend) == (pi, bi))
     }
 
     /// Feeds what the workers saw of each backend since the last call (passive failures:
@@ -579,9 +764,8 @@ impl Monitor {
 
 /// Checks one backend forever: now, then every interval plus jitter.
 struct Checker {
-    epoch: u64,
-    pool: usize,
-    backend: usize,
+    /// Names the results (see [`CheckResult::id`]).
+    id: u64,
     addr: SocketAddr,
     target: SocketAddr,
     check: HealthCheck,
@@ -598,9 +782,7 @@ impl Checker {
             let started = Instant::now();
             let outcome = probe.run(self.target, self.addr, self.check.timeout).await;
             let result = CheckResult {
-                epoch: self.epoch,
-                pool: self.pool,
-                backend: self.backend,
+                id: self.id,
                 recovery: false,
                 latency: started.elapsed(),
                 outcome,
@@ -618,5 +800,80 @@ impl Checker {
                 .max(tokio::time::Instant::now());
             tokio::time::sleep_until(next).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(backends: &str) -> Config {
+        udplb_config::parse(
+            &format!(
+                "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"p\"\n[pools.p]\n\
+                 backends = [{backends}]\n[pools.p.health]\ncheck = \"udp\"\ninterval = \"1s\"\n"
+            ),
+            "test.toml",
+        )
+        .unwrap()
+    }
+
+    /// What `cfg` runs, as the monitor records it: ids 0.. in configuration order.
+    fn running_for(cfg: &Config) -> std::collections::HashMap<u64, Running> {
+        let pool = &cfg.pools[0];
+        pool.backends
+            .iter()
+            .enumerate()
+            .map(|(bi, b)| {
+                let running = Running {
+                    pool_name: pool.name.clone(),
+                    addr: b.spec.addr,
+                    kind: Kind::Check(b.active_check(pool).unwrap().clone()),
+                    pool: 0,
+                    backend: bi,
+                    task: tokio::spawn(async {}).abort_handle(),
+                };
+                (bi as u64, running)
+            })
+            .collect()
+    }
+
+    /// A reload keeps the checker of every backend whose pool, address and effective check
+    /// are the same, at its new place (reordered, other weight); it starts checkers for new
+    /// backends and for those whose check changed; removed backends' checkers are not kept.
+    #[tokio::test]
+    async fn a_reload_keeps_the_checkers_of_unchanged_backends() {
+        let before = config("\"10.0.0.1:53\", \"10.0.0.2:53\", \"10.0.0.3:53\"");
+        let running = running_for(&before);
+        let after = config(
+            "{ address = \"10.0.0.3:53\", weight = 5 }, \"10.0.0.1:53\", \
+             { address = \"10.0.0.2:53\", health = { port = 5353 } }, \"10.0.0.4:53\"",
+        );
+        assert_eq!(
+            plan_checkers(&running, &after),
+            CheckerPlan {
+                keep: vec![(2, (0, 0)), (0, (0, 1))],
+                start: vec![(0, 2), (0, 3)],
+            }
+        );
+        // Another pool name: other backends, whatever their addresses.
+        let renamed = udplb_config::parse(
+            "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"q\"\n[pools.q]\n\
+             backends = [\"10.0.0.1:53\"]\n[pools.q.health]\ncheck = \"udp\"\ninterval = \"1s\"\n",
+            "test.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            plan_checkers(&running, &renamed),
+            CheckerPlan {
+                keep: vec![],
+                start: vec![(0, 0)],
+            }
+        );
+        // The same configuration again keeps everything where it is.
+        assert_eq!(
+            plan_checkers(&running, &before).keep,
+            vec![(0, (0, 0)), (1, (0, 1)), (2, (0, 2))]
+        );
     }
 }

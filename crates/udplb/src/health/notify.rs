@@ -2,7 +2,8 @@
 //! environment (the built-in replacement for keepalived's notify_up/notify_down scripts).
 //!
 //! Owns: starting the command and reaping it. Must not: block the health monitor (the command
-//! runs in its own task, killed after [`NOTIFY_TIMEOUT`]).
+//! is started on a blocking thread and waited for in its own task, killed after
+//! [`NOTIFY_TIMEOUT`]).
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -46,7 +47,9 @@ pub fn fire(command: &[String], event: Event, pool: &str, up: usize, total: usiz
         cmd.env("UDPLB_BACKEND", addr.to_string());
     }
     let program = command[0].clone();
-    match cmd.spawn() {
+    // Starting a program waits until it is executed, which can wait on the file system: on a
+    // blocking thread, never on the monitor's.
+    tokio::task::spawn_blocking(move || match cmd.spawn() {
         Ok(mut child) => {
             tokio::spawn(async move {
                 match tokio::time::timeout(NOTIFY_TIMEOUT, child.wait()).await {
@@ -64,5 +67,5 @@ pub fn fire(command: &[String], event: Event, pool: &str, up: usize, total: usiz
             });
         }
         Err(e) => tracing::warn!(command = %program, error = %e, "cannot run the notify command"),
-    }
+    });
 }

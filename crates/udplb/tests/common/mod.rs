@@ -289,7 +289,8 @@ impl Udplb {
         (content_type, body.to_string())
     }
 
-    fn try_stats(&self) -> Option<serde_json::Value> {
+    /// The admin endpoint's `/stats`, or `None` when it does not answer within 2 s.
+    pub fn try_stats(&self) -> Option<serde_json::Value> {
         let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         write!(s, "GET /stats HTTP/1.0\r\nHost: udplb\r\n\r\n").ok()?;
@@ -545,5 +546,97 @@ impl Load {
     pub fn finish(mut self) -> Vec<FlowLog> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// An echo backend that can be muted: it keeps its port open (no ICMP refusal) but stops
+/// answering, as a hung service does.
+pub struct MutableEcho {
+    pub addr: SocketAddr,
+    mute: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MutableEcho {
+    /// Starts it on `ip`:0; each reply is the payload prefixed with `tag` and ':'.
+    pub fn start(ip: &str, tag: &str) -> MutableEcho {
+        let socket = UdpSocket::bind((ip, 0)).expect("bind backend");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mute = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, st) = (Arc::clone(&mute), Arc::clone(&stop));
+        let prefix = format!("{tag}:").into_bytes();
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65_536];
+            while !st.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                if m.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let mut out = prefix.clone();
+                out.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&out, from);
+            }
+        });
+        MutableEcho {
+            addr,
+            mute,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops (`true`) or resumes (`false`) answering.
+    pub fn mute(&self, on: bool) {
+        self.mute.store(on, Ordering::Relaxed);
+    }
+}
+
+impl Drop for MutableEcho {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends `signal` (`"HUP"`, `"TERM"`, ...) to `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The status of the backend at `addr` in the first pool of `stats` (found by address, so
+/// reordered backends are found too).
+pub fn backend_status(stats: &serde_json::Value, addr: SocketAddr) -> Option<serde_json::Value> {
+    stats["pools"][0]["backends"]
+        .as_array()?
+        .iter()
+        .find(|b| b["address"] == addr.to_string())
+        .cloned()
+}
+
+/// Waits up to `limit` for the process to exit; its exit code (`None` for a signal) and how
+/// long it took, or `None` when it is still running.
+pub fn wait_exit(lb: &mut Udplb, limit: Duration) -> Option<(Option<i32>, Duration)> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(status)) = lb.child.try_wait() {
+            return Some((status.code(), start.elapsed()));
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
