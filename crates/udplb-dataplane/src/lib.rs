@@ -39,6 +39,9 @@ pub use stats::{
 pub struct DataplaneOptions {
     /// Number of worker threads (at least 1).
     pub workers: usize,
+    /// Descriptors the workers leave to the control plane (health checks, the admin endpoint):
+    /// no flow opens a socket whose number is within this many of the open-file limit.
+    pub descriptor_reserve: u64,
 }
 
 /// The running worker threads.
@@ -53,6 +56,7 @@ pub struct Dataplane {
 /// Listener sockets bound for every worker, before any worker runs (privileges can be dropped
 /// in between).
 pub struct Bound {
+    descriptor_reserve: u64,
     shared: Arc<ArcSwap<Snapshot>>,
     sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
     sockets_per_worker: Vec<Vec<std::net::UdpSocket>>,
@@ -68,6 +72,7 @@ impl Bound {
     /// Starts one worker thread per set of sockets.
     pub fn start(self) -> io::Result<Dataplane> {
         let Bound {
+            descriptor_reserve,
             shared,
             sticky,
             sockets_per_worker,
@@ -90,6 +95,7 @@ impl Bound {
                 stop: Arc::clone(&stop),
                 sticky: sticky.clone(),
                 epoch,
+                descriptor_reserve,
             })?;
             wakers.push(worker.waker());
             stats.push(worker_stats);
@@ -177,6 +183,7 @@ impl Dataplane {
             sockets_per_worker.push(sockets);
         }
         Ok(Bound {
+            descriptor_reserve: opts.descriptor_reserve,
             shared,
             sticky,
             sockets_per_worker,

@@ -118,6 +118,8 @@ pub(crate) struct WorkerSetup {
     /// The data plane's clock origin, shared by every worker so that state they share (rate
     /// limiters) sees one time.
     pub epoch: Instant,
+    /// Descriptors left to the control plane ([`crate::DataplaneOptions::descriptor_reserve`]).
+    pub descriptor_reserve: u64,
 }
 
 /// What [`Worker::queue_replies`] did with a batch of replies.
@@ -312,7 +314,7 @@ impl Worker {
             stop: setup.stop,
             sticky: setup.sticky,
             epoch: setup.epoch,
-            fd_ceiling: fd_ceiling(),
+            fd_ceiling: fd_ceiling(setup.descriptor_reserve),
             new_flow_allowance: u32::MAX,
             drops_read: Time(0),
             header: [0; udplb_core::proxy::MAX_HEADER_V6],
@@ -1845,12 +1847,12 @@ fn strip_proxy_header<'a>(pool: &Pool, reply: &'a [u8]) -> Option<&'a [u8]> {
     Some(&reply[header.len..])
 }
 
-/// The descriptor number above which flows are shed: the soft `RLIMIT_NOFILE` less a reserve
-/// of 1/16 of it (at least 8, at most 128) for the admin endpoint and health checks.
-fn fd_ceiling() -> i64 {
+/// The descriptor number above which flows are shed: the soft `RLIMIT_NOFILE` less `reserve`
+/// for the admin endpoint and health checks.
+fn fd_ceiling(reserve: u64) -> i64 {
     let limit =
         udplb_sys::socket::nofile_limit().map_or(i64::MAX, |l| l.min(i64::MAX as u64) as i64);
-    limit - (limit / 16).clamp(8, 128)
+    limit.saturating_sub(reserve.min(i64::MAX as u64) as i64)
 }
 
 /// A per-worker seed for the scheduler's random numbers (not security-relevant).

@@ -67,11 +67,15 @@ pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// for `/metrics`, and a margin.
 const CONTROL_DESCRIPTORS: u64 = 8;
 
-/// The descriptors the data plane leaves free: its workers open no flow socket whose number is
-/// in the top 1/16 of the open-file limit (8 to 128 descriptors; `fd_ceiling` in
-/// udplb-dataplane's worker), so these stay for the control plane however many flows there are.
-pub fn descriptor_reserve(limit: u64) -> u64 {
-    (limit / 16).clamp(8, 128)
+/// The descriptors the data plane leaves free at open-file limit `limit` (its workers open no
+/// flow socket whose number is within this many of the limit), so that they stay for the
+/// control plane however many flows there are: 1/16 of the limit (8 to 128), or what `cfg`'s
+/// health checks, the control plane and [`MIN_CONNECTIONS`] admin connections need if that is
+/// more (at most half the limit). Fixed at start: a reload that adds checks may find it short
+/// (then said in the log, and checks that find no descriptor count as unknown).
+pub fn descriptor_reserve(limit: u64, cfg: &udplb_config::Config) -> u64 {
+    let needed = check_descriptors(cfg) + CONTROL_DESCRIPTORS + MIN_CONNECTIONS as u64;
+    (limit / 16).clamp(8, 128).max(needed).min(limit / 2)
 }
 
 /// Descriptors health checking may hold at once under `cfg`: each actively checked backend's
@@ -97,12 +101,11 @@ pub fn check_descriptors(cfg: &udplb_config::Config) -> u64 {
         .sum()
 }
 
-/// How many admin connections fit, with `cfg`'s health checks, in the descriptor reserve the
-/// data plane leaves at open-file limit `limit`: between [`MIN_CONNECTIONS`] and
-/// [`MAX_CONNECTIONS`]. Below the minimum the reserve is too small, and the caller says so.
-pub fn connection_cap(limit: u64, cfg: &udplb_config::Config) -> (usize, bool) {
-    let room =
-        descriptor_reserve(limit).saturating_sub(check_descriptors(cfg) + CONTROL_DESCRIPTORS);
+/// How many admin connections fit, with `cfg`'s health checks, in the descriptor reserve
+/// `reserve` the data plane leaves: between [`MIN_CONNECTIONS`] and [`MAX_CONNECTIONS`]. Below
+/// the minimum the reserve is too small, and the caller says so.
+pub fn connection_cap(reserve: u64, cfg: &udplb_config::Config) -> (usize, bool) {
+    let room = reserve.saturating_sub(check_descriptors(cfg) + CONTROL_DESCRIPTORS);
     let room = usize::try_from(room).unwrap_or(usize::MAX);
     (
         room.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS),
@@ -163,7 +166,7 @@ impl Drop for Slot {
 pub async fn serve(
     listener: std::net::TcpListener,
     state: Arc<State>,
-    limit: u64,
+    reserve: u64,
     mut configs: tokio::sync::watch::Receiver<Arc<udplb_config::Config>>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -174,12 +177,11 @@ pub async fn serve(
         }
     };
     let set_cap = |cfg: &udplb_config::Config, log: bool| {
-        let (cap, fits) = connection_cap(limit, cfg);
+        let (cap, fits) = connection_cap(reserve, cfg);
         state.connections.cap.store(cap, Ordering::Relaxed);
         if !fits {
             tracing::warn!(
-                open_file_limit = limit,
-                reserve = descriptor_reserve(limit),
+                reserve,
                 health_checks = check_descriptors(cfg),
                 admin_connections = cap,
                 "the descriptors kept from flows cannot hold the health checks and the admin \
@@ -468,4 +470,45 @@ pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketA
         "backend": backend,
         "reason": reason,
     })
+}
+
+#[cfg(test)]
+mod reserve_tests {
+    use super::*;
+
+    fn pool_of(backends: usize, checked: bool) -> udplb_config::Config {
+        let toml = format!(
+            "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"p\"\n[pools.p]\nbackends = [{}]\n{}",
+            (0..backends)
+                .map(|i| format!("\"127.0.0.1:{}\"", 10_000 + i))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if checked {
+                "[pools.p.health]\ncheck = \"tcp\"\n"
+            } else {
+                ""
+            }
+        );
+        udplb_config::parse(&toml, "t.toml").unwrap()
+    }
+
+    /// The reserve holds every check, the control plane and the minimum of admin connections,
+    /// however many backends are checked (it used to stop at 128 descriptors).
+    #[test]
+    fn the_reserve_grows_with_the_checks_it_must_hold() {
+        let few = pool_of(3, true);
+        assert_eq!(descriptor_reserve(1024, &few), 64, "1/16 of the limit");
+        assert_eq!(
+            descriptor_reserve(1 << 20, &few),
+            128,
+            "at most 128 by default"
+        );
+        let many = pool_of(300, true);
+        let reserve = descriptor_reserve(1 << 20, &many);
+        assert!(reserve >= 300 + CONTROL_DESCRIPTORS + MIN_CONNECTIONS as u64);
+        assert!(connection_cap(reserve, &many).1, "the checks and admin fit");
+        // A limit too small for them: at most half of it is kept.
+        assert_eq!(descriptor_reserve(256, &many), 128);
+        assert!(!connection_cap(128, &many).1);
+    }
 }

@@ -41,7 +41,12 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     let snapshot = snapshot_of(&cfg, 1, None, &trackers);
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     // Everything privileged first (sockets), then drop privileges, then start threads.
-    let bound = Dataplane::bind(Arc::clone(&shared), &DataplaneOptions { workers })?;
+    let descriptor_reserve = admin::descriptor_reserve(nofile, &cfg);
+    let options = DataplaneOptions {
+        workers,
+        descriptor_reserve,
+    };
+    let bound = Dataplane::bind(Arc::clone(&shared), &options)?;
     let admin_listener = match &cfg.admin {
         Some(a) => Some(bind_admin(a.listen)?),
         None => None,
@@ -141,7 +146,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(listener) = admin_listener {
         let state = Arc::clone(&state);
         spawn_control_thread("udplb-admin", ended, move || {
-            admin::serve(listener, state, nofile, running_config)
+            admin::serve(listener, state, descriptor_reserve, running_config)
         })?;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -357,7 +357,11 @@ fn backend_families(state: &State) -> (Vec<Family<'static>>, [HistogramFamily<'s
                     .push((labels(), s.check_latency.clone()));
             }
             if let Some(s) = status {
-                for (result, n) in [("ok", s.checks_ok), ("failed", s.checks_failed)] {
+                for (result, n) in [
+                    ("ok", s.checks_ok),
+                    ("failed", s.checks_failed),
+                    ("unknown", s.checks_unknown),
+                ] {
                     let mut l = labels();
                     l.push(("result", Cow::Borrowed(result)));
                     checks.add(l, n as f64);
