@@ -155,6 +155,9 @@ pub struct PoolConfig {
     /// their first datagram after a pause this long, once the pool is whole (`rebalance`);
     /// `None`: never.
     pub rebalance: Option<Duration>,
+    /// A backend back up after being down gets a share of its weight that grows from 0 to all
+    /// of it over this long (`slow_start`); zero: all of it at once.
+    pub slow_start: Duration,
 }
 
 impl PoolConfig {
@@ -176,6 +179,7 @@ impl PoolConfig {
             strip_reply_proxy: false,
             transparent: false,
             rebalance: Some(defaults::REBALANCE),
+            slow_start: Duration::ZERO,
         }
     }
 }

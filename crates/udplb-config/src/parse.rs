@@ -74,6 +74,7 @@ const POOL_KEYS: &[&str] = &[
     "strip_reply_proxy",
     "transparent",
     "rebalance",
+    "slow_start",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state", "health"];
 
@@ -465,6 +466,9 @@ impl Reader<'_> {
         pool.transparent = self
             .optional(t, key, "transparent", |r, k, v| r.boolean(k, v))
             .unwrap_or(false);
+        if let Some(d) = self.optional(t, key, "slow_start", |r, k, v| r.duration(k, v)) {
+            pool.slow_start = d;
+        }
         if let Some(r) = self.optional(t, key, "rebalance", |r, k, v| match v.get_ref() {
             DeValue::String(s) if s.as_ref() == "off" => Some(None),
             _ => r.duration(k, v).map(Some),

@@ -208,6 +208,23 @@ fn addresses_conflict(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfig]) {
+    if !p.slow_start.is_zero() && p.scheduler.is_consistent_hash() {
+        out.push(problem(
+            format!("pools.{}.slow_start", p.name),
+            format!(
+                "not with scheduler {:?}: a consistent hash places a client by the backends \
+                 alone, the same on every worker and every udplb instance; a weight that ramps \
+                 would move clients while it lasts",
+                p.scheduler.name()
+            ),
+        ));
+    }
+    check_duration(
+        out,
+        format!("pools.{}.slow_start", p.name),
+        p.slow_start,
+        Duration::ZERO..=Duration::from_secs(3600),
+    );
     if let Some(h) = &p.health {
         check_health(out, &format!("pools.{}.health", p.name), h);
     }

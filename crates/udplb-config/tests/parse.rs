@@ -685,3 +685,28 @@ fn changes_on_a_reachable_admin_endpoint_need_a_token() {
         "\"admin.token\" is not an absolute path"
     );
 }
+
+#[test]
+fn slow_start_and_rebalance_are_pool_keys() {
+    let pool = |extra: &str| {
+        format!(
+            "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n\
+             [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n{extra}\n"
+        )
+    };
+    let cfg = parse(&pool("slow_start = \"10s\"\nrebalance = \"off\""), "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].slow_start, Duration::from_secs(10));
+    assert_eq!(cfg.pools[0].rebalance, None);
+    let cfg = parse(&pool(""), "t.toml").unwrap();
+    assert_eq!(
+        (cfg.pools[0].slow_start, cfg.pools[0].rebalance),
+        (Duration::ZERO, Some(Duration::from_secs(1)))
+    );
+    let text = errors(&pool("scheduler = \"maglev\"\nslow_start = \"5s\"")).to_string();
+    assert!(
+        text.contains("pools.p.slow_start: not with scheduler \"maglev\""),
+        "{text}"
+    );
+    let text = errors(&pool("rebalance = \"soon\"")).to_string();
+    assert!(text.contains("pools.p.rebalance"), "{text}");
+}

@@ -87,6 +87,9 @@ pub struct Tracker {
     hold_until: Option<Time>,
     /// When it last came up.
     up_since: Time,
+    /// When it last came back after being down (not its first result at startup): the start
+    /// of its slow start.
+    recovered_at: Option<Time>,
 }
 
 impl Tracker {
@@ -105,6 +108,7 @@ impl Tracker {
             ejections: 0,
             hold_until: None,
             up_since: Time(0),
+            recovered_at: None,
         }
     }
 
@@ -128,7 +132,10 @@ impl Tracker {
     /// success after it does, if `rise` were reached.
     pub fn record(&mut self, success: bool, now: Time, t: Thresholds) -> Option<Health> {
         if std::mem::take(&mut self.fresh) {
-            return success.then(|| self.flip(Health::Up, now));
+            // The first result at startup: no slow start (nothing was sent elsewhere for it).
+            let flipped = success.then(|| self.flip(Health::Up, now));
+            self.recovered_at = None;
+            return flipped;
         }
         let agrees = (self.state == Health::Up) == success;
         if agrees {
@@ -202,6 +209,17 @@ impl Tracker {
         None
     }
 
+    /// Slow start: the share of its weight the backend gets at `now`, ramping from 0 to 1 over
+    /// `window` after it came back up (1 when not ramping, or without a window).
+    pub fn ramp(&self, now: Time, window: Duration) -> f64 {
+        match self.recovered_at {
+            Some(at) if self.state == Health::Up && !window.is_zero() => {
+                (now.since(at).as_secs_f64() / window.as_secs_f64()).min(1.0)
+            }
+            _ => 1.0,
+        }
+    }
+
     fn held(&self, now: Time) -> bool {
         self.hold_until.is_some_and(|h| now < h)
     }
@@ -213,6 +231,7 @@ impl Tracker {
         if to == Health::Up {
             self.up_since = now;
             self.hold_until = None;
+            self.recovered_at = Some(now);
         }
         to
     }
@@ -473,6 +492,26 @@ mod tests {
         assert_eq!(tr.record_passive(Passive::default(), quiet, T), None);
         assert_eq!(tr.record_passive(failures(3), quiet, T), Some(Health::Down));
         assert_eq!(tr.hold_until(), Some(quiet.after(HOLD_DOWN_BASE)));
+    }
+
+    #[test]
+    fn slow_start_ramps_after_a_recovery_but_not_at_startup() {
+        let window = Duration::from_secs(10);
+        let mut tr = Tracker::new(Initial::Down);
+        assert_eq!(tr.record(true, Time(1_000), T), Some(Health::Up));
+        assert_eq!(tr.ramp(Time(1_000), window), 1.0, "first result: no ramp");
+        let t1 = Thresholds {
+            rise: 1,
+            fall: 1,
+            ..T
+        };
+        assert_eq!(tr.record(false, Time(2_000), t1), Some(Health::Down));
+        assert_eq!(tr.ramp(Time(2_500), window), 1.0, "down: not ramping");
+        assert_eq!(tr.record(true, Time(3_000), t1), Some(Health::Up));
+        assert_eq!(tr.ramp(Time(3_000), window), 0.0);
+        assert_eq!(tr.ramp(Time(8_000), window), 0.5);
+        assert_eq!(tr.ramp(Time(13_000), window), 1.0);
+        assert_eq!(tr.ramp(Time(3_000), Duration::ZERO), 1.0, "no window");
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl Tier {
         }
         let weights: Vec<u32> = members
             .iter()
-            .map(|&i| backends[i as usize].spec.weight.max(1))
+            .map(|&i| backends[i as usize].weight.max(1))
             .collect();
         let cumulative: Vec<u64> = weights
             .iter()
@@ -334,6 +334,7 @@ mod tests {
                 },
                 admin: AdminState::Enabled,
                 healthy: true,
+                weight,
             })
             .collect();
         Snapshot::build(

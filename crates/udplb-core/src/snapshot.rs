@@ -53,6 +53,8 @@ pub struct Backend {
     pub admin: AdminState,
     /// Health as last reported by the health checker (true when unchecked).
     pub healthy: bool,
+    /// The weight schedulers use: the configured one, scaled while a slow start lasts.
+    pub weight: u32,
 }
 
 impl Backend {
@@ -122,7 +124,7 @@ impl Pool {
     pub fn overloaded(&self, index: usize, load: &[u32]) -> bool {
         let flows =
             |i: usize| u64::from(load.get(self.backends[i].id.index()).copied().unwrap_or(0));
-        let weight = |i: usize| u64::from(self.backends[i].spec.weight.max(1));
+        let weight = |i: usize| u64::from(self.backends[i].weight.max(1));
         let (total, weights) = self
             .tier
             .members()
@@ -228,6 +230,8 @@ pub struct BackendInput {
     pub admin: AdminState,
     /// Health.
     pub healthy: bool,
+    /// The weight schedulers use ([`Backend::weight`]).
+    pub weight: u32,
 }
 
 impl From<BackendSpec> for BackendInput {
@@ -236,6 +240,7 @@ impl From<BackendSpec> for BackendInput {
             spec,
             admin: AdminState::Enabled,
             healthy: true,
+            weight: spec.weight,
         }
     }
 }
@@ -288,6 +293,7 @@ impl Snapshot {
                             spec: b.spec,
                             admin: b.admin,
                             healthy: b.healthy,
+                            weight: b.weight,
                         }
                     })
                     .collect();

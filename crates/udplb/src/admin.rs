@@ -370,6 +370,8 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
                         .map_or(Value::Null, |s| json!(s));
                     if let Value::Object(m) = &mut v {
                         m.insert("weight".into(), json!(b.spec.weight));
+                        // Scaled while a slow start lasts (every weight of the pool, then).
+                        m.insert("effective_weight".into(), json!(b.weight));
                         m.insert("backup".into(), json!(b.spec.backup));
                         m.insert(
                             "admin".into(),

@@ -18,7 +18,16 @@ use crate::host::Addresses;
 pub trait HealthView {
     /// Whether backend `backend` of pool `pool` is up.
     fn is_up(&self, pool: usize, backend: usize) -> bool;
+
+    /// Slow start: the share (0 to 1) of its weight backend `backend` of pool `pool` gets now.
+    fn ramp(&self, _pool: usize, _backend: usize) -> f64 {
+        1.0
+    }
 }
+
+/// While a slow start lasts, every weight of the pool is multiplied by this, so that a
+/// ramping backend of weight 1 gets a share finer than all or nothing.
+const RAMP_SCALE: u32 = 100;
 
 /// Builds generation `generation` of the snapshot for `cfg` with backend health from `health`,
 /// keeping backend ids of `previous`. This host's addresses are read for the snapshot's
@@ -77,16 +86,20 @@ pub fn snapshot_of(
         .map(|(pi, p)| PoolInput {
             name: p.name.clone(),
             scheduler: p.scheduler,
-            backends: p
-                .backends
-                .iter()
-                .enumerate()
-                .map(|(bi, b)| BackendInput {
-                    spec: b.spec,
-                    admin: b.state,
-                    healthy: health.is_up(pi, bi) && usable(&p.name, b.spec.addr, &guard, &host),
-                })
-                .collect(),
+            backends: {
+                let weights = weights_of(p, pi, health);
+                p.backends
+                    .iter()
+                    .enumerate()
+                    .map(|(bi, b)| BackendInput {
+                        spec: b.spec,
+                        admin: b.state,
+                        healthy: health.is_up(pi, bi)
+                            && usable(&p.name, b.spec.addr, &guard, &host),
+                        weight: weights[bi],
+                    })
+                    .collect()
+            },
             on_down: p.on_down,
             all_down: p.all_down,
             proxy_header: p.proxy_protocol,
@@ -98,6 +111,26 @@ pub fn snapshot_of(
     let mut snapshot = Snapshot::build(generation, listeners, pools, previous);
     snapshot.guard = Arc::new(guard);
     snapshot
+}
+
+/// The weights the schedulers of pool `p` (index `pi`) use: the configured ones, or while a
+/// backend's slow start lasts, all of them times [`RAMP_SCALE`] and the ramping ones times
+/// their share (at least 1).
+fn weights_of(p: &udplb_config::PoolConfig, pi: usize, health: &dyn HealthView) -> Vec<u32> {
+    let ramps: Vec<f64> = (0..p.backends.len())
+        .map(|bi| health.ramp(pi, bi))
+        .collect();
+    if ramps.iter().all(|&r| r >= 1.0) {
+        return p.backends.iter().map(|b| b.spec.weight).collect();
+    }
+    p.backends
+        .iter()
+        .zip(ramps)
+        .map(|(b, ramp)| {
+            let full = b.spec.weight.saturating_mul(RAMP_SCALE);
+            ((f64::from(full) * ramp) as u32).clamp(1, full)
+        })
+        .collect()
 }
 
 /// Whether udplb may send to backend `addr` of pool `pool`: not when it is udplb's own

@@ -742,3 +742,49 @@ fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
         assert!((6..=14).contains(&n), "{tag}: {n} flows in {spread:?}");
     }
 }
+
+/// `slow_start`: a backend back up after being down gets a share of new flows (here, of
+/// datagrams: datagram mode schedules each) that grows from nothing to its weight's over the
+/// window, instead of its full share at once.
+#[test]
+fn a_recovered_backend_ramps_up_over_slow_start() {
+    let dir = scratch("slow");
+    let a = Backend::start("127.0.0.1", "a");
+    let b = Backend::start("127.0.0.1", "b");
+    let b_addr = b.addr;
+    let fast = "check = \"udp\"\nsend = \"ping\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\n\
+                jitter = \"0s\"\nrise = 1\nfall = 1";
+    let (lb, listen) = start(
+        &dir,
+        "datagram",
+        &[quoted(&a), quoted(&b)],
+        "slow_start = \"3s\"",
+        fast,
+    );
+    assert!(wait_for(DEADLINE, || (0..2).all(|i| healthy(&lb, i) == Some(true))));
+    drop(b);
+    assert!(wait_for(DEADLINE, || healthy(&lb, 1) == Some(false)));
+    let _b = Backend::start_at(b_addr, "b");
+    assert!(wait_for(DEADLINE, || healthy(&lb, 1) == Some(true)));
+    let c = client("127.0.0.1:0");
+    let share_of_b = |n: usize| {
+        let mut b = 0;
+        for i in 0..n {
+            c.send_to(format!("{i}").as_bytes(), listen).unwrap();
+            if recv(&c).0.starts_with(b"b:") {
+                b += 1;
+            }
+        }
+        b as f64 / n as f64
+    };
+    let early = share_of_b(200);
+    // Past the window (this is the ramp's own length, not a hope).
+    std::thread::sleep(Duration::from_millis(3_200));
+    let late = share_of_b(200);
+    println!("share of the recovered backend: {early:.2} at first, {late:.2} after slow_start");
+    assert!(early < 0.2, "{early}: no slow start");
+    assert!(
+        (0.4..=0.6).contains(&late),
+        "{late}: did not ramp to its weight"
+    );
+}

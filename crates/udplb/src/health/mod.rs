@@ -104,6 +104,34 @@ impl HealthView for Trackers {
     }
 }
 
+/// Health and slow starts at one instant, for a snapshot.
+struct HealthAt<'a> {
+    trackers: &'a Trackers,
+    cfg: &'a Config,
+    now: Time,
+}
+
+impl HealthView for HealthAt<'_> {
+    fn is_up(&self, pool: usize, backend: usize) -> bool {
+        self.trackers.is_up(pool, backend)
+    }
+
+    fn ramp(&self, pool: usize, backend: usize) -> f64 {
+        let window = self
+            .cfg
+            .pools
+            .get(pool)
+            .map_or(Duration::ZERO, |p| p.slow_start);
+        self.trackers
+            .get(pool, backend)
+            .map_or(1.0, |t| t.ramp(self.now, window))
+    }
+}
+
+/// Steps of a slow start: the weight a ramping backend gets is republished this many times
+/// over the pool's `slow_start`.
+const RAMP_STEPS: f64 = 10.0;
+
 /// What the admin endpoint shows before any check ran.
 fn fresh_status(cfg: &Config, trackers: &Trackers) -> Vec<Vec<BackendStatus>> {
     cfg.pools
@@ -253,6 +281,8 @@ pub struct Monitor {
     configs: tokio::sync::watch::Sender<Arc<Config>>,
     /// Checks udplb could not make, logged at most every 10 s.
     unknown_log: crate::logging::RateLimited,
+    /// Backends in a slow start, with the step of their ramp last published.
+    ramps: std::collections::HashMap<(usize, usize), u8>,
 }
 
 impl Monitor {
@@ -285,6 +315,7 @@ impl Monitor {
             reported,
             configs,
             unknown_log: crate::logging::RateLimited::new(Duration::from_secs(10)),
+            ramps: std::collections::HashMap::new(),
         }
     }
 
@@ -311,6 +342,7 @@ impl Monitor {
                     while self.tasks.try_join_next().is_some() {}
                     self.collect_passive();
                     self.start_recovery_probes();
+                    self.advance_slow_starts();
                 }
                 Some(command) = commands.recv() => match command {
                     Command::Reload(cfg, applied) => {
@@ -439,6 +471,8 @@ impl Monitor {
     /// Switches to `cfg`: backends whose pool, address and check are unchanged keep their
     /// health, counters and flows; the others start fresh; one snapshot is published.
     fn reload(&mut self, cfg: Arc<Config>) {
+        // Backend indices may mean others now; the next tick finds the ramps again.
+        self.ramps.clear();
         let old_cfg = std::mem::replace(&mut self.cfg, cfg);
         let old_trackers = std::mem::replace(&mut self.trackers, Trackers::initial(&self.cfg));
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -732,14 +766,41 @@ impl Monitor {
     /// Publishes a snapshot with the current configuration and health (backend ids kept).
     fn publish(&self) {
         let previous = self.shared.load_full();
-        let mut next = snapshot_of(
-            &self.cfg,
-            previous.generation + 1,
-            Some(&previous),
-            &self.trackers,
-        );
+        let health = HealthAt {
+            trackers: &self.trackers,
+            cfg: &self.cfg,
+            now: self.now(),
+        };
+        let mut next = snapshot_of(&self.cfg, previous.generation + 1, Some(&previous), &health);
         next.admitting = self.admitting;
         self.shared.store(Arc::new(next));
+    }
+
+    /// Republishes the weights of backends in a slow start at each of its [`RAMP_STEPS`] steps,
+    /// and once more when it is over.
+    fn advance_slow_starts(&mut self) {
+        let now = self.now();
+        let mut changed = false;
+        for (pi, pool) in self.cfg.pools.iter().enumerate() {
+            if pool.slow_start.is_zero() {
+                continue;
+            }
+            for bi in 0..pool.backends.len() {
+                let ramp = self
+                    .trackers
+                    .get(pi, bi)
+                    .map_or(1.0, |t| t.ramp(now, pool.slow_start));
+                if ramp >= 1.0 {
+                    changed |= self.ramps.remove(&(pi, bi)).is_some();
+                    continue;
+                }
+                let step = (ramp * RAMP_STEPS) as u8;
+                changed |= self.ramps.insert((pi, bi), step) != Some(step);
+            }
+        }
+        if changed {
+            self.publish();
+        }
     }
 
     /// Whether backend `bi` is the only one of pool `pi` that is up.
