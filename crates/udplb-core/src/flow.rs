@@ -53,7 +53,10 @@ pub struct FlowKey {
 /// fed, so equal keys hash alike.
 impl Hash for FlowKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        if let (SocketAddr::V4(client), None, None) = (self.client, self.local, self.origin) {
+        if let SocketAddr::V4(client) = self.client
+            && self.local.is_none()
+            && self.origin.is_none()
+        {
             let word = (u64::from(client.ip().to_bits()) << 32)
                 | (u64::from(client.port()) << 16)
                 | u64::from(self.listener);

@@ -9,11 +9,12 @@
 //! two sockets, while flows to different backends can share one: replies are told apart by
 //! (socket, source address). A new flow takes a free pair, which costs no syscall once the
 //! sockets exist; a socket is opened only when every existing one already carries a flow to the
-//! chosen backend. Released pairs are handed out again oldest first and only once their
-//! quarantine is over (the listener's reply timeout), so that a backend's late or duplicate
-//! answers to a closed flow arrive while no flow owns the pair (they are dropped and counted,
-//! never relayed to another client). A quarantined pair is never handed out early: when no
-//! socket can be opened, the new flow is shed instead.
+//! chosen backend. Released pairs are handed out again to another client oldest first and
+//! only once their quarantine is over (the listener's reply timeout), so that a backend's late
+//! or duplicate answers to a closed flow arrive while no flow owns the pair (they are dropped
+//! and counted, never relayed to another client); the same client takes its own pair back at
+//! once. A quarantined pair is never handed out early to another client: when no socket can be
+//! opened, the new flow is shed instead.
 //!
 //! Must not: do I/O. The worker opens, registers and reads the sockets; sockets stay open for
 //! the worker's life (their number is the high-water mark of flows per backend).
@@ -23,6 +24,11 @@ use std::net::SocketAddr;
 
 use udplb_core::Time;
 use udplb_core::flow::FlowHandle;
+
+use crate::spare::Owner;
+
+/// Released pairs searched for the new flow's own client, newest first.
+const OWN_PAIR_SCAN: usize = 8;
 
 /// Sockets per pool at most (the worker's epoll tokens leave room for this many).
 pub(crate) const MAX_SOCKETS: usize = 1 << 20;
@@ -35,7 +41,7 @@ pub(crate) type Port = u32;
 /// of its flows).
 #[derive(Default)]
 struct BackendPorts {
-    released: VecDeque<(Time, Port)>,
+    released: VecDeque<(Time, Owner, Port)>,
     untouched: Port,
 }
 
@@ -55,13 +61,21 @@ impl<S> PortPool<S> {
         }
     }
 
-    /// A pair with `backend` for a new flow at `now`, without opening a socket: a released
-    /// pair past its quarantine, else a socket that never carried a flow to `backend`. `None`:
-    /// open a socket ([`PortPool::add`]).
-    pub(crate) fn reserve(&mut self, backend: SocketAddr, now: Time) -> Option<Port> {
+    /// A pair with `backend` for a new flow of `owner` at `now`, without opening a socket: one
+    /// it released itself (among the newest few), a released pair past its quarantine, else a
+    /// socket that never carried a flow to `backend`. `None`: open a socket
+    /// ([`PortPool::add`]).
+    pub(crate) fn reserve(&mut self, backend: SocketAddr, owner: Owner, now: Time) -> Option<Port> {
         let total = self.sockets.len() as Port;
         let b = self.backends.entry(backend).or_default();
-        if let Some(&(ready, port)) = b.released.front()
+        let own = (0..b.released.len())
+            .rev()
+            .take(OWN_PAIR_SCAN)
+            .find(|&i| b.released[i].1 == owner);
+        if let Some(i) = own {
+            return b.released.remove(i).map(|(_, _, port)| port);
+        }
+        if let Some(&(ready, _, port)) = b.released.front()
             && ready <= now
         {
             b.released.pop_front();
@@ -79,15 +93,15 @@ impl<S> PortPool<S> {
         self.owners.insert((port, backend), flow);
     }
 
-    /// Gives back the pair (`port`, `backend`), to serve another flow from `ready` on (the
-    /// end of its quarantine).
-    pub(crate) fn release(&mut self, port: Port, backend: SocketAddr, ready: Time) {
+    /// Gives back the pair (`port`, `backend`), which served `owner`, to serve another client
+    /// from `ready` on (the end of its quarantine).
+    pub(crate) fn release(&mut self, port: Port, backend: SocketAddr, owner: Owner, ready: Time) {
         self.owners.remove(&(port, backend));
         self.backends
             .entry(backend)
             .or_default()
             .released
-            .push_back((ready, port));
+            .push_back((ready, owner, port));
     }
 
     /// The flow a datagram from `source` on socket `port` belongs to.
@@ -135,13 +149,18 @@ mod tests {
         FlowHandle::from_u64(n)
     }
 
-    /// Opens sockets until `backend` gets a pair, like the worker does.
+    /// The client of flow `n`.
+    fn who(n: u64) -> Owner {
+        (SocketAddr::from(([192, 0, 2, 1], n as u16)), None)
+    }
+
+    /// Opens sockets until `backend` gets a pair for flow `f`, like the worker does.
     fn take(p: &mut PortPool<&'static str>, b: SocketAddr, f: u64, now: Time) -> Port {
-        let port = match p.reserve(b, now) {
+        let port = match p.reserve(b, who(f), now) {
             Some(port) => port,
             None => {
                 p.add("s").unwrap();
-                p.reserve(b, now).unwrap()
+                p.reserve(b, who(f), now).unwrap()
             }
         };
         p.assign(port, b, flow(f));
@@ -173,12 +192,21 @@ mod tests {
         let mut p = PortPool::new();
         assert_eq!(take(&mut p, backend(1), 1, Time(0)), 0);
         // Released at 10 ms, quarantined for 2 s.
-        p.release(0, backend(1), Time(2_010));
+        p.release(0, backend(1), who(1), Time(2_010));
         assert_eq!(p.owner(0, backend(1)), None, "a released pair has no owner");
-        // Too early: another socket rather than the pair just released.
+        // Too early for another client: another socket rather than the pair just released.
         assert_eq!(take(&mut p, backend(1), 2, Time(2_009)), 1);
         assert_eq!(take(&mut p, backend(1), 3, Time(2_010)), 0);
         assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn a_client_takes_its_own_pair_back_during_the_quarantine() {
+        let mut p = PortPool::new();
+        assert_eq!(take(&mut p, backend(1), 1, Time(0)), 0);
+        p.release(0, backend(1), who(1), Time(2_000));
+        assert_eq!(p.reserve(backend(1), who(2), Time(10)), None);
+        assert_eq!(p.reserve(backend(1), who(1), Time(10)), Some(0));
     }
 
     #[test]
@@ -187,11 +215,11 @@ mod tests {
         for f in 0..3 {
             take(&mut p, backend(1), f, Time(0));
         }
-        p.release(2, backend(1), Time(1));
-        p.release(0, backend(1), Time(2));
+        p.release(2, backend(1), who(2), Time(1));
+        p.release(0, backend(1), who(0), Time(2));
         let later = Time(1000);
-        assert_eq!(p.reserve(backend(1), later), Some(2));
-        assert_eq!(p.reserve(backend(1), later), Some(0));
-        assert_eq!(p.reserve(backend(1), later), None);
+        assert_eq!(p.reserve(backend(1), who(9), later), Some(2));
+        assert_eq!(p.reserve(backend(1), who(9), later), Some(0));
+        assert_eq!(p.reserve(backend(1), who(9), later), None);
     }
 }

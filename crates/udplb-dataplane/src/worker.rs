@@ -34,7 +34,7 @@ use udplb_core::{DropReason, ProxyHeader, SessionMode, Time};
 use udplb_sys::batch::{RecvBatch, RecvMeta, SendBatch};
 
 use crate::ports::{Port, PortPool};
-use crate::spare::Spares;
+use crate::spare::{Owner, Spares};
 use crate::stats::{KERNEL_DROPS_REFRESH, WorkerStats};
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
@@ -721,16 +721,19 @@ impl Worker {
         let shared = spec.shared_upstream && connect && !pool.transparent && li < SHARED_LISTENERS;
         let reusable = connect && !pool.transparent && !shared;
         let spare = if reusable {
-            self.take_spare(li, backend.spec.addr, now)
+            self.take_spare(li, backend.spec.addr, owner_of(&key), now)
         } else {
             None
         };
         let reused = spare.is_some();
         let socket = match spare {
             Some(s) => UpstreamSocket::Own(s),
-            None if shared => {
-                UpstreamSocket::Shared(self.reserve_port(li, backend.spec.addr, now)?)
-            }
+            None if shared => UpstreamSocket::Shared(self.reserve_port(
+                li,
+                backend.spec.addr,
+                owner_of(&key),
+                now,
+            )?),
             None => UpstreamSocket::Own(self.open_upstream(
                 pool.transparent,
                 backend.spec.addr,
@@ -815,19 +818,20 @@ impl Worker {
         Ok(())
     }
 
-    /// A (shared socket, `backend`) pair of listener `li` for a new flow: a free one out of
-    /// quarantine, else on a newly opened socket.
+    /// A (shared socket, `backend`) pair of listener `li` for a flow of `owner`: one it gave
+    /// back itself, a free one out of quarantine, else on a newly opened socket.
     fn reserve_port(
         &mut self,
         li: usize,
         backend: SocketAddr,
+        owner: Owner,
         now: Time,
     ) -> Result<Port, DropReason> {
         let v6 = backend.is_ipv6();
         if let Some(port) = self.listeners[li]
             .shared
             .family_mut(v6)
-            .reserve(backend, now)
+            .reserve(backend, owner, now)
         {
             return Ok(port);
         }
@@ -835,7 +839,10 @@ impl Worker {
         let pool = self.listeners[li].shared.family_mut(v6);
         // No socket could be opened: the flow is shed rather than given a pair still in
         // quarantine (a late answer to that pair's last flow would reach this client).
-        opened.and_then(|()| pool.reserve(backend, now).ok_or(DropReason::UpstreamSocket))
+        opened.and_then(|()| {
+            pool.reserve(backend, owner, now)
+                .ok_or(DropReason::UpstreamSocket)
+        })
     }
 
     /// Opens one more shared upstream socket for listener `li`, of `backend`'s family, and
@@ -916,8 +923,14 @@ impl Worker {
     /// The oldest spare socket connected to `backend` out of quarantine at `now`, emptied of
     /// what it received while parked (counted as late replies on listener `li`). A spare that
     /// cannot be emptied is closed and the next one tried.
-    fn take_spare(&mut self, li: usize, backend: SocketAddr, now: Time) -> Option<UdpSocket> {
-        while let Some(socket) = self.spares.take(backend, now) {
+    fn take_spare(
+        &mut self,
+        li: usize,
+        backend: SocketAddr,
+        owner: Owner,
+        now: Time,
+    ) -> Option<UdpSocket> {
+        while let Some(socket) = self.spares.take(backend, owner, now) {
             match udplb_sys::socket::discard_queued(&socket, SPARE_DISCARD_LIMIT) {
                 Ok(Some(late)) => {
                     self.stats.listeners[li].late_replies.add(late as u64);
@@ -1166,7 +1179,7 @@ impl Worker {
         snap: &Snapshot,
     ) -> Result<(), DropReason> {
         let flow = self.table.get(h).ok_or(DropReason::SendError)?;
-        let (old, quarantine) = (flow.backend_addr, flow.reply_timeout);
+        let (old, quarantine, owner) = (flow.backend_addr, flow.reply_timeout, owner_of(&flow.key));
         match &flow.io.socket {
             UpstreamSocket::Own(s) => {
                 if let Err(e) = s.connect(b.spec.addr) {
@@ -1177,11 +1190,11 @@ impl Worker {
             &UpstreamSocket::Shared(port) => {
                 // A pair with the new backend, then the old pair back.
                 let now = self.now();
-                let new = self.reserve_port(li, b.spec.addr, now)?;
+                let new = self.reserve_port(li, b.spec.addr, owner, now)?;
                 let shared = &mut self.listeners[li].shared;
                 shared
                     .family_mut(old.is_ipv6())
-                    .release(port, old, now.after(quarantine));
+                    .release(port, old, owner, now.after(quarantine));
                 shared
                     .family_mut(b.spec.addr.is_ipv6())
                     .assign(new, b.spec.addr, h);
@@ -1553,27 +1566,28 @@ impl Worker {
         if let Some(flow) = self.table.close(h, reason) {
             self.on_closed(&flow.key, flow.io.client(&flow.key), reason, now);
             let ready = now.after(flow.reply_timeout);
+            let owner = owner_of(&flow.key);
             match flow.io.socket {
                 UpstreamSocket::Own(socket) => {
                     if reason == CloseReason::Completed && flow.io.reusable {
                         // The epoll registration stays, under a token no live flow has.
-                        drop(self.spares.park(flow.backend_addr, socket, ready));
+                        drop(self.spares.park(flow.backend_addr, owner, socket, ready));
                     }
                 }
                 UpstreamSocket::Shared(port) => {
-                    self.release_port(flow.key.listener, port, flow.backend_addr, ready);
+                    self.release_port(&flow.key, port, flow.backend_addr, ready);
                 }
             }
         }
     }
 
-    /// Gives back a closed flow's (shared socket, backend) pair, to serve another flow from
-    /// `ready` on.
-    fn release_port(&mut self, listener: u16, port: Port, backend: SocketAddr, ready: Time) {
-        if let Some(lio) = self.listeners.get_mut(listener as usize) {
+    /// Gives back the (shared socket, backend) pair of the closed flow `key`, to serve another
+    /// client from `ready` on.
+    fn release_port(&mut self, key: &FlowKey, port: Port, backend: SocketAddr, ready: Time) {
+        if let Some(lio) = self.listeners.get_mut(key.listener as usize) {
             lio.shared
                 .family_mut(backend.is_ipv6())
-                .release(port, backend, ready);
+                .release(port, backend, owner_of(key), ready);
         }
     }
 
@@ -1596,7 +1610,7 @@ impl Worker {
     fn expire_idle(&mut self, now: Time) {
         self.spares.expire(now);
         let mut closed: Vec<(FlowKey, SocketAddr)> = Vec::new();
-        let mut ports: Vec<(u16, Port, SocketAddr, Time)> = Vec::new();
+        let mut ports: Vec<(FlowKey, Port, SocketAddr, Time)> = Vec::new();
         let mut unanswered: Vec<(u16, BackendId)> = Vec::new();
         self.table.expire(now, |expired| match expired {
             Expired::Unanswered(_, flow) => unanswered.push((flow.key.listener, flow.backend)),
@@ -1607,13 +1621,13 @@ impl Worker {
                 }
                 if let UpstreamSocket::Shared(port) = flow.io.socket {
                     let ready = now.after(flow.reply_timeout);
-                    ports.push((flow.key.listener, port, flow.backend_addr, ready));
+                    ports.push((flow.key, port, flow.backend_addr, ready));
                 }
                 closed.push((flow.key, flow.io.client(&flow.key)));
             }
         });
-        for (listener, port, backend, ready) in ports {
-            self.release_port(listener, port, backend, ready);
+        for (key, port, backend, ready) in ports {
+            self.release_port(&key, port, backend, ready);
         }
         for (listener, backend) in unanswered {
             // The backend left a request unanswered: a passive failure signal.
@@ -1758,6 +1772,12 @@ fn send_datagram(
     } else {
         udplb_sys::batch::send(fd, data)
     }
+}
+
+/// Who flow `key` serves, for handing its socket back to the same client.
+#[inline]
+fn owner_of(key: &FlowKey) -> Owner {
+    (key.client, key.origin)
 }
 
 /// Turns on error reporting for an unconnected upstream socket.
