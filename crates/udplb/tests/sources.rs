@@ -181,3 +181,53 @@ fn a_backend_that_is_udplb_itself_is_refused() {
         "{body}"
     );
 }
+
+/// An address added to this host while udplb runs (a VRRP address moving in) makes a backend
+/// with that address on a wildcard listener's port udplb itself: within a few seconds it is
+/// out of rotation, rather than each datagram sent to it coming back as a new client's.
+#[test]
+fn a_backend_that_becomes_a_local_address_leaves_rotation() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: adding an address to lo needs root");
+        return;
+    }
+    /// Removes the address again, whatever happens.
+    struct Added(&'static str);
+    impl Drop for Added {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["addr", "del", self.0, "dev", "lo"])
+                .status();
+        }
+    }
+    let other = Backend::start("127.0.0.1", "other");
+    let port = free_udp_port("0.0.0.0");
+    let soon_local = format!("192.0.2.77:{port}");
+    let lb = Udplb::start(&[
+        &format!("0.0.0.0:{port}"),
+        &soon_local,
+        &other.addr.to_string(),
+    ]);
+    let in_rotation = |lb: &Udplb| lb.stats()["pools"][0]["backends"][0]["in_rotation"].as_bool();
+    assert_eq!(in_rotation(&lb), Some(true));
+    let added = std::process::Command::new("ip")
+        .args(["addr", "add", "192.0.2.77/32", "dev", "lo"])
+        .status()
+        .unwrap();
+    if !added.success() {
+        eprintln!("skipped: cannot add an address to lo here");
+        return;
+    }
+    let _added = Added("192.0.2.77/32");
+    assert!(
+        wait_for(DEADLINE, || in_rotation(&lb) == Some(false)),
+        "{}",
+        lb.stats()
+    );
+    assert!(
+        lb.stderr
+            .lock()
+            .unwrap()
+            .contains("one of udplb's own listener addresses")
+    );
+}

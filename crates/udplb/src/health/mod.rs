@@ -128,6 +128,9 @@ impl HealthView for HealthAt<'_> {
     }
 }
 
+/// How often this host's addresses are read.
+const HOST_POLL: Duration = Duration::from_secs(2);
+
 /// Steps of a slow start: the weight a ramping backend gets is republished this many times
 /// over the pool's `slow_start`.
 const RAMP_STEPS: f64 = 10.0;
@@ -283,6 +286,9 @@ pub struct Monitor {
     unknown_log: crate::logging::RateLimited,
     /// Backends in a slow start, with the step of their ramp last published.
     ramps: std::collections::HashMap<(usize, usize), u8>,
+    /// This host's addresses when last read, and when that was: a change (a VRRP address
+    /// moving in) publishes a snapshot, whose source guard and backends follow it.
+    host: (crate::host::Addresses, Time),
 }
 
 impl Monitor {
@@ -316,6 +322,7 @@ impl Monitor {
             configs,
             unknown_log: crate::logging::RateLimited::new(Duration::from_secs(10)),
             ramps: std::collections::HashMap::new(),
+            host: (crate::host::Addresses::read(), Time(0)),
         }
     }
 
@@ -343,6 +350,7 @@ impl Monitor {
                     self.collect_passive();
                     self.start_recovery_probes();
                     self.advance_slow_starts();
+                    self.follow_host_addresses();
                 }
                 Some(command) = commands.recv() => match command {
                     Command::Reload(cfg, applied) => {
@@ -774,6 +782,22 @@ impl Monitor {
         let mut next = snapshot_of(&self.cfg, previous.generation + 1, Some(&previous), &health);
         next.admitting = self.admitting;
         self.shared.store(Arc::new(next));
+    }
+
+    /// Reads this host's addresses every [`HOST_POLL`] and publishes a snapshot when they
+    /// changed: its source guard and the backends that would be udplb itself follow them.
+    fn follow_host_addresses(&mut self) {
+        let now = self.now();
+        if now.since(self.host.1) < HOST_POLL {
+            return;
+        }
+        let addresses = crate::host::Addresses::read();
+        let changed = addresses != self.host.0;
+        self.host = (addresses, now);
+        if changed {
+            tracing::info!("this host's addresses changed");
+            self.publish();
+        }
     }
 
     /// Republishes the weights of backends in a slow start at each of its [`RAMP_STEPS`] steps,
