@@ -558,9 +558,13 @@ impl Worker {
             local,
             origin: None,
         };
-        let (data, origin) = match self.ingress(li, spec, &mut key, d.data) {
-            Ok(x) => x,
-            Err(reason) => return stats.drop_n(reason, count),
+        let (data, origin) = if spec.proxy_ingress {
+            match self.ingress(li, spec, &mut key, d.data) {
+                Ok(x) => x,
+                Err(reason) => return stats.drop_n(reason, count),
+            }
+        } else {
+            (d.data, None)
         };
         let found = self.table.find(&key);
         // Policy applies to the client a flow serves: the PROXY header's, when there is one.
@@ -637,9 +641,7 @@ impl Worker {
     /// PROXY v2 header and returns the payload with the client the header names, which joins
     /// `key` (each client a sender forwards is a flow of its own). A new flow needs a header (a
     /// LOCAL one means the sender itself is the client); later datagrams may come without one,
-    /// and belong to the client the sender's last header named. Other listeners: the datagram
-    /// as it is.
-    #[inline]
+    /// and belong to the client the sender's last header named.
     fn ingress<'d>(
         &self,
         li: usize,
@@ -647,9 +649,6 @@ impl Worker {
         key: &mut FlowKey,
         data: &'d [u8],
     ) -> Result<(&'d [u8], Option<Origin>), DropReason> {
-        if !spec.proxy_ingress {
-            return Ok((data, None));
-        }
         if !spec.proxy_from.is_empty() && !spec.proxy_from.contains(key.client.ip()) {
             return Err(DropReason::ProxyHeader);
         }
@@ -1032,7 +1031,12 @@ impl Worker {
         } else {
             0
         };
-        let mut sent = send_datagram(fd, &self.header[..header], data, segment_size, dest);
+        let mut sent = if header == 0 && segment_size.is_none() && dest.is_none() {
+            // The common case: a flow's own connected socket, nothing to add.
+            udplb_sys::batch::send(fd, data)
+        } else {
+            send_datagram(fd, &self.header[..header], data, segment_size, dest)
+        };
         if dest.is_some() && sent.as_ref().is_err_and(refused) {
             // An unconnected socket fails its next send once after any refusal it was told of,
             // whichever backend refused: account for what is queued, and send again.
@@ -1454,8 +1458,9 @@ impl Worker {
         let Some(flow) = self.table.get(h) else {
             return Relayed::FlowCompleted;
         };
-        let (key, flow_backend) = (flow.key, flow.backend);
-        let li = key.listener as usize;
+        // The reply's destination and source, not the whole key (which carries more).
+        let (client, local, flow_backend) = (flow.key.client, flow.key.local, flow.backend);
+        let li = flow.key.listener as usize;
         let spec = &snap.listeners[li];
         let Some(pi) = flow.io.pool(spec) else {
             return Relayed::Queued;
@@ -1505,7 +1510,7 @@ impl Worker {
         }
         self.listeners[li]
             .replies
-            .push(payload, key.client, key.local);
+            .push(payload, client, local);
         self.stats.listeners[li].bytes_out.add(payload.len() as u64);
         if self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete {
             self.close_flow(h, CloseReason::Completed, now);
