@@ -36,7 +36,7 @@ pub struct State {
     /// Outcome of configuration reloads.
     pub reload: crate::reload::Status,
     /// Where API changes go.
-    pub publisher: tokio::sync::mpsc::Sender<crate::health::Command>,
+    pub publisher: tokio::sync::mpsc::Sender<crate::control::Command>,
     /// Whether the API may change anything.
     pub allow_changes: bool,
     /// The token changes must present, if any.

@@ -3,7 +3,7 @@
 //! `[admin] allow_changes = true`. Documented in docs/api.md.
 //!
 //! Owns: the HTTP shape of each call and its errors. Must not: change state itself; every
-//! change goes to the publisher ([`crate::health::Monitor`]) as an edit of the running
+//! change goes to the publisher ([`crate::control::Publisher`]) as an edit of the running
 //! configuration, validated like a file.
 
 use std::net::SocketAddr;
@@ -26,7 +26,7 @@ use udplb_core::BackendSpec;
 use udplb_core::snapshot::AdminState;
 
 use crate::admin::State;
-use crate::health::{Change, Command};
+use crate::control::{Change, Command};
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 16 * 1024;
