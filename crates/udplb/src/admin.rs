@@ -249,14 +249,11 @@ async fn within_request_timeout(
     use axum::response::IntoResponse;
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => (
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            axum::Json(json!({ "error": format!(
-                "the request was not complete and answered within {}",
-                humantime::format_duration(REQUEST_TIMEOUT)
-            ) })),
-        )
-            .into_response(),
+        Err(_) => crate::control::Error::RequestTimeout(format!(
+            "the request was not complete and answered within {}",
+            humantime::format_duration(REQUEST_TIMEOUT)
+        ))
+        .into_response(),
     }
 }
 

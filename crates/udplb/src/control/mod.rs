@@ -8,7 +8,8 @@
 //! events: slow-start ramps step by step, and this host's addresses when they change. [`run`]
 //! is the loop of the `udplb-health` thread, which drives it and the health monitor together,
 //! so a reload, an API change and a health flip are published one after the other, never at
-//! once.
+//! once. Owns too what a request to the control plane comes to when it is not done
+//! ([`Error`]), and the one place where each outcome becomes an HTTP status.
 //!
 //! Health state stays with [`crate::health`]: its trackers, quorum and status are read and
 //! written by every check result, passive signal and recovery probe, and re-keyed by backend
@@ -22,6 +23,7 @@
 //! Must not: run checks or judge backends, touch datagrams, or block (configuration files are
 //! read by the reloader, on blocking threads, before they get here).
 
+mod error;
 mod publisher;
 
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use udplb_config::Config;
 
+pub use error::Error;
 pub use publisher::Publisher;
 
 use crate::health;
@@ -41,11 +44,12 @@ pub enum Command {
     StopAdmitting,
     /// A change from the admin API: applied to the running configuration, validated like a
     /// file, published; the reply says whether anything changed, or why not.
-    Change(Change, tokio::sync::oneshot::Sender<Result<bool, String>>),
+    Change(Change, tokio::sync::oneshot::Sender<Result<bool, Error>>),
 }
 
-/// Edits a configuration; `Ok(false)` when there is nothing to change.
-pub type Change = Box<dyn FnOnce(&mut Config) -> Result<bool, String> + Send>;
+/// Edits a configuration; `Ok(false)` when there is nothing to change, an error (an
+/// [`Error::Conflict`]) when it cannot be made.
+pub type Change = Box<dyn FnOnce(&mut Config) -> Result<bool, Error> + Send>;
 
 /// Runs the publisher and the health monitor until the runtime stops: starts the checkers,
 /// then applies check results, polls passive signals (and with them slow starts and this

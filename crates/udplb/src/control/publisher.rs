@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use udplb_config::Config;
 use udplb_core::snapshot::Snapshot;
 
-use super::{Change, Command};
+use super::{Change, Command, Error};
 use crate::health;
 use crate::plan::{HealthView, snapshot_of};
 
@@ -138,12 +138,13 @@ impl health::Publish for Publisher {
 
 /// `change` made to a copy of `running` and validated like a file: the configuration to put
 /// in force, `None` when nothing needed changing, or why the change cannot be made.
-fn edited(running: &Config, change: Change) -> Result<Option<Config>, String> {
+fn edited(running: &Config, change: Change) -> Result<Option<Config>, Error> {
     let mut cfg = running.clone();
     if !change(&mut cfg)? {
         return Ok(None);
     }
-    cfg.validate().map_err(|errors| errors.join("; "))?;
+    cfg.validate()
+        .map_err(|errors| Error::Conflict(errors.join("; ")))?;
     Ok(Some(cfg))
 }
 
@@ -204,10 +205,13 @@ mod tests {
         assert_eq!(edited(&running, set_weight(1)).unwrap(), None, "no-op");
         let cfg = edited(&running, set_weight(3)).unwrap().unwrap();
         assert_eq!(cfg.pools[0].backends[0].spec.weight, 3);
-        let refused = edited(&running, set_weight(0)).unwrap_err();
+        let Err(Error::Conflict(refused)) = edited(&running, set_weight(0)) else {
+            panic!("a weight of 0 is a conflict");
+        };
         assert!(refused.contains("weight"), "{refused}");
-        let refused = edited(&running, Box::new(|_| Err("no pool named \"q\"".into())));
-        assert_eq!(refused.unwrap_err(), "no pool named \"q\"");
+        let missing = || Error::Conflict("no pool named \"q\"".into());
+        let refused = edited(&running, Box::new(move |_| Err(missing())));
+        assert_eq!(refused.unwrap_err(), missing());
         assert_eq!(running.pools[0].backends[0].spec.weight, 1);
     }
 
