@@ -8,11 +8,12 @@
 //! there is one, brings it back after the hold-down; without one, a recovery probe does (an
 //! empty datagram that must not be refused).
 //!
-//! Owns: one checker task per actively checked backend ([`probe`]) and their schedule across
-//! reloads, the recovery probes, the [`Monitor`] that turns results and passive signals into
-//! state with [`udplb_core::health::Tracker`] and pool quorum ([`Trackers`]: it keeps them, as
-//! every result reads and writes them), the notify hooks ([`notify`]) and the per-backend
-//! check counters the admin endpoint shows. Each flip is reported at once to the publisher
+//! Owns: one checker task per actively checked backend and their schedule across reloads
+//! ([`schedule`]; the checks themselves in [`probe`], [`dns`], [`http`]), the recovery probes,
+//! the [`Monitor`] that turns results and passive signals into state with
+//! [`udplb_core::health::Tracker`] and pool quorum ([`state`]: it keeps the trackers, as every
+//! result reads and writes them), the notify hooks ([`notify`]) and the per-backend check
+//! counters the admin endpoint shows. Each flip is reported at once to the publisher
 //! ([`Publish`]) with a read-only view of the state ([`HealthAt`]).
 //! Must not: touch datagrams or block the data plane; publish snapshots or change the
 //! configuration (it is handed each new one, [`Monitor::reconfigure`]); logs only on state
@@ -22,21 +23,26 @@ mod dns;
 mod http;
 mod notify;
 mod probe;
+mod schedule;
+mod state;
 
-use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use udplb_config::{Config, HealthCheck};
+use udplb_config::Config;
 use udplb_core::Time;
-use udplb_core::health::{Health, Initial, Passive, QuorumState, Tracker};
+use udplb_core::health::{Health, Passive, QuorumState, Tracker};
 use udplb_core::snapshot::Snapshot;
 use udplb_dataplane::WorkerStats;
 
 use crate::plan::HealthView;
 use notify::Event;
+pub use schedule::CheckResult;
+use schedule::{Checker, Judged, Kind, Running, plan_checkers};
+pub use state::{BackendStatus, HealthAt, Status, Trackers};
+use state::{fresh_status, unchecked_as_reported};
 
 /// How often passive signals (refused datagrams, unanswered requests, replies) are collected
 /// from the workers, and recovery probes started ([`Monitor::poll`]).
@@ -50,201 +56,6 @@ pub trait Publish {
 
     /// The snapshot published last.
     fn published(&self) -> Arc<Snapshot>;
-}
-
-/// What the admin endpoint shows of one backend's health.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct BackendStatus {
-    pub address: String,
-    pub healthy: bool,
-    pub checks_ok: u64,
-    pub checks_failed: u64,
-    /// Checks (and recovery probes) udplb could not make for lack of descriptors, buffers or
-    /// memory: neither passed nor failed, they change nothing.
-    pub checks_unknown: u64,
-    pub passive_failures: u64,
-    /// Passive ejections in a row; the backend is held down for 1 s, 2 s, 4 s, ... (at most
-    /// 60 s) after each.
-    pub passive_ejections: u64,
-    pub last_check_us: Option<u64>,
-    pub last_error: Option<String>,
-    /// Why the last check counted as unknown could not be made.
-    pub last_unknown: Option<String>,
-    /// Durations of every active check (exported in /metrics, not in the JSON status).
-    #[serde(skip)]
-    pub check_latency: udplb_core::latency::Histogram,
-}
-
-/// Health of every pool's backends, for the admin endpoint.
-pub type Status = Arc<Mutex<Vec<Vec<BackendStatus>>>>;
-
-/// Backend state by pool and backend index, for every backend (actively checked or not).
-pub struct Trackers(Vec<Vec<Tracker>>);
-
-impl Trackers {
-    /// Every backend in its initial state: actively checked ones as configured (down until
-    /// the first check passes, by default), the others up.
-    pub fn initial(cfg: &Config) -> Trackers {
-        Trackers(
-            cfg.pools
-                .iter()
-                .map(|p| {
-                    p.backends
-                        .iter()
-                        .map(|b| Tracker::new(b.active_check(p).map_or(Initial::Up, |h| h.initial)))
-                        .collect()
-                })
-                .collect(),
-        )
-    }
-
-    fn up_count(&self, pool: usize, total: usize) -> usize {
-        (0..total).filter(|&b| self.is_up(pool, b)).count()
-    }
-
-    fn get(&self, pool: usize, backend: usize) -> Option<&Tracker> {
-        self.0.get(pool)?.get(backend)
-    }
-
-    fn get_mut(&mut self, pool: usize, backend: usize) -> Option<&mut Tracker> {
-        self.0.get_mut(pool)?.get_mut(backend)
-    }
-}
-
-impl HealthView for Trackers {
-    fn is_up(&self, pool: usize, backend: usize) -> bool {
-        self.get(pool, backend)
-            .is_none_or(|t| t.state() == Health::Up)
-    }
-}
-
-/// Health and slow starts at one instant, for a snapshot ([`Monitor::view`]).
-pub struct HealthAt<'a> {
-    trackers: &'a Trackers,
-    cfg: &'a Config,
-    now: Time,
-}
-
-impl HealthView for HealthAt<'_> {
-    fn is_up(&self, pool: usize, backend: usize) -> bool {
-        self.trackers.is_up(pool, backend)
-    }
-
-    fn ramp(&self, pool: usize, backend: usize) -> f64 {
-        let window = self
-            .cfg
-            .pools
-            .get(pool)
-            .map_or(Duration::ZERO, |p| p.slow_start);
-        self.trackers
-            .get(pool, backend)
-            .map_or(1.0, |t| t.ramp(self.now, window))
-    }
-}
-
-/// What the admin endpoint shows before any check ran.
-fn fresh_status(cfg: &Config, trackers: &Trackers) -> Vec<Vec<BackendStatus>> {
-    cfg.pools
-        .iter()
-        .enumerate()
-        .map(|(pi, p)| {
-            p.backends
-                .iter()
-                .enumerate()
-                .map(|(bi, b)| BackendStatus {
-                    address: b.spec.addr.to_string(),
-                    healthy: trackers.is_up(pi, bi),
-                    ..Default::default()
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Backends without an active check never report; they count as reported for quorum.
-fn unchecked_as_reported(cfg: &Config) -> Vec<Vec<bool>> {
-    cfg.pools
-        .iter()
-        .map(|p| {
-            p.backends
-                .iter()
-                .map(|b| b.active_check(p).is_none())
-                .collect()
-        })
-        .collect()
-}
-
-/// One check's outcome.
-pub struct CheckResult {
-    /// The checker (or recovery probe) that made it. Indices of backends change with reloads,
-    /// ids do not: the monitor maps the id to the backend's current place, and drops results
-    /// of checkers it has stopped.
-    id: u64,
-    /// A recovery probe of a backend without an active check (else an active check).
-    recovery: bool,
-    latency: Duration,
-    outcome: probe::Outcome,
-}
-
-/// A check's outcome that says something about the backend (passed, or failed and why).
-struct Judged {
-    latency: Duration,
-    outcome: Result<(), String>,
-}
-
-/// A backend's checker or recovery probe while it runs: what it checks, where that backend is
-/// in the running configuration, and how to stop it.
-struct Running {
-    /// The backend's pool, by name: with its address, what identifies it across reloads.
-    pool_name: String,
-    addr: SocketAddr,
-    kind: Kind,
-    pool: usize,
-    backend: usize,
-    task: tokio::task::AbortHandle,
-}
-
-/// What a [`Running`] task is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Kind {
-    /// The checker of the backend's effective active check.
-    Check(HealthCheck),
-    /// A recovery probe of a passively ejected backend without an active check, started with
-    /// these health settings (its thresholds and timeout; `None`: the defaults).
-    Recovery(Option<HealthCheck>),
-}
-
-/// Which running checkers a configuration keeps: `keep` pairs the id of each checker whose
-/// backend (same pool name, same address) still has the same effective check with the
-/// backend's new place; `start` lists the backends (pool, backend index) that need a new one.
-/// The other running checkers are to be stopped.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct CheckerPlan {
-    keep: Vec<(u64, (usize, usize))>,
-    start: Vec<(usize, usize)>,
-}
-
-fn plan_checkers(running: &std::collections::HashMap<u64, Running>, cfg: &Config) -> CheckerPlan {
-    let by_backend: std::collections::HashMap<(&str, SocketAddr), (u64, &HealthCheck)> = running
-        .iter()
-        .filter_map(|(&id, r)| match &r.kind {
-            Kind::Check(check) => Some(((r.pool_name.as_str(), r.addr), (id, check))),
-            Kind::Recovery(_) => None,
-        })
-        .collect();
-    let mut plan = CheckerPlan::default();
-    for (pi, pool) in cfg.pools.iter().enumerate() {
-        for (bi, b) in pool.backends.iter().enumerate() {
-            let Some(check) = b.active_check(pool) else {
-                continue;
-            };
-            match by_backend.get(&(pool.name.as_str(), b.spec.addr)) {
-                Some(&(id, running)) if running == check => plan.keep.push((id, (pi, bi))),
-                _ => plan.start.push((pi, bi)),
-            }
-        }
-    }
-    plan
 }
 
 /// Every backend's health: turns check results, passive signals and recovery probes into
@@ -742,121 +553,5 @@ impl Monitor {
         if let Some(s) = status.get_mut(pi).and_then(|p| p.get_mut(bi)) {
             f(s);
         }
-    }
-}
-
-/// Checks one backend forever: now, then every interval plus jitter.
-struct Checker {
-    /// Names the results (see [`CheckResult::id`]).
-    id: u64,
-    addr: SocketAddr,
-    target: SocketAddr,
-    check: HealthCheck,
-}
-
-impl Checker {
-    /// Checks start at a fixed rate (every interval plus jitter, whatever the checks take;
-    /// `timeout` ≤ `interval`), so a backend that stops answering is down within
-    /// interval × fall + timeout.
-    async fn run(self, probe: Arc<probe::Ready>, results: mpsc::Sender<CheckResult>) {
-        let random = RandomState::new();
-        let mut next = tokio::time::Instant::now();
-        for round in 0u64.. {
-            let started = Instant::now();
-            let outcome = probe.run(self.target, self.addr, self.check.timeout).await;
-            let result = CheckResult {
-                id: self.id,
-                recovery: false,
-                latency: started.elapsed(),
-                outcome,
-            };
-            if results.send(result).await.is_err() {
-                return;
-            }
-            let jitter_ms = self.check.jitter.as_millis() as u64;
-            let jitter = if jitter_ms == 0 {
-                0
-            } else {
-                random.hash_one(round) % (jitter_ms + 1)
-            };
-            next = (next + self.check.interval + Duration::from_millis(jitter))
-                .max(tokio::time::Instant::now());
-            tokio::time::sleep_until(next).await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(backends: &str) -> Config {
-        udplb_config::parse(
-            &format!(
-                "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"p\"\n[pools.p]\n\
-                 backends = [{backends}]\n[pools.p.health]\ncheck = \"udp\"\ninterval = \"1s\"\n"
-            ),
-            "test.toml",
-        )
-        .unwrap()
-    }
-
-    /// What `cfg` runs, as the monitor records it: ids 0.. in configuration order.
-    fn running_for(cfg: &Config) -> std::collections::HashMap<u64, Running> {
-        let pool = &cfg.pools[0];
-        pool.backends
-            .iter()
-            .enumerate()
-            .map(|(bi, b)| {
-                let running = Running {
-                    pool_name: pool.name.clone(),
-                    addr: b.spec.addr,
-                    kind: Kind::Check(b.active_check(pool).unwrap().clone()),
-                    pool: 0,
-                    backend: bi,
-                    task: tokio::spawn(async {}).abort_handle(),
-                };
-                (bi as u64, running)
-            })
-            .collect()
-    }
-
-    /// A reload keeps the checker of every backend whose pool, address and effective check
-    /// are the same, at its new place (reordered, other weight); it starts checkers for new
-    /// backends and for those whose check changed; removed backends' checkers are not kept.
-    #[tokio::test]
-    async fn a_reload_keeps_the_checkers_of_unchanged_backends() {
-        let before = config("\"10.0.0.1:53\", \"10.0.0.2:53\", \"10.0.0.3:53\"");
-        let running = running_for(&before);
-        let after = config(
-            "{ address = \"10.0.0.3:53\", weight = 5 }, \"10.0.0.1:53\", \
-             { address = \"10.0.0.2:53\", health = { port = 5353 } }, \"10.0.0.4:53\"",
-        );
-        assert_eq!(
-            plan_checkers(&running, &after),
-            CheckerPlan {
-                keep: vec![(2, (0, 0)), (0, (0, 1))],
-                start: vec![(0, 2), (0, 3)],
-            }
-        );
-        // Another pool name: other backends, whatever their addresses.
-        let renamed = udplb_config::parse(
-            "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"q\"\n[pools.q]\n\
-             backends = [\"10.0.0.1:53\"]\n[pools.q.health]\ncheck = \"udp\"\ninterval = \"1s\"\n",
-            "test.toml",
-        )
-        .unwrap();
-        assert_eq!(
-            plan_checkers(&running, &renamed),
-            CheckerPlan {
-                keep: vec![],
-                start: vec![(0, 0)],
-            }
-        );
-        // The same configuration again keeps everything where it is.
-        assert_eq!(
-            plan_checkers(&running, &before).keep,
-            vec![(0, (0, 0)), (1, (0, 1)), (2, (0, 2))]
-        );
     }
 }
