@@ -30,8 +30,8 @@ use udplb_core::snapshot::{ListenerSpec, Snapshot};
 use udplb_sys::socket::{ListenerOptions, bind_listener};
 
 pub use stats::{
-    BackendStats, ListenerTotals, WorkerStats, backend_reply_latency, backend_traffic,
-    passive_failures_by_backend, replies_by_backend,
+    BACKEND_COUNTERS, BackendStats, BackendTotals, CounterDef, LISTENER_COUNTERS, ListenerTotals,
+    Total, WorkerStats, backend_reply_latency, passive_failures_by_backend, replies_by_backend,
 };
 
 /// How the data plane is run.

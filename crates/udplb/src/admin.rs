@@ -20,10 +20,8 @@ use axum::Router;
 use axum::extract::State as AxumState;
 use axum::routing::get;
 use serde_json::{Map, Value, json};
-use udplb_core::DropReason;
 use udplb_core::snapshot::Snapshot;
-use udplb_core::verdict::CloseReason;
-use udplb_dataplane::{ListenerTotals, WorkerStats};
+use udplb_dataplane::{BackendTotals, CounterDef, ListenerTotals, Total, WorkerStats};
 
 /// What the admin handlers read.
 pub struct State {
@@ -38,7 +36,7 @@ pub struct State {
     /// Outcome of configuration reloads.
     pub reload: crate::reload::Status,
     /// Where API changes go.
-    pub publisher: tokio::sync::mpsc::Sender<crate::health::Command>,
+    pub publisher: tokio::sync::mpsc::Sender<crate::control::Command>,
     /// Whether the API may change anything.
     pub allow_changes: bool,
     /// The token changes must present, if any.
@@ -251,14 +249,11 @@ async fn within_request_timeout(
     use axum::response::IntoResponse;
     match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => (
-            axum::http::StatusCode::REQUEST_TIMEOUT,
-            axum::Json(json!({ "error": format!(
-                "the request was not complete and answered within {}",
-                humantime::format_duration(REQUEST_TIMEOUT)
-            ) })),
-        )
-            .into_response(),
+        Err(_) => crate::control::Error::RequestTimeout(format!(
+            "the request was not complete and answered within {}",
+            humantime::format_duration(REQUEST_TIMEOUT)
+        ))
+        .into_response(),
     }
 }
 
@@ -294,43 +289,16 @@ pub(crate) fn stats_json(state: &State) -> Value {
         .iter()
         .enumerate()
         .map(|(i, l)| {
-            let t = ListenerTotals::sum(&state.stats, i);
-            let drops: Map<String, Value> = DropReason::ALL
-                .iter()
-                .map(|r| (r.name().to_string(), json!(t.drops[r.index()])))
-                .collect();
-            let closed: Map<String, Value> = CloseReason::ALL
-                .iter()
-                .map(|r| (r.name().to_string(), json!(t.flows_closed[r.index()])))
-                .collect();
-            json!({
+            let mut listener = json!({
                 "name": l.name,
                 "address": l.address.to_string(),
                 "pool": snap.pools[l.pool].name,
                 "mode": l.mode.name(),
-                "datagrams_in": t.datagrams_in,
-                "bytes_in": t.bytes_in,
-                "forwarded": t.forwarded,
-                "bytes_forwarded": t.bytes_forwarded,
-                "replies_in": t.replies_in,
-                "replies_out": t.replies_out,
-                "bytes_out": t.bytes_out,
-                "backend_refused": t.backend_refused,
-                "reply_timeouts": t.reply_timeouts,
-                "abuse_diverted": t.abuse_diverted,
-                "drops": drops,
-                "late_replies": t.late_replies,
-                "gro_trains": t.gro_trains,
-                "kernel_drops": t.kernel_drops,
-                "flows": {
-                    "live": t.flows_live,
-                    "created": t.flows_created,
-                    "closed": closed,
-                    "sockets_reused": t.sockets_reused,
-                    "rebalanced": t.flows_rebalanced,
-                    "shared_sockets": t.shared_sockets,
-                },
-            })
+            });
+            if let Value::Object(m) = &mut listener {
+                put_counters(m, ListenerTotals::sum(&state.stats, i).values());
+            }
+            listener
         })
         .collect();
     let rxq_overflow: u64 = (0..snap.listeners.len())
@@ -350,6 +318,41 @@ pub(crate) fn stats_json(state: &State) -> Value {
             "connections_refused": state.connections.refused.load(Ordering::Relaxed),
         },
     })
+}
+
+/// Puts each counter at its place ([`udplb_dataplane::CounterDef::json`]) in `object`: a
+/// number, or an object of one number per reason.
+fn put_counters(object: &mut Map<String, Value>, totals: Vec<(&'static CounterDef, Total)>) {
+    for (def, total) in totals {
+        let value = match total {
+            Total::One(n) => json!(n),
+            Total::PerReason(values) => Value::Object(
+                values
+                    .into_iter()
+                    .map(|(reason, n)| (reason.to_string(), json!(n)))
+                    .collect(),
+            ),
+        };
+        put(object, def.json, value);
+    }
+}
+
+/// Puts `value` at `path` in `object`: a key, or `outer.key` for a key of the object `outer`
+/// (made if missing).
+fn put(object: &mut Map<String, Value>, path: &str, value: Value) {
+    match path.split_once('.') {
+        Some((outer, rest)) => {
+            if let Value::Object(inner) = object
+                .entry(outer)
+                .or_insert_with(|| Value::Object(Map::new()))
+            {
+                put(inner, rest, value);
+            }
+        }
+        None => {
+            object.insert(path.to_string(), value);
+        }
+    }
 }
 
 /// Each pool's backends: health, check counters, and whether new flows may go there.
@@ -378,12 +381,8 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
                             json!(format!("{:?}", b.admin).to_lowercase()),
                         );
                         m.insert("in_rotation".into(), json!(pool.tier.contains(bi)));
-                        let (f, fb, r, rb) =
-                            udplb_dataplane::backend_traffic(&state.stats, b.id.index());
-                        m.insert("forwarded".into(), json!(f));
-                        m.insert("bytes_forwarded".into(), json!(fb));
-                        m.insert("replies".into(), json!(r));
-                        m.insert("bytes_replied".into(), json!(rb));
+                        let traffic = BackendTotals::sum(&state.stats, b.id.index());
+                        put_counters(m, traffic.values());
                     }
                     v
                 })
@@ -512,5 +511,83 @@ mod reserve_tests {
         // A limit too small for them: at most half of it is kept.
         assert_eq!(descriptor_reserve(256, &many), 128);
         assert!(!connection_cap(128, &many).1);
+    }
+}
+
+#[cfg(test)]
+mod counter_json_tests {
+    use super::*;
+
+    /// A listener's counters in `/stats`: every key where it has always been, the flow
+    /// figures under `flows`, the per-reason ones as objects.
+    #[test]
+    fn listener_counters_keep_their_keys_and_shape() {
+        let mut t = ListenerTotals {
+            flows_live: 3,
+            sockets_reused: 4,
+            ..Default::default()
+        };
+        t.drops[udplb_core::DropReason::Denied.index()] = 5;
+        let mut m = Map::new();
+        put_counters(&mut m, t.values());
+        let drops: Map<String, Value> = udplb_core::DropReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    r.name().to_string(),
+                    json!(u64::from(r.name() == "denied") * 5),
+                )
+            })
+            .collect();
+        assert_eq!(
+            Value::Object(m),
+            json!({
+                "datagrams_in": 0,
+                "bytes_in": 0,
+                "forwarded": 0,
+                "bytes_forwarded": 0,
+                "replies_in": 0,
+                "replies_out": 0,
+                "bytes_out": 0,
+                "backend_refused": 0,
+                "reply_timeouts": 0,
+                "abuse_diverted": 0,
+                "drops": drops,
+                "late_replies": 0,
+                "gro_trains": 0,
+                "kernel_drops": 0,
+                "flows": {
+                    "live": 3,
+                    "created": 0,
+                    "closed": {
+                        "idle": 0,
+                        "completed": 0,
+                        "backend_gone": 0,
+                        "error": 0,
+                        "shutdown": 0,
+                    },
+                    "sockets_reused": 4,
+                    "rebalanced": 0,
+                    "shared_sockets": 0,
+                },
+            })
+        );
+    }
+
+    /// A backend's traffic counters in `/stats`, next to its health.
+    #[test]
+    fn backend_counters_keep_their_keys() {
+        let t = BackendTotals {
+            forwarded: 1,
+            bytes_forwarded: 2,
+            replies: 3,
+            bytes_replied: 4,
+        };
+        let mut m = Map::new();
+        put_counters(&mut m, t.values());
+        assert_eq!(
+            Value::Object(m),
+            json!({ "forwarded": 1, "bytes_forwarded": 2, "replies": 3, "bytes_replied": 4 })
+        );
     }
 }

@@ -2,9 +2,10 @@
 //! weight, drain/enable/disable, reload) only by POST/PUT/DELETE and only when the config says
 //! `[admin] allow_changes = true`. Documented in docs/api.md.
 //!
-//! Owns: the HTTP shape of each call and its errors. Must not: change state itself; every
-//! change goes to the publisher ([`crate::health::Monitor`]) as an edit of the running
-//! configuration, validated like a file.
+//! Owns: the HTTP shape of each call, and which [`Error`] each refusal is (their statuses are
+//! [`Error::status`]'s alone). Must not: change state itself; every change goes to the
+//! publisher ([`crate::control::Publisher`]) as an edit of the running configuration,
+//! validated like a file.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,8 +16,7 @@ use axum::extract::{
     DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State as AxumState,
 };
 use axum::http::request::Parts;
-use axum::http::{Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::http::{Method, Uri};
 use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -26,7 +26,7 @@ use udplb_core::BackendSpec;
 use udplb_core::snapshot::AdminState;
 
 use crate::admin::State;
-use crate::health::{Change, Command};
+use crate::control::{Change, Command, Error};
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 16 * 1024;
@@ -65,49 +65,30 @@ pub fn routes() -> axum::Router<Arc<State>> {
         .fallback(not_found)
 }
 
-/// An error answer: `{"error": "..."}` with a status.
-struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.0, Json(json!({ "error": self.1 }))).into_response();
-        if self.0 == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
-        }
-        response
-    }
+async fn not_found(uri: Uri) -> Error {
+    Error::NotFound(format!("no such path: {} (see docs/api.md)", uri.path()))
 }
 
-async fn not_found(uri: Uri) -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        format!("no such path: {} (see docs/api.md)", uri.path()),
-    )
-}
-
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!(
-            "{method} is not allowed on {} (see the Allow header)",
-            uri.path()
-        ),
-    )
+async fn method_not_allowed(method: Method, uri: Uri) -> Error {
+    Error::MethodNotAllowed(format!(
+        "{method} is not allowed on {} (see the Allow header)",
+        uri.path()
+    ))
 }
 
 /// [`Json`], rejecting with a JSON error (413, 415, 400, 422) instead of axum's text.
 struct ApiJson<T>(T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, Error> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(r) => Err(ApiError(r.status(), r.body_text())),
+            Err(r) => Err(Error::Unreadable {
+                status: r.status(),
+                message: r.body_text(),
+            }),
         }
     }
 }
@@ -116,12 +97,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 struct ApiPath<T>(T);
 
 impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
         match Path::<T>::from_request_parts(parts, state).await {
             Ok(Path(value)) => Ok(ApiPath(value)),
-            Err(r) => Err(ApiError(r.status(), r.body_text())),
+            Err(r) => Err(Error::Unreadable {
+                status: r.status(),
+                message: r.body_text(),
+            }),
         }
     }
 }
@@ -130,17 +114,20 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
 struct ApiQuery<T>(T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
         match Query::<T>::from_request_parts(parts, state).await {
             Ok(Query(value)) => Ok(ApiQuery(value)),
-            Err(r) => Err(ApiError(r.status(), r.body_text())),
+            Err(r) => Err(Error::Unreadable {
+                status: r.status(),
+                message: r.body_text(),
+            }),
         }
     }
 }
 
-type ApiResult = Result<Json<Value>, ApiError>;
+type ApiResult = Result<Json<Value>, Error>;
 
 async fn status(AxumState(state): AxumState<Arc<State>>) -> Json<Value> {
     Json(crate::admin::stats_json(&state))
@@ -168,20 +155,13 @@ async fn explain(
         Some(name) => snap.listeners.iter().position(|l| &l.name == name),
         None => (snap.listeners.len() == 1).then_some(0),
     }
-    .ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            "no such listener (name it with ?listener=)".into(),
-        )
-    })?;
+    .ok_or_else(|| Error::NotFound("no such listener (name it with ?listener=)".into()))?;
     Ok(Json(crate::admin::explain_json(&snap, li, q.client)))
 }
 
 async fn reload(_: Writable, AxumState(state): AxumState<Arc<State>>) -> ApiResult {
     let mut reloader = state.reloader.lock().await;
-    if let Err(why) = reloader.reload().await {
-        return Err(ApiError(StatusCode::UNPROCESSABLE_ENTITY, why));
-    }
+    reloader.reload().await.map_err(Error::ReloadFailed)?;
     Ok(Json(
         json!({ "reloaded": true, "generation": state.shared.load().generation }),
     ))
@@ -198,7 +178,7 @@ struct LogLevel {
 }
 
 async fn set_log_level(_: Writable, ApiJson(l): ApiJson<LogLevel>) -> ApiResult {
-    crate::logging::set_level(&l.level).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    crate::logging::set_level(&l.level).map_err(Error::Invalid)?;
     Ok(Json(json!({ "level": crate::logging::level() })))
 }
 
@@ -229,10 +209,9 @@ async fn add_backend(
         Some("draining") => AdminState::Draining,
         Some("disabled") => AdminState::Disabled,
         Some(other) => {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("state {other:?}: enabled, draining or disabled"),
-            ));
+            return Err(Error::Invalid(format!(
+                "state {other:?}: enabled, draining or disabled"
+            )));
         }
     };
     let spec = BackendSpec {
@@ -246,7 +225,10 @@ async fn add_backend(
         Box::new(move |cfg: &mut Config| {
             let pool = pool_mut(cfg, &pool)?;
             if pool.backends.iter().any(|x| x.spec.addr == spec.addr) {
-                return Err(format!("{} is already in pool {}", spec.addr, pool.name));
+                return Err(Error::Conflict(format!(
+                    "{} is already in pool {}",
+                    spec.addr, pool.name
+                )));
             }
             pool.backends.push(BackendConfig {
                 spec,
@@ -340,7 +322,7 @@ async fn edit_backend(
                 .backends
                 .iter_mut()
                 .find(|b| b.spec.addr == addr)
-                .ok_or_else(|| format!("no backend {addr} in pool {name}"))?;
+                .ok_or_else(|| Error::Conflict(format!("no backend {addr} in pool {name}")))?;
             Ok(edit(b))
         }),
     )
@@ -355,17 +337,14 @@ async fn change(state: &State, _allowed: Writable, change: Change) -> ApiResult 
         .publisher
         .send(Command::Change(change, reply))
         .await
-        .map_err(|_| ApiError(StatusCode::SERVICE_UNAVAILABLE, "udplb is stopping".into()))?;
-    match tokio::time::timeout(CHANGE_TIMEOUT, outcome).await {
-        Ok(Ok(Ok(changed))) => Ok(Json(
-            json!({ "changed": changed, "generation": state.shared.load().generation }),
-        )),
-        Ok(Ok(Err(e))) => Err(ApiError(StatusCode::CONFLICT, e)),
-        _ => Err(ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the change was not applied in time".into(),
-        )),
-    }
+        .map_err(|_| Error::Stopping)?;
+    let changed = match tokio::time::timeout(CHANGE_TIMEOUT, outcome).await {
+        Ok(Ok(outcome)) => outcome?,
+        _ => return Err(Error::Timeout),
+    };
+    Ok(Json(
+        json!({ "changed": changed, "generation": state.shared.load().generation }),
+    ))
 }
 
 /// The permission to change: every change handler takes it as its first extractor, so it is
@@ -375,12 +354,11 @@ async fn change(state: &State, _allowed: Writable, change: Change) -> ApiResult 
 struct Writable;
 
 impl FromRequestParts<Arc<State>> for Writable {
-    type Rejection = ApiError;
+    type Rejection = Error;
 
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<State>) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<State>) -> Result<Self, Error> {
         if !state.allow_changes {
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
+            return Err(Error::Forbidden(
                 "the admin API is read-only: set allow_changes = true in [admin] (or --admin-allow-changes)".into(),
             ));
         }
@@ -393,33 +371,29 @@ impl FromRequestParts<Arc<State>> for Writable {
             .and_then(|v| crate::token::bearer(v.as_bytes()));
         match given {
             Some(given) if token.matches(given) => Ok(Writable),
-            Some(_) => Err(ApiError(
-                StatusCode::UNAUTHORIZED,
+            Some(_) => Err(Error::Unauthorized(
                 "wrong token in the Authorization header".into(),
             )),
-            None => Err(ApiError(
-                StatusCode::UNAUTHORIZED,
+            None => Err(Error::Unauthorized(
                 "changes need the admin token: Authorization: Bearer TOKEN (udplb ctl --token-file)".into(),
             )),
         }
     }
 }
 
+/// Pool `name` of `cfg`; one that is not there is a conflict with the running configuration,
+/// like any change it cannot take.
 fn pool_mut<'a>(
     cfg: &'a mut Config,
     name: &str,
-) -> Result<&'a mut udplb_config::PoolConfig, String> {
+) -> Result<&'a mut udplb_config::PoolConfig, Error> {
     cfg.pools
         .iter_mut()
         .find(|p| p.name == name)
-        .ok_or_else(|| format!("no pool named {name:?}"))
+        .ok_or_else(|| Error::Conflict(format!("no pool named {name:?}")))
 }
 
-fn parse_addr(s: &str) -> Result<SocketAddr, ApiError> {
-    s.parse().map_err(|_| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("{s:?} is not an ip:port address"),
-        )
-    })
+fn parse_addr(s: &str) -> Result<SocketAddr, Error> {
+    s.parse()
+        .map_err(|_| Error::Invalid(format!("{s:?} is not an ip:port address")))
 }

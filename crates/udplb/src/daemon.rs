@@ -3,9 +3,10 @@
 //!
 //! Owns: the process lifecycle and the threads of the control plane, each with its own tokio
 //! runtime so that none can stall another: `udplb-health` (the health monitor, its checkers and
-//! notify hooks: the only publisher of snapshots), `udplb-admin` (the admin endpoint) and the
-//! main thread (signals and reloads, whose file reads run on a blocking thread with a
-//! timeout). The data plane runs on its own plain threads and never waits for any of them.
+//! notify hooks, and the only publisher of snapshots: [`control::run`]), `udplb-admin` (the
+//! admin endpoint) and the main thread (signals and reloads, whose file reads run on a blocking
+//! thread with a timeout). The data plane runs on its own plain threads and never waits for
+//! any of them.
 //! Must not: touch datagrams.
 
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, health, privileges, reload, systemd};
+use crate::{admin, control, health, privileges, reload, systemd};
 
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file.
 pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
@@ -112,13 +113,8 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let cfg = Arc::new(cfg);
     let (configs, running_config) = tokio::sync::watch::channel(Arc::clone(&cfg));
-    let monitor = health::Monitor::new(
-        Arc::clone(&cfg),
-        trackers,
-        Arc::clone(&shared),
-        dataplane.stats().to_vec(),
-        configs,
-    );
+    let monitor = health::Monitor::new(Arc::clone(&cfg), trackers, dataplane.stats().to_vec());
+    let control = control::Publisher::new(Arc::clone(&cfg), Arc::clone(&shared), configs);
     let reload_status = reload::started();
     let (publisher, commands) = tokio::sync::mpsc::channel(4);
     let reloader = Arc::new(tokio::sync::Mutex::new(reload::Reloader::new(
@@ -142,7 +138,9 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     // A control thread that ends (a panic) ends udplb, rather than leaving it serving without
     // health checks or without its admin endpoint.
     let (ended, mut thread_ended) = tokio::sync::mpsc::unbounded_channel();
-    spawn_control_thread("udplb-health", ended.clone(), move || monitor.run(commands))?;
+    spawn_control_thread("udplb-health", ended.clone(), move || {
+        control::run(control, monitor, commands)
+    })?;
     if let Some(listener) = admin_listener {
         let state = Arc::clone(&state);
         spawn_control_thread("udplb-admin", ended, move || {
@@ -168,7 +166,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         // Graceful stop: no new flows, established ones served until they end or the grace
         // period is over (a second signal stops at once).
         systemd::stopping();
-        let _ = publisher.send(health::Command::StopAdmitting).await;
+        let _ = publisher.send(control::Command::StopAdmitting).await;
         if let Some(name) = failure {
             anyhow::bail!("the {name} thread stopped");
         }

@@ -9,6 +9,7 @@ mod admin;
 mod api;
 mod cli;
 mod config_file;
+mod control;
 mod ctl;
 mod daemon;
 mod health;

@@ -1,7 +1,9 @@
 //! Prometheus `/metrics`: every counter udplb keeps, in the text exposition format, with the
 //! `udplb_` prefix, `_total` counters and base units.
 //!
-//! Owns: metric names, help texts and labels (listed in docs/metrics.md). Values are read at
+//! Owns: metric names, help texts and labels (listed in docs/metrics.md), but for the
+//! per-listener and per-backend counters, named once with their fields in
+//! [`udplb_dataplane::stats`] and exported here as they are defined there. Values are read at
 //! scrape time: the workers' single-writer counters are summed here, so the data path never
 //! touches a shared atomic for metrics. Must not: keep state of its own or lock anything the
 //! data plane takes (the health status mutex belongs to the control plane).
@@ -14,10 +16,11 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use udplb_core::DropReason;
 use udplb_core::latency::Histogram;
-use udplb_core::verdict::CloseReason;
-use udplb_dataplane::ListenerTotals;
+use udplb_dataplane::stats::{Kind, Unit as CountUnit};
+use udplb_dataplane::{
+    BACKEND_COUNTERS, BackendTotals, CounterDef, LISTENER_COUNTERS, ListenerTotals, Total,
+};
 
 use crate::admin::State;
 
@@ -163,113 +166,70 @@ impl Collector for Udplb {
     }
 }
 
+/// The family of counter `def`, without values: its exported name split as prometheus-client
+/// composes it (prefix, name, unit, `_total`).
+fn family_of(def: &'static CounterDef) -> Family<'static> {
+    let name = def.metric.strip_prefix("udplb_").unwrap_or(def.metric);
+    let name = match def.kind {
+        Kind::Counter => name.strip_suffix("_total").unwrap_or(name),
+        Kind::Gauge => name,
+    };
+    let name = match def.unit {
+        CountUnit::Bytes => name.strip_suffix("_bytes").unwrap_or(name),
+        CountUnit::Count => name,
+    };
+    let family = match def.kind {
+        Kind::Counter => Family::counter(name, def.help),
+        Kind::Gauge => Family::gauge(name, def.help),
+    };
+    match def.unit {
+        CountUnit::Bytes => family.bytes(),
+        CountUnit::Count => family,
+    }
+}
+
+/// Adds `totals`, one per family of `families` (made by [`family_of`] from the same table, in
+/// the same order), with `labels`.
+fn add_totals<'a>(
+    families: &mut [Family<'a>],
+    totals: Vec<(&'static CounterDef, Total)>,
+    labels: impl Fn() -> Labels<'a>,
+) {
+    for (family, (def, total)) in families.iter_mut().zip(totals) {
+        match total {
+            Total::One(n) => family.add(labels(), n as f64),
+            Total::PerReason(values) => {
+                for (reason, n) in values {
+                    let mut l = labels();
+                    l.push((def.label.unwrap_or("reason"), Cow::Borrowed(reason)));
+                    family.add(l, n as f64);
+                }
+            }
+        }
+    }
+}
+
+/// Per-listener families: every counter of [`LISTENER_COUNTERS`], and each listener's flow cap.
 fn listener_families(state: &State) -> Vec<Family<'static>> {
     let snap = state.shared.load();
-    let mut f_in = Family::counter("datagrams_received", "Datagrams received from clients");
-    let mut f_in_bytes = Family::counter("received", "Payload bytes received from clients").bytes();
-    let mut f_fwd = Family::counter("datagrams_forwarded", "Datagrams sent to backends");
-    let mut f_fwd_bytes = Family::counter("forwarded", "Payload bytes sent to backends").bytes();
-    let mut f_rep_in = Family::counter("replies_received", "Datagrams received from backends");
-    let mut f_rep_out = Family::counter("replies_sent", "Replies sent to clients");
-    let mut f_rep_bytes =
-        Family::counter("replied", "Payload bytes of replies sent to clients").bytes();
-    let mut f_drops = Family::counter("drops", "Datagrams dropped, by reason");
-    let mut f_active = Family::gauge("flows_active", "Live flows");
-    let mut f_cap = Family::gauge("flow_capacity", "Flow cap of the listener over all workers");
-    let mut f_created = Family::counter("flows_created", "Flows created");
-    let mut f_closed = Family::counter("flows_closed", "Flows closed, by reason");
-    let mut f_refused = Family::counter(
-        "backend_refused",
-        "Datagrams refused by backends (ICMP port, host or network unreachable)",
-    );
-    let mut f_timeouts = Family::counter(
-        "reply_timeouts",
-        "Requests a backend left unanswered for the reply timeout (request-response mode)",
-    );
-    let mut f_abuse = Family::counter(
-        "abuse_diverted",
-        "Datagrams of refused clients sent to the listener's abuse pool",
-    );
-    let mut f_reused = Family::counter(
-        "upstream_sockets_reused",
-        "Request-response flows opened on the spare socket of a completed flow",
-    );
-    let mut f_late = Family::counter(
-        "late_replies",
-        "Replies that came for a flow no longer there (completed or closed), discarded",
-    );
-    let mut f_shared = Family::gauge(
-        "upstream_shared_sockets",
-        "Upstream sockets shared by flows (listeners with shared_upstream)",
-    );
-    let mut f_trains = Family::counter(
-        "gro_trains",
-        "Trains of datagrams received as one (listeners with gro)",
-    );
-    let mut f_rebalanced = Family::counter(
-        "flows_rebalanced",
-        "Flows displaced by a failure moved back into balance once their pool was whole",
-    );
-    let mut f_kernel_drops = Family::counter(
-        "kernel_receive_queue_drops",
-        "Datagrams the kernel dropped on full listener sockets, summed over the workers' sockets",
-    );
+    let mut counters: Vec<Family> = LISTENER_COUNTERS.iter().map(family_of).collect();
+    let mut capacity = Family::gauge("flow_capacity", "Flow cap of the listener over all workers");
     for (i, l) in snap.listeners.iter().enumerate() {
-        let t = ListenerTotals::sum(&state.stats, i);
         let name = || vec![("listener", Cow::Owned(l.name.clone()))];
-        f_in.add(name(), t.datagrams_in as f64);
-        f_in_bytes.add(name(), t.bytes_in as f64);
-        f_fwd.add(name(), t.forwarded as f64);
-        f_fwd_bytes.add(name(), t.bytes_forwarded as f64);
-        f_rep_in.add(name(), t.replies_in as f64);
-        f_rep_out.add(name(), t.replies_out as f64);
-        f_rep_bytes.add(name(), t.bytes_out as f64);
-        for r in DropReason::ALL {
-            let mut labels = name();
-            labels.push(("reason", Cow::Borrowed(r.name())));
-            f_drops.add(labels, t.drops[r.index()] as f64);
-        }
-        f_active.add(name(), t.flows_live as f64);
-        f_cap.add(name(), l.max_flows);
-        f_created.add(name(), t.flows_created as f64);
-        for r in CloseReason::ALL {
-            let mut labels = name();
-            labels.push(("reason", Cow::Borrowed(r.name())));
-            f_closed.add(labels, t.flows_closed[r.index()] as f64);
-        }
-        f_refused.add(name(), t.backend_refused as f64);
-        f_timeouts.add(name(), t.reply_timeouts as f64);
-        f_abuse.add(name(), t.abuse_diverted as f64);
-        f_reused.add(name(), t.sockets_reused as f64);
-        f_late.add(name(), t.late_replies as f64);
-        f_shared.add(name(), t.shared_sockets as f64);
-        f_trains.add(name(), t.gro_trains as f64);
-        f_kernel_drops.add(name(), t.kernel_drops as f64);
-        f_rebalanced.add(name(), t.flows_rebalanced as f64);
+        add_totals(
+            &mut counters,
+            ListenerTotals::sum(&state.stats, i).values(),
+            name,
+        );
+        capacity.add(name(), l.max_flows);
     }
-    vec![
-        f_in,
-        f_in_bytes,
-        f_fwd,
-        f_fwd_bytes,
-        f_rep_in,
-        f_rep_out,
-        f_rep_bytes,
-        f_drops,
-        f_active,
-        f_cap,
-        f_created,
-        f_closed,
-        f_refused,
-        f_timeouts,
-        f_abuse,
-        f_reused,
-        f_late,
-        f_trains,
-        f_shared,
-        f_kernel_drops,
-        f_rebalanced,
-    ]
+    // Next to the live flows it caps.
+    let at = LISTENER_COUNTERS
+        .iter()
+        .position(|d| d.field == "flows_live")
+        .map_or(counters.len(), |i| i + 1);
+    counters.insert(at, capacity);
+    counters
 }
 
 /// Per-backend families: gauges and counters, and the histograms of reply latency
@@ -304,18 +264,7 @@ fn backend_families(state: &State) -> (Vec<Family<'static>>, [HistogramFamily<'s
         "Duration of the last active check",
     )
     .seconds();
-    let mut fwd = Family::counter(
-        "backend_datagrams_forwarded",
-        "Datagrams sent to the backend",
-    );
-    let mut fwd_bytes =
-        Family::counter("backend_forwarded", "Payload bytes sent to the backend").bytes();
-    let mut rep = Family::counter(
-        "backend_replies_received",
-        "Datagrams received from the backend",
-    );
-    let mut rep_bytes =
-        Family::counter("backend_replied", "Payload bytes received from the backend").bytes();
+    let mut traffic: Vec<Family> = BACKEND_COUNTERS.iter().map(family_of).collect();
     let mut reply_latency = HistogramFamily::new(
         "backend_reply_latency",
         "Request-response mode: time from a flow's first request to its first reply",
@@ -343,11 +292,11 @@ fn backend_families(state: &State) -> (Vec<Family<'static>>, [HistogramFamily<'s
                 admin.add(l, u8::from(b.admin == st));
             }
             weight.add(labels(), b.spec.weight);
-            let (f, fb, r, rb) = udplb_dataplane::backend_traffic(&state.stats, b.id.index());
-            fwd.add(labels(), f as f64);
-            fwd_bytes.add(labels(), fb as f64);
-            rep.add(labels(), r as f64);
-            rep_bytes.add(labels(), rb as f64);
+            add_totals(
+                &mut traffic,
+                BackendTotals::sum(&state.stats, b.id.index()).values(),
+                labels,
+            );
             if let Some(h) = udplb_dataplane::backend_reply_latency(&state.stats, b.id.index()) {
                 reply_latency.values.push((labels(), h));
             }
@@ -373,12 +322,11 @@ fn backend_families(state: &State) -> (Vec<Family<'static>>, [HistogramFamily<'s
             }
         }
     }
-    (
-        vec![
-            up, rotation, admin, weight, checks, passive, last, fwd, fwd_bytes, rep, rep_bytes,
-        ],
-        [reply_latency, check_duration],
-    )
+    let families = [up, rotation, admin, weight, checks, passive, last]
+        .into_iter()
+        .chain(traffic)
+        .collect();
+    (families, [reply_latency, check_duration])
 }
 
 fn reload_families(state: &State) -> Vec<Family<'static>> {
@@ -437,4 +385,132 @@ fn process_families() -> Vec<Family<'static>> {
         out.push(f);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Families for tests, encoded like the real collector's.
+    struct Families(Vec<Family<'static>>);
+
+    impl fmt::Debug for Families {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("test families")
+        }
+    }
+
+    impl Collector for Families {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+            self.0.iter().try_for_each(|f| f.encode(&mut encoder))
+        }
+    }
+
+    fn tables() -> impl Iterator<Item = &'static CounterDef> {
+        LISTENER_COUNTERS.iter().chain(BACKEND_COUNTERS)
+    }
+
+    /// Every counter of the tables comes out under the metric name its definition gives
+    /// (prefix, unit and `_total` as prometheus-client composes them), with its kind and help.
+    #[test]
+    fn every_counter_is_exported_under_its_defined_name() {
+        let mut families: Vec<Family> = tables().map(family_of).collect();
+        for (family, def) in families.iter_mut().zip(tables()) {
+            let mut labels = vec![("listener", Cow::Borrowed("l"))];
+            if let Some(label) = def.label {
+                labels.push((label, Cow::Borrowed("r")));
+            }
+            family.add(labels, 1.0);
+        }
+        let mut registry = Registry::with_prefix("udplb");
+        registry.register_collector(Box::new(Families(families)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for def in tables() {
+            let (family, kind) = match def.kind {
+                Kind::Counter => (def.metric.strip_suffix("_total").unwrap(), "counter"),
+                Kind::Gauge => (def.metric, "gauge"),
+            };
+            assert!(
+                text.contains(&format!("# TYPE {family} {kind}\n")),
+                "{}: no {kind} {family} in\n{text}",
+                def.field
+            );
+            assert!(
+                text.contains(&format!("# HELP {family} {}\n", def.help)),
+                "{}: help\n{text}",
+                def.field
+            );
+            assert!(
+                text.contains(&format!("\n{}{{listener=\"l\"", def.metric)),
+                "{}: no sample of {} in\n{text}",
+                def.field,
+                def.metric
+            );
+        }
+    }
+
+    /// The rows of docs/metrics.md's tables: metric name (first column) to the section it is
+    /// in, its type and its meaning.
+    fn documented() -> std::collections::HashMap<String, (String, String, String)> {
+        let docs = include_str!("../../../docs/metrics.md");
+        let mut section = String::new();
+        let mut rows = std::collections::HashMap::new();
+        for line in docs.lines() {
+            if let Some(title) = line.strip_prefix("## ") {
+                section = title.to_string();
+                continue;
+            }
+            let cells: Vec<&str> = line
+                .strip_prefix('|')
+                .map(|l| l.split('|').map(str::trim).collect())
+                .unwrap_or_default();
+            if let [name, kind, meaning, ..] = cells[..] {
+                let name = name.trim_matches('`');
+                if name.starts_with("udplb_") {
+                    let row = (section.clone(), kind.to_string(), meaning.to_string());
+                    rows.insert(name.to_string(), row);
+                }
+            }
+        }
+        rows
+    }
+
+    /// docs/metrics.md has a row for every counter the tables define, in the section of its
+    /// labels, with its type and the label that tells its values apart: the docs cannot drift
+    /// from what is exported.
+    #[test]
+    fn docs_have_a_row_for_every_counter() {
+        let rows = documented();
+        for (table, section) in [
+            (LISTENER_COUNTERS, "Per listener"),
+            (BACKEND_COUNTERS, "Per backend"),
+        ] {
+            for def in table {
+                let Some((in_section, kind, meaning)) = rows.get(def.metric) else {
+                    panic!(
+                        "docs/metrics.md has no row for {} ({})",
+                        def.metric, def.field
+                    );
+                };
+                assert!(
+                    in_section.starts_with(section),
+                    "{} is documented under {in_section:?}, not {section:?}",
+                    def.metric
+                );
+                let expected = match def.kind {
+                    Kind::Counter => "counter",
+                    Kind::Gauge => "gauge",
+                };
+                assert_eq!(kind, expected, "docs/metrics.md: type of {}", def.metric);
+                if let Some(label) = def.label {
+                    assert!(
+                        meaning.contains(&format!("label `{label}`")),
+                        "docs/metrics.md: {} does not name its label {label}",
+                        def.metric
+                    );
+                }
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! Reloading the configuration file (SIGHUP): read, validate, check it can be applied to the
-//! running process, and hand it to the publisher ([`crate::health::Monitor`]), which swaps the
+//! running process, and hand it to the publisher ([`crate::control::Publisher`]), which swaps the
 //! snapshot. A file that fails keeps the running configuration and is reported.
 //!
 //! Owns: the reload outcome counters shown in `/stats` and `/metrics`. Must not: publish
@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use udplb_config::{Admin, Config, ListenerConfig};
 
-use crate::health::Command;
+use crate::control::Command;
 use crate::{config_file, preflight};
 
 /// How long the publisher may take to put a reloaded configuration in force.

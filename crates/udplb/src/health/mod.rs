@@ -1,5 +1,6 @@
 //! Health checking: active checks per backend, passive signals from the data plane, and the
-//! resulting up/down state published to the workers through the same snapshot swap as config.
+//! resulting up/down state, which the publisher ([`crate::control::Publisher`]) puts in the
+//! snapshots the workers read.
 //!
 //! Every backend is watched passively (refused datagrams, unanswered requests, replies), with
 //! or without an active check: a backend that fails real traffic `passive_fall` times in a row
@@ -7,269 +8,70 @@
 //! there is one, brings it back after the hold-down; without one, a recovery probe does (an
 //! empty datagram that must not be refused).
 //!
-//! Owns: one checker task per actively checked backend ([`probe`]), the recovery probes, the
-//! [`Monitor`] that turns results into state with [`udplb_core::health::Tracker`] and pool
-//! quorum, the notify hooks ([`notify`]) and the per-backend check counters the admin endpoint
-//! shows.
-//! Must not: touch datagrams or block the data plane; logs only on state flips.
+//! Owns: one checker task per actively checked backend and their schedule across reloads
+//! ([`schedule`]; the checks themselves in [`probe`], [`dns`], [`http`]), the recovery probes,
+//! the [`Monitor`] that turns results and passive signals into state with
+//! [`udplb_core::health::Tracker`] and pool quorum ([`state`]: it keeps the trackers, as every
+//! result reads and writes them), the notify hooks ([`notify`]) and the per-backend check
+//! counters the admin endpoint shows. Each flip is reported at once to the publisher
+//! ([`Publish`]) with a read-only view of the state ([`HealthAt`]).
+//! Must not: touch datagrams or block the data plane; publish snapshots or change the
+//! configuration (it is handed each new one, [`Monitor::reconfigure`]); logs only on state
+//! flips.
 
 mod dns;
 mod http;
 mod notify;
 mod probe;
+mod schedule;
+mod state;
 
-use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use tokio::sync::mpsc;
-use udplb_config::{Config, HealthCheck};
+use udplb_config::Config;
 use udplb_core::Time;
-use udplb_core::health::{Health, Initial, Passive, QuorumState, Tracker};
+use udplb_core::health::{Health, Passive, QuorumState, Tracker};
 use udplb_core::snapshot::Snapshot;
 use udplb_dataplane::WorkerStats;
 
-use crate::plan::{HealthView, snapshot_of};
+use crate::plan::HealthView;
 use notify::Event;
+pub use schedule::CheckResult;
+use schedule::{Checker, Judged, Kind, Running, plan_checkers};
+pub use state::{BackendStatus, HealthAt, Status, Trackers};
+use state::{fresh_status, unchecked_as_reported};
 
 /// How often passive signals (refused datagrams, unanswered requests, replies) are collected
-/// from the workers, and recovery probes started.
-const PASSIVE_POLL: Duration = Duration::from_millis(100);
+/// from the workers, and recovery probes started ([`Monitor::poll`]).
+pub const POLL: Duration = Duration::from_millis(100);
 
-/// What the admin endpoint shows of one backend's health.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct BackendStatus {
-    pub address: String,
-    pub healthy: bool,
-    pub checks_ok: u64,
-    pub checks_failed: u64,
-    /// Checks (and recovery probes) udplb could not make for lack of descriptors, buffers or
-    /// memory: neither passed nor failed, they change nothing.
-    pub checks_unknown: u64,
-    pub passive_failures: u64,
-    /// Passive ejections in a row; the backend is held down for 1 s, 2 s, 4 s, ... (at most
-    /// 60 s) after each.
-    pub passive_ejections: u64,
-    pub last_check_us: Option<u64>,
-    pub last_error: Option<String>,
-    /// Why the last check counted as unknown could not be made.
-    pub last_unknown: Option<String>,
-    /// Durations of every active check (exported in /metrics, not in the JSON status).
-    #[serde(skip)]
-    pub check_latency: udplb_core::latency::Histogram,
+/// Where health reports a flip: the publisher, which publishes a snapshot with the view it is
+/// given at once (before the notify hook runs), and whose snapshot tells backend ids.
+pub trait Publish {
+    /// Publishes a snapshot with `health`.
+    fn publish(&self, health: &dyn HealthView);
+
+    /// The snapshot published last.
+    fn published(&self) -> Arc<Snapshot>;
 }
 
-/// Health of every pool's backends, for the admin endpoint.
-pub type Status = Arc<Mutex<Vec<Vec<BackendStatus>>>>;
-
-/// Backend state by pool and backend index, for every backend (actively checked or not).
-pub struct Trackers(Vec<Vec<Tracker>>);
-
-impl Trackers {
-    /// Every backend in its initial state: actively checked ones as configured (down until
-    /// the first check passes, by default), the others up.
-    pub fn initial(cfg: &Config) -> Trackers {
-        Trackers(
-            cfg.pools
-                .iter()
-                .map(|p| {
-                    p.backends
-                        .iter()
-                        .map(|b| Tracker::new(b.active_check(p).map_or(Initial::Up, |h| h.initial)))
-                        .collect()
-                })
-                .collect(),
-        )
-    }
-
-    fn up_count(&self, pool: usize, total: usize) -> usize {
-        (0..total).filter(|&b| self.is_up(pool, b)).count()
-    }
-
-    fn get(&self, pool: usize, backend: usize) -> Option<&Tracker> {
-        self.0.get(pool)?.get(backend)
-    }
-
-    fn get_mut(&mut self, pool: usize, backend: usize) -> Option<&mut Tracker> {
-        self.0.get_mut(pool)?.get_mut(backend)
-    }
-}
-
-impl HealthView for Trackers {
-    fn is_up(&self, pool: usize, backend: usize) -> bool {
-        self.get(pool, backend)
-            .is_none_or(|t| t.state() == Health::Up)
-    }
-}
-
-/// Health and slow starts at one instant, for a snapshot.
-struct HealthAt<'a> {
-    trackers: &'a Trackers,
-    cfg: &'a Config,
-    now: Time,
-}
-
-impl HealthView for HealthAt<'_> {
-    fn is_up(&self, pool: usize, backend: usize) -> bool {
-        self.trackers.is_up(pool, backend)
-    }
-
-    fn ramp(&self, pool: usize, backend: usize) -> f64 {
-        let window = self
-            .cfg
-            .pools
-            .get(pool)
-            .map_or(Duration::ZERO, |p| p.slow_start);
-        self.trackers
-            .get(pool, backend)
-            .map_or(1.0, |t| t.ramp(self.now, window))
-    }
-}
-
-/// How often this host's addresses are read.
-const HOST_POLL: Duration = Duration::from_secs(2);
-
-/// Steps of a slow start: the weight a ramping backend gets is republished this many times
-/// over the pool's `slow_start`.
-const RAMP_STEPS: f64 = 10.0;
-
-/// What the admin endpoint shows before any check ran.
-fn fresh_status(cfg: &Config, trackers: &Trackers) -> Vec<Vec<BackendStatus>> {
-    cfg.pools
-        .iter()
-        .enumerate()
-        .map(|(pi, p)| {
-            p.backends
-                .iter()
-                .enumerate()
-                .map(|(bi, b)| BackendStatus {
-                    address: b.spec.addr.to_string(),
-                    healthy: trackers.is_up(pi, bi),
-                    ..Default::default()
-                })
-                .collect()
-        })
-        .collect()
-}
-
-/// Backends without an active check never report; they count as reported for quorum.
-fn unchecked_as_reported(cfg: &Config) -> Vec<Vec<bool>> {
-    cfg.pools
-        .iter()
-        .map(|p| {
-            p.backends
-                .iter()
-                .map(|b| b.active_check(p).is_none())
-                .collect()
-        })
-        .collect()
-}
-
-/// One check's outcome.
-struct CheckResult {
-    /// The checker (or recovery probe) that made it. Indices of backends change with reloads,
-    /// ids do not: the monitor maps the id to the backend's current place, and drops results
-    /// of checkers it has stopped.
-    id: u64,
-    /// A recovery probe of a backend without an active check (else an active check).
-    recovery: bool,
-    latency: Duration,
-    outcome: probe::Outcome,
-}
-
-/// A check's outcome that says something about the backend (passed, or failed and why).
-struct Judged {
-    latency: Duration,
-    outcome: Result<(), String>,
-}
-
-/// A backend's checker or recovery probe while it runs: what it checks, where that backend is
-/// in the running configuration, and how to stop it.
-struct Running {
-    /// The backend's pool, by name: with its address, what identifies it across reloads.
-    pool_name: String,
-    addr: SocketAddr,
-    kind: Kind,
-    pool: usize,
-    backend: usize,
-    task: tokio::task::AbortHandle,
-}
-
-/// What a [`Running`] task is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Kind {
-    /// The checker of the backend's effective active check.
-    Check(HealthCheck),
-    /// A recovery probe of a passively ejected backend without an active check, started with
-    /// these health settings (its thresholds and timeout; `None`: the defaults).
-    Recovery(Option<HealthCheck>),
-}
-
-/// Which running checkers a configuration keeps: `keep` pairs the id of each checker whose
-/// backend (same pool name, same address) still has the same effective check with the
-/// backend's new place; `start` lists the backends (pool, backend index) that need a new one.
-/// The other running checkers are to be stopped.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct CheckerPlan {
-    keep: Vec<(u64, (usize, usize))>,
-    start: Vec<(usize, usize)>,
-}
-
-fn plan_checkers(running: &std::collections::HashMap<u64, Running>, cfg: &Config) -> CheckerPlan {
-    let by_backend: std::collections::HashMap<(&str, SocketAddr), (u64, &HealthCheck)> = running
-        .iter()
-        .filter_map(|(&id, r)| match &r.kind {
-            Kind::Check(check) => Some(((r.pool_name.as_str(), r.addr), (id, check))),
-            Kind::Recovery(_) => None,
-        })
-        .collect();
-    let mut plan = CheckerPlan::default();
-    for (pi, pool) in cfg.pools.iter().enumerate() {
-        for (bi, b) in pool.backends.iter().enumerate() {
-            let Some(check) = b.active_check(pool) else {
-                continue;
-            };
-            match by_backend.get(&(pool.name.as_str(), b.spec.addr)) {
-                Some(&(id, running)) if running == check => plan.keep.push((id, (pi, bi))),
-                _ => plan.start.push((pi, bi)),
-            }
-        }
-    }
-    plan
-}
-
-/// What the rest of the control plane asks of the publisher.
-pub enum Command {
-    /// Switch to this (validated, compatible) configuration.
-    Reload(Arc<Config>, tokio::sync::oneshot::Sender<()>),
-    /// Shutting down: publish a snapshot that admits no new flow.
-    StopAdmitting,
-    /// A change from the admin API: applied to the running configuration, validated like a
-    /// file, published; the reply says whether anything changed, or why not.
-    Change(Change, tokio::sync::oneshot::Sender<Result<bool, String>>),
-}
-
-/// Edits a configuration; `Ok(false)` when there is nothing to change.
-pub type Change = Box<dyn FnOnce(&mut Config) -> Result<bool, String> + Send>;
-
-/// The control plane's publisher: owns the running configuration and every backend's health,
-/// turns check results, passive signals and reloads into published snapshots.
+/// Every backend's health: turns check results, passive signals and recovery probes into
+/// state, and reports flips to the publisher.
 pub struct Monitor {
     /// The id of the next checker or recovery probe started.
     next_id: u64,
-    /// False once shutting down.
-    admitting: bool,
     /// Every checker and recovery probe task (aborted with the monitor).
     tasks: tokio::task::JoinSet<()>,
     /// Checkers and recovery probes running, by id.
     running: std::collections::HashMap<u64, Running>,
     results: (mpsc::Sender<CheckResult>, mpsc::Receiver<CheckResult>),
+    /// The running configuration, as the publisher last handed it.
     cfg: Arc<Config>,
     trackers: Trackers,
     quorum: Vec<QuorumState>,
-    shared: Arc<ArcSwap<Snapshot>>,
     status: Status,
     workers: Vec<Arc<WorkerStats>>,
     /// Passive failures and replies per backend id already accounted for.
@@ -280,32 +82,19 @@ pub struct Monitor {
     /// changes notified) only once all of them reported, so startup fires no quorum event.
     reported: Vec<Vec<bool>>,
     quorum_known: Vec<bool>,
-    /// Where every configuration put in force goes (the admin endpoint sizes itself by it).
-    configs: tokio::sync::watch::Sender<Arc<Config>>,
     /// Checks udplb could not make, logged at most every 10 s.
     unknown_log: crate::logging::RateLimited,
-    /// Backends in a slow start, with the step of their ramp last published.
-    ramps: std::collections::HashMap<(usize, usize), u8>,
-    /// This host's addresses when last read, and when that was: a change (a VRRP address
-    /// moving in) publishes a snapshot, whose source guard and backends follow it.
-    host: (crate::host::Addresses, Time),
 }
 
 impl Monitor {
-    /// A monitor for `cfg`, whose initial state `trackers` the first snapshot was built with.
-    pub fn new(
-        cfg: Arc<Config>,
-        trackers: Trackers,
-        shared: Arc<ArcSwap<Snapshot>>,
-        workers: Vec<Arc<WorkerStats>>,
-        configs: tokio::sync::watch::Sender<Arc<Config>>,
-    ) -> Monitor {
+    /// A monitor for `cfg`, whose initial state `trackers` the first snapshot was built with,
+    /// reading passive signals from `workers`.
+    pub fn new(cfg: Arc<Config>, trackers: Trackers, workers: Vec<Arc<WorkerStats>>) -> Monitor {
         let status = fresh_status(&cfg, &trackers);
         let quorum = vec![QuorumState::default(); cfg.pools.len()];
         let reported = unchecked_as_reported(&cfg);
         Monitor {
             next_id: 0,
-            admitting: true,
             tasks: tokio::task::JoinSet::new(),
             running: std::collections::HashMap::new(),
             results: mpsc::channel(1024),
@@ -313,16 +102,12 @@ impl Monitor {
             cfg,
             trackers,
             quorum,
-            shared,
             status: Arc::new(Mutex::new(status)),
             workers,
             passive_seen: Vec::new(),
             clock: Instant::now(),
             reported,
-            configs,
             unknown_log: crate::logging::RateLimited::new(Duration::from_secs(10)),
-            ramps: std::collections::HashMap::new(),
-            host: (crate::host::Addresses::read(), Time(0)),
         }
     }
 
@@ -336,43 +121,32 @@ impl Monitor {
         Arc::clone(&self.status)
     }
 
-    /// Starts a checker per checked backend and processes results, passive signals and
-    /// commands until the runtime stops.
-    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        self.start_checkers();
-        let mut passive = tokio::time::interval(PASSIVE_POLL);
-        loop {
-            tokio::select! {
-                Some(result) = self.results.1.recv() => self.apply(result),
-                _ = passive.tick() => {
-                    // Finished recovery probes leave their output in the set until joined.
-                    while self.tasks.try_join_next().is_some() {}
-                    self.collect_passive();
-                    self.start_recovery_probes();
-                    self.advance_slow_starts();
-                    self.follow_host_addresses();
-                }
-                Some(command) = commands.recv() => match command {
-                    Command::Reload(cfg, applied) => {
-                        self.reload(cfg);
-                        let _ = applied.send(());
-                    }
-                    Command::StopAdmitting => {
-                        self.admitting = false;
-                        self.publish();
-                    }
-                    Command::Change(change, reply) => {
-                        let _ = reply.send(self.change(change));
-                    }
-                },
-            }
+    /// Health and slow starts now, for a snapshot.
+    pub fn view(&self) -> HealthAt<'_> {
+        HealthAt {
+            trackers: &self.trackers,
+            cfg: &self.cfg,
+            now: self.now(),
         }
+    }
+
+    /// The next check result (never `None`: the monitor holds a sender of its own).
+    pub async fn next_result(&mut self) -> Option<CheckResult> {
+        self.results.1.recv().await
+    }
+
+    /// Every [`POLL`]: collects passive signals, starts due recovery probes.
+    pub fn poll(&mut self, publisher: &dyn Publish) {
+        // Finished recovery probes leave their output in the set until joined.
+        while self.tasks.try_join_next().is_some() {}
+        self.collect_passive(publisher);
+        self.start_recovery_probes();
     }
 
     /// Starts a checker for every checked backend that has none running with its check, keeps
     /// the others where they are (their schedule, their place in the results' queue), and
     /// stops those of backends that are gone or whose check changed.
-    fn start_checkers(&mut self) {
+    pub fn start_checkers(&mut self) {
         let plan = plan_checkers(&self.running, &self.cfg);
         let keep: std::collections::HashMap<u64, (usize, usize)> = plan.keep.into_iter().collect();
         self.running.retain(|id, r| {
@@ -466,21 +240,10 @@ impl Monitor {
         });
     }
 
-    fn change(&mut self, change: Change) -> Result<bool, String> {
-        let mut cfg = (*self.cfg).clone();
-        if !change(&mut cfg)? {
-            return Ok(false);
-        }
-        cfg.validate().map_err(|errors| errors.join("; "))?;
-        self.reload(Arc::new(cfg));
-        Ok(true)
-    }
-
-    /// Switches to `cfg`: backends whose pool, address and check are unchanged keep their
-    /// health, counters and flows; the others start fresh; one snapshot is published.
-    fn reload(&mut self, cfg: Arc<Config>) {
-        // Backend indices may mean others now; the next tick finds the ramps again.
-        self.ramps.clear();
+    /// Switches to `cfg`, the configuration the publisher now runs: backends whose pool,
+    /// address and check are unchanged keep their health, counters and checker (or recovery
+    /// probe); the others start fresh.
+    pub fn reconfigure(&mut self, cfg: Arc<Config>) {
         let old_cfg = std::mem::replace(&mut self.cfg, cfg);
         let old_trackers = std::mem::replace(&mut self.trackers, Trackers::initial(&self.cfg));
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -517,15 +280,10 @@ impl Monitor {
         (self.reported, self.quorum, self.quorum_known) = (reported, quorum, quorum_known);
         self.start_checkers();
         self.keep_recovery_probes();
-        self.publish();
-        self.configs.send_replace(Arc::clone(&self.cfg));
-        tracing::info!(
-            generation = self.shared.load().generation,
-            "configuration reloaded"
-        );
     }
 
-    fn apply(&mut self, r: CheckResult) {
+    /// Applies a check result; a flip is reported to `publisher`.
+    pub fn apply(&mut self, r: CheckResult, publisher: &dyn Publish) {
         // A result of a checker stopped since (its backend removed, or checked otherwise now)
         // is dropped; the others go to their backend wherever a reload put it.
         let Some(running) = self.running.get(&r.id) else {
@@ -558,7 +316,7 @@ impl Monitor {
             outcome,
         };
         if recovery {
-            return self.apply_recovery(pi, bi, r);
+            return self.apply_recovery(pi, bi, r, publisher);
         }
         let pool = &self.cfg.pools[pi];
         let Some(check) = pool.backends[bi].active_check(pool) else {
@@ -583,7 +341,7 @@ impl Monitor {
             .get_mut(pi, bi)
             .and_then(|t| t.record(r.outcome.is_ok(), now, thresholds));
         if let Some(state) = flip {
-            self.on_flip(pi, bi, state, r.outcome.err().as_deref());
+            self.on_flip(pi, bi, state, r.outcome.err().as_deref(), publisher);
         }
         self.reported[pi][bi] = true;
         if !self.quorum_known[pi] && self.reported[pi].iter().all(|&r| r) {
@@ -604,7 +362,7 @@ impl Monitor {
 
     /// A recovery probe's result: a backend without an active check, passively ejected, comes
     /// back when its port is no longer refused.
-    fn apply_recovery(&mut self, pi: usize, bi: usize, r: Judged) {
+    fn apply_recovery(&mut self, pi: usize, bi: usize, r: Judged, publisher: &dyn Publish) {
         let now = self.now();
         self.update_status(pi, bi, |s| {
             let us = r.latency.as_micros() as u64;
@@ -619,7 +377,7 @@ impl Monitor {
             .and_then(|t| t.record_recovery(r.outcome.is_ok(), now));
         self.show_ejections(pi, bi);
         if let Some(state) = flip {
-            self.on_flip(pi, bi, state, None);
+            self.on_flip(pi, bi, state, None, publisher);
         }
     }
 
@@ -679,8 +437,8 @@ impl Monitor {
 
     /// Feeds what the workers saw of each backend since the last call (passive failures:
     /// refused datagrams and unanswered requests; replies) to its tracker.
-    fn collect_passive(&mut self) {
-        let snap = self.shared.load_full();
+    fn collect_passive(&mut self, publisher: &dyn Publish) {
+        let snap = publisher.published();
         let failures = udplb_dataplane::passive_failures_by_backend(&self.workers);
         let replies = udplb_dataplane::replies_by_backend(&self.workers);
         self.passive_seen.resize(failures.len(), (0, 0));
@@ -723,13 +481,20 @@ impl Monitor {
                         "passive: {} refused datagrams or unanswered requests in a row",
                         thresholds.passive_fall
                     );
-                    self.on_flip(pi, bi, state, Some(&reason));
+                    self.on_flip(pi, bi, state, Some(&reason), publisher);
                 }
             }
         }
     }
 
-    fn on_flip(&mut self, pi: usize, bi: usize, state: Health, reason: Option<&str>) {
+    fn on_flip(
+        &mut self,
+        pi: usize,
+        bi: usize,
+        state: Health,
+        reason: Option<&str>,
+        publisher: &dyn Publish,
+    ) {
         let pool = &self.cfg.pools[pi];
         let addr = pool.backends[bi].spec.addr;
         let up = self.trackers.up_count(pi, pool.backends.len());
@@ -743,7 +508,7 @@ impl Monitor {
             }
         }
         self.update_status(pi, bi, |s| s.healthy = state == Health::Up);
-        self.publish();
+        publisher.publish(&self.view());
         let event = if state == Health::Up {
             Event::BackendUp(addr)
         } else {
@@ -771,62 +536,6 @@ impl Monitor {
         }
     }
 
-    /// Publishes a snapshot with the current configuration and health (backend ids kept).
-    fn publish(&self) {
-        let previous = self.shared.load_full();
-        let health = HealthAt {
-            trackers: &self.trackers,
-            cfg: &self.cfg,
-            now: self.now(),
-        };
-        let mut next = snapshot_of(&self.cfg, previous.generation + 1, Some(&previous), &health);
-        next.admitting = self.admitting;
-        self.shared.store(Arc::new(next));
-    }
-
-    /// Reads this host's addresses every [`HOST_POLL`] and publishes a snapshot when they
-    /// changed: its source guard and the backends that would be udplb itself follow them.
-    fn follow_host_addresses(&mut self) {
-        let now = self.now();
-        if now.since(self.host.1) < HOST_POLL {
-            return;
-        }
-        let addresses = crate::host::Addresses::read();
-        let changed = addresses != self.host.0;
-        self.host = (addresses, now);
-        if changed {
-            tracing::info!("this host's addresses changed");
-            self.publish();
-        }
-    }
-
-    /// Republishes the weights of backends in a slow start at each of its [`RAMP_STEPS`] steps,
-    /// and once more when it is over.
-    fn advance_slow_starts(&mut self) {
-        let now = self.now();
-        let mut changed = false;
-        for (pi, pool) in self.cfg.pools.iter().enumerate() {
-            if pool.slow_start.is_zero() {
-                continue;
-            }
-            for bi in 0..pool.backends.len() {
-                let ramp = self
-                    .trackers
-                    .get(pi, bi)
-                    .map_or(1.0, |t| t.ramp(now, pool.slow_start));
-                if ramp >= 1.0 {
-                    changed |= self.ramps.remove(&(pi, bi)).is_some();
-                    continue;
-                }
-                let step = (ramp * RAMP_STEPS) as u8;
-                changed |= self.ramps.insert((pi, bi), step) != Some(step);
-            }
-        }
-        if changed {
-            self.publish();
-        }
-    }
-
     /// Whether backend `bi` is the only one of pool `pi` that is up.
     fn is_last_up(&self, pi: usize, bi: usize) -> bool {
         let total = self.cfg.pools[pi].backends.len();
@@ -844,121 +553,5 @@ impl Monitor {
         if let Some(s) = status.get_mut(pi).and_then(|p| p.get_mut(bi)) {
             f(s);
         }
-    }
-}
-
-/// Checks one backend forever: now, then every interval plus jitter.
-struct Checker {
-    /// Names the results (see [`CheckResult::id`]).
-    id: u64,
-    addr: SocketAddr,
-    target: SocketAddr,
-    check: HealthCheck,
-}
-
-impl Checker {
-    /// Checks start at a fixed rate (every interval plus jitter, whatever the checks take;
-    /// `timeout` ≤ `interval`), so a backend that stops answering is down within
-    /// interval × fall + timeout.
-    async fn run(self, probe: Arc<probe::Ready>, results: mpsc::Sender<CheckResult>) {
-        let random = RandomState::new();
-        let mut next = tokio::time::Instant::now();
-        for round in 0u64.. {
-            let started = Instant::now();
-            let outcome = probe.run(self.target, self.addr, self.check.timeout).await;
-            let result = CheckResult {
-                id: self.id,
-                recovery: false,
-                latency: started.elapsed(),
-                outcome,
-            };
-            if results.send(result).await.is_err() {
-                return;
-            }
-            let jitter_ms = self.check.jitter.as_millis() as u64;
-            let jitter = if jitter_ms == 0 {
-                0
-            } else {
-                random.hash_one(round) % (jitter_ms + 1)
-            };
-            next = (next + self.check.interval + Duration::from_millis(jitter))
-                .max(tokio::time::Instant::now());
-            tokio::time::sleep_until(next).await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(backends: &str) -> Config {
-        udplb_config::parse(
-            &format!(
-                "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"p\"\n[pools.p]\n\
-                 backends = [{backends}]\n[pools.p.health]\ncheck = \"udp\"\ninterval = \"1s\"\n"
-            ),
-            "test.toml",
-        )
-        .unwrap()
-    }
-
-    /// What `cfg` runs, as the monitor records it: ids 0.. in configuration order.
-    fn running_for(cfg: &Config) -> std::collections::HashMap<u64, Running> {
-        let pool = &cfg.pools[0];
-        pool.backends
-            .iter()
-            .enumerate()
-            .map(|(bi, b)| {
-                let running = Running {
-                    pool_name: pool.name.clone(),
-                    addr: b.spec.addr,
-                    kind: Kind::Check(b.active_check(pool).unwrap().clone()),
-                    pool: 0,
-                    backend: bi,
-                    task: tokio::spawn(async {}).abort_handle(),
-                };
-                (bi as u64, running)
-            })
-            .collect()
-    }
-
-    /// A reload keeps the checker of every backend whose pool, address and effective check
-    /// are the same, at its new place (reordered, other weight); it starts checkers for new
-    /// backends and for those whose check changed; removed backends' checkers are not kept.
-    #[tokio::test]
-    async fn a_reload_keeps_the_checkers_of_unchanged_backends() {
-        let before = config("\"10.0.0.1:53\", \"10.0.0.2:53\", \"10.0.0.3:53\"");
-        let running = running_for(&before);
-        let after = config(
-            "{ address = \"10.0.0.3:53\", weight = 5 }, \"10.0.0.1:53\", \
-             { address = \"10.0.0.2:53\", health = { port = 5353 } }, \"10.0.0.4:53\"",
-        );
-        assert_eq!(
-            plan_checkers(&running, &after),
-            CheckerPlan {
-                keep: vec![(2, (0, 0)), (0, (0, 1))],
-                start: vec![(0, 2), (0, 3)],
-            }
-        );
-        // Another pool name: other backends, whatever their addresses.
-        let renamed = udplb_config::parse(
-            "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"q\"\n[pools.q]\n\
-             backends = [\"10.0.0.1:53\"]\n[pools.q.health]\ncheck = \"udp\"\ninterval = \"1s\"\n",
-            "test.toml",
-        )
-        .unwrap();
-        assert_eq!(
-            plan_checkers(&running, &renamed),
-            CheckerPlan {
-                keep: vec![],
-                start: vec![(0, 0)],
-            }
-        );
-        // The same configuration again keeps everything where it is.
-        assert_eq!(
-            plan_checkers(&running, &before).keep,
-            vec![(0, (0, 0)), (1, (0, 1)), (2, (0, 2))]
-        );
     }
 }
