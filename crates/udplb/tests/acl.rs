@@ -12,10 +12,7 @@ fn start(listen_ip: &str, backend: SocketAddr, rules: &str) -> (Udplb, SocketAdd
     let (admin, listen) = (admin_addr(), listen_addr(listen_ip));
     let lb = run_toml(
         admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             {rules}\n[pools.p]\nbackends = [\"{backend}\"]\n"
-        ),
+        &one_pool_toml(admin, listen, rules, &[quoted(backend)], ""),
     );
     (lb, listen)
 }
@@ -115,12 +112,13 @@ fn refused_clients_go_to_the_abuse_pool_when_there_is_one() {
     let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
     let lb = run_toml(
         admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             deny = [\"127.0.0.5\"]\nabuse_pool = \"tarpit\"\n[listeners.l.limits]\n\
-             new_flows_per_source = 2\n[pools.p]\nbackends = [\"{}\"]\n\
-             [pools.tarpit]\nbackends = [\"{}\"]\n",
-            a.addr, tarpit.addr
+        &one_pool_toml(
+            admin,
+            listen,
+            "deny = [\"127.0.0.5\"]\nabuse_pool = \"tarpit\"\n\
+             [listeners.l.limits]\nnew_flows_per_source = 2",
+            &[quoted(a.addr)],
+            &format!("[pools.tarpit]\nbackends = [{}]", quoted(tarpit.addr)),
         ),
     );
     let served = client("127.0.0.1:0");

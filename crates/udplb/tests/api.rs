@@ -8,13 +8,6 @@ use std::path::PathBuf;
 
 use common::*;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("udplb-api-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn tag_of(c: &std::net::UdpSocket, listen: SocketAddr) -> String {
     let (reply, _) = request(c, listen, b"x");
     String::from_utf8_lossy(&reply)
@@ -27,9 +20,7 @@ fn tag_of(c: &std::net::UdpSocket, listen: SocketAddr) -> String {
 #[test]
 fn read_only_by_default_and_changes_only_by_the_right_method() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
     let (code, body) = lb.call("GET", "/api/v1/status", None);
     assert_eq!(code, 200, "{body}");
@@ -53,9 +44,7 @@ fn changes_drain_enable_disable_weight_add_remove() {
         Backend::start("127.0.0.1", "b"),
         Backend::start("127.0.0.1", "c"),
     );
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--admin-allow-changes",
         "--workers",
@@ -184,9 +173,7 @@ fn explain_names_the_backend_a_new_flow_gets_and_why() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let mut args = vec![
         "--scheduler".to_string(),
         "maglev".to_string(),
@@ -225,12 +212,10 @@ fn explain_names_the_backend_a_new_flow_gets_and_why() {
 
 #[test]
 fn reload_through_the_api() {
-    let dir = scratch("reload");
+    let dir = scratch_dir("reload");
     let a = Backend::start("127.0.0.1", "a");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
     let cfg = |weight: u32| {
         format!(
             "[admin]\nlisten = \"{admin}\"\nallow_changes = true\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
@@ -275,9 +260,7 @@ fn ctl_drives_a_running_instance() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--admin-allow-changes",
         &listen.to_string(),
@@ -324,9 +307,7 @@ fn ctl_drives_a_running_instance() {
 #[test]
 fn log_level_changes_at_runtime() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let mut lb = Udplb::start(&[
         "--admin-allow-changes",
         "--log-level",
@@ -575,7 +556,7 @@ fn token_file(dir: &std::path::Path, token: &str, mode: u32) -> PathBuf {
 /// or `UDPLB_ADMIN_TOKEN_FILE`.
 #[test]
 fn changes_need_the_token_when_one_is_configured() {
-    let dir = scratch("token");
+    let dir = scratch_dir("token");
     let a = Backend::start("127.0.0.1", "a");
     let token = "s3cret-token-of-the-admin-0123456789";
     let file = token_file(&dir, token, 0o600);
@@ -638,7 +619,7 @@ fn changes_need_the_token_when_one_is_configured() {
 /// file others may read; on loopback, changes without a token are logged loudly.
 #[test]
 fn a_non_loopback_admin_that_allows_changes_needs_a_token() {
-    let dir = scratch("token-rule");
+    let dir = scratch_dir("token-rule");
     let port = free_tcp_port();
     let admin = |extra: &str| {
         format!(

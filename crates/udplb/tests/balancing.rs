@@ -8,12 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn listen_addr() -> SocketAddr {
-    format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap()
-}
-
 /// Sends `n` datagrams from one client and waits for every reply; returns the replies' tags.
 fn exchange(c: &std::net::UdpSocket, to: SocketAddr, n: usize) -> Vec<String> {
     (0..n)
@@ -33,7 +27,7 @@ fn datagram_mode_round_robin_is_exact() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--mode",
         "datagram",
@@ -62,7 +56,7 @@ fn datagram_mode_round_robin_is_exact_across_new_clients() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--workers",
         "1",
@@ -89,7 +83,7 @@ fn datagram_mode_weights_one_to_two_are_exact() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let _lb = Udplb::start(&[
         "--mode",
         "datagram",
@@ -111,7 +105,7 @@ fn default_round_robin_honours_weights() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let _lb = Udplb::start(&[
         "--mode",
         "datagram",
@@ -133,7 +127,7 @@ fn few_flows_spread_exactly_over_several_workers() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let mut args = vec!["--workers".to_string(), "2".into(), listen.to_string()];
     args.extend(backends.iter().map(|b| b.addr.to_string()));
     let _lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -166,7 +160,7 @@ fn flow_mode_keeps_each_client_on_one_backend() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let mut args = vec!["--workers".to_string(), "2".into(), listen.to_string()];
     args.extend(backends.iter().map(|b| b.addr.to_string()));
     let _lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -193,7 +187,7 @@ fn ip_affinity_keeps_every_port_of_a_client_on_one_backend() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let mut args = vec![
         "--workers".to_string(),
         "2".into(),
@@ -212,7 +206,7 @@ fn ip_affinity_keeps_every_port_of_a_client_on_one_backend() {
 #[test]
 fn request_response_closes_the_flow_after_the_reply() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--mode",
         "request-response",
@@ -285,7 +279,7 @@ fn request_response_with(
     backend: &DoubleAnswering,
     extra: &[&str],
 ) -> (Udplb, SocketAddr, [std::net::UdpSocket; 3]) {
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let listen_s = listen.to_string();
     let backend_s = backend.addr.to_string();
     let mut args = vec![
@@ -400,7 +394,7 @@ fn triple_answering() -> SocketAddr {
 fn duplicate_answers_never_reach_the_next_client() {
     let backend = triple_answering();
     for extra in [&[][..], &["--shared-upstream"][..]] {
-        let listen = listen_addr();
+        let listen = listen_addr("127.0.0.1");
         let mut args = vec!["--workers", "1", "--mode", "request-response"];
         args.extend_from_slice(extra);
         let (listen_s, backend_s) = (listen.to_string(), backend.to_string());
@@ -434,7 +428,7 @@ fn backup_takes_traffic_only_when_no_primary_can() {
         Backend::start("127.0.0.1", "p"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let _lb = Udplb::start(&[
         "--mode",
         "datagram",
@@ -447,40 +441,25 @@ fn backup_takes_traffic_only_when_no_primary_can() {
     assert_eq!((primary.count(), backup.count()), (6, 0));
 
     // The same pool with its only primary disabled in the configuration.
-    let listen = listen_addr();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let dir = tempdir();
-    let path = dir.join("backup.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\nmode = \"datagram\"\n\
-             [pools.p]\nbackends = [{{ address = \"{}\", state = \"disabled\" }}, {{ address = \"{}\", backup = true }}]\n",
-            primary.addr, backup.addr
-        ),
-    )
-    .unwrap();
-    let _lb2 = Udplb::run_config(&path, admin);
+    let listen = listen_addr("127.0.0.1");
+    let admin = admin_addr();
+    let backends = [
+        format!("{{ address = \"{}\", state = \"disabled\" }}", primary.addr),
+        format!("{{ address = \"{}\", backup = true }}", backup.addr),
+    ];
+    let _lb2 = run_toml(
+        admin,
+        &one_pool_toml(admin, listen, "mode = \"datagram\"", &backends, ""),
+    );
     exchange(&c, listen, 4);
     assert_eq!((primary.count(), backup.count()), (6, 4));
 }
 
-/// A fresh directory under the target dir's tmp (removed by the OS, not by the test).
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "udplb-test-{}-{}",
-        std::process::id(),
-        free_tcp_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn refused_backend_is_counted_and_the_flow_rescheduled() {
-    let dead = listen_addr(); // nothing listens there: the kernel answers port unreachable
+    let dead = listen_addr("127.0.0.1"); // nothing listens there: the kernel answers port unreachable
     let alive = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--workers",
         "1",

@@ -105,13 +105,10 @@ fn one_liner_rejects_a_bad_backend() {
 /// `--version` exit 0.
 #[test]
 fn a_bad_command_line_exits_78() {
-    let file = std::env::temp_dir().join(format!("udplb-cli-{}.toml", std::process::id()));
-    std::fs::write(
-        &file,
+    let file = common::write_config(
         "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"p\"\n\
          [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n",
-    )
-    .unwrap();
+    );
     let file_arg = file.display().to_string();
     let cases: [(&[&str], &str); 11] = [
         (
@@ -162,7 +159,7 @@ fn a_bad_command_line_exits_78() {
             "{args:?}: {needle:?} not in {stderr}"
         );
     }
-    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
     for args in [&["--help"][..], &["--version"], &["run", "--help"]] {
         let out = udplb().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{args:?}");
@@ -268,9 +265,7 @@ fn logs_to_a_pipe_have_no_colour() {
 /// exit 78 with file, line and key.
 #[test]
 fn check_and_run_refuse_what_the_machine_cannot_do() {
-    let dir = std::env::temp_dir().join(format!("udplb-cli-machine-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("machine");
     let script = dir.join("check.sh");
     std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap(); // mode 0644: not executable
     let script = script.display().to_string();

@@ -44,9 +44,7 @@ fn replies_leave_from_the_address_the_client_sent_to_v6() {
 #[test]
 fn oversize_and_empty_datagrams_are_dropped_and_counted() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let mut lb = Udplb::start(&[
         "--max-datagram-size",
         "512",
@@ -86,9 +84,7 @@ fn oversize_and_empty_datagrams_are_dropped_and_counted() {
 #[test]
 fn flow_cap_sheds_new_flows_and_idle_expiry_frees_everything() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--workers",
         "1",
@@ -154,9 +150,7 @@ fn flow_cap_sheds_new_flows_and_idle_expiry_frees_everything() {
 #[test]
 fn running_out_of_descriptors_sheds_new_flows_and_never_crashes() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start_with_fd_limit(
         48,
         &[

@@ -38,13 +38,6 @@ fn need(bin: &str) -> PathBuf {
     );
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("udplb-dns-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn dig(server: SocketAddr, name: &str, rtype: &str) -> Output {
     Command::new(need("dig"))
         .args([
@@ -79,8 +72,8 @@ fn wait_answering(s: &mut Server, what: &str) {
 }
 
 fn start_knot(name: &str) -> (Server, PathBuf) {
-    let dir = scratch(name);
-    let port = free_udp_port("127.0.0.1");
+    let dir = scratch_dir(name);
+    let addr = listen_addr("127.0.0.1");
     std::fs::write(
         dir.join("example.test.zone"),
         format!(
@@ -93,11 +86,12 @@ fn start_knot(name: &str) -> (Server, PathBuf) {
     std::fs::write(
         &conf,
         format!(
-            "server:\n  listen: 127.0.0.1@{port}\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
+            "server:\n  listen: 127.0.0.1@{}\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
              database:\n  storage: {d}\ncontrol:\n  listen: {d}/knot.sock\n\
              log:\n  - target: stderr\n    any: warning\n\
              template:\n  - id: default\n    storage: {d}\n\
              zone:\n  - domain: {ZONE}\n    file: example.test.zone\n",
+            addr.port(),
             d = dir.display()
         ),
     )
@@ -109,22 +103,19 @@ fn start_knot(name: &str) -> (Server, PathBuf) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start knotd");
-    let mut s = Server {
-        child,
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-    };
+    let mut s = Server { child, addr };
     wait_answering(&mut s, "knotd");
     (s, dir)
 }
 
 fn start_unbound() -> Server {
-    let dir = scratch("unbound");
-    let port = free_udp_port("127.0.0.1");
+    let dir = scratch_dir("unbound");
+    let addr = listen_addr("127.0.0.1");
     let conf = dir.join("unbound.conf");
     std::fs::write(
         &conf,
         format!(
-            "server:\n  interface: 127.0.0.1\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n\
+            "server:\n  interface: 127.0.0.1\n  port: {}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n\
              directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 0\n\
              do-ip6: no\n  num-threads: 1\n  access-control: 127.0.0.0/8 allow\n\
              local-zone: \"{ZONE}\" static\n\
@@ -132,6 +123,7 @@ fn start_unbound() -> Server {
              local-data: \"www.{ZONE} 300 IN A 192.0.2.10\"\n\
              local-data: 'who.{ZONE} 300 IN TXT \"unbound\"'\n\
              remote-control:\n  control-enable: no\n",
+            addr.port(),
             d = dir.display()
         ),
     )
@@ -144,10 +136,7 @@ fn start_unbound() -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("start unbound");
-    let mut s = Server {
-        child,
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-    };
+    let mut s = Server { child, addr };
     wait_answering(&mut s, "unbound");
     s
 }
@@ -156,9 +145,7 @@ fn start_unbound() -> Server {
 fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
     let (knot, _) = start_knot("knot");
     let unbound = start_unbound();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--mode",
         "request-response",
@@ -189,7 +176,7 @@ fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
     assert!(nx.status.success());
 
     // dnsperf: a fixed number of queries at a moderate rate, none lost.
-    let dir = scratch("dnsperf");
+    let dir = scratch_dir("dnsperf");
     let queries = dir.join("queries.txt");
     let lines: String = (0..100)
         .map(|i| {
@@ -239,23 +226,18 @@ fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
 #[test]
 fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
     let (knot, dir) = start_knot("knot-health");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = dir.join("udplb.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let lb = run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"dns\"\n\
              mode = \"request-response\"\n[pools.dns]\nbackends = [\"{}\"]\n[pools.dns.health]\ncheck = \"dns\"\n\
              name = \"www.{ZONE}\"\ntype = \"A\"\nanswer = \"192.0.2.10\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
              rise = 1\nfall = 1\n",
             knot.addr
         ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&cfg, admin);
+    );
     let healthy = || lb.stats()["pools"][0]["backends"][0]["healthy"].as_bool();
     assert!(
         wait_for(DEADLINE, || healthy() == Some(true)),
@@ -301,23 +283,18 @@ fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
 /// used to be judged "the reply does not echo the question" and every backend marked down).
 #[test]
 fn dns_check_takes_plain_names_in_any_case() {
-    let (knot, dir) = start_knot("knot-plain-name");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = dir.join("udplb.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let (knot, _) = start_knot("knot-plain-name");
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let lb = run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"dns\"\n\
              mode = \"request-response\"\n[pools.dns]\nbackends = [\"{}\"]\n[pools.dns.health]\ncheck = \"dns\"\n\
              name = \"www.example.test\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n",
             knot.addr
         ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&cfg, admin);
+    );
     let healthy = |lb: &Udplb| lb.stats()["pools"][0]["backends"][0]["healthy"].as_bool();
     assert!(
         wait_for(DEADLINE, || healthy(&lb) == Some(true)),

@@ -4,43 +4,21 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("udplb-health-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Starts udplb on a config whose `[pools.p]` gets `pool_extra` lines and `[pools.p.health]`
-/// gets `health` lines; backends are `backends` (TOML array items).
-fn start(
-    dir: &std::path::Path,
-    mode: &str,
-    backends: &[String],
-    pool_extra: &str,
-    health: &str,
-) -> (Udplb, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\nmode = \"{mode}\"\n\
-         idle_timeout = \"30s\"\n[pools.p]\nbackends = [{}]\n{pool_extra}\n[pools.p.health]\n{health}\n",
-        backends.join(", ")
+/// Starts udplb with one listener in `mode` on a pool of `backends` (TOML array items) whose
+/// `[pools.p]` gets `pool_extra` lines and `[pools.p.health]` gets `health` lines.
+fn start(mode: &str, backends: &[String], pool_extra: &str, health: &str) -> (Udplb, SocketAddr) {
+    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
+    let listener = format!("mode = \"{mode}\"\nidle_timeout = \"30s\"");
+    let pool = format!("{pool_extra}\n[pools.p.health]\n{health}");
+    let lb = run_toml(
+        admin,
+        &one_pool_toml(admin, listen, &listener, backends, &pool),
     );
-    let path = dir.join("udplb.toml");
-    std::fs::write(&path, cfg).unwrap();
-    (Udplb::run_config(&path, admin), listen)
-}
-
-fn quoted(b: &Backend) -> String {
-    format!("\"{}\"", b.addr)
+    (lb, listen)
 }
 
 fn last_error(lb: &Udplb, backend: usize) -> String {
@@ -54,20 +32,22 @@ fn healthy(lb: &Udplb, backend: usize) -> Option<bool> {
     lb.stats()["pools"][0]["backends"][backend]["healthy"].as_bool()
 }
 
-const FAST_UDP: &str = "check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\njitter = \"0s\"\nrise = 2\nfall = 2";
+/// A UDP check every 100 ms, 2 results to rise or fall.
+fn fast_udp() -> String {
+    udp_check(100, 100, 2, 2)
+}
 
 /// A backend killed under steady load: it is out of rotation within 1 s, its flows move to the
 /// other backends at their next datagram, the other flows lose nothing; after `rise` good checks
 /// it takes new flows again. Prints the failover time and the datagrams lost.
 #[test]
 fn killed_backend_is_taken_out_fast_and_its_flows_move() {
-    let dir = scratch("kill");
     let mut backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let names: Vec<String> = backends.iter().map(quoted).collect();
-    let (lb, listen) = start(&dir, "flow", &names, "", FAST_UDP);
+    let names: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
+    let (lb, listen) = start("flow", &names, "", &fast_udp());
     assert!(
         wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))),
         "{}",
@@ -150,7 +130,6 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
 /// backend leaves rotation when its TCP port closes and returns when it opens.
 #[test]
 fn tcp_check_on_any_port_governs_a_udp_backend() {
-    let dir = scratch("tcp");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let port = free_tcp_port();
@@ -159,7 +138,7 @@ fn tcp_check_on_any_port_governs_a_udp_backend() {
     let health = format!(
         "check = \"tcp\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"100ms\"\njitter = \"0s\"\nrise = 1\nfall = 1"
     );
-    let (lb, listen) = start(&dir, "datagram", &[quoted(&a), quoted(&b)], "", &health);
+    let (lb, listen) = start("datagram", &[quoted(a.addr), quoted(b.addr)], "", &health);
     assert!(
         wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
             && healthy(&lb, 1) == Some(true)),
@@ -194,7 +173,7 @@ fn tcp_check_on_any_port_governs_a_udp_backend() {
 /// An exec check: the script's exit status decides, with the backend in its environment.
 #[test]
 fn exec_check_follows_the_commands_exit_status() {
-    let dir = scratch("exec");
+    let dir = scratch_dir("exec");
     let a = Backend::start("127.0.0.1", "a");
     let flag = dir.join("healthy");
     std::fs::write(&flag, "").unwrap();
@@ -213,7 +192,7 @@ fn exec_check_follows_the_commands_exit_status() {
         "check = \"exec\"\ncommand = [\"/bin/sh\", \"{}\", \"{{port}}\"]\ninterval = \"200ms\"\ntimeout = \"200ms\"\njitter = \"0s\"\nrise = 1\nfall = 1",
         script.display()
     );
-    let (lb, _) = start(&dir, "flow", &[quoted(&a)], "", &health);
+    let (lb, _) = start("flow", &[quoted(a.addr)], "", &health);
     assert!(
         wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
         "{}",
@@ -238,7 +217,7 @@ fn exec_check_follows_the_commands_exit_status() {
 /// command exactly once each.
 #[test]
 fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
-    let dir = scratch("quorum");
+    let dir = scratch_dir("quorum");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let spare = Backend::start("127.0.0.1", "spare");
@@ -253,15 +232,15 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     )
     .unwrap();
     let backends = [
-        quoted(&a),
-        quoted(&b),
+        quoted(a.addr),
+        quoted(b.addr),
         format!("{{ address = \"{}\", backup = true }}", spare.addr),
     ];
     let pool_extra = format!(
         "quorum = 2\nquorum_hysteresis = 0\nnotify = [\"/bin/sh\", \"{}\"]",
         hook.display()
     );
-    let (lb, listen) = start(&dir, "datagram", &backends, &pool_extra, FAST_UDP);
+    let (lb, listen) = start("datagram", &backends, &pool_extra, &fast_udp());
     assert!(
         wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))),
         "{}",
@@ -348,7 +327,6 @@ fn http_server(up: std::sync::Arc<std::sync::atomic::AtomicBool>, body: &'static
 fn http_check_wants_the_status_and_the_string() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = scratch("http");
     let a = Backend::start("127.0.0.1", "a");
     let up = Arc::new(AtomicBool::new(true));
     let port = http_server(Arc::clone(&up), "webserverisworking");
@@ -356,7 +334,7 @@ fn http_check_wants_the_status_and_the_string() {
         "check = \"http\"\nport = {port}\npath = \"/check.txt\"\nbody_contains = \"webserverisworking\"\n\
          interval = \"100ms\"\ntimeout = \"100ms\"\njitter = \"0s\"\nrise = 1\nfall = 1"
     );
-    let (lb, listen) = start(&dir, "flow", &[quoted(&a)], "", &health);
+    let (lb, listen) = start("flow", &[quoted(a.addr)], "", &health);
     assert!(
         wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
         "{}",
@@ -519,19 +497,9 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
     let backend: SocketAddr = format!("{ns_ip}:5353").parse().unwrap();
     ns.start_echo(backend);
     let local = Backend::start("127.0.0.1", "local");
-    let dir = scratch("blackhole");
     let (interval, timeout, fall) = (200u64, 100u64, 2u64);
-    let health = format!(
-        "check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
-         timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}"
-    );
-    let (lb, listen) = start(
-        &dir,
-        "flow",
-        &[format!("\"{backend}\""), quoted(&local)],
-        "",
-        &health,
-    );
+    let health = udp_check(interval, timeout, 1, fall);
+    let (lb, listen) = start("flow", &[quoted(backend), quoted(local.addr)], "", &health);
     assert!(
         wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
             && healthy(&lb, 1) == Some(true)),
@@ -569,7 +537,6 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
 /// traffic goes to the backup (passive signals never take a pool's last up backend out).
 #[test]
 fn unanswered_requests_eject_a_backend_between_checks() {
-    let dir = scratch("silent");
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap(); // receives, never answers
     let backup = Backend::start("127.0.0.1", "backup");
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -577,21 +544,21 @@ fn unanswered_requests_eject_a_backend_between_checks() {
         "check = \"tcp\"\nport = {}\ninterval = \"1s\"\ntimeout = \"500ms\"\nrise = 100\nfall = 100\npassive_fall = 2",
         tcp.local_addr().unwrap().port()
     );
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-         mode = \"request-response\"\nidle_timeout = \"200ms\"\n[pools.p]\n\
-         backends = [\"{}\", {{ address = \"{}\", backup = true }}]\n\
-         [pools.p.health]\n{health}\n",
-        silent.local_addr().unwrap(),
-        backup.addr
+    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
+    let backends = [
+        quoted(silent.local_addr().unwrap()),
+        format!("{{ address = \"{}\", backup = true }}", backup.addr),
+    ];
+    let lb = run_toml(
+        admin,
+        &one_pool_toml(
+            admin,
+            listen,
+            "mode = \"request-response\"\nidle_timeout = \"200ms\"",
+            &backends,
+            &format!("[pools.p.health]\n{health}"),
+        ),
     );
-    let path = dir.join("udplb.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let lb = Udplb::run_config(&path, admin);
     assert!(
         wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
         "{}",
@@ -619,7 +586,6 @@ fn unanswered_requests_eject_a_backend_between_checks() {
 /// while the other keeps the pool's UDP check.
 #[test]
 fn a_backend_can_override_the_pool_check() {
-    let dir = scratch("override");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -628,7 +594,7 @@ fn a_backend_can_override_the_pool_check() {
         b.addr,
         tcp.local_addr().unwrap().port()
     );
-    let (lb, _) = start(&dir, "flow", &[quoted(&a), b_entry], "", FAST_UDP);
+    let (lb, _) = start("flow", &[quoted(a.addr), b_entry], "", &fast_udp());
     assert!(
         wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
             && healthy(&lb, 1) == Some(true)),
@@ -653,18 +619,9 @@ fn a_backend_can_override_the_pool_check() {
 /// never receives a datagram, and traffic flows as soon as the live one is seen healthy.
 #[test]
 fn startup_sends_nothing_to_a_backend_never_seen_healthy() {
-    let dir = scratch("startup");
     let live = Backend::start("127.0.0.1", "live");
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let (lb, listen) = start(
-        &dir,
-        "flow",
-        &[format!("\"{dead}\""), quoted(&live)],
-        "",
-        FAST_UDP,
-    );
+    let dead = listen_addr("127.0.0.1");
+    let (lb, listen) = start("flow", &[quoted(dead), quoted(live.addr)], "", &fast_udp());
     // Straight away, many new flows: each is answered by the live backend once it is up.
     for _ in 0..20 {
         let (reply, _) = request(&client("127.0.0.1:0"), listen, b"early");
@@ -683,16 +640,15 @@ fn startup_sends_nothing_to_a_backend_never_seen_healthy() {
 /// their next pause (`rebalance`), where they used to stay on the first one for good.
 #[test]
 fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
-    let dir = scratch("herd");
     let mut backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let names: Vec<String> = backends.iter().map(quoted).collect();
+    let names: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
     let fast = "check = \"udp\"\nsend = \"ping\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
                 jitter = \"0s\"\nrise = 1\nfall = 1";
-    let (lb, listen) = start(&dir, "flow", &names, "rebalance = \"250ms\"", fast);
+    let (lb, listen) = start("flow", &names, "rebalance = \"250ms\"", fast);
     assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))));
     // Every backend goes away.
     backends.clear();
@@ -748,16 +704,14 @@ fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
 /// window, instead of its full share at once.
 #[test]
 fn a_recovered_backend_ramps_up_over_slow_start() {
-    let dir = scratch("slow");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let b_addr = b.addr;
     let fast = "check = \"udp\"\nsend = \"ping\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\n\
                 jitter = \"0s\"\nrise = 1\nfall = 1";
     let (lb, listen) = start(
-        &dir,
         "datagram",
-        &[quoted(&a), quoted(&b)],
+        &[quoted(a.addr), quoted(b.addr)],
         "slow_start = \"3s\"",
         fast,
     );

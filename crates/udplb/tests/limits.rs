@@ -13,9 +13,12 @@ fn start(backend: SocketAddr, limits: &str) -> (Udplb, SocketAddr) {
     let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
     let lb = run_toml(
         admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             [listeners.l.limits]\n{limits}\n[pools.p]\nbackends = [\"{backend}\"]\n"
+        &one_pool_toml(
+            admin,
+            listen,
+            &format!("[listeners.l.limits]\n{limits}"),
+            &[quoted(backend)],
+            "",
         ),
     );
     (lb, listen)

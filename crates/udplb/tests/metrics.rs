@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
 
 fn scrape(lb: &Udplb) -> (String, prometheus_parse::Scrape) {
@@ -36,9 +34,7 @@ fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)
 #[test]
 fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[
         "--max-flows",
         "100",
@@ -144,9 +140,7 @@ fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
 #[test]
 fn alerts_and_dashboard_use_only_exported_metrics() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
     let (text, scrape) = scrape(&lb);
     let mut exported: std::collections::HashSet<String> =

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
 
 fn is_root() -> bool {
@@ -39,9 +37,7 @@ fn switches_to_the_configured_user_with_no_capabilities_and_keeps_serving() {
     }
     let (uid, gid) = nobody();
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start(&["--user", "nobody", &listen.to_string(), &a.addr.to_string()]);
     let pid = lb.pid();
     for field in ["Uid", "Gid"] {
@@ -168,7 +164,7 @@ fn an_unknown_user_is_a_clear_error() {
         eprintln!("skipped: needs root");
         return;
     }
-    let listen = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"));
+    let listen = listen_addr("127.0.0.1").to_string();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
         .args([
             "--user",
@@ -196,8 +192,7 @@ fn programs_are_checked_for_the_user_udplb_switches_to() {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("udplb-privileges-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("programs");
     let script = dir.join("check.sh");
     std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -243,9 +238,7 @@ fn commands_udplb_runs_cannot_gain_privileges() {
     }
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let dir = std::env::temp_dir().join(format!("udplb-nnp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("nnp");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();

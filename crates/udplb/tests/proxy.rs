@@ -87,9 +87,12 @@ fn start(ip: &str, mode: &str, backend: SocketAddr, pool_extra: &str) -> (Udplb,
     let (admin, listen) = (admin_addr(), listen_addr(ip));
     let lb = run_toml(
         admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             mode = \"{mode}\"\n[pools.p]\nbackends = [\"{backend}\"]\n{pool_extra}\n"
+        &one_pool_toml(
+            admin,
+            listen,
+            &format!("mode = \"{mode}\""),
+            &[quoted(backend)],
+            pool_extra,
         ),
     );
     (lb, listen)
@@ -187,9 +190,7 @@ fn reply_headers_are_stripped_and_malformed_ones_dropped() {
 #[test]
 fn a_balancer_behind_a_balancer_sees_and_forwards_the_real_client() {
     let b = Recorder::start("127.0.0.1", Vec::new());
-    let back_listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let back_listen = listen_addr("127.0.0.1");
     // The back listener trusts headers from loopback only and denies 127.0.0.9.
     let back = back_config(
         back_listen,
@@ -225,10 +226,12 @@ fn back_config(listen: SocketAddr, backend: SocketAddr, extra: &str) -> Udplb {
     let admin = admin_addr();
     run_toml(
         admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             proxy_protocol = true\n{extra}\n[pools.p]\nbackends = [\"{backend}\"]\n\
-             proxy_protocol = \"first\"\n"
+        &one_pool_toml(
+            admin,
+            listen,
+            &format!("proxy_protocol = true\n{extra}"),
+            &[quoted(backend)],
+            "proxy_protocol = \"first\"",
         ),
     )
 }
@@ -238,9 +241,7 @@ fn back_config(listen: SocketAddr, backend: SocketAddr, extra: &str) -> Udplb {
 #[test]
 fn ingress_headers_are_checked_and_mapped_addresses_normalised() {
     let b = Recorder::start("127.0.0.1", Vec::new());
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = back_config(listen, b.addr, "allow = [\"192.0.2.0/24\"]");
     let c = client("127.0.0.1:0");
     let header = |client: &str, target: &str| {
@@ -287,9 +288,7 @@ fn ingress_headers_are_checked_and_mapped_addresses_normalised() {
 #[test]
 fn listeners_without_proxy_protocol_forward_headers_as_payload() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let _lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
     let c = client("127.0.0.1:0");
     let mut d = vec![0u8; 64];
@@ -308,9 +307,7 @@ fn listeners_without_proxy_protocol_forward_headers_as_payload() {
 #[test]
 fn headers_from_untrusted_senders_are_refused() {
     let b = Recorder::start("127.0.0.1", Vec::new());
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = back_config(listen, b.addr, "proxy_from = [\"10.0.0.0/8\"]");
     let mut d = vec![0u8; 64];
     let n = udplb_core::proxy::encode(&mut d, "192.0.2.1:1".parse().unwrap(), listen).unwrap();

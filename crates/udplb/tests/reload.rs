@@ -4,40 +4,30 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("udplb-reload-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn write_config(
-    path: &Path,
+/// A pool of `backends` with `weights`, scheduled by weighted round robin.
+fn weighted_config(
     admin: SocketAddr,
     listen: SocketAddr,
     backends: &[&Backend],
     weights: &[u32],
-) {
+) -> String {
     let entries: Vec<String> = backends
         .iter()
         .zip(weights)
         .map(|(b, w)| format!("{{ address = \"{}\", weight = {w} }}", b.addr))
         .collect();
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n[pools.p]\n\
-         scheduler = \"weighted-round-robin\"\nbackends = [{}]\n",
-        entries.join(", ")
-    );
-    // Write then rename, as a config manager would, so a reload never reads half a file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, cfg).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    one_pool_toml(
+        admin,
+        listen,
+        "",
+        &entries,
+        "scheduler = \"weighted-round-robin\"",
+    )
 }
 
 fn sighup(lb: &Udplb) {
@@ -58,18 +48,16 @@ fn summary(logs: &[FlowLog]) -> (u64, u64, bool) {
 
 #[test]
 fn fifty_reloads_under_load_lose_nothing_and_move_no_flow() {
-    let dir = scratch("load");
+    let dir = scratch_dir("load");
     let backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
     let refs: Vec<&Backend> = backends.iter().collect();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
     let path = dir.join("udplb.toml");
-    write_config(&path, admin, listen, &refs, &[1, 1, 1]);
+    replace_file(&path, &weighted_config(admin, listen, &refs, &[1, 1, 1]));
     let lb = Udplb::run_config(&path, admin);
 
     // Control: the same load without reloads.
@@ -82,12 +70,14 @@ fn fifty_reloads_under_load_lose_nothing_and_move_no_flow() {
     let generation = lb.stats()["generation"].as_u64().unwrap();
     let load = Load::start(listen, 30);
     for i in 0..50u32 {
-        write_config(
+        replace_file(
             &path,
-            admin,
-            listen,
-            &refs,
-            &[1 + i % 3, 1 + (i + 1) % 5, 2 + i % 2],
+            &weighted_config(
+                admin,
+                listen,
+                &refs,
+                &[1 + i % 3, 1 + (i + 1) % 5, 2 + i % 2],
+            ),
         );
         sighup(&lb);
         std::thread::sleep(Duration::from_millis(30));
@@ -121,14 +111,12 @@ fn fifty_reloads_under_load_lose_nothing_and_move_no_flow() {
 
 #[test]
 fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
-    let dir = scratch("invalid");
+    let dir = scratch_dir("invalid");
     let a = Backend::start("127.0.0.1", "a");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
     let path = dir.join("udplb.toml");
-    write_config(&path, admin, listen, &[&a], &[1]);
+    replace_file(&path, &weighted_config(admin, listen, &[&a], &[1]));
     let lb = Udplb::run_config(&path, admin);
     let c = client("127.0.0.1:0");
     assert_eq!(request(&c, listen, b"before").0, b"a:before");
@@ -161,10 +149,8 @@ fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
     );
 
     // A listener change cannot be applied live: refused, with the reason.
-    let moved: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    write_config(&path, admin, moved, &[&a], &[1]);
+    let moved = listen_addr("127.0.0.1");
+    replace_file(&path, &weighted_config(admin, moved, &[&a], &[1]));
     sighup(&lb);
     assert!(
         wait_for(DEADLINE, || lb.stats()["reload"]["failed"].as_u64()
@@ -187,12 +173,12 @@ fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
 /// its file, line and key, and the running configuration stays.
 #[test]
 fn a_reload_with_a_program_that_cannot_run_is_refused() {
-    let dir = scratch("program");
+    let dir = scratch_dir("program");
     let a = Backend::start("127.0.0.1", "a");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
     let path = dir.join("udplb.toml");
-    write_config(&path, admin, listen, &[&a], &[1]);
+    replace_file(&path, &weighted_config(admin, listen, &[&a], &[1]));
     let lb = Udplb::run_config(&path, admin);
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str("notify = [\"no-such-program-udplb\"]\n");
@@ -232,24 +218,19 @@ fn healthy_at(lb: &Udplb, addr: SocketAddr) -> Option<bool> {
 /// each took.
 #[test]
 fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
-    let dir = scratch("fifo");
+    let dir = scratch_dir("fifo");
     let a = MutableEcho::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
     let (interval, timeout, fall) = (200u64, 100u64, 2u64);
     let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             [pools.p]\nbackends = [\"{}\", \"{}\"]\n[pools.p.health]\ncheck = \"udp\"\n\
-             send = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
-             timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}\n",
-            a.addr, b.addr
-        ),
-    )
-    .unwrap();
+    let health = format!(
+        "[pools.p.health]\n{}",
+        udp_check(interval, timeout, 1, fall)
+    );
+    let backends = [quoted(a.addr), quoted(b.addr)];
+    replace_file(&path, &one_pool_toml(admin, listen, "", &backends, &health));
     let mut lb = Udplb::run_config(&path, admin);
     assert!(
         wait_for(DEADLINE, || healthy_at(&lb, a.addr) == Some(true)
@@ -323,7 +304,7 @@ fn checks_of(stats: &serde_json::Value, addr: SocketAddr) -> u64 {
 /// to detect.
 #[test]
 fn a_reload_storm_keeps_checks_on_schedule() {
-    let dir = scratch("storm");
+    let dir = scratch_dir("storm");
     let a = MutableEcho::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let admin = admin_addr();
@@ -334,24 +315,23 @@ fn a_reload_storm_keeps_checks_on_schedule() {
     let write = move |i: u32| {
         let (first, second) = if i.is_multiple_of(2) {
             (
-                format!("\"{a_addr}\""),
+                quoted(a_addr),
                 format!("{{ address = \"{b_addr}\", weight = 1 }}"),
             )
         } else {
             (
                 format!("{{ address = \"{b_addr}\", weight = 2 }}"),
-                format!("\"{a_addr}\""),
+                quoted(a_addr),
             )
         };
-        let cfg = format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             [pools.p]\nbackends = [{first}, {second}]\n[pools.p.health]\ncheck = \"udp\"\n\
-             send = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
-             timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}\n"
+        let health = format!(
+            "[pools.p.health]\n{}",
+            udp_check(interval, timeout, 1, fall)
         );
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, cfg).unwrap();
-        std::fs::rename(&tmp, &file).unwrap();
+        replace_file(
+            &file,
+            &one_pool_toml(admin, listen, "", &[first, second], &health),
+        );
     };
     write(0);
     let lb = Udplb::run_config(&path, admin);
@@ -438,7 +418,7 @@ fn a_reload_storm_keeps_checks_on_schedule() {
 /// Prints how long it took.
 #[test]
 fn a_reload_storm_lets_recovery_probes_finish() {
-    let dir = scratch("storm-recovery");
+    let dir = scratch_dir("storm-recovery");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let b_addr = b.addr;
@@ -448,15 +428,14 @@ fn a_reload_storm_lets_recovery_probes_finish() {
     let a_addr = a.addr;
     let file = path.clone();
     let write = move |i: u32| {
-        let cfg = format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             mode = \"datagram\"\n[pools.p]\nbackends = [{{ address = \"{a_addr}\", weight = {} }}, \
-             \"{b_addr}\"]\n",
-            1 + i % 2
+        let backends = [
+            format!("{{ address = \"{a_addr}\", weight = {} }}", 1 + i % 2),
+            quoted(b_addr),
+        ];
+        replace_file(
+            &file,
+            &one_pool_toml(admin, listen, "mode = \"datagram\"", &backends, ""),
         );
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, cfg).unwrap();
-        std::fs::rename(&tmp, &file).unwrap();
     };
     write(0);
     let lb = Udplb::run_config(&path, admin);

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -34,9 +33,7 @@ fn exit_code(lb: &mut Udplb, limit: Duration) -> (Option<i32>, Duration) {
 #[test]
 fn sigterm_serves_established_flows_refuses_new_ones_then_exits_zero() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let mut lb = Udplb::start(&[
         "--idle-timeout",
         "1s",
@@ -78,9 +75,7 @@ fn sigterm_serves_established_flows_refuses_new_ones_then_exits_zero() {
 #[test]
 fn the_grace_period_bounds_the_wait() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let mut lb = Udplb::start(&[
         "--idle-timeout",
         "60s",

@@ -93,12 +93,15 @@ fn forged_ipv6_sources_are_dropped_and_mapped_ones_do_not_pass_ipv4_rules() {
     let admin = admin_addr();
     let port = free_udp_port("::1");
     let listen: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let wildcard: SocketAddr = format!("[::]:{port}").parse().unwrap();
     let lb = run_toml(
         admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"[::]:{port}\"\npool = \"p\"\n\
-             allow = [\"10.0.0.0/8\", \"::1\"]\n[pools.p]\nbackends = [\"{}\"]\n",
-            backend.addr
+        &one_pool_toml(
+            admin,
+            wildcard,
+            "allow = [\"10.0.0.0/8\", \"::1\"]",
+            &[quoted(backend.addr)],
+            "",
         ),
     );
     spoofer.send(v6(listen), v6(listen), b"loop?");

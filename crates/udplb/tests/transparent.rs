@@ -222,20 +222,15 @@ fn backends_see_the_client_address_and_clients_the_address_they_sent_to() {
         .unwrap(),
     );
     let listen: SocketAddr = format!("{}:5300", topo.listener_ip()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let dir = std::env::temp_dir().join(format!("udplb-transparent-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let admin = admin_addr();
+    let lb = run_toml(
+        admin,
+        &format!(
             "[runtime]\nuser = \"nobody\"\n[admin]\nlisten = \"{admin}\"\n\
              [listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
              [pools.p]\nbackends = [\"{backend}\"]\ntransparent = true\n"
         ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&path, admin);
+    );
 
     let out = Topology::run_in(
         &topo.client_ns,

@@ -7,6 +7,7 @@ pub mod spoof;
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,23 +48,68 @@ pub fn admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_tcp_port()))
 }
 
-/// A free UDP address on `ip` for a listener.
+/// A free UDP address on `ip` for a listener (or for a backend that is not there).
 pub fn listen_addr(ip: &str) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), free_udp_port(ip))
 }
 
-/// Writes `toml` to a fresh file of its own and returns the path.
-pub fn write_config(toml: &str) -> std::path::PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "udplb-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+/// A fresh, empty directory for this test process's `name` (emptied if an earlier test of the
+/// same name left it; names must differ between the tests of one file). Under the system's
+/// temporary directory; tests that care remove it at the end.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("udplb-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
+    dir
+}
+
+/// Writes `toml` to a fresh file of its own and returns the path.
+pub fn write_config(toml: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path =
+        scratch_dir(&format!("config-{}", N.fetch_add(1, Ordering::Relaxed))).join("udplb.toml");
     std::fs::write(&path, toml).unwrap();
     path
+}
+
+/// Replaces the file at `path` with `text` as a config manager would: written beside it, then
+/// renamed over it, so that a reload never reads half a file.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The configuration most tests need: the admin endpoint on `admin`, one listener `l` on
+/// `listen` with the pool `p` of `backends` (TOML array items, e.g. [`quoted`] addresses).
+/// `listener` lines go under `[listeners.l]` and `pool` lines under `[pools.p]`; either may go
+/// on with tables of their own (`[listeners.l.limits]`, `[pools.p.health]`, another pool).
+pub fn one_pool_toml(
+    admin: SocketAddr,
+    listen: SocketAddr,
+    listener: &str,
+    backends: &[String],
+    pool: &str,
+) -> String {
+    format!(
+        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n{listener}\n\
+         [pools.p]\nbackends = [{}]\n{pool}\n",
+        backends.join(", ")
+    )
+}
+
+/// The lines of a `[pools.p.health]` table for a UDP check that sends "ping" and expects the
+/// echo backends' answer (`TAG:ping`), every `interval_ms` with no jitter.
+pub fn udp_check(interval_ms: u64, timeout_ms: u64, rise: u64, fall: u64) -> String {
+    format!(
+        "check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval_ms}ms\"\n\
+         timeout = \"{timeout_ms}ms\"\njitter = \"0s\"\nrise = {rise}\nfall = {fall}"
+    )
+}
+
+/// `addr` as a TOML string, for a list of backends.
+pub fn quoted(addr: impl std::fmt::Display) -> String {
+    format!("\"{addr}\"")
 }
 
 /// Starts `udplb run -c` on `toml`, a whole configuration whose admin endpoint is `admin`.
@@ -71,9 +117,14 @@ pub fn run_toml(admin: SocketAddr, toml: &str) -> Udplb {
     Udplb::run_config(&write_config(toml), admin)
 }
 
+/// A command that runs the udplb binary under test.
+pub fn udplb_command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_udplb"))
+}
+
 /// `udplb check -c` on `toml`: its exit code and standard error.
 pub fn check_toml(toml: &str) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_udplb"))
+    let out = udplb_command()
         .arg("check")
         .arg("-c")
         .arg(write_config(toml))
@@ -88,7 +139,7 @@ pub fn check_toml(toml: &str) -> (Option<i32>, String) {
 /// Runs udplb with `args` and returns its exit code and standard error; a udplb that is still
 /// running after 5 s (it wrongly started) is killed, and the code is `None`.
 pub fn exit_of(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_udplb"))
+    let mut child = udplb_command()
         .envs(env.iter().copied())
         .args(args)
         .stdout(Stdio::null())
@@ -112,6 +163,13 @@ pub fn exit_of(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     (status.and_then(|s| s.code()), stderr)
 }
 
+/// `--admin ADMIN ARGS...`: a one-liner's arguments with its admin endpoint.
+fn with_admin(admin: SocketAddr, args: &[&str]) -> Vec<String> {
+    let mut full = vec!["--admin".to_string(), admin.to_string()];
+    full.extend(args.iter().map(|s| s.to_string()));
+    full
+}
+
 /// A running udplb process, killed when dropped.
 pub struct Udplb {
     pub child: Child,
@@ -120,67 +178,50 @@ pub struct Udplb {
 }
 
 impl Udplb {
-    /// Starts `udplb ARGS... --admin 127.0.0.1:<free>` and waits until its admin endpoint answers.
+    /// Starts `udplb --admin 127.0.0.1:<free> ARGS...` and waits until its admin endpoint answers.
     pub fn start(args: &[&str]) -> Udplb {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let mut full: Vec<String> = vec!["--admin".into(), admin.to_string()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        Self::spawn(full, admin)
+        Self::start_with_env(args, &[])
     }
 
     /// Like [`Udplb::start`], with extra environment variables (they override the harness's
     /// `UDPLB_ALLOW_ROOT=1`).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Udplb {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let mut full: Vec<String> = vec!["--admin".into(), admin.to_string()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        Self::spawn_with_env(env!("CARGO_BIN_EXE_udplb"), full, admin, env)
+        let admin = admin_addr();
+        Self::spawn(udplb_command(), &with_admin(admin, args), admin, env)
     }
 
     /// Like [`Udplb::start`], with the open-file limit (soft and hard) set to `limit`.
     pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Udplb {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let mut full: Vec<String> = vec![format!("--nofile={limit}:{limit}"), "--".into()];
-        full.push(env!("CARGO_BIN_EXE_udplb").into());
-        full.extend(["--admin".to_string(), admin.to_string()]);
-        full.extend(args.iter().map(|s| s.to_string()));
-        Self::spawn_program("prlimit", full, admin)
+        let admin = admin_addr();
+        let mut prlimit = Command::new("prlimit");
+        prlimit
+            .arg(format!("--nofile={limit}:{limit}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_udplb"));
+        Self::spawn(prlimit, &with_admin(admin, args), admin, &[])
     }
 
     /// Starts `udplb run -c FILE` where the file's admin endpoint is `admin`.
-    pub fn run_config(path: &std::path::Path, admin: SocketAddr) -> Udplb {
-        Self::spawn(
-            vec!["run".into(), "-c".into(), path.display().to_string()],
-            admin,
-        )
-    }
-
-    fn spawn(args: Vec<String>, admin: SocketAddr) -> Udplb {
-        Self::spawn_program(env!("CARGO_BIN_EXE_udplb"), args, admin)
-    }
-
-    fn spawn_program(program: &str, args: Vec<String>, admin: SocketAddr) -> Udplb {
-        Self::spawn_with_env(program, args, admin, &[])
+    pub fn run_config(path: &Path, admin: SocketAddr) -> Udplb {
+        Self::run_config_with_env(path, admin, &[])
     }
 
     /// Starts `udplb run -c FILE` with extra environment variables.
-    pub fn run_config_with_env(
-        path: &std::path::Path,
-        admin: SocketAddr,
-        env: &[(&str, &str)],
-    ) -> Udplb {
-        let args = vec!["run".into(), "-c".into(), path.display().to_string()];
-        Self::spawn_with_env(env!("CARGO_BIN_EXE_udplb"), args, admin, env)
+    pub fn run_config_with_env(path: &Path, admin: SocketAddr, env: &[(&str, &str)]) -> Udplb {
+        let args = ["run".to_string(), "-c".into(), path.display().to_string()];
+        Self::spawn(udplb_command(), &args, admin, env)
     }
 
-    fn spawn_with_env(
-        program: &str,
-        args: Vec<String>,
+    /// Runs `command` with `args` and `env`, collects its standard error, and waits until the
+    /// admin endpoint at `admin` answers (a udplb that exits first fails the test).
+    fn spawn(
+        mut command: Command,
+        args: &[String],
         admin: SocketAddr,
         env: &[(&str, &str)],
     ) -> Udplb {
-        let mut child = Command::new(program)
-            .args(&args)
+        let mut child = command
+            .args(args)
             // Tests run as root in CI; privilege dropping has its own test.
             .env("UDPLB_ALLOW_ROOT", "1")
             .envs(env.iter().copied())
