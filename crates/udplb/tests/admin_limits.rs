@@ -20,13 +20,6 @@ fn raise_own_nofile() {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
 }
 
-fn backends_of(stats: &serde_json::Value) -> Vec<serde_json::Value> {
-    stats["pools"][0]["backends"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 fn all_healthy(stats: &serde_json::Value) -> bool {
     let b = backends_of(stats);
     !b.is_empty() && b.iter().all(|b| b["healthy"] == true)

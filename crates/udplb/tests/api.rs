@@ -106,7 +106,7 @@ fn changes_drain_enable_disable_weight_add_remove() {
     assert_eq!(code, 409, "{body}");
     let (code, body) = lb.call("PUT", &path(a.addr, "/weight"), Some(r#"{"weight": 7}"#));
     assert_eq!(code, 200, "{body}");
-    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 7);
+    assert_eq!(lb.backend(0)["weight"], 7);
 
     // Add c, then remove a: new flows reach c, a's flows move.
     let add = format!(r#"{{"address": "{}", "weight": 2}}"#, c.addr);
@@ -233,24 +233,11 @@ fn reload_through_the_api() {
         (200, Some(true)),
         "{body}"
     );
-    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 5);
+    assert_eq!(lb.backend(0)["weight"], 5);
     std::fs::write(&path, "[listeners.l]\nadress = 1\n").unwrap();
     let (code, body) = lb.call("POST", "/api/v1/reload", None);
     assert_eq!(code, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("adress"), "{body}");
-}
-
-fn ctl(lb: &Udplb, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .args(["ctl", "--admin", &lb.admin.to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `udplb ctl` against a running instance: tables, --json, changes and their errors.
@@ -269,37 +256,37 @@ fn ctl_drives_a_running_instance() {
     ]);
     request(&client("127.0.0.1:0"), listen, b"hi");
 
-    let (ok, out, err) = ctl(&lb, &["status"]);
+    let (ok, out, err) = ctl(lb.admin, &["status"], &[]);
     assert!(ok, "{err}");
     assert!(
         out.starts_with("LISTENER") && out.contains("default") && out.contains(&listen.to_string()),
         "{out}"
     );
-    let (ok, out, _) = ctl(&lb, &["backends"]);
+    let (ok, out, _) = ctl(lb.admin, &["backends"], &[]);
     assert!(
         ok && out.contains(&a.addr.to_string()) && out.contains("enabled"),
         "{out}"
     );
 
     let b_addr = b.addr.to_string();
-    let (ok, out, err) = ctl(&lb, &["drain", "default", &b_addr]);
+    let (ok, out, err) = ctl(lb.admin, &["drain", "default", &b_addr], &[]);
     assert!(ok && out.starts_with("ok"), "{out} {err}");
-    let (_, json, _) = ctl(&lb, &["--json", "backends"]);
+    let (_, json, _) = ctl(lb.admin, &["--json", "backends"], &[]);
     let pools: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(pools[0]["backends"][1]["admin"], "draining", "{json}");
-    let (ok, out, _) = ctl(&lb, &["weight", "default", &b_addr, "4"]);
+    let (ok, out, _) = ctl(lb.admin, &["weight", "default", &b_addr, "4"], &[]);
     assert!(ok, "{out}");
-    assert_eq!(lb.stats()["pools"][0]["backends"][1]["weight"], 4);
-    let (ok, out, _) = ctl(&lb, &["remove", "default", "127.0.0.1:1"]);
+    assert_eq!(lb.backend(1)["weight"], 4);
+    let (ok, out, _) = ctl(lb.admin, &["remove", "default", "127.0.0.1:1"], &[]);
     assert!(ok && out.contains("nothing to change"), "{out}");
-    let (ok, _, err) = ctl(&lb, &["weight", "default", &b_addr, "0"]);
+    let (ok, _, err) = ctl(lb.admin, &["weight", "default", &b_addr, "0"], &[]);
     assert!(
         !ok && err.contains("409") && err.contains("weight"),
         "{err}"
     );
-    let (ok, out, _) = ctl(&lb, &["explain", "192.0.2.7:4000"]);
+    let (ok, out, _) = ctl(lb.admin, &["explain", "192.0.2.7:4000"], &[]);
     assert!(ok && out.contains("candidates"), "{out}");
-    let (ok, _, err) = ctl(&lb, &["reload"]);
+    let (ok, _, err) = ctl(lb.admin, &["reload"], &[]);
     assert!(!ok && err.contains("no file to reload"), "{err}");
 }
 
@@ -329,13 +316,7 @@ fn log_level_changes_at_runtime() {
         "{body}"
     );
     // Workers log at debug when they stop; with the old level this line would not appear.
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &lb.pid().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(lb.pid(), "TERM");
     assert!(wait_for(DEADLINE, || !lb.alive()));
     let stderr = lb.stderr.lock().unwrap().clone();
     assert!(stderr.contains("worker stopped"), "{stderr}");
@@ -468,7 +449,7 @@ fn every_api_error_is_json() {
         );
     }
     // Nothing was changed by the refused calls.
-    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 1);
+    assert_eq!(lb.backend(0)["weight"], 1);
 }
 
 /// Read-only: every change answers 403, before its body is read (a malformed or oversized
@@ -591,25 +572,14 @@ fn changes_need_the_token_when_one_is_configured() {
         "{answer}"
     );
 
-    let ctl = |args: &[&str], env: &[(&str, &str)]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-            .args(["ctl", "--admin", &admin.to_string()])
-            .args(args)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
     let enable = ["enable", "p", &a.addr.to_string()];
-    let (ok, err) = ctl(&enable, &[]);
+    let (ok, _, err) = ctl(admin, &enable, &[]);
     assert!(!ok && err.contains("401"), "{err}");
     let file_arg = file.display().to_string();
-    let (ok, err) = ctl(&[&["--token-file", &file_arg][..], &enable].concat(), &[]);
+    let with_file = [&["--token-file", &file_arg][..], &enable].concat();
+    let (ok, _, err) = ctl(admin, &with_file, &[]);
     assert!(ok, "{err}");
-    let (ok, err) = ctl(&enable, &[("UDPLB_ADMIN_TOKEN_FILE", &file_arg)]);
+    let (ok, _, err) = ctl(admin, &enable, &[("UDPLB_ADMIN_TOKEN_FILE", &file_arg)]);
     assert!(ok, "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -238,9 +238,8 @@ fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
             knot.addr
         ),
     );
-    let healthy = || lb.stats()["pools"][0]["backends"][0]["healthy"].as_bool();
     assert!(
-        wait_for(DEADLINE, || healthy() == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -267,14 +266,11 @@ fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
     knotc(&["conf-unset", &format!("zone[{ZONE}]")]);
     knotc(&["conf-commit"]);
     assert!(
-        wait_for(DEADLINE, || healthy() == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
-    let error = lb.stats()["pools"][0]["backends"][0]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_lowercase();
+    let error = lb.last_error(0).to_lowercase();
     assert!(error.contains("refused"), "{error}");
 }
 
@@ -295,9 +291,8 @@ fn dns_check_takes_plain_names_in_any_case() {
             knot.addr
         ),
     );
-    let healthy = |lb: &Udplb| lb.stats()["pools"][0]["backends"][0]["healthy"].as_bool();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -320,14 +315,11 @@ fn dns_check_takes_plain_names_in_any_case() {
         &knot.addr.to_string(),
     ]);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
-    assert_eq!(
-        lb.stats()["pools"][0]["backends"][0]["checks_failed"].as_u64(),
-        Some(0)
-    );
+    assert_eq!(lb.backend(0)["checks_failed"].as_u64(), Some(0));
     assert_eq!(
         answers(listen, &format!("www.{ZONE}"), "A").as_deref(),
         Some("192.0.2.10")

@@ -58,7 +58,9 @@ fn a_spoofed_flood_stays_within_the_cap_and_spares_established_clients() {
         let (stop, peak, admin) = (Arc::clone(&stop), Arc::clone(&peak), lb.admin);
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                if let Some(live) = live_flows(admin) {
+                let stats = stats_at(admin, Duration::from_secs(1));
+                if let Some(live) = stats.and_then(|s| s["listeners"][0]["flows"]["live"].as_u64())
+                {
                     peak.fetch_max(live, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -145,16 +147,4 @@ fn a_spoofed_flood_stays_within_the_cap_and_spares_established_clients() {
         received * 100 >= sent * 99,
         "legitimate clients got only {received} of {sent} replies"
     );
-}
-
-fn live_flows(admin: SocketAddr) -> Option<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET /stats HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    let json = body.split_once("\r\n\r\n")?.1;
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    v["listeners"][0]["flows"]["live"].as_u64()
 }

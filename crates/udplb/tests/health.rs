@@ -21,17 +21,6 @@ fn start(mode: &str, backends: &[String], pool_extra: &str, health: &str) -> (Ud
     (lb, listen)
 }
 
-fn last_error(lb: &Udplb, backend: usize) -> String {
-    lb.stats()["pools"][0]["backends"][backend]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn healthy(lb: &Udplb, backend: usize) -> Option<bool> {
-    lb.stats()["pools"][0]["backends"][backend]["healthy"].as_bool()
-}
-
 /// A UDP check every 100 ms, 2 results to rise or fall.
 fn fast_udp() -> String {
     udp_check(100, 100, 2, 2)
@@ -49,7 +38,7 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     let names: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
     let (lb, listen) = start("flow", &names, "", &fast_udp());
     assert!(
-        wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))),
+        wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))),
         "{}",
         lb.stats()
     );
@@ -60,7 +49,7 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     let killed_at = Instant::now();
     drop(backends.remove(1)); // b stops answering; its port is closed
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 1) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(1) == Some(false)),
         "{}",
         lb.stats()
     );
@@ -104,7 +93,7 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     // b comes back on the same port and takes new flows after rise (2) good checks.
     let back = Backend::start_at(b_addr, "b");
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -140,15 +129,15 @@ fn tcp_check_on_any_port_governs_a_udp_backend() {
     );
     let (lb, listen) = start("datagram", &[quoted(a.addr), quoted(b.addr)], "", &health);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
-            && healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)
+            && lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
     drop(listener);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)
-            && healthy(&lb, 1) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)
+            && lb.healthy(1) == Some(false)),
         "{}",
         lb.stats()
     );
@@ -162,7 +151,7 @@ fn tcp_check_on_any_port_governs_a_udp_backend() {
     );
     let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -194,7 +183,7 @@ fn exec_check_follows_the_commands_exit_status() {
     );
     let (lb, _) = start("flow", &[quoted(a.addr)], "", &health);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -205,11 +194,11 @@ fn exec_check_follows_the_commands_exit_status() {
     );
     std::fs::remove_file(&flag).unwrap();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
-    let err = last_error(&lb, 0);
+    let err = lb.last_error(0);
     assert!(err.contains("exited"), "{err}");
 }
 
@@ -242,7 +231,7 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     );
     let (lb, listen) = start("datagram", &backends, &pool_extra, &fast_udp());
     assert!(
-        wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))),
+        wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))),
         "{}",
         lb.stats()
     );
@@ -250,8 +239,8 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     drop(a);
     drop(b);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)
-            && healthy(&lb, 1) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)
+            && lb.healthy(1) == Some(false)),
         "{}",
         lb.stats()
     );
@@ -262,8 +251,8 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     let a = Backend::start_at(a_addr, "a");
     let b = Backend::start_at(b_addr, "b");
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
-            && healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)
+            && lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -336,7 +325,7 @@ fn http_check_wants_the_status_and_the_string() {
     );
     let (lb, listen) = start("flow", &[quoted(a.addr)], "", &health);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -344,15 +333,15 @@ fn http_check_wants_the_status_and_the_string() {
     assert_eq!(request(&c, listen, b"hi").0, b"a:hi");
     up.store(false, Ordering::Relaxed);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
-    let err = last_error(&lb, 0);
+    let err = lb.last_error(0);
     assert!(err.contains("body lacks \"webserverisworking\""), "{err}");
     up.store(true, Ordering::Relaxed);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -501,8 +490,8 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
     let health = udp_check(interval, timeout, 1, fall);
     let (lb, listen) = start("flow", &[quoted(backend), quoted(local.addr)], "", &health);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
-            && healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)
+            && lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -510,7 +499,7 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
     let cut_at = Instant::now();
     ns.black_hole();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
@@ -525,7 +514,7 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
         detected <= bound + Duration::from_millis(150),
         "took {detected:?}, bound {bound:?}"
     );
-    let error = last_error(&lb, 0);
+    let error = lb.last_error(0);
     assert!(error.contains("timeout"), "a black hole times out: {error}");
     // Clients are served by the remaining backend.
     let c = client("127.0.0.1:0");
@@ -560,7 +549,7 @@ fn unanswered_requests_eject_a_backend_between_checks() {
         ),
     );
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -568,15 +557,12 @@ fn unanswered_requests_eject_a_backend_between_checks() {
         client("127.0.0.1:0").send_to(b"anyone?", listen).unwrap();
     }
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
     assert_eq!(lb.counter("/reply_timeouts"), 2);
-    assert_eq!(
-        lb.stats()["pools"][0]["backends"][0]["passive_failures"].as_u64(),
-        Some(2)
-    );
+    assert_eq!(lb.backend(0)["passive_failures"].as_u64(), Some(2));
     let c = client("127.0.0.1:0");
     assert_eq!(request(&c, listen, b"hi").0, b"backup:hi");
     drop(tcp);
@@ -596,19 +582,19 @@ fn a_backend_can_override_the_pool_check() {
     );
     let (lb, _) = start("flow", &[quoted(a.addr), b_entry], "", &fast_udp());
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
-            && healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)
+            && lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
     drop(tcp);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 1) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(1) == Some(false)),
         "{}",
         lb.stats()
     );
     assert_eq!(
-        healthy(&lb, 0),
+        lb.healthy(0),
         Some(true),
         "the pool's UDP check still passes for a"
     );
@@ -632,7 +618,7 @@ fn startup_sends_nothing_to_a_backend_never_seen_healthy() {
         0,
         "a datagram went to the dead backend"
     );
-    assert_eq!(healthy(&lb, 0), Some(false));
+    assert_eq!(lb.healthy(0), Some(false));
 }
 
 /// After every backend was down, the flows that came back first all land on the first backend
@@ -649,10 +635,10 @@ fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
     let fast = "check = \"udp\"\nsend = \"ping\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
                 jitter = \"0s\"\nrise = 1\nfall = 1";
     let (lb, listen) = start("flow", &names, "rebalance = \"250ms\"", fast);
-    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))));
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))));
     // Every backend goes away.
     backends.clear();
-    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(false))));
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(false))));
     // 30 clients keep asking, one datagram every 400 ms each; a comes back first.
     let clients: Vec<std::net::UdpSocket> = (0..30).map(|_| client("127.0.0.1:0")).collect();
     let ask_all = |clients: &[std::net::UdpSocket]| -> Vec<String> {
@@ -675,12 +661,12 @@ fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
             .collect()
     };
     let _a = Backend::start_at(addrs[0], "a");
-    assert!(wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)));
+    assert!(wait_for(DEADLINE, || lb.healthy(0) == Some(true)));
     let first = ask_all(&clients);
     assert!(first.iter().all(|t| t == "a"), "{first:?}");
     let _b = Backend::start_at(addrs[1], "b");
     let _c = Backend::start_at(addrs[2], "c");
-    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))));
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))));
     let mut spread = std::collections::HashMap::new();
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(400));
@@ -715,11 +701,11 @@ fn a_recovered_backend_ramps_up_over_slow_start() {
         "slow_start = \"3s\"",
         fast,
     );
-    assert!(wait_for(DEADLINE, || (0..2).all(|i| healthy(&lb, i) == Some(true))));
+    assert!(wait_for(DEADLINE, || (0..2).all(|i| lb.healthy(i) == Some(true))));
     drop(b);
-    assert!(wait_for(DEADLINE, || healthy(&lb, 1) == Some(false)));
+    assert!(wait_for(DEADLINE, || lb.healthy(1) == Some(false)));
     let _b = Backend::start_at(b_addr, "b");
-    assert!(wait_for(DEADLINE, || healthy(&lb, 1) == Some(true)));
+    assert!(wait_for(DEADLINE, || lb.healthy(1) == Some(true)));
     let c = client("127.0.0.1:0");
     let share_of_b = |n: usize| {
         let mut b = 0;

@@ -301,18 +301,9 @@ fn kernel_drops_sum_every_listener_socket_and_refresh_on_their_own() {
             a.addr
         ),
     );
-    let pid = lb.pid().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    };
     // Stopped, udplb reads nothing: its sockets' small buffers fill and the kernel drops the
     // rest, a different number on each listener.
-    signal("-STOP");
+    signal(lb.pid(), "STOP");
     let c = client("127.0.0.1:0");
     for (listener, count) in [(one, 300), (two, 500)] {
         for i in 0..count {
@@ -320,7 +311,7 @@ fn kernel_drops_sum_every_listener_socket_and_refresh_on_their_own() {
                 .unwrap();
         }
     }
-    signal("-CONT");
+    signal(lb.pid(), "CONT");
     let expected = kernel_drops_on_port(one.port()) + kernel_drops_on_port(two.port());
     let (drops_one, drops_two) = (
         kernel_drops_on_port(one.port()),

@@ -207,9 +207,8 @@ fn silent_backend_leaves_rotation_in_request_response_mode() {
     ]);
     let started = Instant::now();
     let clients = Clients::start(listen, 2, true);
-    let healthy = |lb: &Udplb| lb.stats()["pools"][0]["backends"][1]["healthy"].as_bool();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(1) == Some(false)),
         "the silent backend was never taken out: {}",
         lb.stats()
     );
@@ -243,17 +242,7 @@ fn silent_backend_leaves_rotation_in_request_response_mode() {
 /// Health options that mean nothing with the others given are refused, as in a file.
 #[test]
 fn one_liner_health_options_that_do_not_apply_are_errors() {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-            .args(args)
-            .env("UDPLB_ALLOW_ROOT", "1")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| exit_of(args, &[("UDPLB_ALLOW_ROOT", "1")]);
     let (code, err) = run(&["--reply-timeout", "1s", "127.0.0.1:5300", "127.0.0.1:5301"]);
     assert_eq!(code, Some(78), "{err}");
     assert!(

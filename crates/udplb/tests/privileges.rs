@@ -165,17 +165,16 @@ fn an_unknown_user_is_a_clear_error() {
         return;
     }
     let listen = listen_addr("127.0.0.1").to_string();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .args([
+    let (code, stderr) = exit_of(
+        &[
             "--user",
             "no-such-user-udplb",
             listen.as_str(),
             "127.0.0.1:9",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(
         stderr.contains("udplb: --user: there is no user named \"no-such-user-udplb\""),
         "{stderr}"

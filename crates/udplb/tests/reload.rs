@@ -30,12 +30,17 @@ fn weighted_config(
     )
 }
 
-fn sighup(lb: &Udplb) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &lb.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+/// Reloads that failed so far.
+fn reloads_failed(lb: &Udplb) -> Option<u64> {
+    lb.stats()["reload"]["failed"].as_u64()
+}
+
+/// Why the last reload failed.
+fn reload_error(lb: &Udplb) -> String {
+    lb.stats()["reload"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Per-flow losses and whether every flow stayed on its first backend.
@@ -79,7 +84,7 @@ fn fifty_reloads_under_load_lose_nothing_and_move_no_flow() {
                 &[1 + i % 3, 1 + (i + 1) % 5, 2 + i % 2],
             ),
         );
-        sighup(&lb);
+        signal(lb.pid(), "HUP");
         std::thread::sleep(Duration::from_millis(30));
     }
     let reloaded = wait_for(DEADLINE, || {
@@ -122,17 +127,13 @@ fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
     assert_eq!(request(&c, listen, b"before").0, b"a:before");
 
     std::fs::write(&path, "[listeners.l]\nadress = \"oops\"\n").unwrap();
-    sighup(&lb);
+    signal(lb.pid(), "HUP");
     assert!(
-        wait_for(DEADLINE, || lb.stats()["reload"]["failed"].as_u64()
-            == Some(1)),
+        wait_for(DEADLINE, || reloads_failed(&lb) == Some(1)),
         "{}",
         lb.stats()
     );
-    let error = lb.stats()["reload"]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let error = reload_error(&lb);
     assert!(
         error.contains(&format!("{}:2:", path.display())) && error.contains("adress"),
         "{error}"
@@ -151,17 +152,13 @@ fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
     // A listener change cannot be applied live: refused, with the reason.
     let moved = listen_addr("127.0.0.1");
     replace_file(&path, &weighted_config(admin, moved, &[&a], &[1]));
-    sighup(&lb);
+    signal(lb.pid(), "HUP");
     assert!(
-        wait_for(DEADLINE, || lb.stats()["reload"]["failed"].as_u64()
-            == Some(2)),
+        wait_for(DEADLINE, || reloads_failed(&lb) == Some(2)),
         "{}",
         lb.stats()
     );
-    let error = lb.stats()["reload"]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let error = reload_error(&lb);
     assert!(error.contains("needs a restart"), "{error}");
     assert!(
         error.contains(&format!("listener \"l\": address {listen} -> {moved}")),
@@ -183,17 +180,13 @@ fn a_reload_with_a_program_that_cannot_run_is_refused() {
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str("notify = [\"no-such-program-udplb\"]\n");
     std::fs::write(&path, &text).unwrap();
-    sighup(&lb);
+    signal(lb.pid(), "HUP");
     assert!(
-        wait_for(DEADLINE, || lb.stats()["reload"]["failed"].as_u64()
-            == Some(1)),
+        wait_for(DEADLINE, || reloads_failed(&lb) == Some(1)),
         "{}",
         lb.stats()
     );
-    let error = lb.stats()["reload"]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let error = reload_error(&lb);
     let line = text.lines().count();
     assert!(
         error.contains(&format!(
@@ -205,11 +198,6 @@ fn a_reload_with_a_program_that_cannot_run_is_refused() {
     let c = client("127.0.0.1:0");
     assert_eq!(request(&c, listen, b"still").0, b"a:still");
     let _ = std::fs::remove_dir_all(dir);
-}
-
-/// Whether the backend at `addr` is healthy, `None` while the admin endpoint does not answer.
-fn healthy_at(lb: &Udplb, addr: SocketAddr) -> Option<bool> {
-    backend_status(&lb.try_stats()?, addr)?["healthy"].as_bool()
 }
 
 /// A reload whose file was replaced by a FIFO nothing writes to is refused at once, with the
@@ -233,8 +221,8 @@ fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
     replace_file(&path, &one_pool_toml(admin, listen, "", &backends, &health));
     let mut lb = Udplb::run_config(&path, admin);
     assert!(
-        wait_for(DEADLINE, || healthy_at(&lb, a.addr) == Some(true)
-            && healthy_at(&lb, b.addr) == Some(true)),
+        wait_for(DEADLINE, || lb.try_healthy(a.addr) == Some(true)
+            && lb.try_healthy(b.addr) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -256,7 +244,7 @@ fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
     a.mute(true);
     let muted = Instant::now();
     let detected = wait_for(Duration::from_secs(5), || {
-        healthy_at(&lb, a.addr) == Some(false)
+        lb.try_healthy(a.addr) == Some(false)
     });
     let detect_took = muted.elapsed();
     let reload = lb.try_stats().map(|s| s["reload"].clone());
@@ -379,9 +367,7 @@ fn a_reload_storm_keeps_checks_on_schedule() {
     a.mute(true);
     let muted = Instant::now();
     let detected = wait_for(Duration::from_secs(8), || {
-        lb.try_stats()
-            .and_then(|s| backend_status(&s, a.addr))
-            .is_some_and(|b| b["healthy"] == false)
+        lb.try_healthy(a.addr) == Some(false)
     });
     let took = muted.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -439,17 +425,12 @@ fn a_reload_storm_lets_recovery_probes_finish() {
     };
     write(0);
     let lb = Udplb::run_config(&path, admin);
-    let healthy = |lb: &Udplb| {
-        lb.try_stats()
-            .and_then(|s| backend_status(&s, b_addr))
-            .and_then(|b| b["healthy"].as_bool())
-    };
     drop(b);
     let c = client("127.0.0.1:0");
     assert!(
         wait_for(DEADLINE, || {
             let _ = c.send_to(b"x", listen);
-            healthy(&lb) == Some(false)
+            lb.try_healthy(b_addr) == Some(false)
         }),
         "{}",
         lb.stats()
@@ -473,7 +454,9 @@ fn a_reload_storm_lets_recovery_probes_finish() {
             i - 1
         })
     };
-    let recovered = wait_for(Duration::from_secs(6), || healthy(&lb) == Some(true));
+    let recovered = wait_for(Duration::from_secs(6), || {
+        lb.try_healthy(b_addr) == Some(true)
+    });
     let took = back_at.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let reloads = storm.join().unwrap();

@@ -154,15 +154,12 @@ fn a_backend_that_is_udplb_itself_is_refused() {
         assert!(err.contains("pools.p.backends[1].address"), "{what}: {err}");
     }
     // The one-liner, too.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .args([&listen.to_string(), &listen.to_string()])
-        .env("UDPLB_ALLOW_ROOT", "1")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("udplb would send its datagrams to itself")
+    let (code, stderr) = exit_of(
+        &[&listen.to_string(), &listen.to_string()],
+        &[("UDPLB_ALLOW_ROOT", "1")],
     );
+    assert_eq!(code, Some(78));
+    assert!(stderr.contains("udplb would send its datagrams to itself"));
     // And the admin API.
     let backend = Backend::start("127.0.0.1", "echo");
     let lb = Udplb::start(&[
@@ -211,7 +208,7 @@ fn a_backend_that_becomes_a_local_address_leaves_rotation() {
         &soon_local,
         &other.addr.to_string(),
     ]);
-    let in_rotation = |lb: &Udplb| lb.stats()["pools"][0]["backends"][0]["in_rotation"].as_bool();
+    let in_rotation = |lb: &Udplb| lb.backend(0)["in_rotation"].as_bool();
     assert_eq!(in_rotation(&lb), Some(true));
     let added = std::process::Command::new("ip")
         .args(["addr", "add", "192.0.2.77/32", "dev", "lo"])

@@ -46,26 +46,13 @@ fn notifies_ready_reloading_watchdog_and_stopping() {
     assert!(wait_message(&socket, &mut seen, "WATCHDOG=1"), "{seen:?}");
 
     seen.clear();
-    let kill = |sig: &str| {
-        assert!(
-            std::process::Command::new("kill")
-                .args([sig, &lb.pid().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
-    kill("-HUP");
+    signal(lb.pid(), "HUP");
     assert!(wait_message(&socket, &mut seen, "RELOADING=1"), "{seen:?}");
     let reloading = seen.iter().find(|m| m.contains("RELOADING=1")).unwrap();
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     assert!(wait_message(&socket, &mut seen, "READY=1"), "{seen:?}");
 
-    kill("-TERM");
+    signal(lb.pid(), "TERM");
     assert!(wait_message(&socket, &mut seen, "STOPPING=1"), "{seen:?}");
-    let start = Instant::now();
-    while lb.alive() {
-        assert!(start.elapsed() < DEADLINE, "udplb did not stop");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(wait_exit(&mut lb, DEADLINE).is_some(), "udplb did not stop");
 }

@@ -332,13 +332,7 @@ impl Udplb {
 
     /// The admin endpoint's `/stats`, or `None` when it does not answer within 2 s.
     pub fn try_stats(&self) -> Option<serde_json::Value> {
-        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(s, "GET /stats HTTP/1.0\r\nHost: udplb\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        let json = body.split("\r\n\r\n").nth(1)?;
-        serde_json::from_str(json).ok()
+        stats_at(self.admin, Duration::from_millis(200))
     }
 
     /// The admin endpoint's `/stats`.
@@ -358,6 +352,29 @@ impl Udplb {
             .pointer(pointer)
             .and_then(|v| v.as_u64())
             .unwrap_or_else(|| panic!("no counter {pointer} in {stats}"))
+    }
+
+    /// The status of backend `which` of the first pool (`Null` when there is none).
+    pub fn backend(&self, which: impl BackendRef) -> serde_json::Value {
+        backend_status(&self.stats(), which).unwrap_or_default()
+    }
+
+    /// Whether backend `which` of the first pool is healthy (`None`: no such backend).
+    pub fn healthy(&self, which: impl BackendRef) -> Option<bool> {
+        self.backend(which)["healthy"].as_bool()
+    }
+
+    /// Like [`Udplb::healthy`], but `None` while the admin endpoint does not answer.
+    pub fn try_healthy(&self, which: impl BackendRef) -> Option<bool> {
+        backend_status(&self.try_stats()?, which)?["healthy"].as_bool()
+    }
+
+    /// The last check error of backend `which` of the first pool ("" when there is none).
+    pub fn last_error(&self, which: impl BackendRef) -> String {
+        self.backend(which)["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Number of UDP sockets the process holds open (listeners plus one upstream socket per
@@ -657,14 +674,68 @@ pub fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
-/// The status of the backend at `addr` in the first pool of `stats` (found by address, so
-/// reordered backends are found too).
-pub fn backend_status(stats: &serde_json::Value, addr: SocketAddr) -> Option<serde_json::Value> {
+/// `GET /stats` on the admin endpoint at `admin`, or `None` when it does not accept the
+/// connection within `connect_timeout` or does not answer within 2 s.
+pub fn stats_at(admin: SocketAddr, connect_timeout: Duration) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect_timeout(&admin, connect_timeout).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /stats HTTP/1.0\r\nHost: udplb\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let json = body.split("\r\n\r\n").nth(1)?;
+    serde_json::from_str(json).ok()
+}
+
+/// The backends of the first pool of `stats`, in the order `/stats` lists them.
+pub fn backends_of(stats: &serde_json::Value) -> Vec<serde_json::Value> {
     stats["pools"][0]["backends"]
-        .as_array()?
-        .iter()
-        .find(|b| b["address"] == addr.to_string())
+        .as_array()
         .cloned()
+        .unwrap_or_default()
+}
+
+/// A backend of a pool in `/stats`: by its position (`usize`), or by its address
+/// (`SocketAddr`: found wherever a reload put it).
+pub trait BackendRef {
+    fn find(self, backends: Vec<serde_json::Value>) -> Option<serde_json::Value>;
+}
+
+impl BackendRef for usize {
+    fn find(self, backends: Vec<serde_json::Value>) -> Option<serde_json::Value> {
+        backends.into_iter().nth(self)
+    }
+}
+
+impl BackendRef for SocketAddr {
+    fn find(self, backends: Vec<serde_json::Value>) -> Option<serde_json::Value> {
+        backends
+            .into_iter()
+            .find(|b| b["address"] == self.to_string())
+    }
+}
+
+/// The status of backend `which` in the first pool of `stats`.
+pub fn backend_status(
+    stats: &serde_json::Value,
+    which: impl BackendRef,
+) -> Option<serde_json::Value> {
+    which.find(backends_of(stats))
+}
+
+/// `udplb ctl --admin ADMIN ARGS...` with extra environment variables: whether it succeeded,
+/// its standard output and its standard error.
+pub fn ctl(admin: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = udplb_command()
+        .args(["ctl", "--admin", &admin.to_string()])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Waits up to `limit` for the process to exit; its exit code (`None` for a signal) and how
