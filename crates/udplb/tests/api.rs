@@ -9,19 +9,13 @@ use std::path::PathBuf;
 use common::*;
 
 fn tag_of(c: &std::net::UdpSocket, listen: SocketAddr) -> String {
-    let (reply, _) = request(c, listen, b"x");
-    String::from_utf8_lossy(&reply)
-        .split(':')
-        .next()
-        .unwrap()
-        .to_string()
+    tag(&request(c, listen, b"x").0)
 }
 
 #[test]
 fn read_only_by_default_and_changes_only_by_the_right_method() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
+    let (lb, _) = Udplb::serve(&[], &[a.addr]);
     let (code, body) = lb.call("GET", "/api/v1/status", None);
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["listeners"][0]["name"], "default");
@@ -44,15 +38,10 @@ fn changes_drain_enable_disable_weight_add_remove() {
         Backend::start("127.0.0.1", "b"),
         Backend::start("127.0.0.1", "c"),
     );
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        "--workers",
-        "1",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &b.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--admin-allow-changes", "--workers", "1"],
+        &[a.addr, b.addr],
+    );
     let path =
         |addr: SocketAddr, what: &str| format!("/api/v1/pools/default/backends/{addr}{what}");
 
@@ -173,15 +162,8 @@ fn explain_names_the_backend_a_new_flow_gets_and_why() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen = listen_addr("127.0.0.1");
-    let mut args = vec![
-        "--scheduler".to_string(),
-        "maglev".to_string(),
-        listen.to_string(),
-    ];
-    args.extend(backends.iter().map(|b| b.addr.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let lb = Udplb::start(&args);
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (lb, listen) = Udplb::serve(&["--scheduler", "maglev"], &addrs);
     for _ in 0..5 {
         let c = client("127.0.0.1:0");
         let me = c.local_addr().unwrap();
@@ -189,11 +171,7 @@ fn explain_names_the_backend_a_new_flow_gets_and_why() {
         assert_eq!(code, 200, "{body}");
         let predicted = body["backend"].as_str().unwrap().to_string();
         let (reply, _) = request(&c, listen, b"x");
-        let tag = String::from_utf8_lossy(&reply)
-            .split(':')
-            .next()
-            .unwrap()
-            .to_string();
+        let tag = tag(&reply);
         let got = backends
             .iter()
             .position(|b| b.addr.to_string() == predicted)
@@ -247,13 +225,7 @@ fn ctl_drives_a_running_instance() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &b.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--admin-allow-changes"], &[a.addr, b.addr]);
     request(&client("127.0.0.1:0"), listen, b"hi");
 
     let (ok, out, err) = ctl(lb.admin, &["status"], &[]);
@@ -294,14 +266,7 @@ fn ctl_drives_a_running_instance() {
 #[test]
 fn log_level_changes_at_runtime() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let mut lb = Udplb::start(&[
-        "--admin-allow-changes",
-        "--log-level",
-        "info",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (mut lb, _) = Udplb::serve(&["--admin-allow-changes", "--log-level", "info"], &[a.addr]);
     assert_eq!(lb.call("GET", "/api/v1/log-level", None).1["level"], "info");
     let (code, body) = lb.call(
         "PUT",
@@ -328,12 +293,7 @@ fn log_level_changes_at_runtime() {
 #[test]
 fn log_level_filters_are_checked_strictly() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, _) = Udplb::serve(&["--admin-allow-changes"], &[a.addr]);
     for (filter, why) in [
         ("verbose", "neither a level"),
         ("trace,,", "is empty"),
@@ -365,12 +325,7 @@ fn log_level_filters_are_checked_strictly() {
 #[test]
 fn every_api_error_is_json() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, _) = Udplb::serve(&["--admin-allow-changes"], &[a.addr]);
     let json = Some("application/json");
     let weight = format!("/api/v1/pools/default/backends/{}/weight", a.addr);
     let drain = format!("/api/v1/pools/default/backends/{}/drain", a.addr);
@@ -457,7 +412,7 @@ fn every_api_error_is_json() {
 #[test]
 fn read_only_refuses_a_change_before_reading_its_body() {
     let a = Backend::start("127.0.0.1", "a");
-    let lb = Udplb::start(&[&listen_addr("127.0.0.1").to_string(), &a.addr.to_string()]);
+    let (lb, _) = Udplb::serve(&[], &[a.addr]);
     let json = Some("application/json");
     let weight = format!("/api/v1/pools/default/backends/{}/weight", a.addr);
     let huge = format!(r#"{{"pad": "{}"}}"#, "x".repeat(20_000));
@@ -634,11 +589,7 @@ fn a_non_loopback_admin_that_allows_changes_needs_a_token() {
     assert!(stderr.contains("--admin-token-file"), "{stderr}");
 
     let a = Backend::start("127.0.0.1", "a");
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        &listen_addr("127.0.0.1").to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, _) = Udplb::serve(&["--admin-allow-changes"], &[a.addr]);
     let stderr = lb.stderr.lock().unwrap().clone();
     assert!(
         stderr.contains("WARN") && stderr.contains("without a token"),

@@ -244,8 +244,7 @@ fn a_failure_at_start_has_one_prefix() {
 fn logs_to_a_pipe_have_no_colour() {
     let a = common::Backend::start("127.0.0.1", "a");
     for format in ["human", "json"] {
-        let listen = common::listen_addr("127.0.0.1").to_string();
-        let lb = common::Udplb::start(&["--log-format", format, &listen, &a.addr.to_string()]);
+        let (lb, _) = common::Udplb::serve(&["--log-format", format], &[a.addr]);
         assert!(
             common::wait_for(common::DEADLINE, || lb
                 .stderr

@@ -145,14 +145,7 @@ fn start_unbound() -> Server {
 fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
     let (knot, _) = start_knot("knot");
     let unbound = start_unbound();
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--mode",
-        "request-response",
-        &listen.to_string(),
-        &knot.addr.to_string(),
-        &unbound.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--mode", "request-response"], &[knot.addr, unbound.addr]);
 
     // dig gets correct answers, and both servers answer (each dig is a new flow, and a worker's
     // round robin alternates; with 4 or more queries over 2 workers one worker sees two).
@@ -303,17 +296,17 @@ fn dns_check_takes_plain_names_in_any_case() {
     drop(lb);
 
     // The one-liner's check, in another case.
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--mode",
-        "request-response",
-        "--check",
-        "dns:WWW.Example.TEST",
-        "--check-interval",
-        "100ms",
-        &listen.to_string(),
-        &knot.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &[
+            "--mode",
+            "request-response",
+            "--check",
+            "dns:WWW.Example.TEST",
+            "--check-interval",
+            "100ms",
+        ],
+        &[knot.addr],
+    );
     assert!(
         wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",

@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::spoof::Spoofer;
+use common::spoof::{Spoofer, v4};
 use common::*;
 
 const CAP: u64 = 20_000;
@@ -18,13 +18,9 @@ const CAP: u64 = 20_000;
 const AFTER_FULL: u32 = 100_000;
 const RATE: u32 = 100_000;
 
+/// The resident memory of `pid`.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
+    status_field(pid, "VmRSS")[0].parse().unwrap()
 }
 
 #[test]
@@ -34,19 +30,13 @@ fn a_spoofed_flood_stays_within_the_cap_and_spares_established_clients() {
         return;
     };
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddrV4 = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
     // One descriptor per flow: where the hard limit is below the cap, the last flows are shed
     // as `upstream_socket` instead of `flow_cap` (both are refusals of new flows).
-    let lb = Udplb::start(&[
-        "--max-flows",
-        &CAP.to_string(),
-        "--workers",
-        "2",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--max-flows", &CAP.to_string(), "--workers", "2"],
+        &[a.addr],
+    );
+    let listen = v4(listen);
     let legit = Load::start(SocketAddr::V4(listen), 4);
     assert!(wait_for(DEADLINE, || lb.counter("/flows/live") == 4));
     let rss_before = rss_kib(lb.pid());

@@ -6,6 +6,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::netns::{Namespace, serve_if_asked};
 use common::*;
 
 /// Starts udplb with one listener in `mode` on a pool of `backends` (TOML array items) whose
@@ -65,8 +66,8 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
         .iter()
         .filter(|l| l.tags.first().is_some_and(|t| t != "b"))
         .collect();
-    let lost_b: u64 = on_b.iter().map(|l| l.sent - l.received).sum();
-    let lost_others: u64 = others.iter().map(|l| l.sent - l.received).sum();
+    let lost_b: u64 = on_b.iter().map(|l| l.lost()).sum();
+    let lost_others: u64 = others.iter().map(|l| l.lost()).sum();
     let sent: u64 = logs.iter().map(|l| l.sent).sum();
     eprintln!(
         "udp check (interval 100ms, timeout 100ms, fall 2), 30 flows x 100 datagrams/s: killed backend out of \
@@ -84,7 +85,7 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     }
     for l in &others {
         assert!(
-            l.tags.iter().all(|t| t == &l.tags[0]),
+            l.stayed(),
             "a flow on a healthy backend moved: {:?}",
             l.tags
         );
@@ -100,13 +101,7 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     let fresh: Vec<_> = (0..12).map(|_| client("127.0.0.1:0")).collect();
     let tags: Vec<String> = fresh
         .iter()
-        .map(|c| {
-            String::from_utf8_lossy(&request(c, listen, b"z").0)
-                .split(':')
-                .next()
-                .unwrap()
-                .to_string()
-        })
+        .map(|c| tag(&request(c, listen, b"z").0))
         .collect();
     assert!(
         tags.iter().any(|t| t == "b"),
@@ -352,131 +347,30 @@ fn http_check_wants_the_status_and_the_string() {
 /// this test binary again.
 #[test]
 fn echo_backend_for_namespaces() {
-    let Ok(addr) = std::env::var("UDPLB_TEST_ECHO") else {
-        return;
-    };
-    let socket = std::net::UdpSocket::bind(addr.as_str()).expect("bind the namespaced echo");
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        if let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let mut out = b"ns:".to_vec();
-            out.extend_from_slice(&buf[..n]);
-            let _ = socket.send_to(&out, from);
-        }
-    }
-}
-
-/// A network namespace with a veth link to it, removed on drop.
-struct Namespace {
-    name: String,
-    host_if: String,
-    ns_if: String,
-    backend: Option<std::process::Child>,
-}
-
-impl Namespace {
-    fn ip(args: &[&str]) -> bool {
-        std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    /// Creates the namespace and its link; `Err` says why when this host cannot (a container
-    /// without the rights to make namespaces, say).
-    fn create(tag: u32, host_ip: &str, ns_ip: &str) -> Result<Namespace, String> {
-        let ns = Namespace {
-            name: format!("udplb-test-{tag}"),
-            host_if: format!("ulb{tag}h"),
-            ns_if: format!("ulb{tag}n"),
-            backend: None,
-        };
-        let _ = Self::ip(&["netns", "del", &ns.name]);
-        let _ = Self::ip(&["link", "del", &ns.host_if]);
-        for args in [
-            vec!["netns", "add", &ns.name],
-            vec![
-                "link",
-                "add",
-                &ns.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &ns.ns_if,
-            ],
-            vec!["link", "set", &ns.ns_if, "netns", &ns.name],
-            vec!["addr", "add", host_ip, "dev", &ns.host_if],
-            vec!["link", "set", &ns.host_if, "up"],
-            vec!["-n", &ns.name, "addr", "add", ns_ip, "dev", &ns.ns_if],
-            vec!["-n", &ns.name, "link", "set", &ns.ns_if, "up"],
-            vec!["-n", &ns.name, "link", "set", "lo", "up"],
-        ] {
-            if !Self::ip(&args) {
-                return Err(format!("`ip {}` failed", args.join(" ")));
-            }
-        }
-        if !std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.name, "true"])
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            return Err(format!("`ip netns exec {} true` failed", ns.name));
-        }
-        Ok(ns)
-    }
-
-    /// Runs this test binary's namespaced echo backend on `addr` inside the namespace.
-    fn start_echo(&mut self, addr: SocketAddr) {
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .arg(std::env::current_exe().unwrap())
-            .args(["echo_backend_for_namespaces", "--exact", "--nocapture"])
-            .env("UDPLB_TEST_ECHO", addr.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the namespaced echo");
-        self.backend = Some(child);
-    }
-
-    /// Cuts the link from inside: the host side keeps its route and neighbour entry, so
-    /// datagrams leave and vanish, with no ICMP coming back.
-    fn black_hole(&self) {
-        assert!(Self::ip(&[
-            "-n",
-            &self.name,
-            "link",
-            "set",
-            &self.ns_if,
-            "down"
-        ]));
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.backend.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Self::ip(&["link", "del", &self.host_if]);
-        let _ = Self::ip(&["netns", "del", &self.name]);
-    }
+    serve_if_asked("UDPLB_TEST_ECHO", |payload, _| [b"ns:", payload].concat());
 }
 
 /// A black-holed backend (its link cut, no ICMP) is marked down within
 /// interval × fall + timeout. Needs root for the namespace; skipped otherwise.
 #[test]
 fn black_holed_backend_is_marked_down_within_the_formula() {
-    if !nix::unistd::Uid::effective().is_root() {
+    if !is_root() {
         eprintln!("skipped: creating a network namespace needs root");
         return;
     }
     let tag = std::process::id() % 10_000;
     let octet = 16 + (tag % 200);
     let (host_ip, ns_ip) = (format!("10.213.{octet}.1/30"), format!("10.213.{octet}.2"));
-    let mut ns = match Namespace::create(tag, &host_ip, &format!("{ns_ip}/30")) {
+    let made = Namespace::create(
+        &format!("udplb-test-{tag}"),
+        &format!("ulb{tag}h"),
+        &format!("ulb{tag}n"),
+        &host_ip,
+        &format!("{ns_ip}/30"),
+        None,
+    )
+    .and_then(|ns| ns.can_exec().map(|()| ns));
+    let mut ns = match made {
         Ok(ns) => ns,
         Err(why) => {
             eprintln!("skipped: cannot make a network namespace here: {why}");
@@ -484,7 +378,10 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
         }
     };
     let backend: SocketAddr = format!("{ns_ip}:5353").parse().unwrap();
-    ns.start_echo(backend);
+    ns.serve(
+        "echo_backend_for_namespaces",
+        &[("UDPLB_TEST_ECHO", backend.to_string())],
+    );
     let local = Backend::start("127.0.0.1", "local");
     let (interval, timeout, fall) = (200u64, 100u64, 2u64);
     let health = udp_check(interval, timeout, 1, fall);
@@ -650,11 +547,7 @@ fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
             .map(|c| {
                 let mut buf = [0u8; 64];
                 match c.recv_from(&mut buf) {
-                    Ok((n, _)) => String::from_utf8_lossy(&buf[..n])
-                        .split(':')
-                        .next()
-                        .unwrap_or("")
-                        .to_string(),
+                    Ok((n, _)) => tag(&buf[..n]),
                     Err(_) => String::new(),
                 }
             })

@@ -34,13 +34,7 @@ fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)
 #[test]
 fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--max-flows",
-        "100",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--max-flows", "100"], &[a.addr]);
     let (text, before) = scrape(&lb);
     let l = [("listener", "default")];
     assert_eq!(
@@ -140,8 +134,7 @@ fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
 #[test]
 fn alerts_and_dashboard_use_only_exported_metrics() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
+    let (lb, _) = Udplb::serve(&[], &[a.addr]);
     let (text, scrape) = scrape(&lb);
     let mut exported: std::collections::HashSet<String> =
         scrape.samples.iter().map(|s| s.metric.clone()).collect();

@@ -115,17 +115,7 @@ fn killed_backend_leaves_rotation(mode: &str) {
     let b = Backend::start("127.0.0.1", "b");
     let c = Backend::start("127.0.0.1", "c");
     let b_addr = b.addr;
-    let listen = listen_addr("127.0.0.1");
-    let args: Vec<String> = [
-        "--mode".to_string(),
-        mode.to_string(),
-        listen.to_string(),
-        a.addr.to_string(),
-        b.addr.to_string(),
-        c.addr.to_string(),
-    ]
-    .into();
-    let lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (lb, listen) = Udplb::serve(&["--mode", mode], &[a.addr, b.addr, c.addr]);
     let clients = Clients::start(listen, 6, false);
     assert!(
         wait_for(DEADLINE, || {
@@ -193,18 +183,10 @@ fn silent_backend_leaves_rotation_in_request_response_mode() {
     let a = Backend::start("127.0.0.1", "a");
     let silent = UdpSocket::bind("127.0.0.1:0").unwrap(); // receives, never answers
     let c = Backend::start("127.0.0.1", "c");
-    let listen = listen_addr("127.0.0.1");
-    let silent_addr = silent.local_addr().unwrap().to_string();
-    let lb = Udplb::start(&[
-        "--mode",
-        "request-response",
-        "--reply-timeout",
-        "300ms",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &silent_addr,
-        &c.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--mode", "request-response", "--reply-timeout", "300ms"],
+        &[a.addr, silent.local_addr().unwrap(), c.addr],
+    );
     let started = Instant::now();
     let clients = Clients::start(listen, 2, true);
     assert!(

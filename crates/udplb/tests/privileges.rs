@@ -6,29 +6,6 @@ mod common;
 
 use common::*;
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-/// The values of a `/proc/PID/status` line, e.g. `Uid` -> ["65534", "65534", ...].
-fn status_field(pid: u32, field: &str) -> Vec<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
-}
-
-fn nobody() -> (u32, u32) {
-    let u = nix::unistd::User::from_name("nobody")
-        .unwrap()
-        .expect("a user named nobody");
-    (u.uid.as_raw(), u.gid.as_raw())
-}
-
 #[test]
 fn switches_to_the_configured_user_with_no_capabilities_and_keeps_serving() {
     if !is_root() {
@@ -37,8 +14,7 @@ fn switches_to_the_configured_user_with_no_capabilities_and_keeps_serving() {
     }
     let (uid, gid) = nobody();
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&["--user", "nobody", &listen.to_string(), &a.addr.to_string()]);
+    let (lb, listen) = Udplb::serve(&["--user", "nobody"], &[a.addr]);
     let pid = lb.pid();
     for field in ["Uid", "Gid"] {
         let want = if field == "Uid" { uid } else { gid };
@@ -140,7 +116,7 @@ fn stays_root_when_allowed() {
         ],
         &[("UDPLB_ALLOW_ROOT", "0")],
     );
-    let env = Udplb::start(&[&listen_addr("127.0.0.1").to_string(), &a.addr.to_string()]);
+    let (env, _) = Udplb::serve(&[], &[a.addr]);
     let admin = admin_addr();
     let file = write_config(&format!(
         "[runtime]\nallow_root = true\n[admin]\nlisten = \"{admin}\"\n[listeners.l]\n\

@@ -45,10 +45,8 @@ fn reload_error(lb: &Udplb) -> String {
 
 /// Per-flow losses and whether every flow stayed on its first backend.
 fn summary(logs: &[FlowLog]) -> (u64, u64, bool) {
-    let sent = logs.iter().map(|l| l.sent).sum();
-    let lost = logs.iter().map(|l| l.sent - l.received).sum();
-    let sticky = logs.iter().all(|l| l.tags.iter().all(|t| t == &l.tags[0]));
-    (sent, lost, sticky)
+    let (sent, lost) = totals(logs);
+    (sent, lost, logs.iter().all(FlowLog::stayed))
 }
 
 #[test]
@@ -207,7 +205,7 @@ fn a_reload_with_a_program_that_cannot_run_is_refused() {
 #[test]
 fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
     let dir = scratch_dir("fifo");
-    let a = MutableEcho::start("127.0.0.1", "a");
+    let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
@@ -293,7 +291,7 @@ fn checks_of(stats: &serde_json::Value, addr: SocketAddr) -> u64 {
 #[test]
 fn a_reload_storm_keeps_checks_on_schedule() {
     let dir = scratch_dir("storm");
-    let a = MutableEcho::start("127.0.0.1", "a");
+    let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");

@@ -15,15 +15,10 @@ fn exit_code(lb: &mut Udplb, limit: Duration) -> (Option<i32>, Duration) {
 #[test]
 fn sigterm_serves_established_flows_refuses_new_ones_then_exits_zero() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let mut lb = Udplb::start(&[
-        "--idle-timeout",
-        "1s",
-        "--shutdown-grace",
-        "20s",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (mut lb, listen) = Udplb::serve(
+        &["--idle-timeout", "1s", "--shutdown-grace", "20s"],
+        &[a.addr],
+    );
     let established = client("127.0.0.1:0");
     assert_eq!(request(&established, listen, b"one").0, b"a:one");
 
@@ -57,15 +52,10 @@ fn sigterm_serves_established_flows_refuses_new_ones_then_exits_zero() {
 #[test]
 fn the_grace_period_bounds_the_wait() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let mut lb = Udplb::start(&[
-        "--idle-timeout",
-        "60s",
-        "--shutdown-grace",
-        "300ms",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (mut lb, listen) = Udplb::serve(
+        &["--idle-timeout", "60s", "--shutdown-grace", "300ms"],
+        &[a.addr],
+    );
     request(&client("127.0.0.1:0"), listen, b"stay");
     signal(lb.pid(), "TERM");
     let (code, took) = exit_code(&mut lb, Duration::from_secs(10));

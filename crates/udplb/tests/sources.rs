@@ -8,22 +8,8 @@ mod common;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
-use common::spoof::{Spoofer, Spoofer6};
+use common::spoof::{Spoofer, Spoofer6, v4, v6};
 use common::*;
-
-fn v4(a: SocketAddr) -> SocketAddrV4 {
-    match a {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(_) => panic!("{a} is not IPv4"),
-    }
-}
-
-fn v6(a: SocketAddr) -> SocketAddrV6 {
-    match a {
-        SocketAddr::V6(a) => a,
-        SocketAddr::V4(_) => panic!("{a} is not IPv6"),
-    }
-}
 
 /// After one forged datagram, udplb stays quiet: it counted that datagram as `bad_source` and
 /// nothing came back around (a loop shows as tens of thousands of datagrams a second).
@@ -47,8 +33,7 @@ fn forged_own_listener_backend_and_port_zero_sources_are_dropped_ipv4() {
         return;
     };
     let backend = Backend::start("127.0.0.1", "echo");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[&listen.to_string(), &backend.addr.to_string()]);
+    let (lb, listen) = Udplb::serve(&[], &[backend.addr]);
     spoofer.send(v4(listen), v4(listen), b"loop?");
     assert_no_loop(&lb, 1, "own listener address");
     spoofer.send(v4(backend.addr), v4(listen), b"loop?");
@@ -187,7 +172,7 @@ fn a_backend_that_is_udplb_itself_is_refused() {
 /// out of rotation, rather than each datagram sent to it coming back as a new client's.
 #[test]
 fn a_backend_that_becomes_a_local_address_leaves_rotation() {
-    if !nix::unistd::Uid::effective().is_root() {
+    if !is_root() {
         eprintln!("skipped: adding an address to lo needs root");
         return;
     }

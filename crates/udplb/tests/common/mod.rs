@@ -2,6 +2,7 @@
 //! loopback, wait on conditions with deadlines, read the admin endpoint.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod spoof;
 
 use std::collections::HashSet;
@@ -98,6 +99,22 @@ pub fn one_pool_toml(
     )
 }
 
+/// Starts `udplb run` on a [`one_pool_toml`] file with a free admin endpoint and the listener
+/// on a free port of `ip`; returns it and the listener's address.
+pub fn run_one_pool(
+    ip: &str,
+    listener: &str,
+    backends: &[String],
+    pool: &str,
+) -> (Udplb, SocketAddr) {
+    let (admin, listen) = (admin_addr(), listen_addr(ip));
+    let lb = run_toml(
+        admin,
+        &one_pool_toml(admin, listen, listener, backends, pool),
+    );
+    (lb, listen)
+}
+
 /// The lines of a `[pools.p.health]` table for a UDP check that sends "ping" and expects the
 /// echo backends' answer (`TAG:ping`), every `interval_ms` with no jitter.
 pub fn udp_check(interval_ms: u64, timeout_ms: u64, rise: u64, fall: u64) -> String {
@@ -181,6 +198,17 @@ impl Udplb {
     /// Starts `udplb --admin 127.0.0.1:<free> ARGS...` and waits until its admin endpoint answers.
     pub fn start(args: &[&str]) -> Udplb {
         Self::start_with_env(args, &[])
+    }
+
+    /// Starts the one-liner `udplb OPTIONS... LISTEN BACKEND...` as [`Udplb::start`] does, its
+    /// listener on a free port of 127.0.0.1; returns it and the listener's address.
+    pub fn serve(options: &[&str], backends: &[impl std::fmt::Display]) -> (Udplb, SocketAddr) {
+        let listen = listen_addr("127.0.0.1");
+        let mut args: Vec<String> = options.iter().map(|s| s.to_string()).collect();
+        args.push(listen.to_string());
+        args.extend(backends.iter().map(|b| b.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (Self::start(&args), listen)
     }
 
     /// Like [`Udplb::start`], with extra environment variables (they override the harness's
@@ -424,11 +452,13 @@ impl Drop for Udplb {
     }
 }
 
-/// An echo backend on loopback that counts what it receives and from whom.
+/// An echo backend on loopback that counts what it receives and from whom. It can be muted:
+/// it keeps its port open (no ICMP refusal) but stops answering, as a hung service does.
 pub struct Backend {
     pub addr: SocketAddr,
     pub received: Arc<AtomicU64>,
     pub sources: Arc<Mutex<Vec<SocketAddr>>>,
+    mute: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -450,10 +480,12 @@ impl Backend {
         let addr = socket.local_addr().unwrap();
         let received = Arc::new(AtomicU64::new(0));
         let sources = Arc::new(Mutex::new(Vec::new()));
+        let mute = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s, st) = (
+        let (r, s, m, st) = (
             Arc::clone(&received),
             Arc::clone(&sources),
+            Arc::clone(&mute),
             Arc::clone(&stop),
         );
         let prefix = format!("{tag}:").into_bytes();
@@ -466,6 +498,9 @@ impl Backend {
                 };
                 r.fetch_add(1, Ordering::Relaxed);
                 s.lock().unwrap().push(from);
+                if m.load(Ordering::Relaxed) {
+                    continue;
+                }
                 out.clear();
                 out.extend_from_slice(&prefix);
                 out.extend_from_slice(&buf[..n]);
@@ -476,13 +511,20 @@ impl Backend {
             addr,
             received,
             sources,
+            mute,
             stop,
             thread: Some(thread),
         }
     }
 
+    /// Datagrams received so far (answered or not).
     pub fn count(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// Stops (`true`) or resumes (`false`) answering.
+    pub fn mute(&self, on: bool) {
+        self.mute.store(on, Ordering::Relaxed);
     }
 }
 
@@ -517,6 +559,15 @@ pub fn request(c: &UdpSocket, to: SocketAddr, payload: &[u8]) -> (Vec<u8>, Socke
     }
 }
 
+/// The tag of the echo backend that sent `reply` (what precedes the first ':').
+pub fn tag(reply: &[u8]) -> String {
+    String::from_utf8_lossy(reply)
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Receives one datagram within the deadline.
 pub fn recv(c: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let mut buf = [0u8; 65_536];
@@ -544,6 +595,25 @@ pub struct FlowLog {
     pub tags: Vec<String>,
 }
 
+impl FlowLog {
+    /// Datagrams sent that got no reply.
+    pub fn lost(&self) -> u64 {
+        self.sent - self.received
+    }
+
+    /// Whether every reply came from the backend of the first.
+    pub fn stayed(&self) -> bool {
+        self.tags.iter().all(|t| t == &self.tags[0])
+    }
+}
+
+/// Datagrams sent and lost by all the flows of a [`Load`].
+pub fn totals(logs: &[FlowLog]) -> (u64, u64) {
+    let sent = logs.iter().map(|l| l.sent).sum();
+    let lost = logs.iter().map(FlowLog::lost).sum();
+    (sent, lost)
+}
+
 impl Load {
     pub fn start(listen: SocketAddr, flows: usize) -> Load {
         use std::sync::atomic::Ordering;
@@ -560,12 +630,7 @@ impl Load {
                 for (s, log) in sockets.iter().zip(logs.iter_mut()) {
                     while let Ok(n) = s.recv(buf) {
                         log.received += 1;
-                        let tag = String::from_utf8_lossy(&buf[..n])
-                            .split(':')
-                            .next()
-                            .unwrap_or("")
-                            .to_string();
-                        log.tags.push(tag);
+                        log.tags.push(tag(&buf[..n]));
                     }
                 }
             };
@@ -607,62 +672,29 @@ impl Load {
     }
 }
 
-/// An echo backend that can be muted: it keeps its port open (no ICMP refusal) but stops
-/// answering, as a hung service does.
-pub struct MutableEcho {
-    pub addr: SocketAddr,
-    mute: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+/// Whether the tests run as root (the tests that need it are skipped otherwise).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
 }
 
-impl MutableEcho {
-    /// Starts it on `ip`:0; each reply is the payload prefixed with `tag` and ':'.
-    pub fn start(ip: &str, tag: &str) -> MutableEcho {
-        let socket = UdpSocket::bind((ip, 0)).expect("bind backend");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        let addr = socket.local_addr().unwrap();
-        let mute = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (m, st) = (Arc::clone(&mute), Arc::clone(&stop));
-        let prefix = format!("{tag}:").into_bytes();
-        let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65_536];
-            while !st.load(Ordering::Relaxed) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                    continue;
-                };
-                if m.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let mut out = prefix.clone();
-                out.extend_from_slice(&buf[..n]);
-                let _ = socket.send_to(&out, from);
-            }
-        });
-        MutableEcho {
-            addr,
-            mute,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops (`true`) or resumes (`false`) answering.
-    pub fn mute(&self, on: bool) {
-        self.mute.store(on, Ordering::Relaxed);
-    }
+/// The uid and gid of the user `nobody`.
+pub fn nobody() -> (u32, u32) {
+    let u = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a user named nobody");
+    (u.uid.as_raw(), u.gid.as_raw())
 }
 
-impl Drop for MutableEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// The values of a `/proc/PID/status` line, e.g. `Uid` -> ["65534", "65534", ...].
+pub fn status_field(pid: u32, field: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Sends `signal` (`"HUP"`, `"TERM"`, ...) to `pid`.
