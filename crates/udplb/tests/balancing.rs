@@ -389,16 +389,11 @@ fn backup_takes_traffic_only_when_no_primary_can() {
     assert_eq!((primary.count(), backup.count()), (6, 0));
 
     // The same pool with its only primary disabled in the configuration.
-    let listen = listen_addr("127.0.0.1");
-    let admin = admin_addr();
     let backends = [
         format!("{{ address = \"{}\", state = \"disabled\" }}", primary.addr),
         format!("{{ address = \"{}\", backup = true }}", backup.addr),
     ];
-    let _lb2 = run_toml(
-        admin,
-        &one_pool_toml(admin, listen, "mode = \"datagram\"", &backends, ""),
-    );
+    let (_lb2, listen) = run_one_pool("127.0.0.1", "mode = \"datagram\"", &backends, "");
     exchange(&c, listen, 4);
     assert_eq!((primary.count(), backup.count()), (6, 4));
 }

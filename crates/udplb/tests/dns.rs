@@ -214,21 +214,27 @@ fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
     );
 }
 
+/// udplb in request-response mode in front of `server`, checked by a DNS check with `check`
+/// lines; returns it and its listener's address.
+fn dns_checked(server: &Server, check: &str) -> (Udplb, SocketAddr) {
+    run_one_pool(
+        "127.0.0.1",
+        "mode = \"request-response\"",
+        &[quoted(server.addr)],
+        &format!("[pools.p.health]\ncheck = \"dns\"\n{check}"),
+    )
+}
+
 /// The DNS health check against a real server: healthy while knot serves the zone, down once
 /// knot stops serving it (and answers REFUSED).
 #[test]
 fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
     let (knot, dir) = start_knot("knot-health");
-    let admin = admin_addr();
-    let listen = listen_addr("127.0.0.1");
-    let lb = run_toml(
-        admin,
+    let (lb, listen) = dns_checked(
+        &knot,
         &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"dns\"\n\
-             mode = \"request-response\"\n[pools.dns]\nbackends = [\"{}\"]\n[pools.dns.health]\ncheck = \"dns\"\n\
-             name = \"www.{ZONE}\"\ntype = \"A\"\nanswer = \"192.0.2.10\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
-             rise = 1\nfall = 1\n",
-            knot.addr
+            "name = \"www.{ZONE}\"\ntype = \"A\"\nanswer = \"192.0.2.10\"\ninterval = \"100ms\"\n\
+             timeout = \"100ms\"\nrise = 1\nfall = 1"
         ),
     );
     assert!(
@@ -273,16 +279,9 @@ fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
 #[test]
 fn dns_check_takes_plain_names_in_any_case() {
     let (knot, _) = start_knot("knot-plain-name");
-    let admin = admin_addr();
-    let listen = listen_addr("127.0.0.1");
-    let lb = run_toml(
-        admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"dns\"\n\
-             mode = \"request-response\"\n[pools.dns]\nbackends = [\"{}\"]\n[pools.dns.health]\ncheck = \"dns\"\n\
-             name = \"www.example.test\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n",
-            knot.addr
-        ),
+    let (lb, listen) = dns_checked(
+        &knot,
+        "name = \"www.example.test\"\ninterval = \"100ms\"\ntimeout = \"100ms\"",
     );
     assert!(
         wait_for(DEADLINE, || lb.healthy(0) == Some(true)),

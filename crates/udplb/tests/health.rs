@@ -12,14 +12,9 @@ use common::*;
 /// Starts udplb with one listener in `mode` on a pool of `backends` (TOML array items) whose
 /// `[pools.p]` gets `pool_extra` lines and `[pools.p.health]` gets `health` lines.
 fn start(mode: &str, backends: &[String], pool_extra: &str, health: &str) -> (Udplb, SocketAddr) {
-    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
     let listener = format!("mode = \"{mode}\"\nidle_timeout = \"30s\"");
     let pool = format!("{pool_extra}\n[pools.p.health]\n{health}");
-    let lb = run_toml(
-        admin,
-        &one_pool_toml(admin, listen, &listener, backends, &pool),
-    );
-    (lb, listen)
+    run_one_pool("127.0.0.1", &listener, backends, &pool)
 }
 
 /// A UDP check every 100 ms, 2 results to rise or fall.
@@ -430,20 +425,15 @@ fn unanswered_requests_eject_a_backend_between_checks() {
         "check = \"tcp\"\nport = {}\ninterval = \"1s\"\ntimeout = \"500ms\"\nrise = 100\nfall = 100\npassive_fall = 2",
         tcp.local_addr().unwrap().port()
     );
-    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
     let backends = [
         quoted(silent.local_addr().unwrap()),
         format!("{{ address = \"{}\", backup = true }}", backup.addr),
     ];
-    let lb = run_toml(
-        admin,
-        &one_pool_toml(
-            admin,
-            listen,
-            "mode = \"request-response\"\nidle_timeout = \"200ms\"",
-            &backends,
-            &format!("[pools.p.health]\n{health}"),
-        ),
+    let (lb, listen) = run_one_pool(
+        "127.0.0.1",
+        "mode = \"request-response\"\nidle_timeout = \"200ms\"",
+        &backends,
+        &format!("[pools.p.health]\n{health}"),
     );
     assert!(
         wait_for(DEADLINE, || lb.healthy(0) == Some(true)),

@@ -65,11 +65,12 @@ fn switches_to_nobody_by_default_when_started_as_root() {
     let one_liner =
         Udplb::start_with_env(&[&listen.to_string(), &a.addr.to_string()], &not_allowed);
     let admin = admin_addr();
-    let file = write_config(&format!(
-        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{}\"\npool = \"p\"\n\
-         [pools.p]\nbackends = [\"{}\"]\n",
+    let file = write_config(&one_pool_toml(
+        admin,
         listen_addr("127.0.0.1"),
-        a.addr
+        "",
+        &[quoted(a.addr)],
+        "",
     ));
     let from_file = Udplb::run_config_with_env(&file, admin, &not_allowed);
     for lb in [&one_liner, &from_file] {

@@ -84,18 +84,12 @@ fn header_addresses(d: &[u8]) -> (SocketAddr, SocketAddr) {
 }
 
 fn start(ip: &str, mode: &str, backend: SocketAddr, pool_extra: &str) -> (Udplb, SocketAddr) {
-    let (admin, listen) = (admin_addr(), listen_addr(ip));
-    let lb = run_toml(
-        admin,
-        &one_pool_toml(
-            admin,
-            listen,
-            &format!("mode = \"{mode}\""),
-            &[quoted(backend)],
-            pool_extra,
-        ),
-    );
-    (lb, listen)
+    run_one_pool(
+        ip,
+        &format!("mode = \"{mode}\""),
+        &[quoted(backend)],
+        pool_extra,
+    )
 }
 
 fn exchange(c: &UdpSocket, listen: SocketAddr, payloads: &[&str]) {

@@ -5,6 +5,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -276,6 +278,37 @@ fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// SIGHUP every 300 ms, each after `write(i)` (i = 1, 2, ...) rewrote the file, until
+/// [`Storm::finish`].
+struct Storm {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u32>,
+}
+
+impl Storm {
+    fn start(pid: u32, write: impl Fn(u32) + Send + 'static) -> Storm {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut i = 1;
+            while !flag.load(Ordering::Relaxed) {
+                write(i);
+                signal(pid, "HUP");
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            i - 1
+        });
+        Storm { stop, thread }
+    }
+
+    /// Stops the storm; returns how many reloads it asked for.
+    fn finish(self) -> u32 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// Checks made of the backend at `addr` so far (passed and failed).
 fn checks_of(stats: &serde_json::Value, addr: SocketAddr) -> u64 {
     backend_status(stats, addr).map_or(0, |b| {
@@ -332,22 +365,7 @@ fn a_reload_storm_keeps_checks_on_schedule() {
         lb.stats()
     );
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let storm = {
-        let stop = std::sync::Arc::clone(&stop);
-        let pid = lb.pid();
-        let write = write.clone();
-        std::thread::spawn(move || {
-            let mut i = 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                write(i);
-                signal(pid, "HUP");
-                i += 1;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            i - 1
-        })
-    };
+    let storm = Storm::start(lb.pid(), write);
     // Healthy phase: 3 s of storm.
     let before = lb.stats();
     let ok_before = backend_status(&before, a.addr).unwrap()["checks_ok"]
@@ -368,8 +386,7 @@ fn a_reload_storm_keeps_checks_on_schedule() {
         lb.try_healthy(a.addr) == Some(false)
     });
     let took = muted.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let reloads = storm.join().unwrap();
+    let reloads = storm.finish();
     let stats = lb.stats();
     let bound = Duration::from_millis(interval * fall + timeout);
     eprintln!(
@@ -437,27 +454,12 @@ fn a_reload_storm_lets_recovery_probes_finish() {
     // only once its 1 s timeout is over without a refusal.
     let _b = std::net::UdpSocket::bind(b_addr).unwrap();
     let back_at = Instant::now();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let storm = {
-        let stop = std::sync::Arc::clone(&stop);
-        let pid = lb.pid();
-        std::thread::spawn(move || {
-            let mut i = 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                write(i);
-                signal(pid, "HUP");
-                i += 1;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            i - 1
-        })
-    };
+    let storm = Storm::start(lb.pid(), write);
     let recovered = wait_for(Duration::from_secs(6), || {
         lb.try_healthy(b_addr) == Some(true)
     });
     let took = back_at.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let reloads = storm.join().unwrap();
+    let reloads = storm.finish();
     eprintln!(
         "reload storm (SIGHUP every 300 ms, {reloads} reloads): a passively ejected backend \
          back in rotation: {recovered} after {took:?} (1 s hold-down + 1 s recovery probe)"

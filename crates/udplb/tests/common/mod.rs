@@ -1,5 +1,9 @@
 //! Shared harness of the black-box tests: start the real udplb binary, real backends on
-//! loopback, wait on conditions with deadlines, read the admin endpoint.
+//! loopback, wait on conditions with deadlines, read the admin endpoint. Every test file
+//! takes what it shares with another from here: free addresses, scratch directories and
+//! configuration files, udplb processes (one-liner or file, `ctl`, exit codes, signals), echo
+//! backends, clients and steady load, readers of `/stats`; `netns` builds network namespaces
+//! and `spoof` forges sources.
 #![allow(dead_code)]
 
 pub mod netns;
