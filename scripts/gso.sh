@@ -45,10 +45,11 @@ for round in $(seq "$ROUNDS"); do
                     "${gro[@]}" --shutdown-grace 0s "127.0.0.1:$port" "$sink"
                 pid=$bg_pid
                 target="127.0.0.1:$port"
-                # The listener is bound once udplb logs that it serves (5 s at most). The sink
-                # exists only while the load runs: nothing answers a forwarding probe yet.
+                # udplb logs "listening" once its workers run on the bound listener (5 s at
+                # most). The sink exists only while the load runs: nothing answers a
+                # forwarding probe yet.
                 rc=0
-                wait_output "$work/udplb.log" "serving" 1 "$pid" || rc=$?
+                wait_output "$work/udplb.log" "listening" 1 "$pid" || rc=$?
                 ((rc != 2)) || die "udplb exited: $(cat "$work/udplb.log")"
             fi
             before=$(cpu1_busy)
