@@ -43,25 +43,15 @@ for mode in $MODES; do
     esac
 done
 
-cargo build --release --quiet -p udplb-bench || die "udplb-bench does not build"
+build_release udplb-bench || die "udplb-bench does not build"
 if $needs_udplb; then
-    if [[ $UDPLB == target/release/udplb ]]; then
-        cargo build --release --quiet -p udplb || die "udplb does not build (MODES=direct measures the baseline alone)"
-    fi
+    build_release udplb || die "udplb does not build (MODES=direct measures the baseline alone)"
     [[ -x $UDPLB ]] || die "no udplb binary at $UDPLB"
 fi
 
 lb_pid=
 
-# seconds DURATION -> a number of seconds (accepts 10s, 500ms, 2m, 1.5s, 3).
-seconds() {
-    python3 -c '
-import re, sys
-m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m|min)?\s*", sys.argv[1])
-if not m: sys.exit("bench: cannot read duration " + repr(sys.argv[1]))
-print(float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "min": 60, None: 1}[m.group(2)])' "$1"
-}
-sleep_before_measuring=$(python3 -c "print($(seconds "$WARMUP") + 0.03)")
+sleep_before_measuring=$(seconds "$WARMUP" 0.03)
 
 # cpu_ticks PID -> utime+stime (fields 14 and 15; the text after the ")" of comm starts at 3).
 cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
@@ -73,21 +63,17 @@ load() { # load TARGET... -> one JSON line
         --duration "$DURATION" --warmup "$WARMUP" --threads "$THREADS" --json
 }
 
-completed() { python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["completed"] > 0 else 1)'; }
-
-# wait_forwarding ADDR: short probes until one gets a reply through udplb; 10 s deadline.
-wait_forwarding() {
-    local deadline=$((SECONDS + 10))
-    while ((SECONDS < deadline)); do
-        if ! kill -0 "$lb_pid" 2>/dev/null; then
-            echo "bench: udplb exited at startup; its output:" >&2
-            sed 's/^/    /' "$work/udplb.log" >&2
-            exit 1
-        fi
-        "$BENCH" load --target "$1" --flows 1 --outstanding 1 --duration 100ms --warmup 0s \
-            --timeout 50ms --json | completed && return 0
-    done
-    echo "bench: udplb does not forward on $1 within 10 s; its output:" >&2
+# udplb_forwards ADDR: waits (10 s) until udplb forwards on ADDR; exits with its output if it
+# does not.
+udplb_forwards() {
+    local rc=0
+    wait_forwarding -p "$lb_pid" "$1" || rc=$?
+    ((rc)) || return 0
+    if ((rc == 2)); then
+        echo "bench: udplb exited at startup; its output:" >&2
+    else
+        echo "bench: udplb does not forward on $1 within 10 s; its output:" >&2
+    fi
     sed 's/^/    /' "$work/udplb.log" >&2
     exit 1
 }
@@ -99,18 +85,17 @@ measure_direct() { load "${backends[@]}" >"$work/run.json"; }
 measure_udplb() { # measure_udplb MODE: the JSON line gets udplb_cpu_s added
     local port before after
     port=$(free_port)
-    UDPLB_ALLOW_ROOT=1 "$UDPLB" --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}" >"$work/udplb.log" 2>&1 &
-    lb_pid=$!
-    pids+=("$lb_pid")
-    wait_forwarding "127.0.0.1:$port"
+    UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" \
+        "$UDPLB" --workers "$WORKERS" --mode "$1" "127.0.0.1:$port" "${backends[@]}"
+    lb_pid=$bg_pid
+    udplb_forwards "127.0.0.1:$port"
     load "127.0.0.1:$port" >"$work/run.json" &
     local load_pid=$!
     sleep "$sleep_before_measuring" # CPU counts from the end of the warmup
     before=$(cpu_ticks "$lb_pid")
     wait "$load_pid" || die "load through udplb ($1 mode) failed"
     after=$(cpu_ticks "$lb_pid")
-    kill -KILL "$lb_pid" # measured already: skip udplb's shutdown grace (5 s of draining)
-    wait "$lb_pid" 2>/dev/null || true
+    stop "$lb_pid" # measured already: skip udplb's shutdown grace (5 s of draining)
     lb_pid=
     python3 -c '
 import json, sys
@@ -128,6 +113,7 @@ cpu = "  udplb cpu %.1fs" % r["udplb_cpu_s"] if "udplb_cpu_s" in r else ""
 print(f"  {sys.argv[1]:<9} {rps:>9.0f}/s  p99 {p99}us  lost {lost}{cpu}")' "$1" "$2"
 }
 
+# shellcheck disable=SC2119 # no command prefix
 start_echo
 echo "udplb bench: $FLOWS flows x $OUTSTANDING outstanding x $SIZE bytes, $DURATION per run" \
     "(+$WARMUP warmup), $ROUNDS rounds, $WORKERS udplb workers, $THREADS generator threads," \
@@ -143,6 +129,7 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
+# shellcheck disable=SC2086 # one argument per mode
 python3 - "$work/results" $MODES <<'PY'
 import json, statistics, sys
 runs = {}

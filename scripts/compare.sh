@@ -101,15 +101,10 @@ install_missing() {
         command -v dnsperf >/dev/null || want+=(dnsperf)
         command -v knotd >/dev/null || want+=(knot) ;;
     esac
-    ((${#want[@]})) || return 0
-    if [[ $(id -u) -eq 0 ]]; then
-        echo "installing: ${want[*]}" >&2
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null || true
-    fi
+    install_packages "${want[@]}"
 }
 install_missing
-cargo build --release --quiet -p udplb -p udplb-bench || die "does not build"
+build_release udplb udplb-bench || die "does not build"
 
 start_echo "${on0[@]}"
 
@@ -142,19 +137,6 @@ print('\"cpu1_s\": %s, \"steal_s\": [%s, %s]' % ('null' if cpu is None else cpu,
       (a[1] - b[1]) / hz, (a[2] - b[2]) / hz))"
 }
 
-# wait_forwarding ADDR: probes until a reply comes back (10 s).
-wait_forwarding() {
-    local deadline=$((SECONDS + 10))
-    while ((SECONDS < deadline)); do
-        if "${on0[@]}" "$BENCH" load --target "$1" --flows 1 --outstanding 1 --duration 100ms \
-            --warmup 0s --timeout 50ms --json |
-            python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["completed"] else 1)'; then
-            return 0
-        fi
-    done
-    return 1
-}
-
 # start_nginx PORT DIRECTIVES LISTEN_OPTIONS BACKEND...: nginx's stream proxy, one worker, in
 # the background.
 start_nginx() {
@@ -170,14 +152,14 @@ start_nginx() {
         for b in "$@"; do echo "server $b;"; done
         echo "} server { listen 127.0.0.1:$port udp reuseport $listen_opts; proxy_pass b; $directives } }"
     } >"$work/nginx.conf"
-    "${on1[@]}" nginx -c "$work/nginx.conf" -e "$work/nginx.err" >"$work/peer.log" 2>&1 &
+    run_bg "$work/peer.log" "${on1[@]}" nginx -c "$work/nginx.conf" -e "$work/nginx.err"
 }
 
 # start_pen PORT BACKEND...: pen in UDP mode, round robin, in the background.
 start_pen() {
     local port=$1
     shift
-    "${on1[@]}" pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "$@" >"$work/peer.log" 2>&1 &
+    run_bg "$work/peer.log" "${on1[@]}" pen -U -f -r -q 1024 -x 100000 "127.0.0.1:$port" "$@"
 }
 
 # stop_peer PID: stops a balancer and whatever it forked (nginx's master takes its worker
@@ -195,22 +177,45 @@ stop_peer() {
     wait "$pid" 2>/dev/null || true
 }
 
-# start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable.
+# launch LABEL PEER PORT START READY VERB: starts PEER on PORT with START (start_peer,
+# start_dns_peer) and sets pid; fails, saying under LABEL why PEER is skipped, when it is not
+# installed or when `READY PORT PID` fails (then "does not VERB", with its output).
+launch() {
+    local label=$1 peer=$2 port=$3 start=$4 ready=$5 verb=$6
+    pid=$("$start" "$peer" "$port")
+    if [[ -z $pid ]]; then
+        echo "  [$label] $peer: not installed, skipped" >&2
+        return 1
+    fi
+    pids+=("$pid")
+    if ! "$ready" "$port" "$pid"; then
+        echo "  [$label] $peer: does not $verb, skipped; its output:" >&2
+        sed 's/^/      /' "$work/peer.log" >&2 || true
+        stop_peer "$pid"
+        return 1
+    fi
+}
+
+# forwarding PORT PID: the balancer PID forwards on PORT (10 s; probes from CPU 0).
+forwarding() { wait_forwarding -p "$2" "127.0.0.1:$1" "${on0[@]}"; }
+
+# start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable
+# (it runs in a command substitution: the caller adds the pid to pids).
 start_peer() {
-    local peer=$1 port=$2
+    local peer=$1 port=$2 bg_pid=
     case $peer in
         relay | relay-datagram)
             local per=()
             [[ $peer == relay-datagram ]] && per=(--per-datagram)
-            "${on1[@]}" "$BENCH" relay --listen "127.0.0.1:$port" "${per[@]}" "${backends[@]}" \
-                >"$work/peer.log" 2>&1 &
+            run_bg "$work/peer.log" \
+                "${on1[@]}" "$BENCH" relay --listen "127.0.0.1:$port" "${per[@]}" "${backends[@]}"
             ;;
         udplb-flow | udplb-datagram | udplb-shared | base-flow | base-datagram)
             local binary=$UDPLB mode=${peer#*-} shared=()
             [[ $peer == base-* ]] && binary=$BASELINE
             [[ $peer == udplb-shared ]] && mode=flow shared=(--shared-upstream)
-            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "$mode" "${shared[@]}" \
-                --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}" >"$work/peer.log" 2>&1 &
+            UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$binary" --workers 1 \
+                --mode "$mode" "${shared[@]}" --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}"
             ;;
         nginx | nginx-4m)
             command -v nginx >/dev/null || return 0
@@ -223,7 +228,7 @@ start_peer() {
             start_pen "$port" "${backends[@]}"
             ;;
     esac
-    echo $!
+    echo "${bg_pid:-}"
 }
 
 : >"$work/results"
@@ -238,21 +243,10 @@ for scenario in $SCENARIOS; do
                 continue
             fi
             port=$(free_port)
-            pid=$(start_peer "$peer" "$port")
-            if [[ -z $pid ]]; then
-                echo "  [$scenario $round] $peer: not installed, skipped" >&2
-                continue
-            fi
-            pids+=("$pid")
-            if ! wait_forwarding "127.0.0.1:$port"; then
-                echo "  [$scenario $round] $peer: does not forward, skipped; its output:" >&2
-                sed 's/^/      /' "$work/peer.log" >&2 || true
-                stop_peer "$pid"
-                continue
-            fi
+            launch "$scenario $round" "$peer" "$port" start_peer forwarding forward || continue
             load "$scenario" "127.0.0.1:$port" >"$work/run.json" &
             lp=$!
-            sleep "$(python3 -c "import re;m=re.fullmatch(r'([0-9.]+)(ms|s)?','$WARMUP');print(float(m[1])*(0.001 if m[2]=='ms' else 1)+0.03)")"
+            sleep "$(seconds "$WARMUP" 0.03)"
             before=$(cpu_times)
             wait "$lp"
             after=$(cpu_times)
@@ -264,7 +258,8 @@ for scenario in $SCENARIOS; do
 done
 
 # ---- (d) DNS: dnsperf -> balancer -> 3 knot servers --------------------------------------
-secs() { python3 -c "import re;m=re.fullmatch(r'([0-9.]+)(ms|s)?','$1');print(max(1, round(float(m[1])*(0.001 if m[2]=='ms' else 1))))"; }
+# secs DURATION: DURATION in whole seconds, at least 1 (dnsperf -l).
+secs() { python3 -c "print(max(1, round($(seconds "$1"))))"; }
 
 start_knots() {
     knots=()
@@ -273,6 +268,7 @@ start_knots() {
         port=$(free_port)
         d="$work/knot$i"
         mkdir -p "$d"
+        # shellcheck disable=SC2016 # $ORIGIN and $TTL are the zone file's
         printf '$ORIGIN example.test.\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n@ NS ns\nns A 192.0.2.1\nwww A 192.0.2.10\nwho TXT "knot%s"\n' "$i" >"$d/example.test.zone"
         cat >"$d/knot.conf" <<KNOT
 server:
@@ -293,21 +289,15 @@ zone:
   - domain: example.test.
     file: example.test.zone
 KNOT
-        "${on0[@]}" knotd -c "$d/knot.conf" >"$d/log" 2>&1 &
-        pids+=($!)
+        run_bg "$d/log" "${on0[@]}" knotd -c "$d/knot.conf"
         knots+=("127.0.0.1:$port")
     done
     printf 'www.example.test A\nwho.example.test TXT\nns.example.test A\nexample.test SOA\n' >"$work/queries"
-    for _ in $(seq 100); do
-        dnsperf -s 127.0.0.1 -p "${knots[2]##*:}" -d "$work/queries" -n 1 -t 1 2>/dev/null |
-            grep -q 'Queries completed:.*(100.00%)' && return 0
-        sleep 0.1
-    done
-    die "knot did not answer"
+    dns_ready "${knots[2]##*:}" 60 || die "knot did not answer"
 }
 
-start_dns_peer() { # start_dns_peer PEER PORT -> pid
-    local peer=$1 port=$2 k
+start_dns_peer() { # start_dns_peer PEER PORT -> pid (the caller adds it to pids)
+    local peer=$1 port=$2 k bg_pid=
     case $peer in
         udplb | udplb-flow | udplb-shared | base | base-flow)
             # udplb: request-response (each query's flow ends with its answer); udplb-flow:
@@ -317,8 +307,8 @@ start_dns_peer() { # start_dns_peer PEER PORT -> pid
             [[ $peer == *-flow ]] && mode=flow
             [[ $peer == base* ]] && binary=$BASELINE
             [[ $peer == udplb-shared ]] && shared=(--shared-upstream)
-            UDPLB_ALLOW_ROOT=1 "${on1[@]}" "$binary" --workers 1 --mode "$mode" "${shared[@]}" \
-                --shutdown-grace 0s "127.0.0.1:$port" "${knots[@]}" >"$work/peer.log" 2>&1 &
+            UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$binary" --workers 1 \
+                --mode "$mode" "${shared[@]}" --shutdown-grace 0s "127.0.0.1:$port" "${knots[@]}"
             ;;
         dnsdist)
             command -v dnsdist >/dev/null || return 0
@@ -331,8 +321,8 @@ start_dns_peer() { # start_dns_peer PEER PORT -> pid
                 done
                 echo "setServerPolicy(roundrobin)"
             } >"$work/dnsdist.conf"
-            "${on1[@]}" dnsdist --supervised --disable-syslog -C "$work/dnsdist.conf" \
-                >"$work/peer.log" 2>&1 &
+            run_bg "$work/peer.log" \
+                "${on1[@]}" dnsdist --supervised --disable-syslog -C "$work/dnsdist.conf"
             ;;
         nginx)
             command -v nginx >/dev/null || return 0
@@ -343,7 +333,7 @@ start_dns_peer() { # start_dns_peer PEER PORT -> pid
             start_pen "$port" "${knots[@]}"
             ;;
     esac
-    echo $!
+    echo "${bg_pid:-}"
 }
 
 dnsperf_json() { # dnsperf_json PORT -> JSON line
@@ -356,8 +346,8 @@ print(json.dumps({"replies_per_sec": num("Queries per second"), "lost": int(num(
                   "completed": int(num("Queries completed")), "avg_us": num("Average Latency \\(s\\)") * 1e6}))'
 }
 
-dns_ready() { # dns_ready PORT: a query answered within 10 s
-    local deadline=$((SECONDS + 10))
+dns_ready() { # dns_ready PORT [SECONDS]: a query answered within SECONDS (10)
+    local deadline=$((SECONDS + ${2:-10}))
     while ((SECONDS < deadline)); do
         dnsperf -s 127.0.0.1 -p "$1" -d "$work/queries" -n 1 -t 1 2>/dev/null |
             grep -q 'Queries completed:.*(100.00%)' && return 0
@@ -366,24 +356,16 @@ dns_ready() { # dns_ready PORT: a query answered within 10 s
     return 1
 }
 
+# answering PORT PID: the DNS peer on PORT answers a query (10 s).
+answering() { dns_ready "$1"; }
+
 if [[ " $SCENARIOS " == *" d "* ]]; then
     if command -v knotd >/dev/null && command -v dnsperf >/dev/null; then
         start_knots
         for round in $(seq "$ROUNDS"); do
             for peer in $DNS_PEERS; do
                 port=$(free_port)
-                pid=$(start_dns_peer "$peer" "$port")
-                if [[ -z $pid ]]; then
-                    echo "  [d $round] $peer: not installed, skipped" >&2
-                    continue
-                fi
-                pids+=("$pid")
-                if ! dns_ready "$port"; then
-                    echo "  [d $round] $peer: does not answer, skipped; its output:" >&2
-                    sed 's/^/      /' "$work/peer.log" >&2 || true
-                    stop_peer "$pid"
-                    continue
-                fi
+                launch "d $round" "$peer" "$port" start_dns_peer answering answer || continue
                 before=$(cpu_times)
                 out=$(dnsperf_json "$port")
                 after=$(cpu_times)
@@ -399,11 +381,10 @@ fi
 
 [[ -n ${RESULTS:-} ]] && cp "$work/results" "$RESULTS"
 [[ -n ${HALT_POLL_NS:-} ]] && echo "idle vCPUs polled ${HALT_POLL_NS} ns before halting (HALT_POLL_NS)"
-MAX_STEAL=${MAX_STEAL:-} python3 - "$work/results" "$DURATION" "$PIN" $PEERS $DNS_PEERS <<'PY'
-import json, os, re, statistics, sys
-path, duration, pin, peers = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4:]
-m = re.fullmatch(r"([0-9.]+)(ms|s)?", duration)
-secs = float(m[1]) * (0.001 if m[2] == "ms" else 1)
+# shellcheck disable=SC2086 # one argument per peer
+MAX_STEAL=${MAX_STEAL:-} python3 - "$work/results" "$(seconds "$DURATION")" "$PIN" $PEERS $DNS_PEERS <<'PY'
+import json, os, statistics, sys
+path, secs, pin, peers = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:]
 max_steal = float(os.environ["MAX_STEAL"]) if os.environ.get("MAX_STEAL") else None
 
 def steal_pct(x, cpu):

@@ -26,7 +26,7 @@ NAME=gso
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 (($(nproc) >= 2)) || die "needs 2 CPUs (udplb on CPU 1, sender and sink on CPU 0)"
-cargo build --release --quiet -p udplb -p udplb-bench || die "does not build"
+build_release udplb udplb-bench || die "does not build"
 
 : >"$work/results"
 for round in $(seq "$ROUNDS"); do
@@ -41,35 +41,33 @@ for round in $(seq "$ROUNDS"); do
                 port=$(free_port)
                 gro=()
                 [[ $peer == udplb-gro ]] && gro=(--gro)
-                UDPLB_ALLOW_ROOT=1 taskset -c 1 "$UDPLB" --workers 1 "${gro[@]}" \
-                    --shutdown-grace 0s "127.0.0.1:$port" "$sink" >"$work/udplb.log" 2>&1 &
-                pid=$!
-                pids+=("$pid")
+                UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" taskset -c 1 "$UDPLB" --workers 1 \
+                    "${gro[@]}" --shutdown-grace 0s "127.0.0.1:$port" "$sink"
+                pid=$bg_pid
                 target="127.0.0.1:$port"
-                # The listener is bound once udplb logs that it serves (5 s at most).
-                for _ in $(seq 100); do
-                    grep -q "serving" "$work/udplb.log" && break
-                    kill -0 "$pid" 2>/dev/null || die "udplb exited: $(cat "$work/udplb.log")"
-                    sleep 0.05
-                done
+                # udplb logs "listening" once its workers run on the bound listener (5 s at
+                # most). The sink exists only while the load runs: nothing answers a
+                # forwarding probe yet.
+                rc=0
+                wait_output "$work/udplb.log" "listening" 1 "$pid" || rc=$?
+                ((rc != 2)) || die "udplb exited: $(cat "$work/udplb.log")"
             fi
             before=$(cpu1_busy)
             out=$(taskset -c 0 "$BENCH" bulk --target "$target" --sink "$sink" \
                 --segment "$SEGMENT" --train "$train" --duration "$DURATION" --warmup "$WARMUP")
             after=$(cpu1_busy)
-            [[ -z $pid ]] || kill -KILL "$pid" 2>/dev/null || true
-            [[ -z $pid ]] || wait "$pid" 2>/dev/null || true
+            stop "$pid"
             echo "$send $peer $((after - before)) $out" >>"$work/results"
             echo "  [$round] $send $peer" >&2
         done
     done
 done
 
-python3 - "$work/results" "$DURATION" "$WARMUP" "$(getconf CLK_TCK)" "$SEGMENT" "$TRAIN" <<'PY'
-import json, re, statistics, sys
-path, duration, warmup, hz, segment, train = sys.argv[1:7]
-secs = lambda d: (lambda m: float(m[1]) * (0.001 if m[2] == "ms" else 1))(re.fullmatch(r"([0-9.]+)(ms|s)?", d))
-window = secs(duration) + secs(warmup)
+python3 - "$work/results" "$(seconds "$DURATION" "$(seconds "$WARMUP")")" "$(getconf CLK_TCK)" \
+    "$SEGMENT" "$TRAIN" <<'PY'
+import json, statistics, sys
+path, window, hz, segment, train = sys.argv[1:6]
+window = float(window)
 runs = {}
 for line in open(path):
     send, peer, ticks, js = line.split(" ", 3)

@@ -24,12 +24,10 @@ UDPLB=${UDPLB:-target/release/udplb}
 NAME=instructions
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
-command -v valgrind >/dev/null || {
-    [[ $(id -u) -eq 0 ]] && apt-get update -qq &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends valgrind >/dev/null
-}
+command -v valgrind >/dev/null || install_packages valgrind
 command -v valgrind >/dev/null || die "needs valgrind (Debian: valgrind)"
-cargo build --release --quiet -p udplb -p udplb-bench || die "does not build"
+build_release udplb udplb-bench || die "does not build"
+# shellcheck disable=SC2119 # no command prefix
 start_echo
 
 printf '%-15s %12s %10s %6s %14s\n' peer instructions datagrams lost 'instr/dgram'
@@ -51,24 +49,17 @@ for peer in $PEERS; do
             ;;
         *) die "unknown peer $peer" ;;
     esac
-    UDPLB_ALLOW_ROOT=1 valgrind --tool=callgrind --callgrind-out-file="$out" "--toggle-collect=$toggle" \
-        "${cmd[@]}" >"$work/peer.log" 2>&1 &
-    pid=$!
-    pids+=("$pid")
-    ok=false
-    for _ in $(seq 300); do
-        if "$BENCH" load --target "127.0.0.1:$port" --flows 1 --outstanding 1 --duration 100ms \
-            --warmup 0s --timeout 200ms --json |
-            python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["completed"] else 1)'; then
-            ok=true
-            break
-        fi
-    done
-    $ok || { cat "$work/peer.log" >&2; die "$peer does not forward under valgrind"; }
+    UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" valgrind --tool=callgrind \
+        --callgrind-out-file="$out" "--toggle-collect=$toggle" "${cmd[@]}"
+    pid=$bg_pid
+    # Slow to start under the interpreter: up to 90 s (300 probes of 100 ms + 200 ms).
+    wait_forwarding -s 90 -t 200ms -p "$pid" "127.0.0.1:$port" || {
+        cat "$work/peer.log" >&2
+        die "$peer does not forward under valgrind"
+    }
     "$BENCH" load --target "127.0.0.1:$port" --flows "$FLOWS" --outstanding "$OUTSTANDING" \
         --duration "$DURATION" --warmup 0s --timeout 2s --json >"$work/load.json"
-    kill -TERM "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    stop "$pid" TERM # callgrind writes its counts on the way out
     python3 - "$peer" "$out" "$work/load.json" <<'PY'
 import json, sys
 peer, out, load = sys.argv[1:]

@@ -39,10 +39,8 @@ NAME=scale
 source scripts/lib.sh
 (($(nproc) >= 2)) || die "needs 2 CPUs (udplb on CPU 1, load and backends on CPU 0)"
 
-cargo build --release --quiet -p udplb-bench || die "udplb-bench does not build"
-if [[ $UDPLB == target/release/udplb ]]; then
-    cargo build --release --quiet -p udplb || die "udplb does not build"
-fi
+build_release udplb-bench || die "udplb-bench does not build"
+build_release udplb || die "udplb does not build"
 
 ulimit -n "$(ulimit -Hn)"
 nofile=$(ulimit -n)
@@ -87,22 +85,15 @@ for size in $SIZES; do
     for round in $(seq "$ROUNDS"); do
         port=$(free_port)
         admin=$(free_port)
-        UDPLB_ALLOW_ROOT=1 taskset -c 1 "$UDPLB" --workers 1 --idle-timeout "${IDLE}s" \
-            --max-flows $((size + 1000)) --shutdown-grace 0s --admin "127.0.0.1:$admin" \
-            "${lbflags[@]}" "127.0.0.1:$port" "${backends[@]}" >"$work/udplb.log" 2>&1 &
-        lb=$!
-        pids+=("$lb")
-        # Ready when it forwards: one exchange through it (that flow is not counted below).
-        ok=false
-        for _ in $(seq 100); do
-            if python3 - "$port" <<'EOF' 2>/dev/null; then ok=true; break; fi
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.05)
-s.sendto(b"ping", ("127.0.0.1", int(sys.argv[1]))); s.recvfrom(64)
-EOF
-            sleep 0.05
-        done
-        $ok || { cat "$work/udplb.log" >&2; die "udplb did not forward"; }
+        UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" taskset -c 1 "$UDPLB" --workers 1 \
+            --idle-timeout "${IDLE}s" --max-flows $((size + 1000)) --shutdown-grace 0s \
+            --admin "127.0.0.1:$admin" "${lbflags[@]}" "127.0.0.1:$port" "${backends[@]}"
+        lb=$bg_pid
+        # Ready when it forwards: one flow through it (that flow is not counted below).
+        wait_forwarding -p "$lb" "127.0.0.1:$port" taskset -c 0 || {
+            cat "$work/udplb.log" >&2
+            die "udplb did not forward"
+        }
         out=$(taskset -c 0 "$BENCH" flows --target "127.0.0.1:$port" --flows "$size" \
             --window "$WINDOW" --duration 0s --pid "$lb" --cpu 1)
         echo "$size first $out" >>"$work/results"
@@ -119,8 +110,7 @@ EOF
             --window "$WINDOW" --duration "$DURATION" --pid "$lb" --cpu 1)
         echo "$size again $out" >>"$work/results"
         echo "  [$size $round again] $out" >&2
-        kill -KILL "$lb" 2>/dev/null || true
-        wait "$lb" 2>/dev/null || true
+        stop "$lb"
     done
 done
 

@@ -9,15 +9,7 @@ use std::time::Duration;
 use common::*;
 
 fn start(listen_ip: &str, backend: SocketAddr, rules: &str) -> (Udplb, SocketAddr) {
-    let (admin, listen) = (admin_addr(), listen_addr(listen_ip));
-    let lb = run_toml(
-        admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             {rules}\n[pools.p]\nbackends = [\"{backend}\"]\n"
-        ),
-    );
-    (lb, listen)
+    run_one_pool(listen_ip, rules, &[quoted(backend)], "")
 }
 
 /// Sends `n` datagrams from `c` and says whether any reply came back.
@@ -112,16 +104,12 @@ fn explain_says_when_a_client_is_refused() {
 fn refused_clients_go_to_the_abuse_pool_when_there_is_one() {
     let a = Backend::start("127.0.0.1", "a");
     let tarpit = Backend::start("127.0.0.1", "tarpit");
-    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
-    let lb = run_toml(
-        admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             deny = [\"127.0.0.5\"]\nabuse_pool = \"tarpit\"\n[listeners.l.limits]\n\
-             new_flows_per_source = 2\n[pools.p]\nbackends = [\"{}\"]\n\
-             [pools.tarpit]\nbackends = [\"{}\"]\n",
-            a.addr, tarpit.addr
-        ),
+    let (lb, listen) = run_one_pool(
+        "127.0.0.1",
+        "deny = [\"127.0.0.5\"]\nabuse_pool = \"tarpit\"\n\
+         [listeners.l.limits]\nnew_flows_per_source = 2",
+        &[quoted(a.addr)],
+        &format!("[pools.tarpit]\nbackends = [{}]", quoted(tarpit.addr)),
     );
     let served = client("127.0.0.1:0");
     assert_eq!(request(&served, listen, b"x").0, b"a:x");

@@ -20,13 +20,6 @@ fn raise_own_nofile() {
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
 }
 
-fn backends_of(stats: &serde_json::Value) -> Vec<serde_json::Value> {
-    stats["pools"][0]["backends"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 fn all_healthy(stats: &serde_json::Value) -> bool {
     let b = backends_of(stats);
     !b.is_empty() && b.iter().all(|b| b["healthy"] == true)
@@ -106,8 +99,7 @@ fn idle_admin_connections_cannot_starve_checks_or_traffic() {
     });
     let answered_after = flood.elapsed();
     let logs = load.finish();
-    let sent: u64 = logs.iter().map(|l| l.sent).sum();
-    let lost: u64 = logs.iter().map(|l| l.sent - l.received).sum();
+    let (sent, lost) = totals(&logs);
     let stats = lb.try_stats();
     let stderr = lb.stderr.lock().unwrap().clone();
     let downs = stderr.matches("backend down").count();
@@ -170,7 +162,7 @@ fn held_for(admin: SocketAddr, behave: fn(&mut TcpStream, u32)) -> Option<Durati
 #[test]
 fn slow_and_idle_admin_connections_are_closed() {
     let a = Backend::start("127.0.0.1", "a");
-    let lb = Udplb::start(&[&listen_addr("127.0.0.1").to_string(), &a.addr.to_string()]);
+    let (lb, _) = Udplb::serve(&[], &[a.addr]);
     let admin = lb.admin;
     let slowloris = std::thread::spawn(move || {
         held_for(admin, |s, tick| {
@@ -284,16 +276,10 @@ fn set_soft_nofile(pid: u32, soft: u64) {
 fn a_check_that_cannot_open_a_socket_does_not_fail_the_backend() {
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--check",
-        "udp:ping",
-        "--check-interval",
-        "100ms",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &b.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--check", "udp:ping", "--check-interval", "100ms"],
+        &[a.addr, b.addr],
+    );
     assert!(
         wait_for(DEADLINE, || all_healthy(&lb.stats())),
         "{}",
@@ -314,8 +300,7 @@ fn a_check_that_cannot_open_a_socket_does_not_fail_the_backend() {
     let during = admin.stats();
     set_soft_nofile(pid, 4096);
     let logs = load.finish();
-    let sent: u64 = logs.iter().map(|l| l.sent).sum();
-    let lost: u64 = logs.iter().map(|l| l.sent - l.received).sum();
+    let (sent, lost) = totals(&logs);
     let delta = |key: &str| sum(&during, key) - sum(&before, key);
     let (unknown, failed, passed) = (
         delta("checks_unknown"),

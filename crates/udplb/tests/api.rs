@@ -8,29 +8,14 @@ use std::path::PathBuf;
 
 use common::*;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("udplb-api-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn tag_of(c: &std::net::UdpSocket, listen: SocketAddr) -> String {
-    let (reply, _) = request(c, listen, b"x");
-    String::from_utf8_lossy(&reply)
-        .split(':')
-        .next()
-        .unwrap()
-        .to_string()
+    tag(&request(c, listen, b"x").0)
 }
 
 #[test]
 fn read_only_by_default_and_changes_only_by_the_right_method() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
+    let (lb, _) = Udplb::serve(&[], &[a.addr]);
     let (code, body) = lb.call("GET", "/api/v1/status", None);
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["listeners"][0]["name"], "default");
@@ -53,17 +38,10 @@ fn changes_drain_enable_disable_weight_add_remove() {
         Backend::start("127.0.0.1", "b"),
         Backend::start("127.0.0.1", "c"),
     );
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        "--workers",
-        "1",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &b.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--admin-allow-changes", "--workers", "1"],
+        &[a.addr, b.addr],
+    );
     let path =
         |addr: SocketAddr, what: &str| format!("/api/v1/pools/default/backends/{addr}{what}");
 
@@ -117,7 +95,7 @@ fn changes_drain_enable_disable_weight_add_remove() {
     assert_eq!(code, 409, "{body}");
     let (code, body) = lb.call("PUT", &path(a.addr, "/weight"), Some(r#"{"weight": 7}"#));
     assert_eq!(code, 200, "{body}");
-    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 7);
+    assert_eq!(lb.backend(0)["weight"], 7);
 
     // Add c, then remove a: new flows reach c, a's flows move.
     let add = format!(r#"{{"address": "{}", "weight": 2}}"#, c.addr);
@@ -184,17 +162,8 @@ fn explain_names_the_backend_a_new_flow_gets_and_why() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let mut args = vec![
-        "--scheduler".to_string(),
-        "maglev".to_string(),
-        listen.to_string(),
-    ];
-    args.extend(backends.iter().map(|b| b.addr.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let lb = Udplb::start(&args);
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (lb, listen) = Udplb::serve(&["--scheduler", "maglev"], &addrs);
     for _ in 0..5 {
         let c = client("127.0.0.1:0");
         let me = c.local_addr().unwrap();
@@ -202,11 +171,7 @@ fn explain_names_the_backend_a_new_flow_gets_and_why() {
         assert_eq!(code, 200, "{body}");
         let predicted = body["backend"].as_str().unwrap().to_string();
         let (reply, _) = request(&c, listen, b"x");
-        let tag = String::from_utf8_lossy(&reply)
-            .split(':')
-            .next()
-            .unwrap()
-            .to_string();
+        let tag = tag(&reply);
         let got = backends
             .iter()
             .position(|b| b.addr.to_string() == predicted)
@@ -225,12 +190,10 @@ fn explain_names_the_backend_a_new_flow_gets_and_why() {
 
 #[test]
 fn reload_through_the_api() {
-    let dir = scratch("reload");
+    let dir = scratch_dir("reload");
     let a = Backend::start("127.0.0.1", "a");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
     let cfg = |weight: u32| {
         format!(
             "[admin]\nlisten = \"{admin}\"\nallow_changes = true\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
@@ -248,24 +211,11 @@ fn reload_through_the_api() {
         (200, Some(true)),
         "{body}"
     );
-    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 5);
+    assert_eq!(lb.backend(0)["weight"], 5);
     std::fs::write(&path, "[listeners.l]\nadress = 1\n").unwrap();
     let (code, body) = lb.call("POST", "/api/v1/reload", None);
     assert_eq!(code, 422, "{body}");
     assert!(body["error"].as_str().unwrap().contains("adress"), "{body}");
-}
-
-fn ctl(lb: &Udplb, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .args(["ctl", "--admin", &lb.admin.to_string()])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `udplb ctl` against a running instance: tables, --json, changes and their errors.
@@ -275,48 +225,40 @@ fn ctl_drives_a_running_instance() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &b.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--admin-allow-changes"], &[a.addr, b.addr]);
     request(&client("127.0.0.1:0"), listen, b"hi");
 
-    let (ok, out, err) = ctl(&lb, &["status"]);
+    let (ok, out, err) = ctl(lb.admin, &["status"], &[]);
     assert!(ok, "{err}");
     assert!(
         out.starts_with("LISTENER") && out.contains("default") && out.contains(&listen.to_string()),
         "{out}"
     );
-    let (ok, out, _) = ctl(&lb, &["backends"]);
+    let (ok, out, _) = ctl(lb.admin, &["backends"], &[]);
     assert!(
         ok && out.contains(&a.addr.to_string()) && out.contains("enabled"),
         "{out}"
     );
 
     let b_addr = b.addr.to_string();
-    let (ok, out, err) = ctl(&lb, &["drain", "default", &b_addr]);
+    let (ok, out, err) = ctl(lb.admin, &["drain", "default", &b_addr], &[]);
     assert!(ok && out.starts_with("ok"), "{out} {err}");
-    let (_, json, _) = ctl(&lb, &["--json", "backends"]);
+    let (_, json, _) = ctl(lb.admin, &["--json", "backends"], &[]);
     let pools: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(pools[0]["backends"][1]["admin"], "draining", "{json}");
-    let (ok, out, _) = ctl(&lb, &["weight", "default", &b_addr, "4"]);
+    let (ok, out, _) = ctl(lb.admin, &["weight", "default", &b_addr, "4"], &[]);
     assert!(ok, "{out}");
-    assert_eq!(lb.stats()["pools"][0]["backends"][1]["weight"], 4);
-    let (ok, out, _) = ctl(&lb, &["remove", "default", "127.0.0.1:1"]);
+    assert_eq!(lb.backend(1)["weight"], 4);
+    let (ok, out, _) = ctl(lb.admin, &["remove", "default", "127.0.0.1:1"], &[]);
     assert!(ok && out.contains("nothing to change"), "{out}");
-    let (ok, _, err) = ctl(&lb, &["weight", "default", &b_addr, "0"]);
+    let (ok, _, err) = ctl(lb.admin, &["weight", "default", &b_addr, "0"], &[]);
     assert!(
         !ok && err.contains("409") && err.contains("weight"),
         "{err}"
     );
-    let (ok, out, _) = ctl(&lb, &["explain", "192.0.2.7:4000"]);
+    let (ok, out, _) = ctl(lb.admin, &["explain", "192.0.2.7:4000"], &[]);
     assert!(ok && out.contains("candidates"), "{out}");
-    let (ok, _, err) = ctl(&lb, &["reload"]);
+    let (ok, _, err) = ctl(lb.admin, &["reload"], &[]);
     assert!(!ok && err.contains("no file to reload"), "{err}");
 }
 
@@ -324,16 +266,7 @@ fn ctl_drives_a_running_instance() {
 #[test]
 fn log_level_changes_at_runtime() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let mut lb = Udplb::start(&[
-        "--admin-allow-changes",
-        "--log-level",
-        "info",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (mut lb, _) = Udplb::serve(&["--admin-allow-changes", "--log-level", "info"], &[a.addr]);
     assert_eq!(lb.call("GET", "/api/v1/log-level", None).1["level"], "info");
     let (code, body) = lb.call(
         "PUT",
@@ -348,13 +281,7 @@ fn log_level_changes_at_runtime() {
         "{body}"
     );
     // Workers log at debug when they stop; with the old level this line would not appear.
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &lb.pid().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(lb.pid(), "TERM");
     assert!(wait_for(DEADLINE, || !lb.alive()));
     let stderr = lb.stderr.lock().unwrap().clone();
     assert!(stderr.contains("worker stopped"), "{stderr}");
@@ -366,12 +293,7 @@ fn log_level_changes_at_runtime() {
 #[test]
 fn log_level_filters_are_checked_strictly() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, _) = Udplb::serve(&["--admin-allow-changes"], &[a.addr]);
     for (filter, why) in [
         ("verbose", "neither a level"),
         ("trace,,", "is empty"),
@@ -403,12 +325,7 @@ fn log_level_filters_are_checked_strictly() {
 #[test]
 fn every_api_error_is_json() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, _) = Udplb::serve(&["--admin-allow-changes"], &[a.addr]);
     let json = Some("application/json");
     let weight = format!("/api/v1/pools/default/backends/{}/weight", a.addr);
     let drain = format!("/api/v1/pools/default/backends/{}/drain", a.addr);
@@ -487,7 +404,7 @@ fn every_api_error_is_json() {
         );
     }
     // Nothing was changed by the refused calls.
-    assert_eq!(lb.stats()["pools"][0]["backends"][0]["weight"], 1);
+    assert_eq!(lb.backend(0)["weight"], 1);
 }
 
 /// Read-only: every change answers 403, before its body is read (a malformed or oversized
@@ -495,7 +412,7 @@ fn every_api_error_is_json() {
 #[test]
 fn read_only_refuses_a_change_before_reading_its_body() {
     let a = Backend::start("127.0.0.1", "a");
-    let lb = Udplb::start(&[&listen_addr("127.0.0.1").to_string(), &a.addr.to_string()]);
+    let (lb, _) = Udplb::serve(&[], &[a.addr]);
     let json = Some("application/json");
     let weight = format!("/api/v1/pools/default/backends/{}/weight", a.addr);
     let huge = format!(r#"{{"pad": "{}"}}"#, "x".repeat(20_000));
@@ -575,7 +492,7 @@ fn token_file(dir: &std::path::Path, token: &str, mode: u32) -> PathBuf {
 /// or `UDPLB_ADMIN_TOKEN_FILE`.
 #[test]
 fn changes_need_the_token_when_one_is_configured() {
-    let dir = scratch("token");
+    let dir = scratch_dir("token");
     let a = Backend::start("127.0.0.1", "a");
     let token = "s3cret-token-of-the-admin-0123456789";
     let file = token_file(&dir, token, 0o600);
@@ -610,25 +527,14 @@ fn changes_need_the_token_when_one_is_configured() {
         "{answer}"
     );
 
-    let ctl = |args: &[&str], env: &[(&str, &str)]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-            .args(["ctl", "--admin", &admin.to_string()])
-            .args(args)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
     let enable = ["enable", "p", &a.addr.to_string()];
-    let (ok, err) = ctl(&enable, &[]);
+    let (ok, _, err) = ctl(admin, &enable, &[]);
     assert!(!ok && err.contains("401"), "{err}");
     let file_arg = file.display().to_string();
-    let (ok, err) = ctl(&[&["--token-file", &file_arg][..], &enable].concat(), &[]);
+    let with_file = [&["--token-file", &file_arg][..], &enable].concat();
+    let (ok, _, err) = ctl(admin, &with_file, &[]);
     assert!(ok, "{err}");
-    let (ok, err) = ctl(&enable, &[("UDPLB_ADMIN_TOKEN_FILE", &file_arg)]);
+    let (ok, _, err) = ctl(admin, &enable, &[("UDPLB_ADMIN_TOKEN_FILE", &file_arg)]);
     assert!(ok, "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -638,7 +544,7 @@ fn changes_need_the_token_when_one_is_configured() {
 /// file others may read; on loopback, changes without a token are logged loudly.
 #[test]
 fn a_non_loopback_admin_that_allows_changes_needs_a_token() {
-    let dir = scratch("token-rule");
+    let dir = scratch_dir("token-rule");
     let port = free_tcp_port();
     let admin = |extra: &str| {
         format!(
@@ -683,11 +589,7 @@ fn a_non_loopback_admin_that_allows_changes_needs_a_token() {
     assert!(stderr.contains("--admin-token-file"), "{stderr}");
 
     let a = Backend::start("127.0.0.1", "a");
-    let lb = Udplb::start(&[
-        "--admin-allow-changes",
-        &listen_addr("127.0.0.1").to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, _) = Udplb::serve(&["--admin-allow-changes"], &[a.addr]);
     let stderr = lb.stderr.lock().unwrap().clone();
     assert!(
         stderr.contains("WARN") && stderr.contains("without a token"),

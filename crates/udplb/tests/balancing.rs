@@ -8,12 +8,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn listen_addr() -> SocketAddr {
-    format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap()
-}
-
 /// Sends `n` datagrams from one client and waits for every reply; returns the replies' tags.
 fn exchange(c: &std::net::UdpSocket, to: SocketAddr, n: usize) -> Vec<String> {
     (0..n)
@@ -22,7 +16,7 @@ fn exchange(c: &std::net::UdpSocket, to: SocketAddr, n: usize) -> Vec<String> {
             let (reply, _) = recv(c);
             let s = String::from_utf8(reply).unwrap();
             assert!(s.ends_with(&format!(":m{i}")), "reply {s} to m{i}");
-            s.split(':').next().unwrap().to_string()
+            tag(s.as_bytes())
         })
         .collect()
 }
@@ -33,14 +27,7 @@ fn datagram_mode_round_robin_is_exact() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
-    let lb = Udplb::start(&[
-        "--mode",
-        "datagram",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &b.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--mode", "datagram"], &[a.addr, b.addr]);
     let c = client("127.0.0.1:0");
     let tags = exchange(&c, listen, 10);
     assert_eq!(a.count(), 5, "{tags:?}");
@@ -62,16 +49,7 @@ fn datagram_mode_round_robin_is_exact_across_new_clients() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
-    let lb = Udplb::start(&[
-        "--workers",
-        "1",
-        "--mode",
-        "datagram",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &b.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--workers", "1", "--mode", "datagram"], &[a.addr, b.addr]);
     let tags: Vec<String> = (0..10)
         .flat_map(|_| exchange(&client("127.0.0.1:0"), listen, 1))
         .collect();
@@ -89,16 +67,10 @@ fn datagram_mode_weights_one_to_two_are_exact() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
-    let _lb = Udplb::start(&[
-        "--mode",
-        "datagram",
-        "--scheduler",
-        "weighted-round-robin",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &format!("{},weight=2", b.addr),
-    ]);
+    let (_lb, listen) = Udplb::serve(
+        &["--mode", "datagram", "--scheduler", "weighted-round-robin"],
+        &[a.addr.to_string(), format!("{},weight=2", b.addr)],
+    );
     let c = client("127.0.0.1:0");
     exchange(&c, listen, 9);
     assert_eq!((a.count(), b.count()), (3, 6));
@@ -111,14 +83,10 @@ fn default_round_robin_honours_weights() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
-    let _lb = Udplb::start(&[
-        "--mode",
-        "datagram",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &format!("{},weight=2", b.addr),
-    ]);
+    let (_lb, listen) = Udplb::serve(
+        &["--mode", "datagram"],
+        &[a.addr.to_string(), format!("{},weight=2", b.addr)],
+    );
     let c = client("127.0.0.1:0");
     exchange(&c, listen, 9);
     assert_eq!((a.count(), b.count()), (3, 6));
@@ -133,10 +101,8 @@ fn few_flows_spread_exactly_over_several_workers() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen = listen_addr();
-    let mut args = vec!["--workers".to_string(), "2".into(), listen.to_string()];
-    args.extend(backends.iter().map(|b| b.addr.to_string()));
-    let _lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (_lb, listen) = Udplb::serve(&["--workers", "2"], &addrs);
     // Let every worker's first flow be known: one exchange to warm up, then count.
     let warm = client("127.0.0.1:0");
     exchange(&warm, listen, 1);
@@ -166,10 +132,8 @@ fn flow_mode_keeps_each_client_on_one_backend() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen = listen_addr();
-    let mut args = vec!["--workers".to_string(), "2".into(), listen.to_string()];
-    args.extend(backends.iter().map(|b| b.addr.to_string()));
-    let _lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (_lb, listen) = Udplb::serve(&["--workers", "2"], &addrs);
     let mut used = HashSet::new();
     for _ in 0..12 {
         let c = client("127.0.0.1:0");
@@ -193,16 +157,8 @@ fn ip_affinity_keeps_every_port_of_a_client_on_one_backend() {
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let listen = listen_addr();
-    let mut args = vec![
-        "--workers".to_string(),
-        "2".into(),
-        "--affinity".into(),
-        "ip".into(),
-        listen.to_string(),
-    ];
-    args.extend(backends.iter().map(|b| b.addr.to_string()));
-    let _lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (_lb, listen) = Udplb::serve(&["--workers", "2", "--affinity", "ip"], &addrs);
     let tags: HashSet<String> = (0..8)
         .flat_map(|_| exchange(&client("127.0.0.1:0"), listen, 2))
         .collect();
@@ -212,15 +168,10 @@ fn ip_affinity_keeps_every_port_of_a_client_on_one_backend() {
 #[test]
 fn request_response_closes_the_flow_after_the_reply() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr();
-    let lb = Udplb::start(&[
-        "--mode",
-        "request-response",
-        "--responses",
-        "1",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--mode", "request-response", "--responses", "1"],
+        &[a.addr],
+    );
     let c = client("127.0.0.1:0");
     exchange(&c, listen, 3);
     assert!(
@@ -285,20 +236,19 @@ fn request_response_with(
     backend: &DoubleAnswering,
     extra: &[&str],
 ) -> (Udplb, SocketAddr, [std::net::UdpSocket; 3]) {
-    let listen = listen_addr();
-    let listen_s = listen.to_string();
-    let backend_s = backend.addr.to_string();
-    let mut args = vec![
-        "--workers",
-        "1",
-        "--mode",
-        "request-response",
-        "--responses",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    args.extend([listen_s.as_str(), backend_s.as_str()]);
-    let lb = Udplb::start(&args);
+    let options = [
+        &[
+            "--workers",
+            "1",
+            "--mode",
+            "request-response",
+            "--responses",
+            "1",
+        ][..],
+        extra,
+    ]
+    .concat();
+    let (lb, listen) = Udplb::serve(&options, &[backend.addr]);
     let clients = [
         client("127.0.0.1:0"),
         client("127.0.0.1:0"),
@@ -400,12 +350,8 @@ fn triple_answering() -> SocketAddr {
 fn duplicate_answers_never_reach_the_next_client() {
     let backend = triple_answering();
     for extra in [&[][..], &["--shared-upstream"][..]] {
-        let listen = listen_addr();
-        let mut args = vec!["--workers", "1", "--mode", "request-response"];
-        args.extend_from_slice(extra);
-        let (listen_s, backend_s) = (listen.to_string(), backend.to_string());
-        args.extend([listen_s.as_str(), backend_s.as_str()]);
-        let lb = Udplb::start(&args);
+        let options = [&["--workers", "1", "--mode", "request-response"][..], extra].concat();
+        let (lb, listen) = Udplb::serve(&options, &[backend]);
         let mut wrong = 0;
         for run in 0..20 {
             let (a, b) = (client("127.0.0.1:0"), client("127.0.0.1:0"));
@@ -434,60 +380,29 @@ fn backup_takes_traffic_only_when_no_primary_can() {
         Backend::start("127.0.0.1", "p"),
         Backend::start("127.0.0.1", "b"),
     );
-    let listen = listen_addr();
-    let _lb = Udplb::start(&[
-        "--mode",
-        "datagram",
-        &listen.to_string(),
-        &primary.addr.to_string(),
-        &format!("{},backup", backup.addr),
-    ]);
+    let (_lb, listen) = Udplb::serve(
+        &["--mode", "datagram"],
+        &[primary.addr.to_string(), format!("{},backup", backup.addr)],
+    );
     let c = client("127.0.0.1:0");
     exchange(&c, listen, 6);
     assert_eq!((primary.count(), backup.count()), (6, 0));
 
     // The same pool with its only primary disabled in the configuration.
-    let listen = listen_addr();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let dir = tempdir();
-    let path = dir.join("backup.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\nmode = \"datagram\"\n\
-             [pools.p]\nbackends = [{{ address = \"{}\", state = \"disabled\" }}, {{ address = \"{}\", backup = true }}]\n",
-            primary.addr, backup.addr
-        ),
-    )
-    .unwrap();
-    let _lb2 = Udplb::run_config(&path, admin);
+    let backends = [
+        format!("{{ address = \"{}\", state = \"disabled\" }}", primary.addr),
+        format!("{{ address = \"{}\", backup = true }}", backup.addr),
+    ];
+    let (_lb2, listen) = run_one_pool("127.0.0.1", "mode = \"datagram\"", &backends, "");
     exchange(&c, listen, 4);
     assert_eq!((primary.count(), backup.count()), (6, 4));
 }
 
-/// A fresh directory under the target dir's tmp (removed by the OS, not by the test).
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "udplb-test-{}-{}",
-        std::process::id(),
-        free_tcp_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn refused_backend_is_counted_and_the_flow_rescheduled() {
-    let dead = listen_addr(); // nothing listens there: the kernel answers port unreachable
+    let dead = listen_addr("127.0.0.1"); // nothing listens there: the kernel answers port unreachable
     let alive = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr();
-    let lb = Udplb::start(&[
-        "--workers",
-        "1",
-        &listen.to_string(),
-        &dead.to_string(),
-        &alive.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--workers", "1"], &[dead, alive.addr]);
     let c = client("127.0.0.1:0");
     // The first flow goes to the dead backend (round robin starts there): its datagrams are
     // refused; once refused, the flow closes and the next datagram is scheduled afresh.

@@ -20,13 +20,12 @@ fn a_burst_of_new_clients_within_the_buffer_is_served_whole() {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
-    if !nix::unistd::Uid::effective().is_root() && rmem_max < 4 << 20 {
+    if !is_root() && rmem_max < 4 << 20 {
         eprintln!("skipped: a 4 MiB listener buffer needs root or net.core.rmem_max >= 4 MiB");
         return;
     }
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&["--workers", "1", &listen.to_string(), &a.addr.to_string()]);
+    let (lb, listen) = Udplb::serve(&["--workers", "1"], &[a.addr]);
     // Up and forwarding before the burst.
     request(&client("127.0.0.1:0"), listen, b"up?");
     let clients: Vec<_> = (0..CLIENTS).map(|_| client("127.0.0.1:0")).collect();

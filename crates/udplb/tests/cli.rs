@@ -3,11 +3,8 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
-fn udplb() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_udplb"))
-}
+use common::udplb_command;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -21,7 +18,7 @@ fn example() -> PathBuf {
 
 #[test]
 fn check_accepts_the_example() {
-    let out = udplb()
+    let out = udplb_command()
         .args(["check", "-c"])
         .arg(example())
         .output()
@@ -45,7 +42,11 @@ fn check_rejects_broken_configs_with_file_line_and_key() {
     ];
     for (file, key) in cases {
         let path = fixture(file);
-        let out = udplb().args(["check", "-c"]).arg(&path).output().unwrap();
+        let out = udplb_command()
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{file}: {stderr}");
         let line = stderr.lines().next().unwrap_or_default();
@@ -65,7 +66,7 @@ fn check_rejects_broken_configs_with_file_line_and_key() {
 
 #[test]
 fn run_with_a_broken_config_exits_78_without_binding() {
-    let out = udplb()
+    let out = udplb_command()
         .args(["run", "-c"])
         .arg(fixture("unknown_key.toml"))
         .output()
@@ -75,7 +76,7 @@ fn run_with_a_broken_config_exits_78_without_binding() {
 
 #[test]
 fn help_shows_examples() {
-    let out = udplb().arg("--help").output().unwrap();
+    let out = udplb_command().arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     for needle in [
@@ -92,7 +93,7 @@ fn help_shows_examples() {
 
 #[test]
 fn one_liner_rejects_a_bad_backend() {
-    let out = udplb()
+    let out = udplb_command()
         .args(["127.0.0.1:5300", "not-an-address"])
         .output()
         .unwrap();
@@ -105,13 +106,10 @@ fn one_liner_rejects_a_bad_backend() {
 /// `--version` exit 0.
 #[test]
 fn a_bad_command_line_exits_78() {
-    let file = std::env::temp_dir().join(format!("udplb-cli-{}.toml", std::process::id()));
-    std::fs::write(
-        &file,
+    let file = common::write_config(
         "[listeners.l]\naddress = \"127.0.0.1:5300\"\npool = \"p\"\n\
          [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n",
-    )
-    .unwrap();
+    );
     let file_arg = file.display().to_string();
     let cases: [(&[&str], &str); 11] = [
         (
@@ -162,9 +160,9 @@ fn a_bad_command_line_exits_78() {
             "{args:?}: {needle:?} not in {stderr}"
         );
     }
-    let _ = std::fs::remove_file(file);
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
     for args in [&["--help"][..], &["--version"], &["run", "--help"]] {
-        let out = udplb().args(args).output().unwrap();
+        let out = udplb_command().args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         assert!(!out.stdout.is_empty(), "{args:?}");
     }
@@ -174,7 +172,7 @@ fn a_bad_command_line_exits_78() {
 /// subcommand and option without being maintained by hand.
 #[test]
 fn man_page_and_completions_come_from_the_cli() {
-    let man = udplb().arg("man").output().unwrap();
+    let man = udplb_command().arg("man").output().unwrap();
     assert!(man.status.success());
     let man = String::from_utf8_lossy(&man.stdout);
     assert!(man.contains(".TH udplb 1"), "not roff");
@@ -182,7 +180,10 @@ fn man_page_and_completions_come_from_the_cli() {
         assert!(man.contains(needle), "man page lacks {needle}");
     }
     for shell in ["bash", "zsh", "fish"] {
-        let out = udplb().args(["completions", shell]).output().unwrap();
+        let out = udplb_command()
+            .args(["completions", shell])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && text.contains("udplb") && text.contains("ctl"),
@@ -223,7 +224,7 @@ fn a_failure_at_start_has_one_prefix() {
         .local_addr()
         .unwrap()
         .to_string();
-    let out = udplb()
+    let out = udplb_command()
         .env("UDPLB_ALLOW_ROOT", "1")
         .args(["--admin", &admin, &listen, "127.0.0.1:9"])
         .output()
@@ -243,8 +244,7 @@ fn a_failure_at_start_has_one_prefix() {
 fn logs_to_a_pipe_have_no_colour() {
     let a = common::Backend::start("127.0.0.1", "a");
     for format in ["human", "json"] {
-        let listen = common::listen_addr("127.0.0.1").to_string();
-        let lb = common::Udplb::start(&["--log-format", format, &listen, &a.addr.to_string()]);
+        let (lb, _) = common::Udplb::serve(&["--log-format", format], &[a.addr]);
         assert!(
             common::wait_for(common::DEADLINE, || lb
                 .stderr
@@ -268,9 +268,7 @@ fn logs_to_a_pipe_have_no_colour() {
 /// exit 78 with file, line and key.
 #[test]
 fn check_and_run_refuse_what_the_machine_cannot_do() {
-    let dir = std::env::temp_dir().join(format!("udplb-cli-machine-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch_dir("machine");
     let script = dir.join("check.sh");
     std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap(); // mode 0644: not executable
     let script = script.display().to_string();

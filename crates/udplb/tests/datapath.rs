@@ -44,15 +44,7 @@ fn replies_leave_from_the_address_the_client_sent_to_v6() {
 #[test]
 fn oversize_and_empty_datagrams_are_dropped_and_counted() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let mut lb = Udplb::start(&[
-        "--max-datagram-size",
-        "512",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (mut lb, listen) = Udplb::serve(&["--max-datagram-size", "512"], &[a.addr]);
     let c = client("127.0.0.1:0");
     c.send_to(&[], listen).unwrap();
     c.send_to(&[7u8; 513], listen).unwrap();
@@ -86,19 +78,10 @@ fn oversize_and_empty_datagrams_are_dropped_and_counted() {
 #[test]
 fn flow_cap_sheds_new_flows_and_idle_expiry_frees_everything() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let lb = Udplb::start(&[
-        "--workers",
-        "1",
-        "--max-flows",
-        "3",
-        "--idle-timeout",
-        "1s",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--workers", "1", "--max-flows", "3", "--idle-timeout", "1s"],
+        &[a.addr],
+    );
     let baseline = lb.open_udp_sockets();
     let clients: Vec<_> = (0..3).map(|_| client("127.0.0.1:0")).collect();
     for c in &clients {
@@ -154,9 +137,7 @@ fn flow_cap_sheds_new_flows_and_idle_expiry_frees_everything() {
 #[test]
 fn running_out_of_descriptors_sheds_new_flows_and_never_crashes() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = Udplb::start_with_fd_limit(
         48,
         &[
@@ -246,16 +227,8 @@ fn socket_buffers(port: u16) -> Option<Vec<(u64, u64)>> {
 #[test]
 fn listener_sockets_get_the_buffers_socket_buffer_asks_for() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen = listen_addr("127.0.0.1");
     // Below the kernel's default maximum, so it holds for any user on any machine.
-    let _lb = Udplb::start(&[
-        "--workers",
-        "2",
-        "--socket-buffer",
-        "65536",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (_lb, listen) = Udplb::serve(&["--workers", "2", "--socket-buffer", "65536"], &[a.addr]);
     let Some(buffers) = socket_buffers(listen.port()) else {
         eprintln!("skipped: needs ss (Debian: iproute2)");
         return;

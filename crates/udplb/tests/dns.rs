@@ -38,13 +38,6 @@ fn need(bin: &str) -> PathBuf {
     );
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("udplb-dns-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn dig(server: SocketAddr, name: &str, rtype: &str) -> Output {
     Command::new(need("dig"))
         .args([
@@ -79,8 +72,8 @@ fn wait_answering(s: &mut Server, what: &str) {
 }
 
 fn start_knot(name: &str) -> (Server, PathBuf) {
-    let dir = scratch(name);
-    let port = free_udp_port("127.0.0.1");
+    let dir = scratch_dir(name);
+    let addr = listen_addr("127.0.0.1");
     std::fs::write(
         dir.join("example.test.zone"),
         format!(
@@ -93,11 +86,12 @@ fn start_knot(name: &str) -> (Server, PathBuf) {
     std::fs::write(
         &conf,
         format!(
-            "server:\n  listen: 127.0.0.1@{port}\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
+            "server:\n  listen: 127.0.0.1@{}\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
              database:\n  storage: {d}\ncontrol:\n  listen: {d}/knot.sock\n\
              log:\n  - target: stderr\n    any: warning\n\
              template:\n  - id: default\n    storage: {d}\n\
              zone:\n  - domain: {ZONE}\n    file: example.test.zone\n",
+            addr.port(),
             d = dir.display()
         ),
     )
@@ -109,22 +103,19 @@ fn start_knot(name: &str) -> (Server, PathBuf) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start knotd");
-    let mut s = Server {
-        child,
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-    };
+    let mut s = Server { child, addr };
     wait_answering(&mut s, "knotd");
     (s, dir)
 }
 
 fn start_unbound() -> Server {
-    let dir = scratch("unbound");
-    let port = free_udp_port("127.0.0.1");
+    let dir = scratch_dir("unbound");
+    let addr = listen_addr("127.0.0.1");
     let conf = dir.join("unbound.conf");
     std::fs::write(
         &conf,
         format!(
-            "server:\n  interface: 127.0.0.1\n  port: {port}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n\
+            "server:\n  interface: 127.0.0.1\n  port: {}\n  do-daemonize: no\n  username: \"\"\n  chroot: \"\"\n\
              directory: \"{d}\"\n  pidfile: \"{d}/unbound.pid\"\n  use-syslog: no\n  logfile: \"\"\n  verbosity: 0\n\
              do-ip6: no\n  num-threads: 1\n  access-control: 127.0.0.0/8 allow\n\
              local-zone: \"{ZONE}\" static\n\
@@ -132,6 +123,7 @@ fn start_unbound() -> Server {
              local-data: \"www.{ZONE} 300 IN A 192.0.2.10\"\n\
              local-data: 'who.{ZONE} 300 IN TXT \"unbound\"'\n\
              remote-control:\n  control-enable: no\n",
+            addr.port(),
             d = dir.display()
         ),
     )
@@ -144,10 +136,7 @@ fn start_unbound() -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("start unbound");
-    let mut s = Server {
-        child,
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-    };
+    let mut s = Server { child, addr };
     wait_answering(&mut s, "unbound");
     s
 }
@@ -156,16 +145,7 @@ fn start_unbound() -> Server {
 fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
     let (knot, _) = start_knot("knot");
     let unbound = start_unbound();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let lb = Udplb::start(&[
-        "--mode",
-        "request-response",
-        &listen.to_string(),
-        &knot.addr.to_string(),
-        &unbound.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--mode", "request-response"], &[knot.addr, unbound.addr]);
 
     // dig gets correct answers, and both servers answer (each dig is a new flow, and a worker's
     // round robin alternates; with 4 or more queries over 2 workers one worker sees two).
@@ -189,7 +169,7 @@ fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
     assert!(nx.status.success());
 
     // dnsperf: a fixed number of queries at a moderate rate, none lost.
-    let dir = scratch("dnsperf");
+    let dir = scratch_dir("dnsperf");
     let queries = dir.join("queries.txt");
     let lines: String = (0..100)
         .map(|i| {
@@ -234,31 +214,31 @@ fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
     );
 }
 
+/// udplb in request-response mode in front of `server`, checked by a DNS check with `check`
+/// lines; returns it and its listener's address.
+fn dns_checked(server: &Server, check: &str) -> (Udplb, SocketAddr) {
+    run_one_pool(
+        "127.0.0.1",
+        "mode = \"request-response\"",
+        &[quoted(server.addr)],
+        &format!("[pools.p.health]\ncheck = \"dns\"\n{check}"),
+    )
+}
+
 /// The DNS health check against a real server: healthy while knot serves the zone, down once
 /// knot stops serving it (and answers REFUSED).
 #[test]
 fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
     let (knot, dir) = start_knot("knot-health");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = dir.join("udplb.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"dns\"\n\
-             mode = \"request-response\"\n[pools.dns]\nbackends = [\"{}\"]\n[pools.dns.health]\ncheck = \"dns\"\n\
-             name = \"www.{ZONE}\"\ntype = \"A\"\nanswer = \"192.0.2.10\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
-             rise = 1\nfall = 1\n",
-            knot.addr
+    let (lb, listen) = dns_checked(
+        &knot,
+        &format!(
+            "name = \"www.{ZONE}\"\ntype = \"A\"\nanswer = \"192.0.2.10\"\ninterval = \"100ms\"\n\
+             timeout = \"100ms\"\nrise = 1\nfall = 1"
         ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&cfg, admin);
-    let healthy = || lb.stats()["pools"][0]["backends"][0]["healthy"].as_bool();
+    );
     assert!(
-        wait_for(DEADLINE, || healthy() == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -285,14 +265,11 @@ fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
     knotc(&["conf-unset", &format!("zone[{ZONE}]")]);
     knotc(&["conf-commit"]);
     assert!(
-        wait_for(DEADLINE, || healthy() == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
-    let error = lb.stats()["pools"][0]["backends"][0]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_lowercase();
+    let error = lb.last_error(0).to_lowercase();
     assert!(error.contains("refused"), "{error}");
 }
 
@@ -301,26 +278,13 @@ fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
 /// used to be judged "the reply does not echo the question" and every backend marked down).
 #[test]
 fn dns_check_takes_plain_names_in_any_case() {
-    let (knot, dir) = start_knot("knot-plain-name");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = dir.join("udplb.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"dns\"\n\
-             mode = \"request-response\"\n[pools.dns]\nbackends = [\"{}\"]\n[pools.dns.health]\ncheck = \"dns\"\n\
-             name = \"www.example.test\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n",
-            knot.addr
-        ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&cfg, admin);
-    let healthy = |lb: &Udplb| lb.stats()["pools"][0]["backends"][0]["healthy"].as_bool();
+    let (knot, _) = start_knot("knot-plain-name");
+    let (lb, listen) = dns_checked(
+        &knot,
+        "name = \"www.example.test\"\ninterval = \"100ms\"\ntimeout = \"100ms\"",
+    );
     assert!(
-        wait_for(DEADLINE, || healthy(&lb) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -331,26 +295,23 @@ fn dns_check_takes_plain_names_in_any_case() {
     drop(lb);
 
     // The one-liner's check, in another case.
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[
-        "--mode",
-        "request-response",
-        "--check",
-        "dns:WWW.Example.TEST",
-        "--check-interval",
-        "100ms",
-        &listen.to_string(),
-        &knot.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &[
+            "--mode",
+            "request-response",
+            "--check",
+            "dns:WWW.Example.TEST",
+            "--check-interval",
+            "100ms",
+        ],
+        &[knot.addr],
+    );
     assert!(
-        wait_for(DEADLINE, || healthy(&lb) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
-    assert_eq!(
-        lb.stats()["pools"][0]["backends"][0]["checks_failed"].as_u64(),
-        Some(0)
-    );
+    assert_eq!(lb.backend(0)["checks_failed"].as_u64(), Some(0));
     assert_eq!(
         answers(listen, &format!("www.{ZONE}"), "A").as_deref(),
         Some("192.0.2.10")

@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::spoof::Spoofer;
+use common::spoof::{Spoofer, v4};
 use common::*;
 
 const CAP: u64 = 20_000;
@@ -18,13 +18,9 @@ const CAP: u64 = 20_000;
 const AFTER_FULL: u32 = 100_000;
 const RATE: u32 = 100_000;
 
+/// The resident memory of `pid`.
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
+    status_field(pid, "VmRSS")[0].parse().unwrap()
 }
 
 #[test]
@@ -34,19 +30,13 @@ fn a_spoofed_flood_stays_within_the_cap_and_spares_established_clients() {
         return;
     };
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddrV4 = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
     // One descriptor per flow: where the hard limit is below the cap, the last flows are shed
     // as `upstream_socket` instead of `flow_cap` (both are refusals of new flows).
-    let lb = Udplb::start(&[
-        "--max-flows",
-        &CAP.to_string(),
-        "--workers",
-        "2",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--max-flows", &CAP.to_string(), "--workers", "2"],
+        &[a.addr],
+    );
+    let listen = v4(listen);
     let legit = Load::start(SocketAddr::V4(listen), 4);
     assert!(wait_for(DEADLINE, || lb.counter("/flows/live") == 4));
     let rss_before = rss_kib(lb.pid());
@@ -58,7 +48,9 @@ fn a_spoofed_flood_stays_within_the_cap_and_spares_established_clients() {
         let (stop, peak, admin) = (Arc::clone(&stop), Arc::clone(&peak), lb.admin);
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                if let Some(live) = live_flows(admin) {
+                let stats = stats_at(admin, Duration::from_secs(1));
+                if let Some(live) = stats.and_then(|s| s["listeners"][0]["flows"]["live"].as_u64())
+                {
                     peak.fetch_max(live, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -145,16 +137,4 @@ fn a_spoofed_flood_stays_within_the_cap_and_spares_established_clients() {
         received * 100 >= sent * 99,
         "legitimate clients got only {received} of {sent} replies"
     );
-}
-
-fn live_flows(admin: SocketAddr) -> Option<u64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET /stats HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    let json = body.split_once("\r\n\r\n")?.1;
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    v["listeners"][0]["flows"]["live"].as_u64()
 }

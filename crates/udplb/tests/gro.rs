@@ -4,9 +4,8 @@
 mod common;
 
 use std::io::IoSlice;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
 
 use common::*;
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
@@ -33,42 +32,36 @@ fn send_train(c: &UdpSocket, first: u8) {
 
 /// A backend that reads plain datagrams (no GRO).
 fn sink() -> UdpSocket {
-    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    s
+    client("127.0.0.1:0")
 }
 
 /// Receives datagrams until one filled with `first` (earlier ones belong to probe trains),
 /// then checks that it and the next `n - 1` are whole segments filled with the next bytes.
 fn expect_datagrams(backend: &UdpSocket, first: u8, n: usize) {
-    let mut buf = [0u8; 65_536];
     loop {
-        let (len, _) = recv_within(backend, &mut buf);
-        if len > 0 && buf[0] == first {
-            assert_eq!(len, usize::from(SEGMENT), "datagram 0 has the wrong size");
+        let (d, _) = recv(backend);
+        if !d.is_empty() && d[0] == first {
+            assert_eq!(
+                d.len(),
+                usize::from(SEGMENT),
+                "datagram 0 has the wrong size"
+            );
             break;
         }
     }
     for i in 1..n {
-        let (len, _) = recv_within(backend, &mut buf);
-        assert_eq!(len, usize::from(SEGMENT), "datagram {i} has the wrong size");
+        let (d, _) = recv(backend);
+        assert_eq!(
+            d.len(),
+            usize::from(SEGMENT),
+            "datagram {i} has the wrong size"
+        );
         let want = first + i as u8;
         assert!(
-            buf[..len].iter().all(|&b| b == want),
+            d.iter().all(|&b| b == want),
             "datagram {i} holds {:?}, not {want}",
-            &buf[..4]
+            &d[..4]
         );
-    }
-}
-
-fn recv_within(s: &UdpSocket, buf: &mut [u8]) -> (usize, SocketAddr) {
-    let start = std::time::Instant::now();
-    loop {
-        if let Ok(x) = s.recv_from(buf) {
-            return x;
-        }
-        assert!(start.elapsed() < DEADLINE, "no datagram at the backend");
     }
 }
 
@@ -107,15 +100,8 @@ fn all_counted_as_forwarded(lb: &Udplb) -> serde_json::Value {
 /// udplb with one worker and `--gro` (plus `extra` options) in front of `backend`, and a
 /// client connected to it.
 fn start_gro(backend: &UdpSocket, extra: &[&str]) -> (Udplb, UdpSocket) {
-    let listen = listen_addr("127.0.0.1");
-    let (listen_s, backend_s) = (
-        listen.to_string(),
-        backend.local_addr().unwrap().to_string(),
-    );
-    let mut args = vec!["--workers", "1", "--gro"];
-    args.extend_from_slice(extra);
-    args.extend([listen_s.as_str(), backend_s.as_str()]);
-    let lb = Udplb::start(&args);
+    let options = [&["--workers", "1", "--gro"][..], extra].concat();
+    let (lb, listen) = Udplb::serve(&options, &[backend.local_addr().unwrap()]);
     let c = client("127.0.0.1:0");
     c.connect(listen).unwrap();
     (lb, c)

@@ -4,72 +4,37 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::netns::{Namespace, serve_if_asked};
 use common::*;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("udplb-health-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// Starts udplb with one listener in `mode` on a pool of `backends` (TOML array items) whose
+/// `[pools.p]` gets `pool_extra` lines and `[pools.p.health]` gets `health` lines.
+fn start(mode: &str, backends: &[String], pool_extra: &str, health: &str) -> (Udplb, SocketAddr) {
+    let listener = format!("mode = \"{mode}\"\nidle_timeout = \"30s\"");
+    let pool = format!("{pool_extra}\n[pools.p.health]\n{health}");
+    run_one_pool("127.0.0.1", &listener, backends, &pool)
 }
 
-/// Starts udplb on a config whose `[pools.p]` gets `pool_extra` lines and `[pools.p.health]`
-/// gets `health` lines; backends are `backends` (TOML array items).
-fn start(
-    dir: &std::path::Path,
-    mode: &str,
-    backends: &[String],
-    pool_extra: &str,
-    health: &str,
-) -> (Udplb, SocketAddr) {
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\nmode = \"{mode}\"\n\
-         idle_timeout = \"30s\"\n[pools.p]\nbackends = [{}]\n{pool_extra}\n[pools.p.health]\n{health}\n",
-        backends.join(", ")
-    );
-    let path = dir.join("udplb.toml");
-    std::fs::write(&path, cfg).unwrap();
-    (Udplb::run_config(&path, admin), listen)
+/// A UDP check every 100 ms, 2 results to rise or fall.
+fn fast_udp() -> String {
+    udp_check(100, 100, 2, 2)
 }
-
-fn quoted(b: &Backend) -> String {
-    format!("\"{}\"", b.addr)
-}
-
-fn last_error(lb: &Udplb, backend: usize) -> String {
-    lb.stats()["pools"][0]["backends"][backend]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn healthy(lb: &Udplb, backend: usize) -> Option<bool> {
-    lb.stats()["pools"][0]["backends"][backend]["healthy"].as_bool()
-}
-
-const FAST_UDP: &str = "check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\njitter = \"0s\"\nrise = 2\nfall = 2";
 
 /// A backend killed under steady load: it is out of rotation within 1 s, its flows move to the
 /// other backends at their next datagram, the other flows lose nothing; after `rise` good checks
 /// it takes new flows again. Prints the failover time and the datagrams lost.
 #[test]
 fn killed_backend_is_taken_out_fast_and_its_flows_move() {
-    let dir = scratch("kill");
     let mut backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
-    let names: Vec<String> = backends.iter().map(quoted).collect();
-    let (lb, listen) = start(&dir, "flow", &names, "", FAST_UDP);
+    let names: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
+    let (lb, listen) = start("flow", &names, "", &fast_udp());
     assert!(
-        wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))),
+        wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))),
         "{}",
         lb.stats()
     );
@@ -80,7 +45,7 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     let killed_at = Instant::now();
     drop(backends.remove(1)); // b stops answering; its port is closed
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 1) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(1) == Some(false)),
         "{}",
         lb.stats()
     );
@@ -96,8 +61,8 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
         .iter()
         .filter(|l| l.tags.first().is_some_and(|t| t != "b"))
         .collect();
-    let lost_b: u64 = on_b.iter().map(|l| l.sent - l.received).sum();
-    let lost_others: u64 = others.iter().map(|l| l.sent - l.received).sum();
+    let lost_b: u64 = on_b.iter().map(|l| l.lost()).sum();
+    let lost_others: u64 = others.iter().map(|l| l.lost()).sum();
     let sent: u64 = logs.iter().map(|l| l.sent).sum();
     eprintln!(
         "udp check (interval 100ms, timeout 100ms, fall 2), 30 flows x 100 datagrams/s: killed backend out of \
@@ -115,7 +80,7 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     }
     for l in &others {
         assert!(
-            l.tags.iter().all(|t| t == &l.tags[0]),
+            l.stayed(),
             "a flow on a healthy backend moved: {:?}",
             l.tags
         );
@@ -124,20 +89,14 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
     // b comes back on the same port and takes new flows after rise (2) good checks.
     let back = Backend::start_at(b_addr, "b");
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
     let fresh: Vec<_> = (0..12).map(|_| client("127.0.0.1:0")).collect();
     let tags: Vec<String> = fresh
         .iter()
-        .map(|c| {
-            String::from_utf8_lossy(&request(c, listen, b"z").0)
-                .split(':')
-                .next()
-                .unwrap()
-                .to_string()
-        })
+        .map(|c| tag(&request(c, listen, b"z").0))
         .collect();
     assert!(
         tags.iter().any(|t| t == "b"),
@@ -150,7 +109,6 @@ fn killed_backend_is_taken_out_fast_and_its_flows_move() {
 /// backend leaves rotation when its TCP port closes and returns when it opens.
 #[test]
 fn tcp_check_on_any_port_governs_a_udp_backend() {
-    let dir = scratch("tcp");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let port = free_tcp_port();
@@ -159,17 +117,17 @@ fn tcp_check_on_any_port_governs_a_udp_backend() {
     let health = format!(
         "check = \"tcp\"\nport = {port}\ninterval = \"100ms\"\ntimeout = \"100ms\"\njitter = \"0s\"\nrise = 1\nfall = 1"
     );
-    let (lb, listen) = start(&dir, "datagram", &[quoted(&a), quoted(&b)], "", &health);
+    let (lb, listen) = start("datagram", &[quoted(a.addr), quoted(b.addr)], "", &health);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
-            && healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)
+            && lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
     drop(listener);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)
-            && healthy(&lb, 1) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)
+            && lb.healthy(1) == Some(false)),
         "{}",
         lb.stats()
     );
@@ -183,7 +141,7 @@ fn tcp_check_on_any_port_governs_a_udp_backend() {
     );
     let _listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -194,7 +152,7 @@ fn tcp_check_on_any_port_governs_a_udp_backend() {
 /// An exec check: the script's exit status decides, with the backend in its environment.
 #[test]
 fn exec_check_follows_the_commands_exit_status() {
-    let dir = scratch("exec");
+    let dir = scratch_dir("exec");
     let a = Backend::start("127.0.0.1", "a");
     let flag = dir.join("healthy");
     std::fs::write(&flag, "").unwrap();
@@ -213,9 +171,9 @@ fn exec_check_follows_the_commands_exit_status() {
         "check = \"exec\"\ncommand = [\"/bin/sh\", \"{}\", \"{{port}}\"]\ninterval = \"200ms\"\ntimeout = \"200ms\"\njitter = \"0s\"\nrise = 1\nfall = 1",
         script.display()
     );
-    let (lb, _) = start(&dir, "flow", &[quoted(&a)], "", &health);
+    let (lb, _) = start("flow", &[quoted(a.addr)], "", &health);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -226,11 +184,11 @@ fn exec_check_follows_the_commands_exit_status() {
     );
     std::fs::remove_file(&flag).unwrap();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
-    let err = last_error(&lb, 0);
+    let err = lb.last_error(0);
     assert!(err.contains("exited"), "{err}");
 }
 
@@ -238,7 +196,7 @@ fn exec_check_follows_the_commands_exit_status() {
 /// command exactly once each.
 #[test]
 fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
-    let dir = scratch("quorum");
+    let dir = scratch_dir("quorum");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let spare = Backend::start("127.0.0.1", "spare");
@@ -253,17 +211,17 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     )
     .unwrap();
     let backends = [
-        quoted(&a),
-        quoted(&b),
+        quoted(a.addr),
+        quoted(b.addr),
         format!("{{ address = \"{}\", backup = true }}", spare.addr),
     ];
     let pool_extra = format!(
         "quorum = 2\nquorum_hysteresis = 0\nnotify = [\"/bin/sh\", \"{}\"]",
         hook.display()
     );
-    let (lb, listen) = start(&dir, "datagram", &backends, &pool_extra, FAST_UDP);
+    let (lb, listen) = start("datagram", &backends, &pool_extra, &fast_udp());
     assert!(
-        wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))),
+        wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))),
         "{}",
         lb.stats()
     );
@@ -271,8 +229,8 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     drop(a);
     drop(b);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)
-            && healthy(&lb, 1) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)
+            && lb.healthy(1) == Some(false)),
         "{}",
         lb.stats()
     );
@@ -283,8 +241,8 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     let a = Backend::start_at(a_addr, "a");
     let b = Backend::start_at(b_addr, "b");
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
-            && healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)
+            && lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -348,7 +306,6 @@ fn http_server(up: std::sync::Arc<std::sync::atomic::AtomicBool>, body: &'static
 fn http_check_wants_the_status_and_the_string() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = scratch("http");
     let a = Backend::start("127.0.0.1", "a");
     let up = Arc::new(AtomicBool::new(true));
     let port = http_server(Arc::clone(&up), "webserverisworking");
@@ -356,9 +313,9 @@ fn http_check_wants_the_status_and_the_string() {
         "check = \"http\"\nport = {port}\npath = \"/check.txt\"\nbody_contains = \"webserverisworking\"\n\
          interval = \"100ms\"\ntimeout = \"100ms\"\njitter = \"0s\"\nrise = 1\nfall = 1"
     );
-    let (lb, listen) = start(&dir, "flow", &[quoted(&a)], "", &health);
+    let (lb, listen) = start("flow", &[quoted(a.addr)], "", &health);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -366,15 +323,15 @@ fn http_check_wants_the_status_and_the_string() {
     assert_eq!(request(&c, listen, b"hi").0, b"a:hi");
     up.store(false, Ordering::Relaxed);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
-    let err = last_error(&lb, 0);
+    let err = lb.last_error(0);
     assert!(err.contains("body lacks \"webserverisworking\""), "{err}");
     up.store(true, Ordering::Relaxed);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -385,131 +342,30 @@ fn http_check_wants_the_status_and_the_string() {
 /// this test binary again.
 #[test]
 fn echo_backend_for_namespaces() {
-    let Ok(addr) = std::env::var("UDPLB_TEST_ECHO") else {
-        return;
-    };
-    let socket = std::net::UdpSocket::bind(addr.as_str()).expect("bind the namespaced echo");
-    let mut buf = vec![0u8; 65_536];
-    loop {
-        if let Ok((n, from)) = socket.recv_from(&mut buf) {
-            let mut out = b"ns:".to_vec();
-            out.extend_from_slice(&buf[..n]);
-            let _ = socket.send_to(&out, from);
-        }
-    }
-}
-
-/// A network namespace with a veth link to it, removed on drop.
-struct Namespace {
-    name: String,
-    host_if: String,
-    ns_if: String,
-    backend: Option<std::process::Child>,
-}
-
-impl Namespace {
-    fn ip(args: &[&str]) -> bool {
-        std::process::Command::new("ip")
-            .args(args)
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    /// Creates the namespace and its link; `Err` says why when this host cannot (a container
-    /// without the rights to make namespaces, say).
-    fn create(tag: u32, host_ip: &str, ns_ip: &str) -> Result<Namespace, String> {
-        let ns = Namespace {
-            name: format!("udplb-test-{tag}"),
-            host_if: format!("ulb{tag}h"),
-            ns_if: format!("ulb{tag}n"),
-            backend: None,
-        };
-        let _ = Self::ip(&["netns", "del", &ns.name]);
-        let _ = Self::ip(&["link", "del", &ns.host_if]);
-        for args in [
-            vec!["netns", "add", &ns.name],
-            vec![
-                "link",
-                "add",
-                &ns.host_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &ns.ns_if,
-            ],
-            vec!["link", "set", &ns.ns_if, "netns", &ns.name],
-            vec!["addr", "add", host_ip, "dev", &ns.host_if],
-            vec!["link", "set", &ns.host_if, "up"],
-            vec!["-n", &ns.name, "addr", "add", ns_ip, "dev", &ns.ns_if],
-            vec!["-n", &ns.name, "link", "set", &ns.ns_if, "up"],
-            vec!["-n", &ns.name, "link", "set", "lo", "up"],
-        ] {
-            if !Self::ip(&args) {
-                return Err(format!("`ip {}` failed", args.join(" ")));
-            }
-        }
-        if !std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.name, "true"])
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            return Err(format!("`ip netns exec {} true` failed", ns.name));
-        }
-        Ok(ns)
-    }
-
-    /// Runs this test binary's namespaced echo backend on `addr` inside the namespace.
-    fn start_echo(&mut self, addr: SocketAddr) {
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .arg(std::env::current_exe().unwrap())
-            .args(["echo_backend_for_namespaces", "--exact", "--nocapture"])
-            .env("UDPLB_TEST_ECHO", addr.to_string())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the namespaced echo");
-        self.backend = Some(child);
-    }
-
-    /// Cuts the link from inside: the host side keeps its route and neighbour entry, so
-    /// datagrams leave and vanish, with no ICMP coming back.
-    fn black_hole(&self) {
-        assert!(Self::ip(&[
-            "-n",
-            &self.name,
-            "link",
-            "set",
-            &self.ns_if,
-            "down"
-        ]));
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.backend.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = Self::ip(&["link", "del", &self.host_if]);
-        let _ = Self::ip(&["netns", "del", &self.name]);
-    }
+    serve_if_asked("UDPLB_TEST_ECHO", |payload, _| [b"ns:", payload].concat());
 }
 
 /// A black-holed backend (its link cut, no ICMP) is marked down within
 /// interval × fall + timeout. Needs root for the namespace; skipped otherwise.
 #[test]
 fn black_holed_backend_is_marked_down_within_the_formula() {
-    if !nix::unistd::Uid::effective().is_root() {
+    if !is_root() {
         eprintln!("skipped: creating a network namespace needs root");
         return;
     }
     let tag = std::process::id() % 10_000;
     let octet = 16 + (tag % 200);
     let (host_ip, ns_ip) = (format!("10.213.{octet}.1/30"), format!("10.213.{octet}.2"));
-    let mut ns = match Namespace::create(tag, &host_ip, &format!("{ns_ip}/30")) {
+    let made = Namespace::create(
+        &format!("udplb-test-{tag}"),
+        &format!("ulb{tag}h"),
+        &format!("ulb{tag}n"),
+        &host_ip,
+        &format!("{ns_ip}/30"),
+        None,
+    )
+    .and_then(|ns| ns.can_exec().map(|()| ns));
+    let mut ns = match made {
         Ok(ns) => ns,
         Err(why) => {
             eprintln!("skipped: cannot make a network namespace here: {why}");
@@ -517,24 +373,17 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
         }
     };
     let backend: SocketAddr = format!("{ns_ip}:5353").parse().unwrap();
-    ns.start_echo(backend);
+    ns.serve(
+        "echo_backend_for_namespaces",
+        &[("UDPLB_TEST_ECHO", backend.to_string())],
+    );
     let local = Backend::start("127.0.0.1", "local");
-    let dir = scratch("blackhole");
     let (interval, timeout, fall) = (200u64, 100u64, 2u64);
-    let health = format!(
-        "check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
-         timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}"
-    );
-    let (lb, listen) = start(
-        &dir,
-        "flow",
-        &[format!("\"{backend}\""), quoted(&local)],
-        "",
-        &health,
-    );
+    let health = udp_check(interval, timeout, 1, fall);
+    let (lb, listen) = start("flow", &[quoted(backend), quoted(local.addr)], "", &health);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
-            && healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)
+            && lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -542,7 +391,7 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
     let cut_at = Instant::now();
     ns.black_hole();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
@@ -557,7 +406,7 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
         detected <= bound + Duration::from_millis(150),
         "took {detected:?}, bound {bound:?}"
     );
-    let error = last_error(&lb, 0);
+    let error = lb.last_error(0);
     assert!(error.contains("timeout"), "a black hole times out: {error}");
     // Clients are served by the remaining backend.
     let c = client("127.0.0.1:0");
@@ -569,7 +418,6 @@ fn black_holed_backend_is_marked_down_within_the_formula() {
 /// traffic goes to the backup (passive signals never take a pool's last up backend out).
 #[test]
 fn unanswered_requests_eject_a_backend_between_checks() {
-    let dir = scratch("silent");
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap(); // receives, never answers
     let backup = Backend::start("127.0.0.1", "backup");
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -577,23 +425,18 @@ fn unanswered_requests_eject_a_backend_between_checks() {
         "check = \"tcp\"\nport = {}\ninterval = \"1s\"\ntimeout = \"500ms\"\nrise = 100\nfall = 100\npassive_fall = 2",
         tcp.local_addr().unwrap().port()
     );
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-         mode = \"request-response\"\nidle_timeout = \"200ms\"\n[pools.p]\n\
-         backends = [\"{}\", {{ address = \"{}\", backup = true }}]\n\
-         [pools.p.health]\n{health}\n",
-        silent.local_addr().unwrap(),
-        backup.addr
+    let backends = [
+        quoted(silent.local_addr().unwrap()),
+        format!("{{ address = \"{}\", backup = true }}", backup.addr),
+    ];
+    let (lb, listen) = run_one_pool(
+        "127.0.0.1",
+        "mode = \"request-response\"\nidle_timeout = \"200ms\"",
+        &backends,
+        &format!("[pools.p.health]\n{health}"),
     );
-    let path = dir.join("udplb.toml");
-    std::fs::write(&path, cfg).unwrap();
-    let lb = Udplb::run_config(&path, admin);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -601,15 +444,12 @@ fn unanswered_requests_eject_a_backend_between_checks() {
         client("127.0.0.1:0").send_to(b"anyone?", listen).unwrap();
     }
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(false)),
         "{}",
         lb.stats()
     );
     assert_eq!(lb.counter("/reply_timeouts"), 2);
-    assert_eq!(
-        lb.stats()["pools"][0]["backends"][0]["passive_failures"].as_u64(),
-        Some(2)
-    );
+    assert_eq!(lb.backend(0)["passive_failures"].as_u64(), Some(2));
     let c = client("127.0.0.1:0");
     assert_eq!(request(&c, listen, b"hi").0, b"backup:hi");
     drop(tcp);
@@ -619,7 +459,6 @@ fn unanswered_requests_eject_a_backend_between_checks() {
 /// while the other keeps the pool's UDP check.
 #[test]
 fn a_backend_can_override_the_pool_check() {
-    let dir = scratch("override");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -628,21 +467,21 @@ fn a_backend_can_override_the_pool_check() {
         b.addr,
         tcp.local_addr().unwrap().port()
     );
-    let (lb, _) = start(&dir, "flow", &[quoted(&a), b_entry], "", FAST_UDP);
+    let (lb, _) = start("flow", &[quoted(a.addr), b_entry], "", &fast_udp());
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)
-            && healthy(&lb, 1) == Some(true)),
+        wait_for(DEADLINE, || lb.healthy(0) == Some(true)
+            && lb.healthy(1) == Some(true)),
         "{}",
         lb.stats()
     );
     drop(tcp);
     assert!(
-        wait_for(DEADLINE, || healthy(&lb, 1) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(1) == Some(false)),
         "{}",
         lb.stats()
     );
     assert_eq!(
-        healthy(&lb, 0),
+        lb.healthy(0),
         Some(true),
         "the pool's UDP check still passes for a"
     );
@@ -653,18 +492,9 @@ fn a_backend_can_override_the_pool_check() {
 /// never receives a datagram, and traffic flows as soon as the live one is seen healthy.
 #[test]
 fn startup_sends_nothing_to_a_backend_never_seen_healthy() {
-    let dir = scratch("startup");
     let live = Backend::start("127.0.0.1", "live");
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let (lb, listen) = start(
-        &dir,
-        "flow",
-        &[format!("\"{dead}\""), quoted(&live)],
-        "",
-        FAST_UDP,
-    );
+    let dead = listen_addr("127.0.0.1");
+    let (lb, listen) = start("flow", &[quoted(dead), quoted(live.addr)], "", &fast_udp());
     // Straight away, many new flows: each is answered by the live backend once it is up.
     for _ in 0..20 {
         let (reply, _) = request(&client("127.0.0.1:0"), listen, b"early");
@@ -675,7 +505,7 @@ fn startup_sends_nothing_to_a_backend_never_seen_healthy() {
         0,
         "a datagram went to the dead backend"
     );
-    assert_eq!(healthy(&lb, 0), Some(false));
+    assert_eq!(lb.healthy(0), Some(false));
 }
 
 /// After every backend was down, the flows that came back first all land on the first backend
@@ -683,20 +513,19 @@ fn startup_sends_nothing_to_a_backend_never_seen_healthy() {
 /// their next pause (`rebalance`), where they used to stay on the first one for good.
 #[test]
 fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
-    let dir = scratch("herd");
     let mut backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let names: Vec<String> = backends.iter().map(quoted).collect();
+    let names: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
     let fast = "check = \"udp\"\nsend = \"ping\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
                 jitter = \"0s\"\nrise = 1\nfall = 1";
-    let (lb, listen) = start(&dir, "flow", &names, "rebalance = \"250ms\"", fast);
-    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))));
+    let (lb, listen) = start("flow", &names, "rebalance = \"250ms\"", fast);
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))));
     // Every backend goes away.
     backends.clear();
-    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(false))));
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(false))));
     // 30 clients keep asking, one datagram every 400 ms each; a comes back first.
     let clients: Vec<std::net::UdpSocket> = (0..30).map(|_| client("127.0.0.1:0")).collect();
     let ask_all = |clients: &[std::net::UdpSocket]| -> Vec<String> {
@@ -708,23 +537,19 @@ fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
             .map(|c| {
                 let mut buf = [0u8; 64];
                 match c.recv_from(&mut buf) {
-                    Ok((n, _)) => String::from_utf8_lossy(&buf[..n])
-                        .split(':')
-                        .next()
-                        .unwrap_or("")
-                        .to_string(),
+                    Ok((n, _)) => tag(&buf[..n]),
                     Err(_) => String::new(),
                 }
             })
             .collect()
     };
     let _a = Backend::start_at(addrs[0], "a");
-    assert!(wait_for(DEADLINE, || healthy(&lb, 0) == Some(true)));
+    assert!(wait_for(DEADLINE, || lb.healthy(0) == Some(true)));
     let first = ask_all(&clients);
     assert!(first.iter().all(|t| t == "a"), "{first:?}");
     let _b = Backend::start_at(addrs[1], "b");
     let _c = Backend::start_at(addrs[2], "c");
-    assert!(wait_for(DEADLINE, || (0..3).all(|i| healthy(&lb, i) == Some(true))));
+    assert!(wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))));
     let mut spread = std::collections::HashMap::new();
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(400));
@@ -748,24 +573,22 @@ fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
 /// window, instead of its full share at once.
 #[test]
 fn a_recovered_backend_ramps_up_over_slow_start() {
-    let dir = scratch("slow");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let b_addr = b.addr;
     let fast = "check = \"udp\"\nsend = \"ping\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\n\
                 jitter = \"0s\"\nrise = 1\nfall = 1";
     let (lb, listen) = start(
-        &dir,
         "datagram",
-        &[quoted(&a), quoted(&b)],
+        &[quoted(a.addr), quoted(b.addr)],
         "slow_start = \"3s\"",
         fast,
     );
-    assert!(wait_for(DEADLINE, || (0..2).all(|i| healthy(&lb, i) == Some(true))));
+    assert!(wait_for(DEADLINE, || (0..2).all(|i| lb.healthy(i) == Some(true))));
     drop(b);
-    assert!(wait_for(DEADLINE, || healthy(&lb, 1) == Some(false)));
+    assert!(wait_for(DEADLINE, || lb.healthy(1) == Some(false)));
     let _b = Backend::start_at(b_addr, "b");
-    assert!(wait_for(DEADLINE, || healthy(&lb, 1) == Some(true)));
+    assert!(wait_for(DEADLINE, || lb.healthy(1) == Some(true)));
     let c = client("127.0.0.1:0");
     let share_of_b = |n: usize| {
         let mut b = 0;

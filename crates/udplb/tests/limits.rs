@@ -10,15 +10,12 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn start(backend: SocketAddr, limits: &str) -> (Udplb, SocketAddr) {
-    let (admin, listen) = (admin_addr(), listen_addr("127.0.0.1"));
-    let lb = run_toml(
-        admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             [listeners.l.limits]\n{limits}\n[pools.p]\nbackends = [\"{backend}\"]\n"
-        ),
-    );
-    (lb, listen)
+    run_one_pool(
+        "127.0.0.1",
+        &format!("[listeners.l.limits]\n{limits}"),
+        &[quoted(backend)],
+        "",
+    )
 }
 
 /// Sends `per_tick` datagrams every 10 ms for `duration` from each socket, counting replies.

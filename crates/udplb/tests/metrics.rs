@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
 
 fn scrape(lb: &Udplb) -> (String, prometheus_parse::Scrape) {
@@ -36,15 +34,7 @@ fn value(scrape: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)
 #[test]
 fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let lb = Udplb::start(&[
-        "--max-flows",
-        "100",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(&["--max-flows", "100"], &[a.addr]);
     let (text, before) = scrape(&lb);
     let l = [("listener", "default")];
     assert_eq!(
@@ -144,10 +134,7 @@ fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
 #[test]
 fn alerts_and_dashboard_use_only_exported_metrics() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
+    let (lb, _) = Udplb::serve(&[], &[a.addr]);
     let (text, scrape) = scrape(&lb);
     let mut exported: std::collections::HashSet<String> =
         scrape.samples.iter().map(|s| s.metric.clone()).collect();
@@ -307,18 +294,9 @@ fn kernel_drops_sum_every_listener_socket_and_refresh_on_their_own() {
             a.addr
         ),
     );
-    let pid = lb.pid().to_string();
-    let signal = |sig: &str| {
-        let ok = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    };
     // Stopped, udplb reads nothing: its sockets' small buffers fill and the kernel drops the
     // rest, a different number on each listener.
-    signal("-STOP");
+    signal(lb.pid(), "STOP");
     let c = client("127.0.0.1:0");
     for (listener, count) in [(one, 300), (two, 500)] {
         for i in 0..count {
@@ -326,7 +304,7 @@ fn kernel_drops_sum_every_listener_socket_and_refresh_on_their_own() {
                 .unwrap();
         }
     }
-    signal("-CONT");
+    signal(lb.pid(), "CONT");
     let expected = kernel_drops_on_port(one.port()) + kernel_drops_on_port(two.port());
     let (drops_one, drops_two) = (
         kernel_drops_on_port(one.port()),

@@ -115,17 +115,7 @@ fn killed_backend_leaves_rotation(mode: &str) {
     let b = Backend::start("127.0.0.1", "b");
     let c = Backend::start("127.0.0.1", "c");
     let b_addr = b.addr;
-    let listen = listen_addr("127.0.0.1");
-    let args: Vec<String> = [
-        "--mode".to_string(),
-        mode.to_string(),
-        listen.to_string(),
-        a.addr.to_string(),
-        b.addr.to_string(),
-        c.addr.to_string(),
-    ]
-    .into();
-    let lb = Udplb::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (lb, listen) = Udplb::serve(&["--mode", mode], &[a.addr, b.addr, c.addr]);
     let clients = Clients::start(listen, 6, false);
     assert!(
         wait_for(DEADLINE, || {
@@ -193,23 +183,14 @@ fn silent_backend_leaves_rotation_in_request_response_mode() {
     let a = Backend::start("127.0.0.1", "a");
     let silent = UdpSocket::bind("127.0.0.1:0").unwrap(); // receives, never answers
     let c = Backend::start("127.0.0.1", "c");
-    let listen = listen_addr("127.0.0.1");
-    let silent_addr = silent.local_addr().unwrap().to_string();
-    let lb = Udplb::start(&[
-        "--mode",
-        "request-response",
-        "--reply-timeout",
-        "300ms",
-        &listen.to_string(),
-        &a.addr.to_string(),
-        &silent_addr,
-        &c.addr.to_string(),
-    ]);
+    let (lb, listen) = Udplb::serve(
+        &["--mode", "request-response", "--reply-timeout", "300ms"],
+        &[a.addr, silent.local_addr().unwrap(), c.addr],
+    );
     let started = Instant::now();
     let clients = Clients::start(listen, 2, true);
-    let healthy = |lb: &Udplb| lb.stats()["pools"][0]["backends"][1]["healthy"].as_bool();
     assert!(
-        wait_for(DEADLINE, || healthy(&lb) == Some(false)),
+        wait_for(DEADLINE, || lb.healthy(1) == Some(false)),
         "the silent backend was never taken out: {}",
         lb.stats()
     );
@@ -243,17 +224,7 @@ fn silent_backend_leaves_rotation_in_request_response_mode() {
 /// Health options that mean nothing with the others given are refused, as in a file.
 #[test]
 fn one_liner_health_options_that_do_not_apply_are_errors() {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-            .args(args)
-            .env("UDPLB_ALLOW_ROOT", "1")
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| exit_of(args, &[("UDPLB_ALLOW_ROOT", "1")]);
     let (code, err) = run(&["--reply-timeout", "1s", "127.0.0.1:5300", "127.0.0.1:5301"]);
     assert_eq!(code, Some(78), "{err}");
     assert!(

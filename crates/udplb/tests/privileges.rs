@@ -4,32 +4,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
-
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
-/// The values of a `/proc/PID/status` line, e.g. `Uid` -> ["65534", "65534", ...].
-fn status_field(pid: u32, field: &str) -> Vec<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
-}
-
-fn nobody() -> (u32, u32) {
-    let u = nix::unistd::User::from_name("nobody")
-        .unwrap()
-        .expect("a user named nobody");
-    (u.uid.as_raw(), u.gid.as_raw())
-}
 
 #[test]
 fn switches_to_the_configured_user_with_no_capabilities_and_keeps_serving() {
@@ -39,10 +14,7 @@ fn switches_to_the_configured_user_with_no_capabilities_and_keeps_serving() {
     }
     let (uid, gid) = nobody();
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let lb = Udplb::start(&["--user", "nobody", &listen.to_string(), &a.addr.to_string()]);
+    let (lb, listen) = Udplb::serve(&["--user", "nobody"], &[a.addr]);
     let pid = lb.pid();
     for field in ["Uid", "Gid"] {
         let want = if field == "Uid" { uid } else { gid };
@@ -93,11 +65,12 @@ fn switches_to_nobody_by_default_when_started_as_root() {
     let one_liner =
         Udplb::start_with_env(&[&listen.to_string(), &a.addr.to_string()], &not_allowed);
     let admin = admin_addr();
-    let file = write_config(&format!(
-        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{}\"\npool = \"p\"\n\
-         [pools.p]\nbackends = [\"{}\"]\n",
+    let file = write_config(&one_pool_toml(
+        admin,
         listen_addr("127.0.0.1"),
-        a.addr
+        "",
+        &[quoted(a.addr)],
+        "",
     ));
     let from_file = Udplb::run_config_with_env(&file, admin, &not_allowed);
     for lb in [&one_liner, &from_file] {
@@ -144,7 +117,7 @@ fn stays_root_when_allowed() {
         ],
         &[("UDPLB_ALLOW_ROOT", "0")],
     );
-    let env = Udplb::start(&[&listen_addr("127.0.0.1").to_string(), &a.addr.to_string()]);
+    let (env, _) = Udplb::serve(&[], &[a.addr]);
     let admin = admin_addr();
     let file = write_config(&format!(
         "[runtime]\nallow_root = true\n[admin]\nlisten = \"{admin}\"\n[listeners.l]\n\
@@ -168,18 +141,17 @@ fn an_unknown_user_is_a_clear_error() {
         eprintln!("skipped: needs root");
         return;
     }
-    let listen = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .args([
+    let listen = listen_addr("127.0.0.1").to_string();
+    let (code, stderr) = exit_of(
+        &[
             "--user",
             "no-such-user-udplb",
             listen.as_str(),
             "127.0.0.1:9",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(78), "{stderr}");
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(78), "{stderr}");
     assert!(
         stderr.contains("udplb: --user: there is no user named \"no-such-user-udplb\""),
         "{stderr}"
@@ -196,8 +168,7 @@ fn programs_are_checked_for_the_user_udplb_switches_to() {
         return;
     }
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("udplb-privileges-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("programs");
     let script = dir.join("check.sh");
     std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -243,9 +214,7 @@ fn commands_udplb_runs_cannot_gain_privileges() {
     }
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let dir = std::env::temp_dir().join(format!("udplb-nnp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("nnp");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = dir.join("out");
     std::fs::create_dir_all(&out).unwrap();

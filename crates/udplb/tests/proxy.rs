@@ -84,15 +84,12 @@ fn header_addresses(d: &[u8]) -> (SocketAddr, SocketAddr) {
 }
 
 fn start(ip: &str, mode: &str, backend: SocketAddr, pool_extra: &str) -> (Udplb, SocketAddr) {
-    let (admin, listen) = (admin_addr(), listen_addr(ip));
-    let lb = run_toml(
-        admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             mode = \"{mode}\"\n[pools.p]\nbackends = [\"{backend}\"]\n{pool_extra}\n"
-        ),
-    );
-    (lb, listen)
+    run_one_pool(
+        ip,
+        &format!("mode = \"{mode}\""),
+        &[quoted(backend)],
+        pool_extra,
+    )
 }
 
 fn exchange(c: &UdpSocket, listen: SocketAddr, payloads: &[&str]) {
@@ -187,9 +184,7 @@ fn reply_headers_are_stripped_and_malformed_ones_dropped() {
 #[test]
 fn a_balancer_behind_a_balancer_sees_and_forwards_the_real_client() {
     let b = Recorder::start("127.0.0.1", Vec::new());
-    let back_listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let back_listen = listen_addr("127.0.0.1");
     // The back listener trusts headers from loopback only and denies 127.0.0.9.
     let back = back_config(
         back_listen,
@@ -225,10 +220,12 @@ fn back_config(listen: SocketAddr, backend: SocketAddr, extra: &str) -> Udplb {
     let admin = admin_addr();
     run_toml(
         admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             proxy_protocol = true\n{extra}\n[pools.p]\nbackends = [\"{backend}\"]\n\
-             proxy_protocol = \"first\"\n"
+        &one_pool_toml(
+            admin,
+            listen,
+            &format!("proxy_protocol = true\n{extra}"),
+            &[quoted(backend)],
+            "proxy_protocol = \"first\"",
         ),
     )
 }
@@ -238,18 +235,10 @@ fn back_config(listen: SocketAddr, backend: SocketAddr, extra: &str) -> Udplb {
 #[test]
 fn ingress_headers_are_checked_and_mapped_addresses_normalised() {
     let b = Recorder::start("127.0.0.1", Vec::new());
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = back_config(listen, b.addr, "allow = [\"192.0.2.0/24\"]");
     let c = client("127.0.0.1:0");
-    let header = |client: &str, target: &str| {
-        let (c, t): (SocketAddr, SocketAddr) = (client.parse().unwrap(), target.parse().unwrap());
-        let mut h = vec![0u8; 64];
-        let n = udplb_core::proxy::encode(&mut h, c, t).unwrap();
-        h.truncate(n);
-        h
-    };
+    let target: SocketAddr = "198.51.100.1:53".parse().unwrap();
     // INET6 with mapped addresses, written by hand (encode would normalise them to INET).
     let mut mapped = SIGNATURE.to_vec();
     mapped.extend_from_slice(&[0x21, 0x22, 0, 36]);
@@ -271,13 +260,12 @@ fn ingress_headers_are_checked_and_mapped_addresses_normalised() {
 
     // Refused: a client outside allow; no header on a new flow; a malformed header.
     let other = client("127.0.0.1:0");
-    let mut outside = header("203.0.113.5:1000", "198.51.100.1:53");
-    outside.extend_from_slice(b"x");
+    let outside = with_header("203.0.113.5:1000", target, b"x");
     other.send_to(&outside, listen).unwrap();
     assert!(wait_for(DEADLINE, || lb.counter("/drops/denied") == 1));
     let bare = client("127.0.0.1:0");
     bare.send_to(b"no header", listen).unwrap();
-    let mut broken = header("192.0.2.1:1", "198.51.100.1:53");
+    let mut broken = with_header("192.0.2.1:1", target, b"");
     broken[15] = 200;
     bare.send_to(&broken, listen).unwrap();
     assert!(wait_for(DEADLINE, || lb.counter("/drops/proxy_header") == 2));
@@ -287,15 +275,9 @@ fn ingress_headers_are_checked_and_mapped_addresses_normalised() {
 #[test]
 fn listeners_without_proxy_protocol_forward_headers_as_payload() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let _lb = Udplb::start(&[&listen.to_string(), &a.addr.to_string()]);
+    let (_lb, listen) = Udplb::serve(&[], &[a.addr]);
     let c = client("127.0.0.1:0");
-    let mut d = vec![0u8; 64];
-    let n = udplb_core::proxy::encode(&mut d, "192.0.2.1:1".parse().unwrap(), listen).unwrap();
-    d.truncate(n);
-    d.extend_from_slice(b"data");
+    let d = with_header("192.0.2.1:1", listen, b"data");
     let (reply, _) = request(&c, listen, &d);
     assert_eq!(&reply[..2], b"a:");
     assert_eq!(
@@ -308,14 +290,9 @@ fn listeners_without_proxy_protocol_forward_headers_as_payload() {
 #[test]
 fn headers_from_untrusted_senders_are_refused() {
     let b = Recorder::start("127.0.0.1", Vec::new());
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let listen = listen_addr("127.0.0.1");
     let lb = back_config(listen, b.addr, "proxy_from = [\"10.0.0.0/8\"]");
-    let mut d = vec![0u8; 64];
-    let n = udplb_core::proxy::encode(&mut d, "192.0.2.1:1".parse().unwrap(), listen).unwrap();
-    d.truncate(n);
-    d.extend_from_slice(b"x");
+    let d = with_header("192.0.2.1:1", listen, b"x");
     client("127.0.0.1:0").send_to(&d, listen).unwrap();
     assert!(wait_for(DEADLINE, || lb.counter("/drops/proxy_header") == 1));
     assert!(b.seen().is_empty());

@@ -4,72 +4,65 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("udplb-reload-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn write_config(
-    path: &Path,
+/// A pool of `backends` with `weights`, scheduled by weighted round robin.
+fn weighted_config(
     admin: SocketAddr,
     listen: SocketAddr,
     backends: &[&Backend],
     weights: &[u32],
-) {
+) -> String {
     let entries: Vec<String> = backends
         .iter()
         .zip(weights)
         .map(|(b, w)| format!("{{ address = \"{}\", weight = {w} }}", b.addr))
         .collect();
-    let cfg = format!(
-        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n[pools.p]\n\
-         scheduler = \"weighted-round-robin\"\nbackends = [{}]\n",
-        entries.join(", ")
-    );
-    // Write then rename, as a config manager would, so a reload never reads half a file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, cfg).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    one_pool_toml(
+        admin,
+        listen,
+        "",
+        &entries,
+        "scheduler = \"weighted-round-robin\"",
+    )
 }
 
-fn sighup(lb: &Udplb) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &lb.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+/// Reloads that failed so far.
+fn reloads_failed(lb: &Udplb) -> Option<u64> {
+    lb.stats()["reload"]["failed"].as_u64()
+}
+
+/// Why the last reload failed.
+fn reload_error(lb: &Udplb) -> String {
+    lb.stats()["reload"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Per-flow losses and whether every flow stayed on its first backend.
 fn summary(logs: &[FlowLog]) -> (u64, u64, bool) {
-    let sent = logs.iter().map(|l| l.sent).sum();
-    let lost = logs.iter().map(|l| l.sent - l.received).sum();
-    let sticky = logs.iter().all(|l| l.tags.iter().all(|t| t == &l.tags[0]));
-    (sent, lost, sticky)
+    let (sent, lost) = totals(logs);
+    (sent, lost, logs.iter().all(FlowLog::stayed))
 }
 
 #[test]
 fn fifty_reloads_under_load_lose_nothing_and_move_no_flow() {
-    let dir = scratch("load");
+    let dir = scratch_dir("load");
     let backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
     let refs: Vec<&Backend> = backends.iter().collect();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
     let path = dir.join("udplb.toml");
-    write_config(&path, admin, listen, &refs, &[1, 1, 1]);
+    replace_file(&path, &weighted_config(admin, listen, &refs, &[1, 1, 1]));
     let lb = Udplb::run_config(&path, admin);
 
     // Control: the same load without reloads.
@@ -82,14 +75,16 @@ fn fifty_reloads_under_load_lose_nothing_and_move_no_flow() {
     let generation = lb.stats()["generation"].as_u64().unwrap();
     let load = Load::start(listen, 30);
     for i in 0..50u32 {
-        write_config(
+        replace_file(
             &path,
-            admin,
-            listen,
-            &refs,
-            &[1 + i % 3, 1 + (i + 1) % 5, 2 + i % 2],
+            &weighted_config(
+                admin,
+                listen,
+                &refs,
+                &[1 + i % 3, 1 + (i + 1) % 5, 2 + i % 2],
+            ),
         );
-        sighup(&lb);
+        signal(lb.pid(), "HUP");
         std::thread::sleep(Duration::from_millis(30));
     }
     let reloaded = wait_for(DEADLINE, || {
@@ -121,30 +116,24 @@ fn fifty_reloads_under_load_lose_nothing_and_move_no_flow() {
 
 #[test]
 fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
-    let dir = scratch("invalid");
+    let dir = scratch_dir("invalid");
     let a = Backend::start("127.0.0.1", "a");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
     let path = dir.join("udplb.toml");
-    write_config(&path, admin, listen, &[&a], &[1]);
+    replace_file(&path, &weighted_config(admin, listen, &[&a], &[1]));
     let lb = Udplb::run_config(&path, admin);
     let c = client("127.0.0.1:0");
     assert_eq!(request(&c, listen, b"before").0, b"a:before");
 
     std::fs::write(&path, "[listeners.l]\nadress = \"oops\"\n").unwrap();
-    sighup(&lb);
+    signal(lb.pid(), "HUP");
     assert!(
-        wait_for(DEADLINE, || lb.stats()["reload"]["failed"].as_u64()
-            == Some(1)),
+        wait_for(DEADLINE, || reloads_failed(&lb) == Some(1)),
         "{}",
         lb.stats()
     );
-    let error = lb.stats()["reload"]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let error = reload_error(&lb);
     assert!(
         error.contains(&format!("{}:2:", path.display())) && error.contains("adress"),
         "{error}"
@@ -161,21 +150,15 @@ fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
     );
 
     // A listener change cannot be applied live: refused, with the reason.
-    let moved: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    write_config(&path, admin, moved, &[&a], &[1]);
-    sighup(&lb);
+    let moved = listen_addr("127.0.0.1");
+    replace_file(&path, &weighted_config(admin, moved, &[&a], &[1]));
+    signal(lb.pid(), "HUP");
     assert!(
-        wait_for(DEADLINE, || lb.stats()["reload"]["failed"].as_u64()
-            == Some(2)),
+        wait_for(DEADLINE, || reloads_failed(&lb) == Some(2)),
         "{}",
         lb.stats()
     );
-    let error = lb.stats()["reload"]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let error = reload_error(&lb);
     assert!(error.contains("needs a restart"), "{error}");
     assert!(
         error.contains(&format!("listener \"l\": address {listen} -> {moved}")),
@@ -187,27 +170,23 @@ fn an_invalid_file_keeps_the_running_configuration_and_is_reported() {
 /// its file, line and key, and the running configuration stays.
 #[test]
 fn a_reload_with_a_program_that_cannot_run_is_refused() {
-    let dir = scratch("program");
+    let dir = scratch_dir("program");
     let a = Backend::start("127.0.0.1", "a");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+    let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
     let path = dir.join("udplb.toml");
-    write_config(&path, admin, listen, &[&a], &[1]);
+    replace_file(&path, &weighted_config(admin, listen, &[&a], &[1]));
     let lb = Udplb::run_config(&path, admin);
     let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str("notify = [\"no-such-program-udplb\"]\n");
     std::fs::write(&path, &text).unwrap();
-    sighup(&lb);
+    signal(lb.pid(), "HUP");
     assert!(
-        wait_for(DEADLINE, || lb.stats()["reload"]["failed"].as_u64()
-            == Some(1)),
+        wait_for(DEADLINE, || reloads_failed(&lb) == Some(1)),
         "{}",
         lb.stats()
     );
-    let error = lb.stats()["reload"]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let error = reload_error(&lb);
     let line = text.lines().count();
     assert!(
         error.contains(&format!(
@@ -221,39 +200,29 @@ fn a_reload_with_a_program_that_cannot_run_is_refused() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// Whether the backend at `addr` is healthy, `None` while the admin endpoint does not answer.
-fn healthy_at(lb: &Udplb, addr: SocketAddr) -> Option<bool> {
-    backend_status(&lb.try_stats()?, addr)?["healthy"].as_bool()
-}
-
 /// A reload whose file was replaced by a FIFO nothing writes to is refused at once, with the
 /// reason; it stalls nothing meanwhile: the admin endpoint answers, a backend that stops
 /// answering its check is marked down on schedule, and SIGTERM stops udplb. Prints how long
 /// each took.
 #[test]
 fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
-    let dir = scratch("fifo");
-    let a = MutableEcho::start("127.0.0.1", "a");
+    let dir = scratch_dir("fifo");
+    let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
     let (interval, timeout, fall) = (200u64, 100u64, 2u64);
     let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             [pools.p]\nbackends = [\"{}\", \"{}\"]\n[pools.p.health]\ncheck = \"udp\"\n\
-             send = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
-             timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}\n",
-            a.addr, b.addr
-        ),
-    )
-    .unwrap();
+    let health = format!(
+        "[pools.p.health]\n{}",
+        udp_check(interval, timeout, 1, fall)
+    );
+    let backends = [quoted(a.addr), quoted(b.addr)];
+    replace_file(&path, &one_pool_toml(admin, listen, "", &backends, &health));
     let mut lb = Udplb::run_config(&path, admin);
     assert!(
-        wait_for(DEADLINE, || healthy_at(&lb, a.addr) == Some(true)
-            && healthy_at(&lb, b.addr) == Some(true)),
+        wait_for(DEADLINE, || lb.try_healthy(a.addr) == Some(true)
+            && lb.try_healthy(b.addr) == Some(true)),
         "{}",
         lb.stats()
     );
@@ -275,7 +244,7 @@ fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
     a.mute(true);
     let muted = Instant::now();
     let detected = wait_for(Duration::from_secs(5), || {
-        healthy_at(&lb, a.addr) == Some(false)
+        lb.try_healthy(a.addr) == Some(false)
     });
     let detect_took = muted.elapsed();
     let reload = lb.try_stats().map(|s| s["reload"].clone());
@@ -309,6 +278,37 @@ fn a_reload_from_a_fifo_is_refused_and_stalls_nothing() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// SIGHUP every 300 ms, each after `write(i)` (i = 1, 2, ...) rewrote the file, until
+/// [`Storm::finish`].
+struct Storm {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u32>,
+}
+
+impl Storm {
+    fn start(pid: u32, write: impl Fn(u32) + Send + 'static) -> Storm {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut i = 1;
+            while !flag.load(Ordering::Relaxed) {
+                write(i);
+                signal(pid, "HUP");
+                i += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            i - 1
+        });
+        Storm { stop, thread }
+    }
+
+    /// Stops the storm; returns how many reloads it asked for.
+    fn finish(self) -> u32 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// Checks made of the backend at `addr` so far (passed and failed).
 fn checks_of(stats: &serde_json::Value, addr: SocketAddr) -> u64 {
     backend_status(stats, addr).map_or(0, |b| {
@@ -323,8 +323,8 @@ fn checks_of(stats: &serde_json::Value, addr: SocketAddr) -> u64 {
 /// to detect.
 #[test]
 fn a_reload_storm_keeps_checks_on_schedule() {
-    let dir = scratch("storm");
-    let a = MutableEcho::start("127.0.0.1", "a");
+    let dir = scratch_dir("storm");
+    let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
@@ -334,24 +334,23 @@ fn a_reload_storm_keeps_checks_on_schedule() {
     let write = move |i: u32| {
         let (first, second) = if i.is_multiple_of(2) {
             (
-                format!("\"{a_addr}\""),
+                quoted(a_addr),
                 format!("{{ address = \"{b_addr}\", weight = 1 }}"),
             )
         } else {
             (
                 format!("{{ address = \"{b_addr}\", weight = 2 }}"),
-                format!("\"{a_addr}\""),
+                quoted(a_addr),
             )
         };
-        let cfg = format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             [pools.p]\nbackends = [{first}, {second}]\n[pools.p.health]\ncheck = \"udp\"\n\
-             send = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval}ms\"\n\
-             timeout = \"{timeout}ms\"\njitter = \"0s\"\nrise = 1\nfall = {fall}\n"
+        let health = format!(
+            "[pools.p.health]\n{}",
+            udp_check(interval, timeout, 1, fall)
         );
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, cfg).unwrap();
-        std::fs::rename(&tmp, &file).unwrap();
+        replace_file(
+            &file,
+            &one_pool_toml(admin, listen, "", &[first, second], &health),
+        );
     };
     write(0);
     let lb = Udplb::run_config(&path, admin);
@@ -366,22 +365,7 @@ fn a_reload_storm_keeps_checks_on_schedule() {
         lb.stats()
     );
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let storm = {
-        let stop = std::sync::Arc::clone(&stop);
-        let pid = lb.pid();
-        let write = write.clone();
-        std::thread::spawn(move || {
-            let mut i = 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                write(i);
-                signal(pid, "HUP");
-                i += 1;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            i - 1
-        })
-    };
+    let storm = Storm::start(lb.pid(), write);
     // Healthy phase: 3 s of storm.
     let before = lb.stats();
     let ok_before = backend_status(&before, a.addr).unwrap()["checks_ok"]
@@ -399,13 +383,10 @@ fn a_reload_storm_keeps_checks_on_schedule() {
     a.mute(true);
     let muted = Instant::now();
     let detected = wait_for(Duration::from_secs(8), || {
-        lb.try_stats()
-            .and_then(|s| backend_status(&s, a.addr))
-            .is_some_and(|b| b["healthy"] == false)
+        lb.try_healthy(a.addr) == Some(false)
     });
     let took = muted.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let reloads = storm.join().unwrap();
+    let reloads = storm.finish();
     let stats = lb.stats();
     let bound = Duration::from_millis(interval * fall + timeout);
     eprintln!(
@@ -438,7 +419,7 @@ fn a_reload_storm_keeps_checks_on_schedule() {
 /// Prints how long it took.
 #[test]
 fn a_reload_storm_lets_recovery_probes_finish() {
-    let dir = scratch("storm-recovery");
+    let dir = scratch_dir("storm-recovery");
     let a = Backend::start("127.0.0.1", "a");
     let b = Backend::start("127.0.0.1", "b");
     let b_addr = b.addr;
@@ -448,29 +429,23 @@ fn a_reload_storm_lets_recovery_probes_finish() {
     let a_addr = a.addr;
     let file = path.clone();
     let write = move |i: u32| {
-        let cfg = format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
-             mode = \"datagram\"\n[pools.p]\nbackends = [{{ address = \"{a_addr}\", weight = {} }}, \
-             \"{b_addr}\"]\n",
-            1 + i % 2
+        let backends = [
+            format!("{{ address = \"{a_addr}\", weight = {} }}", 1 + i % 2),
+            quoted(b_addr),
+        ];
+        replace_file(
+            &file,
+            &one_pool_toml(admin, listen, "mode = \"datagram\"", &backends, ""),
         );
-        let tmp = file.with_extension("tmp");
-        std::fs::write(&tmp, cfg).unwrap();
-        std::fs::rename(&tmp, &file).unwrap();
     };
     write(0);
     let lb = Udplb::run_config(&path, admin);
-    let healthy = |lb: &Udplb| {
-        lb.try_stats()
-            .and_then(|s| backend_status(&s, b_addr))
-            .and_then(|b| b["healthy"].as_bool())
-    };
     drop(b);
     let c = client("127.0.0.1:0");
     assert!(
         wait_for(DEADLINE, || {
             let _ = c.send_to(b"x", listen);
-            healthy(&lb) == Some(false)
+            lb.try_healthy(b_addr) == Some(false)
         }),
         "{}",
         lb.stats()
@@ -479,25 +454,12 @@ fn a_reload_storm_lets_recovery_probes_finish() {
     // only once its 1 s timeout is over without a refusal.
     let _b = std::net::UdpSocket::bind(b_addr).unwrap();
     let back_at = Instant::now();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let storm = {
-        let stop = std::sync::Arc::clone(&stop);
-        let pid = lb.pid();
-        std::thread::spawn(move || {
-            let mut i = 1;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                write(i);
-                signal(pid, "HUP");
-                i += 1;
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            i - 1
-        })
-    };
-    let recovered = wait_for(Duration::from_secs(6), || healthy(&lb) == Some(true));
+    let storm = Storm::start(lb.pid(), write);
+    let recovered = wait_for(Duration::from_secs(6), || {
+        lb.try_healthy(b_addr) == Some(true)
+    });
     let took = back_at.elapsed();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let reloads = storm.join().unwrap();
+    let reloads = storm.finish();
     eprintln!(
         "reload storm (SIGHUP every 300 ms, {reloads} reloads): a passively ejected backend \
          back in rotation: {recovered} after {took:?} (1 s hold-down + 1 s recovery probe)"

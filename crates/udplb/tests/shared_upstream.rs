@@ -32,14 +32,9 @@ fn shared_sockets(lb: &Udplb) -> u64 {
 /// Starts udplb with one worker (shared sockets are per worker) and `--shared-upstream`, and
 /// waits until it relays.
 fn start(extra: &[&str], backends: &[&Backend]) -> (Udplb, SocketAddr) {
-    let listen = listen_addr("127.0.0.1");
-    let listen_s = listen.to_string();
-    let addrs: Vec<String> = backends.iter().map(|b| b.addr.to_string()).collect();
-    let mut args = vec!["--workers", "1", "--shared-upstream"];
-    args.extend_from_slice(extra);
-    args.push(&listen_s);
-    args.extend(addrs.iter().map(String::as_str));
-    let lb = Udplb::start(&args);
+    let options = [&["--workers", "1", "--shared-upstream"][..], extra].concat();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (lb, listen) = Udplb::serve(&options, &addrs);
     // A first flow (then let go) to know udplb is up.
     request(&client("127.0.0.1:0"), listen, b"up?");
     (lb, listen)

@@ -3,52 +3,26 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
-fn sigterm(lb: &Udplb) {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &lb.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// Waits for the process to exit; returns its code and how long it took.
 fn exit_code(lb: &mut Udplb, limit: Duration) -> (Option<i32>, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Ok(Some(status)) = lb.child.try_wait() {
-            return (status.code(), start.elapsed());
-        }
-        assert!(
-            start.elapsed() < limit,
-            "udplb did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_exit(lb, limit).unwrap_or_else(|| panic!("udplb did not exit within {limit:?}"))
 }
 
 #[test]
 fn sigterm_serves_established_flows_refuses_new_ones_then_exits_zero() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let mut lb = Udplb::start(&[
-        "--idle-timeout",
-        "1s",
-        "--shutdown-grace",
-        "20s",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (mut lb, listen) = Udplb::serve(
+        &["--idle-timeout", "1s", "--shutdown-grace", "20s"],
+        &[a.addr],
+    );
     let established = client("127.0.0.1:0");
     assert_eq!(request(&established, listen, b"one").0, b"a:one");
 
-    sigterm(&lb);
+    signal(lb.pid(), "TERM");
     // New clients are refused and counted (each try is a new client: one admitted just before
     // the signal took effect would be an established flow)...
     assert!(
@@ -78,19 +52,12 @@ fn sigterm_serves_established_flows_refuses_new_ones_then_exits_zero() {
 #[test]
 fn the_grace_period_bounds_the_wait() {
     let a = Backend::start("127.0.0.1", "a");
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let mut lb = Udplb::start(&[
-        "--idle-timeout",
-        "60s",
-        "--shutdown-grace",
-        "300ms",
-        &listen.to_string(),
-        &a.addr.to_string(),
-    ]);
+    let (mut lb, listen) = Udplb::serve(
+        &["--idle-timeout", "60s", "--shutdown-grace", "300ms"],
+        &[a.addr],
+    );
     request(&client("127.0.0.1:0"), listen, b"stay");
-    sigterm(&lb);
+    signal(lb.pid(), "TERM");
     let (code, took) = exit_code(&mut lb, Duration::from_secs(10));
     assert_eq!(code, Some(0));
     assert!(

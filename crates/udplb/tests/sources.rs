@@ -8,22 +8,8 @@ mod common;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 
-use common::spoof::{Spoofer, Spoofer6};
+use common::spoof::{Spoofer, Spoofer6, v4, v6};
 use common::*;
-
-fn v4(a: SocketAddr) -> SocketAddrV4 {
-    match a {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(_) => panic!("{a} is not IPv4"),
-    }
-}
-
-fn v6(a: SocketAddr) -> SocketAddrV6 {
-    match a {
-        SocketAddr::V6(a) => a,
-        SocketAddr::V4(_) => panic!("{a} is not IPv6"),
-    }
-}
 
 /// After one forged datagram, udplb stays quiet: it counted that datagram as `bad_source` and
 /// nothing came back around (a loop shows as tens of thousands of datagrams a second).
@@ -47,8 +33,7 @@ fn forged_own_listener_backend_and_port_zero_sources_are_dropped_ipv4() {
         return;
     };
     let backend = Backend::start("127.0.0.1", "echo");
-    let listen = listen_addr("127.0.0.1");
-    let lb = Udplb::start(&[&listen.to_string(), &backend.addr.to_string()]);
+    let (lb, listen) = Udplb::serve(&[], &[backend.addr]);
     spoofer.send(v4(listen), v4(listen), b"loop?");
     assert_no_loop(&lb, 1, "own listener address");
     spoofer.send(v4(backend.addr), v4(listen), b"loop?");
@@ -93,12 +78,15 @@ fn forged_ipv6_sources_are_dropped_and_mapped_ones_do_not_pass_ipv4_rules() {
     let admin = admin_addr();
     let port = free_udp_port("::1");
     let listen: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    let wildcard: SocketAddr = format!("[::]:{port}").parse().unwrap();
     let lb = run_toml(
         admin,
-        &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"[::]:{port}\"\npool = \"p\"\n\
-             allow = [\"10.0.0.0/8\", \"::1\"]\n[pools.p]\nbackends = [\"{}\"]\n",
-            backend.addr
+        &one_pool_toml(
+            admin,
+            wildcard,
+            "allow = [\"10.0.0.0/8\", \"::1\"]",
+            &[quoted(backend.addr)],
+            "",
         ),
     );
     spoofer.send(v6(listen), v6(listen), b"loop?");
@@ -151,15 +139,12 @@ fn a_backend_that_is_udplb_itself_is_refused() {
         assert!(err.contains("pools.p.backends[1].address"), "{what}: {err}");
     }
     // The one-liner, too.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_udplb"))
-        .args([&listen.to_string(), &listen.to_string()])
-        .env("UDPLB_ALLOW_ROOT", "1")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("udplb would send its datagrams to itself")
+    let (code, stderr) = exit_of(
+        &[&listen.to_string(), &listen.to_string()],
+        &[("UDPLB_ALLOW_ROOT", "1")],
     );
+    assert_eq!(code, Some(78));
+    assert!(stderr.contains("udplb would send its datagrams to itself"));
     // And the admin API.
     let backend = Backend::start("127.0.0.1", "echo");
     let lb = Udplb::start(&[
@@ -187,7 +172,7 @@ fn a_backend_that_is_udplb_itself_is_refused() {
 /// out of rotation, rather than each datagram sent to it coming back as a new client's.
 #[test]
 fn a_backend_that_becomes_a_local_address_leaves_rotation() {
-    if !nix::unistd::Uid::effective().is_root() {
+    if !is_root() {
         eprintln!("skipped: adding an address to lo needs root");
         return;
     }
@@ -208,7 +193,7 @@ fn a_backend_that_becomes_a_local_address_leaves_rotation() {
         &soon_local,
         &other.addr.to_string(),
     ]);
-    let in_rotation = |lb: &Udplb| lb.stats()["pools"][0]["backends"][0]["in_rotation"].as_bool();
+    let in_rotation = |lb: &Udplb| lb.backend(0)["in_rotation"].as_bool();
     assert_eq!(in_rotation(&lb), Some(true));
     let added = std::process::Command::new("ip")
         .args(["addr", "add", "192.0.2.77/32", "dev", "lo"])

@@ -40,30 +40,20 @@ fn rendered(url: &str) -> String {
 
 #[test]
 fn status_page_shows_backends_and_their_states_in_a_browser() {
-    let dir = std::env::temp_dir().join(format!("udplb-status-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let live = Backend::start("127.0.0.1", "live");
-    let dead: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = dir.join("udplb.toml");
-    std::fs::write(
-        &cfg,
-        format!(
+    let dead = listen_addr("127.0.0.1");
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let lb = run_toml(
+        admin,
+        &format!(
             "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"servers\"\n\
              [pools.servers]\nbackends = [\"{}\", {{ address = \"{dead}\", state = \"draining\" }}]\n\
              [pools.servers.health]\ncheck = \"udp\"\nsend = \"ping\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
              rise = 1\nfall = 1\n",
             live.addr
         ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&cfg, admin);
+    );
     assert!(wait_for(DEADLINE, || {
         let b = &lb.stats()["pools"][0]["backends"];
         b[0]["healthy"] == true && b[1]["checks_failed"].as_u64().unwrap_or(0) > 0

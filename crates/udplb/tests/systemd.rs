@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -26,29 +25,16 @@ fn wait_message(socket: &UnixDatagram, seen: &mut Vec<String>, want: &str) -> bo
 
 #[test]
 fn notifies_ready_reloading_watchdog_and_stopping() {
-    let dir = std::env::temp_dir().join(format!("udplb-systemd-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket_path = dir.join("notify.sock");
+    let socket_path = scratch_dir("notify").join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
 
     let a = Backend::start("127.0.0.1", "a");
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let listen: SocketAddr = format!("127.0.0.1:{}", free_udp_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let cfg = dir.join("udplb.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n[pools.p]\nbackends = [\"{}\"]\n",
-            a.addr
-        ),
-    )
-    .unwrap();
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let cfg = write_config(&one_pool_toml(admin, listen, "", &[quoted(a.addr)], ""));
     let notify = socket_path.display().to_string();
     let mut lb = Udplb::run_config_with_env(
         &cfg,
@@ -60,26 +46,13 @@ fn notifies_ready_reloading_watchdog_and_stopping() {
     assert!(wait_message(&socket, &mut seen, "WATCHDOG=1"), "{seen:?}");
 
     seen.clear();
-    let kill = |sig: &str| {
-        assert!(
-            std::process::Command::new("kill")
-                .args([sig, &lb.pid().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
-    kill("-HUP");
+    signal(lb.pid(), "HUP");
     assert!(wait_message(&socket, &mut seen, "RELOADING=1"), "{seen:?}");
     let reloading = seen.iter().find(|m| m.contains("RELOADING=1")).unwrap();
     assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
     assert!(wait_message(&socket, &mut seen, "READY=1"), "{seen:?}");
 
-    kill("-TERM");
+    signal(lb.pid(), "TERM");
     assert!(wait_message(&socket, &mut seen, "STOPPING=1"), "{seen:?}");
-    let start = Instant::now();
-    while lb.alive() {
-        assert!(start.elapsed() < DEADLINE, "udplb did not stop");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(wait_exit(&mut lb, DEADLINE).is_some(), "udplb did not stop");
 }

@@ -6,102 +6,77 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::netns::{Namespace, ip, serve_if_asked};
 use common::*;
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let ok = Command::new("ip")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("`ip {}` failed", args.join(" ")))
-    }
-}
 
 /// Two namespaces (client, backend) linked to the host by veth pairs, and the host's policy
 /// routing rule that delivers the backend's replies (addressed to clients) locally. All of it
 /// is removed on drop.
 struct Topology {
     tag: u32,
-    client_ns: String,
-    backend_ns: String,
-    client_if: String,
-    backend_if: String,
+    client: Namespace,
+    backend: Namespace,
     table: String,
-    backend: Option<std::process::Child>,
 }
 
 impl Topology {
-    fn new(tag: u32) -> Topology {
-        Topology {
-            tag,
-            client_ns: format!("ulbt-c{tag}"),
-            backend_ns: format!("ulbt-b{tag}"),
-            client_if: format!("ulbtc{tag}"),
-            backend_if: format!("ulbtb{tag}"),
-            table: format!("{}", 4000 + tag % 1000),
-            backend: None,
-        }
-    }
-
-    fn octet(&self) -> u32 {
-        16 + self.tag % 200
+    fn octet(tag: u32) -> u32 {
+        16 + tag % 200
     }
 
     fn client_ip(&self) -> String {
-        format!("10.214.{}.2", self.octet())
+        format!("10.214.{}.2", Self::octet(self.tag))
     }
 
     fn listener_ip(&self) -> String {
-        format!("10.214.{}.1", self.octet())
+        format!("10.214.{}.1", Self::octet(self.tag))
     }
 
     fn backend_ip(&self) -> String {
-        format!("10.215.{}.2", self.octet())
+        format!("10.215.{}.2", Self::octet(self.tag))
     }
 
-    fn create(&self) -> Result<(), String> {
-        let o = self.octet();
-        let (c_host, b_host) = (format!("10.214.{o}.1/24"), format!("10.215.{o}.1/24"));
-        let (c_ns, b_ns) = (
-            format!("{}/24", self.client_ip()),
-            format!("{}/24", self.backend_ip()),
-        );
-        let (c_gw, b_gw) = (format!("10.214.{o}.1"), format!("10.215.{o}.1"));
-        for (ns, host_if, host_addr, ns_addr, gw) in [
-            (&self.client_ns, &self.client_if, &c_host, &c_ns, &c_gw),
-            (&self.backend_ns, &self.backend_if, &b_host, &b_ns, &b_gw),
-        ] {
-            let peer = format!("{host_if}p");
-            ip(&["netns", "add", ns])?;
-            ip(&[
-                "link", "add", host_if, "type", "veth", "peer", "name", &peer,
-            ])?;
-            ip(&["link", "set", &peer, "netns", ns])?;
-            ip(&["addr", "add", host_addr, "dev", host_if])?;
-            ip(&["link", "set", host_if, "up"])?;
-            ip(&["-n", ns, "addr", "add", ns_addr, "dev", &peer])?;
-            ip(&["-n", ns, "link", "set", &peer, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", ns, "route", "add", "default", "via", gw])?;
-        }
+    fn create(tag: u32) -> Result<Topology, String> {
+        let o = Self::octet(tag);
+        let side = |ns: &str, host_if: &str, net: &str| {
+            Namespace::create(
+                ns,
+                host_if,
+                &format!("{host_if}p"),
+                &format!("{net}.1/24"),
+                &format!("{net}.2/24"),
+                Some(&format!("{net}.1")),
+            )
+        };
+        let client = side(
+            &format!("ulbt-c{tag}"),
+            &format!("ulbtc{tag}"),
+            &format!("10.214.{o}"),
+        )?;
+        let backend = side(
+            &format!("ulbt-b{tag}"),
+            &format!("ulbtb{tag}"),
+            &format!("10.215.{o}"),
+        )?;
+        let topo = Topology {
+            tag,
+            client,
+            backend,
+            table: format!("{}", 4000 + tag % 1000),
+        };
         // Replies from the backend are addressed to the client: deliver them to udplb's
         // transparent sockets instead of routing them on (docs/transparent.md).
         ip(&[
             "rule",
             "add",
             "iif",
-            &self.backend_if,
+            &topo.backend.host_if,
             "lookup",
-            &self.table,
+            &topo.table,
             "pref",
-            &self.table,
+            &topo.table,
         ])?;
         ip(&[
             "route",
@@ -111,46 +86,23 @@ impl Topology {
             "dev",
             "lo",
             "table",
-            &self.table,
+            &topo.table,
         ])?;
-        Ok(())
-    }
-
-    /// Runs this test binary's `helper` inside namespace `ns` with `env`.
-    fn run_in(ns: &str, helper: &str, env: &[(&str, String)]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns])
-            .arg(std::env::current_exe().unwrap())
-            .args([helper, "--exact", "--nocapture", "--test-threads=1"]);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c
+        Ok(topo)
     }
 }
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        if let Some(mut b) = self.backend.take() {
-            let _ = b.kill();
-            let _ = b.wait();
-        }
         let _ = ip(&[
             "rule",
             "del",
             "iif",
-            &self.backend_if,
+            &self.backend.host_if,
             "lookup",
             &self.table,
         ]);
         let _ = ip(&["route", "flush", "table", &self.table]);
-        for (ns, host_if) in [
-            (&self.client_ns, &self.client_if),
-            (&self.backend_ns, &self.backend_if),
-        ] {
-            let _ = ip(&["link", "del", host_if]);
-            let _ = ip(&["netns", "del", ns]);
-        }
     }
 }
 
@@ -158,16 +110,9 @@ impl Drop for Topology {
 /// came from.
 #[test]
 fn transparent_backend_in_namespace() {
-    let Ok(addr) = std::env::var("UDPLB_TEST_SOURCE_ECHO") else {
-        return;
-    };
-    let socket = std::net::UdpSocket::bind(addr.as_str()).expect("bind");
-    let mut buf = [0u8; 2048];
-    loop {
-        if let Ok((_, from)) = socket.recv_from(&mut buf) {
-            let _ = socket.send_to(format!("saw {from}").as_bytes(), from);
-        }
-    }
+    serve_if_asked("UDPLB_TEST_SOURCE_ECHO", |_, from| {
+        format!("saw {from}").into_bytes()
+    });
 }
 
 /// Not a test on its own: the namespaced client. Sends to UDPLB_TEST_TARGET until a reply
@@ -200,50 +145,41 @@ fn transparent_client_in_namespace() {
 
 #[test]
 fn backends_see_the_client_address_and_clients_the_address_they_sent_to() {
-    if !nix::unistd::Uid::effective().is_root() {
+    if !is_root() {
         eprintln!("skipped: transparent mode and namespaces need root");
         return;
     }
-    let mut topo = Topology::new(std::process::id() % 10_000);
-    if let Err(why) = topo.create() {
-        eprintln!("skipped: cannot build the namespaces here: {why}");
-        return;
-    }
+    let mut topo = match Topology::create(std::process::id() % 10_000) {
+        Ok(topo) => topo,
+        Err(why) => {
+            eprintln!("skipped: cannot build the namespaces here: {why}");
+            return;
+        }
+    };
     let backend: SocketAddr = format!("{}:7000", topo.backend_ip()).parse().unwrap();
-    topo.backend = Some(
-        Topology::run_in(
-            &topo.backend_ns,
-            "transparent_backend_in_namespace",
-            &[("UDPLB_TEST_SOURCE_ECHO", backend.to_string())],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap(),
+    topo.backend.serve(
+        "transparent_backend_in_namespace",
+        &[("UDPLB_TEST_SOURCE_ECHO", backend.to_string())],
     );
     let listen: SocketAddr = format!("{}:5300", topo.listener_ip()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-    let dir = std::env::temp_dir().join(format!("udplb-transparent-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
-    std::fs::write(
-        &path,
-        format!(
+    let admin = admin_addr();
+    let lb = run_toml(
+        admin,
+        &format!(
             "[runtime]\nuser = \"nobody\"\n[admin]\nlisten = \"{admin}\"\n\
              [listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
              [pools.p]\nbackends = [\"{backend}\"]\ntransparent = true\n"
         ),
-    )
-    .unwrap();
-    let lb = Udplb::run_config(&path, admin);
+    );
 
-    let out = Topology::run_in(
-        &topo.client_ns,
-        "transparent_client_in_namespace",
-        &[("UDPLB_TEST_TARGET", listen.to_string())],
-    )
-    .output()
-    .unwrap();
+    let out = topo
+        .client
+        .command(
+            "transparent_client_in_namespace",
+            &[("UDPLB_TEST_TARGET", listen.to_string())],
+        )
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     // libtest prints the test's name on the same line first.
     let line = stdout
@@ -268,6 +204,6 @@ fn backends_see_the_client_address_and_clients_the_address_they_sent_to() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", lb.pid())).unwrap();
     assert!(status.contains("CapEff:\t0000000000001000"), "{status}");
     assert!(status.contains("CapPrm:\t0000000000001000"), "{status}");
-    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    let (nobody, _) = nobody();
     assert!(status.contains(&format!("Uid:\t{nobody}\t")), "{status}");
 }

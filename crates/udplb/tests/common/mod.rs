@@ -1,12 +1,18 @@
 //! Shared harness of the black-box tests: start the real udplb binary, real backends on
-//! loopback, wait on conditions with deadlines, read the admin endpoint.
+//! loopback, wait on conditions with deadlines, read the admin endpoint. Every test file
+//! takes what it shares with another from here: free addresses, scratch directories and
+//! configuration files, udplb processes (one-liner or file, `ctl`, exit codes, signals), echo
+//! backends, clients and steady load, readers of `/stats`; `netns` builds network namespaces
+//! and `spoof` forges sources.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod spoof;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,23 +53,84 @@ pub fn admin_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_tcp_port()))
 }
 
-/// A free UDP address on `ip` for a listener.
+/// A free UDP address on `ip` for a listener (or for a backend that is not there).
 pub fn listen_addr(ip: &str) -> SocketAddr {
     SocketAddr::new(ip.parse().unwrap(), free_udp_port(ip))
 }
 
-/// Writes `toml` to a fresh file of its own and returns the path.
-pub fn write_config(toml: &str) -> std::path::PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "udplb-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+/// A fresh, empty directory for this test process's `name` (emptied if an earlier test of the
+/// same name left it; names must differ between the tests of one file). Under the system's
+/// temporary directory; tests that care remove it at the end.
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("udplb-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("udplb.toml");
+    dir
+}
+
+/// Writes `toml` to a fresh file of its own and returns the path.
+pub fn write_config(toml: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path =
+        scratch_dir(&format!("config-{}", N.fetch_add(1, Ordering::Relaxed))).join("udplb.toml");
     std::fs::write(&path, toml).unwrap();
     path
+}
+
+/// Replaces the file at `path` with `text` as a config manager would: written beside it, then
+/// renamed over it, so that a reload never reads half a file.
+pub fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The configuration most tests need: the admin endpoint on `admin`, one listener `l` on
+/// `listen` with the pool `p` of `backends` (TOML array items, e.g. [`quoted`] addresses).
+/// `listener` lines go under `[listeners.l]` and `pool` lines under `[pools.p]`; either may go
+/// on with tables of their own (`[listeners.l.limits]`, `[pools.p.health]`, another pool).
+pub fn one_pool_toml(
+    admin: SocketAddr,
+    listen: SocketAddr,
+    listener: &str,
+    backends: &[String],
+    pool: &str,
+) -> String {
+    format!(
+        "[admin]\nlisten = \"{admin}\"\n[listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n{listener}\n\
+         [pools.p]\nbackends = [{}]\n{pool}\n",
+        backends.join(", ")
+    )
+}
+
+/// Starts `udplb run` on a [`one_pool_toml`] file with a free admin endpoint and the listener
+/// on a free port of `ip`; returns it and the listener's address.
+pub fn run_one_pool(
+    ip: &str,
+    listener: &str,
+    backends: &[String],
+    pool: &str,
+) -> (Udplb, SocketAddr) {
+    let (admin, listen) = (admin_addr(), listen_addr(ip));
+    let lb = run_toml(
+        admin,
+        &one_pool_toml(admin, listen, listener, backends, pool),
+    );
+    (lb, listen)
+}
+
+/// The lines of a `[pools.p.health]` table for a UDP check that sends "ping" and expects the
+/// echo backends' answer (`TAG:ping`), every `interval_ms` with no jitter.
+pub fn udp_check(interval_ms: u64, timeout_ms: u64, rise: u64, fall: u64) -> String {
+    format!(
+        "check = \"udp\"\nsend = \"ping\"\nexpect_regex = \":ping$\"\ninterval = \"{interval_ms}ms\"\n\
+         timeout = \"{timeout_ms}ms\"\njitter = \"0s\"\nrise = {rise}\nfall = {fall}"
+    )
+}
+
+/// `addr` as a TOML string, for a list of backends.
+pub fn quoted(addr: impl std::fmt::Display) -> String {
+    format!("\"{addr}\"")
 }
 
 /// Starts `udplb run -c` on `toml`, a whole configuration whose admin endpoint is `admin`.
@@ -71,9 +138,14 @@ pub fn run_toml(admin: SocketAddr, toml: &str) -> Udplb {
     Udplb::run_config(&write_config(toml), admin)
 }
 
+/// A command that runs the udplb binary under test.
+pub fn udplb_command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_udplb"))
+}
+
 /// `udplb check -c` on `toml`: its exit code and standard error.
 pub fn check_toml(toml: &str) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_udplb"))
+    let out = udplb_command()
         .arg("check")
         .arg("-c")
         .arg(write_config(toml))
@@ -88,7 +160,7 @@ pub fn check_toml(toml: &str) -> (Option<i32>, String) {
 /// Runs udplb with `args` and returns its exit code and standard error; a udplb that is still
 /// running after 5 s (it wrongly started) is killed, and the code is `None`.
 pub fn exit_of(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_udplb"))
+    let mut child = udplb_command()
         .envs(env.iter().copied())
         .args(args)
         .stdout(Stdio::null())
@@ -112,6 +184,13 @@ pub fn exit_of(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     (status.and_then(|s| s.code()), stderr)
 }
 
+/// `--admin ADMIN ARGS...`: a one-liner's arguments with its admin endpoint.
+fn with_admin(admin: SocketAddr, args: &[&str]) -> Vec<String> {
+    let mut full = vec!["--admin".to_string(), admin.to_string()];
+    full.extend(args.iter().map(|s| s.to_string()));
+    full
+}
+
 /// A running udplb process, killed when dropped.
 pub struct Udplb {
     pub child: Child,
@@ -120,67 +199,61 @@ pub struct Udplb {
 }
 
 impl Udplb {
-    /// Starts `udplb ARGS... --admin 127.0.0.1:<free>` and waits until its admin endpoint answers.
+    /// Starts `udplb --admin 127.0.0.1:<free> ARGS...` and waits until its admin endpoint answers.
     pub fn start(args: &[&str]) -> Udplb {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let mut full: Vec<String> = vec!["--admin".into(), admin.to_string()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        Self::spawn(full, admin)
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts the one-liner `udplb OPTIONS... LISTEN BACKEND...` as [`Udplb::start`] does, its
+    /// listener on a free port of 127.0.0.1; returns it and the listener's address.
+    pub fn serve(options: &[&str], backends: &[impl std::fmt::Display]) -> (Udplb, SocketAddr) {
+        let listen = listen_addr("127.0.0.1");
+        let mut args: Vec<String> = options.iter().map(|s| s.to_string()).collect();
+        args.push(listen.to_string());
+        args.extend(backends.iter().map(|b| b.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (Self::start(&args), listen)
     }
 
     /// Like [`Udplb::start`], with extra environment variables (they override the harness's
     /// `UDPLB_ALLOW_ROOT=1`).
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Udplb {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let mut full: Vec<String> = vec!["--admin".into(), admin.to_string()];
-        full.extend(args.iter().map(|s| s.to_string()));
-        Self::spawn_with_env(env!("CARGO_BIN_EXE_udplb"), full, admin, env)
+        let admin = admin_addr();
+        Self::spawn(udplb_command(), &with_admin(admin, args), admin, env)
     }
 
     /// Like [`Udplb::start`], with the open-file limit (soft and hard) set to `limit`.
     pub fn start_with_fd_limit(limit: u32, args: &[&str]) -> Udplb {
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        let mut full: Vec<String> = vec![format!("--nofile={limit}:{limit}"), "--".into()];
-        full.push(env!("CARGO_BIN_EXE_udplb").into());
-        full.extend(["--admin".to_string(), admin.to_string()]);
-        full.extend(args.iter().map(|s| s.to_string()));
-        Self::spawn_program("prlimit", full, admin)
+        let admin = admin_addr();
+        let mut prlimit = Command::new("prlimit");
+        prlimit
+            .arg(format!("--nofile={limit}:{limit}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_udplb"));
+        Self::spawn(prlimit, &with_admin(admin, args), admin, &[])
     }
 
     /// Starts `udplb run -c FILE` where the file's admin endpoint is `admin`.
-    pub fn run_config(path: &std::path::Path, admin: SocketAddr) -> Udplb {
-        Self::spawn(
-            vec!["run".into(), "-c".into(), path.display().to_string()],
-            admin,
-        )
-    }
-
-    fn spawn(args: Vec<String>, admin: SocketAddr) -> Udplb {
-        Self::spawn_program(env!("CARGO_BIN_EXE_udplb"), args, admin)
-    }
-
-    fn spawn_program(program: &str, args: Vec<String>, admin: SocketAddr) -> Udplb {
-        Self::spawn_with_env(program, args, admin, &[])
+    pub fn run_config(path: &Path, admin: SocketAddr) -> Udplb {
+        Self::run_config_with_env(path, admin, &[])
     }
 
     /// Starts `udplb run -c FILE` with extra environment variables.
-    pub fn run_config_with_env(
-        path: &std::path::Path,
-        admin: SocketAddr,
-        env: &[(&str, &str)],
-    ) -> Udplb {
-        let args = vec!["run".into(), "-c".into(), path.display().to_string()];
-        Self::spawn_with_env(env!("CARGO_BIN_EXE_udplb"), args, admin, env)
+    pub fn run_config_with_env(path: &Path, admin: SocketAddr, env: &[(&str, &str)]) -> Udplb {
+        let args = ["run".to_string(), "-c".into(), path.display().to_string()];
+        Self::spawn(udplb_command(), &args, admin, env)
     }
 
-    fn spawn_with_env(
-        program: &str,
-        args: Vec<String>,
+    /// Runs `command` with `args` and `env`, collects its standard error, and waits until the
+    /// admin endpoint at `admin` answers (a udplb that exits first fails the test).
+    fn spawn(
+        mut command: Command,
+        args: &[String],
         admin: SocketAddr,
         env: &[(&str, &str)],
     ) -> Udplb {
-        let mut child = Command::new(program)
-            .args(&args)
+        let mut child = command
+            .args(args)
             // Tests run as root in CI; privilege dropping has its own test.
             .env("UDPLB_ALLOW_ROOT", "1")
             .envs(env.iter().copied())
@@ -291,13 +364,7 @@ impl Udplb {
 
     /// The admin endpoint's `/stats`, or `None` when it does not answer within 2 s.
     pub fn try_stats(&self) -> Option<serde_json::Value> {
-        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        write!(s, "GET /stats HTTP/1.0\r\nHost: udplb\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        let json = body.split("\r\n\r\n").nth(1)?;
-        serde_json::from_str(json).ok()
+        stats_at(self.admin, Duration::from_millis(200))
     }
 
     /// The admin endpoint's `/stats`.
@@ -317,6 +384,29 @@ impl Udplb {
             .pointer(pointer)
             .and_then(|v| v.as_u64())
             .unwrap_or_else(|| panic!("no counter {pointer} in {stats}"))
+    }
+
+    /// The status of backend `which` of the first pool (`Null` when there is none).
+    pub fn backend(&self, which: impl BackendRef) -> serde_json::Value {
+        backend_status(&self.stats(), which).unwrap_or_default()
+    }
+
+    /// Whether backend `which` of the first pool is healthy (`None`: no such backend).
+    pub fn healthy(&self, which: impl BackendRef) -> Option<bool> {
+        self.backend(which)["healthy"].as_bool()
+    }
+
+    /// Like [`Udplb::healthy`], but `None` while the admin endpoint does not answer.
+    pub fn try_healthy(&self, which: impl BackendRef) -> Option<bool> {
+        backend_status(&self.try_stats()?, which)?["healthy"].as_bool()
+    }
+
+    /// The last check error of backend `which` of the first pool ("" when there is none).
+    pub fn last_error(&self, which: impl BackendRef) -> String {
+        self.backend(which)["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Number of UDP sockets the process holds open (listeners plus one upstream socket per
@@ -366,11 +456,13 @@ impl Drop for Udplb {
     }
 }
 
-/// An echo backend on loopback that counts what it receives and from whom.
+/// An echo backend on loopback that counts what it receives and from whom. It can be muted:
+/// it keeps its port open (no ICMP refusal) but stops answering, as a hung service does.
 pub struct Backend {
     pub addr: SocketAddr,
     pub received: Arc<AtomicU64>,
     pub sources: Arc<Mutex<Vec<SocketAddr>>>,
+    mute: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -392,10 +484,12 @@ impl Backend {
         let addr = socket.local_addr().unwrap();
         let received = Arc::new(AtomicU64::new(0));
         let sources = Arc::new(Mutex::new(Vec::new()));
+        let mute = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s, st) = (
+        let (r, s, m, st) = (
             Arc::clone(&received),
             Arc::clone(&sources),
+            Arc::clone(&mute),
             Arc::clone(&stop),
         );
         let prefix = format!("{tag}:").into_bytes();
@@ -408,6 +502,9 @@ impl Backend {
                 };
                 r.fetch_add(1, Ordering::Relaxed);
                 s.lock().unwrap().push(from);
+                if m.load(Ordering::Relaxed) {
+                    continue;
+                }
                 out.clear();
                 out.extend_from_slice(&prefix);
                 out.extend_from_slice(&buf[..n]);
@@ -418,13 +515,20 @@ impl Backend {
             addr,
             received,
             sources,
+            mute,
             stop,
             thread: Some(thread),
         }
     }
 
+    /// Datagrams received so far (answered or not).
     pub fn count(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// Stops (`true`) or resumes (`false`) answering.
+    pub fn mute(&self, on: bool) {
+        self.mute.store(on, Ordering::Relaxed);
     }
 }
 
@@ -459,6 +563,15 @@ pub fn request(c: &UdpSocket, to: SocketAddr, payload: &[u8]) -> (Vec<u8>, Socke
     }
 }
 
+/// The tag of the echo backend that sent `reply` (what precedes the first ':').
+pub fn tag(reply: &[u8]) -> String {
+    String::from_utf8_lossy(reply)
+        .split(':')
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Receives one datagram within the deadline.
 pub fn recv(c: &UdpSocket) -> (Vec<u8>, SocketAddr) {
     let mut buf = [0u8; 65_536];
@@ -486,6 +599,25 @@ pub struct FlowLog {
     pub tags: Vec<String>,
 }
 
+impl FlowLog {
+    /// Datagrams sent that got no reply.
+    pub fn lost(&self) -> u64 {
+        self.sent - self.received
+    }
+
+    /// Whether every reply came from the backend of the first.
+    pub fn stayed(&self) -> bool {
+        self.tags.iter().all(|t| t == &self.tags[0])
+    }
+}
+
+/// Datagrams sent and lost by all the flows of a [`Load`].
+pub fn totals(logs: &[FlowLog]) -> (u64, u64) {
+    let sent = logs.iter().map(|l| l.sent).sum();
+    let lost = logs.iter().map(FlowLog::lost).sum();
+    (sent, lost)
+}
+
 impl Load {
     pub fn start(listen: SocketAddr, flows: usize) -> Load {
         use std::sync::atomic::Ordering;
@@ -502,12 +634,7 @@ impl Load {
                 for (s, log) in sockets.iter().zip(logs.iter_mut()) {
                     while let Ok(n) = s.recv(buf) {
                         log.received += 1;
-                        let tag = String::from_utf8_lossy(&buf[..n])
-                            .split(':')
-                            .next()
-                            .unwrap_or("")
-                            .to_string();
-                        log.tags.push(tag);
+                        log.tags.push(tag(&buf[..n]));
                     }
                 }
             };
@@ -549,62 +676,29 @@ impl Load {
     }
 }
 
-/// An echo backend that can be muted: it keeps its port open (no ICMP refusal) but stops
-/// answering, as a hung service does.
-pub struct MutableEcho {
-    pub addr: SocketAddr,
-    mute: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+/// Whether the tests run as root (the tests that need it are skipped otherwise).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
 }
 
-impl MutableEcho {
-    /// Starts it on `ip`:0; each reply is the payload prefixed with `tag` and ':'.
-    pub fn start(ip: &str, tag: &str) -> MutableEcho {
-        let socket = UdpSocket::bind((ip, 0)).expect("bind backend");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        let addr = socket.local_addr().unwrap();
-        let mute = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (m, st) = (Arc::clone(&mute), Arc::clone(&stop));
-        let prefix = format!("{tag}:").into_bytes();
-        let thread = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65_536];
-            while !st.load(Ordering::Relaxed) {
-                let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                    continue;
-                };
-                if m.load(Ordering::Relaxed) {
-                    continue;
-                }
-                let mut out = prefix.clone();
-                out.extend_from_slice(&buf[..n]);
-                let _ = socket.send_to(&out, from);
-            }
-        });
-        MutableEcho {
-            addr,
-            mute,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Stops (`true`) or resumes (`false`) answering.
-    pub fn mute(&self, on: bool) {
-        self.mute.store(on, Ordering::Relaxed);
-    }
+/// The uid and gid of the user `nobody`.
+pub fn nobody() -> (u32, u32) {
+    let u = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a user named nobody");
+    (u.uid.as_raw(), u.gid.as_raw())
 }
 
-impl Drop for MutableEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// The values of a `/proc/PID/status` line, e.g. `Uid` -> ["65534", "65534", ...].
+pub fn status_field(pid: u32, field: &str) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Sends `signal` (`"HUP"`, `"TERM"`, ...) to `pid`.
@@ -616,14 +710,68 @@ pub fn signal(pid: u32, signal: &str) {
     assert!(status.success(), "kill -{signal} {pid}");
 }
 
-/// The status of the backend at `addr` in the first pool of `stats` (found by address, so
-/// reordered backends are found too).
-pub fn backend_status(stats: &serde_json::Value, addr: SocketAddr) -> Option<serde_json::Value> {
+/// `GET /stats` on the admin endpoint at `admin`, or `None` when it does not accept the
+/// connection within `connect_timeout` or does not answer within 2 s.
+pub fn stats_at(admin: SocketAddr, connect_timeout: Duration) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect_timeout(&admin, connect_timeout).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /stats HTTP/1.0\r\nHost: udplb\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let json = body.split("\r\n\r\n").nth(1)?;
+    serde_json::from_str(json).ok()
+}
+
+/// The backends of the first pool of `stats`, in the order `/stats` lists them.
+pub fn backends_of(stats: &serde_json::Value) -> Vec<serde_json::Value> {
     stats["pools"][0]["backends"]
-        .as_array()?
-        .iter()
-        .find(|b| b["address"] == addr.to_string())
+        .as_array()
         .cloned()
+        .unwrap_or_default()
+}
+
+/// A backend of a pool in `/stats`: by its position (`usize`), or by its address
+/// (`SocketAddr`: found wherever a reload put it).
+pub trait BackendRef {
+    fn find(self, backends: Vec<serde_json::Value>) -> Option<serde_json::Value>;
+}
+
+impl BackendRef for usize {
+    fn find(self, backends: Vec<serde_json::Value>) -> Option<serde_json::Value> {
+        backends.into_iter().nth(self)
+    }
+}
+
+impl BackendRef for SocketAddr {
+    fn find(self, backends: Vec<serde_json::Value>) -> Option<serde_json::Value> {
+        backends
+            .into_iter()
+            .find(|b| b["address"] == self.to_string())
+    }
+}
+
+/// The status of backend `which` in the first pool of `stats`.
+pub fn backend_status(
+    stats: &serde_json::Value,
+    which: impl BackendRef,
+) -> Option<serde_json::Value> {
+    which.find(backends_of(stats))
+}
+
+/// `udplb ctl --admin ADMIN ARGS...` with extra environment variables: whether it succeeded,
+/// its standard output and its standard error.
+pub fn ctl(admin: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = udplb_command()
+        .args(["ctl", "--admin", &admin.to_string()])
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Waits up to `limit` for the process to exit; its exit code (`None` for a signal) and how

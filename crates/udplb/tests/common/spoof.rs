@@ -6,6 +6,22 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+/// `a`, which must be an IPv4 address (a forger's source or destination).
+pub fn v4(a: SocketAddr) -> SocketAddrV4 {
+    match a {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => panic!("{a} is not IPv4"),
+    }
+}
+
+/// `a`, which must be an IPv6 address.
+pub fn v6(a: SocketAddr) -> SocketAddrV6 {
+    match a {
+        SocketAddr::V6(a) => a,
+        SocketAddr::V4(_) => panic!("{a} is not IPv6"),
+    }
+}
+
 /// A raw IPv4 socket that writes its own headers.
 pub struct Spoofer {
     socket: Socket,

@@ -1,0 +1,143 @@
+//! Network namespaces for the tests that need hosts other than this one (root only): a
+//! namespace joined to the host by a veth pair, and this test binary run again inside it to
+//! serve or to send there.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Stdio};
+
+/// `ip ARGS...`; `Err` says which command failed and why.
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("`ip` cannot run: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A network namespace with a veth link to the host; on drop, what runs in it is killed and
+/// the link and the namespace are removed.
+pub struct Namespace {
+    pub name: String,
+    /// The host's end of the link.
+    pub host_if: String,
+    /// The namespace's end of the link.
+    pub ns_if: String,
+    children: Vec<Child>,
+}
+
+impl Namespace {
+    /// Creates namespace `name` and a veth pair, `host_if` on the host with `host_addr` and
+    /// `ns_if` inside with `ns_addr` (both `ADDRESS/PREFIX`), both up, with the namespace's
+    /// loopback up and, given a `gateway`, its default route through it. Whatever an earlier
+    /// run left under these names is removed first. `Err` says what failed when this host
+    /// cannot (a container without the rights to make namespaces, say); what was made until
+    /// then is removed.
+    pub fn create(
+        name: &str,
+        host_if: &str,
+        ns_if: &str,
+        host_addr: &str,
+        ns_addr: &str,
+        gateway: Option<&str>,
+    ) -> Result<Namespace, String> {
+        let ns = Namespace {
+            name: name.to_string(),
+            host_if: host_if.to_string(),
+            ns_if: ns_if.to_string(),
+            children: Vec::new(),
+        };
+        let _ = ip(&["netns", "del", name]);
+        let _ = ip(&["link", "del", host_if]);
+        ip(&["netns", "add", name])?;
+        ip(&[
+            "link", "add", host_if, "type", "veth", "peer", "name", ns_if,
+        ])?;
+        ip(&["link", "set", ns_if, "netns", name])?;
+        ip(&["addr", "add", host_addr, "dev", host_if])?;
+        ip(&["link", "set", host_if, "up"])?;
+        ip(&["-n", name, "addr", "add", ns_addr, "dev", ns_if])?;
+        ip(&["-n", name, "link", "set", ns_if, "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        if let Some(gateway) = gateway {
+            ip(&["-n", name, "route", "add", "default", "via", gateway])?;
+        }
+        Ok(ns)
+    }
+
+    /// Whether programs can run inside (`ip netns exec NAME true`).
+    pub fn can_exec(&self) -> Result<(), String> {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &self.name, "true"])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(())
+            .ok_or_else(|| format!("`ip netns exec {} true` failed", self.name))
+    }
+
+    /// This test binary, run inside the namespace to run only its test `helper` (a test that
+    /// does its part when `env` asks it to, see [`serve_if_asked`]).
+    pub fn command(&self, helper: &str, env: &[(&str, String)]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name])
+            .arg(std::env::current_exe().unwrap())
+            .args([helper, "--exact", "--nocapture", "--test-threads=1"]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Starts [`Namespace::command`] in the background, its output discarded, until the
+    /// namespace is dropped.
+    pub fn serve(&mut self, helper: &str, env: &[(&str, String)]) {
+        let child = self
+            .command(helper, env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a helper in the namespace");
+        self.children.push(child);
+    }
+
+    /// Sets the namespace's end of the link down: the host keeps its route and neighbour
+    /// entry, so datagrams leave and vanish, with no ICMP coming back.
+    pub fn black_hole(&self) {
+        ip(&["-n", &self.name, "link", "set", &self.ns_if, "down"]).unwrap();
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// The body of a test that is not one on its own: when the environment variable `var` names
+/// an address, serves UDP there until killed, answering each datagram with
+/// `answer(payload, sender)`; without it, returns at once. [`Namespace::serve`] runs it inside
+/// a namespace.
+pub fn serve_if_asked(var: &str, answer: impl Fn(&[u8], SocketAddr) -> Vec<u8>) {
+    let Ok(addr) = std::env::var(var) else {
+        return;
+    };
+    let socket = UdpSocket::bind(addr.as_str()).expect("bind the namespaced server");
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let _ = socket.send_to(&answer(&buf[..n], from), from);
+        }
+    }
+}
