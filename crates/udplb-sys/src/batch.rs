@@ -520,6 +520,69 @@ fn empty_mmsghdr() -> libc::mmsghdr {
     unsafe { mem::zeroed() }
 }
 
+/// One datagram, or a train of them, to send (quinn-udp's `Transmit`): the one description of
+/// a send, whichever system call it takes.
+#[derive(Clone, Copy, Debug)]
+pub struct Transmit<'a> {
+    /// Where to; `None`: the socket's connected peer.
+    pub destination: Option<SocketAddr>,
+    /// Bytes that go in front of `contents` in the same datagram (a PROXY header), or none;
+    /// only with a single datagram (no `segment_size`).
+    pub head: &'a [u8],
+    /// The payload.
+    pub contents: &'a [u8],
+    /// `contents` is a train of datagrams of this size (the last may be shorter), sent with
+    /// UDP GSO where the path takes it.
+    pub segment_size: Option<u16>,
+}
+
+/// Sends `t` without blocking: `send` on a connected socket, `sendto` to a destination, one
+/// `sendmsg` joining a head and a payload, or a GSO train (`UDP_SEGMENT`), datagram by datagram
+/// when the path refuses segmentation offload (`EINVAL`, `EIO`, `EMSGSIZE`: a segment larger
+/// than the route's MTU allows, a device without it) or the socket is not connected. Returns
+/// the bytes sent. `EINTR` is retried.
+#[inline]
+pub fn transmit(fd: BorrowedFd<'_>, t: &Transmit<'_>) -> io::Result<usize> {
+    debug_assert!(
+        t.head.is_empty() || t.segment_size.is_none(),
+        "a head goes in front of one datagram, not a train"
+    );
+    match (t.head.is_empty(), t.segment_size, t.destination) {
+        (true, None, None) => send(fd, t.contents),
+        (true, None, Some(dest)) => send_to(fd, t.contents, dest),
+        (false, _, dest) => send_two(fd, t.head, t.contents, dest),
+        (true, Some(size), None) => match send_segments(fd, t.contents, size) {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL | libc::EIO | libc::EMSGSIZE)
+                ) =>
+            {
+                send_each(fd, t.contents, size, None)
+            }
+            other => other,
+        },
+        (true, Some(size), Some(dest)) => send_each(fd, t.contents, size, Some(dest)),
+    }
+}
+
+/// A train sent datagram by datagram.
+fn send_each(
+    fd: BorrowedFd<'_>,
+    data: &[u8],
+    size: u16,
+    dest: Option<SocketAddr>,
+) -> io::Result<usize> {
+    let mut sent = 0;
+    for datagram in data.chunks(usize::from(size.max(1))) {
+        sent += match dest {
+            Some(dest) => send_to(fd, datagram, dest)?,
+            None => send(fd, datagram)?,
+        };
+    }
+    Ok(sent)
+}
+
 /// Sends `data` on a connected socket without blocking. `EINTR` is retried.
 pub fn send(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
     retry(|| {
