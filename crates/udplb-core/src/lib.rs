@@ -1,5 +1,8 @@
 //! udplb's decision core: everything udplb decides about a datagram, with no I/O.
 //!
+//! [`engine`] is a worker's decisions about each datagram, as functions of inputs returning
+//! small verdicts; the rest are its parts.
+//!
 //! Owns: the vocabulary of the balancer ([`model`]), scheduling ([`sched`], [`maglev`]),
 //! the immutable configuration [`snapshot`] the workers read, the per-worker [`flow`] table
 //! with idle expiry and its cap, IP affinity ([`affinity`]), backend health and pool quorum as
@@ -14,6 +17,7 @@
 
 pub mod acl;
 pub mod affinity;
+pub mod engine;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;

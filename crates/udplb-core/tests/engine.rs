@@ -1,0 +1,1240 @@
+//! Table-driven tests of the engine, in the manner of katran's test fixtures: a listener and
+//! its pools, then a sequence of inputs (client datagrams, backend replies, health and admin
+//! changes, time) each with the verdict it must produce. No sockets: the engine is driven the
+//! way the data plane drives it (an `Open` or `Move` is reported back as done, every send is
+//! reported with [`Engine::sent`]).
+//!
+//! Backends are numbered: backend `n` is `10.0.1.n:5300`; pool 0 is the listener's, and a
+//! case that gives the listener an abuse pool numbers its backends from 9. Clients are
+//! numbered too: client `n` is `203.0.113.n:4000`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use udplb_core::acl::{Acl, CidrSet};
+use udplb_core::affinity::StickyTable;
+use udplb_core::engine::{Datagram, Engine, Expiry, ReplyVerdict, Send, Verdict};
+use udplb_core::flow::{FlowHandle, FlowKey};
+use udplb_core::ratelimit::{LimitSettings, Limits};
+use udplb_core::snapshot::{AdminState, BackendInput, ListenerSpec, PoolInput, Snapshot};
+use udplb_core::source::SourceGuard;
+use udplb_core::{
+    Affinity, BackendSpec, DropReason, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode, Time,
+};
+
+const LISTENER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 53);
+
+fn backend(n: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 1, n], 5300))
+}
+
+fn client(n: u8) -> SocketAddr {
+    SocketAddr::from(([203, 0, 113, n], 4000))
+}
+
+fn number(addr: SocketAddr) -> u8 {
+    match addr.ip() {
+        IpAddr::V4(v4) => v4.octets()[3],
+        IpAddr::V6(_) => 0,
+    }
+}
+
+/// One input.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Client `n` sends `len` bytes.
+    Client(u8, usize),
+    /// Client `n` sends a GRO train of `len` bytes in segments of `segment`.
+    Train(u8, usize, u16),
+    /// Client `n` sends a datagram the receive buffer truncated.
+    Truncated(u8),
+    /// Sender `n` (another balancer) forwards `len` bytes of client `c` with a PROXY v2 header.
+    Proxied { sender: u8, client: u8, len: usize },
+    /// A datagram from this raw source.
+    From(SocketAddr, usize),
+    /// Backend `b` answers the flow of client `c` with `len` bytes.
+    Reply { client: u8, backend: u8, len: usize },
+    /// Backend `b` answers the flow of client `c` with a PROXY v2 header and `len` bytes.
+    ReplyWithHeader { client: u8, backend: u8, len: usize },
+    /// The flow of client `c`'s socket was refused (ICMP port unreachable).
+    Refused(u8),
+    /// Backend `b`'s health.
+    Health(u8, bool),
+    /// Backend `b`'s operator state.
+    Admin(u8, AdminState),
+    /// New flows are no longer admitted (shutdown).
+    StopAdmitting,
+    /// A received batch begins, the listener overloaded or not.
+    Batch { overloaded: bool },
+    /// Time passes (milliseconds); deadlines due are handled.
+    Wait(u64),
+}
+
+/// What an input produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Out {
+    /// A client datagram dropped.
+    Drop(DropReason),
+    /// A flow opened to backend `to`, its first datagram sent (with a PROXY header or not).
+    Open { to: u8, header: bool },
+    /// Sent on an established flow.
+    Send { to: u8, header: bool },
+    /// The flow moved from one backend to another, then sent.
+    Move { from: u8, to: u8, header: bool },
+    /// A reply relayed to client `to` (skipping `skip` bytes); `completes`: the flow closes.
+    Relay {
+        to: u8,
+        skip: usize,
+        completes: bool,
+    },
+    /// A reply dropped.
+    ReplyDrop(DropReason),
+    /// A reply for a flow that is gone.
+    Gone,
+    /// A refusal charged to backend `n` (and the flow closed), or to nobody.
+    Charged(Option<u8>),
+    /// What time passing produced: backends charged with unanswered requests, flows closed.
+    Expired { unanswered: Vec<u8>, closed: usize },
+    /// Nothing to observe (a configuration change).
+    Done,
+}
+
+const fn open(to: u8) -> Out {
+    Out::Open { to, header: false }
+}
+
+const fn send(to: u8) -> Out {
+    Out::Send { to, header: false }
+}
+
+const fn moved(from: u8, to: u8) -> Out {
+    Out::Move {
+        from,
+        to,
+        header: false,
+    }
+}
+
+const fn relay(to: u8) -> Out {
+    Out::Relay {
+        to,
+        skip: 0,
+        completes: false,
+    }
+}
+
+fn expired(unanswered: &[u8], closed: usize) -> Out {
+    Out::Expired {
+        unanswered: unanswered.to_vec(),
+        closed,
+    }
+}
+
+/// The listener, its pools and the engine of one worker, at a clock.
+struct Fixture {
+    listener: ListenerSpec,
+    pools: Vec<PoolInput>,
+    snap: Snapshot,
+    admitting: bool,
+    guard: Arc<SourceGuard>,
+    engine: Engine<u32>,
+    now: Time,
+    sockets: u32,
+}
+
+impl Fixture {
+    /// A listener on [`LISTENER`] in `mode`, pool 0 of `backends` backends (1..=n) scheduled by
+    /// `scheduler`, changed by `setup` before the first snapshot.
+    fn new(
+        mode: SessionMode,
+        scheduler: SchedulerKind,
+        backends: u8,
+        setup: impl FnOnce(&mut ListenerSpec, &mut Vec<PoolInput>),
+    ) -> Fixture {
+        let mut listener = ListenerSpec {
+            name: "dns".into(),
+            address: LISTENER,
+            pool: 0,
+            mode,
+            affinity: Affinity::IpPort,
+            idle_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(1),
+            max_flows: 1_000,
+            max_datagram_size: 1_500,
+            acl: Acl::default(),
+            limits: None,
+            proxy_ingress: false,
+            proxy_from: CidrSet::default(),
+            abuse_pool: None,
+            gro: false,
+            socket_buffer: 1 << 20,
+            shared_upstream: false,
+        };
+        let members = (1..=backends)
+            .map(|n| BackendInput::from(BackendSpec::new(backend(n))))
+            .collect();
+        let mut pools = vec![PoolInput::new("main".into(), scheduler, members)];
+        setup(&mut listener, &mut pools);
+        let sticky = (listener.affinity == Affinity::Ip)
+            .then(|| Arc::new(Mutex::new(StickyTable::new(1_000, listener.idle_timeout))));
+        let snap = Snapshot::build(1, vec![listener.clone()], pools.clone(), None);
+        let mut engine = Engine::new(1, vec![sticky], 0x5eed);
+        engine.apply(&snap);
+        Fixture {
+            listener,
+            pools,
+            snap,
+            admitting: true,
+            guard: Arc::default(),
+            engine,
+            now: Time(1_000_000_000),
+            sockets: 0,
+        }
+    }
+
+    /// Rebuilds the snapshot after a change of the inputs (a new generation).
+    fn publish(&mut self) {
+        let mut snap = Snapshot::build(
+            self.snap.generation + 1,
+            vec![self.listener.clone()],
+            self.pools.clone(),
+            Some(&self.snap),
+        );
+        snap.admitting = self.admitting;
+        snap.guard = Arc::clone(&self.guard);
+        self.engine.apply(&snap);
+        self.snap = snap;
+    }
+
+    fn backend_mut(&mut self, n: u8) -> &mut BackendInput {
+        let addr = backend(n);
+        self.pools
+            .iter_mut()
+            .flat_map(|p| p.backends.iter_mut())
+            .find(|b| b.spec.addr == addr)
+            .expect("no such backend")
+    }
+
+    /// The flow serving client `c` (directly or named by a PROXY header).
+    fn flow_of(&self, c: u8) -> Option<FlowHandle> {
+        let addr = client(c);
+        let direct = FlowKey {
+            listener: 0,
+            client: addr,
+            local: None,
+            origin: None,
+        };
+        let table = self.engine.table();
+        table.find(&direct).or_else(|| {
+            table
+                .handles()
+                .find(|&h| table.get(h).is_some_and(|f| f.key.origin == Some(addr)))
+        })
+    }
+
+    fn run(&mut self, step: Step) -> Out {
+        match step {
+            Step::Client(c, len) => self.client(client(c), &vec![b'q'; len], None, false),
+            Step::Train(c, len, segment) => {
+                self.client(client(c), &vec![b'q'; len], Some(segment), false)
+            }
+            Step::Truncated(c) => self.client(client(c), b"q", None, true),
+            Step::From(source, len) => self.client(source, &vec![b'q'; len], None, false),
+            Step::Proxied {
+                sender,
+                client: c,
+                len,
+            } => {
+                let mut header = [0u8; udplb_core::proxy::MAX_HEADER_V6];
+                let n = udplb_core::proxy::encode(&mut header, client(c), LISTENER).unwrap();
+                let mut data = header[..n].to_vec();
+                data.extend(std::iter::repeat_n(b'q', len));
+                self.client(client(sender), &data, None, false)
+            }
+            Step::Reply {
+                client: c,
+                backend: b,
+                len,
+            } => self.reply(c, b, &vec![b'a'; len]),
+            Step::ReplyWithHeader {
+                client: c,
+                backend: b,
+                len,
+            } => {
+                let mut header = [0u8; udplb_core::proxy::MAX_HEADER_V6];
+                let n = udplb_core::proxy::encode(&mut header, client(c), LISTENER).unwrap();
+                let mut data = header[..n].to_vec();
+                data.extend(std::iter::repeat_n(b'a', len));
+                self.reply(c, b, &data)
+            }
+            Step::Refused(c) => {
+                let h = self.flow_of(c).expect("client has no flow");
+                let charged = self.engine.socket_failed(h, true);
+                if charged.is_some() {
+                    let closed =
+                        self.engine
+                            .close(h, udplb_core::verdict::CloseReason::Error, self.now);
+                    assert!(closed.is_some());
+                }
+                let number_of = |id| {
+                    self.snap
+                        .pools
+                        .iter()
+                        .flat_map(|p| &p.backends)
+                        .find(|b| b.id == id)
+                        .map(|b| number(b.spec.addr))
+                };
+                Out::Charged(charged.and_then(number_of))
+            }
+            Step::Health(b, up) => {
+                self.backend_mut(b).healthy = up;
+                self.publish();
+                Out::Done
+            }
+            Step::Admin(b, state) => {
+                self.backend_mut(b).admin = state;
+                self.publish();
+                Out::Done
+            }
+            Step::StopAdmitting => {
+                self.admitting = false;
+                self.publish();
+                Out::Done
+            }
+            Step::Batch { overloaded } => {
+                self.engine.begin_batch(overloaded);
+                Out::Done
+            }
+            Step::Wait(ms) => {
+                self.now = self.now.after(Duration::from_millis(ms));
+                self.expire()
+            }
+        }
+    }
+
+    fn client(
+        &mut self,
+        source: SocketAddr,
+        data: &[u8],
+        segment_size: Option<u16>,
+        truncated: bool,
+    ) -> Out {
+        let d = Datagram {
+            listener: 0,
+            source,
+            local: None,
+            data,
+            truncated,
+            segment_size,
+        };
+        let (s, out): (Send, fn(u8, bool) -> Out) =
+            match self.engine.on_client(&self.snap, self.now, &d) {
+                Verdict::Drop(reason) => return Out::Drop(reason),
+                Verdict::Send(s) => (s, |to, header| Out::Send { to, header }),
+                Verdict::Open(o) => {
+                    self.sockets += 1;
+                    (
+                        self.engine.opened(&o, self.sockets, self.now),
+                        |to, header| Out::Open { to, header },
+                    )
+                }
+                Verdict::Move(m) => {
+                    let from = number(m.from);
+                    let s = self.engine.moved(&m);
+                    assert_eq!(s.to, m.to);
+                    let to = number(s.to);
+                    self.engine
+                        .sent(&self.snap, &s, self.now, data.len() - s.skip);
+                    return Out::Move {
+                        from,
+                        to,
+                        header: s.header,
+                    };
+                }
+            };
+        self.engine
+            .sent(&self.snap, &s, self.now, data.len() - s.skip);
+        out(number(s.to), s.header)
+    }
+
+    fn reply(&mut self, c: u8, b: u8, data: &[u8]) -> Out {
+        let Some(h) = self.flow_of(c) else {
+            return Out::Gone;
+        };
+        match self
+            .engine
+            .on_reply(&self.snap, self.now, h, backend(b), data, false)
+        {
+            ReplyVerdict::Gone => Out::Gone,
+            ReplyVerdict::Drop { reason, .. } => Out::ReplyDrop(reason),
+            ReplyVerdict::Forward {
+                to,
+                skip,
+                completes,
+                ..
+            } => {
+                if completes {
+                    let closed =
+                        self.engine
+                            .close(h, udplb_core::verdict::CloseReason::Completed, self.now);
+                    assert!(closed.is_some());
+                }
+                Out::Relay {
+                    to: number(to),
+                    skip,
+                    completes,
+                }
+            }
+        }
+    }
+
+    fn expire(&mut self) -> Out {
+        let mut unanswered = Vec::new();
+        let mut closed = 0;
+        let snap = &self.snap;
+        self.engine.expire(self.now, |e| match e {
+            Expiry::Unanswered { backend: id, .. } => {
+                let b = snap
+                    .pools
+                    .iter()
+                    .flat_map(|p| &p.backends)
+                    .find(|b| b.id == id);
+                unanswered.push(b.map_or(0, |b| number(b.spec.addr)));
+            }
+            Expiry::Closed(_) => closed += 1,
+        });
+        Out::Expired { unanswered, closed }
+    }
+}
+
+/// One case: a setup and its steps, each with the output it must produce.
+struct Case {
+    name: &'static str,
+    mode: SessionMode,
+    scheduler: SchedulerKind,
+    backends: u8,
+    setup: fn(&mut ListenerSpec, &mut Vec<PoolInput>),
+    steps: Vec<(Step, Out)>,
+}
+
+fn check(case: Case) {
+    let mut fx = Fixture::new(case.mode, case.scheduler, case.backends, case.setup);
+    for (i, (step, expected)) in case.steps.into_iter().enumerate() {
+        let got = fx.run(step);
+        assert_eq!(got, expected, "case {:?}, step {i} ({step:?})", case.name);
+        fx.engine.table().check_invariants();
+    }
+}
+
+const REQUEST_RESPONSE: SessionMode = SessionMode::RequestResponse { responses: 1 };
+const RR: SchedulerKind = SchedulerKind::RoundRobin;
+
+fn no_setup(_: &mut ListenerSpec, _: &mut Vec<PoolInput>) {}
+
+fn limits(settings: LimitSettings) -> Option<Arc<Limits>> {
+    Some(Arc::new(Limits::new(settings)))
+}
+
+/// An abuse pool (index 1) of backend 9.
+fn with_abuse_pool(l: &mut ListenerSpec, pools: &mut Vec<PoolInput>) {
+    let members = vec![BackendInput::from(BackendSpec::new(backend(9)))];
+    pools.push(PoolInput::new("abuse".into(), RR, members));
+    l.abuse_pool = Some(1);
+}
+
+use Step::*;
+
+#[test]
+fn flow_mode_keeps_a_client_on_one_backend_and_spreads_clients() {
+    check(Case {
+        name: "flow mode",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 3,
+        setup: no_setup,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (Client(1, 10), send(1)),
+            (Client(2, 10), open(2)),
+            (Client(3, 10), open(3)),
+            (Client(1, 10), send(1)),
+            (Client(4, 10), open(1)),
+            (
+                Reply {
+                    client: 2,
+                    backend: 2,
+                    len: 20,
+                },
+                relay(2),
+            ),
+            // An idle flow closes; the client's next datagram is scheduled again.
+            (Wait(29_000), expired(&[], 0)),
+            (Client(1, 10), send(1)),
+            (Wait(1_500), expired(&[], 3)),
+            (
+                Reply {
+                    client: 2,
+                    backend: 2,
+                    len: 20,
+                },
+                Out::Gone,
+            ),
+            (Client(2, 10), open(2)),
+        ],
+    });
+}
+
+#[test]
+fn datagram_mode_schedules_every_datagram_and_knows_who_answered() {
+    check(Case {
+        name: "datagram mode",
+        mode: SessionMode::Datagram,
+        scheduler: RR,
+        backends: 3,
+        setup: no_setup,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (Client(1, 10), send(2)),
+            (Client(1, 10), send(3)),
+            (Client(2, 10), open(1)),
+            (
+                Reply {
+                    client: 1,
+                    backend: 3,
+                    len: 5,
+                },
+                relay(1),
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 2,
+                    len: 5,
+                },
+                relay(1),
+            ),
+            // Not a backend of the pool.
+            (
+                Reply {
+                    client: 1,
+                    backend: 7,
+                    len: 5,
+                },
+                Out::ReplyDrop(DropReason::UnknownSource),
+            ),
+            // A backend down leaves the rotation at the next datagram.
+            (Health(2, false), Out::Done),
+            (Client(1, 10), send(1)),
+            (Client(1, 10), send(3)),
+            (Client(1, 10), send(1)),
+            // An unconnected socket's refusal is charged through its error queue, not here.
+            (Refused(1), Out::Charged(None)),
+        ],
+    });
+}
+
+#[test]
+fn request_response_closes_answered_exchanges_and_charges_unanswered_ones() {
+    check(Case {
+        name: "request-response",
+        mode: REQUEST_RESPONSE,
+        scheduler: RR,
+        backends: 2,
+        setup: no_setup,
+        steps: vec![
+            (Client(1, 30), open(1)),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 90,
+                },
+                Out::Relay {
+                    to: 1,
+                    skip: 0,
+                    completes: true,
+                },
+            ),
+            // A second answer to a closed exchange reaches nobody.
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 90,
+                },
+                Out::Gone,
+            ),
+            (Client(1, 30), open(2)),
+            (Wait(999), expired(&[], 0)),
+            (Wait(2), expired(&[2], 0)),
+            // A refusal on the flow's connected socket is charged to its backend.
+            (Client(2, 30), open(1)),
+            (Refused(2), Out::Charged(Some(1))),
+            (Client(2, 30), open(2)),
+        ],
+    });
+}
+
+#[test]
+fn a_reply_timeout_above_the_idle_timeout_still_charges_the_backend() {
+    check(Case {
+        name: "reply timeout above idle",
+        mode: REQUEST_RESPONSE,
+        scheduler: RR,
+        backends: 1,
+        setup: |l, _| {
+            l.idle_timeout = Duration::from_millis(500);
+            l.reply_timeout = Duration::from_secs(2);
+        },
+        steps: vec![(Client(1, 30), open(1)), (Wait(501), expired(&[1], 1))],
+    });
+}
+
+#[test]
+fn failover_moves_flows_to_the_scheduler_choice_and_drain_keeps_them() {
+    check(Case {
+        name: "failover and drain",
+        mode: SessionMode::Flow,
+        scheduler: SchedulerKind::LeastFlows,
+        backends: 3,
+        setup: no_setup,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (Client(2, 10), open(2)),
+            (Client(3, 10), open(3)),
+            (Client(4, 10), open(1)),
+            (Client(5, 10), open(2)),
+            // Backend 1 (2 flows) goes down: its flows go where the fewest flows are.
+            (Health(1, false), Out::Done),
+            (Client(1, 10), moved(1, 3)),
+            (Client(4, 10), moved(1, 2)),
+            (Client(2, 10), send(2)),
+            // Draining: established flows stay, new ones go elsewhere.
+            (Health(1, true), Out::Done),
+            (Admin(3, AdminState::Draining), Out::Done),
+            (Client(3, 10), send(3)),
+            (Client(6, 10), open(1)),
+            (Client(7, 10), open(1)),
+            (Client(8, 10), open(1)),
+            // Disabled: established flows leave too.
+            (Admin(3, AdminState::Disabled), Out::Done),
+            (Client(3, 10), moved(3, 1)),
+            (Client(1, 10), moved(3, 2)),
+        ],
+    });
+}
+
+#[test]
+fn keep_policy_leaves_flows_on_a_down_backend() {
+    check(Case {
+        name: "on_down = keep",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 2,
+        setup: |_, pools| pools[0].on_down = FailurePolicy::Keep,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (Health(1, false), Out::Done),
+            (Client(1, 10), send(1)),
+            (Client(2, 10), open(2)),
+            (Client(3, 10), open(2)),
+        ],
+    });
+}
+
+#[test]
+fn displaced_flows_rebalance_after_a_pause_once_the_pool_is_whole() {
+    check(Case {
+        name: "rebalance",
+        mode: SessionMode::Flow,
+        scheduler: SchedulerKind::LeastFlows,
+        backends: 2,
+        setup: |_, pools| pools[0].rebalance = Some(Duration::from_secs(2)),
+        steps: vec![
+            (Health(1, false), Out::Done),
+            (Client(1, 10), open(2)),
+            (Client(2, 10), open(2)),
+            (Client(3, 10), open(2)),
+            (Client(4, 10), open(2)),
+            (Health(1, true), Out::Done),
+            // No pause yet: nothing moves.
+            (Client(1, 10), send(2)),
+            (Wait(2_000), expired(&[], 0)),
+            (Client(1, 10), moved(2, 1)),
+            // Within one flow per unit of weight of its share: the rest stay, and are no
+            // longer displaced.
+            (Client(2, 10), send(2)),
+            (Client(3, 10), send(2)),
+            (Client(4, 10), send(2)),
+            (Wait(2_000), expired(&[], 0)),
+            (Client(4, 10), send(2)),
+            // A flow placed while the pool was whole never moves.
+            (Client(5, 10), open(1)),
+        ],
+    });
+}
+
+#[test]
+fn all_backends_down_drops_as_no_backend() {
+    check(Case {
+        name: "no backend",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: |_, pools| pools[0].all_down = udplb_core::AllDownPolicy::Drop,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (Health(1, false), Out::Done),
+            (Client(1, 10), Out::Drop(DropReason::NoBackend)),
+            (Client(2, 10), Out::Drop(DropReason::NoBackend)),
+            (Health(1, true), Out::Done),
+            (Client(2, 10), open(1)),
+        ],
+    });
+}
+
+#[test]
+fn bad_input_and_shutdown_are_dropped_with_their_reason() {
+    check(Case {
+        name: "bad input",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: |l, _| l.max_datagram_size = 100,
+        steps: vec![
+            (Client(1, 0), Out::Drop(DropReason::Empty)),
+            (Client(1, 101), Out::Drop(DropReason::Oversize)),
+            (Truncated(1), Out::Drop(DropReason::Oversize)),
+            (Train(1, 300, 101), Out::Drop(DropReason::Oversize)),
+            (Train(1, 300, 100), open(1)),
+            (
+                From(SocketAddr::from(([203, 0, 113, 2], 0)), 10),
+                Out::Drop(DropReason::BadSource),
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 101,
+                },
+                Out::ReplyDrop(DropReason::ReplyOversize),
+            ),
+            // Shutting down: established flows are served, new ones are not admitted.
+            (StopAdmitting, Out::Done),
+            (Client(1, 10), send(1)),
+            (Client(2, 10), Out::Drop(DropReason::ShuttingDown)),
+        ],
+    });
+}
+
+#[test]
+fn sources_that_loop_are_refused() {
+    let mut fx = Fixture::new(SessionMode::Flow, RR, 2, no_setup);
+    fx.guard = Arc::new(SourceGuard::new([LISTENER], [backend(1), backend(2)], []));
+    fx.publish();
+    for source in [
+        LISTENER,
+        backend(2),
+        SocketAddr::from(([224, 0, 0, 1], 4000)),
+    ] {
+        assert_eq!(
+            fx.run(From(source, 10)),
+            Out::Drop(DropReason::BadSource),
+            "{source}"
+        );
+    }
+    assert_eq!(fx.run(Client(1, 10)), open(1));
+}
+
+#[test]
+fn flow_caps_hold_per_worker() {
+    check(Case {
+        name: "flow cap",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 2,
+        setup: |l, _| l.max_flows = 2,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (Client(2, 10), open(2)),
+            (Client(3, 10), Out::Drop(DropReason::FlowCap)),
+            (Client(1, 10), send(1)),
+            (Wait(30_001), expired(&[], 2)),
+            (Client(3, 10), open(1)),
+        ],
+    });
+}
+
+#[test]
+fn rate_limits_drop_or_divert_to_the_abuse_pool() {
+    check(Case {
+        name: "rate limits, no abuse pool",
+        mode: REQUEST_RESPONSE,
+        scheduler: RR,
+        backends: 2,
+        setup: |l, _| {
+            l.limits = limits(LimitSettings {
+                datagrams_per_source: Some(3),
+                new_flows_per_source: Some(1),
+                ..LimitSettings::default()
+            })
+        },
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 10,
+                },
+                Out::Relay {
+                    to: 1,
+                    skip: 0,
+                    completes: true,
+                },
+            ),
+            // A second new flow within the second.
+            (Client(1, 10), Out::Drop(DropReason::FlowRateLimited)),
+            (Client(2, 10), open(2)),
+            (Client(2, 10), send(2)),
+            (Client(2, 10), send(2)),
+            (Client(2, 10), Out::Drop(DropReason::RateLimited)),
+            (Wait(1_100), expired(&[2], 0)),
+            (Client(1, 10), open(1)),
+        ],
+    });
+    check(Case {
+        name: "rate limits, abuse pool",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 2,
+        setup: |l, pools| {
+            with_abuse_pool(l, pools);
+            l.limits = limits(LimitSettings {
+                new_flows_per_source: Some(1),
+                ..LimitSettings::default()
+            });
+        },
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (Wait(30_001), expired(&[], 1)),
+            (Client(1, 10), open(2)),
+            // The second new flow within the second goes to the abuse pool, and stays there.
+            (Wait(30_001), expired(&[], 1)),
+            (Client(1, 10), open(1)),
+        ],
+    });
+}
+
+#[test]
+fn refused_clients_go_to_the_abuse_pool_when_there_is_one() {
+    check(Case {
+        name: "denied, no abuse pool",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: |l, _| {
+            let net: udplb_core::acl::Cidr = "203.0.113.66/32".parse().unwrap();
+            l.acl = Acl::new(&[], &[net]);
+        },
+        steps: vec![
+            (Client(66, 10), Out::Drop(DropReason::Denied)),
+            (Client(1, 10), open(1)),
+        ],
+    });
+    check(Case {
+        name: "denied, abuse pool",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: |l, pools| {
+            with_abuse_pool(l, pools);
+            let net: udplb_core::acl::Cidr = "203.0.113.66/32".parse().unwrap();
+            l.acl = Acl::new(&[], &[net]);
+        },
+        steps: vec![
+            (Client(66, 10), open(9)),
+            (Client(66, 10), send(9)),
+            (
+                Reply {
+                    client: 66,
+                    backend: 9,
+                    len: 10,
+                },
+                relay(66),
+            ),
+            (Client(1, 10), open(1)),
+        ],
+    });
+}
+
+#[test]
+fn proxy_headers_go_first_until_answered_or_on_every_datagram() {
+    check(Case {
+        name: "proxy first",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 2,
+        setup: |_, pools| pools[0].proxy_header = ProxyHeader::First,
+        steps: vec![
+            (
+                Client(1, 10),
+                Out::Open {
+                    to: 1,
+                    header: true,
+                },
+            ),
+            // Not answered yet: the first datagram may have been lost.
+            (
+                Client(1, 10),
+                Out::Send {
+                    to: 1,
+                    header: true,
+                },
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 10,
+                },
+                relay(1),
+            ),
+            (Client(1, 10), send(1)),
+            // A move to another backend sends it again.
+            (Health(1, false), Out::Done),
+            (
+                Client(1, 10),
+                Out::Move {
+                    from: 1,
+                    to: 2,
+                    header: true,
+                },
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 2,
+                    len: 10,
+                },
+                relay(1),
+            ),
+            (Client(1, 10), send(2)),
+        ],
+    });
+    check(Case {
+        name: "proxy every",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: |_, pools| pools[0].proxy_header = ProxyHeader::Every,
+        steps: vec![
+            (
+                Client(1, 10),
+                Out::Open {
+                    to: 1,
+                    header: true,
+                },
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 10,
+                },
+                relay(1),
+            ),
+            (
+                Client(1, 10),
+                Out::Send {
+                    to: 1,
+                    header: true,
+                },
+            ),
+        ],
+    });
+    check(Case {
+        name: "proxy in datagram mode",
+        mode: SessionMode::Datagram,
+        scheduler: RR,
+        backends: 2,
+        setup: |_, pools| pools[0].proxy_header = ProxyHeader::First,
+        steps: vec![
+            (
+                Client(1, 10),
+                Out::Open {
+                    to: 1,
+                    header: true,
+                },
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 10,
+                },
+                relay(1),
+            ),
+            (
+                Client(1, 10),
+                Out::Send {
+                    to: 2,
+                    header: true,
+                },
+            ),
+        ],
+    });
+}
+
+#[test]
+fn replies_with_a_proxy_header_are_stripped_or_dropped() {
+    check(Case {
+        name: "strip reply headers",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: |_, pools| pools[0].strip_reply_proxy = true,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (
+                ReplyWithHeader {
+                    client: 1,
+                    backend: 1,
+                    len: 10,
+                },
+                Out::Relay {
+                    to: 1,
+                    skip: 28,
+                    completes: false,
+                },
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 10,
+                },
+                relay(1),
+            ),
+        ],
+    });
+}
+
+#[test]
+fn proxy_ingress_keys_flows_by_the_client_each_header_names() {
+    check(Case {
+        name: "proxy ingress",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 2,
+        setup: |l, _| l.proxy_ingress = true,
+        steps: vec![
+            // A new sender must say whom it forwards.
+            (Client(100, 10), Out::Drop(DropReason::ProxyHeader)),
+            (
+                Proxied {
+                    sender: 100,
+                    client: 1,
+                    len: 10,
+                },
+                open(1),
+            ),
+            (
+                Proxied {
+                    sender: 100,
+                    client: 2,
+                    len: 10,
+                },
+                open(2),
+            ),
+            (
+                Proxied {
+                    sender: 100,
+                    client: 1,
+                    len: 10,
+                },
+                send(1),
+            ),
+            // Without a header: the client the sender named last.
+            (Client(100, 10), send(1)),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 10,
+                },
+                relay(100),
+            ),
+            (
+                Reply {
+                    client: 2,
+                    backend: 2,
+                    len: 10,
+                },
+                relay(100),
+            ),
+            // A header with nothing after it.
+            (
+                Proxied {
+                    sender: 100,
+                    client: 3,
+                    len: 0,
+                },
+                Out::Drop(DropReason::Empty),
+            ),
+        ],
+    });
+    check(Case {
+        name: "proxy ingress from trusted senders only",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: |l, _| {
+            l.proxy_ingress = true;
+            let net: udplb_core::acl::Cidr = "203.0.113.100/32".parse().unwrap();
+            l.proxy_from = CidrSet::new(&[net]);
+        },
+        steps: vec![
+            (
+                Proxied {
+                    sender: 101,
+                    client: 1,
+                    len: 10,
+                },
+                Out::Drop(DropReason::ProxyHeader),
+            ),
+            (
+                Proxied {
+                    sender: 100,
+                    client: 1,
+                    len: 10,
+                },
+                open(1),
+            ),
+        ],
+    });
+}
+
+#[test]
+fn replies_beyond_the_amplification_ratio_are_dropped() {
+    check(Case {
+        name: "amplification",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: |l, _| {
+            l.limits = limits(LimitSettings {
+                reply_ratio: Some(3),
+                ..LimitSettings::default()
+            })
+        },
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 25,
+                },
+                relay(1),
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 25,
+                },
+                Out::ReplyDrop(DropReason::Amplification),
+            ),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 5,
+                },
+                relay(1),
+            ),
+            (Client(1, 10), send(1)),
+            (
+                Reply {
+                    client: 1,
+                    backend: 1,
+                    len: 25,
+                },
+                relay(1),
+            ),
+        ],
+    });
+}
+
+#[test]
+fn overloaded_listeners_ration_new_flows_but_serve_established_ones() {
+    let mut steps = vec![
+        (Client(1, 10), open(1)),
+        (Batch { overloaded: true }, Out::Done),
+    ];
+    for c in 2..2 + udplb_core::engine::NEW_FLOWS_PER_BATCH_UNDER_BACKLOG as u8 {
+        steps.push((Client(c, 10), open(1)));
+    }
+    steps.push((Client(50, 10), Out::Drop(DropReason::Overload)));
+    steps.push((Client(1, 10), send(1)));
+    steps.push((Batch { overloaded: false }, Out::Done));
+    steps.push((Client(50, 10), open(1)));
+    check(Case {
+        name: "overload",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 1,
+        setup: no_setup,
+        steps,
+    });
+}
+
+#[test]
+fn ip_affinity_keeps_a_clients_ports_on_one_backend() {
+    check(Case {
+        name: "ip affinity",
+        mode: SessionMode::Flow,
+        scheduler: RR,
+        backends: 3,
+        setup: |l, _| l.affinity = Affinity::Ip,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (
+                From(SocketAddr::from(([203, 0, 113, 1], 4001)), 10),
+                open(1),
+            ),
+            (Client(2, 10), open(2)),
+            (
+                From(SocketAddr::from(([203, 0, 113, 1], 4002)), 10),
+                open(1),
+            ),
+        ],
+    });
+}
+
+#[test]
+fn trains_pass_whole_only_where_nothing_is_decided_per_datagram() {
+    let passes = |mode, setup: fn(&mut ListenerSpec, &mut Vec<PoolInput>)| {
+        let fx = Fixture::new(mode, RR, 2, setup);
+        Engine::<u32>::passes_trains(&fx.snap, 0)
+    };
+    assert!(passes(SessionMode::Flow, no_setup));
+    assert!(!passes(SessionMode::Datagram, no_setup));
+    assert!(!passes(REQUEST_RESPONSE, no_setup));
+    assert!(!passes(SessionMode::Flow, |l, _| {
+        l.limits = limits(LimitSettings {
+            datagrams_per_source: Some(10),
+            ..LimitSettings::default()
+        })
+    }));
+    assert!(!passes(SessionMode::Flow, |l, _| l.proxy_ingress = true));
+    assert!(!passes(SessionMode::Flow, |_, p| {
+        p[0].proxy_header = ProxyHeader::First
+    }));
+    assert!(!passes(SessionMode::Flow, |l, p| {
+        with_abuse_pool(l, p);
+        p[1].proxy_header = ProxyHeader::Every;
+    }));
+}
