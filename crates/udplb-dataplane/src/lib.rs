@@ -12,9 +12,12 @@
 //! on a listener with `affinity = "ip"`).
 #![forbid(unsafe_code)]
 
+mod listener;
+mod log;
 mod ports;
 mod spare;
 pub mod stats;
+mod upstream;
 mod worker;
 
 use std::io;

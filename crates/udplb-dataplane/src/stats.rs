@@ -535,6 +535,15 @@ pub fn replies_by_backend(workers: &[Arc<WorkerStats>]) -> Vec<u64> {
 }
 
 impl WorkerStats {
+    /// Counts a passive failure signal against backend `id` (ids past [`TRACKED_BACKENDS`]
+    /// are not tracked).
+    #[inline]
+    pub fn passive_failure(&self, id: udplb_core::snapshot::BackendId) {
+        if let Some(c) = self.passive_failures.get(id.index()) {
+            c.add(1);
+        }
+    }
+
     /// Zeroed counters for `listeners` listeners.
     pub fn new(listeners: usize) -> Self {
         WorkerStats {
