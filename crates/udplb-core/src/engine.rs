@@ -850,7 +850,9 @@ impl<Io> Engine<Io> {
     }
 
     /// Decides what to do with a datagram from `source` (`data`, `truncated`) on flow `h`'s
-    /// socket at `now`.
+    /// socket at `now`. `source` matters on an unconnected socket (datagram mode), where it
+    /// says which backend answered and must be one; a connected socket receives only from
+    /// its peer, and the data plane finds a shared socket's flow by the source.
     #[inline]
     pub fn on_reply(
         &mut self,
