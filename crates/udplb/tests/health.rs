@@ -226,6 +226,8 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
         lb.stats()
     );
     let (a_addr, b_addr) = (a.addr, b.addr);
+    // Bound while a and b hold their ports: it cannot get one of them.
+    let c = client("127.0.0.1:0");
     drop(a);
     drop(b);
     assert!(
@@ -234,7 +236,6 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
         "{}",
         lb.stats()
     );
-    let c = client("127.0.0.1:0");
     let (reply, _) = request(&c, listen, b"hello");
     assert_eq!(reply, b"spare:hello");
     assert!(lb.stats()["pools"][0]["backup_active"].as_bool().unwrap());
@@ -523,11 +524,13 @@ fn flows_displaced_by_an_outage_rebalance_once_the_pool_is_whole() {
                 jitter = \"0s\"\nrise = 1\nfall = 1";
     let (lb, listen) = start("flow", &names, "rebalance = \"250ms\"", fast);
     assert!(wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(true))));
+    // 30 clients, bound while the backends hold their ports (a client bound later could get a
+    // freed backend port, and its health checks).
+    let clients: Vec<std::net::UdpSocket> = (0..30).map(|_| client("127.0.0.1:0")).collect();
     // Every backend goes away.
     backends.clear();
     assert!(wait_for(DEADLINE, || (0..3).all(|i| lb.healthy(i) == Some(false))));
-    // 30 clients keep asking, one datagram every 400 ms each; a comes back first.
-    let clients: Vec<std::net::UdpSocket> = (0..30).map(|_| client("127.0.0.1:0")).collect();
+    // The clients keep asking, one datagram every 400 ms each; a comes back first.
     let ask_all = |clients: &[std::net::UdpSocket]| -> Vec<String> {
         for c in clients {
             c.send_to(b"q", listen).unwrap();

@@ -440,8 +440,9 @@ fn a_reload_storm_lets_recovery_probes_finish() {
     };
     write(0);
     let lb = Udplb::run_config(&path, admin);
-    drop(b);
+    // Bound while b holds its port: it cannot get it.
     let c = client("127.0.0.1:0");
+    drop(b);
     assert!(
         wait_for(DEADLINE, || {
             let _ = c.send_to(b"x", listen);
