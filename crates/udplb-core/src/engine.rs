@@ -239,12 +239,20 @@ pub enum Expiry<Io> {
 pub struct Entry<Io> {
     /// The data plane's part (its upstream socket).
     pub io: Io,
+    /// Behind another balancer: the address the client sent to, as its PROXY header said (the
+    /// client itself is the key's `origin`).
+    target: Option<SocketAddr>,
     state: FlowState,
+}
+
+/// Whom flow `f` serves: the client a PROXY header named, else its sender.
+#[inline]
+fn client_of<T>(f: &crate::flow::Flow<T>) -> SocketAddr {
+    f.key.origin.unwrap_or(f.key.client)
 }
 
 #[derive(Clone, Copy, Debug)]
 struct FlowState {
-    origin: Option<Origin>,
     kind: SocketKind,
     reusable: bool,
     /// The client was refused (access list or rate limit): the flow goes to the abuse pool.
@@ -376,14 +384,17 @@ impl<Io> Engine<Io> {
         let found = self.table.find(&key);
         let flow = found.and_then(|h| self.table.get(h));
         // Policy applies to the client a flow serves: the PROXY header's, when there is one.
-        let client = match (origin, flow) {
+        let client = || match (origin, flow) {
             (Some(o), _) => o.client,
-            (None, Some(f)) => f.io.state.origin.map_or(f.key.client, |o| o.client),
+            (None, Some(f)) => client_of(f),
             (None, None) => d.source,
         };
         let abuse_flow = flow.is_some_and(|f| f.io.state.abuse);
         let mut divert = false;
-        if !abuse_flow && let Err(reason) = admission(spec, client, now) {
+        if !abuse_flow
+            && admission_applies(spec)
+            && let Err(reason) = admission(spec, client(), now)
+        {
             // A refused client without a flow goes to the abuse pool, if there is one.
             if spec.abuse_pool.is_none() || found.is_some() {
                 return Verdict::Drop(reason);
@@ -391,7 +402,7 @@ impl<Io> Engine<Io> {
             divert = true;
         }
         match found {
-            None => match self.admit(key, origin, divert, client, skip, snap, now) {
+            None => match self.admit(key, origin, divert, client(), skip, snap, now) {
                 Ok(open) => Verdict::Open(open),
                 Err(reason) => Verdict::Drop(reason),
             },
@@ -519,7 +530,6 @@ impl<Io> Engine<Io> {
     /// returns the send of its first datagram.
     pub fn opened(&mut self, open: &Open, io: Io, now: Time) -> Send {
         let state = FlowState {
-            origin: open.origin,
             kind: open.kind,
             reusable: open.reusable,
             abuse: open.abuse,
@@ -534,7 +544,11 @@ impl<Io> Engine<Io> {
             open.generation,
             now,
             open.timeouts,
-            Entry { io, state },
+            Entry {
+                io,
+                target: open.origin.map(|o| o.target),
+                state,
+            },
         );
         let li = usize::from(open.key.listener);
         if let Some(o) = open.origin {
@@ -576,7 +590,9 @@ impl<Io> Engine<Io> {
             return Verdict::Drop(DropReason::NoBackend);
         };
         let pool = &snap.pools[pi];
-        let client = state.origin.map_or(flow.key.client, |o| o.client);
+        let (backend, backend_addr, checked) =
+            (flow.backend, flow.backend_addr, flow.checked_generation);
+        let client = client_of(flow);
         if state.kind == SocketKind::Unconnected && spec.mode == SessionMode::Datagram {
             let Some(idx) = self.choose(li, spec, pi, pool, &client) else {
                 return Verdict::Drop(DropReason::NoBackend);
@@ -592,9 +608,9 @@ impl<Io> Engine<Io> {
                 abuse: state.abuse,
             });
         }
-        if flow.checked_generation != snap.generation {
+        if checked != snap.generation {
             let keeps = pool
-                .position_of_id(flow.backend)
+                .position_of_id(backend)
                 .is_some_and(|i| pool.keeps_flows(i));
             if !keeps {
                 let Some(idx) = self.choose(li, spec, pi, pool, &client) else {
@@ -612,13 +628,10 @@ impl<Io> Engine<Io> {
             let to = &pool.backends[to];
             return Verdict::Move(self.move_to(h, to, true, skip, pool, snap, now));
         }
-        let Some(flow) = self.table.get(h) else {
-            return Verdict::Drop(DropReason::SendError);
-        };
         Verdict::Send(Send {
             flow: h,
-            backend: flow.backend,
-            to: flow.backend_addr,
+            backend,
+            to: backend_addr,
             skip,
             header: match pool.proxy_header {
                 ProxyHeader::Off => false,
@@ -777,8 +790,8 @@ impl<Io> Engine<Io> {
         let Some(flow) = self.table.get(h) else {
             return 0;
         };
-        let (client, target) = match flow.io.state.origin {
-            Some(o) => (o.client, o.target),
+        let (client, target) = match flow.io.target {
+            Some(target) => (client_of(flow), target),
             None => (
                 flow.key.client,
                 SocketAddr::new(flow.key.local.unwrap_or(bound.ip()), bound.port()),
@@ -958,7 +971,7 @@ impl<Io> Engine<Io> {
                 l.senders.remove(&flow.key.client);
             }
             if let Some(sticky) = &l.sticky {
-                let client = state.origin.map_or(flow.key.client, |o| o.client);
+                let client = flow.key.origin.unwrap_or(flow.key.client);
                 sticky
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -1050,6 +1063,12 @@ impl<Io> Engine<Io> {
     pub fn table(&self) -> &FlowTable<Entry<Io>> {
         &self.table
     }
+}
+
+/// Whether listener `spec` checks its clients on every datagram (access lists or rate limits).
+#[inline]
+fn admission_applies(spec: &ListenerSpec) -> bool {
+    !spec.acl.is_open() || spec.limits.is_some()
 }
 
 /// Whether listener `spec` serves `client` now: its access lists, then its datagram rate

@@ -180,6 +180,8 @@ impl Worker {
     /// Counts a failed send; one refused on a flow's connected socket (ICMP port or host
     /// unreachable) is a passive failure of its backend and closes the flow, so its next
     /// datagram is scheduled afresh.
+    // Off the per-datagram path: kept out of line so the hot path's frame stays small.
+    #[inline(never)]
     fn on_send_error(&mut self, h: FlowHandle, li: usize, e: &io::Error, now: Time) -> DropReason {
         if let Some(backend) = self.engine.socket_failed(h, refused(e)) {
             self.stats.listeners[li].backend_refused.add(1);
@@ -192,6 +194,8 @@ impl Worker {
     /// Gets the flow `open` describes its upstream socket (a spare, a shared pair or a new
     /// one), records it with the engine and registers the socket for readiness. Returns the
     /// send of its first datagram.
+    // Off the per-datagram path: kept out of line so the hot path's frame stays small.
+    #[inline(never)]
     fn open_flow(&mut self, open: &Open, now: Time) -> Result<Send, DropReason> {
         let li = usize::from(open.key.listener);
         let (socket, reused) = self.upstreams.for_flow(
@@ -250,6 +254,8 @@ impl Worker {
 
     /// Moves a flow as `m` says: its own socket re-connected, or a pair with the new backend
     /// taken and the old pair given back. Returns the send that follows.
+    // Off the per-datagram path: kept out of line so the hot path's frame stays small.
+    #[inline(never)]
     fn move_flow(&mut self, m: &Move, now: Time) -> Result<Send, DropReason> {
         let (key, _) = self.engine.key(m.flow).ok_or(DropReason::SendError)?;
         let (li, owner) = (usize::from(key.listener), owner_of(key));

@@ -292,6 +292,8 @@ impl Worker {
     }
 
     /// The one way a flow ends: the engine closes it, and its socket is released.
+    // Off the per-datagram path: kept out of line so the hot path's frame stays small.
+    #[inline(never)]
     fn close_flow(&mut self, h: FlowHandle, reason: CloseReason, now: Time) {
         if let Some(closed) = self.engine.close(h, reason, now) {
             self.release(closed);

@@ -9,7 +9,7 @@ use udplb_core::engine::{Engine, Ownerless, ReplyVerdict};
 use udplb_core::flow::FlowHandle;
 use udplb_core::snapshot::{BackendId, Snapshot};
 use udplb_core::verdict::CloseReason;
-use udplb_core::{DropReason, Time};
+use udplb_core::{DropReason, SessionMode, Time};
 use udplb_sys::batch::{RecvBatch, RecvMeta};
 
 use super::{PortRef, Worker};
@@ -219,54 +219,58 @@ impl Worker {
         let verdict = self
             .engine
             .on_reply(snap, now, h, reply.source, reply.data, reply.truncated);
-        let stats = &self.stats.listeners[li];
-        let backend = match verdict {
-            ReplyVerdict::Gone => return Relayed::FlowEnded,
+        let exchanges = matches!(snap.listeners[li].mode, SessionMode::RequestResponse { .. });
+        match verdict {
+            ReplyVerdict::Gone => Relayed::FlowEnded,
             ReplyVerdict::Drop { reason, backend } => {
+                let stats = &self.stats.listeners[li];
                 stats.replies_in.add(1);
                 stats.drop(reason);
-                backend
+                if let Some(backend) = backend {
+                    self.count_backend_reply(h, backend, reply.data.len(), exchanges);
+                }
+                Relayed::Queued
             }
-            ReplyVerdict::Forward { backend, .. } => {
-                stats.replies_in.add(1);
-                Some(backend)
+            ReplyVerdict::Forward {
+                to,
+                from,
+                skip,
+                backend,
+                completes,
+            } => {
+                self.stats.listeners[li].replies_in.add(1);
+                self.count_backend_reply(h, backend, reply.data.len(), exchanges);
+                let payload = &reply.data[skip..];
+                self.listeners[li].replies.push(payload, to, from);
+                self.stats.listeners[li].bytes_out.add(payload.len() as u64);
+                if completes {
+                    self.close_flow(h, CloseReason::Completed, now);
+                    return Relayed::FlowEnded;
+                }
+                Relayed::Queued
             }
-        };
-        if let Some(backend) = backend {
-            self.count_backend_reply(h, backend, reply.data.len());
         }
-        let ReplyVerdict::Forward {
-            to,
-            from,
-            skip,
-            completes,
-            ..
-        } = verdict
-        else {
-            return Relayed::Queued;
-        };
-        let payload = &reply.data[skip..];
-        self.listeners[li].replies.push(payload, to, from);
-        self.stats.listeners[li].bytes_out.add(payload.len() as u64);
-        if completes {
-            self.close_flow(h, CloseReason::Completed, now);
-            return Relayed::FlowEnded;
-        }
-        Relayed::Queued
     }
 
-    /// Counts a reply of `len` bytes from `backend` on flow `h`; the first of a
-    /// request-response exchange records the time since its request.
-    fn count_backend_reply(&mut self, h: FlowHandle, backend: BackendId, len: usize) {
+    /// Counts a reply of `len` bytes from `backend` on flow `h`; with `exchanges`
+    /// (request-response mode), the first of an exchange records the time since its request.
+    fn count_backend_reply(
+        &mut self,
+        h: FlowHandle,
+        backend: BackendId,
+        len: usize,
+        exchanges: bool,
+    ) {
         let Some(b) = self.stats.backends.get(backend.index()) else {
             return;
         };
         b.replies.add(1);
         b.bytes_replied.add(len as u64);
-        if let Some(sent) = self
-            .engine
-            .io_mut(h)
-            .and_then(|io| io.request_sent_us.take())
+        if exchanges
+            && let Some(sent) = self
+                .engine
+                .io_mut(h)
+                .and_then(|io| io.request_sent_us.take())
         {
             let elapsed = self.micros().saturating_sub(sent);
             b.record_reply_latency(elapsed);
