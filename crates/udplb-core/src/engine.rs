@@ -102,6 +102,8 @@ pub enum Verdict {
 pub struct Send {
     /// The flow.
     pub flow: FlowHandle,
+    /// Its listener.
+    pub listener: u16,
     /// Where it goes.
     pub backend: BackendId,
     /// That backend's address.
@@ -381,8 +383,10 @@ impl<Io> Engine<Io> {
         } else {
             (0, None)
         };
-        let found = self.table.find(&key);
-        let flow = found.and_then(|h| self.table.get(h));
+        let (found, flow) = match self.table.lookup(&key) {
+            Some((h, f)) => (Some(h), Some(f)),
+            None => (None, None),
+        };
         // Policy applies to the client a flow serves: the PROXY header's, when there is one.
         let client = || match (origin, flow) {
             (Some(o), _) => o.client,
@@ -560,6 +564,7 @@ impl<Io> Engine<Io> {
         }
         Send {
             flow: h,
+            listener: open.key.listener,
             backend: open.backend,
             to: open.to,
             skip: open.skip,
@@ -592,14 +597,15 @@ impl<Io> Engine<Io> {
         let pool = &snap.pools[pi];
         let (backend, backend_addr, checked) =
             (flow.backend, flow.backend_addr, flow.checked_generation);
-        let client = client_of(flow);
         if state.kind == SocketKind::Unconnected && spec.mode == SessionMode::Datagram {
+            let client = client_of(flow);
             let Some(idx) = self.choose(li, spec, pi, pool, &client) else {
                 return Verdict::Drop(DropReason::NoBackend);
             };
             let b = &pool.backends[idx];
             return Verdict::Send(Send {
                 flow: h,
+                listener: li as u16,
                 backend: b.id,
                 to: b.spec.addr,
                 skip,
@@ -613,6 +619,7 @@ impl<Io> Engine<Io> {
                 .position_of_id(backend)
                 .is_some_and(|i| pool.keeps_flows(i));
             if !keeps {
+                let client = client_of(flow);
                 let Some(idx) = self.choose(li, spec, pi, pool, &client) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
@@ -623,6 +630,7 @@ impl<Io> Engine<Io> {
                 f.checked_generation = snap.generation;
             }
         } else if state.displaced
+            && let client = client_of(flow)
             && let Some(to) = self.rebalanced(h, li, spec, pi, pool, &client, now)
         {
             let to = &pool.backends[to];
@@ -630,6 +638,7 @@ impl<Io> Engine<Io> {
         }
         Verdict::Send(Send {
             flow: h,
+            listener: li as u16,
             backend,
             to: backend_addr,
             skip,
@@ -689,12 +698,17 @@ impl<Io> Engine<Io> {
         snap: &Snapshot,
         now: Time,
     ) -> Move {
-        let (from, reply_timeout, state) = self
-            .table
-            .get(h)
-            .map_or((b.spec.addr, std::time::Duration::ZERO, None), |f| {
-                (f.backend_addr, f.reply_timeout, Some(f.io.state))
-            });
+        let (listener, from, reply_timeout, state) =
+            self.table
+                .get(h)
+                .map_or((0, b.spec.addr, std::time::Duration::ZERO, None), |f| {
+                    (
+                        f.key.listener,
+                        f.backend_addr,
+                        f.reply_timeout,
+                        Some(f.io.state),
+                    )
+                });
         let kind = state.map_or(SocketKind::Connected, |s| s.kind);
         Move {
             flow: h,
@@ -706,6 +720,7 @@ impl<Io> Engine<Io> {
             rebalance,
             then: Send {
                 flow: h,
+                listener,
                 backend: b.id,
                 to: b.spec.addr,
                 skip,
@@ -805,14 +820,12 @@ impl<Io> Engine<Io> {
     /// its first reply).
     #[inline]
     pub fn sent(&mut self, snap: &Snapshot, s: &Send, now: Time, len: usize) -> bool {
-        let Some(f) = self.table.get_mut(s.flow) else {
-            return false;
-        };
-        let spec = &snap.listeners[usize::from(f.key.listener)];
+        let spec = &snap.listeners[usize::from(s.listener)];
         if spec
             .limits
             .as_ref()
             .is_some_and(|l| l.reply_ratio().is_some())
+            && let Some(f) = self.table.get_mut(s.flow)
         {
             let n = u32::try_from(len).unwrap_or(u32::MAX);
             f.io.state.requested = f.io.state.requested.saturating_add(n);
@@ -872,16 +885,16 @@ impl<Io> Engine<Io> {
         snap: &Snapshot,
         now: Time,
         h: FlowHandle,
-        source: SocketAddr,
+        source: &SocketAddr,
         data: &[u8],
         truncated: bool,
     ) -> ReplyVerdict {
-        let Some(flow) = self.table.get(h) else {
+        // One lookup: the flow is updated in place (in request-response mode the table also
+        // counts the reply against the exchange).
+        let Some(flow) = self.table.get_mut(h) else {
             return ReplyVerdict::Gone;
         };
-        let (to, from, flow_backend) = (flow.key.client, flow.key.local, flow.backend);
-        let li = usize::from(flow.key.listener);
-        let spec = &snap.listeners[li];
+        let spec = &snap.listeners[usize::from(flow.key.listener)];
         let state = flow.io.state;
         let Some(pi) = state.pool(spec) else {
             return ReplyVerdict::Drop {
@@ -890,10 +903,9 @@ impl<Io> Engine<Io> {
             };
         };
         let pool = &snap.pools[pi];
-        let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
         // Datagram mode: the reply's source says which backend answered (and must be one).
         let backend = if state.kind == SocketKind::Unconnected {
-            match pool.position(&source) {
+            match pool.position(source) {
                 Some(i) => pool.backends[i].id,
                 None => {
                     return ReplyVerdict::Drop {
@@ -903,7 +915,7 @@ impl<Io> Engine<Io> {
                 }
             }
         } else {
-            flow_backend
+            flow.backend
         };
         let drop = |reason| ReplyVerdict::Drop {
             reason,
@@ -925,21 +937,20 @@ impl<Io> Engine<Io> {
             ) {
                 return drop(DropReason::Amplification);
             }
-            if let Some(f) = self.table.get_mut(h) {
-                let s = &mut f.io.state;
-                s.replied = s
-                    .replied
-                    .saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
-            }
+            let replied = &mut flow.io.state.replied;
+            *replied = replied.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
         }
-        if pool.proxy_header == ProxyHeader::First
-            && !state.header_acked
-            && let Some(f) = self.table.get_mut(h)
-        {
+        if pool.proxy_header == ProxyHeader::First {
             // The backend answered: it has the flow's header.
-            f.io.state.header_acked = true;
+            flow.io.state.header_acked = true;
         }
-        let completes = self.table.on_reply(h, now, counted) == ReplyOutcome::ForwardAndComplete;
+        let (to, from) = (flow.key.client, flow.key.local);
+        let completes = if matches!(spec.mode, SessionMode::RequestResponse { .. }) {
+            self.table.on_reply(h, now, true) == ReplyOutcome::ForwardAndComplete
+        } else {
+            flow.last_seen = now;
+            false
+        };
         ReplyVerdict::Forward {
             to,
             from,

@@ -264,6 +264,18 @@ impl<T> FlowTable<T> {
         })
     }
 
+    /// The live flow with key `key`, and its handle.
+    #[inline]
+    pub fn lookup(&self, key: &FlowKey) -> Option<(FlowHandle, &Flow<T>)> {
+        let slot = *self.index.get(key)?;
+        let s = &self.slots[slot as usize];
+        let h = FlowHandle {
+            slot,
+            generation: s.generation,
+        };
+        s.flow.as_ref().map(|f| (h, f))
+    }
+
     /// The flow behind `h`, if it is still live.
     #[inline]
     pub fn get(&self, h: FlowHandle) -> Option<&Flow<T>> {
@@ -418,14 +430,17 @@ impl<T> FlowTable<T> {
         if slot.generation != h.generation {
             return None;
         }
-        let flow = slot.flow.take()?;
+        let flow = slot.flow.as_ref()?;
+        self.index.remove(&flow.key);
+        let (listener, backend) = (flow.key.listener, flow.backend);
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(h.slot);
-        self.index.remove(&flow.key);
-        self.live_per_listener[flow.key.listener as usize] -= 1;
-        self.add_backend_load(flow.backend, -1);
+        self.live_per_listener[listener as usize] -= 1;
         self.closed[reason.index()] += 1;
-        Some(flow)
+        // Taken last, straight into the return value: a flow is a few hundred bytes.
+        let flow = self.slots[h.slot as usize].flow.take();
+        self.add_backend_load(backend, -1);
+        flow
     }
 
     /// Handles every deadline due at `now`: reports flows whose backend left a request

@@ -364,7 +364,7 @@ impl Fixture {
         };
         match self
             .engine
-            .on_reply(&self.snap, self.now, h, backend(b), data, false)
+            .on_reply(&self.snap, self.now, h, &backend(b), data, false)
         {
             ReplyVerdict::Gone => Out::Gone,
             ReplyVerdict::Drop { reason, .. } => Out::ReplyDrop(reason),

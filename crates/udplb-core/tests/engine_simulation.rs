@@ -306,7 +306,7 @@ impl Sim {
         let data = [0u8; 64];
         let verdict = self
             .engine
-            .on_reply(&self.snap, self.now, handle, source, &data, false);
+            .on_reply(&self.snap, self.now, handle, &source, &data, false);
         match (verdict, client) {
             (ReplyVerdict::Forward { .. }, None) => {
                 panic!("seed {seed}: a reply on a closed flow's handle was relayed")

@@ -93,14 +93,16 @@ impl Worker {
             segment_size: d.segment_size,
         };
         let send = match self.engine.on_client(snap, now, &datagram) {
-            Verdict::Send(s) => Ok(s),
-            Verdict::Drop(reason) => Err(reason),
-            Verdict::Open(open) => self.open_flow(&open, now),
-            Verdict::Move(m) => self.move_flow(&m, now),
-        };
-        let send = match send {
-            Ok(s) => s,
-            Err(reason) => return self.stats.listeners[li].drop_n(reason, count),
+            Verdict::Send(s) => s,
+            Verdict::Drop(reason) => return self.stats.listeners[li].drop_n(reason, count),
+            Verdict::Open(open) => match self.open_flow(&open, now) {
+                Ok(s) => s,
+                Err(reason) => return self.stats.listeners[li].drop_n(reason, count),
+            },
+            Verdict::Move(m) => match self.move_flow(&m, now) {
+                Ok(s) => s,
+                Err(reason) => return self.stats.listeners[li].drop_n(reason, count),
+            },
         };
         let payload = &d.data[send.skip..];
         match self.transmit(li, snap, &send, payload, d.segment_size, now) {

@@ -216,10 +216,9 @@ impl Worker {
         reply: &RecvMeta<'_>,
         now: Time,
     ) -> Relayed {
-        let verdict = self
-            .engine
-            .on_reply(snap, now, h, reply.source, reply.data, reply.truncated);
-        let exchanges = matches!(snap.listeners[li].mode, SessionMode::RequestResponse { .. });
+        let verdict =
+            self.engine
+                .on_reply(snap, now, h, &reply.source, reply.data, reply.truncated);
         match verdict {
             ReplyVerdict::Gone => Relayed::FlowEnded,
             ReplyVerdict::Drop { reason, backend } => {
@@ -227,7 +226,7 @@ impl Worker {
                 stats.replies_in.add(1);
                 stats.drop(reason);
                 if let Some(backend) = backend {
-                    self.count_backend_reply(h, backend, reply.data.len(), exchanges);
+                    self.count_backend_reply(snap, li, h, backend, reply.data.len());
                 }
                 Relayed::Queued
             }
@@ -238,11 +237,12 @@ impl Worker {
                 backend,
                 completes,
             } => {
-                self.stats.listeners[li].replies_in.add(1);
-                self.count_backend_reply(h, backend, reply.data.len(), exchanges);
                 let payload = &reply.data[skip..];
                 self.listeners[li].replies.push(payload, to, from);
-                self.stats.listeners[li].bytes_out.add(payload.len() as u64);
+                let stats = &self.stats.listeners[li];
+                stats.replies_in.add(1);
+                stats.bytes_out.add(payload.len() as u64);
+                self.count_backend_reply(snap, li, h, backend, reply.data.len());
                 if completes {
                     self.close_flow(h, CloseReason::Completed, now);
                     return Relayed::FlowEnded;
@@ -252,27 +252,39 @@ impl Worker {
         }
     }
 
-    /// Counts a reply of `len` bytes from `backend` on flow `h`; with `exchanges`
-    /// (request-response mode), the first of an exchange records the time since its request.
+    /// Counts a reply of `len` bytes from `backend` on flow `h` of listener `li`.
+    #[inline]
     fn count_backend_reply(
         &mut self,
+        snap: &Snapshot,
+        li: usize,
         h: FlowHandle,
         backend: BackendId,
         len: usize,
-        exchanges: bool,
     ) {
         let Some(b) = self.stats.backends.get(backend.index()) else {
             return;
         };
         b.replies.add(1);
         b.bytes_replied.add(len as u64);
-        if exchanges
-            && let Some(sent) = self
-                .engine
-                .io_mut(h)
-                .and_then(|io| io.request_sent_us.take())
-        {
-            let elapsed = self.micros().saturating_sub(sent);
+        if matches!(snap.listeners[li].mode, SessionMode::RequestResponse { .. }) {
+            self.sample_reply_latency(h, backend);
+        }
+    }
+
+    /// Request-response mode: the first reply of an exchange records the time since its
+    /// request.
+    #[inline(never)]
+    fn sample_reply_latency(&mut self, h: FlowHandle, backend: BackendId) {
+        let Some(sent) = self
+            .engine
+            .io_mut(h)
+            .and_then(|io| io.request_sent_us.take())
+        else {
+            return;
+        };
+        let elapsed = self.micros().saturating_sub(sent);
+        if let Some(b) = self.stats.backends.get(backend.index()) {
             b.record_reply_latency(elapsed);
         }
     }
