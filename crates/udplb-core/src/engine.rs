@@ -169,7 +169,7 @@ pub struct Move {
 
 /// What to do with a datagram a backend sent on a flow's socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReplyVerdict {
+pub enum ReplyVerdict<'a> {
     /// The flow is no longer there: nothing to relay (a late reply).
     Gone,
     /// Drop it, counted under this reason; `backend`: the backend that sent it, when known.
@@ -179,12 +179,13 @@ pub enum ReplyVerdict {
         /// Who sent it (for its traffic counters).
         backend: Option<BackendId>,
     },
-    /// Relay it (from byte `skip` on) to the client, from the address it sent to.
+    /// Relay it (from byte `skip` on) to the client, from the address it sent to. The
+    /// addresses are the flow's own (read where they are, not copied on the way).
     Forward {
         /// The client.
-        to: SocketAddr,
+        to: &'a SocketAddr,
         /// The address the client sent to (wildcard listeners).
-        from: Option<IpAddr>,
+        from: &'a Option<IpAddr>,
         /// Bytes at the start of the reply not to relay (a PROXY header the pool strips).
         skip: usize,
         /// The backend that sent it.
@@ -406,10 +407,7 @@ impl<Io> Engine<Io> {
             divert = true;
         }
         match found {
-            None => match self.admit(key, origin, divert, client(), skip, snap, now) {
-                Ok(open) => Verdict::Open(open),
-                Err(reason) => Verdict::Drop(reason),
-            },
+            None => self.admit(key, origin, divert, client(), skip, snap, now),
             Some(h) => {
                 if let Some(o) = origin {
                     // The sender's datagrams without a header belong to the client it named last.
@@ -456,6 +454,7 @@ impl<Io> Engine<Io> {
     /// A new flow for `key`: the source, the cap, new-flow limits, overload, the backend and
     /// the socket it needs. Nothing is recorded until [`Engine::opened`].
     #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
     fn admit(
         &mut self,
         key: FlowKey,
@@ -465,16 +464,16 @@ impl<Io> Engine<Io> {
         skip: usize,
         snap: &Snapshot,
         now: Time,
-    ) -> Result<Open, DropReason> {
+    ) -> Verdict {
         // The network peer, whatever a PROXY header says: replies go back to it.
         if snap.guard.refuses(key.client) {
-            return Err(DropReason::BadSource);
+            return Verdict::Drop(DropReason::BadSource);
         }
         if !snap.admitting {
-            return Err(DropReason::ShuttingDown);
+            return Verdict::Drop(DropReason::ShuttingDown);
         }
         if !self.table.has_room(key.listener) {
-            return Err(DropReason::FlowCap);
+            return Verdict::Drop(DropReason::FlowCap);
         }
         let li = usize::from(key.listener);
         let spec = &snap.listeners[li];
@@ -483,23 +482,23 @@ impl<Io> Engine<Io> {
             && !limits.new_flow(client.ip(), now.0)
         {
             if spec.abuse_pool.is_none() {
-                return Err(DropReason::FlowRateLimited);
+                return Verdict::Drop(DropReason::FlowRateLimited);
             }
             abuse = true;
         }
         if self.allowance == 0 {
-            return Err(DropReason::Overload);
+            return Verdict::Drop(DropReason::Overload);
         }
         self.allowance -= 1;
-        let pi = if abuse {
-            spec.abuse_pool.ok_or(DropReason::Denied)?
-        } else {
-            spec.pool
+        let pi = match (abuse, spec.abuse_pool) {
+            (false, _) => spec.pool,
+            (true, Some(pool)) => pool,
+            (true, None) => return Verdict::Drop(DropReason::Denied),
         };
         let pool = &snap.pools[pi];
-        let idx = self
-            .choose(li, spec, pi, pool, &client)
-            .ok_or(DropReason::NoBackend)?;
+        let Some(idx) = self.choose(li, spec, pi, pool, &client) else {
+            return Verdict::Drop(DropReason::NoBackend);
+        };
         let backend = &pool.backends[idx];
         let connect = spec.mode != SessionMode::Datagram;
         let shared = spec.shared_upstream && connect && !pool.transparent && li < SHARED_LISTENERS;
@@ -508,7 +507,8 @@ impl<Io> Engine<Io> {
             (true, false) => SocketKind::Connected,
             (false, false) => SocketKind::Unconnected,
         };
-        Ok(Open {
+        // Built in place: an `Open` is a few hundred bytes, not worth a copy.
+        Verdict::Open(Open {
             key,
             backend: backend.id,
             to: backend.spec.addr,
@@ -888,7 +888,7 @@ impl<Io> Engine<Io> {
         source: &SocketAddr,
         data: &[u8],
         truncated: bool,
-    ) -> ReplyVerdict {
+    ) -> ReplyVerdict<'_> {
         // One lookup: the flow is updated in place (in request-response mode the table also
         // counts the reply against the exchange).
         let Some(flow) = self.table.get_mut(h) else {
@@ -944,19 +944,21 @@ impl<Io> Engine<Io> {
             // The backend answered: it has the flow's header.
             flow.io.state.header_acked = true;
         }
-        let (to, from) = (flow.key.client, flow.key.local);
-        let completes = if matches!(spec.mode, SessionMode::RequestResponse { .. }) {
-            self.table.on_reply(h, now, true) == ReplyOutcome::ForwardAndComplete
-        } else {
+        let counted = matches!(spec.mode, SessionMode::RequestResponse { .. });
+        if !counted {
             flow.last_seen = now;
-            false
-        };
-        ReplyVerdict::Forward {
-            to,
-            from,
-            skip,
-            backend,
-            completes,
+        }
+        let completes =
+            counted && self.table.on_reply(h, now, true) == ReplyOutcome::ForwardAndComplete;
+        match self.table.get(h) {
+            Some(flow) => ReplyVerdict::Forward {
+                to: &flow.key.client,
+                from: &flow.key.local,
+                skip,
+                backend,
+                completes,
+            },
+            None => ReplyVerdict::Gone,
         }
     }
 

@@ -374,6 +374,7 @@ impl Fixture {
                 completes,
                 ..
             } => {
+                let to = number(*to);
                 if completes {
                     let closed =
                         self.engine
@@ -381,7 +382,7 @@ impl Fixture {
                     assert!(closed.is_some());
                 }
                 Out::Relay {
-                    to: number(to),
+                    to,
                     skip,
                     completes,
                 }

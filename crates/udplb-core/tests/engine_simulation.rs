@@ -312,7 +312,7 @@ impl Sim {
                 panic!("seed {seed}: a reply on a closed flow's handle was relayed")
             }
             (ReplyVerdict::Forward { to, completes, .. }, Some(client)) => {
-                assert_eq!(to, client, "seed {seed}: reply relayed to another client");
+                assert_eq!(*to, client, "seed {seed}: reply relayed to another client");
                 assert_ne!(
                     source,
                     backend(99),

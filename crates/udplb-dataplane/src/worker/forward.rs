@@ -92,14 +92,16 @@ impl Worker {
             truncated: d.truncated,
             segment_size: d.segment_size,
         };
-        let send = match self.engine.on_client(snap, now, &datagram) {
+        let verdict = self.engine.on_client(snap, now, &datagram);
+        // By reference: an `Open` is a few hundred bytes, not worth a copy.
+        let send = match verdict {
             Verdict::Send(s) => s,
             Verdict::Drop(reason) => return self.stats.listeners[li].drop_n(reason, count),
-            Verdict::Open(open) => match self.open_flow(&open, now) {
+            Verdict::Open(ref open) => match self.open_flow(open, now) {
                 Ok(s) => s,
                 Err(reason) => return self.stats.listeners[li].drop_n(reason, count),
             },
-            Verdict::Move(m) => match self.move_flow(&m, now) {
+            Verdict::Move(ref m) => match self.move_flow(m, now) {
                 Ok(s) => s,
                 Err(reason) => return self.stats.listeners[li].drop_n(reason, count),
             },

@@ -306,6 +306,7 @@ impl Worker {
     /// removes it from epoll), kept as a spare when the engine says it may serve another flow,
     /// or its shared pair given back. Either serves another client only from the engine's
     /// quarantine end on.
+    #[inline]
     fn release(&mut self, closed: Closed<Io>) {
         let li = usize::from(closed.key.listener);
         self.stats.listeners[li].flows_closed[closed.reason.index()].add(1);

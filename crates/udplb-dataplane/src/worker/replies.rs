@@ -238,7 +238,7 @@ impl Worker {
                 completes,
             } => {
                 let payload = &reply.data[skip..];
-                self.listeners[li].replies.push(payload, to, from);
+                self.listeners[li].replies.push(payload, *to, *from);
                 let stats = &self.stats.listeners[li];
                 stats.replies_in.add(1);
                 stats.bytes_out.add(payload.len() as u64);
