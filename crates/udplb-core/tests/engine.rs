@@ -23,6 +23,8 @@ use udplb_core::{
     Affinity, BackendSpec, DropReason, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode, Time,
 };
 
+mod common;
+
 const LISTENER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 53);
 
 fn backend(n: u8) -> SocketAddr {
@@ -152,25 +154,7 @@ impl Fixture {
         backends: u8,
         setup: impl FnOnce(&mut ListenerSpec, &mut Vec<PoolInput>),
     ) -> Fixture {
-        let mut listener = ListenerSpec {
-            name: "dns".into(),
-            address: LISTENER,
-            pool: 0,
-            mode,
-            affinity: Affinity::IpPort,
-            idle_timeout: Duration::from_secs(30),
-            reply_timeout: Duration::from_secs(1),
-            max_flows: 1_000,
-            max_datagram_size: 1_500,
-            acl: Acl::default(),
-            limits: None,
-            proxy_ingress: false,
-            proxy_from: CidrSet::default(),
-            abuse_pool: None,
-            gro: false,
-            socket_buffer: 1 << 20,
-            shared_upstream: false,
-        };
+        let mut listener = common::listener("dns", LISTENER, mode);
         let members = (1..=backends)
             .map(|n| BackendInput::from(BackendSpec::new(backend(n))))
             .collect();

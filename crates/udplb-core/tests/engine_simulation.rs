@@ -20,33 +20,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use udplb_core::acl::{Acl, CidrSet};
 use udplb_core::engine::{Datagram, Engine, Expiry, ReplyVerdict, Send, Verdict};
 use udplb_core::flow::FlowHandle;
 use udplb_core::snapshot::{AdminState, BackendInput, ListenerSpec, PoolInput, Snapshot};
 use udplb_core::verdict::CloseReason;
+
+mod common;
+use common::Rng;
 use udplb_core::{
-    Affinity, AllDownPolicy, BackendSpec, DropReason, FailurePolicy, ProxyHeader, SchedulerKind,
-    SessionMode, Time,
+    AllDownPolicy, BackendSpec, DropReason, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
+    Time,
 };
-
-/// xorshift64*: small, seedable, good enough to drive a simulation.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
 
 fn backend(n: u64) -> SocketAddr {
     SocketAddr::from(([10, 0, 1, n as u8], 5300))
@@ -92,25 +76,11 @@ impl Sim {
             SchedulerKind::Rendezvous,
         ]);
         let idle = Duration::from_millis(200 + rng.below(3_000));
-        let listener = ListenerSpec {
-            name: "sim".into(),
-            address: SocketAddr::from(([192, 0, 2, 1], 53)),
-            pool: 0,
-            mode,
-            affinity: Affinity::IpPort,
-            idle_timeout: idle,
-            reply_timeout: Duration::from_millis(50 + rng.below(2 * idle.as_millis() as u64)),
-            max_flows: 1 + rng.below(40) as u32,
-            max_datagram_size: 1_500,
-            acl: Acl::default(),
-            limits: None,
-            proxy_ingress: false,
-            proxy_from: CidrSet::default(),
-            abuse_pool: None,
-            gro: false,
-            socket_buffer: 1 << 20,
-            shared_upstream: rng.below(2) == 0,
-        };
+        let mut listener = common::listener("sim", SocketAddr::from(([192, 0, 2, 1], 53)), mode);
+        listener.idle_timeout = idle;
+        listener.reply_timeout = Duration::from_millis(50 + rng.below(2 * idle.as_millis() as u64));
+        listener.max_flows = 1 + rng.below(40) as u32;
+        listener.shared_upstream = rng.below(2) == 0;
         let n = 1 + rng.below(5);
         let members = (1..=n)
             .map(|i| {

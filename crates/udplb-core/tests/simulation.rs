@@ -16,20 +16,8 @@ use udplb_core::flow::{Expired, FlowHandle, FlowKey, FlowTable, ReplyOutcome, Ti
 use udplb_core::snapshot::BackendId;
 use udplb_core::verdict::CloseReason;
 
-/// xorshift64*: small, seedable, good enough to drive a simulation.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+mod common;
+use common::Rng;
 
 /// A flow as the model sees it.
 #[derive(Clone, Copy)]
