@@ -126,6 +126,54 @@ const fn relay(to: u8) -> Out {
     }
 }
 
+const fn hopen(to: u8) -> Out {
+    Out::Open { to, header: true }
+}
+
+const fn hsend(to: u8) -> Out {
+    Out::Send { to, header: true }
+}
+
+const fn hmoved(from: u8, to: u8) -> Out {
+    Out::Move {
+        from,
+        to,
+        header: true,
+    }
+}
+
+const fn completed(to: u8) -> Out {
+    Out::Relay {
+        to,
+        skip: 0,
+        completes: true,
+    }
+}
+
+const fn reply(client: u8, backend: u8, len: usize) -> Step {
+    Step::Reply {
+        client,
+        backend,
+        len,
+    }
+}
+
+const fn reply_with_header(client: u8, backend: u8, len: usize) -> Step {
+    Step::ReplyWithHeader {
+        client,
+        backend,
+        len,
+    }
+}
+
+const fn proxied(sender: u8, client: u8, len: usize) -> Step {
+    Step::Proxied {
+        sender,
+        client,
+        len,
+    }
+}
+
 fn expired(unanswered: &[u8], closed: usize) -> Out {
     Out::Expired {
         unanswered: unanswered.to_vec(),
@@ -445,26 +493,12 @@ fn flow_mode_keeps_a_client_on_one_backend_and_spreads_clients() {
             (Client(3, 10), open(3)),
             (Client(1, 10), send(1)),
             (Client(4, 10), open(1)),
-            (
-                Reply {
-                    client: 2,
-                    backend: 2,
-                    len: 20,
-                },
-                relay(2),
-            ),
+            (reply(2, 2, 20), relay(2)),
             // An idle flow closes; the client's next datagram is scheduled again.
             (Wait(29_000), expired(&[], 0)),
             (Client(1, 10), send(1)),
             (Wait(1_500), expired(&[], 3)),
-            (
-                Reply {
-                    client: 2,
-                    backend: 2,
-                    len: 20,
-                },
-                Out::Gone,
-            ),
+            (reply(2, 2, 20), Out::Gone),
             (Client(2, 10), open(2)),
         ],
     });
@@ -483,31 +517,10 @@ fn datagram_mode_schedules_every_datagram_and_knows_who_answered() {
             (Client(1, 10), send(2)),
             (Client(1, 10), send(3)),
             (Client(2, 10), open(1)),
-            (
-                Reply {
-                    client: 1,
-                    backend: 3,
-                    len: 5,
-                },
-                relay(1),
-            ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 2,
-                    len: 5,
-                },
-                relay(1),
-            ),
+            (reply(1, 3, 5), relay(1)),
+            (reply(1, 2, 5), relay(1)),
             // Not a backend of the pool.
-            (
-                Reply {
-                    client: 1,
-                    backend: 7,
-                    len: 5,
-                },
-                Out::ReplyDrop(DropReason::UnknownSource),
-            ),
+            (reply(1, 7, 5), Out::ReplyDrop(DropReason::UnknownSource)),
             // A backend down leaves the rotation at the next datagram.
             (Health(2, false), Out::Done),
             (Client(1, 10), send(1)),
@@ -529,27 +542,9 @@ fn request_response_closes_answered_exchanges_and_charges_unanswered_ones() {
         setup: no_setup,
         steps: vec![
             (Client(1, 30), open(1)),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 90,
-                },
-                Out::Relay {
-                    to: 1,
-                    skip: 0,
-                    completes: true,
-                },
-            ),
+            (reply(1, 1, 90), completed(1)),
             // A second answer to a closed exchange reaches nobody.
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 90,
-                },
-                Out::Gone,
-            ),
+            (reply(1, 1, 90), Out::Gone),
             (Client(1, 30), open(2)),
             (Wait(999), expired(&[], 0)),
             (Wait(2), expired(&[2], 0)),
@@ -697,14 +692,7 @@ fn bad_input_and_shutdown_are_dropped_with_their_reason() {
                 From(SocketAddr::from(([203, 0, 113, 2], 0)), 10),
                 Out::Drop(DropReason::BadSource),
             ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 101,
-                },
-                Out::ReplyDrop(DropReason::ReplyOversize),
-            ),
+            (reply(1, 1, 101), Out::ReplyDrop(DropReason::ReplyOversize)),
             // Shutting down: established flows are served, new ones are not admitted.
             (StopAdmitting, Out::Done),
             (Client(1, 10), send(1)),
@@ -767,18 +755,7 @@ fn rate_limits_drop_or_divert_to_the_abuse_pool() {
         },
         steps: vec![
             (Client(1, 10), open(1)),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 10,
-                },
-                Out::Relay {
-                    to: 1,
-                    skip: 0,
-                    completes: true,
-                },
-            ),
+            (reply(1, 1, 10), completed(1)),
             // A second new flow within the second.
             (Client(1, 10), Out::Drop(DropReason::FlowRateLimited)),
             (Client(2, 10), open(2)),
@@ -841,14 +818,7 @@ fn refused_clients_go_to_the_abuse_pool_when_there_is_one() {
         steps: vec![
             (Client(66, 10), open(9)),
             (Client(66, 10), send(9)),
-            (
-                Reply {
-                    client: 66,
-                    backend: 9,
-                    len: 10,
-                },
-                relay(66),
-            ),
+            (reply(66, 9, 10), relay(66)),
             (Client(1, 10), open(1)),
         ],
     });
@@ -863,48 +833,15 @@ fn proxy_headers_go_first_until_answered_or_on_every_datagram() {
         backends: 2,
         setup: |_, pools| pools[0].proxy_header = ProxyHeader::First,
         steps: vec![
-            (
-                Client(1, 10),
-                Out::Open {
-                    to: 1,
-                    header: true,
-                },
-            ),
+            (Client(1, 10), hopen(1)),
             // Not answered yet: the first datagram may have been lost.
-            (
-                Client(1, 10),
-                Out::Send {
-                    to: 1,
-                    header: true,
-                },
-            ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 10,
-                },
-                relay(1),
-            ),
+            (Client(1, 10), hsend(1)),
+            (reply(1, 1, 10), relay(1)),
             (Client(1, 10), send(1)),
             // A move to another backend sends it again.
             (Health(1, false), Out::Done),
-            (
-                Client(1, 10),
-                Out::Move {
-                    from: 1,
-                    to: 2,
-                    header: true,
-                },
-            ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 2,
-                    len: 10,
-                },
-                relay(1),
-            ),
+            (Client(1, 10), hmoved(1, 2)),
+            (reply(1, 2, 10), relay(1)),
             (Client(1, 10), send(2)),
         ],
     });
@@ -915,28 +852,9 @@ fn proxy_headers_go_first_until_answered_or_on_every_datagram() {
         backends: 1,
         setup: |_, pools| pools[0].proxy_header = ProxyHeader::Every,
         steps: vec![
-            (
-                Client(1, 10),
-                Out::Open {
-                    to: 1,
-                    header: true,
-                },
-            ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 10,
-                },
-                relay(1),
-            ),
-            (
-                Client(1, 10),
-                Out::Send {
-                    to: 1,
-                    header: true,
-                },
-            ),
+            (Client(1, 10), hopen(1)),
+            (reply(1, 1, 10), relay(1)),
+            (Client(1, 10), hsend(1)),
         ],
     });
     check(Case {
@@ -946,28 +864,9 @@ fn proxy_headers_go_first_until_answered_or_on_every_datagram() {
         backends: 2,
         setup: |_, pools| pools[0].proxy_header = ProxyHeader::First,
         steps: vec![
-            (
-                Client(1, 10),
-                Out::Open {
-                    to: 1,
-                    header: true,
-                },
-            ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 10,
-                },
-                relay(1),
-            ),
-            (
-                Client(1, 10),
-                Out::Send {
-                    to: 2,
-                    header: true,
-                },
-            ),
+            (Client(1, 10), hopen(1)),
+            (reply(1, 1, 10), relay(1)),
+            (Client(1, 10), hsend(2)),
         ],
     });
 }
@@ -983,25 +882,14 @@ fn replies_with_a_proxy_header_are_stripped_or_dropped() {
         steps: vec![
             (Client(1, 10), open(1)),
             (
-                ReplyWithHeader {
-                    client: 1,
-                    backend: 1,
-                    len: 10,
-                },
+                reply_with_header(1, 1, 10),
                 Out::Relay {
                     to: 1,
                     skip: 28,
                     completes: false,
                 },
             ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 10,
-                },
-                relay(1),
-            ),
+            (reply(1, 1, 10), relay(1)),
         ],
     });
 }
@@ -1017,57 +905,15 @@ fn proxy_ingress_keys_flows_by_the_client_each_header_names() {
         steps: vec![
             // A new sender must say whom it forwards.
             (Client(100, 10), Out::Drop(DropReason::ProxyHeader)),
-            (
-                Proxied {
-                    sender: 100,
-                    client: 1,
-                    len: 10,
-                },
-                open(1),
-            ),
-            (
-                Proxied {
-                    sender: 100,
-                    client: 2,
-                    len: 10,
-                },
-                open(2),
-            ),
-            (
-                Proxied {
-                    sender: 100,
-                    client: 1,
-                    len: 10,
-                },
-                send(1),
-            ),
+            (proxied(100, 1, 10), open(1)),
+            (proxied(100, 2, 10), open(2)),
+            (proxied(100, 1, 10), send(1)),
             // Without a header: the client the sender named last.
             (Client(100, 10), send(1)),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 10,
-                },
-                relay(100),
-            ),
-            (
-                Reply {
-                    client: 2,
-                    backend: 2,
-                    len: 10,
-                },
-                relay(100),
-            ),
+            (reply(1, 1, 10), relay(100)),
+            (reply(2, 2, 10), relay(100)),
             // A header with nothing after it.
-            (
-                Proxied {
-                    sender: 100,
-                    client: 3,
-                    len: 0,
-                },
-                Out::Drop(DropReason::Empty),
-            ),
+            (proxied(100, 3, 0), Out::Drop(DropReason::Empty)),
         ],
     });
     check(Case {
@@ -1081,22 +927,8 @@ fn proxy_ingress_keys_flows_by_the_client_each_header_names() {
             l.proxy_from = CidrSet::new(&[net]);
         },
         steps: vec![
-            (
-                Proxied {
-                    sender: 101,
-                    client: 1,
-                    len: 10,
-                },
-                Out::Drop(DropReason::ProxyHeader),
-            ),
-            (
-                Proxied {
-                    sender: 100,
-                    client: 1,
-                    len: 10,
-                },
-                open(1),
-            ),
+            (proxied(101, 1, 10), Out::Drop(DropReason::ProxyHeader)),
+            (proxied(100, 1, 10), open(1)),
         ],
     });
 }
@@ -1116,39 +948,11 @@ fn replies_beyond_the_amplification_ratio_are_dropped() {
         },
         steps: vec![
             (Client(1, 10), open(1)),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 25,
-                },
-                relay(1),
-            ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 25,
-                },
-                Out::ReplyDrop(DropReason::Amplification),
-            ),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 5,
-                },
-                relay(1),
-            ),
+            (reply(1, 1, 25), relay(1)),
+            (reply(1, 1, 25), Out::ReplyDrop(DropReason::Amplification)),
+            (reply(1, 1, 5), relay(1)),
             (Client(1, 10), send(1)),
-            (
-                Reply {
-                    client: 1,
-                    backend: 1,
-                    len: 25,
-                },
-                relay(1),
-            ),
+            (reply(1, 1, 25), relay(1)),
         ],
     });
 }
