@@ -67,14 +67,7 @@ impl Sim {
             SessionMode::RequestResponse { responses: 1 },
             SessionMode::RequestResponse { responses: 2 },
         ]);
-        let scheduler = rng.pick(&[
-            SchedulerKind::RoundRobin,
-            SchedulerKind::Random,
-            SchedulerKind::LeastFlows,
-            SchedulerKind::PowerOfTwo,
-            SchedulerKind::Maglev,
-            SchedulerKind::Rendezvous,
-        ]);
+        let scheduler = rng.pick(&SchedulerKind::ALL);
         let idle = Duration::from_millis(200 + rng.below(3_000));
         let mut listener = common::listener("sim", SocketAddr::from(([192, 0, 2, 1], 53)), mode);
         listener.idle_timeout = idle;
