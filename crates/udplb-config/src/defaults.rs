@@ -10,6 +10,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Accepted idle timeouts.
 pub const IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(86_400);
+/// Accepted persistence timeouts (`persistence`; off by default).
+pub const PERSISTENCE_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(86_400);
 /// Flow cap of a listener (over all workers).
 pub const MAX_FLOWS: u32 = 65_536;
 /// Accepted flow caps.

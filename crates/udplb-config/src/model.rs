@@ -70,6 +70,9 @@ pub struct ListenerConfig {
     pub affinity: Affinity,
     /// Idle time after which a flow closes.
     pub idle_timeout: Duration,
+    /// How long a client returns to the backend it last used after its last flow closed
+    /// (`persistence`); `None`: off.
+    pub persistence: Option<Duration>,
     /// Request-response mode: how long a backend may leave a request unanswered before it
     /// counts as a passive failure (`reply_timeout`).
     pub reply_timeout: Duration,
@@ -109,6 +112,7 @@ impl ListenerConfig {
             mode: SessionMode::Flow,
             affinity: Affinity::IpPort,
             idle_timeout: defaults::IDLE_TIMEOUT,
+            persistence: None,
             reply_timeout: defaults::REPLY_TIMEOUT,
             max_flows: defaults::MAX_FLOWS,
             max_datagram_size: defaults::MAX_DATAGRAM_SIZE,

@@ -38,6 +38,7 @@ const LISTENER_KEYS: &[&str] = &[
     "responses",
     "affinity",
     "idle_timeout",
+    "persistence",
     "reply_timeout",
     "max_flows",
     "max_datagram_size",
@@ -325,6 +326,12 @@ impl Reader<'_> {
         }
         if let Some(d) = self.optional(t, key, "idle_timeout", |r, k, v| r.duration(k, v)) {
             l.idle_timeout = d;
+        }
+        if let Some(d) = self.optional(t, key, "persistence", |r, k, v| match v.get_ref() {
+            DeValue::String(s) if s.as_ref() == "off" => Some(None),
+            _ => r.duration(k, v).map(Some),
+        }) {
+            l.persistence = d;
         }
         if let Some(d) = self.optional(t, key, "reply_timeout", |r, k, v| r.duration(k, v)) {
             l.reply_timeout = d;

@@ -179,6 +179,9 @@ fn check_listener(
         l.idle_timeout,
         defaults::IDLE_TIMEOUT_RANGE,
     );
+    if let Some(d) = l.persistence {
+        check_duration(out, key("persistence"), d, defaults::PERSISTENCE_RANGE);
+    }
     check_range(
         out,
         key("max_flows"),

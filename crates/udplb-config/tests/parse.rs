@@ -710,3 +710,20 @@ fn slow_start_and_rebalance_are_pool_keys() {
     let text = errors(&pool("rebalance = \"soon\"")).to_string();
     assert!(text.contains("pools.p.rebalance"), "{text}");
 }
+
+#[test]
+fn persistence_is_a_duration_or_off() {
+    let cfg = parse(&listener_with("persistence = \"60s\""), "t.toml").unwrap();
+    assert_eq!(cfg.listeners[0].persistence, Some(Duration::from_secs(60)));
+    let cfg = parse(&listener_with("persistence = \"off\""), "t.toml").unwrap();
+    assert_eq!(cfg.listeners[0].persistence, None);
+    let cfg = parse(&listener_with(""), "t.toml").unwrap();
+    assert_eq!(cfg.listeners[0].persistence, None);
+    let text = errors(&listener_with("persistence = \"2d\"")).to_string();
+    assert!(
+        text.contains("listeners.l.persistence: 2days is out of range"),
+        "{text}"
+    );
+    let text = errors(&listener_with("persistence = 60")).to_string();
+    assert!(text.contains("listeners.l.persistence"), "{text}");
+}

@@ -1,20 +1,60 @@
-//! Client-IP affinity: every flow of one client IP goes to the same backend.
+//! Persistence: a client returns to the backend it last used (LVS's `persistence_timeout`).
 //!
-//! Owns: [`StickyTable`], which remembers the backend of each client IP while that IP has live
-//! flows and for an idle timeout after its last flow closed (LVS's persistence). Workers share
-//! one table per listener (behind a lock in the data plane) because the kernel spreads a
-//! client's ports over workers; it is consulted only when a flow is created or closed, never
-//! per datagram.
-//! Must not: grow without bound (it holds at most `cap` IPs; beyond that, new IPs are scheduled
-//! without stickiness), or read clocks.
+//! Owns: [`Persistence`], one listener's memory of which backend each client (its ip, or its
+//! ip:port) used, while the client has live flows and for a timeout after its last flow
+//! closed, and its counters. The workers share it (the kernel spreads a client's ports over
+//! workers), split into shards behind their own locks; it is consulted when a flow opens and
+//! released when one closes, never per datagram of an established flow. Reloads that keep a
+//! listener's settings keep its table (the snapshot carries the same `Arc`).
+//! Must not: grow without bound (a shard holds at most its share of `cap` clients; beyond
+//! that, new clients are scheduled without being remembered, and counted), read clocks, or
+//! decide whether a backend may take a client (the caller says).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::hash::canonical_ip;
 use crate::snapshot::BackendId;
 use crate::time::Time;
+
+/// Shards of a table: workers opening flows of different clients rarely wait on each other.
+const SHARDS: usize = 16;
+
+/// What a listener remembers clients by, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PersistenceSettings {
+    /// Clients are told apart by ip:port (else by ip alone).
+    pub by_port: bool,
+    /// How long a client is remembered after its last flow closed.
+    pub timeout: Duration,
+    /// Clients remembered at most.
+    pub cap: usize,
+}
+
+/// One listener's persistence table.
+#[derive(Debug)]
+pub struct Persistence {
+    settings: PersistenceSettings,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// The next shard a sweep visits.
+    sweep_cursor: AtomicUsize,
+}
+
+/// What [`Persistence::counts`] reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PersistenceCounts {
+    /// Clients remembered now.
+    pub clients: u64,
+    /// New flows (and datagrams, in datagram mode) sent to the backend their client used.
+    pub returned: u64,
+    /// Clients not remembered because the table was full.
+    pub full: u64,
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -23,79 +63,148 @@ struct Entry {
     released: Time,
 }
 
-/// Backend per client IP.
-#[derive(Debug)]
-pub struct StickyTable {
-    entries: HashMap<IpAddr, Entry>,
-    cap: usize,
-    idle_timeout: Duration,
+#[derive(Debug, Default)]
+struct Shard {
+    entries: HashMap<SocketAddr, Entry>,
+    returned: u64,
+    full: u64,
 }
 
-impl StickyTable {
-    /// A table holding at most `cap` client IPs, forgetting an IP `idle_timeout` after its last
-    /// flow closed.
-    pub fn new(cap: usize, idle_timeout: Duration) -> Self {
-        StickyTable {
-            entries: HashMap::new(),
-            cap,
-            idle_timeout,
+impl Persistence {
+    /// An empty table.
+    pub fn new(settings: PersistenceSettings) -> Self {
+        Persistence {
+            settings,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: std::collections::hash_map::RandomState::new(),
+            sweep_cursor: AtomicUsize::new(0),
         }
     }
 
-    /// The backend `ip` is stuck to, if any.
-    pub fn backend_of(&self, ip: IpAddr) -> Option<BackendId> {
-        self.entries.get(&canonical_ip(ip)).map(|e| e.backend)
+    /// Its settings.
+    pub fn settings(&self) -> PersistenceSettings {
+        self.settings
     }
 
-    /// Records a new flow of `ip` on `backend` (re-sticking the IP if it moved, e.g. because its
-    /// old backend went away). Returns false when the table is full and `ip` is not in it.
-    pub fn acquire(&mut self, ip: IpAddr, backend: BackendId, now: Time) -> bool {
-        let ip = canonical_ip(ip);
-        if let Some(e) = self.entries.get_mut(&ip) {
+    /// The backend `client` last used, if it is remembered at `now` and `usable` says that
+    /// backend may take it (counted as a return).
+    pub fn backend_of(
+        &self,
+        client: SocketAddr,
+        now: Time,
+        usable: impl FnOnce(BackendId) -> bool,
+    ) -> Option<BackendId> {
+        let key = self.key(client);
+        let mut shard = self.shard(&key);
+        let e = *shard.entries.get(&key)?;
+        let remembered = e.flows > 0 || e.released.after(self.settings.timeout) > now;
+        if !remembered || !usable(e.backend) {
+            return None;
+        }
+        shard.returned += 1;
+        Some(e.backend)
+    }
+
+    /// Records a new flow of `client` on `backend` at `now` (moving the client if it was on
+    /// another backend). A full shard forgets clients whose time is up first; if it is still
+    /// full, `client` is not remembered (counted).
+    pub fn acquire(&self, client: SocketAddr, backend: BackendId, now: Time) {
+        let key = self.key(client);
+        let cap = self.settings.cap.div_ceil(SHARDS).max(1);
+        let timeout = self.settings.timeout;
+        let mut shard = self.shard(&key);
+        if let Some(e) = shard.entries.get_mut(&key) {
             e.backend = backend;
             e.flows += 1;
-            return true;
+            return;
         }
-        if self.entries.len() >= self.cap {
-            self.expire(now);
-            if self.entries.len() >= self.cap {
-                return false;
+        if shard.entries.len() >= cap {
+            shard.expire(now, timeout);
+            if shard.entries.len() >= cap {
+                shard.full += 1;
+                return;
             }
         }
-        self.entries.insert(
-            ip,
+        shard.entries.insert(
+            key,
             Entry {
                 backend,
                 flows: 1,
                 released: now,
             },
         );
-        true
     }
 
-    /// Records that a flow of `ip` closed.
-    pub fn release(&mut self, ip: IpAddr, now: Time) {
-        if let Some(e) = self.entries.get_mut(&canonical_ip(ip)) {
+    /// A flow of `client` moved to backend `to`: the client follows it.
+    pub fn moved(&self, client: SocketAddr, to: BackendId) {
+        let key = self.key(client);
+        if let Some(e) = self.shard(&key).entries.get_mut(&key) {
+            e.backend = to;
+        }
+    }
+
+    /// Records that a flow of `client` closed at `now`: the client is remembered for the
+    /// timeout from then (or while it has other flows).
+    pub fn release(&self, client: SocketAddr, now: Time) {
+        let key = self.key(client);
+        if let Some(e) = self.shard(&key).entries.get_mut(&key) {
             e.flows = e.flows.saturating_sub(1);
             e.released = now;
         }
     }
 
-    /// Forgets IPs with no flows whose idle timeout has passed.
-    pub fn expire(&mut self, now: Time) {
-        let idle = self.idle_timeout;
+    /// Forgets, in the next shard in turn, the clients whose time is up at `now`. Called
+    /// periodically by every worker, it bounds what forgotten clients hold; a client whose
+    /// time is up is never returned, swept or not.
+    pub fn sweep(&self, now: Time) {
+        let i = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        self.lock(i).expire(now, self.settings.timeout);
+    }
+
+    /// Clients remembered (possibly some whose time is up but not yet swept) and counters.
+    pub fn counts(&self) -> PersistenceCounts {
+        (0..SHARDS).fold(PersistenceCounts::default(), |mut c, i| {
+            let s = self.lock(i);
+            c.clients += s.entries.len() as u64;
+            c.returned += s.returned;
+            c.full += s.full;
+            c
+        })
+    }
+
+    fn key(&self, client: SocketAddr) -> SocketAddr {
+        let port = if self.settings.by_port {
+            client.port()
+        } else {
+            0
+        };
+        SocketAddr::new(canonical_ip(client.ip()), port)
+    }
+
+    fn shard(&self, key: &SocketAddr) -> std::sync::MutexGuard<'_, Shard> {
+        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
+        self.lock(i)
+    }
+
+    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Shard> {
+        // Nothing in a shard is left half-written by a panic: take it as it is.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Tables are equal when their settings are (what a snapshot comparison asks).
+impl PartialEq for Persistence {
+    fn eq(&self, other: &Self) -> bool {
+        self.settings == other.settings
+    }
+}
+
+impl Eq for Persistence {}
+
+impl Shard {
+    fn expire(&mut self, now: Time, timeout: Duration) {
         self.entries
-            .retain(|_, e| e.flows > 0 || e.released.after(idle) > now);
-    }
-
-    /// Client IPs remembered.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether no IP is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+            .retain(|_, e| e.flows > 0 || e.released.after(timeout) > now);
     }
 }
 
@@ -103,32 +212,75 @@ impl StickyTable {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sticks_while_flows_live_and_for_the_timeout_after() {
-        let ip: IpAddr = "192.0.2.7".parse().unwrap();
-        let mut t = StickyTable::new(10, Duration::from_secs(5));
-        assert!(t.acquire(ip, BackendId(3), Time(0)));
-        assert!(t.acquire(ip, BackendId(3), Time(1)));
-        assert_eq!(
-            t.backend_of("::ffff:192.0.2.7".parse().unwrap()),
-            Some(BackendId(3))
-        );
-        t.release(ip, Time(100));
-        t.expire(Time(10_000));
-        assert_eq!(t.backend_of(ip), Some(BackendId(3)), "one flow still live");
-        t.release(ip, Time(10_000));
-        t.expire(Time(14_999));
-        assert_eq!(t.backend_of(ip), Some(BackendId(3)));
-        t.expire(Time(15_000));
-        assert_eq!(t.backend_of(ip), None);
+    fn table(by_port: bool, cap: usize) -> Persistence {
+        Persistence::new(PersistenceSettings {
+            by_port,
+            timeout: Duration::from_secs(5),
+            cap,
+        })
+    }
+
+    fn any(_: BackendId) -> bool {
+        true
     }
 
     #[test]
-    fn bounded() {
-        let mut t = StickyTable::new(2, Duration::from_secs(5));
-        assert!(t.acquire("192.0.2.1".parse().unwrap(), BackendId(0), Time(0)));
-        assert!(t.acquire("192.0.2.2".parse().unwrap(), BackendId(0), Time(0)));
-        assert!(!t.acquire("192.0.2.3".parse().unwrap(), BackendId(0), Time(0)));
-        assert_eq!(t.len(), 2);
+    fn remembers_while_flows_live_and_for_the_timeout_after() {
+        let client: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let t = table(false, 100);
+        t.acquire(client, BackendId(3), Time(0));
+        t.acquire(client, BackendId(3), Time(1));
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:6000".parse().unwrap();
+        assert_eq!(t.backend_of(mapped, Time(1), any), Some(BackendId(3)));
+        t.release(client, Time(100));
+        assert_eq!(
+            t.backend_of(client, Time(10_000), any),
+            Some(BackendId(3)),
+            "one flow still live"
+        );
+        t.release(client, Time(10_000));
+        assert_eq!(t.backend_of(client, Time(14_999), any), Some(BackendId(3)));
+        assert_eq!(t.backend_of(client, Time(15_000), any), None);
+        for _ in 0..SHARDS {
+            t.sweep(Time(15_000));
+        }
+        assert_eq!(t.counts().clients, 0);
+        assert_eq!(t.counts().returned, 3);
+    }
+
+    #[test]
+    fn by_port_tells_ports_apart() {
+        let t = table(true, 100);
+        let a: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let b: SocketAddr = "192.0.2.7:5001".parse().unwrap();
+        t.acquire(a, BackendId(1), Time(0));
+        assert_eq!(t.backend_of(a, Time(0), any), Some(BackendId(1)));
+        assert_eq!(t.backend_of(b, Time(0), any), None);
+    }
+
+    #[test]
+    fn an_unusable_backend_is_not_returned_and_a_move_is_followed() {
+        let t = table(false, 100);
+        let c: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        t.acquire(c, BackendId(1), Time(0));
+        assert_eq!(t.backend_of(c, Time(0), |b| b != BackendId(1)), None);
+        t.moved(c, BackendId(2));
+        assert_eq!(t.backend_of(c, Time(0), any), Some(BackendId(2)));
+        assert_eq!(t.counts().returned, 1);
+    }
+
+    #[test]
+    fn bounded_and_counted() {
+        let t = table(true, SHARDS);
+        for port in 0..1000u16 {
+            t.acquire(
+                SocketAddr::new("192.0.2.1".parse().unwrap(), port),
+                BackendId(0),
+                Time(0),
+            );
+        }
+        let c = t.counts();
+        assert!(c.clients <= SHARDS as u64, "{c:?}");
+        assert_eq!(c.clients + c.full, 1000);
     }
 }

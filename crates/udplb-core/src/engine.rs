@@ -4,7 +4,8 @@
 //! abuse diversion, anti-amplification budget, PROXY delivery, displacement by a failure, the
 //! kind of upstream socket it was given), the per-listener map of senders behind another
 //! balancer, the per-batch new-flow allowance of an overloaded listener, the random numbers
-//! of the schedulers, and the client-IP affinity tables it shares with the other workers.
+//! of the schedulers, and its use of the persistence tables it shares with the other workers
+//! (which backend each client last used).
 //!
 //! Inputs in, small verdicts out, in the manner of quinn-proto's `Endpoint::handle`: a client
 //! datagram ([`Engine::on_client`]) becomes a [`Verdict`]: drop it with a reason, send it on a
@@ -16,14 +17,16 @@
 //! socket) that the engine never looks into.
 //!
 //! Must not: do I/O, read clocks (time is an argument), draw randomness it was not seeded
-//! with, or allocate per datagram (a PROXY client's address is boxed once per flow; the affinity
-//! tables are locked when a flow opens or closes, never per datagram).
+//! with, or allocate per datagram (a PROXY client's address is boxed once per flow; the
+//! persistence tables are locked when a flow opens, moves or closes, never per datagram of an
+//! established flow).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::affinity::StickyTable;
+use crate::affinity::Persistence;
 use crate::flow::{Expired, FlowHandle, FlowKey, FlowTable, ReplyOutcome, Timeouts};
 use crate::hash::ClientKey;
 use crate::model::{ProxyHeader, SessionMode};
@@ -282,13 +285,17 @@ impl FlowState {
     }
 }
 
-/// Per listener: senders behind another balancer, and the shared affinity table.
+/// How often a worker sweeps a shard of each persistence table.
+const PERSISTENCE_SWEEP: Duration = Duration::from_secs(1);
+
+/// Per listener: senders behind another balancer, and the persistence table of the current
+/// snapshot.
 #[derive(Debug, Default)]
 struct ListenerState {
     /// Per sender, the client its last PROXY header named (one entry per sender with a live
     /// flow), for its datagrams without one.
     senders: HashMap<SocketAddr, SocketAddr>,
-    sticky: Option<Arc<Mutex<StickyTable>>>,
+    persistence: Option<Arc<Persistence>>,
 }
 
 /// One worker's decisions.
@@ -300,29 +307,32 @@ pub struct Engine<Io> {
     /// New flows the current batch may still open.
     allowance: u32,
     rng: u64,
+    /// When the persistence tables are swept next.
+    next_sweep: Time,
 }
 
 impl<Io> Engine<Io> {
-    /// The engine of one of `workers` workers, for listeners sharing `sticky` affinity tables
-    /// (one per listener, `None` without `affinity = "ip"`), seeded with `seed` (not 0).
-    pub fn new(workers: usize, sticky: Vec<Option<Arc<Mutex<StickyTable>>>>, seed: u64) -> Self {
+    /// The engine of one of `workers` workers, seeded with `seed` (not 0). It serves once
+    /// given a snapshot ([`Engine::apply`]).
+    pub fn new(workers: usize, seed: u64) -> Self {
         Engine {
             table: FlowTable::new(),
-            listeners: sticky
-                .into_iter()
-                .map(|sticky| ListenerState {
-                    senders: HashMap::new(),
-                    sticky,
-                })
-                .collect(),
+            listeners: Vec::new(),
             workers: workers.max(1) as u32,
             allowance: u32::MAX,
             rng: seed | 1,
+            next_sweep: Time(0),
         }
     }
 
-    /// Applies a new snapshot's flow caps (a listener's cap is split evenly over the workers).
+    /// Applies a new snapshot: its flow caps (a listener's cap is split evenly over the
+    /// workers) and persistence tables.
     pub fn apply(&mut self, snap: &Snapshot) {
+        self.listeners
+            .resize_with(snap.listeners.len(), ListenerState::default);
+        for (state, spec) in self.listeners.iter_mut().zip(&snap.listeners) {
+            state.persistence.clone_from(&spec.persistence);
+        }
         let caps: Vec<u32> = snap
             .listeners
             .iter()
@@ -496,7 +506,7 @@ impl<Io> Engine<Io> {
             (true, None) => return Verdict::Drop(DropReason::Denied),
         };
         let pool = &snap.pools[pi];
-        let Some(idx) = self.choose(li, spec, pi, pool, &client) else {
+        let Some(idx) = self.choose(li, spec, pi, pool, &client, now) else {
             return Verdict::Drop(DropReason::NoBackend);
         };
         let backend = &pool.backends[idx];
@@ -558,9 +568,12 @@ impl<Io> Engine<Io> {
         if let Some(o) = open.origin {
             self.listeners[li].senders.insert(open.key.client, o.client);
         }
-        if let Some(sticky) = self.listeners[li].sticky.as_ref().filter(|_| !open.abuse) {
-            let mut table = sticky.lock().unwrap_or_else(|p| p.into_inner());
-            table.acquire(open.client.ip(), open.backend, now);
+        if let Some(p) = self.listeners[li]
+            .persistence
+            .as_ref()
+            .filter(|_| !open.abuse)
+        {
+            p.acquire(open.client, open.backend, now);
         }
         Send {
             flow: h,
@@ -600,11 +613,9 @@ impl<Io> Engine<Io> {
         let (backend, backend_addr, checked) =
             (flow.backend, flow.backend_addr, flow.checked_generation);
         if state.kind == SocketKind::Unconnected && spec.mode == SessionMode::Datagram {
-            let client = client_of(flow);
-            let Some(idx) = self.choose(li, spec, pi, pool, &client) else {
+            let Some(b) = self.datagram_backend(h, li, spec, pi, pool, now) else {
                 return Verdict::Drop(DropReason::NoBackend);
             };
-            let b = &pool.backends[idx];
             return Verdict::Send(Send {
                 flow: h,
                 listener: li as u16,
@@ -622,7 +633,7 @@ impl<Io> Engine<Io> {
                 .is_some_and(|i| pool.keeps_flows(i));
             if !keeps {
                 let client = client_of(flow);
-                let Some(idx) = self.choose(li, spec, pi, pool, &client) else {
+                let Some(idx) = self.choose(li, spec, pi, pool, &client, now) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
                 let to = &pool.backends[idx];
@@ -680,7 +691,7 @@ impl<Io> Engine<Io> {
             f.io.state.displaced = false;
         }
         let from = current.filter(|&i| pool.overloaded(i, self.table.load()))?;
-        let to = self.choose(li, spec, pi, pool, client)?;
+        let to = self.choose(li, spec, pi, pool, client, now)?;
         let flows = |i: usize| {
             let load = self.table.load();
             load.get(pool.backends[i].id.index()).copied().unwrap_or(0)
@@ -742,11 +753,57 @@ impl<Io> Engine<Io> {
             f.io.state.header_acked = false;
             // Moved off a failure: displaced (a rebalance puts it back in balance).
             f.io.state.displaced = !m.rebalance;
+            let abuse = f.io.state.abuse;
+            let client = client_of(f);
+            let li = usize::from(f.key.listener);
+            if let Some(p) = self.persistence(li).filter(|_| !abuse) {
+                p.moved(client, m.backend);
+            }
         }
         m.then
     }
 
-    /// The backend index in `pool` for a new flow (or a datagram) of `client` on listener `li`.
+    /// The backend of a datagram on datagram-mode flow `h` (of pool `pi`): scheduled on its
+    /// own, or, when the listener remembers clients, the flow's backend while it may take
+    /// clients (the flow follows the scheduler's pick when it may not).
+    fn datagram_backend<'s>(
+        &mut self,
+        h: FlowHandle,
+        li: usize,
+        spec: &ListenerSpec,
+        pi: usize,
+        pool: &'s Pool,
+        now: Time,
+    ) -> Option<&'s Backend> {
+        let flow = self.table.get(h)?;
+        let client = client_of(flow);
+        let remembered = pi == spec.pool && self.persistence(li).is_some();
+        if remembered
+            && let Some(i) = pool.position_of_id(flow.backend)
+            && pool.tier.contains(i)
+        {
+            return Some(&pool.backends[i]);
+        }
+        let b = &pool.backends[self.choose(li, spec, pi, pool, &client, now)?];
+        if remembered {
+            let generation = self.table.get(h)?.checked_generation;
+            self.table.rebind(h, (b.id, b.spec.addr), generation);
+            if let Some(p) = self.persistence(li) {
+                p.moved(client, b.id);
+            }
+        }
+        Some(b)
+    }
+
+    /// Listener `li`'s persistence table, if it remembers clients.
+    #[inline]
+    fn persistence(&self, li: usize) -> Option<&Persistence> {
+        self.listeners.get(li)?.persistence.as_deref()
+    }
+
+    /// The backend index in `pool` for a new flow (or a datagram) of `client` on listener `li`
+    /// at `now`: the one the client last used if the listener remembers clients and it may
+    /// take them, else the scheduler's pick.
     fn choose(
         &mut self,
         li: usize,
@@ -754,21 +811,16 @@ impl<Io> Engine<Io> {
         pi: usize,
         pool: &Pool,
         client: &SocketAddr,
+        now: Time,
     ) -> Option<usize> {
-        // IP affinity is the listener's pool's; the abuse pool only schedules.
-        if let Some(sticky) = self.listeners[li]
-            .sticky
-            .as_ref()
-            .filter(|_| pi == spec.pool)
-        {
-            let stuck = sticky
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .backend_of(client.ip());
-            if let Some(i) = stuck.and_then(|id| pool.position_of_id(id))
-                && pool.tier.contains(i)
-            {
-                return Some(i);
+        // Persistence is the listener's pool's; the abuse pool only schedules.
+        if let Some(p) = self.persistence(li).filter(|_| pi == spec.pool) {
+            let usable = |id| {
+                pool.position_of_id(id)
+                    .is_some_and(|i| pool.tier.contains(i))
+            };
+            if let Some(id) = p.backend_of(*client, now, usable) {
+                return pool.position_of_id(id);
             }
         }
         let key = if pool.scheduler.is_consistent_hash() {
@@ -985,12 +1037,8 @@ impl<Io> Engine<Io> {
             {
                 l.senders.remove(&flow.key.client);
             }
-            if let Some(sticky) = &l.sticky {
-                let client = flow.key.origin.unwrap_or(flow.key.client);
-                sticky
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .release(client.ip(), now);
+            if let Some(p) = l.persistence.as_ref().filter(|_| !state.abuse) {
+                p.release(client_of(&flow), now);
             }
         }
         Closed {
@@ -1023,14 +1071,14 @@ impl<Io> Engine<Io> {
                 closed.push(flow);
             }
         });
-        let any = !closed.is_empty();
         for flow in closed {
             let c = self.closed(flow, CloseReason::Idle, now);
             on(Expiry::Closed(c));
         }
-        if any {
-            for sticky in self.listeners.iter().filter_map(|l| l.sticky.as_ref()) {
-                sticky.lock().unwrap_or_else(|p| p.into_inner()).expire(now);
+        if now >= self.next_sweep {
+            self.next_sweep = now.after(PERSISTENCE_SWEEP);
+            for p in self.listeners.iter().filter_map(|l| l.persistence.as_ref()) {
+                p.sweep(now);
             }
         }
     }

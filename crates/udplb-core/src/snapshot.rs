@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::acl::{Acl, CidrSet};
+use crate::affinity::Persistence;
 use crate::model::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
 };
@@ -163,6 +164,9 @@ pub struct ListenerSpec {
     pub acl: Acl,
     /// Rate limiters shared by the workers (carried over by reloads that keep the settings).
     pub limits: Option<Arc<Limits>>,
+    /// Which backend each client last used, shared by the workers (carried over by reloads
+    /// that keep the settings); `None`: clients are not remembered.
+    pub persistence: Option<Arc<Persistence>>,
     /// Datagrams arrive through another balancer with PROXY v2 headers naming the client.
     pub proxy_ingress: bool,
     /// With `proxy_ingress`: the only senders trusted to send them (empty: any sender).

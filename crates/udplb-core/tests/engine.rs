@@ -9,11 +9,11 @@
 //! numbered too: client `n` is `203.0.113.n:4000`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use udplb_core::acl::{Acl, CidrSet};
-use udplb_core::affinity::StickyTable;
+use udplb_core::affinity::{Persistence, PersistenceSettings};
 use udplb_core::engine::{Datagram, Engine, Expiry, ReplyVerdict, Send, Verdict};
 use udplb_core::flow::{FlowHandle, FlowKey};
 use udplb_core::ratelimit::{LimitSettings, Limits};
@@ -208,10 +208,16 @@ impl Fixture {
             .collect();
         let mut pools = vec![PoolInput::new("main".into(), scheduler, members)];
         setup(&mut listener, &mut pools);
-        let sticky = (listener.affinity == Affinity::Ip)
-            .then(|| Arc::new(Mutex::new(StickyTable::new(1_000, listener.idle_timeout))));
+        if listener.affinity == Affinity::Ip && listener.persistence.is_none() {
+            // As udplb plans it: IP affinity remembers a client for the idle timeout.
+            listener.persistence = Some(Arc::new(Persistence::new(PersistenceSettings {
+                by_port: false,
+                timeout: listener.idle_timeout,
+                cap: 1_000,
+            })));
+        }
         let snap = Snapshot::build(1, vec![listener.clone()], pools.clone(), None);
-        let mut engine = Engine::new(1, vec![sticky], 0x5eed);
+        let mut engine = Engine::new(1, 0x5eed);
         engine.apply(&snap);
         Fixture {
             listener,
@@ -999,6 +1005,77 @@ fn ip_affinity_keeps_a_clients_ports_on_one_backend() {
                 From(SocketAddr::from(([203, 0, 113, 1], 4002)), 10),
                 open(1),
             ),
+        ],
+    });
+}
+
+/// Persistence by ip:port for 5 s.
+fn with_persistence(l: &mut ListenerSpec, _: &mut Vec<PoolInput>) {
+    l.persistence = Some(Arc::new(Persistence::new(PersistenceSettings {
+        by_port: true,
+        timeout: Duration::from_secs(5),
+        cap: 1_000,
+    })));
+}
+
+#[test]
+fn persistence_keeps_a_clients_exchanges_on_one_backend() {
+    check(Case {
+        name: "persistence, request-response",
+        mode: REQUEST_RESPONSE,
+        scheduler: RR,
+        backends: 2,
+        setup: with_persistence,
+        steps: vec![
+            (Client(1, 30), open(1)),
+            (reply(1, 1, 90), completed(1)),
+            // Round robin would say 2: the client returns to 1.
+            (Client(1, 30), open(1)),
+            (reply(1, 1, 90), completed(1)),
+            (Client(2, 30), open(2)),
+            (reply(2, 2, 90), completed(2)),
+            (Wait(4_900), expired(&[], 0)),
+            (Client(2, 30), open(2)),
+            (reply(2, 2, 90), completed(2)),
+            // Forgotten 5 s after its last exchange: scheduled again.
+            (Wait(5_000), expired(&[], 0)),
+            (Client(2, 30), open(1)),
+            (reply(2, 1, 90), completed(2)),
+            // Not to a backend that takes no new clients: scheduled, then remembered there.
+            (Admin(1, AdminState::Draining), Out::Done),
+            (Client(1, 30), open(2)),
+            (reply(1, 2, 90), completed(1)),
+            (Admin(1, AdminState::Enabled), Out::Done),
+            (Client(1, 30), open(2)),
+        ],
+    });
+}
+
+#[test]
+fn persistence_in_datagram_mode_keeps_a_client_on_one_backend_until_it_fails() {
+    check(Case {
+        name: "persistence, datagram mode",
+        mode: SessionMode::Datagram,
+        scheduler: RR,
+        backends: 3,
+        setup: with_persistence,
+        steps: vec![
+            (Client(1, 10), open(1)),
+            (Client(1, 10), send(1)),
+            (Client(2, 10), open(2)),
+            (Client(1, 10), send(1)),
+            (reply(1, 1, 5), relay(1)),
+            (Health(1, false), Out::Done),
+            (Client(1, 10), send(2)),
+            (Client(1, 10), send(2)),
+            (reply(1, 2, 5), relay(1)),
+            // Back up: the client stays where it went.
+            (Health(1, true), Out::Done),
+            (Client(1, 10), send(2)),
+            (Client(2, 10), send(2)),
+            // Its flow idles out; it is remembered on 2 for 5 s more.
+            (Wait(30_001), expired(&[], 2)),
+            (Client(1, 10), open(2)),
         ],
     });
 }

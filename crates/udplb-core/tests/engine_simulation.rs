@@ -18,8 +18,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use udplb_core::affinity::{Persistence, PersistenceSettings};
 use udplb_core::engine::{Datagram, Engine, Expiry, ReplyVerdict, Send, Verdict};
 use udplb_core::flow::FlowHandle;
 use udplb_core::snapshot::{AdminState, BackendInput, ListenerSpec, PoolInput, Snapshot};
@@ -74,6 +76,13 @@ impl Sim {
         listener.reply_timeout = Duration::from_millis(50 + rng.below(2 * idle.as_millis() as u64));
         listener.max_flows = 1 + rng.below(40) as u32;
         listener.shared_upstream = rng.below(2) == 0;
+        if rng.below(3) == 0 {
+            listener.persistence = Some(Arc::new(Persistence::new(PersistenceSettings {
+                by_port: rng.below(2) == 0,
+                timeout: Duration::from_millis(100 + rng.below(5_000)),
+                cap: 1 + rng.below(40) as usize,
+            })));
+        }
         let n = 1 + rng.below(5);
         let members = (1..=n)
             .map(|i| {
@@ -94,7 +103,7 @@ impl Sim {
         pool.rebalance = (rng.below(2) == 0).then(|| Duration::from_millis(rng.below(1_000)));
         let pools = vec![pool];
         let snap = Snapshot::build(1, vec![listener.clone()], pools.clone(), None);
-        let mut engine = Engine::new(1, vec![None], seed | 1);
+        let mut engine = Engine::new(1, seed | 1);
         engine.apply(&snap);
         Sim {
             seed,

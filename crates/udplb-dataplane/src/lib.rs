@@ -22,13 +22,11 @@ mod worker;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
-use udplb_core::Affinity;
-use udplb_core::affinity::StickyTable;
 use udplb_core::snapshot::{ListenerSpec, Snapshot};
 use udplb_sys::socket::{ListenerOptions, bind_listener};
 
@@ -61,7 +59,6 @@ pub struct Dataplane {
 pub struct Bound {
     descriptor_reserve: u64,
     shared: Arc<ArcSwap<Snapshot>>,
-    sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
     sockets_per_worker: Vec<Vec<std::net::UdpSocket>>,
     listener_addrs: Vec<SocketAddr>,
 }
@@ -77,7 +74,6 @@ impl Bound {
         let Bound {
             descriptor_reserve,
             shared,
-            sticky,
             sockets_per_worker,
             listener_addrs,
         } = self;
@@ -96,7 +92,6 @@ impl Bound {
                 shared: Arc::clone(&shared),
                 stats: Arc::clone(&worker_stats),
                 stop: Arc::clone(&stop),
-                sticky: sticky.clone(),
                 epoch,
                 descriptor_reserve,
             })?;
@@ -147,18 +142,6 @@ impl Dataplane {
     pub fn bind(shared: Arc<ArcSwap<Snapshot>>, opts: &DataplaneOptions) -> io::Result<Bound> {
         let snapshot = shared.load_full();
         let workers = opts.workers.max(1);
-        let sticky: Vec<Option<Arc<Mutex<StickyTable>>>> = snapshot
-            .listeners
-            .iter()
-            .map(|l| {
-                (l.affinity == Affinity::Ip).then(|| {
-                    Arc::new(Mutex::new(StickyTable::new(
-                        l.max_flows as usize,
-                        l.idle_timeout,
-                    )))
-                })
-            })
-            .collect();
         // The buffers are asked for (forced past the system maximum when privileged); a
         // smaller grant is reported once per listener, not refused.
         let listener_opts = |spec: &ListenerSpec| ListenerOptions {
@@ -188,7 +171,6 @@ impl Dataplane {
         Ok(Bound {
             descriptor_reserve: opts.descriptor_reserve,
             shared,
-            sticky,
             sockets_per_worker,
             listener_addrs,
         })

@@ -297,6 +297,17 @@ pub(crate) fn stats_json(state: &State) -> Value {
             });
             if let Value::Object(m) = &mut listener {
                 put_counters(m, ListenerTotals::sum(&state.stats, i).values());
+                if let Some(p) = &l.persistence {
+                    let c = p.counts();
+                    m.insert(
+                        "persistence".into(),
+                        json!({
+                            "clients": c.clients,
+                            "returned": c.returned,
+                            "full": c.full,
+                        }),
+                    );
+                }
             }
             listener
         })

@@ -143,6 +143,10 @@ struct OneLiner {
     /// What makes a client sticky: ip-port or ip.
     #[arg(long, default_value = "ip-port", value_parser = parse_affinity)]
     affinity: Affinity,
+    /// A client returns to the backend it last used if it comes back within this long after
+    /// its last flow closed (LVS persistence; e.g. 60s). Off by default.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    persistence: Option<Duration>,
     /// Close a flow after this long without traffic (e.g. 30s, 500ms).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
@@ -334,6 +338,7 @@ impl OneLiner {
         }
         listener.affinity = self.affinity;
         listener.idle_timeout = self.idle_timeout;
+        listener.persistence = self.persistence;
         listener.max_flows = self.max_flows;
         listener.max_datagram_size = self.max_datagram_size;
         listener.socket_buffer = self.socket_buffer;

@@ -214,6 +214,18 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
     let snap = state.shared.load();
     let mut counters: Vec<Family> = LISTENER_COUNTERS.iter().map(family_of).collect();
     let mut capacity = Family::gauge("flow_capacity", "Flow cap of the listener over all workers");
+    let mut remembered = Family::gauge(
+        "persistence_clients",
+        "Clients the listener remembers the backend of (persistence)",
+    );
+    let mut returned = Family::counter(
+        "persistence_returns",
+        "New flows sent to the backend their client last used",
+    );
+    let mut full = Family::counter(
+        "persistence_full",
+        "Clients not remembered because the persistence table was full",
+    );
     for (i, l) in snap.listeners.iter().enumerate() {
         let name = || vec![("listener", Cow::Owned(l.name.clone()))];
         add_totals(
@@ -222,6 +234,12 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
             name,
         );
         capacity.add(name(), l.max_flows);
+        if let Some(p) = &l.persistence {
+            let c = p.counts();
+            remembered.add(name(), c.clients as f64);
+            returned.add(name(), c.returned as f64);
+            full.add(name(), c.full as f64);
+        }
     }
     // Next to the live flows it caps.
     let at = LISTENER_COUNTERS
@@ -229,6 +247,9 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         .position(|d| d.field == "flows_live")
         .map_or(counters.len(), |i| i + 1);
     counters.insert(at, capacity);
+    if !remembered.values.is_empty() {
+        counters.extend([remembered, returned, full]);
+    }
     counters
 }
 

@@ -6,8 +6,10 @@
 
 use std::sync::Arc;
 
-use udplb_config::Config;
+use udplb_config::{Config, ListenerConfig};
+use udplb_core::Affinity;
 use udplb_core::acl::{Acl, CidrSet};
+use udplb_core::affinity::{Persistence, PersistenceSettings};
 use udplb_core::ratelimit::{LimitSettings, Limits};
 use udplb_core::snapshot::{BackendInput, ListenerSpec, PoolInput, Snapshot};
 use udplb_core::source::SourceGuard;
@@ -68,6 +70,8 @@ pub fn snapshot_of(
             limits: l
                 .limits
                 .map(|settings| limits_for(&l.name, settings, previous)),
+            persistence: persistence_settings(l)
+                .map(|settings| persistence_for(&l.name, settings, previous)),
             proxy_ingress: l.proxy_protocol,
             proxy_from: CidrSet::new(&l.proxy_from),
             abuse_pool: l
@@ -148,6 +152,36 @@ fn usable(pool: &str, addr: std::net::SocketAddr, guard: &SourceGuard, host: &Ad
     };
     tracing::warn!(pool, backend = %addr, "backend never takes traffic: {why}");
     false
+}
+
+/// What listener `l` remembers clients by, and for how long: with `persistence`, by its
+/// affinity (ip:port or ip) for that long; with IP affinity alone, by ip for the idle timeout;
+/// else nothing. At most `max_flows` clients.
+fn persistence_settings(l: &ListenerConfig) -> Option<PersistenceSettings> {
+    let timeout = match (l.persistence, l.affinity) {
+        (Some(d), _) => d,
+        (None, Affinity::Ip) => l.idle_timeout,
+        (None, Affinity::IpPort) => return None,
+    };
+    Some(PersistenceSettings {
+        by_port: l.affinity == Affinity::IpPort,
+        timeout,
+        cap: l.max_flows as usize,
+    })
+}
+
+/// The persistence table of listener `name`: the running one when a reload keeps its settings
+/// (clients keep their backends), else a new one.
+fn persistence_for(
+    name: &str,
+    settings: PersistenceSettings,
+    previous: Option<&Snapshot>,
+) -> Arc<Persistence> {
+    previous
+        .and_then(|p| p.listeners.iter().find(|l| l.name == name))
+        .and_then(|l| l.persistence.as_ref())
+        .filter(|p| p.settings() == settings)
+        .map_or_else(|| Arc::new(Persistence::new(settings)), Arc::clone)
 }
 
 /// The limiters of listener `name`: the running ones when a reload keeps their settings (so

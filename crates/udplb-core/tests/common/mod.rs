@@ -44,6 +44,7 @@ pub fn listener(name: &str, address: SocketAddr, mode: SessionMode) -> ListenerS
         max_datagram_size: 1_500,
         acl: Acl::default(),
         limits: None,
+        persistence: None,
         proxy_ingress: false,
         proxy_from: CidrSet::default(),
         abuse_pool: None,

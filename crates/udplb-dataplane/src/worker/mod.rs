@@ -21,15 +21,14 @@ mod replies;
 use std::io;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Cache};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use udplb_core::Time;
-use udplb_core::affinity::StickyTable;
 use udplb_core::engine::{Closed, Engine, Expiry, SHARED_LISTENERS};
 use udplb_core::flow::FlowHandle;
 use udplb_core::snapshot::Snapshot;
@@ -102,7 +101,6 @@ pub(crate) struct WorkerSetup {
     pub shared: Arc<ArcSwap<Snapshot>>,
     pub stats: Arc<WorkerStats>,
     pub stop: Arc<AtomicBool>,
-    pub sticky: Vec<Option<Arc<Mutex<StickyTable>>>>,
     /// The data plane's clock origin, shared by every worker so that state they share (rate
     /// limiters) sees one time.
     pub epoch: Instant,
@@ -144,7 +142,7 @@ impl Worker {
                 .register(&mut SourceFd(&fd), listener_token(i), Interest::READABLE)?;
             listeners.push(ListenerIo::new(socket, &snap.listeners[i], BATCH)?);
         }
-        let mut engine = Engine::new(setup.workers, setup.sticky, seed(setup.id));
+        let mut engine = Engine::new(setup.workers, seed(setup.id));
         engine.apply(&snap);
         Ok(Worker {
             id: setup.id,
