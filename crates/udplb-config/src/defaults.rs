@@ -13,6 +13,18 @@ pub const IDLE_TIMEOUT_RANGE: RangeInclusive<Duration> =
 /// Accepted persistence timeouts (`persistence`; off by default).
 pub const PERSISTENCE_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(86_400);
+/// RADIUS payload keys: how long a `State` is remembered after its challenge (freeradius
+/// forgets an EAP session after 60 s: `timer_expire`).
+pub const STATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Accepted `State` timeouts.
+pub const STATE_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+/// RADIUS payload keys: `State`s remembered at most.
+pub const MAX_STATES: usize = 65_536;
+/// Accepted `max_states`.
+pub const MAX_STATES_RANGE: RangeInclusive<usize> = 16..=16_777_216;
+/// Accepted key offsets and lengths (`bytes` payload keys), and token lengths.
+pub const KEY_BYTES_RANGE: RangeInclusive<usize> = 1..=65_507;
 /// Flow cap of a listener (over all workers).
 pub const MAX_FLOWS: u32 = 65_536;
 /// Accepted flow caps.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use udplb_core::acl::Cidr;
 use udplb_core::health::{Initial, Quorum, Thresholds};
+use udplb_core::payload::KeySpec;
 use udplb_core::ratelimit::LimitSettings;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{
@@ -162,6 +163,9 @@ pub struct PoolConfig {
     /// A backend back up after being down gets a share of its weight that grows from 0 to all
     /// of it over this long (`slow_start`); zero: all of it at once.
     pub slow_start: Duration,
+    /// What datagrams are placed by, read from their bytes (`[pools.NAME.payload_key]`);
+    /// `None`: nothing is read.
+    pub payload_key: Option<KeySpec>,
 }
 
 impl PoolConfig {
@@ -184,6 +188,7 @@ impl PoolConfig {
             transparent: false,
             rebalance: Some(defaults::REBALANCE),
             slow_start: Duration::ZERO,
+            payload_key: None,
         }
     }
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 use udplb_core::acl::Cidr;
+use udplb_core::payload::KeySpec;
 use udplb_core::ratelimit::LimitSettings;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{
@@ -76,6 +77,17 @@ const POOL_KEYS: &[&str] = &[
     "transparent",
     "rebalance",
     "slow_start",
+    "payload_key",
+];
+const PAYLOAD_KEY_KEYS: &[&str] = &[
+    "kind",
+    "attributes",
+    "state_timeout",
+    "max_states",
+    "offset",
+    "length",
+    "after",
+    "until",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state", "health"];
 
@@ -400,6 +412,128 @@ impl Reader<'_> {
         })
     }
 
+    /// `[pools.NAME.payload_key]`: a `kind` and that kind's keys (another kind's keys are
+    /// errors).
+    fn payload_key(&mut self, key: &str, t: &DeTable<'_>) -> Option<KeySpec> {
+        let v = t.get("payload_key")?;
+        let pkey = join(key, "payload_key");
+        let DeValue::Table(pt) = v.get_ref() else {
+            return self.wrong_type(&pkey, v, "a table");
+        };
+        self.check_keys(&pkey, pt, PAYLOAD_KEY_KEYS);
+        let kind = self.required(pt, &pkey, "kind", |r, k, v| {
+            r.string(k, v).map(str::to_string)
+        })?;
+        let own: &[&str] = match kind.as_str() {
+            "radius" => &["attributes", "state_timeout", "max_states"],
+            "sip" => &[],
+            "bytes" => &["offset", "length"],
+            "token" => &["after", "until"],
+            _ => &[],
+        };
+        for (k, _) in pt.iter() {
+            let name = k.get_ref().as_ref();
+            if name != "kind" && PAYLOAD_KEY_KEYS.contains(&name) && !own.contains(&name) {
+                self.error_at(
+                    k.span(),
+                    &join(&pkey, name),
+                    format!("not a key of kind {kind:?}"),
+                );
+            }
+        }
+        match kind.as_str() {
+            "radius" => {
+                let attributes = self
+                    .optional(pt, &pkey, "attributes", |r, k, v| r.radius_attributes(k, v))
+                    .unwrap_or_default();
+                let state_timeout = self
+                    .optional(pt, &pkey, "state_timeout", |r, k, v| r.duration(k, v))
+                    .unwrap_or(defaults::STATE_TIMEOUT);
+                let max_states = self
+                    .ranged(pt, &pkey, "max_states", defaults::MAX_STATES_RANGE)
+                    .unwrap_or(defaults::MAX_STATES);
+                Some(KeySpec::Radius {
+                    attributes,
+                    state_timeout,
+                    max_states,
+                })
+            }
+            "sip" => Some(KeySpec::Sip),
+            "bytes" => {
+                let offset = self.ranged(pt, &pkey, "offset", 0..=65_506);
+                let length = if pt.get("length").is_some() {
+                    self.ranged(pt, &pkey, "length", defaults::KEY_BYTES_RANGE)
+                } else {
+                    let message = format!("missing: {pkey} needs a \"length\" key");
+                    self.error_key(&join(&pkey, "length"), message);
+                    None
+                };
+                Some(KeySpec::Bytes {
+                    offset: offset.unwrap_or(0),
+                    length: length?,
+                })
+            }
+            "token" => {
+                let after = self.required(pt, &pkey, "after", |r, k, v| {
+                    r.string(k, v).map(|s| s.as_bytes().to_vec())
+                })?;
+                if after.is_empty() {
+                    self.error_key(&join(&pkey, "after"), "must not be empty".into());
+                    return None;
+                }
+                let until = self
+                    .optional(pt, &pkey, "until", |r, k, v| {
+                        r.string(k, v).map(|s| s.as_bytes().to_vec())
+                    })
+                    .unwrap_or_else(|| b" \t\r\n;,&".to_vec());
+                Some(KeySpec::Token { after, until })
+            }
+            other => {
+                let k = join(&pkey, "kind");
+                self.error_key(
+                    &k,
+                    format!("unknown kind {other:?} (expected one of: radius, sip, bytes, token)"),
+                );
+                None
+            }
+        }
+    }
+
+    /// RADIUS attributes by name (`"User-Name"`) or number.
+    fn radius_attributes(&mut self, key: &str, v: &Item<'_>) -> Option<Vec<u8>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            return self.wrong_type(
+                key,
+                v,
+                "an array of attribute names such as [\"User-Name\"]",
+            );
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let ikey = format!("{key}[{i}]");
+            let name = self.string(&ikey, item)?;
+            match udplb_core::payload::radius::attribute_type(name) {
+                Some(t) => out.push(t),
+                None => {
+                    let names: Vec<&str> = udplb_core::payload::radius::ATTRIBUTE_NAMES
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .collect();
+                    self.error_at(
+                        item.span(),
+                        &ikey,
+                        format!(
+                            "unknown RADIUS attribute {name:?} (a number 1-255 or one of: {})",
+                            names.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// `mode` and `responses` together. On an error (already reported) the listener keeps a
     /// default so that its other rules are still checked.
     fn mode(&mut self, t: &DeTable<'_>, key: &str) -> SessionMode {
@@ -476,6 +610,7 @@ impl Reader<'_> {
         if let Some(d) = self.optional(t, key, "slow_start", |r, k, v| r.duration(k, v)) {
             pool.slow_start = d;
         }
+        pool.payload_key = self.payload_key(key, t);
         if let Some(r) = self.optional(t, key, "rebalance", |r, k, v| match v.get_ref() {
             DeValue::String(s) if s.as_ref() == "off" => Some(None),
             _ => r.duration(k, v).map(Some),

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use udplb_core::payload::KeySpec;
 use udplb_core::{BackendSpec, SessionMode};
 
 use crate::defaults;
@@ -202,6 +203,51 @@ fn check_listener(
     );
 }
 
+/// A pool's payload key: a hashed key needs a consistent-hash scheduler (a hash that the
+/// scheduler ignores places nothing), and every listener served by the pool must place each
+/// datagram on its own (in flow modes a key would place only a flow's first datagram).
+fn check_payload_key(
+    out: &mut Vec<Problem>,
+    p: &PoolConfig,
+    k: &KeySpec,
+    listeners: &[ListenerConfig],
+) {
+    let key = format!("pools.{}.payload_key", p.name);
+    if k.hashes() && !p.scheduler.is_consistent_hash() {
+        out.push(problem(
+            format!("{key}.kind"),
+            format!(
+                "kind {:?} places datagrams by a hash of their key: the pool needs scheduler = \
+                 \"maglev\" or \"rendezvous\" (it has {:?})",
+                k.kind(),
+                p.scheduler.name()
+            ),
+        ));
+    }
+    if let KeySpec::Radius { state_timeout, .. } = k {
+        check_duration(
+            out,
+            format!("{key}.state_timeout"),
+            *state_timeout,
+            defaults::STATE_TIMEOUT_RANGE,
+        );
+    }
+    for l in listeners {
+        let serves = l.pool == p.name || l.abuse_pool.as_deref() == Some(p.name.as_str());
+        if serves && l.mode != SessionMode::Datagram {
+            out.push(problem(
+                key.clone(),
+                format!(
+                    "listener {:?} (mode {:?}) uses this pool: a payload key places each \
+                     datagram on its own, so the listener needs mode = \"datagram\"",
+                    l.name,
+                    l.mode.name()
+                ),
+            ));
+        }
+    }
+}
+
 /// Two listeners conflict on the same port when their addresses are equal or one is the
 /// wildcard of the other's family.
 fn addresses_conflict(a: SocketAddr, b: SocketAddr) -> bool {
@@ -230,6 +276,9 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfi
     );
     if let Some(h) = &p.health {
         check_health(out, &format!("pools.{}.health", p.name), h);
+    }
+    if let Some(k) = &p.payload_key {
+        check_payload_key(out, p, k, listeners);
     }
     let key = format!("pools.{}.backends", p.name);
     if p.backends.is_empty() {

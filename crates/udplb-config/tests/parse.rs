@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use udplb_config::{ConfigErrors, parse};
+use udplb_core::payload::KeySpec;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{Affinity, SchedulerKind, SessionMode};
 
@@ -726,4 +727,104 @@ fn persistence_is_a_duration_or_off() {
     );
     let text = errors(&listener_with("persistence = 60")).to_string();
     assert!(text.contains("listeners.l.persistence"), "{text}");
+}
+
+#[test]
+fn payload_keys_by_kind() {
+    let pool = |scheduler: &str, mode: &str, key: &str| {
+        format!(
+            "[listeners.l]\naddress = \"127.0.0.1:1812\"\npool = \"p\"\nmode = \"{mode}\"\n\
+             [pools.p]\nbackends = [\"127.0.0.1:5301\"]\nscheduler = \"{scheduler}\"\n\
+             [pools.p.payload_key]\n{key}\n"
+        )
+    };
+    let cfg = parse(&pool("rr", "datagram", "kind = \"radius\""), "t.toml").unwrap();
+    assert_eq!(
+        cfg.pools[0].payload_key,
+        Some(KeySpec::Radius {
+            attributes: vec![],
+            state_timeout: Duration::from_secs(60),
+            max_states: 65_536
+        })
+    );
+    let radius = "kind = \"radius\"\nattributes = [\"User-Name\", \"calling-station-id\", \"26\"]\n\
+                  state_timeout = \"30s\"\nmax_states = 1000";
+    let cfg = parse(&pool("maglev", "datagram", radius), "t.toml").unwrap();
+    assert_eq!(
+        cfg.pools[0].payload_key,
+        Some(KeySpec::Radius {
+            attributes: vec![1, 31, 26],
+            state_timeout: Duration::from_secs(30),
+            max_states: 1000
+        })
+    );
+    let cfg = parse(&pool("hrw", "datagram", "kind = \"sip\""), "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].payload_key, Some(KeySpec::Sip));
+    let bytes = "kind = \"bytes\"\noffset = 4\nlength = 8";
+    let cfg = parse(&pool("maglev", "datagram", bytes), "t.toml").unwrap();
+    assert_eq!(
+        cfg.pools[0].payload_key,
+        Some(KeySpec::Bytes {
+            offset: 4,
+            length: 8
+        })
+    );
+    let token = "kind = \"token\"\nafter = \"session=\"";
+    let cfg = parse(&pool("maglev", "datagram", token), "t.toml").unwrap();
+    assert_eq!(
+        cfg.pools[0].payload_key,
+        Some(KeySpec::Token {
+            after: b"session=".to_vec(),
+            until: b" \t\r\n;,&".to_vec()
+        })
+    );
+
+    // Each error names the key.
+    for (scheduler, mode, key, expected) in [
+        (
+            "rr",
+            "datagram",
+            "kind = \"sip\"",
+            "pools.p.payload_key.kind: kind \"sip\" places datagrams by a hash of their key: the pool needs scheduler = \"maglev\" or \"rendezvous\" (it has \"round-robin\")",
+        ),
+        (
+            "maglev",
+            "request-response",
+            "kind = \"sip\"",
+            "pools.p.payload_key: listener \"l\" (mode \"request-response\") uses this pool: a payload key places each datagram on its own, so the listener needs mode = \"datagram\"",
+        ),
+        (
+            "maglev",
+            "datagram",
+            "kind = \"sip\"\noffset = 3",
+            "pools.p.payload_key.offset: not a key of kind \"sip\"",
+        ),
+        (
+            "maglev",
+            "datagram",
+            "kind = \"bytes\"",
+            "pools.p.payload_key.length: missing: pools.p.payload_key needs a \"length\" key",
+        ),
+        (
+            "maglev",
+            "datagram",
+            "kind = \"json\"",
+            "pools.p.payload_key.kind: unknown kind \"json\" (expected one of: radius, sip, bytes, token)",
+        ),
+        (
+            "rr",
+            "datagram",
+            "kind = \"radius\"\nattributes = [\"User-Nme\"]",
+            "pools.p.payload_key.attributes[0]: unknown RADIUS attribute \"User-Nme\"",
+        ),
+        (
+            "rr",
+            "datagram",
+            "kind = \"radius\"\nstate_timeout = \"2h\"",
+            "pools.p.payload_key.state_timeout: 2h is out of range 1s..=1h",
+        ),
+    ] {
+        let text = errors(&pool(scheduler, mode, key)).to_string();
+        assert!(text.contains(expected), "{key}:\n{text}");
+    }
 }

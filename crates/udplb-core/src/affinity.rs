@@ -11,18 +11,13 @@
 //! decide whether a backend may take a client (the caller says).
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::hash::canonical_ip;
+use crate::sharded::{SHARDS, Sharded};
 use crate::snapshot::BackendId;
 use crate::time::Time;
-
-/// Shards of a table: workers opening flows of different clients rarely wait on each other.
-const SHARDS: usize = 16;
 
 /// What a listener remembers clients by, and for how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,10 +34,7 @@ pub struct PersistenceSettings {
 #[derive(Debug)]
 pub struct Persistence {
     settings: PersistenceSettings,
-    shards: Box<[Mutex<Shard>]>,
-    hasher: std::collections::hash_map::RandomState,
-    /// The next shard a sweep visits.
-    sweep_cursor: AtomicUsize,
+    shards: Sharded<Shard>,
 }
 
 /// What [`Persistence::counts`] reports.
@@ -75,9 +67,7 @@ impl Persistence {
     pub fn new(settings: PersistenceSettings) -> Self {
         Persistence {
             settings,
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: std::collections::hash_map::RandomState::new(),
-            sweep_cursor: AtomicUsize::new(0),
+            shards: Sharded::default(),
         }
     }
 
@@ -95,7 +85,7 @@ impl Persistence {
         usable: impl FnOnce(BackendId) -> bool,
     ) -> Option<BackendId> {
         let key = self.key(client);
-        let mut shard = self.shard(&key);
+        let mut shard = self.shards.of(&key);
         let e = *shard.entries.get(&key)?;
         let remembered = e.flows > 0 || e.released.after(self.settings.timeout) > now;
         if !remembered || !usable(e.backend) {
@@ -112,7 +102,7 @@ impl Persistence {
         let key = self.key(client);
         let cap = self.settings.cap.div_ceil(SHARDS).max(1);
         let timeout = self.settings.timeout;
-        let mut shard = self.shard(&key);
+        let mut shard = self.shards.of(&key);
         if let Some(e) = shard.entries.get_mut(&key) {
             e.backend = backend;
             e.flows += 1;
@@ -138,7 +128,7 @@ impl Persistence {
     /// A flow of `client` moved to backend `to`: the client follows it.
     pub fn moved(&self, client: SocketAddr, to: BackendId) {
         let key = self.key(client);
-        if let Some(e) = self.shard(&key).entries.get_mut(&key) {
+        if let Some(e) = self.shards.of(&key).entries.get_mut(&key) {
             e.backend = to;
         }
     }
@@ -147,7 +137,7 @@ impl Persistence {
     /// timeout from then (or while it has other flows).
     pub fn release(&self, client: SocketAddr, now: Time) {
         let key = self.key(client);
-        if let Some(e) = self.shard(&key).entries.get_mut(&key) {
+        if let Some(e) = self.shards.of(&key).entries.get_mut(&key) {
             e.flows = e.flows.saturating_sub(1);
             e.released = now;
         }
@@ -157,14 +147,12 @@ impl Persistence {
     /// periodically by every worker, it bounds what forgotten clients hold; a client whose
     /// time is up is never returned, swept or not.
     pub fn sweep(&self, now: Time) {
-        let i = self.sweep_cursor.fetch_add(1, Ordering::Relaxed) % SHARDS;
-        self.lock(i).expire(now, self.settings.timeout);
+        self.shards.next().expire(now, self.settings.timeout);
     }
 
     /// Clients remembered (possibly some whose time is up but not yet swept) and counters.
     pub fn counts(&self) -> PersistenceCounts {
-        (0..SHARDS).fold(PersistenceCounts::default(), |mut c, i| {
-            let s = self.lock(i);
+        self.shards.fold(PersistenceCounts::default(), |mut c, s| {
             c.clients += s.entries.len() as u64;
             c.returned += s.returned;
             c.full += s.full;
@@ -179,16 +167,6 @@ impl Persistence {
             0
         };
         SocketAddr::new(canonical_ip(client.ip()), port)
-    }
-
-    fn shard(&self, key: &SocketAddr) -> std::sync::MutexGuard<'_, Shard> {
-        let i = (self.hasher.hash_one(key) as usize) % SHARDS;
-        self.lock(i)
-    }
-
-    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Shard> {
-        // Nothing in a shard is left half-written by a panic: take it as it is.
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -30,6 +30,7 @@ use crate::affinity::Persistence;
 use crate::flow::{Expired, FlowHandle, FlowKey, FlowTable, ReplyOutcome, Timeouts};
 use crate::hash::ClientKey;
 use crate::model::{ProxyHeader, SessionMode};
+use crate::payload::{KeySpec, Keyed, PayloadKey};
 use crate::sched::{PickInput, pick};
 use crate::snapshot::{Backend, BackendId, ListenerSpec, Pool, Snapshot};
 use crate::time::Time;
@@ -307,8 +308,10 @@ pub struct Engine<Io> {
     /// New flows the current batch may still open.
     allowance: u32,
     rng: u64,
-    /// When the persistence tables are swept next.
+    /// When the persistence tables and learned payload keys are swept next.
     next_sweep: Time,
+    /// The pools' payload keys that learn from replies (swept with the persistence tables).
+    learning: Vec<Arc<PayloadKey>>,
 }
 
 impl<Io> Engine<Io> {
@@ -322,6 +325,7 @@ impl<Io> Engine<Io> {
             allowance: u32::MAX,
             rng: seed | 1,
             next_sweep: Time(0),
+            learning: Vec::new(),
         }
     }
 
@@ -333,6 +337,12 @@ impl<Io> Engine<Io> {
         for (state, spec) in self.listeners.iter_mut().zip(&snap.listeners) {
             state.persistence.clone_from(&spec.persistence);
         }
+        self.learning = snap
+            .pools
+            .iter()
+            .filter_map(|p| p.payload_key.clone())
+            .filter(|k| matches!(k.spec(), KeySpec::Radius { .. }))
+            .collect();
         let caps: Vec<u32> = snap
             .listeners
             .iter()
@@ -417,13 +427,13 @@ impl<Io> Engine<Io> {
             divert = true;
         }
         match found {
-            None => self.admit(key, origin, divert, client(), skip, snap, now),
+            None => self.admit(key, origin, divert, client(), skip, d.data, snap, now),
             Some(h) => {
                 if let Some(o) = origin {
                     // The sender's datagrams without a header belong to the client it named last.
                     self.listeners[li].senders.insert(key.client, o.client);
                 }
-                self.on_flow(h, li, snap, now, skip)
+                self.on_flow(h, li, snap, now, skip, d.data)
             }
         }
     }
@@ -472,6 +482,7 @@ impl<Io> Engine<Io> {
         mut abuse: bool,
         client: SocketAddr,
         skip: usize,
+        data: &[u8],
         snap: &Snapshot,
         now: Time,
     ) -> Verdict {
@@ -506,7 +517,8 @@ impl<Io> Engine<Io> {
             (true, None) => return Verdict::Drop(DropReason::Denied),
         };
         let pool = &snap.pools[pi];
-        let Some(idx) = self.choose(li, spec, pi, pool, &client, now) else {
+        let payload = payload_of(data, skip);
+        let Some(idx) = self.choose(li, spec, pi, pool, &client, now, payload) else {
             return Verdict::Drop(DropReason::NoBackend);
         };
         let backend = &pool.backends[idx];
@@ -598,6 +610,7 @@ impl<Io> Engine<Io> {
         snap: &Snapshot,
         now: Time,
         skip: usize,
+        data: &[u8],
     ) -> Verdict {
         let spec = &snap.listeners[li];
         // `h` was found by the caller this instant: the branch is never taken. (Passing the
@@ -613,7 +626,16 @@ impl<Io> Engine<Io> {
         let (backend, backend_addr, checked) =
             (flow.backend, flow.backend_addr, flow.checked_generation);
         if state.kind == SocketKind::Unconnected && spec.mode == SessionMode::Datagram {
-            let Some(b) = self.datagram_backend(h, li, spec, pi, pool, now) else {
+            let client = client_of(flow);
+            let payload = payload_of(data, skip);
+            let placed =
+                if spec.persistence.is_some() && pool.payload_key.is_none() && pi == spec.pool {
+                    self.persistent_datagram(h, li, spec, pi, pool, (backend, client), now, payload)
+                } else {
+                    self.choose(li, spec, pi, pool, &client, now, payload)
+                        .map(|i| &pool.backends[i])
+                };
+            let Some(b) = placed else {
                 return Verdict::Drop(DropReason::NoBackend);
             };
             return Verdict::Send(Send {
@@ -633,7 +655,8 @@ impl<Io> Engine<Io> {
                 .is_some_and(|i| pool.keeps_flows(i));
             if !keeps {
                 let client = client_of(flow);
-                let Some(idx) = self.choose(li, spec, pi, pool, &client, now) else {
+                let payload = payload_of(data, skip);
+                let Some(idx) = self.choose(li, spec, pi, pool, &client, now, payload) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
                 let to = &pool.backends[idx];
@@ -644,7 +667,8 @@ impl<Io> Engine<Io> {
             }
         } else if state.displaced
             && let client = client_of(flow)
-            && let Some(to) = self.rebalanced(h, li, spec, pi, pool, &client, now)
+            && let Some(to) =
+                self.rebalanced(h, li, spec, pi, pool, &client, now, payload_of(data, skip))
         {
             let to = &pool.backends[to];
             return Verdict::Move(self.move_to(h, to, true, skip, pool, snap, now));
@@ -680,6 +704,7 @@ impl<Io> Engine<Io> {
         pool: &Pool,
         client: &SocketAddr,
         now: Time,
+        payload: &[u8],
     ) -> Option<usize> {
         let pause = pool.rebalance?;
         let flow = self.table.get(h)?;
@@ -691,7 +716,7 @@ impl<Io> Engine<Io> {
             f.io.state.displaced = false;
         }
         let from = current.filter(|&i| pool.overloaded(i, self.table.load()))?;
-        let to = self.choose(li, spec, pi, pool, client, now)?;
+        let to = self.choose(li, spec, pi, pool, client, now, payload)?;
         let flows = |i: usize| {
             let load = self.table.load();
             load.get(pool.backends[i].id.index()).copied().unwrap_or(0)
@@ -763,34 +788,32 @@ impl<Io> Engine<Io> {
         m.then
     }
 
-    /// The backend of a datagram on datagram-mode flow `h` (of pool `pi`): scheduled on its
-    /// own, or, when the listener remembers clients, the flow's backend while it may take
-    /// clients (the flow follows the scheduler's pick when it may not).
-    fn datagram_backend<'s>(
+    /// The backend of a datagram on datagram-mode flow `h` (of pool `pi`, on `backend`, serving
+    /// `client`) of a listener that remembers clients: the flow's backend while it may take
+    /// clients, else the pick of [`Engine::choose`], which the flow (and the client) follow.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
+    fn persistent_datagram<'s>(
         &mut self,
         h: FlowHandle,
         li: usize,
         spec: &ListenerSpec,
         pi: usize,
         pool: &'s Pool,
+        (backend, client): (BackendId, SocketAddr),
         now: Time,
+        payload: &[u8],
     ) -> Option<&'s Backend> {
-        let flow = self.table.get(h)?;
-        let client = client_of(flow);
-        let remembered = pi == spec.pool && self.persistence(li).is_some();
-        if remembered
-            && let Some(i) = pool.position_of_id(flow.backend)
+        if let Some(i) = pool.position_of_id(backend)
             && pool.tier.contains(i)
         {
             return Some(&pool.backends[i]);
         }
-        let b = &pool.backends[self.choose(li, spec, pi, pool, &client, now)?];
-        if remembered {
-            let generation = self.table.get(h)?.checked_generation;
-            self.table.rebind(h, (b.id, b.spec.addr), generation);
-            if let Some(p) = self.persistence(li) {
-                p.moved(client, b.id);
-            }
+        let b = &pool.backends[self.choose(li, spec, pi, pool, &client, now, payload)?];
+        let generation = self.table.get(h)?.checked_generation;
+        self.table.rebind(h, (b.id, b.spec.addr), generation);
+        if let Some(p) = self.persistence(li) {
+            p.moved(client, b.id);
         }
         Some(b)
     }
@@ -802,8 +825,10 @@ impl<Io> Engine<Io> {
     }
 
     /// The backend index in `pool` for a new flow (or a datagram) of `client` on listener `li`
-    /// at `now`: the one the client last used if the listener remembers clients and it may
-    /// take them, else the scheduler's pick.
+    /// at `now`, `payload` its datagram: where the datagram's key says, in a pool that reads
+    /// one; else the backend the client last used if the listener remembers clients; else
+    /// the scheduler's pick. A remembered backend must take new clients.
+    #[allow(clippy::too_many_arguments)]
     fn choose(
         &mut self,
         li: usize,
@@ -812,21 +837,21 @@ impl<Io> Engine<Io> {
         pool: &Pool,
         client: &SocketAddr,
         now: Time,
+        payload: &[u8],
     ) -> Option<usize> {
-        // Persistence is the listener's pool's; the abuse pool only schedules.
-        if let Some(p) = self.persistence(li).filter(|_| pi == spec.pool) {
-            let usable = |id| {
-                pool.position_of_id(id)
-                    .is_some_and(|i| pool.tier.contains(i))
-            };
-            if let Some(id) = p.backend_of(*client, now, usable) {
-                return pool.position_of_id(id);
+        let mut key = None;
+        // The snapshot's table is the one `apply` gave this engine.
+        if pool.payload_key.is_some() || spec.persistence.is_some() {
+            match self.recall(li, spec, pi, pool, client, now, payload) {
+                Recall::Backend(i) => return Some(i),
+                Recall::Key(k) => key = Some(k),
+                Recall::Nothing => {}
             }
         }
-        let key = if pool.scheduler.is_consistent_hash() {
-            ClientKey::of(client, spec.affinity)
-        } else {
-            ClientKey(0)
+        let key = match key {
+            Some(k) => k,
+            None if pool.scheduler.is_consistent_hash() => ClientKey::of(client, spec.affinity),
+            None => ClientKey(0),
         };
         let random = self.next_random();
         pick(
@@ -837,6 +862,46 @@ impl<Io> Engine<Io> {
                 load: self.table.load(),
             },
         )
+    }
+
+    /// What is known of where a datagram (`payload`) of `client` goes, before the scheduler:
+    /// its payload key's backend or hash, else the backend the client last used (persistence
+    /// is the listener's pool's; the abuse pool only schedules).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
+    fn recall(
+        &self,
+        li: usize,
+        spec: &ListenerSpec,
+        pi: usize,
+        pool: &Pool,
+        client: &SocketAddr,
+        now: Time,
+        payload: &[u8],
+    ) -> Recall {
+        let usable = |id| {
+            pool.position_of_id(id)
+                .is_some_and(|i| pool.tier.contains(i))
+        };
+        let found = |id| {
+            pool.position_of_id(id)
+                .map_or(Recall::Nothing, Recall::Backend)
+        };
+        if let Some(k) = pool.payload_key.as_deref() {
+            match k.classify(payload) {
+                Keyed::State(state) => {
+                    if let Some(id) = k.state_backend(state, now, usable) {
+                        return found(id);
+                    }
+                }
+                Keyed::Hash(h) => return Recall::Key(ClientKey(h)),
+                Keyed::Unkeyed | Keyed::Malformed => {}
+            }
+        }
+        self.persistence(li)
+            .filter(|_| pi == spec.pool)
+            .and_then(|p| p.backend_of(*client, now, usable))
+            .map_or(Recall::Nothing, found)
     }
 
     fn next_random(&mut self) -> u64 {
@@ -994,6 +1059,9 @@ impl<Io> Engine<Io> {
             let replied = &mut flow.io.state.replied;
             *replied = replied.saturating_add(u32::try_from(len).unwrap_or(u32::MAX));
         }
+        if let Some(k) = &pool.payload_key {
+            k.learn(&data[skip..], backend, now);
+        }
         if pool.proxy_header == ProxyHeader::First {
             // The backend answered: it has the flow's header.
             flow.io.state.header_acked = true;
@@ -1080,6 +1148,9 @@ impl<Io> Engine<Io> {
             for p in self.listeners.iter().filter_map(|l| l.persistence.as_ref()) {
                 p.sweep(now);
             }
+            for k in &self.learning {
+                k.sweep(now);
+            }
         }
     }
 
@@ -1126,6 +1197,22 @@ impl<Io> Engine<Io> {
     pub fn table(&self) -> &FlowTable<Entry<Io>> {
         &self.table
     }
+}
+
+/// The bytes of datagram `data` after the first `skip` (an ingress PROXY header).
+#[inline]
+fn payload_of(data: &[u8], skip: usize) -> &[u8] {
+    data.get(skip..).unwrap_or_default()
+}
+
+/// What [`Engine::recall`] knows before the scheduler.
+enum Recall {
+    /// This backend (by index in the pool).
+    Backend(usize),
+    /// Schedule by this hash.
+    Key(ClientKey),
+    /// Nothing: the scheduler decides.
+    Nothing,
 }
 
 /// Whether listener `spec` checks its clients on every datagram (access lists or rate limits).

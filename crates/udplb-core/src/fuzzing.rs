@@ -95,6 +95,65 @@ pub fn proxy(data: &[u8]) {
     }
 }
 
+/// The payload-key readers (RADIUS, SIP, bytes, token) on any bytes: each reads a key or
+/// says there is none, never a panic; a RADIUS packet that parses has attributes that lie
+/// within it and fill it; what the RADIUS reader learns from a challenge it finds again.
+pub fn payload(data: &[u8]) {
+    use crate::payload::{KeySpec, Keyed, PayloadKey, radius, sip};
+    if let Ok(p) = radius::Packet::parse(data) {
+        let walked: usize = p.attributes().map(|(_, v)| v.len() + 2).sum();
+        let length = usize::from(u16::from_be_bytes([data[2], data[3]]));
+        assert_eq!(walked + 20, length, "attributes fill the packet");
+    }
+    if let Ok(sip::Message::CallId(id)) = sip::call_id(data) {
+        assert!(!id.is_empty());
+        assert!(id.len() <= data.len());
+    }
+    let specs = [
+        KeySpec::Radius {
+            attributes: vec![1, 31, 24],
+            state_timeout: Duration::from_secs(60),
+            max_states: 64,
+        },
+        KeySpec::Sip,
+        KeySpec::Bytes {
+            offset: usize::from(data.first().copied().unwrap_or(0)),
+            length: 4,
+        },
+        KeySpec::Token {
+            after: b"=".to_vec(),
+            until: b";".to_vec(),
+        },
+    ];
+    for spec in specs {
+        let key = PayloadKey::new(spec);
+        let keyed = key.classify(data);
+        key.learn(data, BackendId(3), Time(0));
+        assert_eq!(key.classify(data), keyed, "reading is deterministic");
+        assert_eq!(
+            key.counts().malformed,
+            2 * u64::from(keyed == Keyed::Malformed)
+        );
+        if let Ok(p) = radius::Packet::parse(data)
+            && p.code == radius::ACCESS_CHALLENGE
+            && matches!(key.spec(), KeySpec::Radius { .. })
+            && let Some(state) = p.attribute(radius::STATE)
+        {
+            // The next round carries the State back: it finds its issuer.
+            let mut request = vec![radius::ACCESS_REQUEST, 0, 0, 0];
+            request.extend([0u8; 16]);
+            request.extend([radius::STATE, (state.len() + 2) as u8]);
+            request.extend_from_slice(state);
+            let len = (request.len() as u16).to_be_bytes();
+            request[2..4].copy_from_slice(&len);
+            let Keyed::State(h) = key.classify(&request) else {
+                panic!("a request with a State is keyed by it");
+            };
+            assert_eq!(key.state_backend(h, Time(1), |_| true), Some(BackendId(3)));
+        }
+    }
+}
+
 /// One of 64 keys on two listeners.
 fn key_of(arg: u8) -> FlowKey {
     FlowKey {

@@ -5,7 +5,9 @@
 //!
 //! Owns: the vocabulary of the balancer ([`model`]), scheduling ([`sched`], [`maglev`]),
 //! the immutable configuration [`snapshot`] the workers read, the per-worker [`flow`] table
-//! with idle expiry and its cap, IP affinity ([`affinity`]), backend health and pool quorum as
+//! with idle expiry and its cap, persistence ([`affinity`]), payload keys ([`payload`]: which
+//! conversation a datagram belongs to) and the tables the workers share for them
+//! ([`sharded`]), backend health and pool quorum as
 //! state machines ([`health`]), latency histograms ([`latency`]), the sources that can never
 //! be clients ([`source`]) and the reasons a datagram can be dropped ([`verdict`]).
 //!
@@ -26,9 +28,11 @@ pub mod health;
 pub mod latency;
 pub mod maglev;
 pub mod model;
+pub mod payload;
 pub mod proxy;
 pub mod ratelimit;
 pub mod sched;
+pub mod sharded;
 pub mod snapshot;
 pub mod source;
 pub mod time;

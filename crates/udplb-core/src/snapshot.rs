@@ -15,6 +15,7 @@ use crate::affinity::Persistence;
 use crate::model::{
     Affinity, AllDownPolicy, BackendSpec, FailurePolicy, ProxyHeader, SchedulerKind, SessionMode,
 };
+use crate::payload::PayloadKey;
 use crate::ratelimit::Limits;
 use crate::sched::{Sequence, Tier};
 use crate::source::SourceGuard;
@@ -93,6 +94,9 @@ pub struct Pool {
     /// Flows placed or moved while the pool was missing backends go back into balance at
     /// their first datagram after a pause this long, once the pool is whole; `None`: never.
     pub rebalance: Option<Duration>,
+    /// What datagrams are placed by, read from their bytes (and, for RADIUS, what was learned
+    /// from replies, shared by the workers); `None`: nothing is read.
+    pub payload_key: Option<Arc<PayloadKey>>,
     /// Some enabled primary is down: flows placed now are displaced ones.
     pub degraded: bool,
 }
@@ -206,6 +210,8 @@ pub struct PoolInput {
     pub transparent: bool,
     /// See [`Pool::rebalance`].
     pub rebalance: Option<Duration>,
+    /// See [`Pool::payload_key`].
+    pub payload_key: Option<Arc<PayloadKey>>,
 }
 
 impl PoolInput {
@@ -221,6 +227,7 @@ impl PoolInput {
             strip_reply_proxy: false,
             transparent: false,
             rebalance: None,
+            payload_key: None,
         }
     }
 }
@@ -318,6 +325,7 @@ impl Snapshot {
                     strip_reply_proxy: input.strip_reply_proxy,
                     transparent: input.transparent,
                     rebalance: input.rebalance,
+                    payload_key: input.payload_key,
                     degraded,
                 }
             })

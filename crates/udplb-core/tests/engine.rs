@@ -16,6 +16,7 @@ use udplb_core::acl::{Acl, CidrSet};
 use udplb_core::affinity::{Persistence, PersistenceSettings};
 use udplb_core::engine::{Datagram, Engine, Expiry, ReplyVerdict, Send, Verdict};
 use udplb_core::flow::{FlowHandle, FlowKey};
+use udplb_core::payload::{KeySpec, PayloadKey};
 use udplb_core::ratelimit::{LimitSettings, Limits};
 use udplb_core::snapshot::{AdminState, BackendInput, ListenerSpec, PoolInput, Snapshot};
 use udplb_core::source::SourceGuard;
@@ -47,6 +48,8 @@ fn number(addr: SocketAddr) -> u8 {
 enum Step {
     /// Client `n` sends `len` bytes.
     Client(u8, usize),
+    /// Client `n` sends these bytes.
+    Payload(u8, &'static [u8]),
     /// Client `n` sends a GRO train of `len` bytes in segments of `segment`.
     Train(u8, usize, u16),
     /// Client `n` sends a datagram the receive buffer truncated.
@@ -57,6 +60,12 @@ enum Step {
     From(SocketAddr, usize),
     /// Backend `b` answers the flow of client `c` with `len` bytes.
     Reply { client: u8, backend: u8, len: usize },
+    /// Backend `b` answers the flow of client `c` with these bytes.
+    ReplyPayload {
+        client: u8,
+        backend: u8,
+        data: &'static [u8],
+    },
     /// Backend `b` answers the flow of client `c` with a PROXY v2 header and `len` bytes.
     ReplyWithHeader { client: u8, backend: u8, len: usize },
     /// The flow of client `c`'s socket was refused (ICMP port unreachable).
@@ -274,6 +283,12 @@ impl Fixture {
     fn run(&mut self, step: Step) -> Out {
         match step {
             Step::Client(c, len) => self.client(client(c), &vec![b'q'; len], None, false),
+            Step::Payload(c, data) => self.client(client(c), data, None, false),
+            Step::ReplyPayload {
+                client: c,
+                backend: b,
+                data,
+            } => self.reply(c, b, data),
             Step::Train(c, len, segment) => {
                 self.client(client(c), &vec![b'q'; len], Some(segment), false)
             }
@@ -1078,6 +1093,129 @@ fn persistence_in_datagram_mode_keeps_a_client_on_one_backend_until_it_fails() {
             (Client(1, 10), open(2)),
         ],
     });
+}
+
+/// A RADIUS packet of `code` (identifier 7) with `attrs`, for the life of the test.
+fn radius(code: u8, attrs: &[(u8, &[u8])]) -> &'static [u8] {
+    let mut p = vec![code, 7, 0, 0];
+    p.extend([0u8; 16]);
+    for (t, v) in attrs {
+        p.push(*t);
+        p.push(u8::try_from(v.len() + 2).unwrap());
+        p.extend_from_slice(v);
+    }
+    let len = u16::try_from(p.len()).unwrap().to_be_bytes();
+    p[2..4].copy_from_slice(&len);
+    Vec::leak(p)
+}
+
+// The type of `Case::setup`, which other setups need to push pools.
+#[allow(clippy::ptr_arg)]
+fn radius_key(_: &mut ListenerSpec, pools: &mut Vec<PoolInput>) {
+    pools[0].payload_key = Some(Arc::new(PayloadKey::new(KeySpec::Radius {
+        attributes: vec![],
+        state_timeout: Duration::from_secs(60),
+        max_states: 1_000,
+    })));
+}
+
+#[test]
+fn radius_state_routes_every_round_to_the_backend_that_issued_it() {
+    const USER: u8 = 1;
+    const STATE: u8 = 24;
+    let first = radius(1, &[(USER, b"bob")]);
+    let challenge = |state: &[u8]| radius(11, &[(STATE, state)]);
+    let round2 = |state: &[u8]| radius(1, &[(USER, b"bob"), (STATE, state)]);
+    check(Case {
+        name: "RADIUS State",
+        mode: SessionMode::Datagram,
+        scheduler: RR,
+        backends: 3,
+        setup: radius_key,
+        steps: vec![
+            (Payload(1, first), open(1)),
+            (
+                ReplyPayload {
+                    client: 1,
+                    backend: 1,
+                    data: challenge(b"s1"),
+                },
+                relay(1),
+            ),
+            (Payload(2, first), open(2)),
+            (
+                ReplyPayload {
+                    client: 2,
+                    backend: 2,
+                    data: challenge(b"s2"),
+                },
+                relay(2),
+            ),
+            // Each round to its issuer, from whichever port (or NAS) it comes.
+            (Payload(1, round2(b"s1")), send(1)),
+            (Payload(2, round2(b"s1")), send(1)),
+            (Payload(3, round2(b"s2")), open(2)),
+            (Payload(1, round2(b"s2")), send(2)),
+            // Unknown States, other packets and garbage: the scheduler (round robin on).
+            (Payload(1, round2(b"zz")), send(3)),
+            (Payload(1, first), send(1)),
+            (Payload(1, b"not radius"), send(2)),
+            // An issuer that goes down loses its conversations to the scheduler.
+            (Health(1, false), Out::Done),
+            (Payload(1, round2(b"s1")), send(3)),
+            (Health(1, true), Out::Done),
+            (Payload(1, round2(b"s1")), send(1)),
+            // Forgotten after the State timeout.
+            (Wait(60_001), expired(&[], 3)),
+            (Payload(1, round2(b"s2")), open(1)),
+            (Payload(1, round2(b"s2")), send(2)),
+        ],
+    });
+}
+
+#[test]
+fn sip_calls_stay_on_one_backend_whoever_sends_them() {
+    let mut fx = Fixture::new(
+        SessionMode::Datagram,
+        SchedulerKind::Maglev,
+        4,
+        |_, pools| {
+            pools[0].payload_key = Some(Arc::new(PayloadKey::new(KeySpec::Sip)));
+        },
+    );
+    let mut backend_of_call = std::collections::HashMap::new();
+    for i in 0..200u32 {
+        let call = i % 40;
+        let sender = 1 + (i % 7) as u8;
+        let text = if i % 2 == 0 {
+            format!(
+                "INVITE sip:b@example.test SIP/2.0\r\nCall-ID: call-{call}@example.test\r\n\r\n"
+            )
+        } else {
+            format!("SIP/2.0 200 OK\r\ni: call-{call}@example.test\r\n\r\n")
+        };
+        let data: &'static [u8] = Vec::leak(text.into_bytes());
+        let to = match fx.run(Payload(sender, data)) {
+            Out::Open { to, .. } | Out::Send { to, .. } => to,
+            other => panic!("call {call}: {other:?}"),
+        };
+        assert_eq!(
+            *backend_of_call.entry(call).or_insert(to),
+            to,
+            "call {call} changed backend"
+        );
+    }
+    let used: std::collections::HashSet<u8> = backend_of_call.values().copied().collect();
+    assert_eq!(
+        used.len(),
+        4,
+        "40 calls over 4 backends: {backend_of_call:?}"
+    );
+    // A keep-alive has no key; garbage is scheduled and counted.
+    assert!(matches!(fx.run(Payload(1, b"\r\n\r\n")), Out::Send { .. }));
+    assert!(matches!(fx.run(Payload(1, b"garbage")), Out::Send { .. }));
+    let key = fx.snap.pools[0].payload_key.as_ref().unwrap();
+    assert_eq!(key.counts().malformed, 1);
 }
 
 #[test]

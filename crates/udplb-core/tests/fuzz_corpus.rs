@@ -37,3 +37,11 @@ fn proxy_corpus() {
         udplb_core::fuzzing::proxy(&data);
     }
 }
+
+#[test]
+fn payload_corpus() {
+    for (path, data) in corpus("payload") {
+        eprintln!("{}", path.display());
+        udplb_core::fuzzing::payload(&data);
+    }
+}

@@ -398,13 +398,27 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
                     v
                 })
                 .collect();
-            json!({
+            let mut v = json!({
                 "name": pool.name,
                 "scheduler": pool.scheduler.name(),
                 "backup_active": pool.tier.is_backup(),
                 "fail_open": pool.tier.is_fail_open(),
                 "backends": backends,
-            })
+            });
+            if let (Some(k), Value::Object(m)) = (&pool.payload_key, &mut v) {
+                let c = k.counts();
+                m.insert(
+                    "payload_key".into(),
+                    json!({
+                        "kind": k.spec().kind(),
+                        "malformed": c.malformed,
+                        "states": c.states,
+                        "state_returns": c.state_returns,
+                        "states_full": c.states_full,
+                    }),
+                );
+            }
+            v
         })
         .collect()
 }

@@ -17,6 +17,7 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use udplb_core::latency::Histogram;
+use udplb_core::payload::KeySpec;
 use udplb_dataplane::stats::{Kind, Unit as CountUnit};
 use udplb_dataplane::{
     BACKEND_COUNTERS, BackendTotals, CounterDef, LISTENER_COUNTERS, ListenerTotals, Total,
@@ -151,6 +152,7 @@ impl Collector for Udplb {
         let families = listener_families(&self.0)
             .into_iter()
             .chain(per_backend)
+            .chain(payload_key_families(&self.0))
             .chain(reload_families(&self.0))
             .chain(process_families());
         for f in families {
@@ -251,6 +253,44 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         counters.extend([remembered, returned, full]);
     }
     counters
+}
+
+/// Per-pool families of the pools that read payload keys (none otherwise).
+fn payload_key_families(state: &State) -> Vec<Family<'static>> {
+    let snap = state.shared.load();
+    let mut malformed = Family::counter(
+        "payload_key_malformed",
+        "Datagrams whose payload key could not be read (scheduled as usual)",
+    );
+    let mut states = Family::gauge(
+        "payload_key_states",
+        "RADIUS States the pool remembers the issuing backend of",
+    );
+    let mut returns = Family::counter(
+        "payload_key_state_returns",
+        "Access-Requests sent to the backend that issued their State",
+    );
+    let mut full = Family::counter(
+        "payload_key_states_full",
+        "RADIUS States not remembered because the table was full",
+    );
+    for pool in &snap.pools {
+        let Some(k) = &pool.payload_key else {
+            continue;
+        };
+        let c = k.counts();
+        let name = || vec![("pool", Cow::Owned(pool.name.clone()))];
+        malformed.add(name(), c.malformed as f64);
+        if matches!(k.spec(), KeySpec::Radius { .. }) {
+            states.add(name(), c.states as f64);
+            returns.add(name(), c.state_returns as f64);
+            full.add(name(), c.states_full as f64);
+        }
+    }
+    [malformed, states, returns, full]
+        .into_iter()
+        .filter(|f| !f.values.is_empty())
+        .collect()
 }
 
 /// Per-backend families: gauges and counters, and the histograms of reply latency

@@ -10,6 +10,7 @@ use udplb_config::{Config, ListenerConfig};
 use udplb_core::Affinity;
 use udplb_core::acl::{Acl, CidrSet};
 use udplb_core::affinity::{Persistence, PersistenceSettings};
+use udplb_core::payload::{KeySpec, PayloadKey};
 use udplb_core::ratelimit::{LimitSettings, Limits};
 use udplb_core::snapshot::{BackendInput, ListenerSpec, PoolInput, Snapshot};
 use udplb_core::source::SourceGuard;
@@ -110,6 +111,10 @@ pub fn snapshot_of(
             strip_reply_proxy: p.strip_reply_proxy,
             transparent: p.transparent,
             rebalance: p.rebalance,
+            payload_key: p
+                .payload_key
+                .as_ref()
+                .map(|spec| payload_key_for(&p.name, spec, previous)),
         })
         .collect();
     let mut snapshot = Snapshot::build(generation, listeners, pools, previous);
@@ -182,6 +187,16 @@ fn persistence_for(
         .and_then(|l| l.persistence.as_ref())
         .filter(|p| p.settings() == settings)
         .map_or_else(|| Arc::new(Persistence::new(settings)), Arc::clone)
+}
+
+/// The payload key of pool `name`: the running one when a reload keeps its settings (RADIUS
+/// conversations keep the `State`s learned), else a new one.
+fn payload_key_for(name: &str, spec: &KeySpec, previous: Option<&Snapshot>) -> Arc<PayloadKey> {
+    previous
+        .and_then(|p| p.pools.iter().find(|p| p.name == name))
+        .and_then(|p| p.payload_key.as_ref())
+        .filter(|k| k.spec() == spec)
+        .map_or_else(|| Arc::new(PayloadKey::new(spec.clone())), Arc::clone)
 }
 
 /// The limiters of listener `name`: the running ones when a reload keeps their settings (so

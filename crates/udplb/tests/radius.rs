@@ -197,3 +197,42 @@ fn eap_conversations_stay_on_one_server_with_persistence_and_pap_still_spreads()
         assert!((8..=12).contains(&n), "PAP spread: {by_server:?}");
     }
 }
+
+#[test]
+fn eap_rounds_follow_their_state_to_the_server_that_issued_it() {
+    let one = start_radiusd("state-1");
+    let two = start_radiusd("state-2");
+    // Datagram mode with round robin alone sends every other datagram to the other server;
+    // only the State keeps a conversation together. Clients run five at a time.
+    let backends = [quoted(one.addr), quoted(two.addr)];
+    let (lb, listen) = run_one_pool(
+        "127.0.0.1",
+        "mode = \"datagram\"",
+        &backends,
+        "[pools.p.payload_key]\nkind = \"radius\"",
+    );
+    let accepted: usize = (0..4)
+        .map(|_| {
+            let batch: Vec<_> = (0..5)
+                .map(|_| std::thread::spawn(move || eap_md5(listen)))
+                .collect();
+            batch
+                .into_iter()
+                .map(|t| usize::from(t.join().unwrap()))
+                .sum::<usize>()
+        })
+        .sum();
+    assert_eq!(accepted, 20, "EAP-MD5 through udplb by State");
+    let stats = lb.stats();
+    let key = &stats["pools"][0]["payload_key"];
+    assert_eq!(key["kind"], "radius", "{stats}");
+    assert!(key["state_returns"].as_u64().unwrap() >= 20, "{key}");
+    assert!(key["states"].as_u64().unwrap() >= 20, "{key}");
+    assert_eq!(key["malformed"], 0, "{key}");
+    // PAP, one round each, still goes round robin.
+    let names: Vec<String> = (0..4).map(|_| pap(listen).expect("PAP accepted")).collect();
+    assert!(
+        names.iter().any(|n| n == "state-1") && names.iter().any(|n| n == "state-2"),
+        "{names:?}"
+    );
+}
