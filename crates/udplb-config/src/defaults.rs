@@ -25,6 +25,12 @@ pub const MAX_STATES: usize = 65_536;
 pub const MAX_STATES_RANGE: RangeInclusive<usize> = 16..=16_777_216;
 /// Accepted key offsets and lengths (`bytes` payload keys), and token lengths.
 pub const KEY_BYTES_RANGE: RangeInclusive<usize> = 1..=65_507;
+/// TCP connections a listener with `tcp` holds open at most.
+pub const TCP_MAX_CONNECTIONS: u32 = 1024;
+/// Accepted `tcp_max_connections`.
+pub const TCP_MAX_CONNECTIONS_RANGE: RangeInclusive<u32> = 1..=1_000_000;
+/// How long connecting to a backend over TCP may take before the next backend is tried.
+pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Flow cap of a listener (over all workers).
 pub const MAX_FLOWS: u32 = 65_536;
 /// Accepted flow caps.

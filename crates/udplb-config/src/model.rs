@@ -101,6 +101,12 @@ pub struct ListenerConfig {
     /// Flows share upstream sockets by local port, one flow per backend on each
     /// (`shared_upstream`), instead of a socket each.
     pub shared_upstream: bool,
+    /// Also accept TCP on the same address and port and proxy each connection to a backend
+    /// of the pool (`tcp`: DNS over TCP); `None`: when the listener serves DNS (see
+    /// [`Config::takes_tcp`]).
+    pub tcp: Option<bool>,
+    /// TCP connections open at most (`tcp_max_connections`).
+    pub tcp_max_connections: u32,
 }
 
 impl ListenerConfig {
@@ -126,7 +132,26 @@ impl ListenerConfig {
             abuse_pool: None,
             gro: false,
             shared_upstream: false,
+            tcp: None,
+            tcp_max_connections: defaults::TCP_MAX_CONNECTIONS,
         }
+    }
+}
+
+impl Config {
+    /// Whether listener `l` also takes TCP: as its `tcp` says, or, without one, when it serves
+    /// DNS (port 53, or a pool checked by DNS queries) through a pool that TCP can reach
+    /// (not `transparent`, no PROXY header towards the backends).
+    pub fn takes_tcp(&self, l: &ListenerConfig) -> bool {
+        let pool = self.pools.iter().find(|p| p.name == l.pool);
+        l.tcp.unwrap_or_else(|| {
+            let dns_checked = pool
+                .and_then(|p| p.health.as_ref())
+                .is_some_and(|h| matches!(h.probe, Probe::Dns { .. }));
+            let reachable =
+                pool.is_some_and(|p| !p.transparent && p.proxy_protocol == ProxyHeader::Off);
+            (l.address.port() == 53 || dns_checked) && reachable
+        })
     }
 }
 

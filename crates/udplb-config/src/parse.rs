@@ -52,6 +52,8 @@ const LISTENER_KEYS: &[&str] = &[
     "abuse_pool",
     "gro",
     "shared_upstream",
+    "tcp",
+    "tcp_max_connections",
 ];
 const LIMIT_KEYS: &[&str] = &[
     "datagrams_per_source",
@@ -381,6 +383,11 @@ impl Reader<'_> {
         l.shared_upstream = self
             .optional(t, key, "shared_upstream", |r, k, v| r.boolean(k, v))
             .unwrap_or(false);
+        l.tcp = self.optional(t, key, "tcp", |r, k, v| r.boolean(k, v));
+        let range = defaults::TCP_MAX_CONNECTIONS_RANGE;
+        if let Some(n) = self.ranged(t, key, "tcp_max_connections", range) {
+            l.tcp_max_connections = n;
+        }
         Some(l)
     }
 

@@ -109,6 +109,32 @@ fn check_shared_upstream(out: &mut Vec<Problem>, cfg: &Config, l: &ListenerConfi
     }
 }
 
+/// TCP beside a listener is proxied connection by connection, from udplb's address, with no
+/// header: pools that send from the client's address or put a PROXY header in front are
+/// for datagrams only.
+fn check_tcp(out: &mut Vec<Problem>, cfg: &Config, l: &ListenerConfig, key: String) {
+    let Some(pool) = cfg.pools.iter().find(|p| p.name == l.pool) else {
+        return;
+    };
+    let why = if pool.transparent {
+        Some("transparent = true")
+    } else if pool.proxy_protocol != udplb_core::ProxyHeader::Off {
+        Some("proxy_protocol")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        out.push(problem(
+            key,
+            format!(
+                "not with pool {:?}'s {why}: TCP connections are proxied from udplb's own \
+                 address, without a PROXY header",
+                pool.name
+            ),
+        ));
+    }
+}
+
 fn check_listener(
     out: &mut Vec<Problem>,
     cfg: &Config,
@@ -173,6 +199,9 @@ fn check_listener(
     }
     if l.shared_upstream {
         check_shared_upstream(out, cfg, l, key("shared_upstream"));
+    }
+    if l.tcp == Some(true) {
+        check_tcp(out, cfg, l, key("tcp"));
     }
     check_duration(
         out,

@@ -828,3 +828,42 @@ fn payload_keys_by_kind() {
         assert!(text.contains(expected), "{key}:\n{text}");
     }
 }
+
+#[test]
+fn tcp_is_on_where_a_listener_serves_dns() {
+    let cfg = |address: &str, listener: &str, pool: &str| {
+        parse(
+            &format!(
+                "[listeners.l]\naddress = \"{address}\"\npool = \"p\"\n{listener}\n\
+                 [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n{pool}\n"
+            ),
+            "t.toml",
+        )
+        .unwrap()
+    };
+    let takes = |c: &udplb_config::Config| c.takes_tcp(&c.listeners[0]);
+    assert!(takes(&cfg("0.0.0.0:53", "", "")), "port 53");
+    assert!(!takes(&cfg("0.0.0.0:5300", "", "")), "another port");
+    let dns_check = "[pools.p.health]\ncheck = \"dns\"\nname = \"example.test\"";
+    assert!(takes(&cfg("0.0.0.0:5300", "", dns_check)), "a DNS check");
+    assert!(!takes(&cfg("0.0.0.0:53", "tcp = false", "")));
+    assert!(takes(&cfg("0.0.0.0:5300", "tcp = true", "")));
+    // A pool TCP cannot serve: not automatically, and an error when asked for.
+    assert!(!takes(&cfg("0.0.0.0:53", "", "proxy_protocol = \"every\"")));
+    let text = errors(
+        "[listeners.l]\naddress = \"0.0.0.0:53\"\npool = \"p\"\ntcp = true\n\
+         [pools.p]\nbackends = [\"127.0.0.1:5301\"]\nproxy_protocol = \"first\"\n",
+    )
+    .to_string();
+    assert!(
+        text.contains("listeners.l.tcp: not with pool \"p\"'s proxy_protocol"),
+        "{text}"
+    );
+    let cfg = cfg("0.0.0.0:53", "tcp_max_connections = 10", "");
+    assert_eq!(cfg.listeners[0].tcp_max_connections, 10);
+    assert!(
+        errors(&listener_with("tcp_max_connections = 0"))
+            .to_string()
+            .contains("listeners.l.tcp_max_connections: 0 is out of range")
+    );
+}

@@ -187,6 +187,9 @@ pub struct ListenerSpec {
     /// New flows take a (socket, backend) pair from the worker's shared upstream sockets
     /// instead of a socket of their own.
     pub shared_upstream: bool,
+    /// The listener also takes TCP connections (proxied to the pool's backends), at most this
+    /// many at once; `None`: UDP only.
+    pub tcp: Option<u32>,
 }
 
 /// A pool as given to [`Snapshot::build`].

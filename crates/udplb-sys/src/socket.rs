@@ -63,6 +63,25 @@ pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<Udp
     Ok(socket.into())
 }
 
+/// A non-blocking TCP listening socket on `addr` (backlog 1024), bound as a UDP listener is:
+/// IPv6 only on an IPv6 address, `IP_FREEBIND` (the address may not be configured yet), and
+/// `SO_REUSEADDR` so that a restart binds while old connections linger in `TIME_WAIT`.
+pub fn tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    match addr {
+        SocketAddr::V4(_) => socket.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => {
+            socket.set_only_v6(true)?;
+            socket.set_freebind_v6(true)?;
+        }
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// A non-blocking UDP socket towards `backend`: bound to `local` (default: any address of the
 /// backend's family, ephemeral port) and, with `connect`, connected to it so that only the
 /// backend's datagrams arrive and ICMP errors are reported (`ECONNREFUSED`).

@@ -45,6 +45,8 @@ pub struct State {
     pub reloader: Arc<tokio::sync::Mutex<crate::reload::Reloader>>,
     /// Admin connections open, and how many may be.
     pub connections: Arc<Connections>,
+    /// The TCP side of each listener (by snapshot index; untouched for UDP-only listeners).
+    pub tcp: Arc<[crate::tcp::TcpStats]>,
 }
 
 /// Most admin connections open at once, whatever the descriptors allow.
@@ -297,6 +299,27 @@ pub(crate) fn stats_json(state: &State) -> Value {
             });
             if let Value::Object(m) = &mut listener {
                 put_counters(m, ListenerTotals::sum(&state.stats, i).values());
+                if let (Some(cap), Some(t)) = (l.tcp, state.tcp.get(i)) {
+                    let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                    let refused: serde_json::Map<String, Value> = t
+                        .refused()
+                        .into_iter()
+                        .map(|(reason, v)| (reason.to_string(), json!(v)))
+                        .collect();
+                    m.insert(
+                        "tcp".into(),
+                        json!({
+                            "max_connections": cap,
+                            "connections": n(&t.connections),
+                            "active": n(&t.active),
+                            "refused": refused,
+                            "backend_connect_failures": n(&t.backend_connect_failures),
+                            "idle_closed": n(&t.idle_closed),
+                            "bytes_forwarded": n(&t.bytes_forwarded),
+                            "bytes_replied": n(&t.bytes_replied),
+                        }),
+                    );
+                }
                 if let Some(p) = &l.persistence {
                     let c = p.counts();
                     m.insert(

@@ -168,6 +168,13 @@ struct OneLiner {
     /// (for many flows or many new flows per second); flow and request-response modes.
     #[arg(long)]
     shared_upstream: bool,
+    /// Also accept TCP on the listen address and proxy each connection to a backend (DNS over
+    /// TCP: truncated answers, zone transfers). Default: on port 53 or with a dns check.
+    #[arg(long, conflicts_with = "no_tcp")]
+    tcp: bool,
+    /// UDP only, even on port 53 or with a dns check.
+    #[arg(long)]
+    no_tcp: bool,
     /// Worker threads (default: one per CPU).
     #[arg(long)]
     workers: Option<usize>,
@@ -344,6 +351,11 @@ impl OneLiner {
         listener.socket_buffer = self.socket_buffer;
         listener.gro = self.gro;
         listener.shared_upstream = self.shared_upstream;
+        listener.tcp = match (self.tcp, self.no_tcp) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
         let mut runtime = Runtime {
             workers: self.workers,
             shutdown_grace: Some(self.shutdown_grace),

@@ -18,7 +18,7 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, control, health, privileges, reload, systemd};
+use crate::{admin, control, health, privileges, reload, systemd, tcp};
 
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file.
 pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
@@ -48,6 +48,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         descriptor_reserve,
     };
     let bound = Dataplane::bind(Arc::clone(&shared), &options)?;
+    let tcp_bound = tcp::bind(&shared.load(), bound.listener_addrs())?;
     let admin_listener = match &cfg.admin {
         Some(a) => Some(bind_admin(a.listen)?),
         None => None,
@@ -105,6 +106,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             address = %addr,
             pool = %pool.name,
             mode = l.mode.name(),
+            tcp = cfg.takes_tcp(l),
             scheduler = %pool.scheduler,
             backends = pool.backends.len(),
             workers,
@@ -123,8 +125,11 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         publisher.clone(),
         Arc::clone(&reload_status),
     )));
+    let tcp_stats: Arc<[tcp::TcpStats]> =
+        cfg.listeners.iter().map(|_| Default::default()).collect();
     let state = Arc::new(admin::State {
-        shared,
+        tcp: Arc::clone(&tcp_stats),
+        shared: Arc::clone(&shared),
         stats: dataplane.stats().to_vec(),
         workers,
         health: monitor.status(),
@@ -141,6 +146,11 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     spawn_control_thread("udplb-health", ended.clone(), move || {
         control::run(control, monitor, commands)
     })?;
+    if !tcp_bound.is_empty() {
+        spawn_control_thread("udplb-tcp", ended.clone(), move || {
+            tcp::serve(tcp_bound, shared, tcp_stats)
+        })?;
+    }
     if let Some(listener) = admin_listener {
         let state = Arc::clone(&state);
         spawn_control_thread("udplb-admin", ended, move || {

@@ -21,6 +21,7 @@ mod preflight;
 mod privileges;
 mod reload;
 mod systemd;
+mod tcp;
 mod token;
 
 use std::process::ExitCode;

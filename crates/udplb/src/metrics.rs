@@ -153,6 +153,7 @@ impl Collector for Udplb {
             .into_iter()
             .chain(per_backend)
             .chain(payload_key_families(&self.0))
+            .chain(tcp_families(&self.0))
             .chain(reload_families(&self.0))
             .chain(process_families());
         for f in families {
@@ -253,6 +254,63 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         counters.extend([remembered, returned, full]);
     }
     counters
+}
+
+/// Per-listener families of the listeners that take TCP (none otherwise).
+fn tcp_families(state: &State) -> Vec<Family<'static>> {
+    let snap = state.shared.load();
+    let mut connections =
+        Family::counter("tcp_connections", "TCP connections proxied to a backend");
+    let mut active = Family::gauge("tcp_connections_active", "TCP connections open");
+    let mut capacity = Family::gauge(
+        "tcp_connection_capacity",
+        "TCP connections the listener holds open at most",
+    );
+    let mut refused = Family::counter("tcp_refused", "TCP connections closed at once, by reason");
+    let mut failures = Family::counter(
+        "tcp_backend_connect_failures",
+        "TCP connects to a backend that failed (the next backend is tried)",
+    );
+    let mut idle = Family::counter(
+        "tcp_idle_closed",
+        "TCP connections closed after the idle timeout without traffic",
+    );
+    let mut forwarded =
+        Family::counter("tcp_forwarded", "TCP bytes from clients to backends").bytes();
+    let mut replied = Family::counter("tcp_replied", "TCP bytes from backends to clients").bytes();
+    for (i, l) in snap.listeners.iter().enumerate() {
+        let (Some(cap), Some(t)) = (l.tcp, state.tcp.get(i)) else {
+            continue;
+        };
+        let n =
+            |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        let name = || vec![("listener", Cow::Owned(l.name.clone()))];
+        connections.add(name(), n(&t.connections));
+        active.add(name(), n(&t.active));
+        capacity.add(name(), cap);
+        for (reason, v) in t.refused() {
+            let mut labels = name();
+            labels.push(("reason", Cow::Borrowed(reason)));
+            refused.add(labels, v as f64);
+        }
+        failures.add(name(), n(&t.backend_connect_failures));
+        idle.add(name(), n(&t.idle_closed));
+        forwarded.add(name(), n(&t.bytes_forwarded));
+        replied.add(name(), n(&t.bytes_replied));
+    }
+    [
+        connections,
+        active,
+        capacity,
+        refused,
+        failures,
+        idle,
+        forwarded,
+        replied,
+    ]
+    .into_iter()
+    .filter(|f| !f.values.is_empty())
+    .collect()
 }
 
 /// Per-pool families of the pools that read payload keys (none otherwise).

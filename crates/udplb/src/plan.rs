@@ -82,6 +82,7 @@ pub fn snapshot_of(
             gro: l.gro,
             socket_buffer: l.socket_buffer,
             shared_upstream: l.shared_upstream,
+            tcp: cfg.takes_tcp(l).then_some(l.tcp_max_connections),
         })
         .collect();
     let pools = cfg

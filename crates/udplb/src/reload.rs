@@ -135,7 +135,8 @@ impl Reloader {
 fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
     let (mut cfg, positions) =
         udplb_config::load_with_positions(path).map_err(|e| e.to_string())?;
-    let changes = listener_changes(&running.listeners, &cfg.listeners);
+    let mut changes = listener_changes(&running.listeners, &cfg.listeners);
+    changes.extend(tcp_changes(running, &cfg));
     if !changes.is_empty() {
         return Err(format!(
             "{}: listeners: needs a restart: {}",
@@ -158,6 +159,20 @@ fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
         return Err(preflight::describe(&problems, Some(&positions), &[]).join("\n"));
     }
     Ok(cfg)
+}
+
+/// Listeners of `running` that take TCP in `new` or stop taking it (their TCP sockets are bound
+/// at start), in words.
+fn tcp_changes(running: &Config, new: &Config) -> Vec<String> {
+    running
+        .listeners
+        .iter()
+        .filter_map(|old| {
+            let l = new.listeners.iter().find(|l| l.name == old.name)?;
+            let (was, is) = (running.takes_tcp(old), new.takes_tcp(l));
+            (was != is).then(|| format!("listener {:?}: tcp {was} -> {is}", l.name))
+        })
+        .collect()
 }
 
 /// What differs, in words, between the running listeners and `new` in what only a restart

@@ -1,5 +1,5 @@
 //! udplb in front of real DNS servers: Debian's knot and unbound as backends, `dig` and
-//! `dnsperf` as clients. Needs the packages knot, unbound, dnsutils and dnsperf
+//! `dnsperf` and `kdig` as clients. Needs the packages knot, knot-dnsutils, unbound, dnsutils and dnsperf
 //! (`scripts/test.sh` installs them as root); the test fails with that message otherwise.
 
 mod common;
@@ -34,7 +34,7 @@ fn need(bin: &str) -> PathBuf {
         }
     }
     panic!(
-        "{bin} not found: install Debian's knot, unbound, dnsutils and dnsperf (scripts/test.sh does as root)"
+        "{bin} not found: install Debian's knot, knot-dnsutils, unbound, dnsutils and dnsperf (scripts/test.sh does as root)"
     );
 }
 
@@ -78,7 +78,8 @@ fn start_knot(name: &str) -> (Server, PathBuf) {
         dir.join("example.test.zone"),
         format!(
             "$ORIGIN {ZONE}\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n@ NS ns\n\
-             ns A 192.0.2.1\nwww A 192.0.2.10\nwho TXT \"knot\"\n"
+             ns A 192.0.2.1\nwww A 192.0.2.10\nwho TXT \"knot\"\nbig TXT {}\n",
+            big_txt()
         ),
     )
     .unwrap();
@@ -89,8 +90,9 @@ fn start_knot(name: &str) -> (Server, PathBuf) {
             "server:\n  listen: 127.0.0.1@{}\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  background-workers: 1\n\
              database:\n  storage: {d}\ncontrol:\n  listen: {d}/knot.sock\n\
              log:\n  - target: stderr\n    any: warning\n\
+             acl:\n  - id: xfr\n    address: 127.0.0.0/8\n    action: transfer\n\
              template:\n  - id: default\n    storage: {d}\n\
-             zone:\n  - domain: {ZONE}\n    file: example.test.zone\n",
+             zone:\n  - domain: {ZONE}\n    file: example.test.zone\n    acl: xfr\n",
             addr.port(),
             d = dir.display()
         ),
@@ -106,6 +108,20 @@ fn start_knot(name: &str) -> (Server, PathBuf) {
     let mut s = Server { child, addr };
     wait_answering(&mut s, "knotd");
     (s, dir)
+}
+
+/// The `big` TXT record's text: 30 strings of 250 characters (7.5 KB, far above what UDP
+/// carries without truncation).
+fn big_txt() -> String {
+    (0..30)
+        .map(|i| {
+            format!(
+                "\"{}\"",
+                char::from(b'a' + (i % 26) as u8).to_string().repeat(250)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn start_unbound() -> Server {
@@ -316,4 +332,202 @@ fn dns_check_takes_plain_names_in_any_case() {
         answers(listen, &format!("www.{ZONE}"), "A").as_deref(),
         Some("192.0.2.10")
     );
+}
+
+/// A DNS query for `name` `rtype` with id `id`, framed for TCP (two-byte length first).
+fn tcp_query(id: u16, name: &str, rtype: hickory_proto::rr::RecordType) -> Vec<u8> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(
+        hickory_proto::rr::Name::from_ascii(name).unwrap(),
+        rtype,
+    ));
+    let wire = m.to_vec().unwrap();
+    let mut framed = u16::try_from(wire.len()).unwrap().to_be_bytes().to_vec();
+    framed.extend(wire);
+    framed
+}
+
+/// Reads one length-framed DNS message from `s`.
+fn read_tcp_message(s: &mut std::net::TcpStream) -> hickory_proto::op::Message {
+    use std::io::Read;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).expect("a framed answer");
+    let mut wire = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut wire).expect("the whole answer");
+    hickory_proto::op::Message::from_vec(&wire).expect("a DNS message")
+}
+
+fn tcp_connections(lb: &Udplb) -> u64 {
+    lb.counter("/tcp/connections")
+}
+
+/// DNS over TCP through udplb: dig's retry of a truncated answer, 100 queries pipelined on one
+/// connection (answers matched by id), kdig reusing one connection, a zone transfer, and a
+/// backend that dies (connections go to the other).
+#[test]
+fn dns_over_tcp_truncated_answers_pipelines_and_zone_transfers() {
+    use std::io::Write;
+    let (one, _) = start_knot("knot-tcp-1");
+    let (two, _) = start_knot("knot-tcp-2");
+    let (lb, listen) = Udplb::serve(
+        &["--mode", "request-response", "--tcp"],
+        &[one.addr, two.addr],
+    );
+    let port = listen.port().to_string();
+
+    // dig asks over UDP, gets a truncated answer, and asks again over TCP through udplb.
+    let out = Command::new(need("dig"))
+        .args(["@127.0.0.1", "-p", &port, &format!("big.{ZONE}"), "TXT"])
+        .args(["+time=2", "+tries=1"])
+        .output()
+        .expect("run dig");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Truncated, retrying in TCP mode"), "{text}");
+    assert!(text.contains(&"z".repeat(250)), "the whole answer: {text}");
+    assert!(text.contains("status: NOERROR"), "{text}");
+    assert_eq!(tcp_connections(&lb), 1, "{}", lb.stats());
+
+    // 100 queries written at once on one connection; every answer comes back, by id.
+    let mut s = std::net::TcpStream::connect(listen).expect("udplb accepts TCP");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let names = [
+        (format!("www.{ZONE}"), hickory_proto::rr::RecordType::A),
+        (format!("who.{ZONE}"), hickory_proto::rr::RecordType::TXT),
+        (format!("big.{ZONE}"), hickory_proto::rr::RecordType::TXT),
+        (format!("nope.{ZONE}"), hickory_proto::rr::RecordType::A),
+    ];
+    let mut batch = Vec::new();
+    for id in 0..100u16 {
+        let (name, rtype) = &names[usize::from(id) % names.len()];
+        batch.extend(tcp_query(id, name, *rtype));
+    }
+    s.write_all(&batch).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..100 {
+        let answer = read_tcp_message(&mut s);
+        let id = answer.metadata.id;
+        assert!(seen.insert(id), "answer {id} twice");
+        let (name, _) = &names[usize::from(id) % names.len()];
+        assert_eq!(answer.queries[0].name().to_ascii(), *name);
+        if name.starts_with("nope") {
+            assert_eq!(
+                answer.metadata.response_code,
+                hickory_proto::op::ResponseCode::NXDomain
+            );
+        } else {
+            assert!(!answer.answers.is_empty(), "answer {id}: {answer:?}");
+        }
+    }
+    drop(s);
+    assert_eq!(tcp_connections(&lb), 2, "{}", lb.stats());
+
+    // kdig, a real client, reusing one connection for 20 queries.
+    let mut kdig = Command::new(need("kdig"));
+    kdig.args(["@127.0.0.1", "-p", &port, "+tcp", "+keepopen", "+short"]);
+    for _ in 0..20 {
+        kdig.args([&format!("www.{ZONE}"), "A"]);
+    }
+    let out = kdig.output().expect("run kdig");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| *l == "192.0.2.10").count(),
+        20,
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(tcp_connections(&lb), 3, "{}", lb.stats());
+
+    // A zone transfer (AXFR is TCP only).
+    let out = Command::new(need("dig"))
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &port,
+            ZONE,
+            "AXFR",
+            "+time=2",
+            "+tries=1",
+        ])
+        .output()
+        .expect("run dig AXFR");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().filter(|l| l.contains("\tSOA\t")).count(),
+        2,
+        "an AXFR begins and ends with the SOA: {text}"
+    );
+    assert!(text.contains(&format!("big.{ZONE}")), "{text}");
+
+    // One server dies: connections go to the other (a refused connect tries the next).
+    drop(one);
+    for _ in 0..4 {
+        let out = Command::new(need("dig"))
+            .args(["@127.0.0.1", "-p", &port, &format!("www.{ZONE}"), "A"])
+            .args(["+tcp", "+short", "+time=3", "+tries=1"])
+            .output()
+            .expect("run dig +tcp");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "192.0.2.10");
+    }
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/tcp/active") == 0),
+        "{}",
+        lb.stats()
+    );
+    let stats = lb.stats();
+    let tcp = &stats["listeners"][0]["tcp"];
+    assert_eq!(tcp["refused"]["no_backend"], 0, "{tcp}");
+    assert!(
+        tcp["backend_connect_failures"].as_u64().unwrap() >= 1,
+        "round robin reached the dead server at least once: {tcp}"
+    );
+    assert!(tcp["bytes_replied"].as_u64().unwrap() > 100 * 100, "{tcp}");
+    drop(two);
+}
+
+/// The TCP side is bounded: connections beyond `tcp_max_connections` are closed at once, and
+/// a connection that sends nothing is closed after the idle timeout.
+#[test]
+fn dns_over_tcp_is_capped_and_idle_connections_close() {
+    use std::io::Read;
+    let (knot, _) = start_knot("knot-tcp-cap");
+    let (lb, listen) = run_one_pool(
+        "127.0.0.1",
+        "mode = \"request-response\"\ntcp = true\ntcp_max_connections = 2\nidle_timeout = \"500ms\"",
+        &[quoted(knot.addr)],
+        "",
+    );
+    let open = || {
+        let s = std::net::TcpStream::connect(listen).expect("connect");
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        s
+    };
+    let (mut a, _b) = (open(), open());
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/tcp/active") == 2),
+        "{}",
+        lb.stats()
+    );
+    let mut c = open();
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        c.read(&mut buf).unwrap_or(0),
+        0,
+        "a third connection is closed at once"
+    );
+    assert_eq!(lb.counter("/tcp/refused/cap"), 1);
+    // Silent for the idle timeout: closed (the read ends, well before the 10 s deadline).
+    let started = std::time::Instant::now();
+    assert_eq!(a.read(&mut buf).unwrap_or(0), 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        wait_for(DEADLINE, || lb.counter("/tcp/active") == 0),
+        "{}",
+        lb.stats()
+    );
+    assert_eq!(lb.counter("/tcp/idle_closed"), 2);
 }

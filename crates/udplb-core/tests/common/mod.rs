@@ -51,5 +51,6 @@ pub fn listener(name: &str, address: SocketAddr, mode: SessionMode) -> ListenerS
         gro: false,
         socket_buffer: 1 << 20,
         shared_upstream: false,
+        tcp: None,
     }
 }
