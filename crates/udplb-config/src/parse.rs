@@ -90,6 +90,9 @@ const PAYLOAD_KEY_KEYS: &[&str] = &[
     "length",
     "after",
     "until",
+    "config_id",
+    "server_id_length",
+    "server_ids",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "backup", "state", "health"];
 
@@ -436,6 +439,7 @@ impl Reader<'_> {
             "sip" => &[],
             "bytes" => &["offset", "length"],
             "token" => &["after", "until"],
+            "quic-lb" => &["config_id", "server_id_length", "server_ids"],
             _ => &[],
         };
         for (k, _) in pt.iter() {
@@ -495,15 +499,78 @@ impl Reader<'_> {
                     .unwrap_or_else(|| b" \t\r\n;,&".to_vec());
                 Some(KeySpec::Token { after, until })
             }
+            "quic-lb" => {
+                let config_id = self.ranged(pt, &pkey, "config_id", 0..=6).unwrap_or(0);
+                if pt.get("server_id_length").is_none() {
+                    let message = format!("missing: {pkey} needs a \"server_id_length\" key");
+                    self.error_key(&join(&pkey, "server_id_length"), message);
+                    return None;
+                }
+                let server_id_length = self.ranged(pt, &pkey, "server_id_length", 1..=15)?;
+                let servers =
+                    self.required(pt, &pkey, "server_ids", |r, k, v| r.server_ids(k, v))?;
+                Some(KeySpec::QuicLb {
+                    config: udplb_core::payload::quic::LbConfig {
+                        config_id,
+                        server_id_length,
+                    },
+                    servers,
+                })
+            }
             other => {
                 let k = join(&pkey, "kind");
                 self.error_key(
                     &k,
-                    format!("unknown kind {other:?} (expected one of: radius, sip, bytes, token)"),
+                    format!(
+                        "unknown kind {other:?} (expected one of: radius, sip, bytes, token, \
+                         quic-lb)"
+                    ),
                 );
                 None
             }
         }
+    }
+
+    /// QUIC-LB server IDs: a table of backend address to hexadecimal ID (`"0a01"`); each bad
+    /// entry is reported at its own position.
+    fn server_ids(&mut self, key: &str, v: &Item<'_>) -> Option<Vec<(SocketAddr, Vec<u8>)>> {
+        let DeValue::Table(t) = v.get_ref() else {
+            return self.wrong_type(
+                key,
+                v,
+                "a table of backend address to server ID, such as { \"10.0.0.1:443\" = \"01\" }",
+            );
+        };
+        let mut out = Vec::with_capacity(t.len());
+        let mut ok = true;
+        for (k, item) in t.iter() {
+            let ikey = join(key, k.get_ref());
+            let Ok(addr) = k.get_ref().parse::<SocketAddr>() else {
+                self.error_at(
+                    k.span(),
+                    &ikey,
+                    format!("{:?} is not an \"ip:port\"", k.get_ref()),
+                );
+                ok = false;
+                continue;
+            };
+            let Some(hex) = self.string(&ikey, item) else {
+                ok = false;
+                continue;
+            };
+            match decode_hex(hex) {
+                Some(id) => out.push((addr, id)),
+                None => {
+                    self.error_at(
+                        item.span(),
+                        &ikey,
+                        format!("{hex:?} is not a hexadecimal server ID such as \"0a01\""),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
     }
 
     /// RADIUS attributes by name (`"User-Name"`) or number.
@@ -1049,4 +1116,16 @@ fn parse_state(s: &str) -> Result<AdminState, &'static str> {
         "disabled" => Ok(AdminState::Disabled),
         _ => Err("expected one of: enabled, draining, disabled"),
     }
+}
+
+/// Bytes written as hexadecimal digits (an even number of them, at least two).
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.strip_prefix("0x").unwrap_or(s);
+    if s.is_empty() || !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }

@@ -261,16 +261,74 @@ fn check_payload_key(
             defaults::STATE_TIMEOUT_RANGE,
         );
     }
+    if let KeySpec::QuicLb { config, servers } = k {
+        check_server_ids(out, p, &key, usize::from(config.server_id_length), servers);
+    }
     for l in listeners {
         let serves = l.pool == p.name || l.abuse_pool.as_deref() == Some(p.name.as_str());
-        if serves && l.mode != SessionMode::Datagram {
+        let fits = match l.mode {
+            SessionMode::Datagram => true,
+            SessionMode::Flow => k.fits_flows(),
+            SessionMode::RequestResponse { .. } => false,
+        };
+        if serves && !fits {
+            let needs = if k.fits_flows() {
+                "mode = \"flow\" or \"datagram\""
+            } else {
+                "mode = \"datagram\" (a key places each datagram on its own)"
+            };
             out.push(problem(
                 key.clone(),
                 format!(
-                    "listener {:?} (mode {:?}) uses this pool: a payload key places each \
-                     datagram on its own, so the listener needs mode = \"datagram\"",
+                    "listener {:?} (mode {:?}) uses this pool: kind {:?} needs {needs}",
                     l.name,
-                    l.mode.name()
+                    l.mode.name(),
+                    k.kind()
+                ),
+            ));
+        }
+    }
+}
+
+/// QUIC-LB server IDs: one per backend of the pool, each of the configured length, no two
+/// alike (a backend without one accepts connections no balancer could route after the client
+/// moves).
+fn check_server_ids(
+    out: &mut Vec<Problem>,
+    p: &PoolConfig,
+    key: &str,
+    length: usize,
+    servers: &[(SocketAddr, Vec<u8>)],
+) {
+    let ids = format!("{key}.server_ids");
+    for (addr, id) in servers {
+        if !p.backends.iter().any(|b| b.spec.addr == *addr) {
+            out.push(problem(
+                format!("{ids}.{addr}"),
+                format!("{addr} is not a backend of pool {:?}", p.name),
+            ));
+        }
+        if id.len() != length {
+            out.push(problem(
+                format!("{ids}.{addr}"),
+                format!("{} bytes, but server_id_length = {length}", id.len()),
+            ));
+        }
+        if servers.iter().filter(|(_, other)| other == id).count() > 1 {
+            out.push(problem(
+                format!("{ids}.{addr}"),
+                "the same server ID as another backend".to_string(),
+            ));
+        }
+    }
+    for b in &p.backends {
+        if !servers.iter().any(|(a, _)| *a == b.spec.addr) {
+            out.push(problem(
+                ids.clone(),
+                format!(
+                    "backend {} has no server ID: the connections it accepts could not be \
+                     routed back to it once a client changes address",
+                    b.spec.addr
                 ),
             ));
         }

@@ -791,7 +791,7 @@ fn payload_keys_by_kind() {
             "maglev",
             "request-response",
             "kind = \"sip\"",
-            "pools.p.payload_key: listener \"l\" (mode \"request-response\") uses this pool: a payload key places each datagram on its own, so the listener needs mode = \"datagram\"",
+            "pools.p.payload_key: listener \"l\" (mode \"request-response\") uses this pool: kind \"sip\" needs mode = \"datagram\" (a key places each datagram on its own)",
         ),
         (
             "maglev",
@@ -809,7 +809,7 @@ fn payload_keys_by_kind() {
             "maglev",
             "datagram",
             "kind = \"json\"",
-            "pools.p.payload_key.kind: unknown kind \"json\" (expected one of: radius, sip, bytes, token)",
+            "pools.p.payload_key.kind: unknown kind \"json\" (expected one of: radius, sip, bytes, token, quic-lb)",
         ),
         (
             "rr",
@@ -866,4 +866,69 @@ fn tcp_is_on_where_a_listener_serves_dns() {
             .to_string()
             .contains("listeners.l.tcp_max_connections: 0 is out of range")
     );
+}
+
+#[test]
+fn quic_lb_server_ids() {
+    let pool = |mode: &str, key: &str| {
+        format!(
+            "[listeners.l]\naddress = \"127.0.0.1:443\"\npool = \"p\"\nmode = \"{mode}\"\n\
+             [pools.p]\nbackends = [\"127.0.0.1:4431\", \"127.0.0.1:4432\"]\nscheduler = \"maglev\"\n\
+             [pools.p.payload_key]\nkind = \"quic-lb\"\n{key}\n"
+        )
+    };
+    let ids = "server_id_length = 2\nserver_ids = { \"127.0.0.1:4431\" = \"0a01\", \"127.0.0.1:4432\" = \"0x0a02\" }";
+    let cfg = parse(&pool("flow", &format!("config_id = 3\n{ids}")), "t.toml").unwrap();
+    let Some(KeySpec::QuicLb { config, servers }) = &cfg.pools[0].payload_key else {
+        panic!("{:?}", cfg.pools[0].payload_key);
+    };
+    assert_eq!((config.config_id, config.server_id_length), (3, 2));
+    assert_eq!(
+        servers,
+        &vec![
+            ("127.0.0.1:4431".parse().unwrap(), vec![0x0a, 0x01]),
+            ("127.0.0.1:4432".parse().unwrap(), vec![0x0a, 0x02])
+        ]
+    );
+    assert!(parse(&pool("datagram", ids), "t.toml").is_ok());
+    for (mode, key, expected) in [
+        (
+            "request-response",
+            ids,
+            "kind \"quic-lb\" needs mode = \"flow\" or \"datagram\"",
+        ),
+        (
+            "flow",
+            "server_id_length = 2\nserver_ids = { \"127.0.0.1:4431\" = \"0a01\" }",
+            "pools.p.payload_key.server_ids: backend 127.0.0.1:4432 has no server ID",
+        ),
+        (
+            "flow",
+            "server_id_length = 2\nserver_ids = { \"127.0.0.1:4431\" = \"0a01\", \"127.0.0.1:4432\" = \"0a01\" }",
+            "the same server ID as another backend",
+        ),
+        (
+            "flow",
+            "server_id_length = 1\nserver_ids = { \"127.0.0.1:4431\" = \"0a01\", \"127.0.0.1:4432\" = \"02\" }",
+            "2 bytes, but server_id_length = 1",
+        ),
+        (
+            "flow",
+            "server_id_length = 1\nserver_ids = { \"127.0.0.1:4431\" = \"zz\", \"127.0.0.1:4432\" = \"02\" }",
+            "\"zz\" is not a hexadecimal server ID",
+        ),
+        (
+            "flow",
+            "server_ids = { \"127.0.0.1:4431\" = \"01\" }",
+            "needs a \"server_id_length\" key",
+        ),
+        (
+            "flow",
+            &format!("config_id = 7\n{ids}"),
+            "config_id: 7 is out of range 0..=6",
+        ),
+    ] {
+        let text = errors(&pool(mode, key)).to_string();
+        assert!(text.contains(expected), "{key}:\n{text}");
+    }
 }

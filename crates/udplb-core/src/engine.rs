@@ -895,6 +895,13 @@ impl<Io> Engine<Io> {
                     }
                 }
                 Keyed::Hash(h) => return Recall::Key(ClientKey(h)),
+                Keyed::Server { addr, hash } => {
+                    return match pool.position(&addr) {
+                        Some(i) if pool.tier.contains(i) => Recall::Backend(i),
+                        // Its server cannot take it: the connection is lost there anyway.
+                        _ => Recall::Key(ClientKey(hash)),
+                    };
+                }
                 Keyed::Unkeyed | Keyed::Malformed => {}
             }
         }

@@ -95,7 +95,7 @@ pub fn proxy(data: &[u8]) {
     }
 }
 
-/// The payload-key readers (RADIUS, SIP, bytes, token) on any bytes: each reads a key or
+/// The payload-key readers (RADIUS, SIP, bytes, token, QUIC-LB) on any bytes: each reads a key or
 /// says there is none, never a panic; a RADIUS packet that parses has attributes that lie
 /// within it and fill it; what the RADIUS reader learns from a challenge it finds again.
 pub fn payload(data: &[u8]) {
@@ -104,6 +104,19 @@ pub fn payload(data: &[u8]) {
         let walked: usize = p.attributes().map(|(_, v)| v.len() + 2).sum();
         let length = usize::from(u16::from_be_bytes([data[2], data[3]]));
         assert_eq!(walked + 20, length, "attributes fill the packet");
+    }
+    let cfg = crate::payload::quic::LbConfig {
+        config_id: 1,
+        server_id_length: 2,
+    };
+    if let Ok(cid) = crate::payload::quic::destination_cid(data, cfg) {
+        assert!(
+            cid.len() < data.len(),
+            "a connection ID lies within its packet"
+        );
+        if let Some(id) = crate::payload::quic::server_id(cid, cfg) {
+            assert_eq!(id.len(), 2);
+        }
     }
     if let Ok(sip::Message::CallId(id)) = sip::call_id(data) {
         assert!(!id.is_empty());
@@ -123,6 +136,13 @@ pub fn payload(data: &[u8]) {
         KeySpec::Token {
             after: b"=".to_vec(),
             until: b";".to_vec(),
+        },
+        KeySpec::QuicLb {
+            config: crate::payload::quic::LbConfig {
+                config_id: 1,
+                server_id_length: 2,
+            },
+            servers: vec![(SocketAddr::from(([127, 0, 0, 1], 4433)), vec![0x0a, 0x01])],
         },
     ];
     for spec in specs {

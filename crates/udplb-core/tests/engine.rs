@@ -1242,3 +1242,71 @@ fn trains_pass_whole_only_where_nothing_is_decided_per_datagram() {
         p[1].proxy_header = ProxyHeader::Every;
     }));
 }
+
+/// A QUIC short-header packet to a connection ID that server `server` issued (QUIC-LB config
+/// 1, one byte of server ID), for the life of the test.
+fn quic_short(server: u8, nonce: u8) -> &'static [u8] {
+    Vec::leak(vec![
+        0x40,
+        0x20 | (nonce & 0x1f),
+        server,
+        nonce,
+        0,
+        0,
+        0,
+        0,
+        0xaa,
+        0xbb,
+    ])
+}
+
+/// A QUIC Initial with a client's random destination connection ID.
+fn quic_initial(random: u8) -> &'static [u8] {
+    Vec::leak(vec![
+        0xc0, 0, 0, 0, 1, 8, random, 1, 2, 3, 4, 5, 6, 7, 0, 0x44, 0x40,
+    ])
+}
+
+#[test]
+fn quic_lb_routes_connection_ids_to_their_server_and_survives_migration() {
+    let mut fx = Fixture::new(SessionMode::Flow, SchedulerKind::Maglev, 3, |_, pools| {
+        let servers = (1..=3).map(|n| (backend(n), vec![n])).collect();
+        pools[0].payload_key = Some(Arc::new(PayloadKey::new(KeySpec::QuicLb {
+            config: udplb_core::payload::quic::LbConfig {
+                config_id: 1,
+                server_id_length: 1,
+            },
+            servers,
+        })));
+    });
+    let to = |out: Out| match out {
+        Out::Open { to, .. } | Out::Send { to, .. } | Out::Move { to, .. } => to,
+        other => panic!("{other:?}"),
+    };
+    // Initials: by a hash of their connection ID, spread; a retransmission agrees.
+    let mut first = std::collections::HashSet::new();
+    for c in 1..=30u8 {
+        let b = to(fx.run(Payload(c, quic_initial(c))));
+        first.insert(b);
+        assert_eq!(to(fx.run(Payload(c, quic_initial(c)))), b);
+    }
+    assert_eq!(first.len(), 3, "30 connections over 3 servers");
+    // A connection whose client moved (a new address, a new flow) reaches the server that
+    // issued its connection IDs, whatever the client's address hashes to.
+    for (c, server) in (40..=90u8).zip([1u8, 2, 3].into_iter().cycle()) {
+        assert_eq!(to(fx.run(Payload(c, quic_short(server, c)))), server);
+    }
+    // Its server down: by the ID's hash (the connection is lost there anyway).
+    fx.run(Health(3, false));
+    let b = to(fx.run(Payload(100, quic_short(3, 1))));
+    assert_ne!(b, 3);
+    assert_eq!(
+        to(fx.run(Payload(101, quic_short(3, 1)))),
+        b,
+        "instances agree"
+    );
+    // Too short to hold a connection ID: the client's hash, counted.
+    fx.run(Payload(102, b"\xc0\x00\x00"));
+    let key = fx.snap.pools[0].payload_key.as_ref().unwrap();
+    assert_eq!(key.counts().malformed, 1);
+}

@@ -11,10 +11,12 @@
 //! Must not: be consulted for pools without a key, read past a packet's own framing, or drop
 //! anything: a datagram with no key, or a malformed one, is scheduled as usual.
 
+pub mod quic;
 pub mod radius;
 pub mod sip;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -54,6 +56,15 @@ pub enum KeySpec {
         /// Bytes that end it.
         until: Vec<u8>,
     },
+    /// QUIC-LB: a packet whose destination connection ID carries the server ID of one of
+    /// `servers` goes to that server; others (a client's first packets, IDs of another
+    /// configuration) by a hash of the connection ID.
+    QuicLb {
+        /// The configuration the servers encode their IDs with.
+        config: quic::LbConfig,
+        /// Each backend's server ID (`config.server_id_length` bytes).
+        servers: Vec<(SocketAddr, Vec<u8>)>,
+    },
 }
 
 impl KeySpec {
@@ -64,7 +75,14 @@ impl KeySpec {
             KeySpec::Sip => "sip",
             KeySpec::Bytes { .. } => "bytes",
             KeySpec::Token { .. } => "token",
+            KeySpec::QuicLb { .. } => "quic-lb",
         }
+    }
+
+    /// Whether it may place a flow's first datagram only (flow mode): a QUIC connection's
+    /// datagrams from one address all carry its IDs, and a new address is a new flow.
+    pub fn fits_flows(&self) -> bool {
+        matches!(self, KeySpec::QuicLb { .. })
     }
 
     /// Whether it places datagrams by a hash (which needs a consistent-hash scheduler).
@@ -80,6 +98,13 @@ pub enum Keyed {
     Hash(u64),
     /// A RADIUS `State`: to the backend that issued it, if known (its keyed hash).
     State(u64),
+    /// A QUIC connection ID issued by the server at `addr`; by `hash` if it cannot take it.
+    Server {
+        /// The server that issued it.
+        addr: SocketAddr,
+        /// The connection ID's hash.
+        hash: u64,
+    },
     /// A well-formed datagram with no key (a SIP keep-alive, a RADIUS packet without the
     /// attributes): the scheduler places it.
     Unkeyed,
@@ -147,6 +172,7 @@ impl PayloadKey {
             KeySpec::Token { after, until } => {
                 token(data, after, until).map_or(Keyed::Malformed, |k| Keyed::Hash(stable_hash(k)))
             }
+            KeySpec::QuicLb { config, servers } => quic_key(data, *config, servers),
         };
         if keyed == Keyed::Malformed {
             self.malformed.fetch_add(1, Ordering::Relaxed);
@@ -257,6 +283,18 @@ impl PayloadKey {
         c.malformed = self.malformed.load(Ordering::Relaxed);
         c
     }
+}
+
+/// The key of QUIC packet `data`: the server its destination connection ID names, else the
+/// ID's hash.
+fn quic_key(data: &[u8], cfg: quic::LbConfig, servers: &[(SocketAddr, Vec<u8>)]) -> Keyed {
+    let Ok(cid) = quic::destination_cid(data, cfg) else {
+        return Keyed::Malformed;
+    };
+    let hash = stable_hash(cid);
+    quic::server_id(cid, cfg)
+        .and_then(|id| servers.iter().find(|(_, s)| s.as_slice() == id))
+        .map_or(Keyed::Hash(hash), |&(addr, _)| Keyed::Server { addr, hash })
 }
 
 /// Readers are equal when they read the same way (what a snapshot comparison asks).
