@@ -10,7 +10,7 @@
 # a run that lost requests under the interpreter is reported as such.
 #
 # Usage: scripts/instructions.sh
-# Env:   PEERS ("relay udplb-flow udplb-datagram udplb-rr udplb-shared") FLOWS (64)
+# Env:   PEERS ("relay udplb-flow udplb-datagram udplb-rr udplb-shared"; also udplb-quic) FLOWS (64)
 #        OUTSTANDING (2) DURATION (4s) UDPLB (target/release/udplb)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +38,22 @@ for peer in $PEERS; do
         relay)
             cmd=("$BENCH" relay --listen "127.0.0.1:$port" "${backends[@]}")
             toggle='udplb_bench::relay::run*'
+            ;;
+        udplb-quic)
+            # Datagram mode reading every datagram's QUIC connection ID (QUIC-LB routing,
+            # maglev by the ID's hash where no server ID is found).
+            conf="$work/quic.toml"
+            {
+                printf '[runtime]\nworkers = 1\nshutdown_grace = "0s"\n'
+                printf '[listeners.l]\naddress = "127.0.0.1:%s"\npool = "p"\nmode = "datagram"\n' "$port"
+                printf '[pools.p]\nscheduler = "maglev"\nbackends = ['
+                printf '"%s",' "${backends[@]}"
+                printf ']\n[pools.p.payload_key]\nkind = "quic-lb"\nserver_id_length = 1\nserver_ids = {'
+                for i in "${!backends[@]}"; do printf '"%s" = "%02x",' "${backends[$i]}" $((i + 1)); done
+                printf '}\n'
+            } | sed 's/,]/]/; s/,}/ }/' >"$conf"
+            cmd=("$UDPLB" run -c "$conf")
+            toggle='udplb_dataplane::worker::Worker::run*'
             ;;
         udplb-*)
             mode=${peer#udplb-} extra=()
