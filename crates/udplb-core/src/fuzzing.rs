@@ -160,12 +160,7 @@ pub fn payload(data: &[u8]) {
             && let Some(state) = p.attribute(radius::STATE)
         {
             // The next round carries the State back: it finds its issuer.
-            let mut request = vec![radius::ACCESS_REQUEST, 0, 0, 0];
-            request.extend([0u8; 16]);
-            request.extend([radius::STATE, (state.len() + 2) as u8]);
-            request.extend_from_slice(state);
-            let len = (request.len() as u16).to_be_bytes();
-            request[2..4].copy_from_slice(&len);
+            let request = radius::build(radius::ACCESS_REQUEST, &[(radius::STATE, state)]);
             let Keyed::State(h) = key.classify(&request) else {
                 panic!("a request with a State is keyed by it");
             };

@@ -1095,18 +1095,9 @@ fn persistence_in_datagram_mode_keeps_a_client_on_one_backend_until_it_fails() {
     });
 }
 
-/// A RADIUS packet of `code` (identifier 7) with `attrs`, for the life of the test.
+/// A RADIUS packet of `code` with `attrs`, for the life of the test.
 fn radius(code: u8, attrs: &[(u8, &[u8])]) -> &'static [u8] {
-    let mut p = vec![code, 7, 0, 0];
-    p.extend([0u8; 16]);
-    for (t, v) in attrs {
-        p.push(*t);
-        p.push(u8::try_from(v.len() + 2).unwrap());
-        p.extend_from_slice(v);
-    }
-    let len = u16::try_from(p.len()).unwrap().to_be_bytes();
-    p[2..4].copy_from_slice(&len);
-    Vec::leak(p)
+    Vec::leak(udplb_core::payload::radius::build(code, attrs))
 }
 
 // The type of `Case::setup`, which other setups need to push pools.

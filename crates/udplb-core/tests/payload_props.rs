@@ -5,16 +5,8 @@
 use proptest::prelude::*;
 
 fn radius_packet(code: u8, attrs: &[(u8, Vec<u8>)]) -> Vec<u8> {
-    let mut p = vec![code, 1, 0, 0];
-    p.extend([0u8; 16]);
-    for (t, v) in attrs {
-        p.push(*t);
-        p.push((v.len() + 2) as u8);
-        p.extend_from_slice(v);
-    }
-    let len = (p.len() as u16).to_be_bytes();
-    p[2..4].copy_from_slice(&len);
-    p
+    let attrs: Vec<(u8, &[u8])> = attrs.iter().map(|(t, v)| (*t, v.as_slice())).collect();
+    udplb_core::payload::radius::build(code, &attrs)
 }
 
 fn attrs() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {

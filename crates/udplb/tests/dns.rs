@@ -5,11 +5,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
+
+fn need_here(bin: &str) -> PathBuf {
+    need(bin, "knot, knot-dnsutils, unbound, dnsutils and dnsperf")
+}
 
 const ZONE: &str = "example.test.";
 
@@ -26,20 +30,8 @@ impl Drop for Server {
     }
 }
 
-fn need(bin: &str) -> PathBuf {
-    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
-        let p = Path::new(dir).join(bin);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!(
-        "{bin} not found: install Debian's knot, knot-dnsutils, unbound, dnsutils and dnsperf (scripts/test.sh does as root)"
-    );
-}
-
 fn dig(server: SocketAddr, name: &str, rtype: &str) -> Output {
-    Command::new(need("dig"))
+    Command::new(need_here("dig"))
         .args([
             format!("@{}", server.ip()),
             "-p".into(),
@@ -98,7 +90,7 @@ fn start_knot(name: &str) -> (Server, PathBuf) {
         ),
     )
     .unwrap();
-    let child = Command::new(need("knotd"))
+    let child = Command::new(need_here("knotd"))
         .arg("-c")
         .arg(&conf)
         .stdout(Stdio::null())
@@ -144,7 +136,7 @@ fn start_unbound() -> Server {
         ),
     )
     .unwrap();
-    let child = Command::new(need("unbound"))
+    let child = Command::new(need_here("unbound"))
         .arg("-d")
         .arg("-c")
         .arg(&conf)
@@ -197,7 +189,7 @@ fn dig_and_dnsperf_through_udplb_to_knot_and_unbound() {
         })
         .collect();
     std::fs::write(&queries, lines).unwrap();
-    let out = Command::new(need("dnsperf"))
+    let out = Command::new(need_here("dnsperf"))
         .args([
             "-s",
             "127.0.0.1",
@@ -265,7 +257,7 @@ fn dns_check_follows_a_real_server_that_stops_serving_the_zone() {
 
     // knot stops serving the zone: it now answers REFUSED, and the check takes it out.
     let knotc = |args: &[&str]| {
-        let out = Command::new(need("knotc"))
+        let out = Command::new(need_here("knotc"))
             .arg("-s")
             .arg(dir.join("knot.sock"))
             .args(args)
@@ -377,7 +369,7 @@ fn dns_over_tcp_truncated_answers_pipelines_and_zone_transfers() {
     let port = listen.port().to_string();
 
     // dig asks over UDP, gets a truncated answer, and asks again over TCP through udplb.
-    let out = Command::new(need("dig"))
+    let out = Command::new(need_here("dig"))
         .args(["@127.0.0.1", "-p", &port, &format!("big.{ZONE}"), "TXT"])
         .args(["+time=2", "+tries=1"])
         .output()
@@ -423,7 +415,7 @@ fn dns_over_tcp_truncated_answers_pipelines_and_zone_transfers() {
     assert_eq!(tcp_connections(&lb), 2, "{}", lb.stats());
 
     // kdig, a real client, reusing one connection for 20 queries.
-    let mut kdig = Command::new(need("kdig"));
+    let mut kdig = Command::new(need_here("kdig"));
     kdig.args(["@127.0.0.1", "-p", &port, "+tcp", "+keepopen", "+short"]);
     for _ in 0..20 {
         kdig.args([&format!("www.{ZONE}"), "A"]);
@@ -439,7 +431,7 @@ fn dns_over_tcp_truncated_answers_pipelines_and_zone_transfers() {
     assert_eq!(tcp_connections(&lb), 3, "{}", lb.stats());
 
     // A zone transfer (AXFR is TCP only).
-    let out = Command::new(need("dig"))
+    let out = Command::new(need_here("dig"))
         .args([
             "@127.0.0.1",
             "-p",
@@ -462,7 +454,7 @@ fn dns_over_tcp_truncated_answers_pipelines_and_zone_transfers() {
     // One server dies: connections go to the other (a refused connect tries the next).
     drop(one);
     for _ in 0..4 {
-        let out = Command::new(need("dig"))
+        let out = Command::new(need_here("dig"))
             .args(["@127.0.0.1", "-p", &port, &format!("www.{ZONE}"), "A"])
             .args(["+tcp", "+short", "+time=3", "+tries=1"])
             .output()

@@ -7,10 +7,14 @@ mod common;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use common::*;
+
+fn need_here(bin: &str) -> PathBuf {
+    need(bin, "freeradius and freeradius-utils")
+}
 
 const SECRET: &str = "testing123";
 
@@ -25,18 +29,6 @@ impl Drop for Radiusd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn need(bin: &str) -> PathBuf {
-    for dir in ["/usr/sbin", "/usr/bin"] {
-        let p = Path::new(dir).join(bin);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!(
-        "{bin} not found: install Debian's freeradius and freeradius-utils (scripts/test.sh does as root)"
-    );
 }
 
 /// A freeradius serving user bob (password "hello") by PAP and EAP-MD5 on a free port of
@@ -67,7 +59,7 @@ fn start_radiusd(name: &str) -> Radiusd {
     .unwrap();
     std::fs::write(dir.join("users"), "bob\tCleartext-Password := \"hello\"\n").unwrap();
     let log = std::fs::File::create(dir.join("radiusd.log")).unwrap();
-    let child = Command::new(need("freeradius"))
+    let child = Command::new(need_here("freeradius"))
         .args(["-f", "-l", "stdout", "-n", "radiusd", "-d"])
         .arg(&dir)
         .stdout(log.try_clone().unwrap())
@@ -89,7 +81,7 @@ fn start_radiusd(name: &str) -> Radiusd {
 
 /// Runs `bin` with `args` and `input` on stdin; returns its stdout.
 fn run_with_input(bin: &str, args: &[String], input: &str) -> String {
-    let mut child = Command::new(need(bin))
+    let mut child = Command::new(need_here(bin))
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

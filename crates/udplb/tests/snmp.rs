@@ -11,6 +11,10 @@ use std::process::{Child, Command, Stdio};
 
 use common::*;
 
+fn need_here(bin: &str) -> PathBuf {
+    need(bin, "snmpd and snmp")
+}
+
 /// The subtree walked: `system` (fixed values but sysUpTime).
 const SYSTEM: &str = ".1.3.6.1.2.1.1";
 const SYS_UPTIME: &str = ".1.3.6.1.2.1.1.3.0";
@@ -26,16 +30,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn need(bin: &str) -> PathBuf {
-    for dir in ["/usr/sbin", "/usr/bin"] {
-        let p = Path::new(dir).join(bin);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("{bin} not found: install Debian's snmpd and snmp (scripts/test.sh does as root)");
 }
 
 /// The SNMP tools' own state and configuration, kept in `dir` (not /var/lib/snmp or
@@ -65,7 +59,7 @@ fn start_agent(name: &str) -> Agent {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(need("snmpd"));
+    let mut cmd = Command::new(need_here("snmpd"));
     snmp_env(&mut cmd, &dir);
     cmd.args(["-f", "-Lo", "-C", "-c"])
         .arg(dir.join("snmpd.conf"))
@@ -84,7 +78,7 @@ fn start_agent(name: &str) -> Agent {
         if let Ok(Some(status)) = agent.child.try_wait() {
             panic!("snmpd {name} exited: {status}");
         }
-        let mut get = Command::new(need("snmpget"));
+        let mut get = Command::new(need_here("snmpget"));
         snmp_env(&mut get, &client);
         get.args(["-v2c", "-c", "public", "-t", "0.1", "-r", "0"])
             .arg(addr.to_string())
@@ -98,7 +92,7 @@ fn start_agent(name: &str) -> Agent {
 /// An SNMPv3 authPriv walk of `system` at `target` with 1 s timeouts and one retry: its lines
 /// (sysUpTime left out), and which agent answered (its sysName).
 fn walk_v3(target: SocketAddr, client: &Path) -> (Vec<String>, String) {
-    let mut cmd = Command::new(need("snmpwalk"));
+    let mut cmd = Command::new(need_here("snmpwalk"));
     snmp_env(&mut cmd, client);
     cmd.args(["-v3", "-l", "authPriv", "-u", "lbuser", "-a", "SHA", "-A"])
         .args(["authpass123", "-x", "AES", "-X", "privpass123", "-On"])

@@ -329,19 +329,6 @@ fn token<'a>(data: &'a [u8], after: &[u8], until: &[u8]) -> Option<&'a [u8]> {
 mod tests {
     use super::*;
 
-    fn radius_packet(code: u8, attrs: &[(u8, &[u8])]) -> Vec<u8> {
-        let mut p = vec![code, 7, 0, 0];
-        p.extend([0u8; 16]);
-        for (t, v) in attrs {
-            p.push(*t);
-            p.push(u8::try_from(v.len() + 2).unwrap());
-            p.extend_from_slice(v);
-        }
-        let len = u16::try_from(p.len()).unwrap().to_be_bytes();
-        p[2..4].copy_from_slice(&len);
-        p
-    }
-
     fn radius(attributes: &[u8]) -> PayloadKey {
         PayloadKey::new(KeySpec::Radius {
             attributes: attributes.to_vec(),
@@ -357,11 +344,11 @@ mod tests {
     #[test]
     fn radius_states_go_back_to_their_issuer_until_they_expire() {
         let key = radius(&[]);
-        let request = radius_packet(radius::ACCESS_REQUEST, &[(1, b"bob")]);
+        let request = radius::build(radius::ACCESS_REQUEST, &[(1, b"bob")]);
         assert_eq!(key.classify(&request), Keyed::Unkeyed);
-        let challenge = radius_packet(radius::ACCESS_CHALLENGE, &[(radius::STATE, b"s1")]);
+        let challenge = radius::build(radius::ACCESS_CHALLENGE, &[(radius::STATE, b"s1")]);
         key.learn(&challenge, BackendId(2), Time(1_000));
-        let round2 = radius_packet(radius::ACCESS_REQUEST, &[(1, b"bob"), (24, b"s1")]);
+        let round2 = radius::build(radius::ACCESS_REQUEST, &[(1, b"bob"), (24, b"s1")]);
         let Keyed::State(h) = key.classify(&round2) else {
             panic!("a State is a State key");
         };
@@ -372,8 +359,8 @@ mod tests {
         );
         assert_eq!(key.state_backend(h, Time(61_000), any), None, "expired");
         // An Access-Accept's State, or a request's, teaches nothing.
-        let other = radius_packet(radius::ACCESS_REQUEST, &[(24, b"s9")]);
-        key.learn(&radius_packet(2, &[(24, b"s9")]), BackendId(1), Time(0));
+        let other = radius::build(radius::ACCESS_REQUEST, &[(24, b"s9")]);
+        key.learn(&radius::build(2, &[(24, b"s9")]), BackendId(1), Time(0));
         key.learn(&other, BackendId(1), Time(0));
         let Keyed::State(h9) = key.classify(&other) else {
             panic!()
@@ -390,9 +377,9 @@ mod tests {
     #[test]
     fn radius_attributes_hash_in_order_and_malformed_packets_count() {
         let key = radius(&[1, 31]);
-        let a = radius_packet(radius::ACCESS_REQUEST, &[(31, b"00-11"), (1, b"bob")]);
-        let b = radius_packet(4, &[(1, b"bob"), (5, b"\0\0\0\x07"), (31, b"00-11")]);
-        let c = radius_packet(radius::ACCESS_REQUEST, &[(1, b"alice"), (31, b"00-11")]);
+        let a = radius::build(radius::ACCESS_REQUEST, &[(31, b"00-11"), (1, b"bob")]);
+        let b = radius::build(4, &[(1, b"bob"), (5, b"\0\0\0\x07"), (31, b"00-11")]);
+        let c = radius::build(radius::ACCESS_REQUEST, &[(1, b"alice"), (31, b"00-11")]);
         assert!(matches!(key.classify(&a), Keyed::Hash(_)));
         assert_eq!(
             key.classify(&a),
@@ -412,7 +399,7 @@ mod tests {
             max_states: SHARDS,
         });
         for i in 0..200u32 {
-            let challenge = radius_packet(
+            let challenge = radius::build(
                 radius::ACCESS_CHALLENGE,
                 &[(radius::STATE, &i.to_be_bytes())],
             );

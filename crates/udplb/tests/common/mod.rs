@@ -788,3 +788,16 @@ pub fn wait_exit(lb: &mut Udplb, limit: Duration) -> Option<(Option<i32>, Durati
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The path of Debian program `bin` (from `packages`, which the failure names:
+/// `scripts/test.sh` installs them as root).
+#[allow(dead_code)] // Not every test file runs Debian's servers.
+pub fn need(bin: &str, packages: &str) -> std::path::PathBuf {
+    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(bin))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("{bin} not found: install Debian's {packages} (scripts/test.sh does as root)")
+        })
+}
