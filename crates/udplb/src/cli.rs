@@ -23,6 +23,45 @@ use crate::preflight;
 /// Exit code for an invalid configuration (sysexits' EX_CONFIG).
 pub const EX_CONFIG: u8 = 78;
 
+/// The configuration `run` and `check` read without `-c`.
+pub const DEFAULT_CONFIG: &str = "/etc/udplb/udplb.toml";
+
+/// Sections of udplb(1) that clap does not write: files, signals, exit status.
+const MAN_SECTIONS: &str = r#".SH FILES
+.TP
+\fI/etc/udplb/udplb.toml\fR
+The configuration \fBudplb run\fR and \fBudplb check\fR read without \fB\-c\fR.
+.SH SIGNALS
+.TP
+\fBSIGHUP\fR
+Reload the configuration file: it is validated first, and an invalid one is refused (logged)
+while the running configuration stays. Flows keep their backends.
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop admitting new flows, serve established ones for runtime.shutdown_grace (5 s by default),
+then exit; a second signal exits at once.
+.SH ENVIRONMENT
+.TP
+\fBUDPLB_ADMIN\fR
+The admin endpoint \fBudplb ctl\fR talks to (\fB\-\-admin\fR; default 127.0.0.1:9190).
+.TP
+\fBUDPLB_ADMIN_TOKEN_FILE\fR
+The token file \fBudplb ctl\fR sends (\fB\-\-token\-file\fR).
+.TP
+\fBUDPLB_ALLOW_ROOT\fR
+Keep running as root instead of switching to an unprivileged user (\fB\-\-allow\-root\fR).
+.TP
+\fBNO_COLOR\fR
+Plain log lines even on a terminal.
+.SH EXIT STATUS
+0 when stopped by SIGTERM or SIGINT (and for \fB\-\-help\fR, \fB\-\-version\fR; \fBudplb check\fR
+for a valid file); 78 (EX_CONFIG) for a command line or configuration file udplb cannot use;
+1 for any other failure, such as an address that cannot be bound.
+.SH SEE ALSO
+\fBudplb\-run\fR(1), \fBudplb\-ctl\fR(1), \fBudplb\-check\fR(1), and the documents in docs/
+(config.md, api.md, metrics.md, health.md, protocols.md).
+"#;
+
 const EXAMPLES: &str = "\
 Examples:
   udplb 127.0.0.1:5300 127.0.0.1:5301 127.0.0.1:5302
@@ -64,7 +103,7 @@ enum Command {
     /// Run udplb with a configuration file.
     Run {
         /// The configuration file (TOML).
-        #[arg(short, long, value_name = "FILE")]
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Worker threads (overrides `runtime.workers`).
         #[arg(long, value_parser = parse_workers)]
@@ -79,13 +118,17 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) to stdout: `udplb man > udplb.1`.
-    Man,
+    /// Print the man page (roff) to stdout: `udplb man > udplb.1`, or a command's:
+    /// `udplb man run > udplb-run.1`.
+    Man {
+        /// The command (run, ctl, check, completions); none: udplb(1).
+        command: Option<String>,
+    },
     /// Validate a configuration file as `run` would, without binding anything: its rules, and
     /// that its user, group and programs (notify, exec checks) exist. Exit 0 if valid, 78 if not.
     Check {
         /// The configuration file (TOML).
-        #[arg(short, long, value_name = "FILE")]
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[command(flatten)]
         privileges: PrivilegeArgs,
@@ -493,13 +536,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             write_stdout(&out)
         }
-        Some(Command::Man) => {
-            let mut out = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut out)
-                .context("rendering the man page")?;
-            write_stdout(&out)
-        }
+        Some(Command::Man { command }) => write_stdout(&man_page(command.as_deref())?),
         Some(Command::Run {
             config,
             workers,
@@ -538,6 +575,34 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The man page of `udplb` (with the sections clap does not write), or of its subcommand
+/// `command`, named `udplb-COMMAND` as udplb(1) refers to it.
+fn man_page(command: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let top = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    match command {
+        None => {
+            clap_mangen::Man::new(top)
+                .render(&mut out)
+                .context("rendering the man page")?;
+            out.extend_from_slice(MAN_SECTIONS.as_bytes());
+        }
+        Some(name) => {
+            let Some(sub) = top.find_subcommand(name) else {
+                let names: Vec<&str> = top.get_subcommands().map(|c| c.get_name()).collect();
+                anyhow::bail!("no command {name:?} (one of: {})", names.join(", "));
+            };
+            // clap names are `&'static str`; the process prints the page and exits.
+            let page_name: &'static str = Box::leak(format!("udplb-{name}").into_boxed_str());
+            let sub = sub.clone().name(page_name);
+            clap_mangen::Man::new(sub)
+                .render(&mut out)
+                .context("rendering the man page")?;
+        }
+    }
+    Ok(out)
 }
 
 /// Writes generated output; a closed pipe (`| head`) is not an error worth a message.

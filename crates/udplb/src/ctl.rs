@@ -14,7 +14,12 @@ use serde_json::{Value, json};
 #[derive(Args, Debug)]
 pub struct CtlArgs {
     /// Admin endpoint of the udplb to talk to.
-    #[arg(long, default_value = "127.0.0.1:9190", value_name = "ADDR")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:9190",
+        value_name = "ADDR",
+        env = "UDPLB_ADMIN"
+    )]
     admin: String,
     /// Print the API's JSON instead of a table.
     #[arg(long)]

@@ -239,6 +239,17 @@ fn ctl_drives_a_running_instance() {
         ok && out.contains(&a.addr.to_string()) && out.contains("enabled"),
         "{out}"
     );
+    // UDPLB_ADMIN instead of --admin.
+    let out = udplb_command()
+        .args(["ctl", "backends"])
+        .env("UDPLB_ADMIN", lb.admin.to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&a.addr.to_string()),
+        "{text}"
+    );
 
     let b_addr = b.addr.to_string();
     let (ok, out, err) = ctl(lb.admin, &["drain", "default", &b_addr], &[]);

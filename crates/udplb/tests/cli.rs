@@ -142,7 +142,8 @@ fn a_bad_command_line_exits_78() {
             "--responses: only applies to --mode request-response (the mode is datagram)",
         ),
         (&["run", "-c", &file_arg, "--workers", "0"], "--workers"),
-        (&["run"], "--config"),
+        // Without -c: the default path, named in the error.
+        (&["run"], "/etc/udplb/udplb.toml"),
         (
             &["--log-level", "verbose", "127.0.0.1:5300", "127.0.0.1:5301"],
             "--log-level",
@@ -176,9 +177,30 @@ fn man_page_and_completions_come_from_the_cli() {
     assert!(man.status.success());
     let man = String::from_utf8_lossy(&man.stdout);
     assert!(man.contains(".TH udplb 1"), "not roff");
-    for needle in ["run", "check", "ctl", "\\-\\-mode", "\\-\\-scheduler"] {
+    for needle in [
+        "run",
+        "check",
+        "ctl",
+        "\\-\\-mode",
+        "\\-\\-scheduler",
+        ".SH FILES",
+        ".SH SIGNALS",
+        ".SH EXIT STATUS",
+        "udplb\\-run",
+    ] {
         assert!(man.contains(needle), "man page lacks {needle}");
     }
+    // The pages udplb(1) refers to exist: udplb-run(1) and the others.
+    for command in ["run", "ctl", "check"] {
+        let page = udplb_command().args(["man", command]).output().unwrap();
+        let text = String::from_utf8_lossy(&page.stdout);
+        assert!(
+            page.status.success() && text.contains(&format!(".TH udplb-{command} 1")),
+            "udplb man {command}: {text}"
+        );
+    }
+    let unknown = udplb_command().args(["man", "nope"]).output().unwrap();
+    assert!(!unknown.status.success());
     for shell in ["bash", "zsh", "fish"] {
         let out = udplb_command()
             .args(["completions", shell])
