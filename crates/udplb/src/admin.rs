@@ -229,6 +229,11 @@ async fn serve_connection(stream: tokio::net::TcpStream, app: Router, _slot: Slo
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
+    // Handlers see the peer (the log of API changes names it).
+    let app = match stream.peer_addr() {
+        Ok(peer) => app.layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        Err(_) => app,
+    };
     let service = hyper_util::service::TowerToHyperService::new(app);
     let connection = http.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);

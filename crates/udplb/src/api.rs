@@ -159,7 +159,8 @@ async fn explain(
     Ok(Json(crate::admin::explain_json(&snap, li, q.client)))
 }
 
-async fn reload(_: Writable, AxumState(state): AxumState<Arc<State>>) -> ApiResult {
+async fn reload(w: Writable, AxumState(state): AxumState<Arc<State>>) -> ApiResult {
+    tracing::info!(peer = ?w.origin.peer, request = %w.origin.request, "reload asked through the admin API");
     let mut reloader = state.reloader.lock().await;
     reloader.reload().await.map_err(Error::ReloadFailed)?;
     Ok(Json(
@@ -177,7 +178,13 @@ struct LogLevel {
     level: String,
 }
 
-async fn set_log_level(_: Writable, ApiJson(l): ApiJson<LogLevel>) -> ApiResult {
+async fn set_log_level(w: Writable, ApiJson(l): ApiJson<LogLevel>) -> ApiResult {
+    tracing::info!(
+        peer = ?w.origin.peer,
+        request = %w.origin.request,
+        level = %l.level,
+        "log level set through the admin API"
+    );
     crate::logging::set_level(&l.level).map_err(Error::Invalid)?;
     Ok(Json(json!({ "level": crate::logging::level() })))
 }
@@ -331,11 +338,11 @@ async fn edit_backend(
 
 /// Sends a change to the publisher and waits (bounded) for its outcome; only with the
 /// permission to change ([`Writable`]).
-async fn change(state: &State, _allowed: Writable, change: Change) -> ApiResult {
+async fn change(state: &State, allowed: Writable, change: Change) -> ApiResult {
     let (reply, outcome) = tokio::sync::oneshot::channel();
     state
         .publisher
-        .send(Command::Change(change, reply))
+        .send(Command::Change(change, allowed.origin, reply))
         .await
         .map_err(|_| Error::Stopping)?;
     let changed = match tokio::time::timeout(CHANGE_TIMEOUT, outcome).await {
@@ -351,7 +358,10 @@ async fn change(state: &State, _allowed: Writable, change: Change) -> ApiResult 
 /// checked before anything else of the request is looked at (its path, its body): a change that
 /// is not allowed answers 403 whatever its body, and one without the right token (when
 /// `[admin] token_file` is set) 401.
-struct Writable;
+struct Writable {
+    /// Who asks, and how (for the log of what the change did).
+    origin: crate::control::audit::Origin,
+}
 
 impl FromRequestParts<Arc<State>> for Writable {
     type Rejection = Error;
@@ -362,15 +372,24 @@ impl FromRequestParts<Arc<State>> for Writable {
                 "the admin API is read-only: set allow_changes = true in [admin] (or --admin-allow-changes)".into(),
             ));
         }
+        let allowed = Writable {
+            origin: crate::control::audit::Origin {
+                peer: parts
+                    .extensions
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .map(|c| c.0),
+                request: format!("{} {}", parts.method, parts.uri.path()),
+            },
+        };
         let Some(token) = &state.token else {
-            return Ok(Writable);
+            return Ok(allowed);
         };
         let given = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| crate::token::bearer(v.as_bytes()));
         match given {
-            Some(given) if token.matches(given) => Ok(Writable),
+            Some(given) if token.matches(given) => Ok(allowed),
             Some(_) => Err(Error::Unauthorized(
                 "wrong token in the Authorization header".into(),
             )),

@@ -254,6 +254,19 @@ fn ctl_drives_a_running_instance() {
     let b_addr = b.addr.to_string();
     let (ok, out, err) = ctl(lb.admin, &["drain", "default", &b_addr], &[]);
     assert!(ok && out.starts_with("ok"), "{out} {err}");
+    // The log says what the change did and who asked.
+    let logged = wait_for(DEADLINE, || {
+        let log = lb.stderr.lock().unwrap();
+        log.lines().any(|l| {
+            l.contains("admin API change")
+                && l.contains(&format!(
+                    "pool default: backend {b_addr} state enabled -> draining"
+                ))
+                && l.contains("peer=Some(127.0.0.1:")
+                && l.contains("/backends/")
+        })
+    });
+    assert!(logged, "{}", lb.stderr.lock().unwrap());
     let (_, json, _) = ctl(lb.admin, &["--json", "backends"], &[]);
     let pools: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(pools[0]["backends"][1]["admin"], "draining", "{json}");

@@ -23,6 +23,7 @@
 //! Must not: run checks or judge backends, touch datagrams, or block (configuration files are
 //! read by the reloader, on blocking threads, before they get here).
 
+pub mod audit;
 mod error;
 mod publisher;
 
@@ -42,9 +43,14 @@ pub enum Command {
     Reload(Arc<Config>, tokio::sync::oneshot::Sender<()>),
     /// Shutting down: publish a snapshot that admits no new flow.
     StopAdmitting,
-    /// A change from the admin API: applied to the running configuration, validated like a
-    /// file, published; the reply says whether anything changed, or why not.
-    Change(Change, tokio::sync::oneshot::Sender<Result<bool, Error>>),
+    /// A change from the admin API (asked by `Origin`): applied to the running configuration,
+    /// validated like a file, published and logged; the reply says whether anything changed,
+    /// or why not.
+    Change(
+        Change,
+        audit::Origin,
+        tokio::sync::oneshot::Sender<Result<bool, Error>>,
+    ),
 }
 
 /// Edits a configuration; `Ok(false)` when there is nothing to change, an error (an

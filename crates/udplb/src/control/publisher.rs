@@ -66,29 +66,54 @@ impl Publisher {
     pub fn handle(&mut self, command: Command, health: &mut health::Monitor) {
         match command {
             Command::Reload(cfg, applied) => {
-                self.reload(cfg, health);
+                self.reload(cfg, health, None);
                 let _ = applied.send(());
             }
             Command::StopAdmitting => {
                 self.admitting = false;
                 self.publish(&health.view());
             }
-            Command::Change(change, reply) => {
+            Command::Change(change, origin, reply) => {
                 let outcome = edited(&self.cfg, change).map(|cfg| {
                     let changed = cfg.is_some();
                     if let Some(cfg) = cfg {
-                        self.reload(Arc::new(cfg), health);
+                        self.reload(Arc::new(cfg), health, Some(&origin));
                     }
                     changed
                 });
+                if let Err(e) = &outcome {
+                    tracing::warn!(
+                        peer = ?origin.peer,
+                        request = %origin.request,
+                        error = %e,
+                        "admin API change refused"
+                    );
+                }
                 let _ = reply.send(outcome);
             }
         }
     }
 
-    /// Switches to `cfg`: `health` keeps the state of backends whose pool, address and check
-    /// are unchanged and starts the others fresh; one snapshot is published.
-    fn reload(&mut self, cfg: Arc<Config>, health: &mut health::Monitor) {
+    /// Switches to `cfg` (asked through the admin API by `origin`, or a reload): `health`
+    /// keeps the state of backends whose pool, address and check are unchanged and starts the
+    /// others fresh; one snapshot is published; every difference is logged.
+    fn reload(
+        &mut self,
+        cfg: Arc<Config>,
+        health: &mut health::Monitor,
+        origin: Option<&super::audit::Origin>,
+    ) {
+        for change in super::audit::differences(&self.cfg, &cfg) {
+            match origin {
+                Some(o) => tracing::info!(
+                    peer = ?o.peer,
+                    request = %o.request,
+                    %change,
+                    "admin API change"
+                ),
+                None => tracing::info!(%change, "configuration reload"),
+            }
+        }
         // Backend indices may mean others now; the next tick finds the ramps again.
         self.ramps.clear();
         self.cfg = cfg;
@@ -264,7 +289,11 @@ mod tests {
         let mut publisher = Publisher::new(cfg, Arc::clone(&shared), configs);
         let change = |publisher: &mut Publisher, monitor: &mut health::Monitor, c| {
             let (reply, mut outcome) = tokio::sync::oneshot::channel();
-            publisher.handle(Command::Change(c, reply), monitor);
+            let origin = super::super::audit::Origin {
+                peer: None,
+                request: "test".into(),
+            };
+            publisher.handle(Command::Change(c, origin, reply), monitor);
             outcome.try_recv().unwrap()
         };
 
