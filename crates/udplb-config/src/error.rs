@@ -50,13 +50,14 @@ impl std::error::Error for ConfigErrors {}
 /// does not exist, a program that cannot be run) at their line like any other error.
 #[derive(Clone, Debug, Default)]
 pub struct Positions {
+    /// The main file.
     file: String,
-    /// Line and column of every key path read.
-    at: HashMap<String, (usize, usize)>,
+    /// File, line and column of every key path read (an included file's keys are in it).
+    at: HashMap<String, (String, usize, usize)>,
 }
 
 impl Positions {
-    pub(crate) fn new(file: &str, at: HashMap<String, (usize, usize)>) -> Self {
+    pub(crate) fn new(file: &str, at: HashMap<String, (String, usize, usize)>) -> Self {
         Positions {
             file: file.into(),
             at,
@@ -64,11 +65,14 @@ impl Positions {
     }
 
     /// An error at the key path `key` (`pools.dns.notify`), or at the closest enclosing key
-    /// the file has (the `[runtime]` header for a missing `runtime.user`; else line 1).
+    /// the files have (the `[runtime]` header for a missing `runtime.user`; else line 1 of
+    /// the main file).
     pub fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
-        let (line, column) = enclosing(&self.at, key).copied().unwrap_or((1, 1));
+        let (file, line, column) = enclosing(&self.at, key)
+            .cloned()
+            .unwrap_or_else(|| (self.file.clone(), 1, 1));
         ConfigError {
-            file: self.file.clone(),
+            file,
             line,
             column,
             key: key.into(),

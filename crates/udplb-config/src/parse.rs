@@ -29,7 +29,11 @@ mod health;
 
 type Item<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["runtime", "admin", "listeners", "pools"];
+const TOP_KEYS: &[&str] = &["include", "runtime", "admin", "listeners", "pools"];
+/// What an included file may hold.
+const INCLUDED_KEYS: &[&str] = &["listeners", "pools"];
+/// Files one configuration may include at most.
+pub const MAX_INCLUDED_FILES: usize = 1024;
 const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace", "user", "group", "allow_root"];
 const ADMIN_KEYS: &[&str] = &["listen", "allow_changes", "token_file"];
 const LISTENER_KEYS: &[&str] = &[
@@ -192,8 +196,8 @@ pub fn parse(src: &str, file: &str) -> Result<Config, ConfigErrors> {
 /// Like [`parse`], with where each key is, to report later problems at their line.
 pub fn parse_with_positions(src: &str, file: &str) -> Result<(Config, Positions), ConfigErrors> {
     let mut reader = Reader {
-        file,
-        lines: Lines::new(src),
+        sources: vec![(file, src)],
+        current: 0,
         errors: Vec::new(),
         spans: HashMap::new(),
         failed: Vec::new(),
@@ -207,7 +211,14 @@ pub fn parse_with_positions(src: &str, file: &str) -> Result<(Config, Positions)
         }
         return Err(reader.into_errors());
     }
-    let cfg = reader.config(root.get_ref());
+    let mut cfg = reader.config(root.get_ref());
+    let patterns = reader.include_patterns(root.get_ref());
+    let base = Path::new(file).parent().unwrap_or(Path::new("."));
+    let included = reader.expand_includes(&patterns, base);
+    for (name, text) in &included {
+        reader.read_included(name, text, &mut cfg);
+    }
+    reader.current = 0;
     for p in rules::check(&cfg) {
         if !reader.is_consequence(&p) {
             reader.error_key(&p.key, p.message);
@@ -217,7 +228,11 @@ pub fn parse_with_positions(src: &str, file: &str) -> Result<(Config, Positions)
         let at = reader
             .spans
             .iter()
-            .map(|(key, span)| (key.clone(), reader.lines.position(span.start)))
+            .map(|(key, &(source, ref span))| {
+                let (name, text) = reader.sources[source];
+                let (line, column) = Lines::new(text).position(span.start);
+                (key.clone(), (name.to_string(), line, column))
+            })
             .collect();
         Ok((cfg, Positions::new(file, at)))
     } else {
@@ -226,11 +241,13 @@ pub fn parse_with_positions(src: &str, file: &str) -> Result<(Config, Positions)
 }
 
 struct Reader<'a> {
-    file: &'a str,
-    lines: Lines<'a>,
+    /// The files read (name, text): the main one first, then those it includes.
+    sources: Vec<(&'a str, &'a str)>,
+    /// The one being read.
+    current: usize,
     errors: Vec<ConfigError>,
-    /// Where each key path read so far is, for errors found after reading.
-    spans: HashMap<String, Range<usize>>,
+    /// Where each key path read so far is (file, span), for errors found after reading.
+    spans: HashMap<String, (usize, Range<usize>)>,
     /// Tables (`listeners.NAME`, `pools.NAME`) that could not be read: rules about them would
     /// only repeat the error already reported.
     failed: Vec<String>,
@@ -238,7 +255,7 @@ struct Reader<'a> {
     suggested: Vec<String>,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     /// Whether a broken rule follows from an error already reported.
     fn is_consequence(&self, p: &rules::Problem) -> bool {
         let failed = |prefix: &str| self.failed.iter().any(|f| f.starts_with(prefix));
@@ -249,7 +266,9 @@ impl Reader<'_> {
     }
 
     fn into_errors(mut self) -> ConfigErrors {
-        self.errors.sort_by_key(|e| (e.line, e.column));
+        let sources = &self.sources;
+        let rank = |e: &ConfigError| sources.iter().position(|(name, _)| *name == e.file);
+        self.errors.sort_by_key(|e| (rank(e), e.line, e.column));
         ConfigErrors {
             errors: self.errors,
         }
@@ -265,10 +284,16 @@ impl Reader<'_> {
         self.error_at(span, "(syntax)", message);
     }
 
+    /// An error at `span` of the file being read.
     fn error_at(&mut self, span: Range<usize>, key: &str, message: String) {
-        let (line, column) = self.lines.position(span.start);
+        self.error_in(self.current, span, key, message);
+    }
+
+    fn error_in(&mut self, source: usize, span: Range<usize>, key: &str, message: String) {
+        let (name, text) = self.sources[source];
+        let (line, column) = Lines::new(text).position(span.start);
         self.errors.push(ConfigError {
-            file: self.file.into(),
+            file: name.into(),
             line,
             column,
             key: key.into(),
@@ -276,10 +301,125 @@ impl Reader<'_> {
         });
     }
 
-    /// An error at the key path `key`, or at the closest enclosing key that was seen.
+    /// An error at the key path `key`, or at the closest enclosing key that was seen (in
+    /// whichever file it was).
     fn error_key(&mut self, key: &str, message: String) {
-        let span = enclosing(&self.spans, key).cloned().unwrap_or(0..0);
-        self.error_at(span, key, message);
+        let (source, span) = enclosing(&self.spans, key).cloned().unwrap_or((0, 0..0));
+        self.error_in(source, span, key, message);
+    }
+
+    /// Records where key path `key` is, in the file being read.
+    fn mark(&mut self, key: String, span: Range<usize>) {
+        self.spans.insert(key, (self.current, span));
+    }
+
+    /// The `include` patterns of the main file (each a string; bad ones are reported).
+    fn include_patterns(&mut self, root: &DeTable<'_>) -> Vec<(usize, String)> {
+        let Some(v) = root.get("include") else {
+            return Vec::new();
+        };
+        let DeValue::Array(items) = v.get_ref() else {
+            return self
+                .wrong_type(
+                    "include",
+                    v,
+                    "an array of file patterns such as [\"conf.d/*.toml\"]",
+                )
+                .unwrap_or_default();
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let key = format!("include[{i}]");
+            self.mark(key.clone(), item.span());
+            if let Some(s) = self.string(&key, item) {
+                out.push((i, s.to_string()));
+            }
+        }
+        out
+    }
+
+    /// The files `patterns` name (relative to `base`, the main file's directory), in order:
+    /// each pattern's matches sorted by name, each file once. A pattern that matches nothing
+    /// is fine (an empty conf.d); one that is not a pattern, or a file that cannot be read,
+    /// is an error at the pattern.
+    fn expand_includes(
+        &mut self,
+        patterns: &[(usize, String)],
+        base: &Path,
+    ) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        for (i, pattern) in patterns {
+            let key = format!("include[{i}]");
+            let full = base.join(pattern);
+            let matches = match glob::glob(&full.to_string_lossy()) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.error_key(&key, format!("{pattern:?} is not a file pattern: {e}"));
+                    continue;
+                }
+            };
+            for path in matches {
+                let path = match path {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.error_key(&key, format!("cannot read {}", e.path().display()));
+                        continue;
+                    }
+                };
+                let name = path.display().to_string();
+                if name == self.sources[0].0 || out.iter().any(|(n, _)| *n == name) {
+                    continue;
+                }
+                if out.len() == MAX_INCLUDED_FILES {
+                    self.error_key(&key, format!("more than {MAX_INCLUDED_FILES} files"));
+                    return out;
+                }
+                match read_bounded(&path) {
+                    Ok(text) => out.push((name, text)),
+                    Err(why) => self.error_key(&key, format!("{name}: cannot read: {why}")),
+                }
+            }
+        }
+        out
+    }
+
+    /// Reads included file `name` (`text`): its listeners and pools join `cfg`'s, after the
+    /// main file's; a name defined twice is an error where it is defined again.
+    fn read_included(&mut self, name: &'a str, text: &'a str, cfg: &mut Config) {
+        self.sources.push((name, text));
+        self.current = self.sources.len() - 1;
+        let (root, syntax_errors) = DeTable::parse_recoverable(text);
+        if !syntax_errors.is_empty() {
+            for e in &syntax_errors {
+                self.syntax_error(text, e);
+            }
+            return;
+        }
+        let root = root.get_ref();
+        let before: HashMap<String, (usize, Range<usize>)> = self.spans.clone();
+        self.check_keys("", root, INCLUDED_KEYS);
+        let listeners = self.named_tables(root, "listeners", |r, key, name, t| {
+            r.listener(key, name, t)
+        });
+        let pools = self.named_tables(root, "pools", |r, key, name, t| r.pool(key, name, t));
+        for (kind, names) in [
+            (
+                "listeners",
+                listeners.iter().map(|l| l.name.clone()).collect::<Vec<_>>(),
+            ),
+            ("pools", pools.iter().map(|p| p.name.clone()).collect()),
+        ] {
+            for n in names {
+                let key = join(kind, &n);
+                if let Some((source, span)) = before.get(&key) {
+                    let (file, src) = self.sources[*source];
+                    let (line, _) = Lines::new(src).position(span.start);
+                    self.error_key(&key, format!("also defined in {file}:{line}"));
+                }
+            }
+        }
+        cfg.listeners.extend(listeners);
+        cfg.pools.extend(pools);
     }
 
     fn config(&mut self, root: &DeTable<'_>) -> Config {
@@ -724,7 +864,7 @@ impl Reader<'_> {
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let bkey = format!("{key}[{i}]");
-            self.spans.insert(bkey.clone(), item.span());
+            self.mark(bkey.clone(), item.span());
             if let Some(b) = self.backend(&bkey, item, pool_health) {
                 out.push(b);
             }
@@ -740,7 +880,7 @@ impl Reader<'_> {
     ) -> Option<BackendConfig> {
         match v.get_ref() {
             DeValue::String(_) => {
-                self.spans.insert(format!("{key}.address"), v.span());
+                self.mark(format!("{key}.address"), v.span());
                 self.address(&format!("{key}.address"), v).map(|a| BackendSpec::new(a).into())
             }
             DeValue::Table(t) => self.backend_table(key, t, pool_health),
@@ -815,7 +955,7 @@ impl Reader<'_> {
     fn check_keys(&mut self, path: &str, t: &DeTable<'_>, allowed: &[&str]) {
         for (k, _) in t.iter() {
             let full = join(path, k.get_ref());
-            self.spans.insert(full.clone(), k.span());
+            self.mark(full.clone(), k.span());
             if !allowed.contains(&k.get_ref().as_ref()) {
                 let mut msg = format!("unknown key {:?}", k.get_ref());
                 if let Some(s) = closest(k.get_ref(), allowed).filter(|s| t.get(*s).is_none()) {
@@ -852,7 +992,7 @@ impl Reader<'_> {
         let mut out = Vec::with_capacity(entries.len());
         for (name, v) in entries {
             let key = join(section, name.get_ref());
-            self.spans.insert(key.clone(), name.span());
+            self.mark(key.clone(), name.span());
             match v.get_ref() {
                 DeValue::Table(t) => match read(self, &key, name.get_ref(), t) {
                     Some(x) => out.push(x),
