@@ -50,6 +50,25 @@ impl Histogram {
         self.cells.iter().sum()
     }
 
+    /// The bound (seconds) of the bucket the `q` quantile (0-1) falls in: at least that share
+    /// of the samples took at most this long (`f64::INFINITY` beyond the last bound); `None`
+    /// without samples.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (bound, n) in self.cells_seconds() {
+            seen += n;
+            if seen >= rank {
+                return Some(bound);
+            }
+        }
+        Some(f64::INFINITY)
+    }
+
     /// Each cell's upper bound in seconds (`f64::INFINITY` for the last) with its count, not
     /// cumulative.
     pub fn cells_seconds(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
@@ -64,6 +83,21 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantiles_are_bucket_bounds() {
+        let mut h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for us in [
+            90, 200, 300, 400, 2_000, 2_000, 2_000, 2_000, 40_000, 9_000_000,
+        ] {
+            h.record(us);
+        }
+        assert_eq!(h.quantile(0.1), Some(0.0001));
+        assert_eq!(h.quantile(0.5), Some(0.0025));
+        assert_eq!(h.quantile(0.9), Some(0.05));
+        assert_eq!(h.quantile(0.99), Some(f64::INFINITY));
+    }
 
     #[test]
     fn samples_fall_in_the_first_bucket_at_least_as_large() {

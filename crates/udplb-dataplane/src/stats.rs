@@ -446,6 +446,14 @@ counters! {
             unit: Bytes,
             help: "Payload bytes received from the backend",
         },
+        /// Live flows on the backend (gauge, refreshed every second or so).
+        flows: Counter {
+            json: "flows",
+            metric: "udplb_backend_flows",
+            kind: Gauge,
+            unit: Count,
+            help: "Live flows on the backend",
+        },
     }
     others {
         /// Request-response mode: time from a flow's first request to its first reply.

@@ -47,6 +47,10 @@ pub struct State {
     pub connections: Arc<Connections>,
     /// The TCP side of each listener (by snapshot index; untouched for UDP-only listeners).
     pub tcp: Arc<[crate::tcp::TcpStats]>,
+    /// Each backend's rates, sampled by the admin thread.
+    pub rates: crate::rates::Rates,
+    /// When udplb started (Unix seconds).
+    pub started_unix: f64,
 }
 
 /// Most admin connections open at once, whatever the descriptors allow.
@@ -176,6 +180,17 @@ pub async fn serve(
             return;
         }
     };
+    let sampled = Arc::clone(&state);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::rates::INTERVAL);
+        loop {
+            tick.tick().await;
+            let snap = sampled.shared.load();
+            sampled
+                .rates
+                .sample(&snap, &sampled.stats, std::time::Instant::now());
+        }
+    });
     let set_cap = |cfg: &udplb_config::Config, log: bool| {
         let (cap, fits) = connection_cap(reserve, cfg);
         state.connections.cap.store(cap, Ordering::Relaxed);
@@ -345,6 +360,8 @@ pub(crate) fn stats_json(state: &State) -> Value {
         .sum();
     let pools = pools_json(state, &snap);
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_unix": state.started_unix,
         "generation": snap.generation,
         "workers": state.workers,
         "rxq_overflow": rxq_overflow,
@@ -422,6 +439,30 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
                         m.insert("in_rotation".into(), json!(pool.tier.contains(bi)));
                         let traffic = BackendTotals::sum(&state.stats, b.id.index());
                         put_counters(m, traffic.values());
+                        if let Some(r) = state.rates.of(b.id.index()) {
+                            m.insert(
+                                "rates".into(),
+                                json!({
+                                    "forwarded_per_s": r.forwarded,
+                                    "replies_per_s": r.replies,
+                                    "bytes_forwarded_per_s": r.bytes_forwarded,
+                                    "bytes_replied_per_s": r.bytes_replied,
+                                }),
+                            );
+                        }
+                        let latency =
+                            udplb_dataplane::backend_reply_latency(&state.stats, b.id.index());
+                        if let Some(h) = latency.filter(|h| h.count() > 0) {
+                            let ms = |q| h.quantile(q).map(|s| s * 1e3);
+                            m.insert(
+                                "reply_latency".into(),
+                                json!({
+                                    "samples": h.count(),
+                                    "p50_ms_at_most": ms(0.5),
+                                    "p99_ms_at_most": ms(0.99),
+                                }),
+                            );
+                        }
                     }
                     v
                 })
@@ -635,12 +676,19 @@ mod counter_json_tests {
             bytes_forwarded: 2,
             replies: 3,
             bytes_replied: 4,
+            flows: 5,
         };
         let mut m = Map::new();
         put_counters(&mut m, t.values());
         assert_eq!(
             Value::Object(m),
-            json!({ "forwarded": 1, "bytes_forwarded": 2, "replies": 3, "bytes_replied": 4 })
+            json!({
+                "forwarded": 1,
+                "bytes_forwarded": 2,
+                "replies": 3,
+                "bytes_replied": 4,
+                "flows": 5
+            })
         );
     }
 }

@@ -259,14 +259,27 @@ fn status_table(v: &Value) -> String {
     layout(&rows)
 }
 
+/// Every backend with its health (and for how long), state, weight, live flows, traffic per
+/// second each way over the last 2 s (datagrams, bytes), reply latency (request-response
+/// listeners: the bucket bounds p50 and p99 fall in), checks and last error: what
+/// `ipvsadm -L -n --stats --rate` shows, and more.
 fn backends_table(pools: &Value, only: Option<&str>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     let mut rows = vec![row(&[
         "POOL",
         "BACKEND",
         "UP",
+        "SINCE",
         "ROTATION",
         "STATE",
         "WEIGHT",
+        "FLOWS",
+        "TO/S",
+        "FROM/S",
+        "BYTES/S TO/FROM",
+        "LATENCY P50/P99",
         "CHECKS OK/FAILED",
         "LAST ERROR",
     ])];
@@ -289,15 +302,64 @@ fn backends_table(pools: &Value, only: Option<&str>) -> String {
                 &text(&p["name"]),
                 &text(&b["address"]),
                 &yes_no(&b["healthy"]),
+                &since(&b["healthy_since_unix"], now),
                 &yes_no(&b["in_rotation"]),
                 &text(&b["admin"]),
                 &text(&b["weight"]),
+                &text(&b["flows"]),
+                &per_second(&b["rates"]["forwarded_per_s"]),
+                &per_second(&b["rates"]["replies_per_s"]),
+                &format!(
+                    "{}/{}",
+                    per_second(&b["rates"]["bytes_forwarded_per_s"]),
+                    per_second(&b["rates"]["bytes_replied_per_s"])
+                ),
+                &latency(&b["reply_latency"]),
                 &format!("{}/{}", text(&b["checks_ok"]), text(&b["checks_failed"])),
                 &text(&b["last_error"]),
             ]));
         }
     }
     layout(&rows)
+}
+
+/// How long ago Unix time `at` was, as "5m3s" (to the second).
+fn since(at: &Value, now: f64) -> String {
+    at.as_f64().map_or("-".into(), |at| {
+        let secs = Duration::from_secs((now - at).max(0.0) as u64);
+        humantime::format_duration(secs)
+            .to_string()
+            .replace(' ', "")
+    })
+}
+
+/// A rate with an SI prefix: 950, 12.5k, 3.1M.
+fn per_second(v: &Value) -> String {
+    let Some(x) = v.as_f64() else {
+        return "-".into();
+    };
+    match x {
+        x if x >= 1e6 => format!("{:.1}M", x / 1e6),
+        x if x >= 1e3 => format!("{:.1}k", x / 1e3),
+        x => format!("{x:.0}"),
+    }
+}
+
+/// p50/p99 reply latency as bucket bounds ("<=1ms/<=5ms"); "-" without samples.
+fn latency(v: &Value) -> String {
+    if v.is_null() {
+        return "-".into();
+    }
+    let bound = |q: &Value| match q.as_f64() {
+        Some(ms) if ms < 1.0 => format!("<={}us", (ms * 1e3).round()),
+        Some(ms) => format!("<={ms}ms"),
+        None => ">5s".into(),
+    };
+    format!(
+        "{}/{}",
+        bound(&v["p50_ms_at_most"]),
+        bound(&v["p99_ms_at_most"])
+    )
 }
 
 fn explain_text(v: &Value) -> String {

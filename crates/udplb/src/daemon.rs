@@ -129,6 +129,8 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         cfg.listeners.iter().map(|_| Default::default()).collect();
     let state = Arc::new(admin::State {
         tcp: Arc::clone(&tcp_stats),
+        rates: Default::default(),
+        started_unix: crate::health::unix_now(),
         shared: Arc::clone(&shared),
         stats: dataplane.stats().to_vec(),
         workers,

@@ -19,6 +19,7 @@ mod metrics;
 mod plan;
 mod preflight;
 mod privileges;
+mod rates;
 mod reload;
 mod systemd;
 mod tcp;

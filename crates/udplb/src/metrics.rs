@@ -27,8 +27,13 @@ use crate::admin::State;
 
 /// Renders the metrics of `state`.
 pub fn render(state: &Arc<State>) -> Result<String, fmt::Error> {
-    let mut registry = Registry::with_prefix("udplb");
-    registry.register_collector(Box::new(Udplb(Arc::clone(state))));
+    // udplb's own metrics under `udplb_`; the process's under the standard `process_` names
+    // every exporter uses (so dashboards and alerts made for them work).
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Process));
+    registry
+        .sub_registry_with_prefix("udplb")
+        .register_collector(Box::new(Udplb(Arc::clone(state))));
     let mut out = String::with_capacity(16 * 1024);
     prometheus_client::encoding::text::encode(&mut out, &registry)?;
     Ok(out)
@@ -154,8 +159,7 @@ impl Collector for Udplb {
             .chain(per_backend)
             .chain(payload_key_families(&self.0))
             .chain(tcp_families(&self.0))
-            .chain(reload_families(&self.0))
-            .chain(process_families());
+            .chain(reload_families(&self.0));
         for f in families {
             f.encode(&mut encoder)?;
         }
@@ -470,6 +474,18 @@ fn reload_families(state: &State) -> Vec<Family<'static>> {
 }
 
 /// CPU, memory and descriptors of the process, from /proc/self.
+/// The process: CPU time, memory, descriptors, start time.
+#[derive(Debug)]
+struct Process;
+
+impl Collector for Process {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        process_families()
+            .iter()
+            .try_for_each(|f| f.encode(&mut encoder))
+    }
+}
+
 fn process_families() -> Vec<Family<'static>> {
     let mut out = Vec::new();
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -480,8 +496,24 @@ fn process_families() -> Vec<Family<'static>> {
     let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
     let ticks = 100.0; // USER_HZ on Linux
     if let (Some(utime), Some(stime)) = (field(14), field(15)) {
-        let mut f = Family::counter("process_cpu", "CPU time used by udplb").seconds();
+        let mut f =
+            Family::counter("process_cpu", "Total user and system CPU time spent").seconds();
         f.add(Vec::new(), (utime + stime) / ticks);
+        out.push(f);
+    }
+    // Field 22: start time in ticks after boot.
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(start), Some(boot)) = (field(22), boot) {
+        let mut f = Family::gauge(
+            "process_start_time",
+            "Start time of the process since the Unix epoch",
+        )
+        .seconds();
+        f.add(Vec::new(), boot + start / ticks);
         out.push(f);
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -621,3 +621,54 @@ fn a_non_loopback_admin_that_allows_changes_needs_a_token() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Per-backend visibility under traffic: live flows, rates each way, reply latency and how long
+/// each backend has been up, in the API and in `udplb ctl backends`.
+#[test]
+fn backends_show_their_flows_rates_and_latency() {
+    let (a, b) = (
+        Backend::start("127.0.0.1", "a"),
+        Backend::start("127.0.0.1", "b"),
+    );
+    let (lb, listen) = Udplb::serve(&["--mode", "datagram"], &[a.addr, b.addr]);
+    let load = Load::start(listen, 8);
+    let pools = |lb: &Udplb| lb.call("GET", "/api/v1/pools", None).1;
+    let busy = wait_for(DEADLINE, || {
+        let p = pools(&lb);
+        (0..2).all(|i| {
+            let b = &p[0]["backends"][i];
+            b["flows"].as_u64().unwrap_or(0) > 0
+                && b["rates"]["forwarded_per_s"].as_f64().unwrap_or(0.0) > 0.0
+                && b["rates"]["replies_per_s"].as_f64().unwrap_or(0.0) > 0.0
+                && b["healthy_since_unix"].as_f64().is_some()
+        })
+    });
+    assert!(busy, "{}", pools(&lb));
+    let (ok, out, err) = ctl(lb.admin, &["backends"], &[]);
+    assert!(ok, "{err}");
+    let header = out.lines().next().unwrap_or_default();
+    for column in ["FLOWS", "TO/S", "FROM/S", "LATENCY P50/P99", "SINCE"] {
+        assert!(header.contains(column), "{out}");
+    }
+    load.finish();
+    // Idle again: the rates fall to zero (each interval is 2 s).
+    let idle = wait_for(std::time::Duration::from_secs(8), || {
+        let p = pools(&lb);
+        p[0]["backends"][0]["rates"]["forwarded_per_s"].as_f64() == Some(0.0)
+    });
+    assert!(idle, "{}", pools(&lb));
+    drop(lb);
+
+    // Request-response: the reply latency's quantiles.
+    let (lb, listen) = Udplb::serve(&["--mode", "request-response"], &[a.addr]);
+    let c = client("127.0.0.1:0");
+    for _ in 0..20 {
+        request(&c, listen, b"hi");
+    }
+    let p = pools(&lb);
+    let latency = &p[0]["backends"][0]["reply_latency"];
+    assert_eq!(latency["samples"].as_u64(), Some(20), "{p}");
+    let p50 = latency["p50_ms_at_most"].as_f64().unwrap();
+    let p99 = latency["p99_ms_at_most"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= p99, "{latency}");
+}

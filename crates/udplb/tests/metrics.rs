@@ -86,7 +86,16 @@ fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
         ),
         Some(1.0)
     );
-    assert!(value(&after, "udplb_process_open_fds", &[]).unwrap() > 0.0);
+    assert!(value(&after, "process_open_fds", &[]).unwrap() > 0.0);
+    let started = value(&after, "process_start_time_seconds", &[]).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 600.0..=now + 1.0).contains(&started),
+        "{started} vs {now}"
+    );
     let b = [("pool", "default"), ("backend", backend.as_str())];
     assert_eq!(
         value(&after, "udplb_backend_datagrams_forwarded_total", &b),
@@ -105,13 +114,16 @@ fn metrics_parse_follow_the_conventions_and_move_with_traffic() {
     );
     assert!(text.contains("udplb_build_info{version=\""), "{text}");
 
-    // Conventions: every sample has the udplb_ prefix; every counter sample ends in _total;
-    // every family has help.
+    // Conventions: every sample has the udplb_ prefix (the process's have the standard
+    // process_ names); every counter sample ends in _total; every family has help.
     let mut counters = 0;
     for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
         let mut parts = line.split_whitespace().skip(2);
         let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
-        assert!(name.starts_with("udplb_"), "{line}");
+        assert!(
+            name.starts_with("udplb_") || name.starts_with("process_"),
+            "{line}"
+        );
         assert!(
             text.contains(&format!("# HELP {name} ")),
             "no help for {name}"

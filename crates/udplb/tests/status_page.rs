@@ -76,6 +76,22 @@ fn status_page_shows_backends_and_their_states_in_a_browser() {
         live_row.contains(r#"<td class="up">up</td>"#) && live_row.contains("<td>enabled</td>"),
         "{live_row}"
     );
+    // Live flows and rates per backend, version and uptime, drops by reason.
+    assert!(
+        dom.contains(&format!(
+            r#"<span id="version">{}</span>"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        "version missing: {dom}"
+    );
+    assert!(
+        dom.contains("<th>flows</th>") && dom.contains("<th>to/s</th>"),
+        "per-backend traffic missing: {dom}"
+    );
+    assert!(
+        !dom.contains(r#"<span id="uptime">-</span>"#),
+        "uptime missing: {dom}"
+    );
     let dead_row = row(dead);
     assert!(
         dead_row.contains(r#"<td class="down">down</td>"#)

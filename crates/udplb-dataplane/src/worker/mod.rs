@@ -247,7 +247,7 @@ impl Worker {
             self.flush_all_replies();
             self.expire(now);
             self.publish_gauges();
-            self.refresh_kernel_drops(now);
+            self.refresh_slow_gauges(now);
         }
         self.shutdown();
     }
@@ -343,15 +343,24 @@ impl Worker {
         }
     }
 
-    /// Copies each listener socket's kernel drop count into its counter, every
-    /// [`KERNEL_DROPS_REFRESH`] (one `getsockopt` per socket, whether datagrams arrive or not).
-    fn refresh_kernel_drops(&mut self, now: Time) {
+    /// Every [`KERNEL_DROPS_REFRESH`]: copies each listener socket's kernel drop count into its
+    /// counter (one `getsockopt` per socket, whether datagrams arrive or not), and each
+    /// backend's live flows on this worker into its gauge.
+    fn refresh_slow_gauges(&mut self, now: Time) {
         if now.since(self.drops_read) < KERNEL_DROPS_REFRESH {
             return;
         }
         self.drops_read = now;
         for (lio, stats) in self.listeners.iter().zip(&self.stats.listeners) {
             lio.read_kernel_drops(stats);
+        }
+        self.publish_backend_flows();
+    }
+
+    fn publish_backend_flows(&self) {
+        let load = self.engine.table().load();
+        for (id, b) in self.stats.backends.iter().enumerate() {
+            b.flows.set(u64::from(load.get(id).copied().unwrap_or(0)));
         }
     }
 
@@ -375,6 +384,7 @@ impl Worker {
             self.release(c);
         }
         self.publish_gauges();
+        self.publish_backend_flows();
         tracing::debug!(worker = self.id, "worker stopped");
     }
 }

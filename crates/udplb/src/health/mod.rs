@@ -41,7 +41,7 @@ use crate::plan::HealthView;
 use notify::Event;
 pub use schedule::CheckResult;
 use schedule::{Checker, Judged, Kind, Running, plan_checkers};
-pub use state::{BackendStatus, HealthAt, Status, Trackers};
+pub use state::{BackendStatus, HealthAt, Status, Trackers, unix_now};
 use state::{fresh_status, unchecked_as_reported};
 
 /// How often passive signals (refused datagrams, unanswered requests, replies) are collected
@@ -507,7 +507,10 @@ impl Monitor {
                 tracing::warn!(pool = %pool.name, backend = %addr, reason = reason.unwrap_or(""), up, total, "backend down")
             }
         }
-        self.update_status(pi, bi, |s| s.healthy = state == Health::Up);
+        self.update_status(pi, bi, |s| {
+            s.healthy = state == Health::Up;
+            s.healthy_since_unix = Some(state::unix_now());
+        });
         publisher.publish(&self.view());
         let event = if state == Health::Up {
             Event::BackendUp(addr)

@@ -18,6 +18,9 @@ use crate::plan::HealthView;
 pub struct BackendStatus {
     pub address: String,
     pub healthy: bool,
+    /// When `healthy` last changed (Unix seconds), or when udplb started tracking the
+    /// backend in that state (start, reload, added).
+    pub healthy_since_unix: Option<f64>,
     pub checks_ok: u64,
     pub checks_failed: u64,
     /// Checks (and recovery probes) udplb could not make for lack of descriptors, buffers or
@@ -115,6 +118,7 @@ pub(super) fn fresh_status(cfg: &Config, trackers: &Trackers) -> Vec<Vec<Backend
                 .map(|(bi, b)| BackendStatus {
                     address: b.spec.addr.to_string(),
                     healthy: trackers.is_up(pi, bi),
+                    healthy_since_unix: Some(unix_now()),
                     ..Default::default()
                 })
                 .collect()
@@ -133,4 +137,11 @@ pub(super) fn unchecked_as_reported(cfg: &Config) -> Vec<Vec<bool>> {
                 .collect()
         })
         .collect()
+}
+
+/// Now, in Unix seconds (for the times the status shows).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
