@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
 use udplb_core::snapshot::{ListenerSpec, Snapshot};
-use udplb_sys::socket::{ListenerOptions, bind_listener};
+use udplb_sys::socket::{ListenerOptions, bind_listener, udp_port_taken};
 
 pub use stats::{
     BACKEND_COUNTERS, BackendStats, BackendTotals, CounterDef, LISTENER_COUNTERS, ListenerTotals,
@@ -157,6 +157,16 @@ impl Dataplane {
         for worker in 0..workers {
             let mut sockets = Vec::with_capacity(listener_addrs.len());
             for (addr, spec) in listener_addrs.iter_mut().zip(&snapshot.listeners) {
+                if worker == 0 && addr.port() != 0 && udp_port_taken(*addr).unwrap_or(false) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "cannot bind listener {addr}: another process already receives on \
+                             it (another udplb? two would split its traffic between them: stop \
+                             the other first)"
+                        ),
+                    ));
+                }
                 let socket = bind_listener(*addr, &listener_opts(spec)).map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot bind listener {addr}: {e}"))
                 })?;

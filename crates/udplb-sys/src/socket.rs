@@ -63,6 +63,27 @@ pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<Udp
     Ok(socket.into())
 }
 
+/// Whether some socket already receives on UDP `addr` (another process's, `SO_REUSEPORT` or
+/// not): a socket without `SO_REUSEPORT` cannot bind it then. Listener sockets share their
+/// port through `SO_REUSEPORT` among a udplb's workers, which would let a second udplb (same
+/// user) join the group silently and take part of the traffic. `IP_FREEBIND` as for a
+/// listener, so an address not configured yet is not mistaken for a taken one.
+pub fn udp_port_taken(addr: SocketAddr) -> io::Result<bool> {
+    let probe = nonblocking_udp(addr)?;
+    match addr {
+        SocketAddr::V4(_) => probe.set_freebind_v4(true)?,
+        SocketAddr::V6(_) => {
+            probe.set_only_v6(true)?;
+            probe.set_freebind_v6(true)?;
+        }
+    }
+    match probe.bind(&SockAddr::from(addr)) {
+        Ok(()) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// A non-blocking TCP listening socket on `addr` (backlog 1024), bound as a UDP listener is:
 /// IPv6 only on an IPv6 address, `IP_FREEBIND` (the address may not be configured yet), and
 /// `SO_REUSEADDR` so that a restart binds while old connections linger in `TIME_WAIT`.

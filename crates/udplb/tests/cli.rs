@@ -388,3 +388,22 @@ fn check_and_run_refuse_what_the_machine_cannot_do() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A second udplb on the address a first one receives on is refused, rather than joining its
+/// SO_REUSEPORT group and silently taking part of its traffic.
+#[test]
+fn a_second_instance_on_the_same_address_is_refused() {
+    let backend = common::listen_addr("127.0.0.1");
+    let (_first, listen) = common::Udplb::serve(&[], &[backend]);
+    let (code, stderr) = common::exit_of(
+        &[&listen.to_string(), &backend.to_string()],
+        &[("UDPLB_ALLOW_ROOT", "1")],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot bind listener {listen}: another process already receives on it"
+        )),
+        "{stderr}"
+    );
+}
