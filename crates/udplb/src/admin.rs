@@ -51,6 +51,8 @@ pub struct State {
     pub rates: crate::rates::Rates,
     /// When udplb started (Unix seconds).
     pub started_unix: f64,
+    /// Each pool's quorum, held or not.
+    pub quorum: crate::health::QuorumStatus,
 }
 
 /// Most admin connections open at once, whatever the descriptors allow.
@@ -467,9 +469,17 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
                     v
                 })
                 .collect();
+            let held = state
+                .quorum
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(pi)
+                .copied()
+                .flatten();
             let mut v = json!({
                 "name": pool.name,
                 "scheduler": pool.scheduler.name(),
+                "quorum_held": held,
                 "backup_active": pool.tier.is_backup(),
                 "fail_open": pool.tier.is_fail_open(),
                 "backends": backends,

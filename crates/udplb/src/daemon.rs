@@ -131,6 +131,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         tcp: Arc::clone(&tcp_stats),
         rates: Default::default(),
         started_unix: crate::health::unix_now(),
+        quorum: monitor.quorum_status(),
         shared: Arc::clone(&shared),
         stats: dataplane.stats().to_vec(),
         workers,

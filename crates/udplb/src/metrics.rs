@@ -157,6 +157,7 @@ impl Collector for Udplb {
         let families = listener_families(&self.0)
             .into_iter()
             .chain(per_backend)
+            .chain(pool_families(&self.0))
             .chain(payload_key_families(&self.0))
             .chain(tcp_families(&self.0))
             .chain(reload_families(&self.0));
@@ -258,6 +259,26 @@ fn listener_families(state: &State) -> Vec<Family<'static>> {
         counters.extend([remembered, returned, full]);
     }
     counters
+}
+
+/// Per-pool families: whether each pool holds its quorum (once every backend reported).
+fn pool_families(state: &State) -> Vec<Family<'static>> {
+    let snap = state.shared.load();
+    let quorum = state.quorum.lock().unwrap_or_else(|p| p.into_inner());
+    let mut held = Family::gauge(
+        "pool_quorum_held",
+        "1 while the pool holds its quorum (always 1 without a quorum rule)",
+    );
+    for (pool, q) in snap.pools.iter().zip(quorum.iter()) {
+        if let Some(q) = q {
+            held.add(vec![("pool", Cow::Owned(pool.name.clone()))], u8::from(*q));
+        }
+    }
+    if held.values.is_empty() {
+        Vec::new()
+    } else {
+        vec![held]
+    }
 }
 
 /// Per-listener families of the listeners that take TCP (none otherwise).

@@ -239,11 +239,27 @@ fn all_down_uses_the_backup_and_quorum_changes_notify_once() {
     let (reply, _) = request(&c, listen, b"hello");
     assert_eq!(reply, b"spare:hello");
     assert!(lb.stats()["pools"][0]["backup_active"].as_bool().unwrap());
+    // The quorum is shown lost (status and metrics) while it is.
+    assert!(
+        wait_for(DEADLINE, || lb.stats()["pools"][0]["quorum_held"] == false),
+        "{}",
+        lb.stats()
+    );
+    let (_, metrics) = lb.get("/metrics");
+    assert!(
+        metrics.contains("udplb_pool_quorum_held{pool=\"p\"} 0"),
+        "{metrics}"
+    );
     let a = Backend::start_at(a_addr, "a");
     let b = Backend::start_at(b_addr, "b");
     assert!(
         wait_for(DEADLINE, || lb.healthy(0) == Some(true)
             && lb.healthy(1) == Some(true)),
+        "{}",
+        lb.stats()
+    );
+    assert!(
+        wait_for(DEADLINE, || lb.stats()["pools"][0]["quorum_held"] == true),
         "{}",
         lb.stats()
     );

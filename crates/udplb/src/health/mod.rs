@@ -44,6 +44,9 @@ use schedule::{Checker, Judged, Kind, Running, plan_checkers};
 pub use state::{BackendStatus, HealthAt, Status, Trackers, unix_now};
 use state::{fresh_status, unchecked_as_reported};
 
+/// Each pool's quorum, held or not (`None` until every backend of the pool reported).
+pub type QuorumStatus = Arc<Mutex<Vec<Option<bool>>>>;
+
 /// How often passive signals (refused datagrams, unanswered requests, replies) are collected
 /// from the workers, and recovery probes started ([`Monitor::poll`]).
 pub const POLL: Duration = Duration::from_millis(100);
@@ -73,6 +76,8 @@ pub struct Monitor {
     trackers: Trackers,
     quorum: Vec<QuorumState>,
     status: Status,
+    /// Each pool's quorum as the admin endpoint shows it: held or not, once known.
+    quorum_status: QuorumStatus,
     workers: Vec<Arc<WorkerStats>>,
     /// Passive failures and replies per backend id already accounted for.
     passive_seen: Vec<(u64, u64)>,
@@ -103,6 +108,7 @@ impl Monitor {
             trackers,
             quorum,
             status: Arc::new(Mutex::new(status)),
+            quorum_status: QuorumStatus::default(),
             workers,
             passive_seen: Vec::new(),
             clock: Instant::now(),
@@ -119,6 +125,22 @@ impl Monitor {
     /// The status the admin endpoint reads.
     pub fn status(&self) -> Status {
         Arc::clone(&self.status)
+    }
+
+    /// Each pool's quorum (held or not; `None` until every backend reported).
+    pub fn quorum_status(&self) -> QuorumStatus {
+        Arc::clone(&self.quorum_status)
+    }
+
+    /// Copies the pools' quorum into what the admin endpoint reads.
+    fn publish_quorum(&self) {
+        let now: Vec<Option<bool>> = self
+            .quorum
+            .iter()
+            .zip(&self.quorum_known)
+            .map(|(q, &known)| known.then(|| q.held()))
+            .collect();
+        *self.quorum_status.lock().unwrap_or_else(|p| p.into_inner()) = now;
     }
 
     /// Health and slow starts now, for a snapshot.
@@ -278,6 +300,7 @@ impl Monitor {
         *status = new_status;
         drop(status);
         (self.reported, self.quorum, self.quorum_known) = (reported, quorum, quorum_known);
+        self.publish_quorum();
         self.start_checkers();
         self.keep_recovery_probes();
     }
@@ -355,6 +378,7 @@ impl Monitor {
         let up = self.trackers.up_count(pi, pool.backends.len());
         self.quorum[pi] = QuorumState::settle(up as u32, pool.quorum);
         self.quorum_known[pi] = true;
+        self.publish_quorum();
         if pool.quorum.min_up > 0 {
             tracing::info!(pool = %pool.name, up, min_up = pool.quorum.min_up, held = self.quorum[pi].held(), "quorum");
         }
@@ -521,7 +545,9 @@ impl Monitor {
         if !self.quorum_known[pi] {
             return;
         }
-        if let Some(held) = self.quorum[pi].update(up as u32, pool.quorum) {
+        let changed = self.quorum[pi].update(up as u32, pool.quorum);
+        self.publish_quorum();
+        if let Some(held) = changed {
             let event = if held {
                 Event::QuorumRegained
             } else {
