@@ -371,6 +371,8 @@ pub(crate) fn stats_json(state: &State) -> Value {
         "pools": pools,
         "reload": json!(*state.reload.lock().unwrap_or_else(|p| p.into_inner())),
         "admin": {
+            "allow_changes": state.allow_changes,
+            "token_required": state.token.is_some(),
             "connections": state.connections.live.load(Ordering::Relaxed),
             "connection_cap": state.connections.cap(),
             "connections_refused": state.connections.refused.load(Ordering::Relaxed),

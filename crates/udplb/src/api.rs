@@ -372,6 +372,27 @@ impl FromRequestParts<Arc<State>> for Writable {
                 "the admin API is read-only: set allow_changes = true in [admin] (or --admin-allow-changes)".into(),
             ));
         }
+        // A browser sends Origin with every cross-origin POST, PUT or DELETE, and sends
+        // bodiless POSTs (a drain) without asking first: a page on another site must not be
+        // able to change udplb through its visitor's browser. Clients that are not browsers
+        // (udplb ctl, curl) send no Origin; the status page sends its own.
+        if let Some(origin) = parts.headers.get(axum::http::header::ORIGIN) {
+            let host = parts
+                .headers
+                .get(axum::http::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            let origin_host = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.split_once("://"))
+                .map(|(_, rest)| rest.trim_end_matches('/'));
+            if host.is_none() || origin_host != host {
+                return Err(Error::Forbidden(format!(
+                    "a change from another site ({}) is refused",
+                    origin.to_str().unwrap_or("?")
+                )));
+            }
+        }
         let allowed = Writable {
             origin: crate::control::audit::Origin {
                 peer: parts

@@ -672,3 +672,33 @@ fn backends_show_their_flows_rates_and_latency() {
     let p99 = latency["p99_ms_at_most"].as_f64().unwrap();
     assert!(p50 > 0.0 && p50 <= p99, "{latency}");
 }
+
+/// A change a browser sends for a page of another site (its Origin differs from the Host it
+/// sent to) is refused, so a web page cannot drain backends through its visitor's browser; the
+/// status page's own (same origin) and clients that send no Origin are served.
+#[test]
+fn changes_from_another_site_are_refused() {
+    use std::io::{Read, Write};
+    let a = Backend::start("127.0.0.1", "a");
+    let (lb, _) = Udplb::serve(&["--admin-allow-changes"], &[a.addr]);
+    let post = |origin: &str| {
+        let mut s = std::net::TcpStream::connect(lb.admin).unwrap();
+        write!(
+            s,
+            "POST /api/v1/pools/default/backends/{}/drain HTTP/1.0\r\nHost: {}\r\n\
+             Origin: {origin}\r\nContent-Length: 0\r\n\r\n",
+            a.addr, lb.admin
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    };
+    let refused = post("http://evil.example");
+    assert!(refused.starts_with("HTTP/1.0 403"), "{refused}");
+    assert!(refused.contains("another site"), "{refused}");
+    assert_eq!(lb.backend(0)["admin"], "enabled");
+    let same = post(&format!("http://{}", lb.admin));
+    assert!(same.starts_with("HTTP/1.0 200"), "{same}");
+    assert_eq!(lb.backend(0)["admin"], "draining");
+}

@@ -47,7 +47,7 @@ fn status_page_shows_backends_and_their_states_in_a_browser() {
     let lb = run_toml(
         admin,
         &format!(
-            "[admin]\nlisten = \"{admin}\"\n[listeners.dns]\naddress = \"{listen}\"\npool = \"servers\"\n\
+            "[admin]\nlisten = \"{admin}\"\nallow_changes = true\n[listeners.dns]\naddress = \"{listen}\"\npool = \"servers\"\n\
              [pools.servers]\nbackends = [\"{}\", {{ address = \"{dead}\", state = \"draining\" }}]\n\
              [pools.servers.health]\ncheck = \"udp\"\nsend = \"ping\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
              rise = 1\nfall = 1\n",
@@ -92,7 +92,15 @@ fn status_page_shows_backends_and_their_states_in_a_browser() {
         !dom.contains(r#"<span id="uptime">-</span>"#),
         "uptime missing: {dom}"
     );
+    // Changes are allowed: an enabled backend can be drained or disabled from the page, a
+    // draining one enabled.
+    assert!(
+        live_row.contains(r#"data-action="drain""#)
+            && live_row.contains(r#"data-action="disable""#),
+        "{live_row}"
+    );
     let dead_row = row(dead);
+    assert!(dead_row.contains(r#"data-action="enable""#), "{dead_row}");
     assert!(
         dead_row.contains(r#"<td class="down">down</td>"#)
             && dead_row.contains("<td>draining</td>"),
