@@ -113,6 +113,12 @@ enum Command {
     },
     /// Query or change a running udplb through its admin API.
     Ctl(crate::ctl::CtlArgs),
+    /// Translate another balancer's configuration into udplb.toml (stdout); what cannot be
+    /// translated is listed on stderr. Exit 0 when a listener was made, 78 otherwise.
+    Import {
+        #[command(subcommand)]
+        from: ImportFrom,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -132,6 +138,17 @@ enum Command {
         config: PathBuf,
         #[command(flatten)]
         privileges: PrivilegeArgs,
+    },
+}
+
+/// What `udplb import` reads.
+#[derive(Subcommand, Debug)]
+enum ImportFrom {
+    /// keepalived's LVS configuration (virtual_server blocks), e.g.
+    /// /etc/keepalived/keepalived.conf.
+    Keepalived {
+        /// The keepalived.conf file.
+        file: PathBuf,
     },
 }
 
@@ -537,6 +554,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             write_stdout(&out)
         }
         Some(Command::Man { command }) => write_stdout(&man_page(command.as_deref())?),
+        Some(Command::Import {
+            from: ImportFrom::Keepalived { file },
+        }) => Ok(import_keepalived(&file)),
         Some(Command::Run {
             config,
             workers,
@@ -573,6 +593,37 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             crate::daemon::run(cfg, None)?;
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `udplb import keepalived FILE`.
+fn import_keepalived(file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("udplb import: {}: {e}", file.display());
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
+    match crate::import::keepalived(&text) {
+        Err(e) => {
+            eprintln!("udplb import: {}: {e}", file.display());
+            ExitCode::from(EX_CONFIG)
+        }
+        Ok(out) => {
+            for note in &out.notes {
+                eprintln!("udplb import: {}: {note}", file.display());
+            }
+            if out.listeners == 0 {
+                eprintln!(
+                    "udplb import: {}: no UDP virtual_server to translate",
+                    file.display()
+                );
+                return ExitCode::from(EX_CONFIG);
+            }
+            print!("{}", out.toml);
+            ExitCode::SUCCESS
         }
     }
 }

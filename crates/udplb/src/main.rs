@@ -14,6 +14,7 @@ mod ctl;
 mod daemon;
 mod health;
 mod host;
+mod import;
 mod logging;
 mod metrics;
 mod plan;

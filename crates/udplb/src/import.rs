@@ -1,0 +1,540 @@
+//! `udplb import keepalived FILE`: keepalived's LVS configuration (`virtual_server` blocks)
+//! as an equivalent udplb.toml, and a list of what could not be translated.
+//!
+//! Owns: reading keepalived.conf's block syntax (words, quoted strings, `{ }` blocks, `!` and
+//! `#` comments) into a tree, and translating UDP virtual servers: address and port, `lb_algo`
+//! / `lvs_sched`, `ops`, `persistence_timeout` (and its client-IP granularity), `delay_loop`,
+//! real servers with `weight` and `inhibit_on_failure`, `sorry_server` (a backup), `quorum` and
+//! `hysteresis`, and the checks `UDP_CHECK`, `DNS_CHECK`, `TCP_CHECK`, `HTTP_GET`/`SSL_GET`
+//! and `MISC_CHECK`. Everything else it meets is listed, with its line, as not translated
+//! (TCP virtual servers, VRRP, `lb_kind`, notify scripts, ...), never silently dropped.
+//! Must not: write files (the caller prints the result) or guess where udplb has no
+//! equivalent.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+/// A statement: its keyword and arguments, its block if it has one, and its line.
+#[derive(Debug)]
+struct Node {
+    name: String,
+    args: Vec<String>,
+    block: Option<Vec<Node>>,
+    line: usize,
+}
+
+impl Node {
+    fn child(&self, name: &str) -> Option<&Node> {
+        self.children().find(|c| c.name == name)
+    }
+
+    fn children(&self) -> impl Iterator<Item = &Node> {
+        self.block.iter().flatten()
+    }
+
+    fn arg(&self, name: &str) -> Option<&str> {
+        self.child(name)?.args.first().map(String::as_str)
+    }
+}
+
+/// The result: a configuration and what was left out.
+#[derive(Debug, Default)]
+pub struct Imported {
+    /// udplb.toml text.
+    pub toml: String,
+    /// What could not be translated, each with its line in the keepalived file.
+    pub notes: Vec<String>,
+    /// Virtual servers translated.
+    pub listeners: usize,
+}
+
+/// Translates keepalived configuration `text`.
+pub fn keepalived(text: &str) -> Result<Imported, String> {
+    let nodes = parse(&tokens(text))?;
+    let mut out = Imported::default();
+    let _ = writeln!(
+        out.toml,
+        "# Translated from keepalived.conf by `udplb import keepalived`: check it with\n\
+         # `udplb check -c FILE`, and read the notes it printed.\n"
+    );
+    let mut tomls = Vec::new();
+    for node in &nodes {
+        match node.name.as_str() {
+            "virtual_server" => {
+                if let Some(t) = virtual_server(node, &mut out.notes) {
+                    tomls.push(t);
+                    out.listeners += 1;
+                }
+            }
+            "global_defs"
+            | "vrrp_script"
+            | "vrrp_instance"
+            | "vrrp_sync_group"
+            | "virtual_server_group"
+            | "static_ipaddress"
+            | "static_routes"
+            | "static_rules"
+            | "include"
+            | "track_file"
+            | "linkbeat_interfaces"
+            | "garp_group" => {
+                out.notes.push(format!(
+                    "line {}: {} not translated ({})",
+                    node.line,
+                    node.name,
+                    why_not(&node.name)
+                ));
+            }
+            other => out
+                .notes
+                .push(format!("line {}: {other} not translated", node.line)),
+        }
+    }
+    out.toml.push_str(&tomls.join("\n"));
+    Ok(out)
+}
+
+fn why_not(name: &str) -> &'static str {
+    match name {
+        "vrrp_instance" | "vrrp_sync_group" | "vrrp_script" => {
+            "keep running keepalived for VRRP; udplb binds an address not configured yet (IP_FREEBIND), so it serves as soon as the address moves to it"
+        }
+        "global_defs" => "mail alerts and router ids have no udplb equivalent",
+        "virtual_server_group" => "groups of addresses: write one listener per address",
+        _ => "no udplb equivalent",
+    }
+}
+
+/// One `virtual_server IP PORT { ... }` as a listener and a pool; `None` (with a note) when
+/// it cannot be one.
+fn virtual_server(vs: &Node, notes: &mut Vec<String>) -> Option<String> {
+    let line = vs.line;
+    let Some(addr) = address(&vs.args) else {
+        notes.push(format!(
+            "line {line}: virtual_server {} not translated (fwmark and group virtual servers have no udplb equivalent: write one listener per address)",
+            vs.args.join(" ")
+        ));
+        return None;
+    };
+    let protocol = vs.arg("protocol").unwrap_or("TCP");
+    if !protocol.eq_ignore_ascii_case("udp") {
+        notes.push(format!(
+            "line {line}: virtual_server {addr} (protocol {protocol}) not translated: udplb balances UDP (it proxies TCP only beside a UDP DNS listener)"
+        ));
+        return None;
+    }
+    let name = format!("vs_{}_{}", ident(addr.ip()), addr.port());
+    let mut listener = format!("[listeners.{name}]\naddress = \"{addr}\"\npool = \"{name}\"\n");
+    let mut pool = format!("[pools.{name}]\n");
+    let ops = vs.child("ops").is_some();
+    if ops {
+        listener.push_str("mode = \"datagram\"\n");
+    }
+    let sched = vs
+        .arg("lb_algo")
+        .or_else(|| vs.arg("lvs_sched"))
+        .unwrap_or("wlc");
+    match scheduler(sched) {
+        Some((s, note)) => {
+            let _ = writeln!(pool, "scheduler = \"{s}\"");
+            if let Some(n) = note {
+                notes.push(format!("line {line}: lb_algo {sched}: {n}"));
+            }
+        }
+        None => notes.push(format!(
+            "line {line}: lb_algo {sched} has no udplb equivalent: round-robin used"
+        )),
+    }
+    if let Some(n) = vs.child("persistence_timeout") {
+        let secs = n.args.first().map_or("360", String::as_str);
+        let _ = writeln!(listener, "persistence = \"{secs}s\"\naffinity = \"ip\"");
+        if vs.child("persistence_granularity").is_some() {
+            notes.push(format!(
+                "line {}: persistence_granularity not translated: udplb persists by client address",
+                n.line
+            ));
+        }
+    }
+    for (key, target) in [("quorum", "quorum"), ("hysteresis", "quorum_hysteresis")] {
+        if let Some(v) = vs.arg(key) {
+            let _ = writeln!(pool, "{target} = {v}");
+        }
+    }
+    for c in vs.children() {
+        let note = match c.name.as_str() {
+            "lb_kind" | "lvs_method" => Some(format!(
+                "{} {}: udplb relays through its own sockets (replies from the virtual address, backends see udplb's address unless `transparent` or `proxy_protocol`); no route change on the real servers is needed",
+                c.name,
+                c.args.join(" ")
+            )),
+            "quorum_up" | "quorum_down" => Some(format!(
+                "{}: udplb runs a pool's `notify` command on every backend and quorum change with the event as its argument (quorum-lost, quorum-regained): adapt the script",
+                c.name
+            )),
+            "persistence_engine" => Some(
+                "persistence_engine sip: use payload_key kind = \"sip\" (docs/protocols.md)".into(),
+            ),
+            "ha_suspend"
+            | "smtp_alert"
+            | "virtualhost"
+            | "alpha"
+            | "omega"
+            | "sorry_server_inhibit"
+            | "sorry_server_lvs_method"
+            | "delay_before_retry" => Some(format!("{} has no udplb equivalent", c.name)),
+            _ => None,
+        };
+        if let Some(n) = note {
+            notes.push(format!("line {}: {n}", c.line));
+        }
+    }
+    let interval = vs.arg("delay_loop").unwrap_or("60");
+    let mut backends = Vec::new();
+    let mut check = None;
+    for rs in vs.children().filter(|c| c.name == "real_server") {
+        let Some(rs_addr) = address(&rs.args) else {
+            notes.push(format!("line {}: real_server without an address", rs.line));
+            continue;
+        };
+        let weight = rs.arg("weight").unwrap_or("1");
+        if weight == "0" {
+            backends.push(format!(
+                "{{ address = \"{rs_addr}\", state = \"draining\" }}"
+            ));
+            notes.push(format!(
+                "line {}: real_server {rs_addr} weight 0: draining (udplb weights are 1-10000)",
+                rs.line
+            ));
+        } else {
+            backends.push(format!("{{ address = \"{rs_addr}\", weight = {weight} }}"));
+        }
+        for c in rs.children() {
+            match c.name.as_str() {
+                "weight" => {}
+                "inhibit_on_failure" => notes.push(format!(
+                    "line {}: inhibit_on_failure: udplb takes a failed backend out of rotation; its flows follow on_backend_down",
+                    c.line
+                )),
+                "notify_up" | "notify_down" => notes.push(format!(
+                    "line {}: {}: use the pool's notify (backend-up, backend-down events)",
+                    c.line, c.name
+                )),
+                n if n.ends_with("_CHECK") || n == "HTTP_GET" || n == "SSL_GET" => {
+                    match health(c, interval, rs_addr) {
+                        Ok(h) => {
+                            if check.as_ref().is_some_and(|old| *old != h) {
+                                notes.push(format!(
+                                    "line {}: {n} differs from the first real server's: udplb uses the first for the pool (give this backend its own `health` table)",
+                                    c.line
+                                ));
+                            }
+                            check.get_or_insert(h);
+                        }
+                        Err(why) => notes.push(format!("line {}: {n}: {why}", c.line)),
+                    }
+                }
+                other => notes.push(format!("line {}: {other} not translated", c.line)),
+            }
+        }
+    }
+    if let Some(sorry) = vs.child("sorry_server")
+        && let Some(a) = address(&sorry.args)
+    {
+        backends.push(format!("{{ address = \"{a}\", backup = true }}"));
+    }
+    if backends.is_empty() {
+        notes.push(format!(
+            "line {line}: virtual_server {addr} has no real_server: not translated"
+        ));
+        return None;
+    }
+    let _ = writeln!(pool, "backends = [\n  {},\n]", backends.join(",\n  "));
+    if let Some(h) = check {
+        let _ = write!(pool, "\n[pools.{name}.health]\n{h}");
+    }
+    Some(format!("{listener}\n{pool}"))
+}
+
+/// The `[pools.NAME.health]` lines for keepalived check block `c` run every `interval`
+/// seconds against `backend`.
+fn health(c: &Node, interval: &str, backend: SocketAddr) -> Result<String, String> {
+    let mut h = String::new();
+    let kind = match c.name.as_str() {
+        "UDP_CHECK" => {
+            if let Some(payload) = c.child("payload") {
+                let _ = writeln!(h, "send_hex = \"{}\"", payload.args.join(" "));
+            }
+            if let Some(reply) = c.child("require_reply") {
+                if !reply.args.is_empty() {
+                    let _ = writeln!(h, "expect_hex = \"{}\"", reply.args.join(" "));
+                }
+                if c.child("payload").is_none() {
+                    h.push_str("send = \"ping\"\n");
+                }
+            }
+            "udp"
+        }
+        "DNS_CHECK" => {
+            let name = c.arg("name").unwrap_or(".");
+            let _ = writeln!(
+                h,
+                "name = \"{name}\"\ntype = \"{}\"",
+                c.arg("type").unwrap_or("SOA")
+            );
+            "dns"
+        }
+        "TCP_CHECK" => "tcp",
+        "HTTP_GET" | "SSL_GET" => {
+            if c.name == "SSL_GET" {
+                return Err("SSL_GET: udplb's HTTP check speaks plain HTTP".into());
+            }
+            if let Some(url) = c.child("url") {
+                if let Some(path) = url.arg("path") {
+                    let _ = writeln!(h, "path = \"{path}\"");
+                }
+                if let Some(status) = url.arg("status_code") {
+                    let _ = writeln!(h, "status = \"{status}\"");
+                }
+            }
+            "http"
+        }
+        "MISC_CHECK" => {
+            let Some(path) = c.arg("misc_path") else {
+                return Err("no misc_path".into());
+            };
+            let words: Vec<String> = path
+                .split_whitespace()
+                .map(|w| format!("\"{w}\""))
+                .collect();
+            let _ = writeln!(h, "command = [{}]", words.join(", "));
+            if let Some(t) = c.arg("misc_timeout") {
+                let _ = writeln!(h, "timeout = \"{t}s\"");
+            }
+            "exec"
+        }
+        other => return Err(format!("{other} has no udplb equivalent")),
+    };
+    let mut out = format!("check = \"{kind}\"\ninterval = \"{interval}s\"\n");
+    if let Some(t) = c.arg("connect_timeout") {
+        let _ = writeln!(out, "timeout = \"{t}s\"");
+    }
+    if let Some(r) = c.arg("retry").or_else(|| c.arg("nb_get_retry")) {
+        let fall = r.parse::<u32>().unwrap_or(1).max(1);
+        let _ = writeln!(out, "fall = {fall}");
+    }
+    if let Some(p) = c.arg("connect_port")
+        && p.parse::<u16>().is_ok_and(|p| p != backend.port())
+    {
+        let _ = writeln!(out, "port = {p}");
+    }
+    // keepalived takes a backend up at the first success by default.
+    out.push_str("rise = 1\n");
+    out.push_str(&h);
+    Ok(out)
+}
+
+/// udplb's scheduler for LVS scheduler `s`, and what differs.
+fn scheduler(s: &str) -> Option<(&'static str, Option<&'static str>)> {
+    Some(match s {
+        "rr" | "wrr" => ("round-robin", None),
+        "lc" | "wlc" => ("least-flows", None),
+        "sed" | "nq" | "lblc" | "lblcr" | "twos" => (
+            "least-flows",
+            Some("translated as least-flows, the nearest udplb scheduler"),
+        ),
+        "sh" | "mh" => ("maglev", None),
+        _ => return None,
+    })
+}
+
+fn address(args: &[String]) -> Option<SocketAddr> {
+    let ip: IpAddr = args.first()?.parse().ok()?;
+    let port: u16 = args.get(1)?.parse().ok()?;
+    Some(SocketAddr::new(ip, port))
+}
+
+fn ident(ip: IpAddr) -> String {
+    ip.to_string().replace(['.', ':'], "_")
+}
+
+/// A token and its line.
+#[derive(Debug, PartialEq)]
+enum Token {
+    Word(String, usize),
+    Open(usize),
+    Close(usize),
+    End(usize),
+}
+
+/// Splits keepalived syntax into words (quoted strings keep their spaces), braces and line
+/// ends; `!` and `#` start comments.
+fn tokens(text: &str) -> Vec<Token> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let mut chars = line.chars().peekable();
+        while let Some(&c) = chars.peek() {
+            match c {
+                '!' | '#' => break,
+                '{' => {
+                    chars.next();
+                    out.push(Token::Open(n));
+                }
+                '}' => {
+                    chars.next();
+                    out.push(Token::Close(n));
+                }
+                '"' => {
+                    chars.next();
+                    let word: String = chars.by_ref().take_while(|&c| c != '"').collect();
+                    out.push(Token::Word(word, n));
+                }
+                c if c.is_whitespace() => {
+                    chars.next();
+                }
+                _ => {
+                    let mut word = String::new();
+                    while let Some(&c) = chars.peek() {
+                        if c.is_whitespace() || c == '{' || c == '}' {
+                            break;
+                        }
+                        word.push(c);
+                        chars.next();
+                    }
+                    out.push(Token::Word(word, n));
+                }
+            }
+        }
+        out.push(Token::End(n));
+    }
+    out
+}
+
+/// Statements and blocks from `tokens`.
+fn parse(tokens: &[Token]) -> Result<Vec<Node>, String> {
+    let mut at = 0;
+    let nodes = block(tokens, &mut at, 0)?;
+    match tokens.get(at) {
+        None => Ok(nodes),
+        Some(Token::Close(line)) => Err(format!("line {line}: '}}' without a '{{'")),
+        Some(_) => Err("unexpected input".into()),
+    }
+}
+
+fn block(tokens: &[Token], at: &mut usize, depth: usize) -> Result<Vec<Node>, String> {
+    if depth > 32 {
+        return Err("blocks nested too deep".into());
+    }
+    let mut nodes = Vec::new();
+    let mut current: Option<Node> = None;
+    while let Some(t) = tokens.get(*at) {
+        match t {
+            Token::Word(w, line) => {
+                *at += 1;
+                match &mut current {
+                    Some(node) => node.args.push(w.clone()),
+                    None => {
+                        current = Some(Node {
+                            name: w.clone(),
+                            args: Vec::new(),
+                            block: None,
+                            line: *line,
+                        });
+                    }
+                }
+            }
+            Token::End(_) => {
+                *at += 1;
+                nodes.extend(current.take());
+            }
+            Token::Open(line) => {
+                *at += 1;
+                let mut node = current.take().unwrap_or(Node {
+                    name: String::new(),
+                    args: Vec::new(),
+                    block: None,
+                    line: *line,
+                });
+                let children = block(tokens, at, depth + 1)?;
+                match tokens.get(*at) {
+                    Some(Token::Close(_)) => *at += 1,
+                    _ => return Err(format!("line {line}: '{{' never closed")),
+                }
+                node.block = Some(children);
+                nodes.push(node);
+            }
+            Token::Close(_) => break,
+        }
+    }
+    nodes.extend(current.take());
+    Ok(nodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_udp_virtual_server_becomes_a_listener_and_a_pool() {
+        let text = r#"
+! comment
+virtual_server 10.10.10.2 1358 {
+    delay_loop 6
+    lb_algo wlc
+    lb_kind NAT
+    ops
+    persistence_timeout 50
+    protocol UDP
+    quorum 1
+    sorry_server 192.168.200.200 1358
+    real_server 192.168.200.6 1358 {
+        weight 2
+        inhibit_on_failure
+        DNS_CHECK {
+            type A
+            name "www.example.test"
+            retry 3
+            connect_timeout 2
+        }
+    }
+    real_server 192.168.200.7 1358 { weight 1 }
+}
+virtual_server 10.10.10.3 80 {
+    protocol TCP
+    real_server 192.168.200.8 80 { weight 1 }
+}
+"#;
+        let out = keepalived(text).unwrap();
+        assert_eq!(out.listeners, 1);
+        let cfg = udplb_config::parse(&out.toml, "imported.toml").unwrap_or_else(|e| {
+            panic!("{e}\n{}", out.toml);
+        });
+        let l = &cfg.listeners[0];
+        assert_eq!(l.address, "10.10.10.2:1358".parse().unwrap());
+        assert_eq!(l.mode, udplb_core::SessionMode::Datagram);
+        assert_eq!(l.persistence, Some(std::time::Duration::from_secs(50)));
+        let p = &cfg.pools[0];
+        assert_eq!(p.scheduler, udplb_core::SchedulerKind::LeastFlows);
+        assert_eq!(p.backends.len(), 3);
+        assert!(p.backends[2].spec.backup, "the sorry server");
+        assert_eq!(p.backends[0].spec.weight, 2);
+        assert_eq!(p.quorum.min_up, 1);
+        let h = p.health.as_ref().unwrap();
+        assert_eq!(h.interval, std::time::Duration::from_secs(6));
+        assert!(
+            out.notes
+                .iter()
+                .any(|n| n.contains("line 24: virtual_server 10.10.10.3:80 (protocol TCP)")),
+            "{:?}",
+            out.notes
+        );
+        assert!(out.notes.iter().any(|n| n.contains("inhibit_on_failure")));
+        assert!(out.notes.iter().any(|n| n.contains("lb_kind NAT")));
+    }
+
+    #[test]
+    fn broken_blocks_are_errors() {
+        assert!(keepalived("virtual_server 1.2.3.4 53 {\n protocol UDP\n").is_err());
+        assert!(keepalived("}\n").is_err());
+    }
+}
