@@ -150,6 +150,12 @@ enum ImportFrom {
         /// The keepalived.conf file.
         file: PathBuf,
     },
+    /// A pen command line (UDP, -U), e.g. `udplb import pen -- -U -r 53 10.0.0.1 10.0.0.2`.
+    Pen {
+        /// pen's arguments, after `--`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
 }
 
 /// `udplb [OPTIONS] LISTEN BACKEND [BACKEND...]`
@@ -557,6 +563,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Import {
             from: ImportFrom::Keepalived { file },
         }) => Ok(import_keepalived(&file)),
+        Some(Command::Import {
+            from: ImportFrom::Pen { args },
+        }) => Ok(print_imported("pen", crate::import::pen(&args))),
         Some(Command::Run {
             config,
             workers,
@@ -606,20 +615,23 @@ fn import_keepalived(file: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    match crate::import::keepalived(&text) {
+    let source = file.display().to_string();
+    print_imported(&source, crate::import::keepalived(&text))
+}
+
+/// Prints an import's configuration (stdout) and notes (stderr, each prefixed with `source`).
+fn print_imported(source: &str, imported: Result<crate::import::Imported, String>) -> ExitCode {
+    match imported {
         Err(e) => {
-            eprintln!("udplb import: {}: {e}", file.display());
+            eprintln!("udplb import: {source}: {e}");
             ExitCode::from(EX_CONFIG)
         }
         Ok(out) => {
             for note in &out.notes {
-                eprintln!("udplb import: {}: {note}", file.display());
+                eprintln!("udplb import: {source}: {note}");
             }
             if out.listeners == 0 {
-                eprintln!(
-                    "udplb import: {}: no UDP virtual_server to translate",
-                    file.display()
-                );
+                eprintln!("udplb import: {source}: no UDP virtual_server to translate");
                 return ExitCode::from(EX_CONFIG);
             }
             print!("{}", out.toml);

@@ -538,3 +538,276 @@ virtual_server 10.10.10.3 80 {
         assert!(keepalived("}\n").is_err());
     }
 }
+
+/// pen options that take a value.
+const PEN_VALUED: &str = "BCTObcejFltupxwoEKGAL";
+
+/// Translates a pen command line (its arguments, without `pen`): `-U` (UDP) is required;
+/// client tracking (pen's default, `-T` seconds) becomes persistence by client IP, `-r` plain
+/// round robin, `-h`/`-N` maglev by client IP, `-W` the servers' weights, `-e` a backup,
+/// `-B` an abuse pool, `-s` keeping flows on a failed backend, `-x` the flow cap, `-u` the
+/// user. Options without an equivalent are listed.
+pub fn pen(args: &[String]) -> Result<Imported, String> {
+    let mut flags = std::collections::HashMap::new();
+    let mut positional = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        let a = &args[i];
+        i += 1;
+        if a == "--" {
+            positional.extend(args[i..].iter().cloned());
+            break;
+        }
+        let Some(opts) = a.strip_prefix('-').filter(|o| !o.is_empty()) else {
+            positional.push(a.clone());
+            continue;
+        };
+        for (at, c) in opts.char_indices() {
+            if PEN_VALUED.contains(c) {
+                let rest = &opts[at + c.len_utf8()..];
+                let value = if !rest.is_empty() {
+                    rest.to_string()
+                } else {
+                    let v = args.get(i).cloned().ok_or(format!("-{c} needs a value"))?;
+                    i += 1;
+                    v
+                };
+                flags.insert(c, value);
+                break;
+            }
+            flags.insert(c, String::new());
+        }
+    }
+    if !flags.contains_key(&'U') {
+        return Err("pen without -U balances TCP; udplb balances UDP".into());
+    }
+    let (listen, servers) = positional
+        .split_first()
+        .ok_or("no listen port and servers")?;
+    let listen_addr = pen_listen(listen)?;
+    if servers.is_empty() {
+        return Err("no servers".into());
+    }
+    let mut out = Imported::default();
+    let name = format!("pen_{}", listen_addr.port());
+    let mut runtime = String::new();
+    let mut listener =
+        format!("[listeners.{name}]\naddress = \"{listen_addr}\"\npool = \"{name}\"\n");
+    let mut pool = format!("[pools.{name}]\n");
+    let weighted = flags.contains_key(&'W');
+    let mut backends = Vec::new();
+    for s in servers {
+        let (addr, weight, prio) = pen_server(s, listen_addr.port())?;
+        match weight.filter(|_| weighted) {
+            Some(w) => backends.push(format!("{{ address = \"{addr}\", weight = {w} }}")),
+            None => backends.push(format!("\"{addr}\"")),
+        }
+        if prio.is_some() {
+            out.notes.push(format!(
+                "server {s}: priority not translated (udplb has primaries and backups: mark backups with backup = true)"
+            ));
+        }
+    }
+    if let Some(e) = flags.get(&'e') {
+        let (addr, _, _) = pen_server(e, listen_addr.port())?;
+        backends.push(format!("{{ address = \"{addr}\", backup = true }}"));
+    }
+    let hashed = flags.contains_key(&'h') || flags.contains_key(&'N');
+    if hashed {
+        pool.push_str("scheduler = \"maglev\"\n");
+        listener.push_str("affinity = \"ip\"\n");
+    }
+    if !flags.contains_key(&'r') && !flags.contains_key(&'N') {
+        // pen's client tracking: a client returns to its server for -T seconds (0: forever).
+        let secs = flags
+            .get(&'T')
+            .and_then(|t| t.parse::<u64>().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or(86_400);
+        let _ = writeln!(listener, "affinity = \"ip\"\npersistence = \"{secs}s\"");
+        if hashed {
+            listener = listener.replacen("affinity = \"ip\"\n", "", 1);
+        }
+        if flags.get(&'T').is_none_or(|t| t == "0") {
+            out.notes.push(
+                "-T 0 (or none): pen tracks clients forever; udplb remembers them for at most 24h"
+                    .into(),
+            );
+        }
+    }
+    if flags.contains_key(&'s') {
+        pool.push_str("on_backend_down = \"keep\"\n");
+    }
+    if let Some(x) = flags.get(&'x') {
+        let _ = writeln!(listener, "max_flows = {x}");
+    }
+    if let Some(u) = flags.get(&'u') {
+        let _ = writeln!(runtime, "[runtime]\nuser = \"{u}\"\n");
+    }
+    let mut abuse = String::new();
+    if let Some(b) = flags.get(&'B') {
+        let (addr, _, _) = pen_server(b, listen_addr.port())?;
+        let _ = writeln!(listener, "abuse_pool = \"{name}_abuse\"");
+        let _ = write!(abuse, "\n[pools.{name}_abuse]\nbackends = [\"{addr}\"]\n");
+        out.notes.push(
+            "-B: udplb sends clients refused by allow/deny or over a rate limit to the abuse pool: add them to the listener".into(),
+        );
+    }
+    for (flag, why) in [
+        (
+            'C',
+            "the control port: use udplb's admin endpoint ([admin] listen) and udplb ctl",
+        ),
+        (
+            'X',
+            "the control port's exit command: stop udplb with SIGTERM",
+        ),
+        (
+            'b',
+            "the blacklist time: udplb holds a failed backend down 1 s, 2 s, 4 s ... (passive health)",
+        ),
+        (
+            'c',
+            "the client table size: persistence holds at most max_flows clients",
+        ),
+        ('t', "the connect timeout (TCP): no UDP equivalent"),
+        ('l', "the log file: udplb logs to stderr (the journal)"),
+        (
+            'w',
+            "the HTML statistics file: udplb serves a status page on its admin endpoint",
+        ),
+        ('p', "the pid file: not needed under systemd"),
+        ('j', "chroot: the systemd unit sandboxes udplb"),
+        ('d', "debugging: --log-level debug"),
+        (
+            'H',
+            "X-Forwarded-For (HTTP): udplb forwards datagrams; see proxy_protocol",
+        ),
+        (
+            'F',
+            "a pen configuration file: translate its settings by hand",
+        ),
+        ('o', "penctl options: translate them by hand"),
+        ('O', "penctl options: translate them by hand"),
+    ] {
+        if flags.contains_key(&flag) {
+            out.notes.push(format!("-{flag} not translated: {why}"));
+        }
+    }
+    for (flag, _) in flags.iter().filter(|(f, _)| "EKGAZRL".contains(**f)) {
+        out.notes.push(format!(
+            "-{flag} not translated: SSL options have no UDP meaning"
+        ));
+    }
+    let _ = write!(
+        out.toml,
+        "# Translated from a pen command line by `udplb import pen`: check it with\n\
+         # `udplb check -c FILE`, and read the notes it printed.\n\n{runtime}{listener}\n{pool}backends = [{}]\n{abuse}",
+        backends.join(", ")
+    );
+    out.listeners = 1;
+    Ok(out)
+}
+
+/// pen's `[host:]port` (all addresses without a host).
+fn pen_listen(s: &str) -> Result<SocketAddr, String> {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (h.trim_matches(['[', ']']), p),
+        None => ("0.0.0.0", s),
+    };
+    let ip: IpAddr = host
+        .parse()
+        .map_err(|_| format!("{s}: udplb needs a numeric address"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{s}: udplb needs a numeric port"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// pen's `host[:port[:maxc[:hard[:weight[:prio]]]]]`: address, weight, priority.
+fn pen_server(
+    s: &str,
+    default_port: u16,
+) -> Result<(SocketAddr, Option<u32>, Option<u32>), String> {
+    let fields: Vec<&str> = s.split(':').collect();
+    let ip: IpAddr = fields[0]
+        .parse()
+        .map_err(|_| format!("{s}: udplb needs numeric server addresses"))?;
+    let num = |i: usize| {
+        fields
+            .get(i)
+            .filter(|f| !f.is_empty())
+            .map(|f| f.parse::<u32>())
+    };
+    let port = match num(1) {
+        Some(p) => u16::try_from(p.map_err(|_| format!("{s}: bad port"))?)
+            .map_err(|_| format!("{s}: bad port"))?,
+        None => default_port,
+    };
+    let weight = num(4).transpose().map_err(|_| format!("{s}: bad weight"))?;
+    let prio = num(5)
+        .transpose()
+        .map_err(|_| format!("{s}: bad priority"))?;
+    Ok((SocketAddr::new(ip, port), weight, prio))
+}
+
+#[cfg(test)]
+mod pen_tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn pen_command_lines() {
+        let out = pen(&args(
+            "-U -r -W -e 10.0.0.9:53 -x 1000 53 10.0.0.1:53:::2 10.0.0.2",
+        ))
+        .unwrap();
+        let cfg = udplb_config::parse(&out.toml, "pen.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+        let l = &cfg.listeners[0];
+        assert_eq!(l.address, "0.0.0.0:53".parse().unwrap());
+        assert_eq!(l.max_flows, 1000);
+        assert_eq!(l.persistence, None, "-r: no client tracking");
+        let p = &cfg.pools[0];
+        assert_eq!(p.backends[0].spec.weight, 2);
+        assert_eq!(p.backends[1].spec.addr, "10.0.0.2:53".parse().unwrap());
+        assert!(p.backends[2].spec.backup);
+
+        // pen's default: client tracking.
+        let out = pen(&args("-UT 60 -s 127.0.0.1:5300 127.0.0.1:5301")).unwrap();
+        let cfg = udplb_config::parse(&out.toml, "pen.toml").unwrap();
+        assert_eq!(
+            cfg.listeners[0].persistence,
+            Some(std::time::Duration::from_secs(60))
+        );
+        assert_eq!(cfg.listeners[0].affinity, udplb_core::Affinity::Ip);
+        assert_eq!(cfg.pools[0].on_down, udplb_core::FailurePolicy::Keep);
+
+        // Hashing, with an abuse server and options udplb does without.
+        let out = pen(&args(
+            "-U -h -B 10.0.0.66:53 -C 8888 -l /var/log/pen.log 53 10.0.0.1 10.0.0.2",
+        ))
+        .unwrap();
+        let cfg = udplb_config::parse(&out.toml, "pen.toml")
+            .unwrap_or_else(|e| panic!("{e}\n{}", out.toml));
+        assert_eq!(cfg.pools[0].scheduler, udplb_core::SchedulerKind::Maglev);
+        assert_eq!(cfg.listeners[0].abuse_pool.as_deref(), Some("pen_53_abuse"));
+        assert!(
+            out.notes.iter().any(|n| n.starts_with("-C not translated")),
+            "{:?}",
+            out.notes
+        );
+        assert!(out.notes.iter().any(|n| n.starts_with("-l not translated")));
+
+        assert!(pen(&args("-r 53 10.0.0.1")).unwrap_err().contains("-U"));
+        assert!(pen(&args("-U 53")).is_err());
+        assert!(
+            pen(&args("-U 53 mailhost"))
+                .unwrap_err()
+                .contains("numeric")
+        );
+    }
+}

@@ -119,3 +119,31 @@ fn check_path(path: &std::path::Path) -> (Option<i32>, String) {
         ),
     )
 }
+
+#[test]
+fn a_pen_command_line_imports() {
+    let out = udplb_command()
+        .args([
+            "import", "pen", "--", "-U", "-T", "30", "-C", "8888", "5300",
+        ])
+        .args(["127.0.0.1:5301", "127.0.0.1:5302"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("-C not translated"), "{stderr}");
+    let dir = scratch_dir("import-pen");
+    let toml = dir.join("pen.toml");
+    std::fs::write(&toml, &out.stdout).unwrap();
+    let (code, check) = check_path(&toml);
+    assert_eq!(code, Some(0), "{check}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("persistence = \"30s\""), "{text}");
+    // Without -U pen balances TCP: refused, saying so.
+    let tcp = udplb_command()
+        .args(["import", "pen", "--", "53", "10.0.0.1"])
+        .output()
+        .unwrap();
+    assert_eq!(tcp.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&tcp.stderr).contains("-U"));
+}
