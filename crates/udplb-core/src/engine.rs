@@ -517,8 +517,16 @@ impl<Io> Engine<Io> {
             (true, None) => return Verdict::Drop(DropReason::Denied),
         };
         let pool = &snap.pools[pi];
-        let payload = payload_of(data, skip);
-        let Some(idx) = self.choose(li, spec, pi, pool, &client, now, payload) else {
+        let at = Placing {
+            li,
+            spec,
+            pi,
+            pool,
+            client,
+            now,
+            payload: payload_of(data, skip),
+        };
+        let Some(idx) = self.choose(&at) else {
             return Verdict::Drop(DropReason::NoBackend);
         };
         let backend = &pool.backends[idx];
@@ -626,14 +634,20 @@ impl<Io> Engine<Io> {
         let (backend, backend_addr, checked) =
             (flow.backend, flow.backend_addr, flow.checked_generation);
         if state.kind == SocketKind::Unconnected && spec.mode == SessionMode::Datagram {
-            let client = client_of(flow);
-            let payload = payload_of(data, skip);
+            let at = Placing {
+                li,
+                spec,
+                pi,
+                pool,
+                client: client_of(flow),
+                now,
+                payload: payload_of(data, skip),
+            };
             let placed =
                 if spec.persistence.is_some() && pool.payload_key.is_none() && pi == spec.pool {
-                    self.persistent_datagram(h, li, spec, pi, pool, (backend, client), now, payload)
+                    self.persistent_datagram(h, backend, &at)
                 } else {
-                    self.choose(li, spec, pi, pool, &client, now, payload)
-                        .map(|i| &pool.backends[i])
+                    self.choose(&at).map(|i| &pool.backends[i])
                 };
             let Some(b) = placed else {
                 return Verdict::Drop(DropReason::NoBackend);
@@ -654,9 +668,16 @@ impl<Io> Engine<Io> {
                 .position_of_id(backend)
                 .is_some_and(|i| pool.keeps_flows(i));
             if !keeps {
-                let client = client_of(flow);
-                let payload = payload_of(data, skip);
-                let Some(idx) = self.choose(li, spec, pi, pool, &client, now, payload) else {
+                let at = Placing {
+                    li,
+                    spec,
+                    pi,
+                    pool,
+                    client: client_of(flow),
+                    now,
+                    payload: payload_of(data, skip),
+                };
+                let Some(idx) = self.choose(&at) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
                 let to = &pool.backends[idx];
@@ -666,9 +687,16 @@ impl<Io> Engine<Io> {
                 f.checked_generation = snap.generation;
             }
         } else if state.displaced
-            && let client = client_of(flow)
-            && let Some(to) =
-                self.rebalanced(h, li, spec, pi, pool, &client, now, payload_of(data, skip))
+            && let at = (Placing {
+                li,
+                spec,
+                pi,
+                pool,
+                client: client_of(flow),
+                now,
+                payload: payload_of(data, skip),
+            })
+            && let Some(to) = self.rebalanced(h, &at)
         {
             let to = &pool.backends[to];
             return Verdict::Move(self.move_to(h, to, true, skip, pool, snap, now));
@@ -694,18 +722,8 @@ impl<Io> Engine<Io> {
     /// worker's flows, the scheduler's pick when that one holds fewer. Either way the flow is
     /// no longer displaced once the pool is whole and the pause over. Flows placed while the
     /// pool was whole never move.
-    #[allow(clippy::too_many_arguments)]
-    fn rebalanced(
-        &mut self,
-        h: FlowHandle,
-        li: usize,
-        spec: &ListenerSpec,
-        pi: usize,
-        pool: &Pool,
-        client: &SocketAddr,
-        now: Time,
-        payload: &[u8],
-    ) -> Option<usize> {
+    fn rebalanced(&mut self, h: FlowHandle, at: &Placing<'_>) -> Option<usize> {
+        let (pool, now) = (at.pool, at.now);
         let pause = pool.rebalance?;
         let flow = self.table.get(h)?;
         if pool.degraded || now.since(flow.last_seen) < pause {
@@ -716,7 +734,7 @@ impl<Io> Engine<Io> {
             f.io.state.displaced = false;
         }
         let from = current.filter(|&i| pool.overloaded(i, self.table.load()))?;
-        let to = self.choose(li, spec, pi, pool, client, now, payload)?;
+        let to = self.choose(at)?;
         let flows = |i: usize| {
             let load = self.table.load();
             load.get(pool.backends[i].id.index()).copied().unwrap_or(0)
@@ -788,32 +806,27 @@ impl<Io> Engine<Io> {
         m.then
     }
 
-    /// The backend of a datagram on datagram-mode flow `h` (of pool `pi`, on `backend`, serving
-    /// `client`) of a listener that remembers clients: the flow's backend while it may take
-    /// clients, else the pick of [`Engine::choose`], which the flow (and the client) follow.
-    #[allow(clippy::too_many_arguments)]
+    /// The backend of a datagram (`at`) on datagram-mode flow `h`, now on `backend`, of a
+    /// listener that remembers clients: the flow's backend while it may take clients, else the
+    /// pick of [`Engine::choose`], which the flow (and the client) follow.
     #[inline(never)]
     fn persistent_datagram<'s>(
         &mut self,
         h: FlowHandle,
-        li: usize,
-        spec: &ListenerSpec,
-        pi: usize,
-        pool: &'s Pool,
-        (backend, client): (BackendId, SocketAddr),
-        now: Time,
-        payload: &[u8],
+        backend: BackendId,
+        at: &Placing<'s>,
     ) -> Option<&'s Backend> {
+        let pool = at.pool;
         if let Some(i) = pool.position_of_id(backend)
             && pool.tier.contains(i)
         {
             return Some(&pool.backends[i]);
         }
-        let b = &pool.backends[self.choose(li, spec, pi, pool, &client, now, payload)?];
+        let b = &pool.backends[self.choose(at)?];
         let generation = self.table.get(h)?.checked_generation;
         self.table.rebind(h, (b.id, b.spec.addr), generation);
-        if let Some(p) = self.persistence(li) {
-            p.moved(client, b.id);
+        if let Some(p) = self.persistence(at.li) {
+            p.moved(at.client, b.id);
         }
         Some(b)
     }
@@ -824,25 +837,16 @@ impl<Io> Engine<Io> {
         self.listeners.get(li)?.persistence.as_deref()
     }
 
-    /// The backend index in `pool` for a new flow (or a datagram) of `client` on listener `li`
-    /// at `now`, `payload` its datagram: where the datagram's key says, in a pool that reads
-    /// one; else the backend the client last used if the listener remembers clients; else
-    /// the scheduler's pick. A remembered backend must take new clients.
-    #[allow(clippy::too_many_arguments)]
-    fn choose(
-        &mut self,
-        li: usize,
-        spec: &ListenerSpec,
-        pi: usize,
-        pool: &Pool,
-        client: &SocketAddr,
-        now: Time,
-        payload: &[u8],
-    ) -> Option<usize> {
+    /// The backend index in `at.pool` for a new flow (or a datagram): where the datagram's key
+    /// says, in a pool that reads one; else the backend the client last used if the listener
+    /// remembers clients; else the scheduler's pick. A remembered backend must take new
+    /// clients.
+    fn choose(&mut self, at: &Placing<'_>) -> Option<usize> {
+        let (spec, pool) = (at.spec, at.pool);
         let mut key = None;
         // The snapshot's table is the one `apply` gave this engine.
         if pool.payload_key.is_some() || spec.persistence.is_some() {
-            match self.recall(li, spec, pi, pool, client, now, payload) {
+            match self.recall(at) {
                 Recall::Backend(i) => return Some(i),
                 Recall::Key(k) => key = Some(k),
                 Recall::Nothing => {}
@@ -850,7 +854,7 @@ impl<Io> Engine<Io> {
         }
         let key = match key {
             Some(k) => k,
-            None if pool.scheduler.is_consistent_hash() => ClientKey::of(client, spec.affinity),
+            None if pool.scheduler.is_consistent_hash() => ClientKey::of(&at.client, spec.affinity),
             None => ClientKey(0),
         };
         let random = self.next_random();
@@ -867,18 +871,17 @@ impl<Io> Engine<Io> {
     /// What is known of where a datagram (`payload`) of `client` goes, before the scheduler:
     /// its payload key's backend or hash, else the backend the client last used (persistence
     /// is the listener's pool's; the abuse pool only schedules).
-    #[allow(clippy::too_many_arguments)]
     #[inline(never)]
-    fn recall(
-        &self,
-        li: usize,
-        spec: &ListenerSpec,
-        pi: usize,
-        pool: &Pool,
-        client: &SocketAddr,
-        now: Time,
-        payload: &[u8],
-    ) -> Recall {
+    fn recall(&self, at: &Placing<'_>) -> Recall {
+        let Placing {
+            li,
+            spec,
+            pi,
+            pool,
+            client,
+            now,
+            payload,
+        } = *at;
         let usable = |id| {
             pool.position_of_id(id)
                 .is_some_and(|i| pool.tier.contains(i))
@@ -907,7 +910,7 @@ impl<Io> Engine<Io> {
         }
         self.persistence(li)
             .filter(|_| pi == spec.pool)
-            .and_then(|p| p.backend_of(*client, now, usable))
+            .and_then(|p| p.backend_of(client, now, usable))
             .map_or(Recall::Nothing, found)
     }
 
@@ -1204,6 +1207,20 @@ impl<Io> Engine<Io> {
     pub fn table(&self) -> &FlowTable<Entry<Io>> {
         &self.table
     }
+}
+
+/// Where a backend is being chosen: the listener (`li`, `spec`), the pool (`pi`, `pool`: the
+/// listener's, or its abuse pool), the client a flow serves, the time, and the datagram's
+/// bytes (after an ingress PROXY header).
+#[derive(Clone, Copy)]
+struct Placing<'s> {
+    li: usize,
+    spec: &'s ListenerSpec,
+    pi: usize,
+    pool: &'s Pool,
+    client: SocketAddr,
+    now: Time,
+    payload: &'s [u8],
 }
 
 /// The bytes of datagram `data` after the first `skip` (an ingress PROXY header).
