@@ -633,16 +633,18 @@ impl<Io> Engine<Io> {
         let pool = &snap.pools[pi];
         let (backend, backend_addr, checked) =
             (flow.backend, flow.backend_addr, flow.checked_generation);
+        // Where the datagram goes when a backend must be chosen for it (built only then).
+        let placing = |client| Placing {
+            li,
+            spec,
+            pi,
+            pool,
+            client,
+            now,
+            payload: payload_of(data, skip),
+        };
         if state.kind == SocketKind::Unconnected && spec.mode == SessionMode::Datagram {
-            let at = Placing {
-                li,
-                spec,
-                pi,
-                pool,
-                client: client_of(flow),
-                now,
-                payload: payload_of(data, skip),
-            };
+            let at = placing(client_of(flow));
             let placed =
                 if spec.persistence.is_some() && pool.payload_key.is_none() && pi == spec.pool {
                     self.persistent_datagram(h, backend, &at)
@@ -668,15 +670,7 @@ impl<Io> Engine<Io> {
                 .position_of_id(backend)
                 .is_some_and(|i| pool.keeps_flows(i));
             if !keeps {
-                let at = Placing {
-                    li,
-                    spec,
-                    pi,
-                    pool,
-                    client: client_of(flow),
-                    now,
-                    payload: payload_of(data, skip),
-                };
+                let at = placing(client_of(flow));
                 let Some(idx) = self.choose(&at) else {
                     return Verdict::Drop(DropReason::NoBackend);
                 };
@@ -687,16 +681,7 @@ impl<Io> Engine<Io> {
                 f.checked_generation = snap.generation;
             }
         } else if state.displaced
-            && let at = (Placing {
-                li,
-                spec,
-                pi,
-                pool,
-                client: client_of(flow),
-                now,
-                payload: payload_of(data, skip),
-            })
-            && let Some(to) = self.rebalanced(h, &at)
+            && let Some(to) = self.rebalanced(h, &placing(client_of(flow)))
         {
             let to = &pool.backends[to];
             return Verdict::Move(self.move_to(h, to, true, skip, pool, snap, now));
