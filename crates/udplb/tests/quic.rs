@@ -227,6 +227,43 @@ async fn download(
     })
 }
 
+/// Two servers (IDs 01 and 02) on a runtime of their own, the roots that trust them, and the
+/// count of client moves they saw.
+struct Servers {
+    /// One thread runs servers and clients alike, whenever the test waits on it.
+    runtime: tokio::runtime::Runtime,
+    roots: Arc<rustls::RootCertStore>,
+    one: SocketAddr,
+    two: SocketAddr,
+    moves: Arc<AtomicUsize>,
+}
+
+fn two_servers() -> Servers {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (certs, key) = crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certs[0].clone()).unwrap();
+    let moves = Arc::new(AtomicUsize::new(0));
+    let one = start_server(
+        &runtime,
+        1,
+        certs.clone(),
+        key.clone_key(),
+        Arc::clone(&moves),
+    );
+    let two = start_server(&runtime, 2, certs, key, Arc::clone(&moves));
+    Servers {
+        runtime,
+        roots: Arc::new(roots),
+        one,
+        two,
+        moves,
+    }
+}
+
 /// udplb in flow mode in front of `one` (server ID 01) and `two` (02), routing by QUIC-LB.
 fn quic_lb_in_front_of(one: SocketAddr, two: SocketAddr) -> (Udplb, SocketAddr) {
     run_one_pool(
@@ -242,24 +279,13 @@ fn quic_lb_in_front_of(one: SocketAddr, two: SocketAddr) -> (Udplb, SocketAddr) 
 
 #[test]
 fn quic_connections_survive_the_client_moving_with_quic_lb() {
-    // One thread runs servers and clients alike, whenever the test waits on it.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (certs, key) = crypto();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(certs[0].clone()).unwrap();
-    let roots = Arc::new(roots);
-    let moves = Arc::new(AtomicUsize::new(0));
-    let one = start_server(
-        &runtime,
-        1,
-        certs.clone(),
-        key.clone_key(),
-        Arc::clone(&moves),
-    );
-    let two = start_server(&runtime, 2, certs, key, Arc::clone(&moves));
+    let Servers {
+        runtime,
+        roots,
+        one,
+        two,
+        ..
+    } = two_servers();
     let (lb, listen) = quic_lb_in_front_of(one, two);
     // Directly first: the servers and the client work.
     let direct = runtime.block_on(download(one, Arc::clone(&roots)));
@@ -343,20 +369,13 @@ async fn gtlsclient(target: SocketAddr, dir: &std::path::Path) -> Result<(), Str
 
 #[test]
 fn ngtcp2_clients_migrating_mid_download_complete_through_quic_lb() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (certs, key) = crypto();
-    let moves = Arc::new(AtomicUsize::new(0));
-    let one = start_server(
-        &runtime,
-        1,
-        certs.clone(),
-        key.clone_key(),
-        Arc::clone(&moves),
-    );
-    let two = start_server(&runtime, 2, certs, key, Arc::clone(&moves));
+    let Servers {
+        runtime,
+        one,
+        two,
+        moves,
+        ..
+    } = two_servers();
     let dir = scratch_dir("gtlsclient");
     // Directly first: the client, the server and the migration work.
     let direct = runtime.block_on(gtlsclient(one, &dir.join("direct")));

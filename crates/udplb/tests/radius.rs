@@ -98,22 +98,23 @@ fn run_with_input(bin: &str, args: &[String], input: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The arguments radclient and radeapclient share: print what was received, two tries one
+/// second apart, an Access-Request to `server` with the shared secret.
+fn client_args(server: SocketAddr) -> Vec<String> {
+    ["-x", "-r", "2", "-t", "1"]
+        .map(String::from)
+        .into_iter()
+        .chain([server.to_string(), "auth".into(), SECRET.into()])
+        .collect()
+}
+
 /// One EAP-MD5 authentication of bob through `server` (a new client port each time), two
 /// rounds: the challenge, then the answer carrying the challenge's `State`. Returns whether
 /// it was accepted (radeapclient exits 0 either way; its output says).
 fn eap_md5(server: SocketAddr) -> bool {
     let out = run_with_input(
         "radeapclient",
-        &[
-            "-x".into(),
-            "-r".into(),
-            "2".into(),
-            "-t".into(),
-            "1".into(),
-            server.to_string(),
-            "auth".into(),
-            SECRET.into(),
-        ],
+        &client_args(server),
         "User-Name = \"bob\"\nCleartext-Password = \"hello\"\nEAP-Type-Identity = \"bob\"\nEAP-Code = Response\n",
     );
     out.lines().any(|l| l.starts_with("Received Access-Accept"))
@@ -124,16 +125,7 @@ fn eap_md5(server: SocketAddr) -> bool {
 fn pap(server: SocketAddr) -> Option<String> {
     let out = run_with_input(
         "radclient",
-        &[
-            "-x".into(),
-            "-r".into(),
-            "2".into(),
-            "-t".into(),
-            "1".into(),
-            server.to_string(),
-            "auth".into(),
-            SECRET.into(),
-        ],
+        &client_args(server),
         "User-Name = \"bob\", User-Password = \"hello\"\n",
     );
     let accepted = out.lines().any(|l| l.starts_with("Received Access-Accept"));
