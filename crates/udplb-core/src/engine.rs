@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use crate::affinity::Persistence;
 use crate::flow::{Expired, FlowHandle, FlowKey, FlowTable, ReplyOutcome, Timeouts};
+use crate::handover::{Inherited, Placement};
 use crate::hash::ClientKey;
 use crate::model::{ProxyHeader, SessionMode};
 use crate::payload::{KeySpec, Keyed, PayloadKey};
@@ -312,6 +313,9 @@ pub struct Engine<Io> {
     next_sweep: Time,
     /// The pools' payload keys that learn from replies (swept with the persistence tables).
     learning: Vec<Arc<PayloadKey>>,
+    /// The flows a previous process handed over, consulted when a flow opens until the time
+    /// given with them.
+    inherited: Option<(Arc<Inherited>, Time)>,
 }
 
 impl<Io> Engine<Io> {
@@ -326,7 +330,28 @@ impl<Io> Engine<Io> {
             rng: seed | 1,
             next_sweep: Time(0),
             learning: Vec::new(),
+            inherited: None,
         }
+    }
+
+    /// Opens each client's next flow to the backend `table` says its flow went to in the
+    /// previous process (while that backend keeps flows), until `until`.
+    pub fn inherit(&mut self, table: Arc<Inherited>, until: Time) {
+        self.inherited = Some((table, until));
+    }
+
+    /// Where every flow of a listener's own pool goes, in flow modes (what the next process
+    /// inherits at an upgrade; datagram mode places each datagram anew).
+    pub fn placements(&self) -> impl Iterator<Item = Placement> + '_ {
+        self.table
+            .handles()
+            .filter_map(|h| self.table.get(h))
+            .filter(|f| !f.io.state.abuse && f.io.state.kind != SocketKind::Unconnected)
+            .map(|f| Placement {
+                listener: f.key.listener,
+                client: client_of(f),
+                backend: f.backend_addr,
+            })
     }
 
     /// Applies a new snapshot: its flow caps (a listener's cap is split evenly over the
@@ -526,7 +551,12 @@ impl<Io> Engine<Io> {
             now,
             payload: payload_of(data, skip),
         };
-        let Some(idx) = self.choose(&at) else {
+        let inherited = if self.inherited.is_none() || abuse || spec.mode == SessionMode::Datagram {
+            None
+        } else {
+            self.inherited_backend(&at)
+        };
+        let Some(idx) = inherited.or_else(|| self.choose(&at)) else {
             return Verdict::Drop(DropReason::NoBackend);
         };
         let backend = &pool.backends[idx];
@@ -814,6 +844,20 @@ impl<Io> Engine<Io> {
             p.moved(at.client, b.id);
         }
         Some(b)
+    }
+
+    /// The backend index in `at.pool` a previous process had the client's flow on, if it was
+    /// handed over and that backend keeps flows (the flow continues as it would have there).
+    #[inline(never)]
+    fn inherited_backend(&mut self, at: &Placing<'_>) -> Option<usize> {
+        let (table, until) = self.inherited.as_ref()?;
+        if at.now > *until {
+            self.inherited = None;
+            return None;
+        }
+        let addr = table.take(at.li as u16, at.client)?;
+        let i = at.pool.position(&addr)?;
+        at.pool.keeps_flows(i).then_some(i)
     }
 
     /// Listener `li`'s persistence table, if it remembers clients.

@@ -5,7 +5,8 @@
 //!
 //! Owns: the vocabulary of the balancer ([`model`]), scheduling ([`sched`], [`maglev`]),
 //! the immutable configuration [`snapshot`] the workers read, the per-worker [`flow`] table
-//! with idle expiry and its cap, persistence ([`affinity`]), payload keys ([`payload`]: which
+//! with idle expiry and its cap, the flows a previous process handed over ([`handover`]),
+//! persistence ([`affinity`]), payload keys ([`payload`]: which
 //! conversation a datagram belongs to) and the tables the workers share for them
 //! ([`sharded`]), backend health and pool quorum as
 //! state machines ([`health`]), latency histograms ([`latency`]), the sources that can never
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod handover;
 pub mod hash;
 pub mod health;
 pub mod latency;

@@ -16,6 +16,7 @@ use udplb_core::acl::{Acl, CidrSet};
 use udplb_core::affinity::{Persistence, PersistenceSettings};
 use udplb_core::engine::{Datagram, Engine, Expiry, ReplyVerdict, Send, Verdict};
 use udplb_core::flow::{FlowHandle, FlowKey};
+use udplb_core::handover::{Inherited, Placement};
 use udplb_core::payload::{KeySpec, PayloadKey};
 use udplb_core::ratelimit::{LimitSettings, Limits};
 use udplb_core::snapshot::{AdminState, BackendInput, ListenerSpec, PoolInput, Snapshot};
@@ -1300,4 +1301,37 @@ fn quic_lb_routes_connection_ids_to_their_server_and_survives_migration() {
     fx.run(Payload(102, b"\xc0\x00\x00"));
     let key = fx.snap.pools[0].payload_key.as_ref().unwrap();
     assert_eq!(key.counts().malformed, 1);
+}
+
+#[test]
+fn a_new_process_opens_handed_over_flows_to_their_backends_while_they_keep_flows() {
+    let mut old = Fixture::new(SessionMode::Flow, RR, 3, no_setup);
+    for (c, b) in [(1, 1), (2, 2), (3, 3), (4, 1), (7, 2)] {
+        assert_eq!(old.run(Client(c, 10)), open(b));
+    }
+    let placements: Vec<Placement> = old.engine.placements().collect();
+    assert_eq!(placements.len(), 5);
+    let mut new = Fixture::new(SessionMode::Flow, RR, 3, no_setup);
+    assert_eq!(new.run(Admin(2, AdminState::Draining)), Out::Done);
+    assert_eq!(new.run(Health(3, false)), Out::Done);
+    let until = Time(new.now.0 + 30_000);
+    new.engine
+        .inherit(Arc::new(Inherited::new(placements)), until);
+    let steps = [
+        // Round robin would say 1: a draining backend keeps its established flows.
+        (Client(2, 10), open(2)),
+        // Down: the flow is placed as a failover would place it.
+        (Client(3, 10), open(1)),
+        (Client(4, 10), open(1)),
+        (Client(5, 10), open(1)),
+        (Client(2, 10), send(2)),
+        // Taken once: a later flow of the client is scheduled.
+        (Wait(31_000), expired(&[], 4)),
+        (Client(2, 10), open(1)),
+        // Not used before the idle timeouts passed: forgotten (2, draining, would keep it).
+        (Client(7, 10), open(1)),
+    ];
+    for (i, (step, expected)) in steps.into_iter().enumerate() {
+        assert_eq!(new.run(step), expected, "step {i} ({step:?})");
+    }
 }

@@ -12,6 +12,7 @@
 //! on a listener with `affinity = "ip"`).
 #![forbid(unsafe_code)]
 
+pub mod handover;
 mod listener;
 mod log;
 mod ports;
@@ -27,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
+use udplb_core::handover::Inherited;
 use udplb_core::snapshot::{ListenerSpec, Snapshot};
 use udplb_sys::socket::{ListenerOptions, bind_listener, udp_port_taken};
 
@@ -52,6 +54,7 @@ pub struct Dataplane {
     wakers: Vec<Arc<mio::Waker>>,
     stats: Vec<Arc<WorkerStats>>,
     listener_addrs: Vec<SocketAddr>,
+    listening: Arc<handover::Shared>,
 }
 
 /// Listener sockets bound for every worker, before any worker runs (privileges can be dropped
@@ -61,12 +64,23 @@ pub struct Bound {
     shared: Arc<ArcSwap<Snapshot>>,
     sockets_per_worker: Vec<Vec<std::net::UdpSocket>>,
     listener_addrs: Vec<SocketAddr>,
+    inherited: Option<Arc<Inherited>>,
 }
 
 impl Bound {
     /// The addresses the listeners are bound to, in snapshot order.
     pub fn listener_addrs(&self) -> &[SocketAddr] {
         &self.listener_addrs
+    }
+
+    /// The workers' sockets: one per listener per worker (what a later process inherits).
+    pub fn sockets(&self) -> &[Vec<std::net::UdpSocket>] {
+        &self.sockets_per_worker
+    }
+
+    /// The workers open each client's next flow where `table` says a previous process had it.
+    pub fn inherit(&mut self, table: Arc<Inherited>) {
+        self.inherited = Some(table);
     }
 
     /// Starts one worker thread per set of sockets.
@@ -76,7 +90,9 @@ impl Bound {
             shared,
             sockets_per_worker,
             listener_addrs,
+            inherited,
         } = self;
+        let listening = Arc::new(handover::Shared::default());
         let workers = sockets_per_worker.len();
         let epoch = std::time::Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
@@ -94,6 +110,8 @@ impl Bound {
                 stop: Arc::clone(&stop),
                 epoch,
                 descriptor_reserve,
+                listening: Arc::clone(&listening),
+                inherited: inherited.clone(),
             })?;
             wakers.push(worker.waker());
             stats.push(worker_stats);
@@ -108,6 +126,7 @@ impl Bound {
             wakers,
             stats,
             listener_addrs,
+            listening,
         })
     }
 }
@@ -140,8 +159,37 @@ impl Dataplane {
     /// Binds every listener of the current snapshot once per worker; [`Bound::start`] starts
     /// the workers.
     pub fn bind(shared: Arc<ArcSwap<Snapshot>>, opts: &DataplaneOptions) -> io::Result<Bound> {
+        Self::bind_inheriting(shared, opts, Vec::new())
+    }
+
+    /// As [`Dataplane::bind`], but listener `i` uses the sockets `inherited[i]` (handed over by
+    /// a previous process, one per worker) where there are some. The workers are then as many
+    /// as the inherited sockets of a listener: each socket of a `SO_REUSEPORT` group gets a
+    /// share of the clients, so none may be left unread, and no socket can join the group
+    /// once privileges are dropped.
+    pub fn bind_inheriting(
+        shared: Arc<ArcSwap<Snapshot>>,
+        opts: &DataplaneOptions,
+        inherited: Vec<Vec<std::net::UdpSocket>>,
+    ) -> io::Result<Bound> {
         let snapshot = shared.load_full();
-        let workers = opts.workers.max(1);
+        let workers = inherited
+            .iter()
+            .map(Vec::len)
+            .find(|&n| n > 0)
+            .unwrap_or(opts.workers)
+            .max(1);
+        if inherited
+            .iter()
+            .any(|s| !s.is_empty() && s.len() != workers)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "inherited listeners have different numbers of sockets",
+            ));
+        }
+        let mut inherited: Vec<_> = inherited.into_iter().map(Vec::into_iter).collect();
+        inherited.resize_with(snapshot.listeners.len(), || Vec::new().into_iter());
         // The buffers are asked for (forced past the system maximum when privileged); a
         // smaller grant is reported once per listener, not refused.
         let listener_opts = |spec: &ListenerSpec| ListenerOptions {
@@ -156,7 +204,16 @@ impl Dataplane {
         let mut sockets_per_worker = Vec::with_capacity(workers);
         for worker in 0..workers {
             let mut sockets = Vec::with_capacity(listener_addrs.len());
-            for (addr, spec) in listener_addrs.iter_mut().zip(&snapshot.listeners) {
+            for ((addr, spec), handed) in listener_addrs
+                .iter_mut()
+                .zip(&snapshot.listeners)
+                .zip(&mut inherited)
+            {
+                if let Some(socket) = handed.next() {
+                    *addr = socket.local_addr()?;
+                    sockets.push(socket);
+                    continue;
+                }
                 if worker == 0 && addr.port() != 0 && udp_port_taken(*addr).unwrap_or(false) {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
@@ -183,7 +240,14 @@ impl Dataplane {
             shared,
             sockets_per_worker,
             listener_addrs,
+            inherited: None,
         })
+    }
+
+    /// The switch that stops the workers reading their listener sockets (handed to another
+    /// process) and resumes it.
+    pub fn listening(&self) -> handover::Listening {
+        handover::Listening::new(Arc::clone(&self.listening), self.wakers.clone())
     }
 
     /// The addresses the listeners are bound to, in snapshot order.

@@ -3,7 +3,8 @@
 //! Owns: the only `unsafe` code of udplb. [`batch`] wraps `recvmmsg`/`sendmmsg` with the
 //! `IP_PKTINFO`/`IPV6_PKTINFO` control messages that let replies leave from exactly the address
 //! a client sent to; [`socket`] creates listener and upstream sockets with the options udplb
-//! relies on, and raises the open-file limit; `raw` makes the per-datagram system calls
+//! relies on, and raises the open-file limit; [`handover`] passes open sockets to another
+//! udplb process; `raw` makes the per-datagram system calls
 //! without glibc's cancellation-point wrappers.
 //!
 //! Must not: make decisions. Everything here is a thin, allocation-free (after construction)
@@ -11,6 +12,7 @@
 //! loop in `udplb-dataplane`. Every `unsafe` block carries a `// SAFETY:` comment.
 
 pub mod batch;
+pub mod handover;
 mod raw;
 mod sockaddr;
 pub mod socket;

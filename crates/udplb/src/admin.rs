@@ -174,6 +174,7 @@ pub async fn serve(
     state: Arc<State>,
     reserve: u64,
     mut configs: tokio::sync::watch::Receiver<Arc<udplb_config::Config>>,
+    mut handed_over: tokio::sync::watch::Receiver<bool>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -220,7 +221,11 @@ pub async fn serve(
         .with_state(Arc::clone(&state));
     let mut accept_errors = crate::logging::RateLimited::new(Duration::from_secs(10));
     loop {
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = handed_over.wait_for(|h| *h) => break,
+        };
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors, say: the connection waits in the backlog meanwhile.
@@ -238,6 +243,9 @@ pub async fn serve(
         };
         tokio::spawn(serve_connection(stream, app.clone(), slot));
     }
+    // Handed over: the successor accepts; connections open here are served to their end.
+    drop(listener);
+    std::future::pending::<()>().await;
 }
 
 /// Serves one connection within the endpoint's bounds.
@@ -363,6 +371,7 @@ pub(crate) fn stats_json(state: &State) -> Value {
     let pools = pools_json(state, &snap);
     json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
         "started_unix": state.started_unix,
         "generation": snap.generation,
         "workers": state.workers,

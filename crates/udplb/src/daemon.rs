@@ -18,10 +18,14 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, control, health, privileges, reload, systemd, tcp};
+use crate::{admin, control, health, privileges, reload, systemd, tcp, upgrade};
 
-/// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file.
+/// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file; SIGUSR2
+/// starts the program file udplb was started from and hands over to it ([`upgrade`]).
 pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
+    // Read first: after a package upgrade replaced the file, this path is the new program.
+    let program = std::env::current_exe().context("locating the udplb program")?;
+    let mut inheritance = upgrade::Inheritance::receive().context("upgrade: taking over")?;
     let workers = cfg
         .runtime
         .workers
@@ -38,7 +42,10 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     };
     // Checked backends start in their configured state (down until the first check passes, by
     // default), so no datagram goes to a backend never seen healthy.
-    let trackers = health::Trackers::initial(&cfg);
+    let mut trackers = health::Trackers::initial(&cfg);
+    if let Some(from) = &inheritance {
+        trackers.inherit(&cfg, from.health());
+    }
     let snapshot = snapshot_of(&cfg, 1, None, &trackers);
     let shared = Arc::new(ArcSwap::from_pointee(snapshot));
     // Everything privileged first (sockets), then drop privileges, then start threads.
@@ -47,12 +54,39 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         workers,
         descriptor_reserve,
     };
-    let bound = Dataplane::bind(Arc::clone(&shared), &options)?;
-    let tcp_bound = tcp::bind(&shared.load(), bound.listener_addrs())?;
+    let inherited_udp = inheritance
+        .as_mut()
+        .map_or_else(Vec::new, |from| from.udp_sockets(&cfg.listeners));
+    if let Some(n) = inherited_udp.iter().map(Vec::len).find(|&n| n > 0)
+        && n != workers
+    {
+        tracing::info!(
+            workers = n,
+            configured = workers,
+            "upgrade: as many workers as the predecessor (a change of workers needs a restart)"
+        );
+    }
+    let mut bound = Dataplane::bind_inheriting(Arc::clone(&shared), &options, inherited_udp)?;
+    let workers = bound.sockets().len();
+    let tcp_bound = tcp::bind(&shared.load(), bound.listener_addrs(), |i, addr| {
+        let from = inheritance.as_mut()?;
+        from.tcp_socket(&cfg.listeners[i].name, addr)
+    })?;
     let admin_listener = match &cfg.admin {
-        Some(a) => Some(bind_admin(a.listen)?),
+        Some(a) => match inheritance
+            .as_mut()
+            .and_then(|from| from.admin_socket(a.listen))
+        {
+            Some(socket) => {
+                socket.set_nonblocking(true)?;
+                Some(socket)
+            }
+            None => Some(bind_admin(a.listen)?),
+        },
         None => None,
     };
+    let offer = offer(program, &cfg, &bound, &tcp_bound, admin_listener.as_ref())
+        .context("keeping the sockets for an upgrade")?;
     // Read while udplb may still read what only root can.
     let token = match cfg.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
         Some(path) => {
@@ -94,6 +128,14 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         ),
         privileges::Outcome::StayedRoot | privileges::Outcome::NotRoot => {}
     }
+    let successor = match inheritance {
+        Some(from) => {
+            let (table, successor) = from.bound(&cfg).context("upgrade: taking over")?;
+            bound.inherit(table);
+            Some(successor)
+        }
+        None => None,
+    };
     let dataplane = bound.start()?;
     for (l, addr) in cfg.listeners.iter().zip(dataplane.listener_addrs()) {
         let pool = cfg
@@ -146,19 +188,32 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     // A control thread that ends (a panic) ends udplb, rather than leaving it serving without
     // health checks or without its admin endpoint.
     let (ended, mut thread_ended) = tokio::sync::mpsc::unbounded_channel();
+    let (handed_over, handed) = tokio::sync::watch::channel(false);
     spawn_control_thread("udplb-health", ended.clone(), move || {
         control::run(control, monitor, commands)
     })?;
     if !tcp_bound.is_empty() {
         spawn_control_thread("udplb-tcp", ended.clone(), move || {
-            tcp::serve(tcp_bound, shared, tcp_stats)
+            tcp::serve(tcp_bound, shared, tcp_stats, handed)
         })?;
     }
+    let upgrader = Upgrader {
+        offer: Arc::new(offer),
+        listening: dataplane.listening(),
+        busy: Arc::default(),
+        state: Arc::clone(&state),
+        configs: running_config.clone(),
+        handed_over: Arc::new(handed_over),
+    };
     if let Some(listener) = admin_listener {
         let state = Arc::clone(&state);
+        let handed = upgrader.handed_over.subscribe();
         spawn_control_thread("udplb-admin", ended, move || {
-            admin::serve(listener, state, descriptor_reserve, running_config)
+            admin::serve(listener, state, descriptor_reserve, running_config, handed)
         })?;
+    }
+    if let Some(successor) = successor {
+        successor.started();
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -172,16 +227,26 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             cfg.listeners.len()
         ));
         systemd::spawn_watchdog(state.stats.clone());
-        let failure = tokio::select! {
-            _ = signals.reload_until_stop(&reloader) => None,
-            Some(name) = thread_ended.recv() => Some(name),
+        let (upgraded, mut successor) = tokio::sync::mpsc::unbounded_channel();
+        let end = tokio::select! {
+            _ = signals.reload_until_stop(&reloader, &upgrader, &upgraded) => End::Stop,
+            Some(name) = thread_ended.recv() => End::Failed(name),
+            Some(pid) = successor.recv() => End::HandedOver(pid),
         };
-        // Graceful stop: no new flows, established ones served until they end or the grace
-        // period is over (a second signal stops at once).
-        systemd::stopping();
-        let _ = publisher.send(control::Command::StopAdmitting).await;
-        if let Some(name) = failure {
-            anyhow::bail!("the {name} thread stopped");
+        match end {
+            // Graceful stop: no new flows, established ones served until they end or the
+            // grace period is over (a second signal stops at once).
+            End::Stop => {
+                systemd::stopping();
+                let _ = publisher.send(control::Command::StopAdmitting).await;
+            }
+            End::Failed(name) => {
+                systemd::stopping();
+                let _ = publisher.send(control::Command::StopAdmitting).await;
+                anyhow::bail!("the {name} thread stopped");
+            }
+            // The successor reads the listeners now: only established flows are left here.
+            End::HandedOver(pid) => tracing::info!(successor = pid, "handed over"),
         }
         let grace = cfg
             .runtime
@@ -232,6 +297,109 @@ where
     Ok(())
 }
 
+/// Why the daemon stops.
+enum End {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// A control thread ended.
+    Failed(&'static str),
+    /// An upgrade's successor (this process id) serves.
+    HandedOver(u32),
+}
+
+/// Copies of every socket a successor would inherit, kept from before the threads own them.
+fn offer(
+    program: PathBuf,
+    cfg: &Config,
+    bound: &udplb_dataplane::Bound,
+    tcp: &[tcp::Bound],
+    admin: Option<&std::net::TcpListener>,
+) -> std::io::Result<upgrade::Offer> {
+    let mut offer = upgrade::Offer::new(program, std::env::args_os().skip(1).collect());
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let sockets = bound
+            .sockets()
+            .iter()
+            .map(|worker| worker[i].try_clone())
+            .collect::<std::io::Result<_>>()?;
+        offer.listener(&l.name, bound.listener_addrs()[i], sockets);
+    }
+    for b in tcp {
+        offer.tcp(&cfg.listeners[b.listener()].name, b.socket().try_clone()?)?;
+    }
+    if let Some(socket) = admin {
+        offer.admin(socket.try_clone()?)?;
+    }
+    Ok(offer)
+}
+
+/// Upgrades on SIGUSR2, one at a time, each on a thread of its own (the steps block).
+struct Upgrader {
+    offer: Arc<upgrade::Offer>,
+    listening: udplb_dataplane::handover::Listening,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<admin::State>,
+    configs: tokio::sync::watch::Receiver<Arc<Config>>,
+    /// Turned on when the successor runs: this process stops accepting connections.
+    handed_over: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Upgrader {
+    /// Starts an upgrade unless one is under way; `done` hears the successor's process id
+    /// once it serves.
+    fn start(&self, done: &tokio::sync::mpsc::UnboundedSender<u32>) {
+        use std::sync::atomic::Ordering;
+        if self.busy.swap(true, Ordering::AcqRel) {
+            tracing::info!("upgrade: one is under way already");
+            return;
+        }
+        let offer = Arc::clone(&self.offer);
+        let listening = self.listening.clone();
+        let busy = Arc::clone(&self.busy);
+        let state = Arc::clone(&self.state);
+        let cfg = Arc::clone(&self.configs.borrow());
+        let handed_over = Arc::clone(&self.handed_over);
+        let done = done.clone();
+        let spawned = std::thread::Builder::new()
+            .name("udplb-upgrade".into())
+            .spawn(move || {
+                let health = || health_of(&cfg, &state);
+                let release = |_| {
+                    handed_over.send_replace(true);
+                };
+                match offer.hand_over(&listening, health, release) {
+                    Ok(pid) => {
+                        let _ = done.send(pid);
+                    }
+                    Err(_) => busy.store(false, Ordering::Release),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "upgrade: cannot start its thread");
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Every backend's health as the monitor has it, for a successor.
+fn health_of(cfg: &Config, state: &admin::State) -> Vec<upgrade::Health> {
+    let status = state.health.lock().unwrap_or_else(|p| p.into_inner());
+    cfg.pools
+        .iter()
+        .zip(status.iter())
+        .flat_map(|(pool, backends)| {
+            pool.backends
+                .iter()
+                .zip(backends)
+                .map(|(b, s)| upgrade::Health {
+                    pool: pool.name.clone(),
+                    backend: b.spec.addr,
+                    up: s.healthy,
+                })
+        })
+        .collect()
+}
+
 /// Binds the admin endpoint's TCP socket (before privileges are dropped).
 fn bind_admin(addr: std::net::SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr)
@@ -263,6 +431,7 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -272,16 +441,23 @@ impl Signals {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            usr2: signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
         })
     }
 
-    /// Reloads on SIGHUP; returns on SIGTERM or SIGINT, also while a reload is under way (each
-    /// reload is a task of its own, one at a time in signal order).
-    async fn reload_until_stop(&mut self, reloader: &Arc<tokio::sync::Mutex<reload::Reloader>>) {
+    /// Reloads on SIGHUP, upgrades on SIGUSR2; returns on SIGTERM or SIGINT, also while a
+    /// reload is under way (each reload is a task of its own, one at a time in signal order).
+    async fn reload_until_stop(
+        &mut self,
+        reloader: &Arc<tokio::sync::Mutex<reload::Reloader>>,
+        upgrader: &Upgrader,
+        upgraded: &tokio::sync::mpsc::UnboundedSender<u32>,
+    ) {
         loop {
             tokio::select! {
                 _ = self.term.recv() => return,
                 _ = self.int.recv() => return,
+                _ = self.usr2.recv() => upgrader.start(upgraded),
                 _ = self.hup.recv() => {
                     let reloader = Arc::clone(reloader);
                     tokio::spawn(async move {

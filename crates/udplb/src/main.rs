@@ -25,6 +25,7 @@ mod reload;
 mod systemd;
 mod tcp;
 mod token;
+mod upgrade;
 
 use std::process::ExitCode;
 

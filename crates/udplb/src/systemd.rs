@@ -31,6 +31,14 @@ pub fn stopping() {
     ]);
 }
 
+/// Another process of the service (an upgrade's successor) is its main process from now on.
+pub fn main_pid(pid: u32) {
+    send(&[
+        NotifyState::MainPid(pid),
+        NotifyState::Status("upgraded: serving established flows until they end"),
+    ]);
+}
+
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         tracing::debug!(error = %e, "systemd notification failed");

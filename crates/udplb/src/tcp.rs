@@ -80,13 +80,23 @@ pub struct Bound {
 
 /// Binds a TCP socket for every listener with `tcp`, on the address its UDP sockets got
 /// (`addrs`, in snapshot order: a port 0 in the file is the UDP listener's port).
-pub fn bind(snap: &Snapshot, addrs: &[SocketAddr]) -> anyhow::Result<Vec<Bound>> {
+/// `inherited` gives the socket a previous process handed over for a listener (by index and
+/// address), if there is one.
+pub fn bind(
+    snap: &Snapshot,
+    addrs: &[SocketAddr],
+    mut inherited: impl FnMut(usize, SocketAddr) -> Option<std::net::TcpListener>,
+) -> anyhow::Result<Vec<Bound>> {
     snap.listeners
         .iter()
         .zip(addrs)
         .enumerate()
         .filter(|(_, (spec, _))| spec.tcp.is_some())
         .map(|(listener, (spec, &addr))| {
+            if let Some(socket) = inherited(listener, addr) {
+                socket.set_nonblocking(true)?;
+                return Ok(Bound { listener, socket });
+            }
             let socket = udplb_sys::socket::tcp_listener(addr).with_context(|| {
                 format!("cannot bind TCP for listener {:?} on {addr}", spec.name)
             })?;
@@ -95,8 +105,27 @@ pub fn bind(snap: &Snapshot, addrs: &[SocketAddr]) -> anyhow::Result<Vec<Bound>>
         .collect()
 }
 
+impl Bound {
+    /// The listener's index in the snapshot.
+    pub fn listener(&self) -> usize {
+        self.listener
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> &std::net::TcpListener {
+        &self.socket
+    }
+}
+
 /// Serves every bound socket until udplb stops; `stats` has an entry per listener.
-pub async fn serve(bound: Vec<Bound>, shared: Arc<ArcSwap<Snapshot>>, stats: Arc<[TcpStats]>) {
+/// Accepting stops once `handed_over` turns true (an upgrade's successor accepts from then
+/// on); open connections are served to their end.
+pub async fn serve(
+    bound: Vec<Bound>,
+    shared: Arc<ArcSwap<Snapshot>>,
+    stats: Arc<[TcpStats]>,
+    handed_over: tokio::sync::watch::Receiver<bool>,
+) {
     let load = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = tokio::task::JoinSet::new();
     for b in bound {
@@ -113,7 +142,7 @@ pub async fn serve(bound: Vec<Bound>, shared: Arc<ArcSwap<Snapshot>>, stats: Arc
             stats: Arc::clone(&stats),
             load: Arc::clone(&load),
         };
-        tasks.spawn(accept_loop(socket, ctx));
+        tasks.spawn(accept_loop(socket, ctx, handed_over.clone()));
     }
     while tasks.join_next().await.is_some() {}
     // No TCP listener: nothing to do, for as long as udplb runs.
@@ -136,10 +165,18 @@ impl Listener {
     }
 }
 
-async fn accept_loop(socket: TcpListener, ctx: Listener) {
+async fn accept_loop(
+    socket: TcpListener,
+    ctx: Listener,
+    mut handed_over: tokio::sync::watch::Receiver<bool>,
+) {
     let mut rng = Rng::seeded();
     loop {
-        let (client, peer) = match socket.accept().await {
+        let accepted = tokio::select! {
+            a = socket.accept() => a,
+            _ = handed_over.wait_for(|h| *h) => return,
+        };
+        let (client, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Out of descriptors (or another transient failure): pause rather than spin.

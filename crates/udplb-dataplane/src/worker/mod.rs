@@ -31,6 +31,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use udplb_core::Time;
 use udplb_core::engine::{Closed, Engine, Expiry, SHARED_LISTENERS};
 use udplb_core::flow::FlowHandle;
+use udplb_core::handover::Inherited;
 use udplb_core::snapshot::Snapshot;
 use udplb_core::verdict::CloseReason;
 use udplb_sys::batch::RecvBatch;
@@ -106,6 +107,10 @@ pub(crate) struct WorkerSetup {
     pub epoch: Instant,
     /// Descriptors left to the control plane ([`crate::DataplaneOptions::descriptor_reserve`]).
     pub descriptor_reserve: u64,
+    /// Whether to read the listener sockets (off once they are handed to another process).
+    pub listening: Arc<crate::handover::Shared>,
+    /// The flows a previous process handed over.
+    pub inherited: Option<Arc<Inherited>>,
 }
 
 /// A worker thread's state.
@@ -128,6 +133,9 @@ pub(crate) struct Worker {
     /// Scratch space for the PROXY v2 header of the datagram being sent.
     header: [u8; udplb_core::proxy::MAX_HEADER_V6],
     log: RateLimitedLog,
+    listening: Arc<crate::handover::Shared>,
+    /// The listener sockets are registered for reading.
+    reading: bool,
 }
 
 impl Worker {
@@ -144,6 +152,13 @@ impl Worker {
         }
         let mut engine = Engine::new(setup.workers, seed(setup.id));
         engine.apply(&snap);
+        if let Some(table) = setup.inherited {
+            // Handed-over flows idle out in the old process after the listener's idle timeout:
+            // a client silent for longer starts afresh there too. (Time 0 is this start.)
+            let longest = snap.listeners.iter().map(|l| l.idle_timeout).max();
+            let until = Time(longest.unwrap_or_default().as_millis() as u64);
+            engine.inherit(table, until);
+        }
         Ok(Worker {
             id: setup.id,
             poll,
@@ -159,6 +174,8 @@ impl Worker {
             drops_read: Time(0),
             header: [0; udplb_core::proxy::MAX_HEADER_V6],
             log: RateLimitedLog::default(),
+            listening: setup.listening,
+            reading: true,
         })
     }
 
@@ -208,6 +225,9 @@ impl Worker {
             }
             self.stats.turns.add(1);
             self.refresh_snapshot();
+            if self.listening.reading() != self.reading {
+                self.switch_reading();
+            }
             for ev in events.iter() {
                 let t = ev.token();
                 if t == WAKER {
@@ -283,6 +303,32 @@ impl Worker {
             self.snap = Arc::clone(published);
             self.engine.apply(&self.snap);
         }
+    }
+
+    /// Stops or resumes reading the listener sockets as the switch says. Stopped: their
+    /// readiness no longer wakes this worker (replies still go out through them), and the
+    /// switch hears where this worker's flows go.
+    #[inline(never)]
+    fn switch_reading(&mut self) {
+        self.reading = !self.reading;
+        for (i, lio) in self.listeners.iter_mut().enumerate() {
+            let fd = lio.socket.as_raw_fd();
+            let registry = self.poll.registry();
+            let done = if self.reading {
+                registry.register(&mut SourceFd(&fd), listener_token(i), Interest::READABLE)
+            } else {
+                registry.deregister(&mut SourceFd(&fd))
+            };
+            if let Err(e) = done {
+                self.log.warn("listener readiness", &e);
+            }
+            // Resumed: read at once whatever queued meanwhile.
+            lio.readable = self.reading;
+        }
+        if !self.reading {
+            self.listening.stopped(self.engine.placements());
+        }
+        tracing::debug!(worker = self.id, reading = self.reading, "listener sockets");
     }
 
     fn flush_all_replies(&mut self) {

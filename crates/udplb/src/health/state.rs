@@ -62,6 +62,21 @@ impl Trackers {
         )
     }
 
+    /// Backends a predecessor tracked (an upgrade) start as it had them: up until `fall`
+    /// checks fail, or down until one passes.
+    pub fn inherit(&mut self, cfg: &Config, health: &[crate::upgrade::Health]) {
+        for h in health {
+            let Some(pi) = cfg.pools.iter().position(|p| p.name == h.pool) else {
+                continue;
+            };
+            let pool = &cfg.pools[pi];
+            let Some(bi) = pool.backends.iter().position(|b| b.spec.addr == h.backend) else {
+                continue;
+            };
+            self.0[pi][bi] = Tracker::new(if h.up { Initial::Up } else { Initial::Down });
+        }
+    }
+
     pub(super) fn up_count(&self, pool: usize, total: usize) -> usize {
         (0..total).filter(|&b| self.is_up(pool, b)).count()
     }

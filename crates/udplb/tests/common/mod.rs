@@ -244,9 +244,15 @@ impl Udplb {
         Self::spawn(udplb_command(), &args, admin, env)
     }
 
+    /// Starts `PROGRAM run -c FILE` (a copy of the udplb binary, say).
+    pub fn run_program(program: &Path, path: &Path, admin: SocketAddr) -> Udplb {
+        let args = ["run".to_string(), "-c".into(), path.display().to_string()];
+        Self::spawn(Command::new(program), &args, admin, &[])
+    }
+
     /// Runs `command` with `args` and `env`, collects its standard error, and waits until the
     /// admin endpoint at `admin` answers (a udplb that exits first fails the test).
-    fn spawn(
+    pub fn spawn(
         mut command: Command,
         args: &[String],
         admin: SocketAddr,

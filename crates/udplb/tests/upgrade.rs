@@ -1,0 +1,210 @@
+//! Binary upgrades (SIGUSR2): the running udplb starts the program file it was started from
+//! and hands it its sockets, health and flows. Under steady load no datagram is lost, every
+//! flow stays on its backend (with round robin, so only the handed-over flows can keep it),
+//! the admin endpoint stays at its address, and the old process exits once its flows end. A
+//! successor that cannot start leaves the old process serving.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+/// A process that is not the test's child (the successor), killed when dropped.
+struct Adopted(u32);
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        signal(self.0, "KILL");
+    }
+}
+
+/// A copy of the udplb binary under test at `dir/udplb`, as a package would install it.
+fn install(dir: &Path) -> PathBuf {
+    let program = dir.join("udplb");
+    std::fs::copy(env!("CARGO_BIN_EXE_udplb"), &program).unwrap();
+    program
+}
+
+/// "Another binary" replaces `program` as a package upgrade does (a new file renamed over the
+/// old one; the bytes differ: an ELF file runs the same with bytes appended).
+fn upgrade_file(program: &Path, tail: &[u8]) -> u64 {
+    let new = program.with_extension("new");
+    let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_udplb")).unwrap();
+    bytes.extend_from_slice(tail);
+    std::fs::write(&new, bytes).unwrap();
+    std::fs::set_permissions(&new, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&new, program).unwrap();
+    std::fs::metadata(program).unwrap().ino()
+}
+
+/// The inode of the program process `pid` runs.
+fn program_inode(pid: u32) -> u64 {
+    std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino()
+}
+
+fn pid_at(lb: &Udplb) -> Option<u32> {
+    lb.try_stats()?.get("pid")?.as_u64().map(|p| p as u32)
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+fn config(dir: &Path, backends: &[&Backend]) -> (PathBuf, SocketAddr) {
+    let admin = admin_addr();
+    let listen = listen_addr("127.0.0.1");
+    let list: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
+    let toml = one_pool_toml(
+        admin,
+        listen,
+        "idle_timeout = \"1s\"",
+        &list,
+        &format!(
+            "scheduler = \"round-robin\"\n[pools.p.health]\n{}\n[runtime]\nworkers = 2\nshutdown_grace = \"20s\"",
+            udp_check(200, 200, 1, 2)
+        ),
+    );
+    let path = dir.join("udplb.toml");
+    std::fs::write(&path, toml).unwrap();
+    (path, admin)
+}
+
+use std::net::SocketAddr;
+
+#[test]
+fn an_upgrade_under_steady_load_loses_nothing_and_moves_no_flow() {
+    let dir = scratch_dir("steady");
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start("127.0.0.1", t))
+        .collect();
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let (path, admin) = config(&dir, &refs);
+    let program = install(&dir);
+    let mut lb = Udplb::run_program(&program, &path, admin);
+    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        wait_for(DEADLINE, || backends
+            .iter()
+            .all(|b| lb.healthy(b.addr) == Some(true))),
+        "backends never healthy"
+    );
+    let first = lb.pid();
+    let load = Load::start(listen, 60);
+    // Every flow is established (and spread over the three backends) before the upgrade.
+    assert!(wait_for(DEADLINE, || backends
+        .iter()
+        .all(|b| b.count() > 60)));
+
+    let mut pids = vec![first];
+    for (round, tail) in [b"first".as_slice(), b"second".as_slice()]
+        .into_iter()
+        .enumerate()
+    {
+        let old = *pids.last().unwrap();
+        let inode = upgrade_file(&program, tail);
+        signal(old, "USR2");
+        assert!(
+            wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)),
+            "round {round}: the admin endpoint never answered from a new process: {}",
+            lb.stderr.lock().unwrap()
+        );
+        let new = pid_at(&lb).unwrap();
+        pids.push(new);
+        assert_eq!(program_inode(new), inode, "the successor runs the new file");
+        // The old process serves its flows' last replies, then exits 0 once they idle out
+        // (1 s without a datagram: they all go to the successor now).
+        if old == first {
+            let (code, _) = wait_exit(&mut lb, Duration::from_secs(15)).expect("old udplb exits");
+            assert_eq!(code, Some(0), "{}", lb.stderr.lock().unwrap());
+        } else {
+            assert!(
+                wait_for(Duration::from_secs(15), || !alive(old)),
+                "old udplb exits"
+            );
+        }
+        // Traffic keeps flowing through the successor meanwhile and after.
+        let before: u64 = backends.iter().map(Backend::count).sum();
+        assert!(wait_for(DEADLINE, || backends
+            .iter()
+            .map(Backend::count)
+            .sum::<u64>()
+            > before + 200));
+    }
+    let _successor = Adopted(*pids.last().unwrap());
+    let logs = load.finish();
+    let (sent, lost) = totals(&logs);
+    let moved = logs.iter().filter(|l| !l.stayed()).count();
+    eprintln!(
+        "upgrade under load: {} flows, {sent} datagrams, {lost} lost, {moved} flows moved, processes {pids:?}",
+        logs.len()
+    );
+    assert!(sent > 3_000, "too little load to tell: {sent}");
+    assert_eq!(lost, 0, "{}", lb.stderr.lock().unwrap());
+    assert_eq!(moved, 0, "flows changed backend");
+    // Round robin spread them: staying put was the handover's doing, not a single backend's.
+    let used: std::collections::HashSet<&String> = logs.iter().map(|l| &l.tags[0]).collect();
+    assert_eq!(used.len(), 3);
+    let log = lb.stderr.lock().unwrap().clone();
+    assert!(log.contains("flows inherited"), "{log}");
+}
+
+#[test]
+fn a_successor_that_cannot_start_leaves_the_old_process_serving() {
+    let dir = scratch_dir("broken");
+    let a = Backend::start("127.0.0.1", "a");
+    let (path, admin) = config(&dir, &[&a]);
+    let program = install(&dir);
+    let mut lb = Udplb::run_program(&program, &path, admin);
+    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait_for(DEADLINE, || lb.healthy(a.addr) == Some(true)));
+    let load = Load::start(listen, 10);
+    assert!(wait_for(DEADLINE, || a.count() > 50));
+    // A program that exits at once; then a configuration the new process refuses.
+    let failures = |lb: &Udplb| lb.stderr.lock().unwrap().matches("upgrade failed").count();
+    let broken = program.with_extension("new");
+    std::fs::write(&broken, "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&broken, &program).unwrap();
+    signal(lb.pid(), "USR2");
+    assert!(
+        wait_for(DEADLINE, || failures(&lb) == 1),
+        "{}",
+        lb.stderr.lock().unwrap()
+    );
+    upgrade_file(&program, b"");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, good.replace("round-robin", "no-such-scheduler")).unwrap();
+    signal(lb.pid(), "USR2");
+    assert!(
+        wait_for(DEADLINE, || failures(&lb) == 2),
+        "{}",
+        lb.stderr.lock().unwrap()
+    );
+    // Still the same process, serving every flow.
+    let served = a.count();
+    assert!(wait_for(DEADLINE, || a.count() > served + 100));
+    assert_eq!(pid_at(&lb), Some(lb.pid()));
+    assert!(lb.alive());
+    let logs = load.finish();
+    let (sent, lost) = totals(&logs);
+    assert!(sent > 0);
+    assert_eq!(lost, 0, "{}", lb.stderr.lock().unwrap());
+    // And a good upgrade still works after the failed ones.
+    std::fs::write(&path, good).unwrap();
+    let old = lb.pid();
+    signal(old, "USR2");
+    assert!(wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)));
+    let _successor = Adopted(pid_at(&lb).unwrap());
+}
