@@ -363,6 +363,14 @@ impl Upgrader {
         let spawned = std::thread::Builder::new()
             .name("udplb-upgrade".into())
             .spawn(move || {
+                // Root: the successor is root too. Otherwise it starts with what this process
+                // kept (CAP_NET_ADMIN for transparent pools), and nothing more.
+                if let Err(e) = privileges::pass_to_next_program() {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "upgrade: capabilities not passed on"
+                    );
+                }
                 let health = || health_of(&cfg, &state);
                 let release = |_| {
                     handed_over.send_replace(true);

@@ -192,6 +192,22 @@ fn trim_capabilities(keep: &CapsHashSet) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes the capabilities this process kept ambient in the calling thread only, so that a
+/// program it executes next (an upgrade's successor, which no longer starts as root) holds them
+/// too; the other threads, and the commands they run, still hold none to pass on.
+pub fn pass_to_next_program() -> anyhow::Result<()> {
+    let kept = caps::read(None, CapSet::Permitted).context("reading capabilities")?;
+    if kept.is_empty() {
+        return Ok(());
+    }
+    caps::set(None, CapSet::Inheritable, &kept).context("setting inheritable capabilities")?;
+    for cap in kept {
+        caps::raise(None, CapSet::Ambient, cap)
+            .with_context(|| format!("raising {cap} to the ambient set"))?;
+    }
+    Ok(())
+}
+
 fn ensure_single_threaded() -> anyhow::Result<()> {
     let count = || {
         std::fs::read_dir("/proc/self/task")

@@ -172,6 +172,34 @@ fn backends_see_the_client_address_and_clients_the_address_they_sent_to() {
         ),
     );
 
+    check_client(&topo, listen, &lb, lb.pid());
+    // An upgrade's successor, which starts unprivileged, keeps CAP_NET_ADMIN and serves the
+    // same way (a new client port: a new flow, a new transparent socket).
+    let old = lb.pid();
+    signal(old, "USR2");
+    let pid_at = || lb.try_stats()?.get("pid")?.as_u64();
+    assert!(
+        wait_for(DEADLINE, || pid_at().is_some_and(|p| p != u64::from(old))),
+        "{}",
+        lb.stderr.lock().unwrap()
+    );
+    let successor = pid_at().unwrap() as u32;
+    let _kill = Killed(successor);
+    check_client(&topo, listen, &lb, successor);
+}
+
+/// Kills a process that is not the test's child when dropped.
+struct Killed(u32);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        signal(self.0, "KILL");
+    }
+}
+
+/// A client in its namespace gets its reply through udplb (`pid`) from the address it sent to,
+/// and the backend saw the client's own address; udplb runs as nobody with CAP_NET_ADMIN only.
+fn check_client(topo: &Topology, listen: SocketAddr, lb: &Udplb, pid: u32) {
     let out = topo
         .client
         .command(
@@ -201,7 +229,7 @@ fn backends_see_the_client_address_and_clients_the_address_they_sent_to() {
         lb.stderr.lock().unwrap()
     );
     // Unprivileged, with CAP_NET_ADMIN only (bit 12), on every thread.
-    let status = std::fs::read_to_string(format!("/proc/{}/status", lb.pid())).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("CapEff:\t0000000000001000"), "{status}");
     assert!(status.contains("CapPrm:\t0000000000001000"), "{status}");
     let (nobody, _) = nobody();
