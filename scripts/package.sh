@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds udplb's Debian package with Debian's own dpkg-deb: the binary in /usr/bin, its man
 # pages (udplb(1), udplb-run(1), udplb-ctl(1), udplb-check(1)) and shell completions (bash,
-# zsh, fish) made by the binary itself, the hardened systemd unit, a default
-# /etc/udplb/udplb.toml (a conffile: upgrades keep an operator's edits) and the docs.
+# zsh, fish) made by the binary itself, the hardened systemd unit, the system user udplb
+# (sysusers.d, created at configure), a default /etc/udplb/udplb.toml (a conffile: upgrades
+# keep an operator's edits) and the docs.
 #
 # Usage: scripts/package.sh [OUT_DIR]        (default target/debian; prints the .deb's path)
 # Env:   UDPLB (target/release/udplb, built with cargo first when it is the default)
@@ -41,7 +42,13 @@ done
     install -D -m 0644 /dev/stdin "$root/usr/share/fish/vendor_completions.d/udplb.fish"
 
 install -D -m 0644 contrib/udplb.service "$root/lib/systemd/system/udplb.service"
-install -D -m 0644 examples/udplb.toml "$root/etc/udplb/udplb.toml"
+install -D -m 0644 contrib/udplb.sysusers "$root/usr/lib/sysusers.d/udplb.conf"
+# The example, but without its `user = "nobody"`: the unit starts udplb as the user udplb, and
+# udplb started as root by hand switches to that user by default.
+sed 's/^user = "nobody"$/# user = "udplb"/' examples/udplb.toml |
+    install -D -m 0644 /dev/stdin "$root/etc/udplb/udplb.toml"
+grep -q '^# user = "udplb"$' "$root/etc/udplb/udplb.toml" ||
+    { echo "package: examples/udplb.toml has no user line to replace" >&2; exit 1; }
 install -d -m 0755 "$root/etc/udplb/conf.d"
 
 doc="$root/usr/share/doc/udplb"
@@ -81,6 +88,14 @@ echo /etc/udplb/udplb.toml >"$root/DEBIAN/conffiles"
 cat >"$root/DEBIAN/postinst" <<'EOF'
 #!/bin/sh
 set -e
+if [ "$1" = configure ]; then
+    if command -v systemd-sysusers >/dev/null 2>&1; then
+        systemd-sysusers udplb.conf
+    elif ! getent passwd udplb >/dev/null; then
+        adduser --system --group --no-create-home --home /nonexistent \
+            --gecos "udplb UDP load balancer" udplb >/dev/null
+    fi
+fi
 if [ "$1" = configure ] && [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || true
 fi

@@ -265,13 +265,13 @@ struct OneLiner {
 #[derive(Args, Debug)]
 struct PrivilegeArgs {
     /// Started as root: switch to this user after binding (overrides `runtime.user`; default:
-    /// nobody).
+    /// udplb where that user exists, as the package creates it, else nobody).
     #[arg(long, value_name = "USER")]
     user: Option<String>,
     /// Started as root: switch to this group (default: the user's primary group).
     #[arg(long, value_name = "GROUP", requires = "user")]
     group: Option<String>,
-    /// Started as root without a user: stay root instead of switching to nobody.
+    /// Started as root without a user: stay root instead of switching to udplb (or nobody).
     #[arg(long, env = "UDPLB_ALLOW_ROOT", value_parser = clap::builder::BoolishValueParser::new())]
     allow_root: bool,
 }

@@ -5,24 +5,36 @@
 //! transparent pools (binding low ports and forcing socket buffer sizes happen before); then
 //! `no_new_privs`, so that no program udplb runs (exec checks, notify commands) can gain
 //! privileges through a setuid or file-capability binary. Started
-//! as root without a user, udplb switches to [`DEFAULT_USER`], as most daemons do, unless
+//! as root without a user, udplb switches to [`default_user`], as most daemons do, unless
 //! `runtime.allow_root` (or `--allow-root`) says to stay root.
 //! Must not: run once a second thread exists. Capabilities are per thread on Linux, so the
 //! daemon calls [`drop_privileges`] after binding and before it starts any worker, the control
-//! plane or a health check.
+//! plane or a health check. (The exception, [`pass_to_next_program`], changes only the thread
+//! that starts an upgrade's successor.)
 
 use anyhow::{Context, bail};
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::unistd::{Gid, Group, Uid, User};
 use udplb_config::{Config, Runtime};
 
-/// The user udplb switches to when started as root without `runtime.user` (nor `allow_root`).
-pub const DEFAULT_USER: &str = "nobody";
+/// The user udplb switches to when started as root without `runtime.user` (nor `allow_root`):
+/// its own system user when it exists (the package creates it), else [`FALLBACK_USER`].
+pub const DEFAULT_USER: &str = "udplb";
+/// The user of last resort: every system has it.
+pub const FALLBACK_USER: &str = "nobody";
+
+/// [`DEFAULT_USER`] if this system has it, else [`FALLBACK_USER`].
+pub fn default_user() -> &'static str {
+    match User::from_name(DEFAULT_USER) {
+        Ok(Some(_)) => DEFAULT_USER,
+        _ => FALLBACK_USER,
+    }
+}
 
 /// What [`drop_privileges`] did, for the startup log and tests.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Switched from root to this user and group; `default`: [`DEFAULT_USER`], no user was
+    /// Switched from root to this user and group; `default`: [`default_user`], no user was
     /// configured.
     Switched {
         user: String,
@@ -58,7 +70,7 @@ pub enum Plan<'a> {
     Switch {
         user: &'a str,
         group: Option<&'a str>,
-        /// The user is [`DEFAULT_USER`]: none was configured, nor `allow_root`.
+        /// The user is [`default_user`]: none was configured, nor `allow_root`.
         default: bool,
     },
 }
@@ -75,14 +87,14 @@ pub fn plan(runtime: &Runtime, root: bool) -> Plan<'_> {
         },
         (None, true) if runtime.allow_root => Plan::StayRoot,
         (None, true) => Plan::Switch {
-            user: DEFAULT_USER,
+            user: default_user(),
             group,
             default: true,
         },
     }
 }
 
-/// Switches to `runtime.user` (or [`DEFAULT_USER`]) when started as root, unless allowed to
+/// Switches to `runtime.user` (or [`default_user`]) when started as root, unless allowed to
 /// stay root, and keeps only the capabilities in `keep`.
 pub fn drop_privileges(runtime: &Runtime, keep: &CapsHashSet) -> anyhow::Result<Outcome> {
     ensure_single_threaded()?;
@@ -247,7 +259,7 @@ mod tests {
     fn root_switches_to_the_configured_user_or_nobody_unless_allowed_to_stay() {
         let mut runtime = Runtime::default();
         let nobody = Plan::Switch {
-            user: "nobody",
+            user: default_user(),
             group: None,
             default: true,
         };
@@ -257,10 +269,10 @@ mod tests {
         assert!(matches!(
             plan(&runtime, true),
             Plan::Switch {
-                user: "nobody",
+                user,
                 group: Some("daemon"),
                 default: true
-            }
+            } if user == default_user()
         ));
         runtime.allow_root = true;
         assert_eq!(plan(&runtime, true), Plan::StayRoot);

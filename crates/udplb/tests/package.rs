@@ -2,7 +2,8 @@
 //! a clean root that holds only it and the host's systemd units, and checked as an installed
 //! system would be: `systemd-analyze verify` of the unit (its /usr/bin/udplb, its man page
 //! reference aside), `udplb check` of the default /etc/udplb/udplb.toml, the man pages the
-//! unit and udplb(1) name, the completions, and the conffile.
+//! unit and udplb(1) name, the completions, the conffile, and the system user the unit runs as
+//! (created by `systemd-sysusers` from the package's sysusers.d file).
 
 mod common;
 
@@ -70,6 +71,7 @@ fn the_package_installs_a_unit_that_verifies_and_a_config_that_checks() {
         "usr/share/zsh/vendor-completions/_udplb",
         "usr/share/fish/vendor_completions.d/udplb.fish",
         "usr/share/doc/udplb/config.md",
+        "usr/lib/sysusers.d/udplb.conf",
     ] {
         assert!(root.join(file).is_file(), "{file} not in the package");
     }
@@ -79,6 +81,21 @@ fn the_package_installs_a_unit_that_verifies_and_a_config_that_checks() {
         .arg(root.join("etc/udplb/udplb.toml"))
         .env("UDPLB_ALLOW_ROOT", "1"));
     assert!(checked.contains(": ok ("), "{checked}");
+
+    // The system user the unit runs as, created as the package's configure step creates it.
+    let unit = std::fs::read_to_string(root.join("lib/systemd/system/udplb.service")).unwrap();
+    assert!(unit.contains("\nUser=udplb\n"), "{unit}");
+    let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+    assert!(
+        postinst.contains("systemd-sysusers udplb.conf"),
+        "{postinst}"
+    );
+    run(Command::new(need("systemd-sysusers", "systemd")).arg(format!("--root={}", root.display())));
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
+    assert!(
+        passwd.lines().any(|l| l.starts_with("udplb:")),
+        "no udplb user: {passwd}"
+    );
 
     copy_system_units(&root);
     let verify = Command::new("systemd-analyze")
