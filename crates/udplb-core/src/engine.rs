@@ -209,6 +209,19 @@ pub enum Ownerless {
     UnknownSource,
 }
 
+/// A flow handed to the next process at an upgrade, with its socket (`io`).
+#[derive(Debug)]
+pub struct Handed<Io> {
+    /// Its key (the listener's index is this process's).
+    pub key: FlowKey,
+    /// Its backend.
+    pub backend: SocketAddr,
+    /// Request and reply bytes counted for reply-ratio limits.
+    pub requested: u32,
+    pub replied: u32,
+    pub io: Io,
+}
+
 /// A flow that ended: its `Io` back, and what the data plane needs to release it.
 #[derive(Debug)]
 pub struct Closed<Io> {
@@ -338,6 +351,74 @@ impl<Io> Engine<Io> {
     /// previous process (while that backend keeps flows), until `until`.
     pub fn inherit(&mut self, table: Arc<Inherited>, until: Time) {
         self.inherited = Some((table, until));
+    }
+
+    /// Closes every flow of a listener's own pool that has a connected socket of its own (flow
+    /// modes) and came without a PROXY header, giving each to `out`: at an upgrade the next
+    /// process continues it on the same socket ([`Engine::adoption`]). Other flows stay.
+    pub fn hand_over(&mut self, now: Time, mut out: impl FnMut(Handed<Io>)) {
+        let handles: Vec<FlowHandle> = self.table.handles().collect();
+        for h in handles {
+            let Some(f) = self.table.get(h) else { continue };
+            let state = f.io.state;
+            if state.kind != SocketKind::Connected || state.abuse || f.key.origin.is_some() {
+                continue;
+            }
+            if let Some(c) = self.close(h, CloseReason::Shutdown, now) {
+                out(Handed {
+                    key: c.key,
+                    backend: c.backend_addr,
+                    requested: state.requested,
+                    replied: state.replied,
+                    io: c.io,
+                });
+            }
+        }
+    }
+
+    /// The flow a previous process handed over (`h`, without its `Io`), as a flow to record
+    /// with [`Engine::opened`] and then [`Engine::resume_counts`]: `None` when this process
+    /// cannot continue it (no such listener in a flow mode, no such backend in its pool, one
+    /// that keeps no flows, or no room).
+    pub fn adoption(&self, snap: &Snapshot, h: &Handed<()>) -> Option<Open> {
+        let li = usize::from(h.key.listener);
+        let spec = snap.listeners.get(li)?;
+        let pool = &snap.pools[spec.pool];
+        let i = pool.position(&h.backend)?;
+        if spec.mode == SessionMode::Datagram
+            || h.key.origin.is_some()
+            || !pool.keeps_flows(i)
+            || !self.table.has_room(h.key.listener)
+        {
+            return None;
+        }
+        Some(Open {
+            key: h.key,
+            backend: pool.backends[i].id,
+            to: h.backend,
+            kind: SocketKind::Connected,
+            transparent: pool.transparent,
+            client: h.key.client,
+            reusable: !pool.transparent,
+            skip: 0,
+            origin: None,
+            abuse: false,
+            displaced: pool.degraded,
+            header: pool.proxy_header != ProxyHeader::Off,
+            generation: snap.generation,
+            timeouts: Timeouts {
+                idle: spec.idle_timeout,
+                reply: spec.reply_timeout,
+            },
+        })
+    }
+
+    /// An adopted flow `flow` goes on counting the bytes it had (for reply-ratio limits).
+    pub fn resume_counts(&mut self, flow: FlowHandle, requested: u32, replied: u32) {
+        if let Some(f) = self.table.get_mut(flow) {
+            f.io.state.requested = requested;
+            f.io.state.replied = replied;
+        }
     }
 
     /// Where every flow of a listener's own pool goes, in flow modes (what the next process

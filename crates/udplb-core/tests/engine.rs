@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use udplb_core::acl::{Acl, CidrSet};
 use udplb_core::affinity::{Persistence, PersistenceSettings};
-use udplb_core::engine::{Datagram, Engine, Expiry, ReplyVerdict, Send, Verdict};
+use udplb_core::engine::{Datagram, Engine, Expiry, Handed, ReplyVerdict, Send, Verdict};
 use udplb_core::flow::{FlowHandle, FlowKey};
 use udplb_core::handover::{Inherited, Placement};
 use udplb_core::payload::{KeySpec, PayloadKey};
@@ -1330,6 +1330,52 @@ fn a_new_process_opens_handed_over_flows_to_their_backends_while_they_keep_flows
         (Client(2, 10), open(1)),
         // Not used before the idle timeouts passed: forgotten (2, draining, would keep it).
         (Client(7, 10), open(1)),
+    ];
+    for (i, (step, expected)) in steps.into_iter().enumerate() {
+        assert_eq!(new.run(step), expected, "step {i} ({step:?})");
+    }
+}
+
+#[test]
+fn flows_handed_over_with_their_sockets_continue_where_their_backend_keeps_flows() {
+    let mut old = Fixture::new(SessionMode::Flow, RR, 3, no_setup);
+    for (c, b) in [(1, 1), (2, 2), (3, 3)] {
+        assert_eq!(old.run(Client(c, 10)), open(b));
+    }
+    let mut handed = Vec::new();
+    old.engine.hand_over(old.now, |h| handed.push(h));
+    assert_eq!(handed.len(), 3);
+    assert_eq!(
+        old.engine.table().live(),
+        0,
+        "handed flows leave this process"
+    );
+    let mut new = Fixture::new(SessionMode::Flow, RR, 3, no_setup);
+    assert_eq!(new.run(Admin(2, AdminState::Draining)), Out::Done);
+    assert_eq!(new.run(Health(3, false)), Out::Done);
+    let mut adopted = 0;
+    for h in handed {
+        let bare = Handed {
+            key: h.key,
+            backend: h.backend,
+            requested: h.requested,
+            replied: h.replied,
+            io: (),
+        };
+        if let Some(open) = new.engine.adoption(&new.snap, &bare) {
+            assert_eq!(open.to, h.backend);
+            let send = new.engine.opened(&open, h.io, new.now);
+            new.engine.resume_counts(send.flow, h.requested, h.replied);
+            adopted += 1;
+        }
+    }
+    // Backend 3 is down: its flow is not adopted (the client's next datagram is placed anew).
+    assert_eq!(adopted, 2);
+    let steps = [
+        (Client(1, 10), send(1)),
+        // Draining keeps established flows: round robin would have said 1.
+        (Client(2, 10), send(2)),
+        (Client(3, 10), open(1)),
     ];
     for (i, (step, expected)) in steps.into_iter().enumerate() {
         assert_eq!(new.run(step), expected, "step {i} ({step:?})");

@@ -65,6 +65,7 @@ pub struct Bound {
     sockets_per_worker: Vec<Vec<std::net::UdpSocket>>,
     listener_addrs: Vec<SocketAddr>,
     inherited: Option<Arc<Inherited>>,
+    adopted: Vec<handover::HandedFlow>,
 }
 
 impl Bound {
@@ -78,9 +79,12 @@ impl Bound {
         &self.sockets_per_worker
     }
 
-    /// The workers open each client's next flow where `table` says a previous process had it.
-    pub fn inherit(&mut self, table: Arc<Inherited>) {
+    /// The workers open each client's next flow where `table` says a previous process had it,
+    /// and continue `flows` on their sockets (each on the worker of its `worker` index, which
+    /// reads the same listener socket the previous one did).
+    pub fn inherit(&mut self, table: Arc<Inherited>, flows: Vec<handover::HandedFlow>) {
         self.inherited = Some(table);
+        self.adopted = flows;
     }
 
     /// Starts one worker thread per set of sockets.
@@ -91,6 +95,7 @@ impl Bound {
             sockets_per_worker,
             listener_addrs,
             inherited,
+            mut adopted,
         } = self;
         let listening = Arc::new(handover::Shared::default());
         let workers = sockets_per_worker.len();
@@ -100,6 +105,8 @@ impl Bound {
         let mut wakers = Vec::with_capacity(workers);
         let mut stats = Vec::with_capacity(workers);
         for (id, sockets) in sockets_per_worker.into_iter().enumerate() {
+            let mine;
+            (mine, adopted) = adopted.into_iter().partition(|f| f.worker == id);
             let worker_stats = Arc::new(WorkerStats::new(sockets.len()));
             let worker = worker::Worker::new(worker::WorkerSetup {
                 id,
@@ -112,6 +119,7 @@ impl Bound {
                 descriptor_reserve,
                 listening: Arc::clone(&listening),
                 inherited: inherited.clone(),
+                adopted: mine,
             })?;
             wakers.push(worker.waker());
             stats.push(worker_stats);
@@ -241,6 +249,7 @@ impl Dataplane {
             sockets_per_worker,
             listener_addrs,
             inherited: None,
+            adopted: Vec::new(),
         })
     }
 

@@ -130,8 +130,8 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let successor = match inheritance {
         Some(from) => {
-            let (table, successor) = from.bound(&cfg).context("upgrade: taking over")?;
-            bound.inherit(table);
+            let (table, flows, successor) = from.bound(&cfg).context("upgrade: taking over")?;
+            bound.inherit(table, flows);
             Some(successor)
         }
         None => None,

@@ -11,8 +11,10 @@
 //!    admin endpoint's, and the health of every backend;
 //! 3. successor: `Bound` once it has bound what it did not inherit and dropped privileges;
 //! 4. predecessor: stops reading its listener sockets (datagrams queue in them meanwhile) and
-//!    sends `Flows`, where each of its flows goes, so that each client's next flow opens to the
-//!    same backend in the successor (whatever the scheduler);
+//!    sends `Flows`: the flows with connected sockets of their own, with those sockets (the
+//!    successor continues them: same backend, same source port, nothing to open; replies
+//!    wait in the sockets meanwhile), and where each other flow goes, so that its client's
+//!    next flow opens to the same backend (whatever the scheduler);
 //! 5. successor: `Started` once its workers read the sockets;
 //! 6. predecessor: stops accepting TCP and admin connections, tells systemd the successor is
 //!    the main process, and says `Released`; it then serves its established flows' replies and
@@ -36,8 +38,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use udplb_config::{Config, ListenerConfig};
+use udplb_core::flow::FlowKey;
 use udplb_core::handover::{Inherited, Placement};
-use udplb_dataplane::handover::Listening;
+use udplb_dataplane::handover::{HandedFlow, Listening};
 use udplb_sys::handover::Channel;
 
 /// The environment variable that gives a successor the descriptor of its channel.
@@ -53,10 +56,16 @@ const STOP_READING_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
 enum Message {
-    Hello { version: String, pid: u32 },
+    Hello {
+        version: String,
+        pid: u32,
+    },
     Sockets(Manifest),
     Bound,
-    Flows { flows: Vec<Flow> },
+    Flows {
+        flows: Vec<Flow>,
+        continued: Vec<Continued>,
+    },
     Started,
     Released,
 }
@@ -90,6 +99,18 @@ pub struct Health {
     pub pool: String,
     pub backend: SocketAddr,
     pub up: bool,
+}
+
+/// A flow handed over with its socket (the descriptors of a `Flows` message, in order).
+#[derive(Debug, Serialize, Deserialize)]
+struct Continued {
+    worker: usize,
+    listener: String,
+    client: SocketAddr,
+    local: Option<std::net::IpAddr>,
+    backend: SocketAddr,
+    requested: u32,
+    replied: u32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -250,42 +271,63 @@ impl Offer {
             (m, _) => bail!("the successor said {m:?} instead of Bound"),
         }
         // From here on the listener sockets queue for the successor.
-        let Some(placements) = listening.stop(STOP_READING_TIMEOUT) else {
-            listening.resume();
+        let Some(stopped) = listening.stop(STOP_READING_TIMEOUT) else {
             bail!("a worker did not stop reading its listener sockets in time");
         };
         let names: Vec<&str> = self.listeners.iter().map(|(n, _, _)| n.as_str()).collect();
-        let flows = placements
-            .into_iter()
+        let name = |li: u16| names.get(usize::from(li)).map(|n| n.to_string());
+        let flows = stopped
+            .placements
+            .iter()
             .filter_map(|p| {
                 Some(Flow {
-                    listener: names.get(usize::from(p.listener))?.to_string(),
+                    listener: name(p.listener)?,
                     client: p.client,
                     backend: p.backend,
                 })
             })
             .collect::<Vec<_>>();
-        let handed = flows.len();
-        let started = send(channel, &Message::Flows { flows }, &[])
+        let (continued, fds): (Vec<Continued>, Vec<BorrowedFd<'_>>) = stopped
+            .flows
+            .iter()
+            .filter_map(|f| {
+                let c = Continued {
+                    worker: f.worker,
+                    listener: name(f.key.listener)?,
+                    client: f.key.client,
+                    local: f.key.local,
+                    backend: f.backend,
+                    requested: f.requested,
+                    replied: f.replied,
+                };
+                Some((c, f.socket.as_fd()))
+            })
+            .unzip();
+        let (placed, kept) = (flows.len(), continued.len());
+        let started = send(channel, &Message::Flows { flows, continued }, &fds)
             .and_then(|()| recv(channel, STEP_TIMEOUT).context("waiting for the successor to run"));
+        drop(fds);
         match started {
             Ok((Message::Started, _)) => {}
             Ok((m, _)) => {
-                listening.resume();
+                listening.resume(stopped.flows);
                 bail!("the successor said {m:?} instead of Started");
             }
             Err(e) => {
-                listening.resume();
+                listening.resume(stopped.flows);
                 return Err(e);
             }
         }
+        // The successor has its own descriptors of these sockets.
+        drop(stopped);
         release(pid);
         crate::systemd::main_pid(pid);
         // The successor runs whether or not it hears this.
         let _ = send(channel, &Message::Released, &[]);
         tracing::info!(
             pid,
-            flows = handed,
+            continued = kept,
+            placed,
             "upgrade: the successor serves; serving established flows until they end"
         );
         Ok(())
@@ -411,20 +453,50 @@ impl Inheritance {
     }
 
     /// Step 3: tells the predecessor everything is bound and privileges are dropped, and
-    /// receives its flows, placed by index in `cfg`'s listeners.
-    pub fn bound(self, cfg: &Config) -> anyhow::Result<(Arc<Inherited>, Successor)> {
+    /// receives its flows (those to continue, with their sockets, and where the others go),
+    /// placed by index in `cfg`'s listeners.
+    pub fn bound(
+        self,
+        cfg: &Config,
+    ) -> anyhow::Result<(Arc<Inherited>, Vec<HandedFlow>, Successor)> {
         send(&self.channel, &Message::Bound, &[])?;
-        let flows = match recv(&self.channel, STEP_TIMEOUT)? {
-            (Message::Flows { flows }, _) => flows,
+        let (flows, continued, fds) = match recv(&self.channel, STEP_TIMEOUT)? {
+            (Message::Flows { flows, continued }, fds) => (flows, continued, fds),
             (m, _) => bail!("the predecessor said {m:?} instead of Flows"),
         };
+        if fds.len() != continued.len() {
+            bail!(
+                "the predecessor sent {} descriptors for {} flows",
+                fds.len(),
+                continued.len()
+            );
+        }
         let index: HashMap<&str, u16> = cfg
             .listeners
             .iter()
             .enumerate()
             .map(|(i, l)| (l.name.as_str(), i as u16))
             .collect();
-        let count = flows.len();
+        let handed: Vec<HandedFlow> = continued
+            .into_iter()
+            .zip(fds)
+            .filter_map(|(c, fd)| {
+                Some(HandedFlow {
+                    worker: c.worker,
+                    key: FlowKey {
+                        listener: *index.get(c.listener.as_str())?,
+                        client: c.client,
+                        local: c.local,
+                        origin: None,
+                    },
+                    backend: c.backend,
+                    requested: c.requested,
+                    replied: c.replied,
+                    socket: UdpSocket::from(fd),
+                })
+            })
+            .collect();
+        let placed = flows.len();
         let table = Inherited::new(flows.into_iter().filter_map(|f| {
             Some(Placement {
                 listener: *index.get(f.listener.as_str())?,
@@ -432,9 +504,10 @@ impl Inheritance {
                 backend: f.backend,
             })
         }));
-        tracing::info!(flows = count, "upgrade: flows inherited");
+        tracing::info!(continued = handed.len(), placed, "upgrade: flows inherited");
         Ok((
             Arc::new(table),
+            handed,
             Successor {
                 channel: self.channel,
             },

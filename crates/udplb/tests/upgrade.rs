@@ -1,8 +1,9 @@
 //! Binary upgrades (SIGUSR2): the running udplb starts the program file it was started from
-//! and hands it its sockets, health and flows. Under steady load no datagram is lost, every
-//! flow stays on its backend (with round robin, so only the handed-over flows can keep it),
-//! the admin endpoint stays at its address, and the old process exits once its flows end. A
-//! successor that cannot start leaves the old process serving.
+//! and hands it its sockets, health and flows (flows on sockets of their own continue on those
+//! sockets; the others' clients are placed on the same backend). Under steady load no datagram
+//! is lost, every flow stays on its backend (with round robin, so only the handover can keep
+//! it), the admin endpoint stays at its address, and the old process exits once its flows end.
+//! A successor that cannot start leaves the old process serving.
 
 mod common;
 
@@ -53,14 +54,14 @@ fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
 
-fn config(dir: &Path, backends: &[&Backend]) -> (PathBuf, SocketAddr) {
+fn config(dir: &Path, backends: &[&Backend], listener: &str) -> (PathBuf, SocketAddr) {
     let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
     let list: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
     let toml = one_pool_toml(
         admin,
         listen,
-        "idle_timeout = \"1s\"",
+        &format!("idle_timeout = \"1s\"\n{listener}"),
         &list,
         &format!(
             "scheduler = \"round-robin\"\n[pools.p.health]\n{}\n[runtime]\nworkers = 2\nshutdown_grace = \"20s\"",
@@ -76,13 +77,26 @@ use std::net::SocketAddr;
 
 #[test]
 fn an_upgrade_under_steady_load_loses_nothing_and_moves_no_flow() {
-    let dir = scratch_dir("steady");
+    // Each flow's own socket continues in the successor.
+    upgrade_under_load("own-sockets", "", "continued=60 placed=0");
+}
+
+#[test]
+fn flows_on_shared_sockets_are_placed_on_their_backends_by_the_successor() {
+    // Shared sockets stay with the old process; the clients' next flows go to the same backends.
+    upgrade_under_load("shared", "shared_upstream = true", "continued=0 placed=60");
+}
+
+/// Two upgrades in a row under steady load over 60 flows (round robin over three backends);
+/// each successor's log ends its `flows inherited` line with `handed`.
+fn upgrade_under_load(name: &str, listener: &str, handed: &str) {
+    let dir = scratch_dir(name);
     let backends: Vec<Backend> = ["a", "b", "c"]
         .iter()
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
     let refs: Vec<&Backend> = backends.iter().collect();
-    let (path, admin) = config(&dir, &refs);
+    let (path, admin) = config(&dir, &refs, listener);
     let program = install(&dir);
     let mut lb = Udplb::run_program(&program, &path, admin);
     let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
@@ -153,14 +167,22 @@ fn an_upgrade_under_steady_load_loses_nothing_and_moves_no_flow() {
     let used: std::collections::HashSet<&String> = logs.iter().map(|l| &l.tags[0]).collect();
     assert_eq!(used.len(), 3);
     let log = lb.stderr.lock().unwrap().clone();
-    assert!(log.contains("flows inherited"), "{log}");
+    let inherited: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("flows inherited"))
+        .collect();
+    assert_eq!(inherited.len(), 2, "{log}");
+    assert!(
+        inherited.iter().all(|l| l.ends_with(handed)),
+        "{inherited:?}"
+    );
 }
 
 #[test]
 fn a_successor_that_cannot_start_leaves_the_old_process_serving() {
     let dir = scratch_dir("broken");
     let a = Backend::start("127.0.0.1", "a");
-    let (path, admin) = config(&dir, &[&a]);
+    let (path, admin) = config(&dir, &[&a], "");
     let program = install(&dir);
     let mut lb = Udplb::run_program(&program, &path, admin);
     let listen: SocketAddr = lb.stats()["listeners"][0]["address"]

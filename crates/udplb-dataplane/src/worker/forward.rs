@@ -233,7 +233,7 @@ impl Worker {
 
     /// Registers flow `h`'s own socket `fd` for readiness under the flow's token (`reused`: a
     /// spare, still registered under its previous flow's token). On failure the flow is closed.
-    fn register_own(
+    pub(super) fn register_own(
         &mut self,
         h: FlowHandle,
         fd: RawFd,

@@ -29,13 +29,14 @@ use arc_swap::{ArcSwap, Cache};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use udplb_core::Time;
-use udplb_core::engine::{Closed, Engine, Expiry, SHARED_LISTENERS};
+use udplb_core::engine::{Closed, Engine, Expiry, Handed, SHARED_LISTENERS};
 use udplb_core::flow::FlowHandle;
 use udplb_core::handover::Inherited;
 use udplb_core::snapshot::Snapshot;
 use udplb_core::verdict::CloseReason;
 use udplb_sys::batch::RecvBatch;
 
+use crate::handover::HandedFlow;
 use crate::listener::ListenerIo;
 use crate::log::RateLimitedLog;
 use crate::ports::Port;
@@ -109,8 +110,10 @@ pub(crate) struct WorkerSetup {
     pub descriptor_reserve: u64,
     /// Whether to read the listener sockets (off once they are handed to another process).
     pub listening: Arc<crate::handover::Shared>,
-    /// The flows a previous process handed over.
+    /// Where a previous process's flows went.
     pub inherited: Option<Arc<Inherited>>,
+    /// The flows of this worker's sockets a previous process handed over with their sockets.
+    pub adopted: Vec<HandedFlow>,
 }
 
 /// A worker thread's state.
@@ -136,6 +139,8 @@ pub(crate) struct Worker {
     listening: Arc<crate::handover::Shared>,
     /// The listener sockets are registered for reading.
     reading: bool,
+    /// Handed-over flows to continue once running.
+    adopted: Vec<HandedFlow>,
 }
 
 impl Worker {
@@ -176,6 +181,7 @@ impl Worker {
             log: RateLimitedLog::default(),
             listening: setup.listening,
             reading: true,
+            adopted: setup.adopted,
         })
     }
 
@@ -208,6 +214,16 @@ impl Worker {
         let mut again_ports: Vec<PortRef> = Vec::with_capacity(64);
         // One clock read per turn: the turn's work and the next sleep both use it.
         let mut now = self.now();
+        let adopted = std::mem::take(&mut self.adopted);
+        if !adopted.is_empty() {
+            let (n, of) = (self.adopt(adopted, now), self.engine.table().live());
+            tracing::debug!(
+                worker = self.id,
+                adopted = n,
+                live = of,
+                "handed-over flows"
+            );
+        }
         while !self.stop.load(Ordering::Acquire) {
             let busy = !ready.is_empty()
                 || !ready_ports.is_empty()
@@ -311,6 +327,7 @@ impl Worker {
     #[inline(never)]
     fn switch_reading(&mut self) {
         self.reading = !self.reading;
+        let now = self.now();
         for (i, lio) in self.listeners.iter_mut().enumerate() {
             let fd = lio.socket.as_raw_fd();
             let registry = self.poll.registry();
@@ -325,10 +342,72 @@ impl Worker {
             // Resumed: read at once whatever queued meanwhile.
             lio.readable = self.reading;
         }
-        if !self.reading {
-            self.listening.stopped(self.engine.placements());
+        if self.reading {
+            let returned = self.listening.take_returned(self.id);
+            self.adopt(returned, now);
+        } else {
+            let flows = self.hand_over(now);
+            self.listening.stopped(flows, self.engine.placements());
         }
         tracing::debug!(worker = self.id, reading = self.reading, "listener sockets");
+    }
+
+    /// Closes the flows the engine hands over and gives up their sockets (no longer read here:
+    /// whatever arrives on them waits for the next process).
+    fn hand_over(&mut self, now: Time) -> Vec<HandedFlow> {
+        let mut handed = Vec::new();
+        self.engine.hand_over(now, |h| handed.push(h));
+        let mut flows = Vec::with_capacity(handed.len());
+        for h in handed {
+            let li = usize::from(h.key.listener);
+            self.stats.listeners[li].flows_closed[CloseReason::Shutdown.index()].add(1);
+            let UpstreamSocket::Own(socket) = h.io.socket else {
+                continue;
+            };
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&socket.as_raw_fd()));
+            flows.push(HandedFlow {
+                worker: self.id,
+                key: h.key,
+                backend: h.backend,
+                requested: h.requested,
+                replied: h.replied,
+                socket,
+            });
+        }
+        flows
+    }
+
+    /// Continues `flows` (handed over with their sockets) as flows of this worker, where the
+    /// engine says it can; the others' sockets are closed (their clients' next datagrams open
+    /// flows anew). Returns how many it continued.
+    fn adopt(&mut self, flows: Vec<HandedFlow>, now: Time) -> usize {
+        let mut adopted = 0;
+        for f in flows {
+            let bare = Handed {
+                key: f.key,
+                backend: f.backend,
+                requested: f.requested,
+                replied: f.replied,
+                io: (),
+            };
+            let Some(open) = self.engine.adoption(&self.snap, &bare) else {
+                continue;
+            };
+            let fd = f.socket.as_raw_fd();
+            let io = Io {
+                socket: UpstreamSocket::Own(f.socket),
+                request_sent_us: None,
+            };
+            let flow = self.engine.opened(&open, io, now).flow;
+            self.engine.resume_counts(flow, f.requested, f.replied);
+            if self.register_own(flow, fd, false, now).is_ok() {
+                adopted += 1;
+            }
+        }
+        adopted
     }
 
     fn flush_all_replies(&mut self) {
