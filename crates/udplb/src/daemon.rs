@@ -252,7 +252,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             .runtime
             .shutdown_grace
             .unwrap_or(udplb_config::defaults::SHUTDOWN_GRACE);
-        drain(&state.stats, grace, &mut signals).await;
+        drain(&state, grace, &mut signals).await;
         Ok(())
     });
     tracing::info!("stopping");
@@ -495,19 +495,23 @@ impl Signals {
     }
 }
 
-/// Waits until no flow is live, `grace` has passed, or a second stop signal comes.
-async fn drain(
-    stats: &[Arc<udplb_dataplane::WorkerStats>],
-    grace: std::time::Duration,
-    signals: &mut Signals,
-) {
+/// Waits until no flow or TCP connection is live, `grace` has passed, or a second stop signal
+/// comes.
+async fn drain(state: &admin::State, grace: std::time::Duration, signals: &mut Signals) {
+    let stats = &state.stats;
     let live = || -> u64 {
         let listeners = stats.first().map_or(0, |w| w.listeners.len());
-        (0..listeners)
+        let flows: u64 = (0..listeners)
             .map(|i| udplb_dataplane::ListenerTotals::sum(stats, i).flows_live)
-            .sum()
+            .sum();
+        let connections: u64 = state
+            .tcp
+            .iter()
+            .map(|t| t.active.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        flows + connections
     };
-    tracing::info!(live = live(), grace = %humantime::format_duration(grace), "stopping: no new flows, serving established ones");
+    tracing::info!(live = live(), grace = %humantime::format_duration(grace), "stopping: no new flows or connections, serving established ones");
     let deadline = tokio::time::Instant::now() + grace;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
     loop {

@@ -230,3 +230,75 @@ fn a_successor_that_cannot_start_leaves_the_old_process_serving() {
     assert!(wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)));
     let _successor = Adopted(pid_at(&lb).unwrap());
 }
+
+/// A TCP echo server on `addr` (the UDP backend's address: udplb connects there).
+fn tcp_echo(addr: SocketAddr) {
+    let listener = std::net::TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut buf = [0u8; 256];
+                while let Ok(n) = std::io::Read::read(&mut stream, &mut buf) {
+                    if n == 0 || std::io::Write::write_all(&mut stream, &buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn echo_over(stream: &mut std::net::TcpStream, text: &str) -> String {
+    std::io::Write::write_all(stream, text.as_bytes()).unwrap();
+    let mut buf = vec![0u8; text.len()];
+    std::io::Read::read_exact(stream, &mut buf).unwrap();
+    String::from_utf8(buf).unwrap()
+}
+
+#[test]
+fn a_tcp_connection_open_at_the_upgrade_is_served_to_its_end_by_the_old_process() {
+    let dir = scratch_dir("tcp");
+    let a = Backend::start("127.0.0.1", "a");
+    tcp_echo(a.addr);
+    let (path, admin) = config(&dir, &[&a], "tcp = true");
+    let program = install(&dir);
+    let mut lb = Udplb::run_program(&program, &path, admin);
+    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait_for(DEADLINE, || lb.healthy(a.addr) == Some(true)));
+    let mut old_connection = std::net::TcpStream::connect(listen).unwrap();
+    old_connection
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(echo_over(&mut old_connection, "before"), "before");
+
+    let old = lb.pid();
+    signal(old, "USR2");
+    assert!(wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)));
+    let _successor = Adopted(pid_at(&lb).unwrap());
+    // New connections are the successor's; the open one stays with the old process, which
+    // waits for it (its UDP flows, none, would have let it go at once).
+    let mut new_connection = std::net::TcpStream::connect(listen).unwrap();
+    new_connection
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(echo_over(&mut new_connection, "new"), "new");
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(
+            echo_over(&mut old_connection, &format!("after {i}")),
+            format!("after {i}")
+        );
+        assert!(lb.alive(), "the old process left an open connection");
+        // (1 s idle timeout: keep the new one busy too.)
+        assert_eq!(echo_over(&mut new_connection, "new"), "new");
+    }
+    drop(old_connection);
+    let (code, _) = wait_exit(&mut lb, DEADLINE).expect("the old process exits");
+    assert_eq!(code, Some(0));
+    assert_eq!(echo_over(&mut new_connection, "still"), "still");
+}
