@@ -218,6 +218,7 @@ impl Dataplane {
                 .zip(&mut inherited)
             {
                 if let Some(socket) = handed.next() {
+                    udplb_sys::socket::adopt_listener(&socket, &listener_opts(spec))?;
                     *addr = socket.local_addr()?;
                     sockets.push(socket);
                     continue;

@@ -63,6 +63,19 @@ pub fn bind_listener(addr: SocketAddr, opts: &ListenerOptions) -> io::Result<Udp
     Ok(socket.into())
 }
 
+/// Gives a listener socket another process bound (an upgrade's predecessor) the options
+/// `opts` asks for now: `UDP_GRO` on or off (receive buffers are sized by it) and the buffer
+/// sizes. The address and `SO_REUSEPORT` are the socket's already.
+pub fn adopt_listener(socket: &UdpSocket, opts: &ListenerOptions) -> io::Result<()> {
+    setsockopt(socket, sockopt::UdpGroSegment, &opts.gro)?;
+    set_buffers(
+        &socket2::SockRef::from(socket),
+        opts.recv_buffer,
+        opts.send_buffer,
+    );
+    Ok(())
+}
+
 /// Whether some socket already receives on UDP `addr` (another process's, `SO_REUSEPORT` or
 /// not): a socket without `SO_REUSEPORT` cannot bind it then. Listener sockets share their
 /// port through `SO_REUSEPORT` among a udplb's workers, which would let a second udplb (same
@@ -284,6 +297,21 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+
+    #[test]
+    fn an_adopted_listener_takes_the_gro_setting_asked_for_now() {
+        let on = ListenerOptions {
+            gro: true,
+            ..Default::default()
+        };
+        let socket = bind_listener("127.0.0.1:0".parse().unwrap(), &on).unwrap();
+        let gro = |s: &UdpSocket| nix::sys::socket::getsockopt(s, sockopt::UdpGroSegment).unwrap();
+        assert!(gro(&socket));
+        adopt_listener(&socket, &ListenerOptions::default()).unwrap();
+        assert!(!gro(&socket));
+        adopt_listener(&socket, &on).unwrap();
+        assert!(gro(&socket));
+    }
     use crate::batch::{RecvBatch, SendBatch, recv_from, send};
 
     fn recv_some(batch: &mut RecvBatch, socket: &UdpSocket) -> usize {

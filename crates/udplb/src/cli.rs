@@ -38,8 +38,16 @@ Reload the configuration file: it is validated first, and an invalid one is refu
 while the running configuration stays. Flows keep their backends.
 .TP
 \fBSIGTERM\fR, \fBSIGINT\fR
-Stop admitting new flows, serve established ones for runtime.shutdown_grace (5 s by default),
-then exit; a second signal exits at once.
+Stop admitting new flows, serve established flows and TCP connections for
+runtime.shutdown_grace (5 s by default), then exit; a second signal exits at once.
+.TP
+\fBSIGUSR2\fR
+Upgrade or restart without losing a datagram: start the program file udplb was started from
+(after a package upgrade, the new binary) with the same arguments and hand it the listener,
+TCP and admin sockets, every backend's health and the flows (on their own sockets, which it
+continues); then serve only what is left until it ends, and exit 0. If the new process cannot
+start, this one keeps serving. Under systemd:
+\fBsystemctl kill \-\-signal=SIGUSR2 \-\-kill\-whom=main udplb\fR.
 .SH ENVIRONMENT
 .TP
 \fBUDPLB_ADMIN\fR
@@ -59,7 +67,7 @@ for a valid file); 78 (EX_CONFIG) for a command line or configuration file udplb
 1 for any other failure, such as an address that cannot be bound.
 .SH SEE ALSO
 \fBudplb\-run\fR(1), \fBudplb\-ctl\fR(1), \fBudplb\-check\fR(1), and the documents in docs/
-(config.md, api.md, metrics.md, health.md, protocols.md).
+(config.md, api.md, metrics.md, health.md, protocols.md, operations.md).
 "#;
 
 const EXAMPLES: &str = "\
