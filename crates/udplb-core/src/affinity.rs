@@ -143,6 +143,30 @@ impl Persistence {
         }
     }
 
+    /// Every client remembered: its key (what [`Persistence::remember`] takes) and backend.
+    pub fn entries(&self) -> Vec<(SocketAddr, BackendId)> {
+        self.shards.fold(Vec::new(), |mut all, s| {
+            all.extend(s.entries.iter().map(|(k, e)| (*k, e.backend)));
+            all
+        })
+    }
+
+    /// Remembers the client of `key` on `backend` as if its last flow closed at `now` (what
+    /// a predecessor remembered, at an upgrade); a client already remembered, or a full shard,
+    /// keeps what it has.
+    pub fn remember(&self, key: SocketAddr, backend: BackendId, now: Time) {
+        let key = self.key(key);
+        let cap = self.settings.cap.div_ceil(SHARDS).max(1);
+        let mut shard = self.shards.of(&key);
+        if shard.entries.len() < cap {
+            shard.entries.entry(key).or_insert(Entry {
+                backend,
+                flows: 0,
+                released: now,
+            });
+        }
+    }
+
     /// Forgets, in the next shard in turn, the clients whose time is up at `now`. Called
     /// periodically by every worker, it bounds what forgotten clients hold; a client whose
     /// time is up is never returned, swept or not.
@@ -189,6 +213,28 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_entries_come_back_as_they_went_and_are_forgotten_after_the_timeout() {
+        let old = table(false, 100);
+        let client: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        old.acquire(client, BackendId(3), Time(0));
+        let entries = old.entries();
+        assert_eq!(
+            entries,
+            vec![("192.0.2.7:0".parse().unwrap(), BackendId(3))]
+        );
+        let new = table(false, 100);
+        for (key, backend) in entries {
+            new.remember(key, backend, Time(1_000));
+        }
+        let other_port: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        assert_eq!(
+            new.backend_of(other_port, Time(5_999), |_| true),
+            Some(BackendId(3))
+        );
+        assert_eq!(new.backend_of(other_port, Time(6_001), |_| true), None);
+    }
 
     fn table(by_port: bool, cap: usize) -> Persistence {
         Persistence::new(PersistenceSettings {

@@ -130,9 +130,10 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let successor = match inheritance {
         Some(from) => {
-            let (table, flows, successor) = from.bound(&cfg).context("upgrade: taking over")?;
-            bound.inherit(table, flows);
-            Some(successor)
+            let takeover = from.bound(&cfg).context("upgrade: taking over")?;
+            bound.inherit(takeover.placements, takeover.flows);
+            remember(&shared.load(), &takeover.remembered);
+            Some(takeover.successor)
         }
         None => None,
     };
@@ -372,10 +373,11 @@ impl Upgrader {
                     );
                 }
                 let health = || health_of(&cfg, &state);
+                let remembered = || remembered_by(&state.shared.load());
                 let release = |_| {
                     handed_over.send_replace(true);
                 };
-                match offer.hand_over(&listening, health, release) {
+                match offer.hand_over(&listening, health, remembered, release) {
                     Ok(pid) => {
                         let _ = done.send(pid);
                     }
@@ -406,6 +408,43 @@ fn health_of(cfg: &Config, state: &admin::State) -> Vec<upgrade::Health> {
                 })
         })
         .collect()
+}
+
+/// Every client the listeners' persistence tables remember, for a successor.
+fn remembered_by(snap: &udplb_core::snapshot::Snapshot) -> Vec<upgrade::Remembered> {
+    let mut all = Vec::new();
+    for spec in &snap.listeners {
+        let Some(table) = &spec.persistence else {
+            continue;
+        };
+        let pool = &snap.pools[spec.pool];
+        for (client, id) in table.entries() {
+            if let Some(i) = pool.position_of_id(id) {
+                all.push(upgrade::Remembered {
+                    listener: spec.name.clone(),
+                    client,
+                    backend: pool.backends[i].spec.addr,
+                });
+            }
+        }
+    }
+    all
+}
+
+/// Seeds the persistence tables of `snap` with what a predecessor remembered (as of now: the
+/// workers' clock starts at 0 when they start, right after).
+fn remember(snap: &udplb_core::snapshot::Snapshot, remembered: &[upgrade::Remembered]) {
+    for r in remembered {
+        let Some(spec) = snap.listeners.iter().find(|l| l.name == r.listener) else {
+            continue;
+        };
+        let (Some(table), pool) = (&spec.persistence, &snap.pools[spec.pool]) else {
+            continue;
+        };
+        if let Some(i) = pool.position(&r.backend) {
+            table.remember(r.client, pool.backends[i].id, udplb_core::Time(0));
+        }
+    }
 }
 
 /// Binds the admin endpoint's TCP socket (before privileges are dropped).

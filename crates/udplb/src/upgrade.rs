@@ -65,6 +65,7 @@ enum Message {
     Flows {
         flows: Vec<Flow>,
         continued: Vec<Continued>,
+        remembered: Vec<Remembered>,
     },
     Started,
     Released,
@@ -99,6 +100,14 @@ pub struct Health {
     pub pool: String,
     pub backend: SocketAddr,
     pub up: bool,
+}
+
+/// A client a listener's persistence table remembers (its key there) and its backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Remembered {
+    pub listener: String,
+    pub client: SocketAddr,
+    pub backend: SocketAddr,
 }
 
 /// A flow handed over with its socket (the descriptors of a `Flows` message, in order).
@@ -182,13 +191,15 @@ impl Offer {
     }
 
     /// Starts the successor and hands over to it (steps 2 to 6 above, blocking). `health` is
-    /// read when the successor asks; `release` runs in step 6 before the successor hears
-    /// `Released` (it stops this process accepting connections). Returns the successor's
-    /// process id; on error this process serves as before and the successor was ended.
+    /// read when the successor asks, `remembered` (the persistence tables) once the workers
+    /// stopped; `release` runs in step 6 before the successor hears `Released` (it stops this
+    /// process accepting connections). Returns the successor's process id; on error this
+    /// process serves as before and the successor was ended.
     pub fn hand_over(
         &self,
         listening: &Listening,
         health: impl FnOnce() -> Vec<Health>,
+        remembered: impl FnOnce() -> Vec<Remembered>,
         release: impl FnOnce(u32),
     ) -> anyhow::Result<u32> {
         let (ours, theirs) = Channel::pair().context("creating the handover channel")?;
@@ -205,7 +216,7 @@ impl Offer {
         drop(theirs);
         let pid = child.id();
         tracing::info!(pid, program = %self.exe.display(), "upgrade: successor started");
-        let outcome = self.steps(&ours, pid, listening, health, release);
+        let outcome = self.steps(&ours, pid, listening, health, remembered, release);
         if let Err(e) = &outcome {
             // Whatever it got, it does not serve: it must not hold sockets this process reads.
             let _ = child.kill();
@@ -229,6 +240,7 @@ impl Offer {
         pid: u32,
         listening: &Listening,
         health: impl FnOnce() -> Vec<Health>,
+        remembered: impl FnOnce() -> Vec<Remembered>,
         release: impl FnOnce(u32),
     ) -> anyhow::Result<()> {
         match recv(channel, HELLO_TIMEOUT).context("waiting for the successor to start")? {
@@ -304,7 +316,13 @@ impl Offer {
             })
             .unzip();
         let (placed, kept) = (flows.len(), continued.len());
-        let started = send(channel, &Message::Flows { flows, continued }, &fds)
+        let remembered = remembered();
+        let message = Message::Flows {
+            flows,
+            continued,
+            remembered,
+        };
+        let started = send(channel, &message, &fds)
             .and_then(|()| recv(channel, STEP_TIMEOUT).context("waiting for the successor to run"));
         drop(fds);
         match started {
@@ -454,14 +472,18 @@ impl Inheritance {
 
     /// Step 3: tells the predecessor everything is bound and privileges are dropped, and
     /// receives its flows (those to continue, with their sockets, and where the others go),
-    /// placed by index in `cfg`'s listeners.
-    pub fn bound(
-        self,
-        cfg: &Config,
-    ) -> anyhow::Result<(Arc<Inherited>, Vec<HandedFlow>, Successor)> {
+    /// placed by index in `cfg`'s listeners, and the clients its persistence tables remember.
+    pub fn bound(self, cfg: &Config) -> anyhow::Result<Takeover> {
         send(&self.channel, &Message::Bound, &[])?;
-        let (flows, continued, fds) = match recv(&self.channel, STEP_TIMEOUT)? {
-            (Message::Flows { flows, continued }, fds) => (flows, continued, fds),
+        let (flows, continued, remembered, fds) = match recv(&self.channel, STEP_TIMEOUT)? {
+            (
+                Message::Flows {
+                    flows,
+                    continued,
+                    remembered,
+                },
+                fds,
+            ) => (flows, continued, remembered, fds),
             (m, _) => bail!("the predecessor said {m:?} instead of Flows"),
         };
         if fds.len() != continued.len() {
@@ -504,15 +526,32 @@ impl Inheritance {
                 backend: f.backend,
             })
         }));
-        tracing::info!(continued = handed.len(), placed, "upgrade: flows inherited");
-        Ok((
-            Arc::new(table),
-            handed,
-            Successor {
+        tracing::info!(
+            remembered = remembered.len(),
+            continued = handed.len(),
+            placed,
+            "upgrade: flows inherited"
+        );
+        Ok(Takeover {
+            placements: Arc::new(table),
+            flows: handed,
+            remembered,
+            successor: Successor {
                 channel: self.channel,
             },
-        ))
+        })
     }
+}
+
+/// What a successor takes over in step 4.
+pub struct Takeover {
+    /// Where the flows left to the predecessor go.
+    pub placements: Arc<Inherited>,
+    /// The flows it continues on their sockets.
+    pub flows: Vec<HandedFlow>,
+    /// What the predecessor's persistence tables remembered.
+    pub remembered: Vec<Remembered>,
+    pub successor: Successor,
 }
 
 /// A successor whose workers are about to run.

@@ -302,3 +302,47 @@ fn a_tcp_connection_open_at_the_upgrade_is_served_to_its_end_by_the_old_process(
     assert_eq!(code, Some(0));
     assert_eq!(echo_over(&mut new_connection, "still"), "still");
 }
+
+#[test]
+fn clients_remembered_by_persistence_return_to_their_backends_after_an_upgrade() {
+    let dir = scratch_dir("persistence");
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start("127.0.0.1", t))
+        .collect();
+    let refs: Vec<&Backend> = backends.iter().collect();
+    // Each exchange is a flow of its own: only persistence brings a client back.
+    let listener = "mode = \"request-response\"\npersistence = \"60s\"";
+    let (path, admin) = config(&dir, &refs, listener);
+    let program = install(&dir);
+    let lb = Udplb::run_program(&program, &path, admin);
+    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(wait_for(DEADLINE, || backends
+        .iter()
+        .all(|b| lb.healthy(b.addr) == Some(true))));
+    let clients: Vec<_> = (0..20).map(|_| client("127.0.0.1:0")).collect();
+    let before: Vec<String> = clients
+        .iter()
+        .map(|c| tag(&request(c, listen, b"x").0))
+        .collect();
+    assert!(wait_for(DEADLINE, || lb.counter("/flows/live") == 0));
+
+    let old = lb.pid();
+    signal(old, "USR2");
+    assert!(wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)));
+    let _successor = Adopted(pid_at(&lb).unwrap());
+    // In another order than before: round robin alone would deal them out differently.
+    let mut after: Vec<String> = clients
+        .iter()
+        .rev()
+        .map(|c| tag(&request(c, listen, b"y").0))
+        .collect();
+    after.reverse();
+    assert_eq!(after, before);
+    let used: std::collections::HashSet<&String> = before.iter().collect();
+    assert_eq!(used.len(), 3);
+}
