@@ -204,14 +204,15 @@ impl Offer {
     ) -> anyhow::Result<u32> {
         let (ours, theirs) = Channel::pair().context("creating the handover channel")?;
         theirs.inheritable()?;
-        let mut child = std::process::Command::new(&self.exe)
+        let mut command = std::process::Command::new(&self.exe);
+        command
             .args(&self.args)
             .env(ENV, theirs.raw().to_string())
             // systemd's watchdog names this process; the successor pets it once it is the main
             // process (its own pid is not known before it starts).
             .env_remove("WATCHDOG_PID")
-            .stdin(std::process::Stdio::null())
-            .spawn()
+            .stdin(std::process::Stdio::null());
+        let mut child = spawn_when_not_busy(&mut command)
             .with_context(|| format!("starting {}", self.exe.display()))?;
         drop(theirs);
         let pid = child.id();
@@ -349,6 +350,25 @@ impl Offer {
             "upgrade: the successor serves; serving established flows until they end"
         );
         Ok(())
+    }
+}
+
+/// Starts `command`, retrying for a while when its program file is busy (`ETXTBSY`: a
+/// package manager, or a process it forked, still has the new file open for writing).
+fn spawn_when_not_busy(
+    command: &mut std::process::Command,
+) -> std::io::Result<std::process::Child> {
+    const BUSY_FOR: Duration = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    loop {
+        match command.spawn() {
+            Err(e)
+                if e.raw_os_error() == Some(nix::libc::ETXTBSY) && started.elapsed() < BUSY_FOR =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            spawned => return spawned,
+        }
     }
 }
 

@@ -75,6 +75,51 @@ fn config(dir: &Path, backends: &[&Backend], listener: &str) -> (PathBuf, Socket
 
 use std::net::SocketAddr;
 
+/// udplb as a package installs it (a copy of the binary in `dir`), run on a [`config`] of
+/// `backends` with `listener` lines once every backend is healthy.
+struct Running {
+    lb: Udplb,
+    listen: SocketAddr,
+    program: PathBuf,
+    config: PathBuf,
+    _dir: Removed,
+}
+
+/// A scratch directory (with its copies of the binary) removed when dropped, passed or not.
+struct Removed(PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start(dir: &Path, backends: &[&Backend], listener: &str) -> Running {
+    let (config, admin) = config(dir, backends, listener);
+    let program = install(dir);
+    let lb = Udplb::run_program(&program, &config, admin);
+    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // In rotation, not only healthy: a flow placed before the snapshot has every backend is
+    // moved later, to even the pool out (`rebalance`).
+    assert!(
+        wait_for(DEADLINE, || backends
+            .iter()
+            .all(|b| lb.backend(b.addr)["in_rotation"] == true)),
+        "backends never in rotation"
+    );
+    Running {
+        lb,
+        listen,
+        program,
+        config,
+        _dir: Removed(dir.to_path_buf()),
+    }
+}
+
 #[test]
 fn an_upgrade_under_steady_load_loses_nothing_and_moves_no_flow() {
     // Each flow's own socket continues in the successor.
@@ -96,20 +141,13 @@ fn upgrade_under_load(name: &str, listener: &str, handed: &str) {
         .map(|t| Backend::start("127.0.0.1", t))
         .collect();
     let refs: Vec<&Backend> = backends.iter().collect();
-    let (path, admin) = config(&dir, &refs, listener);
-    let program = install(&dir);
-    let mut lb = Udplb::run_program(&program, &path, admin);
-    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        wait_for(DEADLINE, || backends
-            .iter()
-            .all(|b| lb.healthy(b.addr) == Some(true))),
-        "backends never healthy"
-    );
+    let Running {
+        mut lb,
+        listen,
+        program,
+        _dir,
+        ..
+    } = start(&dir, &refs, listener);
     let first = lb.pid();
     let load = Load::start(listen, 60);
     // Every flow is established (and spread over the three backends) before the upgrade.
@@ -160,9 +198,14 @@ fn upgrade_under_load(name: &str, listener: &str, handed: &str) {
         "upgrade under load: {} flows, {sent} datagrams, {lost} lost, {moved} flows moved, processes {pids:?}",
         logs.len()
     );
-    assert!(sent > 3_000, "too little load to tell: {sent}");
+    assert!(sent > 1_200, "too little load to tell: {sent}");
     assert_eq!(lost, 0, "{}", lb.stderr.lock().unwrap());
-    assert_eq!(moved, 0, "flows changed backend");
+    assert_eq!(
+        moved,
+        0,
+        "flows changed backend: {}",
+        lb.stderr.lock().unwrap()
+    );
     // Round robin spread them: staying put was the handover's doing, not a single backend's.
     let used: std::collections::HashSet<&String> = logs.iter().map(|l| &l.tags[0]).collect();
     assert_eq!(used.len(), 3);
@@ -182,15 +225,13 @@ fn upgrade_under_load(name: &str, listener: &str, handed: &str) {
 fn a_successor_that_cannot_start_leaves_the_old_process_serving() {
     let dir = scratch_dir("broken");
     let a = Backend::start("127.0.0.1", "a");
-    let (path, admin) = config(&dir, &[&a], "");
-    let program = install(&dir);
-    let mut lb = Udplb::run_program(&program, &path, admin);
-    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(wait_for(DEADLINE, || lb.healthy(a.addr) == Some(true)));
+    let Running {
+        mut lb,
+        listen,
+        program,
+        config: path,
+        _dir,
+    } = start(&dir, &[&a], "");
     let load = Load::start(listen, 10);
     assert!(wait_for(DEADLINE, || a.count() > 50));
     // A program that exits at once; then a configuration the new process refuses.
@@ -261,15 +302,12 @@ fn a_tcp_connection_open_at_the_upgrade_is_served_to_its_end_by_the_old_process(
     let dir = scratch_dir("tcp");
     let a = Backend::start("127.0.0.1", "a");
     tcp_echo(a.addr);
-    let (path, admin) = config(&dir, &[&a], "tcp = true");
-    let program = install(&dir);
-    let mut lb = Udplb::run_program(&program, &path, admin);
-    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(wait_for(DEADLINE, || lb.healthy(a.addr) == Some(true)));
+    let Running {
+        mut lb,
+        listen,
+        _dir,
+        ..
+    } = start(&dir, &[&a], "tcp = true");
     let mut old_connection = std::net::TcpStream::connect(listen).unwrap();
     old_connection
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -313,17 +351,9 @@ fn clients_remembered_by_persistence_return_to_their_backends_after_an_upgrade()
     let refs: Vec<&Backend> = backends.iter().collect();
     // Each exchange is a flow of its own: only persistence brings a client back.
     let listener = "mode = \"request-response\"\npersistence = \"60s\"";
-    let (path, admin) = config(&dir, &refs, listener);
-    let program = install(&dir);
-    let lb = Udplb::run_program(&program, &path, admin);
-    let listen: SocketAddr = lb.stats()["listeners"][0]["address"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(wait_for(DEADLINE, || backends
-        .iter()
-        .all(|b| lb.healthy(b.addr) == Some(true))));
+    let Running {
+        lb, listen, _dir, ..
+    } = start(&dir, &refs, listener);
     let clients: Vec<_> = (0..20).map(|_| client("127.0.0.1:0")).collect();
     let before: Vec<String> = clients
         .iter()

@@ -241,9 +241,6 @@ impl Worker {
             }
             self.stats.turns.add(1);
             self.refresh_snapshot();
-            if self.listening.reading() != self.reading {
-                self.switch_reading();
-            }
             for ev in events.iter() {
                 let t = ev.token();
                 if t == WAKER {
@@ -256,6 +253,10 @@ impl Worker {
                 } else {
                     ready.push(FlowHandle::from_u64(t.0 as u64));
                 }
+            }
+            // After the readiness events: stopped, a listener must stay unread this turn.
+            if self.listening.reading() != self.reading {
+                self.switch_reading();
             }
             now = self.now();
             // One reference count per turn, not per datagram: the count is shared by all
@@ -393,6 +394,17 @@ impl Worker {
                 replied: f.replied,
                 io: (),
             };
+            // A socket must be the flow's own: connected to its backend.
+            if f.socket.peer_addr().ok() != Some(f.backend) {
+                tracing::warn!(
+                    worker = self.id,
+                    client = %f.key.client,
+                    backend = %f.backend,
+                    peer = ?f.socket.peer_addr().ok(),
+                    "a handed-over flow's socket is not connected to its backend: not continued"
+                );
+                continue;
+            }
             let Some(open) = self.engine.adoption(&self.snap, &bare) else {
                 continue;
             };

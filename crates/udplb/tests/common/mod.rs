@@ -258,15 +258,24 @@ impl Udplb {
         admin: SocketAddr,
         env: &[(&str, &str)],
     ) -> Udplb {
-        let mut child = command
+        command
             .args(args)
             // Tests run as root in CI; privilege dropping has its own test.
             .env("UDPLB_ALLOW_ROOT", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start udplb");
+            .stderr(Stdio::piped());
+        // A program file just written (a test's copy of udplb) is busy while a process another
+        // test forked meanwhile still holds it open for writing, until that process execs.
+        let started = Instant::now();
+        let mut child = loop {
+            match command.spawn() {
+                Err(e) if e.raw_os_error() == Some(26) && started.elapsed() < DEADLINE => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                spawned => break spawned.expect("start udplb"),
+            }
+        };
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().unwrap();
         let sink = Arc::clone(&stderr);
