@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(knot knot-dnsutils unbound dnsutils dnsperf iproute2 chromium freeradius freeradius-utils snmpd snmp ngtcp2-client keepalived)
+packages=(knot knot-dnsutils unbound dnsutils dnsperf iproute2 chromium freeradius freeradius-utils snmpd snmp ngtcp2-client keepalived bird2)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,7 +20,7 @@ if ((${#missing[@]})); then
     fi
 fi
 # The Debian services are used as test peers started by the tests, not as system daemons.
-for svc in knot unbound freeradius snmpd keepalived; do
+for svc in knot unbound freeradius snmpd keepalived bird; do
     if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
         systemctl stop "$svc" || true
     fi

@@ -87,6 +87,12 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 pub const SHUTDOWN_GRACE_RANGE: RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(3600);
 
+/// At shutdown, how long udplb serves on once it has withdrawn its announcement.
+pub const WITHDRAW_DELAY: Duration = Duration::from_secs(2);
+/// Accepted withdraw delays.
+pub const WITHDRAW_DELAY_RANGE: RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(300);
+
 /// `[listeners.NAME.limits]`: rates per second (datagrams or new flows).
 pub const RATE_RANGE: RangeInclusive<u32> = 1..=100_000_000;
 /// `ipv4_prefix`.

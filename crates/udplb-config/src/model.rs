@@ -25,6 +25,22 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// Pools of backends, in file order.
     pub pools: Vec<PoolConfig>,
+    /// Announcing the listeners' addresses through a routing daemon, when configured.
+    pub announce: Option<Announce>,
+}
+
+/// `[announce]`: the commands that make a routing daemon (bird, FRR) announce or withdraw the
+/// listeners' addresses, e.g. `birdc enable vip` / `birdc disable vip`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announce {
+    /// Run (program and arguments) to announce: once udplb serves and every listener's pool
+    /// holds its quorum.
+    pub up: Vec<String>,
+    /// Run to withdraw: on a lost quorum, and at shutdown before udplb stops admitting.
+    pub down: Vec<String>,
+    /// At shutdown, how long udplb goes on serving as before once withdrawn (the routers
+    /// move the traffic away meanwhile).
+    pub withdraw_delay: Duration,
 }
 
 /// `[runtime]`

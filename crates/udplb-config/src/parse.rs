@@ -21,7 +21,7 @@ use udplb_core::{
 
 use crate::error::{ConfigError, ConfigErrors, Lines, Positions, enclosing};
 use crate::model::{
-    Admin, BackendConfig, Config, HealthCheck, ListenerConfig, PoolConfig, Runtime,
+    Admin, Announce, BackendConfig, Config, HealthCheck, ListenerConfig, PoolConfig, Runtime,
 };
 use crate::{defaults, rules};
 
@@ -29,13 +29,21 @@ mod health;
 
 type Item<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["include", "runtime", "admin", "listeners", "pools"];
+const TOP_KEYS: &[&str] = &[
+    "include",
+    "runtime",
+    "admin",
+    "announce",
+    "listeners",
+    "pools",
+];
 /// What an included file may hold.
 const INCLUDED_KEYS: &[&str] = &["listeners", "pools"];
 /// Files one configuration may include at most.
 pub const MAX_INCLUDED_FILES: usize = 1024;
 const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace", "user", "group", "allow_root"];
 const ADMIN_KEYS: &[&str] = &["listen", "allow_changes", "token_file"];
+const ANNOUNCE_KEYS: &[&str] = &["up", "down", "withdraw_delay"];
 const LISTENER_KEYS: &[&str] = &[
     "address",
     "pool",
@@ -429,6 +437,9 @@ impl<'a> Reader<'a> {
             .map(|t| self.runtime(t))
             .unwrap_or_default();
         let admin = self.section(root, "admin").and_then(|t| self.admin(t));
+        let announce = self
+            .section(root, "announce")
+            .and_then(|t| self.announce(t));
         let listeners = self.named_tables(root, "listeners", |r, key, name, t| {
             r.listener(key, name, t)
         });
@@ -438,7 +449,22 @@ impl<'a> Reader<'a> {
             admin,
             listeners,
             pools,
+            announce,
         }
+    }
+
+    fn announce(&mut self, t: &DeTable<'_>) -> Option<Announce> {
+        self.check_keys("announce", t, ANNOUNCE_KEYS);
+        let up = self.required(t, "announce", "up", |r, k, v| r.command(k, v));
+        let down = self.required(t, "announce", "down", |r, k, v| r.command(k, v));
+        let withdraw_delay = self
+            .optional(t, "announce", "withdraw_delay", |r, k, v| r.duration(k, v))
+            .unwrap_or(defaults::WITHDRAW_DELAY);
+        Some(Announce {
+            up: up?,
+            down: down?,
+            withdraw_delay,
+        })
     }
 
     fn runtime(&mut self, t: &DeTable<'_>) -> Runtime {

@@ -40,6 +40,14 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
             defaults::SHUTDOWN_GRACE_RANGE,
         );
     }
+    if let Some(a) = &cfg.announce {
+        check_duration(
+            &mut out,
+            "announce.withdraw_delay".into(),
+            a.withdraw_delay,
+            defaults::WITHDRAW_DELAY_RANGE,
+        );
+    }
     if let Some(w) = cfg.runtime.workers {
         check_range(
             &mut out,

@@ -932,3 +932,32 @@ fn quic_lb_server_ids() {
         assert!(text.contains(expected), "{key}:\n{text}");
     }
 }
+
+/// `[announce]`: both commands required, the delay defaults and is bounded, errors at their line.
+#[test]
+fn announce_needs_both_commands_and_a_bounded_delay() {
+    let with = |section: &str| {
+        format!(
+            "[announce]\n{section}\n[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n{POOL}"
+        )
+    };
+    let cfg = parse(
+        &with("up = [\"birdc\", \"enable\", \"vip\"]\ndown = [\"birdc\", \"disable\", \"vip\"]"),
+        "t.toml",
+    )
+    .unwrap();
+    let a = cfg.announce.unwrap();
+    assert_eq!(a.up, ["birdc", "enable", "vip"]);
+    assert_eq!(a.down, ["birdc", "disable", "vip"]);
+    assert_eq!(a.withdraw_delay, Duration::from_secs(2));
+    assert!(parse(&with("up = [\"x\"]"), "t.toml").is_err());
+    let text = errors(&with("up = [\"x\"]\ndown = []")).to_string();
+    assert!(text.contains("t.toml:3:8: announce.down"), "{text}");
+    let text = errors(&with(
+        "up = [\"x\"]\ndown = [\"y\"]\nwithdraw_delay = \"1h\"",
+    ))
+    .to_string();
+    assert!(text.contains("announce.withdraw_delay"), "{text}");
+    let text = errors(&with("up = [\"x\"]\ndown = [\"y\"]\nwhen = \"now\"")).to_string();
+    assert!(text.contains("announce.when"), "{text}");
+}

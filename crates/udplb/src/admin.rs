@@ -53,6 +53,8 @@ pub struct State {
     pub started_unix: f64,
     /// Each pool's quorum, held or not.
     pub quorum: crate::health::QuorumStatus,
+    /// The announcement through a routing daemon, when `[announce]` is configured.
+    pub announce: Option<crate::announce::Status>,
 }
 
 /// Most admin connections open at once, whatever the descriptors allow.
@@ -379,6 +381,10 @@ pub(crate) fn stats_json(state: &State) -> Value {
         "listeners": listeners,
         "pools": pools,
         "reload": json!(*state.reload.lock().unwrap_or_else(|p| p.into_inner())),
+        "announce": state
+            .announce
+            .as_ref()
+            .map(|a| json!(*a.lock().unwrap_or_else(|p| p.into_inner()))),
         "admin": {
             "allow_changes": state.allow_changes,
             "token_required": state.token.is_some(),

@@ -444,6 +444,7 @@ impl OneLiner {
                 token_file: self.admin_token_file,
             }),
             listeners: vec![listener],
+            announce: None,
             pools: vec![PoolConfig {
                 health: Some(
                     self.check

@@ -18,7 +18,7 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, control, health, privileges, reload, systemd, tcp, upgrade};
+use crate::{admin, announce, control, health, privileges, reload, systemd, tcp, upgrade};
 
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file; SIGUSR2
 /// starts the program file udplb was started from and hands over to it ([`upgrade`]).
@@ -158,6 +158,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let cfg = Arc::new(cfg);
     let (configs, running_config) = tokio::sync::watch::channel(Arc::clone(&cfg));
+    let announced_config = running_config.clone();
     let monitor = health::Monitor::new(Arc::clone(&cfg), trackers, dataplane.stats().to_vec());
     let control = control::Publisher::new(Arc::clone(&cfg), Arc::clone(&shared), configs);
     let reload_status = reload::started();
@@ -175,6 +176,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         rates: Default::default(),
         started_unix: crate::health::unix_now(),
         quorum: monitor.quorum_status(),
+        announce: cfg.announce.as_ref().map(|_| Default::default()),
         shared: Arc::clone(&shared),
         stats: dataplane.stats().to_vec(),
         workers,
@@ -228,6 +230,17 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             cfg.listeners.len()
         ));
         systemd::spawn_watchdog(state.stats.clone());
+        let (stopping, stop_announcing) = tokio::sync::watch::channel(false);
+        if let (Some(a), Some(status)) = (&cfg.announce, &state.announce) {
+            tokio::spawn(announce::run(
+                a.clone(),
+                Arc::clone(&state.quorum),
+                Arc::clone(&state.health),
+                announced_config.clone(),
+                stop_announcing,
+                Arc::clone(status),
+            ));
+        }
         let (upgraded, mut successor) = tokio::sync::mpsc::unbounded_channel();
         let end = tokio::select! {
             _ = signals.reload_until_stop(&reloader, &upgrader, &upgraded) => End::Stop,
@@ -239,6 +252,9 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             // grace period is over (a second signal stops at once).
             End::Stop => {
                 systemd::stopping();
+                if let (Some(a), Some(status)) = (&cfg.announce, &state.announce) {
+                    withdraw_first(a, status, &stopping, &mut signals).await;
+                }
                 let _ = publisher.send(control::Command::StopAdmitting).await;
             }
             End::Failed(name) => {
@@ -296,6 +312,30 @@ where
         })
         .with_context(|| format!("starting the {name} thread"))?;
     Ok(())
+}
+
+/// At shutdown with `[announce]`: withdraws, then serves as before for `withdraw_delay` so the
+/// routers move the traffic away before admission stops (a second signal cuts it short).
+async fn withdraw_first(
+    announce: &udplb_config::Announce,
+    status: &announce::Status,
+    stopping: &tokio::sync::watch::Sender<bool>,
+    signals: &mut Signals,
+) {
+    stopping.send_replace(true);
+    tracing::info!("stopping: withdrawing the announcement first");
+    tokio::select! {
+        done = announce::withdrawn(status, std::time::Duration::from_secs(15)) => {
+            if !done {
+                tracing::warn!("the announcement could not be withdrawn: stopping anyway");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(announce.withdraw_delay) => {}
+                _ = signals.stop() => tracing::info!("second stop signal: stopping now"),
+            }
+        }
+        _ = signals.stop() => tracing::info!("second stop signal: stopping now"),
+    }
 }
 
 /// Why the daemon stops.

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod announce;
 mod api;
 mod cli;
 mod config_file;

@@ -158,6 +158,7 @@ impl Collector for Udplb {
             .into_iter()
             .chain(per_backend)
             .chain(pool_families(&self.0))
+            .chain(announce_families(&self.0))
             .chain(payload_key_families(&self.0))
             .chain(tcp_families(&self.0))
             .chain(reload_families(&self.0));
@@ -279,6 +280,35 @@ fn pool_families(state: &State) -> Vec<Family<'static>> {
     } else {
         vec![held]
     }
+}
+
+/// The announcement through a routing daemon, with `[announce]` (none otherwise).
+fn announce_families(state: &State) -> Vec<Family<'static>> {
+    let Some(status) = &state.announce else {
+        return Vec::new();
+    };
+    let s = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut announced = Family::gauge(
+        "announced",
+        "1 while the routing daemon was last told to announce the listeners' addresses",
+    );
+    announced.add(vec![], u8::from(s.announced == Some(true)));
+    let mut wanted = Family::gauge(
+        "announce_wanted",
+        "1 while udplb serves and every listener's pool holds its quorum",
+    );
+    wanted.add(vec![], u8::from(s.wanted));
+    let mut changes = Family::counter(
+        "announce_changes",
+        "Announce and withdraw commands that succeeded",
+    );
+    changes.add(vec![], s.changes as f64);
+    let mut failures = Family::counter(
+        "announce_failures",
+        "Announce and withdraw commands that failed (they are retried)",
+    );
+    failures.add(vec![], s.failures as f64);
+    vec![announced, wanted, changes, failures]
 }
 
 /// Per-listener families of the listeners that take TCP (none otherwise).

@@ -56,6 +56,10 @@ pub fn problems(cfg: &Config, stage: Stage) -> Vec<Problem> {
     {
         out.push(problem("admin.token_file", why));
     }
+    if let Some(a) = &cfg.announce {
+        check_program(&mut out, "announce.up".into(), &a.up[0], &runner);
+        check_program(&mut out, "announce.down".into(), &a.down[0], &runner);
+    }
     for pool in &cfg.pools {
         let key = |k: &str| format!("pools.{}.{k}", pool.name);
         if let Some(command) = &pool.notify {

@@ -1,0 +1,223 @@
+//! Announcing the listeners' addresses through a routing daemon (`[announce]`): udplb runs the
+//! `up` command once it serves and every listener's pool holds its quorum, and the `down`
+//! command when a quorum is lost and at shutdown, before it stops admitting (the routers move
+//! the traffic first). The daemon does the routing: with bird, `birdc enable vip` /
+//! `birdc disable vip` on a static protocol its BGP exports (docs/ha.md).
+//!
+//! Owns: the announcement's wanted and actual state, the commands' runs (one at a time, each
+//! bounded in time, retried every [`RETRY`] while the state differs from the wanted one) and
+//! what the admin endpoint shows of it ([`Status`]). Must not: block the control thread it runs
+//! on, or change an announcement at an upgrade (the successor announces; nothing is withdrawn).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use udplb_config::{Announce, Config};
+
+use crate::health::{QuorumStatus, unix_now};
+
+/// How often the wanted state is computed.
+const TICK: Duration = Duration::from_millis(100);
+/// How long a command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon a failed command is run again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What the admin endpoint shows.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct AnnounceStatus {
+    /// Whether the addresses should be announced now.
+    pub wanted: bool,
+    /// Whether the last command that succeeded announced (`None`: none ran yet).
+    pub announced: Option<bool>,
+    /// Why not wanted, when not.
+    pub reason: String,
+    /// Since when `announced` holds (Unix seconds).
+    pub since_unix: Option<f64>,
+    /// Commands that succeeded, and that failed.
+    pub changes: u64,
+    pub failures: u64,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// Shared with the admin endpoint.
+pub type Status = Arc<Mutex<AnnounceStatus>>;
+
+/// Runs the announcement until udplb exits: `stopping` turns true at shutdown (withdraw),
+/// `configs` is the running configuration (which listeners use which pools).
+pub async fn run(
+    announce: Announce,
+    quorum: QuorumStatus,
+    health: crate::health::Status,
+    mut configs: watch::Receiver<Arc<Config>>,
+    stopping: watch::Receiver<bool>,
+    status: Status,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    let mut next_try = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let cfg = Arc::clone(&configs.borrow_and_update());
+        let quorum = quorum.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let up: Vec<usize> = health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|pool| pool.iter().filter(|b| b.healthy).count())
+            .collect();
+        let (wanted, reason) = wanted(&cfg, &quorum, &up, *stopping.borrow());
+        let announced = {
+            let mut s = lock(&status);
+            s.wanted = wanted == Some(true);
+            s.reason = reason;
+            s.announced
+        };
+        // Unknown (health not known yet): the announcement stays as it is, so a successor
+        // does not withdraw what its predecessor announced.
+        let Some(wanted) = wanted else { continue };
+        if announced == Some(wanted) || tokio::time::Instant::now() < next_try {
+            continue;
+        }
+        let command = if wanted { &announce.up } else { &announce.down };
+        match run_command(command).await {
+            Ok(()) => {
+                tracing::info!(
+                    announced = wanted,
+                    command = command.join(" "),
+                    "announcement"
+                );
+                let mut s = lock(&status);
+                s.announced = Some(wanted);
+                s.since_unix = Some(unix_now());
+                s.changes += 1;
+            }
+            Err(e) => {
+                tracing::warn!(announce = wanted, command = command.join(" "), error = %e, "announcement command failed (retried)");
+                let mut s = lock(&status);
+                s.failures += 1;
+                s.last_error = Some(e);
+                next_try = tokio::time::Instant::now() + RETRY;
+            }
+        }
+    }
+}
+
+/// Whether the addresses should be announced: not while stopping, and only while every
+/// listener's pool holds its quorum (`quorum`, by pool) and has a backend up (`up`, by pool:
+/// without a quorum rule, one); `None` while a pool's quorum is not known yet (its backends
+/// have not all reported once). The reason when not announced.
+fn wanted(
+    cfg: &Config,
+    quorum: &[Option<bool>],
+    up: &[usize],
+    stopping: bool,
+) -> (Option<bool>, String) {
+    if stopping {
+        return (Some(false), "stopping".into());
+    }
+    let mut unknown = None;
+    for l in &cfg.listeners {
+        let pool = cfg.pools.iter().position(|p| p.name == l.pool);
+        let held = pool.and_then(|i| {
+            let held = quorum.get(i).copied().flatten()?;
+            Some(held && up.get(i).is_some_and(|&n| n > 0))
+        });
+        match held {
+            Some(true) => {}
+            Some(false) => {
+                return (
+                    Some(false),
+                    format!("pool {} below its quorum (or none up)", l.pool),
+                );
+            }
+            None => unknown = Some(format!("pool {} not checked yet", l.pool)),
+        }
+    }
+    match unknown {
+        Some(reason) => (None, reason),
+        None => (Some(true), String::new()),
+    }
+}
+
+/// Runs `command` (program and arguments) to its end, within [`COMMAND_TIMEOUT`].
+async fn run_command(command: &[String]) -> Result<(), String> {
+    let (program, args) = command.split_first().ok_or("empty command")?;
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| format!("{program} ran longer than {COMMAND_TIMEOUT:?}"))?
+        .map_err(|e| format!("{program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let said = String::from_utf8_lossy(&out.stderr);
+        Err(format!(
+            "{program} exited with {}: {}",
+            out.status,
+            said.trim()
+        ))
+    }
+}
+
+fn lock(status: &Status) -> std::sync::MutexGuard<'_, AnnounceStatus> {
+    status.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Waits until the announcement is withdrawn (the `down` command succeeded) or `limit` passed.
+pub async fn withdrawn(status: &Status, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if lock(status).announced != Some(true) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let toml = "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n\
+                    [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n\
+                    [pools.unused]\nbackends = [\"127.0.0.1:5302\"]\n";
+        udplb_config::parse(toml, "udplb.toml").unwrap()
+    }
+
+    #[test]
+    fn announced_only_while_every_listeners_pool_holds_its_quorum_and_not_stopping() {
+        let cfg = config();
+        assert_eq!(
+            wanted(&cfg, &[Some(true), Some(false)], &[1, 0], false).0,
+            Some(true)
+        );
+        assert_eq!(
+            wanted(&cfg, &[Some(false), Some(true)], &[1, 1], false),
+            (Some(false), "pool p below its quorum (or none up)".into())
+        );
+        // Without a quorum rule the quorum holds: one backend up is the least.
+        assert_eq!(
+            wanted(&cfg, &[Some(true), Some(true)], &[0, 1], false).0,
+            Some(false)
+        );
+        assert_eq!(
+            wanted(&cfg, &[None, Some(true)], &[1, 1], false),
+            (None, "pool p not checked yet".into())
+        );
+        assert_eq!(
+            wanted(&cfg, &[None, None], &[1, 1], true),
+            (Some(false), "stopping".into())
+        );
+    }
+}
