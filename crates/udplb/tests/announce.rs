@@ -278,3 +278,480 @@ fn udplb_announces_with_quorum_and_withdraws_on_quorum_loss_and_before_it_stops(
          exited after {stopped:?}"
     );
 }
+
+/// Namespaces linked to each other by veth pairs (none to the host), removed on drop with
+/// what runs in them.
+struct Net {
+    names: Vec<String>,
+    children: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Net {
+    fn new(dir: PathBuf) -> Net {
+        Net {
+            names: Vec::new(),
+            children: Vec::new(),
+            dir,
+        }
+    }
+
+    fn add(&mut self, name: &str) -> Result<(), String> {
+        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        self.names.push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+
+    /// A veth pair between `a` (interface `ia`, address `xa`) and `b`.
+    fn link(&self, a: &str, ia: &str, xa: &str, b: &str, ib: &str, xb: &str) -> Result<(), String> {
+        ip(&[
+            "-n", a, "link", "add", ia, "type", "veth", "peer", "name", ib, "netns", b,
+        ])?;
+        ip(&["-n", a, "addr", "add", xa, "dev", ia])?;
+        ip(&["-n", b, "addr", "add", xb, "dev", ib])?;
+        ip(&["-n", a, "link", "set", ia, "up"])?;
+        ip(&["-n", b, "link", "set", ib, "up"])
+    }
+
+    fn exec(ns: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// This test binary's `helper` inside `ns`.
+    fn helper(ns: &str, helper: &str, env: &[(&str, String)]) -> Command {
+        let mut c = Net::exec(ns, &std::env::current_exe().unwrap());
+        c.args([helper, "--exact", "--nocapture", "--test-threads=1"]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn keep(&mut self, child: Child) -> u32 {
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    fn bird(&mut self, ns: &str, name: &str, config: &str) -> u32 {
+        let file = self.dir.join(format!("{name}.conf"));
+        std::fs::write(&file, config).unwrap();
+        let child = Net::exec(ns, Path::new("bird"))
+            .arg("-f")
+            .arg("-c")
+            .arg(&file)
+            .arg("-s")
+            .arg(self.dir.join(format!("{name}.ctl")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bird");
+        self.keep(child)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Not a test on its own: a backend of the ECMP test, answering `TAG:payload`.
+#[test]
+fn ecmp_backend_in_namespace() {
+    let tag = std::env::var("UDPLB_TEST_ECMP_TAG").unwrap_or_default();
+    serve_if_asked("UDPLB_TEST_ECMP_BACKEND", move |data, _| {
+        let mut out = format!("{tag}:").into_bytes();
+        out.extend_from_slice(data);
+        out
+    });
+}
+
+/// Not a test on its own: the ECMP test's clients. Every flow (its own socket) sends
+/// `FLOW/SEQ` every 10 ms for UDPLB_TEST_ECMP_MS; then prints, per flow, one line
+/// `flow F tags T1,T2,... lost MS1,MS2,...` (the backend tag of each reply in order, and the
+/// send time of each request never answered, in ms since the start).
+#[test]
+fn ecmp_client_in_namespace() {
+    let Ok(target) = std::env::var("UDPLB_TEST_ECMP_TARGET") else {
+        return;
+    };
+    let target: SocketAddr = target.parse().unwrap();
+    let flows: usize = std::env::var("UDPLB_TEST_ECMP_FLOWS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let run = Duration::from_millis(
+        std::env::var("UDPLB_TEST_ECMP_MS")
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    let sockets: Vec<std::net::UdpSocket> = (0..flows)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let start = Instant::now();
+    let mut sent: Vec<Vec<u64>> = vec![Vec::new(); flows];
+    let mut answered: Vec<std::collections::HashSet<u64>> = vec![Default::default(); flows];
+    let mut tags: Vec<Vec<String>> = vec![Vec::new(); flows];
+    let mut buf = [0u8; 256];
+    let mut drain = |answered: &mut Vec<std::collections::HashSet<u64>>,
+                     tags: &mut Vec<Vec<String>>| {
+        for (f, s) in sockets.iter().enumerate() {
+            while let Ok(n) = s.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let (tag, rest) = text.split_once(':').unwrap_or(("?", ""));
+                if let Some(seq) = rest.split('/').nth(1).and_then(|s| s.parse().ok()) {
+                    answered[f].insert(seq);
+                }
+                tags[f].push(tag.to_string());
+            }
+        }
+    };
+    while start.elapsed() < run {
+        for (f, s) in sockets.iter().enumerate() {
+            let seq = sent[f].len() as u64;
+            if s.send_to(format!("{f}/{seq}").as_bytes(), target).is_ok() {
+                sent[f].push(start.elapsed().as_millis() as u64);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        drain(&mut answered, &mut tags);
+    }
+    let end = Instant::now();
+    while end.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(20));
+        drain(&mut answered, &mut tags);
+    }
+    for f in 0..flows {
+        let lost: Vec<String> = sent[f]
+            .iter()
+            .enumerate()
+            .filter(|(seq, _)| !answered[f].contains(&(*seq as u64)))
+            .map(|(_, ms)| ms.to_string())
+            .collect();
+        println!(
+            "flow {f} tags {} lost {}",
+            tags[f].join(","),
+            lost.join(",")
+        );
+    }
+}
+
+/// The router's next hops towards `vip`.
+fn next_hops(router: &str, vip: &str) -> usize {
+    let out = Command::new("ip")
+        .args(["-n", router, "route", "show", vip])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hops = text.matches("nexthop via").count();
+    if hops == 0 && text.contains(" via ") {
+        1
+    } else {
+        hops
+    }
+}
+
+#[test]
+fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_its_backend() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces and bird need root");
+        return;
+    }
+    need("bird", "bird2");
+    need("curl", "curl");
+    let t = std::process::id() % 200;
+    let mut net = Net::new(scratch_dir("ecmp"));
+    let (r, c, k) = (
+        format!("ulbe-r{t}"),
+        format!("ulbe-c{t}"),
+        format!("ulbe-k{t}"),
+    );
+    let balancers: Vec<String> = (1..=3).map(|i| format!("ulbe-b{i}-{t}")).collect();
+    if let Err(why) = net.add(&r) {
+        eprintln!("skipped: cannot make network namespaces here: {why}");
+        return;
+    }
+    let built = (|| -> Result<(), String> {
+        for ns in [&c, &k].into_iter().chain(&balancers) {
+            net.add(ns)?;
+        }
+        net.link(
+            &r,
+            "rc",
+            &format!("10.92.{t}.1/30"),
+            &c,
+            "cr",
+            &format!("10.92.{t}.2/30"),
+        )?;
+        net.link(
+            &r,
+            "rk",
+            &format!("10.91.{t}.1/30"),
+            &k,
+            "kr",
+            &format!("10.91.{t}.2/30"),
+        )?;
+        ip(&[
+            "-n",
+            &c,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.92.{t}.1"),
+        ])?;
+        ip(&[
+            "-n",
+            &k,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.91.{t}.1"),
+        ])?;
+        for (i, b) in balancers.iter().enumerate() {
+            let base = 4 * (i + 1);
+            net.link(
+                &r,
+                &format!("rb{}", i + 1),
+                &format!("10.94.{t}.{}/30", base + 1),
+                b,
+                "uplink0",
+                &format!("10.94.{t}.{}/30", base + 2),
+            )?;
+            ip(&[
+                "-n",
+                b,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.94.{t}.{}", base + 1),
+            ])?;
+            ip(&[
+                "-n",
+                b,
+                "addr",
+                "add",
+                &format!("10.96.{t}.1/32"),
+                "dev",
+                "lo",
+            ])?;
+        }
+        for sysctl in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.fib_multipath_hash_policy=1",
+        ] {
+            let ok = Net::exec(&r, Path::new("sysctl"))
+                .args(["-q", "-w", sysctl])
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !ok.success() {
+                return Err(format!("sysctl {sysctl} failed"));
+            }
+        }
+        Ok(())
+    })();
+    if let Err(why) = built {
+        panic!("building the topology: {why}");
+    }
+    let vip = format!("10.96.{t}.1");
+    let timers = "hold time 3; keepalive time 1; connect delay time 1; connect retry time 1; \
+                  error wait time 1, 2;";
+    let mut router = format!(
+        "router id 10.92.{t}.1;\nprotocol device {{ scan time 1; }}\n\
+         protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n"
+    );
+    for i in 1..=3 {
+        let base = 4 * i;
+        router += &format!(
+            "protocol bgp b{i} {{ local 10.94.{t}.{} as 65000; neighbor 10.94.{t}.{} as 65001; \
+             {timers} ipv4 {{ import all; export none; }}; }}\n",
+            base + 1,
+            base + 2
+        );
+    }
+    net.bird(&r, "router", &router);
+    // Three backends, tagged, behind the router.
+    for (i, tag) in ["x", "y", "z"].iter().enumerate() {
+        let child = Net::helper(
+            &k,
+            "ecmp_backend_in_namespace",
+            &[
+                (
+                    "UDPLB_TEST_ECMP_BACKEND",
+                    format!("10.91.{t}.2:{}", 7001 + i),
+                ),
+                ("UDPLB_TEST_ECMP_TAG", tag.to_string()),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        net.keep(child);
+    }
+    // The same configuration on every balancer: Maglev places a client alike on each.
+    let mut udplb = Vec::new();
+    let mut birds = Vec::new();
+    for (i, b) in balancers.iter().enumerate() {
+        let base = 4 * (i + 1);
+        let bird_conf = format!(
+            "router id 10.94.{t}.{};\nprotocol device {{ scan time 1; }}\n\
+             protocol static vip {{ disabled; ipv4; route {vip}/32 blackhole; }}\n\
+             protocol bgp uplink {{ local 10.94.{t}.{} as 65001; neighbor 10.94.{t}.{} as 65000; \
+             {timers} ipv4 {{ import none; export where proto = \"vip\"; next hop self; }}; }}\n",
+            base + 2,
+            base + 2,
+            base + 1
+        );
+        let name = format!("b{}", i + 1);
+        birds.push(net.bird(b, &name, &bird_conf));
+        let control = net.dir.join(format!("{name}.ctl")).display().to_string();
+        let birdc = |verb: &str| format!("[\"birdc\", \"-s\", \"{control}\", \"{verb}\", \"vip\"]");
+        let backends: Vec<String> = (7001..=7003)
+            .map(|p| format!("\"10.91.{t}.2:{p}\""))
+            .collect();
+        let config = net.dir.join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[admin]\nlisten = \"127.0.0.1:9190\"\n\
+                 [announce]\nup = {}\ndown = {}\nwithdraw_delay = \"2s\"\n\
+                 [listeners.l]\naddress = \"{vip}:5300\"\npool = \"p\"\nidle_timeout = \"5s\"\n\
+                 [pools.p]\nscheduler = \"maglev\"\nbackends = [{}]\n[pools.p.health]\n{}\n",
+                birdc("enable"),
+                birdc("disable"),
+                backends.join(", "),
+                udp_check(200, 200, 1, 2),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(net.dir.join(format!("{name}.log"))).unwrap();
+        let child = Net::exec(b, Path::new(env!("CARGO_BIN_EXE_udplb")))
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("UDPLB_ALLOW_ROOT", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        udplb.push(net.keep(child));
+    }
+    let logs = |net: &Net| -> String {
+        (1..=3)
+            .map(|i| std::fs::read_to_string(net.dir.join(format!("b{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || next_hops(&r, &vip) == 3),
+        "the router never had three next hops: {}",
+        logs(&net)
+    );
+
+    // Steady load from 60 clients for 9 s.
+    let flows = 60;
+    let client = Net::helper(
+        &c,
+        "ecmp_client_in_namespace",
+        &[
+            ("UDPLB_TEST_ECMP_TARGET", format!("{vip}:5300")),
+            ("UDPLB_TEST_ECMP_FLOWS", flows.to_string()),
+            ("UDPLB_TEST_ECMP_MS", "9000".into()),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    let flows_on = |b: &str| -> u64 {
+        let out = Net::exec(b, Path::new("curl"))
+            .args(["-s", "127.0.0.1:9190/stats"])
+            .output()
+            .unwrap();
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        stats["listeners"][0]["flows"]["live"].as_u64().unwrap_or(0)
+    };
+
+    // 3 s in: balancer 2 dies, udplb and bird (its BGP session goes with it).
+    std::thread::sleep(Duration::from_millis(3_000).saturating_sub(started.elapsed()));
+    let on_dead = flows_on(&balancers[1]);
+    let killed_at = started.elapsed();
+    signal(udplb[1], "KILL");
+    signal(birds[1], "KILL");
+    let dead_withdrawn =
+        took(DEADLINE, || next_hops(&r, &vip) == 2).expect("the dead balancer's route stayed");
+
+    // 6 s in: balancer 3 is stopped: it withdraws first, then drains.
+    std::thread::sleep(Duration::from_millis(6_000).saturating_sub(started.elapsed()));
+    let drained_at = started.elapsed();
+    signal(udplb[2], "TERM");
+    let drain_withdrawn =
+        took(DEADLINE, || next_hops(&r, &vip) == 1).expect("the stopped balancer did not withdraw");
+    let still_running = std::fs::read_to_string(format!("/proc/{}/stat", udplb[2])).is_ok();
+
+    let out = client.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = report
+        .lines()
+        .filter_map(|l| l.find("flow ").map(|at| &l[at..]))
+        .collect();
+    assert_eq!(lines.len(), flows, "client output: {report}");
+    let (mut lossy, mut moved, mut late_losses, mut total_lost) = (0, 0, 0, 0);
+    let window = (killed_at.as_millis() as u64).saturating_sub(100)
+        ..=(killed_at + dead_withdrawn).as_millis() as u64 + 1_000;
+    for line in &lines {
+        let (_, rest) = line.split_once(" tags ").unwrap();
+        let (tags, lost) = rest.split_once(" lost").unwrap();
+        let tags: Vec<&str> = tags.split(',').collect();
+        if tags.iter().any(|t| *t != tags[0]) {
+            moved += 1;
+        }
+        let lost: Vec<u64> = lost
+            .trim()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect();
+        if !lost.is_empty() {
+            lossy += 1;
+            total_lost += lost.len();
+            late_losses += lost.iter().filter(|ms| !window.contains(ms)).count();
+        }
+    }
+    eprintln!(
+        "ecmp: 3 balancers, {flows} flows; balancer 2 killed at {killed_at:?} with {on_dead} flows: \
+         route withdrawn after {dead_withdrawn:?}, {lossy} flows lost {total_lost} datagrams; \
+         balancer 3 stopped at {drained_at:?}: route withdrawn after {drain_withdrawn:?} (still \
+         running then: {still_running}); {moved} flows changed backend; losses outside the \
+         kill window: {late_losses}"
+    );
+    assert!(still_running, "balancer 3 stopped before it withdrew");
+    assert_eq!(moved, 0, "flows changed backend: {report}");
+    assert!(
+        lossy as u64 <= on_dead,
+        "{lossy} flows lost datagrams, only {on_dead} were on the dead balancer: {report}"
+    );
+    assert_eq!(
+        late_losses, 0,
+        "datagrams lost outside the kill window: {report}"
+    );
+}
