@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use udplb_config::{Announce, Config};
+use udplb_config::Announce;
+use udplb_core::snapshot::Snapshot;
 
-use crate::health::{QuorumStatus, unix_now};
+use crate::health::unix_now;
 
 /// How often the wanted state is computed.
 const TICK: Duration = Duration::from_millis(100);
@@ -45,13 +46,60 @@ pub struct AnnounceStatus {
 /// Shared with the admin endpoint.
 pub type Status = Arc<Mutex<AnnounceStatus>>;
 
-/// Runs the announcement until udplb exits: `stopping` turns true at shutdown (withdraw),
-/// `configs` is the running configuration (which listeners use which pools).
+/// Whether udplb should get traffic: every listener's pool holds its quorum and has a backend
+/// up (without a quorum rule, one is the least). What `[announce]` announces on and
+/// `GET /api/v1/ready` (`udplb ctl ready`, keepalived's `track_script`) answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Why not.
+    NotReady(String),
+    /// A pool's quorum is not known yet (its backends have not all reported once).
+    Unknown(String),
+}
+
+/// The readiness of `snap`'s listeners, given each pool's quorum and backends up (by pool).
+pub fn readiness(snap: &Snapshot, quorum: &[Option<bool>], up: &[usize]) -> Readiness {
+    let mut unknown = None;
+    for l in &snap.listeners {
+        let name = &snap.pools[l.pool].name;
+        match quorum.get(l.pool).copied().flatten() {
+            Some(true) if up.get(l.pool).is_some_and(|&n| n > 0) => {}
+            Some(_) => {
+                return Readiness::NotReady(format!("pool {name} below its quorum (or none up)"));
+            }
+            None => unknown = Some(format!("pool {name} not checked yet")),
+        }
+    }
+    unknown.map_or(Readiness::Ready, Readiness::Unknown)
+}
+
+/// The readiness of what `state` serves now (not ready once udplb stops admitting).
+pub fn readiness_of(state: &crate::admin::State) -> Readiness {
+    let snap = state.shared.load();
+    if !snap.admitting {
+        return Readiness::NotReady("stopping".into());
+    }
+    let quorum = state
+        .quorum
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let up: Vec<usize> = state
+        .health
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|pool| pool.iter().filter(|b| b.healthy).count())
+        .collect();
+    readiness(&snap, &quorum, &up)
+}
+
+/// Runs the announcement until udplb exits: announced while [`readiness_of`] says ready,
+/// withdrawn when not and once `stopping` turns true (shutdown, before admission stops).
 pub async fn run(
     announce: Announce,
-    quorum: QuorumStatus,
-    health: crate::health::Status,
-    mut configs: watch::Receiver<Arc<Config>>,
+    state: Arc<crate::admin::State>,
     stopping: watch::Receiver<bool>,
     status: Status,
 ) {
@@ -59,15 +107,15 @@ pub async fn run(
     let mut next_try = tokio::time::Instant::now();
     loop {
         tick.tick().await;
-        let cfg = Arc::clone(&configs.borrow_and_update());
-        let quorum = quorum.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let up: Vec<usize> = health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|pool| pool.iter().filter(|b| b.healthy).count())
-            .collect();
-        let (wanted, reason) = wanted(&cfg, &quorum, &up, *stopping.borrow());
+        let (wanted, reason) = if *stopping.borrow() {
+            (Some(false), "stopping".to_string())
+        } else {
+            match readiness_of(&state) {
+                Readiness::Ready => (Some(true), String::new()),
+                Readiness::NotReady(why) => (Some(false), why),
+                Readiness::Unknown(why) => (None, why),
+            }
+        };
         let announced = {
             let mut s = lock(&status);
             s.wanted = wanted == Some(true);
@@ -101,43 +149,6 @@ pub async fn run(
                 next_try = tokio::time::Instant::now() + RETRY;
             }
         }
-    }
-}
-
-/// Whether the addresses should be announced: not while stopping, and only while every
-/// listener's pool holds its quorum (`quorum`, by pool) and has a backend up (`up`, by pool:
-/// without a quorum rule, one); `None` while a pool's quorum is not known yet (its backends
-/// have not all reported once). The reason when not announced.
-fn wanted(
-    cfg: &Config,
-    quorum: &[Option<bool>],
-    up: &[usize],
-    stopping: bool,
-) -> (Option<bool>, String) {
-    if stopping {
-        return (Some(false), "stopping".into());
-    }
-    let mut unknown = None;
-    for l in &cfg.listeners {
-        let pool = cfg.pools.iter().position(|p| p.name == l.pool);
-        let held = pool.and_then(|i| {
-            let held = quorum.get(i).copied().flatten()?;
-            Some(held && up.get(i).is_some_and(|&n| n > 0))
-        });
-        match held {
-            Some(true) => {}
-            Some(false) => {
-                return (
-                    Some(false),
-                    format!("pool {} below its quorum (or none up)", l.pool),
-                );
-            }
-            None => unknown = Some(format!("pool {} not checked yet", l.pool)),
-        }
-    }
-    match unknown {
-        Some(reason) => (None, reason),
-        None => (Some(true), String::new()),
     }
 }
 
@@ -188,36 +199,31 @@ pub async fn withdrawn(status: &Status, limit: Duration) -> bool {
 mod tests {
     use super::*;
 
-    fn config() -> Config {
+    fn snapshot() -> Snapshot {
         let toml = "[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n\
                     [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n\
                     [pools.unused]\nbackends = [\"127.0.0.1:5302\"]\n";
-        udplb_config::parse(toml, "udplb.toml").unwrap()
+        let cfg = udplb_config::parse(toml, "udplb.toml").unwrap();
+        crate::plan::snapshot_of(&cfg, 1, None, &crate::health::Trackers::initial(&cfg))
     }
 
     #[test]
-    fn announced_only_while_every_listeners_pool_holds_its_quorum_and_not_stopping() {
-        let cfg = config();
+    fn ready_only_while_every_listeners_pool_holds_its_quorum_with_a_backend_up() {
+        let snap = snapshot();
+        let ready = |q: &[Option<bool>], up: &[usize]| readiness(&snap, q, up);
+        assert_eq!(ready(&[Some(true), Some(false)], &[1, 0]), Readiness::Ready);
         assert_eq!(
-            wanted(&cfg, &[Some(true), Some(false)], &[1, 0], false).0,
-            Some(true)
-        );
-        assert_eq!(
-            wanted(&cfg, &[Some(false), Some(true)], &[1, 1], false),
-            (Some(false), "pool p below its quorum (or none up)".into())
+            ready(&[Some(false), Some(true)], &[1, 1]),
+            Readiness::NotReady("pool p below its quorum (or none up)".into())
         );
         // Without a quorum rule the quorum holds: one backend up is the least.
+        assert!(matches!(
+            ready(&[Some(true), Some(true)], &[0, 1]),
+            Readiness::NotReady(_)
+        ));
         assert_eq!(
-            wanted(&cfg, &[Some(true), Some(true)], &[0, 1], false).0,
-            Some(false)
-        );
-        assert_eq!(
-            wanted(&cfg, &[None, Some(true)], &[1, 1], false),
-            (None, "pool p not checked yet".into())
-        );
-        assert_eq!(
-            wanted(&cfg, &[None, None], &[1, 1], true),
-            (Some(false), "stopping".into())
+            ready(&[None, Some(true)], &[1, 1]),
+            Readiness::Unknown("pool p not checked yet".into())
         );
     }
 }

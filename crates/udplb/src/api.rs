@@ -37,6 +37,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn routes() -> axum::Router<Arc<State>> {
     axum::Router::new()
         .route("/api/v1/status", get(status))
+        .route("/api/v1/ready", get(ready))
         .route("/api/v1/pools", get(pools))
         .route("/api/v1/explain", get(explain))
         .route("/api/v1/reload", post(reload))
@@ -157,6 +158,21 @@ async fn explain(
     }
     .ok_or_else(|| Error::NotFound("no such listener (name it with ?listener=)".into()))?;
     Ok(Json(crate::admin::explain_json(&snap, li, q.client)))
+}
+
+/// 200 while udplb should get traffic (every listener's pool holds its quorum with a backend
+/// up), 503 with the reason otherwise: for keepalived's `track_script` (`udplb ctl ready`),
+/// load balancers in front and orchestrators.
+async fn ready(AxumState(state): AxumState<Arc<State>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match crate::announce::readiness_of(&state) {
+        crate::announce::Readiness::Ready => Json(json!({ "ready": true })).into_response(),
+        crate::announce::Readiness::NotReady(why) | crate::announce::Readiness::Unknown(why) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "ready": false, "reason": why, "error": format!("not ready: {why}") })),
+        )
+            .into_response(),
+    }
 }
 
 async fn reload(w: Writable, AxumState(state): AxumState<Arc<State>>) -> ApiResult {

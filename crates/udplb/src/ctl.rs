@@ -65,6 +65,9 @@ enum CtlCommand {
     Remove { pool: String, backend: String },
     /// Re-read the configuration file.
     Reload,
+    /// Exit 0 while udplb should get traffic (every listener's pool holds its quorum with a
+    /// backend up), 1 with the reason otherwise (keepalived's track_script).
+    Ready,
     /// Where a new flow of CLIENT (ip:port) would go, and why.
     Explain {
         client: String,
@@ -121,6 +124,7 @@ pub fn run(args: CtlArgs) -> ExitCode {
             ctl.change("DELETE", &backend_path(pool, backend, ""), None)
         }
         CtlCommand::Reload => ctl.change("POST", "/api/v1/reload", None),
+        CtlCommand::Ready => ctl.get("/api/v1/ready").map(|v| ("ready\n".to_string(), v)),
         CtlCommand::Explain { client, listener } => {
             let mut path = format!("/api/v1/explain?client={client}");
             if let Some(l) = listener {

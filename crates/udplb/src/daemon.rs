@@ -158,7 +158,6 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let cfg = Arc::new(cfg);
     let (configs, running_config) = tokio::sync::watch::channel(Arc::clone(&cfg));
-    let announced_config = running_config.clone();
     let monitor = health::Monitor::new(Arc::clone(&cfg), trackers, dataplane.stats().to_vec());
     let control = control::Publisher::new(Arc::clone(&cfg), Arc::clone(&shared), configs);
     let reload_status = reload::started();
@@ -234,9 +233,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         if let (Some(a), Some(status)) = (&cfg.announce, &state.announce) {
             tokio::spawn(announce::run(
                 a.clone(),
-                Arc::clone(&state.quorum),
-                Arc::clone(&state.health),
-                announced_config.clone(),
+                Arc::clone(&state),
                 stop_announcing,
                 Arc::clone(status),
             ));

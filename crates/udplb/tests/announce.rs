@@ -755,3 +755,36 @@ fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_
         "datagrams lost outside the kill window: {report}"
     );
 }
+
+/// `udplb ctl ready` (`GET /api/v1/ready`), what keepalived's track_script runs: 0 while the
+/// pool holds its quorum with a backend up, 1 with the reason once its only backend is down.
+#[test]
+fn ctl_ready_says_whether_udplb_should_get_traffic() {
+    let a = Backend::start("127.0.0.1", "a");
+    let (lb, _) = run_one_pool(
+        "127.0.0.1",
+        "",
+        &[quoted(a.addr)],
+        &format!("[pools.p.health]\n{}", udp_check(100, 100, 1, 1)),
+    );
+    let ready = || {
+        let out = udplb_command()
+            .args(["ctl", "--admin", &lb.admin.to_string(), "ready"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert!(wait_for(DEADLINE, || ready().0 == Some(0)), "{:?}", ready());
+    a.mute(true);
+    assert!(wait_for(DEADLINE, || ready().0 == Some(1)), "{:?}", ready());
+    let (_, said) = ready();
+    assert!(
+        said.contains("503") && said.contains("pool p below its quorum"),
+        "{said}"
+    );
+    a.mute(false);
+    assert!(wait_for(DEADLINE, || ready().0 == Some(0)), "{:?}", ready());
+}
