@@ -1,8 +1,10 @@
 //! Network namespaces for the tests that need hosts other than this one (root only): a
-//! namespace joined to the host by a veth pair, and this test binary run again inside it to
+//! namespace joined to the host by a veth pair ([`Namespace`]), namespaces joined only to each
+//! other ([`Net`]: routers, balancers, LANs), and this test binary run again inside them to
 //! serve or to send there.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 /// `ip ARGS...`; `Err` says which command failed and why.
@@ -139,5 +141,100 @@ pub fn serve_if_asked(var: &str, answer: impl Fn(&[u8], SocketAddr) -> Vec<u8>) 
         if let Ok((n, from)) = socket.recv_from(&mut buf) {
             let _ = socket.send_to(&answer(&buf[..n], from), from);
         }
+    }
+}
+
+/// Namespaces linked to each other by veth pairs (none to the host), removed on drop with
+/// what runs in them.
+pub struct Net {
+    names: Vec<String>,
+    children: Vec<Child>,
+    pub dir: PathBuf,
+}
+
+impl Net {
+    pub fn new(dir: PathBuf) -> Net {
+        Net {
+            names: Vec::new(),
+            children: Vec::new(),
+            dir,
+        }
+    }
+
+    pub fn add(&mut self, name: &str) -> Result<(), String> {
+        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        self.names.push(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+
+    /// A veth pair between `a` (interface `ia`, address `xa`) and `b`.
+    pub fn link(
+        &self,
+        a: &str,
+        ia: &str,
+        xa: &str,
+        b: &str,
+        ib: &str,
+        xb: &str,
+    ) -> Result<(), String> {
+        ip(&[
+            "-n", a, "link", "add", ia, "type", "veth", "peer", "name", ib, "netns", b,
+        ])?;
+        ip(&["-n", a, "addr", "add", xa, "dev", ia])?;
+        ip(&["-n", b, "addr", "add", xb, "dev", ib])?;
+        ip(&["-n", a, "link", "set", ia, "up"])?;
+        ip(&["-n", b, "link", "set", ib, "up"])
+    }
+
+    pub fn exec(ns: &str, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns]).arg(program);
+        c
+    }
+
+    /// This test binary's `helper` inside `ns`.
+    pub fn helper(ns: &str, helper: &str, env: &[(&str, String)]) -> Command {
+        let mut c = Net::exec(ns, &std::env::current_exe().unwrap());
+        c.args([helper, "--exact", "--nocapture", "--test-threads=1"]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    pub fn keep(&mut self, child: Child) -> u32 {
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    pub fn bird(&mut self, ns: &str, name: &str, config: &str) -> u32 {
+        let file = self.dir.join(format!("{name}.conf"));
+        std::fs::write(&file, config).unwrap();
+        let child = Net::exec(ns, Path::new("bird"))
+            .arg("-f")
+            .arg("-c")
+            .arg(&file)
+            .arg("-s")
+            .arg(self.dir.join(format!("{name}.ctl")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bird");
+        self.keep(child)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for mut c in self.children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.names {
+            let _ = ip(&["netns", "del", n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,8 +1,9 @@
-//! `[announce]` with a real routing daemon: bird2 on a balancer host exports the virtual
-//! address over BGP to bird2 on a router host, in network namespaces the test makes. udplb
-//! announces (`birdc enable vip`) once its pool holds its quorum, withdraws when the quorum is
-//! lost and announces again when it is back, and at SIGTERM withdraws before it stops: the
-//! router loses the route while udplb still serves. Needs root and bird2; skipped without root.
+//! High availability with real routing daemons, in network namespaces the tests make (root,
+//! bird2, keepalived; skipped without root): `[announce]` through bird2 and BGP (announced with
+//! quorum, withdrawn on quorum loss and before udplb stops), ECMP over three balancers (a dead
+//! balancer's flows keep their backend through the others, the survivors lose nothing), a
+//! keepalived VRRP pair (failover with every flow on its backend; a master that loses its
+//! backends hands over), and `udplb ctl ready`, what keepalived tracks.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{Namespace, ip, serve_if_asked};
+use common::netns::{Namespace, Net, ip, serve_if_asked};
 use common::*;
 
 /// Not a test on its own: the backend, an echo in the balancer's namespace.
@@ -277,93 +278,6 @@ fn udplb_announces_with_quorum_and_withdraws_on_quorum_loss_and_before_it_stops(
          died, announced {back:?} after it came back; at SIGTERM withdrawn after {withdrawn:?}, \
          exited after {stopped:?}"
     );
-}
-
-/// Namespaces linked to each other by veth pairs (none to the host), removed on drop with
-/// what runs in them.
-struct Net {
-    names: Vec<String>,
-    children: Vec<Child>,
-    dir: PathBuf,
-}
-
-impl Net {
-    fn new(dir: PathBuf) -> Net {
-        Net {
-            names: Vec::new(),
-            children: Vec::new(),
-            dir,
-        }
-    }
-
-    fn add(&mut self, name: &str) -> Result<(), String> {
-        let _ = ip(&["netns", "del", name]);
-        ip(&["netns", "add", name])?;
-        self.names.push(name.to_string());
-        ip(&["-n", name, "link", "set", "lo", "up"])
-    }
-
-    /// A veth pair between `a` (interface `ia`, address `xa`) and `b`.
-    fn link(&self, a: &str, ia: &str, xa: &str, b: &str, ib: &str, xb: &str) -> Result<(), String> {
-        ip(&[
-            "-n", a, "link", "add", ia, "type", "veth", "peer", "name", ib, "netns", b,
-        ])?;
-        ip(&["-n", a, "addr", "add", xa, "dev", ia])?;
-        ip(&["-n", b, "addr", "add", xb, "dev", ib])?;
-        ip(&["-n", a, "link", "set", ia, "up"])?;
-        ip(&["-n", b, "link", "set", ib, "up"])
-    }
-
-    fn exec(ns: &str, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", ns]).arg(program);
-        c
-    }
-
-    /// This test binary's `helper` inside `ns`.
-    fn helper(ns: &str, helper: &str, env: &[(&str, String)]) -> Command {
-        let mut c = Net::exec(ns, &std::env::current_exe().unwrap());
-        c.args([helper, "--exact", "--nocapture", "--test-threads=1"]);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        c
-    }
-
-    fn keep(&mut self, child: Child) -> u32 {
-        let pid = child.id();
-        self.children.push(child);
-        pid
-    }
-
-    fn bird(&mut self, ns: &str, name: &str, config: &str) -> u32 {
-        let file = self.dir.join(format!("{name}.conf"));
-        std::fs::write(&file, config).unwrap();
-        let child = Net::exec(ns, Path::new("bird"))
-            .arg("-f")
-            .arg("-c")
-            .arg(&file)
-            .arg("-s")
-            .arg(self.dir.join(format!("{name}.ctl")))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start bird");
-        self.keep(child)
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for mut c in self.children.drain(..) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for n in &self.names {
-            let _ = ip(&["netns", "del", n]);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Not a test on its own: a backend of the ECMP test, answering `TAG:payload`.
@@ -787,4 +701,308 @@ fn ctl_ready_says_whether_udplb_should_get_traffic() {
     );
     a.mute(false);
     assert!(wait_for(DEADLINE, || ready().0 == Some(0)), "{:?}", ready());
+}
+
+/// The client lines of [`ecmp_client_in_namespace`]: flows whose replies came from more than
+/// one backend, flows that lost datagrams, and the send times (ms) of the datagrams lost.
+fn client_report(report: &str, flows: usize) -> (usize, usize, Vec<u64>) {
+    let lines: Vec<&str> = report
+        .lines()
+        .filter_map(|l| l.find("flow ").map(|at| &l[at..]))
+        .collect();
+    assert_eq!(lines.len(), flows, "client output: {report}");
+    let (mut moved, mut lossy, mut lost_at) = (0, 0, Vec::new());
+    for line in &lines {
+        let (_, rest) = line.split_once(" tags ").unwrap();
+        let (tags, lost) = rest.split_once(" lost").unwrap();
+        let tags: Vec<&str> = tags.split(',').collect();
+        if tags.iter().any(|t| *t != tags[0]) {
+            moved += 1;
+        }
+        let lost: Vec<u64> = lost
+            .trim()
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect();
+        if !lost.is_empty() {
+            lossy += 1;
+        }
+        lost_at.extend(lost);
+    }
+    (moved, lossy, lost_at)
+}
+
+/// Whether `ns` holds address `ip`.
+fn holds(ns: &str, ip: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-4", "addr", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(&format!("inet {ip}/"))
+}
+
+/// Kills every process in namespace `ns` (a host that fails).
+fn kill_all_in(ns: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        signal(pid.parse().unwrap(), "KILL");
+    }
+}
+
+/// A keepalived VRRP pair (master priority 150, backup 100, adverts every 200 ms, udplb's
+/// readiness as track_script) with udplb on both, three backends and a client host on one
+/// LAN, in namespaces the test makes. `None`: skipped (not root, or no namespaces here).
+struct Vrrp {
+    net: Net,
+    t: u32,
+    vip: String,
+}
+
+impl Vrrp {
+    fn ns(&self, h: &str) -> String {
+        format!("ulbv-{h}{}", self.t)
+    }
+
+    fn logs(&self) -> String {
+        ["m.log", "s.log", "m-keepalived.log", "s-keepalived.log"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(self.net.dir.join(f)).unwrap_or_default();
+                format!("== {f}\n{text}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Steady load from 60 clients for `ms`; returns the client to wait for.
+    fn load(&self, ms: u64) -> Child {
+        Net::helper(
+            &self.ns("c"),
+            "ecmp_client_in_namespace",
+            &[
+                ("UDPLB_TEST_ECMP_TARGET", format!("{}:5300", self.vip)),
+                ("UDPLB_TEST_ECMP_FLOWS", "60".into()),
+                ("UDPLB_TEST_ECMP_MS", ms.to_string()),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+    }
+
+    fn start(name: &str, t: u32) -> Option<Vrrp> {
+        if !is_root() {
+            eprintln!("skipped: network namespaces and keepalived need root");
+            return None;
+        }
+        need("keepalived", "keepalived");
+        let mut net = Net::new(scratch_dir(name));
+        let sw = format!("ulbv-sw{t}");
+        if let Err(why) = net.add(&sw) {
+            eprintln!("skipped: cannot make network namespaces here: {why}");
+            return None;
+        }
+        let hosts = [("m", 2), ("s", 3), ("c", 10), ("k", 20)];
+        let ns = |h: &str| format!("ulbv-{h}{t}");
+        let built = (|| -> Result<(), String> {
+            ip(&["-n", &sw, "link", "add", "lan", "type", "bridge"])?;
+            ip(&["-n", &sw, "link", "set", "lan", "up"])?;
+            for (h, n) in hosts {
+                let name = ns(h);
+                net.add(&name)?;
+                let port = format!("p{h}");
+                ip(&[
+                    "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                    "netns", &name,
+                ])?;
+                ip(&["-n", &sw, "link", "set", &port, "master", "lan"])?;
+                ip(&["-n", &sw, "link", "set", &port, "up"])?;
+                ip(&[
+                    "-n",
+                    &name,
+                    "addr",
+                    "add",
+                    &format!("10.89.{t}.{n}/24"),
+                    "dev",
+                    "eth0",
+                ])?;
+                ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+            }
+            Ok(())
+        })();
+        if let Err(why) = built {
+            panic!("building the topology: {why}");
+        }
+        let vip = format!("10.89.{t}.100");
+        for (i, tag) in ["x", "y", "z"].iter().enumerate() {
+            let child = Net::helper(
+                &ns("k"),
+                "ecmp_backend_in_namespace",
+                &[
+                    (
+                        "UDPLB_TEST_ECMP_BACKEND",
+                        format!("10.89.{t}.20:{}", 7001 + i),
+                    ),
+                    ("UDPLB_TEST_ECMP_TAG", tag.to_string()),
+                ],
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+            net.keep(child);
+        }
+        let udplb_bin = env!("CARGO_BIN_EXE_udplb");
+        for (h, priority) in [("m", 150), ("s", 100)] {
+            let name = ns(h);
+            let backends: Vec<String> = (7001..=7003)
+                .map(|p| format!("\"10.89.{t}.20:{p}\""))
+                .collect();
+            // The same udplb on both: listening on the address before owning it (IP_FREEBIND).
+            let config = net.dir.join(format!("{h}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[admin]\nlisten = \"127.0.0.1:9190\"\n\
+                     [listeners.l]\naddress = \"{vip}:5300\"\npool = \"p\"\nidle_timeout = \"5s\"\n\
+                     [pools.p]\nscheduler = \"maglev\"\nbackends = [{}]\n[pools.p.health]\n{}\n",
+                    backends.join(", "),
+                    udp_check(200, 200, 1, 2),
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(net.dir.join(format!("{h}.log"))).unwrap();
+            let child = Net::exec(&name, Path::new(udplb_bin))
+                .args(["run", "-c"])
+                .arg(&config)
+                .env("UDPLB_ALLOW_ROOT", "1")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            net.keep(child);
+            let keepalived = net.dir.join(format!("{h}-keepalived.conf"));
+            std::fs::write(
+                &keepalived,
+                format!(
+                    "global_defs {{\n  router_id udplb_{h}\n  script_user root\n  vrrp_version 3\n}}\n\
+                     vrrp_script udplb_ready {{\n  script \"{udplb_bin} ctl --admin 127.0.0.1:9190 ready\"\n  \
+                     interval 1\n  fall 2\n  rise 1\n}}\n\
+                     vrrp_instance vi {{\n  state BACKUP\n  interface eth0\n  virtual_router_id {}\n  \
+                     priority {priority}\n  advert_int 0.2\n  virtual_ipaddress {{\n    {vip}/24 dev eth0\n  }}\n  \
+                     track_script {{\n    udplb_ready\n  }}\n}}\n",
+                    50 + t % 200
+                ),
+            )
+            .unwrap();
+            let pid = |what: &str| net.dir.join(format!("{h}-{what}.pid"));
+            let child = Net::exec(&name, Path::new("keepalived"))
+                .args(["-n", "-l", "-P", "-f"])
+                .arg(&keepalived)
+                .arg("-p")
+                .arg(pid("main"))
+                .arg("-r")
+                .arg(pid("vrrp"))
+                .stdout(std::fs::File::create(net.dir.join(format!("{h}-keepalived.log"))).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            net.keep(child);
+        }
+        let pair = Vrrp { net, t, vip };
+        assert!(
+            wait_for(Duration::from_secs(20), || holds(&pair.ns("m"), &pair.vip)
+                && !holds(&pair.ns("s"), &pair.vip)),
+            "the master never took the address: {}",
+            pair.logs()
+        );
+        Some(pair)
+    }
+}
+
+#[test]
+fn a_vrrp_pair_fails_over_with_every_flow_on_its_backend() {
+    let Some(pair) = Vrrp::start("vrrp", std::process::id() % 200) else {
+        return;
+    };
+    let flows = 60;
+    let client = pair.load(6_000);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(2_000));
+    // The master host fails: keepalived and udplb gone at once.
+    let failed_at = started.elapsed();
+    kill_all_in(&pair.ns("m"));
+    let failover =
+        took(DEADLINE, || holds(&pair.ns("s"), &pair.vip)).expect("the backup never took over");
+    let out = client.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let (moved, lossy, lost_at) = client_report(&report, flows);
+    let window = (failed_at.as_millis() as u64).saturating_sub(100)
+        ..=(failed_at + failover).as_millis() as u64 + 500;
+    let late = lost_at.iter().filter(|ms| !window.contains(ms)).count();
+    eprintln!(
+        "vrrp: master failed at {failed_at:?}; the backup held the address after {failover:?}; \
+         {lossy} of {flows} flows lost {} datagrams, {late} of them outside the failover; {moved} \
+         flows changed backend",
+        lost_at.len()
+    );
+    assert_eq!(moved, 0, "flows changed backend: {report}\n{}", pair.logs());
+    assert_eq!(
+        late,
+        0,
+        "datagrams lost after the failover: {report}\n{}",
+        pair.logs()
+    );
+}
+
+#[test]
+fn a_vrrp_master_whose_pool_loses_its_quorum_hands_the_address_over() {
+    // Another tag: the two pairs run side by side.
+    let Some(pair) = Vrrp::start("vrrp-quorum", (std::process::id() + 100) % 200) else {
+        return;
+    };
+    let flows = 60;
+    let client = pair.load(7_000);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_millis(2_000));
+    // The master can no longer reach the backends: its udplb is not ready, keepalived's
+    // track_script fails, and the backup, which reaches them, takes the address.
+    let cut_at = started.elapsed();
+    ip(&[
+        "-n",
+        &pair.ns("m"),
+        "route",
+        "add",
+        "blackhole",
+        &format!("10.89.{}.20/32", pair.t),
+    ])
+    .unwrap();
+    let handed = took(Duration::from_secs(15), || holds(&pair.ns("s"), &pair.vip))
+        .expect("the backup never took over");
+    assert!(!holds(&pair.ns("m"), &pair.vip), "both hold the address");
+    let out = client.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let (moved, lossy, lost_at) = client_report(&report, flows);
+    let after = lost_at
+        .iter()
+        .filter(|&&ms| ms > (cut_at + handed).as_millis() as u64 + 500)
+        .count();
+    eprintln!(
+        "vrrp quorum: master cut from its backends at {cut_at:?}; the backup held the address \
+         after {handed:?}; {lossy} of {flows} flows lost {} datagrams ({after} after the \
+         handover); {moved} flows changed backend",
+        lost_at.len()
+    );
+    assert_eq!(moved, 0, "flows changed backend: {report}\n{}", pair.logs());
+    assert_eq!(
+        after,
+        0,
+        "datagrams lost after the handover: {report}\n{}",
+        pair.logs()
+    );
 }
