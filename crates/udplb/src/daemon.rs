@@ -106,6 +106,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
              admin.token_file (--admin-token-file)"
         );
     }
+    warn_if_placement_differs_across_instances(&cfg);
     let keep = privileges::needed_capabilities(&cfg);
     match privileges::drop_privileges(&cfg.runtime, &keep)? {
         privileges::Outcome::Switched {
@@ -332,6 +333,30 @@ async fn withdraw_first(
             }
         }
         _ = signals.stop() => tracing::info!("second stop signal: stopping now"),
+    }
+}
+
+/// With `[announce]` udplb is one of several instances behind a router: a client the router
+/// moves to another instance keeps its backend only when every instance places it alike.
+fn warn_if_placement_differs_across_instances(cfg: &Config) {
+    if cfg.announce.is_none() {
+        return;
+    }
+    for l in &cfg.listeners {
+        if let Some(p) = cfg
+            .pools
+            .iter()
+            .find(|p| p.name == l.pool && !p.scheduler.is_consistent_hash())
+        {
+            tracing::warn!(
+                listener = %l.name,
+                pool = %p.name,
+                scheduler = %p.scheduler,
+                "with [announce], clients a router moves between udplb instances change \
+                 backends unless every instance places them alike: use scheduler = \"maglev\" \
+                 (or \"rendezvous\")"
+            );
+        }
     }
 }
 

@@ -236,6 +236,12 @@ fn udplb_announces_with_quorum_and_withdraws_on_quorum_loss_and_before_it_stops(
     // Announced once the pool holds its quorum (bird's BGP session comes up meanwhile).
     let announced = took(Duration::from_secs(30), || topo.routed());
     assert!(announced.is_some(), "never announced: {}", logged());
+    // Round robin behind a router: udplb says placement differs between instances.
+    assert!(
+        logged().contains("use scheduler = \"maglev\""),
+        "{}",
+        logged()
+    );
 
     // The only backend dies: the quorum is lost, the route withdrawn.
     let _ = backend.kill();
