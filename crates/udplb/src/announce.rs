@@ -195,6 +195,30 @@ pub async fn withdrawn(status: &Status, limit: Duration) -> bool {
     false
 }
 
+/// With `[announce]` udplb is one of several instances behind a router: a client the router
+/// moves to another instance keeps its backend only when every instance places it alike.
+pub fn warn_if_placement_differs_across_instances(cfg: &udplb_config::Config) {
+    if cfg.announce.is_none() {
+        return;
+    }
+    for l in &cfg.listeners {
+        if let Some(p) = cfg
+            .pools
+            .iter()
+            .find(|p| p.name == l.pool && !p.scheduler.is_consistent_hash())
+        {
+            tracing::warn!(
+                listener = %l.name,
+                pool = %p.name,
+                scheduler = %p.scheduler,
+                "with [announce], clients a router moves between udplb instances change \
+                 backends unless every instance places them alike: use scheduler = \"maglev\" \
+                 (or \"rendezvous\")"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

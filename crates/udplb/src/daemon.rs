@@ -85,7 +85,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         },
         None => None,
     };
-    let offer = offer(program, &cfg, &bound, &tcp_bound, admin_listener.as_ref())
+    let offer = upgrade::offer(program, &cfg, &bound, &tcp_bound, admin_listener.as_ref())
         .context("keeping the sockets for an upgrade")?;
     // Read while udplb may still read what only root can.
     let token = match cfg.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
@@ -106,7 +106,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
              admin.token_file (--admin-token-file)"
         );
     }
-    warn_if_placement_differs_across_instances(&cfg);
+    announce::warn_if_placement_differs_across_instances(&cfg);
     let keep = privileges::needed_capabilities(&cfg);
     match privileges::drop_privileges(&cfg.runtime, &keep)? {
         privileges::Outcome::Switched {
@@ -133,7 +133,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         Some(from) => {
             let takeover = from.bound(&cfg).context("upgrade: taking over")?;
             bound.inherit(takeover.placements, takeover.flows);
-            remember(&shared.load(), &takeover.remembered);
+            upgrade::remember(&shared.load(), &takeover.remembered);
             Some(takeover.successor)
         }
         None => None,
@@ -200,7 +200,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             tcp::serve(tcp_bound, shared, tcp_stats, handed)
         })?;
     }
-    let upgrader = Upgrader {
+    let upgrader = upgrade::Upgrader {
         offer: Arc::new(offer),
         listening: dataplane.listening(),
         busy: Arc::default(),
@@ -336,30 +336,6 @@ async fn withdraw_first(
     }
 }
 
-/// With `[announce]` udplb is one of several instances behind a router: a client the router
-/// moves to another instance keeps its backend only when every instance places it alike.
-fn warn_if_placement_differs_across_instances(cfg: &Config) {
-    if cfg.announce.is_none() {
-        return;
-    }
-    for l in &cfg.listeners {
-        if let Some(p) = cfg
-            .pools
-            .iter()
-            .find(|p| p.name == l.pool && !p.scheduler.is_consistent_hash())
-        {
-            tracing::warn!(
-                listener = %l.name,
-                pool = %p.name,
-                scheduler = %p.scheduler,
-                "with [announce], clients a router moves between udplb instances change \
-                 backends unless every instance places them alike: use scheduler = \"maglev\" \
-                 (or \"rendezvous\")"
-            );
-        }
-    }
-}
-
 /// Why the daemon stops.
 enum End {
     /// SIGTERM or SIGINT.
@@ -368,145 +344,6 @@ enum End {
     Failed(&'static str),
     /// An upgrade's successor (this process id) serves.
     HandedOver(u32),
-}
-
-/// Copies of every socket a successor would inherit, kept from before the threads own them.
-fn offer(
-    program: PathBuf,
-    cfg: &Config,
-    bound: &udplb_dataplane::Bound,
-    tcp: &[tcp::Bound],
-    admin: Option<&std::net::TcpListener>,
-) -> std::io::Result<upgrade::Offer> {
-    let mut offer = upgrade::Offer::new(program, std::env::args_os().skip(1).collect());
-    for (i, l) in cfg.listeners.iter().enumerate() {
-        let sockets = bound
-            .sockets()
-            .iter()
-            .map(|worker| worker[i].try_clone())
-            .collect::<std::io::Result<_>>()?;
-        offer.listener(&l.name, bound.listener_addrs()[i], sockets);
-    }
-    for b in tcp {
-        offer.tcp(&cfg.listeners[b.listener()].name, b.socket().try_clone()?)?;
-    }
-    if let Some(socket) = admin {
-        offer.admin(socket.try_clone()?)?;
-    }
-    Ok(offer)
-}
-
-/// Upgrades on SIGUSR2, one at a time, each on a thread of its own (the steps block).
-struct Upgrader {
-    offer: Arc<upgrade::Offer>,
-    listening: udplb_dataplane::handover::Listening,
-    busy: Arc<std::sync::atomic::AtomicBool>,
-    state: Arc<admin::State>,
-    configs: tokio::sync::watch::Receiver<Arc<Config>>,
-    /// Turned on when the successor runs: this process stops accepting connections.
-    handed_over: Arc<tokio::sync::watch::Sender<bool>>,
-}
-
-impl Upgrader {
-    /// Starts an upgrade unless one is under way; `done` hears the successor's process id
-    /// once it serves.
-    fn start(&self, done: &tokio::sync::mpsc::UnboundedSender<u32>) {
-        use std::sync::atomic::Ordering;
-        if self.busy.swap(true, Ordering::AcqRel) {
-            tracing::info!("upgrade: one is under way already");
-            return;
-        }
-        let offer = Arc::clone(&self.offer);
-        let listening = self.listening.clone();
-        let busy = Arc::clone(&self.busy);
-        let state = Arc::clone(&self.state);
-        let cfg = Arc::clone(&self.configs.borrow());
-        let handed_over = Arc::clone(&self.handed_over);
-        let done = done.clone();
-        let spawned = std::thread::Builder::new()
-            .name("udplb-upgrade".into())
-            .spawn(move || {
-                // Root: the successor is root too. Otherwise it starts with what this process
-                // kept (CAP_NET_ADMIN for transparent pools), and nothing more.
-                if let Err(e) = privileges::pass_to_next_program() {
-                    tracing::warn!(
-                        error = format!("{e:#}"),
-                        "upgrade: capabilities not passed on"
-                    );
-                }
-                let health = || health_of(&cfg, &state);
-                let remembered = || remembered_by(&state.shared.load());
-                let release = |_| {
-                    handed_over.send_replace(true);
-                };
-                match offer.hand_over(&listening, health, remembered, release) {
-                    Ok(pid) => {
-                        let _ = done.send(pid);
-                    }
-                    Err(_) => busy.store(false, Ordering::Release),
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "upgrade: cannot start its thread");
-            self.busy.store(false, Ordering::Release);
-        }
-    }
-}
-
-/// Every backend's health as the monitor has it, for a successor.
-fn health_of(cfg: &Config, state: &admin::State) -> Vec<upgrade::Health> {
-    let status = state.health.lock().unwrap_or_else(|p| p.into_inner());
-    cfg.pools
-        .iter()
-        .zip(status.iter())
-        .flat_map(|(pool, backends)| {
-            pool.backends
-                .iter()
-                .zip(backends)
-                .map(|(b, s)| upgrade::Health {
-                    pool: pool.name.clone(),
-                    backend: b.spec.addr,
-                    up: s.healthy,
-                })
-        })
-        .collect()
-}
-
-/// Every client the listeners' persistence tables remember, for a successor.
-fn remembered_by(snap: &udplb_core::snapshot::Snapshot) -> Vec<upgrade::Remembered> {
-    let mut all = Vec::new();
-    for spec in &snap.listeners {
-        let Some(table) = &spec.persistence else {
-            continue;
-        };
-        let pool = &snap.pools[spec.pool];
-        for (client, id) in table.entries() {
-            if let Some(i) = pool.position_of_id(id) {
-                all.push(upgrade::Remembered {
-                    listener: spec.name.clone(),
-                    client,
-                    backend: pool.backends[i].spec.addr,
-                });
-            }
-        }
-    }
-    all
-}
-
-/// Seeds the persistence tables of `snap` with what a predecessor remembered (as of now: the
-/// workers' clock starts at 0 when they start, right after).
-fn remember(snap: &udplb_core::snapshot::Snapshot, remembered: &[upgrade::Remembered]) {
-    for r in remembered {
-        let Some(spec) = snap.listeners.iter().find(|l| l.name == r.listener) else {
-            continue;
-        };
-        let (Some(table), pool) = (&spec.persistence, &snap.pools[spec.pool]) else {
-            continue;
-        };
-        if let Some(i) = pool.position(&r.backend) {
-            table.remember(r.client, pool.backends[i].id, udplb_core::Time(0));
-        }
-    }
 }
 
 /// Binds the admin endpoint's TCP socket (before privileges are dropped).
@@ -559,7 +396,7 @@ impl Signals {
     async fn reload_until_stop(
         &mut self,
         reloader: &Arc<tokio::sync::Mutex<reload::Reloader>>,
-        upgrader: &Upgrader,
+        upgrader: &upgrade::Upgrader,
         upgraded: &tokio::sync::mpsc::UnboundedSender<u32>,
     ) {
         loop {

@@ -23,7 +23,8 @@
 //! Any failure before 6 leaves the predecessor serving as before (reading its sockets again if
 //! it had stopped) and ends the successor.
 //!
-//! Owns: the messages and both sides of the steps. Must not: touch datagrams (the workers'
+//! Owns: the messages, both sides of the steps, and [`Upgrader`] (SIGUSR2 starts one upgrade at
+//! a time, on a thread of its own: the steps block). Must not: touch datagrams (the workers'
 //! [`udplb_dataplane::handover::Listening`] switch does), or run without being asked (a second
 //! udplb that was not started this way is refused at bind).
 
@@ -591,6 +592,142 @@ impl Successor {
                 error = format!("{e:#}"),
                 "upgrade: predecessor silent; serving"
             ),
+        }
+    }
+}
+
+/// Copies of every socket a successor would inherit, kept from before the threads own them.
+pub fn offer(
+    program: PathBuf,
+    cfg: &Config,
+    bound: &udplb_dataplane::Bound,
+    tcp: &[crate::tcp::Bound],
+    admin: Option<&std::net::TcpListener>,
+) -> std::io::Result<Offer> {
+    let mut offer = Offer::new(program, std::env::args_os().skip(1).collect());
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let sockets = bound
+            .sockets()
+            .iter()
+            .map(|worker| worker[i].try_clone())
+            .collect::<std::io::Result<_>>()?;
+        offer.listener(&l.name, bound.listener_addrs()[i], sockets);
+    }
+    for b in tcp {
+        offer.tcp(&cfg.listeners[b.listener()].name, b.socket().try_clone()?)?;
+    }
+    if let Some(socket) = admin {
+        offer.admin(socket.try_clone()?)?;
+    }
+    Ok(offer)
+}
+
+/// Upgrades on SIGUSR2, one at a time, each on a thread of its own (the steps block).
+pub struct Upgrader {
+    pub offer: Arc<Offer>,
+    pub listening: udplb_dataplane::handover::Listening,
+    pub busy: Arc<std::sync::atomic::AtomicBool>,
+    pub state: Arc<crate::admin::State>,
+    pub configs: tokio::sync::watch::Receiver<Arc<Config>>,
+    /// Turned on when the successor runs: this process stops accepting connections.
+    pub handed_over: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Upgrader {
+    /// Starts an upgrade unless one is under way; `done` hears the successor's process id
+    /// once it serves.
+    pub fn start(&self, done: &tokio::sync::mpsc::UnboundedSender<u32>) {
+        use std::sync::atomic::Ordering;
+        if self.busy.swap(true, Ordering::AcqRel) {
+            tracing::info!("upgrade: one is under way already");
+            return;
+        }
+        let offer = Arc::clone(&self.offer);
+        let listening = self.listening.clone();
+        let busy = Arc::clone(&self.busy);
+        let state = Arc::clone(&self.state);
+        let cfg = Arc::clone(&self.configs.borrow());
+        let handed_over = Arc::clone(&self.handed_over);
+        let done = done.clone();
+        let spawned = std::thread::Builder::new()
+            .name("udplb-upgrade".into())
+            .spawn(move || {
+                // Root: the successor is root too. Otherwise it starts with what this process
+                // kept (CAP_NET_ADMIN for transparent pools), and nothing more.
+                if let Err(e) = crate::privileges::pass_to_next_program() {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "upgrade: capabilities not passed on"
+                    );
+                }
+                let health = || health_of(&cfg, &state);
+                let remembered = || remembered_by(&state.shared.load());
+                let release = |_| {
+                    handed_over.send_replace(true);
+                };
+                match offer.hand_over(&listening, health, remembered, release) {
+                    Ok(pid) => {
+                        let _ = done.send(pid);
+                    }
+                    Err(_) => busy.store(false, Ordering::Release),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "upgrade: cannot start its thread");
+            self.busy.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Every backend's health as the monitor has it, for a successor.
+fn health_of(cfg: &Config, state: &crate::admin::State) -> Vec<Health> {
+    let status = state.health.lock().unwrap_or_else(|p| p.into_inner());
+    cfg.pools
+        .iter()
+        .zip(status.iter())
+        .flat_map(|(pool, backends)| {
+            pool.backends.iter().zip(backends).map(|(b, s)| Health {
+                pool: pool.name.clone(),
+                backend: b.spec.addr,
+                up: s.healthy,
+            })
+        })
+        .collect()
+}
+
+/// Every client the listeners' persistence tables remember, for a successor.
+fn remembered_by(snap: &udplb_core::snapshot::Snapshot) -> Vec<Remembered> {
+    let mut all = Vec::new();
+    for spec in &snap.listeners {
+        let Some(table) = &spec.persistence else {
+            continue;
+        };
+        let pool = &snap.pools[spec.pool];
+        for (client, id) in table.entries() {
+            if let Some(i) = pool.position_of_id(id) {
+                all.push(Remembered {
+                    listener: spec.name.clone(),
+                    client,
+                    backend: pool.backends[i].spec.addr,
+                });
+            }
+        }
+    }
+    all
+}
+
+/// Seeds the persistence tables of `snap` with what a predecessor remembered (as of now: the
+/// workers' clock starts at 0 when they start, right after).
+pub fn remember(snap: &udplb_core::snapshot::Snapshot, remembered: &[Remembered]) {
+    for r in remembered {
+        let Some(spec) = snap.listeners.iter().find(|l| l.name == r.listener) else {
+            continue;
+        };
+        let (Some(table), pool) = (&spec.persistence, &snap.pools[spec.pool]) else {
+            continue;
+        };
+        if let Some(i) = pool.position(&r.backend) {
+            table.remember(r.client, pool.backends[i].id, udplb_core::Time(0));
         }
     }
 }
