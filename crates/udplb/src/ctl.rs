@@ -260,7 +260,29 @@ fn status_table(v: &Value) -> String {
             &text(&l["flows"]["live"]),
         ]));
     }
-    layout(&rows)
+    layout(&rows) + &announcement(&v["announce"])
+}
+
+/// The announcement line under `status`, with `[announce]`: announced or withdrawn, for how
+/// long, and why not when it should not be.
+fn announcement(a: &Value) -> String {
+    if a.is_null() {
+        return String::new();
+    }
+    let now = crate::health::unix_now();
+    let state = match a["announced"].as_bool() {
+        Some(true) => "announced",
+        Some(false) => "withdrawn",
+        None => "not yet told",
+    };
+    let mut line = format!("announce: {state} (for {})", since(&a["since_unix"], now));
+    if let Some(why) = a["reason"].as_str().filter(|r| !r.is_empty()) {
+        line += &format!(", not wanted: {why}");
+    }
+    if let Some(e) = a["last_error"].as_str() {
+        line += &format!(", last failure: {e}");
+    }
+    line + "\n"
 }
 
 /// Every backend with its health (and for how long), state, weight, live flows, traffic per

@@ -220,7 +220,8 @@ fn udplb_announces_with_quorum_and_withdraws_on_quorum_loss_and_before_it_stops(
     std::fs::write(
         &config,
         format!(
-            "[announce]\nup = {}\ndown = {}\nwithdraw_delay = \"1500ms\"\n\
+            "[admin]\nlisten = \"127.0.0.1:9190\"\n\
+             [announce]\nup = {}\ndown = {}\nwithdraw_delay = \"1500ms\"\n\
              [listeners.l]\naddress = \"{listen}\"\npool = \"p\"\n\
              [pools.p]\nbackends = [\"127.0.0.1:{port}\"]\n[pools.p.health]\n{}\n",
             birdc("enable"),
@@ -242,11 +243,32 @@ fn udplb_announces_with_quorum_and_withdraws_on_quorum_loss_and_before_it_stops(
         "{}",
         logged()
     );
+    let ctl_status = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &topo.balancer.name])
+            .arg(env!("CARGO_BIN_EXE_udplb"))
+            .args(["ctl", "--admin", "127.0.0.1:9190", "status"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        ctl_status().contains("announce: announced (for "),
+        "{}",
+        ctl_status()
+    );
 
     // The only backend dies: the quorum is lost, the route withdrawn.
     let _ = backend.kill();
     let _ = backend.wait();
     let lost = took(DEADLINE, || !topo.routed()).expect("not withdrawn on a lost quorum");
+    assert!(
+        wait_for(DEADLINE, || ctl_status()
+            .contains("announce: withdrawn (for ")
+            && ctl_status().contains("not wanted: pool p below its quorum")),
+        "{}",
+        ctl_status()
+    );
     backend = topo.backend(port);
     let back = took(DEADLINE, || topo.routed()).expect("not announced again");
 
