@@ -31,13 +31,16 @@ fn shared_sockets(lb: &Udplb) -> u64 {
 
 /// Starts udplb with one worker (shared sockets are per worker) and `--shared-upstream`, and
 /// waits until it relays.
-fn start(extra: &[&str], backends: &[&Backend]) -> (Udplb, SocketAddr) {
+/// udplb with shared upstream sockets, once a first flow (the probe) was answered. The probe's
+/// socket is returned to be kept: freed, its port could come back as a later client's, which
+/// would then continue the probe's flow instead of opening its own.
+fn start(extra: &[&str], backends: &[&Backend]) -> (Udplb, SocketAddr, UdpSocket) {
     let options = [&["--workers", "1", "--shared-upstream"][..], extra].concat();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let (lb, listen) = Udplb::serve(&options, &addrs);
-    // A first flow (then let go) to know udplb is up.
-    request(&client("127.0.0.1:0"), listen, b"up?");
-    (lb, listen)
+    let probe = client("127.0.0.1:0");
+    request(&probe, listen, b"up?");
+    (lb, listen, probe)
 }
 
 #[test]
@@ -48,7 +51,7 @@ fn flows_share_sockets_one_per_backend_and_replies_reach_their_clients() {
         Backend::start("127.0.0.1", "c"),
     ];
     let refs: Vec<&Backend> = backends.iter().collect();
-    let (lb, listen) = start(&["--idle-timeout", "60s"], &refs);
+    let (lb, listen, _probe) = start(&["--idle-timeout", "60s"], &refs);
     let sockets_before = lb.open_udp_sockets();
     // With the probe flow, 6 flows over 3 backends round robin: 2 per backend, 2 sockets.
     let clients: Vec<UdpSocket> = (0..5).map(|_| client("127.0.0.1:0")).collect();
@@ -76,7 +79,7 @@ fn flows_share_sockets_one_per_backend_and_replies_reach_their_clients() {
 #[test]
 fn idle_flows_give_their_share_back_to_new_flows() {
     let a = Backend::start("127.0.0.1", "a");
-    let (lb, listen) = start(&["--idle-timeout", "300ms"], &[&a]);
+    let (lb, listen, _probe) = start(&["--idle-timeout", "300ms"], &[&a]);
     let first: Vec<UdpSocket> = (0..3).map(|_| client("127.0.0.1:0")).collect();
     for (i, c) in first.iter().enumerate() {
         exchange(c, listen, &format!("first{i}"), Some("a"));
@@ -108,7 +111,7 @@ fn flows_of_a_disabled_backend_move_to_a_share_with_another() {
         Backend::start("127.0.0.1", "a"),
         Backend::start("127.0.0.1", "b"),
     );
-    let (lb, listen) = start(&["--admin-allow-changes"], &[&a, &b]);
+    let (lb, listen, _probe) = start(&["--admin-allow-changes"], &[&a, &b]);
     let clients: Vec<UdpSocket> = (0..4).map(|_| client("127.0.0.1:0")).collect();
     let tags: Vec<String> = clients
         .iter()
