@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::netns::{Namespace, Net, ip, serve_if_asked};
+use common::netns::{Net, ip, serve_if_asked};
 use common::*;
 
 /// Not a test on its own: the backend, an echo in the balancer's namespace.
@@ -25,74 +25,74 @@ fn announce_backend_in_namespace() {
     });
 }
 
-/// A router and a balancer namespace linked to each other (and, unused, to the host), each
-/// with bird2; the processes started in them are killed on drop.
+/// A router and a balancer namespace linked to each other, each with bird2 (BGP between
+/// them, the balancer exporting a disabled static route to the virtual address).
 struct Topology {
     tag: u32,
-    router: Namespace,
-    balancer: Namespace,
-    dir: PathBuf,
-    children: Vec<Child>,
+    router: String,
+    balancer: String,
+    net: Net,
 }
 
 impl Topology {
+    /// `Err` when this host cannot make namespaces (a skip); a failure after that panics.
     fn create(tag: u32) -> Result<Topology, String> {
-        let router = Namespace::create(
-            &format!("ulba-r{tag}"),
-            &format!("ulbar{tag}"),
-            &format!("ulbar{tag}p"),
-            &format!("10.93.{tag}.1/30"),
-            &format!("10.93.{tag}.2/30"),
-            None,
-        )?;
-        let balancer = Namespace::create(
-            &format!("ulba-b{tag}"),
-            &format!("ulbab{tag}"),
-            &format!("ulbab{tag}p"),
-            &format!("10.93.{tag}.5/30"),
-            &format!("10.93.{tag}.6/30"),
-            None,
-        )?;
-        let (r, b) = (router.name.as_str(), balancer.name.as_str());
-        ip(&[
-            "-n", r, "link", "add", "rb0", "type", "veth", "peer", "name", "br0", "netns", b,
-        ])?;
-        ip(&[
-            "-n",
-            r,
-            "addr",
-            "add",
-            &format!("10.94.{tag}.1/30"),
-            "dev",
-            "rb0",
-        ])?;
-        ip(&[
-            "-n",
-            b,
-            "addr",
-            "add",
-            &format!("10.94.{tag}.2/30"),
-            "dev",
-            "br0",
-        ])?;
-        ip(&["-n", r, "link", "set", "rb0", "up"])?;
-        ip(&["-n", b, "link", "set", "br0", "up"])?;
-        ip(&[
-            "-n",
-            b,
-            "addr",
-            "add",
-            &format!("10.96.{tag}.1/32"),
-            "dev",
-            "lo",
-        ])?;
-        balancer.can_exec()?;
+        let mut net = Net::new(scratch_dir("announce"));
+        let (router, balancer) = (format!("ulba-r{tag}"), format!("ulba-b{tag}"));
+        net.add(&router)?;
+        let built = (|| -> Result<(), String> {
+            net.add(&balancer)?;
+            net.link(
+                &router,
+                "rb0",
+                &format!("10.94.{tag}.1/30"),
+                &balancer,
+                "uplink0",
+                &format!("10.94.{tag}.2/30"),
+            )?;
+            ip(&[
+                "-n",
+                &balancer,
+                "addr",
+                "add",
+                &format!("10.96.{tag}.1/32"),
+                "dev",
+                "lo",
+            ])
+        })();
+        if let Err(why) = built {
+            panic!("building the topology: {why}");
+        }
+        let t = tag;
+        let timers = "hold time 3; keepalive time 1; connect delay time 1; \
+                      connect retry time 1; error wait time 1, 2;";
+        net.bird(
+            &router,
+            "router",
+            &format!(
+                "router id 10.94.{t}.1;\n\
+                 protocol device {{ scan time 1; }}\n\
+                 protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+                 protocol bgp balancer {{ local 10.94.{t}.1 as 65000; neighbor 10.94.{t}.2 as 65001; \
+                 {timers} ipv4 {{ import all; export none; }}; }}\n"
+            ),
+        );
+        net.bird(
+            &balancer,
+            "balancer",
+            &format!(
+                "router id 10.94.{t}.2;\n\
+                 protocol device {{ scan time 1; }}\n\
+                 protocol static vip {{ disabled; ipv4; route 10.96.{t}.1/32 blackhole; }}\n\
+                 protocol bgp uplink {{ local 10.94.{t}.2 as 65001; neighbor 10.94.{t}.1 as 65000; \
+                 {timers} ipv4 {{ import none; export where proto = \"vip\"; next hop self; }}; }}\n"
+            ),
+        );
         Ok(Topology {
             tag,
             router,
             balancer,
-            dir: scratch_dir("announce"),
-            children: Vec::new(),
+            net,
         })
     }
 
@@ -101,74 +101,29 @@ impl Topology {
     }
 
     fn control(&self) -> PathBuf {
-        self.dir.join("balancer.ctl")
-    }
-
-    /// Starts bird in `ns` with `config`, in the foreground (killed on drop).
-    fn bird(&mut self, ns: &str, name: &str, config: String) {
-        let file = self.dir.join(format!("{name}.conf"));
-        std::fs::write(&file, config).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "bird", "-f", "-c"])
-            .arg(&file)
-            .arg("-s")
-            .arg(self.dir.join(format!("{name}.ctl")))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start bird");
-        self.children.push(child);
-    }
-
-    fn start_birds(&mut self) {
-        let t = self.tag;
-        let timers = "hold time 3; keepalive time 1; connect delay time 1; \
-                      connect retry time 1; error wait time 1, 2;";
-        let router = format!(
-            "router id 10.94.{t}.1;\n\
-             protocol device {{ scan time 1; }}\n\
-             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
-             protocol bgp balancer {{ local 10.94.{t}.1 as 65000; neighbor 10.94.{t}.2 as 65001; \
-             {timers} ipv4 {{ import all; export none; }}; }}\n"
-        );
-        let balancer = format!(
-            "router id 10.94.{t}.2;\n\
-             protocol device {{ scan time 1; }}\n\
-             protocol static vip {{ disabled; ipv4; route 10.96.{t}.1/32 blackhole; }}\n\
-             protocol bgp uplink {{ local 10.94.{t}.2 as 65001; neighbor 10.94.{t}.1 as 65000; \
-             {timers} ipv4 {{ import none; export where proto = \"vip\"; next hop self; }}; }}\n"
-        );
-        let (r, b) = (self.router.name.clone(), self.balancer.name.clone());
-        self.bird(&r, "router", router);
-        self.bird(&b, "balancer", balancer);
+        self.net.dir.join("balancer.ctl")
     }
 
     /// Whether the router has a route to the virtual address through the balancer.
     fn routed(&self) -> bool {
-        let out = Command::new("ip")
-            .args(["-n", &self.router.name, "route", "show", &self.vip()])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).contains(&format!("via 10.94.{}.2", self.tag))
+        next_hops(&self.router, &self.vip()) == 1
     }
 
     fn backend(&self, port: u16) -> Child {
-        self.balancer
-            .command(
-                "announce_backend_in_namespace",
-                &[("UDPLB_TEST_ANNOUNCE_ECHO", format!("127.0.0.1:{port}"))],
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        Net::helper(
+            &self.balancer,
+            "announce_backend_in_namespace",
+            &[("UDPLB_TEST_ANNOUNCE_ECHO", format!("127.0.0.1:{port}"))],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
     }
 
     /// udplb in the balancer's namespace on `config`, its log in `log`.
     fn udplb(&self, config: &Path, log: &Path) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.balancer.name])
-            .arg(env!("CARGO_BIN_EXE_udplb"))
+        Net::exec(&self.balancer, Path::new(env!("CARGO_BIN_EXE_udplb")))
             .args(["run", "-c"])
             .arg(config)
             .env("UDPLB_ALLOW_ROOT", "1")
@@ -176,16 +131,6 @@ impl Topology {
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .unwrap()
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for mut c in self.children.drain(..) {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -203,20 +148,19 @@ fn udplb_announces_with_quorum_and_withdraws_on_quorum_loss_and_before_it_stops(
     }
     need("bird", "bird2");
     need("birdc", "bird2");
-    let mut topo = match Topology::create(std::process::id() % 200) {
+    let topo = match Topology::create(std::process::id() % 200) {
         Ok(t) => t,
         Err(why) => {
             eprintln!("skipped: cannot build the namespaces here: {why}");
             return;
         }
     };
-    topo.start_birds();
     let port = 7000;
     let mut backend = topo.backend(port);
     let control = topo.control().display().to_string();
     let birdc = |verb: &str| format!("[\"birdc\", \"-s\", \"{control}\", \"{verb}\", \"vip\"]");
     let listen: SocketAddr = format!("{}:5300", topo.vip()).parse().unwrap();
-    let config = topo.dir.join("udplb.toml");
+    let config = topo.net.dir.join("udplb.toml");
     std::fs::write(
         &config,
         format!(
@@ -230,7 +174,7 @@ fn udplb_announces_with_quorum_and_withdraws_on_quorum_loss_and_before_it_stops(
         ),
     )
     .unwrap();
-    let log = topo.dir.join("udplb.log");
+    let log = topo.net.dir.join("udplb.log");
     let mut lb = topo.udplb(&config, &log);
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
 
@@ -245,7 +189,7 @@ fn udplb_announces_with_quorum_and_withdraws_on_quorum_loss_and_before_it_stops(
     );
     let ctl_status = || {
         let out = Command::new("ip")
-            .args(["netns", "exec", &topo.balancer.name])
+            .args(["netns", "exec", &topo.balancer])
             .arg(env!("CARGO_BIN_EXE_udplb"))
             .args(["ctl", "--admin", "127.0.0.1:9190", "status"])
             .output()
@@ -652,33 +596,11 @@ fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_
 
     let out = client.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = report
-        .lines()
-        .filter_map(|l| l.find("flow ").map(|at| &l[at..]))
-        .collect();
-    assert_eq!(lines.len(), flows, "client output: {report}");
-    let (mut lossy, mut moved, mut late_losses, mut total_lost) = (0, 0, 0, 0);
+    let (moved, lossy, lost_at) = client_report(&report, flows);
     let window = (killed_at.as_millis() as u64).saturating_sub(100)
         ..=(killed_at + dead_withdrawn).as_millis() as u64 + 1_000;
-    for line in &lines {
-        let (_, rest) = line.split_once(" tags ").unwrap();
-        let (tags, lost) = rest.split_once(" lost").unwrap();
-        let tags: Vec<&str> = tags.split(',').collect();
-        if tags.iter().any(|t| *t != tags[0]) {
-            moved += 1;
-        }
-        let lost: Vec<u64> = lost
-            .trim()
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse().unwrap())
-            .collect();
-        if !lost.is_empty() {
-            lossy += 1;
-            total_lost += lost.len();
-            late_losses += lost.iter().filter(|ms| !window.contains(ms)).count();
-        }
-    }
+    let late_losses = lost_at.iter().filter(|ms| !window.contains(ms)).count();
+    let total_lost = lost_at.len();
     eprintln!(
         "ecmp: 3 balancers, {flows} flows; balancer 2 killed at {killed_at:?} with {on_dead} flows: \
          route withdrawn after {dead_withdrawn:?}, {lossy} flows lost {total_lost} datagrams; \
