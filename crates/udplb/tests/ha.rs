@@ -123,14 +123,7 @@ impl Topology {
 
     /// udplb in the balancer's namespace on `config`, its log in `log`.
     fn udplb(&self, config: &Path, log: &Path) -> Child {
-        Net::exec(&self.balancer, Path::new(env!("CARGO_BIN_EXE_udplb")))
-            .args(["run", "-c"])
-            .arg(config)
-            .env("UDPLB_ALLOW_ROOT", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap()
+        Net::udplb(&self.balancer, config, log).spawn().unwrap()
     }
 }
 
@@ -338,6 +331,50 @@ fn ecmp_client_in_namespace() {
     }
 }
 
+/// Three backends in `ns` on `ip`:7001..7003, answering with their tags x, y and z.
+fn tagged_backends(net: &mut Net, ns: &str, ip: &str) {
+    for (i, tag) in ["x", "y", "z"].iter().enumerate() {
+        let child = Net::helper(
+            ns,
+            "ecmp_backend_in_namespace",
+            &[
+                ("UDPLB_TEST_ECMP_BACKEND", format!("{ip}:{}", 7001 + i)),
+                ("UDPLB_TEST_ECMP_TAG", tag.to_string()),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        net.keep(child);
+    }
+}
+
+/// A balancer's udplb configuration: the admin endpoint on loopback, `sections` (e.g.
+/// `[announce]`), the listener on `vip`:5300 and Maglev over the [`tagged_backends`] on
+/// `backends_ip`, UDP-checked. The same on every balancer: each places a client alike.
+fn balancer_toml(vip: &str, backends_ip: &str, sections: &str) -> String {
+    let backends: Vec<String> = (7001..=7003)
+        .map(|p| format!("\"{backends_ip}:{p}\""))
+        .collect();
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:9190\"\n{sections}\
+         [listeners.l]\naddress = \"{vip}:5300\"\npool = \"p\"\nidle_timeout = \"5s\"\n\
+         [pools.p]\nscheduler = \"maglev\"\nbackends = [{}]\n[pools.p.health]\n{}\n",
+        backends.join(", "),
+        udp_check(200, 200, 1, 2),
+    )
+}
+
+/// udplb in `ns` on `toml` (kept in `name`.toml, its log in `name`.log); returns its pid.
+fn run_balancer(net: &mut Net, ns: &str, name: &str, toml: &str) -> u32 {
+    let config = net.dir.join(format!("{name}.toml"));
+    std::fs::write(&config, toml).unwrap();
+    let log = net.dir.join(format!("{name}.log"));
+    let child = Net::udplb(ns, &config, &log).spawn().unwrap();
+    net.keep(child)
+}
+
 /// The router's next hops towards `vip`.
 fn next_hops(router: &str, vip: &str) -> usize {
     let out = Command::new("ip")
@@ -475,24 +512,7 @@ fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_
     }
     net.bird(&r, "router", &router);
     // Three backends, tagged, behind the router.
-    for (i, tag) in ["x", "y", "z"].iter().enumerate() {
-        let child = Net::helper(
-            &k,
-            "ecmp_backend_in_namespace",
-            &[
-                (
-                    "UDPLB_TEST_ECMP_BACKEND",
-                    format!("10.91.{t}.2:{}", 7001 + i),
-                ),
-                ("UDPLB_TEST_ECMP_TAG", tag.to_string()),
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-        net.keep(child);
-    }
+    tagged_backends(&mut net, &k, &format!("10.91.{t}.2"));
     // The same configuration on every balancer: Maglev places a client alike on each.
     let mut udplb = Vec::new();
     let mut birds = Vec::new();
@@ -511,34 +531,13 @@ fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_
         birds.push(net.bird(b, &name, &bird_conf));
         let control = net.dir.join(format!("{name}.ctl")).display().to_string();
         let birdc = |verb: &str| format!("[\"birdc\", \"-s\", \"{control}\", \"{verb}\", \"vip\"]");
-        let backends: Vec<String> = (7001..=7003)
-            .map(|p| format!("\"10.91.{t}.2:{p}\""))
-            .collect();
-        let config = net.dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "[admin]\nlisten = \"127.0.0.1:9190\"\n\
-                 [announce]\nup = {}\ndown = {}\nwithdraw_delay = \"2s\"\n\
-                 [listeners.l]\naddress = \"{vip}:5300\"\npool = \"p\"\nidle_timeout = \"5s\"\n\
-                 [pools.p]\nscheduler = \"maglev\"\nbackends = [{}]\n[pools.p.health]\n{}\n",
-                birdc("enable"),
-                birdc("disable"),
-                backends.join(", "),
-                udp_check(200, 200, 1, 2),
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(net.dir.join(format!("{name}.log"))).unwrap();
-        let child = Net::exec(b, Path::new(env!("CARGO_BIN_EXE_udplb")))
-            .args(["run", "-c"])
-            .arg(&config)
-            .env("UDPLB_ALLOW_ROOT", "1")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        udplb.push(net.keep(child));
+        let announce = format!(
+            "[announce]\nup = {}\ndown = {}\nwithdraw_delay = \"2s\"\n",
+            birdc("enable"),
+            birdc("disable")
+        );
+        let toml = balancer_toml(&vip, &format!("10.91.{t}.2"), &announce);
+        udplb.push(run_balancer(&mut net, b, &name, &toml));
     }
     let logs = |net: &Net| -> String {
         (1..=3)
@@ -789,53 +788,13 @@ impl Vrrp {
             panic!("building the topology: {why}");
         }
         let vip = format!("10.89.{t}.100");
-        for (i, tag) in ["x", "y", "z"].iter().enumerate() {
-            let child = Net::helper(
-                &ns("k"),
-                "ecmp_backend_in_namespace",
-                &[
-                    (
-                        "UDPLB_TEST_ECMP_BACKEND",
-                        format!("10.89.{t}.20:{}", 7001 + i),
-                    ),
-                    ("UDPLB_TEST_ECMP_TAG", tag.to_string()),
-                ],
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-            net.keep(child);
-        }
+        tagged_backends(&mut net, &ns("k"), &format!("10.89.{t}.20"));
         let udplb_bin = env!("CARGO_BIN_EXE_udplb");
         for (h, priority) in [("m", 150), ("s", 100)] {
             let name = ns(h);
-            let backends: Vec<String> = (7001..=7003)
-                .map(|p| format!("\"10.89.{t}.20:{p}\""))
-                .collect();
             // The same udplb on both: listening on the address before owning it (IP_FREEBIND).
-            let config = net.dir.join(format!("{h}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "[admin]\nlisten = \"127.0.0.1:9190\"\n\
-                     [listeners.l]\naddress = \"{vip}:5300\"\npool = \"p\"\nidle_timeout = \"5s\"\n\
-                     [pools.p]\nscheduler = \"maglev\"\nbackends = [{}]\n[pools.p.health]\n{}\n",
-                    backends.join(", "),
-                    udp_check(200, 200, 1, 2),
-                ),
-            )
-            .unwrap();
-            let log = std::fs::File::create(net.dir.join(format!("{h}.log"))).unwrap();
-            let child = Net::exec(&name, Path::new(udplb_bin))
-                .args(["run", "-c"])
-                .arg(&config)
-                .env("UDPLB_ALLOW_ROOT", "1")
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            net.keep(child);
+            let toml = balancer_toml(&vip, &format!("10.89.{t}.20"), "");
+            run_balancer(&mut net, &name, h, &toml);
             let keepalived = net.dir.join(format!("{h}-keepalived.conf"));
             std::fs::write(
                 &keepalived,

@@ -23,19 +23,24 @@ fn wait_message(socket: &UnixDatagram, seen: &mut Vec<String>, want: &str) -> bo
     false
 }
 
-#[test]
-fn notifies_ready_reloading_watchdog_and_stopping() {
-    let socket_path = scratch_dir("notify").join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
+/// A socket standing in for systemd's NOTIFY_SOCKET, and its path.
+fn notify_socket(name: &str) -> (UnixDatagram, String) {
+    let path = scratch_dir(name).join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
+    (socket, path.display().to_string())
+}
+
+#[test]
+fn notifies_ready_reloading_watchdog_and_stopping() {
+    let (socket, notify) = notify_socket("notify");
 
     let a = Backend::start("127.0.0.1", "a");
     let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
     let cfg = write_config(&one_pool_toml(admin, listen, "", &[quoted(a.addr)], ""));
-    let notify = socket_path.display().to_string();
     let mut lb = Udplb::run_config_with_env(
         &cfg,
         admin,
@@ -59,11 +64,7 @@ fn notifies_ready_reloading_watchdog_and_stopping() {
 
 #[test]
 fn an_upgrade_makes_the_successor_the_main_process_and_it_pets_the_watchdog() {
-    let socket_path = scratch_dir("notify-upgrade").join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
+    let (socket, notify) = notify_socket("notify-upgrade");
     let a = Backend::start("127.0.0.1", "a");
     let admin = admin_addr();
     let listen = listen_addr("127.0.0.1");
@@ -81,7 +82,6 @@ fn an_upgrade_makes_the_successor_the_main_process_and_it_pets_the_watchdog() {
         "export WATCHDOG_PID=$$; exec \"$0\" \"$@\"",
         env!("CARGO_BIN_EXE_udplb"),
     ]);
-    let notify = socket_path.display().to_string();
     let args = ["run".to_string(), "-c".into(), cfg.display().to_string()];
     let mut lb = Udplb::spawn(
         shell,

@@ -203,6 +203,18 @@ impl Net {
         c
     }
 
+    /// `udplb run -c CONFIG` inside `ns` (as the other tests' udplb: staying root), its
+    /// standard error in `log`.
+    pub fn udplb(ns: &str, config: &Path, log: &Path) -> Command {
+        let mut c = Net::exec(ns, Path::new(env!("CARGO_BIN_EXE_udplb")));
+        c.args(["run", "-c"])
+            .arg(config)
+            .env("UDPLB_ALLOW_ROOT", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        c
+    }
+
     pub fn keep(&mut self, child: Child) -> u32 {
         let pid = child.id();
         self.children.push(child);
