@@ -34,6 +34,7 @@ use crate::model::{ProxyHeader, SessionMode};
 use crate::payload::{KeySpec, Keyed, PayloadKey};
 use crate::sched::{PickInput, pick};
 use crate::snapshot::{Backend, BackendId, ListenerSpec, Pool, Snapshot};
+use crate::sync::{Outbox, Synced};
 use crate::time::Time;
 use crate::verdict::{CloseReason, DropReason};
 
@@ -329,6 +330,9 @@ pub struct Engine<Io> {
     /// The flows a previous process handed over, consulted when a flow opens until the time
     /// given with them.
     inherited: Option<(Arc<Inherited>, Time)>,
+    /// Flow-state sync with other instances: where their flows go (consulted when a flow
+    /// opens) and this worker's flows to tell them about.
+    sync: Option<(Arc<Synced>, Arc<Outbox>)>,
 }
 
 impl<Io> Engine<Io> {
@@ -344,7 +348,15 @@ impl<Io> Engine<Io> {
             next_sweep: Time(0),
             learning: Vec::new(),
             inherited: None,
+            sync: None,
         }
+    }
+
+    /// Shares flows with other instances: opens a client's flow where `synced` says a peer
+    /// has it (while that backend keeps flows), and tells `outbox` of every flow this worker
+    /// opens and, once per idle timeout, of every one still active.
+    pub fn share(&mut self, synced: Arc<Synced>, outbox: Arc<Outbox>) {
+        self.sync = Some((synced, outbox));
     }
 
     /// Opens each client's next flow to the backend `table` says its flow went to in the
@@ -632,10 +644,12 @@ impl<Io> Engine<Io> {
             now,
             payload: payload_of(data, skip),
         };
-        let inherited = if self.inherited.is_none() || abuse || spec.mode == SessionMode::Datagram {
+        let elsewhere = self.inherited.is_some() || self.sync.is_some();
+        let inherited = if !elsewhere || abuse || spec.mode == SessionMode::Datagram {
             None
         } else {
             self.inherited_backend(&at)
+                .or_else(|| self.synced_backend(&at))
         };
         let Some(idx) = inherited.or_else(|| self.choose(&at)) else {
             return Verdict::Drop(DropReason::NoBackend);
@@ -705,6 +719,16 @@ impl<Io> Engine<Io> {
             .filter(|_| !open.abuse)
         {
             p.acquire(open.client, open.backend, now);
+        }
+        if let Some((_, outbox)) = &self.sync
+            && !open.abuse
+            && open.kind != SocketKind::Unconnected
+        {
+            outbox.push(Placement {
+                listener: open.key.listener,
+                client: open.client,
+                backend: open.to,
+            });
         }
         Send {
             flow: h,
@@ -939,6 +963,20 @@ impl<Io> Engine<Io> {
         let addr = table.take(at.li as u16, at.client)?;
         let i = at.pool.position(&addr)?;
         at.pool.keeps_flows(i).then_some(i)
+    }
+
+    /// The backend index in `at.pool` a peer instance said the client's flow is on, if that
+    /// backend keeps flows (the flow continues as it would have on the peer).
+    #[inline(never)]
+    fn synced_backend(&self, at: &Placing<'_>) -> Option<usize> {
+        let (synced, _) = self.sync.as_ref()?;
+        let addr = synced.lookup(at.li as u16, at.client)?;
+        let i = at.pool.position(&addr)?;
+        let keeps = at.pool.keeps_flows(i);
+        if keeps {
+            synced.used();
+        }
+        keeps.then_some(i)
     }
 
     /// Listener `li`'s persistence table, if it remembers clients.
@@ -1248,6 +1286,18 @@ impl<Io> Engine<Io> {
                 listener: flow.key.listener,
                 backend: flow.backend,
             }),
+            Expired::Renewed(_, flow) => {
+                if let Some((_, outbox)) = &self.sync
+                    && !flow.io.state.abuse
+                    && flow.io.state.kind != SocketKind::Unconnected
+                {
+                    outbox.push(Placement {
+                        listener: flow.key.listener,
+                        client: client_of(flow),
+                        backend: flow.backend_addr,
+                    });
+                }
+            }
             Expired::Idle(_, flow) => {
                 if flow.pending_replies > 0 && flow.reply_due.is_some() {
                     // Closed before its reply deadline (reply_timeout above idle_timeout).

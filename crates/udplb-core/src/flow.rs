@@ -192,6 +192,10 @@ pub enum Expired<'a, T> {
     Unanswered(FlowHandle, &'a Flow<T>),
     /// The flow was idle for its timeout and is closed.
     Idle(FlowHandle, Flow<T>),
+    /// A timer of the flow came (not a reply deadline due now) and the flow had seen traffic
+    /// since: it stays, its next deadline armed. An active flow is renewed at least once per
+    /// idle timeout.
+    Renewed(FlowHandle, &'a Flow<T>),
 }
 
 /// What a reply means for its flow (request-response accounting).
@@ -475,7 +479,7 @@ impl<T> FlowTable<T> {
     /// Handles every deadline due at `now`: reports flows whose backend left a request
     /// unanswered for the reply timeout ([`Expired::Unanswered`], once per armed deadline) and
     /// closes flows idle for their timeout ([`Expired::Idle`]). Re-arms the timers of flows
-    /// that saw traffic since their timer was set.
+    /// that saw traffic since their timer was set ([`Expired::Renewed`]).
     pub fn expire(&mut self, now: Time, mut on_expired: impl FnMut(Expired<'_, T>)) {
         while let Some(&Reverse((deadline, slot, generation))) = self.timers.peek() {
             if deadline > now {
@@ -493,7 +497,8 @@ impl<T> FlowTable<T> {
                 continue; // superseded by an earlier deadline, which was handled then
             }
             let h = FlowHandle { slot, generation };
-            if flow.reply_due.is_some_and(|due| due <= now) {
+            let reply_deadline = flow.reply_due.is_some_and(|due| due <= now);
+            if reply_deadline {
                 flow.reply_due = None;
                 if flow.pending_replies > 0 {
                     on_expired(Expired::Unanswered(h, flow));
@@ -508,6 +513,9 @@ impl<T> FlowTable<T> {
                 let next = flow.reply_due.map_or(idle_due, |r| r.min(idle_due));
                 flow.armed = next;
                 self.timers.push(Reverse((next, slot, generation)));
+                if !reply_deadline {
+                    on_expired(Expired::Renewed(h, flow));
+                }
                 continue;
             }
             if let Some(flow) = self.close(h, CloseReason::Idle) {
@@ -686,6 +694,18 @@ mod tests {
         match e {
             Expired::Idle(h, _) => h,
             Expired::Unanswered(h, _) => panic!("{h:?} reported unanswered"),
+            Expired::Renewed(h, _) => panic!("{h:?} reported renewed"),
+        }
+    }
+
+    /// Closed flows go to `closed`, renewed ones to `renewed`.
+    fn sort_expired<T>(
+        closed: &mut Vec<FlowHandle>,
+        renewed: &mut Vec<FlowHandle>,
+    ) -> impl FnMut(Expired<'_, T>) {
+        move |e| match e {
+            Expired::Renewed(h, _) => renewed.push(h),
+            e => closed.push(closed_handle(e)),
         }
     }
 
@@ -769,12 +789,12 @@ mod tests {
         let a = t.insert(key(1), backend(), 1, Time(0), Timeouts::idle(idle), ());
         let b = t.insert(key(2), backend(), 1, Time(0), Timeouts::idle(idle), ());
         t.on_request(a, Time(9_000), 0);
-        let mut closed = vec![];
-        t.expire(Time(10_000), |e| closed.push(closed_handle(e)));
-        assert_eq!(closed, [b]);
+        let (mut closed, mut renewed) = (vec![], vec![]);
+        t.expire(Time(10_000), sort_expired(&mut closed, &mut renewed));
+        assert_eq!((&closed[..], &renewed[..]), (&[b][..], &[a][..]));
         assert_eq!(t.next_deadline(), Some(Time(19_000)));
-        t.expire(Time(19_000), |e| closed.push(closed_handle(e)));
-        assert_eq!(closed, [b, a]);
+        t.expire(Time(19_000), sort_expired(&mut closed, &mut renewed));
+        assert_eq!((&closed[..], &renewed[..]), (&[b, a][..], &[a][..]));
         assert_eq!(t.live(), 0);
         t.check_invariants();
     }
@@ -846,6 +866,7 @@ mod tests {
                 events.push(match e {
                     Expired::Unanswered(h, f) => (now, "unanswered", h, f.pending_replies),
                     Expired::Idle(h, f) => (now, "idle", h, f.pending_replies),
+                    Expired::Renewed(h, f) => (now, "renewed", h, f.pending_replies),
                 })
             });
             t.check_invariants();
@@ -867,6 +888,9 @@ mod tests {
             events,
             [
                 (3_000, "unanswered", a, 2),
+                // The timer armed for 12 s (the reply then moved the deadline on) finds the
+                // flow active.
+                (12_999, "renewed", a, 2),
                 (13_000, "unanswered", a, 2),
                 (43_000, "idle", a, 2),
             ]
@@ -879,7 +903,11 @@ mod tests {
             ReplyOutcome::ForwardAndComplete
         );
         let mut reported = 0;
-        t.expire(Time(79_000), |_| reported += 1);
+        t.expire(Time(79_000), |e| {
+            if !matches!(e, Expired::Renewed(..)) {
+                reported += 1;
+            }
+        });
         assert_eq!(reported, 0);
         t.check_invariants();
     }

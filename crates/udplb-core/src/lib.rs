@@ -5,7 +5,8 @@
 //!
 //! Owns: the vocabulary of the balancer ([`model`]), scheduling ([`sched`], [`maglev`]),
 //! the immutable configuration [`snapshot`] the workers read, the per-worker [`flow`] table
-//! with idle expiry and its cap, the flows a previous process handed over ([`handover`]),
+//! with idle expiry and its cap, the flows a previous process handed over ([`handover`])
+//! and those other instances share ([`sync`]),
 //! persistence ([`affinity`]), payload keys ([`payload`]: which
 //! conversation a datagram belongs to) and the tables the workers share for them
 //! ([`sharded`]), backend health and pool quorum as
@@ -37,6 +38,7 @@ pub mod sched;
 pub mod sharded;
 pub mod snapshot;
 pub mod source;
+pub mod sync;
 pub mod time;
 pub mod verdict;
 

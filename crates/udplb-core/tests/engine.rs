@@ -1381,3 +1381,53 @@ fn flows_handed_over_with_their_sockets_continue_where_their_backend_keeps_flows
         assert_eq!(new.run(step), expected, "step {i} ({step:?})");
     }
 }
+
+#[test]
+fn a_flow_another_instance_placed_opens_on_its_backend_while_it_keeps_flows() {
+    use udplb_core::sync::{Outbox, Synced};
+    let share = |fx: &mut Fixture| {
+        let (synced, outbox) = (Arc::new(Synced::new(1024)), Arc::new(Outbox::new(1024)));
+        fx.engine.share(Arc::clone(&synced), Arc::clone(&outbox));
+        (synced, outbox)
+    };
+    let mut a = Fixture::new(SessionMode::Flow, RR, 3, no_setup);
+    let (_, told_by_a) = share(&mut a);
+    for (c, b) in [(1, 1), (2, 2), (3, 3)] {
+        assert_eq!(a.run(Client(c, 10)), open(b));
+    }
+    let mut sent = Vec::new();
+    told_by_a.drain_into(&mut sent);
+    let clients: Vec<(u8, u8)> = sent
+        .iter()
+        .map(|p| (number(p.client), number(p.backend)))
+        .collect();
+    assert_eq!(clients, [(1, 1), (2, 2), (3, 3)], "each flow told once");
+    // An active flow is told again once per idle timeout; an idle one is not.
+    let idle = a.listener.idle_timeout.as_millis() as u64;
+    assert_eq!(a.run(Wait(idle - 1)), expired(&[], 0));
+    assert_eq!(a.run(Client(2, 10)), send(2));
+    assert_eq!(a.run(Wait(1)), expired(&[], 2));
+    told_by_a.drain_into(&mut sent);
+    assert_eq!(sent.len(), 4);
+    assert_eq!((number(sent[3].client), number(sent[3].backend)), (2, 2));
+
+    let mut b = Fixture::new(SessionMode::Flow, RR, 3, no_setup);
+    let (learned, _) = share(&mut b);
+    for p in &sent {
+        learned.record(*p);
+    }
+    assert_eq!(b.run(Health(3, false)), Out::Done);
+    let steps = [
+        // Round robin would say 1.
+        (Client(2, 10), open(2)),
+        // A's backend is down here: scheduled.
+        (Client(3, 10), open(1)),
+        // Nobody told B of this client.
+        (Client(9, 10), open(2)),
+        (Client(1, 10), open(1)),
+    ];
+    for (i, (step, expected)) in steps.into_iter().enumerate() {
+        assert_eq!(b.run(step), expected, "step {i} ({step:?})");
+    }
+    assert_eq!(learned.hits(), 2);
+}

@@ -142,6 +142,7 @@ fn run(seed: u64, steps: usize) {
                 table.expire(now, |e| match e {
                     Expired::Idle(_, f) => expired.push(f.key),
                     Expired::Unanswered(_, f) => unanswered.push(f.key),
+                    Expired::Renewed(..) => {}
                 });
                 let mut due: Vec<FlowKey> = model
                     .last_seen
