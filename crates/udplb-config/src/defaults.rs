@@ -93,6 +93,16 @@ pub const WITHDRAW_DELAY: Duration = Duration::from_secs(2);
 pub const WITHDRAW_DELAY_RANGE: RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(300);
 
+/// `[sync]`: how often new flows are sent to the peers.
+pub const SYNC_INTERVAL: Duration = Duration::from_millis(100);
+/// Accepted sync intervals.
+pub const SYNC_INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(10);
+/// `[sync]`: placements learned from peers kept at most.
+pub const SYNC_MAX_ENTRIES: usize = 1_048_576;
+/// Accepted `max_entries`.
+pub const SYNC_MAX_ENTRIES_RANGE: RangeInclusive<usize> = 1024..=16_777_216;
+
 /// `[listeners.NAME.limits]`: rates per second (datagrams or new flows).
 pub const RATE_RANGE: RangeInclusive<u32> = 1..=100_000_000;
 /// `ipv4_prefix`.

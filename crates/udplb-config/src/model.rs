@@ -1,6 +1,7 @@
 //! The validated configuration: what udplb runs.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use udplb_core::acl::Cidr;
@@ -27,6 +28,8 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// Announcing the listeners' addresses through a routing daemon, when configured.
     pub announce: Option<Announce>,
+    /// Sharing where flows go with other udplb instances, when configured.
+    pub sync: Option<FlowSync>,
 }
 
 /// `[announce]`: the commands that make a routing daemon (bird, FRR) announce or withdraw the
@@ -41,6 +44,24 @@ pub struct Announce {
     /// At shutdown, how long udplb goes on serving as before once withdrawn (the routers
     /// move the traffic away meanwhile).
     pub withdraw_delay: Duration,
+}
+
+/// `[sync]`: flow-state sync between udplb instances that serve the same addresses (ECMP or
+/// VRRP): each tells its peers where its flows go, so a flow a router moves to another
+/// instance stays on its backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowSync {
+    /// Address to receive the peers' messages on (and to send from).
+    pub listen: SocketAddr,
+    /// The other instances' `listen` addresses.
+    pub peers: Vec<SocketAddr>,
+    /// A file holding the key shared by every instance (at least 16 bytes; messages are
+    /// authenticated with it); read once at start.
+    pub key_file: PathBuf,
+    /// How often new flows are sent to the peers.
+    pub interval: Duration,
+    /// Most placements learned from peers kept at once.
+    pub max_entries: usize,
 }
 
 /// `[runtime]`

@@ -21,7 +21,8 @@ use udplb_core::{
 
 use crate::error::{ConfigError, ConfigErrors, Lines, Positions, enclosing};
 use crate::model::{
-    Admin, Announce, BackendConfig, Config, HealthCheck, ListenerConfig, PoolConfig, Runtime,
+    Admin, Announce, BackendConfig, Config, FlowSync, HealthCheck, ListenerConfig, PoolConfig,
+    Runtime,
 };
 use crate::{defaults, rules};
 
@@ -34,6 +35,7 @@ const TOP_KEYS: &[&str] = &[
     "runtime",
     "admin",
     "announce",
+    "sync",
     "listeners",
     "pools",
 ];
@@ -44,6 +46,7 @@ pub const MAX_INCLUDED_FILES: usize = 1024;
 const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace", "user", "group", "allow_root"];
 const ADMIN_KEYS: &[&str] = &["listen", "allow_changes", "token_file"];
 const ANNOUNCE_KEYS: &[&str] = &["up", "down", "withdraw_delay"];
+const SYNC_KEYS: &[&str] = &["listen", "peers", "key_file", "interval", "max_entries"];
 const LISTENER_KEYS: &[&str] = &[
     "address",
     "pool",
@@ -440,6 +443,7 @@ impl<'a> Reader<'a> {
         let announce = self
             .section(root, "announce")
             .and_then(|t| self.announce(t));
+        let sync = self.section(root, "sync").and_then(|t| self.sync(t));
         let listeners = self.named_tables(root, "listeners", |r, key, name, t| {
             r.listener(key, name, t)
         });
@@ -450,6 +454,7 @@ impl<'a> Reader<'a> {
             listeners,
             pools,
             announce,
+            sync,
         }
     }
 
@@ -464,6 +469,26 @@ impl<'a> Reader<'a> {
             up: up?,
             down: down?,
             withdraw_delay,
+        })
+    }
+
+    fn sync(&mut self, t: &DeTable<'_>) -> Option<FlowSync> {
+        self.check_keys("sync", t, SYNC_KEYS);
+        let listen = self.required(t, "sync", "listen", |r, k, v| r.address(k, v));
+        let peers = self.required(t, "sync", "peers", |r, k, v| r.addresses(k, v));
+        let key_file = self.required(t, "sync", "key_file", |r, k, v| r.absolute_path(k, v));
+        let interval = self
+            .optional(t, "sync", "interval", |r, k, v| r.duration(k, v))
+            .unwrap_or(defaults::SYNC_INTERVAL);
+        let max_entries = self
+            .ranged(t, "sync", "max_entries", defaults::SYNC_MAX_ENTRIES_RANGE)
+            .unwrap_or(defaults::SYNC_MAX_ENTRIES);
+        Some(FlowSync {
+            listen: listen?,
+            peers: peers?,
+            key_file: key_file?,
+            interval,
+            max_entries,
         })
     }
 
@@ -1098,7 +1123,26 @@ impl<'a> Reader<'a> {
         ok.then_some(out)
     }
 
-    /// A user or group name (as in /etc/passwd): non-empty, no ':', '/' or whitespace.
+    /// An array of `ip:port` addresses; each bad entry is reported at its own position, and
+    /// each entry's position is recorded (`key[0]`, ...) for the rules about it.
+    fn addresses(&mut self, key: &str, v: &Item<'_>) -> Option<Vec<SocketAddr>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            return self.wrong_type(key, v, "an array of addresses such as [\"10.0.0.2:7946\"]");
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let ikey = format!("{key}[{i}]");
+            self.mark(ikey.clone(), item.span());
+            match self.address(&ikey, item) {
+                Some(a) => out.push(a),
+                None => ok = false,
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// An absolute path (a string starting with '/').
     fn absolute_path(&mut self, key: &str, v: &Item<'_>) -> Option<std::path::PathBuf> {
         let s = self.string(key, v)?;
         if !s.starts_with('/') {
@@ -1108,6 +1152,7 @@ impl<'a> Reader<'a> {
         Some(s.into())
     }
 
+    /// A user or group name (as in /etc/passwd): non-empty, no ':', '/' or whitespace.
     fn name(&mut self, key: &str, v: &Item<'_>) -> Option<String> {
         let s = self.string(key, v)?;
         if s.is_empty() || s.chars().any(|c| c == ':' || c == '/' || c.is_whitespace()) {

@@ -10,7 +10,7 @@ use udplb_core::payload::KeySpec;
 use udplb_core::{BackendSpec, SessionMode};
 
 use crate::defaults;
-use crate::model::{Config, HealthCheck, ListenerConfig, PoolConfig};
+use crate::model::{Config, FlowSync, HealthCheck, ListenerConfig, PoolConfig};
 
 /// A broken rule, located by key path.
 #[derive(Debug)]
@@ -47,6 +47,9 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
             a.withdraw_delay,
             defaults::WITHDRAW_DELAY_RANGE,
         );
+    }
+    if let Some(s) = &cfg.sync {
+        check_sync(&mut out, s, &cfg.listeners);
     }
     if let Some(w) = cfg.runtime.workers {
         check_range(
@@ -86,6 +89,80 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
         check_pool(&mut out, p, &cfg.listeners);
     }
     out
+}
+
+/// `[sync]`: a bounded interval and table, a port of its own, and peers that are other hosts'
+/// addresses of the same family as `listen`, each once.
+fn check_sync(out: &mut Vec<Problem>, s: &FlowSync, listeners: &[ListenerConfig]) {
+    check_duration(
+        out,
+        "sync.interval".into(),
+        s.interval,
+        defaults::SYNC_INTERVAL_RANGE,
+    );
+    check_range(
+        out,
+        "sync.max_entries".into(),
+        s.max_entries,
+        defaults::SYNC_MAX_ENTRIES_RANGE,
+    );
+    check_port(out, "sync.listen".into(), s.listen);
+    if let Some(l) = listeners
+        .iter()
+        .find(|l| addresses_conflict(l.address, s.listen))
+    {
+        out.push(problem(
+            "sync.listen".into(),
+            format!(
+                "{} conflicts with listener {:?} on {}",
+                s.listen, l.name, l.address
+            ),
+        ));
+    }
+    if s.peers.is_empty() {
+        out.push(problem("sync.peers".into(), "give at least one peer"));
+    }
+    let family = |a: &SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    let mut seen = HashSet::new();
+    for (i, &peer) in s.peers.iter().enumerate() {
+        let key = format!("sync.peers[{i}]");
+        check_port(out, key.clone(), peer);
+        if peer.ip().is_unspecified() {
+            out.push(problem(
+                key.clone(),
+                format!("{peer}: a peer needs a concrete address, not a wildcard"),
+            ));
+        } else if is_own_sync_address(peer, s.listen) {
+            out.push(problem(
+                key.clone(),
+                format!("is this instance's own sync.listen ({})", s.listen),
+            ));
+        }
+        if peer.is_ipv4() != s.listen.is_ipv4() {
+            out.push(problem(
+                key.clone(),
+                format!(
+                    "an {} address, but sync.listen is {} ({})",
+                    family(&peer),
+                    family(&s.listen),
+                    s.listen
+                ),
+            ));
+        }
+        if !seen.insert(peer) {
+            out.push(problem(key, format!("{peer} is listed twice")));
+        }
+    }
+}
+
+/// Whether a message sent to `peer` would come back to this instance's `listen`: the same
+/// address, or loopback on the port of a wildcard `listen`.
+fn is_own_sync_address(peer: SocketAddr, listen: SocketAddr) -> bool {
+    peer == listen
+        || (listen.ip().is_unspecified()
+            && listen.is_ipv4() == peer.is_ipv4()
+            && listen.port() == peer.port()
+            && peer.ip().is_loopback())
 }
 
 /// `shared_upstream`: a socket shared by flows sends from udplb's own address to whichever
@@ -585,6 +662,29 @@ mod tests {
             addr("127.0.0.1:53"),
             addr("127.0.0.1:54")
         ));
+    }
+
+    #[test]
+    fn sync_rules_apply_without_the_parser() {
+        let mut cfg = config();
+        cfg.sync = Some(crate::model::FlowSync {
+            listen: addr("10.0.0.1:7946"),
+            peers: vec![addr("10.0.0.2:7946")],
+            key_file: "/etc/udplb/sync.key".into(),
+            interval: defaults::SYNC_INTERVAL,
+            max_entries: defaults::SYNC_MAX_ENTRIES,
+        });
+        assert!(cfg.validate().is_ok());
+        let s = cfg.sync.as_mut().unwrap();
+        s.peers.clear();
+        s.max_entries = 1;
+        assert_eq!(
+            cfg.validate().unwrap_err(),
+            [
+                "sync.max_entries: 1 is out of range 1024..=16777216",
+                "sync.peers: give at least one peer"
+            ]
+        );
     }
 
     #[test]

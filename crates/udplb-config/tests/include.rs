@@ -62,7 +62,8 @@ fn errors_name_the_included_file_and_line() {
             ),
             (
                 "conf.d/b.toml",
-                "include = [\"more.toml\"]\n[pools.dns]\nbackends = [\"127.0.0.1:5302\"]\n",
+                "include = [\"more.toml\"]\n[pools.dns]\nbackends = [\"127.0.0.1:5302\"]\n\
+                 [sync]\nlisten = \"10.0.0.1:7946\"\n",
             ),
             ("conf.d/c.toml", "[pools.broken\n"),
         ],
@@ -77,6 +78,7 @@ fn errors_name_the_included_file_and_line() {
         format!("{a}:3:1: listeners.radius.pool: no pool named \"nope\""),
         format!("{b}:1:1: include: unknown key \"include\""),
         format!("{b}:2:8: pools.dns: also defined in {main}:5"),
+        format!("{b}:4:2: sync: unknown key \"sync\""),
         format!("{c}:1:"),
     ] {
         assert!(text.contains(&expected), "{expected}\nnot in:\n{text}");

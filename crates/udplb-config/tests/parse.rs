@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use udplb_config::{ConfigErrors, parse};
+use udplb_config::{ConfigErrors, FlowSync, parse};
 use udplb_core::payload::KeySpec;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{Affinity, SchedulerKind, SessionMode};
@@ -960,4 +960,140 @@ fn announce_needs_both_commands_and_a_bounded_delay() {
     assert!(text.contains("announce.withdraw_delay"), "{text}");
     let text = errors(&with("up = [\"x\"]\ndown = [\"y\"]\nwhen = \"now\"")).to_string();
     assert!(text.contains("announce.when"), "{text}");
+}
+
+/// `[sync]`: `listen`, `peers` and `key_file` required; `interval` and `max_entries` default
+/// and are bounded; the peers are other instances' addresses; errors at their line.
+#[test]
+fn sync_needs_listen_peers_and_a_key_file() {
+    let with = |section: &str| {
+        format!(
+            "[sync]\n{section}\n[listeners.l]\naddress = \"127.0.0.1:53\"\npool = \"p\"\n{POOL}"
+        )
+    };
+    let listen = "listen = \"10.0.0.1:7946\"";
+    let key_file = "key_file = \"/etc/udplb/sync.key\"";
+    let peers = "peers = [\"10.0.0.2:7946\", \"10.0.0.3:7946\"]";
+    let cfg = parse(&with(&format!("{listen}\n{peers}\n{key_file}")), "t.toml").unwrap();
+    assert_eq!(
+        cfg.sync.unwrap(),
+        FlowSync {
+            listen: "10.0.0.1:7946".parse().unwrap(),
+            peers: vec![
+                "10.0.0.2:7946".parse().unwrap(),
+                "10.0.0.3:7946".parse().unwrap()
+            ],
+            key_file: "/etc/udplb/sync.key".into(),
+            interval: Duration::from_millis(100),
+            max_entries: 1_048_576,
+        }
+    );
+    let s = parse(
+        &with(&format!(
+            "{listen}\n{peers}\n{key_file}\ninterval = \"1s\"\nmax_entries = 4096"
+        )),
+        "t.toml",
+    )
+    .unwrap()
+    .sync
+    .unwrap();
+    assert_eq!((s.interval, s.max_entries), (Duration::from_secs(1), 4096));
+    assert_eq!(parse(&with(""), "t.toml").unwrap_err().errors.len(), 3);
+
+    // A missing key is reported at the [sync] header.
+    assert_eq!(
+        located(&with(&format!("{listen}\n{peers}"))),
+        [(1, "sync.key_file".to_string())]
+    );
+    assert!(
+        only_message(&with(&format!("{listen}\n{peers}")))
+            .contains("sync needs a \"key_file\" key")
+    );
+    // Each rule names its key, at its line (a peer at its own column).
+    for (keys, expected) in [
+        (
+            format!("{listen}\npeers = []\n{key_file}"),
+            "t.toml:3:1: sync.peers: give at least one peer",
+        ),
+        (
+            format!("{listen}\npeers = [\"10.0.0.2:7946\", \"10.0.0.1:7946\"]\n{key_file}"),
+            "t.toml:3:27: sync.peers[1]: is this instance's own sync.listen",
+        ),
+        (
+            format!("listen = \"0.0.0.0:7946\"\npeers = [\"127.0.0.1:7946\"]\n{key_file}"),
+            "t.toml:3:10: sync.peers[0]: is this instance's own sync.listen (0.0.0.0:7946)",
+        ),
+        (
+            format!("{listen}\npeers = [\"[2001:db8::2]:7946\"]\n{key_file}"),
+            "sync.peers[0]: an IPv6 address, but sync.listen is IPv4",
+        ),
+        (
+            format!("listen = \"[2001:db8::1]:7946\"\npeers = [\"10.0.0.2:7946\"]\n{key_file}"),
+            "sync.peers[0]: an IPv4 address, but sync.listen is IPv6",
+        ),
+        (
+            format!("{listen}\npeers = [\"10.0.0.2:7946\", \"10.0.0.2:7946\"]\n{key_file}"),
+            "sync.peers[1]: 10.0.0.2:7946 is listed twice",
+        ),
+        (
+            format!("{listen}\npeers = [\"10.0.0.2:0\"]\n{key_file}"),
+            "sync.peers[0]: 10.0.0.2:0: port 0 is not allowed",
+        ),
+        (
+            format!("{listen}\npeers = [\"0.0.0.0:7946\"]\n{key_file}"),
+            "sync.peers[0]: 0.0.0.0:7946: a peer needs a concrete address",
+        ),
+        (
+            format!("listen = \"10.0.0.1:0\"\n{peers}\n{key_file}"),
+            "t.toml:2:1: sync.listen: 10.0.0.1:0: port 0 is not allowed",
+        ),
+        (
+            format!("listen = \"0.0.0.0:53\"\n{peers}\n{key_file}"),
+            "sync.listen: 0.0.0.0:53 conflicts with listener \"l\" on 127.0.0.1:53",
+        ),
+        (
+            format!("{listen}\n{peers}\n{key_file}\ninterval = \"5ms\""),
+            "t.toml:5:1: sync.interval: 5ms is out of range 10ms..=10s",
+        ),
+        (
+            format!("{listen}\n{peers}\n{key_file}\ninterval = \"1m\""),
+            "sync.interval: 1m is out of range 10ms..=10s",
+        ),
+        (
+            format!("{listen}\n{peers}\n{key_file}\nmax_entries = 10"),
+            "t.toml:5:15: sync.max_entries: 10 is out of range 1024..=16777216",
+        ),
+        (
+            format!("{listen}\n{peers}\nkey_file = \"sync.key\""),
+            "sync.key_file: \"sync.key\" is not an absolute path",
+        ),
+        (
+            format!("{listen}\npeers = \"10.0.0.2:7946\"\n{key_file}"),
+            "sync.peers: expected an array of addresses such as [\"10.0.0.2:7946\"], found string",
+        ),
+        (
+            format!("{listen}\npeers = [\"10.0.0.2\"]\n{key_file}"),
+            "t.toml:3:10: sync.peers[0]: \"10.0.0.2\" is not an ip:port address: the port is missing",
+        ),
+    ] {
+        let e = errors(&with(&keys));
+        assert_eq!(e.errors.len(), 1, "{keys}:\n{e}");
+        let text = e.to_string();
+        assert!(text.contains(expected), "{keys}:\n{text}");
+    }
+    // Unknown keys are rejected; a misspelled required key is one error, with a suggestion.
+    let text = errors(&with(&format!(
+        "{listen}\n{peers}\n{key_file}\nsecret = \"x\""
+    )))
+    .to_string();
+    assert!(
+        text.contains("t.toml:5:1: sync.secret: unknown key \"secret\" (expected one of: listen, peers, key_file, interval, max_entries)"),
+        "{text}"
+    );
+    assert_eq!(
+        only_message(&with(&format!(
+            "{listen}\npeer = [\"10.0.0.2:7946\"]\n{key_file}"
+        ))),
+        "unknown key \"peer\", did you mean \"peers\"? (expected one of: listen, peers, key_file, interval, max_entries)"
+    );
 }

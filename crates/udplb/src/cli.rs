@@ -445,6 +445,7 @@ impl OneLiner {
             }),
             listeners: vec![listener],
             announce: None,
+            sync: None,
             pools: vec![PoolConfig {
                 health: Some(
                     self.check
