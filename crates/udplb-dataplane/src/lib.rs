@@ -30,6 +30,7 @@ use std::thread::JoinHandle;
 use arc_swap::ArcSwap;
 use udplb_core::handover::Inherited;
 use udplb_core::snapshot::{ListenerSpec, Snapshot};
+use udplb_core::sync::{Outbox, Synced};
 use udplb_sys::socket::{ListenerOptions, bind_listener, udp_port_taken};
 
 pub use stats::{
@@ -66,7 +67,11 @@ pub struct Bound {
     listener_addrs: Vec<SocketAddr>,
     inherited: Option<Arc<Inherited>>,
     adopted: Vec<handover::HandedFlow>,
+    sync: Option<(Arc<Synced>, Vec<Arc<Outbox>>)>,
 }
+
+/// Placements a worker queues for the peers between two sends, at most.
+const OUTBOX_CAP: usize = 65_536;
 
 impl Bound {
     /// The addresses the listeners are bound to, in snapshot order.
@@ -87,6 +92,16 @@ impl Bound {
         self.adopted = flows;
     }
 
+    /// The workers open a client's flow where `synced` says a peer instance has it, and tell
+    /// the returned outboxes (one per worker) of the flows they open and renew.
+    pub fn share(&mut self, synced: Arc<Synced>) -> Vec<Arc<Outbox>> {
+        let outboxes: Vec<Arc<Outbox>> = (0..self.sockets_per_worker.len())
+            .map(|_| Arc::new(Outbox::new(OUTBOX_CAP)))
+            .collect();
+        self.sync = Some((synced, outboxes.clone()));
+        outboxes
+    }
+
     /// Starts one worker thread per set of sockets.
     pub fn start(self) -> io::Result<Dataplane> {
         let Bound {
@@ -96,6 +111,7 @@ impl Bound {
             listener_addrs,
             inherited,
             mut adopted,
+            sync,
         } = self;
         let listening = Arc::new(handover::Shared::default());
         let workers = sockets_per_worker.len();
@@ -120,6 +136,9 @@ impl Bound {
                 listening: Arc::clone(&listening),
                 inherited: inherited.clone(),
                 adopted: mine,
+                sync: sync
+                    .as_ref()
+                    .map(|(synced, outboxes)| (Arc::clone(synced), Arc::clone(&outboxes[id]))),
             })?;
             wakers.push(worker.waker());
             stats.push(worker_stats);
@@ -251,6 +270,7 @@ impl Dataplane {
             listener_addrs,
             inherited: None,
             adopted: Vec::new(),
+            sync: None,
         })
     }
 

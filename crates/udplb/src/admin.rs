@@ -55,6 +55,8 @@ pub struct State {
     pub quorum: crate::health::QuorumStatus,
     /// The announcement through a routing daemon, when `[announce]` is configured.
     pub announce: Option<crate::announce::Status>,
+    /// Flow-state sync with other instances, when `[sync]` is configured.
+    pub sync: Option<crate::sync::Status>,
 }
 
 /// Most admin connections open at once, whatever the descriptors allow.

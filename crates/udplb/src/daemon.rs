@@ -18,7 +18,7 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, announce, control, health, privileges, reload, systemd, tcp, upgrade};
+use crate::{admin, announce, control, health, privileges, reload, sync, systemd, tcp, upgrade};
 
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file; SIGUSR2
 /// starts the program file udplb was started from and hands over to it ([`upgrade`]).
@@ -85,8 +85,24 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         },
         None => None,
     };
-    let offer = upgrade::offer(program, &cfg, &bound, &tcp_bound, admin_listener.as_ref())
-        .context("keeping the sockets for an upgrade")?;
+    let sync_socket = match &cfg.sync {
+        Some(s) => {
+            let inherited = inheritance
+                .as_mut()
+                .and_then(|from| from.sync_socket(s.listen));
+            Some(sync::bind(s, inherited)?)
+        }
+        None => None,
+    };
+    let offer = upgrade::offer(
+        program,
+        &cfg,
+        &bound,
+        &tcp_bound,
+        admin_listener.as_ref(),
+        sync_socket.as_ref().map(|(socket, _)| socket),
+    )
+    .context("keeping the sockets for an upgrade")?;
     // Read while udplb may still read what only root can.
     let token = match cfg.admin.as_ref().and_then(|a| a.token_file.as_ref()) {
         Some(path) => {
@@ -138,6 +154,14 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let sync_status = cfg.sync.as_ref().map(|s| {
+        let synced = Arc::new(udplb_core::sync::Synced::new(s.max_entries));
+        sync::Status {
+            outboxes: bound.share(Arc::clone(&synced)),
+            synced,
+            stats: Arc::default(),
+        }
+    });
     let dataplane = bound.start()?;
     for (l, addr) in cfg.listeners.iter().zip(dataplane.listener_addrs()) {
         let pool = cfg
@@ -177,6 +201,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         started_unix: crate::health::unix_now(),
         quorum: monitor.quorum_status(),
         announce: cfg.announce.as_ref().map(|_| Default::default()),
+        sync: sync_status.clone(),
         shared: Arc::clone(&shared),
         stats: dataplane.stats().to_vec(),
         workers,
@@ -208,6 +233,18 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         configs: running_config.clone(),
         handed_over: Arc::new(handed_over),
     };
+    if let (Some(s), Some(socket), Some(status)) = (&cfg.sync, sync_socket, sync_status) {
+        let task = sync::Sync::new(
+            &cfg,
+            s,
+            socket,
+            status.synced,
+            status.outboxes,
+            status.stats,
+        );
+        let handed = upgrader.handed_over.subscribe();
+        spawn_control_thread("udplb-sync", ended.clone(), move || task.run(handed))?;
+    }
     if let Some(listener) = admin_listener {
         let state = Arc::clone(&state);
         let handed = upgrader.handed_over.subscribe();

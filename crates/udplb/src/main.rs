@@ -23,6 +23,7 @@ mod preflight;
 mod privileges;
 mod rates;
 mod reload;
+mod sync;
 mod systemd;
 mod tcp;
 mod token;

@@ -159,6 +159,7 @@ impl Collector for Udplb {
             .chain(per_backend)
             .chain(pool_families(&self.0))
             .chain(announce_families(&self.0))
+            .chain(sync_families(&self.0))
             .chain(payload_key_families(&self.0))
             .chain(tcp_families(&self.0))
             .chain(reload_families(&self.0));
@@ -309,6 +310,83 @@ fn announce_families(state: &State) -> Vec<Family<'static>> {
     );
     failures.add(vec![], s.failures as f64);
     vec![announced, wanted, changes, failures]
+}
+
+/// Flow-state sync with other instances, with `[sync]` (none otherwise).
+fn sync_families(state: &State) -> Vec<Family<'static>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(sync) = &state.sync else {
+        return Vec::new();
+    };
+    let s = &sync.stats;
+    let counter = |name, help, value: u64| {
+        let mut f = Family::counter(name, help);
+        f.add(vec![], value as f64);
+        f
+    };
+    let mut refused = Family::counter(
+        "sync_refused",
+        "Sync datagrams refused, by reason (not from a peer's address, malformed, not \
+         authenticated with the shared key, or replayed)",
+    );
+    for (reason, n) in crate::sync::REFUSED.iter().zip(&s.refused) {
+        refused.add(vec![("reason", (*reason).into())], n.load(Relaxed) as f64);
+    }
+    let mut entries = Family::gauge(
+        "sync_placements",
+        "Placements learned from the peers and held (consulted when a flow opens)",
+    );
+    entries.add(vec![], sync.synced.len() as f64);
+    let dropped: u64 = sync.outboxes.iter().map(|o| o.dropped()).sum();
+    vec![
+        counter(
+            "sync_messages_sent",
+            "Sync datagrams sent to the peers (each to one peer)",
+            s.messages_sent.load(Relaxed),
+        ),
+        counter(
+            "sync_placements_sent",
+            "Placements sent to the peers (a flow opened or renewed, once per peer)",
+            s.placements_sent.load(Relaxed),
+        ),
+        counter(
+            "sync_send_errors",
+            "Sync datagrams the system refused to send",
+            s.send_errors.load(Relaxed),
+        ),
+        counter(
+            "sync_placements_not_sent",
+            "Placements dropped before sending: a worker's outbox was full",
+            dropped,
+        ),
+        counter(
+            "sync_messages_received",
+            "Authenticated sync datagrams received from the peers",
+            s.messages_received.load(Relaxed),
+        ),
+        counter(
+            "sync_placements_received",
+            "Placements received from the peers",
+            s.placements_received.load(Relaxed),
+        ),
+        counter(
+            "sync_placements_unknown_listener",
+            "Placements received for a listener name this instance does not have",
+            s.unknown_listener.load(Relaxed),
+        ),
+        counter(
+            "sync_placements_table_full",
+            "Placements received but not stored: sync.max_entries are held",
+            s.table_full.load(Relaxed),
+        ),
+        counter(
+            "sync_placements_used",
+            "Flows opened to the backend a peer said the client's flow was on",
+            sync.synced.hits(),
+        ),
+        refused,
+        entries,
+    ]
 }
 
 /// Per-listener families of the listeners that take TCP (none otherwise).

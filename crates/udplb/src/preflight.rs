@@ -56,6 +56,11 @@ pub fn problems(cfg: &Config, stage: Stage) -> Vec<Problem> {
     {
         out.push(problem("admin.token_file", why));
     }
+    if let (Stage::Start, Some(s)) = (stage, &cfg.sync)
+        && let Err(why) = crate::token::read(&s.key_file)
+    {
+        out.push(problem("sync.key_file", why));
+    }
     if let Some(a) = &cfg.announce {
         check_program(&mut out, "announce.up".into(), &a.up[0], &runner);
         check_program(&mut out, "announce.down".into(), &a.down[0], &runner);

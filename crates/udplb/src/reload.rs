@@ -131,7 +131,7 @@ impl Reloader {
 /// Loads `path` and checks it only changes what a running process can change: pools,
 /// backends, policies, checks and listener settings, but not the set of listeners (names,
 /// addresses, order) nor their `gro` or `socket_buffer` (their sockets are bound, with their
-/// options, at start), nor the admin endpoint.
+/// options, at start), nor the admin endpoint or the flow-state sync.
 fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
     let (mut cfg, positions) =
         udplb_config::load_with_positions(path).map_err(|e| e.to_string())?;
@@ -150,6 +150,17 @@ fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
             "{}: admin: needs a restart: {}",
             path.display(),
             changes.join("; ")
+        ));
+    }
+    if cfg.sync != running.sync {
+        return Err(format!(
+            "{}: sync: needs a restart: [sync] {}",
+            path.display(),
+            match (&running.sync, &cfg.sync) {
+                (None, _) => "added",
+                (_, None) => "removed",
+                _ => "changed",
+            }
         ));
     }
     // Threads are started once: the running count stays.

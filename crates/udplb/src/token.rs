@@ -38,6 +38,11 @@ impl Token {
         std::hint::black_box(diff) == 0
     }
 
+    /// The secret itself (a key to authenticate with: `[sync] key_file`).
+    pub fn secret(&self) -> &[u8] {
+        &self.0
+    }
+
     /// The value of an `Authorization` header carrying it.
     pub fn header(&self) -> String {
         format!("Bearer {}", String::from_utf8_lossy(&self.0))

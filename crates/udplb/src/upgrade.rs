@@ -73,12 +73,14 @@ enum Message {
 }
 
 /// What comes with the descriptors, in their order: every listener's UDP sockets, then the
-/// TCP sockets, then the admin endpoint's.
+/// TCP sockets, then the admin endpoint's, then the flow-state sync's.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Manifest {
     listeners: Vec<ListenerSockets>,
     tcp: Vec<Named>,
     admin: Option<SocketAddr>,
+    #[serde(default)]
+    sync: Option<SocketAddr>,
     health: Vec<Health>,
 }
 
@@ -158,6 +160,7 @@ pub struct Offer {
     listeners: Vec<(String, SocketAddr, Vec<UdpSocket>)>,
     tcp: Vec<(String, SocketAddr, TcpListener)>,
     admin: Option<(SocketAddr, TcpListener)>,
+    sync: Option<(SocketAddr, UdpSocket)>,
 }
 
 impl Offer {
@@ -170,6 +173,7 @@ impl Offer {
             listeners: Vec::new(),
             tcp: Vec::new(),
             admin: None,
+            sync: None,
         }
     }
 
@@ -188,6 +192,12 @@ impl Offer {
     /// The admin endpoint's socket.
     pub fn admin(&mut self, socket: TcpListener) -> std::io::Result<()> {
         self.admin = Some((socket.local_addr()?, socket));
+        Ok(())
+    }
+
+    /// The flow-state sync's socket.
+    pub fn sync(&mut self, socket: UdpSocket) -> std::io::Result<()> {
+        self.sync = Some((socket.local_addr()?, socket));
         Ok(())
     }
 
@@ -270,6 +280,7 @@ impl Offer {
                 })
                 .collect(),
             admin: self.admin.as_ref().map(|(a, _)| *a),
+            sync: self.sync.as_ref().map(|(a, _)| *a),
             health: health(),
         };
         let fds: Vec<BorrowedFd<'_>> = self
@@ -278,6 +289,7 @@ impl Offer {
             .flat_map(|(_, _, sockets)| sockets.iter().map(|s| s.as_fd()))
             .chain(self.tcp.iter().map(|(_, _, s)| s.as_fd()))
             .chain(self.admin.iter().map(|(_, s)| s.as_fd()))
+            .chain(self.sync.iter().map(|(_, s)| s.as_fd()))
             .collect();
         send(channel, &Message::Sockets(manifest), &fds)?;
         match recv(channel, HELLO_TIMEOUT).context("waiting for the successor to bind")? {
@@ -379,6 +391,7 @@ pub struct Inheritance {
     listeners: Vec<(ListenerSockets, Vec<UdpSocket>)>,
     tcp: Vec<(Named, TcpListener)>,
     admin: Option<(SocketAddr, TcpListener)>,
+    sync: Option<(SocketAddr, UdpSocket)>,
     health: Vec<Health>,
 }
 
@@ -405,7 +418,8 @@ impl Inheritance {
         };
         let expected = manifest.listeners.iter().map(|l| l.sockets).sum::<usize>()
             + manifest.tcp.len()
-            + usize::from(manifest.admin.is_some());
+            + usize::from(manifest.admin.is_some())
+            + usize::from(manifest.sync.is_some());
         if fds.len() != expected {
             bail!(
                 "the predecessor sent {} descriptors for {expected} sockets",
@@ -429,11 +443,15 @@ impl Inheritance {
         let admin = manifest
             .admin
             .map(|a| (a, TcpListener::from(fds.next().expect("counted"))));
+        let sync = manifest
+            .sync
+            .map(|a| (a, UdpSocket::from(fds.next().expect("counted"))));
         Ok(Some(Inheritance {
             channel,
             listeners,
             tcp,
             admin,
+            sync,
             health: manifest.health,
         }))
     }
@@ -481,6 +499,14 @@ impl Inheritance {
     /// The inherited admin endpoint socket, if it is bound to `address`.
     pub fn admin_socket(&mut self, address: SocketAddr) -> Option<TcpListener> {
         match self.admin.take() {
+            Some((a, socket)) if a == address => Some(socket),
+            _ => None,
+        }
+    }
+
+    /// The inherited flow-state sync socket, if it is bound to `address`.
+    pub fn sync_socket(&mut self, address: SocketAddr) -> Option<UdpSocket> {
+        match self.sync.take() {
             Some((a, socket)) if a == address => Some(socket),
             _ => None,
         }
@@ -603,6 +629,7 @@ pub fn offer(
     bound: &udplb_dataplane::Bound,
     tcp: &[crate::tcp::Bound],
     admin: Option<&std::net::TcpListener>,
+    sync: Option<&UdpSocket>,
 ) -> std::io::Result<Offer> {
     let mut offer = Offer::new(program, std::env::args_os().skip(1).collect());
     for (i, l) in cfg.listeners.iter().enumerate() {
@@ -618,6 +645,9 @@ pub fn offer(
     }
     if let Some(socket) = admin {
         offer.admin(socket.try_clone()?)?;
+    }
+    if let Some(socket) = sync {
+        offer.sync(socket.try_clone()?)?;
     }
     Ok(offer)
 }

@@ -33,6 +33,7 @@ use udplb_core::engine::{Closed, Engine, Expiry, Handed, SHARED_LISTENERS};
 use udplb_core::flow::FlowHandle;
 use udplb_core::handover::Inherited;
 use udplb_core::snapshot::Snapshot;
+use udplb_core::sync::{Outbox, Synced};
 use udplb_core::verdict::CloseReason;
 use udplb_sys::batch::RecvBatch;
 
@@ -114,6 +115,8 @@ pub(crate) struct WorkerSetup {
     pub inherited: Option<Arc<Inherited>>,
     /// The flows of this worker's sockets a previous process handed over with their sockets.
     pub adopted: Vec<HandedFlow>,
+    /// Flow-state sync: what the peers said and this worker's outbox to them.
+    pub sync: Option<(Arc<Synced>, Arc<Outbox>)>,
 }
 
 /// A worker thread's state.
@@ -163,6 +166,9 @@ impl Worker {
             let longest = snap.listeners.iter().map(|l| l.idle_timeout).max();
             let until = Time(longest.unwrap_or_default().as_millis() as u64);
             engine.inherit(table, until);
+        }
+        if let Some((synced, outbox)) = setup.sync {
+            engine.share(synced, outbox);
         }
         Ok(Worker {
             id: setup.id,

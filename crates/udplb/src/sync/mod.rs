@@ -1,0 +1,272 @@
+//! Flow-state sync with the other udplb instances of `[sync]` (as IPVS's sync daemon): every
+//! `interval`, the flows this instance's workers opened or renewed go to every peer, batched
+//! in authenticated datagrams ([`wire`]); what the peers send goes into the table the workers
+//! consult when a flow opens ([`Synced`]). A router that moves a client to this instance (its
+//! balancer died) then finds its flow continued on the backend it had, even when the backend
+//! set changed since the flow began, where consistent hashing alone would move it.
+//!
+//! Owns: the sync socket, the peers' sequence windows, the table's rotation (an entry lives
+//! one to two hold periods, a hold being twice the longest idle timeout, and active flows are
+//! renewed once per idle timeout) and the counters.
+//! Must not: block a worker (workers only push to their outboxes), or trust a datagram that
+//! does not come from a peer's address with the shared key.
+
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use udplb_config::{Config, FlowSync};
+use udplb_core::SessionMode;
+use udplb_core::handover::Placement;
+use udplb_core::sync::{Outbox, Recorded, Synced};
+
+use wire::{ENTRIES_PER_MESSAGE, Entry, Key, MAX_MESSAGE, Refused, Window};
+
+/// Senders whose sequence windows are kept at most (a peer that restarts is a new sender).
+const MAX_SENDERS: usize = 1024;
+/// The shortest hold period.
+const MIN_HOLD: Duration = Duration::from_secs(1);
+
+/// What the sync has done, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub messages_sent: AtomicU64,
+    pub placements_sent: AtomicU64,
+    pub send_errors: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub placements_received: AtomicU64,
+    /// Placements for a listener this instance does not have.
+    pub unknown_listener: AtomicU64,
+    /// Placements not stored: the table was full.
+    pub table_full: AtomicU64,
+    /// Datagrams refused, by reason: not from a peer, malformed, forged, replayed.
+    pub refused: [AtomicU64; 4],
+}
+
+/// The reasons of [`Stats::refused`], in order.
+pub const REFUSED: [&str; 4] = ["not_a_peer", "malformed", "forged", "replayed"];
+
+/// The sync of one process: its socket, bound before privileges are dropped.
+pub struct Sync {
+    socket: std::net::UdpSocket,
+    key: Key,
+    peers: Vec<SocketAddr>,
+    interval: Duration,
+    hold: Duration,
+    synced: Arc<Synced>,
+    outboxes: Vec<Arc<Outbox>>,
+    /// Listener index (snapshot order) → its id between instances, and back.
+    ids: Vec<u64>,
+    indexes: HashMap<u64, u16>,
+    sender: u64,
+    sequence: u64,
+    windows: HashMap<u64, Window>,
+    stats: Arc<Stats>,
+}
+
+/// Reads the key and binds `sync.listen`, unless a predecessor handed over its socket
+/// (`inherited`: an upgrade; the peers' messages then keep reaching this address).
+pub fn bind(
+    sync: &FlowSync,
+    inherited: Option<std::net::UdpSocket>,
+) -> anyhow::Result<(std::net::UdpSocket, Key)> {
+    let secret = crate::token::read(&sync.key_file)
+        .map_err(|why| anyhow::anyhow!("sync.key_file: {why}"))?;
+    let socket = match inherited {
+        Some(s) => s,
+        None => std::net::UdpSocket::bind(sync.listen)
+            .with_context(|| format!("sync.listen: binding {}", sync.listen))?,
+    };
+    socket.set_nonblocking(true)?;
+    Ok((socket, Key::new(secret.secret())))
+}
+
+/// The sync's state for `/metrics` and the status.
+#[derive(Clone)]
+pub struct Status {
+    pub stats: Arc<Stats>,
+    pub synced: Arc<Synced>,
+    pub outboxes: Vec<Arc<Outbox>>,
+}
+
+impl Sync {
+    /// The sync of `cfg`'s `[sync]` over `socket`, sharing `synced` and the workers' outboxes.
+    pub fn new(
+        cfg: &Config,
+        sync: &FlowSync,
+        (socket, key): (std::net::UdpSocket, Key),
+        synced: Arc<Synced>,
+        outboxes: Vec<Arc<Outbox>>,
+        stats: Arc<Stats>,
+    ) -> Sync {
+        let ids: Vec<u64> = cfg
+            .listeners
+            .iter()
+            .map(|l| wire::listener_id(&l.name))
+            .collect();
+        let indexes = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i as u16))
+            .collect();
+        let longest = cfg
+            .listeners
+            .iter()
+            .filter(|l| l.mode != SessionMode::Datagram)
+            .map(|l| l.idle_timeout)
+            .max()
+            .unwrap_or_default();
+        Sync {
+            socket,
+            key,
+            peers: sync.peers.clone(),
+            interval: sync.interval,
+            hold: (2 * longest).max(MIN_HOLD),
+            synced,
+            outboxes,
+            ids,
+            indexes,
+            sender: random_u64(),
+            sequence: 0,
+            windows: HashMap::new(),
+            stats,
+        }
+    }
+
+    /// Sends and receives until the process hands its listeners to a successor (`handed`
+    /// turns true): the socket is closed then, so the peers' messages reach the successor.
+    pub async fn run(mut self, mut handed: tokio::sync::watch::Receiver<bool>) {
+        let socket = match tokio::net::UdpSocket::from_std(self.socket.try_clone().expect("dup")) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "sync: the socket cannot be used");
+                return;
+            }
+        };
+        tracing::info!(
+            listen = %socket.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            peers = self.peers.len(),
+            hold = ?self.hold,
+            "sync: sharing flows with the peers"
+        );
+        let mut send = tokio::time::interval(self.interval);
+        send.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rotate = tokio::time::interval(self.hold);
+        rotate.tick().await;
+        let mut buf = vec![0u8; 65_536];
+        let mut pending = Vec::new();
+        let mut out = Vec::with_capacity(MAX_MESSAGE);
+        loop {
+            tokio::select! {
+                _ = send.tick() => self.send(&socket, &mut pending, &mut out).await,
+                _ = rotate.tick() => self.synced.rotate(),
+                r = socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.receive(&buf[..n], from),
+                    Err(e) => tracing::debug!(error = %e, "sync: receive"),
+                },
+                _ = handed.wait_for(|h| *h) => break,
+            }
+        }
+        drop(socket);
+        drop(self.socket);
+        tracing::info!("sync: socket closed, the successor takes the peers' messages");
+        std::future::pending::<()>().await;
+    }
+
+    /// Sends every queued placement to every peer.
+    async fn send(
+        &mut self,
+        socket: &tokio::net::UdpSocket,
+        pending: &mut Vec<Placement>,
+        out: &mut Vec<u8>,
+    ) {
+        pending.clear();
+        for o in &self.outboxes {
+            o.drain_into(pending);
+        }
+        let entries: Vec<Entry> = pending
+            .iter()
+            .filter_map(|p| {
+                Some(Entry {
+                    listener: *self.ids.get(usize::from(p.listener))?,
+                    client: p.client,
+                    backend: p.backend,
+                })
+            })
+            .collect();
+        for chunk in entries.chunks(ENTRIES_PER_MESSAGE) {
+            self.sequence += 1;
+            wire::encode(&self.key, self.sender, self.sequence, chunk, out);
+            for peer in &self.peers {
+                match socket.send_to(out, peer).await {
+                    Ok(_) => {
+                        self.stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .placements_sent
+                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        self.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %peer, error = %e, "sync: send");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records what an authenticated, new message from a peer says.
+    fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
+        let refuse = |i: usize| {
+            self.stats.refused[i].fetch_add(1, Ordering::Relaxed);
+        };
+        if !self.peers.iter().any(|p| same_ip(p.ip(), from.ip())) {
+            return refuse(0);
+        }
+        let m = match wire::decode(&self.key, datagram) {
+            Ok(m) => m,
+            Err(Refused::Malformed) => return refuse(1),
+            Err(Refused::Forged) => return refuse(2),
+        };
+        if self.windows.len() >= MAX_SENDERS && !self.windows.contains_key(&m.sender) {
+            self.windows.clear();
+        }
+        if !self.windows.entry(m.sender).or_default().accept(m.sequence) {
+            return refuse(3);
+        }
+        let stats = &self.stats;
+        stats.messages_received.fetch_add(1, Ordering::Relaxed);
+        stats
+            .placements_received
+            .fetch_add(m.entries.len() as u64, Ordering::Relaxed);
+        for e in m.entries {
+            let Some(&listener) = self.indexes.get(&e.listener) else {
+                stats.unknown_listener.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let placed = self.synced.record(Placement {
+                listener,
+                client: e.client,
+                backend: e.backend,
+            });
+            if placed == Recorded::Full {
+                stats.table_full.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Whether `a` and `b` are one address (an IPv4 peer may be seen as IPv4-mapped IPv6).
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
+}
+
+/// A number no other process is likely to draw (std's hasher keys are random per process).
+fn random_u64() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+}
