@@ -331,9 +331,9 @@ fn ecmp_client_in_namespace() {
     }
 }
 
-/// Three backends in `ns` on `ip`:7001..7003, answering with their tags x, y and z.
-fn tagged_backends(net: &mut Net, ns: &str, ip: &str) {
-    for (i, tag) in ["x", "y", "z"].iter().enumerate() {
+/// `n` (at most 4) backends in `ns` on `ip`:7001.., answering with their tags x, y, z and w.
+fn tagged_backends(net: &mut Net, ns: &str, ip: &str, n: usize) {
+    for (i, tag) in ["x", "y", "z", "w"].iter().take(n).enumerate() {
         let child = Net::helper(
             ns,
             "ecmp_backend_in_namespace",
@@ -351,10 +351,11 @@ fn tagged_backends(net: &mut Net, ns: &str, ip: &str) {
 }
 
 /// A balancer's udplb configuration: the admin endpoint on loopback, `sections` (e.g.
-/// `[announce]`), the listener on `vip`:5300 and Maglev over the [`tagged_backends`] on
-/// `backends_ip`, UDP-checked. The same on every balancer: each places a client alike.
-fn balancer_toml(vip: &str, backends_ip: &str, sections: &str) -> String {
-    let backends: Vec<String> = (7001..=7003)
+/// `[announce]`), the listener on `vip`:5300 and Maglev over the first `n` of the
+/// [`tagged_backends`] on `backends_ip`, UDP-checked. The same on every balancer: each places
+/// a client alike.
+fn balancer_toml(vip: &str, backends_ip: &str, n: u16, sections: &str) -> String {
+    let backends: Vec<String> = (7001..7001 + n)
         .map(|p| format!("\"{backends_ip}:{p}\""))
         .collect();
     format!(
@@ -390,49 +391,126 @@ fn next_hops(router: &str, vip: &str) -> usize {
     }
 }
 
-#[test]
-fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_its_backend() {
-    if !is_root() {
-        eprintln!("skipped: network namespaces and bird need root");
-        return;
+/// A router learning the virtual address over BGP from three balancers (bird2 on each, ECMP
+/// with an L4 hash), tagged backends behind the router, and a client host, in namespaces the
+/// test makes. udplb is started on the balancers by the test.
+struct Ecmp {
+    net: Net,
+    t: u32,
+    router: String,
+    clients: String,
+    balancers: Vec<String>,
+    vip: String,
+    /// Each balancer's udplb and bird.
+    udplb: Vec<u32>,
+    birds: Vec<u32>,
+}
+
+impl Ecmp {
+    /// The topology with `backends` tagged backends, its namespaces named after `prefix`;
+    /// `None` (said why) without root or bird2.
+    fn build(prefix: &str, backends: usize) -> Option<Ecmp> {
+        if !is_root() {
+            eprintln!("skipped: network namespaces and bird need root");
+            return None;
+        }
+        need("bird", "bird2");
+        need("curl", "curl");
+        let t = std::process::id() % 200;
+        let mut net = Net::new(scratch_dir(prefix));
+        let (r, c, k) = (
+            format!("{prefix}-r{t}"),
+            format!("{prefix}-c{t}"),
+            format!("{prefix}-k{t}"),
+        );
+        let balancers: Vec<String> = (1..=3).map(|i| format!("{prefix}-b{i}-{t}")).collect();
+        if let Err(why) = net.add(&r) {
+            eprintln!("skipped: cannot make network namespaces here: {why}");
+            return None;
+        }
+        let vip = format!("10.96.{t}.1");
+        if let Err(why) = Self::link(&mut net, t, &r, &c, &k, &balancers, &vip) {
+            panic!("building the topology: {why}");
+        }
+        let timers = "hold time 3; keepalive time 1; connect delay time 1; connect retry time 1; \
+                      error wait time 1, 2;";
+        let mut router = format!(
+            "router id 10.92.{t}.1;\nprotocol device {{ scan time 1; }}\n\
+             protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n"
+        );
+        for i in 1..=3 {
+            let base = 4 * i;
+            router += &format!(
+                "protocol bgp b{i} {{ local 10.94.{t}.{} as 65000; neighbor 10.94.{t}.{} as \
+                 65001; {timers} ipv4 {{ import all; export none; }}; }}\n",
+                base + 1,
+                base + 2
+            );
+        }
+        net.bird(&r, "router", &router);
+        tagged_backends(&mut net, &k, &format!("10.91.{t}.2"), backends);
+        let mut birds = Vec::new();
+        for (i, b) in balancers.iter().enumerate() {
+            let base = 4 * (i + 1);
+            let bird_conf = format!(
+                "router id 10.94.{t}.{};\nprotocol device {{ scan time 1; }}\n\
+                 protocol static vip {{ disabled; ipv4; route {vip}/32 blackhole; }}\n\
+                 protocol bgp uplink {{ local 10.94.{t}.{} as 65001; neighbor 10.94.{t}.{} as \
+                 65000; {timers} ipv4 {{ import none; export where proto = \"vip\"; next hop \
+                 self; }}; }}\n",
+                base + 2,
+                base + 2,
+                base + 1
+            );
+            birds.push(net.bird(b, &format!("b{}", i + 1), &bird_conf));
+        }
+        Some(Ecmp {
+            net,
+            t,
+            router: r,
+            clients: c,
+            balancers,
+            vip,
+            udplb: Vec::new(),
+            birds,
+        })
     }
-    need("bird", "bird2");
-    need("curl", "curl");
-    let t = std::process::id() % 200;
-    let mut net = Net::new(scratch_dir("ecmp"));
-    let (r, c, k) = (
-        format!("ulbe-r{t}"),
-        format!("ulbe-c{t}"),
-        format!("ulbe-k{t}"),
-    );
-    let balancers: Vec<String> = (1..=3).map(|i| format!("ulbe-b{i}-{t}")).collect();
-    if let Err(why) = net.add(&r) {
-        eprintln!("skipped: cannot make network namespaces here: {why}");
-        return;
-    }
-    let built = (|| -> Result<(), String> {
-        for ns in [&c, &k].into_iter().chain(&balancers) {
+
+    /// Namespaces, links, routes and the router's ECMP hashing.
+    fn link(
+        net: &mut Net,
+        t: u32,
+        r: &str,
+        c: &str,
+        k: &str,
+        balancers: &[String],
+        vip: &str,
+    ) -> Result<(), String> {
+        for ns in [c, k]
+            .into_iter()
+            .chain(balancers.iter().map(String::as_str))
+        {
             net.add(ns)?;
         }
         net.link(
-            &r,
+            r,
             "rc",
             &format!("10.92.{t}.1/30"),
-            &c,
+            c,
             "cr",
             &format!("10.92.{t}.2/30"),
         )?;
         net.link(
-            &r,
+            r,
             "rk",
             &format!("10.91.{t}.1/30"),
-            &k,
+            k,
             "kr",
             &format!("10.91.{t}.2/30"),
         )?;
         ip(&[
             "-n",
-            &c,
+            c,
             "route",
             "add",
             "default",
@@ -441,7 +519,7 @@ fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_
         ])?;
         ip(&[
             "-n",
-            &k,
+            k,
             "route",
             "add",
             "default",
@@ -451,37 +529,22 @@ fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_
         for (i, b) in balancers.iter().enumerate() {
             let base = 4 * (i + 1);
             net.link(
-                &r,
+                r,
                 &format!("rb{}", i + 1),
                 &format!("10.94.{t}.{}/30", base + 1),
                 b,
                 "uplink0",
                 &format!("10.94.{t}.{}/30", base + 2),
             )?;
-            ip(&[
-                "-n",
-                b,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.94.{t}.{}", base + 1),
-            ])?;
-            ip(&[
-                "-n",
-                b,
-                "addr",
-                "add",
-                &format!("10.96.{t}.1/32"),
-                "dev",
-                "lo",
-            ])?;
+            let gateway = format!("10.94.{t}.{}", base + 1);
+            ip(&["-n", b, "route", "add", "default", "via", &gateway])?;
+            ip(&["-n", b, "addr", "add", &format!("{vip}/32"), "dev", "lo"])?;
         }
         for sysctl in [
             "net.ipv4.ip_forward=1",
             "net.ipv4.fib_multipath_hash_policy=1",
         ] {
-            let ok = Net::exec(&r, Path::new("sysctl"))
+            let ok = Net::exec(r, Path::new("sysctl"))
                 .args(["-q", "-w", sysctl])
                 .status()
                 .map_err(|e| e.to_string())?;
@@ -490,108 +553,129 @@ fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_
             }
         }
         Ok(())
-    })();
-    if let Err(why) = built {
-        panic!("building the topology: {why}");
     }
-    let vip = format!("10.96.{t}.1");
-    let timers = "hold time 3; keepalive time 1; connect delay time 1; connect retry time 1; \
-                  error wait time 1, 2;";
-    let mut router = format!(
-        "router id 10.92.{t}.1;\nprotocol device {{ scan time 1; }}\n\
-         protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n"
-    );
-    for i in 1..=3 {
-        let base = 4 * i;
-        router += &format!(
-            "protocol bgp b{i} {{ local 10.94.{t}.{} as 65000; neighbor 10.94.{t}.{} as 65001; \
-             {timers} ipv4 {{ import all; export none; }}; }}\n",
-            base + 1,
-            base + 2
-        );
+
+    /// Balancer `i`'s address on its link to the router.
+    fn uplink(&self, i: usize) -> String {
+        format!("10.94.{}.{}", self.t, 4 * (i + 1) + 2)
     }
-    net.bird(&r, "router", &router);
-    // Three backends, tagged, behind the router.
-    tagged_backends(&mut net, &k, &format!("10.91.{t}.2"));
-    // The same configuration on every balancer: Maglev places a client alike on each.
-    let mut udplb = Vec::new();
-    let mut birds = Vec::new();
-    for (i, b) in balancers.iter().enumerate() {
-        let base = 4 * (i + 1);
-        let bird_conf = format!(
-            "router id 10.94.{t}.{};\nprotocol device {{ scan time 1; }}\n\
-             protocol static vip {{ disabled; ipv4; route {vip}/32 blackhole; }}\n\
-             protocol bgp uplink {{ local 10.94.{t}.{} as 65001; neighbor 10.94.{t}.{} as 65000; \
-             {timers} ipv4 {{ import none; export where proto = \"vip\"; next hop self; }}; }}\n",
-            base + 2,
-            base + 2,
-            base + 1
-        );
-        let name = format!("b{}", i + 1);
-        birds.push(net.bird(b, &name, &bird_conf));
-        let control = net.dir.join(format!("{name}.ctl")).display().to_string();
-        let birdc = |verb: &str| format!("[\"birdc\", \"-s\", \"{control}\", \"{verb}\", \"vip\"]");
-        let announce = format!(
+
+    /// Balancer `i`'s `[announce]`: enabling and disabling its bird's `vip` protocol.
+    fn announce(&self, i: usize) -> String {
+        let control = self.net.dir.join(format!("b{}.ctl", i + 1));
+        let birdc = |verb: &str| {
+            format!(
+                "[\"birdc\", \"-s\", \"{}\", \"{verb}\", \"vip\"]",
+                control.display()
+            )
+        };
+        format!(
             "[announce]\nup = {}\ndown = {}\nwithdraw_delay = \"2s\"\n",
             birdc("enable"),
             birdc("disable")
-        );
-        let toml = balancer_toml(&vip, &format!("10.91.{t}.2"), &announce);
-        udplb.push(run_balancer(&mut net, b, &name, &toml));
+        )
     }
-    let logs = |net: &Net| -> String {
+
+    /// Starts udplb on balancer `i` with `toml`.
+    fn start_udplb(&mut self, i: usize, toml: &str) {
+        let (ns, name) = (self.balancers[i].clone(), format!("b{}", i + 1));
+        let pid = run_balancer(&mut self.net, &ns, &name, toml);
+        self.udplb.push(pid);
+    }
+
+    fn logs(&self) -> String {
         (1..=3)
-            .map(|i| std::fs::read_to_string(net.dir.join(format!("b{i}.log"))).unwrap_or_default())
+            .map(|i| {
+                std::fs::read_to_string(self.net.dir.join(format!("b{i}.log"))).unwrap_or_default()
+            })
             .collect::<Vec<_>>()
             .join("\n---\n")
-    };
-    assert!(
-        wait_for(Duration::from_secs(30), || next_hops(&r, &vip) == 3),
-        "the router never had three next hops: {}",
-        logs(&net)
-    );
+    }
 
-    // Steady load from 60 clients for 9 s.
-    let flows = 60;
-    let client = Net::helper(
-        &c,
-        "ecmp_client_in_namespace",
-        &[
-            ("UDPLB_TEST_ECMP_TARGET", format!("{vip}:5300")),
-            ("UDPLB_TEST_ECMP_FLOWS", flows.to_string()),
-            ("UDPLB_TEST_ECMP_MS", "9000".into()),
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let started = Instant::now();
-    let flows_on = |b: &str| -> u64 {
-        let out = Net::exec(b, Path::new("curl"))
+    /// Waits until the router has a route to the virtual address through every balancer.
+    fn wait_for_every_balancer(&self) {
+        assert!(
+            wait_for(Duration::from_secs(30), || next_hops(
+                &self.router,
+                &self.vip
+            ) == 3),
+            "the router never had three next hops: {}",
+            self.logs()
+        );
+    }
+
+    /// `flows` clients, each sending every 10 ms for `ms` ([`ecmp_client_in_namespace`]).
+    fn clients(&self, flows: usize, ms: u64) -> Child {
+        Net::helper(
+            &self.clients,
+            "ecmp_client_in_namespace",
+            &[
+                ("UDPLB_TEST_ECMP_TARGET", format!("{}:5300", self.vip)),
+                ("UDPLB_TEST_ECMP_FLOWS", flows.to_string()),
+                ("UDPLB_TEST_ECMP_MS", ms.to_string()),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+    }
+
+    /// The `/stats` of balancer `i`'s udplb.
+    fn stats(&self, i: usize) -> serde_json::Value {
+        let out = Net::exec(&self.balancers[i], Path::new("curl"))
             .args(["-s", "127.0.0.1:9190/stats"])
             .output()
             .unwrap();
-        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        stats["listeners"][0]["flows"]["live"].as_u64().unwrap_or(0)
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// Kills balancer `i`: udplb and bird (its BGP session goes with it).
+    fn kill(&self, i: usize) {
+        signal(self.udplb[i], "KILL");
+        signal(self.birds[i], "KILL");
+    }
+}
+
+#[test]
+fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_its_backend() {
+    let Some(mut ecmp) = Ecmp::build("ulbe", 3) else {
+        return;
+    };
+    // The same configuration on every balancer: Maglev places a client alike on each.
+    for i in 0..3 {
+        let backends = format!("10.91.{}.2", ecmp.t);
+        let toml = balancer_toml(&ecmp.vip, &backends, 3, &ecmp.announce(i));
+        ecmp.start_udplb(i, &toml);
+    }
+    ecmp.wait_for_every_balancer();
+    let (r, vip) = (ecmp.router.clone(), ecmp.vip.clone());
+
+    // Steady load from 60 clients for 9 s.
+    let flows = 60;
+    let client = ecmp.clients(flows, 9000);
+    let started = Instant::now();
+    let flows_on = |i: usize| {
+        ecmp.stats(i)["listeners"][0]["flows"]["live"]
+            .as_u64()
+            .unwrap_or(0)
     };
 
     // 3 s in: balancer 2 dies, udplb and bird (its BGP session goes with it).
     std::thread::sleep(Duration::from_millis(3_000).saturating_sub(started.elapsed()));
-    let on_dead = flows_on(&balancers[1]);
+    let on_dead = flows_on(1);
     let killed_at = started.elapsed();
-    signal(udplb[1], "KILL");
-    signal(birds[1], "KILL");
+    ecmp.kill(1);
     let dead_withdrawn =
         took(DEADLINE, || next_hops(&r, &vip) == 2).expect("the dead balancer's route stayed");
 
     // 6 s in: balancer 3 is stopped: it withdraws first, then drains.
     std::thread::sleep(Duration::from_millis(6_000).saturating_sub(started.elapsed()));
     let drained_at = started.elapsed();
-    signal(udplb[2], "TERM");
+    signal(ecmp.udplb[2], "TERM");
     let drain_withdrawn =
         took(DEADLINE, || next_hops(&r, &vip) == 1).expect("the stopped balancer did not withdraw");
-    let still_running = std::fs::read_to_string(format!("/proc/{}/stat", udplb[2])).is_ok();
+    let still_running = std::fs::read_to_string(format!("/proc/{}/stat", ecmp.udplb[2])).is_ok();
 
     let out = client.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
@@ -617,6 +701,118 @@ fn ecmp_over_three_balancers_loses_nothing_of_survivors_and_keeps_every_flow_on_
         late_losses, 0,
         "datagrams lost outside the kill window: {report}"
     );
+}
+
+/// A backend is added on every balancer (a reload), then a balancer dies: the flows the
+/// router moves to the survivors (the dead one's, and those the re-hash shuffles) are placed
+/// afresh there, by a Maglev table that now has the new backend. With `sync`, each balancer
+/// has told the others where its flows go; returns how many of `flows` changed backend, and
+/// how many the survivors placed from what a peer told them.
+fn backend_change_then_a_balancer_dies(
+    prefix: &str,
+    sync: bool,
+    flows: usize,
+) -> Option<(usize, u64)> {
+    let mut ecmp = Ecmp::build(prefix, 4)?;
+    let key = ecmp.net.dir.join("sync.key");
+    std::fs::write(&key, "a-key-every-balancer-shares\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let backends = format!("10.91.{}.2", ecmp.t);
+    let tomls: Vec<(String, String)> = (0..3)
+        .map(|i| {
+            let peers: Vec<String> = (0..3)
+                .filter(|&j| j != i)
+                .map(|j| format!("\"{}:7946\"", ecmp.uplink(j)))
+                .collect();
+            let sections = if sync {
+                format!(
+                    "{}[sync]\nlisten = \"{}:7946\"\npeers = [{}]\nkey_file = \"{}\"\n",
+                    ecmp.announce(i),
+                    ecmp.uplink(i),
+                    peers.join(", "),
+                    key.display()
+                )
+            } else {
+                ecmp.announce(i)
+            };
+            (
+                balancer_toml(&ecmp.vip, &backends, 3, &sections),
+                balancer_toml(&ecmp.vip, &backends, 4, &sections),
+            )
+        })
+        .collect();
+    for (i, (before, _)) in tomls.iter().enumerate() {
+        ecmp.start_udplb(i, before);
+    }
+    ecmp.wait_for_every_balancer();
+    let client = ecmp.clients(flows, 7000);
+    let started = Instant::now();
+    // 1.5 s in: a fourth backend on every balancer; established flows stay where they are.
+    std::thread::sleep(Duration::from_millis(1_500));
+    for (i, (_, after)) in tomls.iter().enumerate() {
+        std::fs::write(ecmp.net.dir.join(format!("b{}.toml", i + 1)), after).unwrap();
+        signal(ecmp.udplb[i], "HUP");
+    }
+    let fourth_up =
+        |i: usize| ecmp.stats(i)["pools"][0]["backends"][3]["healthy"].as_bool() == Some(true);
+    assert!(
+        wait_for(DEADLINE, || (0..3).all(fourth_up)),
+        "the fourth backend never came up everywhere: {}",
+        ecmp.logs()
+    );
+    // 3 s in: balancer 2 dies.
+    std::thread::sleep(Duration::from_millis(3_000).saturating_sub(started.elapsed()));
+    ecmp.kill(1);
+    let withdrawn = took(DEADLINE, || next_hops(&ecmp.router, &ecmp.vip) == 2)
+        .expect("the dead balancer's route stayed");
+    let out = client.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let (moved, lossy, _) = client_report(&report, flows);
+    let used: u64 = [0, 2]
+        .iter()
+        .map(|&i| {
+            let out = Net::exec(&ecmp.balancers[i], Path::new("curl"))
+                .args(["-s", "127.0.0.1:9190/metrics"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| {
+                    let v: f64 = l
+                        .strip_prefix("udplb_sync_placements_used_total ")?
+                        .parse()
+                        .ok()?;
+                    Some(v as u64)
+                })
+                .unwrap_or(0)
+        })
+        .sum();
+    eprintln!(
+        "ecmp, backend added then balancer 2 killed (sync {sync}): {flows} flows, route withdrawn \
+         after {withdrawn:?}, {lossy} flows lost datagrams (the dead balancer's, until then); \
+         {moved} flows changed backend; {used} flows placed by what a peer told"
+    );
+    Some((moved, used))
+}
+
+#[test]
+fn with_flow_sync_no_flow_moves_when_a_backend_change_and_a_balancer_death_coincide() {
+    let flows = 120;
+    let Some((moved, used)) = backend_change_then_a_balancer_dies("ulbs", true, flows) else {
+        return;
+    };
+    assert_eq!(moved, 0, "flows changed backend");
+    assert!(used > 0, "no flow was placed by what a peer told");
+}
+
+#[test]
+fn without_flow_sync_some_flows_move_when_a_backend_change_and_a_balancer_death_coincide() {
+    // What the sync is for: consistent hashing alone moves some established flows here.
+    let Some((moved, used)) = backend_change_then_a_balancer_dies("ulbn", false, 120) else {
+        return;
+    };
+    assert!(moved > 0, "no flow moved: the scenario shows nothing");
+    assert_eq!(used, 0);
 }
 
 /// `udplb ctl ready` (`GET /api/v1/ready`), what keepalived's track_script runs: 0 while the
@@ -788,12 +984,12 @@ impl Vrrp {
             panic!("building the topology: {why}");
         }
         let vip = format!("10.89.{t}.100");
-        tagged_backends(&mut net, &ns("k"), &format!("10.89.{t}.20"));
+        tagged_backends(&mut net, &ns("k"), &format!("10.89.{t}.20"), 3);
         let udplb_bin = env!("CARGO_BIN_EXE_udplb");
         for (h, priority) in [("m", 150), ("s", 100)] {
             let name = ns(h);
             // The same udplb on both: listening on the address before owning it (IP_FREEBIND).
-            let toml = balancer_toml(&vip, &format!("10.89.{t}.20"), "");
+            let toml = balancer_toml(&vip, &format!("10.89.{t}.20"), 3, "");
             run_balancer(&mut net, &name, h, &toml);
             let keepalived = net.dir.join(format!("{h}-keepalived.conf"));
             std::fs::write(
