@@ -182,3 +182,37 @@ fn sync_datagrams_not_from_a_peer_with_the_key_change_nothing() {
     let c = client("127.0.0.1:0");
     assert_eq!(tag(&request(&c, listen, b"hello").0), "b1");
 }
+
+#[test]
+fn an_upgraded_instance_goes_on_hearing_its_peers() {
+    let dir = scratch_dir("sync-upgrade");
+    let key = key_file(&dir, "a-shared-key-of-the-two-balancers");
+    let backends: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start("127.0.0.1", &format!("b{i}")))
+        .collect();
+    let list: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
+    let (sync_a, sync_b) = (listen_addr("127.0.0.1"), listen_addr("127.0.0.1"));
+    let (listen_a, listen_b) = (listen_addr("127.0.0.1"), listen_addr("127.0.0.1"));
+    let _a = instance(listen_a, &list, Some((sync_a, sync_b, &key)));
+    let b = instance(listen_b, &list, Some((sync_b, sync_a, &key)));
+    // B is serving (it answers) before it is upgraded.
+    let probe = client("127.0.0.1:0");
+    request(&probe, listen_b, b"hello");
+    let old = b.pid();
+    signal(old, "USR2");
+    assert!(
+        wait_for(DEADLINE, || pid_at(&b).is_some_and(|p| p != old)),
+        "no successor"
+    );
+    let _successor = Adopted(pid_at(&b).unwrap());
+    // The old process drains its flows meanwhile; it no longer reads the sync socket.
+    let clients: Vec<UdpSocket> = (0..CLIENTS).map(|_| client("127.0.0.1:0")).collect();
+    let placed = backends_through(&clients, listen_a, false);
+    assert!(
+        wait_for(DEADLINE, || metric(&b, "udplb_sync_placements")
+            >= CLIENTS as f64),
+        "the successor learned {} of {CLIENTS} placements",
+        metric(&b, "udplb_sync_placements")
+    );
+    assert_eq!(backends_through(&clients, listen_b, true), placed);
+}

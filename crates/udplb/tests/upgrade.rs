@@ -13,15 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A process that is not the test's child (the successor), killed when dropped.
-struct Adopted(u32);
-
-impl Drop for Adopted {
-    fn drop(&mut self) {
-        signal(self.0, "KILL");
-    }
-}
-
 /// A copy of the udplb binary under test at `dir/udplb`, as a package would install it.
 fn install(dir: &Path) -> PathBuf {
     let program = dir.join("udplb");
@@ -44,10 +35,6 @@ fn upgrade_file(program: &Path, tail: &[u8]) -> u64 {
 /// The inode of the program process `pid` runs.
 fn program_inode(pid: u32) -> u64 {
     std::fs::metadata(format!("/proc/{pid}/exe")).unwrap().ino()
-}
-
-fn pid_at(lb: &Udplb) -> Option<u32> {
-    lb.try_stats()?.get("pid")?.as_u64().map(|p| p as u32)
 }
 
 fn alive(pid: u32) -> bool {

@@ -816,3 +816,17 @@ pub fn need(bin: &str, packages: &str) -> std::path::PathBuf {
             panic!("{bin} not found: install Debian's {packages} (scripts/test.sh does as root)")
         })
 }
+
+/// A process that is not the test's child (an upgrade's successor), killed when dropped.
+pub struct Adopted(pub u32);
+
+impl Drop for Adopted {
+    fn drop(&mut self) {
+        signal(self.0, "KILL");
+    }
+}
+
+/// The process id the admin endpoint of `lb` reports (after an upgrade: the successor's).
+pub fn pid_at(lb: &Udplb) -> Option<u32> {
+    lb.try_stats()?.get("pid")?.as_u64().map(|p| p as u32)
+}
