@@ -387,6 +387,7 @@ pub(crate) fn stats_json(state: &State) -> Value {
             .announce
             .as_ref()
             .map(|a| json!(*a.lock().unwrap_or_else(|p| p.into_inner()))),
+        "sync": state.sync.as_ref().map(crate::sync::Status::json),
         "admin": {
             "allow_changes": state.allow_changes,
             "token_required": state.token.is_some(),

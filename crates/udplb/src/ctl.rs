@@ -260,7 +260,36 @@ fn status_table(v: &Value) -> String {
             &text(&l["flows"]["live"]),
         ]));
     }
-    layout(&rows) + &announcement(&v["announce"])
+    layout(&rows) + &announcement(&v["announce"]) + &flow_sync(&v["sync"])
+}
+
+/// The flow-state sync line under `status`, with `[sync]`: when each peer was last heard,
+/// the placements held and used.
+fn flow_sync(s: &Value) -> String {
+    if s.is_null() {
+        return String::new();
+    }
+    let now = crate::health::unix_now();
+    let peers: Vec<String> = s["peers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| match p["heard_unix"].as_f64() {
+            Some(_) => format!(
+                "{} heard {} ago",
+                text(&p["address"]),
+                since(&p["heard_unix"], now)
+            ),
+            None => format!("{} never heard", text(&p["address"])),
+        })
+        .collect();
+    format!(
+        "sync: {}; {} placements from peers held, {} flows placed by them\n",
+        peers.join(", "),
+        text(&s["placements"]),
+        text(&s["used"])
+    )
 }
 
 /// The announcement line under `status`, with `[announce]`: announced or withdrawn, for how

@@ -157,9 +157,11 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     let sync_status = cfg.sync.as_ref().map(|s| {
         let synced = Arc::new(udplb_core::sync::Synced::new(s.max_entries));
         sync::Status {
+            listen: s.listen,
+            peers: s.peers.clone(),
             outboxes: bound.share(Arc::clone(&synced)),
             synced,
-            stats: Arc::default(),
+            stats: Arc::new(sync::Stats::new(s.peers.len())),
         }
     });
     let dataplane = bound.start()?;

@@ -123,6 +123,18 @@ fn a_client_turning_to_another_instance_keeps_the_backend_the_first_one_chose() 
         "udplb_sync_placements_received_total"
     ) >= CLIENTS as f64));
     drop(unsynced);
+    // The operator's view: each peer heard, what is held and used.
+    let (ok, status, _) = ctl(b.admin, &["status"], &[]);
+    assert!(ok);
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("sync: "))
+        .unwrap_or_default();
+    assert!(
+        line.contains(&format!("{sync_a} heard ")) && line.contains(" flows placed by them"),
+        "{status}"
+    );
+    assert_eq!(b.stats()["sync"]["used"], CLIENTS as u64);
 }
 
 #[test]

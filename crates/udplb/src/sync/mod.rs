@@ -46,6 +46,19 @@ pub struct Stats {
     pub table_full: AtomicU64,
     /// Datagrams refused, by reason: not from a peer, malformed, forged, replayed.
     pub refused: [AtomicU64; 4],
+    /// Per peer (in `[sync] peers` order): when an authenticated message last came from it,
+    /// in Unix milliseconds (0: never).
+    pub heard: Vec<AtomicU64>,
+}
+
+impl Stats {
+    /// The counters of a sync with `peers` peers.
+    pub fn new(peers: usize) -> Stats {
+        Stats {
+            heard: (0..peers).map(|_| AtomicU64::new(0)).collect(),
+            ..Stats::default()
+        }
+    }
 }
 
 /// The reasons of [`Stats::refused`], in order.
@@ -67,6 +80,8 @@ pub struct Sync {
     sequence: u64,
     windows: HashMap<u64, Window>,
     stats: Arc<Stats>,
+    /// When a refused datagram was last logged (at most one a minute).
+    warned: Option<std::time::Instant>,
 }
 
 /// Reads the key and binds `sync.listen`, unless a predecessor handed over its socket
@@ -89,9 +104,47 @@ pub fn bind(
 /// The sync's state for `/metrics` and the status.
 #[derive(Clone)]
 pub struct Status {
+    pub listen: SocketAddr,
+    pub peers: Vec<SocketAddr>,
     pub stats: Arc<Stats>,
     pub synced: Arc<Synced>,
     pub outboxes: Vec<Arc<Outbox>>,
+}
+
+impl Status {
+    /// The `sync` object of `/stats`.
+    pub fn json(&self) -> serde_json::Value {
+        let s = &self.stats;
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let peers: Vec<serde_json::Value> = self
+            .peers
+            .iter()
+            .zip(&s.heard)
+            .map(|(addr, heard)| {
+                let ms = n(heard);
+                serde_json::json!({
+                    "address": addr.to_string(),
+                    "heard_unix": (ms > 0).then(|| ms as f64 / 1000.0),
+                })
+            })
+            .collect();
+        let refused: serde_json::Map<String, serde_json::Value> = REFUSED
+            .iter()
+            .zip(&s.refused)
+            .map(|(reason, c)| (reason.to_string(), n(c).into()))
+            .collect();
+        serde_json::json!({
+            "listen": self.listen.to_string(),
+            "peers": peers,
+            "placements": self.synced.len(),
+            "used": self.synced.hits(),
+            "sent": n(&s.placements_sent),
+            "received": n(&s.placements_received),
+            "not_sent": self.outboxes.iter().map(|o| o.dropped()).sum::<u64>(),
+            "table_full": n(&s.table_full),
+            "refused": refused,
+        })
+    }
 }
 
 impl Sync {
@@ -135,6 +188,7 @@ impl Sync {
             sequence: 0,
             windows: HashMap::new(),
             stats,
+            warned: None,
         }
     }
 
@@ -221,24 +275,24 @@ impl Sync {
 
     /// Records what an authenticated, new message from a peer says.
     fn receive(&mut self, datagram: &[u8], from: SocketAddr) {
-        let refuse = |i: usize| {
-            self.stats.refused[i].fetch_add(1, Ordering::Relaxed);
+        let Some(peer) = self.peers.iter().position(|p| same_ip(p.ip(), from.ip())) else {
+            return self.refuse(0, from);
         };
-        if !self.peers.iter().any(|p| same_ip(p.ip(), from.ip())) {
-            return refuse(0);
-        }
         let m = match wire::decode(&self.key, datagram) {
             Ok(m) => m,
-            Err(Refused::Malformed) => return refuse(1),
-            Err(Refused::Forged) => return refuse(2),
+            Err(Refused::Malformed) => return self.refuse(1, from),
+            Err(Refused::Forged) => return self.refuse(2, from),
         };
         if self.windows.len() >= MAX_SENDERS && !self.windows.contains_key(&m.sender) {
             self.windows.clear();
         }
         if !self.windows.entry(m.sender).or_default().accept(m.sequence) {
-            return refuse(3);
+            return self.refuse(3, from);
         }
         let stats = &self.stats;
+        if stats.heard[peer].swap(unix_ms(), Ordering::Relaxed) == 0 {
+            tracing::info!(peer = %self.peers[peer], "sync: heard from the peer");
+        }
         stats.messages_received.fetch_add(1, Ordering::Relaxed);
         stats
             .placements_received
@@ -260,9 +314,35 @@ impl Sync {
     }
 }
 
+impl Sync {
+    /// Counts a refused datagram and logs it, at most once a minute.
+    fn refuse(&mut self, reason: usize, from: SocketAddr) {
+        let n = self.stats.refused[reason].fetch_add(1, Ordering::Relaxed) + 1;
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            self.warned = Some(std::time::Instant::now());
+            tracing::warn!(
+                from = %from,
+                reason = REFUSED[reason],
+                refused = n,
+                "sync: datagram refused (not a peer's, or not with the shared key: check \
+                 sync.peers and sync.key_file on both sides)"
+            );
+        }
+    }
+}
+
 /// Whether `a` and `b` are one address (an IPv4 peer may be seen as IPv4-mapped IPv6).
 fn same_ip(a: IpAddr, b: IpAddr) -> bool {
     a.to_canonical() == b.to_canonical()
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A number no other process is likely to draw (std's hasher keys are random per process).
