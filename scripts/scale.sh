@@ -20,9 +20,15 @@
 # flow per backend, so both limits apply to N / ECHO_BACKENDS. A size beyond either is reported
 # as not reachable, with the limit that stops it (docs/performance.md, "Scaling with flows").
 #
+# With SYNC=1 every round runs twice, udplb started from a configuration file each time (the
+# same settings as the flags): without `[sync]` ("nosync"), then with it ("sync": flow-state
+# sync to one peer, an echo on CPU 0 that sends every message back, so udplb also receives
+# and authenticates as much as it sends, as in a pair). The rows then compare the cost of a
+# new flow with and without the sync in the same run.
+#
 # Usage: scripts/scale.sh
 # Env:   SIZES ("1000 10000 19000") ROUNDS (3) DURATION (3s: the traffic phase) WINDOW (256)
-#        SHARED (0) ECHO_BACKENDS (3) UDPLB (target/release/udplb)
+#        SHARED (0) SYNC (0) ECHO_BACKENDS (3) UDPLB (target/release/udplb)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +37,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-3s}
 WINDOW=${WINDOW:-256}
 SHARED=${SHARED:-0}
+SYNC=${SYNC:-0}
 UDPLB=${UDPLB:-target/release/udplb}
 BENCH=target/release/udplb-bench
 
@@ -54,6 +61,54 @@ lbflags=()
 
 # The descriptors one udplb process needs besides its flows (listener, epoll, admin, logs).
 spare=64
+
+variants=(flags)
+if ((SYNC)); then
+    variants=(nosync sync)
+    run_bg "$work/peer.out" taskset -c 0 "$BENCH" echo 127.0.0.1:0
+    wait_output "$work/peer.out" '^listening' 1 "$bg_pid" || die "the sync peer did not start"
+    peer=$(awk '/^listening/ {print $2}' "$work/peer.out")
+    install -m 0600 /dev/null "$work/sync.key"
+    echo "a-key-for-the-scale-benchmark" >"$work/sync.key"
+fi
+
+# Starts udplb (variant $1: its flags, or a configuration file with or without [sync]) with
+# the listener on port $2, the admin endpoint on $3, idle timeout $4 s and $5 flows at most.
+start_udplb() {
+    local variant=$1 port=$2 admin=$3 idle=$4 max=$5
+    if [[ $variant == flags ]]; then
+        UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" taskset -c 1 "$UDPLB" --workers 1 \
+            --idle-timeout "${idle}s" --max-flows "$max" --shutdown-grace 0s \
+            --admin "127.0.0.1:$admin" "${lbflags[@]}" "127.0.0.1:$port" "${backends[@]}"
+        return
+    fi
+    local list sync="" shared=false
+    ((SHARED)) && shared=true
+    list=$(printf '"%s", ' "${backends[@]}")
+    if [[ $variant == sync ]]; then
+        sync="[sync]
+listen = \"127.0.0.1:$(free_port)\"
+peers = [\"$peer\"]
+key_file = \"$work/sync.key\""
+    fi
+    cat >"$work/udplb.toml" <<CONFIG
+[runtime]
+workers = 1
+shutdown_grace = "0s"
+[admin]
+listen = "127.0.0.1:$admin"
+[listeners.l]
+address = "127.0.0.1:$port"
+pool = "p"
+idle_timeout = "${idle}s"
+max_flows = $max
+shared_upstream = $shared
+[pools.p]
+backends = [${list%, }]
+$sync
+CONFIG
+    UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" taskset -c 1 "$UDPLB" run -c "$work/udplb.toml"
+}
 
 # Live flows of the udplb whose admin endpoint is on port $1.
 live_flows() {
@@ -83,11 +138,10 @@ for size in $SIZES; do
     # all takes (at 20k new flows/s or more), so the first are still live when the last open.
     IDLE=$((3 + size / 20000))
     for round in $(seq "$ROUNDS"); do
+      for variant in "${variants[@]}"; do
         port=$(free_port)
         admin=$(free_port)
-        UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" taskset -c 1 "$UDPLB" --workers 1 \
-            --idle-timeout "${IDLE}s" --max-flows $((size + 1000)) --shutdown-grace 0s \
-            --admin "127.0.0.1:$admin" "${lbflags[@]}" "127.0.0.1:$port" "${backends[@]}"
+        start_udplb "$variant" "$port" "$admin" "$IDLE" $((size + 1000))
         lb=$bg_pid
         # Ready when it forwards: one flow through it (that flow is not counted below).
         wait_forwarding -p "$lb" "127.0.0.1:$port" taskset -c 0 || {
@@ -96,8 +150,8 @@ for size in $SIZES; do
         }
         out=$(taskset -c 0 "$BENCH" flows --target "127.0.0.1:$port" --flows "$size" \
             --window "$WINDOW" --duration 0s --pid "$lb" --cpu 1)
-        echo "$size first $out" >>"$work/results"
-        echo "  [$size $round first] $out" >&2
+        echo "$size $variant first $out" >>"$work/results"
+        echo "  [$size $variant $round first] $out" >&2
         # Until the first flows idled out, and past the 100 ms for which a released shared
         # socket waits before serving another flow to the same backend.
         for _ in $(seq $((IDLE * 20 + 100))); do
@@ -108,9 +162,10 @@ for size in $SIZES; do
         sleep 0.3
         out=$(taskset -c 0 "$BENCH" flows --target "127.0.0.1:$port" --flows "$size" \
             --window "$WINDOW" --duration "$DURATION" --pid "$lb" --cpu 1)
-        echo "$size again $out" >>"$work/results"
-        echo "  [$size $round again] $out" >&2
+        echo "$size $variant again $out" >>"$work/results"
+        echo "  [$size $variant $round again] $out" >&2
         stop "$lb"
+      done
     done
 done
 
@@ -118,19 +173,19 @@ python3 - "$work/results" <<'EOF'
 import json, statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    size, phase, js = line.split(" ", 2)
-    rows.setdefault((int(size), phase), []).append(json.loads(js))
+    size, variant, phase, js = line.split(" ", 3)
+    rows.setdefault((int(size), variant, phase), []).append(json.loads(js))
 def med(rs, k):
     return statistics.median(r[k] for r in rs)
-print(f"{'flows':>8} {'phase':>6} {'new_flows/s':>12} {'cpu1_busy':>9} {'steal':>6} {'ns/new_flow':>11} {'user_KiB/flow':>14} {'kernel_KiB/flow':>16} {'KiB/flow':>9} {'replies/s':>10} {'ns/exchange':>11} {'lost':>6}")
-for (size, phase) in sorted(rows, key=lambda k: (k[0], k[1] != "first")):
-    rs = rows[(size, phase)]
+print(f"{'flows':>8} {'udplb':>7} {'phase':>6} {'new_flows/s':>12} {'cpu1_busy':>9} {'steal':>6} {'ns/new_flow':>11} {'user_KiB/flow':>14} {'kernel_KiB/flow':>16} {'KiB/flow':>9} {'replies/s':>10} {'ns/exchange':>11} {'lost':>6}")
+for (size, variant, phase) in sorted(rows, key=lambda k: (k[0], k[2] != "first", k[1])):
+    rs = rows[(size, variant, phase)]
     first = phase == "first"
     mem = lambda k: f"{med(rs, k):.2f}" if first else "-"
     traffic = "-" if first else f"{med(rs, 'replies_per_s'):.0f}"
     exchange = "-" if first or rs[0].get("cpu_ns_per_reply") is None else f"{med(rs, 'cpu_ns_per_reply'):.0f}"
     steal = f"{med(rs, 'cpu_steal'):.2f}" if all(r.get("cpu_steal") is not None for r in rs) else "-"
-    print(f"{size:>8} {phase:>6} {med(rs,'new_flows_per_s'):>12.0f} {med(rs,'cpu_busy'):>9.2f} {steal:>6} "
+    print(f"{size:>8} {variant:>7} {phase:>6} {med(rs,'new_flows_per_s'):>12.0f} {med(rs,'cpu_busy'):>9.2f} {steal:>6} "
           f"{med(rs,'cpu_ns_per_new_flow'):>11.0f} {mem('rss_kib_per_flow'):>14} "
           f"{mem('slab_kib_per_flow'):>16} {mem('kib_per_flow'):>9} "
           f"{traffic:>10} {exchange:>11} {sum(r['traffic_lost'] for r in rs):>6}")
