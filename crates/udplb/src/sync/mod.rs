@@ -172,8 +172,13 @@ impl Sync {
             .iter()
             .filter(|l| l.mode != SessionMode::Datagram)
             .map(|l| l.idle_timeout)
-            .max()
-            .unwrap_or_default();
+            .max();
+        if longest.is_none() {
+            tracing::warn!(
+                "sync: every listener is in datagram mode, which keeps no flows: nothing to share"
+            );
+        }
+        let longest = longest.unwrap_or_default();
         Sync {
             socket,
             key,
