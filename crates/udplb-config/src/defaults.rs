@@ -113,3 +113,11 @@ pub const IPV6_PREFIX_RANGE: RangeInclusive<u8> = 1..=128;
 pub const LIMIT_CELLS_RANGE: RangeInclusive<usize> = 64..=16_777_216;
 /// `reply_ratio`: reply bytes per request byte a flow may send back.
 pub const REPLY_RATIO_RANGE: RangeInclusive<u32> = 1..=1000;
+
+/// Listeners with `dataplane = "kernel"` or `"auto"` at most (the kernel data plane's
+/// listener map).
+pub const KERNEL_LISTENERS_MAX: usize = 16;
+/// Backends in a pool of such a listener at most (the kernel data plane's backend array).
+pub const KERNEL_POOL_BACKENDS_MAX: usize = 256;
+/// Longest interface name (`IFNAMSIZ` less the terminating NUL).
+pub const INTERFACE_NAME_MAX: usize = 15;

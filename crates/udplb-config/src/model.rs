@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use udplb_core::acl::Cidr;
 use udplb_core::health::{Initial, Quorum, Thresholds};
+use udplb_core::model::UnknownName;
 use udplb_core::payload::KeySpec;
 use udplb_core::ratelimit::LimitSettings;
 use udplb_core::snapshot::AdminState;
@@ -144,6 +146,94 @@ pub struct ListenerConfig {
     pub tcp: Option<bool>,
     /// TCP connections open at most (`tcp_max_connections`).
     pub tcp_max_connections: u32,
+    /// Which data plane forwards this listener's datagrams (`dataplane`).
+    pub dataplane: Dataplane,
+    /// The interfaces the kernel data plane's programs attach to (`interfaces`); empty: every
+    /// interface that is up at start, except loopback.
+    pub interfaces: Vec<String>,
+}
+
+/// Which data plane forwards a listener's datagrams (per listener, `dataplane`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Dataplane {
+    /// udplb's workers relay through sockets (default).
+    #[default]
+    Socket,
+    /// eBPF programs at tc forward in the kernel; udplb's workers still serve what arrives on
+    /// interfaces without the programs.
+    Kernel,
+    /// [`Dataplane::Kernel`] when the programs load, [`Dataplane::Socket`] otherwise.
+    Auto,
+}
+
+impl Dataplane {
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataplane::Socket => "socket",
+            Dataplane::Kernel => "kernel",
+            Dataplane::Auto => "auto",
+        }
+    }
+
+    /// Whether the kernel data plane may serve the listener (`kernel` or `auto`): the
+    /// configuration must be one it can serve.
+    pub fn may_use_kernel(self) -> bool {
+        matches!(self, Dataplane::Kernel | Dataplane::Auto)
+    }
+}
+
+impl FromStr for Dataplane {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        match s {
+            "socket" => Ok(Dataplane::Socket),
+            "kernel" => Ok(Dataplane::Kernel),
+            "auto" => Ok(Dataplane::Auto),
+            _ => Err(UnknownName {
+                expected: "socket, kernel, auto",
+            }),
+        }
+    }
+}
+
+/// How the kernel data plane sends a pool's datagrams to its backends (per pool,
+/// `forwarding`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Forwarding {
+    /// The destination is rewritten to the backend's, the client's address kept (LVS-NAT):
+    /// the backends' replies must route back through the balancer (default).
+    #[default]
+    Nat,
+    /// The source is rewritten to the balancer's as well.
+    Masquerade,
+    /// Encapsulated: the backends answer the clients directly (direct server return).
+    Dsr,
+}
+
+impl Forwarding {
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Forwarding::Nat => "nat",
+            Forwarding::Masquerade => "masquerade",
+            Forwarding::Dsr => "dsr",
+        }
+    }
+}
+
+impl FromStr for Forwarding {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        match s {
+            "nat" => Ok(Forwarding::Nat),
+            "masquerade" => Ok(Forwarding::Masquerade),
+            "dsr" => Ok(Forwarding::Dsr),
+            _ => Err(UnknownName {
+                expected: "nat, masquerade, dsr",
+            }),
+        }
+    }
 }
 
 impl ListenerConfig {
@@ -171,6 +261,8 @@ impl ListenerConfig {
             shared_upstream: false,
             tcp: None,
             tcp_max_connections: defaults::TCP_MAX_CONNECTIONS,
+            dataplane: Dataplane::Socket,
+            interfaces: Vec::new(),
         }
     }
 }
@@ -228,6 +320,9 @@ pub struct PoolConfig {
     /// What datagrams are placed by, read from their bytes (`[pools.NAME.payload_key]`);
     /// `None`: nothing is read.
     pub payload_key: Option<KeySpec>,
+    /// How the kernel data plane sends to the backends (`forwarding`); the socket data plane
+    /// always sends from udplb's own address.
+    pub forwarding: Forwarding,
 }
 
 impl PoolConfig {
@@ -251,6 +346,7 @@ impl PoolConfig {
             rebalance: Some(defaults::REBALANCE),
             slow_start: Duration::ZERO,
             payload_key: None,
+            forwarding: Forwarding::Nat,
         }
     }
 }

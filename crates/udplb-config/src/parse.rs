@@ -21,8 +21,8 @@ use udplb_core::{
 
 use crate::error::{ConfigError, ConfigErrors, Lines, Positions, enclosing};
 use crate::model::{
-    Admin, Announce, BackendConfig, Config, FlowSync, HealthCheck, ListenerConfig, PoolConfig,
-    Runtime,
+    Admin, Announce, BackendConfig, Config, Dataplane, FlowSync, Forwarding, HealthCheck,
+    ListenerConfig, PoolConfig, Runtime,
 };
 use crate::{defaults, rules};
 
@@ -69,6 +69,8 @@ const LISTENER_KEYS: &[&str] = &[
     "shared_upstream",
     "tcp",
     "tcp_max_connections",
+    "dataplane",
+    "interfaces",
 ];
 const LIMIT_KEYS: &[&str] = &[
     "datagrams_per_source",
@@ -95,6 +97,7 @@ const POOL_KEYS: &[&str] = &[
     "rebalance",
     "slow_start",
     "payload_key",
+    "forwarding",
 ];
 const PAYLOAD_KEY_KEYS: &[&str] = &[
     "kind",
@@ -213,6 +216,7 @@ pub fn parse_with_positions(src: &str, file: &str) -> Result<(Config, Positions)
         spans: HashMap::new(),
         failed: Vec::new(),
         suggested: Vec::new(),
+        scheduled: Vec::new(),
     };
     let (root, syntax_errors) = DeTable::parse_recoverable(src);
     if !syntax_errors.is_empty() {
@@ -230,6 +234,7 @@ pub fn parse_with_positions(src: &str, file: &str) -> Result<(Config, Positions)
         reader.read_included(name, text, &mut cfg);
     }
     reader.current = 0;
+    reader.kernel_schedulers(&mut cfg);
     for p in rules::check(&cfg) {
         if !reader.is_consequence(&p) {
             reader.error_key(&p.key, p.message);
@@ -264,6 +269,9 @@ struct Reader<'a> {
     failed: Vec<String>,
     /// Keys an unknown key looked like a misspelling of ("did you mean"); not reported missing.
     suggested: Vec<String>,
+    /// Pools whose `scheduler` key was given (and valid): those the kernel data plane serves
+    /// keep it (and the rules refuse one other than Maglev); the others get Maglev.
+    scheduled: Vec<String>,
 }
 
 impl<'a> Reader<'a> {
@@ -274,6 +282,21 @@ impl<'a> Reader<'a> {
             || p.refers_to
                 .as_ref()
                 .is_some_and(|t| self.failed.contains(t))
+    }
+
+    /// A pool serving a listener the kernel data plane may serve (`dataplane = "kernel"` or
+    /// `"auto"`) places with Maglev unless its `scheduler` is given: the kernel indexes the
+    /// Maglev table. Any other scheduler given is refused by the rules, at its key.
+    fn kernel_schedulers(&self, cfg: &mut Config) {
+        for p in &mut cfg.pools {
+            let kernel = cfg
+                .listeners
+                .iter()
+                .any(|l| l.dataplane.may_use_kernel() && l.pool == p.name);
+            if kernel && !self.scheduled.contains(&p.name) {
+                p.scheduler = SchedulerKind::Maglev;
+            }
+        }
     }
 
     fn into_errors(mut self) -> ConfigErrors {
@@ -582,6 +605,14 @@ impl<'a> Reader<'a> {
         if let Some(n) = self.ranged(t, key, "tcp_max_connections", range) {
             l.tcp_max_connections = n;
         }
+        if let Some(d) = self.optional(t, key, "dataplane", |r, k, v| {
+            r.named(k, v, Dataplane::from_str)
+        }) {
+            l.dataplane = d;
+        }
+        l.interfaces = self
+            .optional(t, key, "interfaces", |r, k, v| r.interfaces(k, v))
+            .unwrap_or_default();
         Some(l)
     }
 
@@ -836,11 +867,13 @@ impl<'a> Reader<'a> {
 
     fn pool(&mut self, key: &str, name: &str, t: &DeTable<'_>) -> Option<PoolConfig> {
         self.check_keys(key, t, POOL_KEYS);
-        let scheduler = self
-            .optional(t, key, "scheduler", |r, k, v| {
-                r.named(k, v, SchedulerKind::from_str)
-            })
-            .unwrap_or_default();
+        let scheduler = self.optional(t, key, "scheduler", |r, k, v| {
+            r.named(k, v, SchedulerKind::from_str)
+        });
+        if scheduler.is_some() {
+            self.scheduled.push(name.to_string());
+        }
+        let scheduler = scheduler.unwrap_or_default();
         let (health, health_table) = self.pool_health(key, t);
         let backends =
             self.required(t, key, "backends", |r, k, v| r.backends(k, v, health_table))?;
@@ -881,6 +914,11 @@ impl<'a> Reader<'a> {
             _ => r.duration(k, v).map(Some),
         }) {
             pool.rebalance = r;
+        }
+        if let Some(f) = self.optional(t, key, "forwarding", |r, k, v| {
+            r.named(k, v, Forwarding::from_str)
+        }) {
+            pool.forwarding = f;
         }
         Some(pool)
     }
@@ -1142,6 +1180,38 @@ impl<'a> Reader<'a> {
         ok.then_some(out)
     }
 
+    /// An array of network interface names (`["eth0", "eth1"]`), each as the kernel allows
+    /// one: 1 to 15 bytes, no '/', ':' or whitespace, not "." or "..". Each bad entry is
+    /// reported at its own position, and each entry's position is recorded (`key[0]`, ...)
+    /// for the rules about it.
+    fn interfaces(&mut self, key: &str, v: &Item<'_>) -> Option<Vec<String>> {
+        let DeValue::Array(items) = v.get_ref() else {
+            return self.wrong_type(key, v, "an array of interface names such as [\"eth0\"]");
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let ikey = format!("{key}[{i}]");
+            self.mark(ikey.clone(), item.span());
+            let Some(name) = self.string(&ikey, item) else {
+                ok = false;
+                continue;
+            };
+            match interface_problem(name) {
+                None => out.push(name.to_string()),
+                Some(why) => {
+                    self.error_at(
+                        item.span(),
+                        &ikey,
+                        format!("{name:?} is not an interface name: {why}"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
     /// An absolute path (a string starting with '/').
     fn absolute_path(&mut self, key: &str, v: &Item<'_>) -> Option<std::path::PathBuf> {
         let s = self.string(key, v)?;
@@ -1267,6 +1337,25 @@ fn address_problem(s: &str) -> String {
     match port {
         None => format!("the port is missing ({FORMS})"),
         Some(p) => format!("the port {p:?} is not a number in 1..=65535"),
+    }
+}
+
+/// Why `name` cannot name a network interface (the kernel's `dev_valid_name`), if it cannot.
+fn interface_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        Some("it is empty".into())
+    } else if name.len() > defaults::INTERFACE_NAME_MAX {
+        Some(format!(
+            "{} bytes, longer than the {} an interface name has at most",
+            name.len(),
+            defaults::INTERFACE_NAME_MAX
+        ))
+    } else if name == "." || name == ".." {
+        Some("\".\" and \"..\" are not allowed".into())
+    } else {
+        let bad = |c: &char| *c == '/' || *c == ':' || c.is_whitespace();
+        let c = name.chars().find(bad)?;
+        Some(format!("{c:?} is not allowed in one"))
     }
 }
 

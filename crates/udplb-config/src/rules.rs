@@ -1,16 +1,16 @@
 //! The rules a configuration must follow beyond its syntax: ranges, references between
 //! sections, and conflicts. Shared by the file parser and the one-liner.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use udplb_core::payload::KeySpec;
-use udplb_core::{BackendSpec, SessionMode};
+use udplb_core::{BackendSpec, ProxyHeader, SchedulerKind, SessionMode};
 
 use crate::defaults;
-use crate::model::{Config, FlowSync, HealthCheck, ListenerConfig, PoolConfig};
+use crate::model::{Config, FlowSync, Forwarding, HealthCheck, ListenerConfig, PoolConfig};
 
 /// A broken rule, located by key path.
 #[derive(Debug)]
@@ -88,7 +88,224 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
     for p in &cfg.pools {
         check_pool(&mut out, p, &cfg.listeners);
     }
+    check_kernel(&mut out, cfg);
     out
+}
+
+/// Why the kernel data plane cannot do it yet: done in user space.
+const USER_SPACE: &str = "not built in the kernel data plane yet";
+
+/// Listeners the kernel data plane may serve (`dataplane = "kernel"` or `"auto"`) and their
+/// pools ask only for what it does (docs/kernel.md): it forwards one specific IPv4 address to
+/// IPv4 backends placed by Maglev, with NAT, and tells replies apart by their backend's
+/// address. `auto` is held to the same rules as `kernel`, so that a configuration means the
+/// same whichever data plane ends up serving it.
+fn check_kernel(out: &mut Vec<Problem>, cfg: &Config) {
+    let mut count = 0;
+    // Pool name -> the kernel listener it serves; backend address -> (listener, pool).
+    let mut pools: HashMap<&str, &str> = HashMap::new();
+    let mut backends: HashMap<SocketAddr, (&str, &str)> = HashMap::new();
+    for l in &cfg.listeners {
+        let key = |k: &str| format!("listeners.{}.{k}", l.name);
+        if !l.dataplane.may_use_kernel() {
+            if !l.interfaces.is_empty() {
+                out.push(problem(
+                    key("interfaces"),
+                    "only with dataplane = \"kernel\" or \"auto\" (the interfaces the kernel \
+                     data plane's programs attach to)",
+                ));
+            }
+            continue;
+        }
+        count += 1;
+        if count > defaults::KERNEL_LISTENERS_MAX {
+            out.push(problem(
+                key("dataplane"),
+                format!(
+                    "listener {count} with dataplane = \"kernel\" or \"auto\": the kernel data \
+                     plane serves at most {}",
+                    defaults::KERNEL_LISTENERS_MAX
+                ),
+            ));
+        }
+        let dataplane = format!("dataplane = {:?}", l.dataplane.name());
+        check_kernel_listener(out, l, &dataplane);
+        let Some(p) = cfg.pools.iter().find(|p| p.name == l.pool) else {
+            continue;
+        };
+        if let Some(first) = pools.insert(&p.name, &l.name) {
+            out.push(problem(
+                key("pool"),
+                format!(
+                    "pool {:?} also serves listeners.{first}, and both may use the kernel data \
+                     plane: it maps replies back to their listener by the backend's address \
+                     (give each listener its own backends)",
+                    p.name
+                ),
+            ));
+            continue;
+        }
+        check_kernel_pool(out, p, l, &dataplane);
+        for (i, b) in p.backends.iter().enumerate() {
+            let addr = b.spec.addr;
+            match backends.get(&addr) {
+                Some((other, pool)) if *other != l.name => out.push(problem(
+                    format!("pools.{}.backends[{i}].address", p.name),
+                    format!(
+                        "{addr} is also a backend of listeners.{other} (pool {pool:?}), and both \
+                         may use the kernel data plane: it maps replies back to their listener \
+                         by the backend's address"
+                    ),
+                )),
+                Some(_) => {}
+                None => {
+                    backends.insert(addr, (&l.name, &p.name));
+                }
+            }
+        }
+    }
+}
+
+/// What a listener of the kernel data plane cannot have.
+fn check_kernel_listener(out: &mut Vec<Problem>, l: &ListenerConfig, dataplane: &str) {
+    let key = |k: &str| format!("listeners.{}.{k}", l.name);
+    let mut refuse = |k: &str, why: &str| {
+        out.push(problem(key(k), format!("not with {dataplane} ({why})")));
+    };
+    if !l.address.is_ipv4() {
+        refuse(
+            "address",
+            "the kernel data plane needs a specific IPv4 address; IPv6 is not built yet",
+        );
+    } else if l.address.ip().is_unspecified() {
+        refuse(
+            "address",
+            "the kernel data plane needs a specific IPv4 address, not a wildcard",
+        );
+    }
+    if matches!(l.mode, SessionMode::RequestResponse { .. }) {
+        refuse(
+            "mode",
+            "replies are counted per request in user space; use \"flow\" or \"datagram\"",
+        );
+    }
+    if l.proxy_protocol {
+        refuse(
+            "proxy_protocol",
+            &format!("PROXY headers are read in user space; {USER_SPACE}"),
+        );
+    }
+    if !l.allow.is_empty() {
+        refuse(
+            "allow",
+            &format!("clients are filtered in user space; {USER_SPACE}"),
+        );
+    }
+    if !l.deny.is_empty() {
+        refuse(
+            "deny",
+            &format!("clients are filtered in user space; {USER_SPACE}"),
+        );
+    }
+    if l.limits.is_some() {
+        refuse(
+            "limits",
+            &format!("rates are counted in user space; {USER_SPACE}"),
+        );
+    }
+    if l.abuse_pool.is_some() {
+        refuse(
+            "abuse_pool",
+            &format!("clients are diverted in user space; {USER_SPACE}"),
+        );
+    }
+    if l.persistence.is_some() {
+        refuse(
+            "persistence",
+            &format!("clients are remembered in user space; {USER_SPACE}"),
+        );
+    }
+    if l.shared_upstream {
+        refuse(
+            "shared_upstream",
+            "upstream sockets are shared in user space; the kernel data plane forwards without \
+             sockets",
+        );
+    }
+    let mut seen = HashSet::new();
+    for (i, name) in l.interfaces.iter().enumerate() {
+        if !seen.insert(name) {
+            out.push(problem(
+                key(&format!("interfaces[{i}]")),
+                format!("{name:?} is listed twice"),
+            ));
+        }
+    }
+}
+
+/// What the pool of listener `l` of the kernel data plane cannot have.
+fn check_kernel_pool(out: &mut Vec<Problem>, p: &PoolConfig, l: &ListenerConfig, dataplane: &str) {
+    let key = |k: &str| format!("pools.{}.{k}", p.name);
+    let serves = format!("listeners.{} ({dataplane})", l.name);
+    if p.scheduler != SchedulerKind::Maglev {
+        out.push(problem(
+            key("scheduler"),
+            format!(
+                "{:?} cannot serve {serves}: the kernel data plane places with \"maglev\"",
+                p.scheduler.name()
+            ),
+        ));
+    }
+    let mut refuse = |k: &str, why: &str| {
+        out.push(problem(key(k), format!("not for {serves}: {why}")));
+    };
+    if p.proxy_protocol != ProxyHeader::Off {
+        refuse(
+            "proxy_protocol",
+            &format!("PROXY headers are written in user space; {USER_SPACE}"),
+        );
+    }
+    if p.strip_reply_proxy {
+        refuse(
+            "strip_reply_proxy",
+            &format!("PROXY headers are removed in user space; {USER_SPACE}"),
+        );
+    }
+    if p.transparent {
+        refuse(
+            "transparent",
+            "it makes sockets send from the client's address; the kernel data plane needs no \
+             sockets, and with forwarding = \"nat\" keeps the client's address already",
+        );
+    }
+    if p.payload_key.is_some() {
+        refuse(
+            "payload_key",
+            &format!("keys are read from datagrams in user space; {USER_SPACE}"),
+        );
+    }
+    if p.backends.len() > defaults::KERNEL_POOL_BACKENDS_MAX {
+        out.push(problem(
+            key("backends"),
+            format!(
+                "{} backends, but a pool of {serves} has at most {}",
+                p.backends.len(),
+                defaults::KERNEL_POOL_BACKENDS_MAX
+            ),
+        ));
+    }
+    for (i, b) in p.backends.iter().enumerate() {
+        if !b.spec.addr.is_ipv4() {
+            out.push(problem(
+                key(&format!("backends[{i}].address")),
+                format!(
+                    "{} is not for {serves}: the kernel data plane forwards to IPv4 backends; \
+                     IPv6 is not built yet",
+                    b.spec.addr
+                ),
+            ));
+        }
+    }
 }
 
 /// `[sync]`: a bounded interval and table, a port of its own, and peers that are other hosts'
@@ -430,13 +647,27 @@ fn addresses_conflict(a: SocketAddr, b: SocketAddr) -> bool {
 
 fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfig]) {
     if !p.slow_start.is_zero() && p.scheduler.is_consistent_hash() {
+        let kernel = listeners
+            .iter()
+            .find(|l| l.pool == p.name && l.dataplane.may_use_kernel())
+            .map(|l| format!(" (the kernel data plane's, for listeners.{})", l.name))
+            .unwrap_or_default();
         out.push(problem(
             format!("pools.{}.slow_start", p.name),
             format!(
-                "not with scheduler {:?}: a consistent hash places a client by the backends \
-                 alone, the same on every worker and every udplb instance; a weight that ramps \
-                 would move clients while it lasts",
+                "not with scheduler {:?}{kernel}: a consistent hash places a client by the \
+                 backends alone, the same on every worker and every udplb instance; a weight \
+                 that ramps would move clients while it lasts",
                 p.scheduler.name()
+            ),
+        ));
+    }
+    if p.forwarding != Forwarding::Nat {
+        out.push(problem(
+            format!("pools.{}.forwarding", p.name),
+            format!(
+                "{:?} is not built yet: the kernel data plane forwards with \"nat\"",
+                p.forwarding.name()
             ),
         ));
     }

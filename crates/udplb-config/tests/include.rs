@@ -107,3 +107,47 @@ fn a_bad_include_is_an_error_at_it() {
     );
     assert!(text.contains("include[1]: expected a string"), "{text}");
 }
+
+/// A kernel listener in an included file makes the main file's pool place with Maglev; a
+/// scheduler given there that is not Maglev is refused at its line in the main file.
+#[test]
+fn a_kernel_listener_elsewhere_sets_its_pools_scheduler() {
+    let kernel = (
+        "conf.d/kernel.toml",
+        "[listeners.vip]\naddress = \"10.0.0.1:53\"\npool = \"vip\"\ndataplane = \"kernel\"\n",
+    );
+    let pool = "[pools.vip]\nbackends = [\"10.0.1.1:53\"]\n";
+    let dir = dir_with(
+        "kernel",
+        &[("udplb.toml", &format!("{MAIN}{pool}")), kernel],
+    );
+    let cfg = load(&dir).unwrap();
+    let schedulers: Vec<udplb_core::SchedulerKind> =
+        cfg.pools.iter().map(|p| p.scheduler).collect();
+    assert_eq!(
+        schedulers,
+        [
+            udplb_core::SchedulerKind::RoundRobin,
+            udplb_core::SchedulerKind::Maglev
+        ]
+    );
+    let dir = dir_with(
+        "kernel-rr",
+        &[
+            (
+                "udplb.toml",
+                &format!("{MAIN}{pool}scheduler = \"random\"\n"),
+            ),
+            kernel,
+        ],
+    );
+    let text = load(&dir).unwrap_err().to_string();
+    let main = dir.join("udplb.toml").display().to_string();
+    assert_eq!(
+        text.trim_end(),
+        format!(
+            "{main}:9:1: pools.vip.scheduler: \"random\" cannot serve listeners.vip (dataplane = \
+             \"kernel\"): the kernel data plane places with \"maglev\""
+        )
+    );
+}

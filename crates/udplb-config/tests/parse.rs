@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use udplb_config::{ConfigErrors, FlowSync, parse};
+use udplb_config::{ConfigErrors, Dataplane, FlowSync, Forwarding, parse};
 use udplb_core::payload::KeySpec;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{Affinity, SchedulerKind, SessionMode};
@@ -1095,5 +1095,437 @@ fn sync_needs_listen_peers_and_a_key_file() {
             "{listen}\npeer = [\"10.0.0.2:7946\"]\n{key_file}"
         ))),
         "unknown key \"peer\", did you mean \"peers\"? (expected one of: listen, peers, key_file, interval, max_entries)"
+    );
+}
+
+/// A listener `l` with `dataplane = DATAPLANE` and the keys `listener` (from line 3), served
+/// by pool `p` with the keys `pool`.
+fn with_dataplane(dataplane: &str, listener: &str, pool: &str) -> String {
+    format!("[listeners.l]\ndataplane = \"{dataplane}\"\n{listener}\n[pools.p]\n{pool}\n")
+}
+
+/// The listener keys of [`with_dataplane`] (lines 3 and 4).
+const KERNEL_LISTENER: &str = "address = \"10.0.0.1:53\"\npool = \"p\"";
+/// Its pool's backends (line 6 when the listener has no other key).
+const KERNEL_BACKENDS: &str = "backends = [\"10.0.1.1:53\", \"10.0.1.2:53\"]";
+
+#[test]
+fn dataplane_interfaces_and_forwarding_default_to_sockets_and_nat() {
+    let cfg = parse(&listener_with(""), "t.toml").unwrap();
+    let l = &cfg.listeners[0];
+    assert_eq!(l.dataplane, Dataplane::Socket);
+    assert!(l.interfaces.is_empty());
+    assert_eq!(cfg.pools[0].forwarding, Forwarding::Nat);
+    // A pool of socket listeners only keeps the default scheduler.
+    assert_eq!(cfg.pools[0].scheduler, SchedulerKind::RoundRobin);
+    for (name, d) in [
+        ("socket", Dataplane::Socket),
+        ("kernel", Dataplane::Kernel),
+        ("auto", Dataplane::Auto),
+    ] {
+        assert_eq!((name.parse::<Dataplane>().unwrap(), d.name()), (d, name));
+    }
+    for (name, f) in [
+        ("nat", Forwarding::Nat),
+        ("masquerade", Forwarding::Masquerade),
+        ("dsr", Forwarding::Dsr),
+    ] {
+        assert_eq!((name.parse::<Forwarding>().unwrap(), f.name()), (f, name));
+    }
+    let text = errors(&listener_with("dataplane = \"xdp\"")).to_string();
+    assert!(
+        text.contains(
+            "t.toml:4:13: listeners.l.dataplane: \"xdp\": expected one of: socket, kernel, auto"
+        ),
+        "{text}"
+    );
+    let text = errors(&format!("{}forwarding = \"tunnel\"\n", listener_with(""))).to_string();
+    assert!(
+        text.contains("pools.p.forwarding: \"tunnel\": expected one of: nat, masquerade, dsr"),
+        "{text}"
+    );
+}
+
+/// The kernel indexes the Maglev table: a pool serving a kernel (or auto) listener places with
+/// Maglev unless its scheduler is given, and a scheduler given that is not Maglev is refused
+/// at its key.
+#[test]
+fn a_kernel_listener_pool_places_with_maglev() {
+    for dataplane in ["kernel", "auto"] {
+        let cfg = parse(
+            &with_dataplane(dataplane, KERNEL_LISTENER, KERNEL_BACKENDS),
+            "t.toml",
+        )
+        .unwrap();
+        let l = &cfg.listeners[0];
+        assert_eq!(l.dataplane, dataplane.parse().unwrap());
+        assert!(l.dataplane.may_use_kernel());
+        assert_eq!(cfg.pools[0].scheduler, SchedulerKind::Maglev, "{dataplane}");
+        assert_eq!(cfg.pools[0].forwarding, Forwarding::Nat);
+        // Given explicitly: as good.
+        let maglev = format!("{KERNEL_BACKENDS}\nscheduler = \"maglev\"\nforwarding = \"nat\"");
+        let cfg = parse(
+            &with_dataplane(dataplane, KERNEL_LISTENER, &maglev),
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(cfg.pools[0].scheduler, SchedulerKind::Maglev);
+        // Another one: refused where it is written.
+        let rr = format!("{KERNEL_BACKENDS}\nscheduler = \"rr\"");
+        let e = errors(&with_dataplane(dataplane, KERNEL_LISTENER, &rr));
+        assert_eq!(e.errors.len(), 1, "{e}");
+        assert_eq!(
+            e.to_string().trim_end(),
+            format!(
+                "t.toml:7:1: pools.p.scheduler: \"round-robin\" cannot serve listeners.l \
+                 (dataplane = \"{dataplane}\"): the kernel data plane places with \"maglev\""
+            )
+        );
+        // A scheduler that is no scheduler at all: that error only.
+        let bad = format!("{KERNEL_BACKENDS}\nscheduler = \"fastest\"");
+        let e = errors(&with_dataplane(dataplane, KERNEL_LISTENER, &bad));
+        assert_eq!(e.errors.len(), 1, "{e}");
+        assert!(e.errors[0].message.contains("expected one of"), "{e}");
+    }
+    // Maglev refuses a slow start; the error says where Maglev came from.
+    let slow = format!("{KERNEL_BACKENDS}\nslow_start = \"10s\"");
+    assert!(
+        only_message(&with_dataplane("kernel", KERNEL_LISTENER, &slow)).starts_with(
+            "not with scheduler \"maglev\" (the kernel data plane's, for listeners.l)"
+        )
+    );
+    // A pool shared with a socket listener places with Maglev for both.
+    let src = format!(
+        "{}[listeners.s]\naddress = \"10.0.0.2:53\"\npool = \"p\"\n",
+        with_dataplane("kernel", KERNEL_LISTENER, KERNEL_BACKENDS)
+    );
+    let cfg = parse(&src, "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].scheduler, SchedulerKind::Maglev);
+    // A configuration built without the file has no default to fill in: the rule applies.
+    let mut cfg = parse(&listener_with(""), "t.toml").unwrap();
+    cfg.listeners[0].dataplane = Dataplane::Kernel;
+    assert_eq!(
+        cfg.validate().unwrap_err(),
+        [
+            "pools.p.scheduler: \"round-robin\" cannot serve listeners.l (dataplane = \"kernel\"): \
+          the kernel data plane places with \"maglev\""
+        ]
+    );
+}
+
+/// Everything udplb does in user space and the kernel data plane does not (yet) is refused on
+/// a kernel listener, at the key that asks for it; `auto` is held to the same rules.
+#[test]
+fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
+    let l = KERNEL_LISTENER;
+    let b = KERNEL_BACKENDS;
+    let other_pool = format!("{b}\n[pools.q]\nbackends = [\"10.0.2.1:53\"]");
+    let cases: Vec<(String, String, &str)> = vec![
+        (
+            "address = \"0.0.0.0:53\"\npool = \"p\"".into(),
+            b.into(),
+            "t.toml:3:1: listeners.l.address: not with dataplane = \"DP\" (the kernel data plane \
+             needs a specific IPv4 address, not a wildcard)",
+        ),
+        (
+            "address = \"[2001:db8::1]:53\"\npool = \"p\"".into(),
+            b.into(),
+            "t.toml:3:1: listeners.l.address: not with dataplane = \"DP\" (the kernel data plane \
+             needs a specific IPv4 address; IPv6 is not built yet)",
+        ),
+        (
+            format!("{l}\nmode = \"request-response\""),
+            b.into(),
+            "t.toml:5:1: listeners.l.mode: not with dataplane = \"DP\" (replies are counted per \
+             request in user space",
+        ),
+        (
+            format!("{l}\nproxy_protocol = true"),
+            b.into(),
+            "t.toml:5:1: listeners.l.proxy_protocol: not with dataplane = \"DP\" (PROXY headers \
+             are read in user space; not built in the kernel data plane yet)",
+        ),
+        (
+            format!("{l}\nallow = [\"10.0.0.0/8\"]"),
+            b.into(),
+            "t.toml:5:1: listeners.l.allow: not with dataplane = \"DP\" (clients are filtered in \
+             user space; not built in the kernel data plane yet)",
+        ),
+        (
+            format!("{l}\ndeny = [\"10.9.0.0/16\"]"),
+            b.into(),
+            "t.toml:5:1: listeners.l.deny: not with dataplane = \"DP\"",
+        ),
+        (
+            format!("{l}\nlimits = {{ datagrams_per_source = 100 }}"),
+            b.into(),
+            "t.toml:5:1: listeners.l.limits: not with dataplane = \"DP\" (rates are counted in \
+             user space",
+        ),
+        (
+            format!("{l}\nabuse_pool = \"q\""),
+            other_pool.clone(),
+            "t.toml:5:1: listeners.l.abuse_pool: not with dataplane = \"DP\" (clients are \
+             diverted in user space",
+        ),
+        (
+            format!("{l}\npersistence = \"10s\""),
+            b.into(),
+            "t.toml:5:1: listeners.l.persistence: not with dataplane = \"DP\" (clients are \
+             remembered in user space",
+        ),
+        (
+            format!("{l}\nshared_upstream = true"),
+            b.into(),
+            "t.toml:5:1: listeners.l.shared_upstream: not with dataplane = \"DP\" (upstream \
+             sockets are shared in user space",
+        ),
+        (
+            l.into(),
+            format!("{b}\nproxy_protocol = \"first\""),
+            "t.toml:7:1: pools.p.proxy_protocol: not for listeners.l (dataplane = \"DP\"): PROXY \
+             headers are written in user space; not built in the kernel data plane yet",
+        ),
+        (
+            l.into(),
+            format!("{b}\nstrip_reply_proxy = true"),
+            "t.toml:7:1: pools.p.strip_reply_proxy: not for listeners.l (dataplane = \"DP\"): \
+             PROXY headers are removed in user space",
+        ),
+        (
+            l.into(),
+            format!("{b}\ntransparent = true"),
+            "t.toml:7:1: pools.p.transparent: not for listeners.l (dataplane = \"DP\"): it makes \
+             sockets send from the client's address",
+        ),
+        (
+            format!("{l}\nmode = \"datagram\""),
+            format!("{b}\nscheduler = \"maglev\"\n[pools.p.payload_key]\nkind = \"sip\""),
+            "t.toml:9:10: pools.p.payload_key: not for listeners.l (dataplane = \"DP\"): keys are \
+             read from datagrams in user space",
+        ),
+        (
+            l.into(),
+            "backends = [\"10.0.1.1:53\", \"[2001:db8::1]:53\"]".into(),
+            "t.toml:6:28: pools.p.backends[1].address: [2001:db8::1]:53 is not for listeners.l \
+             (dataplane = \"DP\"): the kernel data plane forwards to IPv4 backends; IPv6 is not \
+             built yet",
+        ),
+        (
+            l.into(),
+            format!("{b}\nforwarding = \"dsr\""),
+            "t.toml:7:1: pools.p.forwarding: \"dsr\" is not built yet: the kernel data plane \
+             forwards with \"nat\"",
+        ),
+        (
+            l.into(),
+            format!("{b}\nforwarding = \"masquerade\""),
+            "t.toml:7:1: pools.p.forwarding: \"masquerade\" is not built yet: the kernel data \
+             plane forwards with \"nat\"",
+        ),
+    ];
+    for dataplane in ["kernel", "auto"] {
+        for (listener, pool, expected) in &cases {
+            let src = with_dataplane(dataplane, listener, pool);
+            let e = errors(&src);
+            assert_eq!(e.errors.len(), 1, "{src}\n{e}");
+            let expected = expected.replace("DP", dataplane);
+            assert!(e.to_string().starts_with(&expected), "{src}\n{e}");
+            // The same keys are fine on a socket listener (but for forwarding, not built).
+            let socket = with_dataplane("socket", listener, pool);
+            if !pool.contains("forwarding") {
+                assert!(parse(&socket, "t.toml").is_ok(), "{socket}");
+            }
+        }
+    }
+    // What is refused is also what `udplb check` reports after parsing, at its line.
+    let src = with_dataplane("kernel", &format!("{l}\nshared_upstream = true"), b);
+    assert_eq!(
+        located(&src),
+        [(5, "listeners.l.shared_upstream".to_string())]
+    );
+}
+
+/// Replies are mapped back to their listener by the backend's address: two listeners of the
+/// kernel data plane share no backend (nor a pool).
+#[test]
+fn kernel_listeners_share_no_backend() {
+    let src = |b_dataplane: &str, b_pool: &str, q_backend: &str| {
+        format!(
+            "[listeners.a]\naddress = \"10.0.0.1:53\"\npool = \"p\"\ndataplane = \"kernel\"\n\
+             [listeners.b]\naddress = \"10.0.0.2:53\"\npool = \"{b_pool}\"\ndataplane = \"{b_dataplane}\"\n\
+             [pools.p]\nbackends = [\"10.0.1.1:53\", \"10.0.1.2:53\"]\n\
+             [pools.q]\nbackends = [\"10.0.1.3:53\", \"{q_backend}\"]\n"
+        )
+    };
+    let text = errors(&src("auto", "q", "10.0.1.2:53")).to_string();
+    assert_eq!(
+        text.trim_end(),
+        "t.toml:12:28: pools.q.backends[1].address: 10.0.1.2:53 is also a backend of \
+         listeners.a (pool \"p\"), and both may use the kernel data plane: it maps replies back \
+         to their listener by the backend's address"
+    );
+    // Another port of the same host, or a socket listener: fine.
+    assert!(parse(&src("kernel", "q", "10.0.1.2:54"), "t.toml").is_ok());
+    assert!(parse(&src("socket", "q", "10.0.1.2:53"), "t.toml").is_ok());
+    // One pool for two kernel listeners: every backend would be shared.
+    let e = errors(&src("kernel", "p", "10.0.1.4:53"));
+    assert_eq!(e.errors.len(), 1, "{e}");
+    assert!(
+        e.to_string().starts_with(
+            "t.toml:7:1: listeners.b.pool: pool \"p\" also serves listeners.a, and both may use \
+             the kernel data plane"
+        ),
+        "{e}"
+    );
+    assert!(parse(&src("socket", "p", "10.0.1.4:53"), "t.toml").is_ok());
+}
+
+#[test]
+fn the_kernel_data_plane_has_room_for_16_listeners_of_256_backends() {
+    let listeners = |n: usize| {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "[listeners.l{i}]\naddress = \"10.0.0.{i}:53\"\npool = \"p{i}\"\n\
+                     dataplane = \"auto\"\n[pools.p{i}]\nbackends = [\"10.0.1.{i}:53\"]\n"
+                )
+            })
+            .collect::<String>()
+    };
+    assert!(parse(&listeners(16), "t.toml").is_ok());
+    let e = errors(&listeners(17));
+    assert_eq!(e.errors.len(), 1, "{e}");
+    assert!(
+        e.to_string().starts_with(
+            "t.toml:100:1: listeners.l16.dataplane: listener 17 with dataplane = \"kernel\" or \
+             \"auto\": the kernel data plane serves at most 16"
+        ),
+        "{e}"
+    );
+    let pool = |n: u32| {
+        let backends: Vec<String> = (0..n)
+            .map(|i| format!("\"10.1.{}.{}:53\"", i / 200, i % 200))
+            .collect();
+        format!("backends = [{}]", backends.join(", "))
+    };
+    assert!(
+        parse(
+            &with_dataplane("kernel", KERNEL_LISTENER, &pool(256)),
+            "t.toml"
+        )
+        .is_ok()
+    );
+    let e = errors(&with_dataplane("kernel", KERNEL_LISTENER, &pool(257)));
+    assert_eq!(e.errors.len(), 1, "{e}");
+    assert!(
+        e.to_string().starts_with(
+            "t.toml:6:1: pools.p.backends: 257 backends, but a pool of listeners.l (dataplane = \
+             \"kernel\") has at most 256"
+        ),
+        "{e}"
+    );
+    // A socket listener's pool has no such bound.
+    assert!(
+        parse(
+            &with_dataplane("socket", KERNEL_LISTENER, &pool(257)),
+            "t.toml"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn interfaces_are_names_for_the_kernel_data_plane() {
+    let cfg = parse(
+        &with_dataplane(
+            "kernel",
+            &format!("{KERNEL_LISTENER}\ninterfaces = [\"eth0\", \"ens3f1np1\", \"bond0.100\"]"),
+            KERNEL_BACKENDS,
+        ),
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.listeners[0].interfaces,
+        ["eth0", "ens3f1np1", "bond0.100"]
+    );
+    // Each bad name at its own position.
+    let src = with_dataplane(
+        "kernel",
+        &format!(
+            "{KERNEL_LISTENER}\ninterfaces = [\"\", \"eth0/1\", \"a b\", \"sixteen-bytes-xx\", \
+             \"eth0:1\", \"..\", 7]"
+        ),
+        KERNEL_BACKENDS,
+    );
+    let e = errors(&src);
+    let got: Vec<(usize, usize, &str)> = e
+        .errors
+        .iter()
+        .map(|e| (e.line, e.column, e.key.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (5, 15, "listeners.l.interfaces[0]"),
+            (5, 19, "listeners.l.interfaces[1]"),
+            (5, 29, "listeners.l.interfaces[2]"),
+            (5, 36, "listeners.l.interfaces[3]"),
+            (5, 56, "listeners.l.interfaces[4]"),
+            (5, 66, "listeners.l.interfaces[5]"),
+            (5, 72, "listeners.l.interfaces[6]"),
+        ],
+        "{e}"
+    );
+    let text = e.to_string();
+    for expected in [
+        "listeners.l.interfaces[0]: \"\" is not an interface name: it is empty",
+        "listeners.l.interfaces[1]: \"eth0/1\" is not an interface name: '/' is not allowed",
+        "listeners.l.interfaces[2]: \"a b\" is not an interface name: ' ' is not allowed",
+        "listeners.l.interfaces[3]: \"sixteen-bytes-xx\" is not an interface name: 16 bytes, \
+         longer than the 15",
+        "listeners.l.interfaces[4]: \"eth0:1\" is not an interface name: ':' is not allowed",
+        "listeners.l.interfaces[5]: \"..\" is not an interface name",
+        "listeners.l.interfaces[6]: expected a string, found integer",
+    ] {
+        assert!(text.contains(expected), "{expected}\n{text}");
+    }
+    // Not an array; a name twice.
+    let text = errors(&with_dataplane(
+        "auto",
+        &format!("{KERNEL_LISTENER}\ninterfaces = \"eth0\""),
+        KERNEL_BACKENDS,
+    ))
+    .to_string();
+    assert!(
+        text.contains(
+            "t.toml:5:14: listeners.l.interfaces: expected an array of interface names such as \
+             [\"eth0\"], found string"
+        ),
+        "{text}"
+    );
+    let text = errors(&with_dataplane(
+        "auto",
+        &format!("{KERNEL_LISTENER}\ninterfaces = [\"eth0\", \"eth1\", \"eth0\"]"),
+        KERNEL_BACKENDS,
+    ))
+    .to_string();
+    assert_eq!(
+        text.trim_end(),
+        "t.toml:5:31: listeners.l.interfaces[2]: \"eth0\" is listed twice"
+    );
+    // Only where the kernel data plane may serve.
+    let text = errors(&with_dataplane(
+        "socket",
+        &format!("{KERNEL_LISTENER}\ninterfaces = [\"eth0\"]"),
+        KERNEL_BACKENDS,
+    ))
+    .to_string();
+    assert!(
+        text.starts_with(
+            "t.toml:5:1: listeners.l.interfaces: only with dataplane = \"kernel\" or \"auto\""
+        ),
+        "{text}"
     );
 }

@@ -86,6 +86,11 @@ impl MaglevTable {
         self.entries[idx] as usize
     }
 
+    /// The entries: member indices, slot by slot.
+    pub fn entries(&self) -> &[u32] {
+        &self.entries
+    }
+
     /// Number of entries.
     pub fn len(&self) -> usize {
         self.entries.len()

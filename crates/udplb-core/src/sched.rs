@@ -139,6 +139,29 @@ impl Tier {
         self.members.contains(&(index as u32))
     }
 
+    /// The Maglev table (maglev only) as backend positions in the pool: entry `i` is the
+    /// backend of the clients whose key maps to slot `i` (what a data plane outside this
+    /// process indexes to place a client as this one does).
+    pub fn maglev_backends(&self) -> Option<Vec<u32>> {
+        let table = self.maglev.as_ref()?;
+        Some(
+            table
+                .entries()
+                .iter()
+                .map(|&m| self.members[m as usize])
+                .collect(),
+        )
+    }
+
+    /// The round-robin schedule (round robin only) as backend positions in the pool: one
+    /// period, each backend as often as its weight (scaled) says.
+    pub fn schedule_backends(&self) -> Vec<u32> {
+        self.schedule
+            .iter()
+            .map(|&m| self.members[m as usize])
+            .collect()
+    }
+
     /// Indices into [`Pool::backends`] of the eligible backends.
     pub fn members(&self) -> impl Iterator<Item = usize> + '_ {
         self.members.iter().map(|&i| i as usize)

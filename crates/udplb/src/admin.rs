@@ -57,6 +57,8 @@ pub struct State {
     pub announce: Option<crate::announce::Status>,
     /// Flow-state sync with other instances, when `[sync]` is configured.
     pub sync: Option<crate::sync::Status>,
+    /// The kernel data plane, when a listener uses it.
+    pub kernel: Option<Arc<crate::kernel::KernelPlane>>,
 }
 
 /// Most admin connections open at once, whatever the descriptors allow.
@@ -388,6 +390,7 @@ pub(crate) fn stats_json(state: &State) -> Value {
             .as_ref()
             .map(|a| json!(*a.lock().unwrap_or_else(|p| p.into_inner()))),
         "sync": state.sync.as_ref().map(crate::sync::Status::json),
+        "kernel": state.kernel.as_ref().map(|k| k.json(&snap)),
         "admin": {
             "allow_changes": state.allow_changes,
             "token_required": state.token.is_some(),

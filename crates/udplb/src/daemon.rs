@@ -18,7 +18,9 @@ use udplb_config::Config;
 use udplb_dataplane::{Dataplane, DataplaneOptions};
 
 use crate::plan::snapshot_of;
-use crate::{admin, announce, control, health, privileges, reload, sync, systemd, tcp, upgrade};
+use crate::{
+    admin, announce, control, health, kernel, privileges, reload, sync, systemd, tcp, upgrade,
+};
 
 /// Runs until SIGINT or SIGTERM; SIGHUP reloads `source` when udplb runs from a file; SIGUSR2
 /// starts the program file udplb was started from and hands over to it ([`upgrade`]).
@@ -94,6 +96,8 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Loaded and attached while udplb may still (CAP_BPF, CAP_NET_ADMIN).
+    let kernel_plane = kernel::start(&cfg, &shared.load())?;
     let offer = upgrade::offer(
         program,
         &cfg,
@@ -165,6 +169,13 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         }
     });
     let dataplane = bound.start()?;
+    if let Some(plane) = kernel_plane.clone() {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("udplb-kernel".into())
+            .spawn(move || plane.follow(shared))
+            .context("starting the udplb-kernel thread")?;
+    }
     for (l, addr) in cfg.listeners.iter().zip(dataplane.listener_addrs()) {
         let pool = cfg
             .pools
@@ -204,6 +215,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         quorum: monitor.quorum_status(),
         announce: cfg.announce.as_ref().map(|_| Default::default()),
         sync: sync_status.clone(),
+        kernel: kernel_plane.clone(),
         shared: Arc::clone(&shared),
         stats: dataplane.stats().to_vec(),
         workers,

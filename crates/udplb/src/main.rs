@@ -16,6 +16,7 @@ mod daemon;
 mod health;
 mod host;
 mod import;
+mod kernel;
 mod logging;
 mod metrics;
 mod plan;

@@ -1,0 +1,429 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+//
+// udplb's kernel data plane: a tc program on the balancer's interfaces that forwards UDP
+// datagrams of the kernel listeners to their backends (LVS-NAT: the destination is rewritten,
+// the client's address kept) and rewrites the backends' replies to come from the listener's
+// address, each sent out by a FIB lookup and a redirect (no trip through the stack).
+//
+// Owns: parsing, the placement (the same hash and Maglev table as udplb's socket path: user
+// space builds the table, this program indexes it), the flow map, checksums, TTL, counters.
+// Must not: decide anything user space can decide ahead (tables, health, weights).
+//
+// Maps are filled by udplb (crates/udplb-kernel/src/lib.rs mirrors every layout here).
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#ifndef UDPLB_BITFLIP
+#error "UDPLB_BITFLIP (the placement hash's constant) comes from build.rs"
+#endif
+
+#define MAX_SERVICES 16
+#define MAX_BACKENDS 256
+#define RING_SIZE 65537
+#define SCHEDULE_MAX 16384
+#define AF_INET 2
+
+// A service: a kernel listener, by its address and port (network order).
+struct service_key {
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+#define SERVICE_DATAGRAM 1 // every datagram placed anew (datagram mode)
+#define SERVICE_BY_IP 2 // the client's address alone is hashed (affinity = "ip")
+
+struct service {
+	__u32 id; // < MAX_SERVICES: the service's slice of ring, schedule and backends
+	__u32 flags;
+	__u64 idle_ns; // a flow idle this long is placed anew
+	__u32 ring_size; // 0: no backend takes new flows
+	__u32 schedule_len; // datagram mode's round-robin schedule
+};
+
+#define BACKEND_KEEPS_FLOWS 1
+
+struct backend {
+	__u32 addr;
+	__u16 port;
+	__u16 flags;
+};
+
+struct flow_key {
+	__u32 client_addr;
+	__u32 service_addr;
+	__u16 client_port;
+	__u16 service_port;
+};
+
+struct flow {
+	__u32 backend; // global backend index: service id * MAX_BACKENDS + position
+	__u32 pad;
+	__u64 last_ns;
+};
+
+// Replies: from a backend's address and port back to the service it serves.
+struct reply_key {
+	__u32 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+struct reply {
+	__u32 service_addr;
+	__u16 service_port;
+	__u16 pad;
+	__u32 backend; // global backend index (counters)
+	__u32 pad2;
+};
+
+// Per backend, per CPU.
+struct counters {
+	__u64 packets;
+	__u64 bytes;
+	__u64 reply_packets;
+	__u64 reply_bytes;
+};
+
+enum drop_reason {
+	DROP_NO_BACKEND,
+	DROP_TTL,
+	DROP_FIB,
+	DROP_REWRITE,
+	PASS_FRAGMENT,
+	DROP_REASONS,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, struct service_key);
+	__type(value, struct service);
+} services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SERVICES * RING_SIZE);
+	__type(key, __u32);
+	__type(value, __u32);
+} ring SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SERVICES * SCHEDULE_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} schedule SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SERVICES * MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct backend);
+} backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); // set by udplb before loading
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES * MAX_BACKENDS);
+	__type(key, struct reply_key);
+	__type(value, struct reply);
+} replies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_SERVICES * MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct counters);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DROP_REASONS);
+	__type(key, __u32);
+	__type(value, __u64);
+} drops SEC(".maps");
+
+// Datagram mode's position in each service's schedule (shared by the CPUs, so that the
+// spread is exact).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, __u64);
+} turns SEC(".maps");
+
+static __always_inline void count_drop(__u32 reason)
+{
+	__u64 *n = bpf_map_lookup_elem(&drops, &reason);
+	if (n)
+		*n += 1;
+}
+
+static __always_inline __u64 rotl64(__u64 x, int r)
+{
+	return (x << r) | (x >> (64 - r));
+}
+
+// udplb's placement hash (udplb_core::hash::ClientKey: xxh3-64 with udplb's fixed seed) of
+// 4 to 8 bytes, read as xxh3 reads them: `lo` the first 4 bytes, `hi` the last 4 (both
+// little-endian), `len` the length.
+static __always_inline __u64 placement_hash(__u32 first, __u32 last, __u64 len)
+{
+	__u64 h = ((__u64)last + ((__u64)first << 32)) ^ UDPLB_BITFLIP;
+	h ^= rotl64(h, 49) ^ rotl64(h, 24);
+	h *= 0x9FB21C651E98DF25ULL;
+	h ^= (h >> 35) + len;
+	h *= 0x9FB21C651E98DF25ULL;
+	return h ^ (h >> 28);
+}
+
+// The high 64 bits of `h * n` (n < 2^32): the Maglev slot of hash `h` in a table of `n`,
+// as udplb_core::maglev::MaglevTable::lookup computes it.
+static __always_inline __u64 slot_of(__u64 h, __u64 n)
+{
+	__u64 lo = (h & 0xffffffffULL) * n;
+	__u64 hi = (h >> 32) * n;
+	return (hi + (lo >> 32)) >> 32;
+}
+
+// The backend (global index) for a new flow or a datagram of `svc` from the client.
+static __always_inline int place(const struct service *svc, __u32 client_addr, __u16 client_port,
+				 __u32 *backend)
+{
+	__u32 base = svc->id * MAX_BACKENDS;
+	if (svc->flags & SERVICE_DATAGRAM) {
+		__u32 id = svc->id;
+		__u64 *turn = bpf_map_lookup_elem(&turns, &id);
+		__u32 len = svc->schedule_len;
+		if (!turn || len == 0 || len > SCHEDULE_MAX)
+			return -1;
+		__u64 mine = __sync_fetch_and_add(turn, 1);
+		__u32 at = svc->id * SCHEDULE_MAX + (__u32)(mine % len);
+		__u32 *b = bpf_map_lookup_elem(&schedule, &at);
+		if (!b)
+			return -1;
+		*backend = base + *b;
+		return 0;
+	}
+	__u32 n = svc->ring_size;
+	if (n == 0 || n > RING_SIZE)
+		return -1;
+	__u64 h;
+	if (svc->flags & SERVICE_BY_IP)
+		h = placement_hash(client_addr, client_addr, 4);
+	else
+		h = placement_hash(client_addr,
+				   (client_addr >> 16) | ((__u32)client_port << 16), 6);
+	__u32 at = svc->id * RING_SIZE + (__u32)slot_of(h, n);
+	__u32 *b = bpf_map_lookup_elem(&ring, &at);
+	if (!b)
+		return -1;
+	*backend = base + *b;
+	return 0;
+}
+
+#define IP_OFF ETH_HLEN
+#define IP_CSUM_OFF (IP_OFF + offsetof(struct iphdr, check))
+#define IP_TTL_OFF (IP_OFF + offsetof(struct iphdr, ttl))
+#define IP_SRC_OFF (IP_OFF + offsetof(struct iphdr, saddr))
+#define IP_DST_OFF (IP_OFF + offsetof(struct iphdr, daddr))
+#define UDP_OFF (IP_OFF + sizeof(struct iphdr))
+#define UDP_CSUM_OFF (UDP_OFF + offsetof(struct udphdr, check))
+#define UDP_SPORT_OFF (UDP_OFF + offsetof(struct udphdr, source))
+#define UDP_DPORT_OFF (UDP_OFF + offsetof(struct udphdr, dest))
+
+// Rewrites one address and one port of the datagram (`dst`: the destination, else the
+// source), with both checksums updated incrementally (a zero UDP checksum stays zero), and
+// takes one from the TTL. Returns 0, or a drop reason.
+static __always_inline int rewrite(struct __sk_buff *skb, int dst, __u32 old_addr, __u32 new_addr,
+				   __u16 old_port, __u16 new_port, __u8 ttl)
+{
+	int addr_off = dst ? IP_DST_OFF : IP_SRC_OFF;
+	int port_off = dst ? UDP_DPORT_OFF : UDP_SPORT_OFF;
+	if (ttl <= 1)
+		return DROP_TTL + 1;
+	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_addr, new_addr,
+				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new_addr)))
+		return DROP_REWRITE + 1;
+	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_port, new_port,
+				BPF_F_MARK_MANGLED_0 | sizeof(new_port)))
+		return DROP_REWRITE + 1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)))
+		return DROP_REWRITE + 1;
+	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0) ||
+	    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+		return DROP_REWRITE + 1;
+	// The TTL shares a 16-bit word with the protocol: the checksum changes by that word.
+	__u16 old_word = bpf_htons((__u16)ttl << 8 | IPPROTO_UDP);
+	__u16 new_word = bpf_htons((__u16)(ttl - 1) << 8 | IPPROTO_UDP);
+	__u8 new_ttl = ttl - 1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, sizeof(new_word)) ||
+	    bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, sizeof(new_ttl), 0))
+		return DROP_REWRITE + 1;
+	return 0;
+}
+
+// The route from `src` to `dst` (into `fib`): BPF_FIB_LKUP_RET_NOT_FWDED when `dst` is this
+// host's own.
+static __always_inline int route(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __u32 src,
+				 __u32 dst, __u16 tot_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->tot_len = tot_len;
+	fib->ipv4_src = src;
+	fib->ipv4_dst = dst;
+	fib->ifindex = skb->ingress_ifindex;
+	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+}
+
+// Sends the rewritten datagram by the route `rc`/`fib` found: out of its interface with the
+// next hop's MAC address (or the kernel's neighbour resolution when it has none yet).
+static __always_inline int send_by(struct __sk_buff *skb, int rc, struct bpf_fib_lookup *fib)
+{
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib->dmac, ETH_ALEN, 0) ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib->smac, ETH_ALEN, 0)) {
+			count_drop(DROP_REWRITE);
+			return TC_ACT_SHOT;
+		}
+		return bpf_redirect(fib->ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib->ifindex, 0, 0, 0);
+	count_drop(DROP_FIB);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline void count(__u32 backend, __u64 bytes, int reply)
+{
+	struct counters *c = bpf_map_lookup_elem(&counters, &backend);
+	if (!c)
+		return;
+	if (reply) {
+		c->reply_packets += 1;
+		c->reply_bytes += bytes;
+	} else {
+		c->packets += 1;
+		c->bytes += bytes;
+	}
+}
+
+SEC("classifier")
+int udplb_ingress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	struct udphdr *udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > end)
+		return TC_ACT_OK;
+	__u32 saddr = ip->saddr, daddr = ip->daddr;
+	__u16 sport = udp->source, dport = udp->dest;
+	__u16 tot_len = bpf_ntohs(ip->tot_len);
+	__u8 ttl = ip->ttl;
+	int fragment = (ip->frag_off & bpf_htons(0x3fff)) != 0;
+
+	struct service_key sk = {.addr = daddr, .port = dport};
+	struct service *svc = bpf_map_lookup_elem(&services, &sk);
+	if (svc) {
+		if (fragment) {
+			// Not built yet: fragments go to the stack (udplb's socket path).
+			count_drop(PASS_FRAGMENT);
+			return TC_ACT_OK;
+		}
+		__u32 b = 0;
+		struct backend *be = 0;
+		__u64 now = bpf_ktime_get_ns();
+		struct flow_key fk = {.client_addr = saddr,
+				      .service_addr = daddr,
+				      .client_port = sport,
+				      .service_port = dport};
+		int datagram = svc->flags & SERVICE_DATAGRAM;
+		struct flow *f = datagram ? 0 : bpf_map_lookup_elem(&flows, &fk);
+		if (f && now - f->last_ns <= svc->idle_ns) {
+			__u32 kept = f->backend;
+			be = bpf_map_lookup_elem(&backends, &kept);
+			if (be && (be->flags & BACKEND_KEEPS_FLOWS) && be->addr) {
+				b = kept;
+				f->last_ns = now;
+			} else {
+				be = 0;
+			}
+		}
+		if (!be) {
+			if (place(svc, saddr, sport, &b) < 0) {
+				count_drop(DROP_NO_BACKEND);
+				return TC_ACT_SHOT;
+			}
+			be = bpf_map_lookup_elem(&backends, &b);
+			if (!be || !be->addr) {
+				count_drop(DROP_NO_BACKEND);
+				return TC_ACT_SHOT;
+			}
+			if (!datagram) {
+				struct flow nf = {.backend = b, .last_ns = now};
+				bpf_map_update_elem(&flows, &fk, &nf, BPF_ANY);
+			}
+		}
+		__u32 to_addr = be->addr;
+		__u16 to_port = be->port;
+		struct bpf_fib_lookup fib;
+		int rc = route(skb, &fib, saddr, to_addr, tot_len);
+		int why = rewrite(skb, 1, daddr, to_addr, dport, to_port, ttl);
+		if (why) {
+			count_drop(why - 1);
+			return TC_ACT_SHOT;
+		}
+		count(b, skb->len, 0);
+		return send_by(skb, rc, &fib);
+	}
+
+	struct reply_key rk = {.addr = saddr, .port = sport};
+	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
+	if (r) {
+		if (fragment) {
+			count_drop(PASS_FRAGMENT);
+			return TC_ACT_OK;
+		}
+		__u32 from_addr = r->service_addr;
+		__u16 from_port = r->service_port;
+		__u32 b = r->backend;
+		struct bpf_fib_lookup fib;
+		int rc = route(skb, &fib, from_addr, daddr, tot_len);
+		// To this host itself (udplb's health checks, a local client of the socket path):
+		// not a reply to rewrite.
+		if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+			return TC_ACT_OK;
+		int why = rewrite(skb, 0, saddr, from_addr, sport, from_port, ttl);
+		if (why) {
+			count_drop(why - 1);
+			return TC_ACT_SHOT;
+		}
+		count(b, skb->len, 1);
+		return send_by(skb, rc, &fib);
+	}
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

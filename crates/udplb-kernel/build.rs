@@ -1,0 +1,49 @@
+//! Compiles the eBPF program (bpf/udplb.bpf.c) with clang. Without clang (or when it fails)
+//! udplb still builds: the kernel data plane then says it is unavailable.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+include!("src/placement_constant.rs");
+
+fn main() {
+    println!("cargo:rustc-check-cfg=cfg(udplb_bpf)");
+    println!("cargo:rerun-if-changed=bpf/udplb.bpf.c");
+    println!("cargo:rerun-if-changed=src/placement_constant.rs");
+    println!("cargo:rerun-if-env-changed=UDPLB_CLANG");
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("udplb.bpf.o");
+    let clang = std::env::var("UDPLB_CLANG").unwrap_or_else(|_| "clang".into());
+    let mut cmd = Command::new(&clang);
+    cmd.args(["-O2", "-g", "-Wall", "-target", "bpf"])
+        .arg(format!(
+            "-DUDPLB_BITFLIP={:#x}ULL",
+            bitflip(udplb_core::hash::PLACEMENT_SEED)
+        ));
+    if let Some(dir) = multiarch_include() {
+        cmd.arg(format!("-I{dir}"));
+    }
+    cmd.arg("-c").arg("bpf/udplb.bpf.c").arg("-o").arg(&out);
+    match cmd.output() {
+        Ok(o) if o.status.success() => println!("cargo:rustc-cfg=udplb_bpf"),
+        Ok(o) => {
+            println!(
+                "cargo:warning=the kernel data plane is not built: {clang} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+            );
+        }
+        Err(e) => println!(
+            "cargo:warning=the kernel data plane is not built: {clang}: {e} (Debian: apt install clang libbpf-dev)"
+        ),
+    }
+}
+
+/// Where <asm/types.h> is on Debian (/usr/include/x86_64-linux-gnu).
+fn multiarch_include() -> Option<String> {
+    let o = Command::new("cc").arg("-print-multiarch").output().ok()?;
+    let arch = String::from_utf8(o.stdout).ok()?;
+    let dir = format!("/usr/include/{}", arch.trim());
+    std::path::Path::new(&dir).is_dir().then_some(dir)
+}

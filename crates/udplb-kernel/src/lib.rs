@@ -1,0 +1,250 @@
+//! udplb's kernel data plane: the eBPF program of `bpf/udplb.bpf.c`, attached at tc ingress of
+//! the balancer's interfaces, forwards the datagrams of the kernel listeners to their
+//! backends in the kernel (LVS-NAT: the destination rewritten, the client's address kept) and
+//! rewrites the backends' replies to come from the listener's address.
+//!
+//! Owns: loading and attaching the program (aya), the layout of its maps (mirrored here), and
+//! turning udplb's view of each kernel listener ([`Service`]: its backends, which keep flows,
+//! the pool's Maglev table) into map updates that move no established flow: each backend keeps
+//! the slot it got first for as long as it is in the pool, and only table entries that changed
+//! are written.
+//! Must not: decide placement or health (udplb's core does; the program indexes the table
+//! the core built), or touch datagrams in user space.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::time::Duration;
+
+#[cfg(test)]
+mod placement_constant;
+
+/// Kernel listeners at most.
+pub const MAX_SERVICES: usize = 16;
+/// Backends per kernel listener at most.
+pub const MAX_BACKENDS: usize = 256;
+/// The Maglev table's size (udplb_core::maglev::MIN_TABLE_SIZE, the size for ≤ 655 backends).
+pub const RING_SIZE: usize = 65_537;
+/// Datagram mode's round-robin schedule, at most.
+pub const SCHEDULE_MAX: usize = 16_384;
+
+/// Why the kernel data plane cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("not built into this udplb (clang was missing when it was built)")]
+    NotBuilt,
+    #[error("loading the eBPF program: {0}")]
+    Load(String),
+    #[error("attaching to interface {interface}: {why}")]
+    Attach { interface: String, why: String },
+    #[error("updating the eBPF maps: {0}")]
+    Update(String),
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// One kernel listener as udplb sees it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// The listener's address.
+    pub addr: SocketAddrV4,
+    /// Datagram mode: every datagram placed anew (by `schedule`), no flow state.
+    pub datagram: bool,
+    /// Affinity `ip`: the client's address alone is hashed.
+    pub by_ip: bool,
+    /// A flow idle this long is placed anew.
+    pub idle: Duration,
+    /// The pool's backends, in pool order.
+    pub backends: Vec<Backend>,
+    /// The pool's Maglev table as positions in `backends` (empty: none takes new flows).
+    pub ring: Vec<u32>,
+    /// The round-robin schedule (datagram mode) as positions in `backends`.
+    pub schedule: Vec<u32>,
+}
+
+/// A backend of a kernel listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: SocketAddrV4,
+    /// An established flow stays on it (up, or draining).
+    pub keeps_flows: bool,
+}
+
+/// Traffic of one backend through the kernel data plane, summed over the CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+/// What the program did not forward, by reason, summed over the CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drops {
+    /// No backend takes new flows.
+    pub no_backend: u64,
+    /// The TTL ran out.
+    pub ttl: u64,
+    /// No route to the backend or the client.
+    pub no_route: u64,
+    /// The datagram could not be rewritten.
+    pub rewrite: u64,
+    /// IP fragments, left to the stack (udplb's sockets).
+    pub fragments_passed: u64,
+}
+
+/// Whether this udplb was built with the program.
+pub fn built() -> bool {
+    cfg!(udplb_bpf)
+}
+
+#[cfg(udplb_bpf)]
+mod loaded;
+#[cfg(udplb_bpf)]
+pub use loaded::Kernel;
+
+/// Without the program, a kernel data plane that never loads.
+#[cfg(not(udplb_bpf))]
+pub struct Kernel(());
+
+#[cfg(not(udplb_bpf))]
+impl Kernel {
+    pub fn load(_max_flows: u32) -> Result<Kernel, Error> {
+        Err(Error::NotBuilt)
+    }
+    pub fn attach(&mut self, _interfaces: &[String]) -> Result<(), Error> {
+        Err(Error::NotBuilt)
+    }
+    pub fn update(&mut self, _services: &[Service]) -> Result<(), Error> {
+        Err(Error::NotBuilt)
+    }
+    pub fn traffic(&self, _service: usize) -> Vec<(SocketAddrV4, Traffic)> {
+        Vec::new()
+    }
+    pub fn drops(&self) -> Drops {
+        Drops::default()
+    }
+    pub fn attached(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Per service, the slot each backend address holds (kept while the address is in the pool,
+/// so that a flow's backend index keeps naming the same backend across updates).
+#[derive(Debug, Default)]
+struct Slots {
+    by_addr: HashMap<SocketAddrV4, u32>,
+}
+
+impl Slots {
+    /// The slot of every backend of `backends` (a new address takes the lowest free slot; an
+    /// address no longer there frees its slot). `None` when more than [`MAX_BACKENDS`].
+    fn assign(&mut self, backends: &[Backend]) -> Option<Vec<u32>> {
+        self.by_addr
+            .retain(|addr, _| backends.iter().any(|b| b.addr == *addr));
+        let mut used: Vec<bool> = vec![false; MAX_BACKENDS];
+        for &s in self.by_addr.values() {
+            used[s as usize] = true;
+        }
+        let mut out = Vec::with_capacity(backends.len());
+        for b in backends {
+            let slot = match self.by_addr.get(&b.addr) {
+                Some(&s) => s,
+                None => {
+                    let s = used.iter().position(|u| !u)? as u32;
+                    used[s as usize] = true;
+                    self.by_addr.insert(b.addr, s);
+                    s
+                }
+            };
+            out.push(slot);
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use udplb_core::hash::ClientKey;
+    use udplb_core::model::Affinity;
+
+    /// The program's placement hash (bpf/udplb.bpf.c `placement_hash`), in Rust.
+    fn program_hash(first: u32, last: u32, len: u64) -> u64 {
+        let bitflip = placement_constant::bitflip(udplb_core::hash::PLACEMENT_SEED);
+        let mut h = (u64::from(last) + (u64::from(first) << 32)) ^ bitflip;
+        h ^= h.rotate_left(49) ^ h.rotate_left(24);
+        h = h.wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        h ^= (h >> 35) + len;
+        h = h.wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        h ^ (h >> 28)
+    }
+
+    /// The program's slot of a hash (`slot_of`), in Rust.
+    fn program_slot(h: u64, n: u64) -> u64 {
+        let lo = (h & 0xffff_ffff) * n;
+        let hi = (h >> 32) * n;
+        (hi + (lo >> 32)) >> 32
+    }
+
+    #[test]
+    fn the_program_hashes_a_client_as_udplb_does() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ip = Ipv4Addr::from((x >> 16) as u32);
+            let port = x as u16;
+            let client = SocketAddr::new(IpAddr::V4(ip), port);
+            // As the program reads them: the address and the port in network order, loaded
+            // little-endian.
+            let addr = u32::from_le_bytes(ip.octets());
+            let port_raw = u16::from_le_bytes(port.to_be_bytes());
+            let by_port = program_hash(addr, (addr >> 16) | (u32::from(port_raw) << 16), 6);
+            assert_eq!(
+                by_port,
+                ClientKey::of(&client, Affinity::IpPort).0,
+                "{client}"
+            );
+            let by_ip = program_hash(addr, addr, 4);
+            assert_eq!(by_ip, ClientKey::of(&client, Affinity::Ip).0, "{client}");
+            let n = RING_SIZE as u64;
+            assert_eq!(
+                program_slot(by_port, n),
+                ((u128::from(by_port) * u128::from(n)) >> 64) as u64
+            );
+        }
+    }
+
+    fn backend(last: u8) -> Backend {
+        Backend {
+            addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 53),
+            keeps_flows: true,
+        }
+    }
+
+    #[test]
+    fn a_backend_keeps_its_slot_while_it_stays_in_the_pool() {
+        let mut slots = Slots::default();
+        assert_eq!(
+            slots.assign(&[backend(1), backend(2), backend(3)]),
+            Some(vec![0, 1, 2])
+        );
+        // 1 removed, 4 added before 2: 2 and 3 keep theirs, 4 takes the freed slot.
+        assert_eq!(
+            slots.assign(&[backend(4), backend(2), backend(3)]),
+            Some(vec![0, 1, 2])
+        );
+        assert_eq!(slots.assign(&[backend(3), backend(2)]), Some(vec![2, 1]));
+        let many: Vec<Backend> = (0..=255u8)
+            .flat_map(|a| (0..2u16).map(move |p| (a, p)))
+            .map(|(a, p)| Backend {
+                addr: SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, a), p),
+                keeps_flows: true,
+            })
+            .collect();
+        assert_eq!(slots.assign(&many), None);
+    }
+}

@@ -1,0 +1,398 @@
+//! The loaded program and its maps (only when this udplb was built with the program).
+
+use std::net::SocketAddrV4;
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::tc::SchedClassifierLinkId;
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader, Pod};
+
+use crate::{
+    Drops, Error, MAX_BACKENDS, MAX_SERVICES, RING_SIZE, SCHEDULE_MAX, Service, Slots, Traffic,
+};
+
+/// The program, compiled by build.rs.
+/// (Aligned: the ELF parser reads it in place.)
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udplb.bpf.o"));
+
+// The maps' keys and values: the layouts of bpf/udplb.bpf.c.
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct ServiceKey {
+    addr: u32,
+    port: u16,
+    pad: u16,
+}
+
+const SERVICE_DATAGRAM: u32 = 1;
+const SERVICE_BY_IP: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ServiceValue {
+    id: u32,
+    flags: u32,
+    idle_ns: u64,
+    ring_size: u32,
+    schedule_len: u32,
+}
+
+const BACKEND_KEEPS_FLOWS: u16 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BackendValue {
+    addr: u32,
+    port: u16,
+    flags: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ReplyKey {
+    addr: u32,
+    port: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ReplyValue {
+    service_addr: u32,
+    service_port: u16,
+    pad: u16,
+    backend: u32,
+    pad2: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct CountersValue {
+    packets: u64,
+    bytes: u64,
+    reply_packets: u64,
+    reply_bytes: u64,
+}
+
+// SAFETY: each is `repr(C)`, `Copy`, made of integers only, with every padding byte an explicit
+// field: any bytes are a valid value and no byte is uninitialized.
+unsafe impl Pod for ServiceKey {}
+// SAFETY: as above.
+unsafe impl Pod for ServiceValue {}
+// SAFETY: as above.
+unsafe impl Pod for BackendValue {}
+// SAFETY: as above.
+unsafe impl Pod for ReplyKey {}
+// SAFETY: as above.
+unsafe impl Pod for ReplyValue {}
+// SAFETY: as above.
+unsafe impl Pod for CountersValue {}
+
+/// An address and port as the program reads them from a packet (network order in memory).
+fn wire(addr: SocketAddrV4) -> (u32, u16) {
+    (
+        u32::from_ne_bytes(addr.ip().octets()),
+        u16::from_ne_bytes(addr.port().to_be_bytes()),
+    )
+}
+
+/// What was last written for a service (only differences are written next).
+#[derive(Default)]
+struct Written {
+    addr: Option<SocketAddrV4>,
+    slots: Slots,
+    /// Slot per backend position, as last written.
+    ring: Vec<u32>,
+    schedule: Vec<u32>,
+    backends: Vec<Option<(SocketAddrV4, bool)>>,
+    value: Option<ServiceValue>,
+}
+
+/// The loaded program, attached to interfaces, and its maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    links: Vec<(String, SchedClassifierLinkId)>,
+    services: BpfHashMap<MapData, ServiceKey, ServiceValue>,
+    ring: Array<MapData, u32>,
+    schedule: Array<MapData, u32>,
+    backends: Array<MapData, BackendValue>,
+    replies: BpfHashMap<MapData, ReplyKey, ReplyValue>,
+    counters: PerCpuArray<MapData, CountersValue>,
+    drops: PerCpuArray<MapData, u64>,
+    written: Vec<Written>,
+}
+
+fn update_error(e: impl std::fmt::Display) -> Error {
+    Error::Update(e.to_string())
+}
+
+impl Kernel {
+    /// Loads the program with room for `max_flows` flows (needs CAP_BPF and CAP_NET_ADMIN, or
+    /// root).
+    pub fn load(max_flows: u32) -> Result<Kernel, Error> {
+        let mut ebpf = EbpfLoader::new()
+            .set_max_entries("flows", max_flows.max(1024))
+            .load(PROGRAM)
+            .map_err(|e| Error::Load(e.to_string()))?;
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| Error::Load(format!("the program has no map {name}")))
+        };
+        let services = BpfHashMap::try_from(take("services")?).map_err(update_error)?;
+        let ring = Array::try_from(take("ring")?).map_err(update_error)?;
+        let schedule = Array::try_from(take("schedule")?).map_err(update_error)?;
+        let backends = Array::try_from(take("backends")?).map_err(update_error)?;
+        let replies = BpfHashMap::try_from(take("replies")?).map_err(update_error)?;
+        let counters = PerCpuArray::try_from(take("counters")?).map_err(update_error)?;
+        let drops = PerCpuArray::try_from(take("drops")?).map_err(update_error)?;
+        program(&mut ebpf)?
+            .load()
+            .map_err(|e| Error::Load(verifier_error(&e)))?;
+        Ok(Kernel {
+            ebpf,
+            links: Vec::new(),
+            services,
+            ring,
+            schedule,
+            backends,
+            replies,
+            counters,
+            drops,
+            written: (0..MAX_SERVICES).map(|_| Written::default()).collect(),
+        })
+    }
+
+    /// Attaches the program at ingress of each of `interfaces` (tcx on Linux 6.6 and later,
+    /// a clsact qdisc before). Attached programs are detached when this is dropped.
+    pub fn attach(&mut self, interfaces: &[String]) -> Result<(), Error> {
+        for interface in interfaces {
+            if self.links.iter().any(|(i, _)| i == interface) {
+                continue;
+            }
+            // Older kernels need the clsact qdisc; it may exist already.
+            let _ = aya::programs::tc::qdisc_add_clsact(interface);
+            let link = program(&mut self.ebpf)?
+                .attach(interface, TcAttachType::Ingress)
+                .map_err(|e| Error::Attach {
+                    interface: interface.clone(),
+                    why: e.to_string(),
+                })?;
+            self.links.push((interface.clone(), link));
+        }
+        Ok(())
+    }
+
+    /// The interfaces the program is attached to.
+    pub fn attached(&self) -> Vec<String> {
+        self.links.iter().map(|(i, _)| i.clone()).collect()
+    }
+
+    /// Makes the maps say what `services` (by id: their index) say, writing only what
+    /// changed: new backends first, then the table entries that point at them, then the
+    /// service, then the reply mappings; a backend that left is cleared last.
+    pub fn update(&mut self, services: &[Service]) -> Result<(), Error> {
+        if services.len() > MAX_SERVICES {
+            return Err(Error::Limit(format!(
+                "{} kernel listeners; at most {MAX_SERVICES}",
+                services.len()
+            )));
+        }
+        for (id, s) in services.iter().enumerate() {
+            self.update_service(id as u32, s)?;
+        }
+        Ok(())
+    }
+
+    fn update_service(&mut self, id: u32, s: &Service) -> Result<(), Error> {
+        let mut w = std::mem::take(&mut self.written[id as usize]);
+        let result = self.write_service(id, s, &mut w);
+        self.written[id as usize] = w;
+        result
+    }
+
+    fn write_service(&mut self, id: u32, s: &Service, w: &mut Written) -> Result<(), Error> {
+        if s.ring.len() > RING_SIZE || s.schedule.len() > SCHEDULE_MAX {
+            return Err(Error::Limit(format!(
+                "listener {}: a table of {} entries and a schedule of {}; at most {RING_SIZE} \
+                 and {SCHEDULE_MAX}",
+                s.addr,
+                s.ring.len(),
+                s.schedule.len()
+            )));
+        }
+        let slots = w.slots.assign(&s.backends).ok_or_else(|| {
+            Error::Limit(format!(
+                "listener {}: more than {MAX_BACKENDS} backends",
+                s.addr
+            ))
+        })?;
+        let base = id * MAX_BACKENDS as u32;
+        w.backends.resize(MAX_BACKENDS, None);
+        // Backends first: a table entry never names a slot not written yet.
+        for (b, &slot) in s.backends.iter().zip(&slots) {
+            let now = Some((b.addr, b.keeps_flows));
+            if w.backends[slot as usize] != now {
+                let (addr, port) = wire(b.addr);
+                let value = BackendValue {
+                    addr,
+                    port,
+                    flags: if b.keeps_flows {
+                        BACKEND_KEEPS_FLOWS
+                    } else {
+                        0
+                    },
+                };
+                self.backends
+                    .set(base + slot, value, 0)
+                    .map_err(update_error)?;
+                w.backends[slot as usize] = now;
+            }
+        }
+        let slot_of = |p: &u32| {
+            slots.get(*p as usize).copied().ok_or_else(|| {
+                Error::Update(format!("listener {}: no backend at position {p}", s.addr))
+            })
+        };
+        let ring: Vec<u32> = s.ring.iter().map(slot_of).collect::<Result<_, _>>()?;
+        write_array(&mut self.ring, id * RING_SIZE as u32, &w.ring, &ring)?;
+        w.ring = ring;
+        let schedule: Vec<u32> = s.schedule.iter().map(slot_of).collect::<Result<_, _>>()?;
+        write_array(
+            &mut self.schedule,
+            id * SCHEDULE_MAX as u32,
+            &w.schedule,
+            &schedule,
+        )?;
+        w.schedule = schedule;
+        let value = ServiceValue {
+            id,
+            flags: if s.datagram { SERVICE_DATAGRAM } else { 0 }
+                | if s.by_ip { SERVICE_BY_IP } else { 0 },
+            idle_ns: s.idle.as_nanos().min(u128::from(u64::MAX)) as u64,
+            ring_size: w.ring.len() as u32,
+            schedule_len: w.schedule.len() as u32,
+        };
+        let (addr, port) = wire(s.addr);
+        if w.value != Some(value) {
+            self.services
+                .insert(ServiceKey { addr, port, pad: 0 }, value, 0)
+                .map_err(update_error)?;
+            w.value = Some(value);
+            w.addr = Some(s.addr);
+        }
+        for (b, &slot) in s.backends.iter().zip(&slots) {
+            let (baddr, bport) = wire(b.addr);
+            let reply = ReplyValue {
+                service_addr: addr,
+                service_port: port,
+                pad: 0,
+                backend: base + slot,
+                pad2: 0,
+            };
+            let key = ReplyKey {
+                addr: baddr,
+                port: bport,
+                pad: 0,
+            };
+            if self.replies.get(&key, 0).ok() != Some(reply) {
+                self.replies.insert(key, reply, 0).map_err(update_error)?;
+            }
+        }
+        // Backends that left: no table entry names them any more.
+        for slot in 0..MAX_BACKENDS {
+            if let Some((addr, _)) = w.backends[slot]
+                && !s.backends.iter().any(|b| b.addr == addr)
+            {
+                self.backends
+                    .set(base + slot as u32, BackendValue::default(), 0)
+                    .map_err(update_error)?;
+                let (baddr, bport) = wire(addr);
+                let _ = self.replies.remove(&ReplyKey {
+                    addr: baddr,
+                    port: bport,
+                    pad: 0,
+                });
+                w.backends[slot] = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each backend's traffic through service `id`, summed over the CPUs.
+    pub fn traffic(&self, id: usize) -> Vec<(SocketAddrV4, Traffic)> {
+        let Some(w) = self.written.get(id) else {
+            return Vec::new();
+        };
+        let base = (id * MAX_BACKENDS) as u32;
+        w.slots
+            .by_addr
+            .iter()
+            .filter_map(|(&addr, &slot)| {
+                let per_cpu = self.counters.get(&(base + slot), 0).ok()?;
+                let t = per_cpu.iter().fold(Traffic::default(), |t, c| Traffic {
+                    packets: t.packets + c.packets,
+                    bytes: t.bytes + c.bytes,
+                    reply_packets: t.reply_packets + c.reply_packets,
+                    reply_bytes: t.reply_bytes + c.reply_bytes,
+                });
+                Some((addr, t))
+            })
+            .collect()
+    }
+
+    /// What the program did not forward, by reason.
+    pub fn drops(&self) -> Drops {
+        let n = |reason: u32| {
+            self.drops
+                .get(&reason, 0)
+                .map_or(0, |v| v.iter().copied().sum::<u64>())
+        };
+        Drops {
+            no_backend: n(0),
+            ttl: n(1),
+            no_route: n(2),
+            rewrite: n(3),
+            fragments_passed: n(4),
+        }
+    }
+}
+
+/// Writes the entries of `new` that differ from `old` at `base`..; entries past the end of
+/// `new` are left as they are (the program reads only `len` of them).
+fn write_array(
+    map: &mut Array<MapData, u32>,
+    base: u32,
+    old: &[u32],
+    new: &[u32],
+) -> Result<(), Error> {
+    for (i, &v) in new.iter().enumerate() {
+        if old.get(i) != Some(&v) {
+            map.set(base + i as u32, v, 0).map_err(update_error)?;
+        }
+    }
+    Ok(())
+}
+
+/// The program in `ebpf` (aya keeps programs, and their links, in the `Ebpf`).
+fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, Error> {
+    ebpf.program_mut("udplb_ingress")
+        .ok_or_else(|| Error::Load("the program is missing".into()))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))
+}
+
+/// The verifier's log, when it refused the program.
+fn verifier_error(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            format!(
+                "{e}: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        }
+        _ => e.to_string(),
+    }
+}

@@ -1,0 +1,276 @@
+//! The kernel data plane under udplb's control: which listeners it serves, loading and
+//! attaching its program at start (before privileges are dropped), and a thread that turns
+//! every published snapshot (health, drain, weights, reload) into map updates.
+//!
+//! Owns: the choice per listener (`dataplane = "kernel"` fails the start when the program
+//! cannot load; `"auto"` falls back to the sockets with one log line), the interfaces the
+//! program attaches to, and the translation of a snapshot's pool into a
+//! [`udplb_kernel::Service`].
+//! Must not: place or check anything itself (the snapshot says which backend takes what; the
+//! program indexes the Maglev table the core built).
+
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use udplb_config::{Config, Dataplane};
+use udplb_core::SchedulerKind;
+use udplb_core::SessionMode;
+use udplb_core::model::Affinity;
+use udplb_core::sched::Tier;
+use udplb_core::snapshot::Snapshot;
+
+/// How often the published snapshot is checked for a change.
+const FOLLOW_EVERY: Duration = Duration::from_millis(20);
+
+/// The kernel data plane of a running udplb: the loaded program and the listeners it serves
+/// (by snapshot index).
+pub struct KernelPlane {
+    kernel: Mutex<udplb_kernel::Kernel>,
+    /// Snapshot indexes of the listeners the program serves, in service-id order.
+    pub listeners: Vec<usize>,
+    /// The interfaces the program is attached to.
+    pub interfaces: Vec<String>,
+    /// The snapshot generation the maps say.
+    applied: AtomicU64,
+}
+
+/// Loads and attaches the program for the listeners that ask for it (none: `None`). A listener
+/// with `dataplane = "kernel"` that cannot have it is an error; `"auto"` ones fall back to
+/// the sockets, said once in the log.
+pub fn start(cfg: &Config, snap: &Snapshot) -> anyhow::Result<Option<Arc<KernelPlane>>> {
+    let wanted: Vec<usize> = cfg
+        .listeners
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.dataplane != Dataplane::Socket)
+        .map(|(i, _)| i)
+        .collect();
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let required = wanted
+        .iter()
+        .any(|&i| cfg.listeners[i].dataplane == Dataplane::Kernel);
+    match load(cfg, snap, &wanted) {
+        Ok(plane) => {
+            for &i in &wanted {
+                tracing::info!(
+                    listener = %cfg.listeners[i].name,
+                    interfaces = %plane.interfaces.join(","),
+                    "kernel data plane: forwarding in the kernel (udplb's sockets serve what \
+                     arrives on other interfaces)"
+                );
+            }
+            Ok(Some(Arc::new(plane)))
+        }
+        Err(e) if required => Err(anyhow::anyhow!(
+            "kernel data plane (listeners with dataplane = \"kernel\"): {e}"
+        )),
+        Err(e) => {
+            for &i in &wanted {
+                tracing::warn!(
+                    listener = %cfg.listeners[i].name,
+                    reason = %e,
+                    "kernel data plane unavailable: dataplane = \"auto\" serves with sockets"
+                );
+            }
+            Ok(None)
+        }
+    }
+}
+
+fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<KernelPlane> {
+    let max_flows: u32 = wanted
+        .iter()
+        .map(|&i| cfg.listeners[i].max_flows)
+        .fold(0u32, u32::saturating_add);
+    if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/forwarding")
+        .is_ok_and(|f| f.trim() == "0")
+    {
+        anyhow::bail!(
+            "net.ipv4.ip_forward is 0: forwarding = \"nat\" routes for the backends (LVS-NAT); \
+             set net.ipv4.ip_forward=1"
+        );
+    }
+    let mut kernel = udplb_kernel::Kernel::load(max_flows)?;
+    let mut interfaces: Vec<String> = wanted
+        .iter()
+        .flat_map(|&i| cfg.listeners[i].interfaces.iter().cloned())
+        .collect();
+    if interfaces.is_empty() {
+        interfaces = up_interfaces();
+    }
+    interfaces.sort();
+    interfaces.dedup();
+    if interfaces.is_empty() {
+        anyhow::bail!("no interface is up but loopback (set the listener's interfaces)");
+    }
+    kernel.update(&services(snap, wanted))?;
+    kernel.attach(&interfaces)?;
+    Ok(KernelPlane {
+        kernel: Mutex::new(kernel),
+        listeners: wanted.to_vec(),
+        interfaces,
+        applied: AtomicU64::new(snap.generation),
+    })
+}
+
+/// Every interface that is up, but loopback.
+fn up_interfaces() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let flags = std::fs::read_to_string(e.path().join("flags")).ok()?;
+            let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).ok()?;
+            let (up, loopback) = (
+                flags & libc::IFF_UP as u32,
+                flags & libc::IFF_LOOPBACK as u32,
+            );
+            (up != 0 && loopback == 0).then_some(name)
+        })
+        .collect()
+}
+
+/// What the program must know of the `wanted` listeners in `snap`.
+pub fn services(snap: &Snapshot, wanted: &[usize]) -> Vec<udplb_kernel::Service> {
+    wanted
+        .iter()
+        .filter_map(|&i| {
+            let spec = snap.listeners.get(i)?;
+            let pool = &snap.pools[spec.pool];
+            let addr = v4(spec.address)?;
+            let backends = pool
+                .backends
+                .iter()
+                .enumerate()
+                .filter_map(|(j, b)| {
+                    Some(udplb_kernel::Backend {
+                        addr: v4(b.spec.addr)?,
+                        keeps_flows: pool.keeps_flows(j),
+                    })
+                })
+                .collect::<Vec<_>>();
+            let ring = pool.tier.maglev_backends().unwrap_or_default();
+            let schedule = Tier::build(SchedulerKind::RoundRobin, &pool.backends, pool.all_down)
+                .schedule_backends();
+            Some(udplb_kernel::Service {
+                addr,
+                datagram: spec.mode == SessionMode::Datagram,
+                by_ip: spec.affinity == Affinity::Ip,
+                idle: spec.idle_timeout,
+                backends,
+                ring,
+                schedule,
+            })
+        })
+        .collect()
+}
+
+/// `addr` as IPv4 (the kernel data plane's family), if it is a specific IPv4 address.
+fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
+    let ip = match addr.ip().to_canonical() {
+        IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+        _ => return None,
+    };
+    Some(SocketAddrV4::new(ip, addr.port()))
+}
+
+impl KernelPlane {
+    /// Follows the published snapshots for as long as udplb runs: each new generation's
+    /// health, drain, weights and backends go to the maps.
+    pub fn follow(self: Arc<Self>, shared: Arc<ArcSwap<Snapshot>>) {
+        let mut applied = shared.load().generation;
+        let mut failing = false;
+        loop {
+            std::thread::sleep(FOLLOW_EVERY);
+            let snap = shared.load_full();
+            if snap.generation == applied {
+                continue;
+            }
+            let result = self
+                .kernel
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .update(&services(&snap, &self.listeners));
+            match result {
+                Ok(()) => {
+                    applied = snap.generation;
+                    self.applied.store(applied, Ordering::Relaxed);
+                    if failing {
+                        tracing::info!("kernel data plane: maps updated again");
+                        failing = false;
+                    }
+                }
+                Err(e) if !failing => {
+                    tracing::error!(error = %e, "kernel data plane: updating the maps failed (retried)");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Each backend's traffic through listener `service` (by its place in `listeners`).
+    pub fn traffic(&self, service: usize) -> Vec<(SocketAddrV4, udplb_kernel::Traffic)> {
+        self.kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .traffic(service)
+    }
+
+    /// The `kernel` object of `/stats`: the interfaces, per listener each backend's traffic
+    /// through the kernel, and what the program did not forward.
+    pub fn json(&self, snap: &Snapshot) -> serde_json::Value {
+        let listeners: Vec<serde_json::Value> = self
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(id, &li)| {
+                let backends: Vec<serde_json::Value> = self
+                    .traffic(id)
+                    .into_iter()
+                    .map(|(addr, t)| {
+                        serde_json::json!({
+                            "address": addr.to_string(),
+                            "datagrams": t.packets,
+                            "bytes": t.bytes,
+                            "replies": t.reply_packets,
+                            "reply_bytes": t.reply_bytes,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "listener": snap.listeners.get(li).map(|l| l.name.as_str()),
+                    "backends": backends,
+                })
+            })
+            .collect();
+        let d = self.drops();
+        serde_json::json!({
+            "generation": self.applied.load(Ordering::Relaxed),
+            "interfaces": self.interfaces,
+            "listeners": listeners,
+            "drops": {
+                "no_backend": d.no_backend,
+                "ttl": d.ttl,
+                "no_route": d.no_route,
+                "rewrite": d.rewrite,
+            },
+            "fragments_passed": d.fragments_passed,
+        })
+    }
+
+    /// What the program did not forward, by reason.
+    pub fn drops(&self) -> udplb_kernel::Drops {
+        self.kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drops()
+    }
+}

@@ -1,0 +1,348 @@
+//! The kernel data plane (`dataplane = "kernel"`), in namespaces the tests make (root; skipped
+//! otherwise, or when udplb was built without clang): client — balancer — backends over veth,
+//! the balancer the backends' gateway (LVS-NAT). Datagrams reach the backends with the
+//! client's own address, replies come back from the listener's address, every client lands
+//! where udplb's own placement (`/api/v1/explain`) says, a backend that dies leaves rotation
+//! and its flows alone move, and datagram mode spreads exactly.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::netns::{Net, ip, serve_if_asked};
+use common::*;
+
+/// Not a test on its own: a backend that answers `TAG|SENDER|:PAYLOAD` (the address it saw).
+#[test]
+fn kernel_backend_in_namespace() {
+    let tag = std::env::var("UDPLB_TEST_KERNEL_TAG").unwrap_or_default();
+    serve_if_asked("UDPLB_TEST_KERNEL_BACKEND", move |data, from| {
+        // The ':' before the payload: what udplb's UDP check expects (`:ping$`).
+        let mut out = format!("{tag}|{from}|:").into_bytes();
+        out.extend_from_slice(data);
+        out
+    });
+}
+
+/// Not a test on its own: from the client namespace, each of UDPLB_TEST_KERNEL_CLIENTS
+/// sockets sends UDPLB_TEST_KERNEL_ROUNDS requests to UDPLB_TEST_KERNEL_TARGET, one at a
+/// time; prints per reply `LOCAL FROM TAG SEEN`.
+#[test]
+fn kernel_clients_in_namespace() {
+    let Ok(target) = std::env::var("UDPLB_TEST_KERNEL_TARGET") else {
+        return;
+    };
+    let target: SocketAddr = target.parse().unwrap();
+    let n: usize = std::env::var("UDPLB_TEST_KERNEL_CLIENTS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let rounds: usize = std::env::var("UDPLB_TEST_KERNEL_ROUNDS")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sockets: Vec<UdpSocket> = (0..n)
+        .map(|_| {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            s
+        })
+        .collect();
+    let mut buf = [0u8; 2048];
+    for round in 0..rounds {
+        for s in &sockets {
+            let local = s.local_addr().unwrap();
+            for _attempt in 0..5 {
+                s.send_to(format!("r{round}").as_bytes(), target).unwrap();
+                if let Ok((len, from)) = s.recv_from(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+                    let mut parts = text.splitn(3, '|');
+                    let (tag, seen) = (parts.next().unwrap_or("?"), parts.next().unwrap_or("?"));
+                    println!("{} {from} {tag} {seen}", local.port());
+                    break;
+                }
+            }
+        }
+    }
+}
+
+struct Topology {
+    net: Net,
+    t: u32,
+    balancer: String,
+    clients: String,
+    backends: String,
+}
+
+impl Topology {
+    /// `None` (said why) without root, namespaces or the program.
+    fn build(prefix: &str) -> Option<Topology> {
+        if !is_root() {
+            eprintln!("skipped: network namespaces and eBPF need root");
+            return None;
+        }
+        need("curl", "curl");
+        let t = std::process::id() % 200;
+        let mut net = Net::new(scratch_dir(prefix));
+        let (b, c, k) = (
+            format!("{prefix}-b{t}"),
+            format!("{prefix}-c{t}"),
+            format!("{prefix}-k{t}"),
+        );
+        if let Err(why) = net.add(&b) {
+            eprintln!("skipped: cannot make network namespaces here: {why}");
+            return None;
+        }
+        let built = (|| -> Result<(), String> {
+            net.add(&c)?;
+            net.add(&k)?;
+            net.link(
+                &b,
+                "bc",
+                &format!("10.97.{t}.1/24"),
+                &c,
+                "cb",
+                &format!("10.97.{t}.2/24"),
+            )?;
+            net.link(
+                &b,
+                "bk",
+                &format!("10.98.{t}.1/24"),
+                &k,
+                "kb",
+                &format!("10.98.{t}.2/24"),
+            )?;
+            ip(&[
+                "-n",
+                &c,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.97.{t}.1"),
+            ])?;
+            ip(&[
+                "-n",
+                &k,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.98.{t}.1"),
+            ])?;
+            ip(&[
+                "-n",
+                &b,
+                "addr",
+                "add",
+                &format!("10.99.{t}.1/32"),
+                "dev",
+                "lo",
+            ])?;
+            let ok = Net::exec(&b, Path::new("sysctl"))
+                .args(["-q", "-w", "net.ipv4.ip_forward=1"])
+                .status()
+                .map_err(|e| e.to_string())?;
+            ok.success()
+                .then_some(())
+                .ok_or("sysctl failed".to_string())
+        })();
+        if let Err(why) = built {
+            panic!("building the topology: {why}");
+        }
+        Some(Topology {
+            net,
+            t,
+            balancer: b,
+            clients: c,
+            backends: k,
+        })
+    }
+
+    fn vip(&self) -> SocketAddr {
+        format!("10.99.{}.1:5300", self.t).parse().unwrap()
+    }
+
+    fn backend_addr(&self, i: usize) -> SocketAddr {
+        format!("10.98.{}.2:{}", self.t, 7001 + i).parse().unwrap()
+    }
+
+    /// Echo backends x, y, z on 7001..7003 of the backend host; returns their pids.
+    fn start_backends(&mut self) -> Vec<u32> {
+        ["x", "y", "z"]
+            .iter()
+            .enumerate()
+            .map(|(i, tag)| {
+                let child = Net::helper(
+                    &self.backends,
+                    "kernel_backend_in_namespace",
+                    &[
+                        (
+                            "UDPLB_TEST_KERNEL_BACKEND",
+                            self.backend_addr(i).to_string(),
+                        ),
+                        ("UDPLB_TEST_KERNEL_TAG", tag.to_string()),
+                    ],
+                )
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+                self.net.keep(child)
+            })
+            .collect()
+    }
+
+    /// udplb on the balancer with `listener` lines for the kernel listener, UDP-checked.
+    fn start_udplb(&mut self, listener: &str) -> u32 {
+        let backends: Vec<String> = (0..3).map(|i| quoted(self.backend_addr(i))).collect();
+        let toml = format!(
+            "[admin]\nlisten = \"127.0.0.1:9190\"\n\
+             [listeners.l]\naddress = \"{}\"\npool = \"p\"\ndataplane = \"kernel\"\n\
+             interfaces = [\"bc\", \"bk\"]\n{listener}\n\
+             [pools.p]\nbackends = [{}]\n[pools.p.health]\n{}\n",
+            self.vip(),
+            backends.join(", "),
+            udp_check(200, 200, 1, 2),
+        );
+        let config = self.net.dir.join("udplb.toml");
+        std::fs::write(&config, toml).unwrap();
+        let log = self.net.dir.join("udplb.log");
+        let child = Net::udplb(&self.balancer, &config, &log).spawn().unwrap();
+        let pid = self.net.keep(child);
+        assert!(
+            wait_for(DEADLINE, || self.api("/stats")["pools"][0]["backends"]
+                .as_array()
+                .is_some_and(|b| b.iter().all(|b| b["healthy"] == true))),
+            "udplb did not come up: {}",
+            self.log()
+        );
+        self.wait_for_the_maps();
+        pid
+    }
+
+    /// Waits until the kernel's maps say what udplb's snapshot says.
+    fn wait_for_the_maps(&self) {
+        assert!(
+            wait_for(DEADLINE, || {
+                let stats = self.api("/stats");
+                stats["kernel"]["generation"] == stats["generation"]
+            }),
+            "the kernel maps lag: {}",
+            self.log()
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.net.dir.join("udplb.log")).unwrap_or_default()
+    }
+
+    /// `GET path` on udplb's admin endpoint in the balancer.
+    fn api(&self, path: &str) -> serde_json::Value {
+        let out = Net::exec(&self.balancer, Path::new("curl"))
+            .args(["-s", &format!("127.0.0.1:9190{path}")])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
+    /// `n` clients sending `rounds` requests each: per reply (client port, reply source, tag,
+    /// the client address the backend saw).
+    fn clients(&self, n: usize, rounds: usize) -> Vec<(u16, SocketAddr, String, String)> {
+        let out = Net::helper(
+            &self.clients,
+            "kernel_clients_in_namespace",
+            &[
+                ("UDPLB_TEST_KERNEL_TARGET", self.vip().to_string()),
+                ("UDPLB_TEST_KERNEL_CLIENTS", n.to_string()),
+                ("UDPLB_TEST_KERNEL_ROUNDS", rounds.to_string()),
+            ],
+        )
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                Some((
+                    f.next()?.parse().ok()?,
+                    f.next()?.parse().ok()?,
+                    f.next()?.to_string(),
+                    f.next()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_does() {
+    let Some(mut topo) = Topology::build("ulbk") else {
+        return;
+    };
+    topo.start_backends();
+    topo.start_udplb("");
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    let client_ip = format!("10.97.{}.2", topo.t);
+    let replies = topo.clients(60, 2);
+    assert!(
+        replies.len() >= 118,
+        "{} replies: {replies:?}\n{}\n{}",
+        replies.len(),
+        topo.log(),
+        topo.api("/stats")["kernel"]
+    );
+    let mut backend_of: HashMap<u16, String> = HashMap::new();
+    for (port, from, tag, seen) in &replies {
+        assert_eq!(*from, topo.vip(), "a reply not from the listener's address");
+        assert_eq!(
+            seen,
+            &format!("{client_ip}:{port}"),
+            "the backend saw another address"
+        );
+        let first = backend_of.entry(*port).or_insert_with(|| tag.clone());
+        assert_eq!(first, tag, "client {port} changed backend");
+    }
+    let spread: HashMap<&String, usize> = backend_of.values().fold(HashMap::new(), |mut m, t| {
+        *m.entry(t).or_default() += 1;
+        m
+    });
+    assert_eq!(
+        spread.len(),
+        3,
+        "60 clients over 3 backends: {spread:?}\n{}\n{}",
+        topo.api("/stats")["kernel"],
+        topo.api("/stats")["pools"]
+    );
+    // Where udplb's own placement (the socket path's) would put each client.
+    let tag_of = |addr: &str| match addr.rsplit(':').next() {
+        Some("7001") => "x",
+        Some("7002") => "y",
+        Some("7003") => "z",
+        _ => "?",
+    };
+    let differ: Vec<u16> = backend_of
+        .iter()
+        .filter(|(port, tag)| {
+            let explained = topo.api(&format!("/api/v1/explain?client={client_ip}:{port}"));
+            tag_of(explained["backend"].as_str().unwrap_or("")) != tag.as_str()
+        })
+        .map(|(p, _)| *p)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "placed unlike udplb's own placement: {differ:?}"
+    );
+    // The datagrams went through the kernel, not udplb's sockets.
+    let stats = topo.api("/stats");
+    assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+}
