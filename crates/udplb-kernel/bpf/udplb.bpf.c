@@ -97,8 +97,24 @@ enum drop_reason {
 	DROP_TTL,
 	DROP_FIB,
 	DROP_REWRITE,
-	PASS_FRAGMENT,
+	PASS_FRAGMENT, // a later fragment whose first one was not seen: left to the stack
 	DROP_REASONS,
+};
+
+// The later fragments of a datagram follow its first: by source, destination and IP id, the
+// address the first one's was rewritten to.
+struct fragment_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;
+	__u16 pad;
+};
+
+struct fragment {
+	__u32 addr; // the new destination (to a backend) or source (a reply)
+	__u32 destination; // 1: `addr` replaces the destination, 0: the source
+	__u32 backend;
+	__u32 pad;
 };
 
 struct {
@@ -156,6 +172,13 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct fragment_key);
+	__type(value, struct fragment);
+} fragments SEC(".maps");
 
 // Datagram mode's position in each service's schedule (shared by the CPUs, so that the
 // spread is exact).
@@ -246,6 +269,26 @@ static __always_inline int place(const struct service *svc, __u32 client_addr, _
 #define UDP_SPORT_OFF (UDP_OFF + offsetof(struct udphdr, source))
 #define UDP_DPORT_OFF (UDP_OFF + offsetof(struct udphdr, dest))
 
+// Rewrites one address of a later fragment (no UDP header: the first fragment carried the
+// checksum, updated for the whole datagram) and takes one from the TTL.
+static __always_inline int rewrite_ip(struct __sk_buff *skb, int dst, __u32 old_addr,
+				      __u32 new_addr, __u8 ttl)
+{
+	int addr_off = dst ? IP_DST_OFF : IP_SRC_OFF;
+	if (ttl <= 1)
+		return DROP_TTL + 1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) ||
+	    bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
+		return DROP_REWRITE + 1;
+	__u16 old_word = bpf_htons((__u16)ttl << 8 | IPPROTO_UDP);
+	__u16 new_word = bpf_htons((__u16)(ttl - 1) << 8 | IPPROTO_UDP);
+	__u8 new_ttl = ttl - 1;
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, sizeof(new_word)) ||
+	    bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, sizeof(new_ttl), 0))
+		return DROP_REWRITE + 1;
+	return 0;
+}
+
 // Rewrites one address and one port of the datagram (`dst`: the destination, else the
 // source), with both checksums updated incrementally (a zero UDP checksum stays zero), and
 // takes one from the TTL. Returns 0, or a drop reason.
@@ -335,23 +378,40 @@ int udplb_ingress(struct __sk_buff *skb)
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
 		return TC_ACT_OK;
+	__u32 saddr = ip->saddr, daddr = ip->daddr;
+	__u16 tot_len = bpf_ntohs(ip->tot_len);
+	__u8 ttl = ip->ttl;
+	__u16 frag = bpf_ntohs(ip->frag_off);
+	struct fragment_key frk = {.saddr = saddr, .daddr = daddr, .id = ip->id};
+	if (frag & 0x1fff) {
+		// A later fragment: where its first one went.
+		struct fragment *fr = bpf_map_lookup_elem(&fragments, &frk);
+		if (!fr) {
+			count_drop(PASS_FRAGMENT);
+			return TC_ACT_OK;
+		}
+		__u32 to = fr->addr;
+		int dst = fr->destination;
+		__u32 b = fr->backend;
+		struct bpf_fib_lookup fib;
+		int rc = route(skb, &fib, dst ? saddr : to, dst ? to : daddr, tot_len);
+		int why = rewrite_ip(skb, dst, dst ? daddr : saddr, to, ttl);
+		if (why) {
+			count_drop(why - 1);
+			return TC_ACT_SHOT;
+		}
+		count(b, skb->len, !dst);
+		return send_by(skb, rc, &fib);
+	}
+	int first_of_more = frag & 0x2000;
 	struct udphdr *udp = (void *)(ip + 1);
 	if ((void *)(udp + 1) > end)
 		return TC_ACT_OK;
-	__u32 saddr = ip->saddr, daddr = ip->daddr;
 	__u16 sport = udp->source, dport = udp->dest;
-	__u16 tot_len = bpf_ntohs(ip->tot_len);
-	__u8 ttl = ip->ttl;
-	int fragment = (ip->frag_off & bpf_htons(0x3fff)) != 0;
 
 	struct service_key sk = {.addr = daddr, .port = dport};
 	struct service *svc = bpf_map_lookup_elem(&services, &sk);
 	if (svc) {
-		if (fragment) {
-			// Not built yet: fragments go to the stack (udplb's socket path).
-			count_drop(PASS_FRAGMENT);
-			return TC_ACT_OK;
-		}
 		__u32 b = 0;
 		struct backend *be = 0;
 		__u64 now = bpf_ktime_get_ns();
@@ -388,6 +448,10 @@ int udplb_ingress(struct __sk_buff *skb)
 		}
 		__u32 to_addr = be->addr;
 		__u16 to_port = be->port;
+		if (first_of_more) {
+			struct fragment fr = {.addr = to_addr, .destination = 1, .backend = b};
+			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
+		}
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, saddr, to_addr, tot_len);
 		int why = rewrite(skb, 1, daddr, to_addr, dport, to_port, ttl);
@@ -402,10 +466,6 @@ int udplb_ingress(struct __sk_buff *skb)
 	struct reply_key rk = {.addr = saddr, .port = sport};
 	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
 	if (r) {
-		if (fragment) {
-			count_drop(PASS_FRAGMENT);
-			return TC_ACT_OK;
-		}
 		__u32 from_addr = r->service_addr;
 		__u16 from_port = r->service_port;
 		__u32 b = r->backend;
@@ -415,6 +475,10 @@ int udplb_ingress(struct __sk_buff *skb)
 		// not a reply to rewrite.
 		if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
 			return TC_ACT_OK;
+		if (first_of_more) {
+			struct fragment fr = {.addr = from_addr, .destination = 0, .backend = b};
+			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
+		}
 		int why = rewrite(skb, 0, saddr, from_addr, sport, from_port, ttl);
 		if (why) {
 			count_drop(why - 1);

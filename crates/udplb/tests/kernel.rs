@@ -198,17 +198,26 @@ impl Topology {
             .collect()
     }
 
-    /// udplb on the balancer with `listener` lines for the kernel listener, UDP-checked.
+    /// udplb on the balancer with `listener` lines for the kernel listener, the three echo
+    /// backends UDP-checked.
     fn start_udplb(&mut self, listener: &str) -> u32 {
         let backends: Vec<String> = (0..3).map(|i| quoted(self.backend_addr(i))).collect();
+        let pool = format!(
+            "backends = [{}]\n[pools.p.health]\n{}\n",
+            backends.join(", "),
+            udp_check(200, 200, 1, 2)
+        );
+        self.start_udplb_with(listener, &pool)
+    }
+
+    /// udplb on the balancer with `listener` lines for the kernel listener and `pool` lines
+    /// for its pool.
+    fn start_udplb_with(&mut self, listener: &str, pool: &str) -> u32 {
         let toml = format!(
             "[admin]\nlisten = \"127.0.0.1:9190\"\n\
              [listeners.l]\naddress = \"{}\"\npool = \"p\"\ndataplane = \"kernel\"\n\
-             interfaces = [\"bc\", \"bk\"]\n{listener}\n\
-             [pools.p]\nbackends = [{}]\n[pools.p.health]\n{}\n",
+             interfaces = [\"bc\", \"bk\"]\n{listener}\n[pools.p]\n{pool}",
             self.vip(),
-            backends.join(", "),
-            udp_check(200, 200, 1, 2),
         );
         let config = self.net.dir.join("udplb.toml");
         std::fs::write(&config, toml).unwrap();
@@ -345,4 +354,118 @@ fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_d
     // The datagrams went through the kernel, not udplb's sockets.
     let stats = topo.api("/stats");
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+}
+
+const ZONE: &str = "example.test.";
+
+/// knotd on the backend host, port 5353, serving a zone whose `big` TXT answer (3.9 KB) needs
+/// IP fragments on a 1500-byte path.
+fn start_knot(topo: &mut Topology) -> SocketAddr {
+    let dir = topo.net.dir.join("knot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let big: Vec<String> = (0..15)
+        .map(|i| format!("\"{}\"", char::from(b'a' + i as u8).to_string().repeat(250)))
+        .collect();
+    std::fs::write(
+        dir.join("zone"),
+        format!(
+            "$ORIGIN {ZONE}\n$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 300\n@ NS ns\n\
+             ns A 192.0.2.1\nwww A 192.0.2.10\nbig TXT {}\n",
+            big.join(" ")
+        ),
+    )
+    .unwrap();
+    let addr: SocketAddr = format!("10.98.{}.2:5353", topo.t).parse().unwrap();
+    let conf = dir.join("knot.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server:\n  listen: {}@{}\n  rundir: {d}\n  udp-workers: 1\n  tcp-workers: 1\n  \
+             background-workers: 1\n  udp-max-payload: 4096\n\
+             database:\n  storage: {d}\ncontrol:\n  listen: {d}/knot.sock\n\
+             log:\n  - target: stderr\n    any: warning\n\
+             template:\n  - id: default\n    storage: {d}\n\
+             zone:\n  - domain: {ZONE}\n    file: zone\n",
+            addr.ip(),
+            addr.port(),
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Net::exec(&topo.backends, &need("knotd", "knot"))
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    topo.net.keep(child);
+    addr
+}
+
+/// `dig` in the client host: its output.
+fn dig_in(topo: &Topology, args: &[&str]) -> String {
+    let vip = topo.vip();
+    let out = Net::exec(&topo.clients, &need("dig", "dnsutils"))
+        .args([&format!("@{}", vip.ip()), "-p", &vip.port().to_string()])
+        .args(["+notcp", "+ignore", "+tries=1", "+time=2"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn knot_answers_dig_and_dnsperf_through_the_kernel_with_fragmented_answers() {
+    let Some(mut topo) = Topology::build("ulbd") else {
+        return;
+    };
+    let knot = start_knot(&mut topo);
+    topo.start_udplb_with("", &format!("backends = [{}]\n", quoted(knot)));
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    assert!(
+        wait_for(DEADLINE, || dig_in(&topo, &[&format!("www.{ZONE}"), "A"])
+            .contains("192.0.2.10")),
+        "no answer through the kernel: {}",
+        topo.log()
+    );
+    // 3.9 KB: three fragments on each link of the path; every one rewritten.
+    let big = dig_in(&topo, &["+bufsize=4096", &format!("big.{ZONE}"), "TXT"]);
+    let flags = big
+        .lines()
+        .find(|l| l.contains(";; flags:"))
+        .unwrap_or_default();
+    assert!(!flags.contains(" tc"), "truncated: {big}");
+    assert!(big.contains(&"o".repeat(250)), "the whole answer: {big}");
+    assert!(
+        big.contains(&format!(
+            "SERVER: {}#{}",
+            topo.vip().ip(),
+            topo.vip().port()
+        )),
+        "{big}"
+    );
+    let stats = topo.api("/stats");
+    let replies = &stats["kernel"]["listeners"][0]["backends"][0];
+    assert!(replies["replies"].as_u64().unwrap_or(0) >= 4, "{stats}");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+    // dnsperf from the client host: none lost.
+    let queries = topo.net.dir.join("queries.txt");
+    let lines: String = (0..100).map(|_| format!("www.{ZONE} A\n")).collect();
+    std::fs::write(&queries, lines).unwrap();
+    let vip = topo.vip();
+    let out = Net::exec(&topo.clients, &need("dnsperf", "dnsperf"))
+        .args(["-s", &vip.ip().to_string(), "-p", &vip.port().to_string()])
+        .args(["-c", "4", "-n", "100", "-Q", "4000", "-t", "3", "-d"])
+        .arg(&queries)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{report}");
+    assert!(report.contains("Queries completed:    10000"), "{report}");
+    assert!(report.contains("Queries lost:         0 "), "{report}");
+    assert_eq!(topo.api("/stats")["listeners"][0]["datagrams_in"], 0);
 }
