@@ -53,8 +53,20 @@ fn kernel_clients_in_namespace() {
             s
         })
         .collect();
+    let gate = std::env::var("UDPLB_TEST_KERNEL_GATE")
+        .ok()
+        .map(std::path::PathBuf::from);
     let mut buf = [0u8; 2048];
     for round in 0..rounds {
+        if let Some(gate) = &gate
+            && round > 0
+        {
+            // Wait for the test to say go (it changes the pool between rounds).
+            let go = gate.join(format!("go-{round}"));
+            while !go.exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         for s in &sockets {
             let local = s.local_addr().unwrap();
             for _attempt in 0..5 {
@@ -63,10 +75,17 @@ fn kernel_clients_in_namespace() {
                     let text = String::from_utf8_lossy(&buf[..len]).into_owned();
                     let mut parts = text.splitn(3, '|');
                     let (tag, seen) = (parts.next().unwrap_or("?"), parts.next().unwrap_or("?"));
-                    println!("{} {from} {tag} {seen}", local.port());
+                    if gate.is_some() {
+                        println!("round {round} {} {from} {tag} {seen}", local.port());
+                    } else {
+                        println!("{} {from} {tag} {seen}", local.port());
+                    }
                     break;
                 }
             }
+        }
+        if let Some(gate) = &gate {
+            std::fs::write(gate.join(format!("done-{round}")), "").unwrap();
         }
     }
 }
@@ -214,7 +233,7 @@ impl Topology {
     /// for its pool.
     fn start_udplb_with(&mut self, listener: &str, pool: &str) -> u32 {
         let toml = format!(
-            "[admin]\nlisten = \"127.0.0.1:9190\"\n\
+            "[admin]\nlisten = \"127.0.0.1:9190\"\nallow_changes = true\n\
              [listeners.l]\naddress = \"{}\"\npool = \"p\"\ndataplane = \"kernel\"\n\
              interfaces = [\"bc\", \"bk\"]\n{listener}\n[pools.p]\n{pool}",
             self.vip(),
@@ -275,8 +294,8 @@ impl Topology {
         .stderr(Stdio::null())
         .output()
         .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
+        helper_lines(&String::from_utf8_lossy(&out.stdout))
+            .into_iter()
             .filter_map(|l| {
                 let mut f = l.split(' ');
                 Some((
@@ -304,7 +323,7 @@ fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_d
     let client_ip = format!("10.97.{}.2", topo.t);
     let replies = topo.clients(60, 2);
     assert!(
-        replies.len() >= 118,
+        replies.len() == 120,
         "{} replies: {replies:?}\n{}\n{}",
         replies.len(),
         topo.log(),
@@ -468,4 +487,153 @@ fn knot_answers_dig_and_dnsperf_through_the_kernel_with_fragmented_answers() {
     assert!(report.contains("Queries completed:    10000"), "{report}");
     assert!(report.contains("Queries lost:         0 "), "{report}");
     assert_eq!(topo.api("/stats")["listeners"][0]["datagrams_in"], 0);
+}
+
+/// The lines a helper printed (the test harness prints `test NAME ... ` before the first).
+fn helper_lines(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| match l.rsplit_once(" ... ") {
+            Some((_, rest)) => rest.to_string(),
+            None => l.to_string(),
+        })
+        .collect()
+}
+
+/// Each client's backend tag, from one round of `replies`.
+fn backends_of(replies: &[(u16, SocketAddr, String, String)]) -> HashMap<u16, String> {
+    replies
+        .iter()
+        .map(|(port, _, tag, _)| (*port, tag.clone()))
+        .collect()
+}
+
+#[test]
+fn a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
+    let Some(mut topo) = Topology::build("ulbh") else {
+        return;
+    };
+    let pids = topo.start_backends();
+    topo.start_udplb("");
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    // Long-lived flows: the clients' helper keeps its sockets for the whole run; the test
+    // changes the pool between rounds through files the helper waits on.
+    let control = topo.net.dir.join("rounds");
+    std::fs::create_dir_all(&control).unwrap();
+    let mut helper = Net::helper(
+        &topo.clients,
+        "kernel_clients_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_TARGET", topo.vip().to_string()),
+            ("UDPLB_TEST_KERNEL_CLIENTS", "60".into()),
+            ("UDPLB_TEST_KERNEL_ROUNDS", "3".into()),
+            ("UDPLB_TEST_KERNEL_GATE", control.display().to_string()),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let round_done = |n: usize| control.join(format!("done-{n}")).exists();
+    let go = |n: usize| std::fs::write(control.join(format!("go-{n}")), "").unwrap();
+    assert!(wait_for(DEADLINE, || round_done(0)), "round 0");
+    // Backend y drained: its flows stay, no new ones.
+    let drained = topo.backend_addr(1);
+    let out = Net::exec(&topo.balancer, Path::new("curl"))
+        .args([
+            "-s",
+            "-f",
+            "-X",
+            "POST",
+            &format!("127.0.0.1:9190/api/v1/pools/p/backends/{drained}/drain"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "drain: {out:?}");
+    // Backend z killed: out of rotation once its checks fail (fall = 2, every 200 ms).
+    signal(pids[2], "KILL");
+    assert!(
+        wait_for(
+            DEADLINE,
+            || topo.api("/stats")["pools"][0]["backends"][2]["healthy"] == false
+        ),
+        "z never went down"
+    );
+    topo.wait_for_the_maps();
+    go(1);
+    assert!(wait_for(DEADLINE, || round_done(1)), "round 1");
+    go(2);
+    let out = helper.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rounds: Vec<Vec<(u16, SocketAddr, String, String)>> = (0..3)
+        .map(|r| {
+            helper_lines(&text)
+                .into_iter()
+                .filter(|l| l.starts_with(&format!("round {r} ")))
+                .filter_map(|l| {
+                    let mut f = l.split(' ').skip(2);
+                    Some((
+                        f.next()?.parse().ok()?,
+                        f.next()?.parse().ok()?,
+                        f.next()?.to_string(),
+                        f.next()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .collect();
+    let (before, after) = (backends_of(&rounds[0]), backends_of(&rounds[1]));
+    assert_eq!(before.len(), 60, "{text}");
+    assert_eq!(after.len(), 60, "{text}\n{}", topo.log());
+    for (port, was) in &before {
+        let now = &after[port];
+        match was.as_str() {
+            // Draining keeps established flows; the dead backend's move to the living.
+            "y" | "x" => assert_eq!(now, was, "client {port} moved off {was}"),
+            "z" => assert!(now == "x" || now == "y", "client {port} still on z: {now}"),
+            other => panic!("{other}"),
+        }
+    }
+    assert!(before.values().any(|t| t == "z") && before.values().any(|t| t == "y"));
+    // New clients go to x only: y drains and z is dead.
+    let fresh = topo.clients(30, 1);
+    assert!(
+        fresh.iter().all(|(_, _, tag, _)| tag == "x"),
+        "{fresh:?}\n{}\n{}\n{}",
+        topo.api(&format!(
+            "/api/v1/explain?client=10.97.{}.2:{}",
+            topo.t, fresh[1].0
+        )),
+        topo.api("/stats")["pools"],
+        topo.api("/stats")["kernel"]
+    );
+}
+
+#[test]
+fn datagram_mode_spreads_every_datagram_exactly() {
+    let Some(mut topo) = Topology::build("ulbg") else {
+        return;
+    };
+    topo.start_backends();
+    topo.start_udplb("mode = \"datagram\"");
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    // One client, 300 datagrams: round robin over three backends, 100 each, whichever CPU
+    // each datagram is handled on.
+    let replies = topo.clients(1, 300);
+    assert_eq!(replies.len(), 300);
+    let mut per: HashMap<String, usize> = HashMap::new();
+    for (_, from, tag, _) in &replies {
+        assert_eq!(*from, topo.vip());
+        *per.entry(tag.clone()).or_default() += 1;
+    }
+    let expected: HashMap<String, usize> = ["x", "y", "z"]
+        .iter()
+        .map(|t| (t.to_string(), 100))
+        .collect();
+    assert_eq!(per, expected);
 }
