@@ -522,7 +522,7 @@ fn a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
     // changes the pool between rounds through files the helper waits on.
     let control = topo.net.dir.join("rounds");
     std::fs::create_dir_all(&control).unwrap();
-    let mut helper = Net::helper(
+    let helper = Net::helper(
         &topo.clients,
         "kernel_clients_in_namespace",
         &[
