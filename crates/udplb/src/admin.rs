@@ -335,6 +335,14 @@ pub(crate) fn stats_json(state: &State) -> Value {
             });
             if let Value::Object(m) = &mut listener {
                 put_counters(m, ListenerTotals::sum(&state.stats, i).values());
+                let kernel = state
+                    .kernel
+                    .as_ref()
+                    .is_some_and(|k| k.listeners.contains(&i));
+                m.insert(
+                    "dataplane".into(),
+                    json!(if kernel { "kernel" } else { "socket" }),
+                );
                 if let (Some(cap), Some(t)) = (l.tcp, state.tcp.get(i)) {
                     let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                     let refused: serde_json::Map<String, Value> = t

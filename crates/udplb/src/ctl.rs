@@ -234,6 +234,7 @@ fn status_table(v: &Value) -> String {
         "LISTENER",
         "ADDRESS",
         "MODE",
+        "DATAPLANE",
         "POOL",
         "IN",
         "FORWARDED",
@@ -252,6 +253,7 @@ fn status_table(v: &Value) -> String {
             &text(&l["name"]),
             &text(&l["address"]),
             &text(&l["mode"]),
+            &text(&l["dataplane"]),
             &text(&l["pool"]),
             &text(&l["datagrams_in"]),
             &text(&l["forwarded"]),
@@ -260,7 +262,45 @@ fn status_table(v: &Value) -> String {
             &text(&l["flows"]["live"]),
         ]));
     }
-    layout(&rows) + &announcement(&v["announce"]) + &flow_sync(&v["sync"])
+    layout(&rows)
+        + &kernel_line(&v["kernel"])
+        + &announcement(&v["announce"])
+        + &flow_sync(&v["sync"])
+}
+
+/// The kernel data plane's line under `status`, when a listener uses it: where it is
+/// attached, what it forwarded (the table's counters are the sockets') and dropped.
+fn kernel_line(k: &Value) -> String {
+    if k.is_null() {
+        return String::new();
+    }
+    let sum = |field: &str| -> u64 {
+        k["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l["backends"].as_array().into_iter().flatten())
+            .filter_map(|b| b[field].as_u64())
+            .sum()
+    };
+    let dropped: u64 = k["drops"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, n)| n.as_u64())
+        .sum();
+    let interfaces: Vec<String> = k["interfaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
+    format!(
+        "kernel: attached to {}; forwarded {} datagrams, {} replies; dropped {dropped}\n",
+        interfaces.join(","),
+        sum("datagrams"),
+        sum("replies")
+    )
 }
 
 /// The flow-state sync line under `status`, with `[sync]`: when each peer was last heard,

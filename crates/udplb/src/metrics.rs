@@ -160,6 +160,7 @@ impl Collector for Udplb {
             .chain(pool_families(&self.0))
             .chain(announce_families(&self.0))
             .chain(sync_families(&self.0))
+            .chain(kernel_families(&self.0))
             .chain(payload_key_families(&self.0))
             .chain(tcp_families(&self.0))
             .chain(reload_families(&self.0));
@@ -310,6 +311,70 @@ fn announce_families(state: &State) -> Vec<Family<'static>> {
     );
     failures.add(vec![], s.failures as f64);
     vec![announced, wanted, changes, failures]
+}
+
+/// The kernel data plane's traffic and drops, when a listener uses it (none otherwise).
+fn kernel_families(state: &State) -> Vec<Family<'static>> {
+    let Some(plane) = &state.kernel else {
+        return Vec::new();
+    };
+    let snap = state.shared.load();
+    let mut datagrams = Family::counter(
+        "kernel_datagrams",
+        "Datagrams the kernel data plane forwarded to the backend",
+    );
+    let mut bytes = Family::counter(
+        "kernel_forwarded",
+        "Bytes the kernel data plane forwarded to the backend",
+    )
+    .bytes();
+    let mut replies = Family::counter(
+        "kernel_replies",
+        "Replies of the backend the kernel data plane sent on to clients",
+    );
+    let mut reply_bytes = Family::counter(
+        "kernel_replied",
+        "Bytes of the backend's replies the kernel data plane sent on to clients",
+    )
+    .bytes();
+    for (id, &li) in plane.listeners.iter().enumerate() {
+        let listener = snap
+            .listeners
+            .get(li)
+            .map_or_else(String::new, |l| l.name.clone());
+        for (addr, t) in plane.traffic(id) {
+            let labels = || {
+                vec![
+                    ("listener", Cow::Owned(listener.clone())),
+                    ("backend", Cow::Owned(addr.to_string())),
+                ]
+            };
+            datagrams.add(labels(), t.packets as f64);
+            bytes.add(labels(), t.bytes as f64);
+            replies.add(labels(), t.reply_packets as f64);
+            reply_bytes.add(labels(), t.reply_bytes as f64);
+        }
+    }
+    let d = plane.drops();
+    let mut dropped = Family::counter(
+        "kernel_dropped",
+        "Datagrams the kernel data plane dropped, by reason",
+    );
+    for (reason, n) in [
+        ("no_backend", d.no_backend),
+        ("ttl", d.ttl),
+        ("no_route", d.no_route),
+        ("rewrite", d.rewrite),
+    ] {
+        dropped.add(vec![("reason", reason.into())], n as f64);
+    }
+    let mut passed = Family::counter(
+        "kernel_fragments_passed",
+        "Later IP fragments whose first fragment the kernel data plane had not seen, left to \
+         the stack",
+    );
+    passed.add(vec![], d.fragments_passed as f64);
+    vec![datagrams, bytes, replies, reply_bytes, dropped, passed]
 }
 
 /// Flow-state sync with other instances, with `[sync]` (none otherwise).

@@ -370,9 +370,34 @@ fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_d
         differ.is_empty(),
         "placed unlike udplb's own placement: {differ:?}"
     );
-    // The datagrams went through the kernel, not udplb's sockets.
+    // The datagrams went through the kernel, not udplb's sockets; the operator sees it.
     let stats = topo.api("/stats");
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+    let out = Net::exec(&topo.balancer, Path::new(env!("CARGO_BIN_EXE_udplb")))
+        .args(["ctl", "--admin", "127.0.0.1:9190", "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status
+            .contains("kernel: attached to bc,bk; forwarded 120 datagrams, 120 replies; dropped 0")
+            && status
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.contains(" kernel ")),
+        "{status}"
+    );
+    let out = Net::exec(&topo.balancer, Path::new("curl"))
+        .args(["-s", "127.0.0.1:9190/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let forwarded: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("udplb_kernel_datagrams_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(forwarded, 120.0, "{metrics}");
 }
 
 const ZONE: &str = "example.test.";
