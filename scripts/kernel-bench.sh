@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The kernel data plane (`dataplane = "kernel"`, LVS-NAT in a tc program) against direct
+# traffic, nftables conntrack DNAT (the kernel peer) and udplb's socket path, over veth: a
+# client, a balancer and a backend host, each a network namespace this script makes (root).
+#
+# Every peer gets the same closed-loop load (`udplb-bench load` in the client namespace: FLOWS
+# flows, OUTSTANDING requests in flight each, 64 B) and the same echo backends (`udplb-bench
+# echo`, three ports in the backend namespace); the balancer namespace is the backends'
+# gateway in every case:
+#   direct    to one backend's address, routed by the balancer namespace (no balancer at all)
+#   nftables  to the service address, DNAT by nftables' conntrack to the three backends
+#   kernel    to the service address, udplb with dataplane = "kernel" (Maglev, flow mode)
+#   socket    to the service address, udplb with dataplane = "socket" (its relay, one worker)
+# Nothing is pinned: client, backends and balancer share both CPUs, as veth's softirq work runs
+# on the sending CPU. CPU per reply is both CPUs' busy time (from /proc/stat, softirq
+# included) over the replies: the generator and the echo cost the same for every peer, so the
+# difference to direct is what the balancer costs. Rounds are interleaved; medians.
+#
+# Usage: scripts/kernel-bench.sh
+# Env:   PEERS ("direct nftables kernel socket") ROUNDS (3) DURATION (5s) FLOWS (64)
+#        OUTSTANDING (8)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PEERS=${PEERS:-direct nftables kernel socket}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-5s}
+FLOWS=${FLOWS:-64}
+OUTSTANDING=${OUTSTANDING:-8}
+UDPLB=${UDPLB:-target/release/udplb}
+
+NAME=kernel-bench
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+[[ $(id -u) -eq 0 ]] || die "needs root (network namespaces, eBPF)"
+command -v nft >/dev/null || install_packages nftables
+build_release udplb udplb-bench || die "does not build"
+
+c=ulbkb-c b=ulbkb-b k=ulbkb-k
+vip=10.77.9.1
+cleanup_ns() { for n in $c $b $k; do ip netns del "$n" 2>/dev/null || true; done; }
+cleanup_ns
+trap 'cleanup_ns; cleanup' EXIT
+for n in $c $b $k; do ip netns add $n; ip -n $n link set lo up; done
+ip -n $b link add bc type veth peer name cb netns $c
+ip -n $b link add bk type veth peer name kb netns $k
+ip -n $b addr add 10.77.1.1/24 dev bc
+ip -n $c addr add 10.77.1.2/24 dev cb
+ip -n $b addr add 10.77.2.1/24 dev bk
+ip -n $k addr add 10.77.2.2/24 dev kb
+for l in "$b bc" "$c cb" "$b bk" "$k kb"; do read -r n i <<<"$l"; ip -n "$n" link set "$i" up; done
+ip -n $c route add default via 10.77.1.1
+ip -n $k route add default via 10.77.2.1
+ip -n $b addr add $vip/32 dev lo
+ip netns exec $b sysctl -q -w net.ipv4.ip_forward=1
+
+run_bg "$work/echo.out" ip netns exec $k "$BENCH" echo 10.77.2.2:7001 10.77.2.2:7002 10.77.2.2:7003
+wait_output "$work/echo.out" '^listening' 3 "$bg_pid" || die "echo backends did not start"
+backends='"10.77.2.2:7001", "10.77.2.2:7002", "10.77.2.2:7003"'
+
+# Starts peer $1 in the balancer; sets target (where the load goes).
+start_peer() {
+    case $1 in
+        direct) target=10.77.2.2:7001 ;;
+        nftables)
+            ip netns exec $b nft -f - <<NFT
+table ip udplb_bench {
+    chain pre {
+        type nat hook prerouting priority dstnat;
+        ip daddr $vip udp dport 5300 dnat to numgen inc mod 3 map { 0 : 10.77.2.2 . 7001, 1 : 10.77.2.2 . 7002, 2 : 10.77.2.2 . 7003 }
+    }
+}
+NFT
+            target=$vip:5300
+            ;;
+        kernel | socket)
+            cat >"$work/udplb.toml" <<CONFIG
+[runtime]
+workers = 1
+shutdown_grace = "0s"
+[admin]
+listen = "127.0.0.1:9190"
+[listeners.l]
+address = "$vip:5300"
+pool = "p"
+dataplane = "$1"
+$([[ $1 == kernel ]] && echo 'interfaces = ["bc", "bk"]')
+[pools.p]
+scheduler = "maglev"
+backends = [$backends]
+CONFIG
+            UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$UDPLB" run -c "$work/udplb.toml"
+            udplb_pid=$bg_pid
+            target=$vip:5300
+            ;;
+        *) die "unknown peer $1" ;;
+    esac
+}
+
+stop_peer() {
+    case $1 in
+        nftables) ip netns exec $b nft delete table ip udplb_bench ;;
+        kernel | socket) stop "$udplb_pid" TERM ;;
+    esac
+}
+
+busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+
+: >"$work/results"
+for round in $(seq "$ROUNDS"); do
+    for peer in $PEERS; do
+        start_peer "$peer"
+        wait_forwarding -s 10 "$target" ip netns exec $c || {
+            cat "$work/udplb.log" 2>/dev/null >&2
+            die "$peer does not forward"
+        }
+        before=$(busy_ticks)
+        out=$(ip netns exec $c "$BENCH" load --target "$target" --flows "$FLOWS" \
+            --outstanding "$OUTSTANDING" --duration "$DURATION" --warmup 1s --json)
+        after=$(busy_ticks)
+        stop_peer "$peer"
+        echo "$peer $((after - before)) $out" >>"$work/results"
+        echo "  [$peer $round] $out" >&2
+    done
+done
+
+python3 - "$work/results" "$(getconf CLK_TCK)" "$(seconds "$DURATION" 1)" <<'EOF'
+import json, statistics, sys
+ticks_per_s, window = int(sys.argv[2]), float(sys.argv[3])
+rows = {}
+for line in open(sys.argv[1]):
+    peer, ticks, js = line.split(" ", 2)
+    r = json.loads(js)
+    # Busy CPU over the warmup and the measured window, per reply in that time.
+    replies = r["replies_per_sec"] * window
+    r["cpu_ns_per_reply"] = int(ticks) / ticks_per_s * 1e9 / replies if replies else None
+    rows.setdefault(peer, []).append(r)
+med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)
+base = med(rows["direct"], "replies_per_sec") if "direct" in rows else None
+print(f"{'peer':>9} {'replies/s':>10} {'x direct':>9} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/reply':>13} {'lost':>6}")
+for peer, rs in rows.items():
+    rps = med(rs, "replies_per_sec")
+    ratio = f"{rps / base:.2f}" if base else "-"
+    print(f"{peer:>9} {rps:>10.0f} {ratio:>9} {med(rs, 'p50_us'):>7.0f} {med(rs, 'p99_us'):>7.0f} "
+          f"{med(rs, 'cpu_ns_per_reply'):>13.0f} {sum(r['lost'] for r in rs):>6}")
+EOF
