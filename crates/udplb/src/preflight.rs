@@ -21,6 +21,43 @@ use udplb_config::{Config, HealthCheck, Positions, Probe, Runtime};
 
 use crate::privileges::{self, Plan};
 
+/// What a listener with `dataplane = "kernel"` needs that this udplb or this process lacks:
+/// the program built in, and the privileges to load it (root, or CAP_BPF with CAP_NET_ADMIN).
+/// (`"auto"` serves with sockets instead, so it needs neither.)
+fn kernel_problems(cfg: &Config, out: &mut Vec<Problem>) {
+    for l in cfg
+        .listeners
+        .iter()
+        .filter(|l| l.dataplane == udplb_config::Dataplane::Kernel)
+    {
+        let key = format!("listeners.{}.dataplane", l.name);
+        if !udplb_kernel::built() {
+            out.push(problem(
+                &key,
+                "this udplb was built without the kernel data plane (clang was missing at build \
+                 time: apt install clang libbpf-dev, then rebuild; or dataplane = \"auto\")"
+                    .into(),
+            ));
+        } else if !can_load_bpf() {
+            out.push(problem(
+                &key,
+                "loading the kernel data plane needs root, or CAP_BPF and CAP_NET_ADMIN (or \
+                 dataplane = \"auto\" to serve with sockets)"
+                    .into(),
+            ));
+        }
+    }
+}
+
+/// Whether this process may load and attach eBPF programs.
+fn can_load_bpf() -> bool {
+    if Uid::effective().is_root() {
+        return true;
+    }
+    let has = |c| caps::has_cap(None, caps::CapSet::Effective, c).unwrap_or(false);
+    has(caps::Capability::CAP_BPF) && has(caps::Capability::CAP_NET_ADMIN)
+}
+
 /// Something the machine cannot do for the configuration, at a key path.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -55,6 +92,9 @@ pub fn problems(cfg: &Config, stage: Stage) -> Vec<Problem> {
     ) && let Err(why) = crate::token::read(path)
     {
         out.push(problem("admin.token_file", why));
+    }
+    if let Stage::Start = stage {
+        kernel_problems(cfg, &mut out);
     }
     if let (Stage::Start, Some(s)) = (stage, &cfg.sync)
         && let Err(why) = crate::token::read(&s.key_file)

@@ -662,3 +662,49 @@ fn datagram_mode_spreads_every_datagram_exactly() {
         .collect();
     assert_eq!(per, expected);
 }
+
+#[test]
+fn a_kernel_listener_that_cannot_load_is_refused_with_the_reason() {
+    if !is_root() {
+        eprintln!("skipped: runs udplb check as another user");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = scratch_dir("kernel-check");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let config = dir.join("udplb.toml");
+    let toml = "[listeners.l]\naddress = \"192.0.2.1:5300\"\npool = \"p\"\n{}\n\
+                [pools.p]\nbackends = [\"10.0.0.1:53\"]\n";
+    let (uid, gid) = nobody();
+    let check = |dataplane: &str| {
+        std::fs::write(
+            &config,
+            toml.replace("{}", &format!("dataplane = \"{dataplane}\"")),
+        )
+        .unwrap();
+        udplb_command()
+            .args(["check", "-c"])
+            .arg(&config)
+            .uid(uid)
+            .gid(gid)
+            .output()
+            .unwrap()
+    };
+    let out = check("kernel");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("udplb.toml:4:")
+            && stderr.contains("listeners.l.dataplane")
+            && (stderr.contains("needs root, or CAP_BPF and CAP_NET_ADMIN")
+                || stderr.contains("built without the kernel data plane")),
+        "{stderr}"
+    );
+    // "auto" serves with sockets where the kernel cannot: nothing to refuse.
+    let out = check("auto");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
