@@ -1,7 +1,7 @@
 //! Compiles the eBPF program (bpf/udplb.bpf.c) with clang. Without clang (or when it fails)
 //! udplb still builds: the kernel data plane then says it is unavailable.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 include!("src/placement_constant.rs");
@@ -11,20 +11,32 @@ fn main() {
     println!("cargo:rerun-if-changed=bpf/udplb.bpf.c");
     println!("cargo:rerun-if-changed=src/placement_constant.rs");
     println!("cargo:rerun-if-env-changed=UDPLB_CLANG");
-    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR")).join("udplb.bpf.o");
+    let dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let clang = std::env::var("UDPLB_CLANG").unwrap_or_else(|_| "clang".into());
-    let mut cmd = Command::new(&clang);
+    // Two builds: the flow map pinned (kept for the next udplb process), and not (no bpf file
+    // system to pin it on).
+    let built = compile(&clang, &dir.join("udplb.bpf.o"), &[])
+        && compile(&clang, &dir.join("udplb-pinned.bpf.o"), &["-DUDPLB_PIN"]);
+    if built {
+        println!("cargo:rustc-cfg=udplb_bpf");
+    }
+}
+
+/// Compiles the program into `out` with `defines`; says why not as a build warning.
+fn compile(clang: &str, out: &Path, defines: &[&str]) -> bool {
+    let mut cmd = Command::new(clang);
     cmd.args(["-O2", "-g", "-Wall", "-target", "bpf"])
         .arg(format!(
             "-DUDPLB_BITFLIP={:#x}ULL",
             bitflip(udplb_core::hash::PLACEMENT_SEED)
-        ));
+        ))
+        .args(defines);
     if let Some(dir) = multiarch_include() {
         cmd.arg(format!("-I{dir}"));
     }
-    cmd.arg("-c").arg("bpf/udplb.bpf.c").arg("-o").arg(&out);
+    cmd.arg("-c").arg("bpf/udplb.bpf.c").arg("-o").arg(out);
     match cmd.output() {
-        Ok(o) if o.status.success() => println!("cargo:rustc-cfg=udplb_bpf"),
+        Ok(o) if o.status.success() => true,
         Ok(o) => {
             println!(
                 "cargo:warning=the kernel data plane is not built: {clang} failed: {}",
@@ -33,10 +45,14 @@ fn main() {
                     .next()
                     .unwrap_or("")
             );
+            false
         }
-        Err(e) => println!(
-            "cargo:warning=the kernel data plane is not built: {clang}: {e} (Debian: apt install clang libbpf-dev)"
-        ),
+        Err(e) => {
+            println!(
+                "cargo:warning=the kernel data plane is not built: {clang}: {e} (Debian: apt install clang libbpf-dev)"
+            );
+            false
+        }
     }
 }
 
@@ -45,5 +61,5 @@ fn multiarch_include() -> Option<String> {
     let o = Command::new("cc").arg("-print-multiarch").output().ok()?;
     let arch = String::from_utf8(o.stdout).ok()?;
     let dir = format!("/usr/include/{}", arch.trim());
-    std::path::Path::new(&dir).is_dir().then_some(dir)
+    Path::new(&dir).is_dir().then_some(dir)
 }

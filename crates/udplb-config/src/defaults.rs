@@ -121,3 +121,7 @@ pub const KERNEL_LISTENERS_MAX: usize = 16;
 pub const KERNEL_POOL_BACKENDS_MAX: usize = 256;
 /// Longest interface name (`IFNAMSIZ` less the terminating NUL).
 pub const INTERFACE_NAME_MAX: usize = 15;
+
+/// Where the kernel data plane pins its flow map, so that the next udplb process (a restart,
+/// an upgrade) continues every flow.
+pub const BPF_DIR: &str = "/sys/fs/bpf/udplb";

@@ -80,6 +80,9 @@ pub struct Runtime {
     pub group: Option<String>,
     /// Started as root without `user`: keep running as root instead of refusing to start.
     pub allow_root: bool,
+    /// Where the kernel data plane keeps its flow map between udplb processes (a directory on
+    /// a bpf file system); `None`: [`crate::defaults::BPF_DIR`].
+    pub bpf_dir: Option<std::path::PathBuf>,
 }
 
 /// `[admin]`

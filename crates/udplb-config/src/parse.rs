@@ -43,7 +43,14 @@ const TOP_KEYS: &[&str] = &[
 const INCLUDED_KEYS: &[&str] = &["listeners", "pools"];
 /// Files one configuration may include at most.
 pub const MAX_INCLUDED_FILES: usize = 1024;
-const RUNTIME_KEYS: &[&str] = &["workers", "shutdown_grace", "user", "group", "allow_root"];
+const RUNTIME_KEYS: &[&str] = &[
+    "workers",
+    "shutdown_grace",
+    "user",
+    "group",
+    "allow_root",
+    "bpf_dir",
+];
 const ADMIN_KEYS: &[&str] = &["listen", "allow_changes", "token_file"];
 const ANNOUNCE_KEYS: &[&str] = &["up", "down", "withdraw_delay"];
 const SYNC_KEYS: &[&str] = &["listen", "peers", "key_file", "interval", "max_entries"];
@@ -523,6 +530,7 @@ impl<'a> Reader<'a> {
                 .optional(t, "runtime", "shutdown_grace", |r, k, v| r.duration(k, v)),
             user: self.optional(t, "runtime", "user", |r, k, v| r.name(k, v)),
             group: self.optional(t, "runtime", "group", |r, k, v| r.name(k, v)),
+            bpf_dir: self.optional(t, "runtime", "bpf_dir", |r, k, v| r.absolute_path(k, v)),
             allow_root: self
                 .optional(t, "runtime", "allow_root", |r, k, v| r.boolean(k, v))
                 .unwrap_or(false),

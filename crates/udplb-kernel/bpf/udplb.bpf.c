@@ -63,9 +63,13 @@ struct flow_key {
 	__u16 service_port;
 };
 
+// A flow names its backend by address (not by its slot in `backends`), so that the flow map
+// means the same to the next udplb process, which reuses it (pinned) after a restart or an
+// upgrade and may number the backends otherwise.
 struct flow {
-	__u32 backend; // global backend index: service id * MAX_BACKENDS + position
-	__u32 pad;
+	__u32 backend_addr;
+	__u16 backend_port;
+	__u16 pad;
 	__u64 last_ns;
 };
 
@@ -79,9 +83,9 @@ struct reply_key {
 struct reply {
 	__u32 service_addr;
 	__u16 service_port;
-	__u16 pad;
+	__u16 flags; // BACKEND_KEEPS_FLOWS
 	__u32 backend; // global backend index (counters)
-	__u32 pad2;
+	__u32 pad;
 };
 
 // Per backend, per CPU.
@@ -145,11 +149,16 @@ struct {
 	__type(value, struct backend);
 } backends SEC(".maps");
 
+#define LIBBPF_PIN_BY_NAME 1
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536); // set by udplb before loading
 	__type(key, struct flow_key);
 	__type(value, struct flow);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes
+#endif
 } flows SEC(".maps");
 
 struct {
@@ -412,8 +421,8 @@ int udplb_ingress(struct __sk_buff *skb)
 	struct service_key sk = {.addr = daddr, .port = dport};
 	struct service *svc = bpf_map_lookup_elem(&services, &sk);
 	if (svc) {
-		__u32 b = 0;
-		struct backend *be = 0;
+		__u32 b = 0, to_addr = 0;
+		__u16 to_port = 0;
 		__u64 now = bpf_ktime_get_ns();
 		struct flow_key fk = {.client_addr = saddr,
 				      .service_addr = daddr,
@@ -422,32 +431,35 @@ int udplb_ingress(struct __sk_buff *skb)
 		int datagram = svc->flags & SERVICE_DATAGRAM;
 		struct flow *f = datagram ? 0 : bpf_map_lookup_elem(&flows, &fk);
 		if (f && now - f->last_ns <= svc->idle_ns) {
-			__u32 kept = f->backend;
-			be = bpf_map_lookup_elem(&backends, &kept);
-			if (be && (be->flags & BACKEND_KEEPS_FLOWS) && be->addr) {
-				b = kept;
+			// Its backend, while it keeps flows and still serves this listener.
+			struct reply_key kept = {.addr = f->backend_addr, .port = f->backend_port};
+			struct reply *r = bpf_map_lookup_elem(&replies, &kept);
+			if (r && (r->flags & BACKEND_KEEPS_FLOWS) && r->service_addr == daddr &&
+			    r->service_port == dport) {
+				b = r->backend;
+				to_addr = f->backend_addr;
+				to_port = f->backend_port;
 				f->last_ns = now;
-			} else {
-				be = 0;
 			}
 		}
-		if (!be) {
+		if (!to_addr) {
 			if (place(svc, saddr, sport, &b) < 0) {
 				count_drop(DROP_NO_BACKEND);
 				return TC_ACT_SHOT;
 			}
-			be = bpf_map_lookup_elem(&backends, &b);
+			struct backend *be = bpf_map_lookup_elem(&backends, &b);
 			if (!be || !be->addr) {
 				count_drop(DROP_NO_BACKEND);
 				return TC_ACT_SHOT;
 			}
+			to_addr = be->addr;
+			to_port = be->port;
 			if (!datagram) {
-				struct flow nf = {.backend = b, .last_ns = now};
+				struct flow nf = {
+					.backend_addr = to_addr, .backend_port = to_port, .last_ns = now};
 				bpf_map_update_elem(&flows, &fk, &nf, BPF_ANY);
 			}
 		}
-		__u32 to_addr = be->addr;
-		__u16 to_port = be->port;
 		if (first_of_more) {
 			struct fragment fr = {.addr = to_addr, .destination = 1, .backend = b};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);

@@ -109,7 +109,7 @@ pub struct Kernel(());
 
 #[cfg(not(udplb_bpf))]
 impl Kernel {
-    pub fn load(_max_flows: u32) -> Result<Kernel, Error> {
+    pub fn load(_max_flows: u32, _pin_dir: Option<&std::path::Path>) -> Result<Kernel, Error> {
         Err(Error::NotBuilt)
     }
     pub fn attach(&mut self, _interfaces: &[String]) -> Result<(), Error> {

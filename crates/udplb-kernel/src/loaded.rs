@@ -14,6 +14,13 @@ use crate::{
 /// The program, compiled by build.rs.
 /// (Aligned: the ELF parser reads it in place.)
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udplb.bpf.o"));
+/// The same with the flow map pinned by name.
+static PROGRAM_PINNED: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udplb-pinned.bpf.o"));
+
+/// The flow map's layout: a pinned map of another layout is not reused (the directory under
+/// the pin directory is named after it).
+const FLOW_LAYOUT: &str = "flows-v1";
 
 // The maps' keys and values: the layouts of bpf/udplb.bpf.c.
 
@@ -61,9 +68,9 @@ struct ReplyKey {
 struct ReplyValue {
     service_addr: u32,
     service_port: u16,
-    pad: u16,
+    flags: u16,
     backend: u32,
-    pad2: u32,
+    pad: u32,
 }
 
 #[repr(C)]
@@ -129,11 +136,23 @@ fn update_error(e: impl std::fmt::Display) -> Error {
 
 impl Kernel {
     /// Loads the program with room for `max_flows` flows (needs CAP_BPF and CAP_NET_ADMIN, or
-    /// root).
-    pub fn load(max_flows: u32) -> Result<Kernel, Error> {
-        let mut ebpf = EbpfLoader::new()
-            .set_max_entries("flows", max_flows.max(1024))
-            .load(PROGRAM)
+    /// root). With `pin_dir` (a directory on a bpf file system) the flow map is kept there and
+    /// reused: flows continue across udplb processes.
+    pub fn load(max_flows: u32, pin_dir: Option<&std::path::Path>) -> Result<Kernel, Error> {
+        let mut loader = EbpfLoader::new();
+        loader.set_max_entries("flows", max_flows.max(1024));
+        let object = match pin_dir {
+            Some(dir) => {
+                let dir = dir.join(FLOW_LAYOUT);
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| Error::Load(format!("{}: {e}", dir.display())))?;
+                loader.map_pin_path(dir);
+                PROGRAM_PINNED
+            }
+            None => PROGRAM,
+        };
+        let mut ebpf = loader
+            .load(object)
             .map_err(|e| Error::Load(e.to_string()))?;
         let mut take = |name: &str| {
             ebpf.take_map(name)
@@ -286,9 +305,13 @@ impl Kernel {
             let reply = ReplyValue {
                 service_addr: addr,
                 service_port: port,
-                pad: 0,
+                flags: if b.keeps_flows {
+                    BACKEND_KEEPS_FLOWS
+                } else {
+                    0
+                },
                 backend: base + slot,
-                pad2: 0,
+                pad: 0,
             };
             let key = ReplyKey {
                 addr: baddr,

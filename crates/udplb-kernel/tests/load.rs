@@ -15,7 +15,7 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         eprintln!("skipped: loading eBPF programs needs root");
         return;
     }
-    let mut k = Kernel::load(4096).expect("loads");
+    let mut k = Kernel::load(4096, None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {
             addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 53),

@@ -95,7 +95,16 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
              set net.ipv4.ip_forward=1"
         );
     }
-    let mut kernel = udplb_kernel::Kernel::load(max_flows)?;
+    let pin_dir = pin_dir(cfg);
+    let mut kernel = udplb_kernel::Kernel::load(max_flows, pin_dir.as_deref())?;
+    if let Some(dir) = &pin_dir {
+        hand_to_runtime_user(cfg, dir);
+        tracing::info!(
+            directory = %dir.display(),
+            "kernel data plane: the flow map is kept there (flows continue across restarts \
+             and upgrades)"
+        );
+    }
     let mut interfaces: Vec<String> = wanted
         .iter()
         .flat_map(|&i| cfg.listeners[i].interfaces.iter().cloned())
@@ -116,6 +125,57 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         interfaces,
         applied: AtomicU64::new(snap.generation),
     })
+}
+
+/// Where the flow map is pinned: `runtime.bpf_dir` when it is on a bpf file system (created
+/// when missing); `None` otherwise, said once (flows then start afresh with each process).
+fn pin_dir(cfg: &Config) -> Option<std::path::PathBuf> {
+    let dir = cfg
+        .runtime
+        .bpf_dir
+        .clone()
+        .unwrap_or_else(|| udplb_config::defaults::BPF_DIR.into());
+    // The nearest existing directory decides the file system.
+    let existing = dir.ancestors().find(|d| d.exists())?;
+    match nix::sys::statfs::statfs(existing) {
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Some(dir),
+        _ => {
+            tracing::warn!(
+                directory = %dir.display(),
+                "kernel data plane: not on a bpf file system, so the flow map is not kept \
+                 across restarts and upgrades (mount -t bpf bpf /sys/fs/bpf, or set \
+                 runtime.bpf_dir)"
+            );
+            None
+        }
+    }
+}
+
+/// Gives the pinned flow map to the user udplb switches to, so that an upgrade's successor
+/// (which starts as that user, with CAP_BPF) can open it.
+fn hand_to_runtime_user(cfg: &Config, dir: &std::path::Path) {
+    let root = nix::unistd::Uid::effective().is_root();
+    let crate::privileges::Plan::Switch { user, .. } = crate::privileges::plan(&cfg.runtime, root)
+    else {
+        return;
+    };
+    let Ok(Some(u)) = nix::unistd::User::from_name(user) else {
+        return;
+    };
+    let mut paths = vec![dir.to_path_buf()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            paths.push(e.path());
+            if let Ok(inner) = std::fs::read_dir(e.path()) {
+                paths.extend(inner.flatten().map(|f| f.path()));
+            }
+        }
+    }
+    for p in paths {
+        if let Err(e) = nix::unistd::chown(&p, Some(u.uid), Some(u.gid)) {
+            tracing::warn!(path = %p.display(), error = %e, "kernel data plane: cannot hand the pinned map to the runtime user (an upgrade will not load)");
+        }
+    }
 }
 
 /// Every interface that is up, but loopback.

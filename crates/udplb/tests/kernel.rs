@@ -708,3 +708,157 @@ fn a_kernel_listener_that_cannot_load_is_refused_with_the_reason() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A bpf file system mounted for the test (unmounted when dropped).
+struct BpfFs(std::path::PathBuf);
+
+impl BpfFs {
+    fn mount(dir: std::path::PathBuf) -> BpfFs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount -t bpf");
+        BpfFs(dir)
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Clients placed over two backends; udplb restarted with a third (a new process, a new
+/// Maglev table); returns how many of 60 clients changed backend, and the restarted udplb's
+/// log. `pinned`: the flow map on a bpf file system (else on a plain directory).
+fn restart_with_a_new_backend(
+    prefix: &str,
+    pinned: bool,
+    upgrade: bool,
+) -> Option<(usize, String)> {
+    let mut topo = Topology::build(prefix)?;
+    topo.start_backends();
+    let bpf = topo.net.dir.join("bpf");
+    let _fs = pinned.then(|| BpfFs::mount(bpf.clone()));
+    let listener = "idle_timeout = \"60s\"";
+    let addrs: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
+    let pool = |n: usize| format!("backends = [{}]\n", addrs[..n].join(", "));
+    let runtime = format!(
+        "[runtime]\nshutdown_grace = \"0s\"\nbpf_dir = \"{}\"\n",
+        bpf.join("udplb").display()
+    );
+    let first = topo.start_udplb_with(listener, &(pool(2) + &runtime));
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return None;
+    }
+    let control = topo.net.dir.join("rounds");
+    std::fs::create_dir_all(&control).unwrap();
+    let helper = Net::helper(
+        &topo.clients,
+        "kernel_clients_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_TARGET", topo.vip().to_string()),
+            ("UDPLB_TEST_KERNEL_CLIENTS", "60".into()),
+            ("UDPLB_TEST_KERNEL_ROUNDS", "2".into()),
+            ("UDPLB_TEST_KERNEL_GATE", control.display().to_string()),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    assert!(
+        wait_for(DEADLINE, || control.join("done-0").exists()),
+        "round 0"
+    );
+    if upgrade {
+        // An upgrade (SIGUSR2): the successor reads the file, now with a third backend.
+        let toml = std::fs::read_to_string(topo.net.dir.join("udplb.toml")).unwrap();
+        std::fs::write(
+            topo.net.dir.join("udplb.toml"),
+            toml.replace(&pool(2), &pool(3)),
+        )
+        .unwrap();
+        signal(first, "USR2");
+        assert!(
+            wait_for(DEADLINE, || topo.api("/stats")["pid"]
+                .as_u64()
+                .is_some_and(|p| p != u64::from(first))),
+            "no successor: {}",
+            topo.log()
+        );
+        topo.wait_for_the_maps();
+        // Until the old process is gone, its program (attached first) serves: wait for it.
+        assert!(wait_for(DEADLINE, || std::fs::read_to_string(format!(
+            "/proc/{first}/stat"
+        ))
+        .map_or(true, |s| s.contains(") Z "))));
+    } else {
+        // A restart: the old process exits (its program detached), a new one starts with a
+        // third backend.
+        signal(first, "TERM");
+        assert!(wait_for(DEADLINE, || std::fs::read_to_string(format!(
+            "/proc/{first}/stat"
+        ))
+        .map_or(true, |s| s.contains(") Z "))));
+        topo.start_udplb_with(listener, &(pool(3) + &runtime));
+    }
+    std::fs::write(control.join("go-1"), "").unwrap();
+    let out = helper.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let round = |r: usize| -> HashMap<u16, String> {
+        helper_lines(&text)
+            .iter()
+            .filter_map(|l| {
+                let mut f = l.strip_prefix(&format!("round {r} "))?.split(' ');
+                let port = f.next()?.parse().ok()?;
+                let _from = f.next()?;
+                Some((port, f.next()?.to_string()))
+            })
+            .collect()
+    };
+    let (before, after) = (round(0), round(1));
+    assert_eq!(
+        (before.len(), after.len()),
+        (60, 60),
+        "{text}\n{}",
+        topo.log()
+    );
+    let moved = before.iter().filter(|(p, t)| after[*p] != **t).count();
+    eprintln!(
+        "kernel {} with a new backend (flow map pinned: {pinned}): {moved} of 60 flows \
+         changed backend",
+        if upgrade { "upgrade" } else { "restart" }
+    );
+    Some((moved, topo.log()))
+}
+
+#[test]
+fn flows_continue_on_their_backends_across_a_restart() {
+    let Some((moved, log)) = restart_with_a_new_backend("ulbp", true, false) else {
+        return;
+    };
+    assert!(log.contains("the flow map is kept there"), "{log}");
+    assert_eq!(moved, 0, "{log}");
+}
+
+#[test]
+fn without_a_bpf_file_system_a_restart_places_flows_afresh() {
+    let Some((moved, log)) = restart_with_a_new_backend("ulbq", false, false) else {
+        return;
+    };
+    assert!(log.contains("not on a bpf file system"), "{log}");
+    assert!(moved > 0, "no flow moved: the scenario shows nothing");
+}
+
+#[test]
+fn flows_continue_on_their_backends_across_an_upgrade() {
+    let Some((moved, log)) = restart_with_a_new_backend("ulbu", true, true) else {
+        return;
+    };
+    assert_eq!(moved, 0, "{log}");
+}
