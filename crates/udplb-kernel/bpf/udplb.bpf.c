@@ -278,8 +278,11 @@ static __always_inline int place(const struct service *svc, __u32 client_addr, _
 #define UDP_SPORT_OFF (UDP_OFF + offsetof(struct udphdr, source))
 #define UDP_DPORT_OFF (UDP_OFF + offsetof(struct udphdr, dest))
 
-// Rewrites one address of a later fragment (no UDP header: the first fragment carried the
-// checksum, updated for the whole datagram) and takes one from the TTL.
+// Rewrites one address of the IP header (`dst`: the destination, else the source) with its
+// checksum, and takes one from the TTL (which shares a 16-bit word with the protocol: the
+// checksum changes by that word). A later fragment needs no more (no UDP header: the first
+// fragment carried the checksum, updated for the whole datagram). Returns 0, or a drop
+// reason + 1.
 static __always_inline int rewrite_ip(struct __sk_buff *skb, int dst, __u32 old_addr,
 				      __u32 new_addr, __u8 ttl)
 {
@@ -299,32 +302,20 @@ static __always_inline int rewrite_ip(struct __sk_buff *skb, int dst, __u32 old_
 }
 
 // Rewrites one address and one port of the datagram (`dst`: the destination, else the
-// source), with both checksums updated incrementally (a zero UDP checksum stays zero), and
-// takes one from the TTL. Returns 0, or a drop reason.
+// source): the IP header as [`rewrite_ip`] does, and the port with the UDP checksum updated
+// incrementally for both (a zero UDP checksum stays zero). Returns 0, or a drop reason + 1.
 static __always_inline int rewrite(struct __sk_buff *skb, int dst, __u32 old_addr, __u32 new_addr,
 				   __u16 old_port, __u16 new_port, __u8 ttl)
 {
-	int addr_off = dst ? IP_DST_OFF : IP_SRC_OFF;
 	int port_off = dst ? UDP_DPORT_OFF : UDP_SPORT_OFF;
-	if (ttl <= 1)
-		return DROP_TTL + 1;
+	int why = rewrite_ip(skb, dst, old_addr, new_addr, ttl);
+	if (why)
+		return why;
 	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_addr, new_addr,
-				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new_addr)))
-		return DROP_REWRITE + 1;
-	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_port, new_port,
-				BPF_F_MARK_MANGLED_0 | sizeof(new_port)))
-		return DROP_REWRITE + 1;
-	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)))
-		return DROP_REWRITE + 1;
-	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0) ||
+				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new_addr)) ||
+	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_port, new_port,
+				BPF_F_MARK_MANGLED_0 | sizeof(new_port)) ||
 	    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
-		return DROP_REWRITE + 1;
-	// The TTL shares a 16-bit word with the protocol: the checksum changes by that word.
-	__u16 old_word = bpf_htons((__u16)ttl << 8 | IPPROTO_UDP);
-	__u16 new_word = bpf_htons((__u16)(ttl - 1) << 8 | IPPROTO_UDP);
-	__u8 new_ttl = ttl - 1;
-	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, sizeof(new_word)) ||
-	    bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, sizeof(new_ttl), 0))
 		return DROP_REWRITE + 1;
 	return 0;
 }

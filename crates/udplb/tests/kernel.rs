@@ -266,6 +266,29 @@ impl Topology {
         );
     }
 
+    /// `n` clients sending `rounds` rounds, each round after the first once the test writes
+    /// `go-ROUND` in the returned directory (the helper writes `done-ROUND` after each), so
+    /// that the test changes things between rounds with the clients' flows live.
+    fn gated_clients(&self, n: usize, rounds: usize) -> (std::path::PathBuf, std::process::Child) {
+        let control = self.net.dir.join("rounds");
+        std::fs::create_dir_all(&control).unwrap();
+        let helper = Net::helper(
+            &self.clients,
+            "kernel_clients_in_namespace",
+            &[
+                ("UDPLB_TEST_KERNEL_TARGET", self.vip().to_string()),
+                ("UDPLB_TEST_KERNEL_CLIENTS", n.to_string()),
+                ("UDPLB_TEST_KERNEL_ROUNDS", rounds.to_string()),
+                ("UDPLB_TEST_KERNEL_GATE", control.display().to_string()),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        (control, helper)
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.net.dir.join("udplb.log")).unwrap_or_default()
     }
@@ -545,22 +568,7 @@ fn a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
     }
     // Long-lived flows: the clients' helper keeps its sockets for the whole run; the test
     // changes the pool between rounds through files the helper waits on.
-    let control = topo.net.dir.join("rounds");
-    std::fs::create_dir_all(&control).unwrap();
-    let helper = Net::helper(
-        &topo.clients,
-        "kernel_clients_in_namespace",
-        &[
-            ("UDPLB_TEST_KERNEL_TARGET", topo.vip().to_string()),
-            ("UDPLB_TEST_KERNEL_CLIENTS", "60".into()),
-            ("UDPLB_TEST_KERNEL_ROUNDS", "3".into()),
-            ("UDPLB_TEST_KERNEL_GATE", control.display().to_string()),
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let (control, helper) = topo.gated_clients(60, 3);
     let round_done = |n: usize| control.join(format!("done-{n}")).exists();
     let go = |n: usize| std::fs::write(control.join(format!("go-{n}")), "").unwrap();
     assert!(wait_for(DEADLINE, || round_done(0)), "round 0");
@@ -755,22 +763,7 @@ fn restart_with_a_new_backend(
         eprintln!("skipped: udplb was built without clang");
         return None;
     }
-    let control = topo.net.dir.join("rounds");
-    std::fs::create_dir_all(&control).unwrap();
-    let helper = Net::helper(
-        &topo.clients,
-        "kernel_clients_in_namespace",
-        &[
-            ("UDPLB_TEST_KERNEL_TARGET", topo.vip().to_string()),
-            ("UDPLB_TEST_KERNEL_CLIENTS", "60".into()),
-            ("UDPLB_TEST_KERNEL_ROUNDS", "2".into()),
-            ("UDPLB_TEST_KERNEL_GATE", control.display().to_string()),
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let (control, helper) = topo.gated_clients(60, 2);
     assert!(
         wait_for(DEADLINE, || control.join("done-0").exists()),
         "round 0"

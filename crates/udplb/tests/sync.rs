@@ -68,22 +68,50 @@ fn backends_through(clients: &[UdpSocket], listen: SocketAddr, reverse: bool) ->
     }
 }
 
+/// Two instances A and B syncing with each other, round robin over three echo backends.
+struct Pair {
+    a: Udplb,
+    b: Udplb,
+    listen_a: SocketAddr,
+    listen_b: SocketAddr,
+    sync_a: SocketAddr,
+    list: Vec<String>,
+    _backends: Vec<Backend>,
+}
+
+impl Pair {
+    fn start(name: &str) -> Pair {
+        let key = key_file(&scratch_dir(name), "a-shared-key-of-the-two-balancers");
+        let backends: Vec<Backend> = (1..=3)
+            .map(|i| Backend::start("127.0.0.1", &format!("b{i}")))
+            .collect();
+        let list: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
+        let (sync_a, sync_b) = (listen_addr("127.0.0.1"), listen_addr("127.0.0.1"));
+        let (listen_a, listen_b) = (listen_addr("127.0.0.1"), listen_addr("127.0.0.1"));
+        Pair {
+            a: instance(listen_a, &list, Some((sync_a, sync_b, &key))),
+            b: instance(listen_b, &list, Some((sync_b, sync_a, &key))),
+            listen_a,
+            listen_b,
+            sync_a,
+            list,
+            _backends: backends,
+        }
+    }
+}
+
 #[test]
 fn a_client_turning_to_another_instance_keeps_the_backend_the_first_one_chose() {
-    let dir = scratch_dir("sync");
-    let key = key_file(&dir, "a-shared-key-of-the-two-balancers");
-    let backends: Vec<Backend> = (1..=3)
-        .map(|i| Backend::start("127.0.0.1", &format!("b{i}")))
-        .collect();
-    let list: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
-    let (sync_a, sync_b) = (listen_addr("127.0.0.1"), listen_addr("127.0.0.1"));
-    let (listen_a, listen_b, listen_c) = (
-        listen_addr("127.0.0.1"),
-        listen_addr("127.0.0.1"),
-        listen_addr("127.0.0.1"),
-    );
-    let a = instance(listen_a, &list, Some((sync_a, sync_b, &key)));
-    let b = instance(listen_b, &list, Some((sync_b, sync_a, &key)));
+    let Pair {
+        a,
+        b,
+        listen_a,
+        listen_b,
+        sync_a,
+        list,
+        _backends,
+    } = Pair::start("sync");
+    let listen_c = listen_addr("127.0.0.1");
     let unsynced = instance(listen_c, &list, None);
     let clients: Vec<UdpSocket> = (0..CLIENTS).map(|_| client("127.0.0.1:0")).collect();
     let placed = backends_through(&clients, listen_a, false);
@@ -197,16 +225,16 @@ fn sync_datagrams_not_from_a_peer_with_the_key_change_nothing() {
 
 #[test]
 fn an_upgraded_instance_goes_on_hearing_its_peers() {
-    let dir = scratch_dir("sync-upgrade");
-    let key = key_file(&dir, "a-shared-key-of-the-two-balancers");
-    let backends: Vec<Backend> = (1..=3)
-        .map(|i| Backend::start("127.0.0.1", &format!("b{i}")))
-        .collect();
-    let list: Vec<String> = backends.iter().map(|b| quoted(b.addr)).collect();
-    let (sync_a, sync_b) = (listen_addr("127.0.0.1"), listen_addr("127.0.0.1"));
-    let (listen_a, listen_b) = (listen_addr("127.0.0.1"), listen_addr("127.0.0.1"));
-    let _a = instance(listen_a, &list, Some((sync_a, sync_b, &key)));
-    let b = instance(listen_b, &list, Some((sync_b, sync_a, &key)));
+    // Every part bound: what is not would be dropped (stopped) at once.
+    let Pair {
+        a: _a,
+        b,
+        listen_a,
+        listen_b,
+        sync_a: _,
+        list: _,
+        _backends,
+    } = Pair::start("sync-upgrade");
     // B is serving (it answers) before it is upgraded.
     let probe = client("127.0.0.1:0");
     request(&probe, listen_b, b"hello");
