@@ -284,7 +284,7 @@ static __always_inline int place(const struct service *svc, __u32 client_addr, _
 // fragment carried the checksum, updated for the whole datagram). Returns 0, or a drop
 // reason + 1.
 static __always_inline int rewrite_ip(struct __sk_buff *skb, int dst, __u32 old_addr,
-				      __u32 new_addr, __u8 ttl)
+				      __u32 new_addr, __u8 ttl, __u8 proto)
 {
 	int addr_off = dst ? IP_DST_OFF : IP_SRC_OFF;
 	if (ttl <= 1)
@@ -292,8 +292,8 @@ static __always_inline int rewrite_ip(struct __sk_buff *skb, int dst, __u32 old_
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) ||
 	    bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
 		return DROP_REWRITE + 1;
-	__u16 old_word = bpf_htons((__u16)ttl << 8 | IPPROTO_UDP);
-	__u16 new_word = bpf_htons((__u16)(ttl - 1) << 8 | IPPROTO_UDP);
+	__u16 old_word = bpf_htons((__u16)ttl << 8 | proto);
+	__u16 new_word = bpf_htons((__u16)(ttl - 1) << 8 | proto);
 	__u8 new_ttl = ttl - 1;
 	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, sizeof(new_word)) ||
 	    bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, sizeof(new_ttl), 0))
@@ -308,7 +308,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, int dst, __u32 old_add
 				   __u16 old_port, __u16 new_port, __u8 ttl)
 {
 	int port_off = dst ? UDP_DPORT_OFF : UDP_SPORT_OFF;
-	int why = rewrite_ip(skb, dst, old_addr, new_addr, ttl);
+	int why = rewrite_ip(skb, dst, old_addr, new_addr, ttl, IPPROTO_UDP);
 	if (why)
 		return why;
 	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_addr, new_addr,
@@ -367,6 +367,87 @@ static __always_inline void count(__u32 backend, __u64 bytes, int reply)
 	}
 }
 
+// ICMP's header (linux/icmp.h would pull in the C library's headers).
+struct icmphdr {
+	__u8 type;
+	__u8 code;
+	__u16 checksum;
+	__u32 rest;
+};
+#define ICMP_DEST_UNREACH 3
+#define ICMP_TIME_EXCEEDED 11
+
+// Where an ICMP error about a forwarded datagram sits: the outer ICMP header, then the
+// datagram's IP header (20 bytes: the program forwards no other) and its UDP header.
+#define ICMP_OFF (IP_OFF + sizeof(struct iphdr))
+#define ICMP_CSUM_OFF (ICMP_OFF + offsetof(struct icmphdr, checksum))
+#define INNER_IP_OFF (ICMP_OFF + sizeof(struct icmphdr))
+#define INNER_CSUM_OFF (INNER_IP_OFF + offsetof(struct iphdr, check))
+#define INNER_DST_OFF (INNER_IP_OFF + offsetof(struct iphdr, daddr))
+#define INNER_DPORT_OFF (INNER_IP_OFF + sizeof(struct iphdr) + offsetof(struct udphdr, dest))
+
+// An ICMP error a backend (or a router on the way) sent about a datagram this program
+// forwarded (destination unreachable: a closed port, fragmentation needed; time exceeded): it
+// names the backend, which the client never sent to. Translated as the client expects it,
+// from the listener's address about a datagram to the listener (outer source, inner
+// destination and port, with the inner IP checksum and the ICMP checksum updated), and sent
+// on to the client. Anything else ICMP is left to the stack.
+static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, void *end)
+{
+	struct icmphdr *icmp = (void *)(ip + 1);
+	if ((void *)(icmp + 1) > end)
+		return TC_ACT_OK;
+	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
+		return TC_ACT_OK;
+	struct iphdr *inner = (void *)(icmp + 1);
+	if ((void *)(inner + 1) > end || inner->ihl != 5 || inner->protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	struct udphdr *iudp = (void *)(inner + 1);
+	if ((void *)(iudp + 1) > end)
+		return TC_ACT_OK;
+	// The datagram went from the client (the error's destination) to a backend.
+	if (inner->saddr != ip->daddr)
+		return TC_ACT_OK;
+	struct reply_key rk = {.addr = inner->daddr, .port = iudp->dest};
+	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
+	if (!r)
+		return TC_ACT_OK;
+	__u32 outer_src = ip->saddr, client = ip->daddr, backend = inner->daddr;
+	__u32 vip = r->service_addr;
+	__u16 bport = iudp->dest, vport = r->service_port;
+	__u16 old_inner_csum = inner->check;
+	__u16 tot_len = bpf_ntohs(ip->tot_len);
+	__u8 ttl = ip->ttl;
+	struct bpf_fib_lookup fib;
+	int rc = route(skb, &fib, vip, client, tot_len);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return TC_ACT_OK;
+	// The quoted datagram: its destination and port, its IP checksum; the ICMP checksum
+	// covers all three.
+	if (bpf_l3_csum_replace(skb, INNER_CSUM_OFF, backend, vip, sizeof(vip)) ||
+	    bpf_skb_store_bytes(skb, INNER_DST_OFF, &vip, sizeof(vip), 0) ||
+	    bpf_skb_store_bytes(skb, INNER_DPORT_OFF, &vport, sizeof(vport), 0))
+		goto shot;
+	__u16 new_inner_csum;
+	if (bpf_skb_load_bytes(skb, INNER_CSUM_OFF, &new_inner_csum, sizeof(new_inner_csum)) ||
+	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, backend, vip, sizeof(vip)) ||
+	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, bport, vport, sizeof(vport)) ||
+	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old_inner_csum, new_inner_csum,
+				sizeof(new_inner_csum)))
+		goto shot;
+	// The error itself comes from the listener's address.
+	int why = rewrite_ip(skb, 0, outer_src, vip, ttl, IPPROTO_ICMP);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	count(r->backend, skb->len, 1);
+	return send_by(skb, rc, &fib);
+shot:
+	count_drop(DROP_REWRITE);
+	return TC_ACT_SHOT;
+}
+
 SEC("classifier")
 int udplb_ingress(struct __sk_buff *skb)
 {
@@ -376,7 +457,11 @@ int udplb_ingress(struct __sk_buff *skb)
 	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
+	if ((void *)(ip + 1) > end || ip->ihl != 5)
+		return TC_ACT_OK;
+	if (ip->protocol == IPPROTO_ICMP && !(ip->frag_off & bpf_htons(0x3fff)))
+		return icmp_error(skb, ip, end);
+	if (ip->protocol != IPPROTO_UDP)
 		return TC_ACT_OK;
 	__u32 saddr = ip->saddr, daddr = ip->daddr;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
@@ -395,7 +480,7 @@ int udplb_ingress(struct __sk_buff *skb)
 		__u32 b = fr->backend;
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, dst ? saddr : to, dst ? to : daddr, tot_len);
-		int why = rewrite_ip(skb, dst, dst ? daddr : saddr, to, ttl);
+		int why = rewrite_ip(skb, dst, dst ? daddr : saddr, to, ttl, IPPROTO_UDP);
 		if (why) {
 			count_drop(why - 1);
 			return TC_ACT_SHOT;

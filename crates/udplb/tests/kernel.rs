@@ -855,3 +855,59 @@ fn flows_continue_on_their_backends_across_an_upgrade() {
     };
     assert_eq!(moved, 0, "{log}");
 }
+
+/// Not a test on its own: from the client host, a connected socket sends one datagram to
+/// UDPLB_TEST_KERNEL_REFUSED and prints what receiving then says: `refused` (an ICMP port
+/// unreachable reached it, about the address it sent to), `answer`, or `silence`.
+#[test]
+fn kernel_refused_in_namespace() {
+    let Ok(target) = std::env::var("UDPLB_TEST_KERNEL_REFUSED") else {
+        return;
+    };
+    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.connect(target.as_str()).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    for _ in 0..4 {
+        let _ = s.send(b"anyone?");
+        match s.recv(&mut buf) {
+            Ok(_) => return println!("outcome answer"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                return println!("outcome refused");
+            }
+            Err(_) => {}
+        }
+    }
+    println!("outcome silence");
+}
+
+#[test]
+fn a_closed_backend_port_reaches_the_client_as_refused_by_the_listener() {
+    let Some(mut topo) = Topology::build("ulbi") else {
+        return;
+    };
+    // Nothing listens on the backend's port; no health check, so it stays in rotation.
+    let closed = format!("10.98.{}.2:7009", topo.t);
+    topo.start_udplb_with("", &format!("backends = [\"{closed}\"]\n"));
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    let out = Net::helper(
+        &topo.clients,
+        "kernel_refused_in_namespace",
+        &[("UDPLB_TEST_KERNEL_REFUSED", topo.vip().to_string())],
+    )
+    .stderr(Stdio::null())
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The client's socket is connected to the listener: only an ICMP error about a datagram
+    // to the listener (translated from the backend's) makes it say refused.
+    assert!(
+        text.contains("outcome refused"),
+        "{text}\n{}",
+        topo.api("/stats")["kernel"]
+    );
+}
