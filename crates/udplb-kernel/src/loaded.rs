@@ -135,7 +135,7 @@ fn update_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl Kernel {
-    /// Loads the program with room for `max_flows` flows (needs CAP_BPF and CAP_NET_ADMIN, or
+    /// Loads the program with room for `max_flows` flows (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or
     /// root). With `pin_dir` (a directory on a bpf file system) the flow map is kept there and
     /// reused: flows continue across udplb processes.
     pub fn load(max_flows: u32, pin_dir: Option<&std::path::Path>) -> Result<Kernel, Error> {

@@ -96,7 +96,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         }
         None => None,
     };
-    // Loaded and attached while udplb may still (CAP_BPF, CAP_NET_ADMIN).
+    // Loaded and attached while udplb may still (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN).
     let kernel_plane = kernel::start(&cfg, &shared.load())?;
     let offer = upgrade::offer(
         program,

@@ -152,7 +152,7 @@ fn pin_dir(cfg: &Config) -> Option<std::path::PathBuf> {
 }
 
 /// Gives the pinned flow map to the user udplb switches to, so that an upgrade's successor
-/// (which starts as that user, with CAP_BPF) can open it.
+/// (which starts as that user, with CAP_BPF and CAP_PERFMON) can open it.
 fn hand_to_runtime_user(cfg: &Config, dir: &std::path::Path) {
     let root = nix::unistd::Uid::effective().is_root();
     let crate::privileges::Plan::Switch { user, .. } = crate::privileges::plan(&cfg.runtime, root)

@@ -22,7 +22,7 @@ use udplb_config::{Config, HealthCheck, Positions, Probe, Runtime};
 use crate::privileges::{self, Plan};
 
 /// What a listener with `dataplane = "kernel"` needs that this udplb or this process lacks:
-/// the program built in, and the privileges to load it (root, or CAP_BPF with CAP_NET_ADMIN).
+/// the program built in, and the privileges to load it (root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN).
 /// (`"auto"` serves with sockets instead, so it needs neither.)
 fn kernel_problems(cfg: &Config, out: &mut Vec<Problem>) {
     for l in cfg
@@ -41,7 +41,7 @@ fn kernel_problems(cfg: &Config, out: &mut Vec<Problem>) {
         } else if !can_load_bpf() {
             out.push(problem(
                 &key,
-                "loading the kernel data plane needs root, or CAP_BPF and CAP_NET_ADMIN (or \
+                "loading the kernel data plane needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (or \
                  dataplane = \"auto\" to serve with sockets)"
                     .into(),
             ));
@@ -55,7 +55,9 @@ fn can_load_bpf() -> bool {
         return true;
     }
     let has = |c| caps::has_cap(None, caps::CapSet::Effective, c).unwrap_or(false);
-    has(caps::Capability::CAP_BPF) && has(caps::Capability::CAP_NET_ADMIN)
+    has(caps::Capability::CAP_BPF)
+        && has(caps::Capability::CAP_PERFMON)
+        && has(caps::Capability::CAP_NET_ADMIN)
 }
 
 /// Something the machine cannot do for the configuration, at a key path.

@@ -50,7 +50,8 @@ pub enum Outcome {
 
 /// The capabilities `cfg` needs after its sockets are bound: `CAP_NET_ADMIN` when a pool is
 /// transparent (every flow's socket is opened with `IP_TRANSPARENT`), `CAP_BPF` and
-/// `CAP_NET_ADMIN` with a kernel listener (an upgrade's successor loads the program), else none.
+/// `CAP_PERFMON` and `CAP_NET_ADMIN` with a kernel listener (an upgrade's successor loads the
+/// program), else none.
 pub fn needed_capabilities(cfg: &Config) -> CapsHashSet {
     let mut set = CapsHashSet::new();
     if cfg.pools.iter().any(|p| p.transparent) {
@@ -58,8 +59,10 @@ pub fn needed_capabilities(cfg: &Config) -> CapsHashSet {
     }
     // The kernel data plane: an upgrade's successor loads and attaches its program (the
     // running process only updates maps, which needs no capability).
+    // (CAP_PERFMON too: without it the verifier refuses the program's packet pointers.)
     if cfg.listeners.iter().any(|l| l.dataplane.may_use_kernel()) {
         set.insert(Capability::CAP_BPF);
+        set.insert(Capability::CAP_PERFMON);
         set.insert(Capability::CAP_NET_ADMIN);
     }
     set

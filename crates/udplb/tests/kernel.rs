@@ -709,7 +709,7 @@ fn a_kernel_listener_that_cannot_load_is_refused_with_the_reason() {
     assert!(
         stderr.contains("udplb.toml:4:")
             && stderr.contains("listeners.l.dataplane")
-            && (stderr.contains("needs root, or CAP_BPF and CAP_NET_ADMIN")
+            && (stderr.contains("needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN")
                 || stderr.contains("built without the kernel data plane")),
         "{stderr}"
     );
@@ -751,6 +751,7 @@ fn restart_with_a_new_backend(
     prefix: &str,
     pinned: bool,
     upgrade: bool,
+    user: &str,
 ) -> Option<(usize, String)> {
     let mut topo = Topology::build(prefix)?;
     topo.start_backends();
@@ -759,9 +760,15 @@ fn restart_with_a_new_backend(
     let listener = "idle_timeout = \"60s\"";
     let addrs: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
     let pool = |n: usize| format!("backends = [{}]\n", addrs[..n].join(", "));
+    // `user` empty: udplb stays root (UDPLB_ALLOW_ROOT); else it switches to that user.
     let runtime = format!(
-        "[runtime]\nshutdown_grace = \"0s\"\nbpf_dir = \"{}\"\n",
-        bpf.join("udplb").display()
+        "[runtime]\nshutdown_grace = \"0s\"\nbpf_dir = \"{}\"\n{}",
+        bpf.join("udplb").display(),
+        if user.is_empty() {
+            String::new()
+        } else {
+            format!("user = \"{user}\"\n")
+        }
     );
     let first = topo.start_udplb_with(listener, &(pool(2) + &runtime));
     if topo.log().contains("not built into this udplb") {
@@ -837,7 +844,7 @@ fn restart_with_a_new_backend(
 
 #[test]
 fn flows_continue_on_their_backends_across_a_restart() {
-    let Some((moved, log)) = restart_with_a_new_backend("ulbp", true, false) else {
+    let Some((moved, log)) = restart_with_a_new_backend("ulbp", true, false, "") else {
         return;
     };
     assert!(log.contains("the flow map is kept there"), "{log}");
@@ -846,7 +853,7 @@ fn flows_continue_on_their_backends_across_a_restart() {
 
 #[test]
 fn without_a_bpf_file_system_a_restart_places_flows_afresh() {
-    let Some((moved, log)) = restart_with_a_new_backend("ulbq", false, false) else {
+    let Some((moved, log)) = restart_with_a_new_backend("ulbq", false, false, "") else {
         return;
     };
     assert!(log.contains("not on a bpf file system"), "{log}");
@@ -855,7 +862,7 @@ fn without_a_bpf_file_system_a_restart_places_flows_afresh() {
 
 #[test]
 fn flows_continue_on_their_backends_across_an_upgrade() {
-    let Some((moved, log)) = restart_with_a_new_backend("ulbu", true, true) else {
+    let Some((moved, log)) = restart_with_a_new_backend("ulbu", true, true, "") else {
         return;
     };
     assert_eq!(moved, 0, "{log}");
@@ -915,4 +922,15 @@ fn a_closed_backend_port_reaches_the_client_as_refused_by_the_listener() {
         "{text}\n{}",
         topo.api("/stats")["kernel"]
     );
+}
+
+#[test]
+fn an_unprivileged_udplb_upgrades_with_its_flows() {
+    // Started as root, udplb switches to nobody keeping CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: its
+    // successor (nobody) loads the program and opens the pinned flow map it was given.
+    let Some((moved, log)) = restart_with_a_new_backend("ulbn", true, true, "nobody") else {
+        return;
+    };
+    assert!(log.contains("switched user after binding"), "{log}");
+    assert_eq!(moved, 0, "{log}");
 }
