@@ -245,6 +245,13 @@ impl Drop for Net {
             let _ = c.wait();
         }
         for n in &self.names {
+            // Also what the children started (an upgrade's successor, a daemon that forked):
+            // left running, it would go on in a namespace nobody can reach.
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", n]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-KILL", pid]).status();
+                }
+            }
             let _ = ip(&["netns", "del", n]);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
