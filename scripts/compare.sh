@@ -25,7 +25,8 @@
 #               relay-datagram is the reference relay scheduling per datagram, the ceiling of
 #               datagram mode; nginx-4m is nginx with the 4 MiB listener buffers udplb uses
 #               (`rcvbuf=4m sndbuf=4m`), so that it queues a burst instead of dropping it;
-#               udplb-shared is flow mode with shared upstream sockets, --shared-upstream)
+#               udplb-shared is flow mode with shared upstream sockets, --shared-upstream;
+#               udplb-kernel is the kernel data plane on lo, as root: compare it with PIN=0)
 #        DNS_PEERS ("udplb udplb-flow dnsdist nginx pen"; also udplb-shared: request-response
 #               with --shared-upstream)
 #        RATES ("60000 90000 120000"): requests/s offered in scenario f
@@ -216,6 +217,26 @@ start_peer() {
             [[ $peer == udplb-shared ]] && mode=flow shared=(--shared-upstream)
             UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$binary" --workers 1 \
                 --mode "$mode" "${shared[@]}" --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}"
+            ;;
+        udplb-kernel)
+            # The kernel data plane on lo (root): its work runs in the sender's softirq, not
+            # on CPU 1, so compare it with PIN=0 (throughput), not by the CPU column.
+            [[ $(id -u) -eq 0 ]] || return 0
+            local list
+            list=$(printf '"%s", ' "${backends[@]}")
+            cat >"$work/kernel.toml" <<CONFIG
+[runtime]
+workers = 1
+shutdown_grace = "0s"
+[listeners.l]
+address = "127.0.0.1:$port"
+pool = "p"
+dataplane = "kernel"
+interfaces = ["lo"]
+[pools.p]
+backends = [${list%, }]
+CONFIG
+            UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$UDPLB" run -c "$work/kernel.toml"
             ;;
         nginx | nginx-4m)
             command -v nginx >/dev/null || return 0

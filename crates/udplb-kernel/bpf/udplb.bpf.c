@@ -548,6 +548,9 @@ int udplb_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		count(b, skb->len, 0);
+		// A backend on this host: the stack delivers the rewritten datagram to it.
+		if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+			return TC_ACT_OK;
 		return send_by(skb, rc, &fib);
 	}
 
@@ -559,10 +562,18 @@ int udplb_ingress(struct __sk_buff *skb)
 		__u32 b = r->backend;
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, from_addr, daddr, tot_len);
-		// To this host itself (udplb's health checks, a local client of the socket path):
-		// not a reply to rewrite.
-		if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
-			return TC_ACT_OK;
+		// To this host itself: a reply only to a client of a flow this program placed (a local
+		// client through loopback); anything else (udplb's health checks, a client of the
+		// socket path) is left alone.
+		int local = rc == BPF_FIB_LKUP_RET_NOT_FWDED;
+		if (local) {
+			struct flow_key fk = {.client_addr = daddr,
+					      .service_addr = from_addr,
+					      .client_port = dport,
+					      .service_port = from_port};
+			if (!bpf_map_lookup_elem(&flows, &fk))
+				return TC_ACT_OK;
+		}
 		if (first_of_more) {
 			struct fragment fr = {.addr = from_addr, .destination = 0, .backend = b};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
@@ -573,6 +584,8 @@ int udplb_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		count(b, skb->len, 1);
+		if (local)
+			return TC_ACT_OK;
 		return send_by(skb, rc, &fib);
 	}
 	return TC_ACT_OK;

@@ -934,3 +934,92 @@ fn an_unprivileged_udplb_upgrades_with_its_flows() {
     assert!(log.contains("switched user after binding"), "{log}");
     assert_eq!(moved, 0, "{log}");
 }
+
+#[test]
+fn local_clients_and_backends_are_served_through_loopback() {
+    let Some(mut topo) = Topology::build("ulbl") else {
+        return;
+    };
+    // Everything on the balancer host: backends on 127.0.0.1, the listener on 127.0.0.2, the
+    // program on lo.
+    let host = topo.balancer.clone();
+    for (i, tag) in ["x", "y", "z"].iter().enumerate() {
+        let child = Net::helper(
+            &host,
+            "kernel_backend_in_namespace",
+            &[
+                (
+                    "UDPLB_TEST_KERNEL_BACKEND",
+                    format!("127.0.0.1:{}", 7001 + i),
+                ),
+                ("UDPLB_TEST_KERNEL_TAG", tag.to_string()),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        topo.net.keep(child);
+    }
+    let vip: SocketAddr = "127.0.0.2:5300".parse().unwrap();
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:9190\"\n[listeners.l]\naddress = \"{vip}\"\npool = \"p\"\n\
+         dataplane = \"kernel\"\ninterfaces = [\"lo\"]\n[pools.p]\nbackends = [\"127.0.0.1:7001\", \
+         \"127.0.0.1:7002\", \"127.0.0.1:7003\"]\n[pools.p.health]\n{}\n",
+        udp_check(200, 200, 1, 2)
+    );
+    let config = topo.net.dir.join("udplb.toml");
+    std::fs::write(&config, toml).unwrap();
+    let child = Net::udplb(&host, &config, &topo.net.dir.join("udplb.log"))
+        .spawn()
+        .unwrap();
+    topo.net.keep(child);
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    assert!(
+        wait_for(DEADLINE, || topo.api("/stats")["pools"][0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().all(|b| b["healthy"] == true))),
+        "health checks through the program on lo: {}",
+        topo.log()
+    );
+    topo.wait_for_the_maps();
+    let out = Net::helper(
+        &host,
+        "kernel_clients_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_TARGET", vip.to_string()),
+            ("UDPLB_TEST_KERNEL_CLIENTS", "30".into()),
+            ("UDPLB_TEST_KERNEL_ROUNDS", "2".into()),
+        ],
+    )
+    .stderr(Stdio::null())
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let replies: Vec<Vec<String>> = helper_lines(&text)
+        .iter()
+        .map(|l| l.split(' ').map(str::to_string).collect())
+        .filter(|f: &Vec<String>| f.len() == 4)
+        .collect();
+    assert_eq!(replies.len(), 60, "{text}\n{}", topo.log());
+    let mut tags = std::collections::HashSet::new();
+    for f in &replies {
+        assert_eq!(
+            f[1],
+            vip.to_string(),
+            "a reply not from the listener: {f:?}"
+        );
+        assert_eq!(
+            f[3],
+            format!("127.0.0.1:{}", f[0]),
+            "the backend saw {}",
+            f[3]
+        );
+        tags.insert(f[2].clone());
+    }
+    assert_eq!(tags.len(), 3, "{tags:?}");
+    assert_eq!(topo.api("/stats")["listeners"][0]["datagrams_in"], 0);
+}
