@@ -335,6 +335,14 @@ static __always_inline int route(struct __sk_buff *skb, struct bpf_fib_lookup *f
 	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 }
 
+// Whether the route `rc` is for the stack to follow: to this host itself, or from an
+// interface that does not forward (net.ipv4.ip_forward=0: the lookup cannot tell local from
+// not, and the stack delivers what is local and drops the rest, as the host's policy says).
+static __always_inline int to_the_stack(int rc)
+{
+	return rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_FWD_DISABLED;
+}
+
 // Sends the rewritten datagram by the route `rc`/`fib` found: out of its interface with the
 // next hop's MAC address (or the kernel's neighbour resolution when it has none yet).
 static __always_inline int send_by(struct __sk_buff *skb, int rc, struct bpf_fib_lookup *fib)
@@ -420,7 +428,7 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 	__u8 ttl = ip->ttl;
 	struct bpf_fib_lookup fib;
 	int rc = route(skb, &fib, vip, client, tot_len);
-	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+	if (to_the_stack(rc))
 		return TC_ACT_OK;
 	// The quoted datagram: its destination and port, its IP checksum; the ICMP checksum
 	// covers all three.
@@ -548,8 +556,9 @@ int udplb_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		count(b, skb->len, 0);
-		// A backend on this host: the stack delivers the rewritten datagram to it.
-		if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		// A backend on this host: the stack delivers the rewritten datagram to it. (So it
+		// does where this interface does not forward: the stack decides, as it would.)
+		if (to_the_stack(rc))
 			return TC_ACT_OK;
 		return send_by(skb, rc, &fib);
 	}
@@ -565,7 +574,7 @@ int udplb_ingress(struct __sk_buff *skb)
 		// To this host itself: a reply only to a client of a flow this program placed (a local
 		// client through loopback); anything else (udplb's health checks, a client of the
 		// socket path) is left alone.
-		int local = rc == BPF_FIB_LKUP_RET_NOT_FWDED;
+		int local = to_the_stack(rc);
 		if (local) {
 			struct flow_key fk = {.client_addr = daddr,
 					      .service_addr = from_addr,

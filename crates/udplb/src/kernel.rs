@@ -90,9 +90,10 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/forwarding")
         .is_ok_and(|f| f.trim() == "0")
     {
-        anyhow::bail!(
-            "net.ipv4.ip_forward is 0: forwarding = \"nat\" routes for the backends (LVS-NAT); \
-             set net.ipv4.ip_forward=1"
+        tracing::warn!(
+            "kernel data plane: net.ipv4.ip_forward is 0, so only backends on this host are \
+             reached (forwarding = \"nat\" routes for the others, LVS-NAT: their datagrams are \
+             dropped as no_route); set net.ipv4.ip_forward=1"
         );
     }
     let pin_dir = pin_dir(cfg);
