@@ -28,7 +28,7 @@
 #               udplb-shared is flow mode with shared upstream sockets, --shared-upstream;
 #               udplb-kernel is the kernel data plane on lo, as root: compare it with PIN=0)
 #        DNS_PEERS ("udplb udplb-flow dnsdist nginx pen"; also udplb-shared: request-response
-#               with --shared-upstream)
+#               with --shared-upstream; udplb-kernel: the kernel data plane on lo, as root)
 #        RATES ("60000 90000 120000"): requests/s offered in scenario f
 #        DURATION (5s) WARMUP (1s) ROUNDS (3) PIN (1)
 #        RESULTS (unset): also keep the raw results (one JSON line per run) in this file
@@ -200,6 +200,27 @@ launch() {
 # forwarding PORT PID: the balancer PID forwards on PORT (10 s; probes from CPU 0).
 forwarding() { wait_forwarding -p "$2" "127.0.0.1:$1" "${on0[@]}"; }
 
+# start_kernel PORT BACKEND...: udplb with its kernel data plane on lo (flow mode, Maglev)
+# listening on PORT; sets bg_pid.
+start_kernel() {
+    local port=$1 list
+    shift
+    list=$(printf '"%s", ' "$@")
+    cat >"$work/kernel.toml" <<CONFIG
+[runtime]
+workers = 1
+shutdown_grace = "0s"
+[listeners.l]
+address = "127.0.0.1:$port"
+pool = "p"
+dataplane = "kernel"
+interfaces = ["lo"]
+[pools.p]
+backends = [${list%, }]
+CONFIG
+    UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$UDPLB" run -c "$work/kernel.toml"
+}
+
 # start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable
 # (it runs in a command substitution: the caller adds the pid to pids).
 start_peer() {
@@ -222,21 +243,7 @@ start_peer() {
             # The kernel data plane on lo (root): its work runs in the sender's softirq, not
             # on CPU 1, so compare it with PIN=0 (throughput), not by the CPU column.
             [[ $(id -u) -eq 0 ]] || return 0
-            local list
-            list=$(printf '"%s", ' "${backends[@]}")
-            cat >"$work/kernel.toml" <<CONFIG
-[runtime]
-workers = 1
-shutdown_grace = "0s"
-[listeners.l]
-address = "127.0.0.1:$port"
-pool = "p"
-dataplane = "kernel"
-interfaces = ["lo"]
-[pools.p]
-backends = [${list%, }]
-CONFIG
-            UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$UDPLB" run -c "$work/kernel.toml"
+            start_kernel "$port" "${backends[@]}"
             ;;
         nginx | nginx-4m)
             command -v nginx >/dev/null || return 0
@@ -330,6 +337,10 @@ start_dns_peer() { # start_dns_peer PEER PORT -> pid (the caller adds it to pids
             [[ $peer == udplb-shared ]] && shared=(--shared-upstream)
             UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$binary" --workers 1 \
                 --mode "$mode" "${shared[@]}" --shutdown-grace 0s "127.0.0.1:$port" "${knots[@]}"
+            ;;
+        udplb-kernel)
+            [[ $(id -u) -eq 0 ]] || return 0
+            start_kernel "$port" "${knots[@]}"
             ;;
         dnsdist)
             command -v dnsdist >/dev/null || return 0
