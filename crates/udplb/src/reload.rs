@@ -211,6 +211,27 @@ fn listener_changes(running: &[ListenerConfig], new: &[ListenerConfig]) -> Vec<S
                 old.socket_buffer, l.socket_buffer
             ));
         }
+        // The kernel data plane is loaded, sized and attached at start.
+        if l.dataplane != old.dataplane {
+            out.push(format!(
+                "listener {name:?}: dataplane {} -> {}",
+                old.dataplane.name(),
+                l.dataplane.name()
+            ));
+        }
+        if l.interfaces != old.interfaces {
+            out.push(format!(
+                "listener {name:?}: interfaces [{}] -> [{}]",
+                old.interfaces.join(", "),
+                l.interfaces.join(", ")
+            ));
+        }
+        if l.dataplane.may_use_kernel() && l.max_flows != old.max_flows {
+            out.push(format!(
+                "listener {name:?}: max_flows {} -> {} (the kernel's flow map is sized at start)",
+                old.max_flows, l.max_flows
+            ));
+        }
     }
     for l in new
         .iter()
@@ -368,6 +389,11 @@ mod tests {
                 "listener \"dns\": socket_buffer 4194304 -> 65536",
             ),
             ("gro", "gro = true", "listener \"dns\": gro false -> true"),
+            (
+                "dataplane",
+                "dataplane = \"auto\"",
+                "listener \"dns\": dataplane socket -> auto",
+            ),
             (
                 "address",
                 "[listeners.dns2]\naddress = \"127.0.0.1:5354\"\npool = \"p\"",
