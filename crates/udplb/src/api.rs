@@ -157,7 +157,19 @@ async fn explain(
         None => (snap.listeners.len() == 1).then_some(0),
     }
     .ok_or_else(|| Error::NotFound("no such listener (name it with ?listener=)".into()))?;
-    Ok(Json(crate::admin::explain_json(&snap, li, q.client)))
+    let mut explained = crate::admin::explain_json(&snap, li, q.client);
+    // The kernel data plane places a client where udplb would (the same hash and table).
+    let kernel = state
+        .kernel
+        .as_ref()
+        .is_some_and(|k| k.listeners.contains(&li));
+    if let serde_json::Value::Object(m) = &mut explained {
+        m.insert(
+            "dataplane".into(),
+            serde_json::json!(if kernel { "kernel" } else { "socket" }),
+        );
+    }
+    Ok(Json(explained))
 }
 
 /// 200 while udplb should get traffic (every listener's pool holds its quorum with a backend

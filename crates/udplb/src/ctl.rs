@@ -465,11 +465,12 @@ fn explain_text(v: &Value) -> String {
         .map(text)
         .collect();
     format!(
-        "client {} on listener {} (pool {}, {}):\n  backend: {}\n  candidates: {}\n  tier: {}\n  why: {}\n",
+        "client {} on listener {} (pool {}, {}, {} data plane):\n  backend: {}\n  candidates: {}\n  tier: {}\n  why: {}\n",
         text(&v["client"]),
         text(&v["listener"]),
         text(&v["pool"]),
         text(&v["scheduler"]),
+        text(&v["dataplane"]),
         if v["backend"].is_null() {
             "any candidate".to_string()
         } else {

@@ -389,6 +389,8 @@ fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_d
         })
         .map(|(p, _)| *p)
         .collect();
+    let explained = topo.api(&format!("/api/v1/explain?client={client_ip}:1"));
+    assert_eq!(explained["dataplane"], "kernel", "{explained}");
     assert!(
         differ.is_empty(),
         "placed unlike udplb's own placement: {differ:?}"
