@@ -94,6 +94,7 @@ struct counters {
 	__u64 bytes;
 	__u64 reply_packets;
 	__u64 reply_bytes;
+	__u64 icmp_errors; // about datagrams to the backend: udplb's passive health reads them
 };
 
 enum drop_reason {
@@ -449,7 +450,10 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 		count_drop(why - 1);
 		return TC_ACT_SHOT;
 	}
-	count(r->backend, skb->len, 1);
+	__u32 b = r->backend;
+	struct counters *c = bpf_map_lookup_elem(&counters, &b);
+	if (c)
+		c->icmp_errors += 1;
 	return send_by(skb, rc, &fib);
 shot:
 	count_drop(DROP_REWRITE);

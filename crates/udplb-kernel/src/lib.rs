@@ -76,6 +76,8 @@ pub struct Traffic {
     pub bytes: u64,
     pub reply_packets: u64,
     pub reply_bytes: u64,
+    /// ICMP errors about datagrams sent to the backend (a closed port, say): passive failures.
+    pub icmp_errors: u64,
 }
 
 /// What the program did not forward, by reason, summed over the CPUs.

@@ -80,6 +80,7 @@ struct CountersValue {
     bytes: u64,
     reply_packets: u64,
     reply_bytes: u64,
+    icmp_errors: u64,
 }
 
 // SAFETY: each is `repr(C)`, `Copy`, made of integers only, with every padding byte an explicit
@@ -358,6 +359,7 @@ impl Kernel {
                     bytes: t.bytes + c.bytes,
                     reply_packets: t.reply_packets + c.reply_packets,
                     reply_bytes: t.reply_bytes + c.reply_bytes,
+                    icmp_errors: t.icmp_errors + c.icmp_errors,
                 });
                 Some((addr, t))
             })

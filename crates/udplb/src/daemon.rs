@@ -196,7 +196,8 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let cfg = Arc::new(cfg);
     let (configs, running_config) = tokio::sync::watch::channel(Arc::clone(&cfg));
-    let monitor = health::Monitor::new(Arc::clone(&cfg), trackers, dataplane.stats().to_vec());
+    let monitor = health::Monitor::new(Arc::clone(&cfg), trackers, dataplane.stats().to_vec())
+        .with_kernel(kernel_plane.clone());
     let control = control::Publisher::new(Arc::clone(&cfg), Arc::clone(&shared), configs);
     let reload_status = reload::started();
     let (publisher, commands) = tokio::sync::mpsc::channel(4);

@@ -285,6 +285,21 @@ impl KernelPlane {
             .traffic(service)
     }
 
+    /// Per backend address, what the kernel saw of it, summed over the kernel listeners:
+    /// ICMP errors about datagrams sent to it (passive failures) and replies (passive
+    /// successes).
+    pub fn passive(&self) -> std::collections::HashMap<SocketAddrV4, (u64, u64)> {
+        let mut out = std::collections::HashMap::new();
+        for id in 0..self.listeners.len() {
+            for (addr, t) in self.traffic(id) {
+                let e: &mut (u64, u64) = out.entry(addr).or_default();
+                e.0 += t.icmp_errors;
+                e.1 += t.reply_packets;
+            }
+        }
+        out
+    }
+
     /// The `kernel` object of `/stats`: the interfaces, per listener each backend's traffic
     /// through the kernel, and what the program did not forward.
     pub fn json(&self, snap: &Snapshot) -> serde_json::Value {
@@ -303,6 +318,7 @@ impl KernelPlane {
                             "bytes": t.bytes,
                             "replies": t.reply_packets,
                             "reply_bytes": t.reply_bytes,
+                            "icmp_errors": t.icmp_errors,
                         })
                     })
                     .collect();

@@ -337,6 +337,11 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         "Bytes of the backend's replies the kernel data plane sent on to clients",
     )
     .bytes();
+    let mut errors = Family::counter(
+        "kernel_icmp_errors",
+        "ICMP errors about datagrams to the backend (a closed port, say), sent on to clients \
+         and counted as passive health failures",
+    );
     for (id, &li) in plane.listeners.iter().enumerate() {
         let listener = snap
             .listeners
@@ -353,6 +358,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
             bytes.add(labels(), t.bytes as f64);
             replies.add(labels(), t.reply_packets as f64);
             reply_bytes.add(labels(), t.reply_bytes as f64);
+            errors.add(labels(), t.icmp_errors as f64);
         }
     }
     let d = plane.drops();
@@ -374,7 +380,15 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
          the stack",
     );
     passed.add(vec![], d.fragments_passed as f64);
-    vec![datagrams, bytes, replies, reply_bytes, dropped, passed]
+    vec![
+        datagrams,
+        bytes,
+        replies,
+        reply_bytes,
+        errors,
+        dropped,
+        passed,
+    ]
 }
 
 /// Flow-state sync with other instances, with `[sync]` (none otherwise).

@@ -1025,3 +1025,40 @@ fn local_clients_and_backends_are_served_through_loopback() {
     assert_eq!(tags.len(), 3, "{tags:?}");
     assert_eq!(topo.api("/stats")["listeners"][0]["datagrams_in"], 0);
 }
+
+#[test]
+fn icmp_errors_from_a_backend_take_it_out_passively() {
+    let Some(mut topo) = Topology::build("ulbe") else {
+        return;
+    };
+    topo.start_backends();
+    // x answers; nothing listens on the other backend's port; no active check.
+    let closed = format!("10.98.{}.2:7009", topo.t);
+    let backends = format!(
+        "backends = [{}, \"{closed}\"]\n",
+        quoted(topo.backend_addr(0))
+    );
+    topo.start_udplb_with("", &backends);
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    // New clients keep coming; those placed on the closed port get refused (translated ICMP)
+    // until udplb counts passive_fall (3) failures in a row and takes the backend out.
+    let ejected = wait_for(DEADLINE, || {
+        topo.clients(10, 1);
+        topo.api("/stats")["pools"][0]["backends"][1]["healthy"] == false
+    });
+    let stats = topo.api("/stats");
+    assert!(ejected, "{stats}\n{}", topo.log());
+    assert!(
+        stats["kernel"]["listeners"][0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|b| b["icmp_errors"].as_u64() > Some(0))),
+        "{stats}"
+    );
+    topo.wait_for_the_maps();
+    let after = topo.clients(30, 1);
+    assert_eq!(after.len(), 30, "{after:?}");
+    assert!(after.iter().all(|(_, _, tag, _)| tag == "x"), "{after:?}");
+}

@@ -81,6 +81,10 @@ pub struct Monitor {
     workers: Vec<Arc<WorkerStats>>,
     /// Passive failures and replies per backend id already accounted for.
     passive_seen: Vec<(u64, u64)>,
+    /// The kernel data plane, whose passive signals are read too.
+    kernel: Option<Arc<crate::kernel::KernelPlane>>,
+    /// Per backend address, the kernel's (ICMP errors, replies) at the last read.
+    kernel_seen: std::collections::HashMap<std::net::SocketAddrV4, (u64, u64)>,
     /// The origin of the monitor's [`Time`].
     clock: Instant,
     /// Backends with at least one check result, per pool; a pool's quorum is known (and its
@@ -111,10 +115,42 @@ impl Monitor {
             quorum_status: QuorumStatus::default(),
             workers,
             passive_seen: Vec::new(),
+            kernel: None,
+            kernel_seen: std::collections::HashMap::new(),
             clock: Instant::now(),
             reported,
             unknown_log: crate::logging::RateLimited::new(Duration::from_secs(10)),
         }
+    }
+
+    /// Also reads the kernel data plane's passive signals (ICMP errors about datagrams to a
+    /// backend, replies), as the workers' are read.
+    pub fn with_kernel(mut self, kernel: Option<Arc<crate::kernel::KernelPlane>>) -> Monitor {
+        self.kernel = kernel;
+        self
+    }
+
+    /// The kernel data plane's passive signals of `addr` since the last call: (failures,
+    /// answered).
+    fn kernel_passive(
+        &mut self,
+        seen: &std::collections::HashMap<std::net::SocketAddrV4, (u64, u64)>,
+        addr: std::net::SocketAddr,
+    ) -> (u64, bool) {
+        let std::net::SocketAddr::V4(addr) = addr else {
+            return (0, false);
+        };
+        let Some(&(failed, answered)) = seen.get(&addr) else {
+            return (0, false);
+        };
+        let (failed_before, answered_before) = self
+            .kernel_seen
+            .insert(addr, (failed, answered))
+            .unwrap_or_default();
+        (
+            failed.saturating_sub(failed_before),
+            answered > answered_before,
+        )
     }
 
     /// The monitor's clock, as the core's [`Time`].
@@ -465,6 +501,11 @@ impl Monitor {
         let snap = publisher.published();
         let failures = udplb_dataplane::passive_failures_by_backend(&self.workers);
         let replies = udplb_dataplane::replies_by_backend(&self.workers);
+        let kernel = self
+            .kernel
+            .as_ref()
+            .map(|k| k.passive())
+            .unwrap_or_default();
         self.passive_seen.resize(failures.len(), (0, 0));
         let now = self.now();
         let cfg = Arc::clone(&self.cfg);
@@ -482,9 +523,10 @@ impl Monitor {
                 };
                 let (failed_before, answered_before) =
                     std::mem::replace(&mut self.passive_seen[id], (failed, answered));
+                let (kernel_failures, kernel_answered) = self.kernel_passive(&kernel, b.spec.addr);
                 let seen = Passive {
-                    failures: failed.saturating_sub(failed_before),
-                    answered: answered > answered_before,
+                    failures: failed.saturating_sub(failed_before) + kernel_failures,
+                    answered: answered > answered_before || kernel_answered,
                 };
                 if seen.failures > 0 {
                     self.update_status(pi, bi, |s| s.passive_failures += seen.failures);
