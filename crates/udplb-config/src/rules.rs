@@ -195,18 +195,6 @@ fn check_kernel_listener(out: &mut Vec<Problem>, l: &ListenerConfig, dataplane: 
             &format!("PROXY headers are read in user space; {USER_SPACE}"),
         );
     }
-    if !l.allow.is_empty() {
-        refuse(
-            "allow",
-            &format!("clients are filtered in user space; {USER_SPACE}"),
-        );
-    }
-    if !l.deny.is_empty() {
-        refuse(
-            "deny",
-            &format!("clients are filtered in user space; {USER_SPACE}"),
-        );
-    }
     if l.limits.is_some() {
         refuse(
             "limits",

@@ -1246,17 +1246,6 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
              are read in user space; not built in the kernel data plane yet)",
         ),
         (
-            format!("{l}\nallow = [\"10.0.0.0/8\"]"),
-            b.into(),
-            "t.toml:5:1: listeners.l.allow: not with dataplane = \"DP\" (clients are filtered in \
-             user space; not built in the kernel data plane yet)",
-        ),
-        (
-            format!("{l}\ndeny = [\"10.9.0.0/16\"]"),
-            b.into(),
-            "t.toml:5:1: listeners.l.deny: not with dataplane = \"DP\"",
-        ),
-        (
             format!("{l}\nlimits = {{ datagrams_per_source = 100 }}"),
             b.into(),
             "t.toml:5:1: listeners.l.limits: not with dataplane = \"DP\" (rates are counted in \

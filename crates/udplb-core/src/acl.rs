@@ -138,6 +138,38 @@ impl CidrSet {
         self.ranges.is_empty()
     }
 
+    /// The IPv4 part of the set as the fewest networks (address, prefix length) that cover
+    /// exactly it: what a longest-prefix-match table needs.
+    pub fn ipv4_networks(&self) -> Vec<(std::net::Ipv4Addr, u8)> {
+        const MAPPED: u128 = 0xffff_0000_0000;
+        let (v4_lo, v4_hi) = (MAPPED, MAPPED | 0xffff_ffff);
+        let mut out = Vec::new();
+        for &(lo, hi) in &self.ranges {
+            if hi < v4_lo || lo > v4_hi {
+                continue;
+            }
+            let mut lo = (lo.max(v4_lo) - MAPPED) as u64;
+            let hi = (hi.min(v4_hi) - MAPPED) as u64;
+            while lo <= hi {
+                // The largest aligned block at `lo` that stays within `hi`.
+                let mut size = if lo == 0 {
+                    1u64 << 32
+                } else {
+                    1u64 << lo.trailing_zeros()
+                };
+                while lo + size - 1 > hi {
+                    size >>= 1;
+                }
+                out.push((
+                    std::net::Ipv4Addr::from(lo as u32),
+                    32 - size.trailing_zeros() as u8,
+                ));
+                lo += size;
+            }
+        }
+        out
+    }
+
     /// Whether `ip` is in one of the networks (binary search, no allocation).
     #[inline]
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -163,6 +195,16 @@ impl Acl {
         }
     }
 
+    /// The allow list (empty: every address not denied is allowed).
+    pub fn allow(&self) -> &CidrSet {
+        &self.allow
+    }
+
+    /// The deny list.
+    pub fn deny(&self) -> &CidrSet {
+        &self.deny
+    }
+
     /// No rule at all: every client is served (the caller may skip the check).
     pub fn is_open(&self) -> bool {
         self.allow.is_empty() && self.deny.is_empty()
@@ -180,6 +222,33 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+
+    #[test]
+    fn ipv4_networks_cover_exactly_the_ipv4_part() {
+        let set = CidrSet::new(&cidrs(&[
+            "10.0.0.0/8",
+            "192.0.2.1",
+            "192.0.2.2",
+            "2001:db8::/32",
+        ]));
+        let nets: Vec<String> = set
+            .ipv4_networks()
+            .iter()
+            .map(|(a, p)| format!("{a}/{p}"))
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.1/32", "192.0.2.2/32"]);
+        // An IPv6 network that holds the IPv4-mapped range covers every IPv4 address.
+        let all = CidrSet::new(&cidrs(&["::/0"]));
+        assert_eq!(all.ipv4_networks(), [(Ipv4Addr::UNSPECIFIED, 0)]);
+        // Ranges that do not align split into blocks.
+        let odd = CidrSet::new(&cidrs(&["10.0.0.1", "10.0.0.2/31", "10.0.0.4/30"]));
+        let nets: Vec<String> = odd
+            .ipv4_networks()
+            .iter()
+            .map(|(a, p)| format!("{a}/{p}"))
+            .collect();
+        assert_eq!(nets, ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/30"]);
+    }
 
     fn cidrs(list: &[&str]) -> Vec<Cidr> {
         list.iter().map(|s| s.parse().unwrap()).collect()

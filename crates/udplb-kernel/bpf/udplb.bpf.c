@@ -39,6 +39,7 @@ struct service_key {
 
 #define SERVICE_DATAGRAM 1 // every datagram placed anew (datagram mode)
 #define SERVICE_BY_IP 2 // the client's address alone is hashed (affinity = "ip")
+#define SERVICE_ALLOW_LIST 4 // only clients in acl_allow are served
 
 struct service {
 	__u32 id; // < MAX_SERVICES: the service's slice of ring, schedule and backends
@@ -103,7 +104,16 @@ enum drop_reason {
 	DROP_FIB,
 	DROP_REWRITE,
 	PASS_FRAGMENT, // a later fragment whose first one was not seen: left to the stack
+	DROP_DENIED, // the listener's allow and deny lists refuse the client
 	DROP_REASONS,
+};
+
+// A listener's allow or deny list entry: the service id (big-endian, so that its 32 bits come
+// first) and a client network, matched by longest prefix (32 + the network's length).
+struct acl_key {
+	__u32 prefixlen;
+	__u32 service;
+	__u32 addr;
 };
 
 // The later fragments of a datagram follow its first: by source, destination and IP id, the
@@ -182,6 +192,22 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct acl_key);
+	__type(value, __u8);
+} acl_allow SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct acl_key);
+	__type(value, __u8);
+} acl_deny SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -509,6 +535,13 @@ int udplb_ingress(struct __sk_buff *skb)
 	struct service_key sk = {.addr = daddr, .port = dport};
 	struct service *svc = bpf_map_lookup_elem(&services, &sk);
 	if (svc) {
+		// Deny wins; an allow list, when there is one, must name the client.
+		struct acl_key ak = {.prefixlen = 64, .service = bpf_htonl(svc->id), .addr = saddr};
+		if (bpf_map_lookup_elem(&acl_deny, &ak) ||
+		    ((svc->flags & SERVICE_ALLOW_LIST) && !bpf_map_lookup_elem(&acl_allow, &ak))) {
+			count_drop(DROP_DENIED);
+			return TC_ACT_SHOT;
+		}
 		__u32 b = 0, to_addr = 0;
 		__u16 to_port = 0;
 		__u64 now = bpf_ktime_get_ns();

@@ -59,6 +59,10 @@ pub struct Service {
     pub ring: Vec<u32>,
     /// The round-robin schedule (datagram mode) as positions in `backends`.
     pub schedule: Vec<u32>,
+    /// Clients served (networks; empty: every client `deny` does not name).
+    pub allow: Vec<(std::net::Ipv4Addr, u8)>,
+    /// Clients refused (deny wins over allow).
+    pub deny: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 /// A backend of a kernel listener.
@@ -93,6 +97,8 @@ pub struct Drops {
     pub rewrite: u64,
     /// IP fragments, left to the stack (udplb's sockets).
     pub fragments_passed: u64,
+    /// Refused by the listener's allow and deny lists.
+    pub denied: u64,
 }
 
 /// Whether this udplb was built with the program.

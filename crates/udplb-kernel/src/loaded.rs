@@ -2,6 +2,7 @@
 
 use std::net::SocketAddrV4;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -34,6 +35,7 @@ struct ServiceKey {
 
 const SERVICE_DATAGRAM: u32 = 1;
 const SERVICE_BY_IP: u32 = 2;
+const SERVICE_ALLOW_LIST: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,6 +117,8 @@ struct Written {
     schedule: Vec<u32>,
     backends: Vec<Option<(SocketAddrV4, bool)>>,
     value: Option<ServiceValue>,
+    allow: Vec<(std::net::Ipv4Addr, u8)>,
+    deny: Vec<(std::net::Ipv4Addr, u8)>,
 }
 
 /// The loaded program, attached to interfaces, and its maps.
@@ -128,6 +132,8 @@ pub struct Kernel {
     replies: BpfHashMap<MapData, ReplyKey, ReplyValue>,
     counters: PerCpuArray<MapData, CountersValue>,
     drops: PerCpuArray<MapData, u64>,
+    acl_allow: LpmTrie<MapData, [u8; 8], u8>,
+    acl_deny: LpmTrie<MapData, [u8; 8], u8>,
     written: Vec<Written>,
 }
 
@@ -166,6 +172,8 @@ impl Kernel {
         let replies = BpfHashMap::try_from(take("replies")?).map_err(update_error)?;
         let counters = PerCpuArray::try_from(take("counters")?).map_err(update_error)?;
         let drops = PerCpuArray::try_from(take("drops")?).map_err(update_error)?;
+        let acl_allow = LpmTrie::try_from(take("acl_allow")?).map_err(update_error)?;
+        let acl_deny = LpmTrie::try_from(take("acl_deny")?).map_err(update_error)?;
         program(&mut ebpf)?
             .load()
             .map_err(|e| Error::Load(verifier_error(&e)))?;
@@ -179,6 +187,8 @@ impl Kernel {
             replies,
             counters,
             drops,
+            acl_allow,
+            acl_deny,
             written: (0..MAX_SERVICES).map(|_| Written::default()).collect(),
         })
     }
@@ -285,10 +295,20 @@ impl Kernel {
             &schedule,
         )?;
         w.schedule = schedule;
+        // The lists before the flag that makes the allow list count.
+        write_acl(&mut self.acl_allow, id, &w.allow, &s.allow)?;
+        w.allow.clone_from(&s.allow);
+        write_acl(&mut self.acl_deny, id, &w.deny, &s.deny)?;
+        w.deny.clone_from(&s.deny);
         let value = ServiceValue {
             id,
             flags: if s.datagram { SERVICE_DATAGRAM } else { 0 }
-                | if s.by_ip { SERVICE_BY_IP } else { 0 },
+                | if s.by_ip { SERVICE_BY_IP } else { 0 }
+                | if s.allow.is_empty() {
+                    0
+                } else {
+                    SERVICE_ALLOW_LIST
+                },
             idle_ns: s.idle.as_nanos().min(u128::from(u64::MAX)) as u64,
             ring_size: w.ring.len() as u32,
             schedule_len: w.schedule.len() as u32,
@@ -379,6 +399,7 @@ impl Kernel {
             no_route: n(2),
             rewrite: n(3),
             fragments_passed: n(4),
+            denied: n(5),
         }
     }
 }
@@ -395,6 +416,29 @@ fn write_array(
         if old.get(i) != Some(&v) {
             map.set(base + i as u32, v, 0).map_err(update_error)?;
         }
+    }
+    Ok(())
+}
+
+/// Makes service `id`'s entries of an allow or deny list `new` (they were `old`): the
+/// networks gone removed, the new ones added.
+fn write_acl(
+    map: &mut LpmTrie<MapData, [u8; 8], u8>,
+    id: u32,
+    old: &[(std::net::Ipv4Addr, u8)],
+    new: &[(std::net::Ipv4Addr, u8)],
+) -> Result<(), Error> {
+    let key = |(addr, len): &(std::net::Ipv4Addr, u8)| {
+        let mut data = [0u8; 8];
+        data[..4].copy_from_slice(&id.to_be_bytes());
+        data[4..].copy_from_slice(&addr.octets());
+        LpmKey::new(32 + u32::from(*len), data)
+    };
+    for gone in old.iter().filter(|n| !new.contains(n)) {
+        let _ = map.remove(&key(gone));
+    }
+    for added in new.iter().filter(|n| !old.contains(n)) {
+        map.insert(&key(added), 1, 0).map_err(update_error)?;
     }
     Ok(())
 }

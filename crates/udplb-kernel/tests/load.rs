@@ -29,6 +29,8 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         idle: Duration::from_secs(30),
         ring: (0..udplb_kernel::RING_SIZE as u32).map(|i| i % 3).collect(),
         schedule: vec![0, 1, 2],
+        allow: vec![(Ipv4Addr::new(192, 0, 2, 0), 24)],
+        deny: vec![(Ipv4Addr::new(192, 0, 2, 7), 32)],
         backends,
     };
     k.update(std::slice::from_ref(&service)).expect("updates");

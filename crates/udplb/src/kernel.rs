@@ -221,6 +221,8 @@ pub fn services(snap: &Snapshot, wanted: &[usize]) -> Vec<udplb_kernel::Service>
             let schedule = Tier::build(SchedulerKind::RoundRobin, &pool.backends, pool.all_down)
                 .schedule_backends();
             Some(udplb_kernel::Service {
+                allow: spec.acl.allow().ipv4_networks(),
+                deny: spec.acl.deny().ipv4_networks(),
                 addr,
                 datagram: spec.mode == SessionMode::Datagram,
                 by_ip: spec.affinity == Affinity::Ip,
@@ -338,6 +340,7 @@ impl KernelPlane {
                 "ttl": d.ttl,
                 "no_route": d.no_route,
                 "rewrite": d.rewrite,
+                "denied": d.denied,
             },
             "fragments_passed": d.fragments_passed,
         })

@@ -371,6 +371,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         ("ttl", d.ttl),
         ("no_route", d.no_route),
         ("rewrite", d.rewrite),
+        ("denied", d.denied),
     ] {
         dropped.add(vec![("reason", reason.into())], n as f64);
     }

@@ -45,9 +45,14 @@ fn kernel_clients_in_namespace() {
         .unwrap()
         .parse()
         .unwrap();
+    let bind = std::env::var("UDPLB_TEST_KERNEL_BIND").unwrap_or_else(|_| "0.0.0.0".into());
+    let attempts: usize = std::env::var("UDPLB_TEST_KERNEL_ATTEMPTS")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(5);
     let sockets: Vec<UdpSocket> = (0..n)
         .map(|_| {
-            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let s = UdpSocket::bind((bind.as_str(), 0)).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(300)))
                 .unwrap();
             s
@@ -69,7 +74,7 @@ fn kernel_clients_in_namespace() {
         }
         for s in &sockets {
             let local = s.local_addr().unwrap();
-            for _attempt in 0..5 {
+            for _attempt in 0..attempts {
                 s.send_to(format!("r{round}").as_bytes(), target).unwrap();
                 if let Ok((len, from)) = s.recv_from(&mut buf) {
                     let text = String::from_utf8_lossy(&buf[..len]).into_owned();
@@ -1061,4 +1066,76 @@ fn icmp_errors_from_a_backend_take_it_out_passively() {
     let after = topo.clients(30, 1);
     assert_eq!(after.len(), 30, "{after:?}");
     assert!(after.iter().all(|(_, _, tag, _)| tag == "x"), "{after:?}");
+}
+
+#[test]
+fn allow_and_deny_lists_are_kept_in_the_kernel_and_follow_a_reload() {
+    let Some(mut topo) = Topology::build("ulba") else {
+        return;
+    };
+    // A second client address on the client host.
+    let (one, two) = (format!("10.97.{}.2", topo.t), format!("10.97.{}.3", topo.t));
+    ip(&[
+        "-n",
+        &topo.clients,
+        "addr",
+        "add",
+        &format!("{two}/24"),
+        "dev",
+        "cb",
+    ])
+    .unwrap();
+    topo.start_backends();
+    topo.start_udplb(&format!(
+        "allow = [\"10.97.{}.0/24\"]\ndeny = [\"{two}\"]",
+        topo.t
+    ));
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    let answered_from = |ip: &str| {
+        let out = Net::helper(
+            &topo.clients,
+            "kernel_clients_in_namespace",
+            &[
+                ("UDPLB_TEST_KERNEL_TARGET", topo.vip().to_string()),
+                ("UDPLB_TEST_KERNEL_CLIENTS", "3".into()),
+                ("UDPLB_TEST_KERNEL_ROUNDS", "1".into()),
+                ("UDPLB_TEST_KERNEL_BIND", ip.to_string()),
+                ("UDPLB_TEST_KERNEL_ATTEMPTS", "2".into()),
+            ],
+        )
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+        helper_lines(&String::from_utf8_lossy(&out.stdout))
+            .iter()
+            .filter(|l| l.split(' ').count() == 4)
+            .count()
+    };
+    assert_eq!((answered_from(&one), answered_from(&two)), (3, 0));
+    let stats = topo.api("/stats");
+    assert!(
+        stats["kernel"]["drops"]["denied"].as_u64() >= Some(3),
+        "{stats}"
+    );
+    // Deny the other one instead (a reload: the lists are map updates).
+    let config = topo.net.dir.join("udplb.toml");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        toml.replace(
+            &format!("deny = [\"{two}\"]"),
+            &format!("deny = [\"{one}\"]"),
+        ),
+    )
+    .unwrap();
+    let reloaded = Net::exec(&topo.balancer, Path::new("curl"))
+        .args(["-s", "-f", "-X", "POST", "127.0.0.1:9190/api/v1/reload"])
+        .output()
+        .unwrap();
+    assert!(reloaded.status.success(), "{reloaded:?}\n{}", topo.log());
+    topo.wait_for_the_maps();
+    assert_eq!((answered_from(&one), answered_from(&two)), (0, 3));
 }
