@@ -26,7 +26,8 @@
 #               datagram mode; nginx-4m is nginx with the 4 MiB listener buffers udplb uses
 #               (`rcvbuf=4m sndbuf=4m`), so that it queues a burst instead of dropping it;
 #               udplb-shared is flow mode with shared upstream sockets, --shared-upstream;
-#               udplb-kernel is the kernel data plane on lo, as root: compare it with PIN=0)
+#               udplb-kernel is the kernel data plane on lo, as root: compare it with PIN=0;
+#               udplb-kernel-datagram the same in datagram mode)
 #        DNS_PEERS ("udplb udplb-flow dnsdist nginx pen"; also udplb-shared: request-response
 #               with --shared-upstream; udplb-kernel: the kernel data plane on lo, as root)
 #        RATES ("60000 90000 120000"): requests/s offered in scenario f
@@ -200,11 +201,11 @@ launch() {
 # forwarding PORT PID: the balancer PID forwards on PORT (10 s; probes from CPU 0).
 forwarding() { wait_forwarding -p "$2" "127.0.0.1:$1" "${on0[@]}"; }
 
-# start_kernel PORT BACKEND...: udplb with its kernel data plane on lo (flow mode, Maglev)
-# listening on PORT; sets bg_pid.
+# start_kernel MODE PORT BACKEND...: udplb with its kernel data plane on lo (MODE: flow or
+# datagram; Maglev) listening on PORT; sets bg_pid.
 start_kernel() {
-    local port=$1 list
-    shift
+    local mode=$1 port=$2 list
+    shift 2
     list=$(printf '"%s", ' "$@")
     cat >"$work/kernel.toml" <<CONFIG
 [runtime]
@@ -213,6 +214,7 @@ shutdown_grace = "0s"
 [listeners.l]
 address = "127.0.0.1:$port"
 pool = "p"
+mode = "$mode"
 dataplane = "kernel"
 interfaces = ["lo"]
 [pools.p]
@@ -239,11 +241,13 @@ start_peer() {
             UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$binary" --workers 1 \
                 --mode "$mode" "${shared[@]}" --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}"
             ;;
-        udplb-kernel)
+        udplb-kernel | udplb-kernel-datagram)
             # The kernel data plane on lo (root): its work runs in the sender's softirq, not
             # on CPU 1, so compare it with PIN=0 (throughput), not by the CPU column.
             [[ $(id -u) -eq 0 ]] || return 0
-            start_kernel "$port" "${backends[@]}"
+            local mode=flow
+            [[ $peer == udplb-kernel-datagram ]] && mode=datagram
+            start_kernel "$mode" "$port" "${backends[@]}"
             ;;
         nginx | nginx-4m)
             command -v nginx >/dev/null || return 0
@@ -340,7 +344,7 @@ start_dns_peer() { # start_dns_peer PEER PORT -> pid (the caller adds it to pids
             ;;
         udplb-kernel)
             [[ $(id -u) -eq 0 ]] || return 0
-            start_kernel "$port" "${knots[@]}"
+            start_kernel flow "$port" "${knots[@]}"
             ;;
         dnsdist)
             command -v dnsdist >/dev/null || return 0

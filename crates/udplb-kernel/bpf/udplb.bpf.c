@@ -29,6 +29,7 @@
 #define RING_SIZE 65537
 #define SCHEDULE_MAX 16384
 #define AF_INET 2
+#define LOOPBACK_IFINDEX 1 // lo, in every network namespace
 
 // A service: a kernel listener, by its address and port (network order).
 struct service_key {
@@ -216,10 +217,11 @@ struct {
 	__type(value, struct fragment);
 } fragments SEC(".maps");
 
-// Datagram mode's position in each service's schedule (shared by the CPUs, so that the
-// spread is exact).
+// Datagram mode's position in each service's schedule, per CPU: each CPU deals the schedule
+// out exactly, and the spread over all of them is off by at most one datagram per CPU (a
+// position shared by the CPUs, updated atomically, cost 30 % of the throughput on two CPUs).
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, MAX_SERVICES);
 	__type(key, __u32);
 	__type(value, __u64);
@@ -270,7 +272,7 @@ static __always_inline int place(const struct service *svc, __u32 client_addr, _
 		__u32 len = svc->schedule_len;
 		if (!turn || len == 0 || len > SCHEDULE_MAX)
 			return -1;
-		__u64 mine = __sync_fetch_and_add(turn, 1);
+		__u64 mine = (*turn)++;
 		__u32 at = svc->id * SCHEDULE_MAX + (__u32)(mine % len);
 		__u32 *b = bpf_map_lookup_elem(&schedule, &at);
 		if (!b)
@@ -575,11 +577,16 @@ int udplb_ingress(struct __sk_buff *skb)
 			}
 			to_addr = be->addr;
 			to_port = be->port;
-			if (!datagram) {
-				struct flow nf = {
-					.backend_addr = to_addr, .backend_port = to_port, .last_ns = now};
+			struct flow nf = {
+				.backend_addr = to_addr, .backend_port = to_port, .last_ns = now};
+			if (!datagram)
 				bpf_map_update_elem(&flows, &fk, &nf, BPF_ANY);
-			}
+			else if (skb->ingress_ifindex == LOOPBACK_IFINDEX &&
+				 !bpf_map_lookup_elem(&flows, &fk))
+				// A local client in datagram mode: remembered once (never placed by it),
+				// so that its replies, to this host, are known as replies. (Looked up
+				// first: an LRU update takes a free node even when the key is there.)
+				bpf_map_update_elem(&flows, &fk, &nf, BPF_NOEXIST);
 		}
 		if (first_of_more) {
 			struct fragment fr = {.addr = to_addr, .destination = 1, .backend = b};

@@ -45,6 +45,12 @@ fn kernel_clients_in_namespace() {
         .unwrap()
         .parse()
         .unwrap();
+    if let Some(cpu) = std::env::var("UDPLB_TEST_KERNEL_CPU")
+        .ok()
+        .and_then(|c| c.parse::<usize>().ok())
+    {
+        pin_to(cpu);
+    }
     let bind = std::env::var("UDPLB_TEST_KERNEL_BIND").unwrap_or_else(|_| "0.0.0.0".into());
     let attempts: usize = std::env::var("UDPLB_TEST_KERNEL_ATTEMPTS")
         .ok()
@@ -310,18 +316,26 @@ impl Topology {
     /// `n` clients sending `rounds` requests each: per reply (client port, reply source, tag,
     /// the client address the backend saw).
     fn clients(&self, n: usize, rounds: usize) -> Vec<(u16, SocketAddr, String, String)> {
-        let out = Net::helper(
-            &self.clients,
-            "kernel_clients_in_namespace",
-            &[
-                ("UDPLB_TEST_KERNEL_TARGET", self.vip().to_string()),
-                ("UDPLB_TEST_KERNEL_CLIENTS", n.to_string()),
-                ("UDPLB_TEST_KERNEL_ROUNDS", rounds.to_string()),
-            ],
-        )
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
+        self.clients_with(n, rounds, &[])
+    }
+
+    /// As [`Topology::clients`], with more of the helper's variables (`UDPLB_TEST_KERNEL_*`).
+    fn clients_with(
+        &self,
+        n: usize,
+        rounds: usize,
+        extra: &[(&str, String)],
+    ) -> Vec<(u16, SocketAddr, String, String)> {
+        let mut env = vec![
+            ("UDPLB_TEST_KERNEL_TARGET", self.vip().to_string()),
+            ("UDPLB_TEST_KERNEL_CLIENTS", n.to_string()),
+            ("UDPLB_TEST_KERNEL_ROUNDS", rounds.to_string()),
+        ];
+        env.extend(extra.iter().cloned());
+        let out = Net::helper(&self.clients, "kernel_clients_in_namespace", &env)
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
         helper_lines(&String::from_utf8_lossy(&out.stdout))
             .into_iter()
             .filter_map(|l| {
@@ -667,9 +681,9 @@ fn datagram_mode_spreads_every_datagram_exactly() {
         eprintln!("skipped: udplb was built without clang");
         return;
     }
-    // One client, 300 datagrams: round robin over three backends, 100 each, whichever CPU
-    // each datagram is handled on.
-    let replies = topo.clients(1, 300);
+    // One client, 300 datagrams: round robin over three backends, 100 each. (Each CPU deals
+    // the schedule out on its own: the client stays on one, where its datagrams are handled.)
+    let replies = topo.clients_with(1, 300, &[("UDPLB_TEST_KERNEL_CPU", "0".into())]);
     assert_eq!(replies.len(), 300);
     let mut per: HashMap<String, usize> = HashMap::new();
     for (_, from, tag, _) in &replies {
@@ -1138,4 +1152,15 @@ fn allow_and_deny_lists_are_kept_in_the_kernel_and_follow_a_reload() {
     assert!(reloaded.status.success(), "{reloaded:?}\n{}", topo.log());
     topo.wait_for_the_maps();
     assert_eq!((answered_from(&one), answered_from(&two)), (0, 3));
+}
+
+/// Keeps this process on CPU `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: `set` is a plain bit set, zeroed and then filled by CPU_SET within its size;
+    // sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
 }
