@@ -947,8 +947,9 @@ fn a_closed_backend_port_reaches_the_client_as_refused_by_the_listener() {
 
 #[test]
 fn an_unprivileged_udplb_upgrades_with_its_flows() {
-    // Started as root, udplb switches to nobody keeping CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: its
-    // successor (nobody) loads the program and opens the pinned flow map it was given.
+    // Started as root, udplb switches to nobody keeping CAP_BPF, CAP_PERFMON and
+    // CAP_NET_ADMIN: its successor (nobody) loads the program and opens the pinned flow map
+    // it was given.
     let Some((moved, log)) = restart_with_a_new_backend("ulbn", true, true, "nobody") else {
         return;
     };
