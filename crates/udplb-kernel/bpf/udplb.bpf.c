@@ -106,6 +106,7 @@ enum drop_reason {
 	DROP_REWRITE,
 	PASS_FRAGMENT, // a later fragment whose first one was not seen: left to the stack
 	DROP_DENIED, // the listener's allow and deny lists refuse the client
+	PASS_FORGED, // a backend's address from the clients' side: not rewritten, left to the stack
 	DROP_REASONS,
 };
 
@@ -372,6 +373,22 @@ static __always_inline int to_the_stack(int rc)
 	return rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_FWD_DISABLED;
 }
 
+// Whether a packet from `backend` (to `to`) came in where the backend is: the interface the
+// route to it goes out of. A packet that claims a backend's address but arrives from
+// elsewhere (the clients' side) is forged: rewritten, it would leave from the listener's
+// address to anywhere. Loopback and routes the lookup cannot follow are trusted (the stack's
+// own checks apply to them).
+static __always_inline int from_the_backend_side(struct __sk_buff *skb, __u32 backend, __u32 to,
+						 __u16 tot_len)
+{
+	if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
+		return 1;
+	struct bpf_fib_lookup back;
+	int rc = route(skb, &back, to, backend, tot_len);
+	return (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	       back.ifindex == skb->ingress_ifindex;
+}
+
 // Sends the rewritten datagram by the route `rc`/`fib` found: out of its interface with the
 // next hop's MAC address (or the kernel's neighbour resolution when it has none yet).
 static __always_inline int send_by(struct __sk_buff *skb, int rc, struct bpf_fib_lookup *fib)
@@ -455,6 +472,11 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 	__u16 old_inner_csum = inner->check;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
 	__u8 ttl = ip->ttl;
+	// From the backends' side (the backend, or a router on the way to it), or forged.
+	if (!from_the_backend_side(skb, backend, client, tot_len)) {
+		count_drop(PASS_FORGED);
+		return TC_ACT_OK;
+	}
 	struct bpf_fib_lookup fib;
 	int rc = route(skb, &fib, vip, client, tot_len);
 	if (to_the_stack(rc))
@@ -613,6 +635,10 @@ int udplb_ingress(struct __sk_buff *skb)
 		__u32 from_addr = r->service_addr;
 		__u16 from_port = r->service_port;
 		__u32 b = r->backend;
+		if (!from_the_backend_side(skb, saddr, daddr, tot_len)) {
+			count_drop(PASS_FORGED);
+			return TC_ACT_OK;
+		}
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, from_addr, daddr, tot_len);
 		// To this host itself: a reply only to a client of a flow this program placed (a local

@@ -99,6 +99,9 @@ pub struct Drops {
     pub fragments_passed: u64,
     /// Refused by the listener's allow and deny lists.
     pub denied: u64,
+    /// Claimed a backend's address but came from the clients' side: not rewritten (left to
+    /// the stack).
+    pub forged: u64,
 }
 
 /// Whether this udplb was built with the program.

@@ -400,6 +400,7 @@ impl Kernel {
             rewrite: n(3),
             fragments_passed: n(4),
             denied: n(5),
+            forged: n(6),
         }
     }
 }

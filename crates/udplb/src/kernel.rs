@@ -343,6 +343,7 @@ impl KernelPlane {
                 "denied": d.denied,
             },
             "fragments_passed": d.fragments_passed,
+            "forged_passed": d.forged,
         })
     }
 

@@ -381,6 +381,12 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
          the stack",
     );
     passed.add(vec![], d.fragments_passed as f64);
+    let mut forged = Family::counter(
+        "kernel_forged_passed",
+        "Packets with a backend's source address that came from the clients' side: not \
+         rewritten to the listener's address, left to the stack",
+    );
+    forged.add(vec![], d.forged as f64);
     vec![
         datagrams,
         bytes,
@@ -389,6 +395,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         errors,
         dropped,
         passed,
+        forged,
     ]
 }
 

@@ -1165,3 +1165,79 @@ fn pin_to(cpu: usize) {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
+
+/// Not a test on its own: from the client host, sends 10 datagrams from
+/// UDPLB_TEST_KERNEL_FORGE_FROM (a backend's address) to UDPLB_TEST_KERNEL_FORGE_TO.
+#[test]
+fn kernel_forger_in_namespace() {
+    let Ok(from) = std::env::var("UDPLB_TEST_KERNEL_FORGE_FROM") else {
+        return;
+    };
+    let to: SocketAddr = std::env::var("UDPLB_TEST_KERNEL_FORGE_TO")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let from: SocketAddr = from.parse().unwrap();
+    let mut spoofer = common::spoof::Spoofer::new().expect("a raw socket");
+    for _ in 0..10 {
+        spoofer.send(common::spoof::v4(from), common::spoof::v4(to), b"forged");
+    }
+}
+
+#[test]
+fn a_backends_address_forged_from_the_clients_side_is_not_rewritten() {
+    let Some(mut topo) = Topology::build("ulbf") else {
+        return;
+    };
+    topo.start_backends();
+    topo.start_udplb("");
+    if topo.log().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    // A genuine reply first: the counters move.
+    assert_eq!(topo.clients(1, 1).len(), 1);
+    let replies = |stats: &serde_json::Value| -> u64 {
+        stats["kernel"]["listeners"][0]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["replies"].as_u64())
+            .sum()
+    };
+    let before = replies(&topo.api("/stats"));
+    assert!(before >= 1);
+    // From the clients' side, "from" backend x to a host beyond the balancer: rewritten, it
+    // would leave from the listener's address.
+    let status = Net::helper(
+        &topo.clients,
+        "kernel_forger_in_namespace",
+        &[
+            (
+                "UDPLB_TEST_KERNEL_FORGE_FROM",
+                topo.backend_addr(0).to_string(),
+            ),
+            (
+                "UDPLB_TEST_KERNEL_FORGE_TO",
+                format!("10.98.{}.2:9999", topo.t),
+            ),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .status()
+    .unwrap();
+    assert!(status.success());
+    assert!(
+        wait_for(DEADLINE, || topo.api("/stats")["kernel"]["forged_passed"]
+            .as_u64()
+            >= Some(10)),
+        "{}",
+        topo.api("/stats")["kernel"]
+    );
+    assert_eq!(
+        replies(&topo.api("/stats")),
+        before,
+        "a forged reply was rewritten"
+    );
+}
