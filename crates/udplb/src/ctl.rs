@@ -243,12 +243,7 @@ fn status_table(v: &Value) -> String {
         "FLOWS",
     ])];
     for l in v["listeners"].as_array().into_iter().flatten() {
-        let drops: u64 = l["drops"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(_, n)| n.as_u64())
-            .sum();
+        let drops = sum_of_values(&l["drops"]);
         rows.push(row(&[
             &text(&l["name"]),
             &text(&l["address"]),
@@ -283,12 +278,7 @@ fn kernel_line(k: &Value) -> String {
             .filter_map(|b| b[field].as_u64())
             .sum()
     };
-    let dropped: u64 = k["drops"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(_, n)| n.as_u64())
-        .sum();
+    let dropped = sum_of_values(&k["drops"]);
     let interfaces: Vec<String> = k["interfaces"]
         .as_array()
         .into_iter()
@@ -480,6 +470,15 @@ fn explain_text(v: &Value) -> String {
         text(&v["tier"]),
         text(&v["reason"]),
     )
+}
+
+/// The sum of an object's numbers (drops by reason), 0 for anything else.
+fn sum_of_values(v: &Value) -> u64 {
+    v.as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(_, n)| n.as_u64())
+        .sum()
 }
 
 fn text(v: &Value) -> String {

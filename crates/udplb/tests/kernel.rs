@@ -300,6 +300,16 @@ impl Topology {
         (control, helper)
     }
 
+    /// Whether udplb said it was built without the program (clang missing): the test is
+    /// skipped, saying so.
+    fn without_the_program(&self) -> bool {
+        let missing = self.log().contains("not built into this udplb");
+        if missing {
+            eprintln!("skipped: udplb was built without clang");
+        }
+        missing
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.net.dir.join("udplb.log")).unwrap_or_default()
     }
@@ -358,8 +368,7 @@ fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_d
     };
     topo.start_backends();
     topo.start_udplb("");
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     let client_ip = format!("10.97.{}.2", topo.t);
@@ -510,8 +519,7 @@ fn knot_answers_dig_and_dnsperf_through_the_kernel_with_fragmented_answers() {
     };
     let knot = start_knot(&mut topo);
     topo.start_udplb_with("", &format!("backends = [{}]\n", quoted(knot)));
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     assert!(
@@ -583,8 +591,7 @@ fn a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
     };
     let pids = topo.start_backends();
     topo.start_udplb("");
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     // Long-lived flows: the clients' helper keeps its sockets for the whole run; the test
@@ -677,8 +684,7 @@ fn datagram_mode_spreads_every_datagram_exactly() {
     };
     topo.start_backends();
     topo.start_udplb("mode = \"datagram\"");
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     // One client, 300 datagrams: round robin over three backends, 100 each. (Each CPU deals
@@ -792,8 +798,7 @@ fn restart_with_a_new_backend(
         }
     );
     let first = topo.start_udplb_with(listener, &(pool(2) + &runtime));
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return None;
     }
     let (control, helper) = topo.gated_clients(60, 2);
@@ -923,8 +928,7 @@ fn a_closed_backend_port_reaches_the_client_as_refused_by_the_listener() {
     // Nothing listens on the backend's port; no health check, so it stays in rotation.
     let closed = format!("10.98.{}.2:7009", topo.t);
     topo.start_udplb_with("", &format!("backends = [\"{closed}\"]\n"));
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     let out = Net::helper(
@@ -996,8 +1000,7 @@ fn local_clients_and_backends_are_served_through_loopback() {
         .spawn()
         .unwrap();
     topo.net.keep(child);
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     assert!(
@@ -1059,8 +1062,7 @@ fn icmp_errors_from_a_backend_take_it_out_passively() {
         quoted(topo.backend_addr(0))
     );
     topo.start_udplb_with("", &backends);
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     // New clients keep coming; those placed on the closed port get refused (translated ICMP)
@@ -1105,8 +1107,7 @@ fn allow_and_deny_lists_are_kept_in_the_kernel_and_follow_a_reload() {
         "allow = [\"10.97.{}.0/24\"]\ndeny = [\"{two}\"]",
         topo.t
     ));
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     let answered_from = |ip: &str| {
@@ -1191,8 +1192,7 @@ fn a_backends_address_forged_from_the_clients_side_is_not_rewritten() {
     };
     topo.start_backends();
     topo.start_udplb("");
-    if topo.log().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.without_the_program() {
         return;
     }
     // A genuine reply first: the counters move.
