@@ -119,6 +119,13 @@ pub const REPLY_RATIO_RANGE: RangeInclusive<u32> = 1..=1000;
 pub const KERNEL_LISTENERS_MAX: usize = 16;
 /// Backends in a pool of such a listener at most (the kernel data plane's backend array).
 pub const KERNEL_POOL_BACKENDS_MAX: usize = 256;
+/// The balancer's source ports for `forwarding = "masquerade"` (`masquerade_ports`): above
+/// Linux's default ephemeral range (32768-60999), so that the host's own sockets (udplb's
+/// health checks among them) do not draw a port whose replies the kernel data plane takes.
+pub const MASQUERADE_PORTS: crate::model::PortRange = crate::model::PortRange {
+    first: 61_000,
+    last: 65_535,
+};
 /// Longest interface name (`IFNAMSIZ` less the terminating NUL).
 pub const INTERFACE_NAME_MAX: usize = 15;
 

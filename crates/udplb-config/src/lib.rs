@@ -19,6 +19,6 @@ mod rules;
 pub use error::{ConfigError, ConfigErrors, Positions};
 pub use model::{
     Admin, Announce, BackendConfig, Config, Dataplane, Expect, FlowSync, Forwarding, HealthCheck,
-    ListenerConfig, PoolConfig, Probe, Runtime,
+    ListenerConfig, PoolConfig, PortRange, Probe, Runtime,
 };
 pub use parse::{MAX_FILE_SIZE, load, load_with_positions, parse, parse_with_positions};

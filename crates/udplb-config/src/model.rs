@@ -225,6 +225,50 @@ impl Forwarding {
     }
 }
 
+/// A range of UDP ports, `"FIRST-LAST"` (`masquerade_ports`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// How many ports.
+    pub fn count(self) -> u32 {
+        u32::from(self.last) - u32::from(self.first) + 1
+    }
+
+    /// Whether `other` shares a port with this range.
+    pub fn overlaps(self, other: PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        const FORM: &str = "write FIRST-LAST, such as \"61000-65535\"";
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("not a range ({FORM})"))?;
+        let port = |p: &str| match p.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{p:?} is not a port from 1 to 65535 ({FORM})")),
+            Ok(n) => Ok(n),
+        };
+        let (first, last) = (port(a)?, port(b)?);
+        if first > last {
+            return Err(format!("{first} is above {last} ({FORM})"));
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
 impl FromStr for Forwarding {
     type Err = UnknownName;
     fn from_str(s: &str) -> Result<Self, UnknownName> {
@@ -326,6 +370,9 @@ pub struct PoolConfig {
     /// How the kernel data plane sends to the backends (`forwarding`); the socket data plane
     /// always sends from udplb's own address.
     pub forwarding: Forwarding,
+    /// The balancer's source ports for `forwarding = "masquerade"` (`masquerade_ports`);
+    /// `None`: [`defaults::MASQUERADE_PORTS`].
+    pub masquerade_ports: Option<PortRange>,
 }
 
 impl PoolConfig {
@@ -350,7 +397,13 @@ impl PoolConfig {
             slow_start: Duration::ZERO,
             payload_key: None,
             forwarding: Forwarding::Nat,
+            masquerade_ports: None,
         }
+    }
+
+    /// The balancer's source ports when the pool masquerades.
+    pub fn masquerade_ports(&self) -> PortRange {
+        self.masquerade_ports.unwrap_or(defaults::MASQUERADE_PORTS)
     }
 }
 

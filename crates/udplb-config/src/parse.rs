@@ -22,7 +22,7 @@ use udplb_core::{
 use crate::error::{ConfigError, ConfigErrors, Lines, Positions, enclosing};
 use crate::model::{
     Admin, Announce, BackendConfig, Config, Dataplane, FlowSync, Forwarding, HealthCheck,
-    ListenerConfig, PoolConfig, Runtime,
+    ListenerConfig, PoolConfig, PortRange, Runtime,
 };
 use crate::{defaults, rules};
 
@@ -105,6 +105,7 @@ const POOL_KEYS: &[&str] = &[
     "slow_start",
     "payload_key",
     "forwarding",
+    "masquerade_ports",
 ];
 const PAYLOAD_KEY_KEYS: &[&str] = &[
     "kind",
@@ -928,6 +929,9 @@ impl<'a> Reader<'a> {
         }) {
             pool.forwarding = f;
         }
+        pool.masquerade_ports = self.optional(t, key, "masquerade_ports", |r, k, v| {
+            r.named(k, v, PortRange::from_str)
+        });
         Some(pool)
     }
 

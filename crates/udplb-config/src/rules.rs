@@ -650,11 +650,21 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfi
             ),
         ));
     }
-    if p.forwarding != Forwarding::Nat {
+    if p.forwarding == Forwarding::Dsr {
         out.push(problem(
             format!("pools.{}.forwarding", p.name),
             format!(
-                "{:?} is not built yet: the kernel data plane forwards with \"nat\"",
+                "{:?} is not built yet: the kernel data plane forwards with \"nat\" or \
+                 \"masquerade\"",
+                p.forwarding.name()
+            ),
+        ));
+    }
+    if p.masquerade_ports.is_some() && p.forwarding != Forwarding::Masquerade {
+        out.push(problem(
+            format!("pools.{}.masquerade_ports", p.name),
+            format!(
+                "only with forwarding = \"masquerade\" (this pool forwards with {:?})",
                 p.forwarding.name()
             ),
         ));

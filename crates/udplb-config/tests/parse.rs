@@ -1146,6 +1146,43 @@ fn dataplane_interfaces_and_forwarding_default_to_sockets_and_nat() {
     );
 }
 
+/// `masquerade_ports`: a range of the pool's, only with `forwarding = "masquerade"`, above
+/// Linux's ephemeral ports unless given.
+#[test]
+fn masquerade_ports_default_above_the_ephemeral_range_and_need_masquerade() {
+    let masq = format!("{KERNEL_BACKENDS}\nforwarding = \"masquerade\"");
+    let cfg = parse(&with_dataplane("kernel", KERNEL_LISTENER, &masq), "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].forwarding, Forwarding::Masquerade);
+    assert_eq!(cfg.pools[0].masquerade_ports().to_string(), "61000-65535");
+    let given = format!("{masq}\nmasquerade_ports = \"20000-20999\"");
+    let cfg = parse(&with_dataplane("kernel", KERNEL_LISTENER, &given), "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].masquerade_ports().count(), 1000);
+    for (bad, why) in [
+        ("\"20000\"", "\"20000\": not a range"),
+        ("\"0-10\"", "\"0\" is not a port from 1 to 65535"),
+        ("\"30000-20000\"", "30000 is above 20000"),
+        ("20000", "expected a string"),
+    ] {
+        let src = with_dataplane(
+            "kernel",
+            KERNEL_LISTENER,
+            &format!("{masq}\nmasquerade_ports = {bad}"),
+        );
+        let text = errors(&src).to_string();
+        assert!(
+            text.contains("t.toml:8:")
+                && text.contains("pools.p.masquerade_ports: ")
+                && text.contains(why),
+            "{bad}: {text}"
+        );
+    }
+    let nat = format!("{KERNEL_BACKENDS}\nmasquerade_ports = \"20000-20999\"");
+    assert_eq!(
+        only_message(&with_dataplane("kernel", KERNEL_LISTENER, &nat)),
+        "only with forwarding = \"masquerade\" (this pool forwards with \"nat\")"
+    );
+}
+
 /// The kernel indexes the Maglev table: a pool serving a kernel (or auto) listener places with
 /// Maglev unless its scheduler is given, and a scheduler given that is not Maglev is refused
 /// at its key.
@@ -1304,13 +1341,7 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
             l.into(),
             format!("{b}\nforwarding = \"dsr\""),
             "t.toml:7:1: pools.p.forwarding: \"dsr\" is not built yet: the kernel data plane \
-             forwards with \"nat\"",
-        ),
-        (
-            l.into(),
-            format!("{b}\nforwarding = \"masquerade\""),
-            "t.toml:7:1: pools.p.forwarding: \"masquerade\" is not built yet: the kernel data \
-             plane forwards with \"nat\"",
+             forwards with \"nat\" or \"masquerade\"",
         ),
     ];
     for dataplane in ["kernel", "auto"] {

@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 //
 // udplb's kernel data plane: a tc program on the balancer's interfaces that forwards UDP
-// datagrams of the kernel listeners to their backends (LVS-NAT: the destination is rewritten,
-// the client's address kept) and rewrites the backends' replies to come from the listener's
-// address, each sent out by a FIB lookup and a redirect (no trip through the stack).
+// datagrams of the kernel listeners to their backends and rewrites the backends' replies to
+// come from the listener's address, each sent out by a FIB lookup and a redirect (no trip
+// through the stack). Per listener: LVS-NAT (the destination rewritten, the client's address
+// kept: the backends route their replies through the balancer) or masquerade (the source
+// rewritten as well, to a balancer address and a port of the pool's range: the backends answer
+// the balancer, wherever they are, this host included).
 //
 // Owns: parsing, the placement (the same hash and Maglev table as udplb's socket path: user
 // space builds the table, this program indexes it), the flow map, checksums, TTL, counters.
@@ -41,6 +44,7 @@ struct service_key {
 #define SERVICE_DATAGRAM 1 // every datagram placed anew (datagram mode)
 #define SERVICE_BY_IP 2 // the client's address alone is hashed (affinity = "ip")
 #define SERVICE_ALLOW_LIST 4 // only clients in acl_allow are served
+#define SERVICE_MASQUERADE 8 // the source rewritten too, to a port of [port_base, +port_count)
 
 struct service {
 	__u32 id; // < MAX_SERVICES: the service's slice of ring, schedule and backends
@@ -48,9 +52,13 @@ struct service {
 	__u64 idle_ns; // a flow idle this long is placed anew
 	__u32 ring_size; // 0: no backend takes new flows
 	__u32 schedule_len; // datagram mode's round-robin schedule
+	__u16 port_base; // masquerade: the balancer's source ports (host order)
+	__u16 port_count;
+	__u32 pad;
 };
 
 #define BACKEND_KEEPS_FLOWS 1
+#define BACKEND_MASQUERADE 2 // its replies come to a masquerade port (struct masq)
 
 struct backend {
 	__u32 addr;
@@ -85,7 +93,7 @@ struct reply_key {
 struct reply {
 	__u32 service_addr;
 	__u16 service_port;
-	__u16 flags; // BACKEND_KEEPS_FLOWS
+	__u16 flags; // BACKEND_KEEPS_FLOWS, BACKEND_MASQUERADE
 	__u32 backend; // global backend index (counters)
 	__u32 pad;
 };
@@ -107,8 +115,32 @@ enum drop_reason {
 	PASS_FRAGMENT, // a later fragment whose first one was not seen: left to the stack
 	DROP_DENIED, // the listener's allow and deny lists refuse the client
 	PASS_FORGED, // a backend's address from the clients' side: not rewritten, left to the stack
+	DROP_NO_PORT, // masquerade: every port tried for a new client is taken
 	DROP_REASONS,
 };
+
+// Masquerade: the balancer's port (and address) a client's datagrams to a backend come from,
+// by backend and port. A port is the client's while its datagrams keep coming (`last_ns`,
+// refreshed at most once a second); idle for the listener's idle timeout, another client may
+// take it.
+struct masq_key {
+	__u32 backend_addr;
+	__u16 backend_port;
+	__u16 port; // the balancer's (network order)
+};
+
+struct masq {
+	__u32 client_addr;
+	__u32 local_addr; // the balancer's address the backend answers
+	__u32 service_addr;
+	__u16 client_port;
+	__u16 service_port;
+	__u64 last_ns;
+};
+
+#define MASQ_PROBES 8 // ports tried for a new client
+#define MASQ_REFRESH_NS 1000000000ULL
+
 
 // A listener's allow or deny list entry: the service id (big-endian, so that its 32 bits come
 // first) and a client network, matched by longest prefix (32 + the network's length).
@@ -128,10 +160,10 @@ struct fragment_key {
 };
 
 struct fragment {
-	__u32 addr; // the new destination (to a backend) or source (a reply)
-	__u32 destination; // 1: `addr` replaces the destination, 0: the source
+	__u32 saddr; // the new source (0: kept)
+	__u32 daddr; // the new destination (0: kept)
 	__u32 backend;
-	__u32 pad;
+	__u32 reply; // 1: a reply (counted as one)
 };
 
 struct {
@@ -180,6 +212,16 @@ struct {
 	__type(key, struct reply_key);
 	__type(value, struct reply);
 } replies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); // set by udplb before loading (as `flows`)
+	__type(key, struct masq_key);
+	__type(value, struct masq);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes, with `flows`
+#endif
+} masq SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -308,20 +350,12 @@ static __always_inline int place(const struct service *svc, __u32 client_addr, _
 #define UDP_SPORT_OFF (UDP_OFF + offsetof(struct udphdr, source))
 #define UDP_DPORT_OFF (UDP_OFF + offsetof(struct udphdr, dest))
 
-// Rewrites one address of the IP header (`dst`: the destination, else the source) with its
-// checksum, and takes one from the TTL (which shares a 16-bit word with the protocol: the
-// checksum changes by that word). A later fragment needs no more (no UDP header: the first
-// fragment carried the checksum, updated for the whole datagram). Returns 0, or a drop
-// reason + 1.
-static __always_inline int rewrite_ip(struct __sk_buff *skb, int dst, __u32 old_addr,
-				      __u32 new_addr, __u8 ttl, __u8 proto)
+// Takes one from the TTL (which shares a 16-bit word with the protocol: the IP checksum changes
+// by that word). Returns 0, or a drop reason + 1.
+static __always_inline int take_ttl(struct __sk_buff *skb, __u8 ttl, __u8 proto)
 {
-	int addr_off = dst ? IP_DST_OFF : IP_SRC_OFF;
 	if (ttl <= 1)
 		return DROP_TTL + 1;
-	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) ||
-	    bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
-		return DROP_REWRITE + 1;
 	__u16 old_word = bpf_htons((__u16)ttl << 8 | proto);
 	__u16 new_word = bpf_htons((__u16)(ttl - 1) << 8 | proto);
 	__u8 new_ttl = ttl - 1;
@@ -331,29 +365,64 @@ static __always_inline int rewrite_ip(struct __sk_buff *skb, int dst, __u32 old_
 	return 0;
 }
 
-// Rewrites one address and one port of the datagram (`dst`: the destination, else the
-// source): the IP header as [`rewrite_ip`] does, and the port with the UDP checksum updated
-// incrementally for both (a zero UDP checksum stays zero). Returns 0, or a drop reason + 1.
-static __always_inline int rewrite(struct __sk_buff *skb, int dst, __u32 old_addr, __u32 new_addr,
-				   __u16 old_port, __u16 new_port, __u8 ttl)
+// Rewrites one address of the IP header (`dst`: the destination, else the source) with the IP
+// checksum and, with `l4`, the UDP checksum's pseudo header (a zero UDP checksum stays zero; a
+// later fragment has no UDP header: its first fragment carried the checksum, updated for the
+// whole datagram). Returns 0, or a drop reason + 1.
+static __always_inline int set_addr(struct __sk_buff *skb, int dst, __u32 old_addr, __u32 new_addr,
+				    int l4)
 {
-	int port_off = dst ? UDP_DPORT_OFF : UDP_SPORT_OFF;
-	int why = rewrite_ip(skb, dst, old_addr, new_addr, ttl, IPPROTO_UDP);
-	if (why)
-		return why;
-	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_addr, new_addr,
-				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new_addr)) ||
-	    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_port, new_port,
-				BPF_F_MARK_MANGLED_0 | sizeof(new_port)) ||
-	    bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) ||
+	    bpf_skb_store_bytes(skb, dst ? IP_DST_OFF : IP_SRC_OFF, &new_addr, sizeof(new_addr), 0))
+		return DROP_REWRITE + 1;
+	if (l4 && bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_addr, new_addr,
+				      BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new_addr)))
 		return DROP_REWRITE + 1;
 	return 0;
 }
 
+// Rewrites one UDP port (`dst`: the destination, else the source) with the UDP checksum.
+static __always_inline int set_port(struct __sk_buff *skb, int dst, __u16 old_port, __u16 new_port)
+{
+	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, old_port, new_port,
+				BPF_F_MARK_MANGLED_0 | sizeof(new_port)) ||
+	    bpf_skb_store_bytes(skb, dst ? UDP_DPORT_OFF : UDP_SPORT_OFF, &new_port, sizeof(new_port),
+				0))
+		return DROP_REWRITE + 1;
+	return 0;
+}
+
+// Rewrites one address and one port of the datagram (`dst`: the destination, else the
+// source), checksums updated incrementally, one taken from the TTL. Returns 0, or a drop
+// reason + 1.
+static __always_inline int rewrite(struct __sk_buff *skb, int dst, __u32 old_addr, __u32 new_addr,
+				   __u16 old_port, __u16 new_port, __u8 ttl)
+{
+	int why = take_ttl(skb, ttl, IPPROTO_UDP);
+	if (!why)
+		why = set_addr(skb, dst, old_addr, new_addr, 1);
+	if (!why)
+		why = set_port(skb, dst, old_port, new_port);
+	return why;
+}
+
+// Rewrites both ends of the datagram (masquerade), as [`rewrite`] does one.
+static __always_inline int rewrite_both(struct __sk_buff *skb, __u32 saddr, __u32 new_saddr,
+					__u16 sport, __u16 new_sport, __u32 daddr,
+					__u32 new_daddr, __u16 dport, __u16 new_dport, __u8 ttl)
+{
+	int why = rewrite(skb, 0, saddr, new_saddr, sport, new_sport, ttl);
+	if (!why)
+		why = set_addr(skb, 1, daddr, new_daddr, 1);
+	if (!why)
+		why = set_port(skb, 1, dport, new_dport);
+	return why;
+}
+
 // The route from `src` to `dst` (into `fib`): BPF_FIB_LKUP_RET_NOT_FWDED when `dst` is this
 // host's own.
-static __always_inline int route(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __u32 src,
-				 __u32 dst, __u16 tot_len)
+static __always_inline int route_with(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+				      __u32 src, __u32 dst, __u16 tot_len, __u32 flags)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET;
@@ -362,7 +431,13 @@ static __always_inline int route(struct __sk_buff *skb, struct bpf_fib_lookup *f
 	fib->ipv4_src = src;
 	fib->ipv4_dst = dst;
 	fib->ifindex = skb->ingress_ifindex;
-	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	return bpf_fib_lookup(skb, fib, sizeof(*fib), flags);
+}
+
+static __always_inline int route(struct __sk_buff *skb, struct bpf_fib_lookup *fib, __u32 src,
+				 __u32 dst, __u16 tot_len)
+{
+	return route_with(skb, fib, src, dst, tot_len, 0);
 }
 
 // Whether the route `rc` is for the stack to follow: to this host itself, or from an
@@ -407,6 +482,21 @@ static __always_inline int send_by(struct __sk_buff *skb, int rc, struct bpf_fib
 	return TC_ACT_SHOT;
 }
 
+// Hands a rewritten datagram for this host to the stack through loopback: arrived on another
+// interface, a packet from one of this host's addresses (the listener's, a masquerade
+// address) would be dropped as a martian.
+static __always_inline int to_loopback(struct __sk_buff *skb)
+{
+	if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
+		return TC_ACT_OK;
+	__u8 lo_mac[ETH_ALEN] = {}; // loopback's: the packet is for this host
+	if (bpf_skb_store_bytes(skb, 0, lo_mac, ETH_ALEN, 0)) {
+		count_drop(DROP_REWRITE);
+		return TC_ACT_SHOT;
+	}
+	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
+}
+
 static __always_inline void count(__u32 backend, __u64 bytes, int reply)
 {
 	struct counters *c = bpf_map_lookup_elem(&counters, &backend);
@@ -437,15 +527,33 @@ struct icmphdr {
 #define ICMP_CSUM_OFF (ICMP_OFF + offsetof(struct icmphdr, checksum))
 #define INNER_IP_OFF (ICMP_OFF + sizeof(struct icmphdr))
 #define INNER_CSUM_OFF (INNER_IP_OFF + offsetof(struct iphdr, check))
+#define INNER_SRC_OFF (INNER_IP_OFF + offsetof(struct iphdr, saddr))
 #define INNER_DST_OFF (INNER_IP_OFF + offsetof(struct iphdr, daddr))
+#define INNER_SPORT_OFF (INNER_IP_OFF + sizeof(struct iphdr) + offsetof(struct udphdr, source))
 #define INNER_DPORT_OFF (INNER_IP_OFF + sizeof(struct iphdr) + offsetof(struct udphdr, dest))
+
+// Rewrites one end of the datagram an ICMP error quotes (`dst`: its destination, else its
+// source): the address with the quoted IP checksum, the port, and the ICMP checksum for both
+// (the quoted IP checksum's change is added once all are made). Returns nonzero on failure.
+static __always_inline int set_quoted(struct __sk_buff *skb, int dst, __u32 old_addr,
+				      __u32 new_addr, __u16 old_port, __u16 new_port)
+{
+	return bpf_l3_csum_replace(skb, INNER_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) ||
+	       bpf_skb_store_bytes(skb, dst ? INNER_DST_OFF : INNER_SRC_OFF, &new_addr,
+				   sizeof(new_addr), 0) ||
+	       bpf_skb_store_bytes(skb, dst ? INNER_DPORT_OFF : INNER_SPORT_OFF, &new_port,
+				   sizeof(new_port), 0) ||
+	       bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)) ||
+	       bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old_port, new_port, sizeof(new_port));
+}
 
 // An ICMP error a backend (or a router on the way) sent about a datagram this program
 // forwarded (destination unreachable: a closed port, fragmentation needed; time exceeded): it
 // names the backend, which the client never sent to. Translated as the client expects it,
 // from the listener's address about a datagram to the listener (outer source, inner
-// destination and port, with the inner IP checksum and the ICMP checksum updated), and sent
-// on to the client. Anything else ICMP is left to the stack.
+// destination and port, with the inner IP checksum and the ICMP checksum updated; after a
+// masquerade, the outer destination and the inner source too), and sent on to the client.
+// Anything else ICMP is left to the stack.
 static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, void *end)
 {
 	struct icmphdr *icmp = (void *)(ip + 1);
@@ -459,7 +567,8 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 	struct udphdr *iudp = (void *)(inner + 1);
 	if ((void *)(iudp + 1) > end)
 		return TC_ACT_OK;
-	// The datagram went from the client (the error's destination) to a backend.
+	// The datagram went from the client (or a masquerade address: the error's destination)
+	// to a backend.
 	if (inner->saddr != ip->daddr)
 		return TC_ACT_OK;
 	struct reply_key rk = {.addr = inner->daddr, .port = iudp->dest};
@@ -467,8 +576,17 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 	if (!r)
 		return TC_ACT_OK;
 	__u32 outer_src = ip->saddr, client = ip->daddr, backend = inner->daddr;
-	__u32 vip = r->service_addr;
-	__u16 bport = iudp->dest, vport = r->service_port;
+	__u32 vip = r->service_addr, local = ip->daddr;
+	__u16 bport = iudp->dest, vport = r->service_port, lport = iudp->source, cport = lport;
+	int masqueraded = r->flags & BACKEND_MASQUERADE;
+	if (masqueraded) {
+		struct masq_key mk = {.backend_addr = backend, .backend_port = bport, .port = lport};
+		struct masq *m = bpf_map_lookup_elem(&masq, &mk);
+		if (!m || m->local_addr != local)
+			return TC_ACT_OK;
+		client = m->client_addr;
+		cport = m->client_port;
+	}
 	__u16 old_inner_csum = inner->check;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
 	__u8 ttl = ip->ttl;
@@ -481,21 +599,22 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 	int rc = route(skb, &fib, vip, client, tot_len);
 	if (to_the_stack(rc))
 		return TC_ACT_OK;
-	// The quoted datagram: its destination and port, its IP checksum; the ICMP checksum
-	// covers all three.
-	if (bpf_l3_csum_replace(skb, INNER_CSUM_OFF, backend, vip, sizeof(vip)) ||
-	    bpf_skb_store_bytes(skb, INNER_DST_OFF, &vip, sizeof(vip), 0) ||
-	    bpf_skb_store_bytes(skb, INNER_DPORT_OFF, &vport, sizeof(vport), 0))
+	// The quoted datagram: its destination (and source) and port(s), its IP checksum; the ICMP
+	// checksum covers them all.
+	if (set_quoted(skb, 1, backend, vip, bport, vport) ||
+	    (masqueraded && set_quoted(skb, 0, local, client, lport, cport)))
 		goto shot;
 	__u16 new_inner_csum;
 	if (bpf_skb_load_bytes(skb, INNER_CSUM_OFF, &new_inner_csum, sizeof(new_inner_csum)) ||
-	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, backend, vip, sizeof(vip)) ||
-	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, bport, vport, sizeof(vport)) ||
 	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old_inner_csum, new_inner_csum,
 				sizeof(new_inner_csum)))
 		goto shot;
-	// The error itself comes from the listener's address.
-	int why = rewrite_ip(skb, 0, outer_src, vip, ttl, IPPROTO_ICMP);
+	// The error itself comes from the listener's address (to the client).
+	int why = take_ttl(skb, ttl, IPPROTO_ICMP);
+	if (!why)
+		why = set_addr(skb, 0, outer_src, vip, 0);
+	if (!why && masqueraded)
+		why = set_addr(skb, 1, local, client, 0);
 	if (why) {
 		count_drop(why - 1);
 		return TC_ACT_SHOT;
@@ -508,6 +627,113 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 shot:
 	count_drop(DROP_REWRITE);
 	return TC_ACT_SHOT;
+}
+
+// Masquerade: the balancer's port (network order) for the client's datagrams to a backend,
+// coming from `local`; 0 when every port tried is another client's. A client finds its own
+// port again at the first try unless another client took that one first.
+static __always_inline __u16 masquerade_port(const struct service *svc, __u32 client, __u16 cport,
+					     __u32 vip, __u16 vport, __u32 backend, __u16 bport,
+					     __u32 local, __u64 now)
+{
+	__u32 n = svc->port_count;
+	if (n == 0)
+		return 0;
+	__u32 h = (__u32)placement_hash(client, (client >> 16) | ((__u32)cport << 16), 6);
+	struct masq_key k = {.backend_addr = backend, .backend_port = bport};
+	for (__u32 i = 0; i < MASQ_PROBES; i++) {
+		__u16 port = bpf_htons(svc->port_base + (__u16)((h + i * 40503u) % n));
+		k.port = port;
+		struct masq *m = bpf_map_lookup_elem(&masq, &k);
+		if (m && m->client_addr == client && m->client_port == cport &&
+		    m->service_addr == vip && m->service_port == vport) {
+			if (now - m->last_ns > MASQ_REFRESH_NS)
+				m->last_ns = now;
+			if (m->local_addr != local)
+				m->local_addr = local; // the route to the backend changed
+			return port;
+		}
+		if (m && now - m->last_ns <= svc->idle_ns)
+			continue; // another client's
+		struct masq v = {.client_addr = client,
+				 .local_addr = local,
+				 .service_addr = vip,
+				 .client_port = cport,
+				 .service_port = vport,
+				 .last_ns = now};
+		// Free (or idle): taken, unless another CPU took it just now.
+		if (bpf_map_update_elem(&masq, &k, &v, m ? BPF_EXIST : BPF_NOEXIST) == 0)
+			return port;
+	}
+	return 0;
+}
+
+// Masquerade: sends the client's datagram to backend `to_addr`:`to_port` from a balancer
+// address (the route's source; a backend on this host: its own address, through loopback)
+// and a port of the pool's range.
+static __always_inline int masquerade(struct __sk_buff *skb, const struct service *svc,
+				      __u32 saddr, __u16 sport, __u32 daddr, __u16 dport,
+				      __u32 to_addr, __u16 to_port, __u32 b, __u8 ttl,
+				      __u16 tot_len, struct fragment_key *frk, int first_of_more,
+				      __u64 now)
+{
+	struct bpf_fib_lookup fib;
+	int rc = route_with(skb, &fib, 0, to_addr, tot_len, BPF_FIB_LOOKUP_SRC);
+	int local = rc == BPF_FIB_LKUP_RET_NOT_FWDED;
+	__u32 from = local ? to_addr : fib.ipv4_src;
+	if (!local && ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !from)) {
+		count_drop(DROP_FIB);
+		return TC_ACT_SHOT;
+	}
+	__u16 port = masquerade_port(svc, saddr, sport, daddr, dport, to_addr, to_port, from, now);
+	if (!port) {
+		count_drop(DROP_NO_PORT);
+		return TC_ACT_SHOT;
+	}
+	if (first_of_more) {
+		struct fragment fr = {.saddr = from, .daddr = to_addr, .backend = b};
+		bpf_map_update_elem(&fragments, frk, &fr, BPF_ANY);
+	}
+	int why = rewrite_both(skb, saddr, from, sport, port, daddr, to_addr, dport, to_port, ttl);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	count(b, skb->len, 0);
+	if (local)
+		return to_loopback(skb);
+	return send_by(skb, rc, &fib);
+}
+
+// Masquerade: a backend's reply to one of the balancer's masquerade ports goes to the client
+// whose port it is, from the listener's address. Anything else from the backend (to udplb's
+// health checks, say) is left to the stack.
+static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u32 saddr,
+					    __u16 sport, __u32 daddr, __u16 dport, __u8 ttl,
+					    __u16 tot_len, struct fragment_key *frk,
+					    int first_of_more)
+{
+	struct masq_key mk = {.backend_addr = saddr, .backend_port = sport, .port = dport};
+	struct masq *m = bpf_map_lookup_elem(&masq, &mk);
+	if (!m || m->local_addr != daddr)
+		return TC_ACT_OK;
+	__u32 client = m->client_addr, vip = m->service_addr;
+	__u16 cport = m->client_port, vport = m->service_port;
+	struct bpf_fib_lookup fib;
+	int rc = route(skb, &fib, vip, client, tot_len);
+	if (first_of_more) {
+		struct fragment fr = {.saddr = vip, .daddr = client, .backend = b, .reply = 1};
+		bpf_map_update_elem(&fragments, frk, &fr, BPF_ANY);
+	}
+	int why = rewrite_both(skb, saddr, vip, sport, vport, daddr, client, dport, cport, ttl);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	count(b, skb->len, 1);
+	if (to_the_stack(rc))
+		return to_loopback(skb); // a client on this host
+	return send_by(skb, rc, &fib);
 }
 
 SEC("classifier")
@@ -537,17 +763,23 @@ int udplb_ingress(struct __sk_buff *skb)
 			count_drop(PASS_FRAGMENT);
 			return TC_ACT_OK;
 		}
-		__u32 to = fr->addr;
-		int dst = fr->destination;
-		__u32 b = fr->backend;
+		__u32 new_saddr = fr->saddr, new_daddr = fr->daddr, b = fr->backend;
+		int reply = fr->reply;
 		struct bpf_fib_lookup fib;
-		int rc = route(skb, &fib, dst ? saddr : to, dst ? to : daddr, tot_len);
-		int why = rewrite_ip(skb, dst, dst ? daddr : saddr, to, ttl, IPPROTO_UDP);
+		int rc = route(skb, &fib, new_saddr ? new_saddr : saddr,
+			       new_daddr ? new_daddr : daddr, tot_len);
+		int why = take_ttl(skb, ttl, IPPROTO_UDP);
+		if (!why && new_saddr)
+			why = set_addr(skb, 0, saddr, new_saddr, 0);
+		if (!why && new_daddr)
+			why = set_addr(skb, 1, daddr, new_daddr, 0);
 		if (why) {
 			count_drop(why - 1);
 			return TC_ACT_SHOT;
 		}
-		count(b, skb->len, !dst);
+		count(b, skb->len, reply);
+		if (to_the_stack(rc))
+			return to_loopback(skb); // for this host (its first fragment was, too)
 		return send_by(skb, rc, &fib);
 	}
 	int first_of_more = frag & 0x2000;
@@ -610,8 +842,11 @@ int udplb_ingress(struct __sk_buff *skb)
 				// first: an LRU update takes a free node even when the key is there.)
 				bpf_map_update_elem(&flows, &fk, &nf, BPF_NOEXIST);
 		}
+		if (svc->flags & SERVICE_MASQUERADE)
+			return masquerade(skb, svc, saddr, sport, daddr, dport, to_addr, to_port, b,
+					  ttl, tot_len, &frk, first_of_more, now);
 		if (first_of_more) {
-			struct fragment fr = {.addr = to_addr, .destination = 1, .backend = b};
+			struct fragment fr = {.daddr = to_addr, .backend = b};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 		}
 		struct bpf_fib_lookup fib;
@@ -639,6 +874,9 @@ int udplb_ingress(struct __sk_buff *skb)
 			count_drop(PASS_FORGED);
 			return TC_ACT_OK;
 		}
+		if (r->flags & BACKEND_MASQUERADE)
+			return masquerade_reply(skb, b, saddr, sport, daddr, dport, ttl, tot_len, &frk,
+						first_of_more);
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, from_addr, daddr, tot_len);
 		// To this host itself: a reply only to a client of a flow this program placed (a local
@@ -654,7 +892,7 @@ int udplb_ingress(struct __sk_buff *skb)
 				return TC_ACT_OK;
 		}
 		if (first_of_more) {
-			struct fragment fr = {.addr = from_addr, .destination = 0, .backend = b};
+			struct fragment fr = {.saddr = from_addr, .backend = b, .reply = 1};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 		}
 		int why = rewrite(skb, 0, saddr, from_addr, sport, from_port, ttl);
@@ -664,7 +902,7 @@ int udplb_ingress(struct __sk_buff *skb)
 		}
 		count(b, skb->len, 1);
 		if (local)
-			return TC_ACT_OK;
+			return to_loopback(skb);
 		return send_by(skb, rc, &fib);
 	}
 	return TC_ACT_OK;

@@ -1,7 +1,8 @@
 //! udplb's kernel data plane: the eBPF program of `bpf/udplb.bpf.c`, attached at tc ingress of
 //! the balancer's interfaces, forwards the datagrams of the kernel listeners to their
-//! backends in the kernel (LVS-NAT: the destination rewritten, the client's address kept) and
-//! rewrites the backends' replies to come from the listener's address.
+//! backends in the kernel (LVS-NAT: the destination rewritten, the client's address kept; or
+//! masquerade: the source rewritten too, to a balancer address and port) and rewrites the
+//! backends' replies to come from the listener's address.
 //!
 //! Owns: loading and attaching the program (aya), the layout of its maps (mirrored here), and
 //! turning udplb's view of each kernel listener ([`Service`]: its backends, which keep flows,
@@ -63,6 +64,8 @@ pub struct Service {
     pub allow: Vec<(std::net::Ipv4Addr, u8)>,
     /// Clients refused (deny wins over allow).
     pub deny: Vec<(std::net::Ipv4Addr, u8)>,
+    /// Masquerade: the balancer's source ports, first and last (`None`: LVS-NAT).
+    pub masquerade: Option<(u16, u16)>,
 }
 
 /// A backend of a kernel listener.
@@ -102,6 +105,8 @@ pub struct Drops {
     /// Claimed a backend's address but came from the clients' side: not rewritten (left to
     /// the stack).
     pub forged: u64,
+    /// Masquerade: every port tried for a new client was another's.
+    pub no_port: u64,
 }
 
 /// Whether this udplb was built with the program.

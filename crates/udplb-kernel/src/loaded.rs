@@ -36,6 +36,7 @@ struct ServiceKey {
 const SERVICE_DATAGRAM: u32 = 1;
 const SERVICE_BY_IP: u32 = 2;
 const SERVICE_ALLOW_LIST: u32 = 4;
+const SERVICE_MASQUERADE: u32 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,9 +46,13 @@ struct ServiceValue {
     idle_ns: u64,
     ring_size: u32,
     schedule_len: u32,
+    port_base: u16,
+    port_count: u16,
+    pad: u32,
 }
 
 const BACKEND_KEEPS_FLOWS: u16 = 1;
+const BACKEND_MASQUERADE: u16 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -148,6 +153,7 @@ impl Kernel {
     pub fn load(max_flows: u32, pin_dir: Option<&std::path::Path>) -> Result<Kernel, Error> {
         let mut loader = EbpfLoader::new();
         loader.set_max_entries("flows", max_flows.max(1024));
+        loader.set_max_entries("masq", max_flows.max(1024));
         let object = match pin_dir {
             Some(dir) => {
                 let dir = dir.join(FLOW_LAYOUT);
@@ -267,11 +273,7 @@ impl Kernel {
                 let value = BackendValue {
                     addr,
                     port,
-                    flags: if b.keeps_flows {
-                        BACKEND_KEEPS_FLOWS
-                    } else {
-                        0
-                    },
+                    flags: backend_flags(b.keeps_flows, s.masquerade.is_some()),
                 };
                 self.backends
                     .set(base + slot, value, 0)
@@ -308,10 +310,21 @@ impl Kernel {
                     0
                 } else {
                     SERVICE_ALLOW_LIST
+                }
+                | if s.masquerade.is_some() {
+                    SERVICE_MASQUERADE
+                } else {
+                    0
                 },
             idle_ns: s.idle.as_nanos().min(u128::from(u64::MAX)) as u64,
             ring_size: w.ring.len() as u32,
             schedule_len: w.schedule.len() as u32,
+            port_base: s.masquerade.map_or(0, |(first, _)| first),
+            // At most 65535 (ports 1-65535).
+            port_count: s.masquerade.map_or(0, |(first, last)| {
+                last.saturating_sub(first).saturating_add(1)
+            }),
+            pad: 0,
         };
         let (addr, port) = wire(s.addr);
         if w.value != Some(value) {
@@ -326,11 +339,7 @@ impl Kernel {
             let reply = ReplyValue {
                 service_addr: addr,
                 service_port: port,
-                flags: if b.keeps_flows {
-                    BACKEND_KEEPS_FLOWS
-                } else {
-                    0
-                },
+                flags: backend_flags(b.keeps_flows, s.masquerade.is_some()),
                 backend: base + slot,
                 pad: 0,
             };
@@ -401,8 +410,15 @@ impl Kernel {
             fragments_passed: n(4),
             denied: n(5),
             forged: n(6),
+            no_port: n(7),
         }
     }
+}
+
+/// A backend's flags (in `backends` and `replies`).
+fn backend_flags(keeps_flows: bool, masquerade: bool) -> u16 {
+    (if keeps_flows { BACKEND_KEEPS_FLOWS } else { 0 })
+        | if masquerade { BACKEND_MASQUERADE } else { 0 }
 }
 
 /// Writes the entries of `new` that differ from `old` at `base`..; entries past the end of

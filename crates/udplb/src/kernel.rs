@@ -4,8 +4,8 @@
 //!
 //! Owns: the choice per listener (`dataplane = "kernel"` fails the start when the program
 //! cannot load; `"auto"` falls back to the sockets with one log line), the interfaces the
-//! program attaches to, and the translation of a snapshot's pool into a
-//! [`udplb_kernel::Service`].
+//! program attaches to, each listener's forwarding (set at start: a reload that changes it is
+//! refused), and the translation of a snapshot's pool into a [`udplb_kernel::Service`].
 //! Must not: place or check anything itself (the snapshot says which backend takes what; the
 //! program indexes the Maglev table the core built).
 
@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use udplb_config::{Config, Dataplane};
+use udplb_config::{Config, Dataplane, Forwarding, PortRange};
 use udplb_core::SchedulerKind;
 use udplb_core::SessionMode;
 use udplb_core::model::Affinity;
@@ -33,6 +33,8 @@ pub struct KernelPlane {
     pub listeners: Vec<usize>,
     /// The interfaces the program is attached to.
     pub interfaces: Vec<String>,
+    /// Per listener (as `listeners`), the pool's masquerade ports (`None`: LVS-NAT).
+    masquerade: Vec<Option<(u16, u16)>>,
     /// The snapshot generation the maps say.
     applied: AtomicU64,
 }
@@ -92,8 +94,9 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     {
         tracing::warn!(
             "kernel data plane: net.ipv4.ip_forward is 0, so only backends on this host are \
-             reached (forwarding = \"nat\" routes for the others, LVS-NAT: their datagrams are \
-             dropped as no_route); set net.ipv4.ip_forward=1"
+             reached (the program's route lookups need forwarding on, with nat and masquerade \
+             alike: datagrams for other hosts are dropped as no_route); set \
+             net.ipv4.ip_forward=1"
         );
     }
     let pin_dir = pin_dir(cfg);
@@ -113,17 +116,25 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     if interfaces.is_empty() {
         interfaces = up_interfaces();
     }
-    interfaces.sort();
-    interfaces.dedup();
+    let masquerade = masquerade(cfg, wanted);
     if interfaces.is_empty() {
         anyhow::bail!("no interface is up but loopback (set the listener's interfaces)");
     }
-    kernel.update(&services(snap, wanted))?;
+    if masquerade.iter().any(Option::is_some) {
+        // Backends on this host answer a masquerade address through loopback.
+        interfaces.push("lo".into());
+        warn_of_ephemeral_ports(cfg, wanted);
+        let_loopback_take_local_backends(cfg, wanted);
+    }
+    interfaces.sort();
+    interfaces.dedup();
+    kernel.update(&services(snap, wanted, &masquerade))?;
     kernel.attach(&interfaces)?;
     Ok(KernelPlane {
         kernel: Mutex::new(kernel),
         listeners: wanted.to_vec(),
         interfaces,
+        masquerade,
         applied: AtomicU64::new(snap.generation),
     })
 }
@@ -179,6 +190,89 @@ fn hand_to_runtime_user(cfg: &Config, dir: &std::path::Path) {
     }
 }
 
+/// Per listener of `wanted`, its pool's masquerade ports (first, last), `None` for LVS-NAT.
+fn masquerade(cfg: &Config, wanted: &[usize]) -> Vec<Option<(u16, u16)>> {
+    wanted
+        .iter()
+        .map(|&i| {
+            let pool = cfg.pools.iter().find(|p| p.name == cfg.listeners[i].pool)?;
+            (pool.forwarding == Forwarding::Masquerade).then(|| {
+                let r = pool.masquerade_ports();
+                (r.first, r.last)
+            })
+        })
+        .collect()
+}
+
+/// Masquerade hands a datagram for a backend on this host to the stack through loopback, from
+/// one of this host's addresses (and for a backend on 127.0.0.0/8, to one): loopback must
+/// accept such a packet that did not leave this host's own stack (`accept_local`, and
+/// `route_localnet` for 127.0.0.0/8). Set on `lo` only, said in the log, and left set (an
+/// upgrade's successor relies on it).
+fn let_loopback_take_local_backends(cfg: &Config, wanted: &[usize]) {
+    let loopback_backend = wanted.iter().any(|&i| {
+        cfg.pools
+            .iter()
+            .filter(|p| p.name == cfg.listeners[i].pool && p.forwarding == Forwarding::Masquerade)
+            .flat_map(|p| &p.backends)
+            .any(|b| b.spec.addr.ip().is_loopback())
+    });
+    let mut settings = vec!["accept_local"];
+    if loopback_backend {
+        settings.push("route_localnet");
+    }
+    for setting in settings {
+        let path = format!("/proc/sys/net/ipv4/conf/lo/{setting}");
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
+        match std::fs::write(&path, "1") {
+            Ok(()) => tracing::info!(
+                "kernel data plane: set net.ipv4.conf.lo.{setting}=1 (masquerade reaches \
+                 backends on this host through loopback)"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "kernel data plane: cannot set net.ipv4.conf.lo.{setting}=1: masquerade will \
+                 not reach backends on this host"
+            ),
+        }
+    }
+}
+
+/// Says so when a masquerade range shares ports with the host's ephemeral ports: a socket of
+/// this host (udplb's health checks among them) could draw one, and its replies from the
+/// backend would be taken for a client's.
+fn warn_of_ephemeral_ports(cfg: &Config, wanted: &[usize]) {
+    let Some(ephemeral) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| {
+            let mut it = r.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some(PortRange {
+                first: it.next()??,
+                last: it.next()??,
+            })
+        })
+    else {
+        return;
+    };
+    for &i in wanted {
+        let l = &cfg.listeners[i];
+        let Some(pool) = cfg.pools.iter().find(|p| p.name == l.pool) else {
+            continue;
+        };
+        let ports = pool.masquerade_ports();
+        if pool.forwarding == Forwarding::Masquerade && ports.overlaps(ephemeral) {
+            tracing::warn!(
+                pool = %pool.name,
+                masquerade_ports = %ports,
+                ephemeral = %ephemeral,
+                "kernel data plane: the masquerade ports overlap net.ipv4.ip_local_port_range:                  replies to this host's own sockets on those ports could be taken for clients'                  (reserve them in net.ipv4.ip_local_reserved_ports, or move either range)"
+            );
+        }
+    }
+}
+
 /// Every interface that is up, but loopback.
 fn up_interfaces() -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
@@ -198,11 +292,17 @@ fn up_interfaces() -> Vec<String> {
         .collect()
 }
 
-/// What the program must know of the `wanted` listeners in `snap`.
-pub fn services(snap: &Snapshot, wanted: &[usize]) -> Vec<udplb_kernel::Service> {
+/// What the program must know of the `wanted` listeners in `snap` (with their `masquerade`
+/// ports, as `wanted`).
+pub fn services(
+    snap: &Snapshot,
+    wanted: &[usize],
+    masquerade: &[Option<(u16, u16)>],
+) -> Vec<udplb_kernel::Service> {
     wanted
         .iter()
-        .filter_map(|&i| {
+        .zip(masquerade)
+        .filter_map(|(&i, &masquerade)| {
             let spec = snap.listeners.get(i)?;
             let pool = &snap.pools[spec.pool];
             let addr = v4(spec.address)?;
@@ -230,6 +330,7 @@ pub fn services(snap: &Snapshot, wanted: &[usize]) -> Vec<udplb_kernel::Service>
                 backends,
                 ring,
                 schedule,
+                masquerade,
             })
         })
         .collect()
@@ -260,7 +361,7 @@ impl KernelPlane {
                 .kernel
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .update(&services(&snap, &self.listeners));
+                .update(&services(&snap, &self.listeners, &self.masquerade));
             match result {
                 Ok(()) => {
                     applied = snap.generation;
@@ -341,6 +442,7 @@ impl KernelPlane {
                 "no_route": d.no_route,
                 "rewrite": d.rewrite,
                 "denied": d.denied,
+                "no_port": d.no_port,
             },
             "fragments_passed": d.fragments_passed,
             "forged_passed": d.forged,

@@ -372,6 +372,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         ("no_route", d.no_route),
         ("rewrite", d.rewrite),
         ("denied", d.denied),
+        ("no_port", d.no_port),
     ] {
         dropped.add(vec![("reason", reason.into())], n as f64);
     }

@@ -137,6 +137,7 @@ fn load_compatible(path: &Path, running: &Config) -> Result<Config, String> {
         udplb_config::load_with_positions(path).map_err(|e| e.to_string())?;
     let mut changes = listener_changes(&running.listeners, &cfg.listeners);
     changes.extend(tcp_changes(running, &cfg));
+    changes.extend(kernel_forwarding_changes(running, &cfg));
     if !changes.is_empty() {
         return Err(format!(
             "{}: listeners: needs a restart: {}",
@@ -182,6 +183,39 @@ fn tcp_changes(running: &Config, new: &Config) -> Vec<String> {
             let l = new.listeners.iter().find(|l| l.name == old.name)?;
             let (was, is) = (running.takes_tcp(old), new.takes_tcp(l));
             (was != is).then(|| format!("listener {:?}: tcp {was} -> {is}", l.name))
+        })
+        .collect()
+}
+
+/// Kernel listeners whose forwarding (`forwarding`, `masquerade_ports` of their pool) `new`
+/// changes: the kernel data plane sets it, and attaches to loopback for it, at start.
+fn kernel_forwarding_changes(running: &Config, new: &Config) -> Vec<String> {
+    let forwarding = |cfg: &Config, l: &ListenerConfig| {
+        cfg.pools
+            .iter()
+            .find(|p| p.name == l.pool)
+            .map(|p| (p.forwarding, p.masquerade_ports()))
+    };
+    let describe = |f: Option<(udplb_config::Forwarding, udplb_config::PortRange)>| match f {
+        Some((udplb_config::Forwarding::Masquerade, ports)) => format!("masquerade {ports}"),
+        Some((f, _)) => f.name().to_string(),
+        None => "none".to_string(),
+    };
+    running
+        .listeners
+        .iter()
+        .filter(|l| l.dataplane.may_use_kernel())
+        .filter_map(|old| {
+            let l = new.listeners.iter().find(|l| l.name == old.name)?;
+            let (was, is) = (forwarding(running, old), forwarding(new, l));
+            (was != is).then(|| {
+                format!(
+                    "listener {:?}: forwarding {} -> {} (the kernel data plane's, set at start)",
+                    l.name,
+                    describe(was),
+                    describe(is)
+                )
+            })
         })
         .collect()
 }
@@ -370,6 +404,43 @@ mod tests {
             admin_changes(&admin("127.0.0.1:9190", false), &None),
             ["[admin] removed"]
         );
+    }
+
+    #[test]
+    fn a_kernel_listeners_forwarding_needs_a_restart() {
+        let kernel = |pool_extra: &str| {
+            let path = std::env::temp_dir().join(format!(
+                "udplb-reload-{}-kernel{}.toml",
+                std::process::id(),
+                pool_extra.len()
+            ));
+            let toml = format!(
+                "[listeners.dns]\naddress = \"127.0.0.1:5353\"\npool = \"p\"\n\
+                 dataplane = \"auto\"\n[pools.p]\nbackends = [\"127.0.0.1:5301\"]\n{pool_extra}\n"
+            );
+            std::fs::write(&path, toml).unwrap();
+            path
+        };
+        let path = kernel("");
+        let running = udplb_config::load(&path).unwrap();
+        let _ = std::fs::remove_file(path);
+        for (extra, change) in [
+            (
+                "forwarding = \"masquerade\"",
+                "listener \"dns\": forwarding nat -> masquerade 61000-65535",
+            ),
+            (
+                "forwarding = \"masquerade\"\nmasquerade_ports = \"20000-20099\"",
+                "forwarding nat -> masquerade 20000-20099",
+            ),
+        ] {
+            let path = kernel(extra);
+            let error = load_compatible(&path, &running).unwrap_err();
+            let _ = std::fs::remove_file(&path);
+            assert!(error.contains("needs a restart"), "{extra}: {error}");
+            assert!(error.contains(change), "{extra}: {error}");
+        }
+        assert!(kernel_forwarding_changes(&running, &running).is_empty());
     }
 
     #[test]

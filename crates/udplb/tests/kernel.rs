@@ -194,6 +194,12 @@ impl Topology {
         })
     }
 
+    /// The backends' host loses its default route: only what comes from the balancer's own
+    /// address (masquerade) can be answered.
+    fn without_a_route_to_the_clients(&self) {
+        ip(&["-n", &self.backends, "route", "del", "default"]).unwrap();
+    }
+
     fn vip(&self) -> SocketAddr {
         format!("10.99.{}.1:5300", self.t).parse().unwrap()
     }
@@ -514,11 +520,31 @@ fn dig_in(topo: &Topology, args: &[&str]) -> String {
 
 #[test]
 fn knot_answers_dig_and_dnsperf_through_the_kernel_with_fragmented_answers() {
-    let Some(mut topo) = Topology::build("ulbd") else {
+    knot_through_the_kernel("ulbd", "nat");
+}
+
+#[test]
+fn knot_answers_through_masquerade_with_fragmented_answers() {
+    knot_through_the_kernel("ulbq", "masquerade");
+}
+
+/// knotd behind a kernel listener forwarding with `forwarding`: dig gets a fragmented answer
+/// whole, dnsperf loses nothing. (Masquerade: knotd's host has no route to the clients.)
+fn knot_through_the_kernel(prefix: &str, forwarding: &str) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
     let knot = start_knot(&mut topo);
-    topo.start_udplb_with("", &format!("backends = [{}]\n", quoted(knot)));
+    if forwarding == "masquerade" {
+        topo.without_a_route_to_the_clients();
+    }
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [{}]\nforwarding = \"{forwarding}\"\n",
+            quoted(knot)
+        ),
+    );
     if topo.without_the_program() {
         return;
     }
@@ -922,12 +948,27 @@ fn kernel_refused_in_namespace() {
 
 #[test]
 fn a_closed_backend_port_reaches_the_client_as_refused_by_the_listener() {
-    let Some(mut topo) = Topology::build("ulbi") else {
+    a_closed_backend_port_is_refused("ulbi", "nat");
+}
+
+#[test]
+fn a_closed_backend_port_behind_masquerade_is_refused_by_the_listener() {
+    a_closed_backend_port_is_refused("ulbj", "masquerade");
+}
+
+fn a_closed_backend_port_is_refused(prefix: &str, forwarding: &str) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    if forwarding == "masquerade" {
+        topo.without_a_route_to_the_clients();
+    }
     // Nothing listens on the backend's port; no health check, so it stays in rotation.
     let closed = format!("10.98.{}.2:7009", topo.t);
-    topo.start_udplb_with("", &format!("backends = [\"{closed}\"]\n"));
+    topo.start_udplb_with(
+        "",
+        &format!("backends = [\"{closed}\"]\nforwarding = \"{forwarding}\"\n"),
+    );
     if topo.without_the_program() {
         return;
     }
@@ -946,6 +987,94 @@ fn a_closed_backend_port_reaches_the_client_as_refused_by_the_listener() {
         text.contains("outcome refused"),
         "{text}\n{}",
         topo.api("/stats")["kernel"]
+    );
+}
+
+#[test]
+fn masquerade_reaches_backends_without_a_route_to_the_clients_and_on_this_host() {
+    let Some(mut topo) = Topology::build("ulbm") else {
+        return;
+    };
+    topo.start_backends();
+    topo.without_a_route_to_the_clients();
+    // A fourth backend on the balancer itself, on loopback.
+    let local: SocketAddr = "127.0.0.1:7004".parse().unwrap();
+    let child = Net::helper(
+        &topo.balancer,
+        "kernel_backend_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_BACKEND", local.to_string()),
+            ("UDPLB_TEST_KERNEL_TAG", "l".to_string()),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    topo.net.keep(child);
+    let backends: Vec<String> = (0..3)
+        .map(|i| quoted(topo.backend_addr(i)))
+        .chain([quoted(local)])
+        .collect();
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [{}]\nforwarding = \"masquerade\"\n[pools.p.health]\n{}\n",
+            backends.join(", "),
+            udp_check(200, 200, 1, 2)
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    let replies = topo.clients(60, 2);
+    assert_eq!(
+        replies.len(),
+        120,
+        "{replies:?}\n{}\n{}",
+        topo.log(),
+        topo.api("/stats")["kernel"]
+    );
+    // Per client: its backend and the address and port that backend saw it from.
+    let balancer_side = format!("10.98.{}.1", topo.t);
+    let mut seen_as: HashMap<u16, (String, String)> = HashMap::new();
+    for (port, from, tag, seen) in &replies {
+        assert_eq!(*from, topo.vip(), "a reply not from the listener's address");
+        let (addr, masq_port) = seen.rsplit_once(':').unwrap();
+        let balancer = if tag == "l" {
+            "127.0.0.1"
+        } else {
+            balancer_side.as_str()
+        };
+        assert_eq!(addr, balancer, "backend {tag} saw {seen}");
+        let masq_port: u16 = masq_port.parse().unwrap();
+        assert!(
+            (61_000..=65_535).contains(&masq_port),
+            "backend {tag} saw {seen}: not a masquerade port"
+        );
+        let first = seen_as
+            .entry(*port)
+            .or_insert_with(|| (tag.clone(), seen.clone()));
+        assert_eq!(
+            first,
+            &(tag.clone(), seen.clone()),
+            "client {port}: another backend or port"
+        );
+    }
+    let mut taken = std::collections::HashSet::new();
+    for (tag, seen) in seen_as.values() {
+        assert!(taken.insert((tag, seen)), "two clients as {seen} at {tag}");
+    }
+    let tags: std::collections::HashSet<&String> = seen_as.values().map(|(t, _)| t).collect();
+    assert_eq!(tags.len(), 4, "60 clients over 4 backends: {tags:?}");
+    let stats = topo.api("/stats");
+    assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+    assert_eq!(stats["kernel"]["drops"]["no_port"], 0, "{stats}");
+    assert!(
+        stats["kernel"]["interfaces"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|i| i == "lo")),
+        "masquerade attaches to loopback: {stats}"
     );
 }
 
