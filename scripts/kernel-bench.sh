@@ -10,6 +10,7 @@
 #   direct    to one backend's address, routed by the balancer namespace (no balancer at all)
 #   nftables  to the service address, DNAT by nftables' conntrack to the three backends
 #   kernel    to the service address, udplb with dataplane = "kernel" (Maglev, flow mode)
+#   masquerade  the same with forwarding = "masquerade" (the backends answer the balancer)
 #   socket    to the service address, udplb with dataplane = "socket" (its relay, one worker)
 # Nothing is pinned: client, backends and balancer share both CPUs, as veth's softirq work runs
 # on the sending CPU. CPU per reply is both CPUs' busy time (from /proc/stat, softirq
@@ -17,7 +18,7 @@
 # difference to direct is what the balancer costs. Rounds are interleaved; medians.
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket") ROUNDS (3) DURATION (5s) FLOWS (64)
+# Env:   PEERS ("direct nftables kernel socket"; also: masquerade) ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,7 +74,9 @@ table ip udplb_bench {
 NFT
             target=$vip:5300
             ;;
-        kernel | socket)
+        kernel | socket | masquerade)
+            local dataplane=$1 forwarding=nat
+            [[ $1 == masquerade ]] && dataplane=kernel forwarding=masquerade
             cat >"$work/udplb.toml" <<CONFIG
 [runtime]
 workers = 1
@@ -83,11 +86,12 @@ listen = "127.0.0.1:9190"
 [listeners.l]
 address = "$vip:5300"
 pool = "p"
-dataplane = "$1"
-$([[ $1 == kernel ]] && echo 'interfaces = ["bc", "bk"]')
+dataplane = "$dataplane"
+$([[ $dataplane == kernel ]] && echo 'interfaces = ["bc", "bk"]')
 [pools.p]
 scheduler = "maglev"
 backends = [$backends]
+$([[ $dataplane == kernel ]] && echo "forwarding = \"$forwarding\"")
 CONFIG
             UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$UDPLB" run -c "$work/udplb.toml"
             udplb_pid=$bg_pid
@@ -100,7 +104,7 @@ CONFIG
 stop_peer() {
     case $1 in
         nftables) ip netns exec $b nft delete table ip udplb_bench ;;
-        kernel | socket) stop "$udplb_pid" TERM ;;
+        kernel | socket | masquerade) stop "$udplb_pid" TERM ;;
     esac
 }
 
@@ -137,10 +141,10 @@ for line in open(sys.argv[1]):
     rows.setdefault(peer, []).append(r)
 med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)
 base = med(rows["direct"], "replies_per_sec") if "direct" in rows else None
-print(f"{'peer':>9} {'replies/s':>10} {'x direct':>9} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/reply':>13} {'lost':>6}")
+print(f"{'peer':>10} {'replies/s':>10} {'x direct':>9} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/reply':>13} {'lost':>6}")
 for peer, rs in rows.items():
     rps = med(rs, "replies_per_sec")
     ratio = f"{rps / base:.2f}" if base else "-"
-    print(f"{peer:>9} {rps:>10.0f} {ratio:>9} {med(rs, 'p50_us'):>7.0f} {med(rs, 'p99_us'):>7.0f} "
+    print(f"{peer:>10} {rps:>10.0f} {ratio:>9} {med(rs, 'p50_us'):>7.0f} {med(rs, 'p99_us'):>7.0f} "
           f"{med(rs, 'cpu_ns_per_reply'):>13.0f} {sum(r['lost'] for r in rs):>6}")
 EOF

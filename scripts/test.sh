@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(knot knot-dnsutils unbound dnsutils dnsperf iproute2 chromium freeradius freeradius-utils snmpd snmp ngtcp2-client keepalived bird2 curl clang libbpf-dev)
+packages=(knot knot-dnsutils unbound dnsutils dnsperf iproute2 chromium freeradius freeradius-utils snmpd snmp ngtcp2-client keepalived bird2 curl clang libbpf-dev tcpdump ethtool)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -9,21 +9,29 @@ include!("src/placement_constant.rs");
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(udplb_bpf)");
     println!("cargo:rerun-if-changed=bpf/udplb.bpf.c");
+    println!("cargo:rerun-if-changed=bpf/decap.bpf.c");
     println!("cargo:rerun-if-changed=src/placement_constant.rs");
     println!("cargo:rerun-if-env-changed=UDPLB_CLANG");
     let dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
     let clang = std::env::var("UDPLB_CLANG").unwrap_or_else(|_| "clang".into());
     // Two builds: the flow map pinned (kept for the next udplb process), and not (no bpf file
     // system to pin it on).
-    let built = compile(&clang, &dir.join("udplb.bpf.o"), &[])
-        && compile(&clang, &dir.join("udplb-pinned.bpf.o"), &["-DUDPLB_PIN"]);
+    // And the backends' side of direct server return (`udplb decap`).
+    let built = compile(&clang, "bpf/udplb.bpf.c", &dir.join("udplb.bpf.o"), &[])
+        && compile(
+            &clang,
+            "bpf/udplb.bpf.c",
+            &dir.join("udplb-pinned.bpf.o"),
+            &["-DUDPLB_PIN"],
+        )
+        && compile(&clang, "bpf/decap.bpf.c", &dir.join("decap.bpf.o"), &[]);
     if built {
         println!("cargo:rustc-cfg=udplb_bpf");
     }
 }
 
-/// Compiles the program into `out` with `defines`; says why not as a build warning.
-fn compile(clang: &str, out: &Path, defines: &[&str]) -> bool {
+/// Compiles the program `source` into `out` with `defines`; says why not as a build warning.
+fn compile(clang: &str, source: &str, out: &Path, defines: &[&str]) -> bool {
     let mut cmd = Command::new(clang);
     cmd.args(["-O2", "-g", "-Wall", "-target", "bpf"])
         .arg(format!(
@@ -34,7 +42,7 @@ fn compile(clang: &str, out: &Path, defines: &[&str]) -> bool {
     if let Some(dir) = multiarch_include() {
         cmd.arg(format!("-I{dir}"));
     }
-    cmd.arg("-c").arg("bpf/udplb.bpf.c").arg("-o").arg(out);
+    cmd.arg("-c").arg(source).arg("-o").arg(out);
     match cmd.output() {
         Ok(o) if o.status.success() => true,
         Ok(o) => {

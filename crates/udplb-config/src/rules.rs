@@ -651,14 +651,7 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfi
         ));
     }
     if p.forwarding == Forwarding::Dsr {
-        out.push(problem(
-            format!("pools.{}.forwarding", p.name),
-            format!(
-                "{:?} is not built yet: the kernel data plane forwards with \"nat\" or \
-                 \"masquerade\"",
-                p.forwarding.name()
-            ),
-        ));
+        check_dsr_ports(out, p, listeners);
     }
     if p.masquerade_ports.is_some() && p.forwarding != Forwarding::Masquerade {
         out.push(problem(
@@ -717,6 +710,27 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfi
             b.spec.weight,
             1..=BackendSpec::MAX_WEIGHT,
         );
+    }
+}
+
+/// Direct server return leaves the datagram as the client sent it: each backend answers on the
+/// port of every listener the pool serves.
+fn check_dsr_ports(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfig]) {
+    for l in listeners.iter().filter(|l| l.pool == p.name) {
+        for (i, b) in p.backends.iter().enumerate() {
+            if b.spec.addr.port() != l.address.port() {
+                out.push(problem(
+                    format!("pools.{}.backends[{i}].address", p.name),
+                    format!(
+                        "{}: with forwarding = \"dsr\" a backend serves the listener's own port \
+                         ({} of listeners.{}): the datagram reaches it unchanged",
+                        b.spec.addr,
+                        l.address.port(),
+                        l.name
+                    ),
+                ));
+            }
+        }
     }
 }
 

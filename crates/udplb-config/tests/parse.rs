@@ -1146,6 +1146,21 @@ fn dataplane_interfaces_and_forwarding_default_to_sockets_and_nat() {
     );
 }
 
+/// Direct server return: the backends serve the listener's port (the datagram is not
+/// rewritten).
+#[test]
+fn dsr_backends_serve_the_listeners_port() {
+    let dsr = format!("{KERNEL_BACKENDS}\nforwarding = \"dsr\"");
+    let cfg = parse(&with_dataplane("kernel", KERNEL_LISTENER, &dsr), "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].forwarding, Forwarding::Dsr);
+    let other = "backends = [\"10.0.1.1:53\", \"10.0.1.2:5353\"]\nforwarding = \"dsr\"";
+    assert_eq!(
+        only_message(&with_dataplane("kernel", KERNEL_LISTENER, other)),
+        "10.0.1.2:5353: with forwarding = \"dsr\" a backend serves the listener's own port (53 \
+         of listeners.l): the datagram reaches it unchanged"
+    );
+}
+
 /// `masquerade_ports`: a range of the pool's, only with `forwarding = "masquerade"`, above
 /// Linux's ephemeral ports unless given.
 #[test]
@@ -1337,12 +1352,6 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
              (dataplane = \"DP\"): the kernel data plane forwards to IPv4 backends; IPv6 is not \
              built yet",
         ),
-        (
-            l.into(),
-            format!("{b}\nforwarding = \"dsr\""),
-            "t.toml:7:1: pools.p.forwarding: \"dsr\" is not built yet: the kernel data plane \
-             forwards with \"nat\" or \"masquerade\"",
-        ),
     ];
     for dataplane in ["kernel", "auto"] {
         for (listener, pool, expected) in &cases {
@@ -1351,11 +1360,9 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
             assert_eq!(e.errors.len(), 1, "{src}\n{e}");
             let expected = expected.replace("DP", dataplane);
             assert!(e.to_string().starts_with(&expected), "{src}\n{e}");
-            // The same keys are fine on a socket listener (but for forwarding, not built).
+            // The same keys are fine on a socket listener.
             let socket = with_dataplane("socket", listener, pool);
-            if !pool.contains("forwarding") {
-                assert!(parse(&socket, "t.toml").is_ok(), "{socket}");
-            }
+            assert!(parse(&socket, "t.toml").is_ok(), "{socket}");
         }
     }
     // What is refused is also what `udplb check` reports after parsing, at its line.

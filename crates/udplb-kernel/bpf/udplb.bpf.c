@@ -4,9 +4,10 @@
 // datagrams of the kernel listeners to their backends and rewrites the backends' replies to
 // come from the listener's address, each sent out by a FIB lookup and a redirect (no trip
 // through the stack). Per listener: LVS-NAT (the destination rewritten, the client's address
-// kept: the backends route their replies through the balancer) or masquerade (the source
+// kept: the backends route their replies through the balancer), masquerade (the source
 // rewritten as well, to a balancer address and a port of the pool's range: the backends answer
-// the balancer, wherever they are, this host included).
+// the balancer, wherever they are, this host included) or direct server return (the datagram
+// untouched, encapsulated IP in IP to the backend, which answers the client itself).
 //
 // Owns: parsing, the placement (the same hash and Maglev table as udplb's socket path: user
 // space builds the table, this program indexes it), the flow map, checksums, TTL, counters.
@@ -45,6 +46,7 @@ struct service_key {
 #define SERVICE_BY_IP 2 // the client's address alone is hashed (affinity = "ip")
 #define SERVICE_ALLOW_LIST 4 // only clients in acl_allow are served
 #define SERVICE_MASQUERADE 8 // the source rewritten too, to a port of [port_base, +port_count)
+#define SERVICE_DSR 16 // encapsulated IP in IP to the backend, not rewritten
 
 struct service {
 	__u32 id; // < MAX_SERVICES: the service's slice of ring, schedule and backends
@@ -116,6 +118,7 @@ enum drop_reason {
 	DROP_DENIED, // the listener's allow and deny lists refuse the client
 	PASS_FORGED, // a backend's address from the clients' side: not rewritten, left to the stack
 	DROP_NO_PORT, // masquerade: every port tried for a new client is taken
+	DROP_TOO_BIG, // dsr: encapsulated, the datagram would exceed the route's MTU
 	DROP_REASONS,
 };
 
@@ -159,11 +162,14 @@ struct fragment_key {
 	__u16 pad;
 };
 
+#define FRAGMENT_REPLY 1 // a reply (counted as one)
+#define FRAGMENT_ENCAP 2 // encapsulated to `daddr`, not rewritten
+
 struct fragment {
 	__u32 saddr; // the new source (0: kept)
 	__u32 daddr; // the new destination (0: kept)
 	__u32 backend;
-	__u32 reply; // 1: a reply (counted as one)
+	__u32 flags;
 };
 
 struct {
@@ -722,7 +728,8 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u3
 	struct bpf_fib_lookup fib;
 	int rc = route(skb, &fib, vip, client, tot_len);
 	if (first_of_more) {
-		struct fragment fr = {.saddr = vip, .daddr = client, .backend = b, .reply = 1};
+		struct fragment fr = {
+			.saddr = vip, .daddr = client, .backend = b, .flags = FRAGMENT_REPLY};
 		bpf_map_update_elem(&fragments, frk, &fr, BPF_ANY);
 	}
 	int why = rewrite_both(skb, saddr, vip, sport, vport, daddr, client, dport, cport, ttl);
@@ -733,6 +740,57 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u3
 	count(b, skb->len, 1);
 	if (to_the_stack(rc))
 		return to_loopback(skb); // a client on this host
+	return send_by(skb, rc, &fib);
+}
+
+// The IP checksum of a 20-byte header (its checksum field zero).
+static __always_inline __u16 ip_checksum(struct iphdr *ip)
+{
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0);
+	__u32 c = (__u32)sum;
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)~c;
+}
+
+// Direct server return: the datagram, untouched, inside an IP header from the route's source
+// address to backend `to_addr` (IP in IP, as LVS-TUN), sent by the route. The backend takes
+// the header off and answers the client from the listener's address itself. One that would
+// exceed the route's MTU once encapsulated is dropped (`too_big`): the backends' network
+// needs 20 bytes more than the clients'.
+static __always_inline int encapsulate(struct __sk_buff *skb, __u32 to_addr, __u32 b, __u16 tot_len,
+				       __u8 tos)
+{
+	struct bpf_fib_lookup fib;
+	__u16 outer_len = tot_len + sizeof(struct iphdr);
+	int rc = route_with(skb, &fib, 0, to_addr, outer_len, BPF_FIB_LOOKUP_SRC);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		count_drop(DROP_TOO_BIG);
+		return TC_ACT_SHOT;
+	}
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !fib.ipv4_src) {
+		count_drop(DROP_FIB);
+		return TC_ACT_SHOT;
+	}
+	struct iphdr outer = {
+		.version = 4,
+		.ihl = 5,
+		.tos = tos,
+		.tot_len = bpf_htons(outer_len),
+		.frag_off = bpf_htons(0x4000), // DF: never fragmented on the way
+		.ttl = 64,
+		.protocol = IPPROTO_IPIP,
+		.saddr = fib.ipv4_src,
+		.daddr = to_addr,
+	};
+	outer.check = ip_checksum(&outer);
+	if (bpf_skb_adjust_room(skb, sizeof(outer), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) ||
+	    bpf_skb_store_bytes(skb, IP_OFF, &outer, sizeof(outer), 0)) {
+		count_drop(DROP_REWRITE);
+		return TC_ACT_SHOT;
+	}
+	count(b, skb->len, 0);
 	return send_by(skb, rc, &fib);
 }
 
@@ -753,7 +811,7 @@ int udplb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	__u32 saddr = ip->saddr, daddr = ip->daddr;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
-	__u8 ttl = ip->ttl;
+	__u8 ttl = ip->ttl, tos = ip->tos;
 	__u16 frag = bpf_ntohs(ip->frag_off);
 	struct fragment_key frk = {.saddr = saddr, .daddr = daddr, .id = ip->id};
 	if (frag & 0x1fff) {
@@ -764,7 +822,9 @@ int udplb_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		}
 		__u32 new_saddr = fr->saddr, new_daddr = fr->daddr, b = fr->backend;
-		int reply = fr->reply;
+		int reply = fr->flags & FRAGMENT_REPLY;
+		if (fr->flags & FRAGMENT_ENCAP)
+			return encapsulate(skb, new_daddr, b, tot_len, tos);
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, new_saddr ? new_saddr : saddr,
 			       new_daddr ? new_daddr : daddr, tot_len);
@@ -842,6 +902,14 @@ int udplb_ingress(struct __sk_buff *skb)
 				// first: an LRU update takes a free node even when the key is there.)
 				bpf_map_update_elem(&flows, &fk, &nf, BPF_NOEXIST);
 		}
+		if (svc->flags & SERVICE_DSR) {
+			if (first_of_more) {
+				struct fragment fr = {
+					.daddr = to_addr, .backend = b, .flags = FRAGMENT_ENCAP};
+				bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
+			}
+			return encapsulate(skb, to_addr, b, tot_len, tos);
+		}
 		if (svc->flags & SERVICE_MASQUERADE)
 			return masquerade(skb, svc, saddr, sport, daddr, dport, to_addr, to_port, b,
 					  ttl, tot_len, &frk, first_of_more, now);
@@ -892,7 +960,7 @@ int udplb_ingress(struct __sk_buff *skb)
 				return TC_ACT_OK;
 		}
 		if (first_of_more) {
-			struct fragment fr = {.saddr = from_addr, .backend = b, .reply = 1};
+			struct fragment fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 		}
 		int why = rewrite(skb, 0, saddr, from_addr, sport, from_port, ttl);

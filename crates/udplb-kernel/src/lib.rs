@@ -1,8 +1,9 @@
 //! udplb's kernel data plane: the eBPF program of `bpf/udplb.bpf.c`, attached at tc ingress of
 //! the balancer's interfaces, forwards the datagrams of the kernel listeners to their
-//! backends in the kernel (LVS-NAT: the destination rewritten, the client's address kept; or
-//! masquerade: the source rewritten too, to a balancer address and port) and rewrites the
-//! backends' replies to come from the listener's address.
+//! backends in the kernel (LVS-NAT: the destination rewritten, the client's address kept;
+//! masquerade: the source rewritten too, to a balancer address and port; or direct server
+//! return: encapsulated IP in IP, untouched) and rewrites the backends' replies to come from
+//! the listener's address. [`Decap`] is the backends' side of direct server return.
 //!
 //! Owns: loading and attaching the program (aya), the layout of its maps (mirrored here), and
 //! turning udplb's view of each kernel listener ([`Service`]: its backends, which keep flows,
@@ -64,8 +65,20 @@ pub struct Service {
     pub allow: Vec<(std::net::Ipv4Addr, u8)>,
     /// Clients refused (deny wins over allow).
     pub deny: Vec<(std::net::Ipv4Addr, u8)>,
-    /// Masquerade: the balancer's source ports, first and last (`None`: LVS-NAT).
-    pub masquerade: Option<(u16, u16)>,
+    /// How the datagrams reach the backends.
+    pub method: Method,
+}
+
+/// How a kernel listener's datagrams reach its backends (the pool's `forwarding`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Method {
+    /// LVS-NAT: the destination rewritten, the client's address kept.
+    #[default]
+    Nat,
+    /// The source rewritten too, to a balancer address and a port of `first..=last`.
+    Masquerade { first: u16, last: u16 },
+    /// Direct server return: the datagram untouched, encapsulated IP in IP.
+    Dsr,
 }
 
 /// A backend of a kernel listener.
@@ -107,6 +120,8 @@ pub struct Drops {
     pub forged: u64,
     /// Masquerade: every port tried for a new client was another's.
     pub no_port: u64,
+    /// Direct server return: encapsulated, the datagram would exceed the route's MTU.
+    pub too_big: u64,
 }
 
 /// Whether this udplb was built with the program.
@@ -117,7 +132,7 @@ pub fn built() -> bool {
 #[cfg(udplb_bpf)]
 mod loaded;
 #[cfg(udplb_bpf)]
-pub use loaded::Kernel;
+pub use loaded::{Decap, Kernel};
 
 /// Without the program, a kernel data plane that never loads.
 #[cfg(not(udplb_bpf))]
@@ -142,6 +157,23 @@ impl Kernel {
     }
     pub fn attached(&self) -> Vec<String> {
         Vec::new()
+    }
+}
+
+/// Without the program, a decapsulation that never loads.
+#[cfg(not(udplb_bpf))]
+pub struct Decap(());
+
+#[cfg(not(udplb_bpf))]
+impl Decap {
+    pub fn attach(
+        _interfaces: &[String],
+        _balancers: &[std::net::Ipv4Addr],
+    ) -> Result<Decap, Error> {
+        Err(Error::NotBuilt)
+    }
+    pub fn counts(&self) -> (u64, u64) {
+        (0, 0)
     }
 }
 

@@ -9,7 +9,8 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 
 use crate::{
-    Drops, Error, MAX_BACKENDS, MAX_SERVICES, RING_SIZE, SCHEDULE_MAX, Service, Slots, Traffic,
+    Drops, Error, MAX_BACKENDS, MAX_SERVICES, Method, RING_SIZE, SCHEDULE_MAX, Service, Slots,
+    Traffic,
 };
 
 /// The program, compiled by build.rs.
@@ -18,6 +19,8 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/u
 /// The same with the flow map pinned by name.
 static PROGRAM_PINNED: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udplb-pinned.bpf.o"));
+/// The backends' side of direct server return.
+static DECAP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/decap.bpf.o"));
 
 /// The flow map's layout: a pinned map of another layout is not reused (the directory under
 /// the pin directory is named after it).
@@ -37,6 +40,7 @@ const SERVICE_DATAGRAM: u32 = 1;
 const SERVICE_BY_IP: u32 = 2;
 const SERVICE_ALLOW_LIST: u32 = 4;
 const SERVICE_MASQUERADE: u32 = 8;
+const SERVICE_DSR: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -273,7 +277,7 @@ impl Kernel {
                 let value = BackendValue {
                     addr,
                     port,
-                    flags: backend_flags(b.keeps_flows, s.masquerade.is_some()),
+                    flags: backend_flags(b.keeps_flows, s.method),
                 };
                 self.backends
                     .set(base + slot, value, 0)
@@ -311,19 +315,23 @@ impl Kernel {
                 } else {
                     SERVICE_ALLOW_LIST
                 }
-                | if s.masquerade.is_some() {
-                    SERVICE_MASQUERADE
-                } else {
-                    0
+                | match s.method {
+                    Method::Nat => 0,
+                    Method::Masquerade { .. } => SERVICE_MASQUERADE,
+                    Method::Dsr => SERVICE_DSR,
                 },
             idle_ns: s.idle.as_nanos().min(u128::from(u64::MAX)) as u64,
             ring_size: w.ring.len() as u32,
             schedule_len: w.schedule.len() as u32,
-            port_base: s.masquerade.map_or(0, |(first, _)| first),
+            port_base: match s.method {
+                Method::Masquerade { first, .. } => first,
+                _ => 0,
+            },
             // At most 65535 (ports 1-65535).
-            port_count: s.masquerade.map_or(0, |(first, last)| {
-                last.saturating_sub(first).saturating_add(1)
-            }),
+            port_count: match s.method {
+                Method::Masquerade { first, last } => last.saturating_sub(first).saturating_add(1),
+                _ => 0,
+            },
             pad: 0,
         };
         let (addr, port) = wire(s.addr);
@@ -339,7 +347,7 @@ impl Kernel {
             let reply = ReplyValue {
                 service_addr: addr,
                 service_port: port,
-                flags: backend_flags(b.keeps_flows, s.masquerade.is_some()),
+                flags: backend_flags(b.keeps_flows, s.method),
                 backend: base + slot,
                 pad: 0,
             };
@@ -411,14 +419,91 @@ impl Kernel {
             denied: n(5),
             forged: n(6),
             no_port: n(7),
+            too_big: n(8),
         }
     }
 }
 
 /// A backend's flags (in `backends` and `replies`).
-fn backend_flags(keeps_flows: bool, masquerade: bool) -> u16 {
+fn backend_flags(keeps_flows: bool, method: Method) -> u16 {
     (if keeps_flows { BACKEND_KEEPS_FLOWS } else { 0 })
-        | if masquerade { BACKEND_MASQUERADE } else { 0 }
+        | if matches!(method, Method::Masquerade { .. }) {
+            BACKEND_MASQUERADE
+        } else {
+            0
+        }
+}
+
+/// The backends' side of direct server return: the decapsulating program, attached at
+/// ingress of a backend's interfaces, taking IP in IP from the given balancers only. Detached
+/// when dropped.
+pub struct Decap {
+    ebpf: Ebpf,
+    links: Vec<SchedClassifierLinkId>,
+    counts: PerCpuArray<MapData, u64>,
+}
+
+impl Decap {
+    /// Loads the program, admits `balancers`, attaches it to `interfaces`.
+    pub fn attach(interfaces: &[String], balancers: &[std::net::Ipv4Addr]) -> Result<Decap, Error> {
+        let mut ebpf = EbpfLoader::new()
+            .load(DECAP)
+            .map_err(|e| Error::Load(e.to_string()))?;
+        let mut admitted: BpfHashMap<MapData, u32, u8> = BpfHashMap::try_from(
+            ebpf.take_map("balancers")
+                .ok_or_else(|| Error::Load("the program has no map balancers".into()))?,
+        )
+        .map_err(update_error)?;
+        for b in balancers {
+            admitted
+                .insert(u32::from_ne_bytes(b.octets()), 1, 0)
+                .map_err(update_error)?;
+        }
+        let counts = PerCpuArray::try_from(
+            ebpf.take_map("decap_counts")
+                .ok_or_else(|| Error::Load("the program has no map decap_counts".into()))?,
+        )
+        .map_err(update_error)?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut("udplb_decap")
+            .ok_or_else(|| Error::Load("the program is missing".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| Error::Load(e.to_string()))?;
+        program
+            .load()
+            .map_err(|e| Error::Load(verifier_error(&e)))?;
+        let mut links = Vec::new();
+        for interface in interfaces {
+            let _ = aya::programs::tc::qdisc_add_clsact(interface);
+            links.push(
+                program
+                    .attach(interface, TcAttachType::Ingress)
+                    .map_err(|e| Error::Attach {
+                        interface: interface.clone(),
+                        why: e.to_string(),
+                    })?,
+            );
+        }
+        // (The admitted balancers' map lives as long as the program.)
+        drop(admitted);
+        Ok(Decap {
+            ebpf,
+            links,
+            counts,
+        })
+    }
+
+    /// Datagrams decapsulated, and IP in IP from others (left to the stack), summed over the
+    /// CPUs.
+    pub fn counts(&self) -> (u64, u64) {
+        let n = |i: u32| {
+            self.counts
+                .get(&i, 0)
+                .map_or(0, |v| v.iter().copied().sum::<u64>())
+        };
+        let _ = (&self.ebpf, &self.links);
+        (n(0), n(1))
+    }
 }
 
 /// Writes the entries of `new` that differ from `old` at `base`..; entries past the end of

@@ -32,7 +32,10 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         allow: vec![(Ipv4Addr::new(192, 0, 2, 0), 24)],
         deny: vec![(Ipv4Addr::new(192, 0, 2, 7), 32)],
         backends,
-        masquerade: Some((61_000, 65_535)),
+        method: udplb_kernel::Method::Masquerade {
+            first: 61_000,
+            last: 65_535,
+        },
     };
     k.update(std::slice::from_ref(&service)).expect("updates");
     // Again, unchanged: nothing to write; then one backend fewer.

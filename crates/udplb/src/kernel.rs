@@ -33,8 +33,8 @@ pub struct KernelPlane {
     pub listeners: Vec<usize>,
     /// The interfaces the program is attached to.
     pub interfaces: Vec<String>,
-    /// Per listener (as `listeners`), the pool's masquerade ports (`None`: LVS-NAT).
-    masquerade: Vec<Option<(u16, u16)>>,
+    /// Per listener (as `listeners`), how its pool's backends are reached.
+    methods: Vec<udplb_kernel::Method>,
     /// The snapshot generation the maps say.
     applied: AtomicU64,
 }
@@ -116,11 +116,14 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     if interfaces.is_empty() {
         interfaces = up_interfaces();
     }
-    let masquerade = masquerade(cfg, wanted);
+    let methods = methods(cfg, wanted);
     if interfaces.is_empty() {
         anyhow::bail!("no interface is up but loopback (set the listener's interfaces)");
     }
-    if masquerade.iter().any(Option::is_some) {
+    if methods
+        .iter()
+        .any(|m| matches!(m, udplb_kernel::Method::Masquerade { .. }))
+    {
         // Backends on this host answer a masquerade address through loopback.
         interfaces.push("lo".into());
         warn_of_ephemeral_ports(cfg, wanted);
@@ -128,13 +131,13 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     }
     interfaces.sort();
     interfaces.dedup();
-    kernel.update(&services(snap, wanted, &masquerade))?;
+    kernel.update(&services(snap, wanted, &methods))?;
     kernel.attach(&interfaces)?;
     Ok(KernelPlane {
         kernel: Mutex::new(kernel),
         listeners: wanted.to_vec(),
         interfaces,
-        masquerade,
+        methods,
         applied: AtomicU64::new(snap.generation),
     })
 }
@@ -190,16 +193,20 @@ fn hand_to_runtime_user(cfg: &Config, dir: &std::path::Path) {
     }
 }
 
-/// Per listener of `wanted`, its pool's masquerade ports (first, last), `None` for LVS-NAT.
-fn masquerade(cfg: &Config, wanted: &[usize]) -> Vec<Option<(u16, u16)>> {
+/// Per listener of `wanted`, how its pool's backends are reached (its `forwarding`).
+fn methods(cfg: &Config, wanted: &[usize]) -> Vec<udplb_kernel::Method> {
     wanted
         .iter()
         .map(|&i| {
-            let pool = cfg.pools.iter().find(|p| p.name == cfg.listeners[i].pool)?;
-            (pool.forwarding == Forwarding::Masquerade).then(|| {
-                let r = pool.masquerade_ports();
-                (r.first, r.last)
-            })
+            let pool = cfg.pools.iter().find(|p| p.name == cfg.listeners[i].pool);
+            match pool.map(|p| (p.forwarding, p.masquerade_ports())) {
+                Some((Forwarding::Masquerade, r)) => udplb_kernel::Method::Masquerade {
+                    first: r.first,
+                    last: r.last,
+                },
+                Some((Forwarding::Dsr, _)) => udplb_kernel::Method::Dsr,
+                _ => udplb_kernel::Method::Nat,
+            }
         })
         .collect()
 }
@@ -292,17 +299,17 @@ fn up_interfaces() -> Vec<String> {
         .collect()
 }
 
-/// What the program must know of the `wanted` listeners in `snap` (with their `masquerade`
-/// ports, as `wanted`).
+/// What the program must know of the `wanted` listeners in `snap` (with their `methods`, as
+/// `wanted`).
 pub fn services(
     snap: &Snapshot,
     wanted: &[usize],
-    masquerade: &[Option<(u16, u16)>],
+    methods: &[udplb_kernel::Method],
 ) -> Vec<udplb_kernel::Service> {
     wanted
         .iter()
-        .zip(masquerade)
-        .filter_map(|(&i, &masquerade)| {
+        .zip(methods)
+        .filter_map(|(&i, &method)| {
             let spec = snap.listeners.get(i)?;
             let pool = &snap.pools[spec.pool];
             let addr = v4(spec.address)?;
@@ -330,7 +337,7 @@ pub fn services(
                 backends,
                 ring,
                 schedule,
-                masquerade,
+                method,
             })
         })
         .collect()
@@ -343,6 +350,40 @@ fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
         _ => return None,
     };
     Some(SocketAddrV4::new(ip, addr.port()))
+}
+
+/// `udplb decap`: the decapsulating program on `interfaces`, for `balancers`, until SIGTERM or
+/// SIGINT (the program is detached when this returns).
+pub fn decap(interfaces: &[String], balancers: &[std::net::Ipv4Addr]) -> std::process::ExitCode {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    if let Err(e) = stop.thread_block() {
+        eprintln!("udplb decap: blocking signals: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let decap = match udplb_kernel::Decap::attach(interfaces, balancers) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("udplb decap: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let from: Vec<String> = balancers.iter().map(ToString::to_string).collect();
+    eprintln!(
+        "udplb decap: taking IP in IP from {} on {}",
+        from.join(","),
+        interfaces.join(",")
+    );
+    let signal = stop.wait();
+    let (taken, others) = decap.counts();
+    eprintln!(
+        "udplb decap: stopped ({}): {taken} decapsulated, {others} from other sources left to \
+         the stack",
+        signal.map_or_else(|e| e.to_string(), |s| s.as_str().to_string())
+    );
+    std::process::ExitCode::SUCCESS
 }
 
 impl KernelPlane {
@@ -361,7 +402,7 @@ impl KernelPlane {
                 .kernel
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .update(&services(&snap, &self.listeners, &self.masquerade));
+                .update(&services(&snap, &self.listeners, &self.methods));
             match result {
                 Ok(()) => {
                     applied = snap.generation;
@@ -443,6 +484,7 @@ impl KernelPlane {
                 "rewrite": d.rewrite,
                 "denied": d.denied,
                 "no_port": d.no_port,
+                "too_big": d.too_big,
             },
             "fragments_passed": d.fragments_passed,
             "forged_passed": d.forged,

@@ -373,6 +373,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         ("rewrite", d.rewrite),
         ("denied", d.denied),
         ("no_port", d.no_port),
+        ("too_big", d.too_big),
     ] {
         dropped.add(vec![("reason", reason.into())], n as f64);
     }

@@ -1078,6 +1078,202 @@ fn masquerade_reaches_backends_without_a_route_to_the_clients_and_on_this_host()
     );
 }
 
+/// Direct server return: the balancer encapsulates (IP in IP) to two backend addresses of the
+/// backend host, which takes the outer header off (`udplb decap`, this kernel has no ipip
+/// module), serves the listener's address on its loopback and answers the clients directly,
+/// over a link of its own to them (not through the balancer).
+#[test]
+fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address() {
+    let Some(mut topo) = Topology::build("ulbr") else {
+        return;
+    };
+    let t = topo.t;
+    let (k, c) = (topo.backends.clone(), topo.clients.clone());
+    topo.net
+        .link(
+            &k,
+            "kc",
+            &format!("10.96.{t}.2/24"),
+            &c,
+            "ck",
+            &format!("10.96.{t}.1/24"),
+        )
+        .unwrap();
+    for args in [
+        vec![
+            "-n",
+            &k,
+            "route",
+            "add",
+            &format!("10.97.{t}.0/24"),
+            "via",
+            &format!("10.96.{t}.1"),
+        ],
+        vec![
+            "-n",
+            &k,
+            "addr",
+            "add",
+            &format!("10.99.{t}.1/32"),
+            "dev",
+            "lo",
+        ],
+        vec![
+            "-n",
+            &k,
+            "addr",
+            "add",
+            &format!("10.98.{t}.3/24"),
+            "dev",
+            "kb",
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+        ip(&args).unwrap();
+    }
+    // The client's kernel computes its checksums itself (veth would otherwise leave them to an
+    // offload that never happens, and tcpdump could not check them).
+    let ok = Net::exec(&c, &need("ethtool", "ethtool"))
+        .args(["-K", "cb", "tx", "off"])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // The replies reach the client on another interface than its route to the listener.
+    for setting in ["all", "default", "ck", "cb"] {
+        let ok = Net::exec(&c, Path::new("sysctl"))
+            .args(["-q", "-w", &format!("net.ipv4.conf.{setting}.rp_filter=0")])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    let vip = topo.vip();
+    let child = Net::helper(
+        &k,
+        "kernel_backend_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_BACKEND", vip.to_string()),
+            ("UDPLB_TEST_KERNEL_TAG", "d".to_string()),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    topo.net.keep(child);
+    let decap_log = topo.net.dir.join("decap.log");
+    let child = Net::exec(&k, Path::new(env!("CARGO_BIN_EXE_udplb")))
+        .args(["decap", "-i", "kb", "-b", &format!("10.98.{t}.1")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&decap_log).unwrap())
+        .spawn()
+        .unwrap();
+    let decap = topo.net.keep(child);
+    let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
+    assert!(
+        wait_for(DEADLINE, || decap_said().contains("udplb decap:")),
+        "udplb decap did not start"
+    );
+    if decap_said().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    assert!(decap_said().contains("taking IP in IP"), "{}", decap_said());
+    let capture = topo.net.dir.join("tcpdump.txt");
+    let capture_log = topo.net.dir.join("tcpdump.log");
+    let child = Net::exec(&k, &need("tcpdump", "tcpdump"))
+        .args(["-i", "kb", "-nn", "-vv", "-c", "4", "ip", "proto", "4"])
+        .stdout(std::fs::File::create(&capture).unwrap())
+        .stderr(std::fs::File::create(&capture_log).unwrap())
+        .spawn()
+        .unwrap();
+    topo.net.keep(child);
+    assert!(
+        wait_for(DEADLINE, || std::fs::read_to_string(&capture_log)
+            .unwrap_or_default()
+            .contains("listening on")),
+        "tcpdump did not start"
+    );
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [\"10.98.{t}.2:{p}\", \"10.98.{t}.3:{p}\"]\nforwarding = \"dsr\"\n",
+            p = vip.port()
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    let replies = topo.clients(40, 2);
+    let stats = topo.api("/stats");
+    assert_eq!(
+        replies.len(),
+        80,
+        "{replies:?}\n{}\n{}",
+        stats["kernel"],
+        decap_said()
+    );
+    let client_ip = format!("10.97.{t}.2");
+    for (port, from, tag, seen) in &replies {
+        assert_eq!(*from, vip, "a reply not from the listener's address");
+        assert_eq!(tag, "d");
+        assert_eq!(
+            seen,
+            &format!("{client_ip}:{port}"),
+            "the backend saw another address"
+        );
+    }
+    // Both backend addresses took clients; no reply came back through the balancer.
+    let backends = stats["kernel"]["listeners"][0]["backends"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(backends.len(), 2, "{stats}");
+    for b in &backends {
+        assert!(b["datagrams"].as_u64().unwrap_or(0) > 0, "{stats}");
+        assert_eq!(b["replies"], 0, "{stats}");
+    }
+    assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+    // The encapsulation as tcpdump reads it: IP in IP from the balancer's address, the outer
+    // and the inner checksums good, the client's datagram inside unchanged.
+    assert!(
+        wait_for(DEADLINE, || std::fs::read_to_string(&capture)
+            .unwrap_or_default()
+            .matches("udp sum ok")
+            .count()
+            >= 4),
+        "{}",
+        std::fs::read_to_string(&capture).unwrap_or_default()
+    );
+    let seen = std::fs::read_to_string(&capture).unwrap();
+    assert!(seen.contains("proto IPIP (4)"), "{seen}");
+    assert!(
+        seen.contains(&format!("10.98.{t}.1 > 10.98.{t}.")),
+        "{seen}"
+    );
+    assert!(
+        seen.contains(&format!("> {}.{}: [udp sum ok]", vip.ip(), vip.port())),
+        "{seen}"
+    );
+    assert!(!seen.contains("bad cksum"), "{seen}");
+    // Stopped, the decapsulation says what it did.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(decap as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        wait_for(DEADLINE, || decap_said().contains("stopped")),
+        "{}",
+        decap_said()
+    );
+    assert!(
+        decap_said().contains(" 0 from other sources"),
+        "{}",
+        decap_said()
+    );
+}
+
 #[test]
 fn an_unprivileged_udplb_upgrades_with_its_flows() {
     // Started as root, udplb switches to nobody keeping CAP_BPF, CAP_PERFMON and

@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+//
+// The backend's side of udplb's `forwarding = "dsr"`: a tc program at ingress of a backend's
+// interface that takes the outer IPv4 header off what a udplb balancer encapsulated (IP in IP,
+// as LVS-TUN does), so that the stack delivers the client's own datagram, to the listener's
+// address the backend holds (on its loopback), and the backend answers the client directly.
+// For backends without the kernel's ipip module (or that would rather not have a tunnel
+// device); `udplb decap` loads it.
+//
+// Owns: recognising an encapsulated datagram from a known balancer and decapsulating it.
+// Must not: accept IP in IP from any other source (anyone could otherwise hand the backend a
+// datagram claiming any client's address), or touch anything else.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+// The balancers' addresses (network order) whose IP in IP is taken.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u8);
+} balancers SEC(".maps");
+
+// Per CPU: [0] decapsulated, [1] IP in IP from an unknown source (left to the stack).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} decap_counts SEC(".maps");
+
+static __always_inline void count(__u32 what)
+{
+	__u64 *n = bpf_map_lookup_elem(&decap_counts, &what);
+	if (n)
+		*n += 1;
+}
+
+SEC("classifier")
+int udplb_decap(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	struct iphdr *outer = (void *)(eth + 1);
+	if ((void *)(outer + 1) > end || outer->ihl != 5 || outer->protocol != IPPROTO_IPIP ||
+	    (outer->frag_off & bpf_htons(0x3fff)))
+		return TC_ACT_OK;
+	struct iphdr *inner = (void *)(outer + 1);
+	if ((void *)(inner + 1) > end || inner->version != 4)
+		return TC_ACT_OK;
+	__u32 from = outer->saddr;
+	if (!bpf_map_lookup_elem(&balancers, &from)) {
+		count(1);
+		return TC_ACT_OK;
+	}
+	if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, 0))
+		return TC_ACT_SHOT;
+	count(0);
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
