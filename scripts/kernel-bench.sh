@@ -11,6 +11,9 @@
 #   nftables  to the service address, DNAT by nftables' conntrack to the three backends
 #   kernel    to the service address, udplb with dataplane = "kernel" (Maglev, flow mode)
 #   masquerade  the same with forwarding = "masquerade" (the backends answer the balancer)
+#   dsr       the same with forwarding = "dsr": IP in IP to the backend host, which runs
+#             `udplb decap`, holds the service address and answers over a link of its own
+#             to the client (its echo then serves the service address)
 #   socket    to the service address, udplb with dataplane = "socket" (its relay, one worker)
 # Nothing is pinned: client, backends and balancer share both CPUs, as veth's softirq work runs
 # on the sending CPU. CPU per reply is both CPUs' busy time (from /proc/stat, softirq
@@ -18,7 +21,7 @@
 # difference to direct is what the balancer costs. Rounds are interleaved; medians.
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket"; also: masquerade) ROUNDS (3) DURATION (5s) FLOWS (64)
+# Env:   PEERS ("direct nftables kernel socket"; also: masquerade dsr) ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +55,15 @@ ip -n $k addr add 10.77.2.2/24 dev kb
 for l in "$b bc" "$c cb" "$b bk" "$k kb"; do read -r n i <<<"$l"; ip -n "$n" link set "$i" up; done
 ip -n $c route add default via 10.77.1.1
 ip -n $k route add default via 10.77.2.1
+# The backends' own way to the client (used by dsr only).
+ip -n $k link add kc type veth peer name ck netns $c
+ip -n $k addr add 10.77.3.2/24 dev kc
+ip -n $c addr add 10.77.3.1/24 dev ck
+ip -n $k link set kc up
+ip -n $c link set ck up
+for i in all default ck cb; do ip netns exec $c sysctl -q -w net.ipv4.conf.$i.rp_filter=0; done
+ip -n $k addr add 10.77.2.3/24 dev kb
+ip -n $k addr add 10.77.2.4/24 dev kb
 ip -n $b addr add $vip/32 dev lo
 ip netns exec $b sysctl -q -w net.ipv4.ip_forward=1
 
@@ -74,9 +86,21 @@ table ip udplb_bench {
 NFT
             target=$vip:5300
             ;;
-        kernel | socket | masquerade)
-            local dataplane=$1 forwarding=nat
+        kernel | socket | masquerade | dsr)
+            local dataplane=$1 forwarding=nat pool=$backends
             [[ $1 == masquerade ]] && dataplane=kernel forwarding=masquerade
+            if [[ $1 == dsr ]]; then
+                dataplane=kernel forwarding=dsr
+                pool='"10.77.2.2:5300", "10.77.2.3:5300", "10.77.2.4:5300"'
+                ip -n $k addr add $vip/32 dev lo
+                ip -n $k route add 10.77.1.0/24 via 10.77.3.1
+                run_bg "$work/dsr-echo.out" ip netns exec $k "$BENCH" echo $vip:5300
+                dsr_echo_pid=$bg_pid
+                wait_output "$work/dsr-echo.out" '^listening' 1 "$bg_pid" || die "echo on $vip did not start"
+                run_bg "$work/decap.log" ip netns exec $k "$UDPLB" decap -i kb -b 10.77.2.1
+                decap_pid=$bg_pid
+                wait_output "$work/decap.log" 'taking IP in IP' 1 "$bg_pid" || die "udplb decap did not start"
+            fi
             cat >"$work/udplb.toml" <<CONFIG
 [runtime]
 workers = 1
@@ -90,7 +114,7 @@ dataplane = "$dataplane"
 $([[ $dataplane == kernel ]] && echo 'interfaces = ["bc", "bk"]')
 [pools.p]
 scheduler = "maglev"
-backends = [$backends]
+backends = [$pool]
 $([[ $dataplane == kernel ]] && echo "forwarding = \"$forwarding\"")
 CONFIG
             UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$UDPLB" run -c "$work/udplb.toml"
@@ -105,6 +129,13 @@ stop_peer() {
     case $1 in
         nftables) ip netns exec $b nft delete table ip udplb_bench ;;
         kernel | socket | masquerade) stop "$udplb_pid" TERM ;;
+        dsr)
+            stop "$udplb_pid" TERM
+            stop "$decap_pid" TERM
+            stop "$dsr_echo_pid" TERM
+            ip -n $k route del 10.77.1.0/24 via 10.77.3.1
+            ip -n $k addr del $vip/32 dev lo
+            ;;
     esac
 }
 
