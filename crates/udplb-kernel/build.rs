@@ -33,7 +33,8 @@ fn main() {
 /// Compiles the program `source` into `out` with `defines`; says why not as a build warning.
 fn compile(clang: &str, source: &str, out: &Path, defines: &[&str]) -> bool {
     let mut cmd = Command::new(clang);
-    cmd.args(["-O2", "-g", "-Wall", "-target", "bpf"])
+    // v3: atomic compare-and-swap (the rate limits' cells; Linux 5.12 and later).
+    cmd.args(["-O2", "-g", "-Wall", "-target", "bpf", "-mcpu=v3"])
         .arg(format!(
             "-DUDPLB_BITFLIP={:#x}ULL",
             bitflip(udplb_core::hash::PLACEMENT_SEED)

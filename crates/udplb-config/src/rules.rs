@@ -195,11 +195,27 @@ fn check_kernel_listener(out: &mut Vec<Problem>, l: &ListenerConfig, dataplane: 
             &format!("PROXY headers are read in user space; {USER_SPACE}"),
         );
     }
-    if l.limits.is_some() {
-        refuse(
-            "limits",
-            &format!("rates are counted in user space; {USER_SPACE}"),
-        );
+    if let Some(limits) = &l.limits {
+        if limits.reply_ratio.is_some() {
+            refuse(
+                "limits.reply_ratio",
+                &format!("replied bytes are counted per flow in user space; {USER_SPACE}"),
+            );
+        }
+        if l.mode == SessionMode::Datagram {
+            for (k, set) in [
+                ("new_flows_per_source", limits.new_flows_per_source),
+                ("new_flows_per_prefix", limits.new_flows_per_prefix),
+            ] {
+                if set.is_some() {
+                    refuse(
+                        &format!("limits.{k}"),
+                        "in datagram mode the kernel data plane keeps no flows to count new \
+                         ones by; limit datagrams_per_source or datagrams_per_prefix",
+                    );
+                }
+            }
+        }
     }
     if l.abuse_pool.is_some() {
         refuse(

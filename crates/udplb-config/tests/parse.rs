@@ -1298,10 +1298,16 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
              are read in user space; not built in the kernel data plane yet)",
         ),
         (
-            format!("{l}\nlimits = {{ datagrams_per_source = 100 }}"),
+            format!("{l}\nlimits = {{ datagrams_per_source = 100, reply_ratio = 10 }}"),
             b.into(),
-            "t.toml:5:1: listeners.l.limits: not with dataplane = \"DP\" (rates are counted in \
-             user space",
+            "t.toml:5:40: listeners.l.limits.reply_ratio: not with dataplane = \"DP\" (replied \
+             bytes are counted per flow in user space",
+        ),
+        (
+            format!("{l}\nmode = \"datagram\"\nlimits = {{ new_flows_per_source = 10 }}"),
+            b.into(),
+            "t.toml:6:12: listeners.l.limits.new_flows_per_source: not with dataplane = \"DP\" \
+             (in datagram mode the kernel data plane keeps no flows to count new ones by",
         ),
         (
             format!("{l}\nabuse_pool = \"q\""),

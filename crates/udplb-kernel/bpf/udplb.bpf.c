@@ -48,6 +48,15 @@ struct service_key {
 #define SERVICE_MASQUERADE 8 // the source rewritten too, to a port of [port_base, +port_count)
 #define SERVICE_DSR 16 // encapsulated IP in IP to the backend, not rewritten
 
+// A listener's rate limits, as udplb's socket path counts them
+// (udplb_core::ratelimit): per key and one-second window, at most `limit`, in a count-min
+// sketch of two rows of cells that never grows.
+#define LIMIT_DATAGRAMS_SOURCE 0
+#define LIMIT_DATAGRAMS_PREFIX 1
+#define LIMIT_FLOWS_SOURCE 2
+#define LIMIT_FLOWS_PREFIX 3
+#define LIMITERS 4
+
 struct service {
 	__u32 id; // < MAX_SERVICES: the service's slice of ring, schedule and backends
 	__u32 flags;
@@ -57,6 +66,11 @@ struct service {
 	__u16 port_base; // masquerade: the balancer's source ports (host order)
 	__u16 port_count;
 	__u32 pad;
+	__u32 limit[LIMITERS]; // per second and key (0: off)
+	__u32 limit_base; // this service's first cell in `limits`
+	__u32 limit_mask; // cells per row - 1 (a power of two - 1)
+	__u32 prefix_mask; // a client's prefix for the per-prefix limits (network order)
+	__u32 pad2;
 };
 
 #define BACKEND_KEEPS_FLOWS 1
@@ -119,6 +133,8 @@ enum drop_reason {
 	PASS_FORGED, // a backend's address from the clients' side: not rewritten, left to the stack
 	DROP_NO_PORT, // masquerade: every port tried for a new client is taken
 	DROP_TOO_BIG, // dsr: encapsulated, the datagram would exceed the route's MTU
+	DROP_RATE_LIMITED, // over a per-source or per-prefix datagram limit
+	DROP_FLOW_RATE_LIMITED, // over a per-source or per-prefix new-flow limit
 	DROP_REASONS,
 };
 
@@ -251,6 +267,15 @@ struct {
 	__type(value, __u8);
 } acl_allow SEC(".maps");
 
+// The rate limits' cells: per service with limits, LIMITERS x 2 rows x (limit_mask + 1), each
+// the second it counts (upper 32 bits) and the count (lower 32).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1); // set by udplb before loading
+	__type(key, __u32);
+	__type(value, __u64);
+} limits SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 16384);
@@ -344,6 +369,60 @@ static __always_inline int place(const struct service *svc, __u32 client_addr, _
 		return -1;
 	*backend = base + *b;
 	return 0;
+}
+
+// The count a cell holds for second `now`.
+static __always_inline __u32 count_in(__u64 cell, __u32 now)
+{
+	return (__u32)(cell >> 32) == now ? (__u32)cell : 0;
+}
+
+// Counts one event of `key` in limiter `which` of `svc` at `now_ns`; whether it is within
+// the limit (a limiter that is off costs one comparison). As udplb's socket path: the smaller of the key's two cells decides, only the
+// cells at that minimum are raised (conservative update), each by a compare-and-swap so that
+// the CPUs together never pass the limit; a lost race retries with fresh values.
+static __always_inline int within(const struct service *svc, __u32 which, __u32 key, __u64 now_ns)
+{
+	if (which >= LIMITERS)
+		return 1;
+	__u32 limit = svc->limit[which];
+	if (!limit)
+		return 1;
+	__u32 now = (__u32)(now_ns / 1000000000ULL);
+	__u32 cells = svc->limit_mask + 1;
+	__u32 base = svc->limit_base + which * 2 * cells;
+	__u64 h = placement_hash(key, key ^ 0x9E3779B9, 8);
+	__u32 at0 = base + ((__u32)h & svc->limit_mask);
+	__u32 at1 = base + cells + ((__u32)(h >> 32) & svc->limit_mask);
+	__u64 *c0 = bpf_map_lookup_elem(&limits, &at0);
+	__u64 *c1 = bpf_map_lookup_elem(&limits, &at1);
+	if (!c0 || !c1)
+		return 1;
+	for (int attempt = 0; attempt < 8; attempt++) {
+		__u64 s0 = *(volatile __u64 *)c0, s1 = *(volatile __u64 *)c1;
+		__u32 n0 = count_in(s0, now), n1 = count_in(s1, now);
+		__u32 min = n0 < n1 ? n0 : n1;
+		if (min >= limit)
+			return 0;
+		__u64 next = ((__u64)now << 32) | (min + 1);
+		if (n0 == min && __sync_val_compare_and_swap(c0, s0, next) != s0)
+			continue;
+		if (n1 == min && __sync_val_compare_and_swap(c1, s1, next) != s1)
+			continue;
+		return 1;
+	}
+	return 0; // contended beyond reason: refused
+}
+
+// Whether the client's datagram (`flows`: a new flow's) is within the listener's limits, per
+// source address and per prefix.
+static __always_inline int within_limits(const struct service *svc, __u32 client, int flows,
+					 __u64 now)
+{
+	__u32 source = flows ? LIMIT_FLOWS_SOURCE : LIMIT_DATAGRAMS_SOURCE;
+	__u32 prefix = flows ? LIMIT_FLOWS_PREFIX : LIMIT_DATAGRAMS_PREFIX;
+	return within(svc, source, client, now) &&
+	       within(svc, prefix, client & svc->prefix_mask, now);
 }
 
 #define IP_OFF ETH_HLEN
@@ -861,6 +940,10 @@ int udplb_ingress(struct __sk_buff *skb)
 		__u32 b = 0, to_addr = 0;
 		__u16 to_port = 0;
 		__u64 now = bpf_ktime_get_ns();
+		if (!within_limits(svc, saddr, 0, now)) {
+			count_drop(DROP_RATE_LIMITED);
+			return TC_ACT_SHOT;
+		}
 		struct flow_key fk = {.client_addr = saddr,
 				      .service_addr = daddr,
 				      .client_port = sport,
@@ -880,6 +963,10 @@ int udplb_ingress(struct __sk_buff *skb)
 			}
 		}
 		if (!to_addr) {
+			if (!datagram && !within_limits(svc, saddr, 1, now)) {
+				count_drop(DROP_FLOW_RATE_LIMITED);
+				return TC_ACT_SHOT;
+			}
 			if (place(svc, saddr, sport, &b) < 0) {
 				count_drop(DROP_NO_BACKEND);
 				return TC_ACT_SHOT;

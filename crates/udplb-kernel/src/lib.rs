@@ -67,7 +67,38 @@ pub struct Service {
     pub deny: Vec<(std::net::Ipv4Addr, u8)>,
     /// How the datagrams reach the backends.
     pub method: Method,
+    /// Rate limits per client address and prefix (`None`: none).
+    pub limits: Option<Limits>,
 }
+
+/// A kernel listener's rate limits (udplb's `[listeners.NAME.limits]`): per second, 0 is off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub datagrams_per_source: u32,
+    pub datagrams_per_prefix: u32,
+    pub new_flows_per_source: u32,
+    pub new_flows_per_prefix: u32,
+    /// The prefix length of the per-prefix limits.
+    pub prefix_len: u8,
+    /// Where the listener's cells start in the program's table (from [`limit_cells`] of the
+    /// listeners before it), and how many per row (a power of two).
+    pub first_cell: u32,
+    pub cells: u32,
+}
+
+/// The cells per row of one limiter for `cells` configured (rounded up to a power of two, at
+/// least 64, as the socket path's limiters).
+pub fn cells_per_row(cells: usize) -> u32 {
+    cells.clamp(64, 1 << 24).next_power_of_two() as u32
+}
+
+/// The cells one listener's limits take in the program's table, for `cells` configured.
+pub fn limit_cells(cells: usize) -> u32 {
+    LIMITERS * 2 * cells_per_row(cells)
+}
+
+/// Limiters per listener: datagrams and new flows, per source and per prefix.
+pub const LIMITERS: u32 = 4;
 
 /// How a kernel listener's datagrams reach its backends (the pool's `forwarding`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -122,6 +153,10 @@ pub struct Drops {
     pub no_port: u64,
     /// Direct server return: encapsulated, the datagram would exceed the route's MTU.
     pub too_big: u64,
+    /// Over a per-source or per-prefix datagram limit.
+    pub rate_limited: u64,
+    /// Over a per-source or per-prefix new-flow limit.
+    pub flow_rate_limited: u64,
 }
 
 /// Whether this udplb was built with the program.
@@ -140,7 +175,11 @@ pub struct Kernel(());
 
 #[cfg(not(udplb_bpf))]
 impl Kernel {
-    pub fn load(_max_flows: u32, _pin_dir: Option<&std::path::Path>) -> Result<Kernel, Error> {
+    pub fn load(
+        _max_flows: u32,
+        _limit_cells: u32,
+        _pin_dir: Option<&std::path::Path>,
+    ) -> Result<Kernel, Error> {
         Err(Error::NotBuilt)
     }
     pub fn attach(&mut self, _interfaces: &[String]) -> Result<(), Error> {

@@ -53,6 +53,11 @@ struct ServiceValue {
     port_base: u16,
     port_count: u16,
     pad: u32,
+    limit: [u32; 4],
+    limit_base: u32,
+    limit_mask: u32,
+    prefix_mask: u32,
+    pad2: u32,
 }
 
 const BACKEND_KEEPS_FLOWS: u16 = 1;
@@ -151,11 +156,17 @@ fn update_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl Kernel {
-    /// Loads the program with room for `max_flows` flows (needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, or
-    /// root). With `pin_dir` (a directory on a bpf file system) the flow map is kept there and
-    /// reused: flows continue across udplb processes.
-    pub fn load(max_flows: u32, pin_dir: Option<&std::path::Path>) -> Result<Kernel, Error> {
+    /// Loads the program with room for `max_flows` flows and `limit_cells` rate-limit cells
+    /// (the listeners' [`crate::limit_cells`] summed; needs CAP_BPF, CAP_PERFMON and
+    /// CAP_NET_ADMIN, or root). With `pin_dir` (a directory on a bpf file system) the flow
+    /// map is kept there and reused: flows continue across udplb processes.
+    pub fn load(
+        max_flows: u32,
+        limit_cells: u32,
+        pin_dir: Option<&std::path::Path>,
+    ) -> Result<Kernel, Error> {
         let mut loader = EbpfLoader::new();
+        loader.set_max_entries("limits", limit_cells.max(1));
         loader.set_max_entries("flows", max_flows.max(1024));
         loader.set_max_entries("masq", max_flows.max(1024));
         let object = match pin_dir {
@@ -333,6 +344,23 @@ impl Kernel {
                 _ => 0,
             },
             pad: 0,
+            limit: s.limits.map_or([0; 4], |l| {
+                [
+                    l.datagrams_per_source,
+                    l.datagrams_per_prefix,
+                    l.new_flows_per_source,
+                    l.new_flows_per_prefix,
+                ]
+            }),
+            limit_base: s.limits.map_or(0, |l| l.first_cell),
+            limit_mask: s.limits.map_or(0, |l| l.cells.saturating_sub(1)),
+            prefix_mask: s.limits.map_or(0, |l| {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(l.prefix_len.min(32)))
+                    .unwrap_or(0);
+                u32::from_ne_bytes(mask.to_be_bytes())
+            }),
+            pad2: 0,
         };
         let (addr, port) = wire(s.addr);
         if w.value != Some(value) {
@@ -420,6 +448,8 @@ impl Kernel {
             forged: n(6),
             no_port: n(7),
             too_big: n(8),
+            rate_limited: n(9),
+            flow_rate_limited: n(10),
         }
     }
 }

@@ -15,7 +15,7 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         eprintln!("skipped: loading eBPF programs needs root");
         return;
     }
-    let mut k = Kernel::load(4096, None).expect("loads");
+    let mut k = Kernel::load(4096, udplb_kernel::limit_cells(64), None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {
             addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 53),
@@ -36,6 +36,15 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
             first: 61_000,
             last: 65_535,
         },
+        limits: Some(udplb_kernel::Limits {
+            datagrams_per_source: 100,
+            datagrams_per_prefix: 1000,
+            new_flows_per_source: 10,
+            new_flows_per_prefix: 0,
+            prefix_len: 24,
+            first_cell: 0,
+            cells: 64,
+        }),
     };
     k.update(std::slice::from_ref(&service)).expect("updates");
     // Again, unchanged: nothing to write; then one backend fewer.

@@ -35,6 +35,9 @@ pub struct KernelPlane {
     pub interfaces: Vec<String>,
     /// Per listener (as `listeners`), how its pool's backends are reached.
     methods: Vec<udplb_kernel::Method>,
+    /// Per listener (as `listeners`), where its rate limits' cells are in the program's table
+    /// (first cell, cells per row), set at start.
+    limit_cells: Vec<Option<(u32, u32)>>,
     /// The snapshot generation the maps say.
     applied: AtomicU64,
 }
@@ -100,7 +103,13 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         );
     }
     let pin_dir = pin_dir(cfg);
-    let mut kernel = udplb_kernel::Kernel::load(max_flows, pin_dir.as_deref())?;
+    let limit_cells = limit_layout(cfg, wanted);
+    let cells: u32 = limit_cells
+        .iter()
+        .flatten()
+        .map(|&(_, per_row)| udplb_kernel::LIMITERS * 2 * per_row)
+        .sum();
+    let mut kernel = udplb_kernel::Kernel::load(max_flows, cells, pin_dir.as_deref())?;
     if let Some(dir) = &pin_dir {
         hand_to_runtime_user(cfg, dir);
         tracing::info!(
@@ -131,13 +140,14 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     }
     interfaces.sort();
     interfaces.dedup();
-    kernel.update(&services(snap, wanted, &methods))?;
+    kernel.update(&services(snap, wanted, &methods, &limit_cells))?;
     kernel.attach(&interfaces)?;
     Ok(KernelPlane {
         kernel: Mutex::new(kernel),
         listeners: wanted.to_vec(),
         interfaces,
         methods,
+        limit_cells,
         applied: AtomicU64::new(snap.generation),
     })
 }
@@ -191,6 +201,21 @@ fn hand_to_runtime_user(cfg: &Config, dir: &std::path::Path) {
             tracing::warn!(path = %p.display(), error = %e, "kernel data plane: cannot hand the pinned map to the runtime user (an upgrade will not load)");
         }
     }
+}
+
+/// Per listener of `wanted` with rate limits, where their cells go in the program's table:
+/// (first cell, cells per row), one listener after the other.
+fn limit_layout(cfg: &Config, wanted: &[usize]) -> Vec<Option<(u32, u32)>> {
+    let mut next = 0u32;
+    wanted
+        .iter()
+        .map(|&i| {
+            let limits = cfg.listeners[i].limits?;
+            let first = next;
+            next += udplb_kernel::limit_cells(limits.cells);
+            Some((first, udplb_kernel::cells_per_row(limits.cells)))
+        })
+        .collect()
 }
 
 /// Per listener of `wanted`, how its pool's backends are reached (its `forwarding`).
@@ -299,17 +324,19 @@ fn up_interfaces() -> Vec<String> {
         .collect()
 }
 
-/// What the program must know of the `wanted` listeners in `snap` (with their `methods`, as
-/// `wanted`).
+/// What the program must know of the `wanted` listeners in `snap` (with their `methods` and
+/// `limit_cells`, as `wanted`).
 pub fn services(
     snap: &Snapshot,
     wanted: &[usize],
     methods: &[udplb_kernel::Method],
+    limit_cells: &[Option<(u32, u32)>],
 ) -> Vec<udplb_kernel::Service> {
     wanted
         .iter()
         .zip(methods)
-        .filter_map(|(&i, &method)| {
+        .zip(limit_cells)
+        .filter_map(|((&i, &method), &cells)| {
             let spec = snap.listeners.get(i)?;
             let pool = &snap.pools[spec.pool];
             let addr = v4(spec.address)?;
@@ -338,9 +365,28 @@ pub fn services(
                 ring,
                 schedule,
                 method,
+                limits: kernel_limits(spec.limits.as_ref().map(|l| l.settings()), cells),
             })
         })
         .collect()
+}
+
+/// A listener's rate limits as the program takes them (rates from the snapshot, so that a
+/// reload changes them live; the cells where they were put at start).
+fn kernel_limits(
+    settings: Option<udplb_core::ratelimit::LimitSettings>,
+    cells: Option<(u32, u32)>,
+) -> Option<udplb_kernel::Limits> {
+    let (s, (first_cell, cells)) = (settings?, cells?);
+    Some(udplb_kernel::Limits {
+        datagrams_per_source: s.datagrams_per_source.unwrap_or(0),
+        datagrams_per_prefix: s.datagrams_per_prefix.unwrap_or(0),
+        new_flows_per_source: s.new_flows_per_source.unwrap_or(0),
+        new_flows_per_prefix: s.new_flows_per_prefix.unwrap_or(0),
+        prefix_len: s.ipv4_prefix,
+        first_cell,
+        cells,
+    })
 }
 
 /// `addr` as IPv4 (the kernel data plane's family), if it is a specific IPv4 address.
@@ -402,7 +448,12 @@ impl KernelPlane {
                 .kernel
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .update(&services(&snap, &self.listeners, &self.methods));
+                .update(&services(
+                    &snap,
+                    &self.listeners,
+                    &self.methods,
+                    &self.limit_cells,
+                ));
             match result {
                 Ok(()) => {
                     applied = snap.generation;
@@ -485,6 +536,8 @@ impl KernelPlane {
                 "denied": d.denied,
                 "no_port": d.no_port,
                 "too_big": d.too_big,
+                "rate_limited": d.rate_limited,
+                "flow_rate_limited": d.flow_rate_limited,
             },
             "fragments_passed": d.fragments_passed,
             "forged_passed": d.forged,

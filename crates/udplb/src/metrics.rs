@@ -374,6 +374,8 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         ("denied", d.denied),
         ("no_port", d.no_port),
         ("too_big", d.too_big),
+        ("rate_limited", d.rate_limited),
+        ("flow_rate_limited", d.flow_rate_limited),
     ] {
         dropped.add(vec![("reason", reason.into())], n as f64);
     }

@@ -187,8 +187,9 @@ fn tcp_changes(running: &Config, new: &Config) -> Vec<String> {
         .collect()
 }
 
-/// Kernel listeners whose forwarding (`forwarding`, `masquerade_ports` of their pool) `new`
-/// changes: the kernel data plane sets it, and attaches to loopback for it, at start.
+/// Kernel listeners whose forwarding (`forwarding`, `masquerade_ports` of their pool) or whose
+/// rate limits' table (limits or none, `table_size`) `new` changes: the kernel data plane sets
+/// them up, attaches to loopback for masquerade and sizes its cells, at start.
 fn kernel_forwarding_changes(running: &Config, new: &Config) -> Vec<String> {
     let forwarding = |cfg: &Config, l: &ListenerConfig| {
         cfg.pools
@@ -201,23 +202,39 @@ fn kernel_forwarding_changes(running: &Config, new: &Config) -> Vec<String> {
         Some((f, _)) => f.name().to_string(),
         None => "none".to_string(),
     };
-    running
+    let table = |l: &ListenerConfig| match l.limits {
+        Some(limits) => format!("{} cells", udplb_kernel::cells_per_row(limits.cells)),
+        None => "none".to_string(),
+    };
+    let mut out = Vec::new();
+    for old in running
         .listeners
         .iter()
         .filter(|l| l.dataplane.may_use_kernel())
-        .filter_map(|old| {
-            let l = new.listeners.iter().find(|l| l.name == old.name)?;
-            let (was, is) = (forwarding(running, old), forwarding(new, l));
-            (was != is).then(|| {
-                format!(
-                    "listener {:?}: forwarding {} -> {} (the kernel data plane's, set at start)",
-                    l.name,
-                    describe(was),
-                    describe(is)
-                )
-            })
-        })
-        .collect()
+    {
+        let Some(l) = new.listeners.iter().find(|l| l.name == old.name) else {
+            continue;
+        };
+        let (was, is) = (forwarding(running, old), forwarding(new, l));
+        if was != is {
+            out.push(format!(
+                "listener {:?}: forwarding {} -> {} (the kernel data plane's, set at start)",
+                l.name,
+                describe(was),
+                describe(is)
+            ));
+        }
+        // Rates change live; the cells they are counted in are the program's, sized at start.
+        if table(old) != table(l) {
+            out.push(format!(
+                "listener {:?}: limits {} -> {} (the kernel data plane's cells are set at start)",
+                l.name,
+                table(old),
+                table(l)
+            ));
+        }
+    }
+    out
 }
 
 /// What differs, in words, between the running listeners and `new` in what only a restart
@@ -441,6 +458,22 @@ mod tests {
             assert!(error.contains(change), "{extra}: {error}");
         }
         assert!(kernel_forwarding_changes(&running, &running).is_empty());
+        // Limits' rates change live; their table does not.
+        let mut limited = running.clone();
+        limited.listeners[0].limits = Some(udplb_core::ratelimit::LimitSettings::default());
+        assert_eq!(
+            kernel_forwarding_changes(&running, &limited),
+            [
+                "listener \"dns\": limits none -> 65536 cells (the kernel data plane's cells are \
+              set at start)"
+            ]
+        );
+        let mut faster = limited.clone();
+        faster.listeners[0].limits = Some(udplb_core::ratelimit::LimitSettings {
+            datagrams_per_source: Some(10),
+            ..udplb_core::ratelimit::LimitSettings::default()
+        });
+        assert!(kernel_forwarding_changes(&limited, &faster).is_empty());
     }
 
     #[test]

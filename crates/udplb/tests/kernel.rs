@@ -101,6 +101,53 @@ fn kernel_clients_in_namespace() {
     }
 }
 
+/// Not a test on its own: from the client namespace, UDPLB_TEST_KERNEL_SOCKETS sockets bound to
+/// UDPLB_TEST_KERNEL_BIND each send UDPLB_TEST_KERNEL_EACH datagrams to
+/// UDPLB_TEST_KERNEL_BURST at once, then count the replies; prints `windows W replies R`, W
+/// the one-second windows (of CLOCK_MONOTONIC, the program's clock) the sending spanned.
+#[test]
+fn kernel_burst_in_namespace() {
+    let Ok(target) = std::env::var("UDPLB_TEST_KERNEL_BURST") else {
+        return;
+    };
+    let var = |name: &str| std::env::var(name).unwrap();
+    let sockets: Vec<UdpSocket> = (0..var("UDPLB_TEST_KERNEL_SOCKETS").parse::<usize>().unwrap())
+        .map(|_| UdpSocket::bind((var("UDPLB_TEST_KERNEL_BIND").as_str(), 0)).unwrap())
+        .collect();
+    let each: usize = var("UDPLB_TEST_KERNEL_EACH").parse().unwrap();
+    let second = || {
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .unwrap()
+            .tv_sec()
+    };
+    let first = second();
+    for s in &sockets {
+        for _ in 0..each {
+            s.send_to(b"burst", target.as_str()).unwrap();
+        }
+    }
+    let windows = second() - first + 1;
+    // Replies for 300 ms after the last datagram (or until every one has its reply).
+    let mut replies = 0;
+    let mut buf = [0u8; 2048];
+    for s in &sockets {
+        s.set_nonblocking(true).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(300);
+    while std::time::Instant::now() < deadline && replies < sockets.len() * each {
+        let before = replies;
+        for s in &sockets {
+            while s.recv_from(&mut buf).is_ok() {
+                replies += 1;
+            }
+        }
+        if replies == before {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    println!("windows {windows} replies {replies}");
+}
+
 struct Topology {
     net: Net,
     t: u32,
@@ -1272,6 +1319,86 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
         "{}",
         decap_said()
     );
+}
+
+/// A burst from `bind` in the client namespace: (one-second windows it spanned, replies).
+fn burst(topo: &Topology, bind: &str, sockets: usize, each: usize) -> (u64, u64) {
+    let out = Net::helper(
+        &topo.clients,
+        "kernel_burst_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_BURST", topo.vip().to_string()),
+            ("UDPLB_TEST_KERNEL_BIND", bind.to_string()),
+            ("UDPLB_TEST_KERNEL_SOCKETS", sockets.to_string()),
+            ("UDPLB_TEST_KERNEL_EACH", each.to_string()),
+        ],
+    )
+    .stderr(Stdio::null())
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = helper_lines(&text)
+        .into_iter()
+        .find(|l| l.starts_with("windows "))
+        .unwrap_or_else(|| panic!("the burst said nothing: {text}"));
+    let f: Vec<u64> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
+    (f[0], f[1])
+}
+
+#[test]
+fn rate_limits_per_source_are_kept_in_the_kernel() {
+    let Some(mut topo) = Topology::build("ulbt") else {
+        return;
+    };
+    let t = topo.t;
+    ip(&[
+        "-n",
+        &topo.clients,
+        "addr",
+        "add",
+        &format!("10.97.{t}.3/24"),
+        "dev",
+        "cb",
+    ])
+    .unwrap();
+    topo.start_backends();
+    topo.start_udplb("[listeners.l.limits]\ndatagrams_per_source = 40\nnew_flows_per_source = 5\n");
+    if topo.without_the_program() {
+        return;
+    }
+    // One flow, 200 datagrams at once: at most 40 a second get through.
+    let (windows, replies) = burst(&topo, &format!("10.97.{t}.2"), 1, 200);
+    let stats = topo.api("/stats");
+    assert!(replies > 0, "{stats}");
+    assert!(
+        replies <= 40 * windows,
+        "{replies} replies in {windows} s: {stats}"
+    );
+    let limited = stats["kernel"]["drops"]["rate_limited"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(limited, 200 - replies, "{stats}");
+    // Another address, 30 new flows of one datagram: at most 5 a second are placed; its
+    // datagrams are within their own limit.
+    let (windows, replies) = burst(&topo, &format!("10.97.{t}.3"), 30, 1);
+    let stats = topo.api("/stats");
+    assert!(replies > 0, "{stats}");
+    assert!(
+        replies <= 5 * windows,
+        "{replies} flows in {windows} s: {stats}"
+    );
+    assert_eq!(
+        stats["kernel"]["drops"]["flow_rate_limited"]
+            .as_u64()
+            .unwrap_or(0),
+        30 - replies,
+        "{stats}"
+    );
+    assert_eq!(
+        stats["kernel"]["drops"]["rate_limited"].as_u64(),
+        Some(limited)
+    );
+    assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
 }
 
 #[test]
