@@ -41,6 +41,7 @@
 #                  than this % of the run to steal (a shared virtual machine's host running
 #                  something else; the steal% column shows it per peer either way)
 #        BASELINE (unset): another udplb binary; adds the peers base-flow and base-datagram
+#                  (base-kernel and base-kernel-datagram can be named in PEERS)
 #                  (and base, base-flow to DNS_PEERS), so a change is measured before and after
 #                  in the same interleaved run
 # nginx (with its stream module) and pen are installed from Debian when missing (as root);
@@ -201,11 +202,11 @@ launch() {
 # forwarding PORT PID: the balancer PID forwards on PORT (10 s; probes from CPU 0).
 forwarding() { wait_forwarding -p "$2" "127.0.0.1:$1" "${on0[@]}"; }
 
-# start_kernel MODE PORT BACKEND...: udplb with its kernel data plane on lo (MODE: flow or
-# datagram; Maglev) listening on PORT; sets bg_pid.
+# start_kernel BINARY MODE PORT BACKEND...: udplb BINARY with its kernel data plane on lo
+# (MODE: flow or datagram; Maglev) listening on PORT; sets bg_pid.
 start_kernel() {
-    local mode=$1 port=$2 list
-    shift 2
+    local binary=$1 mode=$2 port=$3 list
+    shift 3
     list=$(printf '"%s", ' "$@")
     cat >"$work/kernel.toml" <<CONFIG
 [runtime]
@@ -220,7 +221,7 @@ interfaces = ["lo"]
 [pools.p]
 backends = [${list%, }]
 CONFIG
-    UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$UDPLB" run -c "$work/kernel.toml"
+    UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$binary" run -c "$work/kernel.toml"
 }
 
 # start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable
@@ -241,13 +242,14 @@ start_peer() {
             UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$binary" --workers 1 \
                 --mode "$mode" "${shared[@]}" --shutdown-grace 0s "127.0.0.1:$port" "${backends[@]}"
             ;;
-        udplb-kernel | udplb-kernel-datagram)
+        udplb-kernel | udplb-kernel-datagram | base-kernel | base-kernel-datagram)
             # The kernel data plane on lo (root): its work runs in the sender's softirq, not
             # on CPU 1, so compare it with PIN=0 (throughput), not by the CPU column.
             [[ $(id -u) -eq 0 ]] || return 0
-            local mode=flow
-            [[ $peer == udplb-kernel-datagram ]] && mode=datagram
-            start_kernel "$mode" "$port" "${backends[@]}"
+            local mode=flow binary=$UDPLB
+            [[ $peer == *-datagram ]] && mode=datagram
+            [[ $peer == base-* ]] && binary=$BASELINE
+            start_kernel "$binary" "$mode" "$port" "${backends[@]}"
             ;;
         nginx | nginx-4m)
             command -v nginx >/dev/null || return 0
@@ -344,7 +346,7 @@ start_dns_peer() { # start_dns_peer PEER PORT -> pid (the caller adds it to pids
             ;;
         udplb-kernel)
             [[ $(id -u) -eq 0 ]] || return 0
-            start_kernel flow "$port" "${knots[@]}"
+            start_kernel "$UDPLB" flow "$port" "${knots[@]}"
             ;;
         dnsdist)
             command -v dnsdist >/dev/null || return 0

@@ -238,13 +238,7 @@ fn an_upgraded_instance_goes_on_hearing_its_peers() {
     // B is serving (it answers) before it is upgraded.
     let probe = client("127.0.0.1:0");
     request(&probe, listen_b, b"hello");
-    let old = b.pid();
-    signal(old, "USR2");
-    assert!(
-        wait_for(DEADLINE, || pid_at(&b).is_some_and(|p| p != old)),
-        "no successor"
-    );
-    let _successor = Adopted(pid_at(&b).unwrap());
+    let _successor = Adopted(upgrade_to_successor(&b, b.pid()).expect("no successor"));
     // The old process drains its flows meanwhile; it no longer reads the sync socket.
     let clients: Vec<UdpSocket> = (0..CLIENTS).map(|_| client("127.0.0.1:0")).collect();
     let placed = backends_through(&clients, listen_a, false);

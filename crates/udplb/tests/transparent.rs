@@ -175,15 +175,8 @@ fn backends_see_the_client_address_and_clients_the_address_they_sent_to() {
     check_client(&topo, listen, &lb, lb.pid());
     // An upgrade's successor, which starts unprivileged, keeps CAP_NET_ADMIN and serves the
     // same way (a new client port: a new flow, a new transparent socket).
-    let old = lb.pid();
-    signal(old, "USR2");
-    let pid_at = || lb.try_stats()?.get("pid")?.as_u64();
-    assert!(
-        wait_for(DEADLINE, || pid_at().is_some_and(|p| p != u64::from(old))),
-        "{}",
-        lb.stderr.lock().unwrap()
-    );
-    let successor = pid_at().unwrap() as u32;
+    let successor = upgrade_to_successor(&lb, lb.pid())
+        .unwrap_or_else(|| panic!("no successor: {}", lb.stderr.lock().unwrap()));
     let _kill = Killed(successor);
     check_client(&topo, listen, &lb, successor);
 }

@@ -152,13 +152,12 @@ fn upgrade_under_load(name: &str, listener: &str, handed: &str) {
     {
         let old = *pids.last().unwrap();
         let inode = upgrade_file(&program, tail);
-        signal(old, "USR2");
-        assert!(
-            wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)),
-            "round {round}: the admin endpoint never answered from a new process: {}",
-            lb.stderr.lock().unwrap()
-        );
-        let new = pid_at(&lb).unwrap();
+        let new = upgrade_to_successor(&lb, old).unwrap_or_else(|| {
+            panic!(
+                "round {round}: the admin endpoint never answered from a new process: {}",
+                lb.stderr.lock().unwrap()
+            )
+        });
         pids.push(new);
         let previous = serving.replace(Adopted(new));
         assert_eq!(program_inode(new), inode, "the successor runs the new file");
@@ -259,9 +258,7 @@ fn a_successor_that_cannot_start_leaves_the_old_process_serving() {
     // And a good upgrade still works after the failed ones.
     std::fs::write(&path, good).unwrap();
     let old = lb.pid();
-    signal(old, "USR2");
-    assert!(wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)));
-    let _successor = Adopted(pid_at(&lb).unwrap());
+    let _successor = Adopted(upgrade_to_successor(&lb, old).expect("a successor"));
 }
 
 /// A TCP echo server on `addr` (the UDP backend's address: udplb connects there).
@@ -307,9 +304,7 @@ fn a_tcp_connection_open_at_the_upgrade_is_served_to_its_end_by_the_old_process(
     assert_eq!(echo_over(&mut old_connection, "before"), "before");
 
     let old = lb.pid();
-    signal(old, "USR2");
-    assert!(wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)));
-    let _successor = Adopted(pid_at(&lb).unwrap());
+    let _successor = Adopted(upgrade_to_successor(&lb, old).expect("a successor"));
     // New connections are the successor's; the open one stays with the old process, which
     // waits for it (its UDP flows, none, would have let it go at once).
     let mut new_connection = std::net::TcpStream::connect(listen).unwrap();
@@ -354,9 +349,7 @@ fn clients_remembered_by_persistence_return_to_their_backends_after_an_upgrade()
     assert!(wait_for(DEADLINE, || lb.counter("/flows/live") == 0));
 
     let old = lb.pid();
-    signal(old, "USR2");
-    assert!(wait_for(DEADLINE, || pid_at(&lb).is_some_and(|p| p != old)));
-    let _successor = Adopted(pid_at(&lb).unwrap());
+    let _successor = Adopted(upgrade_to_successor(&lb, old).expect("a successor"));
     // In another order than before: round robin alone would deal them out differently.
     let mut after: Vec<String> = clients
         .iter()

@@ -830,3 +830,23 @@ impl Drop for Adopted {
 pub fn pid_at(lb: &Udplb) -> Option<u32> {
     lb.try_stats()?.get("pid")?.as_u64().map(|p| p as u32)
 }
+
+/// The command line of process `pid` (empty once it is gone).
+pub fn cmdline(pid: u32) -> Vec<u8> {
+    std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+}
+
+/// Signals `lb`'s serving process `old` to upgrade (SIGUSR2) and waits for its successor: the
+/// process that answers on `lb`'s admin endpoint, is not `old`, and runs with `old`'s command
+/// line (the admin port was a free one when the test began; another test's udplb could bind it
+/// while it changes hands).
+pub fn upgrade_to_successor(lb: &Udplb, old: u32) -> Option<u32> {
+    let command = cmdline(old);
+    signal(old, "USR2");
+    let mut found = None;
+    wait_for(DEADLINE, || {
+        found = pid_at(lb).filter(|&p| p != old && cmdline(p) == command);
+        found.is_some()
+    });
+    found
+}
