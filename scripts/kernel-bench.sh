@@ -10,6 +10,7 @@
 #   direct    to one backend's address, routed by the balancer namespace (no balancer at all)
 #   nftables  to the service address, DNAT by nftables' conntrack to the three backends
 #   kernel    to the service address, udplb with dataplane = "kernel" (Maglev, flow mode)
+#   datagram  the kernel path in datagram mode (every datagram placed anew, round robin)
 #   masquerade  the same with forwarding = "masquerade" (the backends answer the balancer)
 #   dsr       the same with forwarding = "dsr": IP in IP to the backend host, which runs
 #             `udplb decap`, holds the service address and answers over a link of its own
@@ -21,7 +22,7 @@
 # difference to direct is what the balancer costs. Rounds are interleaved; medians.
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket"; also: masquerade dsr) ROUNDS (3) DURATION (5s) FLOWS (64)
+# Env:   PEERS ("direct nftables kernel socket"; also: datagram masquerade dsr) ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,9 +87,10 @@ table ip udplb_bench {
 NFT
             target=$vip:5300
             ;;
-        kernel | socket | masquerade | dsr)
-            local dataplane=$1 forwarding=nat pool=$backends
+        kernel | socket | masquerade | dsr | datagram)
+            local dataplane=$1 forwarding=nat pool=$backends mode=flow
             [[ $1 == masquerade ]] && dataplane=kernel forwarding=masquerade
+            [[ $1 == datagram ]] && dataplane=kernel mode=datagram
             if [[ $1 == dsr ]]; then
                 dataplane=kernel forwarding=dsr
                 pool='"10.77.2.2:5300", "10.77.2.3:5300", "10.77.2.4:5300"'
@@ -110,6 +112,7 @@ listen = "127.0.0.1:9190"
 [listeners.l]
 address = "$vip:5300"
 pool = "p"
+mode = "$mode"
 dataplane = "$dataplane"
 $([[ $dataplane == kernel ]] && echo 'interfaces = ["bc", "bk"]')
 [pools.p]
@@ -128,7 +131,7 @@ CONFIG
 stop_peer() {
     case $1 in
         nftables) ip netns exec $b nft delete table ip udplb_bench ;;
-        kernel | socket | masquerade) stop "$udplb_pid" TERM ;;
+        kernel | socket | masquerade | datagram) stop "$udplb_pid" TERM ;;
         dsr)
             stop "$udplb_pid" TERM
             stop "$decap_pid" TERM
