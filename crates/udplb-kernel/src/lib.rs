@@ -112,6 +112,17 @@ pub enum Method {
     Dsr,
 }
 
+impl Method {
+    /// The name udplb's configuration gives it (`forwarding`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Nat => "nat",
+            Method::Masquerade { .. } => "masquerade",
+            Method::Dsr => "dsr",
+        }
+    }
+}
+
 /// A backend of a kernel listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {

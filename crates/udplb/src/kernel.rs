@@ -126,6 +126,7 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         interfaces = up_interfaces();
     }
     let methods = methods(cfg, wanted);
+    warn_of_local_nat_backends(cfg, wanted, &methods);
     if interfaces.is_empty() {
         anyhow::bail!("no interface is up but loopback (set the listener's interfaces)");
     }
@@ -199,6 +200,34 @@ fn hand_to_runtime_user(cfg: &Config, dir: &std::path::Path) {
     for p in paths {
         if let Err(e) = nix::unistd::chown(&p, Some(u.uid), Some(u.gid)) {
             tracing::warn!(path = %p.display(), error = %e, "kernel data plane: cannot hand the pinned map to the runtime user (an upgrade will not load)");
+        }
+    }
+}
+
+/// Says so for each backend of a `nat` kernel listener that is on this host: its replies to
+/// clients on other hosts leave from its own address, by the stack, and never meet the
+/// program that would give them the listener's (`masquerade` reaches such a backend).
+fn warn_of_local_nat_backends(cfg: &Config, wanted: &[usize], methods: &[udplb_kernel::Method]) {
+    for (&i, method) in wanted.iter().zip(methods) {
+        if *method != udplb_kernel::Method::Nat {
+            continue;
+        }
+        let l = &cfg.listeners[i];
+        let Some(pool) = cfg.pools.iter().find(|p| p.name == l.pool) else {
+            continue;
+        };
+        for b in &pool.backends {
+            let ip = b.spec.addr.ip();
+            // An address this host can bind is one of its own.
+            if ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok() {
+                tracing::warn!(
+                    listener = %l.name,
+                    backend = %b.spec.addr,
+                    "kernel data plane: this backend is on this host: with forwarding = \"nat\" \
+                     only clients on this host get its replies from the listener's address \
+                     (use forwarding = \"masquerade\" for clients elsewhere)"
+                );
+            }
         }
     }
 }
@@ -519,6 +548,7 @@ impl KernelPlane {
                     .collect();
                 serde_json::json!({
                     "listener": snap.listeners.get(li).map(|l| l.name.as_str()),
+                    "forwarding": self.methods.get(id).map(|m| m.name()),
                     "backends": backends,
                 })
             })

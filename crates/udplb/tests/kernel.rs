@@ -1117,6 +1117,10 @@ fn masquerade_reaches_backends_without_a_route_to_the_clients_and_on_this_host()
     let stats = topo.api("/stats");
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
     assert_eq!(stats["kernel"]["drops"]["no_port"], 0, "{stats}");
+    assert_eq!(
+        stats["kernel"]["listeners"][0]["forwarding"], "masquerade",
+        "{stats}"
+    );
     assert!(
         stats["kernel"]["interfaces"]
             .as_array()
@@ -1281,6 +1285,10 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
         assert_eq!(b["replies"], 0, "{stats}");
     }
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+    assert_eq!(
+        stats["kernel"]["listeners"][0]["forwarding"], "dsr",
+        "{stats}"
+    );
     // The encapsulation as tcpdump reads it: IP in IP from the balancer's address, the outer
     // and the inner checksums good, the client's datagram inside unchanged.
     assert!(
