@@ -52,6 +52,11 @@ fn kernel_clients_in_namespace() {
         pin_to(cpu);
     }
     let bind = std::env::var("UDPLB_TEST_KERNEL_BIND").unwrap_or_else(|_| "0.0.0.0".into());
+    // Requests padded to this many bytes (UDPLB_TEST_KERNEL_SIZE), if given.
+    let size: usize = std::env::var("UDPLB_TEST_KERNEL_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let attempts: usize = std::env::var("UDPLB_TEST_KERNEL_ATTEMPTS")
         .ok()
         .and_then(|a| a.parse().ok())
@@ -67,7 +72,7 @@ fn kernel_clients_in_namespace() {
     let gate = std::env::var("UDPLB_TEST_KERNEL_GATE")
         .ok()
         .map(std::path::PathBuf::from);
-    let mut buf = [0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
     for round in 0..rounds {
         if let Some(gate) = &gate
             && round > 0
@@ -81,7 +86,9 @@ fn kernel_clients_in_namespace() {
         for s in &sockets {
             let local = s.local_addr().unwrap();
             for _attempt in 0..attempts {
-                s.send_to(format!("r{round}").as_bytes(), target).unwrap();
+                let mut request = format!("r{round}").into_bytes();
+                request.resize(request.len().max(size), b'.');
+                s.send_to(&request, target).unwrap();
                 if let Ok((len, from)) = s.recv_from(&mut buf) {
                     let text = String::from_utf8_lossy(&buf[..len]).into_owned();
                     let mut parts = text.splitn(3, '|');
@@ -752,11 +759,31 @@ fn a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
 
 #[test]
 fn datagram_mode_spreads_every_datagram_exactly() {
-    let Some(mut topo) = Topology::build("ulbg") else {
+    datagram_mode_spreads("ulbg", "nat");
+}
+
+#[test]
+fn datagram_mode_spreads_exactly_behind_masquerade_one_port_per_backend() {
+    datagram_mode_spreads("ulbw", "masquerade");
+}
+
+fn datagram_mode_spreads(prefix: &str, forwarding: &str) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
     topo.start_backends();
-    topo.start_udplb("mode = \"datagram\"");
+    if forwarding == "masquerade" {
+        topo.without_a_route_to_the_clients();
+    }
+    let backends: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
+    topo.start_udplb_with(
+        "mode = \"datagram\"",
+        &format!(
+            "backends = [{}]\nforwarding = \"{forwarding}\"\n[pools.p.health]\n{}\n",
+            backends.join(", "),
+            udp_check(200, 200, 1, 2)
+        ),
+    );
     if topo.without_the_program() {
         return;
     }
@@ -765,15 +792,29 @@ fn datagram_mode_spreads_every_datagram_exactly() {
     let replies = topo.clients_with(1, 300, &[("UDPLB_TEST_KERNEL_CPU", "0".into())]);
     assert_eq!(replies.len(), 300);
     let mut per: HashMap<String, usize> = HashMap::new();
-    for (_, from, tag, _) in &replies {
+    let mut seen_as: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    for (_, from, tag, seen) in &replies {
         assert_eq!(*from, topo.vip());
         *per.entry(tag.clone()).or_default() += 1;
+        seen_as.entry(tag.clone()).or_default().insert(seen.clone());
     }
     let expected: HashMap<String, usize> = ["x", "y", "z"]
         .iter()
         .map(|t| (t.to_string(), 100))
         .collect();
     assert_eq!(per, expected);
+    // Each backend saw the client as one address and port throughout (masquerade: the
+    // balancer's, one port per client and backend).
+    for (tag, seen) in &seen_as {
+        assert_eq!(seen.len(), 1, "backend {tag} saw {seen:?}");
+        if forwarding == "masquerade" {
+            let seen = seen.iter().next().unwrap();
+            assert!(
+                seen.starts_with(&format!("10.98.{}.1:6", topo.t)),
+                "backend {tag} saw {seen}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -1327,6 +1368,122 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
         "{}",
         decap_said()
     );
+}
+
+/// Direct server return and the MTU: a datagram that fits the clients' links but not once
+/// encapsulated is dropped and counted (`too_big`); with 100 bytes more on the backends'
+/// links, a 3,000-byte datagram (two fragments from the client) goes through whole, each
+/// fragment encapsulated to the backend its first went to.
+#[test]
+fn dsr_counts_what_no_longer_fits_and_carries_fragments() {
+    let Some(mut topo) = Topology::build("ulbf") else {
+        return;
+    };
+    let t = topo.t;
+    let (k, c) = (topo.backends.clone(), topo.clients.clone());
+    topo.net
+        .link(
+            &k,
+            "kc",
+            &format!("10.96.{t}.2/24"),
+            &c,
+            "ck",
+            &format!("10.96.{t}.1/24"),
+        )
+        .unwrap();
+    for args in [
+        vec![
+            "-n",
+            &k,
+            "route",
+            "add",
+            &format!("10.97.{t}.0/24"),
+            "via",
+            &format!("10.96.{t}.1"),
+        ],
+        vec![
+            "-n",
+            &k,
+            "addr",
+            "add",
+            &format!("10.99.{t}.1/32"),
+            "dev",
+            "lo",
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+        ip(&args).unwrap();
+    }
+    for setting in ["all", "default", "ck", "cb"] {
+        let ok = Net::exec(&c, Path::new("sysctl"))
+            .args(["-q", "-w", &format!("net.ipv4.conf.{setting}.rp_filter=0")])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    let vip = topo.vip();
+    let child = Net::helper(
+        &k,
+        "kernel_backend_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_BACKEND", vip.to_string()),
+            ("UDPLB_TEST_KERNEL_TAG", "d".to_string()),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    topo.net.keep(child);
+    let decap_log = topo.net.dir.join("decap.log");
+    let child = Net::exec(&k, Path::new(env!("CARGO_BIN_EXE_udplb")))
+        .args(["decap", "-i", "kb", "-b", &format!("10.98.{t}.1")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&decap_log).unwrap())
+        .spawn()
+        .unwrap();
+    topo.net.keep(child);
+    let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
+    assert!(wait_for(DEADLINE, || decap_said().contains("udplb decap:")));
+    if decap_said().contains("not built into this udplb") {
+        eprintln!("skipped: udplb was built without clang");
+        return;
+    }
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [\"10.98.{t}.2:{}\"]\nforwarding = \"dsr\"\n",
+            vip.port()
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    let small = topo.clients(1, 1);
+    assert_eq!(small.len(), 1, "{}", topo.api("/stats")["kernel"]);
+    // 1,470 bytes: 1,498 on the wire, 1,518 encapsulated, over the 1,500 of the backends' link.
+    let one = [("UDPLB_TEST_KERNEL_SIZE", "1470".to_string())];
+    assert!(topo.clients_with(1, 1, &one).is_empty());
+    let stats = topo.api("/stats");
+    assert!(
+        stats["kernel"]["drops"]["too_big"].as_u64().unwrap_or(0) >= 1,
+        "{stats}"
+    );
+    for (ns, dev) in [(&topo.balancer, "bk"), (&k, "kb")] {
+        ip(&["-n", ns, "link", "set", dev, "mtu", "1600"]).unwrap();
+    }
+    assert_eq!(
+        topo.clients_with(1, 1, &one).len(),
+        1,
+        "{}",
+        topo.api("/stats")["kernel"]
+    );
+    let big = [("UDPLB_TEST_KERNEL_SIZE", "3000".to_string())];
+    let replies = topo.clients_with(1, 1, &big);
+    let stats = topo.api("/stats");
+    assert_eq!(replies.len(), 1, "{stats}");
+    assert_eq!(replies[0].1, vip);
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
 }
 
 /// A burst from `bind` in the client namespace: (one-second windows it spanned, replies).
