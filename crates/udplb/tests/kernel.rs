@@ -888,6 +888,16 @@ impl Drop for BpfFs {
 /// Clients placed over two backends; udplb restarted with a third (a new process, a new
 /// Maglev table); returns how many of 60 clients changed backend, and the restarted udplb's
 /// log. `pinned`: the flow map on a bpf file system (else on a plain directory).
+/// Whether process `pid` has exited with all its threads (its main thread shows as a zombie
+/// while the others are still being torn down, holding its sockets, the admin port among
+/// them): reaped, or a zombie with no other thread left.
+fn gone(pid: u32) -> bool {
+    let zombie =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "));
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count());
+    zombie && threads <= 1
+}
+
 fn restart_with_a_new_backend(
     prefix: &str,
     pinned: bool,
@@ -938,18 +948,12 @@ fn restart_with_a_new_backend(
         );
         topo.wait_for_the_maps();
         // Until the old process is gone, its program (attached first) serves: wait for it.
-        assert!(wait_for(DEADLINE, || std::fs::read_to_string(format!(
-            "/proc/{first}/stat"
-        ))
-        .map_or(true, |s| s.contains(") Z "))));
+        assert!(wait_for(DEADLINE, || gone(first)));
     } else {
         // A restart: the old process exits (its program detached), a new one starts with a
         // third backend.
         signal(first, "TERM");
-        assert!(wait_for(DEADLINE, || std::fs::read_to_string(format!(
-            "/proc/{first}/stat"
-        ))
-        .map_or(true, |s| s.contains(") Z "))));
+        assert!(wait_for(DEADLINE, || gone(first)));
         topo.start_udplb_with(listener, &(pool(3) + &runtime));
     }
     std::fs::write(control.join("go-1"), "").unwrap();
