@@ -75,6 +75,8 @@ struct service {
 
 #define BACKEND_KEEPS_FLOWS 1
 #define BACKEND_MASQUERADE 2 // its replies come to a masquerade port (struct masq)
+#define BACKEND_LOCAL 4 // on this host (udplb knows its addresses; the FIB cannot tell
+			// without forwarding on)
 
 struct backend {
 	__u32 addr;
@@ -758,12 +760,14 @@ static __always_inline __u16 masquerade_port(const struct service *svc, __u32 cl
 // and a port of the pool's range.
 static __always_inline int masquerade(struct __sk_buff *skb, const struct service *svc,
 				      __u32 saddr, __u16 sport, __u32 daddr, __u16 dport,
-				      __u32 to_addr, __u16 to_port, __u32 b, __u8 ttl,
+				      __u32 to_addr, __u16 to_port, __u32 b, __u16 bflags, __u8 ttl,
 				      __u16 tot_len, struct fragment_key *frk, int first_of_more,
 				      __u64 now)
 {
-	struct bpf_fib_lookup fib;
-	int rc = route_with(skb, &fib, 0, to_addr, tot_len, BPF_FIB_LOOKUP_SRC);
+	struct bpf_fib_lookup fib = {};
+	int rc = BPF_FIB_LKUP_RET_NOT_FWDED;
+	if (!(bflags & BACKEND_LOCAL))
+		rc = route_with(skb, &fib, 0, to_addr, tot_len, BPF_FIB_LOOKUP_SRC);
 	int local = rc == BPF_FIB_LKUP_RET_NOT_FWDED;
 	__u32 from = local ? to_addr : fib.ipv4_src;
 	if (!local && ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !from)) {
@@ -938,7 +942,7 @@ int udplb_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		__u32 b = 0, to_addr = 0;
-		__u16 to_port = 0;
+		__u16 to_port = 0, bflags = 0;
 		__u64 now = bpf_ktime_get_ns();
 		if (!within_limits(svc, saddr, 0, now)) {
 			count_drop(DROP_RATE_LIMITED);
@@ -957,6 +961,7 @@ int udplb_ingress(struct __sk_buff *skb)
 			if (r && (r->flags & BACKEND_KEEPS_FLOWS) && r->service_addr == daddr &&
 			    r->service_port == dport) {
 				b = r->backend;
+				bflags = r->flags;
 				to_addr = f->backend_addr;
 				to_port = f->backend_port;
 				f->last_ns = now;
@@ -978,6 +983,7 @@ int udplb_ingress(struct __sk_buff *skb)
 			}
 			to_addr = be->addr;
 			to_port = be->port;
+			bflags = be->flags;
 			struct flow nf = {
 				.backend_addr = to_addr, .backend_port = to_port, .last_ns = now};
 			if (!datagram)
@@ -999,7 +1005,7 @@ int udplb_ingress(struct __sk_buff *skb)
 		}
 		if (svc->flags & SERVICE_MASQUERADE)
 			return masquerade(skb, svc, saddr, sport, daddr, dport, to_addr, to_port, b,
-					  ttl, tot_len, &frk, first_of_more, now);
+					  bflags, ttl, tot_len, &frk, first_of_more, now);
 		if (first_of_more) {
 			struct fragment fr = {.daddr = to_addr, .backend = b};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);

@@ -129,6 +129,8 @@ pub struct Backend {
     pub addr: SocketAddrV4,
     /// An established flow stays on it (up, or draining).
     pub keeps_flows: bool,
+    /// On this host (one of its addresses): masquerade reaches it through loopback.
+    pub local: bool,
 }
 
 /// Traffic of one backend through the kernel data plane, summed over the CPUs.
@@ -320,6 +322,7 @@ mod tests {
         Backend {
             addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 53),
             keeps_flows: true,
+            local: false,
         }
     }
 
@@ -341,6 +344,7 @@ mod tests {
             .map(|(a, p)| Backend {
                 addr: SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, a), p),
                 keeps_flows: true,
+                local: false,
             })
             .collect();
         assert_eq!(slots.assign(&many), None);

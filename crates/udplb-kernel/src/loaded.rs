@@ -62,6 +62,7 @@ struct ServiceValue {
 
 const BACKEND_KEEPS_FLOWS: u16 = 1;
 const BACKEND_MASQUERADE: u16 = 2;
+const BACKEND_LOCAL: u16 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -129,7 +130,8 @@ struct Written {
     /// Slot per backend position, as last written.
     ring: Vec<u32>,
     schedule: Vec<u32>,
-    backends: Vec<Option<(SocketAddrV4, bool)>>,
+    /// Per slot, the backend and its flags, as last written.
+    backends: Vec<Option<(SocketAddrV4, u16)>>,
     value: Option<ServiceValue>,
     allow: Vec<(std::net::Ipv4Addr, u8)>,
     deny: Vec<(std::net::Ipv4Addr, u8)>,
@@ -282,14 +284,11 @@ impl Kernel {
         w.backends.resize(MAX_BACKENDS, None);
         // Backends first: a table entry never names a slot not written yet.
         for (b, &slot) in s.backends.iter().zip(&slots) {
-            let now = Some((b.addr, b.keeps_flows));
+            let flags = backend_flags(b, s.method);
+            let now = Some((b.addr, flags));
             if w.backends[slot as usize] != now {
                 let (addr, port) = wire(b.addr);
-                let value = BackendValue {
-                    addr,
-                    port,
-                    flags: backend_flags(b.keeps_flows, s.method),
-                };
+                let value = BackendValue { addr, port, flags };
                 self.backends
                     .set(base + slot, value, 0)
                     .map_err(update_error)?;
@@ -375,7 +374,7 @@ impl Kernel {
             let reply = ReplyValue {
                 service_addr: addr,
                 service_port: port,
-                flags: backend_flags(b.keeps_flows, s.method),
+                flags: backend_flags(b, s.method),
                 backend: base + slot,
                 pad: 0,
             };
@@ -455,8 +454,12 @@ impl Kernel {
 }
 
 /// A backend's flags (in `backends` and `replies`).
-fn backend_flags(keeps_flows: bool, method: Method) -> u16 {
-    (if keeps_flows { BACKEND_KEEPS_FLOWS } else { 0 })
+fn backend_flags(b: &crate::Backend, method: Method) -> u16 {
+    (if b.keeps_flows {
+        BACKEND_KEEPS_FLOWS
+    } else {
+        0
+    }) | if b.local { BACKEND_LOCAL } else { 0 }
         | if matches!(method, Method::Masquerade { .. }) {
             BACKEND_MASQUERADE
         } else {

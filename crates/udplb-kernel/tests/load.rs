@@ -20,6 +20,7 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         .map(|i| Backend {
             addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 53),
             keeps_flows: true,
+            local: i == 3,
         })
         .collect();
     let service = Service {

@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use udplb_config::{
-    Admin, Config, Expect, HealthCheck, ListenerConfig, PoolConfig, Probe, Runtime,
+    Admin, Config, Dataplane, Expect, Forwarding, HealthCheck, ListenerConfig, PoolConfig, Probe,
+    Runtime,
 };
 use udplb_core::health::{Initial, Thresholds};
 use udplb_core::{Affinity, BackendSpec, SchedulerKind, SessionMode};
@@ -224,9 +225,23 @@ struct OneLiner {
     #[arg(long, value_name = "N", default_value_t = udplb_config::defaults::PASSIVE_FALL)]
     passive_fall: u32,
     /// Scheduler (every one honours weights): round-robin (smooth weighted), random,
-    /// least-flows, power-of-two, maglev, rendezvous.
-    #[arg(long, default_value = "round-robin", value_parser = parse_scheduler)]
-    scheduler: SchedulerKind,
+    /// least-flows, power-of-two, maglev, rendezvous. Default: round-robin; maglev with
+    /// --dataplane kernel or auto (the kernel indexes its table).
+    #[arg(long, value_parser = parse_scheduler)]
+    scheduler: Option<SchedulerKind>,
+    /// Which data plane forwards: socket (udplb's workers), kernel (an eBPF program at tc on
+    /// the interfaces; root), auto (kernel when it loads, sockets otherwise).
+    #[arg(long, default_value = "socket", value_parser = parse_named::<Dataplane>)]
+    dataplane: Dataplane,
+    /// With --dataplane kernel or auto: an interface the program attaches to (repeatable;
+    /// default: every interface that is up, but loopback).
+    #[arg(long = "interface", value_name = "NAME")]
+    interfaces: Vec<String>,
+    /// With --dataplane kernel or auto: nat (the backends see the client and route back
+    /// through udplb), masquerade (they see udplb's address), dsr (IP in IP; they answer the
+    /// clients directly).
+    #[arg(long, default_value = "nat", value_parser = parse_named::<Forwarding>)]
+    forwarding: Forwarding,
     /// What makes a client sticky: ip-port or ip.
     #[arg(long, default_value = "ip-port", value_parser = parse_affinity)]
     affinity: Affinity,
@@ -376,6 +391,14 @@ fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
 
+/// A name of the configuration's (`dataplane`, `forwarding`), as the file takes it.
+fn parse_named<T: std::str::FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| e.to_string())
+}
+
 fn parse_affinity(s: &str) -> Result<Affinity, String> {
     s.parse().map_err(|e| format!("{e}"))
 }
@@ -438,6 +461,8 @@ impl OneLiner {
         listener.socket_buffer = self.socket_buffer;
         listener.gro = self.gro;
         listener.shared_upstream = self.shared_upstream;
+        listener.dataplane = self.dataplane;
+        listener.interfaces = self.interfaces;
         listener.tcp = match (self.tcp, self.no_tcp) {
             (true, _) => Some(true),
             (_, true) => Some(false),
@@ -464,9 +489,15 @@ impl OneLiner {
                     self.check
                         .into_health(self.check_interval, self.passive_fall),
                 ),
+                forwarding: self.forwarding,
                 ..PoolConfig::new(
                     "default".into(),
-                    self.scheduler,
+                    self.scheduler
+                        .unwrap_or(if self.dataplane.may_use_kernel() {
+                            SchedulerKind::Maglev
+                        } else {
+                            SchedulerKind::RoundRobin
+                        }),
                     self.backends.into_iter().map(|b| b.0.into()).collect(),
                 )
             }],

@@ -218,8 +218,7 @@ fn warn_of_local_nat_backends(cfg: &Config, wanted: &[usize], methods: &[udplb_k
         };
         for b in &pool.backends {
             let ip = b.spec.addr.ip();
-            // An address this host can bind is one of its own.
-            if ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok() {
+            if on_this_host(ip) {
                 tracing::warn!(
                     listener = %l.name,
                     backend = %b.spec.addr,
@@ -377,6 +376,7 @@ pub fn services(
                     Some(udplb_kernel::Backend {
                         addr: v4(b.spec.addr)?,
                         keeps_flows: pool.keeps_flows(j),
+                        local: on_this_host(b.spec.addr.ip()),
                     })
                 })
                 .collect::<Vec<_>>();
@@ -416,6 +416,11 @@ fn kernel_limits(
         first_cell,
         cells,
     })
+}
+
+/// Whether `ip` is one of this host's addresses (one it can bind).
+fn on_this_host(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 /// `addr` as IPv4 (the kernel data plane's family), if it is a specific IPv4 address.

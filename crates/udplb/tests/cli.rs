@@ -111,7 +111,7 @@ fn a_bad_command_line_exits_78() {
          [pools.p]\nbackends = [\"127.0.0.1:5301\"]\n",
     );
     let file_arg = file.display().to_string();
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 14] = [
         (
             &["--no-such-flag", "127.0.0.1:5300", "127.0.0.1:5301"],
             "--no-such-flag",
@@ -140,6 +140,26 @@ fn a_bad_command_line_exits_78() {
                 "127.0.0.1:5301",
             ],
             "--responses: only applies to --mode request-response (the mode is datagram)",
+        ),
+        (
+            &["--dataplane", "xdp", "127.0.0.1:5300", "127.0.0.1:5301"],
+            "xdp",
+        ),
+        (
+            &["--forwarding", "tunnel", "127.0.0.1:5300", "127.0.0.1:5301"],
+            "tunnel",
+        ),
+        // The kernel data plane places with Maglev (the one-liner's default with it).
+        (
+            &[
+                "--dataplane",
+                "kernel",
+                "--scheduler",
+                "rr",
+                "127.0.0.1:5300",
+                "127.0.0.1:5301",
+            ],
+            "the kernel data plane places with \"maglev\"",
         ),
         (&["run", "-c", &file_arg, "--workers", "0"], "--workers"),
         // Without -c: the default path, named in the error.

@@ -1570,6 +1570,73 @@ fn rate_limits_per_source_are_kept_in_the_kernel() {
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
 }
 
+/// The one-liner takes the kernel data plane as the file does: Maglev by default, masquerade
+/// to a backend elsewhere and one on the balancer itself.
+#[test]
+fn the_one_liner_forwards_in_the_kernel() {
+    let Some(mut topo) = Topology::build("ulbo") else {
+        return;
+    };
+    topo.start_backends();
+    topo.without_a_route_to_the_clients();
+    let local: SocketAddr = "127.0.0.1:7004".parse().unwrap();
+    let child = Net::helper(
+        &topo.balancer,
+        "kernel_backend_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_BACKEND", local.to_string()),
+            ("UDPLB_TEST_KERNEL_TAG", "l".to_string()),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    topo.net.keep(child);
+    let log = topo.net.dir.join("udplb.log");
+    let child = Net::exec(&topo.balancer, Path::new(env!("CARGO_BIN_EXE_udplb")))
+        .env("UDPLB_ALLOW_ROOT", "1")
+        .args(["--dataplane", "kernel", "--forwarding", "masquerade"])
+        .args([
+            "--interface",
+            "bc",
+            "--interface",
+            "bk",
+            "--admin",
+            "127.0.0.1:9190",
+        ])
+        .args(["--check", "udp:ping"])
+        .arg(topo.vip().to_string())
+        .arg(topo.backend_addr(0).to_string())
+        .arg(local.to_string())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    topo.net.keep(child);
+    if topo.without_the_program() {
+        return;
+    }
+    assert!(
+        wait_for(DEADLINE, || topo.api("/stats")["pools"][0]["backends"]
+            .as_array()
+            .is_some_and(
+                |b| b.len() == 2 && b.iter().all(|b| b["healthy"] == true)
+            )),
+        "udplb did not come up: {}",
+        topo.log()
+    );
+    topo.wait_for_the_maps();
+    let replies = topo.clients(30, 1);
+    assert_eq!(replies.len(), 30, "{}", topo.api("/stats")["kernel"]);
+    assert!(replies.iter().all(|(_, from, _, _)| *from == topo.vip()));
+    let tags: std::collections::HashSet<&String> = replies.iter().map(|r| &r.2).collect();
+    assert_eq!(tags.len(), 2, "{tags:?}");
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["listeners"][0]["forwarding"], "masquerade");
+    assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+}
+
 #[test]
 fn an_unprivileged_udplb_upgrades_with_its_flows() {
     // Started as root, udplb switches to nobody keeping CAP_BPF, CAP_PERFMON and
