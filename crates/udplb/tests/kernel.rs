@@ -254,6 +254,72 @@ impl Topology {
         ip(&["-n", &self.backends, "route", "del", "default"]).unwrap();
     }
 
+    /// Direct server return's backend host: the listener's address on its loopback, an echo
+    /// (tag `d`) serving it, `udplb decap` taking IP in IP from the balancer on `kb`, and a
+    /// link of its own to the clients (`kc`—`ck`, the clients' reverse-path filter off: the
+    /// replies arrive where their route to the listener does not go). Returns the decap's pid
+    /// and log; `None` (said why) when udplb was built without the program.
+    fn dsr_backend_host(&mut self) -> Option<(u32, std::path::PathBuf)> {
+        let t = self.t;
+        let (k, c) = (self.backends.clone(), self.clients.clone());
+        self.net
+            .link(
+                &k,
+                "kc",
+                &format!("10.96.{t}.2/24"),
+                &c,
+                "ck",
+                &format!("10.96.{t}.1/24"),
+            )
+            .unwrap();
+        let (clients, via, vip) = (
+            format!("10.97.{t}.0/24"),
+            format!("10.96.{t}.1"),
+            format!("10.99.{t}.1/32"),
+        );
+        ip(&["-n", &k, "route", "add", &clients, "via", &via]).unwrap();
+        ip(&["-n", &k, "addr", "add", &vip, "dev", "lo"]).unwrap();
+        for setting in ["all", "default", "ck", "cb"] {
+            let ok = Net::exec(&c, Path::new("sysctl"))
+                .args(["-q", "-w", &format!("net.ipv4.conf.{setting}.rp_filter=0")])
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+        let child = Net::helper(
+            &k,
+            "kernel_backend_in_namespace",
+            &[
+                ("UDPLB_TEST_KERNEL_BACKEND", self.vip().to_string()),
+                ("UDPLB_TEST_KERNEL_TAG", "d".to_string()),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        self.net.keep(child);
+        let log = self.net.dir.join("decap.log");
+        let child = Net::exec(&k, Path::new(env!("CARGO_BIN_EXE_udplb")))
+            .args(["decap", "-i", "kb", "-b", &format!("10.98.{t}.1")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = self.net.keep(child);
+        let said = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            wait_for(DEADLINE, || said().contains("udplb decap:")),
+            "udplb decap did not start"
+        );
+        if said().contains("not built into this udplb") {
+            eprintln!("skipped: udplb was built without clang");
+            return None;
+        }
+        assert!(said().contains("taking IP in IP"), "{}", said());
+        Some((pid, log))
+    }
+
     fn vip(&self) -> SocketAddr {
         format!("10.99.{}.1:5300", self.t).parse().unwrap()
     }
@@ -1184,96 +1250,29 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
         return;
     };
     let t = topo.t;
-    let (k, c) = (topo.backends.clone(), topo.clients.clone());
-    topo.net
-        .link(
-            &k,
-            "kc",
-            &format!("10.96.{t}.2/24"),
-            &c,
-            "ck",
-            &format!("10.96.{t}.1/24"),
-        )
-        .unwrap();
-    for args in [
-        vec![
-            "-n",
-            &k,
-            "route",
-            "add",
-            &format!("10.97.{t}.0/24"),
-            "via",
-            &format!("10.96.{t}.1"),
-        ],
-        vec![
-            "-n",
-            &k,
-            "addr",
-            "add",
-            &format!("10.99.{t}.1/32"),
-            "dev",
-            "lo",
-        ],
-        vec![
-            "-n",
-            &k,
-            "addr",
-            "add",
-            &format!("10.98.{t}.3/24"),
-            "dev",
-            "kb",
-        ],
-    ] {
-        let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
-        ip(&args).unwrap();
-    }
+    ip(&[
+        "-n",
+        &topo.backends,
+        "addr",
+        "add",
+        &format!("10.98.{t}.3/24"),
+        "dev",
+        "kb",
+    ])
+    .unwrap();
     // The client's kernel computes its checksums itself (veth would otherwise leave them to an
     // offload that never happens, and tcpdump could not check them).
-    let ok = Net::exec(&c, &need("ethtool", "ethtool"))
+    let ok = Net::exec(&topo.clients, &need("ethtool", "ethtool"))
         .args(["-K", "cb", "tx", "off"])
         .stdout(Stdio::null())
         .status()
         .unwrap();
     assert!(ok.success());
-    // The replies reach the client on another interface than its route to the listener.
-    for setting in ["all", "default", "ck", "cb"] {
-        let ok = Net::exec(&c, Path::new("sysctl"))
-            .args(["-q", "-w", &format!("net.ipv4.conf.{setting}.rp_filter=0")])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-    let vip = topo.vip();
-    let child = Net::helper(
-        &k,
-        "kernel_backend_in_namespace",
-        &[
-            ("UDPLB_TEST_KERNEL_BACKEND", vip.to_string()),
-            ("UDPLB_TEST_KERNEL_TAG", "d".to_string()),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    topo.net.keep(child);
-    let decap_log = topo.net.dir.join("decap.log");
-    let child = Net::exec(&k, Path::new(env!("CARGO_BIN_EXE_udplb")))
-        .args(["decap", "-i", "kb", "-b", &format!("10.98.{t}.1")])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&decap_log).unwrap())
-        .spawn()
-        .unwrap();
-    let decap = topo.net.keep(child);
-    let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
-    assert!(
-        wait_for(DEADLINE, || decap_said().contains("udplb decap:")),
-        "udplb decap did not start"
-    );
-    if decap_said().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    let Some((decap, decap_log)) = topo.dsr_backend_host() else {
         return;
-    }
+    };
+    let (k, vip) = (topo.backends.clone(), topo.vip());
+    let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
     assert!(decap_said().contains("taking IP in IP"), "{}", decap_said());
     let capture = topo.net.dir.join("tcpdump.txt");
     let capture_log = topo.net.dir.join("tcpdump.log");
@@ -1384,75 +1383,10 @@ fn dsr_counts_what_no_longer_fits_and_carries_fragments() {
         return;
     };
     let t = topo.t;
-    let (k, c) = (topo.backends.clone(), topo.clients.clone());
-    topo.net
-        .link(
-            &k,
-            "kc",
-            &format!("10.96.{t}.2/24"),
-            &c,
-            "ck",
-            &format!("10.96.{t}.1/24"),
-        )
-        .unwrap();
-    for args in [
-        vec![
-            "-n",
-            &k,
-            "route",
-            "add",
-            &format!("10.97.{t}.0/24"),
-            "via",
-            &format!("10.96.{t}.1"),
-        ],
-        vec![
-            "-n",
-            &k,
-            "addr",
-            "add",
-            &format!("10.99.{t}.1/32"),
-            "dev",
-            "lo",
-        ],
-    ] {
-        let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
-        ip(&args).unwrap();
-    }
-    for setting in ["all", "default", "ck", "cb"] {
-        let ok = Net::exec(&c, Path::new("sysctl"))
-            .args(["-q", "-w", &format!("net.ipv4.conf.{setting}.rp_filter=0")])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-    let vip = topo.vip();
-    let child = Net::helper(
-        &k,
-        "kernel_backend_in_namespace",
-        &[
-            ("UDPLB_TEST_KERNEL_BACKEND", vip.to_string()),
-            ("UDPLB_TEST_KERNEL_TAG", "d".to_string()),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    topo.net.keep(child);
-    let decap_log = topo.net.dir.join("decap.log");
-    let child = Net::exec(&k, Path::new(env!("CARGO_BIN_EXE_udplb")))
-        .args(["decap", "-i", "kb", "-b", &format!("10.98.{t}.1")])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&decap_log).unwrap())
-        .spawn()
-        .unwrap();
-    topo.net.keep(child);
-    let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
-    assert!(wait_for(DEADLINE, || decap_said().contains("udplb decap:")));
-    if decap_said().contains("not built into this udplb") {
-        eprintln!("skipped: udplb was built without clang");
+    if topo.dsr_backend_host().is_none() {
         return;
     }
+    let (k, vip) = (topo.backends.clone(), topo.vip());
     topo.start_udplb_with(
         "",
         &format!(
