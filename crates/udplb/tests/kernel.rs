@@ -320,6 +320,25 @@ impl Topology {
         Some((pid, log))
     }
 
+    /// An echo backend (tag `l`) on the balancer itself, on 127.0.0.1:7004.
+    fn start_local_backend(&mut self) -> SocketAddr {
+        let local: SocketAddr = "127.0.0.1:7004".parse().unwrap();
+        let child = Net::helper(
+            &self.balancer,
+            "kernel_backend_in_namespace",
+            &[
+                ("UDPLB_TEST_KERNEL_BACKEND", local.to_string()),
+                ("UDPLB_TEST_KERNEL_TAG", "l".to_string()),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        self.net.keep(child);
+        local
+    }
+
     fn vip(&self) -> SocketAddr {
         format!("10.99.{}.1:5300", self.t).parse().unwrap()
     }
@@ -1156,20 +1175,7 @@ fn masquerade_reaches_backends_without_a_route_to_the_clients_and_on_this_host()
     topo.start_backends();
     topo.without_a_route_to_the_clients();
     // A fourth backend on the balancer itself, on loopback.
-    let local: SocketAddr = "127.0.0.1:7004".parse().unwrap();
-    let child = Net::helper(
-        &topo.balancer,
-        "kernel_backend_in_namespace",
-        &[
-            ("UDPLB_TEST_KERNEL_BACKEND", local.to_string()),
-            ("UDPLB_TEST_KERNEL_TAG", "l".to_string()),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    topo.net.keep(child);
+    let local = topo.start_local_backend();
     let backends: Vec<String> = (0..3)
         .map(|i| quoted(topo.backend_addr(i)))
         .chain([quoted(local)])
@@ -1513,20 +1519,7 @@ fn the_one_liner_forwards_in_the_kernel() {
     };
     topo.start_backends();
     topo.without_a_route_to_the_clients();
-    let local: SocketAddr = "127.0.0.1:7004".parse().unwrap();
-    let child = Net::helper(
-        &topo.balancer,
-        "kernel_backend_in_namespace",
-        &[
-            ("UDPLB_TEST_KERNEL_BACKEND", local.to_string()),
-            ("UDPLB_TEST_KERNEL_TAG", "l".to_string()),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    topo.net.keep(child);
+    let local = topo.start_local_backend();
     let log = topo.net.dir.join("udplb.log");
     let child = Net::exec(&topo.balancer, Path::new(env!("CARGO_BIN_EXE_udplb")))
         .env("UDPLB_ALLOW_ROOT", "1")
