@@ -841,15 +841,59 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 // the header off and answers the client from the listener's address itself. One that would
 // exceed the route's MTU once encapsulated is dropped (`too_big`): the backends' network
 // needs 20 bytes more than the clients'.
+// Path MTU discovery for direct server return: the client's datagram (DF set) will not fit
+// once encapsulated, so the client is told, as a router would: ICMP fragmentation needed, from
+// the listener's address, with the MTU the encapsulation leaves and the datagram's IP header and
+// first 8 bytes quoted (the packet is cut down and turned into that error in place).
+static __always_inline int frag_needed(struct __sk_buff *skb, __u32 client, __u32 vip, __u16 mtu)
+{
+	const __u32 quoted = sizeof(struct iphdr) + 8;
+	const __u32 head = sizeof(struct iphdr) + sizeof(struct icmphdr);
+	__u8 quote[sizeof(struct iphdr) + 8];
+	if (bpf_skb_load_bytes(skb, IP_OFF, quote, quoted) ||
+	    bpf_skb_adjust_room(skb, head, BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_change_tail(skb, ETH_HLEN + head + quoted, 0))
+		return -1;
+	struct icmphdr icmp = {.type = ICMP_DEST_UNREACH, .code = 4, .rest = bpf_htonl(mtu)};
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&icmp, sizeof(icmp), 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)quote, quoted, (__u32)sum);
+	__u32 c = (__u32)sum;
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	icmp.checksum = (__u16)~c;
+	struct iphdr ip = {
+		.version = 4,
+		.ihl = 5,
+		.tot_len = bpf_htons(head + quoted),
+		.ttl = 64,
+		.protocol = IPPROTO_ICMP,
+		.saddr = vip,
+		.daddr = client,
+	};
+	ip.check = ip_checksum(&ip);
+	if (bpf_skb_store_bytes(skb, IP_OFF, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, ICMP_OFF, &icmp, sizeof(icmp), 0))
+		return -1;
+	struct bpf_fib_lookup fib;
+	int rc = route(skb, &fib, vip, client, head + quoted);
+	if (to_the_stack(rc))
+		return to_loopback(skb);
+	return send_by(skb, rc, &fib);
+}
+
 static __always_inline int encapsulate(struct __sk_buff *skb, __u32 to_addr, __u32 b, __u16 tot_len,
-				       __u8 tos)
+				       __u8 tos, __u32 client, __u32 vip, int dont_fragment)
 {
 	struct bpf_fib_lookup fib;
 	__u16 outer_len = tot_len + sizeof(struct iphdr);
 	int rc = route_with(skb, &fib, 0, to_addr, outer_len, BPF_FIB_LOOKUP_SRC);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		count_drop(DROP_TOO_BIG);
-		return TC_ACT_SHOT;
+		__u16 mtu = fib.mtu_result;
+		if (!dont_fragment || mtu <= 68 + sizeof(struct iphdr))
+			return TC_ACT_SHOT;
+		int sent = frag_needed(skb, client, vip, mtu - sizeof(struct iphdr));
+		return sent < 0 ? TC_ACT_SHOT : sent;
 	}
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !fib.ipv4_src) {
 		count_drop(DROP_FIB);
@@ -907,7 +951,7 @@ int udplb_ingress(struct __sk_buff *skb)
 		__u32 new_saddr = fr->saddr, new_daddr = fr->daddr, b = fr->backend;
 		int reply = fr->flags & FRAGMENT_REPLY;
 		if (fr->flags & FRAGMENT_ENCAP)
-			return encapsulate(skb, new_daddr, b, tot_len, tos);
+			return encapsulate(skb, new_daddr, b, tot_len, tos, saddr, daddr, 0);
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, new_saddr ? new_saddr : saddr,
 			       new_daddr ? new_daddr : daddr, tot_len);
@@ -1001,7 +1045,7 @@ int udplb_ingress(struct __sk_buff *skb)
 					.daddr = to_addr, .backend = b, .flags = FRAGMENT_ENCAP};
 				bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 			}
-			return encapsulate(skb, to_addr, b, tot_len, tos);
+			return encapsulate(skb, to_addr, b, tot_len, tos, saddr, daddr, frag & 0x4000);
 		}
 		if (svc->flags & SERVICE_MASQUERADE)
 			return masquerade(skb, svc, saddr, sport, daddr, dport, to_addr, to_port, b,
