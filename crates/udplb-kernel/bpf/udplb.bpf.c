@@ -716,6 +716,72 @@ shot:
 	return TC_ACT_SHOT;
 }
 
+// The IP checksum of a 20-byte header (its checksum field zero).
+static __always_inline __u16 ip_checksum(struct iphdr *ip)
+{
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0);
+	__u32 c = (__u32)sum;
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)~c;
+}
+
+// Path MTU discovery: the datagram (DF set) will not fit the route onward (or, for direct
+// server return, will not once encapsulated), so its sender is told, as a router would: ICMP
+// fragmentation needed to `to`, from `from`, with the MTU it must keep to and the datagram's
+// IP header and first 8 bytes quoted (the packet is cut down and turned into that error in
+// place).
+static __always_inline int frag_needed(struct __sk_buff *skb, __u32 to, __u32 from, __u16 mtu)
+{
+	const __u32 quoted = sizeof(struct iphdr) + 8;
+	const __u32 head = sizeof(struct iphdr) + sizeof(struct icmphdr);
+	__u8 quote[sizeof(struct iphdr) + 8];
+	if (bpf_skb_load_bytes(skb, IP_OFF, quote, quoted) ||
+	    bpf_skb_adjust_room(skb, head, BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_change_tail(skb, ETH_HLEN + head + quoted, 0))
+		return -1;
+	struct icmphdr icmp = {.type = ICMP_DEST_UNREACH, .code = 4, .rest = bpf_htonl(mtu)};
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&icmp, sizeof(icmp), 0);
+	sum = bpf_csum_diff(0, 0, (__be32 *)quote, quoted, (__u32)sum);
+	__u32 c = (__u32)sum;
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	icmp.checksum = (__u16)~c;
+	struct iphdr ip = {
+		.version = 4,
+		.ihl = 5,
+		.tot_len = bpf_htons(head + quoted),
+		.ttl = 64,
+		.protocol = IPPROTO_ICMP,
+		.saddr = from,
+		.daddr = to,
+	};
+	ip.check = ip_checksum(&ip);
+	if (bpf_skb_store_bytes(skb, IP_OFF, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, ICMP_OFF, &icmp, sizeof(icmp), 0))
+		return -1;
+	struct bpf_fib_lookup fib;
+	int rc = route(skb, &fib, from, to, head + quoted);
+	if (to_the_stack(rc))
+		return to_loopback(skb);
+	return send_by(skb, rc, &fib);
+}
+
+// A datagram too big for the route found (BPF_FIB_LKUP_RET_FRAG_NEEDED, `fib` holding its
+// MTU): dropped and counted; with DF set (`df`), its `sender` is told as a router would (ICMP
+// fragmentation needed, from `from`, the MTU less the `overhead` the program adds), so that it
+// sends smaller. The program never fragments: a datagram without DF is lost (counted).
+static __always_inline int too_big(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int df,
+				   __u32 sender, __u32 from, __u16 overhead)
+{
+	count_drop(DROP_TOO_BIG);
+	__u16 mtu = fib->mtu_result;
+	if (!df || mtu <= 68 + overhead)
+		return TC_ACT_SHOT;
+	int sent = frag_needed(skb, sender, from, mtu - overhead);
+	return sent < 0 ? TC_ACT_SHOT : sent;
+}
+
 // Masquerade: the balancer's port (network order) for the client's datagrams to a backend,
 // coming from `local`; 0 when every port tried is another client's. A client finds its own
 // port again at the first try unless another client took that one first.
@@ -762,12 +828,14 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct servic
 				      __u32 saddr, __u16 sport, __u32 daddr, __u16 dport,
 				      __u32 to_addr, __u16 to_port, __u32 b, __u16 bflags, __u8 ttl,
 				      __u16 tot_len, struct fragment_key *frk, int first_of_more,
-				      __u64 now)
+				      __u64 now, int df)
 {
 	struct bpf_fib_lookup fib = {};
 	int rc = BPF_FIB_LKUP_RET_NOT_FWDED;
 	if (!(bflags & BACKEND_LOCAL))
 		rc = route_with(skb, &fib, 0, to_addr, tot_len, BPF_FIB_LOOKUP_SRC);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big(skb, &fib, df, saddr, daddr, 0);
 	int local = rc == BPF_FIB_LKUP_RET_NOT_FWDED;
 	__u32 from = local ? to_addr : fib.ipv4_src;
 	if (!local && ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !from)) {
@@ -800,7 +868,7 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct servic
 static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u32 saddr,
 					    __u16 sport, __u32 daddr, __u16 dport, __u8 ttl,
 					    __u16 tot_len, struct fragment_key *frk,
-					    int first_of_more)
+					    int first_of_more, int df)
 {
 	struct masq_key mk = {.backend_addr = saddr, .backend_port = sport, .port = dport};
 	struct masq *m = bpf_map_lookup_elem(&masq, &mk);
@@ -810,6 +878,8 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u3
 	__u16 cport = m->client_port, vport = m->service_port;
 	struct bpf_fib_lookup fib;
 	int rc = route(skb, &fib, vip, client, tot_len);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big(skb, &fib, df, saddr, daddr, 0);
 	if (first_of_more) {
 		struct fragment fr = {
 			.saddr = vip, .daddr = client, .backend = b, .flags = FRAGMENT_REPLY};
@@ -826,75 +896,19 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u3
 	return send_by(skb, rc, &fib);
 }
 
-// The IP checksum of a 20-byte header (its checksum field zero).
-static __always_inline __u16 ip_checksum(struct iphdr *ip)
-{
-	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0);
-	__u32 c = (__u32)sum;
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	return (__u16)~c;
-}
-
 // Direct server return: the datagram, untouched, inside an IP header from the route's source
 // address to backend `to_addr` (IP in IP, as LVS-TUN), sent by the route. The backend takes
 // the header off and answers the client from the listener's address itself. One that would
 // exceed the route's MTU once encapsulated is dropped (`too_big`): the backends' network
 // needs 20 bytes more than the clients'.
-// Path MTU discovery for direct server return: the client's datagram (DF set) will not fit
-// once encapsulated, so the client is told, as a router would: ICMP fragmentation needed, from
-// the listener's address, with the MTU the encapsulation leaves and the datagram's IP header and
-// first 8 bytes quoted (the packet is cut down and turned into that error in place).
-static __always_inline int frag_needed(struct __sk_buff *skb, __u32 client, __u32 vip, __u16 mtu)
-{
-	const __u32 quoted = sizeof(struct iphdr) + 8;
-	const __u32 head = sizeof(struct iphdr) + sizeof(struct icmphdr);
-	__u8 quote[sizeof(struct iphdr) + 8];
-	if (bpf_skb_load_bytes(skb, IP_OFF, quote, quoted) ||
-	    bpf_skb_adjust_room(skb, head, BPF_ADJ_ROOM_MAC, 0) ||
-	    bpf_skb_change_tail(skb, ETH_HLEN + head + quoted, 0))
-		return -1;
-	struct icmphdr icmp = {.type = ICMP_DEST_UNREACH, .code = 4, .rest = bpf_htonl(mtu)};
-	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&icmp, sizeof(icmp), 0);
-	sum = bpf_csum_diff(0, 0, (__be32 *)quote, quoted, (__u32)sum);
-	__u32 c = (__u32)sum;
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	icmp.checksum = (__u16)~c;
-	struct iphdr ip = {
-		.version = 4,
-		.ihl = 5,
-		.tot_len = bpf_htons(head + quoted),
-		.ttl = 64,
-		.protocol = IPPROTO_ICMP,
-		.saddr = vip,
-		.daddr = client,
-	};
-	ip.check = ip_checksum(&ip);
-	if (bpf_skb_store_bytes(skb, IP_OFF, &ip, sizeof(ip), 0) ||
-	    bpf_skb_store_bytes(skb, ICMP_OFF, &icmp, sizeof(icmp), 0))
-		return -1;
-	struct bpf_fib_lookup fib;
-	int rc = route(skb, &fib, vip, client, head + quoted);
-	if (to_the_stack(rc))
-		return to_loopback(skb);
-	return send_by(skb, rc, &fib);
-}
-
 static __always_inline int encapsulate(struct __sk_buff *skb, __u32 to_addr, __u32 b, __u16 tot_len,
 				       __u8 tos, __u32 client, __u32 vip, int dont_fragment)
 {
 	struct bpf_fib_lookup fib;
 	__u16 outer_len = tot_len + sizeof(struct iphdr);
 	int rc = route_with(skb, &fib, 0, to_addr, outer_len, BPF_FIB_LOOKUP_SRC);
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		count_drop(DROP_TOO_BIG);
-		__u16 mtu = fib.mtu_result;
-		if (!dont_fragment || mtu <= 68 + sizeof(struct iphdr))
-			return TC_ACT_SHOT;
-		int sent = frag_needed(skb, client, vip, mtu - sizeof(struct iphdr));
-		return sent < 0 ? TC_ACT_SHOT : sent;
-	}
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big(skb, &fib, dont_fragment, client, vip, sizeof(struct iphdr));
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !fib.ipv4_src) {
 		count_drop(DROP_FIB);
 		return TC_ACT_SHOT;
@@ -955,6 +969,8 @@ int udplb_ingress(struct __sk_buff *skb)
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, new_saddr ? new_saddr : saddr,
 			       new_daddr ? new_daddr : daddr, tot_len);
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			return too_big(skb, &fib, 0, 0, 0, 0); // a fragment: no DF, no error
 		int why = take_ttl(skb, ttl, IPPROTO_UDP);
 		if (!why && new_saddr)
 			why = set_addr(skb, 0, saddr, new_saddr, 0);
@@ -969,7 +985,7 @@ int udplb_ingress(struct __sk_buff *skb)
 			return to_loopback(skb); // for this host (its first fragment was, too)
 		return send_by(skb, rc, &fib);
 	}
-	int first_of_more = frag & 0x2000;
+	int first_of_more = frag & 0x2000, df = frag & 0x4000;
 	struct udphdr *udp = (void *)(ip + 1);
 	if ((void *)(udp + 1) > end)
 		return TC_ACT_OK;
@@ -1049,13 +1065,15 @@ int udplb_ingress(struct __sk_buff *skb)
 		}
 		if (svc->flags & SERVICE_MASQUERADE)
 			return masquerade(skb, svc, saddr, sport, daddr, dport, to_addr, to_port, b,
-					  bflags, ttl, tot_len, &frk, first_of_more, now);
+					  bflags, ttl, tot_len, &frk, first_of_more, now, df);
 		if (first_of_more) {
 			struct fragment fr = {.daddr = to_addr, .backend = b};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 		}
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, saddr, to_addr, tot_len);
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			return too_big(skb, &fib, df, saddr, daddr, 0);
 		int why = rewrite(skb, 1, daddr, to_addr, dport, to_port, ttl);
 		if (why) {
 			count_drop(why - 1);
@@ -1081,9 +1099,11 @@ int udplb_ingress(struct __sk_buff *skb)
 		}
 		if (r->flags & BACKEND_MASQUERADE)
 			return masquerade_reply(skb, b, saddr, sport, daddr, dport, ttl, tot_len, &frk,
-						first_of_more);
+						first_of_more, df);
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, from_addr, daddr, tot_len);
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			return too_big(skb, &fib, df, saddr, from_addr, 0);
 		// To this host itself: a reply only to a client of a flow this program placed (a local
 		// client through loopback); anything else (udplb's health checks, a client of the
 		// socket path) is left alone.

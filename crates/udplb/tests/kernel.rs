@@ -1435,6 +1435,92 @@ fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
 }
 
+/// Path MTU discovery through nat: a reply (DF set) too big for the clients' link is dropped,
+/// counted, and its backend told (ICMP fragmentation needed, as a router would): the backend's
+/// kernel learns the MTU towards the client and fragments its next reply to fit. The other way,
+/// a request too big for the backends' link tells the client the same.
+#[test]
+fn nat_tells_backends_and_clients_the_path_mtu() {
+    path_mtu("ulbp", "nat");
+}
+
+/// As [`nat_tells_backends_and_clients_the_path_mtu`] behind masquerade: the backend learns the
+/// MTU towards the balancer's address it answers.
+#[test]
+fn masquerade_tells_backends_and_clients_the_path_mtu() {
+    path_mtu("ulbu", "masquerade");
+}
+
+fn path_mtu(prefix: &str, forwarding: &str) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    for (ns, dev) in [(&topo.balancer, "bc"), (&topo.clients, "cb")] {
+        ip(&["-n", ns, "link", "set", dev, "mtu", "1400"]).unwrap();
+    }
+    topo.start_backends();
+    if forwarding == "masquerade" {
+        topo.without_a_route_to_the_clients();
+    }
+    let backends: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [{}]\nforwarding = \"{forwarding}\"\n[pools.p.health]\n{}\n",
+            backends.join(", "),
+            udp_check(200, 200, 1, 2)
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    let t = topo.t;
+    let learned = |ns: &str, to: &str| {
+        let out = Net::exec(ns, Path::new("ip"))
+            .args(["route", "get", to])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // 1,370 bytes: the request (1,398 on the wire) fits the clients' 1,400; the echo's reply,
+    // with its tag and the client's address in front, does not.
+    let size = ("UDPLB_TEST_KERNEL_SIZE", "1370".to_string());
+    let once = [
+        size.clone(),
+        ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
+    ];
+    assert!(topo.clients_with(1, 1, &once).is_empty());
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
+    // What the backend answers: the client (nat), or the balancer's address (masquerade).
+    let answered = if forwarding == "masquerade" {
+        format!("10.98.{t}.1")
+    } else {
+        format!("10.97.{t}.2")
+    };
+    let to_client = learned(&topo.backends, &answered);
+    assert!(to_client.contains("mtu 1400"), "{to_client}");
+    assert_eq!(
+        topo.clients_with(1, 1, std::slice::from_ref(&size)).len(),
+        1
+    );
+    // The backends' link narrower than the clients': the client is told.
+    for (ns, dev) in [(&topo.balancer, "bk"), (&topo.backends, "kb")] {
+        ip(&["-n", ns, "link", "set", dev, "mtu", "1300"]).unwrap();
+    }
+    assert!(topo.clients_with(1, 1, &once).is_empty());
+    let vip = topo.vip().ip().to_string();
+    let to_vip = learned(&topo.clients, &vip);
+    assert!(to_vip.contains("mtu 1300"), "{to_vip}");
+    assert_eq!(
+        topo.clients_with(1, 1, std::slice::from_ref(&size)).len(),
+        1
+    );
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 2, "{stats}");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+}
+
 /// A burst from `bind` in the client namespace: (one-second windows it spanned, replies).
 fn burst(topo: &Topology, bind: &str, sockets: usize, each: usize) -> (u64, u64) {
     let out = Net::helper(
