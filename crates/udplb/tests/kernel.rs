@@ -376,9 +376,18 @@ impl Topology {
     /// udplb on the balancer with `listener` lines for the kernel listener, the three echo
     /// backends UDP-checked.
     fn start_udplb(&mut self, listener: &str) -> u32 {
+        self.start_udplb_forwarding(listener, "nat")
+    }
+
+    /// As [`Topology::start_udplb`], the pool forwarding with `forwarding` (masquerade: once
+    /// the backends have lost their route to the clients, so that only masquerade can answer).
+    fn start_udplb_forwarding(&mut self, listener: &str, forwarding: &str) -> u32 {
+        if forwarding == "masquerade" {
+            self.without_a_route_to_the_clients();
+        }
         let backends: Vec<String> = (0..3).map(|i| quoted(self.backend_addr(i))).collect();
         let pool = format!(
-            "backends = [{}]\n[pools.p.health]\n{}\n",
+            "backends = [{}]\nforwarding = \"{forwarding}\"\n[pools.p.health]\n{}\n",
             backends.join(", "),
             udp_check(200, 200, 1, 2)
         );
@@ -857,18 +866,7 @@ fn datagram_mode_spreads(prefix: &str, forwarding: &str) {
         return;
     };
     topo.start_backends();
-    if forwarding == "masquerade" {
-        topo.without_a_route_to_the_clients();
-    }
-    let backends: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
-    topo.start_udplb_with(
-        "mode = \"datagram\"",
-        &format!(
-            "backends = [{}]\nforwarding = \"{forwarding}\"\n[pools.p.health]\n{}\n",
-            backends.join(", "),
-            udp_check(200, 200, 1, 2)
-        ),
-    );
+    topo.start_udplb_forwarding("mode = \"datagram\"", forwarding);
     if topo.without_the_program() {
         return;
     }
@@ -1459,18 +1457,7 @@ fn path_mtu(prefix: &str, forwarding: &str) {
         ip(&["-n", ns, "link", "set", dev, "mtu", "1400"]).unwrap();
     }
     topo.start_backends();
-    if forwarding == "masquerade" {
-        topo.without_a_route_to_the_clients();
-    }
-    let backends: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
-    topo.start_udplb_with(
-        "",
-        &format!(
-            "backends = [{}]\nforwarding = \"{forwarding}\"\n[pools.p.health]\n{}\n",
-            backends.join(", "),
-            udp_check(200, 200, 1, 2)
-        ),
-    );
+    topo.start_udplb_forwarding("", forwarding);
     if topo.without_the_program() {
         return;
     }
