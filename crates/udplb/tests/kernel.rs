@@ -164,7 +164,9 @@ struct Topology {
 }
 
 impl Topology {
-    /// `None` (said why) without root, namespaces or the program.
+    /// `None` (said why) without root, namespaces or the program. `prefix` names the
+    /// namespaces and the scratch directory together with the process id: each test of this
+    /// file needs its own (two tests with one would share, and tear down, each other's hosts).
     fn build(prefix: &str) -> Option<Topology> {
         if !is_root() {
             eprintln!("skipped: network namespaces and eBPF need root");
@@ -673,7 +675,7 @@ fn knot_answers_dig_and_dnsperf_through_the_kernel_with_fragmented_answers() {
 
 #[test]
 fn knot_answers_through_masquerade_with_fragmented_answers() {
-    knot_through_the_kernel("ulbq", "masquerade");
+    knot_through_the_kernel("ulbx", "masquerade");
 }
 
 /// knotd behind a kernel listener forwarding with `forwarding`: dig gets a fragmented answer
@@ -1384,7 +1386,7 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
 /// datagram goes through whole, each fragment encapsulated to the backend its first went to.
 #[test]
 fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
-    let Some(mut topo) = Topology::build("ulbf") else {
+    let Some(mut topo) = Topology::build("ulbv") else {
         return;
     };
     let t = topo.t;
@@ -1439,14 +1441,14 @@ fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
 /// a request too big for the backends' link tells the client the same.
 #[test]
 fn nat_tells_backends_and_clients_the_path_mtu() {
-    path_mtu("ulbp", "nat");
+    path_mtu("ulby", "nat");
 }
 
 /// As [`nat_tells_backends_and_clients_the_path_mtu`] behind masquerade: the backend learns the
 /// MTU towards the balancer's address it answers.
 #[test]
 fn masquerade_tells_backends_and_clients_the_path_mtu() {
-    path_mtu("ulbu", "masquerade");
+    path_mtu("ulbz", "masquerade");
 }
 
 fn path_mtu(prefix: &str, forwarding: &str) {
