@@ -10,6 +10,7 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(udplb_bpf)");
     println!("cargo:rerun-if-changed=bpf/udplb.bpf.c");
     println!("cargo:rerun-if-changed=bpf/decap.bpf.c");
+    println!("cargo:rerun-if-changed=bpf/ipv6.h");
     println!("cargo:rerun-if-changed=src/placement_constant.rs");
     println!("cargo:rerun-if-env-changed=UDPLB_CLANG");
     let dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("OUT_DIR"));
@@ -35,10 +36,7 @@ fn compile(clang: &str, source: &str, out: &Path, defines: &[&str]) -> bool {
     let mut cmd = Command::new(clang);
     // v3: atomic compare-and-swap (the rate limits' cells; Linux 5.12 and later).
     cmd.args(["-O2", "-g", "-Wall", "-target", "bpf", "-mcpu=v3"])
-        .arg(format!(
-            "-DUDPLB_BITFLIP={:#x}ULL",
-            bitflip(udplb_core::hash::PLACEMENT_SEED)
-        ))
+        .args(placement_defines(udplb_core::hash::PLACEMENT_SEED))
         .args(defines);
     if let Some(dir) = multiarch_include() {
         cmd.arg(format!("-I{dir}"));
@@ -63,6 +61,24 @@ fn compile(clang: &str, source: &str, out: &Path, defines: &[&str]) -> bool {
             false
         }
     }
+}
+
+/// The placement hash's constants for `seed`, as the program's macros.
+fn placement_defines(seed: u64) -> Vec<String> {
+    let [flip1, flip2] = flips_9to16(seed);
+    let [mix0, mix1, mix2, mix3] = mixes_17to32(seed);
+    [
+        ("UDPLB_BITFLIP", bitflip(seed)),
+        ("UDPLB_FLIP1", flip1),
+        ("UDPLB_FLIP2", flip2),
+        ("UDPLB_MIX0", mix0),
+        ("UDPLB_MIX1", mix1),
+        ("UDPLB_MIX2", mix2),
+        ("UDPLB_MIX3", mix3),
+    ]
+    .iter()
+    .map(|(name, v)| format!("-D{name}={v:#x}ULL"))
+    .collect()
 }
 
 /// Where <asm/types.h> is on Debian (/usr/include/x86_64-linux-gnu).

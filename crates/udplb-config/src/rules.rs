@@ -96,9 +96,9 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
 const USER_SPACE: &str = "not built in the kernel data plane yet";
 
 /// Listeners the kernel data plane may serve (`dataplane = "kernel"` or `"auto"`) and their
-/// pools ask only for what it does (docs/kernel.md): it forwards one specific IPv4 address to
-/// IPv4 backends placed by Maglev, with NAT, and tells replies apart by their backend's
-/// address. `auto` is held to the same rules as `kernel`, so that a configuration means the
+/// pools ask only for what it does (docs/kernel.md): it forwards one specific address to
+/// backends of the same IP family placed by Maglev (IPv6 with NAT only), and tells replies
+/// apart by their backend's address. `auto` is held to the same rules as `kernel`, so that a configuration means the
 /// same whichever data plane ends up serving it.
 fn check_kernel(out: &mut Vec<Problem>, cfg: &Config) {
     let mut count = 0;
@@ -172,15 +172,10 @@ fn check_kernel_listener(out: &mut Vec<Problem>, l: &ListenerConfig, dataplane: 
     let mut refuse = |k: &str, why: &str| {
         out.push(problem(key(k), format!("not with {dataplane} ({why})")));
     };
-    if !l.address.is_ipv4() {
+    if l.address.ip().is_unspecified() {
         refuse(
             "address",
-            "the kernel data plane needs a specific IPv4 address; IPv6 is not built yet",
-        );
-    } else if l.address.ip().is_unspecified() {
-        refuse(
-            "address",
-            "the kernel data plane needs a specific IPv4 address, not a wildcard",
+            "the kernel data plane needs a specific address, not a wildcard",
         );
     }
     if matches!(l.mode, SessionMode::RequestResponse { .. }) {
@@ -298,14 +293,26 @@ fn check_kernel_pool(out: &mut Vec<Problem>, p: &PoolConfig, l: &ListenerConfig,
             ),
         ));
     }
+    let ipv6 = !l.address.ip().to_canonical().is_ipv4();
+    if ipv6 && p.forwarding != Forwarding::Nat {
+        out.push(problem(
+            key("forwarding"),
+            format!(
+                "{:?} is not for {serves}: on an IPv6 listener the kernel data plane forwards \
+                 with \"nat\" only (masquerade and dsr are built for IPv4)",
+                p.forwarding.name()
+            ),
+        ));
+    }
     for (i, b) in p.backends.iter().enumerate() {
-        if !b.spec.addr.is_ipv4() {
+        if b.spec.addr.ip().to_canonical().is_ipv4() == ipv6 {
             out.push(problem(
                 key(&format!("backends[{i}].address")),
                 format!(
-                    "{} is not for {serves}: the kernel data plane forwards to IPv4 backends; \
-                     IPv6 is not built yet",
-                    b.spec.addr
+                    "{} is not for {serves}: the kernel data plane forwards to backends of the \
+                     listener's IP family ({}); it does not translate between IPv4 and IPv6",
+                    b.spec.addr,
+                    if ipv6 { "IPv6" } else { "IPv4" }
                 ),
             ));
         }

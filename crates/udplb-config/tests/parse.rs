@@ -1277,13 +1277,13 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
             "address = \"0.0.0.0:53\"\npool = \"p\"".into(),
             b.into(),
             "t.toml:3:1: listeners.l.address: not with dataplane = \"DP\" (the kernel data plane \
-             needs a specific IPv4 address, not a wildcard)",
+             needs a specific address, not a wildcard)",
         ),
         (
             "address = \"[2001:db8::1]:53\"\npool = \"p\"".into(),
-            b.into(),
-            "t.toml:3:1: listeners.l.address: not with dataplane = \"DP\" (the kernel data plane \
-             needs a specific IPv4 address; IPv6 is not built yet)",
+            "backends = [\"[2001:db8:1::1]:53\"]\nforwarding = \"masquerade\"".into(),
+            "t.toml:7:1: pools.p.forwarding: \"masquerade\" is not for listeners.l (dataplane = \
+             \"DP\"): on an IPv6 listener the kernel data plane forwards with \"nat\" only",
         ),
         (
             format!("{l}\nmode = \"request-response\""),
@@ -1355,8 +1355,15 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
             l.into(),
             "backends = [\"10.0.1.1:53\", \"[2001:db8::1]:53\"]".into(),
             "t.toml:6:28: pools.p.backends[1].address: [2001:db8::1]:53 is not for listeners.l \
-             (dataplane = \"DP\"): the kernel data plane forwards to IPv4 backends; IPv6 is not \
-             built yet",
+             (dataplane = \"DP\"): the kernel data plane forwards to backends of the listener's \
+             IP family (IPv4)",
+        ),
+        (
+            "address = \"[2001:db8::1]:53\"\npool = \"p\"".into(),
+            "backends = [\"[2001:db8:1::1]:53\", \"10.0.1.1:53\"]".into(),
+            "t.toml:6:35: pools.p.backends[1].address: 10.0.1.1:53 is not for listeners.l \
+             (dataplane = \"DP\"): the kernel data plane forwards to backends of the listener's \
+             IP family (IPv6)",
         ),
     ];
     for dataplane in ["kernel", "auto"] {

@@ -170,12 +170,51 @@ impl CidrSet {
         out
     }
 
+    /// The IPv6 part of the set (IPv4-mapped addresses are IPv4's) as the fewest networks that
+    /// cover exactly it.
+    pub fn ipv6_networks(&self) -> Vec<(std::net::Ipv6Addr, u8)> {
+        const MAPPED: u128 = 0xffff_0000_0000;
+        let (v4_lo, v4_hi) = (MAPPED, MAPPED | 0xffff_ffff);
+        let mut out = Vec::new();
+        for &(lo, hi) in &self.ranges {
+            // Each range less the IPv4-mapped block: at most two pieces.
+            let below = (lo < v4_lo).then(|| (lo, hi.min(v4_lo - 1)));
+            let above = (hi > v4_hi).then(|| (lo.max(v4_hi + 1), hi));
+            for (lo, hi) in below.into_iter().chain(above) {
+                cover(lo, hi, &mut out);
+            }
+        }
+        out
+    }
+
     /// Whether `ip` is in one of the networks (binary search, no allocation).
     #[inline]
     pub fn contains(&self, ip: IpAddr) -> bool {
         let x = unified(ip);
         let i = self.ranges.partition_point(|&(lo, _)| lo <= x);
         i > 0 && x <= self.ranges[i - 1].1
+    }
+}
+
+/// Adds to `out` the fewest IPv6 networks that cover exactly `lo..=hi`.
+fn cover(mut lo: u128, hi: u128, out: &mut Vec<(std::net::Ipv6Addr, u8)>) {
+    loop {
+        // The largest aligned block at `lo` (2^bits addresses) that stays within `hi`.
+        let mut bits = lo.trailing_zeros().min(128);
+        while bits > 0 && (bits == 128 || lo + ((1u128 << bits) - 1) > hi) {
+            if bits == 128 && hi == u128::MAX {
+                break;
+            }
+            bits -= 1;
+        }
+        out.push((std::net::Ipv6Addr::from(lo), (128 - bits) as u8));
+        if bits == 128 {
+            return;
+        }
+        match lo.checked_add(1u128 << bits) {
+            Some(next) if next <= hi => lo = next,
+            _ => return,
+        }
     }
 }
 
@@ -222,6 +261,30 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+
+    #[test]
+    fn ipv6_networks_cover_exactly_the_ipv6_part() {
+        let nets = |list: &[&str]| -> Vec<String> {
+            CidrSet::new(&cidrs(list))
+                .ipv6_networks()
+                .iter()
+                .map(|(a, p)| format!("{a}/{p}"))
+                .collect()
+        };
+        assert_eq!(
+            nets(&["10.0.0.0/8", "2001:db8::/32", "2001:db8:1::1"]),
+            ["2001:db8::/32"]
+        );
+        // Below ::ffff:0:0/96, 16 blocks (2^32 .. 2^47); above it, 80 (2^48 .. 2^127).
+        assert_eq!(nets(&["::/0"]).len(), 16 + 80);
+        assert!(nets(&["::/0"]).contains(&"8000::/1".to_string()));
+        assert!(!nets(&["::/0"]).iter().any(|n| n.starts_with("::ffff:")));
+        assert_eq!(
+            nets(&["fe80::1", "fe80::2", "fe80::3"]),
+            ["fe80::1/128", "fe80::2/127"]
+        );
+        assert!(nets(&["192.0.2.0/24"]).is_empty());
+    }
 
     #[test]
     fn ipv4_networks_cover_exactly_the_ipv4_part() {

@@ -71,6 +71,7 @@ struct service {
 	__u32 limit_mask; // cells per row - 1 (a power of two - 1)
 	__u32 prefix_mask; // a client's prefix for the per-prefix limits (network order)
 	__u32 pad2;
+	__u32 prefix6_mask[4]; // the same for an IPv6 client
 };
 
 #define BACKEND_KEEPS_FLOWS 1
@@ -337,9 +338,9 @@ static __always_inline __u64 slot_of(__u64 h, __u64 n)
 	return (hi + (lo >> 32)) >> 32;
 }
 
-// The backend (global index) for a new flow or a datagram of `svc` from the client.
-static __always_inline int place(const struct service *svc, __u32 client_addr, __u16 client_port,
-				 __u32 *backend)
+// The backend (global index) for a new flow or a datagram of `svc` from a client whose
+// placement hash is `h` (datagram mode deals its schedule instead).
+static __always_inline int place(const struct service *svc, __u64 h, __u32 *backend)
 {
 	__u32 base = svc->id * MAX_BACKENDS;
 	if (svc->flags & SERVICE_DATAGRAM) {
@@ -359,18 +360,22 @@ static __always_inline int place(const struct service *svc, __u32 client_addr, _
 	__u32 n = svc->ring_size;
 	if (n == 0 || n > RING_SIZE)
 		return -1;
-	__u64 h;
-	if (svc->flags & SERVICE_BY_IP)
-		h = placement_hash(client_addr, client_addr, 4);
-	else
-		h = placement_hash(client_addr,
-				   (client_addr >> 16) | ((__u32)client_port << 16), 6);
 	__u32 at = svc->id * RING_SIZE + (__u32)slot_of(h, n);
 	__u32 *b = bpf_map_lookup_elem(&ring, &at);
 	if (!b)
 		return -1;
 	*backend = base + *b;
 	return 0;
+}
+
+// The placement hash of an IPv4 client of `svc` (0 in datagram mode, which needs none).
+static __always_inline __u64 client_hash(const struct service *svc, __u32 addr, __u16 port)
+{
+	if (svc->flags & SERVICE_DATAGRAM)
+		return 0;
+	if (svc->flags & SERVICE_BY_IP)
+		return placement_hash(addr, addr, 4);
+	return placement_hash(addr, (addr >> 16) | ((__u32)port << 16), 6);
 }
 
 // The count a cell holds for second `now`.
@@ -935,13 +940,16 @@ static __always_inline int encapsulate(struct __sk_buff *skb, __u32 to_addr, __u
 	return send_by(skb, rc, &fib);
 }
 
-SEC("classifier")
-int udplb_ingress(struct __sk_buff *skb)
+#include "ipv6.h"
+
+// An IPv4 packet (its own function: each family's path has the 512 bytes of stack a program
+// may use).
+static __noinline int ingress4(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > end)
 		return TC_ACT_OK;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->ihl != 5)
@@ -1032,7 +1040,7 @@ int udplb_ingress(struct __sk_buff *skb)
 				count_drop(DROP_FLOW_RATE_LIMITED);
 				return TC_ACT_SHOT;
 			}
-			if (place(svc, saddr, sport, &b) < 0) {
+			if (place(svc, client_hash(svc, saddr, sport), &b) < 0) {
 				count_drop(DROP_NO_BACKEND);
 				return TC_ACT_SHOT;
 			}
@@ -1130,6 +1138,21 @@ int udplb_ingress(struct __sk_buff *skb)
 			return to_loopback(skb);
 		return send_by(skb, rc, &fib);
 	}
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int udplb_ingress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return ingress4(skb);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return ingress6(skb);
 	return TC_ACT_OK;
 }
 

@@ -14,7 +14,7 @@
 //! the core built), or touch datagrams in user space.
 
 use std::collections::HashMap;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 #[cfg(test)]
@@ -47,8 +47,8 @@ pub enum Error {
 /// One kernel listener as udplb sees it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
-    /// The listener's address.
-    pub addr: SocketAddrV4,
+    /// The listener's address (IPv4 or IPv6; its backends are of the same family).
+    pub addr: SocketAddr,
     /// Datagram mode: every datagram placed anew (by `schedule`), no flow state.
     pub datagram: bool,
     /// Affinity `ip`: the client's address alone is hashed.
@@ -62,9 +62,9 @@ pub struct Service {
     /// The round-robin schedule (datagram mode) as positions in `backends`.
     pub schedule: Vec<u32>,
     /// Clients served (networks; empty: every client `deny` does not name).
-    pub allow: Vec<(std::net::Ipv4Addr, u8)>,
+    pub allow: Vec<(IpAddr, u8)>,
     /// Clients refused (deny wins over allow).
-    pub deny: Vec<(std::net::Ipv4Addr, u8)>,
+    pub deny: Vec<(IpAddr, u8)>,
     /// How the datagrams reach the backends.
     pub method: Method,
     /// Rate limits per client address and prefix (`None`: none).
@@ -78,8 +78,9 @@ pub struct Limits {
     pub datagrams_per_prefix: u32,
     pub new_flows_per_source: u32,
     pub new_flows_per_prefix: u32,
-    /// The prefix length of the per-prefix limits.
+    /// The prefix length of the per-prefix limits, for IPv4 and IPv6 clients.
     pub prefix_len: u8,
+    pub prefix6_len: u8,
     /// Where the listener's cells start in the program's table (from [`limit_cells`] of the
     /// listeners before it), and how many per row (a power of two).
     pub first_cell: u32,
@@ -126,7 +127,7 @@ impl Method {
 /// A backend of a kernel listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Backend {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// An established flow stays on it (up, or draining).
     pub keeps_flows: bool,
     /// On this host (one of its addresses): masquerade reaches it through loopback.
@@ -201,7 +202,7 @@ impl Kernel {
     pub fn update(&mut self, _services: &[Service]) -> Result<(), Error> {
         Err(Error::NotBuilt)
     }
-    pub fn traffic(&self, _service: usize) -> Vec<(SocketAddrV4, Traffic)> {
+    pub fn traffic(&self, _service: usize) -> Vec<(SocketAddr, Traffic)> {
         Vec::new()
     }
     pub fn drops(&self) -> Drops {
@@ -233,7 +234,7 @@ impl Decap {
 /// so that a flow's backend index keeps naming the same backend across updates).
 #[derive(Debug, Default)]
 struct Slots {
-    by_addr: HashMap<SocketAddrV4, u32>,
+    by_addr: HashMap<SocketAddr, u32>,
 }
 
 impl Slots {
@@ -266,7 +267,7 @@ impl Slots {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
     use udplb_core::hash::ClientKey;
     use udplb_core::model::Affinity;
 
@@ -318,9 +319,96 @@ mod tests {
         }
     }
 
+    /// xxh3's mul128_fold64 as the program computes it (from 32-bit products).
+    fn program_fold(a: u64, b: u64) -> u64 {
+        let (a_lo, a_hi, b_lo, b_hi) = (a & 0xffff_ffff, a >> 32, b & 0xffff_ffff, b >> 32);
+        let (ll, lh, hl, hh) = (a_lo * b_lo, a_lo * b_hi, a_hi * b_lo, a_hi * b_hi);
+        let cross = (ll >> 32) + (lh & 0xffff_ffff) + hl;
+        let high = hh + (lh >> 32) + (cross >> 32);
+        let low = (cross << 32) | (ll & 0xffff_ffff);
+        low ^ high
+    }
+
+    fn program_avalanche(mut h: u64) -> u64 {
+        h ^= h >> 37;
+        h = h.wrapping_mul(0x1656_6791_9E37_79F9);
+        h ^ (h >> 32)
+    }
+
+    /// The program's `placement_hash6` and `placement_hash6_port` (bpf/ipv6.h), in Rust: `w`
+    /// the address's words as the program loads them (little-endian), `port` the port's.
+    fn program_hash6(w: [u32; 4], port: Option<u16>) -> u64 {
+        let seed = udplb_core::hash::PLACEMENT_SEED;
+        let w0 = (u64::from(w[1]) << 32) | u64::from(w[0]);
+        let w1 = (u64::from(w[3]) << 32) | u64::from(w[2]);
+        match port {
+            None => {
+                let [f1, f2] = placement_constant::flips_9to16(seed);
+                let (lo, hi) = (w0 ^ f1, w1 ^ f2);
+                program_avalanche(
+                    16u64
+                        .wrapping_add(lo.swap_bytes())
+                        .wrapping_add(hi)
+                        .wrapping_add(program_fold(lo, hi)),
+                )
+            }
+            Some(port) => {
+                let [m0, m1, m2, m3] = placement_constant::mixes_17to32(seed);
+                let x0 = (w0 >> 16) | (w1 << 48);
+                let x1 = (w1 >> 16) | (u64::from(port) << 48);
+                let acc = 18u64
+                    .wrapping_mul(0x9E37_79B1_85EB_CA87)
+                    .wrapping_add(program_fold(w0 ^ m0, w1 ^ m1))
+                    .wrapping_add(program_fold(x0 ^ m2, x1 ^ m3));
+                program_avalanche(acc)
+            }
+        }
+    }
+
+    #[test]
+    fn the_program_hashes_an_ipv6_client_as_udplb_does() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..10_000 {
+            let (a, b) = (next(), next());
+            let ip = Ipv6Addr::from((u128::from(a) << 64) | u128::from(b));
+            if ip.to_ipv4_mapped().is_some() {
+                continue;
+            }
+            let port = next() as u16;
+            let client = SocketAddr::new(IpAddr::V6(ip), port);
+            let o = ip.octets();
+            let w: [u32; 4] = std::array::from_fn(|i| {
+                u32::from_le_bytes(o[4 * i..4 * i + 4].try_into().unwrap())
+            });
+            let port_raw = u16::from_le_bytes(port.to_be_bytes());
+            assert_eq!(
+                program_hash6(w, Some(port_raw)),
+                ClientKey::of(&client, Affinity::IpPort).0,
+                "{client}"
+            );
+            assert_eq!(
+                program_hash6(w, None),
+                ClientKey::of(&client, Affinity::Ip).0,
+                "{client}"
+            );
+        }
+        // The 128-bit fold, against u128.
+        for _ in 0..10_000 {
+            let (a, b) = (next(), next());
+            let p = u128::from(a) * u128::from(b);
+            assert_eq!(program_fold(a, b), (p as u64) ^ ((p >> 64) as u64));
+        }
+    }
+
     fn backend(last: u8) -> Backend {
         Backend {
-            addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 53),
+            addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 53).into(),
             keeps_flows: true,
             local: false,
         }
@@ -342,7 +430,7 @@ mod tests {
         let many: Vec<Backend> = (0..=255u8)
             .flat_map(|a| (0..2u16).map(move |p| (a, p)))
             .map(|(a, p)| Backend {
-                addr: SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, a), p),
+                addr: SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, a), p).into(),
                 keeps_flows: true,
                 local: false,
             })

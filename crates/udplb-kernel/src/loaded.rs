@@ -1,6 +1,6 @@
 //! The loaded program and its maps (only when this udplb was built with the program).
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
@@ -58,6 +58,7 @@ struct ServiceValue {
     limit_mask: u32,
     prefix_mask: u32,
     pad2: u32,
+    prefix6_mask: [u32; 4],
 }
 
 const BACKEND_KEEPS_FLOWS: u16 = 1;
@@ -90,6 +91,41 @@ struct ReplyValue {
     pad: u32,
 }
 
+// The IPv6 maps' (bpf/ipv6.h): addresses as the packet holds them.
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Service6Key {
+    addr: [u8; 16],
+    port: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Backend6Value {
+    addr: [u8; 16],
+    port: u16,
+    flags: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Reply6Key {
+    addr: [u8; 16],
+    port: u16,
+    pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Reply6Value {
+    service_addr: [u8; 16],
+    service_port: u16,
+    flags: u16,
+    backend: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct CountersValue {
@@ -113,28 +149,47 @@ unsafe impl Pod for ReplyKey {}
 unsafe impl Pod for ReplyValue {}
 // SAFETY: as above.
 unsafe impl Pod for CountersValue {}
+// SAFETY: as above.
+unsafe impl Pod for Service6Key {}
+// SAFETY: as above.
+unsafe impl Pod for Backend6Value {}
+// SAFETY: as above.
+unsafe impl Pod for Reply6Key {}
+// SAFETY: as above.
+unsafe impl Pod for Reply6Value {}
 
-/// An address and port as the program reads them from a packet (network order in memory).
-fn wire(addr: SocketAddrV4) -> (u32, u16) {
-    (
-        u32::from_ne_bytes(addr.ip().octets()),
-        u16::from_ne_bytes(addr.port().to_be_bytes()),
-    )
+/// A port as the program reads it from a packet (network order in memory).
+fn wire_port(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+/// An address as the program's maps hold it: IPv4 (network order in memory), or IPv6.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    V4(u32),
+    V6([u8; 16]),
+}
+
+fn wire(ip: IpAddr) -> Wire {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => Wire::V4(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => Wire::V6(v6.octets()),
+    }
 }
 
 /// What was last written for a service (only differences are written next).
 #[derive(Default)]
 struct Written {
-    addr: Option<SocketAddrV4>,
+    addr: Option<SocketAddr>,
     slots: Slots,
     /// Slot per backend position, as last written.
     ring: Vec<u32>,
     schedule: Vec<u32>,
     /// Per slot, the backend and its flags, as last written.
-    backends: Vec<Option<(SocketAddrV4, u16)>>,
+    backends: Vec<Option<(SocketAddr, u16)>>,
     value: Option<ServiceValue>,
-    allow: Vec<(std::net::Ipv4Addr, u8)>,
-    deny: Vec<(std::net::Ipv4Addr, u8)>,
+    allow: Vec<(IpAddr, u8)>,
+    deny: Vec<(IpAddr, u8)>,
 }
 
 /// The loaded program, attached to interfaces, and its maps.
@@ -150,6 +205,11 @@ pub struct Kernel {
     drops: PerCpuArray<MapData, u64>,
     acl_allow: LpmTrie<MapData, [u8; 8], u8>,
     acl_deny: LpmTrie<MapData, [u8; 8], u8>,
+    services6: BpfHashMap<MapData, Service6Key, ServiceValue>,
+    backends6: Array<MapData, Backend6Value>,
+    replies6: BpfHashMap<MapData, Reply6Key, Reply6Value>,
+    acl6_allow: LpmTrie<MapData, [u8; 20], u8>,
+    acl6_deny: LpmTrie<MapData, [u8; 20], u8>,
     written: Vec<Written>,
 }
 
@@ -170,6 +230,7 @@ impl Kernel {
         let mut loader = EbpfLoader::new();
         loader.set_max_entries("limits", limit_cells.max(1));
         loader.set_max_entries("flows", max_flows.max(1024));
+        loader.set_max_entries("flows6", max_flows.max(1024));
         loader.set_max_entries("masq", max_flows.max(1024));
         let object = match pin_dir {
             Some(dir) => {
@@ -197,6 +258,11 @@ impl Kernel {
         let drops = PerCpuArray::try_from(take("drops")?).map_err(update_error)?;
         let acl_allow = LpmTrie::try_from(take("acl_allow")?).map_err(update_error)?;
         let acl_deny = LpmTrie::try_from(take("acl_deny")?).map_err(update_error)?;
+        let services6 = BpfHashMap::try_from(take("services6")?).map_err(update_error)?;
+        let backends6 = Array::try_from(take("backends6")?).map_err(update_error)?;
+        let replies6 = BpfHashMap::try_from(take("replies6")?).map_err(update_error)?;
+        let acl6_allow = LpmTrie::try_from(take("acl6_allow")?).map_err(update_error)?;
+        let acl6_deny = LpmTrie::try_from(take("acl6_deny")?).map_err(update_error)?;
         program(&mut ebpf)?
             .load()
             .map_err(|e| Error::Load(verifier_error(&e)))?;
@@ -212,6 +278,11 @@ impl Kernel {
             drops,
             acl_allow,
             acl_deny,
+            services6,
+            backends6,
+            replies6,
+            acl6_allow,
+            acl6_deny,
             written: (0..MAX_SERVICES).map(|_| Written::default()).collect(),
         })
     }
@@ -287,11 +358,7 @@ impl Kernel {
             let flags = backend_flags(b, s.method);
             let now = Some((b.addr, flags));
             if w.backends[slot as usize] != now {
-                let (addr, port) = wire(b.addr);
-                let value = BackendValue { addr, port, flags };
-                self.backends
-                    .set(base + slot, value, 0)
-                    .map_err(update_error)?;
+                self.set_backend(base + slot, Some((b.addr, flags)))?;
                 w.backends[slot as usize] = now;
             }
         }
@@ -312,9 +379,21 @@ impl Kernel {
         )?;
         w.schedule = schedule;
         // The lists before the flag that makes the allow list count.
-        write_acl(&mut self.acl_allow, id, &w.allow, &s.allow)?;
+        write_acl(
+            &mut self.acl_allow,
+            &mut self.acl6_allow,
+            id,
+            &w.allow,
+            &s.allow,
+        )?;
         w.allow.clone_from(&s.allow);
-        write_acl(&mut self.acl_deny, id, &w.deny, &s.deny)?;
+        write_acl(
+            &mut self.acl_deny,
+            &mut self.acl6_deny,
+            id,
+            &w.deny,
+            &s.deny,
+        )?;
         w.deny.clone_from(&s.deny);
         let value = ServiceValue {
             id,
@@ -360,55 +439,129 @@ impl Kernel {
                 u32::from_ne_bytes(mask.to_be_bytes())
             }),
             pad2: 0,
+            prefix6_mask: s.limits.map_or([0; 4], |l| {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(l.prefix6_len.min(128)))
+                    .unwrap_or(0)
+                    .to_be_bytes();
+                std::array::from_fn(|i| {
+                    u32::from_ne_bytes(mask[4 * i..4 * i + 4].try_into().unwrap())
+                })
+            }),
         };
-        let (addr, port) = wire(s.addr);
         if w.value != Some(value) {
-            self.services
-                .insert(ServiceKey { addr, port, pad: 0 }, value, 0)
-                .map_err(update_error)?;
+            self.set_service(s.addr, value)?;
             w.value = Some(value);
             w.addr = Some(s.addr);
         }
         for (b, &slot) in s.backends.iter().zip(&slots) {
-            let (baddr, bport) = wire(b.addr);
-            let reply = ReplyValue {
-                service_addr: addr,
-                service_port: port,
-                flags: backend_flags(b, s.method),
-                backend: base + slot,
-                pad: 0,
-            };
-            let key = ReplyKey {
-                addr: baddr,
-                port: bport,
-                pad: 0,
-            };
-            if self.replies.get(&key, 0).ok() != Some(reply) {
-                self.replies.insert(key, reply, 0).map_err(update_error)?;
-            }
+            let flags = backend_flags(b, s.method);
+            self.set_reply(b.addr, s.addr, flags, base + slot)?;
         }
         // Backends that left: no table entry names them any more.
         for slot in 0..MAX_BACKENDS {
             if let Some((addr, _)) = w.backends[slot]
                 && !s.backends.iter().any(|b| b.addr == addr)
             {
-                self.backends
-                    .set(base + slot as u32, BackendValue::default(), 0)
-                    .map_err(update_error)?;
-                let (baddr, bport) = wire(addr);
-                let _ = self.replies.remove(&ReplyKey {
-                    addr: baddr,
-                    port: bport,
-                    pad: 0,
-                });
+                self.set_backend(base + slot as u32, None)?;
+                self.remove_reply(addr);
                 w.backends[slot] = None;
             }
         }
         Ok(())
     }
 
+    /// Writes backend `at` of the table of its family (`None`: clears it in both).
+    fn set_backend(&mut self, at: u32, backend: Option<(SocketAddr, u16)>) -> Result<(), Error> {
+        let Some((addr, flags)) = backend else {
+            self.backends
+                .set(at, BackendValue::default(), 0)
+                .map_err(update_error)?;
+            return self
+                .backends6
+                .set(at, Backend6Value::default(), 0)
+                .map_err(update_error);
+        };
+        let port = wire_port(addr.port());
+        match wire(addr.ip()) {
+            Wire::V4(addr) => self.backends.set(at, BackendValue { addr, port, flags }, 0),
+            Wire::V6(addr) => self
+                .backends6
+                .set(at, Backend6Value { addr, port, flags }, 0),
+        }
+        .map_err(update_error)
+    }
+
+    /// Writes the listener at `addr` into the services of its family.
+    fn set_service(&mut self, addr: SocketAddr, value: ServiceValue) -> Result<(), Error> {
+        let port = wire_port(addr.port());
+        match wire(addr.ip()) {
+            Wire::V4(addr) => self
+                .services
+                .insert(ServiceKey { addr, port, pad: 0 }, value, 0),
+            Wire::V6(addr) => self
+                .services6
+                .insert(Service6Key { addr, port, pad: 0 }, value, 0),
+        }
+        .map_err(update_error)
+    }
+
+    /// Maps the replies of `backend` to `service` (and to the counters' slot `at`), unless
+    /// they are already. A backend of the other family than its listener's is refused.
+    fn set_reply(
+        &mut self,
+        backend: SocketAddr,
+        service: SocketAddr,
+        flags: u16,
+        at: u32,
+    ) -> Result<(), Error> {
+        let (port, service_port) = (wire_port(backend.port()), wire_port(service.port()));
+        match (wire(backend.ip()), wire(service.ip())) {
+            (Wire::V4(addr), Wire::V4(service_addr)) => {
+                let key = ReplyKey { addr, port, pad: 0 };
+                let reply = ReplyValue {
+                    service_addr,
+                    service_port,
+                    flags,
+                    backend: at,
+                    pad: 0,
+                };
+                if self.replies.get(&key, 0).ok() != Some(reply) {
+                    self.replies.insert(key, reply, 0).map_err(update_error)?;
+                }
+            }
+            (Wire::V6(addr), Wire::V6(service_addr)) => {
+                let key = Reply6Key { addr, port, pad: 0 };
+                let reply = Reply6Value {
+                    service_addr,
+                    service_port,
+                    flags,
+                    backend: at,
+                };
+                if self.replies6.get(&key, 0).ok() != Some(reply) {
+                    self.replies6.insert(key, reply, 0).map_err(update_error)?;
+                }
+            }
+            _ => {
+                return Err(Error::Limit(format!(
+                    "listener {service}: backend {backend} is of the other IP family (the \
+                     kernel data plane does not translate between IPv4 and IPv6)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_reply(&mut self, backend: SocketAddr) {
+        let port = wire_port(backend.port());
+        let _ = match wire(backend.ip()) {
+            Wire::V4(addr) => self.replies.remove(&ReplyKey { addr, port, pad: 0 }),
+            Wire::V6(addr) => self.replies6.remove(&Reply6Key { addr, port, pad: 0 }),
+        };
+    }
+
     /// Each backend's traffic through service `id`, summed over the CPUs.
-    pub fn traffic(&self, id: usize) -> Vec<(SocketAddrV4, Traffic)> {
+    pub fn traffic(&self, id: usize) -> Vec<(SocketAddr, Traffic)> {
         let Some(w) = self.written.get(id) else {
             return Vec::new();
         };
@@ -555,25 +708,41 @@ fn write_array(
     Ok(())
 }
 
-/// Makes service `id`'s entries of an allow or deny list `new` (they were `old`): the
-/// networks gone removed, the new ones added.
+/// Makes service `id`'s entries of an allow or deny list `new` (they were `old`), each
+/// network in the table of its family: the networks gone removed, the new ones added.
 fn write_acl(
     map: &mut LpmTrie<MapData, [u8; 8], u8>,
+    map6: &mut LpmTrie<MapData, [u8; 20], u8>,
     id: u32,
-    old: &[(std::net::Ipv4Addr, u8)],
-    new: &[(std::net::Ipv4Addr, u8)],
+    old: &[(IpAddr, u8)],
+    new: &[(IpAddr, u8)],
 ) -> Result<(), Error> {
-    let key = |(addr, len): &(std::net::Ipv4Addr, u8)| {
-        let mut data = [0u8; 8];
+    let key = |addr: &[u8], len: u8| {
+        let mut data = [0u8; 20];
         data[..4].copy_from_slice(&id.to_be_bytes());
-        data[4..].copy_from_slice(&addr.octets());
-        LpmKey::new(32 + u32::from(*len), data)
+        data[4..4 + addr.len()].copy_from_slice(addr);
+        (32 + u32::from(len), data)
     };
-    for gone in old.iter().filter(|n| !new.contains(n)) {
-        let _ = map.remove(&key(gone));
+    let key4 = |addr: std::net::Ipv4Addr, len: u8| {
+        let (bits, data) = key(&addr.octets(), len);
+        LpmKey::new(bits, <[u8; 8]>::try_from(&data[..8]).expect("8 bytes"))
+    };
+    let key6 = |addr: std::net::Ipv6Addr, len: u8| {
+        let (bits, data) = key(&addr.octets(), len);
+        LpmKey::new(bits, data)
+    };
+    for &(addr, len) in old.iter().filter(|n| !new.contains(n)) {
+        let _ = match addr {
+            IpAddr::V4(a) => map.remove(&key4(a, len)),
+            IpAddr::V6(a) => map6.remove(&key6(a, len)),
+        };
     }
-    for added in new.iter().filter(|n| !old.contains(n)) {
-        map.insert(&key(added), 1, 0).map_err(update_error)?;
+    for &(addr, len) in new.iter().filter(|n| !old.contains(n)) {
+        match addr {
+            IpAddr::V4(a) => map.insert(&key4(a, len), 1, 0),
+            IpAddr::V6(a) => map6.insert(&key6(a, len), 1, 0),
+        }
+        .map_err(update_error)?;
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The program loads (the kernel's verifier accepts it) and takes a service's tables (root).
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use udplb_kernel::{Backend, Kernel, Service};
@@ -18,20 +18,23 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
     let mut k = Kernel::load(4096, udplb_kernel::limit_cells(64), None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {
-            addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 53),
+            addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 53).into(),
             keeps_flows: true,
             local: i == 3,
         })
         .collect();
     let service = Service {
-        addr: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 53),
+        addr: SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 53).into(),
         datagram: false,
         by_ip: false,
         idle: Duration::from_secs(30),
         ring: (0..udplb_kernel::RING_SIZE as u32).map(|i| i % 3).collect(),
         schedule: vec![0, 1, 2],
-        allow: vec![(Ipv4Addr::new(192, 0, 2, 0), 24)],
-        deny: vec![(Ipv4Addr::new(192, 0, 2, 7), 32)],
+        allow: vec![
+            (Ipv4Addr::new(192, 0, 2, 0).into(), 24),
+            ("2001:db8::".parse().unwrap(), 32),
+        ],
+        deny: vec![(Ipv4Addr::new(192, 0, 2, 7).into(), 32)],
         backends,
         method: udplb_kernel::Method::Masquerade {
             first: 61_000,
@@ -43,6 +46,7 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
             new_flows_per_source: 10,
             new_flows_per_prefix: 0,
             prefix_len: 24,
+            prefix6_len: 56,
             first_cell: 0,
             cells: 64,
         }),
@@ -58,6 +62,23 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         "the schedule names a backend gone"
     );
     fewer.schedule = vec![0, 1];
+    // And an IPv6 listener beside it, with NAT.
+    let v6 = |s: u16| {
+        SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, s)),
+            53,
+        )
+    };
+    let mut six = fewer.clone();
+    six.addr = v6(1);
+    six.method = udplb_kernel::Method::Nat;
+    for (i, b) in six.backends.iter_mut().enumerate() {
+        b.addr = v6(0x100 + i as u16);
+    }
+    k.update(&[fewer.clone(), six.clone()]).expect("updates");
+    // A backend of the other family is refused.
+    six.backends[0].addr = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 9), 53).into();
+    assert!(k.update(&[fewer.clone(), six]).is_err());
     k.update(&[fewer]).expect("updates");
     assert_eq!(k.drops(), Default::default());
 }

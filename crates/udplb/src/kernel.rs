@@ -9,7 +9,7 @@
 //! Must not: place or check anything itself (the snapshot says which backend takes what; the
 //! program indexes the Maglev table the core built).
 
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -92,14 +92,25 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         .iter()
         .map(|&i| cfg.listeners[i].max_flows)
         .fold(0u32, u32::saturating_add);
-    if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/forwarding")
-        .is_ok_and(|f| f.trim() == "0")
-    {
+    let forwarding_off = |family: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/{family}/conf/all/forwarding"))
+            .is_ok_and(|f| f.trim() == "0")
+    };
+    let on_ipv4 = |&i: &usize| cfg.listeners[i].address.ip().to_canonical().is_ipv4();
+    let (ipv4, ipv6) = (wanted.iter().any(on_ipv4), !wanted.iter().all(on_ipv4));
+    if ipv4 && forwarding_off("ipv4") {
         tracing::warn!(
             "kernel data plane: net.ipv4.ip_forward is 0, so only backends on this host are \
              reached (the program's route lookups need forwarding on, with nat and masquerade \
              alike: datagrams for other hosts are dropped as no_route); set \
              net.ipv4.ip_forward=1"
+        );
+    }
+    if ipv6 && forwarding_off("ipv6") {
+        tracing::warn!(
+            "kernel data plane: net.ipv6.conf.all.forwarding is 0, so an IPv6 listener reaches \
+             only backends on this host (datagrams for other hosts are dropped as no_route); \
+             set net.ipv6.conf.all.forwarding=1"
         );
     }
     let pin_dir = pin_dir(cfg);
@@ -367,14 +378,14 @@ pub fn services(
         .filter_map(|((&i, &method), &cells)| {
             let spec = snap.listeners.get(i)?;
             let pool = &snap.pools[spec.pool];
-            let addr = v4(spec.address)?;
+            let addr = specific(spec.address)?;
             let backends = pool
                 .backends
                 .iter()
                 .enumerate()
                 .filter_map(|(j, b)| {
                     Some(udplb_kernel::Backend {
-                        addr: v4(b.spec.addr)?,
+                        addr: specific(b.spec.addr)?,
                         keeps_flows: pool.keeps_flows(j),
                         local: on_this_host(b.spec.addr.ip()),
                     })
@@ -384,8 +395,8 @@ pub fn services(
             let schedule = Tier::build(SchedulerKind::RoundRobin, &pool.backends, pool.all_down)
                 .schedule_backends();
             Some(udplb_kernel::Service {
-                allow: spec.acl.allow().ipv4_networks(),
-                deny: spec.acl.deny().ipv4_networks(),
+                allow: networks(spec.acl.allow()),
+                deny: networks(spec.acl.deny()),
                 addr,
                 datagram: spec.mode == SessionMode::Datagram,
                 by_ip: spec.affinity == Affinity::Ip,
@@ -413,6 +424,7 @@ fn kernel_limits(
         new_flows_per_source: s.new_flows_per_source.unwrap_or(0),
         new_flows_per_prefix: s.new_flows_per_prefix.unwrap_or(0),
         prefix_len: s.ipv4_prefix,
+        prefix6_len: s.ipv6_prefix,
         first_cell,
         cells,
     })
@@ -423,13 +435,24 @@ fn on_this_host(ip: IpAddr) -> bool {
     ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
-/// `addr` as IPv4 (the kernel data plane's family), if it is a specific IPv4 address.
-fn v4(addr: SocketAddr) -> Option<SocketAddrV4> {
-    let ip = match addr.ip().to_canonical() {
-        IpAddr::V4(ip) if !ip.is_unspecified() => ip,
-        _ => return None,
-    };
-    Some(SocketAddrV4::new(ip, addr.port()))
+/// `addr` as the kernel data plane takes it (IPv4-mapped IPv6 as IPv4), if it is a specific
+/// address.
+fn specific(addr: SocketAddr) -> Option<SocketAddr> {
+    let ip = addr.ip().to_canonical();
+    (!ip.is_unspecified()).then_some(SocketAddr::new(ip, addr.port()))
+}
+
+/// The networks of an allow or deny list, IPv4's and IPv6's, as the program's tables take them.
+fn networks(set: &udplb_core::acl::CidrSet) -> Vec<(IpAddr, u8)> {
+    let v4 = set
+        .ipv4_networks()
+        .into_iter()
+        .map(|(a, l)| (IpAddr::V4(a), l));
+    let v6 = set
+        .ipv6_networks()
+        .into_iter()
+        .map(|(a, l)| (IpAddr::V6(a), l));
+    v4.chain(v6).collect()
 }
 
 /// `udplb decap`: the decapsulating program on `interfaces`, for `balancers`, until SIGTERM or
@@ -507,7 +530,7 @@ impl KernelPlane {
     }
 
     /// Each backend's traffic through listener `service` (by its place in `listeners`).
-    pub fn traffic(&self, service: usize) -> Vec<(SocketAddrV4, udplb_kernel::Traffic)> {
+    pub fn traffic(&self, service: usize) -> Vec<(SocketAddr, udplb_kernel::Traffic)> {
         self.kernel
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -517,7 +540,7 @@ impl KernelPlane {
     /// Per backend address, what the kernel saw of it, summed over the kernel listeners:
     /// ICMP errors about datagrams sent to it (passive failures) and replies (passive
     /// successes).
-    pub fn passive(&self) -> std::collections::HashMap<SocketAddrV4, (u64, u64)> {
+    pub fn passive(&self) -> std::collections::HashMap<SocketAddr, (u64, u64)> {
         let mut out = std::collections::HashMap::new();
         for id in 0..self.listeners.len() {
             for (addr, t) in self.traffic(id) {

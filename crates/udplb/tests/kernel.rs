@@ -51,7 +51,8 @@ fn kernel_clients_in_namespace() {
     {
         pin_to(cpu);
     }
-    let bind = std::env::var("UDPLB_TEST_KERNEL_BIND").unwrap_or_else(|_| "0.0.0.0".into());
+    let any = if target.is_ipv4() { "0.0.0.0" } else { "::" };
+    let bind = std::env::var("UDPLB_TEST_KERNEL_BIND").unwrap_or_else(|_| any.into());
     // Requests padded to this many bytes (UDPLB_TEST_KERNEL_SIZE), if given.
     let size: usize = std::env::var("UDPLB_TEST_KERNEL_SIZE")
         .ok()
@@ -161,6 +162,8 @@ struct Topology {
     balancer: String,
     clients: String,
     backends: String,
+    /// The listener, the backends and the clients on IPv6 ([`Topology::ipv6`]).
+    v6: bool,
 }
 
 impl Topology {
@@ -247,7 +250,84 @@ impl Topology {
             balancer: b,
             clients: c,
             backends: k,
+            v6: false,
         })
+    }
+
+    /// The same hosts on IPv6 as well (fd00:97:T::/64 the clients', fd00:98:T::/64 the
+    /// backends', the listener on fd00:99:T::1), forwarding on; from now on the listener, the
+    /// backends and the clients are the IPv6 ones.
+    fn ipv6(&mut self) {
+        let t = self.t;
+        let (b, c, k) = (&self.balancer, &self.clients, &self.backends);
+        // `nodad`: usable at once (duplicate address detection would hold them a second).
+        let add = |ns: &str, addr: String, dev: &str| {
+            ip(&["-n", ns, "addr", "add", &addr, "dev", dev, "nodad"]).unwrap();
+        };
+        add(b, format!("fd00:97:{t}::1/64"), "bc");
+        add(c, format!("fd00:97:{t}::2/64"), "cb");
+        add(b, format!("fd00:98:{t}::1/64"), "bk");
+        add(k, format!("fd00:98:{t}::2/64"), "kb");
+        add(b, format!("fd00:99:{t}::1/128"), "lo");
+        ip(&[
+            "-n",
+            c,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:97:{t}::1"),
+        ])
+        .unwrap();
+        ip(&[
+            "-n",
+            k,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:98:{t}::1"),
+        ])
+        .unwrap();
+        let ok = Net::exec(b, Path::new("sysctl"))
+            .args(["-q", "-w", "net.ipv6.conf.all.forwarding=1"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        // Until duplicate address detection has cleared the link-local addresses, neighbour
+        // discovery has no source to ask from: packets would wait in its queue (seconds).
+        let tentative = |ns: &str| {
+            let out = Net::exec(ns, Path::new("ip"))
+                .args(["-6", "addr", "show", "tentative"])
+                .output()
+                .unwrap();
+            !out.stdout.is_empty()
+        };
+        assert!(
+            wait_for(DEADLINE, || [b, c, k].iter().all(|ns| !tentative(ns))),
+            "IPv6 addresses stayed tentative"
+        );
+        self.v6 = true;
+    }
+
+    /// The clients' address.
+    fn client_ip(&self) -> String {
+        if self.v6 {
+            format!("fd00:97:{}::2", self.t)
+        } else {
+            format!("10.97.{}.2", self.t)
+        }
+    }
+
+    /// The backend host's address.
+    fn backend_ip(&self) -> String {
+        if self.v6 {
+            format!("fd00:98:{}::2", self.t)
+        } else {
+            format!("10.98.{}.2", self.t)
+        }
     }
 
     /// The backends' host loses its default route: only what comes from the balancer's own
@@ -342,11 +422,15 @@ impl Topology {
     }
 
     fn vip(&self) -> SocketAddr {
-        format!("10.99.{}.1:5300", self.t).parse().unwrap()
+        if self.v6 {
+            format!("[fd00:99:{}::1]:5300", self.t).parse().unwrap()
+        } else {
+            format!("10.99.{}.1:5300", self.t).parse().unwrap()
+        }
     }
 
     fn backend_addr(&self, i: usize) -> SocketAddr {
-        format!("10.98.{}.2:{}", self.t, 7001 + i).parse().unwrap()
+        SocketAddr::new(self.backend_ip().parse().unwrap(), 7001 + i as u16)
     }
 
     /// Echo backends x, y, z on 7001..7003 of the backend host; returns their pids.
@@ -473,7 +557,7 @@ impl Topology {
     /// `GET path` on udplb's admin endpoint in the balancer.
     fn api(&self, path: &str) -> serde_json::Value {
         let out = Net::exec(&self.balancer, Path::new("curl"))
-            .args(["-s", &format!("127.0.0.1:9190{path}")])
+            .args(["-s", "-g", &format!("127.0.0.1:9190{path}")])
             .output()
             .unwrap();
         serde_json::from_slice(&out.stdout).unwrap_or_default()
@@ -519,15 +603,29 @@ impl Topology {
 
 #[test]
 fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_does() {
-    let Some(mut topo) = Topology::build("ulbk") else {
+    nat_keeps_the_clients_address("ulbk", false);
+}
+
+/// The same on IPv6: a listener on an IPv6 address, IPv6 backends and clients.
+#[test]
+fn ipv6_nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_does() {
+    nat_keeps_the_clients_address("ulbb", true);
+}
+
+fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    if v6 {
+        topo.ipv6();
+    }
     topo.start_backends();
     topo.start_udplb("");
     if topo.without_the_program() {
         return;
     }
-    let client_ip = format!("10.97.{}.2", topo.t);
+    let client_ip = topo.client_ip();
+    let client = |port: &u16| SocketAddr::new(client_ip.parse().unwrap(), *port);
     let replies = topo.clients(60, 2);
     assert!(
         replies.len() == 120,
@@ -541,7 +639,7 @@ fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_d
         assert_eq!(*from, topo.vip(), "a reply not from the listener's address");
         assert_eq!(
             seen,
-            &format!("{client_ip}:{port}"),
+            &client(port).to_string(),
             "the backend saw another address"
         );
         let first = backend_of.entry(*port).or_insert_with(|| tag.clone());
@@ -568,12 +666,12 @@ fn nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_udplb_d
     let differ: Vec<u16> = backend_of
         .iter()
         .filter(|(port, tag)| {
-            let explained = topo.api(&format!("/api/v1/explain?client={client_ip}:{port}"));
+            let explained = topo.api(&format!("/api/v1/explain?client={}", client(port)));
             tag_of(explained["backend"].as_str().unwrap_or("")) != tag.as_str()
         })
         .map(|(p, _)| *p)
         .collect();
-    let explained = topo.api(&format!("/api/v1/explain?client={client_ip}:1"));
+    let explained = topo.api(&format!("/api/v1/explain?client={}", client(&1)));
     assert_eq!(explained["dataplane"], "kernel", "{explained}");
     assert!(
         differ.is_empty(),
@@ -1105,8 +1203,14 @@ fn kernel_refused_in_namespace() {
     let Ok(target) = std::env::var("UDPLB_TEST_KERNEL_REFUSED") else {
         return;
     };
-    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-    s.connect(target.as_str()).unwrap();
+    let target: SocketAddr = target.parse().unwrap();
+    let s = UdpSocket::bind(if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .unwrap();
+    s.connect(target).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     let mut buf = [0u8; 512];
@@ -1133,6 +1237,12 @@ fn a_closed_backend_port_behind_masquerade_is_refused_by_the_listener() {
     a_closed_backend_port_is_refused("ulbj", "masquerade");
 }
 
+#[test]
+fn a_closed_backend_port_reaches_an_ipv6_client_as_refused_by_the_listener() {
+    a_closed_backend_port_is_refused("ulbs", "nat6");
+}
+
+/// `forwarding` `nat6`: NAT on IPv6.
 fn a_closed_backend_port_is_refused(prefix: &str, forwarding: &str) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
@@ -1140,11 +1250,20 @@ fn a_closed_backend_port_is_refused(prefix: &str, forwarding: &str) {
     if forwarding == "masquerade" {
         topo.without_a_route_to_the_clients();
     }
+    let forwarding = if forwarding == "nat6" {
+        topo.ipv6();
+        "nat"
+    } else {
+        forwarding
+    };
     // Nothing listens on the backend's port; no health check, so it stays in rotation.
-    let closed = format!("10.98.{}.2:7009", topo.t);
+    let closed = SocketAddr::new(topo.backend_ip().parse().unwrap(), 7009);
     topo.start_udplb_with(
         "",
-        &format!("backends = [\"{closed}\"]\nforwarding = \"{forwarding}\"\n"),
+        &format!(
+            "backends = [{}]\nforwarding = \"{forwarding}\"\n",
+            quoted(closed)
+        ),
     );
     if topo.without_the_program() {
         return;
@@ -1439,6 +1558,63 @@ fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
 /// counted, and its backend told (ICMP fragmentation needed, as a router would): the backend's
 /// kernel learns the MTU towards the client and fragments its next reply to fit. The other way,
 /// a request too big for the backends' link tells the client the same.
+/// IPv6: later fragments (fragment headers) follow their first both ways, and a datagram too
+/// big for the route onward is answered with ICMPv6 packet too big, which the client heeds.
+#[test]
+fn ipv6_fragments_follow_their_first_and_the_client_learns_the_path_mtu() {
+    let Some(mut topo) = Topology::build("ulbc") else {
+        return;
+    };
+    topo.ipv6();
+    topo.start_backends();
+    topo.start_udplb("");
+    if topo.without_the_program() {
+        return;
+    }
+    // 3,000 bytes each way across 1,500-byte links: fragmented by the client and by the
+    // backend, each fragment rewritten as its first.
+    let big = [("UDPLB_TEST_KERNEL_SIZE", "3000".to_string())];
+    let replies = topo.clients_with(4, 2, &big);
+    assert_eq!(
+        replies.len(),
+        8,
+        "{replies:?}\n{}",
+        topo.api("/stats")["kernel"]
+    );
+    for (port, from, _, seen) in &replies {
+        assert_eq!(*from, topo.vip());
+        let client = SocketAddr::new(topo.client_ip().parse().unwrap(), *port);
+        assert_eq!(seen, &client.to_string());
+    }
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+    // The backends' link narrower than the clients': 1,400 bytes fit the clients' link, not
+    // the backends'. The first try is lost, and the client is told (from the listener's
+    // address, about its datagram), so its next try is fragmented and answered.
+    for (ns, dev) in [(&topo.balancer, "bk"), (&topo.backends, "kb")] {
+        ip(&["-n", ns, "link", "set", dev, "mtu", "1300"]).unwrap();
+    }
+    let size = ("UDPLB_TEST_KERNEL_SIZE", "1400".to_string());
+    let once = [
+        size.clone(),
+        ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
+    ];
+    assert!(topo.clients_with(1, 1, &once).is_empty());
+    let out = Net::exec(&topo.clients, Path::new("ip"))
+        .args(["route", "get", &topo.vip().ip().to_string()])
+        .output()
+        .unwrap();
+    let to_vip = String::from_utf8_lossy(&out.stdout);
+    assert!(to_vip.contains("mtu 1300"), "{to_vip}");
+    assert_eq!(
+        topo.clients_with(1, 1, std::slice::from_ref(&size)).len(),
+        1
+    );
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+}
+
 #[test]
 fn nat_tells_backends_and_clients_the_path_mtu() {
     path_mtu("ulby", "nat");

@@ -84,7 +84,7 @@ pub struct Monitor {
     /// The kernel data plane, whose passive signals are read too.
     kernel: Option<Arc<crate::kernel::KernelPlane>>,
     /// Per backend address, the kernel's (ICMP errors, replies) at the last read.
-    kernel_seen: std::collections::HashMap<std::net::SocketAddrV4, (u64, u64)>,
+    kernel_seen: std::collections::HashMap<std::net::SocketAddr, (u64, u64)>,
     /// The origin of the monitor's [`Time`].
     clock: Instant,
     /// Backends with at least one check result, per pool; a pool's quorum is known (and its
@@ -134,12 +134,10 @@ impl Monitor {
     /// answered).
     fn kernel_passive(
         &mut self,
-        seen: &std::collections::HashMap<std::net::SocketAddrV4, (u64, u64)>,
+        seen: &std::collections::HashMap<std::net::SocketAddr, (u64, u64)>,
         addr: std::net::SocketAddr,
     ) -> (u64, bool) {
-        let std::net::SocketAddr::V4(addr) = addr else {
-            return (0, false);
-        };
+        let addr = std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port());
         let Some(&(failed, answered)) = seen.get(&addr) else {
             return (0, false);
         };

@@ -1,0 +1,687 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+//
+// The IPv6 side of udplb's kernel data plane (included by udplb.bpf.c, whose helpers it uses):
+// LVS-NAT for listeners on an IPv6 address, in flow and datagram mode. The same placement
+// (xxh3 of the client's 16 or 18 bytes, the same Maglev table), flow map, replies, allow and
+// deny lists and rate limits as IPv4, in maps keyed by IPv6 addresses; hop limit; the UDP
+// checksum (always present in IPv6) updated incrementally; later fragments (fragment header)
+// follow their first; ICMPv6 errors from a backend translated to the client; a datagram too
+// big for the route onward answered with ICMPv6 packet too big, as a router would.
+//
+// Must not: masquerade or encapsulate (udplb refuses those on IPv6 listeners), or follow any
+// extension header other than one fragment header (such packets are left to the stack).
+
+#define AF_INET6 10
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_ICMP6 58
+#define ICMP6_DEST_UNREACH 1
+#define ICMP6_PACKET_TOO_BIG 2
+#define ICMP6_TIME_EXCEEDED 3
+#define IPV6_MIN_MTU 1280
+
+// An IPv6 address as the packet holds it (four words in network order).
+struct in6 {
+	__u32 w[4];
+};
+
+struct ip6hdr {
+	__u32 vtc_flow;
+	__u16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	struct in6 saddr;
+	struct in6 daddr;
+};
+
+struct frag6hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__u16 frag_off; // offset in 8-byte units << 3, and 1: more fragments follow
+	__u32 id;
+};
+
+struct icmp6hdr {
+	__u8 type;
+	__u8 code;
+	__u16 checksum;
+	__u32 rest; // packet too big: the MTU
+};
+
+#define IP6_OFF ETH_HLEN
+#define IP6_HOP_OFF (IP6_OFF + offsetof(struct ip6hdr, hop_limit))
+#define IP6_SRC_OFF (IP6_OFF + offsetof(struct ip6hdr, saddr))
+#define IP6_DST_OFF (IP6_OFF + offsetof(struct ip6hdr, daddr))
+#define L4_6_OFF (IP6_OFF + sizeof(struct ip6hdr)) // without a fragment header
+#define ICMP6_CSUM_OFF (L4_6_OFF + offsetof(struct icmp6hdr, checksum))
+#define INNER6_OFF (L4_6_OFF + sizeof(struct icmp6hdr))
+#define INNER6_DST_OFF (INNER6_OFF + offsetof(struct ip6hdr, daddr))
+#define INNER6_DPORT_OFF (INNER6_OFF + sizeof(struct ip6hdr) + offsetof(struct udphdr, dest))
+
+struct service6_key {
+	struct in6 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+struct backend6 {
+	struct in6 addr;
+	__u16 port;
+	__u16 flags;
+};
+
+struct flow6_key {
+	struct in6 client_addr;
+	struct in6 service_addr;
+	__u16 client_port;
+	__u16 service_port;
+};
+
+// As `struct flow`: the backend by address, so that the next udplb process reads it alike.
+struct flow6 {
+	struct in6 backend_addr;
+	__u16 backend_port;
+	__u16 pad;
+	__u32 pad2;
+	__u64 last_ns;
+};
+
+struct reply6_key {
+	struct in6 addr;
+	__u16 port;
+	__u16 pad;
+};
+
+struct reply6 {
+	struct in6 service_addr;
+	__u16 service_port;
+	__u16 flags; // BACKEND_KEEPS_FLOWS
+	__u32 backend; // global backend index (counters)
+};
+
+struct acl6_key {
+	__u32 prefixlen; // 32 + the network's length
+	__u32 service; // big-endian
+	struct in6 addr;
+};
+
+struct fragment6_key {
+	struct in6 saddr;
+	struct in6 daddr;
+	__u32 id;
+};
+
+struct fragment6 {
+	struct in6 saddr; // the new source (all zero: kept)
+	struct in6 daddr; // the new destination (all zero: kept)
+	__u32 backend;
+	__u32 flags; // FRAGMENT_REPLY
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES);
+	__type(key, struct service6_key);
+	__type(value, struct service);
+} services6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SERVICES * MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct backend6);
+} backends6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); // set by udplb before loading (as `flows`)
+	__type(key, struct flow6_key);
+	__type(value, struct flow6);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes
+#endif
+} flows6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVICES * MAX_BACKENDS);
+	__type(key, struct reply6_key);
+	__type(value, struct reply6);
+} replies6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct acl6_key);
+	__type(value, __u8);
+} acl6_allow SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct acl6_key);
+	__type(value, __u8);
+} acl6_deny SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct fragment6_key);
+	__type(value, struct fragment6);
+} fragments6 SEC(".maps");
+
+// What the IPv6 path has read of a UDP datagram (its header may be rewritten meanwhile).
+struct packet6 {
+	struct in6 saddr;
+	struct in6 daddr;
+	struct fragment6_key frk; // its fragments' key (the id 0 when not fragmented)
+	__u32 l4; // where its UDP header is
+	__u16 sport;
+	__u16 dport;
+	__u16 tot_len; // the IPv6 header included
+	__u8 hops;
+	__u8 first_of_more; // the first fragment, more follow
+	// A request's backend, once chosen: its address, port and global index.
+	struct in6 to_addr;
+	__u32 backend;
+	__u16 to_port;
+	__u16 pad;
+};
+
+static __always_inline int in6_is_zero(const struct in6 *a)
+{
+	return !(a->w[0] | a->w[1] | a->w[2] | a->w[3]);
+}
+
+static __always_inline int in6_eq(const struct in6 *a, const struct in6 *b)
+{
+	return !((a->w[0] ^ b->w[0]) | (a->w[1] ^ b->w[1]) | (a->w[2] ^ b->w[2]) |
+		 (a->w[3] ^ b->w[3]));
+}
+
+// The 128-bit product of `a` and `b`, its two halves xor-ed (xxh3's mul128_fold64), from
+// 32-bit products (eBPF multiplies 64 bits at most).
+static __always_inline __u64 mul128_fold64(__u64 a, __u64 b)
+{
+	__u64 a_lo = a & 0xffffffffULL, a_hi = a >> 32;
+	__u64 b_lo = b & 0xffffffffULL, b_hi = b >> 32;
+	__u64 ll = a_lo * b_lo, lh = a_lo * b_hi, hl = a_hi * b_lo, hh = a_hi * b_hi;
+	__u64 cross = (ll >> 32) + (lh & 0xffffffffULL) + hl;
+	__u64 high = hh + (lh >> 32) + (cross >> 32);
+	__u64 low = (cross << 32) | (ll & 0xffffffffULL);
+	return low ^ high;
+}
+
+static __always_inline __u64 xxh3_avalanche(__u64 h)
+{
+	h ^= h >> 37;
+	h *= 0x165667919E3779F9ULL;
+	return h ^ (h >> 32);
+}
+
+// udplb's placement hash of an IPv6 address (xxh3-64 of its 16 bytes, udplb's seed).
+static __always_inline __u64 placement_hash6(const struct in6 *a)
+{
+	__u64 lo = (((__u64)a->w[1] << 32) | a->w[0]) ^ UDPLB_FLIP1;
+	__u64 hi = (((__u64)a->w[3] << 32) | a->w[2]) ^ UDPLB_FLIP2;
+	return xxh3_avalanche(16 + __builtin_bswap64(lo) + hi + mul128_fold64(lo, hi));
+}
+
+// ... of an IPv6 address and a port (its 18 bytes: bytes 0-15 and 2-17, 8 at a time).
+static __always_inline __u64 placement_hash6_port(const struct in6 *a, __u16 port)
+{
+	__u64 w0 = ((__u64)a->w[1] << 32) | a->w[0];
+	__u64 w1 = ((__u64)a->w[3] << 32) | a->w[2];
+	__u64 acc = 18 * 0x9E3779B185EBCA87ULL;
+	acc += mul128_fold64(w0 ^ UDPLB_MIX0, w1 ^ UDPLB_MIX1);
+	__u64 x0 = (w0 >> 16) | (w1 << 48);
+	__u64 x1 = (w1 >> 16) | ((__u64)port << 48);
+	acc += mul128_fold64(x0 ^ UDPLB_MIX2, x1 ^ UDPLB_MIX3);
+	return xxh3_avalanche(acc);
+}
+
+static __always_inline __u64 client_hash6(const struct service *svc, const struct in6 *addr,
+					  __u16 port)
+{
+	if (svc->flags & SERVICE_DATAGRAM)
+		return 0;
+	if (svc->flags & SERVICE_BY_IP)
+		return placement_hash6(addr);
+	return placement_hash6_port(addr, port);
+}
+
+// As `within_limits`, for an IPv6 client: keyed by a hash of its address and of its prefix.
+static __always_inline int within_limits6(const struct service *svc, const struct in6 *client,
+					  int flows, __u64 now)
+{
+	__u32 source = flows ? LIMIT_FLOWS_SOURCE : LIMIT_DATAGRAMS_SOURCE;
+	__u32 prefix = flows ? LIMIT_FLOWS_PREFIX : LIMIT_DATAGRAMS_PREFIX;
+	if (!svc->limit[source] && !svc->limit[prefix])
+		return 1;
+	struct in6 net = {.w = {client->w[0] & svc->prefix6_mask[0],
+				client->w[1] & svc->prefix6_mask[1],
+				client->w[2] & svc->prefix6_mask[2],
+				client->w[3] & svc->prefix6_mask[3]}};
+	return within(svc, source, (__u32)placement_hash6(client), now) &&
+	       within(svc, prefix, (__u32)placement_hash6(&net), now);
+}
+
+// The route from `src` to `dst` for a packet of `tot_len` bytes (IPv6 header included).
+static __always_inline int route6(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+				  const struct in6 *src, const struct in6 *dst, __u16 tot_len)
+{
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = AF_INET6;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->tot_len = tot_len;
+	__builtin_memcpy(fib->ipv6_src, src, sizeof(*src));
+	__builtin_memcpy(fib->ipv6_dst, dst, sizeof(*dst));
+	fib->ifindex = skb->ingress_ifindex;
+	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+}
+
+// As `from_the_backend_side`, for IPv6 (`back`: room for the route back).
+static __always_inline int from_the_backend_side6(struct __sk_buff *skb,
+						  struct bpf_fib_lookup *back,
+						  const struct in6 *backend, const struct in6 *to,
+						  __u16 tot_len)
+{
+	if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
+		return 1;
+	int rc = route6(skb, back, to, backend, tot_len);
+	return (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	       back->ifindex == skb->ingress_ifindex;
+}
+
+// Takes one from the hop limit (IPv6 has no header checksum). Returns 0, or a drop reason + 1.
+static __always_inline int take_hop(struct __sk_buff *skb, __u8 hops)
+{
+	if (hops <= 1)
+		return DROP_TTL + 1;
+	__u8 next = hops - 1;
+	if (bpf_skb_store_bytes(skb, IP6_HOP_OFF, &next, sizeof(next), 0))
+		return DROP_REWRITE + 1;
+	return 0;
+}
+
+// Rewrites one address of the IPv6 header (`dst`: the destination, else the source) and the
+// checksum at `csum_off` that covers it through the pseudo header (negative: none, a later
+// fragment). Returns 0, or a drop reason + 1.
+static __always_inline int set_addr6(struct __sk_buff *skb, int dst, struct in6 *old_addr,
+				     struct in6 *new_addr, int csum_off)
+{
+	if (bpf_skb_store_bytes(skb, dst ? IP6_DST_OFF : IP6_SRC_OFF, new_addr, sizeof(*new_addr),
+				0))
+		return DROP_REWRITE + 1;
+	if (csum_off < 0)
+		return 0;
+	__s64 diff = bpf_csum_diff((__be32 *)old_addr, sizeof(*old_addr), (__be32 *)new_addr,
+				   sizeof(*new_addr), 0);
+	if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, (__u32)diff,
+					    BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0))
+		return DROP_REWRITE + 1;
+	return 0;
+}
+
+// Rewrites one address and one port of the datagram (its UDP header at `l4`), the checksum
+// updated incrementally, one taken from the hop limit. Returns 0, or a drop reason + 1.
+static __always_inline int rewrite6(struct __sk_buff *skb, int dst, struct in6 *old_addr,
+				    struct in6 *new_addr, __u16 old_port, __u16 new_port, __u8 hops,
+				    __u32 l4)
+{
+	int why = take_hop(skb, hops);
+	__u32 csum_off = l4 + offsetof(struct udphdr, check);
+	if (!why)
+		why = set_addr6(skb, dst, old_addr, new_addr, csum_off);
+	if (!why && (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
+					 BPF_F_MARK_MANGLED_0 | sizeof(new_port)) ||
+		     bpf_skb_store_bytes(skb, l4 + (dst ? offsetof(struct udphdr, dest) :
+							  offsetof(struct udphdr, source)),
+					 &new_port, sizeof(new_port), 0)))
+		why = DROP_REWRITE + 1;
+	return why;
+}
+
+// ICMPv6 packet too big as `too_big6` builds it: the pseudo header (which the checksum
+// covers), the ICMPv6 header, the quote; then the IPv6 header. (In a per-CPU map: the
+// program's stack is too small for it.)
+struct too_big6_msg {
+	struct in6 src;
+	struct in6 dst;
+	__u32 len;
+	__u32 next;
+	struct icmp6hdr icmp;
+	__u8 quote[48];
+	struct ip6hdr ip;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct too_big6_msg);
+} scratch6 SEC(".maps");
+
+// Path MTU discovery, IPv6: the packet will not fit the route onward (`fib` holds the MTU;
+// it is reused for the route back), and IPv6 routers never fragment, so it is dropped
+// (counted `too_big`) and turned in place into ICMPv6 packet too big, from `from` to its
+// sender `to`, quoting its first 48 bytes.
+static __noinline int too_big6(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+			       struct in6 *to, struct in6 *from)
+{
+	count_drop(DROP_TOO_BIG);
+	__u32 zero = 0;
+	struct too_big6_msg *msg = bpf_map_lookup_elem(&scratch6, &zero);
+	if (!msg)
+		return TC_ACT_SHOT;
+	__u32 mtu = fib->mtu_result;
+	if (mtu < IPV6_MIN_MTU)
+		mtu = IPV6_MIN_MTU;
+	const __u32 body = sizeof(struct icmp6hdr) + sizeof(msg->quote);
+	msg->src = *from;
+	msg->dst = *to;
+	msg->len = bpf_htonl(body);
+	msg->next = bpf_htonl(NEXTHDR_ICMP6);
+	msg->icmp = (struct icmp6hdr){.type = ICMP6_PACKET_TOO_BIG, .rest = bpf_htonl(mtu)};
+	msg->ip = (struct ip6hdr){.vtc_flow = bpf_htonl(0x60000000),
+				  .payload_len = bpf_htons(body),
+				  .nexthdr = NEXTHDR_ICMP6,
+				  .hop_limit = 64,
+				  .saddr = *from,
+				  .daddr = *to};
+	if (bpf_skb_load_bytes(skb, IP6_OFF, msg->quote, sizeof(msg->quote)) ||
+	    bpf_skb_adjust_room(skb, sizeof(struct ip6hdr) + sizeof(struct icmp6hdr),
+				BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_change_tail(skb, ETH_HLEN + sizeof(struct ip6hdr) + body, 0))
+		return TC_ACT_SHOT;
+	// The checksum over the pseudo header, the ICMPv6 header and the quote.
+	__u32 c = (__u32)bpf_csum_diff(0, 0, (__be32 *)msg, offsetof(struct too_big6_msg, ip), 0);
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	msg->icmp.checksum = (__u16)~c;
+	if (bpf_skb_store_bytes(skb, IP6_OFF, &msg->ip, sizeof(msg->ip), 0) ||
+	    bpf_skb_store_bytes(skb, L4_6_OFF, &msg->icmp, sizeof(msg->icmp), 0))
+		return TC_ACT_SHOT;
+	int rc = route6(skb, fib, from, to, sizeof(struct ip6hdr) + body);
+	if (to_the_stack(rc))
+		return to_loopback(skb);
+	return send_by(skb, rc, fib);
+}
+
+// An ICMPv6 error a backend (or a router on the way) sent about a datagram this program
+// forwarded to it: translated as the client expects it (from the listener's address, about a
+// datagram to the listener: outer source, quoted destination and port, the ICMPv6 checksum
+// for each) and sent on to the client. Anything else is left to the stack.
+static __noinline int icmp6_error(struct __sk_buff *skb)
+{
+	void *end = (void *)(long)skb->data_end;
+	struct ip6hdr *ip = (void *)(long)skb->data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return TC_ACT_OK;
+	struct icmp6hdr *icmp = (void *)(ip + 1);
+	if ((void *)(icmp + 1) > end)
+		return TC_ACT_OK;
+	if (icmp->type != ICMP6_DEST_UNREACH && icmp->type != ICMP6_PACKET_TOO_BIG &&
+	    icmp->type != ICMP6_TIME_EXCEEDED)
+		return TC_ACT_OK;
+	struct ip6hdr *inner = (void *)(icmp + 1);
+	if ((void *)(inner + 1) > end || inner->nexthdr != IPPROTO_UDP)
+		return TC_ACT_OK;
+	struct udphdr *iudp = (void *)(inner + 1);
+	if ((void *)(iudp + 1) > end)
+		return TC_ACT_OK;
+	// The datagram went from the client (the error's destination) to a backend.
+	if (!in6_eq(&inner->saddr, &ip->daddr))
+		return TC_ACT_OK;
+	struct reply6_key rk = {.addr = inner->daddr, .port = iudp->dest};
+	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
+	if (!r)
+		return TC_ACT_OK;
+	struct in6 outer_src = ip->saddr, client = ip->daddr, backend = inner->daddr;
+	struct in6 vip = r->service_addr;
+	__u16 bport = iudp->dest, vport = r->service_port;
+	__u16 tot_len = bpf_ntohs(ip->payload_len) + sizeof(struct ip6hdr);
+	__u8 hops = ip->hop_limit;
+	__u32 b = r->backend;
+	struct bpf_fib_lookup fib;
+	if (!from_the_backend_side6(skb, &fib, &backend, &client, tot_len)) {
+		count_drop(PASS_FORGED);
+		return TC_ACT_OK;
+	}
+	int rc = route6(skb, &fib, &vip, &client, tot_len);
+	if (to_the_stack(rc))
+		return TC_ACT_OK;
+	// The quoted datagram's destination and port: in the ICMPv6 message, so in its checksum.
+	__s64 diff = bpf_csum_diff((__be32 *)&backend, sizeof(backend), (__be32 *)&vip,
+				   sizeof(vip), 0);
+	if (diff < 0 ||
+	    bpf_skb_store_bytes(skb, INNER6_DST_OFF, &vip, sizeof(vip), 0) ||
+	    bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, 0, (__u32)diff, 0) ||
+	    bpf_skb_store_bytes(skb, INNER6_DPORT_OFF, &vport, sizeof(vport), 0) ||
+	    bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, bport, vport, sizeof(vport)))
+		goto shot;
+	int why = take_hop(skb, hops);
+	if (!why)
+		why = set_addr6(skb, 0, &outer_src, &vip, ICMP6_CSUM_OFF);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	struct counters *c = bpf_map_lookup_elem(&counters, &b);
+	if (c)
+		c->icmp_errors += 1;
+	return send_by(skb, rc, &fib);
+shot:
+	count_drop(DROP_REWRITE);
+	return TC_ACT_SHOT;
+}
+
+// A later fragment (`frk` its key): rewritten as its first fragment was, to where it went.
+static __noinline int later_fragment6(struct __sk_buff *skb, struct fragment6_key *frk,
+					   __u16 tot_len, __u8 hops)
+{
+	struct fragment6 *fr = bpf_map_lookup_elem(&fragments6, frk);
+	if (!fr) {
+		count_drop(PASS_FRAGMENT);
+		return TC_ACT_OK;
+	}
+	struct in6 new_saddr = fr->saddr, new_daddr = fr->daddr;
+	__u32 b = fr->backend;
+	int reply = fr->flags & FRAGMENT_REPLY;
+	int keep_src = in6_is_zero(&new_saddr), keep_dst = in6_is_zero(&new_daddr);
+	struct bpf_fib_lookup fib;
+	int rc = route6(skb, &fib, keep_src ? &frk->saddr : &new_saddr,
+			keep_dst ? &frk->daddr : &new_daddr, tot_len);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big6(skb, &fib, &frk->saddr, keep_src ? &frk->daddr : &new_saddr);
+	int why = take_hop(skb, hops);
+	if (!why && !keep_src)
+		why = set_addr6(skb, 0, &frk->saddr, &new_saddr, -1);
+	if (!why && !keep_dst)
+		why = set_addr6(skb, 1, &frk->daddr, &new_daddr, -1);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	count(b, skb->len, reply);
+	if (to_the_stack(rc))
+		return to_loopback(skb);
+	return send_by(skb, rc, &fib);
+}
+
+// A client's datagram to an IPv6 listener `svc`: its flow's backend, or one placed anew,
+// into `p` (the allow and deny lists and the rate limits checked first). Returns -1 when
+// chosen, else what becomes of the datagram. (Its own function, as `forward6`: each has the
+// stack the program may use beside the IPv6 path's.)
+static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
+			      struct packet6 *p)
+{
+	// Deny wins; an allow list, when there is one, must name the client.
+	struct acl6_key ak = {.prefixlen = 160, .service = bpf_htonl(svc->id), .addr = p->saddr};
+	if (bpf_map_lookup_elem(&acl6_deny, &ak) ||
+	    ((svc->flags & SERVICE_ALLOW_LIST) && !bpf_map_lookup_elem(&acl6_allow, &ak))) {
+		count_drop(DROP_DENIED);
+		return TC_ACT_SHOT;
+	}
+	__u64 now = bpf_ktime_get_ns();
+	if (!within_limits6(svc, &p->saddr, 0, now)) {
+		count_drop(DROP_RATE_LIMITED);
+		return TC_ACT_SHOT;
+	}
+	struct flow6_key fk = {.client_addr = p->saddr,
+			       .service_addr = p->daddr,
+			       .client_port = p->sport,
+			       .service_port = p->dport};
+	int datagram = svc->flags & SERVICE_DATAGRAM;
+	struct flow6 *f = datagram ? 0 : bpf_map_lookup_elem(&flows6, &fk);
+	if (f && now - f->last_ns <= svc->idle_ns) {
+		// Its backend, while it keeps flows and still serves this listener.
+		struct reply6_key kept = {.addr = f->backend_addr, .port = f->backend_port};
+		struct reply6 *r = bpf_map_lookup_elem(&replies6, &kept);
+		if (r && (r->flags & BACKEND_KEEPS_FLOWS) && in6_eq(&r->service_addr, &p->daddr) &&
+		    r->service_port == p->dport) {
+			p->backend = r->backend;
+			p->to_addr = f->backend_addr;
+			p->to_port = f->backend_port;
+			f->last_ns = now;
+			return -1;
+		}
+	}
+	if (!datagram && !within_limits6(svc, &p->saddr, 1, now)) {
+		count_drop(DROP_FLOW_RATE_LIMITED);
+		return TC_ACT_SHOT;
+	}
+	__u32 b = 0;
+	if (place(svc, client_hash6(svc, &p->saddr, p->sport), &b) < 0) {
+		count_drop(DROP_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+	struct backend6 *be = bpf_map_lookup_elem(&backends6, &b);
+	if (!be || in6_is_zero(&be->addr)) {
+		count_drop(DROP_NO_BACKEND);
+		return TC_ACT_SHOT;
+	}
+	p->backend = b;
+	p->to_addr = be->addr;
+	p->to_port = be->port;
+	struct flow6 nf = {.backend_addr = be->addr, .backend_port = be->port, .last_ns = now};
+	if (!datagram)
+		bpf_map_update_elem(&flows6, &fk, &nf, BPF_ANY);
+	else if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !bpf_map_lookup_elem(&flows6, &fk))
+		// A local client in datagram mode: remembered once, so that its replies are known
+		// as replies (see the IPv4 side).
+		bpf_map_update_elem(&flows6, &fk, &nf, BPF_NOEXIST);
+	return -1;
+}
+
+// A client's datagram to the backend `choose6` chose: destination rewritten (LVS-NAT).
+static __noinline int forward6(struct __sk_buff *skb, struct packet6 *p)
+{
+	if (p->first_of_more) {
+		struct fragment6 fr = {.daddr = p->to_addr, .backend = p->backend};
+		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
+	}
+	struct bpf_fib_lookup fib;
+	int rc = route6(skb, &fib, &p->saddr, &p->to_addr, p->tot_len);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big6(skb, &fib, &p->saddr, &p->daddr);
+	int why = rewrite6(skb, 1, &p->daddr, &p->to_addr, p->dport, p->to_port, p->hops, p->l4);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	count(p->backend, skb->len, 0);
+	if (to_the_stack(rc))
+		return TC_ACT_OK; // a backend on this host
+	return send_by(skb, rc, &fib);
+}
+
+// A backend's reply (`r` its mapping): from the listener's address to the client.
+static __noinline int reply6(struct __sk_buff *skb, struct reply6 *r, struct packet6 *p)
+{
+	struct in6 *saddr = &p->saddr, *daddr = &p->daddr;
+	__u16 sport = p->sport, dport = p->dport, tot_len = p->tot_len;
+	__u32 l4 = p->l4;
+	__u8 hops = p->hops;
+	struct in6 from_addr = r->service_addr;
+	__u16 from_port = r->service_port;
+	__u32 b = r->backend;
+	struct bpf_fib_lookup fib;
+	if (!from_the_backend_side6(skb, &fib, saddr, daddr, tot_len)) {
+		count_drop(PASS_FORGED);
+		return TC_ACT_OK;
+	}
+	int rc = route6(skb, &fib, &from_addr, daddr, tot_len);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big6(skb, &fib, saddr, &from_addr);
+	// To this host itself: only a reply to a client of a flow this program placed.
+	int local = to_the_stack(rc);
+	if (local) {
+		struct flow6_key fk = {.client_addr = *daddr,
+				       .service_addr = from_addr,
+				       .client_port = dport,
+				       .service_port = from_port};
+		if (!bpf_map_lookup_elem(&flows6, &fk))
+			return TC_ACT_OK;
+	}
+	if (p->first_of_more) {
+		struct fragment6 fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};
+		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
+	}
+	int why = rewrite6(skb, 0, saddr, &from_addr, sport, from_port, hops, l4);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	count(b, skb->len, 1);
+	if (local)
+		return to_loopback(skb);
+	return send_by(skb, rc, &fib);
+}
+
+static __noinline int ingress6(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ip6hdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > end)
+		return TC_ACT_OK;
+	if (ip->nexthdr == NEXTHDR_ICMP6)
+		return icmp6_error(skb);
+	struct packet6 p = {.saddr = ip->saddr,
+			    .daddr = ip->daddr,
+			    .frk = {.saddr = ip->saddr, .daddr = ip->daddr},
+			    .l4 = L4_6_OFF,
+			    .tot_len = bpf_ntohs(ip->payload_len) + sizeof(struct ip6hdr),
+			    .hops = ip->hop_limit};
+	if (ip->nexthdr == NEXTHDR_FRAGMENT) {
+		struct frag6hdr *fh = (void *)(ip + 1);
+		if ((void *)(fh + 1) > end || fh->nexthdr != IPPROTO_UDP)
+			return TC_ACT_OK;
+		__u16 off = bpf_ntohs(fh->frag_off);
+		p.frk.id = fh->id;
+		if (off & 0xfff8)
+			return later_fragment6(skb, &p.frk, p.tot_len, p.hops);
+		p.first_of_more = off & 1;
+		p.l4 += sizeof(struct frag6hdr);
+	} else if (ip->nexthdr != IPPROTO_UDP) {
+		return TC_ACT_OK;
+	}
+	struct udphdr *udp = data + p.l4;
+	if ((void *)(udp + 1) > end)
+		return TC_ACT_OK;
+	p.sport = udp->source;
+	p.dport = udp->dest;
+	struct service6_key sk = {.addr = p.daddr, .port = p.dport};
+	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
+	if (svc) {
+		int verdict = choose6(skb, svc, &p);
+		return verdict < 0 ? forward6(skb, &p) : verdict;
+	}
+	struct reply6_key rk = {.addr = p.saddr, .port = p.sport};
+	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
+	if (r)
+		return reply6(skb, r, &p);
+	return TC_ACT_OK;
+}
