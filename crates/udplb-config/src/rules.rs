@@ -294,13 +294,12 @@ fn check_kernel_pool(out: &mut Vec<Problem>, p: &PoolConfig, l: &ListenerConfig,
         ));
     }
     let ipv6 = !l.address.ip().to_canonical().is_ipv4();
-    if ipv6 && p.forwarding != Forwarding::Nat {
+    if ipv6 && p.forwarding == Forwarding::Dsr {
         out.push(problem(
             key("forwarding"),
             format!(
-                "{:?} is not for {serves}: on an IPv6 listener the kernel data plane forwards \
-                 with \"nat\" only (masquerade and dsr are built for IPv4)",
-                p.forwarding.name()
+                "\"dsr\" is not for {serves}: on an IPv6 listener the kernel data plane \
+                 forwards with \"nat\" or \"masquerade\" (dsr is built for IPv4)"
             ),
         ));
     }

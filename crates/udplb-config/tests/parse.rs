@@ -1281,9 +1281,10 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
         ),
         (
             "address = \"[2001:db8::1]:53\"\npool = \"p\"".into(),
-            "backends = [\"[2001:db8:1::1]:53\"]\nforwarding = \"masquerade\"".into(),
-            "t.toml:7:1: pools.p.forwarding: \"masquerade\" is not for listeners.l (dataplane = \
-             \"DP\"): on an IPv6 listener the kernel data plane forwards with \"nat\" only",
+            "backends = [\"[2001:db8:1::1]:53\"]\nforwarding = \"dsr\"".into(),
+            "t.toml:7:1: pools.p.forwarding: \"dsr\" is not for listeners.l (dataplane = \
+             \"DP\"): on an IPv6 listener the kernel data plane forwards with \"nat\" or \
+             \"masquerade\"",
         ),
         (
             format!("{l}\nmode = \"request-response\""),

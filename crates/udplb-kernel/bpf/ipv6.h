@@ -1,15 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 //
 // The IPv6 side of udplb's kernel data plane (included by udplb.bpf.c, whose helpers it uses):
-// LVS-NAT for listeners on an IPv6 address, in flow and datagram mode. The same placement
+// LVS-NAT and masquerade for listeners on an IPv6 address, in flow and datagram mode. The same placement
 // (xxh3 of the client's 16 or 18 bytes, the same Maglev table), flow map, replies, allow and
 // deny lists and rate limits as IPv4, in maps keyed by IPv6 addresses; hop limit; the UDP
 // checksum (always present in IPv6) updated incrementally; later fragments (fragment header)
 // follow their first; ICMPv6 errors from a backend translated to the client; a datagram too
 // big for the route onward answered with ICMPv6 packet too big, as a router would.
 //
-// Must not: masquerade or encapsulate (udplb refuses those on IPv6 listeners), or follow any
-// extension header other than one fragment header (such packets are left to the stack).
+// Must not: encapsulate (udplb refuses dsr on IPv6 listeners), or follow any extension header
+// other than one fragment header (such packets are left to the stack).
 
 #define AF_INET6 10
 #define NEXTHDR_FRAGMENT 44
@@ -54,7 +54,9 @@ struct icmp6hdr {
 #define L4_6_OFF (IP6_OFF + sizeof(struct ip6hdr)) // without a fragment header
 #define ICMP6_CSUM_OFF (L4_6_OFF + offsetof(struct icmp6hdr, checksum))
 #define INNER6_OFF (L4_6_OFF + sizeof(struct icmp6hdr))
+#define INNER6_SRC_OFF (INNER6_OFF + offsetof(struct ip6hdr, saddr))
 #define INNER6_DST_OFF (INNER6_OFF + offsetof(struct ip6hdr, daddr))
+#define INNER6_SPORT_OFF (INNER6_OFF + sizeof(struct ip6hdr) + offsetof(struct udphdr, source))
 #define INNER6_DPORT_OFF (INNER6_OFF + sizeof(struct ip6hdr) + offsetof(struct udphdr, dest))
 
 struct service6_key {
@@ -94,8 +96,25 @@ struct reply6_key {
 struct reply6 {
 	struct in6 service_addr;
 	__u16 service_port;
-	__u16 flags; // BACKEND_KEEPS_FLOWS
+	__u16 flags; // BACKEND_KEEPS_FLOWS, BACKEND_MASQUERADE
 	__u32 backend; // global backend index (counters)
+};
+
+// As `struct masq_key` and `struct masq`: whose a masquerade port at a backend is.
+struct masq6_key {
+	struct in6 backend_addr;
+	__u16 backend_port;
+	__u16 port; // the balancer's (network order)
+};
+
+struct masq6 {
+	struct in6 client_addr;
+	struct in6 local_addr; // the balancer's address the backend answers
+	struct in6 service_addr;
+	__u16 client_port;
+	__u16 service_port;
+	__u32 pad;
+	__u64 last_ns;
 };
 
 struct acl6_key {
@@ -171,6 +190,16 @@ struct {
 	__type(value, struct fragment6);
 } fragments6 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); // set by udplb before loading (as `flows`)
+	__type(key, struct masq6_key);
+	__type(value, struct masq6);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes, with `flows6`
+#endif
+} masq6 SEC(".maps");
+
 // What the IPv6 path has read of a UDP datagram (its header may be rewritten meanwhile).
 struct packet6 {
 	struct in6 saddr;
@@ -182,11 +211,11 @@ struct packet6 {
 	__u16 tot_len; // the IPv6 header included
 	__u8 hops;
 	__u8 first_of_more; // the first fragment, more follow
-	// A request's backend, once chosen: its address, port and global index.
+	// A request's backend, once chosen: its address, port, global index and flags.
 	struct in6 to_addr;
 	__u32 backend;
 	__u16 to_port;
-	__u16 pad;
+	__u16 bflags;
 };
 
 static __always_inline int in6_is_zero(const struct in6 *a)
@@ -267,9 +296,11 @@ static __always_inline int within_limits6(const struct service *svc, const struc
 	       within(svc, prefix, (__u32)placement_hash6(&net), now);
 }
 
-// The route from `src` to `dst` for a packet of `tot_len` bytes (IPv6 header included).
-static __always_inline int route6(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
-				  const struct in6 *src, const struct in6 *dst, __u16 tot_len)
+// The route from `src` to `dst` for a packet of `tot_len` bytes (IPv6 header included), with
+// the lookup's `flags` (BPF_FIB_LOOKUP_SRC: the source the route would choose, into `fib`).
+static __always_inline int route6_with(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+				       const struct in6 *src, const struct in6 *dst,
+				       __u16 tot_len, __u32 flags)
 {
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = AF_INET6;
@@ -278,7 +309,13 @@ static __always_inline int route6(struct __sk_buff *skb, struct bpf_fib_lookup *
 	__builtin_memcpy(fib->ipv6_src, src, sizeof(*src));
 	__builtin_memcpy(fib->ipv6_dst, dst, sizeof(*dst));
 	fib->ifindex = skb->ingress_ifindex;
-	return bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	return bpf_fib_lookup(skb, fib, sizeof(*fib), flags);
+}
+
+static __always_inline int route6(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+				  const struct in6 *src, const struct in6 *dst, __u16 tot_len)
+{
+	return route6_with(skb, fib, src, dst, tot_len, 0);
 }
 
 // As `from_the_backend_side`, for IPv6 (`back`: room for the route back).
@@ -324,6 +361,20 @@ static __always_inline int set_addr6(struct __sk_buff *skb, int dst, struct in6 
 	return 0;
 }
 
+// Rewrites one UDP port (`dst`: the destination, else the source; the UDP header at `l4`)
+// with the checksum. Returns 0, or a drop reason + 1.
+static __always_inline int set_port6(struct __sk_buff *skb, int dst, __u16 old_port,
+				     __u16 new_port, __u32 l4)
+{
+	if (bpf_l4_csum_replace(skb, l4 + offsetof(struct udphdr, check), old_port, new_port,
+				BPF_F_MARK_MANGLED_0 | sizeof(new_port)) ||
+	    bpf_skb_store_bytes(skb, l4 + (dst ? offsetof(struct udphdr, dest) :
+						 offsetof(struct udphdr, source)),
+				&new_port, sizeof(new_port), 0))
+		return DROP_REWRITE + 1;
+	return 0;
+}
+
 // Rewrites one address and one port of the datagram (its UDP header at `l4`), the checksum
 // updated incrementally, one taken from the hop limit. Returns 0, or a drop reason + 1.
 static __always_inline int rewrite6(struct __sk_buff *skb, int dst, struct in6 *old_addr,
@@ -331,15 +382,24 @@ static __always_inline int rewrite6(struct __sk_buff *skb, int dst, struct in6 *
 				    __u32 l4)
 {
 	int why = take_hop(skb, hops);
-	__u32 csum_off = l4 + offsetof(struct udphdr, check);
 	if (!why)
-		why = set_addr6(skb, dst, old_addr, new_addr, csum_off);
-	if (!why && (bpf_l4_csum_replace(skb, csum_off, old_port, new_port,
-					 BPF_F_MARK_MANGLED_0 | sizeof(new_port)) ||
-		     bpf_skb_store_bytes(skb, l4 + (dst ? offsetof(struct udphdr, dest) :
-							  offsetof(struct udphdr, source)),
-					 &new_port, sizeof(new_port), 0)))
-		why = DROP_REWRITE + 1;
+		why = set_addr6(skb, dst, old_addr, new_addr, l4 + offsetof(struct udphdr, check));
+	if (!why)
+		why = set_port6(skb, dst, old_port, new_port, l4);
+	return why;
+}
+
+// Rewrites both ends of the datagram (masquerade), as [`rewrite6`] does one.
+static __always_inline int rewrite_both6(struct __sk_buff *skb, struct in6 *saddr,
+					 struct in6 *new_saddr, __u16 sport, __u16 new_sport,
+					 struct in6 *daddr, struct in6 *new_daddr, __u16 dport,
+					 __u16 new_dport, __u8 hops, __u32 l4)
+{
+	int why = rewrite6(skb, 0, saddr, new_saddr, sport, new_sport, hops, l4);
+	if (!why)
+		why = set_addr6(skb, 1, daddr, new_daddr, l4 + offsetof(struct udphdr, check));
+	if (!why)
+		why = set_port6(skb, 1, dport, new_dport, l4);
 	return why;
 }
 
@@ -439,11 +499,21 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 	if (!r)
 		return TC_ACT_OK;
 	struct in6 outer_src = ip->saddr, client = ip->daddr, backend = inner->daddr;
-	struct in6 vip = r->service_addr;
-	__u16 bport = iudp->dest, vport = r->service_port;
+	struct in6 vip = r->service_addr, local = ip->daddr;
+	__u16 bport = iudp->dest, vport = r->service_port, lport = iudp->source, cport = lport;
 	__u16 tot_len = bpf_ntohs(ip->payload_len) + sizeof(struct ip6hdr);
 	__u8 hops = ip->hop_limit;
 	__u32 b = r->backend;
+	int masqueraded = r->flags & BACKEND_MASQUERADE;
+	if (masqueraded) {
+		// About a datagram from a masquerade address and port: whose it was.
+		struct masq6_key mk = {.backend_addr = backend, .backend_port = bport, .port = lport};
+		struct masq6 *m = bpf_map_lookup_elem(&masq6, &mk);
+		if (!m || !in6_eq(&m->local_addr, &local))
+			return TC_ACT_OK;
+		client = m->client_addr;
+		cport = m->client_port;
+	}
 	struct bpf_fib_lookup fib;
 	if (!from_the_backend_side6(skb, &fib, &backend, &client, tot_len)) {
 		count_drop(PASS_FORGED);
@@ -461,9 +531,22 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 	    bpf_skb_store_bytes(skb, INNER6_DPORT_OFF, &vport, sizeof(vport), 0) ||
 	    bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, bport, vport, sizeof(vport)))
 		goto shot;
+	if (masqueraded) {
+		// And its source: the client's, not the masquerade address.
+		diff = bpf_csum_diff((__be32 *)&local, sizeof(local), (__be32 *)&client,
+				     sizeof(client), 0);
+		if (diff < 0 ||
+		    bpf_skb_store_bytes(skb, INNER6_SRC_OFF, &client, sizeof(client), 0) ||
+		    bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, 0, (__u32)diff, 0) ||
+		    bpf_skb_store_bytes(skb, INNER6_SPORT_OFF, &cport, sizeof(cport), 0) ||
+		    bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, lport, cport, sizeof(cport)))
+			goto shot;
+	}
 	int why = take_hop(skb, hops);
 	if (!why)
 		why = set_addr6(skb, 0, &outer_src, &vip, ICMP6_CSUM_OFF);
+	if (!why && masqueraded)
+		why = set_addr6(skb, 1, &local, &client, ICMP6_CSUM_OFF);
 	if (why) {
 		count_drop(why - 1);
 		return TC_ACT_SHOT;
@@ -542,6 +625,7 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 		if (r && (r->flags & BACKEND_KEEPS_FLOWS) && in6_eq(&r->service_addr, &p->daddr) &&
 		    r->service_port == p->dport) {
 			p->backend = r->backend;
+			p->bflags = r->flags;
 			p->to_addr = f->backend_addr;
 			p->to_port = f->backend_port;
 			f->last_ns = now;
@@ -563,6 +647,7 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 		return TC_ACT_SHOT;
 	}
 	p->backend = b;
+	p->bflags = be->flags;
 	p->to_addr = be->addr;
 	p->to_port = be->port;
 	struct flow6 nf = {.backend_addr = be->addr, .backend_port = be->port, .last_ns = now};
@@ -594,6 +679,123 @@ static __noinline int forward6(struct __sk_buff *skb, struct packet6 *p)
 	count(p->backend, skb->len, 0);
 	if (to_the_stack(rc))
 		return TC_ACT_OK; // a backend on this host
+	return send_by(skb, rc, &fib);
+}
+
+// Masquerade: the balancer's port (network order) for the client's datagrams to the chosen
+// backend, coming from `local`; 0 when every port tried is another client's (as
+// `masquerade_port`).
+static __always_inline __u16 masquerade_port6(const struct service *svc, struct packet6 *p,
+					      struct in6 *local, __u64 now)
+{
+	__u32 n = svc->port_count;
+	if (n == 0)
+		return 0;
+	__u32 h = (__u32)placement_hash6_port(&p->saddr, p->sport);
+	struct masq6_key k = {.backend_addr = p->to_addr, .backend_port = p->to_port};
+	for (__u32 i = 0; i < MASQ_PROBES; i++) {
+		__u16 port = bpf_htons(svc->port_base + (__u16)((h + i * 40503u) % n));
+		k.port = port;
+		struct masq6 *m = bpf_map_lookup_elem(&masq6, &k);
+		if (m && in6_eq(&m->client_addr, &p->saddr) && m->client_port == p->sport &&
+		    in6_eq(&m->service_addr, &p->daddr) && m->service_port == p->dport) {
+			if (now - m->last_ns > MASQ_REFRESH_NS)
+				m->last_ns = now;
+			if (!in6_eq(&m->local_addr, local))
+				m->local_addr = *local; // the route to the backend changed
+			return port;
+		}
+		if (m && now - m->last_ns <= svc->idle_ns)
+			continue; // another client's
+		struct masq6 v = {.client_addr = p->saddr,
+				  .local_addr = *local,
+				  .service_addr = p->daddr,
+				  .client_port = p->sport,
+				  .service_port = p->dport,
+				  .last_ns = now};
+		// Free (or idle): taken, unless another CPU took it just now.
+		if (bpf_map_update_elem(&masq6, &k, &v, m ? BPF_EXIST : BPF_NOEXIST) == 0)
+			return port;
+	}
+	return 0;
+}
+
+// Masquerade: the client's datagram to the chosen backend from a balancer address (the
+// route's source; a backend on this host: its own address, through loopback) and a port of
+// the pool's range.
+static __noinline int masquerade6(struct __sk_buff *skb, const struct service *svc,
+				  struct packet6 *p)
+{
+	struct bpf_fib_lookup fib = {};
+	struct in6 any = {};
+	int rc = BPF_FIB_LKUP_RET_NOT_FWDED;
+	if (!(p->bflags & BACKEND_LOCAL))
+		rc = route6_with(skb, &fib, &any, &p->to_addr, p->tot_len, BPF_FIB_LOOKUP_SRC);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big6(skb, &fib, &p->saddr, &p->daddr);
+	int local = rc == BPF_FIB_LKUP_RET_NOT_FWDED;
+	struct in6 from = p->to_addr;
+	if (!local)
+		__builtin_memcpy(&from, fib.ipv6_src, sizeof(from));
+	if (!local && ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+		       in6_is_zero(&from))) {
+		count_drop(DROP_FIB);
+		return TC_ACT_SHOT;
+	}
+	__u16 port = masquerade_port6(svc, p, &from, bpf_ktime_get_ns());
+	if (!port) {
+		count_drop(DROP_NO_PORT);
+		return TC_ACT_SHOT;
+	}
+	if (p->first_of_more) {
+		struct fragment6 fr = {.saddr = from, .daddr = p->to_addr, .backend = p->backend};
+		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
+	}
+	int why = rewrite_both6(skb, &p->saddr, &from, p->sport, port, &p->daddr, &p->to_addr,
+				p->dport, p->to_port, p->hops, p->l4);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	count(p->backend, skb->len, 0);
+	if (local)
+		return to_loopback(skb);
+	return send_by(skb, rc, &fib);
+}
+
+// Masquerade: a backend's reply to one of the balancer's masquerade ports goes to the client
+// whose port it is, from the listener's address. Anything else from the backend is left to
+// the stack.
+static __noinline int masquerade_reply6(struct __sk_buff *skb, __u32 b, struct packet6 *p)
+{
+	struct masq6_key mk = {.backend_addr = p->saddr, .backend_port = p->sport, .port = p->dport};
+	struct masq6 *m = bpf_map_lookup_elem(&masq6, &mk);
+	if (!m || !in6_eq(&m->local_addr, &p->daddr))
+		return TC_ACT_OK;
+	struct in6 client = m->client_addr, vip = m->service_addr;
+	__u16 cport = m->client_port, vport = m->service_port;
+	struct bpf_fib_lookup fib;
+	if (!from_the_backend_side6(skb, &fib, &p->saddr, &p->daddr, p->tot_len)) {
+		count_drop(PASS_FORGED);
+		return TC_ACT_OK;
+	}
+	int rc = route6(skb, &fib, &vip, &client, p->tot_len);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return too_big6(skb, &fib, &p->saddr, &p->daddr);
+	if (p->first_of_more) {
+		struct fragment6 fr = {
+			.saddr = vip, .daddr = client, .backend = b, .flags = FRAGMENT_REPLY};
+		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
+	}
+	int why = rewrite_both6(skb, &p->saddr, &vip, p->sport, vport, &p->daddr, &client,
+				p->dport, cport, p->hops, p->l4);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	count(b, skb->len, 1);
+	if (to_the_stack(rc))
+		return to_loopback(skb); // a client on this host
 	return send_by(skb, rc, &fib);
 }
 
@@ -677,10 +879,16 @@ static __noinline int ingress6(struct __sk_buff *skb)
 	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
 	if (svc) {
 		int verdict = choose6(skb, svc, &p);
-		return verdict < 0 ? forward6(skb, &p) : verdict;
+		if (verdict >= 0)
+			return verdict;
+		if (svc->flags & SERVICE_MASQUERADE)
+			return masquerade6(skb, svc, &p);
+		return forward6(skb, &p);
 	}
 	struct reply6_key rk = {.addr = p.saddr, .port = p.sport};
 	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
+	if (r && (r->flags & BACKEND_MASQUERADE))
+		return masquerade_reply6(skb, r->backend, &p);
 	if (r)
 		return reply6(skb, r, &p);
 	return TC_ACT_OK;

@@ -232,6 +232,7 @@ impl Kernel {
         loader.set_max_entries("flows", max_flows.max(1024));
         loader.set_max_entries("flows6", max_flows.max(1024));
         loader.set_max_entries("masq", max_flows.max(1024));
+        loader.set_max_entries("masq6", max_flows.max(1024));
         let object = match pin_dir {
             Some(dir) => {
                 let dir = dir.join(FLOW_LAYOUT);

@@ -312,6 +312,18 @@ impl Topology {
         self.v6 = true;
     }
 
+    /// The method of `forwarding` as a test names it: ending in 6 (`nat6`, `masquerade6`), that
+    /// method on IPv6 (the hosts are given it first).
+    fn family_of<'a>(&mut self, forwarding: &'a str) -> &'a str {
+        match forwarding.strip_suffix('6') {
+            Some(method) => {
+                self.ipv6();
+                method
+            }
+            None => forwarding,
+        }
+    }
+
     /// The clients' address.
     fn client_ip(&self) -> String {
         if self.v6 {
@@ -334,6 +346,9 @@ impl Topology {
     /// address (masquerade) can be answered.
     fn without_a_route_to_the_clients(&self) {
         ip(&["-n", &self.backends, "route", "del", "default"]).unwrap();
+        if self.v6 {
+            ip(&["-n", &self.backends, "-6", "route", "del", "default"]).unwrap();
+        }
     }
 
     /// Direct server return's backend host: the listener's address on its loopback, an echo
@@ -402,9 +417,16 @@ impl Topology {
         Some((pid, log))
     }
 
-    /// An echo backend (tag `l`) on the balancer itself, on 127.0.0.1:7004.
+    /// An echo backend (tag `l`) on the balancer itself, on 127.0.0.1:7004 ([::1]:7004 on
+    /// IPv6).
     fn start_local_backend(&mut self) -> SocketAddr {
-        let local: SocketAddr = "127.0.0.1:7004".parse().unwrap();
+        let local: SocketAddr = if self.v6 {
+            "[::1]:7004"
+        } else {
+            "127.0.0.1:7004"
+        }
+        .parse()
+        .unwrap();
         let child = Net::helper(
             &self.balancer,
             "kernel_backend_in_namespace",
@@ -726,7 +748,7 @@ fn start_knot(topo: &mut Topology) -> SocketAddr {
         ),
     )
     .unwrap();
-    let addr: SocketAddr = format!("10.98.{}.2:5353", topo.t).parse().unwrap();
+    let addr = SocketAddr::new(topo.backend_ip().parse().unwrap(), 5353);
     let conf = dir.join("knot.conf");
     std::fs::write(
         &conf,
@@ -776,12 +798,19 @@ fn knot_answers_through_masquerade_with_fragmented_answers() {
     knot_through_the_kernel("ulbx", "masquerade");
 }
 
+#[test]
+fn knot_answers_dig_and_dnsperf_over_ipv6_with_fragmented_answers() {
+    knot_through_the_kernel("ul6d", "nat6");
+}
+
 /// knotd behind a kernel listener forwarding with `forwarding`: dig gets a fragmented answer
 /// whole, dnsperf loses nothing. (Masquerade: knotd's host has no route to the clients.)
+/// (`forwarding` ending in 6: that method on IPv6.)
 fn knot_through_the_kernel(prefix: &str, forwarding: &str) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    let forwarding = topo.family_of(forwarding);
     let knot = start_knot(&mut topo);
     if forwarding == "masquerade" {
         topo.without_a_route_to_the_clients();
@@ -1242,20 +1271,20 @@ fn a_closed_backend_port_reaches_an_ipv6_client_as_refused_by_the_listener() {
     a_closed_backend_port_is_refused("ulbs", "nat6");
 }
 
-/// `forwarding` `nat6`: NAT on IPv6.
+#[test]
+fn a_closed_backend_port_behind_ipv6_masquerade_is_refused_by_the_listener() {
+    a_closed_backend_port_is_refused("ul6j", "masquerade6");
+}
+
+/// `forwarding` ending in 6 (`nat6`, `masquerade6`): that method on IPv6.
 fn a_closed_backend_port_is_refused(prefix: &str, forwarding: &str) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    let forwarding = topo.family_of(forwarding);
     if forwarding == "masquerade" {
         topo.without_a_route_to_the_clients();
     }
-    let forwarding = if forwarding == "nat6" {
-        topo.ipv6();
-        "nat"
-    } else {
-        forwarding
-    };
     // Nothing listens on the backend's port; no health check, so it stays in rotation.
     let closed = SocketAddr::new(topo.backend_ip().parse().unwrap(), 7009);
     topo.start_udplb_with(
@@ -1288,9 +1317,21 @@ fn a_closed_backend_port_is_refused(prefix: &str, forwarding: &str) {
 
 #[test]
 fn masquerade_reaches_backends_without_a_route_to_the_clients_and_on_this_host() {
-    let Some(mut topo) = Topology::build("ulbm") else {
+    masquerade_reaches_backends("ulbm", false);
+}
+
+#[test]
+fn ipv6_masquerade_reaches_backends_without_a_route_to_the_clients_and_on_this_host() {
+    masquerade_reaches_backends("ul6m", true);
+}
+
+fn masquerade_reaches_backends(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    if v6 {
+        topo.ipv6();
+    }
     topo.start_backends();
     topo.without_a_route_to_the_clients();
     // A fourth backend on the balancer itself, on loopback.
@@ -1319,18 +1360,25 @@ fn masquerade_reaches_backends_without_a_route_to_the_clients_and_on_this_host()
         topo.api("/stats")["kernel"]
     );
     // Per client: its backend and the address and port that backend saw it from.
-    let balancer_side = format!("10.98.{}.1", topo.t);
+    let t = topo.t;
+    let (balancer_side, loopback): (std::net::IpAddr, std::net::IpAddr) = if v6 {
+        (
+            format!("fd00:98:{t}::1").parse().unwrap(),
+            "::1".parse().unwrap(),
+        )
+    } else {
+        (
+            format!("10.98.{t}.1").parse().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+        )
+    };
     let mut seen_as: HashMap<u16, (String, String)> = HashMap::new();
     for (port, from, tag, seen) in &replies {
         assert_eq!(*from, topo.vip(), "a reply not from the listener's address");
-        let (addr, masq_port) = seen.rsplit_once(':').unwrap();
-        let balancer = if tag == "l" {
-            "127.0.0.1"
-        } else {
-            balancer_side.as_str()
-        };
-        assert_eq!(addr, balancer, "backend {tag} saw {seen}");
-        let masq_port: u16 = masq_port.parse().unwrap();
+        let seen_addr: SocketAddr = seen.parse().unwrap();
+        let balancer = if tag == "l" { loopback } else { balancer_side };
+        assert_eq!(seen_addr.ip(), balancer, "backend {tag} saw {seen}");
+        let masq_port = seen_addr.port();
         assert!(
             (61_000..=65_535).contains(&masq_port),
             "backend {tag} saw {seen}: not a masquerade port"
