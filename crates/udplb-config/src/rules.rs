@@ -97,7 +97,7 @@ const USER_SPACE: &str = "not built in the kernel data plane yet";
 
 /// Listeners the kernel data plane may serve (`dataplane = "kernel"` or `"auto"`) and their
 /// pools ask only for what it does (docs/kernel.md): it forwards one specific address to
-/// backends of the same IP family placed by Maglev (IPv6 with NAT only), and tells replies
+/// backends of the same IP family placed by Maglev, and tells replies
 /// apart by their backend's address. `auto` is held to the same rules as `kernel`, so that a configuration means the
 /// same whichever data plane ends up serving it.
 fn check_kernel(out: &mut Vec<Problem>, cfg: &Config) {
@@ -294,15 +294,6 @@ fn check_kernel_pool(out: &mut Vec<Problem>, p: &PoolConfig, l: &ListenerConfig,
         ));
     }
     let ipv6 = !l.address.ip().to_canonical().is_ipv4();
-    if ipv6 && p.forwarding == Forwarding::Dsr {
-        out.push(problem(
-            key("forwarding"),
-            format!(
-                "\"dsr\" is not for {serves}: on an IPv6 listener the kernel data plane \
-                 forwards with \"nat\" or \"masquerade\" (dsr is built for IPv4)"
-            ),
-        ));
-    }
     for (i, b) in p.backends.iter().enumerate() {
         if b.spec.addr.ip().to_canonical().is_ipv4() == ipv6 {
             out.push(problem(

@@ -1280,13 +1280,6 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
              needs a specific address, not a wildcard)",
         ),
         (
-            "address = \"[2001:db8::1]:53\"\npool = \"p\"".into(),
-            "backends = [\"[2001:db8:1::1]:53\"]\nforwarding = \"dsr\"".into(),
-            "t.toml:7:1: pools.p.forwarding: \"dsr\" is not for listeners.l (dataplane = \
-             \"DP\"): on an IPv6 listener the kernel data plane forwards with \"nat\" or \
-             \"masquerade\"",
-        ),
-        (
             format!("{l}\nmode = \"request-response\""),
             b.into(),
             "t.toml:5:1: listeners.l.mode: not with dataplane = \"DP\" (replies are counted per \

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 //
 // The backend's side of udplb's `forwarding = "dsr"`: a tc program at ingress of a backend's
-// interface that takes the outer IPv4 header off what a udplb balancer encapsulated (IP in IP,
-// as LVS-TUN does), so that the stack delivers the client's own datagram, to the listener's
+// interface that takes the outer IP header off what a udplb balancer encapsulated (IP in IP,
+// as LVS-TUN does, or IPv6 in IPv6), so that the stack delivers the client's own datagram, to the listener's
 // address the backend holds (on its loopback), and the backend answers the client directly.
 // For backends without the kernel's ipip module (or that would rather not have a tunnel
 // device); `udplb decap` loads it.
@@ -27,6 +27,29 @@ struct {
 	__type(value, __u8);
 } balancers SEC(".maps");
 
+// The same for IPv6 in IPv6.
+struct in6 {
+	__u32 w[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct in6);
+	__type(value, __u8);
+} balancers6 SEC(".maps");
+
+struct ip6hdr {
+	__u32 vtc_flow;
+	__u16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	struct in6 saddr;
+	struct in6 daddr;
+};
+
+#define NEXTHDR_IPV6 41
+
 // Per CPU: [0] decapsulated, [1] IP in IP from an unknown source (left to the stack).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -42,13 +65,37 @@ static __always_inline void count(__u32 what)
 		*n += 1;
 }
 
+// IPv6 in IPv6 from a known balancer: the outer header taken off.
+static __always_inline int decap6(struct __sk_buff *skb, void *data, void *end)
+{
+	struct ip6hdr *outer = data + sizeof(struct ethhdr);
+	if ((void *)(outer + 1) > end || outer->nexthdr != NEXTHDR_IPV6)
+		return TC_ACT_OK;
+	struct ip6hdr *inner = (void *)(outer + 1);
+	if ((void *)(inner + 1) > end || (bpf_ntohl(inner->vtc_flow) >> 28) != 6)
+		return TC_ACT_OK;
+	struct in6 from = outer->saddr;
+	if (!bpf_map_lookup_elem(&balancers6, &from)) {
+		count(1);
+		return TC_ACT_OK;
+	}
+	if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct ip6hdr), BPF_ADJ_ROOM_MAC, 0))
+		return TC_ACT_SHOT;
+	count(0);
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int udplb_decap(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return decap6(skb, data, end);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	struct iphdr *outer = (void *)(eth + 1);
 	if ((void *)(outer + 1) > end || outer->ihl != 5 || outer->protocol != IPPROTO_IPIP ||

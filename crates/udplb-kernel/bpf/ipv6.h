@@ -1,17 +1,19 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 //
 // The IPv6 side of udplb's kernel data plane (included by udplb.bpf.c, whose helpers it uses):
-// LVS-NAT and masquerade for listeners on an IPv6 address, in flow and datagram mode. The same placement
+// LVS-NAT, masquerade and direct server return (IPv6 in IPv6) for listeners on an IPv6
+// address, in flow and datagram mode. The same placement
 // (xxh3 of the client's 16 or 18 bytes, the same Maglev table), flow map, replies, allow and
 // deny lists and rate limits as IPv4, in maps keyed by IPv6 addresses; hop limit; the UDP
 // checksum (always present in IPv6) updated incrementally; later fragments (fragment header)
 // follow their first; ICMPv6 errors from a backend translated to the client; a datagram too
 // big for the route onward answered with ICMPv6 packet too big, as a router would.
 //
-// Must not: encapsulate (udplb refuses dsr on IPv6 listeners), or follow any extension header
-// other than one fragment header (such packets are left to the stack).
+// Must not: follow any extension header other than one fragment header (such packets are
+// left to the stack).
 
 #define AF_INET6 10
+#define NEXTHDR_IPV6 41 // IPv6 in IPv6
 #define NEXTHDR_FRAGMENT 44
 #define NEXTHDR_ICMP6 58
 #define ICMP6_DEST_UNREACH 1
@@ -560,10 +562,48 @@ shot:
 	return TC_ACT_SHOT;
 }
 
-// A later fragment (`frk` its key): rewritten as its first fragment was, to where it went.
-static __noinline int later_fragment6(struct __sk_buff *skb, struct fragment6_key *frk,
-					   __u16 tot_len, __u8 hops)
+// Direct server return, IPv6: the datagram, untouched, inside an IPv6 header from the route's
+// source address to the chosen backend (IPv6 in IPv6), sent by the route (as `encapsulate`).
+// One that would exceed the route's MTU once encapsulated is answered with packet too big,
+// the MTU less 40 bytes, from the listener's address to the client.
+static __noinline int encapsulate6(struct __sk_buff *skb, struct packet6 *p)
 {
+	struct bpf_fib_lookup fib;
+	struct in6 any = {};
+	__u16 outer_len = p->tot_len + sizeof(struct ip6hdr);
+	int rc = route6_with(skb, &fib, &any, &p->to_addr, outer_len, BPF_FIB_LOOKUP_SRC);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		fib.mtu_result -= sizeof(struct ip6hdr);
+		return too_big6(skb, &fib, &p->saddr, &p->daddr);
+	}
+	struct ip6hdr outer = {.vtc_flow = bpf_htonl(0x60000000),
+			       .payload_len = bpf_htons(p->tot_len),
+			       .nexthdr = NEXTHDR_IPV6,
+			       .hop_limit = 64,
+			       .daddr = p->to_addr};
+	__builtin_memcpy(&outer.saddr, fib.ipv6_src, sizeof(outer.saddr));
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	    in6_is_zero(&outer.saddr)) {
+		count_drop(DROP_FIB);
+		return TC_ACT_SHOT;
+	}
+	if (bpf_skb_adjust_room(skb, sizeof(outer), BPF_ADJ_ROOM_MAC,
+				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6) ||
+	    bpf_skb_store_bytes(skb, IP6_OFF, &outer, sizeof(outer), 0)) {
+		count_drop(DROP_REWRITE);
+		return TC_ACT_SHOT;
+	}
+	count(p->backend, skb->len, 0);
+	return send_by(skb, rc, &fib);
+}
+
+// A later fragment (`p->frk` its key): rewritten (or encapsulated) as its first fragment was,
+// to where it went.
+static __noinline int later_fragment6(struct __sk_buff *skb, struct packet6 *p)
+{
+	struct fragment6_key *frk = &p->frk;
+	__u16 tot_len = p->tot_len;
+	__u8 hops = p->hops;
 	struct fragment6 *fr = bpf_map_lookup_elem(&fragments6, frk);
 	if (!fr) {
 		count_drop(PASS_FRAGMENT);
@@ -572,6 +612,11 @@ static __noinline int later_fragment6(struct __sk_buff *skb, struct fragment6_ke
 	struct in6 new_saddr = fr->saddr, new_daddr = fr->daddr;
 	__u32 b = fr->backend;
 	int reply = fr->flags & FRAGMENT_REPLY;
+	if (fr->flags & FRAGMENT_ENCAP) {
+		p->to_addr = new_daddr;
+		p->backend = b;
+		return encapsulate6(skb, p);
+	}
 	int keep_src = in6_is_zero(&new_saddr), keep_dst = in6_is_zero(&new_daddr);
 	struct bpf_fib_lookup fib;
 	int rc = route6(skb, &fib, keep_src ? &frk->saddr : &new_saddr,
@@ -864,7 +909,7 @@ static __noinline int ingress6(struct __sk_buff *skb)
 		__u16 off = bpf_ntohs(fh->frag_off);
 		p.frk.id = fh->id;
 		if (off & 0xfff8)
-			return later_fragment6(skb, &p.frk, p.tot_len, p.hops);
+			return later_fragment6(skb, &p);
 		p.first_of_more = off & 1;
 		p.l4 += sizeof(struct frag6hdr);
 	} else if (ip->nexthdr != IPPROTO_UDP) {
@@ -883,6 +928,15 @@ static __noinline int ingress6(struct __sk_buff *skb)
 			return verdict;
 		if (svc->flags & SERVICE_MASQUERADE)
 			return masquerade6(skb, svc, &p);
+		if (svc->flags & SERVICE_DSR) {
+			if (p.first_of_more) {
+				struct fragment6 fr = {.daddr = p.to_addr,
+						       .backend = p.backend,
+						       .flags = FRAGMENT_ENCAP};
+				bpf_map_update_elem(&fragments6, &p.frk, &fr, BPF_ANY);
+			}
+			return encapsulate6(skb, &p);
+		}
 		return forward6(skb, &p);
 	}
 	struct reply6_key rk = {.addr = p.saddr, .port = p.sport};

@@ -219,10 +219,7 @@ pub struct Decap(());
 
 #[cfg(not(udplb_bpf))]
 impl Decap {
-    pub fn attach(
-        _interfaces: &[String],
-        _balancers: &[std::net::Ipv4Addr],
-    ) -> Result<Decap, Error> {
+    pub fn attach(_interfaces: &[String], _balancers: &[IpAddr]) -> Result<Decap, Error> {
         Err(Error::NotBuilt)
     }
     pub fn counts(&self) -> (u64, u64) {

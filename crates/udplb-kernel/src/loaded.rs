@@ -632,19 +632,24 @@ pub struct Decap {
 
 impl Decap {
     /// Loads the program, admits `balancers`, attaches it to `interfaces`.
-    pub fn attach(interfaces: &[String], balancers: &[std::net::Ipv4Addr]) -> Result<Decap, Error> {
+    pub fn attach(interfaces: &[String], balancers: &[IpAddr]) -> Result<Decap, Error> {
         let mut ebpf = EbpfLoader::new()
             .load(DECAP)
             .map_err(|e| Error::Load(e.to_string()))?;
-        let mut admitted: BpfHashMap<MapData, u32, u8> = BpfHashMap::try_from(
-            ebpf.take_map("balancers")
-                .ok_or_else(|| Error::Load("the program has no map balancers".into()))?,
-        )
-        .map_err(update_error)?;
-        for b in balancers {
-            admitted
-                .insert(u32::from_ne_bytes(b.octets()), 1, 0)
-                .map_err(update_error)?;
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| Error::Load(format!("the program has no map {name}")))
+        };
+        let mut admitted: BpfHashMap<MapData, u32, u8> =
+            BpfHashMap::try_from(take("balancers")?).map_err(update_error)?;
+        let mut admitted6: BpfHashMap<MapData, [u8; 16], u8> =
+            BpfHashMap::try_from(take("balancers6")?).map_err(update_error)?;
+        for &b in balancers {
+            match wire(b) {
+                Wire::V4(addr) => admitted.insert(addr, 1, 0),
+                Wire::V6(addr) => admitted6.insert(addr, 1, 0),
+            }
+            .map_err(update_error)?;
         }
         let counts = PerCpuArray::try_from(
             ebpf.take_map("decap_counts")
@@ -671,8 +676,8 @@ impl Decap {
                     })?,
             );
         }
-        // (The admitted balancers' map lives as long as the program.)
-        drop(admitted);
+        // (The admitted balancers' maps live as long as the program.)
+        drop((admitted, admitted6));
         Ok(Decap {
             ebpf,
             links,

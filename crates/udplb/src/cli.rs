@@ -139,18 +139,19 @@ enum Command {
         /// The command (run, ctl, check, completions); none: udplb(1).
         command: Option<String>,
     },
-    /// The backends' side of `forwarding = "dsr"`: take the IP-in-IP header off what the
-    /// given balancers send to this host, on the given interfaces, until SIGTERM or SIGINT
+    /// The backends' side of `forwarding = "dsr"`: take the IP-in-IP (or IPv6-in-IPv6) header
+    /// off what the given balancers send to this host, on the given interfaces, until SIGTERM or SIGINT
     /// (for hosts without the kernel's ipip module). Needs root, or CAP_BPF, CAP_PERFMON and
     /// CAP_NET_ADMIN.
     Decap {
         /// An interface the encapsulated datagrams arrive on (repeatable).
         #[arg(short, long = "interface", value_name = "NAME", required = true)]
         interfaces: Vec<String>,
-        /// A balancer's address whose encapsulated datagrams are taken (repeatable); IP in
-        /// IP from any other source is left to the stack.
-        #[arg(short, long = "balancer", value_name = "IPV4", required = true)]
-        balancers: Vec<std::net::Ipv4Addr>,
+        /// A balancer's address whose encapsulated datagrams are taken (repeatable; IPv4 for
+        /// IPv4 listeners, IPv6 for IPv6 ones); IP in IP from any other source is left to the
+        /// stack.
+        #[arg(short, long = "balancer", value_name = "ADDRESS", required = true)]
+        balancers: Vec<std::net::IpAddr>,
     },
     /// Validate a configuration file as `run` would, without binding anything: its rules, and
     /// that its user, group and programs (notify, exec checks) exist. Exit 0 if valid, 78 if not.

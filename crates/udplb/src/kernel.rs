@@ -457,7 +457,7 @@ fn networks(set: &udplb_core::acl::CidrSet) -> Vec<(IpAddr, u8)> {
 
 /// `udplb decap`: the decapsulating program on `interfaces`, for `balancers`, until SIGTERM or
 /// SIGINT (the program is detached when this returns).
-pub fn decap(interfaces: &[String], balancers: &[std::net::Ipv4Addr]) -> std::process::ExitCode {
+pub fn decap(interfaces: &[String], balancers: &[IpAddr]) -> std::process::ExitCode {
     use nix::sys::signal::{SigSet, Signal};
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGTERM);

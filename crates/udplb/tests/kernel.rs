@@ -296,8 +296,14 @@ impl Topology {
             .status()
             .unwrap();
         assert!(ok.success());
-        // Until duplicate address detection has cleared the link-local addresses, neighbour
-        // discovery has no source to ask from: packets would wait in its queue (seconds).
+        self.settle_ipv6();
+        self.v6 = true;
+    }
+
+    /// Waits until duplicate address detection has cleared every host's link-local addresses:
+    /// until then neighbour discovery has no source to ask from, and packets wait in its queue
+    /// (seconds).
+    fn settle_ipv6(&self) {
         let tentative = |ns: &str| {
             let out = Net::exec(ns, Path::new("ip"))
                 .args(["-6", "addr", "show", "tentative"])
@@ -305,11 +311,11 @@ impl Topology {
                 .unwrap();
             !out.stdout.is_empty()
         };
+        let hosts = [&self.balancer, &self.clients, &self.backends];
         assert!(
-            wait_for(DEADLINE, || [b, c, k].iter().all(|ns| !tentative(ns))),
+            wait_for(DEADLINE, || hosts.iter().all(|ns| !tentative(ns))),
             "IPv6 addresses stayed tentative"
         );
-        self.v6 = true;
     }
 
     /// The method of `forwarding` as a test names it: ending in 6 (`nat6`, `masquerade6`), that
@@ -369,19 +375,49 @@ impl Topology {
                 &format!("10.96.{t}.1/24"),
             )
             .unwrap();
-        let (clients, via, vip) = (
-            format!("10.97.{t}.0/24"),
-            format!("10.96.{t}.1"),
-            format!("10.99.{t}.1/32"),
-        );
-        ip(&["-n", &k, "route", "add", &clients, "via", &via]).unwrap();
-        ip(&["-n", &k, "addr", "add", &vip, "dev", "lo"]).unwrap();
-        for setting in ["all", "default", "ck", "cb"] {
-            let ok = Net::exec(&c, Path::new("sysctl"))
-                .args(["-q", "-w", &format!("net.ipv4.conf.{setting}.rp_filter=0")])
-                .status()
-                .unwrap();
-            assert!(ok.success());
+        if self.v6 {
+            ip(&[
+                "-n",
+                &k,
+                "addr",
+                "add",
+                &format!("fd00:96:{t}::2/64"),
+                "dev",
+                "kc",
+                "nodad",
+            ])
+            .unwrap();
+            ip(&[
+                "-n",
+                &c,
+                "addr",
+                "add",
+                &format!("fd00:96:{t}::1/64"),
+                "dev",
+                "ck",
+                "nodad",
+            ])
+            .unwrap();
+            let (clients, via) = (format!("fd00:97:{t}::/64"), format!("fd00:96:{t}::1"));
+            ip(&["-n", &k, "-6", "route", "add", &clients, "via", &via]).unwrap();
+            let vip = format!("fd00:99:{t}::1/128");
+            ip(&["-n", &k, "addr", "add", &vip, "dev", "lo"]).unwrap();
+            self.settle_ipv6();
+        } else {
+            let (clients, via, vip) = (
+                format!("10.97.{t}.0/24"),
+                format!("10.96.{t}.1"),
+                format!("10.99.{t}.1/32"),
+            );
+            ip(&["-n", &k, "route", "add", &clients, "via", &via]).unwrap();
+            ip(&["-n", &k, "addr", "add", &vip, "dev", "lo"]).unwrap();
+            for setting in ["all", "default", "ck", "cb"] {
+                let ok = Net::exec(&c, Path::new("sysctl"))
+                    .args(["-q", "-w", &format!("net.ipv4.conf.{setting}.rp_filter=0")])
+                    .status()
+                    .unwrap();
+                assert!(ok.success());
+            }
         }
         let child = Net::helper(
             &k,
@@ -398,7 +434,12 @@ impl Topology {
         self.net.keep(child);
         let log = self.net.dir.join("decap.log");
         let child = Net::exec(&k, Path::new(env!("CARGO_BIN_EXE_udplb")))
-            .args(["decap", "-i", "kb", "-b", &format!("10.98.{t}.1")])
+            .args(["decap", "-i", "kb", "-b"])
+            .arg(if self.v6 {
+                format!("fd00:98:{t}::1")
+            } else {
+                format!("10.98.{t}.1")
+            })
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -1417,6 +1458,99 @@ fn masquerade_reaches_backends(prefix: &str, v6: bool) {
 /// backend host, which takes the outer header off (`udplb decap`, this kernel has no ipip
 /// module), serves the listener's address on its loopback and answers the clients directly,
 /// over a link of its own to them (not through the balancer).
+/// Direct server return on IPv6: IPv6 in IPv6 to two backend addresses of the backend host
+/// (`udplb decap` taking the outer header off), which answers the clients directly.
+#[test]
+fn ipv6_dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address() {
+    let Some(mut topo) = Topology::build("ul6r") else {
+        return;
+    };
+    topo.ipv6();
+    let t = topo.t;
+    let second = format!("fd00:98:{t}::3/64");
+    ip(&[
+        "-n",
+        &topo.backends,
+        "addr",
+        "add",
+        &second,
+        "dev",
+        "kb",
+        "nodad",
+    ])
+    .unwrap();
+    let Some((_, decap_log)) = topo.dsr_backend_host() else {
+        return;
+    };
+    let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
+    let vip = topo.vip();
+    let backends: Vec<String> = [2, 3]
+        .iter()
+        .map(|i| {
+            quoted(SocketAddr::new(
+                format!("fd00:98:{t}::{i}").parse().unwrap(),
+                vip.port(),
+            ))
+        })
+        .collect();
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [{}]\nforwarding = \"dsr\"\n",
+            backends.join(", ")
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    let replies = topo.clients(40, 2);
+    let stats = topo.api("/stats");
+    assert_eq!(
+        replies.len(),
+        80,
+        "{replies:?}\n{}\n{}",
+        stats["kernel"],
+        decap_said()
+    );
+    let client_ip: std::net::IpAddr = topo.client_ip().parse().unwrap();
+    for (port, from, tag, seen) in &replies {
+        assert_eq!(*from, vip, "a reply not from the listener's address");
+        assert_eq!(tag, "d");
+        assert_eq!(seen, &SocketAddr::new(client_ip, *port).to_string());
+    }
+    let backends = stats["kernel"]["listeners"][0]["backends"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(backends.len(), 2, "{stats}");
+    for b in &backends {
+        assert!(b["datagrams"].as_u64().unwrap_or(0) > 0, "{stats}");
+        assert_eq!(b["replies"], 0, "{stats}");
+    }
+    assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+    // A datagram that fits the clients' links but not once encapsulated: the client is told
+    // (packet too big, the MTU less 40 bytes), and its next try, fragmented, is answered.
+    let size = ("UDPLB_TEST_KERNEL_SIZE", "1440".to_string());
+    let once = [
+        size.clone(),
+        ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
+    ];
+    assert!(topo.clients_with(1, 1, &once).is_empty());
+    let out = Net::exec(&topo.clients, Path::new("ip"))
+        .args(["route", "get", &vip.ip().to_string()])
+        .output()
+        .unwrap();
+    let to_vip = String::from_utf8_lossy(&out.stdout);
+    assert!(to_vip.contains("mtu 1460"), "{to_vip}");
+    assert_eq!(
+        topo.clients_with(1, 1, std::slice::from_ref(&size)).len(),
+        1
+    );
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+}
+
 #[test]
 fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address() {
     let Some(mut topo) = Topology::build("ulbr") else {
