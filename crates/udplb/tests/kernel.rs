@@ -339,6 +339,15 @@ impl Topology {
         }
     }
 
+    /// The balancer's address on the backends' side.
+    fn balancer_ip(&self) -> std::net::IpAddr {
+        if self.v6 {
+            format!("fd00:98:{}::1", self.t).parse().unwrap()
+        } else {
+            format!("10.98.{}.1", self.t).parse().unwrap()
+        }
+    }
+
     /// The backend host's address.
     fn backend_ip(&self) -> String {
         if self.v6 {
@@ -1031,10 +1040,17 @@ fn datagram_mode_spreads_exactly_behind_masquerade_one_port_per_backend() {
     datagram_mode_spreads("ulbw", "masquerade");
 }
 
+#[test]
+fn ipv6_datagram_mode_spreads_exactly_behind_masquerade_one_port_per_backend() {
+    datagram_mode_spreads("ul6g", "masquerade6");
+}
+
+/// (`forwarding` ending in 6: that method on IPv6.)
 fn datagram_mode_spreads(prefix: &str, forwarding: &str) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    let forwarding = topo.family_of(forwarding);
     topo.start_backends();
     topo.start_udplb_forwarding("mode = \"datagram\"", forwarding);
     if topo.without_the_program() {
@@ -1061,11 +1077,9 @@ fn datagram_mode_spreads(prefix: &str, forwarding: &str) {
     for (tag, seen) in &seen_as {
         assert_eq!(seen.len(), 1, "backend {tag} saw {seen:?}");
         if forwarding == "masquerade" {
-            let seen = seen.iter().next().unwrap();
-            assert!(
-                seen.starts_with(&format!("10.98.{}.1:6", topo.t)),
-                "backend {tag} saw {seen}"
-            );
+            let seen: SocketAddr = seen.iter().next().unwrap().parse().unwrap();
+            assert_eq!(seen.ip(), topo.balancer_ip(), "backend {tag} saw {seen}");
+            assert!(seen.port() >= 61_000, "backend {tag} saw {seen}");
         }
     }
 }
@@ -1401,18 +1415,7 @@ fn masquerade_reaches_backends(prefix: &str, v6: bool) {
         topo.api("/stats")["kernel"]
     );
     // Per client: its backend and the address and port that backend saw it from.
-    let t = topo.t;
-    let (balancer_side, loopback): (std::net::IpAddr, std::net::IpAddr) = if v6 {
-        (
-            format!("fd00:98:{t}::1").parse().unwrap(),
-            "::1".parse().unwrap(),
-        )
-    } else {
-        (
-            format!("10.98.{t}.1").parse().unwrap(),
-            "127.0.0.1".parse().unwrap(),
-        )
-    };
+    let (balancer_side, loopback) = (topo.balancer_ip(), local.ip());
     let mut seen_as: HashMap<u16, (String, String)> = HashMap::new();
     for (port, from, tag, seen) in &replies {
         assert_eq!(*from, topo.vip(), "a reply not from the listener's address");
@@ -2140,26 +2143,46 @@ fn icmp_errors_from_a_backend_take_it_out_passively() {
 
 #[test]
 fn allow_and_deny_lists_are_kept_in_the_kernel_and_follow_a_reload() {
-    let Some(mut topo) = Topology::build("ulba") else {
+    allow_and_deny_lists("ulba", false);
+}
+
+#[test]
+fn ipv6_allow_and_deny_lists_are_kept_in_the_kernel_and_follow_a_reload() {
+    allow_and_deny_lists("ul6a", true);
+}
+
+fn allow_and_deny_lists(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    if v6 {
+        topo.ipv6();
+    }
     // A second client address on the client host.
-    let (one, two) = (format!("10.97.{}.2", topo.t), format!("10.97.{}.3", topo.t));
-    ip(&[
-        "-n",
-        &topo.clients,
-        "addr",
-        "add",
-        &format!("{two}/24"),
-        "dev",
-        "cb",
-    ])
-    .unwrap();
+    let t = topo.t;
+    let (one, two, net, len) = if v6 {
+        (
+            format!("fd00:97:{t}::2"),
+            format!("fd00:97:{t}::3"),
+            format!("fd00:97:{t}::/64"),
+            64,
+        )
+    } else {
+        (
+            format!("10.97.{t}.2"),
+            format!("10.97.{t}.3"),
+            format!("10.97.{t}.0/24"),
+            24,
+        )
+    };
+    let second = format!("{two}/{len}");
+    let mut add = vec!["-n", &topo.clients, "addr", "add", &second, "dev", "cb"];
+    if v6 {
+        add.push("nodad");
+    }
+    ip(&add).unwrap();
     topo.start_backends();
-    topo.start_udplb(&format!(
-        "allow = [\"10.97.{}.0/24\"]\ndeny = [\"{two}\"]",
-        topo.t
-    ));
+    topo.start_udplb(&format!("allow = [\"{net}\"]\ndeny = [\"{two}\"]"));
     if topo.without_the_program() {
         return;
     }
