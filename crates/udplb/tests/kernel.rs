@@ -1172,6 +1172,10 @@ fn restart_with_a_new_backend(
     user: &str,
 ) -> Option<(usize, String)> {
     let mut topo = Topology::build(prefix)?;
+    // A prefix ending in 6: on IPv6.
+    if prefix.ends_with('6') {
+        topo.ipv6();
+    }
     topo.start_backends();
     let bpf = topo.net.dir.join("bpf");
     let _fs = pinned.then(|| BpfFs::mount(bpf.clone()));
@@ -1259,6 +1263,14 @@ fn flows_continue_on_their_backends_across_a_restart() {
         return;
     };
     assert!(log.contains("the flow map is kept there"), "{log}");
+    assert_eq!(moved, 0, "{log}");
+}
+
+#[test]
+fn ipv6_flows_continue_on_their_backends_across_a_restart() {
+    let Some((moved, log)) = restart_with_a_new_backend("ulp6", true, false, "") else {
+        return;
+    };
     assert_eq!(moved, 0, "{log}");
 }
 
