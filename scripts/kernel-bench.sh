@@ -16,13 +16,16 @@
 #             `udplb decap`, holds the service address and answers over a link of its own
 #             to the client (its echo then serves the service address)
 #   socket    to the service address, udplb with dataplane = "socket" (its relay, one worker)
+#   direct6, kernel6  direct and the kernel path (nat) on IPv6: the same hosts on fd00:77::/32,
+#             the same echo program on the backend host's IPv6 address
 # Nothing is pinned: client, backends and balancer share both CPUs, as veth's softirq work runs
 # on the sending CPU. CPU per reply is both CPUs' busy time (from /proc/stat, softirq
 # included) over the replies: the generator and the echo cost the same for every peer, so the
 # difference to direct is what the balancer costs. Rounds are interleaved; medians.
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket"; also: datagram masquerade dsr) ROUNDS (3) DURATION (5s) FLOWS (64)
+# Env:   PEERS ("direct nftables kernel socket"; also: datagram masquerade dsr direct6 kernel6)
+#        ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,15 +70,34 @@ ip -n $k addr add 10.77.2.3/24 dev kb
 ip -n $k addr add 10.77.2.4/24 dev kb
 ip -n $b addr add $vip/32 dev lo
 ip netns exec $b sysctl -q -w net.ipv4.ip_forward=1
+# IPv6 beside it (`nodad`: usable at once; the link-local addresses' detection is waited out).
+vip6=fd00:77:9::1
+ip -n $b addr add fd00:77:1::1/64 dev bc nodad
+ip -n $c addr add fd00:77:1::2/64 dev cb nodad
+ip -n $b addr add fd00:77:2::1/64 dev bk nodad
+ip -n $k addr add fd00:77:2::2/64 dev kb nodad
+ip -n $b addr add $vip6/128 dev lo
+ip -n $c -6 route add default via fd00:77:1::1
+ip -n $k -6 route add default via fd00:77:2::1
+ip netns exec $b sysctl -q -w net.ipv6.conf.all.forwarding=1
+for _ in $(seq 50); do
+    tentative=$(for n in $c $b $k; do ip -n "$n" -6 addr show tentative; done)
+    [[ -z $tentative ]] && break
+    sleep 0.1
+done
 
 run_bg "$work/echo.out" ip netns exec $k "$BENCH" echo 10.77.2.2:7001 10.77.2.2:7002 10.77.2.2:7003
 wait_output "$work/echo.out" '^listening' 3 "$bg_pid" || die "echo backends did not start"
 backends='"10.77.2.2:7001", "10.77.2.2:7002", "10.77.2.2:7003"'
+run_bg "$work/echo6.out" ip netns exec $k "$BENCH" echo "[fd00:77:2::2]:7001" "[fd00:77:2::2]:7002" "[fd00:77:2::2]:7003"
+wait_output "$work/echo6.out" '^listening' 3 "$bg_pid" || die "IPv6 echo backends did not start"
+backends6='"[fd00:77:2::2]:7001", "[fd00:77:2::2]:7002", "[fd00:77:2::2]:7003"'
 
 # Starts peer $1 in the balancer; sets target (where the load goes).
 start_peer() {
     case $1 in
         direct) target=10.77.2.2:7001 ;;
+        direct6) target="[fd00:77:2::2]:7001" ;;
         nftables)
             ip netns exec $b nft -f - <<NFT
 table ip udplb_bench {
@@ -87,8 +109,9 @@ table ip udplb_bench {
 NFT
             target=$vip:5300
             ;;
-        kernel | socket | masquerade | dsr | datagram)
-            local dataplane=$1 forwarding=nat pool=$backends mode=flow
+        kernel | socket | masquerade | dsr | datagram | kernel6)
+            local dataplane=$1 forwarding=nat pool=$backends mode=flow address=$vip:5300
+            [[ $1 == kernel6 ]] && dataplane=kernel pool=$backends6 address="[$vip6]:5300"
             [[ $1 == masquerade ]] && dataplane=kernel forwarding=masquerade
             [[ $1 == datagram ]] && dataplane=kernel mode=datagram
             if [[ $1 == dsr ]]; then
@@ -110,7 +133,7 @@ shutdown_grace = "0s"
 [admin]
 listen = "127.0.0.1:9190"
 [listeners.l]
-address = "$vip:5300"
+address = "$address"
 pool = "p"
 mode = "$mode"
 dataplane = "$dataplane"
@@ -122,7 +145,7 @@ $([[ $dataplane == kernel ]] && echo "forwarding = \"$forwarding\"")
 CONFIG
             UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$UDPLB" run -c "$work/udplb.toml"
             udplb_pid=$bg_pid
-            target=$vip:5300
+            target=$address
             ;;
         *) die "unknown peer $1" ;;
     esac
@@ -131,7 +154,7 @@ CONFIG
 stop_peer() {
     case $1 in
         nftables) ip netns exec $b nft delete table ip udplb_bench ;;
-        kernel | socket | masquerade | datagram) stop "$udplb_pid" TERM ;;
+        kernel | socket | masquerade | datagram | kernel6) stop "$udplb_pid" TERM ;;
         dsr)
             stop "$udplb_pid" TERM
             stop "$decap_pid" TERM
