@@ -562,26 +562,31 @@ shot:
 	return TC_ACT_SHOT;
 }
 
-// Direct server return, IPv6: the datagram, untouched, inside an IPv6 header from the route's
-// source address to the chosen backend (IPv6 in IPv6), sent by the route (as `encapsulate`).
-// One that would exceed the route's MTU once encapsulated is answered with packet too big,
-// the MTU less 40 bytes, from the listener's address to the client.
-static __noinline int encapsulate6(struct __sk_buff *skb, struct packet6 *p)
+// The route to `to` for a packet of `tot_len` bytes once encapsulated, its source the one the
+// route chooses.
+static __always_inline int route_encapsulated6(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+					       struct in6 *to, __u16 tot_len)
 {
-	struct bpf_fib_lookup fib;
 	struct in6 any = {};
-	__u16 outer_len = p->tot_len + sizeof(struct ip6hdr);
-	int rc = route6_with(skb, &fib, &any, &p->to_addr, outer_len, BPF_FIB_LOOKUP_SRC);
+	return route6_with(skb, fib, &any, to, tot_len + sizeof(struct ip6hdr), BPF_FIB_LOOKUP_SRC);
+}
+
+// Puts an IPv6 header from the route's source (`fib`, found as `rc` by `route_encapsulated6`)
+// to `to` in front of the packet of `tot_len` bytes, and sends it by that route; counted for
+// backend `b`.
+static __always_inline int encapsulated6(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
+					 int rc, struct in6 *to, __u16 tot_len, __u32 b)
+{
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		fib.mtu_result -= sizeof(struct ip6hdr);
-		return too_big6(skb, &fib, &p->saddr, &p->daddr);
+		count_drop(DROP_TOO_BIG);
+		return TC_ACT_SHOT;
 	}
 	struct ip6hdr outer = {.vtc_flow = bpf_htonl(0x60000000),
-			       .payload_len = bpf_htons(p->tot_len),
+			       .payload_len = bpf_htons(tot_len),
 			       .nexthdr = NEXTHDR_IPV6,
 			       .hop_limit = 64,
-			       .daddr = p->to_addr};
-	__builtin_memcpy(&outer.saddr, fib.ipv6_src, sizeof(outer.saddr));
+			       .daddr = *to};
+	__builtin_memcpy(&outer.saddr, fib->ipv6_src, sizeof(outer.saddr));
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
 	    in6_is_zero(&outer.saddr)) {
 		count_drop(DROP_FIB);
@@ -593,8 +598,23 @@ static __noinline int encapsulate6(struct __sk_buff *skb, struct packet6 *p)
 		count_drop(DROP_REWRITE);
 		return TC_ACT_SHOT;
 	}
-	count(p->backend, skb->len, 0);
-	return send_by(skb, rc, &fib);
+	count(b, skb->len, 0);
+	return send_by(skb, rc, fib);
+}
+
+// Direct server return, IPv6: the datagram, untouched, inside an IPv6 header from the route's
+// source address to the chosen backend (IPv6 in IPv6), sent by the route (as `encapsulate`).
+// One that would exceed the route's MTU once encapsulated is answered with packet too big,
+// the MTU less 40 bytes, from the listener's address to the client.
+static __noinline int encapsulate6(struct __sk_buff *skb, struct packet6 *p)
+{
+	struct bpf_fib_lookup fib;
+	int rc = route_encapsulated6(skb, &fib, &p->to_addr, p->tot_len);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		fib.mtu_result -= sizeof(struct ip6hdr);
+		return too_big6(skb, &fib, &p->saddr, &p->daddr);
+	}
+	return encapsulated6(skb, &fib, rc, &p->to_addr, p->tot_len, p->backend);
 }
 
 // A later fragment (`p->frk` its key): rewritten (or encapsulated) as its first fragment was,
@@ -884,6 +904,116 @@ static __noinline int reply6(struct __sk_buff *skb, struct reply6 *r, struct pac
 	count(b, skb->len, 1);
 	if (local)
 		return to_loopback(skb);
+	return send_by(skb, rc, &fib);
+}
+
+// As `masquerade_port_of`, for IPv6.
+static __always_inline __u16 masquerade_port6_of(const struct service *svc, struct in6 *client,
+						 __u16 cport, struct in6 *vip, __u16 vport,
+						 struct masq6_key *k, struct in6 *local)
+{
+	__u32 n = svc->port_count;
+	if (n == 0)
+		return 0;
+	__u32 h = (__u32)placement_hash6_port(client, cport);
+	for (__u32 i = 0; i < MASQ_PROBES; i++) {
+		k->port = bpf_htons(svc->port_base + (__u16)((h + i * 40503u) % n));
+		struct masq6 *m = bpf_map_lookup_elem(&masq6, k);
+		if (m && in6_eq(&m->client_addr, client) && m->client_port == cport &&
+		    in6_eq(&m->service_addr, vip) && m->service_port == vport) {
+			*local = m->local_addr;
+			return k->port;
+		}
+	}
+	return 0;
+}
+
+// Rewrites one end of the datagram an ICMPv6 error quotes (`dst`: its destination, else its
+// source), address and port, with the ICMPv6 checksum. Returns nonzero on failure.
+static __always_inline int set_quoted6(struct __sk_buff *skb, int dst, struct in6 *old_addr,
+				       struct in6 *new_addr, __u16 old_port, __u16 new_port)
+{
+	__s64 diff = bpf_csum_diff((__be32 *)old_addr, sizeof(*old_addr), (__be32 *)new_addr,
+				   sizeof(*new_addr), 0);
+	return diff < 0 ||
+	       bpf_skb_store_bytes(skb, dst ? INNER6_DST_OFF : INNER6_SRC_OFF, new_addr,
+				   sizeof(*new_addr), 0) ||
+	       bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, 0, (__u32)diff, 0) ||
+	       bpf_skb_store_bytes(skb, dst ? INNER6_DPORT_OFF : INNER6_SPORT_OFF, &new_port,
+				   sizeof(new_port), 0) ||
+	       bpf_l4_csum_replace(skb, ICMP6_CSUM_OFF, old_port, new_port, sizeof(new_port));
+}
+
+// As `icmp_about_reply`, for IPv6: an ICMPv6 error from a router beyond the balancer about a
+// reply, handed to the backend that sent it. Returns -1 when the packet is not such an error.
+static __noinline int icmp6_about_reply(struct __sk_buff *skb)
+{
+	void *end = (void *)(long)skb->data_end;
+	struct ip6hdr *ip = (void *)(long)skb->data + ETH_HLEN;
+	if ((void *)(ip + 1) > end || ip->nexthdr != NEXTHDR_ICMP6)
+		return -1;
+	struct icmp6hdr *icmp = (void *)(ip + 1);
+	if ((void *)(icmp + 1) > end ||
+	    (icmp->type != ICMP6_DEST_UNREACH && icmp->type != ICMP6_PACKET_TOO_BIG &&
+	     icmp->type != ICMP6_TIME_EXCEEDED))
+		return -1;
+	struct ip6hdr *inner = (void *)(icmp + 1);
+	if ((void *)(inner + 1) > end || inner->nexthdr != IPPROTO_UDP ||
+	    !in6_eq(&inner->saddr, &ip->daddr))
+		return -1;
+	struct udphdr *iudp = (void *)(inner + 1);
+	if ((void *)(iudp + 1) > end)
+		return -1;
+	// The reply went from the listener (`vip`, `vport`) to the client.
+	struct flow6_key fk = {.client_addr = inner->daddr,
+			       .service_addr = inner->saddr,
+			       .client_port = iudp->dest,
+			       .service_port = iudp->source};
+	struct in6 outer_src = ip->saddr;
+	__u16 tot_len = bpf_ntohs(ip->payload_len) + sizeof(struct ip6hdr);
+	__u8 hops = ip->hop_limit;
+	struct service6_key sk = {.addr = fk.service_addr, .port = fk.service_port};
+	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
+	if (!svc)
+		return -1;
+	struct flow6 *f = bpf_map_lookup_elem(&flows6, &fk);
+	if (!f)
+		return -1;
+	struct in6 backend = f->backend_addr;
+	__u16 bport = f->backend_port;
+	struct bpf_fib_lookup fib;
+	if (svc->flags & SERVICE_DSR) {
+		int rc = route_encapsulated6(skb, &fib, &backend, tot_len);
+		return encapsulated6(skb, &fib, rc, &backend, tot_len, NOT_COUNTED);
+	}
+	struct in6 local = {};
+	__u16 lport = 0;
+	int masqueraded = svc->flags & SERVICE_MASQUERADE;
+	if (masqueraded) {
+		struct masq6_key mk = {.backend_addr = backend, .backend_port = bport};
+		lport = masquerade_port6_of(svc, &fk.client_addr, fk.client_port, &fk.service_addr,
+					    fk.service_port, &mk, &local);
+		if (!lport)
+			return -1;
+	}
+	int rc = route6(skb, &fib, masqueraded ? &local : &outer_src, &backend, tot_len);
+	if (set_quoted6(skb, 0, &fk.service_addr, &backend, fk.service_port, bport) ||
+	    (masqueraded &&
+	     set_quoted6(skb, 1, &fk.client_addr, &local, fk.client_port, lport))) {
+		count_drop(DROP_REWRITE);
+		return TC_ACT_SHOT;
+	}
+	int why = take_hop(skb, hops);
+	if (!why)
+		why = set_addr6(skb, 1, &fk.service_addr, &backend, ICMP6_CSUM_OFF);
+	if (!why && masqueraded)
+		why = set_addr6(skb, 0, &outer_src, &local, ICMP6_CSUM_OFF);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	if (to_the_stack(rc))
+		return masqueraded ? to_loopback(skb) : TC_ACT_OK; // a backend on this host
 	return send_by(skb, rc, &fib);
 }
 

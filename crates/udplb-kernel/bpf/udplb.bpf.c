@@ -940,6 +940,110 @@ static __always_inline int encapsulate(struct __sk_buff *skb, __u32 to_addr, __u
 	return send_by(skb, rc, &fib);
 }
 
+#define NOT_COUNTED (MAX_SERVICES * MAX_BACKENDS) // a backend index no counter has
+
+// Masquerade: the balancer's port (network order) and address the client's datagrams to a
+// backend come from, if it has one (as `masquerade_port` finds it, without taking one).
+static __always_inline __u16 masquerade_port_of(const struct service *svc, __u32 client,
+						__u16 cport, __u32 vip, __u16 vport, __u32 backend,
+						__u16 bport, __u32 *local)
+{
+	__u32 n = svc->port_count;
+	if (n == 0)
+		return 0;
+	__u32 h = (__u32)placement_hash(client, (client >> 16) | ((__u32)cport << 16), 6);
+	struct masq_key k = {.backend_addr = backend, .backend_port = bport};
+	for (__u32 i = 0; i < MASQ_PROBES; i++) {
+		k.port = bpf_htons(svc->port_base + (__u16)((h + i * 40503u) % n));
+		struct masq *m = bpf_map_lookup_elem(&masq, &k);
+		if (m && m->client_addr == client && m->client_port == cport &&
+		    m->service_addr == vip && m->service_port == vport) {
+			*local = m->local_addr;
+			return k.port;
+		}
+	}
+	return 0;
+}
+
+// An ICMP error about a reply (a router between the balancer and the client could not pass
+// it: fragmentation needed, say), sent to the listener's address the reply came from: handed
+// to the backend that sent the reply, so that it learns what a router would have told it
+// without a balancer on the way. With nat the error is rewritten to be about the backend's
+// own datagram (the outer destination and the quoted source become the backend's); after a
+// masquerade, about its datagram to the balancer's address and port (and from that address);
+// with dsr it is encapsulated to the backend as it is (the backend sent the reply from the
+// listener's address itself). Only for flows the flow map knows (not datagram mode). Returns
+// -1 when the packet is not such an error.
+static __noinline int icmp_about_reply(struct __sk_buff *skb)
+{
+	void *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = (void *)(long)skb->data + ETH_HLEN;
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_ICMP ||
+	    (ip->frag_off & bpf_htons(0x3fff)))
+		return -1;
+	struct icmphdr *icmp = (void *)(ip + 1);
+	if ((void *)(icmp + 1) > end ||
+	    (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED))
+		return -1;
+	struct iphdr *inner = (void *)(icmp + 1);
+	if ((void *)(inner + 1) > end || inner->ihl != 5 || inner->protocol != IPPROTO_UDP ||
+	    inner->saddr != ip->daddr)
+		return -1;
+	struct udphdr *iudp = (void *)(inner + 1);
+	if ((void *)(iudp + 1) > end)
+		return -1;
+	__u32 vip = inner->saddr, client = inner->daddr, outer_src = ip->saddr;
+	__u16 vport = iudp->source, cport = iudp->dest;
+	__u16 tot_len = bpf_ntohs(ip->tot_len), old_inner_csum = inner->check;
+	__u8 ttl = ip->ttl, tos = ip->tos;
+	struct service_key sk = {.addr = vip, .port = vport};
+	struct service *svc = bpf_map_lookup_elem(&services, &sk);
+	if (!svc)
+		return -1;
+	struct flow_key fk = {
+		.client_addr = client, .service_addr = vip, .client_port = cport, .service_port = vport};
+	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
+	if (!f)
+		return -1;
+	__u32 backend = f->backend_addr;
+	__u16 bport = f->backend_port;
+	if (svc->flags & SERVICE_DSR)
+		return encapsulate(skb, backend, NOT_COUNTED, tot_len, tos, 0, 0, 0);
+	__u32 local = 0;
+	__u16 lport = 0;
+	int masqueraded = svc->flags & SERVICE_MASQUERADE;
+	if (masqueraded) {
+		lport = masquerade_port_of(svc, client, cport, vip, vport, backend, bport, &local);
+		if (!lport)
+			return -1;
+	}
+	struct bpf_fib_lookup fib;
+	int rc = route(skb, &fib, masqueraded ? local : outer_src, backend, tot_len);
+	if (set_quoted(skb, 0, vip, backend, vport, bport) ||
+	    (masqueraded && set_quoted(skb, 1, client, local, cport, lport)))
+		goto shot;
+	__u16 new_inner_csum;
+	if (bpf_skb_load_bytes(skb, INNER_CSUM_OFF, &new_inner_csum, sizeof(new_inner_csum)) ||
+	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old_inner_csum, new_inner_csum,
+				sizeof(new_inner_csum)))
+		goto shot;
+	int why = take_ttl(skb, ttl, IPPROTO_ICMP);
+	if (!why)
+		why = set_addr(skb, 1, vip, backend, 0);
+	if (!why && masqueraded)
+		why = set_addr(skb, 0, outer_src, local, 0);
+	if (why) {
+		count_drop(why - 1);
+		return TC_ACT_SHOT;
+	}
+	if (to_the_stack(rc))
+		return masqueraded ? to_loopback(skb) : TC_ACT_OK; // a backend on this host
+	return send_by(skb, rc, &fib);
+shot:
+	count_drop(DROP_REWRITE);
+	return TC_ACT_SHOT;
+}
+
 #include "ipv6.h"
 
 // An IPv4 packet (its own function: each family's path has the 512 bytes of stack a program
@@ -1149,10 +1253,28 @@ int udplb_ingress(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end)
 		return TC_ACT_OK;
-	if (eth->h_proto == bpf_htons(ETH_P_IP))
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return TC_ACT_OK;
+		if (ip->protocol == IPPROTO_ICMP) {
+			int verdict = icmp_about_reply(skb);
+			if (verdict >= 0)
+				return verdict;
+		}
 		return ingress4(skb);
-	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ip6hdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return TC_ACT_OK;
+		if (ip->nexthdr == NEXTHDR_ICMP6) {
+			int verdict = icmp6_about_reply(skb);
+			if (verdict >= 0)
+				return verdict;
+		}
 		return ingress6(skb);
+	}
 	return TC_ACT_OK;
 }
 

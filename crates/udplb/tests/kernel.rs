@@ -156,6 +156,15 @@ fn kernel_burst_in_namespace() {
     println!("windows {windows} replies {replies}");
 }
 
+/// Whether host `ns` has an IPv6 address duplicate address detection has not cleared yet.
+fn ipv6_tentative(ns: &str) -> bool {
+    let out = Net::exec(ns, Path::new("ip"))
+        .args(["-6", "addr", "show", "tentative"])
+        .output()
+        .unwrap();
+    !out.stdout.is_empty()
+}
+
 struct Topology {
     net: Net,
     t: u32,
@@ -304,16 +313,9 @@ impl Topology {
     /// until then neighbour discovery has no source to ask from, and packets wait in its queue
     /// (seconds).
     fn settle_ipv6(&self) {
-        let tentative = |ns: &str| {
-            let out = Net::exec(ns, Path::new("ip"))
-                .args(["-6", "addr", "show", "tentative"])
-                .output()
-                .unwrap();
-            !out.stdout.is_empty()
-        };
         let hosts = [&self.balancer, &self.clients, &self.backends];
         assert!(
-            wait_for(DEADLINE, || hosts.iter().all(|ns| !tentative(ns))),
+            wait_for(DEADLINE, || hosts.iter().all(|ns| !ipv6_tentative(ns))),
             "IPv6 addresses stayed tentative"
         );
     }
@@ -337,6 +339,83 @@ impl Topology {
         } else {
             format!("10.97.{}.2", self.t)
         }
+    }
+
+    /// A far client host (10.95.T.2) behind the clients' host, which routes for it over a
+    /// link of `mtu` bytes: a router beyond the balancer with a narrower link. Returns its
+    /// name.
+    fn far_client(&mut self, mtu: u32) -> String {
+        let t = self.t;
+        let f = self.clients.replacen("-c", "-f", 1);
+        self.net.add(&f).unwrap();
+        let (near, far) = (format!("10.95.{t}.1"), format!("10.95.{t}.2"));
+        self.net
+            .link(
+                &self.clients,
+                "cf",
+                &format!("{near}/24"),
+                &f,
+                "fc",
+                &format!("{far}/24"),
+            )
+            .unwrap();
+        for (ns, dev) in [(&self.clients, "cf"), (&f, "fc")] {
+            ip(&["-n", ns, "link", "set", dev, "mtu", &mtu.to_string()]).unwrap();
+        }
+        ip(&["-n", &f, "route", "add", "default", "via", &near]).unwrap();
+        let net = format!("10.95.{t}.0/24");
+        let via = format!("10.97.{t}.2");
+        ip(&["-n", &self.balancer, "route", "add", &net, "via", &via]).unwrap();
+        let ok = Net::exec(&self.clients, Path::new("sysctl"))
+            .args(["-q", "-w", "net.ipv4.ip_forward=1"])
+            .args(["-w", "net.ipv6.conf.all.forwarding=1"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        if self.v6 {
+            let (near, far) = (format!("fd00:95:{t}::1"), format!("fd00:95:{t}::2"));
+            ip(&[
+                "-n",
+                &self.clients,
+                "addr",
+                "add",
+                &format!("{near}/64"),
+                "dev",
+                "cf",
+                "nodad",
+            ])
+            .unwrap();
+            ip(&[
+                "-n",
+                &f,
+                "addr",
+                "add",
+                &format!("{far}/64"),
+                "dev",
+                "fc",
+                "nodad",
+            ])
+            .unwrap();
+            ip(&["-n", &f, "-6", "route", "add", "default", "via", &near]).unwrap();
+            let (net, via) = (format!("fd00:95:{t}::/64"), format!("fd00:97:{t}::2"));
+            ip(&[
+                "-n",
+                &self.balancer,
+                "-6",
+                "route",
+                "add",
+                &net,
+                "via",
+                &via,
+            ])
+            .unwrap();
+            self.settle_ipv6();
+            assert!(
+                wait_for(DEADLINE, || !ipv6_tentative(&f)),
+                "IPv6 addresses stayed tentative"
+            );
+        }
+        f
     }
 
     /// The balancer's address on the backends' side.
@@ -648,13 +727,24 @@ impl Topology {
         rounds: usize,
         extra: &[(&str, String)],
     ) -> Vec<(u16, SocketAddr, String, String)> {
+        self.clients_in(&self.clients, n, rounds, extra)
+    }
+
+    /// As [`Topology::clients_with`], from the host `ns`.
+    fn clients_in(
+        &self,
+        ns: &str,
+        n: usize,
+        rounds: usize,
+        extra: &[(&str, String)],
+    ) -> Vec<(u16, SocketAddr, String, String)> {
         let mut env = vec![
             ("UDPLB_TEST_KERNEL_TARGET", self.vip().to_string()),
             ("UDPLB_TEST_KERNEL_CLIENTS", n.to_string()),
             ("UDPLB_TEST_KERNEL_ROUNDS", rounds.to_string()),
         ];
         env.extend(extra.iter().cloned());
-        let out = Net::helper(&self.clients, "kernel_clients_in_namespace", &env)
+        let out = Net::helper(ns, "kernel_clients_in_namespace", &env)
             .stderr(Stdio::null())
             .output()
             .unwrap();
@@ -1810,6 +1900,119 @@ fn ipv6_fragments_follow_their_first_and_the_client_learns_the_path_mtu() {
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+}
+
+/// A router beyond the balancer (the far client's) cannot pass a reply: its ICMP error goes to
+/// the listener's address the reply came from, and reaches the backend that sent it as if no
+/// balancer were on the way, so the backend learns the path MTU.
+#[test]
+fn nat_hands_a_routers_error_about_a_reply_to_its_backend() {
+    routers_error_about_a_reply("ulrn", "nat");
+}
+
+#[test]
+fn masquerade_hands_a_routers_error_about_a_reply_to_its_backend() {
+    routers_error_about_a_reply("ulrm", "masquerade");
+}
+
+#[test]
+fn dsr_hands_a_routers_error_about_a_reply_to_its_backend() {
+    routers_error_about_a_reply("ulrd", "dsr");
+}
+
+#[test]
+fn ipv6_nat_hands_a_routers_error_about_a_reply_to_its_backend() {
+    routers_error_about_a_reply("ulrn6", "nat6");
+}
+
+#[test]
+fn ipv6_masquerade_hands_a_routers_error_about_a_reply_to_its_backend() {
+    routers_error_about_a_reply("ulrm6", "masquerade6");
+}
+
+#[test]
+fn ipv6_dsr_hands_a_routers_error_about_a_reply_to_its_backend() {
+    routers_error_about_a_reply("ulrd6", "dsr6");
+}
+
+/// (`forwarding` ending in 6: that method on IPv6.)
+fn routers_error_about_a_reply(prefix: &str, forwarding: &str) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    let forwarding = topo.family_of(forwarding);
+    let v6 = topo.v6;
+    let far = topo.far_client(1300);
+    let t = topo.t;
+    // The far client's address, the balancer's on the backends' side.
+    let (far_ip, balancer) = if v6 {
+        (format!("fd00:95:{t}::2"), format!("fd00:98:{t}::1"))
+    } else {
+        (format!("10.95.{t}.2"), format!("10.98.{t}.1"))
+    };
+    // Where the backend sends its replies, and so where it learns the MTU towards.
+    let answers = match forwarding {
+        "dsr" => {
+            if topo.dsr_backend_host().is_none() {
+                return;
+            }
+            let (net, via) = if v6 {
+                (format!("fd00:95:{t}::/64"), format!("fd00:96:{t}::1"))
+            } else {
+                (format!("10.95.{t}.0/24"), format!("10.96.{t}.1"))
+            };
+            ip(&["-n", &topo.backends, "route", "add", &net, "via", &via]).unwrap();
+            let backend = SocketAddr::new(topo.backend_ip().parse().unwrap(), topo.vip().port());
+            topo.start_udplb_with(
+                "",
+                &format!("backends = [{}]\nforwarding = \"dsr\"\n", quoted(backend)),
+            );
+            far_ip
+        }
+        _ => {
+            topo.start_backends();
+            topo.start_udplb_forwarding("", forwarding);
+            if forwarding == "masquerade" {
+                balancer
+            } else {
+                far_ip
+            }
+        }
+    };
+    if topo.without_the_program() {
+        return;
+    }
+    let learned = || {
+        let out = Net::exec(&topo.backends, Path::new("ip"))
+            .args(["route", "get", &answers])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // 1,270 bytes (1,240 on IPv6): the request (1,298 on the wire; 1,288) passes the
+    // 1,300-byte link; the reply, with the echo's tag and the client's address in front, does
+    // not.
+    let size = (
+        "UDPLB_TEST_KERNEL_SIZE",
+        if v6 { "1240" } else { "1270" }.to_string(),
+    );
+    let once = [
+        size.clone(),
+        ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
+    ];
+    assert!(topo.clients_in(&far, 1, 1, &once).is_empty());
+    assert!(
+        wait_for(DEADLINE, || learned().contains("mtu 1300")),
+        "{}\n{}",
+        learned(),
+        topo.api("/stats")["kernel"]
+    );
+    // Its next reply is fragmented to fit, and answered.
+    assert_eq!(
+        topo.clients_in(&far, 1, 1, std::slice::from_ref(&size))
+            .len(),
+        1
+    );
 }
 
 #[test]
