@@ -138,6 +138,7 @@ enum drop_reason {
 	DROP_TOO_BIG, // dsr: encapsulated, the datagram would exceed the route's MTU
 	DROP_RATE_LIMITED, // over a per-source or per-prefix datagram limit
 	DROP_FLOW_RATE_LIMITED, // over a per-source or per-prefix new-flow limit
+	PASS_OVERSIZE, // too big for the route onward, without DF: rewritten, fragmented by the stack
 	DROP_REASONS,
 };
 
@@ -773,9 +774,21 @@ static __always_inline int frag_needed(struct __sk_buff *skb, __u32 to, __u32 fr
 }
 
 // A datagram too big for the route found (BPF_FIB_LKUP_RET_FRAG_NEEDED, `fib` holding its
-// MTU): dropped and counted; with DF set (`df`), its `sender` is told as a router would (ICMP
-// fragmentation needed, from `from`, the MTU less the `overhead` the program adds), so that it
-// sends smaller. The program never fragments: a datagram without DF is lost (counted).
+// MTU) with DF set: dropped and counted; when `df`, its `sender` is told as a router would
+// (ICMP fragmentation needed, from `from`, the MTU less the `overhead` the program adds), so
+// that it sends smaller. (One without DF is rewritten as any other and handed to the stack,
+// which fragments it: `oversize`. Direct server return drops it too: see `encapsulate`.)
+// A rewritten datagram the program does not send itself: one for this host, or one too big
+// for its route without DF (`rc` BPF_FIB_LKUP_RET_FRAG_NEEDED), handed to the stack through
+// loopback, which forwards it fragmented as a router would (its source may be this host's
+// own address, which loopback takes: net.ipv4.conf.lo.accept_local).
+static __always_inline int oversize_or_local(struct __sk_buff *skb, int rc)
+{
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		count_drop(PASS_OVERSIZE);
+	return to_loopback(skb);
+}
+
 static __always_inline int too_big(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int df,
 				   __u32 sender, __u32 from, __u16 overhead)
 {
@@ -839,11 +852,24 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct servic
 	int rc = BPF_FIB_LKUP_RET_NOT_FWDED;
 	if (!(bflags & BACKEND_LOCAL))
 		rc = route_with(skb, &fib, 0, to_addr, tot_len, BPF_FIB_LOOKUP_SRC);
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return too_big(skb, &fib, df, saddr, daddr, 0);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		if (df)
+			return too_big(skb, &fib, df, saddr, daddr, 0);
+		// Fragmented by the stack: the route's source all the same (asked for a length
+		// that fits).
+		int fits = route_with(skb, &fib, 0, to_addr,
+				      sizeof(struct iphdr) + sizeof(struct udphdr), BPF_FIB_LOOKUP_SRC);
+		if (fits == BPF_FIB_LKUP_RET_SUCCESS || fits == BPF_FIB_LKUP_RET_NO_NEIGH)
+			rc = BPF_FIB_LKUP_RET_FRAG_NEEDED;
+		else
+			rc = fits;
+	}
+	int oversize = rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
 	int local = rc == BPF_FIB_LKUP_RET_NOT_FWDED;
 	__u32 from = local ? to_addr : fib.ipv4_src;
-	if (!local && ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !from)) {
+	if (!local && ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH &&
+			!oversize) ||
+		       !from)) {
 		count_drop(DROP_FIB);
 		return TC_ACT_SHOT;
 	}
@@ -862,8 +888,8 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct servic
 		return TC_ACT_SHOT;
 	}
 	count(b, skb->len, 0);
-	if (local)
-		return to_loopback(skb);
+	if (local || oversize)
+		return oversize_or_local(skb, rc);
 	return send_by(skb, rc, &fib);
 }
 
@@ -883,7 +909,7 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u3
 	__u16 cport = m->client_port, vport = m->service_port;
 	struct bpf_fib_lookup fib;
 	int rc = route(skb, &fib, vip, client, tot_len);
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
 		return too_big(skb, &fib, df, saddr, daddr, 0);
 	if (first_of_more) {
 		struct fragment fr = {
@@ -896,8 +922,8 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u3
 		return TC_ACT_SHOT;
 	}
 	count(b, skb->len, 1);
-	if (to_the_stack(rc))
-		return to_loopback(skb); // a client on this host
+	if (to_the_stack(rc) || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return oversize_or_local(skb, rc); // fragmented, or a client on this host
 	return send_by(skb, rc, &fib);
 }
 
@@ -1081,8 +1107,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, new_saddr ? new_saddr : saddr,
 			       new_daddr ? new_daddr : daddr, tot_len);
-		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-			return too_big(skb, &fib, 0, 0, 0, 0); // a fragment: no DF, no error
+		// Too big for the route (a fragment has no DF): fragmented further by the stack.
 		int why = take_ttl(skb, ttl, IPPROTO_UDP);
 		if (!why && new_saddr)
 			why = set_addr(skb, 0, saddr, new_saddr, 0);
@@ -1093,8 +1118,12 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		count(b, skb->len, reply);
-		if (to_the_stack(rc))
-			return to_loopback(skb); // for this host (its first fragment was, too)
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !new_saddr) {
+			count_drop(PASS_OVERSIZE);
+			return TC_ACT_OK; // a client's, its source kept: forwarded from here
+		}
+		if (to_the_stack(rc) || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			return oversize_or_local(skb, rc); // for this host, or fragmented
 		return send_by(skb, rc, &fib);
 	}
 	int first_of_more = frag & 0x2000, df = frag & 0x4000;
@@ -1184,7 +1213,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		}
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, saddr, to_addr, tot_len);
-		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
 			return too_big(skb, &fib, df, saddr, daddr, 0);
 		int why = rewrite(skb, 1, daddr, to_addr, dport, to_port, ttl);
 		if (why) {
@@ -1192,6 +1221,11 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		count(b, skb->len, 0);
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+			// Without DF: the stack forwards it from here, fragmented, as a router would.
+			count_drop(PASS_OVERSIZE);
+			return TC_ACT_OK;
+		}
 		// A backend on this host: the stack delivers the rewritten datagram to it. (So it
 		// does where this interface does not forward: the stack decides, as it would.)
 		if (to_the_stack(rc))
@@ -1214,7 +1248,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 						first_of_more, df);
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, from_addr, daddr, tot_len);
-		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
 			return too_big(skb, &fib, df, saddr, from_addr, 0);
 		// To this host itself: a reply only to a client of a flow this program placed (a local
 		// client through loopback); anything else (udplb's health checks, a client of the
@@ -1238,8 +1272,8 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		count(b, skb->len, 1);
-		if (local)
-			return to_loopback(skb);
+		if (local || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+			return oversize_or_local(skb, rc); // a local client, or fragmented
 		return send_by(skb, rc, &fib);
 	}
 	return TC_ACT_OK;

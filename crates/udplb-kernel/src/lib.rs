@@ -171,6 +171,9 @@ pub struct Drops {
     pub rate_limited: u64,
     /// Over a per-source or per-prefix new-flow limit.
     pub flow_rate_limited: u64,
+    /// Too big for the route onward, without DF: rewritten and handed to the stack, which
+    /// forwards it fragmented (IPv4).
+    pub oversize_passed: u64,
 }
 
 /// Whether this udplb was built with the program.

@@ -603,6 +603,7 @@ impl Kernel {
             too_big: n(8),
             rate_limited: n(9),
             flow_rate_limited: n(10),
+            oversize_passed: n(11),
         }
     }
 }

@@ -148,8 +148,8 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         // Backends on this host answer a masquerade address through loopback.
         interfaces.push("lo".into());
         warn_of_ephemeral_ports(cfg, wanted);
-        let_loopback_take_local_backends(cfg, wanted);
     }
+    let_loopback_take_local_backends(cfg, wanted);
     interfaces.sort();
     interfaces.dedup();
     kernel.update(&services(snap, wanted, &methods, &limit_cells))?;
@@ -275,11 +275,12 @@ fn methods(cfg: &Config, wanted: &[usize]) -> Vec<udplb_kernel::Method> {
         .collect()
 }
 
-/// Masquerade hands a datagram for a backend on this host to the stack through loopback, from
-/// one of this host's addresses (and for a backend on 127.0.0.0/8, to one): loopback must
-/// accept such a packet that did not leave this host's own stack (`accept_local`, and
-/// `route_localnet` for 127.0.0.0/8). Set on `lo` only, said in the log, and left set (an
-/// upgrade's successor relies on it).
+/// The program hands some rewritten datagrams to the stack through loopback from one of this
+/// host's addresses: with masquerade, those for a backend on this host (and for a backend on
+/// 127.0.0.0/8, to one); with every method, replies too big for the route onward without DF,
+/// for the stack to fragment. Loopback must accept such a packet that did not leave this
+/// host's own stack (`accept_local`, and `route_localnet` for 127.0.0.0/8). Set on `lo` only,
+/// said in the log, and left set (an upgrade's successor relies on it).
 fn let_loopback_take_local_backends(cfg: &Config, wanted: &[usize]) {
     let loopback_backend = wanted.iter().any(|&i| {
         cfg.pools
@@ -299,13 +300,13 @@ fn let_loopback_take_local_backends(cfg: &Config, wanted: &[usize]) {
         }
         match std::fs::write(&path, "1") {
             Ok(()) => tracing::info!(
-                "kernel data plane: set net.ipv4.conf.lo.{setting}=1 (masquerade reaches \
-                 backends on this host through loopback)"
+                "kernel data plane: set net.ipv4.conf.lo.{setting}=1 (the program hands \
+                 datagrams from this host's addresses to the stack through loopback)"
             ),
             Err(e) => tracing::warn!(
                 error = %e,
                 "kernel data plane: cannot set net.ipv4.conf.lo.{setting}=1: masquerade will \
-                 not reach backends on this host"
+                 not reach backends on this host, nor will replies without DF be fragmented"
             ),
         }
     }
@@ -599,6 +600,7 @@ impl KernelPlane {
             },
             "fragments_passed": d.fragments_passed,
             "forged_passed": d.forged,
+            "oversize_passed": d.oversize_passed,
         })
     }
 

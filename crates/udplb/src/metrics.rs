@@ -391,6 +391,12 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
          rewritten to the listener's address, left to the stack",
     );
     forged.add(vec![], d.forged as f64);
+    let mut oversize = Family::counter(
+        "kernel_oversize_passed",
+        "IPv4 datagrams too big for the route onward and without DF: rewritten, then forwarded \
+         by the stack, which fragments them",
+    );
+    oversize.add(vec![], d.oversize_passed as f64);
     vec![
         datagrams,
         bytes,
@@ -400,6 +406,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         dropped,
         passed,
         forged,
+        oversize,
     ]
 }
 

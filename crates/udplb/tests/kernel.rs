@@ -67,6 +67,9 @@ fn kernel_clients_in_namespace() {
             let s = UdpSocket::bind((bind.as_str(), 0)).unwrap();
             s.set_read_timeout(Some(Duration::from_millis(300)))
                 .unwrap();
+            if std::env::var_os("UDPLB_TEST_NO_DF").is_some() {
+                common::netns::without_df(&s);
+            }
             s
         })
         .collect();
@@ -586,6 +589,11 @@ impl Topology {
 
     /// Echo backends x, y, z on 7001..7003 of the backend host; returns their pids.
     fn start_backends(&mut self) -> Vec<u32> {
+        self.start_backends_with(&[])
+    }
+
+    /// As [`Topology::start_backends`], with more variables for the echo helper.
+    fn start_backends_with(&mut self, extra: &[(&str, String)]) -> Vec<u32> {
         ["x", "y", "z"]
             .iter()
             .enumerate()
@@ -599,7 +607,10 @@ impl Topology {
                             self.backend_addr(i).to_string(),
                         ),
                         ("UDPLB_TEST_KERNEL_TAG", tag.to_string()),
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(extra.iter().cloned())
+                    .collect::<Vec<_>>(),
                 )
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -2013,6 +2024,60 @@ fn routers_error_about_a_reply(prefix: &str, forwarding: &str) {
             .len(),
         1
     );
+}
+
+/// Datagrams without DF (as some DNS servers send their answers) too big for the route
+/// onward are fragmented, as a router would, not lost: a reply too big for the clients' link,
+/// then a request too big for the backends'.
+#[test]
+fn nat_fragments_datagrams_without_df_too_big_for_the_route_onward() {
+    without_df_too_big("ulfn", "nat");
+}
+
+#[test]
+fn masquerade_fragments_datagrams_without_df_too_big_for_the_route_onward() {
+    without_df_too_big("ulfm", "masquerade");
+}
+
+fn without_df_too_big(prefix: &str, forwarding: &str) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    for (ns, dev) in [(&topo.balancer, "bc"), (&topo.clients, "cb")] {
+        ip(&["-n", ns, "link", "set", dev, "mtu", "1400"]).unwrap();
+    }
+    let no_df = ("UDPLB_TEST_NO_DF", "1".to_string());
+    topo.start_backends_with(std::slice::from_ref(&no_df));
+    topo.start_udplb_forwarding("", forwarding);
+    if topo.without_the_program() {
+        return;
+    }
+    // 1,370 bytes: the request fits the clients' 1,400-byte link, the reply does not.
+    let once = [
+        ("UDPLB_TEST_KERNEL_SIZE", "1370".to_string()),
+        ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
+        no_df,
+    ];
+    let replies = topo.clients_with(1, 1, &once);
+    assert_eq!(replies.len(), 1, "{}", topo.api("/stats")["kernel"]);
+    assert_eq!(replies[0].1, topo.vip());
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 0, "{stats}");
+    assert_eq!(stats["kernel"]["oversize_passed"], 1, "{stats}");
+    // The backends' link narrower still: now the request does not fit the route onward.
+    for (ns, dev) in [(&topo.balancer, "bk"), (&topo.backends, "kb")] {
+        ip(&["-n", ns, "link", "set", dev, "mtu", "1300"]).unwrap();
+    }
+    let replies = topo.clients_with(1, 1, &once);
+    assert_eq!(replies.len(), 1, "{}", topo.api("/stats")["kernel"]);
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 0, "{stats}");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+    assert!(
+        stats["kernel"]["oversize_passed"].as_u64() >= Some(2),
+        "{stats}"
+    );
+    assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
 }
 
 #[test]

@@ -136,12 +136,39 @@ pub fn serve_if_asked(var: &str, answer: impl Fn(&[u8], SocketAddr) -> Vec<u8>) 
         return;
     };
     let socket = UdpSocket::bind(addr.as_str()).expect("bind the namespaced server");
+    if std::env::var_os("UDPLB_TEST_NO_DF").is_some() {
+        without_df(&socket);
+    }
     let mut buf = vec![0u8; 65_536];
     loop {
         if let Ok((n, from)) = socket.recv_from(&mut buf) {
             let _ = socket.send_to(&answer(&buf[..n], from), from);
         }
     }
+}
+
+/// Makes `socket` send IPv4 datagrams without DF (IP_PMTUDISC_DONT: fragmented by routers
+/// on the way, as some DNS servers send their answers).
+pub fn without_df(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: the descriptor is the live socket's; the option value is a c_int of the size
+    // given, read by the kernel during the call only.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&dont as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "IP_MTU_DISCOVER: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Namespaces linked to each other by veth pairs (none to the host), removed on drop with
