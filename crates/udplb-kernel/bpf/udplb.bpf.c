@@ -640,6 +640,15 @@ static __always_inline int set_quoted(struct __sk_buff *skb, int dst, __u32 old_
 	       bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old_port, new_port, sizeof(new_port));
 }
 
+// After `set_quoted`: the quoted IP header's checksum (`old` before) changed too, and the ICMP
+// checksum covers it. Returns nonzero on failure.
+static __always_inline int carry_quoted_checksum(struct __sk_buff *skb, __u16 old)
+{
+	__u16 now;
+	return bpf_skb_load_bytes(skb, INNER_CSUM_OFF, &now, sizeof(now)) ||
+	       bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old, now, sizeof(now));
+}
+
 // An ICMP error a backend (or a router on the way) sent about a datagram this program
 // forwarded (destination unreachable: a closed port, fragmentation needed; time exceeded): it
 // names the backend, which the client never sent to. Translated as the client expects it,
@@ -697,10 +706,7 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 	if (set_quoted(skb, 1, backend, vip, bport, vport) ||
 	    (masqueraded && set_quoted(skb, 0, local, client, lport, cport)))
 		goto shot;
-	__u16 new_inner_csum;
-	if (bpf_skb_load_bytes(skb, INNER_CSUM_OFF, &new_inner_csum, sizeof(new_inner_csum)) ||
-	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old_inner_csum, new_inner_csum,
-				sizeof(new_inner_csum)))
+	if (carry_quoted_checksum(skb, old_inner_csum))
 		goto shot;
 	// The error itself comes from the listener's address (to the client).
 	int why = take_ttl(skb, ttl, IPPROTO_ICMP);
@@ -1048,10 +1054,7 @@ static __noinline int icmp_about_reply(struct __sk_buff *skb)
 	if (set_quoted(skb, 0, vip, backend, vport, bport) ||
 	    (masqueraded && set_quoted(skb, 1, client, local, cport, lport)))
 		goto shot;
-	__u16 new_inner_csum;
-	if (bpf_skb_load_bytes(skb, INNER_CSUM_OFF, &new_inner_csum, sizeof(new_inner_csum)) ||
-	    bpf_l4_csum_replace(skb, ICMP_CSUM_OFF, old_inner_csum, new_inner_csum,
-				sizeof(new_inner_csum)))
+	if (carry_quoted_checksum(skb, old_inner_csum))
 		goto shot;
 	int why = take_ttl(skb, ttl, IPPROTO_ICMP);
 	if (!why)

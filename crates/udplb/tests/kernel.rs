@@ -159,6 +159,15 @@ fn kernel_burst_in_namespace() {
     println!("windows {windows} replies {replies}");
 }
 
+/// What `ip route get TO` says in host `ns` (a learned path MTU shows as `mtu N`).
+fn route_to(ns: &str, to: &str) -> String {
+    let out = Net::exec(ns, Path::new("ip"))
+        .args(["route", "get", to])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Whether host `ns` has an IPv6 address duplicate address detection has not cleared yet.
 fn ipv6_tentative(ns: &str) -> bool {
     let out = Net::exec(ns, Path::new("ip"))
@@ -419,6 +428,26 @@ impl Topology {
             );
         }
         f
+    }
+
+    /// Path MTU discovery seen from the clients' host: a datagram of `size` bytes sent once gets
+    /// no answer (too big somewhere on the way), after which the client holds `mtu MTU` towards
+    /// the listener, and its next try (fragmented to fit) is answered.
+    fn client_learns_the_mtu(&self, size: usize, mtu: u32) {
+        let size = ("UDPLB_TEST_KERNEL_SIZE", size.to_string());
+        let once = [
+            size.clone(),
+            ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
+        ];
+        assert!(self.clients_with(1, 1, &once).is_empty());
+        let to_vip = route_to(&self.clients, &self.vip().ip().to_string());
+        assert!(to_vip.contains(&format!("mtu {mtu}")), "{to_vip}");
+        assert_eq!(
+            self.clients_with(1, 1, std::slice::from_ref(&size)).len(),
+            1,
+            "{}",
+            self.api("/stats")["kernel"]
+        );
     }
 
     /// The balancer's address on the backends' side.
@@ -1646,22 +1675,7 @@ fn ipv6_dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_ad
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
     // A datagram that fits the clients' links but not once encapsulated: the client is told
     // (packet too big, the MTU less 40 bytes), and its next try, fragmented, is answered.
-    let size = ("UDPLB_TEST_KERNEL_SIZE", "1440".to_string());
-    let once = [
-        size.clone(),
-        ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
-    ];
-    assert!(topo.clients_with(1, 1, &once).is_empty());
-    let out = Net::exec(&topo.clients, Path::new("ip"))
-        .args(["route", "get", &vip.ip().to_string()])
-        .output()
-        .unwrap();
-    let to_vip = String::from_utf8_lossy(&out.stdout);
-    assert!(to_vip.contains("mtu 1460"), "{to_vip}");
-    assert_eq!(
-        topo.clients_with(1, 1, std::slice::from_ref(&size)).len(),
-        1
-    );
+    topo.client_learns_the_mtu(1440, 1460);
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
@@ -1824,26 +1838,9 @@ fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
     let small = topo.clients(1, 1);
     assert_eq!(small.len(), 1, "{}", topo.api("/stats")["kernel"]);
     // 1,470 bytes: 1,498 on the wire, 1,518 encapsulated, over the 1,500 of the backends' link.
-    let once = [
-        ("UDPLB_TEST_KERNEL_SIZE", "1470".to_string()),
-        ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
-    ];
-    assert!(topo.clients_with(1, 1, &once).is_empty());
+    topo.client_learns_the_mtu(1470, 1480);
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
-    let learned = Net::exec(&topo.clients, Path::new("ip"))
-        .args(["route", "get", &vip.ip().to_string()])
-        .output()
-        .unwrap();
-    let learned = String::from_utf8_lossy(&learned.stdout);
-    assert!(learned.contains("mtu 1480"), "{learned}");
-    let again = [("UDPLB_TEST_KERNEL_SIZE", "1470".to_string())];
-    assert_eq!(
-        topo.clients_with(1, 1, &again).len(),
-        1,
-        "{}",
-        topo.api("/stats")["kernel"]
-    );
     let big = [("UDPLB_TEST_KERNEL_SIZE", "3000".to_string())];
     let replies = topo.clients_with(1, 1, &big);
     let stats = topo.api("/stats");
@@ -1892,22 +1889,7 @@ fn ipv6_fragments_follow_their_first_and_the_client_learns_the_path_mtu() {
     for (ns, dev) in [(&topo.balancer, "bk"), (&topo.backends, "kb")] {
         ip(&["-n", ns, "link", "set", dev, "mtu", "1300"]).unwrap();
     }
-    let size = ("UDPLB_TEST_KERNEL_SIZE", "1400".to_string());
-    let once = [
-        size.clone(),
-        ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
-    ];
-    assert!(topo.clients_with(1, 1, &once).is_empty());
-    let out = Net::exec(&topo.clients, Path::new("ip"))
-        .args(["route", "get", &topo.vip().ip().to_string()])
-        .output()
-        .unwrap();
-    let to_vip = String::from_utf8_lossy(&out.stdout);
-    assert!(to_vip.contains("mtu 1300"), "{to_vip}");
-    assert_eq!(
-        topo.clients_with(1, 1, std::slice::from_ref(&size)).len(),
-        1
-    );
+    topo.client_learns_the_mtu(1400, 1300);
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
@@ -1993,13 +1975,7 @@ fn routers_error_about_a_reply(prefix: &str, forwarding: &str) {
     if topo.without_the_program() {
         return;
     }
-    let learned = || {
-        let out = Net::exec(&topo.backends, Path::new("ip"))
-            .args(["route", "get", &answers])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let learned = || route_to(&topo.backends, &answers);
     // 1,270 bytes (1,240 on IPv6): the request (1,298 on the wire; 1,288) passes the
     // 1,300-byte link; the reply, with the echo's tag and the client's address in front, does
     // not.
@@ -2105,13 +2081,6 @@ fn path_mtu(prefix: &str, forwarding: &str) {
         return;
     }
     let t = topo.t;
-    let learned = |ns: &str, to: &str| {
-        let out = Net::exec(ns, Path::new("ip"))
-            .args(["route", "get", to])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     // 1,370 bytes: the request (1,398 on the wire) fits the clients' 1,400; the echo's reply,
     // with its tag and the client's address in front, does not.
     let size = ("UDPLB_TEST_KERNEL_SIZE", "1370".to_string());
@@ -2128,7 +2097,7 @@ fn path_mtu(prefix: &str, forwarding: &str) {
     } else {
         format!("10.97.{t}.2")
     };
-    let to_client = learned(&topo.backends, &answered);
+    let to_client = route_to(&topo.backends, &answered);
     assert!(to_client.contains("mtu 1400"), "{to_client}");
     assert_eq!(
         topo.clients_with(1, 1, std::slice::from_ref(&size)).len(),
@@ -2138,14 +2107,7 @@ fn path_mtu(prefix: &str, forwarding: &str) {
     for (ns, dev) in [(&topo.balancer, "bk"), (&topo.backends, "kb")] {
         ip(&["-n", ns, "link", "set", dev, "mtu", "1300"]).unwrap();
     }
-    assert!(topo.clients_with(1, 1, &once).is_empty());
-    let vip = topo.vip().ip().to_string();
-    let to_vip = learned(&topo.clients, &vip);
-    assert!(to_vip.contains("mtu 1300"), "{to_vip}");
-    assert_eq!(
-        topo.clients_with(1, 1, std::slice::from_ref(&size)).len(),
-        1
-    );
+    topo.client_learns_the_mtu(1370, 1300);
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 2, "{stats}");
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
