@@ -2197,9 +2197,21 @@ fn rate_limits_per_source_are_kept_in_the_kernel() {
 /// to a backend elsewhere and one on the balancer itself.
 #[test]
 fn the_one_liner_forwards_in_the_kernel() {
-    let Some(mut topo) = Topology::build("ulbo") else {
+    the_one_liner_forwards("ulbo", false);
+}
+
+#[test]
+fn the_one_liner_forwards_ipv6_in_the_kernel() {
+    the_one_liner_forwards("ul6o", true);
+}
+
+fn the_one_liner_forwards(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    if v6 {
+        topo.ipv6();
+    }
     topo.start_backends();
     topo.without_a_route_to_the_clients();
     let local = topo.start_local_backend();
