@@ -2509,6 +2509,15 @@ fn kernel_forger_in_namespace() {
         .parse()
         .unwrap();
     let from: SocketAddr = from.parse().unwrap();
+    if from.is_ipv6() {
+        // IPv6: the address is given to this host's interface (the test does), so a plain
+        // socket sends from it.
+        let s = UdpSocket::bind(from).expect("bind the forged address");
+        for _ in 0..10 {
+            s.send_to(b"forged", to).unwrap();
+        }
+        return;
+    }
     let mut spoofer = common::spoof::Spoofer::new().expect("a raw socket");
     for _ in 0..10 {
         spoofer.send(common::spoof::v4(from), common::spoof::v4(to), b"forged");
@@ -2517,9 +2526,21 @@ fn kernel_forger_in_namespace() {
 
 #[test]
 fn a_backends_address_forged_from_the_clients_side_is_not_rewritten() {
-    let Some(mut topo) = Topology::build("ulbf") else {
+    forged_from_the_clients_side("ulbf", false);
+}
+
+#[test]
+fn an_ipv6_backends_address_forged_from_the_clients_side_is_not_rewritten() {
+    forged_from_the_clients_side("ul6f", true);
+}
+
+fn forged_from_the_clients_side(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    if v6 {
+        topo.ipv6();
+    }
     topo.start_backends();
     topo.start_udplb("");
     if topo.without_the_program() {
@@ -2537,8 +2558,27 @@ fn a_backends_address_forged_from_the_clients_side_is_not_rewritten() {
     };
     let before = replies(&topo.api("/stats"));
     assert!(before >= 1);
-    // From the clients' side, "from" backend x to a host beyond the balancer: rewritten, it
-    // would leave from the listener's address.
+    // From the clients' side, "from" backend x to a host beyond the balancer (IPv6: to the
+    // balancer, on a port that is no listener's): rewritten, it would leave from the
+    // listener's address.
+    let to = if v6 {
+        // The client host takes backend x's address (forging, without a raw socket).
+        let forged = format!("{}/128", topo.backend_ip());
+        let add = [
+            "-n",
+            &topo.clients,
+            "addr",
+            "add",
+            &forged,
+            "dev",
+            "cb",
+            "nodad",
+        ];
+        ip(&add).unwrap();
+        SocketAddr::new(topo.vip().ip(), 9999)
+    } else {
+        format!("10.98.{}.2:9999", topo.t).parse().unwrap()
+    };
     let status = Net::helper(
         &topo.clients,
         "kernel_forger_in_namespace",
@@ -2547,10 +2587,7 @@ fn a_backends_address_forged_from_the_clients_side_is_not_rewritten() {
                 "UDPLB_TEST_KERNEL_FORGE_FROM",
                 topo.backend_addr(0).to_string(),
             ),
-            (
-                "UDPLB_TEST_KERNEL_FORGE_TO",
-                format!("10.98.{}.2:9999", topo.t),
-            ),
+            ("UDPLB_TEST_KERNEL_FORGE_TO", to.to_string()),
         ],
     )
     .stdout(Stdio::null())
