@@ -1069,9 +1069,21 @@ fn backends_of(replies: &[(u16, SocketAddr, String, String)]) -> HashMap<u16, St
 
 #[test]
 fn a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
-    let Some(mut topo) = Topology::build("ulbh") else {
+    dead_and_drained_backends("ulbh", false);
+}
+
+#[test]
+fn ipv6_a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
+    dead_and_drained_backends("ul6h", true);
+}
+
+fn dead_and_drained_backends(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    if v6 {
+        topo.ipv6();
+    }
     let pids = topo.start_backends();
     topo.start_udplb("");
     if topo.without_the_program() {
@@ -1089,6 +1101,7 @@ fn a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
         .args([
             "-s",
             "-f",
+            "-g",
             "-X",
             "POST",
             &format!("127.0.0.1:9190/api/v1/pools/p/backends/{drained}/drain"),
@@ -1152,8 +1165,8 @@ fn a_dead_backend_leaves_rotation_and_a_drained_one_keeps_its_flows() {
         fresh.iter().all(|(_, _, tag, _)| tag == "x"),
         "{fresh:?}\n{}\n{}\n{}",
         topo.api(&format!(
-            "/api/v1/explain?client=10.97.{}.2:{}",
-            topo.t, fresh[1].0
+            "/api/v1/explain?client={}",
+            SocketAddr::new(topo.client_ip().parse().unwrap(), fresh[1].0)
         )),
         topo.api("/stats")["pools"],
         topo.api("/stats")["kernel"]
