@@ -2152,27 +2152,39 @@ fn burst(topo: &Topology, bind: &str, sockets: usize, each: usize) -> (u64, u64)
 
 #[test]
 fn rate_limits_per_source_are_kept_in_the_kernel() {
-    let Some(mut topo) = Topology::build("ulbt") else {
+    rate_limits_per_source("ulbt", false);
+}
+
+#[test]
+fn ipv6_rate_limits_per_source_are_kept_in_the_kernel() {
+    rate_limits_per_source("ul6t", true);
+}
+
+fn rate_limits_per_source(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
     let t = topo.t;
-    ip(&[
-        "-n",
-        &topo.clients,
-        "addr",
-        "add",
-        &format!("10.97.{t}.3/24"),
-        "dev",
-        "cb",
-    ])
-    .unwrap();
+    // The client host's two addresses.
+    let (one, two) = if v6 {
+        topo.ipv6();
+        (format!("fd00:97:{t}::2"), format!("fd00:97:{t}::3"))
+    } else {
+        (format!("10.97.{t}.2"), format!("10.97.{t}.3"))
+    };
+    let second = format!("{two}/{}", if v6 { 64 } else { 24 });
+    let mut add = vec!["-n", &topo.clients, "addr", "add", &second, "dev", "cb"];
+    if v6 {
+        add.push("nodad");
+    }
+    ip(&add).unwrap();
     topo.start_backends();
     topo.start_udplb("[listeners.l.limits]\ndatagrams_per_source = 40\nnew_flows_per_source = 5\n");
     if topo.without_the_program() {
         return;
     }
     // One flow, 200 datagrams at once: at most 40 a second get through.
-    let (windows, replies) = burst(&topo, &format!("10.97.{t}.2"), 1, 200);
+    let (windows, replies) = burst(&topo, &one, 1, 200);
     let stats = topo.api("/stats");
     assert!(replies > 0, "{stats}");
     assert!(
@@ -2185,7 +2197,7 @@ fn rate_limits_per_source_are_kept_in_the_kernel() {
     assert_eq!(limited, 200 - replies, "{stats}");
     // Another address, 30 new flows of one datagram: at most 5 a second are placed; its
     // datagrams are within their own limit.
-    let (windows, replies) = burst(&topo, &format!("10.97.{t}.3"), 30, 1);
+    let (windows, replies) = burst(&topo, &two, 30, 1);
     let stats = topo.api("/stats");
     assert!(replies > 0, "{stats}");
     assert!(
