@@ -29,6 +29,60 @@ pub const RING_SIZE: usize = 65_537;
 /// Datagram mode's round-robin schedule, at most.
 pub const SCHEDULE_MAX: usize = 16_384;
 
+/// Entries of a per-client map no kernel listener uses (the IPv6 maps without an IPv6
+/// listener, the masquerade maps without masquerade): kept small, they cost little locked
+/// memory.
+pub const UNUSED_MAP_ENTRIES: u32 = 1024;
+
+/// The entries of the program's per-client maps (preallocated, so locked memory): the flow
+/// maps and the masquerade maps, per IP family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub flows: u32,
+    pub flows6: u32,
+    pub masq: u32,
+    pub masq6: u32,
+}
+
+impl MapSizes {
+    /// `max_flows` entries in each map the `listeners` use (each: whether it is IPv6, whether
+    /// it masquerades), [`UNUSED_MAP_ENTRIES`] in the others.
+    pub fn for_listeners(
+        max_flows: u32,
+        listeners: impl IntoIterator<Item = (bool, bool)>,
+    ) -> Self {
+        let max_flows = max_flows.max(UNUSED_MAP_ENTRIES);
+        let mut sizes = MapSizes {
+            flows: UNUSED_MAP_ENTRIES,
+            flows6: UNUSED_MAP_ENTRIES,
+            masq: UNUSED_MAP_ENTRIES,
+            masq6: UNUSED_MAP_ENTRIES,
+        };
+        for (ipv6, masquerade) in listeners {
+            let (flows, masq) = if ipv6 {
+                (&mut sizes.flows6, &mut sizes.masq6)
+            } else {
+                (&mut sizes.flows, &mut sizes.masq)
+            };
+            *flows = max_flows;
+            if masquerade {
+                *masq = max_flows;
+            }
+        }
+        sizes
+    }
+
+    /// Each map's name in the program and its entries.
+    pub fn by_name(&self) -> [(&'static str, u32); 4] {
+        [
+            ("flows", self.flows),
+            ("flows6", self.flows6),
+            ("masq", self.masq),
+            ("masq6", self.masq6),
+        ]
+    }
+}
+
 /// Why the kernel data plane cannot run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -193,7 +247,7 @@ pub struct Kernel(());
 #[cfg(not(udplb_bpf))]
 impl Kernel {
     pub fn load(
-        _max_flows: u32,
+        _sizes: MapSizes,
         _limit_cells: u32,
         _pin_dir: Option<&std::path::Path>,
     ) -> Result<Kernel, Error> {
@@ -363,6 +417,38 @@ mod tests {
                 program_avalanche(acc)
             }
         }
+    }
+
+    #[test]
+    fn only_the_maps_a_listener_uses_take_max_flows() {
+        let none = UNUSED_MAP_ENTRIES;
+        assert_eq!(
+            MapSizes::for_listeners(100_000, [(false, false)]),
+            MapSizes {
+                flows: 100_000,
+                flows6: none,
+                masq: none,
+                masq6: none
+            }
+        );
+        assert_eq!(
+            MapSizes::for_listeners(100_000, [(false, true), (true, false)]),
+            MapSizes {
+                flows: 100_000,
+                flows6: 100_000,
+                masq: 100_000,
+                masq6: none
+            }
+        );
+        assert_eq!(
+            MapSizes::for_listeners(10, [(true, true)]),
+            MapSizes {
+                flows: none,
+                flows6: none,
+                masq: none,
+                masq6: none
+            }
+        );
     }
 
     #[test]

@@ -9,8 +9,8 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 
 use crate::{
-    Drops, Error, MAX_BACKENDS, MAX_SERVICES, Method, RING_SIZE, SCHEDULE_MAX, Service, Slots,
-    Traffic,
+    Drops, Error, MAX_BACKENDS, MAX_SERVICES, MapSizes, Method, RING_SIZE, SCHEDULE_MAX, Service,
+    Slots, Traffic,
 };
 
 /// The program, compiled by build.rs.
@@ -218,26 +218,27 @@ fn update_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl Kernel {
-    /// Loads the program with room for `max_flows` flows and `limit_cells` rate-limit cells
-    /// (the listeners' [`crate::limit_cells`] summed; needs CAP_BPF, CAP_PERFMON and
+    /// Loads the program with its per-client maps of `sizes` and `limit_cells` rate-limit
+    /// cells (the listeners' [`crate::limit_cells`] summed; needs CAP_BPF, CAP_PERFMON and
     /// CAP_NET_ADMIN, or root). With `pin_dir` (a directory on a bpf file system) the flow
-    /// map is kept there and reused: flows continue across udplb processes.
+    /// and masquerade maps are kept there and reused: flows continue across udplb processes
+    /// (a pinned map of another size starts afresh, said in the log).
     pub fn load(
-        max_flows: u32,
+        sizes: MapSizes,
         limit_cells: u32,
         pin_dir: Option<&std::path::Path>,
     ) -> Result<Kernel, Error> {
         let mut loader = EbpfLoader::new();
         loader.set_max_entries("limits", limit_cells.max(1));
-        loader.set_max_entries("flows", max_flows.max(1024));
-        loader.set_max_entries("flows6", max_flows.max(1024));
-        loader.set_max_entries("masq", max_flows.max(1024));
-        loader.set_max_entries("masq6", max_flows.max(1024));
+        for (name, entries) in sizes.by_name() {
+            loader.set_max_entries(name, entries);
+        }
         let object = match pin_dir {
             Some(dir) => {
                 let dir = dir.join(FLOW_LAYOUT);
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| Error::Load(format!("{}: {e}", dir.display())))?;
+                unpin_resized(&dir, &sizes);
                 loader.map_pin_path(dir);
                 PROGRAM_PINNED
             }
@@ -696,6 +697,29 @@ impl Decap {
         };
         let _ = (&self.ebpf, &self.links);
         (n(0), n(1))
+    }
+}
+
+/// Removes the pins in `dir` of the maps whose size is no longer `sizes`' (a pinned map is
+/// reused as it is, whatever this process asks: the next load makes it anew, at its size).
+fn unpin_resized(dir: &std::path::Path, sizes: &MapSizes) {
+    for (name, entries) in sizes.by_name() {
+        let pin = dir.join(name);
+        let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
+            continue;
+        };
+        if info.max_entries() != entries {
+            tracing::info!(
+                map = name,
+                was = info.max_entries(),
+                now = entries,
+                "kernel data plane: the kept map is resized: it starts afresh (its flows are \
+                 placed anew)"
+            );
+            if let Err(e) = std::fs::remove_file(&pin) {
+                tracing::warn!(map = name, error = %e, "kernel data plane: cannot remove the kept map");
+            }
+        }
     }
 }
 

@@ -15,7 +15,8 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         eprintln!("skipped: loading eBPF programs needs root");
         return;
     }
-    let mut k = Kernel::load(4096, udplb_kernel::limit_cells(64), None).expect("loads");
+    let sizes = udplb_kernel::MapSizes::for_listeners(4096, [(false, true), (true, false)]);
+    let mut k = Kernel::load(sizes, udplb_kernel::limit_cells(64), None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {
             addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 53).into(),

@@ -120,7 +120,17 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         .flatten()
         .map(|&(_, per_row)| udplb_kernel::LIMITERS * 2 * per_row)
         .sum();
-    let mut kernel = udplb_kernel::Kernel::load(max_flows, cells, pin_dir.as_deref())?;
+    let methods = methods(cfg, wanted);
+    let sizes = udplb_kernel::MapSizes::for_listeners(
+        max_flows,
+        wanted.iter().zip(&methods).map(|(&i, m)| {
+            (
+                !on_ipv4(&i),
+                matches!(m, udplb_kernel::Method::Masquerade { .. }),
+            )
+        }),
+    );
+    let mut kernel = udplb_kernel::Kernel::load(sizes, cells, pin_dir.as_deref())?;
     if let Some(dir) = &pin_dir {
         hand_to_runtime_user(cfg, dir);
         tracing::info!(
@@ -136,7 +146,6 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     if interfaces.is_empty() {
         interfaces = up_interfaces();
     }
-    let methods = methods(cfg, wanted);
     warn_of_local_nat_backends(cfg, wanted, &methods);
     if interfaces.is_empty() {
         anyhow::bail!("no interface is up but loopback (set the listener's interfaces)");

@@ -1417,6 +1417,44 @@ fn ipv6_flows_continue_on_their_backends_across_a_restart() {
     assert_eq!(moved, 0, "{log}");
 }
 
+/// A kept (pinned) map is reused as it is: a restart with another `max_flows` makes it anew at
+/// the new size (said in the log) rather than silently keep the old one.
+#[test]
+fn a_restart_with_another_max_flows_resizes_the_kept_maps() {
+    let Some(mut topo) = Topology::build("ulrs") else {
+        return;
+    };
+    topo.start_backends();
+    let bpf = topo.net.dir.join("bpf");
+    let _fs = BpfFs::mount(bpf.clone());
+    let addrs: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
+    let pool = format!(
+        "backends = [{}]\n[runtime]\nshutdown_grace = \"0s\"\nbpf_dir = \"{}\"\n",
+        addrs.join(", "),
+        bpf.join("udplb").display()
+    );
+    let first = topo.start_udplb_with("max_flows = 2048", &pool);
+    if topo.without_the_program() {
+        return;
+    }
+    assert_eq!(topo.clients(5, 1).len(), 5);
+    assert!(!topo.log().contains("resized"), "{}", topo.log());
+    signal(first, "TERM");
+    assert!(wait_for(DEADLINE, || gone(first)));
+    topo.start_udplb_with("max_flows = 4096", &pool);
+    let log = topo.log();
+    assert!(
+        log.contains("the kept map is resized")
+            && log.contains("map=\"flows\"")
+            && log.contains("was=2048")
+            && log.contains("now=4096"),
+        "{log}"
+    );
+    // Only the IPv4 flow map: the others are not used, and keep their size.
+    assert_eq!(log.matches("the kept map is resized").count(), 1, "{log}");
+    assert_eq!(topo.clients(5, 1).len(), 5);
+}
+
 #[test]
 fn without_a_bpf_file_system_a_restart_places_flows_afresh() {
     let Some((moved, log)) = restart_with_a_new_backend("ulbq", false, false, "") else {
