@@ -13,7 +13,11 @@
 // space builds the table, this program indexes it), the flow map, checksums, TTL, counters.
 // Must not: decide anything user space can decide ahead (tables, health, weights).
 //
-// Maps are filled by udplb (crates/udplb-kernel/src/lib.rs mirrors every layout here).
+// This file holds IPv4's path and what both families share; IPv6's is in ipv6.h. Each family's
+// path is its own function (each has the 512 bytes of stack a program may use), called from
+// `udplb_ingress` at the end, which looks at ICMP errors about replies first.
+//
+// Maps are filled by udplb (crates/udplb-kernel/src/loaded.rs mirrors every layout here).
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
