@@ -2336,21 +2336,36 @@ fn an_unprivileged_udplb_upgrades_with_its_flows() {
 
 #[test]
 fn local_clients_and_backends_are_served_through_loopback() {
-    let Some(mut topo) = Topology::build("ulbl") else {
+    local_clients_and_backends("ulbl", false);
+}
+
+#[test]
+fn ipv6_local_clients_and_backends_are_served_through_loopback() {
+    local_clients_and_backends("ul6l", true);
+}
+
+fn local_clients_and_backends(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
     // Everything on the balancer host: backends on 127.0.0.1, the listener on 127.0.0.2, the
-    // program on lo.
+    // program on lo (IPv6: backends on ::1, the listener on its address on lo).
+    let (backend_ip, vip, client_ip): (std::net::IpAddr, SocketAddr, std::net::IpAddr) = if v6 {
+        topo.ipv6();
+        let vip = topo.vip();
+        ("::1".parse().unwrap(), vip, vip.ip())
+    } else {
+        let local = "127.0.0.1".parse().unwrap();
+        (local, "127.0.0.2:5300".parse().unwrap(), local)
+    };
+    let backend = |i: usize| SocketAddr::new(backend_ip, 7001 + i as u16);
     let host = topo.balancer.clone();
     for (i, tag) in ["x", "y", "z"].iter().enumerate() {
         let child = Net::helper(
             &host,
             "kernel_backend_in_namespace",
             &[
-                (
-                    "UDPLB_TEST_KERNEL_BACKEND",
-                    format!("127.0.0.1:{}", 7001 + i),
-                ),
+                ("UDPLB_TEST_KERNEL_BACKEND", backend(i).to_string()),
                 ("UDPLB_TEST_KERNEL_TAG", tag.to_string()),
             ],
         )
@@ -2360,11 +2375,12 @@ fn local_clients_and_backends_are_served_through_loopback() {
         .unwrap();
         topo.net.keep(child);
     }
-    let vip: SocketAddr = "127.0.0.2:5300".parse().unwrap();
+    let backends: Vec<String> = (0..3).map(|i| quoted(backend(i))).collect();
     let toml = format!(
         "[admin]\nlisten = \"127.0.0.1:9190\"\n[listeners.l]\naddress = \"{vip}\"\npool = \"p\"\n\
-         dataplane = \"kernel\"\ninterfaces = [\"lo\"]\n[pools.p]\nbackends = [\"127.0.0.1:7001\", \
-         \"127.0.0.1:7002\", \"127.0.0.1:7003\"]\n[pools.p.health]\n{}\n",
+         dataplane = \"kernel\"\ninterfaces = [\"lo\"]\n[pools.p]\nbackends = [{}]\n\
+         [pools.p.health]\n{}\n",
+        backends.join(", "),
         udp_check(200, 200, 1, 2)
     );
     let config = topo.net.dir.join("udplb.toml");
@@ -2410,9 +2426,10 @@ fn local_clients_and_backends_are_served_through_loopback() {
             vip.to_string(),
             "a reply not from the listener: {f:?}"
         );
+        let port: u16 = f[0].parse().unwrap();
         assert_eq!(
             f[3],
-            format!("127.0.0.1:{}", f[0]),
+            SocketAddr::new(client_ip, port).to_string(),
             "the backend saw {}",
             f[3]
         );
