@@ -450,6 +450,20 @@ impl Topology {
         );
     }
 
+    /// The MTU of the link between the balancer and the clients, both ends.
+    fn clients_link_mtu(&self, mtu: u32) {
+        for (ns, dev) in [(&self.balancer, "bc"), (&self.clients, "cb")] {
+            ip(&["-n", ns, "link", "set", dev, "mtu", &mtu.to_string()]).unwrap();
+        }
+    }
+
+    /// The MTU of the link between the balancer and the backends, both ends.
+    fn backends_link_mtu(&self, mtu: u32) {
+        for (ns, dev) in [(&self.balancer, "bk"), (&self.backends, "kb")] {
+            ip(&["-n", ns, "link", "set", dev, "mtu", &mtu.to_string()]).unwrap();
+        }
+    }
+
     /// The balancer's address on the backends' side.
     fn balancer_ip(&self) -> std::net::IpAddr {
         if self.v6 {
@@ -1937,9 +1951,7 @@ fn ipv6_fragments_follow_their_first_and_the_client_learns_the_path_mtu() {
     // The backends' link narrower than the clients': 1,400 bytes fit the clients' link, not
     // the backends'. The first try is lost, and the client is told (from the listener's
     // address, about its datagram), so its next try is fragmented and answered.
-    for (ns, dev) in [(&topo.balancer, "bk"), (&topo.backends, "kb")] {
-        ip(&["-n", ns, "link", "set", dev, "mtu", "1300"]).unwrap();
-    }
+    topo.backends_link_mtu(1300);
     topo.client_learns_the_mtu(1400, 1300);
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
@@ -2070,9 +2082,7 @@ fn without_df_too_big(prefix: &str, forwarding: &str) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
-    for (ns, dev) in [(&topo.balancer, "bc"), (&topo.clients, "cb")] {
-        ip(&["-n", ns, "link", "set", dev, "mtu", "1400"]).unwrap();
-    }
+    topo.clients_link_mtu(1400);
     let no_df = ("UDPLB_TEST_NO_DF", "1".to_string());
     topo.start_backends_with(std::slice::from_ref(&no_df));
     topo.start_udplb_forwarding("", forwarding);
@@ -2092,9 +2102,7 @@ fn without_df_too_big(prefix: &str, forwarding: &str) {
     assert_eq!(stats["kernel"]["drops"]["too_big"], 0, "{stats}");
     assert_eq!(stats["kernel"]["oversize_passed"], 1, "{stats}");
     // The backends' link narrower still: now the request does not fit the route onward.
-    for (ns, dev) in [(&topo.balancer, "bk"), (&topo.backends, "kb")] {
-        ip(&["-n", ns, "link", "set", dev, "mtu", "1300"]).unwrap();
-    }
+    topo.backends_link_mtu(1300);
     let replies = topo.clients_with(1, 1, &once);
     assert_eq!(replies.len(), 1, "{}", topo.api("/stats")["kernel"]);
     let stats = topo.api("/stats");
@@ -2123,9 +2131,7 @@ fn path_mtu(prefix: &str, forwarding: &str) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
-    for (ns, dev) in [(&topo.balancer, "bc"), (&topo.clients, "cb")] {
-        ip(&["-n", ns, "link", "set", dev, "mtu", "1400"]).unwrap();
-    }
+    topo.clients_link_mtu(1400);
     topo.start_backends();
     topo.start_udplb_forwarding("", forwarding);
     if topo.without_the_program() {
@@ -2155,9 +2161,7 @@ fn path_mtu(prefix: &str, forwarding: &str) {
         1
     );
     // The backends' link narrower than the clients': the client is told.
-    for (ns, dev) in [(&topo.balancer, "bk"), (&topo.backends, "kb")] {
-        ip(&["-n", ns, "link", "set", dev, "mtu", "1300"]).unwrap();
-    }
+    topo.backends_link_mtu(1300);
     topo.client_learns_the_mtu(1370, 1300);
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 2, "{stats}");
