@@ -127,7 +127,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         );
     }
     announce::warn_if_placement_differs_across_instances(&cfg);
-    let keep = privileges::needed_capabilities(&cfg);
+    let keep = privileges::needed_capabilities(&cfg, kernel_plane.is_some());
     match privileges::drop_privileges(&cfg.runtime, &keep)? {
         privileges::Outcome::Switched {
             user,

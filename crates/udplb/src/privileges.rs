@@ -50,9 +50,10 @@ pub enum Outcome {
 
 /// The capabilities `cfg` needs after its sockets are bound: `CAP_NET_ADMIN` when a pool is
 /// transparent (every flow's socket is opened with `IP_TRANSPARENT`), `CAP_BPF` and
-/// `CAP_PERFMON` and `CAP_NET_ADMIN` with a kernel listener (an upgrade's successor loads the
-/// program), else none.
-pub fn needed_capabilities(cfg: &Config) -> CapsHashSet {
+/// `CAP_PERFMON` and `CAP_NET_ADMIN` while the kernel data plane runs (`kernel`: an upgrade's
+/// successor loads the program; not when `dataplane = "auto"` fell back to sockets, which
+/// needs none of them), else none.
+pub fn needed_capabilities(cfg: &Config, kernel: bool) -> CapsHashSet {
     let mut set = CapsHashSet::new();
     if cfg.pools.iter().any(|p| p.transparent) {
         set.insert(Capability::CAP_NET_ADMIN);
@@ -60,7 +61,7 @@ pub fn needed_capabilities(cfg: &Config) -> CapsHashSet {
     // The kernel data plane: an upgrade's successor loads and attaches its program (the
     // running process only updates maps, which needs no capability).
     // (CAP_PERFMON too: without it the verifier refuses the program's packet pointers.)
-    if cfg.listeners.iter().any(|l| l.dataplane.may_use_kernel()) {
+    if kernel {
         set.insert(Capability::CAP_BPF);
         set.insert(Capability::CAP_PERFMON);
         set.insert(Capability::CAP_NET_ADMIN);

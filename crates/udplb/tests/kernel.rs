@@ -1287,6 +1287,49 @@ fn a_kernel_listener_that_cannot_load_is_refused_with_the_reason() {
     );
 }
 
+/// Started as another user than root (which cannot load the program), `--dataplane auto`
+/// serves with sockets, on IPv4 and IPv6: it keeps none of the kernel data plane's
+/// capabilities, which it was never given.
+#[test]
+fn dataplane_auto_without_privileges_serves_with_sockets() {
+    if !is_root() {
+        eprintln!("skipped: starts udplb as another user");
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let (uid, gid) = nobody();
+    for ip in ["127.0.0.1", "::1"] {
+        let backend = Backend::start(ip, "a");
+        let listen = listen_addr(ip);
+        let log = scratch_dir("kernel-auto-nobody").join(format!("udplb-{}.log", listen.is_ipv6()));
+        let mut child = udplb_command()
+            .args(["--dataplane", "auto"])
+            .arg(listen.to_string())
+            .arg(backend.addr.to_string())
+            .uid(uid)
+            .gid(gid)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let c = client(if listen.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        });
+        let mut buf = [0u8; 512];
+        let answered = wait_for(DEADLINE, || {
+            c.send_to(b"hi", listen).unwrap();
+            c.recv_from(&mut buf).is_ok()
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(answered, "no answer from {listen}: {said}");
+        assert!(said.contains("serves with sockets"), "{said}");
+    }
+}
+
 /// A bpf file system mounted for the test (unmounted when dropped).
 struct BpfFs(std::path::PathBuf);
 
