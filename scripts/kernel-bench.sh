@@ -18,13 +18,20 @@
 #   socket    to the service address, udplb with dataplane = "socket" (its relay, one worker)
 #   direct6, kernel6  direct and the kernel path (nat) on IPv6: the same hosts on fd00:77::/32,
 #             the same echo program on the backend host's IPv6 address
+#   tc-forward, xdp-forward  to one backend's address (as direct), forwarded by the same plain
+#             IPv4 forwarder (scripts/forward.bpf.c: route lookup, TTL, MACs, redirect) at tc
+#             ingress or as native XDP on the balancer's veths: what the hook costs, apart from
+#             udplb's own work. XDP's redirect into a veth needs NAPI on its peer, so the
+#             client's and backend's veths get an XDP program that passes everything; with a
+#             forward peer in the run, those hosts compute their own UDP checksums (every peer)
 # Nothing is pinned: client, backends and balancer share both CPUs, as veth's softirq work runs
 # on the sending CPU. CPU per reply is both CPUs' busy time (from /proc/stat, softirq
 # included) over the replies: the generator and the echo cost the same for every peer, so the
 # difference to direct is what the balancer costs. Rounds are interleaved; medians.
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket"; also: datagram masquerade dsr direct6 kernel6)
+# Env:   PEERS ("direct nftables kernel socket"; also: datagram masquerade dsr direct6 kernel6
+#        tc-forward xdp-forward)
 #        ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8)
 set -euo pipefail
@@ -86,6 +93,16 @@ for _ in $(seq 50); do
     sleep 0.1
 done
 
+if [[ " $PEERS " == *-forward* ]]; then
+    clang -O2 -g -Wall -target bpf -I/usr/include/$(uname -m)-linux-gnu \
+        -c scripts/forward.bpf.c -o "$work/forward.o" || die "scripts/forward.bpf.c does not build"
+    # A frame redirected by XDP loses the skb's "checksum still to fill in" mark, and veth
+    # hands locally sent datagrams on with it: the hosts that send compute their checksums,
+    # as a real NIC's traffic arrives (for every peer of the run alike).
+    ip netns exec $c ethtool -K cb tx off >/dev/null
+    ip netns exec $k ethtool -K kb tx off >/dev/null
+fi
+
 run_bg "$work/echo.out" ip netns exec $k "$BENCH" echo 10.77.2.2:7001 10.77.2.2:7002 10.77.2.2:7003
 wait_output "$work/echo.out" '^listening' 3 "$bg_pid" || die "echo backends did not start"
 backends='"10.77.2.2:7001", "10.77.2.2:7002", "10.77.2.2:7003"'
@@ -98,6 +115,20 @@ start_peer() {
     case $1 in
         direct) target=10.77.2.2:7001 ;;
         direct6) target="[fd00:77:2::2]:7001" ;;
+        tc-forward)
+            for i in bc bk; do
+                ip netns exec $b tc qdisc replace dev $i clsact
+                ip netns exec $b tc filter add dev $i ingress bpf direct-action obj "$work/forward.o" sec tc
+            done
+            target=10.77.2.2:7001
+            ;;
+        xdp-forward)
+            for i in bc bk; do ip -n $b link set dev $i xdpdrv obj "$work/forward.o" sec xdp; done
+            # A veth takes frames redirected to it only if its peer runs NAPI: XDP there.
+            ip -n $c link set dev cb xdpdrv obj "$work/forward.o" sec xdp/pass
+            ip -n $k link set dev kb xdpdrv obj "$work/forward.o" sec xdp/pass
+            target=10.77.2.2:7001
+            ;;
         nftables)
             ip netns exec $b nft -f - <<NFT
 table ip udplb_bench {
@@ -154,6 +185,12 @@ CONFIG
 stop_peer() {
     case $1 in
         nftables) ip netns exec $b nft delete table ip udplb_bench ;;
+        tc-forward) for i in bc bk; do ip netns exec $b tc qdisc del dev $i clsact; done ;;
+        xdp-forward)
+            for i in bc bk; do ip -n $b link set dev $i xdpdrv off; done
+            ip -n $c link set dev cb xdpdrv off
+            ip -n $k link set dev kb xdpdrv off
+            ;;
         kernel | socket | masquerade | datagram | kernel6) stop "$udplb_pid" TERM ;;
         dsr)
             stop "$udplb_pid" TERM
