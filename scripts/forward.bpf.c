@@ -1,6 +1,7 @@
-// The same plain IPv4 forwarder at two hooks (tc ingress and XDP): a route lookup, the TTL
-// decremented, both MAC addresses set, and a redirect out of the route's interface. What the
-// stack cannot forward this way (no neighbour yet, not IPv4, TTL 1) goes to the stack.
+// scripts/kernel-bench.sh's programs. The same plain IPv4 forwarder at two hooks (tc ingress
+// and XDP): a route lookup, the TTL decremented, both MAC addresses set, and a redirect out of
+// the route's interface. What it cannot forward this way (no neighbour yet, not IPv4, TTL 1)
+// goes to the stack. And two trivial ones: a sink and a pass for veth peers.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -63,6 +64,13 @@ int xdp_forward(struct xdp_md *xdp)
 	__u32 out = forward(xdp, (void *)(long)xdp->data, (void *)(long)xdp->data_end,
 			    xdp->ingress_ifindex);
 	return out ? bpf_redirect(out, 0) : XDP_PASS;
+}
+
+// For a sink: whatever arrives is dropped before the stack sees it.
+SEC("tc/drop")
+int tc_drop(struct __sk_buff *skb)
+{
+	return TC_ACT_SHOT;
 }
 
 // For a veth peer: a program there makes it run NAPI, which redirected frames need.

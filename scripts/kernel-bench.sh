@@ -16,6 +16,7 @@
 #             `udplb decap`, holds the service address and answers over a link of its own
 #             to the client (its echo then serves the service address)
 #   socket    to the service address, udplb with dataplane = "socket" (its relay, one worker)
+#   base-PEER  any udplb peer run with the binary BASELINE instead (before and after a change)
 #   direct6, kernel6  direct and the kernel path (nat) on IPv6: the same hosts on fd00:77::/32,
 #             the same echo program on the backend host's IPv6 address
 #   tc-forward, xdp-forward  to one backend's address (as direct), forwarded by the same plain
@@ -29,11 +30,19 @@
 # included) over the replies: the generator and the echo cost the same for every peer, so the
 # difference to direct is what the balancer costs. Rounds are interleaved; medians.
 #
+# NEW_FLOWS=1 measures new flows per second instead: `udplb-bench inject` sends Ethernet frames
+# into the client's veth from two threads, open loop, a new client (source address and port)
+# in every one, and the backend host drops everything at its veth (a tc program) so nothing
+# answers. New flows/s is what reached the backend host's veth (its rx counter) per second:
+# for kernel (and datagram) a placement each, for nftables a new conntrack entry each, for
+# direct plain routing (no state: the ceiling). CPU per new flow as above. kernel's listener
+# gets max_flows = MAX_FLOWS (1000000), so the run also fills its flow map.
+#
 # Usage: scripts/kernel-bench.sh
 # Env:   PEERS ("direct nftables kernel socket"; also: datagram masquerade dsr direct6 kernel6
 #        tc-forward xdp-forward)
 #        ROUNDS (3) DURATION (5s) FLOWS (64)
-#        OUTSTANDING (8)
+#        OUTSTANDING (8) NEW_FLOWS (unset) MAX_FLOWS (1000000 with NEW_FLOWS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,6 +51,8 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
 FLOWS=${FLOWS:-64}
 OUTSTANDING=${OUTSTANDING:-8}
+NEW_FLOWS=${NEW_FLOWS:-}
+MAX_FLOWS=${MAX_FLOWS:-$([[ -n $NEW_FLOWS ]] && echo 1000000)}
 UDPLB=${UDPLB:-target/release/udplb}
 
 NAME=kernel-bench
@@ -93,7 +104,7 @@ for _ in $(seq 50); do
     sleep 0.1
 done
 
-if [[ " $PEERS " == *-forward* ]]; then
+if [[ " $PEERS " == *-forward* || -n $NEW_FLOWS ]]; then
     clang -O2 -g -Wall -target bpf -I/usr/include/$(uname -m)-linux-gnu \
         -c scripts/forward.bpf.c -o "$work/forward.o" || die "scripts/forward.bpf.c does not build"
     # A frame redirected by XDP loses the skb's "checksum still to fill in" mark, and veth
@@ -112,6 +123,12 @@ backends6='"[fd00:77:2::2]:7001", "[fd00:77:2::2]:7002", "[fd00:77:2::2]:7003"'
 
 # Starts peer $1 in the balancer; sets target (where the load goes).
 start_peer() {
+    local binary=$UDPLB
+    if [[ $1 == base-* ]]; then
+        [[ -n ${BASELINE:-} ]] || die "peer $1 needs BASELINE (another udplb binary)"
+        binary=$BASELINE
+        set -- "${1#base-}"
+    fi
     case $1 in
         direct) target=10.77.2.2:7001 ;;
         direct6) target="[fd00:77:2::2]:7001" ;;
@@ -169,12 +186,13 @@ pool = "p"
 mode = "$mode"
 dataplane = "$dataplane"
 $([[ $dataplane == kernel ]] && echo 'interfaces = ["bc", "bk"]')
+$([[ -n $MAX_FLOWS ]] && echo "max_flows = $MAX_FLOWS")
 [pools.p]
 scheduler = "maglev"
 backends = [$pool]
 $([[ $dataplane == kernel ]] && echo "forwarding = \"$forwarding\"")
 CONFIG
-            UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$UDPLB" run -c "$work/udplb.toml"
+            UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$binary" run -c "$work/udplb.toml"
             udplb_pid=$bg_pid
             target=$address
             ;;
@@ -183,7 +201,7 @@ CONFIG
 }
 
 stop_peer() {
-    case $1 in
+    case ${1#base-} in
         nftables) ip netns exec $b nft delete table ip udplb_bench ;;
         tc-forward) for i in bc bk; do ip netns exec $b tc qdisc del dev $i clsact; done ;;
         xdp-forward)
@@ -203,6 +221,60 @@ stop_peer() {
 }
 
 busy_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+
+# One peer's new flows: inject into the client's veth, count what the backend host received.
+measure_new_flows() {
+    local arrived_before arrived_after before after out
+    ip netns exec $k tc qdisc replace dev kb clsact
+    ip netns exec $k tc filter add dev kb ingress bpf direct-action obj "$work/forward.o" sec tc/drop
+    arrived_before=$(ip netns exec $k cat /sys/class/net/kb/statistics/rx_packets)
+    before=$(busy_ticks)
+    out=$(ip netns exec $c "$BENCH" inject --interface cb --gateway-mac "$(ip netns exec $b cat /sys/class/net/bc/address)" \
+        --target "$target" --first-source 10.77.128.0 --threads 2 --duration "$DURATION")
+    after=$(busy_ticks)
+    arrived_after=$(ip netns exec $k cat /sys/class/net/kb/statistics/rx_packets)
+    ip netns exec $k tc qdisc del dev kb clsact
+    echo "$peer $((after - before)) $((arrived_after - arrived_before)) $out"
+}
+
+if [[ -n $NEW_FLOWS ]]; then
+    # The injected clients' network, so that reverse-path checks and routes know it.
+    ip -n $b route add 10.77.128.0/17 via 10.77.1.2
+    : >"$work/results"
+    for round in $(seq "$ROUNDS"); do
+        for peer in $PEERS; do
+            start_peer "$peer"
+            wait_forwarding -s 10 "$target" ip netns exec $c || {
+                cat "$work/udplb.log" 2>/dev/null >&2
+                die "$peer does not forward"
+            }
+            line=$(measure_new_flows)
+            stop_peer "$peer"
+            echo "$line" >>"$work/results"
+            echo "  [$peer $round] $line" >&2
+        done
+    done
+    python3 - "$work/results" "$(getconf CLK_TCK)" <<'EOF'
+import json, statistics, sys
+ticks_per_s = int(sys.argv[2])
+rows = {}
+for line in open(sys.argv[1]):
+    peer, ticks, arrived, js = line.split(" ", 3)
+    r = json.loads(js)
+    r["flows_per_sec"] = int(arrived) / r["duration_s"]
+    r["cpu_ns_per_flow"] = int(ticks) / ticks_per_s * 1e9 / int(arrived) if int(arrived) else None
+    rows.setdefault(peer, []).append(r)
+med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)
+base = med(rows["direct"], "flows_per_sec") if "direct" in rows else None
+print(f"{'peer':>10} {'new flows/s':>12} {'x direct':>9} {'sent/s':>10} {'cpu_ns/flow':>12} {'repeated':>9}")
+for peer, rs in rows.items():
+    fps = med(rs, "flows_per_sec")
+    ratio = f"{fps / base:.2f}" if base else "-"
+    print(f"{peer:>10} {fps:>12.0f} {ratio:>9} {med(rs, 'sent_per_sec'):>10.0f} "
+          f"{med(rs, 'cpu_ns_per_flow'):>12.0f} {str(any(r['clients_repeated'] for r in rs)):>9}")
+EOF
+    exit 0
+fi
 
 : >"$work/results"
 for round in $(seq "$ROUNDS"); do

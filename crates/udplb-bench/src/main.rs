@@ -10,6 +10,8 @@
 //!   socket: new flows/s, memory per flow, replies/s with N flows live (`scripts/scale.sh`).
 //! - `udplb-bench bulk --target ADDR --sink ADDR ...`: one bulk flow sent as GSO trains to a
 //!   sink that reads with GRO: datagrams/s delivered (`scripts/gso.sh`).
+//! - `udplb-bench inject --interface IF --gateway-mac MAC --target ADDR ...`: a new client in
+//!   every datagram, sent as Ethernet frames, open loop (`NEW_FLOWS=1 scripts/kernel-bench.sh`).
 //!
 //! This module owns the command line and dispatch. The tool is not linked into udplb; it exists
 //! to measure udplb against a direct baseline in the same run.
@@ -20,6 +22,7 @@ mod cpustat;
 mod echo;
 mod flows;
 mod generator;
+mod inject;
 mod load;
 mod relay;
 mod report;
@@ -52,6 +55,8 @@ enum Command {
     Load(load::LoadArgs),
     /// Scaling with concurrent flows: new flows/s, memory per flow, replies/s.
     Flows(flows::FlowsArgs),
+    /// A new client in every datagram, as Ethernet frames, open loop: new flows per second.
+    Inject(inject::InjectArgs),
     /// One bulk flow, sent as GSO trains, to a sink that reads with GRO.
     Bulk(bulk::BulkArgs),
     /// The reference relay: udplb's socket primitives and no policy; prints `listening ADDR`.
@@ -79,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         } => relay::run(listen, &backends, per_datagram),
         Command::Flows(args) => flows::run(&args),
         Command::Bulk(args) => bulk::run(&args),
+        Command::Inject(args) => inject::run(&args),
         Command::Load(args) => {
             let report = load::run(&args)?;
             if args.json {

@@ -5,7 +5,8 @@
 //! a client sent to; [`socket`] creates listener and upstream sockets with the options udplb
 //! relies on, and raises the open-file limit; [`handover`] passes open sockets to another
 //! udplb process; `raw` makes the per-datagram system calls
-//! without glibc's cancellation-point wrappers.
+//! without glibc's cancellation-point wrappers; [`packet`] sends whole Ethernet frames (for
+//! udplb-bench's generator of new flows).
 //!
 //! Must not: make decisions. Everything here is a thin, allocation-free (after construction)
 //! translation between Rust types and the kernel's; policy lives in `udplb-core`, the event
@@ -13,6 +14,7 @@
 
 pub mod batch;
 pub mod handover;
+pub mod packet;
 mod raw;
 mod sockaddr;
 pub mod socket;
