@@ -143,6 +143,7 @@ enum drop_reason {
 	DROP_RATE_LIMITED, // over a per-source or per-prefix datagram limit
 	DROP_FLOW_RATE_LIMITED, // over a per-source or per-prefix new-flow limit
 	PASS_OVERSIZE, // too big for the route onward, without DF: rewritten, fragmented by the stack
+	CUT_FOR_TUNNEL, // dsr: without DF, too big once encapsulated: cut into fragments first
 	DROP_REASONS,
 };
 
@@ -783,11 +784,6 @@ static __always_inline int frag_needed(struct __sk_buff *skb, __u32 to, __u32 fr
 	return send_by(skb, rc, &fib);
 }
 
-// A datagram too big for the route found (BPF_FIB_LKUP_RET_FRAG_NEEDED, `fib` holding its
-// MTU) with DF set: dropped and counted; when `df`, its `sender` is told as a router would
-// (ICMP fragmentation needed, from `from`, the MTU less the `overhead` the program adds), so
-// that it sends smaller. (One without DF is rewritten as any other and handed to the stack,
-// which fragments it: `oversize`. Direct server return drops it too: see `encapsulate`.)
 // A rewritten datagram the program does not send itself: one for this host, or one too big
 // for its route without DF (`rc` BPF_FIB_LKUP_RET_FRAG_NEEDED), handed to the stack through
 // loopback, which forwards it fragmented as a router would (its source may be this host's
@@ -799,6 +795,11 @@ static __always_inline int oversize_or_local(struct __sk_buff *skb, int rc)
 	return to_loopback(skb);
 }
 
+// A datagram too big for the route found (BPF_FIB_LKUP_RET_FRAG_NEEDED, `fib` holding its
+// MTU): dropped and counted; when `df`, its `sender` is told as a router would (ICMP
+// fragmentation needed, from `from`, the MTU less the `overhead` the program adds), so that
+// it sends smaller. (One without DF is rewritten as any other and handed to the stack, which
+// fragments it: `oversize_or_local`; for direct server return, `mark_for_cut`.)
 static __always_inline int too_big(struct __sk_buff *skb, struct bpf_fib_lookup *fib, int df,
 				   __u32 sender, __u32 from, __u16 overhead)
 {
@@ -937,17 +938,215 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u3
 	return send_by(skb, rc, &fib);
 }
 
+// Direct server return of a UDP datagram (or fragment) without DF that will not fit the
+// route once encapsulated is fragmented first, as a router fragments what it puts into a
+// tunnel (RFC 2003, 5.1), and the backend's stack reassembles it once the outer header is off
+// (`udplb decap` and the ipip module alike). A program cannot make a packet into two, so
+// `mark_for_cut` sends it back in at its interface twice, marked (skb->mark) with where to
+// cut and which part to keep: the dispatcher makes each copy into its fragment
+// (`cut_marked`), and both then follow the backend recorded for the datagram's fragments. The
+// mark: CUT_TAG ("ud"), CUT_HEAD for the part before the cut, the cut in 8-byte units below;
+// CUT_TAG alone once cut. (A packet's own mark is not kept through a cut.)
+#define CUT_TAG 0x75640000u
+#define CUT_TAG_MASK 0xffffc000u
+#define CUT_HEAD 0x2000u
+#define CUT_UNITS 0x1fffu
+// bpf_skb_adjust_room takes at most this many bytes off at once.
+#define CUT_MAX 0xff8u
+// A datagram whose UDP checksum must be completed before it is cut is summed in chunks of
+// this many bytes, at most SUM_CHUNKS of them.
+#define SUM_CHUNK 512
+#define SUM_CHUNKS 16
+// Past where a UDP checksum the hardware is to finish starts: the IP and UDP headers and 8
+// bytes (see `no_longer_partial`).
+#define PAST_SUM_START (sizeof(struct iphdr) + sizeof(struct udphdr) + 8)
+
+// `cut_marked`'s room (the program's stack is too small for it).
+struct cut_scratch {
+	__u8 chunk[SUM_CHUNK];
+	__u8 head[PAST_SUM_START];
+	__u32 pseudo[3];
+	struct iphdr ip;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cut_scratch);
+} cut_scratch SEC(".maps");
+
+static __always_inline __u16 fold(__u64 sum)
+{
+	__u32 c = (__u32)sum;
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)c;
+}
+
+// The one's-complement sum (unfolded, as bpf_csum_diff gives it) of `len` bytes of the packet
+// from `off` on top of `sum`, the last chunk padded with zeros; -1 when they cannot be read
+// or are more than SUM_CHUNKS chunks.
+static __always_inline __s64 sum_bytes(struct __sk_buff *skb, struct cut_scratch *room,
+				       __u32 off, __u32 len, __s64 sum)
+{
+	for (int i = 0; i < SUM_CHUNKS && len && sum >= 0; i++) {
+		__u32 n = len < SUM_CHUNK ? len : SUM_CHUNK;
+		n = ((n - 1) & (SUM_CHUNK - 1)) + 1; // 1 to SUM_CHUNK, as the verifier must see
+		__u32 padded = (n + 3) & ~3u;
+		if (padded > SUM_CHUNK)
+			return -1;
+		*(__u32 *)&room->chunk[(padded - 4) & (SUM_CHUNK - 4)] = 0;
+		if (bpf_skb_load_bytes(skb, off, room->chunk, n))
+			return -1;
+		sum = bpf_csum_diff(0, 0, (__be32 *)room->chunk, padded, (__u32)sum);
+		off += n;
+		len -= n;
+	}
+	return len ? -1 : sum;
+}
+
+// Takes the skb out of CHECKSUM_PARTIAL (the hardware or the stack to finish the UDP sum
+// from the UDP header on): bytes from the IP header to past that start are taken off and put
+// back, which the kernel takes as the end of the partial sum (skb_postpull_rcsum).
+static __always_inline int no_longer_partial(struct __sk_buff *skb, struct cut_scratch *room)
+{
+	if (bpf_skb_load_bytes(skb, IP_OFF, room->head, PAST_SUM_START) ||
+	    bpf_skb_adjust_room(skb, -(__s32)PAST_SUM_START, BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_adjust_room(skb, PAST_SUM_START, BPF_ADJ_ROOM_MAC, 0))
+		return -1;
+	return bpf_skb_store_bytes(skb, IP_OFF, room->head, PAST_SUM_START, 0) ? -1 : 0;
+}
+
+// Before a whole datagram is cut into fragments its UDP checksum must be whole too. A sender
+// may have left it to the hardware (a local or container client, over loopback or veth:
+// the field holds the pseudo header's sum only, the skb is CHECKSUM_PARTIAL), and once cut,
+// neither a NIC nor the stack can finish it (it covers every fragment). Then it is summed
+// here, written, and the skb no longer marked partial. A checksum that is neither whole nor
+// partial (damaged on the way) is left as it is: the backend drops the datagram, as it would
+// without udplb. Returns 0, or -1 when it cannot be done.
+static __always_inline int complete_udp_checksum(struct __sk_buff *skb, struct cut_scratch *room)
+{
+	struct iphdr *ip = &room->ip;
+	__u16 udp_len = bpf_ntohs(ip->tot_len) - sizeof(*ip);
+	__u16 field;
+	if (bpf_skb_load_bytes(skb, UDP_CSUM_OFF, &field, sizeof(field)))
+		return -1;
+	if (!field)
+		return 0; // no checksum (IPv4 allows it): nothing to keep
+	room->pseudo[0] = ip->saddr;
+	room->pseudo[1] = ip->daddr;
+	room->pseudo[2] = bpf_htonl((IPPROTO_UDP << 16) | udp_len);
+	__s64 pseudo = bpf_csum_diff(0, 0, (__be32 *)room->pseudo, sizeof(room->pseudo), 0);
+	if (pseudo < 0)
+		return -1;
+	__s64 sum = sum_bytes(skb, room, UDP_OFF, udp_len, pseudo);
+	if (sum < 0)
+		return -1;
+	if (fold(sum) == 0xffff || field != fold(pseudo))
+		return 0; // whole already, or damaged
+	__u16 whole = ~fold((__u32)fold(sum) + (__u16)~field);
+	if (!whole)
+		whole = 0xffff;
+	if (bpf_skb_store_bytes(skb, UDP_CSUM_OFF, &whole, sizeof(whole), 0))
+		return -1;
+	return no_longer_partial(skb, room);
+}
+
+// The datagram (or fragment) `mark_for_cut` sent back in, made into its part: before the cut
+// (the checksum of a whole datagram completed first; cut down, more fragments to follow), or
+// after it (the bytes before the cut taken off, the offset moved on). Marked CUT_TAG, it then
+// follows its datagram's backend as a fragment (`ingress4`). Returns a verdict when it cannot
+// be cut (dropped, counted), -1 to go on.
+static __noinline int cut_marked(struct __sk_buff *skb)
+{
+	__u32 mark = skb->mark, units = mark & CUT_UNITS, cut = units * 8;
+	__u32 zero = 0;
+	struct cut_scratch *room = bpf_map_lookup_elem(&cut_scratch, &zero);
+	if (!room)
+		goto fail;
+	struct iphdr *ip = &room->ip;
+	if (!units || cut > CUT_MAX || bpf_skb_load_bytes(skb, IP_OFF, ip, sizeof(*ip)) ||
+	    ip->ihl != 5)
+		goto fail;
+	__u32 tot_len = bpf_ntohs(ip->tot_len);
+	__u16 frag = bpf_ntohs(ip->frag_off);
+	if (tot_len <= sizeof(*ip) + cut || (frag & 0x1fff) + units > 0x1fff)
+		goto fail;
+	if (mark & CUT_HEAD) {
+		// A fragment's checksum is never the hardware's to finish: the stack finished it
+		// to fragment.
+		if (!(frag & 0x3fff) && (tot_len < PAST_SUM_START || complete_udp_checksum(skb, room)))
+			goto fail;
+		ip->frag_off = bpf_htons((frag & 0x1fff) | 0x2000); // where it was, more to follow
+		ip->tot_len = bpf_htons(sizeof(*ip) + cut);
+		if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(*ip) + cut, 0))
+			goto fail;
+	} else {
+		if (bpf_skb_adjust_room(skb, -(__s32)cut, BPF_ADJ_ROOM_NET, 0))
+			goto fail;
+		ip->frag_off = bpf_htons((frag & 0x2000) | ((frag & 0x1fff) + units));
+		ip->tot_len = bpf_htons(tot_len - cut);
+	}
+	ip->check = 0;
+	ip->check = ip_checksum(ip);
+	if (bpf_skb_store_bytes(skb, IP_OFF, ip, sizeof(*ip), 0))
+		goto fail;
+	skb->mark = CUT_TAG;
+	return -1;
+fail:
+	skb->mark = 0;
+	count_drop(DROP_REWRITE);
+	return TC_ACT_SHOT;
+}
+
+// Sends a UDP datagram without DF that would not fit the route's `mtu` once encapsulated to
+// `to_addr` (backend `b`) back in twice, to be cut into two fragments (see CUT_TAG): the
+// fragments' backend recorded, a copy marked for the part after the cut, the datagram itself
+// for the part before. Returns the verdict, or -1 when it cannot be cut.
+static __noinline int mark_for_cut(struct __sk_buff *skb, __u32 mtu, __u32 to_addr, __u32 b)
+{
+	void *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = (void *)(long)skb->data + ETH_HLEN;
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP ||
+	    mtu < 2 * sizeof(struct iphdr) + 8)
+		return -1;
+	__u32 units = (mtu - 2 * sizeof(struct iphdr)) / 8;
+	if (units > CUT_MAX / 8)
+		units = CUT_MAX / 8;
+	if (bpf_ntohs(ip->tot_len) <= sizeof(*ip) + units * 8 ||
+	    (bpf_ntohs(ip->frag_off) & 0x1fff) + units > 0x1fff)
+		return -1;
+	struct fragment_key frk = {.saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id};
+	struct fragment fr = {.daddr = to_addr, .backend = b, .flags = FRAGMENT_ENCAP};
+	if (bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY))
+		return -1;
+	skb->mark = CUT_TAG | units;
+	if (bpf_clone_redirect(skb, skb->ifindex, BPF_F_INGRESS)) {
+		skb->mark = 0;
+		return -1;
+	}
+	skb->mark = CUT_TAG | CUT_HEAD | units;
+	count_drop(CUT_FOR_TUNNEL);
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
 // Direct server return: the datagram, untouched, inside an IP header from the route's source
 // address to backend `to_addr` (IP in IP, as LVS-TUN), sent by the route. The backend takes
 // the header off and answers the client from the listener's address itself. One that would
-// exceed the route's MTU once encapsulated is dropped (`too_big`): the backends' network
-// needs 20 bytes more than the clients'.
+// exceed the route's MTU once encapsulated is, with DF, dropped (`too_big`) and its client
+// told the MTU less 20 bytes; without DF, cut into fragments that fit (`mark_for_cut`).
 static __always_inline int encapsulate(struct __sk_buff *skb, __u32 to_addr, __u32 b, __u16 tot_len,
 				       __u8 tos, __u32 client, __u32 vip, int dont_fragment)
 {
 	struct bpf_fib_lookup fib;
 	__u16 outer_len = tot_len + sizeof(struct iphdr);
 	int rc = route_with(skb, &fib, 0, to_addr, outer_len, BPF_FIB_LOOKUP_SRC);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !dont_fragment) {
+		int verdict = mark_for_cut(skb, fib.mtu_result, to_addr, b);
+		if (verdict >= 0)
+			return verdict;
+	}
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big(skb, &fib, dont_fragment, client, vip, sizeof(struct iphdr));
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !fib.ipv4_src) {
@@ -1083,6 +1282,10 @@ shot:
 // may use).
 static __noinline int ingress4(struct __sk_buff *skb)
 {
+	// A fragment `cut_marked` made: it follows its datagram's backend.
+	int cut = skb->mark == CUT_TAG;
+	if (cut)
+		skb->mark = 0;
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
@@ -1100,8 +1303,8 @@ static __noinline int ingress4(struct __sk_buff *skb)
 	__u8 ttl = ip->ttl, tos = ip->tos;
 	__u16 frag = bpf_ntohs(ip->frag_off);
 	struct fragment_key frk = {.saddr = saddr, .daddr = daddr, .id = ip->id};
-	if (frag & 0x1fff) {
-		// A later fragment: where its first one went.
+	if ((frag & 0x1fff) || cut) {
+		// A later fragment (or one cut here): where its first one went.
 		struct fragment *fr = bpf_map_lookup_elem(&fragments, &frk);
 		if (!fr) {
 			count_drop(PASS_FRAGMENT);
@@ -1298,6 +1501,10 @@ int udplb_ingress(struct __sk_buff *skb)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return TC_ACT_OK;
+		if ((skb->mark & CUT_TAG_MASK) == CUT_TAG && skb->mark != CUT_TAG) {
+			int verdict = cut_marked(skb);
+			return verdict >= 0 ? verdict : ingress4(skb);
+		}
 		if (ip->protocol == IPPROTO_ICMP) {
 			int verdict = icmp_about_reply(skb);
 			if (verdict >= 0)

@@ -228,6 +228,9 @@ pub struct Drops {
     /// Too big for the route onward, without DF: rewritten and handed to the stack, which
     /// forwards it fragmented (IPv4).
     pub oversize_passed: u64,
+    /// Direct server return: without DF, too big once encapsulated, so cut into IP fragments
+    /// that fit before encapsulation (IPv4; once per cut).
+    pub cut_for_tunnel: u64,
 }
 
 /// Whether this udplb was built with the program.

@@ -605,6 +605,7 @@ impl Kernel {
             rate_limited: n(9),
             flow_rate_limited: n(10),
             oversize_passed: n(11),
+            cut_for_tunnel: n(12),
         }
     }
 }

@@ -610,6 +610,7 @@ impl KernelPlane {
             "fragments_passed": d.fragments_passed,
             "forged_passed": d.forged,
             "oversize_passed": d.oversize_passed,
+            "cut_for_tunnel": d.cut_for_tunnel,
         })
     }
 

@@ -397,6 +397,12 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
          by the stack, which fragments them",
     );
     oversize.add(vec![], d.oversize_passed as f64);
+    let mut cut = Family::counter(
+        "kernel_cut_for_tunnel",
+        "dsr: IPv4 datagrams without DF too big once encapsulated, cut into IP fragments that \
+         fit before encapsulation (once per cut)",
+    );
+    cut.add(vec![], d.cut_for_tunnel as f64);
     vec![
         datagrams,
         bytes,
@@ -407,6 +413,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         passed,
         forged,
         oversize,
+        cut,
     ]
 }
 

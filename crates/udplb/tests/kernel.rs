@@ -1957,6 +1957,58 @@ fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
 }
 
+/// dsr without DF: a request that fits the clients' link but not the backends' once
+/// encapsulated is cut into IP fragments first, as a router fragments what it puts into a
+/// tunnel, and the backend host (`udplb decap`) reassembles it: answered. So is each 1,500-byte
+/// fragment of a 3,000-byte datagram the client fragmented itself. (With DF the client is told
+/// the MTU instead: `dsr_tells_the_client_the_path_mtu_and_carries_fragments`.)
+#[test]
+fn dsr_cuts_datagrams_without_df_too_big_once_encapsulated() {
+    let Some(mut topo) = Topology::build("ulfd") else {
+        return;
+    };
+    let t = topo.t;
+    if topo.dsr_backend_host().is_none() {
+        return;
+    }
+    let vip = topo.vip();
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [\"10.98.{t}.2:{}\"]\nforwarding = \"dsr\"\n",
+            vip.port()
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    // 1,470 bytes: 1,498 on the wire, 1,518 encapsulated: one cut (the client's checksum left
+    // to veth's offload: completed by the program). 3,000 bytes: fragments of 1,500, 1,500
+    // and 68 bytes from the client, the first two cut once each. Then 1,470 bytes again with
+    // the client's checksum whole, as a NIC's traffic arrives.
+    for (size, cuts) in [(1470, 1), (3000, 3), (1470, 4)] {
+        if cuts == 4 {
+            let off = Net::exec(&topo.clients, Path::new("ethtool"))
+                .args(["-K", "cb", "tx", "off"])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(off.success());
+        }
+        let once = [
+            ("UDPLB_TEST_KERNEL_SIZE", size.to_string()),
+            ("UDPLB_TEST_KERNEL_ATTEMPTS", "1".to_string()),
+            ("UDPLB_TEST_NO_DF", "1".to_string()),
+        ];
+        let replies = topo.clients_with(1, 1, &once);
+        let stats = topo.api("/stats");
+        assert_eq!(replies.len(), 1, "{size} bytes: {}", stats["kernel"]);
+        assert_eq!(replies[0].1, vip);
+        assert_eq!(stats["kernel"]["drops"]["too_big"], 0, "{stats}");
+        assert_eq!(stats["kernel"]["cut_for_tunnel"], cuts, "{stats}");
+    }
+}
+
 /// Path MTU discovery through nat: a reply (DF set) too big for the clients' link is dropped,
 /// counted, and its backend told (ICMP fragmentation needed, as a router would): the backend's
 /// kernel learns the MTU towards the client and fragments its next reply to fit. The other way,
