@@ -27,7 +27,9 @@
 #               (`rcvbuf=4m sndbuf=4m`), so that it queues a burst instead of dropping it;
 #               udplb-shared is flow mode with shared upstream sockets, --shared-upstream;
 #               udplb-kernel is the kernel data plane on lo, as root: compare it with PIN=0;
-#               udplb-kernel-datagram the same in datagram mode)
+#               udplb-kernel-datagram the same in datagram mode; nftables is nftables'
+#               conntrack DNAT of the local traffic to the backends in turn, the kernel
+#               peer, as root, also with PIN=0)
 #        DNS_PEERS ("udplb udplb-flow dnsdist nginx pen"; also udplb-shared: request-response
 #               with --shared-upstream; udplb-kernel: the kernel data plane on lo, as root)
 #        RATES ("60000 90000 120000"): requests/s offered in scenario f
@@ -99,6 +101,7 @@ install_missing() {
     command -v nginx >/dev/null || want+=(nginx)
     [[ -e /usr/lib/nginx/modules/ngx_stream_module.so ]] || want+=(libnginx-mod-stream)
     command -v pen >/dev/null || want+=(pen)
+    [[ " $PEERS " == *" nftables "* ]] && ! command -v nft >/dev/null && want+=(nftables)
     case " $SCENARIOS " in *" d "*)
         command -v dnsdist >/dev/null || want+=(dnsdist)
         command -v dnsperf >/dev/null || want+=(dnsperf)
@@ -224,6 +227,28 @@ CONFIG
     UDPLB_ALLOW_ROOT=1 run_bg "$work/peer.log" "${on1[@]}" "$binary" run -c "$work/kernel.toml"
 }
 
+# start_nftables PORT BACKEND...: nftables' conntrack DNAT from 127.0.0.1:PORT to the
+# backends in turn (locally sent traffic: the nat output hook), for as long as a process of its
+# own runs (stopping it deletes the table); sets bg_pid.
+start_nftables() {
+    local port=$1 map="" i=0 b
+    shift
+    for b in "$@"; do
+        map+="$i : ${b%:*} . ${b##*:}, "
+        i=$((i + 1))
+    done
+    cat >"$work/nft.conf" <<NFT
+table ip udplb_compare {
+    chain out {
+        type nat hook output priority -100;
+        ip daddr 127.0.0.1 udp dport $port dnat to numgen inc mod $# map { ${map%, } }
+    }
+}
+NFT
+    nft -f "$work/nft.conf" || return 0
+    run_bg "$work/peer.log" bash -c 'trap "nft delete table ip udplb_compare; exit 0" TERM; sleep infinity & wait'
+}
+
 # start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable
 # (it runs in a command substitution: the caller adds the pid to pids).
 start_peer() {
@@ -250,6 +275,10 @@ start_peer() {
             [[ $peer == *-datagram ]] && mode=datagram
             [[ $peer == base-* ]] && binary=$BASELINE
             start_kernel "$binary" "$mode" "$port" "${backends[@]}"
+            ;;
+        nftables)
+            [[ $(id -u) -eq 0 ]] && command -v nft >/dev/null || return 0
+            start_nftables "$port" "${backends[@]}"
             ;;
         nginx | nginx-4m)
             command -v nginx >/dev/null || return 0

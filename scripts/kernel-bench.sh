@@ -56,7 +56,7 @@ FLOWS=${FLOWS:-64}
 OUTSTANDING=${OUTSTANDING:-8}
 NEW_FLOWS=${NEW_FLOWS:-}
 CLIENTS=${CLIENTS:-16000000}
-MAX_FLOWS=${MAX_FLOWS:-$([[ -n $NEW_FLOWS ]] && echo 1000000)}
+MAX_FLOWS=${MAX_FLOWS:-$([[ -n $NEW_FLOWS ]] && echo 1000000 || true)}
 UDPLB=${UDPLB:-target/release/udplb}
 
 NAME=kernel-bench
