@@ -241,23 +241,38 @@ measure_new_flows() {
     echo "$peer $((after - before)) $((arrived_after - arrived_before)) $out"
 }
 
+# One peer's closed loop: replies/s and the CPU both CPUs spent meanwhile.
+measure_closed_loop() {
+    local before after out
+    before=$(busy_ticks)
+    out=$(ip netns exec $c "$BENCH" load --target "$target" --flows "$FLOWS" \
+        --outstanding "$OUTSTANDING" --duration "$DURATION" --warmup 1s --json)
+    after=$(busy_ticks)
+    echo "$peer $((after - before)) $out"
+}
+
+measure=measure_closed_loop
 if [[ -n $NEW_FLOWS ]]; then
+    measure=measure_new_flows
     # The injected clients' network, so that reverse-path checks and routes know it.
     ip -n $b route add 10.77.128.0/17 via 10.77.1.2
-    : >"$work/results"
-    for round in $(seq "$ROUNDS"); do
-        for peer in $PEERS; do
-            start_peer "$peer"
-            wait_forwarding -s 10 "$target" ip netns exec $c || {
-                cat "$work/udplb.log" 2>/dev/null >&2
-                die "$peer does not forward"
-            }
-            line=$(measure_new_flows)
-            stop_peer "$peer"
-            echo "$line" >>"$work/results"
-            echo "  [$peer $round] $line" >&2
-        done
+fi
+: >"$work/results"
+for round in $(seq "$ROUNDS"); do
+    for peer in $PEERS; do
+        start_peer "$peer"
+        wait_forwarding -s 10 "$target" ip netns exec $c || {
+            cat "$work/udplb.log" 2>/dev/null >&2
+            die "$peer does not forward"
+        }
+        line=$($measure)
+        stop_peer "$peer"
+        echo "$line" >>"$work/results"
+        echo "  [$peer $round] $line" >&2
     done
+done
+
+if [[ -n $NEW_FLOWS ]]; then
     python3 - "$work/results" "$(getconf CLK_TCK)" <<'EOF'
 import json, statistics, sys
 ticks_per_s = int(sys.argv[2])
@@ -280,24 +295,6 @@ for peer, rs in rows.items():
 EOF
     exit 0
 fi
-
-: >"$work/results"
-for round in $(seq "$ROUNDS"); do
-    for peer in $PEERS; do
-        start_peer "$peer"
-        wait_forwarding -s 10 "$target" ip netns exec $c || {
-            cat "$work/udplb.log" 2>/dev/null >&2
-            die "$peer does not forward"
-        }
-        before=$(busy_ticks)
-        out=$(ip netns exec $c "$BENCH" load --target "$target" --flows "$FLOWS" \
-            --outstanding "$OUTSTANDING" --duration "$DURATION" --warmup 1s --json)
-        after=$(busy_ticks)
-        stop_peer "$peer"
-        echo "$peer $((after - before)) $out" >>"$work/results"
-        echo "  [$peer $round] $out" >&2
-    done
-done
 
 python3 - "$work/results" "$(getconf CLK_TCK)" "$(seconds "$DURATION" 1)" <<'EOF'
 import json, statistics, sys

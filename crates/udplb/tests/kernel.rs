@@ -1918,20 +1918,12 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
     );
 }
 
-/// Direct server return and the MTU: a datagram (DF set, as Linux sends UDP) that fits the
-/// clients' links but not once encapsulated is dropped, counted (`too_big`) and answered with
-/// ICMP fragmentation needed, from the listener's address, with 20 bytes less: the client's
-/// kernel learns the path MTU and its next try, fragmented to fit, is answered. A 3,000-byte
-/// datagram goes through whole, each fragment encapsulated to the backend its first went to.
-#[test]
-fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
-    let Some(mut topo) = Topology::build("ulbv") else {
-        return;
-    };
+/// A topology whose backend host takes IP in IP (`udplb decap`) and answers the clients itself,
+/// and udplb forwarding to it by dsr; None (the test skipped) when it cannot be set up.
+fn dsr_to_the_backend_host(prefix: &str) -> Option<Topology> {
+    let mut topo = Topology::build(prefix)?;
     let t = topo.t;
-    if topo.dsr_backend_host().is_none() {
-        return;
-    }
+    topo.dsr_backend_host()?;
     let vip = topo.vip();
     topo.start_udplb_with(
         "",
@@ -1940,9 +1932,20 @@ fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
             vip.port()
         ),
     );
-    if topo.without_the_program() {
+    (!topo.without_the_program()).then_some(topo)
+}
+
+/// Direct server return and the MTU: a datagram (DF set, as Linux sends UDP) that fits the
+/// clients' links but not once encapsulated is dropped, counted (`too_big`) and answered with
+/// ICMP fragmentation needed, from the listener's address, with 20 bytes less: the client's
+/// kernel learns the path MTU and its next try, fragmented to fit, is answered. A 3,000-byte
+/// datagram goes through whole, each fragment encapsulated to the backend its first went to.
+#[test]
+fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
+    let Some(topo) = dsr_to_the_backend_host("ulbv") else {
         return;
-    }
+    };
+    let vip = topo.vip();
     let small = topo.clients(1, 1);
     assert_eq!(small.len(), 1, "{}", topo.api("/stats")["kernel"]);
     // 1,470 bytes: 1,498 on the wire, 1,518 encapsulated, over the 1,500 of the backends' link.
@@ -1964,24 +1967,10 @@ fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
 /// the MTU instead: `dsr_tells_the_client_the_path_mtu_and_carries_fragments`.)
 #[test]
 fn dsr_cuts_datagrams_without_df_too_big_once_encapsulated() {
-    let Some(mut topo) = Topology::build("ulfd") else {
+    let Some(topo) = dsr_to_the_backend_host("ulfd") else {
         return;
     };
-    let t = topo.t;
-    if topo.dsr_backend_host().is_none() {
-        return;
-    }
     let vip = topo.vip();
-    topo.start_udplb_with(
-        "",
-        &format!(
-            "backends = [\"10.98.{t}.2:{}\"]\nforwarding = \"dsr\"\n",
-            vip.port()
-        ),
-    );
-    if topo.without_the_program() {
-        return;
-    }
     // 1,470 bytes: 1,498 on the wire, 1,518 encapsulated: one cut (the client's checksum left
     // to veth's offload: completed by the program). 3,000 bytes: fragments of 1,500, 1,500
     // and 68 bytes from the client, the first two cut once each. Then 1,470 bytes again with
