@@ -458,10 +458,8 @@ static __noinline int too_big6(struct __sk_buff *skb, struct bpf_fib_lookup *fib
 	    bpf_skb_change_tail(skb, ETH_HLEN + sizeof(struct ip6hdr) + body, 0))
 		return TC_ACT_SHOT;
 	// The checksum over the pseudo header, the ICMPv6 header and the quote.
-	__u32 c = (__u32)bpf_csum_diff(0, 0, (__be32 *)msg, offsetof(struct too_big6_msg, ip), 0);
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	msg->icmp.checksum = (__u16)~c;
+	msg->icmp.checksum =
+		~fold(bpf_csum_diff(0, 0, (__be32 *)msg, offsetof(struct too_big6_msg, ip), 0));
 	if (bpf_skb_store_bytes(skb, IP6_OFF, &msg->ip, sizeof(msg->ip), 0) ||
 	    bpf_skb_store_bytes(skb, L4_6_OFF, &msg->icmp, sizeof(msg->icmp), 0))
 		return TC_ACT_SHOT;

@@ -733,14 +733,19 @@ shot:
 	return TC_ACT_SHOT;
 }
 
-// The IP checksum of a 20-byte header (its checksum field zero).
-static __always_inline __u16 ip_checksum(struct iphdr *ip)
+// A 32-bit one's-complement sum (as bpf_csum_diff gives it) folded to 16 bits.
+static __always_inline __u16 fold(__u64 sum)
 {
-	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0);
 	__u32 c = (__u32)sum;
 	c = (c & 0xffff) + (c >> 16);
 	c = (c & 0xffff) + (c >> 16);
-	return (__u16)~c;
+	return (__u16)c;
+}
+
+// The IP checksum of a 20-byte header (its checksum field zero).
+static __always_inline __u16 ip_checksum(struct iphdr *ip)
+{
+	return ~fold(bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
 }
 
 // Path MTU discovery: the datagram (DF set) will not fit the route onward (or, for direct
@@ -760,10 +765,7 @@ static __always_inline int frag_needed(struct __sk_buff *skb, __u32 to, __u32 fr
 	struct icmphdr icmp = {.type = ICMP_DEST_UNREACH, .code = 4, .rest = bpf_htonl(mtu)};
 	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&icmp, sizeof(icmp), 0);
 	sum = bpf_csum_diff(0, 0, (__be32 *)quote, quoted, (__u32)sum);
-	__u32 c = (__u32)sum;
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	icmp.checksum = (__u16)~c;
+	icmp.checksum = ~fold(sum);
 	struct iphdr ip = {
 		.version = 4,
 		.ihl = 5,
@@ -975,14 +977,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct cut_scratch);
 } cut_scratch SEC(".maps");
-
-static __always_inline __u16 fold(__u64 sum)
-{
-	__u32 c = (__u32)sum;
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	return (__u16)c;
-}
 
 // The one's-complement sum (unfolded, as bpf_csum_diff gives it) of `len` bytes of the packet
 // from `off` on top of `sum`, the last chunk padded with zeros; -1 when they cannot be read
