@@ -92,28 +92,9 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         .iter()
         .map(|&i| cfg.listeners[i].max_flows)
         .fold(0u32, u32::saturating_add);
-    let forwarding_off = |family: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/{family}/conf/all/forwarding"))
-            .is_ok_and(|f| f.trim() == "0")
-    };
     let on_ipv4 = |&i: &usize| cfg.listeners[i].address.ip().to_canonical().is_ipv4();
-    let (ipv4, ipv6) = (wanted.iter().any(on_ipv4), !wanted.iter().all(on_ipv4));
-    if ipv4 && forwarding_off("ipv4") {
-        tracing::warn!(
-            "kernel data plane: net.ipv4.ip_forward is 0, so only backends on this host are \
-             reached (the program's route lookups need forwarding on, with nat and masquerade \
-             alike: datagrams for other hosts are dropped as no_route); set \
-             net.ipv4.ip_forward=1"
-        );
-    }
-    if ipv6 && forwarding_off("ipv6") {
-        tracing::warn!(
-            "kernel data plane: net.ipv6.conf.all.forwarding is 0, so an IPv6 listener reaches \
-             only backends on this host (datagrams for other hosts are dropped as no_route); \
-             set net.ipv6.conf.all.forwarding=1"
-        );
-    }
-    let pin_dir = pin_dir(cfg);
+    let pin = pin_dir(cfg);
+    let pin_dir = pin.as_ref().ok().cloned();
     let limit_cells = limit_layout(cfg, wanted);
     let cells: u32 = limit_cells
         .iter()
@@ -130,14 +111,30 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
             )
         }),
     );
-    let mut kernel = udplb_kernel::Kernel::load(sizes, cells, pin_dir.as_deref())?;
-    if let Some(dir) = &pin_dir {
-        hand_to_runtime_user(cfg, dir);
-        tracing::info!(
-            directory = %dir.display(),
-            "kernel data plane: the flow map is kept there (flows continue across restarts \
-             and upgrades)"
+    if !crate::preflight::can_load_bpf() {
+        // Said plainly, rather than as the first map the kernel refuses to create.
+        anyhow::bail!(
+            "this process has neither root nor CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN, which \
+             loading the program needs"
         );
+    }
+    let mut kernel = udplb_kernel::Kernel::load(sizes, cells, pin_dir.as_deref())?;
+    // Said only now that the program loaded: where it cannot, `auto` falls back with one line.
+    warn_if_not_forwarding(cfg, wanted);
+    match &pin {
+        Ok(dir) => {
+            hand_to_runtime_user(cfg, dir);
+            tracing::info!(
+                directory = %dir.display(),
+                "kernel data plane: the flow map is kept there (flows continue across \
+                 restarts and upgrades)"
+            );
+        }
+        Err(dir) => tracing::warn!(
+            directory = %dir.display(),
+            "kernel data plane: not on a bpf file system, so the flow map is not kept across \
+             restarts and upgrades (mount -t bpf bpf /sys/fs/bpf, or set runtime.bpf_dir)"
+        ),
     }
     let mut interfaces: Vec<String> = wanted
         .iter()
@@ -173,28 +170,50 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     })
 }
 
+/// Warns when the program's route lookups will find no forwarding (per family of the kernel
+/// listeners).
+fn warn_if_not_forwarding(cfg: &Config, wanted: &[usize]) {
+    let forwarding_off = |family: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/{family}/conf/all/forwarding"))
+            .is_ok_and(|f| f.trim() == "0")
+    };
+    let on_ipv4 = |&i: &usize| cfg.listeners[i].address.ip().to_canonical().is_ipv4();
+    let (ipv4, ipv6) = (wanted.iter().any(on_ipv4), !wanted.iter().all(on_ipv4));
+    if ipv4 && forwarding_off("ipv4") {
+        tracing::warn!(
+            "kernel data plane: net.ipv4.ip_forward is 0, so only backends on this host are \
+             reached (the program's route lookups need forwarding on, with nat and masquerade \
+             alike: datagrams for other hosts are dropped as no_route); set \
+             net.ipv4.ip_forward=1"
+        );
+    }
+    if ipv6 && forwarding_off("ipv6") {
+        tracing::warn!(
+            "kernel data plane: net.ipv6.conf.all.forwarding is 0, so an IPv6 listener reaches \
+             only backends on this host (datagrams for other hosts are dropped as no_route); \
+             set net.ipv6.conf.all.forwarding=1"
+        );
+    }
+}
+
 /// Where the flow map is pinned: `runtime.bpf_dir` when it is on a bpf file system (created
-/// when missing); `None` otherwise, said once (flows then start afresh with each process).
-fn pin_dir(cfg: &Config) -> Option<std::path::PathBuf> {
+/// when missing); otherwise `Err` with that directory, which the caller says once the program
+/// has loaded (flows then start afresh with each process).
+fn pin_dir(cfg: &Config) -> Result<std::path::PathBuf, std::path::PathBuf> {
     let dir = cfg
         .runtime
         .bpf_dir
         .clone()
         .unwrap_or_else(|| udplb_config::defaults::BPF_DIR.into());
     // The nearest existing directory decides the file system.
-    let existing = dir.ancestors().find(|d| d.exists())?;
-    match nix::sys::statfs::statfs(existing) {
-        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC => Some(dir),
-        _ => {
-            tracing::warn!(
-                directory = %dir.display(),
-                "kernel data plane: not on a bpf file system, so the flow map is not kept \
-                 across restarts and upgrades (mount -t bpf bpf /sys/fs/bpf, or set \
-                 runtime.bpf_dir)"
-            );
-            None
-        }
-    }
+    let on_bpf_fs = dir
+        .ancestors()
+        .find(|d| d.exists())
+        .is_some_and(|existing| {
+            nix::sys::statfs::statfs(existing)
+                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+        });
+    if on_bpf_fs { Ok(dir) } else { Err(dir) }
 }
 
 /// Gives the pinned flow map to the user udplb switches to, so that an upgrade's successor

@@ -50,7 +50,7 @@ fn kernel_problems(cfg: &Config, out: &mut Vec<Problem>) {
 }
 
 /// Whether this process may load and attach eBPF programs.
-fn can_load_bpf() -> bool {
+pub(crate) fn can_load_bpf() -> bool {
     if Uid::effective().is_root() {
         return true;
     }

@@ -1327,6 +1327,10 @@ fn dataplane_auto_without_privileges_serves_with_sockets() {
         let said = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(answered, "no answer from {listen}: {said}");
         assert!(said.contains("serves with sockets"), "{said}");
+        // One clear line: nothing about forwarding or the bpf file system of a kernel data
+        // plane that does not run.
+        assert_eq!(said.matches("kernel data plane").count(), 1, "{said}");
+        assert!(said.contains("neither root nor CAP_BPF"), "{said}");
     }
 }
 
