@@ -1016,9 +1016,9 @@ static __always_inline int no_longer_partial(struct __sk_buff *skb, struct cut_s
 // may have left it to the hardware (a local or container client, over loopback or veth:
 // the field holds the pseudo header's sum only, the skb is CHECKSUM_PARTIAL), and once cut,
 // neither a NIC nor the stack can finish it (it covers every fragment). Then it is summed
-// here, written, and the skb no longer marked partial. A checksum that is neither whole nor
-// partial (damaged on the way) is left as it is: the backend drops the datagram, as it would
-// without udplb. Returns 0, or -1 when it cannot be done.
+// here, written, and the skb no longer marked partial. A field that is not the pseudo
+// header's sum is taken as whole without summing (a damaged one stays damaged: the backend
+// drops the datagram, as it would without udplb). Returns 0, or -1 when it cannot be done.
 static __always_inline int complete_udp_checksum(struct __sk_buff *skb, struct cut_scratch *room)
 {
 	struct iphdr *ip = &room->ip;
@@ -1034,11 +1034,13 @@ static __always_inline int complete_udp_checksum(struct __sk_buff *skb, struct c
 	__s64 pseudo = bpf_csum_diff(0, 0, (__be32 *)room->pseudo, sizeof(room->pseudo), 0);
 	if (pseudo < 0)
 		return -1;
+	if (field != fold(pseudo))
+		return 0; // not the pseudo header's sum alone: whole (or damaged), nothing to sum
 	__s64 sum = sum_bytes(skb, room, UDP_OFF, udp_len, pseudo);
 	if (sum < 0)
 		return -1;
-	if (fold(sum) == 0xffff || field != fold(pseudo))
-		return 0; // whole already, or damaged
+	if (fold(sum) == 0xffff)
+		return 0; // whole after all (1 in 65,536 equals that sum)
 	__u16 whole = ~fold((__u32)fold(sum) + (__u16)~field);
 	if (!whole)
 		whole = 0xffff;
