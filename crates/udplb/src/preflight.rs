@@ -99,7 +99,7 @@ pub fn problems(cfg: &Config, stage: Stage) -> Vec<Problem> {
         kernel_problems(cfg, &mut out);
     }
     if let (Stage::Start, Some(s)) = (stage, &cfg.sync)
-        && let Err(why) = crate::token::read(&s.key_file)
+        && let Err(why) = crate::token::read_key(&s.key_file)
     {
         out.push(problem("sync.key_file", why));
     }

@@ -62,13 +62,23 @@ pub fn bearer(value: &[u8]) -> Option<&[u8]> {
 /// cannot read, holding one token of at least [`MIN_LEN`] visible ASCII characters (surrounding
 /// white space, such as the final newline, is ignored). `Err` says what is wrong.
 pub fn read(path: &Path) -> Result<Token, String> {
+    read_secret(path, "token")
+}
+
+/// Reads a key (`[sync] key_file`) as [`read`] reads a token; errors say "key".
+pub fn read_key(path: &Path) -> Result<Token, String> {
+    read_secret(path, "key")
+}
+
+/// [`read`], naming what the file holds `what` in its errors.
+fn read_secret(path: &Path, what: &str) -> Result<Token, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
     }
     if meta.mode() & 0o004 != 0 {
         return Err(format!(
-            "{} is readable by every user (mode {:04o}): the token would be no secret \
+            "{} is readable by every user (mode {:04o}): the {what} would be no secret \
              (chmod o-r, and let only udplb's user or group read it)",
             path.display(),
             meta.mode() & 0o7777
@@ -76,7 +86,7 @@ pub fn read(path: &Path) -> Result<Token, String> {
     }
     if meta.len() > MAX_FILE {
         return Err(format!(
-            "{} is larger than {MAX_FILE} bytes: a token file holds one token",
+            "{} is larger than {MAX_FILE} bytes: a {what} file holds one {what}",
             path.display()
         ));
     }
@@ -84,14 +94,14 @@ pub fn read(path: &Path) -> Result<Token, String> {
     let token = bytes.trim_ascii();
     if let Some(&bad) = token.iter().find(|b| !b.is_ascii_graphic()) {
         return Err(format!(
-            "{} holds more than one token, or a character that is not visible ASCII (byte \
+            "{} holds more than one {what}, or a character that is not visible ASCII (byte \
              {bad:#04x})",
             path.display()
         ));
     }
     if token.len() < MIN_LEN {
         return Err(format!(
-            "{} holds a token of {} characters; at least {MIN_LEN} are needed (e.g. \
+            "{} holds a {what} of {} characters; at least {MIN_LEN} are needed (e.g. \
              `head -c 32 /dev/urandom | base64 > FILE`)",
             path.display(),
             token.len()
@@ -154,6 +164,15 @@ mod tests {
         );
         assert!(error(&dir).contains("not a regular file"));
         assert!(error(&dir.join("absent")).contains("No such file"));
+        // A sync key file is read the same way, and its errors say "key".
+        let key_error = read_key(&file("key", "secret\n", 0o600))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            key_error.contains("holds a key of 6 characters"),
+            "{key_error}"
+        );
+        assert!(read_key(&good).is_ok());
         let _ = std::fs::remove_dir_all(dir);
     }
 }

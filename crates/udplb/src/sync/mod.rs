@@ -90,7 +90,7 @@ pub fn bind(
     sync: &FlowSync,
     inherited: Option<std::net::UdpSocket>,
 ) -> anyhow::Result<(std::net::UdpSocket, Key)> {
-    let secret = crate::token::read(&sync.key_file)
+    let secret = crate::token::read_key(&sync.key_file)
         .map_err(|why| anyhow::anyhow!("sync.key_file: {why}"))?;
     let socket = match inherited {
         Some(s) => s,
