@@ -249,6 +249,10 @@ NFT
     run_bg "$work/peer.log" bash -c 'trap "nft delete table ip udplb_compare; exit 0" TERM; sleep infinity & wait'
 }
 
+# An interrupted run leaves no DNAT behind (its process killed before it could delete it).
+no_nftables_left() { nft delete table ip udplb_compare 2>/dev/null || true; }
+[[ " $PEERS " == *" nftables "* ]] && cleanup_hooks+=(no_nftables_left)
+
 # start_peer PEER PORT -> pid of the balancer (pinned to CPU 1), or nothing if unavailable
 # (it runs in a command substitution: the caller adds the pid to pids).
 start_peer() {

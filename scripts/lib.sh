@@ -45,10 +45,13 @@ BENCH=${BENCH:-target/release/udplb-bench}
 
 work=$(mktemp -d)
 pids=()
+# Functions a script adds to undo what no process of its own holds (run at exit, in order).
+cleanup_hooks=()
 cleanup() {
-    local p
+    local p h
     for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    for h in "${cleanup_hooks[@]}"; do "$h" || true; done
     rm -rf "$work"
 }
 trap cleanup EXIT
