@@ -36,7 +36,8 @@
 # answers. New flows/s is what reached the backend host's veth (its rx counter) per second:
 # for kernel (and datagram) a placement each, for nftables a new conntrack entry each, for
 # direct plain routing (no state: the ceiling). CPU per new flow as above. kernel's listener
-# gets max_flows = MAX_FLOWS (1000000), so the run also fills its flow map. CLIENTS (16000000)
+# gets max_flows = MAX_FLOWS (1000000), so the run also fills its flow map. direct6 and
+# kernel6 inject IPv6 clients. CLIENTS (16000000)
 # distinct clients are sent from before one repeats: a small number (CLIENTS=64) makes the same
 # open loop run over established flows instead (what each mode costs per datagram, with no
 # endpoint in the way).
@@ -233,8 +234,10 @@ measure_new_flows() {
     ip netns exec $k tc filter add dev kb ingress bpf direct-action obj "$work/forward.o" sec tc/drop
     arrived_before=$(ip netns exec $k cat /sys/class/net/kb/statistics/rx_packets)
     before=$(busy_ticks)
+    local first=10.77.128.0
+    [[ $target == \[* ]] && first=fd00:77:128::
     out=$(ip netns exec $c "$BENCH" inject --interface cb --gateway-mac "$(ip netns exec $b cat /sys/class/net/bc/address)" \
-        --target "$target" --first-source 10.77.128.0 --clients "$CLIENTS" --threads 2 --duration "$DURATION")
+        --target "$target" --first-source $first --clients "$CLIENTS" --threads 2 --duration "$DURATION")
     after=$(busy_ticks)
     arrived_after=$(ip netns exec $k cat /sys/class/net/kb/statistics/rx_packets)
     ip netns exec $k tc qdisc del dev kb clsact
@@ -254,8 +257,9 @@ measure_closed_loop() {
 measure=measure_closed_loop
 if [[ -n $NEW_FLOWS ]]; then
     measure=measure_new_flows
-    # The injected clients' network, so that reverse-path checks and routes know it.
+    # The injected clients' networks, so that reverse-path checks and routes know them.
     ip -n $b route add 10.77.128.0/17 via 10.77.1.2
+    ip -n $b -6 route add fd00:77:128::/64 via fd00:77:1::2
 fi
 : >"$work/results"
 for round in $(seq "$ROUNDS"); do
@@ -284,12 +288,14 @@ for line in open(sys.argv[1]):
     r["cpu_ns_per_flow"] = int(ticks) / ticks_per_s * 1e9 / int(arrived) if int(arrived) else None
     rows.setdefault(peer, []).append(r)
 med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)
-base = med(rows["direct"], "flows_per_sec") if "direct" in rows else None
+# Against direct of the peer's family (direct6 for the IPv6 peers).
+direct_of = lambda peer: "direct6" if peer.endswith("6") else "direct"
+base = lambda peer: med(rows[direct_of(peer)], "flows_per_sec") if direct_of(peer) in rows else None
 # Each datagram a new flow unless `repeated` (clients sent from more than once).
 print(f"{'peer':>10} {'datagrams/s':>12} {'x direct':>9} {'sent/s':>10} {'cpu_ns/dgram':>12} {'repeated':>9}")
 for peer, rs in rows.items():
     fps = med(rs, "flows_per_sec")
-    ratio = f"{fps / base:.2f}" if base else "-"
+    ratio = f"{fps / base(peer):.2f}" if base(peer) else "-"
     print(f"{peer:>10} {fps:>12.0f} {ratio:>9} {med(rs, 'sent_per_sec'):>10.0f} "
           f"{med(rs, 'cpu_ns_per_flow'):>12.0f} {str(any(r['clients_repeated'] for r in rs)):>9}")
 EOF
@@ -308,11 +314,13 @@ for line in open(sys.argv[1]):
     r["cpu_ns_per_reply"] = int(ticks) / ticks_per_s * 1e9 / replies if replies else None
     rows.setdefault(peer, []).append(r)
 med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)
-base = med(rows["direct"], "replies_per_sec") if "direct" in rows else None
+# Against direct of the peer's family (direct6 for the IPv6 peers).
+direct_of = lambda peer: "direct6" if peer.endswith("6") else "direct"
+base = lambda peer: med(rows[direct_of(peer)], "replies_per_sec") if direct_of(peer) in rows else None
 print(f"{'peer':>10} {'replies/s':>10} {'x direct':>9} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/reply':>13} {'lost':>6}")
 for peer, rs in rows.items():
     rps = med(rs, "replies_per_sec")
-    ratio = f"{rps / base:.2f}" if base else "-"
+    ratio = f"{rps / base(peer):.2f}" if base(peer) else "-"
     print(f"{peer:>10} {rps:>10.0f} {ratio:>9} {med(rs, 'p50_us'):>7.0f} {med(rs, 'p99_us'):>7.0f} "
           f"{med(rs, 'cpu_ns_per_reply'):>13.0f} {sum(r['lost'] for r in rs):>6}")
 EOF

@@ -6,13 +6,14 @@
 //! [`FrameSender`]) to a next hop's MAC address. Client `i` of `--clients` is the source
 //! `first + i / 64512` : `1024 + i % 64512`; each thread takes every `threads`-th client, so no
 //! two datagrams of a run share a client until all have sent once (the report says whether
-//! that happened). Every frame carries valid IPv4 and UDP checksums, as a NIC's traffic would.
+//! that happened). Every frame carries valid IP (IPv4 or IPv6, as the target) and UDP
+//! checksums, as a NIC's traffic would.
 //!
 //! Prints one JSON object: frames sent, per second, and send errors. Counting what arrived is
 //! the caller's (the receiving interface's counters), as is dropping it there.
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -23,9 +24,7 @@ use udplb_sys::packet::{FrameSender, MAX_BATCH};
 use crate::parse_duration;
 
 const ETH_LEN: usize = 14;
-const IP_LEN: usize = 20;
 const UDP_LEN: usize = 8;
-const HEADERS: usize = ETH_LEN + IP_LEN + UDP_LEN;
 /// Source ports per source address (1024 to 65535).
 const PORTS: u32 = 65536 - 1024;
 
@@ -38,12 +37,12 @@ pub struct InjectArgs {
     /// The next hop's MAC address (the balancer's interface on this link).
     #[arg(long)]
     pub gateway_mac: String,
-    /// Where every datagram goes.
+    /// Where every datagram goes (IPv4 or IPv6).
     #[arg(long)]
-    pub target: SocketAddrV4,
-    /// The first client's source address.
+    pub target: SocketAddr,
+    /// The first client's source address (of the target's family).
     #[arg(long)]
-    pub first_source: Ipv4Addr,
+    pub first_source: IpAddr,
     /// Distinct clients (source address and port pairs) before one repeats.
     #[arg(long, default_value_t = 16_000_000)]
     pub clients: u32,
@@ -72,15 +71,12 @@ pub fn run(args: &InjectArgs) -> anyhow::Result<()> {
     if args.size > 1400 {
         bail!("--size must be at most 1400 bytes");
     }
+    if args.first_source.is_ipv4() != args.target.is_ipv4() {
+        bail!("--first-source and --target must be of one family");
+    }
     let source_mac = read_mac(&format!("/sys/class/net/{}/address", args.interface))?;
     let gateway_mac = parse_mac(&args.gateway_mac)?;
-    let template = frame_template(
-        source_mac,
-        gateway_mac,
-        *args.target.ip(),
-        args.target.port(),
-        args.size,
-    );
+    let template = frame_template(source_mac, gateway_mac, args.target, args.size);
     let start = Instant::now();
     let totals = thread::scope(|scope| {
         let workers: Vec<_> = (0..args.threads)
@@ -135,57 +131,85 @@ fn send_for(args: &InjectArgs, template: &[u8], thread: u32) -> anyhow::Result<S
 }
 
 /// Client `i`'s source address and port.
-fn client_source(first: Ipv4Addr, i: u32) -> (Ipv4Addr, u16) {
-    let address = Ipv4Addr::from(u32::from(first).wrapping_add(i / PORTS));
+fn client_source(first: IpAddr, i: u32) -> (IpAddr, u16) {
+    let address = match first {
+        IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(i / PORTS).into()),
+        IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(u128::from(i / PORTS)).into()),
+    };
     (address, (1024 + i % PORTS) as u16)
 }
 
-/// An Ethernet + IPv4 + UDP frame to `target`, the source still to be set.
+/// The IP header's length in the frame (by its version).
+fn ip_len(frame: &[u8]) -> usize {
+    if frame[ETH_LEN] >> 4 == 4 { 20 } else { 40 }
+}
+
+/// An Ethernet + IP + UDP frame to `target`, the source still to be set.
 fn frame_template(
     source_mac: [u8; 6],
     gateway_mac: [u8; 6],
-    target: Ipv4Addr,
-    port: u16,
+    target: SocketAddr,
     size: usize,
 ) -> Vec<u8> {
-    let mut f = vec![0u8; HEADERS + size];
+    let ip_len = if target.is_ipv4() { 20 } else { 40 };
+    let headers = ETH_LEN + ip_len + UDP_LEN;
+    let mut f = vec![0u8; headers + size];
     f[0..6].copy_from_slice(&gateway_mac);
     f[6..12].copy_from_slice(&source_mac);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[ETH_LEN..ETH_LEN + IP_LEN];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((IP_LEN + UDP_LEN + size) as u16).to_be_bytes());
-    ip[6] = 0x40; // DF
-    ip[8] = 64; // TTL
-    ip[9] = 17; // UDP
-    ip[16..20].copy_from_slice(&target.octets());
-    let udp = &mut f[ETH_LEN + IP_LEN..HEADERS];
-    udp[2..4].copy_from_slice(&port.to_be_bytes());
+    let ethertype: u16 = if target.is_ipv4() { 0x0800 } else { 0x86dd };
+    f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    let ip = &mut f[ETH_LEN..ETH_LEN + ip_len];
+    match target.ip() {
+        IpAddr::V4(to) => {
+            ip[0] = 0x45;
+            ip[2..4].copy_from_slice(&((ip_len + UDP_LEN + size) as u16).to_be_bytes());
+            ip[6] = 0x40; // DF
+            ip[8] = 64; // TTL
+            ip[9] = 17; // UDP
+            ip[16..20].copy_from_slice(&to.octets());
+        }
+        IpAddr::V6(to) => {
+            ip[0] = 0x60;
+            ip[4..6].copy_from_slice(&((UDP_LEN + size) as u16).to_be_bytes());
+            ip[6] = 17; // UDP
+            ip[7] = 64; // hop limit
+            ip[24..40].copy_from_slice(&to.octets());
+        }
+    }
+    let udp = &mut f[ETH_LEN + ip_len..headers];
+    udp[2..4].copy_from_slice(&target.port().to_be_bytes());
     udp[4..6].copy_from_slice(&((UDP_LEN + size) as u16).to_be_bytes());
-    for (i, b) in f[HEADERS..].iter_mut().enumerate() {
+    for (i, b) in f[headers..].iter_mut().enumerate() {
         *b = i as u8;
     }
     f
 }
 
-/// Sets the frame's source address and port and both checksums.
-fn set_source(frame: &mut [u8], address: Ipv4Addr, port: u16) {
-    frame[ETH_LEN + 12..ETH_LEN + 16].copy_from_slice(&address.octets());
-    frame[ETH_LEN + 10..ETH_LEN + 12].fill(0);
-    let ip_sum = checksum(0, &frame[ETH_LEN..ETH_LEN + IP_LEN]);
-    frame[ETH_LEN + 10..ETH_LEN + 12].copy_from_slice(&ip_sum.to_be_bytes());
-    let udp = ETH_LEN + IP_LEN;
+/// Sets the frame's source address and port and the checksums (IPv4's header and UDP's).
+fn set_source(frame: &mut [u8], address: IpAddr, port: u16) {
+    let ip = ETH_LEN;
+    let ip_len = ip_len(frame);
+    let udp = ip + ip_len;
+    // The pseudo header's addresses; the protocol and the UDP length are added below.
+    let addresses = match address {
+        IpAddr::V4(a) => {
+            frame[ip + 12..ip + 16].copy_from_slice(&a.octets());
+            frame[ip + 10..ip + 12].fill(0);
+            let ip_sum = checksum(0, &frame[ip..udp]);
+            frame[ip + 10..ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
+            sum_words(0, &frame[ip + 12..ip + 20])
+        }
+        IpAddr::V6(a) => {
+            frame[ip + 8..ip + 24].copy_from_slice(&a.octets());
+            sum_words(0, &frame[ip + 8..ip + 40])
+        }
+    };
+    let udp_len = u16::from_be_bytes([frame[udp + 4], frame[udp + 5]]);
     frame[udp..udp + 2].copy_from_slice(&port.to_be_bytes());
     frame[udp + 6..udp + 8].fill(0);
-    // The pseudo header: both addresses, the protocol and the UDP length.
-    let mut pseudo = [0u8; 12];
-    pseudo[0..8].copy_from_slice(&frame[ETH_LEN + 12..ETH_LEN + 20]);
-    pseudo[9] = 17;
-    pseudo[10..12].copy_from_slice(&frame[udp + 4..udp + 6]);
-    let partial = sum_words(0, &pseudo);
-    let mut udp_sum = checksum(partial, &frame[udp..]);
+    let mut udp_sum = checksum(addresses + 17 + u32::from(udp_len), &frame[udp..]);
     if udp_sum == 0 {
-        udp_sum = 0xffff; // zero means "no checksum" in IPv4
+        udp_sum = 0xffff; // zero means "no checksum" (IPv4) or is not allowed (IPv6)
     }
     frame[udp + 6..udp + 8].copy_from_slice(&udp_sum.to_be_bytes());
 }
@@ -232,30 +256,50 @@ fn parse_mac(text: &str) -> anyhow::Result<[u8; 6]> {
 mod tests {
     use super::*;
 
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     /// A frame whose checksums verify: summed with their checksum fields, both come to 0xffff.
     #[test]
-    fn frames_carry_valid_checksums() {
-        let mut f = frame_template([2; 6], [4; 6], Ipv4Addr::new(10, 0, 0, 1), 53, 33);
-        set_source(&mut f, Ipv4Addr::new(10, 1, 2, 3), 40000);
-        assert_eq!(checksum(0, &f[ETH_LEN..ETH_LEN + IP_LEN]), 0);
+    fn ipv4_frames_carry_valid_checksums() {
+        let mut f = frame_template([2; 6], [4; 6], "10.0.0.1:53".parse().unwrap(), 33);
+        set_source(&mut f, Ipv4Addr::new(10, 1, 2, 3).into(), 40000);
+        assert_eq!(checksum(0, &f[ETH_LEN..ETH_LEN + 20]), 0);
         let mut pseudo = [0u8; 12];
         pseudo[0..8].copy_from_slice(&f[ETH_LEN + 12..ETH_LEN + 20]);
         pseudo[9] = 17;
-        pseudo[10..12].copy_from_slice(&f[ETH_LEN + IP_LEN + 4..ETH_LEN + IP_LEN + 6]);
-        assert_eq!(checksum(sum_words(0, &pseudo), &f[ETH_LEN + IP_LEN..]), 0);
+        pseudo[10..12].copy_from_slice(&f[ETH_LEN + 24..ETH_LEN + 26]);
+        assert_eq!(checksum(sum_words(0, &pseudo), &f[ETH_LEN + 20..]), 0);
         assert_eq!(&f[ETH_LEN + 12..ETH_LEN + 16], &[10, 1, 2, 3]);
         assert_eq!(u16::from_be_bytes([f[34], f[35]]), 40000);
     }
 
     #[test]
+    fn ipv6_frames_carry_a_valid_udp_checksum() {
+        let mut f = frame_template([2; 6], [4; 6], "[fd00::1]:53".parse().unwrap(), 33);
+        let source: Ipv6Addr = "fd00:77:128::5".parse().unwrap();
+        set_source(&mut f, source.into(), 40000);
+        assert_eq!(u16::from_be_bytes([f[12], f[13]]), 0x86dd);
+        assert_eq!(&f[ETH_LEN + 8..ETH_LEN + 24], &source.octets());
+        // The pseudo header: both addresses, the UDP length (32 bits), the next header.
+        let udp = ETH_LEN + 40;
+        let mut pseudo = [0u8; 40];
+        pseudo[0..32].copy_from_slice(&f[ETH_LEN + 8..ETH_LEN + 40]);
+        pseudo[34..36].copy_from_slice(&f[udp + 4..udp + 6]);
+        pseudo[39] = 17;
+        assert_eq!(checksum(sum_words(0, &pseudo), &f[udp..]), 0);
+        assert_eq!(u16::from_be_bytes([f[udp], f[udp + 1]]), 40000);
+    }
+
+    #[test]
     fn clients_wrap_ports_then_addresses() {
-        let first = Ipv4Addr::new(10, 77, 128, 0);
+        let first = IpAddr::from(Ipv4Addr::new(10, 77, 128, 0));
         assert_eq!(client_source(first, 0), (first, 1024));
         assert_eq!(client_source(first, PORTS - 1), (first, 65535));
-        assert_eq!(
-            client_source(first, PORTS),
-            (Ipv4Addr::new(10, 77, 128, 1), 1024)
-        );
+        let next = IpAddr::from(Ipv4Addr::new(10, 77, 128, 1));
+        assert_eq!(client_source(first, PORTS), (next, 1024));
+        let first6: IpAddr = "fd00:77:128::".parse().unwrap();
+        let next6: IpAddr = "fd00:77:128::1".parse().unwrap();
+        assert_eq!(client_source(first6, PORTS), (next6, 1024));
     }
 
     #[test]
