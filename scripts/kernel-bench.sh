@@ -244,14 +244,16 @@ measure_new_flows() {
     echo "$peer $((after - before)) $((arrived_after - arrived_before)) $out"
 }
 
-# One peer's closed loop: replies/s and the CPU both CPUs spent meanwhile.
+# One peer's closed loop: the CPU both CPUs spent over the 1 s warmup and the measured window,
+# and the replies in that time (at the measured rate).
 measure_closed_loop() {
-    local before after out
+    local before after out replies
     before=$(busy_ticks)
     out=$(ip netns exec $c "$BENCH" load --target "$target" --flows "$FLOWS" \
         --outstanding "$OUTSTANDING" --duration "$DURATION" --warmup 1s --json)
     after=$(busy_ticks)
-    echo "$peer $((after - before)) $out"
+    replies=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(round(r["replies_per_sec"] * (r["duration_s"] + 1)))' "$out")
+    echo "$peer $((after - before)) $replies $out"
 }
 
 measure=measure_closed_loop
@@ -276,51 +278,33 @@ for round in $(seq "$ROUNDS"); do
     done
 done
 
-if [[ -n $NEW_FLOWS ]]; then
-    python3 - "$work/results" "$(getconf CLK_TCK)" <<'EOF'
+# One summary for both modes: per peer the medians, the rate against direct of its family
+# (direct6 for the IPv6 peers) and both CPUs' busy time per counted datagram or reply.
+python3 - "$work/results" "$(getconf CLK_TCK)" "${NEW_FLOWS:+open}" <<'EOF'
 import json, statistics, sys
-ticks_per_s = int(sys.argv[2])
+ticks_per_s, open_loop = int(sys.argv[2]), sys.argv[3] == "open"
 rows = {}
 for line in open(sys.argv[1]):
-    peer, ticks, arrived, js = line.split(" ", 3)
+    peer, ticks, counted, js = line.split(" ", 3)
     r = json.loads(js)
-    r["flows_per_sec"] = int(arrived) / r["duration_s"]
-    r["cpu_ns_per_flow"] = int(ticks) / ticks_per_s * 1e9 / int(arrived) if int(arrived) else None
+    r["rate"] = r["replies_per_sec"] if "replies_per_sec" in r else int(counted) / r["duration_s"]
+    r["cpu_ns"] = int(ticks) / ticks_per_s * 1e9 / int(counted) if int(counted) else None
     rows.setdefault(peer, []).append(r)
 med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)
-# Against direct of the peer's family (direct6 for the IPv6 peers).
 direct_of = lambda peer: "direct6" if peer.endswith("6") else "direct"
-base = lambda peer: med(rows[direct_of(peer)], "flows_per_sec") if direct_of(peer) in rows else None
-# Each datagram a new flow unless `repeated` (clients sent from more than once).
-print(f"{'peer':>10} {'datagrams/s':>12} {'x direct':>9} {'sent/s':>10} {'cpu_ns/dgram':>12} {'repeated':>9}")
+base = lambda peer: med(rows[direct_of(peer)], "rate") if direct_of(peer) in rows else None
+if open_loop:
+    # Each datagram a new flow unless `repeated` (clients sent from more than once).
+    print(f"{'peer':>10} {'datagrams/s':>12} {'x direct':>9} {'sent/s':>10} {'cpu_ns/dgram':>12} {'repeated':>9}")
+else:
+    print(f"{'peer':>10} {'replies/s':>12} {'x direct':>9} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/reply':>12} {'lost':>6}")
 for peer, rs in rows.items():
-    fps = med(rs, "flows_per_sec")
-    ratio = f"{fps / base(peer):.2f}" if base(peer) else "-"
-    print(f"{peer:>10} {fps:>12.0f} {ratio:>9} {med(rs, 'sent_per_sec'):>10.0f} "
-          f"{med(rs, 'cpu_ns_per_flow'):>12.0f} {str(any(r['clients_repeated'] for r in rs)):>9}")
-EOF
-    exit 0
-fi
-
-python3 - "$work/results" "$(getconf CLK_TCK)" "$(seconds "$DURATION" 1)" <<'EOF'
-import json, statistics, sys
-ticks_per_s, window = int(sys.argv[2]), float(sys.argv[3])
-rows = {}
-for line in open(sys.argv[1]):
-    peer, ticks, js = line.split(" ", 2)
-    r = json.loads(js)
-    # Busy CPU over the warmup and the measured window, per reply in that time.
-    replies = r["replies_per_sec"] * window
-    r["cpu_ns_per_reply"] = int(ticks) / ticks_per_s * 1e9 / replies if replies else None
-    rows.setdefault(peer, []).append(r)
-med = lambda rs, k: statistics.median(r[k] for r in rs if r[k] is not None)
-# Against direct of the peer's family (direct6 for the IPv6 peers).
-direct_of = lambda peer: "direct6" if peer.endswith("6") else "direct"
-base = lambda peer: med(rows[direct_of(peer)], "replies_per_sec") if direct_of(peer) in rows else None
-print(f"{'peer':>10} {'replies/s':>10} {'x direct':>9} {'p50_us':>7} {'p99_us':>7} {'cpu_ns/reply':>13} {'lost':>6}")
-for peer, rs in rows.items():
-    rps = med(rs, "replies_per_sec")
-    ratio = f"{rps / base(peer):.2f}" if base(peer) else "-"
-    print(f"{peer:>10} {rps:>10.0f} {ratio:>9} {med(rs, 'p50_us'):>7.0f} {med(rs, 'p99_us'):>7.0f} "
-          f"{med(rs, 'cpu_ns_per_reply'):>13.0f} {sum(r['lost'] for r in rs):>6}")
+    rate = med(rs, "rate")
+    ratio = f"{rate / base(peer):.2f}" if base(peer) else "-"
+    if open_loop:
+        print(f"{peer:>10} {rate:>12.0f} {ratio:>9} {med(rs, 'sent_per_sec'):>10.0f} "
+              f"{med(rs, 'cpu_ns'):>12.0f} {str(any(r['clients_repeated'] for r in rs)):>9}")
+    else:
+        print(f"{peer:>10} {rate:>12.0f} {ratio:>9} {med(rs, 'p50_us'):>7.0f} {med(rs, 'p99_us'):>7.0f} "
+              f"{med(rs, 'cpu_ns'):>12.0f} {sum(r['lost'] for r in rs):>6}")
 EOF
