@@ -126,6 +126,8 @@ pub const MASQUERADE_PORTS: crate::model::PortRange = crate::model::PortRange {
     first: 61_000,
     last: 65_535,
 };
+/// The backends' UDP port for `encapsulation = "gue"` (`gue_port`): katran's.
+pub const GUE_PORT: u16 = 6080;
 /// Longest interface name (`IFNAMSIZ` less the terminating NUL).
 pub const INTERFACE_NAME_MAX: usize = 15;
 

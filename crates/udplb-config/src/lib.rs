@@ -18,7 +18,7 @@ mod rules;
 
 pub use error::{ConfigError, ConfigErrors, Positions};
 pub use model::{
-    Admin, Announce, BackendConfig, Config, Dataplane, Expect, FlowSync, Forwarding, HealthCheck,
-    ListenerConfig, PoolConfig, PortRange, Probe, Runtime,
+    Admin, Announce, BackendConfig, Config, Dataplane, Encapsulation, Expect, FlowSync, Forwarding,
+    HealthCheck, ListenerConfig, PoolConfig, PortRange, Probe, Runtime,
 };
 pub use parse::{MAX_FILE_SIZE, load, load_with_positions, parse, parse_with_positions};

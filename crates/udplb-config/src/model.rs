@@ -225,6 +225,42 @@ impl Forwarding {
     }
 }
 
+/// How `forwarding = "dsr"` carries a datagram to its backend (per pool, `encapsulation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Encapsulation {
+    /// Inside an IP header of the listener's family (IP in IP, IPv6 in IPv6), as LVS-TUN
+    /// (default).
+    #[default]
+    Ipip,
+    /// Inside an IP and a UDP header to the pool's `gue_port` (GUE variant 1, as katran and
+    /// the kernel's fou take it): through networks that pass only UDP and TCP, and spread
+    /// over a backend NIC's queues by the client (RSS).
+    Gue,
+}
+
+impl Encapsulation {
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encapsulation::Ipip => "ipip",
+            Encapsulation::Gue => "gue",
+        }
+    }
+}
+
+impl FromStr for Encapsulation {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        match s {
+            "ipip" => Ok(Encapsulation::Ipip),
+            "gue" => Ok(Encapsulation::Gue),
+            _ => Err(UnknownName {
+                expected: "ipip, gue",
+            }),
+        }
+    }
+}
+
 /// A range of UDP ports, `"FIRST-LAST"` (`masquerade_ports`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRange {
@@ -373,6 +409,11 @@ pub struct PoolConfig {
     /// The balancer's source ports for `forwarding = "masquerade"` (`masquerade_ports`);
     /// `None`: [`defaults::MASQUERADE_PORTS`].
     pub masquerade_ports: Option<PortRange>,
+    /// How `forwarding = "dsr"` encapsulates (`encapsulation`); `None`: IP in IP.
+    pub encapsulation: Option<Encapsulation>,
+    /// The backends' port for `encapsulation = "gue"` (`gue_port`); `None`:
+    /// [`defaults::GUE_PORT`].
+    pub gue_port: Option<u16>,
 }
 
 impl PoolConfig {
@@ -398,12 +439,21 @@ impl PoolConfig {
             payload_key: None,
             forwarding: Forwarding::Nat,
             masquerade_ports: None,
+            encapsulation: None,
+            gue_port: None,
         }
     }
 
     /// The balancer's source ports when the pool masquerades.
     pub fn masquerade_ports(&self) -> PortRange {
         self.masquerade_ports.unwrap_or(defaults::MASQUERADE_PORTS)
+    }
+
+    /// The UDP port `forwarding = "dsr"` sends to when it encapsulates in GUE; `None` for IP
+    /// in IP (and for the other forwarding methods).
+    pub fn gue_port(&self) -> Option<u16> {
+        (self.forwarding == Forwarding::Dsr && self.encapsulation == Some(Encapsulation::Gue))
+            .then(|| self.gue_port.unwrap_or(defaults::GUE_PORT))
     }
 }
 

@@ -21,8 +21,8 @@ use udplb_core::{
 
 use crate::error::{ConfigError, ConfigErrors, Lines, Positions, enclosing};
 use crate::model::{
-    Admin, Announce, BackendConfig, Config, Dataplane, FlowSync, Forwarding, HealthCheck,
-    ListenerConfig, PoolConfig, PortRange, Runtime,
+    Admin, Announce, BackendConfig, Config, Dataplane, Encapsulation, FlowSync, Forwarding,
+    HealthCheck, ListenerConfig, PoolConfig, PortRange, Runtime,
 };
 use crate::{defaults, rules};
 
@@ -106,6 +106,8 @@ const POOL_KEYS: &[&str] = &[
     "payload_key",
     "forwarding",
     "masquerade_ports",
+    "encapsulation",
+    "gue_port",
 ];
 const PAYLOAD_KEY_KEYS: &[&str] = &[
     "kind",
@@ -932,6 +934,10 @@ impl<'a> Reader<'a> {
         pool.masquerade_ports = self.optional(t, key, "masquerade_ports", |r, k, v| {
             r.named(k, v, PortRange::from_str)
         });
+        pool.encapsulation = self.optional(t, key, "encapsulation", |r, k, v| {
+            r.named(k, v, Encapsulation::from_str)
+        });
+        pool.gue_port = self.ranged(t, key, "gue_port", 1..=u16::MAX);
         Some(pool)
     }
 

@@ -10,7 +10,9 @@ use udplb_core::payload::KeySpec;
 use udplb_core::{BackendSpec, ProxyHeader, SchedulerKind, SessionMode};
 
 use crate::defaults;
-use crate::model::{Config, FlowSync, Forwarding, HealthCheck, ListenerConfig, PoolConfig};
+use crate::model::{
+    Config, Encapsulation, FlowSync, Forwarding, HealthCheck, ListenerConfig, PoolConfig,
+};
 
 /// A broken rule, located by key path.
 #[derive(Debug)]
@@ -665,6 +667,21 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfi
     }
     if p.forwarding == Forwarding::Dsr {
         check_dsr_ports(out, p, listeners);
+    }
+    if p.encapsulation.is_some() && p.forwarding != Forwarding::Dsr {
+        out.push(problem(
+            format!("pools.{}.encapsulation", p.name),
+            format!(
+                "only with forwarding = \"dsr\" (this pool forwards with {:?})",
+                p.forwarding.name()
+            ),
+        ));
+    }
+    if p.gue_port.is_some() && p.encapsulation != Some(Encapsulation::Gue) {
+        out.push(problem(
+            format!("pools.{}.gue_port", p.name),
+            "only with encapsulation = \"gue\" (and forwarding = \"dsr\")",
+        ));
     }
     if p.masquerade_ports.is_some() && p.forwarding != Forwarding::Masquerade {
         out.push(problem(

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use udplb_config::{ConfigErrors, Dataplane, FlowSync, Forwarding, parse};
+use udplb_config::{ConfigErrors, Dataplane, Encapsulation, FlowSync, Forwarding, parse};
 use udplb_core::payload::KeySpec;
 use udplb_core::snapshot::AdminState;
 use udplb_core::{Affinity, SchedulerKind, SessionMode};
@@ -1158,6 +1158,58 @@ fn dsr_backends_serve_the_listeners_port() {
         only_message(&with_dataplane("kernel", KERNEL_LISTENER, other)),
         "10.0.1.2:5353: with forwarding = \"dsr\" a backend serves the listener's own port (53 \
          of listeners.l): the datagram reaches it unchanged"
+    );
+}
+
+/// `encapsulation = "gue"`: dsr in UDP to `gue_port` (6080 unless given); both keys only where
+/// they apply, each error at its line.
+#[test]
+fn gue_encapsulation_needs_dsr_and_its_port_needs_gue() {
+    let dsr = format!("{KERNEL_BACKENDS}\nforwarding = \"dsr\"");
+    let pool = |extra: &str| with_dataplane("kernel", KERNEL_LISTENER, &format!("{dsr}\n{extra}"));
+    let cfg = parse(&pool(""), "t.toml").unwrap();
+    assert_eq!(
+        (cfg.pools[0].encapsulation, cfg.pools[0].gue_port()),
+        (None, None)
+    );
+    let cfg = parse(&pool("encapsulation = \"ipip\""), "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].encapsulation, Some(Encapsulation::Ipip));
+    assert_eq!(cfg.pools[0].gue_port(), None);
+    let cfg = parse(&pool("encapsulation = \"gue\""), "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].gue_port(), Some(6080));
+    let cfg = parse(&pool("encapsulation = \"gue\"\ngue_port = 5555"), "t.toml").unwrap();
+    assert_eq!(cfg.pools[0].gue_port(), Some(5555));
+    for (bad, why) in [
+        (
+            "encapsulation = \"vxlan\"",
+            "t.toml:8:17: pools.p.encapsulation: \"vxlan\": expected one of: ipip, gue",
+        ),
+        (
+            "encapsulation = \"gue\"\ngue_port = 0",
+            "t.toml:9:12: pools.p.gue_port: 0 is out of range 1..=65535",
+        ),
+        (
+            "encapsulation = \"gue\"\ngue_port = \"6080\"",
+            "t.toml:9:12: pools.p.gue_port: ",
+        ),
+    ] {
+        let text = errors(&pool(bad)).to_string();
+        assert!(text.contains(why), "{bad}: {text}");
+    }
+    assert_eq!(
+        only_message(&pool("gue_port = 5555")),
+        "only with encapsulation = \"gue\" (and forwarding = \"dsr\")"
+    );
+    let nat = format!("{KERNEL_BACKENDS}\nencapsulation = \"gue\"");
+    let src = with_dataplane("kernel", KERNEL_LISTENER, &nat);
+    assert_eq!(
+        only_message(&src),
+        "only with forwarding = \"dsr\" (this pool forwards with \"nat\")"
+    );
+    assert!(
+        errors(&src).to_string().contains("t.toml:7:"),
+        "{}",
+        errors(&src)
     );
 }
 

@@ -1,21 +1,23 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 //
 // The backend's side of udplb's `forwarding = "dsr"`: a tc program at ingress of a backend's
-// interface that takes the outer IP header off what a udplb balancer encapsulated (IP in IP,
-// as LVS-TUN does, or IPv6 in IPv6), so that the stack delivers the client's own datagram, to the listener's
-// address the backend holds (on its loopback), and the backend answers the client directly.
-// For backends without the kernel's ipip module (or that would rather not have a tunnel
-// device); `udplb decap` loads it.
+// interface that takes the outer headers off what a udplb balancer encapsulated (IP in IP, as
+// LVS-TUN does, or IPv6 in IPv6; or either in UDP to a GUE port, as katran does), so that the
+// stack delivers the client's own datagram, to the listener's address the backend holds (on
+// its loopback), and the backend answers the client directly. For backends without the
+// kernel's ipip or fou modules (or that would rather not have a tunnel device); `udplb decap`
+// loads it.
 //
 // Owns: recognising an encapsulated datagram from a known balancer and decapsulating it.
-// Must not: accept IP in IP from any other source (anyone could otherwise hand the backend a
-// datagram claiming any client's address), or touch anything else.
+// Must not: accept an encapsulated datagram from any other source (anyone could otherwise hand
+// the backend a datagram claiming any client's address), or touch anything else.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
+#include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -39,6 +41,14 @@ struct {
 	__type(value, __u8);
 } balancers6 SEC(".maps");
 
+// The UDP ports (network order) GUE arrives on (`udplb decap --gue-port`).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u16);
+	__type(value, __u8);
+} gue_ports SEC(".maps");
+
 struct ip6hdr {
 	__u32 vtc_flow;
 	__u16 payload_len;
@@ -50,7 +60,7 @@ struct ip6hdr {
 
 #define NEXTHDR_IPV6 41
 
-// Per CPU: [0] decapsulated, [1] IP in IP from an unknown source (left to the stack).
+// Per CPU: [0] decapsulated, [1] encapsulated but from an unknown source (left to the stack).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 2);
@@ -65,13 +75,32 @@ static __always_inline void count(__u32 what)
 		*n += 1;
 }
 
-// IPv6 in IPv6 from a known balancer: the outer header taken off.
+// Whether `udp` (ending by `end`) is a GUE header: to a GUE port, an IP packet of `version`
+// right after it.
+static __always_inline int is_gue(struct udphdr *udp, void *end, __u8 version)
+{
+	__u8 *inner = (void *)(udp + 1);
+	if ((void *)(inner + 1) > end || (*inner >> 4) != version)
+		return 0;
+	__u16 port = udp->dest;
+	return bpf_map_lookup_elem(&gue_ports, &port) != 0;
+}
+
+// IPv6 in IPv6 (or in GUE) from a known balancer: the outer headers taken off.
 static __always_inline int decap6(struct __sk_buff *skb, void *data, void *end)
 {
 	struct ip6hdr *outer = data + sizeof(struct ethhdr);
-	if ((void *)(outer + 1) > end || outer->nexthdr != NEXTHDR_IPV6)
+	if ((void *)(outer + 1) > end)
 		return TC_ACT_OK;
-	struct ip6hdr *inner = (void *)(outer + 1);
+	__s32 headers = sizeof(struct ip6hdr);
+	if (outer->nexthdr == IPPROTO_UDP) {
+		if (!is_gue((void *)(outer + 1), end, 6))
+			return TC_ACT_OK;
+		headers += sizeof(struct udphdr);
+	} else if (outer->nexthdr != NEXTHDR_IPV6) {
+		return TC_ACT_OK;
+	}
+	struct ip6hdr *inner = (void *)outer + headers;
 	if ((void *)(inner + 1) > end || (bpf_ntohl(inner->vtc_flow) >> 28) != 6)
 		return TC_ACT_OK;
 	struct in6 from = outer->saddr;
@@ -79,7 +108,7 @@ static __always_inline int decap6(struct __sk_buff *skb, void *data, void *end)
 		count(1);
 		return TC_ACT_OK;
 	}
-	if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct ip6hdr), BPF_ADJ_ROOM_MAC, 0))
+	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0))
 		return TC_ACT_SHOT;
 	count(0);
 	return TC_ACT_OK;
@@ -98,10 +127,17 @@ int udplb_decap(struct __sk_buff *skb)
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	struct iphdr *outer = (void *)(eth + 1);
-	if ((void *)(outer + 1) > end || outer->ihl != 5 || outer->protocol != IPPROTO_IPIP ||
-	    (outer->frag_off & bpf_htons(0x3fff)))
+	if ((void *)(outer + 1) > end || outer->ihl != 5 || (outer->frag_off & bpf_htons(0x3fff)))
 		return TC_ACT_OK;
-	struct iphdr *inner = (void *)(outer + 1);
+	__s32 headers = sizeof(struct iphdr);
+	if (outer->protocol == IPPROTO_UDP) {
+		if (!is_gue((void *)(outer + 1), end, 4))
+			return TC_ACT_OK;
+		headers += sizeof(struct udphdr);
+	} else if (outer->protocol != IPPROTO_IPIP) {
+		return TC_ACT_OK;
+	}
+	struct iphdr *inner = (void *)outer + headers;
 	if ((void *)(inner + 1) > end || inner->version != 4)
 		return TC_ACT_OK;
 	__u32 from = outer->saddr;
@@ -109,7 +145,7 @@ int udplb_decap(struct __sk_buff *skb)
 		count(1);
 		return TC_ACT_OK;
 	}
-	if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct iphdr), BPF_ADJ_ROOM_MAC, 0))
+	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0))
 		return TC_ACT_SHOT;
 	count(0);
 	return TC_ACT_OK;

@@ -132,7 +132,10 @@ struct fragment6_key {
 };
 
 struct fragment6 {
-	struct in6 saddr; // the new source (all zero: kept)
+	union {
+		struct in6 saddr; // the new source (all zero: kept)
+		__u32 gue; // FRAGMENT_ENCAP: its GUE ports (`gue_ports6`), 0 for IPv6 in IPv6
+	};
 	struct in6 daddr; // the new destination (all zero: kept)
 	__u32 backend;
 	__u32 flags; // FRAGMENT_REPLY
@@ -216,8 +219,13 @@ struct packet6 {
 	// A request's backend, once chosen: its address, port, global index and flags.
 	struct in6 to_addr;
 	__u32 backend;
-	__u16 to_port;
-	__u16 bflags;
+	union {
+		struct {
+			__u16 to_port;
+			__u16 bflags;
+		};
+		__u32 gue; // dsr, once chosen: the GUE ports (`gue_ports6`), 0 for IPv6 in IPv6
+	};
 };
 
 static __always_inline int in6_is_zero(const struct in6 *a)
@@ -560,39 +568,66 @@ shot:
 	return TC_ACT_SHOT;
 }
 
-// The route to `to` for a packet of `tot_len` bytes once encapsulated, its source the one the
-// route chooses.
+// What encapsulation adds: an IPv6 header, and a UDP header for GUE (`gue` nonzero).
+static __always_inline __u16 overhead6(__u32 gue)
+{
+	return sizeof(struct ip6hdr) + (gue ? sizeof(struct udphdr) : 0);
+}
+
+// As `gue_ports`, for an IPv6 client.
+static __always_inline __u32 gue_ports6(const struct service *svc, const struct in6 *client,
+					__u16 cport)
+{
+	if (!(svc->flags & SERVICE_GUE))
+		return 0;
+	return gue_ports(svc, client->w[0] ^ client->w[1] ^ client->w[2] ^ client->w[3], cport);
+}
+
+// The route to `to` for a packet of `tot_len` bytes once encapsulated (`gue` as `gue_ports6`),
+// its source the one the route chooses.
 static __always_inline int route_encapsulated6(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
-					       struct in6 *to, __u16 tot_len)
+					       struct in6 *to, __u16 tot_len, __u32 gue)
 {
 	struct in6 any = {};
-	return route6_with(skb, fib, &any, to, tot_len + sizeof(struct ip6hdr), BPF_FIB_LOOKUP_SRC);
+	return route6_with(skb, fib, &any, to, tot_len + overhead6(gue), BPF_FIB_LOOKUP_SRC);
 }
 
 // Puts an IPv6 header from the route's source (`fib`, found as `rc` by `route_encapsulated6`)
-// to `to` in front of the packet of `tot_len` bytes, and sends it by that route; counted for
-// backend `b`.
+// to `to` in front of the packet of `tot_len` bytes, with a UDP header after it when `gue`
+// (GUE: its checksum 0, as RFC 6935 lets a tunnel's be), and sends it by that route; counted
+// for backend `b`.
 static __always_inline int encapsulated6(struct __sk_buff *skb, struct bpf_fib_lookup *fib,
-					 int rc, struct in6 *to, __u16 tot_len, __u32 b)
+					 int rc, struct in6 *to, __u16 tot_len, __u32 b, __u32 gue)
 {
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
 		count_drop(DROP_TOO_BIG);
 		return TC_ACT_SHOT;
 	}
-	struct ip6hdr outer = {.vtc_flow = bpf_htonl(0x60000000),
-			       .payload_len = bpf_htons(tot_len),
-			       .nexthdr = NEXTHDR_IPV6,
-			       .hop_limit = 64,
-			       .daddr = *to};
-	__builtin_memcpy(&outer.saddr, fib->ipv6_src, sizeof(outer.saddr));
+	__u16 udp_len = tot_len + sizeof(struct udphdr);
+	// One header at a time, in the same bytes of stack.
+	union {
+		struct ip6hdr ip;
+		struct udphdr udp;
+	} h = {.ip = {.vtc_flow = bpf_htonl(0x60000000),
+		      .payload_len = bpf_htons(gue ? udp_len : tot_len),
+		      .nexthdr = gue ? IPPROTO_UDP : NEXTHDR_IPV6,
+		      .hop_limit = 64,
+		      .daddr = *to}};
+	__builtin_memcpy(&h.ip.saddr, fib->ipv6_src, sizeof(h.ip.saddr));
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
-	    in6_is_zero(&outer.saddr)) {
+	    in6_is_zero(&h.ip.saddr)) {
 		count_drop(DROP_FIB);
 		return TC_ACT_SHOT;
 	}
-	if (bpf_skb_adjust_room(skb, sizeof(outer), BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_ENCAP_L3_IPV6) ||
-	    bpf_skb_store_bytes(skb, IP6_OFF, &outer, sizeof(outer), 0)) {
+	__u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV6 | (gue ? BPF_F_ADJ_ROOM_ENCAP_L4_UDP : 0);
+	int failed = bpf_skb_adjust_room(skb, overhead6(gue), BPF_ADJ_ROOM_MAC, flags) ||
+		     bpf_skb_store_bytes(skb, IP6_OFF, &h.ip, sizeof(h.ip), 0);
+	if (!failed && gue) {
+		h.udp = (struct udphdr){
+			.source = gue & 0xffff, .dest = gue >> 16, .len = bpf_htons(udp_len)};
+		failed = bpf_skb_store_bytes(skb, IP6_OFF + sizeof(h.ip), &h.udp, sizeof(h.udp), 0);
+	}
+	if (failed) {
 		count_drop(DROP_REWRITE);
 		return TC_ACT_SHOT;
 	}
@@ -601,22 +636,26 @@ static __always_inline int encapsulated6(struct __sk_buff *skb, struct bpf_fib_l
 }
 
 // Direct server return, IPv6: the datagram, untouched, inside an IPv6 header from the route's
-// source address to the chosen backend (IPv6 in IPv6), sent by the route (as `encapsulate`).
-// One that would exceed the route's MTU once encapsulated is answered with packet too big,
-// the MTU less 40 bytes, from the listener's address to the client.
+// source address to the chosen backend (IPv6 in IPv6, or in UDP when `p->gue`: GUE), sent by
+// the route (as `encapsulate`). One that would exceed the route's MTU once encapsulated is
+// answered with packet too big, the MTU less what encapsulation adds, from the listener's
+// address to the client.
 static __noinline int encapsulate6(struct __sk_buff *skb, struct packet6 *p)
 {
 	struct bpf_fib_lookup fib;
-	int rc = route_encapsulated6(skb, &fib, &p->to_addr, p->tot_len);
+	int rc = route_encapsulated6(skb, &fib, &p->to_addr, p->tot_len, p->gue);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
-		fib.mtu_result -= sizeof(struct ip6hdr);
+		fib.mtu_result -= overhead6(p->gue);
 		return too_big6(skb, &fib, &p->saddr, &p->daddr);
 	}
-	return encapsulated6(skb, &fib, rc, &p->to_addr, p->tot_len, p->backend);
+	return encapsulated6(skb, &fib, rc, &p->to_addr, p->tot_len, p->backend, p->gue);
 }
 
-// A later fragment (`p->frk` its key): rewritten (or encapsulated) as its first fragment was,
-// to where it went.
+#define TO_ENCAPSULATE -2 // `later_fragment6`: `p` filled in, for `encapsulate6`
+
+// A later fragment (`p->frk` its key): rewritten as its first fragment was, to where it went;
+// or, when its first fragment was encapsulated, `p` filled in for `encapsulate6` to do the
+// same (TO_ENCAPSULATE).
 static __noinline int later_fragment6(struct __sk_buff *skb, struct packet6 *p)
 {
 	struct fragment6_key *frk = &p->frk;
@@ -633,7 +672,8 @@ static __noinline int later_fragment6(struct __sk_buff *skb, struct packet6 *p)
 	if (fr->flags & FRAGMENT_ENCAP) {
 		p->to_addr = new_daddr;
 		p->backend = b;
-		return encapsulate6(skb, p);
+		p->gue = fr->gue;
+		return TO_ENCAPSULATE;
 	}
 	int keep_src = in6_is_zero(&new_saddr), keep_dst = in6_is_zero(&new_daddr);
 	struct bpf_fib_lookup fib;
@@ -981,8 +1021,9 @@ static __noinline int icmp6_about_reply(struct __sk_buff *skb)
 	__u16 bport = f->backend_port;
 	struct bpf_fib_lookup fib;
 	if (svc->flags & SERVICE_DSR) {
-		int rc = route_encapsulated6(skb, &fib, &backend, tot_len);
-		return encapsulated6(skb, &fib, rc, &backend, tot_len, NOT_COUNTED);
+		__u32 gue = gue_ports6(svc, &fk.client_addr, fk.client_port);
+		int rc = route_encapsulated6(skb, &fib, &backend, tot_len, gue);
+		return encapsulated6(skb, &fib, rc, &backend, tot_len, NOT_COUNTED, gue);
 	}
 	struct in6 local = {};
 	__u16 lport = 0;
@@ -1036,8 +1077,12 @@ static __noinline int ingress6(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		__u16 off = bpf_ntohs(fh->frag_off);
 		p.frk.id = fh->id;
-		if (off & 0xfff8)
-			return later_fragment6(skb, &p);
+		if (off & 0xfff8) {
+			int verdict = later_fragment6(skb, &p);
+			// Called from here, not from `later_fragment6`: the stack of the calls in
+			// a row stays within what a program has.
+			return verdict == TO_ENCAPSULATE ? encapsulate6(skb, &p) : verdict;
+		}
 		p.first_of_more = off & 1;
 		p.l4 += sizeof(struct frag6hdr);
 	} else if (ip->nexthdr != IPPROTO_UDP) {
@@ -1057,8 +1102,10 @@ static __noinline int ingress6(struct __sk_buff *skb)
 		if (svc->flags & SERVICE_MASQUERADE)
 			return masquerade6(skb, svc, &p);
 		if (svc->flags & SERVICE_DSR) {
+			p.gue = gue_ports6(svc, &p.saddr, p.sport);
 			if (p.first_of_more) {
-				struct fragment6 fr = {.daddr = p.to_addr,
+				struct fragment6 fr = {.gue = p.gue,
+						       .daddr = p.to_addr,
 						       .backend = p.backend,
 						       .flags = FRAGMENT_ENCAP};
 				bpf_map_update_elem(&fragments6, &p.frk, &fr, BPF_ANY);

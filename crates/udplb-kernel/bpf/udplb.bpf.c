@@ -7,7 +7,8 @@
 // kept: the backends route their replies through the balancer), masquerade (the source
 // rewritten as well, to a balancer address and a port of the pool's range: the backends answer
 // the balancer, wherever they are, this host included) or direct server return (the datagram
-// untouched, encapsulated IP in IP to the backend, which answers the client itself).
+// untouched, encapsulated to the backend, IP in IP or in UDP (GUE), which answers the client
+// itself).
 //
 // Owns: parsing, the placement (the same hash and Maglev table as udplb's socket path: user
 // space builds the table, this program indexes it), the flow map, checksums, TTL, counters.
@@ -51,6 +52,7 @@ struct service_key {
 #define SERVICE_ALLOW_LIST 4 // only clients in acl_allow are served
 #define SERVICE_MASQUERADE 8 // the source rewritten too, to a port of [port_base, +port_count)
 #define SERVICE_DSR 16 // encapsulated IP in IP to the backend, not rewritten
+#define SERVICE_GUE 32 // dsr: encapsulated in UDP to port `port_base` instead (GUE variant 1)
 
 // A listener's rate limits, as udplb's socket path counts them
 // (udplb_core::ratelimit): per key and one-second window, at most `limit`, in a count-min
@@ -67,7 +69,8 @@ struct service {
 	__u64 idle_ns; // a flow idle this long is placed anew
 	__u32 ring_size; // 0: no backend takes new flows
 	__u32 schedule_len; // datagram mode's round-robin schedule
-	__u16 port_base; // masquerade: the balancer's source ports (host order)
+	__u16 port_base; // masquerade: the balancer's source ports (host order); dsr with
+			 // SERVICE_GUE: the backends' GUE port (host order)
 	__u16 port_count;
 	__u32 pad;
 	__u32 limit[LIMITERS]; // per second and key (0: off)
@@ -191,7 +194,10 @@ struct fragment_key {
 #define FRAGMENT_ENCAP 2 // encapsulated to `daddr`, not rewritten
 
 struct fragment {
-	__u32 saddr; // the new source (0: kept)
+	union {
+		__u32 saddr; // the new source (0: kept)
+		__u32 gue; // FRAGMENT_ENCAP: its GUE ports (`gue_ports`), 0 for IP in IP
+	};
 	__u32 daddr; // the new destination (0: kept)
 	__u32 backend;
 	__u32 flags;
@@ -1096,25 +1102,27 @@ fail:
 	return TC_ACT_SHOT;
 }
 
-// Sends a UDP datagram without DF that would not fit the route's `mtu` once encapsulated to
-// `to_addr` (backend `b`) back in twice, to be cut into two fragments (see CUT_TAG): the
-// fragments' backend recorded, a copy marked for the part after the cut, the datagram itself
-// for the part before. Returns the verdict, or -1 when it cannot be cut.
-static __noinline int mark_for_cut(struct __sk_buff *skb, __u32 mtu, __u32 to_addr, __u32 b)
+// Sends a UDP datagram without DF that would not fit once encapsulated (only `fits` bytes of
+// it would) to `to_addr` (backend `b`, GUE ports `gue`) back in twice, to be cut into two
+// fragments (see CUT_TAG): the fragments' backend recorded, a copy marked for the part after
+// the cut, the datagram itself for the part before. Returns the verdict, or -1 when it cannot
+// be cut.
+static __noinline int mark_for_cut(struct __sk_buff *skb, __u32 fits, __u32 to_addr, __u32 b,
+				   __u32 gue)
 {
 	void *end = (void *)(long)skb->data_end;
 	struct iphdr *ip = (void *)(long)skb->data + ETH_HLEN;
 	if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP ||
-	    mtu < 2 * sizeof(struct iphdr) + 8)
+	    fits < sizeof(struct iphdr) + 8 || fits > 0xffff)
 		return -1;
-	__u32 units = (mtu - 2 * sizeof(struct iphdr)) / 8;
+	__u32 units = (fits - sizeof(struct iphdr)) / 8;
 	if (units > CUT_MAX / 8)
 		units = CUT_MAX / 8;
 	if (bpf_ntohs(ip->tot_len) <= sizeof(*ip) + units * 8 ||
 	    (bpf_ntohs(ip->frag_off) & 0x1fff) + units > 0x1fff)
 		return -1;
 	struct fragment_key frk = {.saddr = ip->saddr, .daddr = ip->daddr, .id = ip->id};
-	struct fragment fr = {.daddr = to_addr, .backend = b, .flags = FRAGMENT_ENCAP};
+	struct fragment fr = {.gue = gue, .daddr = to_addr, .backend = b, .flags = FRAGMENT_ENCAP};
 	if (bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY))
 		return -1;
 	skb->mark = CUT_TAG | units;
@@ -1127,43 +1135,78 @@ static __noinline int mark_for_cut(struct __sk_buff *skb, __u32 mtu, __u32 to_ad
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
+// GUE (variant 1: the IP packet right after the UDP header, as the kernel's fou takes it)
+// for client `client`:`cport` of `svc`, its ports as one word for `encapsulate` (destination
+// in the upper half, source in the lower, network order), or 0 when the service encapsulates
+// IP in IP. The source port, one of 49152-65535, is chosen by the client's address and port:
+// a backend's NIC spreads the flows over its queues (RSS) as it would the clients' own, and
+// every datagram of a flow takes the same one.
+static __always_inline __u32 gue_ports(const struct service *svc, __u32 client, __u16 cport)
+{
+	if (!(svc->flags & SERVICE_GUE))
+		return 0;
+	__u32 h = (client ^ ((__u32)cport << 16) ^ cport) * 0x9e3779b1;
+	__u16 sport = 0xc000 | (h >> 18);
+	return (__u32)bpf_htons(svc->port_base) << 16 | bpf_htons(sport);
+}
+
+struct outer_header {
+	struct iphdr ip;
+	struct udphdr udp; // GUE only
+};
+
 // Direct server return: the datagram, untouched, inside an IP header from the route's source
-// address to backend `to_addr` (IP in IP, as LVS-TUN), sent by the route. The backend takes
-// the header off and answers the client from the listener's address itself. One that would
-// exceed the route's MTU once encapsulated is, with DF, dropped (`too_big`) and its client
-// told the MTU less 20 bytes; without DF, cut into fragments that fit (`mark_for_cut`).
+// address to backend `to_addr` (IP in IP, as LVS-TUN), or inside an IP and a UDP header when
+// `gue` (`gue_ports`; GUE, as katran), sent by the route. The backend takes the headers off
+// and answers the client from the listener's address itself. One that would exceed the
+// route's MTU once encapsulated is, with DF, dropped (`too_big`) and its client told the MTU
+// less what encapsulation adds; without DF, cut into fragments that fit (`mark_for_cut`).
 static __always_inline int encapsulate(struct __sk_buff *skb, __u32 to_addr, __u32 b, __u16 tot_len,
-				       __u8 tos, __u32 client, __u32 vip, int dont_fragment)
+				       __u8 tos, __u32 client, __u32 vip, int dont_fragment,
+				       __u32 gue)
 {
 	struct bpf_fib_lookup fib;
-	__u16 outer_len = tot_len + sizeof(struct iphdr);
+	__u16 overhead = sizeof(struct iphdr) + (gue ? sizeof(struct udphdr) : 0);
+	__u16 outer_len = tot_len + overhead;
 	int rc = route_with(skb, &fib, 0, to_addr, outer_len, BPF_FIB_LOOKUP_SRC);
-	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !dont_fragment) {
-		int verdict = mark_for_cut(skb, fib.mtu_result, to_addr, b);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && !dont_fragment && fib.mtu_result > overhead) {
+		int verdict = mark_for_cut(skb, fib.mtu_result - overhead, to_addr, b, gue);
 		if (verdict >= 0)
 			return verdict;
 	}
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return too_big(skb, &fib, dont_fragment, client, vip, sizeof(struct iphdr));
+		return too_big(skb, &fib, dont_fragment, client, vip, overhead);
 	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) || !fib.ipv4_src) {
 		count_drop(DROP_FIB);
 		return TC_ACT_SHOT;
 	}
-	struct iphdr outer = {
-		.version = 4,
-		.ihl = 5,
-		.tos = tos,
-		.tot_len = bpf_htons(outer_len),
-		.frag_off = bpf_htons(0x4000), // DF: never fragmented on the way
-		.ttl = 64,
-		.protocol = IPPROTO_IPIP,
-		.saddr = fib.ipv4_src,
-		.daddr = to_addr,
+	struct outer_header outer = {
+		.ip =
+			{
+				.version = 4,
+				.ihl = 5,
+				.tos = tos,
+				.tot_len = bpf_htons(outer_len),
+				.frag_off = bpf_htons(0x4000), // DF: never fragmented on the way
+				.ttl = 64,
+				.protocol = gue ? IPPROTO_UDP : IPPROTO_IPIP,
+				.saddr = fib.ipv4_src,
+				.daddr = to_addr,
+			},
+		// Checksum 0: none (the datagram inside has its own).
+		.udp = {.source = gue & 0xffff,
+			.dest = gue >> 16,
+			.len = bpf_htons(tot_len + sizeof(struct udphdr))},
 	};
-	outer.check = ip_checksum(&outer);
-	if (bpf_skb_adjust_room(skb, sizeof(outer), BPF_ADJ_ROOM_MAC,
-				BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) ||
-	    bpf_skb_store_bytes(skb, IP_OFF, &outer, sizeof(outer), 0)) {
+	outer.ip.check = ip_checksum(&outer.ip);
+	int failed = gue ? bpf_skb_adjust_room(skb, sizeof(outer), BPF_ADJ_ROOM_MAC,
+					       BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+						       BPF_F_ADJ_ROOM_ENCAP_L4_UDP) ||
+				   bpf_skb_store_bytes(skb, IP_OFF, &outer, sizeof(outer), 0)
+			 : bpf_skb_adjust_room(skb, sizeof(outer.ip), BPF_ADJ_ROOM_MAC,
+					       BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) ||
+				   bpf_skb_store_bytes(skb, IP_OFF, &outer.ip, sizeof(outer.ip), 0);
+	if (failed) {
 		count_drop(DROP_REWRITE);
 		return TC_ACT_SHOT;
 	}
@@ -1239,7 +1282,8 @@ static __noinline int icmp_about_reply(struct __sk_buff *skb)
 	__u32 backend = f->backend_addr;
 	__u16 bport = f->backend_port;
 	if (svc->flags & SERVICE_DSR)
-		return encapsulate(skb, backend, NOT_COUNTED, tot_len, tos, 0, 0, 0);
+		return encapsulate(skb, backend, NOT_COUNTED, tot_len, tos, 0, 0, 0,
+				   gue_ports(svc, client, cport));
 	__u32 local = 0;
 	__u16 lport = 0;
 	int masqueraded = svc->flags & SERVICE_MASQUERADE;
@@ -1309,7 +1353,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		__u32 new_saddr = fr->saddr, new_daddr = fr->daddr, b = fr->backend;
 		int reply = fr->flags & FRAGMENT_REPLY;
 		if (fr->flags & FRAGMENT_ENCAP)
-			return encapsulate(skb, new_daddr, b, tot_len, tos, saddr, daddr, 0);
+			return encapsulate(skb, new_daddr, b, tot_len, tos, saddr, daddr, 0, fr->gue);
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, new_saddr ? new_saddr : saddr,
 			       new_daddr ? new_daddr : daddr, tot_len);
@@ -1403,12 +1447,16 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				bpf_map_update_elem(&flows, &fk, &nf, BPF_NOEXIST);
 		}
 		if (svc->flags & SERVICE_DSR) {
+			__u32 gue = gue_ports(svc, saddr, sport);
 			if (first_of_more) {
-				struct fragment fr = {
-					.daddr = to_addr, .backend = b, .flags = FRAGMENT_ENCAP};
+				struct fragment fr = {.gue = gue,
+						      .daddr = to_addr,
+						      .backend = b,
+						      .flags = FRAGMENT_ENCAP};
 				bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 			}
-			return encapsulate(skb, to_addr, b, tot_len, tos, saddr, daddr, frag & 0x4000);
+			return encapsulate(skb, to_addr, b, tot_len, tos, saddr, daddr, frag & 0x4000,
+					   gue);
 		}
 		if (svc->flags & SERVICE_MASQUERADE)
 			return masquerade(skb, svc, saddr, sport, daddr, dport, to_addr, to_port, b,

@@ -163,8 +163,9 @@ pub enum Method {
     Nat,
     /// The source rewritten too, to a balancer address and a port of `first..=last`.
     Masquerade { first: u16, last: u16 },
-    /// Direct server return: the datagram untouched, encapsulated IP in IP.
-    Dsr,
+    /// Direct server return: the datagram untouched, encapsulated IP in IP, or in UDP to
+    /// `gue_port` (GUE) when there is one.
+    Dsr { gue_port: Option<u16> },
 }
 
 impl Method {
@@ -173,7 +174,19 @@ impl Method {
         match self {
             Method::Nat => "nat",
             Method::Masquerade { .. } => "masquerade",
-            Method::Dsr => "dsr",
+            Method::Dsr { .. } => "dsr",
+        }
+    }
+
+    /// How dsr encapsulates, as udplb's configuration says it (`encapsulation`, with the port
+    /// for GUE); `None` for the other methods.
+    pub fn encapsulation(self) -> Option<String> {
+        match self {
+            Method::Dsr { gue_port: None } => Some("ipip".to_string()),
+            Method::Dsr {
+                gue_port: Some(port),
+            } => Some(format!("gue {port}")),
+            _ => None,
         }
     }
 }
@@ -279,7 +292,11 @@ pub struct Decap(());
 
 #[cfg(not(udplb_bpf))]
 impl Decap {
-    pub fn attach(_interfaces: &[String], _balancers: &[IpAddr]) -> Result<Decap, Error> {
+    pub fn attach(
+        _interfaces: &[String],
+        _balancers: &[IpAddr],
+        _gue_ports: &[u16],
+    ) -> Result<Decap, Error> {
         Err(Error::NotBuilt)
     }
     pub fn counts(&self) -> (u64, u64) {

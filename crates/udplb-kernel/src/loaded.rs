@@ -41,6 +41,7 @@ const SERVICE_BY_IP: u32 = 2;
 const SERVICE_ALLOW_LIST: u32 = 4;
 const SERVICE_MASQUERADE: u32 = 8;
 const SERVICE_DSR: u32 = 16;
+const SERVICE_GUE: u32 = 32;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -409,13 +410,17 @@ impl Kernel {
                 | match s.method {
                     Method::Nat => 0,
                     Method::Masquerade { .. } => SERVICE_MASQUERADE,
-                    Method::Dsr => SERVICE_DSR,
+                    Method::Dsr { gue_port: None } => SERVICE_DSR,
+                    Method::Dsr { gue_port: Some(_) } => SERVICE_DSR | SERVICE_GUE,
                 },
             idle_ns: s.idle.as_nanos().min(u128::from(u64::MAX)) as u64,
             ring_size: w.ring.len() as u32,
             schedule_len: w.schedule.len() as u32,
             port_base: match s.method {
                 Method::Masquerade { first, .. } => first,
+                Method::Dsr {
+                    gue_port: Some(port),
+                } => port,
                 _ => 0,
             },
             // At most 65535 (ports 1-65535).
@@ -625,8 +630,8 @@ fn backend_flags(b: &crate::Backend, method: Method) -> u16 {
 }
 
 /// The backends' side of direct server return: the decapsulating program, attached at
-/// ingress of a backend's interfaces, taking IP in IP from the given balancers only. Detached
-/// when dropped.
+/// ingress of a backend's interfaces, taking IP in IP (and GUE to the given ports) from the
+/// given balancers only. Detached when dropped.
 pub struct Decap {
     ebpf: Ebpf,
     links: Vec<SchedClassifierLinkId>,
@@ -634,8 +639,13 @@ pub struct Decap {
 }
 
 impl Decap {
-    /// Loads the program, admits `balancers`, attaches it to `interfaces`.
-    pub fn attach(interfaces: &[String], balancers: &[IpAddr]) -> Result<Decap, Error> {
+    /// Loads the program, admits `balancers` and GUE on `gue_ports`, attaches it to
+    /// `interfaces`.
+    pub fn attach(
+        interfaces: &[String],
+        balancers: &[IpAddr],
+        gue_ports: &[u16],
+    ) -> Result<Decap, Error> {
         let mut ebpf = EbpfLoader::new()
             .load(DECAP)
             .map_err(|e| Error::Load(e.to_string()))?;
@@ -653,6 +663,11 @@ impl Decap {
                 Wire::V6(addr) => admitted6.insert(addr, 1, 0),
             }
             .map_err(update_error)?;
+        }
+        let mut ports: BpfHashMap<MapData, u16, u8> =
+            BpfHashMap::try_from(take("gue_ports")?).map_err(update_error)?;
+        for &port in gue_ports {
+            ports.insert(port.to_be(), 1, 0).map_err(update_error)?;
         }
         let counts = PerCpuArray::try_from(
             ebpf.take_map("decap_counts")
@@ -680,7 +695,7 @@ impl Decap {
             );
         }
         // (The admitted balancers' maps live as long as the program.)
-        drop((admitted, admitted6));
+        drop((admitted, admitted6, ports));
         Ok(Decap {
             ebpf,
             links,
@@ -688,8 +703,8 @@ impl Decap {
         })
     }
 
-    /// Datagrams decapsulated, and IP in IP from others (left to the stack), summed over the
-    /// CPUs.
+    /// Datagrams decapsulated, and encapsulated ones from others (left to the stack), summed
+    /// over the CPUs.
     pub fn counts(&self) -> (u64, u64) {
         let n = |i: u32| {
             self.counts

@@ -139,10 +139,10 @@ enum Command {
         /// The command (run, ctl, check, completions); none: udplb(1).
         command: Option<String>,
     },
-    /// The backends' side of `forwarding = "dsr"`: take the IP-in-IP (or IPv6-in-IPv6) header
-    /// off what the given balancers send to this host, on the given interfaces, until SIGTERM or SIGINT
-    /// (for hosts without the kernel's ipip module). Needs root, or CAP_BPF, CAP_PERFMON and
-    /// CAP_NET_ADMIN.
+    /// The backends' side of `forwarding = "dsr"`: take the IP-in-IP (or IPv6-in-IPv6) header,
+    /// or the GUE headers, off what the given balancers send to this host, on the given
+    /// interfaces, until SIGTERM or SIGINT (for hosts without the kernel's ipip or fou modules).
+    /// Needs root, or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN.
     Decap {
         /// An interface the encapsulated datagrams arrive on (repeatable).
         #[arg(short, long = "interface", value_name = "NAME", required = true)]
@@ -152,6 +152,10 @@ enum Command {
         /// stack.
         #[arg(short, long = "balancer", value_name = "ADDRESS", required = true)]
         balancers: Vec<std::net::IpAddr>,
+        /// A UDP port GUE arrives on (the pool's `gue_port` with `encapsulation = "gue"`;
+        /// repeatable, at most 16): the balancers' UDP to it is decapsulated too.
+        #[arg(short, long = "gue-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+        gue_ports: Vec<u16>,
     },
     /// Validate a configuration file as `run` would, without binding anything: its rules, and
     /// that its user, group and programs (notify, exec checks) exist. Exit 0 if valid, 78 if not.
@@ -606,7 +610,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Decap {
             interfaces,
             balancers,
-        }) => Ok(crate::kernel::decap(&interfaces, &balancers)),
+            gue_ports,
+        }) => Ok(crate::kernel::decap(&interfaces, &balancers, &gue_ports)),
         Some(Command::Completions { shell }) => {
             // Rendered into memory first: the generator panics on a closed pipe.
             let mut out = Vec::new();

@@ -291,12 +291,12 @@ fn methods(cfg: &Config, wanted: &[usize]) -> Vec<udplb_kernel::Method> {
         .iter()
         .map(|&i| {
             let pool = cfg.pools.iter().find(|p| p.name == cfg.listeners[i].pool);
-            match pool.map(|p| (p.forwarding, p.masquerade_ports())) {
-                Some((Forwarding::Masquerade, r)) => udplb_kernel::Method::Masquerade {
+            match pool.map(|p| (p.forwarding, p.masquerade_ports(), p.gue_port())) {
+                Some((Forwarding::Masquerade, r, _)) => udplb_kernel::Method::Masquerade {
                     first: r.first,
                     last: r.last,
                 },
-                Some((Forwarding::Dsr, _)) => udplb_kernel::Method::Dsr,
+                Some((Forwarding::Dsr, _, gue_port)) => udplb_kernel::Method::Dsr { gue_port },
                 _ => udplb_kernel::Method::Nat,
             }
         })
@@ -484,9 +484,13 @@ fn networks(set: &udplb_core::acl::CidrSet) -> Vec<(IpAddr, u8)> {
     v4.chain(v6).collect()
 }
 
-/// `udplb decap`: the decapsulating program on `interfaces`, for `balancers`, until SIGTERM or
-/// SIGINT (the program is detached when this returns).
-pub fn decap(interfaces: &[String], balancers: &[IpAddr]) -> std::process::ExitCode {
+/// `udplb decap`: the decapsulating program on `interfaces`, for `balancers` (and GUE on
+/// `gue_ports`), until SIGTERM or SIGINT (the program is detached when this returns).
+pub fn decap(
+    interfaces: &[String],
+    balancers: &[IpAddr],
+    gue_ports: &[u16],
+) -> std::process::ExitCode {
     use nix::sys::signal::{SigSet, Signal};
     let mut stop = SigSet::empty();
     stop.add(Signal::SIGTERM);
@@ -495,7 +499,14 @@ pub fn decap(interfaces: &[String], balancers: &[IpAddr]) -> std::process::ExitC
         eprintln!("udplb decap: blocking signals: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    let decap = match udplb_kernel::Decap::attach(interfaces, balancers) {
+    if gue_ports.len() > 16 {
+        eprintln!(
+            "udplb decap: at most 16 GUE ports ({} given)",
+            gue_ports.len()
+        );
+        return std::process::ExitCode::FAILURE;
+    }
+    let decap = match udplb_kernel::Decap::attach(interfaces, balancers, gue_ports) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("udplb decap: {e}");
@@ -503,8 +514,14 @@ pub fn decap(interfaces: &[String], balancers: &[IpAddr]) -> std::process::ExitC
         }
     };
     let from: Vec<String> = balancers.iter().map(ToString::to_string).collect();
+    let gue: Vec<String> = gue_ports.iter().map(ToString::to_string).collect();
     eprintln!(
-        "udplb decap: taking IP in IP from {} on {}",
+        "udplb decap: taking IP in IP{} from {} on {}",
+        if gue.is_empty() {
+            String::new()
+        } else {
+            format!(" and GUE to port {}", gue.join(","))
+        },
         from.join(","),
         interfaces.join(",")
     );
@@ -606,6 +623,7 @@ impl KernelPlane {
                 serde_json::json!({
                     "listener": snap.listeners.get(li).map(|l| l.name.as_str()),
                     "forwarding": self.methods.get(id).map(|m| m.name()),
+                    "encapsulation": self.methods.get(id).and_then(|m| m.encapsulation()),
                     "backends": backends,
                 })
             })

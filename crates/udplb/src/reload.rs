@@ -187,20 +187,30 @@ fn tcp_changes(running: &Config, new: &Config) -> Vec<String> {
         .collect()
 }
 
-/// Kernel listeners whose forwarding (`forwarding`, `masquerade_ports` of their pool) or whose
-/// rate limits' table (limits or none, `table_size`) `new` changes: the kernel data plane sets
-/// them up, attaches to loopback for masquerade and sizes its cells, at start.
+/// Kernel listeners whose forwarding (`forwarding`, `masquerade_ports`, `encapsulation` and
+/// `gue_port` of their pool) or whose rate limits' table (limits or none, `table_size`) `new`
+/// changes: the kernel data plane sets them up, attaches to loopback for masquerade and sizes
+/// its cells, at start.
 fn kernel_forwarding_changes(running: &Config, new: &Config) -> Vec<String> {
     let forwarding = |cfg: &Config, l: &ListenerConfig| {
         cfg.pools
             .iter()
             .find(|p| p.name == l.pool)
-            .map(|p| (p.forwarding, p.masquerade_ports()))
+            .map(|p| (p.forwarding, p.masquerade_ports(), p.gue_port()))
     };
-    let describe = |f: Option<(udplb_config::Forwarding, udplb_config::PortRange)>| match f {
-        Some((udplb_config::Forwarding::Masquerade, ports)) => format!("masquerade {ports}"),
-        Some((f, _)) => f.name().to_string(),
-        None => "none".to_string(),
+    let describe = |f: Option<(
+        udplb_config::Forwarding,
+        udplb_config::PortRange,
+        Option<u16>,
+    )>| {
+        match f {
+            Some((udplb_config::Forwarding::Masquerade, ports, _)) => {
+                format!("masquerade {ports}")
+            }
+            Some((udplb_config::Forwarding::Dsr, _, Some(port))) => format!("dsr gue {port}"),
+            Some((f, _, _)) => f.name().to_string(),
+            None => "none".to_string(),
+        }
     };
     let table = |l: &ListenerConfig| match l.limits {
         Some(limits) => format!("{} cells", udplb_kernel::cells_per_row(limits.cells)),

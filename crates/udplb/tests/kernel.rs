@@ -185,6 +185,9 @@ struct Topology {
     backends: String,
     /// The listener, the backends and the clients on IPv6 ([`Topology::ipv6`]).
     v6: bool,
+    /// dsr encapsulates in GUE to this port, which the backend host takes (`udplb decap
+    /// --gue-port`); `None`: IP in IP.
+    gue: Option<u16>,
 }
 
 impl Topology {
@@ -272,6 +275,7 @@ impl Topology {
             clients: c,
             backends: k,
             v6: false,
+            gue: None,
         })
     }
 
@@ -567,6 +571,11 @@ impl Topology {
         .unwrap();
         self.net.keep(child);
         let log = self.net.dir.join("decap.log");
+        let gue: Vec<String> = self
+            .gue
+            .iter()
+            .flat_map(|p| ["--gue-port".to_string(), p.to_string()])
+            .collect();
         let child = Net::exec(&k, Path::new(env!("CARGO_BIN_EXE_udplb")))
             .args(["decap", "-i", "kb", "-b"])
             .arg(if self.v6 {
@@ -574,6 +583,7 @@ impl Topology {
             } else {
                 format!("10.98.{t}.1")
             })
+            .args(&gue)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -589,7 +599,24 @@ impl Topology {
             return None;
         }
         assert!(said().contains("taking IP in IP"), "{}", said());
+        if let Some(port) = self.gue {
+            assert!(
+                said().contains(&format!("and GUE to port {port}")),
+                "{}",
+                said()
+            );
+        }
         Some((pid, log))
+    }
+
+    /// The pool's keys for dsr, with GUE when the topology has it.
+    fn dsr_forwarding(&self) -> String {
+        match self.gue {
+            Some(port) => {
+                format!("forwarding = \"dsr\"\nencapsulation = \"gue\"\ngue_port = {port}\n")
+            }
+            None => "forwarding = \"dsr\"\n".to_string(),
+        }
     }
 
     /// An echo backend (tag `l`) on the balancer itself, on 127.0.0.1:7004 ([::1]:7004 on
@@ -1922,18 +1949,21 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
     );
 }
 
-/// A topology whose backend host takes IP in IP (`udplb decap`) and answers the clients itself,
-/// and udplb forwarding to it by dsr; None (the test skipped) when it cannot be set up.
-fn dsr_to_the_backend_host(prefix: &str) -> Option<Topology> {
+/// A topology whose backend host takes IP in IP (or GUE to `gue`: `udplb decap`) and answers
+/// the clients itself, and udplb forwarding to it by dsr; None (the test skipped) when it
+/// cannot be set up.
+fn dsr_to_the_backend_host(prefix: &str, gue: Option<u16>) -> Option<Topology> {
     let mut topo = Topology::build(prefix)?;
+    topo.gue = gue;
     let t = topo.t;
     topo.dsr_backend_host()?;
     let vip = topo.vip();
     topo.start_udplb_with(
         "",
         &format!(
-            "backends = [\"10.98.{t}.2:{}\"]\nforwarding = \"dsr\"\n",
-            vip.port()
+            "backends = [\"10.98.{t}.2:{}\"]\n{}",
+            vip.port(),
+            topo.dsr_forwarding()
         ),
     );
     (!topo.without_the_program()).then_some(topo)
@@ -1946,7 +1976,7 @@ fn dsr_to_the_backend_host(prefix: &str) -> Option<Topology> {
 /// datagram goes through whole, each fragment encapsulated to the backend its first went to.
 #[test]
 fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
-    let Some(topo) = dsr_to_the_backend_host("ulbv") else {
+    let Some(topo) = dsr_to_the_backend_host("ulbv", None) else {
         return;
     };
     let vip = topo.vip();
@@ -1971,16 +2001,35 @@ fn dsr_tells_the_client_the_path_mtu_and_carries_fragments() {
 /// the MTU instead: `dsr_tells_the_client_the_path_mtu_and_carries_fragments`.)
 #[test]
 fn dsr_cuts_datagrams_without_df_too_big_once_encapsulated() {
-    let Some(topo) = dsr_to_the_backend_host("ulfd") else {
+    cuts_datagrams_without_df("ulfd", None);
+}
+
+/// The same through GUE: 28 bytes added, not 20, and each fragment in UDP to the GUE port
+/// its datagram's first went to.
+#[test]
+fn gue_dsr_cuts_datagrams_without_df_too_big_once_encapsulated() {
+    cuts_datagrams_without_df("ulgf", Some(6080));
+}
+
+fn cuts_datagrams_without_df(prefix: &str, gue: Option<u16>) {
+    let Some(topo) = dsr_to_the_backend_host(prefix, gue) else {
         return;
     };
     let vip = topo.vip();
-    // 1,470 bytes: 1,498 on the wire, 1,518 encapsulated: one cut (the client's checksum left
+    // 1,448 bytes: 1,476 on the wire, 1,496 in IP in IP (no cut), 1,504 in GUE (one cut).
+    // 1,470 bytes: 1,498 on the wire, too big either way: one cut (the client's checksum left
     // to veth's offload: completed by the program). 3,000 bytes: fragments of 1,500, 1,500
     // and 68 bytes from the client, the first two cut once each. Then 1,470 bytes again with
     // the client's checksum whole, as a NIC's traffic arrives.
-    for (size, cuts) in [(1470, 1), (3000, 3), (1470, 4)] {
-        if cuts == 4 {
+    let first = u64::from(gue.is_some());
+    let steps = [
+        (1448, first),
+        (1470, first + 1),
+        (3000, first + 3),
+        (1470, first + 4),
+    ];
+    for (i, (size, cuts)) in steps.into_iter().enumerate() {
+        if i == steps.len() - 1 {
             let off = Net::exec(&topo.clients, Path::new("ethtool"))
                 .args(["-K", "cb", "tx", "off"])
                 .stdout(Stdio::null())
@@ -2000,6 +2049,176 @@ fn dsr_cuts_datagrams_without_df_too_big_once_encapsulated() {
         assert_eq!(stats["kernel"]["drops"]["too_big"], 0, "{stats}");
         assert_eq!(stats["kernel"]["cut_for_tunnel"], cuts, "{stats}");
     }
+}
+
+/// dsr in GUE (`encapsulation = "gue"`): each datagram in UDP from the balancer to the backend
+/// host's GUE port, which `udplb decap --gue-port` takes off; the backends see the clients and
+/// answer them directly. The source port, chosen by the client, is one of 49152-65535 (so a
+/// backend NIC spreads clients over its queues); the outer checksum is none (0). A client
+/// whose datagram would not fit once encapsulated is told the MTU less 28 bytes, and its next
+/// try, fragmented, is answered (the later fragment in GUE as its first).
+#[test]
+fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
+    let Some(mut topo) = Topology::build("ulgd") else {
+        return;
+    };
+    topo.gue = Some(6080);
+    let t = topo.t;
+    ip(&[
+        "-n",
+        &topo.backends,
+        "addr",
+        "add",
+        &format!("10.98.{t}.3/24"),
+        "dev",
+        "kb",
+    ])
+    .unwrap();
+    let Some((decap, decap_log)) = topo.dsr_backend_host() else {
+        return;
+    };
+    let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
+    let vip = topo.vip();
+    let capture = topo.net.dir.join("tcpdump.txt");
+    let capture_log = topo.net.dir.join("tcpdump.log");
+    let child = Net::exec(&topo.backends, &need("tcpdump", "tcpdump"))
+        .args([
+            "-i", "kb", "-nn", "-vv", "-c", "8", "udp", "dst", "port", "6080",
+        ])
+        .stdout(std::fs::File::create(&capture).unwrap())
+        .stderr(std::fs::File::create(&capture_log).unwrap())
+        .spawn()
+        .unwrap();
+    topo.net.keep(child);
+    assert!(
+        wait_for(DEADLINE, || std::fs::read_to_string(&capture_log)
+            .unwrap_or_default()
+            .contains("listening on")),
+        "tcpdump did not start"
+    );
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [\"10.98.{t}.2:{p}\", \"10.98.{t}.3:{p}\"]\n{}",
+            topo.dsr_forwarding(),
+            p = vip.port()
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    let replies = topo.clients(40, 2);
+    let stats = topo.api("/stats");
+    assert_eq!(
+        replies.len(),
+        80,
+        "{replies:?}\n{}\n{}",
+        stats["kernel"],
+        decap_said()
+    );
+    let client_ip = format!("10.97.{t}.2");
+    for (port, from, tag, seen) in &replies {
+        assert_eq!(*from, vip, "a reply not from the listener's address");
+        assert_eq!(tag, "d");
+        assert_eq!(seen, &format!("{client_ip}:{port}"));
+    }
+    let kernel = &stats["kernel"]["listeners"][0];
+    assert_eq!(kernel["forwarding"], "dsr", "{stats}");
+    assert_eq!(kernel["encapsulation"], "gue 6080", "{stats}");
+    let backends = kernel["backends"].as_array().cloned().unwrap_or_default();
+    assert_eq!(backends.len(), 2, "{stats}");
+    for b in &backends {
+        assert!(b["datagrams"].as_u64().unwrap_or(0) > 0, "{stats}");
+        assert_eq!(b["replies"], 0, "{stats}");
+    }
+    // On the wire: UDP from the balancer to port 6080 of both backend addresses, no checksum,
+    // from ports of 49152-65535, more than one (the first 8 datagrams are of several clients).
+    assert!(
+        wait_for(DEADLINE, || std::fs::read_to_string(&capture)
+            .unwrap_or_default()
+            .matches(".6080: ")
+            .count()
+            >= 8),
+        "{}",
+        std::fs::read_to_string(&capture).unwrap_or_default()
+    );
+    let seen = std::fs::read_to_string(&capture).unwrap();
+    let from = format!("10.98.{t}.1.");
+    let sports: std::collections::BTreeSet<u16> = seen
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(from.as_str()))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(!sports.is_empty(), "{seen}");
+    assert!(sports.iter().all(|&p| p >= 49152), "{sports:?}\n{seen}");
+    assert!(sports.len() > 1, "one source port for every client: {seen}");
+    assert!(seen.contains("[no cksum]"), "{seen}");
+    // 1,450 bytes: 1,478 on the wire, 1,506 in GUE: the client learns 1,472.
+    topo.client_learns_the_mtu(1450, 1472);
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(decap as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(
+        wait_for(DEADLINE, || decap_said().contains("stopped")),
+        "{}",
+        decap_said()
+    );
+    assert!(
+        decap_said().contains(" 0 from other sources"),
+        "{}",
+        decap_said()
+    );
+}
+
+/// IPv6 dsr in GUE: UDP over IPv6 to the backend host's GUE port (its checksum 0, which
+/// `udplb decap` takes), the clients answered directly; the MTU a client learns is 48 bytes
+/// less.
+#[test]
+fn ipv6_gue_dsr_backends_see_the_client_and_answer_it_directly() {
+    let Some(mut topo) = Topology::build("ul6u") else {
+        return;
+    };
+    topo.ipv6();
+    topo.gue = Some(6080);
+    let t = topo.t;
+    if topo.dsr_backend_host().is_none() {
+        return;
+    }
+    let vip = topo.vip();
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [\"[fd00:98:{t}::2]:{}\"]\n{}",
+            vip.port(),
+            topo.dsr_forwarding()
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    let replies = topo.clients(20, 2);
+    let stats = topo.api("/stats");
+    assert_eq!(replies.len(), 40, "{replies:?}\n{}", stats["kernel"]);
+    let client_ip: std::net::IpAddr = topo.client_ip().parse().unwrap();
+    for (port, from, tag, seen) in &replies {
+        assert_eq!(*from, vip);
+        assert_eq!(tag, "d");
+        assert_eq!(seen, &SocketAddr::new(client_ip, *port).to_string());
+    }
+    assert_eq!(
+        stats["kernel"]["listeners"][0]["encapsulation"], "gue 6080",
+        "{stats}"
+    );
+    // 1,440 bytes: 1,488 on the wire, 1,536 in GUE: the client learns 1,452.
+    topo.client_learns_the_mtu(1440, 1452);
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
 }
 
 /// Path MTU discovery through nat: a reply (DF set) too big for the clients' link is dropped,
