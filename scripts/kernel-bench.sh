@@ -15,6 +15,8 @@
 #   dsr       the same with forwarding = "dsr": IP in IP to the backend host, which runs
 #             `udplb decap`, holds the service address and answers over a link of its own
 #             to the client (its echo then serves the service address)
+#   dsr-gue   dsr with encapsulation = "gue": in UDP to port 6080 of the backend host, which
+#             runs `udplb decap --gue-port 6080`
 #   socket    to the service address, udplb with dataplane = "socket" (its relay, one worker)
 #   base-PEER  any udplb peer run with the binary BASELINE instead (before and after a change)
 #   direct6, kernel6  direct and the kernel path (nat) on IPv6: the same hosts on fd00:77::/32,
@@ -43,7 +45,7 @@
 # endpoint in the way).
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket"; also: datagram masquerade dsr direct6 kernel6
+# Env:   PEERS ("direct nftables kernel socket"; also: datagram masquerade dsr dsr-gue direct6 kernel6
 #        tc-forward xdp-forward)
 #        ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8) NEW_FLOWS (unset) MAX_FLOWS (1000000 with NEW_FLOWS) CLIENTS (16000000)
@@ -162,20 +164,26 @@ table ip udplb_bench {
 NFT
             target=$vip:5300
             ;;
-        kernel | socket | masquerade | dsr | datagram | kernel6)
+        kernel | socket | masquerade | dsr | dsr-gue | datagram | kernel6)
             local dataplane=$1 forwarding=nat pool=$backends mode=flow address=$vip:5300
             [[ $1 == kernel6 ]] && dataplane=kernel pool=$backends6 address="[$vip6]:5300"
             [[ $1 == masquerade ]] && dataplane=kernel forwarding=masquerade
             [[ $1 == datagram ]] && dataplane=kernel mode=datagram
-            if [[ $1 == dsr ]]; then
+            local encapsulation=
+            if [[ $1 == dsr || $1 == dsr-gue ]]; then
                 dataplane=kernel forwarding=dsr
+                local gue=()
+                if [[ $1 == dsr-gue ]]; then
+                    gue=(--gue-port 6080)
+                    encapsulation=$'encapsulation = "gue"\ngue_port = 6080'
+                fi
                 pool='"10.77.2.2:5300", "10.77.2.3:5300", "10.77.2.4:5300"'
                 ip -n $k addr add $vip/32 dev lo
                 ip -n $k route add 10.77.1.0/24 via 10.77.3.1
                 run_bg "$work/dsr-echo.out" ip netns exec $k "$BENCH" echo $vip:5300
                 dsr_echo_pid=$bg_pid
                 wait_output "$work/dsr-echo.out" '^listening' 1 "$bg_pid" || die "echo on $vip did not start"
-                run_bg "$work/decap.log" ip netns exec $k "$UDPLB" decap -i kb -b 10.77.2.1
+                run_bg "$work/decap.log" ip netns exec $k "$UDPLB" decap -i kb -b 10.77.2.1 "${gue[@]}"
                 decap_pid=$bg_pid
                 wait_output "$work/decap.log" 'taking IP in IP' 1 "$bg_pid" || die "udplb decap did not start"
             fi
@@ -196,6 +204,7 @@ $([[ -n $MAX_FLOWS ]] && echo "max_flows = $MAX_FLOWS")
 scheduler = "maglev"
 backends = [$pool]
 $([[ $dataplane == kernel ]] && echo "forwarding = \"$forwarding\"")
+$encapsulation
 CONFIG
             UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$binary" run -c "$work/udplb.toml"
             udplb_pid=$bg_pid
@@ -215,7 +224,7 @@ stop_peer() {
             ip -n $k link set dev kb xdpdrv off
             ;;
         kernel | socket | masquerade | datagram | kernel6) stop "$udplb_pid" TERM ;;
-        dsr)
+        dsr | dsr-gue)
             stop "$udplb_pid" TERM
             stop "$decap_pid" TERM
             stop "$dsr_echo_pid" TERM
