@@ -468,6 +468,24 @@ mod tests {
             assert!(error.contains(change), "{extra}: {error}");
         }
         assert!(kernel_forwarding_changes(&running, &running).is_empty());
+        // dsr's encapsulation and GUE port are set at start too.
+        let mut dsr = running.clone();
+        dsr.pools[0].forwarding = udplb_config::Forwarding::Dsr;
+        let mut gue = dsr.clone();
+        gue.pools[0].encapsulation = Some(udplb_config::Encapsulation::Gue);
+        let mut other_port = gue.clone();
+        other_port.pools[0].gue_port = Some(5555);
+        for (was, is, change) in [
+            (&dsr, &gue, "dsr -> dsr gue 6080"),
+            (&gue, &other_port, "dsr gue 6080 -> dsr gue 5555"),
+        ] {
+            assert_eq!(
+                kernel_forwarding_changes(was, is),
+                [format!(
+                    "listener \"dns\": forwarding {change} (the kernel data plane's, set at start)"
+                )]
+            );
+        }
         // Limits' rates change live; their table does not.
         let mut limited = running.clone();
         limited.listeners[0].limits = Some(udplb_core::ratelimit::LimitSettings::default());

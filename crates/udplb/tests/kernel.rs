@@ -28,6 +28,45 @@ fn kernel_backend_in_namespace() {
     });
 }
 
+/// Not a test on its own: sends one GUE datagram from UDPLB_TEST_FORGE_FROM (an address of
+/// this namespace) to UDPLB_TEST_FORGE_TO, holding an IPv4 UDP datagram from
+/// UDPLB_TEST_FORGE_CLIENT to UDPLB_TEST_FORGE_VIP: what anyone could send a dsr backend.
+#[test]
+fn kernel_forged_gue_in_namespace() {
+    let Ok(from) = std::env::var("UDPLB_TEST_FORGE_FROM") else {
+        return;
+    };
+    let var = |k: &str| -> SocketAddr { std::env::var(k).unwrap().parse().unwrap() };
+    let (to, client, vip) = (
+        var("UDPLB_TEST_FORGE_TO"),
+        var("UDPLB_TEST_FORGE_CLIENT"),
+        var("UDPLB_TEST_FORGE_VIP"),
+    );
+    let (SocketAddr::V4(client), SocketAddr::V4(vip)) = (client, vip) else {
+        panic!("IPv4 only");
+    };
+    let payload = b"forged";
+    let udp_len = 8 + payload.len() as u16;
+    let mut packet = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    packet[2..4].copy_from_slice(&(20 + udp_len).to_be_bytes());
+    packet.extend_from_slice(&client.ip().octets());
+    packet.extend_from_slice(&vip.ip().octets());
+    let sum = packet
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let check = !((sum & 0xffff) + (sum >> 16)) as u16;
+    packet[10..12].copy_from_slice(&check.to_be_bytes());
+    packet.extend_from_slice(&client.port().to_be_bytes());
+    packet.extend_from_slice(&vip.port().to_be_bytes());
+    packet.extend_from_slice(&udp_len.to_be_bytes());
+    packet.extend_from_slice(&[0, 0]); // no checksum
+    packet.extend_from_slice(payload);
+    let socket = std::net::UdpSocket::bind(format!("{from}:0")).unwrap();
+    socket.send_to(&packet, to).unwrap();
+}
+
 /// Not a test on its own: from the client namespace, each of UDPLB_TEST_KERNEL_CLIENTS
 /// sockets sends UDPLB_TEST_KERNEL_ROUNDS requests to UDPLB_TEST_KERNEL_TARGET, one at a
 /// time; prints per reply `LOCAL FROM TAG SEEN`.
@@ -2056,7 +2095,8 @@ fn cuts_datagrams_without_df(prefix: &str, gue: Option<u16>) {
 /// answer them directly. The source port, chosen by the client, is one of 49152-65535 (so a
 /// backend NIC spreads clients over its queues); the outer checksum is none (0). A client
 /// whose datagram would not fit once encapsulated is told the MTU less 28 bytes, and its next
-/// try, fragmented, is answered (the later fragment in GUE as its first).
+/// try, fragmented, is answered (the later fragment in GUE as its first). GUE from an address
+/// that is not a balancer's is not decapsulated (counted, left to the stack).
 #[test]
 fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
     let Some(mut topo) = Topology::build("ulgd") else {
@@ -2158,6 +2198,33 @@ fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+    // GUE from another address of the balancers' network (not a balancer): left to the stack.
+    let forger = format!("10.98.{t}.9");
+    ip(&[
+        "-n",
+        &topo.balancer,
+        "addr",
+        "add",
+        &format!("{forger}/24"),
+        "dev",
+        "bk",
+    ])
+    .unwrap();
+    let forged = Net::helper(
+        &topo.balancer,
+        "kernel_forged_gue_in_namespace",
+        &[
+            ("UDPLB_TEST_FORGE_FROM", forger),
+            ("UDPLB_TEST_FORGE_TO", format!("10.98.{t}.2:6080")),
+            ("UDPLB_TEST_FORGE_CLIENT", format!("10.97.{t}.77:4242")),
+            ("UDPLB_TEST_FORGE_VIP", vip.to_string()),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .status()
+    .unwrap();
+    assert!(forged.success());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(decap as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -2169,7 +2236,7 @@ fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
         decap_said()
     );
     assert!(
-        decap_said().contains(" 0 from other sources"),
+        decap_said().contains(" 1 from other sources"),
         "{}",
         decap_said()
     );
