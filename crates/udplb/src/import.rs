@@ -5,9 +5,10 @@
 //! `#` comments) into a tree, and translating UDP virtual servers: address and port, `lb_algo`
 //! / `lvs_sched`, `ops`, `persistence_timeout` (and its client-IP granularity), `delay_loop`,
 //! real servers with `weight` and `inhibit_on_failure`, `sorry_server` (a backup), `quorum` and
-//! `hysteresis`, and the checks `UDP_CHECK`, `DNS_CHECK`, `TCP_CHECK`, `HTTP_GET`/`SSL_GET`
-//! and `MISC_CHECK`. Everything else it meets is listed, with its line, as not translated
-//! (TCP virtual servers, VRRP, `lb_kind`, notify scripts, ...), never silently dropped.
+//! `hysteresis`, `lvs_method` / `lb_kind` NAT and TUN (IP in IP or GUE: udplb's kernel data
+//! plane, which forwards as IPVS does), and the checks `UDP_CHECK`, `DNS_CHECK`, `TCP_CHECK`,
+//! `HTTP_GET`/`SSL_GET` and `MISC_CHECK`. Everything else it meets is listed, with its line, as
+//! not translated (TCP virtual servers, VRRP, DR, notify scripts, ...), never silently dropped.
 //! Must not: write files (the caller prints the result) or guess where udplb has no
 //! equivalent.
 
@@ -160,13 +161,22 @@ fn virtual_server(vs: &Node, notes: &mut Vec<String>) -> Option<String> {
             let _ = writeln!(pool, "{target} = {v}");
         }
     }
+    // What keeps a virtual server off the kernel data plane, which places by Maglev alone and
+    // remembers no client in user space.
+    let off_kernel = if scheduler(sched).is_none_or(|(s, _)| s != "maglev") {
+        Some(format!(
+            "lb_algo {sched} (it places with mh or sh alone: maglev)"
+        ))
+    } else if vs.child("persistence_timeout").is_some() {
+        Some("persistence_timeout (its clients are remembered in user space)".to_string())
+    } else {
+        None
+    };
     for c in vs.children() {
         let note = match c.name.as_str() {
-            "lb_kind" | "lvs_method" => Some(format!(
-                "{} {}: udplb relays through its own sockets (replies from the virtual address, backends see udplb's address unless `transparent` or `proxy_protocol`); no route change on the real servers is needed",
-                c.name,
-                c.args.join(" ")
-            )),
+            "lb_kind" | "lvs_method" => {
+                forwarding(c, off_kernel.as_deref(), &mut listener, &mut pool)
+            }
             "quorum_up" | "quorum_down" => Some(format!(
                 "{}: udplb runs a pool's `notify` command on every backend and quorum change with the event as its argument (quorum-lost, quorum-regained): adapt the script",
                 c.name
@@ -253,6 +263,91 @@ fn virtual_server(vs: &Node, notes: &mut Vec<String>) -> Option<String> {
         let _ = write!(pool, "\n[pools.{name}.health]\n{h}");
     }
     Some(format!("{listener}\n{pool}"))
+}
+
+/// `lvs_method` (or `lb_kind`) `c` as udplb's kernel data plane, which forwards as IPVS does:
+/// NAT keeps the client's address (the real servers already route their replies through the
+/// director), TUN encapsulates (`type ipip`, or `type gue port N`). `dataplane = "auto"`: where
+/// udplb cannot load its program it serves with its sockets instead, and says so. Not when
+/// `off_kernel` says what the kernel data plane cannot do: the sockets then, and the note says
+/// what to change. Returns the note to print.
+fn forwarding(
+    c: &Node,
+    off_kernel: Option<&str>,
+    listener: &mut String,
+    pool: &mut String,
+) -> Option<String> {
+    let method = c
+        .args
+        .first()
+        .map_or("", String::as_str)
+        .to_ascii_uppercase();
+    let said = format!("{} {}", c.name, c.args.join(" "));
+    if let (Some(why), "NAT" | "TUN") = (off_kernel, method.as_str()) {
+        return Some(format!(
+            "{said}: udplb's kernel data plane forwards as IPVS does (forwarding = \"nat\" or \"dsr\", dataplane = \"auto\"), but not with {why}: as written udplb relays through its own sockets (the real servers see udplb's address); set scheduler = \"maglev\" without persistence to use it"
+        ));
+    }
+    let fallback = "where udplb cannot load its kernel program (no root or CAP_BPF) it serves with its sockets instead and says so in its log: the real servers then see udplb's address";
+    let arg_after = |word: &str| {
+        c.args
+            .iter()
+            .position(|a| a.eq_ignore_ascii_case(word))
+            .and_then(|i| c.args.get(i + 1))
+            .map(String::as_str)
+    };
+    match method.as_str() {
+        "NAT" => {
+            listener.push_str("dataplane = \"auto\"\n");
+            pool.push_str("forwarding = \"nat\"\n");
+            Some(format!(
+                "{said}: udplb's kernel data plane, forwarding = \"nat\" (the real servers see the client and reply through this host, as with LVS-NAT); {fallback}"
+            ))
+        }
+        "TUN" => {
+            let tunnel = arg_after("type").unwrap_or("ipip").to_ascii_lowercase();
+            let gue_port = match tunnel.as_str() {
+                "ipip" => None,
+                "gue" => match arg_after("port").and_then(|p| p.parse::<u16>().ok()) {
+                    Some(port) if port > 0 => Some(port),
+                    _ => {
+                        return Some(format!(
+                            "{said}: GUE without a port: not translated (udplb relays through its own sockets)"
+                        ));
+                    }
+                },
+                other => {
+                    return Some(format!(
+                        "{said}: tunnel type {other} has no udplb equivalent (dsr encapsulates IP in IP or in GUE): udplb relays through its own sockets"
+                    ));
+                }
+            };
+            listener.push_str("dataplane = \"auto\"\n");
+            pool.push_str("forwarding = \"dsr\"\n");
+            let mut note = format!(
+                "{said}: udplb's kernel data plane, forwarding = \"dsr\" (the real servers keep their LVS-TUN setup"
+            );
+            if let Some(port) = gue_port {
+                let _ = writeln!(pool, "encapsulation = \"gue\"\ngue_port = {port}");
+                note.push_str(", taking GUE on port ");
+                note.push_str(&port.to_string());
+            }
+            note.push_str(&format!(
+                ", or run `udplb decap`: docs/kernel.md); {fallback}"
+            ));
+            if c.args
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case("csum") || a.eq_ignore_ascii_case("remcsum"))
+            {
+                note.push_str("; udplb's GUE carries no outer checksum (0), whatever csum says");
+            }
+            Some(note)
+        }
+        "DR" => Some(format!(
+            "{said}: direct routing (the MAC rewritten) has no udplb equivalent: udplb relays through its own sockets (no route change on the real servers); forwarding = \"dsr\" answers directly too, once the real servers take IP in IP or GUE (docs/kernel.md)"
+        )),
+        _ => Some(format!("{said} not translated")),
+    }
 }
 
 /// The `[pools.NAME.health]` lines for keepalived check block `c` run every `interval`
@@ -529,7 +624,59 @@ virtual_server 10.10.10.3 80 {
             out.notes
         );
         assert!(out.notes.iter().any(|n| n.contains("inhibit_on_failure")));
-        assert!(out.notes.iter().any(|n| n.contains("lb_kind NAT")));
+        // wlc and persistence: the kernel data plane cannot, so the sockets, said why.
+        assert_eq!(l.dataplane, udplb_config::Dataplane::Socket);
+        assert!(
+            out.notes
+                .iter()
+                .any(|n| n.contains("lb_kind NAT") && n.contains("not with lb_algo wlc")),
+            "{:?}",
+            out.notes
+        );
+    }
+
+    /// LVS-TUN becomes dsr (IP in IP, or GUE with its port); DR and GRE stay on udplb's
+    /// sockets, said why.
+    #[test]
+    fn lvs_methods_become_the_kernel_data_planes_forwarding() {
+        let vs = |method: &str| {
+            format!(
+                "virtual_server 10.0.0.1 53 {{\n protocol UDP\n lb_algo mh\n {method}\n real_server 10.0.1.1 53 {{ weight 1 }}\n}}\n"
+            )
+        };
+        let translate = |method: &str| {
+            let out = keepalived(&vs(method)).unwrap();
+            let cfg = udplb_config::parse(&out.toml, "imported.toml")
+                .unwrap_or_else(|e| panic!("{method}: {e}\n{}", out.toml));
+            (cfg, out.notes.join("\n"))
+        };
+        let (cfg, notes) = translate("lb_kind NAT");
+        assert_eq!(cfg.listeners[0].dataplane, udplb_config::Dataplane::Auto);
+        assert_eq!(cfg.pools[0].forwarding, udplb_config::Forwarding::Nat);
+        assert!(notes.contains("see the client"), "{notes}");
+        let (cfg, _) = translate("lvs_method TUN");
+        assert_eq!(cfg.listeners[0].dataplane, udplb_config::Dataplane::Auto);
+        assert_eq!(cfg.pools[0].forwarding, udplb_config::Forwarding::Dsr);
+        assert_eq!(cfg.pools[0].gue_port(), None);
+        let (cfg, notes) = translate("lvs_method TUN type gue port 6081 csum");
+        assert_eq!(cfg.pools[0].gue_port(), Some(6081));
+        assert!(notes.contains("no outer checksum"), "{notes}");
+        for (method, why) in [
+            ("lb_kind DR", "direct routing"),
+            (
+                "lvs_method TUN type gre",
+                "tunnel type gre has no udplb equivalent",
+            ),
+            ("lvs_method TUN type gue", "GUE without a port"),
+        ] {
+            let (cfg, notes) = translate(method);
+            assert_eq!(
+                cfg.listeners[0].dataplane,
+                udplb_config::Dataplane::Socket,
+                "{method}"
+            );
+            assert!(notes.contains(why), "{method}: {notes}");
+        }
     }
 
     #[test]
