@@ -63,13 +63,24 @@ for s in $SCENARIOS; do
     fi
 done
 SCENARIOS="${expanded[*]}"
+peers_given=${PEERS:+1} dns_peers_given=${DNS_PEERS:+1}
 DNS_PEERS=${DNS_PEERS:-udplb udplb-flow dnsdist nginx pen}
 PEERS=${PEERS:-direct relay relay-datagram udplb-flow udplb-datagram nginx nginx-4m pen}
 if [[ -n ${BASELINE:-} ]]; then
     [[ -x $BASELINE ]] || { echo "compare: BASELINE=$BASELINE is not an executable" >&2; exit 1; }
-    PEERS="$PEERS base-flow base-datagram"
-    DNS_PEERS="$DNS_PEERS base base-flow"
+    # The baseline's peers join the default lists; peers named are run as named.
+    [[ -n $peers_given ]] || PEERS="$PEERS base-flow base-datagram"
+    [[ -n $dns_peers_given ]] || DNS_PEERS="$DNS_PEERS base base-flow"
 fi
+for peer in $PEERS; do
+    case $peer in
+        direct | relay | relay-datagram | udplb-flow | udplb-datagram | udplb-shared | base-flow | \
+            base-datagram | udplb-kernel | udplb-kernel-datagram | base-kernel | \
+            base-kernel-datagram | nftables | nginx | nginx-4m | pen) ;;
+        *) echo "compare: unknown peer $peer in PEERS" >&2; exit 1 ;;
+    esac
+    [[ $peer != base-* || -n ${BASELINE:-} ]] || { echo "compare: $peer needs BASELINE" >&2; exit 1; }
+done
 DURATION=${DURATION:-5s}
 WARMUP=${WARMUP:-1s}
 ROUNDS=${ROUNDS:-3}
