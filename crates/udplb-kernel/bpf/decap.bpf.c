@@ -60,10 +60,11 @@ struct ip6hdr {
 
 #define NEXTHDR_IPV6 41
 
-// Per CPU: [0] decapsulated, [1] encapsulated but from an unknown source (left to the stack).
+// Per CPU: [0] decapsulated, [1] encapsulated but from an unknown source (left to the stack),
+// [2] of [0], those in GUE.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u64);
 } decap_counts SEC(".maps");
@@ -111,6 +112,8 @@ static __always_inline int decap6(struct __sk_buff *skb, void *data, void *end)
 	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0))
 		return TC_ACT_SHOT;
 	count(0);
+	if (headers > (__s32)sizeof(struct ip6hdr))
+		count(2);
 	return TC_ACT_OK;
 }
 
@@ -148,6 +151,8 @@ int udplb_decap(struct __sk_buff *skb)
 	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0))
 		return TC_ACT_SHOT;
 	count(0);
+	if (headers > (__s32)sizeof(struct iphdr))
+		count(2);
 	return TC_ACT_OK;
 }
 

@@ -299,8 +299,8 @@ impl Decap {
     ) -> Result<Decap, Error> {
         Err(Error::NotBuilt)
     }
-    pub fn counts(&self) -> (u64, u64) {
-        (0, 0)
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (0, 0, 0)
     }
 }
 

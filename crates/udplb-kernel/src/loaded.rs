@@ -703,16 +703,16 @@ impl Decap {
         })
     }
 
-    /// Datagrams decapsulated, and encapsulated ones from others (left to the stack), summed
-    /// over the CPUs.
-    pub fn counts(&self) -> (u64, u64) {
+    /// Datagrams decapsulated, encapsulated ones from others (left to the stack), and of the
+    /// first those that came in GUE, summed over the CPUs.
+    pub fn counts(&self) -> (u64, u64, u64) {
         let n = |i: u32| {
             self.counts
                 .get(&i, 0)
                 .map_or(0, |v| v.iter().copied().sum::<u64>())
         };
         let _ = (&self.ebpf, &self.links);
-        (n(0), n(1))
+        (n(0), n(1), n(2))
     }
 }
 

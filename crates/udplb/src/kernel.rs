@@ -526,10 +526,10 @@ pub fn decap(
         interfaces.join(",")
     );
     let signal = stop.wait();
-    let (taken, others) = decap.counts();
+    let (taken, others, gue) = decap.counts();
     eprintln!(
-        "udplb decap: stopped ({}): {taken} decapsulated, {others} from other sources left to \
-         the stack",
+        "udplb decap: stopped ({}): {taken} decapsulated ({gue} in GUE), {others} from other \
+         sources left to the stack",
         signal.map_or_else(|e| e.to_string(), |s| s.as_str().to_string())
     );
     std::process::ExitCode::SUCCESS

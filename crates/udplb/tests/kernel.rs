@@ -227,6 +227,8 @@ struct Topology {
     /// dsr encapsulates in GUE to this port, which the backend host takes (`udplb decap
     /// --gue-port`); `None`: IP in IP.
     gue: Option<u16>,
+    /// `udplb decap` on the backend host ([`Topology::dsr_backend_host`]): its pid and log.
+    decap: Option<(u32, std::path::PathBuf)>,
 }
 
 impl Topology {
@@ -315,6 +317,7 @@ impl Topology {
             backends: k,
             v6: false,
             gue: None,
+            decap: None,
         })
     }
 
@@ -653,7 +656,39 @@ impl Topology {
                 said()
             );
         }
+        self.decap = Some((pid, log.clone()));
         Some((pid, log))
+    }
+
+    /// Stops `udplb decap` ([`Topology::dsr_backend_host`]): what it says it did, as
+    /// (decapsulated, of them in GUE, left to the stack from other sources).
+    fn stop_decap(&self) -> (u64, u64, u64) {
+        let (pid, log) = self.decap.clone().expect("no udplb decap");
+        let said = || std::fs::read_to_string(&log).unwrap_or_default();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(
+            wait_for(DEADLINE, || said().contains("stopped")),
+            "{}",
+            said()
+        );
+        // "stopped (SIGTERM): N decapsulated (G in GUE), O from other sources ..."
+        let text = said();
+        let numbers: Vec<u64> = text
+            .lines()
+            .find(|l| l.contains("stopped"))
+            .and_then(|l| l.split_once("): "))
+            .map(|(_, rest)| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(numbers.len(), 3, "{text}");
+        (numbers[0], numbers[1], numbers[2])
     }
 
     /// The pool's keys for dsr, with GUE when the topology has it.
@@ -1142,6 +1177,9 @@ fn knot_answers_dig_and_dnsperf_through_dsr_in_gue() {
     );
     assert_eq!(kernel["backends"][0]["replies"], 0, "{stats}");
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0);
+    let (taken, in_gue, _) = topo.stop_decap();
+    assert!(taken >= 10_000, "{taken}");
+    assert_eq!(in_gue, taken);
 }
 
 /// Through the topology's listener, knotd (`start_knot`) answers dig, the 3.9 KB answer whole
@@ -1940,7 +1978,7 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
         .status()
         .unwrap();
     assert!(ok.success());
-    let Some((decap, decap_log)) = topo.dsr_backend_host() else {
+    let Some((_, decap_log)) = topo.dsr_backend_host() else {
         return;
     };
     let (k, vip) = (topo.backends.clone(), topo.vip());
@@ -2027,22 +2065,10 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
         "{seen}"
     );
     assert!(!seen.contains("bad cksum"), "{seen}");
-    // Stopped, the decapsulation says what it did.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(decap as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(
-        wait_for(DEADLINE, || decap_said().contains("stopped")),
-        "{}",
-        decap_said()
-    );
-    assert!(
-        decap_said().contains(" 0 from other sources"),
-        "{}",
-        decap_said()
-    );
+    // Stopped, the decapsulation says what it did: every datagram IP in IP, none from others.
+    let (taken, gue, others) = topo.stop_decap();
+    assert!(taken >= 80, "{}", decap_said());
+    assert_eq!((gue, others), (0, 0), "{}", decap_said());
 }
 
 /// A topology whose backend host takes IP in IP (or GUE to `gue`: `udplb decap`) and answers
@@ -2145,6 +2171,10 @@ fn cuts_datagrams_without_df(prefix: &str, gue: Option<u16>) {
         assert_eq!(stats["kernel"]["drops"]["too_big"], 0, "{stats}");
         assert_eq!(stats["kernel"]["cut_for_tunnel"], cuts, "{stats}");
     }
+    // Each fragment in the encapsulation asked for.
+    let (taken, in_gue, _) = topo.stop_decap();
+    assert!(taken >= 8, "{taken}");
+    assert_eq!(in_gue, if gue.is_some() { taken } else { 0 });
 }
 
 /// dsr in GUE (`encapsulation = "gue"`): each datagram in UDP from the balancer to the backend
@@ -2171,7 +2201,7 @@ fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
         "kb",
     ])
     .unwrap();
-    let Some((decap, decap_log)) = topo.dsr_backend_host() else {
+    let Some((_, decap_log)) = topo.dsr_backend_host() else {
         return;
     };
     let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
@@ -2282,21 +2312,10 @@ fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
     .status()
     .unwrap();
     assert!(forged.success());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(decap as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(
-        wait_for(DEADLINE, || decap_said().contains("stopped")),
-        "{}",
-        decap_said()
-    );
-    assert!(
-        decap_said().contains(" 1 from other sources"),
-        "{}",
-        decap_said()
-    );
+    // Every datagram decapsulated came in GUE; the forged one was left to the stack.
+    let (taken, gue, others) = topo.stop_decap();
+    assert!(taken >= 80, "{}", decap_said());
+    assert_eq!((gue, others), (taken, 1), "{}", decap_said());
 }
 
 /// IPv6 dsr in GUE: UDP over IPv6 to the backend host's GUE port (its checksum 0, which
@@ -2343,6 +2362,9 @@ fn ipv6_gue_dsr_backends_see_the_client_and_answer_it_directly() {
     let stats = topo.api("/stats");
     assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+    let (taken, in_gue, others) = topo.stop_decap();
+    assert!(taken >= 40, "{taken}");
+    assert_eq!((in_gue, others), (taken, 0));
 }
 
 /// Path MTU discovery through nat: a reply (DF set) too big for the clients' link is dropped,
@@ -2417,6 +2439,12 @@ fn ipv6_masquerade_hands_a_routers_error_about_a_reply_to_its_backend() {
     routers_error_about_a_reply("ulrm6", "masquerade6");
 }
 
+/// The same through GUE: the error reaches the backend in GUE, as the client's datagrams do.
+#[test]
+fn gue_dsr_hands_a_routers_error_about_a_reply_to_its_backend() {
+    routers_error_about_a_reply("ulrg", "dsr-gue");
+}
+
 #[test]
 fn ipv6_dsr_hands_a_routers_error_about_a_reply_to_its_backend() {
     routers_error_about_a_reply("ulrd6", "dsr6");
@@ -2428,6 +2456,14 @@ fn routers_error_about_a_reply(prefix: &str, forwarding: &str) {
         return;
     };
     let forwarding = topo.family_of(forwarding);
+    // dsr-gue: dsr in GUE to port 6080.
+    let forwarding = match forwarding.strip_suffix("-gue") {
+        Some(method) => {
+            topo.gue = Some(6080);
+            method
+        }
+        None => forwarding,
+    };
     let v6 = topo.v6;
     let far = topo.far_client(1300);
     let t = topo.t;
@@ -2452,7 +2488,11 @@ fn routers_error_about_a_reply(prefix: &str, forwarding: &str) {
             let backend = SocketAddr::new(topo.backend_ip().parse().unwrap(), topo.vip().port());
             topo.start_udplb_with(
                 "",
-                &format!("backends = [{}]\nforwarding = \"dsr\"\n", quoted(backend)),
+                &format!(
+                    "backends = [{}]\n{}",
+                    quoted(backend),
+                    topo.dsr_forwarding()
+                ),
             );
             far_ip
         }
@@ -2494,6 +2534,12 @@ fn routers_error_about_a_reply(prefix: &str, forwarding: &str) {
             .len(),
         1
     );
+    if topo.decap.is_some() {
+        // The datagrams, and the router's error, in the encapsulation asked for.
+        let (taken, in_gue, _) = topo.stop_decap();
+        assert!(taken >= 3, "{taken}");
+        assert_eq!(in_gue, if topo.gue.is_some() { taken } else { 0 });
+    }
 }
 
 /// Datagrams without DF (as some DNS servers send their answers) too big for the route
