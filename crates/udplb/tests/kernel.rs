@@ -1872,10 +1872,6 @@ fn masquerade_reaches_backends(prefix: &str, v6: bool) {
     );
 }
 
-/// Direct server return: the balancer encapsulates (IP in IP) to two backend addresses of the
-/// backend host, which takes the outer header off (`udplb decap`, this kernel has no ipip
-/// module), serves the listener's address on its loopback and answers the clients directly,
-/// over a link of its own to them (not through the balancer).
 /// Direct server return on IPv6: IPv6 in IPv6 to two backend addresses of the backend host
 /// (`udplb decap` taking the outer header off), which answers the clients directly.
 #[test]
@@ -1954,11 +1950,35 @@ fn ipv6_dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_ad
     assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
 }
 
+/// Direct server return: the balancer encapsulates (IP in IP) to two backend addresses of the
+/// backend host, which takes the outer header off (`udplb decap`, this kernel has no ipip
+/// module), serves the listener's address on its loopback and answers the clients directly,
+/// over a link of its own to them (not through the balancer).
 #[test]
 fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address() {
-    let Some(mut topo) = Topology::build("ulbr") else {
+    dsr_to_two_backend_addresses("ulbr", None);
+}
+
+/// The same in GUE (`encapsulation = "gue"`): each datagram in UDP from the balancer to the
+/// backend host's GUE port, which `udplb decap --gue-port` takes off. The source port, chosen
+/// by the client, is one of 49152-65535 (so a backend NIC spreads clients over its queues);
+/// the outer checksum is none (0). GUE from an address that is not a balancer's is not
+/// decapsulated (counted, left to the stack).
+#[test]
+fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
+    dsr_to_two_backend_addresses("ulgd", Some(6080));
+}
+
+/// dsr to two addresses of the backend host, IP in IP or in GUE to `gue`, as tcpdump on the
+/// backend's link reads it; then a client whose datagram would not fit once encapsulated is
+/// told the MTU less what encapsulation adds, and its next try, fragmented, is answered (the
+/// later fragment encapsulated as its first); `udplb decap` took every datagram in the
+/// encapsulation asked for.
+fn dsr_to_two_backend_addresses(prefix: &str, gue: Option<u16>) {
+    let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    topo.gue = gue;
     let t = topo.t;
     ip(&[
         "-n",
@@ -1981,13 +2001,17 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
     let Some((_, decap_log)) = topo.dsr_backend_host() else {
         return;
     };
-    let (k, vip) = (topo.backends.clone(), topo.vip());
+    let vip = topo.vip();
     let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
-    assert!(decap_said().contains("taking IP in IP"), "{}", decap_said());
     let capture = topo.net.dir.join("tcpdump.txt");
     let capture_log = topo.net.dir.join("tcpdump.log");
-    let child = Net::exec(&k, &need("tcpdump", "tcpdump"))
-        .args(["-i", "kb", "-nn", "-vv", "-c", "4", "ip", "proto", "4"])
+    let (packets, filter) = match gue {
+        Some(_) => ("8", ["udp", "dst", "port", "6080"].as_slice()),
+        None => ("4", ["ip", "proto", "4"].as_slice()),
+    };
+    let child = Net::exec(&topo.backends, &need("tcpdump", "tcpdump"))
+        .args(["-i", "kb", "-nn", "-vv", "-c", packets])
+        .args(filter)
         .stdout(std::fs::File::create(&capture).unwrap())
         .stderr(std::fs::File::create(&capture_log).unwrap())
         .spawn()
@@ -2002,7 +2026,8 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
     topo.start_udplb_with(
         "",
         &format!(
-            "backends = [\"10.98.{t}.2:{p}\", \"10.98.{t}.3:{p}\"]\nforwarding = \"dsr\"\n",
+            "backends = [\"10.98.{t}.2:{p}\", \"10.98.{t}.3:{p}\"]\n{}",
+            topo.dsr_forwarding(),
             p = vip.port()
         ),
     );
@@ -2029,46 +2054,103 @@ fn dsr_backends_see_the_client_and_answer_it_directly_from_the_listeners_address
         );
     }
     // Both backend addresses took clients; no reply came back through the balancer.
-    let backends = stats["kernel"]["listeners"][0]["backends"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
+    let kernel = &stats["kernel"]["listeners"][0];
+    assert_eq!(kernel["forwarding"], "dsr", "{stats}");
+    let encapsulation = gue.map_or("ipip".to_string(), |p| format!("gue {p}"));
+    assert_eq!(kernel["encapsulation"], encapsulation.as_str(), "{stats}");
+    let backends = kernel["backends"].as_array().cloned().unwrap_or_default();
     assert_eq!(backends.len(), 2, "{stats}");
     for b in &backends {
         assert!(b["datagrams"].as_u64().unwrap_or(0) > 0, "{stats}");
         assert_eq!(b["replies"], 0, "{stats}");
     }
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
-    assert_eq!(
-        stats["kernel"]["listeners"][0]["forwarding"], "dsr",
-        "{stats}"
-    );
-    // The encapsulation as tcpdump reads it: IP in IP from the balancer's address, the outer
-    // and the inner checksums good, the client's datagram inside unchanged.
-    assert!(
-        wait_for(DEADLINE, || std::fs::read_to_string(&capture)
-            .unwrap_or_default()
-            .matches("udp sum ok")
-            .count()
-            >= 4),
-        "{}",
-        std::fs::read_to_string(&capture).unwrap_or_default()
-    );
-    let seen = std::fs::read_to_string(&capture).unwrap();
-    assert!(seen.contains("proto IPIP (4)"), "{seen}");
-    assert!(
-        seen.contains(&format!("10.98.{t}.1 > 10.98.{t}.")),
-        "{seen}"
-    );
-    assert!(
-        seen.contains(&format!("> {}.{}: [udp sum ok]", vip.ip(), vip.port())),
-        "{seen}"
-    );
-    assert!(!seen.contains("bad cksum"), "{seen}");
-    // Stopped, the decapsulation says what it did: every datagram IP in IP, none from others.
-    let (taken, gue, others) = topo.stop_decap();
+    let captured = || std::fs::read_to_string(&capture).unwrap_or_default();
+    if gue.is_some() {
+        // UDP from the balancer to port 6080 of both backend addresses, no checksum, from
+        // ports of 49152-65535, more than one (the first 8 datagrams are of several clients).
+        assert!(
+            wait_for(DEADLINE, || captured().matches(".6080: ").count() >= 8),
+            "{}",
+            captured()
+        );
+        let seen = captured();
+        let from = format!("10.98.{t}.1.");
+        let sports: std::collections::BTreeSet<u16> = seen
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(from.as_str()))
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect();
+        assert!(!sports.is_empty(), "{seen}");
+        assert!(sports.iter().all(|&p| p >= 49152), "{sports:?}\n{seen}");
+        assert!(sports.len() > 1, "one source port for every client: {seen}");
+        assert!(seen.contains("[no cksum]"), "{seen}");
+    } else {
+        // IP in IP from the balancer's address, the outer and the inner checksums good, the
+        // client's datagram inside unchanged.
+        assert!(
+            wait_for(DEADLINE, || captured().matches("udp sum ok").count() >= 4),
+            "{}",
+            captured()
+        );
+        let seen = captured();
+        assert!(seen.contains("proto IPIP (4)"), "{seen}");
+        assert!(
+            seen.contains(&format!("10.98.{t}.1 > 10.98.{t}.")),
+            "{seen}"
+        );
+        assert!(
+            seen.contains(&format!("> {}.{}: [udp sum ok]", vip.ip(), vip.port())),
+            "{seen}"
+        );
+        assert!(!seen.contains("bad cksum"), "{seen}");
+    }
+    // 1,450 bytes: 1,478 on the wire, 1,498 in IP in IP (fits), 1,506 in GUE: the client
+    // learns 1,472. 1,470 bytes: 1,518 in IP in IP: it learns 1,480.
+    match gue {
+        Some(_) => topo.client_learns_the_mtu(1450, 1472),
+        None => topo.client_learns_the_mtu(1470, 1480),
+    }
+    let stats = topo.api("/stats");
+    assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
+    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
+    let mut forged = 0;
+    if let Some(port) = gue {
+        // GUE from another address of the balancers' network (not a balancer's).
+        let forger = format!("10.98.{t}.9");
+        ip(&[
+            "-n",
+            &topo.balancer,
+            "addr",
+            "add",
+            &format!("{forger}/24"),
+            "dev",
+            "bk",
+        ])
+        .unwrap();
+        let sent = Net::helper(
+            &topo.balancer,
+            "kernel_forged_gue_in_namespace",
+            &[
+                ("UDPLB_TEST_FORGE_FROM", forger),
+                ("UDPLB_TEST_FORGE_TO", format!("10.98.{t}.2:{port}")),
+                ("UDPLB_TEST_FORGE_CLIENT", format!("10.97.{t}.77:4242")),
+                ("UDPLB_TEST_FORGE_VIP", vip.to_string()),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+        assert!(sent.success());
+        forged = 1;
+    }
+    // Stopped, the decapsulation says what it did: every datagram in the encapsulation asked
+    // for; the forged one left to the stack.
+    let (taken, in_gue, others) = topo.stop_decap();
     assert!(taken >= 80, "{}", decap_said());
-    assert_eq!((gue, others), (0, 0), "{}", decap_said());
+    let expected = if gue.is_some() { taken } else { 0 };
+    assert_eq!((in_gue, others), (expected, forged), "{}", decap_said());
 }
 
 /// A topology whose backend host takes IP in IP (or GUE to `gue`: `udplb decap`) and answers
@@ -2175,147 +2257,6 @@ fn cuts_datagrams_without_df(prefix: &str, gue: Option<u16>) {
     let (taken, in_gue, _) = topo.stop_decap();
     assert!(taken >= 8, "{taken}");
     assert_eq!(in_gue, if gue.is_some() { taken } else { 0 });
-}
-
-/// dsr in GUE (`encapsulation = "gue"`): each datagram in UDP from the balancer to the backend
-/// host's GUE port, which `udplb decap --gue-port` takes off; the backends see the clients and
-/// answer them directly. The source port, chosen by the client, is one of 49152-65535 (so a
-/// backend NIC spreads clients over its queues); the outer checksum is none (0). A client
-/// whose datagram would not fit once encapsulated is told the MTU less 28 bytes, and its next
-/// try, fragmented, is answered (the later fragment in GUE as its first). GUE from an address
-/// that is not a balancer's is not decapsulated (counted, left to the stack).
-#[test]
-fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
-    let Some(mut topo) = Topology::build("ulgd") else {
-        return;
-    };
-    topo.gue = Some(6080);
-    let t = topo.t;
-    ip(&[
-        "-n",
-        &topo.backends,
-        "addr",
-        "add",
-        &format!("10.98.{t}.3/24"),
-        "dev",
-        "kb",
-    ])
-    .unwrap();
-    let Some((_, decap_log)) = topo.dsr_backend_host() else {
-        return;
-    };
-    let decap_said = || std::fs::read_to_string(&decap_log).unwrap_or_default();
-    let vip = topo.vip();
-    let capture = topo.net.dir.join("tcpdump.txt");
-    let capture_log = topo.net.dir.join("tcpdump.log");
-    let child = Net::exec(&topo.backends, &need("tcpdump", "tcpdump"))
-        .args([
-            "-i", "kb", "-nn", "-vv", "-c", "8", "udp", "dst", "port", "6080",
-        ])
-        .stdout(std::fs::File::create(&capture).unwrap())
-        .stderr(std::fs::File::create(&capture_log).unwrap())
-        .spawn()
-        .unwrap();
-    topo.net.keep(child);
-    assert!(
-        wait_for(DEADLINE, || std::fs::read_to_string(&capture_log)
-            .unwrap_or_default()
-            .contains("listening on")),
-        "tcpdump did not start"
-    );
-    topo.start_udplb_with(
-        "",
-        &format!(
-            "backends = [\"10.98.{t}.2:{p}\", \"10.98.{t}.3:{p}\"]\n{}",
-            topo.dsr_forwarding(),
-            p = vip.port()
-        ),
-    );
-    if topo.without_the_program() {
-        return;
-    }
-    let replies = topo.clients(40, 2);
-    let stats = topo.api("/stats");
-    assert_eq!(
-        replies.len(),
-        80,
-        "{replies:?}\n{}\n{}",
-        stats["kernel"],
-        decap_said()
-    );
-    let client_ip = format!("10.97.{t}.2");
-    for (port, from, tag, seen) in &replies {
-        assert_eq!(*from, vip, "a reply not from the listener's address");
-        assert_eq!(tag, "d");
-        assert_eq!(seen, &format!("{client_ip}:{port}"));
-    }
-    let kernel = &stats["kernel"]["listeners"][0];
-    assert_eq!(kernel["forwarding"], "dsr", "{stats}");
-    assert_eq!(kernel["encapsulation"], "gue 6080", "{stats}");
-    let backends = kernel["backends"].as_array().cloned().unwrap_or_default();
-    assert_eq!(backends.len(), 2, "{stats}");
-    for b in &backends {
-        assert!(b["datagrams"].as_u64().unwrap_or(0) > 0, "{stats}");
-        assert_eq!(b["replies"], 0, "{stats}");
-    }
-    // On the wire: UDP from the balancer to port 6080 of both backend addresses, no checksum,
-    // from ports of 49152-65535, more than one (the first 8 datagrams are of several clients).
-    assert!(
-        wait_for(DEADLINE, || std::fs::read_to_string(&capture)
-            .unwrap_or_default()
-            .matches(".6080: ")
-            .count()
-            >= 8),
-        "{}",
-        std::fs::read_to_string(&capture).unwrap_or_default()
-    );
-    let seen = std::fs::read_to_string(&capture).unwrap();
-    let from = format!("10.98.{t}.1.");
-    let sports: std::collections::BTreeSet<u16> = seen
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix(from.as_str()))
-        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
-        .collect();
-    assert!(!sports.is_empty(), "{seen}");
-    assert!(sports.iter().all(|&p| p >= 49152), "{sports:?}\n{seen}");
-    assert!(sports.len() > 1, "one source port for every client: {seen}");
-    assert!(seen.contains("[no cksum]"), "{seen}");
-    // 1,450 bytes: 1,478 on the wire, 1,506 in GUE: the client learns 1,472.
-    topo.client_learns_the_mtu(1450, 1472);
-    let stats = topo.api("/stats");
-    assert_eq!(stats["kernel"]["drops"]["too_big"], 1, "{stats}");
-    assert_eq!(stats["kernel"]["fragments_passed"], 0, "{stats}");
-    // GUE from another address of the balancers' network (not a balancer): left to the stack.
-    let forger = format!("10.98.{t}.9");
-    ip(&[
-        "-n",
-        &topo.balancer,
-        "addr",
-        "add",
-        &format!("{forger}/24"),
-        "dev",
-        "bk",
-    ])
-    .unwrap();
-    let forged = Net::helper(
-        &topo.balancer,
-        "kernel_forged_gue_in_namespace",
-        &[
-            ("UDPLB_TEST_FORGE_FROM", forger),
-            ("UDPLB_TEST_FORGE_TO", format!("10.98.{t}.2:6080")),
-            ("UDPLB_TEST_FORGE_CLIENT", format!("10.97.{t}.77:4242")),
-            ("UDPLB_TEST_FORGE_VIP", vip.to_string()),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .status()
-    .unwrap();
-    assert!(forged.success());
-    // Every datagram decapsulated came in GUE; the forged one was left to the stack.
-    let (taken, gue, others) = topo.stop_decap();
-    assert!(taken >= 80, "{}", decap_said());
-    assert_eq!((gue, others), (taken, 1), "{}", decap_said());
 }
 
 /// IPv6 dsr in GUE: UDP over IPv6 to the backend host's GUE port (its checksum 0, which
