@@ -87,6 +87,22 @@ static __always_inline int is_gue(struct udphdr *udp, void *end, __u8 version)
 	return bpf_map_lookup_elem(&gue_ports, &port) != 0;
 }
 
+// The outer headers (`headers` bytes, a UDP one among them when `gue`) taken off a datagram
+// from a known balancer, or, when `known` is 0, the datagram left to the stack; counted.
+static __always_inline int take_off(struct __sk_buff *skb, int known, __s32 headers, int gue)
+{
+	if (!known) {
+		count(1);
+		return TC_ACT_OK;
+	}
+	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0))
+		return TC_ACT_SHOT;
+	count(0);
+	if (gue)
+		count(2);
+	return TC_ACT_OK;
+}
+
 // IPv6 in IPv6 (or in GUE) from a known balancer: the outer headers taken off.
 static __always_inline int decap6(struct __sk_buff *skb, void *data, void *end)
 {
@@ -105,16 +121,8 @@ static __always_inline int decap6(struct __sk_buff *skb, void *data, void *end)
 	if ((void *)(inner + 1) > end || (bpf_ntohl(inner->vtc_flow) >> 28) != 6)
 		return TC_ACT_OK;
 	struct in6 from = outer->saddr;
-	if (!bpf_map_lookup_elem(&balancers6, &from)) {
-		count(1);
-		return TC_ACT_OK;
-	}
-	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0))
-		return TC_ACT_SHOT;
-	count(0);
-	if (headers > (__s32)sizeof(struct ip6hdr))
-		count(2);
-	return TC_ACT_OK;
+	return take_off(skb, bpf_map_lookup_elem(&balancers6, &from) != 0, headers,
+			headers > (__s32)sizeof(struct ip6hdr));
 }
 
 SEC("classifier")
@@ -144,16 +152,8 @@ int udplb_decap(struct __sk_buff *skb)
 	if ((void *)(inner + 1) > end || inner->version != 4)
 		return TC_ACT_OK;
 	__u32 from = outer->saddr;
-	if (!bpf_map_lookup_elem(&balancers, &from)) {
-		count(1);
-		return TC_ACT_OK;
-	}
-	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0))
-		return TC_ACT_SHOT;
-	count(0);
-	if (headers > (__s32)sizeof(struct iphdr))
-		count(2);
-	return TC_ACT_OK;
+	return take_off(skb, bpf_map_lookup_elem(&balancers, &from) != 0, headers,
+			headers > (__s32)sizeof(struct iphdr));
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";
