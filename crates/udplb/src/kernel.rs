@@ -130,10 +130,9 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
                  restarts and upgrades)"
             );
         }
-        Err(dir) => tracing::warn!(
+        Err((dir, why)) => tracing::warn!(
             directory = %dir.display(),
-            "kernel data plane: not on a bpf file system, so the flow map is not kept across \
-             restarts and upgrades (mount -t bpf bpf /sys/fs/bpf, or set runtime.bpf_dir)"
+            "kernel data plane: the flow map is not kept across restarts and upgrades: {why}"
         ),
     }
     let mut interfaces: Vec<String> = wanted
@@ -196,10 +195,11 @@ fn warn_if_not_forwarding(cfg: &Config, wanted: &[usize]) {
     }
 }
 
-/// Where the flow map is pinned: `runtime.bpf_dir` when it is on a bpf file system (created
-/// when missing); otherwise `Err` with that directory, which the caller says once the program
-/// has loaded (flows then start afresh with each process).
-fn pin_dir(cfg: &Config) -> Result<std::path::PathBuf, std::path::PathBuf> {
+/// Where the flow map is pinned: `runtime.bpf_dir` when it is on a bpf file system and this
+/// process may keep maps there (created when missing); otherwise `Err` with that directory and
+/// why not, which the caller says once the program has loaded (flows then start afresh with
+/// each process).
+fn pin_dir(cfg: &Config) -> Result<std::path::PathBuf, (std::path::PathBuf, String)> {
     let dir = cfg
         .runtime
         .bpf_dir
@@ -213,7 +213,68 @@ fn pin_dir(cfg: &Config) -> Result<std::path::PathBuf, std::path::PathBuf> {
             nix::sys::statfs::statfs(existing)
                 .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
         });
-    if on_bpf_fs { Ok(dir) } else { Err(dir) }
+    if !on_bpf_fs {
+        let why = "not on a bpf file system (mount -t bpf bpf /sys/fs/bpf, or set \
+                   runtime.bpf_dir)";
+        return Err((dir, why.to_string()));
+    }
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
+        .ok()
+        .flatten()
+        .map_or_else(|| nix::unistd::Uid::effective().to_string(), |u| u.name);
+    match not_ours(&dir, &user) {
+        None => Ok(dir),
+        Some(why) => {
+            let why = format!(
+                "{why} (chown -R {user} {dir}, or set runtime.bpf_dir to a directory of its own \
+                 on a bpf file system: docs/kernel.md, \"Under systemd\")",
+                dir = dir.display()
+            );
+            Err((dir, why))
+        }
+    }
+}
+
+/// Why this process (running as `user`) cannot keep maps in `dir` (created when missing), or
+/// in what is already pinned there (one level of layout directories and their maps); `None`
+/// when it can.
+fn not_ours(dir: &std::path::Path, user: &str) -> Option<String> {
+    use nix::fcntl::{AT_FDCWD, AtFlags};
+    use nix::unistd::{AccessFlags, faccessat};
+    let may = |p: &std::path::Path, how: AccessFlags| {
+        faccessat(AT_FDCWD, p, how, AtFlags::AT_EACCESS).is_ok()
+    };
+    // A directory above it this user cannot pass (systemd mounts /sys/fs/bpf 0700).
+    let above: Vec<&std::path::Path> = dir.ancestors().skip(1).collect();
+    for d in above.into_iter().rev() {
+        if !may(d, AccessFlags::X_OK) {
+            return Some(format!("{} is not searchable by user {user}", d.display()));
+        }
+    }
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return Some(format!(
+            "{} cannot be made by user {user}: {e}",
+            dir.display()
+        ));
+    }
+    let mut paths = vec![dir.to_path_buf()];
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        paths.push(entry.path());
+        let inner = std::fs::read_dir(entry.path())
+            .into_iter()
+            .flatten()
+            .flatten();
+        paths.extend(inner.map(|f| f.path()));
+    }
+    paths.into_iter().find_map(|p| {
+        let read_write = AccessFlags::R_OK | AccessFlags::W_OK;
+        let want = if p.is_dir() {
+            read_write | AccessFlags::X_OK
+        } else {
+            read_write
+        };
+        (!may(&p, want)).then(|| format!("{} is not user {user}'s to change", p.display()))
+    })
 }
 
 /// Gives the pinned flow map to the user udplb switches to, so that an upgrade's successor

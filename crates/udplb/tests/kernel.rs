@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::netns::{Net, ip, serve_if_asked};
@@ -797,6 +797,17 @@ impl Topology {
     /// udplb on the balancer with `listener` lines for the kernel listener and `pool` lines
     /// for its pool.
     fn start_udplb_with(&mut self, listener: &str, pool: &str) -> u32 {
+        self.start_udplb_by(listener, pool, Net::udplb)
+    }
+
+    /// As [`Topology::start_udplb_with`], udplb started by `command` (the balancer's namespace,
+    /// the configuration file and the log file given).
+    fn start_udplb_by(
+        &mut self,
+        listener: &str,
+        pool: &str,
+        command: impl FnOnce(&str, &Path, &Path) -> Command,
+    ) -> u32 {
         let toml = format!(
             "[admin]\nlisten = \"127.0.0.1:9190\"\nallow_changes = true\n\
              [listeners.l]\naddress = \"{}\"\npool = \"p\"\ndataplane = \"kernel\"\n\
@@ -806,7 +817,7 @@ impl Topology {
         let config = self.net.dir.join("udplb.toml");
         std::fs::write(&config, toml).unwrap();
         let log = self.net.dir.join("udplb.log");
-        let child = Net::udplb(&self.balancer, &config, &log).spawn().unwrap();
+        let child = command(&self.balancer, &config, &log).spawn().unwrap();
         let pid = self.net.keep(child);
         assert!(
             wait_for(DEADLINE, || self.api("/stats")["pools"][0]["backends"]
@@ -1493,6 +1504,92 @@ fn dataplane_auto_without_privileges_serves_with_sockets() {
         assert_eq!(said.matches("kernel data plane").count(), 1, "{said}");
         assert!(said.contains("neither root nor CAP_BPF"), "{said}");
     }
+}
+
+/// udplb as systemd's unit runs it: never root, started as another user (nobody) with the
+/// capabilities the kernel data plane needs as ambient ones. It loads and forwards. A pin
+/// directory that user cannot write (root's) costs only the flows' survival across restarts,
+/// said once with the user and what to do; given to the user, the flow map is kept there.
+#[test]
+fn the_kernel_data_plane_runs_as_a_user_with_its_capabilities() {
+    let Some(mut topo) = Topology::build("ulcp") else {
+        return;
+    };
+    need("setpriv", "util-linux");
+    topo.start_backends();
+    let bpf = topo.net.dir.join("bpf");
+    let _fs = BpfFs::mount(bpf.clone());
+    let dir = bpf.join("udplb");
+    std::fs::create_dir_all(&dir).unwrap();
+    let runtime = format!(
+        "[runtime]\nshutdown_grace = \"0s\"\nbpf_dir = \"{}\"\n",
+        dir.display()
+    );
+    let pool = format!(
+        "backends = [{}]\n{runtime}",
+        (0..3)
+            .map(|i| quoted(topo.backend_addr(i)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let as_nobody = |ns: &str, config: &Path, log: &Path| {
+        let caps = "+bpf,+perfmon,+net_admin";
+        let mut c = Net::exec(ns, Path::new("setpriv"));
+        c.args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups"])
+            .args(["--inh-caps", caps, "--ambient-caps", caps])
+            .arg(env!("CARGO_BIN_EXE_udplb"))
+            .args(["run", "-c"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap());
+        c
+    };
+    for (round, kept) in [(0, false), (1, true)] {
+        if kept {
+            let (uid, gid) = nobody();
+            let owner = (Some(uid.into()), Some(gid.into()));
+            for p in walk(&dir) {
+                nix::unistd::chown(&p, owner.0, owner.1).unwrap();
+            }
+        }
+        let pid = topo.start_udplb_by("", &pool, as_nobody);
+        if topo.without_the_program() {
+            return;
+        }
+        assert_eq!(
+            status_field(pid, "Uid").first().map(String::as_str),
+            Some(nobody().0.to_string().as_str())
+        );
+        let replies = topo.clients(10, 2);
+        let stats = topo.api("/stats");
+        assert_eq!(replies.len(), 20, "round {round}: {}", topo.log());
+        assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+        let log = topo.log();
+        if kept {
+            assert!(log.contains("the flow map is kept there"), "{log}");
+            assert!(!log.contains("not kept"), "{log}");
+        } else {
+            assert!(
+                log.contains("the flow map is not kept across restarts"),
+                "{log}"
+            );
+            assert!(log.contains("user nobody"), "{log}");
+            assert!(log.contains("chown -R nobody"), "{log}");
+        }
+        signal(pid, "TERM");
+        assert!(wait_for(DEADLINE, || gone(pid)));
+    }
+}
+
+/// `dir` and what is in it, two levels down.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_path_buf()];
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        out.push(e.path());
+        let inner = std::fs::read_dir(e.path()).into_iter().flatten().flatten();
+        out.extend(inner.map(|f| f.path()));
+    }
+    out
 }
 
 /// A bpf file system mounted for the test (unmounted when dropped).
