@@ -244,11 +244,16 @@ fn not_ours(dir: &std::path::Path, user: &str) -> Option<String> {
     let may = |p: &std::path::Path, how: AccessFlags| {
         faccessat(AT_FDCWD, p, how, AtFlags::AT_EACCESS).is_ok()
     };
-    // A directory above it this user cannot pass (systemd mounts /sys/fs/bpf 0700).
+    // A directory above it this user cannot pass (systemd mounts /sys/fs/bpf 0700); from the
+    // root down, to the first one still to be made.
     let above: Vec<&std::path::Path> = dir.ancestors().skip(1).collect();
     for d in above.into_iter().rev() {
-        if !may(d, AccessFlags::X_OK) {
-            return Some(format!("{} is not searchable by user {user}", d.display()));
+        match faccessat(AT_FDCWD, d, AccessFlags::X_OK, AtFlags::AT_EACCESS) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ENOENT) => break,
+            Err(_) => {
+                return Some(format!("{} is not searchable by user {user}", d.display()));
+            }
         }
     }
     if let Err(e) = std::fs::create_dir_all(dir) {
