@@ -42,6 +42,14 @@ done
     install -D -m 0644 /dev/stdin "$root/usr/share/fish/vendor_completions.d/udplb.fish"
 
 install -D -m 0644 contrib/udplb.service "$root/lib/systemd/system/udplb.service"
+install -D -m 0644 contrib/udplb-decap.service "$root/lib/systemd/system/udplb-decap.service"
+install -D -m 0644 /dev/stdin "$root/etc/default/udplb-decap" <<'EOF'
+# Arguments of `udplb decap` for udplb-decap.service (the backends' side of forwarding = "dsr",
+# docs/kernel.md): the interfaces the balancers' datagrams arrive on, the balancers' addresses,
+# and the pool's gue_port with encapsulation = "gue". Then: systemctl enable --now udplb-decap
+#UDPLB_DECAP_ARGS="--interface eth0 --balancer 10.0.0.2 --balancer 10.0.0.3 --gue-port 6080"
+UDPLB_DECAP_ARGS=""
+EOF
 install -D -m 0644 contrib/udplb.sysusers "$root/usr/lib/sysusers.d/udplb.conf"
 # The example, but without its `user = "nobody"`: the unit starts udplb as the user udplb, and
 # udplb started as root by hand switches to that user by default.
@@ -83,7 +91,7 @@ Description: UDP load balancer
  a command), runtime control through an admin API and udplb ctl, persistence,
  RADIUS/SIP/QUIC-aware placement, DNS over TCP, Prometheus metrics.
 EOF
-echo /etc/udplb/udplb.toml >"$root/DEBIAN/conffiles"
+printf '%s\n' /etc/udplb/udplb.toml /etc/default/udplb-decap >"$root/DEBIAN/conffiles"
 # The unit is installed, not started: an operator edits /etc/udplb/udplb.toml first.
 cat >"$root/DEBIAN/postinst" <<'EOF'
 #!/bin/sh

@@ -148,8 +148,8 @@ enum Command {
         #[arg(short, long = "interface", value_name = "NAME", required = true)]
         interfaces: Vec<String>,
         /// A balancer's address whose encapsulated datagrams are taken (repeatable; IPv4 for
-        /// IPv4 listeners, IPv6 for IPv6 ones); IP in IP from any other source is left to the
-        /// stack.
+        /// IPv4 listeners, IPv6 for IPv6 ones); encapsulated datagrams from any other source
+        /// are left to the stack.
         #[arg(short, long = "balancer", value_name = "ADDRESS", required = true)]
         balancers: Vec<std::net::IpAddr>,
         /// A UDP port GUE arrives on (the pool's `gue_port` with `encapsulation = "gue"`;

@@ -572,6 +572,14 @@ pub fn decap(
         );
         return std::process::ExitCode::FAILURE;
     }
+    if !crate::preflight::can_load_bpf() {
+        // Said plainly, rather than as the first map the kernel refuses to create.
+        eprintln!(
+            "udplb decap: this process has neither root nor CAP_BPF, CAP_PERFMON and \
+             CAP_NET_ADMIN, which loading the program needs"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     let decap = match udplb_kernel::Decap::attach(interfaces, balancers, gue_ports) {
         Ok(d) => d,
         Err(e) => {
