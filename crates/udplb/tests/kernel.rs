@@ -1041,6 +1041,29 @@ fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(forwarded, 120.0, "{metrics}");
+    // What the shipped dashboard and alerts read of the kernel data plane, it exports.
+    let exported: std::collections::HashSet<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(|name| name.strip_suffix("_total").unwrap_or(name))
+        .collect();
+    let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib");
+    for file in ["grafana/udplb.json", "prometheus/alerts.yml"] {
+        let text = std::fs::read_to_string(contrib.join(file)).unwrap();
+        let used: std::collections::HashSet<&str> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("udplb_kernel_"))
+            .collect();
+        assert!(used.len() > 2, "{file}: {used:?}");
+        for name in used {
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            assert!(
+                exported.contains(family),
+                "{file} uses {name}, which udplb does not export"
+            );
+        }
+    }
 }
 
 const ZONE: &str = "example.test.";
