@@ -677,6 +677,9 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfi
             ),
         ));
     }
+    if let Some(port) = p.gue_port() {
+        check_gue_port(out, p, port, listeners);
+    }
     if p.gue_port.is_some() && p.encapsulation != Some(Encapsulation::Gue) {
         out.push(problem(
             format!("pools.{}.gue_port", p.name),
@@ -740,6 +743,47 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfi
             b.spec.weight,
             1..=BackendSpec::MAX_WEIGHT,
         );
+    }
+}
+
+/// GUE arrives at the backends on `port`, where `udplb decap` takes whatever the balancers send
+/// that looks like an IP packet: not a port they also serve clients or health checks on (a
+/// query or probe from the balancer's address starting with byte 0x4_ or 0x6_ would be taken
+/// apart as GUE).
+fn check_gue_port(out: &mut Vec<Problem>, p: &PoolConfig, port: u16, listeners: &[ListenerConfig]) {
+    let key = if p.gue_port.is_some() {
+        format!("pools.{}.gue_port", p.name)
+    } else {
+        format!("pools.{}.encapsulation", p.name)
+    };
+    if let Some(l) = listeners
+        .iter()
+        .find(|l| l.pool == p.name && l.address.port() == port)
+    {
+        out.push(problem(
+            key,
+            format!(
+                "GUE port {port} is listeners.{}'s port, which the backends serve with dsr: \
+                 choose another gue_port",
+                l.name
+            ),
+        ));
+        return;
+    }
+    let checked = p
+        .backends
+        .iter()
+        .filter_map(|b| b.check(p))
+        .filter_map(|h| h.port)
+        .find(|&checked| checked == port);
+    if checked.is_some() {
+        out.push(problem(
+            key,
+            format!(
+                "GUE port {port} is the health check's port on the backends: choose another \
+                 gue_port"
+            ),
+        ));
     }
 }
 

@@ -1200,6 +1200,19 @@ fn gue_encapsulation_needs_dsr_and_its_port_needs_gue() {
         only_message(&pool("gue_port = 5555")),
         "only with encapsulation = \"gue\" (and forwarding = \"dsr\")"
     );
+    // Not a port the backends serve clients or checks on: a query from the balancer would be
+    // taken apart as GUE.
+    assert_eq!(
+        only_message(&pool("encapsulation = \"gue\"\ngue_port = 53")),
+        "GUE port 53 is listeners.l's port, which the backends serve with dsr: choose another \
+         gue_port"
+    );
+    assert_eq!(
+        only_message(&pool(
+            "encapsulation = \"gue\"\n[pools.p.health]\ncheck = \"tcp\"\nport = 6080"
+        )),
+        "GUE port 6080 is the health check's port on the backends: choose another gue_port"
+    );
     let nat = format!("{KERNEL_BACKENDS}\nencapsulation = \"gue\"");
     let src = with_dataplane("kernel", KERNEL_LISTENER, &nat);
     assert_eq!(
