@@ -587,6 +587,15 @@ pub fn decap(
             return std::process::ExitCode::FAILURE;
         }
     };
+    for &port in gue_ports {
+        if udp_port_in_use(port) {
+            eprintln!(
+                "udplb decap: a socket on this host is bound to UDP port {port}: what the \
+                 balancers send to it that starts like an IP packet is taken as GUE, not \
+                 delivered (give the pool another gue_port)"
+            );
+        }
+    }
     let from: Vec<String> = balancers.iter().map(ToString::to_string).collect();
     let gue: Vec<String> = gue_ports.iter().map(ToString::to_string).collect();
     eprintln!(
@@ -607,6 +616,22 @@ pub fn decap(
         signal.map_or_else(|e| e.to_string(), |s| s.as_str().to_string())
     );
     std::process::ExitCode::SUCCESS
+}
+
+/// Whether a UDP socket of this network namespace is bound to `port` (/proc/net/udp and udp6:
+/// `sl local_address:PORT ...`, the port in hex).
+fn udp_port_in_use(port: u16) -> bool {
+    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .and_then(|local| local.rsplit_once(':'))
+                    .and_then(|(_, hex)| u16::from_str_radix(hex, 16).ok())
+                    == Some(port)
+            })
+        })
+    })
 }
 
 impl KernelPlane {
@@ -731,5 +756,23 @@ impl KernelPlane {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .drops()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::udp_port_in_use;
+
+    #[test]
+    fn a_bound_udp_port_is_seen_in_use_and_then_free() {
+        for ip in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(socket) = std::net::UdpSocket::bind(ip) else {
+                continue; // no IPv6 here
+            };
+            let port = socket.local_addr().unwrap().port();
+            assert!(udp_port_in_use(port), "{ip}");
+            drop(socket);
+            assert!(!udp_port_in_use(port), "{ip}: freed");
+        }
     }
 }

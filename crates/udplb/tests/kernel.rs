@@ -655,6 +655,7 @@ impl Topology {
                 "{}",
                 said()
             );
+            assert!(!said().contains("is bound to UDP port"), "{}", said());
         }
         self.decap = Some((pid, log.clone()));
         Some((pid, log))
