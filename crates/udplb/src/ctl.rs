@@ -264,7 +264,8 @@ fn status_table(v: &Value) -> String {
 }
 
 /// The kernel data plane's line under `status`, when a listener uses it: where it is
-/// attached, what it forwarded (the table's counters are the sockets') and dropped.
+/// attached, how each of its listeners reaches the backends, what it forwarded (the table's
+/// counters are the sockets') and dropped.
 fn kernel_line(k: &Value) -> String {
     if k.is_null() {
         return String::new();
@@ -285,9 +286,19 @@ fn kernel_line(k: &Value) -> String {
         .flatten()
         .map(text)
         .collect();
+    let methods: Vec<String> = k["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| match l["encapsulation"].as_str() {
+            Some(e) => format!("{} {} {e}", text(&l["listener"]), text(&l["forwarding"])),
+            None => format!("{} {}", text(&l["listener"]), text(&l["forwarding"])),
+        })
+        .collect();
     format!(
-        "kernel: attached to {}; forwarded {} datagrams, {} replies; dropped {dropped}\n",
+        "kernel: attached to {} ({}); forwarded {} datagrams, {} replies; dropped {dropped}\n",
         interfaces.join(","),
+        methods.join(", "),
         sum("datagrams"),
         sum("replies")
     )

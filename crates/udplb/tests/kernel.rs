@@ -1023,12 +1023,12 @@ fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
         .unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(
-        status
-            .contains("kernel: attached to bc,bk; forwarded 120 datagrams, 120 replies; dropped 0")
-            && status
-                .lines()
-                .nth(1)
-                .is_some_and(|l| l.contains(" kernel ")),
+        status.contains(
+            "kernel: attached to bc,bk (l nat); forwarded 120 datagrams, 120 replies; dropped 0"
+        ) && status
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains(" kernel ")),
         "{status}"
     );
     let out = Net::exec(&topo.balancer, Path::new("curl"))
@@ -2179,6 +2179,15 @@ fn dsr_to_two_backend_addresses(prefix: &str, gue: Option<u16>) {
     assert_eq!(kernel["forwarding"], "dsr", "{stats}");
     let encapsulation = gue.map_or("ipip".to_string(), |p| format!("gue {p}"));
     assert_eq!(kernel["encapsulation"], encapsulation.as_str(), "{stats}");
+    let out = Net::exec(&topo.balancer, Path::new(env!("CARGO_BIN_EXE_udplb")))
+        .args(["ctl", "--admin", "127.0.0.1:9190", "status"])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains(&format!("(l dsr {encapsulation})")),
+        "{status}"
+    );
     let backends = kernel["backends"].as_array().cloned().unwrap_or_default();
     assert_eq!(backends.len(), 2, "{stats}");
     for b in &backends {
