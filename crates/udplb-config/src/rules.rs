@@ -220,12 +220,6 @@ fn check_kernel_listener(out: &mut Vec<Problem>, l: &ListenerConfig, dataplane: 
             &format!("clients are diverted in user space; {USER_SPACE}"),
         );
     }
-    if l.persistence.is_some() {
-        refuse(
-            "persistence",
-            &format!("clients are remembered in user space; {USER_SPACE}"),
-        );
-    }
     if l.shared_upstream {
         refuse(
             "shared_upstream",

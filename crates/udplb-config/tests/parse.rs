@@ -1375,12 +1375,6 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
              diverted in user space",
         ),
         (
-            format!("{l}\npersistence = \"10s\""),
-            b.into(),
-            "t.toml:5:1: listeners.l.persistence: not with dataplane = \"DP\" (clients are \
-             remembered in user space",
-        ),
-        (
             format!("{l}\nshared_upstream = true"),
             b.into(),
             "t.toml:5:1: listeners.l.shared_upstream: not with dataplane = \"DP\" (upstream \
@@ -1436,6 +1430,15 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
             let socket = with_dataplane("socket", listener, pool);
             assert!(parse(&socket, "t.toml").is_ok(), "{socket}");
         }
+    }
+    // Persistence the kernel keeps too, in flow and datagram mode, by ip:port or by ip.
+    for extra in [
+        "persistence = \"10s\"",
+        "persistence = \"10s\"\naffinity = \"ip\"\nmode = \"datagram\"",
+    ] {
+        let src = with_dataplane("kernel", &format!("{l}\n{extra}"), b);
+        let cfg = parse(&src, "t.toml").unwrap_or_else(|e| panic!("{src}\n{e}"));
+        assert_eq!(cfg.listeners[0].persistence, Some(Duration::from_secs(10)));
     }
     // What is refused is also what `udplb check` reports after parsing, at its line.
     let src = with_dataplane("kernel", &format!("{l}\nshared_upstream = true"), b);

@@ -172,6 +172,17 @@ struct {
 	__type(value, struct reply6);
 } replies6 SEC(".maps");
 
+// As `persist`, for IPv6 clients.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); // set by udplb before loading (as `flows`)
+	__type(key, struct flow6_key);
+	__type(value, struct flow6);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes, with `flows6`
+#endif
+} persist6 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 16384);
@@ -696,6 +707,74 @@ static __noinline int later_fragment6(struct __sk_buff *skb, struct packet6 *p)
 	return send_by(skb, rc, &fib);
 }
 
+// As `persisted`: the backend the client of `p` persists on, into `p`. Returns 0 when there
+// is none.
+static __always_inline int persisted6(const struct service *svc, const struct flow6_key *pk,
+				      __u64 now, struct packet6 *p)
+{
+	struct flow6 *e = bpf_map_lookup_elem(&persist6, pk);
+	if (!e || now - e->last_ns > svc->idle_ns + svc->persist_ns)
+		return 0;
+	struct reply6_key rk = {.addr = e->backend_addr, .port = e->backend_port};
+	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
+	if (!r || !(r->flags & BACKEND_TAKES_NEW) || !in6_eq(&r->service_addr, &p->daddr) ||
+	    r->service_port != p->dport)
+		return 0;
+	p->backend = r->backend;
+	p->bflags = r->flags;
+	p->to_addr = e->backend_addr;
+	p->to_port = e->backend_port;
+	if (now - e->last_ns > MASQ_REFRESH_NS)
+		e->last_ns = now;
+	struct counters *c = bpf_map_lookup_elem(&counters, &p->backend);
+	if (c)
+		c->persisted += 1;
+	return 1;
+}
+
+// As `remember`, for the IPv6 client of `p` and the backend chosen into it.
+static __always_inline void remember6(const struct flow6_key *pk, const struct packet6 *p,
+				      __u64 now, int placed)
+{
+	struct flow6 *e = bpf_map_lookup_elem(&persist6, pk);
+	if (e && in6_eq(&e->backend_addr, &p->to_addr) && e->backend_port == p->to_port) {
+		if (now - e->last_ns > MASQ_REFRESH_NS)
+			e->last_ns = now;
+		return;
+	}
+	if (e && !placed)
+		return;
+	struct flow6 v = {.backend_addr = p->to_addr, .backend_port = p->to_port, .last_ns = now};
+	bpf_map_update_elem(&persist6, pk, &v, BPF_ANY);
+}
+
+// The backend that persistence names for the client of `p` (into `p`), or else, when
+// `placed`, remembers the one just placed (SERVICE_PERSIST only; its own function, for the
+// stack). Returns 1 when `p` now names the persisted backend.
+static __noinline int persistence6(const struct service *svc, struct packet6 *p, __u64 now,
+				   int placed)
+{
+	struct flow6_key pk = {.client_addr = p->saddr,
+			       .service_addr = p->daddr,
+			       .client_port = (svc->flags & SERVICE_BY_IP) ? 0 : p->sport,
+			       .service_port = p->dport};
+	if (placed < 0)
+		return persisted6(svc, &pk, now, p);
+	remember6(&pk, p, now, placed);
+	return 0;
+}
+
+// A new flow's entry (flow mode), or once a local client's in datagram mode, so that its
+// replies are known as replies (see the IPv4 side).
+static __always_inline void remember_flow6(struct __sk_buff *skb, int datagram,
+					   const struct flow6_key *fk, const struct flow6 *nf)
+{
+	if (!datagram)
+		bpf_map_update_elem(&flows6, fk, nf, BPF_ANY);
+	else if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !bpf_map_lookup_elem(&flows6, fk))
+		bpf_map_update_elem(&flows6, fk, nf, BPF_NOEXIST);
+}
+
 // A client's datagram to an IPv6 listener `svc`: its flow's backend, or one placed anew,
 // into `p` (the allow and deny lists and the rate limits checked first). Returns -1 when
 // chosen, else what becomes of the datagram. (Its own function, as `forward6`: each has the
@@ -732,12 +811,20 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 			p->to_addr = f->backend_addr;
 			p->to_port = f->backend_port;
 			f->last_ns = now;
+			if (svc->flags & SERVICE_PERSIST)
+				persistence6(svc, p, now, 0);
 			return -1;
 		}
 	}
 	if (!datagram && !within_limits6(svc, &p->saddr, 1, now)) {
 		count_drop(DROP_FLOW_RATE_LIMITED);
 		return TC_ACT_SHOT;
+	}
+	if ((svc->flags & SERVICE_PERSIST) && persistence6(svc, p, now, -1)) {
+		struct flow6 pf = {
+			.backend_addr = p->to_addr, .backend_port = p->to_port, .last_ns = now};
+		remember_flow6(skb, datagram, &fk, &pf);
+		return -1;
 	}
 	__u32 b = 0;
 	if (place(svc, client_hash6(svc, &p->saddr, p->sport), &b) < 0) {
@@ -753,13 +840,10 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 	p->bflags = be->flags;
 	p->to_addr = be->addr;
 	p->to_port = be->port;
+	if (svc->flags & SERVICE_PERSIST)
+		persistence6(svc, p, now, 1);
 	struct flow6 nf = {.backend_addr = be->addr, .backend_port = be->port, .last_ns = now};
-	if (!datagram)
-		bpf_map_update_elem(&flows6, &fk, &nf, BPF_ANY);
-	else if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !bpf_map_lookup_elem(&flows6, &fk))
-		// A local client in datagram mode: remembered once, so that its replies are known
-		// as replies (see the IPv4 side).
-		bpf_map_update_elem(&flows6, &fk, &nf, BPF_NOEXIST);
+	remember_flow6(skb, datagram, &fk, &nf);
 	return -1;
 }
 

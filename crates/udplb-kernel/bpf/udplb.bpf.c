@@ -53,6 +53,7 @@ struct service_key {
 #define SERVICE_MASQUERADE 8 // the source rewritten too, to a port of [port_base, +port_count)
 #define SERVICE_DSR 16 // encapsulated IP in IP to the backend, not rewritten
 #define SERVICE_GUE 32 // dsr: encapsulated in UDP to port `port_base` instead (GUE variant 1)
+#define SERVICE_PERSIST 64 // a client returns to its backend for `persist_ns` (`persist`)
 
 // A listener's rate limits, as udplb's socket path counts them
 // (udplb_core::ratelimit): per key and one-second window, at most `limit`, in a count-min
@@ -79,12 +80,14 @@ struct service {
 	__u32 prefix_mask; // a client's prefix for the per-prefix limits (network order)
 	__u32 pad2;
 	__u32 prefix6_mask[4]; // the same for an IPv6 client
+	__u64 persist_ns; // SERVICE_PERSIST: remembered this long after the idle timeout
 };
 
 #define BACKEND_KEEPS_FLOWS 1
 #define BACKEND_MASQUERADE 2 // its replies come to a masquerade port (struct masq)
 #define BACKEND_LOCAL 4 // on this host (udplb knows its addresses; the FIB cannot tell
 			// without forwarding on)
+#define BACKEND_TAKES_NEW 8 // in the table (or schedule): healthy, not draining or disabled
 
 struct backend {
 	__u32 addr;
@@ -131,6 +134,7 @@ struct counters {
 	__u64 reply_packets;
 	__u64 reply_bytes;
 	__u64 icmp_errors; // about datagrams to the backend: udplb's passive health reads them
+	__u64 persisted; // new flows (datagram mode: datagrams) persistence sent back to it
 };
 
 enum drop_reason {
@@ -249,6 +253,19 @@ struct {
 	__type(key, struct reply_key);
 	__type(value, struct reply);
 } replies SEC(".maps");
+
+// Persistence (LVS's persistence_timeout): the backend each client of a listener with
+// SERVICE_PERSIST last used, by the client's address and port (its address alone, port 0,
+// with SERVICE_BY_IP), and when (`last_ns`, refreshed at most once a second).
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); // set by udplb before loading (as `flows`)
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes, with `flows`
+#endif
+} persist SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -388,6 +405,63 @@ static __always_inline __u64 client_hash(const struct service *svc, __u32 addr, 
 	if (svc->flags & SERVICE_BY_IP)
 		return placement_hash(addr, addr, 4);
 	return placement_hash(addr, (addr >> 16) | ((__u32)port << 16), 6);
+}
+
+// The key of the persistence entry of the IPv4 client of flow `fk`.
+static __always_inline struct flow_key persist_key(const struct service *svc,
+						   const struct flow_key *fk)
+{
+	struct flow_key k = *fk;
+	if (svc->flags & SERVICE_BY_IP)
+		k.client_port = 0;
+	return k;
+}
+
+// The backend the IPv4 client of flow `fk` persists on (`*b`, its flags, address and port),
+// while its entry is younger than the idle timeout and persistence together and the backend
+// takes new clients and still serves this listener. Returns 0 when there is none.
+static __always_inline int persisted(const struct service *svc, const struct flow_key *fk,
+				     __u64 now, __u32 *b, __u16 *bflags, __u32 *to_addr,
+				     __u16 *to_port)
+{
+	struct flow_key pk = persist_key(svc, fk);
+	struct flow *p = bpf_map_lookup_elem(&persist, &pk);
+	if (!p || now - p->last_ns > svc->idle_ns + svc->persist_ns)
+		return 0;
+	struct reply_key rk = {.addr = p->backend_addr, .port = p->backend_port};
+	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
+	if (!r || !(r->flags & BACKEND_TAKES_NEW) || r->service_addr != fk->service_addr ||
+	    r->service_port != fk->service_port)
+		return 0;
+	*b = r->backend;
+	*bflags = r->flags;
+	*to_addr = p->backend_addr;
+	*to_port = p->backend_port;
+	if (now - p->last_ns > MASQ_REFRESH_NS)
+		p->last_ns = now;
+	struct counters *c = bpf_map_lookup_elem(&counters, b);
+	if (c)
+		c->persisted += 1;
+	return 1;
+}
+
+// Remembers that the IPv4 client of flow `fk` used backend `addr`:`port` now. An entry naming
+// another backend is replaced only when `placed` (a datagram of a kept flow on a backend that
+// no longer takes new clients leaves alone where its client's new flows now go).
+static __always_inline void remember(const struct service *svc, const struct flow_key *fk,
+				     __u32 addr, __u16 port, __u64 now, int placed)
+{
+	struct flow_key pk = persist_key(svc, fk);
+	struct flow *p = bpf_map_lookup_elem(&persist, &pk);
+	if (p && p->backend_addr == addr && p->backend_port == port) {
+		if (now - p->last_ns > MASQ_REFRESH_NS)
+			p->last_ns = now;
+		return;
+	}
+	if (p && !placed)
+		return;
+	struct flow v = {.backend_addr = addr, .backend_port = port, .last_ns = now};
+	bpf_map_update_elem(&persist, &pk, &v, BPF_ANY);
 }
 
 // The count a cell holds for second `now`.
@@ -1418,23 +1492,30 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				f->last_ns = now;
 			}
 		}
+		int persists = svc->flags & SERVICE_PERSIST;
+		if (to_addr && persists)
+			remember(svc, &fk, to_addr, to_port, now, 0);
 		if (!to_addr) {
 			if (!datagram && !within_limits(svc, saddr, 1, now)) {
 				count_drop(DROP_FLOW_RATE_LIMITED);
 				return TC_ACT_SHOT;
 			}
-			if (place(svc, client_hash(svc, saddr, sport), &b) < 0) {
-				count_drop(DROP_NO_BACKEND);
-				return TC_ACT_SHOT;
+			if (!persists || !persisted(svc, &fk, now, &b, &bflags, &to_addr, &to_port)) {
+				if (place(svc, client_hash(svc, saddr, sport), &b) < 0) {
+					count_drop(DROP_NO_BACKEND);
+					return TC_ACT_SHOT;
+				}
+				struct backend *be = bpf_map_lookup_elem(&backends, &b);
+				if (!be || !be->addr) {
+					count_drop(DROP_NO_BACKEND);
+					return TC_ACT_SHOT;
+				}
+				to_addr = be->addr;
+				to_port = be->port;
+				bflags = be->flags;
+				if (persists)
+					remember(svc, &fk, to_addr, to_port, now, 1);
 			}
-			struct backend *be = bpf_map_lookup_elem(&backends, &b);
-			if (!be || !be->addr) {
-				count_drop(DROP_NO_BACKEND);
-				return TC_ACT_SHOT;
-			}
-			to_addr = be->addr;
-			to_port = be->port;
-			bflags = be->flags;
 			struct flow nf = {
 				.backend_addr = to_addr, .backend_port = to_port, .last_ns = now};
 			if (!datagram)

@@ -35,21 +35,23 @@ pub const SCHEDULE_MAX: usize = 16_384;
 pub const UNUSED_MAP_ENTRIES: u32 = 1024;
 
 /// The entries of the program's per-client maps (preallocated, so locked memory): the flow
-/// maps and the masquerade maps, per IP family.
+/// maps, the masquerade maps and the persistence maps, per IP family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub flows: u32,
     pub flows6: u32,
     pub masq: u32,
     pub masq6: u32,
+    pub persist: u32,
+    pub persist6: u32,
 }
 
 impl MapSizes {
     /// `max_flows` entries in each map the `listeners` use (each: whether it is IPv6, whether
-    /// it masquerades), [`UNUSED_MAP_ENTRIES`] in the others.
+    /// it masquerades, whether it has persistence), [`UNUSED_MAP_ENTRIES`] in the others.
     pub fn for_listeners(
         max_flows: u32,
-        listeners: impl IntoIterator<Item = (bool, bool)>,
+        listeners: impl IntoIterator<Item = (bool, bool, bool)>,
     ) -> Self {
         let max_flows = max_flows.max(UNUSED_MAP_ENTRIES);
         let mut sizes = MapSizes {
@@ -57,28 +59,35 @@ impl MapSizes {
             flows6: UNUSED_MAP_ENTRIES,
             masq: UNUSED_MAP_ENTRIES,
             masq6: UNUSED_MAP_ENTRIES,
+            persist: UNUSED_MAP_ENTRIES,
+            persist6: UNUSED_MAP_ENTRIES,
         };
-        for (ipv6, masquerade) in listeners {
-            let (flows, masq) = if ipv6 {
-                (&mut sizes.flows6, &mut sizes.masq6)
+        for (ipv6, masquerade, persistence) in listeners {
+            let (flows, masq, persist) = if ipv6 {
+                (&mut sizes.flows6, &mut sizes.masq6, &mut sizes.persist6)
             } else {
-                (&mut sizes.flows, &mut sizes.masq)
+                (&mut sizes.flows, &mut sizes.masq, &mut sizes.persist)
             };
             *flows = max_flows;
             if masquerade {
                 *masq = max_flows;
+            }
+            if persistence {
+                *persist = max_flows;
             }
         }
         sizes
     }
 
     /// Each map's name in the program and its entries.
-    pub fn by_name(&self) -> [(&'static str, u32); 4] {
+    pub fn by_name(&self) -> [(&'static str, u32); 6] {
         [
             ("flows", self.flows),
             ("flows6", self.flows6),
             ("masq", self.masq),
             ("masq6", self.masq6),
+            ("persist", self.persist),
+            ("persist6", self.persist6),
         ]
     }
 }
@@ -109,6 +118,9 @@ pub struct Service {
     pub by_ip: bool,
     /// A flow idle this long is placed anew.
     pub idle: Duration,
+    /// Persistence: a client returns to the backend it last used (while that takes new
+    /// clients) for this long after the idle timeout; `None`: off.
+    pub persistence: Option<Duration>,
     /// The pool's backends, in pool order.
     pub backends: Vec<Backend>,
     /// The pool's Maglev table as positions in `backends` (empty: none takes new flows).
@@ -123,6 +135,25 @@ pub struct Service {
     pub method: Method,
     /// Rate limits per client address and prefix (`None`: none).
     pub limits: Option<Limits>,
+}
+
+impl Service {
+    /// Per backend, whether new clients may be placed on it: it is in the Maglev table (in
+    /// datagram mode, the schedule).
+    pub fn takers(&self) -> Vec<bool> {
+        let mut takes = vec![false; self.backends.len()];
+        let placed = if self.datagram {
+            &self.schedule
+        } else {
+            &self.ring
+        };
+        for &at in placed {
+            if let Some(t) = takes.get_mut(at as usize) {
+                *t = true;
+            }
+        }
+        takes
+    }
 }
 
 /// A kernel listener's rate limits (udplb's `[listeners.NAME.limits]`): per second, 0 is off.
@@ -210,6 +241,8 @@ pub struct Traffic {
     pub reply_bytes: u64,
     /// ICMP errors about datagrams sent to the backend (a closed port, say): passive failures.
     pub icmp_errors: u64,
+    /// New flows (in datagram mode, datagrams) persistence sent back to the backend.
+    pub persisted: u64,
 }
 
 /// What the program did not forward, by reason, summed over the CPUs.
@@ -443,30 +476,36 @@ mod tests {
     fn only_the_maps_a_listener_uses_take_max_flows() {
         let none = UNUSED_MAP_ENTRIES;
         assert_eq!(
-            MapSizes::for_listeners(100_000, [(false, false)]),
+            MapSizes::for_listeners(100_000, [(false, false, false)]),
             MapSizes {
                 flows: 100_000,
                 flows6: none,
                 masq: none,
-                masq6: none
+                masq6: none,
+                persist: none,
+                persist6: none,
             }
         );
         assert_eq!(
-            MapSizes::for_listeners(100_000, [(false, true), (true, false)]),
+            MapSizes::for_listeners(100_000, [(false, true, false), (true, false, true)]),
             MapSizes {
                 flows: 100_000,
                 flows6: 100_000,
                 masq: 100_000,
-                masq6: none
+                masq6: none,
+                persist: none,
+                persist6: 100_000,
             }
         );
         assert_eq!(
-            MapSizes::for_listeners(10, [(true, true)]),
+            MapSizes::for_listeners(10, [(true, true, true)]),
             MapSizes {
                 flows: none,
                 flows6: none,
                 masq: none,
-                masq6: none
+                masq6: none,
+                persist: none,
+                persist6: none,
             }
         );
     }

@@ -42,6 +42,7 @@ const SERVICE_ALLOW_LIST: u32 = 4;
 const SERVICE_MASQUERADE: u32 = 8;
 const SERVICE_DSR: u32 = 16;
 const SERVICE_GUE: u32 = 32;
+const SERVICE_PERSIST: u32 = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,11 +61,13 @@ struct ServiceValue {
     prefix_mask: u32,
     pad2: u32,
     prefix6_mask: [u32; 4],
+    persist_ns: u64,
 }
 
 const BACKEND_KEEPS_FLOWS: u16 = 1;
 const BACKEND_MASQUERADE: u16 = 2;
 const BACKEND_LOCAL: u16 = 4;
+const BACKEND_TAKES_NEW: u16 = 8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,6 +138,7 @@ struct CountersValue {
     reply_packets: u64,
     reply_bytes: u64,
     icmp_errors: u64,
+    persisted: u64,
 }
 
 // SAFETY: each is `repr(C)`, `Copy`, made of integers only, with every padding byte an explicit
@@ -356,9 +360,10 @@ impl Kernel {
         })?;
         let base = id * MAX_BACKENDS as u32;
         w.backends.resize(MAX_BACKENDS, None);
+        let takers = s.takers();
         // Backends first: a table entry never names a slot not written yet.
-        for (b, &slot) in s.backends.iter().zip(&slots) {
-            let flags = backend_flags(b, s.method);
+        for (i, (b, &slot)) in s.backends.iter().zip(&slots).enumerate() {
+            let flags = backend_flags(b, s.method, takers[i]);
             let now = Some((b.addr, flags));
             if w.backends[slot as usize] != now {
                 self.set_backend(base + slot, Some((b.addr, flags)))?;
@@ -407,13 +412,18 @@ impl Kernel {
                 } else {
                     SERVICE_ALLOW_LIST
                 }
+                | if s.persistence.is_some() {
+                    SERVICE_PERSIST
+                } else {
+                    0
+                }
                 | match s.method {
                     Method::Nat => 0,
                     Method::Masquerade { .. } => SERVICE_MASQUERADE,
                     Method::Dsr { gue_port: None } => SERVICE_DSR,
                     Method::Dsr { gue_port: Some(_) } => SERVICE_DSR | SERVICE_GUE,
                 },
-            idle_ns: s.idle.as_nanos().min(u128::from(u64::MAX)) as u64,
+            idle_ns: s.idle.as_nanos().min(u128::from(u64::MAX / 2)) as u64,
             ring_size: w.ring.len() as u32,
             schedule_len: w.schedule.len() as u32,
             port_base: match s.method {
@@ -455,14 +465,17 @@ impl Kernel {
                     u32::from_ne_bytes(mask[4 * i..4 * i + 4].try_into().unwrap())
                 })
             }),
+            persist_ns: s
+                .persistence
+                .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX / 2)) as u64),
         };
         if w.value != Some(value) {
             self.set_service(s.addr, value)?;
             w.value = Some(value);
             w.addr = Some(s.addr);
         }
-        for (b, &slot) in s.backends.iter().zip(&slots) {
-            let flags = backend_flags(b, s.method);
+        for (i, (b, &slot)) in s.backends.iter().zip(&slots).enumerate() {
+            let flags = backend_flags(b, s.method, takers[i]);
             self.set_reply(b.addr, s.addr, flags, base + slot)?;
         }
         // Backends that left: no table entry names them any more.
@@ -584,6 +597,7 @@ impl Kernel {
                     reply_packets: t.reply_packets + c.reply_packets,
                     reply_bytes: t.reply_bytes + c.reply_bytes,
                     icmp_errors: t.icmp_errors + c.icmp_errors,
+                    persisted: t.persisted + c.persisted,
                 });
                 Some((addr, t))
             })
@@ -615,13 +629,15 @@ impl Kernel {
     }
 }
 
-/// A backend's flags (in `backends` and `replies`).
-fn backend_flags(b: &crate::Backend, method: Method) -> u16 {
+/// A backend's flags (in `backends` and `replies`); `takes_new`: new clients may be placed on
+/// it (persistence sends a client back to it only then).
+fn backend_flags(b: &crate::Backend, method: Method, takes_new: bool) -> u16 {
     (if b.keeps_flows {
         BACKEND_KEEPS_FLOWS
     } else {
         0
     }) | if b.local { BACKEND_LOCAL } else { 0 }
+        | if takes_new { BACKEND_TAKES_NEW } else { 0 }
         | if matches!(method, Method::Masquerade { .. }) {
             BACKEND_MASQUERADE
         } else {

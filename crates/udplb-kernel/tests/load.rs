@@ -15,7 +15,8 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         eprintln!("skipped: loading eBPF programs needs root");
         return;
     }
-    let sizes = udplb_kernel::MapSizes::for_listeners(4096, [(false, true), (true, false)]);
+    let sizes =
+        udplb_kernel::MapSizes::for_listeners(4096, [(false, true, true), (true, false, true)]);
     let mut k = Kernel::load(sizes, udplb_kernel::limit_cells(64), None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {
@@ -29,6 +30,7 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         datagram: false,
         by_ip: false,
         idle: Duration::from_secs(30),
+        persistence: Some(Duration::from_secs(60)),
         ring: (0..udplb_kernel::RING_SIZE as u32).map(|i| i % 3).collect(),
         schedule: vec![0, 1, 2],
         allow: vec![

@@ -161,17 +161,11 @@ fn virtual_server(vs: &Node, notes: &mut Vec<String>) -> Option<String> {
             let _ = writeln!(pool, "{target} = {v}");
         }
     }
-    // What keeps a virtual server off the kernel data plane, which places by Maglev alone and
-    // remembers no client in user space.
-    let off_kernel = if scheduler(sched).is_none_or(|(s, _)| s != "maglev") {
-        Some(format!(
-            "lb_algo {sched} (it places with mh or sh alone: maglev)"
-        ))
-    } else if vs.child("persistence_timeout").is_some() {
-        Some("persistence_timeout (its clients are remembered in user space)".to_string())
-    } else {
-        None
-    };
+    // What keeps a virtual server off the kernel data plane, which places by Maglev alone
+    // (persistence it keeps in the kernel too).
+    let off_kernel = scheduler(sched)
+        .is_none_or(|(s, _)| s != "maglev")
+        .then(|| format!("lb_algo {sched} (it places with mh or sh alone: maglev)"));
     for c in vs.children() {
         let note = match c.name.as_str() {
             "lb_kind" | "lvs_method" => {
@@ -285,7 +279,7 @@ fn forwarding(
     let said = format!("{} {}", c.name, c.args.join(" "));
     if let (Some(why), "NAT" | "TUN") = (off_kernel, method.as_str()) {
         return Some(format!(
-            "{said}: udplb's kernel data plane forwards as IPVS does (forwarding = \"nat\" or \"dsr\", dataplane = \"auto\"), but not with {why}: as written udplb relays through its own sockets (the real servers see udplb's address); set scheduler = \"maglev\" without persistence to use it"
+            "{said}: udplb's kernel data plane forwards as IPVS does (forwarding = \"nat\" or \"dsr\", dataplane = \"auto\"), but not with {why}: as written udplb relays through its own sockets (the real servers see udplb's address); set scheduler = \"maglev\" to use it"
         ));
     }
     let fallback = "where udplb cannot load its kernel program (no root or CAP_BPF) it serves with its sockets instead and says so in its log: the real servers then see udplb's address";
@@ -654,6 +648,22 @@ virtual_server 10.10.10.3 80 {
         assert_eq!(cfg.listeners[0].dataplane, udplb_config::Dataplane::Auto);
         assert_eq!(cfg.pools[0].forwarding, udplb_config::Forwarding::Nat);
         assert!(notes.contains("see the client"), "{notes}");
+        // Persistence the kernel keeps too: still the kernel data plane.
+        let out = keepalived(
+            &vs("lb_kind NAT").replace("lb_algo mh", "lb_algo mh\n persistence_timeout 300"),
+        )
+        .unwrap();
+        let cfg = udplb_config::parse(&out.toml, "imported.toml").unwrap();
+        assert_eq!(
+            cfg.listeners[0].dataplane,
+            udplb_config::Dataplane::Auto,
+            "{}",
+            out.toml
+        );
+        assert_eq!(
+            cfg.listeners[0].persistence,
+            Some(std::time::Duration::from_secs(300))
+        );
         let (cfg, _) = translate("lvs_method TUN");
         assert_eq!(cfg.listeners[0].dataplane, udplb_config::Dataplane::Auto);
         assert_eq!(cfg.pools[0].forwarding, udplb_config::Forwarding::Dsr);

@@ -108,6 +108,7 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
             (
                 !on_ipv4(&i),
                 matches!(m, udplb_kernel::Method::Masquerade { .. }),
+                remembers_clients(&cfg.listeners[i]),
             )
         }),
     );
@@ -439,6 +440,13 @@ fn warn_of_ephemeral_ports(cfg: &Config, wanted: &[usize]) {
     }
 }
 
+/// Whether a kernel listener remembers its clients' backends (persistence, or IP affinity,
+/// which the socket path remembers for the idle timeout): its program needs the persistence
+/// map, sized at start.
+pub fn remembers_clients(l: &udplb_config::ListenerConfig) -> bool {
+    l.persistence.is_some() || l.affinity == Affinity::Ip
+}
+
 /// Every interface that is up, but loopback.
 fn up_interfaces() -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/sys/class/net") else {
@@ -496,6 +504,7 @@ pub fn services(
                 datagram: spec.mode == SessionMode::Datagram,
                 by_ip: spec.affinity == Affinity::Ip,
                 idle: spec.idle_timeout,
+                persistence: spec.persistence.as_ref().map(|p| p.settings().timeout),
                 backends,
                 ring,
                 schedule,
@@ -716,6 +725,7 @@ impl KernelPlane {
                             "replies": t.reply_packets,
                             "reply_bytes": t.reply_bytes,
                             "icmp_errors": t.icmp_errors,
+                            "persistence_returns": t.persisted,
                         })
                     })
                     .collect();

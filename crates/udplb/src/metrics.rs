@@ -342,6 +342,11 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         "ICMP errors about datagrams to the backend (a closed port, say), sent on to clients \
          and counted as passive health failures",
     );
+    let mut persisted = Family::counter(
+        "kernel_persistence_returns",
+        "New flows (in datagram mode, datagrams) the kernel data plane's persistence sent back \
+         to the backend their client last used",
+    );
     for (id, &li) in plane.listeners.iter().enumerate() {
         let listener = snap
             .listeners
@@ -359,6 +364,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
             replies.add(labels(), t.reply_packets as f64);
             reply_bytes.add(labels(), t.reply_bytes as f64);
             errors.add(labels(), t.icmp_errors as f64);
+            persisted.add(labels(), t.persisted as f64);
         }
     }
     let d = plane.drops();
@@ -409,6 +415,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         replies,
         reply_bytes,
         errors,
+        persisted,
         dropped,
         passed,
         forged,

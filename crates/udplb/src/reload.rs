@@ -287,6 +287,15 @@ fn listener_changes(running: &[ListenerConfig], new: &[ListenerConfig]) -> Vec<S
                 l.interfaces.join(", ")
             ));
         }
+        if l.dataplane.may_use_kernel()
+            && crate::kernel::remembers_clients(l)
+            && !crate::kernel::remembers_clients(old)
+        {
+            out.push(format!(
+                "listener {name:?}: clients remembered (persistence or affinity \"ip\") where \
+                 they were not (the kernel's persistence map is sized at start)"
+            ));
+        }
         if l.dataplane.may_use_kernel() && l.max_flows != old.max_flows {
             out.push(format!(
                 "listener {name:?}: max_flows {} -> {} (the kernel's flow map is sized at start)",
@@ -502,6 +511,20 @@ mod tests {
             ..udplb_core::ratelimit::LimitSettings::default()
         });
         assert!(kernel_forwarding_changes(&limited, &faster).is_empty());
+        // Persistence turned on needs the map sized at start; its length changes live.
+        let mut remembering = running.clone();
+        remembering.listeners[0].persistence = Some(std::time::Duration::from_secs(60));
+        assert_eq!(
+            listener_changes(&running.listeners, &remembering.listeners),
+            [
+                "listener \"dns\": clients remembered (persistence or affinity \"ip\") where \
+                 they were not (the kernel's persistence map is sized at start)"
+            ]
+        );
+        let mut longer = remembering.clone();
+        longer.listeners[0].persistence = Some(std::time::Duration::from_secs(600));
+        assert!(listener_changes(&remembering.listeners, &longer.listeners).is_empty());
+        assert!(listener_changes(&remembering.listeners, &running.listeners).is_empty());
     }
 
     #[test]

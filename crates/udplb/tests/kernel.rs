@@ -1384,6 +1384,155 @@ fn dead_and_drained_backends(prefix: &str, v6: bool) {
 }
 
 #[test]
+fn persistence_keeps_a_client_on_its_backend_while_that_takes_new_clients() {
+    persistence_keeps_clients("ulpa", false);
+}
+
+#[test]
+fn ipv6_persistence_keeps_a_client_on_its_backend_while_that_takes_new_clients() {
+    persistence_keeps_clients("ulpb", true);
+}
+
+/// Persistence by client address: a client's new flows return to the backend it used after
+/// the Maglev table has moved it elsewhere, until that backend is drained.
+fn persistence_keeps_clients(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    if v6 {
+        topo.ipv6();
+    }
+    topo.start_backends();
+    topo.start_udplb("affinity = \"ip\"\npersistence = \"60s\"");
+    if topo.without_the_program() {
+        return;
+    }
+    let tag_of = |addr: &str| {
+        (0..3)
+            .find(|&i| topo.backend_addr(i).to_string() == addr)
+            .map(|i| ["x", "y", "z"][i].to_string())
+            .unwrap_or_else(|| panic!("no backend {addr}"))
+    };
+    let placed_now = || {
+        let client = SocketAddr::new(topo.client_ip().parse().unwrap(), 40_000);
+        let explain = topo.api(&format!("/api/v1/explain?client={client}"));
+        explain["backend"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{explain}"))
+            .to_string()
+    };
+    let change = |method: &str, path: String, body: &str| {
+        let out = Net::exec(&topo.balancer, Path::new("curl"))
+            .args(["-s", "-f", "-g", "-X", method, "-d", body])
+            .args(["-H", "content-type: application/json"])
+            .arg(format!("127.0.0.1:9190/api/v1/pools/p/backends/{path}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{method} {path}: {out:?}");
+        topo.wait_for_the_maps();
+    };
+    // Every port of the client on one backend (IP affinity), which is remembered.
+    let first = topo.clients(10, 1);
+    assert_eq!(first.len(), 10, "{first:?}");
+    let kept = first[0].2.clone();
+    assert!(first.iter().all(|c| c.2 == kept), "{first:?}");
+    let kept_addr = (0..3)
+        .map(|i| topo.backend_addr(i))
+        .find(|a| tag_of(&a.to_string()) == kept)
+        .unwrap();
+    // Its backend's weight cut to 1 against 100: the table now places the client elsewhere...
+    for i in 0..3 {
+        let weight = if topo.backend_addr(i) == kept_addr {
+            1
+        } else {
+            100
+        };
+        change(
+            "PUT",
+            format!("{}/weight", topo.backend_addr(i)),
+            &format!("{{\"weight\": {weight}}}"),
+        );
+    }
+    let elsewhere = placed_now();
+    assert_ne!(
+        elsewhere,
+        kept_addr.to_string(),
+        "the table still places it there"
+    );
+    // ... but its new flows (new ports) return to the backend it used.
+    let seen: std::collections::HashSet<u16> = first.iter().map(|c| c.0).collect();
+    let second = topo.clients(10, 1);
+    assert_eq!(second.len(), 10, "{second:?}");
+    assert!(
+        second.iter().all(|c| c.2 == kept),
+        "persistence on {kept}, the table on {elsewhere}: {second:?}\n{}",
+        topo.api("/stats")["kernel"]
+    );
+    // Counted: at least the second round's new flows (a reused port continues its flow).
+    let returns: u64 = topo.api("/stats")["kernel"]["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["address"] == kept_addr.to_string())
+        .map(|b| b["persistence_returns"].as_u64().unwrap())
+        .sum();
+    assert!(returns >= 10, "{returns} returns counted");
+    // Drained, that backend takes no new clients: new flows go where the table says, and are
+    // remembered there.
+    change("POST", format!("{kept_addr}/drain"), "");
+    let now = tag_of(&placed_now());
+    assert_ne!(now, kept);
+    let seen: std::collections::HashSet<u16> =
+        seen.into_iter().chain(second.iter().map(|c| c.0)).collect();
+    let third: Vec<_> = topo
+        .clients(10, 1)
+        .into_iter()
+        .filter(|c| !seen.contains(&c.0))
+        .collect();
+    assert!(!third.is_empty());
+    assert!(third.iter().all(|c| c.2 == now), "to {now}: {third:?}");
+}
+
+#[test]
+fn datagram_mode_with_persistence_keeps_each_client_on_one_backend() {
+    datagram_persistence("ulpc", false);
+}
+
+#[test]
+fn ipv6_datagram_mode_with_persistence_keeps_each_client_on_one_backend() {
+    datagram_persistence("ulpd", true);
+}
+
+/// Datagram mode spreads every datagram (`datagram_mode_spreads`), unless persistence keeps
+/// each client (ip:port) on the backend it was first given.
+fn datagram_persistence(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    if v6 {
+        topo.ipv6();
+    }
+    topo.start_backends();
+    topo.start_udplb("mode = \"datagram\"\npersistence = \"60s\"");
+    if topo.without_the_program() {
+        return;
+    }
+    // Four clients in turn, a datagram each per round: without persistence the round robin
+    // would give each client the next backend every round (4 = 1 mod 3).
+    let replies = topo.clients_with(4, 20, &[("UDPLB_TEST_KERNEL_CPU", "0".into())]);
+    assert_eq!(replies.len(), 80);
+    let mut per_client: HashMap<u16, std::collections::HashSet<String>> = HashMap::new();
+    for (port, from, tag, _) in &replies {
+        assert_eq!(*from, topo.vip());
+        per_client.entry(*port).or_default().insert(tag.clone());
+    }
+    assert_eq!(per_client.len(), 4);
+    for (port, tags) in &per_client {
+        assert_eq!(tags.len(), 1, "client {port} spread over {tags:?}");
+    }
+}
+
+#[test]
 fn datagram_mode_spreads_every_datagram_exactly() {
     datagram_mode_spreads("ulbg", "nat");
 }
