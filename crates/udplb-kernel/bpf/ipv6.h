@@ -767,11 +767,13 @@ static __noinline int persistence6(const struct service *svc, struct packet6 *p,
 // A new flow's entry (flow mode), or once a local client's in datagram mode, so that its
 // replies are known as replies (see the IPv4 side).
 static __always_inline void remember_flow6(struct __sk_buff *skb, int datagram,
-					   const struct flow6_key *fk, const struct flow6 *nf)
+					   const struct flow6_key *fk, const struct flow6 *nf,
+					   __u32 backend)
 {
-	if (!datagram)
+	if (!datagram) {
 		bpf_map_update_elem(&flows6, fk, nf, BPF_ANY);
-	else if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !bpf_map_lookup_elem(&flows6, fk))
+		count_flow(backend);
+	} else if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !bpf_map_lookup_elem(&flows6, fk))
 		bpf_map_update_elem(&flows6, fk, nf, BPF_NOEXIST);
 }
 
@@ -823,7 +825,7 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 	if ((svc->flags & SERVICE_PERSIST) && persistence6(svc, p, now, -1)) {
 		struct flow6 pf = {
 			.backend_addr = p->to_addr, .backend_port = p->to_port, .last_ns = now};
-		remember_flow6(skb, datagram, &fk, &pf);
+		remember_flow6(skb, datagram, &fk, &pf, p->backend);
 		return -1;
 	}
 	__u32 b = 0;
@@ -843,7 +845,7 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 	if (svc->flags & SERVICE_PERSIST)
 		persistence6(svc, p, now, 1);
 	struct flow6 nf = {.backend_addr = be->addr, .backend_port = be->port, .last_ns = now};
-	remember_flow6(skb, datagram, &fk, &nf);
+	remember_flow6(skb, datagram, &fk, &nf, b);
 	return -1;
 }
 

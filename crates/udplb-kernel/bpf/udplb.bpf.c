@@ -135,6 +135,7 @@ struct counters {
 	__u64 reply_bytes;
 	__u64 icmp_errors; // about datagrams to the backend: udplb's passive health reads them
 	__u64 persisted; // new flows (datagram mode: datagrams) persistence sent back to it
+	__u64 flows; // flows placed on it (flow mode)
 };
 
 enum drop_reason {
@@ -462,6 +463,14 @@ static __always_inline void remember(const struct service *svc, const struct flo
 		return;
 	struct flow v = {.backend_addr = addr, .backend_port = port, .last_ns = now};
 	bpf_map_update_elem(&persist, &pk, &v, BPF_ANY);
+}
+
+// Counts a flow placed on `backend` (flow mode).
+static __always_inline void count_flow(__u32 backend)
+{
+	struct counters *c = bpf_map_lookup_elem(&counters, &backend);
+	if (c)
+		c->flows += 1;
 }
 
 // The count a cell holds for second `now`.
@@ -1518,9 +1527,10 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			}
 			struct flow nf = {
 				.backend_addr = to_addr, .backend_port = to_port, .last_ns = now};
-			if (!datagram)
+			if (!datagram) {
 				bpf_map_update_elem(&flows, &fk, &nf, BPF_ANY);
-			else if (skb->ingress_ifindex == LOOPBACK_IFINDEX &&
+				count_flow(b);
+			} else if (skb->ingress_ifindex == LOOPBACK_IFINDEX &&
 				 !bpf_map_lookup_elem(&flows, &fk))
 				// A local client in datagram mode: remembered once (never placed by it),
 				// so that its replies, to this host, are known as replies. (Looked up

@@ -243,6 +243,8 @@ pub struct Traffic {
     pub icmp_errors: u64,
     /// New flows (in datagram mode, datagrams) persistence sent back to the backend.
     pub persisted: u64,
+    /// Flows placed on the backend (flow mode).
+    pub flows: u64,
 }
 
 /// What the program did not forward, by reason, summed over the CPUs.

@@ -139,6 +139,7 @@ struct CountersValue {
     reply_bytes: u64,
     icmp_errors: u64,
     persisted: u64,
+    flows: u64,
 }
 
 // SAFETY: each is `repr(C)`, `Copy`, made of integers only, with every padding byte an explicit
@@ -598,6 +599,7 @@ impl Kernel {
                     reply_bytes: t.reply_bytes + c.reply_bytes,
                     icmp_errors: t.icmp_errors + c.icmp_errors,
                     persisted: t.persisted + c.persisted,
+                    flows: t.flows + c.flows,
                 });
                 Some((addr, t))
             })

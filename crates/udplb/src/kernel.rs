@@ -726,6 +726,7 @@ impl KernelPlane {
                             "reply_bytes": t.reply_bytes,
                             "icmp_errors": t.icmp_errors,
                             "persistence_returns": t.persisted,
+                            "flows_created": t.flows,
                         })
                     })
                     .collect();

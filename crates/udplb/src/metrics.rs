@@ -342,6 +342,10 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         "ICMP errors about datagrams to the backend (a closed port, say), sent on to clients \
          and counted as passive health failures",
     );
+    let mut flows = Family::counter(
+        "kernel_flows_created",
+        "Flows the kernel data plane placed on the backend (flow mode)",
+    );
     let mut persisted = Family::counter(
         "kernel_persistence_returns",
         "New flows (in datagram mode, datagrams) the kernel data plane's persistence sent back \
@@ -365,6 +369,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
             reply_bytes.add(labels(), t.reply_bytes as f64);
             errors.add(labels(), t.icmp_errors as f64);
             persisted.add(labels(), t.persisted as f64);
+            flows.add(labels(), t.flows as f64);
         }
     }
     let d = plane.drops();
@@ -415,6 +420,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         replies,
         reply_bytes,
         errors,
+        flows,
         persisted,
         dropped,
         passed,

@@ -1014,9 +1014,24 @@ fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
         differ.is_empty(),
         "placed unlike udplb's own placement: {differ:?}"
     );
-    // The datagrams went through the kernel, not udplb's sockets; the operator sees it.
+    // The datagrams went through the kernel, not udplb's sockets; the operator sees it, and
+    // each backend's flows: one per client placed there.
     let stats = topo.api("/stats");
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+    let created: HashMap<String, u64> = stats["kernel"]["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let tag = tag_of(b["address"].as_str().unwrap()).to_string();
+            (tag, b["flows_created"].as_u64().unwrap())
+        })
+        .collect();
+    let expected: HashMap<String, u64> = spread
+        .iter()
+        .map(|(t, n)| (t.to_string(), *n as u64))
+        .collect();
+    assert_eq!(created, expected, "flows created per backend");
     let out = Net::exec(&topo.balancer, Path::new(env!("CARGO_BIN_EXE_udplb")))
         .args(["ctl", "--admin", "127.0.0.1:9190", "status"])
         .output()
