@@ -1926,6 +1926,66 @@ fn ipv6_flows_continue_on_their_backends_across_a_restart() {
 
 /// A kept (pinned) map is reused as it is: a restart with another `max_flows` makes it anew at
 /// the new size (said in the log) rather than silently keep the old one.
+/// The persistence map is kept with the flow map: after a restart whose weights make the
+/// Maglev table place a client elsewhere, its new flows still return to the backend it used.
+#[test]
+fn persistence_continues_across_a_restart() {
+    let Some(mut topo) = Topology::build("ulpe") else {
+        return;
+    };
+    topo.start_backends();
+    let bpf = topo.net.dir.join("bpf");
+    let _fs = BpfFs::mount(bpf.clone());
+    let listener = "affinity = \"ip\"\npersistence = \"60s\"";
+    let runtime = format!(
+        "[runtime]\nshutdown_grace = \"0s\"\nbpf_dir = \"{}\"\n",
+        bpf.join("udplb").display()
+    );
+    let addrs: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
+    let pool = |weights: [u32; 3]| {
+        let backends: Vec<String> = addrs
+            .iter()
+            .zip(weights)
+            .map(|(a, w)| format!("{{ address = {a}, weight = {w} }}"))
+            .collect();
+        format!("backends = [{}]\n{runtime}", backends.join(", "))
+    };
+    let first = topo.start_udplb_with(listener, &pool([1, 1, 1]));
+    if topo.without_the_program() {
+        return;
+    }
+    let before = topo.clients(5, 1);
+    assert_eq!(before.len(), 5, "{before:?}");
+    let kept = before[0].2.clone();
+    assert!(before.iter().all(|c| c.2 == kept), "{before:?}");
+    let at = ["x", "y", "z"].iter().position(|t| *t == kept).unwrap();
+    signal(first, "TERM");
+    assert!(wait_for(DEADLINE, || gone(first)));
+    let mut weights = [100; 3];
+    weights[at] = 1;
+    topo.start_udplb_with(listener, &pool(weights));
+    let client = SocketAddr::new(topo.client_ip().parse().unwrap(), 40_000);
+    let explain = topo.api(&format!("/api/v1/explain?client={client}"));
+    assert_ne!(
+        explain["backend"].as_str(),
+        Some(topo.backend_addr(at).to_string().as_str()),
+        "the table still places the client on its backend: {explain}"
+    );
+    let seen: std::collections::HashSet<u16> = before.iter().map(|c| c.0).collect();
+    let after: Vec<_> = topo
+        .clients(5, 1)
+        .into_iter()
+        .filter(|c| !seen.contains(&c.0))
+        .collect();
+    assert!(!after.is_empty());
+    assert!(
+        after.iter().all(|c| c.2 == kept),
+        "remembered on {kept}, the table on {}: {after:?}\n{}",
+        explain["backend"],
+        topo.log()
+    );
+}
+
 #[test]
 fn a_restart_with_another_max_flows_resizes_the_kept_maps() {
     let Some(mut topo) = Topology::build("ulrs") else {
