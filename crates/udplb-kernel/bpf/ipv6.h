@@ -724,7 +724,7 @@ static __always_inline int persisted6(const struct service *svc, const struct fl
 	p->bflags = r->flags;
 	p->to_addr = e->backend_addr;
 	p->to_port = e->backend_port;
-	if (now - e->last_ns > MASQ_REFRESH_NS)
+	if (now - e->last_ns > REFRESH_NS)
 		e->last_ns = now;
 	struct counters *c = bpf_map_lookup_elem(&counters, &p->backend);
 	if (c)
@@ -738,7 +738,7 @@ static __always_inline void remember6(const struct flow6_key *pk, const struct p
 {
 	struct flow6 *e = bpf_map_lookup_elem(&persist6, pk);
 	if (e && in6_eq(&e->backend_addr, &p->to_addr) && e->backend_port == p->to_port) {
-		if (now - e->last_ns > MASQ_REFRESH_NS)
+		if (now - e->last_ns > REFRESH_NS)
 			e->last_ns = now;
 		return;
 	}
@@ -888,7 +888,7 @@ static __always_inline __u16 masquerade_port6(const struct service *svc, struct 
 		struct masq6 *m = bpf_map_lookup_elem(&masq6, &k);
 		if (m && in6_eq(&m->client_addr, &p->saddr) && m->client_port == p->sport &&
 		    in6_eq(&m->service_addr, &p->daddr) && m->service_port == p->dport) {
-			if (now - m->last_ns > MASQ_REFRESH_NS)
+			if (now - m->last_ns > REFRESH_NS)
 				m->last_ns = now;
 			if (!in6_eq(&m->local_addr, local))
 				m->local_addr = *local; // the route to the backend changed

@@ -175,7 +175,9 @@ struct masq {
 };
 
 #define MASQ_PROBES 8 // ports tried for a new client
-#define MASQ_REFRESH_NS 1000000000ULL
+// A masquerade port's or persistence entry's `last_ns` is written at most this often (not on
+// every datagram: a store to a shared entry costs more than the lookup).
+#define REFRESH_NS 1000000000ULL
 
 
 // A listener's allow or deny list entry: the service id (big-endian, so that its 32 bits come
@@ -438,7 +440,7 @@ static __always_inline int persisted(const struct service *svc, const struct flo
 	*bflags = r->flags;
 	*to_addr = p->backend_addr;
 	*to_port = p->backend_port;
-	if (now - p->last_ns > MASQ_REFRESH_NS)
+	if (now - p->last_ns > REFRESH_NS)
 		p->last_ns = now;
 	struct counters *c = bpf_map_lookup_elem(&counters, b);
 	if (c)
@@ -455,7 +457,7 @@ static __always_inline void remember(const struct service *svc, const struct flo
 	struct flow_key pk = persist_key(svc, fk);
 	struct flow *p = bpf_map_lookup_elem(&persist, &pk);
 	if (p && p->backend_addr == addr && p->backend_port == port) {
-		if (now - p->last_ns > MASQ_REFRESH_NS)
+		if (now - p->last_ns > REFRESH_NS)
 			p->last_ns = now;
 		return;
 	}
@@ -920,7 +922,7 @@ static __always_inline __u16 masquerade_port(const struct service *svc, __u32 cl
 		struct masq *m = bpf_map_lookup_elem(&masq, &k);
 		if (m && m->client_addr == client && m->client_port == cport &&
 		    m->service_addr == vip && m->service_port == vport) {
-			if (now - m->last_ns > MASQ_REFRESH_NS)
+			if (now - m->last_ns > REFRESH_NS)
 				m->last_ns = now;
 			if (m->local_addr != local)
 				m->local_addr = local; // the route to the backend changed

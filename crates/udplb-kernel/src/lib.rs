@@ -46,13 +46,21 @@ pub struct MapSizes {
     pub persist6: u32,
 }
 
+/// What a kernel listener keeps per client, which decides the maps it needs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerClient {
+    /// An IPv6 listener (its maps are the IPv6 ones).
+    pub ipv6: bool,
+    /// It masquerades: a masquerade port per client and backend.
+    pub masquerade: bool,
+    /// It remembers each client's backend (persistence, or IP affinity).
+    pub remembers: bool,
+}
+
 impl MapSizes {
-    /// `max_flows` entries in each map the `listeners` use (each: whether it is IPv6, whether
-    /// it masquerades, whether it has persistence), [`UNUSED_MAP_ENTRIES`] in the others.
-    pub fn for_listeners(
-        max_flows: u32,
-        listeners: impl IntoIterator<Item = (bool, bool, bool)>,
-    ) -> Self {
+    /// `max_flows` entries in each map the `listeners` use, [`UNUSED_MAP_ENTRIES`] in the
+    /// others.
+    pub fn for_listeners(max_flows: u32, listeners: impl IntoIterator<Item = PerClient>) -> Self {
         let max_flows = max_flows.max(UNUSED_MAP_ENTRIES);
         let mut sizes = MapSizes {
             flows: UNUSED_MAP_ENTRIES,
@@ -62,17 +70,17 @@ impl MapSizes {
             persist: UNUSED_MAP_ENTRIES,
             persist6: UNUSED_MAP_ENTRIES,
         };
-        for (ipv6, masquerade, persistence) in listeners {
-            let (flows, masq, persist) = if ipv6 {
+        for l in listeners {
+            let (flows, masq, persist) = if l.ipv6 {
                 (&mut sizes.flows6, &mut sizes.masq6, &mut sizes.persist6)
             } else {
                 (&mut sizes.flows, &mut sizes.masq, &mut sizes.persist)
             };
             *flows = max_flows;
-            if masquerade {
+            if l.masquerade {
                 *masq = max_flows;
             }
-            if persistence {
+            if l.remembers {
                 *persist = max_flows;
             }
         }
@@ -477,8 +485,18 @@ mod tests {
     #[test]
     fn only_the_maps_a_listener_uses_take_max_flows() {
         let none = UNUSED_MAP_ENTRIES;
+        let ipv4 = PerClient::default();
+        let ipv6 = PerClient { ipv6: true, ..ipv4 };
+        let masquerade = |l: PerClient| PerClient {
+            masquerade: true,
+            ..l
+        };
+        let remembers = |l: PerClient| PerClient {
+            remembers: true,
+            ..l
+        };
         assert_eq!(
-            MapSizes::for_listeners(100_000, [(false, false, false)]),
+            MapSizes::for_listeners(100_000, [ipv4]),
             MapSizes {
                 flows: 100_000,
                 flows6: none,
@@ -489,7 +507,7 @@ mod tests {
             }
         );
         assert_eq!(
-            MapSizes::for_listeners(100_000, [(false, true, false), (true, false, true)]),
+            MapSizes::for_listeners(100_000, [masquerade(ipv4), remembers(ipv6)]),
             MapSizes {
                 flows: 100_000,
                 flows6: 100_000,
@@ -500,7 +518,7 @@ mod tests {
             }
         );
         assert_eq!(
-            MapSizes::for_listeners(10, [(true, true, true)]),
+            MapSizes::for_listeners(10, [remembers(masquerade(ipv6))]),
             MapSizes {
                 flows: none,
                 flows6: none,

@@ -15,8 +15,21 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         eprintln!("skipped: loading eBPF programs needs root");
         return;
     }
-    let sizes =
-        udplb_kernel::MapSizes::for_listeners(4096, [(false, true, true), (true, false, true)]);
+    let sizes = udplb_kernel::MapSizes::for_listeners(
+        4096,
+        [
+            udplb_kernel::PerClient {
+                ipv6: false,
+                masquerade: true,
+                remembers: true,
+            },
+            udplb_kernel::PerClient {
+                ipv6: true,
+                masquerade: false,
+                remembers: true,
+            },
+        ],
+    );
     let mut k = Kernel::load(sizes, udplb_kernel::limit_cells(64), None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {

@@ -104,13 +104,14 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     let methods = methods(cfg, wanted);
     let sizes = udplb_kernel::MapSizes::for_listeners(
         max_flows,
-        wanted.iter().zip(&methods).map(|(&i, m)| {
-            (
-                !on_ipv4(&i),
-                matches!(m, udplb_kernel::Method::Masquerade { .. }),
-                remembers_clients(&cfg.listeners[i]),
-            )
-        }),
+        wanted
+            .iter()
+            .zip(&methods)
+            .map(|(&i, m)| udplb_kernel::PerClient {
+                ipv6: !on_ipv4(&i),
+                masquerade: matches!(m, udplb_kernel::Method::Masquerade { .. }),
+                remembers: remembers_clients(&cfg.listeners[i]),
+            }),
     );
     if !crate::preflight::can_load_bpf() {
         // Said plainly, rather than as the first map the kernel refuses to create.
