@@ -889,6 +889,18 @@ impl Topology {
         serde_json::from_slice(&out.stdout).unwrap_or_default()
     }
 
+    /// `method path` with the JSON `body` on the admin API's pool `p`'s backends (`path` after
+    /// `backends/`), which must succeed.
+    fn change_backend(&self, method: &str, path: &str, body: &str) {
+        let out = Net::exec(&self.balancer, Path::new("curl"))
+            .args(["-s", "-f", "-g", "-X", method, "-d", body])
+            .args(["-H", "content-type: application/json"])
+            .arg(format!("127.0.0.1:9190/api/v1/pools/p/backends/{path}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{method} {path}: {out:?}");
+    }
+
     /// `n` clients sending `rounds` requests each: per reply (client port, reply source, tag,
     /// the client address the backend saw).
     fn clients(&self, n: usize, rounds: usize) -> Vec<(u16, SocketAddr, String, String)> {
@@ -1322,18 +1334,7 @@ fn dead_and_drained_backends(prefix: &str, v6: bool) {
     assert!(wait_for(DEADLINE, || round_done(0)), "round 0");
     // Backend y drained: its flows stay, no new ones.
     let drained = topo.backend_addr(1);
-    let out = Net::exec(&topo.balancer, Path::new("curl"))
-        .args([
-            "-s",
-            "-f",
-            "-g",
-            "-X",
-            "POST",
-            &format!("127.0.0.1:9190/api/v1/pools/p/backends/{drained}/drain"),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "drain: {out:?}");
+    topo.change_backend("POST", &format!("{drained}/drain"), "");
     // Backend z killed: out of rotation once its checks fail (fall = 2, every 200 ms).
     signal(pids[2], "KILL");
     assert!(
@@ -1437,13 +1438,7 @@ fn persistence_keeps_clients(prefix: &str, v6: bool) {
             .to_string()
     };
     let change = |method: &str, path: String, body: &str| {
-        let out = Net::exec(&topo.balancer, Path::new("curl"))
-            .args(["-s", "-f", "-g", "-X", method, "-d", body])
-            .args(["-H", "content-type: application/json"])
-            .arg(format!("127.0.0.1:9190/api/v1/pools/p/backends/{path}"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{method} {path}: {out:?}");
+        topo.change_backend(method, &path, body);
         topo.wait_for_the_maps();
     };
     // Every port of the client on one backend (IP affinity), which is remembered.
