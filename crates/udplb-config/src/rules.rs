@@ -193,10 +193,10 @@ fn check_kernel_listener(out: &mut Vec<Problem>, l: &ListenerConfig, dataplane: 
         );
     }
     if let Some(limits) = &l.limits {
-        if limits.reply_ratio.is_some() {
+        if limits.reply_ratio.is_some() && l.mode == SessionMode::Datagram {
             refuse(
                 "limits.reply_ratio",
-                &format!("replied bytes are counted per flow in user space; {USER_SPACE}"),
+                "in datagram mode the kernel data plane keeps no flows to count replied bytes by",
             );
         }
         if l.mode == SessionMode::Datagram {
@@ -661,6 +661,7 @@ fn check_pool(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfi
     }
     if p.forwarding == Forwarding::Dsr {
         check_dsr_ports(out, p, listeners);
+        check_dsr_reply_ratio(out, p, listeners);
     }
     if p.encapsulation.is_some() && p.forwarding != Forwarding::Dsr {
         out.push(problem(
@@ -783,6 +784,23 @@ fn check_gue_port(out: &mut Vec<Problem>, p: &PoolConfig, port: u16, listeners: 
 
 /// Direct server return leaves the datagram as the client sent it: each backend answers on the
 /// port of every listener the pool serves.
+/// With direct server return the replies never pass the balancer: a reply ratio could not be
+/// held.
+fn check_dsr_reply_ratio(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfig]) {
+    for l in listeners.iter().filter(|l| l.pool == p.name) {
+        if l.limits.as_ref().is_some_and(|x| x.reply_ratio.is_some()) {
+            out.push(problem(
+                format!("listeners.{}.limits.reply_ratio", l.name),
+                format!(
+                    "not with forwarding = \"dsr\" (pools.{}): the backends answer the clients \
+                     directly, so the balancer never sees the replies it would count",
+                    p.name
+                ),
+            ));
+        }
+    }
+}
+
 fn check_dsr_ports(out: &mut Vec<Problem>, p: &PoolConfig, listeners: &[ListenerConfig]) {
     for l in listeners.iter().filter(|l| l.pool == p.name) {
         for (i, b) in p.backends.iter().enumerate() {

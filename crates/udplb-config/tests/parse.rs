@@ -1357,10 +1357,10 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
              are read in user space; not built in the kernel data plane yet)",
         ),
         (
-            format!("{l}\nlimits = {{ datagrams_per_source = 100, reply_ratio = 10 }}"),
+            format!("{l}\nmode = \"datagram\"\nlimits = {{ reply_ratio = 10 }}"),
             b.into(),
-            "t.toml:5:40: listeners.l.limits.reply_ratio: not with dataplane = \"DP\" (replied \
-             bytes are counted per flow in user space",
+            "t.toml:6:12: listeners.l.limits.reply_ratio: not with dataplane = \"DP\" (in \
+             datagram mode the kernel data plane keeps no flows to count replied bytes by",
         ),
         (
             format!("{l}\nmode = \"datagram\"\nlimits = {{ new_flows_per_source = 10 }}"),
@@ -1440,6 +1440,25 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
         let cfg = parse(&src, "t.toml").unwrap_or_else(|e| panic!("{src}\n{e}"));
         assert_eq!(cfg.listeners[0].persistence, Some(Duration::from_secs(10)));
     }
+    // A reply ratio too, in flow mode with nat or masquerade; not with dsr, whose replies
+    // bypass the balancer.
+    let ratio = format!("{l}\nlimits = {{ reply_ratio = 10 }}");
+    for forwarding in ["nat", "masquerade"] {
+        let src = with_dataplane(
+            "kernel",
+            &ratio,
+            &format!("{b}\nforwarding = \"{forwarding}\""),
+        );
+        assert!(parse(&src, "t.toml").is_ok(), "{src}");
+    }
+    let dsr = with_dataplane("kernel", &ratio, &format!("{b}\nforwarding = \"dsr\""));
+    assert!(
+        only_message(&dsr).starts_with(
+            "not with forwarding = \"dsr\" (pools.p): the backends answer the clients directly"
+        ),
+        "{}",
+        only_message(&dsr)
+    );
     // What is refused is also what `udplb check` reports after parsing, at its line.
     let src = with_dataplane("kernel", &format!("{l}\nshared_upstream = true"), b);
     assert_eq!(

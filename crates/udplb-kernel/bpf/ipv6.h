@@ -87,6 +87,8 @@ struct flow6 {
 	__u16 pad;
 	__u32 pad2;
 	__u64 last_ns;
+	__u32 sent; // as `struct flow`'s
+	__u32 replied;
 };
 
 struct reply6_key {
@@ -100,6 +102,7 @@ struct reply6 {
 	__u16 service_port;
 	__u16 flags; // BACKEND_KEEPS_FLOWS, BACKEND_MASQUERADE
 	__u32 backend; // global backend index (counters)
+	__u32 reply_ratio; // as `struct reply`'s
 };
 
 // As `struct masq_key` and `struct masq`: whose a masquerade port at a backend is.
@@ -227,6 +230,7 @@ struct packet6 {
 	__u16 tot_len; // the IPv6 header included
 	__u8 hops;
 	__u8 first_of_more; // the first fragment, more follow
+	__u32 payload; // the UDP payload's length (a first fragment's: the whole datagram's)
 	// A request's backend, once chosen: its address, port, global index and flags.
 	struct in6 to_addr;
 	__u32 backend;
@@ -677,6 +681,8 @@ static __noinline int later_fragment6(struct __sk_buff *skb, struct packet6 *p)
 		count_drop(PASS_FRAGMENT);
 		return TC_ACT_OK;
 	}
+	if (fr->flags & FRAGMENT_DROP)
+		return TC_ACT_SHOT; // its first fragment was (counted as such)
 	struct in6 new_saddr = fr->saddr, new_daddr = fr->daddr;
 	__u32 b = fr->backend;
 	int reply = fr->flags & FRAGMENT_REPLY;
@@ -764,17 +770,31 @@ static __noinline int persistence6(const struct service *svc, struct packet6 *p,
 	return 0;
 }
 
-// A new flow's entry (flow mode), or once a local client's in datagram mode, so that its
-// replies are known as replies (see the IPv4 side).
+// A new flow's entry, to the backend chosen into `p` (flow mode), or once a local client's in
+// datagram mode, so that its replies are known as replies (see the IPv4 side).
 static __always_inline void remember_flow6(struct __sk_buff *skb, int datagram,
-					   const struct flow6_key *fk, const struct flow6 *nf,
-					   __u32 backend)
+					   const struct flow6_key *fk, const struct packet6 *p,
+					   __u64 now)
 {
+	struct flow6 nf = {.backend_addr = p->to_addr,
+			   .backend_port = p->to_port,
+			   .last_ns = now,
+			   .sent = p->payload};
 	if (!datagram) {
-		bpf_map_update_elem(&flows6, fk, nf, BPF_ANY);
-		count_flow(backend);
+		bpf_map_update_elem(&flows6, fk, &nf, BPF_ANY);
+		count_flow(p->backend);
 	} else if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !bpf_map_lookup_elem(&flows6, fk))
-		bpf_map_update_elem(&flows6, fk, nf, BPF_NOEXIST);
+		bpf_map_update_elem(&flows6, fk, &nf, BPF_NOEXIST);
+}
+
+// Whether the listener's allow and deny lists refuse the client of `p`: deny wins; an allow
+// list, when there is one, must name the client. (Its own function: its key would take stack
+// from `choose6`'s calls.)
+static __noinline int denied6(const struct service *svc, const struct packet6 *p)
+{
+	struct acl6_key ak = {.prefixlen = 160, .service = bpf_htonl(svc->id), .addr = p->saddr};
+	return bpf_map_lookup_elem(&acl6_deny, &ak) ||
+	       ((svc->flags & SERVICE_ALLOW_LIST) && !bpf_map_lookup_elem(&acl6_allow, &ak));
 }
 
 // A client's datagram to an IPv6 listener `svc`: its flow's backend, or one placed anew,
@@ -784,10 +804,7 @@ static __always_inline void remember_flow6(struct __sk_buff *skb, int datagram,
 static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 			      struct packet6 *p)
 {
-	// Deny wins; an allow list, when there is one, must name the client.
-	struct acl6_key ak = {.prefixlen = 160, .service = bpf_htonl(svc->id), .addr = p->saddr};
-	if (bpf_map_lookup_elem(&acl6_deny, &ak) ||
-	    ((svc->flags & SERVICE_ALLOW_LIST) && !bpf_map_lookup_elem(&acl6_allow, &ak))) {
+	if (denied6(svc, p)) {
 		count_drop(DROP_DENIED);
 		return TC_ACT_SHOT;
 	}
@@ -813,6 +830,8 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 			p->to_addr = f->backend_addr;
 			p->to_port = f->backend_port;
 			f->last_ns = now;
+			if (svc->flags & SERVICE_REPLY_RATIO)
+				add_bytes(&f->sent, p->payload);
 			if (svc->flags & SERVICE_PERSIST)
 				persistence6(svc, p, now, 0);
 			return -1;
@@ -822,30 +841,25 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 		count_drop(DROP_FLOW_RATE_LIMITED);
 		return TC_ACT_SHOT;
 	}
-	if ((svc->flags & SERVICE_PERSIST) && persistence6(svc, p, now, -1)) {
-		struct flow6 pf = {
-			.backend_addr = p->to_addr, .backend_port = p->to_port, .last_ns = now};
-		remember_flow6(skb, datagram, &fk, &pf, p->backend);
-		return -1;
+	if (!(svc->flags & SERVICE_PERSIST) || !persistence6(svc, p, now, -1)) {
+		__u32 b = 0;
+		if (place(svc, client_hash6(svc, &p->saddr, p->sport), &b) < 0) {
+			count_drop(DROP_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		struct backend6 *be = bpf_map_lookup_elem(&backends6, &b);
+		if (!be || in6_is_zero(&be->addr)) {
+			count_drop(DROP_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		p->backend = b;
+		p->bflags = be->flags;
+		p->to_addr = be->addr;
+		p->to_port = be->port;
+		if (svc->flags & SERVICE_PERSIST)
+			persistence6(svc, p, now, 1);
 	}
-	__u32 b = 0;
-	if (place(svc, client_hash6(svc, &p->saddr, p->sport), &b) < 0) {
-		count_drop(DROP_NO_BACKEND);
-		return TC_ACT_SHOT;
-	}
-	struct backend6 *be = bpf_map_lookup_elem(&backends6, &b);
-	if (!be || in6_is_zero(&be->addr)) {
-		count_drop(DROP_NO_BACKEND);
-		return TC_ACT_SHOT;
-	}
-	p->backend = b;
-	p->bflags = be->flags;
-	p->to_addr = be->addr;
-	p->to_port = be->port;
-	if (svc->flags & SERVICE_PERSIST)
-		persistence6(svc, p, now, 1);
-	struct flow6 nf = {.backend_addr = be->addr, .backend_port = be->port, .last_ns = now};
-	remember_flow6(skb, datagram, &fk, &nf, b);
+	remember_flow6(skb, datagram, &fk, p, now);
 	return -1;
 }
 
@@ -952,10 +966,36 @@ static __noinline int masquerade6(struct __sk_buff *skb, const struct service *s
 	return send_by(skb, rc, &fib);
 }
 
+// As `within_reply_ratio`, for the IPv6 flow of `client`:`cport` to `vip`:`vport`.
+static __always_inline int within_reply_ratio6(const struct in6 *client, __u16 cport,
+					       const struct in6 *vip, __u16 vport, __u32 ratio,
+					       __u32 bytes)
+{
+	struct flow6_key fk = {
+		.client_addr = *client, .service_addr = *vip, .client_port = cport, .service_port = vport};
+	struct flow6 *f = bpf_map_lookup_elem(&flows6, &fk);
+	if (!f || (__u64)f->replied + bytes > (__u64)ratio * f->sent)
+		return 0;
+	add_bytes(&f->replied, bytes);
+	return 1;
+}
+
+// As `beyond_reply_ratio`, for the IPv6 reply `p`.
+static __always_inline int beyond_reply_ratio6(struct packet6 *p)
+{
+	if (p->first_of_more) {
+		struct fragment6 fr = {.flags = FRAGMENT_DROP};
+		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
+	}
+	count_drop(DROP_AMPLIFICATION);
+	return TC_ACT_SHOT;
+}
+
 // Masquerade: a backend's reply to one of the balancer's masquerade ports goes to the client
 // whose port it is, from the listener's address. Anything else from the backend is left to
 // the stack.
-static __noinline int masquerade_reply6(struct __sk_buff *skb, __u32 b, struct packet6 *p)
+static __noinline int masquerade_reply6(struct __sk_buff *skb, const struct reply6 *r,
+					struct packet6 *p)
 {
 	struct masq6_key mk = {.backend_addr = p->saddr, .backend_port = p->sport, .port = p->dport};
 	struct masq6 *m = bpf_map_lookup_elem(&masq6, &mk);
@@ -963,6 +1003,10 @@ static __noinline int masquerade_reply6(struct __sk_buff *skb, __u32 b, struct p
 		return TC_ACT_OK;
 	struct in6 client = m->client_addr, vip = m->service_addr;
 	__u16 cport = m->client_port, vport = m->service_port;
+	__u32 b = r->backend;
+	if (r->reply_ratio && !within_reply_ratio6(&client, cport, &vip, vport, r->reply_ratio,
+						   p->payload))
+		return beyond_reply_ratio6(p);
 	struct bpf_fib_lookup fib;
 	if (!from_the_backend_side6(skb, &fib, &p->saddr, &p->daddr, p->tot_len)) {
 		count_drop(PASS_FORGED);
@@ -1016,6 +1060,9 @@ static __noinline int reply6(struct __sk_buff *skb, struct reply6 *r, struct pac
 		if (!bpf_map_lookup_elem(&flows6, &fk))
 			return TC_ACT_OK;
 	}
+	if (r->reply_ratio && !within_reply_ratio6(daddr, dport, &from_addr, from_port,
+						   r->reply_ratio, p->payload))
+		return beyond_reply_ratio6(p);
 	if (p->first_of_more) {
 		struct fragment6 fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};
 		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
@@ -1179,6 +1226,8 @@ static __noinline int ingress6(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	p.sport = udp->source;
 	p.dport = udp->dest;
+	__u16 udp_len = bpf_ntohs(udp->len);
+	p.payload = udp_len > sizeof(*udp) ? udp_len - sizeof(*udp) : 0;
 	struct service6_key sk = {.addr = p.daddr, .port = p.dport};
 	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
 	if (svc) {
@@ -1203,7 +1252,7 @@ static __noinline int ingress6(struct __sk_buff *skb)
 	struct reply6_key rk = {.addr = p.saddr, .port = p.sport};
 	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
 	if (r && (r->flags & BACKEND_MASQUERADE))
-		return masquerade_reply6(skb, r->backend, &p);
+		return masquerade_reply6(skb, r, &p);
 	if (r)
 		return reply6(skb, r, &p);
 	return TC_ACT_OK;

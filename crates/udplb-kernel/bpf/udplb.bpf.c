@@ -54,6 +54,7 @@ struct service_key {
 #define SERVICE_DSR 16 // encapsulated IP in IP to the backend, not rewritten
 #define SERVICE_GUE 32 // dsr: encapsulated in UDP to port `port_base` instead (GUE variant 1)
 #define SERVICE_PERSIST 64 // a client returns to its backend for `persist_ns` (`persist`)
+#define SERVICE_REPLY_RATIO 128 // its flows count their bytes (its backends' `reply_ratio`)
 
 // A listener's rate limits, as udplb's socket path counts them
 // (udplb_core::ratelimit): per key and one-second window, at most `limit`, in a count-min
@@ -110,6 +111,10 @@ struct flow {
 	__u16 backend_port;
 	__u16 pad;
 	__u64 last_ns;
+	// Payload bytes the client sent and the backend replied (listeners with a reply ratio;
+	// saturating, not atomic: a flow's datagrams are handled on one CPU at a time).
+	__u32 sent;
+	__u32 replied;
 };
 
 // Replies: from a backend's address and port back to the service it serves.
@@ -124,7 +129,7 @@ struct reply {
 	__u16 service_port;
 	__u16 flags; // BACKEND_KEEPS_FLOWS, BACKEND_MASQUERADE
 	__u32 backend; // global backend index (counters)
-	__u32 pad;
+	__u32 reply_ratio; // replied payload bytes per byte the client sent, at most (0: off)
 };
 
 // Per backend, per CPU.
@@ -152,6 +157,7 @@ enum drop_reason {
 	DROP_FLOW_RATE_LIMITED, // over a per-source or per-prefix new-flow limit
 	PASS_OVERSIZE, // too big for the route onward, without DF: rewritten, fragmented by the stack
 	CUT_FOR_TUNNEL, // dsr: without DF, too big once encapsulated: cut into fragments first
+	DROP_AMPLIFICATION, // a reply beyond its flow's reply ratio (or of no flow)
 	DROP_REASONS,
 };
 
@@ -199,6 +205,7 @@ struct fragment_key {
 
 #define FRAGMENT_REPLY 1 // a reply (counted as one)
 #define FRAGMENT_ENCAP 2 // encapsulated to `daddr`, not rewritten
+#define FRAGMENT_DROP 4 // a reply beyond its flow's reply ratio: its later fragments too
 
 struct fragment {
 	union {
@@ -473,6 +480,37 @@ static __always_inline void count_flow(__u32 backend)
 	struct counters *c = bpf_map_lookup_elem(&counters, &backend);
 	if (c)
 		c->flows += 1;
+}
+
+// Adds `bytes` to a saturating byte count.
+static __always_inline void add_bytes(__u32 *count, __u32 bytes)
+{
+	__u32 sum = *count + bytes;
+	*count = sum < *count ? ~0u : sum;
+}
+
+// Whether a reply of `bytes` payload bytes to flow `fk` is within the listener's reply ratio
+// (`ratio` replied bytes per byte the client sent), charged to the flow if so. A reply to no
+// flow (expired, or never placed here) has no allowance.
+static __always_inline int within_reply_ratio(const struct flow_key *fk, __u32 ratio,
+					      __u32 bytes)
+{
+	struct flow *f = bpf_map_lookup_elem(&flows, fk);
+	if (!f || (__u64)f->replied + bytes > (__u64)ratio * f->sent)
+		return 0;
+	add_bytes(&f->replied, bytes);
+	return 1;
+}
+
+// Drops a reply beyond its flow's reply ratio; a first fragment's later ones follow it.
+static __always_inline int beyond_reply_ratio(struct fragment_key *frk, int first_of_more)
+{
+	if (first_of_more) {
+		struct fragment fr = {.flags = FRAGMENT_DROP};
+		bpf_map_update_elem(&fragments, frk, &fr, BPF_ANY);
+	}
+	count_drop(DROP_AMPLIFICATION);
+	return TC_ACT_SHOT;
 }
 
 // The count a cell holds for second `now`.
@@ -1000,17 +1038,25 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct servic
 // Masquerade: a backend's reply to one of the balancer's masquerade ports goes to the client
 // whose port it is, from the listener's address. Anything else from the backend (to udplb's
 // health checks, say) is left to the stack.
-static __always_inline int masquerade_reply(struct __sk_buff *skb, __u32 b, __u32 saddr,
-					    __u16 sport, __u32 daddr, __u16 dport, __u8 ttl,
-					    __u16 tot_len, struct fragment_key *frk,
-					    int first_of_more, int df)
+static __always_inline int masquerade_reply(struct __sk_buff *skb, const struct reply *r,
+					    __u32 saddr, __u16 sport, __u32 daddr, __u16 dport,
+					    __u8 ttl, __u16 tot_len, struct fragment_key *frk,
+					    int first_of_more, int df, __u32 payload)
 {
 	struct masq_key mk = {.backend_addr = saddr, .backend_port = sport, .port = dport};
 	struct masq *m = bpf_map_lookup_elem(&masq, &mk);
 	if (!m || m->local_addr != daddr)
 		return TC_ACT_OK;
-	__u32 client = m->client_addr, vip = m->service_addr;
+	__u32 client = m->client_addr, vip = m->service_addr, b = r->backend;
 	__u16 cport = m->client_port, vport = m->service_port;
+	if (r->reply_ratio) {
+		struct flow_key fk = {.client_addr = client,
+				      .service_addr = vip,
+				      .client_port = cport,
+				      .service_port = vport};
+		if (!within_reply_ratio(&fk, r->reply_ratio, payload))
+			return beyond_reply_ratio(frk, first_of_more);
+	}
 	struct bpf_fib_lookup fib;
 	int rc = route(skb, &fib, vip, client, tot_len);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
@@ -1435,6 +1481,8 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			count_drop(PASS_FRAGMENT);
 			return TC_ACT_OK;
 		}
+		if (fr->flags & FRAGMENT_DROP)
+			return TC_ACT_SHOT; // its first fragment was (counted as such)
 		__u32 new_saddr = fr->saddr, new_daddr = fr->daddr, b = fr->backend;
 		int reply = fr->flags & FRAGMENT_REPLY;
 		if (fr->flags & FRAGMENT_ENCAP)
@@ -1466,6 +1514,8 @@ static __noinline int ingress4(struct __sk_buff *skb)
 	if ((void *)(udp + 1) > end)
 		return TC_ACT_OK;
 	__u16 sport = udp->source, dport = udp->dest;
+	__u16 udp_len = bpf_ntohs(udp->len);
+	__u32 payload = udp_len > sizeof(*udp) ? udp_len - sizeof(*udp) : 0;
 
 	struct service_key sk = {.addr = daddr, .port = dport};
 	struct service *svc = bpf_map_lookup_elem(&services, &sk);
@@ -1501,6 +1551,8 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				to_addr = f->backend_addr;
 				to_port = f->backend_port;
 				f->last_ns = now;
+				if (svc->flags & SERVICE_REPLY_RATIO)
+					add_bytes(&f->sent, payload);
 			}
 		}
 		int persists = svc->flags & SERVICE_PERSIST;
@@ -1527,8 +1579,10 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				if (persists)
 					remember(svc, &fk, to_addr, to_port, now, 1);
 			}
-			struct flow nf = {
-				.backend_addr = to_addr, .backend_port = to_port, .last_ns = now};
+			struct flow nf = {.backend_addr = to_addr,
+					  .backend_port = to_port,
+					  .last_ns = now,
+					  .sent = payload};
 			if (!datagram) {
 				bpf_map_update_elem(&flows, &fk, &nf, BPF_ANY);
 				count_flow(b);
@@ -1591,8 +1645,8 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		}
 		if (r->flags & BACKEND_MASQUERADE)
-			return masquerade_reply(skb, b, saddr, sport, daddr, dport, ttl, tot_len, &frk,
-						first_of_more, df);
+			return masquerade_reply(skb, r, saddr, sport, daddr, dport, ttl, tot_len, &frk,
+						first_of_more, df, payload);
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, from_addr, daddr, tot_len);
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
@@ -1601,14 +1655,14 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		// client through loopback); anything else (udplb's health checks, a client of the
 		// socket path) is left alone.
 		int local = to_the_stack(rc);
-		if (local) {
-			struct flow_key fk = {.client_addr = daddr,
-					      .service_addr = from_addr,
-					      .client_port = dport,
-					      .service_port = from_port};
-			if (!bpf_map_lookup_elem(&flows, &fk))
-				return TC_ACT_OK;
-		}
+		struct flow_key fk = {.client_addr = daddr,
+				      .service_addr = from_addr,
+				      .client_port = dport,
+				      .service_port = from_port};
+		if (local && !bpf_map_lookup_elem(&flows, &fk))
+			return TC_ACT_OK;
+		if (r->reply_ratio && !within_reply_ratio(&fk, r->reply_ratio, payload))
+			return beyond_reply_ratio(&frk, first_of_more);
 		if (first_of_more) {
 			struct fragment fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);

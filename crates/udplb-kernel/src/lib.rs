@@ -143,6 +143,8 @@ pub struct Service {
     pub method: Method,
     /// Rate limits per client address and prefix (`None`: none).
     pub limits: Option<Limits>,
+    /// Replied payload bytes per byte a flow's client sent, at most (`None`: unlimited).
+    pub reply_ratio: Option<u32>,
 }
 
 impl Service {
@@ -287,6 +289,8 @@ pub struct Drops {
     /// Direct server return: without DF, too big once encapsulated, so cut into IP fragments
     /// that fit before encapsulation (IPv4; once per cut).
     pub cut_for_tunnel: u64,
+    /// Replies beyond their flow's reply ratio, or to no flow, on a listener with one.
+    pub amplification: u64,
 }
 
 /// Whether this udplb was built with the program.

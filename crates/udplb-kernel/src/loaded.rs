@@ -24,7 +24,7 @@ static DECAP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dec
 
 /// The flow map's layout: a pinned map of another layout is not reused (the directory under
 /// the pin directory is named after it).
-const FLOW_LAYOUT: &str = "flows-v1";
+const FLOW_LAYOUT: &str = "flows-v2";
 
 // The maps' keys and values: the layouts of bpf/udplb.bpf.c.
 
@@ -43,6 +43,7 @@ const SERVICE_MASQUERADE: u32 = 8;
 const SERVICE_DSR: u32 = 16;
 const SERVICE_GUE: u32 = 32;
 const SERVICE_PERSIST: u32 = 64;
+const SERVICE_REPLY_RATIO: u32 = 128;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -92,7 +93,7 @@ struct ReplyValue {
     service_port: u16,
     flags: u16,
     backend: u32,
-    pad: u32,
+    reply_ratio: u32,
 }
 
 // The IPv6 maps' (bpf/ipv6.h): addresses as the packet holds them.
@@ -128,6 +129,7 @@ struct Reply6Value {
     service_port: u16,
     flags: u16,
     backend: u32,
+    reply_ratio: u32,
 }
 
 #[repr(C)]
@@ -241,6 +243,7 @@ impl Kernel {
         }
         let object = match pin_dir {
             Some(dir) => {
+                unpin_other_layouts(dir);
                 let dir = dir.join(FLOW_LAYOUT);
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| Error::Load(format!("{}: {e}", dir.display())))?;
@@ -418,6 +421,11 @@ impl Kernel {
                 } else {
                     0
                 }
+                | if s.reply_ratio.is_some() {
+                    SERVICE_REPLY_RATIO
+                } else {
+                    0
+                }
                 | match s.method {
                     Method::Nat => 0,
                     Method::Masquerade { .. } => SERVICE_MASQUERADE,
@@ -477,7 +485,7 @@ impl Kernel {
         }
         for (i, (b, &slot)) in s.backends.iter().zip(&slots).enumerate() {
             let flags = backend_flags(b, s.method, takers[i]);
-            self.set_reply(b.addr, s.addr, flags, base + slot)?;
+            self.set_reply(b.addr, s.addr, flags, base + slot, s.reply_ratio)?;
         }
         // Backends that left: no table entry names them any more.
         for slot in 0..MAX_BACKENDS {
@@ -535,7 +543,9 @@ impl Kernel {
         service: SocketAddr,
         flags: u16,
         at: u32,
+        reply_ratio: Option<u32>,
     ) -> Result<(), Error> {
+        let reply_ratio = reply_ratio.unwrap_or(0);
         let (port, service_port) = (wire_port(backend.port()), wire_port(service.port()));
         match (wire(backend.ip()), wire(service.ip())) {
             (Wire::V4(addr), Wire::V4(service_addr)) => {
@@ -545,7 +555,7 @@ impl Kernel {
                     service_port,
                     flags,
                     backend: at,
-                    pad: 0,
+                    reply_ratio,
                 };
                 if self.replies.get(&key, 0).ok() != Some(reply) {
                     self.replies.insert(key, reply, 0).map_err(update_error)?;
@@ -558,6 +568,7 @@ impl Kernel {
                     service_port,
                     flags,
                     backend: at,
+                    reply_ratio,
                 };
                 if self.replies6.get(&key, 0).ok() != Some(reply) {
                     self.replies6.insert(key, reply, 0).map_err(update_error)?;
@@ -627,6 +638,7 @@ impl Kernel {
             flow_rate_limited: n(10),
             oversize_passed: n(11),
             cut_for_tunnel: n(12),
+            amplification: n(13),
         }
     }
 }
@@ -731,6 +743,41 @@ impl Decap {
         };
         let _ = (&self.ebpf, &self.links);
         (n(0), n(1), n(2))
+    }
+}
+
+/// Removes the maps an earlier udplb kept in `dir` in another layout than [`FLOW_LAYOUT`]
+/// (their directories `flows-v*`): this program cannot read them, and pinned they would hold
+/// their locked memory until the next boot. Their flows are placed anew, once.
+fn unpin_other_layouts(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !name.starts_with("flows-v") || name == FLOW_LAYOUT {
+            continue;
+        }
+        let old = entry.path();
+        let removed = std::fs::read_dir(&old)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .try_for_each(|pin| std::fs::remove_file(pin.path()))
+            .and_then(|()| std::fs::remove_dir(&old));
+        match removed {
+            Ok(()) => tracing::info!(
+                layout = %name,
+                "kernel data plane: the maps kept in an earlier layout are removed (their \
+                 flows are placed anew, once)"
+            ),
+            Err(e) => tracing::warn!(
+                dir = %old.display(),
+                error = %e,
+                "kernel data plane: cannot remove the maps kept in an earlier layout"
+            ),
+        }
     }
 }
 

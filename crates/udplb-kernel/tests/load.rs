@@ -44,6 +44,7 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         by_ip: false,
         idle: Duration::from_secs(30),
         persistence: Some(Duration::from_secs(60)),
+        reply_ratio: Some(10),
         ring: (0..udplb_kernel::RING_SIZE as u32).map(|i| i % 3).collect(),
         schedule: vec![0, 1, 2],
         allow: vec![

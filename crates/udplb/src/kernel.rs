@@ -511,6 +511,7 @@ pub fn services(
                 schedule,
                 method,
                 limits: kernel_limits(spec.limits.as_ref().map(|l| l.settings()), cells),
+                reply_ratio: spec.limits.as_ref().and_then(|l| l.reply_ratio()),
             })
         })
         .collect()
@@ -754,6 +755,7 @@ impl KernelPlane {
                 "too_big": d.too_big,
                 "rate_limited": d.rate_limited,
                 "flow_rate_limited": d.flow_rate_limited,
+                "amplification": d.amplification,
             },
             "fragments_passed": d.fragments_passed,
             "forged_passed": d.forged,

@@ -387,6 +387,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         ("too_big", d.too_big),
         ("rate_limited", d.rate_limited),
         ("flow_rate_limited", d.flow_rate_limited),
+        ("amplification", d.amplification),
     ] {
         dropped.add(vec![("reason", reason.into())], n as f64);
     }

@@ -1203,6 +1203,87 @@ fn knot_through_the_kernel(prefix: &str, forwarding: &str) {
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0);
 }
 
+#[test]
+fn a_reply_ratio_drops_amplified_answers_and_their_fragments() {
+    reply_ratio_holds("ulaa", "nat");
+}
+
+#[test]
+fn a_reply_ratio_drops_amplified_answers_behind_masquerade() {
+    reply_ratio_holds("ulab", "masquerade");
+}
+
+#[test]
+fn a_reply_ratio_drops_amplified_ipv6_answers_and_their_fragments() {
+    reply_ratio_holds("ulac", "nat6");
+}
+
+/// A reply ratio counts over the flow's life: each 100-byte request lets its echo (about 150
+/// bytes) through at `reply_ratio = 2`, round after round, as the bytes sent add up; udplb's
+/// own health checks (replies to the balancer, of no flow) still pass.
+#[test]
+fn a_reply_ratio_lets_a_long_flow_reply_within_what_it_sent() {
+    let Some(mut topo) = Topology::build("ulad") else {
+        return;
+    };
+    topo.start_backends();
+    topo.start_udplb("limits = { reply_ratio = 2 }");
+    if topo.without_the_program() {
+        return;
+    }
+    let replies = topo.clients_with(2, 20, &[("UDPLB_TEST_KERNEL_SIZE", "100".into())]);
+    assert_eq!(replies.len(), 40, "{}", topo.api("/stats")["kernel"]);
+    assert!(replies.iter().all(|r| r.1 == topo.vip()));
+    assert_eq!(topo.api("/stats")["kernel"]["drops"]["amplification"], 0);
+}
+
+/// knotd behind a kernel listener with `limits.reply_ratio = 10`: an A answer (about twice its
+/// query) passes, the 3.9 KB TXT answer (about 80 times its query) is dropped as
+/// `amplification`, its later fragments with it (none left to the stack).
+fn reply_ratio_holds(prefix: &str, forwarding: &str) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    let forwarding = topo.family_of(forwarding);
+    let knot = start_knot(&mut topo);
+    if forwarding == "masquerade" {
+        topo.without_a_route_to_the_clients();
+    }
+    topo.start_udplb_with(
+        "limits = { reply_ratio = 10 }",
+        &format!(
+            "backends = [{}]\nforwarding = \"{forwarding}\"\n",
+            quoted(knot)
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    assert!(
+        wait_for(DEADLINE, || dig_in(&topo, &[&format!("www.{ZONE}"), "A"])
+            .contains("192.0.2.10")),
+        "no answer through the kernel: {}",
+        topo.log()
+    );
+    let big = dig_in(&topo, &["+bufsize=4096", &format!("big.{ZONE}"), "TXT"]);
+    assert!(!big.contains(&"o".repeat(250)), "answered: {big}");
+    let stats = topo.api("/stats");
+    let kernel = &stats["kernel"];
+    assert!(
+        kernel["drops"]["amplification"].as_u64() >= Some(1),
+        "{kernel}"
+    );
+    assert_eq!(kernel["fragments_passed"], 0, "{kernel}");
+    // Only the queries and the small answers went on: not the big answer's later fragments.
+    let backend = &kernel["listeners"][0]["backends"][0];
+    for counted in ["bytes", "reply_bytes"] {
+        assert!(
+            backend[counted].as_u64() < Some(1_000),
+            "{counted}: {kernel}"
+        );
+    }
+}
+
 /// knotd behind dsr in GUE (`udplb decap --gue-port` on its host, knotd on the listener's
 /// address there): dig gets the fragmented answer whole from the listener's address, straight
 /// from knotd's host, and dnsperf loses nothing.
