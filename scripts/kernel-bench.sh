@@ -13,6 +13,7 @@
 #   datagram  the kernel path in datagram mode (every datagram placed anew, round robin)
 #   persist   the kernel path with persistence = "60s" (by ip:port: the backends' load as
 #             kernel's; a persistence map lookup more per datagram)
+#   ratio     the kernel path with limits.reply_ratio = 10 (each reply looked up by its flow)
 #   masquerade  the same with forwarding = "masquerade" (the backends answer the balancer)
 #   dsr       the same with forwarding = "dsr": IP in IP to the backend host, which runs
 #             `udplb decap`, holds the service address and answers over a link of its own
@@ -47,7 +48,7 @@
 # endpoint in the way).
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket"; also: datagram persist masquerade dsr dsr-gue direct6 kernel6
+# Env:   PEERS ("direct nftables kernel socket"; also: datagram persist ratio masquerade dsr dsr-gue direct6 kernel6
 #        tc-forward xdp-forward)
 #        ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8) NEW_FLOWS (unset) MAX_FLOWS (1000000 with NEW_FLOWS) CLIENTS (16000000)
@@ -166,10 +167,11 @@ table ip udplb_bench {
 NFT
             target=$vip:5300
             ;;
-        kernel | socket | masquerade | dsr | dsr-gue | datagram | persist | kernel6)
+        kernel | socket | masquerade | dsr | dsr-gue | datagram | persist | ratio | kernel6)
             local dataplane=$1 forwarding=nat pool=$backends mode=flow address=$vip:5300
             local remember=
             [[ $1 == persist ]] && dataplane=kernel remember='persistence = "60s"'
+            [[ $1 == ratio ]] && dataplane=kernel remember='limits = { reply_ratio = 10 }'
             [[ $1 == kernel6 ]] && dataplane=kernel pool=$backends6 address="[$vip6]:5300"
             [[ $1 == masquerade ]] && dataplane=kernel forwarding=masquerade
             [[ $1 == datagram ]] && dataplane=kernel mode=datagram
@@ -228,7 +230,7 @@ stop_peer() {
             ip -n $c link set dev cb xdpdrv off
             ip -n $k link set dev kb xdpdrv off
             ;;
-        kernel | socket | masquerade | datagram | persist | kernel6) stop "$udplb_pid" TERM ;;
+        kernel | socket | masquerade | datagram | persist | ratio | kernel6) stop "$udplb_pid" TERM ;;
         dsr | dsr-gue)
             stop "$udplb_pid" TERM
             stop "$decap_pid" TERM
