@@ -774,6 +774,19 @@ impl Topology {
             .collect()
     }
 
+    /// A topology (IPv6 with `v6`) with its echo backends and udplb serving them with
+    /// `listener` lines; `None` when the test is skipped (not root, or udplb built without
+    /// the program, each said).
+    fn serving(prefix: &str, v6: bool, listener: &str) -> Option<Topology> {
+        let mut topo = Topology::build(prefix)?;
+        if v6 {
+            topo.ipv6();
+        }
+        topo.start_backends();
+        topo.start_udplb(listener);
+        (!topo.without_the_program()).then_some(topo)
+    }
+
     /// udplb on the balancer with `listener` lines for the kernel listener, the three echo
     /// backends UDP-checked.
     fn start_udplb(&mut self, listener: &str) -> u32 {
@@ -962,17 +975,9 @@ fn ipv6_nat_keeps_the_clients_address_answers_from_the_listener_and_places_as_ud
 }
 
 fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
-    let Some(mut topo) = Topology::build(prefix) else {
+    let Some(topo) = Topology::serving(prefix, v6, "") else {
         return;
     };
-    if v6 {
-        topo.ipv6();
-    }
-    topo.start_backends();
-    topo.start_udplb("");
-    if topo.without_the_program() {
-        return;
-    }
     let client_ip = topo.client_ip();
     let client = |port: &u16| SocketAddr::new(client_ip.parse().unwrap(), *port);
     let replies = topo.clients(60, 2);
@@ -1493,17 +1498,10 @@ fn ipv6_persistence_keeps_a_client_on_its_backend_while_that_takes_new_clients()
 /// Persistence by client address: a client's new flows return to the backend it used after
 /// the Maglev table has moved it elsewhere, until that backend is drained.
 fn persistence_keeps_clients(prefix: &str, v6: bool) {
-    let Some(mut topo) = Topology::build(prefix) else {
+    let Some(topo) = Topology::serving(prefix, v6, "affinity = \"ip\"\npersistence = \"60s\"")
+    else {
         return;
     };
-    if v6 {
-        topo.ipv6();
-    }
-    topo.start_backends();
-    topo.start_udplb("affinity = \"ip\"\npersistence = \"60s\"");
-    if topo.without_the_program() {
-        return;
-    }
     let tag_of = |addr: &str| {
         (0..3)
             .find(|&i| topo.backend_addr(i).to_string() == addr)
@@ -1597,17 +1595,10 @@ fn ipv6_datagram_mode_with_persistence_keeps_each_client_on_one_backend() {
 /// Datagram mode spreads every datagram (`datagram_mode_spreads`), unless persistence keeps
 /// each client (ip:port) on the backend it was first given.
 fn datagram_persistence(prefix: &str, v6: bool) {
-    let Some(mut topo) = Topology::build(prefix) else {
+    let Some(topo) = Topology::serving(prefix, v6, "mode = \"datagram\"\npersistence = \"60s\"")
+    else {
         return;
     };
-    if v6 {
-        topo.ipv6();
-    }
-    topo.start_backends();
-    topo.start_udplb("mode = \"datagram\"\npersistence = \"60s\"");
-    if topo.without_the_program() {
-        return;
-    }
     // Four clients in turn, a datagram each per round: without persistence the round robin
     // would give each client the next backend every round (4 = 1 mod 3).
     let replies = topo.clients_with(4, 20, &[("UDPLB_TEST_KERNEL_CPU", "0".into())]);
@@ -3467,17 +3458,9 @@ fn an_ipv6_backends_address_forged_from_the_clients_side_is_not_rewritten() {
 }
 
 fn forged_from_the_clients_side(prefix: &str, v6: bool) {
-    let Some(mut topo) = Topology::build(prefix) else {
+    let Some(topo) = Topology::serving(prefix, v6, "") else {
         return;
     };
-    if v6 {
-        topo.ipv6();
-    }
-    topo.start_backends();
-    topo.start_udplb("");
-    if topo.without_the_program() {
-        return;
-    }
     // A genuine reply first: the counters move.
     assert_eq!(topo.clients(1, 1).len(), 1);
     let replies = |stats: &serde_json::Value| -> u64 {
