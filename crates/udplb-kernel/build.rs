@@ -38,6 +38,10 @@ fn compile(clang: &str, source: &str, out: &Path, defines: &[&str]) -> bool {
     cmd.args(["-O2", "-g", "-Wall", "-target", "bpf", "-mcpu=v3"])
         .args(placement_defines(udplb_core::hash::PLACEMENT_SEED))
         .args(defines);
+    // The flow tables' readers rely on x86's ordering of loads (bpf/udplb.bpf.c, read_word).
+    if std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+        cmd.arg("-DUDPLB_TSO");
+    }
     if let Some(dir) = multiarch_include() {
         cmd.arg(format!("-I{dir}"));
     }

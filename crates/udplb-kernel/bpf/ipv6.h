@@ -158,11 +158,28 @@ struct {
 	__type(value, struct backend6);
 } backends6 SEC(".maps");
 
+// As `struct flow_slot`, for IPv6 flows (68 bytes: a bucket spans about four cache lines).
+struct flow6_slot {
+	struct flow6_key key;
+	__u32 word;
+	struct in6 backend_addr;
+	__u32 last;
+	__u32 sent;
+	__u32 replied;
+};
+
+struct flow6_bucket {
+	struct flow6_slot slot[FLOW_WAYS];
+};
+
+_Static_assert(sizeof(struct flow6_bucket) == 272, "FLOW_BUCKET_BYTES in src/lib.rs");
+
+// As `flows`, for IPv6 flows.
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536); // set by udplb before loading (as `flows`)
-	__type(key, struct flow6_key);
-	__type(value, struct flow6);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1024); // buckets, a power of two: set by udplb before loading
+	__type(key, __u32);
+	__type(value, struct flow6_bucket);
 #ifdef UDPLB_PIN
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes
 #endif
@@ -246,6 +263,88 @@ struct packet6 {
 static __always_inline int in6_is_zero(const struct in6 *a)
 {
 	return !(a->w[0] | a->w[1] | a->w[2] | a->w[3]);
+}
+
+static __always_inline int in6_eq(const struct in6 *a, const struct in6 *b);
+
+static __always_inline __u64 in6_half(const struct in6 *a, int half)
+{
+	return ((__u64)a->w[2 * half] << 32) | a->w[2 * half + 1];
+}
+
+// As `flow_bucket`, for IPv6 flows.
+static __always_inline struct flow6_bucket *flow6_bucket(const struct flow6_key *fk)
+{
+	__u32 zero = 0;
+	struct flow_params *fp = bpf_map_lookup_elem(&flow_params, &zero);
+	if (!fp)
+		return 0;
+	__u64 h = flow_mix(in6_half(&fk->client_addr, 0) ^ fp->seed);
+	h = flow_mix(h ^ in6_half(&fk->client_addr, 1));
+	h = flow_mix(h ^ in6_half(&fk->service_addr, 0));
+	h = flow_mix(h ^ in6_half(&fk->service_addr, 1));
+	h = flow_mix(h ^ (((__u64)fk->client_port << 16) | fk->service_port));
+	__u32 at = (__u32)h & fp->mask6;
+	return bpf_map_lookup_elem(&flows6, &at);
+}
+
+// As `find_flow`, for IPv6 flows.
+static __always_inline struct flow6_slot *find_flow6(struct flow6_bucket *bk,
+						     const struct flow6_key *fk, struct in6 *addr,
+						     __u16 *port)
+{
+#pragma unroll
+	for (int w = 0; w < FLOW_WAYS; w++) {
+		struct flow6_slot *s = &bk->slot[w];
+		__u32 v = read_word(&s->word);
+		if ((v & FLOW_VERSION_ONE) || s->key.client_port != fk->client_port ||
+		    s->key.service_port != fk->service_port ||
+		    !in6_eq(&s->key.client_addr, &fk->client_addr) ||
+		    !in6_eq(&s->key.service_addr, &fk->service_addr))
+			continue;
+		*addr = s->backend_addr; // the caller's only when this returns the slot
+		if (read_word(&s->word) != v)
+			continue;
+		*port = (__u16)v;
+		return s;
+	}
+	return 0;
+}
+
+// IPv6 flow `fk`'s backend into `addr`:`port`; 0: no such flow. (The IPv6 flow table's
+// lookups off the request path are functions of their own: their locals would take stack
+// from their callers'.)
+static __noinline int flow6_backend(const struct flow6_key *fk, struct in6 *addr, __u16 *port)
+{
+	struct flow6_bucket *bk = flow6_bucket(fk);
+	return bk && find_flow6(bk, fk, addr, port);
+}
+
+// Whether the IPv6 flow table holds flow `fk`.
+static __noinline int has_flow6(const struct flow6_key *fk)
+{
+	struct in6 addr;
+	__u16 port;
+	return flow6_backend(fk, &addr, &port);
+}
+
+// As `add_flow`, for IPv6 flows.
+static __always_inline void add_flow6(struct flow6_bucket *bk, struct flow6_slot *s,
+				      const struct flow6_key *fk, const struct in6 *addr,
+				      __u16 port, __u64 now_ns, __u32 sent)
+{
+	__u32 now = flow_time(now_ns);
+	if (!s)
+		s = OLDEST_SLOT(bk, now);
+	__u32 seen = s->word;
+	if (!take_slot(&s->word, seen))
+		return;
+	s->key = *fk;
+	s->backend_addr = *addr;
+	s->last = now;
+	s->sent = sent;
+	s->replied = 0;
+	publish_slot(&s->word, seen, port);
 }
 
 static __always_inline int in6_eq(const struct in6 *a, const struct in6 *b)
@@ -770,21 +869,23 @@ static __noinline int persistence6(const struct service *svc, struct packet6 *p,
 	return 0;
 }
 
-// A new flow's entry, to the backend chosen into `p` (flow mode), or once a local client's in
-// datagram mode, so that its replies are known as replies (see the IPv4 side).
-static __always_inline void remember_flow6(struct __sk_buff *skb, int datagram,
-					   const struct flow6_key *fk, const struct packet6 *p,
-					   __u64 now)
+// A new flow's entry in bucket `bk` (in `f`, its old slot, if any), to the backend chosen
+// into `p` (flow mode), or once a local client's in datagram mode, so that its replies are
+// known as replies (see the IPv4 side). (Its own function: the key would take stack from
+// `choose6`.)
+static __noinline void remember_flow6(int datagram, struct flow6_bucket *bk,
+				      struct flow6_slot *f, const struct packet6 *p, __u64 now)
 {
-	struct flow6 nf = {.backend_addr = p->to_addr,
-			   .backend_port = p->to_port,
-			   .last_ns = now,
-			   .sent = p->payload};
+	struct flow6_key fk = {.client_addr = p->saddr,
+			       .service_addr = p->daddr,
+			       .client_port = p->sport,
+			       .service_port = p->dport};
 	if (!datagram) {
-		bpf_map_update_elem(&flows6, fk, &nf, BPF_ANY);
+		if (bk)
+			add_flow6(bk, f, &fk, &p->to_addr, p->to_port, now, p->payload);
 		count_flow(p->backend);
-	} else if (skb->ingress_ifindex == LOOPBACK_IFINDEX && !bpf_map_lookup_elem(&flows6, fk))
-		bpf_map_update_elem(&flows6, fk, &nf, BPF_NOEXIST);
+	} else if (bk && !f)
+		add_flow6(bk, 0, &fk, &p->to_addr, p->to_port, now, p->payload);
 }
 
 // Whether the listener's allow and deny lists refuse the client of `p`: deny wins; an allow
@@ -818,18 +919,22 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 			       .client_port = p->sport,
 			       .service_port = p->dport};
 	int datagram = svc->flags & SERVICE_DATAGRAM;
-	struct flow6 *f = datagram ? 0 : bpf_map_lookup_elem(&flows6, &fk);
-	if (f && now - f->last_ns <= svc->idle_ns) {
+	// The flow's bucket: in datagram mode only a local client's (remembered below).
+	struct flow6_bucket *bk =
+		datagram && skb->ingress_ifindex != LOOPBACK_IFINDEX ? 0 : flow6_bucket(&fk);
+	struct reply6_key kept = {};
+	struct flow6_slot *f = bk ? find_flow6(bk, &fk, &kept.addr, &kept.port) : 0;
+	if (f && !datagram && flow_live(f->last, now, svc->idle_ns)) {
 		// Its backend, while it keeps flows and still serves this listener.
-		struct reply6_key kept = {.addr = f->backend_addr, .port = f->backend_port};
 		struct reply6 *r = bpf_map_lookup_elem(&replies6, &kept);
 		if (r && (r->flags & BACKEND_KEEPS_FLOWS) && in6_eq(&r->service_addr, &p->daddr) &&
 		    r->service_port == p->dport) {
 			p->backend = r->backend;
 			p->bflags = r->flags;
-			p->to_addr = f->backend_addr;
-			p->to_port = f->backend_port;
-			f->last_ns = now;
+			p->to_addr = kept.addr;
+			p->to_port = kept.port;
+			if (f->last != flow_time(now))
+				f->last = flow_time(now);
 			if (svc->flags & SERVICE_REPLY_RATIO)
 				add_bytes(&f->sent, p->payload);
 			if (svc->flags & SERVICE_PERSIST)
@@ -859,7 +964,7 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 		if (svc->flags & SERVICE_PERSIST)
 			persistence6(svc, p, now, 1);
 	}
-	remember_flow6(skb, datagram, &fk, p, now);
+	remember_flow6(datagram, bk, f, p, now);
 	return -1;
 }
 
@@ -966,14 +1071,13 @@ static __noinline int masquerade6(struct __sk_buff *skb, const struct service *s
 	return send_by(skb, rc, &fib);
 }
 
-// As `within_reply_ratio`, for the IPv6 flow of `client`:`cport` to `vip`:`vport`.
-static __always_inline int within_reply_ratio6(const struct in6 *client, __u16 cport,
-					       const struct in6 *vip, __u16 vport, __u32 ratio,
-					       __u32 bytes)
+// As `within_reply_ratio`, for IPv6 flow `fk`.
+static __noinline int within_reply_ratio6(const struct flow6_key *fk, __u32 ratio, __u32 bytes)
 {
-	struct flow6_key fk = {
-		.client_addr = *client, .service_addr = *vip, .client_port = cport, .service_port = vport};
-	struct flow6 *f = bpf_map_lookup_elem(&flows6, &fk);
+	struct flow6_bucket *bk = flow6_bucket(fk);
+	struct in6 addr;
+	__u16 port;
+	struct flow6_slot *f = bk ? find_flow6(bk, fk, &addr, &port) : 0;
 	if (!f || (__u64)f->replied + bytes > (__u64)ratio * f->sent)
 		return 0;
 	add_bytes(&f->replied, bytes);
@@ -1004,9 +1108,14 @@ static __noinline int masquerade_reply6(struct __sk_buff *skb, const struct repl
 	struct in6 client = m->client_addr, vip = m->service_addr;
 	__u16 cport = m->client_port, vport = m->service_port;
 	__u32 b = r->backend;
-	if (r->reply_ratio && !within_reply_ratio6(&client, cport, &vip, vport, r->reply_ratio,
-						   p->payload))
-		return beyond_reply_ratio6(p);
+	if (r->reply_ratio) {
+		struct flow6_key fk = {.client_addr = client,
+				       .service_addr = vip,
+				       .client_port = cport,
+				       .service_port = vport};
+		if (!within_reply_ratio6(&fk, r->reply_ratio, p->payload))
+			return beyond_reply_ratio6(p);
+	}
 	struct bpf_fib_lookup fib;
 	if (!from_the_backend_side6(skb, &fib, &p->saddr, &p->daddr, p->tot_len)) {
 		count_drop(PASS_FORGED);
@@ -1052,17 +1161,16 @@ static __noinline int reply6(struct __sk_buff *skb, struct reply6 *r, struct pac
 		return too_big6(skb, &fib, saddr, &from_addr);
 	// To this host itself: only a reply to a client of a flow this program placed.
 	int local = to_the_stack(rc);
-	if (local) {
+	if (local || r->reply_ratio) {
 		struct flow6_key fk = {.client_addr = *daddr,
 				       .service_addr = from_addr,
 				       .client_port = dport,
 				       .service_port = from_port};
-		if (!bpf_map_lookup_elem(&flows6, &fk))
+		if (local && !has_flow6(&fk))
 			return TC_ACT_OK;
+		if (r->reply_ratio && !within_reply_ratio6(&fk, r->reply_ratio, p->payload))
+			return beyond_reply_ratio6(p);
 	}
-	if (r->reply_ratio && !within_reply_ratio6(daddr, dport, &from_addr, from_port,
-						   r->reply_ratio, p->payload))
-		return beyond_reply_ratio6(p);
 	if (p->first_of_more) {
 		struct fragment6 fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};
 		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
@@ -1147,11 +1255,10 @@ static __noinline int icmp6_about_reply(struct __sk_buff *skb)
 	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
 	if (!svc)
 		return -1;
-	struct flow6 *f = bpf_map_lookup_elem(&flows6, &fk);
-	if (!f)
+	struct in6 backend;
+	__u16 bport;
+	if (!flow6_backend(&fk, &backend, &bport))
 		return -1;
-	struct in6 backend = f->backend_addr;
-	__u16 bport = f->backend_port;
 	struct bpf_fib_lookup fib;
 	if (svc->flags & SERVICE_DSR) {
 		__u32 gue = gue_ports6(svc, &fk.client_addr, fk.client_port);

@@ -247,15 +247,201 @@ struct {
 
 #define LIBBPF_PIN_BY_NAME 1
 
+// The flow tables (`flows` here, `flows6` in ipv6.h): arrays of buckets of FLOW_WAYS slots,
+// each flow in a slot of the bucket its seeded hash names; a new flow takes the slot of its
+// bucket idle longest. A lookup reads one bucket (two cache lines for IPv4), an insert writes
+// one slot: no chains, no lists, no locks (the kernel's LRU hash map took a node from its
+// lists and walked a bucket's chain per new flow, its cost by far; docs/kernel.md). Each slot
+// carries a version, odd while a CPU writes it: a writer takes the slot by compare-and-swap
+// (so two writers never mix), and a reader keeps what it read only if the version was even
+// and unchanged around it (so it never takes one flow's key with another's backend).
+#define FLOW_WAYS 4
+// A slot's `word`: its version in the high 16 bits, its backend's port in the low 16.
+#define FLOW_VERSION_ONE (1U << 16)
+// Flow times are bpf_ktime_get_ns() >> FLOW_TIME_SHIFT (about a millisecond; 32 bits wrap
+// after 52 days, and an idle timeout is at most a day).
+#define FLOW_TIME_SHIFT 20
+
+struct flow_slot {
+	struct flow_key key;
+	__u32 word; // the version and the backend's port (FLOW_VERSION_ONE)
+	__u32 backend_addr;
+	__u32 last; // flow_time() when its client last sent
+	// Payload bytes the client sent and the backend replied (listeners with a reply ratio;
+	// saturating, not atomic: a flow's datagrams are handled on one CPU at a time).
+	__u32 sent;
+	__u32 replied;
+};
+
+struct flow_bucket {
+	struct flow_slot slot[FLOW_WAYS];
+};
+
+_Static_assert(sizeof(struct flow_bucket) == 128, "FLOW_BUCKET_BYTES in src/lib.rs");
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536); // set by udplb before loading
-	__type(key, struct flow_key);
-	__type(value, struct flow);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1024); // buckets, a power of two: set by udplb before loading
+	__type(key, __u32);
+	__type(value, struct flow_bucket);
 #ifdef UDPLB_PIN
 	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes
 #endif
 } flows SEC(".maps");
+
+// How the flow tables hash: a random seed (chosen by the udplb process that made the tables,
+// kept with them) and each table's buckets less one.
+struct flow_params {
+	__u64 seed;
+	__u32 mask;
+	__u32 mask6;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow_params);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes, with `flows`
+#endif
+} flow_params SEC(".maps");
+
+static __always_inline __u32 flow_time(__u64 now_ns)
+{
+	return (__u32)(now_ns >> FLOW_TIME_SHIFT);
+}
+
+// Whether a flow last seen at `last` (flow_time) is within `idle_ns` of `now_ns`.
+static __always_inline int flow_live(__u32 last, __u64 now_ns, __u64 idle_ns)
+{
+	return flow_time(now_ns) - last <= (__u32)(idle_ns >> FLOW_TIME_SHIFT);
+}
+
+// A slot's word, read in order with the reads around it. x86's JIT keeps loads in program
+// order (TSO), so a plain load does; elsewhere a fully ordered atomic read.
+static __always_inline __u32 read_word(__u32 *word)
+{
+#ifdef UDPLB_TSO
+	asm volatile("" ::: "memory"); // nor may the compiler move loads across it
+	__u32 w = *(volatile __u32 *)word;
+	asm volatile("" ::: "memory");
+	return w;
+#else
+	return __sync_fetch_and_add(word, 0);
+#endif
+}
+
+// Takes `slot`'s word from `seen` to odd: this CPU alone writes the slot now. 0: another does.
+static __always_inline int take_slot(__u32 *word, __u32 seen)
+{
+	if (seen & FLOW_VERSION_ONE)
+		return 0;
+	return __sync_val_compare_and_swap(word, seen, seen + FLOW_VERSION_ONE) == seen;
+}
+
+// Publishes a slot taken from `seen`: version even again, with the backend's port.
+static __always_inline void publish_slot(__u32 *word, __u32 seen, __u16 port)
+{
+	__sync_lock_test_and_set(word, ((seen + 2 * FLOW_VERSION_ONE) & 0xffff0000) | port);
+}
+
+// murmur3's 64-bit finalizer.
+static __always_inline __u64 flow_mix(__u64 h)
+{
+	h ^= h >> 33;
+	h *= 0xff51afd7ed558ccdULL;
+	h ^= h >> 33;
+	h *= 0xc4ceb9fe1a85ec53ULL;
+	return h ^ (h >> 33);
+}
+
+// The slot of flow bucket `bk` idle longest at `now` (flow_time; a never used one first).
+#define OLDEST_SLOT(bk, now)                                                                   \
+	({                                                                                     \
+		int victim_ = 0;                                                               \
+		__u32 oldest_ = 0;                                                             \
+		_Pragma("unroll") for (int w_ = 0; w_ < FLOW_WAYS; w_++)                       \
+		{                                                                              \
+			__u32 age_ = (bk)->slot[w_].word < FLOW_VERSION_ONE ?                  \
+					     0xffffffff :                                      \
+					     (now) - (bk)->slot[w_].last;                      \
+			if (age_ >= oldest_) {                                                 \
+				oldest_ = age_;                                                \
+				victim_ = w_;                                                  \
+			}                                                                      \
+		}                                                                              \
+		&(bk)->slot[victim_ & (FLOW_WAYS - 1)];                                        \
+	})
+
+static __always_inline struct flow_bucket *flow_bucket(const struct flow_key *fk)
+{
+	__u32 zero = 0;
+	struct flow_params *fp = bpf_map_lookup_elem(&flow_params, &zero);
+	if (!fp)
+		return 0;
+	__u64 h = flow_mix((((__u64)fk->client_addr << 32) | fk->service_addr) ^ fp->seed);
+	h = flow_mix(h ^ (((__u64)fk->client_port << 16) | fk->service_port));
+	__u32 at = (__u32)h & fp->mask;
+	return bpf_map_lookup_elem(&flows, &at);
+}
+
+static __always_inline int same_flow(const struct flow_slot *s, const struct flow_key *fk)
+{
+	return s->key.client_addr == fk->client_addr && s->key.service_addr == fk->service_addr &&
+	       s->key.client_port == fk->client_port && s->key.service_port == fk->service_port;
+}
+
+// Flow `fk`'s slot in bucket `bk` (0: none), its backend read into `addr`:`port`.
+static __always_inline struct flow_slot *find_flow(struct flow_bucket *bk,
+						   const struct flow_key *fk, __u32 *addr,
+						   __u16 *port)
+{
+#pragma unroll
+	for (int w = 0; w < FLOW_WAYS; w++) {
+		struct flow_slot *s = &bk->slot[w];
+		__u32 v = read_word(&s->word);
+		if ((v & FLOW_VERSION_ONE) || !same_flow(s, fk))
+			continue;
+		__u32 a = s->backend_addr;
+		if (read_word(&s->word) != v)
+			continue;
+		*addr = a;
+		*port = (__u16)v;
+		return s;
+	}
+	return 0;
+}
+
+// Whether bucket `bk` holds flow `fk`.
+static __always_inline int has_flow(struct flow_bucket *bk, const struct flow_key *fk)
+{
+	__u32 addr;
+	__u16 port;
+	return bk && find_flow(bk, fk, &addr, &port);
+}
+
+// Puts flow `fk` (to backend `addr`:`port`, `sent` bytes so far) in bucket `bk`: in `s`, its
+// own slot when it had one, else in the bucket's slot idle longest. Another CPU writing that
+// slot at the same time wins; this flow is then placed again by its next datagram (to the
+// same backend, unless the table changed).
+static __always_inline void add_flow(struct flow_bucket *bk, struct flow_slot *s,
+				     const struct flow_key *fk, __u32 addr, __u16 port,
+				     __u64 now_ns, __u32 sent)
+{
+	__u32 now = flow_time(now_ns);
+	if (!s)
+		s = OLDEST_SLOT(bk, now);
+	__u32 seen = s->word;
+	if (!take_slot(&s->word, seen))
+		return;
+	s->key = *fk;
+	s->backend_addr = addr;
+	s->last = now;
+	s->sent = sent;
+	s->replied = 0;
+	publish_slot(&s->word, seen, port);
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -495,7 +681,10 @@ static __always_inline void add_bytes(__u32 *count, __u32 bytes)
 static __always_inline int within_reply_ratio(const struct flow_key *fk, __u32 ratio,
 					      __u32 bytes)
 {
-	struct flow *f = bpf_map_lookup_elem(&flows, fk);
+	struct flow_bucket *bk = flow_bucket(fk);
+	__u32 addr;
+	__u16 port;
+	struct flow_slot *f = bk ? find_flow(bk, fk, &addr, &port) : 0;
 	if (!f || (__u64)f->replied + bytes > (__u64)ratio * f->sent)
 		return 0;
 	add_bytes(&f->replied, bytes);
@@ -1407,11 +1596,11 @@ static __noinline int icmp_about_reply(struct __sk_buff *skb)
 		return -1;
 	struct flow_key fk = {
 		.client_addr = client, .service_addr = vip, .client_port = cport, .service_port = vport};
-	struct flow *f = bpf_map_lookup_elem(&flows, &fk);
-	if (!f)
+	struct flow_bucket *bk = flow_bucket(&fk);
+	__u32 backend;
+	__u16 bport;
+	if (!bk || !find_flow(bk, &fk, &backend, &bport))
 		return -1;
-	__u32 backend = f->backend_addr;
-	__u16 bport = f->backend_port;
 	if (svc->flags & SERVICE_DSR)
 		return encapsulate(skb, backend, NOT_COUNTED, tot_len, tos, 0, 0, 0,
 				   gue_ports(svc, client, cport));
@@ -1539,18 +1728,24 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				      .client_port = sport,
 				      .service_port = dport};
 		int datagram = svc->flags & SERVICE_DATAGRAM;
-		struct flow *f = datagram ? 0 : bpf_map_lookup_elem(&flows, &fk);
-		if (f && now - f->last_ns <= svc->idle_ns) {
+		// The flow's bucket: in datagram mode only a local client's (remembered below).
+		struct flow_bucket *bk =
+			datagram && skb->ingress_ifindex != LOOPBACK_IFINDEX ? 0 : flow_bucket(&fk);
+		__u32 kept_addr = 0;
+		__u16 kept_port = 0;
+		struct flow_slot *f = bk ? find_flow(bk, &fk, &kept_addr, &kept_port) : 0;
+		if (f && !datagram && flow_live(f->last, now, svc->idle_ns)) {
 			// Its backend, while it keeps flows and still serves this listener.
-			struct reply_key kept = {.addr = f->backend_addr, .port = f->backend_port};
+			struct reply_key kept = {.addr = kept_addr, .port = kept_port};
 			struct reply *r = bpf_map_lookup_elem(&replies, &kept);
 			if (r && (r->flags & BACKEND_KEEPS_FLOWS) && r->service_addr == daddr &&
 			    r->service_port == dport) {
 				b = r->backend;
 				bflags = r->flags;
-				to_addr = f->backend_addr;
-				to_port = f->backend_port;
-				f->last_ns = now;
+				to_addr = kept_addr;
+				to_port = kept_port;
+				if (f->last != flow_time(now))
+					f->last = flow_time(now);
 				if (svc->flags & SERVICE_REPLY_RATIO)
 					add_bytes(&f->sent, payload);
 			}
@@ -1579,19 +1774,14 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				if (persists)
 					remember(svc, &fk, to_addr, to_port, now, 1);
 			}
-			struct flow nf = {.backend_addr = to_addr,
-					  .backend_port = to_port,
-					  .last_ns = now,
-					  .sent = payload};
 			if (!datagram) {
-				bpf_map_update_elem(&flows, &fk, &nf, BPF_ANY);
+				if (bk)
+					add_flow(bk, f, &fk, to_addr, to_port, now, payload);
 				count_flow(b);
-			} else if (skb->ingress_ifindex == LOOPBACK_IFINDEX &&
-				 !bpf_map_lookup_elem(&flows, &fk))
+			} else if (bk && !f)
 				// A local client in datagram mode: remembered once (never placed by it),
-				// so that its replies, to this host, are known as replies. (Looked up
-				// first: an LRU update takes a free node even when the key is there.)
-				bpf_map_update_elem(&flows, &fk, &nf, BPF_NOEXIST);
+				// so that its replies, to this host, are known as replies.
+				add_flow(bk, 0, &fk, to_addr, to_port, now, payload);
 		}
 		if (svc->flags & SERVICE_DSR) {
 			__u32 gue = gue_ports(svc, saddr, sport);
@@ -1659,7 +1849,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				      .service_addr = from_addr,
 				      .client_port = dport,
 				      .service_port = from_port};
-		if (local && !bpf_map_lookup_elem(&flows, &fk))
+		if (local && !has_flow(flow_bucket(&fk), &fk))
 			return TC_ACT_OK;
 		if (r->reply_ratio && !within_reply_ratio(&fk, r->reply_ratio, payload))
 			return beyond_reply_ratio(&frk, first_of_more);

@@ -34,8 +34,14 @@ pub const SCHEDULE_MAX: usize = 16_384;
 /// memory.
 pub const UNUSED_MAP_ENTRIES: u32 = 1024;
 
+/// Flows per bucket of the program's flow tables (`FLOW_WAYS` in bpf/udplb.bpf.c).
+pub const FLOW_WAYS: u32 = 4;
+/// Bytes per bucket of the IPv4 and the IPv6 flow table.
+pub const FLOW_BUCKET_BYTES: (u32, u32) = (128, 272);
+
 /// The entries of the program's per-client maps (preallocated, so locked memory): the flow
-/// maps, the masquerade maps and the persistence maps, per IP family.
+/// tables (in buckets of [`FLOW_WAYS`] flows, a power of two of them), the masquerade maps and
+/// the persistence maps, per IP family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapSizes {
     pub flows: u32,
@@ -59,9 +65,12 @@ pub struct PerClient {
 
 impl MapSizes {
     /// `max_flows` entries in each map the `listeners` use, [`UNUSED_MAP_ENTRIES`] in the
-    /// others.
+    /// others; a flow table the listeners use gets a bucket per flow of `max_flows` (rounded
+    /// up to a power of two), so that it is at most a quarter full with `max_flows` flows and
+    /// a flow finds its bucket of [`FLOW_WAYS`] full (and takes the slot idle longest) rarely.
     pub fn for_listeners(max_flows: u32, listeners: impl IntoIterator<Item = PerClient>) -> Self {
         let max_flows = max_flows.max(UNUSED_MAP_ENTRIES);
+        let buckets = max_flows.next_power_of_two();
         let mut sizes = MapSizes {
             flows: UNUSED_MAP_ENTRIES,
             flows6: UNUSED_MAP_ENTRIES,
@@ -76,7 +85,7 @@ impl MapSizes {
             } else {
                 (&mut sizes.flows, &mut sizes.masq, &mut sizes.persist)
             };
-            *flows = max_flows;
+            *flows = buckets;
             if l.masquerade {
                 *masq = max_flows;
             }
@@ -85,6 +94,12 @@ impl MapSizes {
             }
         }
         sizes
+    }
+
+    /// The flow tables' bytes (IPv4 and IPv6; locked memory).
+    pub fn flow_table_bytes(&self) -> u64 {
+        u64::from(self.flows) * u64::from(FLOW_BUCKET_BYTES.0)
+            + u64::from(self.flows6) * u64::from(FLOW_BUCKET_BYTES.1)
     }
 
     /// Each map's name in the program and its entries.
@@ -502,7 +517,7 @@ mod tests {
         assert_eq!(
             MapSizes::for_listeners(100_000, [ipv4]),
             MapSizes {
-                flows: 100_000,
+                flows: 131_072,
                 flows6: none,
                 masq: none,
                 masq6: none,
@@ -513,8 +528,8 @@ mod tests {
         assert_eq!(
             MapSizes::for_listeners(100_000, [masquerade(ipv4), remembers(ipv6)]),
             MapSizes {
-                flows: 100_000,
-                flows6: 100_000,
+                flows: 131_072,
+                flows6: 131_072,
                 masq: 100_000,
                 masq6: none,
                 persist: none,

@@ -24,7 +24,7 @@ static DECAP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dec
 
 /// The flow map's layout: a pinned map of another layout is not reused (the directory under
 /// the pin directory is named after it).
-const FLOW_LAYOUT: &str = "flows-v2";
+const FLOW_LAYOUT: &str = "flows-v3";
 
 // The maps' keys and values: the layouts of bpf/udplb.bpf.c.
 
@@ -144,6 +144,15 @@ struct CountersValue {
     flows: u64,
 }
 
+/// How the program hashes flows into its flow tables (`struct flow_params`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct FlowParams {
+    seed: u64,
+    mask: u32,
+    mask6: u32,
+}
+
 // SAFETY: each is `repr(C)`, `Copy`, made of integers only, with every padding byte an explicit
 // field: any bytes are a valid value and no byte is uninitialized.
 unsafe impl Pod for ServiceKey {}
@@ -165,6 +174,8 @@ unsafe impl Pod for Backend6Value {}
 unsafe impl Pod for Reply6Key {}
 // SAFETY: as above.
 unsafe impl Pod for Reply6Value {}
+// SAFETY: as above.
+unsafe impl Pod for FlowParams {}
 
 /// A port as the program reads it from a packet (network order in memory).
 fn wire_port(port: u16) -> u16 {
@@ -274,6 +285,7 @@ impl Kernel {
         let replies6 = BpfHashMap::try_from(take("replies6")?).map_err(update_error)?;
         let acl6_allow = LpmTrie::try_from(take("acl6_allow")?).map_err(update_error)?;
         let acl6_deny = LpmTrie::try_from(take("acl6_deny")?).map_err(update_error)?;
+        set_flow_params(&mut ebpf, &sizes)?;
         program(&mut ebpf)?
             .load()
             .map_err(|e| Error::Load(verifier_error(&e)))?;
@@ -781,15 +793,49 @@ fn unpin_other_layouts(dir: &std::path::Path) {
     }
 }
 
+/// Gives the flow tables their hash: the seed they were made with (kept with them), or a new
+/// random one for new tables, and each table's size. Before the program is attached.
+fn set_flow_params(ebpf: &mut Ebpf, sizes: &MapSizes) -> Result<(), Error> {
+    let map = ebpf
+        .map_mut("flow_params")
+        .ok_or_else(|| Error::Load("the program has no map flow_params".into()))?;
+    let mut params: Array<_, FlowParams> = Array::try_from(map).map_err(update_error)?;
+    let kept = params.get(&0, 0).map_err(update_error)?;
+    let seed = if kept.seed != 0 {
+        kept.seed
+    } else {
+        random_seed()?
+    };
+    let new = FlowParams {
+        seed,
+        mask: sizes.flows - 1,
+        mask6: sizes.flows6 - 1,
+    };
+    params.set(0, new, 0).map_err(update_error)
+}
+
+/// A random, non-zero seed.
+fn random_seed() -> Result<u64, Error> {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|e| Error::Load(format!("/dev/urandom: {e}")))?;
+    Ok(u64::from_ne_bytes(bytes).max(1))
+}
+
 /// Removes the pins in `dir` of the maps whose size is no longer `sizes`' (a pinned map is
 /// reused as it is, whatever this process asks: the next load makes it anew, at its size).
+/// A flow table made anew gets a new hash seed (`flow_params` too is made anew): an earlier
+/// process still running keeps its own.
 fn unpin_resized(dir: &std::path::Path, sizes: &MapSizes) {
+    let mut resized_flows = false;
     for (name, entries) in sizes.by_name() {
         let pin = dir.join(name);
         let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
             continue;
         };
         if info.max_entries() != entries {
+            resized_flows |= name.starts_with("flows");
             tracing::info!(
                 map = name,
                 was = info.max_entries(),
@@ -801,6 +847,9 @@ fn unpin_resized(dir: &std::path::Path, sizes: &MapSizes) {
                 tracing::warn!(map = name, error = %e, "kernel data plane: cannot remove the kept map");
             }
         }
+    }
+    if resized_flows {
+        let _ = std::fs::remove_file(dir.join("flow_params"));
     }
 }
 

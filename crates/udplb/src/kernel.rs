@@ -121,6 +121,13 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         );
     }
     let mut kernel = udplb_kernel::Kernel::load(sizes, cells, pin_dir.as_deref())?;
+    tracing::info!(
+        max_flows,
+        buckets = sizes.flows,
+        buckets6 = sizes.flows6,
+        mib = sizes.flow_table_bytes() >> 20,
+        "kernel data plane: flow tables loaded"
+    );
     // Said only now that the program loaded: where it cannot, `auto` falls back with one line.
     warn_if_not_forwarding(cfg, wanted);
     match &pin {
