@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::netns::{Net, ip, serve_if_asked};
 use common::*;
@@ -1382,6 +1382,27 @@ fn helper_lines(out: &str) -> Vec<String> {
         .collect()
 }
 
+/// The replies of each of `n` rounds of `gated_clients`, from the helper's output `text`.
+fn gated_rounds(text: &str, n: usize) -> Vec<Vec<(u16, SocketAddr, String, String)>> {
+    (0..n)
+        .map(|r| {
+            helper_lines(text)
+                .into_iter()
+                .filter(|l| l.starts_with(&format!("round {r} ")))
+                .filter_map(|l| {
+                    let mut f = l.split(' ').skip(2);
+                    Some((
+                        f.next()?.parse().ok()?,
+                        f.next()?.parse().ok()?,
+                        f.next()?.to_string(),
+                        f.next()?.to_string(),
+                    ))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Each client's backend tag, from one round of `replies`.
 fn backends_of(replies: &[(u16, SocketAddr, String, String)]) -> HashMap<u16, String> {
     replies
@@ -1436,23 +1457,7 @@ fn dead_and_drained_backends(prefix: &str, v6: bool) {
     go(2);
     let out = helper.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let rounds: Vec<Vec<(u16, SocketAddr, String, String)>> = (0..3)
-        .map(|r| {
-            helper_lines(&text)
-                .into_iter()
-                .filter(|l| l.starts_with(&format!("round {r} ")))
-                .filter_map(|l| {
-                    let mut f = l.split(' ').skip(2);
-                    Some((
-                        f.next()?.parse().ok()?,
-                        f.next()?.parse().ok()?,
-                        f.next()?.to_string(),
-                        f.next()?.to_string(),
-                    ))
-                })
-                .collect()
-        })
-        .collect();
+    let rounds = gated_rounds(&text, 3);
     let (before, after) = (backends_of(&rounds[0]), backends_of(&rounds[1]));
     assert_eq!(before.len(), 60, "{text}");
     assert_eq!(after.len(), 60, "{text}\n{}", topo.log());
@@ -1483,6 +1488,70 @@ fn dead_and_drained_backends(prefix: &str, v6: bool) {
         topo.api("/stats")["pools"],
         topo.api("/stats")["kernel"]
     );
+}
+
+#[test]
+fn a_flow_keeps_its_backend_while_it_sends_and_is_placed_anew_once_idle() {
+    flows_idle_out("ulfi", false);
+}
+
+#[test]
+fn ipv6_a_flow_keeps_its_backend_while_it_sends_and_is_placed_anew_once_idle() {
+    flows_idle_out("ul6i", true);
+}
+
+/// 60 flows placed, backend y drained: its flows stay on it while their clients keep
+/// sending within the idle timeout (the flow table's lookups and refreshes), and leave it once
+/// idle longer (its expiry), for backends that take new flows.
+fn flows_idle_out(prefix: &str, v6: bool) {
+    const IDLE: Duration = Duration::from_secs(2);
+    let Some(topo) = Topology::serving(prefix, v6, "idle_timeout = \"2s\"") else {
+        return;
+    };
+    let (control, helper) = topo.gated_clients(60, 4);
+    let round_done = |n: usize| control.join(format!("done-{n}")).exists();
+    let go = |n: usize| std::fs::write(control.join(format!("go-{n}")), "").unwrap();
+    assert!(wait_for(DEADLINE, || round_done(0)), "round 0");
+    let drained = topo.backend_addr(1);
+    topo.change_backend("POST", &format!("{drained}/drain"), "");
+    topo.wait_for_the_maps();
+    // Rounds 1 and 2 within the idle timeout of each other: still live.
+    let live = Instant::now();
+    go(1);
+    assert!(wait_for(DEADLINE, || round_done(1)), "round 1");
+    go(2);
+    assert!(wait_for(DEADLINE, || round_done(2)), "round 2");
+    assert!(
+        live.elapsed() < IDLE,
+        "rounds 1 and 2 took {:?}",
+        live.elapsed()
+    );
+    // Round 3 after the idle timeout (and its millisecond-grained clock) has passed.
+    std::thread::sleep(IDLE + Duration::from_millis(500));
+    go(3);
+    let out = helper.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rounds = gated_rounds(&text, 4);
+    let placed = backends_of(&rounds[0]);
+    assert_eq!(placed.len(), 60, "{text}");
+    assert!(placed.values().any(|t| t == "y"), "{placed:?}");
+    for r in 1..=2 {
+        assert_eq!(
+            backends_of(&rounds[r]),
+            placed,
+            "round {r} moved flows\n{}",
+            topo.log()
+        );
+    }
+    let idle = backends_of(&rounds[3]);
+    assert_eq!(idle.len(), 60, "{text}");
+    for (port, was) in &placed {
+        let now = &idle[port];
+        assert!(
+            now != "y",
+            "client {port} (was on {was}) still on the drained backend after idling"
+        );
+    }
 }
 
 #[test]
