@@ -103,17 +103,15 @@ struct flow_key {
 	__u16 service_port;
 };
 
-// A flow names its backend by address (not by its slot in `backends`), so that the flow map
-// means the same to the next udplb process, which reuses it (pinned) after a restart or an
-// upgrade and may number the backends otherwise.
+// A persistence entry (and a flow, in `struct flow_slot`) names its backend by address (not
+// by its slot in `backends`), so that the pinned maps mean the same to the next udplb process,
+// which reuses them after a restart or an upgrade and may number the backends otherwise.
 struct flow {
 	__u32 backend_addr;
 	__u16 backend_port;
 	__u16 pad;
 	__u64 last_ns;
-	// Payload bytes the client sent and the backend replied (listeners with a reply ratio;
-	// saturating, not atomic: a flow's datagrams are handled on one CPU at a time).
-	__u32 sent;
+	__u32 sent; // unused (the layout the persistence maps have had)
 	__u32 replied;
 };
 

@@ -949,16 +949,8 @@ impl Topology {
             .output()
             .unwrap();
         helper_lines(&String::from_utf8_lossy(&out.stdout))
-            .into_iter()
-            .filter_map(|l| {
-                let mut f = l.split(' ');
-                Some((
-                    f.next()?.parse().ok()?,
-                    f.next()?.parse().ok()?,
-                    f.next()?.to_string(),
-                    f.next()?.to_string(),
-                ))
-            })
+            .iter()
+            .filter_map(|l| reply_line(l))
             .collect()
     }
 }
@@ -1382,22 +1374,25 @@ fn helper_lines(out: &str) -> Vec<String> {
         .collect()
 }
 
+/// One reply the clients' helper printed: client port, reply source, tag, the client address
+/// the backend saw.
+fn reply_line(line: &str) -> Option<(u16, SocketAddr, String, String)> {
+    let mut f = line.split(' ');
+    Some((
+        f.next()?.parse().ok()?,
+        f.next()?.parse().ok()?,
+        f.next()?.to_string(),
+        f.next()?.to_string(),
+    ))
+}
+
 /// The replies of each of `n` rounds of `gated_clients`, from the helper's output `text`.
 fn gated_rounds(text: &str, n: usize) -> Vec<Vec<(u16, SocketAddr, String, String)>> {
     (0..n)
         .map(|r| {
             helper_lines(text)
                 .into_iter()
-                .filter(|l| l.starts_with(&format!("round {r} ")))
-                .filter_map(|l| {
-                    let mut f = l.split(' ').skip(2);
-                    Some((
-                        f.next()?.parse().ok()?,
-                        f.next()?.parse().ok()?,
-                        f.next()?.to_string(),
-                        f.next()?.to_string(),
-                    ))
-                })
+                .filter_map(|l| reply_line(l.strip_prefix(&format!("round {r} "))?))
                 .collect()
         })
         .collect()
