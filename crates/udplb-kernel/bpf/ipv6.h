@@ -331,14 +331,19 @@ static __noinline int has_flow6(const struct flow6_key *fk)
 // As `add_flow`, for IPv6 flows.
 static __always_inline void add_flow6(struct flow6_bucket *bk, struct flow6_slot *s,
 				      const struct flow6_key *fk, const struct in6 *addr,
-				      __u16 port, __u64 now_ns, __u32 sent)
+				      __u16 port, __u64 now_ns, __u32 sent, __u64 idle_ns)
 {
 	__u32 now = flow_time(now_ns);
-	if (!s)
+	int replaced = 0;
+	if (!s) {
 		s = OLDEST_SLOT(bk, now);
+		replaced = s->word >= FLOW_VERSION_ONE && flow_live(s->last, now_ns, idle_ns);
+	}
 	__u32 seen = s->word;
 	if (!take_slot(&s->word, seen))
 		return;
+	if (replaced)
+		count_drop(FLOW_REPLACED);
 	s->key = *fk;
 	s->backend_addr = *addr;
 	s->last = now;
@@ -873,19 +878,21 @@ static __noinline int persistence6(const struct service *svc, struct packet6 *p,
 // into `p` (flow mode), or once a local client's in datagram mode, so that its replies are
 // known as replies (see the IPv4 side). (Its own function: the key would take stack from
 // `choose6`.)
-static __noinline void remember_flow6(int datagram, struct flow6_bucket *bk,
+static __noinline void remember_flow6(const struct service *svc, struct flow6_bucket *bk,
 				      struct flow6_slot *f, const struct packet6 *p, __u64 now)
 {
+	int datagram = svc->flags & SERVICE_DATAGRAM;
 	struct flow6_key fk = {.client_addr = p->saddr,
 			       .service_addr = p->daddr,
 			       .client_port = p->sport,
 			       .service_port = p->dport};
 	if (!datagram) {
 		if (bk)
-			add_flow6(bk, f, &fk, &p->to_addr, p->to_port, now, p->payload);
+			add_flow6(bk, f, &fk, &p->to_addr, p->to_port, now, p->payload,
+				  svc->idle_ns);
 		count_flow(p->backend);
 	} else if (bk && !f)
-		add_flow6(bk, 0, &fk, &p->to_addr, p->to_port, now, p->payload);
+		add_flow6(bk, 0, &fk, &p->to_addr, p->to_port, now, p->payload, svc->idle_ns);
 }
 
 // Whether the listener's allow and deny lists refuse the client of `p`: deny wins; an allow
@@ -964,7 +971,7 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 		if (svc->flags & SERVICE_PERSIST)
 			persistence6(svc, p, now, 1);
 	}
-	remember_flow6(datagram, bk, f, p, now);
+	remember_flow6(svc, bk, f, p, now);
 	return -1;
 }
 

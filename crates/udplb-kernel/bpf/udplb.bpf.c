@@ -156,6 +156,7 @@ enum drop_reason {
 	PASS_OVERSIZE, // too big for the route onward, without DF: rewritten, fragmented by the stack
 	CUT_FOR_TUNNEL, // dsr: without DF, too big once encapsulated: cut into fragments first
 	DROP_AMPLIFICATION, // a reply beyond its flow's reply ratio (or of no flow)
+	FLOW_REPLACED, // not a drop: a new flow took the slot of one not idle (its bucket full)
 	DROP_REASONS,
 };
 
@@ -419,20 +420,28 @@ static __always_inline int has_flow(struct flow_bucket *bk, const struct flow_ke
 	return bk && find_flow(bk, fk, &addr, &port);
 }
 
+static __always_inline void count_drop(__u32 reason);
+
 // Puts flow `fk` (to backend `addr`:`port`, `sent` bytes so far) in bucket `bk`: in `s`, its
-// own slot when it had one, else in the bucket's slot idle longest. Another CPU writing that
-// slot at the same time wins; this flow is then placed again by its next datagram (to the
-// same backend, unless the table changed).
+// own slot when it had one, else in the bucket's slot idle longest, counted as FLOW_REPLACED
+// when that one's flow was not idle for `idle_ns` (the table too small for its flows).
+// Another CPU writing that slot at the same time wins; this flow is then placed again by its
+// next datagram (to the same backend, unless the table changed).
 static __always_inline void add_flow(struct flow_bucket *bk, struct flow_slot *s,
 				     const struct flow_key *fk, __u32 addr, __u16 port,
-				     __u64 now_ns, __u32 sent)
+				     __u64 now_ns, __u32 sent, __u64 idle_ns)
 {
 	__u32 now = flow_time(now_ns);
-	if (!s)
+	int replaced = 0;
+	if (!s) {
 		s = OLDEST_SLOT(bk, now);
+		replaced = s->word >= FLOW_VERSION_ONE && flow_live(s->last, now_ns, idle_ns);
+	}
 	__u32 seen = s->word;
 	if (!take_slot(&s->word, seen))
 		return;
+	if (replaced)
+		count_drop(FLOW_REPLACED);
 	s->key = *fk;
 	s->backend_addr = addr;
 	s->last = now;
@@ -1774,12 +1783,13 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			}
 			if (!datagram) {
 				if (bk)
-					add_flow(bk, f, &fk, to_addr, to_port, now, payload);
+					add_flow(bk, f, &fk, to_addr, to_port, now, payload,
+						 svc->idle_ns);
 				count_flow(b);
 			} else if (bk && !f)
 				// A local client in datagram mode: remembered once (never placed by it),
 				// so that its replies, to this host, are known as replies.
-				add_flow(bk, 0, &fk, to_addr, to_port, now, payload);
+				add_flow(bk, 0, &fk, to_addr, to_port, now, payload, svc->idle_ns);
 		}
 		if (svc->flags & SERVICE_DSR) {
 			__u32 gue = gue_ports(svc, saddr, sport);

@@ -306,6 +306,9 @@ pub struct Drops {
     pub cut_for_tunnel: u64,
     /// Replies beyond their flow's reply ratio, or to no flow, on a listener with one.
     pub amplification: u64,
+    /// Not a drop: new flows that took the place of a flow not idle (their bucket of the flow
+    /// table full, the table too small for the flows).
+    pub flows_replaced: u64,
 }
 
 /// Whether this udplb was built with the program.

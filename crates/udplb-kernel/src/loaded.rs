@@ -651,6 +651,7 @@ impl Kernel {
             oversize_passed: n(11),
             cut_for_tunnel: n(12),
             amplification: n(13),
+            flows_replaced: n(14),
         }
     }
 }

@@ -415,6 +415,12 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
          fit before encapsulation (once per cut)",
     );
     cut.add(vec![], d.cut_for_tunnel as f64);
+    let mut replaced = Family::counter(
+        "kernel_flows_replaced",
+        "New flows that took the place of a flow not idle in the kernel flow table (its bucket \
+         full): the table is too small for the flows (max_flows)",
+    );
+    replaced.add(vec![], d.flows_replaced as f64);
     vec![
         datagrams,
         bytes,
@@ -428,6 +434,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         forged,
         oversize,
         cut,
+        replaced,
     ]
 }
 

@@ -161,6 +161,10 @@ fn kernel_burst_in_namespace() {
         return;
     };
     let var = |name: &str| std::env::var(name).unwrap();
+    // Thousands of sockets at once: the soft descriptor limit raised to the hard one.
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     let sockets: Vec<UdpSocket> = (0..var("UDPLB_TEST_KERNEL_SOCKETS").parse::<usize>().unwrap())
         .map(|_| UdpSocket::bind((var("UDPLB_TEST_KERNEL_BIND").as_str(), 0)).unwrap())
         .collect();
@@ -3093,6 +3097,41 @@ fn burst(topo: &Topology, bind: &str, sockets: usize, each: usize) -> (u64, u64)
         .unwrap_or_else(|| panic!("the burst said nothing: {text}"));
     let f: Vec<u64> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
     (f[0], f[1])
+}
+
+/// More flows than the smallest flow table holds (1,024 buckets of 4, `max_flows = 1`), none
+/// idle: every new flow beyond the table's 4,096 slots takes the place of a live one, and
+/// `udplb_kernel_flows_replaced_total` says so (the table too small for its flows).
+#[test]
+fn flows_beyond_the_flow_table_are_counted_as_replaced() {
+    let Some(topo) = Topology::serving("ulfr", false, "max_flows = 1") else {
+        return;
+    };
+    let flows = 8000;
+    burst(&topo, &topo.client_ip(), flows, 1);
+    let out = Net::exec(&topo.balancer, Path::new("curl"))
+        .args(["-s", "127.0.0.1:9190/metrics"])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let placed = counter("udplb_kernel_flows_created_total");
+    let replaced = counter("udplb_kernel_flows_replaced_total");
+    // At most 4,096 flows stay in the table: each one placed beyond them replaced another.
+    assert!(
+        placed > 5000.0 && placed <= flows as f64,
+        "placed {placed}\n{metrics}"
+    );
+    assert!(
+        replaced >= placed - 4096.0 && replaced < placed,
+        "placed {placed}, replaced {replaced}"
+    );
 }
 
 #[test]
