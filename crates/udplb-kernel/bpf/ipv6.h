@@ -333,23 +333,7 @@ static __always_inline void add_flow6(struct flow6_bucket *bk, struct flow6_slot
 				      const struct flow6_key *fk, const struct in6 *addr,
 				      __u16 port, __u64 now_ns, __u32 sent, __u64 idle_ns)
 {
-	__u32 now = flow_time(now_ns);
-	int replaced = 0;
-	if (!s) {
-		s = OLDEST_SLOT(bk, now);
-		replaced = s->word >= FLOW_VERSION_ONE && flow_live(s->last, now_ns, idle_ns);
-	}
-	__u32 seen = s->word;
-	if (!take_slot(&s->word, seen))
-		return;
-	if (replaced)
-		count_drop(FLOW_REPLACED);
-	s->key = *fk;
-	s->backend_addr = *addr;
-	s->last = now;
-	s->sent = sent;
-	s->replied = 0;
-	publish_slot(&s->word, seen, port);
+	ADD_FLOW(bk, s, fk, *addr, port, now_ns, sent, idle_ns);
 }
 
 static __always_inline int in6_eq(const struct in6 *a, const struct in6 *b)

@@ -427,27 +427,34 @@ static __always_inline void count_drop(__u32 reason);
 // when that one's flow was not idle for `idle_ns` (the table too small for its flows).
 // Another CPU writing that slot at the same time wins; this flow is then placed again by its
 // next datagram (to the same backend, unless the table changed).
+// (`add_flow6`'s too: the IPv4 and IPv6 slots differ in their key's and address's types.)
+#define ADD_FLOW(bk, s, fk, addr, port, now_ns, sent_bytes, idle_ns)                          \
+	do {                                                                                   \
+		__u32 now_ = flow_time(now_ns);                                                \
+		int replaced_ = 0;                                                             \
+		if (!(s)) {                                                                    \
+			(s) = OLDEST_SLOT(bk, now_);                                           \
+			replaced_ = (s)->word >= FLOW_VERSION_ONE &&                           \
+				    flow_live((s)->last, now_ns, idle_ns);                     \
+		}                                                                              \
+		__u32 seen_ = (s)->word;                                                       \
+		if (take_slot(&(s)->word, seen_)) {                                            \
+			if (replaced_)                                                         \
+				count_drop(FLOW_REPLACED);                                     \
+			(s)->key = *(fk);                                                      \
+			(s)->backend_addr = (addr);                                            \
+			(s)->last = now_;                                                      \
+			(s)->sent = (sent_bytes);                                              \
+			(s)->replied = 0;                                                      \
+			publish_slot(&(s)->word, seen_, port);                                 \
+		}                                                                              \
+	} while (0)
+
 static __always_inline void add_flow(struct flow_bucket *bk, struct flow_slot *s,
 				     const struct flow_key *fk, __u32 addr, __u16 port,
 				     __u64 now_ns, __u32 sent, __u64 idle_ns)
 {
-	__u32 now = flow_time(now_ns);
-	int replaced = 0;
-	if (!s) {
-		s = OLDEST_SLOT(bk, now);
-		replaced = s->word >= FLOW_VERSION_ONE && flow_live(s->last, now_ns, idle_ns);
-	}
-	__u32 seen = s->word;
-	if (!take_slot(&s->word, seen))
-		return;
-	if (replaced)
-		count_drop(FLOW_REPLACED);
-	s->key = *fk;
-	s->backend_addr = addr;
-	s->last = now;
-	s->sent = sent;
-	s->replied = 0;
-	publish_slot(&s->word, seen, port);
+	ADD_FLOW(bk, s, fk, addr, port, now_ns, sent, idle_ns);
 }
 
 struct {
