@@ -768,6 +768,7 @@ impl KernelPlane {
             "forged_passed": d.forged,
             "oversize_passed": d.oversize_passed,
             "cut_for_tunnel": d.cut_for_tunnel,
+            "flows_replaced": d.flows_replaced,
         })
     }
 

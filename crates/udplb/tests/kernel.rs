@@ -3132,6 +3132,13 @@ fn flows_beyond_the_flow_table_are_counted_as_replaced() {
         replaced >= placed - 4096.0 && replaced < placed,
         "placed {placed}, replaced {replaced}"
     );
+    // /stats says the same, apart from the drops.
+    let stats = topo.api("/stats");
+    assert_eq!(
+        stats["kernel"]["flows_replaced"].as_f64(),
+        Some(replaced),
+        "{stats}"
+    );
 }
 
 #[test]
