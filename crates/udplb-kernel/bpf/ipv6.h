@@ -178,6 +178,7 @@ _Static_assert(sizeof(struct flow6_bucket) == 272, "FLOW_BUCKET_BYTES in src/lib
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1024); // buckets, a power of two: set by udplb before loading
+	__uint(map_flags, BPF_F_MMAPABLE); // udplb counts the live flows in place
 	__type(key, __u32);
 	__type(value, struct flow6_bucket);
 #ifdef UDPLB_PIN

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+pub mod census;
 #[cfg(test)]
 mod placement_constant;
 
@@ -61,39 +62,42 @@ pub struct PerClient {
     pub masquerade: bool,
     /// It remembers each client's backend (persistence, or IP affinity).
     pub remembers: bool,
+    /// Its `max_flows`.
+    pub max_flows: u32,
 }
 
 impl MapSizes {
-    /// `max_flows` entries in each map the `listeners` use, [`UNUSED_MAP_ENTRIES`] in the
-    /// others; a flow table the listeners use gets a bucket per flow of `max_flows` (rounded
-    /// up to a power of two), so that it is at most a quarter full with `max_flows` flows and
-    /// a flow finds its bucket of [`FLOW_WAYS`] full (and takes the slot idle longest) rarely.
-    pub fn for_listeners(max_flows: u32, listeners: impl IntoIterator<Item = PerClient>) -> Self {
-        let max_flows = max_flows.max(UNUSED_MAP_ENTRIES);
-        let buckets = max_flows.next_power_of_two();
-        let mut sizes = MapSizes {
-            flows: UNUSED_MAP_ENTRIES,
-            flows6: UNUSED_MAP_ENTRIES,
-            masq: UNUSED_MAP_ENTRIES,
-            masq6: UNUSED_MAP_ENTRIES,
-            persist: UNUSED_MAP_ENTRIES,
-            persist6: UNUSED_MAP_ENTRIES,
-        };
+    /// Per IP family, the `max_flows` of the listeners of that family summed, in each map
+    /// they use; [`UNUSED_MAP_ENTRIES`] in the others. A flow table gets a bucket per flow
+    /// (rounded up to a power of two), so that it is at most a quarter full with that many
+    /// flows and a flow finds its bucket of [`FLOW_WAYS`] full (and takes the slot idle
+    /// longest) rarely. The masquerade and persistence maps count only the listeners that
+    /// masquerade or remember clients.
+    pub fn for_listeners(listeners: impl IntoIterator<Item = PerClient>) -> Self {
+        // Per family: flows, masquerade entries, persistence entries (0: unused).
+        let mut sums = [[0u32; 3]; 2];
         for l in listeners {
-            let (flows, masq, persist) = if l.ipv6 {
-                (&mut sizes.flows6, &mut sizes.masq6, &mut sizes.persist6)
-            } else {
-                (&mut sizes.flows, &mut sizes.masq, &mut sizes.persist)
-            };
-            *flows = buckets;
+            let sum = &mut sums[usize::from(l.ipv6)];
+            let add = |n: &mut u32| *n = n.saturating_add(l.max_flows.max(1));
+            add(&mut sum[0]);
             if l.masquerade {
-                *masq = max_flows;
+                add(&mut sum[1]);
             }
             if l.remembers {
-                *persist = max_flows;
+                add(&mut sum[2]);
             }
         }
-        sizes
+        let entries = |n: u32| n.max(UNUSED_MAP_ENTRIES);
+        let buckets = |n: u32| entries(n).checked_next_power_of_two().unwrap_or(1 << 31);
+        let [v4, v6] = sums;
+        MapSizes {
+            flows: buckets(v4[0]),
+            flows6: buckets(v6[0]),
+            masq: entries(v4[1]),
+            masq6: entries(v6[1]),
+            persist: entries(v4[2]),
+            persist6: entries(v6[2]),
+        }
     }
 
     /// The flow tables' bytes (IPv4 and IPv6; locked memory).
@@ -319,7 +323,7 @@ pub fn built() -> bool {
 #[cfg(udplb_bpf)]
 mod loaded;
 #[cfg(udplb_bpf)]
-pub use loaded::{Decap, Kernel};
+pub use loaded::{Decap, FlowCount, Kernel};
 
 /// Without the program, a kernel data plane that never loads.
 #[cfg(not(udplb_bpf))]
@@ -348,6 +352,20 @@ impl Kernel {
     }
     pub fn attached(&self) -> Vec<String> {
         Vec::new()
+    }
+    pub fn flow_count(&self) -> FlowCount {
+        FlowCount(())
+    }
+}
+
+/// Without the program, a count of no flows.
+#[cfg(not(udplb_bpf))]
+pub struct FlowCount(());
+
+#[cfg(not(udplb_bpf))]
+impl FlowCount {
+    pub fn run(&self) -> census::FlowCensus {
+        census::FlowCensus::new(MAX_SERVICES, (0, 0))
     }
 }
 
@@ -507,7 +525,10 @@ mod tests {
     #[test]
     fn only_the_maps_a_listener_uses_take_max_flows() {
         let none = UNUSED_MAP_ENTRIES;
-        let ipv4 = PerClient::default();
+        let ipv4 = PerClient {
+            max_flows: 100_000,
+            ..PerClient::default()
+        };
         let ipv6 = PerClient { ipv6: true, ..ipv4 };
         let masquerade = |l: PerClient| PerClient {
             masquerade: true,
@@ -518,7 +539,7 @@ mod tests {
             ..l
         };
         assert_eq!(
-            MapSizes::for_listeners(100_000, [ipv4]),
+            MapSizes::for_listeners([ipv4]),
             MapSizes {
                 flows: 131_072,
                 flows6: none,
@@ -529,7 +550,7 @@ mod tests {
             }
         );
         assert_eq!(
-            MapSizes::for_listeners(100_000, [masquerade(ipv4), remembers(ipv6)]),
+            MapSizes::for_listeners([masquerade(ipv4), remembers(ipv6)]),
             MapSizes {
                 flows: 131_072,
                 flows6: 131_072,
@@ -540,7 +561,10 @@ mod tests {
             }
         );
         assert_eq!(
-            MapSizes::for_listeners(10, [remembers(masquerade(ipv6))]),
+            MapSizes::for_listeners([remembers(masquerade(PerClient {
+                max_flows: 10,
+                ..ipv6
+            }))]),
             MapSizes {
                 flows: none,
                 flows6: none,
@@ -550,6 +574,28 @@ mod tests {
                 persist6: none,
             }
         );
+    }
+
+    #[test]
+    fn each_family_sums_only_its_own_listeners() {
+        let listener = |ipv6, masquerade, max_flows| PerClient {
+            ipv6,
+            masquerade,
+            remembers: false,
+            max_flows,
+        };
+        // Two IPv4 listeners (one masquerading) and one IPv6 listener of a million flows.
+        let sizes = MapSizes::for_listeners([
+            listener(false, true, 300_000),
+            listener(false, false, 300_000),
+            listener(true, false, 1_000_000),
+        ]);
+        assert_eq!(
+            (sizes.flows, sizes.flows6, sizes.masq, sizes.masq6),
+            (1 << 20, 1 << 20, 300_000, UNUSED_MAP_ENTRIES)
+        );
+        let huge = MapSizes::for_listeners([listener(false, false, u32::MAX)]);
+        assert_eq!(huge.flows, 1 << 31, "at most 2^31 buckets, no overflow");
     }
 
     #[test]

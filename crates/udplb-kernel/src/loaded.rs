@@ -8,9 +8,12 @@ use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 
+use crate::census::{
+    Counted, FLOW_TIME_SHIFT, FlowCensus, Matcher, SLOT_BYTES, VERSION_ONE, WORD_AT,
+};
 use crate::{
-    Drops, Error, MAX_BACKENDS, MAX_SERVICES, MapSizes, Method, RING_SIZE, SCHEDULE_MAX, Service,
-    Slots, Traffic,
+    Drops, Error, FLOW_BUCKET_BYTES, FLOW_WAYS, MAX_BACKENDS, MAX_SERVICES, MapSizes, Method,
+    RING_SIZE, SCHEDULE_MAX, Service, Slots, Traffic,
 };
 
 /// The program, compiled by build.rs.
@@ -24,7 +27,7 @@ static DECAP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dec
 
 /// The flow map's layout: a pinned map of another layout is not reused (the directory under
 /// the pin directory is named after it).
-const FLOW_LAYOUT: &str = "flows-v3";
+const FLOW_LAYOUT: &str = "flows-v4";
 
 // The maps' keys and values: the layouts of bpf/udplb.bpf.c.
 
@@ -229,6 +232,8 @@ pub struct Kernel {
     replies6: BpfHashMap<MapData, Reply6Key, Reply6Value>,
     acl6_allow: LpmTrie<MapData, [u8; 20], u8>,
     acl6_deny: LpmTrie<MapData, [u8; 20], u8>,
+    /// The flow tables, mapped for counting their live flows.
+    tables: std::sync::Arc<[MappedTable; 2]>,
     written: Vec<Written>,
 }
 
@@ -286,6 +291,10 @@ impl Kernel {
         let acl6_allow = LpmTrie::try_from(take("acl6_allow")?).map_err(update_error)?;
         let acl6_deny = LpmTrie::try_from(take("acl6_deny")?).map_err(update_error)?;
         set_flow_params(&mut ebpf, &sizes)?;
+        let tables = std::sync::Arc::new([
+            MappedTable::of(&ebpf, "flows", sizes.flows, 0)?,
+            MappedTable::of(&ebpf, "flows6", sizes.flows6, 1)?,
+        ]);
         program(&mut ebpf)?
             .load()
             .map_err(|e| Error::Load(verifier_error(&e)))?;
@@ -306,6 +315,7 @@ impl Kernel {
             replies6,
             acl6_allow,
             acl6_deny,
+            tables,
             written: (0..MAX_SERVICES).map(|_| Written::default()).collect(),
         })
     }
@@ -629,6 +639,29 @@ impl Kernel {
             .collect()
     }
 
+    /// What counting the live flows needs, taken from the listeners as last written: the
+    /// count itself ([`FlowCount::run`]) reads the tables without this (or a lock on it).
+    pub fn flow_count(&self) -> FlowCount {
+        let listeners = self
+            .written
+            .iter()
+            .enumerate()
+            .filter_map(|(id, w)| {
+                let (addr, v) = (w.addr?, w.value?);
+                let counted = Counted {
+                    addr,
+                    idle: (v.idle_ns >> FLOW_TIME_SHIFT) as u32,
+                    datagram: v.flags & SERVICE_DATAGRAM != 0,
+                };
+                Some((id, counted))
+            })
+            .collect();
+        FlowCount {
+            tables: self.tables.clone(),
+            listeners,
+        }
+    }
+
     /// What the program did not forward, by reason.
     pub fn drops(&self) -> Drops {
         let n = |reason: u32| {
@@ -653,6 +686,131 @@ impl Kernel {
             amplification: n(13),
             flows_replaced: n(14),
         }
+    }
+}
+
+/// A flow table (`flows`, `flows6`) mapped read-only into this process: the program writes
+/// it, udplb only counts what it holds.
+struct MappedTable {
+    at: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+    buckets: usize,
+    /// 0: IPv4, 1: IPv6 (the slot's layout).
+    family: usize,
+}
+
+// SAFETY: the mapping is read-only here and lives until `drop`; reads go through atomics.
+unsafe impl Send for MappedTable {}
+// SAFETY: as above: shared references only read, atomically.
+unsafe impl Sync for MappedTable {}
+
+impl MappedTable {
+    /// Maps the array `name` of `buckets` buckets of family `family` (its layout).
+    fn of(ebpf: &Ebpf, name: &str, buckets: u32, family: usize) -> Result<MappedTable, Error> {
+        use std::os::fd::AsFd;
+        let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
+            return Err(Error::Load(format!("the program has no array {name}")));
+        };
+        let bucket_bytes = [FLOW_BUCKET_BYTES.0, FLOW_BUCKET_BYTES.1][family] as usize;
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .map_or(4096, |p| p as usize);
+        let len = (buckets as usize * bucket_bytes).div_ceil(page) * page;
+        let size = std::num::NonZeroUsize::new(len)
+            .ok_or_else(|| Error::Load(format!("{name}: no buckets")))?;
+        // SAFETY: a new shared read-only mapping of the map's values (an mmapable array maps
+        // them from offset 0, `len` within its pages); nothing else in this process maps it.
+        let at = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                size,
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                data.fd().as_fd(),
+                0,
+            )
+        }
+        .map_err(|e| Error::Load(format!("mapping {name} to count its flows: {e}")))?;
+        Ok(MappedTable {
+            at,
+            len,
+            buckets: buckets as usize,
+            family,
+        })
+    }
+
+    /// Counts the live flows in the table at flow time `now` into `census`.
+    fn count_into(&self, census: &mut FlowCensus, matcher: &Matcher, now: u32) {
+        let slot_bytes = [SLOT_BYTES.0, SLOT_BYTES.1][self.family];
+        let word_at = [WORD_AT.0, WORD_AT.1][self.family];
+        let mut slot = [0u8; SLOT_BYTES.1];
+        let slot = &mut slot[..slot_bytes];
+        for index in 0..self.buckets * FLOW_WAYS as usize {
+            let at = index * slot_bytes;
+            // A slot being written as it is read is read again; one still changing after a
+            // few tries is left out of this count (its flow is busy, not lost).
+            if (0..4).any(|_| self.read_slot(at, word_at, slot)) {
+                census.count(matcher, slot, now);
+            }
+        }
+    }
+
+    /// Reads the slot at byte `at` into `out` as the program's readers do: kept only if its
+    /// version was even and unchanged around the read.
+    fn read_slot(&self, at: usize, word_at: usize, out: &mut [u8]) -> bool {
+        use std::sync::atomic::{AtomicU32, Ordering, fence};
+        let word = |offset: usize| {
+            debug_assert!(at + offset + 4 <= self.len);
+            // SAFETY: `at + offset` is within the mapping (a slot of a bucket of the table)
+            // and 4-aligned (buckets and slots are multiples of 4 bytes from a page); the
+            // program writes these words too, so they are read atomically.
+            unsafe { AtomicU32::from_ptr(self.at.as_ptr().cast::<u8>().add(at + offset).cast()) }
+        };
+        let seen = word(word_at).load(Ordering::Acquire);
+        if seen & VERSION_ONE != 0 {
+            return false;
+        }
+        for (i, chunk) in out.chunks_exact_mut(4).enumerate() {
+            chunk.copy_from_slice(&word(4 * i).load(Ordering::Relaxed).to_ne_bytes());
+        }
+        fence(Ordering::Acquire);
+        word(word_at).load(Ordering::Relaxed) == seen
+    }
+}
+
+impl Drop for MappedTable {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `of` made, unmapped once; no reference into it outlives `self`.
+        let _ = unsafe { nix::sys::mman::munmap(self.at, self.len) };
+    }
+}
+
+/// Counting the live flows of the kernel listeners: the mapped tables and the listeners as
+/// last written. Runs without the [`Kernel`]: a count of a large table takes tens of
+/// milliseconds, and updates need not wait for it.
+pub struct FlowCount {
+    tables: std::sync::Arc<[MappedTable; 2]>,
+    listeners: Vec<(usize, Counted)>,
+}
+
+impl FlowCount {
+    /// Reads every slot of both tables: the live flows per listener (by id) and backend.
+    pub fn run(&self) -> FlowCensus {
+        let ways = u64::from(FLOW_WAYS);
+        let [v4, v6] = &*self.tables;
+        let mut census = FlowCensus::new(
+            MAX_SERVICES,
+            (v4.buckets as u64 * ways, v6.buckets as u64 * ways),
+        );
+        let matcher = Matcher::new(self.listeners.iter().copied());
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+            (t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64) >> FLOW_TIME_SHIFT
+        });
+        for table in [v4, v6] {
+            table.count_into(&mut census, &matcher, now as u32);
+        }
+        census
     }
 }
 

@@ -15,21 +15,20 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         eprintln!("skipped: loading eBPF programs needs root");
         return;
     }
-    let sizes = udplb_kernel::MapSizes::for_listeners(
-        4096,
-        [
-            udplb_kernel::PerClient {
-                ipv6: false,
-                masquerade: true,
-                remembers: true,
-            },
-            udplb_kernel::PerClient {
-                ipv6: true,
-                masquerade: false,
-                remembers: true,
-            },
-        ],
-    );
+    let sizes = udplb_kernel::MapSizes::for_listeners([
+        udplb_kernel::PerClient {
+            ipv6: false,
+            masquerade: true,
+            remembers: true,
+            max_flows: 4096,
+        },
+        udplb_kernel::PerClient {
+            ipv6: true,
+            masquerade: false,
+            remembers: true,
+            max_flows: 4096,
+        },
+    ]);
     let mut k = Kernel::load(sizes, udplb_kernel::limit_cells(64), None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {

@@ -295,8 +295,15 @@ fn kernel_line(k: &Value) -> String {
             None => format!("{} {}", text(&l["listener"]), text(&l["forwarding"])),
         })
         .collect();
+    let live: u64 = k["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["flows"].as_u64())
+        .sum();
     format!(
-        "kernel: attached to {} ({}); forwarded {} datagrams, {} replies; dropped {dropped}\n",
+        "kernel: attached to {} ({}); {live} live flows; forwarded {} datagrams, {} replies; \
+         dropped {dropped}\n",
         interfaces.join(","),
         methods.join(", "),
         sum("datagrams"),

@@ -176,6 +176,12 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             .spawn(move || plane.follow(shared))
             .context("starting the udplb-kernel thread")?;
     }
+    if let Some(plane) = kernel_plane.clone() {
+        std::thread::Builder::new()
+            .name("udplb-flow-count".into())
+            .spawn(move || plane.count_flows())
+            .context("starting the udplb-flow-count thread")?;
+    }
     for (l, addr) in cfg.listeners.iter().zip(dataplane.listener_addrs()) {
         let pool = cfg
             .pools

@@ -12,7 +12,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use udplb_config::{Config, Dataplane, Forwarding, PortRange};
@@ -21,6 +21,7 @@ use udplb_core::SessionMode;
 use udplb_core::model::Affinity;
 use udplb_core::sched::Tier;
 use udplb_core::snapshot::Snapshot;
+use udplb_kernel::census::FlowCensus;
 
 /// How often the published snapshot is checked for a change.
 const FOLLOW_EVERY: Duration = Duration::from_millis(20);
@@ -40,7 +41,30 @@ pub struct KernelPlane {
     limit_cells: Vec<Option<(u32, u32)>>,
     /// The snapshot generation the maps say.
     applied: AtomicU64,
+    /// The live flows, as last counted ([`KernelPlane::count_flows`]).
+    flows: Mutex<FlowCount>,
+    /// Wakes the counting thread when someone asks after a quiet while.
+    flows_wanted: std::sync::Condvar,
 }
+
+/// The last count of the live kernel flows.
+struct FlowCount {
+    census: Arc<FlowCensus>,
+    /// When it was made, and how long reading the tables took.
+    at: Instant,
+    took: Duration,
+    /// When someone last asked for it.
+    asked: Instant,
+}
+
+/// Counting the live flows reads every slot of the flow tables (about 100 ms per 400 MiB of
+/// tables here): each count waits this many times its own duration, at least
+/// [`FLOW_COUNT_EVERY`], so that counting takes at most 2 % of a CPU.
+const FLOW_COUNT_PAUSE_FACTOR: u32 = 50;
+const FLOW_COUNT_EVERY: Duration = Duration::from_secs(1);
+/// Counts stop when nobody asked for this long (no scrapes, no `/stats`), and resume when
+/// someone does.
+const FLOW_COUNT_WANTED_FOR: Duration = Duration::from_secs(60);
 
 /// Loads and attaches the program for the listeners that ask for it (none: `None`). A listener
 /// with `dataplane = "kernel"` that cannot have it is an error; `"auto"` ones fall back to
@@ -102,17 +126,15 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         .map(|&(_, per_row)| udplb_kernel::LIMITERS * 2 * per_row)
         .sum();
     let methods = methods(cfg, wanted);
-    let sizes = udplb_kernel::MapSizes::for_listeners(
-        max_flows,
-        wanted
-            .iter()
-            .zip(&methods)
-            .map(|(&i, m)| udplb_kernel::PerClient {
+    let sizes =
+        udplb_kernel::MapSizes::for_listeners(wanted.iter().zip(&methods).map(|(&i, m)| {
+            udplb_kernel::PerClient {
                 ipv6: !on_ipv4(&i),
                 masquerade: matches!(m, udplb_kernel::Method::Masquerade { .. }),
                 remembers: remembers_clients(&cfg.listeners[i]),
-            }),
-    );
+                max_flows: cfg.listeners[i].max_flows,
+            }
+        }));
     if !crate::preflight::can_load_bpf() {
         // Said plainly, rather than as the first map the kernel refuses to create.
         anyhow::bail!(
@@ -168,6 +190,10 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     interfaces.dedup();
     kernel.update(&services(snap, wanted, &methods, &limit_cells))?;
     kernel.attach(&interfaces)?;
+    // The first count (flows kept from an earlier process, if any), before anyone asks.
+    let started = Instant::now();
+    let census = kernel.flow_count().run();
+    let counted = started.elapsed();
     Ok(KernelPlane {
         kernel: Mutex::new(kernel),
         listeners: wanted.to_vec(),
@@ -175,6 +201,16 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         methods,
         limit_cells,
         applied: AtomicU64::new(snap.generation),
+        flows: Mutex::new(FlowCount {
+            census: Arc::new(census),
+            at: Instant::now(),
+            took: counted,
+            // Nobody has asked yet: no counting until someone does.
+            asked: Instant::now()
+                .checked_sub(FLOW_COUNT_WANTED_FOR)
+                .unwrap_or_else(Instant::now),
+        }),
+        flows_wanted: std::sync::Condvar::new(),
     })
 }
 
@@ -718,11 +754,13 @@ impl KernelPlane {
     /// The `kernel` object of `/stats`: the interfaces, per listener each backend's traffic
     /// through the kernel, and what the program did not forward.
     pub fn json(&self, snap: &Snapshot) -> serde_json::Value {
+        let (flows, age, took) = self.flows();
         let listeners: Vec<serde_json::Value> = self
             .listeners
             .iter()
             .enumerate()
             .map(|(id, &li)| {
+                let live = flows.per_listener.get(id);
                 let backends: Vec<serde_json::Value> = self
                     .traffic(id)
                     .into_iter()
@@ -736,6 +774,7 @@ impl KernelPlane {
                             "icmp_errors": t.icmp_errors,
                             "persistence_returns": t.persisted,
                             "flows_created": t.flows,
+                            "flows": live.and_then(|m| m.get(&addr)).copied().unwrap_or(0),
                         })
                     })
                     .collect();
@@ -743,6 +782,7 @@ impl KernelPlane {
                     "listener": snap.listeners.get(li).map(|l| l.name.as_str()),
                     "forwarding": self.methods.get(id).map(|m| m.name()),
                     "encapsulation": self.methods.get(id).and_then(|m| m.encapsulation()),
+                    "flows": flows.of_listener(id),
                     "backends": backends,
                 })
             })
@@ -769,7 +809,59 @@ impl KernelPlane {
             "oversize_passed": d.oversize_passed,
             "cut_for_tunnel": d.cut_for_tunnel,
             "flows_replaced": d.flows_replaced,
+            "flow_table_slots": {"ipv4": flows.slots.0, "ipv6": flows.slots.1},
+            "flow_count": {"age_ms": age.as_millis() as u64, "took_ms": took.as_millis() as u64},
         })
+    }
+
+    /// The live flows in the kernel flow tables, per listener (as `listeners`) and backend,
+    /// as last counted, how old that count is and how long it took. Never waits for a count:
+    /// asking wakes the counting thread if it had stopped for want of readers.
+    pub fn flows(&self) -> (Arc<FlowCensus>, Duration, Duration) {
+        let mut last = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        last.asked = Instant::now();
+        self.flows_wanted.notify_one();
+        (last.census.clone(), last.at.elapsed(), last.took)
+    }
+
+    /// Counts the live flows for as long as udplb runs, while someone asks for them: each
+    /// count reads every slot of the tables without holding the maps from updates, then
+    /// waits [`FLOW_COUNT_PAUSE_FACTOR`] times as long as it took.
+    pub fn count_flows(self: Arc<Self>) {
+        loop {
+            let mut last = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.at + (last.took * FLOW_COUNT_PAUSE_FACTOR).max(FLOW_COUNT_EVERY);
+            loop {
+                let now = Instant::now();
+                let wanted = now.duration_since(last.asked) < FLOW_COUNT_WANTED_FOR;
+                if now >= due && wanted {
+                    break;
+                }
+                let wait = if now < due {
+                    due - now
+                } else {
+                    FLOW_COUNT_WANTED_FOR
+                };
+                last = self
+                    .flows_wanted
+                    .wait_timeout(last, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+            drop(last);
+            let count = self
+                .kernel
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .flow_count();
+            let started = Instant::now();
+            let census = Arc::new(count.run());
+            let took = started.elapsed();
+            let mut last = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+            last.census = census;
+            last.at = Instant::now();
+            last.took = took;
+        }
     }
 
     /// What the program did not forward, by reason.

@@ -351,11 +351,18 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         "New flows (in datagram mode, datagrams) the kernel data plane's persistence sent back \
          to the backend their client last used",
     );
+    let (census, ..) = plane.flows();
+    let mut live = Family::gauge(
+        "kernel_flows",
+        "Live flows in the kernel flow table on the backend (flow mode; counted at most once \
+         a second by reading the table)",
+    );
     for (id, &li) in plane.listeners.iter().enumerate() {
         let listener = snap
             .listeners
             .get(li)
             .map_or_else(String::new, |l| l.name.clone());
+        let live_on = census.per_listener.get(id);
         for (addr, t) in plane.traffic(id) {
             let labels = || {
                 vec![
@@ -370,8 +377,16 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
             errors.add(labels(), t.icmp_errors as f64);
             persisted.add(labels(), t.persisted as f64);
             flows.add(labels(), t.flows as f64);
+            let n = live_on.and_then(|m| m.get(&addr)).copied().unwrap_or(0);
+            live.add(labels(), n as f64);
         }
     }
+    let mut slots = Family::gauge(
+        "kernel_flow_table_slots",
+        "Flows the kernel flow table of each IP family holds at most (buckets of 4 flows)",
+    );
+    slots.add(vec![("family", "ipv4".into())], census.slots.0 as f64);
+    slots.add(vec![("family", "ipv6".into())], census.slots.1 as f64);
     let d = plane.drops();
     let mut dropped = Family::counter(
         "kernel_dropped",
@@ -428,6 +443,8 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         reply_bytes,
         errors,
         flows,
+        live,
+        slots,
         persisted,
         dropped,
         passed,

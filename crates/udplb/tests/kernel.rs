@@ -849,6 +849,30 @@ impl Topology {
     }
 
     /// Waits until the kernel's maps say what udplb's snapshot says.
+    /// The kernel's live flows of the listener per backend (x, y, z; those with none too),
+    /// from `/stats`, which must agree with `/metrics` and the listener's total.
+    fn kernel_flows(&self) -> HashMap<String, u64> {
+        let stats = self.api("/stats");
+        let listener = &stats["kernel"]["listeners"][0];
+        let by_tag: HashMap<String, u64> = listener["backends"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no kernel backends: {stats}"))
+            .iter()
+            .map(|b| {
+                let addr = b["address"].as_str().unwrap();
+                let tag = (0..3)
+                    .find(|&i| self.backend_addr(i).to_string() == addr)
+                    .map_or("?", |i| ["x", "y", "z"][i]);
+                (tag.to_string(), b["flows"].as_u64().unwrap())
+            })
+            .collect();
+        let total: u64 = by_tag.values().sum();
+        assert_eq!(listener["flows"], total, "{stats}");
+        let slots = &stats["kernel"]["flow_table_slots"];
+        assert!(slots["ipv4"].as_u64() >= Some(4096), "{stats}");
+        by_tag.into_iter().filter(|(_, n)| *n > 0).collect()
+    }
+
     fn wait_for_the_maps(&self) {
         assert!(
             wait_for(DEADLINE, || {
@@ -1045,6 +1069,14 @@ fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
         .map(|(t, n)| (t.to_string(), *n as u64))
         .collect();
     assert_eq!(created, expected, "flows created per backend");
+    // (Counted at most once a second: an earlier count may still be served.)
+    let expected_live: HashMap<String, u64> =
+        expected.into_iter().filter(|(_, n)| *n > 0).collect();
+    assert!(
+        wait_for(DEADLINE, || topo.kernel_flows() == expected_live),
+        "live kernel flows per backend: {:?}, placed {expected_live:?}",
+        topo.kernel_flows()
+    );
     let out = Net::exec(&topo.balancer, Path::new(env!("CARGO_BIN_EXE_udplb")))
         .args(["ctl", "--admin", "127.0.0.1:9190", "status"])
         .output()
@@ -1052,7 +1084,8 @@ fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
     let status = String::from_utf8_lossy(&out.stdout);
     assert!(
         status.contains(
-            "kernel: attached to bc,bk (l nat); forwarded 120 datagrams, 120 replies; dropped 0"
+            "kernel: attached to bc,bk (l nat); 60 live flows; forwarded 120 datagrams, 120 \
+             replies; dropped 0"
         ) && status
             .lines()
             .nth(1)
@@ -1070,6 +1103,12 @@ fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(forwarded, 120.0, "{metrics}");
+    let live_metric: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("udplb_kernel_flows{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(live_metric, 60.0, "{metrics}");
     // What the shipped dashboard and alerts read of the kernel data plane, it exports.
     let exported: std::collections::HashSet<&str> = metrics
         .lines()
@@ -1525,8 +1564,21 @@ fn flows_idle_out(prefix: &str, v6: bool) {
         "rounds 1 and 2 took {:?}",
         live.elapsed()
     );
+    // The operator sees those 60 flows live, per backend, while they are (a count is
+    // served for up to a second).
+    let mut counted = HashMap::new();
+    wait_for(Duration::from_millis(1500), || {
+        counted = topo.kernel_flows();
+        counted.values().sum::<u64>() == 60
+    });
     // Round 3 after the idle timeout (and its millisecond-grained clock) has passed.
     std::thread::sleep(IDLE + Duration::from_millis(500));
+    // (Counted about once a second: the count made after they idled out shows none.)
+    let mut after_idle = HashMap::new();
+    wait_for(Duration::from_secs(5), || {
+        after_idle = topo.kernel_flows();
+        after_idle.is_empty()
+    });
     go(3);
     let out = helper.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -1542,6 +1594,18 @@ fn flows_idle_out(prefix: &str, v6: bool) {
             topo.log()
         );
     }
+    let mut on: HashMap<String, u64> = HashMap::new();
+    for tag in placed.values() {
+        *on.entry(tag.clone()).or_default() += 1;
+    }
+    assert_eq!(
+        counted, on,
+        "live kernel flows per backend, within the idle timeout"
+    );
+    assert!(
+        after_idle.is_empty(),
+        "flows idle beyond the timeout still counted live: {after_idle:?}"
+    );
     let idle = backends_of(&rounds[3]);
     assert_eq!(idle.len(), 60, "{text}");
     for (port, was) in &placed {
@@ -1610,12 +1674,13 @@ fn persistence_keeps_clients(prefix: &str, v6: bool) {
             &format!("{{\"weight\": {weight}}}"),
         );
     }
-    let elsewhere = placed_now();
-    assert_ne!(
-        elsewhere,
-        kept_addr.to_string(),
-        "the table still places it there"
+    // (Explain names the kept backend too while the others fail a check: waited out.)
+    assert!(
+        wait_for(DEADLINE, || placed_now() != kept_addr.to_string()),
+        "the table still places it there: {}",
+        topo.api("/stats")["pools"]
     );
+    let elsewhere = placed_now();
     // ... but its new flows (new ports) return to the backend it used.
     let seen: std::collections::HashSet<u16> = first.iter().map(|c| c.0).collect();
     let second = topo.clients(10, 1);
@@ -2100,11 +2165,14 @@ fn persistence_continues_across_a_restart() {
     weights[at] = 1;
     topo.start_udplb_with(listener, &pool(weights));
     let client = SocketAddr::new(topo.client_ip().parse().unwrap(), 40_000);
-    let explain = topo.api(&format!("/api/v1/explain?client={client}"));
-    assert_ne!(
-        explain["backend"].as_str(),
-        Some(topo.backend_addr(at).to_string().as_str()),
-        "the table still places the client on its backend: {explain}"
+    let explain = || topo.api(&format!("/api/v1/explain?client={client}"));
+    // (Explain names the kept backend too while the others fail a check: waited out.)
+    assert!(
+        wait_for(DEADLINE, || explain()["backend"].as_str()
+            != Some(topo.backend_addr(at).to_string().as_str())),
+        "the table still places the client on its backend: {}\n{}",
+        explain(),
+        topo.api("/stats")["pools"]
     );
     let seen: std::collections::HashSet<u16> = before.iter().map(|c| c.0).collect();
     let after: Vec<_> = topo
@@ -2116,7 +2184,7 @@ fn persistence_continues_across_a_restart() {
     assert!(
         after.iter().all(|c| c.2 == kept),
         "remembered on {kept}, the table on {}: {after:?}\n{}",
-        explain["backend"],
+        explain()["backend"],
         topo.log()
     );
 }

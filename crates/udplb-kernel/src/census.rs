@@ -1,0 +1,292 @@
+//! The live flows of the kernel flow tables, counted per listener and backend.
+//!
+//! Owns: reading one flow slot as the program lays it out (`struct flow_slot` and
+//! `struct flow6_slot`), judging whether it holds a live flow of a kernel listener, and adding
+//! the live ones up.
+//! Must not: map or read the tables' memory (the loaded program's side hands each slot's bytes
+//! here, read consistently), nor change a slot: the program alone writes them.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// `FLOW_TIME_SHIFT`: a slot's `last` is the monotonic clock's nanoseconds shifted by this.
+pub const FLOW_TIME_SHIFT: u32 = 20;
+/// Bytes of one IPv4 and one IPv6 slot (`FLOW_BUCKET_BYTES` / `FLOW_WAYS`).
+pub const SLOT_BYTES: (usize, usize) = (32, 68);
+/// Where a slot's `word` (its version and its backend's port) is, in each family's slot.
+pub const WORD_AT: (usize, usize) = (12, 36);
+/// A slot's version, in its word: odd while a CPU writes the slot.
+pub const VERSION_ONE: u32 = 1 << 16;
+
+/// A kernel listener as the census matches slots to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counted {
+    /// The listener's address: a slot names it as its service.
+    pub addr: SocketAddr,
+    /// Its idle timeout in flow time units (`idle_ns >> FLOW_TIME_SHIFT`).
+    pub idle: u32,
+    /// Datagram mode: its slots only mark local clients, they are no flows.
+    pub datagram: bool,
+}
+
+/// The live flows found, per listener (by its place in the listeners counted) and backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowCensus {
+    pub per_listener: Vec<HashMap<SocketAddr, u64>>,
+    /// The slots of the IPv4 and of the IPv6 table (buckets × ways).
+    pub slots: (u64, u64),
+}
+
+impl FlowCensus {
+    /// An empty census of `listeners` listeners, over tables of `slots`.
+    pub fn new(listeners: usize, slots: (u64, u64)) -> FlowCensus {
+        FlowCensus {
+            per_listener: vec![HashMap::new(); listeners],
+            slots,
+        }
+    }
+
+    /// Live flows of listener `id`, over its backends.
+    pub fn of_listener(&self, id: usize) -> u64 {
+        self.per_listener.get(id).map_or(0, |m| m.values().sum())
+    }
+
+    /// Counts `slot` (one slot's bytes, read while its version stayed even) if it holds a live
+    /// flow of one of `listeners` at flow time `now`.
+    pub fn count(&mut self, listeners: &Matcher, slot: &[u8], now: u32) {
+        if let Some((id, backend)) = listeners.live_flow(slot, now) {
+            if let Some(m) = self.per_listener.get_mut(id) {
+                *m.entry(backend).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// The listeners by the service address a slot names.
+pub struct Matcher {
+    by_service: HashMap<SocketAddr, (usize, Counted)>,
+}
+
+impl Matcher {
+    /// The listeners counted, each with its place in the census.
+    pub fn new(listeners: impl IntoIterator<Item = (usize, Counted)>) -> Matcher {
+        Matcher {
+            by_service: listeners
+                .into_iter()
+                .map(|(id, l)| (l.addr, (id, l)))
+                .collect(),
+        }
+    }
+
+    /// The listener (its place) and backend of the flow in `slot`, if the slot holds a live
+    /// flow of a listener counted: an empty slot names no service port, a slot of a listener
+    /// gone names none counted, and a flow idle beyond its listener's timeout is gone.
+    fn live_flow(&self, slot: &[u8], now: u32) -> Option<(usize, SocketAddr)> {
+        let s = Slot::parse(slot)?;
+        if s.service.port() == 0 {
+            return None;
+        }
+        let (id, l) = self.by_service.get(&s.service)?;
+        if l.datagram || !live(s.last, now, l.idle) {
+            return None;
+        }
+        Some((*id, s.backend))
+    }
+}
+
+/// Whether a flow last seen at flow time `last` is live at `now` with `idle` units of idle
+/// timeout, as the program's `flow_live`. A slot written after `now` was read (its `last`
+/// ahead of it) is live.
+pub fn live(last: u32, now: u32, idle: u32) -> bool {
+    let age = now.wrapping_sub(last) as i32;
+    age <= idle as i32
+}
+
+/// The fields of a slot the census reads.
+struct Slot {
+    service: SocketAddr,
+    backend: SocketAddr,
+    last: u32,
+}
+
+impl Slot {
+    /// `bytes`: one IPv4 slot ([`SLOT_BYTES`].0 bytes) or one IPv6 slot (.1), as in memory.
+    fn parse(bytes: &[u8]) -> Option<Slot> {
+        let u32_at = |at: usize| -> Option<u32> {
+            Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+        };
+        let port_at = |at: usize| -> Option<u16> {
+            Some(u16::from_be_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
+        };
+        let v4_at = |at: usize| -> Option<IpAddr> {
+            let o: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(o)))
+        };
+        let v6_at = |at: usize| -> Option<IpAddr> {
+            let o: [u8; 16] = bytes.get(at..at + 16)?.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(o)))
+        };
+        // The word's low half is the backend's port as the packet holds it (network order
+        // in memory), its high half the version.
+        let backend_port =
+            |word_at: usize| port_at(word_at + if cfg!(target_endian = "little") { 0 } else { 2 });
+        if bytes.len() == SLOT_BYTES.0 {
+            // client addr, service addr, client port, service port, word, backend addr, last
+            Some(Slot {
+                service: SocketAddr::new(v4_at(4)?, port_at(10)?),
+                backend: SocketAddr::new(v4_at(16)?, backend_port(WORD_AT.0)?),
+                last: u32_at(20)?,
+            })
+        } else if bytes.len() == SLOT_BYTES.1 {
+            Some(Slot {
+                service: SocketAddr::new(v6_at(16)?, port_at(34)?),
+                backend: SocketAddr::new(v6_at(40)?, backend_port(WORD_AT.1)?),
+                last: u32_at(56)?,
+            })
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4 slot as the program writes it.
+    fn slot4(client: &str, service: &str, backend: &str, version: u16, last: u32) -> Vec<u8> {
+        let c: SocketAddr = client.parse().unwrap();
+        let s: SocketAddr = service.parse().unwrap();
+        let b: SocketAddr = backend.parse().unwrap();
+        let octets = |a: SocketAddr| match a.ip() {
+            IpAddr::V4(v4) => v4.octets(),
+            IpAddr::V6(_) => panic!("IPv4 only"),
+        };
+        let mut out = Vec::new();
+        out.extend(octets(c));
+        out.extend(octets(s));
+        out.extend(c.port().to_be_bytes());
+        out.extend(s.port().to_be_bytes());
+        let wire_port = u16::from_ne_bytes(b.port().to_be_bytes());
+        out.extend(((u32::from(version) << 16) | u32::from(wire_port)).to_ne_bytes());
+        out.extend(octets(b));
+        out.extend(last.to_ne_bytes());
+        out.extend([0u8; 8]);
+        out
+    }
+
+    fn slot6(client: &str, service: &str, backend: &str, last: u32) -> Vec<u8> {
+        let c: SocketAddr = client.parse().unwrap();
+        let s: SocketAddr = service.parse().unwrap();
+        let b: SocketAddr = backend.parse().unwrap();
+        let octets = |a: SocketAddr| match a.ip() {
+            IpAddr::V6(v6) => v6.octets(),
+            IpAddr::V4(_) => panic!("IPv6 only"),
+        };
+        let mut out = Vec::new();
+        out.extend(octets(c));
+        out.extend(octets(s));
+        out.extend(c.port().to_be_bytes());
+        out.extend(s.port().to_be_bytes());
+        let wire_port = u16::from_ne_bytes(b.port().to_be_bytes());
+        out.extend(((2u32 << 16) | u32::from(wire_port)).to_ne_bytes());
+        out.extend(octets(b));
+        out.extend(last.to_ne_bytes());
+        out.extend([0u8; 8]);
+        out
+    }
+
+    fn listeners() -> Vec<Counted> {
+        vec![
+            Counted {
+                addr: "10.0.0.1:53".parse().unwrap(),
+                idle: 100,
+                datagram: false,
+            },
+            Counted {
+                addr: "[fd00::1]:53".parse().unwrap(),
+                idle: 100,
+                datagram: false,
+            },
+            Counted {
+                addr: "10.0.0.1:514".parse().unwrap(),
+                idle: 100,
+                datagram: true,
+            },
+        ]
+    }
+
+    #[test]
+    fn live_flows_are_counted_per_listener_and_backend() {
+        let m = Matcher::new(listeners().into_iter().enumerate());
+        let mut c = FlowCensus::new(3, (8, 8));
+        let now = 1_000;
+        for (client, backend) in [
+            ("192.0.2.1:4000", "10.1.0.1:5353"),
+            ("192.0.2.2:4000", "10.1.0.1:5353"),
+            ("192.0.2.3:4000", "10.1.0.2:5353"),
+        ] {
+            c.count(&m, &slot4(client, "10.0.0.1:53", backend, 2, now - 10), now);
+        }
+        c.count(
+            &m,
+            &slot6(
+                "[2001:db8::1]:4000",
+                "[fd00::1]:53",
+                "[fd00::b]:53",
+                now - 100,
+            ),
+            now,
+        );
+        let b1: SocketAddr = "10.1.0.1:5353".parse().unwrap();
+        let b2: SocketAddr = "10.1.0.2:5353".parse().unwrap();
+        assert_eq!(c.per_listener[0].get(&b1), Some(&2));
+        assert_eq!(c.per_listener[0].get(&b2), Some(&1));
+        assert_eq!(c.of_listener(0), 3);
+        assert_eq!(c.of_listener(1), 1, "IPv6, idle exactly its timeout: live");
+        assert_eq!(
+            c.per_listener[1].get(&"[fd00::b]:53".parse().unwrap()),
+            Some(&1)
+        );
+    }
+
+    #[test]
+    fn idle_empty_foreign_and_datagram_slots_are_not_flows() {
+        let m = Matcher::new(listeners().into_iter().enumerate());
+        let mut c = FlowCensus::new(3, (8, 8));
+        let now = 1_000;
+        // Idle one unit beyond the timeout.
+        c.count(
+            &m,
+            &slot4("192.0.2.1:1", "10.0.0.1:53", "10.1.0.1:53", 2, now - 101),
+            now,
+        );
+        // Never written.
+        c.count(&m, &[0u8; SLOT_BYTES.0], now);
+        c.count(&m, &[0u8; SLOT_BYTES.1], now);
+        // A listener not counted (removed).
+        c.count(
+            &m,
+            &slot4("192.0.2.1:1", "10.0.0.9:53", "10.1.0.1:53", 2, now),
+            now,
+        );
+        // A datagram-mode listener's mark of a local client.
+        c.count(
+            &m,
+            &slot4("127.0.0.1:1", "10.0.0.1:514", "10.1.0.1:514", 2, now),
+            now,
+        );
+        // Bytes of no slot's size.
+        c.count(&m, &[0u8; 7], now);
+        assert_eq!((0..3).map(|i| c.of_listener(i)).sum::<u64>(), 0, "{c:?}");
+    }
+
+    #[test]
+    fn a_slot_written_after_the_clock_was_read_is_live_and_time_wraps() {
+        assert!(live(1_005, 1_000, 100), "ahead of now");
+        assert!(live(u32::MAX - 5, 10, 100), "across the wrap");
+        assert!(!live(u32::MAX - 200, 10, 100), "idle across the wrap");
+        assert!(live(900, 1_000, 100));
+        assert!(!live(899, 1_000, 100));
+    }
+}
