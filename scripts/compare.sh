@@ -226,6 +226,8 @@ start_kernel() {
 [runtime]
 workers = 1
 shutdown_grace = "0s"
+# Nothing pinned on the host: each run starts afresh and leaves nothing behind.
+bpf_dir = "$work/bpf"
 [listeners.l]
 address = "127.0.0.1:$port"
 pool = "p"

@@ -197,6 +197,8 @@ NFT
 [runtime]
 workers = 1
 shutdown_grace = "0s"
+# Nothing pinned on the host: each run starts afresh and leaves nothing behind.
+bpf_dir = "$work/bpf"
 [admin]
 listen = "127.0.0.1:9190"
 [listeners.l]
