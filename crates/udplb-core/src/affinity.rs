@@ -87,12 +87,25 @@ impl Persistence {
         let key = self.key(client);
         let mut shard = self.shards.of(&key);
         let e = *shard.entries.get(&key)?;
-        let remembered = e.flows > 0 || e.released.after(self.settings.timeout) > now;
-        if !remembered || !usable(e.backend) {
+        if !self.still_remembered(&e, now) || !usable(e.backend) {
             return None;
         }
         shard.returned += 1;
         Some(e.backend)
+    }
+
+    /// The backend `client` last used, if it is remembered at `now`, whether or not that
+    /// backend may take it: what a new flow would consult (`explain`), not counted.
+    pub fn remembered(&self, client: SocketAddr, now: Time) -> Option<BackendId> {
+        let key = self.key(client);
+        let e = *self.shards.of(&key).entries.get(&key)?;
+        self.still_remembered(&e, now).then_some(e.backend)
+    }
+
+    /// Whether `e`'s client is remembered at `now`: it has flows, or its last one closed
+    /// within the timeout.
+    fn still_remembered(&self, e: &Entry, now: Time) -> bool {
+        e.flows > 0 || e.released.after(self.settings.timeout) > now
     }
 
     /// Records a new flow of `client` on `backend` at `now` (moving the client if it was on
@@ -270,6 +283,18 @@ mod tests {
         }
         assert_eq!(t.counts().clients, 0);
         assert_eq!(t.counts().returned, 3);
+    }
+
+    #[test]
+    fn remembered_answers_as_a_new_flow_would_without_counting() {
+        let client: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let t = table(false, 100);
+        assert_eq!(t.remembered(client, Time(0)), None);
+        t.acquire(client, BackendId(2), Time(0));
+        t.release(client, Time(1_000));
+        assert_eq!(t.remembered(client, Time(5_999)), Some(BackendId(2)));
+        assert_eq!(t.remembered(client, Time(6_000)), None, "its time is up");
+        assert_eq!(t.counts().returned, 0, "asking is not a return");
     }
 
     #[test]

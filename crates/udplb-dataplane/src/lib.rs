@@ -50,6 +50,9 @@ pub struct DataplaneOptions {
 
 /// The running worker threads.
 pub struct Dataplane {
+    /// The workers' clock starts here: the core's [`udplb_core::time::Time`] is the
+    /// milliseconds since.
+    epoch: std::time::Instant,
     threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     wakers: Vec<Arc<mio::Waker>>,
@@ -148,6 +151,7 @@ impl Bound {
             threads.push(thread);
         }
         Ok(Dataplane {
+            epoch,
             threads,
             stop,
             wakers,
@@ -177,6 +181,12 @@ fn warn_if_buffers_short(spec: &ListenerSpec, socket: &std::net::UdpSocket) {
 }
 
 impl Dataplane {
+    /// Where the workers' clock starts: the core's [`udplb_core::time::Time`] they stamp
+    /// their tables with (persistence's) is the milliseconds since.
+    pub fn epoch(&self) -> std::time::Instant {
+        self.epoch
+    }
+
     /// Binds every listener of the current snapshot once per worker and starts the workers.
     /// Binding errors are returned before any worker starts.
     pub fn start(shared: Arc<ArcSwap<Snapshot>>, opts: &DataplaneOptions) -> io::Result<Dataplane> {

@@ -356,6 +356,9 @@ impl Kernel {
     pub fn flow_count(&self) -> FlowCount {
         FlowCount(())
     }
+    pub fn remembered(&self, _id: usize, _client: SocketAddr) -> Option<SocketAddr> {
+        None
+    }
 }
 
 /// Without the program, a count of no flows.

@@ -147,6 +147,50 @@ struct CountersValue {
     flows: u64,
 }
 
+/// A persistence entry's key (`struct flow_key`: the client, its port 0 with IP affinity,
+/// and the listener).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct FlowKey {
+    client_addr: u32,
+    service_addr: u32,
+    client_port: u16,
+    service_port: u16,
+}
+
+/// A persistence entry (`struct flow`): the backend the client last used, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct FlowValue {
+    backend_addr: u32,
+    backend_port: u16,
+    pad: u16,
+    last_ns: u64,
+    sent: u32,
+    replied: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Flow6Key {
+    client_addr: [u8; 16],
+    service_addr: [u8; 16],
+    client_port: u16,
+    service_port: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Flow6Value {
+    backend_addr: [u8; 16],
+    backend_port: u16,
+    pad: u16,
+    pad2: u32,
+    last_ns: u64,
+    sent: u32,
+    replied: u32,
+}
+
 /// How the program hashes flows into its flow tables (`struct flow_params`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,6 +223,14 @@ unsafe impl Pod for Reply6Key {}
 unsafe impl Pod for Reply6Value {}
 // SAFETY: as above.
 unsafe impl Pod for FlowParams {}
+// SAFETY: as above.
+unsafe impl Pod for FlowKey {}
+// SAFETY: as above.
+unsafe impl Pod for FlowValue {}
+// SAFETY: as above.
+unsafe impl Pod for Flow6Key {}
+// SAFETY: as above.
+unsafe impl Pod for Flow6Value {}
 
 /// A port as the program reads it from a packet (network order in memory).
 fn wire_port(port: u16) -> u16 {
@@ -662,6 +714,56 @@ impl Kernel {
         }
     }
 
+    /// The backend the program's persistence would send a new flow of `client` to on
+    /// service `id`, if it remembers one within the listener's idle timeout and persistence
+    /// together (whether that backend still takes new clients is the caller's to judge, as the
+    /// program does by the backend's flags).
+    pub fn remembered(&self, id: usize, client: SocketAddr) -> Option<SocketAddr> {
+        let w = self.written.get(id)?;
+        let (service, v) = (w.addr?, w.value?);
+        if v.flags & SERVICE_PERSIST == 0 {
+            return None;
+        }
+        let client_port = if v.flags & SERVICE_BY_IP != 0 {
+            0
+        } else {
+            wire_port(client.port())
+        };
+        let service_port = wire_port(service.port());
+        let (addr, port, last_ns) = match (wire(client.ip()), wire(service.ip())) {
+            (Wire::V4(client_addr), Wire::V4(service_addr)) => {
+                let map: BpfHashMap<_, FlowKey, FlowValue> =
+                    BpfHashMap::try_from(self.ebpf.map("persist")?).ok()?;
+                let key = FlowKey {
+                    client_addr,
+                    service_addr,
+                    client_port,
+                    service_port,
+                };
+                let e = map.get(&key, 0).ok()?;
+                let addr = IpAddr::V4(std::net::Ipv4Addr::from(e.backend_addr.to_ne_bytes()));
+                (addr, e.backend_port, e.last_ns)
+            }
+            (Wire::V6(client_addr), Wire::V6(service_addr)) => {
+                let map: BpfHashMap<_, Flow6Key, Flow6Value> =
+                    BpfHashMap::try_from(self.ebpf.map("persist6")?).ok()?;
+                let key = Flow6Key {
+                    client_addr,
+                    service_addr,
+                    client_port,
+                    service_port,
+                };
+                let e = map.get(&key, 0).ok()?;
+                (IpAddr::V6(e.backend_addr.into()), e.backend_port, e.last_ns)
+            }
+            _ => return None,
+        };
+        let now = monotonic_ns();
+        let age = now.saturating_sub(last_ns);
+        (age <= v.idle_ns.saturating_add(v.persist_ns))
+            .then(|| SocketAddr::new(addr, u16::from_be_bytes(port.to_ne_bytes())))
+    }
+
     /// What the program did not forward, by reason.
     pub fn drops(&self) -> Drops {
         let n = |reason: u32| {
@@ -804,14 +906,19 @@ impl FlowCount {
             (v4.buckets as u64 * ways, v6.buckets as u64 * ways),
         );
         let matcher = Matcher::new(self.listeners.iter().copied());
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-            (t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64) >> FLOW_TIME_SHIFT
-        });
+        let now = monotonic_ns() >> FLOW_TIME_SHIFT;
         for table in [v4, v6] {
             table.count_into(&mut census, &matcher, now as u32);
         }
         census
     }
+}
+
+/// The monotonic clock in nanoseconds: the program's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 /// A backend's flags (in `backends` and `replies`); `takes_new`: new clients may be placed on

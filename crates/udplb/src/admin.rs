@@ -29,6 +29,8 @@ pub struct State {
     pub shared: Arc<ArcSwap<Snapshot>>,
     /// Every worker's counters.
     pub stats: Vec<Arc<WorkerStats>>,
+    /// Where the workers' clock starts (their core `Time` is the milliseconds since).
+    pub epoch: std::time::Instant,
     /// Number of workers.
     pub workers: usize,
     /// Backend health and check counters, by pool and backend.
@@ -534,8 +536,14 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
 }
 
 /// Where a new flow of `client` on listener `li` would go, and why. Flows already established
-/// keep their backend; this answers for a new one.
-pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketAddr) -> Value {
+/// keep their backend; this answers for a new one. `remembered`: the backend persistence
+/// remembers for the client, if any (it wins while it takes new clients).
+pub(crate) fn explain_json(
+    snap: &Snapshot,
+    li: usize,
+    client: std::net::SocketAddr,
+    remembered: Option<std::net::SocketAddr>,
+) -> Value {
     use udplb_core::SchedulerKind;
     use udplb_core::hash::ClientKey;
     use udplb_core::sched::{PickInput, pick};
@@ -593,10 +601,34 @@ pub(crate) fn explain_json(snap: &Snapshot, li: usize, client: std::net::SocketA
             },
         )
     };
+    // Persistence, for a client the lists admit: its backend while that takes new clients.
+    let persisted = remembered.filter(|_| l.acl.permits(client.ip()));
+    let (backend, reason, table_backend) = match persisted {
+        Some(r) if candidates.contains(&r.to_string()) => (
+            Some(r.to_string()),
+            format!(
+                "persistence: the client (by its {}) last used this backend and is remembered \
+                 on it, which takes new clients",
+                l.affinity.name()
+            ),
+            backend,
+        ),
+        Some(r) => (
+            backend,
+            format!(
+                "{reason} (persistence remembers the client on {r}, which takes no new clients \
+                 now)"
+            ),
+            None,
+        ),
+        None => (backend, reason, None),
+    };
     json!({
         "listener": l.name,
         "client": client.to_string(),
         "pool": pool.name,
+        "remembered": persisted.map(|r| r.to_string()),
+        "table_backend": table_backend,
         "scheduler": pool.scheduler.name(),
         "affinity": l.affinity.name(),
         "mode": l.mode.name(),

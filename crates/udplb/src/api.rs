@@ -157,12 +157,24 @@ async fn explain(
         None => (snap.listeners.len() == 1).then_some(0),
     }
     .ok_or_else(|| Error::NotFound("no such listener (name it with ?listener=)".into()))?;
-    let mut explained = crate::admin::explain_json(&snap, li, q.client);
-    // The kernel data plane places a client where udplb would (the same hash and table).
-    let kernel = state
-        .kernel
-        .as_ref()
-        .is_some_and(|k| k.listeners.contains(&li));
+    // The kernel data plane places a client where udplb would (the same hash and table), and
+    // keeps its own persistence table.
+    let kernel = state.kernel.as_ref().filter(|k| k.listeners.contains(&li));
+    let remembered = match kernel {
+        Some(k) => k.remembered(li, q.client),
+        None => {
+            let now = udplb_core::time::Time(state.epoch.elapsed().as_millis() as u64);
+            let pool = &snap.pools[snap.listeners[li].pool];
+            snap.listeners[li]
+                .persistence
+                .as_ref()
+                .and_then(|p| p.remembered(q.client, now))
+                .and_then(|id| pool.backends.iter().find(|b| b.id == id))
+                .map(|b| b.spec.addr)
+        }
+    };
+    let mut explained = crate::admin::explain_json(&snap, li, q.client, remembered);
+    let kernel = kernel.is_some();
     if let serde_json::Value::Object(m) = &mut explained {
         m.insert(
             "dataplane".into(),

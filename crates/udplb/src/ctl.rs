@@ -472,8 +472,12 @@ fn explain_text(v: &Value) -> String {
         .flatten()
         .map(text)
         .collect();
+    let table = match v["table_backend"].as_str() {
+        Some(t) => format!("  without persistence: {t}\n"),
+        None => String::new(),
+    };
     format!(
-        "client {} on listener {} (pool {}, {}, {} data plane):\n  backend: {}\n  candidates: {}\n  tier: {}\n  why: {}\n",
+        "client {} on listener {} (pool {}, {}, {} data plane):\n  backend: {}\n{table}  candidates: {}\n  tier: {}\n  why: {}\n",
         text(&v["client"]),
         text(&v["listener"]),
         text(&v["pool"]),

@@ -225,6 +225,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         kernel: kernel_plane.clone(),
         shared: Arc::clone(&shared),
         stats: dataplane.stats().to_vec(),
+        epoch: dataplane.epoch(),
         workers,
         health: monitor.status(),
         reload: reload_status,

@@ -864,6 +864,16 @@ impl KernelPlane {
         }
     }
 
+    /// The backend the program's persistence would send a new flow of `client` on listener
+    /// `li` (a snapshot index) to, if it remembers one.
+    pub fn remembered(&self, li: usize, client: SocketAddr) -> Option<SocketAddr> {
+        let id = self.listeners.iter().position(|&l| l == li)?;
+        self.kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remembered(id, client)
+    }
+
     /// What the program did not forward, by reason.
     pub fn drops(&self) -> udplb_kernel::Drops {
         self.kernel

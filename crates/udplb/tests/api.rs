@@ -188,6 +188,86 @@ fn explain_names_the_backend_a_new_flow_gets_and_why() {
     }
 }
 
+/// With persistence, explain names the backend the client is remembered on (not the table's
+/// pick) while that takes new clients, and says when it no longer does.
+#[test]
+fn explain_names_the_backend_persistence_remembers() {
+    let backends: Vec<Backend> = ["a", "b", "c"]
+        .iter()
+        .map(|t| Backend::start("127.0.0.1", t))
+        .collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let (lb, listen) = Udplb::serve(
+        &[
+            "--admin-allow-changes",
+            "--scheduler",
+            "round-robin",
+            "--mode",
+            "request-response",
+            "--affinity",
+            "ip",
+            "--persistence",
+            "60s",
+        ],
+        &addrs,
+    );
+    let explain = |client: &str| {
+        let (code, body) = lb.call("GET", &format!("/api/v1/explain?client={client}"), None);
+        assert_eq!(code, 200, "{body}");
+        body
+    };
+    // Nothing remembered yet: round robin, any candidate.
+    let before = explain("127.0.0.1:40000");
+    assert!(before["remembered"].is_null(), "{before}");
+    assert!(before["backend"].is_null(), "{before}");
+    // One exchange (its flow closes with the answer): the client is remembered there.
+    let c = client("127.0.0.1:0");
+    let (reply, _) = request(&c, listen, b"x");
+    let used = addrs[["a", "b", "c"]
+        .iter()
+        .position(|t| *t == tag(&reply))
+        .unwrap()]
+    .to_string();
+    let remembered = explain("127.0.0.1:40000");
+    assert_eq!(remembered["remembered"], used.as_str(), "{remembered}");
+    assert_eq!(remembered["backend"], used.as_str(), "{remembered}");
+    assert!(
+        remembered["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("persistence"),
+        "{remembered}"
+    );
+    // ... and its next flow goes there, as explain said.
+    let again = client("127.0.0.1:0");
+    assert_eq!(
+        addrs[["a", "b", "c"]
+            .iter()
+            .position(|t| *t == tag(&request(&again, listen, b"x").0))
+            .unwrap()]
+        .to_string(),
+        used
+    );
+    // Another client is not.
+    assert!(explain("127.0.0.2:40000")["remembered"].is_null());
+    // Drained, the backend takes no new clients: explain says so and names none.
+    let (code, body) = lb.call(
+        "POST",
+        &format!("/api/v1/pools/default/backends/{used}/drain"),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    let drained = explain("127.0.0.1:40000");
+    assert!(drained["backend"].is_null(), "{drained}");
+    assert!(
+        drained["reason"]
+            .as_str()
+            .unwrap()
+            .contains("which takes no new clients"),
+        "{drained}"
+    );
+}
+
 #[test]
 fn reload_through_the_api() {
     let dir = scratch_dir("reload");

@@ -1640,11 +1640,16 @@ fn persistence_keeps_clients(prefix: &str, v6: bool) {
             .map(|i| ["x", "y", "z"][i].to_string())
             .unwrap_or_else(|| panic!("no backend {addr}"))
     };
-    let placed_now = || {
+    let explain = || {
         let client = SocketAddr::new(topo.client_ip().parse().unwrap(), 40_000);
-        let explain = topo.api(&format!("/api/v1/explain?client={client}"));
-        explain["backend"]
+        topo.api(&format!("/api/v1/explain?client={client}"))
+    };
+    // Where the table places a new client (persistence aside).
+    let placed_now = || {
+        let explain = explain();
+        explain["table_backend"]
             .as_str()
+            .or(explain["backend"].as_str())
             .unwrap_or_else(|| panic!("{explain}"))
             .to_string()
     };
@@ -1661,12 +1666,13 @@ fn persistence_keeps_clients(prefix: &str, v6: bool) {
         .map(|i| topo.backend_addr(i))
         .find(|a| tag_of(&a.to_string()) == kept)
         .unwrap();
-    // Its backend's weight cut to 1 against 100: the table now places the client elsewhere...
+    // Its backend's weight cut to 1 against 10,000: the table now places the client elsewhere
+    // (but for about 3 slots in 65,537, which the wait below would show)...
     for i in 0..3 {
         let weight = if topo.backend_addr(i) == kept_addr {
             1
         } else {
-            100
+            10_000
         };
         change(
             "PUT",
@@ -1677,10 +1683,21 @@ fn persistence_keeps_clients(prefix: &str, v6: bool) {
     // (Explain names the kept backend too while the others fail a check: waited out.)
     assert!(
         wait_for(DEADLINE, || placed_now() != kept_addr.to_string()),
-        "the table still places it there: {}",
+        "the table still places it there: {}\n{}",
+        explain(),
         topo.api("/stats")["pools"]
     );
     let elsewhere = placed_now();
+    // Explain reads the program's persistence map: the client goes back to its backend.
+    let said = explain();
+    assert_eq!(
+        (said["remembered"].as_str(), said["backend"].as_str()),
+        (
+            Some(kept_addr.to_string().as_str()),
+            Some(kept_addr.to_string().as_str())
+        ),
+        "{said}"
+    );
     // ... but its new flows (new ports) return to the backend it used.
     let seen: std::collections::HashSet<u16> = first.iter().map(|c| c.0).collect();
     let second = topo.clients(10, 1);
@@ -2161,18 +2178,25 @@ fn persistence_continues_across_a_restart() {
     let at = ["x", "y", "z"].iter().position(|t| *t == kept).unwrap();
     signal(first, "TERM");
     assert!(wait_for(DEADLINE, || gone(first)));
-    let mut weights = [100; 3];
+    let mut weights = [10_000; 3];
     weights[at] = 1;
     topo.start_udplb_with(listener, &pool(weights));
     let client = SocketAddr::new(topo.client_ip().parse().unwrap(), 40_000);
     let explain = || topo.api(&format!("/api/v1/explain?client={client}"));
     // (Explain names the kept backend too while the others fail a check: waited out.)
     assert!(
-        wait_for(DEADLINE, || explain()["backend"].as_str()
+        wait_for(DEADLINE, || explain()["table_backend"].as_str()
             != Some(topo.backend_addr(at).to_string().as_str())),
         "the table still places the client on its backend: {}\n{}",
         explain(),
         topo.api("/stats")["pools"]
+    );
+    // The new process reads the kept persistence map: explain says so.
+    assert_eq!(
+        explain()["remembered"].as_str(),
+        Some(topo.backend_addr(at).to_string().as_str()),
+        "{}",
+        explain()
     );
     let seen: std::collections::HashSet<u16> = before.iter().map(|c| c.0).collect();
     let after: Vec<_> = topo
@@ -2184,7 +2208,7 @@ fn persistence_continues_across_a_restart() {
     assert!(
         after.iter().all(|c| c.2 == kept),
         "remembered on {kept}, the table on {}: {after:?}\n{}",
-        explain()["backend"],
+        explain()["table_backend"],
         topo.log()
     );
 }
