@@ -850,6 +850,14 @@ impl MappedTable {
         let slot = &mut slot[..slot_bytes];
         for index in 0..self.buckets * FLOW_WAYS as usize {
             let at = index * slot_bytes;
+            // A slot never written (its version still 0) holds nothing: one load.
+            if self
+                .word(at + word_at)
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+            {
+                continue;
+            }
             // A slot being written as it is read is read again; one still changing after a
             // few tries is left out of this count (its flow is busy, not lost).
             if (0..4).any(|_| self.read_slot(at, word_at, slot)) {
@@ -861,14 +869,8 @@ impl MappedTable {
     /// Reads the slot at byte `at` into `out` as the program's readers do: kept only if its
     /// version was even and unchanged around the read.
     fn read_slot(&self, at: usize, word_at: usize, out: &mut [u8]) -> bool {
-        use std::sync::atomic::{AtomicU32, Ordering, fence};
-        let word = |offset: usize| {
-            debug_assert!(at + offset + 4 <= self.len);
-            // SAFETY: `at + offset` is within the mapping (a slot of a bucket of the table)
-            // and 4-aligned (buckets and slots are multiples of 4 bytes from a page); the
-            // program writes these words too, so they are read atomically.
-            unsafe { AtomicU32::from_ptr(self.at.as_ptr().cast::<u8>().add(at + offset).cast()) }
-        };
+        use std::sync::atomic::{Ordering, fence};
+        let word = |offset: usize| self.word(at + offset);
         let seen = word(word_at).load(Ordering::Acquire);
         if seen & VERSION_ONE != 0 {
             return false;
@@ -878,6 +880,23 @@ impl MappedTable {
         }
         fence(Ordering::Acquire);
         word(word_at).load(Ordering::Relaxed) == seen
+    }
+}
+
+impl MappedTable {
+    /// The 4-byte word at byte `at` of the table (`at` 4-aligned, within a slot).
+    fn word(&self, at: usize) -> &std::sync::atomic::AtomicU32 {
+        assert!(
+            at % 4 == 0 && at + 4 <= self.len,
+            "word {at} of {}",
+            self.len
+        );
+        // SAFETY: `at` is within the mapping and 4-aligned (checked; the mapping starts on a
+        // page), the mapping lives as long as `self`, and the program writes these words too,
+        // so they are only read, atomically.
+        unsafe {
+            std::sync::atomic::AtomicU32::from_ptr(self.at.as_ptr().cast::<u8>().add(at).cast())
+        }
     }
 }
 

@@ -478,7 +478,9 @@ fn warn_of_ephemeral_ports(cfg: &Config, wanted: &[usize]) {
                 pool = %pool.name,
                 masquerade_ports = %ports,
                 ephemeral = %ephemeral,
-                "kernel data plane: the masquerade ports overlap net.ipv4.ip_local_port_range:                  replies to this host's own sockets on those ports could be taken for clients'                  (reserve them in net.ipv4.ip_local_reserved_ports, or move either range)"
+                "kernel data plane: the masquerade ports overlap net.ipv4.ip_local_port_range: \
+                 replies to this host's own sockets on those ports could be taken for clients' \
+                 (reserve them in net.ipv4.ip_local_reserved_ports, or move either range)"
             );
         }
     }
