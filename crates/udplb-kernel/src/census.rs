@@ -102,6 +102,68 @@ pub fn live(last: u32, now: u32, idle: u32) -> bool {
     age <= idle as i32
 }
 
+/// murmur3's 64-bit finalizer (the program's `flow_mix`).
+fn flow_mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// A flow's key as the program keeps it in a slot (its first bytes), and the bucket the
+/// program's seeded hash puts it in (`flow_bucket`, `flow6_bucket`): `client` and `service`
+/// of one family (IPv4-mapped IPv6 addresses as IPv4).
+pub fn flow_key(client: SocketAddr, service: SocketAddr, seed: u64, mask: u32) -> (Vec<u8>, u32) {
+    // Addresses as the packet holds them, read as the program reads them (native words).
+    let word = |b: &[u8]| u64::from(u32::from_ne_bytes(b.try_into().expect("4 bytes")));
+    let wire_port = |p: u16| u64::from(u16::from_ne_bytes(p.to_be_bytes()));
+    let ports = (wire_port(client.port()) << 16) | wire_port(service.port());
+    let mut key = Vec::with_capacity(36);
+    let h = match (canonical(client.ip()), canonical(service.ip())) {
+        (IpAddr::V4(c), IpAddr::V4(s)) => {
+            let (c, s) = (c.octets(), s.octets());
+            key.extend(c);
+            key.extend(s);
+            flow_mix(((word(&c) << 32) | word(&s)) ^ seed)
+        }
+        (c, s) => {
+            let octets = |a: IpAddr| match a {
+                IpAddr::V6(v6) => v6.octets(),
+                IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            };
+            let (c, s) = (octets(c), octets(s));
+            key.extend(c);
+            key.extend(s);
+            let half = |a: &[u8; 16], i: usize| {
+                (word(&a[8 * i..8 * i + 4]) << 32) | word(&a[8 * i + 4..8 * i + 8])
+            };
+            let h = flow_mix(half(&c, 0) ^ seed);
+            let h = flow_mix(h ^ half(&c, 1));
+            let h = flow_mix(h ^ half(&s, 0));
+            flow_mix(h ^ half(&s, 1))
+        }
+    };
+    key.extend(client.port().to_be_bytes());
+    key.extend(service.port().to_be_bytes());
+    let h = flow_mix(h ^ ports);
+    (key, h as u32 & mask)
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// The backend of the flow whose key is `key` in `slot` (one slot's bytes, read
+/// consistently), and its `last` (flow time): `None` when the slot holds another flow.
+pub fn flow_in(slot: &[u8], key: &[u8]) -> Option<(SocketAddr, u32)> {
+    if !slot.starts_with(key) {
+        return None;
+    }
+    let s = Slot::parse(slot)?;
+    Some((s.backend, s.last))
+}
+
 /// The fields of a slot the census reads.
 struct Slot {
     service: SocketAddr,

@@ -359,6 +359,9 @@ impl Kernel {
     pub fn remembered(&self, _id: usize, _client: SocketAddr) -> Option<SocketAddr> {
         None
     }
+    pub fn flow_of(&self, _id: usize, _client: SocketAddr) -> Option<(SocketAddr, Duration)> {
+        None
+    }
 }
 
 /// Without the program, a count of no flows.

@@ -8,8 +8,10 @@ use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 
+use std::time::Duration;
+
 use crate::census::{
-    Counted, FLOW_TIME_SHIFT, FlowCensus, Matcher, SLOT_BYTES, VERSION_ONE, WORD_AT,
+    self, Counted, FLOW_TIME_SHIFT, FlowCensus, Matcher, SLOT_BYTES, VERSION_ONE, WORD_AT,
 };
 use crate::{
     Drops, Error, FLOW_BUCKET_BYTES, FLOW_WAYS, MAX_BACKENDS, MAX_SERVICES, MapSizes, Method,
@@ -762,6 +764,42 @@ impl Kernel {
         let age = now.saturating_sub(last_ns);
         (age <= v.idle_ns.saturating_add(v.persist_ns))
             .then(|| SocketAddr::new(addr, u16::from_be_bytes(port.to_ne_bytes())))
+    }
+
+    /// The live flow of `client` on service `id` in the flow table, if it has one: its
+    /// backend and how long it has been idle (flow mode; looked up as the program does).
+    pub fn flow_of(&self, id: usize, client: SocketAddr) -> Option<(SocketAddr, Duration)> {
+        let w = self.written.get(id)?;
+        let (service, v) = (w.addr?, w.value?);
+        if v.flags & SERVICE_DATAGRAM != 0 {
+            return None;
+        }
+        let params: Array<_, FlowParams> = Array::try_from(self.ebpf.map("flow_params")?).ok()?;
+        let params = params.get(&0, 0).ok()?;
+        let family = usize::from(!service.ip().to_canonical().is_ipv4());
+        let mask = [params.mask, params.mask6][family];
+        let (key, bucket) = census::flow_key(client, service, params.seed, mask);
+        let table = &self.tables[family];
+        let slot_bytes = [SLOT_BYTES.0, SLOT_BYTES.1][family];
+        let word_at = [WORD_AT.0, WORD_AT.1][family];
+        let now = (monotonic_ns() >> FLOW_TIME_SHIFT) as u32;
+        let idle = (v.idle_ns >> FLOW_TIME_SHIFT) as u32;
+        let mut slot = [0u8; SLOT_BYTES.1];
+        let slot = &mut slot[..slot_bytes];
+        (0..FLOW_WAYS as usize).find_map(|way| {
+            let at = (bucket as usize * FLOW_WAYS as usize + way) * slot_bytes;
+            if (bucket as usize) >= table.buckets || !table.read_slot(at, word_at, slot) {
+                return None;
+            }
+            let (backend, last) = census::flow_in(slot, &key)?;
+            let age = now.wrapping_sub(last);
+            census::live(last, now, idle).then(|| {
+                (
+                    backend,
+                    Duration::from_nanos(u64::from(age) << FLOW_TIME_SHIFT),
+                )
+            })
+        })
     }
 
     /// What the program did not forward, by reason.

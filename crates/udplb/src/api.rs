@@ -173,7 +173,19 @@ async fn explain(
                 .map(|b| b.spec.addr)
         }
     };
+    // The kernel's flow table is one for all CPUs: whether this client ip:port has a live
+    // flow, and where (the workers' flow tables are their own, not asked).
+    let flow = kernel.and_then(|k| k.flow_of(li, q.client));
     let mut explained = crate::admin::explain_json(&snap, li, q.client, remembered);
+    if let (Some((backend, idle)), serde_json::Value::Object(m)) = (flow, &mut explained) {
+        m.insert(
+            "flow".into(),
+            serde_json::json!({
+                "backend": backend.to_string(),
+                "idle_ms": idle.as_millis() as u64,
+            }),
+        );
+    }
     let kernel = kernel.is_some();
     if let serde_json::Value::Object(m) = &mut explained {
         m.insert(

@@ -472,10 +472,16 @@ fn explain_text(v: &Value) -> String {
         .flatten()
         .map(text)
         .collect();
-    let table = match v["table_backend"].as_str() {
+    let mut table = match v["table_backend"].as_str() {
         Some(t) => format!("  without persistence: {t}\n"),
         None => String::new(),
     };
+    if let Some(b) = v["flow"]["backend"].as_str() {
+        table += &format!(
+            "  live flow (this ip:port, kept until idle): {b}, idle {} ms\n",
+            text(&v["flow"]["idle_ms"])
+        );
+    }
     format!(
         "client {} on listener {} (pool {}, {}, {} data plane):\n  backend: {}\n{table}  candidates: {}\n  tier: {}\n  why: {}\n",
         text(&v["client"]),

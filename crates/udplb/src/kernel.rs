@@ -876,6 +876,16 @@ impl KernelPlane {
             .remembered(id, client)
     }
 
+    /// The live flow of `client` on listener `li` (a snapshot index) in the kernel's flow
+    /// table: its backend and how long it has been idle.
+    pub fn flow_of(&self, li: usize, client: SocketAddr) -> Option<(SocketAddr, Duration)> {
+        let id = self.listeners.iter().position(|&l| l == li)?;
+        self.kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flow_of(id, client)
+    }
+
     /// What the program did not forward, by reason.
     pub fn drops(&self) -> udplb_kernel::Drops {
         self.kernel

@@ -1037,19 +1037,26 @@ fn nat_keeps_the_clients_address(prefix: &str, v6: bool) {
         Some("7003") => "z",
         _ => "?",
     };
+    // Explain names each client's place, and finds its live flow in the kernel's table there.
     let differ: Vec<u16> = backend_of
         .iter()
         .filter(|(port, tag)| {
             let explained = topo.api(&format!("/api/v1/explain?client={}", client(port)));
             tag_of(explained["backend"].as_str().unwrap_or("")) != tag.as_str()
+                || tag_of(explained["flow"]["backend"].as_str().unwrap_or("")) != tag.as_str()
         })
         .map(|(p, _)| *p)
         .collect();
     let explained = topo.api(&format!("/api/v1/explain?client={}", client(&1)));
     assert_eq!(explained["dataplane"], "kernel", "{explained}");
     assert!(
+        explained["flow"].is_null(),
+        "port 1 sent nothing: {explained}"
+    );
+    assert!(
         differ.is_empty(),
-        "placed unlike udplb's own placement: {differ:?}"
+        "placed unlike udplb's own placement, or no live flow found there: {differ:?}: {}",
+        topo.api(&format!("/api/v1/explain?client={}", client(&differ[0])))
     );
     // The datagrams went through the kernel, not udplb's sockets; the operator sees it, and
     // each backend's flows: one per client placed there.
