@@ -1,8 +1,10 @@
-//! The live flows of the kernel flow tables, counted per listener and backend.
+//! The live flows of the kernel flow tables, counted per listener and backend, and one
+//! client's flow found.
 //!
 //! Owns: reading one flow slot as the program lays it out (`struct flow_slot` and
-//! `struct flow6_slot`), judging whether it holds a live flow of a kernel listener, and adding
-//! the live ones up.
+//! `struct flow6_slot`), judging whether it holds a live flow of a kernel listener, adding
+//! the live ones up, and the program's seeded bucket hash mirrored (which bucket a flow's key
+//! is in).
 //! Must not: map or read the tables' memory (the loaded program's side hands each slot's bytes
 //! here, read consistently), nor change a slot: the program alone writes them.
 
@@ -120,7 +122,7 @@ pub fn flow_key(client: SocketAddr, service: SocketAddr, seed: u64, mask: u32) -
     let wire_port = |p: u16| u64::from(u16::from_ne_bytes(p.to_be_bytes()));
     let ports = (wire_port(client.port()) << 16) | wire_port(service.port());
     let mut key = Vec::with_capacity(36);
-    let h = match (canonical(client.ip()), canonical(service.ip())) {
+    let h = match (client.ip().to_canonical(), service.ip().to_canonical()) {
         (IpAddr::V4(c), IpAddr::V4(s)) => {
             let (c, s) = (c.octets(), s.octets());
             key.extend(c);
@@ -148,10 +150,6 @@ pub fn flow_key(client: SocketAddr, service: SocketAddr, seed: u64, mask: u32) -
     key.extend(service.port().to_be_bytes());
     let h = flow_mix(h ^ ports);
     (key, h as u32 & mask)
-}
-
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
 
 /// The backend of the flow whose key is `key` in `slot` (one slot's bytes, read
@@ -215,14 +213,12 @@ impl Slot {
 mod tests {
     use super::*;
 
-    /// An IPv4 slot as the program writes it.
-    fn slot4(client: &str, service: &str, backend: &str, version: u16, last: u32) -> Vec<u8> {
-        let c: SocketAddr = client.parse().unwrap();
-        let s: SocketAddr = service.parse().unwrap();
-        let b: SocketAddr = backend.parse().unwrap();
+    /// A slot as the program writes it (IPv4 or IPv6, as the addresses are).
+    fn slot(client: &str, service: &str, backend: &str, version: u16, last: u32) -> Vec<u8> {
+        let [c, s, b]: [SocketAddr; 3] = [client, service, backend].map(|a| a.parse().unwrap());
         let octets = |a: SocketAddr| match a.ip() {
-            IpAddr::V4(v4) => v4.octets(),
-            IpAddr::V6(_) => panic!("IPv4 only"),
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
         };
         let mut out = Vec::new();
         out.extend(octets(c));
@@ -231,27 +227,6 @@ mod tests {
         out.extend(s.port().to_be_bytes());
         let wire_port = u16::from_ne_bytes(b.port().to_be_bytes());
         out.extend(((u32::from(version) << 16) | u32::from(wire_port)).to_ne_bytes());
-        out.extend(octets(b));
-        out.extend(last.to_ne_bytes());
-        out.extend([0u8; 8]);
-        out
-    }
-
-    fn slot6(client: &str, service: &str, backend: &str, last: u32) -> Vec<u8> {
-        let c: SocketAddr = client.parse().unwrap();
-        let s: SocketAddr = service.parse().unwrap();
-        let b: SocketAddr = backend.parse().unwrap();
-        let octets = |a: SocketAddr| match a.ip() {
-            IpAddr::V6(v6) => v6.octets(),
-            IpAddr::V4(_) => panic!("IPv6 only"),
-        };
-        let mut out = Vec::new();
-        out.extend(octets(c));
-        out.extend(octets(s));
-        out.extend(c.port().to_be_bytes());
-        out.extend(s.port().to_be_bytes());
-        let wire_port = u16::from_ne_bytes(b.port().to_be_bytes());
-        out.extend(((2u32 << 16) | u32::from(wire_port)).to_ne_bytes());
         out.extend(octets(b));
         out.extend(last.to_ne_bytes());
         out.extend([0u8; 8]);
@@ -288,14 +263,15 @@ mod tests {
             ("192.0.2.2:4000", "10.1.0.1:5353"),
             ("192.0.2.3:4000", "10.1.0.2:5353"),
         ] {
-            c.count(&m, &slot4(client, "10.0.0.1:53", backend, 2, now - 10), now);
+            c.count(&m, &slot(client, "10.0.0.1:53", backend, 2, now - 10), now);
         }
         c.count(
             &m,
-            &slot6(
+            &slot(
                 "[2001:db8::1]:4000",
                 "[fd00::1]:53",
                 "[fd00::b]:53",
+                2,
                 now - 100,
             ),
             now,
@@ -320,7 +296,7 @@ mod tests {
         // Idle one unit beyond the timeout.
         c.count(
             &m,
-            &slot4("192.0.2.1:1", "10.0.0.1:53", "10.1.0.1:53", 2, now - 101),
+            &slot("192.0.2.1:1", "10.0.0.1:53", "10.1.0.1:53", 2, now - 101),
             now,
         );
         // Never written.
@@ -329,18 +305,39 @@ mod tests {
         // A listener not counted (removed).
         c.count(
             &m,
-            &slot4("192.0.2.1:1", "10.0.0.9:53", "10.1.0.1:53", 2, now),
+            &slot("192.0.2.1:1", "10.0.0.9:53", "10.1.0.1:53", 2, now),
             now,
         );
         // A datagram-mode listener's mark of a local client.
         c.count(
             &m,
-            &slot4("127.0.0.1:1", "10.0.0.1:514", "10.1.0.1:514", 2, now),
+            &slot("127.0.0.1:1", "10.0.0.1:514", "10.1.0.1:514", 2, now),
             now,
         );
         // Bytes of no slot's size.
         c.count(&m, &[0u8; 7], now);
         assert_eq!((0..3).map(|i| c.of_listener(i)).sum::<u64>(), 0, "{c:?}");
+    }
+
+    #[test]
+    fn a_flow_is_found_by_the_key_its_slot_holds() {
+        for (client, service, backend) in [
+            ("192.0.2.1:4000", "10.0.0.1:53", "10.1.0.1:5353"),
+            ("[2001:db8::1]:4000", "[fd00::1]:53", "[fd00::b]:53"),
+        ] {
+            let held = slot(client, service, backend, 2, 77);
+            let c: SocketAddr = client.parse().unwrap();
+            let s: SocketAddr = service.parse().unwrap();
+            let (key, bucket) = flow_key(c, s, 0x1234_5678_9abc_def0, 1023);
+            assert!(bucket <= 1023);
+            assert_eq!(
+                flow_in(&held, &key),
+                Some((backend.parse().unwrap(), 77)),
+                "{client}"
+            );
+            let other = SocketAddr::new(c.ip(), 4001);
+            assert_eq!(flow_in(&held, &flow_key(other, s, 1, 1023).0), None);
+        }
     }
 
     #[test]
