@@ -384,7 +384,9 @@ pub(crate) fn stats_json(state: &State) -> Value {
     let rxq_overflow: u64 = (0..snap.listeners.len())
         .map(|i| ListenerTotals::sum(&state.stats, i).kernel_drops)
         .sum();
-    let pools = pools_json(state, &snap);
+    // One count of the kernel's flows for the whole answer (pools and kernel agree).
+    let flows = state.kernel.as_ref().map(|k| k.flows());
+    let pools = pools_json(state, &snap, flows.as_ref().map(|f| &*f.0));
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
@@ -400,7 +402,7 @@ pub(crate) fn stats_json(state: &State) -> Value {
             .as_ref()
             .map(|a| json!(*a.lock().unwrap_or_else(|p| p.into_inner()))),
         "sync": state.sync.as_ref().map(crate::sync::Status::json),
-        "kernel": state.kernel.as_ref().map(|k| k.json(&snap)),
+        "kernel": state.kernel.as_ref().zip(flows.as_ref()).map(|(k, f)| k.json(&snap, f)),
         "admin": {
             "allow_changes": state.allow_changes,
             "token_required": state.token.is_some(),
@@ -447,7 +449,12 @@ fn put(object: &mut Map<String, Value>, path: &str, value: Value) {
 }
 
 /// Each pool's backends: health, check counters, and whether new flows may go there.
-pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
+pub(crate) fn pools_json(
+    state: &State,
+    snap: &Snapshot,
+    census: Option<&udplb_kernel::census::FlowCensus>,
+) -> Vec<Value> {
+    let kernel_flows = kernel_flows_by_pool(state, snap, census);
     let health = state.health.lock().unwrap_or_else(|p| p.into_inner());
     snap.pools
         .iter()
@@ -474,6 +481,10 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
                         m.insert("in_rotation".into(), json!(pool.tier.contains(bi)));
                         let traffic = BackendTotals::sum(&state.stats, b.id.index());
                         put_counters(m, traffic.values());
+                        if let Some(live) = kernel_flows.get(&pi) {
+                            let n = live.get(&b.spec.addr).copied().unwrap_or(0);
+                            m.insert("kernel_flows".into(), json!(n));
+                        }
                         if let Some(r) = state.rates.of(b.id.index()) {
                             m.insert(
                                 "rates".into(),
@@ -531,6 +542,27 @@ pub(crate) fn pools_json(state: &State, snap: &Snapshot) -> Vec<Value> {
                 );
             }
             v
+        })
+        .collect()
+}
+
+/// Per pool of a kernel listener (by index), the live flows of each backend in the kernel's
+/// flow table (kernel listeners share no pool).
+fn kernel_flows_by_pool(
+    state: &State,
+    snap: &Snapshot,
+    census: Option<&udplb_kernel::census::FlowCensus>,
+) -> std::collections::HashMap<usize, std::collections::HashMap<std::net::SocketAddr, u64>> {
+    let (Some(plane), Some(census)) = (&state.kernel, census) else {
+        return Default::default();
+    };
+    plane
+        .listeners
+        .iter()
+        .enumerate()
+        .filter_map(|(id, &li)| {
+            let pool = snap.listeners.get(li)?.pool;
+            Some((pool, census.per_listener.get(id)?.clone()))
         })
         .collect()
 }

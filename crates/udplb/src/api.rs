@@ -135,9 +135,11 @@ async fn status(AxumState(state): AxumState<Arc<State>>) -> Json<Value> {
 }
 
 async fn pools(AxumState(state): AxumState<Arc<State>>) -> Json<Value> {
+    let flows = state.kernel.as_ref().map(|k| k.flows());
     Json(json!(crate::admin::pools_json(
         &state,
-        &state.shared.load()
+        &state.shared.load(),
+        flows.as_ref().map(|f| &*f.0)
     )))
 }
 

@@ -409,7 +409,8 @@ fn backends_table(pools: &Value, only: Option<&str>) -> String {
                 &yes_no(&b["in_rotation"]),
                 &text(&b["admin"]),
                 &text(&b["weight"]),
-                &text(&b["flows"]),
+                &(b["flows"].as_u64().unwrap_or(0) + b["kernel_flows"].as_u64().unwrap_or(0))
+                    .to_string(),
                 &per_second(&b["rates"]["forwarded_per_s"]),
                 &per_second(&b["rates"]["replies_per_s"]),
                 &format!(

@@ -45,6 +45,8 @@ pub struct KernelPlane {
     flows: Mutex<FlowCount>,
     /// Wakes the counting thread when someone asks after a quiet while.
     flows_wanted: std::sync::Condvar,
+    /// Wakes readers waiting for a count anew.
+    flows_counted: std::sync::Condvar,
 }
 
 /// The last count of the live kernel flows.
@@ -56,6 +58,16 @@ struct FlowCount {
     /// When someone last asked for it.
     asked: Instant,
 }
+
+impl FlowCount {
+    /// When the next count may start: the pause after this one.
+    fn due(&self) -> Instant {
+        self.at + (self.took * FLOW_COUNT_PAUSE_FACTOR).max(FLOW_COUNT_EVERY)
+    }
+}
+
+/// A reader waits for a count anew at most this long (see [`KernelPlane::flows`]).
+const MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Counting the live flows reads every slot of the flow tables (about 100 ms per 400 MiB of
 /// tables here): each count waits this many times its own duration, at least
@@ -211,6 +223,7 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
                 .unwrap_or_else(Instant::now),
         }),
         flows_wanted: std::sync::Condvar::new(),
+        flows_counted: std::sync::Condvar::new(),
     })
 }
 
@@ -754,9 +767,13 @@ impl KernelPlane {
     }
 
     /// The `kernel` object of `/stats`: the interfaces, per listener each backend's traffic
-    /// through the kernel, and what the program did not forward.
-    pub fn json(&self, snap: &Snapshot) -> serde_json::Value {
-        let (flows, age, took) = self.flows();
+    /// through the kernel and the live flows (`flows`, as [`KernelPlane::flows`] gave them),
+    /// and what the program did not forward.
+    pub fn json(
+        &self,
+        snap: &Snapshot,
+        (flows, age, took): &(Arc<FlowCensus>, Duration, Duration),
+    ) -> serde_json::Value {
         let listeners: Vec<serde_json::Value> = self
             .listeners
             .iter()
@@ -817,12 +834,29 @@ impl KernelPlane {
     }
 
     /// The live flows in the kernel flow tables, per listener (as `listeners`) and backend,
-    /// as last counted, how old that count is and how long it took. Never waits for a count:
-    /// asking wakes the counting thread if it had stopped for want of readers.
+    /// as last counted, how old that count is and how long it took. Asking wakes the counting
+    /// thread if it had stopped for want of readers; a count older than the pause after it
+    /// (counting had stopped) is waited for anew, for at most twice as long as the last one
+    /// took and a second, so that a first `ctl status` after a quiet while is not stale.
     pub fn flows(&self) -> (Arc<FlowCensus>, Duration, Duration) {
         let mut last = self.flows.lock().unwrap_or_else(|p| p.into_inner());
-        last.asked = Instant::now();
+        let asked = Instant::now();
+        last.asked = asked;
         self.flows_wanted.notify_one();
+        if asked >= last.due() {
+            let deadline = asked + (last.took * 2 + Duration::from_millis(100)).min(MAX_WAIT);
+            let made = last.at;
+            while last.at == made {
+                let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                last = self
+                    .flows_counted
+                    .wait_timeout(last, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
         (last.census.clone(), last.at.elapsed(), last.took)
     }
 
@@ -832,7 +866,7 @@ impl KernelPlane {
     pub fn count_flows(self: Arc<Self>) {
         loop {
             let mut last = self.flows.lock().unwrap_or_else(|p| p.into_inner());
-            let due = last.at + (last.took * FLOW_COUNT_PAUSE_FACTOR).max(FLOW_COUNT_EVERY);
+            let due = last.due();
             loop {
                 let now = Instant::now();
                 let wanted = now.duration_since(last.asked) < FLOW_COUNT_WANTED_FOR;
@@ -863,6 +897,7 @@ impl KernelPlane {
             last.census = census;
             last.at = Instant::now();
             last.took = took;
+            self.flows_counted.notify_all();
         }
     }
 

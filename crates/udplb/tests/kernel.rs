@@ -868,6 +868,14 @@ impl Topology {
             .collect();
         let total: u64 = by_tag.values().sum();
         assert_eq!(listener["flows"], total, "{stats}");
+        // The pool's backends say the same (what `ctl backends` and the status page show).
+        let in_pool: u64 = stats["pools"][0]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| b["kernel_flows"].as_u64().unwrap_or(u64::MAX / 8))
+            .sum();
+        assert_eq!(in_pool, total, "{stats}");
         let slots = &stats["kernel"]["flow_table_slots"];
         assert!(slots["ipv4"].as_u64() >= Some(4096), "{stats}");
         by_tag.into_iter().filter(|(_, n)| *n > 0).collect()
