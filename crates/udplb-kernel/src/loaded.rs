@@ -792,7 +792,8 @@ impl Kernel {
                 return None;
             }
             let (backend, last) = census::flow_in(slot, &key)?;
-            let age = now.wrapping_sub(last);
+            // (A slot written after `now` was read: idle 0.)
+            let age = u32::try_from(now.wrapping_sub(last) as i32).unwrap_or(0);
             census::live(last, now, idle).then(|| {
                 (
                     backend,
