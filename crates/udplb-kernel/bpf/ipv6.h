@@ -329,12 +329,26 @@ static __noinline int has_flow6(const struct flow6_key *fk)
 	return flow6_backend(fk, &addr, &port);
 }
 
+static __always_inline int in6_eq(const struct in6 *a, const struct in6 *b);
+
+// As `idle_of`, for IPv6 flows.
+static __always_inline __u64 idle6_of(const struct flow6_key *victim, const struct flow6_key *fk,
+				      __u64 idle_ns)
+{
+	if (in6_eq(&victim->service_addr, &fk->service_addr) &&
+	    victim->service_port == fk->service_port)
+		return idle_ns;
+	struct service6_key sk = {.addr = victim->service_addr, .port = victim->service_port};
+	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
+	return svc ? svc->idle_ns : 0;
+}
+
 // As `add_flow`, for IPv6 flows.
 static __always_inline void add_flow6(struct flow6_bucket *bk, struct flow6_slot *s,
 				      const struct flow6_key *fk, const struct in6 *addr,
 				      __u16 port, __u64 now_ns, __u32 sent, __u64 idle_ns)
 {
-	ADD_FLOW(bk, s, fk, *addr, port, now_ns, sent, idle_ns);
+	ADD_FLOW(bk, s, fk, *addr, port, now_ns, sent, idle_ns, idle6_of);
 }
 
 static __always_inline int in6_eq(const struct in6 *a, const struct in6 *b)

@@ -425,18 +425,20 @@ static __always_inline void count_drop(__u32 reason);
 
 // Puts flow `fk` (to backend `addr`:`port`, `sent` bytes so far) in bucket `bk`: in `s`, its
 // own slot when it had one, else in the bucket's slot idle longest, counted as FLOW_REPLACED
-// when that one's flow was not idle for `idle_ns` (the table too small for its flows).
+// when that one's flow was not idle (by its own listener's idle timeout, `IDLE_OF`; `idle_ns`
+// is the new flow's listener's): the table too small for its flows.
 // Another CPU writing that slot at the same time wins; this flow is then placed again by its
 // next datagram (to the same backend, unless the table changed).
 // (`add_flow6`'s too: the IPv4 and IPv6 slots differ in their key's and address's types.)
-#define ADD_FLOW(bk, s, fk, addr, port, now_ns, sent_bytes, idle_ns)                          \
+#define ADD_FLOW(bk, s, fk, addr, port, now_ns, sent_bytes, idle_ns, IDLE_OF)                 \
 	do {                                                                                   \
 		__u32 now_ = flow_time(now_ns);                                                \
 		int replaced_ = 0;                                                             \
 		if (!(s)) {                                                                    \
 			(s) = OLDEST_SLOT(bk, now_);                                           \
 			replaced_ = (s)->word >= FLOW_VERSION_ONE &&                           \
-				    flow_live((s)->last, now_ns, idle_ns);                     \
+				    flow_live((s)->last, now_ns,                               \
+					      IDLE_OF(&(s)->key, fk, idle_ns));                \
 		}                                                                              \
 		__u32 seen_ = (s)->word;                                                       \
 		if (take_slot(&(s)->word, seen_)) {                                            \
@@ -451,11 +453,23 @@ static __always_inline void count_drop(__u32 reason);
 		}                                                                              \
 	} while (0)
 
+// The idle timeout of the listener of flow `victim`: `idle_ns` when it is `fk`'s listener's,
+// else its own (0 for a listener gone: its flows are idle).
+static __always_inline __u64 idle_of(const struct flow_key *victim, const struct flow_key *fk,
+				     __u64 idle_ns)
+{
+	if (victim->service_addr == fk->service_addr && victim->service_port == fk->service_port)
+		return idle_ns;
+	struct service_key sk = {.addr = victim->service_addr, .port = victim->service_port};
+	struct service *svc = bpf_map_lookup_elem(&services, &sk);
+	return svc ? svc->idle_ns : 0;
+}
+
 static __always_inline void add_flow(struct flow_bucket *bk, struct flow_slot *s,
 				     const struct flow_key *fk, __u32 addr, __u16 port,
 				     __u64 now_ns, __u32 sent, __u64 idle_ns)
 {
-	ADD_FLOW(bk, s, fk, addr, port, now_ns, sent, idle_ns);
+	ADD_FLOW(bk, s, fk, addr, port, now_ns, sent, idle_ns, idle_of);
 }
 
 struct {

@@ -3184,11 +3184,22 @@ fn path_mtu(prefix: &str, forwarding: &str) {
 
 /// A burst from `bind` in the client namespace: (one-second windows it spanned, replies).
 fn burst(topo: &Topology, bind: &str, sockets: usize, each: usize) -> (u64, u64) {
+    burst_to(topo, topo.vip(), bind, sockets, each)
+}
+
+/// As [`burst`], to `target`.
+fn burst_to(
+    topo: &Topology,
+    target: SocketAddr,
+    bind: &str,
+    sockets: usize,
+    each: usize,
+) -> (u64, u64) {
     let out = Net::helper(
         &topo.clients,
         "kernel_burst_in_namespace",
         &[
-            ("UDPLB_TEST_KERNEL_BURST", topo.vip().to_string()),
+            ("UDPLB_TEST_KERNEL_BURST", target.to_string()),
             ("UDPLB_TEST_KERNEL_BIND", bind.to_string()),
             ("UDPLB_TEST_KERNEL_SOCKETS", sockets.to_string()),
             ("UDPLB_TEST_KERNEL_EACH", each.to_string()),
@@ -3245,6 +3256,58 @@ fn flows_beyond_the_flow_table_are_counted_as_replaced() {
         stats["kernel"]["flows_replaced"].as_f64(),
         Some(replaced),
         "{stats}"
+    );
+}
+
+/// Two listeners sharing the flow table, idle timeouts 60 s (l) and 1 s (m): m's new flows
+/// take the places of l's flows, idle 1.5 s but live by l's own timeout, and are counted as
+/// replacing them (judged by the new flow's listener's timeout, they would not be).
+#[test]
+fn a_replaced_flow_is_judged_by_its_own_listeners_idle_timeout() {
+    let Some(mut topo) = Topology::build("ulfj") else {
+        return;
+    };
+    let other = SocketAddr::new(topo.vip().ip(), 5301);
+    let listener = format!(
+        "max_flows = 1\nidle_timeout = \"60s\"\n\
+         [listeners.m]\naddress = \"{other}\"\npool = \"q\"\ndataplane = \"kernel\"\n\
+         interfaces = [\"bc\", \"bk\"]\nidle_timeout = \"1s\"\nmax_flows = 1\n\
+         [pools.q]\nbackends = [\"{}:7004\"]\n",
+        topo.backend_ip()
+    );
+    topo.start_backends();
+    topo.start_udplb(&listener);
+    if topo.without_the_program() {
+        return;
+    }
+    let metrics = || {
+        let out = Net::exec(&topo.balancer, Path::new("curl"))
+            .args(["-s", "127.0.0.1:9190/metrics"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let counter = |text: &str, name: &str, labels: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    // The table's 4,096 slots filled with l's flows (8,000 placed).
+    burst(&topo, &topo.client_ip(), 8000, 1);
+    let before = metrics();
+    std::thread::sleep(Duration::from_millis(1500));
+    burst_to(&topo, other, &topo.client_ip(), 2000, 1);
+    let after = metrics();
+    let placed = counter(&after, "udplb_kernel_flows_created_total", "listener=\"m\"");
+    let replaced = counter(&after, "udplb_kernel_flows_replaced_total", "")
+        - counter(&before, "udplb_kernel_flows_replaced_total", "");
+    assert!(placed > 1500.0, "m placed {placed}\n{after}");
+    // Each m flow took the place of an l flow (older than any m flow) unless its bucket held
+    // 4 m flows already: nearly all were l's, live by their 60 s.
+    assert!(
+        replaced >= 0.9 * placed,
+        "m placed {placed}, replaced {replaced}\n{after}"
     );
 }
 
