@@ -14,6 +14,8 @@
 #   persist   the kernel path with persistence = "60s" (by ip:port: the backends' load as
 #             kernel's; a persistence map lookup more per datagram)
 #   ratio     the kernel path with limits.reply_ratio = 10 (each reply looked up by its flow)
+#   sync      the kernel path with [sync] (to a peer address nobody serves): each new flow told
+#             to udplb through the ring buffer and looked up in the peers' flows
 #   masquerade  the same with forwarding = "masquerade" (the backends answer the balancer)
 #   dsr       the same with forwarding = "dsr": IP in IP to the backend host, which runs
 #             `udplb decap`, holds the service address and answers over a link of its own
@@ -48,7 +50,7 @@
 # endpoint in the way).
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket"; also: datagram persist ratio masquerade dsr dsr-gue direct6 kernel6
+# Env:   PEERS ("direct nftables kernel socket"; also: datagram persist ratio sync masquerade dsr dsr-gue direct6 kernel6
 #        tc-forward xdp-forward)
 #        ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8) NEW_FLOWS (unset) MAX_FLOWS (1000000 with NEW_FLOWS) CLIENTS (16000000)
@@ -167,9 +169,15 @@ table ip udplb_bench {
 NFT
             target=$vip:5300
             ;;
-        kernel | socket | masquerade | dsr | dsr-gue | datagram | persist | ratio | kernel6)
+        kernel | socket | masquerade | dsr | dsr-gue | datagram | persist | ratio | sync | kernel6)
             local dataplane=$1 forwarding=nat pool=$backends mode=flow address=$vip:5300
-            local remember=
+            local remember= flow_sync=
+            if [[ $1 == sync ]]; then
+                dataplane=kernel
+                printf 'a-bench-key\n' >"$work/sync.key"
+                chmod 600 "$work/sync.key"
+                flow_sync=$'[sync]\nlisten = "127.0.0.1:7946"\npeers = ["127.0.0.2:7946"]\n'"key_file = \"$work/sync.key\""
+            fi
             [[ $1 == persist ]] && dataplane=kernel remember='persistence = "60s"'
             [[ $1 == ratio ]] && dataplane=kernel remember='limits = { reply_ratio = 10 }'
             [[ $1 == kernel6 ]] && dataplane=kernel pool=$backends6 address="[$vip6]:5300"
@@ -214,6 +222,7 @@ scheduler = "maglev"
 backends = [$pool]
 $([[ $dataplane == kernel ]] && echo "forwarding = \"$forwarding\"")
 $encapsulation
+$flow_sync
 CONFIG
             UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$binary" run -c "$work/udplb.toml"
             udplb_pid=$bg_pid
@@ -232,7 +241,7 @@ stop_peer() {
             ip -n $c link set dev cb xdpdrv off
             ip -n $k link set dev kb xdpdrv off
             ;;
-        kernel | socket | masquerade | datagram | persist | ratio | kernel6) stop "$udplb_pid" TERM ;;
+        kernel | socket | masquerade | datagram | persist | ratio | sync | kernel6) stop "$udplb_pid" TERM ;;
         dsr | dsr-gue)
             stop "$udplb_pid" TERM
             stop "$decap_pid" TERM

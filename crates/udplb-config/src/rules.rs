@@ -132,18 +132,6 @@ fn check_kernel(out: &mut Vec<Problem>, cfg: &Config) {
         }
         let dataplane = format!("dataplane = {:?}", l.dataplane.name());
         check_kernel_listener(out, l, &dataplane);
-        if cfg.sync.is_some() && l.mode != SessionMode::Datagram {
-            out.push(problem(
-                key("dataplane"),
-                format!(
-                    "{dataplane} with [sync]: the kernel data plane's flows are not shared with \
-                     the peers (udplb shares the socket path's flows); use dataplane = \
-                     \"socket\" for this listener, mode = \"datagram\" (no flows to share), or no \
-                     [sync] (maglev still places a client that moves between instances alike \
-                     while their backends agree)"
-                ),
-            ));
-        }
         let Some(p) = cfg.pools.iter().find(|p| p.name == l.pool) else {
             continue;
         };

@@ -1467,48 +1467,23 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
     );
 }
 
-/// `[sync]` shares the socket path's flows only: a listener the kernel may serve in a mode with
-/// flows is refused at its `dataplane` line rather than left silently unsynced; in datagram
-/// mode (no flows) and on the socket path it is fine.
+/// `[sync]` shares the kernel data plane's flows too: a kernel (or `auto`) listener takes it
+/// in every mode it has.
 #[test]
-fn kernel_flows_are_not_synced_so_sync_refuses_them() {
+fn kernel_listeners_take_sync() {
     let sync = "[sync]\nlisten = \"10.0.0.1:7946\"\npeers = [\"10.0.0.2:7946\"]\n\
                 key_file = \"/etc/udplb/sync.key\"\n";
-    for dataplane in ["kernel", "auto"] {
-        for mode in ["flow", "request-response"] {
+    for dataplane in ["kernel", "auto", "socket"] {
+        for mode in ["flow", "datagram"] {
             let listener = format!("{KERNEL_LISTENER}\nmode = \"{mode}\"");
             let src = format!(
                 "{sync}{}",
                 with_dataplane(dataplane, &listener, KERNEL_BACKENDS)
             );
-            let e = errors(&src);
-            let ours: Vec<_> = e
-                .errors
-                .iter()
-                .filter(|e| e.key == "listeners.l.dataplane")
-                .collect();
-            assert_eq!(ours.len(), 1, "{src}\n{e}");
-            assert_eq!(ours[0].line, 6, "{e}");
-            assert!(
-                ours[0].message.starts_with(&format!(
-                    "dataplane = \"{dataplane}\" with [sync]: the kernel data plane's flows are \
-                     not shared with the peers"
-                )),
-                "{e}"
-            );
+            let cfg = parse(&src, "t.toml").unwrap_or_else(|e| panic!("{src}\n{e}"));
+            assert!(cfg.sync.is_some());
         }
-        let datagram = format!("{KERNEL_LISTENER}\nmode = \"datagram\"");
-        let src = format!(
-            "{sync}{}",
-            with_dataplane(dataplane, &datagram, KERNEL_BACKENDS)
-        );
-        assert!(parse(&src, "t.toml").is_ok(), "{src}");
     }
-    let src = format!(
-        "{sync}{}",
-        with_dataplane("socket", KERNEL_LISTENER, KERNEL_BACKENDS)
-    );
-    assert!(parse(&src, "t.toml").is_ok(), "{src}");
 }
 
 /// Replies are mapped back to their listener by the backend's address: two listeners of the

@@ -204,6 +204,14 @@ struct {
 #endif
 } persist6 SEC(".maps");
 
+// As `peer_flows`, for IPv6 flows.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024); // set by udplb before loading (`sync.max_entries`)
+	__type(key, struct flow6_key);
+	__type(value, struct flow6);
+} peer_flows6 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 16384);
@@ -894,6 +902,43 @@ static __noinline void remember_flow6(const struct service *svc, struct flow6_bu
 		add_flow6(bk, 0, &fk, &p->to_addr, p->to_port, now, p->payload, svc->idle_ns);
 }
 
+// As `tell_peers4`, for the new IPv6 flow of `p`. (Called from `choose6`, not from
+// `remember_flow6`: the stack of the calls in a row stays within what a program has.)
+static __noinline void tell_peers6(__u32 service, const struct packet6 *p)
+{
+	struct new_flow e = {.service = service,
+			     .client_port = p->sport,
+			     .backend_port = p->to_port,
+			     .family = 6};
+	__builtin_memcpy(e.client, &p->saddr, sizeof(e.client));
+	__builtin_memcpy(e.backend, &p->to_addr, sizeof(e.backend));
+	tell_peers(&e);
+}
+
+// As `peer_flow`, for the IPv6 client of `p` (the backend into `p`). (Its own function: its
+// key would take stack from `choose6`.)
+static __noinline int peer_flow6(const struct service *svc, struct packet6 *p, __u64 now)
+{
+	struct flow6_key fk = {.client_addr = p->saddr,
+			       .service_addr = p->daddr,
+			       .client_port = p->sport,
+			       .service_port = p->dport};
+	struct flow6 *f = bpf_map_lookup_elem(&peer_flows6, &fk);
+	if (!f || now - f->last_ns > (__u64)svc->sync_ms * 1000000)
+		return 0;
+	struct reply6_key rk = {.addr = f->backend_addr, .port = f->backend_port};
+	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
+	if (!r || !(r->flags & BACKEND_KEEPS_FLOWS) || !in6_eq(&r->service_addr, &p->daddr) ||
+	    r->service_port != p->dport)
+		return 0;
+	p->backend = r->backend;
+	p->bflags = r->flags;
+	p->to_addr = rk.addr;
+	p->to_port = rk.port;
+	count_drop(SYNC_USED);
+	return 1;
+}
+
 // Whether the listener's allow and deny lists refuse the client of `p`: deny wins; an allow
 // list, when there is one, must name the client. (Its own function: its key would take stack
 // from `choose6`'s calls.)
@@ -952,7 +997,8 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 		count_drop(DROP_FLOW_RATE_LIMITED);
 		return TC_ACT_SHOT;
 	}
-	if (!(svc->flags & SERVICE_PERSIST) || !persistence6(svc, p, now, -1)) {
+	if (!((svc->flags & SERVICE_SYNCED) && peer_flow6(svc, p, now)) &&
+	    (!(svc->flags & SERVICE_PERSIST) || !persistence6(svc, p, now, -1))) {
 		__u32 b = 0;
 		if (place(svc, client_hash6(svc, &p->saddr, p->sport), &b) < 0) {
 			count_drop(DROP_NO_BACKEND);
@@ -971,6 +1017,8 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 			persistence6(svc, p, now, 1);
 	}
 	remember_flow6(svc, bk, f, p, now);
+	if ((svc->flags & (SERVICE_SYNCED | SERVICE_DATAGRAM)) == SERVICE_SYNCED)
+		tell_peers6(svc->id, p);
 	return -1;
 }
 

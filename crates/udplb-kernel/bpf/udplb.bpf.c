@@ -55,6 +55,8 @@ struct service_key {
 #define SERVICE_GUE 32 // dsr: encapsulated in UDP to port `port_base` instead (GUE variant 1)
 #define SERVICE_PERSIST 64 // a client returns to its backend for `persist_ns` (`persist`)
 #define SERVICE_REPLY_RATIO 128 // its flows count their bytes (its backends' `reply_ratio`)
+#define SERVICE_SYNCED 256 // `[sync]`: a new flow opens where a peer had it (`peer_flows`), and
+			   // is told to udplb for the peers (`new_flows`)
 
 // A listener's rate limits, as udplb's socket path counts them
 // (udplb_core::ratelimit): per key and one-second window, at most `limit`, in a count-min
@@ -74,7 +76,7 @@ struct service {
 	__u16 port_base; // masquerade: the balancer's source ports (host order); dsr with
 			 // SERVICE_GUE: the backends' GUE port (host order)
 	__u16 port_count;
-	__u32 pad;
+	__u32 sync_ms; // SERVICE_SYNCED: a peer's flow is followed this long after udplb learned it
 	__u32 limit[LIMITERS]; // per second and key (0: off)
 	__u32 limit_base; // this service's first cell in `limits`
 	__u32 limit_mask; // cells per row - 1 (a power of two - 1)
@@ -157,6 +159,8 @@ enum drop_reason {
 	CUT_FOR_TUNNEL, // dsr: without DF, too big once encapsulated: cut into fragments first
 	DROP_AMPLIFICATION, // a reply beyond its flow's reply ratio (or of no flow)
 	FLOW_REPLACED, // not a drop: a new flow took the slot of one not idle (its bucket full)
+	SYNC_USED, // not a drop: a new flow opened on the backend a peer had it on (`peer_flows`)
+	SYNC_NOT_QUEUED, // not a drop: a new flow not told to udplb for the peers (`new_flows` full)
 	DROP_REASONS,
 };
 
@@ -492,6 +496,31 @@ struct {
 #endif
 } persist SEC(".maps");
 
+// Flows of the peer instances (`[sync]`), as udplb learned them: by flow key, the backend the
+// peer's flow is on, and when udplb learned it (`last_ns`). Consulted when a flow opens.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024); // set by udplb before loading (`sync.max_entries`)
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} peer_flows SEC(".maps");
+
+// A new flow of a SERVICE_SYNCED listener, for udplb to tell its peers: addresses and ports
+// as the packet has them; an IPv4 address in the first word.
+struct new_flow {
+	__u32 service; // the listener's id
+	__u16 client_port;
+	__u16 backend_port;
+	__u32 family; // 4 or 6
+	__u32 client[4];
+	__u32 backend[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20); // about 23,000 new flows between two reads (every 100 ms)
+} new_flows SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536); // set by udplb before loading (as `flows`)
@@ -687,6 +716,51 @@ static __always_inline void remember(const struct service *svc, const struct flo
 		return;
 	struct flow v = {.backend_addr = addr, .backend_port = port, .last_ns = now};
 	bpf_map_update_elem(&persist, &pk, &v, BPF_ANY);
+}
+
+// The backend a peer instance had flow `fk` on (its address, port and flags into `to`, its
+// index into `*b`), if udplb learned it within the listener's `sync_ms` and the backend keeps
+// flows and serves this listener (the flow continues as it would have on the peer). Returns 0
+// when there is none. (Its own function: the IPv4 path has no stack to spare.)
+static __noinline int peer_flow(const struct service *svc, const struct flow_key *fk, __u64 now,
+				struct backend *to, __u32 *b)
+{
+	struct flow *p = bpf_map_lookup_elem(&peer_flows, fk);
+	if (!p || now - p->last_ns > (__u64)svc->sync_ms * 1000000)
+		return 0;
+	struct reply_key rk = {.addr = p->backend_addr, .port = p->backend_port};
+	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
+	if (!r || !(r->flags & BACKEND_KEEPS_FLOWS) || r->service_addr != fk->service_addr ||
+	    r->service_port != fk->service_port)
+		return 0;
+	*b = r->backend;
+	to->addr = rk.addr;
+	to->port = rk.port;
+	to->flags = r->flags;
+	count_drop(SYNC_USED);
+	return 1;
+}
+
+// Tells udplb about new flow `e` of a SERVICE_SYNCED listener, for its peers (without waking
+// it: udplb reads `new_flows` every sync interval).
+static __always_inline void tell_peers(const struct new_flow *e)
+{
+	if (bpf_ringbuf_output(&new_flows, (void *)e, sizeof(*e), BPF_RB_NO_WAKEUP))
+		count_drop(SYNC_NOT_QUEUED);
+}
+
+// As `tell_peers`, for an IPv4 flow. (Its own function: the event would take stack from the
+// IPv4 path.)
+static __noinline void tell_peers4(__u32 service, __u32 client, __u16 client_port, __u32 backend,
+				   __u16 backend_port)
+{
+	struct new_flow e = {.service = service,
+			     .client_port = client_port,
+			     .backend_port = backend_port,
+			     .family = 4,
+			     .client = {client},
+			     .backend = {backend}};
+	tell_peers(&e);
 }
 
 // Counts a flow placed on `backend` (flow mode).
@@ -1787,7 +1861,13 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				count_drop(DROP_FLOW_RATE_LIMITED);
 				return TC_ACT_SHOT;
 			}
-			if (!persists || !persisted(svc, &fk, now, &b, &bflags, &to_addr, &to_port)) {
+			struct backend peer = {};
+			if ((svc->flags & SERVICE_SYNCED) && peer_flow(svc, &fk, now, &peer, &b)) {
+				to_addr = peer.addr;
+				to_port = peer.port;
+				bflags = peer.flags;
+			} else if (!persists ||
+				   !persisted(svc, &fk, now, &b, &bflags, &to_addr, &to_port)) {
 				if (place(svc, client_hash(svc, saddr, sport), &b) < 0) {
 					count_drop(DROP_NO_BACKEND);
 					return TC_ACT_SHOT;
@@ -1808,6 +1888,8 @@ static __noinline int ingress4(struct __sk_buff *skb)
 					add_flow(bk, f, &fk, to_addr, to_port, now, payload,
 						 svc->idle_ns);
 				count_flow(b);
+				if (svc->flags & SERVICE_SYNCED)
+					tell_peers4(svc->id, saddr, sport, to_addr, to_port);
 			} else if (bk && !f)
 				// A local client in datagram mode: remembered once (never placed by it),
 				// so that its replies, to this host, are known as replies.

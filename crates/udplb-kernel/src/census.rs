@@ -3,8 +3,8 @@
 //!
 //! Owns: reading one flow slot as the program lays it out (`struct flow_slot` and
 //! `struct flow6_slot`), judging whether it holds a live flow of a kernel listener, adding
-//! the live ones up, and the program's seeded bucket hash mirrored (which bucket a flow's key
-//! is in).
+//! the live ones up, the program's seeded bucket hash mirrored (which bucket a flow's key
+//! is in), and reading a new flow the program tells for the peers (`struct new_flow`).
 //! Must not: map or read the tables' memory (the loaded program's side hands each slot's bytes
 //! here, read consistently), nor change a slot: the program alone writes them.
 
@@ -84,6 +84,17 @@ impl Matcher {
     /// flow of a listener counted: an empty slot names no service port, a slot of a listener
     /// gone names none counted, and a flow idle beyond its listener's timeout is gone.
     fn live_flow(&self, slot: &[u8], now: u32) -> Option<(usize, SocketAddr)> {
+        self.live_client_flow(slot, now)
+            .map(|(id, _, backend)| (id, backend))
+    }
+
+    /// As [`Matcher::live_flow`], with the flow's client: listener (its place), client,
+    /// backend.
+    pub fn live_client_flow(
+        &self,
+        slot: &[u8],
+        now: u32,
+    ) -> Option<(usize, SocketAddr, SocketAddr)> {
         let s = Slot::parse(slot)?;
         if s.service.port() == 0 {
             return None;
@@ -92,8 +103,39 @@ impl Matcher {
         if l.datagram || !live(s.last, now, l.idle) {
             return None;
         }
-        Some((*id, s.backend))
+        Some((*id, s.client, s.backend))
     }
+}
+
+/// Bytes of a new flow the program tells for the peers (`struct new_flow`).
+pub const NEW_FLOW_BYTES: usize = 44;
+
+/// A new flow as the program tells it (`struct new_flow`): its listener's id, client and
+/// backend. `None` for anything else.
+pub fn parse_new_flow(bytes: &[u8]) -> Option<(usize, SocketAddr, SocketAddr)> {
+    if bytes.len() != NEW_FLOW_BYTES {
+        return None;
+    }
+    let id = u32::from_ne_bytes(bytes[0..4].try_into().ok()?) as usize;
+    let client_port = u16::from_be_bytes(bytes[4..6].try_into().ok()?);
+    let backend_port = u16::from_be_bytes(bytes[6..8].try_into().ok()?);
+    let family = u32::from_ne_bytes(bytes[8..12].try_into().ok()?);
+    let addr = |at: usize| -> Option<IpAddr> {
+        match family {
+            4 => Some(IpAddr::V4(Ipv4Addr::from(
+                <[u8; 4]>::try_from(&bytes[at..at + 4]).ok()?,
+            ))),
+            6 => Some(IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(&bytes[at..at + 16]).ok()?,
+            ))),
+            _ => None,
+        }
+    };
+    Some((
+        id,
+        SocketAddr::new(addr(12)?, client_port),
+        SocketAddr::new(addr(28)?, backend_port),
+    ))
 }
 
 /// Whether a flow last seen at flow time `last` is live at `now` with `idle` units of idle
@@ -164,6 +206,7 @@ pub fn flow_in(slot: &[u8], key: &[u8]) -> Option<(SocketAddr, u32)> {
 
 /// The fields of a slot the census reads.
 struct Slot {
+    client: SocketAddr,
     service: SocketAddr,
     backend: SocketAddr,
     last: u32,
@@ -193,12 +236,14 @@ impl Slot {
         if bytes.len() == SLOT_BYTES.0 {
             // client addr, service addr, client port, service port, word, backend addr, last
             Some(Slot {
+                client: SocketAddr::new(v4_at(0)?, port_at(8)?),
                 service: SocketAddr::new(v4_at(4)?, port_at(10)?),
                 backend: SocketAddr::new(v4_at(16)?, backend_port(WORD_AT.0)?),
                 last: u32_at(20)?,
             })
         } else if bytes.len() == SLOT_BYTES.1 {
             Some(Slot {
+                client: SocketAddr::new(v6_at(0)?, port_at(32)?),
                 service: SocketAddr::new(v6_at(16)?, port_at(34)?),
                 backend: SocketAddr::new(v6_at(40)?, backend_port(WORD_AT.1)?),
                 last: u32_at(56)?,
@@ -251,6 +296,67 @@ mod tests {
                 datagram: true,
             },
         ]
+    }
+
+    /// A live flow is read with its client (what `[sync]` renews); an idle one is not.
+    #[test]
+    fn a_live_flow_is_read_with_its_client() {
+        let m = Matcher::new(listeners().into_iter().enumerate());
+        let now = 1_000;
+        for (client, service, backend, id) in [
+            ("192.0.2.1:4000", "10.0.0.1:53", "10.1.0.1:5353", 0),
+            ("[2001:db8::1]:4001", "[fd00::1]:53", "[fd00::b]:53", 1),
+        ] {
+            let live = slot(client, service, backend, 2, now - 1);
+            assert_eq!(
+                m.live_client_flow(&live, now),
+                Some((id, client.parse().unwrap(), backend.parse().unwrap()))
+            );
+            let idle = slot(client, service, backend, 2, now - 101);
+            assert_eq!(m.live_client_flow(&idle, now), None);
+        }
+    }
+
+    /// A new flow as the program tells it (`struct new_flow`), IPv4 and IPv6; anything else is
+    /// not one.
+    #[test]
+    fn new_flows_are_read_as_the_program_tells_them() {
+        let event = |family: u32, client: &[u8], backend: &[u8]| {
+            let mut e = Vec::new();
+            e.extend(7u32.to_ne_bytes());
+            e.extend(4000u16.to_be_bytes());
+            e.extend(53u16.to_be_bytes());
+            e.extend(family.to_ne_bytes());
+            let mut addr = [0u8; 16];
+            addr[..client.len()].copy_from_slice(client);
+            e.extend(addr);
+            let mut addr = [0u8; 16];
+            addr[..backend.len()].copy_from_slice(backend);
+            e.extend(addr);
+            e
+        };
+        let v4 = event(4, &[192, 0, 2, 1], &[10, 1, 0, 1]);
+        assert_eq!(v4.len(), NEW_FLOW_BYTES);
+        assert_eq!(
+            parse_new_flow(&v4),
+            Some((
+                7,
+                "192.0.2.1:4000".parse().unwrap(),
+                "10.1.0.1:53".parse().unwrap()
+            ))
+        );
+        let (c, b): (Ipv6Addr, Ipv6Addr) =
+            ("2001:db8::1".parse().unwrap(), "fd00::b".parse().unwrap());
+        assert_eq!(
+            parse_new_flow(&event(6, &c.octets(), &b.octets())),
+            Some((
+                7,
+                "[2001:db8::1]:4000".parse().unwrap(),
+                "[fd00::b]:53".parse().unwrap()
+            ))
+        );
+        assert_eq!(parse_new_flow(&event(5, &[1; 16], &[2; 16])), None);
+        assert_eq!(parse_new_flow(&v4[..40]), None);
     }
 
     #[test]

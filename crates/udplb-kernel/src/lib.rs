@@ -164,6 +164,10 @@ pub struct Service {
     pub limits: Option<Limits>,
     /// Replied payload bytes per byte a flow's client sent, at most (`None`: unlimited).
     pub reply_ratio: Option<u32>,
+    /// `[sync]` (flow mode): its new flows are told to udplb for the peers
+    /// ([`Kernel::new_flows`]), and a new flow opens where a peer had it if udplb learned that
+    /// ([`Kernel::learn`]) at most this long ago; `None`: off.
+    pub sync: Option<Duration>,
 }
 
 impl Service {
@@ -313,6 +317,10 @@ pub struct Drops {
     /// Not a drop: new flows that took the place of a flow not idle (their bucket of the flow
     /// table full, the table too small for the flows).
     pub flows_replaced: u64,
+    /// Not a drop: new flows opened on the backend a peer instance had them on (`[sync]`).
+    pub sync_used: u64,
+    /// Not a drop: new flows not told to udplb for the peers (the program's queue was full).
+    pub sync_not_queued: u64,
 }
 
 /// Whether this udplb was built with the program.
@@ -334,9 +342,14 @@ impl Kernel {
     pub fn load(
         _sizes: MapSizes,
         _limit_cells: u32,
+        _peer_flows: u32,
         _pin_dir: Option<&std::path::Path>,
     ) -> Result<Kernel, Error> {
         Err(Error::NotBuilt)
+    }
+    pub fn new_flows(&mut self, _out: &mut Vec<(usize, SocketAddr, SocketAddr)>) {}
+    pub fn learn(&mut self, _id: usize, _client: SocketAddr, _backend: SocketAddr) -> bool {
+        false
     }
     pub fn attach(&mut self, _interfaces: &[String]) -> Result<(), Error> {
         Err(Error::NotBuilt)
@@ -372,6 +385,13 @@ pub struct FlowCount(());
 impl FlowCount {
     pub fn run(&self) -> census::FlowCensus {
         census::FlowCensus::new(MAX_SERVICES, (0, 0))
+    }
+    pub fn synced_flows(
+        &self,
+        _part: usize,
+        _parts: usize,
+        _out: &mut Vec<(usize, SocketAddr, SocketAddr)>,
+    ) {
     }
 }
 

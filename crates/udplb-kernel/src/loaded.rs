@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
@@ -49,6 +49,7 @@ const SERVICE_DSR: u32 = 16;
 const SERVICE_GUE: u32 = 32;
 const SERVICE_PERSIST: u32 = 64;
 const SERVICE_REPLY_RATIO: u32 = 128;
+const SERVICE_SYNCED: u32 = 256;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,7 +61,7 @@ struct ServiceValue {
     schedule_len: u32,
     port_base: u16,
     port_count: u16,
-    pad: u32,
+    sync_ms: u32,
     limit: [u32; 4],
     limit_base: u32,
     limit_mask: u32,
@@ -288,6 +289,10 @@ pub struct Kernel {
     acl6_deny: LpmTrie<MapData, [u8; 20], u8>,
     /// The flow tables, mapped for counting their live flows.
     tables: std::sync::Arc<[MappedTable; 2]>,
+    /// `[sync]`: the peers' flows as learned, and the new flows to tell them.
+    peer_flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    peer_flows6: BpfHashMap<MapData, Flow6Key, Flow6Value>,
+    new_flows: RingBuf<MapData>,
     written: Vec<Written>,
 }
 
@@ -300,14 +305,19 @@ impl Kernel {
     /// cells (the listeners' [`crate::limit_cells`] summed; needs CAP_BPF, CAP_PERFMON and
     /// CAP_NET_ADMIN, or root). With `pin_dir` (a directory on a bpf file system) the flow
     /// and masquerade maps are kept there and reused: flows continue across udplb processes
-    /// (a pinned map of another size starts afresh, said in the log).
+    /// (a pinned map of another size starts afresh, said in the log). `peer_flows`: the
+    /// entries of each family's map of the peers' flows (`[sync]`'s `max_entries`; 1 without
+    /// it).
     pub fn load(
         sizes: MapSizes,
         limit_cells: u32,
+        peer_flows: u32,
         pin_dir: Option<&std::path::Path>,
     ) -> Result<Kernel, Error> {
         let mut loader = EbpfLoader::new();
         loader.set_max_entries("limits", limit_cells.max(1));
+        loader.set_max_entries("peer_flows", peer_flows.max(1));
+        loader.set_max_entries("peer_flows6", peer_flows.max(1));
         for (name, entries) in sizes.by_name() {
             loader.set_max_entries(name, entries);
         }
@@ -344,6 +354,9 @@ impl Kernel {
         let replies6 = BpfHashMap::try_from(take("replies6")?).map_err(update_error)?;
         let acl6_allow = LpmTrie::try_from(take("acl6_allow")?).map_err(update_error)?;
         let acl6_deny = LpmTrie::try_from(take("acl6_deny")?).map_err(update_error)?;
+        let peer_flows = BpfHashMap::try_from(take("peer_flows")?).map_err(update_error)?;
+        let peer_flows6 = BpfHashMap::try_from(take("peer_flows6")?).map_err(update_error)?;
+        let new_flows = RingBuf::try_from(take("new_flows")?).map_err(update_error)?;
         set_flow_params(&mut ebpf, &sizes)?;
         let tables = std::sync::Arc::new([
             MappedTable::of(&ebpf, "flows", sizes.flows, 0)?,
@@ -370,6 +383,9 @@ impl Kernel {
             acl6_allow,
             acl6_deny,
             tables,
+            peer_flows,
+            peer_flows6,
+            new_flows,
             written: (0..MAX_SERVICES).map(|_| Written::default()).collect(),
         })
     }
@@ -502,6 +518,11 @@ impl Kernel {
                 } else {
                     0
                 }
+                | if s.sync.is_some() && !s.datagram {
+                    SERVICE_SYNCED
+                } else {
+                    0
+                }
                 | match s.method {
                     Method::Nat => 0,
                     Method::Masquerade { .. } => SERVICE_MASQUERADE,
@@ -523,7 +544,9 @@ impl Kernel {
                 Method::Masquerade { first, last } => last.saturating_sub(first).saturating_add(1),
                 _ => 0,
             },
-            pad: 0,
+            sync_ms: s
+                .sync
+                .map_or(0, |d| d.as_millis().clamp(1, u128::from(u32::MAX)) as u32),
             limit: s.limits.map_or([0; 4], |l| {
                 [
                     l.datagrams_per_source,
@@ -710,9 +733,17 @@ impl Kernel {
                 Some((id, counted))
             })
             .collect();
+        let synced = self
+            .written
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.value.is_some_and(|v| v.flags & SERVICE_SYNCED != 0))
+            .map(|(id, _)| id)
+            .collect();
         FlowCount {
             tables: self.tables.clone(),
             listeners,
+            synced,
         }
     }
 
@@ -803,6 +834,69 @@ impl Kernel {
         })
     }
 
+    /// Moves the new flows the program told since the last call (`[sync]` listeners) into
+    /// `out`: service id, client, backend. Reads what is queued without waiting.
+    pub fn new_flows(&mut self, out: &mut Vec<(usize, SocketAddr, SocketAddr)>) {
+        while let Some(item) = self.new_flows.next() {
+            if let Some(flow) = census::parse_new_flow(&item) {
+                out.push(flow);
+            }
+        }
+    }
+
+    /// Records that a peer instance has `client`'s flow on service `id` on `backend`: a new
+    /// flow of that client opens there while the backend keeps flows, for the service's
+    /// `sync` window from now. `false` when the service is not synced, the addresses are not
+    /// of its family, or the map refused the entry.
+    pub fn learn(&mut self, id: usize, client: SocketAddr, backend: SocketAddr) -> bool {
+        let Some(w) = self.written.get(id) else {
+            return false;
+        };
+        let (Some(service), Some(v)) = (w.addr, w.value) else {
+            return false;
+        };
+        if v.flags & SERVICE_SYNCED == 0 {
+            return false;
+        }
+        let client_port = wire_port(client.port());
+        let service_port = wire_port(service.port());
+        let backend_port = wire_port(backend.port());
+        let last_ns = monotonic_ns();
+        match (wire(client.ip()), wire(service.ip()), wire(backend.ip())) {
+            (Wire::V4(client_addr), Wire::V4(service_addr), Wire::V4(backend_addr)) => {
+                let key = FlowKey {
+                    client_addr,
+                    service_addr,
+                    client_port,
+                    service_port,
+                };
+                let value = FlowValue {
+                    backend_addr,
+                    backend_port,
+                    last_ns,
+                    ..FlowValue::default()
+                };
+                self.peer_flows.insert(key, value, 0).is_ok()
+            }
+            (Wire::V6(client_addr), Wire::V6(service_addr), Wire::V6(backend_addr)) => {
+                let key = Flow6Key {
+                    client_addr,
+                    service_addr,
+                    client_port,
+                    service_port,
+                };
+                let value = Flow6Value {
+                    backend_addr,
+                    backend_port,
+                    last_ns,
+                    ..Flow6Value::default()
+                };
+                self.peer_flows6.insert(key, value, 0).is_ok()
+            }
+            _ => false,
+        }
+    }
+
     /// What the program did not forward, by reason.
     pub fn drops(&self) -> Drops {
         let n = |reason: u32| {
@@ -826,6 +920,8 @@ impl Kernel {
             cut_for_tunnel: n(12),
             amplification: n(13),
             flows_replaced: n(14),
+            sync_used: n(15),
+            sync_not_queued: n(16),
         }
     }
 }
@@ -905,6 +1001,37 @@ impl MappedTable {
         }
     }
 
+    /// Each live flow of the listeners `matcher` names in buckets `buckets`, at flow time
+    /// `now`: listener id, client, backend.
+    fn each_live(
+        &self,
+        buckets: std::ops::Range<usize>,
+        matcher: &Matcher,
+        now: u32,
+        mut f: impl FnMut((usize, SocketAddr, SocketAddr)),
+    ) {
+        let slot_bytes = [SLOT_BYTES.0, SLOT_BYTES.1][self.family];
+        let word_at = [WORD_AT.0, WORD_AT.1][self.family];
+        let mut slot = [0u8; SLOT_BYTES.1];
+        let slot = &mut slot[..slot_bytes];
+        let ways = FLOW_WAYS as usize;
+        for index in buckets.start.min(self.buckets) * ways..buckets.end.min(self.buckets) * ways {
+            let at = index * slot_bytes;
+            if self
+                .word(at + word_at)
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
+            {
+                continue;
+            }
+            if (0..4).any(|_| self.read_slot(at, word_at, slot))
+                && let Some(flow) = matcher.live_client_flow(slot, now)
+            {
+                f(flow);
+            }
+        }
+    }
+
     /// Reads the slot at byte `at` into `out` as the program's readers do: kept only if its
     /// version was even and unchanged around the read.
     fn read_slot(&self, at: usize, word_at: usize, out: &mut [u8]) -> bool {
@@ -952,6 +1079,8 @@ impl Drop for MappedTable {
 pub struct FlowCount {
     tables: std::sync::Arc<[MappedTable; 2]>,
     listeners: Vec<(usize, Counted)>,
+    /// The ids of the `[sync]` listeners.
+    synced: Vec<usize>,
 }
 
 impl FlowCount {
@@ -969,6 +1098,33 @@ impl FlowCount {
             table.count_into(&mut census, &matcher, now as u32);
         }
         census
+    }
+
+    /// The live flows of the `[sync]` listeners in part `part` of `parts` of each table (by
+    /// buckets), for renewing them with the peers: listener id, client, backend, into `out`.
+    /// Reading every part in turn reads every slot once.
+    pub fn synced_flows(
+        &self,
+        part: usize,
+        parts: usize,
+        out: &mut Vec<(usize, SocketAddr, SocketAddr)>,
+    ) {
+        if self.synced.is_empty() {
+            return;
+        }
+        let matcher = Matcher::new(
+            self.listeners
+                .iter()
+                .copied()
+                .filter(|(id, _)| self.synced.contains(id)),
+        );
+        let now = (monotonic_ns() >> FLOW_TIME_SHIFT) as u32;
+        let parts = parts.max(1);
+        for table in self.tables.iter() {
+            let from = table.buckets * (part % parts) / parts;
+            let to = table.buckets * (part % parts + 1) / parts;
+            table.each_live(from..to, &matcher, now, |flow| out.push(flow));
+        }
     }
 }
 

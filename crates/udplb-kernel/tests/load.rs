@@ -29,7 +29,7 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
             max_flows: 4096,
         },
     ]);
-    let mut k = Kernel::load(sizes, udplb_kernel::limit_cells(64), None).expect("loads");
+    let mut k = Kernel::load(sizes, udplb_kernel::limit_cells(64), 1024, None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {
             addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 53).into(),
@@ -44,6 +44,7 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
         idle: Duration::from_secs(30),
         persistence: Some(Duration::from_secs(60)),
         reply_ratio: Some(10),
+        sync: Some(Duration::from_secs(120)),
         ring: (0..udplb_kernel::RING_SIZE as u32).map(|i| i % 3).collect(),
         schedule: vec![0, 1, 2],
         allow: vec![
@@ -97,6 +98,15 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
     assert!(k.update(&[fewer.clone(), six]).is_err());
     k.update(&[fewer]).expect("updates");
     assert_eq!(k.drops(), Default::default());
+    // `[sync]`: a peer's flow is learned for a synced listener of its family only; no
+    // traffic, no new flow to tell.
+    let client: SocketAddr = "192.0.2.10:4000".parse().unwrap();
+    assert!(k.learn(0, client, "10.0.0.1:53".parse().unwrap()));
+    assert!(!k.learn(0, client, v6(0x100)));
+    assert!(!k.learn(5, client, "10.0.0.1:53".parse().unwrap()));
+    let mut told = Vec::new();
+    k.new_flows(&mut told);
+    assert!(told.is_empty(), "{told:?}");
 }
 
 fn nix_is_root() -> bool {

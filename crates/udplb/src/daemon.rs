@@ -165,6 +165,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             peers: s.peers.clone(),
             outboxes: bound.share(Arc::clone(&synced)),
             synced,
+            kernel: kernel_plane.clone(),
             stats: Arc::new(sync::Stats::new(s.peers.len())),
         }
     });
@@ -262,6 +263,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
             socket,
             status.synced,
             status.outboxes,
+            status.kernel,
             status.stats,
         );
         let handed = upgrader.handed_over.subscribe();

@@ -18,6 +18,7 @@ use arc_swap::ArcSwap;
 use udplb_config::{Config, Dataplane, Forwarding, PortRange};
 use udplb_core::SchedulerKind;
 use udplb_core::SessionMode;
+use udplb_core::handover::Placement;
 use udplb_core::model::Affinity;
 use udplb_core::sched::Tier;
 use udplb_core::snapshot::Snapshot;
@@ -39,6 +40,8 @@ pub struct KernelPlane {
     /// Per listener (as `listeners`), where its rate limits' cells are in the program's table
     /// (first cell, cells per row), set at start.
     limit_cells: Vec<Option<(u32, u32)>>,
+    /// `[sync]`: how long the program follows a peer's flow after udplb learned it.
+    sync: Option<Duration>,
     /// The snapshot generation the maps say.
     applied: AtomicU64,
     /// The live flows, as last counted ([`KernelPlane::count_flows`]).
@@ -154,7 +157,16 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
              loading the program needs"
         );
     }
-    let mut kernel = udplb_kernel::Kernel::load(sizes, cells, pin_dir.as_deref())?;
+    let sync = cfg.sync.as_ref().map(|_| 2 * crate::sync::hold(cfg));
+    let synced = sync.is_some()
+        && wanted
+            .iter()
+            .any(|&i| cfg.listeners[i].mode != SessionMode::Datagram);
+    let peer_flows = match &cfg.sync {
+        Some(s) if synced => u32::try_from(s.max_entries).unwrap_or(u32::MAX),
+        _ => 1,
+    };
+    let mut kernel = udplb_kernel::Kernel::load(sizes, cells, peer_flows, pin_dir.as_deref())?;
     tracing::info!(
         max_flows,
         buckets = sizes.flows,
@@ -200,7 +212,7 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     let_loopback_take_local_backends(cfg, wanted);
     interfaces.sort();
     interfaces.dedup();
-    kernel.update(&services(snap, wanted, &methods, &limit_cells))?;
+    kernel.update(&services(snap, wanted, &methods, &limit_cells, sync))?;
     kernel.attach(&interfaces)?;
     // The first count (flows kept from an earlier process, if any), before anyone asks.
     let started = Instant::now();
@@ -212,6 +224,7 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         interfaces,
         methods,
         limit_cells,
+        sync,
         applied: AtomicU64::new(snap.generation),
         flows: Mutex::new(FlowCount {
             census: Arc::new(census),
@@ -526,12 +539,13 @@ fn up_interfaces() -> Vec<String> {
 }
 
 /// What the program must know of the `wanted` listeners in `snap` (with their `methods` and
-/// `limit_cells`, as `wanted`).
+/// `limit_cells`, as `wanted`; `sync`: how long a peer's flow is followed, with `[sync]`).
 pub fn services(
     snap: &Snapshot,
     wanted: &[usize],
     methods: &[udplb_kernel::Method],
     limit_cells: &[Option<(u32, u32)>],
+    sync: Option<Duration>,
 ) -> Vec<udplb_kernel::Service> {
     wanted
         .iter()
@@ -570,6 +584,7 @@ pub fn services(
                 method,
                 limits: kernel_limits(spec.limits.as_ref().map(|l| l.settings()), cells),
                 reply_ratio: spec.limits.as_ref().and_then(|l| l.reply_ratio()),
+                sync: sync.filter(|_| spec.mode != SessionMode::Datagram),
             })
         })
         .collect()
@@ -724,6 +739,7 @@ impl KernelPlane {
                     &self.listeners,
                     &self.methods,
                     &self.limit_cells,
+                    self.sync,
                 ));
             match result {
                 Ok(()) => {
@@ -919,6 +935,43 @@ impl KernelPlane {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .flow_of(id, client)
+    }
+
+    /// `[sync]`: the flows to tell the peers about into `out`: the new flows the program
+    /// told since the last call, and the live flows of part `part` of `parts` of the flow
+    /// tables (reading every part in turn renews every live flow once).
+    pub fn synced_flows(&self, part: usize, parts: usize, out: &mut Vec<Placement>) {
+        let mut flows = Vec::new();
+        let count = {
+            let mut kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
+            kernel.new_flows(&mut flows);
+            kernel.flow_count()
+        };
+        count.synced_flows(part, parts, &mut flows);
+        out.extend(flows.into_iter().filter_map(|(id, client, backend)| {
+            Some(Placement {
+                listener: u16::try_from(*self.listeners.get(id)?).ok()?,
+                client,
+                backend,
+            })
+        }));
+    }
+
+    /// `[sync]`: a peer has `p.client`'s flow on `p.backend`; a new flow of that client on
+    /// this kernel listener opens there (while the backend keeps flows). `false` for a
+    /// listener the program does not serve or sync.
+    pub fn learn(&self, p: &Placement) -> bool {
+        let Some(id) = self
+            .listeners
+            .iter()
+            .position(|&l| l == usize::from(p.listener))
+        else {
+            return false;
+        };
+        self.kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .learn(id, p.client, p.backend)
     }
 
     /// What the program did not forward, by reason.

@@ -480,7 +480,7 @@ fn sync_families(state: &State) -> Vec<Family<'static>> {
         "Placements learned from the peers and held (consulted when a flow opens)",
     );
     entries.add(vec![], sync.synced.len() as f64);
-    let dropped: u64 = sync.outboxes.iter().map(|o| o.dropped()).sum();
+    let dropped = sync.not_sent();
     vec![
         counter(
             "sync_messages_sent",
@@ -499,7 +499,8 @@ fn sync_families(state: &State) -> Vec<Family<'static>> {
         ),
         counter(
             "sync_placements_not_sent",
-            "Placements dropped before sending: a worker's outbox was full",
+            "Placements dropped before sending: a worker's outbox (or the kernel program's queue) \
+             was full",
             dropped,
         ),
         counter(
@@ -525,7 +526,7 @@ fn sync_families(state: &State) -> Vec<Family<'static>> {
         counter(
             "sync_placements_used",
             "Flows opened to the backend a peer said the client's flow was on",
-            sync.synced.hits(),
+            sync.used(),
         ),
         refused,
         entries,

@@ -115,8 +115,14 @@ fn kernel_clients_in_namespace() {
     let gate = std::env::var("UDPLB_TEST_KERNEL_GATE")
         .ok()
         .map(std::path::PathBuf::from);
+    // Per round, another target if given (UDPLB_TEST_KERNEL_TARGETS, comma-separated; the
+    // last one for the rounds beyond): the same clients to another balancer.
+    let targets: Vec<SocketAddr> = std::env::var("UDPLB_TEST_KERNEL_TARGETS")
+        .map(|t| t.split(',').map(|a| a.parse().unwrap()).collect())
+        .unwrap_or_else(|_| vec![target]);
     let mut buf = vec![0u8; 65_536];
     for round in 0..rounds {
+        let target = targets[round.min(targets.len() - 1)];
         if let Some(gate) = &gate
             && round > 0
         {
@@ -1777,6 +1783,220 @@ fn datagram_persistence(prefix: &str, v6: bool) {
     for (port, tags) in &per_client {
         assert_eq!(tags.len(), 1, "client {port} spread over {tags:?}");
     }
+}
+
+/// `[sync]` with a kernel listener: its new flows (told by the program) and its live ones
+/// (read from the flow table, a part per interval) reach a peer, whose own table places the
+/// same clients otherwise, and a client the peer placed opens its kernel flow where the peer
+/// had it. The peer is a socket-path udplb on the same host with other weights.
+#[test]
+fn sync_shares_the_kernel_flows_with_a_peer_both_ways() {
+    sync_shares_the_kernel_flows("ulsy", false);
+}
+
+/// The same on IPv6.
+#[test]
+fn ipv6_sync_shares_the_kernel_flows_with_a_peer_both_ways() {
+    sync_shares_the_kernel_flows("ul6s", true);
+}
+
+fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    if v6 {
+        topo.ipv6();
+    }
+    topo.start_backends();
+    let dir = topo.net.dir.clone();
+    let key = dir.join("sync.key");
+    std::fs::write(&key, "the-key-both-balancers-share\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let backends: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
+    let sync = |me: &str, peer: &str| {
+        format!(
+            "[sync]\nlisten = \"{me}:7946\"\npeers = [\"{peer}:7946\"]\nkey_file = \"{}\"\n\
+             interval = \"50ms\"\n",
+            key.display()
+        )
+    };
+    let health = udp_check(200, 200, 1, 2);
+    let pool = format!(
+        "backends = [{}]\n[pools.p.health]\n{health}\n{}",
+        backends.join(", "),
+        sync("127.0.0.1", "127.0.0.2")
+    );
+    topo.start_udplb_with("idle_timeout = \"3s\"", &pool);
+    if topo.without_the_program() {
+        return;
+    }
+    // The peer: the same listener name on the socket path, the third backend weighted 8.
+    let peer_listen: SocketAddr = if v6 {
+        format!("[fd00:97:{}::1]:5301", topo.t)
+    } else {
+        format!("10.97.{}.1:5301", topo.t)
+    }
+    .parse()
+    .unwrap();
+    let weighted: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                "{{ address = {}, weight = {} }}",
+                quoted(topo.backend_addr(i)),
+                if i == 2 { 8 } else { 1 }
+            )
+        })
+        .collect();
+    let peer_toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:9191\"\n[listeners.l]\naddress = \"{peer_listen}\"\n\
+         pool = \"p\"\nidle_timeout = \"3s\"\n[pools.p]\nscheduler = \"maglev\"\n\
+         backends = [{}]\n[pools.p.health]\n{health}\n{}",
+        weighted.join(", "),
+        sync("127.0.0.2", "127.0.0.1")
+    );
+    let peer_config = dir.join("peer.toml");
+    std::fs::write(&peer_config, peer_toml).unwrap();
+    let peer_log = dir.join("peer.log");
+    let child = Net::udplb(&topo.balancer, &peer_config, &peer_log)
+        .spawn()
+        .unwrap();
+    topo.net.keep(child);
+    let peer_api = |path: &str| -> serde_json::Value {
+        let out = Net::exec(&topo.balancer, Path::new("curl"))
+            .args(["-s", "-g", &format!("127.0.0.1:9191{path}")])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    assert!(
+        wait_for(DEADLINE, || peer_api("/stats")["pools"][0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().all(|b| b["healthy"] == true))),
+        "the peer did not come up: {}",
+        std::fs::read_to_string(&peer_log).unwrap_or_default()
+    );
+    let n = 60;
+    let client_ip = topo.client_ip();
+    // Where each client's flow opens on an instance by that instance's own table.
+    let own_pick = |api: &dyn Fn(&str) -> serde_json::Value, port: u16| -> String {
+        let client = SocketAddr::new(client_ip.parse().unwrap(), port);
+        let v = api(&format!("/api/v1/explain?client={client}&listener=l"));
+        let addr = v["table_backend"]
+            .as_str()
+            .or(v["backend"].as_str())
+            .unwrap_or_else(|| panic!("no pick: {v}"))
+            .to_string();
+        (0..3)
+            .find(|&i| topo.backend_addr(i).to_string() == addr)
+            .map_or("?".into(), |i| ["x", "y", "z"][i].to_string())
+    };
+    let sent = |api: &dyn Fn(&str) -> serde_json::Value| api("/stats")["sync"]["sent"].as_u64();
+    let held =
+        |api: &dyn Fn(&str) -> serde_json::Value| api("/stats")["sync"]["placements"].as_u64();
+    let ours = |path: &str| topo.api(path);
+    let run = |targets: &[SocketAddr], rounds: usize, gate: &Path| {
+        std::fs::create_dir_all(gate).unwrap();
+        let list: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        Net::helper(
+            &topo.clients,
+            "kernel_clients_in_namespace",
+            &[
+                ("UDPLB_TEST_KERNEL_TARGET", topo.vip().to_string()),
+                ("UDPLB_TEST_KERNEL_TARGETS", list.join(",")),
+                ("UDPLB_TEST_KERNEL_CLIENTS", n.to_string()),
+                ("UDPLB_TEST_KERNEL_ROUNDS", rounds.to_string()),
+                ("UDPLB_TEST_KERNEL_GATE", gate.display().to_string()),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+    };
+    let round_done = |gate: &Path, r: usize| {
+        assert!(
+            wait_for(DEADLINE, || gate.join(format!("done-{r}")).exists()),
+            "round {r} did not end"
+        );
+    };
+
+    // The kernel's flows to the peer: new ones at once, live ones renewed within an idle
+    // timeout (a second round keeps them live and opens none).
+    let gate = dir.join("export");
+    let helper = run(&[topo.vip(), topo.vip(), peer_listen], 3, &gate);
+    round_done(&gate, 0);
+    // Told by the program as they open, not left to the renewals (a third of the table a
+    // second here).
+    assert!(
+        wait_for(Duration::from_millis(1500), || held(&peer_api)
+            >= Some(n as u64)),
+        "the peer learned {:?} of {n} kernel flows; udplb: {}",
+        held(&peer_api),
+        ours("/stats")["sync"]
+    );
+    std::fs::write(gate.join("go-1"), "").unwrap();
+    round_done(&gate, 1);
+    assert!(
+        wait_for(Duration::from_secs(8), || sent(&ours) >= Some(2 * n as u64)),
+        "the live kernel flows were not renewed: {}",
+        ours("/stats")["sync"]
+    );
+    std::fs::write(gate.join("go-2"), "").unwrap();
+    let out = helper.wait_with_output().unwrap();
+    let rounds = gated_rounds(&String::from_utf8_lossy(&out.stdout), 3);
+    let (kernel, peer) = (backends_of(&rounds[0]), backends_of(&rounds[2]));
+    assert_eq!(kernel.len(), n, "{rounds:?}");
+    assert_eq!(peer, kernel, "the peer opened the kernel's flows elsewhere");
+    let moved = kernel
+        .iter()
+        .filter(|(port, tag)| own_pick(&peer_api, **port) != **tag)
+        .count();
+    assert!(
+        moved > 0,
+        "the peer's own table places every client as the kernel's did: the test shows nothing"
+    );
+    assert!(
+        peer_api("/stats")["sync"]["used"].as_u64() >= Some(moved as u64),
+        "{}",
+        peer_api("/stats")["sync"]
+    );
+
+    // The peer's flows to the kernel: new clients placed by the peer first. (udplb already
+    // holds the peer's flows of the clients before, those it followed.)
+    let before = held(&ours).unwrap_or(0);
+    let gate = dir.join("import");
+    let helper = run(&[peer_listen, topo.vip()], 2, &gate);
+    round_done(&gate, 0);
+    assert!(
+        wait_for(DEADLINE, || held(&ours) >= Some(before + n as u64)),
+        "udplb learned {:?} of the peer's {n} flows: {}",
+        held(&ours),
+        peer_api("/stats")["sync"]
+    );
+    std::fs::write(gate.join("go-1"), "").unwrap();
+    let out = helper.wait_with_output().unwrap();
+    let rounds = gated_rounds(&String::from_utf8_lossy(&out.stdout), 2);
+    let (peer, kernel) = (backends_of(&rounds[0]), backends_of(&rounds[1]));
+    assert_eq!(peer.len(), n, "{rounds:?}");
+    assert_eq!(
+        kernel,
+        peer,
+        "the kernel opened the peer's flows elsewhere: {}",
+        ours("/stats")["sync"]
+    );
+    let moved = peer
+        .iter()
+        .filter(|(port, tag)| own_pick(&ours, **port) != **tag)
+        .count();
+    assert!(
+        moved > 0,
+        "udplb's own table places every client as the peer did"
+    );
+    assert!(
+        ours("/stats")["sync"]["used"].as_u64() >= Some(moved as u64),
+        "{}",
+        ours("/stats")["sync"]
+    );
 }
 
 #[test]

@@ -25,6 +25,7 @@ use udplb_core::SessionMode;
 use udplb_core::handover::Placement;
 use udplb_core::sync::{Outbox, Recorded, Synced};
 
+use crate::kernel::KernelPlane;
 use wire::{ENTRIES_PER_MESSAGE, Entry, Key, MAX_MESSAGE, Refused, Window};
 
 /// Senders whose sequence windows are kept at most (a peer that restarts is a new sender).
@@ -73,6 +74,11 @@ pub struct Sync {
     hold: Duration,
     synced: Arc<Synced>,
     outboxes: Vec<Arc<Outbox>>,
+    /// The kernel data plane, whose listeners' flows are shared too: its new flows and, a
+    /// part of its tables per interval (`renew_part` of `renew_parts`), its live ones.
+    kernel: Option<Arc<KernelPlane>>,
+    renew_part: usize,
+    renew_parts: usize,
     /// Listener index (snapshot order) → its id between instances, and back.
     ids: Vec<u64>,
     indexes: HashMap<u64, u16>,
@@ -82,6 +88,19 @@ pub struct Sync {
     stats: Arc<Stats>,
     /// When a refused datagram was last logged (at most one a minute).
     warned: Option<std::time::Instant>,
+}
+
+/// How long a learned placement is held at least (at most twice this): twice the longest idle
+/// timeout of the listeners with flows, and at least a second.
+pub fn hold(cfg: &Config) -> Duration {
+    let longest = cfg
+        .listeners
+        .iter()
+        .filter(|l| l.mode != SessionMode::Datagram)
+        .map(|l| l.idle_timeout)
+        .max()
+        .unwrap_or_default();
+    (2 * longest).max(MIN_HOLD)
 }
 
 /// Reads the key and binds `sync.listen`, unless a predecessor handed over its socket
@@ -109,9 +128,26 @@ pub struct Status {
     pub stats: Arc<Stats>,
     pub synced: Arc<Synced>,
     pub outboxes: Vec<Arc<Outbox>>,
+    /// The kernel data plane, if it serves listeners (its flows are shared too).
+    pub kernel: Option<Arc<KernelPlane>>,
 }
 
 impl Status {
+    /// Flows opened where a peer said their client's flow was: by the workers and by the
+    /// kernel's program.
+    pub fn used(&self) -> u64 {
+        self.synced.hits() + self.kernel.as_ref().map_or(0, |k| k.drops().sync_used)
+    }
+
+    /// Placements dropped before sending: a worker's outbox, or the program's queue, was full.
+    pub fn not_sent(&self) -> u64 {
+        self.outboxes.iter().map(|o| o.dropped()).sum::<u64>()
+            + self
+                .kernel
+                .as_ref()
+                .map_or(0, |k| k.drops().sync_not_queued)
+    }
+
     /// The `sync` object of `/stats`.
     pub fn json(&self) -> serde_json::Value {
         let s = &self.stats;
@@ -137,10 +173,10 @@ impl Status {
             "listen": self.listen.to_string(),
             "peers": peers,
             "placements": self.synced.len(),
-            "used": self.synced.hits(),
+            "used": self.used(),
             "sent": n(&s.placements_sent),
             "received": n(&s.placements_received),
-            "not_sent": self.outboxes.iter().map(|o| o.dropped()).sum::<u64>(),
+            "not_sent": self.not_sent(),
             "table_full": n(&s.table_full),
             "refused": refused,
         })
@@ -155,6 +191,7 @@ impl Sync {
         (socket, key): (std::net::UdpSocket, Key),
         synced: Arc<Synced>,
         outboxes: Vec<Arc<Outbox>>,
+        kernel: Option<Arc<KernelPlane>>,
         stats: Arc<Stats>,
     ) -> Sync {
         let ids: Vec<u64> = cfg
@@ -167,26 +204,30 @@ impl Sync {
             .enumerate()
             .map(|(i, &id)| (id, i as u16))
             .collect();
-        let longest = cfg
+        if cfg
             .listeners
             .iter()
-            .filter(|l| l.mode != SessionMode::Datagram)
-            .map(|l| l.idle_timeout)
-            .max();
-        if longest.is_none() {
+            .all(|l| l.mode == SessionMode::Datagram)
+        {
             tracing::warn!(
                 "sync: every listener is in datagram mode, which keeps no flows: nothing to share"
             );
         }
-        let longest = longest.unwrap_or_default();
+        let hold = hold(cfg);
+        // The kernel's live flows are read a part per interval: each is renewed once per
+        // hold period's half (the longest idle timeout), as the workers renew theirs.
+        let renew_parts = ((hold / 2).as_millis() / sync.interval.as_millis().max(1)).max(1);
         Sync {
             socket,
             key,
             peers: sync.peers.clone(),
             interval: sync.interval,
-            hold: (2 * longest).max(MIN_HOLD),
+            hold,
             synced,
             outboxes,
+            kernel,
+            renew_part: 0,
+            renew_parts: renew_parts as usize,
             ids,
             indexes,
             sender: random_u64(),
@@ -248,6 +289,10 @@ impl Sync {
         for o in &self.outboxes {
             o.drain_into(pending);
         }
+        if let Some(kernel) = &self.kernel {
+            kernel.synced_flows(self.renew_part, self.renew_parts, pending);
+            self.renew_part = (self.renew_part + 1) % self.renew_parts;
+        }
         let entries: Vec<Entry> = pending
             .iter()
             .filter_map(|p| {
@@ -307,12 +352,15 @@ impl Sync {
                 stats.unknown_listener.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let placed = self.synced.record(Placement {
+            let p = Placement {
                 listener,
                 client: e.client,
                 backend: e.backend,
-            });
-            if placed == Recorded::Full {
+            };
+            if let Some(kernel) = &self.kernel {
+                kernel.learn(&p);
+            }
+            if self.synced.record(p) == Recorded::Full {
                 stats.table_full.fetch_add(1, Ordering::Relaxed);
             }
         }
