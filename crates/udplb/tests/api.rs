@@ -694,11 +694,12 @@ fn a_non_loopback_admin_that_allows_changes_needs_a_token() {
 
     let a = Backend::start("127.0.0.1", "a");
     let (lb, _) = Udplb::serve(&["--admin-allow-changes"], &[a.addr]);
-    let stderr = lb.stderr.lock().unwrap().clone();
-    assert!(
-        stderr.contains("WARN") && stderr.contains("without a token"),
-        "{stderr}"
-    );
+    // The log is read by a thread of its own: the warning may reach it a moment later.
+    let warned = || {
+        let stderr = lb.stderr.lock().unwrap();
+        stderr.contains("WARN") && stderr.contains("without a token")
+    };
+    assert!(wait_for(DEADLINE, warned), "{}", lb.stderr.lock().unwrap());
     let _ = std::fs::remove_dir_all(dir);
 }
 
