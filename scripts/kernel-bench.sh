@@ -174,7 +174,7 @@ NFT
             local remember= flow_sync=
             if [[ $1 == sync ]]; then
                 dataplane=kernel
-                printf 'a-bench-key\n' >"$work/sync.key"
+                printf 'a-key-for-the-benchmark-only\n' >"$work/sync.key"
                 chmod 600 "$work/sync.key"
                 flow_sync=$'[sync]\nlisten = "127.0.0.1:7946"\npeers = ["127.0.0.2:7946"]\n'"key_file = \"$work/sync.key\""
             fi

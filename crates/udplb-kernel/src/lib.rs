@@ -342,7 +342,7 @@ impl Kernel {
     pub fn load(
         _sizes: MapSizes,
         _limit_cells: u32,
-        _peer_flows: u32,
+        _peer_flows: (u32, u32),
         _pin_dir: Option<&std::path::Path>,
     ) -> Result<Kernel, Error> {
         Err(Error::NotBuilt)
@@ -350,6 +350,9 @@ impl Kernel {
     pub fn new_flows(&mut self, _out: &mut Vec<(usize, SocketAddr, SocketAddr)>) {}
     pub fn learn(&mut self, _id: usize, _client: SocketAddr, _backend: SocketAddr) -> bool {
         false
+    }
+    pub fn peer_flow(&self, _id: usize, _client: SocketAddr) -> Option<SocketAddr> {
+        None
     }
     pub fn attach(&mut self, _interfaces: &[String]) -> Result<(), Error> {
         Err(Error::NotBuilt)

@@ -306,18 +306,18 @@ impl Kernel {
     /// CAP_NET_ADMIN, or root). With `pin_dir` (a directory on a bpf file system) the flow
     /// and masquerade maps are kept there and reused: flows continue across udplb processes
     /// (a pinned map of another size starts afresh, said in the log). `peer_flows`: the
-    /// entries of each family's map of the peers' flows (`[sync]`'s `max_entries`; 1 without
-    /// it).
+    /// entries of the IPv4 and the IPv6 map of the peers' flows (`[sync]`'s `max_entries` for
+    /// a family with synced listeners; 1 otherwise).
     pub fn load(
         sizes: MapSizes,
         limit_cells: u32,
-        peer_flows: u32,
+        peer_flows: (u32, u32),
         pin_dir: Option<&std::path::Path>,
     ) -> Result<Kernel, Error> {
         let mut loader = EbpfLoader::new();
         loader.set_max_entries("limits", limit_cells.max(1));
-        loader.set_max_entries("peer_flows", peer_flows.max(1));
-        loader.set_max_entries("peer_flows6", peer_flows.max(1));
+        loader.set_max_entries("peer_flows", peer_flows.0.max(1));
+        loader.set_max_entries("peer_flows6", peer_flows.1.max(1));
         for (name, entries) in sizes.by_name() {
             loader.set_max_entries(name, entries);
         }
@@ -895,6 +895,56 @@ impl Kernel {
             }
             _ => false,
         }
+    }
+
+    /// The backend a peer instance has `client`'s flow on, on service `id`, if udplb learned
+    /// it within the service's `sync` window (whether that backend keeps flows is the
+    /// caller's to judge, as the program does by the backend's flags).
+    pub fn peer_flow(&self, id: usize, client: SocketAddr) -> Option<SocketAddr> {
+        let w = self.written.get(id)?;
+        let (service, v) = (w.addr?, w.value?);
+        if v.flags & SERVICE_SYNCED == 0 {
+            return None;
+        }
+        let client_port = wire_port(client.port());
+        let service_port = wire_port(service.port());
+        let (addr, port, last_ns) = match (wire(client.ip()), wire(service.ip())) {
+            (Wire::V4(client_addr), Wire::V4(service_addr)) => {
+                let e = self
+                    .peer_flows
+                    .get(
+                        &FlowKey {
+                            client_addr,
+                            service_addr,
+                            client_port,
+                            service_port,
+                        },
+                        0,
+                    )
+                    .ok()?;
+                let addr = IpAddr::V4(std::net::Ipv4Addr::from(e.backend_addr.to_ne_bytes()));
+                (addr, e.backend_port, e.last_ns)
+            }
+            (Wire::V6(client_addr), Wire::V6(service_addr)) => {
+                let e = self
+                    .peer_flows6
+                    .get(
+                        &Flow6Key {
+                            client_addr,
+                            service_addr,
+                            client_port,
+                            service_port,
+                        },
+                        0,
+                    )
+                    .ok()?;
+                (IpAddr::V6(e.backend_addr.into()), e.backend_port, e.last_ns)
+            }
+            _ => return None,
+        };
+        let age = monotonic_ns().saturating_sub(last_ns);
+        (age <= u64::from(v.sync_ms) * 1_000_000)
+            .then(|| SocketAddr::new(addr, u16::from_be_bytes(port.to_ne_bytes())))
     }
 
     /// What the program did not forward, by reason.

@@ -29,7 +29,8 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
             max_flows: 4096,
         },
     ]);
-    let mut k = Kernel::load(sizes, udplb_kernel::limit_cells(64), 1024, None).expect("loads");
+    let mut k =
+        Kernel::load(sizes, udplb_kernel::limit_cells(64), (1024, 1024), None).expect("loads");
     let backends: Vec<Backend> = (1..=3)
         .map(|i| Backend {
             addr: SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, i), 53).into(),

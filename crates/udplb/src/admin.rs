@@ -568,12 +568,15 @@ fn kernel_flows_by_pool(
 }
 
 /// Where a new flow of `client` on listener `li` would go, and why. Flows already established
-/// keep their backend; this answers for a new one. `remembered`: the backend persistence
-/// remembers for the client, if any (it wins while it takes new clients).
+/// keep their backend; this answers for a new one. `peer`: the backend a peer instance has
+/// the client's flow on (`[sync]`; it wins while it keeps flows, in a mode with flows);
+/// `remembered`: the backend persistence remembers for the client, if any (it wins next,
+/// while it takes new clients).
 pub(crate) fn explain_json(
     snap: &Snapshot,
     li: usize,
     client: std::net::SocketAddr,
+    peer: Option<std::net::SocketAddr>,
     remembered: Option<std::net::SocketAddr>,
 ) -> Value {
     use udplb_core::SchedulerKind;
@@ -655,10 +658,32 @@ pub(crate) fn explain_json(
         ),
         None => (backend, reason, None),
     };
+    // A peer's flow of this client (flow-state sync), ahead of persistence and the table.
+    let peer =
+        peer.filter(|_| l.acl.permits(client.ip()) && l.mode != udplb_core::SessionMode::Datagram);
+    let keeps = |p: std::net::SocketAddr| pool.position(&p).is_some_and(|i| pool.keeps_flows(i));
+    let (backend, reason, table_backend) = match peer {
+        Some(p) if keeps(p) => (
+            Some(p.to_string()),
+            "flow-state sync: a peer instance has this client's flow on this backend, which \
+             keeps flows here: the flow continues there"
+                .to_string(),
+            table_backend.or(backend),
+        ),
+        Some(p) => (
+            backend,
+            format!(
+                "{reason} (a peer instance has the client's flow on {p}, which keeps no flows here)"
+            ),
+            table_backend,
+        ),
+        None => (backend, reason, table_backend),
+    };
     json!({
         "listener": l.name,
         "client": client.to_string(),
         "pool": pool.name,
+        "peer": peer.map(|p| p.to_string()),
         "remembered": persisted.map(|r| r.to_string()),
         "table_backend": table_backend,
         "scheduler": pool.scheduler.name(),

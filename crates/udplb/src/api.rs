@@ -178,7 +178,15 @@ async fn explain(
     // The kernel's flow table is one for all CPUs: whether this client ip:port has a live
     // flow, and where (the workers' flow tables are their own, not asked).
     let flow = kernel.and_then(|k| k.flow_of(li, q.client));
-    let mut explained = crate::admin::explain_json(&snap, li, q.client, remembered);
+    // A peer instance's flow of this client (`[sync]`): the program's map, or the workers'.
+    let peer = match kernel {
+        Some(k) => k.peer_flow(li, q.client),
+        None => state
+            .sync
+            .as_ref()
+            .and_then(|s| s.synced.lookup(u16::try_from(li).ok()?, q.client)),
+    };
+    let mut explained = crate::admin::explain_json(&snap, li, q.client, peer, remembered);
     if let (Some((backend, idle)), serde_json::Value::Object(m)) = (flow, &mut explained) {
         m.insert(
             "flow".into(),

@@ -474,6 +474,7 @@ fn explain_text(v: &Value) -> String {
         .map(text)
         .collect();
     let mut table = match v["table_backend"].as_str() {
+        Some(t) if v["backend"] == v["peer"] => format!("  without the peer's flow: {t}\n"),
         Some(t) => format!("  without persistence: {t}\n"),
         None => String::new(),
     };

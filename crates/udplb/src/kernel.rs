@@ -158,14 +158,18 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         );
     }
     let sync = cfg.sync.as_ref().map(|_| 2 * crate::sync::hold(cfg));
-    let synced = sync.is_some()
-        && wanted
-            .iter()
-            .any(|&i| cfg.listeners[i].mode != SessionMode::Datagram);
-    let peer_flows = match &cfg.sync {
-        Some(s) if synced => u32::try_from(s.max_entries).unwrap_or(u32::MAX),
+    // The peers' flows, per family with synced listeners: `[sync]`'s `max_entries`.
+    let peer_flows_of = |v4: bool| match &cfg.sync {
+        Some(s)
+            if wanted
+                .iter()
+                .any(|&i| cfg.listeners[i].mode != SessionMode::Datagram && on_ipv4(&i) == v4) =>
+        {
+            u32::try_from(s.max_entries).unwrap_or(u32::MAX)
+        }
         _ => 1,
     };
+    let peer_flows = (peer_flows_of(true), peer_flows_of(false));
     let mut kernel = udplb_kernel::Kernel::load(sizes, cells, peer_flows, pin_dir.as_deref())?;
     tracing::info!(
         max_flows,
@@ -955,6 +959,16 @@ impl KernelPlane {
                 backend,
             })
         }));
+    }
+
+    /// `[sync]`: the backend a peer instance has `client`'s flow on, on listener `li` (a
+    /// snapshot index), as the program would follow it (learned within the listener's window).
+    pub fn peer_flow(&self, li: usize, client: SocketAddr) -> Option<SocketAddr> {
+        let id = self.listeners.iter().position(|&l| l == li)?;
+        self.kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peer_flow(id, client)
     }
 
     /// `[sync]`: a peer has `p.client`'s flow on `p.backend`; a new flow of that client on

@@ -123,6 +123,8 @@ fn kernel_clients_in_namespace() {
     let mut buf = vec![0u8; 65_536];
     for round in 0..rounds {
         let target = targets[round.min(targets.len() - 1)];
+        // A gated round's replies, also written to its `done-ROUND` file.
+        let mut replies = String::new();
         if let Some(gate) = &gate
             && round > 0
         {
@@ -143,7 +145,10 @@ fn kernel_clients_in_namespace() {
                     let mut parts = text.splitn(3, '|');
                     let (tag, seen) = (parts.next().unwrap_or("?"), parts.next().unwrap_or("?"));
                     if gate.is_some() {
-                        println!("round {round} {} {from} {tag} {seen}", local.port());
+                        let line = format!("round {round} {} {from} {tag} {seen}", local.port());
+                        println!("{line}");
+                        replies += &line;
+                        replies.push('\n');
                     } else {
                         println!("{} {from} {tag} {seen}", local.port());
                     }
@@ -152,7 +157,7 @@ fn kernel_clients_in_namespace() {
             }
         }
         if let Some(gate) = &gate {
-            std::fs::write(gate.join(format!("done-{round}")), "").unwrap();
+            std::fs::write(gate.join(format!("done-{round}")), &replies).unwrap();
         }
     }
 }
@@ -1849,7 +1854,7 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
         .collect();
     let peer_toml = format!(
         "[admin]\nlisten = \"127.0.0.1:9191\"\n[listeners.l]\naddress = \"{peer_listen}\"\n\
-         pool = \"p\"\nidle_timeout = \"3s\"\n[pools.p]\nscheduler = \"maglev\"\n\
+         pool = \"p\"\nidle_timeout = \"10s\"\n[pools.p]\nscheduler = \"maglev\"\n\
          backends = [{}]\n[pools.p.health]\n{health}\n{}",
         weighted.join(", "),
         sync("127.0.0.2", "127.0.0.1")
@@ -1877,18 +1882,35 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
     );
     let n = 60;
     let client_ip = topo.client_ip();
+    let tag_of = |addr: &serde_json::Value| {
+        (0..3)
+            .find(|&i| addr.as_str() == Some(&topo.backend_addr(i).to_string()))
+            .map_or("?".to_string(), |i| ["x", "y", "z"][i].to_string())
+    };
+    let explain = |api: &dyn Fn(&str) -> serde_json::Value, port: u16| {
+        let client = SocketAddr::new(client_ip.parse().unwrap(), port);
+        api(&format!("/api/v1/explain?client={client}&listener=l"))
+    };
     // Where each client's flow opens on an instance by that instance's own table.
     let own_pick = |api: &dyn Fn(&str) -> serde_json::Value, port: u16| -> String {
-        let client = SocketAddr::new(client_ip.parse().unwrap(), port);
-        let v = api(&format!("/api/v1/explain?client={client}&listener=l"));
-        let addr = v["table_backend"]
-            .as_str()
-            .or(v["backend"].as_str())
-            .unwrap_or_else(|| panic!("no pick: {v}"))
-            .to_string();
-        (0..3)
-            .find(|&i| topo.backend_addr(i).to_string() == addr)
-            .map_or("?".into(), |i| ["x", "y", "z"][i].to_string())
+        let v = explain(api, port);
+        tag_of(if v["table_backend"].is_null() {
+            &v["backend"]
+        } else {
+            &v["table_backend"]
+        })
+    };
+    // Explain names the peer's flow, and a new flow going there.
+    let explains_the_peer = |api: &dyn Fn(&str) -> serde_json::Value,
+                             placed: &HashMap<u16, String>| {
+        for (port, tag) in placed {
+            let v = explain(api, *port);
+            assert_eq!(
+                (tag_of(&v["peer"]), tag_of(&v["backend"])),
+                (tag.clone(), tag.clone()),
+                "{v}"
+            );
+        }
     };
     let sent = |api: &dyn Fn(&str) -> serde_json::Value| api("/stats")["sync"]["sent"].as_u64();
     let held =
@@ -1960,15 +1982,20 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
         "{}",
         peer_api("/stats")["sync"]
     );
+    explains_the_peer(&peer_api, &kernel);
 
-    // The peer's flows to the kernel: new clients placed by the peer first. (udplb already
-    // holds the peer's flows of the clients before, those it followed.)
-    let before = held(&ours).unwrap_or(0);
+    // The peer's flows to the kernel: new clients placed by the peer first, until udplb's
+    // explain names a peer's flow for each (the program's map, as the program reads it).
     let gate = dir.join("import");
     let helper = run(&[peer_listen, topo.vip()], 2, &gate);
     round_done(&gate, 0);
+    let first = std::fs::read_to_string(gate.join("done-0")).unwrap();
+    let placed = backends_of(&gated_rounds(&first, 1)[0]);
+    assert_eq!(placed.len(), n, "{first}");
     assert!(
-        wait_for(DEADLINE, || held(&ours) >= Some(before + n as u64)),
+        wait_for(DEADLINE, || placed
+            .keys()
+            .all(|&port| !explain(&ours, port)["peer"].is_null())),
         "udplb learned {:?} of the peer's {n} flows: {}",
         held(&ours),
         peer_api("/stats")["sync"]
@@ -1992,6 +2019,7 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
         moved > 0,
         "udplb's own table places every client as the peer did"
     );
+    explains_the_peer(&ours, &peer);
     assert!(
         ours("/stats")["sync"]["used"].as_u64() >= Some(moved as u64),
         "{}",
