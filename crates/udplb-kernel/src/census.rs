@@ -88,8 +88,8 @@ impl Matcher {
             .map(|(id, _, backend)| (id, backend))
     }
 
-    /// As [`Matcher::live_flow`], with the flow's client: listener (its place), client,
-    /// backend.
+    /// The listener (its place), client and backend of the flow in `slot`, if the slot holds
+    /// a live flow of a listener counted (as the count judges it).
     pub fn live_client_flow(
         &self,
         slot: &[u8],
