@@ -235,6 +235,53 @@ unsafe impl Pod for Flow6Key {}
 // SAFETY: as above.
 unsafe impl Pod for Flow6Value {}
 
+/// The backend and time (`last_ns`) of the entry of `client` (its port `client_port` as the
+/// map keys it, network order) on `service` in a map of `struct flow` entries (a persistence
+/// or peer-flows map), the IPv4 or the IPv6 one of `maps` by the addresses' family.
+fn flow_entry<T4, T6>(
+    maps: (
+        &BpfHashMap<T4, FlowKey, FlowValue>,
+        &BpfHashMap<T6, Flow6Key, Flow6Value>,
+    ),
+    client: IpAddr,
+    client_port: u16,
+    service: SocketAddr,
+) -> Option<(SocketAddr, u64)>
+where
+    T4: std::borrow::Borrow<MapData>,
+    T6: std::borrow::Borrow<MapData>,
+{
+    let service_port = wire_port(service.port());
+    let (addr, port, last_ns) = match (wire(client), wire(service.ip())) {
+        (Wire::V4(client_addr), Wire::V4(service_addr)) => {
+            let key = FlowKey {
+                client_addr,
+                service_addr,
+                client_port,
+                service_port,
+            };
+            let e = maps.0.get(&key, 0).ok()?;
+            let addr = IpAddr::V4(std::net::Ipv4Addr::from(e.backend_addr.to_ne_bytes()));
+            (addr, e.backend_port, e.last_ns)
+        }
+        (Wire::V6(client_addr), Wire::V6(service_addr)) => {
+            let key = Flow6Key {
+                client_addr,
+                service_addr,
+                client_port,
+                service_port,
+            };
+            let e = maps.1.get(&key, 0).ok()?;
+            (IpAddr::V6(e.backend_addr.into()), e.backend_port, e.last_ns)
+        }
+        _ => return None,
+    };
+    Some((
+        SocketAddr::new(addr, u16::from_be_bytes(port.to_ne_bytes())),
+        last_ns,
+    ))
+}
+
 /// A port as the program reads it from a packet (network order in memory).
 fn wire_port(port: u16) -> u16 {
     u16::from_ne_bytes(port.to_be_bytes())
@@ -762,39 +809,12 @@ impl Kernel {
         } else {
             wire_port(client.port())
         };
-        let service_port = wire_port(service.port());
-        let (addr, port, last_ns) = match (wire(client.ip()), wire(service.ip())) {
-            (Wire::V4(client_addr), Wire::V4(service_addr)) => {
-                let map: BpfHashMap<_, FlowKey, FlowValue> =
-                    BpfHashMap::try_from(self.ebpf.map("persist")?).ok()?;
-                let key = FlowKey {
-                    client_addr,
-                    service_addr,
-                    client_port,
-                    service_port,
-                };
-                let e = map.get(&key, 0).ok()?;
-                let addr = IpAddr::V4(std::net::Ipv4Addr::from(e.backend_addr.to_ne_bytes()));
-                (addr, e.backend_port, e.last_ns)
-            }
-            (Wire::V6(client_addr), Wire::V6(service_addr)) => {
-                let map: BpfHashMap<_, Flow6Key, Flow6Value> =
-                    BpfHashMap::try_from(self.ebpf.map("persist6")?).ok()?;
-                let key = Flow6Key {
-                    client_addr,
-                    service_addr,
-                    client_port,
-                    service_port,
-                };
-                let e = map.get(&key, 0).ok()?;
-                (IpAddr::V6(e.backend_addr.into()), e.backend_port, e.last_ns)
-            }
-            _ => return None,
-        };
-        let now = monotonic_ns();
-        let age = now.saturating_sub(last_ns);
-        (age <= v.idle_ns.saturating_add(v.persist_ns))
-            .then(|| SocketAddr::new(addr, u16::from_be_bytes(port.to_ne_bytes())))
+        let persist = BpfHashMap::try_from(self.ebpf.map("persist")?).ok()?;
+        let persist6 = BpfHashMap::try_from(self.ebpf.map("persist6")?).ok()?;
+        let (backend, last_ns) =
+            flow_entry((&persist, &persist6), client.ip(), client_port, service)?;
+        let age = monotonic_ns().saturating_sub(last_ns);
+        (age <= v.idle_ns.saturating_add(v.persist_ns)).then_some(backend)
     }
 
     /// The live flow of `client` on service `id` in the flow table, if it has one: its
@@ -906,45 +926,14 @@ impl Kernel {
         if v.flags & SERVICE_SYNCED == 0 {
             return None;
         }
-        let client_port = wire_port(client.port());
-        let service_port = wire_port(service.port());
-        let (addr, port, last_ns) = match (wire(client.ip()), wire(service.ip())) {
-            (Wire::V4(client_addr), Wire::V4(service_addr)) => {
-                let e = self
-                    .peer_flows
-                    .get(
-                        &FlowKey {
-                            client_addr,
-                            service_addr,
-                            client_port,
-                            service_port,
-                        },
-                        0,
-                    )
-                    .ok()?;
-                let addr = IpAddr::V4(std::net::Ipv4Addr::from(e.backend_addr.to_ne_bytes()));
-                (addr, e.backend_port, e.last_ns)
-            }
-            (Wire::V6(client_addr), Wire::V6(service_addr)) => {
-                let e = self
-                    .peer_flows6
-                    .get(
-                        &Flow6Key {
-                            client_addr,
-                            service_addr,
-                            client_port,
-                            service_port,
-                        },
-                        0,
-                    )
-                    .ok()?;
-                (IpAddr::V6(e.backend_addr.into()), e.backend_port, e.last_ns)
-            }
-            _ => return None,
-        };
+        let (backend, last_ns) = flow_entry(
+            (&self.peer_flows, &self.peer_flows6),
+            client.ip(),
+            wire_port(client.port()),
+            service,
+        )?;
         let age = monotonic_ns().saturating_sub(last_ns);
-        (age <= u64::from(v.sync_ms) * 1_000_000)
-            .then(|| SocketAddr::new(addr, u16::from_be_bytes(port.to_ne_bytes())))
+        (age <= u64::from(v.sync_ms) * 1_000_000).then_some(backend)
     }
 
     /// What the program did not forward, by reason.
