@@ -924,21 +924,27 @@ impl KernelPlane {
     /// The backend the program's persistence would send a new flow of `client` on listener
     /// `li` (a snapshot index) to, if it remembers one.
     pub fn remembered(&self, li: usize, client: SocketAddr) -> Option<SocketAddr> {
+        self.on_listener(li, |k, id| k.remembered(id, client))
+    }
+
+    /// `ask` of the loaded program, with listener `li`'s service id (`None` for a listener
+    /// the program does not serve).
+    fn on_listener<T>(
+        &self,
+        li: usize,
+        ask: impl FnOnce(&mut udplb_kernel::Kernel, usize) -> Option<T>,
+    ) -> Option<T> {
         let id = self.listeners.iter().position(|&l| l == li)?;
-        self.kernel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remembered(id, client)
+        ask(
+            &mut self.kernel.lock().unwrap_or_else(|p| p.into_inner()),
+            id,
+        )
     }
 
     /// The live flow of `client` on listener `li` (a snapshot index) in the kernel's flow
     /// table: its backend and how long it has been idle.
     pub fn flow_of(&self, li: usize, client: SocketAddr) -> Option<(SocketAddr, Duration)> {
-        let id = self.listeners.iter().position(|&l| l == li)?;
-        self.kernel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .flow_of(id, client)
+        self.on_listener(li, |k, id| k.flow_of(id, client))
     }
 
     /// `[sync]`: the flows to tell the peers about into `out`: the new flows the program
@@ -964,28 +970,17 @@ impl KernelPlane {
     /// `[sync]`: the backend a peer instance has `client`'s flow on, on listener `li` (a
     /// snapshot index), as the program would follow it (learned within the listener's window).
     pub fn peer_flow(&self, li: usize, client: SocketAddr) -> Option<SocketAddr> {
-        let id = self.listeners.iter().position(|&l| l == li)?;
-        self.kernel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .peer_flow(id, client)
+        self.on_listener(li, |k, id| k.peer_flow(id, client))
     }
 
     /// `[sync]`: a peer has `p.client`'s flow on `p.backend`; a new flow of that client on
     /// this kernel listener opens there (while the backend keeps flows). `false` for a
     /// listener the program does not serve or sync.
     pub fn learn(&self, p: &Placement) -> bool {
-        let Some(id) = self
-            .listeners
-            .iter()
-            .position(|&l| l == usize::from(p.listener))
-        else {
-            return false;
-        };
-        self.kernel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .learn(id, p.client, p.backend)
+        self.on_listener(usize::from(p.listener), |k, id| {
+            k.learn(id, p.client, p.backend).then_some(())
+        })
+        .is_some()
     }
 
     /// What the program did not forward, by reason.
