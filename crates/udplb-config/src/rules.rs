@@ -98,8 +98,8 @@ pub(crate) fn check(cfg: &Config) -> Vec<Problem> {
 const USER_SPACE: &str = "not built in the kernel data plane yet";
 
 /// Listeners the kernel data plane may serve (`dataplane = "kernel"` or `"auto"`) and their
-/// pools ask only for what it does (docs/kernel.md): it forwards one specific address to
-/// backends of the same IP family placed by Maglev, and tells replies
+/// pools ask only for what it does (docs/kernel.md): it forwards one address (or this host's,
+/// a wildcard) to backends of the same IP family placed by Maglev, and tells replies
 /// apart by their backend's address. `auto` is held to the same rules as `kernel`, so that a configuration means the
 /// same whichever data plane ends up serving it.
 fn check_kernel(out: &mut Vec<Problem>, cfg: &Config) {
@@ -174,12 +174,6 @@ fn check_kernel_listener(out: &mut Vec<Problem>, l: &ListenerConfig, dataplane: 
     let mut refuse = |k: &str, why: &str| {
         out.push(problem(key(k), format!("not with {dataplane} ({why})")));
     };
-    if l.address.ip().is_unspecified() {
-        refuse(
-            "address",
-            "the kernel data plane needs a specific address, not a wildcard",
-        );
-    }
     if matches!(l.mode, SessionMode::RequestResponse { .. }) {
         refuse(
             "mode",
@@ -248,6 +242,22 @@ fn check_kernel_pool(out: &mut Vec<Problem>, p: &PoolConfig, l: &ListenerConfig,
             format!(
                 "{:?} cannot serve {serves}: the kernel data plane places with \"maglev\"",
                 p.scheduler.name()
+            ),
+        ));
+    }
+    if l.address.ip().is_unspecified()
+        && l.mode == SessionMode::Datagram
+        && p.forwarding == Forwarding::Nat
+    {
+        out.push(problem(
+            format!("listeners.{}.address", l.name),
+            format!(
+                "a wildcard address not with mode = \"datagram\" and forwarding = \"nat\" \
+                 (pool {:?}) on the kernel data plane: a reply must come from the address its \
+                 client sent to, and in datagram mode the program keeps no flow to know it by \
+                 (give a specific address, or use flow mode, or forwarding = \"masquerade\" or \
+                 \"dsr\")",
+                p.name
             ),
         ));
     }

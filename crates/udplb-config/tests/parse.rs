@@ -1339,10 +1339,10 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
     let other_pool = format!("{b}\n[pools.q]\nbackends = [\"10.0.2.1:53\"]");
     let cases: Vec<(String, String, &str)> = vec![
         (
-            "address = \"0.0.0.0:53\"\npool = \"p\"".into(),
+            "address = \"0.0.0.0:53\"\npool = \"p\"\nmode = \"datagram\"".into(),
             b.into(),
-            "t.toml:3:1: listeners.l.address: not with dataplane = \"DP\" (the kernel data plane \
-             needs a specific address, not a wildcard)",
+            "t.toml:3:1: listeners.l.address: a wildcard address not with mode = \"datagram\" \
+             and forwarding = \"nat\" (pool \"p\") on the kernel data plane",
         ),
         (
             format!("{l}\nmode = \"request-response\""),
@@ -1430,6 +1430,24 @@ fn what_the_kernel_data_plane_cannot_do_is_refused_at_its_key() {
             let socket = with_dataplane("socket", listener, pool);
             assert!(parse(&socket, "t.toml").is_ok(), "{socket}");
         }
+    }
+    // A wildcard address the kernel serves in flow mode with every forwarding method, and in
+    // datagram mode where the reply's address is not the program's to remember (masquerade
+    // keeps it per client port, dsr's backends answer themselves).
+    let wildcard = "address = \"0.0.0.0:53\"\npool = \"p\"";
+    for (mode, forwarding) in [
+        ("flow", "nat"),
+        ("flow", "masquerade"),
+        ("flow", "dsr"),
+        ("datagram", "masquerade"),
+        ("datagram", "dsr"),
+    ] {
+        let src = with_dataplane(
+            "auto",
+            &format!("{wildcard}\nmode = \"{mode}\""),
+            &format!("{b}\nforwarding = \"{forwarding}\""),
+        );
+        assert!(parse(&src, "t.toml").is_ok(), "{src}");
     }
     // Persistence the kernel keeps too, in flow and datagram mode, by ip:port or by ip.
     for extra in [

@@ -158,6 +158,14 @@ struct {
 	__type(value, struct backend6);
 } backends6 SEC(".maps");
 
+// As `locals`, for this host's IPv6 addresses.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LOCALS_MAX);
+	__type(key, struct in6);
+	__type(value, __u8);
+} locals6 SEC(".maps");
+
 // As `struct flow_slot`, for IPv6 flows (68 bytes: a bucket spans about four cache lines).
 struct flow6_slot {
 	struct flow6_key key;
@@ -282,7 +290,7 @@ static __always_inline __u64 in6_half(const struct in6 *a, int half)
 }
 
 // As `flow_bucket`, for IPv6 flows.
-static __always_inline struct flow6_bucket *flow6_bucket(const struct flow6_key *fk)
+static __always_inline struct flow6_bucket *flow6_bucket(const struct flow6_key *fk, int wild)
 {
 	__u32 zero = 0;
 	struct flow_params *fp = bpf_map_lookup_elem(&flow_params, &zero);
@@ -290,8 +298,8 @@ static __always_inline struct flow6_bucket *flow6_bucket(const struct flow6_key 
 		return 0;
 	__u64 h = flow_mix(in6_half(&fk->client_addr, 0) ^ fp->seed);
 	h = flow_mix(h ^ in6_half(&fk->client_addr, 1));
-	h = flow_mix(h ^ in6_half(&fk->service_addr, 0));
-	h = flow_mix(h ^ in6_half(&fk->service_addr, 1));
+	h = flow_mix(h ^ (wild ? 0 : in6_half(&fk->service_addr, 0)));
+	h = flow_mix(h ^ (wild ? 0 : in6_half(&fk->service_addr, 1)));
 	h = flow_mix(h ^ (((__u64)fk->client_port << 16) | fk->service_port));
 	__u32 at = (__u32)h & fp->mask6;
 	return bpf_map_lookup_elem(&flows6, &at);
@@ -323,18 +331,73 @@ static __always_inline struct flow6_slot *find_flow6(struct flow6_bucket *bk,
 // IPv6 flow `fk`'s backend into `addr`:`port`; 0: no such flow. (The IPv6 flow table's
 // lookups off the request path are functions of their own: their locals would take stack
 // from their callers'.)
-static __noinline int flow6_backend(const struct flow6_key *fk, struct in6 *addr, __u16 *port)
+static __noinline int flow6_backend(const struct flow6_key *fk, int wild, struct in6 *addr,
+				    __u16 *port)
 {
-	struct flow6_bucket *bk = flow6_bucket(fk);
+	struct flow6_bucket *bk = flow6_bucket(fk, wild);
 	return bk && find_flow6(bk, fk, addr, port);
 }
 
-// Whether the IPv6 flow table holds flow `fk`.
+// Whether the IPv6 flow table holds flow `fk` (not a wildcard listener's).
 static __noinline int has_flow6(const struct flow6_key *fk)
 {
 	struct in6 addr;
 	__u16 port;
-	return flow6_backend(fk, &addr, &port);
+	return flow6_backend(fk, 0, &addr, &port);
+}
+
+// As `wildcard_flow_addr`: the address the client of wildcard listener flow `fk` to backend
+// `backend`:`bport` sent to (last), into `fk->service_addr` (all zero on the way in). Returns
+// 0 when there is no such flow.
+static __noinline int wildcard_flow6(struct flow6_key *fk, const struct in6 *backend, __u16 bport)
+{
+	struct flow6_bucket *bk = flow6_bucket(fk, 1);
+	if (!bk)
+		return 0;
+	int found = 0;
+	__u32 latest = 0;
+#pragma unroll
+	for (int w = 0; w < FLOW_WAYS; w++) {
+		struct flow6_slot *s = &bk->slot[w];
+		__u32 v = read_word(&s->word);
+		if ((v & FLOW_VERSION_ONE) || s->key.client_port != fk->client_port ||
+		    s->key.service_port != fk->service_port || (__u16)v != bport ||
+		    !in6_eq(&s->key.client_addr, &fk->client_addr) ||
+		    !in6_eq(&s->backend_addr, backend))
+			continue;
+		struct in6 a = s->key.service_addr;
+		__u32 last = s->last;
+		if (read_word(&s->word) != v || (found && (__s32)(last - latest) < 0))
+			continue;
+		fk->service_addr = a;
+		latest = last;
+		found = 1;
+	}
+	return found;
+}
+
+// As `service_at`, for IPv6: the listener at `addr`:`port`, or with `wildcard`, the wildcard
+// listener on `port` when `addr` is one of this host's. (Its own function, for the stack.)
+static __noinline struct service *service6_at(const struct in6 *addr, __u16 port, int wildcard)
+{
+	struct service6_key sk = {.port = port};
+	if (!wildcard)
+		sk.addr = *addr;
+	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
+	if (svc && wildcard && !bpf_map_lookup_elem(&locals6, addr))
+		return 0;
+	return svc;
+}
+
+// Whether backend mapping `r` still serves listener `svc` at `addr`:`port`, the address the
+// client sent to (a wildcard listener's backends name address 0).
+static __always_inline int serves6(const struct reply6 *r, const struct service *svc,
+				   const struct in6 *addr, __u16 port)
+{
+	if (r->service_port != port)
+		return 0;
+	return (svc->flags & SERVICE_WILDCARD) ? in6_is_zero(&r->service_addr)
+					       : in6_eq(&r->service_addr, addr);
 }
 
 static __always_inline int in6_eq(const struct in6 *a, const struct in6 *b);
@@ -348,6 +411,10 @@ static __always_inline __u64 idle6_of(const struct flow6_key *victim, const stru
 		return idle_ns;
 	struct service6_key sk = {.addr = victim->service_addr, .port = victim->service_port};
 	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
+	if (!svc) {
+		sk.addr = (struct in6){}; // a wildcard listener's flow
+		svc = bpf_map_lookup_elem(&services6, &sk);
+	}
 	return svc ? svc->idle_ns : 0;
 }
 
@@ -647,6 +714,13 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		client = m->client_addr;
 		cport = m->client_port;
+		vip = m->service_addr; // the address the client sent to (a wildcard listener's too)
+	} else if (in6_is_zero(&vip)) {
+		// A wildcard listener's: the address its client sent to, from the flow.
+		struct flow6_key fk = {.client_addr = client, .client_port = cport, .service_port = vport};
+		if (!wildcard_flow6(&fk, &backend, bport))
+			return TC_ACT_OK;
+		vip = fk.service_addr;
 	}
 	struct bpf_fib_lookup fib;
 	if (!from_the_backend_side6(skb, &fib, &backend, &client, tot_len)) {
@@ -834,8 +908,7 @@ static __always_inline int persisted6(const struct service *svc, const struct fl
 		return 0;
 	struct reply6_key rk = {.addr = e->backend_addr, .port = e->backend_port};
 	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
-	if (!r || !(r->flags & BACKEND_TAKES_NEW) || !in6_eq(&r->service_addr, &p->daddr) ||
-	    r->service_port != p->dport)
+	if (!r || !(r->flags & BACKEND_TAKES_NEW) || !serves6(r, svc, &p->daddr, p->dport))
 		return 0;
 	p->backend = r->backend;
 	p->bflags = r->flags;
@@ -872,9 +945,10 @@ static __noinline int persistence6(const struct service *svc, struct packet6 *p,
 				   int placed)
 {
 	struct flow6_key pk = {.client_addr = p->saddr,
-			       .service_addr = p->daddr,
 			       .client_port = (svc->flags & SERVICE_BY_IP) ? 0 : p->sport,
 			       .service_port = p->dport};
+	if (!(svc->flags & SERVICE_WILDCARD))
+		pk.service_addr = p->daddr; // (a wildcard listener's: whichever address, 0)
 	if (placed < 0)
 		return persisted6(svc, &pk, now, p);
 	remember6(&pk, p, now, placed);
@@ -920,16 +994,16 @@ static __noinline void tell_peers6(__u32 service, const struct packet6 *p)
 static __noinline int peer_flow6(const struct service *svc, struct packet6 *p, __u64 now)
 {
 	struct flow6_key fk = {.client_addr = p->saddr,
-			       .service_addr = p->daddr,
 			       .client_port = p->sport,
 			       .service_port = p->dport};
+	if (!(svc->flags & SERVICE_WILDCARD))
+		fk.service_addr = p->daddr; // (as udplb learned it: by the listener's address)
 	struct flow6 *f = bpf_map_lookup_elem(&peer_flows6, &fk);
 	if (!f || now - f->last_ns > (__u64)svc->sync_ms * 1000000)
 		return 0;
 	struct reply6_key rk = {.addr = f->backend_addr, .port = f->backend_port};
 	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
-	if (!r || !(r->flags & BACKEND_KEEPS_FLOWS) || !in6_eq(&r->service_addr, &p->daddr) ||
-	    r->service_port != p->dport)
+	if (!r || !(r->flags & BACKEND_KEEPS_FLOWS) || !serves6(r, svc, &p->daddr, p->dport))
 		return 0;
 	p->backend = r->backend;
 	p->bflags = r->flags;
@@ -971,15 +1045,15 @@ static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 			       .service_port = p->dport};
 	int datagram = svc->flags & SERVICE_DATAGRAM;
 	// The flow's bucket: in datagram mode only a local client's (remembered below).
-	struct flow6_bucket *bk =
-		datagram && skb->ingress_ifindex != LOOPBACK_IFINDEX ? 0 : flow6_bucket(&fk);
+	struct flow6_bucket *bk = datagram && skb->ingress_ifindex != LOOPBACK_IFINDEX ?
+					  0 :
+					  flow6_bucket(&fk, svc->flags & SERVICE_WILDCARD);
 	struct reply6_key kept = {};
 	struct flow6_slot *f = bk ? find_flow6(bk, &fk, &kept.addr, &kept.port) : 0;
 	if (f && !datagram && flow_live(f->last, now, svc->idle_ns)) {
 		// Its backend, while it keeps flows and still serves this listener.
 		struct reply6 *r = bpf_map_lookup_elem(&replies6, &kept);
-		if (r && (r->flags & BACKEND_KEEPS_FLOWS) && in6_eq(&r->service_addr, &p->daddr) &&
-		    r->service_port == p->dport) {
+		if (r && (r->flags & BACKEND_KEEPS_FLOWS) && serves6(r, svc, &p->daddr, p->dport)) {
 			p->backend = r->backend;
 			p->bflags = r->flags;
 			p->to_addr = kept.addr;
@@ -1126,9 +1200,10 @@ static __noinline int masquerade6(struct __sk_buff *skb, const struct service *s
 }
 
 // As `within_reply_ratio`, for IPv6 flow `fk`.
-static __noinline int within_reply_ratio6(const struct flow6_key *fk, __u32 ratio, __u32 bytes)
+static __noinline int within_reply_ratio6(const struct flow6_key *fk, int wild, __u32 ratio,
+					 __u32 bytes)
 {
-	struct flow6_bucket *bk = flow6_bucket(fk);
+	struct flow6_bucket *bk = flow6_bucket(fk, wild);
 	struct in6 addr;
 	__u16 port;
 	struct flow6_slot *f = bk ? find_flow6(bk, fk, &addr, &port) : 0;
@@ -1167,7 +1242,8 @@ static __noinline int masquerade_reply6(struct __sk_buff *skb, const struct repl
 				       .service_addr = vip,
 				       .client_port = cport,
 				       .service_port = vport};
-		if (!within_reply_ratio6(&fk, r->reply_ratio, p->payload))
+		if (!within_reply_ratio6(&fk, in6_is_zero(&r->service_addr), r->reply_ratio,
+					 p->payload))
 			return beyond_reply_ratio6(p);
 	}
 	struct bpf_fib_lookup fib;
@@ -1202,34 +1278,40 @@ static __noinline int reply6(struct __sk_buff *skb, struct reply6 *r, struct pac
 	__u16 sport = p->sport, dport = p->dport, tot_len = p->tot_len;
 	__u32 l4 = p->l4;
 	__u8 hops = p->hops;
-	struct in6 from_addr = r->service_addr;
 	__u16 from_port = r->service_port;
 	__u32 b = r->backend;
+	struct flow6_key fk = {.client_addr = *daddr,
+			       .service_addr = r->service_addr,
+			       .client_port = dport,
+			       .service_port = from_port};
+	int wild = in6_is_zero(&fk.service_addr);
 	struct bpf_fib_lookup fib;
 	if (!from_the_backend_side6(skb, &fib, saddr, daddr, tot_len)) {
 		count_drop(PASS_FORGED);
 		return TC_ACT_OK;
 	}
-	int rc = route6(skb, &fib, &from_addr, daddr, tot_len);
+	// A wildcard listener's: from the address its client sent to (to this host without a
+	// flow: udplb's health checks, say).
+	if (wild && !wildcard_flow6(&fk, saddr, sport)) {
+		if (bpf_map_lookup_elem(&locals6, daddr))
+			return TC_ACT_OK;
+		count_drop(DROP_FLOW_GONE);
+		return TC_ACT_SHOT;
+	}
+	int rc = route6(skb, &fib, &fk.service_addr, daddr, tot_len);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
-		return too_big6(skb, &fib, saddr, &from_addr);
+		return too_big6(skb, &fib, saddr, &fk.service_addr);
 	// To this host itself: only a reply to a client of a flow this program placed.
 	int local = to_the_stack(rc);
-	if (local || r->reply_ratio) {
-		struct flow6_key fk = {.client_addr = *daddr,
-				       .service_addr = from_addr,
-				       .client_port = dport,
-				       .service_port = from_port};
-		if (local && !has_flow6(&fk))
-			return TC_ACT_OK;
-		if (r->reply_ratio && !within_reply_ratio6(&fk, r->reply_ratio, p->payload))
-			return beyond_reply_ratio6(p);
-	}
+	if (local && !wild && !has_flow6(&fk))
+		return TC_ACT_OK;
+	if (r->reply_ratio && !within_reply_ratio6(&fk, wild, r->reply_ratio, p->payload))
+		return beyond_reply_ratio6(p);
 	if (p->first_of_more) {
-		struct fragment6 fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};
+		struct fragment6 fr = {.saddr = fk.service_addr, .backend = b, .flags = FRAGMENT_REPLY};
 		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
 	}
-	int why = rewrite6(skb, 0, saddr, &from_addr, sport, from_port, hops, l4);
+	int why = rewrite6(skb, 0, saddr, &fk.service_addr, sport, from_port, hops, l4);
 	if (why) {
 		count_drop(why - 1);
 		return TC_ACT_SHOT;
@@ -1305,13 +1387,14 @@ static __noinline int icmp6_about_reply(struct __sk_buff *skb)
 	struct in6 outer_src = ip->saddr;
 	__u16 tot_len = bpf_ntohs(ip->payload_len) + sizeof(struct ip6hdr);
 	__u8 hops = ip->hop_limit;
-	struct service6_key sk = {.addr = fk.service_addr, .port = fk.service_port};
-	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
+	struct service *svc = service6_at(&fk.service_addr, fk.service_port, 0);
+	if (!svc)
+		svc = service6_at(&fk.service_addr, fk.service_port, 1);
 	if (!svc)
 		return -1;
 	struct in6 backend;
 	__u16 bport;
-	if (!flow6_backend(&fk, &backend, &bport))
+	if (!flow6_backend(&fk, svc->flags & SERVICE_WILDCARD, &backend, &bport))
 		return -1;
 	struct bpf_fib_lookup fib;
 	if (svc->flags & SERVICE_DSR) {
@@ -1389,8 +1472,17 @@ static __noinline int ingress6(struct __sk_buff *skb)
 	p.dport = udp->dest;
 	__u16 udp_len = bpf_ntohs(udp->len);
 	p.payload = udp_len > sizeof(*udp) ? udp_len - sizeof(*udp) : 0;
+	// A listener's datagram, or a backend's reply; a wildcard listener's datagram is known as
+	// such once it is not a reply.
 	struct service6_key sk = {.addr = p.daddr, .port = p.dport};
 	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
+	struct reply6 *r = 0;
+	if (!svc) {
+		struct reply6_key rk = {.addr = p.saddr, .port = p.sport};
+		r = bpf_map_lookup_elem(&replies6, &rk);
+		if (!r)
+			svc = service6_at(&p.daddr, p.dport, 1);
+	}
 	if (svc) {
 		int verdict = choose6(skb, svc, &p);
 		if (verdict >= 0)
@@ -1410,8 +1502,6 @@ static __noinline int ingress6(struct __sk_buff *skb)
 		}
 		return forward6(skb, &p);
 	}
-	struct reply6_key rk = {.addr = p.saddr, .port = p.sport};
-	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
 	if (r && (r->flags & BACKEND_MASQUERADE))
 		return masquerade_reply6(skb, r, &p);
 	if (r)

@@ -37,6 +37,7 @@
 #define MAX_BACKENDS 256
 #define RING_SIZE 65537
 #define SCHEDULE_MAX 16384
+#define LOCALS_MAX 4096 // this host's addresses, per family
 #define AF_INET 2
 #define LOOPBACK_IFINDEX 1 // lo, in every network namespace
 
@@ -57,6 +58,9 @@ struct service_key {
 #define SERVICE_REPLY_RATIO 128 // its flows count their bytes (its backends' `reply_ratio`)
 #define SERVICE_SYNCED 256 // `[sync]`: a new flow opens where a peer had it (`peer_flows`), and
 			   // is told to udplb for the peers (`new_flows`)
+#define SERVICE_WILDCARD 512 // address 0: datagrams to any of this host's addresses (`locals`)
+			     // on the port. Its flows keep the address the client sent to, and
+			     // are hashed without it (`flow_bucket`), so that a reply finds it.
 
 // A listener's rate limits, as udplb's socket path counts them
 // (udplb_core::ratelimit): per key and one-second window, at most `limit`, in a count-min
@@ -161,6 +165,8 @@ enum drop_reason {
 	FLOW_REPLACED, // not a drop: a new flow took the slot of one not idle (its bucket full)
 	SYNC_USED, // not a drop: a new flow opened on the backend a peer had it on (`peer_flows`)
 	SYNC_NOT_QUEUED, // not a drop: a new flow not told to udplb for the peers (`new_flows` full)
+	DROP_FLOW_GONE, // nat: a reply to a wildcard listener's client whose flow is gone (the
+			// address the client sent to, the reply's source, is not known)
 	DROP_REASONS,
 };
 
@@ -226,6 +232,15 @@ struct {
 	__type(key, struct service_key);
 	__type(value, struct service);
 } services SEC(".maps");
+
+// This host's addresses, kept current by udplb: a wildcard listener takes what comes to any
+// of them on its port (as a socket bound to 0.0.0.0 would), and nothing on its way elsewhere.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LOCALS_MAX);
+	__type(key, __u32);
+	__type(value, __u8);
+} locals SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -378,13 +393,16 @@ static __always_inline __u64 flow_mix(__u64 h)
 		&(bk)->slot[victim_ & (FLOW_WAYS - 1)];                                        \
 	})
 
-static __always_inline struct flow_bucket *flow_bucket(const struct flow_key *fk)
+// The bucket of flow `fk`; of a wildcard listener's flow (`wild`), by its client and ports
+// alone (its service address taken as 0), so that its replies find it.
+static __always_inline struct flow_bucket *flow_bucket(const struct flow_key *fk, int wild)
 {
 	__u32 zero = 0;
 	struct flow_params *fp = bpf_map_lookup_elem(&flow_params, &zero);
 	if (!fp)
 		return 0;
-	__u64 h = flow_mix((((__u64)fk->client_addr << 32) | fk->service_addr) ^ fp->seed);
+	__u32 service_addr = wild ? 0 : fk->service_addr;
+	__u64 h = flow_mix((((__u64)fk->client_addr << 32) | service_addr) ^ fp->seed);
 	h = flow_mix(h ^ (((__u64)fk->client_port << 16) | fk->service_port));
 	__u32 at = (__u32)h & fp->mask;
 	return bpf_map_lookup_elem(&flows, &at);
@@ -415,6 +433,36 @@ static __always_inline struct flow_slot *find_flow(struct flow_bucket *bk,
 		return s;
 	}
 	return 0;
+}
+
+// The address the client of wildcard listener flow `fk` (its service address 0) to backend
+// `backend`:`bport` sent to (0: no such flow): what its replies come from. A client port that
+// sent to several of this host's addresses, placed on the same backend each time, is one
+// conversation to that backend, which cannot tell them apart: its replies come from the
+// address the client sent to last (a resolver that tries another address of this host).
+static __always_inline __u32 wildcard_flow_addr(const struct flow_key *fk, __u32 backend,
+						__u16 bport)
+{
+	struct flow_bucket *bk = flow_bucket(fk, 1);
+	if (!bk)
+		return 0;
+	__u32 found = 0, latest = 0;
+#pragma unroll
+	for (int w = 0; w < FLOW_WAYS; w++) {
+		struct flow_slot *s = &bk->slot[w];
+		__u32 v = read_word(&s->word);
+		if ((v & FLOW_VERSION_ONE) || s->key.client_addr != fk->client_addr ||
+		    s->key.client_port != fk->client_port ||
+		    s->key.service_port != fk->service_port || s->backend_addr != backend ||
+		    (__u16)v != bport)
+			continue;
+		__u32 a = s->key.service_addr, last = s->last;
+		if (read_word(&s->word) != v || (found && (__s32)(last - latest) < 0))
+			continue;
+		found = a;
+		latest = last;
+	}
+	return found;
 }
 
 // Whether bucket `bk` holds flow `fk`.
@@ -466,6 +514,10 @@ static __always_inline __u64 idle_of(const struct flow_key *victim, const struct
 		return idle_ns;
 	struct service_key sk = {.addr = victim->service_addr, .port = victim->service_port};
 	struct service *svc = bpf_map_lookup_elem(&services, &sk);
+	if (!svc) {
+		sk.addr = 0; // a wildcard listener's flow (kept with the address it came to)
+		svc = bpf_map_lookup_elem(&services, &sk);
+	}
 	return svc ? svc->idle_ns : 0;
 }
 
@@ -594,6 +646,17 @@ static __always_inline void count_drop(__u32 reason)
 		*n += 1;
 }
 
+// The listener at `addr`:`port` (of the address itself), or with `wildcard`, the wildcard
+// listener on `port` when `addr` is one of this host's.
+static __always_inline struct service *service_at(__u32 addr, __u16 port, int wildcard)
+{
+	struct service_key sk = {.addr = wildcard ? 0 : addr, .port = port};
+	struct service *svc = bpf_map_lookup_elem(&services, &sk);
+	if (svc && wildcard && !bpf_map_lookup_elem(&locals, &addr))
+		return 0;
+	return svc;
+}
+
 static __always_inline __u64 rotl64(__u64 x, int r)
 {
 	return (x << r) | (x >> (64 - r));
@@ -668,6 +731,8 @@ static __always_inline struct flow_key persist_key(const struct service *svc,
 	struct flow_key k = *fk;
 	if (svc->flags & SERVICE_BY_IP)
 		k.client_port = 0;
+	if (svc->flags & SERVICE_WILDCARD)
+		k.service_addr = 0; // whichever of this host's addresses the client sent to
 	return k;
 }
 
@@ -684,8 +749,8 @@ static __always_inline int persisted(const struct service *svc, const struct flo
 		return 0;
 	struct reply_key rk = {.addr = p->backend_addr, .port = p->backend_port};
 	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
-	if (!r || !(r->flags & BACKEND_TAKES_NEW) || r->service_addr != fk->service_addr ||
-	    r->service_port != fk->service_port)
+	if (!r || !(r->flags & BACKEND_TAKES_NEW) || r->service_addr != pk.service_addr ||
+	    r->service_port != pk.service_port)
 		return 0;
 	*b = r->backend;
 	*bflags = r->flags;
@@ -725,13 +790,16 @@ static __always_inline void remember(const struct service *svc, const struct flo
 static __noinline int peer_flow(const struct service *svc, const struct flow_key *fk, __u64 now,
 				struct backend *to, __u32 *b)
 {
-	struct flow *p = bpf_map_lookup_elem(&peer_flows, fk);
+	struct flow_key k = *fk;
+	if (svc->flags & SERVICE_WILDCARD)
+		k.service_addr = 0; // as udplb learned it: by the listener's address
+	struct flow *p = bpf_map_lookup_elem(&peer_flows, &k);
 	if (!p || now - p->last_ns > (__u64)svc->sync_ms * 1000000)
 		return 0;
 	struct reply_key rk = {.addr = p->backend_addr, .port = p->backend_port};
 	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
-	if (!r || !(r->flags & BACKEND_KEEPS_FLOWS) || r->service_addr != fk->service_addr ||
-	    r->service_port != fk->service_port)
+	if (!r || !(r->flags & BACKEND_KEEPS_FLOWS) || r->service_addr != k.service_addr ||
+	    r->service_port != k.service_port)
 		return 0;
 	*b = r->backend;
 	to->addr = rk.addr;
@@ -781,10 +849,10 @@ static __always_inline void add_bytes(__u32 *count, __u32 bytes)
 // Whether a reply of `bytes` payload bytes to flow `fk` is within the listener's reply ratio
 // (`ratio` replied bytes per byte the client sent), charged to the flow if so. A reply to no
 // flow (expired, or never placed here) has no allowance.
-static __always_inline int within_reply_ratio(const struct flow_key *fk, __u32 ratio,
+static __always_inline int within_reply_ratio(const struct flow_key *fk, int wild, __u32 ratio,
 					      __u32 bytes)
 {
-	struct flow_bucket *bk = flow_bucket(fk);
+	struct flow_bucket *bk = flow_bucket(fk, wild);
 	__u32 addr;
 	__u16 port;
 	struct flow_slot *f = bk ? find_flow(bk, fk, &addr, &port) : 0;
@@ -1114,6 +1182,13 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 			return TC_ACT_OK;
 		client = m->client_addr;
 		cport = m->client_port;
+		vip = m->service_addr; // the address the client sent to (a wildcard listener's too)
+	} else if (!vip) {
+		// A wildcard listener's: the address its client sent to, from the flow.
+		struct flow_key fk = {.client_addr = client, .client_port = cport, .service_port = vport};
+		vip = wildcard_flow_addr(&fk, backend, bport);
+		if (!vip)
+			return TC_ACT_OK;
 	}
 	__u16 old_inner_csum = inner->check;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
@@ -1346,7 +1421,7 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, const struct 
 				      .service_addr = vip,
 				      .client_port = cport,
 				      .service_port = vport};
-		if (!within_reply_ratio(&fk, r->reply_ratio, payload))
+		if (!within_reply_ratio(&fk, !r->service_addr, r->reply_ratio, payload))
 			return beyond_reply_ratio(frk, first_of_more);
 	}
 	struct bpf_fib_lookup fib;
@@ -1693,13 +1768,14 @@ static __noinline int icmp_about_reply(struct __sk_buff *skb)
 	__u16 vport = iudp->source, cport = iudp->dest;
 	__u16 tot_len = bpf_ntohs(ip->tot_len), old_inner_csum = inner->check;
 	__u8 ttl = ip->ttl, tos = ip->tos;
-	struct service_key sk = {.addr = vip, .port = vport};
-	struct service *svc = bpf_map_lookup_elem(&services, &sk);
+	struct service *svc = service_at(vip, vport, 0);
+	if (!svc)
+		svc = service_at(vip, vport, 1);
 	if (!svc)
 		return -1;
 	struct flow_key fk = {
 		.client_addr = client, .service_addr = vip, .client_port = cport, .service_port = vport};
-	struct flow_bucket *bk = flow_bucket(&fk);
+	struct flow_bucket *bk = flow_bucket(&fk, svc->flags & SERVICE_WILDCARD);
 	__u32 backend;
 	__u16 bport;
 	if (!bk || !find_flow(bk, &fk, &backend, &bport))
@@ -1809,9 +1885,18 @@ static __noinline int ingress4(struct __sk_buff *skb)
 	__u16 udp_len = bpf_ntohs(udp->len);
 	__u32 payload = udp_len > sizeof(*udp) ? udp_len - sizeof(*udp) : 0;
 
-	struct service_key sk = {.addr = daddr, .port = dport};
-	struct service *svc = bpf_map_lookup_elem(&services, &sk);
+	// A listener's datagram, or a backend's reply; a wildcard listener's datagram is known as
+	// such once it is not a reply.
+	struct service *svc = service_at(daddr, dport, 0);
+	struct reply *r = 0;
+	if (!svc) {
+		struct reply_key rk = {.addr = saddr, .port = sport};
+		r = bpf_map_lookup_elem(&replies, &rk);
+		if (!r)
+			svc = service_at(daddr, dport, 1);
+	}
 	if (svc) {
+		int wild = svc->flags & SERVICE_WILDCARD;
 		// Deny wins; an allow list, when there is one, must name the client.
 		struct acl_key ak = {.prefixlen = 64, .service = bpf_htonl(svc->id), .addr = saddr};
 		if (bpf_map_lookup_elem(&acl_deny, &ak) ||
@@ -1833,7 +1918,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		int datagram = svc->flags & SERVICE_DATAGRAM;
 		// The flow's bucket: in datagram mode only a local client's (remembered below).
 		struct flow_bucket *bk =
-			datagram && skb->ingress_ifindex != LOOPBACK_IFINDEX ? 0 : flow_bucket(&fk);
+			datagram && skb->ingress_ifindex != LOOPBACK_IFINDEX ? 0 : flow_bucket(&fk, wild);
 		__u32 kept_addr = 0;
 		__u16 kept_port = 0;
 		struct flow_slot *f = bk ? find_flow(bk, &fk, &kept_addr, &kept_port) : 0;
@@ -1841,8 +1926,8 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			// Its backend, while it keeps flows and still serves this listener.
 			struct reply_key kept = {.addr = kept_addr, .port = kept_port};
 			struct reply *r = bpf_map_lookup_elem(&replies, &kept);
-			if (r && (r->flags & BACKEND_KEEPS_FLOWS) && r->service_addr == daddr &&
-			    r->service_port == dport) {
+			if (r && (r->flags & BACKEND_KEEPS_FLOWS) &&
+			    r->service_addr == (wild ? 0 : daddr) && r->service_port == dport) {
 				b = r->backend;
 				bflags = r->flags;
 				to_addr = kept_addr;
@@ -1936,8 +2021,6 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		return send_by(skb, rc, &fib);
 	}
 
-	struct reply_key rk = {.addr = saddr, .port = sport};
-	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
 	if (r) {
 		__u32 from_addr = r->service_addr;
 		__u16 from_port = r->service_port;
@@ -1949,6 +2032,19 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		if (r->flags & BACKEND_MASQUERADE)
 			return masquerade_reply(skb, r, saddr, sport, daddr, dport, ttl, tot_len, &frk,
 						first_of_more, df, payload);
+		int wild = !from_addr;
+		if (wild) {
+			// A wildcard listener's: from the address its client sent to.
+			struct flow_key fk = {
+				.client_addr = daddr, .client_port = dport, .service_port = from_port};
+			from_addr = wildcard_flow_addr(&fk, saddr, sport);
+			if (!from_addr && bpf_map_lookup_elem(&locals, &daddr))
+				return TC_ACT_OK; // to this host: udplb's health checks, say
+			if (!from_addr) {
+				count_drop(DROP_FLOW_GONE);
+				return TC_ACT_SHOT;
+			}
+		}
 		struct bpf_fib_lookup fib;
 		int rc = route(skb, &fib, from_addr, daddr, tot_len);
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
@@ -1961,9 +2057,9 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				      .service_addr = from_addr,
 				      .client_port = dport,
 				      .service_port = from_port};
-		if (local && !has_flow(flow_bucket(&fk), &fk))
+		if (local && !wild && !has_flow(flow_bucket(&fk, 0), &fk))
 			return TC_ACT_OK;
-		if (r->reply_ratio && !within_reply_ratio(&fk, r->reply_ratio, payload))
+		if (r->reply_ratio && !within_reply_ratio(&fk, wild, r->reply_ratio, payload))
 			return beyond_reply_ratio(&frk, first_of_more);
 		if (first_of_more) {
 			struct fragment fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};

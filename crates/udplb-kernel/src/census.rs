@@ -99,7 +99,15 @@ impl Matcher {
         if s.service.port() == 0 {
             return None;
         }
-        let (id, l) = self.by_service.get(&s.service)?;
+        // A flow of a wildcard listener keeps the address its client sent to.
+        let wildcard = || {
+            let any = match s.service {
+                SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            };
+            self.by_service.get(&SocketAddr::new(any, s.service.port()))
+        };
+        let (id, l) = self.by_service.get(&s.service).or_else(wildcard)?;
         if l.datagram || !live(s.last, now, l.idle) {
             return None;
         }
@@ -195,9 +203,18 @@ pub fn flow_key(client: SocketAddr, service: SocketAddr, seed: u64, mask: u32) -
 }
 
 /// The backend of the flow whose key is `key` in `slot` (one slot's bytes, read
-/// consistently), and its `last` (flow time): `None` when the slot holds another flow.
+/// consistently), and its `last` (flow time): `None` when the slot holds another flow. A key
+/// with service address 0 (a wildcard listener's) matches the client's flow to any address.
 pub fn flow_in(slot: &[u8], key: &[u8]) -> Option<(SocketAddr, u32)> {
-    if !slot.starts_with(key) {
+    // The key: client address, service address (each 4 or 16 bytes), the two ports.
+    let addr_len = (key.len().checked_sub(4)?) / 2;
+    let (client, rest) = key.split_at(addr_len);
+    let (service, ports) = rest.split_at(addr_len);
+    let wildcard = service.iter().all(|&b| b == 0);
+    let same = slot.get(..addr_len)? == client
+        && (wildcard || slot.get(addr_len..2 * addr_len)? == service)
+        && slot.get(2 * addr_len..2 * addr_len + 4)? == ports;
+    if !same {
         return None;
     }
     let s = Slot::parse(slot)?;
@@ -443,6 +460,55 @@ mod tests {
             );
             let other = SocketAddr::new(c.ip(), 4001);
             assert_eq!(flow_in(&held, &flow_key(other, s, 1, 1023).0), None);
+        }
+    }
+
+    /// A wildcard listener's flow keeps the address its client sent to: the wildcard key
+    /// (service address 0) finds it, and the census counts it for the wildcard listener; a
+    /// specific key still wants its own address.
+    #[test]
+    fn a_wildcard_listeners_flow_is_found_and_counted_whatever_address_it_came_to() {
+        for (client, sent_to, any, other, backend, elsewhere) in [
+            (
+                "192.0.2.1:4000",
+                "10.0.0.7:5300",
+                "0.0.0.0:5300",
+                "10.0.0.8:5300",
+                "10.1.0.1:53",
+                "10.0.0.7:53",
+            ),
+            (
+                "[2001:db8::1]:4000",
+                "[fd00::7]:5300",
+                "[::]:5300",
+                "[fd00::8]:5300",
+                "[fd00::b]:53",
+                "[fd00::7]:53",
+            ),
+        ] {
+            let held = slot(client, sent_to, backend, 2, 77);
+            let c: SocketAddr = client.parse().unwrap();
+            let any: SocketAddr = any.parse().unwrap();
+            let (key, _) = flow_key(c, any, 1, 1023);
+            assert_eq!(flow_in(&held, &key), Some((backend.parse().unwrap(), 77)));
+            let (key, _) = flow_key(c, other.parse().unwrap(), 1, 1023);
+            assert_eq!(flow_in(&held, &key), None, "another specific address");
+            let m = Matcher::new(
+                [Counted {
+                    addr: any,
+                    idle: 100,
+                    datagram: false,
+                }]
+                .into_iter()
+                .enumerate(),
+            );
+            assert_eq!(
+                m.live_client_flow(&held, 100),
+                Some((0, c, backend.parse().unwrap()))
+            );
+            // Another port is another listener's.
+            let elsewhere = slot(client, elsewhere, backend, 2, 77);
+            assert_eq!(m.live_client_flow(&elsewhere, 100), None);
         }
     }
 

@@ -321,6 +321,9 @@ pub struct Drops {
     pub sync_used: u64,
     /// Not a drop: new flows not told to udplb for the peers (the program's queue was full).
     pub sync_not_queued: u64,
+    /// Replies (`nat`) to a wildcard listener's client whose flow is gone: the address the
+    /// client sent to, which the reply must come from, is no longer known.
+    pub flow_gone: u64,
 }
 
 /// Whether this udplb was built with the program.
@@ -358,6 +361,9 @@ impl Kernel {
         Err(Error::NotBuilt)
     }
     pub fn update(&mut self, _services: &[Service]) -> Result<(), Error> {
+        Err(Error::NotBuilt)
+    }
+    pub fn set_locals(&mut self, _addrs: &[IpAddr]) -> Result<(), Error> {
         Err(Error::NotBuilt)
     }
     pub fn traffic(&self, _service: usize) -> Vec<(SocketAddr, Traffic)> {

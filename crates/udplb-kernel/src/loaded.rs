@@ -50,6 +50,10 @@ const SERVICE_GUE: u32 = 32;
 const SERVICE_PERSIST: u32 = 64;
 const SERVICE_REPLY_RATIO: u32 = 128;
 const SERVICE_SYNCED: u32 = 256;
+const SERVICE_WILDCARD: u32 = 512;
+
+/// This host's addresses the program knows at most, per family (`LOCALS_MAX`).
+const LOCALS_MAX: usize = 4096;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -340,6 +344,10 @@ pub struct Kernel {
     peer_flows: BpfHashMap<MapData, FlowKey, FlowValue>,
     peer_flows6: BpfHashMap<MapData, Flow6Key, Flow6Value>,
     new_flows: RingBuf<MapData>,
+    /// This host's addresses, for the wildcard listeners, as last written.
+    locals: BpfHashMap<MapData, u32, u8>,
+    locals6: BpfHashMap<MapData, [u8; 16], u8>,
+    written_locals: std::collections::BTreeSet<IpAddr>,
     written: Vec<Written>,
 }
 
@@ -404,6 +412,8 @@ impl Kernel {
         let peer_flows = BpfHashMap::try_from(take("peer_flows")?).map_err(update_error)?;
         let peer_flows6 = BpfHashMap::try_from(take("peer_flows6")?).map_err(update_error)?;
         let new_flows = RingBuf::try_from(take("new_flows")?).map_err(update_error)?;
+        let locals = BpfHashMap::try_from(take("locals")?).map_err(update_error)?;
+        let locals6 = BpfHashMap::try_from(take("locals6")?).map_err(update_error)?;
         set_flow_params(&mut ebpf, &sizes)?;
         let tables = std::sync::Arc::new([
             MappedTable::of(&ebpf, "flows", sizes.flows, 0)?,
@@ -433,8 +443,63 @@ impl Kernel {
             peer_flows,
             peer_flows6,
             new_flows,
+            locals,
+            locals6,
+            written_locals: Default::default(),
             written: (0..MAX_SERVICES).map(|_| Written::default()).collect(),
         })
+    }
+
+    /// Tells the program this host's addresses (`addrs`: all of them, as they are now): a
+    /// wildcard listener takes the datagrams to any of them on its port, and no other. Only
+    /// what changed since the last call is written; beyond [`LOCALS_MAX`] of a family the
+    /// rest are left out (an error says so, the others written).
+    pub fn set_locals(&mut self, addrs: &[IpAddr]) -> Result<(), Error> {
+        let wanted: std::collections::BTreeSet<IpAddr> =
+            addrs.iter().map(|a| a.to_canonical()).collect();
+        let gone: Vec<IpAddr> = self.written_locals.difference(&wanted).copied().collect();
+        for addr in gone {
+            // (Already absent is as good as removed.)
+            let _ = match addr {
+                IpAddr::V4(v4) => self.locals.remove(&u32::from_ne_bytes(v4.octets())),
+                IpAddr::V6(v6) => self.locals6.remove(&v6.octets()),
+            };
+            self.written_locals.remove(&addr);
+        }
+        let new: Vec<IpAddr> = wanted.difference(&self.written_locals).copied().collect();
+        let mut held = [4, 6].map(|family| {
+            self.written_locals
+                .iter()
+                .filter(|a| a.is_ipv4() == (family == 4))
+                .count()
+        });
+        let mut full = None;
+        for addr in new {
+            let held = &mut held[usize::from(addr.is_ipv6())];
+            if *held >= LOCALS_MAX {
+                full = Some(addr);
+                continue;
+            }
+            match addr {
+                IpAddr::V4(v4) => self
+                    .locals
+                    .insert(u32::from_ne_bytes(v4.octets()), 1, 0)
+                    .map_err(update_error)?,
+                IpAddr::V6(v6) => self
+                    .locals6
+                    .insert(v6.octets(), 1, 0)
+                    .map_err(update_error)?,
+            }
+            self.written_locals.insert(addr);
+            *held += 1;
+        }
+        match full {
+            Some(addr) => Err(Error::Update(format!(
+                "this host has more than {LOCALS_MAX} addresses of one family: {addr} and \
+                 others not written (wildcard listeners do not take datagrams to them)"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Attaches the program at ingress of each of `interfaces` (tcx on Linux 6.6 and later,
@@ -567,6 +632,11 @@ impl Kernel {
                 }
                 | if s.sync.is_some() && !s.datagram {
                     SERVICE_SYNCED
+                } else {
+                    0
+                }
+                | if s.addr.ip().is_unspecified() {
+                    SERVICE_WILDCARD
                 } else {
                     0
                 }
@@ -961,6 +1031,7 @@ impl Kernel {
             flows_replaced: n(14),
             sync_used: n(15),
             sync_not_queued: n(16),
+            flow_gone: n(17),
         }
     }
 }

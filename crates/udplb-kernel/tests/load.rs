@@ -108,6 +108,18 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
     let mut told = Vec::new();
     k.new_flows(&mut told);
     assert!(told.is_empty(), "{told:?}");
+    // This host's addresses (for wildcard listeners): written, changed, and at most 4096 of
+    // a family (the others written all the same).
+    let locals: Vec<IpAddr> = vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()];
+    k.set_locals(&locals).expect("writes");
+    k.set_locals(&locals[..1]).expect("removes one");
+    let many: Vec<IpAddr> = (0..4097u32)
+        .map(|i| Ipv4Addr::from(0x0a00_0000 + i).into())
+        .chain([Ipv6Addr::LOCALHOST.into()])
+        .collect();
+    let e = k.set_locals(&many).expect_err("one too many");
+    assert!(e.to_string().contains("more than 4096"), "{e}");
+    k.set_locals(&locals).expect("fewer again");
 }
 
 fn nix_is_root() -> bool {

@@ -27,12 +27,19 @@ use udplb_kernel::census::FlowCensus;
 /// How often the published snapshot is checked for a change.
 const FOLLOW_EVERY: Duration = Duration::from_millis(20);
 
+/// How often this host's addresses are read again for the wildcard listeners (until then, a
+/// datagram to an address just added is served by the socket path's wildcard socket).
+const LOCALS_EVERY: Duration = Duration::from_secs(1);
+
 /// The kernel data plane of a running udplb: the loaded program and the listeners it serves
 /// (by snapshot index).
 pub struct KernelPlane {
     kernel: Mutex<udplb_kernel::Kernel>,
     /// Snapshot indexes of the listeners the program serves, in service-id order.
     pub listeners: Vec<usize>,
+    /// Whether one of them has a wildcard address (the program is kept told of this host's
+    /// addresses).
+    wildcard: bool,
     /// The interfaces the program is attached to.
     pub interfaces: Vec<String>,
     /// Per listener (as `listeners`), how its pool's backends are reached.
@@ -217,6 +224,12 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     interfaces.sort();
     interfaces.dedup();
     kernel.update(&services(snap, wanted, &methods, &limit_cells, sync))?;
+    let wildcard = wanted
+        .iter()
+        .any(|&i| cfg.listeners[i].address.ip().is_unspecified());
+    if wildcard && let Err(e) = kernel.set_locals(&crate::host::Addresses::read().local) {
+        tracing::error!(error = %e, "kernel data plane: this host's addresses");
+    }
     kernel.attach(&interfaces)?;
     // The first count (flows kept from an earlier process, if any), before anyone asks.
     let started = Instant::now();
@@ -225,6 +238,7 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     Ok(KernelPlane {
         kernel: Mutex::new(kernel),
         listeners: wanted.to_vec(),
+        wildcard,
         interfaces,
         methods,
         limit_cells,
@@ -558,7 +572,7 @@ pub fn services(
         .filter_map(|((&i, &method), &cells)| {
             let spec = snap.listeners.get(i)?;
             let pool = &snap.pools[spec.pool];
-            let addr = specific(spec.address)?;
+            let addr = SocketAddr::new(spec.address.ip().to_canonical(), spec.address.port());
             let backends = pool
                 .backends
                 .iter()
@@ -722,14 +736,61 @@ fn udp_port_in_use(port: u16) -> bool {
     })
 }
 
+/// Keeps the program told of this host's addresses (for the wildcard listeners).
+struct LocalsFollower {
+    wanted: bool,
+    read_at: Instant,
+    last: Vec<IpAddr>,
+    failing: bool,
+}
+
+impl LocalsFollower {
+    fn new(wanted: bool) -> LocalsFollower {
+        LocalsFollower {
+            wanted,
+            read_at: Instant::now(),
+            last: crate::host::Addresses::read().local,
+            failing: false,
+        }
+    }
+
+    /// Reads the addresses again when due, and writes what changed.
+    fn follow(&mut self, kernel: &Mutex<udplb_kernel::Kernel>) {
+        if !self.wanted || self.read_at.elapsed() < LOCALS_EVERY {
+            return;
+        }
+        self.read_at = Instant::now();
+        let now = crate::host::Addresses::read().local;
+        if now == self.last && !self.failing {
+            return;
+        }
+        let result = kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_locals(&now);
+        match result {
+            Ok(()) => self.failing = false,
+            Err(e) => {
+                if !self.failing {
+                    tracing::error!(error = %e, "kernel data plane: this host's addresses");
+                }
+                self.failing = true;
+            }
+        }
+        self.last = now;
+    }
+}
+
 impl KernelPlane {
     /// Follows the published snapshots for as long as udplb runs: each new generation's
     /// health, drain, weights and backends go to the maps.
     pub fn follow(self: Arc<Self>, shared: Arc<ArcSwap<Snapshot>>) {
         let mut applied = shared.load().generation;
         let mut failing = false;
+        let mut locals = LocalsFollower::new(self.wildcard);
         loop {
             std::thread::sleep(FOLLOW_EVERY);
+            locals.follow(&self.kernel);
             let snap = shared.load_full();
             if snap.generation == applied {
                 continue;
@@ -842,6 +903,7 @@ impl KernelPlane {
                 "rate_limited": d.rate_limited,
                 "flow_rate_limited": d.flow_rate_limited,
                 "amplification": d.amplification,
+                "flow_gone": d.flow_gone,
             },
             "fragments_passed": d.fragments_passed,
             "forged_passed": d.forged,

@@ -403,6 +403,7 @@ fn kernel_families(state: &State) -> Vec<Family<'static>> {
         ("rate_limited", d.rate_limited),
         ("flow_rate_limited", d.flow_rate_limited),
         ("amplification", d.amplification),
+        ("flow_gone", d.flow_gone),
     ] {
         dropped.add(vec![("reason", reason.into())], n as f64);
     }

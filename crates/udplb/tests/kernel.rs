@@ -244,6 +244,8 @@ struct Topology {
     gue: Option<u16>,
     /// `udplb decap` on the backend host ([`Topology::dsr_backend_host`]): its pid and log.
     decap: Option<(u32, std::path::PathBuf)>,
+    /// The listener's address when it is not [`Topology::vip`] (a wildcard).
+    listen: Option<SocketAddr>,
 }
 
 impl Topology {
@@ -333,6 +335,7 @@ impl Topology {
             v6: false,
             gue: None,
             decap: None,
+            listen: None,
         })
     }
 
@@ -841,7 +844,7 @@ impl Topology {
             "[admin]\nlisten = \"127.0.0.1:9190\"\nallow_changes = true\n\
              [listeners.l]\naddress = \"{}\"\npool = \"p\"\ndataplane = \"kernel\"\n\
              interfaces = [\"bc\", \"bk\"]\n{listener}\n[pools.p]\n{pool}",
-            self.vip(),
+            self.listen.unwrap_or(self.vip()),
         );
         let config = self.net.dir.join("udplb.toml");
         std::fs::write(&config, toml).unwrap();
@@ -1473,6 +1476,177 @@ fn backends_of(replies: &[(u16, SocketAddr, String, String)]) -> HashMap<u16, St
         .iter()
         .map(|(port, _, tag, _)| (*port, tag.clone()))
         .collect()
+}
+
+/// A wildcard listener (0.0.0.0, [::]) on the kernel data plane takes the datagrams to any of
+/// the balancer's addresses on its port, one added while udplb runs too, and answers each
+/// from the address its client sent to (the same client ports to a second address: from that
+/// one), with nat the backends seeing the clients; what passes through the balancer to
+/// another host on that port is forwarded, not taken.
+#[test]
+fn a_wildcard_listener_answers_from_the_address_each_client_sent_to() {
+    wildcard_listener("ulwn", "nat");
+}
+
+#[test]
+fn ipv6_a_wildcard_listener_answers_from_the_address_each_client_sent_to() {
+    wildcard_listener("ulw6", "nat6");
+}
+
+#[test]
+fn a_wildcard_listener_behind_masquerade_answers_from_the_address_each_client_sent_to() {
+    wildcard_listener("ulwm", "masquerade");
+}
+
+fn wildcard_listener(prefix: &str, forwarding: &str) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    let method = topo.family_of(forwarding);
+    let t = topo.t;
+    let (second, third, any, len) = if topo.v6 {
+        (
+            format!("fd00:99:{t}::2"),
+            format!("fd00:99:{t}::3"),
+            "[::]",
+            128,
+        )
+    } else {
+        (
+            format!("10.99.{t}.2"),
+            format!("10.99.{t}.3"),
+            "0.0.0.0",
+            32,
+        )
+    };
+    let balancer = topo.balancer.clone();
+    let add_address = |addr: &str| {
+        ip(&[
+            "-n",
+            &balancer,
+            "addr",
+            "add",
+            &format!("{addr}/{len}"),
+            "dev",
+            "lo",
+        ])
+        .unwrap();
+    };
+    add_address(&second);
+    topo.start_backends();
+    // The backend host's own service on the listener's port (tag f), which clients reach
+    // through the balancer.
+    let own = SocketAddr::new(topo.backend_ip().parse().unwrap(), 5300);
+    let child = Net::helper(
+        &topo.backends,
+        "kernel_backend_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_BACKEND", own.to_string()),
+            ("UDPLB_TEST_KERNEL_TAG", "f".to_string()),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    topo.net.keep(child);
+    topo.listen = Some(format!("{any}:5300").parse().unwrap());
+    topo.start_udplb_forwarding("", method);
+    if topo.without_the_program() {
+        return;
+    }
+    let first = topo.vip();
+    let second = SocketAddr::new(second.parse().unwrap(), 5300);
+    // The same 30 client ports to the first address, then to the second.
+    let control = topo.net.dir.join("rounds");
+    std::fs::create_dir_all(&control).unwrap();
+    let helper = Net::helper(
+        &topo.clients,
+        "kernel_clients_in_namespace",
+        &[
+            ("UDPLB_TEST_KERNEL_TARGET", first.to_string()),
+            ("UDPLB_TEST_KERNEL_TARGETS", format!("{first},{second}")),
+            ("UDPLB_TEST_KERNEL_CLIENTS", "30".to_string()),
+            ("UDPLB_TEST_KERNEL_ROUNDS", "2".to_string()),
+            ("UDPLB_TEST_KERNEL_GATE", control.display().to_string()),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    assert!(
+        wait_for(DEADLINE, || control.join("done-0").exists()),
+        "round 0 did not end"
+    );
+    std::fs::write(control.join("go-1"), "").unwrap();
+    let out = helper.wait_with_output().unwrap();
+    let rounds = gated_rounds(&String::from_utf8_lossy(&out.stdout), 2);
+    let client_ip: std::net::IpAddr = topo.client_ip().parse().unwrap();
+    for (round, to) in [first, second].iter().enumerate() {
+        let replies = &rounds[round];
+        assert_eq!(
+            replies.len(),
+            30,
+            "round {round} to {to}: {replies:?}\n{}",
+            topo.api("/stats")["kernel"]
+        );
+        for (port, from, _, seen) in replies {
+            assert_eq!(from, to, "client {port}'s reply in round {round}");
+            let seen: SocketAddr = seen.parse().unwrap();
+            if method == "nat" {
+                assert_eq!(seen, SocketAddr::new(client_ip, *port), "the backend saw");
+            } else {
+                assert_eq!(seen.ip(), topo.balancer_ip(), "the backend saw");
+            }
+        }
+    }
+    let stats = topo.api("/stats");
+    assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
+    // Each client has a flow per address it sent to; explain finds one of them where the
+    // client was placed.
+    assert!(
+        wait_for(DEADLINE, || topo.kernel_flows().values().sum::<u64>() == 60),
+        "live kernel flows: {:?}",
+        topo.kernel_flows()
+    );
+    let (port, _, tag, _) = &rounds[1][0];
+    let explained = topo.api(&format!(
+        "/api/v1/explain?client={}",
+        SocketAddr::new(client_ip, *port)
+    ));
+    let placed = explained["flow"]["backend"].as_str().unwrap_or_default();
+    let tags = ["x", "y", "z"];
+    assert!(
+        (0..3).any(|i| topo.backend_addr(i).to_string() == placed && tags[i] == tag),
+        "explain: {explained}"
+    );
+    if method == "nat" {
+        // On its way to another host: forwarded to it, which answers from its own address.
+        let through = topo.clients_with(3, 1, &[("UDPLB_TEST_KERNEL_TARGET", own.to_string())]);
+        assert_eq!(through.len(), 3, "{through:?}");
+        assert!(
+            through
+                .iter()
+                .all(|(_, from, tag, _)| *from == own && tag == "f"),
+            "{through:?}"
+        );
+    }
+    // An address added while udplb runs: the kernel takes it within a second or so (until
+    // then udplb's socket serves it).
+    add_address(&third);
+    let third = SocketAddr::new(third.parse().unwrap(), 5300);
+    let socket_datagrams = || topo.api("/stats")["listeners"][0]["datagrams_in"].as_u64();
+    assert!(
+        wait_for(DEADLINE, || {
+            let before = socket_datagrams();
+            let replies =
+                topo.clients_with(1, 1, &[("UDPLB_TEST_KERNEL_TARGET", third.to_string())]);
+            replies.len() == 1 && replies[0].1 == third && socket_datagrams() == before
+        }),
+        "the kernel did not take the address added: {}",
+        topo.api("/stats")
+    );
 }
 
 #[test]
@@ -2582,11 +2756,32 @@ fn a_closed_backend_port_behind_ipv6_masquerade_is_refused_by_the_listener() {
 }
 
 /// `forwarding` ending in 6 (`nat6`, `masquerade6`): that method on IPv6.
+/// The same through a wildcard listener (0.0.0.0, [::]): the error comes from the address
+/// the client sent to, which the program finds in the client's flow.
+#[test]
+fn a_closed_backend_port_behind_a_wildcard_listener_is_refused_by_the_address_sent_to() {
+    a_closed_backend_port_is_refused("ulwr", "nat-any");
+}
+
+#[test]
+fn a_closed_backend_port_behind_an_ipv6_wildcard_listener_is_refused_by_the_address_sent_to() {
+    a_closed_backend_port_is_refused("ulw7", "nat6-any");
+}
+
+/// `forwarding` ending in `-any`: the listener on the wildcard address of its family.
 fn a_closed_backend_port_is_refused(prefix: &str, forwarding: &str) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
+    let (forwarding, wildcard) = match forwarding.strip_suffix("-any") {
+        Some(f) => (f, true),
+        None => (forwarding, false),
+    };
     let forwarding = topo.family_of(forwarding);
+    if wildcard {
+        let any = if topo.v6 { "[::]:5300" } else { "0.0.0.0:5300" };
+        topo.listen = Some(any.parse().unwrap());
+    }
     if forwarding == "masquerade" {
         topo.without_a_route_to_the_clients();
     }
