@@ -14,6 +14,9 @@
 #   persist   the kernel path with persistence = "60s" (by ip:port: the backends' load as
 #             kernel's; a persistence map lookup more per datagram)
 #   ratio     the kernel path with limits.reply_ratio = 10 (each reply looked up by its flow)
+#   wildcard  the kernel path with the listener on 0.0.0.0:5300 (the load to the same address):
+#             a datagram finds its listener after three more hash lookups, a reply its
+#             flow's bucket
 #   sync      the kernel path with [sync] (to a peer address nobody serves): each new flow told
 #             to udplb through the ring buffer and looked up in the peers' flows
 #   masquerade  the same with forwarding = "masquerade" (the backends answer the balancer)
@@ -50,7 +53,7 @@
 # endpoint in the way).
 #
 # Usage: scripts/kernel-bench.sh
-# Env:   PEERS ("direct nftables kernel socket"; also: datagram persist ratio sync masquerade dsr dsr-gue direct6 kernel6
+# Env:   PEERS ("direct nftables kernel socket"; also: datagram persist ratio sync wildcard masquerade dsr dsr-gue direct6 kernel6
 #        tc-forward xdp-forward)
 #        ROUNDS (3) DURATION (5s) FLOWS (64)
 #        OUTSTANDING (8) NEW_FLOWS (unset) MAX_FLOWS (1000000 with NEW_FLOWS) CLIENTS (16000000)
@@ -169,7 +172,7 @@ table ip udplb_bench {
 NFT
             target=$vip:5300
             ;;
-        kernel | socket | masquerade | dsr | dsr-gue | datagram | persist | ratio | sync | kernel6)
+        kernel | socket | masquerade | dsr | dsr-gue | datagram | persist | ratio | sync | kernel6 | wildcard)
             local dataplane=$1 forwarding=nat pool=$backends mode=flow address=$vip:5300
             local remember= flow_sync=
             if [[ $1 == sync ]]; then
@@ -181,6 +184,7 @@ NFT
             [[ $1 == persist ]] && dataplane=kernel remember='persistence = "60s"'
             [[ $1 == ratio ]] && dataplane=kernel remember='limits = { reply_ratio = 10 }'
             [[ $1 == kernel6 ]] && dataplane=kernel pool=$backends6 address="[$vip6]:5300"
+            [[ $1 == wildcard ]] && dataplane=kernel address=0.0.0.0:5300
             [[ $1 == masquerade ]] && dataplane=kernel forwarding=masquerade
             [[ $1 == datagram ]] && dataplane=kernel mode=datagram
             local encapsulation=
@@ -226,7 +230,7 @@ $flow_sync
 CONFIG
             UDPLB_ALLOW_ROOT=1 run_bg "$work/udplb.log" ip netns exec $b "$binary" run -c "$work/udplb.toml"
             udplb_pid=$bg_pid
-            target=$address
+            target=${address/0.0.0.0/$vip}
             ;;
         *) die "unknown peer $1" ;;
     esac
@@ -241,7 +245,7 @@ stop_peer() {
             ip -n $c link set dev cb xdpdrv off
             ip -n $k link set dev kb xdpdrv off
             ;;
-        kernel | socket | masquerade | datagram | persist | ratio | sync | kernel6) stop "$udplb_pid" TERM ;;
+        kernel | socket | masquerade | datagram | persist | ratio | sync | kernel6 | wildcard) stop "$udplb_pid" TERM ;;
         dsr | dsr-gue)
             stop "$udplb_pid" TERM
             stop "$decap_pid" TERM
