@@ -27,6 +27,10 @@ use udplb_kernel::census::FlowCensus;
 /// How often the published snapshot is checked for a change.
 const FOLLOW_EVERY: Duration = Duration::from_millis(20);
 
+/// The fewest entries a family's map of the peers' flows gets (`[sync]` beside kernel
+/// listeners of that family).
+const PEER_FLOWS_MIN: usize = 1024;
+
 /// How often this host's addresses are read again for the wildcard listeners (until then, a
 /// datagram to an address just added is served by the socket path's wildcard socket).
 const LOCALS_EVERY: Duration = Duration::from_secs(1);
@@ -165,18 +169,10 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         );
     }
     let sync = cfg.sync.as_ref().map(|_| 2 * crate::sync::hold(cfg));
-    // The peers' flows, per family with synced listeners: `[sync]`'s `max_entries`.
-    let peer_flows_of = |v4: bool| match &cfg.sync {
-        Some(s)
-            if wanted
-                .iter()
-                .any(|&i| cfg.listeners[i].mode != SessionMode::Datagram && on_ipv4(&i) == v4) =>
-        {
-            u32::try_from(s.max_entries).unwrap_or(u32::MAX)
-        }
-        _ => 1,
-    };
-    let peer_flows = (peer_flows_of(true), peer_flows_of(false));
+    let peer_flows = (
+        peer_flows(cfg, wanted, true),
+        peer_flows(cfg, wanted, false),
+    );
     let mut kernel = udplb_kernel::Kernel::load(sizes, cells, peer_flows, pin_dir.as_deref())?;
     tracing::info!(
         max_flows,
@@ -256,6 +252,28 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         flows_wanted: std::sync::Condvar::new(),
         flows_counted: std::sync::Condvar::new(),
     })
+}
+
+/// The entries of the map of the peers' flows (`[sync]`) of one family (`v4`) of the `wanted`
+/// listeners: as many as the peers can hold for its synced listeners (each peer at most their
+/// `max_flows`), at least [`PEER_FLOWS_MIN`] and at most `[sync]`'s `max_entries`; 1 without
+/// such listeners (the map must exist).
+fn peer_flows(cfg: &Config, wanted: &[usize], v4: bool) -> u32 {
+    let Some(s) = &cfg.sync else { return 1 };
+    let peers_hold = wanted
+        .iter()
+        .map(|&i| &cfg.listeners[i])
+        .filter(|l| {
+            l.mode != SessionMode::Datagram && l.address.ip().to_canonical().is_ipv4() == v4
+        })
+        .map(|l| l.max_flows as usize)
+        .sum::<usize>()
+        .saturating_mul(s.peers.len());
+    if peers_hold == 0 {
+        return 1;
+    }
+    let entries = peers_hold.min(s.max_entries).max(PEER_FLOWS_MIN);
+    u32::try_from(entries).unwrap_or(u32::MAX)
 }
 
 /// Warns when the program's route lookups will find no forwarding (per family of the kernel
@@ -1056,7 +1074,48 @@ impl KernelPlane {
 
 #[cfg(test)]
 mod tests {
-    use super::udp_port_in_use;
+    use super::{PEER_FLOWS_MIN, peer_flows, udp_port_in_use};
+
+    /// The map of the peers' flows holds what the peers can hold for each family's synced
+    /// kernel listeners (datagram mode syncs nothing), within `[sync]`'s bounds.
+    #[test]
+    fn the_peers_flows_map_is_sized_by_what_the_peers_hold() {
+        let listener = |name: &str, address: &str, pool: &str, extra: &str| {
+            format!(
+                "[listeners.{name}]\naddress = \"{address}\"\npool = \"{pool}\"\n\
+                 dataplane = \"kernel\"\n{extra}\n"
+            )
+        };
+        let config = |sync: &str| {
+            let mut toml = String::new();
+            toml += &listener("a", "10.0.0.1:53", "pa", "max_flows = 1000");
+            toml += &listener("b", "10.0.0.2:53", "pb", "max_flows = 2000");
+            toml += &listener("c", "10.0.0.3:53", "pc", "mode = \"datagram\"");
+            toml += &listener("d", "[fd00::1]:53", "pd", "max_flows = 100");
+            for (pool, backend) in [
+                ("pa", "10.1.0.1:53"),
+                ("pb", "10.1.0.2:53"),
+                ("pc", "10.1.0.3:53"),
+                ("pd", "[fd00::b]:53"),
+            ] {
+                toml += &format!("[pools.{pool}]\nbackends = [\"{backend}\"]\n");
+            }
+            toml += sync;
+            udplb_config::parse(&toml, "t.toml").unwrap()
+        };
+        let synced = config(
+            "[sync]\nlisten = \"10.0.0.1:7946\"\npeers = [\"10.0.0.8:7946\", \
+             \"10.0.0.9:7946\"]\nkey_file = \"/k\"\nmax_entries = 5000\n",
+        );
+        let all = [0, 1, 2, 3];
+        // IPv4: (1,000 + 2,000) x 2 peers, capped at max_entries; IPv6: 100 x 2, raised.
+        assert_eq!(peer_flows(&synced, &all, true), 5000);
+        assert_eq!(peer_flows(&synced, &[0], true), 2000);
+        assert_eq!(peer_flows(&synced, &all, false) as usize, PEER_FLOWS_MIN);
+        // No synced listener of the family (datagram mode only), or no [sync]: one entry.
+        assert_eq!(peer_flows(&synced, &[2, 3], true), 1);
+        assert_eq!(peer_flows(&config(""), &all, true), 1);
+    }
 
     #[test]
     fn a_bound_udp_port_is_seen_in_use_and_then_free() {
