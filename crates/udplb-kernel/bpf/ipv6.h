@@ -1104,7 +1104,10 @@ static __noinline int forward6(struct __sk_buff *skb, struct packet6 *p)
 		bpf_map_update_elem(&fragments6, &p->frk, &fr, BPF_ANY);
 	}
 	struct bpf_fib_lookup fib;
-	int rc = route6(skb, &fib, &p->saddr, &p->to_addr, p->tot_len);
+	// A backend on this host: the stack delivers it, no route to look up.
+	int rc = (p->bflags & BACKEND_LOCAL) ?
+			 BPF_FIB_LKUP_RET_NOT_FWDED :
+			 route6(skb, &fib, &p->saddr, &p->to_addr, p->tot_len);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big6(skb, &fib, &p->saddr, &p->daddr);
 	int why = rewrite6(skb, 1, &p->daddr, &p->to_addr, p->dport, p->to_port, p->hops, p->l4);
@@ -1298,7 +1301,10 @@ static __noinline int reply6(struct __sk_buff *skb, struct reply6 *r, struct pac
 		count_drop(DROP_FLOW_GONE);
 		return TC_ACT_SHOT;
 	}
-	int rc = route6(skb, &fib, &fk.service_addr, daddr, tot_len);
+	// Through loopback a reply is for this host: no route to look up.
+	int rc = skb->ingress_ifindex == LOOPBACK_IFINDEX ?
+			 BPF_FIB_LKUP_RET_NOT_FWDED :
+			 route6(skb, &fib, &fk.service_addr, daddr, tot_len);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return too_big6(skb, &fib, saddr, &fk.service_addr);
 	// To this host itself: only a reply to a client of a flow this program placed.

@@ -1925,11 +1925,11 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		if (f && !datagram && flow_live(f->last, now, svc->idle_ns)) {
 			// Its backend, while it keeps flows and still serves this listener.
 			struct reply_key kept = {.addr = kept_addr, .port = kept_port};
-			struct reply *r = bpf_map_lookup_elem(&replies, &kept);
-			if (r && (r->flags & BACKEND_KEEPS_FLOWS) &&
-			    r->service_addr == (wild ? 0 : daddr) && r->service_port == dport) {
-				b = r->backend;
-				bflags = r->flags;
+			struct reply *held = bpf_map_lookup_elem(&replies, &kept);
+			if (held && (held->flags & BACKEND_KEEPS_FLOWS) &&
+			    held->service_addr == (wild ? 0 : daddr) && held->service_port == dport) {
+				b = held->backend;
+				bflags = held->flags;
 				to_addr = kept_addr;
 				to_port = kept_port;
 				if (f->last != flow_time(now))
@@ -2000,7 +2000,9 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 		}
 		struct bpf_fib_lookup fib;
-		int rc = route(skb, &fib, saddr, to_addr, tot_len);
+		// A backend on this host: the stack delivers it, no route to look up.
+		int rc = (bflags & BACKEND_LOCAL) ? BPF_FIB_LKUP_RET_NOT_FWDED :
+						    route(skb, &fib, saddr, to_addr, tot_len);
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
 			return too_big(skb, &fib, df, saddr, daddr, 0);
 		int why = rewrite(skb, 1, daddr, to_addr, dport, to_port, ttl);
@@ -2046,7 +2048,11 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			}
 		}
 		struct bpf_fib_lookup fib;
-		int rc = route(skb, &fib, from_addr, daddr, tot_len);
+		// Through loopback a reply is for this host (the stack loops back only that): no
+		// route to look up.
+		int rc = skb->ingress_ifindex == LOOPBACK_IFINDEX ?
+				 BPF_FIB_LKUP_RET_NOT_FWDED :
+				 route(skb, &fib, from_addr, daddr, tot_len);
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
 			return too_big(skb, &fib, df, saddr, from_addr, 0);
 		// To this host itself: a reply only to a client of a flow this program placed (a local
