@@ -452,7 +452,7 @@ impl Kernel {
 
     /// Tells the program this host's addresses (`addrs`: all of them, as they are now): a
     /// wildcard listener takes the datagrams to any of them on its port, and no other. Only
-    /// what changed since the last call is written; beyond [`LOCALS_MAX`] of a family the
+    /// what changed since the last call is written; beyond 4,096 of a family (`LOCALS_MAX`) the
     /// rest are left out (an error says so, the others written).
     pub fn set_locals(&mut self, addrs: &[IpAddr]) -> Result<(), Error> {
         let wanted: std::collections::BTreeSet<IpAddr> =

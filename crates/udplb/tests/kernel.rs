@@ -624,19 +624,8 @@ impl Topology {
             }
         }
         if echo {
-            let child = Net::helper(
-                &k,
-                "kernel_backend_in_namespace",
-                &[
-                    ("UDPLB_TEST_KERNEL_BACKEND", self.vip().to_string()),
-                    ("UDPLB_TEST_KERNEL_TAG", "d".to_string()),
-                ],
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-            self.net.keep(child);
+            let vip = self.vip();
+            self.start_echo(&k, vip, "d");
         }
         let log = self.net.dir.join("decap.log");
         let gue: Vec<String> = self
@@ -730,12 +719,19 @@ impl Topology {
         }
         .parse()
         .unwrap();
+        let balancer = self.balancer.clone();
+        self.start_echo(&balancer, local, "l");
+        local
+    }
+
+    /// An echo (tag `tag`) on `addr` in host `ns`, kept for the test's life.
+    fn start_echo(&mut self, ns: &str, addr: SocketAddr, tag: &str) {
         let child = Net::helper(
-            &self.balancer,
+            ns,
             "kernel_backend_in_namespace",
             &[
-                ("UDPLB_TEST_KERNEL_BACKEND", local.to_string()),
-                ("UDPLB_TEST_KERNEL_TAG", "l".to_string()),
+                ("UDPLB_TEST_KERNEL_BACKEND", addr.to_string()),
+                ("UDPLB_TEST_KERNEL_TAG", tag.to_string()),
             ],
         )
         .stdout(Stdio::null())
@@ -743,7 +739,6 @@ impl Topology {
         .spawn()
         .unwrap();
         self.net.keep(child);
-        local
     }
 
     fn vip(&self) -> SocketAddr {
@@ -1537,19 +1532,8 @@ fn wildcard_listener(prefix: &str, forwarding: &str) {
     // The backend host's own service on the listener's port (tag f), which clients reach
     // through the balancer.
     let own = SocketAddr::new(topo.backend_ip().parse().unwrap(), 5300);
-    let child = Net::helper(
-        &topo.backends,
-        "kernel_backend_in_namespace",
-        &[
-            ("UDPLB_TEST_KERNEL_BACKEND", own.to_string()),
-            ("UDPLB_TEST_KERNEL_TAG", "f".to_string()),
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    topo.net.keep(child);
+    let backends = topo.backends.clone();
+    topo.start_echo(&backends, own, "f");
     topo.listen = Some(format!("{any}:5300").parse().unwrap());
     topo.start_udplb_forwarding("", method);
     if topo.without_the_program() {
@@ -3927,19 +3911,7 @@ fn local_clients_and_backends(prefix: &str, v6: bool) {
     let backend = |i: usize| SocketAddr::new(backend_ip, 7001 + i as u16);
     let host = topo.balancer.clone();
     for (i, tag) in ["x", "y", "z"].iter().enumerate() {
-        let child = Net::helper(
-            &host,
-            "kernel_backend_in_namespace",
-            &[
-                ("UDPLB_TEST_KERNEL_BACKEND", backend(i).to_string()),
-                ("UDPLB_TEST_KERNEL_TAG", tag.to_string()),
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-        topo.net.keep(child);
+        topo.start_echo(&host, backend(i), tag);
     }
     let backends: Vec<String> = (0..3).map(|i| quoted(backend(i))).collect();
     let toml = format!(
