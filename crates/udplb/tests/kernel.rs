@@ -2988,6 +2988,62 @@ fn gue_dsr_backends_see_the_client_and_answer_it_directly() {
 /// told the MTU less what encapsulation adds, and its next try, fragmented, is answered (the
 /// later fragment encapsulated as its first); `udplb decap` took every datagram in the
 /// encapsulation asked for.
+/// A wildcard listener with dsr: the backend host holds both of the balancer's addresses the
+/// clients send to, and answers each client from the one it sent to (the encapsulated
+/// datagram's destination), seeing the client's own address.
+#[test]
+fn a_wildcard_listener_with_dsr_is_answered_from_each_address_sent_to() {
+    let Some(mut topo) = Topology::build("ulwd") else {
+        return;
+    };
+    let t = topo.t;
+    let second = format!("10.99.{t}.2");
+    for ns in [topo.balancer.clone(), topo.backends.clone()] {
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{second}/32"),
+            "dev",
+            "lo",
+        ])
+        .unwrap();
+    }
+    if topo.dsr_backend_host().is_none() {
+        return;
+    }
+    let second = SocketAddr::new(second.parse().unwrap(), 5300);
+    let backends = topo.backends.clone();
+    topo.start_echo(&backends, second, "e");
+    topo.listen = Some("0.0.0.0:5300".parse().unwrap());
+    topo.start_udplb_with(
+        "",
+        &format!(
+            "backends = [\"10.98.{t}.2:5300\"]\n{}",
+            topo.dsr_forwarding()
+        ),
+    );
+    if topo.without_the_program() {
+        return;
+    }
+    let client_ip = topo.client_ip();
+    for (to, tag) in [(topo.vip(), "d"), (second, "e")] {
+        let replies = topo.clients_with(20, 1, &[("UDPLB_TEST_KERNEL_TARGET", to.to_string())]);
+        assert_eq!(
+            replies.len(),
+            20,
+            "to {to}: {}",
+            topo.api("/stats")["kernel"]
+        );
+        for (port, from, got, seen) in &replies {
+            assert_eq!((from, got.as_str()), (&to, tag), "client {port}");
+            assert_eq!(seen, &format!("{client_ip}:{port}"), "the backend saw");
+        }
+    }
+    assert_eq!(topo.api("/stats")["listeners"][0]["datagrams_in"], 0);
+}
+
 fn dsr_to_two_backend_addresses(prefix: &str, gue: Option<u16>) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
