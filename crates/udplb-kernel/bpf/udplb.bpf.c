@@ -535,6 +535,15 @@ struct {
 	__type(value, struct reply);
 } replies SEC(".maps");
 
+// Whether backend mapping `r` still serves listener `svc` at `addr`:`port`, the address the
+// client sent to (a wildcard listener's backends name address 0).
+static __always_inline int serves(const struct reply *r, const struct service *svc, __u32 addr,
+				  __u16 port)
+{
+	return r->service_port == port &&
+	       r->service_addr == ((svc->flags & SERVICE_WILDCARD) ? 0 : addr);
+}
+
 // Persistence (LVS's persistence_timeout): the backend each client of a listener with
 // SERVICE_PERSIST last used, by the client's address and port (its address alone, port 0,
 // with SERVICE_BY_IP), and when (`last_ns`, refreshed at most once a second).
@@ -749,8 +758,8 @@ static __always_inline int persisted(const struct service *svc, const struct flo
 		return 0;
 	struct reply_key rk = {.addr = p->backend_addr, .port = p->backend_port};
 	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
-	if (!r || !(r->flags & BACKEND_TAKES_NEW) || r->service_addr != pk.service_addr ||
-	    r->service_port != pk.service_port)
+	if (!r || !(r->flags & BACKEND_TAKES_NEW) ||
+	    !serves(r, svc, fk->service_addr, fk->service_port))
 		return 0;
 	*b = r->backend;
 	*bflags = r->flags;
@@ -798,8 +807,8 @@ static __noinline int peer_flow(const struct service *svc, const struct flow_key
 		return 0;
 	struct reply_key rk = {.addr = p->backend_addr, .port = p->backend_port};
 	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
-	if (!r || !(r->flags & BACKEND_KEEPS_FLOWS) || r->service_addr != k.service_addr ||
-	    r->service_port != k.service_port)
+	if (!r || !(r->flags & BACKEND_KEEPS_FLOWS) ||
+	    !serves(r, svc, fk->service_addr, fk->service_port))
 		return 0;
 	*b = r->backend;
 	to->addr = rk.addr;
@@ -1927,7 +1936,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			struct reply_key kept = {.addr = kept_addr, .port = kept_port};
 			struct reply *held = bpf_map_lookup_elem(&replies, &kept);
 			if (held && (held->flags & BACKEND_KEEPS_FLOWS) &&
-			    held->service_addr == (wild ? 0 : daddr) && held->service_port == dport) {
+			    serves(held, svc, daddr, dport)) {
 				b = held->backend;
 				bflags = held->flags;
 				to_addr = kept_addr;
