@@ -847,9 +847,11 @@ impl Topology {
         let child = command(&self.balancer, &config, &log).spawn().unwrap();
         let pid = self.net.keep(child);
         assert!(
-            wait_for(DEADLINE, || self.api("/stats")["pools"][0]["backends"]
+            wait_for(DEADLINE, || self.api("/stats")["pools"]
                 .as_array()
-                .is_some_and(|b| b.iter().all(|b| b["healthy"] == true))),
+                .is_some_and(|pools| pools.iter().all(|p| p["backends"]
+                    .as_array()
+                    .is_some_and(|b| b.iter().all(|b| b["healthy"] == true))))),
             "udplb did not come up: {}",
             self.log()
         );
@@ -3779,6 +3781,13 @@ fn a_replaced_flow_is_judged_by_its_own_listeners_idle_timeout() {
     // The table's 4,096 slots filled with l's flows (8,000 placed).
     burst(&topo, &topo.client_ip(), 8000, 1);
     let before = metrics();
+    // All placed, on l's three backends (none was still waiting for its first check).
+    let placed_l = counter(
+        &before,
+        "udplb_kernel_flows_created_total",
+        "listener=\"l\"",
+    );
+    assert_eq!(placed_l, 8000.0, "{before}");
     std::thread::sleep(Duration::from_millis(1500));
     burst_to(&topo, other, &topo.client_ip(), 2000, 1);
     let after = metrics();
