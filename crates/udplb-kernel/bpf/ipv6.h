@@ -578,13 +578,58 @@ static __always_inline int set_port6(struct __sk_buff *skb, int dst, __u16 old_p
 	return 0;
 }
 
+// Rewrites one address and one port of the datagram in place (`dst`: the destination, else
+// the source; its UDP header at `l4`), one taken from the hop limit with `hop`: the header
+// written directly, the UDP checksum updated by the kernel's helper from what changed (as
+// `rewrite_in_place` does for IPv4). Returns 0, a drop reason + 1, or -1 when the headers are
+// not in the packet's linear data (nothing written).
+static __always_inline int rewrite6_in_place(struct __sk_buff *skb, int dst, struct in6 *old_addr,
+					     struct in6 *new_addr, __u16 old_port, __u16 new_port,
+					     __u8 hops, __u32 l4, int hop)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ip6hdr *ip = data + IP6_OFF;
+	if (l4 > L4_6_OFF + sizeof(struct frag6hdr))
+		return -1;
+	struct udphdr *udp = data + l4;
+	if ((void *)(ip + 1) > end || (void *)(udp + 1) > end)
+		return -1;
+	if (hop && hops <= 1)
+		return DROP_TTL + 1;
+	__u32 addrs = 0;
+	for (int i = 0; i < 4; i++)
+		addrs = csum_change(addrs, old_addr->w[i], new_addr->w[i]);
+	if (hop)
+		ip->hop_limit = hops - 1;
+	if (dst) {
+		ip->daddr = *new_addr;
+		udp->dest = new_port;
+	} else {
+		ip->saddr = *new_addr;
+		udp->source = new_port;
+	}
+	__u32 check = l4 + offsetof(struct udphdr, check);
+	if (bpf_l4_csum_replace(skb, check, 0, addrs, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0))
+		return DROP_REWRITE + 1;
+	if (old_port != new_port &&
+	    bpf_l4_csum_replace(skb, check, old_port, new_port,
+				BPF_F_MARK_MANGLED_0 | sizeof(new_port)))
+		return DROP_REWRITE + 1;
+	return 0;
+}
+
 // Rewrites one address and one port of the datagram (its UDP header at `l4`), the checksum
-// updated incrementally, one taken from the hop limit. Returns 0, or a drop reason + 1.
+// updated incrementally, one taken from the hop limit: in place, or field by field through
+// the helpers when its headers are not in the linear data. Returns 0, or a drop reason + 1.
 static __always_inline int rewrite6(struct __sk_buff *skb, int dst, struct in6 *old_addr,
 				    struct in6 *new_addr, __u16 old_port, __u16 new_port, __u8 hops,
 				    __u32 l4)
 {
-	int why = take_hop(skb, hops);
+	int why = rewrite6_in_place(skb, dst, old_addr, new_addr, old_port, new_port, hops, l4, 1);
+	if (why >= 0)
+		return why;
+	why = take_hop(skb, hops);
 	if (!why)
 		why = set_addr6(skb, dst, old_addr, new_addr, l4 + offsetof(struct udphdr, check));
 	if (!why)
@@ -599,8 +644,12 @@ static __always_inline int rewrite_both6(struct __sk_buff *skb, struct in6 *sadd
 					 __u16 new_dport, __u8 hops, __u32 l4)
 {
 	int why = rewrite6(skb, 0, saddr, new_saddr, sport, new_sport, hops, l4);
-	if (!why)
-		why = set_addr6(skb, 1, daddr, new_daddr, l4 + offsetof(struct udphdr, check));
+	if (why)
+		return why;
+	why = rewrite6_in_place(skb, 1, daddr, new_daddr, dport, new_dport, hops, l4, 0);
+	if (why >= 0)
+		return why;
+	why = set_addr6(skb, 1, daddr, new_daddr, l4 + offsetof(struct udphdr, check));
 	if (!why)
 		why = set_port6(skb, 1, dport, new_dport, l4);
 	return why;

@@ -988,30 +988,89 @@ static __always_inline int set_port(struct __sk_buff *skb, int dst, __u16 old_po
 	return 0;
 }
 
-// Rewrites one address and one port of the datagram (`dst`: the destination, else the
-// source), checksums updated incrementally, one taken from the TTL. Returns 0, or a drop
-// reason + 1.
-static __always_inline int rewrite(struct __sk_buff *skb, int dst, __u32 old_addr, __u32 new_addr,
-				   __u16 old_port, __u16 new_port, __u8 ttl)
+// A 32-bit one's-complement sum (as bpf_csum_diff gives it) folded to 16 bits.
+static __always_inline __u16 fold(__u64 sum)
 {
-	int why = take_ttl(skb, ttl, IPPROTO_UDP);
-	if (!why)
-		why = set_addr(skb, dst, old_addr, new_addr, 1);
-	if (!why)
-		why = set_port(skb, dst, old_port, new_port);
-	return why;
+	__u32 c = (__u32)sum;
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)c;
 }
 
-// Rewrites both ends of the datagram (masquerade), as [`rewrite`] does one.
-static __always_inline int rewrite_both(struct __sk_buff *skb, __u32 saddr, __u32 new_saddr,
-					__u16 sport, __u16 new_sport, __u32 daddr,
-					__u32 new_daddr, __u16 dport, __u16 new_dport, __u8 ttl)
+// One's-complement addition of two 32-bit partial sums (as the kernel's checksum helpers take
+// them), for updating checksums by what changed (RFC 1624).
+static __always_inline __u32 csum_add(__u32 a, __u32 b)
 {
-	int why = rewrite(skb, 0, saddr, new_saddr, sport, new_sport, ttl);
-	if (!why)
-		why = set_addr(skb, 1, daddr, new_daddr, 1);
-	if (!why)
-		why = set_port(skb, 1, dport, new_dport);
+	__u32 s = a + b;
+	return s + (s < a);
+}
+
+// The partial sum `diff` with a field's change from `from` to `to` added (a 16-bit field
+// zero-extended, as the helpers take it).
+static __always_inline __u32 csum_change(__u32 diff, __u32 from, __u32 to)
+{
+	return csum_add(csum_add(diff, ~from), to);
+}
+
+// Both ends of a datagram before and after a rewrite (an end kept: the same old and new).
+struct ends {
+	__u32 saddr, new_saddr, daddr, new_daddr;
+	__u16 sport, new_sport, dport, new_dport;
+};
+
+// Rewrites the datagram's ends in place, one taken from the TTL: the IP header written
+// directly, its checksum computed from what changed; the UDP checksum updated by the kernel's
+// helper, which knows how the packet holds it (a checksum still to be completed, as on
+// loopback and veth, changes with the addresses alone; a zero checksum stays zero). Two helper
+// calls at most, where one field at a time took seven. Returns 0, a drop reason + 1, or -1
+// when the headers are not in the packet's linear data (nothing written).
+static __always_inline int rewrite_in_place(struct __sk_buff *skb, const struct ends *e, __u8 ttl)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + IP_OFF;
+	struct udphdr *udp = (void *)(ip + 1);
+	if ((void *)(udp + 1) > end)
+		return -1;
+	if (ttl <= 1)
+		return DROP_TTL + 1;
+	__u32 addrs = csum_change(csum_change(0, e->saddr, e->new_saddr), e->daddr, e->new_daddr);
+	__u32 ip_diff = csum_change(addrs, bpf_htons((__u16)ttl << 8 | IPPROTO_UDP),
+				    bpf_htons((__u16)(ttl - 1) << 8 | IPPROTO_UDP));
+	ip->check = ~fold(csum_add(ip_diff, (__u16)~ip->check));
+	ip->ttl = ttl - 1;
+	ip->saddr = e->new_saddr;
+	ip->daddr = e->new_daddr;
+	udp->source = e->new_sport;
+	udp->dest = e->new_dport;
+	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, 0, addrs,
+				BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0))
+		return DROP_REWRITE + 1;
+	if (e->sport == e->new_sport && e->dport == e->new_dport)
+		return 0;
+	__u32 ports = csum_change(csum_change(0, e->sport, e->new_sport), e->dport, e->new_dport);
+	if (bpf_l4_csum_replace(skb, UDP_CSUM_OFF, 0, ports, BPF_F_MARK_MANGLED_0))
+		return DROP_REWRITE + 1;
+	return 0;
+}
+
+// Rewrites the datagram's ends (`e`), checksums updated incrementally, one taken from the
+// TTL: in place, or field by field through the helpers when its headers are not in the linear
+// data. Returns 0, or a drop reason + 1.
+static __always_inline int rewrite(struct __sk_buff *skb, const struct ends *e, __u8 ttl)
+{
+	int why = rewrite_in_place(skb, e, ttl);
+	if (why >= 0)
+		return why;
+	why = take_ttl(skb, ttl, IPPROTO_UDP);
+	if (!why && e->saddr != e->new_saddr)
+		why = set_addr(skb, 0, e->saddr, e->new_saddr, 1);
+	if (!why && e->sport != e->new_sport)
+		why = set_port(skb, 0, e->sport, e->new_sport);
+	if (!why && e->daddr != e->new_daddr)
+		why = set_addr(skb, 1, e->daddr, e->new_daddr, 1);
+	if (!why && e->dport != e->new_dport)
+		why = set_port(skb, 1, e->dport, e->new_dport);
 	return why;
 }
 
@@ -1238,15 +1297,6 @@ shot:
 	return TC_ACT_SHOT;
 }
 
-// A 32-bit one's-complement sum (as bpf_csum_diff gives it) folded to 16 bits.
-static __always_inline __u16 fold(__u64 sum)
-{
-	__u32 c = (__u32)sum;
-	c = (c & 0xffff) + (c >> 16);
-	c = (c & 0xffff) + (c >> 16);
-	return (__u16)c;
-}
-
 // The IP checksum of a 20-byte header (its checksum field zero).
 static __always_inline __u16 ip_checksum(struct iphdr *ip)
 {
@@ -1400,7 +1450,8 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct servic
 		struct fragment fr = {.saddr = from, .daddr = to_addr, .backend = b};
 		bpf_map_update_elem(&fragments, frk, &fr, BPF_ANY);
 	}
-	int why = rewrite_both(skb, saddr, from, sport, port, daddr, to_addr, dport, to_port, ttl);
+	int why = rewrite(skb,
+			  &(struct ends){saddr, from, daddr, to_addr, sport, port, dport, to_port}, ttl);
 	if (why) {
 		count_drop(why - 1);
 		return TC_ACT_SHOT;
@@ -1442,7 +1493,8 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, const struct 
 			.saddr = vip, .daddr = client, .backend = b, .flags = FRAGMENT_REPLY};
 		bpf_map_update_elem(&fragments, frk, &fr, BPF_ANY);
 	}
-	int why = rewrite_both(skb, saddr, vip, sport, vport, daddr, client, dport, cport, ttl);
+	int why = rewrite(skb,
+			  &(struct ends){saddr, vip, daddr, client, sport, vport, dport, cport}, ttl);
 	if (why) {
 		count_drop(why - 1);
 		return TC_ACT_SHOT;
@@ -2014,7 +2066,9 @@ static __noinline int ingress4(struct __sk_buff *skb)
 						    route(skb, &fib, saddr, to_addr, tot_len);
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
 			return too_big(skb, &fib, df, saddr, daddr, 0);
-		int why = rewrite(skb, 1, daddr, to_addr, dport, to_port, ttl);
+		int why = rewrite(
+			skb, &(struct ends){saddr, saddr, daddr, to_addr, sport, sport, dport, to_port},
+			ttl);
 		if (why) {
 			count_drop(why - 1);
 			return TC_ACT_SHOT;
@@ -2080,7 +2134,10 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			struct fragment fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 		}
-		int why = rewrite(skb, 0, saddr, from_addr, sport, from_port, ttl);
+		int why = rewrite(
+			skb,
+			&(struct ends){saddr, from_addr, daddr, daddr, sport, from_port, dport, dport},
+			ttl);
 		if (why) {
 			count_drop(why - 1);
 			return TC_ACT_SHOT;

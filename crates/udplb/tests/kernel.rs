@@ -109,6 +109,9 @@ fn kernel_clients_in_namespace() {
             if std::env::var_os("UDPLB_TEST_NO_DF").is_some() {
                 common::netns::without_df(&s);
             }
+            if std::env::var_os("UDPLB_TEST_NO_CHECKSUM").is_some() {
+                common::netns::without_checksum(&s);
+            }
             s
         })
         .collect();
@@ -1000,6 +1003,91 @@ impl Topology {
             .filter_map(|l| reply_line(l))
             .collect()
     }
+}
+
+/// Every rewrite keeps the UDP checksum right, however the datagram holds it. The client's
+/// and the backends' kernels compute theirs in full (veth would otherwise leave them to an
+/// offload, unchecked), so that every receiver checks them: requests and replies all get
+/// through, none counted as a checksum error on either side; so do IPv4 requests sent with no
+/// checksum (zero, which stays valid; IPv6 has no such thing).
+#[test]
+fn nat_keeps_udp_checksums_right_both_ways() {
+    udp_checksums_kept("ulck", "nat", false);
+}
+
+#[test]
+fn masquerade_keeps_udp_checksums_right_both_ways() {
+    udp_checksums_kept("ulcm", "masquerade", false);
+}
+
+#[test]
+fn ipv6_nat_keeps_udp_checksums_right_both_ways() {
+    udp_checksums_kept("ul6k", "nat", true);
+}
+
+#[test]
+fn ipv6_masquerade_keeps_udp_checksums_right_both_ways() {
+    udp_checksums_kept("ul6m", "masquerade", true);
+}
+
+fn udp_checksums_kept(prefix: &str, forwarding: &str, v6: bool) {
+    let Some(mut topo) = Topology::build(prefix) else {
+        return;
+    };
+    if v6 {
+        topo.ipv6();
+    }
+    let ethtool = need("ethtool", "ethtool");
+    for (ns, dev) in [(&topo.clients, "cb"), (&topo.backends, "kb")] {
+        let ok = Net::exec(ns, &ethtool)
+            .args(["-K", dev, "tx", "off"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "ethtool -K {dev} tx off");
+    }
+    topo.start_backends();
+    topo.start_udplb_forwarding("", forwarding);
+    if topo.without_the_program() {
+        return;
+    }
+    let (file, prefix, name) = if v6 {
+        ("/proc/net/snmp6", "Udp6InCsumErrors", "Udp6InCsumErrors")
+    } else {
+        ("/proc/net/snmp", "Udp: ", "InCsumErrors")
+    };
+    let checksum_errors = |ns: &str| -> u64 {
+        let out = Net::exec(ns, Path::new("cat")).arg(file).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let lines: Vec<&str> = text.lines().filter(|l| l.starts_with(prefix)).collect();
+        // snmp6: one line "NAME VALUE"; snmp: a line of names, then one of values.
+        let (names, values) = match lines[..] {
+            [one] => (one, one),
+            [names, values, ..] => (names, values),
+            _ => panic!("no {prefix} in {file}: {text}"),
+        };
+        let at = names.split_whitespace().position(|n| n == name).unwrap();
+        let value = values.split_whitespace().nth(at + usize::from(v6)).unwrap();
+        value.parse().unwrap()
+    };
+    let mut cases = vec![vec![]];
+    if !v6 {
+        cases.push(vec![("UDPLB_TEST_NO_CHECKSUM", "1".to_string())]);
+    }
+    for extra in cases {
+        let replies = topo.clients_with(20, 2, &extra);
+        assert_eq!(replies.len(), 40, "{extra:?}: {replies:?}");
+        let errors = (
+            checksum_errors(&topo.clients),
+            checksum_errors(&topo.backends),
+        );
+        assert_eq!(
+            errors,
+            (0, 0),
+            "{extra:?}: checksum errors (clients, backends)"
+        );
+    }
+    assert_eq!(topo.api("/stats")["listeners"][0]["datagrams_in"], 0);
 }
 
 #[test]

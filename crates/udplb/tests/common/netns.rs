@@ -150,25 +150,48 @@ pub fn serve_if_asked(var: &str, answer: impl Fn(&[u8], SocketAddr) -> Vec<u8>) 
 /// Makes `socket` send IPv4 datagrams without DF (IP_PMTUDISC_DONT: fragmented by routers
 /// on the way, as some DNS servers send their answers).
 pub fn without_df(socket: &UdpSocket) {
+    set_option(
+        socket,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+        "IP_MTU_DISCOVER",
+    );
+}
+
+/// Makes `socket` send IPv4 datagrams with no UDP checksum (zero, SO_NO_CHECK), as some
+/// embedded senders do.
+pub fn without_checksum(socket: &UdpSocket) {
+    set_option(
+        socket,
+        libc::SOL_SOCKET,
+        libc::SO_NO_CHECK,
+        1,
+        "SO_NO_CHECK",
+    );
+}
+
+/// Sets the integer option `name` (`what`, for the message) of `socket` to `value`.
+fn set_option(
+    socket: &UdpSocket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+    what: &str,
+) {
     use std::os::fd::AsRawFd;
-    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
     // SAFETY: the descriptor is the live socket's; the option value is a c_int of the size
     // given, read by the kernel during the call only.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&dont as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    assert_eq!(
-        rc,
-        0,
-        "IP_MTU_DISCOVER: {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
 }
 
 /// Namespaces linked to each other by veth pairs (none to the host), removed on drop with
