@@ -218,6 +218,9 @@ struct {
 	__uint(max_entries, 1024); // set by udplb before loading (`sync.max_entries`)
 	__type(key, struct flow6_key);
 	__type(value, struct flow6);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes, with `flows6`
+#endif
 } peer_flows6 SEC(".maps");
 
 struct {

@@ -564,6 +564,9 @@ struct {
 	__uint(max_entries, 1024); // set by udplb before loading (`sync.max_entries`)
 	__type(key, struct flow_key);
 	__type(value, struct flow);
+#ifdef UDPLB_PIN
+	__uint(pinning, LIBBPF_PIN_BY_NAME); // kept across udplb processes, with `flows`
+#endif
 } peer_flows SEC(".maps");
 
 // A new flow of a SERVICE_SYNCED listener, for udplb to tell its peers: addresses and ports

@@ -358,11 +358,12 @@ fn update_error(e: impl std::fmt::Display) -> Error {
 impl Kernel {
     /// Loads the program with its per-client maps of `sizes` and `limit_cells` rate-limit
     /// cells (the listeners' [`crate::limit_cells`] summed; needs CAP_BPF, CAP_PERFMON and
-    /// CAP_NET_ADMIN, or root). With `pin_dir` (a directory on a bpf file system) the flow
-    /// and masquerade maps are kept there and reused: flows continue across udplb processes
-    /// (a pinned map of another size starts afresh, said in the log). `peer_flows`: the
-    /// entries of the IPv4 and the IPv6 map of the peers' flows (`[sync]`'s `max_entries` for
-    /// a family with synced listeners; 1 otherwise).
+    /// CAP_NET_ADMIN, or root). With `pin_dir` (a directory on a bpf file system) the flow,
+    /// persistence, masquerade and peers' flow maps are kept there and reused: flows continue
+    /// across udplb processes, and so does what udplb learned of its peers' (a pinned map of
+    /// another size starts afresh, said in the log). `peer_flows`: the entries of the IPv4
+    /// and the IPv6 map of the peers' flows (at most `[sync]`'s `max_entries` for a family
+    /// with synced listeners; 1 otherwise).
     pub fn load(
         sizes: MapSizes,
         limit_cells: u32,
@@ -382,7 +383,7 @@ impl Kernel {
                 let dir = dir.join(FLOW_LAYOUT);
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| Error::Load(format!("{}: {e}", dir.display())))?;
-                unpin_resized(&dir, &sizes);
+                unpin_resized(&dir, &sizes, peer_flows);
                 loader.map_pin_path(dir);
                 PROGRAM_PINNED
             }
@@ -1413,13 +1414,17 @@ fn random_seed() -> Result<u64, Error> {
     Ok(u64::from_ne_bytes(bytes).max(1))
 }
 
-/// Removes the pins in `dir` of the maps whose size is no longer `sizes`' (a pinned map is
-/// reused as it is, whatever this process asks: the next load makes it anew, at its size).
-/// A flow table made anew gets a new hash seed (`flow_params` too is made anew): an earlier
-/// process still running keeps its own.
-fn unpin_resized(dir: &std::path::Path, sizes: &MapSizes) {
+/// Removes the pins in `dir` of the maps whose size is no longer `sizes`' or, for the peers'
+/// flows, `peer_flows`' (a pinned map is reused as it is, whatever this process asks: the
+/// next load makes it anew, at its size). A flow table made anew gets a new hash seed
+/// (`flow_params` too is made anew): an earlier process still running keeps its own.
+fn unpin_resized(dir: &std::path::Path, sizes: &MapSizes, peer_flows: (u32, u32)) {
     let mut resized_flows = false;
-    for (name, entries) in sizes.by_name() {
+    let peers = [
+        ("peer_flows", peer_flows.0.max(1)),
+        ("peer_flows6", peer_flows.1.max(1)),
+    ];
+    for (name, entries) in sizes.by_name().into_iter().chain(peers) {
         let pin = dir.join(name);
         let Ok(info) = aya::maps::MapInfo::from_pin(&pin) else {
             continue;

@@ -849,6 +849,12 @@ impl Topology {
         let log = self.net.dir.join("udplb.log");
         let child = command(&self.balancer, &config, &log).spawn().unwrap();
         let pid = self.net.keep(child);
+        self.wait_until_up();
+        pid
+    }
+
+    /// Waits until udplb serves: every pool's backends healthy, the kernel's maps written.
+    fn wait_until_up(&self) {
         assert!(
             wait_for(DEADLINE, || self.api("/stats")["pools"]
                 .as_array()
@@ -859,7 +865,6 @@ impl Topology {
             self.log()
         );
         self.wait_for_the_maps();
-        pid
     }
 
     /// Waits until the kernel's maps say what udplb's snapshot says.
@@ -2044,16 +2049,26 @@ fn datagram_persistence(prefix: &str, v6: bool) {
 /// had it. The peer is a socket-path udplb on the same host with other weights.
 #[test]
 fn sync_shares_the_kernel_flows_with_a_peer_both_ways() {
-    sync_shares_the_kernel_flows("ulsy", false);
+    sync_shares_the_kernel_flows("ulsy", false, false);
 }
 
 /// The same on IPv6.
 #[test]
 fn ipv6_sync_shares_the_kernel_flows_with_a_peer_both_ways() {
-    sync_shares_the_kernel_flows("ul6s", true);
+    sync_shares_the_kernel_flows("ul6s", true, false);
 }
 
-fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
+/// The same, udplb restarted (its maps pinned) once it has learned the peer's flows, and the
+/// peer stopped before: the restarted program still opens each of the peer's flows where the
+/// peer had it, from the map it kept.
+#[test]
+fn what_udplb_learned_of_its_peers_flows_survives_a_restart() {
+    sync_shares_the_kernel_flows("ulsr", false, true);
+}
+
+/// `restart`: udplb is restarted, its maps pinned, between learning the peer's flows and
+/// serving them (the peer stopped first).
+fn sync_shares_the_kernel_flows(prefix: &str, v6: bool, restart: bool) {
     let Some(mut topo) = Topology::build(prefix) else {
         return;
     };
@@ -2062,6 +2077,8 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
     }
     topo.start_backends();
     let dir = topo.net.dir.clone();
+    let bpf = dir.join("bpf");
+    let _fs = restart.then(|| BpfFs::mount(bpf.clone()));
     let key = dir.join("sync.key");
     std::fs::write(&key, "the-key-both-balancers-share\n").unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -2074,12 +2091,20 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
         )
     };
     let health = udp_check(200, 200, 1, 2);
+    let runtime = if restart {
+        format!(
+            "[runtime]\nshutdown_grace = \"0s\"\nbpf_dir = \"{}\"\n",
+            bpf.join("udplb").display()
+        )
+    } else {
+        String::new()
+    };
     let pool = format!(
-        "backends = [{}]\n[pools.p.health]\n{health}\n{}",
+        "backends = [{}]\n[pools.p.health]\n{health}\n{}{runtime}",
         backends.join(", "),
         sync("127.0.0.1", "127.0.0.2")
     );
-    topo.start_udplb_with("idle_timeout = \"3s\"", &pool);
+    let udplb_pid = topo.start_udplb_with("idle_timeout = \"3s\"", &pool);
     if topo.without_the_program() {
         return;
     }
@@ -2113,7 +2138,7 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
     let child = Net::udplb(&topo.balancer, &peer_config, &peer_log)
         .spawn()
         .unwrap();
-    topo.net.keep(child);
+    let peer_pid = topo.net.keep(child);
     let peer_api = |path: &str| -> serde_json::Value {
         let out = Net::exec(&topo.balancer, Path::new("curl"))
             .args(["-s", "-g", &format!("127.0.0.1:9191{path}")])
@@ -2248,6 +2273,27 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
         held(&ours),
         peer_api("/stats")["sync"]
     );
+    // With `restart`, the restarted udplb (stopped at the end, or by the namespaces' end).
+    let restarted = restart.then(|| {
+        signal(peer_pid, "TERM");
+        assert!(wait_for(DEADLINE, || gone(peer_pid)));
+        signal(udplb_pid, "TERM");
+        assert!(wait_for(DEADLINE, || gone(udplb_pid)));
+        let child = Net::udplb(
+            &topo.balancer,
+            &dir.join("udplb.toml"),
+            &dir.join("udplb.log"),
+        )
+        .spawn()
+        .unwrap();
+        topo.wait_until_up();
+        assert!(
+            topo.log().contains("the flow map is kept there"),
+            "{}",
+            topo.log()
+        );
+        child
+    });
     std::fs::write(gate.join("go-1"), "").unwrap();
     let out = helper.wait_with_output().unwrap();
     let rounds = gated_rounds(&String::from_utf8_lossy(&out.stdout), 2);
@@ -2273,6 +2319,10 @@ fn sync_shares_the_kernel_flows(prefix: &str, v6: bool) {
         "{}",
         ours("/stats")["sync"]
     );
+    if let Some(mut child) = restarted {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 #[test]
@@ -2530,9 +2580,6 @@ impl Drop for BpfFs {
     }
 }
 
-/// Clients placed over two backends; udplb restarted with a third (a new process, a new
-/// Maglev table); returns how many of 60 clients changed backend, and the restarted udplb's
-/// log. `pinned`: the flow map on a bpf file system (else on a plain directory).
 /// Whether process `pid` has exited with all its threads (its main thread shows as a zombie
 /// while the others are still being torn down, holding its sockets, the admin port among
 /// them): reaped, or a zombie with no other thread left.
@@ -2543,6 +2590,9 @@ fn gone(pid: u32) -> bool {
     zombie && threads <= 1
 }
 
+/// Clients placed over two backends; udplb restarted with a third (a new process, a new
+/// Maglev table); returns how many of 60 clients changed backend, and the restarted udplb's
+/// log. `pinned`: the flow map on a bpf file system (else on a plain directory).
 fn restart_with_a_new_backend(
     prefix: &str,
     pinned: bool,
