@@ -1453,8 +1453,15 @@ static __always_inline int masquerade(struct __sk_buff *skb, const struct servic
 		struct fragment fr = {.saddr = from, .daddr = to_addr, .backend = b};
 		bpf_map_update_elem(&fragments, frk, &fr, BPF_ANY);
 	}
-	int why = rewrite(skb,
-			  &(struct ends){saddr, from, daddr, to_addr, sport, port, dport, to_port}, ttl);
+	struct ends e = {.saddr = saddr,
+			 .new_saddr = from,
+			 .sport = sport,
+			 .new_sport = port,
+			 .daddr = daddr,
+			 .new_daddr = to_addr,
+			 .dport = dport,
+			 .new_dport = to_port};
+	int why = rewrite(skb, &e, ttl);
 	if (why) {
 		count_drop(why - 1);
 		return TC_ACT_SHOT;
@@ -1496,8 +1503,15 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, const struct 
 			.saddr = vip, .daddr = client, .backend = b, .flags = FRAGMENT_REPLY};
 		bpf_map_update_elem(&fragments, frk, &fr, BPF_ANY);
 	}
-	int why = rewrite(skb,
-			  &(struct ends){saddr, vip, daddr, client, sport, vport, dport, cport}, ttl);
+	struct ends e = {.saddr = saddr,
+			 .new_saddr = vip,
+			 .sport = sport,
+			 .new_sport = vport,
+			 .daddr = daddr,
+			 .new_daddr = client,
+			 .dport = dport,
+			 .new_dport = cport};
+	int why = rewrite(skb, &e, ttl);
 	if (why) {
 		count_drop(why - 1);
 		return TC_ACT_SHOT;
@@ -2069,9 +2083,16 @@ static __noinline int ingress4(struct __sk_buff *skb)
 						    route(skb, &fib, saddr, to_addr, tot_len);
 		if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED && df)
 			return too_big(skb, &fib, df, saddr, daddr, 0);
-		int why = rewrite(
-			skb, &(struct ends){saddr, saddr, daddr, to_addr, sport, sport, dport, to_port},
-			ttl);
+		// The destination to the backend's.
+		struct ends e = {.saddr = saddr,
+				 .new_saddr = saddr,
+				 .sport = sport,
+				 .new_sport = sport,
+				 .daddr = daddr,
+				 .new_daddr = to_addr,
+				 .dport = dport,
+				 .new_dport = to_port};
+		int why = rewrite(skb, &e, ttl);
 		if (why) {
 			count_drop(why - 1);
 			return TC_ACT_SHOT;
@@ -2137,10 +2158,16 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			struct fragment fr = {.saddr = from_addr, .backend = b, .flags = FRAGMENT_REPLY};
 			bpf_map_update_elem(&fragments, &frk, &fr, BPF_ANY);
 		}
-		int why = rewrite(
-			skb,
-			&(struct ends){saddr, from_addr, daddr, daddr, sport, from_port, dport, dport},
-			ttl);
+		// The source to the listener's.
+		struct ends e = {.saddr = saddr,
+				 .new_saddr = from_addr,
+				 .sport = sport,
+				 .new_sport = from_port,
+				 .daddr = daddr,
+				 .new_daddr = daddr,
+				 .dport = dport,
+				 .new_dport = dport};
+		int why = rewrite(skb, &e, ttl);
 		if (why) {
 			count_drop(why - 1);
 			return TC_ACT_SHOT;
