@@ -93,7 +93,7 @@ static __always_inline int take_off(struct __sk_buff *skb, int known, __s32 head
 {
 	if (!known) {
 		count(1);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	if (bpf_skb_adjust_room(skb, -headers, BPF_ADJ_ROOM_MAC, 0))
 		return TC_ACT_SHOT;
@@ -108,18 +108,18 @@ static __always_inline int decap6(struct __sk_buff *skb, void *data, void *end)
 {
 	struct ip6hdr *outer = data + sizeof(struct ethhdr);
 	if ((void *)(outer + 1) > end)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__s32 headers = sizeof(struct ip6hdr);
 	if (outer->nexthdr == IPPROTO_UDP) {
 		if (!is_gue((void *)(outer + 1), end, 6))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		headers += sizeof(struct udphdr);
 	} else if (outer->nexthdr != NEXTHDR_IPV6) {
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	struct ip6hdr *inner = (void *)outer + headers;
 	if ((void *)(inner + 1) > end || (bpf_ntohl(inner->vtc_flow) >> 28) != 6)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	struct in6 from = outer->saddr;
 	return take_off(skb, bpf_map_lookup_elem(&balancers6, &from) != 0, headers,
 			headers > (__s32)sizeof(struct ip6hdr));
@@ -132,25 +132,25 @@ int udplb_decap(struct __sk_buff *skb)
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
 		return decap6(skb, data, end);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	struct iphdr *outer = (void *)(eth + 1);
 	if ((void *)(outer + 1) > end || outer->ihl != 5 || (outer->frag_off & bpf_htons(0x3fff)))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__s32 headers = sizeof(struct iphdr);
 	if (outer->protocol == IPPROTO_UDP) {
 		if (!is_gue((void *)(outer + 1), end, 4))
-			return TC_ACT_OK;
+			return TC_ACT_UNSPEC;
 		headers += sizeof(struct udphdr);
 	} else if (outer->protocol != IPPROTO_IPIP) {
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	struct iphdr *inner = (void *)outer + headers;
 	if ((void *)(inner + 1) > end || inner->version != 4)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__u32 from = outer->saddr;
 	return take_off(skb, bpf_map_lookup_elem(&balancers, &from) != 0, headers,
 			headers > (__s32)sizeof(struct iphdr));

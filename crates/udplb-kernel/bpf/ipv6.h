@@ -731,26 +731,26 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 	void *end = (void *)(long)skb->data_end;
 	struct ip6hdr *ip = (void *)(long)skb->data + ETH_HLEN;
 	if ((void *)(ip + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct icmp6hdr *icmp = (void *)(ip + 1);
 	if ((void *)(icmp + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	if (icmp->type != ICMP6_DEST_UNREACH && icmp->type != ICMP6_PACKET_TOO_BIG &&
 	    icmp->type != ICMP6_TIME_EXCEEDED)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct ip6hdr *inner = (void *)(icmp + 1);
 	if ((void *)(inner + 1) > end || inner->nexthdr != IPPROTO_UDP)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct udphdr *iudp = (void *)(inner + 1);
 	if ((void *)(iudp + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	// The datagram went from the client (the error's destination) to a backend.
 	if (!in6_eq(&inner->saddr, &ip->daddr))
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct reply6_key rk = {.addr = inner->daddr, .port = iudp->dest};
 	struct reply6 *r = bpf_map_lookup_elem(&replies6, &rk);
 	if (!r)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct in6 outer_src = ip->saddr, client = ip->daddr, backend = inner->daddr;
 	struct in6 vip = r->service_addr, local = ip->daddr;
 	__u16 bport = iudp->dest, vport = r->service_port, lport = iudp->source, cport = lport;
@@ -763,7 +763,7 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 		struct masq6_key mk = {.backend_addr = backend, .backend_port = bport, .port = lport};
 		struct masq6 *m = bpf_map_lookup_elem(&masq6, &mk);
 		if (!m || !in6_eq(&m->local_addr, &local))
-			return TC_ACT_OK;
+			return PASS_ON;
 		client = m->client_addr;
 		cport = m->client_port;
 		vip = m->service_addr; // the address the client sent to (a wildcard listener's too)
@@ -771,17 +771,17 @@ static __noinline int icmp6_error(struct __sk_buff *skb)
 		// A wildcard listener's: the address its client sent to, from the flow.
 		struct flow6_key fk = {.client_addr = client, .client_port = cport, .service_port = vport};
 		if (!wildcard_flow6(&fk, &backend, bport))
-			return TC_ACT_OK;
+			return PASS_ON;
 		vip = fk.service_addr;
 	}
 	struct bpf_fib_lookup fib;
 	if (!from_the_backend_side6(skb, &fib, &backend, &client, tot_len)) {
 		count_drop(PASS_FORGED);
-		return TC_ACT_OK;
+		return PASS_ON;
 	}
 	int rc = route6(skb, &fib, &vip, &client, tot_len);
 	if (to_the_stack(rc))
-		return TC_ACT_OK;
+		return PASS_ON;
 	// The quoted datagram's destination and port: in the ICMPv6 message, so in its checksum.
 	__s64 diff = bpf_csum_diff((__be32 *)&backend, sizeof(backend), (__be32 *)&vip,
 				   sizeof(vip), 0);
@@ -916,7 +916,7 @@ static __noinline int later_fragment6(struct __sk_buff *skb, struct packet6 *p)
 	struct fragment6 *fr = bpf_map_lookup_elem(&fragments6, frk);
 	if (!fr) {
 		count_drop(PASS_FRAGMENT);
-		return TC_ACT_OK;
+		return PASS_ON;
 	}
 	if (fr->flags & FRAGMENT_DROP)
 		return TC_ACT_SHOT; // its first fragment was (counted as such)
@@ -1288,7 +1288,7 @@ static __noinline int masquerade_reply6(struct __sk_buff *skb, const struct repl
 	struct masq6_key mk = {.backend_addr = p->saddr, .backend_port = p->sport, .port = p->dport};
 	struct masq6 *m = bpf_map_lookup_elem(&masq6, &mk);
 	if (!m || !in6_eq(&m->local_addr, &p->daddr))
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct in6 client = m->client_addr, vip = m->service_addr;
 	__u16 cport = m->client_port, vport = m->service_port;
 	__u32 b = r->backend;
@@ -1304,7 +1304,7 @@ static __noinline int masquerade_reply6(struct __sk_buff *skb, const struct repl
 	struct bpf_fib_lookup fib;
 	if (!from_the_backend_side6(skb, &fib, &p->saddr, &p->daddr, p->tot_len)) {
 		count_drop(PASS_FORGED);
-		return TC_ACT_OK;
+		return PASS_ON;
 	}
 	int rc = route6(skb, &fib, &vip, &client, p->tot_len);
 	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
@@ -1343,13 +1343,13 @@ static __noinline int reply6(struct __sk_buff *skb, struct reply6 *r, struct pac
 	struct bpf_fib_lookup fib;
 	if (!from_the_backend_side6(skb, &fib, saddr, daddr, tot_len)) {
 		count_drop(PASS_FORGED);
-		return TC_ACT_OK;
+		return PASS_ON;
 	}
 	// A wildcard listener's: from the address its client sent to (to this host without a
 	// flow: udplb's health checks, say).
 	if (wild && !wildcard_flow6(&fk, saddr, sport)) {
 		if (bpf_map_lookup_elem(&locals6, daddr))
-			return TC_ACT_OK;
+			return PASS_ON;
 		count_drop(DROP_FLOW_GONE);
 		return TC_ACT_SHOT;
 	}
@@ -1362,7 +1362,7 @@ static __noinline int reply6(struct __sk_buff *skb, struct reply6 *r, struct pac
 	// To this host itself: only a reply to a client of a flow this program placed.
 	int local = to_the_stack(rc);
 	if (local && !wild && !has_flow6(&fk))
-		return TC_ACT_OK;
+		return PASS_ON;
 	if (r->reply_ratio && !within_reply_ratio6(&fk, wild, r->reply_ratio, p->payload))
 		return beyond_reply_ratio6(p);
 	if (p->first_of_more) {
@@ -1497,7 +1497,7 @@ static __noinline int ingress6(struct __sk_buff *skb)
 	void *end = (void *)(long)skb->data_end;
 	struct ip6hdr *ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	if (ip->nexthdr == NEXTHDR_ICMP6)
 		return icmp6_error(skb);
 	struct packet6 p = {.saddr = ip->saddr,
@@ -1509,7 +1509,7 @@ static __noinline int ingress6(struct __sk_buff *skb)
 	if (ip->nexthdr == NEXTHDR_FRAGMENT) {
 		struct frag6hdr *fh = (void *)(ip + 1);
 		if ((void *)(fh + 1) > end || fh->nexthdr != IPPROTO_UDP)
-			return TC_ACT_OK;
+			return PASS_ON;
 		__u16 off = bpf_ntohs(fh->frag_off);
 		p.frk.id = fh->id;
 		if (off & 0xfff8) {
@@ -1521,11 +1521,11 @@ static __noinline int ingress6(struct __sk_buff *skb)
 		p.first_of_more = off & 1;
 		p.l4 += sizeof(struct frag6hdr);
 	} else if (ip->nexthdr != IPPROTO_UDP) {
-		return TC_ACT_OK;
+		return PASS_ON;
 	}
 	struct udphdr *udp = data + p.l4;
 	if ((void *)(udp + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	p.sport = udp->source;
 	p.dport = udp->dest;
 	__u16 udp_len = bpf_ntohs(udp->len);
@@ -1564,5 +1564,5 @@ static __noinline int ingress6(struct __sk_buff *skb)
 		return masquerade_reply6(skb, r, &p);
 	if (r)
 		return reply6(skb, r, &p);
-	return TC_ACT_OK;
+	return PASS_ON;
 }

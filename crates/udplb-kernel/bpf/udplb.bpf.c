@@ -265,6 +265,13 @@ struct {
 
 #define LIBBPF_PIN_BY_NAME 1
 
+// A packet the program leaves as it came (not for a kernel listener, or left to the stack):
+// the program returns TC_ACT_UNSPEC for it (`udplb_ingress`), so that the next program on the
+// interface (another udplb's, anyone's) still sees it, and then the stack. TC_ACT_OK would end
+// the interface's chain there (tcx and cls_bpf alike). Within the program it is a verdict of
+// its own, positive as every verdict is (-1 means "not decided" between its functions).
+#define PASS_ON 64
+
 // The flow tables (`flows` here, `flows6` in ipv6.h): arrays of buckets of FLOW_WAYS slots,
 // each flow in a slot of the bucket its seeded hash names; a new flow takes the slot of its
 // bucket idle longest. A lookup reads one bucket (two cache lines for IPv4), an insert writes
@@ -1225,23 +1232,23 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 {
 	struct icmphdr *icmp = (void *)(ip + 1);
 	if ((void *)(icmp + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	if (icmp->type != ICMP_DEST_UNREACH && icmp->type != ICMP_TIME_EXCEEDED)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct iphdr *inner = (void *)(icmp + 1);
 	if ((void *)(inner + 1) > end || inner->ihl != 5 || inner->protocol != IPPROTO_UDP)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct udphdr *iudp = (void *)(inner + 1);
 	if ((void *)(iudp + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	// The datagram went from the client (or a masquerade address: the error's destination)
 	// to a backend.
 	if (inner->saddr != ip->daddr)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct reply_key rk = {.addr = inner->daddr, .port = iudp->dest};
 	struct reply *r = bpf_map_lookup_elem(&replies, &rk);
 	if (!r)
-		return TC_ACT_OK;
+		return PASS_ON;
 	__u32 outer_src = ip->saddr, client = ip->daddr, backend = inner->daddr;
 	__u32 vip = r->service_addr, local = ip->daddr;
 	__u16 bport = iudp->dest, vport = r->service_port, lport = iudp->source, cport = lport;
@@ -1250,7 +1257,7 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 		struct masq_key mk = {.backend_addr = backend, .backend_port = bport, .port = lport};
 		struct masq *m = bpf_map_lookup_elem(&masq, &mk);
 		if (!m || m->local_addr != local)
-			return TC_ACT_OK;
+			return PASS_ON;
 		client = m->client_addr;
 		cport = m->client_port;
 		vip = m->service_addr; // the address the client sent to (a wildcard listener's too)
@@ -1259,7 +1266,7 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 		struct flow_key fk = {.client_addr = client, .client_port = cport, .service_port = vport};
 		vip = wildcard_flow_addr(&fk, backend, bport);
 		if (!vip)
-			return TC_ACT_OK;
+			return PASS_ON;
 	}
 	__u16 old_inner_csum = inner->check;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
@@ -1267,12 +1274,12 @@ static __always_inline int icmp_error(struct __sk_buff *skb, struct iphdr *ip, v
 	// From the backends' side (the backend, or a router on the way to it), or forged.
 	if (!from_the_backend_side(skb, backend, client, tot_len)) {
 		count_drop(PASS_FORGED);
-		return TC_ACT_OK;
+		return PASS_ON;
 	}
 	struct bpf_fib_lookup fib;
 	int rc = route(skb, &fib, vip, client, tot_len);
 	if (to_the_stack(rc))
-		return TC_ACT_OK;
+		return PASS_ON;
 	// The quoted datagram: its destination (and source) and port(s), its IP checksum; the ICMP
 	// checksum covers them all.
 	if (set_quoted(skb, 1, backend, vip, bport, vport) ||
@@ -1483,7 +1490,7 @@ static __always_inline int masquerade_reply(struct __sk_buff *skb, const struct 
 	struct masq_key mk = {.backend_addr = saddr, .backend_port = sport, .port = dport};
 	struct masq *m = bpf_map_lookup_elem(&masq, &mk);
 	if (!m || m->local_addr != daddr)
-		return TC_ACT_OK;
+		return PASS_ON;
 	__u32 client = m->client_addr, vip = m->service_addr, b = r->backend;
 	__u16 cport = m->client_port, vport = m->service_port;
 	if (r->reply_ratio) {
@@ -1907,14 +1914,14 @@ static __noinline int ingress4(struct __sk_buff *skb)
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end || ip->ihl != 5)
-		return TC_ACT_OK;
+		return PASS_ON;
 	if (ip->protocol == IPPROTO_ICMP && !(ip->frag_off & bpf_htons(0x3fff)))
 		return icmp_error(skb, ip, end);
 	if (ip->protocol != IPPROTO_UDP)
-		return TC_ACT_OK;
+		return PASS_ON;
 	__u32 saddr = ip->saddr, daddr = ip->daddr;
 	__u16 tot_len = bpf_ntohs(ip->tot_len);
 	__u8 ttl = ip->ttl, tos = ip->tos;
@@ -1925,7 +1932,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		struct fragment *fr = bpf_map_lookup_elem(&fragments, &frk);
 		if (!fr) {
 			count_drop(PASS_FRAGMENT);
-			return TC_ACT_OK;
+			return PASS_ON;
 		}
 		if (fr->flags & FRAGMENT_DROP)
 			return TC_ACT_SHOT; // its first fragment was (counted as such)
@@ -1958,7 +1965,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 	int first_of_more = frag & 0x2000, df = frag & 0x4000;
 	struct udphdr *udp = (void *)(ip + 1);
 	if ((void *)(udp + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	__u16 sport = udp->source, dport = udp->dest;
 	__u16 udp_len = bpf_ntohs(udp->len);
 	__u32 payload = udp_len > sizeof(*udp) ? udp_len - sizeof(*udp) : 0;
@@ -2116,7 +2123,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 		__u32 b = r->backend;
 		if (!from_the_backend_side(skb, saddr, daddr, tot_len)) {
 			count_drop(PASS_FORGED);
-			return TC_ACT_OK;
+			return PASS_ON;
 		}
 		if (r->flags & BACKEND_MASQUERADE)
 			return masquerade_reply(skb, r, saddr, sport, daddr, dport, ttl, tot_len, &frk,
@@ -2128,7 +2135,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				.client_addr = daddr, .client_port = dport, .service_port = from_port};
 			from_addr = wildcard_flow_addr(&fk, saddr, sport);
 			if (!from_addr && bpf_map_lookup_elem(&locals, &daddr))
-				return TC_ACT_OK; // to this host: udplb's health checks, say
+				return PASS_ON; // to this host: udplb's health checks, say
 			if (!from_addr) {
 				count_drop(DROP_FLOW_GONE);
 				return TC_ACT_SHOT;
@@ -2151,7 +2158,7 @@ static __noinline int ingress4(struct __sk_buff *skb)
 				      .client_port = dport,
 				      .service_port = from_port};
 		if (local && !wild && !has_flow(flow_bucket(&fk, 0), &fk))
-			return TC_ACT_OK;
+			return PASS_ON;
 		if (r->reply_ratio && !within_reply_ratio(&fk, wild, r->reply_ratio, payload))
 			return beyond_reply_ratio(&frk, first_of_more);
 		if (first_of_more) {
@@ -2177,21 +2184,20 @@ static __noinline int ingress4(struct __sk_buff *skb)
 			return oversize_or_local(skb, rc); // a local client, or fragmented
 		return send_by(skb, rc, &fib);
 	}
-	return TC_ACT_OK;
+	return PASS_ON;
 }
 
-SEC("classifier")
-int udplb_ingress(struct __sk_buff *skb)
+static __always_inline int classify(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end)
-		return TC_ACT_OK;
+		return PASS_ON;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
-			return TC_ACT_OK;
+			return PASS_ON;
 		if ((skb->mark & CUT_TAG_MASK) == CUT_TAG && skb->mark != CUT_TAG) {
 			int verdict = cut_marked(skb);
 			return verdict >= 0 ? verdict : ingress4(skb);
@@ -2206,7 +2212,7 @@ int udplb_ingress(struct __sk_buff *skb)
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ip6hdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
-			return TC_ACT_OK;
+			return PASS_ON;
 		if (ip->nexthdr == NEXTHDR_ICMP6) {
 			int verdict = icmp6_about_reply(skb);
 			if (verdict >= 0)
@@ -2214,7 +2220,14 @@ int udplb_ingress(struct __sk_buff *skb)
 		}
 		return ingress6(skb);
 	}
-	return TC_ACT_OK;
+	return PASS_ON;
+}
+
+SEC("classifier")
+int udplb_ingress(struct __sk_buff *skb)
+{
+	int verdict = classify(skb);
+	return verdict == PASS_ON ? TC_ACT_UNSPEC : verdict;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

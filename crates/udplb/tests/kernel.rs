@@ -4009,6 +4009,82 @@ fn rate_limits_per_source(prefix: &str, v6: bool) {
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
 }
 
+/// Two udplb processes on one host, each with a kernel listener on the same interfaces (two
+/// services, or another program on the interface): each one's program passes on what is not
+/// its own, so both forward in the kernel whichever was attached first; each client is
+/// answered from the address it sent to, the backends see its own address, and neither
+/// udplb's sockets serve a datagram.
+#[test]
+fn two_udplb_processes_forward_in_the_kernel_on_the_same_interfaces() {
+    let Some(mut topo) = Topology::build("ul2p") else {
+        return;
+    };
+    topo.start_backends();
+    topo.start_udplb("");
+    if topo.without_the_program() {
+        return;
+    }
+    // Its own backend: replies are known by their backend's address and port, which one
+    // listener alone may have on a host.
+    let second = SocketAddr::new(topo.vip().ip(), 5301);
+    let backend: SocketAddr = format!("{}:7004", topo.backend_ip()).parse().unwrap();
+    let backends_ns = topo.backends.clone();
+    topo.start_echo(&backends_ns, backend, "w");
+    let toml = format!(
+        "[admin]\nlisten = \"127.0.0.1:9191\"\n[listeners.m]\naddress = \"{second}\"\n\
+         pool = \"q\"\ndataplane = \"kernel\"\ninterfaces = [\"bc\", \"bk\"]\n\
+         [pools.q]\nbackends = [\"{backend}\"]\n"
+    );
+    let config = topo.net.dir.join("second.toml");
+    std::fs::write(&config, toml).unwrap();
+    let log = topo.net.dir.join("second.log");
+    let child = Net::udplb(&topo.balancer, &config, &log).spawn().unwrap();
+    topo.net.keep(child);
+    let second_api = |path: &str| -> serde_json::Value {
+        let out = Net::exec(&topo.balancer, Path::new("curl"))
+            .args(["-s", "-g", &format!("127.0.0.1:9191{path}")])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    assert!(
+        wait_for(DEADLINE, || {
+            let stats = second_api("/stats");
+            !stats["kernel"]["generation"].is_null()
+                && stats["kernel"]["generation"] == stats["generation"]
+        }),
+        "the second udplb did not come up: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let client = topo.client_ip();
+    for (target, api) in [
+        (
+            topo.vip(),
+            &(|p: &str| topo.api(p)) as &dyn Fn(&str) -> serde_json::Value,
+        ),
+        (second, &second_api),
+    ] {
+        let replies = topo.clients_with(20, 1, &[("UDPLB_TEST_KERNEL_TARGET", target.to_string())]);
+        assert_eq!(replies.len(), 20, "to {target}: {replies:?}");
+        for (_, from, _, seen) in &replies {
+            assert_eq!(*from, target, "{replies:?}");
+            assert!(seen.starts_with(&client), "the backend saw {seen}");
+        }
+        let stats = api("/stats");
+        assert_eq!(
+            stats["listeners"][0]["datagrams_in"], 0,
+            "{target}: {stats}"
+        );
+        let placed: u64 = stats["kernel"]["listeners"][0]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["flows_created"].as_u64())
+            .sum();
+        assert_eq!(placed, 20, "{target}: {stats}");
+    }
+}
+
 /// The one-liner takes the kernel data plane as the file does: Maglev by default, masquerade
 /// to a backend elsewhere and one on the balancer itself.
 #[test]
