@@ -279,17 +279,22 @@ fn kernel_drops_on_port(port: u16) -> u64 {
     // Only 127.0.0.1:port, the listeners' address: other tests may hold the same port number
     // on another address (an IPv6 socket, say), with drops of their own.
     let local = format!("0100007F:{port:04X}");
-    std::fs::read_to_string("/proc/net/udp")
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (*fields.get(1)? == local)
-                .then(|| fields.last()?.parse::<u64>().ok())
-                .flatten()
-        })
-        .sum()
+    // The kernel builds the listing a read at a time; a socket another test opens or closes
+    // meanwhile can make one socket's line show twice. Each socket counts once, by its inode.
+    let per_socket: std::collections::HashMap<String, u64> =
+        std::fs::read_to_string("/proc/net/udp")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                if *fields.get(1)? != local {
+                    return None;
+                }
+                Some((fields.get(9)?.to_string(), fields.last()?.parse().ok()?))
+            })
+            .collect();
+    per_socket.values().sum()
 }
 
 /// Kernel drops are summed over every listener socket (two listeners here, each dropping
