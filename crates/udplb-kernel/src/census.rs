@@ -56,10 +56,10 @@ impl FlowCensus {
     /// Counts `slot` (one slot's bytes, read while its version stayed even) if it holds a live
     /// flow of one of `listeners` at flow time `now`.
     pub fn count(&mut self, listeners: &Matcher, slot: &[u8], now: u32) {
-        if let Some((id, backend)) = listeners.live_flow(slot, now) {
-            if let Some(m) = self.per_listener.get_mut(id) {
-                *m.entry(backend).or_default() += 1;
-            }
+        if let Some((id, backend)) = listeners.live_flow(slot, now)
+            && let Some(m) = self.per_listener.get_mut(id)
+        {
+            *m.entry(backend).or_default() += 1;
         }
     }
 }

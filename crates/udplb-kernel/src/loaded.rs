@@ -1164,7 +1164,7 @@ impl MappedTable {
     /// The 4-byte word at byte `at` of the table (`at` 4-aligned, within a slot).
     fn word(&self, at: usize) -> &std::sync::atomic::AtomicU32 {
         assert!(
-            at % 4 == 0 && at + 4 <= self.len,
+            at.is_multiple_of(4) && at + 4 <= self.len,
             "word {at} of {}",
             self.len
         );
