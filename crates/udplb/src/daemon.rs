@@ -97,7 +97,8 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         None => None,
     };
     // Loaded and attached while udplb may still (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN).
-    let kernel_plane = kernel::start(&cfg, &shared.load())?;
+    let inherited_lock = inheritance.as_mut().and_then(|from| from.bpf_dir_lock());
+    let kernel_plane = kernel::start(&cfg, &shared.load(), inherited_lock)?;
     let offer = upgrade::offer(
         program,
         &cfg,
@@ -105,6 +106,7 @@ pub fn run(cfg: Config, source: Option<PathBuf>) -> anyhow::Result<()> {
         &tcp_bound,
         admin_listener.as_ref(),
         sync_socket.as_ref().map(|(socket, _)| socket),
+        kernel_plane.as_ref().and_then(|k| k.pin_lock()),
     )
     .context("keeping the sockets for an upgrade")?;
     // Read while udplb may still read what only root can.

@@ -24,6 +24,10 @@ use udplb_core::sched::Tier;
 use udplb_core::snapshot::Snapshot;
 use udplb_kernel::census::FlowCensus;
 
+/// How much longer than its own `shutdown_grace` udplb waits for another process to let go of
+/// `runtime.bpf_dir` (a process restarted by hand while the old one still serves its flows).
+const LOCK_WAIT_BEYOND_GRACE: Duration = Duration::from_secs(5);
+
 /// How often the published snapshot is checked for a change.
 const FOLLOW_EVERY: Duration = Duration::from_millis(20);
 
@@ -61,6 +65,8 @@ pub struct KernelPlane {
     flows_wanted: std::sync::Condvar,
     /// Wakes readers waiting for a count anew.
     flows_counted: std::sync::Condvar,
+    /// The lock on `runtime.bpf_dir` while the maps are pinned there.
+    pin_lock: Option<crate::bpf_dir::Lock>,
 }
 
 /// The last count of the live kernel flows.
@@ -94,8 +100,13 @@ const FLOW_COUNT_WANTED_FOR: Duration = Duration::from_secs(60);
 
 /// Loads and attaches the program for the listeners that ask for it (none: `None`). A listener
 /// with `dataplane = "kernel"` that cannot have it is an error; `"auto"` ones fall back to
-/// the sockets, said once in the log.
-pub fn start(cfg: &Config, snap: &Snapshot) -> anyhow::Result<Option<Arc<KernelPlane>>> {
+/// the sockets, said once in the log. `inherited_lock`: an upgrade's predecessor's descriptor
+/// of the lock on `runtime.bpf_dir` ([`crate::bpf_dir::Lock`]).
+pub fn start(
+    cfg: &Config,
+    snap: &Snapshot,
+    inherited_lock: Option<std::fs::File>,
+) -> anyhow::Result<Option<Arc<KernelPlane>>> {
     let wanted: Vec<usize> = cfg
         .listeners
         .iter()
@@ -109,7 +120,7 @@ pub fn start(cfg: &Config, snap: &Snapshot) -> anyhow::Result<Option<Arc<KernelP
     let required = wanted
         .iter()
         .any(|&i| cfg.listeners[i].dataplane == Dataplane::Kernel);
-    match load(cfg, snap, &wanted) {
+    match load(cfg, snap, &wanted, inherited_lock) {
         Ok(plane) => {
             for &i in &wanted {
                 tracing::info!(
@@ -137,14 +148,18 @@ pub fn start(cfg: &Config, snap: &Snapshot) -> anyhow::Result<Option<Arc<KernelP
     }
 }
 
-fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<KernelPlane> {
+fn load(
+    cfg: &Config,
+    snap: &Snapshot,
+    wanted: &[usize],
+    inherited_lock: Option<std::fs::File>,
+) -> anyhow::Result<KernelPlane> {
     let max_flows: u32 = wanted
         .iter()
         .map(|&i| cfg.listeners[i].max_flows)
         .fold(0u32, u32::saturating_add);
     let on_ipv4 = |&i: &usize| cfg.listeners[i].address.ip().to_canonical().is_ipv4();
-    let pin = pin_dir(cfg);
-    let pin_dir = pin.as_ref().ok().cloned();
+    let pin = crate::bpf_dir::pin_dir(cfg);
     let limit_cells = limit_layout(cfg, wanted);
     let cells: u32 = limit_cells
         .iter()
@@ -173,7 +188,21 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
         peer_flows(cfg, wanted, true),
         peer_flows(cfg, wanted, false),
     );
-    let mut kernel = udplb_kernel::Kernel::load(sizes, cells, peer_flows, pin_dir.as_deref())?;
+    // Before anything there is opened, resized or unpinned: the directory is this process's.
+    let grace = cfg
+        .runtime
+        .shutdown_grace
+        .unwrap_or(udplb_config::defaults::SHUTDOWN_GRACE);
+    let pin_lock = match &pin {
+        Ok(dir) => Some(crate::bpf_dir::Lock::take(
+            dir,
+            inherited_lock,
+            grace + LOCK_WAIT_BEYOND_GRACE,
+        )?),
+        Err(_) => None,
+    };
+    let pin_dir = pin_lock.as_ref().map(crate::bpf_dir::Lock::dir);
+    let mut kernel = udplb_kernel::Kernel::load(sizes, cells, peer_flows, pin_dir)?;
     tracing::info!(
         max_flows,
         buckets = sizes.flows,
@@ -185,7 +214,7 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     warn_if_not_forwarding(cfg, wanted);
     match &pin {
         Ok(dir) => {
-            hand_to_runtime_user(cfg, dir);
+            crate::bpf_dir::hand_to_runtime_user(cfg, dir);
             tracing::info!(
                 directory = %dir.display(),
                 "kernel data plane: the flow map is kept there (flows continue across \
@@ -232,6 +261,7 @@ fn load(cfg: &Config, snap: &Snapshot, wanted: &[usize]) -> anyhow::Result<Kerne
     let census = kernel.flow_count().run();
     let counted = started.elapsed();
     Ok(KernelPlane {
+        pin_lock,
         kernel: Mutex::new(kernel),
         listeners: wanted.to_vec(),
         wildcard,
@@ -299,120 +329,6 @@ fn warn_if_not_forwarding(cfg: &Config, wanted: &[usize]) {
              only backends on this host (datagrams for other hosts are dropped as no_route); \
              set net.ipv6.conf.all.forwarding=1"
         );
-    }
-}
-
-/// Where the flow map is pinned: `runtime.bpf_dir` when it is on a bpf file system and this
-/// process may keep maps there (created when missing); otherwise `Err` with that directory and
-/// why not, which the caller says once the program has loaded (flows then start afresh with
-/// each process).
-fn pin_dir(cfg: &Config) -> Result<std::path::PathBuf, (std::path::PathBuf, String)> {
-    let dir = cfg
-        .runtime
-        .bpf_dir
-        .clone()
-        .unwrap_or_else(|| udplb_config::defaults::BPF_DIR.into());
-    // The nearest existing directory decides the file system.
-    let on_bpf_fs = dir
-        .ancestors()
-        .find(|d| d.exists())
-        .is_some_and(|existing| {
-            nix::sys::statfs::statfs(existing)
-                .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
-        });
-    if !on_bpf_fs {
-        let why = "not on a bpf file system (mount -t bpf bpf /sys/fs/bpf, or set \
-                   runtime.bpf_dir)";
-        return Err((dir, why.to_string()));
-    }
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::effective())
-        .ok()
-        .flatten()
-        .map_or_else(|| nix::unistd::Uid::effective().to_string(), |u| u.name);
-    match not_ours(&dir, &user) {
-        None => Ok(dir),
-        Some(why) => {
-            let why = format!(
-                "{why} (chown -R {user} {dir}, or set runtime.bpf_dir to a directory of its own \
-                 on a bpf file system: docs/kernel.md, \"Under systemd\")",
-                dir = dir.display()
-            );
-            Err((dir, why))
-        }
-    }
-}
-
-/// Why this process (running as `user`) cannot keep maps in `dir` (created when missing), or
-/// in what is already pinned there (one level of layout directories and their maps); `None`
-/// when it can.
-fn not_ours(dir: &std::path::Path, user: &str) -> Option<String> {
-    use nix::fcntl::{AT_FDCWD, AtFlags};
-    use nix::unistd::{AccessFlags, faccessat};
-    let may = |p: &std::path::Path, how: AccessFlags| {
-        faccessat(AT_FDCWD, p, how, AtFlags::AT_EACCESS).is_ok()
-    };
-    // A directory above it this user cannot pass (systemd mounts /sys/fs/bpf 0700); from the
-    // root down, to the first one still to be made.
-    let above: Vec<&std::path::Path> = dir.ancestors().skip(1).collect();
-    for d in above.into_iter().rev() {
-        match faccessat(AT_FDCWD, d, AccessFlags::X_OK, AtFlags::AT_EACCESS) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::ENOENT) => break,
-            Err(_) => {
-                return Some(format!("{} is not searchable by user {user}", d.display()));
-            }
-        }
-    }
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        return Some(format!(
-            "{} cannot be made by user {user}: {e}",
-            dir.display()
-        ));
-    }
-    let mut paths = vec![dir.to_path_buf()];
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        paths.push(entry.path());
-        let inner = std::fs::read_dir(entry.path())
-            .into_iter()
-            .flatten()
-            .flatten();
-        paths.extend(inner.map(|f| f.path()));
-    }
-    paths.into_iter().find_map(|p| {
-        let read_write = AccessFlags::R_OK | AccessFlags::W_OK;
-        let want = if p.is_dir() {
-            read_write | AccessFlags::X_OK
-        } else {
-            read_write
-        };
-        (!may(&p, want)).then(|| format!("{} is not user {user}'s to change", p.display()))
-    })
-}
-
-/// Gives the pinned flow map to the user udplb switches to, so that an upgrade's successor
-/// (which starts as that user, with CAP_BPF and CAP_PERFMON) can open it.
-fn hand_to_runtime_user(cfg: &Config, dir: &std::path::Path) {
-    let root = nix::unistd::Uid::effective().is_root();
-    let crate::privileges::Plan::Switch { user, .. } = crate::privileges::plan(&cfg.runtime, root)
-    else {
-        return;
-    };
-    let Ok(Some(u)) = nix::unistd::User::from_name(user) else {
-        return;
-    };
-    let mut paths = vec![dir.to_path_buf()];
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            paths.push(e.path());
-            if let Ok(inner) = std::fs::read_dir(e.path()) {
-                paths.extend(inner.flatten().map(|f| f.path()));
-            }
-        }
-    }
-    for p in paths {
-        if let Err(e) = nix::unistd::chown(&p, Some(u.uid), Some(u.gid)) {
-            tracing::warn!(path = %p.display(), error = %e, "kernel data plane: cannot hand the pinned map to the runtime user (an upgrade will not load)");
-        }
     }
 }
 
@@ -800,6 +716,12 @@ impl LocalsFollower {
 }
 
 impl KernelPlane {
+    /// The lock on `runtime.bpf_dir`, when the maps are pinned there (an upgrade's successor
+    /// gets a descriptor of it).
+    pub fn pin_lock(&self) -> Option<&crate::bpf_dir::Lock> {
+        self.pin_lock.as_ref()
+    }
+
     /// Follows the published snapshots for as long as udplb runs: each new generation's
     /// health, drain, weights and backends go to the maps.
     pub fn follow(self: Arc<Self>, shared: Arc<ArcSwap<Snapshot>>) {

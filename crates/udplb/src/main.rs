@@ -8,6 +8,7 @@
 mod admin;
 mod announce;
 mod api;
+mod bpf_dir;
 mod cli;
 mod config_file;
 mod control;

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,7 +73,8 @@ enum Message {
 }
 
 /// What comes with the descriptors, in their order: every listener's UDP sockets, then the
-/// TCP sockets, then the admin endpoint's, then the flow-state sync's.
+/// TCP sockets, then the admin endpoint's, then the flow-state sync's, then the lock on
+/// `runtime.bpf_dir`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Manifest {
     listeners: Vec<ListenerSockets>,
@@ -81,6 +82,9 @@ struct Manifest {
     admin: Option<SocketAddr>,
     #[serde(default)]
     sync: Option<SocketAddr>,
+    /// The directory of the kernel data plane's pinned maps, whose lock comes last.
+    #[serde(default)]
+    bpf_dir: Option<PathBuf>,
     health: Vec<Health>,
 }
 
@@ -161,6 +165,7 @@ pub struct Offer {
     tcp: Vec<(String, SocketAddr, TcpListener)>,
     admin: Option<(SocketAddr, TcpListener)>,
     sync: Option<(SocketAddr, UdpSocket)>,
+    bpf_dir: Option<(PathBuf, OwnedFd)>,
 }
 
 impl Offer {
@@ -174,6 +179,7 @@ impl Offer {
             tcp: Vec::new(),
             admin: None,
             sync: None,
+            bpf_dir: None,
         }
     }
 
@@ -199,6 +205,12 @@ impl Offer {
     pub fn sync(&mut self, socket: UdpSocket) -> std::io::Result<()> {
         self.sync = Some((socket.local_addr()?, socket));
         Ok(())
+    }
+
+    /// The lock on `runtime.bpf_dir` (`dir`): the successor shares it, and keeps it once this
+    /// process exits.
+    pub fn bpf_dir_lock(&mut self, dir: &Path, lock: OwnedFd) {
+        self.bpf_dir = Some((dir.to_path_buf(), lock));
     }
 
     /// Starts the successor and hands over to it (steps 2 to 6 above, blocking). `health` is
@@ -281,6 +293,7 @@ impl Offer {
                 .collect(),
             admin: self.admin.as_ref().map(|(a, _)| *a),
             sync: self.sync.as_ref().map(|(a, _)| *a),
+            bpf_dir: self.bpf_dir.as_ref().map(|(dir, _)| dir.clone()),
             health: health(),
         };
         let fds: Vec<BorrowedFd<'_>> = self
@@ -290,6 +303,7 @@ impl Offer {
             .chain(self.tcp.iter().map(|(_, _, s)| s.as_fd()))
             .chain(self.admin.iter().map(|(_, s)| s.as_fd()))
             .chain(self.sync.iter().map(|(_, s)| s.as_fd()))
+            .chain(self.bpf_dir.iter().map(|(_, lock)| lock.as_fd()))
             .collect();
         send(channel, &Message::Sockets(manifest), &fds)?;
         match recv(channel, HELLO_TIMEOUT).context("waiting for the successor to bind")? {
@@ -392,6 +406,7 @@ pub struct Inheritance {
     tcp: Vec<(Named, TcpListener)>,
     admin: Option<(SocketAddr, TcpListener)>,
     sync: Option<(SocketAddr, UdpSocket)>,
+    bpf_dir: Option<(PathBuf, std::fs::File)>,
     health: Vec<Health>,
 }
 
@@ -419,7 +434,8 @@ impl Inheritance {
         let expected = manifest.listeners.iter().map(|l| l.sockets).sum::<usize>()
             + manifest.tcp.len()
             + usize::from(manifest.admin.is_some())
-            + usize::from(manifest.sync.is_some());
+            + usize::from(manifest.sync.is_some())
+            + usize::from(manifest.bpf_dir.is_some());
         if fds.len() != expected {
             bail!(
                 "the predecessor sent {} descriptors for {expected} sockets",
@@ -446,12 +462,16 @@ impl Inheritance {
         let sync = manifest
             .sync
             .map(|a| (a, UdpSocket::from(fds.next().expect("counted"))));
+        let bpf_dir = manifest
+            .bpf_dir
+            .map(|d| (d, std::fs::File::from(fds.next().expect("counted"))));
         Ok(Some(Inheritance {
             channel,
             listeners,
             tcp,
             admin,
             sync,
+            bpf_dir,
             health: manifest.health,
         }))
     }
@@ -510,6 +530,12 @@ impl Inheritance {
             Some((a, socket)) if a == address => Some(socket),
             _ => None,
         }
+    }
+
+    /// The predecessor's descriptor of the lock on `runtime.bpf_dir` (the directory is
+    /// checked by [`crate::bpf_dir::Lock::take`]).
+    pub fn bpf_dir_lock(&mut self) -> Option<std::fs::File> {
+        self.bpf_dir.take().map(|(_, lock)| lock)
     }
 
     /// The backends' health in the predecessor.
@@ -630,6 +656,7 @@ pub fn offer(
     tcp: &[crate::tcp::Bound],
     admin: Option<&std::net::TcpListener>,
     sync: Option<&UdpSocket>,
+    bpf_dir_lock: Option<&crate::bpf_dir::Lock>,
 ) -> std::io::Result<Offer> {
     let mut offer = Offer::new(program, std::env::args_os().skip(1).collect());
     for (i, l) in cfg.listeners.iter().enumerate() {
@@ -648,6 +675,9 @@ pub fn offer(
     }
     if let Some(socket) = sync {
         offer.sync(socket.try_clone()?)?;
+    }
+    if let Some(lock) = bpf_dir_lock {
+        offer.bpf_dir_lock(lock.dir(), lock.share()?);
     }
     Ok(offer)
 }

@@ -4009,6 +4009,78 @@ fn rate_limits_per_source(prefix: &str, v6: bool) {
     assert_eq!(stats["listeners"][0]["datagrams_in"], 0, "{stats}");
 }
 
+/// A second udplb process given the `runtime.bpf_dir` another one uses waits a moment for it
+/// (one restarted by hand while the old still serves), then is refused, naming that process
+/// and what to do: the two would resize, unpin and share each other's maps. The first serves
+/// on; once it has exited, the directory is the next process's.
+#[test]
+fn a_second_udplb_process_is_refused_the_bpf_dir_another_one_uses() {
+    let Some(mut topo) = Topology::build("ulbl") else {
+        return;
+    };
+    topo.start_backends();
+    let bpf = topo.net.dir.join("bpf");
+    let _fs = BpfFs::mount(bpf.clone());
+    let dir = bpf.join("udplb");
+    let runtime = format!(
+        "[runtime]\nshutdown_grace = \"0s\"\nbpf_dir = \"{}\"\n",
+        dir.display()
+    );
+    let backends: Vec<String> = (0..3).map(|i| quoted(topo.backend_addr(i))).collect();
+    let backends = backends.join(", ");
+    let first = topo.start_udplb_with("", &format!("backends = [{backends}]\n{runtime}"));
+    if topo.without_the_program() {
+        return;
+    }
+    // Its own listener and admin endpoint, the same directory.
+    let config = topo.net.dir.join("second.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{runtime}[admin]\nlisten = \"127.0.0.1:9191\"\n[listeners.m]\naddress = \"{}\"\n\
+             pool = \"q\"\ndataplane = \"kernel\"\ninterfaces = [\"bc\", \"bk\"]\n\
+             [pools.q]\nbackends = [{backends}]\n",
+            SocketAddr::new(topo.vip().ip(), 5301)
+        ),
+    )
+    .unwrap();
+    let log = topo.net.dir.join("second.log");
+    let mut second = Net::udplb(&topo.balancer, &config, &log).spawn().unwrap();
+    // It waits its shutdown_grace (0 s) and 5 s more.
+    let mut exited = None;
+    assert!(
+        wait_for(DEADLINE, || {
+            exited = second.try_wait().unwrap();
+            exited.is_some()
+        }),
+        "the second udplb still runs: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!exited.unwrap().success(), "{said}");
+    assert!(said.contains("waiting for it to let go"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "runtime.bpf_dir {} is held by another udplb process (pid {first}): each udplb \
+             process on a host needs a runtime.bpf_dir of its own",
+            dir.display()
+        )),
+        "{said}"
+    );
+    let replies = topo.clients(10, 2);
+    assert_eq!(replies.len(), 20, "{}", topo.log());
+    signal(first, "TERM");
+    assert!(wait_for(DEADLINE, || gone(first)));
+    let next = Net::udplb(&topo.balancer, &config, &log).spawn().unwrap();
+    topo.net.keep(next);
+    assert!(
+        wait_for(DEADLINE, || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("the flow map is kept there"))),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 /// Two udplb processes on one host, each with a kernel listener on the same interfaces (two
 /// services, or another program on the interface): each one's program passes on what is not
 /// its own, so both forward in the kernel whichever was attached first; each client is
