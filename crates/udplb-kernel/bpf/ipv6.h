@@ -1071,7 +1071,7 @@ static __noinline int peer_flow6(const struct service *svc, struct packet6 *p, _
 static __noinline int denied6(const struct service *svc, const struct packet6 *p)
 {
 	struct acl6_key ak = {.prefixlen = 160, .service = bpf_htonl(svc->id), .addr = p->saddr};
-	return bpf_map_lookup_elem(&acl6_deny, &ak) ||
+	return ((svc->flags & SERVICE_DENY_LIST) && bpf_map_lookup_elem(&acl6_deny, &ak)) ||
 	       ((svc->flags & SERVICE_ALLOW_LIST) && !bpf_map_lookup_elem(&acl6_allow, &ak));
 }
 
@@ -1082,7 +1082,7 @@ static __noinline int denied6(const struct service *svc, const struct packet6 *p
 static __noinline int choose6(struct __sk_buff *skb, const struct service *svc,
 			      struct packet6 *p)
 {
-	if (denied6(svc, p)) {
+	if ((svc->flags & (SERVICE_DENY_LIST | SERVICE_ALLOW_LIST)) && denied6(svc, p)) {
 		count_drop(DROP_DENIED);
 		return TC_ACT_SHOT;
 	}
@@ -1532,13 +1532,15 @@ static __noinline int ingress6(struct __sk_buff *skb)
 	p.payload = udp_len > sizeof(*udp) ? udp_len - sizeof(*udp) : 0;
 	// A listener's datagram, or a backend's reply; a wildcard listener's datagram is known as
 	// such once it is not a reply.
+	int to_service = port_may_be(p.dport, 1);
 	struct service6_key sk = {.addr = p.daddr, .port = p.dport};
-	struct service *svc = bpf_map_lookup_elem(&services6, &sk);
+	struct service *svc = to_service ? bpf_map_lookup_elem(&services6, &sk) : 0;
 	struct reply6 *r = 0;
 	if (!svc) {
 		struct reply6_key rk = {.addr = p.saddr, .port = p.sport};
-		r = bpf_map_lookup_elem(&replies6, &rk);
-		if (!r)
+		if (port_may_be(p.sport, 0))
+			r = bpf_map_lookup_elem(&replies6, &rk);
+		if (!r && to_service)
 			svc = service6_at(&p.daddr, p.dport, 1);
 	}
 	if (svc) {

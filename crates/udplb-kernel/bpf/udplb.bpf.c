@@ -61,6 +61,7 @@ struct service_key {
 #define SERVICE_WILDCARD 512 // address 0: datagrams to any of this host's addresses (`locals`)
 			     // on the port. Its flows keep the address the client sent to, and
 			     // are hashed without it (`flow_bucket`), so that a reply finds it.
+#define SERVICE_DENY_LIST 1024 // clients in acl_deny are refused (without it, none is looked up)
 
 // A listener's rate limits, as udplb's socket path counts them
 // (udplb_core::ratelimit): per key and one-second window, at most `limit`, in a count-min
@@ -232,6 +233,33 @@ struct {
 	__type(key, struct service_key);
 	__type(value, struct service);
 } services SEC(".maps");
+
+// Which ports a listener is on (`services`) and a backend answers from (`backends`), a bit
+// per port (both families): a datagram that is neither a listener's nor a backend's is left
+// alone without a hash lookup. udplb sets a port's bit before the map entries that need it
+// and never clears one (a stale bit costs only the lookups it would have saved).
+struct port_bits {
+	__u64 services;
+	__u64 backends;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536 / 64);
+	__type(key, __u32);
+	__type(value, struct port_bits);
+} ports SEC(".maps");
+
+// Whether `port` (network order) may be a listener's (`service`) or else a backend's.
+static __always_inline int port_may_be(__u16 port, int service)
+{
+	__u32 p = bpf_ntohs(port), at = p >> 6;
+	struct port_bits *pb = bpf_map_lookup_elem(&ports, &at);
+	if (!pb)
+		return 1; // (at < 1024: never)
+	__u64 bit = 1ULL << (p & 63);
+	return ((service ? pb->services : pb->backends) & bit) != 0;
+}
 
 // This host's addresses, kept current by udplb: a wildcard listener takes what comes to any
 // of them on its port (as a socket bound to 0.0.0.0 would), and nothing on its way elsewhere.
@@ -1972,19 +2000,21 @@ static __noinline int ingress4(struct __sk_buff *skb)
 
 	// A listener's datagram, or a backend's reply; a wildcard listener's datagram is known as
 	// such once it is not a reply.
-	struct service *svc = service_at(daddr, dport, 0);
+	int to_service = port_may_be(dport, 1);
+	struct service *svc = to_service ? service_at(daddr, dport, 0) : 0;
 	struct reply *r = 0;
 	if (!svc) {
 		struct reply_key rk = {.addr = saddr, .port = sport};
-		r = bpf_map_lookup_elem(&replies, &rk);
-		if (!r)
+		if (port_may_be(sport, 0))
+			r = bpf_map_lookup_elem(&replies, &rk);
+		if (!r && to_service)
 			svc = service_at(daddr, dport, 1);
 	}
 	if (svc) {
 		int wild = svc->flags & SERVICE_WILDCARD;
 		// Deny wins; an allow list, when there is one, must name the client.
 		struct acl_key ak = {.prefixlen = 64, .service = bpf_htonl(svc->id), .addr = saddr};
-		if (bpf_map_lookup_elem(&acl_deny, &ak) ||
+		if (((svc->flags & SERVICE_DENY_LIST) && bpf_map_lookup_elem(&acl_deny, &ak)) ||
 		    ((svc->flags & SERVICE_ALLOW_LIST) && !bpf_map_lookup_elem(&acl_allow, &ak))) {
 			count_drop(DROP_DENIED);
 			return TC_ACT_SHOT;

@@ -51,6 +51,18 @@ const SERVICE_PERSIST: u32 = 64;
 const SERVICE_REPLY_RATIO: u32 = 128;
 const SERVICE_SYNCED: u32 = 256;
 const SERVICE_WILDCARD: u32 = 512;
+const SERVICE_DENY_LIST: u32 = 1024;
+
+/// The entries of `ports`: 64 ports' bits each.
+const PORT_WORDS: usize = 65536 / 64;
+
+/// Which of 64 ports a listener is on and a backend answers from (`struct port_bits`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct PortBits {
+    services: u64,
+    backends: u64,
+}
 
 /// This host's addresses the program knows at most, per family (`LOCALS_MAX`).
 const LOCALS_MAX: usize = 4096;
@@ -231,6 +243,8 @@ unsafe impl Pod for Reply6Value {}
 // SAFETY: as above.
 unsafe impl Pod for FlowParams {}
 // SAFETY: as above.
+unsafe impl Pod for PortBits {}
+// SAFETY: as above.
 unsafe impl Pod for FlowKey {}
 // SAFETY: as above.
 unsafe impl Pod for FlowValue {}
@@ -338,6 +352,9 @@ pub struct Kernel {
     replies6: BpfHashMap<MapData, Reply6Key, Reply6Value>,
     acl6_allow: LpmTrie<MapData, [u8; 20], u8>,
     acl6_deny: LpmTrie<MapData, [u8; 20], u8>,
+    /// The listeners' and backends' ports, as last written (bits are only ever added).
+    ports: Array<MapData, PortBits>,
+    port_bits: Vec<PortBits>,
     /// The flow tables, mapped for counting their live flows.
     tables: std::sync::Arc<[MappedTable; 2]>,
     /// `[sync]`: the peers' flows as learned, and the new flows to tell them.
@@ -415,6 +432,7 @@ impl Kernel {
         let new_flows = RingBuf::try_from(take("new_flows")?).map_err(update_error)?;
         let locals = BpfHashMap::try_from(take("locals")?).map_err(update_error)?;
         let locals6 = BpfHashMap::try_from(take("locals6")?).map_err(update_error)?;
+        let ports = Array::try_from(take("ports")?).map_err(update_error)?;
         set_flow_params(&mut ebpf, &sizes)?;
         let tables = std::sync::Arc::new([
             MappedTable::of(&ebpf, "flows", sizes.flows, 0)?,
@@ -440,6 +458,8 @@ impl Kernel {
             replies6,
             acl6_allow,
             acl6_deny,
+            ports,
+            port_bits: vec![PortBits::default(); PORT_WORDS],
             tables,
             peer_flows,
             peer_flows6,
@@ -567,6 +587,9 @@ impl Kernel {
                 s.addr
             ))
         })?;
+        // The ports first: the program looks up no listener or backend whose port's bit is
+        // clear.
+        self.mark_ports(s.addr.port(), s.backends.iter().map(|b| b.addr.port()))?;
         let base = id * MAX_BACKENDS as u32;
         w.backends.resize(MAX_BACKENDS, None);
         let takers = s.takers();
@@ -620,6 +643,11 @@ impl Kernel {
                     0
                 } else {
                     SERVICE_ALLOW_LIST
+                }
+                | if s.deny.is_empty() {
+                    0
+                } else {
+                    SERVICE_DENY_LIST
                 }
                 | if s.persistence.is_some() {
                     SERVICE_PERSIST
@@ -739,6 +767,31 @@ impl Kernel {
     }
 
     /// Writes the listener at `addr` into the services of its family.
+    /// Sets the bits of listener port `service` and of `backends`' ports in `ports`, writing
+    /// only the entries that change. A bit is never cleared: a port no longer used costs
+    /// only a lookup that finds nothing, where a port's bit missing would hide its datagrams.
+    fn mark_ports(
+        &mut self,
+        service: u16,
+        backends: impl Iterator<Item = u16>,
+    ) -> Result<(), Error> {
+        let mut bits = self.port_bits.clone();
+        let bit = |port: u16| (usize::from(port) / 64, 1u64 << (port % 64));
+        let (at, b) = bit(service);
+        bits[at].services |= b;
+        for port in backends {
+            let (at, b) = bit(port);
+            bits[at].backends |= b;
+        }
+        for (at, (new, old)) in bits.iter().zip(&self.port_bits).enumerate() {
+            if new != old {
+                self.ports.set(at as u32, *new, 0).map_err(update_error)?;
+            }
+        }
+        self.port_bits = bits;
+        Ok(())
+    }
+
     fn set_service(&mut self, addr: SocketAddr, value: ServiceValue) -> Result<(), Error> {
         let port = wire_port(addr.port());
         match wire(addr.ip()) {
