@@ -613,7 +613,8 @@ static __always_inline int rewrite6_in_place(struct __sk_buff *skb, int dst, str
 		udp->source = new_port;
 	}
 	__u32 check = l4 + offsetof(struct udphdr, check);
-	if (bpf_l4_csum_replace(skb, check, 0, addrs, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0))
+	if (!csum_unchanged(addrs) &&
+	    bpf_l4_csum_replace(skb, check, 0, addrs, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0))
 		return DROP_REWRITE + 1;
 	if (old_port != new_port &&
 	    bpf_l4_csum_replace(skb, check, old_port, new_port,
