@@ -775,20 +775,20 @@ impl Kernel {
         service: u16,
         backends: impl Iterator<Item = u16>,
     ) -> Result<(), Error> {
-        let mut bits = self.port_bits.clone();
-        let bit = |port: u16| (usize::from(port) / 64, 1u64 << (port % 64));
-        let (at, b) = bit(service);
-        bits[at].services |= b;
-        for port in backends {
-            let (at, b) = bit(port);
-            bits[at].backends |= b;
-        }
-        for (at, (new, old)) in bits.iter().zip(&self.port_bits).enumerate() {
-            if new != old {
-                self.ports.set(at as u32, *new, 0).map_err(update_error)?;
+        let ports = std::iter::once((service, true)).chain(backends.map(|port| (port, false)));
+        for (port, of_service) in ports {
+            let (at, bit) = (usize::from(port) / 64, 1u64 << (port % 64));
+            let mut bits = self.port_bits[at];
+            if of_service {
+                bits.services |= bit;
+            } else {
+                bits.backends |= bit;
+            }
+            if bits != self.port_bits[at] {
+                self.ports.set(at as u32, bits, 0).map_err(update_error)?;
+                self.port_bits[at] = bits;
             }
         }
-        self.port_bits = bits;
         Ok(())
     }
 
