@@ -75,7 +75,11 @@ fn not_ours(dir: &Path, user: &str) -> Option<String> {
             }
         }
     }
-    if let Err(e) = std::fs::create_dir_all(dir) {
+    // Made for udplb's user alone: no other user opens it (and so none can hold its lock).
+    let made =
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir);
+    if let Err(e) = made {
         return Some(format!(
             "{} cannot be made by user {user}: {e}",
             dir.display()
@@ -167,14 +171,14 @@ impl Lock {
                             directory = %dir.display(),
                             holder = %holder_of(&file),
                             wait = ?wait,
-                            "kernel data plane: runtime.bpf_dir is held by another udplb \
-                             process: waiting for it to let go"
+                            "kernel data plane: runtime.bpf_dir is held by another process \
+                             (another udplb, or one shutting down): waiting for it to let go"
                         );
                     }
                     std::thread::sleep(LOCK_RETRY_EVERY);
                 }
                 Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-                    "runtime.bpf_dir {} is held by another udplb process ({}): each udplb \
+                    "runtime.bpf_dir {} is held by another process ({}): each udplb \
                      process on a host needs a runtime.bpf_dir of its own (docs/kernel.md, \
                      \"Restarts, upgrades, reloads\")",
                     dir.display(),
@@ -205,7 +209,7 @@ fn same_file(file: &File, path: &Path) -> bool {
 }
 
 /// Who holds the lock on `file`'s directory: the other processes with a descriptor of it
-/// ("pid N"; `/proc/locks` names only the process that took the lock, which after an upgrade
+/// ("pid N udplb", with its command; `/proc/locks` names only the process that took the lock, which after an upgrade
 /// is the predecessor, gone), or "pid unknown" when none can be seen (another PID namespace).
 fn holder_of(file: &File) -> String {
     let Ok(meta) = file.metadata() else {
@@ -228,7 +232,10 @@ fn holder_of(file: &File) -> String {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| pid != me && holds_it(pid))
-        .map(|pid| pid.to_string())
+        .map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{pid} {}", comm.trim())
+        })
         .collect();
     match pids.len() {
         0 => "pid unknown".into(),

@@ -4061,7 +4061,7 @@ fn a_second_udplb_process_is_refused_the_bpf_dir_another_one_uses() {
     assert!(said.contains("waiting for it to let go"), "{said}");
     assert!(
         said.contains(&format!(
-            "runtime.bpf_dir {} is held by another udplb process (pid {first}): each udplb \
+            "runtime.bpf_dir {} is held by another process (pid {first} udplb): each udplb \
              process on a host needs a runtime.bpf_dir of its own",
             dir.display()
         )),
@@ -4069,6 +4069,10 @@ fn a_second_udplb_process_is_refused_the_bpf_dir_another_one_uses() {
     );
     let replies = topo.clients(10, 2);
     assert_eq!(replies.len(), 20, "{}", topo.log());
+    // Made by udplb for its user alone: no other user can open it to hold the lock.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
     signal(first, "TERM");
     assert!(wait_for(DEADLINE, || gone(first)));
     let next = Net::udplb(&topo.balancer, &config, &log).spawn().unwrap();
