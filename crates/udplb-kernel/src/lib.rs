@@ -165,7 +165,7 @@ pub struct Service {
     /// Replied payload bytes per byte a flow's client sent, at most (`None`: unlimited).
     pub reply_ratio: Option<u32>,
     /// `[sync]` (flow mode): its new flows are told to udplb for the peers
-    /// ([`Kernel::new_flows`]), and a new flow opens where a peer had it if udplb learned that
+    /// ([`NewFlows`]), and a new flow opens where a peer had it if udplb learned that
     /// ([`Kernel::learn`]) at most this long ago; `None`: off.
     pub sync: Option<Duration>,
 }
@@ -334,7 +334,7 @@ pub fn built() -> bool {
 #[cfg(udplb_bpf)]
 mod loaded;
 #[cfg(udplb_bpf)]
-pub use loaded::{Decap, FlowCount, Kernel};
+pub use loaded::{Decap, FlowCount, Kernel, NewFlows};
 
 /// Without the program, a kernel data plane that never loads.
 #[cfg(not(udplb_bpf))]
@@ -350,7 +350,9 @@ impl Kernel {
     ) -> Result<Kernel, Error> {
         Err(Error::NotBuilt)
     }
-    pub fn new_flows(&mut self, _out: &mut Vec<(usize, SocketAddr, SocketAddr)>) {}
+    pub fn take_new_flows(&mut self) -> Option<NewFlows> {
+        None
+    }
     pub fn learn(&mut self, _id: usize, _client: SocketAddr, _backend: SocketAddr) -> bool {
         false
     }
@@ -389,6 +391,15 @@ impl Kernel {
 /// Without the program, a count of no flows.
 #[cfg(not(udplb_bpf))]
 pub struct FlowCount(());
+
+/// Without the program, no new flows.
+#[cfg(not(udplb_bpf))]
+pub struct NewFlows(());
+
+#[cfg(not(udplb_bpf))]
+impl NewFlows {
+    pub fn drain(&mut self, _out: &mut Vec<(usize, SocketAddr, SocketAddr)>) {}
+}
 
 #[cfg(not(udplb_bpf))]
 impl FlowCount {

@@ -334,6 +334,28 @@ struct Written {
     deny: Vec<(IpAddr, u8)>,
 }
 
+/// The new flows the program tells udplb of for the peers (`[sync]` listeners): its ring
+/// buffer, read on its own so that reading it holds up no other map's reader or writer.
+pub struct NewFlows(RingBuf<MapData>);
+
+impl NewFlows {
+    /// Moves the new flows told since the last call into `out`: service id, client, backend.
+    /// Reads what is queued without waiting, at most a full ring's worth.
+    pub fn drain(&mut self, out: &mut Vec<(usize, SocketAddr, SocketAddr)>) {
+        for _ in 0..NEW_FLOWS_PER_DRAIN {
+            let Some(item) = self.0.next() else { break };
+            if let Some(flow) = census::parse_new_flow(&item) {
+                out.push(flow);
+            }
+        }
+    }
+}
+
+/// The most new flows one [`NewFlows::drain`] reads: more than the ring holds (1 MiB, 56
+/// bytes a record with its header), so that a flood of new flows never keeps the reader in
+/// one call.
+const NEW_FLOWS_PER_DRAIN: usize = 24_000;
+
 /// The loaded program, attached to interfaces, and its maps.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -360,7 +382,8 @@ pub struct Kernel {
     /// `[sync]`: the peers' flows as learned, and the new flows to tell them.
     peer_flows: BpfHashMap<MapData, FlowKey, FlowValue>,
     peer_flows6: BpfHashMap<MapData, Flow6Key, Flow6Value>,
-    new_flows: RingBuf<MapData>,
+    /// Until [`Kernel::take_new_flows`].
+    new_flows: Option<NewFlows>,
     /// This host's addresses, for the wildcard listeners, as last written.
     locals: BpfHashMap<MapData, u32, u8>,
     locals6: BpfHashMap<MapData, [u8; 16], u8>,
@@ -463,7 +486,7 @@ impl Kernel {
             tables,
             peer_flows,
             peer_flows6,
-            new_flows,
+            new_flows: Some(NewFlows(new_flows)),
             locals,
             locals6,
             written_locals: Default::default(),
@@ -978,14 +1001,10 @@ impl Kernel {
         })
     }
 
-    /// Moves the new flows the program told since the last call (`[sync]` listeners) into
-    /// `out`: service id, client, backend. Reads what is queued without waiting.
-    pub fn new_flows(&mut self, out: &mut Vec<(usize, SocketAddr, SocketAddr)>) {
-        while let Some(item) = self.new_flows.next() {
-            if let Some(flow) = census::parse_new_flow(&item) {
-                out.push(flow);
-            }
-        }
+    /// The queue of new flows the program tells (`[sync]` listeners), read apart from the
+    /// other maps; `None` once taken.
+    pub fn take_new_flows(&mut self) -> Option<NewFlows> {
+        self.new_flows.take()
     }
 
     /// Records that a peer instance has `client`'s flow on service `id` on `backend`: a new

@@ -106,8 +106,10 @@ fn the_verifier_accepts_the_program_and_its_maps_take_a_service() {
     assert!(!k.learn(0, client, v6(0x100)));
     assert!(!k.learn(5, client, "10.0.0.1:53".parse().unwrap()));
     let mut told = Vec::new();
-    k.new_flows(&mut told);
+    let mut new_flows = k.take_new_flows().expect("the queue of new flows");
+    new_flows.drain(&mut told);
     assert!(told.is_empty(), "{told:?}");
+    assert!(k.take_new_flows().is_none(), "taken once");
     // This host's addresses (for wildcard listeners): written, changed, and at most 4096 of
     // a family (the others written all the same).
     let locals: Vec<IpAddr> = vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()];

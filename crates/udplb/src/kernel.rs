@@ -67,6 +67,8 @@ pub struct KernelPlane {
     flows_counted: std::sync::Condvar,
     /// The lock on `runtime.bpf_dir` while the maps are pinned there.
     pin_lock: Option<crate::bpf_dir::Lock>,
+    /// The new flows the program tells for the peers (`[sync]`), read apart from `kernel`.
+    new_flows: Mutex<Option<udplb_kernel::NewFlows>>,
 }
 
 /// The last count of the live kernel flows.
@@ -262,6 +264,7 @@ fn load(
     let counted = started.elapsed();
     Ok(KernelPlane {
         pin_lock,
+        new_flows: Mutex::new(kernel.take_new_flows()),
         kernel: Mutex::new(kernel),
         listeners: wanted.to_vec(),
         wildcard,
@@ -954,11 +957,19 @@ impl KernelPlane {
     /// tables (reading every part in turn renews every live flow once).
     pub fn synced_flows(&self, part: usize, parts: usize, out: &mut Vec<Placement>) {
         let mut flows = Vec::new();
-        let count = {
-            let mut kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
-            kernel.new_flows(&mut flows);
-            kernel.flow_count()
-        };
+        if let Some(new_flows) = self
+            .new_flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            new_flows.drain(&mut flows);
+        }
+        let count = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flow_count();
         count.synced_flows(part, parts, &mut flows);
         out.extend(flows.into_iter().filter_map(|(id, client, backend)| {
             Some(Placement {
