@@ -435,11 +435,14 @@ impl Decap {
 
 /// Per service, the slot each backend address holds (kept while the address is in the pool,
 /// so that a flow's backend index keeps naming the same backend across updates).
+/// (Without the program, only its unit tests use it.)
 #[derive(Debug, Default)]
+#[cfg_attr(not(udplb_bpf), allow(dead_code))]
 struct Slots {
     by_addr: HashMap<SocketAddr, u32>,
 }
 
+#[cfg_attr(not(udplb_bpf), allow(dead_code))]
 impl Slots {
     /// The slot of every backend of `backends` (a new address takes the lowest free slot; an
     /// address no longer there frees its slot). `None` when more than [`MAX_BACKENDS`].
